@@ -1,0 +1,123 @@
+"""What the programs in ``train/`` do, as functions: train, then evaluate; or evaluate a run.
+
+Errors a user can cause (bad data, bad checkpoint, impossible config, a run that cannot go
+on) end with one line on stderr naming the culprit and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from onn_jax import checkpoint, config, plots
+from onn_jax.config import Config, ConfigError
+from onn_jax.data.tasks import DataError, filter_max_grid, load_tasks
+from onn_jax.evaluation import augscore
+from onn_jax.evaluation.model_fns import ModelFns
+from onn_jax.model.transformer import Transformer, init_params
+from onn_jax.parallel import is_main_process, maybe_initialize_distributed
+
+USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError)
+
+
+def _fail(err: BaseException) -> int:
+  print(f"error: {err}", file=sys.stderr)
+  return 1
+
+
+def load_eval_tasks(spec: str, cfg: Config, max_tasks: int) -> list:
+  """``arc-agi-1:evaluation``, a task folder or a Kaggle challenges JSON -> sorted tasks."""
+  tasks = list(load_tasks(spec, skip_bad=cfg.data.skip_bad))
+  if cfg.data.max_grid < 30:  # a CPU-sized run only sees small grids; said in the protocol
+    tasks = filter_max_grid(tasks, cfg.data.max_grid)
+  tasks.sort(key=lambda t: t.id)
+  return tasks[:max_tasks] if max_tasks else tasks
+
+
+def protocol(cfg: Config) -> dict[str, Any]:
+  d = cfg.data
+  return {"train": d.train, "eval": d.eval, "eval_demos": d.eval_demos,
+          "leakage_guard": d.leakage_guard, "max_grid": d.max_grid,
+          "pretrain_steps": cfg.train.pretrain_steps, "eavi_steps": cfg.train.eavi_steps}
+
+
+def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: dict | None = None,
+                    log=print) -> dict:
+  """Runs ``cfg.eval.mode`` on ``tasks`` and writes submission.json, scores.json, results.jsonl
+  and sheet.png into ``out_dir``. Returns the summary."""
+  e = cfg.eval
+  model = Transformer(cfg.model)
+  fns = ModelFns(model, params, batch_size=e.batch_size, temperature=e.temperature,
+                 seed=cfg.train.seed)
+  views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
+                              else "1-9", cfg.train.seed)
+  records = augscore.evaluate(
+      tasks, mode=e.mode, views=views, generate_fn=fns.generate,
+      logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=cfg.data.buckets[-1],
+      batch_size=e.batch_size, samples=e.samples, progress=is_main_process())
+  summary = augscore.summarise(records, tasks, e.mode)
+  if is_main_process():
+    augscore.write_outputs(records, tasks, out_dir, e.mode,
+                           {"protocol": protocol(cfg), **(extra or {})})
+    log(f"evaluation ({e.mode}) on {len(tasks)} tasks -> {out_dir}: "
+        + json.dumps({k: v for k, v in summary.items() if k != "per_task"}))
+  return summary
+
+
+def train_and_evaluate(cfg: Config, workdir: Path) -> int:
+  """``python -m train.main``: train the configured stages, plot, evaluate on ``data.eval``."""
+  from onn_jax import run  # heavy: jitted steps
+  try:
+    maybe_initialize_distributed(cfg)
+    result = run.train(cfg, workdir)
+  except USER_ERRORS + (run.TrainingStopped,) as err:
+    return _fail(err)
+  except KeyboardInterrupt:
+    return 130
+  if is_main_process():
+    plots.plot_training(workdir / "metrics.jsonl", workdir / "plots")
+  if not result["finished"]:
+    print(f"stopped at step {result['step']} of {result['total']} (train.run_steps); "
+          "run the same command again to resume")
+    return 0
+  if not cfg.data.eval:
+    return 0
+  try:
+    tasks = load_eval_tasks(cfg.data.eval, cfg, cfg.eval.max_tasks)
+  except USER_ERRORS as err:
+    return _fail(err)
+  state = result["state"]
+  params = state.ema if jax.tree.leaves(state.ema) else state.params
+  evaluate_params(cfg, jax.device_get(params), tasks, workdir / "eval",
+                  extra={"step": result["step"]})
+  return 0
+
+
+def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
+                        overrides: list[str]) -> int:
+  """``python -m train.evaluate``: a trained run (its config.yaml + checkpoints) on a split."""
+  try:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+      ckpt_dir = checkpoint.find_checkpoint_dir(run_dir)
+      cfg_path = ckpt_dir.parent / "config.yaml"
+    if not cfg_path.is_file():
+      raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
+    cfg = config.load(cfg_path, overrides)
+    target = init_params(cfg.model, jax.random.PRNGKey(0))
+    params, record = checkpoint.load_params(run_dir, target)
+    spec = data or cfg.data.eval
+    if not spec:
+      raise ConfigError("--data: no evaluation data given and the run has no data.eval")
+    tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
+  except USER_ERRORS as err:
+    return _fail(err)
+  out_dir = Path(out_dir or run_dir / "eval")
+  evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
+                                                     "data": spec})
+  return 0

@@ -1,0 +1,338 @@
+"""Typed configuration: dataclasses loaded from YAML with dotted ``key=value`` overrides.
+
+Every value is type-checked and every cross-field constraint is validated before any work
+starts; a bad value raises :class:`ConfigError` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value is unknown, mistyped or impossible. The message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4  # query heads H
+  num_kv_groups: int = 1  # G: key/value heads; H must be a multiple of G
+  head_dim: int = 16
+  # NSA geometry (Yuan et al. 2025): compression blocks of block_len every block_stride tokens,
+  # selection blocks of select_len tokens, num_select of them per query, and a window.
+  block_len: int = 8
+  block_stride: int = 4
+  select_len: int = 8
+  num_select: int = 4
+  window: int = 32
+  nsa_impl: str = "auto"  # reference | blockwise | auto
+  gate_hidden: int = 0  # 0: the gate is one linear layer; >0: a two-layer MLP
+  # DynMoE (Guo et al. 2024) with cosine-prototype gating.
+  num_experts: int = 8
+  expert_hidden: int = 64
+  moe_combine: str = "mean"  # mean | softmax (over the active experts)
+  fallback_k: int = 1  # experts used by a token that activates none
+  init_threshold: float = 0.0
+  sdl_diversity_weight: float = 0.01
+  sdl_sparsity_weight: float = 0.1
+  sdl_target_active: float = 0.25  # target fraction of experts active per token
+  rope_theta: float = 10000.0
+  compute_dtype: str = "float32"  # float32 | bfloat16
+  param_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  # A source is "arc-agi-1:training", "arc-agi-2:evaluation", a folder of task JSON files or a
+  # Kaggle challenges JSON. Several training sources are joined with "+".
+  train: str = "arc-agi-1:training"
+  eval: str = "arc-agi-1:evaluation"  # "" for none
+  eval_demos: bool = False  # add leave-one-out sequences of the eval tasks' demonstrations
+  leakage_guard: bool = True
+  skip_bad: bool = False  # skip (and count) malformed tasks instead of failing
+  max_grid: int = 30  # keep only tasks whose grids all fit max_grid x max_grid
+  max_train_tasks: int = 0  # 0: all
+  buckets: tuple[int, ...] = (2048,)  # sequence lengths; the longest is the maximum
+  loss_on: str = "answer"  # answer | outputs (every demo output too)
+  d8: bool = True
+  color_perm: str = "1-9"  # none | 1-9 (0 fixed) | all
+  shuffle_demos: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  seed: int = 0
+  batch_size: int = 8
+  pretrain_steps: int = 100
+  eavi_steps: int = 0
+  learning_rate: float = 1e-3
+  warmup_steps: int = 10
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.05
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  ema_decay: float = 0.0  # 0: no EMA
+  reset_every: int = 0  # 0: no expert reset
+  init_from: str = ""  # a checkpoint folder (or run folder) to take parameters from
+  run_steps: int = 0  # stop this invocation after this many steps (0: run to the end)
+  log_every: int = 10
+  max_nonfinite: int = 5  # consecutive non-finite steps that stop the run
+
+
+@dataclass(frozen=True)
+class EaviConfig:
+  feed: str = "soft"  # soft | argmax | sample
+  temperature: float = 1.0
+  excursion_weight: float = 1.0
+  tf_weight: float = 1.0
+  learning_rate: float = 3e-4
+  warmup_steps: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+  mode: str = "augscore"  # greedy | vote | augscore
+  max_tasks: int = 0  # 0: all (first N by sorted id otherwise)
+  color_perms: int = 0  # extra colour-permuted copies of each D8 view
+  samples: int = 0  # extra sampled candidates per view
+  temperature: float = 1.0
+  batch_size: int = 16
+  sheet_tasks: int = 8
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 50
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+  mode: str = "auto"  # auto | single | shard_map | pmap
+  distributed: bool = False  # call jax.distributed.initialize()
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+
+
+@dataclass(frozen=True)
+class Config:
+  model: ModelConfig = field(default_factory=ModelConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  eavi: EaviConfig = field(default_factory=EaviConfig)
+  eval: EvalConfig = field(default_factory=EvalConfig)
+  checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+  """Returns ``value`` coerced to ``annotation`` or raises ConfigError naming ``key``."""
+  origin = typing.get_origin(annotation)
+  if origin is tuple:
+    (item_type, _) = typing.get_args(annotation)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+    return tuple(_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+  if annotation is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    return value
+  if annotation is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return value
+  if annotation is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+  if annotation is str:
+    if value is None:
+      return ""
+    if not isinstance(value, str):
+      raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+  raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+  if not isinstance(values, dict):
+    raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  for key in values:
+    if key not in names:
+      raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in values:
+      continue
+    hint = hints[f.name]
+    if dataclasses.is_dataclass(hint):
+      kwargs[f.name] = _build(hint, values[f.name], f"{prefix}{f.name}.")
+    else:
+      kwargs[f.name] = _check_type(f"{prefix}{f.name}", values[f.name], hint)
+  return cls(**kwargs)
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+  _require(value in choices, f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> Config:
+  """Checks every constraint that crosses fields. Returns ``cfg`` unchanged or raises."""
+  m, d, t, e, ev, c, p = (cfg.model, cfg.data, cfg.train, cfg.eavi, cfg.eval,
+                          cfg.checkpoint, cfg.parallel)
+  for key in ("d_model", "num_layers", "num_heads", "num_kv_groups", "head_dim", "block_len",
+              "block_stride", "select_len", "num_select", "window", "num_experts",
+              "expert_hidden", "fallback_k"):
+    _require(getattr(m, key) > 0, f"model.{key}: must be positive, got {getattr(m, key)}")
+  _require(m.num_heads % m.num_kv_groups == 0,
+           f"model.num_heads: {m.num_heads} is not a multiple of model.num_kv_groups="
+           f"{m.num_kv_groups}")
+  _require(m.head_dim % 2 == 0, f"model.head_dim: must be even for RoPE, got {m.head_dim}")
+  _require(m.block_stride <= m.block_len,
+           f"model.block_stride: {m.block_stride} exceeds model.block_len={m.block_len}")
+  _require(m.select_len % m.block_stride == 0,
+           f"model.select_len: {m.select_len} is not a multiple of model.block_stride="
+           f"{m.block_stride}")
+  _require(m.num_select >= 3, f"model.num_select: must be at least 3 (first, current and "
+           f"previous block are always selected), got {m.num_select}")
+  _require(m.fallback_k <= m.num_experts,
+           f"model.fallback_k: {m.fallback_k} exceeds model.num_experts={m.num_experts}")
+  _require(m.gate_hidden >= 0, f"model.gate_hidden: must be >= 0, got {m.gate_hidden}")
+  _require(0.0 < m.sdl_target_active <= 1.0,
+           f"model.sdl_target_active: must be in (0, 1], got {m.sdl_target_active}")
+  _require(m.sdl_diversity_weight >= 0 and m.sdl_sparsity_weight >= 0,
+           "model.sdl_*_weight: must be >= 0")
+  _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise"))
+  _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
+  _one_of("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
+  _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
+
+  _require(bool(d.train), "data.train: must name at least one source")
+  _require(len(d.buckets) > 0, "data.buckets: must list at least one length")
+  _require(all(b > 0 for b in d.buckets), f"data.buckets: lengths must be positive, got "
+           f"{list(d.buckets)}")
+  _require(list(d.buckets) == sorted(set(d.buckets)),
+           f"data.buckets: must be strictly increasing, got {list(d.buckets)}")
+  for b in d.buckets:
+    _require(b % m.select_len == 0, f"data.buckets: {b} is not a multiple of "
+             f"model.select_len={m.select_len}")
+  _require(1 <= d.max_grid <= 30, f"data.max_grid: must be in 1..30, got {d.max_grid}")
+  _require(d.max_train_tasks >= 0, f"data.max_train_tasks: must be >= 0, got "
+           f"{d.max_train_tasks}")
+  _one_of("data.loss_on", d.loss_on, ("answer", "outputs"))
+  _one_of("data.color_perm", d.color_perm, ("none", "1-9", "all"))
+  _require(not d.eval_demos or bool(d.eval), "data.eval_demos: needs data.eval to be set")
+
+  for key in ("pretrain_steps", "eavi_steps", "warmup_steps", "reset_every", "run_steps",
+              "seed"):
+    _require(getattr(t, key) >= 0, f"train.{key}: must be >= 0, got {getattr(t, key)}")
+  _require(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
+  _require(t.learning_rate > 0, f"train.learning_rate: must be positive, got {t.learning_rate}")
+  _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got "
+           f"{t.min_lr_ratio}")
+  _require(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+  _require(t.grad_clip > 0, f"train.grad_clip: must be positive, got {t.grad_clip}")
+  _require(t.max_nonfinite > 0, f"train.max_nonfinite: must be positive, got "
+           f"{t.max_nonfinite}")
+  _require(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
+
+  _one_of("eavi.feed", e.feed, ("soft", "argmax", "sample"))
+  _require(e.temperature > 0, f"eavi.temperature: must be positive, got {e.temperature}")
+  _require(e.excursion_weight >= 0 and e.tf_weight >= 0, "eavi.*_weight: must be >= 0")
+  _require(e.learning_rate > 0, f"eavi.learning_rate: must be positive, got {e.learning_rate}")
+  _require(e.warmup_steps >= 0, f"eavi.warmup_steps: must be >= 0, got {e.warmup_steps}")
+
+  _one_of("eval.mode", ev.mode, ("greedy", "vote", "augscore"))
+  for key in ("max_tasks", "color_perms", "samples", "sheet_tasks"):
+    _require(getattr(ev, key) >= 0, f"eval.{key}: must be >= 0, got {getattr(ev, key)}")
+  _require(ev.batch_size > 0, f"eval.batch_size: must be positive, got {ev.batch_size}")
+  _require(ev.temperature > 0, f"eval.temperature: must be positive, got {ev.temperature}")
+
+  _require(c.every > 0, f"checkpoint.every: must be positive, got {c.every}")
+  _require(c.keep > 0, f"checkpoint.keep: must be positive, got {c.keep}")
+  _one_of("parallel.mode", p.mode, ("auto", "single", "shard_map", "pmap"))
+  return cfg
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+  return validate(_build(Config, values or {}, ""))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+  def convert(x):
+    if isinstance(x, tuple):
+      return [convert(v) for v in x]
+    if isinstance(x, dict):
+      return {k: convert(v) for k, v in x.items()}
+    return x
+  return convert(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+  """``"train.seed=3"`` -> (["train", "seed"], 3). The value is read as YAML."""
+  if "=" not in text:
+    raise ConfigError(f"{text}: an override must look like section.key=value")
+  key, raw = text.split("=", 1)
+  path = key.strip().split(".")
+  if len(path) != 2 or not all(path):
+    raise ConfigError(f"{key}: an override key must be section.key (e.g. train.seed)")
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as err:
+    raise ConfigError(f"{key}: cannot read value {raw!r} ({err.__class__.__name__})") from None
+  return path, value
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML config (or the defaults), applies ``section.key=value`` overrides, validates."""
+  values: dict[str, Any] = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise ConfigError(f"{path}: config file not found")
+    try:
+      values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+      raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+      raise ConfigError(f"{path}: the top level must be a mapping of sections")
+  for text in overrides:
+    (section, key), value = parse_override(text)
+    if section not in {f.name for f in dataclasses.fields(Config)}:
+      raise ConfigError(f"{section}.{key}: unknown section {section!r}")
+    section_values = values.setdefault(section, {})
+    if not isinstance(section_values, dict):
+      raise ConfigError(f"{section}: expected a mapping")
+    section_values[key] = value
+  return from_dict(values)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+  Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+  """``replace(cfg, train={"seed": 3})``: a validated copy with some fields changed."""
+  values = to_dict(cfg)
+  for section, changes in sections.items():
+    values[section].update(changes)
+  return from_dict(values)
+

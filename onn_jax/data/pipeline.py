@@ -1,0 +1,283 @@
+"""Training data: the task set of a run, and a deterministic stream of fixed-shape batches.
+
+:func:`build_training_tasks` turns a :class:`DataConfig` into the list of training tasks
+(several sources joined, leakage guard against the evaluation split, size filter, optional
+leave-one-out tasks from the evaluation demonstrations).
+
+:class:`BatchStream` turns tasks into batches. The batch at step s depends only on (seed, s):
+the bucket, the sampled sequences and every augmentation (D8 element, colour permutation, demo
+order) are drawn from ``np.random.default_rng([seed, s, ...])``, so a resumed run, or another
+process of the same run, sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from onn_jax.config import DataConfig
+from onn_jax.data.augment import View, augment_task, color_permutation
+from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out)
+from onn_jax.data.tasks import Task, filter_max_grid, load_tasks, remove_leaked
+from onn_jax.data.tokens import PAD
+
+_STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share a seed
+_STREAM_ROW = 1
+
+
+def _load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, str]], int]:
+  """Loads "a+b+c": tasks (first occurrence of each id kept), skipped, duplicates dropped."""
+  tasks: list[Task] = []
+  skipped: list[tuple[str, str]] = []
+  seen: set[str] = set()
+  duplicates = 0
+  for source in (s.strip() for s in spec.split("+")):
+    if not source:
+      raise ValueError(f"data source list {spec!r} has an empty entry")
+    loaded = load_tasks(source, skip_bad=skip_bad)
+    skipped.extend(loaded.skipped)
+    for task in loaded:
+      if task.id in seen:
+        duplicates += 1
+        continue
+      seen.add(task.id)
+      tasks.append(task)
+  tasks.sort(key=lambda t: t.id)
+  return tasks, skipped, duplicates
+
+
+def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
+                         ) -> tuple[list[Task], dict]:
+  """The training tasks of a run, and an info dict of counts for the run's log.
+
+  Steps: load ``cfg.train`` (sources joined by "+", a task id seen twice is kept once); when
+  ``cfg.eval`` is set and ``cfg.leakage_guard``, drop tasks leaked from the evaluation split
+  (:func:`remove_leaked`); keep tasks whose grids fit ``cfg.max_grid``; keep the first
+  ``cfg.max_train_tasks`` by id (0: all); when ``cfg.eval_demos``, add the leave-one-out tasks
+  of every evaluation task (built from demonstrations only: test outputs are never read).
+
+  Info keys: loaded, duplicates_removed, skipped_bad, leaked_removed, too_large,
+  limit_removed, train_tasks, eval_demo_tasks, total (ints) and protocol (one line).
+  """
+  tasks, skipped, duplicates = _load_joined(cfg.train, cfg.skip_bad)
+  info = {"loaded": len(tasks) + duplicates, "duplicates_removed": duplicates,
+          "skipped_bad": len(skipped), "leaked_removed": 0, "too_large": 0, "limit_removed": 0,
+          "eval_demo_tasks": 0}
+  log(f"data: {info['loaded']} training tasks loaded from {cfg.train}"
+      + (f", {duplicates} duplicate ids dropped" if duplicates else ""))
+  for where, reason in skipped:
+    log(f"data: skipped {where}: {reason}")
+  if skipped:
+    log(f"data: {len(skipped)} malformed tasks skipped")
+
+  protocol = [f"train on {cfg.train}"]
+  eval_tasks: list[Task] = []
+  if cfg.eval and (cfg.leakage_guard or cfg.eval_demos):
+    eval_tasks, eval_skipped, _ = _load_joined(cfg.eval, cfg.skip_bad)
+    if eval_skipped:
+      log(f"data: {len(eval_skipped)} malformed evaluation tasks skipped")
+  if cfg.eval and cfg.leakage_guard:
+    tasks, removed = remove_leaked(tasks, eval_tasks)
+    info["leaked_removed"] = len(removed)
+    log(f"data: leakage guard removed {len(removed)} training tasks sharing an id or an "
+        f"(input, output) pair with {cfg.eval}")
+    protocol.append(f"minus {len(removed)} tasks leaked from {cfg.eval}")
+  elif cfg.eval:
+    log(f"data: leakage guard is OFF; training may contain tasks of {cfg.eval}")
+    protocol.append(f"leakage guard off vs {cfg.eval}")
+
+  fitting = filter_max_grid(tasks, cfg.max_grid)
+  info["too_large"] = len(tasks) - len(fitting)
+  if info["too_large"]:
+    log(f"data: {info['too_large']} tasks have a grid side > {cfg.max_grid} and are dropped")
+    protocol.append(f"grids <= {cfg.max_grid}")
+  tasks = fitting
+  if cfg.max_train_tasks and len(tasks) > cfg.max_train_tasks:
+    info["limit_removed"] = len(tasks) - cfg.max_train_tasks
+    tasks = tasks[:cfg.max_train_tasks]
+    protocol.append(f"first {cfg.max_train_tasks} by id")
+  info["train_tasks"] = len(tasks)
+
+  if cfg.eval_demos and cfg.eval:
+    # Leave-one-out tasks read only each task's demonstrations: the test pairs (and the test
+    # outputs above all) of an evaluation task never reach training.
+    demo_tasks = filter_max_grid([lt for t in eval_tasks for lt in leave_one_out(t)],
+                                 cfg.max_grid)
+    info["eval_demo_tasks"] = len(demo_tasks)
+    tasks = tasks + demo_tasks
+    log(f"data: + {len(demo_tasks)} leave-one-out tasks from the demonstrations of "
+        f"{len(eval_tasks)} {cfg.eval} tasks (test outputs unused)")
+    protocol.append(f"plus leave-one-out of {cfg.eval} demonstrations (transductive, test "
+                    "outputs unused)")
+  elif cfg.eval_demos:
+    log("data: eval_demos is set but data.eval is empty; no evaluation demonstrations added")
+  info["total"] = len(tasks)
+  info["protocol"] = "; ".join(protocol)
+  log(f"data: {len(tasks)} training tasks ({info['protocol']})")
+  return tasks, info
+
+
+def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
+  """Right-pads examples into a next-token batch of width ``length``.
+
+  For an example with tokens t[0..n-1] (n <= length + 1): inputs = t[:-1], targets = t[1:],
+  loss_mask = Example.loss_mask[1:] (the mask marks target tokens), positions 0..length-1.
+
+  Returns (B = len(examples), T = length):
+    inputs int32 [B, T] (PAD-padded), targets int32 [B, T] (PAD where none),
+    loss_mask float32 [B, T] (0 on padding), positions int32 [B, T], valid bool [B, T] (input
+    is a real token), answer_start int32 [B] (index in inputs of the first answer token; the
+    first answer token is predicted at targets index answer_start - 1), answer_len int32 [B].
+  A prompt (answer_len 0) loses its final OUT from inputs: feed Example.tokens to generate.
+  """
+  batch = len(examples)
+  inputs_BT = np.full((batch, length), PAD, np.int32)
+  targets_BT = np.full((batch, length), PAD, np.int32)
+  loss_mask_BT = np.zeros((batch, length), np.float32)
+  valid_BT = np.zeros((batch, length), bool)
+  answer_start_B = np.zeros(batch, np.int32)
+  answer_len_B = np.zeros(batch, np.int32)
+  for b, ex in enumerate(examples):
+    n = len(ex.tokens) - 1
+    if n > length:
+      raise ValueError(f"task {ex.task_id} test {ex.test_index}: {n + 1} tokens do not fit a "
+                       f"batch of length {length} (at most {length + 1})")
+    inputs_BT[b, :n] = ex.tokens[:-1]
+    targets_BT[b, :n] = ex.tokens[1:]
+    loss_mask_BT[b, :n] = ex.loss_mask[1:]
+    valid_BT[b, :n] = True
+    answer_start_B[b] = ex.answer_start
+    answer_len_B[b] = ex.answer_len
+  positions_BT = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+  return {"inputs": inputs_BT, "targets": targets_BT, "loss_mask": loss_mask_BT,
+          "positions": positions_BT, "valid": valid_BT, "answer_start": answer_start_B,
+          "answer_len": answer_len_B}
+
+
+def _item_lengths(task: Task, test_index: int, d8: bool) -> tuple[int, int]:
+  """(shortest with one demo, with every demo) token counts of an item, over the orientations
+  augmentation may produce (a transpose turns h * (w + 1) into w * (h + 1))."""
+  inp, out = task.test[test_index]
+  shortest = full = 0
+  for transposed in ((False, True) if d8 else (False,)):
+    def length(g: np.ndarray) -> int:
+      return grid_length(g.shape[::-1] if transposed else g.shape)
+    fixed = 3 + length(inp) + length(out) + 1
+    demos = [2 + length(i) + length(o) for i, o in task.train]
+    shortest = max(shortest, fixed + min(demos))
+    full = max(full, fixed + sum(demos))
+  return shortest, full
+
+
+class BatchStream:
+  """An infinite, deterministic stream of fixed-shape next-token batches.
+
+  Items are every (task, test index) with a known test output, plus the leave-one-out tasks of
+  every task with >= 2 demos (so demonstrations are trained on too; tasks that are themselves
+  leave-one-out tasks are not split again). An item goes to its bucket: the shortest bucket
+  length L with room (L + 1 tokens) for it with all demos, else the longest one, where trailing
+  demos are dropped; items that fit no bucket even with one demo are dropped and counted in
+  ``num_too_long``.
+
+  ``batch(step)`` draws the bucket with probability proportional to its item count, then
+  ``batch_size`` items uniformly from it (so every item is equally likely overall), and augments
+  row r from ``default_rng([seed, step, 1, r])``: a D8 element (cfg.d8), a colour permutation
+  (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
+  ``batch_size // process_count``: rows [process_index * b, (process_index + 1) * b) of the
+  global batch, which every process draws identically.
+  """
+
+  def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
+               process_index: int = 0, process_count: int = 1, start_step: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"train.batch_size={batch_size} must be positive")
+    if process_count < 1 or batch_size % process_count:
+      raise ValueError(f"train.batch_size={batch_size} is not divisible by the process count "
+                       f"{process_count}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    if seed < 0:
+      raise ValueError(f"train.seed={seed} must be >= 0")
+    if not cfg.buckets or min(cfg.buckets) < 1:
+      raise ValueError(f"data.buckets={cfg.buckets} must be a non-empty list of positive lengths")
+    color_permutation(np.random.default_rng(0), cfg.color_perm)  # rejects an unknown mode now
+    self.cfg = cfg
+    self.batch_size = batch_size
+    self.seed = seed
+    self.process_index = process_index
+    self.process_count = process_count
+    self.start_step = start_step
+    self.rows_per_process = batch_size // process_count
+    self.buckets = tuple(sorted(set(int(b) for b in cfg.buckets)))
+
+    items: list[tuple[Task, int]] = []
+    for task in tasks:
+      items.extend((task, i) for i, (_, out) in enumerate(task.test) if out is not None)
+      if not is_leave_one_out(task):
+        items.extend((loo, 0) for loo in leave_one_out(task))
+    longest = self.buckets[-1] + 1
+    self.items: list[tuple[Task, int]] = []
+    bucket_of: list[int] = []
+    self.num_too_long = 0
+    for task, test_index in items:
+      shortest, full = _item_lengths(task, test_index, cfg.d8)
+      if shortest > longest:
+        self.num_too_long += 1
+        continue
+      self.items.append((task, test_index))
+      bucket_of.append(next((k for k, b in enumerate(self.buckets) if full <= b + 1),
+                            len(self.buckets) - 1))
+    if not self.items:
+      raise ValueError(f"no training sequence fits data.buckets={cfg.buckets} "
+                       f"({self.num_too_long} too long, {len(items)} in all)")
+    bucket_of_arr = np.array(bucket_of)
+    self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
+    counts = np.array([len(ix) for ix in self.bucket_items], np.float64)
+    self.bucket_probs = counts / counts.sum()
+
+  @property
+  def num_items(self) -> int:
+    return len(self.items)
+
+  def _example(self, item: int, step: int, row: int, capacity: int) -> Example:
+    task, test_index = self.items[item]
+    cfg = self.cfg
+    rng = np.random.default_rng([self.seed, step, _STREAM_ROW, row])
+    d8 = int(rng.integers(8)) if cfg.d8 else 0
+    perm = color_permutation(rng, cfg.color_perm)
+    order = rng.permutation(len(task.train)) if cfg.shuffle_demos else None
+    view = View(d8=d8, perm=tuple(int(c) for c in perm))
+    one_test = Task(id=task.id, train=task.train, test=[task.test[test_index]])
+    seen = augment_task(one_test, view, order)
+    test_in, test_out = seen.test[0]
+    kw = dict(loss_on=cfg.loss_on, task_id=task.id, test_index=test_index)
+    example = fit(seen.train, test_in, test_out, capacity, **kw)
+    if example is None:
+      # The drawn order put a long demo first; with the shortest demo first the item fits, as
+      # checked when it was assigned a bucket.
+      demos = sorted(seen.train, key=lambda p: grid_length(p[0].shape) + grid_length(p[1].shape))
+      example = fit(demos, test_in, test_out, capacity, **kw)
+    assert example is not None, (task.id, test_index, capacity)
+    return example
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch at ``step`` (see the class doc for keys)."""
+    rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
+    bucket = int(rng.choice(len(self.buckets), p=self.bucket_probs))
+    pool = self.bucket_items[bucket]
+    picks = pool[rng.integers(0, len(pool), size=self.batch_size)]
+    length = self.buckets[bucket]
+    first = self.process_index * self.rows_per_process
+    rows = range(first, first + self.rows_per_process)
+    return collate([self._example(int(picks[r]), step, r, length + 1) for r in rows], length)
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of steps start_step, start_step + 1, ... forever."""
+    step = start_step
+    while True:
+      yield self.batch(step)
+      step += 1
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self.iterate(self.start_step)

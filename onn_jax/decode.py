@@ -1,0 +1,106 @@
+"""KV-cached autoregressive decoding: prefill, then ``jax.lax.scan`` over one-token steps.
+
+Prompts are right-padded in one [B, P] buffer with per-example lengths; each example decodes
+at its own absolute position, so a batch may mix prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
+from onn_jax.model.transformer import Transformer, init_cache
+
+
+class Generation(NamedTuple):
+  tokens_BA: jax.Array  # int32: emitted tokens; PAD after END
+  logprobs_BA: jax.Array  # float32: log p of each emitted token (0 after END)
+  fed_BAV: jax.Array  # float32: what was fed back at each step (one-hot or distribution)
+  ended_B: jax.Array  # bool: END was emitted within the budget
+
+
+def _choose(logits_BV, feed: str, temperature: float, rng):
+  """The emitted token and what is fed back at the next position."""
+  if feed == "sample":
+    token_B = jax.random.categorical(rng, logits_BV / temperature).astype(jnp.int32)
+  else:
+    token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+  if feed == "soft":
+    fed_BV = jax.nn.softmax(logits_BV / temperature, -1)
+  else:
+    fed_BV = jax.nn.one_hot(token_B, VOCAB_SIZE, dtype=jnp.float32)
+  return token_B, fed_BV
+
+
+def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax.Array, *,
+             max_new: int, capacity: int | None = None, feed: str = "argmax",
+             temperature: float = 1.0, rng: jax.Array | None = None) -> Generation:
+  """Generates ``max_new`` answer tokens after each prompt.
+
+  Args:
+    prompt_BP: int32 token buffer; example b's prompt is ``prompt_BP[b, :prompt_len_B[b]]``
+      (ending with the OUT marker). What lies beyond is ignored.
+    max_new: static number of tokens to emit per example.
+    capacity: KV-cache length; defaults to ``P + max_new``. Every example must satisfy
+      ``prompt_len + max_new - 1 <= capacity``.
+    feed: ``argmax`` (greedy), ``sample`` (temperature sampling) or ``soft`` (the predicted
+      distribution is fed back as its expected embedding; argmax is reported as the token).
+  """
+  B, P = prompt_BP.shape
+  capacity = capacity or P + max_new
+  if rng is None:
+    rng = jax.random.PRNGKey(0)
+  pos_P = jnp.arange(P)
+  masked_BP = jnp.where(pos_P[None] < prompt_len_B[:, None], prompt_BP, PAD)
+  valid_BP = pos_P[None] < prompt_len_B[:, None]
+  cache = init_cache(model.cfg, B, capacity)
+  logits_BPV, cache, _ = model.apply({"params": params}, masked_BP, valid_BP, mode="prefill",
+                                     cache=cache)
+  rows_B = jnp.arange(B)
+  logits_BV = logits_BPV[rows_B, prompt_len_B - 1]
+
+  def emit(logits_BV, done_B, rng):
+    token_B, fed_BV = _choose(logits_BV, feed, temperature, rng)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], -1)[:, 0]
+    token_B = jnp.where(done_B, PAD, token_B)
+    fed_BV = jnp.where(done_B[:, None], jax.nn.one_hot(PAD, VOCAB_SIZE), fed_BV)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    return token_B, fed_BV, logp_B, done_B | (token_B == END)
+
+  def step(carry, rng_step):
+    cache, logits_BV, pos_B, done_B = carry
+    token_B, fed_BV, logp_B, next_done_B = emit(logits_BV, done_B, rng_step)
+    logits_B1V, cache, _ = model.apply({"params": params}, fed_BV[:, None], mode="decode",
+                                       cache=cache, pos_B=jnp.minimum(pos_B, capacity - 1))
+    return (cache, logits_B1V[:, 0], pos_B + 1, next_done_B), (token_B, logp_B, fed_BV)
+
+  rngs = jax.random.split(rng, max_new)
+  done_B = jnp.zeros((B,), bool)
+  # The last token needs no decode step after it: scan max_new - 1 steps, then emit once.
+  (cache, logits_BV, _, done_B), (tokens, logps, feds) = jax.lax.scan(
+      step, (cache, logits_BV, prompt_len_B.astype(jnp.int32), done_B), rngs[:-1])
+  token_B, fed_BV, logp_B, done_B = emit(logits_BV, done_B, rngs[-1])
+  tokens_BA = jnp.concatenate([tokens.T, token_B[:, None]], 1)
+  logprobs_BA = jnp.concatenate([logps.T, logp_B[:, None]], 1)
+  fed_BAV = jnp.concatenate([feds.transpose(1, 0, 2), fed_BV[:, None]], 1)
+  return Generation(tokens_BA, logprobs_BA, fed_BAV, done_B)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "capacity", "feed",
+                                             "temperature"))
+def generate_jit(model, params, prompt_BP, prompt_len_B, *, max_new, capacity=None,
+                 feed="argmax", temperature=1.0, rng=None) -> Generation:
+  return generate(model, params, prompt_BP, prompt_len_B, max_new=max_new, capacity=capacity,
+                  feed=feed, temperature=temperature, rng=rng)
+
+
+def sequence_logprob(model: Transformer, params, inputs_BT, targets_BT, mask_BT):
+  """Sum of log p(target) over masked positions, per example: [B] float32 (teacher forced)."""
+  logits_BTV, _, _ = model.apply({"params": params}, inputs_BT, inputs_BT != PAD)
+  logp_BTV = jax.nn.log_softmax(logits_BTV, -1)
+  logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
+  return jnp.sum(logp_BT * mask_BT, -1)

@@ -1,0 +1,397 @@
+"""The evaluation protocol, independent of the model: views, candidates, ranking, outputs.
+
+The model enters through two callables, both batched over tasks and views:
+
+- ``generate_fn(prompts, max_new, num_samples) -> per prompt [greedy, sample_1, ..]``: each
+  prompt is an int32 [P] token array ending with OUT; each generation is the generated answer
+  tokens, which should end with END (tokens after the first END are ignored). A generation
+  without END that is shorter than ``max_new`` is taken to have stopped at an END that the
+  caller dropped; one that used the whole budget was cut off and counts as malformed.
+- ``logprob_fn(sequences, answer_starts) -> float [N]``: ``sequences[n]`` is a prompt followed
+  by answer tokens incl. END, and the result is the teacher-forced total log-probability
+  sum_{t >= answer_starts[n]} log p(x_t | x_<t) of those answer tokens.
+
+Modes (for each test input):
+
+- ``greedy``: the identity view, its greedy generation, no scoring.
+- ``vote``: every view's generations, mapped back to the task's frame by the view's exact
+  inverse and deduplicated; ranked by how many generations produced each candidate (ties: the
+  one seen first, views in order, greedy before samples).
+- ``augscore``: the same candidates, each scored by
+  ``score(c) = sum_v log p(v(c) | prompt_v)`` over the views v (one teacher-forced pass per
+  candidate and view), ranked by score (ties: votes, then first seen).
+
+Length rules are the training ones (:func:`onn_jax.data.serialize.fit`): trailing demos are
+dropped until prompt plus answer fit ``max_len``. For generation the answer's room is estimated
+from the largest demo output or the test input in that view; for scoring, every candidate of a
+test input shares one prompt per view that holds the largest of them, so the candidates' scores
+are comparable. A view whose prompt does not fit even with one demo is left out; a test input
+with no fitting view gets no candidates (and ``[[0]]`` in the submission).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from onn_jax.data.augment import NUM_D8, View, color_permutation
+from onn_jax.data.serialize import decode_grid, encode_grid, fit, grid_length
+from onn_jax.data.tasks import Task
+from onn_jax.data.tokens import END
+from onn_jax.evaluation.scoring import has_solutions, score_submission, validate_submission
+from onn_jax.evaluation.submission import build_submission, grid_to_list, write_submission
+
+MODES = ("greedy", "vote", "augscore")
+MAX_ANSWER_TOKENS = 30 * 31 + 1  # a 30x30 grid, its NEWLINEs and END
+
+GenerateFn = Callable[[list[np.ndarray], int, int], Sequence[Sequence[np.ndarray]]]
+LogprobFn = Callable[[list[np.ndarray], list[int]], np.ndarray]
+
+
+def make_views(num_color_perms: int = 0, color_mode: str = "1-9", seed: int = 0) -> list[View]:
+  """The 8 D8 views with identity colours (identity first), then, for each D8 element in order,
+  ``num_color_perms`` views with a distinct non-identity colour permutation drawn
+  deterministically from ``seed`` under ``color_mode`` (``1-9`` or ``all``)."""
+  if num_color_perms < 0:
+    raise ValueError(f"num_color_perms must be >= 0, got {num_color_perms}")
+  views = [View(d8=k) for k in range(NUM_D8)]
+  if num_color_perms == 0:
+    return views
+  if color_mode == "none":
+    raise ValueError(
+        f"{num_color_perms} colour-permuted views need a colour mode other than 'none'")
+  rng = np.random.default_rng(seed)
+  identity = tuple(range(10))
+  for k in range(NUM_D8):
+    seen = {identity}
+    for _ in range(num_color_perms):
+      for _ in range(1000):
+        perm = tuple(int(c) for c in color_permutation(rng, color_mode))
+        if perm not in seen:
+          break
+      else:
+        raise ValueError(f"could not draw {num_color_perms} distinct {color_mode} permutations")
+      seen.add(perm)
+      views.append(View(d8=k, perm=perm))
+  return views
+
+
+def _key(grid: np.ndarray) -> tuple:
+  """Identity of a grid for deduplication: its shape and its values."""
+  return grid.shape, np.ascontiguousarray(grid, dtype=np.int8).tobytes()
+
+
+def _answer_tokens(grid: np.ndarray) -> np.ndarray:
+  """The answer an [h, w] grid makes: its tokens then END, int32 [h * (w + 1) + 1]."""
+  return np.asarray(encode_grid(grid) + [END], np.int32)
+
+
+def parse_generation(tokens: Any, max_new: int) -> np.ndarray | None:
+  """An int32 [h, w] grid from one generation, or None if it is malformed (see module doc)."""
+  array = np.asarray(tokens)
+  if array.ndim == 1 and array.dtype.kind in "iu" and not np.any(array == END) \
+      and len(array) < max_new:
+    array = np.append(array, END)
+  return decode_grid(array)
+
+
+@dataclasses.dataclass
+class _Item:
+  """Book-keeping for one (task, test input) while it is evaluated."""
+  task: Task
+  test_index: int
+  keys: dict[tuple, int] = dataclasses.field(default_factory=dict)
+  candidates: list[np.ndarray] = dataclasses.field(default_factory=list)
+  counts: list[int] = dataclasses.field(default_factory=list)
+  malformed: int = 0
+  generations: int = 0
+  gen_views: int = 0
+  score_views: int = 0
+  scores: np.ndarray | None = None
+
+  def add(self, grid: np.ndarray) -> None:
+    key = _key(grid)
+    if key in self.keys:
+      self.counts[self.keys[key]] += 1
+    else:
+      self.keys[key] = len(self.candidates)
+      self.candidates.append(grid)
+      self.counts.append(1)
+
+
+def _view_task(task: Task, test_index: int, view: View) -> tuple[list, np.ndarray]:
+  demos = [(view.apply(np.asarray(i)), view.apply(np.asarray(o))) for i, o in task.train]
+  return demos, view.apply(np.asarray(task.test[test_index][0]))
+
+
+def _prompt(demos: list, test_input: np.ndarray, room: int, max_len: int, task_id: str,
+            test_index: int) -> np.ndarray | None:
+  """The prompt (int32 [P], ending with OUT) leaving ``room`` tokens for the answer."""
+  example = fit(demos, test_input, None, max_len - room, task_id=task_id,
+                test_index=test_index)
+  return None if example is None else np.asarray(example.tokens, np.int32)
+
+
+def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
+  for start in range(0, len(order), batch_size):
+    yield list(order[start:start + batch_size])
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="seq", leave=False)
+
+
+def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn, *,
+              max_len: int, batch_size: int, samples: int, max_answer_tokens: int,
+              progress: bool) -> None:
+  """Builds every (item, view) prompt, generates in length-sorted batches, collects candidates.
+
+  Candidates are added in (item, view, greedy-then-samples) order whatever the batching, so
+  "first seen" does not depend on batch_size.
+  """
+  jobs: list[tuple[int, int, np.ndarray]] = []
+  for i, item in enumerate(items):
+    for v, view in enumerate(views):
+      demos, test_input = _view_task(item.task, item.test_index, view)
+      # Room for an answer as large as the largest output seen or the test input, in this view.
+      room = max([grid_length(np.shape(o)) for _, o in demos] + [grid_length(test_input.shape)])
+      room = min(room + 1, max_answer_tokens)
+      prompt = _prompt(demos, test_input, room, max_len, item.task.id, item.test_index)
+      if prompt is not None:
+        jobs.append((i, v, prompt))
+        item.gen_views += 1
+  # Longest first: similar lengths share a batch (less padding, a fair max_new), and the
+  # largest batch runs first so an out-of-memory shows at once.
+  order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
+  outputs: list[Sequence[np.ndarray] | None] = [None] * len(jobs)
+  budgets = [0] * len(jobs)
+  bar = _progress(len(jobs), "generate", progress)
+  for batch in _batches(order, batch_size):
+    prompts = [jobs[j][2] for j in batch]
+    max_new = min(max_answer_tokens, max_len - max(len(p) for p in prompts))
+    results = generate_fn(prompts, max_new, samples)
+    if len(results) != len(prompts):
+      raise ValueError(f"generate_fn returned {len(results)} results for {len(prompts)} prompts")
+    for j, result in zip(batch, results):
+      outputs[j] = result
+      budgets[j] = max_new
+    if bar is not None:
+      bar.update(len(batch))
+  if bar is not None:
+    bar.close()
+  for j, (i, v, _) in enumerate(jobs):
+    item = items[i]
+    for tokens in outputs[j]:
+      item.generations += 1
+      grid = parse_generation(tokens, budgets[j])
+      if grid is None:
+        item.malformed += 1
+      else:
+        item.add(views[v].invert(grid).astype(np.int32))
+
+
+def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, max_len: int,
+           batch_size: int, progress: bool) -> None:
+  """Sets item.scores[c] = sum over usable views v of log p(v(c) | prompt_v) (batched)."""
+  pairs: list[tuple[int, int, np.ndarray, int]] = []  # (item, candidate, sequence, answer start)
+  for i, item in enumerate(items):
+    if not item.candidates:
+      continue
+    item.scores = np.zeros(len(item.candidates))
+    for view in views:
+      answers = [_answer_tokens(view.apply(c)) for c in item.candidates]
+      demos, test_input = _view_task(item.task, item.test_index, view)
+      room = max(len(a) for a in answers)
+      prompt = _prompt(demos, test_input, room, max_len, item.task.id, item.test_index)
+      if prompt is None:
+        continue  # this view cannot hold the largest candidate: left out for all of them
+      item.score_views += 1
+      for c, answer in enumerate(answers):
+        pairs.append((i, c, np.concatenate([prompt, answer]), len(prompt)))
+  order = sorted(range(len(pairs)), key=lambda p: -len(pairs[p][2]))
+  bar = _progress(len(pairs), "score", progress)
+  for batch in _batches(order, batch_size):
+    logprobs = np.asarray(logprob_fn([pairs[p][2] for p in batch], [pairs[p][3] for p in batch]),
+                          np.float64).reshape(-1)
+    if len(logprobs) != len(batch):
+      raise ValueError(f"logprob_fn returned {len(logprobs)} values for {len(batch)} sequences")
+    for p, logprob in zip(batch, logprobs):
+      i, c = pairs[p][0], pairs[p][1]
+      # NaN would make the ranking arbitrary; it counts as impossible instead.
+      items[i].scores[c] += logprob if not math.isnan(logprob) else -math.inf
+    if bar is not None:
+      bar.update(len(batch))
+  if bar is not None:
+    bar.close()
+
+
+def _record(item: _Item, mode: str) -> dict:
+  n = len(item.candidates)
+  if mode == "augscore" and item.scores is not None and item.score_views > 0:
+    scores = [float(s) for s in item.scores]
+    order = sorted(range(n), key=lambda c: (-scores[c], -item.counts[c], c))
+  else:
+    scores = [float(k) for k in item.counts]
+    order = sorted(range(n), key=lambda c: (-item.counts[c], c))
+  ranked = [item.candidates[c] for c in order]
+  target = item.task.test[item.test_index][1]
+  correct_1 = correct_2 = None
+  if target is not None:
+    target = np.asarray(target)
+    hits = [g.shape == target.shape and bool(np.array_equal(g, target)) for g in ranked[:2]]
+    correct_1 = bool(hits[:1] and hits[0])
+    correct_2 = any(hits)
+  return {
+      "task_id": item.task.id,
+      "test_index": item.test_index,
+      "mode": mode,
+      "candidates": list(item.candidates),
+      "counts": list(item.counts),
+      "scores": scores,
+      "order": order,
+      "ranked": ranked,
+      "malformed": item.malformed,
+      "generations": item.generations,
+      "views": item.gen_views,
+      "score_views": item.score_views,
+      "skipped": item.gen_views == 0,
+      "correct_1": correct_1,
+      "correct_2": correct_2,
+  }
+
+
+def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[View] | None = None,
+             generate_fn: GenerateFn, logprob_fn: LogprobFn | None = None, max_len: int,
+             batch_size: int, samples: int = 0, max_answer_tokens: int = MAX_ANSWER_TOKENS,
+             progress: bool = True) -> list[dict]:
+  """Evaluates every test input of ``tasks``; one record per (task id, test index), in order.
+
+  A record holds ``candidates`` (int32 [h, w] grids in the task's frame, deduplicated, in the
+  order first seen), ``counts`` (generations that produced each), ``scores`` (summed answer
+  log-probabilities in ``augscore`` mode, else the counts), ``order`` and ``ranked`` (the
+  candidates best first), ``malformed`` (generations that did not parse), ``generations``,
+  ``views`` (views whose prompt fitted), ``score_views``, ``skipped`` (no view fitted) and
+  ``correct_1`` / ``correct_2`` (None without a solution).
+
+  ``views`` defaults to the 8 D8 views; ``greedy`` mode always uses the identity view alone and
+  no samples. Every prompt plus ``max_new`` tokens fits ``max_len``, with ``max_new`` at most
+  ``max_answer_tokens``.
+  """
+  if mode not in MODES:
+    raise ValueError(f"eval mode {mode!r} is not one of {', '.join(MODES)}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if samples < 0:
+    raise ValueError(f"samples must be >= 0, got {samples}")
+  if max_answer_tokens < 3:  # the smallest answer, a 1x1 grid, is colour NEWLINE END
+    raise ValueError(f"max_answer_tokens must be >= 3, got {max_answer_tokens}")
+  if mode == "augscore" and logprob_fn is None:
+    raise ValueError("augscore mode needs a logprob_fn")
+  if mode == "greedy":
+    views, samples = [View()], 0
+  elif views is None:
+    views = make_views(0)
+  if not views:
+    raise ValueError("no views to evaluate")
+  items = [_Item(task, t) for task in tasks for t in range(len(task.test))]
+  _generate(items, views, generate_fn, max_len=max_len, batch_size=batch_size, samples=samples,
+            max_answer_tokens=max_answer_tokens, progress=progress)
+  if mode == "augscore":
+    _score(items, views, logprob_fn, max_len=max_len, batch_size=batch_size, progress=progress)
+  return [_record(item, mode) for item in items]
+
+
+def ranked_by_task(records: Sequence[dict], tasks: Sequence[Task]) -> dict[str, list[list]]:
+  """task id -> per test input its ranked candidates ([] where no record exists)."""
+  by_key = {(r["task_id"], r["test_index"]): r["ranked"] for r in records}
+  return {task.id: [list(by_key.get((task.id, t), [])) for t in range(len(task.test))]
+          for task in tasks}
+
+
+def summarise(records: Sequence[dict], tasks: Sequence[Task], mode: str | None = None) -> dict:
+  """The evaluation's numbers: ``score``, ``pass@1``, ``pass@2``, ``num_tasks``, ``per_task``
+  (official scoring of the submission the records make), ``malformed``, ``mode`` and counts.
+  Without solutions the scores are left out and ``"scores": "omitted: no solutions"`` says so.
+  """
+  if mode is None:
+    mode = records[0]["mode"] if records else "unknown"
+  summary: dict[str, Any] = {
+      "mode": mode,
+      "num_tasks": len(tasks),
+      "num_test_inputs": sum(len(task.test) for task in tasks),
+      "malformed": int(sum(r["malformed"] for r in records)),
+      "generations": int(sum(r["generations"] for r in records)),
+      "skipped": int(sum(bool(r["skipped"]) for r in records)),
+      "mean_candidates": float(np.mean([len(r["candidates"]) for r in records]))
+                         if records else 0.0,
+  }
+  if tasks and has_solutions(tasks):
+    summary.update(score_submission(build_submission(ranked_by_task(records, tasks)), tasks))
+  else:
+    summary["scores"] = "omitted: no solutions"
+  return summary
+
+
+def _finite_or_none(x: float) -> float | None:
+  return x if math.isfinite(x) else None  # JSON has no infinities
+
+
+def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str | Path,
+                  mode: str, extra: dict | None = None, sheet_tasks: int = 8) -> dict:
+  """Writes into ``out_dir``: ``submission.json`` (validated), ``scores.json`` (summary plus
+  ``extra``; summary keys win), ``results.jsonl`` (one line per test input) and ``sheet.png``
+  (test input, target and both attempts for the first ``sheet_tasks`` tasks). Returns the
+  scores dict."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ranked = ranked_by_task(records, tasks)
+  submission = build_submission(ranked)
+  validate_submission(submission, tasks)
+  write_submission(submission, out_dir / "submission.json")
+
+  scores = summarise(records, tasks, mode)
+  for key, value in (extra or {}).items():
+    scores.setdefault(key, value)
+  with open(out_dir / "scores.json", "w") as f:
+    json.dump(scores, f, indent=2)
+
+  with open(out_dir / "results.jsonl", "w") as f:
+    for r in records:
+      f.write(json.dumps({
+          "task_id": r["task_id"],
+          "test_index": r["test_index"],
+          "candidates": [grid_to_list(c) for c in r["candidates"]],
+          "counts": r["counts"],
+          "scores": [_finite_or_none(s) for s in r["scores"]],
+          "order": r["order"],
+          "malformed": r["malformed"],
+          "views": r["views"],
+          "skipped": r["skipped"],
+          "correct_1": r["correct_1"],
+          "correct_2": r["correct_2"],
+      }) + "\n")
+
+  from onn_jax.plots import render_sheet
+  rows = []
+  for task in list(tasks)[:sheet_tasks]:
+    for t, (test_input, target) in enumerate(task.test):
+      entry = submission[task.id][t]
+      mark = {True: " (solved)", False: " (missed)"}.get(
+          next((r["correct_2"] for r in records
+                if r["task_id"] == task.id and r["test_index"] == t), None), "")
+      rows.append({"title": f"{task.id} [{t}]{mark}", "grids": [
+          ("test input", np.asarray(test_input)),
+          ("target", None if target is None else np.asarray(target)),
+          ("attempt 1", np.asarray(entry["attempt_1"])),
+          ("attempt 2", np.asarray(entry["attempt_2"])),
+      ]})
+  render_sheet(rows, out_dir / "sheet.png")
+  return scores

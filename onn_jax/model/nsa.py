@@ -1,0 +1,342 @@
+"""Native Sparse Attention core (Yuan et al. 2025, "Native Sparse Attention", eqs. 5-12).
+
+The pure attention math of NSA, without projections, compression MLP, RoPE or KV cache (the
+NSA layer owns those and calls :func:`nsa_core`). For every query token at absolute position
+``p`` and query head ``h`` (GQA: head ``h`` belongs to key/value group ``h // (H // G)``):
+
+    o = g_cmp * Attn(q, K_cmp[visible], V_cmp[visible])                       (eq. 5, 7-8)
+      + g_slc * Attn(q, K_slc[selected blocks, <= p], V_slc[...])            (eq. 9-12)
+      + g_win * Attn(q, K_win[p - window + 1 .. p], V_win[...])
+
+with ``Attn`` the softmax attention with scale ``1/sqrt(D)``, computed in float32.
+
+* **Compressed branch.** Compressed block ``i`` summarises keys ``[i*block_stride,
+  i*block_stride + block_len)`` and is visible to ``p`` iff its last key is ``<= p``. A query
+  that sees no block yet gets exactly zero from this branch.
+* **Selection.** Selection block ``j`` covers keys ``[j*select_len, (j+1)*select_len)``. Its
+  importance for ``p`` (eq. 9-10) is the compressed-branch probability mass of the visible
+  compression blocks overlapping it, summed over the query heads of the GQA group (eq. 10), so
+  the group shares one choice. Candidates are blocks starting at or before ``p``; blocks ``0``,
+  ``p // select_len`` and ``p // select_len - 1`` are always taken and count towards
+  ``num_select``; the remaining slots go to the most important candidates, ties to the lower
+  block index (eq. 11). Fewer candidates than ``num_select`` leave masked slots, never
+  duplicates. The selection is a discrete choice: no gradient flows through it.
+* **Window branch.** Keys at positions ``[p - window + 1, p]``.
+
+Two implementations of the selected and window branches share the compressed branch and the
+selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len) scores):
+
+* ``impl="reference"``: dense masked attention over all ``S`` keys, one [B,T,H,S] logits tensor
+  per branch: memory O(B*T*H*S). Simple and obviously right; the test oracle.
+* ``impl="blockwise"``: per query (and GQA group) gathers only the ``num_select`` selected
+  blocks and the ``window`` keys: keys/values O(B*T*G*(num_select*select_len + window)*D),
+  logits O(B*T*H*(num_select*select_len + window + N)); never O(T*S).
+* ``impl="auto"``: ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**20, e.g. a
+  training sequence longer than 1024), else ``reference`` (cheaper for short sequences and
+  for one-token decoding, where the dense [B,1,H,S] logits are small).
+
+Both implementations agree to float32 rounding; they are jit-able with the geometry static,
+differentiable in every array input, and pure ``jax.numpy`` (vmap / shard_map friendly).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("reference", "blockwise", "auto")
+# impl="auto" switches to the gathering implementation above this many query-key pairs.
+AUTO_BLOCKWISE_MIN_TS = 1 << 20
+
+QOffset = Union[int, jax.Array, np.ndarray]
+
+_F32 = jnp.float32
+
+
+def num_compressed_blocks(seq_len: int, block_len: int, block_stride: int) -> int:
+  """Number of compression blocks that fit entirely in ``seq_len`` keys.
+
+  Block ``i`` covers ``[i*block_stride, i*block_stride + block_len)``, so this is
+  ``max(0, (seq_len - block_len) // block_stride + 1)``.
+  """
+  return max(0, (seq_len - block_len) // block_stride + 1)
+
+
+def num_selection_blocks(seq_len: int, select_len: int) -> int:
+  """Number of selection blocks ``ceil(seq_len / select_len)`` (the last may be partial)."""
+  return -(-seq_len // select_len)
+
+
+def resolve_impl(impl: str, num_queries: int, seq_len: int) -> str:
+  """Maps ``impl`` ("reference" | "blockwise" | "auto") to a concrete implementation name."""
+  if impl not in IMPLS:
+    raise ValueError(f"nsa_core: impl={impl!r} is not one of {IMPLS}")
+  if impl == "auto":
+    return "blockwise" if num_queries * seq_len > AUTO_BLOCKWISE_MIN_TS else "reference"
+  return impl
+
+
+def query_positions(q_offset: QOffset, batch: int, num_queries: int) -> jax.Array:
+  """Absolute positions ``pos[b, t] = q_offset[b] + t`` as int32 [B, T].
+
+  ``q_offset`` is a Python int, a scalar int array, or an int array of shape [B].
+  """
+  off = jnp.asarray(q_offset)
+  if not jnp.issubdtype(off.dtype, jnp.integer):
+    raise TypeError(f"nsa_core: q_offset must be an integer, got dtype {off.dtype}")
+  if off.ndim == 0:
+    off = jnp.broadcast_to(off, (batch,))
+  elif off.shape != (batch,):
+    raise ValueError(
+        f"nsa_core: q_offset must be a scalar or have shape [B]=({batch},), got {off.shape}")
+  return off.astype(jnp.int32)[:, None] + jnp.arange(num_queries, dtype=jnp.int32)[None, :]
+
+
+def compression_selection_overlap(num_cmp: int, num_sel: int, block_len: int,
+                                  block_stride: int, select_len: int) -> np.ndarray:
+  """Static [N, J] float32 0/1 matrix: compression block i intersects selection block j."""
+  start_N = np.arange(num_cmp) * block_stride
+  start_J = np.arange(num_sel) * select_len
+  overlap_NJ = ((start_N[:, None] < start_J[None, :] + select_len)
+                & (start_J[None, :] < start_N[:, None] + block_len))
+  return overlap_NJ.astype(np.float32)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis restricted to ``mask``; all-masked rows give all zeros.
+
+  Masked entries never reach ``exp`` with a finite value, so neither the forward pass nor the
+  gradient can produce NaN.
+  """
+  logits = jnp.where(mask, logits, -jnp.inf)
+  max_ = jnp.max(logits, axis=-1, keepdims=True)
+  # The shift only stabilises exp; softmax is invariant to it, so no gradient is needed.
+  max_ = jax.lax.stop_gradient(jnp.where(jnp.isfinite(max_), max_, 0.0))
+  exp_ = jnp.where(mask, jnp.exp(logits - max_), 0.0)
+  denom = jnp.sum(exp_, axis=-1, keepdims=True)
+  return exp_ / jnp.where(denom > 0, denom, 1.0)
+
+
+def _compressed_branch(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, v_cmp_BNGD: jax.Array,
+                       pos_BT: jax.Array, block_len: int, block_stride: int,
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Attention over visible compressed blocks (eq. 5, 7-8).
+
+  Returns the branch output [B,T,G,R,D] and its probabilities [B,T,G,R,N] (float32, zero on
+  blocks not yet visible).
+  """
+  num_cmp = k_cmp_BNGD.shape[1]
+  if num_cmp == 0:  # the sequence is shorter than one compression block
+    B, T, G, R, D = q_BTGRD.shape
+    return jnp.zeros((B, T, G, R, D), _F32), jnp.zeros((B, T, G, R, 0), _F32)
+  scale = 1.0 / math.sqrt(q_BTGRD.shape[-1])
+  last_N = jnp.arange(num_cmp, dtype=jnp.int32) * block_stride + (block_len - 1)
+  visible_BTN = last_N[None, None, :] <= pos_BT[:, :, None]
+  logits_BTGRN = jnp.einsum("btgrd,bngd->btgrn", q_BTGRD, k_cmp_BNGD,
+                            preferred_element_type=_F32) * scale
+  probs_BTGRN = _masked_softmax(logits_BTGRN, visible_BTN[:, :, None, None, :])
+  out_BTGRD = jnp.einsum("btgrn,bngd->btgrd", probs_BTGRN, v_cmp_BNGD.astype(_F32))
+  return out_BTGRD, probs_BTGRN
+
+
+def selection_scores(p_cmp: jax.Array, *, num_groups: int, seq_len: int, block_len: int,
+                     block_stride: int, select_len: int) -> jax.Array:
+  """Selection-block importance (eq. 9-10), shared by the query heads of a GQA group.
+
+  Args:
+    p_cmp: compressed-branch attention probabilities [B,T,H,N] (zero on invisible blocks).
+    num_groups: G; head h belongs to group ``h // (H // G)``.
+    seq_len: S, the number of key positions.
+  Returns:
+    float32 [B,T,G,J], ``J = ceil(S / select_len)``: score of block j is the sum over the
+    group's heads and over the compression blocks overlapping block j of ``p_cmp``.
+  """
+  B, T, H, N = p_cmp.shape
+  p_BTGN = p_cmp.astype(_F32).reshape(B, T, num_groups, H // num_groups, N).sum(axis=3)
+  overlap_NJ = compression_selection_overlap(
+      N, num_selection_blocks(seq_len, select_len), block_len, block_stride, select_len)
+  return jnp.einsum("btgn,nj->btgj", p_BTGN, jnp.asarray(overlap_NJ),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def select_blocks(scores: jax.Array, pos: jax.Array, *, num_select: int, select_len: int,
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Chooses ``num_select`` selection blocks per query and group (eq. 11).
+
+  Args:
+    scores: block importance [B,T,G,J] (treated as a constant: no gradient).
+    pos: absolute query positions [B,T] int.
+  Returns:
+    ``(idx, valid)``, both [B,T,G,num_select]: int32 block indices, distinct within a row, and
+    a bool mask of the slots in use. Forced blocks (0, ``p//select_len``, ``p//select_len - 1``)
+    come first, then candidates by decreasing score, ties to the lower index. Unused slots
+    (fewer candidates than ``num_select``) have ``valid = False``.
+  """
+  num_sel = scores.shape[-1]
+  j_J = jnp.arange(num_sel, dtype=jnp.int32)
+  cur_BT1 = (pos // select_len)[:, :, None]
+  candidate_BTJ = j_J <= cur_BT1
+  forced_BTJ = (j_J == 0) | (j_J == cur_BT1) | (j_J == cur_BT1 - 1)
+  scores_BTGJ = jax.lax.stop_gradient(scores).astype(_F32)
+  key_BTGJ = jnp.where(forced_BTJ[:, :, None, :], jnp.inf,
+                       jnp.where(candidate_BTJ[:, :, None, :], scores_BTGJ, -jnp.inf))
+  k = min(num_select, num_sel)
+  # lax.top_k puts the lower index first among equal values: deterministic tie-breaking.
+  _, idx_BTGK = jax.lax.top_k(key_BTGJ, k)
+  idx_BTGK = idx_BTGK.astype(jnp.int32)
+  valid_BTGK = idx_BTGK <= cur_BT1[..., None]
+  if k < num_select:
+    pad = [(0, 0)] * 3 + [(0, num_select - k)]
+    idx_BTGK = jnp.pad(idx_BTGK, pad)
+    valid_BTGK = jnp.pad(valid_BTGK, pad, constant_values=False)
+  return idx_BTGK, valid_BTGK
+
+
+def _dense_attention(q_BTGRD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
+                     mask_BTGS: jax.Array) -> jax.Array:
+  """Masked softmax attention over all S keys: [B,T,G,R,D] float32."""
+  scale = 1.0 / math.sqrt(q_BTGRD.shape[-1])
+  logits_BTGRS = jnp.einsum("btgrd,bsgd->btgrs", q_BTGRD, k_BSGD,
+                            preferred_element_type=_F32) * scale
+  probs_BTGRS = _masked_softmax(logits_BTGRS, mask_BTGS[:, :, :, None, :])
+  return jnp.einsum("btgrs,bsgd->btgrd", probs_BTGRS, v_BSGD.astype(_F32))
+
+
+def _reference_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK, pos_BT,
+                        select_len: int, window: int) -> tuple[jax.Array, jax.Array]:
+  """Selected and window branches as dense masked attention: O(B*T*H*S) memory."""
+  S = k_slc.shape[1]
+  num_sel = num_selection_blocks(S, select_len)
+  s_S = jnp.arange(S, dtype=jnp.int32)
+  chosen_BTGJ = jnp.any(
+      (idx_BTGK[..., None] == jnp.arange(num_sel, dtype=jnp.int32)) & valid_BTGK[..., None],
+      axis=-2)
+  causal_BTS = s_S[None, None, :] <= pos_BT[:, :, None]
+  sel_BTGS = jnp.take(chosen_BTGJ, s_S // select_len, axis=-1) & causal_BTS[:, :, None, :]
+  win_BTS = causal_BTS & (s_S[None, None, :] > pos_BT[:, :, None] - window)
+  out_slc = _dense_attention(q_BTGRD, k_slc, v_slc, sel_BTGS)
+  out_win = _dense_attention(q_BTGRD, k_win, v_win, win_BTS[:, :, None, :])
+  return out_slc, out_win
+
+
+def _blockwise_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK, pos_BT,
+                        select_len: int, window: int) -> tuple[jax.Array, jax.Array]:
+  """Selected and window branches from gathered keys only: no [T, S] tensor is built."""
+  B, S, G, D = k_slc.shape
+  scale = 1.0 / math.sqrt(D)
+  num_sel = num_selection_blocks(S, select_len)
+  K = idx_BTGK.shape[-1]
+
+  # Selected branch: view keys as [B, J, select_len, G, D] and gather K blocks per (b, t, g).
+  pad = [(0, 0), (0, num_sel * select_len - S), (0, 0), (0, 0)]
+  blk_shape = (B, num_sel, select_len, G, D)
+  k_blk = jnp.pad(k_slc, pad).reshape(blk_shape)
+  v_blk = jnp.pad(v_slc, pad).reshape(blk_shape)
+  b_idx = jnp.arange(B)[:, None, None, None]
+  g_idx = jnp.arange(G)[None, None, :, None]
+  # Advanced indices on axes 0, 1, 3 broadcast to [B,T,G,K] and go first: [B,T,G,K,L,D].
+  k_sel = k_blk[b_idx, idx_BTGK, :, g_idx, :]
+  v_sel = v_blk[b_idx, idx_BTGK, :, g_idx, :]
+  keypos_BTGKL = idx_BTGK[..., None] * select_len + jnp.arange(select_len, dtype=jnp.int32)
+  mask_BTGKL = (valid_BTGK[..., None] & (keypos_BTGKL <= pos_BT[:, :, None, None, None])
+                & (keypos_BTGKL < S))
+  logits = jnp.einsum("btgrd,btgkld->btgrkl", q_BTGRD, k_sel,
+                      preferred_element_type=_F32) * scale
+  R = logits.shape[3]
+  probs = _masked_softmax(logits.reshape(B, -1, G, R, K * select_len),
+                          mask_BTGKL.reshape(B, -1, G, 1, K * select_len))
+  out_slc = jnp.einsum("btgrkl,btgkld->btgrd", probs.reshape(logits.shape),
+                       v_sel.astype(_F32))
+
+  # Window branch: positions p - w + 1 .. p; a window longer than S cannot see more than S.
+  w = min(window, S)
+  keypos_BTW = pos_BT[:, :, None] - w + jnp.arange(w, dtype=jnp.int32)
+  mask_BTW = (keypos_BTW >= 0) & (keypos_BTW < S)
+  keypos_BTW = jnp.clip(keypos_BTW, 0, S - 1)
+  bw_idx = jnp.arange(B)[:, None, None]
+  k_w = k_win[bw_idx, keypos_BTW]  # [B,T,W,G,D]
+  v_w = v_win[bw_idx, keypos_BTW]
+  logits_w = jnp.einsum("btgrd,btwgd->btgrw", q_BTGRD, k_w, preferred_element_type=_F32) * scale
+  probs_w = _masked_softmax(logits_w, mask_BTW[:, :, None, None, :])
+  out_win = jnp.einsum("btgrw,btwgd->btgrd", probs_w, v_w.astype(_F32))
+  return out_slc, out_win
+
+
+def _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_offset, block_len,
+                  block_stride, select_len, num_select, window) -> None:
+  if q.ndim != 4:
+    raise ValueError(f"nsa_core: q must be [B,T,H,D], got shape {q.shape}")
+  B, T, H, D = q.shape
+  if k_slc.ndim != 4 or k_slc.shape[0] != B or k_slc.shape[3] != D:
+    raise ValueError(f"nsa_core: k_slc must be [B={B},S,G,D={D}], got shape {k_slc.shape}")
+  S, G = k_slc.shape[1], k_slc.shape[2]
+  for name, arr in (("v_slc", v_slc), ("k_win", k_win), ("v_win", v_win)):
+    if arr.shape != k_slc.shape:
+      raise ValueError(f"nsa_core: {name} must have k_slc's shape {k_slc.shape}, got {arr.shape}")
+  if k_cmp.ndim != 4 or k_cmp.shape[0] != B or k_cmp.shape[2:] != (G, D):
+    raise ValueError(f"nsa_core: k_cmp must be [B={B},N,G={G},D={D}], got shape {k_cmp.shape}")
+  if v_cmp.shape != k_cmp.shape:
+    raise ValueError(f"nsa_core: v_cmp must have k_cmp's shape {k_cmp.shape}, got {v_cmp.shape}")
+  if gates.shape != (B, T, H, 3):
+    raise ValueError(f"nsa_core: gates must be [B,T,H,3]={(B, T, H, 3)}, got {gates.shape}")
+  if H % G != 0:
+    raise ValueError(f"nsa_core: query heads H={H} must be a multiple of key/value groups G={G}")
+  for name, val in (("block_len", block_len), ("block_stride", block_stride),
+                    ("select_len", select_len), ("window", window)):
+    if not isinstance(val, (int, np.integer)) or val < 1:
+      raise ValueError(f"nsa_core: {name} must be a positive int, got {val!r}")
+  if not isinstance(num_select, (int, np.integer)) or num_select < 3:
+    raise ValueError(
+        f"nsa_core: num_select must be an int >= 3 (three blocks are forced), got {num_select!r}")
+  if isinstance(q_offset, (int, np.integer)) and not 0 <= q_offset <= S - T:
+    raise ValueError(
+        f"nsa_core: q_offset={q_offset} with T={T} queries needs 0 <= q_offset <= S - T = {S - T}")
+
+
+def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
+             v_slc: jax.Array, k_win: jax.Array, v_win: jax.Array, gates: jax.Array, *,
+             block_len: int, block_stride: int, select_len: int, num_select: int, window: int,
+             q_offset: QOffset = 0, impl: str = "reference") -> jax.Array:
+  """NSA attention: gated sum of compressed, selected and sliding-window attention (eq. 5).
+
+  Args:
+    q: queries [B,T,H,D]; query t of example b sits at position ``q_offset[b] + t``.
+    k_cmp, v_cmp: compressed keys/values [B,N,G,D]; block i summarises key positions
+      ``[i*block_stride, i*block_stride + block_len)``.
+    k_slc, v_slc: selection-branch keys/values [B,S,G,D], ``S >= q_offset + T``.
+    k_win, v_win: window-branch keys/values [B,S,G,D].
+    gates: branch gates in [0, 1], [B,T,H,3] ordered (compressed, selected, window).
+    block_len, block_stride, select_len, num_select, window: static NSA geometry.
+    q_offset: Python int, scalar int array or int array [B] (traced values are fine).
+    impl: "reference", "blockwise" or "auto" (see the module docstring).
+  Returns:
+    [B,T,H,D] in ``q.dtype`` (logits, softmax and the gated sum are float32).
+  """
+  _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_offset, block_len,
+                block_stride, select_len, num_select, window)
+  B, T, H, D = q.shape
+  S, G = k_slc.shape[1], k_slc.shape[2]
+  R = H // G
+  impl = resolve_impl(impl, T, S)
+  pos_BT = query_positions(q_offset, B, T)
+  q_BTGRD = q.reshape(B, T, G, R, D)
+
+  out_cmp, p_cmp_BTGRN = _compressed_branch(q_BTGRD, k_cmp, v_cmp, pos_BT, block_len,
+                                            block_stride)
+  scores_BTGJ = selection_scores(p_cmp_BTGRN.reshape(B, T, H, -1), num_groups=G, seq_len=S,
+                                 block_len=block_len, block_stride=block_stride,
+                                 select_len=select_len)
+  idx_BTGK, valid_BTGK = select_blocks(scores_BTGJ, pos_BT, num_select=num_select,
+                                       select_len=select_len)
+  branches = _reference_branches if impl == "reference" else _blockwise_branches
+  out_slc, out_win = branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK,
+                              pos_BT, select_len, window)
+
+  gates_BTGR3 = gates.astype(_F32).reshape(B, T, G, R, 3)
+  out_BTGRD = (gates_BTGR3[..., 0:1] * out_cmp + gates_BTGR3[..., 1:2] * out_slc
+               + gates_BTGR3[..., 2:3] * out_win)
+  return out_BTGRD.reshape(B, T, H, D).astype(q.dtype)

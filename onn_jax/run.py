@@ -1,0 +1,173 @@
+"""The training run behind ``python -m train.main``: data, model, steps, checkpoints, metrics.
+
+Teacher forcing for ``train.pretrain_steps``, then EAVI for ``train.eavi_steps``, then
+evaluation on ``data.eval``. A run on a workdir that holds checkpoints resumes from the latest
+one and continues bit-identically (the batch at step s depends only on (seed, s), and the RNG
+lives in the checkpointed state).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from onn_jax import checkpoint, config, experts, steps
+from onn_jax.config import Config
+from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.model.transformer import Transformer, count_params
+from onn_jax.parallel import Runner, host_value, is_main_process
+
+
+class TrainingStopped(RuntimeError):
+  """The run cannot go on (e.g. repeated non-finite losses); the message says why."""
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only)."""
+
+  def __init__(self, path: Path, enabled: bool):
+    self.path, self.enabled = path, enabled
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    x = np.asarray(x)
+    return x.tolist() if x.ndim else _jsonable(x.item())
+  if isinstance(x, (np.floating, float)):
+    return float(x) if math.isfinite(float(x)) else str(float(x))
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+              desc="train")
+
+
+def make_runner(cfg: Config, model: Transformer) -> Runner:
+  return Runner(cfg, {
+      "pretrain": functools.partial(steps.train_step, model=model, cfg=cfg),
+      "eavi": functools.partial(steps.eavi_step, model=model, cfg=cfg),
+  })
+
+
+def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainState:
+  """Fresh, resumed from the workdir's latest checkpoint, or started from ``init_from``."""
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed))
+  if mngr.latest_step() is not None:
+    state, record = checkpoint.restore(mngr, state)
+    log(f"resumed from {mngr.directory} at step {int(state.step)}")
+  elif cfg.train.init_from:
+    params, record = checkpoint.load_params(cfg.train.init_from, state.params)
+    state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed), params=params)
+    log(f"parameters from {cfg.train.init_from} (step {record.get('step', '?')})")
+  return state
+
+
+def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
+  """Runs the configured stages; returns a summary (last metrics, steps, paths)."""
+  workdir = Path(workdir)
+  main = is_main_process()
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, workdir / "config.yaml")
+  metrics_out = MetricsWriter(workdir / "metrics.jsonl", main)
+
+  tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
+  stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+  model = Transformer(cfg.model)
+  runner = make_runner(cfg, model)
+  mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
+                            cfg.checkpoint.async_save)
+  state = initial_state(cfg, model, mngr, log)
+  log(f"Tiny-ONN: {count_params(state.params):,} parameters; {len(tasks)} training tasks; "
+      f"parallel mode {runner.mode} over {runner.num_devices} device(s)")
+  state = runner.put_state(state)
+
+  t = cfg.train
+  total = t.pretrain_steps + t.eavi_steps
+  step = int(host_value(runner.get_state(state).step))
+  stop_at = min(total, step + t.run_steps) if t.run_steps else total
+  record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
+  last: dict[str, Any] = {}
+  bar = _progress(total, step, main)
+  tick, tokens_since = time.perf_counter(), 0
+  reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
+
+  def save(at: int) -> None:
+    checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
+
+  try:
+    while step < stop_at:
+      stage = "pretrain" if step < t.pretrain_steps else "eavi"
+      local_batch = stream.batch(step)
+      tokens_since += local_batch["inputs"].size * jax.process_count()
+      state, out = runner.run(stage, state, runner.put_batch(local_batch))
+      step += 1
+      if t.reset_every and step % t.reset_every == 0:
+        state, dead = _reset(runner, state, jax.random.fold_in(reset_rng, step), cfg)
+        for layer, row in enumerate(dead):
+          metrics_out.write({"event": "reset", "step": step, "layer": layer,
+                             "experts": np.flatnonzero(row).tolist()})
+      nonfinite = int(host_value(runner.get_state(state).nonfinite))
+      if step % t.log_every == 0 or step == stop_at or nonfinite:
+        out = jax.tree.map(host_value, out)
+        now = time.perf_counter()
+        last = {"step": step, "stage": stage, **out,
+                "tokens_per_s": tokens_since / max(now - tick, 1e-9),
+                "skipped_total": int(host_value(runner.get_state(state).skipped))}
+        metrics_out.write(last)
+        bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}",
+                        stage=stage)
+        tick, tokens_since = now, 0
+      bar.update(1)
+      if nonfinite >= t.max_nonfinite:
+        raise TrainingStopped(
+            f"train.max_nonfinite: {nonfinite} non-finite steps in a row at step {step}; "
+            f"the last good checkpoint in {mngr.directory} is kept")
+      if step % cfg.checkpoint.every == 0 or step == stop_at:
+        save(step)
+  except KeyboardInterrupt:
+    save(step)
+    mngr.wait_until_finished()
+    log(f"interrupted: checkpoint written at step {step} in {mngr.directory}")
+    raise
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+  mngr.close()
+  final = runner.get_state(state)
+  return {"step": step, "total": total, "finished": step >= total, "last": last,
+          "state": final, "model": model, "stream": stream, "info": info}
+
+
+def _reset(runner: Runner, state, rng, cfg: Config):
+  def transform(state, rng):
+    params, opt_state, ema, dead = experts.reset_dead_experts(
+        state.params, state.opt_state, state.routing["window_tokens"], rng, cfg.model,
+        ema=state.ema)
+    window = {"window_tokens": jax.numpy.zeros_like(state.routing["window_tokens"])}
+    return state.replace(params=params, opt_state=opt_state, ema=ema, routing=window), dead
+  state, dead = runner.apply(transform, state, rng)
+  dead = host_value(dead[0] if runner.mode == "pmap" else dead)
+  return state, dead

@@ -1,0 +1,237 @@
+"""Train state, optimizer, and the per-device step functions (teacher forcing and EAVI).
+
+Each step is a pure function ``state, batch -> state, metrics`` written for one device. Every
+reduction over the batch (gradients, metric sums, routing counts) goes through
+``axis_name``: ``None`` on one device, the mesh axis under ``shard_map`` / ``pmap``. Losses are
+normalised by global token counts, so n devices give the single-device numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from onn_jax import objectives
+from onn_jax.config import Config
+from onn_jax.data.tokens import VOCAB_SIZE
+from onn_jax.decode import generate
+from onn_jax.model.transformer import Transformer, init_params
+
+NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
+                   "embedding")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken (pretrain and EAVI together)
+  params: Any
+  opt_state: Any
+  ema: Any  # EMA of params, or {} when disabled
+  routing: dict  # window_tokens [L, E]: tokens routed since the last expert reset
+  rng: jax.Array  # uint32 [2]
+  nonfinite: jax.Array  # int32: consecutive skipped (non-finite) steps
+  skipped: jax.Array  # int32: skipped steps in total
+
+
+def learning_rate_schedule(cfg: Config) -> optax.Schedule:
+  """Warmup + cosine for pretraining, then a fresh warmup + cosine for EAVI."""
+  t, e = cfg.train, cfg.eavi
+
+  def warmup_cosine(peak, warmup, steps):
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(steps, warmup + 1), peak * t.min_lr_ratio)
+
+  pretrain = warmup_cosine(t.learning_rate, t.warmup_steps, t.pretrain_steps)
+  eavi = warmup_cosine(e.learning_rate, e.warmup_steps, t.eavi_steps)
+  return optax.join_schedules([pretrain, eavi], [t.pretrain_steps])
+
+
+def decay_mask(params):
+  """AdamW weight decay on matrices only: not on norms, biases, prototypes or thresholds."""
+  def keep(path, _):
+    return path[-1].key not in NO_DECAY_LEAVES
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  t = cfg.train
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(learning_rate_schedule(cfg), b1=t.b1, b2=t.b2,
+                  weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def init_state(cfg: Config, model: Transformer, rng: jax.Array, params=None) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  if params is None:
+    params = init_params(cfg.model, init_rng)
+  m = cfg.model
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=make_optimizer(cfg).init(params),
+      ema=jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else {},
+      routing={"window_tokens": jnp.zeros((m.num_layers, m.num_experts), jnp.float32)},
+      rng=state_rng, nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+
+
+def _tree_where(pred, a, b):
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _apply_grads(state: TrainState, grads, rng, cfg: Config, axis_name, report: dict,
+                 routing: dict) -> tuple[TrainState, dict]:
+  """Reduces gradients, takes an AdamW step unless anything is non-finite, and books metrics."""
+  grads = objectives.psum(grads, axis_name)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
+  updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  params = _tree_where(finite, new_params, state.params)
+  opt_state = _tree_where(finite, new_opt, state.opt_state)
+  ema = state.ema
+  if cfg.train.ema_decay > 0:
+    d = cfg.train.ema_decay
+    ema = _tree_where(finite, jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
+  window = state.routing["window_tokens"] + jnp.where(finite, routing["tokens_per_expert"], 0)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+      routing={"window_tokens": window}, rng=rng,
+      nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+      skipped=state.skipped + (~finite).astype(jnp.int32))
+  metrics = dict(report)
+  metrics.update(
+      grad_norm=grad_norm, lr=learning_rate_schedule(cfg)(state.step),
+      skipped=(~finite).astype(jnp.int32),
+      experts_per_token=jnp.sum(routing["active_sum"]) / jnp.maximum(
+          jnp.sum(routing["routed_tokens"]), 1),
+      fallback_frac=jnp.sum(routing["fallback_tokens"]) / jnp.maximum(
+          jnp.sum(routing["routed_tokens"]), 1),
+      tokens_per_expert=routing["tokens_per_expert"],
+      dead_experts=jnp.sum(window == 0).astype(jnp.int32))
+  return new_state, metrics
+
+
+def _reduce_routing(aux, axis_name):
+  return jax.tree.map(lambda x: objectives.psum(x, axis_name), objectives.routing_sums(aux))
+
+
+def _answer_report(stats: dict, prefix: str = "") -> dict:
+  tokens = jnp.maximum(stats["tokens"], 1.0)
+  return {f"{prefix}ce": stats["ce_sum"] / tokens,
+          f"{prefix}answer_acc": stats["correct"] / tokens,
+          f"{prefix}answer_exact": stats["exact"] / jnp.maximum(stats["examples"], 1.0)}
+
+
+def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config,
+               axis_name: str | None = None, num_devices: int = 1):
+  """One teacher-forcing step: shifted next-token CE on the loss mask + SDL."""
+
+  def loss_fn(params):
+    logits_BTV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"])
+    stats = objectives.answer_stats(logits_BTV, batch["targets"], batch["loss_mask"])
+    tokens = jnp.maximum(objectives.psum(stats["tokens"], axis_name), 1.0)
+    sdl_local, sdl_report = objectives.sdl(aux, cfg.model, axis_name, num_devices)
+    return stats["ce_sum"] / tokens + sdl_local, (stats, sdl_report, aux)
+
+  grads, (stats, sdl_report, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+  stats = jax.tree.map(lambda x: objectives.psum(x, axis_name), stats)
+  report = _answer_report(stats)
+  report.update(sdl_report)
+  report["loss"] = report["ce"] + report["sdl"]
+  report["target_tokens"] = stats["tokens"]
+  return _apply_grads(state, grads, state.rng, cfg, axis_name, report,
+                      _reduce_routing(aux, axis_name))
+
+
+def answer_budget(cfg: Config, seq_len: int) -> int:
+  """Static excursion length: the longest answer the data can hold (rows of w+1, then END)."""
+  g = cfg.data.max_grid
+  return min(seq_len, g * (g + 1) + 1)
+
+
+def excursion_inputs(batch: dict, fed_BAV: jax.Array) -> jax.Array:
+  """[B, T, V] inputs for the alignment pass: the prompt as one-hot tokens, then the excursion
+  (what the rollout fed back) from ``answer_start`` on; ground truth beyond the budget."""
+  inputs_BT = batch["inputs"]
+  A = fed_BAV.shape[1]
+  k_BT = jnp.arange(inputs_BT.shape[1])[None] - batch["answer_start"][:, None]
+  in_excursion_BT = (k_BT >= 0) & (k_BT < A)
+  fed_BTV = jnp.take_along_axis(fed_BAV, jnp.clip(k_BT, 0, A - 1)[..., None], axis=1)
+  onehot_BTV = jax.nn.one_hot(inputs_BT, VOCAB_SIZE, dtype=jnp.float32)
+  return jnp.where(in_excursion_BT[..., None], fed_BTV, onehot_BTV)
+
+
+def answer_mask(batch: dict) -> jax.Array:
+  """[B, T] float: target positions that predict an answer token (incl. END)."""
+  t_BT = jnp.arange(batch["inputs"].shape[1])[None]
+  start_B1 = batch["answer_start"][:, None]
+  return ((t_BT >= start_B1 - 1) & (t_BT < start_B1 + batch["answer_len"][:, None] - 1)
+          ).astype(jnp.float32)
+
+
+def excursion(model: Transformer, params, batch: dict, cfg: Config, rng):
+  """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient."""
+  T = batch["inputs"].shape[1]
+  return jax.lax.stop_gradient(generate(
+      model, jax.lax.stop_gradient(params), batch["inputs"], batch["answer_start"],
+      max_new=answer_budget(cfg, T), capacity=T, feed=cfg.eavi.feed,
+      temperature=cfg.eavi.temperature, rng=rng))
+
+
+def alignment_loss(params, batch: dict, exc_BTV, *, model: Transformer, cfg: Config,
+                   axis_name=None, num_devices: int = 1):
+  """Stage 2 of EAVI: one parallel pass over [prompt + excursion ; prompt + ground truth]."""
+  B = batch["inputs"].shape[0]
+  mask_BT = answer_mask(batch)
+  inputs = jnp.concatenate([exc_BTV, jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)], 0)
+  valid = jnp.concatenate([batch["valid"], batch["valid"]], 0)
+  logits_2BTV, _, aux = model.apply({"params": params}, inputs, valid)
+  stats_exc = objectives.answer_stats(logits_2BTV[:B], batch["targets"], mask_BT)
+  stats_tf = objectives.answer_stats(logits_2BTV[B:], batch["targets"], mask_BT)
+  tokens = jnp.maximum(objectives.psum(stats_exc["tokens"], axis_name), 1.0)
+  sdl_local, sdl_report = objectives.sdl(aux, cfg.model, axis_name, num_devices)
+  e = cfg.eavi
+  loss = (e.excursion_weight * stats_exc["ce_sum"] + e.tf_weight * stats_tf["ce_sum"]) / tokens
+  return loss + sdl_local, (stats_exc, stats_tf, sdl_report, aux)
+
+
+def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config,
+              axis_name: str | None = None, num_devices: int = 1):
+  """One EAVI step (DESIGN.md, Training): excursion under stop_gradient, then alignment."""
+  rng, gen_rng = jax.random.split(state.rng)
+  if axis_name is not None:  # different samples on each device, like one device's batch rows
+    gen_rng = jax.random.fold_in(gen_rng, jax.lax.axis_index(axis_name))
+  gen = excursion(model, state.params, batch, cfg, gen_rng)
+  exc_BTV = excursion_inputs(batch, gen.fed_BAV)
+  grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_loss, has_aux=True)(
+      state.params, batch, exc_BTV, model=model, cfg=cfg, axis_name=axis_name,
+      num_devices=num_devices)
+  sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)
+  stats_exc, stats_tf = sums(stats_exc), sums(stats_tf)
+  report = _answer_report(stats_tf)
+  report.update(_answer_report(stats_exc, "exc_"))
+  report.update(sdl_report)
+  report["loss"] = (cfg.eavi.excursion_weight * report["exc_ce"]
+                    + cfg.eavi.tf_weight * report["ce"] + report["sdl"])
+  report["target_tokens"] = stats_tf["tokens"]
+  # Free-running quality of the rollout itself: its argmax tokens against the ground truth.
+  A = gen.tokens_BA.shape[1]
+  k_BA = jnp.arange(A)[None]
+  gt_BA = jnp.take_along_axis(
+      batch["targets"], jnp.clip(batch["answer_start"][:, None] - 1 + k_BA, 0,
+                                 batch["targets"].shape[1] - 1), axis=1)
+  in_answer_BA = k_BA < batch["answer_len"][:, None]
+  hit_BA = (gen.tokens_BA == gt_BA) | ~in_answer_BA
+  has_B = batch["answer_len"] > 0
+  free = sums({"exact": jnp.sum(jnp.all(hit_BA, -1) & has_B).astype(jnp.float32),
+               "examples": jnp.sum(has_B).astype(jnp.float32),
+               "correct": jnp.sum((gen.tokens_BA == gt_BA) & in_answer_BA).astype(jnp.float32),
+               "tokens": jnp.sum(in_answer_BA).astype(jnp.float32)})
+  report["free_exact"] = free["exact"] / jnp.maximum(free["examples"], 1.0)
+  report["free_token_acc"] = free["correct"] / jnp.maximum(free["tokens"], 1.0)
+  return _apply_grads(state, grads, rng, cfg, axis_name, report,
+                      _reduce_routing(aux, axis_name))

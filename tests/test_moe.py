@@ -1,0 +1,435 @@
+"""DynMoE: gate semantics, straight-through gradients, fallback, SDL, padding, init and jit.
+
+The oracle is a float64 numpy re-implementation of the layer written independently of the JAX
+code (no shared helpers), plus hand-built inputs whose active experts are known by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax.model.moe import AUX_KEYS, EXPERT_LEAVES, DynMoE, init_expert_params
+
+EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
+TAU = 0.1
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(num_experts: int, hidden: int, combine: str, k: int, target: float = 0.25,
+           dtype: str = "float32"):
+  """One jitted ``(params, x, valid) -> (y, aux)`` per layer configuration, shared by tests."""
+  layer = DynMoE(num_experts=num_experts, expert_hidden=hidden, combine=combine, fallback_k=k,
+                 target_active=target, st_temperature=TAU, dtype=jnp.dtype(dtype))
+  return jax.jit(lambda params, x, valid: layer.apply({"params": params}, x, valid))
+
+
+# Jitted so that tests do not pay for dozens of eager op compilations.
+_init = jax.jit(init_expert_params, static_argnums=(1, 2, 3, 4, 5))
+
+
+def _params(seed: int, num_experts: int, d_model: int, hidden: int, **override) -> dict:
+  params = _init(jax.random.key(seed), num_experts, d_model, hidden, 0.0, jnp.float32)
+  # Non-zero biases so that a wrong bias path cannot hide.
+  rng = np.random.default_rng(seed)
+  params["b_in"] = jnp.asarray(rng.normal(size=params["b_in"].shape), jnp.float32) * 0.3
+  params["b_out"] = jnp.asarray(rng.normal(size=params["b_out"].shape), jnp.float32) * 0.3
+  params.update({k: jnp.asarray(v, jnp.float32) for k, v in override.items()})
+  return params
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 numpy oracle
+# ------------------------------------------------------------------------------------------------
+
+_erf = np.vectorize(math.erf)
+
+
+def _np_unit(v: np.ndarray) -> np.ndarray:
+  return v / np.sqrt(np.sum(v * v, axis=-1, keepdims=True) + EPS)
+
+
+def _np_expert_outputs(params: dict, x_BTC: np.ndarray) -> np.ndarray:
+  """[B, T, E, C]: every expert applied to every token."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  outs = []
+  for e in range(p["w_in"].shape[0]):
+    h = x_BTC @ p["w_in"][e] + p["b_in"][e]
+    h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
+    outs.append(h @ p["w_out"][e] + p["b_out"][e])
+  return np.stack(outs, axis=2)
+
+
+def _np_layer(params: dict, x_BTC, valid_BT, combine: str, k: int, target: float = 0.25):
+  """Returns (y_BTC, aux dict, used_BTE, s_BTE) in float64."""
+  x_BTC = np.asarray(x_BTC, np.float64)
+  valid_BT = np.asarray(valid_BT, bool)
+  protos = np.asarray(params["prototypes"], np.float64)
+  theta = np.asarray(params["thresholds"], np.float64)
+  s_BTE = _np_unit(x_BTC) @ _np_unit(protos).T
+  margin = s_BTE - theta
+  hard = (margin > 0).astype(np.float64)
+  fallback = hard.sum(-1) == 0
+  order = np.argsort(-s_BTE, axis=-1, kind="stable")[..., :k]
+  top = np.zeros_like(hard)
+  np.put_along_axis(top, order, 1.0, axis=-1)
+  used = np.where(fallback[..., None], top, hard)
+  if combine == "mean":
+    w = used / used.sum(-1, keepdims=True)
+  else:
+    ex = used * np.exp(margin)
+    w = ex / ex.sum(-1, keepdims=True)
+  y = np.einsum("bte,btec->btc", w, _np_expert_outputs(params, x_BTC))
+  v = valid_BT.astype(np.float64)
+  n = v.sum()
+  ph = _np_unit(protos)
+  aux = {
+      "diversity": np.sum((ph @ ph.T - np.eye(len(ph))) ** 2),
+      "sparsity": ((hard.mean(-1) * v).sum() / n - target) ** 2,
+      "active_frac": (hard.mean(-1) * v).sum() / n,
+      "experts_per_token": (used.sum(-1) * v).sum() / n,
+      "fallback_frac": (fallback * v).sum() / n,
+      "tokens_per_expert": (used * v[..., None]).sum((0, 1)),
+      "fallback_tokens": (fallback * v).sum(),
+      "num_tokens": n,
+  }
+  return y, aux, used, s_BTE
+
+
+def _assert_aux_close(aux: dict, ref: dict, atol: float = 1e-5) -> None:
+  assert set(aux) == set(AUX_KEYS)
+  for key in AUX_KEYS:
+    assert aux[key].dtype == jnp.float32, key
+    np.testing.assert_allclose(np.asarray(aux[key]), ref[key], rtol=1e-5, atol=atol,
+                               err_msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-built gate semantics
+# ------------------------------------------------------------------------------------------------
+
+# Prototypes are the first three basis vectors of R^4, so cos(x, P_e) = x_e / |x|.
+HAND_PROTOS = np.eye(3, 4)
+HAND_THETA = np.array([0.5, 0.2, 0.9])
+HAND_X = np.array([
+    [1.0, 1.0, 0.0, 0.0],   # s = (.71, .71, 0)      -> {0, 1}
+    [0.0, 0.0, 1.0, 0.0],   # s = (0, 0, 1)          -> {2}
+    [1.0, 0.0, 0.0, 0.0],   # s = (1, 0, 0)          -> {0}
+    [0.0, 1.0, 0.0, 1.0],   # s = (0, .71, 0)        -> {1}
+    [1.0, 1.0, 1.0, 0.0],   # s = (.58, .58, .58)    -> {0, 1} (.58 < .9)
+    [-1.0, -1.0, 0.2, 1.0], # s = (-.69, -.69, .14)  -> none: falls back to top-1 = {2}
+])
+HAND_USED = np.array([[1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], float)
+
+
+@pytest.mark.parametrize("combine", ["mean", "softmax"])
+def test_hand_built_mask_and_mixture(combine):
+  # Positive per-token scales: the gate must depend on direction only.
+  x_BTC = (HAND_X * np.array([3.0, 0.5, 2.0, 1.0, 7.0, 0.25])[:, None])[None]
+  params = _params(0, 3, 4, 5, prototypes=HAND_PROTOS * 2.5, thresholds=HAND_THETA)
+  y, aux = _apply(3, 5, combine, 1)(params, jnp.asarray(x_BTC, jnp.float32),
+                                    jnp.ones((1, 6), bool))
+
+  s = (HAND_X / np.linalg.norm(HAND_X, axis=-1, keepdims=True))[:, :3]  # cos with e0, e1, e2
+  if combine == "mean":
+    w = HAND_USED / HAND_USED.sum(-1, keepdims=True)
+  else:
+    ex = HAND_USED * np.exp(s - HAND_THETA)
+    w = ex / ex.sum(-1, keepdims=True)
+  outs_TEC = _np_expert_outputs(params, x_BTC)[0]
+  expected = np.einsum("te,tec->tc", w, outs_TEC)
+  np.testing.assert_allclose(np.asarray(y[0]), expected, rtol=1e-5, atol=1e-5)
+
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]), HAND_USED.sum(0))
+  assert float(aux["fallback_tokens"]) == 1.0
+  np.testing.assert_allclose(float(aux["active_frac"]), 7 / 18, rtol=1e-6)
+  np.testing.assert_allclose(float(aux["experts_per_token"]), 8 / 6, rtol=1e-6)
+
+
+def test_threshold_moves_the_mask():
+  """Lowering theta_2 below .58 adds expert 2 to token 4; raising theta_1 above .71 drops it."""
+  x = jnp.asarray(HAND_X[None], jnp.float32)
+  valid = jnp.ones((1, 6), bool)
+  base = _apply(3, 5, "mean", 1)
+  _, aux0 = base(_params(0, 3, 4, 5, prototypes=HAND_PROTOS, thresholds=HAND_THETA), x, valid)
+  _, aux1 = base(_params(0, 3, 4, 5, prototypes=HAND_PROTOS, thresholds=[0.5, 0.2, 0.55]),
+                 x, valid)
+  _, aux2 = base(_params(0, 3, 4, 5, prototypes=HAND_PROTOS, thresholds=[0.5, 0.75, 0.9]),
+                 x, valid)
+  np.testing.assert_array_equal(np.asarray(aux0["tokens_per_expert"]), [3, 3, 2])
+  # The comparison is strict: s_0 is exactly 0 for tokens 1 and 3, so theta_0 = 0 keeps them off.
+  _, aux3 = base(_params(0, 3, 4, 5, prototypes=HAND_PROTOS, thresholds=[0.0, 0.2, 0.9]),
+                 x, valid)
+  np.testing.assert_array_equal(np.asarray(aux3["tokens_per_expert"]), [3, 3, 2])
+  np.testing.assert_array_equal(np.asarray(aux1["tokens_per_expert"]), [3, 3, 3])
+  # Token 3 (s_1 = .71) now has no active expert and falls back to its top-1, expert 1.
+  np.testing.assert_array_equal(np.asarray(aux2["tokens_per_expert"]), [3, 1, 2])
+  assert float(aux2["fallback_tokens"]) == 2.0
+
+
+@pytest.mark.parametrize("combine", ["mean", "softmax"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_random_inputs_match_numpy_oracle(combine, k):
+  rng = np.random.default_rng(1)
+  # theta = 0.3 with C = 8: each expert is active for ~20% of tokens, ~40% of tokens fall back.
+  params = _params(1, 4, 8, 6, thresholds=rng.uniform(0.2, 0.4, size=4))
+  x = rng.normal(size=(2, 9, 8))
+  valid = np.ones((2, 9), bool)
+  valid[1, 6:] = False
+  y, aux = _apply(4, 6, combine, k)(params, jnp.asarray(x, jnp.float32), jnp.asarray(valid))
+  y_ref, aux_ref, used, _ = _np_layer(params, x, valid, combine, k)
+  assert 0 < aux_ref["fallback_tokens"] < aux_ref["num_tokens"]  # both paths exercised
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-4, atol=1e-5)
+  _assert_aux_close(aux, aux_ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Straight-through gradients
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("combine", ["mean", "softmax"])
+def test_straight_through_gradients_reach_thresholds_and_prototypes(combine):
+  rng = np.random.default_rng(2)
+  params = _params(2, 4, 8, 6, thresholds=rng.uniform(-0.1, 0.2, size=4))
+  x = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+  r = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+  valid = jnp.ones((2, 7), bool)
+  fn = _apply(4, 6, combine, 1)
+
+  def task_loss(p, x):
+    y, _ = fn(p, x, valid)
+    return jnp.sum(y * r)
+
+  g, gx = jax.grad(task_loss, argnums=(0, 1))(params, x)
+  for name in EXPERT_LEAVES:
+    assert np.all(np.isfinite(np.asarray(g[name]))), name
+  # The hard mask alone has zero derivative: these are non-zero only through the surrogate
+  # (and, for softmax, through s - theta in the logits).
+  assert np.all(np.abs(np.asarray(g["thresholds"])) > 0)
+  assert np.all(np.abs(np.asarray(g["prototypes"])).sum(-1) > 0)
+  assert np.all(np.abs(np.asarray(gx)).sum(-1) > 0)
+
+
+def test_straight_through_mean_gradient_matches_surrogate_formula():
+  """For mean combination: dL/dtheta_e = sum_t (g_t . (y_te - y_t)) / n_t * (-sig'(m_te)/tau)."""
+  rng = np.random.default_rng(3)
+  params = _params(3, 4, 8, 6, thresholds=rng.uniform(-0.1, 0.1, size=4))
+  x = rng.normal(size=(1, 6, 8))
+  r = rng.normal(size=(1, 6, 8))
+  fn = _apply(4, 6, "mean", 1)
+  g = jax.grad(lambda p: jnp.sum(fn(p, jnp.asarray(x, jnp.float32),
+                                    jnp.ones((1, 6), bool))[0] * r))(params)
+  y_ref, _, used, s = _np_layer(params, x, np.ones((1, 6), bool), "mean", 1)
+  hard = s - np.asarray(params["thresholds"]) > 0
+  assert hard.any(-1).all()  # no fallback token, so every token carries the ST path
+  outs = _np_expert_outputs(params, x)
+  sig = 1.0 / (1.0 + np.exp(-(s - np.asarray(params["thresholds"])) / TAU))
+  dm = np.einsum("btc,btec->bte", r, outs - y_ref[:, :, None, :]) / used.sum(-1, keepdims=True)
+  expected = np.sum(dm * (-sig * (1 - sig) / TAU), axis=(0, 1))
+  np.testing.assert_allclose(np.asarray(g["thresholds"]), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sparsity_gradient_matches_surrogate_formula():
+  """d sparsity / d theta_e = 2 (f - target) * mean_t(-sig'(m_te) / tau) / E over valid t."""
+  rng = np.random.default_rng(4)
+  params = _params(4, 4, 8, 6, thresholds=rng.uniform(-0.2, 0.2, size=4))
+  x = rng.normal(size=(2, 5, 8))
+  valid = np.ones((2, 5), bool)
+  valid[0, 3:] = False
+  fn = _apply(4, 6, "mean", 1)
+  g = jax.grad(lambda p: fn(p, jnp.asarray(x, jnp.float32), jnp.asarray(valid))[1]["sparsity"]
+               )(params)
+  _, aux, _, s = _np_layer(params, x, valid, "mean", 1)
+  sig = 1.0 / (1.0 + np.exp(-(s - np.asarray(params["thresholds"])) / TAU))
+  frac = aux["active_frac"]
+  dsig = (-sig * (1 - sig) / TAU)[valid]  # [n, E]
+  expected = 2 * (frac - 0.25) * dsig.mean(0) / 4
+  assert abs(frac - 0.25) > 0.05
+  np.testing.assert_allclose(np.asarray(g["thresholds"]), expected, rtol=1e-4, atol=1e-7)
+  # Only prototypes and thresholds feed the sparsity term.
+  for name in ("w_in", "b_in", "w_out", "b_out"):
+    assert not np.any(np.asarray(g[name])), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Fallback
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("combine", ["mean", "softmax"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_fallback_when_every_threshold_exceeds_every_similarity(combine, k):
+  rng = np.random.default_rng(5)
+  theta = np.array([1.5, 1.2, 1.7, 1.1, 1.3])
+  params = _params(5, 5, 6, 4, thresholds=theta)
+  x = rng.normal(size=(2, 6, 6))
+  valid = np.ones((2, 6), bool)
+  valid[1, 4:] = False
+  y, aux = _apply(5, 4, combine, k)(params, jnp.asarray(x, jnp.float32), jnp.asarray(valid))
+
+  s = _np_unit(x) @ _np_unit(np.asarray(params["prototypes"], np.float64)).T
+  top = np.argsort(-s, axis=-1)[..., :k]
+  used = np.zeros_like(s)
+  np.put_along_axis(used, top, 1.0, axis=-1)
+  if combine == "mean":
+    w = used / k
+  else:
+    ex = used * np.exp(s - theta)
+    w = ex / ex.sum(-1, keepdims=True)
+  expected = np.einsum("bte,btec->btc", w, _np_expert_outputs(params, x))
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-5)
+
+  n = valid.sum()
+  assert float(aux["num_tokens"]) == n
+  assert float(aux["fallback_tokens"]) == n
+  assert float(aux["fallback_frac"]) == 1.0
+  assert float(aux["active_frac"]) == 0.0
+  np.testing.assert_allclose(float(aux["experts_per_token"]), k, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]), used[valid].sum(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# SDL and padding
+# ------------------------------------------------------------------------------------------------
+
+def test_sdl_terms_match_numpy():
+  rng = np.random.default_rng(6)
+  protos = rng.normal(size=(6, 8))
+  protos[1] = protos[0] * 3.0 + 1e-3  # a near-duplicate pair makes diversity large
+  params = _params(6, 6, 8, 4, prototypes=protos, thresholds=rng.uniform(-0.3, 0.3, size=6))
+  x = rng.normal(size=(3, 5, 8))
+  valid = rng.uniform(size=(3, 5)) < 0.7
+  target = 0.4
+  _, aux = _apply(6, 4, "softmax", 2, target)(params, jnp.asarray(x, jnp.float32),
+                                              jnp.asarray(valid))
+  ph = protos / np.linalg.norm(protos, axis=-1, keepdims=True)
+  diversity = np.sum((ph @ ph.T - np.eye(6)) ** 2)
+  theta = np.asarray(params["thresholds"])
+  xh = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  active = (xh @ ph.T - theta > 0)[valid]  # [n, E]
+  sparsity = (active.mean() - target) ** 2
+  np.testing.assert_allclose(float(aux["diversity"]), diversity, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["sparsity"]), sparsity, rtol=1e-5, atol=1e-7)
+  assert diversity > 1.0
+
+
+def test_padding_tokens_are_excluded():
+  rng = np.random.default_rng(7)
+  params = _params(7, 4, 8, 6, thresholds=rng.uniform(0.1, 0.3, size=4))
+  x = rng.normal(size=(2, 8, 8))
+  valid = np.ones((2, 8), bool)
+  valid[0, 5:] = False
+  valid[1, 2:] = False
+  fn = _apply(4, 6, "softmax", 2)
+  y, aux = fn(params, jnp.asarray(x, jnp.float32), jnp.asarray(valid))
+  assert np.all(np.isfinite(np.asarray(y)))
+
+  # Same statistics as running the valid tokens alone (one row, no padding).
+  x_valid = x[valid][None]
+  y_v, aux_v = fn(params, jnp.asarray(x_valid, jnp.float32), jnp.ones(x_valid.shape[:2], bool))
+  for key in AUX_KEYS:
+    np.testing.assert_allclose(np.asarray(aux[key]), np.asarray(aux_v[key]), rtol=1e-6,
+                               err_msg=key)
+  np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_v[0]), rtol=1e-5, atol=1e-6)
+
+  # Whatever the padding holds changes neither the statistics nor the valid outputs ...
+  x2 = x.copy()
+  x2[~valid] = rng.normal(size=(int((~valid).sum()), 8)) * 50.0
+  y2, aux2 = fn(params, jnp.asarray(x2, jnp.float32), jnp.asarray(valid))
+  for key in AUX_KEYS:
+    np.testing.assert_array_equal(np.asarray(aux[key]), np.asarray(aux2[key]), err_msg=key)
+  np.testing.assert_array_equal(np.asarray(y)[valid], np.asarray(y2)[valid])
+  # ... and the sparsity term sends no gradient into padding tokens.
+  gx = jax.grad(lambda x: fn(params, x, jnp.asarray(valid))[1]["sparsity"])(
+      jnp.asarray(x, jnp.float32))
+  assert not np.any(np.asarray(gx)[~valid])
+  assert np.any(np.asarray(gx)[valid])
+
+
+def test_all_padding_gives_finite_zero_statistics():
+  params = _params(8, 4, 8, 6)
+  _, aux = _apply(4, 6, "mean", 1)(params, jnp.ones((1, 3, 8)), jnp.zeros((1, 3), bool))
+  for key in AUX_KEYS:
+    assert np.all(np.isfinite(np.asarray(aux[key]))), key
+  assert float(aux["num_tokens"]) == 0.0
+  assert not np.any(np.asarray(aux["tokens_per_expert"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Init, dtypes, jit, errors
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_init_expert_params_matches_module_params(param_dtype):
+  layer = DynMoE(num_experts=5, expert_hidden=7, init_threshold=0.125, param_dtype=param_dtype)
+  module_params = jax.jit(layer.init)(jax.random.key(0), jnp.ones((1, 3, 12)))["params"]
+  fresh = _init(jax.random.key(1), 5, 12, 7, 0.125, param_dtype)
+  assert set(module_params) == set(fresh) == set(EXPERT_LEAVES)
+  expected_shapes = {"prototypes": (5, 12), "thresholds": (5,), "w_in": (5, 12, 7),
+                     "b_in": (5, 7), "w_out": (5, 7, 12), "b_out": (5, 12)}
+  for name in EXPERT_LEAVES:
+    assert module_params[name].shape == fresh[name].shape == expected_shapes[name], name
+    assert module_params[name].dtype == fresh[name].dtype == param_dtype, name
+  np.testing.assert_array_equal(np.asarray(module_params["thresholds"], np.float32), 0.125)
+  np.testing.assert_array_equal(np.asarray(fresh["thresholds"], np.float32), 0.125)
+  # Fresh rows differ per expert (a reset must not clone one expert into every slot).
+  assert np.unique(np.asarray(fresh["prototypes"], np.float32), axis=0).shape[0] == 5
+  # The module accepts parameters drawn by init_expert_params.
+  y, _ = jax.jit(layer.apply)({"params": fresh}, jnp.ones((1, 3, 12)))
+  assert y.shape == (1, 3, 12)
+
+
+def test_bfloat16_compute_routes_identically():
+  rng = np.random.default_rng(9)
+  params = _params(9, 4, 8, 6, thresholds=rng.uniform(0.1, 0.3, size=4))
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  valid = jnp.ones((2, 5), bool)
+  y32, aux32 = _apply(4, 6, "softmax", 1)(params, x, valid)
+  y16, aux16 = _apply(4, 6, "softmax", 1, 0.25, "bfloat16")(params, x, valid)
+  assert y16.dtype == jnp.bfloat16
+  for key in AUX_KEYS:
+    assert aux16[key].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(aux16[key]), np.asarray(aux32[key]), err_msg=key)
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
+
+
+def test_jit_does_not_retrace_for_same_shapes():
+  layer = DynMoE(num_experts=3, expert_hidden=4, combine="softmax", fallback_k=2)
+  traces = []
+
+  @jax.jit
+  def fwd(params, x, valid):
+    traces.append(None)
+    return layer.apply({"params": params}, x, valid)
+
+  rng = np.random.default_rng(10)
+  params = _params(10, 3, 6, 4)
+  for seed in range(3):
+    x = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+    valid = jnp.asarray(rng.uniform(size=(2, 4)) < 0.5 + 0.2 * seed)
+    params = dict(params, thresholds=jnp.full((3,), 0.1 * seed))
+    jax.block_until_ready(fwd(params, x, valid))
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("field,value,culprit", [
+    ("combine", "max", "combine"),
+    ("fallback_k", 0, "fallback_k"),
+    ("fallback_k", 4, "fallback_k"),
+    ("impl", "sparse", "impl"),
+    ("st_temperature", 0.0, "st_temperature"),
+])
+def test_bad_configuration_names_the_field(field, value, culprit):
+  layer = DynMoE(num_experts=3, expert_hidden=4, **{field: value})
+  with pytest.raises(ValueError, match=culprit):
+    layer.init(jax.random.key(0), jnp.ones((1, 2, 4)))
+
+
+def test_bad_valid_mask_shape_is_rejected():
+  layer = DynMoE(num_experts=3, expert_hidden=4)
+  with pytest.raises(ValueError, match="valid_BT"):
+    layer.init(jax.random.key(0), jnp.ones((1, 2, 4)), jnp.ones((1, 3), bool))

@@ -1,0 +1,267 @@
+"""The training task set and the deterministic batch stream."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from onn_jax.config import DataConfig
+from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate
+from onn_jax.data.serialize import (decode_grid, leave_one_out, parse_sequence,
+                                    sequence_length, serialize)
+from onn_jax.data.tasks import Task, load_tasks
+from onn_jax.data.tokens import END, IN, OUT, PAD
+
+CFG = DataConfig(buckets=(128, 256), color_perm="1-9", d8=True, shuffle_demos=True)
+
+
+def _tasks(n: int = 6, seed: int = 0) -> list[Task]:
+  """Small tasks of distinct random grids; every third task has an unknown test output."""
+  rng = np.random.default_rng(seed)
+
+  def grid(lo: int = 1, hi: int = 7) -> np.ndarray:
+    return rng.integers(0, 10, size=rng.integers(lo, hi, size=2)).astype(np.int32)
+
+  return [Task(f"t{j}", [(grid(), grid()) for _ in range(2 + j % 3)],
+               [(grid(), None if j % 3 == 2 else grid())]) for j in range(n)]
+
+
+def _sequence(batch: dict, b: int) -> np.ndarray:
+  """Row b's token sequence: inputs plus the final target."""
+  n = int(batch["valid"][b].sum())
+  return np.append(batch["inputs"][b, :n], batch["targets"][b, n - 1])
+
+
+def _view_of(originals: list[np.ndarray], images: list[np.ndarray]) -> bool:
+  """Whether one D8 element and one colour bijection fixing 0 map every original to its image."""
+  from onn_jax.data.augment import d8_apply
+  for k in range(8):
+    moved = [d8_apply(g, k) for g in originals]
+    if any(m.shape != i.shape for m, i in zip(moved, images)):
+      continue
+    src = np.concatenate([m.ravel() for m in moved])
+    dst = np.concatenate([i.ravel() for i in images])
+    table = {}
+    if all(table.setdefault(int(s), int(d)) == d for s, d in zip(src, dst)):
+      if len(set(table.values())) == len(table) and table.get(0, 0) == 0:
+        return True
+  return False
+
+
+@pytest.fixture(scope="module")
+def stream() -> BatchStream:
+  return BatchStream(_tasks(), CFG, batch_size=8, seed=3)
+
+
+def test_items_cover_known_tests_and_leave_one_out(stream):
+  tasks = _tasks()
+  known = sum(o is not None for t in tasks for _, o in t.test)
+  loo = sum(len(leave_one_out(t)) for t in tasks)
+  assert stream.num_items == known + loo and stream.num_too_long == 0
+  assert np.isclose(stream.bucket_probs.sum(), 1.0)
+
+
+def test_same_seed_same_batches_different_seed_differs(stream):
+  other = BatchStream(_tasks(), CFG, batch_size=8, seed=3)
+  for step in (0, 1, 17, 10**6):
+    a, b = stream.batch(step), other.batch(step)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  # The batch does not depend on what was drawn before (a resumed run sees the same data).
+  np.testing.assert_array_equal(stream.batch(17)["inputs"], other.batch(17)["inputs"])
+  different = BatchStream(_tasks(), CFG, batch_size=8, seed=4)
+  differs = [not np.array_equal(stream.batch(s)["inputs"], different.batch(s)["inputs"])
+             for s in range(4)]
+  assert all(differs)
+  assert not np.array_equal(stream.batch(0)["inputs"], stream.batch(1)["inputs"])
+
+
+def test_iteration_from_a_start_step(stream):
+  it = stream.iterate(5)
+  for step in (5, 6):
+    np.testing.assert_array_equal(next(it)["inputs"], stream.batch(step)["inputs"])
+  resumed = BatchStream(_tasks(), CFG, batch_size=8, seed=3, start_step=9)
+  np.testing.assert_array_equal(next(iter(resumed))["targets"], stream.batch(9)["targets"])
+
+
+def test_batch_shapes_shift_and_answer_mask(stream):
+  lengths = set()
+  for step in range(12):
+    batch = stream.batch(step)
+    B, T = batch["inputs"].shape
+    lengths.add(T)
+    assert B == 8 and T in CFG.buckets
+    assert batch["inputs"].dtype == np.int32 and batch["targets"].dtype == np.int32
+    assert batch["loss_mask"].dtype == np.float32 and batch["valid"].dtype == bool
+    assert batch["positions"].dtype == np.int32 and batch["answer_start"].shape == (B,)
+    np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(T), (B, 1)))
+    valid = batch["valid"]
+    # Targets are inputs shifted by one; padding is PAD, masked and invalid.
+    np.testing.assert_array_equal(batch["inputs"][:, 1:][valid[:, 1:]],
+                                  batch["targets"][:, :-1][valid[:, 1:]])
+    assert np.all(batch["inputs"][~valid] == PAD) and np.all(batch["targets"][~valid] == PAD)
+    assert np.all(batch["loss_mask"][~valid] == 0)
+    for b in range(B):
+      start, n = int(batch["answer_start"][b]), int(batch["answer_len"][b])
+      expected = np.zeros(T, np.float32)
+      expected[start - 1:start - 1 + n] = 1
+      np.testing.assert_array_equal(batch["loss_mask"][b], expected)
+      assert batch["inputs"][b, start - 1] == OUT and batch["targets"][b, start - 2 + n] == END
+      assert decode_grid(batch["targets"][b, start - 1:]) is not None
+      assert int(valid[b].sum()) == start - 2 + n + 1
+  assert lengths == set(CFG.buckets)  # both buckets are drawn
+
+
+def test_rows_are_consistent_views_of_an_item(stream):
+  """Each row is one item under a single D8 element and colour permutation (0 fixed), with
+  its demos a reordering of (a prefix of) the item's demos."""
+  items = stream.items
+  for step in range(3):
+    batch = stream.batch(step)
+    for b in range(batch["inputs"].shape[0]):
+      demos, test_in, test_out = parse_sequence(_sequence(batch, b))
+      found = False
+      for task, ti in items:
+        if len(demos) > len(task.train):
+          continue
+        orig_in, orig_out = task.test[ti]
+        if not _view_of([orig_in, orig_out], [test_in, test_out]):
+          continue
+        # Each shown demo is the same view of a distinct demo of the item.
+        used = set()
+        for di, do in demos:
+          match = next((j for j, (i, o) in enumerate(task.train) if j not in used
+                        and _view_of([orig_in, orig_out, i, o], [test_in, test_out, di, do])),
+                       None)
+          if match is None:
+            break
+          used.add(match)
+        else:
+          found = True
+          break
+      assert found, (step, b)
+
+
+def test_trailing_demos_dropped_and_too_long_counted():
+  rng = np.random.default_rng(1)
+  big = lambda: rng.integers(0, 10, (8, 8)).astype(np.int32)  # noqa: E731
+  many = Task("many", [(big(), big()) for _ in range(6)], [(big(), big())])
+  huge = Task("huge", [(np.zeros((30, 30), np.int32),) * 2], [(np.zeros((30, 30), np.int32),) * 2])
+  one_demo = sequence_length(many.train[:1], *many.test[0])
+  cfg = dataclasses.replace(CFG, buckets=(one_demo + 80,))
+  s = BatchStream([many, huge], cfg, batch_size=4, seed=0)
+  # "huge" (and nothing else) fits no bucket; "many" has 1 test item and 6 leave-one-out items.
+  assert s.num_too_long == 1 and s.num_items == 7
+  for step in range(3):
+    batch = s.batch(step)
+    for b in range(4):
+      demos, _, _ = parse_sequence(_sequence(batch, b))
+      assert 1 <= len(demos) <= 2  # 8x8 demos take 146 tokens each
+  with pytest.raises(ValueError, match="no training sequence fits"):
+    BatchStream([huge], cfg, batch_size=4, seed=0)
+
+
+def test_transposes_always_fit_their_bucket():
+  """A wide grid needs more tokens once transposed (1x30: 31 tokens, 30x1: 60): items are
+  bucketed by their worst orientation, so a bucket exactly that long never overflows."""
+  wide = (np.arange(30).reshape(1, 30) % 10).astype(np.int32)
+  small = wide[:, :5]
+  task = Task("wide", [(wide, wide), (small, small)], [(wide, wide)])
+  # Transposed, with the short demo only: BOS IN 30x1 OUT 30x1 END + IN 5x1 OUT 5x1.
+  worst = 3 + 2 * 60 + 1 + 2 + 2 * 10
+  assert worst == 146 and sequence_length([(small, small)], wide, wide) == 80
+  cfg = dataclasses.replace(CFG, buckets=(worst - 1,))
+  s = BatchStream([task], cfg, batch_size=8, seed=0)
+  assert s.num_too_long == 0 and s.num_items == 3  # the test pair and 2 leave-one-out items
+  shapes = set()
+  for step in range(6):
+    batch = s.batch(step)
+    assert batch["inputs"].shape == (8, worst - 1)
+    for b in range(8):
+      shapes.add(decode_grid(batch["targets"][b, batch["answer_start"][b] - 1:]).shape)
+  assert {(1, 30), (30, 1)} <= shapes
+  with pytest.raises(ValueError, match="no training sequence fits"):
+    BatchStream([task], dataclasses.replace(CFG, buckets=(worst - 2,)), batch_size=8, seed=0)
+  # Without D8 the identity orientation (80 tokens) is all that must fit.
+  assert BatchStream([task], dataclasses.replace(CFG, d8=False, buckets=(79,)), batch_size=8,
+                     seed=0).num_items == 3
+
+
+def test_process_sharding_returns_the_right_rows():
+  full = BatchStream(_tasks(), CFG, batch_size=8, seed=5)
+  parts = [BatchStream(_tasks(), CFG, batch_size=8, seed=5, process_index=p, process_count=4)
+           for p in range(4)]
+  for step in (0, 7):
+    want = full.batch(step)
+    got = [p.batch(step) for p in parts]
+    for key in want:
+      assert got[0][key].shape[0] == 2
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+  with pytest.raises(ValueError, match="train.batch_size=6 is not divisible by the process "
+                                       "count 4"):
+    BatchStream(_tasks(), CFG, batch_size=6, seed=0, process_count=4)
+
+
+def test_outputs_loss_mask_and_no_augmentation():
+  cfg = dataclasses.replace(CFG, loss_on="outputs", d8=False, color_perm="none",
+                            shuffle_demos=False, buckets=(512,))
+  tasks = _tasks(3)
+  s = BatchStream(tasks, cfg, batch_size=4, seed=0)
+  batch = s.batch(0)
+  for b in range(4):
+    seq = _sequence(batch, b)
+    # Without augmentation the row is exactly serialize() of some item, unchanged.
+    candidates = [serialize(t.train, *t.test[i], loss_on="outputs") for t, i in s.items]
+    match = [ex for ex in candidates if np.array_equal(ex.tokens, seq)]
+    assert match
+    np.testing.assert_array_equal(batch["loss_mask"][b, :len(seq) - 1], match[0].loss_mask[1:])
+    assert batch["loss_mask"][b].sum() > batch["answer_len"][b]
+    # Never a marker as a target under the mask.
+    masked_targets = batch["targets"][b][batch["loss_mask"][b] > 0]
+    assert not np.isin(masked_targets, [IN, OUT, PAD]).any()
+
+
+def test_collate_rejects_overlong_examples():
+  ex = serialize(_tasks(1)[0].train, *_tasks(1)[0].test[0], task_id="t0")
+  batch = collate([ex], len(ex.tokens) - 1)
+  assert batch["valid"].all()
+  with pytest.raises(ValueError, match="task t0 test 0: .* do not fit a batch of length"):
+    collate([ex], len(ex.tokens) - 2)
+
+
+def test_build_training_tasks_guard_filter_limit_and_eval_demos():
+  cfg = DataConfig(train="arc-agi-1:training+arc-agi-2:training", eval="arc-agi-1:evaluation",
+                   eval_demos=True, max_grid=20)
+  lines = []
+  tasks, info = build_training_tasks(cfg, log=lines.append)
+  evaluation = load_tasks("arc-agi-1:evaluation")
+  eval_ids = {t.id for t in evaluation}
+  print(info)
+  assert info["duplicates_removed"] > 300  # ARC-AGI-2 training holds ARC-AGI-1 training
+  assert info["leaked_removed"] > 100 and info["too_large"] > 0
+  assert any("leakage guard removed" in line for line in lines)
+  train_part = [t for t in tasks if "/loo" not in t.id]
+  demo_part = [t for t in tasks if "/loo" in t.id]
+  assert len(train_part) == info["train_tasks"] and len(demo_part) == info["eval_demo_tasks"] > 0
+  assert not any(t.id in eval_ids for t in train_part)
+  assert len({t.id for t in train_part}) == len(train_part)
+  assert all(max(g.shape) <= 20 for t in tasks for p in t.train + t.test for g in p)
+  # Evaluation demo tasks hold only their own task's demonstration pairs: test pairs (and so
+  # test outputs) never enter.
+  by_id = {t.id: t for t in evaluation}
+  for task in demo_part:
+    source = by_id[task.id.split("/loo")[0]]
+    loo_index = int(task.id.split("/loo")[1])
+    assert len(task.train) == len(source.train) - 1 and len(task.test) == 1
+    np.testing.assert_array_equal(task.test[0][1], source.train[loo_index][1])
+    for i, o in task.train + task.test:
+      assert any(np.array_equal(i, si) and np.array_equal(o, so) for si, so in source.train)
+
+  limited, info2 = build_training_tasks(
+      dataclasses.replace(cfg, train="arc-agi-1:training", eval="", eval_demos=False,
+                          max_train_tasks=25), log=lambda _: None)
+  assert [t.id for t in limited] == sorted(t.id for t in limited) and len(limited) == 25
+  assert info2["leaked_removed"] == 0 and info2["limit_removed"] > 0

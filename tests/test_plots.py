@@ -1,0 +1,101 @@
+"""Pictures: training curves from a synthetic metrics.jsonl, grids in ARC colours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onn_jax import plots
+from onn_jax.data.tasks import Task
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_pixels(path) -> np.ndarray:
+  from matplotlib.image import imread
+  return imread(path)
+
+
+def test_palette_is_the_arc_palette():
+  from matplotlib.colors import to_rgb
+  assert len(plots.ARC_COLORS) == 10
+  assert to_rgb(plots.ARC_COLORS[0]) == (0.0, 0.0, 0.0)
+  assert plots.ARC_COLORS[1].upper() == "#0074D9" and plots.ARC_COLORS[9].upper() == "#870C25"
+
+
+def test_importing_is_cheap():
+  # matplotlib (and pyplot's global backend) come in only when something is drawn.
+  code = ("import sys, onn_jax.plots, onn_jax.evaluation; "
+          "print(any(m.startswith('matplotlib') for m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+  assert out.stdout.strip() == "False"
+
+
+def _write_metrics(path, with_experts: bool = True) -> None:
+  rng = np.random.default_rng(0)
+  lines = []
+  for step in range(0, 60, 5):
+    stage = "pretrain" if step < 40 else "eavi"
+    rec = {"step": step, "stage": stage, "loss": 3.0 / (1 + step), "ce": 2.5 / (1 + step),
+           "answer_acc": step / 60, "answer_exact": (step / 60) ** 2}
+    if step == 25:
+      del rec["answer_exact"], rec["ce"]  # missing keys are tolerated
+    if with_experts:
+      # Layer 1 grows from 3 to 4 experts halfway (DynMoE adds experts).
+      num_e1 = 3 if step < 30 else 4
+      rec["tokens_per_expert"] = [rng.integers(0, 50, 4).tolist(),
+                                  rng.integers(0, 50, num_e1).tolist()]
+    lines.append(json.dumps(rec))
+    if step == 20:
+      lines.append(json.dumps({"event": "reset", "step": 20, "layer": 1, "experts": [0, 2]}))
+  lines.append('{"step": 61, "loss": ')  # a half-written last line of a live run
+  path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("with_experts", [True, False])
+def test_plot_training_writes_pngs(tmp_path, with_experts):
+  metrics = tmp_path / "metrics.jsonl"
+  _write_metrics(metrics, with_experts)
+  paths = plots.plot_training(metrics, tmp_path / "plots")
+  assert [p.name for p in paths] == ["loss.png", "accuracy.png", "experts.png"]
+  for p in paths:
+    assert p.read_bytes()[:8] == PNG
+
+
+def test_read_metrics_splits_records_and_resets(tmp_path):
+  metrics = tmp_path / "metrics.jsonl"
+  _write_metrics(metrics)
+  records, resets = plots.read_metrics(metrics)
+  assert [r["step"] for r in records] == list(range(0, 60, 5))
+  assert resets == [{"event": "reset", "step": 20, "layer": 1, "experts": [0, 2]}]
+  steps_N, share_NLE = plots._expert_tensor(records)
+  assert share_NLE.shape == (12, 2, 4)
+  # Shares of each layer sum to one; the expert layer 1 lacked early on is NaN there.
+  np.testing.assert_allclose(np.nansum(share_NLE, -1), 1.0)
+  assert np.isnan(share_NLE[:6, 1, 3]).all() and not np.isnan(share_NLE[6:, 1, 3]).any()
+
+
+def test_render_sheet_uses_arc_colours(tmp_path):
+  grid = np.array([[1, 1, 1], [1, 1, 1]])
+  path = plots.render_sheet([{"title": "only blue", "grids": [("g", grid)]},
+                             {"title": "nothing", "grids": [("none", None)]}],
+                            tmp_path / "sheet.png")
+  pixels = _png_pixels(path)[..., :3]
+  blue = np.array([0x00, 0x74, 0xD9]) / 255
+  assert np.isclose(pixels, blue, atol=2 / 255).all(-1).sum() > 50
+  # No other palette colour (e.g. red) appears: the colour map is indexed, not interpolated.
+  red = np.array([0xFF, 0x41, 0x36]) / 255
+  assert not np.isclose(pixels, red, atol=2 / 255).all(-1).any()
+
+
+def test_render_task(tmp_path):
+  a = np.arange(6).reshape(2, 3)
+  task = Task("t0", [(a, a.T), (a, a)], [(a, None)])
+  path = plots.render_task(task, tmp_path / "task.png")
+  assert path.read_bytes()[:8] == PNG
