@@ -29,18 +29,20 @@ def _apply(num_experts: int, hidden: int, combine: str, k: int, target: float = 
   return jax.jit(lambda params, x, valid: layer.apply({"params": params}, x, valid))
 
 
-# Jitted so that tests do not pay for dozens of eager op compilations.
-_init = jax.jit(init_expert_params, static_argnums=(1, 2, 3, 4, 5))
-
-
 def _params(seed: int, num_experts: int, d_model: int, hidden: int, **override) -> dict:
-  params = _init(jax.random.key(seed), num_experts, d_model, hidden, 0.0, jnp.float32)
-  # Non-zero biases so that a wrong bias path cannot hide.
+  """Random layer parameters from numpy (no per-shape compilation of jax.random)."""
   rng = np.random.default_rng(seed)
-  params["b_in"] = jnp.asarray(rng.normal(size=params["b_in"].shape), jnp.float32) * 0.3
-  params["b_out"] = jnp.asarray(rng.normal(size=params["b_out"].shape), jnp.float32) * 0.3
-  params.update({k: jnp.asarray(v, jnp.float32) for k, v in override.items()})
-  return params
+  e, c, f = num_experts, d_model, hidden
+  params = {
+      "prototypes": rng.normal(size=(e, c)),
+      "thresholds": np.zeros(e),
+      "w_in": rng.normal(size=(e, c, f)) / math.sqrt(c),
+      "b_in": rng.normal(size=(e, f)) * 0.3,  # non-zero biases: a wrong bias path cannot hide
+      "w_out": rng.normal(size=(e, f, c)) / math.sqrt(f),
+      "b_out": rng.normal(size=(e, c)) * 0.3,
+  }
+  params.update(override)
+  return {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,6 +99,7 @@ def _np_layer(params: dict, x_BTC, valid_BT, combine: str, k: int, target: float
       "tokens_per_expert": (used * v[..., None]).sum((0, 1)),
       "fallback_tokens": (fallback * v).sum(),
       "num_tokens": n,
+      "st_active_sum": (hard.mean(-1) * v).sum(),
   }
   return y, aux, used, s_BTE
 
@@ -182,7 +185,7 @@ def test_random_inputs_match_numpy_oracle(combine, k):
   valid = np.ones((2, 9), bool)
   valid[1, 6:] = False
   y, aux = _apply(4, 6, combine, k)(params, jnp.asarray(x, jnp.float32), jnp.asarray(valid))
-  y_ref, aux_ref, used, _ = _np_layer(params, x, valid, combine, k)
+  y_ref, aux_ref, _, _ = _np_layer(params, x, valid, combine, k)
   assert 0 < aux_ref["fallback_tokens"] < aux_ref["num_tokens"]  # both paths exercised
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-4, atol=1e-5)
   _assert_aux_close(aux, aux_ref)
@@ -216,7 +219,10 @@ def test_straight_through_gradients_reach_thresholds_and_prototypes(combine):
 
 
 def test_straight_through_mean_gradient_matches_surrogate_formula():
-  """For mean combination: dL/dtheta_e = sum_t (g_t . (y_te - y_t)) / n_t * (-sig'(m_te)/tau)."""
+  """Mean combination: dL/dtheta_e = sum_t (g_t . (y_te - y_t)) / n_t * (-sig'(m_te) / tau).
+
+  The sum runs over tokens with an active expert; a fallback token's mask is a constant.
+  """
   rng = np.random.default_rng(3)
   params = _params(3, 4, 8, 6, thresholds=rng.uniform(-0.1, 0.1, size=4))
   x = rng.normal(size=(1, 6, 8))
@@ -226,10 +232,12 @@ def test_straight_through_mean_gradient_matches_surrogate_formula():
                                     jnp.ones((1, 6), bool))[0] * r))(params)
   y_ref, _, used, s = _np_layer(params, x, np.ones((1, 6), bool), "mean", 1)
   hard = s - np.asarray(params["thresholds"]) > 0
-  assert hard.any(-1).all()  # no fallback token, so every token carries the ST path
+  gated = hard.any(-1)  # [B, T]
+  assert 3 <= gated.sum() < gated.size  # both kinds of token present
   outs = _np_expert_outputs(params, x)
   sig = 1.0 / (1.0 + np.exp(-(s - np.asarray(params["thresholds"])) / TAU))
   dm = np.einsum("btc,btec->bte", r, outs - y_ref[:, :, None, :]) / used.sum(-1, keepdims=True)
+  dm = dm * gated[..., None]
   expected = np.sum(dm * (-sig * (1 - sig) / TAU), axis=(0, 1))
   np.testing.assert_allclose(np.asarray(g["thresholds"]), expected, rtol=1e-4, atol=1e-6)
 
@@ -363,19 +371,29 @@ def test_all_padding_gives_finite_zero_statistics():
 # Init, dtypes, jit, errors
 # ------------------------------------------------------------------------------------------------
 
+EXPECTED_SHAPES = {"prototypes": (5, 12), "thresholds": (5,), "w_in": (5, 12, 7),
+                   "b_in": (5, 7), "w_out": (5, 7, 12), "b_out": (5, 12)}
+
+
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
-def test_init_expert_params_matches_module_params(param_dtype):
-  layer = DynMoE(num_experts=5, expert_hidden=7, init_threshold=0.125, param_dtype=param_dtype)
-  module_params = jax.jit(layer.init)(jax.random.key(0), jnp.ones((1, 3, 12)))["params"]
-  fresh = _init(jax.random.key(1), 5, 12, 7, 0.125, param_dtype)
+def test_init_expert_params_shapes_match_module_params(param_dtype):
+  layer = DynMoE(num_experts=5, expert_hidden=7, param_dtype=param_dtype)
+  module_params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 3, 12)))["params"]
+  fresh = jax.eval_shape(lambda k: init_expert_params(k, 5, 12, 7, 0.0, param_dtype),
+                         jax.random.key(1))
   assert set(module_params) == set(fresh) == set(EXPERT_LEAVES)
-  expected_shapes = {"prototypes": (5, 12), "thresholds": (5,), "w_in": (5, 12, 7),
-                     "b_in": (5, 7), "w_out": (5, 7, 12), "b_out": (5, 12)}
   for name in EXPERT_LEAVES:
-    assert module_params[name].shape == fresh[name].shape == expected_shapes[name], name
+    assert module_params[name].shape == fresh[name].shape == EXPECTED_SHAPES[name], name
     assert module_params[name].dtype == fresh[name].dtype == param_dtype, name
-  np.testing.assert_array_equal(np.asarray(module_params["thresholds"], np.float32), 0.125)
-  np.testing.assert_array_equal(np.asarray(fresh["thresholds"], np.float32), 0.125)
+
+
+def test_init_expert_params_values():
+  layer = DynMoE(num_experts=5, expert_hidden=7, init_threshold=0.125)
+  module_params = jax.jit(layer.init)(jax.random.key(0), jnp.ones((1, 3, 12)))["params"]
+  fresh = jax.jit(init_expert_params, static_argnums=(1, 2, 3, 4))(
+      jax.random.key(1), 5, 12, 7, 0.125)
+  np.testing.assert_array_equal(np.asarray(module_params["thresholds"]), 0.125)
+  np.testing.assert_array_equal(np.asarray(fresh["thresholds"]), 0.125)
   # Fresh rows differ per expert (a reset must not clone one expert into every slot).
   assert np.unique(np.asarray(fresh["prototypes"], np.float32), axis=0).shape[0] == 5
   # The module accepts parameters drawn by init_expert_params.

@@ -34,7 +34,8 @@ IMPLS: tuple[str, ...] = ("dense", "auto")
 # Added to squared norms before the rsqrt: keeps cos() finite for an all-zero vector.
 NORM_EPS: float = 1e-6
 AUX_KEYS: tuple[str, ...] = ("diversity", "sparsity", "active_frac", "experts_per_token",
-                             "fallback_frac", "tokens_per_expert", "fallback_tokens", "num_tokens")
+                             "fallback_frac", "tokens_per_expert", "fallback_tokens", "num_tokens",
+                             "st_active_sum")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +188,9 @@ def route(x_BTC: Array, prototypes_EC: Array, thresholds_E: Array, valid_BT: Arr
   valid_BT = valid_BT.astype(jnp.float32)
   num_tokens = jnp.sum(valid_BT)
   denom = jnp.maximum(num_tokens, 1.0)
-  st_frac = jnp.sum(jnp.mean(st_BTE, axis=-1) * valid_BT) / denom
+  # Kept as a sum with its count so a data-parallel step can form the global fraction.
+  st_active_sum = jnp.sum(jnp.mean(st_BTE, axis=-1) * valid_BT)
+  st_frac = st_active_sum / denom
   fallback_tokens = jnp.sum(fallback_BT.astype(jnp.float32) * valid_BT)
   aux = {
       "diversity": diversity_loss(prototypes_EC),
@@ -199,6 +202,7 @@ def route(x_BTC: Array, prototypes_EC: Array, thresholds_E: Array, valid_BT: Arr
                                       precision=jax.lax.Precision.HIGHEST),
       "fallback_tokens": fallback_tokens,
       "num_tokens": num_tokens,
+      "st_active_sum": st_active_sum,
   }
   return weights_BTE, used_BTE, aux
 

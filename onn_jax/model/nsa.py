@@ -254,7 +254,7 @@ def _blockwise_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTG
 
   # Window branch: positions p - w + 1 .. p; a window longer than S cannot see more than S.
   w = min(window, S)
-  keypos_BTW = pos_BT[:, :, None] - w + jnp.arange(w, dtype=jnp.int32)
+  keypos_BTW = pos_BT[:, :, None] - (w - 1) + jnp.arange(w, dtype=jnp.int32)
   mask_BTW = (keypos_BTW >= 0) & (keypos_BTW < S)
   keypos_BTW = jnp.clip(keypos_BTW, 0, S - 1)
   bw_idx = jnp.arange(B)[:, None, None]

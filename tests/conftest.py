@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny configs, so every test compiles in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+
+# Eight host devices for the data-parallel tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from onn_jax import config  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+
+TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_groups=2, head_dim=8,
+                  block_len=8, block_stride=4, select_len=8, num_select=3, window=12,
+                  num_experts=4, expert_hidden=32)
+
+
+def tiny_config(**sections) -> config.Config:
+  values = {
+      "model": dict(TINY_MODEL),
+      "data": dict(train="arc-agi-1:training", eval="arc-agi-1:evaluation", max_grid=5,
+                   buckets=[128, 256], max_train_tasks=40),
+      "train": dict(batch_size=8, pretrain_steps=4, eavi_steps=0, warmup_steps=1, log_every=2),
+      "checkpoint": dict(every=2, async_save=False),
+      "eval": dict(max_tasks=2, batch_size=8, mode="greedy"),
+  }
+  for section, changes in sections.items():
+    values.setdefault(section, {}).update(changes)
+  return config.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> config.Config:
+  return tiny_config()

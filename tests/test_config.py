@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from onn_jax import config
+from onn_jax.config import ConfigError
+
+
+def test_default_yaml_loads_and_round_trips(tmp_path):
+  cfg = config.load("configs/default.yaml")
+  config.save(cfg, tmp_path / "c.yaml")
+  assert config.load(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["default", "arc1", "arc2"])
+def test_shipped_configs_are_valid(name):
+  config.load(f"configs/{name}.yaml")
+
+
+def test_overrides_are_typed():
+  cfg = config.load("configs/default.yaml", ["train.seed=3", "data.buckets=[64, 128]",
+                                              "eavi.feed=argmax", "train.learning_rate=1e-3"])
+  assert cfg.train.seed == 3
+  assert cfg.data.buckets == (64, 128)
+  assert cfg.eavi.feed == "argmax"
+  assert cfg.train.learning_rate == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("train.pretrain_steps=-1", "train.pretrain_steps"),
+    ("train.nosuchkey=1", "train.nosuchkey"),
+    ("nosection.key=1", "nosection"),
+    ("train.seed=abc", "train.seed"),
+    ("train.seed=1.5", "train.seed"),
+    ("model.window=0", "model.window"),
+    ("model.select_len=6", "model.select_len"),
+    ("model.num_heads=3", "model.num_heads"),
+    ("model.num_select=2", "model.num_select"),
+    ("eavi.feed=beam", "eavi.feed"),
+    ("data.buckets=[256, 128]", "data.buckets"),
+    ("train.seed", "train.seed"),
+])
+def test_bad_values_name_the_key(override, culprit):
+  with pytest.raises(ConfigError) as err:
+    config.load("configs/default.yaml", [override])
+  message = str(err.value)
+  assert culprit in message and "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+  with pytest.raises(ConfigError, match="not found"):
+    config.load(tmp_path / "nope.yaml")
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model: [unclosed\n")
+  with pytest.raises(ConfigError, match="bad.yaml"):
+    config.load(bad)
+
+
+@pytest.mark.parametrize("override", ["train.pretrain_steps=-1", "train.bogus=1"])
+def test_main_rejects_bad_overrides_with_one_line(override, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "train.main", "--workdir", str(tmp_path / "w"),
+                         override], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and override.split("=")[0] in lines[0]
+  assert not (tmp_path / "w").exists()  # rejected before any work
