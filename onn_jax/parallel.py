@@ -1,9 +1,21 @@
 """Data parallelism: the per-device step functions under jit, ``shard_map`` or ``pmap``.
 
 The step functions in :mod:`onn_jax.steps` reduce over a named axis; here they are wrapped so
-the global batch is split over a 1-D ``data`` mesh of every device (all hosts). A
-:class:`Runner` hides the difference between the modes from the training loop: it places the
-state and each batch, runs a step, and hands back host-side state for checkpoints.
+the global batch (``train.batch_size`` rows) is split evenly over a 1-D ``data`` mesh of every
+device of every host. A :class:`Runner` hides the difference between the modes from the
+training loop: it places the state and each batch, runs a step, and hands back one
+unreplicated copy of the state for checkpoints (portable across device counts and modes).
+
+Layouts (``Runner.put_state`` / ``Runner.put_batch`` produce them):
+
+==========  ========================================  =========================================
+mode        state                                     batch (global B rows, n devices)
+==========  ========================================  =========================================
+single      arrays on device 0                        [B, ...] on device 0
+shard_map   global arrays replicated over ``data``    global [B, ...] split by rows, P("data")
+pmap        [n_local, ...] stacked copies, one per    [n_local, B / n, ...] host-local arrays
+            local device                              (pmap's own layout)
+==========  ========================================  =========================================
 """
 
 from __future__ import annotations
@@ -15,134 +27,252 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from onn_jax.config import Config, ConfigError
 
 AXIS = "data"
-
-try:  # jax >= 0.6 exports shard_map at the top level
-  _shard_map = jax.shard_map
-except AttributeError:  # pragma: no cover - older jax
-  from jax.experimental.shard_map import shard_map as _shard_map
+MODES = ("auto", "single", "shard_map", "pmap")
 
 
-def shard_map(f, mesh, in_specs, out_specs):
-  try:
-    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  except TypeError:  # pragma: no cover - jax without check_vma
-    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+  """``jax.shard_map`` without the varying-manual-axes check (our steps psum explicitly).
+
+  jax >= 0.7 spells the check ``check_vma``; older releases only have
+  ``jax.experimental.shard_map.shard_map`` with ``check_rep``.
+  """
+  top_level = getattr(jax, "shard_map", None)
+  if top_level is not None:
+    try:
+      return top_level(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    except TypeError:  # pragma: no cover - an early top-level shard_map without check_vma
+      pass
+  from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover
+  return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,  # pragma: no cover
+                check_rep=False)
 
 
-def maybe_initialize_distributed(cfg: Config) -> None:
-  """``jax.distributed.initialize()`` when the config or the environment asks for it.
+def maybe_initialize_distributed(cfg: Config) -> bool:
+  """Calls ``jax.distributed.initialize()`` when the config or the environment asks for it.
 
-  Flags: ``parallel.distributed=true`` with ``parallel.coordinator_address``,
-  ``parallel.num_processes`` and ``parallel.process_id`` (or none of them on a cluster that
-  jax auto-detects: Slurm, TPU pods, ``JAX_COORDINATOR_ADDRESS`` ...).
+  Must run before anything touches a JAX device (``train.main`` calls it first). Returns
+  whether this call initialised the distributed runtime; without any of the flags below (and
+  without ``JAX_COORDINATOR_ADDRESS`` in the environment) it does nothing and returns False.
+
+  Flags (config keys, given as ``section.key=value`` overrides):
+
+  - ``parallel.distributed=true``: join a multi-host job. On clusters that JAX recognises
+    (Slurm, Open MPI, Cloud TPU pods, Kubernetes) nothing else is needed; elsewhere give the
+    next three (or set ``JAX_COORDINATOR_ADDRESS`` and the other two flags).
+  - ``parallel.coordinator_address=HOST:PORT``: process 0's address and a free port, the same
+    on every host (setting it implies ``parallel.distributed=true``).
+  - ``parallel.num_processes=N``: the number of processes (usually one per host).
+  - ``parallel.process_id=I``: this process's rank, 0..N-1; process 0 writes every file
+    (config, metrics, plots, evaluation), all processes write checkpoints together (Orbax).
+
+  Every process runs the same command and loads only its own rows of each global batch
+  (``BatchStream(..., process_index=jax.process_index(), process_count=jax.process_count())``):
+  ``train.batch_size`` is the global batch and must divide evenly over all devices of all hosts.
+  ``parallel.mode=auto`` then runs ``shard_map`` over every device of every host.
+
+  Two hosts with 8 GPUs each (host A at 10.0.0.1 is process 0; the workdir must be on storage
+  both hosts share, for the checkpoints)::
+
+    # on host A
+    python -m train.main --config configs/arc1.yaml --workdir /shared/runs/arc1 \\
+        parallel.coordinator_address=10.0.0.1:12345 parallel.num_processes=2 \\
+        parallel.process_id=0
+    # on host B: the same command with parallel.process_id=1
+
+  Under Slurm (``srun --nodes=2 --ntasks-per-node=1 ...``) the flags reduce to
+  ``parallel.distributed=true``.
+
+  Raises:
+    ConfigError: naming ``parallel.distributed`` when the runtime cannot be initialised (bad
+      or missing coordinator, num_processes or process_id; JAX already initialised).
   """
   p = cfg.parallel
-  if not (p.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-    return
-  kwargs = {}
+  if not (p.distributed or p.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    return False
+  if jax.distributed.is_initialized():
+    return False
+  kwargs: dict[str, Any] = {}
   if p.coordinator_address:
     kwargs["coordinator_address"] = p.coordinator_address
   if p.num_processes:
     kwargs["num_processes"] = p.num_processes
   if p.process_id >= 0:
     kwargs["process_id"] = p.process_id
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError, RuntimeError) as err:
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    raise ConfigError(f"parallel.distributed: jax.distributed.initialize({kwargs}) failed: "
+                      f"{detail}") from err
+  return True
 
 
 def resolve_mode(cfg: Config) -> str:
+  """``parallel.mode`` with ``auto`` resolved: one device -> ``single``, else ``shard_map``."""
   mode = cfg.parallel.mode
+  if mode not in MODES:
+    raise ConfigError(f"parallel.mode: {mode!r} is not one of {', '.join(MODES)}")
   if mode == "auto":
     mode = "single" if jax.device_count() == 1 else "shard_map"
   if mode == "single" and jax.process_count() > 1:
     raise ConfigError("parallel.mode: 'single' cannot run on several hosts; use shard_map")
+  if mode == "pmap" and not hasattr(jax, "pmap"):  # pragma: no cover - a jax without pmap
+    raise ConfigError("parallel.mode: this jax has no pmap; use shard_map")
   return mode
 
 
 def check_batch(cfg: Config, num_devices: int) -> None:
+  """The global batch must split evenly over the devices (and so over the hosts)."""
   b = cfg.train.batch_size
   if b % num_devices:
     raise ConfigError(f"train.batch_size: {b} does not divide evenly over {num_devices} "
-                      "devices")
+                      f"devices; use a multiple of {num_devices}")
+
+
+def _host(x) -> np.ndarray:
+  """One leaf as numpy: fully replicated arrays are read from a local copy (any host)."""
+  if isinstance(x, jax.Array) and x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
 
 
 class Runner:
   """Compiles and runs per-device step functions in one parallel mode.
 
   Args:
+    cfg: ``parallel.mode`` picks the mode; ``train.batch_size`` is checked against the device
+      count (ConfigError naming ``train.batch_size`` when it does not divide).
     steps: name -> per-device ``fn(state, batch, *, axis_name, num_devices) -> (state, out)``
-      whose ``out`` is already reduced over the axis (identical on every device).
+      whose ``out`` is already reduced over ``axis_name`` (identical on every device).
+    donate: donate the input state's buffers to each step (the caller must not reuse them).
   """
 
   def __init__(self, cfg: Config, steps: dict[str, Callable], *, donate: bool = True):
     self.mode = resolve_mode(cfg)
-    self.devices = jax.devices() if self.mode != "single" else jax.devices()[:1]
+    self.devices = jax.devices() if self.mode != "single" else jax.local_devices()[:1]
     self.num_devices = len(self.devices)
     check_batch(cfg, self.num_devices)
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
     self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self.local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
-    donate_args = (0,) if donate else ()
-    self._steps = {}
-    for name, fn in steps.items():
-      if self.mode == "single":
-        compiled = jax.jit(functools.partial(fn, axis_name=None, num_devices=1),
-                           donate_argnums=donate_args)
-      elif self.mode == "shard_map":
-        per_device = functools.partial(fn, axis_name=AXIS, num_devices=self.num_devices)
-        compiled = jax.jit(shard_map(per_device, self.mesh, in_specs=(P(), P(AXIS)),
-                                     out_specs=(P(), P())), donate_argnums=donate_args)
-      else:
-        compiled = jax.pmap(functools.partial(fn, axis_name=AXIS, num_devices=self.num_devices),
-                            axis_name=AXIS, devices=self.devices, donate_argnums=donate_args)
-      self._steps[name] = compiled
+    # pmap takes host-local arrays with one leading entry per local device.
+    self.stacked = NamedSharding(self.local_mesh, P(AXIS))
+    self._donate = (0,) if donate else ()
+    self._steps = {name: self._compile(fn) for name, fn in steps.items()}
+    self._applied: dict[Any, Callable] = {}
+
+  def _compile(self, fn: Callable) -> Callable:
+    if self.mode == "single":
+      return jax.jit(functools.partial(fn, axis_name=None, num_devices=1),
+                     donate_argnums=self._donate)
+    per_device = functools.partial(fn, axis_name=AXIS, num_devices=self.num_devices)
+    if self.mode == "shard_map":
+      return jax.jit(shard_map(per_device, self.mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=(P(), P())), donate_argnums=self._donate)
+    return jax.pmap(per_device, axis_name=AXIS, devices=self.devices,
+                    donate_argnums=self._donate)
 
   # -- placement -------------------------------------------------------------------------------
   def put_state(self, state: Any) -> Any:
-    """Host (or any) state -> the layout the compiled steps expect."""
-    if self.mode == "pmap":
-      return jax.device_put_replicated(jax.device_get(state), self.local_devices)
-    if self.mode == "single":
-      return jax.device_put(state, self.devices[0])
-    return jax.device_put(state, self.replicated)
+    """Any state (host numpy, one device, replicated, a checkpoint's) -> the mode's layout.
+
+    Always fresh buffers, so a donating step never consumes the caller's arrays.
+    """
+    def place(x):
+      host = _host(x)
+      if self.mode == "single":
+        return jax.device_put(np.array(host), SingleDeviceSharding(self.devices[0]))
+      if self.mode == "shard_map":
+        return jax.make_array_from_callback(host.shape, self.replicated, lambda idx: host[idx])
+      shape = (len(self.local_devices),) + host.shape
+      return jax.make_array_from_callback(shape, self.stacked, lambda idx: host[None])
+    return jax.tree.map(place, state)
 
   def get_state(self, state: Any) -> Any:
-    """The state as one unreplicated copy (what checkpoints hold, portable across modes)."""
-    if self.mode == "pmap":
-      return jax.tree.map(lambda x: x[0], state)
-    return state
+    """The state as one unreplicated copy: what checkpoints hold, portable across modes.
+
+    single: as is; shard_map: the replicated global arrays as is (Orbax writes one copy);
+    pmap: the stacked copies become replicated global arrays over the mesh, with no transfer.
+    """
+    if self.mode != "pmap":
+      return state
+
+    def unstack(x):
+      shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, shards)
+    return jax.tree.map(unstack, state)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """This process's rows of the global batch -> a global batch split over the devices."""
+    """This process's rows of the global batch -> a global batch split over the devices.
+
+    ``local_batch`` arrays have ``train.batch_size / process_count`` leading rows (what
+    ``BatchStream(process_index, process_count)`` returns); device k of this host gets the
+    k-th contiguous slice of them, so the global row order is the single-device order.
+    """
+    n_local = len(self.local_devices)
+
+    def check(x):
+      if x.shape[0] % n_local:
+        raise ConfigError(f"train.batch_size: this process holds {x.shape[0]} rows, which do not "
+                          f"divide over its {n_local} devices")
+      return x
+
+    local_batch = jax.tree.map(check, local_batch)
     if self.mode == "single":
       return jax.device_put(local_batch, self.devices[0])
     if self.mode == "pmap":
-      n = len(self.local_devices)
-      return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), local_batch)
+      return jax.tree.map(lambda x: jax.device_put(
+          np.reshape(x, (n_local, x.shape[0] // n_local) + x.shape[1:]), self.stacked),
+                          local_batch)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
+        lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
+        local_batch)
 
+  # -- execution -------------------------------------------------------------------------------
   def run(self, name: str, state: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """One step: ``(state, batch) -> (state, out)``; ``out`` holds one (reduced) copy."""
     state, out = self._steps[name](state, batch)
     if self.mode == "pmap":
-      out = jax.tree.map(lambda x: x[0], out)
+      out = jax.tree.map(lambda x: x.addressable_data(0)[0], out)
     return state, out
 
   def apply(self, fn: Callable, state: Any, *args) -> Any:
-    """Runs a state transform with replicated arguments (e.g. expert reset)."""
-    if self.mode == "pmap":
-      args = [jax.device_put_replicated(a, self.local_devices) for a in args]
-      return jax.pmap(fn, devices=self.devices)(state, *args)
-    return jax.jit(fn)(state, *args)
+    """Runs a deterministic state transform ``fn(state, *args)`` (e.g. expert reset) on every
+    device with the same (replicated) ``args``.
+
+    Returns ``fn``'s output in the mode's layout: under pmap every output leaf has a leading
+    local-device axis (take ``[0]`` of non-state outputs). Pass the same ``fn`` object each
+    time to reuse its compilation.
+    """
+    compiled = self._applied.get(fn)
+    if compiled is None:
+      if self.mode == "pmap":
+        compiled = jax.pmap(fn, axis_name=AXIS, devices=self.devices,
+                            in_axes=(0,) + (None,) * len(args))
+      elif self.mode == "shard_map":
+        compiled = jax.jit(fn, out_shardings=self.replicated)
+      else:
+        compiled = jax.jit(fn)
+      self._applied[fn] = compiled
+    if self.mode == "shard_map":  # host-identical values -> global replicated arrays
+      args = tuple(jax.tree.map(
+          lambda a: jax.make_array_from_callback(np.shape(a), self.replicated,
+                                                 lambda idx, h=_host(a): h[idx]), a)
+                   for a in args)
+    return compiled(state, *args)
 
 
 def host_value(x) -> np.ndarray:
   """A replicated (or fully addressable) array as numpy, on every host."""
+  if isinstance(x, jax.Array) and x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
@@ -150,4 +280,3 @@ def host_value(x) -> np.ndarray:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
-

@@ -86,7 +86,8 @@ def _apply_grads(state: TrainState, grads, rng, cfg: Config, axis_name, report: 
                  routing: dict) -> tuple[TrainState, dict]:
   """Reduces gradients, takes an AdamW step unless anything is non-finite, and books metrics."""
   grads = objectives.psum(grads, axis_name)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                          for g in jax.tree.leaves(grads)))
   finite = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
   updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)

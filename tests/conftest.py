@@ -6,6 +6,11 @@ import os
 
 # Eight host devices for the data-parallel tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# A persistent compilation cache shared by this process and the subprocesses some tests start:
+# identical step functions compile once per suite instead of once per Runner or process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "onn-jax-test-jit-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -27,6 +32,8 @@ def tiny_config(**sections) -> config.Config:
       "train": dict(batch_size=8, pretrain_steps=4, eavi_steps=0, warmup_steps=1, log_every=2),
       "checkpoint": dict(every=2, async_save=False),
       "eval": dict(max_tasks=2, batch_size=8, mode="greedy"),
+      # The suite forces 8 host devices; tests of data parallelism ask for it explicitly.
+      "parallel": dict(mode="single"),
   }
   for section, changes in sections.items():
     values.setdefault(section, {}).update(changes)

@@ -361,16 +361,19 @@ def test_bf16_inputs_close_to_fp32(impl):
   np.testing.assert_allclose(np.asarray(out16, np.float32), out32, rtol=2e-2, atol=2e-2)
 
 
-def test_vmap_over_extra_axis():
+def test_vmap_of_gradient_over_extra_axis():
   geo, q_offset = GEOMETRIES["group4_int_offset"]
-  a1, a2 = make_inputs(geo, seed=10), make_inputs(geo, seed=11)
-  stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a1, a2)
   offset = _offset_arg(q_offset)
-  fn = lambda args: nsa_core(*(args[n] for n in ARG_NAMES), q_offset=offset,
-                             impl="blockwise", **geo.static())
-  out = jax.jit(jax.vmap(fn))(stacked)
-  np.testing.assert_allclose(out[0], jitted_forward(geo, "blockwise")(a1, offset), atol=1e-6)
-  np.testing.assert_allclose(out[1], jitted_forward(geo, "blockwise")(a2, offset), atol=1e-6)
+  a1, a2 = make_inputs(geo, seed=10), make_inputs(geo, seed=11)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 3)
+  stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a1, a2)
+  per_example = jitted_value_and_grad(geo, "blockwise")
+  out, grads = jax.jit(jax.vmap(lambda args: per_example(args, offset, cot)))(stacked)
+  for i, args in enumerate((a1, a2)):
+    want_out, want_grads = per_example(args, offset, cot)
+    np.testing.assert_allclose(out[i], want_out, rtol=1e-5, atol=1e-6)
+    for arg in ARG_NAMES:
+      np.testing.assert_allclose(grads[arg][i], want_grads[arg], rtol=1e-5, atol=1e-5)
 
 
 def _jaxpr_text(geo: Geo, impl: str) -> str:
@@ -381,12 +384,16 @@ def _jaxpr_text(geo: Geo, impl: str) -> str:
 
 
 def test_auto_dispatch():
-  assert resolve_impl("auto", 1, 8192) == "reference"
-  assert resolve_impl("auto", 2048, 2048) == "blockwise"
-  assert resolve_impl("auto", 1024, 1024) == "reference"
-  assert resolve_impl("blockwise", 1, 4) == "blockwise"
+  def auto(T, S, keys):
+    return resolve_impl("auto", num_queries=T, seq_len=S, keys_per_query=keys)
+  assert auto(1, 8192, 64) == "reference"  # decoding
+  assert auto(2048, 2048, 64) == "blockwise"
+  assert auto(1024, 1024, 64) == "blockwise"
+  assert auto(512, 512, 64) == "reference"  # small enough for dense logits
+  assert auto(2048, 2048, 1536) == "reference"  # each query gathers most keys anyway
+  assert resolve_impl("blockwise", num_queries=1, seq_len=4, keys_per_query=99) == "blockwise"
   small = GEOMETRIES["group4_int_offset"][0]
-  large = dataclasses.replace(small, T=1100, S=1100)
+  large = dataclasses.replace(small, T=800, S=800)  # 4 * (4*6 + 7) <= 800
   for geo, want in ((small, "reference"), (large, "blockwise")):
     other = "blockwise" if want == "reference" else "reference"
     auto = _jaxpr_text(geo, "auto")

@@ -1,0 +1,91 @@
+"""EAVI: nothing flows through the rollout, argmax feed is greedy decoding, one compile."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax import steps
+from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.data.tokens import END, PAD
+from onn_jax.model.transformer import Transformer
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = tiny_config(data={"buckets": [128], "max_grid": 4, "max_train_tasks": 10},
+                    eavi={"feed": "soft"})
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, 4, 0)
+  model = Transformer(cfg.model)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+  return cfg, model, state, jax.tree.map(jnp.asarray, stream.batch(0))
+
+
+def test_gradient_ignores_the_rollout(setup):
+  """d/dparams of the EAVI loss == the alignment gradient with the excursion held constant."""
+  cfg, model, state, batch = setup
+  rng = jax.random.PRNGKey(3)
+
+  def eavi_loss(params):
+    gen = steps.excursion(model, params, batch, cfg, rng)
+    exc = steps.excursion_inputs(batch, gen.fed_BAV)
+    return steps.alignment_loss(params, batch, exc, model=model, cfg=cfg)[0]
+
+  gen = steps.excursion(model, state.params, batch, cfg, rng)
+  constant_exc = steps.excursion_inputs(batch, gen.fed_BAV)
+  grad_through = jax.jit(jax.grad(eavi_loss))(state.params)
+  grad_constant = jax.jit(jax.grad(lambda p: steps.alignment_loss(
+      p, batch, constant_exc, model=model, cfg=cfg)[0]))(state.params)
+  for a, b in zip(jax.tree.leaves(grad_through), jax.tree.leaves(grad_constant)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grad_constant))
+  # The soft excursion is the model's own distributions: the inputs do differ from teacher
+  # forcing at answer positions, and equal it on the prompt.
+  onehot = jax.nn.one_hot(batch["inputs"], constant_exc.shape[-1])
+  prompt = jnp.arange(batch["inputs"].shape[1])[None] < batch["answer_start"][:, None]
+  np.testing.assert_array_equal(np.asarray(constant_exc)[np.asarray(prompt)],
+                                np.asarray(onehot)[np.asarray(prompt)])
+  assert not np.allclose(np.asarray(constant_exc), np.asarray(onehot))
+
+
+def test_argmax_excursion_is_greedy_decoding(setup):
+  cfg, model, state, batch = setup
+  cfg_argmax = steps.Config(**{**cfg.__dict__, "eavi": cfg.eavi.__class__(feed="argmax")})
+  gen = jax.jit(lambda p, b: steps.excursion(model, p, b, cfg_argmax, jax.random.PRNGKey(0)))(
+      state.params, batch)
+  T = batch["inputs"].shape[1]
+  # Full forward passes without a cache; causal, so right padding does not matter.
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+  for b in range(2):
+    seq = list(np.asarray(batch["inputs"][b, :int(batch["answer_start"][b])]))
+    for k in range(6):
+      padded = np.full((1, T), PAD, np.int32)
+      padded[0, :len(seq)] = seq
+      logits = forward(state.params, jnp.asarray(padded))[0, len(seq) - 1]
+      want = int(jnp.argmax(logits))
+      assert int(gen.tokens_BA[b, k]) == want
+      if want == END:
+        assert (np.asarray(gen.tokens_BA[b, k + 1:]) == PAD).all()
+        break
+      seq.append(want)
+
+
+def test_eavi_step_compiles_once_and_learns_on_a_fixed_batch(setup):
+  cfg, model, state, batch = setup
+  step = jax.jit(functools.partial(steps.eavi_step, model=model, cfg=cfg))
+  other = jax.tree.map(lambda x: x, batch)
+  other["inputs"] = jnp.where(batch["inputs"] < 10, (batch["inputs"] + 1) % 10, batch["inputs"])
+  losses = []
+  for i in range(6):
+    state, metrics = step(state, batch if i % 2 == 0 or i > 1 else other)
+    losses.append(float(metrics["exc_ce"]))
+    assert np.isfinite(losses[-1]) and 0.0 <= float(metrics["free_exact"]) <= 1.0
+  assert step._cache_size() == 1
+  assert losses[-1] < losses[2]  # alignment on its own rollouts lowers the excursion CE

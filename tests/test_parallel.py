@@ -1,0 +1,272 @@
+"""Data parallelism on 8 forced host CPU devices: shard_map and pmap against one device.
+
+One module fixture runs the same trajectory (teacher-forcing steps, a checkpoint, then EAVI
+steps) on the same global batches in every mode, all three modes at once in threads so their
+compilations overlap; the tests compare what it recorded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from onn_jax import checkpoint, experts, parallel, steps
+from onn_jax.config import ConfigError
+from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.model.transformer import Transformer
+from onn_jax.parallel import Runner
+from onn_jax.run import make_runner
+
+from conftest import tiny_config
+
+MODES = ("single", "shard_map", "pmap")
+K_TF, K_EAVI, CKPT_AT = 4, 2, 2  # teacher-forcing steps, EAVI steps, checkpoint after step 2
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _cfg(mode: str, **sections):
+  # One bucket: every batch has the same shape, so each mode compiles each step once.
+  # warmup 0 so that every step (the first included) moves the parameters.
+  values = dict(data=dict(buckets=[128]),
+                train=dict(batch_size=8, pretrain_steps=K_TF, eavi_steps=K_EAVI, warmup_steps=0),
+                eavi=dict(feed="soft", warmup_steps=0),
+                parallel=dict(mode=mode))
+  for section, changes in sections.items():
+    values.setdefault(section, {}).update(changes)
+  return tiny_config(**values)
+
+
+def _host_tree(tree):
+  return jax.tree.map(parallel.host_value, tree)
+
+
+def _max_abs_diff(a, b) -> float:
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
+                                                        - np.asarray(y, np.float64)),
+                                                 initial=0.0)), a, b)
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def _assert_trees_close(actual, expected, what: str):
+  np.testing.assert_equal(jax.tree.structure(actual), jax.tree.structure(expected))
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                          jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL,
+                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  cfg = _cfg("single")
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed)
+  batches = [stream.batch(s) for s in range(K_TF + K_EAVI)]
+  model = Transformer(cfg.model)
+  init = jax.device_get(steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed)))
+  root = tmp_path_factory.mktemp("ckpt")
+
+  def trajectory(mode: str) -> dict:
+    mode_cfg = _cfg(mode)
+    runner = make_runner(mode_cfg, model)
+    mngr = checkpoint.manager(root / mode, keep=2, async_save=False)
+    state = runner.put_state(init)
+    metrics, snapshots = [], {}
+    for s, batch in enumerate(batches):
+      stage = "pretrain" if s < K_TF else "eavi"
+      state, out = runner.run(stage, state, runner.put_batch(batch))
+      metrics.append(_host_tree(out))
+      if s + 1 == CKPT_AT:
+        checkpoint.save(mngr, CKPT_AT, runner.get_state(state), {"mode": mode})
+        mngr.wait_until_finished()
+      if s + 1 in (K_TF, K_TF + K_EAVI):
+        snapshots[s + 1] = _host_tree(runner.get_state(state))
+    return dict(cfg=mode_cfg, runner=runner, mngr=mngr, metrics=metrics, snapshots=snapshots,
+                live=state)
+
+  with concurrent.futures.ThreadPoolExecutor(len(MODES)) as pool:
+    runs = dict(zip(MODES, pool.map(trajectory, MODES)))
+  yield dict(runs=runs, batches=batches, init=init, model=model)
+  for run in runs.values():
+    run["mngr"].close()
+
+
+def _metric_curve(metrics: list[dict], names=None) -> dict[str, np.ndarray]:
+  names = names or metrics[0].keys()
+  return {k: np.stack([np.asarray(m[k], np.float64) for m in metrics]) for k in names}
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_runner_uses_every_device(world, mode):
+  runner = world["runs"][mode]["runner"]
+  assert runner.mode == mode and runner.num_devices == jax.device_count() == 8
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_teacher_forcing_matches_one_device(world, mode):
+  ref, run = world["runs"]["single"], world["runs"][mode]
+  want = _metric_curve(ref["metrics"][:K_TF])
+  got = _metric_curve(run["metrics"][:K_TF], want.keys())
+  assert np.all(np.diff(want["loss"]) != 0), "the loss curve should move"
+  _assert_trees_close(got, want, f"{mode} teacher-forcing metrics ")
+  _assert_trees_close(run["snapshots"][K_TF].params, ref["snapshots"][K_TF].params,
+                      f"{mode} params after {K_TF} steps ")
+  _assert_trees_close(run["snapshots"][K_TF].opt_state, ref["snapshots"][K_TF].opt_state,
+                      f"{mode} optimizer state ")
+  assert int(run["snapshots"][K_TF].step) == K_TF
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_eavi_matches_one_device(world, mode):
+  ref, run = world["runs"]["single"], world["runs"][mode]
+  end = K_TF + K_EAVI
+  want = _metric_curve(ref["metrics"][K_TF:])
+  assert {"exc_ce", "free_exact", "free_token_acc"} <= want.keys()
+  got = _metric_curve(run["metrics"][K_TF:], want.keys())
+  _assert_trees_close(got, want, f"{mode} EAVI metrics ")
+  _assert_trees_close(run["snapshots"][end].params, ref["snapshots"][end].params,
+                      f"{mode} params after EAVI ")
+  # The EAVI steps moved the parameters away from the teacher-forcing ones.
+  assert _max_abs_diff(ref["snapshots"][end].params, ref["snapshots"][K_TF].params) > 1e-5
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_routing_statistics_match_one_device(world, mode):
+  ref, run = world["runs"]["single"], world["runs"][mode]
+  for at in (K_TF, K_TF + K_EAVI):
+    want = ref["snapshots"][at].routing["window_tokens"]
+    assert want.shape == (2, 4) and want.sum() > 0
+    np.testing.assert_array_equal(run["snapshots"][at].routing["window_tokens"], want)
+  for got_m, want_m in zip(run["metrics"], ref["metrics"]):
+    np.testing.assert_array_equal(got_m["tokens_per_expert"], want_m["tokens_per_expert"])
+
+
+@pytest.mark.parametrize("src,dst", [("shard_map", "single"), ("single", "shard_map"),
+                                     ("pmap", "single"), ("single", "pmap")])
+def test_resume_across_device_counts(world, src, dst):
+  """A checkpoint written on 8 devices continues on 1 as an uninterrupted run (and back)."""
+  runs = world["runs"]
+  runner = runs[dst]["runner"]
+  # Like run.initial_state: restore into a fresh single-device state, then place it.
+  target = steps.init_state(runs[dst]["cfg"], world["model"], jax.random.PRNGKey(1))
+  restored, record = checkpoint.restore(runs[src]["mngr"], target, step=CKPT_AT)
+  assert record == {"mode": src} and int(restored.step) == CKPT_AT
+  state = runner.put_state(restored)
+  metrics = []
+  for s in range(CKPT_AT, K_TF):
+    state, out = runner.run("pretrain", state, runner.put_batch(world["batches"][s]))
+    metrics.append(_host_tree(out))
+  final = _host_tree(runner.get_state(state))
+  reference = runs["single"]
+  want = _metric_curve(reference["metrics"][CKPT_AT:K_TF])
+  _assert_trees_close(_metric_curve(metrics, want.keys()), want, f"{src}->{dst} metrics ")
+  _assert_trees_close(final.params, reference["snapshots"][K_TF].params, f"{src}->{dst} params ")
+  np.testing.assert_array_equal(final.routing["window_tokens"],
+                                reference["snapshots"][K_TF].routing["window_tokens"])
+  assert int(final.step) == K_TF
+
+
+@pytest.fixture(scope="module")
+def reset_transform(world):
+  model_cfg = world["runs"]["single"]["cfg"].model
+
+  def transform(state, rng, window_LE):
+    params, opt_state, ema, dead = experts.reset_dead_experts(
+        state.params, state.opt_state, window_LE, rng, model_cfg, ema=state.ema)
+    return state.replace(params=params, opt_state=opt_state, ema=ema), dead
+  return transform
+
+
+def test_apply_expert_reset_is_the_same_in_every_mode(world, reset_transform):
+  window_LE = np.array([[0, 3, 5, 0], [2, 0, 1, 1]], np.float32)
+  rng = jax.random.PRNGKey(7)
+  results = {}
+  for mode in MODES:
+    runner = world["runs"][mode]["runner"]
+    state = runner.put_state(world["runs"][mode]["snapshots"][K_TF + K_EAVI])
+    new_state, dead = runner.apply(reset_transform, state, rng, window_LE)
+    dead = np.asarray(parallel.host_value(dead[0] if mode == "pmap" else dead))
+    results[mode] = (_host_tree(runner.get_state(new_state)), dead)
+  np.testing.assert_array_equal(results["single"][1], window_LE == 0)
+  before = world["runs"]["single"]["snapshots"][K_TF + K_EAVI]
+  assert _max_abs_diff(results["single"][0].params, before.params) > 0  # experts were reset
+  for mode in ("shard_map", "pmap"):
+    np.testing.assert_array_equal(results[mode][1], results["single"][1])
+    _assert_trees_close(results[mode][0].params, results["single"][0].params,
+                        f"{mode} reset params ")
+    _assert_trees_close(results[mode][0].opt_state, results["single"][0].opt_state,
+                        f"{mode} reset optimizer state ")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_put_batch_keeps_the_global_row_order(world, mode):
+  runner = world["runs"][mode]["runner"]
+  batch = world["batches"][0]
+  placed = runner.put_batch(batch)
+  for key, rows in batch.items():
+    got = parallel.host_value(placed[key])
+    if mode == "pmap":
+      assert got.shape[:2] == (8, 1)
+      got = got.reshape(rows.shape)
+    np.testing.assert_array_equal(got, rows, err_msg=key)
+  if mode == "shard_map":
+    assert placed["inputs"].sharding.spec == jax.sharding.PartitionSpec(parallel.AXIS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_put_state_does_not_hand_out_the_callers_buffers(world, mode):
+  """The steps donate their input state; placing a state twice must give independent copies."""
+  runner = world["runs"][mode]["runner"]
+  live = world["runs"][mode]["live"]
+  again = runner.put_state(runner.get_state(live))
+  a = jax.tree.leaves(live)[0]
+  b = jax.tree.leaves(again)[0]
+  assert a.sharding == b.sharding
+  assert (a.addressable_shards[0].data.unsafe_buffer_pointer()
+          != b.addressable_shards[0].data.unsafe_buffer_pointer())
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap", "auto"])
+def test_indivisible_batch_is_rejected_in_one_line(mode):
+  with pytest.raises(ConfigError) as info:
+    Runner(_cfg(mode, train=dict(batch_size=12)), {})
+  message = str(info.value)
+  assert message.startswith("train.batch_size: 12") and "8 devices" in message
+  assert "\n" not in message
+
+
+def test_single_mode_accepts_any_batch_and_auto_picks_shard_map():
+  assert Runner(_cfg("single", train=dict(batch_size=12)), {}).num_devices == 1
+  assert parallel.resolve_mode(_cfg("auto")) == "shard_map"
+
+
+def test_distributed_is_a_no_op_without_flags(monkeypatch):
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+
+  def forbidden(**kwargs):
+    raise AssertionError(f"jax.distributed.initialize called with {kwargs}")
+
+  monkeypatch.setattr(jax.distributed, "initialize", forbidden)
+  assert parallel.maybe_initialize_distributed(_cfg("auto")) is False
+  assert jax.process_count() == 1 and parallel.is_main_process()
+
+
+def test_distributed_flags_reach_jax(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  cfg = _cfg("auto", parallel=dict(coordinator_address="10.0.0.1:12345", num_processes=2,
+                                   process_id=1))
+  assert parallel.maybe_initialize_distributed(cfg) is True
+  assert calls == [dict(coordinator_address="10.0.0.1:12345", num_processes=2, process_id=1)]
+
+  def refuse(**kwargs):
+    raise ValueError("Number of processes must be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", refuse)
+  with pytest.raises(ConfigError, match=r"^parallel\.distributed: .*Number of processes"):
+    parallel.maybe_initialize_distributed(_cfg("auto", parallel=dict(distributed=True)))

@@ -1,0 +1,231 @@
+"""Training end to end: the program, exact resume, expert reset, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax import app, checkpoint, config, experts, steps
+from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.model.transformer import Transformer
+
+from conftest import tiny_config
+
+RUN_CFG = dict(train=dict(pretrain_steps=4, eavi_steps=2, log_every=2, reset_every=3,
+                          batch_size=4),
+               data=dict(buckets=[128], max_train_tasks=20),
+               eval=dict(max_tasks=2, batch_size=4, mode="augscore"))
+
+
+def _write_config(path, cfg):
+  config.save(cfg, path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """One whole run of ``python -m train.main`` (in-process): pretrain, EAVI, evaluation."""
+  workdir = tmp_path_factory.mktemp("run")
+  cfg = tiny_config(**RUN_CFG)
+  assert app.train_and_evaluate(cfg, workdir) == 0
+  return workdir, cfg
+
+
+def test_run_writes_metrics_checkpoints_plots_and_evaluation(finished_run):
+  workdir, cfg = finished_run
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps_logged = [r for r in records if "event" not in r]
+  assert [r["step"] for r in steps_logged] == [2, 4, 6]
+  assert [r["stage"] for r in steps_logged] == ["pretrain", "pretrain", "eavi"]
+  for r in steps_logged:
+    for key in ("loss", "ce", "sdl_diversity", "sdl_sparsity", "answer_acc", "answer_exact",
+                "experts_per_token", "fallback_frac", "dead_experts", "lr", "grad_norm",
+                "tokens_per_s"):
+      assert np.isfinite(r[key]), key
+  assert "free_exact" in steps_logged[-1] and "exc_ce" in steps_logged[-1]
+  resets = [r for r in records if r.get("event") == "reset"]
+  assert [r["step"] for r in resets] == [3, 3, 6, 6] and {r["layer"] for r in resets} == {0, 1}
+  assert config.load(workdir / "config.yaml") == cfg
+  mngr = checkpoint.manager(workdir / "checkpoints")
+  assert mngr.latest_step() == 6
+  mngr.close()
+  for name in ("loss.png", "accuracy.png", "experts.png"):
+    assert (workdir / "plots" / name).stat().st_size > 0
+  scores = json.loads((workdir / "eval" / "scores.json").read_text())
+  assert scores["num_tasks"] == 2 and 0.0 <= scores["score"] <= 1.0
+  assert scores["protocol"]["train"] == cfg.data.train
+  submission = json.loads((workdir / "eval" / "submission.json").read_text())
+  assert len(submission) == 2
+  assert all({"attempt_1", "attempt_2"} <= set(entry) for v in submission.values()
+             for entry in v)
+
+
+def _final_state(workdir, cfg):
+  model = Transformer(cfg.model)
+  target = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+  mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
+  state, _ = checkpoint.restore(mngr, target)
+  mngr.close()
+  return state
+
+
+def test_resume_in_a_new_process_is_bit_identical(finished_run, tmp_path):
+  """Half the steps, then a new process resumes for the rest: same params and Adam state."""
+  whole_dir, cfg = finished_run
+  sliced = tmp_path / "sliced"
+  cfg_path = _write_config(tmp_path / "cfg.yaml", cfg)
+  assert app.train_and_evaluate(config.replace(cfg, train={"run_steps": 3}), sliced) == 0
+  assert checkpoint.manager(sliced / "checkpoints").latest_step() == 3
+  proc = subprocess.run([sys.executable, "-m", "train.main", "--config", cfg_path,
+                         "--workdir", str(sliced), "data.eval="],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "resumed" in proc.stdout + proc.stderr
+  whole, resumed = _final_state(whole_dir, cfg), _final_state(sliced, cfg)
+  assert int(resumed.step) == int(whole.step) == 6
+  for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state, whole.rng, whole.routing)),
+                  jax.tree.leaves((resumed.params, resumed.opt_state, resumed.rng,
+                                   resumed.routing))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_init_from_is_a_clear_error(tmp_path, capsys):
+  cfg = tiny_config(train={"init_from": str(tmp_path / "nowhere")})
+  assert app.train_and_evaluate(cfg, tmp_path / "w") == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "nowhere" in err[0]
+
+
+def test_init_from_takes_parameters(finished_run, tmp_path):
+  source, cfg = finished_run
+  model = Transformer(cfg.model)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(7))
+  params, record = checkpoint.load_params(source, state.params)
+  expected = _final_state(source, cfg).params
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  bigger = config.replace(cfg, model={"d_model": 48})
+  with pytest.raises(checkpoint.CheckpointError, match="shape|structure"):
+    checkpoint.load_params(source, steps.init_state(bigger, Transformer(bigger.model),
+                                                    jax.random.PRNGKey(0)).params)
+
+
+# -- expert reset ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_state():
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, 0)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+  for i in range(2):  # non-zero Adam moments everywhere
+    state, _ = step(state, stream.batch(i))
+  return cfg, model, stream, state
+
+
+def test_expert_reset_reinitialises_only_dead_experts(trained_state):
+  cfg, _, _, state = trained_state
+  L, E = cfg.model.num_layers, cfg.model.num_experts
+  window = np.ones((L, E), np.float32)
+  window[0, 1] = window[1, 3] = 0  # dead: layer 0 expert 1, layer 1 expert 3
+  params, opt_state, _, dead = experts.reset_dead_experts(
+      state.params, state.opt_state, jnp.asarray(window), jax.random.PRNGKey(9), cfg.model)
+  np.testing.assert_array_equal(np.asarray(dead), window == 0)
+  changed = 0
+  for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
+                              jax.tree.leaves(params)):
+    name = jax.tree_util.keystr(path)
+    old, new = np.asarray(old), np.asarray(new)
+    if "['moe']" in name:
+      layer = 0 if "block_0" in name else 1
+      alive = window[layer] > 0
+      np.testing.assert_array_equal(new[alive], old[alive])
+      changed += int(not np.array_equal(new[~alive], old[~alive]))
+    else:
+      np.testing.assert_array_equal(new, old)
+  assert changed >= 2 * 4  # prototypes, w_in, w_out, b_? ... of both dead experts are fresh
+  moments = 0
+  for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(state.opt_state)[0],
+                              jax.tree.leaves(opt_state)):
+    name = jax.tree_util.keystr(path)
+    old, new = np.asarray(old), np.asarray(new)
+    if "['moe']" in name and new.ndim:
+      layer = 0 if "block_0" in name else 1
+      alive = window[layer] > 0
+      assert not new[~alive].any()
+      np.testing.assert_array_equal(new[alive], old[alive])
+      moments += 1
+    else:
+      np.testing.assert_array_equal(new, old)
+  assert moments == 2 * 2 * 6  # mu and nu of 6 expert leaves in 2 layers
+
+
+def test_expert_reset_with_no_dead_expert_changes_nothing(trained_state):
+  cfg, _, _, state = trained_state
+  window = jnp.ones((cfg.model.num_layers, cfg.model.num_experts))
+  params, opt_state, _, dead = experts.reset_dead_experts(
+      state.params, state.opt_state, window, jax.random.PRNGKey(1), cfg.model)
+  assert not np.asarray(dead).any()
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                  jax.tree.leaves((params, opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- non-finite steps --------------------------------------------------------------------------
+
+def test_non_finite_step_is_skipped_and_counted(trained_state):
+  cfg, model, stream, state = trained_state
+  bad = state.replace(params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[0].set(jnp.nan) if "embedding" in jax.tree_util.keystr(p) else x,
+      state.params))
+  new, metrics = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))(
+      bad, stream.batch(5))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(metrics["skipped"]) == 1 and int(new.skipped) == int(state.skipped) + 1
+  assert int(new.nonfinite) == 1 and int(new.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((bad.params, bad.opt_state)),
+                  jax.tree.leaves((new.params, new.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_repeated_non_finite_steps_stop_the_run(tmp_path, capsys):
+  cfg = tiny_config(train={"learning_rate": 1e30, "warmup_steps": 0, "grad_clip": 1e30,
+                           "pretrain_steps": 6, "max_nonfinite": 2},
+                    data={"eval": ""})
+  code = app.train_and_evaluate(cfg, tmp_path / "w")
+  err = capsys.readouterr().err
+  assert code == 1 and "train.max_nonfinite" in err
+
+
+def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_path):
+  workdir, cfg = finished_run
+  from onn_jax.data.tasks import load_tasks
+  tasks = app.load_eval_tasks(cfg.data.eval, cfg, 2)
+  challenges = {t.id: {"train": [{"input": i.tolist(), "output": o.tolist()} for i, o in t.train],
+                       "test": [{"input": i.tolist()} for i, _ in t.test]} for t in tasks}
+  path = tmp_path / "arc-agi_test_challenges.json"
+  path.write_text(json.dumps(challenges))
+  assert len(load_tasks(str(path))) == 2
+  out = tmp_path / "out"
+  from train import evaluate
+  assert evaluate.main(["--checkpoint", str(workdir), "--data", str(path), "--out", str(out),
+                        "eval.mode=greedy"]) == 0
+  scores = json.loads((out / "scores.json").read_text())
+  assert "score" not in scores and "omitted" in json.dumps(scores)
+  submission = json.loads((out / "submission.json").read_text())
+  assert sorted(submission) == sorted(challenges)
+
+
+def test_evaluate_program_missing_checkpoint_is_one_line(tmp_path, capsys):
+  from train import evaluate
+  assert evaluate.main(["--checkpoint", str(tmp_path / "none")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "none" in err[0]

@@ -1,0 +1,896 @@
+"""Benchmarks of Tiny-ONN on the accelerator: training step, EAVI, NSA core, DynMoE dispatch.
+
+  python -m train.bench [--config configs/arc1.yaml] [--quick] [--out bench.json]
+                        [--only nsa,moe,train,eavi] [--lens 512,2048] [section.key=value ...]
+
+Sections (each: compile first, warm up, then time ``iters`` calls with ``jax.block_until_ready``
+after each one; the median is reported):
+
+* ``train``: the teacher-forcing step (``steps.train_step``, state donated) at every length of
+  ``data.buckets``: tokens/s and model-FLOPs utilisation (:func:`model_flops_per_token`).
+* ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), and
+  the excursion alone (``decode.generate`` for ``steps.answer_budget`` tokens): rollout tokens/s.
+* ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
+  (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
+  T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
+* ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``) against two sparse
+  token-to-expert dispatches written here (``jax.lax.ragged_dot`` over pairs sorted by expert,
+  and a tiled gather-matmul-scatter), forward and forward+backward, and the crossover token
+  count from which the sparse dispatch is faster.
+
+Synthetic batches (random colour tokens, every position valid, an answer of ~200 tokens ending
+~100 tokens before the end) are used throughout: routing statistics are those of the untrained
+model. Results are printed as tables, written as JSON (rewritten after every section, so a run
+cut short keeps what it measured) and summarised as a markdown table for the README.
+
+``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU in well under a
+minute: a smoke check of this program, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax import config
+from onn_jax.config import Config, ModelConfig
+from onn_jax.data.tokens import VOCAB_SIZE
+
+SECTIONS = ("train", "eavi", "nsa", "moe")
+NSA_IMPLS = ("reference", "blockwise", "auto")
+# The reference NSA builds [B, T, H, S] float32 logits (several live at once, and again in the
+# backward pass): skip it when one of them would exceed this many bytes.
+REFERENCE_MAX_BYTES = 8e9
+
+# Dense bf16 tensor-core peak (FLOP/s, without sparsity), matched as a substring of
+# ``device.device_kind``; the first match wins, so more specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+)
+
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "model.d_model=32", "model.num_layers=1", "model.num_heads=4", "model.num_kv_groups=2",
+    "model.head_dim=8", "model.block_len=8", "model.block_stride=4", "model.select_len=16",
+    "model.num_select=4", "model.window=32", "model.num_experts=4", "model.expert_hidden=32",
+    "model.compute_dtype=float32", "data.buckets=[128]", "data.max_grid=5",
+    "train.batch_size=2",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What each section measures and how often."""
+  warmup: int
+  iters: int
+  eavi_iters: int
+  nsa_lens: tuple[int, ...]
+  moe_tokens: tuple[int, ...]
+  moe_ks: tuple[int, ...]  # mean active experts per token
+  moe_tile: int  # rows per tile of the tiled sparse dispatch
+  moe_passes: tuple[str, ...]  # "fwd" and/or "fwd_bwd"
+
+
+FULL_SIZES = Sizes(warmup=2, iters=10, eavi_iters=3,
+                   nsa_lens=(1024, 2048, 4096, 8192, 16384, 32768),
+                   moe_tokens=(1024, 4096, 16384, 65536), moe_ks=(1, 2, 4), moe_tile=128,
+                   moe_passes=("fwd", "fwd_bwd"))
+QUICK_SIZES = Sizes(warmup=1, iters=2, eavi_iters=1, nsa_lens=(256, 512),
+                    moe_tokens=(64, 256), moe_ks=(1, 2), moe_tile=16, moe_passes=("fwd_bwd",))
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  median_ms: float
+  min_ms: float
+  iters: int
+
+
+def compile_fn(fn: Callable, args: Sequence[Any], donate: tuple[int, ...] = ()):
+  """``jax.jit(fn)`` compiled for ``args``: (executable, seconds spent lowering + compiling)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def time_compiled(compiled, args: Sequence[Any], *, warmup: int, iters: int,
+                  carry: bool = False) -> tuple[float, float, Any]:
+  """Median and min milliseconds of ``compiled(*args)`` over ``iters`` calls after ``warmup``.
+
+  With ``carry`` the first output replaces the first argument after every call (a train step
+  that donates its state). Returns (median_ms, min_ms, last output).
+  """
+  args = tuple(args)
+  times_s, out = [], None
+  for i in range(warmup + iters):
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    if i >= warmup:
+      times_s.append(time.perf_counter() - start)
+    if carry:
+      args = (out[0],) + args[1:]
+  return 1e3 * statistics.median(times_s), 1e3 * min(times_s), out
+
+
+def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
+              donate: tuple[int, ...] = (), carry: bool = False) -> tuple[Timing, Any]:
+  """Compiles, warms up and times ``fn(*args)``. Returns (Timing, last output)."""
+  compiled, compile_s = compile_fn(fn, args, donate)
+  median_ms, min_ms, out = time_compiled(compiled, args, warmup=warmup, iters=iters, carry=carry)
+  return Timing(compile_s, median_ms, min_ms, iters), out
+
+
+def is_oom(err: BaseException) -> bool:
+  """True for an accelerator (or host) out-of-memory error raised by XLA."""
+  text = str(err)
+  return ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+          or isinstance(err, MemoryError))
+
+
+def _short(err: BaseException) -> str:
+  lines = str(err).strip().splitlines() or [type(err).__name__]
+  return f"{type(err).__name__}: {lines[0][:200]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting
+# ----------------------------------------------------------------------------------------------
+
+def forward_flops_per_token(m: ModelConfig, seq_len: int, active_experts: float
+                            ) -> dict[str, float]:
+  """Forward matmul FLOPs per token of Tiny-ONN at sequence length T, by part.
+
+  A matmul of an [n, k] by a [k, m] matrix counts 2*n*k*m. Per layer and token:
+
+  * ``projections``: q (C*H*D), the fused k/v of the three branches (C*6*G*D), the gate
+    (C*3H, or C*h + h*3H with a hidden layer) and the output (H*D*C), each times 2;
+  * ``compression``: the block MLPs for keys and values, ``N = num_compressed_blocks(T)``
+    blocks per group: ``2 * G * N / T * 2 * (L*D*2D + 2D*D)``;
+  * ``attention``: per query head, QK and PV at 2*D each per key, over the keys the NSA
+    branches actually compute: all N compressed blocks, ``num_select * select_len`` selected
+    keys and ``min(window, T)`` window keys; plus the selection scores (2*G*N*J, ``J`` blocks);
+  * ``moe_gate``: the cosine against E prototypes (2*C*E);
+  * ``experts``: ``active_experts`` expert MLPs (2 * 2*C*F each).
+
+  Then ``lm_head`` (2*C*V) once. The embedding lookup, norms, RoPE and softmax are not counted.
+  Returns the parts and their ``total`` (float FLOPs per token).
+  """
+  from onn_jax.model.nsa import num_compressed_blocks, num_selection_blocks
+  C, H, G, D = m.d_model, m.num_heads, m.num_kv_groups, m.head_dim
+  T = seq_len
+  N = num_compressed_blocks(T, m.block_len, m.block_stride)
+  J = num_selection_blocks(T, m.select_len)
+  gate = 2 * C * 3 * H if not m.gate_hidden else 2 * (C * m.gate_hidden + m.gate_hidden * 3 * H)
+  projections = 2 * C * H * D + 2 * C * 6 * G * D + gate + 2 * H * D * C
+  mlp_per_block = 2 * (m.block_len * D * 2 * D) + 2 * (2 * D * D)
+  compression = 2 * G * N * mlp_per_block / T
+  keys = N + m.num_select * m.select_len + min(m.window, T)
+  attention = H * 4 * D * keys + 2 * G * N * J
+  moe_gate = 2 * C * m.num_experts
+  experts = active_experts * 4 * C * m.expert_hidden
+  L = m.num_layers
+  parts = {"projections": L * projections, "compression": L * compression,
+           "attention": L * attention, "moe_gate": L * moe_gate, "experts": L * experts,
+           "lm_head": 2 * C * VOCAB_SIZE}
+  parts = {k: float(v) for k, v in parts.items()}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def model_flops_per_token(m: ModelConfig, seq_len: int, active_experts: float, *,
+                          training: bool = True) -> float:
+  """FLOPs per token of a step: the forward count, times 3 for forward + backward."""
+  forward = forward_flops_per_token(m, seq_len, active_experts)["total"]
+  return 3.0 * forward if training else forward
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of a device kind string, or None when unknown."""
+  for name, peak in PEAK_BF16_FLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data
+# ----------------------------------------------------------------------------------------------
+
+def answer_span(seq_len: int) -> tuple[int, int]:
+  """(answer_start, answer_len) of a synthetic example: ~200 answer tokens, ~100 after them."""
+  answer_len = min(200, seq_len // 4)
+  return seq_len - answer_len - min(100, seq_len // 8), answer_len
+
+
+def synthetic_batch(batch: int, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
+  """A training batch with the keys of ``pipeline.collate``: every position valid.
+
+  inputs/targets int32 [B, T] (random colours; targets are inputs shifted by one), loss_mask
+  float32 [B, T] (the answer's targets), positions int32 [B, T], valid bool [B, T],
+  answer_start/answer_len int32 [B].
+  """
+  rng = np.random.default_rng(seed)
+  tokens_BT1 = rng.integers(0, 10, size=(batch, seq_len + 1), dtype=np.int32)
+  start, length = answer_span(seq_len)
+  t_T = np.arange(seq_len)
+  loss_mask_T = ((t_T >= start - 1) & (t_T < start + length - 1)).astype(np.float32)
+  batch_np = {
+      "inputs": tokens_BT1[:, :-1], "targets": tokens_BT1[:, 1:],
+      "loss_mask": np.broadcast_to(loss_mask_T, (batch, seq_len)),
+      "positions": np.broadcast_to(t_T.astype(np.int32), (batch, seq_len)),
+      "valid": np.ones((batch, seq_len), bool),
+      "answer_start": np.full(batch, start, np.int32),
+      "answer_len": np.full(batch, length, np.int32),
+  }
+  return {k: jnp.asarray(v) for k, v in batch_np.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Section: train and eavi
+# ----------------------------------------------------------------------------------------------
+
+class StepRunner:
+  """Compiles each (step kind, seq_len) once and times it on fresh states, reusing executables
+  across the train and eavi sections."""
+
+  def __init__(self, cfg: Config, sizes: Sizes):
+    from onn_jax import steps
+    from onn_jax.model.transformer import Transformer
+    self.cfg, self.sizes, self.steps = cfg, sizes, steps
+    self.model = Transformer(cfg.model)
+    self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
+    self._compiled: dict[tuple[str, int], tuple[Any, float]] = {}
+    # Jitted: an eager init dispatches thousands of small ops. Each call returns new buffers,
+    # as a donated state needs.
+    self._init = jax.jit(functools.partial(steps.init_state, cfg, self.model))
+
+  def fresh_state(self):
+    return self._init(jax.random.PRNGKey(0))
+
+  def batch(self, seq_len: int) -> dict[str, jax.Array]:
+    return synthetic_batch(self.cfg.train.batch_size, seq_len)
+
+  def time_step(self, kind: str, seq_len: int, iters: int) -> tuple[Timing, dict]:
+    """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len]: (Timing, last metrics)."""
+    step = {"train": self.steps.train_step, "eavi": self.steps.eavi_step}[kind]
+    fn = functools.partial(step, model=self.model, cfg=self.cfg)
+    state, batch = self.fresh_state(), self.batch(seq_len)
+    key = (kind, seq_len)
+    if key not in self._compiled:
+      self._compiled[key] = compile_fn(fn, (state, batch), self.donate)
+    compiled, compile_s = self._compiled[key]
+    median_ms, min_ms, (_, metrics) = time_compiled(
+        compiled, (state, batch), warmup=self.sizes.warmup, iters=iters, carry=True)
+    return Timing(compile_s, median_ms, min_ms, iters), metrics
+
+  def time_rollout(self, seq_len: int) -> tuple[Timing, int]:
+    """Times the EAVI excursion alone: (Timing, tokens generated per example)."""
+    from onn_jax.decode import generate
+    cfg, batch = self.cfg, self.batch(seq_len)
+    budget = self.steps.answer_budget(cfg, seq_len)
+    fn = functools.partial(generate, self.model, max_new=budget, capacity=seq_len,
+                           feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
+    args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
+            jax.random.PRNGKey(1))
+    timing, _ = benchmark(lambda p, x, n, r: fn(p, x, n, rng=r), args,
+                          warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
+    return timing, budget
+
+
+def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None) -> list[dict]:
+  """Teacher-forcing step at each length: tokens/s, model FLOPs and MFU."""
+  m, B = runner.cfg.model, runner.cfg.train.batch_size
+  rows = []
+  for T in lens:
+    row: dict[str, Any] = {"seq_len": T, "batch": B}
+    try:
+      timing, metrics = runner.time_step("train", T, runner.sizes.iters)
+    except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
+      if not is_oom(err):
+        raise
+      rows.append({**row, "status": "oom"})
+      continue
+    experts = float(metrics["experts_per_token"])
+    tokens_per_s = B * T / (timing.median_ms / 1e3)
+    flops = model_flops_per_token(m, T, experts)
+    executed = model_flops_per_token(m, T, float(m.num_experts))  # the dense path's real work
+    row.update(step_ms=timing.median_ms, min_ms=timing.min_ms, compile_s=timing.compile_s,
+               tokens_per_s=tokens_per_s, experts_per_token=experts,
+               model_flops_per_token=flops, executed_flops_per_token=executed,
+               model_tflops_per_s=flops * tokens_per_s / 1e12,
+               mfu=None if peak is None else flops * tokens_per_s / peak,
+               executed_flops_util=None if peak is None else executed * tokens_per_s / peak,
+               loss=float(metrics["loss"]))
+    rows.append(row)
+  return rows
+
+
+def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
+  """EAVI step against a teacher-forcing step on the same batch; rollout tokens/s."""
+  B = runner.cfg.train.batch_size
+  rows = []
+  for T in lens:
+    row: dict[str, Any] = {"seq_len": T, "batch": B}
+    try:
+      tf, _ = runner.time_step("train", T, runner.sizes.iters)
+      eavi, _ = runner.time_step("eavi", T, runner.sizes.eavi_iters)
+      rollout, budget = runner.time_rollout(T)
+    except Exception as err:  # noqa: BLE001
+      if not is_oom(err):
+        raise
+      rows.append({**row, "status": "oom"})
+      continue
+    row.update(train_step_ms=tf.median_ms, eavi_step_ms=eavi.median_ms,
+               eavi_compile_s=eavi.compile_s, ratio=eavi.median_ms / tf.median_ms,
+               rollout_budget=budget, rollout_ms=rollout.median_ms,
+               rollout_tokens_per_s=B * budget / (rollout.median_ms / 1e3),
+               rollout_share=rollout.median_ms / eavi.median_ms)
+    rows.append(row)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Section: nsa
+# ----------------------------------------------------------------------------------------------
+
+def nsa_inputs(m: ModelConfig, seq_len: int, dtype: Any, seed: int = 0) -> dict[str, jax.Array]:
+  """Random ``nsa_core`` inputs at batch 1: q [1,T,H,D], k/v_cmp [1,N,G,D], k/v_slc and
+  k/v_win [1,T,G,D] in ``dtype``; gates [1,T,H,3] in (0, 1)."""
+  from onn_jax.model.nsa import num_compressed_blocks
+  T, H, G, D = seq_len, m.num_heads, m.num_kv_groups, m.head_dim
+  N = num_compressed_blocks(T, m.block_len, m.block_stride)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+  shapes = {"q": (1, T, H, D), "k_cmp": (1, N, G, D), "v_cmp": (1, N, G, D),
+            "k_slc": (1, T, G, D), "v_slc": (1, T, G, D), "k_win": (1, T, G, D),
+            "v_win": (1, T, G, D)}
+  arrays = {name: normal(k, shape) for (name, shape), k in zip(shapes.items(), keys)}
+  arrays["gates"] = jax.nn.sigmoid(normal(keys[7], (1, T, H, 3)))
+  return arrays
+
+
+NSA_GRAD_ARGS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
+
+
+def nsa_fwd_bwd(m: ModelConfig, impl: str) -> Callable:
+  """``(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates) -> (sum(out), grads of the 7)``."""
+  from onn_jax.model.nsa import nsa_core
+
+  def loss(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates):
+    out = nsa_core(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
+                   block_len=m.block_len, block_stride=m.block_stride, select_len=m.select_len,
+                   num_select=m.num_select, window=m.window, impl=impl)
+    return jnp.sum(out.astype(jnp.float32))
+
+  return jax.value_and_grad(loss, argnums=tuple(range(len(NSA_GRAD_ARGS))))
+
+
+def full_attention_fwd_bwd(implementation: str | None) -> Callable:
+  """``(q [1,T,H,D], k, v [1,T,G,D]) -> (sum(out), grads)`` of causal softmax attention."""
+  def loss(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32))
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+
+def _nsa_case(fn: Callable, args: Sequence[Any], sizes: Sizes) -> dict[str, Any]:
+  try:
+    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters)
+  except Exception as err:  # noqa: BLE001
+    if is_oom(err):
+      return {"status": "oom"}
+    raise
+  return {"ms": timing.median_ms, "min_ms": timing.min_ms, "compile_s": timing.compile_s}
+
+
+def _auto_impl(m: ModelConfig, seq_len: int) -> str | None:
+  """What ``impl="auto"`` runs for a training pass of ``seq_len`` tokens, or None when the
+  library does not say (then "auto" is measured on its own)."""
+  from onn_jax.model import nsa
+  try:
+    return nsa.resolve_impl("auto", num_queries=seq_len, seq_len=seq_len,
+                            keys_per_query=m.num_select * m.select_len + m.window)
+  except (AttributeError, TypeError):
+    return None
+
+
+def bench_nsa(m: ModelConfig, sizes: Sizes) -> list[dict]:
+  """``nsa_core`` forward+backward per impl against full causal attention, per length."""
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.dtype(m.compute_dtype)
+  baseline = "cudnn" if on_gpu else "xla"
+  oom_since: dict[str, int] = {}  # a case that ran out of memory is not retried at larger T
+  rows = []
+  for T in sizes.nsa_lens:
+    arrays = nsa_inputs(m, T, dtype)
+    nsa_args = [arrays[n] for n in NSA_GRAD_ARGS] + [arrays["gates"]]
+    row: dict[str, Any] = {"seq_len": T, "dtype": jnp.dtype(dtype).name, "baseline": baseline}
+    for impl in NSA_IMPLS + ("full_attention",):
+      if impl in oom_since:
+        row[impl] = {"status": f"oom at T={oom_since[impl]}"}
+        continue
+      resolved = _auto_impl(m, T)
+      if impl == "auto" and resolved in row:
+        # auto resolves to an implementation measured just above: same program, same time.
+        row[impl] = {**row[resolved], "same_as": resolved}
+        continue
+      if impl == "reference" and m.num_heads * T * T * 4 > REFERENCE_MAX_BYTES:
+        row[impl] = {"status": "skipped: [T,S] logits over "
+                               f"{REFERENCE_MAX_BYTES / 1e9:g} GB"}
+        continue
+      if impl == "full_attention":
+        qkv = (arrays["q"], arrays["k_slc"], arrays["v_slc"])
+        row[impl] = _nsa_case(full_attention_fwd_bwd(None if baseline == "xla" else baseline),
+                              qkv, sizes)
+      else:
+        row[impl] = _nsa_case(nsa_fwd_bwd(m, impl), nsa_args, sizes)
+      if row[impl].get("status") == "oom":
+        oom_since[impl] = T
+    base_ms = row["full_attention"].get("ms")
+    for impl in NSA_IMPLS:
+      if base_ms and "ms" in row[impl]:
+        row[impl]["speedup_vs_full"] = base_ms / row[impl]["ms"]
+    rows.append(row)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Section: moe (the sparse dispatch is a reference benchmark, not used by the model)
+# ----------------------------------------------------------------------------------------------
+
+def sort_pairs_by_expert(used_TE: jax.Array, capacity: int
+                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The (token, expert) pairs of a routing mask, sorted by expert then token.
+
+  Args:
+    used_TE: bool/0-1 [T, E], the experts each token uses.
+    capacity: static number of pair slots P. Pairs beyond it (highest experts first) are
+      dropped; empty slots come last.
+  Returns:
+    token_P, expert_P int32 [P] (empty slots: token 0, expert E-1), valid_P bool [P], and
+    group_sizes_E int32 [E], the pairs of each expert kept (summing to ``valid_P.sum()``).
+  """
+  T, E = used_TE.shape
+  sentinel = E * T
+  key_TE = jnp.where(used_TE > 0, jnp.arange(E)[None, :] * T + jnp.arange(T)[:, None], sentinel)
+  key_P = jnp.sort(key_TE.reshape(-1))[:min(capacity, T * E)]
+  if capacity > T * E:
+    key_P = jnp.pad(key_P, (0, capacity - T * E), constant_values=sentinel)
+  valid_P = key_P < sentinel
+  expert_P = jnp.where(valid_P, key_P // T, E - 1).astype(jnp.int32)
+  token_P = jnp.where(valid_P, key_P % T, 0).astype(jnp.int32)
+  group_sizes_E = jnp.zeros(E, jnp.int32).at[expert_P].add(valid_P.astype(jnp.int32))
+  return token_P, expert_P, valid_P, group_sizes_E
+
+
+def moe_sparse_ragged(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
+                      params: dict[str, jax.Array], dtype: Any, capacity: int,
+                      precision: Any = None) -> jax.Array:
+  """``sum_e w_te Expert_e(x_t)`` over the used experts only, with ``jax.lax.ragged_dot``.
+
+  Pairs sorted by expert form contiguous groups, so each expert's rows are one block of a
+  grouped matmul. Same result as ``moe.experts_dense`` when no pair exceeds ``capacity``.
+  Returns y_TC in ``dtype``.
+  """
+  T, C = x_TC.shape
+  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
+  w_P1 = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)[:, None]
+  x_PC = x_TC.astype(dtype)[token_P]
+  h_PF = jax.lax.ragged_dot(x_PC, params["w_in"].astype(dtype), sizes_E, precision=precision)
+  h_PF = jax.nn.gelu(h_PF + params["b_in"].astype(dtype)[expert_P], approximate=False)
+  y_PC = jax.lax.ragged_dot(h_PF * w_P1, params["w_out"].astype(dtype), sizes_E,
+                            precision=precision)
+  y_PC = y_PC + w_P1 * params["b_out"].astype(dtype)[expert_P]
+  # Accumulate a token's experts in float32, as the dense einsum does inside its contraction.
+  y_TC = jnp.zeros((T, C), jnp.float32).at[token_P].add(y_PC.astype(jnp.float32))
+  return y_TC.astype(dtype)
+
+
+def moe_sparse_tiled(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
+                     params: dict[str, jax.Array], dtype: Any, capacity: int, tile: int,
+                     precision: Any = None) -> jax.Array:
+  """The same mixture as :func:`moe_sparse_ragged` by gather, batched matmul and scatter.
+
+  Each expert's pairs are padded to a multiple of ``tile`` rows, so every tile of rows belongs
+  to one expert: tile n gathers its expert's weights and runs one [tile, C] x [C, F] matmul.
+  ``ceil(P / tile) + E`` tiles always suffice. Returns y_TC in ``dtype``.
+  """
+  T, C = x_TC.shape
+  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
+  E = sizes_E.shape[0]
+  num_tiles = -(-capacity // tile) + E
+  slots = num_tiles * tile
+  padded_E = (sizes_E + tile - 1) // tile * tile
+  padded_end_E = jnp.cumsum(padded_E)
+  rank_P = jnp.arange(capacity) - (jnp.cumsum(sizes_E) - sizes_E)[expert_P]
+  slot_P = jnp.where(valid_P, (padded_end_E - padded_E)[expert_P] + rank_P, slots)
+  token_S = jnp.zeros(slots, jnp.int32).at[slot_P].set(token_P, mode="drop")
+  w_P = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)
+  w_NL1 = jnp.zeros(slots, dtype).at[slot_P].set(w_P, mode="drop").reshape(num_tiles, tile, 1)
+  expert_N = jnp.minimum(
+      jnp.searchsorted(padded_end_E, jnp.arange(num_tiles) * tile, side="right"), E - 1)
+  x_NLC = x_TC.astype(dtype)[token_S].reshape(num_tiles, tile, C)
+  w_in_NCF = params["w_in"].astype(dtype)[expert_N]
+  h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, w_in_NCF, precision=precision)
+  h_NLF = jax.nn.gelu(h_NLF + params["b_in"].astype(dtype)[expert_N][:, None], approximate=False)
+  y_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF * w_NL1, params["w_out"].astype(dtype)[expert_N],
+                     precision=precision)
+  y_NLC = y_NLC + w_NL1 * params["b_out"].astype(dtype)[expert_N][:, None]
+  y_TC = jnp.zeros((T, C), jnp.float32).at[token_S].add(
+      y_NLC.reshape(slots, C).astype(jnp.float32))
+  return y_TC.astype(dtype)
+
+
+def synthetic_routing(num_tokens: int, num_experts: int, k_mean: int, seed: int = 0
+                      ) -> tuple[jax.Array, jax.Array, int]:
+  """A DynMoE-like routing with a variable expert count per token.
+
+  Token t uses ``n_t`` experts, ``n_t`` uniform in 1 .. 2k-1 (mean k, capped at E), chosen at
+  random; weights are ``1 / n_t`` on them (the ``mean`` combination). Returns used_TE float32
+  {0, 1} [T, E], weights_TE float32 [T, E] and k_max = max possible ``n_t``.
+  """
+  k_max = min(2 * k_mean - 1, num_experts)
+  rng = np.random.default_rng(seed)
+  count_T = rng.integers(1, k_max + 1, size=num_tokens)
+  rank_TE = np.argsort(np.argsort(rng.random((num_tokens, num_experts)), axis=1), axis=1)
+  used_TE = (rank_TE < count_T[:, None]).astype(np.float32)
+  weights_TE = used_TE / used_TE.sum(axis=1, keepdims=True)
+  return jnp.asarray(used_TE), jnp.asarray(weights_TE), k_max
+
+
+def moe_variants(m: ModelConfig, dtype: Any, capacity: int, tile: int, precision: Any = None
+                 ) -> dict[str, Callable]:
+  """``name -> f(x_TC, weights_TE, used_TE, params) -> y_TC`` for dense, ragged and tiled."""
+  from onn_jax.model.moe import experts_dense
+
+  def dense(x_TC, weights_TE, used_TE, params):
+    del used_TE
+    return experts_dense(x_TC[None], weights_TE[None], params, dtype)[0]
+
+  variants = {"dense": dense,
+              "tiled": functools.partial(moe_sparse_tiled, dtype=dtype, capacity=capacity,
+                                         tile=tile, precision=precision)}
+  if hasattr(jax.lax, "ragged_dot"):
+    variants["ragged"] = functools.partial(moe_sparse_ragged, dtype=dtype, capacity=capacity,
+                                           precision=precision)
+  return variants
+
+
+def _fwd_bwd(f: Callable) -> Callable:
+  """Forward + gradient w.r.t. x and every expert parameter of ``f``."""
+  def loss(x_TC, weights_TE, used_TE, params):
+    return jnp.sum(f(x_TC, weights_TE, used_TE, params).astype(jnp.float32))
+  return jax.value_and_grad(loss, argnums=(0, 3))
+
+
+def moe_inputs(m: ModelConfig, num_tokens: int, seed: int = 0
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """x_TC float32 [T, C] and one DynMoE layer's parameters (float32, random biases)."""
+  from onn_jax.model.moe import init_expert_params
+  k_x, k_p, k_b = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = init_expert_params(k_p, m.num_experts, m.d_model, m.expert_hidden)
+  k_bin, k_bout = jax.random.split(k_b)
+  params["b_in"] = 0.1 * jax.random.normal(k_bin, params["b_in"].shape)
+  params["b_out"] = 0.1 * jax.random.normal(k_bout, params["b_out"].shape)
+  return jax.random.normal(k_x, (num_tokens, m.d_model)), params
+
+
+def check_moe_variants(m: ModelConfig, num_tokens: int, k_mean: int, tile: int
+                       ) -> dict[str, float]:
+  """Asserts every sparse variant equals the dense einsum (float32, full precision).
+
+  Returns the max absolute error of each variant. Raises AssertionError on a mismatch.
+  """
+  x_TC, params = moe_inputs(m, num_tokens)
+  used_TE, weights_TE, k_max = synthetic_routing(num_tokens, m.num_experts, k_mean)
+  highest = jax.lax.Precision.HIGHEST
+  variants = moe_variants(m, jnp.float32, num_tokens * k_max, tile, precision=highest)
+  with jax.default_matmul_precision("float32"):
+    outs = {name: np.asarray(jax.jit(f)(x_TC, weights_TE, used_TE, params))
+            for name, f in variants.items()}
+  errors = {}
+  for name, y_TC in outs.items():
+    if name == "dense":
+      continue
+    np.testing.assert_allclose(y_TC, outs["dense"], rtol=1e-4, atol=1e-4,
+                               err_msg=f"moe sparse variant {name!r} differs from dense")
+    errors[name] = float(np.max(np.abs(y_TC - outs["dense"])))
+  return errors
+
+
+def crossover(tokens: Sequence[int], dense_ms: Sequence[float | None],
+              sparse_ms: Sequence[float | None]) -> int | None:
+  """Smallest token count from which the sparse time beats dense at every larger count.
+
+  ``tokens`` increasing; a None time (not measured, e.g. out of memory) counts as not faster.
+  Returns None when sparse is not faster at the largest count.
+  """
+  result = None
+  for n, d, s in zip(reversed(tokens), reversed(dense_ms), reversed(sparse_ms)):
+    if d is None or s is None or s >= d:
+      break
+    result = n
+  return result
+
+
+def _time_or_none(fn: Callable, args: Sequence[Any], sizes: Sizes) -> float | None:
+  try:
+    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters)
+  except Exception as err:  # noqa: BLE001
+    if is_oom(err):
+      return None
+    raise
+  return timing.median_ms
+
+
+def bench_moe(m: ModelConfig, sizes: Sizes) -> dict[str, Any]:
+  """Dense all-experts einsum against sparse dispatch, per token count and mean k."""
+  dtype = jnp.dtype(m.compute_dtype)
+  ks = tuple(k for k in sizes.moe_ks if 2 * k - 1 <= m.num_experts)
+  errors = check_moe_variants(m, sizes.moe_tokens[0], ks[-1], sizes.moe_tile)
+  rows: list[dict[str, Any]] = []
+  for num_tokens in sizes.moe_tokens:
+    x_TC, params = moe_inputs(m, num_tokens)
+    dense_ms: dict[str, float | None] = {}
+    for k in ks:
+      used_TE, weights_TE, k_max = synthetic_routing(num_tokens, m.num_experts, k)
+      args = (x_TC, weights_TE, used_TE, params)
+      variants = moe_variants(m, dtype, num_tokens * k_max, sizes.moe_tile)
+      for name, f in variants.items():
+        row = {"tokens": num_tokens, "k": k, "k_actual": float(jnp.mean(jnp.sum(used_TE, 1))),
+               "k_max": k_max, "variant": name}
+        if name == "dense" and dense_ms:  # all experts computed: k changes nothing
+          row.update(dense_ms)
+        else:
+          for pass_ in sizes.moe_passes:
+            fn = f if pass_ == "fwd" else _fwd_bwd(f)
+            row[f"{pass_}_ms"] = _time_or_none(fn, args, sizes)
+          if name == "dense":
+            dense_ms = {k: v for k, v in row.items() if k.endswith("_ms")}
+        rows.append(row)
+  return {"d_model": m.d_model, "num_experts": m.num_experts, "expert_hidden": m.expert_hidden,
+          "dtype": dtype.name, "tile": sizes.moe_tile, "check_max_abs_err": errors,
+          "rows": rows, "crossover": moe_crossovers(rows)}
+
+
+def moe_crossovers(rows: list[dict]) -> dict[str, dict[str, dict[str, int | None]]]:
+  """``{variant: {pass: {str(k): crossover token count or None}}}`` for the sparse variants."""
+  def times(variant, k, key):
+    by_tokens = {r["tokens"]: r.get(key) for r in rows if r["variant"] == variant and r["k"] == k}
+    return [by_tokens[n] for n in tokens]
+
+  tokens = sorted({r["tokens"] for r in rows})
+  ks = sorted({r["k"] for r in rows})
+  result: dict[str, dict[str, dict[str, int | None]]] = {}
+  for variant in sorted({r["variant"] for r in rows} - {"dense"}):
+    result[variant] = {
+        key: {str(k): crossover(tokens, times("dense", k, key), times(variant, k, key))
+              for k in ks}
+        for key in ("fwd_ms", "fwd_bwd_ms") if any(key in r for r in rows)}
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+
+def _fmt(value: Any, digits: int = 3) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    if value == 0 or 1e-3 <= abs(value) < 1e6:
+      return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{max(digits - 2, 1)}f}"
+    return f"{value:.{digits}g}"
+  return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+  cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+  if markdown:
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+    return "\n".join(lines)
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _nsa_cell(case: dict) -> Any:
+  return case.get("ms", case.get("status"))
+
+
+def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str, str]:
+  """One table per measured section (plain text, or markdown for the README)."""
+  out = {}
+  if "train" in results:
+    out["train"] = table(
+        ["T", "batch", "step ms", "tokens/s", "experts/token", "TFLOP/s", "MFU"],
+        [[r["seq_len"], r["batch"], r.get("step_ms", r.get("status")), r.get("tokens_per_s"),
+          r.get("experts_per_token"), r.get("model_tflops_per_s"), r.get("mfu")]
+         for r in results["train"]], markdown)
+  if "eavi" in results:
+    out["eavi"] = table(
+        ["T", "batch", "TF step ms", "EAVI step ms", "ratio", "rollout tokens", "rollout tok/s"],
+        [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
+          r.get("eavi_step_ms"), r.get("ratio"), r.get("rollout_budget"),
+          r.get("rollout_tokens_per_s")] for r in results["eavi"]], markdown)
+  if "nsa" in results:
+    base = results["nsa"][0]["baseline"] if results["nsa"] else "full"
+    out["nsa"] = table(
+        ["T", "reference ms", "blockwise ms", "auto ms", f"full ({base}) ms",
+         "blockwise speedup"],
+        [[r["seq_len"]] + [_nsa_cell(r[i]) for i in NSA_IMPLS + ("full_attention",)]
+         + [r["blockwise"].get("speedup_vs_full")] for r in results["nsa"]], markdown)
+  if "moe" in results:
+    moe = results["moe"]
+    variants = sorted({r["variant"] for r in moe["rows"]})
+    keys = sorted({(r["tokens"], r["k"]) for r in moe["rows"]})
+    by = {(r["tokens"], r["k"], r["variant"]): r for r in moe["rows"]}
+    out["moe"] = table(
+        ["tokens", "k"] + [f"{v} fwd+bwd ms" for v in variants],
+        [[n, k] + [by[(n, k, v)].get("fwd_bwd_ms") for v in variants] for n, k in keys],
+        markdown)
+    cross = [f"{v} k={k}: {moe['crossover'][v]['fwd_bwd_ms'][k] or 'never'}"
+             for v in moe["crossover"] for k in moe["crossover"][v]["fwd_bwd_ms"]]
+    out["moe"] += ("\n\n" if markdown else "\n") + "crossover (fwd+bwd, tokens): " + \
+        "; ".join(cross)
+  return out
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+  meta = results["meta"]
+  head = (f"Measured with `python -m train.bench --config {meta['config_path']}` on "
+          f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
+          f"{meta['date']}.")
+  titles = {"train": "Teacher-forcing step", "eavi": "EAVI step",
+            "nsa": "NSA core forward+backward (batch 1)", "moe": "DynMoE experts (one layer)"}
+  parts = [head]
+  for name, text in section_tables(results, markdown=True).items():
+    parts.append(f"**{titles[name]}**\n\n{text}")
+  return "\n\n".join(parts)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+  tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def light_compilation(enabled: bool):
+  """With ``enabled``, XLA's light optimisation pipeline: compiles about twice as fast. Only for
+  ``--quick``, whose timings mean nothing; the previous setting is restored on exit."""
+  name = "jax_disable_most_optimizations"
+  try:
+    previous = jax.config.read(name)
+  except (AttributeError, KeyError, ValueError):  # a jax without the option: compile normally
+    enabled = False
+  if enabled:
+    jax.config.update(name, True)
+  try:
+    yield
+  finally:
+    if enabled:
+      jax.config.update(name, previous)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/arc1.yaml", help="YAML config file")
+  parser.add_argument("--quick", action="store_true",
+                      help="toy model and sizes (a CPU smoke check, under a minute)")
+  parser.add_argument("--out", default="bench.json", help="JSON results file")
+  parser.add_argument("--only", default=",".join(SECTIONS),
+                      help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
+  parser.add_argument("--lens", default="",
+                      help="comma-separated sequence lengths for train/eavi (default: "
+                           "data.buckets)")
+  parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16")
+  return parser.parse_args(argv)
+
+
+def _parse_sections(text: str) -> list[str]:
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  for name in names:
+    if name not in SECTIONS:
+      raise ValueError(f"--only: unknown section {name!r} (known: {', '.join(SECTIONS)})")
+  if not names:
+    raise ValueError("--only: name at least one section")
+  return names
+
+
+def _parse_lens(text: str, default: Sequence[int]) -> tuple[int, ...]:
+  if not text.strip():
+    return tuple(default)
+  try:
+    lens = tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    raise ValueError(f"--lens: {text!r} is not a comma-separated list of integers") from None
+  if not lens or min(lens) < 1:
+    raise ValueError(f"--lens: {text!r} must list positive lengths")
+  return lens
+
+
+def device_meta(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+  device = jax.devices()[0]
+  try:
+    import jaxlib
+    jaxlib_version = jaxlib.__version__
+  except (ImportError, AttributeError):
+    jaxlib_version = None
+  return {"device": str(device), "device_kind": device.device_kind,
+          "platform": device.platform, "num_devices": jax.device_count(),
+          "jax_version": jax.__version__, "jaxlib_version": jaxlib_version,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "config_path": args.config, "overrides": list(args.overrides), "quick": args.quick,
+          "peak_bf16_flops": peak_flops(device.device_kind)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    overrides = (list(QUICK_OVERRIDES) if args.quick else []) + list(args.overrides)
+    cfg = config.load(args.config, overrides)
+    sections = _parse_sections(args.only)
+    lens = _parse_lens(args.lens, cfg.data.buckets)
+  except (config.ConfigError, ValueError) as err:
+    print(f"bench: {err}", file=sys.stderr)
+    return 2
+  sizes = QUICK_SIZES if args.quick else FULL_SIZES
+  out = Path(args.out)
+  meta = device_meta(args, cfg)
+  results: dict[str, Any] = {"meta": meta, "config": config.to_dict(cfg)}
+  print(f"bench: {meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
+        f"sections {','.join(sections)}, lengths {list(lens)}", flush=True)
+  with light_compilation(args.quick):
+    runner = StepRunner(cfg, sizes)
+    for name in SECTIONS:  # a fixed order, so train's compiled steps are reused by eavi
+      if name not in sections:
+        continue
+      start = time.perf_counter()
+      if name == "train":
+        results["train"] = bench_train(runner, lens, meta["peak_bf16_flops"])
+      elif name == "eavi":
+        results["eavi"] = bench_eavi(runner, lens)
+      elif name == "nsa":
+        results["nsa"] = bench_nsa(cfg.model, sizes)
+      else:
+        results["moe"] = bench_moe(cfg.model, sizes)
+      write_json(results, out)
+      print(f"\n== {name} ({time.perf_counter() - start:.1f} s)\n"
+            f"{section_tables(results)[name]}", flush=True)
+  print(f"\nwrote {out}\n\n{markdown_summary(results)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
