@@ -45,6 +45,7 @@ class ModelConfig:
   sdl_sparsity_weight: float = 0.1
   sdl_target_active: float = 0.25  # target fraction of experts active per token
   rope_theta: float = 10000.0
+  remat: bool = False  # recompute each block in the backward pass (less memory, ~1/3 slower)
   compute_dtype: str = "float32"  # float32 | bfloat16
   param_dtype: str = "float32"
 

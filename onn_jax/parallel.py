@@ -167,6 +167,7 @@ class Runner:
     self._donate = (0,) if donate else ()
     self._steps = {name: self._compile(fn) for name, fn in steps.items()}
     self._applied: dict[Any, Callable] = {}
+    self._unstack_fn: Callable | None = None
 
   def _compile(self, fn: Callable) -> Callable:
     if self.mode == "single":
@@ -199,15 +200,22 @@ class Runner:
     """The state as one unreplicated copy: what checkpoints hold, portable across modes.
 
     single: as is; shard_map: the replicated global arrays as is (Orbax writes one copy);
-    pmap: the stacked copies become replicated global arrays over the mesh, with no transfer.
+    pmap: the stacked copies become replicated global arrays over the mesh (each device keeps
+    its own copy: no transfer), like shard_map's.
     """
-    if self.mode != "pmap":
-      return state
+    return self._unstack(state) if self.mode == "pmap" else state
 
-    def unstack(x):
-      shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
-      return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, shards)
-    return jax.tree.map(unstack, state)
+  def _unstack(self, tree: Any) -> Any:
+    """pmap layout [n_local, ...] -> global arrays replicated over the mesh, in one dispatch."""
+    if jax.process_count() > 1:  # pmap hands out host-local arrays; view them as global
+      tree = multihost_utils.host_local_array_to_global_array(tree, self.mesh, P(AXIS))
+    if self._unstack_fn is None:
+      # Every device's block holds the same (reduced) values, so keeping the local block is
+      # the replicated result; check_vma is off, so shard_map takes our word for it.
+      self._unstack_fn = jax.jit(shard_map(
+          lambda t: jax.tree.map(lambda x: x[0], t), self.mesh, in_specs=(P(AXIS),),
+          out_specs=P()))
+    return self._unstack_fn(tree)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """This process's rows of the global batch -> a global batch split over the devices.
@@ -240,7 +248,7 @@ class Runner:
     """One step: ``(state, batch) -> (state, out)``; ``out`` holds one (reduced) copy."""
     state, out = self._steps[name](state, batch)
     if self.mode == "pmap":
-      out = jax.tree.map(lambda x: x.addressable_data(0)[0], out)
+      out = self._unstack(out)
     return state, out
 
   def apply(self, fn: Callable, state: Any, *args) -> Any:

@@ -113,6 +113,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   bar = _progress(total, step, main)
   tick, tokens_since = time.perf_counter(), 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
+  reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
 
   def save(at: int) -> None:
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
@@ -125,17 +126,18 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
       state, out = runner.run(stage, state, runner.put_batch(local_batch))
       step += 1
       if t.reset_every and step % t.reset_every == 0:
-        state, dead = _reset(runner, state, jax.random.fold_in(reset_rng, step), cfg)
+        state, dead = runner.apply(reset, state, jax.random.fold_in(reset_rng, step))
+        dead = _scalar_or_first(dead, runner)
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,
                              "experts": np.flatnonzero(row).tolist()})
-      nonfinite = int(host_value(runner.get_state(state).nonfinite))
+      nonfinite = int(_scalar_or_first(state.nonfinite, runner))
       if step % t.log_every == 0 or step == stop_at or nonfinite:
         out = jax.tree.map(host_value, out)
         now = time.perf_counter()
         last = {"step": step, "stage": stage, **out,
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),
-                "skipped_total": int(host_value(runner.get_state(state).skipped))}
+                "skipped_total": int(_scalar_or_first(state.skipped, runner))}
         metrics_out.write(last)
         bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}",
                         stage=stage)
@@ -161,13 +163,16 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
           "state": final, "model": model, "stream": stream, "info": info}
 
 
-def _reset(runner: Runner, state, rng, cfg: Config):
-  def transform(state, rng):
-    params, opt_state, ema, dead = experts.reset_dead_experts(
-        state.params, state.opt_state, state.routing["window_tokens"], rng, cfg.model,
-        ema=state.ema)
-    window = {"window_tokens": jax.numpy.zeros_like(state.routing["window_tokens"])}
-    return state.replace(params=params, opt_state=opt_state, ema=ema, routing=window), dead
-  state, dead = runner.apply(transform, state, rng)
-  dead = host_value(dead[0] if runner.mode == "pmap" else dead)
-  return state, dead
+def _scalar_or_first(x, runner: Runner) -> np.ndarray:
+  """A replicated value on the host (pmap keeps a leading device axis: take copy 0)."""
+  x = host_value(x)
+  return x[0] if runner.mode == "pmap" else x
+
+
+def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):
+  """Expert reset on the whole train state; the window counts start again from zero."""
+  params, opt_state, ema, dead = experts.reset_dead_experts(
+      state.params, state.opt_state, state.routing["window_tokens"], rng, cfg.model,
+      ema=state.ema)
+  window = {"window_tokens": jax.numpy.zeros_like(state.routing["window_tokens"])}
+  return state.replace(params=params, opt_state=opt_state, ema=ema, routing=window), dead

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,18 @@ def test_bf16_compute_runs_close_to_fp32():
   assert b.dtype == jnp.float32 and np.isfinite(np.asarray(b)).all()
   assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.05
   assert count_params(params) > 0
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg, model, params = _setup(GEOMETRIES[0])
+  remat = Transformer(ModelConfig(**{**TINY_MODEL, **GEOMETRIES[0], "remat": True}))
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 24), 0, VOCAB_SIZE)
+
+  def loss(m, p):
+    return jnp.mean(jax.nn.logsumexp(m.apply({"params": p}, tokens)[0], -1))
+
+  (a, ga), (b, gb) = [jax.value_and_grad(functools.partial(loss, m))(params)
+                      for m in (model, remat)]
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)

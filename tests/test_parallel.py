@@ -8,8 +8,6 @@ compilations overlap; the tests compare what it recorded.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
-import os
 
 import jax
 import numpy as np
@@ -27,6 +25,30 @@ from conftest import tiny_config
 MODES = ("single", "shard_map", "pmap")
 K_TF, K_EAVI, CKPT_AT = 4, 2, 2  # teacher-forcing steps, EAVI steps, checkpoint after step 2
 RTOL, ATOL = 1e-5, 1e-6
+# A bias on every compressed key adds the same score to every block of a query, which the
+# softmax and the top-n selection ignore: its gradient is zero up to rounding, and Adam turns
+# that rounding noise into O(lr) steps whose sign depends on the reduction order. Compared
+# against a bound, not the tight tolerance.
+NOISE_LEAVES = ("k_compressor']['fc2']['bias']",)
+NOISE_BOUND = 2 * 1e-3 * (K_TF + K_EAVI)  # Adam moves a leaf by about lr a step at most
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  """XLA without most optimisations: the same program in every mode, compiled in half the time.
+
+  Every mode compiles under the same flag, so the comparison between modes still holds.
+  """
+  try:
+    old = jax.config.jax_disable_most_optimizations
+  except AttributeError:  # a jax without the flag: compile normally
+    yield
+    return
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _cfg(mode: str, **sections):
@@ -52,12 +74,17 @@ def _max_abs_diff(a, b) -> float:
   return max(jax.tree.leaves(diffs), default=0.0)
 
 
-def _assert_trees_close(actual, expected, what: str):
+def _assert_trees_close(actual, expected, what: str, noise_bound: float = 0.0):
+  """Leaf-wise rtol/atol; leaves in NOISE_LEAVES only within ``noise_bound`` (absolute)."""
   np.testing.assert_equal(jax.tree.structure(actual), jax.tree.structure(expected))
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
                           jax.tree.leaves(expected)):
+    name = jax.tree_util.keystr(path)
+    if noise_bound and any(name.endswith(leaf) for leaf in NOISE_LEAVES):
+      assert np.max(np.abs(np.asarray(x) - np.asarray(y))) <= noise_bound, what + name
+      continue
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL,
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+                               err_msg=what + name)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +141,9 @@ def test_teacher_forcing_matches_one_device(world, mode):
   assert np.all(np.diff(want["loss"]) != 0), "the loss curve should move"
   _assert_trees_close(got, want, f"{mode} teacher-forcing metrics ")
   _assert_trees_close(run["snapshots"][K_TF].params, ref["snapshots"][K_TF].params,
-                      f"{mode} params after {K_TF} steps ")
+                      f"{mode} params after {K_TF} steps ", NOISE_BOUND)
   _assert_trees_close(run["snapshots"][K_TF].opt_state, ref["snapshots"][K_TF].opt_state,
-                      f"{mode} optimizer state ")
+                      f"{mode} optimizer state ", NOISE_BOUND)
   assert int(run["snapshots"][K_TF].step) == K_TF
 
 
@@ -129,7 +156,7 @@ def test_eavi_matches_one_device(world, mode):
   got = _metric_curve(run["metrics"][K_TF:], want.keys())
   _assert_trees_close(got, want, f"{mode} EAVI metrics ")
   _assert_trees_close(run["snapshots"][end].params, ref["snapshots"][end].params,
-                      f"{mode} params after EAVI ")
+                      f"{mode} params after EAVI ", NOISE_BOUND)
   # The EAVI steps moved the parameters away from the teacher-forcing ones.
   assert _max_abs_diff(ref["snapshots"][end].params, ref["snapshots"][K_TF].params) > 1e-5
 
@@ -164,7 +191,8 @@ def test_resume_across_device_counts(world, src, dst):
   reference = runs["single"]
   want = _metric_curve(reference["metrics"][CKPT_AT:K_TF])
   _assert_trees_close(_metric_curve(metrics, want.keys()), want, f"{src}->{dst} metrics ")
-  _assert_trees_close(final.params, reference["snapshots"][K_TF].params, f"{src}->{dst} params ")
+  _assert_trees_close(final.params, reference["snapshots"][K_TF].params, f"{src}->{dst} params ",
+                      NOISE_BOUND)
   np.testing.assert_array_equal(final.routing["window_tokens"],
                                 reference["snapshots"][K_TF].routing["window_tokens"])
   assert int(final.step) == K_TF
@@ -197,9 +225,10 @@ def test_apply_expert_reset_is_the_same_in_every_mode(world, reset_transform):
   for mode in ("shard_map", "pmap"):
     np.testing.assert_array_equal(results[mode][1], results["single"][1])
     _assert_trees_close(results[mode][0].params, results["single"][0].params,
-                        f"{mode} reset params ")
+                        f"{mode} reset params ", NOISE_BOUND)
     _assert_trees_close(results[mode][0].opt_state, results["single"][0].opt_state,
-                        f"{mode} reset optimizer state ")
+                        f"{mode} reset optimizer state ",
+                        NOISE_BOUND)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import statistics
 import sys
 import time
@@ -46,9 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import config
+from onn_jax import config, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.data.tokens import VOCAB_SIZE
+from onn_jax.decode import generate
+from onn_jax.model import nsa
+from onn_jax.model.moe import experts_dense, init_expert_params
+from onn_jax.model.nsa import nsa_core, num_compressed_blocks, num_selection_blocks
+from onn_jax.model.transformer import Transformer
 
 SECTIONS = ("train", "eavi", "nsa", "moe")
 NSA_IMPLS = ("reference", "blockwise", "auto")
@@ -142,6 +146,20 @@ def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
   return Timing(compile_s, median_ms, min_ms, iters), out
 
 
+def measure(fn: Callable, args: Sequence[Any], sizes: Sizes) -> dict[str, Any]:
+  """``benchmark`` that turns a failure into a result: ``{"ms", "min_ms", "compile_s"}``, or
+  ``{"status": "oom"}``, or ``{"status": "error", "error": ...}`` (printed to stderr) for
+  anything else XLA or the code raised, so one unsupported case does not end the run."""
+  try:
+    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters)
+  except Exception as err:  # noqa: BLE001 - recorded in the results
+    if is_oom(err):
+      return {"status": "oom"}
+    print(f"bench: error: {_short(err)}", file=sys.stderr)
+    return {"status": "error", "error": _short(err)}
+  return {"ms": timing.median_ms, "min_ms": timing.min_ms, "compile_s": timing.compile_s}
+
+
 def is_oom(err: BaseException) -> bool:
   """True for an accelerator (or host) out-of-memory error raised by XLA."""
   text = str(err)
@@ -177,7 +195,6 @@ def forward_flops_per_token(m: ModelConfig, seq_len: int, active_experts: float
   Then ``lm_head`` (2*C*V) once. The embedding lookup, norms, RoPE and softmax are not counted.
   Returns the parts and their ``total`` (float FLOPs per token).
   """
-  from onn_jax.model.nsa import num_compressed_blocks, num_selection_blocks
   C, H, G, D = m.d_model, m.num_heads, m.num_kv_groups, m.head_dim
   T = seq_len
   N = num_compressed_blocks(T, m.block_len, m.block_stride)
@@ -256,9 +273,7 @@ class StepRunner:
   across the train and eavi sections."""
 
   def __init__(self, cfg: Config, sizes: Sizes):
-    from onn_jax import steps
-    from onn_jax.model.transformer import Transformer
-    self.cfg, self.sizes, self.steps = cfg, sizes, steps
+    self.cfg, self.sizes = cfg, sizes
     self.model = Transformer(cfg.model)
     self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
     self._compiled: dict[tuple[str, int], tuple[Any, float]] = {}
@@ -274,7 +289,7 @@ class StepRunner:
 
   def time_step(self, kind: str, seq_len: int, iters: int) -> tuple[Timing, dict]:
     """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len]: (Timing, last metrics)."""
-    step = {"train": self.steps.train_step, "eavi": self.steps.eavi_step}[kind]
+    step = {"train": steps.train_step, "eavi": steps.eavi_step}[kind]
     fn = functools.partial(step, model=self.model, cfg=self.cfg)
     state, batch = self.fresh_state(), self.batch(seq_len)
     key = (kind, seq_len)
@@ -287,9 +302,8 @@ class StepRunner:
 
   def time_rollout(self, seq_len: int) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example)."""
-    from onn_jax.decode import generate
     cfg, batch = self.cfg, self.batch(seq_len)
-    budget = self.steps.answer_budget(cfg, seq_len)
+    budget = steps.answer_budget(cfg, seq_len)
     fn = functools.partial(generate, self.model, max_new=budget, capacity=seq_len,
                            feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
     args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
@@ -358,7 +372,6 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
 def nsa_inputs(m: ModelConfig, seq_len: int, dtype: Any, seed: int = 0) -> dict[str, jax.Array]:
   """Random ``nsa_core`` inputs at batch 1: q [1,T,H,D], k/v_cmp [1,N,G,D], k/v_slc and
   k/v_win [1,T,G,D] in ``dtype``; gates [1,T,H,3] in (0, 1)."""
-  from onn_jax.model.nsa import num_compressed_blocks
   T, H, G, D = seq_len, m.num_heads, m.num_kv_groups, m.head_dim
   N = num_compressed_blocks(T, m.block_len, m.block_stride)
   keys = jax.random.split(jax.random.PRNGKey(seed), 8)
@@ -376,7 +389,6 @@ NSA_GRAD_ARGS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
 
 def nsa_fwd_bwd(m: ModelConfig, impl: str) -> Callable:
   """``(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates) -> (sum(out), grads of the 7)``."""
-  from onn_jax.model.nsa import nsa_core
 
   def loss(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates):
     out = nsa_core(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
@@ -395,20 +407,9 @@ def full_attention_fwd_bwd(implementation: str | None) -> Callable:
   return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
-def _nsa_case(fn: Callable, args: Sequence[Any], sizes: Sizes) -> dict[str, Any]:
-  try:
-    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters)
-  except Exception as err:  # noqa: BLE001
-    if is_oom(err):
-      return {"status": "oom"}
-    raise
-  return {"ms": timing.median_ms, "min_ms": timing.min_ms, "compile_s": timing.compile_s}
-
-
 def _auto_impl(m: ModelConfig, seq_len: int) -> str | None:
   """What ``impl="auto"`` runs for a training pass of ``seq_len`` tokens, or None when the
   library does not say (then "auto" is measured on its own)."""
-  from onn_jax.model import nsa
   try:
     return nsa.resolve_impl("auto", num_queries=seq_len, seq_len=seq_len,
                             keys_per_query=m.num_select * m.select_len + m.window)
@@ -442,10 +443,10 @@ def bench_nsa(m: ModelConfig, sizes: Sizes) -> list[dict]:
         continue
       if impl == "full_attention":
         qkv = (arrays["q"], arrays["k_slc"], arrays["v_slc"])
-        row[impl] = _nsa_case(full_attention_fwd_bwd(None if baseline == "xla" else baseline),
-                              qkv, sizes)
+        row[impl] = measure(full_attention_fwd_bwd(None if baseline == "xla" else baseline),
+                            qkv, sizes)
       else:
-        row[impl] = _nsa_case(nsa_fwd_bwd(m, impl), nsa_args, sizes)
+        row[impl] = measure(nsa_fwd_bwd(m, impl), nsa_args, sizes)
       if row[impl].get("status") == "oom":
         oom_since[impl] = T
     base_ms = row["full_attention"].get("ms")
@@ -563,7 +564,6 @@ def synthetic_routing(num_tokens: int, num_experts: int, k_mean: int, seed: int 
 def moe_variants(m: ModelConfig, dtype: Any, capacity: int, tile: int, precision: Any = None
                  ) -> dict[str, Callable]:
   """``name -> f(x_TC, weights_TE, used_TE, params) -> y_TC`` for dense, ragged and tiled."""
-  from onn_jax.model.moe import experts_dense
 
   def dense(x_TC, weights_TE, used_TE, params):
     del used_TE
@@ -588,7 +588,6 @@ def _fwd_bwd(f: Callable) -> Callable:
 def moe_inputs(m: ModelConfig, num_tokens: int, seed: int = 0
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x_TC float32 [T, C] and one DynMoE layer's parameters (float32, random biases)."""
-  from onn_jax.model.moe import init_expert_params
   k_x, k_p, k_b = jax.random.split(jax.random.PRNGKey(seed), 3)
   params = init_expert_params(k_p, m.num_experts, m.d_model, m.expert_hidden)
   k_bin, k_bout = jax.random.split(k_b)
@@ -598,25 +597,29 @@ def moe_inputs(m: ModelConfig, num_tokens: int, seed: int = 0
 
 
 def check_moe_variants(m: ModelConfig, num_tokens: int, k_mean: int, tile: int
-                       ) -> dict[str, float]:
+                       ) -> dict[str, float | str]:
   """Asserts every sparse variant equals the dense einsum (float32, full precision).
 
-  Returns the max absolute error of each variant. Raises AssertionError on a mismatch.
+  Returns each sparse variant's max absolute error, or the error message of a variant that
+  does not run here. Raises AssertionError when a variant's output differs.
   """
   x_TC, params = moe_inputs(m, num_tokens)
   used_TE, weights_TE, k_max = synthetic_routing(num_tokens, m.num_experts, k_mean)
   highest = jax.lax.Precision.HIGHEST
   variants = moe_variants(m, jnp.float32, num_tokens * k_max, tile, precision=highest)
+  args = (x_TC, weights_TE, used_TE, params)
   with jax.default_matmul_precision("float32"):
-    outs = {name: np.asarray(jax.jit(f)(x_TC, weights_TE, used_TE, params))
-            for name, f in variants.items()}
-  errors = {}
-  for name, y_TC in outs.items():
-    if name == "dense":
-      continue
-    np.testing.assert_allclose(y_TC, outs["dense"], rtol=1e-4, atol=1e-4,
-                               err_msg=f"moe sparse variant {name!r} differs from dense")
-    errors[name] = float(np.max(np.abs(y_TC - outs["dense"])))
+    dense_TC = np.asarray(jax.jit(variants.pop("dense"))(*args))
+    errors: dict[str, float | str] = {}
+    for name, f in variants.items():
+      try:
+        y_TC = np.asarray(jax.jit(f)(*args))
+      except Exception as err:  # noqa: BLE001 - e.g. ragged_dot not lowered on this backend
+        errors[name] = f"error: {_short(err)}"
+        continue
+      np.testing.assert_allclose(y_TC, dense_TC, rtol=1e-4, atol=1e-4,
+                                 err_msg=f"moe sparse variant {name!r} differs from dense")
+      errors[name] = float(np.max(np.abs(y_TC - dense_TC)))
   return errors
 
 
@@ -633,16 +636,6 @@ def crossover(tokens: Sequence[int], dense_ms: Sequence[float | None],
       break
     result = n
   return result
-
-
-def _time_or_none(fn: Callable, args: Sequence[Any], sizes: Sizes) -> float | None:
-  try:
-    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters)
-  except Exception as err:  # noqa: BLE001
-    if is_oom(err):
-      return None
-    raise
-  return timing.median_ms
 
 
 def bench_moe(m: ModelConfig, sizes: Sizes) -> dict[str, Any]:
@@ -666,9 +659,12 @@ def bench_moe(m: ModelConfig, sizes: Sizes) -> dict[str, Any]:
         else:
           for pass_ in sizes.moe_passes:
             fn = f if pass_ == "fwd" else _fwd_bwd(f)
-            row[f"{pass_}_ms"] = _time_or_none(fn, args, sizes)
+            case = measure(fn, args, sizes)
+            row[f"{pass_}_ms"] = case.get("ms")
+            if "status" in case:
+              row[f"{pass_}_status"] = case.get("error", case["status"])
           if name == "dense":
-            dense_ms = {k: v for k, v in row.items() if k.endswith("_ms")}
+            dense_ms = {key: val for key, val in row.items() if key.startswith(sizes.moe_passes)}
         rows.append(row)
   return {"d_model": m.d_model, "num_experts": m.num_experts, "expert_hidden": m.expert_hidden,
           "dtype": dtype.name, "tile": sizes.moe_tile, "check_max_abs_err": errors,
@@ -718,6 +714,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool 
   return "\n".join(lines)
 
 
+def _percent(fraction: float | None) -> str | None:
+  return None if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def _nsa_cell(case: dict) -> Any:
   return case.get("ms", case.get("status"))
 
@@ -729,7 +729,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
     out["train"] = table(
         ["T", "batch", "step ms", "tokens/s", "experts/token", "TFLOP/s", "MFU"],
         [[r["seq_len"], r["batch"], r.get("step_ms", r.get("status")), r.get("tokens_per_s"),
-          r.get("experts_per_token"), r.get("model_tflops_per_s"), r.get("mfu")]
+          r.get("experts_per_token"), r.get("model_tflops_per_s"), _percent(r.get("mfu"))]
          for r in results["train"]], markdown)
   if "eavi" in results:
     out["eavi"] = table(
@@ -762,7 +762,9 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
 
 def markdown_summary(results: dict[str, Any]) -> str:
   meta = results["meta"]
-  head = (f"Measured with `python -m train.bench --config {meta['config_path']}` on "
+  command = " ".join(["python -m train.bench", "--config", meta["config_path"]]
+                     + (["--quick"] if meta["quick"] else []) + meta["overrides"])
+  head = (f"Measured with `{command}` on "
           f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
           f"{meta['date']}.")
   titles = {"train": "Teacher-forcing step", "eavi": "EAVI step",
@@ -773,10 +775,21 @@ def markdown_summary(results: dict[str, Any]) -> str:
   return "\n\n".join(parts)
 
 
+def _json_safe(tree: Any) -> Any:
+  """NaN/inf (a diverged loss, say) become None: strict JSON has no spelling for them."""
+  if isinstance(tree, dict):
+    return {k: _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_safe(v) for v in tree]
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return None
+  return tree
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+  tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
   tmp.replace(path)
 
 

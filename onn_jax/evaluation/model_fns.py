@@ -17,11 +17,12 @@ from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
 from onn_jax.model.transformer import Transformer
 
-LENGTH_QUANTUM = 64  # prompt and budget lengths are rounded up to a multiple of this
+MIN_LENGTH = 64  # prompt, budget and sequence lengths are powers of two from here up
 
 
-def _round_up(n: int, quantum: int = LENGTH_QUANTUM) -> int:
-  return max(quantum, -(-n // quantum) * quantum)
+def _round_up(n: int) -> int:
+  """The next power of two (at least MIN_LENGTH): a few shapes, a few compiles."""
+  return max(MIN_LENGTH, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _pad_rows(rows: Sequence[np.ndarray], num_rows: int, length: int) -> np.ndarray:

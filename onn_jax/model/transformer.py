@@ -189,7 +189,7 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTC, valid_BT, *, mode, cache, pos_B):
+  def __call__(self, x_BTC, valid_BT, *, mode="train", cache=None, pos_B=None):
     c = self.cfg
     dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
     attn_out, new_cache = NSAttention(c, name="attn")(
@@ -228,9 +228,15 @@ class Transformer(nn.Module):
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), bool)
     new_caches, auxes = [], []
+    # Rematerialise each block in the backward pass when asked: activation memory of one
+    # block instead of all of them (the dense NSA reference keeps O(T^2) per layer).
+    block_cls = nn.remat(Block) if (c.remat and mode == "train") else Block
     for i in range(c.num_layers):
-      x_BTC, layer_cache, aux = Block(c, name=f"block_{i}")(
-          x_BTC, valid_BT, mode=mode, cache=None if cache is None else cache[i], pos_B=pos_B)
+      if mode == "train":
+        x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(x_BTC, valid_BT)
+      else:
+        x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(
+            x_BTC, valid_BT, mode=mode, cache=cache[i], pos_B=pos_B)
       new_caches.append(layer_cache)
       auxes.append(aux)
     x_BTC = RMSNorm(param_dtype=pdt, name="final_norm")(x_BTC)
@@ -250,7 +256,9 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> Cache:
   return [dict(layer) for _ in range(cfg.num_layers)]
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 16) -> Any:
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+  # Long enough for one complete compressed block, so the compressor's parameters exist.
+  seq_len = cfg.block_len + cfg.select_len
   model = Transformer(cfg)
   return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 

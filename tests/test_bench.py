@@ -1,0 +1,220 @@
+"""train.bench: a ``--quick`` smoke run on CPU, plus the pieces whose correctness the numbers
+rest on (FLOP count, sparse MoE dispatch, crossover, device peak lookup). No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax import config, steps
+from onn_jax.model.moe import experts_dense
+from onn_jax.model.transformer import Transformer, init_params
+from train import bench
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  """Runs ``python -m train.bench --quick`` once: (results JSON, printed text)."""
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    rc = bench.main(["--config", "configs/arc1.yaml", "--quick", "--out", str(out)])
+  assert rc == 0
+  return json.loads(out.read_text()), printed.getvalue()
+
+
+def _numbers(tree, skip=()):
+  """Every int/float leaf of a JSON tree with its path, except under keys in ``skip``."""
+  if isinstance(tree, dict):
+    for key, val in tree.items():
+      if key not in skip:
+        for path, x in _numbers(val, skip):
+          yield f"{key}.{path}" if path else key, x
+  elif isinstance(tree, list):
+    for i, val in enumerate(tree):
+      for path, x in _numbers(val, skip):
+        yield f"[{i}].{path}" if path else f"[{i}]", x
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    yield "", tree
+
+
+def _assert_finite_positive(tree, skip=()):
+  numbers = list(_numbers(tree, skip))
+  assert numbers, "no numbers measured"
+  for path, x in numbers:
+    assert math.isfinite(x) and x > 0, f"{path} = {x}"
+
+
+def test_quick_writes_every_section(quick):
+  results, _ = quick
+  assert set(bench.SECTIONS) <= set(results)
+  meta = results["meta"]
+  assert meta["jax_version"] == jax.__version__ and meta["quick"] is True
+  assert meta["device_kind"] and meta["date"]
+  assert results["config"]["model"]["num_layers"] == 1  # the quick overrides were applied
+
+
+def test_quick_train_and_eavi_numbers(quick):
+  results, _ = quick
+  for row in results["train"]:
+    for key in ("step_ms", "tokens_per_s", "experts_per_token", "model_flops_per_token",
+                "model_tflops_per_s"):
+      assert key in row, f"train row lacks {key}: {row}"
+    assert row["mfu"] is None  # no peak FLOP/s is known for a CPU
+    assert row["experts_per_token"] <= results["config"]["model"]["num_experts"]
+  _assert_finite_positive(results["train"])
+  for row in results["eavi"]:
+    for key in ("train_step_ms", "eavi_step_ms", "ratio", "rollout_tokens_per_s"):
+      assert key in row, f"eavi row lacks {key}: {row}"
+    assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
+  _assert_finite_positive(results["eavi"])
+
+
+def test_quick_nsa_numbers(quick):
+  results, _ = quick
+  assert [r["seq_len"] for r in results["nsa"]] == list(bench.QUICK_SIZES.nsa_lens)
+  for row in results["nsa"]:
+    for impl in bench.NSA_IMPLS + ("full_attention",):
+      assert "ms" in row[impl], f"T={row['seq_len']} {impl}: {row[impl]}"
+  _assert_finite_positive(results["nsa"])
+
+
+def test_quick_moe_numbers(quick):
+  results, _ = quick
+  moe = results["moe"]
+  assert {r["variant"] for r in moe["rows"]} == {"dense", "ragged", "tiled"}
+  for name, err in moe["check_max_abs_err"].items():
+    assert isinstance(err, float) and err < 1e-4, f"{name}: {err}"
+  for row in moe["rows"]:
+    assert row["fwd_bwd_ms"] is not None, row
+  _assert_finite_positive(moe["rows"])
+  assert set(moe["crossover"]) == {"ragged", "tiled"}
+
+
+def test_quick_prints_tables(quick):
+  _, printed = quick
+  for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):
+    assert f"**{title}" in printed
+  assert "| T | batch | step ms |" in printed
+
+
+def test_bad_section_is_rejected(capsys):
+  assert bench.main(["--only", "train,nope"]) == 2
+  assert "'nope'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP count
+# ----------------------------------------------------------------------------------------------
+
+FLOPS_MODEL = dict(d_model=64, num_layers=2, num_heads=4, num_kv_groups=2, head_dim=32,
+                   block_len=8, block_stride=4, select_len=16, num_select=4, window=64,
+                   num_experts=4, expert_hidden=128)
+
+
+def test_flops_match_xla_cost_analysis():
+  """At T = num_select*select_len = window the reference NSA computes exactly the keys the
+  count assumes, and the dense MoE computes every expert: XLA's count of the forward pass
+  must then agree, up to the elementwise work the analytic count leaves out."""
+  m = config.from_dict({"model": FLOPS_MODEL}).model
+  T = 64
+  model = Transformer(m)
+  params = jax.eval_shape(lambda: init_params(m, jax.random.PRNGKey(0)))
+  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+  # The unoptimised HLO's count: no compilation needed, and fusion does not change FLOPs.
+  cost = fwd.lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32)).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or "flops" not in cost:
+    pytest.skip("this XLA gives no flop count")
+  analytic = T * bench.model_flops_per_token(m, T, m.num_experts, training=False)
+  assert 1.0 <= cost["flops"] / analytic < 1.3
+
+
+def test_flops_parts():
+  m = config.from_dict({"model": FLOPS_MODEL}).model
+  T = 256
+  one = bench.forward_flops_per_token(m, T, 1.0)
+  three = bench.forward_flops_per_token(m, T, 3.0)
+  assert three["experts"] - one["experts"] == 2 * m.num_layers * 4 * m.d_model * m.expert_hidden
+  assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
+  assert bench.model_flops_per_token(m, T, 2.0) == pytest.approx(
+      3 * bench.model_flops_per_token(m, T, 2.0, training=False))
+  # Beyond the window and the selected blocks, only the compressed branch grows with T.
+  n = lambda t: (t - m.block_len) // m.block_stride + 1
+  j = lambda t: -(-t // m.select_len)
+  longer = bench.forward_flops_per_token(m, 2 * T, 1.0)
+  per_layer = (m.num_heads * 4 * m.head_dim * (n(2 * T) - n(T))
+               + 2 * m.num_kv_groups * (n(2 * T) * j(2 * T) - n(T) * j(T)))
+  assert longer["attention"] - one["attention"] == pytest.approx(m.num_layers * per_layer)
+
+
+def test_peak_flops_lookup():
+  assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
+  assert bench.peak_flops("NVIDIA H200") == 989e12
+  assert bench.peak_flops("cpu") is None
+
+
+def test_oom_detection():
+  assert bench.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+  assert not bench.is_oom(RuntimeError("INVALID_ARGUMENT: shapes differ"))
+
+
+def test_synthetic_batch_masks_the_answer():
+  batch = bench.synthetic_batch(3, 512)
+  assert batch["inputs"].shape == (3, 512) and batch["answer_start"].shape == (3,)
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+  np.testing.assert_array_equal(batch["loss_mask"], steps.answer_mask(batch))
+  assert float(batch["loss_mask"][0].sum()) == int(batch["answer_len"][0]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse MoE dispatch
+# ----------------------------------------------------------------------------------------------
+
+def test_sort_pairs_by_expert():
+  used_TE = jnp.array([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], jnp.float32)
+  token_P, expert_P, valid_P, sizes_E = bench.sort_pairs_by_expert(used_TE, 8)
+  n = int(used_TE.sum())
+  assert valid_P.tolist() == [True] * n + [False] * (8 - n)
+  assert list(zip(expert_P[:n].tolist(), token_P[:n].tolist())) == [
+      (0, 0), (0, 2), (1, 2), (1, 3), (2, 0), (2, 2)]
+  assert sizes_E.tolist() == [2, 2, 2]
+  # Too small a capacity drops the pairs of the highest experts.
+  _, expert_P, valid_P, sizes_E = bench.sort_pairs_by_expert(used_TE, 3)
+  assert valid_P.all() and expert_P.tolist() == [0, 0, 1] and sizes_E.tolist() == [2, 1, 0]
+
+
+@pytest.mark.parametrize("variant", ["ragged", "tiled"])
+def test_sparse_dispatch_equals_dense(variant):
+  """Every token counts, including one with no expert and one with all of them."""
+  m = config.from_dict({"model": dict(d_model=16, num_experts=5, expert_hidden=24)}).model
+  T = 40
+  x_TC, params = bench.moe_inputs(m, T, seed=3)
+  used_TE, _, _ = bench.synthetic_routing(T, m.num_experts, 2, seed=4)
+  used_TE = used_TE.at[0].set(0.0).at[1].set(1.0)
+  weights_TE = used_TE * jax.random.uniform(jax.random.PRNGKey(5), used_TE.shape)
+  f = bench.moe_variants(m, jnp.float32, T * m.num_experts, tile=8,
+                         precision=jax.lax.Precision.HIGHEST)[variant]
+  with jax.default_matmul_precision("float32"):
+    y_TC = jax.jit(f)(x_TC, weights_TE, used_TE, params)
+    want_TC = experts_dense(x_TC[None], weights_TE[None], params, jnp.float32)[0]
+  np.testing.assert_allclose(y_TC, want_TC, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(y_TC[0]).max()) == 0.0
+
+
+def test_crossover():
+  tokens = [1, 2, 4, 8]
+  dense = [1.0, 1.0, 1.0, 1.0]
+  assert bench.crossover(tokens, dense, [2.0, 0.5, 0.5, 0.5]) == 2
+  assert bench.crossover(tokens, dense, [0.5, 2.0, 0.5, 0.5]) == 4  # faster for good from 4
+  assert bench.crossover(tokens, dense, [0.5, 0.5, 0.5, 2.0]) is None
+  assert bench.crossover(tokens, dense, [0.5, 0.5, 0.5, None]) is None  # e.g. out of memory
