@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 
 from onn_jax import config  # noqa: E402
 
-jax.config.update("jax_platforms", "cpu")
+# CPU unless asked otherwise (ONN_JAX_TEST_PLATFORMS=cuda runs the numeric tests on a GPU).
+jax.config.update("jax_platforms", os.environ.get("ONN_JAX_TEST_PLATFORMS", "cpu"))
 
 TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_groups=2, head_dim=8,
                   block_len=8, block_stride=4, select_len=8, num_select=3, window=12,

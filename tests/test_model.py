@@ -11,7 +11,7 @@ import pytest
 
 from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
-from onn_jax.decode import generate, generate_jit
+from onn_jax.decode import generate_jit
 from onn_jax.model.transformer import Transformer, count_params, init_cache, init_params
 
 from conftest import TINY_MODEL
@@ -23,68 +23,87 @@ GEOMETRIES = [
 ]
 
 
-def _setup(geometry, seed=0):
-  cfg = ModelConfig(**{**TINY_MODEL, **geometry})
+@functools.lru_cache(maxsize=None)
+def _setup(geometry_index, seed=0):
+  cfg = ModelConfig(**{**TINY_MODEL, **GEOMETRIES[geometry_index]})
   model = Transformer(cfg)
   params = init_params(cfg, jax.random.PRNGKey(seed))
   return cfg, model, params
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
+@functools.lru_cache(maxsize=None)
+def _forward(model):
+  return jax.jit(lambda params, inputs: model.apply({"params": params}, inputs)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill(model):
+  return jax.jit(lambda params, inputs, cache: model.apply(
+      {"params": params}, inputs, mode="prefill", cache=cache)[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def _decode(model):
+  return jax.jit(lambda params, inputs, cache, pos: model.apply(
+      {"params": params}, inputs, mode="decode", cache=cache, pos_B=pos)[:2])
+
+
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
 def test_causal(geometry):
   _, model, params = _setup(geometry)
   T, t = 37, 20
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, VOCAB_SIZE)
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 3) % VOCAB_SIZE)
-  logits_a = model.apply({"params": params}, tokens)[0]
-  logits_b = model.apply({"params": params}, changed)[0]
+  logits_a = _forward(model)(params, tokens)
+  logits_b = _forward(model)(params, changed)
   np.testing.assert_array_equal(logits_a[:, :t + 1], logits_b[:, :t + 1])
   assert not np.allclose(logits_a[:, t + 1:], logits_b[:, t + 1:])
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
 def test_prefill_then_decode_matches_full_forward(geometry):
   """Each example decodes from its own prompt length, token by token, against the cache."""
   cfg, model, params = _setup(geometry)
   T = 41
   tokens = jax.random.randint(jax.random.PRNGKey(2), (3, T), 0, VOCAB_SIZE)
-  full = model.apply({"params": params}, tokens)[0]
+  full = _forward(model)(params, tokens)
   prompt_len = np.array([5, 13, 22])
   P = int(prompt_len.max())
   masked = jnp.where(jnp.arange(P)[None] < prompt_len[:, None], tokens[:, :P], PAD)
   cache = init_cache(cfg, 3, T)
-  pre, cache, _ = model.apply({"params": params}, masked, mode="prefill", cache=cache)
+  pre, cache = _prefill(model)(params, masked, cache)
   for b in range(3):
     np.testing.assert_allclose(pre[b, :prompt_len[b]], full[b, :prompt_len[b]], atol=2e-5)
   pos = jnp.asarray(prompt_len)
   for _ in range(T - P):
     step_tokens = tokens[jnp.arange(3), pos][:, None]
-    logits, cache, _ = model.apply({"params": params}, step_tokens, mode="decode", cache=cache,
-                                   pos_B=pos)
+    logits, cache = _decode(model)(params, step_tokens, cache, pos)
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
 
 
 def test_soft_inputs_equal_token_inputs_for_one_hot():
-  _, model, params = _setup(GEOMETRIES[0])
+  _, model, params = _setup(0)
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 19), 0, VOCAB_SIZE)
-  by_id = model.apply({"params": params}, tokens)[0]
-  by_dist = model.apply({"params": params}, jax.nn.one_hot(tokens, VOCAB_SIZE))[0]
+  by_id = _forward(model)(params, tokens)
+  by_dist = _forward(model)(params, jax.nn.one_hot(tokens, VOCAB_SIZE))
   np.testing.assert_allclose(by_id, by_dist, atol=1e-5)
 
 
 def test_greedy_generation_matches_argmax_of_full_forward_and_pads_after_end():
-  cfg, model, params = _setup(GEOMETRIES[0])
+  cfg, model, params = _setup(0)
   prompt = jax.random.randint(jax.random.PRNGKey(4), (2, 10), 0, VOCAB_SIZE)
   lens = jnp.array([7, 10])
-  gen = generate(model, params, prompt, lens, max_new=9, capacity=24)
+  gen = generate_jit(model, params, prompt, lens, max_new=9, capacity=24)
   for b in range(2):
     seq = list(np.asarray(prompt[b, :lens[b]]))
     for k in range(9):
       if seq[-1] == END and k > 0:
         assert int(gen.tokens_BA[b, k]) == PAD
         continue
-      logits = model.apply({"params": params}, jnp.asarray(seq)[None])[0][0, -1]
+      padded = np.full((1, 24), PAD, np.int32)  # causal: right padding changes nothing
+      padded[0, :len(seq)] = seq
+      logits = _forward(model)(params, jnp.asarray(padded))[0, len(seq) - 1]
       assert int(gen.tokens_BA[b, k]) == int(jnp.argmax(logits))
       np.testing.assert_allclose(gen.logprobs_BA[b, k],
                                  jax.nn.log_softmax(logits)[int(gen.tokens_BA[b, k])],
@@ -94,12 +113,12 @@ def test_greedy_generation_matches_argmax_of_full_forward_and_pads_after_end():
 
 def test_end_forces_padding():
   """Bias the head towards END: the first token is END, everything after is PAD."""
-  cfg, model, params = _setup(GEOMETRIES[0])
+  cfg, model, params = _setup(0)
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x.at[:, END].add(100.0) if "lm_head" in jax.tree_util.keystr(p) else x,
       params)
   prompt = jnp.zeros((2, 6), jnp.int32)
-  gen = generate(model, params, prompt, jnp.array([6, 4]), max_new=5, feed="soft")
+  gen = generate_jit(model, params, prompt, jnp.array([6, 4]), max_new=5, feed="soft")
   assert (np.asarray(gen.tokens_BA[:, 0]) == END).all()
   assert (np.asarray(gen.tokens_BA[:, 1:]) == PAD).all()
   assert np.asarray(gen.ended_B).all()
@@ -107,7 +126,7 @@ def test_end_forces_padding():
 
 
 def test_jitted_generation_does_not_retrace():
-  cfg, model, params = _setup(GEOMETRIES[0])
+  cfg, model, params = _setup(0)
   prompt = jnp.zeros((2, 8), jnp.int32)
   before = generate_jit._cache_size()
   generate_jit(model, params, prompt, jnp.array([8, 3]), max_new=4)
@@ -116,26 +135,26 @@ def test_jitted_generation_does_not_retrace():
 
 
 def test_bf16_compute_runs_close_to_fp32():
-  cfg32, model32, params = _setup(GEOMETRIES[0])
+  cfg32, model32, params = _setup(0)
   model16 = Transformer(ModelConfig(**{**TINY_MODEL, **GEOMETRIES[0],
                                        "compute_dtype": "bfloat16"}))
   tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 24), 0, VOCAB_SIZE)
-  a = model32.apply({"params": params}, tokens)[0]
-  b = model16.apply({"params": params}, tokens)[0]
+  a = _forward(model32)(params, tokens)
+  b = _forward(model16)(params, tokens)
   assert b.dtype == jnp.float32 and np.isfinite(np.asarray(b)).all()
   assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.05
   assert count_params(params) > 0
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-  cfg, model, params = _setup(GEOMETRIES[0])
+  cfg, model, params = _setup(0)
   remat = Transformer(ModelConfig(**{**TINY_MODEL, **GEOMETRIES[0], "remat": True}))
   tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 24), 0, VOCAB_SIZE)
 
   def loss(m, p):
     return jnp.mean(jax.nn.logsumexp(m.apply({"params": p}, tokens)[0], -1))
 
-  (a, ga), (b, gb) = [jax.value_and_grad(functools.partial(loss, m))(params)
+  (a, ga), (b, gb) = [jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
                       for m in (model, remat)]
   np.testing.assert_allclose(a, b, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):

@@ -277,9 +277,10 @@ class DynMoE(nn.Module):
     params = {name: self.param(name, LEAF_INITS[name], self.num_experts, d_model,
                                self.expert_hidden, self.init_threshold, self.param_dtype)
               for name in EXPERT_LEAVES}
-    weights_BTE, _, aux = route(
+    weights_BTE, used_BTE, aux = route(
         x_BTC, params["prototypes"], params["thresholds"], valid_BT, combine=self.combine,
         fallback_k=self.fallback_k, target_active=self.target_active,
         st_temperature=self.st_temperature)
+    self.sow("intermediates", "used_experts", used_BTE)
     y_BTC = experts_dense(x_BTC, weights_BTE, params, self.dtype)
     return y_BTC, aux

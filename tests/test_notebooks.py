@@ -1,0 +1,114 @@
+"""The Colab notebooks: committed clean, and executed top to bottom by a Jupyter kernel.
+
+Each notebook runs at tiny sizes (``ONN_JAX_NOTEBOOK_TINY=1``) in a fresh working directory
+with the ``python3`` kernel, which must be this interpreter importing this checkout; any cell
+error fails the test.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from onn_jax.analysis import NOTEBOOKS, TINY_ENV  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COLAB = REPO / "colab"
+BADGE = "https://colab.research.google.com/github/onn-jax/onn-jax/blob/main/colab/{}.ipynb"
+INSTALL_URL = "git+https://github.com/onn-jax/onn-jax"
+# What each notebook leaves behind in its working directory when every cell did its job.
+ARTIFACTS = {
+    "quickstart": ["runs/quickstart/tasks", "runs/quickstart/eval/scores.json",
+                   "runs/quickstart/eval/sheet.png", "runs/quickstart/plots/loss.png"],
+    "eavi": ["runs/eavi/pretrain/metrics.jsonl", "runs/eavi/eavi/metrics.jsonl",
+             "runs/eavi/eavi/greedy.png", "runs/eavi/eavi/excursions.png"],
+    "experts": ["runs/experts/routing/routing_tokens.png",
+                "runs/experts/routing/routing_cells.png", "runs/experts/plots/experts.png"],
+}
+PROBE = ("import json, sys, onn_jax\n"
+         "print(json.dumps({'prefix': sys.prefix, 'executable': sys.executable, "
+         "'onn_jax': onn_jax.__file__}))")
+
+
+def _read(name: str):
+  return nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
+
+
+def _code_cells(nb) -> list:
+  return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_colab_holds_exactly_the_listed_notebooks():
+  assert sorted(p.stem for p in COLAB.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_clean_with_badge_and_install_cell(name):
+  nb = _read(name)
+  nbformat.validate(nb)
+  assert nb.metadata.kernelspec.name == "python3"
+  first = nb.cells[0]
+  assert first.cell_type == "markdown" and f"]({BADGE.format(name)})" in first.source
+  for cell in _code_cells(nb):
+    assert cell.outputs == [] and cell.execution_count is None, \
+        f"{name}.ipynb: commit the notebook without outputs"
+    ast.parse(cell.source)  # plain Python (no ! or % magics): nbclient and linters read it
+  install = _code_cells(nb)[0].source
+  tree = ast.parse(install)
+  # try: import onn_jax / except ImportError: <pip install>, so it is a no-op where installed.
+  assert isinstance(tree.body[0], ast.Try), install
+  assert [a.name for a in tree.body[0].body[0].names] == ["onn_jax"]
+  assert tree.body[0].handlers[0].type.id == "ImportError"
+  assert INSTALL_URL in install and '"pip", "install"' in install
+
+
+@pytest.fixture
+def kernel_env(monkeypatch):
+  """The kernel's environment: tiny sizes, one CPU device (the suite forces eight through
+  XLA_FLAGS), this checkout first on the path, and this interpreter's kernelspec first."""
+  monkeypatch.setenv(TINY_ENV, "1")
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
+      [os.path.join(sys.prefix, "share", "jupyter")]
+      + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]))
+
+
+def _stdout(cell) -> str:
+  return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream"
+                 and o.name == "stdout")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes_top_to_bottom(name, tmp_path, kernel_env):
+  nb = _read(name)
+  probe = nbformat.v4.new_code_cell(PROBE)
+  nb.cells.insert(0, probe)
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  start = time.perf_counter()
+  client.execute()  # raises CellExecutionError, naming the cell, on any error
+  elapsed = time.perf_counter() - start
+
+  seen = json.loads(_stdout(nb.cells[0]).strip().splitlines()[-1])
+  assert os.path.realpath(seen["prefix"]) == os.path.realpath(sys.prefix), \
+      f"the python3 kernel runs {seen['executable']}, not this interpreter {sys.executable}"
+  assert Path(seen["onn_jax"]).resolve().is_relative_to(REPO), seen["onn_jax"]
+  for cell in nb.cells:
+    assert not [o for o in cell.get("outputs", []) if o.output_type == "error"]
+  for artifact in ARTIFACTS[name]:
+    assert (tmp_path / artifact).exists(), f"{name}.ipynb did not write {artifact}"
+  assert elapsed < 90, f"{name}.ipynb took {elapsed:.0f} s at tiny sizes"
