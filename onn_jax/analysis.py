@@ -8,7 +8,8 @@ here. Four groups:
   checkout, or the built-in copy of the CPU default after a ``pip install`` from git);
 - free running: :func:`task_batch` serialises tasks the way training does,
   :func:`rollouts` decodes every answer from its prompt (greedy, or EAVI's excursion feed),
-  :func:`free_running_exact_match` and :func:`render_rollouts` summarise and draw them;
+  :func:`summarise_rollouts` / :func:`free_running_exact_match` score them and
+  :func:`render_rollouts` draws them next to the targets;
 - routing: :func:`grid_positions` maps each token to its (row, col) inside its grid,
   :func:`routing_table` counts, from the experts that each DynMoE layer sows as
   ``intermediates/used_experts``, which experts fire on which token ids and grid cells,
@@ -47,12 +48,12 @@ CPU_DEFAULT: dict[str, dict[str, Any]] = {
     "model": dict(d_model=64, num_layers=2, num_heads=4, num_kv_groups=2, head_dim=16,
                   block_len=8, block_stride=4, select_len=16, num_select=4, window=64,
                   num_experts=8, expert_hidden=64, compute_dtype="float32"),
-    "data": dict(train="arc-agi-1:training", eval="arc-agi-1:evaluation", max_grid=8,
-                 buckets=[256, 512]),
-    "train": dict(batch_size=16, pretrain_steps=300, eavi_steps=0, learning_rate=0.003,
+    "data": dict(train="arc-agi-1:training", eval="arc-agi-1:evaluation", max_grid=6,
+                 buckets=[256, 384]),
+    "train": dict(batch_size=16, pretrain_steps=350, eavi_steps=20, learning_rate=0.003,
                   warmup_steps=20, reset_every=100, log_every=10),
     "checkpoint": dict(every=100),
-    "eval": dict(mode="augscore", max_tasks=16, batch_size=32),
+    "eval": dict(mode="augscore", max_tasks=10, batch_size=40),
 }
 
 # Seconds-sized runs for the test that executes every notebook. The three notebooks share the
@@ -62,17 +63,19 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "model.block_len=8", "model.block_stride=4", "model.select_len=8", "model.num_select=3",
     "model.window=16", "model.num_experts=4", "model.expert_hidden=32",
     "data.max_grid=4", "data.buckets=[128]",
-    "train.batch_size=4", "train.pretrain_steps=4", "train.warmup_steps=1", "train.log_every=2",
+    "train.batch_size=4", "train.pretrain_steps=4", "train.eavi_steps=0", "train.warmup_steps=1",
+    "train.log_every=2",
     "checkpoint.every=100", "checkpoint.async_save=false",
     "eval.max_tasks=2", "eval.batch_size=8", "eval.sheet_tasks=2",
 )
-# Per notebook: (few-minute CPU sizes on top of configs/default.yaml, tiny additions).
+# Per notebook: (few-minute CPU sizes on top of configs/default.yaml, additions to the tiny
+# sizes). The quick start is the default run itself.
 NOTEBOOK_SIZES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "quickstart": ((), ()),
-    # eavi_steps is the length of the EAVI stage the notebook runs after pretraining.
+    # The notebook runs the two stages separately: eavi_steps is the length of the second.
     "eavi": (("train.pretrain_steps=200", "train.eavi_steps=20", "eavi.warmup_steps=2"),
              ("train.eavi_steps=2", "eavi.warmup_steps=1")),
-    "experts": (("train.pretrain_steps=200", "train.reset_every=50"),
+    "experts": (("train.pretrain_steps=200", "train.eavi_steps=0", "train.reset_every=50"),
                 ("train.reset_every=2",)),
 }
 
@@ -112,13 +115,13 @@ def _as_overrides(values: dict[str, dict[str, Any]]) -> list[str]:
           for key, value in entries.items()]
 
 
-def load_config(name: str = "default", overrides: Sequence[str] = ()) -> Config:
-  """A validated config: a YAML path, or a name under ``configs/``.
+def load_config(name: str | Path = "default", overrides: Sequence[str] = ()) -> Config:
+  """A validated config: a YAML path, or a name under ``configs/``, with ``overrides``.
 
   Without the repository's ``configs/`` folder (a ``pip install`` from git), ``default`` is the
   built-in :data:`CPU_DEFAULT`; other names then raise ConfigError naming the file.
   """
-  if name.endswith((".yaml", ".yml")):
+  if isinstance(name, Path) or name.endswith((".yaml", ".yml")):
     return config.load(name, overrides)
   path = config_path(name)
   if path is not None:
@@ -254,7 +257,8 @@ def rollouts(cfg: Config, params, tasks: Sequence[Task], *, feed: str = "argmax"
 
   ``feed`` is what is fed back (``argmax``: greedy decoding; ``soft`` or ``sample``: EAVI's
   excursion, as in :func:`onn_jax.steps.excursion`). Batches of ``eval.batch_size`` rows (the
-  last padded with repeats), one compiled program for all.
+  last padded with repeats), one compiled program for all; ``sample`` draws from ``seed``
+  folded with the batch's first row.
 
   Returns one record per test pair: ``task_id``, ``test_index``, ``test_input``, ``target``
   and ``prediction`` (an [h, w] grid, or None when the output is malformed), ``tokens`` (the

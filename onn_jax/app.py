@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import Mesh
 
 from onn_jax import checkpoint, config, plots
 from onn_jax.config import Config, ConfigError
@@ -19,7 +21,7 @@ from onn_jax.data.tasks import DataError, filter_max_grid, load_tasks
 from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
 from onn_jax.model.transformer import Transformer, init_params
-from onn_jax.parallel import is_main_process, maybe_initialize_distributed
+from onn_jax.parallel import AXIS, is_main_process, maybe_initialize_distributed, resolve_mode
 
 USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError)
 
@@ -51,8 +53,11 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   and sheet.png into ``out_dir``. Returns the summary."""
   e = cfg.eval
   model = Transformer(cfg.model)
+  mesh = None
+  if resolve_mode(cfg) != "single":  # split tasks x views over every device of every host
+    mesh = Mesh(np.array(jax.devices()), (AXIS,))
   fns = ModelFns(model, params, batch_size=e.batch_size, temperature=e.temperature,
-                 seed=cfg.train.seed)
+                 seed=cfg.train.seed, mesh=mesh)
   views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
                               else "1-9", cfg.train.seed)
   records = augscore.evaluate(
@@ -93,7 +98,8 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
   state = result["state"]
   params = state.ema if jax.tree.leaves(state.ema) else state.params
   evaluate_params(cfg, jax.device_get(params), tasks, workdir / "eval",
-                  extra={"step": result["step"]})
+                  extra={"step": result["step"],
+                         "weights": "ema" if jax.tree.leaves(state.ema) else "params"})
   return 0
 
 
@@ -119,5 +125,6 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     return _fail(err)
   out_dir = Path(out_dir or run_dir / "eval")
   evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
+                                                     "weights": record.get("weights"),
                                                      "data": spec})
   return 0

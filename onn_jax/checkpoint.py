@@ -55,10 +55,13 @@ def find_checkpoint_dir(path: str | Path) -> Path:
   return path
 
 
-def load_params(path: str | Path, target_params: Any) -> tuple[Any, dict]:
+def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True
+                ) -> tuple[Any, dict]:
   """Parameters (only) of another run's latest checkpoint, checked against ``target_params``.
 
-  Returns ``(params, record)``; raises CheckpointError naming the path on any mismatch.
+  With ``prefer_ema`` the parameter EMA is taken when the run kept one (what the run's own
+  evaluation used); ``record["weights"]`` says which. Raises CheckpointError naming the path
+  on any mismatch.
   """
   directory = find_checkpoint_dir(path)
   mngr = manager(directory, async_save=False)
@@ -71,7 +74,11 @@ def load_params(path: str | Path, target_params: Any) -> tuple[Any, dict]:
   finally:
     mngr.close()
   saved = out["state"]
-  params = saved["params"] if isinstance(saved, dict) else saved.params
+  record = dict(out["record"] or {})
+  ema = saved.get("ema") if isinstance(saved, dict) else None
+  use_ema = prefer_ema and bool(ema) and bool(jax.tree.leaves(ema))
+  params = ema if use_ema else saved["params"]
+  record["weights"] = "ema" if use_ema else "params"
   want = jax.tree_util.tree_structure(target_params)
   got = jax.tree_util.tree_structure(params)
   if want != got:
@@ -83,4 +90,4 @@ def load_params(path: str | Path, target_params: Any) -> tuple[Any, dict]:
       raise CheckpointError(f"{directory}: parameter {jax.tree_util.keystr(path_)} has shape "
                             f"{b.shape}, the model expects {a.shape}")
   params = jax.tree.map(lambda a, b: jax.numpy.asarray(b, a.dtype), target_params, params)
-  return params, dict(out["record"] or {})
+  return params, record

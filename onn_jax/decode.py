@@ -23,10 +23,16 @@ class Generation(NamedTuple):
   ended_B: jax.Array  # bool: END was emitted within the budget
 
 
-def _choose(logits_BV, feed: str, temperature: float, rng):
-  """The emitted token and what is fed back at the next position."""
+def _choose(logits_BV, feed: str, temperature: float, rng, rows_B):
+  """The emitted token and what is fed back at the next position.
+
+  Each row samples with its own key, ``fold_in(rng, row)`` for its global row index, so a
+  batch split over devices samples exactly what one device would.
+  """
   if feed == "sample":
-    token_B = jax.random.categorical(rng, logits_BV / temperature).astype(jnp.int32)
+    keys_B = jax.vmap(lambda row: jax.random.fold_in(rng, row))(rows_B)
+    token_B = jax.vmap(jax.random.categorical)(
+        keys_B, logits_BV / temperature).astype(jnp.int32)
   else:
     token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
   if feed == "soft":
@@ -38,7 +44,8 @@ def _choose(logits_BV, feed: str, temperature: float, rng):
 
 def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax.Array, *,
              max_new: int, capacity: int | None = None, feed: str = "argmax",
-             temperature: float = 1.0, rng: jax.Array | None = None) -> Generation:
+             temperature: float = 1.0, rng: jax.Array | None = None,
+             row_offset: jax.Array | int = 0) -> Generation:
   """Generates ``max_new`` answer tokens after each prompt.
 
   Args:
@@ -49,6 +56,8 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
       ``prompt_len + max_new - 1 <= capacity``.
     feed: ``argmax`` (greedy), ``sample`` (temperature sampling) or ``soft`` (the predicted
       distribution is fed back as its expected embedding; argmax is reported as the token).
+      Reported log-probabilities are those of the untempered distribution.
+    row_offset: global index of this batch's first row (data parallel), for sampling keys.
   """
   B, P = prompt_BP.shape
   capacity = capacity or P + max_new
@@ -62,9 +71,10 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
                                      cache=cache)
   rows_B = jnp.arange(B)
   logits_BV = logits_BPV[rows_B, prompt_len_B - 1]
+  global_rows_B = row_offset + rows_B
 
   def emit(logits_BV, done_B, rng):
-    token_B, fed_BV = _choose(logits_BV, feed, temperature, rng)
+    token_B, fed_BV = _choose(logits_BV, feed, temperature, rng, global_rows_B)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], -1)[:, 0]
     token_B = jnp.where(done_B, PAD, token_B)
     fed_BV = jnp.where(done_B[:, None], jax.nn.one_hot(PAD, VOCAB_SIZE), fed_BV)
@@ -93,9 +103,9 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "capacity", "feed",
                                              "temperature"))
 def generate_jit(model, params, prompt_BP, prompt_len_B, *, max_new, capacity=None,
-                 feed="argmax", temperature=1.0, rng=None) -> Generation:
+                 feed="argmax", temperature=1.0, rng=None, row_offset=0) -> Generation:
   return generate(model, params, prompt_BP, prompt_len_B, max_new=max_new, capacity=capacity,
-                  feed=feed, temperature=temperature, rng=rng)
+                  feed=feed, temperature=temperature, rng=rng, row_offset=row_offset)
 
 
 def sequence_logprob(model: Transformer, params, inputs_BT, targets_BT, mask_BT):

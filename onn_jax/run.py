@@ -35,11 +35,26 @@ class MetricsWriter:
   def __init__(self, path: Path, enabled: bool):
     self.path, self.enabled = path, enabled
 
+  def truncate_after(self, step: int) -> None:
+    """Drops records of steps after ``step``: a resumed run logs them again."""
+    if not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and _record_step(line) <= step]
+    self.path.write_text("".join(line + "\n" for line in kept))
+
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     with self.path.open("a") as f:
       f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def _record_step(line: str) -> int:
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (ValueError, AttributeError):
+    return 1 << 62  # a torn last line: dropped
 
 
 def _jsonable(x):
@@ -100,6 +115,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
                             cfg.checkpoint.async_save)
   state = initial_state(cfg, model, mngr, log)
+  if main:
+    metrics_out.truncate_after(int(state.step))
   log(f"Tiny-ONN: {count_params(state.params):,} parameters; {len(tasks)} training tasks; "
       f"parallel mode {runner.mode} over {runner.num_devices} device(s)")
   state = runner.put_state(state)
@@ -150,9 +167,17 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
       if step % cfg.checkpoint.every == 0 or step == stop_at:
         save(step)
   except KeyboardInterrupt:
-    save(step)
-    mngr.wait_until_finished()
-    log(f"interrupted: checkpoint written at step {step} in {mngr.directory}")
+    try:
+      at = int(_scalar_or_first(state.step, runner))
+    except RuntimeError:  # interrupted inside a step that had already taken (donated) the state
+      at = None
+    if at is None:
+      log(f"interrupted mid-step: the latest checkpoint in {mngr.directory} stands")
+    else:
+      if at not in mngr.all_steps():
+        save(at)
+      mngr.wait_until_finished()
+      log(f"interrupted: checkpoint at step {at} in {mngr.directory}")
     raise
   finally:
     bar.close()

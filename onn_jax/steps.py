@@ -133,17 +133,23 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Confi
 
   def loss_fn(params):
     logits_BTV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"])
-    stats = objectives.answer_stats(logits_BTV, batch["targets"], batch["loss_mask"])
-    tokens = jnp.maximum(objectives.psum(stats["tokens"], axis_name), 1.0)
+    loss_stats = objectives.answer_stats(logits_BTV, batch["targets"], batch["loss_mask"])
+    tokens = jnp.maximum(objectives.psum(loss_stats["tokens"], axis_name), 1.0)
     sdl_local, sdl_report = objectives.sdl(aux, cfg.model, axis_name, num_devices)
-    return stats["ce_sum"] / tokens + sdl_local, (stats, sdl_report, aux)
+    # Reported accuracy and exact match are on the answer alone, even when the loss also
+    # covers demo outputs (data.loss_on=outputs).
+    answer = objectives.answer_stats(jax.lax.stop_gradient(logits_BTV), batch["targets"],
+                                     answer_mask(batch))
+    return loss_stats["ce_sum"] / tokens + sdl_local, (loss_stats, answer, sdl_report, aux)
 
-  grads, (stats, sdl_report, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
-  stats = jax.tree.map(lambda x: objectives.psum(x, axis_name), stats)
+  grads, (loss_stats, stats, sdl_report, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+  sums = lambda tree: jax.tree.map(lambda x: objectives.psum(x, axis_name), tree)
+  loss_stats, stats = sums(loss_stats), sums(stats)
   report = _answer_report(stats)
+  report["loss_ce"] = loss_stats["ce_sum"] / jnp.maximum(loss_stats["tokens"], 1.0)
   report.update(sdl_report)
-  report["loss"] = report["ce"] + report["sdl"]
-  report["target_tokens"] = stats["tokens"]
+  report["loss"] = report["loss_ce"] + report["sdl"]
+  report["target_tokens"] = loss_stats["tokens"]
   return _apply_grads(state, grads, state.rng, cfg, axis_name, report,
                       _reduce_routing(aux, axis_name))
 
@@ -174,13 +180,17 @@ def answer_mask(batch: dict) -> jax.Array:
           ).astype(jnp.float32)
 
 
-def excursion(model: Transformer, params, batch: dict, cfg: Config, rng):
-  """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient."""
+def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_offset=0):
+  """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
+
+  Tokens that would fall past the sequence (position >= T) are generated against a clamped
+  cache position and never enter the alignment pass.
+  """
   T = batch["inputs"].shape[1]
   return jax.lax.stop_gradient(generate(
       model, jax.lax.stop_gradient(params), batch["inputs"], batch["answer_start"],
       max_new=answer_budget(cfg, T), capacity=T, feed=cfg.eavi.feed,
-      temperature=cfg.eavi.temperature, rng=rng))
+      temperature=cfg.eavi.temperature, rng=rng, row_offset=row_offset))
 
 
 def alignment_loss(params, batch: dict, exc_BTV, *, model: Transformer, cfg: Config,
@@ -204,9 +214,10 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
               axis_name: str | None = None, num_devices: int = 1):
   """One EAVI step (DESIGN.md, Training): excursion under stop_gradient, then alignment."""
   rng, gen_rng = jax.random.split(state.rng)
-  if axis_name is not None:  # different samples on each device, like one device's batch rows
-    gen_rng = jax.random.fold_in(gen_rng, jax.lax.axis_index(axis_name))
-  gen = excursion(model, state.params, batch, cfg, gen_rng)
+  rows = batch["inputs"].shape[0]
+  # Sampling keys follow global rows: n devices draw what one device would.
+  row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
+  gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
   exc_BTV = excursion_inputs(batch, gen.fed_BAV)
   grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_loss, has_aux=True)(
       state.params, batch, exc_BTV, model=model, cfg=cfg, axis_name=axis_name,

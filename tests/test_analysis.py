@@ -1,4 +1,4 @@
-"""The notebooks' library: set-up helpers, free-running rollouts, routing statistics, run history."""
+"""The notebooks' library: set-up, free-running rollouts, routing statistics, run history."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def test_load_config_uses_the_checkout_then_the_builtin_default(monkeypatch):
   from_yaml = analysis.load_config("default", overrides)
   assert from_yaml == config.load(REPO / "configs" / "default.yaml", overrides)
   assert analysis.load_config(str(REPO / "configs" / "default.yaml"), overrides) == from_yaml
+  assert analysis.load_config(REPO / "configs" / "default.yaml", overrides) == from_yaml
   monkeypatch.setattr(analysis, "config_path", lambda name="default": None)
   assert analysis.load_config("default", overrides) == from_yaml
   with pytest.raises(config.ConfigError, match=r"configs/arc1\.yaml"):

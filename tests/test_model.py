@@ -159,3 +159,15 @@ def test_remat_gives_the_same_loss_and_gradients():
   np.testing.assert_allclose(a, b, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_depends_on_global_rows_not_on_the_split():
+  """Rows 0-3 and 4-7 sampled as two batches (row offsets 0 and 4) equal one batch of 8."""
+  cfg, model, params = _setup(0)
+  prompt = jax.random.randint(jax.random.PRNGKey(7), (8, 6), 0, 10)
+  lens = jnp.full((8,), 6)
+  kw = dict(max_new=5, feed="sample", temperature=2.0, rng=jax.random.PRNGKey(3))
+  whole = generate_jit(model, params, prompt, lens, **kw).tokens_BA
+  halves = [generate_jit(model, params, prompt[i:i + 4], lens[i:i + 4], row_offset=i,
+                         **kw).tokens_BA for i in (0, 4)]
+  np.testing.assert_array_equal(np.asarray(whole), np.concatenate(halves))

@@ -69,7 +69,31 @@ def test_notebook_is_committed_clean_with_badge_and_install_cell(name):
   assert isinstance(tree.body[0], ast.Try), install
   assert [a.name for a in tree.body[0].body[0].names] == ["onn_jax"]
   assert tree.body[0].handlers[0].type.id == "ImportError"
-  assert INSTALL_URL in install and '"pip", "install"' in install
+
+
+@pytest.mark.parametrize("machine, jax_build", [
+    ({}, "jax"), ({"nvidia-smi": "/usr/bin/nvidia-smi"}, "jax[cuda12]"),
+    ({"COLAB_TPU_ADDR": "grpc://10.0.0.2:8470"}, "jax[tpu]"),
+    ({"/dev/accel*": ["/dev/accel0"]}, "jax[tpu]")])
+def test_install_cell_installs_the_package_where_it_is_missing(machine, jax_build, monkeypatch):
+  """The branch a fresh Colab runtime takes (never taken by the executed notebooks)."""
+  import glob
+  import shutil
+  import subprocess
+  calls = []
+  monkeypatch.setitem(sys.modules, "onn_jax", None)  # `import onn_jax` raises ImportError
+  monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd))
+  monkeypatch.setattr(shutil, "which", lambda name: machine.get(name))
+  monkeypatch.setattr(glob, "glob", lambda pattern: machine.get(pattern, []))
+  monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+  for key, value in machine.items():
+    if key.isupper() and "/" not in key:
+      monkeypatch.setenv(key, value)
+  for name in NOTEBOOKS:
+    exec(compile(_code_cells(_read(name))[0].source, f"{name}.ipynb", "exec"), {})
+  want = [sys.executable, "-m", "pip", "install", "-q", f"{jax_build}<0.13",
+          f"onn-jax @ {INSTALL_URL}"]
+  assert calls == [want] * len(NOTEBOOKS)
 
 
 @pytest.fixture

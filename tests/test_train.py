@@ -229,3 +229,25 @@ def test_evaluate_program_missing_checkpoint_is_one_line(tmp_path, capsys):
   assert evaluate.main(["--checkpoint", str(tmp_path / "none")]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "none" in err[0]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_logs_each_step_once(tmp_path, monkeypatch):
+  cfg = tiny_config(**{**RUN_CFG, "data": {**RUN_CFG["data"], "eval": ""},
+                       "checkpoint": {"every": 2, "async_save": False}})
+  real_batch = BatchStream.batch
+
+  def interrupted(self, step):
+    if step == 3:
+      raise KeyboardInterrupt
+    return real_batch(self, step)
+
+  monkeypatch.setattr(BatchStream, "batch", interrupted)
+  assert app.train_and_evaluate(cfg, tmp_path) == 130
+  mngr = checkpoint.manager(tmp_path / "checkpoints")
+  assert mngr.latest_step() == 3  # step 2 by schedule, step 3 by the interrupt
+  mngr.close()
+  monkeypatch.setattr(BatchStream, "batch", real_batch)
+  assert app.train_and_evaluate(cfg, tmp_path) == 0
+  logged = [json.loads(line)["step"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event"' not in line]
+  assert logged == sorted(set(logged)) and logged[-1] == 6

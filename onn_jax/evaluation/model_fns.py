@@ -12,10 +12,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
 from onn_jax.model.transformer import Transformer
+from onn_jax.parallel import AXIS, host_value
 
 MIN_LENGTH = 64  # prompt, budget and sequence lengths are powers of two from here up
 
@@ -38,14 +40,32 @@ def _logprob_jit(model, params, inputs_BT, targets_BT, mask_BT):
 
 
 class ModelFns:
-  """Callables for :func:`onn_jax.evaluation.augscore.evaluate` backed by one model."""
+  """Callables for :func:`onn_jax.evaluation.augscore.evaluate` backed by one model.
+
+  With a ``mesh``, every batch of prompts (tasks x views) is split by rows over the mesh's
+  ``data`` axis (all devices of all hosts) and the compiled programs run data-parallel; the
+  batch size is rounded up to a multiple of the device count.
+  """
 
   def __init__(self, model: Transformer, params: Any, *, batch_size: int,
-               temperature: float = 1.0, seed: int = 0):
-    self.model, self.params = model, params
-    self.batch_size, self.temperature = batch_size, temperature
+               temperature: float = 1.0, seed: int = 0, mesh: Mesh | None = None):
+    self.model, self.mesh = model, mesh
+    self.temperature = temperature
     self.rng = jax.random.PRNGKey(seed)
     self.calls = 0
+    if mesh is None:
+      self.batch_size, self.params = batch_size, params
+    else:
+      n = mesh.devices.size
+      self.batch_size = -(-batch_size // n) * n
+      self.params = jax.device_put(params, NamedSharding(mesh, P()))
+
+  def _put(self, rows: np.ndarray) -> jax.Array:
+    """A host array (identical on every process) -> a device array split by rows."""
+    if self.mesh is None:
+      return jnp.asarray(rows)
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
   def generate(self, prompts: list[np.ndarray], max_new: int, num_samples: int
                ) -> list[list[np.ndarray]]:
@@ -55,16 +75,16 @@ class ModelFns:
       chunk = prompts[start:start + self.batch_size]
       P = _round_up(max(len(p) for p in chunk))
       budget = _round_up(max_new)
-      prompt_BP = jnp.asarray(_pad_rows(chunk, self.batch_size, P))
+      prompt_BP = self._put(_pad_rows(chunk, self.batch_size, P))
       lens = np.full(self.batch_size, 1, np.int32)
       lens[:len(chunk)] = [len(p) for p in chunk]
       for sample in range(1 + num_samples):
         self.calls += 1
         out = generate_jit(
-            self.model, self.params, prompt_BP, jnp.asarray(lens), max_new=budget,
+            self.model, self.params, prompt_BP, self._put(lens), max_new=budget,
             capacity=P + budget, feed="argmax" if sample == 0 else "sample",
             temperature=self.temperature, rng=jax.random.fold_in(self.rng, self.calls))
-        tokens_BA = np.asarray(out.tokens_BA)[:, :max_new]
+        tokens_BA = host_value(out.tokens_BA)[:, :max_new]
         for i in range(len(chunk)):
           results[start + i].append(tokens_BA[i])
     return results
@@ -79,7 +99,7 @@ class ModelFns:
       mask = np.zeros((self.batch_size, L), np.float32)
       for i, (seq, a) in enumerate(zip(chunk, answer_starts[start:start + len(chunk)])):
         mask[i, a - 1:len(seq) - 1] = 1.0  # target t+1 is answer token when t >= a - 1
-      lp = _logprob_jit(self.model, self.params, jnp.asarray(tokens[:, :-1]),
-                        jnp.asarray(tokens[:, 1:]), jnp.asarray(mask))
-      totals.append(np.asarray(lp, np.float64)[:len(chunk)])
+      lp = _logprob_jit(self.model, self.params, self._put(tokens[:, :-1]),
+                        self._put(tokens[:, 1:]), self._put(mask))
+      totals.append(host_value(lp).astype(np.float64)[:len(chunk)])
     return np.concatenate(totals)

@@ -222,8 +222,10 @@ class Transformer(nn.Module):
     if inputs.ndim == 2:
       x_BTC = jnp.take(table_VC, inputs, axis=0).astype(dt)
     else:
+      # HIGHEST: a one-hot row must give exactly the token's embedding (no TF32 rounding).
       x_BTC = jnp.einsum("btv,vc->btc", inputs.astype(jnp.float32),
-                         table_VC.astype(jnp.float32)).astype(dt)
+                         table_VC.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST).astype(dt)
     B, T = x_BTC.shape[:2]
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), bool)
@@ -260,7 +262,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
   # Long enough for one complete compressed block, so the compressor's parameters exist.
   seq_len = cfg.block_len + cfg.select_len
   model = Transformer(cfg)
-  return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  # Jitted: one compiled program instead of hundreds of eager ones.
+  return jax.jit(model.init)(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
 def count_params(params) -> int:
