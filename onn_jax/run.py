@@ -128,7 +128,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
   last: dict[str, Any] = {}
   bar = _progress(total, step, main)
-  tick, tokens_since = time.perf_counter(), 0
+  tick, tokens_since, steps_since = time.perf_counter(), 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
 
@@ -140,6 +140,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
       stage = "pretrain" if step < t.pretrain_steps else "eavi"
       local_batch = stream.batch(step)
       tokens_since += local_batch["inputs"].size * jax.process_count()
+      steps_since += 1
       state, out = runner.run(stage, state, runner.put_batch(local_batch))
       step += 1
       if t.reset_every and step % t.reset_every == 0:
@@ -154,11 +155,12 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
         now = time.perf_counter()
         last = {"step": step, "stage": stage, **out,
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),
+                "step_s": (now - tick) / max(steps_since, 1),
                 "skipped_total": int(_scalar_or_first(state.skipped, runner))}
         metrics_out.write(last)
         bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}",
                         stage=stage)
-        tick, tokens_since = now, 0
+        tick, tokens_since, steps_since = now, 0, 0
       bar.update(1)
       if nonfinite >= t.max_nonfinite:
         raise TrainingStopped(

@@ -46,7 +46,7 @@ def test_run_writes_metrics_checkpoints_plots_and_evaluation(finished_run):
   for r in steps_logged:
     for key in ("loss", "ce", "sdl_diversity", "sdl_sparsity", "answer_acc", "answer_exact",
                 "experts_per_token", "fallback_frac", "dead_experts", "lr", "grad_norm",
-                "tokens_per_s"):
+                "tokens_per_s", "step_s"):
       assert np.isfinite(r[key]), key
   assert "free_exact" in steps_logged[-1] and "exc_ce" in steps_logged[-1]
   resets = [r for r in records if r.get("event") == "reset"]
