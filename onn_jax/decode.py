@@ -20,7 +20,7 @@ class Generation(NamedTuple):
   tokens_BA: jax.Array  # int32: emitted tokens; PAD after END
   logprobs_BA: jax.Array  # float32: log p of each emitted token (0 after END)
   fed_BAV: jax.Array  # float32: what was fed back at each step (one-hot or distribution)
-  ended_B: jax.Array  # bool: END was emitted within the budget
+  ended_B: jax.Array  # bool: END was emitted within the budget (and the row's stop)
 
 
 def _choose(logits_BV, feed: str, temperature: float, rng, rows_B):
@@ -45,7 +45,8 @@ def _choose(logits_BV, feed: str, temperature: float, rng, rows_B):
 def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax.Array, *,
              max_new: int, capacity: int | None = None, feed: str = "argmax",
              temperature: float = 1.0, rng: jax.Array | None = None,
-             row_offset: jax.Array | int = 0) -> Generation:
+             row_offset: jax.Array | int = 0,
+             stop_after_B: jax.Array | None = None) -> Generation:
   """Generates ``max_new`` answer tokens after each prompt.
 
   Args:
@@ -58,6 +59,8 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
       distribution is fed back as its expected embedding; argmax is reported as the token).
       Reported log-probabilities are those of the untempered distribution.
     row_offset: global index of this batch's first row (data parallel), for sampling keys.
+    stop_after_B: int32 [B], optional: tokens each row needs; a row emits PAD after that many
+      (EAVI needs only the answer's length). Default: ``max_new``.
   """
   B, P = prompt_BP.shape
   capacity = capacity or P + max_new
@@ -81,22 +84,36 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
     logp_B = jnp.where(done_B, 0.0, logp_B)
     return token_B, fed_BV, logp_B, done_B | (token_B == END)
 
+  # A row is finished once it has emitted END or the tokens it needs (``stop_after_B``); a
+  # finished row emits PAD. Once every row is finished the model is no longer called, so a
+  # rollout costs what the batch's longest answer needs, not the static budget.
+  need_B = jnp.full((B,), max_new, jnp.int32) if stop_after_B is None else stop_after_B
+
   def step(carry, rng_step):
-    cache, logits_BV, pos_B, done_B = carry
+    cache, logits_BV, pos_B, done_B, k = carry
     token_B, fed_BV, logp_B, next_done_B = emit(logits_BV, done_B, rng_step)
-    logits_B1V, cache, _ = model.apply({"params": params}, fed_BV[:, None], mode="decode",
-                                       cache=cache, pos_B=jnp.minimum(pos_B, capacity - 1))
-    return (cache, logits_B1V[:, 0], pos_B + 1, next_done_B), (token_B, logp_B, fed_BV)
+    next_done_B = next_done_B | (k + 1 >= need_B)
+
+    def advance(cache):
+      logits_B1V, cache, _ = model.apply({"params": params}, fed_BV[:, None], mode="decode",
+                                         cache=cache, pos_B=jnp.minimum(pos_B, capacity - 1))
+      return logits_B1V[:, 0], cache
+
+    logits_BV, cache = jax.lax.cond(jnp.all(next_done_B), lambda c: (logits_BV, c), advance,
+                                    cache)
+    return (cache, logits_BV, pos_B + 1, next_done_B, k + 1), (token_B, logp_B, fed_BV)
 
   rngs = jax.random.split(rng, max_new)
   done_B = jnp.zeros((B,), bool)
   # The last token needs no decode step after it: scan max_new - 1 steps, then emit once.
-  (cache, logits_BV, _, done_B), (tokens, logps, feds) = jax.lax.scan(
-      step, (cache, logits_BV, prompt_len_B.astype(jnp.int32), done_B), rngs[:-1])
-  token_B, fed_BV, logp_B, done_B = emit(logits_BV, done_B, rngs[-1])
+  (cache, logits_BV, _, done_B, _), (tokens, logps, feds) = jax.lax.scan(
+      step, (cache, logits_BV, prompt_len_B.astype(jnp.int32), done_B, jnp.int32(0)),
+      rngs[:-1])
+  token_B, fed_BV, logp_B, _ = emit(logits_BV, done_B, rngs[-1])
   tokens_BA = jnp.concatenate([tokens.T, token_B[:, None]], 1)
   logprobs_BA = jnp.concatenate([logps.T, logp_B[:, None]], 1)
   fed_BAV = jnp.concatenate([feds.transpose(1, 0, 2), fed_BV[:, None]], 1)
+  done_B = jnp.any(tokens_BA == END, axis=1)
   return Generation(tokens_BA, logprobs_BA, fed_BAV, done_B)
 
 

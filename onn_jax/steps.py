@@ -183,14 +183,17 @@ def answer_mask(batch: dict) -> jax.Array:
 def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_offset=0):
   """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
 
-  Tokens that would fall past the sequence (position >= T) are generated against a clamped
-  cache position and never enter the alignment pass.
+  Each row generates as many tokens as its ground-truth answer has (the alignment pass
+  compares no more) and the loop stops calling the model once every row has, so the cost is
+  that of the batch's longest answer. Tokens that would fall past the sequence (position >= T)
+  are generated against a clamped cache position and never enter the alignment pass.
   """
   T = batch["inputs"].shape[1]
   return jax.lax.stop_gradient(generate(
       model, jax.lax.stop_gradient(params), batch["inputs"], batch["answer_start"],
       max_new=answer_budget(cfg, T), capacity=T, feed=cfg.eavi.feed,
-      temperature=cfg.eavi.temperature, rng=rng, row_offset=row_offset))
+      temperature=cfg.eavi.temperature, rng=rng, row_offset=row_offset,
+      stop_after_B=batch["answer_len"]))
 
 
 def alignment_loss(params, batch: dict, exc_BTV, *, model: Transformer, cfg: Config,

@@ -65,7 +65,9 @@ def test_argmax_excursion_is_greedy_decoding(setup):
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
   for b in range(2):
     seq = list(np.asarray(batch["inputs"][b, :int(batch["answer_start"][b])]))
-    for k in range(6):
+    need = int(batch["answer_len"][b])
+    assert (np.asarray(gen.tokens_BA[b, need:]) == PAD).all()  # nothing past the answer
+    for k in range(min(6, need)):
       padded = np.full((1, T), PAD, np.int32)
       padded[0, :len(seq)] = seq
       logits = forward(state.params, jnp.asarray(padded))[0, len(seq) - 1]

@@ -251,3 +251,21 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_logs_each_step_once(tmp_path, mon
   logged = [json.loads(line)["step"] for line in
             (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event"' not in line]
   assert logged == sorted(set(logged)) and logged[-1] == 6
+
+
+def test_steps_compile_once_per_length_bucket():
+  """No recompilation after the first step of each bucket (the fast-defaults promise)."""
+  from onn_jax import run
+  cfg = tiny_config(data={"buckets": [96, 128, 256]}, train={"batch_size": 4})
+  model = Transformer(cfg.model)
+  runner = run.make_runner(cfg, model)
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, 4, 0)
+  state = runner.put_state(steps.init_state(cfg, model, jax.random.PRNGKey(0)))
+  lengths = set()
+  for step in range(8):
+    batch = stream.batch(step)
+    lengths.add(batch["inputs"].shape[1])
+    state, _ = runner.run("pretrain", state, runner.put_batch(batch))
+  assert len(lengths) >= 2  # several buckets were drawn
+  assert runner._steps["pretrain"]._cache_size() == len(lengths)
