@@ -277,7 +277,8 @@ def rollouts(cfg: Config, params, tasks: Sequence[Task], *, feed: str = "argmax"
     index = np.where(index < len(items), index, start)  # pad with the chunk's first row
     chunk = _take_rows(batch, index)
     gen = _excursion_jit(model, params, {"inputs": jnp.asarray(chunk["inputs"]),
-                                         "answer_start": jnp.asarray(chunk["answer_start"])},
+                                         "answer_start": jnp.asarray(chunk["answer_start"]),
+                                         "answer_len": jnp.asarray(chunk["answer_len"])},
                          run_cfg, jax.random.fold_in(rng, start))
     tokens_BA = np.asarray(gen.tokens_BA)
     scores = score_rollouts(chunk, tokens_BA)
