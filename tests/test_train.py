@@ -76,14 +76,15 @@ def _final_state(workdir, cfg):
 
 
 def test_resume_in_a_new_process_is_bit_identical(finished_run, tmp_path):
-  """Half the steps, then a new process resumes for the rest: same params and Adam state."""
+  """Stop inside the EAVI stage (step 5 of 4 + 2), then a new process resumes for the rest:
+  same params, Adam state, RNG (which drives the rollouts) and routing counts."""
   whole_dir, cfg = finished_run
   sliced = tmp_path / "sliced"
   cfg_path = _write_config(tmp_path / "cfg.yaml", cfg)
-  assert app.train_and_evaluate(config.replace(cfg, train={"run_steps": 3}), sliced) == 0
-  assert checkpoint.manager(sliced / "checkpoints").latest_step() == 3
+  assert app.train_and_evaluate(config.replace(cfg, train={"run_steps": 5}), sliced) == 0
+  assert checkpoint.manager(sliced / "checkpoints").latest_step() == 5
   proc = subprocess.run([sys.executable, "-m", "train.main", "--config", cfg_path,
-                         "--workdir", str(sliced), "data.eval="],
+                         "--workdir", str(sliced), "eval.mode=greedy", "eval.max_tasks=1"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "resumed" in proc.stdout + proc.stderr
