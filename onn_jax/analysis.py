@@ -223,18 +223,16 @@ def score_rollouts(batch: dict[str, np.ndarray], tokens_BA: np.ndarray
 
   Returns ``exact_B`` (bool: every answer token, END included, matches), ``correct_B``
   (matching answer tokens) and ``answer_len_B``; rows with no answer are never exact.
-  The same definition as EAVI's ``free_exact`` metric.
+  The definition of EAVI's ``free_exact`` metric (:func:`onn_jax.steps.score_rollout`).
   """
   tokens_BA = np.asarray(tokens_BA)
-  gt_BA = answer_targets(batch, tokens_BA.shape[1])
   answer_len_B = np.asarray(batch["answer_len"])
   if np.any(answer_len_B > tokens_BA.shape[1]):
     raise ValueError(f"answers of up to {int(answer_len_B.max())} tokens, but only "
                      f"{tokens_BA.shape[1]} generated")
-  in_answer_BA = np.arange(tokens_BA.shape[1])[None] < answer_len_B[:, None]
-  hit_BA = tokens_BA == gt_BA
-  return {"exact_B": np.all(hit_BA | ~in_answer_BA, axis=1) & (answer_len_B > 0),
-          "correct_B": np.sum(hit_BA & in_answer_BA, axis=1),
+  scores = steps.score_rollout(tokens_BA, {k: np.asarray(batch[k]) for k in
+                                           ("targets", "answer_start", "answer_len")})
+  return {"exact_B": np.asarray(scores["exact_B"]), "correct_B": np.asarray(scores["correct_B"]),
           "answer_len_B": answer_len_B}
 
 

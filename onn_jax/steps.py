@@ -180,6 +180,25 @@ def answer_mask(batch: dict) -> jax.Array:
           ).astype(jnp.float32)
 
 
+def score_rollout(tokens_BA, batch: dict) -> dict:
+  """Generated answers against the ground truth, position by position (free-running).
+
+  Answer token k is ``targets[answer_start - 1 + k]`` for k < ``answer_len`` (the last is END).
+  Returns ``exact_B`` (every answer token matches; rows with no answer never do) and
+  ``correct_B`` (matching answer tokens).
+  """
+  A = tokens_BA.shape[1]
+  k_BA = jnp.arange(A)[None]
+  targets_BT = batch["targets"]
+  gt_BA = jnp.take_along_axis(
+      targets_BT, jnp.clip(batch["answer_start"][:, None] - 1 + k_BA, 0,
+                           targets_BT.shape[1] - 1), axis=1)
+  in_answer_BA = k_BA < batch["answer_len"][:, None]
+  hit_BA = tokens_BA == gt_BA
+  return {"exact_B": jnp.all(hit_BA | ~in_answer_BA, -1) & (batch["answer_len"] > 0),
+          "correct_B": jnp.sum(hit_BA & in_answer_BA, -1)}
+
+
 def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_offset=0):
   """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
 
@@ -234,18 +253,12 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
                     + cfg.eavi.tf_weight * report["ce"] + report["sdl"])
   report["target_tokens"] = stats_tf["tokens"]
   # Free-running quality of the rollout itself: its argmax tokens against the ground truth.
-  A = gen.tokens_BA.shape[1]
-  k_BA = jnp.arange(A)[None]
-  gt_BA = jnp.take_along_axis(
-      batch["targets"], jnp.clip(batch["answer_start"][:, None] - 1 + k_BA, 0,
-                                 batch["targets"].shape[1] - 1), axis=1)
-  in_answer_BA = k_BA < batch["answer_len"][:, None]
-  hit_BA = (gen.tokens_BA == gt_BA) | ~in_answer_BA
-  has_B = batch["answer_len"] > 0
-  free = sums({"exact": jnp.sum(jnp.all(hit_BA, -1) & has_B).astype(jnp.float32),
-               "examples": jnp.sum(has_B).astype(jnp.float32),
-               "correct": jnp.sum((gen.tokens_BA == gt_BA) & in_answer_BA).astype(jnp.float32),
-               "tokens": jnp.sum(in_answer_BA).astype(jnp.float32)})
+  rollout = score_rollout(gen.tokens_BA, batch)
+  free = sums({"exact": jnp.sum(rollout["exact_B"]).astype(jnp.float32),
+               "examples": jnp.sum(batch["answer_len"] > 0).astype(jnp.float32),
+               "correct": jnp.sum(rollout["correct_B"]).astype(jnp.float32),
+               "tokens": jnp.sum(jnp.minimum(batch["answer_len"], gen.tokens_BA.shape[1])
+                                 ).astype(jnp.float32)})
   report["free_exact"] = free["exact"] / jnp.maximum(free["examples"], 1.0)
   report["free_token_acc"] = free["correct"] / jnp.maximum(free["tokens"], 1.0)
   return _apply_grads(state, grads, rng, cfg, axis_name, report,
