@@ -43,6 +43,7 @@ def load_eval_tasks(spec: str, cfg: Config, max_tasks: int) -> list:
 def protocol(cfg: Config) -> dict[str, Any]:
   d = cfg.data
   return {"train": d.train, "eval": d.eval, "eval_demos": d.eval_demos,
+          "hold_out_train_tests": d.hold_out_train_tests,
           "leakage_guard": d.leakage_guard, "max_grid": d.max_grid,
           "pretrain_steps": cfg.train.pretrain_steps, "eavi_steps": cfg.train.eavi_steps}
 

@@ -57,6 +57,9 @@ class DataConfig:
   train: str = "arc-agi-1:training"
   eval: str = "arc-agi-1:evaluation"  # "" for none
   eval_demos: bool = False  # add leave-one-out sequences of the eval tasks' demonstrations
+  # Train on the training tasks' demonstrations only, so their test outputs stay held out (for
+  # `train.evaluate --data <the training split>`: exact match on unseen test outputs).
+  hold_out_train_tests: bool = False
   leakage_guard: bool = True
   skip_bad: bool = False  # skip (and count) malformed tasks instead of failing
   max_grid: int = 30  # keep only tasks whose grids all fit max_grid x max_grid

@@ -265,3 +265,32 @@ def test_build_training_tasks_guard_filter_limit_and_eval_demos():
                           max_train_tasks=25), log=lambda _: None)
   assert [t.id for t in limited] == sorted(t.id for t in limited) and len(limited) == 25
   assert info2["leaked_removed"] == 0 and info2["limit_removed"] > 0
+
+
+def test_hold_out_train_tests_keeps_every_test_output_out_of_the_stream():
+  cfg = DataConfig(train="arc-agi-1:training", eval="", max_train_tasks=40, buckets=(1024,),
+                   hold_out_train_tests=True)
+  lines = []
+  tasks, info = build_training_tasks(cfg, log=lines.append)
+  assert any("held out" in line for line in lines) and "held out" in info["protocol"]
+  assert len(tasks) == 40 and all(t.test == [] for t in tasks)
+  source = {t.id: t for t in load_tasks("arc-agi-1:training")}
+  stream = BatchStream(tasks, cfg, batch_size=4, seed=0)
+  # Every item's target is one of its task's demonstration outputs, and a held-out test pair
+  # is never a target unless the task also shows it as a demonstration.
+  assert len(stream.items) + stream.num_too_long == sum(
+      len(t.train) for t in tasks if len(t.train) >= 2)
+  assert len(stream.items) > 50
+  for task, test_index in stream.items:
+    original = source[task.id.split("/loo")[0]]
+    target_in, target_out = task.test[test_index]
+    assert any(np.array_equal(target_in, i) and np.array_equal(target_out, o)
+               for i, o in original.train)
+    for pair in task.train + task.test:
+      for test_in, test_out in original.test:
+        if np.array_equal(pair[0], test_in) and np.array_equal(pair[1], test_out):
+          assert any(np.array_equal(test_in, i) and np.array_equal(test_out, o)
+                     for i, o in original.train)
+  kept, _ = build_training_tasks(dataclasses.replace(cfg, hold_out_train_tests=False),
+                                 log=lambda _: None)
+  assert sum(len(t.test) for t in kept) >= 40

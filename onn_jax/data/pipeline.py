@@ -54,8 +54,10 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   Steps: load ``cfg.train`` (sources joined by "+", a task id seen twice is kept once); when
   ``cfg.eval`` is set and ``cfg.leakage_guard``, drop tasks leaked from the evaluation split
   (:func:`remove_leaked`); keep tasks whose grids fit ``cfg.max_grid``; keep the first
-  ``cfg.max_train_tasks`` by id (0: all); when ``cfg.eval_demos``, add the leave-one-out tasks
-  of every evaluation task (built from demonstrations only: test outputs are never read).
+  ``cfg.max_train_tasks`` by id (0: all); when ``cfg.hold_out_train_tests``, drop the training
+  tasks' test pairs (each task then trains through the leave-one-out sequences of its
+  demonstrations alone); when ``cfg.eval_demos``, add the leave-one-out tasks of every
+  evaluation task (built from demonstrations only: test outputs are never read).
 
   Info keys: loaded, duplicates_removed, skipped_bad, leaked_removed, too_large,
   limit_removed, train_tasks, eval_demo_tasks, total (ints) and protocol (one line).
@@ -98,6 +100,10 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
     tasks = tasks[:cfg.max_train_tasks]
     protocol.append(f"first {cfg.max_train_tasks} by id")
   info["train_tasks"] = len(tasks)
+  if cfg.hold_out_train_tests:
+    tasks = [Task(id=t.id, train=t.train, test=[]) for t in tasks]
+    log(f"data: the test pairs of the {len(tasks)} training tasks are held out")
+    protocol.append("training tasks' test pairs held out")
 
   if cfg.eval_demos and cfg.eval:
     # Leave-one-out tasks read only each task's demonstrations: the test pairs (and the test
