@@ -98,10 +98,40 @@ def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainStat
   return state
 
 
+# What a resumed run must share with the run that wrote its checkpoints: the model and the data
+# (the batch at step s is a function of these, the seed and the batch size). Execution choices
+# (parallel layout, remat, NSA implementation, compute dtype), stage lengths, optimiser and EAVI
+# settings, checkpointing and evaluation may change between invocations.
+RESUME_MAY_CHANGE = {"model": {"remat", "nsa_impl", "compute_dtype"},
+                     "train": set(config.TrainConfig.__dataclass_fields__) - {"seed", "batch_size"}}
+RESUME_FIXED_SECTIONS = ("model", "data", "train")
+
+
+def check_resume(saved: Config, cfg: Config) -> None:
+  """Raises ConfigError naming the first setting that differs from the checkpointed run's."""
+  old, new = config.to_dict(saved), config.to_dict(cfg)
+  for section in RESUME_FIXED_SECTIONS:
+    for key, value in new[section].items():
+      if key in RESUME_MAY_CHANGE.get(section, ()) or old[section].get(key) == value:
+        continue
+      raise config.ConfigError(
+          f"{section}.{key}={value!r} differs from the checkpointed run's "
+          f"{old[section].get(key)!r}: resuming would splice two different runs; use a new "
+          "--workdir (or train.init_from) or set it back")
+
+
 def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   """Runs the configured stages; returns a summary (last metrics, steps, paths)."""
   workdir = Path(workdir)
   main = is_main_process()
+  mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
+                            cfg.checkpoint.async_save)
+  if mngr.latest_step() is not None and (workdir / "config.yaml").is_file():
+    try:
+      check_resume(config.load(workdir / "config.yaml"), cfg)
+    except config.ConfigError:
+      mngr.close()
+      raise
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
     config.save(cfg, workdir / "config.yaml")
@@ -112,8 +142,6 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                        process_index=jax.process_index(), process_count=jax.process_count())
   model = Transformer(cfg.model)
   runner = make_runner(cfg, model)
-  mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
-                            cfg.checkpoint.async_save)
   state = initial_state(cfg, model, mngr, log)
   if main:
     metrics_out.truncate_after(int(state.step))

@@ -270,3 +270,24 @@ def test_steps_compile_once_per_length_bucket():
     state, _ = runner.run("pretrain", state, runner.put_batch(batch))
   assert len(lengths) >= 2  # several buckets were drawn
   assert runner._steps["pretrain"]._cache_size() == len(lengths)
+
+
+def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_path, capsys):
+  """A resume may change execution choices and stage lengths, never what defines the batches
+  or the model; a refused resume leaves the workdir as it was."""
+  from onn_jax import run
+  workdir, cfg = finished_run
+  saved = config.load(workdir / "config.yaml")
+  run.check_resume(saved, config.replace(cfg, train={"eavi_steps": 9, "learning_rate": 1e-4},
+                                         model={"remat": True}, parallel={"mode": "pmap"},
+                                         eval={"mode": "vote"}))
+  for changed, name in [(config.replace(cfg, data={"buckets": (128, 256)}), "data.buckets"),
+                        (config.replace(cfg, train={"seed": 5}), "train.seed"),
+                        (config.replace(cfg, model={"num_experts": 6}), "model.num_experts")]:
+    with pytest.raises(config.ConfigError, match=name.replace(".", r"\.")):
+      run.check_resume(saved, changed)
+  before = (workdir / "config.yaml").read_text()
+  assert app.train_and_evaluate(config.replace(cfg, train={"batch_size": 8}), workdir) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "train.batch_size=8" in err[0] and "checkpointed run" in err[0]
+  assert (workdir / "config.yaml").read_text() == before
