@@ -156,7 +156,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
   last: dict[str, Any] = {}
   bar = _progress(total, step, main)
-  tick, tokens_since, steps_since = time.perf_counter(), 0, 0
+  tick, tokens_since, real_since, steps_since = time.perf_counter(), 0, 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
 
@@ -167,7 +167,9 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     while step < stop_at:
       stage = "pretrain" if step < t.pretrain_steps else "eavi"
       local_batch = stream.batch(step)
+      # Per process: its own rows, scaled by the process count (rows are drawn alike).
       tokens_since += local_batch["inputs"].size * jax.process_count()
+      real_since += int(local_batch["valid"].sum()) * jax.process_count()
       steps_since += 1
       state, out = runner.run(stage, state, runner.put_batch(local_batch))
       step += 1
@@ -182,13 +184,14 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
         out = jax.tree.map(host_value, out)
         now = time.perf_counter()
         last = {"step": step, "stage": stage, **out,
-                "tokens_per_s": tokens_since / max(now - tick, 1e-9),
+                "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
+                "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
                 "skipped_total": int(_scalar_or_first(state.skipped, runner))}
         metrics_out.write(last)
         bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}",
                         stage=stage)
-        tick, tokens_since, steps_since = now, 0, 0
+        tick, tokens_since, real_since, steps_since = now, 0, 0, 0
       bar.update(1)
       if nonfinite >= t.max_nonfinite:
         raise TrainingStopped(
