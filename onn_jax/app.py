@@ -97,10 +97,10 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
   except USER_ERRORS as err:
     return _fail(err)
   state = result["state"]
-  params = state.ema if jax.tree.leaves(state.ema) else state.params
-  evaluate_params(cfg, jax.device_get(params), tasks, workdir / "eval",
-                  extra={"step": result["step"],
-                         "weights": "ema" if jax.tree.leaves(state.ema) else "params"})
+  use_ema = cfg.eval.weights == "ema" and bool(jax.tree.leaves(state.ema))
+  evaluate_params(cfg, jax.device_get(state.ema if use_ema else state.params), tasks,
+                  workdir / "eval",
+                  extra={"step": result["step"], "weights": "ema" if use_ema else "params"})
   return 0
 
 
@@ -117,7 +117,8 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
     cfg = config.load(cfg_path, overrides)
     target = init_params(cfg.model, jax.random.PRNGKey(0))
-    params, record = checkpoint.load_params(run_dir, target)
+    params, record = checkpoint.load_params(run_dir, target,
+                                            prefer_ema=cfg.eval.weights == "ema")
     spec = data or cfg.data.eval
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")

@@ -111,6 +111,7 @@ class EvalConfig:
   temperature: float = 1.0
   batch_size: int = 16
   sheet_tasks: int = 8
+  weights: str = "ema"  # ema (when the run kept one) | params
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ def validate(cfg: Config) -> Config:
   _require(e.warmup_steps >= 0, f"eavi.warmup_steps: must be >= 0, got {e.warmup_steps}")
 
   _one_of("eval.mode", ev.mode, ("greedy", "vote", "augscore"))
+  _one_of("eval.weights", ev.weights, ("ema", "params"))
   for key in ("max_tasks", "color_perms", "samples", "sheet_tasks"):
     _require(getattr(ev, key) >= 0, f"eval.{key}: must be >= 0, got {getattr(ev, key)}")
   _require(ev.batch_size > 0, f"eval.batch_size: must be positive, got {ev.batch_size}")

@@ -293,3 +293,25 @@ def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_pat
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "train.batch_size=8" in err[0] and "checkpointed run" in err[0]
   assert (workdir / "config.yaml").read_text() == before
+
+
+def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch, capsys):
+  cfg = tiny_config(train={"pretrain_steps": 2, "ema_decay": 0.5, "batch_size": 4},
+                    data={"buckets": [128], "max_train_tasks": 20, "eval": ""})
+  assert app.train_and_evaluate(cfg, tmp_path) == 0
+  state = _final_state(tmp_path, cfg)
+  seen = {}
+  monkeypatch.setattr(app, "evaluate_params",
+                      lambda cfg, params, tasks, out, extra: seen.update(params=params, **extra))
+  for weights, expected in (("ema", state.ema), ("params", state.params)):
+    assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:evaluation", tmp_path / weights,
+                                   [f"eval.weights={weights}", "eval.max_tasks=1"]) == 0
+    assert seen["weights"] == weights
+    for a, b in zip(jax.tree.leaves(seen["params"]), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.ema),
+                                                      jax.tree.leaves(state.params)))
+  capsys.readouterr()
+  assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "eval.weights" in err[0]
