@@ -58,11 +58,14 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """Clipping + AdamW at unit learning rate. The step scales the update by
+  ``learning_rate_schedule(cfg)(state.step)``: the schedule follows the run's step, skipped
+  non-finite steps included, so the logged rate, the applied rate and the pretrain -> EAVI
+  switch agree (optax's own count advances only on applied updates)."""
   t = cfg.train
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(learning_rate_schedule(cfg), b1=t.b1, b2=t.b2,
-                  weight_decay=t.weight_decay, mask=decay_mask))
+      optax.adamw(1.0, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
 def init_state(cfg: Config, model: Transformer, rng: jax.Array, params=None) -> TrainState:
@@ -89,8 +92,9 @@ def _apply_grads(state: TrainState, grads, rng, cfg: Config, axis_name, report: 
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                           for g in jax.tree.leaves(grads)))
   finite = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
+  lr = learning_rate_schedule(cfg)(state.step)
   updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
   params = _tree_where(finite, new_params, state.params)
   opt_state = _tree_where(finite, new_opt, state.opt_state)
   ema = state.ema
@@ -105,7 +109,7 @@ def _apply_grads(state: TrainState, grads, rng, cfg: Config, axis_name, report: 
       skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = dict(report)
   metrics.update(
-      grad_norm=grad_norm, lr=learning_rate_schedule(cfg)(state.step),
+      grad_norm=grad_norm, lr=lr,
       skipped=(~finite).astype(jnp.int32),
       experts_per_token=jnp.sum(routing["active_sum"]) / jnp.maximum(
           jnp.sum(routing["routed_tokens"]), 1),

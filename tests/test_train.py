@@ -315,3 +315,26 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "eval.weights" in err[0]
+
+
+def test_learning_rate_follows_the_run_step_across_a_skipped_step(trained_state):
+  """A skipped step 0 then a good step 1: the update uses the schedule at step 1 (> 0), not at
+  optax's count of applied updates (still 0, where the warmup's rate is 0 and nothing moves)."""
+  cfg, model, stream, _ = trained_state
+  cfg = config.replace(cfg, train={"warmup_steps": 8})
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))
+  fresh = steps.init_state(cfg, model, jax.random.PRNGKey(3))
+  bad = fresh.replace(params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[0].set(jnp.nan) if "embedding" in jax.tree_util.keystr(p) else x,
+      fresh.params))
+  skipped, _ = step(bad, stream.batch(5))
+  assert int(skipped.skipped) == 1 and int(skipped.step) == 1
+  after_skip, metrics = step(skipped.replace(params=fresh.params), stream.batch(6))
+  direct, _ = step(fresh.replace(step=fresh.step + 1), stream.batch(6))
+  np.testing.assert_allclose(float(metrics["lr"]), float(steps.learning_rate_schedule(cfg)(1)),
+                             rtol=1e-6)
+  assert float(metrics["lr"]) > 0
+  assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                 zip(jax.tree.leaves(after_skip.params), jax.tree.leaves(fresh.params)))
+  for a, b in zip(jax.tree.leaves(after_skip.params), jax.tree.leaves(direct.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
