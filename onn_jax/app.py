@@ -123,6 +123,9 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")
     tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
+    if spec in cfg.data.train.split("+") and not cfg.data.hold_out_train_tests:
+      print(f"warning: {spec} is training data of this run and data.hold_out_train_tests was "
+            "off: these test outputs were trained on", file=sys.stderr)
   except USER_ERRORS as err:
     return _fail(err)
   out_dir = Path(out_dir or run_dir / "eval")

@@ -40,8 +40,15 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"{mngr.directory}: no checkpoint to restore")
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(target)), record=ocp.args.JsonRestore()))
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target)), record=ocp.args.JsonRestore()))
+  except ValueError as err:  # Orbax: the saved tree has other leaves or shapes
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise CheckpointError(
+        f"{mngr.directory} step {step}: the saved state does not fit this run's state (an "
+        f"older layout or another model/EMA setting; train.init_from takes only its "
+        f"parameters): {first}") from err
   return out["state"], dict(out["record"] or {})
 
 

@@ -7,6 +7,7 @@ starts; a bad value raises :class:`ConfigError` whose one-line message names the
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,7 +338,11 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
 
 
 def save(cfg: Config, path: str | Path) -> None:
-  Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  """Writes the YAML atomically: other processes reading ``path`` see the old or the new file."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  os.replace(tmp, path)
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

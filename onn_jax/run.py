@@ -99,11 +99,13 @@ def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainStat
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the model and the data
-# (the batch at step s is a function of these, the seed and the batch size). Execution choices
-# (parallel layout, remat, NSA implementation, compute dtype), stage lengths, optimiser and EAVI
-# settings, checkpointing and evaluation may change between invocations.
+# (the batch at step s is a function of these, the seed and the batch size) and the EMA setting
+# (it decides what the checkpointed state holds). Execution choices (parallel layout, remat, NSA
+# implementation, compute dtype), stage lengths, optimiser and EAVI settings, checkpointing and
+# evaluation may change between invocations.
 RESUME_MAY_CHANGE = {"model": {"remat", "nsa_impl", "compute_dtype"},
-                     "train": set(config.TrainConfig.__dataclass_fields__) - {"seed", "batch_size"}}
+                     "train": set(config.TrainConfig.__dataclass_fields__)
+                     - {"seed", "batch_size", "ema_decay"}}
 RESUME_FIXED_SECTIONS = ("model", "data", "train")
 
 
@@ -128,7 +130,11 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                             cfg.checkpoint.async_save)
   if mngr.latest_step() is not None and (workdir / "config.yaml").is_file():
     try:
-      check_resume(config.load(workdir / "config.yaml"), cfg)
+      try:
+        saved = config.load(workdir / "config.yaml")
+      except config.ConfigError as err:
+        raise config.ConfigError(f"{workdir / 'config.yaml'} (the checkpointed run's): {err}")
+      check_resume(saved, cfg)
     except config.ConfigError:
       mngr.close()
       raise

@@ -285,9 +285,18 @@ def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_pat
                                          eval={"mode": "vote"}))
   for changed, name in [(config.replace(cfg, data={"buckets": (128, 256)}), "data.buckets"),
                         (config.replace(cfg, train={"seed": 5}), "train.seed"),
-                        (config.replace(cfg, model={"num_experts": 6}), "model.num_experts")]:
+                        (config.replace(cfg, model={"num_experts": 6}), "model.num_experts"),
+                        (config.replace(cfg, train={"ema_decay": 0.9}), "train.ema_decay")]:
     with pytest.raises(config.ConfigError, match=name.replace(".", r"\.")):
       run.check_resume(saved, changed)
+  # A state of another layout (here: with an EMA the run never kept) is one clear error too.
+  with_ema = config.replace(cfg, train={"ema_decay": 0.9})
+  target = steps.init_state(with_ema, Transformer(with_ema.model), jax.random.PRNGKey(0))
+  mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
+  with pytest.raises(checkpoint.CheckpointError, match="does not fit") as info:
+    checkpoint.restore(mngr, target)
+  mngr.close()
+  assert "\n" not in str(info.value)
   before = (workdir / "config.yaml").read_text()
   assert app.train_and_evaluate(config.replace(cfg, train={"batch_size": 8}), workdir) == 1
   err = capsys.readouterr().err.strip().splitlines()
@@ -311,7 +320,10 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.ema),
                                                       jax.tree.leaves(state.params)))
-  capsys.readouterr()
+  assert "warning" not in capsys.readouterr().err
+  # Scoring the run's own training split, whose test pairs it trained on, is said.
+  assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:training", tmp_path / "train", []) == 0
+  assert "training data of this run" in capsys.readouterr().err
   assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "eval.weights" in err[0]

@@ -12,6 +12,7 @@ process of the same run, sees exactly the same data.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -101,7 +102,7 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
     protocol.append(f"first {cfg.max_train_tasks} by id")
   info["train_tasks"] = len(tasks)
   if cfg.hold_out_train_tests:
-    tasks = [Task(id=t.id, train=t.train, test=[]) for t in tasks]
+    tasks = [dataclasses.replace(t, test=[]) for t in tasks]
     log(f"data: the test pairs of the {len(tasks)} training tasks are held out")
     protocol.append("training tasks' test pairs held out")
 
