@@ -109,6 +109,13 @@ RESUME_MAY_CHANGE = {"model": {"remat", "nsa_impl", "compute_dtype"},
 RESUME_FIXED_SECTIONS = ("model", "data", "train")
 
 
+def _saved_config(path: Path) -> Config:
+  try:
+    return config.load(path)
+  except config.ConfigError as err:
+    raise config.ConfigError(f"{path} (the checkpointed run's): {err}") from None
+
+
 def check_resume(saved: Config, cfg: Config) -> None:
   """Raises ConfigError naming the first setting that differs from the checkpointed run's."""
   old, new = config.to_dict(saved), config.to_dict(cfg)
@@ -130,11 +137,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                             cfg.checkpoint.async_save)
   if mngr.latest_step() is not None and (workdir / "config.yaml").is_file():
     try:
-      try:
-        saved = config.load(workdir / "config.yaml")
-      except config.ConfigError as err:
-        raise config.ConfigError(f"{workdir / 'config.yaml'} (the checkpointed run's): {err}")
-      check_resume(saved, cfg)
+      check_resume(_saved_config(workdir / "config.yaml"), cfg)
     except config.ConfigError:
       mngr.close()
       raise
