@@ -17,7 +17,7 @@ import optax
 
 from onn_jax import objectives
 from onn_jax.config import Config
-from onn_jax.data.tokens import VOCAB_SIZE
+from onn_jax.data.tokens import END, VOCAB_SIZE
 from onn_jax.decode import generate
 from onn_jax.model.transformer import Transformer, init_params
 
@@ -184,6 +184,24 @@ def answer_mask(batch: dict) -> jax.Array:
           ).astype(jnp.float32)
 
 
+def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
+  """[B, T] float: the answer positions whose context the rollout really produced.
+
+  Answer token k is predicted at position ``answer_start - 1 + k`` from the excursion's tokens
+  0..k-1. A rollout that emitted END at index e never generates past it: predictions k <= e
+  (the last one being the END decision itself) are scored, later ones would be trained on a
+  context (END, then PAD) that never occurs when the model generates, so they are not.
+  """
+  end_BA = (tokens_BA == END).astype(jnp.int32)
+  produced_BA = (jnp.cumsum(end_BA, axis=1) - end_BA) == 0  # no END strictly before k
+  A = tokens_BA.shape[1]
+  k_BT = jnp.arange(batch["inputs"].shape[1])[None] - batch["answer_start"][:, None] + 1
+  produced_BT = jnp.take_along_axis(produced_BA, jnp.clip(k_BT, 0, A - 1), axis=1)
+  # Beyond the rollout's budget the alignment pass feeds the ground truth (excursion_inputs):
+  # those positions stay scored like teacher forcing.
+  return answer_mask(batch) * (produced_BT | (k_BT >= A)).astype(jnp.float32)
+
+
 def score_rollout(tokens_BA, batch: dict) -> dict:
   """Generated answers against the ground truth, position by position (free-running).
 
@@ -219,17 +237,23 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
       stop_after_B=batch["answer_len"]))
 
 
-def alignment_loss(params, batch: dict, exc_BTV, *, model: Transformer, cfg: Config,
-                   axis_name=None, num_devices: int = 1):
-  """Stage 2 of EAVI: one parallel pass over [prompt + excursion ; prompt + ground truth]."""
+def alignment_loss(params, batch: dict, exc_BTV, exc_mask_BT=None, *, model: Transformer,
+                   cfg: Config, axis_name=None, num_devices: int = 1):
+  """Stage 2 of EAVI: one parallel pass over [prompt + excursion ; prompt + ground truth].
+
+  The excursion half is scored on ``exc_mask_BT`` (:func:`excursion_mask`: what the rollout
+  produced; default every answer position), the teacher-forced half on every answer position;
+  both are normalised by the answer tokens, so an early END does not reweight the terms.
+  """
   B = batch["inputs"].shape[0]
   mask_BT = answer_mask(batch)
+  exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
   inputs = jnp.concatenate([exc_BTV, jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)], 0)
   valid = jnp.concatenate([batch["valid"], batch["valid"]], 0)
   logits_2BTV, _, aux = model.apply({"params": params}, inputs, valid)
-  stats_exc = objectives.answer_stats(logits_2BTV[:B], batch["targets"], mask_BT)
+  stats_exc = objectives.answer_stats(logits_2BTV[:B], batch["targets"], exc_mask_BT)
   stats_tf = objectives.answer_stats(logits_2BTV[B:], batch["targets"], mask_BT)
-  tokens = jnp.maximum(objectives.psum(stats_exc["tokens"], axis_name), 1.0)
+  tokens = jnp.maximum(objectives.psum(stats_tf["tokens"], axis_name), 1.0)
   sdl_local, sdl_report = objectives.sdl(aux, cfg.model, axis_name, num_devices)
   e = cfg.eavi
   loss = (e.excursion_weight * stats_exc["ce_sum"] + e.tf_weight * stats_tf["ce_sum"]) / tokens
@@ -246,15 +270,18 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
   exc_BTV = excursion_inputs(batch, gen.fed_BAV)
   grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_loss, has_aux=True)(
-      state.params, batch, exc_BTV, model=model, cfg=cfg, axis_name=axis_name,
-      num_devices=num_devices)
+      state.params, batch, exc_BTV, excursion_mask(batch, gen.tokens_BA), model=model,
+      cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)
   stats_exc, stats_tf = sums(stats_exc), sums(stats_tf)
   report = _answer_report(stats_tf)
   report.update(_answer_report(stats_exc, "exc_"))
   report.update(sdl_report)
-  report["loss"] = (cfg.eavi.excursion_weight * report["exc_ce"]
-                    + cfg.eavi.tf_weight * report["ce"] + report["sdl"])
+  # The objective itself: both CE sums over the answer tokens (exc_ce is per produced token).
+  report["loss"] = (cfg.eavi.excursion_weight * stats_exc["ce_sum"]
+                    + cfg.eavi.tf_weight * stats_tf["ce_sum"]) / jnp.maximum(
+                        stats_tf["tokens"], 1.0) + report["sdl"]
+  report["exc_scored_frac"] = stats_exc["tokens"] / jnp.maximum(stats_tf["tokens"], 1.0)
   report["target_tokens"] = stats_tf["tokens"]
   # Free-running quality of the rollout itself: its argmax tokens against the ground truth.
   rollout = score_rollout(gen.tokens_BA, batch)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import steps
+from onn_jax import objectives, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
-from onn_jax.data.tokens import END, PAD
+from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
 from onn_jax.model.transformer import Transformer
 
 from conftest import tiny_config
@@ -91,3 +91,38 @@ def test_eavi_step_compiles_once_and_learns_on_a_fixed_batch(setup):
     assert np.isfinite(losses[-1]) and 0.0 <= float(metrics["free_exact"]) <= 1.0
   assert step._cache_size() == 1
   assert losses[-1] < losses[2]  # alignment on its own rollouts lowers the excursion CE
+
+
+def test_excursion_after_an_early_end_is_not_scored(setup):
+  """A rollout that stops early is scored up to and including its END decision, no further;
+  the objective stays normalised by the answer tokens."""
+  cfg, model, state, batch = setup
+  B = batch["inputs"].shape[0]
+  A = steps.answer_budget(cfg, batch["inputs"].shape[1])
+  answer_len = np.asarray(batch["answer_len"])
+  assert (answer_len >= 3).all()
+  tokens_BA = np.ones((B, A), np.int32)  # colour 1 everywhere: never END
+  tokens_BA[0, 1] = END  # row 0 stops after its second token
+  tokens_BA[0, 2:] = PAD
+  mask_BT = np.asarray(steps.excursion_mask(batch, jnp.asarray(tokens_BA)))
+  full_BT = np.asarray(steps.answer_mask(batch))
+  start = int(batch["answer_start"][0])
+  kept = np.flatnonzero(mask_BT[0])
+  # Answer tokens 0 and 1 (the END decision) are predicted at answer_start - 1 and answer_start.
+  np.testing.assert_array_equal(kept, [start - 1, start])
+  np.testing.assert_array_equal(mask_BT[1:], full_BT[1:])
+
+  # The loss uses exactly that mask: its excursion CE equals a hand-computed masked sum.
+  fed_BAV = jax.nn.one_hot(jnp.asarray(tokens_BA), VOCAB_SIZE)
+  exc_BTV = steps.excursion_inputs(batch, fed_BAV)
+  loss, (stats_exc, stats_tf, _, aux) = steps.alignment_loss(
+      state.params, batch, exc_BTV, jnp.asarray(mask_BT), model=model, cfg=cfg)
+  logits_BTV = model.apply({"params": state.params}, exc_BTV, batch["valid"])[0]
+  ce_BT = np.asarray(objectives.token_cross_entropy(logits_BTV, batch["targets"]))
+  # float32 sums of a few hundred terms of size ~3: relative rounding well under 1e-5.
+  np.testing.assert_allclose(float(stats_exc["ce_sum"]), (ce_BT * mask_BT).sum(), rtol=1e-5)
+  assert float(stats_exc["tokens"]) == mask_BT.sum()
+  want = (cfg.eavi.excursion_weight * float(stats_exc["ce_sum"]) + cfg.eavi.tf_weight
+          * float(stats_tf["ce_sum"])) / float(stats_tf["tokens"])
+  sdl_local = float(objectives.sdl(aux, cfg.model)[0])
+  np.testing.assert_allclose(float(loss), want + sdl_local, rtol=1e-6)
