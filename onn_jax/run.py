@@ -1,9 +1,10 @@
 """The training run behind ``python -m train.main``: data, model, steps, checkpoints, metrics.
 
-Teacher forcing for ``train.pretrain_steps``, then EAVI for ``train.eavi_steps``, then
-evaluation on ``data.eval``. A run on a workdir that holds checkpoints resumes from the latest
-one and continues bit-identically (the batch at step s depends only on (seed, s), and the RNG
-lives in the checkpointed state).
+The registered training stages in order (:mod:`onn_jax.stages`: teacher forcing for
+``train.pretrain_steps``, then EAVI for ``train.eavi_steps``), then evaluation on
+``data.eval``. A run on a workdir that holds checkpoints resumes from the latest one and
+continues bit-identically (the batch at step s depends only on (seed, s), and the RNG lives in
+the checkpointed state).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onn_jax import checkpoint, config, experts, steps
+from onn_jax import checkpoint, config, experts, stages, steps
 from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model.transformer import Transformer, count_params
@@ -79,10 +80,9 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def make_runner(cfg: Config, model: Transformer) -> Runner:
-  return Runner(cfg, {
-      "pretrain": functools.partial(steps.train_step, model=model, cfg=cfg),
-      "eavi": functools.partial(steps.eavi_step, model=model, cfg=cfg),
-  })
+  """A Runner holding every registered stage's step (compiled on first use)."""
+  return Runner(cfg, {stage.name: functools.partial(stage.step, model=model, cfg=cfg)
+                      for stage in stages.registered()})
 
 
 def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainState:
@@ -159,7 +159,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   state = runner.put_state(state)
 
   t = cfg.train
-  total = t.pretrain_steps + t.eavi_steps
+  total = stages.total_steps(cfg)
   step = int(host_value(runner.get_state(state).step))
   stop_at = min(total, step + t.run_steps) if t.run_steps else total
   record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
@@ -174,7 +174,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
 
   try:
     while step < stop_at:
-      stage = "pretrain" if step < t.pretrain_steps else "eavi"
+      stage = stages.stage_at(cfg, step).name
       local_batch = stream.batch(step)
       # Per process: its own rows, scaled by the process count (rows are drawn alike).
       tokens_since += local_batch["inputs"].size * jax.process_count()

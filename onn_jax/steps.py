@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from onn_jax import objectives
+from onn_jax import objectives, stages
 from onn_jax.config import Config
 from onn_jax.data.tokens import END, VOCAB_SIZE
 from onn_jax.decode import generate
@@ -37,17 +37,16 @@ class TrainState:
   skipped: jax.Array  # int32: skipped steps in total
 
 
+def warmup_cosine(peak: float, warmup: int, num_steps: int, min_ratio: float
+                  ) -> optax.Schedule:
+  """Linear warmup to ``peak``, then cosine decay to ``peak * min_ratio`` at ``num_steps``."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1),
+                                            peak * min_ratio)
+
+
 def learning_rate_schedule(cfg: Config) -> optax.Schedule:
-  """Warmup + cosine for pretraining, then a fresh warmup + cosine for EAVI."""
-  t, e = cfg.train, cfg.eavi
-
-  def warmup_cosine(peak, warmup, steps):
-    return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup, max(steps, warmup + 1), peak * t.min_lr_ratio)
-
-  pretrain = warmup_cosine(t.learning_rate, t.warmup_steps, t.pretrain_steps)
-  eavi = warmup_cosine(e.learning_rate, e.warmup_steps, t.eavi_steps)
-  return optax.join_schedules([pretrain, eavi], [t.pretrain_steps])
+  """The run's schedule: each registered stage's own, restarted where the stage begins."""
+  return stages.learning_rate_schedule(cfg)
 
 
 def decay_mask(params):
@@ -294,3 +293,14 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   report["free_token_acc"] = free["correct"] / jnp.maximum(free["tokens"], 1.0)
   return _apply_grads(state, grads, rng, cfg, axis_name, report,
                       _reduce_routing(aux, axis_name))
+
+
+# The two training stages of the seed, in the order a run takes them (onn_jax/stages.py).
+stages.register(stages.Stage(
+    name="pretrain", step=train_step, num_steps=lambda cfg: cfg.train.pretrain_steps,
+    schedule=lambda cfg: warmup_cosine(cfg.train.learning_rate, cfg.train.warmup_steps,
+                                       cfg.train.pretrain_steps, cfg.train.min_lr_ratio)))
+stages.register(stages.Stage(
+    name="eavi", step=eavi_step, num_steps=lambda cfg: cfg.train.eavi_steps,
+    schedule=lambda cfg: warmup_cosine(cfg.eavi.learning_rate, cfg.eavi.warmup_steps,
+                                       cfg.train.eavi_steps, cfg.train.min_lr_ratio)))
