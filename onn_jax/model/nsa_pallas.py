@@ -1,0 +1,216 @@
+"""Pallas kernels for the NSA core (``nsa_core(..., impl="pallas")``).
+
+The selected branch is the part of NSA that XLA cannot run at speed: every (query, GQA group)
+attends to its own ``num_select`` key blocks, so the blockwise implementation gathers a
+[B,T,G,K,select_len,D] copy of the keys and values and keeps it for the backward pass. The
+kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
+
+* forward: one program per (example, query token, group) holds the group's R query heads as
+  one [R, D] tile, walks the ``K`` chosen blocks with an online softmax and writes the
+  output and the log-sum-exp (float32) -- nothing of size T*K*select_len is stored;
+* backward: the same program recomputes the probabilities from the log-sum-exp, accumulates
+  ``dq`` locally and adds each block's ``dk``/``dv`` contribution into float32 [B,S,G,D]
+  accumulators with atomic adds (blocks are shared by many queries).
+
+Scores are element-wise products reduced on CUDA cores rather than ``dot``: a tile has only
+R (query heads per group, 4 at the GPU config) rows, below the 16 rows a tensor-core product
+needs, and the branch is bound by reading the K blocks, not by arithmetic.
+
+Numerics: keys, values and queries are read in their dtype and promoted to float32; logits,
+softmax, accumulation and the gradients are float32.
+
+On GPU the kernels lower through Triton; every tile dimension (R, D, ``select_len``) must then
+be a power of two (``pallas_supported`` says whether they are). Elsewhere they run in Pallas
+interpret mode, which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # the Triton-specific API (atomics, compiler parameters)
+  from jax.experimental.pallas import triton as plt
+except ImportError:  # pragma: no cover - every supported jax version has it
+  plt = None
+
+_F32 = jnp.float32
+# Masked logits: finite, so that exp(masked - running max) is exactly 0 and never NaN.
+_NEG = -1e30
+
+
+def _is_pow2(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+def pallas_supported(*, heads_per_group: int, head_dim: int, select_len: int) -> bool:
+  """Whether the Triton lowering accepts these tile sizes (each a power of two)."""
+  return all(_is_pow2(n) for n in (heads_per_group, head_dim, select_len))
+
+
+def use_interpret() -> bool:
+  """Pallas interpret mode everywhere but on GPU."""
+  return jax.default_backend() != "gpu"
+
+
+def _compiler_params(interpret: bool):
+  if interpret or plt is None:
+    return None
+  return plt.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _program_coords(num_queries: int, num_groups: int):
+  """(b, t, g) of this program in the flat grid of B*T*G programs."""
+  pid = pl.program_id(0)
+  g = jax.lax.rem(pid, num_groups)
+  bt = jax.lax.div(pid, num_groups)
+  return jax.lax.div(bt, num_queries), jax.lax.rem(bt, num_queries), g
+
+
+def _block_scores(q_RD, k_ref, b, g, j, pos, select_len: int):
+  """Logits of the query tile against selection block ``j`` (``j < 0``: an unused slot).
+
+  Returns the [R, L] logits (``_NEG`` where masked), the [L] key mask and the block's first
+  key row. ``q_RD`` is already multiplied by the softmax scale.
+  """
+  start = jnp.maximum(j, 0) * select_len
+  k_LD = k_ref[b, pl.ds(start, select_len), g, :].astype(_F32)
+  logits_RL = jnp.sum(q_RD[:, None, :] * k_LD[None, :, :], axis=-1)
+  keypos_L = start + jax.lax.broadcasted_iota(jnp.int32, (select_len,), 0)
+  ok_L = (keypos_L <= pos) & (j >= 0)
+  return jnp.where(ok_L[None, :], logits_RL, _NEG), ok_L, start
+
+
+def _selected_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, pos_ref, o_ref, lse_ref, *,
+                         num_queries: int, num_groups: int, num_slots: int, select_len: int,
+                         scale: float):
+  b, t, g = _program_coords(num_queries, num_groups)
+  q_RD = q_ref[b, t, g].astype(_F32) * scale
+  pos = pos_ref[b, t]
+  R, D = q_RD.shape
+
+  def slot(k, carry):
+    m_R, l_R, acc_RD = carry
+    j = idx_ref[b, t, g, k]
+    logits_RL, ok_L, start = _block_scores(q_RD, k_ref, b, g, j, pos, select_len)
+    v_LD = v_ref[b, pl.ds(start, select_len), g, :].astype(_F32)
+    m_new_R = jnp.maximum(m_R, jnp.max(logits_RL, axis=-1))
+    alpha_R = jnp.exp(m_R - m_new_R)
+    p_RL = jnp.where(ok_L[None, :], jnp.exp(logits_RL - m_new_R[:, None]), 0.0)
+    l_R = l_R * alpha_R + jnp.sum(p_RL, axis=-1)
+    acc_RD = acc_RD * alpha_R[:, None] + jnp.sum(p_RL[:, :, None] * v_LD[None, :, :], axis=1)
+    return m_new_R, l_R, acc_RD
+
+  init = (jnp.full((R,), _NEG, _F32), jnp.zeros((R,), _F32), jnp.zeros((R, D), _F32))
+  m_R, l_R, acc_RD = jax.lax.fori_loop(0, num_slots, slot, init)
+  # Every query sees at least its own key (its block is always selected), so l > 0.
+  o_ref[b, t, g] = acc_RD / l_R[:, None]
+  lse_ref[b, t, g] = m_R + jnp.log(l_R)
+
+
+def _selected_bwd_kernel(q_ref, k_ref, v_ref, idx_ref, pos_ref, do_ref, lse_ref, delta_ref,
+                         dk_in_ref, dv_in_ref, dq_ref, dk_ref, dv_ref, *, num_queries: int,
+                         num_groups: int, num_slots: int, select_len: int, scale: float):
+  del dk_in_ref, dv_in_ref  # aliased to dk_ref / dv_ref (zero-initialised accumulators)
+  b, t, g = _program_coords(num_queries, num_groups)
+  q_RD = q_ref[b, t, g].astype(_F32) * scale
+  pos = pos_ref[b, t]
+  do_RD = do_ref[b, t, g].astype(_F32)
+  lse_R = lse_ref[b, t, g]
+  delta_R = delta_ref[b, t, g]
+
+  def slot(k, dq_RD):
+    j = idx_ref[b, t, g, k]
+    logits_RL, ok_L, start = _block_scores(q_RD, k_ref, b, g, j, pos, select_len)
+    k_LD = k_ref[b, pl.ds(start, select_len), g, :].astype(_F32)
+    v_LD = v_ref[b, pl.ds(start, select_len), g, :].astype(_F32)
+    p_RL = jnp.where(ok_L[None, :], jnp.exp(logits_RL - lse_R[:, None]), 0.0)
+    dp_RL = jnp.sum(do_RD[:, None, :] * v_LD[None, :, :], axis=-1)
+    ds_RL = p_RL * (dp_RL - delta_R[:, None])
+    dv_LD = jnp.sum(p_RL[:, :, None] * do_RD[:, None, :], axis=0)
+    dk_LD = jnp.sum(ds_RL[:, :, None] * q_RD[:, None, :], axis=0)  # q carries the scale
+    rows = (b, pl.ds(start, select_len), g, slice(None))
+    plt.atomic_add(dk_ref, rows, dk_LD)
+    plt.atomic_add(dv_ref, rows, dv_LD)
+    return dq_RD + jnp.sum(ds_RL[:, :, None] * k_LD[None, :, :], axis=1)
+
+  dq_RD = jax.lax.fori_loop(0, num_slots, slot, jnp.zeros_like(q_RD))
+  dq_ref[b, t, g] = dq_RD * scale
+
+
+def _pad_keys(x_BSGD: jax.Array, select_len: int) -> jax.Array:
+  """Pads the key axis to a whole number of selection blocks (no copy when it already is)."""
+  S = x_BSGD.shape[1]
+  extra = -S % select_len
+  if not extra:
+    return x_BSGD
+  return jnp.pad(x_BSGD, [(0, 0), (0, extra), (0, 0), (0, 0)])
+
+
+def _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret):
+  B, T, G, R, D = q_BTGRD.shape
+  K = idx_BTGK.shape[-1]
+  kernel = functools.partial(_selected_fwd_kernel, num_queries=T, num_groups=G, num_slots=K,
+                             select_len=select_len, scale=1.0 / math.sqrt(D))
+  return pl.pallas_call(
+      kernel, grid=(B * T * G,),
+      out_shape=(jax.ShapeDtypeStruct((B, T, G, R, D), _F32),
+                 jax.ShapeDtypeStruct((B, T, G, R), _F32)),
+      interpret=interpret, compiler_params=_compiler_params(interpret),
+  )(q_BTGRD, _pad_keys(k_BSGD, select_len), _pad_keys(v_BSGD, select_len), idx_BTGK, pos_BT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def selected_attention(q_BTGRD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
+                       idx_BTGK: jax.Array, pos_BT: jax.Array, select_len: int,
+                       interpret: bool) -> jax.Array:
+  """Selected-branch attention (NSA eq. 12) over the chosen blocks only.
+
+  Args:
+    q_BTGRD: queries [B,T,G,R,D] (R query heads per key/value group).
+    k_BSGD, v_BSGD: selection keys/values [B,S,G,D].
+    idx_BTGK: int32 [B,T,G,K] selection-block indices; ``-1`` marks an unused slot. Distinct
+      within a row (a duplicate would count its keys twice).
+    pos_BT: int32 [B,T] absolute query positions; key ``s`` is seen only when ``s <= pos``.
+    select_len: keys per selection block (static).
+    interpret: run the kernels in Pallas interpret mode (static).
+  Returns:
+    float32 [B,T,G,R,D]. Differentiable in q, k and v (indices and positions are constants).
+  """
+  out, _ = _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret)
+  return out
+
+
+def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret):
+  out, lse = _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len,
+                               interpret)
+  return out, (q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse)
+
+
+def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
+  q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse = res
+  B, T, G, R, D = q_BTGRD.shape
+  S = k_BSGD.shape[1]
+  K = idx_BTGK.shape[-1]
+  do_BTGRD = do_BTGRD.astype(_F32)
+  delta_BTGR = jnp.sum(do_BTGRD * out, axis=-1)
+  k_pad, v_pad = _pad_keys(k_BSGD, select_len), _pad_keys(v_BSGD, select_len)
+  acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
+  kernel = functools.partial(_selected_bwd_kernel, num_queries=T, num_groups=G, num_slots=K,
+                             select_len=select_len, scale=1.0 / math.sqrt(D))
+  dq, dk, dv = pl.pallas_call(
+      kernel, grid=(B * T * G,),
+      out_shape=(jax.ShapeDtypeStruct((B, T, G, R, D), _F32), acc, acc),
+      input_output_aliases={8: 1, 9: 2},
+      interpret=interpret, compiler_params=_compiler_params(interpret),
+  )(q_BTGRD, k_pad, v_pad, idx_BTGK, pos_BT, do_BTGRD, lse, delta_BTGR,
+    jnp.zeros(k_pad.shape, _F32), jnp.zeros(v_pad.shape, _F32))
+  return (dq.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
+          dv[:, :S].astype(v_BSGD.dtype), None, None)
+
+
+selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
