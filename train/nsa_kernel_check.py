@@ -1,0 +1,145 @@
+"""GPU check of ``nsa_core(impl="pallas")``: compile, correctness against the reference, and
+forward+backward timings against cuDNN causal GQA attention and the blockwise implementation.
+
+    python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
+        [--skip-check] [--iters 5]
+
+Geometry and head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32, block_len
+16, stride 8, select_len 32, num_select 8, window 128), bf16 inputs. Each timing is the median
+of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
+and the gates); memory is XLA's temporary buffer size for that program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax.model.nsa import nsa_core, num_compressed_blocks
+
+H, G, D = 8, 2, 32
+GEO = dict(block_len=16, block_stride=8, select_len=32, num_select=8, window=128)
+NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
+
+
+def inputs(B: int, T: int, dtype, seed: int = 0) -> dict:
+  N = num_compressed_blocks(T, GEO["block_len"], GEO["block_stride"])
+  shapes = dict(q=(B, T, H, D), k_cmp=(B, N, G, D), v_cmp=(B, N, G, D), k_slc=(B, T, G, D),
+                v_slc=(B, T, G, D), k_win=(B, T, G, D), v_win=(B, T, G, D), gates=(B, T, H, 3))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  out = {n: jax.random.normal(k, s, jnp.float32) for (n, s), k in zip(shapes.items(), keys)}
+  out["q"] = 2.0 * out["q"]
+  out["gates"] = jax.nn.sigmoid(out["gates"])
+  return {n: v.astype(dtype) for n, v in out.items()}
+
+
+def nsa_fwd_bwd(impl: str, q_offset=0):
+  def loss(args):
+    out = nsa_core(*(args[n] for n in NAMES), q_offset=q_offset, impl=impl, **GEO)
+    return jnp.sum(out.astype(jnp.float32) * args["cot"].astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def full_fwd_bwd():
+  def loss(args):
+    out = jax.nn.dot_product_attention(args["q"], args["k_slc"], args["v_slc"], is_causal=True,
+                                       implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32) * args["cot"].astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def check(results: dict) -> None:
+  """Pallas against the reference: bf16 (cuDNN window path) and float32 (highest precision),
+  training shapes and one-token decoding with per-example offsets."""
+  rows = []
+  for dtype, B, T, q_offset in ((jnp.bfloat16, 2, 1024, 0), (jnp.float32, 2, 1024, 0),
+                                (jnp.float32, 3, 1, np.array([5, 700, 1023]))):
+    S = 1024
+    args = inputs(B, S, dtype, seed=1)
+    if T != S:
+      args["q"], args["gates"] = args["q"][:, :T], args["gates"][:, :T]
+    args["cot"] = jax.random.normal(jax.random.PRNGKey(2), args["q"].shape, jnp.float32)
+    off = q_offset if isinstance(q_offset, int) else jnp.asarray(q_offset, jnp.int32)
+    row = dict(dtype=jnp.dtype(dtype).name, B=B, T=T, S=S)
+    try:
+      with jax.default_matmul_precision("highest"):
+        ref_args = {n: v.astype(jnp.float32) for n, v in args.items()}
+        (l_ref, g_ref) = nsa_fwd_bwd("reference", off)(ref_args)
+        (l_pal, g_pal) = nsa_fwd_bwd("pallas", off)(args)
+      row.update(loss_rel_err=abs(float(l_pal) - float(l_ref)) / abs(float(l_ref)),
+                 grad_rel_err={n: rel_err(g_pal[n], g_ref[n]) for n in NAMES})
+    except Exception as e:  # noqa: BLE001 - report and go on to the timings
+      row["status"] = f"{type(e).__name__}: {str(e)[:2000]}"
+    rows.append(row)
+    print("check", json.dumps(row), flush=True)
+  results["check"] = rows
+
+
+def time_case(fn, args, iters: int) -> dict:
+  try:
+    t0 = time.perf_counter()
+    compiled = fn.lower(args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp_gib = None if mem is None else mem.temp_size_in_bytes / 2**30
+    jax.block_until_ready(compiled(args))
+    times = []
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(args))
+      times.append(time.perf_counter() - t0)
+    return dict(ms=1e3 * float(np.median(times)), compile_s=compile_s, temp_gib=temp_gib)
+  except Exception as e:  # noqa: BLE001 - an OOM or a lowering error is a result here
+    return dict(status=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def bench(results: dict, cases, iters: int, impls) -> None:
+  rows = []
+  for B, T in cases:
+    args = inputs(B, T, jnp.bfloat16)
+    args["cot"] = jnp.ones((B, T, H, D), jnp.bfloat16)
+    row = dict(B=B, T=T)
+    row["cudnn_full"] = time_case(full_fwd_bwd(), args, iters)
+    for impl in impls:
+      row[impl] = time_case(nsa_fwd_bwd(impl), args, iters)
+      if "ms" in row[impl] and "ms" in row["cudnn_full"]:
+        row[impl]["speed_vs_cudnn"] = row["cudnn_full"]["ms"] / row[impl]["ms"]
+    if "ms" in row.get("pallas", {}) and "ms" in row.get("blockwise", {}):
+      row["pallas"]["speedup_vs_blockwise"] = row["blockwise"]["ms"] / row["pallas"]["ms"]
+    rows.append(row)
+    print("bench", json.dumps(row), flush=True)
+  results["bench"] = rows
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default="nsa_kernel_check.json")
+  p.add_argument("--cases", default="32x2048,8x8192,4x16384,1x32768")
+  p.add_argument("--impls", default="pallas,blockwise")
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--skip-check", action="store_true")
+  a = p.parse_args(argv)
+  results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
+                 date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D)
+  if not a.skip_check:
+    check(results)
+  cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
+  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i])
+  with open(a.out, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
