@@ -123,6 +123,51 @@ def bench(results: dict, cases, iters: int, impls) -> None:
   results["bench"] = rows
 
 
+def breakdown(results: dict, cases, iters: int) -> None:
+  """Forward+backward time of each piece of the pallas path (compressed branch + block
+  choice, selected kernel, window branch) on its own."""
+  from onn_jax.model import nsa, nsa_pallas
+  rows = []
+  for B, T in cases:
+    args = inputs(B, T, jnp.bfloat16)
+    R = H // G
+    q5 = args["q"].reshape(B, T, G, R, D)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    geo = dict(seq_len=T, block_len=16, block_stride=8, select_len=32, num_select=8)
+
+    def cmp_loss(q5, k, v):
+      out, idx = nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
+      return jnp.sum(out) + 0.0 * jnp.sum(idx)
+    _, idx = jax.jit(lambda q5, k, v: nsa._compressed_and_selection_chunked(
+        q5, k, v, pos, **geo))(q5, args["k_cmp"], args["v_cmp"])
+
+    def cmp_fwd(q5, k, v):
+      return nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
+
+    def slc_loss(q5, k, v):
+      return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32, nsa_pallas.use_interpret()))
+
+    def win_loss(q5, k, v):
+      return jnp.sum(nsa._window_pallas_path(q5, k, v, pos, 128, True))
+
+    def wrap(f, names):
+      g = jax.jit(lambda a: f(*(a[n] for n in names)))
+      return g
+    a = dict(q5=q5, **args)
+    row = dict(B=B, T=T)
+    row["cmp_fwd"] = time_case(wrap(cmp_fwd, ("q5", "k_cmp", "v_cmp")), a, iters)
+    row["cmp_fwd_bwd"] = time_case(wrap(jax.grad(cmp_loss, (0, 1, 2)), ("q5", "k_cmp", "v_cmp")),
+                                   a, iters)
+    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
+    row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")),
+                                   a, iters)
+    row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), ("q5", "k_win", "v_win")),
+                                   a, iters)
+    rows.append(row)
+    print("breakdown", json.dumps(row), flush=True)
+  results["breakdown"] = rows
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="nsa_kernel_check.json")
@@ -130,12 +175,15 @@ def main(argv=None) -> None:
   p.add_argument("--impls", default="pallas,blockwise")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--skip-check", action="store_true")
+  p.add_argument("--breakdown", action="store_true", help="time the pallas path's pieces")
   a = p.parse_args(argv)
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D)
   if not a.skip_check:
     check(results)
   cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
+  if a.breakdown:
+    breakdown(results, cases, a.iters)
   bench(results, cases, a.iters, [i for i in a.impls.split(",") if i])
   with open(a.out, "w") as f:
     json.dump(results, f, indent=1)
