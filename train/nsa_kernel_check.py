@@ -123,7 +123,7 @@ def bench(results: dict, cases, iters: int, impls) -> None:
   results["bench"] = rows
 
 
-def breakdown(results: dict, cases, iters: int) -> None:
+def breakdown(results: dict, cases, iters: int, sweep: bool = False) -> None:
   """Forward+backward time of each piece of the pallas path (compressed branch + block
   choice, selected kernel, window branch) on its own."""
   from onn_jax.model import nsa, nsa_pallas
@@ -161,6 +161,12 @@ def breakdown(results: dict, cases, iters: int) -> None:
     row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
     row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")),
                                    a, iters)
+    for warps in (1, 2, 8) if sweep else ():
+      nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = warps
+      row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
+      row[f"slc_fwd_bwd_w{warps}"] = time_case(
+          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")), a, iters)
+    nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = 4
     row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), ("q5", "k_win", "v_win")),
                                    a, iters)
     rows.append(row)
@@ -176,6 +182,7 @@ def main(argv=None) -> None:
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--skip-check", action="store_true")
   p.add_argument("--breakdown", action="store_true", help="time the pallas path's pieces")
+  p.add_argument("--sweep", action="store_true", help="with --breakdown: Triton num_warps")
   a = p.parse_args(argv)
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D)
@@ -183,7 +190,7 @@ def main(argv=None) -> None:
     check(results)
   cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
   if a.breakdown:
-    breakdown(results, cases, a.iters)
+    breakdown(results, cases, a.iters, a.sweep)
   bench(results, cases, a.iters, [i for i in a.impls.split(",") if i])
   with open(a.out, "w") as f:
     json.dump(results, f, indent=1)
