@@ -35,7 +35,20 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   query: keys/values O(B*(T + window)*G*D), logits O(B*T*H*min(T + window, 2*window)). Never
   O(T*S). The gather's gradient is a one-hot contraction instead of a scatter-add (custom VJP),
   so forward-mode autodiff (jvp) of this implementation is not available.
-* ``impl="auto"``: ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**19) and each query
+* ``impl="pallas"``: memory linear in T. The compressed branch and the block choice run over
+  chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's [B,C,H,N] logits; the
+  backward pass recomputes a chunk), so neither [B,T,H,N] probabilities nor [B,T,G,J] scores
+  exist at once; the selected branch is the Pallas kernel pair of
+  :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks, atomic dk/dv); the window
+  branch is cuDNN's sliding-window attention on GPU for training shapes (``q_offset`` the
+  Python int 0, T == S, bf16/fp16), else the chunked band attention above. One-token decoding
+  reads the compressed keys, the chosen blocks and the window band only. Off GPU the kernels
+  run in Pallas interpret mode (for tests). H200, jax 0.11.2, bf16, configs/arc1.yaml
+  geometry, forward+backward (docs/bench/nsa_pallas_h200_r5_final.json): 13.8 ms / 1.1 GiB
+  temporaries at 32x2048 against blockwise 16.6 ms / 5.3 GiB and cuDNN full causal 1.8 ms;
+  49 ms / 1.2 GiB at 1x32768 against blockwise 44 ms / 17 GiB and cuDNN 9.5 ms.
+* ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two); else
+  ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**19) and each query
   gathers at most a quarter of the keys (``num_select*select_len + window <= S / 4``), else
   ``reference``. Measured on one H200 (bf16, B=8, H=4 or 8, forward+backward, jax 0.11.2):
   geometry (select_len 8, num_select 4, window 32) at T=S=2048 blockwise 2.3 ms / 0.45 GiB
@@ -49,7 +62,10 @@ before the value product (accumulated in float32), a no-op for float32 inputs. M
 products use JAX's default precision, which on GPU may be TF32 for float32 inputs: compare
 float32 implementations there under ``jax.default_matmul_precision("highest")``.
 
-Both implementations agree to float32 rounding; they are jit-able with the geometry static,
+``q_cmp`` (optional, every impl): separate queries for the compressed branch and the block
+scores, e.g. the layer's queries before RoPE (compressed keys carry no rotation).
+
+All implementations agree to float32 rounding; they are jit-able with the geometry static,
 differentiable in every array input, and pure ``jax.numpy`` (vmap / shard_map friendly).
 """
 
