@@ -34,7 +34,7 @@ class ModelConfig:
   select_len: int = 8
   num_select: int = 4
   window: int = 32
-  nsa_impl: str = "auto"  # reference | blockwise | auto
+  nsa_impl: str = "auto"  # reference | blockwise | pallas | auto
   gate_hidden: int = 0  # 0: the gate is one linear layer; >0: a two-layer MLP
   # DynMoE (Guo et al. 2024) with cosine-prototype gating.
   num_experts: int = 8
@@ -231,7 +231,7 @@ def validate(cfg: Config) -> Config:
            f"model.sdl_target_active: must be in (0, 1], got {m.sdl_target_active}")
   _require(m.sdl_diversity_weight >= 0 and m.sdl_sparsity_weight >= 0,
            "model.sdl_*_weight: must be >= 0")
-  _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise"))
+  _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
   _one_of("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
   _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))

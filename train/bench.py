@@ -49,13 +49,15 @@ from onn_jax import config, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import generate
-from onn_jax.model import nsa
+from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.moe import experts_dense, init_expert_params
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks, num_selection_blocks
 from onn_jax.model.transformer import Transformer
 
 SECTIONS = ("train", "eavi", "nsa", "moe")
-NSA_IMPLS = ("reference", "blockwise", "auto")
+NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
+# Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
+PALLAS_INTERPRET_MAX_T = 2048
 # The reference NSA builds [B, T, H, S] float32 logits (several live at once, and again in the
 # backward pass): skip it when one of them would exceed this many bytes.
 REFERENCE_MAX_BYTES = 8e9
@@ -412,7 +414,10 @@ def _auto_impl(m: ModelConfig, seq_len: int) -> str | None:
   library does not say (then "auto" is measured on its own)."""
   try:
     return nsa.resolve_impl("auto", num_queries=seq_len, seq_len=seq_len,
-                            keys_per_query=m.num_select * m.select_len + m.window)
+                            keys_per_query=m.num_select * m.select_len + m.window,
+                            pallas_tiles_ok=nsa_pallas.pallas_supported(
+                                heads_per_group=m.num_heads // m.num_kv_groups,
+                                head_dim=m.head_dim, select_len=m.select_len))
   except (AttributeError, TypeError):
     return None
 
@@ -436,6 +441,9 @@ def bench_nsa(m: ModelConfig, sizes: Sizes) -> list[dict]:
       if impl == "auto" and resolved in row:
         # auto resolves to an implementation measured just above: same program, same time.
         row[impl] = {**row[resolved], "same_as": resolved}
+        continue
+      if impl == "pallas" and not on_gpu and T > PALLAS_INTERPRET_MAX_T:
+        row[impl] = {"status": "skipped: Pallas interpret mode off GPU"}
         continue
       if impl == "reference" and m.num_heads * T * T * 4 > REFERENCE_MAX_BYTES:
         row[impl] = {"status": "skipped: [T,S] logits over "
@@ -740,7 +748,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"
     out["nsa"] = table(
-        ["T", "reference ms", "blockwise ms", "auto ms", f"full ({base}) ms",
+        ["T", "reference ms", "blockwise ms", "pallas ms", "auto ms", f"full ({base}) ms",
          "blockwise speedup"],
         [[r["seq_len"]] + [_nsa_cell(r[i]) for i in NSA_IMPLS + ("full_attention",)]
          + [r["blockwise"].get("speedup_vs_full")] for r in results["nsa"]], markdown)

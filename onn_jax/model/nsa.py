@@ -35,7 +35,20 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   query: keys/values O(B*(T + window)*G*D), logits O(B*T*H*min(T + window, 2*window)). Never
   O(T*S). The gather's gradient is a one-hot contraction instead of a scatter-add (custom VJP),
   so forward-mode autodiff (jvp) of this implementation is not available.
-* ``impl="auto"``: ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**19) and each query
+* ``impl="pallas"``: memory linear in T. The compressed branch and the block choice run over
+  chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's [B,C,H,N] logits; the
+  backward pass recomputes a chunk), so neither [B,T,H,N] probabilities nor [B,T,G,J] scores
+  exist at once; the selected branch is the Pallas kernel pair of
+  :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks, atomic dk/dv); the window
+  branch is cuDNN's sliding-window attention on GPU for training shapes (``q_offset`` the
+  Python int 0, T == S, bf16/fp16), else the chunked band attention above. One-token decoding
+  reads the compressed keys, the chosen blocks and the window band only. Off GPU the kernels
+  run in Pallas interpret mode (for tests). H200, jax 0.11.2, bf16, configs/arc1.yaml
+  geometry, forward+backward (docs/bench/nsa_pallas_h200_r5_final.json): 13.8 ms / 1.1 GiB
+  temporaries at 32x2048 against blockwise 16.6 ms / 5.3 GiB and cuDNN full causal 1.8 ms;
+  49 ms / 1.2 GiB at 1x32768 against blockwise 44 ms / 17 GiB and cuDNN 9.5 ms.
+* ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two); else
+  ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**19) and each query
   gathers at most a quarter of the keys (``num_select*select_len + window <= S / 4``), else
   ``reference``. Measured on one H200 (bf16, B=8, H=4 or 8, forward+backward, jax 0.11.2):
   geometry (select_len 8, num_select 4, window 32) at T=S=2048 blockwise 2.3 ms / 0.45 GiB
@@ -49,7 +62,10 @@ before the value product (accumulated in float32), a no-op for float32 inputs. M
 products use JAX's default precision, which on GPU may be TF32 for float32 inputs: compare
 float32 implementations there under ``jax.default_matmul_precision("highest")``.
 
-Both implementations agree to float32 rounding; they are jit-able with the geometry static,
+``q_cmp`` (optional, every impl): separate queries for the compressed branch and the block
+scores, e.g. the layer's queries before RoPE (compressed keys carry no rotation).
+
+All implementations agree to float32 rounding; they are jit-able with the geometry static,
 differentiable in every array input, and pure ``jax.numpy`` (vmap / shard_map friendly).
 """
 
@@ -63,7 +79,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("reference", "blockwise", "auto")
+from onn_jax.model import nsa_pallas
+
+IMPLS = ("reference", "blockwise", "pallas", "auto")
 # impl="auto" switches to the gathering implementation above this many query-key pairs, when
 # each query gathers at most 1/AUTO_BLOCKWISE_MIN_SPARSITY of the keys (see resolve_impl).
 AUTO_BLOCKWISE_MIN_TS = 1 << 19
@@ -88,20 +106,38 @@ def num_selection_blocks(seq_len: int, select_len: int) -> int:
   return -(-seq_len // select_len)
 
 
-def resolve_impl(impl: str, *, num_queries: int, seq_len: int, keys_per_query: int) -> str:
-  """Maps ``impl`` ("reference" | "blockwise" | "auto") to a concrete implementation name.
+def resolve_impl(impl: str, *, num_queries: int, seq_len: int, keys_per_query: int,
+                 backend: str | None = None, pallas_tiles_ok: bool = True) -> str:
+  """Maps ``impl`` ("reference" | "blockwise" | "pallas" | "auto") to a concrete name.
 
-  "auto" takes "blockwise" when ``num_queries * seq_len > AUTO_BLOCKWISE_MIN_TS`` and the
-  keys each query gathers, ``keys_per_query = num_select*select_len + window``, are at most
-  ``seq_len / AUTO_BLOCKWISE_MIN_SPARSITY``; otherwise "reference".
+  On GPU (``backend``, default ``jax.default_backend()``) "auto" takes "pallas" whenever the
+  kernels accept the tile sizes (``pallas_tiles_ok``, see
+  :func:`onn_jax.model.nsa_pallas.pallas_supported`). Elsewhere, or with tile sizes the
+  Triton lowering rejects, "auto" takes "blockwise" when ``num_queries * seq_len >
+  AUTO_BLOCKWISE_MIN_TS`` and the keys each query gathers, ``keys_per_query =
+  num_select*select_len + window``, are at most ``seq_len / AUTO_BLOCKWISE_MIN_SPARSITY``;
+  otherwise "reference".
   """
   if impl not in IMPLS:
     raise ValueError(f"nsa_core: impl={impl!r} is not one of {IMPLS}")
   if impl == "auto":
+    if pallas_tiles_ok and (backend or jax.default_backend()) == "gpu":
+      return "pallas"
     big = num_queries * seq_len > AUTO_BLOCKWISE_MIN_TS
     sparse = keys_per_query * AUTO_BLOCKWISE_MIN_SPARSITY <= seq_len
     return "blockwise" if big and sparse else "reference"
   return impl
+
+
+def auto_impl_summary(backend: str | None = None) -> str:
+  """What ``impl="auto"`` runs on ``backend`` (default: the current one), for a run's log.
+
+  "pallas" on GPU (the fused kernels; "blockwise"/"reference" by size if the head or block
+  sizes are not powers of two), else "blockwise or reference (by size)".
+  """
+  if (backend or jax.default_backend()) == "gpu":
+    return "pallas"
+  return "blockwise or reference (by size)"
 
 
 def query_positions(q_offset: QOffset, batch: int, num_queries: int) -> jax.Array:
@@ -359,6 +395,69 @@ def _blockwise_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTG
   return out_slc, out_win
 
 
+# impl="pallas": the compressed branch and the block choice run over chunks of queries, each
+# chunk's [B,C,H,N] logits bounded by this many elements (float32: 256 MiB).
+PALLAS_CMP_CHUNK_ELEMS = 1 << 26
+
+
+def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, *, seq_len: int,
+                                      block_len: int, block_stride: int, select_len: int,
+                                      num_select: int) -> tuple[jax.Array, jax.Array]:
+  """Compressed branch and block choice over chunks of queries: memory linear in T.
+
+  Returns the compressed-branch output [B,T,G,R,D] float32 and the chosen selection blocks
+  int32 [B,T,G,num_select] (``-1`` for unused slots). Each chunk of C queries builds its
+  [B,C,H,N] probabilities, turns them into block importances and a top-n choice, and keeps
+  only the output and the indices; the backward pass recomputes a chunk's probabilities
+  (``jax.checkpoint``). No [B,T,H,N] or [B,T,G,J] tensor exists at once.
+  """
+  B, T, G, R, D = q_BTGRD.shape
+  N = k_cmp.shape[1]
+  C = max(1, min(T, PALLAS_CMP_CHUNK_ELEMS // max(1, B * G * R * max(N, 1))))
+  n = -(-T // C)
+
+  @jax.checkpoint
+  def chunk(q_c, pos_c):
+    out_c, p_c = _compressed_branch(q_c, k_cmp, v_cmp, pos_c, block_len, block_stride)
+    p_c = jax.lax.stop_gradient(p_c)
+    scores_c = selection_scores(p_c.reshape(B, q_c.shape[1], G * R, -1), num_groups=G,
+                                seq_len=seq_len, block_len=block_len,
+                                block_stride=block_stride, select_len=select_len)
+    idx_c, valid_c = select_blocks(scores_c, pos_c, num_select=num_select,
+                                   select_len=select_len)
+    return out_c, jnp.where(valid_c, idx_c, -1)
+
+  if n == 1:
+    return chunk(q_BTGRD, pos_BT)
+  pad = n * C - T
+  q_nBCGRD = jnp.moveaxis(
+      jnp.pad(q_BTGRD, [(0, 0), (0, pad)] + [(0, 0)] * 3).reshape(B, n, C, G, R, D), 1, 0)
+  pos_nBC = jnp.moveaxis(jnp.pad(pos_BT, [(0, 0), (0, pad)], mode="edge").reshape(B, n, C),
+                         1, 0)
+  out_n, idx_n = jax.lax.map(lambda xs: chunk(*xs), (q_nBCGRD, pos_nBC))
+  out_BTGRD = jnp.moveaxis(out_n, 0, 1).reshape(B, n * C, G, R, D)[:, :T]
+  idx_BTGK = jnp.moveaxis(idx_n, 0, 1).reshape(B, n * C, G, -1)[:, :T]
+  return out_BTGRD, idx_BTGK
+
+
+def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
+                        offset_is_zero: bool) -> jax.Array:
+  """Window branch for impl="pallas": cuDNN's sliding-window attention on GPU when it
+  applies (queries at positions 0..T-1 over T keys, 16-bit dtype), else the chunked band
+  attention of the blockwise implementation (which reads only each chunk's band of keys)."""
+  B, T, G, R, D = q_BTGRD.shape
+  S = k_win.shape[1]
+  cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S
+              and q_BTGRD.dtype in (jnp.bfloat16, jnp.float16)
+              and k_win.dtype == q_BTGRD.dtype and v_win.dtype == q_BTGRD.dtype)
+  if not cudnn_ok:
+    return _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window)
+  out_BTHD = jax.nn.dot_product_attention(
+      q_BTGRD.reshape(B, T, G * R, D), k_win, v_win, is_causal=True,
+      local_window_size=(min(window, S) - 1, 0), implementation="cudnn")
+  return out_BTHD.reshape(B, T, G, R, D).astype(_F32)
+
+
 def _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_offset, block_len,
                   block_stride, select_len, num_select, window) -> None:
   if q.ndim != 4:
@@ -393,7 +492,8 @@ def _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_offset, 
 def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
              v_slc: jax.Array, k_win: jax.Array, v_win: jax.Array, gates: jax.Array, *,
              block_len: int, block_stride: int, select_len: int, num_select: int, window: int,
-             q_offset: QOffset = 0, impl: str = "reference") -> jax.Array:
+             q_offset: QOffset = 0, impl: str = "reference",
+             q_cmp: jax.Array | None = None) -> jax.Array:
   """NSA attention: gated sum of compressed, selected and sliding-window attention (eq. 5).
 
   Args:
@@ -405,30 +505,49 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
     gates: branch gates in [0, 1], [B,T,H,3] ordered (compressed, selected, window).
     block_len, block_stride, select_len, num_select, window: static NSA geometry.
     q_offset: Python int, scalar int array or int array [B] (traced values are fine).
-    impl: "reference", "blockwise" or "auto" (see the module docstring).
+    impl: "reference", "blockwise", "pallas" or "auto" (see the module docstring).
+    q_cmp: queries [B,T,H,D] for the compressed branch and the block-importance scores only
+      (the selected and window branches use ``q``). The NSA layer passes its queries before
+      RoPE here, since compressed keys carry no rotation; default ``q``.
   Returns:
     [B,T,H,D] in ``q.dtype`` (logits, softmax and the gated sum are float32).
   """
   _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_offset, block_len,
                 block_stride, select_len, num_select, window)
+  if q_cmp is None:
+    q_cmp = q
+  elif q_cmp.shape != q.shape:
+    raise ValueError(f"nsa_core: q_cmp must have q's shape {q.shape}, got {q_cmp.shape}")
   B, T, H, D = q.shape
   S, G = k_slc.shape[1], k_slc.shape[2]
   R = H // G
   impl = resolve_impl(impl, num_queries=T, seq_len=S,
-                      keys_per_query=num_select * select_len + window)
+                      keys_per_query=num_select * select_len + window,
+                      pallas_tiles_ok=nsa_pallas.pallas_supported(
+                          heads_per_group=R, head_dim=D, select_len=select_len))
   pos_BT = query_positions(q_offset, B, T)
   q_BTGRD = q.reshape(B, T, G, R, D)
+  q_cmp_BTGRD = q_cmp.reshape(B, T, G, R, D)
 
-  out_cmp, p_cmp_BTGRN = _compressed_branch(q_BTGRD, k_cmp, v_cmp, pos_BT, block_len,
-                                            block_stride)
-  scores_BTGJ = selection_scores(p_cmp_BTGRN.reshape(B, T, H, -1), num_groups=G, seq_len=S,
-                                 block_len=block_len, block_stride=block_stride,
-                                 select_len=select_len)
-  idx_BTGK, valid_BTGK = select_blocks(scores_BTGJ, pos_BT, num_select=num_select,
-                                       select_len=select_len)
-  branches = _reference_branches if impl == "reference" else _blockwise_branches
-  out_slc, out_win = branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK,
-                              pos_BT, select_len, window)
+  if impl == "pallas":
+    out_cmp, idx_BTGK = _compressed_and_selection_chunked(
+        q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, seq_len=S, block_len=block_len,
+        block_stride=block_stride, select_len=select_len, num_select=num_select)
+    out_slc = nsa_pallas.selected_attention(q_BTGRD, k_slc, v_slc, idx_BTGK, pos_BT,
+                                            select_len, nsa_pallas.use_interpret())
+    offset_is_zero = isinstance(q_offset, (int, np.integer)) and q_offset == 0
+    out_win = _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window, offset_is_zero)
+  else:
+    out_cmp, p_cmp_BTGRN = _compressed_branch(q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, block_len,
+                                              block_stride)
+    scores_BTGJ = selection_scores(p_cmp_BTGRN.reshape(B, T, H, -1), num_groups=G,
+                                   seq_len=S, block_len=block_len, block_stride=block_stride,
+                                   select_len=select_len)
+    idx_BTGK, valid_BTGK = select_blocks(scores_BTGJ, pos_BT, num_select=num_select,
+                                         select_len=select_len)
+    branches = _reference_branches if impl == "reference" else _blockwise_branches
+    out_slc, out_win = branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK,
+                                pos_BT, select_len, window)
 
   gates_BTGR3 = gates.astype(_F32).reshape(B, T, G, R, 3)
   out_BTGRD = (gates_BTGR3[..., 0:1] * out_cmp + gates_BTGR3[..., 1:2] * out_slc

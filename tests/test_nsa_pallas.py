@@ -1,0 +1,271 @@
+"""Tests of ``nsa_core(impl="pallas")`` and its kernels against the dense reference.
+
+On CPU the Pallas kernels run in interpret mode (slow), so the shapes are tiny; the geometries
+are those of test_nsa_core (T not a multiple of the block sizes, per-example offsets, one-token
+decoding, fewer selection blocks than ``num_select``). Also the ``q_cmp`` argument (the
+compressed branch's own queries) in every implementation, and the GPU dispatch rule.
+
+Tolerances (float32): every output and gradient entry is a sum of at most ~100 products of
+O(1..10) terms (S <= 50 keys, D <= 8), computed in a different order than the reference; with
+float32 rounding 6e-8 per operation that bounds differences by ~1e-5 absolute, and the
+relative term covers the larger gradient entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax.model import nsa, nsa_pallas
+from onn_jax.model.nsa import nsa_core
+
+from test_nsa_core import (ARG_NAMES, GEOMETRIES, Geo, make_inputs, offsets_np, oracle_nsa,
+                           random_like, with_gates)
+
+RTOL, ATOL = 1e-5, 2e-5
+
+
+@functools.lru_cache(maxsize=None)
+def value_and_grad_fn(geo: Geo, impl: str, with_q_cmp: bool = False):
+  """(args, q_offset, cot) -> (output, grads of <output, cot> for every input incl. q_cmp)."""
+  names = ARG_NAMES + (("q_cmp",) if with_q_cmp else ())
+
+  def loss(args, q_offset, cot):
+    out = nsa_core(*(args[n] for n in ARG_NAMES), q_offset=q_offset, impl=impl,
+                   q_cmp=args.get("q_cmp"), **geo.static())
+    return jnp.sum(out * cot), out
+
+  def run(args, q_offset, cot):
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(
+        {n: args[n] for n in names}, q_offset, cot)
+    return out, grads
+
+  return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fn(geo: Geo, impl: str):
+  def run(args, q_offset):
+    return nsa_core(*(args[n] for n in ARG_NAMES), q_offset=q_offset, impl=impl,
+                    **geo.static())
+  return jax.jit(run)
+
+
+def _offset(q_offset):
+  return jnp.asarray(q_offset, jnp.int32)
+
+
+def _assert_close_all(got, want, names):
+  out_got, grads_got = got
+  out_want, grads_want = want
+  np.testing.assert_allclose(out_got, out_want, rtol=RTOL, atol=ATOL)
+  for name in names:
+    g_got, g_want = np.asarray(grads_got[name]), np.asarray(grads_want[name])
+    assert np.all(np.isfinite(g_got)), name
+    np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_pallas_matches_reference_outputs_and_gradients(name):
+  geo, q_offset = GEOMETRIES[name]
+  args = make_inputs(geo, seed=len(name))
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 99)
+  want = value_and_grad_fn(geo, "reference")(args, _offset(q_offset), cot)
+  got = value_and_grad_fn(geo, "pallas")(args, _offset(q_offset), cot)
+  assert got[0].dtype == jnp.float32 and got[0].shape == (geo.B, geo.T, geo.H, geo.D)
+  _assert_close_all(got, want, ARG_NAMES)
+  np.testing.assert_allclose(got[0], oracle_nsa(args, geo, q_offset), rtol=RTOL, atol=ATOL)
+
+
+def test_pallas_compressed_chunks(monkeypatch):
+  """Several query chunks (the last one partial) give the same result as one chunk."""
+  geo, q_offset = GEOMETRIES["per_example_offset"]  # T = 9, N = 10, H = 8
+  # 4 queries per chunk: 9 = 4 + 4 + 1.
+  monkeypatch.setattr(nsa, "PALLAS_CMP_CHUNK_ELEMS", geo.B * geo.H * geo.N * 4)
+  args = make_inputs(geo, seed=21)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 5)
+
+  def run(impl):
+    def loss(a):
+      out = nsa_core(*(a[n] for n in ARG_NAMES), q_offset=_offset(q_offset), impl=impl,
+                     **geo.static())
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    return out, grads
+
+  _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
+
+
+@pytest.mark.parametrize("name", ["group1_from_start", "per_example_offset"])
+def test_pallas_causality(name):
+  geo, q_offset = GEOMETRIES[name]
+  args = make_inputs(geo, seed=8)
+  off = offsets_np(q_offset, geo.B)
+  cut_t = geo.T // 2
+  cut_B = off + cut_t
+  future = (np.arange(geo.S)[None, :] > cut_B[:, None])[:, :, None, None]
+  perturbed = {k: (v + 3.0 * future if k in ("k_slc", "v_slc", "k_win", "v_win") else v)
+               for k, v in args.items()}
+  f = forward_fn(geo, "pallas")
+  out = np.asarray(f(args, _offset(q_offset)))
+  out_p = np.asarray(f(perturbed, _offset(q_offset)))
+  np.testing.assert_array_equal(out_p[:, :cut_t + 1], out[:, :cut_t + 1])
+  assert np.abs(out_p[:, cut_t + 1:] - out[:, cut_t + 1:]).max() > 1e-3
+
+
+def test_pallas_bf16_close_to_fp32_reference():
+  """bf16 inputs: keys and queries are exact in both runs, so the difference is the kernels'
+  bf16 output rounding (2**-8 relative) plus the reference's bf16 rounding of probabilities
+  before the value product (2**-8 relative each, averaged over the keys): well within 2e-2
+  for outputs of magnitude <= 2."""
+  geo, q_offset = GEOMETRIES["per_example_offset"]
+  args16 = make_inputs(geo, seed=9, dtype=jnp.bfloat16)
+  args32 = {k: v.astype(jnp.float32) for k, v in args16.items()}
+  out16 = forward_fn(geo, "pallas")(args16, _offset(q_offset))
+  out32 = forward_fn(geo, "reference")(args32, _offset(q_offset))
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- the selected-branch kernel
+
+def test_selected_kernel_unused_slots_and_partial_last_block():
+  """Direct kernel test: S = 10 is not a multiple of select_len = 4 (last block partial),
+  slot -1 unused, keys after the query's position masked; against dense masked attention."""
+  B, T, S, G, R, D, L = 1, 3, 10, 2, 2, 4, 4
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((B, T, G, R, D)).astype(np.float32)
+  k = rng.standard_normal((B, S, G, D)).astype(np.float32)
+  v = rng.standard_normal((B, S, G, D)).astype(np.float32)
+  pos = np.array([[2, 6, 9]], np.int32)
+  idx = np.array([[[[0, -1, 1], [0, 1, -1]],
+                   [[1, 0, -1], [1, -1, -1]],
+                   [[2, 0, 1], [2, 1, -1]]]], np.int32)
+  cot = rng.standard_normal((B, T, G, R, D)).astype(np.float32)
+
+  def dense(q, k, v):
+    blocks = jnp.arange(S) // L
+    chosen = jnp.any((idx[..., None] == blocks) & (idx[..., None] >= 0), axis=-2)
+    mask = chosen & (jnp.arange(S) <= pos[:, :, None, None])
+    logits = jnp.einsum("btgrd,bsgd->btgrs", q, k) / math.sqrt(D)
+    probs = jax.nn.softmax(jnp.where(mask[:, :, :, None], logits, -jnp.inf), axis=-1)
+    return jnp.einsum("btgrs,bsgd->btgrd", probs, v)
+
+  def kernel(q, k, v):
+    return nsa_pallas.selected_attention(q, k, v, jnp.asarray(idx), jnp.asarray(pos), L, True)
+
+  want = dense(q, k, v)
+  want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2))(q, k, v)
+  got = kernel(q, k, v)
+  got_grads = jax.grad(lambda *a: jnp.sum(kernel(*a) * cot), (0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  for g_got, g_want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------- q_cmp
+
+def oracle_with_q_cmp(args: dict, geo: Geo, q_offset) -> np.ndarray:
+  """The float64 oracle with separate compressed-branch queries: the compressed branch and
+  the block choice use q_cmp, the other branches q (built from two oracle runs)."""
+  # Compressed output alone: gates (1, 0, 0) with q_cmp as the queries.
+  cmp_only = oracle_nsa(dict(with_gates(args, (1.0, 0.0, 0.0)), q=args["q_cmp"]), geo,
+                        q_offset)
+  out = np.asarray(args["gates"], np.float64)[..., 0:1] * cmp_only
+  # Selected + window with q, blocks chosen by q_cmp: per (b, t, g) from the oracle's rule.
+  rest = _oracle_selected_window(args, geo, q_offset)
+  return out + rest
+
+
+def _oracle_selected_window(args, geo, q_offset):
+  a = {k: np.asarray(v, np.float64) for k, v in args.items()}
+  R = geo.H // geo.G
+  off = offsets_np(q_offset, geo.B)
+  out = np.zeros((geo.B, geo.T, geo.H, geo.D))
+
+  def attend(qv, keys, vals):
+    logits = keys @ qv / math.sqrt(geo.D)
+    w = np.exp(logits - logits.max())
+    return (w / w.sum()) @ vals, w / w.sum()
+
+  for b in range(geo.B):
+    for t in range(geo.T):
+      p = int(off[b]) + t
+      visible = [i for i in range(geo.N) if i * geo.block_stride + geo.block_len - 1 <= p]
+      for g in range(geo.G):
+        heads = range(g * R, (g + 1) * R)
+        cur = p // geo.select_len
+        importance = {j: 0.0 for j in range(cur + 1)}
+        if visible:
+          for h in heads:
+            _, probs = attend(a["q_cmp"][b, t, h], a["k_cmp"][b, visible, g],
+                              a["v_cmp"][b, visible, g])
+            for n, i in enumerate(visible):
+              for j in range(cur + 1):
+                lo, hi = j * geo.select_len, (j + 1) * geo.select_len
+                if i * geo.block_stride < hi and lo < i * geo.block_stride + geo.block_len:
+                  importance[j] += probs[n]
+        forced = sorted({0, cur} | ({cur - 1} if cur >= 1 else set()))
+        rest = sorted((j for j in range(cur + 1) if j not in forced),
+                      key=lambda j: (-importance[j], j))
+        chosen = forced + rest[:geo.num_select - len(forced)]
+        sel = [s for j in chosen for s in range(j * geo.select_len, (j + 1) * geo.select_len)
+               if s <= p]
+        win = list(range(max(0, p - geo.window + 1), p + 1))
+        for h in heads:
+          gt = a["gates"][b, t, h]
+          o_slc, _ = attend(a["q"][b, t, h], a["k_slc"][b, sel, g], a["v_slc"][b, sel, g])
+          o_win, _ = attend(a["q"][b, t, h], a["k_win"][b, win, g], a["v_win"][b, win, g])
+          out[b, t, h] = gt[1] * o_slc + gt[2] * o_win
+  return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise", "pallas"])
+def test_q_cmp_drives_compressed_branch_and_selection(impl):
+  geo, q_offset = GEOMETRIES["per_example_offset"]
+  args = make_inputs(geo, seed=31)
+  args["q_cmp"] = jnp.asarray(2.0 * np.random.default_rng(32).standard_normal(
+      args["q"].shape).astype(np.float32))
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 33)
+  out, grads = value_and_grad_fn(geo, impl, True)(args, _offset(q_offset), cot)
+  np.testing.assert_allclose(out, oracle_with_q_cmp(args, geo, q_offset), rtol=RTOL,
+                             atol=ATOL)
+  assert np.abs(np.asarray(grads["q_cmp"])).max() > 0
+  if impl != "reference":
+    want = value_and_grad_fn(geo, "reference", True)(args, _offset(q_offset), cot)
+    _assert_close_all((out, grads), want, ARG_NAMES + ("q_cmp",))
+
+
+def test_q_cmp_default_is_q_and_shape_checked():
+  geo, q_offset = GEOMETRIES["group4_int_offset"]
+  args = make_inputs(geo, seed=3)
+  kwargs = dict(geo.static(), q_offset=q_offset, impl="reference")
+  base = nsa_core(*(args[n] for n in ARG_NAMES), **kwargs)
+  same = nsa_core(*(args[n] for n in ARG_NAMES), q_cmp=args["q"], **kwargs)
+  np.testing.assert_array_equal(base, same)
+  with pytest.raises(ValueError, match="q_cmp"):
+    nsa_core(*(args[n] for n in ARG_NAMES), q_cmp=args["q"][:, :2], **kwargs)
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_auto_takes_pallas_on_gpu_only():
+  def auto(backend, tiles_ok=True, T=2048):
+    return nsa.resolve_impl("auto", num_queries=T, seq_len=T, keys_per_query=64,
+                            backend=backend, pallas_tiles_ok=tiles_ok)
+  assert auto("gpu") == "pallas"
+  assert auto("gpu", T=1) == "pallas"  # one-token decoding reads only the chosen blocks
+  assert auto("gpu", tiles_ok=False) == "blockwise"
+  assert auto("cpu") == "blockwise" and auto("tpu") == "blockwise"
+  assert auto("cpu", T=64) == "reference"
+  assert nsa.auto_impl_summary("gpu") == "pallas"
+  assert "blockwise" in nsa.auto_impl_summary("cpu")
+  assert nsa.resolve_impl("pallas", num_queries=1, seq_len=4, keys_per_query=9) == "pallas"
+  assert nsa_pallas.pallas_supported(heads_per_group=4, head_dim=32, select_len=32)
+  assert not nsa_pallas.pallas_supported(heads_per_group=3, head_dim=32, select_len=32)

@@ -1,0 +1,200 @@
+"""GPU check of ``nsa_core(impl="pallas")``: compile, correctness against the reference, and
+forward+backward timings against cuDNN causal GQA attention and the blockwise implementation.
+
+    python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
+        [--skip-check] [--iters 5]
+
+Geometry and head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32, block_len
+16, stride 8, select_len 32, num_select 8, window 128), bf16 inputs. Each timing is the median
+of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
+and the gates); memory is XLA's temporary buffer size for that program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax.model.nsa import nsa_core, num_compressed_blocks
+
+H, G, D = 8, 2, 32
+GEO = dict(block_len=16, block_stride=8, select_len=32, num_select=8, window=128)
+NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
+
+
+def inputs(B: int, T: int, dtype, seed: int = 0) -> dict:
+  N = num_compressed_blocks(T, GEO["block_len"], GEO["block_stride"])
+  shapes = dict(q=(B, T, H, D), k_cmp=(B, N, G, D), v_cmp=(B, N, G, D), k_slc=(B, T, G, D),
+                v_slc=(B, T, G, D), k_win=(B, T, G, D), v_win=(B, T, G, D), gates=(B, T, H, 3))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  out = {n: jax.random.normal(k, s, jnp.float32) for (n, s), k in zip(shapes.items(), keys)}
+  out["q"] = 2.0 * out["q"]
+  out["gates"] = jax.nn.sigmoid(out["gates"])
+  return {n: v.astype(dtype) for n, v in out.items()}
+
+
+def nsa_fwd_bwd(impl: str, q_offset=0):
+  def loss(args):
+    out = nsa_core(*(args[n] for n in NAMES), q_offset=q_offset, impl=impl, **GEO)
+    return jnp.sum(out.astype(jnp.float32) * args["cot"].astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def full_fwd_bwd():
+  def loss(args):
+    out = jax.nn.dot_product_attention(args["q"], args["k_slc"], args["v_slc"], is_causal=True,
+                                       implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32) * args["cot"].astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def check(results: dict) -> None:
+  """Pallas against the reference: bf16 (cuDNN window path) and float32 (highest precision),
+  training shapes and one-token decoding with per-example offsets."""
+  rows = []
+  for dtype, B, T, q_offset in ((jnp.bfloat16, 2, 1024, 0), (jnp.float32, 2, 1024, 0),
+                                (jnp.float32, 3, 1, np.array([5, 700, 1023]))):
+    S = 1024
+    args = inputs(B, S, dtype, seed=1)
+    if T != S:
+      args["q"], args["gates"] = args["q"][:, :T], args["gates"][:, :T]
+    args["cot"] = jax.random.normal(jax.random.PRNGKey(2), args["q"].shape, jnp.float32)
+    off = q_offset if isinstance(q_offset, int) else jnp.asarray(q_offset, jnp.int32)
+    row = dict(dtype=jnp.dtype(dtype).name, B=B, T=T, S=S)
+    try:
+      with jax.default_matmul_precision("highest"):
+        ref_args = {n: v.astype(jnp.float32) for n, v in args.items()}
+        (l_ref, g_ref) = nsa_fwd_bwd("reference", off)(ref_args)
+        (l_pal, g_pal) = nsa_fwd_bwd("pallas", off)(args)
+      row.update(loss_rel_err=abs(float(l_pal) - float(l_ref)) / abs(float(l_ref)),
+                 grad_rel_err={n: rel_err(g_pal[n], g_ref[n]) for n in NAMES})
+    except Exception as e:  # noqa: BLE001 - report and go on to the timings
+      row["status"] = f"{type(e).__name__}: {str(e)[:2000]}"
+    rows.append(row)
+    print("check", json.dumps(row), flush=True)
+  results["check"] = rows
+
+
+def time_case(fn, args, iters: int) -> dict:
+  try:
+    t0 = time.perf_counter()
+    compiled = fn.lower(args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp_gib = None if mem is None else mem.temp_size_in_bytes / 2**30
+    jax.block_until_ready(compiled(args))
+    times = []
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(args))
+      times.append(time.perf_counter() - t0)
+    return dict(ms=1e3 * float(np.median(times)), compile_s=compile_s, temp_gib=temp_gib)
+  except Exception as e:  # noqa: BLE001 - an OOM or a lowering error is a result here
+    return dict(status=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def bench(results: dict, cases, iters: int, impls) -> None:
+  rows = []
+  for B, T in cases:
+    args = inputs(B, T, jnp.bfloat16)
+    args["cot"] = jnp.ones((B, T, H, D), jnp.bfloat16)
+    row = dict(B=B, T=T)
+    row["cudnn_full"] = time_case(full_fwd_bwd(), args, iters)
+    for impl in impls:
+      row[impl] = time_case(nsa_fwd_bwd(impl), args, iters)
+      if "ms" in row[impl] and "ms" in row["cudnn_full"]:
+        row[impl]["speed_vs_cudnn"] = row["cudnn_full"]["ms"] / row[impl]["ms"]
+    if "ms" in row.get("pallas", {}) and "ms" in row.get("blockwise", {}):
+      row["pallas"]["speedup_vs_blockwise"] = row["blockwise"]["ms"] / row["pallas"]["ms"]
+    rows.append(row)
+    print("bench", json.dumps(row), flush=True)
+  results["bench"] = rows
+
+
+def breakdown(results: dict, cases, iters: int, sweep: bool = False) -> None:
+  """Forward+backward time of each piece of the pallas path (compressed branch + block
+  choice, selected kernel, window branch) on its own."""
+  from onn_jax.model import nsa, nsa_pallas
+  rows = []
+  for B, T in cases:
+    args = inputs(B, T, jnp.bfloat16)
+    R = H // G
+    q5 = args["q"].reshape(B, T, G, R, D)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    geo = dict(seq_len=T, block_len=16, block_stride=8, select_len=32, num_select=8)
+
+    def cmp_loss(q5, k, v):
+      out, idx = nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
+      return jnp.sum(out) + 0.0 * jnp.sum(idx)
+    _, idx = jax.jit(lambda q5, k, v: nsa._compressed_and_selection_chunked(
+        q5, k, v, pos, **geo))(q5, args["k_cmp"], args["v_cmp"])
+
+    def cmp_fwd(q5, k, v):
+      return nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
+
+    def slc_loss(q5, k, v):
+      return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32, nsa_pallas.use_interpret()))
+
+    def win_loss(q5, k, v):
+      return jnp.sum(nsa._window_pallas_path(q5, k, v, pos, 128, True))
+
+    def wrap(f, names):
+      g = jax.jit(lambda a: f(*(a[n] for n in names)))
+      return g
+    a = dict(q5=q5, **args)
+    row = dict(B=B, T=T)
+    row["cmp_fwd"] = time_case(wrap(cmp_fwd, ("q5", "k_cmp", "v_cmp")), a, iters)
+    row["cmp_fwd_bwd"] = time_case(wrap(jax.grad(cmp_loss, (0, 1, 2)), ("q5", "k_cmp", "v_cmp")),
+                                   a, iters)
+    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
+    row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")),
+                                   a, iters)
+    for warps in (1, 2, 8) if sweep else ():
+      nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = warps
+      row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
+      row[f"slc_fwd_bwd_w{warps}"] = time_case(
+          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")), a, iters)
+    nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = 4
+    row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), ("q5", "k_win", "v_win")),
+                                   a, iters)
+    rows.append(row)
+    print("breakdown", json.dumps(row), flush=True)
+  results["breakdown"] = rows
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default="nsa_kernel_check.json")
+  p.add_argument("--cases", default="32x2048,8x8192,4x16384,1x32768")
+  p.add_argument("--impls", default="pallas,blockwise")
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--skip-check", action="store_true")
+  p.add_argument("--breakdown", action="store_true", help="time the pallas path's pieces")
+  p.add_argument("--sweep", action="store_true", help="with --breakdown: Triton num_warps")
+  a = p.parse_args(argv)
+  results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
+                 date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D)
+  if not a.skip_check:
+    check(results)
+  cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
+  if a.breakdown:
+    breakdown(results, cases, a.iters, a.sweep)
+  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i])
+  with open(a.out, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
