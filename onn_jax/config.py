@@ -132,6 +132,13 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+  # Live metrics for TensorBoard in <workdir>/tensorboard, beside metrics.jsonl (which is always
+  # written). Needs tensorboardX: pip install "onn-jax[tensorboard]".
+  tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +147,7 @@ class Config:
   eval: EvalConfig = field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   parallel: ParallelConfig = field(default_factory=ParallelConfig)
+  log: LogConfig = field(default_factory=LogConfig)
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
