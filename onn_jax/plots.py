@@ -239,8 +239,8 @@ def _experts_plot(records: list[dict], resets: list[dict], path: Path) -> Path:
 
 
 LOSS_TERMS = ("ce", "exc_ce", "sdl")
-LOSS_TITLE = ("objective = ce + sdl (pretrain); excursion_weight * exc_ce + tf_weight * ce + sdl"
-              " (EAVI)")
+LOSS_TITLE = ("objective: ce + sdl (pretrain); about excursion_weight * exc_ce + tf_weight * ce"
+              " + sdl (EAVI)")
 
 
 def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
