@@ -4,8 +4,8 @@ The notebooks in ``colab/`` stay thin: every line that does more than call a fun
 here. Four groups:
 
 - set-up: :func:`notebook_overrides` (tiny sizes under ``ONN_JAX_NOTEBOOK_TINY=1``, the
-  few-minute CPU sizes otherwise) and :func:`load_config` (``configs/<name>.yaml`` from a
-  checkout, or the built-in copy of the CPU default after a ``pip install`` from git);
+  few-minute CPU sizes otherwise) and :func:`load_config` (a config shipped with the package,
+  by name, or a YAML path);
 - free running: :func:`task_batch` serialises tasks the way training does,
   :func:`rollouts` decodes every answer from its prompt (greedy, or EAVI's excursion feed),
   :func:`summarise_rollouts` / :func:`free_running_exact_match` score them and
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -41,20 +40,6 @@ from onn_jax.model.transformer import Transformer
 
 TINY_ENV = "ONN_JAX_NOTEBOOK_TINY"
 NOTEBOOKS = ("quickstart", "eavi", "experts")
-
-# configs/default.yaml, for installs that have the package but not the repository's configs/
-# (a Colab `pip install` from git). tests/test_analysis.py keeps the two equal.
-CPU_DEFAULT: dict[str, dict[str, Any]] = {
-    "model": dict(d_model=64, num_layers=2, num_heads=4, num_kv_groups=2, head_dim=16,
-                  block_len=8, block_stride=4, select_len=16, num_select=4, window=64,
-                  num_experts=8, expert_hidden=64, compute_dtype="float32"),
-    "data": dict(train="arc-agi-1:training", eval="arc-agi-1:evaluation", max_grid=6,
-                 buckets=[256, 384]),
-    "train": dict(batch_size=16, pretrain_steps=350, eavi_steps=20, learning_rate=0.003,
-                  warmup_steps=20, reset_every=100, log_every=10),
-    "checkpoint": dict(every=100),
-    "eval": dict(mode="augscore", max_tasks=10, batch_size=40),
-}
 
 # Seconds-sized runs for the test that executes every notebook. The three notebooks share the
 # model, data and teacher-forcing schedule, so one persistent compilation cache serves them all.
@@ -103,33 +88,10 @@ def notebook_overrides(notebook: str, tiny: bool | None = None) -> list[str]:
   return list(full)
 
 
-def config_path(name: str = "default") -> Path | None:
-  """``configs/<name>.yaml`` of the checkout this package was imported from, if there is one."""
-  candidate = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
-  return candidate if candidate.is_file() else None
-
-
-def _as_overrides(values: dict[str, dict[str, Any]]) -> list[str]:
-  # JSON scalars and lists are YAML too, which is how config.parse_override reads values.
-  return [f"{section}.{key}={json.dumps(value)}" for section, entries in values.items()
-          for key, value in entries.items()]
-
-
 def load_config(name: str | Path = "default", overrides: Sequence[str] = ()) -> Config:
-  """A validated config: a YAML path, or a name under ``configs/``, with ``overrides``.
-
-  Without the repository's ``configs/`` folder (a ``pip install`` from git), ``default`` is the
-  built-in :data:`CPU_DEFAULT`; other names then raise ConfigError naming the file.
-  """
-  if isinstance(name, Path) or name.endswith((".yaml", ".yml")):
-    return config.load(name, overrides)
-  path = config_path(name)
-  if path is not None:
-    return config.load(path, overrides)
-  if name == "default":
-    return config.load(None, _as_overrides(CPU_DEFAULT) + list(overrides))
-  raise config.ConfigError(f"configs/{name}.yaml: not found beside the installed package "
-                           "(clone the repository to use it)")
+  """A validated config: a shipped config's name (``default``, ``arc1``, ``arc2``; they are
+  installed with the package) or a YAML path, with ``overrides``."""
+  return config.load(name, overrides)
 
 
 def show(*paths: str | Path) -> None:

@@ -6,7 +6,6 @@ on) end with one line on stderr naming the culprit and a non-zero exit code.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,17 @@ def _fail(err: BaseException) -> int:
   return 1
 
 
-def load_eval_tasks(spec: str, cfg: Config, max_tasks: int) -> list:
-  """``arc-agi-1:evaluation``, a task folder or a Kaggle challenges JSON -> sorted tasks."""
+def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None = None
+                    ) -> list:
+  """``arc-agi-1:evaluation``, a task folder or a Kaggle challenges JSON -> sorted tasks.
+
+  ``max_grid`` (default ``cfg.data.max_grid``) and ``max_tasks`` select a subset: the run's
+  own evaluation split only; a user's ``--data`` is evaluated whole (see
+  :func:`evaluate_checkpoint`)."""
   tasks = list(load_tasks(spec, skip_bad=cfg.data.skip_bad))
-  if cfg.data.max_grid < 30:  # a CPU-sized run only sees small grids; said in the protocol
-    tasks = filter_max_grid(tasks, cfg.data.max_grid)
+  max_grid = cfg.data.max_grid if max_grid is None else max_grid
+  if max_grid < 30:  # a CPU-sized run only sees small grids; said in the protocol
+    tasks = filter_max_grid(tasks, max_grid)
   tasks.sort(key=lambda t: t.id)
   return tasks[:max_tasks] if max_tasks else tasks
 
@@ -69,8 +74,7 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   if is_main_process():
     augscore.write_outputs(records, tasks, out_dir, e.mode,
                            {"protocol": protocol(cfg), **(extra or {})})
-    log(f"evaluation ({e.mode}) on {len(tasks)} tasks -> {out_dir}: "
-        + json.dumps({k: v for k, v in summary.items() if k != "per_task"}))
+    log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir))
   return summary
 
 
@@ -122,7 +126,13 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     spec = data or cfg.data.eval
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")
-    tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
+    if data:  # the user's data, whole: only a filter asked for on this command line applies
+      asked = {o.split("=", 1)[0].strip() for o in overrides}
+      tasks = load_eval_tasks(spec, cfg,
+                              cfg.eval.max_tasks if "eval.max_tasks" in asked else 0,
+                              cfg.data.max_grid if "data.max_grid" in asked else 30)
+    else:
+      tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
     if spec in cfg.data.train.split("+") and not cfg.data.hold_out_train_tests:
       print(f"warning: {spec} is training data of this run and data.hold_out_train_tests was "
             "off: these test outputs were trained on", file=sys.stderr)

@@ -132,6 +132,13 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+  # Live metrics for TensorBoard in <workdir>/tensorboard, beside metrics.jsonl (which is always
+  # written). Needs tensorboardX: pip install "onn-jax[tensorboard]".
+  tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +147,7 @@ class Config:
   eval: EvalConfig = field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   parallel: ParallelConfig = field(default_factory=ParallelConfig)
+  log: LogConfig = field(default_factory=LogConfig)
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -313,11 +321,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
   return path, value
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
+
+
+def shipped_names() -> list[str]:
+  """Names of the configs that ship with the package (``default``, ``arc1``, ...)."""
+  return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve(spec: str | Path) -> Path:
+  """A config file from a path, or from the name of a shipped config (``default``, ``arc1``).
+
+  ``configs/NAME.yaml`` outside a clone (after ``pip install``) is the shipped ``NAME``:
+  ``configs/`` of the repository is a link to the package's folder, so the two are one file.
+  """
+  path = Path(spec)
+  if path.is_file():
+    return path
+  name = path.stem if path.suffix in (".yaml", ".yml") else str(spec)
+  shipped = SHIPPED_DIR / f"{name}.yaml"
+  if (str(spec) == name or path.parent.name == "configs") and shipped.is_file():
+    return shipped
+  raise ConfigError(f"{spec}: config file not found (shipped configs: "
+                    f"{', '.join(shipped_names())}; or give a path to a YAML file)")
+
+
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-  """Reads a YAML config (or the defaults), applies ``section.key=value`` overrides, validates."""
+  """Reads a YAML config (a path or a shipped name; or the defaults), applies
+  ``section.key=value`` overrides, validates."""
   values: dict[str, Any] = {}
   if path is not None:
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
       raise ConfigError(f"{path}: config file not found")
     try:
@@ -335,6 +369,16 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
       raise ConfigError(f"{section}: expected a mapping")
     section_values[key] = value
   return from_dict(values)
+
+
+KEYS_HELP = ("Config keys (section.key=value): every key, its default and what it means are in "
+             "onn_jax/config.py (the *Config dataclasses); --print-config shows the resolved "
+             "values.")
+
+
+def dump(cfg: Config) -> str:
+  """The config as YAML, sections and keys in declaration order."""
+  return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def save(cfg: Config, path: str | Path) -> None:

@@ -288,3 +288,17 @@ def host_value(x) -> np.ndarray:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def platform_line(cfg: Config) -> tuple[str, str | None]:
+  """(where the run computes, e.g. "gpu (NVIDIA H200) x 2", a warning or None).
+
+  The warning is for a config that computes in bfloat16 with no accelerator: jax found no GPU
+  or TPU (CPU jax installed, or no driver), and the run goes on on the CPU, slowly."""
+  device = jax.devices()[0]
+  line = f"{device.platform} ({device.device_kind}) x {jax.device_count()}"
+  warning = None
+  if device.platform == "cpu" and cfg.model.compute_dtype == "bfloat16":
+    warning = ("warning: model.compute_dtype=bfloat16 (a GPU config) but jax found no GPU or "
+               "TPU: running on the CPU (see the README's GPU section for CUDA jax)")
+  return line, warning

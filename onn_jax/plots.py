@@ -138,7 +138,7 @@ def _series(records: list[dict], key: str) -> dict[str, tuple[list[float], list[
 
 
 def _line_plot(records: list[dict], keys: Sequence[str], ylabel: str, path: Path,
-               log: bool = False) -> Path:
+               log: bool = False, title: str = "") -> Path:
   fig = _figure((7, 4))
   ax = fig.subplots()
   drawn = 0
@@ -161,6 +161,8 @@ def _line_plot(records: list[dict], keys: Sequence[str], ylabel: str, path: Path
             transform=ax.transAxes)
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title, fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
@@ -224,9 +226,9 @@ def _experts_plot(records: list[dict], resets: list[dict], path: Path) -> Path:
       for event in resets:
         if event.get("layer") != l or not isinstance(event.get("step"), (int, float)):
           continue
-        ax.axvline(event["step"], color="red", linewidth=0.8, alpha=0.7)
         experts = event.get("experts") or []
-        if isinstance(experts, list) and experts:
+        if isinstance(experts, list) and experts:  # a reset that reset nothing draws nothing
+          ax.axvline(event["step"], color="red", linewidth=0.8, alpha=0.7)
           ax.scatter([event["step"]] * len(experts), experts, marker="x", color="red", s=18,
                      zorder=3)
     axes[0][0].set_title("expert activity (red: resets)")
@@ -236,10 +238,19 @@ def _experts_plot(records: list[dict], resets: list[dict], path: Path) -> Path:
   return path
 
 
+LOSS_TERMS = ("ce", "exc_ce", "sdl")
+LOSS_TITLE = ("objective: ce + sdl (pretrain); about excursion_weight * exc_ce + tf_weight * ce"
+              " + sdl (EAVI)")
+
+
 def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
   """Reads a metrics.jsonl and writes ``loss.png``, ``accuracy.png`` and ``experts.png``.
 
-  Records are JSON objects with ``step`` and optionally ``stage``, ``loss``, ``ce``,
+  ``loss.png`` draws the objective's terms on a linear axis, not their sum: the teacher-forced
+  answer CE ``ce`` (both stages), EAVI's excursion CE ``exc_ce`` and the SDL term ``sdl``; the
+  EAVI objective adds ``exc_ce`` to ``ce``, so its total would look like a jump.
+
+  Records are JSON objects with ``step`` and optionally ``stage``, ``ce``, ``exc_ce``, ``sdl``,
   ``answer_acc``, ``answer_exact`` and ``tokens_per_expert`` ([layer][expert] counts); lines
   with ``"event": "reset"`` (``step``, ``layer``, ``experts``) mark expert resets. Missing keys
   leave gaps or an explanatory panel, never an error.
@@ -248,7 +259,7 @@ def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
   out_dir.mkdir(parents=True, exist_ok=True)
   records, resets = read_metrics(metrics_path)
   return [
-      _line_plot(records, ["loss", "ce"], "loss", out_dir / "loss.png", log=True),
+      _line_plot(records, LOSS_TERMS, "loss term", out_dir / "loss.png", title=LOSS_TITLE),
       _line_plot(records, ["answer_acc", "answer_exact"], "accuracy", out_dir / "accuracy.png"),
       _experts_plot(records, resets, out_dir / "experts.png"),
   ]

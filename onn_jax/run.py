@@ -19,11 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from onn_jax import checkpoint, config, experts, stages, steps
+from onn_jax import checkpoint, config, experts, stages, steps, tblog
 from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model.transformer import Transformer, count_params
-from onn_jax.parallel import Runner, host_value, is_main_process
+from onn_jax.parallel import Runner, host_value, is_main_process, platform_line
 
 
 class TrainingStopped(RuntimeError):
@@ -133,6 +133,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   """Runs the configured stages; returns a summary (last metrics, steps, paths)."""
   workdir = Path(workdir)
   main = is_main_process()
+  tblog.check_available(cfg)  # before any work: a missing optional dependency is one line
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
                             cfg.checkpoint.async_save)
   if mngr.latest_step() is not None and (workdir / "config.yaml").is_file():
@@ -145,6 +146,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     config.save(cfg, workdir / "config.yaml")
   metrics_out = MetricsWriter(workdir / "metrics.jsonl", main)
+  live = tblog.open_writer(cfg, workdir, main)
 
   tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
@@ -154,8 +156,11 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   state = initial_state(cfg, model, mngr, log)
   if main:
     metrics_out.truncate_after(int(state.step))
+  platform, warning = platform_line(cfg)
+  if warning:
+    log(warning)
   log(f"Tiny-ONN: {count_params(state.params):,} parameters; {len(tasks)} training tasks; "
-      f"parallel mode {runner.mode} over {runner.num_devices} device(s)")
+      f"on {platform}; parallel mode {runner.mode} over {runner.num_devices} device(s)")
   state = runner.put_state(state)
 
   t = cfg.train
@@ -168,6 +173,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   tick, tokens_since, real_since, steps_since = time.perf_counter(), 0, 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
+  compiled: set[tuple[str, int]] = set()
 
   def save(at: int) -> None:
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
@@ -176,6 +182,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     while step < stop_at:
       stage = stages.stage_at(cfg, step).name
       local_batch = stream.batch(step)
+      _announce_step(bar, compiled, stage, local_batch["inputs"].shape[-1])
       # Per process: its own rows, scaled by the process count (rows are drawn alike).
       tokens_since += local_batch["inputs"].size * jax.process_count()
       real_since += int(local_batch["valid"].sum()) * jax.process_count()
@@ -198,8 +205,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 "step_s": (now - tick) / max(steps_since, 1),
                 "skipped_total": int(_scalar_or_first(state.skipped, runner))}
         metrics_out.write(last)
-        bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}",
-                        stage=stage)
+        live.write(last)
+        bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}")
         tick, tokens_since, real_since, steps_since = now, 0, 0, 0
       bar.update(1)
       if nonfinite >= t.max_nonfinite:
@@ -223,11 +230,23 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     raise
   finally:
     bar.close()
+    live.close()
     mngr.wait_until_finished()
   mngr.close()
   final = runner.get_state(state)
   return {"step": step, "total": total, "finished": step >= total, "last": last,
           "state": final, "model": model, "stream": stream, "info": info}
+
+
+def _announce_step(bar, compiled: set, stage: str, length: int) -> None:
+  """The bar names the stage of the step it runs; the first step of each (stage, bucket)
+  says that it compiles (seconds to minutes, during which the ETA means nothing)."""
+  if not bar.desc.startswith(stage):
+    bar.set_description(stage, refresh=False)
+  if (stage, length) not in compiled:
+    compiled.add((stage, length))
+    if not bar.disable:
+      bar.write(f"compiling {stage} step (bucket {length})")
 
 
 def _scalar_or_first(x, runner: Runner) -> np.ndarray:

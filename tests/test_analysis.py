@@ -48,21 +48,14 @@ def table(cfg, tasks, params):
 # Set-up
 
 
-def test_builtin_cpu_default_equals_configs_default_yaml():
-  # The copy serves `pip install` from git, where configs/ is absent: keep it in step.
-  assert config.from_dict(analysis.CPU_DEFAULT) == config.load(REPO / "configs" / "default.yaml")
-
-
-def test_load_config_uses_the_checkout_then_the_builtin_default(monkeypatch):
+def test_load_config_takes_shipped_names_and_paths():
   overrides = ["train.seed=7", "data.max_grid=5"]
-  from_yaml = analysis.load_config("default", overrides)
-  assert from_yaml == config.load(REPO / "configs" / "default.yaml", overrides)
-  assert analysis.load_config(str(REPO / "configs" / "default.yaml"), overrides) == from_yaml
-  assert analysis.load_config(REPO / "configs" / "default.yaml", overrides) == from_yaml
-  monkeypatch.setattr(analysis, "config_path", lambda name="default": None)
-  assert analysis.load_config("default", overrides) == from_yaml
-  with pytest.raises(config.ConfigError, match=r"configs/arc1\.yaml"):
-    analysis.load_config("arc1")
+  from_name = analysis.load_config("default", overrides)
+  assert from_name.train.seed == 7 and from_name.data.max_grid == 5
+  assert from_name == config.load(REPO / "configs" / "default.yaml", overrides)
+  assert analysis.load_config(str(REPO / "configs" / "default.yaml"), overrides) == from_name
+  with pytest.raises(config.ConfigError, match=r"^nope: config file not found .*arc1, arc2"):
+    analysis.load_config("nope")
 
 
 def test_notebook_overrides_follow_the_environment(monkeypatch):

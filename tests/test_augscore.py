@@ -244,7 +244,7 @@ def test_greedy_mode_uses_identity_view_only(tasks, views):
 
 def test_unfit_task_and_budget_cap(tasks, views):
   big = np.arange(400).reshape(20, 20) % 10
-  huge = Task("huge", [(big, big)], [(big, big)])
+  huge = Task("huge", [(big, big)], [(big, big.T)])
   everything = tasks + [huge]
   truth = {(t.id, i): y for t in tasks for i, (_, y) in enumerate(t.test)}
   model = FakeModel(tasks, views, lambda tid, t, v, _: [_answer(views[v].apply(truth[(tid, t)]))])
@@ -262,6 +262,53 @@ def test_unfit_task_and_budget_cap(tasks, views):
   assert summary["skipped"] == 1 and summary["malformed"] == by_id[("alpha", 0)]["malformed"] + \
       by_id[("beta", 0)]["malformed"]
   assert summary["per_task"] == {"alpha": 0.0, "beta": 0.5, "huge": 0.0}
+  # No candidate (too long to attempt, or all malformed): the test input as both attempts.
+  # beta's first answer (4x3: 16 tokens) is cut off too.
+  assert summary["fallback"] == 3 and summary["shortened"] == 0
+  for key in (("huge", 0), ("alpha", 0), ("beta", 0)):
+    assert by_id[key]["fallback"] and len(by_id[key]["ranked"]) == 1
+    test_input = everything[[t.id for t in everything].index(key[0])].test[0][0]
+    np.testing.assert_array_equal(by_id[key]["ranked"][0], test_input)
+
+
+def test_fit_prompt_drops_the_largest_demonstrations_first():
+  def demo(h, w):
+    return np.ones((h, w), np.int32), np.ones((h, w), np.int32)
+
+  small, large, medium = demo(1, 1), demo(4, 4), demo(2, 2)
+  test_input = np.ones((2, 3), np.int32)
+  demos = [small, large, medium]
+  full, dropped = augscore.fit_prompt(demos, test_input, room=9, max_len=1000)
+  assert dropped == 0
+  # Room for everything but the 4x4 demo (2 + 2 * 20 = 42 tokens): it alone is dropped and the
+  # others keep their order.
+  prompt, dropped = augscore.fit_prompt(demos, test_input, room=9, max_len=len(full) + 9 - 1)
+  assert dropped == 1 and len(prompt) == len(full) - 42
+  got_demos, got_input, _ = parse_sequence(prompt)
+  assert [d[0].shape for d in got_demos] == [(1, 1), (2, 2)]
+  np.testing.assert_array_equal(got_input, test_input)
+  # Too short for any demo: the test input alone, then nothing.
+  alone, dropped = augscore.fit_prompt(demos, test_input, room=9, max_len=1 + 2 + 8 + 9)
+  assert dropped == 3 and parse_sequence(alone)[0] == []
+  assert augscore.fit_prompt(demos, test_input, room=9, max_len=1 + 2 + 8 + 8) == (None, 3)
+
+
+def test_shortened_test_inputs_are_answered_and_counted(tmp_path):
+  rng = np.random.default_rng(1)
+  big = rng.integers(1, 10, (9, 9))
+  task = Task("long", [(big, big), (big[:2, :2], big[:2, :2])], [(big[:2, :3], big[:3, :2])])
+  # 1 + (2 + 90 + 90) + (2 + 6 + 6) + 2 + 8 = 207 tokens with both demos: over 150.
+  answer = big[:3, :2]
+  records = augscore.evaluate([task], mode="vote", views=[View()], max_len=150, batch_size=2,
+                              generate_fn=lambda p, m, s: [[_answer(answer)] for _ in p],
+                              progress=False)
+  assert records[0]["shortened"] and not records[0]["fallback"] and records[0]["correct_1"]
+  scores = augscore.write_outputs(records, [task], tmp_path, "vote")
+  assert scores["shortened"] == 1 and scores["fallback"] == 0 and scores["solved"] == 1
+  line = json.loads((tmp_path / "results.jsonl").read_text())
+  assert line["shortened"] is True and line["fallback"] is False
+  words = augscore.describe(scores, tmp_path)
+  assert words.startswith("solved 1 of 1 test outputs") and "1 test inputs shortened" in words
 
 
 def test_generate_fn_contract_errors(tasks, views):

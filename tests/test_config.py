@@ -67,3 +67,27 @@ def test_main_rejects_bad_overrides_with_one_line(override, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and override.split("=")[0] in lines[0]
   assert not (tmp_path / "w").exists()  # rejected before any work
+
+
+def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+  """After a plain pip install there is no configs/ folder: names and configs/NAME.yaml still
+  reach the YAML shipped inside the package (the clone's configs/ links to the same files)."""
+  assert config.shipped_names() == ["arc1", "arc2", "default"]
+  in_clone = config.load("configs/arc1.yaml")
+  monkeypatch.chdir(tmp_path)
+  assert config.load("arc1") == config.load("configs/arc1.yaml") == in_clone
+  assert config.resolve("configs/default.yaml") == config.SHIPPED_DIR / "default.yaml"
+  (tmp_path / "mine.yaml").write_text("train:\n  seed: 5\n")
+  assert config.load("mine.yaml").train.seed == 5  # a path still wins
+  with pytest.raises(ConfigError, match=r"^elsewhere/arc1\.yaml: config file not found"):
+    config.load("elsewhere/arc1.yaml")  # only configs/NAME.yaml falls back to the package
+
+
+def test_print_config_prints_the_resolved_yaml_and_exits(capsys):
+  from train import main
+  assert main.main(["--config", "arc2", "--print-config", "train.seed=9"]) == 0
+  printed = capsys.readouterr().out
+  assert config.from_dict(config.yaml.safe_load(printed)) == config.load("arc2", ["train.seed=9"])
+  with pytest.raises(SystemExit):
+    main.main(["--help"])
+  assert "onn_jax/config.py" in capsys.readouterr().out

@@ -24,8 +24,8 @@ from onn_jax.analysis import NOTEBOOKS, TINY_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
-BADGE = "https://colab.research.google.com/github/onn-jax/onn-jax/blob/main/colab/{}.ipynb"
-INSTALL_URL = "git+https://github.com/onn-jax/onn-jax"
+# onn-jax is not published: a fresh runtime installs it from an uploaded archive or a clone.
+INSTALL_NOTE = "upload the repository as `onn-jax.zip`"
 # What each notebook leaves behind in its working directory when every cell did its job.
 ARTIFACTS = {
     "quickstart": ["runs/quickstart/tasks", "runs/quickstart/eval/scores.json",
@@ -58,7 +58,7 @@ def test_notebook_is_committed_clean_with_badge_and_install_cell(name):
   nbformat.validate(nb)
   assert nb.metadata.kernelspec.name == "python3"
   first = nb.cells[0]
-  assert first.cell_type == "markdown" and f"]({BADGE.format(name)})" in first.source
+  assert first.cell_type == "markdown" and INSTALL_NOTE in first.source
   for cell in _code_cells(nb):
     assert cell.outputs == [] and cell.execution_count is None, \
         f"{name}.ipynb: commit the notebook without outputs"
@@ -75,8 +75,10 @@ def test_notebook_is_committed_clean_with_badge_and_install_cell(name):
     ({}, "jax"), ({"nvidia-smi": "/usr/bin/nvidia-smi"}, "jax[cuda12]"),
     ({"COLAB_TPU_ADDR": "grpc://10.0.0.2:8470"}, "jax[tpu]"),
     ({"/dev/accel*": ["/dev/accel0"]}, "jax[tpu]")])
-def test_install_cell_installs_the_package_where_it_is_missing(machine, jax_build, monkeypatch):
-  """The branch a fresh Colab runtime takes (never taken by the executed notebooks)."""
+def test_install_cell_installs_the_package_where_it_is_missing(machine, jax_build, monkeypatch,
+                                                               tmp_path):
+  """The branch a fresh Colab runtime takes (never taken by the executed notebooks): it installs
+  the uploaded onn-jax.zip in the working folder, and stops with one line without it."""
   import glob
   import shutil
   import subprocess
@@ -89,10 +91,18 @@ def test_install_cell_installs_the_package_where_it_is_missing(machine, jax_buil
   for key, value in machine.items():
     if key.isupper() and "/" not in key:
       monkeypatch.setenv(key, value)
-  for name in NOTEBOOKS:
-    exec(compile(_code_cells(_read(name))[0].source, f"{name}.ipynb", "exec"), {})
-  want = [sys.executable, "-m", "pip", "install", "-q", f"{jax_build}<0.13",
-          f"onn-jax @ {INSTALL_URL}"]
+  monkeypatch.chdir(tmp_path)
+  cells = [compile(_code_cells(_read(name))[0].source, f"{name}.ipynb", "exec")
+           for name in NOTEBOOKS]
+  if not os.path.exists("/content/onn-jax") and not os.path.exists("/content/onn-jax.zip"):
+    for cell in cells:
+      with pytest.raises(SystemExit, match="upload the repository as onn-jax.zip"):
+        exec(cell, {})
+    assert calls == []
+  (tmp_path / "onn-jax.zip").write_bytes(b"")
+  for cell in cells:
+    exec(cell, {})
+  want = [sys.executable, "-m", "pip", "install", "-q", f"{jax_build}<0.13", "onn-jax.zip"]
   assert calls == [want] * len(NOTEBOOKS)
 
 

@@ -99,3 +99,32 @@ def test_render_task(tmp_path):
   task = Task("t0", [(a, a.T), (a, a)], [(a, None)])
   path = plots.render_task(task, tmp_path / "task.png")
   assert path.read_bytes()[:8] == PNG
+
+
+def test_plots_draw_what_a_reader_needs(tmp_path, monkeypatch):
+  """loss.png: linear axis, the EAVI terms (not their sum); experts.png: a red line only where
+  an expert was reset; sheet: "no candidate" is a labelled empty cell, not a grid."""
+  figures = []
+  make = plots._figure
+  monkeypatch.setattr(plots, "_figure", lambda size: figures.append(make(size)) or figures[-1])
+  lines = [{"step": s, "stage": "pretrain" if s <= 20 else "eavi", "loss": 3.0, "ce": 2.0,
+            "sdl": 0.01, "tokens_per_expert": [[5, 0], [1, 1]]} for s in (10, 20, 30)]
+  lines[2].update(loss=4.01, exc_ce=2.0)  # EAVI: exc_ce + ce + sdl
+  lines.insert(1, {"event": "reset", "step": 20, "layer": 0, "experts": []})
+  lines.insert(2, {"event": "reset", "step": 20, "layer": 1, "experts": [1]})
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+  plots.plot_training(metrics, tmp_path / "plots")
+  loss_ax = figures[0].axes[0]
+  assert loss_ax.get_yscale() == "linear"
+  labels = [line.get_label() for line in loss_ax.lines]
+  assert "exc_ce (eavi)" in labels and not any(l.startswith("loss") for l in labels)
+  layer_axes = [ax for ax in figures[2].axes if ax.get_ylabel().startswith("layer")]
+  assert [len(ax.lines) for ax in layer_axes] == [0, 1]  # layer 0's reset reset nothing
+
+  figures.clear()
+  plots.render_sheet([{"title": "t", "grids": [("no candidate", None), ("grid", [[1]])]}],
+                     tmp_path / "sheet.png")
+  empty, drawn = figures[0].axes
+  assert not empty.images and [t.get_text() for t in empty.texts] == ["none"]
+  assert len(drawn.images) == 1

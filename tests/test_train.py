@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -33,8 +35,29 @@ def finished_run(tmp_path_factory):
   """One whole run of ``python -m train.main`` (in-process): pretrain, EAVI, evaluation."""
   workdir = tmp_path_factory.mktemp("run")
   cfg = tiny_config(**RUN_CFG)
-  assert app.train_and_evaluate(cfg, workdir) == 0
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert app.train_and_evaluate(cfg, workdir) == 0
+  RUN_OUTPUT["stdout"] = out.getvalue()
   return workdir, cfg
+
+
+RUN_OUTPUT: dict[str, str] = {}  # what finished_run printed
+
+
+def test_run_says_where_it_runs_what_it_compiles_and_how_it_ended(finished_run):
+  workdir, _ = finished_run
+  lines = RUN_OUTPUT["stdout"].splitlines()
+  device = jax.devices()[0]
+  assert any(f"on {device.platform} ({device.device_kind}) x " in line for line in lines)
+  # One bucket (128): one compile per stage, said before the stage's first step.
+  assert [l for l in lines if l.startswith("compiling")] == [
+      "compiling pretrain step (bucket 128)", "compiling eavi step (bucket 128)"]
+  scores = json.loads((workdir / "eval" / "scores.json").read_text())
+  last = lines[-1]
+  assert last.startswith(f"evaluation (augscore): solved {scores['solved']} of "
+                         f"{scores['num_test_inputs']} test outputs")
+  assert f"{scores['malformed']} of {scores['generations']} generations malformed" in last
+  assert last.endswith(f"scores in {workdir / 'eval' / 'scores.json'}")
 
 
 def test_run_writes_metrics_checkpoints_plots_and_evaluation(finished_run):
@@ -311,7 +334,8 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   state = _final_state(tmp_path, cfg)
   seen = {}
   monkeypatch.setattr(app, "evaluate_params",
-                      lambda cfg, params, tasks, out, extra: seen.update(params=params, **extra))
+                      lambda cfg, params, tasks, out, extra: seen.update(params=params,
+                                                                         tasks=tasks, **extra))
   for weights, expected in (("ema", state.ema), ("params", state.params)):
     assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:evaluation", tmp_path / weights,
                                    [f"eval.weights={weights}", "eval.max_tasks=1"]) == 0
@@ -327,6 +351,17 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "eval.weights" in err[0]
+  # A user's challenges file is evaluated whole: the run's data.max_grid (5) and
+  # eval.max_tasks do not drop its tasks; a filter given on the command line does apply.
+  big = [[1] * 8] * 8
+  challenges = {f"t{i}": {"train": [{"input": big if i == 0 else [[i]], "output": [[i]]}],
+                          "test": [{"input": [[i]]}]} for i in range(3)}
+  (tmp_path / "challenges.json").write_text(json.dumps(challenges))
+  for overrides, ids in (([], ["t0", "t1", "t2"]), (["eval.max_tasks=2"], ["t0", "t1"]),
+                         (["data.max_grid=5"], ["t1", "t2"])):
+    assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "challenges.json"), tmp_path / "u",
+                                   overrides) == 0
+    assert [t.id for t in seen["tasks"]] == ids
 
 
 def test_learning_rate_follows_the_run_step_across_a_skipped_step(trained_state):

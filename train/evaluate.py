@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from onn_jax import config
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=config.KEYS_HELP)
   parser.add_argument("--checkpoint", required=True,
                       help="a run folder (with config.yaml and checkpoints/)")
   parser.add_argument("--data", default=None,

@@ -21,12 +21,15 @@ Modes (for each test input):
   ``score(c) = sum_v log p(v(c) | prompt_v)`` over the views v (one teacher-forced pass per
   candidate and view), ranked by score (ties: votes, then first seen).
 
-Length rules are the training ones (:func:`onn_jax.data.serialize.fit`): trailing demos are
-dropped until prompt plus answer fit ``max_len``. For generation the answer's room is estimated
-from the largest demo output or the test input in that view; for scoring, every candidate of a
-test input shares one prompt per view that holds the largest of them, so the candidates' scores
-are comparable. A view whose prompt does not fit even with one demo is left out; a test input
-with no fitting view gets no candidates (and ``[[0]]`` in the submission).
+Length rule (:func:`fit_prompt`): while prompt plus answer exceed ``max_len``, the largest
+demonstration is dropped (the others keep their order), down to no demonstration at all; a test
+input whose prompt was cut so is counted as ``shortened``. For generation the answer's room is
+estimated from the largest demo output or the test input in that view; for scoring, every
+candidate of a test input shares one prompt per view that holds the largest of them, so the
+candidates' scores are comparable. A view whose test input does not fit even alone is left out
+(``skipped`` when no view fits). Every test input is answered: one without any candidate (no
+view fitted, or every generation was malformed) submits the fallback, its own test input, as
+both attempts, and is counted as ``fallback``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from onn_jax.data.augment import NUM_D8, View, color_permutation
-from onn_jax.data.serialize import decode_grid, encode_grid, fit, grid_length
+from onn_jax.data.serialize import (decode_grid, encode_grid, grid_length, sequence_length,
+                                    serialize)
 from onn_jax.data.tasks import Task
 from onn_jax.data.tokens import END
 from onn_jax.evaluation.scoring import has_solutions, score_submission, validate_submission
@@ -112,6 +116,7 @@ class _Item:
   generations: int = 0
   gen_views: int = 0
   score_views: int = 0
+  shortened: bool = False
   scores: np.ndarray | None = None
 
   def add(self, grid: np.ndarray) -> None:
@@ -129,12 +134,23 @@ def _view_task(task: Task, test_index: int, view: View) -> tuple[list, np.ndarra
   return demos, view.apply(np.asarray(task.test[test_index][0]))
 
 
-def _prompt(demos: list, test_input: np.ndarray, room: int, max_len: int, task_id: str,
-            test_index: int) -> np.ndarray | None:
-  """The prompt (int32 [P], ending with OUT) leaving ``room`` tokens for the answer."""
-  example = fit(demos, test_input, None, max_len - room, task_id=task_id,
-                test_index=test_index)
-  return None if example is None else np.asarray(example.tokens, np.int32)
+def fit_prompt(demos: list, test_input: np.ndarray, room: int, max_len: int
+               ) -> tuple[np.ndarray | None, int]:
+  """(prompt, demos dropped): the prompt (int32 [P], ending with OUT) leaving ``room`` tokens
+  for the answer, the largest demonstrations dropped first until it fits (ties: the later
+  one); (None, len(demos)) when the test input alone does not fit."""
+  alone = sequence_length([], test_input)
+  sizes = [sequence_length([pair], test_input) - alone for pair in demos]
+  budget = max_len - room - alone
+  kept = set(range(len(demos)))
+  for d in sorted(kept, key=lambda d: (-sizes[d], -d)):
+    if sum(sizes[k] for k in kept) <= budget:
+      break
+    kept.remove(d)
+  if budget < 0:
+    return None, len(demos)
+  example = serialize([demos[d] for d in sorted(kept)], test_input)
+  return np.asarray(example.tokens, np.int32), len(demos) - len(kept)
 
 
 def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
@@ -164,10 +180,11 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
       # Room for an answer as large as the largest output seen or the test input, in this view.
       room = max([grid_length(np.shape(o)) for _, o in demos] + [grid_length(test_input.shape)])
       room = min(room + 1, max_answer_tokens)
-      prompt = _prompt(demos, test_input, room, max_len, item.task.id, item.test_index)
+      prompt, dropped = fit_prompt(demos, test_input, room, max_len)
       if prompt is not None:
         jobs.append((i, v, prompt))
         item.gen_views += 1
+        item.shortened |= dropped > 0
   # Longest first: similar lengths share a batch (less padding, a fair max_new), and the
   # largest batch runs first so an out-of-memory shows at once.
   order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
@@ -210,10 +227,11 @@ def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, 
       answers = [_answer_tokens(view.apply(c)) for c in item.candidates]
       demos, test_input = _view_task(item.task, item.test_index, view)
       room = max(len(a) for a in answers)
-      prompt = _prompt(demos, test_input, room, max_len, item.task.id, item.test_index)
+      prompt, dropped = fit_prompt(demos, test_input, room, max_len)
       if prompt is None:
         continue  # this view cannot hold the largest candidate: left out for all of them
       item.score_views += 1
+      item.shortened |= dropped > 0
       for c, answer in enumerate(answers):
         pairs.append((i, c, np.concatenate([prompt, answer]), len(prompt)))
   order = sorted(range(len(pairs)), key=lambda p: -len(pairs[p][2]))
@@ -242,6 +260,9 @@ def _record(item: _Item, mode: str) -> dict:
     scores = [float(k) for k in item.counts]
     order = sorted(range(n), key=lambda c: (-item.counts[c], c))
   ranked = [item.candidates[c] for c in order]
+  fallback = not ranked
+  if fallback:  # nothing to submit: the test input itself, as both attempts
+    ranked = [np.asarray(item.task.test[item.test_index][0], np.int32)]
   target = item.task.test[item.test_index][1]
   correct_1 = correct_2 = None
   if target is not None:
@@ -263,6 +284,8 @@ def _record(item: _Item, mode: str) -> dict:
       "views": item.gen_views,
       "score_views": item.score_views,
       "skipped": item.gen_views == 0,
+      "shortened": item.shortened,
+      "fallback": fallback,
       "correct_1": correct_1,
       "correct_2": correct_2,
   }
@@ -278,8 +301,9 @@ def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[V
   order first seen), ``counts`` (generations that produced each), ``scores`` (summed answer
   log-probabilities in ``augscore`` mode, else the counts), ``order`` and ``ranked`` (the
   candidates best first), ``malformed`` (generations that did not parse), ``generations``,
-  ``views`` (views whose prompt fitted), ``score_views``, ``skipped`` (no view fitted) and
-  ``correct_1`` / ``correct_2`` (None without a solution).
+  ``views`` (views whose prompt fitted), ``score_views``, ``skipped`` (no view fitted),
+  ``shortened`` (demonstrations were dropped to fit), ``fallback`` (no candidate: ``ranked``
+  holds the test input alone) and ``correct_1`` / ``correct_2`` (None without a solution).
 
   ``views`` defaults to the 8 D8 views; ``greedy`` mode always uses the identity view alone and
   no samples. Every prompt plus ``max_new`` tokens fits ``max_len``, with ``max_new`` at most
@@ -330,14 +354,41 @@ def summarise(records: Sequence[dict], tasks: Sequence[Task], mode: str | None =
       "malformed": int(sum(r["malformed"] for r in records)),
       "generations": int(sum(r["generations"] for r in records)),
       "skipped": int(sum(bool(r["skipped"]) for r in records)),
+      "shortened": int(sum(bool(r.get("shortened")) for r in records)),
+      "fallback": int(sum(bool(r.get("fallback")) for r in records)),
       "mean_candidates": float(np.mean([len(r["candidates"]) for r in records]))
                          if records else 0.0,
   }
   if tasks and has_solutions(tasks):
     summary.update(score_submission(build_submission(ranked_by_task(records, tasks)), tasks))
+    summary["solved"] = int(sum(r["correct_2"] is True for r in records))
   else:
     summary["scores"] = "omitted: no solutions"
   return summary
+
+
+def describe(summary: dict, out_dir: str | Path | None = None) -> str:
+  """The summary in words, e.g. for the last line of a run."""
+  s = summary
+  parts = []
+  if "solved" in s:
+    parts.append(f"solved {s['solved']} of {s['num_test_inputs']} test outputs of "
+                 f"{s['num_tasks']} tasks (official score {s['score']:.1%}, "
+                 f"pass@1 {s['pass@1']:.1%})")
+  else:
+    parts.append(f"answered {s['num_test_inputs']} test inputs of {s['num_tasks']} tasks "
+                 "(no solutions: not scored)")
+  parts.append(f"{s['malformed']} of {s['generations']} generations malformed (no parsable "
+               f"grid); {s['mean_candidates']:.1f} distinct candidates per test input")
+  if s.get("shortened"):
+    parts.append(f"{s['shortened']} test inputs shortened (largest demonstrations dropped "
+                 "to fit the longest bucket)")
+  if s.get("fallback"):
+    parts.append(f"{s['fallback']} without a candidate answered with their test input "
+                 f"({s['skipped']} of them too long to attempt)")
+  if out_dir is not None:
+    parts.append(f"scores in {Path(out_dir) / 'scores.json'}")
+  return "; ".join(parts)
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -375,23 +426,28 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
           "malformed": r["malformed"],
           "views": r["views"],
           "skipped": r["skipped"],
+          "shortened": r["shortened"],
+          "fallback": r["fallback"],
           "correct_1": r["correct_1"],
           "correct_2": r["correct_2"],
       }) + "\n")
 
   from onn_jax.plots import render_sheet
   rows = []
+  by_key = {(r["task_id"], r["test_index"]): r for r in records}
   for task in list(tasks)[:sheet_tasks]:
     for t, (test_input, target) in enumerate(task.test):
       entry = submission[task.id][t]
-      mark = {True: " (solved)", False: " (missed)"}.get(
-          next((r["correct_2"] for r in records
-                if r["task_id"] == task.id and r["test_index"] == t), None), "")
+      record = by_key.get((task.id, t), {})
+      mark = {True: " (solved)", False: " (missed)"}.get(record.get("correct_2"), "")
+      attempts = [("attempt 1", np.asarray(entry["attempt_1"])),
+                  ("attempt 2", np.asarray(entry["attempt_2"]))]
+      if record.get("fallback", True):  # no candidate: an empty labelled cell, not a grid
+        attempts = [("no candidate\n(submitted: test input)", None), ("no candidate", None)]
       rows.append({"title": f"{task.id} [{t}]{mark}", "grids": [
           ("test input", np.asarray(test_input)),
           ("target", None if target is None else np.asarray(target)),
-          ("attempt 1", np.asarray(entry["attempt_1"])),
-          ("attempt 2", np.asarray(entry["attempt_2"])),
+          *attempts,
       ]})
   render_sheet(rows, out_dir / "sheet.png")
   return scores
