@@ -43,22 +43,28 @@ class RMSNorm(nn.Module):
     return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def moe_layer(c: ModelConfig, **kwargs) -> DynMoE:
+  """The DynMoE feed-forward layer that ``c`` describes (``kwargs``: e.g. ``name``)."""
+  return DynMoE(
+      num_experts=c.num_experts, expert_hidden=c.expert_hidden, combine=c.moe_combine,
+      fallback_k=c.fallback_k, init_threshold=c.init_threshold, impl=c.moe_impl,
+      target_active=c.sdl_target_active, dtype=dtype_of(c.compute_dtype),
+      param_dtype=dtype_of(c.param_dtype), **kwargs)
+
+
 class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTC, valid_BT, *, mode="train", cache=None, pos_B=None):
     c = self.cfg
-    dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
+    pdt = dtype_of(c.param_dtype)
     attn_out, new_cache, attn_aux = attention.get(c.attention).module(c, name="attn")(
         RMSNorm(param_dtype=pdt, name="attn_norm")(x_BTC), valid_BT, mode=mode, cache=cache,
         pos_B=pos_B)
     x_BTC = x_BTC + attn_out
-    moe_out, aux = DynMoE(
-        num_experts=c.num_experts, expert_hidden=c.expert_hidden, combine=c.moe_combine,
-        fallback_k=c.fallback_k, init_threshold=c.init_threshold,
-        target_active=c.sdl_target_active, dtype=dt, param_dtype=pdt, name="moe")(
-            RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
+    moe_out, aux = moe_layer(c, name="moe")(
+        RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
     if attn_aux:  # a gated attention (dynsmlora): its gate statistics and SDL terms
       aux = {**aux, "attn": attn_aux}
     return x_BTC + moe_out, new_cache, aux
