@@ -53,12 +53,12 @@ import numpy as np
 from onn_jax import config, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.decode import generate
-from onn_jax.model import nsa
-from onn_jax.model.flops import forward_flops_per_token, model_flops_per_token, peak_flops  # noqa: F401
-from onn_jax.model.moe import (experts_dense, init_expert_params, moe_sparse_ragged,
-                               moe_sparse_tiled, sort_pairs_by_expert)
-from onn_jax.model import attention
+from onn_jax.model import attention, nsa
+from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
+    forward_flops_per_token, model_flops_per_token, peak_flops)
 from onn_jax.model.layers import dtype_of
+from onn_jax.model.moe import (experts_dense, init_expert_params, moe_sparse_ragged,  # noqa: F401
+                               moe_sparse_tiled, sort_pairs_by_expert)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer
 
