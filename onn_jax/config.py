@@ -44,7 +44,7 @@ class ModelConfig:
   num_experts: int = 8
   expert_hidden: int = 64
   moe_combine: str = "mean"  # mean | softmax (over the active experts)
-  moe_impl: str = "dense"  # dense (every expert) | ragged | tiled (sparse dispatch)
+  moe_impl: str = "dense"  # dense | ragged | tiled (sparse; gate gradients differ: DynMoE.impl)
   fallback_k: int = 1  # experts used by a token that activates none
   init_threshold: float = 0.0
   sdl_diversity_weight: float = 0.01

@@ -350,9 +350,11 @@ class DynMoE(nn.Module):
   # dense: one all-experts einsum. ragged / tiled: only the (token, expert) pairs in use, sorted
   # by expert (jax.lax.ragged_dot, or gather + per-tile matmul + scatter). A token may activate
   # any number of experts, so the static pair capacity is T * E: nothing is ever dropped.
-  # Same forward and same gradients for x and the expert weights as dense; the straight-through
-  # gradient that an expert *inactive* for a token would send to the gate (through its unused
-  # weight w_te, which is 0 in the forward pass) is not computed, as that expert is not run.
+  # Same forward and same expert-weight gradients as dense. NOT the same training: the
+  # straight-through gradient that an expert *inactive* for a token sends through its weight
+  # w_te (0 in the forward pass) into the gate, and so into x, prototypes and thresholds, is
+  # not computed, as that expert is not run. The gate then learns to switch an expert on only
+  # through the SDL sparsity term.
   impl: str = "dense"
   tile: int = TILE_ROWS
   dtype: Any = jnp.float32
