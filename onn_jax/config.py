@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
   d_model: int = 64
+  attention: str = "nsa"  # nsa | full (causal GQA baseline) | dynsmlora (GQA + LoRA deltas)
   num_layers: int = 2
   num_heads: int = 4  # query heads H
   num_kv_groups: int = 1  # G: key/value heads; H must be a multiple of G
@@ -36,10 +37,14 @@ class ModelConfig:
   window: int = 32
   nsa_impl: str = "auto"  # reference | blockwise | pallas | auto
   gate_hidden: int = 0  # 0: the gate is one linear layer; >0: a two-layer MLP
+  # DynSMLoRA (attention=dynsmlora): a bank of low-rank q/k/v deltas chosen by a DynMoE gate.
+  lora_experts: int = 8
+  lora_rank: int = 8
   # DynMoE (Guo et al. 2024) with cosine-prototype gating.
   num_experts: int = 8
   expert_hidden: int = 64
   moe_combine: str = "mean"  # mean | softmax (over the active experts)
+  moe_impl: str = "dense"  # dense | ragged | tiled (sparse; gate gradients differ: DynMoE.impl)
   fallback_k: int = 1  # experts used by a token that activates none
   init_threshold: float = 0.0
   sdl_diversity_weight: float = 0.01
@@ -241,6 +246,13 @@ def validate(cfg: Config) -> Config:
            "model.sdl_*_weight: must be >= 0")
   _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
+  _one_of("model.moe_impl", m.moe_impl, ("dense", "ragged", "tiled"))
+  _one_of("model.attention", m.attention, ("nsa", "full", "dynsmlora"))
+  if m.attention == "dynsmlora":
+    for key in ("lora_experts", "lora_rank"):
+      _require(getattr(m, key) > 0, f"model.{key}: must be positive, got {getattr(m, key)}")
+    _require(m.fallback_k <= m.lora_experts, f"model.lora_experts: {m.lora_experts} is below "
+             f"model.fallback_k={m.fallback_k} (the attention gate's fallback)")
   _one_of("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
   _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
 

@@ -39,15 +39,34 @@ def answer_stats(logits_BTV, targets_BT, mask_BT):
 
 
 def sdl(aux, cfg: ModelConfig, axis_name=None, num_devices: int = 1):
-  """The sparse-diversity loss (DESIGN.md, DynMoE), averaged over layers.
+  """The sparse-diversity loss (DynMoE), averaged over layers.
 
   diversity: ``||P^ P^T - I||^2`` (identical on every device, so each contributes 1/n);
   sparsity: ``(f - target)^2`` with ``f`` the global mean straight-through active fraction.
+  A gated attention (``aux["attn"]``, dynsmlora) adds its gate's SDL with the same weights,
+  reported as ``attn_sdl_*`` with its routing (``attn_experts_per_token``,
+  ``attn_fallback_frac``); ``sdl`` is the total.
 
   Returns ``(local_loss, report)``: ``local_loss`` summed over devices has the gradient of the
   global SDL; the sparsity term is linearised at the global ``f`` (exact gradient:
   ``d(f - t)^2 = 2 (f - t) df``, and ``f`` is a sum of per-device parts).
   """
+  local, report = _gate_sdl(aux, cfg, axis_name, num_devices)
+  if "attn" in aux:
+    attn_local, attn_report = _gate_sdl(aux["attn"], cfg, axis_name, num_devices)
+    tokens = jnp.maximum(jnp.sum(psum(aux["attn"]["num_tokens"], axis_name)), 1.0)
+    attn_report["experts_per_token"] = jax.lax.stop_gradient(jnp.sum(psum(
+        aux["attn"]["experts_per_token"] * aux["attn"]["num_tokens"], axis_name)) / tokens)
+    attn_report["fallback_frac"] = jax.lax.stop_gradient(
+        jnp.sum(psum(aux["attn"]["fallback_tokens"], axis_name)) / tokens)
+    local = local + attn_local
+    report["sdl"] = report["sdl"] + attn_report["sdl"]
+    report.update({f"attn_{k}": v for k, v in attn_report.items()})
+  return local, report
+
+
+def _gate_sdl(aux, cfg: ModelConfig, axis_name, num_devices: int):
+  """:func:`sdl` of one kind of gate (the DynMoE layers, or a gated attention)."""
   active_sum_L = psum(aux["st_active_sum"], axis_name)
   tokens_L = jnp.maximum(psum(aux["num_tokens"], axis_name), 1.0)
   frac_L = active_sum_L / tokens_L

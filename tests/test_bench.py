@@ -99,6 +99,15 @@ def test_quick_moe_numbers(quick):
   assert set(moe["crossover"]) == {"ragged", "tiled"}
 
 
+def test_quick_layers_numbers(quick):
+  results, _ = quick
+  for row in results["layers"]:
+    assert row["full"]["ratio_to_full"] == 1.0
+    for name in bench.LAYERS:
+      assert row[name]["ms"] > 0, f"{name} at T={row['seq_len']}: {row[name]}"
+      assert row[name]["ratio_to_full"] == pytest.approx(row[name]["ms"] / row["full"]["ms"])
+
+
 def test_quick_prints_tables(quick):
   _, printed = quick
   for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):

@@ -1,7 +1,8 @@
 """Benchmarks of Tiny-ONN on the accelerator: training step, EAVI, NSA core, DynMoE dispatch.
 
   python -m train.bench [--config configs/arc1.yaml] [--quick] [--out bench.json]
-                        [--only nsa,moe,train,eavi] [--lens 512,2048] [section.key=value ...]
+                        [--only train,eavi,nsa,moe,layers] [--lens 512,2048]
+                        [section.key=value ...]
 
 Sections (each: compile first, warm up, then time ``iters`` calls with ``jax.block_until_ready``
 after each one; the median is reported):
@@ -13,10 +14,14 @@ after each one; the median is reported):
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
-* ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``) against two sparse
-  token-to-expert dispatches written here (``jax.lax.ragged_dot`` over pairs sorted by expert,
-  and a tiled gather-matmul-scatter), forward and forward+backward, and the crossover token
-  count from which the sparse dispatch is faster.
+* ``layers``: one attention layer of each variant (``model.attention`` = full, nsa,
+  dynsmlora; projections included) and one DynMoE layer, forward+backward (gradients of the
+  input and every parameter) on [batch_size, T] in the compute dtype, at every length of
+  ``--lens``; each as a ratio to the ``full`` layer of the same run.
+* ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``) against the two sparse
+  token-to-expert dispatches of ``onn_jax.model.moe`` (``model.moe_impl=ragged``: pairs sorted
+  by expert through ``jax.lax.ragged_dot``; ``tiled``: gather-matmul-scatter), forward and
+  forward+backward, and the crossover token count from which the sparse dispatch is faster.
 
 Synthetic batches (random colour tokens, every position valid, an answer of ~200 tokens ending
 ~100 tokens before the end) are used throughout: routing statistics are those of the untrained
@@ -47,30 +52,24 @@ import numpy as np
 
 from onn_jax import config, steps
 from onn_jax.config import Config, ModelConfig
-from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import generate
-from onn_jax.model import nsa, nsa_pallas
-from onn_jax.model.moe import experts_dense, init_expert_params
-from onn_jax.model.nsa import nsa_core, num_compressed_blocks, num_selection_blocks
-from onn_jax.model.transformer import Transformer
+from onn_jax.model import attention, nsa, nsa_pallas
+from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
+    forward_flops_per_token, model_flops_per_token, peak_flops)
+from onn_jax.model.layers import dtype_of
+from onn_jax.model.moe import (experts_dense, init_expert_params, moe_sparse_ragged,  # noqa: F401
+                               moe_sparse_tiled, sort_pairs_by_expert)
+from onn_jax.model.nsa import nsa_core, num_compressed_blocks
+from onn_jax.model.transformer import Transformer, moe_layer
 
-SECTIONS = ("train", "eavi", "nsa", "moe")
+SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
+LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
 # The reference NSA builds [B, T, H, S] float32 logits (several live at once, and again in the
 # backward pass): skip it when one of them would exceed this many bytes.
 REFERENCE_MAX_BYTES = 8e9
-
-# Dense bf16 tensor-core peak (FLOP/s, without sparsity), matched as a substring of
-# ``device.device_kind``; the first match wins, so more specific names come first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-)
 
 QUICK_OVERRIDES: tuple[str, ...] = (
     "model.d_model=32", "model.num_layers=1", "model.num_heads=4", "model.num_kv_groups=2",
@@ -172,65 +171,6 @@ def is_oom(err: BaseException) -> bool:
 def _short(err: BaseException) -> str:
   lines = str(err).strip().splitlines() or [type(err).__name__]
   return f"{type(err).__name__}: {lines[0][:200]}"
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOP counting
-# ----------------------------------------------------------------------------------------------
-
-def forward_flops_per_token(m: ModelConfig, seq_len: int, active_experts: float
-                            ) -> dict[str, float]:
-  """Forward matmul FLOPs per token of Tiny-ONN at sequence length T, by part.
-
-  A matmul of an [n, k] by a [k, m] matrix counts 2*n*k*m. Per layer and token:
-
-  * ``projections``: q (C*H*D), the fused k/v of the three branches (C*6*G*D), the gate
-    (C*3H, or C*h + h*3H with a hidden layer) and the output (H*D*C), each times 2;
-  * ``compression``: the block MLPs for keys and values, ``N = num_compressed_blocks(T)``
-    blocks per group: ``2 * G * N / T * 2 * (L*D*2D + 2D*D)``;
-  * ``attention``: per query head, QK and PV at 2*D each per key, over the keys the NSA
-    branches actually compute: all N compressed blocks, ``num_select * select_len`` selected
-    keys and ``min(window, T)`` window keys; plus the selection scores (2*G*N*J, ``J`` blocks);
-  * ``moe_gate``: the cosine against E prototypes (2*C*E);
-  * ``experts``: ``active_experts`` expert MLPs (2 * 2*C*F each).
-
-  Then ``lm_head`` (2*C*V) once. The embedding lookup, norms, RoPE and softmax are not counted.
-  Returns the parts and their ``total`` (float FLOPs per token).
-  """
-  C, H, G, D = m.d_model, m.num_heads, m.num_kv_groups, m.head_dim
-  T = seq_len
-  N = num_compressed_blocks(T, m.block_len, m.block_stride)
-  J = num_selection_blocks(T, m.select_len)
-  gate = 2 * C * 3 * H if not m.gate_hidden else 2 * (C * m.gate_hidden + m.gate_hidden * 3 * H)
-  projections = 2 * C * H * D + 2 * C * 6 * G * D + gate + 2 * H * D * C
-  mlp_per_block = 2 * (m.block_len * D * 2 * D) + 2 * (2 * D * D)
-  compression = 2 * G * N * mlp_per_block / T
-  keys = N + m.num_select * m.select_len + min(m.window, T)
-  attention = H * 4 * D * keys + 2 * G * N * J
-  moe_gate = 2 * C * m.num_experts
-  experts = active_experts * 4 * C * m.expert_hidden
-  L = m.num_layers
-  parts = {"projections": L * projections, "compression": L * compression,
-           "attention": L * attention, "moe_gate": L * moe_gate, "experts": L * experts,
-           "lm_head": 2 * C * VOCAB_SIZE}
-  parts = {k: float(v) for k, v in parts.items()}
-  parts["total"] = sum(parts.values())
-  return parts
-
-
-def model_flops_per_token(m: ModelConfig, seq_len: int, active_experts: float, *,
-                          training: bool = True) -> float:
-  """FLOPs per token of a step: the forward count, times 3 for forward + backward."""
-  forward = forward_flops_per_token(m, seq_len, active_experts)["total"]
-  return 3.0 * forward if training else forward
-
-
-def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 peak FLOP/s of a device kind string, or None when unknown."""
-  for name, peak in PEAK_BF16_FLOPS:
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,17 +349,13 @@ def full_attention_fwd_bwd(implementation: str | None) -> Callable:
   return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
-def _auto_impl(m: ModelConfig, seq_len: int) -> str | None:
-  """What ``impl="auto"`` runs for a training pass of ``seq_len`` tokens, or None when the
-  library does not say (then "auto" is measured on its own)."""
-  try:
-    return nsa.resolve_impl("auto", num_queries=seq_len, seq_len=seq_len,
-                            keys_per_query=m.num_select * m.select_len + m.window,
-                            pallas_tiles_ok=nsa_pallas.pallas_supported(
-                                heads_per_group=m.num_heads // m.num_kv_groups,
-                                head_dim=m.head_dim, select_len=m.select_len))
-  except (AttributeError, TypeError):
-    return None
+def _auto_impl(m: ModelConfig, seq_len: int) -> str:
+  """What ``impl="auto"`` runs for a training pass of ``seq_len`` tokens."""
+  return nsa.resolve_impl("auto", num_queries=seq_len, seq_len=seq_len,
+                          keys_per_query=m.num_select * m.select_len + m.window,
+                          pallas_tiles_ok=nsa_pallas.pallas_supported(
+                              heads_per_group=m.num_heads // m.num_kv_groups,
+                              head_dim=m.head_dim, select_len=m.select_len))
 
 
 def bench_nsa(m: ModelConfig, sizes: Sizes) -> list[dict]:
@@ -466,91 +402,8 @@ def bench_nsa(m: ModelConfig, sizes: Sizes) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Section: moe (the sparse dispatch is a reference benchmark, not used by the model)
+# Section: moe (the dense einsum against the sparse dispatches of onn_jax.model.moe)
 # ----------------------------------------------------------------------------------------------
-
-def sort_pairs_by_expert(used_TE: jax.Array, capacity: int
-                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The (token, expert) pairs of a routing mask, sorted by expert then token.
-
-  Args:
-    used_TE: bool/0-1 [T, E], the experts each token uses.
-    capacity: static number of pair slots P. Pairs beyond it (highest experts first) are
-      dropped; empty slots come last.
-  Returns:
-    token_P, expert_P int32 [P] (empty slots: token 0, expert E-1), valid_P bool [P], and
-    group_sizes_E int32 [E], the pairs of each expert kept (summing to ``valid_P.sum()``).
-  """
-  T, E = used_TE.shape
-  sentinel = E * T
-  key_TE = jnp.where(used_TE > 0, jnp.arange(E)[None, :] * T + jnp.arange(T)[:, None], sentinel)
-  key_P = jnp.sort(key_TE.reshape(-1))[:min(capacity, T * E)]
-  if capacity > T * E:
-    key_P = jnp.pad(key_P, (0, capacity - T * E), constant_values=sentinel)
-  valid_P = key_P < sentinel
-  expert_P = jnp.where(valid_P, key_P // T, E - 1).astype(jnp.int32)
-  token_P = jnp.where(valid_P, key_P % T, 0).astype(jnp.int32)
-  group_sizes_E = jnp.zeros(E, jnp.int32).at[expert_P].add(valid_P.astype(jnp.int32))
-  return token_P, expert_P, valid_P, group_sizes_E
-
-
-def moe_sparse_ragged(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
-                      params: dict[str, jax.Array], dtype: Any, capacity: int,
-                      precision: Any = None) -> jax.Array:
-  """``sum_e w_te Expert_e(x_t)`` over the used experts only, with ``jax.lax.ragged_dot``.
-
-  Pairs sorted by expert form contiguous groups, so each expert's rows are one block of a
-  grouped matmul. Same result as ``moe.experts_dense`` when no pair exceeds ``capacity``.
-  Returns y_TC in ``dtype``.
-  """
-  T, C = x_TC.shape
-  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
-  w_P1 = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)[:, None]
-  x_PC = x_TC.astype(dtype)[token_P]
-  h_PF = jax.lax.ragged_dot(x_PC, params["w_in"].astype(dtype), sizes_E, precision=precision)
-  h_PF = jax.nn.gelu(h_PF + params["b_in"].astype(dtype)[expert_P], approximate=False)
-  y_PC = jax.lax.ragged_dot(h_PF * w_P1, params["w_out"].astype(dtype), sizes_E,
-                            precision=precision)
-  y_PC = y_PC + w_P1 * params["b_out"].astype(dtype)[expert_P]
-  # Accumulate a token's experts in float32, as the dense einsum does inside its contraction.
-  y_TC = jnp.zeros((T, C), jnp.float32).at[token_P].add(y_PC.astype(jnp.float32))
-  return y_TC.astype(dtype)
-
-
-def moe_sparse_tiled(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
-                     params: dict[str, jax.Array], dtype: Any, capacity: int, tile: int,
-                     precision: Any = None) -> jax.Array:
-  """The same mixture as :func:`moe_sparse_ragged` by gather, batched matmul and scatter.
-
-  Each expert's pairs are padded to a multiple of ``tile`` rows, so every tile of rows belongs
-  to one expert: tile n gathers its expert's weights and runs one [tile, C] x [C, F] matmul.
-  ``ceil(P / tile) + E`` tiles always suffice. Returns y_TC in ``dtype``.
-  """
-  T, C = x_TC.shape
-  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
-  E = sizes_E.shape[0]
-  num_tiles = -(-capacity // tile) + E
-  slots = num_tiles * tile
-  padded_E = (sizes_E + tile - 1) // tile * tile
-  padded_end_E = jnp.cumsum(padded_E)
-  rank_P = jnp.arange(capacity) - (jnp.cumsum(sizes_E) - sizes_E)[expert_P]
-  slot_P = jnp.where(valid_P, (padded_end_E - padded_E)[expert_P] + rank_P, slots)
-  token_S = jnp.zeros(slots, jnp.int32).at[slot_P].set(token_P, mode="drop")
-  w_P = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)
-  w_NL1 = jnp.zeros(slots, dtype).at[slot_P].set(w_P, mode="drop").reshape(num_tiles, tile, 1)
-  expert_N = jnp.minimum(
-      jnp.searchsorted(padded_end_E, jnp.arange(num_tiles) * tile, side="right"), E - 1)
-  x_NLC = x_TC.astype(dtype)[token_S].reshape(num_tiles, tile, C)
-  w_in_NCF = params["w_in"].astype(dtype)[expert_N]
-  h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, w_in_NCF, precision=precision)
-  h_NLF = jax.nn.gelu(h_NLF + params["b_in"].astype(dtype)[expert_N][:, None], approximate=False)
-  y_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF * w_NL1, params["w_out"].astype(dtype)[expert_N],
-                     precision=precision)
-  y_NLC = y_NLC + w_NL1 * params["b_out"].astype(dtype)[expert_N][:, None]
-  y_TC = jnp.zeros((T, C), jnp.float32).at[token_S].add(
-      y_NLC.reshape(slots, C).astype(jnp.float32))
-  return y_TC.astype(dtype)
-
 
 def synthetic_routing(num_tokens: int, num_experts: int, k_mean: int, seed: int = 0
                       ) -> tuple[jax.Array, jax.Array, int]:
@@ -577,13 +430,11 @@ def moe_variants(m: ModelConfig, dtype: Any, capacity: int, tile: int, precision
     del used_TE
     return experts_dense(x_TC[None], weights_TE[None], params, dtype)[0]
 
-  variants = {"dense": dense,
-              "tiled": functools.partial(moe_sparse_tiled, dtype=dtype, capacity=capacity,
-                                         tile=tile, precision=precision)}
-  if hasattr(jax.lax, "ragged_dot"):
-    variants["ragged"] = functools.partial(moe_sparse_ragged, dtype=dtype, capacity=capacity,
-                                           precision=precision)
-  return variants
+  return {"dense": dense,
+          "tiled": functools.partial(moe_sparse_tiled, dtype=dtype, capacity=capacity,
+                                     tile=tile, precision=precision),
+          "ragged": functools.partial(moe_sparse_ragged, dtype=dtype, capacity=capacity,
+                                      precision=precision)}
 
 
 def _fwd_bwd(f: Callable) -> Callable:
@@ -697,6 +548,46 @@ def moe_crossovers(rows: list[dict]) -> dict[str, dict[str, dict[str, int | None
 
 
 # ----------------------------------------------------------------------------------------------
+# Section: layers (attention variants and DynMoE, one layer each)
+# ----------------------------------------------------------------------------------------------
+
+def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
+                  ) -> tuple[Callable, tuple[Any, jax.Array]]:
+  """``(fn, (params, x_BTC))``: ``fn`` runs one ``name`` layer (an attention variant or
+  ``"dynmoe"``) forward and returns the gradients of ``sum(out)`` w.r.t. params and x."""
+  dt = dtype_of(m.compute_dtype)
+  if name == "dynmoe":
+    layer = moe_layer(m)
+  else:
+    layer = attention.get(name).module(dataclasses.replace(m, attention=name))
+  x_BTC = jax.random.normal(jax.random.PRNGKey(0), (batch, seq_len, m.d_model)).astype(dt)
+  # Parameters from a short sequence that holds one complete NSA compressed block.
+  init_len = min(seq_len, m.block_len + m.select_len)
+  params = jax.jit(layer.init)(jax.random.PRNGKey(1), x_BTC[:, :init_len])["params"]
+
+  def loss(p, x):
+    return jnp.sum(layer.apply({"params": p}, x)[0].astype(jnp.float32))
+
+  return jax.grad(loss, argnums=(0, 1)), (params, x_BTC)
+
+
+def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes) -> list[dict]:
+  """Each of :data:`LAYERS` forward+backward per length, and its ratio to ``full``."""
+  rows = []
+  for T in lens:
+    row: dict[str, Any] = {"seq_len": T, "batch": batch, "dtype": m.compute_dtype}
+    for name in LAYERS:
+      fn, args = layer_fwd_bwd(m, name, batch, T)
+      row[name] = measure(fn, args, sizes)
+    base_ms = row["full"].get("ms")
+    for name in LAYERS:
+      if base_ms and "ms" in row[name]:
+        row[name]["ratio_to_full"] = row[name]["ms"] / base_ms
+    rows.append(row)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------
 
@@ -730,6 +621,13 @@ def _nsa_cell(case: dict) -> Any:
   return case.get("ms", case.get("status"))
 
 
+def _layer_cell(case: dict) -> Any:
+  if "ms" not in case:
+    return case.get("status")
+  ratio = case.get("ratio_to_full")
+  return f"{case['ms']:.3g}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
 def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str, str]:
   """One table per measured section (plain text, or markdown for the README)."""
   out = {}
@@ -752,6 +650,11 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
          "blockwise speedup"],
         [[r["seq_len"]] + [_nsa_cell(r[i]) for i in NSA_IMPLS + ("full_attention",)]
          + [r["blockwise"].get("speedup_vs_full")] for r in results["nsa"]], markdown)
+  if "layers" in results:
+    out["layers"] = table(
+        ["T", "batch"] + [f"{n} ms (x full)" for n in LAYERS],
+        [[r["seq_len"], r["batch"]] + [_layer_cell(r[n]) for n in LAYERS]
+         for r in results["layers"]], markdown)
   if "moe" in results:
     moe = results["moe"]
     variants = sorted({r["variant"] for r in moe["rows"]})
@@ -771,12 +674,15 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
 def markdown_summary(results: dict[str, Any]) -> str:
   meta = results["meta"]
   command = " ".join(["python -m train.bench", "--config", meta["config_path"]]
-                     + (["--quick"] if meta["quick"] else []) + meta["overrides"])
+                     + (["--quick"] if meta["quick"] else [])
+                     + (["--only", meta["only"]] if meta.get("only") != ",".join(SECTIONS) else [])
+                     + (["--lens", meta["lens"]] if meta.get("lens") else []) + meta["overrides"])
   head = (f"Measured with `{command}` on "
           f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
           f"{meta['date']}.")
   titles = {"train": "Teacher-forcing step", "eavi": "EAVI step",
-            "nsa": "NSA core forward+backward (batch 1)", "moe": "DynMoE experts (one layer)"}
+            "nsa": "NSA core forward+backward (batch 1)", "moe": "DynMoE experts (one layer)",
+            "layers": "One layer forward+backward, ratio to full causal GQA"}
   parts = [head]
   for name, text in section_tables(results, markdown=True).items():
     parts.append(f"**{titles[name]}**\n\n{text}")
@@ -810,10 +716,7 @@ def light_compilation(enabled: bool):
   """With ``enabled``, XLA's light optimisation pipeline: compiles about twice as fast. Only for
   ``--quick``, whose timings mean nothing; the previous setting is restored on exit."""
   name = "jax_disable_most_optimizations"
-  try:
-    previous = jax.config.read(name)
-  except (AttributeError, KeyError, ValueError):  # a jax without the option: compile normally
-    enabled = False
+  previous = jax.config.read(name)
   if enabled:
     jax.config.update(name, True)
   try:
@@ -833,7 +736,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--only", default=",".join(SECTIONS),
                       help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
   parser.add_argument("--lens", default="",
-                      help="comma-separated sequence lengths for train/eavi (default: "
+                      help="comma-separated sequence lengths for train/eavi/layers (default: "
                            "data.buckets)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16")
   return parser.parse_args(argv)
@@ -873,6 +776,7 @@ def device_meta(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
           "jax_version": jax.__version__, "jaxlib_version": jaxlib_version,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "config_path": args.config, "overrides": list(args.overrides), "quick": args.quick,
+          "only": args.only, "lens": args.lens,
           "peak_bf16_flops": peak_flops(device.device_kind)}
 
 
@@ -904,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["eavi"] = bench_eavi(runner, lens)
       elif name == "nsa":
         results["nsa"] = bench_nsa(cfg.model, sizes)
+      elif name == "layers":
+        results["layers"] = bench_layers(cfg.model, cfg.train.batch_size, lens, sizes)
       else:
         results["moe"] = bench_moe(cfg.model, sizes)
       write_json(results, out)

@@ -1,6 +1,6 @@
 """DynMoE: a dynamic mixture of experts with cosine-prototype gating and the SDL regulariser.
 
-Guo et al. 2024 (DynMoE), in the form the Tiny-ONN seed decided (DESIGN.md, "Model"):
+Guo et al. 2024 (DynMoE), in the form the Tiny-ONN seed decided:
 
 - gate: ``s_te = cos(x_t, P_e)``; expert e is active for token t iff ``s_te - theta_e > 0``.
   The mask is hard in the forward pass and straight-through in the backward pass, with the
@@ -30,7 +30,8 @@ Array = jax.Array
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
-IMPLS: tuple[str, ...] = ("dense", "auto")
+IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled")
+TILE_ROWS: int = 128  # rows per tile of the tiled sparse dispatch
 # Added to squared norms before the rsqrt: keeps cos() finite for an all-zero vector.
 NORM_EPS: float = 1e-6
 AUX_KEYS: tuple[str, ...] = ("diversity", "sparsity", "active_frac", "experts_per_token",
@@ -224,6 +225,112 @@ def experts_dense(x_BTC: Array, weights_BTE: Array, params: dict[str, Array], dt
 
 
 # ----------------------------------------------------------------------------------------------
+# Sparse token-to-expert dispatch (impl="ragged" / "tiled")
+# ----------------------------------------------------------------------------------------------
+
+def sort_pairs_by_expert(used_TE: jax.Array, capacity: int
+                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The (token, expert) pairs of a routing mask, sorted by expert then token.
+
+  Args:
+    used_TE: bool/0-1 [T, E], the experts each token uses.
+    capacity: static number of pair slots P. Pairs beyond it (highest experts first) are
+      dropped; empty slots come last.
+  Returns:
+    token_P, expert_P int32 [P] (empty slots: token 0, expert E-1), valid_P bool [P], and
+    group_sizes_E int32 [E], the pairs of each expert kept (summing to ``valid_P.sum()``).
+  """
+  T, E = used_TE.shape
+  sentinel = E * T
+  key_TE = jnp.where(used_TE > 0, jnp.arange(E)[None, :] * T + jnp.arange(T)[:, None], sentinel)
+  key_P = jnp.sort(key_TE.reshape(-1))[:min(capacity, T * E)]
+  if capacity > T * E:
+    key_P = jnp.pad(key_P, (0, capacity - T * E), constant_values=sentinel)
+  valid_P = key_P < sentinel
+  expert_P = jnp.where(valid_P, key_P // T, E - 1).astype(jnp.int32)
+  token_P = jnp.where(valid_P, key_P % T, 0).astype(jnp.int32)
+  group_sizes_E = jnp.zeros(E, jnp.int32).at[expert_P].add(valid_P.astype(jnp.int32))
+  return token_P, expert_P, valid_P, group_sizes_E
+
+
+def moe_sparse_ragged(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
+                      params: dict[str, jax.Array], dtype: Any, capacity: int,
+                      precision: Any = None) -> jax.Array:
+  """``sum_e w_te Expert_e(x_t)`` over the used experts only, with ``jax.lax.ragged_dot``.
+
+  Pairs sorted by expert form contiguous groups, so each expert's rows are one block of a
+  grouped matmul. Same result as :func:`experts_dense` when no pair exceeds ``capacity``.
+  Returns y_TC in ``dtype``.
+  """
+  T, C = x_TC.shape
+  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
+  w_P1 = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)[:, None]
+  x_PC = x_TC.astype(dtype)[token_P]
+  h_PF = jax.lax.ragged_dot(x_PC, params["w_in"].astype(dtype), sizes_E, precision=precision)
+  h_PF = jax.nn.gelu(h_PF + params["b_in"].astype(dtype)[expert_P], approximate=False)
+  y_PC = jax.lax.ragged_dot(h_PF * w_P1, params["w_out"].astype(dtype), sizes_E,
+                            precision=precision)
+  y_PC = y_PC + w_P1 * params["b_out"].astype(dtype)[expert_P]
+  # Accumulate a token's experts in float32, as the dense einsum does inside its contraction.
+  y_TC = jnp.zeros((T, C), jnp.float32).at[token_P].add(y_PC.astype(jnp.float32))
+  return y_TC.astype(dtype)
+
+
+def moe_sparse_tiled(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
+                     params: dict[str, jax.Array], dtype: Any, capacity: int, tile: int,
+                     precision: Any = None) -> jax.Array:
+  """The same mixture as :func:`moe_sparse_ragged` by gather, batched matmul and scatter.
+
+  Each expert's pairs are padded to a multiple of ``tile`` rows, so every tile of rows belongs
+  to one expert: tile n gathers its expert's weights and runs one [tile, C] x [C, F] matmul.
+  ``ceil(P / tile) + E`` tiles always suffice. Returns y_TC in ``dtype``.
+  """
+  T, C = x_TC.shape
+  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
+  E = sizes_E.shape[0]
+  num_tiles = -(-capacity // tile) + E
+  slots = num_tiles * tile
+  padded_E = (sizes_E + tile - 1) // tile * tile
+  padded_end_E = jnp.cumsum(padded_E)
+  rank_P = jnp.arange(capacity) - (jnp.cumsum(sizes_E) - sizes_E)[expert_P]
+  slot_P = jnp.where(valid_P, (padded_end_E - padded_E)[expert_P] + rank_P, slots)
+  token_S = jnp.zeros(slots, jnp.int32).at[slot_P].set(token_P, mode="drop")
+  w_P = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)
+  w_NL1 = jnp.zeros(slots, dtype).at[slot_P].set(w_P, mode="drop").reshape(num_tiles, tile, 1)
+  expert_N = jnp.minimum(
+      jnp.searchsorted(padded_end_E, jnp.arange(num_tiles) * tile, side="right"), E - 1)
+  x_NLC = x_TC.astype(dtype)[token_S].reshape(num_tiles, tile, C)
+  w_in_NCF = params["w_in"].astype(dtype)[expert_N]
+  h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, w_in_NCF, precision=precision)
+  h_NLF = jax.nn.gelu(h_NLF + params["b_in"].astype(dtype)[expert_N][:, None], approximate=False)
+  y_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF * w_NL1, params["w_out"].astype(dtype)[expert_N],
+                     precision=precision)
+  y_NLC = y_NLC + w_NL1 * params["b_out"].astype(dtype)[expert_N][:, None]
+  y_TC = jnp.zeros((T, C), jnp.float32).at[token_S].add(
+      y_NLC.reshape(slots, C).astype(jnp.float32))
+  return y_TC.astype(dtype)
+
+
+def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str, Array],
+            dtype: Any, impl: str = "dense", tile: int = TILE_ROWS) -> Array:
+  """The expert mixture by ``impl``: :func:`experts_dense`, or a sparse dispatch over the
+  ``used_BTE`` pairs with capacity ``B*T*E`` (exact). Returns y_BTC in ``dtype``."""
+  if impl == "dense":
+    return experts_dense(x_BTC, weights_BTE, params, dtype)
+  B, T, C = x_BTC.shape
+  E = weights_BTE.shape[-1]
+  args = (x_BTC.reshape(B * T, C), weights_BTE.reshape(B * T, E), used_BTE.reshape(B * T, E),
+          params, dtype, B * T * E)
+  if impl == "ragged":
+    y_NC = moe_sparse_ragged(*args)
+  elif impl == "tiled":
+    y_NC = moe_sparse_tiled(*args, tile=tile)
+  else:
+    raise ValueError(f"DynMoE impl={impl!r}: expected one of {IMPLS}")
+  return y_NC.reshape(B, T, C)
+
+
+# ----------------------------------------------------------------------------------------------
 # Module
 # ----------------------------------------------------------------------------------------------
 
@@ -240,9 +347,16 @@ class DynMoE(nn.Module):
   init_threshold: float = 0.0
   target_active: float = 0.25  # target fraction of experts active per token
   st_temperature: float = 0.1  # tau of the straight-through surrogate sigmoid((s - theta) / tau)
-  # dense: one all-experts einsum. auto: dense. A token may activate any number of experts, so
-  # a sparse dispatch has no static bound below T * E rows and would not save work.
+  # dense: one all-experts einsum. ragged / tiled: only the (token, expert) pairs in use, sorted
+  # by expert (jax.lax.ragged_dot, or gather + per-tile matmul + scatter). A token may activate
+  # any number of experts, so the static pair capacity is T * E: nothing is ever dropped.
+  # Same forward and same expert-weight gradients as dense. NOT the same training: the
+  # straight-through gradient that an expert *inactive* for a token sends through its weight
+  # w_te (0 in the forward pass) into the gate, and so into x, prototypes and thresholds, is
+  # not computed, as that expert is not run. The gate then learns to switch an expert on only
+  # through the SDL sparsity term.
   impl: str = "dense"
+  tile: int = TILE_ROWS
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -259,8 +373,7 @@ class DynMoE(nn.Module):
     if not self.st_temperature > 0:
       raise ValueError(f"DynMoE st_temperature={self.st_temperature}: must be > 0")
     if self.impl not in IMPLS:
-      raise ValueError(f"DynMoE impl={self.impl!r}: expected one of {IMPLS} (no sparse "
-                       "dispatch: the active-expert count per token is unbounded)")
+      raise ValueError(f"DynMoE impl={self.impl!r}: expected one of {IMPLS}")
 
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None
@@ -282,5 +395,5 @@ class DynMoE(nn.Module):
         fallback_k=self.fallback_k, target_active=self.target_active,
         st_temperature=self.st_temperature)
     self.sow("intermediates", "used_experts", used_BTE)
-    y_BTC = experts_dense(x_BTC, weights_BTE, params, self.dtype)
+    y_BTC = experts(x_BTC, weights_BTE, used_BTE, params, self.dtype, self.impl, self.tile)
     return y_BTC, aux

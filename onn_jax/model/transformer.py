@@ -1,17 +1,17 @@
-"""The Tiny-ONN transformer: pre-norm blocks of NSA attention and DynMoE feed-forward.
+"""The Tiny-ONN transformer: pre-norm blocks of attention and DynMoE feed-forward.
 
-``x + NSA(RMSNorm(x))``, ``x + DynMoE(RMSNorm(x))``, final RMSNorm, linear LM head.
+``x + Attn(RMSNorm(x))``, ``x + DynMoE(RMSNorm(x))``, final RMSNorm, linear LM head. The
+attention is the variant named by ``model.attention`` (NSA by default; see
+:mod:`onn_jax.model.attention` for the interface every variant implements).
 
 Three calling modes share one set of parameters (``mode`` is static):
 - ``"train"``: a full causal pass over [B, T] with no cache.
-- ``"prefill"``: the same pass from position 0, also writing every key/value (and every
-  complete compressed block) into a fixed-capacity cache pytree.
+- ``"prefill"``: the same pass from position 0, also writing every layer's cache.
 - ``"decode"``: one token per example at per-example absolute position ``pos_B``, read from
   and written to the cache.
 
-The cache is an explicit pytree (no mutable Flax collections): per layer a dict of arrays
-``k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win`` [B, S, G, D] and ``k_cmp, v_cmp``
-[B, N, G, D] (N compressed blocks that fit in capacity S).
+The cache is an explicit pytree (no mutable Flax collections): a list with one dict of arrays
+per layer, in the layout of the attention variant (:func:`init_cache`).
 """
 
 from __future__ import annotations
@@ -24,28 +24,11 @@ import jax.numpy as jnp
 
 from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import VOCAB_SIZE
-from onn_jax.model import nsa
+from onn_jax.model import attention
+from onn_jax.model.layers import apply_rope, dtype_of  # noqa: F401 (public here too)
 from onn_jax.model.moe import DynMoE
 
 Cache = list[dict[str, jax.Array]]
-KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
-
-
-def dtype_of(name: str) -> Any:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def apply_rope(x_BTnD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), rotate-half form, computed in float32."""
-  half = x_BTnD.shape[-1] // 2
-  freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BTF = pos_BT.astype(jnp.float32)[..., None] * freq_F
-  cos_BT1F = jnp.cos(angle_BTF)[:, :, None, :]
-  sin_BT1F = jnp.sin(angle_BTF)[:, :, None, :]
-  x = x_BTnD.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], -1)
-  return out.astype(x_BTnD.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -60,129 +43,13 @@ class RMSNorm(nn.Module):
     return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-class BlockCompressor(nn.Module):
-  """phi of NSA eq. (7): a compressed key (value) from one block of ``block_len`` keys.
-
-  Each key gets a learned intra-block position embedding, the block is flattened and an MLP
-  maps it to one vector. Shared across GQA groups.
-  """
-  block_len: int
-  head_dim: int
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
-    B, N, L, G, D = blocks_BNLGD.shape
-    pos_LD = self.param("block_pos", nn.initializers.normal(0.02), (L, D), self.param_dtype)
-    x = blocks_BNLGD + pos_LD[None, None, :, None, :].astype(blocks_BNLGD.dtype)
-    x_BNGF = x.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
-    h = nn.Dense(2 * D, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x_BNGF)
-    return nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="fc2")(nn.gelu(h))
-
-
-def compress(compressor: BlockCompressor, raw_BSGD: jax.Array, num_blocks: int,
-             block_len: int, block_stride: int) -> jax.Array:
-  """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len)."""
-  B, S, G, D = raw_BSGD.shape
-  if num_blocks == 0:
-    return jnp.zeros((B, 0, G, D), raw_BSGD.dtype)
-  idx_NL = (jnp.arange(num_blocks)[:, None] * block_stride + jnp.arange(block_len)[None, :])
-  return compressor(raw_BSGD[:, idx_NL])
-
-
-class NSAttention(nn.Module):
-  """Native Sparse Attention layer (Yuan et al. 2025): projections, RoPE, compression, gates.
-
-  The attention arithmetic itself is :func:`onn_jax.model.nsa.nsa_core`.
-  """
-  cfg: ModelConfig
-
-  def setup(self):
-    c = self.cfg
-    dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
-    H, G, D = c.num_heads, c.num_kv_groups, c.head_dim
-    self.q_proj = nn.Dense(H * D, use_bias=False, dtype=dt, param_dtype=pdt)
-    # The three branches have their own keys and values (NSA sec. 3.3): one fused projection.
-    self.kv_proj = nn.Dense(6 * G * D, use_bias=False, dtype=dt, param_dtype=pdt)
-    self.k_compressor = BlockCompressor(c.block_len, D, dt, pdt)
-    self.v_compressor = BlockCompressor(c.block_len, D, dt, pdt)
-    if c.gate_hidden:
-      self.gate_hidden = nn.Dense(c.gate_hidden, dtype=dt, param_dtype=pdt)
-    self.gate_proj = nn.Dense(H * 3, dtype=dt, param_dtype=pdt)
-    self.out_proj = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt)
-
-  def _project(self, x_BTC, pos_BT):
-    c = self.cfg
-    B, T, _ = x_BTC.shape
-    H, G, D = c.num_heads, c.num_kv_groups, c.head_dim
-    q_BTHD = apply_rope(self.q_proj(x_BTC).reshape(B, T, H, D), pos_BT, c.rope_theta)
-    kv = self.kv_proj(x_BTC).reshape(B, T, 6, G, D)
-    new = dict(zip(KV_NAMES, [kv[:, :, i] for i in range(6)]))
-    # Selected and window keys carry RoPE; compressed keys get position from the compressor.
-    new["k_slc"] = apply_rope(new["k_slc"], pos_BT, c.rope_theta)
-    new["k_win"] = apply_rope(new["k_win"], pos_BT, c.rope_theta)
-    h = x_BTC
-    if c.gate_hidden:
-      h = nn.gelu(self.gate_hidden(h))
-    gates_BTH3 = jax.nn.sigmoid(self.gate_proj(h).astype(jnp.float32)).reshape(B, T, H, 3)
-    return q_BTHD, new, gates_BTH3.astype(q_BTHD.dtype)
-
-  def _core(self, q_BTHD, kv, k_cmp, v_cmp, gates, q_offset):
-    c = self.cfg
-    return nsa.nsa_core(
-        q_BTHD, k_cmp, v_cmp, kv["k_slc"], kv["v_slc"], kv["k_win"], kv["v_win"], gates,
-        block_len=c.block_len, block_stride=c.block_stride, select_len=c.select_len,
-        num_select=c.num_select, window=c.window, q_offset=q_offset, impl=c.nsa_impl)
-
-  def __call__(self, x_BTC, *, mode: str = "train", cache: dict | None = None,
-               pos_B: jax.Array | None = None):
-    c = self.cfg
-    B, T, _ = x_BTC.shape
-    if mode in ("train", "prefill"):
-      pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      q, kv, gates = self._project(x_BTC, pos_BT)
-      n = nsa.num_compressed_blocks(T, c.block_len, c.block_stride)
-      k_cmp = compress(self.k_compressor, kv["k_cmp_raw"], n, c.block_len, c.block_stride)
-      v_cmp = compress(self.v_compressor, kv["v_cmp_raw"], n, c.block_len, c.block_stride)
-      o_BTHD = self._core(q, kv, k_cmp, v_cmp, gates, 0)
-      new_cache = None
-      if mode == "prefill":
-        new_cache = {name: jax.lax.dynamic_update_slice_in_dim(
-            cache[name], kv[name].astype(cache[name].dtype), 0, axis=1) for name in KV_NAMES}
-        for name, val in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-          new_cache[name] = jax.lax.dynamic_update_slice_in_dim(
-              cache[name], val.astype(cache[name].dtype), 0, axis=1)
-    elif mode == "decode":
-      if T != 1:
-        raise ValueError(f"decode takes one token per example, got {T}")
-      q, kv, gates = self._project(x_BTC, pos_B[:, None])
-      rows_B = jnp.arange(B)
-      new_cache = {name: cache[name].at[rows_B, pos_B].set(kv[name][:, 0].astype(
-          cache[name].dtype)) for name in KV_NAMES}
-      # Compressed block i completes at position i*stride + len - 1: recompute it from the
-      # raw cache only then, so no partial block is ever visible (NSA eq. 7).
-      start_B = pos_B - c.block_len + 1
-      block_B = jnp.maximum(start_B, 0) // c.block_stride
-      num_slots = cache["k_cmp"].shape[1]
-      complete_B = (start_B >= 0) & (start_B % c.block_stride == 0) & (block_B < num_slots)
-      idx_BL = jnp.clip(block_B[:, None] * c.block_stride + jnp.arange(c.block_len), 0,
-                        cache["k_slc"].shape[1] - 1)
-      for name, raw_name, compressor in (("k_cmp", "k_cmp_raw", self.k_compressor),
-                                         ("v_cmp", "v_cmp_raw", self.v_compressor)):
-        raw_BLGD = jnp.take_along_axis(new_cache[raw_name], idx_BL[:, :, None, None], axis=1)
-        block_BGD = compressor(raw_BLGD[:, None])[:, 0].astype(cache[name].dtype)
-        slot_B = jnp.minimum(block_B, num_slots - 1)
-        old_BGD = cache[name][rows_B, slot_B]
-        new_cache[name] = cache[name].at[rows_B, slot_B].set(
-            jnp.where(complete_B[:, None, None], block_BGD, old_BGD))
-      kv_all = {name: new_cache[name].astype(q.dtype) for name in KV_NAMES}
-      o_BTHD = self._core(q, kv_all, new_cache["k_cmp"].astype(q.dtype),
-                          new_cache["v_cmp"].astype(q.dtype), gates, pos_B)
-    else:
-      raise ValueError(f"unknown mode {mode!r}")
-    return self.out_proj(o_BTHD.reshape(B, T, -1)), new_cache
+def moe_layer(c: ModelConfig, **kwargs) -> DynMoE:
+  """The DynMoE feed-forward layer that ``c`` describes (``kwargs``: e.g. ``name``)."""
+  return DynMoE(
+      num_experts=c.num_experts, expert_hidden=c.expert_hidden, combine=c.moe_combine,
+      fallback_k=c.fallback_k, init_threshold=c.init_threshold, impl=c.moe_impl,
+      target_active=c.sdl_target_active, dtype=dtype_of(c.compute_dtype),
+      param_dtype=dtype_of(c.param_dtype), **kwargs)
 
 
 class Block(nn.Module):
@@ -191,15 +58,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTC, valid_BT, *, mode="train", cache=None, pos_B=None):
     c = self.cfg
-    dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
-    attn_out, new_cache = NSAttention(c, name="attn")(
-        RMSNorm(param_dtype=pdt, name="attn_norm")(x_BTC), mode=mode, cache=cache, pos_B=pos_B)
+    pdt = dtype_of(c.param_dtype)
+    attn_out, new_cache, attn_aux = attention.get(c.attention).module(c, name="attn")(
+        RMSNorm(param_dtype=pdt, name="attn_norm")(x_BTC), valid_BT, mode=mode, cache=cache,
+        pos_B=pos_B)
     x_BTC = x_BTC + attn_out
-    moe_out, aux = DynMoE(
-        num_experts=c.num_experts, expert_hidden=c.expert_hidden, combine=c.moe_combine,
-        fallback_k=c.fallback_k, init_threshold=c.init_threshold,
-        target_active=c.sdl_target_active, dtype=dt, param_dtype=pdt, name="moe")(
-            RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
+    moe_out, aux = moe_layer(c, name="moe")(
+        RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
+    if attn_aux:  # a gated attention (dynsmlora): its gate statistics and SDL terms
+      aux = {**aux, "attn": attn_aux}
     return x_BTC + moe_out, new_cache, aux
 
 
@@ -208,7 +75,7 @@ class Transformer(nn.Module):
   (embedded as the expected embedding, for EAVI's soft feed).
 
   Returns ``(logits_BTV float32, new_cache or None, aux)`` where ``aux`` stacks each layer's
-  DynMoE outputs along a leading layer axis.
+  DynMoE outputs along a leading layer axis (and a gated attention's under ``aux["attn"]``).
   """
   cfg: ModelConfig
 
@@ -249,12 +116,9 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> Cache:
-  """An empty KV cache for ``capacity`` positions (compute dtype)."""
-  dt = dtype_of(cfg.compute_dtype)
-  G, D = cfg.num_kv_groups, cfg.head_dim
-  n = nsa.num_compressed_blocks(capacity, cfg.block_len, cfg.block_stride)
-  layer = {name: jnp.zeros((batch, capacity, G, D), dt) for name in KV_NAMES}
-  layer.update(k_cmp=jnp.zeros((batch, n, G, D), dt), v_cmp=jnp.zeros((batch, n, G, D), dt))
+  """An empty KV cache for ``capacity`` positions (compute dtype), in the layout of
+  ``cfg.attention``: one dict per layer."""
+  layer = attention.get(cfg.attention).init_layer_cache(cfg, batch, capacity)
   return [dict(layer) for _ in range(cfg.num_layers)]
 
 

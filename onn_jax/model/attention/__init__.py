@@ -1,0 +1,49 @@
+"""Attention variants behind one interface, chosen by ``model.attention``.
+
+Each variant is one module in this package with
+
+* a Flax module ``cls(cfg, name=...)`` called as
+  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"decode", cache=None, pos_B=None)``
+  and returning ``(out_BTC, new_cache, aux)``:
+
+  - ``"train"``: a causal pass over [B, T] from position 0; ``new_cache`` is None;
+  - ``"prefill"``: the same pass, also writing positions ``0..T-1`` of ``cache``;
+  - ``"decode"``: one token per example (T = 1) at absolute position ``pos_B`` [B], read from
+    and written to ``cache``;
+  - ``aux``: a dict of float32 statistics (empty, or a gate's :data:`moe.AUX_KEYS`, which the
+    model stacks over layers under ``aux["attn"]`` and :func:`onn_jax.objectives.sdl` adds to
+    the loss);
+
+* ``init_layer_cache(cfg, batch, capacity)``: one layer's empty cache, a dict of arrays whose
+  layout only the variant knows.
+
+To add a variant: write the module, add it to :data:`VARIANTS` and to the choices of
+``model.attention`` in :func:`onn_jax.config.validate`, and give it a FLOP count in
+:mod:`onn_jax.model.flops`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from onn_jax.model.attention import dynsmlora, full, nsa
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  module: Any  # a flax.linen.Module class taking (cfg, name=...)
+  init_layer_cache: Callable[..., dict]
+
+
+VARIANTS: dict[str, Variant] = {
+    "nsa": Variant(nsa.NSAttention, nsa.init_layer_cache),
+    "full": Variant(full.FullAttention, full.init_layer_cache),
+    "dynsmlora": Variant(dynsmlora.DynSMLoRAttention, dynsmlora.init_layer_cache),
+}
+
+
+def get(name: str) -> Variant:
+  if name not in VARIANTS:
+    raise ValueError(f"model.attention: {name!r} is not one of {', '.join(VARIANTS)}")
+  return VARIANTS[name]

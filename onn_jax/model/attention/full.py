@@ -1,0 +1,101 @@
+"""Full causal GQA attention with RoPE: the dense baseline every NSA result is compared with.
+
+Standard multi-head attention with grouped key/value heads (Ainslie et al. 2023) and rotary
+positions on queries and keys, computed by ``jax.nn.dot_product_attention``: cuDNN's fused
+kernel on a GPU with bf16/fp16 inputs, XLA's otherwise. Cache (one layer): ``k`` (rotated)
+and ``v`` [B, S, G, D]; a decoded token at ``pos_B`` attends to cache positions ``<= pos_B``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from onn_jax.config import ModelConfig
+from onn_jax.model.layers import apply_rope, dtype_of
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention_implementation(dtype) -> str | None:
+  """``"cudnn"`` on a GPU for bf16/fp16 inputs, else None (XLA)."""
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] else None
+
+
+def causal_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array) -> jax.Array:
+  """Causal softmax attention over a sequence from position 0 (GQA: H a multiple of G)."""
+  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, is_causal=True,
+                                      implementation=attention_implementation(q_BTHD.dtype))
+
+
+def decode_attention(q_B1HD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
+                     pos_B: jax.Array) -> jax.Array:
+  """One query per example at ``pos_B`` over cache positions ``0 .. pos_B`` (XLA)."""
+  return jax.nn.dot_product_attention(q_B1HD, k_BSGD, v_BSGD,
+                                      key_value_seq_lengths=(pos_B + 1).astype(jnp.int32))
+
+
+def init_layer_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict[str, jax.Array]:
+  """One layer's empty cache: ``k``, ``v`` [batch, capacity, G, D] in the compute dtype."""
+  shape = (batch, capacity, cfg.num_kv_groups, cfg.head_dim)
+  dt = dtype_of(cfg.compute_dtype)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+class FullAttention(nn.Module):
+  """Causal GQA attention; see the module docstring.
+
+  ``__call__(x_BTC, valid_BT=None, *, mode, cache, pos_B) -> (out_BTC, new_cache, aux)``
+  (the attention interface of :mod:`onn_jax.model.attention`; ``aux`` is empty here).
+  Subclasses change the projections by overriding :meth:`_qkv`.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
+    G, D = c.num_kv_groups, c.head_dim
+    self.q_proj = nn.Dense(c.num_heads * D, use_bias=False, dtype=dt, param_dtype=pdt)
+    self.kv_proj = nn.Dense(2 * G * D, use_bias=False, dtype=dt, param_dtype=pdt)
+    self.out_proj = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt)
+
+  def _qkv(self, x_BTC, pos_BT, valid_BT):
+    """Rotated q [B,T,H,D], rotated k and v [B,T,G,D], and aux (empty)."""
+    c = self.cfg
+    B, T, _ = x_BTC.shape
+    q_BTHD = self.q_proj(x_BTC).reshape(B, T, c.num_heads, c.head_dim)
+    kv_BT2GD = self.kv_proj(x_BTC).reshape(B, T, 2, c.num_kv_groups, c.head_dim)
+    return self._rotate(q_BTHD, kv_BT2GD[:, :, 0], kv_BT2GD[:, :, 1], pos_BT) + ({},)
+
+  def _rotate(self, q_BTHD, k_BTGD, v_BTGD, pos_BT):
+    theta = self.cfg.rope_theta
+    return apply_rope(q_BTHD, pos_BT, theta), apply_rope(k_BTGD, pos_BT, theta), v_BTGD
+
+  def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
+               pos_B: jax.Array | None = None):
+    B, T, _ = x_BTC.shape
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
+    new_cache = None
+    if mode in ("train", "prefill"):
+      pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, pos_BT, valid_BT)
+      o_BTHD = causal_attention(q_BTHD, k_BTGD, v_BTGD)
+      if mode == "prefill":
+        new_cache = {name: jax.lax.dynamic_update_slice_in_dim(
+            cache[name], val.astype(cache[name].dtype), 0, axis=1)
+            for name, val in (("k", k_BTGD), ("v", v_BTGD))}
+    elif mode == "decode":
+      if T != 1:
+        raise ValueError(f"decode takes one token per example, got {T}")
+      q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, pos_B[:, None], valid_BT)
+      rows_B = jnp.arange(B)
+      new_cache = {name: cache[name].at[rows_B, pos_B].set(val[:, 0].astype(cache[name].dtype))
+                   for name, val in (("k", k_BTGD), ("v", v_BTGD))}
+      o_BTHD = decode_attention(q_BTHD, new_cache["k"].astype(q_BTHD.dtype),
+                                new_cache["v"].astype(q_BTHD.dtype), pos_B)
+    else:
+      raise ValueError(f"unknown mode {mode!r}")
+    return self.out_proj(o_BTHD.reshape(B, T, -1)), new_cache, aux

@@ -1,0 +1,196 @@
+"""NSA attention layer (Yuan et al. 2025): projections, RoPE, block compression, gates, cache.
+
+The attention arithmetic itself is :func:`onn_jax.model.nsa.nsa_core` (the "NSA core", one
+pure function for training, prefill and decode); this layer owns what surrounds it.
+
+Paper: three branches with their own keys/values (sec. 3.3), compressed keys/values from a
+learned MLP over blocks of ``block_len`` keys every ``block_stride`` tokens with intra-block
+position information (eq. 7), sigmoid branch gates from the token's features (eq. 5).
+Our choices: one fused k/v projection for the three branches; the compressor (one per k and
+v) is shared across GQA groups; selected and window keys carry RoPE, compressed keys do not
+(their position comes from the compressor).
+
+Cache (one layer): ``k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win`` [B, S, G, D] and
+``k_cmp, v_cmp`` [B, N, G, D] (the N compressed blocks that fit in capacity S).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from onn_jax.config import ModelConfig
+from onn_jax.model import nsa
+from onn_jax.model.layers import apply_rope, dtype_of
+
+KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
+CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
+
+
+class BlockCompressor(nn.Module):
+  """phi of NSA eq. (7): a compressed key (value) from one block of ``block_len`` keys.
+
+  Each key gets a learned intra-block position embedding, the block is flattened and an MLP
+  maps it to one vector. Shared across GQA groups.
+  """
+  block_len: int
+  head_dim: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
+    B, N, L, G, D = blocks_BNLGD.shape
+    pos_LD = self.param("block_pos", nn.initializers.normal(0.02), (L, D), self.param_dtype)
+    x = blocks_BNLGD + pos_LD[None, None, :, None, :].astype(blocks_BNLGD.dtype)
+    x_BNGF = x.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
+    h = nn.Dense(2 * D, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x_BNGF)
+    return nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="fc2")(nn.gelu(h))
+
+
+def compress(compressor: BlockCompressor, raw_BSGD: jax.Array, num_blocks: int,
+             block_len: int, block_stride: int) -> jax.Array:
+  """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len)."""
+  B, S, G, D = raw_BSGD.shape
+  if num_blocks == 0:
+    return jnp.zeros((B, 0, G, D), raw_BSGD.dtype)
+  idx_NL = (jnp.arange(num_blocks)[:, None] * block_stride + jnp.arange(block_len)[None, :])
+  return compressor(raw_BSGD[:, idx_NL])
+
+
+def init_layer_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict[str, jax.Array]:
+  """One layer's empty NSA cache for ``capacity`` positions (compute dtype)."""
+  dt = dtype_of(cfg.compute_dtype)
+  G, D = cfg.num_kv_groups, cfg.head_dim
+  n = nsa.num_compressed_blocks(capacity, cfg.block_len, cfg.block_stride)
+  layer = {name: jnp.zeros((batch, capacity, G, D), dt) for name in KV_NAMES}
+  layer.update(k_cmp=jnp.zeros((batch, n, G, D), dt), v_cmp=jnp.zeros((batch, n, G, D), dt))
+  return layer
+
+
+class NSAttention(nn.Module):
+  """Native Sparse Attention layer; see the module docstring.
+
+  ``__call__(x_BTC, valid_BT=None, *, mode, cache, pos_B) -> (out_BTC, new_cache, aux)``
+  (the attention interface of :mod:`onn_jax.model.attention`; ``aux`` is empty).
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
+    H, G, D = c.num_heads, c.num_kv_groups, c.head_dim
+    self.q_proj = nn.Dense(H * D, use_bias=False, dtype=dt, param_dtype=pdt)
+    # The three branches have their own keys and values (NSA sec. 3.3): one fused projection.
+    self.kv_proj = nn.Dense(6 * G * D, use_bias=False, dtype=dt, param_dtype=pdt)
+    self.k_compressor = BlockCompressor(c.block_len, D, dt, pdt)
+    self.v_compressor = BlockCompressor(c.block_len, D, dt, pdt)
+    if c.gate_hidden:
+      self.gate_hidden = nn.Dense(c.gate_hidden, dtype=dt, param_dtype=pdt)
+    self.gate_proj = nn.Dense(H * 3, dtype=dt, param_dtype=pdt)
+    self.out_proj = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt)
+
+  def _project(self, x_BTC, pos_BT):
+    """Rotated queries [B,T,H,D], the six per-branch key/value arrays [B,T,G,D], gates."""
+    c = self.cfg
+    B, T, _ = x_BTC.shape
+    H, G, D = c.num_heads, c.num_kv_groups, c.head_dim
+    q_BTHD = apply_rope(self.q_proj(x_BTC).reshape(B, T, H, D), pos_BT, c.rope_theta)
+    kv = self.kv_proj(x_BTC).reshape(B, T, 6, G, D)
+    new = dict(zip(KV_NAMES, [kv[:, :, i] for i in range(6)]))
+    # Selected and window keys carry RoPE; compressed keys get position from the compressor.
+    new["k_slc"] = apply_rope(new["k_slc"], pos_BT, c.rope_theta)
+    new["k_win"] = apply_rope(new["k_win"], pos_BT, c.rope_theta)
+    h = x_BTC
+    if c.gate_hidden:
+      h = nn.gelu(self.gate_hidden(h))
+    gates_BTH3 = jax.nn.sigmoid(self.gate_proj(h).astype(jnp.float32)).reshape(B, T, H, 3)
+    return q_BTHD, new, gates_BTH3.astype(q_BTHD.dtype)
+
+  def _core(self, q_BTHD, kv, k_cmp, v_cmp, gates, q_offset):
+    c = self.cfg
+    return nsa.nsa_core(
+        q_BTHD, k_cmp, v_cmp, kv["k_slc"], kv["v_slc"], kv["k_win"], kv["v_win"], gates,
+        block_len=c.block_len, block_stride=c.block_stride, select_len=c.select_len,
+        num_select=c.num_select, window=c.window, q_offset=q_offset, impl=c.nsa_impl)
+
+  def _compress_all(self, kv, seq_len: int):
+    """Every complete compressed block of a sequence from position 0: (k_cmp, v_cmp)."""
+    c = self.cfg
+    n = nsa.num_compressed_blocks(seq_len, c.block_len, c.block_stride)
+    return (compress(self.k_compressor, kv["k_cmp_raw"], n, c.block_len, c.block_stride),
+            compress(self.v_compressor, kv["v_cmp_raw"], n, c.block_len, c.block_stride))
+
+  def _full_sequence(self, x_BTC):
+    """The train/prefill pass from position 0: (o_BTHD, key/values, k_cmp, v_cmp)."""
+    B, T, _ = x_BTC.shape
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    q, kv, gates = self._project(x_BTC, pos_BT)
+    k_cmp, v_cmp = self._compress_all(kv, T)
+    return self._core(q, kv, k_cmp, v_cmp, gates, 0), kv, k_cmp, v_cmp
+
+  @staticmethod
+  def _write_prefix(cache, arrays):
+    """``cache[name][:, :len]`` replaced by ``arrays[name]`` for every name in ``arrays``."""
+    return {name: jax.lax.dynamic_update_slice_in_dim(
+        cache[name], val.astype(cache[name].dtype), 0, axis=1) for name, val in arrays.items()}
+
+  def _rebuild_completed_block(self, cache, new_cache, pos_B):
+    """Writes compressed block i into ``new_cache`` when ``pos_B`` completes it.
+
+    Block i completes at position ``i*stride + len - 1``: it is recomputed from the raw cache
+    only then, so no partial block is ever visible (NSA eq. 7). ``cache`` holds the old
+    compressed slots, ``new_cache`` the raw keys/values with this token already written.
+    """
+    c = self.cfg
+    B = pos_B.shape[0]
+    rows_B = jnp.arange(B)
+    start_B = pos_B - c.block_len + 1
+    block_B = jnp.maximum(start_B, 0) // c.block_stride
+    num_slots = cache["k_cmp"].shape[1]
+    complete_B = (start_B >= 0) & (start_B % c.block_stride == 0) & (block_B < num_slots)
+    idx_BL = jnp.clip(block_B[:, None] * c.block_stride + jnp.arange(c.block_len), 0,
+                      cache["k_slc"].shape[1] - 1)
+    for (name, raw_name), compressor in zip(CMP_NAMES, (self.k_compressor, self.v_compressor)):
+      raw_BLGD = jnp.take_along_axis(new_cache[raw_name], idx_BL[:, :, None, None], axis=1)
+      block_BGD = compressor(raw_BLGD[:, None])[:, 0].astype(cache[name].dtype)
+      slot_B = jnp.minimum(block_B, num_slots - 1)
+      old_BGD = cache[name][rows_B, slot_B]
+      new_cache[name] = cache[name].at[rows_B, slot_B].set(
+          jnp.where(complete_B[:, None, None], block_BGD, old_BGD))
+    return new_cache
+
+  def _decode(self, x_BTC, cache, pos_B):
+    """One token per example at ``pos_B``: (o_BTHD, new_cache)."""
+    B, T, _ = x_BTC.shape
+    if T != 1:
+      raise ValueError(f"decode takes one token per example, got {T}")
+    q, kv, gates = self._project(x_BTC, pos_B[:, None])
+    rows_B = jnp.arange(B)
+    new_cache = {name: cache[name].at[rows_B, pos_B].set(kv[name][:, 0].astype(
+        cache[name].dtype)) for name in KV_NAMES}
+    new_cache = self._rebuild_completed_block(cache, new_cache, pos_B)
+    kv_all = {name: new_cache[name].astype(q.dtype) for name in KV_NAMES}
+    o_BTHD = self._core(q, kv_all, new_cache["k_cmp"].astype(q.dtype),
+                        new_cache["v_cmp"].astype(q.dtype), gates, pos_B)
+    return o_BTHD, new_cache
+
+  def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
+               pos_B: jax.Array | None = None):
+    del valid_BT  # attention is causal; padding sits after every real token
+    B, T, _ = x_BTC.shape
+    new_cache = None
+    if mode in ("train", "prefill"):
+      o_BTHD, kv, k_cmp, v_cmp = self._full_sequence(x_BTC)
+      if mode == "prefill":
+        new_cache = self._write_prefix(cache, {**{n: kv[n] for n in KV_NAMES},
+                                               "k_cmp": k_cmp, "v_cmp": v_cmp})
+    elif mode == "decode":
+      o_BTHD, new_cache = self._decode(x_BTC, cache, pos_B)
+    else:
+      raise ValueError(f"unknown mode {mode!r}")
+    return self.out_proj(o_BTHD.reshape(B, T, -1)), new_cache, {}

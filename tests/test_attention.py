@@ -1,0 +1,187 @@
+"""Attention variants (model.attention): the interface, cache equivalence, causality, the
+DynSMLoRA gate's losses, data parallelism and EAVI for the ``full`` and ``dynsmlora``
+variants (``nsa`` is covered by test_model, test_parallel and test_eavi)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax import config, parallel, steps
+from onn_jax.model import attention, flops
+from onn_jax.model.transformer import Transformer, init_cache, init_params
+from onn_jax.run import make_runner
+from train.bench import synthetic_batch
+
+from conftest import tiny_config
+
+VARIANTS = ("full", "dynsmlora")
+# float32 logits of O(10) through 2 layers; the cached and full passes sum the same terms in
+# another order (softmax over <= 48 keys, matmuls over <= 64): a few ulps of O(10) per op.
+CACHE_ATOL = 2e-5
+
+
+def _model(variant: str, **model):
+  cfg = tiny_config(model=dict(attention=variant, **model))
+  return cfg, Transformer(cfg.model)
+
+
+def _params(cfg, seed=0):
+  """Parameters with a non-zero LoRA bank, so that the deltas take part."""
+  params = init_params(cfg.model, jax.random.PRNGKey(seed))
+
+  def randomise(path, x):
+    if jax.tree_util.keystr(path).endswith("['lora_b']"):
+      return 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 7), x.shape, x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(randomise, params)
+
+
+def test_registry_matches_the_config_choices():
+  for name in attention.VARIANTS:
+    assert tiny_config(model=dict(attention=name)).model.attention == name
+  with pytest.raises(config.ConfigError, match=r"^model\.attention: 'dense' is not one of"):
+    tiny_config(model=dict(attention="dense"))
+  with pytest.raises(ValueError, match="model.attention"):
+    attention.get("dense")
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("lora_rank", 0, "model.lora_rank"),
+    ("lora_experts", 0, "model.lora_experts"),
+    ("moe_impl", "sparse", "model.moe_impl"),
+])
+def test_bad_keys_are_one_line_naming_the_key(key, value, named):
+  with pytest.raises(config.ConfigError) as err:
+    tiny_config(model=dict(attention="dynsmlora", **{key: value}))
+  assert str(err.value).startswith(named) and "\n" not in str(err.value)
+  with pytest.raises(config.ConfigError, match=r"^model\.lora_experts"):
+    tiny_config(model=dict(attention="dynsmlora", lora_experts=1, fallback_k=2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_then_decode_matches_full_forward(variant):
+  cfg, model = _model(variant)
+  params = _params(cfg)
+  tok_BT = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 10)
+  want_BTV, _, _ = model.apply({"params": params}, tok_BT)
+  cache = init_cache(cfg.model, 2, 32)
+  got, cache, _ = model.apply({"params": params}, tok_BT[:, :16], mode="prefill", cache=cache)
+  pieces = [got]
+  for t in range(16, 24):
+    logits_B1V, cache, _ = model.apply({"params": params}, tok_BT[:, t:t + 1], mode="decode",
+                                       cache=cache, pos_B=jnp.full((2,), t, jnp.int32))
+    pieces.append(logits_B1V)
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1), want_BTV, rtol=0, atol=CACHE_ATOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant):
+  cfg, model = _model(variant)
+  params = _params(cfg)
+  tok_BT = jax.random.randint(jax.random.PRNGKey(2), (2, 24), 0, 10)
+  other_BT = tok_BT.at[:, 15:].set((tok_BT[:, 15:] + 3) % 10)
+  a, _, _ = model.apply({"params": params}, tok_BT)
+  b, _, _ = model.apply({"params": params}, other_BT)
+  # Masked keys get probability exactly 0: earlier positions see the same numbers.
+  np.testing.assert_array_equal(a[:, :15], b[:, :15])
+  assert float(jnp.max(jnp.abs(a[:, 15:] - b[:, 15:]))) > 1e-3
+
+
+def test_dynsmlora_starts_as_its_base_and_its_deltas_change_it():
+  """lora_b starts at zero: the layer is the full GQA layer with the same base weights."""
+  cfg_l, model_l = _model("dynsmlora")
+  cfg_f, model_f = _model("full")
+  params_l = init_params(cfg_l.model, jax.random.PRNGKey(0))
+  attn_f = set(init_params(cfg_f.model, jax.random.PRNGKey(0))["block_0"]["attn"])
+  assert set(params_l["block_0"]["attn"]) - attn_f == {"lora_a", "lora_b", "prototypes",
+                                                      "thresholds"}
+  params_f = jax.tree.map(lambda x: x, params_l)
+  for i in range(cfg_l.model.num_layers):
+    params_f[f"block_{i}"]["attn"] = {k: params_l[f"block_{i}"]["attn"][k] for k in attn_f}
+  tok_BT = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 10)
+  base, _, _ = model_f.apply({"params": params_f}, tok_BT)
+  lora, _, aux = model_l.apply({"params": params_l}, tok_BT)
+  np.testing.assert_array_equal(lora, base)
+  moved, _, _ = model_l.apply({"params": _params(cfg_l)}, tok_BT)
+  assert float(jnp.max(jnp.abs(moved - base))) > 1e-2
+  assert aux["attn"]["tokens_per_expert"].shape == (cfg_l.model.num_layers,
+                                                    cfg_l.model.lora_experts)
+
+
+def test_dynsmlora_gate_sdl_enters_the_loss_and_trains_the_gate():
+  cfg, model = _model("dynsmlora")
+  params = _params(cfg)
+  batch = synthetic_batch(2, 64)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(0), params=params)
+  _, metrics = jax.jit(functools.partial(steps.train_step, model=model, cfg=cfg))(state, batch)
+  for key in ("attn_sdl", "attn_sdl_diversity", "attn_sdl_sparsity", "attn_experts_per_token",
+              "attn_fallback_frac"):
+    assert np.isfinite(float(metrics[key])), key
+  assert float(metrics["sdl"]) == pytest.approx(
+      float(metrics["attn_sdl"]) + cfg.model.sdl_diversity_weight * float(
+          metrics["sdl_diversity"]) + cfg.model.sdl_sparsity_weight * float(
+          metrics["sdl_sparsity"]), rel=1e-6)
+  assert float(metrics["loss"]) == pytest.approx(
+      float(metrics["loss_ce"]) + float(metrics["sdl"]), rel=1e-6)
+
+  def loss(p):
+    _, _, aux = model.apply({"params": p}, batch["inputs"], batch["valid"])
+    from onn_jax import objectives
+    return objectives.sdl(aux, cfg.model)[0]
+  grads = jax.grad(loss)(params)["block_0"]["attn"]
+  assert float(jnp.abs(grads["prototypes"]).max()) > 0
+  assert float(jnp.abs(grads["thresholds"]).max()) > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_train_step_sharded_equals_single_device(variant):
+  """shard_map over 8 devices against one device, same global batch of 8."""
+  batch = jax.device_get(synthetic_batch(8, 64))
+  results = {}
+  for mode in ("single", "shard_map"):
+    cfg = tiny_config(model=dict(attention=variant), parallel=dict(mode=mode),
+                      train=dict(warmup_steps=0))
+    model = Transformer(cfg.model)
+    runner = make_runner(cfg, model)
+    state = runner.put_state(jax.device_get(steps.init_state(cfg, model, jax.random.PRNGKey(0),
+                                                             params=_params(cfg))))
+    state, metrics = runner.run("pretrain", state, runner.put_batch(batch))
+    results[mode] = jax.tree.map(parallel.host_value, (runner.get_state(state).params, metrics))
+  (p1, m1), (p8, m8) = results["single"], results["shard_map"]
+  # Sums over 8 shards instead of one: float32 reassociation, ~1e-7 relative per add.
+  for key in ("loss", "grad_norm", "sdl"):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p8, p1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eavi_step_runs_and_is_finite(variant):
+  cfg, model = _model(variant)
+  cfg = config.replace(cfg, eavi={"feed": "soft"}, data={"max_grid": 3})
+  batch = synthetic_batch(2, 64)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(0), params=_params(cfg))
+  state, metrics = jax.jit(functools.partial(steps.eavi_step, model=model, cfg=cfg))(state,
+                                                                                      batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
+
+
+def test_flops_by_variant():
+  m = tiny_config(model=dict(attention="full")).model
+  T = 256
+  one, two = (flops.forward_flops_per_token(m, t, 1.0) for t in (T, 2 * T))
+  # Causal keys per query grow by T/2 on average when T doubles.
+  assert two["attention"] - one["attention"] == pytest.approx(
+      m.num_layers * m.num_heads * 4 * m.head_dim * T / 2)
+  assert "compression" not in one
+  lora = flops.forward_flops_per_token(tiny_config(model=dict(attention="dynsmlora")).model,
+                                       T, 1.0)
+  E, r, C = m.lora_experts, m.lora_rank, m.d_model
+  width = (m.num_heads + 2 * m.num_kv_groups) * m.head_dim
+  assert lora["total"] - one["total"] == pytest.approx(
+      m.num_layers * (2 * C * E + E * (2 * C * r + 2 * r * width)))
