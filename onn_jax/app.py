@@ -119,7 +119,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
       cfg_path = ckpt_dir.parent / "config.yaml"
     if not cfg_path.is_file():
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
-    cfg = config.load(cfg_path, overrides)
+    cfg = config.load(cfg_path, overrides, saved_run=True)
     target = init_params(cfg.model, jax.random.PRNGKey(0))
     params, record = checkpoint.load_params(run_dir, target,
                                             prefer_ema=cfg.eval.weights == "ema")

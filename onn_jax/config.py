@@ -36,6 +36,11 @@ class ModelConfig:
   num_select: int = 4
   window: int = 32
   nsa_impl: str = "auto"  # reference | blockwise | pallas | auto
+  # RoPE in the compressed branch: "none" scores the compressed keys (positioned by the
+  # compressor) with the unrotated query; "both" rotates each compressed key at its block's
+  # last position and scores it with the rotated query; "query" is the pre-2026-11-30 model
+  # (rotated query, unrotated keys: selection depends on the absolute position).
+  cmp_rope: str = "none"
   gate_hidden: int = 0  # 0: the gate is one linear layer; >0: a two-layer MLP
   # DynSMLoRA (attention=dynsmlora): a bank of low-rank q/k/v deltas chosen by a DynMoE gate.
   lora_experts: int = 8
@@ -244,6 +249,7 @@ def validate(cfg: Config) -> Config:
            f"model.sdl_target_active: must be in (0, 1], got {m.sdl_target_active}")
   _require(m.sdl_diversity_weight >= 0 and m.sdl_sparsity_weight >= 0,
            "model.sdl_*_weight: must be >= 0")
+  _one_of("model.cmp_rope", m.cmp_rope, ("none", "both", "query"))
   _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
   _one_of("model.moe_impl", m.moe_impl, ("dense", "ragged", "tiled"))
@@ -358,9 +364,17 @@ def resolve(spec: str | Path) -> Path:
                     f"{', '.join(shipped_names())}; or give a path to a YAML file)")
 
 
-def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+# Keys added after runs were saved, with the value that reproduces those runs' model: a run's
+# saved config.yaml (``load(..., saved_run=True)``) without the key is read with this value,
+# not today's default.
+SAVED_RUN_DEFAULTS = {("model", "cmp_rope"): "query"}
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
+         saved_run: bool = False) -> Config:
   """Reads a YAML config (a path or a shipped name; or the defaults), applies
-  ``section.key=value`` overrides, validates."""
+  ``section.key=value`` overrides, validates. ``saved_run``: the file is a run's config.yaml
+  (see SAVED_RUN_DEFAULTS)."""
   values: dict[str, Any] = {}
   if path is not None:
     path = resolve(path)
@@ -372,6 +386,10 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
       raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
       raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if saved_run:
+      for (section, key), value in SAVED_RUN_DEFAULTS.items():
+        if isinstance(values.get(section), dict):
+          values[section].setdefault(key, value)
   for text in overrides:
     (section, key), value = parse_override(text)
     if section not in {f.name for f in dataclasses.fields(Config)}:

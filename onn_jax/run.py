@@ -111,7 +111,7 @@ RESUME_FIXED_SECTIONS = ("model", "data", "train")
 
 def _saved_config(path: Path) -> Config:
   try:
-    return config.load(path)
+    return config.load(path, saved_run=True)
   except config.ConfigError as err:
     raise config.ConfigError(f"{path} (the checkpointed run's): {err}") from None
 

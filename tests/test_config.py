@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from onn_jax import config
 from onn_jax.config import ConfigError
@@ -91,3 +92,16 @@ def test_print_config_prints_the_resolved_yaml_and_exits(capsys):
   with pytest.raises(SystemExit):
     main.main(["--help"])
   assert "onn_jax/config.py" in capsys.readouterr().out
+
+
+def test_a_saved_run_without_a_newer_key_reloads_as_it_was_trained(tmp_path):
+  """A run saved before model.cmp_rope existed trained the rotated-query model: its
+  config.yaml reloads as that model, a user's YAML gets today's default, and a saved key wins."""
+  cfg = config.load("configs/default.yaml")
+  values = config.to_dict(cfg)
+  del values["model"]["cmp_rope"]
+  (tmp_path / "old.yaml").write_text(yaml.safe_dump(values))
+  assert config.load(tmp_path / "old.yaml", saved_run=True).model.cmp_rope == "query"
+  assert config.load(tmp_path / "old.yaml").model.cmp_rope == "none"
+  config.save(cfg, tmp_path / "new.yaml")
+  assert config.load(tmp_path / "new.yaml", saved_run=True).model.cmp_rope == "none"

@@ -20,6 +20,12 @@ from conftest import TINY_MODEL
 GEOMETRIES = [
     dict(block_len=8, block_stride=4, select_len=8, num_select=3, window=12, num_kv_groups=2),
     dict(block_len=4, block_stride=4, select_len=8, num_select=4, window=5, num_kv_groups=1),
+    # Compressed keys rotated at their block's last position (rebuilt mid-decode), and the
+    # pre-2026-11-30 rotated-query-only model that old runs reload as.
+    dict(block_len=8, block_stride=4, select_len=8, num_select=3, window=12, num_kv_groups=2,
+         cmp_rope="both"),
+    dict(block_len=4, block_stride=4, select_len=8, num_select=4, window=5, num_kv_groups=1,
+         cmp_rope="query"),
 ]
 
 

@@ -95,11 +95,19 @@ class NSAttention(nn.Module):
     self.out_proj = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt)
 
   def _project(self, x_BTC, pos_BT):
-    """Rotated queries [B,T,H,D], the six per-branch key/value arrays [B,T,G,D], gates."""
+    """Queries (rotated, and the compressed branch's per ``model.cmp_rope``) [B,T,H,D], the
+    six per-branch key/value arrays [B,T,G,D], gates."""
     c = self.cfg
     B, T, _ = x_BTC.shape
     H, G, D = c.num_heads, c.num_kv_groups, c.head_dim
-    q_BTHD = apply_rope(self.q_proj(x_BTC).reshape(B, T, H, D), pos_BT, c.rope_theta)
+    q_raw_BTHD = self.q_proj(x_BTC).reshape(B, T, H, D)
+    q_BTHD = apply_rope(q_raw_BTHD, pos_BT, c.rope_theta)
+    # "none": compressed keys carry position only through the compressor, so the compressed
+    # branch (and with it block selection) scores them with the unrotated query: scores do
+    # not depend on the query's absolute position. "both": the keys are rotated at their
+    # block's last position (see _rotate_cmp), the query as usual: relative positions.
+    # "query": rotated query against unrotated keys (before 2026-11-30; position-dependent).
+    q_cmp_BTHD = q_raw_BTHD if c.cmp_rope == "none" else q_BTHD
     kv = self.kv_proj(x_BTC).reshape(B, T, 6, G, D)
     new = dict(zip(KV_NAMES, [kv[:, :, i] for i in range(6)]))
     # Selected and window keys carry RoPE; compressed keys get position from the compressor.
@@ -109,20 +117,31 @@ class NSAttention(nn.Module):
     if c.gate_hidden:
       h = nn.gelu(self.gate_hidden(h))
     gates_BTH3 = jax.nn.sigmoid(self.gate_proj(h).astype(jnp.float32)).reshape(B, T, H, 3)
-    return q_BTHD, new, gates_BTH3.astype(q_BTHD.dtype)
+    return (q_BTHD, q_cmp_BTHD), new, gates_BTH3.astype(q_BTHD.dtype)
 
-  def _core(self, q_BTHD, kv, k_cmp, v_cmp, gates, q_offset):
+  def _core(self, qs, kv, k_cmp, v_cmp, gates, q_offset):
     c = self.cfg
+    q_BTHD, q_cmp_BTHD = qs
     return nsa.nsa_core(
         q_BTHD, k_cmp, v_cmp, kv["k_slc"], kv["v_slc"], kv["k_win"], kv["v_win"], gates,
         block_len=c.block_len, block_stride=c.block_stride, select_len=c.select_len,
-        num_select=c.num_select, window=c.window, q_offset=q_offset, impl=c.nsa_impl)
+        num_select=c.num_select, window=c.window, q_offset=q_offset, impl=c.nsa_impl,
+        q_cmp=q_cmp_BTHD)
+
+  def _rotate_cmp(self, k_cmp_BNGD, block_BN):
+    """``cmp_rope="both"``: compressed key of block i rotated at its last position."""
+    c = self.cfg
+    if c.cmp_rope != "both":
+      return k_cmp_BNGD
+    return apply_rope(k_cmp_BNGD, block_BN * c.block_stride + c.block_len - 1, c.rope_theta)
 
   def _compress_all(self, kv, seq_len: int):
     """Every complete compressed block of a sequence from position 0: (k_cmp, v_cmp)."""
     c = self.cfg
     n = nsa.num_compressed_blocks(seq_len, c.block_len, c.block_stride)
-    return (compress(self.k_compressor, kv["k_cmp_raw"], n, c.block_len, c.block_stride),
+    k_cmp = compress(self.k_compressor, kv["k_cmp_raw"], n, c.block_len, c.block_stride)
+    block_BN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), k_cmp.shape[:2])
+    return (self._rotate_cmp(k_cmp, block_BN),
             compress(self.v_compressor, kv["v_cmp_raw"], n, c.block_len, c.block_stride))
 
   def _full_sequence(self, x_BTC):
@@ -157,7 +176,10 @@ class NSAttention(nn.Module):
                       cache["k_slc"].shape[1] - 1)
     for (name, raw_name), compressor in zip(CMP_NAMES, (self.k_compressor, self.v_compressor)):
       raw_BLGD = jnp.take_along_axis(new_cache[raw_name], idx_BL[:, :, None, None], axis=1)
-      block_BGD = compressor(raw_BLGD[:, None])[:, 0].astype(cache[name].dtype)
+      block_B1GD = compressor(raw_BLGD[:, None])
+      if name == "k_cmp":
+        block_B1GD = self._rotate_cmp(block_B1GD, block_B[:, None])
+      block_BGD = block_B1GD[:, 0].astype(cache[name].dtype)
       slot_B = jnp.minimum(block_B, num_slots - 1)
       old_BGD = cache[name][rows_B, slot_B]
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
@@ -174,9 +196,10 @@ class NSAttention(nn.Module):
     new_cache = {name: cache[name].at[rows_B, pos_B].set(kv[name][:, 0].astype(
         cache[name].dtype)) for name in KV_NAMES}
     new_cache = self._rebuild_completed_block(cache, new_cache, pos_B)
-    kv_all = {name: new_cache[name].astype(q.dtype) for name in KV_NAMES}
-    o_BTHD = self._core(q, kv_all, new_cache["k_cmp"].astype(q.dtype),
-                        new_cache["v_cmp"].astype(q.dtype), gates, pos_B)
+    dt = q[0].dtype
+    kv_all = {name: new_cache[name].astype(dt) for name in KV_NAMES}
+    o_BTHD = self._core(q, kv_all, new_cache["k_cmp"].astype(dt),
+                        new_cache["v_cmp"].astype(dt), gates, pos_B)
     return o_BTHD, new_cache
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
