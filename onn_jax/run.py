@@ -22,6 +22,7 @@ import numpy as np
 from onn_jax import checkpoint, config, experts, stages, steps, tblog
 from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.model import attention
 from onn_jax.model.transformer import Transformer, count_params
 from onn_jax.parallel import Runner, host_value, is_main_process, platform_line
 
@@ -160,7 +161,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   if warning:
     log(warning)
   log(f"Tiny-ONN: {count_params(state.params):,} parameters; {len(tasks)} training tasks; "
-      f"on {platform}; parallel mode {runner.mode} over {runner.num_devices} device(s)")
+      f"attention {attention.describe(cfg.model)}; on {platform}; parallel mode "
+      f"{runner.mode} over {runner.num_devices} device(s)")
   state = runner.put_state(state)
 
   t = cfg.train

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from onn_jax.model import nsa as nsa_core
 from onn_jax.model.attention import dynsmlora, full, nsa
 
 
@@ -47,3 +48,13 @@ def get(name: str) -> Variant:
   if name not in VARIANTS:
     raise ValueError(f"model.attention: {name!r} is not one of {', '.join(VARIANTS)}")
   return VARIANTS[name]
+
+
+def describe(cfg) -> str:
+  """The attention a run computes, for its start line, e.g. ``nsa (core: pallas)``."""
+  if cfg.attention != "nsa":
+    return cfg.attention
+  impl = cfg.nsa_impl
+  if impl == "auto":
+    impl = f"auto: {nsa_core.auto_impl_summary()}"
+  return f"nsa (core: {impl}; cmp_rope {cfg.cmp_rope})"
