@@ -57,11 +57,19 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   mesh = None
   if resolve_mode(cfg) != "single":  # split tasks x views over every device of every host
     mesh = Mesh(np.array(jax.devices()), (AXIS,))
-  fns = ModelFns(model, params, batch_size=e.batch_size, temperature=e.temperature,
-                 seed=cfg.train.seed, mesh=mesh)
+  make_fns = lambda p: ModelFns(model, p, batch_size=e.batch_size, temperature=e.temperature,
+                                 seed=cfg.train.seed, mesh=mesh)
+  fns = make_fns(params)
   views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
                               else "1-9", cfg.train.seed)
-  records = augscore.evaluate(
+  evaluate = augscore.evaluate
+  if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
+    from onn_jax import ttt
+    adapters, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
+                                   log=log if is_main_process() else lambda _: None)
+    evaluate = ttt.per_task_evaluate(params, adapters, make_fns)
+    extra = {**(extra or {}), "ttt": ttt_info}
+  records = evaluate(
       tasks, mode=e.mode, views=views, generate_fn=fns.generate,
       logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=cfg.data.buckets[-1],
       batch_size=e.batch_size, samples=e.samples, progress=is_main_process())
