@@ -200,8 +200,9 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   before, after, skipped = [], [], 0
   for length in sorted(groups):
     group = groups[length]
-    size = t.chunk or len(group)
-    width = -(-min(size, len(group)) // axis.num_devices) * axis.num_devices
+    n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
+    size = -(-(t.chunk or len(group)) // n) * n
+    width = min(size, -(-len(group) // n) * n)
     for first in range(0, len(group), size):
       chunk = group[first:first + size]
       streams = [s for _, s in chunk] + [chunk[-1][1]] * (width - len(chunk))  # padding rows

@@ -136,9 +136,11 @@ def _assert_same_adaptation(x, y, cfg) -> None:
 
 def test_vmapped_tasks_adapt_as_each_alone_and_ttt_lowers_the_loss(setup, together):
   cfg, params, tasks = setup
+  one_per_chunk = config.replace(cfg, ttt={"chunk": 1})  # a and b each alone, one after another
+  alone, info = ttt.adapt(one_per_chunk, params, [tasks["a"], tasks["b"]])
+  assert info["adapted"] == 2
+  assert info["loo_ce_after"] < info["loo_ce_before"] - 0.05
   for name in ("a", "b"):
-    alone, info = ttt.adapt(cfg, params, [tasks[name]])
-    assert info["loo_ce_after"] < info["loo_ce_before"] - 0.05
     _assert_same_adaptation(alone[name], together[0][name], cfg)
 
 
