@@ -123,9 +123,11 @@ class TttConfig:
   learning_rate: float = 1e-3
   warmup_steps: int = 0
   weight_decay: float = 0.0
-  batch_size: int = 8  # leave-one-out sequences per task per step
+  batch_size: int = 4  # leave-one-out sequences per task per step
   params: tuple[str, ...] = ("*/attn/*", "*norm/scale")  # fnmatch patterns on "a/b/c" paths
-  chunk: int = 64  # tasks adapted at once (vmapped, split over the devices); 0: a whole bucket
+  # Tasks adapted at once (vmapped, split over the devices) at the longest bucket length; a
+  # shorter bucket takes proportionally more. 0: every task of a bucket at once.
+  chunk: int = 8
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ How: a task's sequences come from its own :class:`BatchStream` (the training aug
 colours, demo order), built from the task with its test pairs removed, so test outputs are
 never read, and seeded from (train.seed, task id), so a task adapts the same whatever tasks it
 is grouped with. Tasks are grouped by the bucket length (data.buckets) their leave-one-out
-sequences need; chunks of up to ``ttt.chunk`` tasks of a group train together: the training
+sequences need; chunks of a group train together (``ttt.chunk`` tasks at the longest bucket,
+proportionally more at shorter ones, so a step holds about as many tokens): the training
 teacher-forcing step (:func:`onn_jax.steps.train_step`: its loss, clipping, AdamW) is vmapped
 over a task axis that is split over a 1-D mesh of every device with shard_map. A task with
 fewer than 2 demonstrations, or none of whose leave-one-out sequences fits the longest bucket,
@@ -201,7 +202,8 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   for length in sorted(groups):
     group = groups[length]
     n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
-    size = -(-(t.chunk or len(group)) // n) * n
+    per_chunk = t.chunk * cfg.data.buckets[-1] // length if t.chunk else len(group)
+    size = -(-max(1, per_chunk) // n) * n
     width = min(size, -(-len(group) // n) * n)
     for first in range(0, len(group), size):
       chunk = group[first:first + size]

@@ -35,7 +35,7 @@ def _task(task_id: str, seed: int, demos: int = 3, side: int = 3) -> Task:
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = tiny_config(ttt=TTT)
+  cfg = tiny_config(ttt=TTT, data=dict(buckets=[128]))
   params = jax.device_get(init_params(cfg.model, jax.random.PRNGKey(0)))
   tasks = {"a": _task("a", 1), "b": _task("b", 2), "one_demo": _task("one_demo", 3, demos=1),
            "huge": _task("huge", 4, side=12)}
@@ -137,8 +137,10 @@ def _assert_same_adaptation(x, y, cfg) -> None:
 def test_vmapped_tasks_adapt_as_each_alone_and_ttt_lowers_the_loss(setup, together):
   cfg, params, tasks = setup
   one_per_chunk = config.replace(cfg, ttt={"chunk": 1})  # a and b each alone, one after another
-  alone, info = ttt.adapt(one_per_chunk, params, [tasks["a"], tasks["b"]])
+  lines = []
+  alone, info = ttt.adapt(one_per_chunk, params, [tasks["a"], tasks["b"]], log=lines.append)
   assert info["adapted"] == 2
+  assert [line.split(":")[2] for line in lines[:2]] == [" tasks 1..1 of 2", " tasks 2..2 of 2"]
   assert info["loo_ce_after"] < info["loo_ce_before"] - 0.05
   for name in ("a", "b"):
     _assert_same_adaptation(alone[name], together[0][name], cfg)
