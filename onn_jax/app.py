@@ -22,6 +22,7 @@ from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
 from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS, is_main_process, maybe_initialize_distributed, resolve_mode
+from onn_jax import ttt  # test-time training (before evaluation, when ttt.steps > 0)
 
 USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError)
 
@@ -64,7 +65,6 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
                               else "1-9", cfg.train.seed)
   evaluate = augscore.evaluate
   if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
-    from onn_jax import ttt
     adapters, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
                                    log=log if is_main_process() else lambda _: None)
     evaluate = ttt.per_task_evaluate(params, adapters, make_fns)
@@ -87,6 +87,7 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
   from onn_jax import run  # heavy: jitted steps
   try:
     maybe_initialize_distributed(cfg)
+    ttt.check(cfg)
     result = run.train(cfg, workdir)
   except USER_ERRORS + (run.TrainingStopped,) as err:
     return _fail(err)
@@ -124,6 +125,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not cfg_path.is_file():
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
     cfg = config.load(cfg_path, overrides)
+    ttt.check(cfg)
     target = init_params(cfg.model, jax.random.PRNGKey(0))
     params, record = checkpoint.load_params(run_dir, target,
                                             prefer_ema=cfg.eval.weights == "ema")

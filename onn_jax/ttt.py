@@ -43,7 +43,7 @@ from onn_jax.config import Config, ConfigError
 from onn_jax.data.pipeline import BatchStream
 from onn_jax.data.tasks import Task
 from onn_jax.evaluation import augscore
-from onn_jax.model.transformer import Transformer
+from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS, host_value, shard_map
 
 
@@ -56,6 +56,13 @@ def adapted_paths(params, patterns: Sequence[str]) -> list[tuple[str, ...]]:
       raise ConfigError(f"ttt.params: {pattern!r} matches no parameter path (they look like "
                         f"{names[0]!r})")
   return [p for p, n in zip(paths, names) if any(fnmatch.fnmatchcase(n, q) for q in patterns)]
+
+
+def check(cfg: Config) -> None:
+  """Raises the ConfigError :func:`adapt` would, before any training or loading is spent."""
+  if cfg.ttt.steps > 0:
+    shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+    adapted_paths(shapes, cfg.ttt.params)
 
 
 def split(params, paths: Sequence[tuple[str, ...]]):

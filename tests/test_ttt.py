@@ -194,3 +194,13 @@ def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
   assert sorted(submission) == ["a", "one_demo"]
   assert all({"attempt_1", "attempt_2"} <= set(entry) for v in submission.values()
              for entry in v)
+
+
+def test_a_bad_pattern_fails_before_training_or_loading(tmp_path, capsys):
+  cfg = tiny_config(ttt=dict(steps=2, params=["*/atn/*"]))
+  assert app.train_and_evaluate(cfg, tmp_path / "run") == 1
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  config.save(cfg, tmp_path / "config.yaml")
+  assert app.evaluate_checkpoint(tmp_path, None, None, []) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and all(line.startswith("error: ttt.params:") for line in err)
