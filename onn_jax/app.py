@@ -21,6 +21,7 @@ from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
 from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS, is_main_process, maybe_initialize_distributed, resolve_mode
+from onn_jax import ttt  # test-time training (before evaluation, when ttt.steps > 0)
 
 USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError)
 
@@ -62,11 +63,18 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   mesh = None
   if resolve_mode(cfg) != "single":  # split tasks x views over every device of every host
     mesh = Mesh(np.array(jax.devices()), (AXIS,))
-  fns = ModelFns(model, params, batch_size=e.batch_size, temperature=e.temperature,
-                 seed=cfg.train.seed, mesh=mesh)
+  make_fns = lambda p: ModelFns(model, p, batch_size=e.batch_size, temperature=e.temperature,
+                                 seed=cfg.train.seed, mesh=mesh)
+  fns = make_fns(params)
   views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
                               else "1-9", cfg.train.seed)
-  records = augscore.evaluate(
+  evaluate = augscore.evaluate
+  if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
+    adapters, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
+                                   log=log if is_main_process() else lambda _: None)
+    evaluate = ttt.per_task_evaluate(params, adapters, make_fns)
+    extra = {**(extra or {}), "ttt": ttt_info}
+  records = evaluate(
       tasks, mode=e.mode, views=views, generate_fn=fns.generate,
       logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=cfg.data.buckets[-1],
       batch_size=e.batch_size, samples=e.samples, progress=is_main_process())
@@ -83,6 +91,7 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
   from onn_jax import run  # heavy: jitted steps
   try:
     maybe_initialize_distributed(cfg)
+    ttt.check(cfg)
     result = run.train(cfg, workdir)
   except USER_ERRORS + (run.TrainingStopped,) as err:
     return _fail(err)
@@ -120,6 +129,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not cfg_path.is_file():
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
     cfg = config.load(cfg_path, overrides, saved_run=True)
+    ttt.check(cfg)
     target = init_params(cfg.model, jax.random.PRNGKey(0))
     params, record = checkpoint.load_params(run_dir, target,
                                             prefer_ema=cfg.eval.weights == "ema")

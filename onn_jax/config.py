@@ -126,6 +126,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TttConfig:
+  """Test-time training before evaluation (onn_jax/ttt.py): per-task copies of the parameters
+  matched by ``params`` fine-tuned on the task's leave-one-out demonstrations."""
+  steps: int = 0  # optimizer steps per task; 0: off
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  batch_size: int = 4  # leave-one-out sequences per task per step
+  params: tuple[str, ...] = ("*/attn/*", "*norm/scale")  # fnmatch patterns on "a/b/c" paths
+  # Tasks adapted at once (vmapped, split over the devices) at the longest bucket length; a
+  # shorter bucket takes proportionally more. 0: every task of a bucket at once.
+  chunk: int = 8
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 50
   keep: int = 3
@@ -155,6 +170,7 @@ class Config:
   train: TrainConfig = field(default_factory=TrainConfig)
   eavi: EaviConfig = field(default_factory=EaviConfig)
   eval: EvalConfig = field(default_factory=EvalConfig)
+  ttt: TttConfig = field(default_factory=TttConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   parallel: ParallelConfig = field(default_factory=ParallelConfig)
   log: LogConfig = field(default_factory=LogConfig)
@@ -303,6 +319,15 @@ def validate(cfg: Config) -> Config:
     _require(getattr(ev, key) >= 0, f"eval.{key}: must be >= 0, got {getattr(ev, key)}")
   _require(ev.batch_size > 0, f"eval.batch_size: must be positive, got {ev.batch_size}")
   _require(ev.temperature > 0, f"eval.temperature: must be positive, got {ev.temperature}")
+
+  tt = cfg.ttt
+  for key in ("steps", "warmup_steps", "chunk"):
+    _require(getattr(tt, key) >= 0, f"ttt.{key}: must be >= 0, got {getattr(tt, key)}")
+  _require(tt.learning_rate > 0, f"ttt.learning_rate: must be positive, got {tt.learning_rate}")
+  _require(tt.weight_decay >= 0, f"ttt.weight_decay: must be >= 0, got {tt.weight_decay}")
+  _require(tt.batch_size > 0, f"ttt.batch_size: must be positive, got {tt.batch_size}")
+  _require(len(tt.params) > 0 and all(tt.params),
+           f"ttt.params: must list at least one non-empty pattern, got {list(tt.params)}")
 
   _require(c.every > 0, f"checkpoint.every: must be positive, got {c.every}")
   _require(c.keep > 0, f"checkpoint.keep: must be positive, got {c.keep}")

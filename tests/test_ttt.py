@@ -1,0 +1,206 @@
+"""Test-time training: per-task adapters, base frozen, test outputs unread, vmap and shards."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from jax.sharding import Mesh
+
+from onn_jax import app, config, ttt
+from onn_jax.config import ConfigError
+from onn_jax.data.serialize import encode_grid
+from onn_jax.data.tasks import Task
+from onn_jax.data.tokens import END
+from onn_jax.model.transformer import init_params
+from onn_jax.parallel import AXIS
+
+from conftest import tiny_config
+
+TTT = dict(steps=4, batch_size=2, learning_rate=3e-3, chunk=0)
+
+
+def _task(task_id: str, seed: int, demos: int = 3, side: int = 3) -> Task:
+  """A task whose rule is: flip left-right and add 1 to every colour (mod 10)."""
+  rng = np.random.default_rng(seed)
+
+  def pair():
+    grid = rng.integers(0, 5, (side, side)).astype(np.int32)
+    return grid, ((grid[:, ::-1] + 1) % 10).astype(np.int32)
+  return Task(id=task_id, train=[pair() for _ in range(demos)], test=[pair()])
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = tiny_config(ttt=TTT, data=dict(buckets=[128]))
+  params = jax.device_get(init_params(cfg.model, jax.random.PRNGKey(0)))
+  tasks = {"a": _task("a", 1), "b": _task("b", 2), "one_demo": _task("one_demo", 3, demos=1),
+           "huge": _task("huge", 4, side=12)}
+  return cfg, params, tasks
+
+
+@pytest.fixture(scope="module")
+def together(setup):
+  """Tasks a and b adapted together (one vmapped chunk); one_demo and huge are not adapted."""
+  cfg, params, tasks = setup
+  before = jax.tree.map(np.copy, params)
+  adapters, info = ttt.adapt(cfg, params, list(tasks.values()))
+  return adapters, info, before
+
+
+def _max_diff(x, y) -> float:
+  return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ttt.steps=-1", "ttt.steps"), ("ttt.learning_rate=0", "ttt.learning_rate"),
+    ("ttt.batch_size=0", "ttt.batch_size"), ("ttt.chunk=-2", "ttt.chunk"),
+    ("ttt.weight_decay=-0.1", "ttt.weight_decay"), ("ttt.params=[]", "ttt.params"),
+    ("ttt.params=attn", "ttt.params"), ("ttt.stepz=3", "ttt.stepz")])
+def test_bad_ttt_values_are_one_line_config_errors(override, key):
+  with pytest.raises(ConfigError) as err:
+    config.load(None, [override])
+  assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_pattern_matching_no_parameter_names_ttt_params(setup):
+  _, params, _ = setup
+  with pytest.raises(ConfigError, match=r"ttt\.params: '\*/atn/\*' matches no parameter"):
+    ttt.adapted_paths(params, ["*/attn/*", "*/atn/*"])
+
+
+def test_the_adapter_is_the_matched_subset_and_merge_puts_it_back(setup):
+  _, params, _ = setup
+  paths = ttt.adapted_paths(params, ("*/attn/*", "*norm/scale"))
+  names = {"/".join(p) for p in paths}
+  assert "block_1/attn/q_proj/kernel" in names and "final_norm/scale" in names
+  assert not any("/moe/" in n or n.startswith(("embedding", "lm_head")) for n in names)
+  adapter = ttt.split(params, paths)
+  changed = jax.tree.map(lambda x: x + 1.0, adapter)
+  merged = ttt.merge(params, changed)
+  np.testing.assert_array_equal(merged["block_1"]["attn"]["q_proj"]["kernel"],
+                                params["block_1"]["attn"]["q_proj"]["kernel"] + 1.0)
+  np.testing.assert_array_equal(merged["block_1"]["moe"]["w_in"], params["block_1"]["moe"]["w_in"])
+
+
+def test_base_parameters_are_unchanged_and_skipped_tasks_counted(setup, together):
+  _, params, _ = setup
+  adapters, info, before = together
+  assert _max_diff(params, before) == 0.0
+  assert sorted(adapters) == ["a", "b"]
+  assert info["adapted"] == 2 and info["not_adapted"] == {"few_demos": 1, "too_long": 1}
+  assert info["steps"] == 4 and info["params"] == ["*/attn/*", "*norm/scale"]
+  # The adapters moved away from the base.
+  base_adapter = ttt.split(params, ttt.adapted_paths(params, info["params"]))
+  assert _max_diff(adapters["a"], base_adapter) > 1e-4
+
+
+def test_test_outputs_are_never_read(setup, together):
+  cfg, params, tasks = setup
+  a = tasks["a"]
+  unknown = Task(id="a", train=a.train, test=[(a.test[0][0], None)])
+  garbage = Task(id="a", train=a.train, test=[(a.test[0][0], np.full((7, 2), 9, np.int32))])
+  for variant in (unknown, garbage):
+    adapters, _ = ttt.adapt(cfg, params, [variant, tasks["b"]])
+    assert _max_diff(adapters["a"], together[0]["a"]) == 0.0
+
+
+# The compressed keys' bias shifts every compressed key of a query by the same vector, which
+# the softmax (and so the block selection) ignores: its gradient is float32 rounding noise,
+# which Adam scales up to steps of ~lr whatever its size. It moves no output.
+SHIFT_INVARIANT = "k_compressor/fc2/bias"
+
+
+def _assert_same_adaptation(x, y, cfg) -> None:
+  """x == y up to float32 reassociation (vmapped or sharded matmuls sum in another order).
+
+  Both runs see the same batches; their gradients differ by rounding, relatively ~1e-6 for
+  sums over a few thousand tokens; an AdamW step (at most ~lr a coordinate) passes a relative
+  gradient error on at most 1:1, so after ``steps`` steps a coordinate differs by well under
+  1e-3 * steps * lr (a margin of ~100x for cancellation). Shift-invariant leaves: <= their
+  largest possible movement, 2 * steps * lr.
+  """
+  t = cfg.ttt
+  flat_x, flat_y = flatten_dict(x), flatten_dict(y)
+  assert flat_x.keys() == flat_y.keys()
+  for path, leaf in flat_x.items():
+    name = "/".join(path)
+    bound = (2.0 if name.endswith(SHIFT_INVARIANT) else 1e-3) * t.steps * t.learning_rate
+    diff = float(np.max(np.abs(leaf - flat_y[path])))
+    assert diff <= bound, (name, diff, bound)
+
+
+def test_vmapped_tasks_adapt_as_each_alone_and_ttt_lowers_the_loss(setup, together):
+  cfg, params, tasks = setup
+  one_per_chunk = config.replace(cfg, ttt={"chunk": 1})  # a and b each alone, one after another
+  lines = []
+  alone, info = ttt.adapt(one_per_chunk, params, [tasks["a"], tasks["b"]], log=lines.append)
+  assert info["adapted"] == 2
+  assert [line.split(":")[2] for line in lines[:2]] == [" tasks 1..1 of 2", " tasks 2..2 of 2"]
+  assert info["loo_ce_after"] < info["loo_ce_before"] - 0.05
+  for name in ("a", "b"):
+    _assert_same_adaptation(alone[name], together[0][name], cfg)
+
+
+def test_sharded_over_eight_devices_equals_one_device(setup, together):
+  cfg, params, tasks = setup
+  assert jax.device_count() == 8
+  mesh = Mesh(np.array(jax.devices()), (AXIS,))
+  sharded, info = ttt.adapt(cfg, params, [tasks["a"], tasks["b"]], mesh=mesh)
+  assert info["adapted"] == 2
+  for name in ("a", "b"):
+    _assert_same_adaptation(sharded[name], together[0][name], cfg)
+
+
+class _FakeFns:
+  """Generates, for every prompt, a 1x1 grid holding the colour in params["colour"]."""
+
+  def __init__(self, params):
+    self.colour = int(params["colour"])
+
+  def generate(self, prompts, max_new, num_samples):
+    answer = np.asarray(encode_grid(np.full((1, 1), self.colour)) + [END], np.int32)
+    return [[answer] * (1 + num_samples) for _ in prompts]
+
+  def logprob(self, sequences, answer_starts):
+    return np.zeros(len(sequences))
+
+
+def test_each_adapted_task_is_scored_with_its_own_weights_in_task_order():
+  tasks = [_task(name, i) for i, name in enumerate(["p", "q", "r"])]
+  base = {"colour": np.array(1), "other": np.array(0)}
+  evaluate = ttt.per_task_evaluate(base, {"q": {"colour": np.array(7)}}, _FakeFns)
+  base_fns = _FakeFns(base)
+  records = evaluate(tasks, mode="augscore", generate_fn=base_fns.generate,
+                     logprob_fn=base_fns.logprob, max_len=128, batch_size=4)
+  assert [r["task_id"] for r in records] == ["p", "q", "r"]
+  assert [int(r["ranked"][0][0, 0]) for r in records] == [1, 7, 1]
+
+
+def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
+  cfg, params, tasks = setup
+  out = tmp_path / "eval"
+  summary = app.evaluate_params(cfg, params, [tasks["a"], tasks["one_demo"]], out,
+                                extra={"step": 0})
+  assert summary["num_tasks"] == 2
+  scores = json.loads((out / "scores.json").read_text())
+  assert scores["ttt"]["adapted"] == 1 and scores["ttt"]["not_adapted"]["few_demos"] == 1
+  assert scores["ttt"]["steps"] == 4 and scores["step"] == 0
+  submission = json.loads((out / "submission.json").read_text())
+  assert sorted(submission) == ["a", "one_demo"]
+  assert all({"attempt_1", "attempt_2"} <= set(entry) for v in submission.values()
+             for entry in v)
+
+
+def test_a_bad_pattern_fails_before_training_or_loading(tmp_path, capsys):
+  cfg = tiny_config(ttt=dict(steps=2, params=["*/atn/*"]))
+  assert app.train_and_evaluate(cfg, tmp_path / "run") == 1
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  config.save(cfg, tmp_path / "config.yaml")
+  assert app.evaluate_checkpoint(tmp_path, None, None, []) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and all(line.startswith("error: ttt.params:") for line in err)
