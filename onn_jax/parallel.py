@@ -302,3 +302,12 @@ def platform_line(cfg: Config) -> tuple[str, str | None]:
     warning = ("warning: model.compute_dtype=bfloat16 (a GPU config) but jax found no GPU or "
                "TPU: running on the CPU (see the README's GPU section for CUDA jax)")
   return line, warning
+
+
+def peak_memory() -> dict[str, float]:
+  """``{"peak_memory_gib": ...}``: the most memory this process's first device has held so
+  far (the allocator's own count, GPU/TPU), or ``{}`` where the backend keeps none (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" not in stats:
+    return {}
+  return {"peak_memory_gib": stats["peak_bytes_in_use"] / 2**30}

@@ -24,7 +24,8 @@ from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention
 from onn_jax.model.transformer import Transformer, count_params
-from onn_jax.parallel import Runner, host_value, is_main_process, platform_line
+from onn_jax.parallel import (Runner, host_value, is_main_process, peak_memory,
+                              platform_line)
 
 
 class TrainingStopped(RuntimeError):
@@ -205,7 +206,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
                 "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
-                "skipped_total": int(_scalar_or_first(state.skipped, runner))}
+                "skipped_total": int(_scalar_or_first(state.skipped, runner)),
+                **peak_memory()}
         metrics_out.write(last)
         live.write(last)
         bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}")
