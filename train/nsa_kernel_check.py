@@ -176,7 +176,9 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     def cmp_fwd(q5, k, v):
       return nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
 
-    def slc_loss(q5, k, v):
+    # The block choice is an argument, not a constant: a constant would be folded into the
+    # backward's sort at compile time.
+    def slc_loss(q5, k, v, idx):
       return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32, nsa_pallas.use_interpret()))
 
     def win_loss(q5, k, v):
@@ -185,25 +187,26 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     def wrap(f, names):
       g = jax.jit(lambda a: f(*(a[n] for n in names)))
       return g
-    a = dict(q5=q5, **args)
+    a = dict(q5=q5, idx=idx, **args)
     row = dict(B=B, T=T)
     rows.append(row)
     row["cmp_fwd"] = time_case(wrap(cmp_fwd, ("q5", "k_cmp", "v_cmp")), a, iters)
     row["cmp_fwd_bwd"] = time_case(wrap(jax.grad(cmp_loss, (0, 1, 2)), ("q5", "k_cmp", "v_cmp")),
                                    a, iters)
-    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
-    row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")),
-                                   a, iters)
+    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc", "idx")), a, iters)
+    row["slc_fwd_bwd"] = time_case(
+        wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
     for var in variants:
       with variant(var):
         row[f"slc_fwd_bwd[{var}]"] = time_case(
-            wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")), a, iters)
+            wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
       save()
     for warps in (1, 2, 8) if sweep else ():
       nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = warps
-      row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
+      row[f"slc_fwd_w{warps}"] = time_case(
+          wrap(slc_loss, ("q5", "k_slc", "v_slc", "idx")), a, iters)
       row[f"slc_fwd_bwd_w{warps}"] = time_case(
-          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")), a, iters)
+          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
     nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = 4
     row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), ("q5", "k_win", "v_win")),
                                    a, iters)
@@ -242,9 +245,9 @@ def main(argv=None) -> None:
     check(results)
     save()
   cases = parse(a.cases)
+  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save)
   if a.breakdown:
     breakdown(results, parse(a.breakdown_cases or a.cases), a.iters, a.sweep, variants, save)
-  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save)
   save()
 
 

@@ -8,9 +8,15 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
 * forward: one program per (example, query token, group) holds the group's R query heads as
   one [R, D] tile, walks the ``K`` chosen blocks with an online softmax and writes the
   output and the log-sum-exp (float32) -- nothing of size T*K*select_len is stored;
-* backward: the same program recomputes the probabilities from the log-sum-exp, accumulates
-  ``dq`` locally and adds each block's ``dk``/``dv`` contribution into float32 [B,S,G,D]
-  accumulators with atomic adds (blocks are shared by many queries).
+* backward (``BWD_IMPL = "keyblock"``, the default): key-major, without atomics. The
+  (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
+  into items of ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values
+  once, gathers the item's query rows and recomputes the probabilities from the log-sum-exp,
+  sums the block's dk/dv over the item's rows in registers (one [L, D] partial per item, then
+  a sorted segment sum in XLA) and writes each row's dq contribution, which XLA sums over the
+  token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
+  so no program walks a long list. ``BWD_IMPL = "atomic"`` keeps the query-major backward
+  (one program per (example, token, group), dk/dv by float32 atomic adds: slower, measured).
 
 Products run on tensor cores: a group's R query heads (4 at the GPU config) are zero-padded
 to ``ROW_TILE`` = 16 rows (an element-wise formulation on CUDA cores measured 2.8x slower
