@@ -3,7 +3,9 @@
 On CPU the Pallas kernels run in interpret mode (slow), so the shapes are tiny; the geometries
 are those of test_nsa_core (T not a multiple of the block sizes, per-example offsets, one-token
 decoding, fewer selection blocks than ``num_select``). Also the ``q_cmp`` argument (the
-compressed branch's own queries) in every implementation, and the GPU dispatch rule.
+compressed branch's own queries) in every implementation, the GPU dispatch rule, both
+selected-branch backward kernels (key-major and atomic, small items spread over many
+programs) and the key-major backward's item plan.
 
 Tolerances (float32): every output and gradient entry is a sum of at most ~100 products of
 O(1..10) terms (S <= 50 keys, D <= 8), computed in a different order than the reference; with

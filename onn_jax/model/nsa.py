@@ -45,7 +45,9 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   One-token decoding reads the compressed keys, the chosen blocks and the window band only.
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
-* ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two); else
+* ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two; it is
+  also taken where blockwise runs about as fast, e.g. one very long sequence, because
+  blockwise's gathered keys need O(T*num_select*select_len) memory); else
   ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**19) and each query
   gathers at most a quarter of the keys (``num_select*select_len + window <= S / 4``), else
   ``reference`` (thresholds measured with ``python -m train.bench`` on an H200). One-token
