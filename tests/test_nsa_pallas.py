@@ -3,7 +3,9 @@
 On CPU the Pallas kernels run in interpret mode (slow), so the shapes are tiny; the geometries
 are those of test_nsa_core (T not a multiple of the block sizes, per-example offsets, one-token
 decoding, fewer selection blocks than ``num_select``). Also the ``q_cmp`` argument (the
-compressed branch's own queries) in every implementation, and the GPU dispatch rule.
+compressed branch's own queries) in every implementation, the GPU dispatch rule, both
+selected-branch backward kernels (key-major and atomic, small items spread over many
+programs) and the key-major backward's item plan.
 
 Tolerances (float32): every output and gradient entry is a sum of at most ~100 products of
 O(1..10) terms (S <= 50 keys, D <= 8), computed in a different order than the reference; with
@@ -135,9 +137,25 @@ def test_pallas_bf16_close_to_fp32_reference():
 
 # ---------------------------------------------------------------- the selected-branch kernel
 
-def test_selected_kernel_unused_slots_and_partial_last_block():
+# Backward variants: (BWD_IMPL, DKDV_REDUCE, KEY_CHUNK). KEY_CHUNK = 2 spreads a block's
+# tokens over several items, the last one partial.
+BWD_VARIANTS = [("atomic", "partials", 16), ("keyblock", "partials", 16),
+                ("keyblock", "partials", 2), ("keyblock", "atomic", 2)]
+
+
+def _set_bwd(monkeypatch, variant):
+  bwd, reduce, chunk = variant
+  monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
+  monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce)
+  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", chunk)
+
+
+@pytest.mark.parametrize("variant", BWD_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_selected_kernel_unused_slots_and_partial_last_block(variant, monkeypatch):
   """Direct kernel test: S = 10 is not a multiple of select_len = 4 (last block partial),
-  slot -1 unused, keys after the query's position masked; against dense masked attention."""
+  slot -1 unused, keys after the query's position masked; against dense masked attention,
+  for every backward variant."""
+  _set_bwd(monkeypatch, variant)
   B, T, S, G, R, D, L = 1, 3, 10, 2, 2, 4, 4
   rng = np.random.default_rng(0)
   q = rng.standard_normal((B, T, G, R, D)).astype(np.float32)
@@ -167,6 +185,67 @@ def test_selected_kernel_unused_slots_and_partial_last_block():
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
   for g_got, g_want in zip(got_grads, want_grads):
     np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
+
+
+def test_keyblock_plan_covers_every_pair_once():
+  """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
+  of an item of its own block, whose rows read that token's query heads at its position;
+  padding rows are masked (position -1); the item count bound holds."""
+  rng = np.random.default_rng(3)
+  B, T, G, K, J, R, C = 2, 7, 2, 3, 5, 2, 2
+  idx = np.full((B, T, G, K), -1, np.int32)
+  for b in range(B):
+    for t in range(T):
+      for g in range(G):
+        n = rng.integers(1, K + 1)
+        idx[b, t, g, :n] = rng.choice(J, n, replace=False)
+  idx[:, :, :, 0] = 0  # block 0 chosen by every token: spread over several items
+  pos = (np.array([[3], [20]]) + np.arange(T)).astype(np.int32)
+  qrow, posrow, blk, padpos = (np.asarray(a) for a in nsa_pallas._keyblock_plan(
+      jnp.asarray(idx), jnp.asarray(pos), num_blocks=J, heads=R, chunk=C))
+  M = blk.shape[-1]
+  assert M == (T * K + J * (C - 1)) // C
+  qrow, posrow = qrow.reshape(B, G, M, C, R), posrow.reshape(B, G, M, C, R)
+  for b in range(B):
+    for g in range(G):
+      seen = set()
+      for t in range(T):
+        for k in range(K):
+          pp = padpos[b, g, t, k]
+          if idx[b, t, g, k] < 0:
+            assert pp == -1
+            continue
+          assert pp not in seen
+          seen.add(pp)
+          m, c = divmod(int(pp), C)
+          assert blk[b, g, m] == idx[b, t, g, k]
+          np.testing.assert_array_equal(qrow[b, g, m, c], (t * G + g) * R + np.arange(R))
+          assert np.all(posrow[b, g, m, c] == pos[b, t])
+      used = {divmod(int(pp), C) for pp in seen}
+      for m in range(M):
+        for c in range(C):
+          if (m, c) not in used:
+            assert np.all(posrow[b, g, m, c] == -1)
+
+
+@pytest.mark.parametrize("variant", BWD_VARIANTS[2:], ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])
+def test_pallas_backward_variants_match_reference(name, variant, monkeypatch):
+  """Small items (2 tokens) in nsa_core: many items per block, partial and empty items."""
+  _set_bwd(monkeypatch, variant)
+  geo, q_offset = GEOMETRIES[name]
+  args = make_inputs(geo, seed=41)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 42)
+
+  def run(impl):
+    def loss(a):
+      out = nsa_core(*(a[n] for n in ARG_NAMES), q_offset=_offset(q_offset), impl=impl,
+                     **geo.static())
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    return out, grads
+
+  _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
 
 
 # ---------------------------------------------------------------- q_cmp

@@ -2,12 +2,14 @@
 forward+backward timings against cuDNN causal GQA attention and the blockwise implementation.
 
     python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
-        [--skip-check] [--iters 5]
+        [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic]
 
 Geometry and head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32, block_len
 16, stride 8, select_len 32, num_select 8, window 128), bf16 inputs. Each timing is the median
 of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
-and the gates); memory is XLA's temporary buffer size for that program.
+and the gates); memory is XLA's temporary buffer size for that program. ``--variants`` times
+the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run; the
+results file is rewritten after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -16,17 +18,41 @@ import argparse
 import datetime
 import json
 import math
+import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onn_jax.model import nsa_pallas
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 
 H, G, D = 8, 2, 32
 GEO = dict(block_len=16, block_stride=8, select_len=32, num_select=8, window=128)
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
+# Selected-branch backward variants (module settings of nsa_pallas).
+VARIANTS = {
+    "atomic": dict(BWD_IMPL="atomic"),
+    "keyblock": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=16),
+    "keyblock_c32": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=32),
+    "keyblock_c8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8),
+    "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
+}
+
+
+@contextlib.contextmanager
+def variant(name: str | None):
+  """Sets nsa_pallas's backward settings for ``name`` while programs are traced."""
+  settings = VARIANTS.get(name, {}) if name else {}
+  old = {k: getattr(nsa_pallas, k) for k in settings}
+  for k, v in settings.items():
+    setattr(nsa_pallas, k, v)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      setattr(nsa_pallas, k, v)
 
 
 def inputs(B: int, T: int, dtype, seed: int = 0) -> dict:
@@ -105,29 +131,35 @@ def time_case(fn, args, iters: int) -> dict:
     return dict(status=f"{type(e).__name__}: {str(e)[:300]}")
 
 
-def bench(results: dict, cases, iters: int, impls) -> None:
-  rows = []
+def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None) -> None:
+  """One row per case: cuDNN full causal GQA, each impl, and ``pallas[variant]`` for every
+  backward variant (all timed in this run)."""
+  rows = results.setdefault("bench", [])
   for B, T in cases:
     args = inputs(B, T, jnp.bfloat16)
     args["cot"] = jnp.ones((B, T, H, D), jnp.bfloat16)
     row = dict(B=B, T=T)
-    row["cudnn_full"] = time_case(full_fwd_bwd(), args, iters)
-    for impl in impls:
-      row[impl] = time_case(nsa_fwd_bwd(impl), args, iters)
-      if "ms" in row[impl] and "ms" in row["cudnn_full"]:
-        row[impl]["speed_vs_cudnn"] = row["cudnn_full"]["ms"] / row[impl]["ms"]
-    if "ms" in row.get("pallas", {}) and "ms" in row.get("blockwise", {}):
-      row["pallas"]["speedup_vs_blockwise"] = row["blockwise"]["ms"] / row["pallas"]["ms"]
     rows.append(row)
+    row["cudnn_full"] = time_case(full_fwd_bwd(), args, iters)
+    names = list(impls) + [f"pallas[{v}]" for v in variants]
+    for name in names:
+      impl, var = (name[:-1].split("[") + [None])[:2] if "[" in name else (name, None)
+      with variant(var):
+        row[name] = time_case(nsa_fwd_bwd(impl), args, iters)
+      if "ms" in row[name] and "ms" in row["cudnn_full"]:
+        row[name]["speed_vs_cudnn"] = row["cudnn_full"]["ms"] / row[name]["ms"]
+      if name != "blockwise" and "ms" in row[name] and "ms" in row.get("blockwise", {}):
+        row[name]["speedup_vs_blockwise"] = row["blockwise"]["ms"] / row[name]["ms"]
+      save()
     print("bench", json.dumps(row), flush=True)
-  results["bench"] = rows
 
 
-def breakdown(results: dict, cases, iters: int, sweep: bool = False) -> None:
+def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=(),
+              save=lambda: None) -> None:
   """Forward+backward time of each piece of the pallas path (compressed branch + block
   choice, selected kernel, window branch) on its own."""
   from onn_jax.model import nsa, nsa_pallas
-  rows = []
+  rows = results.setdefault("breakdown", [])
   for B, T in cases:
     args = inputs(B, T, jnp.bfloat16)
     R = H // G
@@ -144,7 +176,9 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False) -> None:
     def cmp_fwd(q5, k, v):
       return nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
 
-    def slc_loss(q5, k, v):
+    # The block choice is an argument, not a constant: a constant would be folded into the
+    # backward's sort at compile time.
+    def slc_loss(q5, k, v, idx):
       return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32, nsa_pallas.use_interpret()))
 
     def win_loss(q5, k, v):
@@ -153,25 +187,31 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False) -> None:
     def wrap(f, names):
       g = jax.jit(lambda a: f(*(a[n] for n in names)))
       return g
-    a = dict(q5=q5, **args)
+    a = dict(q5=q5, idx=idx, **args)
     row = dict(B=B, T=T)
+    rows.append(row)
     row["cmp_fwd"] = time_case(wrap(cmp_fwd, ("q5", "k_cmp", "v_cmp")), a, iters)
     row["cmp_fwd_bwd"] = time_case(wrap(jax.grad(cmp_loss, (0, 1, 2)), ("q5", "k_cmp", "v_cmp")),
                                    a, iters)
-    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
-    row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")),
-                                   a, iters)
+    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc", "idx")), a, iters)
+    row["slc_fwd_bwd"] = time_case(
+        wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
+    for var in variants:
+      with variant(var):
+        row[f"slc_fwd_bwd[{var}]"] = time_case(
+            wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
+      save()
     for warps in (1, 2, 8) if sweep else ():
       nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = warps
-      row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc")), a, iters)
+      row[f"slc_fwd_w{warps}"] = time_case(
+          wrap(slc_loss, ("q5", "k_slc", "v_slc", "idx")), a, iters)
       row[f"slc_fwd_bwd_w{warps}"] = time_case(
-          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc")), a, iters)
+          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
     nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = 4
     row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), ("q5", "k_win", "v_win")),
                                    a, iters)
-    rows.append(row)
+    save()
     print("breakdown", json.dumps(row), flush=True)
-  results["breakdown"] = rows
 
 
 def main(argv=None) -> None:
@@ -183,17 +223,32 @@ def main(argv=None) -> None:
   p.add_argument("--skip-check", action="store_true")
   p.add_argument("--breakdown", action="store_true", help="time the pallas path's pieces")
   p.add_argument("--sweep", action="store_true", help="with --breakdown: Triton num_warps")
+  p.add_argument("--variants", default="",
+                 help=f"pallas backward variants to time as well, from {sorted(VARIANTS)}")
+  p.add_argument("--breakdown-cases", default=None, help="cases of --breakdown (default --cases)")
   a = p.parse_args(argv)
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
-                 date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D)
+                 date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
+                 defaults={k: getattr(nsa_pallas, k) for k in
+                           ("BWD_IMPL", "DKDV_REDUCE", "KEY_CHUNK")})
+
+  def save():
+    with open(a.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+  parse = lambda s: [tuple(int(x) for x in c.split("x")) for c in s.split(",") if c]  # noqa: E731
+  variants = [v for v in a.variants.split(",") if v]
+  for v in variants:
+    if v not in VARIANTS:
+      p.error(f"--variants: unknown {v!r}; known: {sorted(VARIANTS)}")
   if not a.skip_check:
     check(results)
-  cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
+    save()
+  cases = parse(a.cases)
+  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save)
   if a.breakdown:
-    breakdown(results, cases, a.iters, a.sweep)
-  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i])
-  with open(a.out, "w") as f:
-    json.dump(results, f, indent=1)
+    breakdown(results, parse(a.breakdown_cases or a.cases), a.iters, a.sweep, variants, save)
+  save()
 
 
 if __name__ == "__main__":

@@ -39,23 +39,19 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's [B,C,H,N] logits; the
   backward pass recomputes a chunk), so neither [B,T,H,N] probabilities nor [B,T,G,J] scores
   exist at once; the selected branch is the Pallas kernel pair of
-  :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks, atomic dk/dv); the window
-  branch is cuDNN's sliding-window attention on GPU for training shapes (``q_offset`` the
-  Python int 0, T == S, bf16/fp16), else the chunked band attention above. One-token decoding
-  reads the compressed keys, the chosen blocks and the window band only. Off GPU the kernels
-  run in Pallas interpret mode (for tests). H200, jax 0.11.2, bf16, configs/arc1.yaml
-  geometry, forward+backward (docs/bench/nsa_pallas_h200_r5_final.json): 13.8 ms / 1.1 GiB
-  temporaries at 32x2048 against blockwise 16.6 ms / 5.3 GiB and cuDNN full causal 1.8 ms;
-  49 ms / 1.2 GiB at 1x32768 against blockwise 44 ms / 17 GiB and cuDNN 9.5 ms.
-* ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two); else
+  :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward without
+  atomics); the window branch is cuDNN's sliding-window attention on GPU for training shapes
+  (``q_offset`` the Python int 0, T == S, bf16/fp16), else the chunked band attention above.
+  One-token decoding reads the compressed keys, the chosen blocks and the window band only.
+  Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
+  blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
+* ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two; it is
+  also taken where blockwise runs about as fast, e.g. one very long sequence, because
+  blockwise's gathered keys need O(T*num_select*select_len) memory); else
   ``blockwise`` when ``T * S > AUTO_BLOCKWISE_MIN_TS`` (2**19) and each query
   gathers at most a quarter of the keys (``num_select*select_len + window <= S / 4``), else
-  ``reference``. Measured on one H200 (bf16, B=8, H=4 or 8, forward+backward, jax 0.11.2):
-  geometry (select_len 8, num_select 4, window 32) at T=S=2048 blockwise 2.3 ms / 0.45 GiB
-  temporaries against reference 6.2 ms / 1.9 GiB, at T=S=1024 1.35 ms against 2.5 ms;
-  geometry (64, 16, 512), where a query gathers 1536 of 2048 keys, blockwise 21.6 ms /
-  10.2 GiB against reference 9.6 ms / 3.8 GiB. One-token decoding uses the reference (its
-  [B,1,H,S] logits are small).
+  ``reference`` (thresholds measured with ``python -m train.bench`` on an H200). One-token
+  decoding off GPU uses the reference (its [B,1,H,S] logits are small).
 
 Numerics: logits and softmax in float32; probabilities are rounded to the values' dtype
 before the value product (accumulated in float32), a no-op for float32 inputs. Matrix
@@ -226,10 +222,28 @@ def selection_scores(p_cmp: jax.Array, *, num_groups: int, seq_len: int, block_l
   """
   B, T, H, N = p_cmp.shape
   p_BTGN = p_cmp.astype(_F32).reshape(B, T, num_groups, H // num_groups, N).sum(axis=3)
-  overlap_NJ = compression_selection_overlap(
-      N, num_selection_blocks(seq_len, select_len), block_len, block_stride, select_len)
-  return jnp.einsum("btgn,nj->btgj", p_BTGN, jnp.asarray(overlap_NJ),
-                    precision=jax.lax.Precision.HIGHEST)
+  # A selection block overlaps a short run of W consecutive compression blocks, so the
+  # importance is a sum over a static [J, W] table of block indices (index N: a zero column)
+  # rather than a dense [N, J] product (O(T*N*J), which dominated at long sequences).
+  idx_JW = _overlap_table(N, num_selection_blocks(seq_len, select_len), block_len,
+                          block_stride, select_len)
+  p_BTGN1 = jnp.pad(p_BTGN, [(0, 0)] * 3 + [(0, 1)])
+  return jnp.sum(jnp.take(p_BTGN1, jnp.asarray(idx_JW), axis=-1), axis=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _overlap_table(num_cmp: int, num_sel: int, block_len: int, block_stride: int,
+                   select_len: int) -> np.ndarray:
+  """Static int32 [J, W]: the compression blocks overlapping each selection block (see
+  :func:`compression_selection_overlap`), padded with ``num_cmp`` (a zero column)."""
+  overlap_NJ = compression_selection_overlap(num_cmp, num_sel, block_len, block_stride,
+                                             select_len).astype(bool)
+  width = max(1, int(overlap_NJ.sum(axis=0).max(initial=0)))
+  table = np.full((num_sel, width), num_cmp, np.int32)
+  for j in range(num_sel):
+    rows = np.flatnonzero(overlap_NJ[:, j])
+    table[j, :len(rows)] = rows
+  return table
 
 
 def select_blocks(scores: jax.Array, pos: jax.Array, *, num_select: int, select_len: int,

@@ -8,9 +8,15 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
 * forward: one program per (example, query token, group) holds the group's R query heads as
   one [R, D] tile, walks the ``K`` chosen blocks with an online softmax and writes the
   output and the log-sum-exp (float32) -- nothing of size T*K*select_len is stored;
-* backward: the same program recomputes the probabilities from the log-sum-exp, accumulates
-  ``dq`` locally and adds each block's ``dk``/``dv`` contribution into float32 [B,S,G,D]
-  accumulators with atomic adds (blocks are shared by many queries).
+* backward (``BWD_IMPL = "keyblock"``, the default): key-major, without atomics. The
+  (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
+  into items of ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values
+  once, gathers the item's query rows and recomputes the probabilities from the log-sum-exp,
+  sums the block's dk/dv over the item's rows in registers (one [L, D] partial per item, then
+  a sorted segment sum in XLA) and writes each row's dq contribution, which XLA sums over the
+  token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
+  so no program walks a long list. ``BWD_IMPL = "atomic"`` keeps the query-major backward
+  (one program per (example, token, group), dk/dv by float32 atomic adds: slower, measured).
 
 Products run on tensor cores: a group's R query heads (4 at the GPU config) are zero-padded
 to ``ROW_TILE`` = 16 rows (an element-wise formulation on CUDA cores measured 2.8x slower
@@ -223,6 +229,15 @@ def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, int
 
 
 def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
+  if BWD_IMPL == "keyblock":
+    return _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD)
+  if BWD_IMPL != "atomic":
+    raise ValueError(f"nsa_pallas.BWD_IMPL must be 'keyblock' or 'atomic', got {BWD_IMPL!r}")
+  return _selected_bwd_atomic(select_len, interpret, res, do_BTGRD)
+
+
+def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
+  """Query-major backward: one program per (example, token, group), dk/dv by atomic adds."""
   q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse = res
   B, T, G, R, D = q_BTGRD.shape
   S = k_BSGD.shape[1]
@@ -242,6 +257,174 @@ def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
     _pad_rows(do_BTGRD.astype(q_BTGRD.dtype), P), _pad_rows(lse, P), _pad_rows(delta_BTGR, P),
     jnp.zeros(k_pad.shape, _F32), jnp.zeros(v_pad.shape, _F32))
   return (dq[:, :, :, :R].astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
+          dv[:, :S].astype(v_BSGD.dtype), None, None)
+
+
+# ---------------------------------------------------------------- key-major backward
+#
+# The (token, slot) pairs of each (example, group) are sorted by their selection block, and
+# each block's run of tokens is cut into items of KEY_CHUNK tokens (the last item of a block
+# partial, items past the end empty). One program per item loads its block's keys and values
+# once, gathers the item's query rows (KEY_CHUNK tokens x R heads) and computes
+#   * the block's dk/dv contribution, summed over the item's rows in registers and written
+#     as one [L, D] partial per item (summed per block afterwards by a sorted segment sum) or,
+#     with DKDV_REDUCE = "atomic", added with one atomic add per item;
+#   * each row's dq contribution, written to the item's own rows of a [items*KEY_CHUNK*R, D]
+#     buffer and summed over the K slots of each token afterwards (a gather).
+# A block chosen by every token (block 0 always is) is spread over many items, so no program
+# walks a long list; the number of items is static: sum_j ceil(n_j / C) <= (T*K + J*(C-1))/C.
+
+BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomic dk/dv)
+KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
+DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic"
+KEY_NUM_WARPS = 4
+
+
+def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, heads: int,
+                   chunk: int):
+  """The items of the key-major backward, built from the block choice.
+
+  Returns
+    qrow_BGX: int32 [B,G,M*C*R], the flat row ``(t*G + g)*R + r`` of q (as [B,T*G*R,D]) each
+      item row reads (0 for padding rows);
+    posrow_BGX: int32 [B,G,M*C*R], the row's query position, ``-1`` for padding rows (every
+      key is then masked);
+    blk_BGM: int32 [B,G,M], each item's selection block;
+    padpos_BGTK: int32 [B,G,T,K], the item slot ``m*C + c`` that holds (token, slot), ``-1``
+      for unused slots.
+  """
+  B, T, G, K = idx_BTGK.shape
+  J, R, C = num_blocks, heads, chunk
+  E = T * K
+  M = (E + J * (C - 1)) // C
+  blk_BGE = jnp.where(idx_BTGK >= 0, idx_BTGK, J).transpose(0, 2, 1, 3).reshape(B, G, E)
+  ent_BGE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (B, G, E))
+  # Stable: the tokens of one block stay in increasing order.
+  blk_s, ent_s = jax.lax.sort((blk_BGE, ent_BGE), dimension=2, is_stable=True, num_keys=1)
+  per_bg = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731
+  seg_BGJ1 = per_bg(lambda a: jnp.searchsorted(a, jnp.arange(J + 1, dtype=jnp.int32),
+                                               side="left"))(blk_s).astype(jnp.int32)
+  count_BGJ = seg_BGJ1[..., 1:] - seg_BGJ1[..., :-1]
+  nch_BGJ = (count_BGJ + C - 1) // C
+  cst_BGJ1 = jnp.concatenate([jnp.zeros((B, G, 1), jnp.int32),
+                              jnp.cumsum(nch_BGJ, axis=-1, dtype=jnp.int32)], axis=-1)
+  m_M = jnp.arange(M, dtype=jnp.int32)
+  blk_BGM = per_bg(lambda a: jnp.searchsorted(a, m_M, side="right"))(cst_BGJ1) - 1
+  blk_BGM = jnp.clip(blk_BGM, 0, J - 1).astype(jnp.int32)
+  c_BGM = m_M - jnp.take_along_axis(cst_BGJ1, blk_BGM, axis=-1)
+  start_BGM = jnp.take_along_axis(seg_BGJ1, blk_BGM, axis=-1) + c_BGM * C
+  n_BGM = jnp.clip(jnp.take_along_axis(count_BGJ, blk_BGM, axis=-1) - c_BGM * C, 0, C)
+  c_C = jnp.arange(C, dtype=jnp.int32)
+  valid_BGMC = c_C < n_BGM[..., None]
+  sidx_BGMC = jnp.clip(start_BGM[..., None] + c_C, 0, E - 1).reshape(B, G, M * C)
+  tok_BGMC = (jnp.take_along_axis(ent_s, sidx_BGMC, axis=-1) // K).reshape(B, G, M, C)
+  g_G = jnp.arange(G, dtype=jnp.int32)[None, :, None, None]
+  r_R = jnp.arange(R, dtype=jnp.int32)
+  qrow = jnp.where(valid_BGMC[..., None], (tok_BGMC[..., None] * G + g_G[..., None]) * R + r_R,
+                   0)
+  pos_BGMC = jax.vmap(lambda p, t: p[t])(pos_BT, tok_BGMC)
+  posrow = jnp.where(valid_BGMC, pos_BGMC, -1)
+  posrow = jnp.broadcast_to(posrow[..., None], (B, G, M, C, R))
+  # Item slot of every sorted entry: its block's first item slot plus its rank in the block.
+  i_E = jnp.arange(E, dtype=jnp.int32)
+  padpos_s = (jnp.take_along_axis(cst_BGJ1, blk_s, axis=-1) * C + i_E
+              - jnp.take_along_axis(seg_BGJ1, blk_s, axis=-1))
+  padpos_s = jnp.where(blk_s < J, padpos_s, -1)
+  padpos_BGE = per_bg(lambda pp, e: jnp.zeros((E,), jnp.int32).at[e].set(
+      pp, unique_indices=True))(padpos_s, ent_s)
+  return (qrow.reshape(B, G, M * C * R), posrow.reshape(B, G, M * C * R), blk_BGM,
+          padpos_BGE.reshape(B, G, T, K))
+
+
+def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qrow_ref,
+                             posrow_ref, blk_ref, *refs, num_groups: int, num_items: int,
+                             rows: int, select_len: int, scale: float, atomic: bool):
+  if atomic:
+    _, _, dq_ref, dk_ref, dv_ref = refs  # dk/dv inputs aliased to the outputs
+  else:
+    dq_ref, dk_ref, dv_ref = refs
+  pid = pl.program_id(0)
+  m = jax.lax.rem(pid, num_items)
+  bg = jax.lax.div(pid, num_items)
+  b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
+  j = blk_ref[b, g, m]
+  start = j * select_len
+  qrow_X = qrow_ref[b, g, pl.ds(m * rows, rows)]
+  pos_X = posrow_ref[b, g, pl.ds(m * rows, rows)]
+  q_XD = q_ref[b, qrow_X, :]
+  do_XD = do_ref[b, qrow_X, :]
+  lse_X = lse_ref[b, qrow_X]
+  delta_X = delta_ref[b, qrow_X]
+  k_LD = k_ref[b, pl.ds(start, select_len), g, :]
+  v_LD = v_ref[b, pl.ds(start, select_len), g, :]
+  keypos_L = start + jax.lax.broadcasted_iota(jnp.int32, (select_len,), 0)
+  ok_XL = keypos_L[None, :] <= pos_X[:, None]  # padding rows (pos -1) see nothing
+  logits_XL = _mm(q_XD, k_LD, trans_b=True) * scale
+  p_XL = jnp.where(ok_XL, jnp.exp(jnp.where(ok_XL, logits_XL - lse_X[:, None], 0.0)), 0.0)
+  dp_XL = _mm(do_XD, v_LD, trans_b=True)
+  ds_XL = (p_XL * (dp_XL - delta_X[:, None])).astype(q_XD.dtype)
+  dv_LD = _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)
+  dk_LD = _mm(ds_XL, q_XD, trans_a=True) * scale
+  dq_ref[b, g, pl.ds(m * rows, rows), :] = _mm(ds_XL, k_LD) * scale
+  if atomic:
+    blk_rows = (b, pl.ds(start, select_len), g, slice(None))
+    plt.atomic_add(dk_ref, blk_rows, dk_LD)
+    plt.atomic_add(dv_ref, blk_rows, dv_LD)
+  else:
+    dk_ref[b, g, m] = dk_LD
+    dv_ref[b, g, m] = dv_LD
+
+
+def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
+  q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse = res
+  B, T, G, R, D = q_BTGRD.shape
+  S = k_BSGD.shape[1]
+  K = idx_BTGK.shape[-1]
+  C, L = KEY_CHUNK, select_len
+  k_pad, v_pad = _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L)
+  Sp = k_pad.shape[1]
+  J = Sp // L
+  qrow, posrow, blk_BGM, padpos_BGTK = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=J,
+                                                      heads=R, chunk=C)
+  M = blk_BGM.shape[-1]
+  X = C * R
+  delta_BTGR = jnp.sum(do_BTGRD.astype(_F32) * out, axis=-1)
+  atomic = DKDV_REDUCE == "atomic"
+  if DKDV_REDUCE not in ("atomic", "partials"):
+    raise ValueError(f"nsa_pallas.DKDV_REDUCE must be 'partials' or 'atomic', got {DKDV_REDUCE!r}")
+  kernel = functools.partial(_selected_bwd_key_kernel, num_groups=G, num_items=M, rows=X,
+                             select_len=L, scale=1.0 / math.sqrt(D), atomic=atomic)
+  args = [q_BTGRD.reshape(B, T * G * R, D), k_pad, v_pad,
+          do_BTGRD.astype(q_BTGRD.dtype).reshape(B, T * G * R, D), lse.reshape(B, -1),
+          delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
+  dq_shape = jax.ShapeDtypeStruct((B, G, M * X, D), _F32)
+  if atomic:
+    acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
+    out_shape, aliases = (dq_shape, acc, acc), {9: 1, 10: 2}
+    args += [jnp.zeros(k_pad.shape, _F32), jnp.zeros(v_pad.shape, _F32)]
+  else:
+    part = jax.ShapeDtypeStruct((B, G, M, L, D), _F32)
+    out_shape, aliases = (dq_shape, part, part), {}
+  dq_BGXD, dk, dv = pl.pallas_call(
+      kernel, grid=(B * G * M,), out_shape=out_shape, input_output_aliases=aliases,
+      interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
+  )(*args)
+  if not atomic:
+    seg = ((jnp.arange(B * G, dtype=jnp.int32)[:, None] * J)
+           + blk_BGM.reshape(B * G, M)).reshape(-1)
+
+    def reduce(part_BGMLD):
+      s = jax.ops.segment_sum(part_BGMLD.reshape(B * G * M, L, D), seg,
+                              num_segments=B * G * J, indices_are_sorted=True)
+      return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
+    dk, dv = reduce(dk), reduce(dv)
+  # dq: the K slot contributions of every (token, group), gathered from the item rows.
+  dq_BGYRD = dq_BGXD.reshape(B, G, M * C, R, D)
+  safe_BGTK = jnp.maximum(padpos_BGTK, 0)
+  gathered = jax.vmap(jax.vmap(lambda d, i: d[i]))(dq_BGYRD, safe_BGTK)  # [B,G,T,K,R,D]
+  gathered = jnp.where((padpos_BGTK >= 0)[..., None, None], gathered, 0.0)
+  dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
+  return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
 
 
