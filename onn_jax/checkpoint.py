@@ -1,17 +1,31 @@
-"""Orbax checkpoints: the whole train state plus a small JSON record, keep-last-N, async."""
+"""Orbax checkpoints: the whole train state plus a small JSON record, keep-last-N, async.
+
+A checkpoint that cannot be read (a truncated or bit-flipped file, a missing item) is
+*damaged*: restoring falls back to the newest intact one and says so. One that reads but whose
+tree or shapes differ from the model's does *not fit*: that is a CheckpointError, never skipped.
+"""
 
 from __future__ import annotations
 
+import shutil
+import sys
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from onn_jax.parallel import host_value
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or does not fit the model. The message names the path."""
+
+
+class _Damaged(Exception):
+  """One step's checkpoint cannot be read back as written; the message says why."""
 
 
 def manager(directory: str | Path, keep: int = 3, async_save: bool = True
@@ -21,7 +35,20 @@ def manager(directory: str | Path, keep: int = 3, async_save: bool = True
   return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
+def state_digest(state: Any) -> str:
+  """CRC-32 of every leaf's path and bytes, in path order (so a dataclass state and the
+  nested dicts a checkpoint reads back agree): a restored state that differs is damaged."""
+  crc = 0
+  for key, leaf in sorted((_leaf_key(p), x)
+                          for p, x in jax.tree_util.tree_flatten_with_path(state)[0]):
+    crc = zlib.crc32("/".join(key).encode(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(host_value(leaf)).tobytes(), crc)
+  return f"{crc:08x}"
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict) -> None:
+  """Saves ``state`` and ``record`` (plus the state's digest) at ``step``."""
+  record = {**record, "digest": state_digest(state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           record=ocp.args.JsonSave(record)), force=True)
 
@@ -33,23 +60,121 @@ def _abstract(tree):
   return jax.tree.map(spec, tree)
 
 
-def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None
-            ) -> tuple[Any, dict]:
-  """Restores the latest (or given) step into the structure, shapes and shardings of
-  ``target``; returns ``(state, record)``."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"{mngr.directory}: no checkpoint to restore")
+def _first_line(err: BaseException, limit: int = 160) -> str:
+  text = str(err).strip()
+  line = text.splitlines()[0] if text else type(err).__name__
+  return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _leaf_key(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _saved_tree(directory: Path, step: int) -> Any:
+  """The step's saved state tree (ArrayMetadata leaves); _Damaged when it cannot be read."""
+  try:
+    meta = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "state")
+    return meta.tree if hasattr(meta, "tree") else meta
+  except Exception as err:  # noqa: BLE001 -- any failure to read the tree is damage
+    raise _Damaged(f"its tree metadata cannot be read: {_first_line(err)}") from err
+
+
+def _check_fits(saved: Any, target: Any, where: str, what: str) -> None:
+  """CheckpointError naming the first leaf of ``target`` the saved tree lacks or shapes
+  otherwise (or the first saved leaf the target lacks)."""
+  got = {_leaf_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  want = {_leaf_key(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for key, shape in want.items():
+    if key not in got or got[key] != shape:
+      found = "is missing" if key not in got else f"has shape {got[key]}"
+      raise CheckpointError(
+          f"{where}: the saved state does not fit this run's: {what} {'/'.join(key)} {found}, "
+          f"this run expects {shape} (an older layout or another model/EMA setting; "
+          "train.init_from takes only its parameters)")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise CheckpointError(f"{where}: the saved state does not fit this run's: {what} holds "
+                          f"{'/'.join(extra[0])}, which this run has not (another model/EMA "
+                          "setting?)")
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Any, dict]:
+  """Reads one step against ``abstract``; _Damaged when it cannot be read back as written."""
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target)), record=ocp.args.JsonRestore()))
-  except ValueError as err:  # Orbax: the saved tree has other leaves or shapes
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise CheckpointError(
-        f"{mngr.directory} step {step}: the saved state does not fit this run's state (an "
-        f"older layout or another model/EMA setting; train.init_from takes only its "
-        f"parameters): {first}") from err
-  return out["state"], dict(out["record"] or {})
+        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    record = dict(out["record"] or {})
+  except Exception as err:  # noqa: BLE001 -- the tree fits (checked), so this is damage
+    raise _Damaged(f"it cannot be read: {_first_line(err, 100)}") from err
+  digest = record.pop("digest", None)
+  if digest is not None and state_digest(out["state"]) != digest:
+    raise _Damaged("its arrays do not match the digest written with them")
+  if not all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(out["state"])
+             if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)):
+    raise _Damaged("it holds non-finite values")
+  return out["state"], record
+
+
+def _newest_intact(mngr: ocp.CheckpointManager, steps: list[int], read: Callable,
+                   log: Callable[[str], None] | None, set_aside: bool) -> tuple[Any, dict]:
+  """``read(step)`` on ``steps`` newest first until one is intact; one line on a fallback."""
+  directory = Path(mngr.directory)
+  damaged: list[tuple[int, str]] = []
+  for step in sorted(steps, reverse=True):
+    try:
+      state, record = read(step)
+    except _Damaged as err:
+      damaged.append((step, str(err)))
+      continue
+    if damaged:
+      moved = ""
+      if set_aside and jax.process_index() == 0:  # a resumed run saves these steps again
+        aside = directory.parent / f"{directory.name}.damaged"
+        aside.mkdir(exist_ok=True)
+        for bad, _ in damaged:
+          shutil.move(str(directory / str(bad)), str(aside / f"{bad}"))
+        mngr.reload()
+        moved = f", moved to {aside}"
+      (log or _warn)(f"checkpoint: {directory} step {damaged[0][0]} is damaged "
+                     f"({damaged[0][1]}){_also(damaged)}{moved}; using step {step}")
+    return state, record
+  if not damaged:
+    raise CheckpointError(f"{directory}: no checkpoint to restore")
+  raise CheckpointError(f"{directory}: no intact checkpoint (step {damaged[0][0]}: "
+                        f"{damaged[0][1]}{_also(damaged)})")
+
+
+def _also(damaged: list[tuple[int, str]]) -> str:
+  rest = [str(step) for step, _ in damaged[1:]]
+  return f"; steps {', '.join(rest)} damaged too" if rest else ""
+
+
+def _warn(line: str) -> None:
+  print(f"warning: {line}", file=sys.stderr)
+
+
+def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None, *,
+            log: Callable[[str], None] | None = None, set_aside: bool = False
+            ) -> tuple[Any, dict]:
+  """Restores the newest intact step (or exactly ``step``) into the structure, shapes and
+  shardings of ``target``; returns ``(state, record)``.
+
+  A damaged newer step is skipped with one line to ``log`` (default: stderr); with
+  ``set_aside`` it is moved to ``<checkpoints>.damaged/`` (a resumed run will write that step
+  again). A step that does not fit ``target`` raises CheckpointError.
+  """
+  steps = list(mngr.all_steps()) if step is None else [step]
+  if not steps:
+    raise CheckpointError(f"{mngr.directory}: no checkpoint to restore")
+  abstract = _abstract(target)
+
+  def read(at: int):
+    _check_fits(_saved_tree(Path(mngr.directory), at), target,
+                f"{mngr.directory} step {at}", "leaf")
+    return _restore_step(mngr, at, abstract)
+
+  return _newest_intact(mngr, steps, read, log, set_aside)
 
 
 def find_checkpoint_dir(path: str | Path) -> Path:
@@ -62,39 +187,44 @@ def find_checkpoint_dir(path: str | Path) -> Path:
   return path
 
 
-def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True
-                ) -> tuple[Any, dict]:
-  """Parameters (only) of another run's latest checkpoint, checked against ``target_params``.
+def _abstract_here(saved: Any) -> Any:
+  """The saved tree as abstract arrays on this process's first device, whatever topology
+  wrote it (a checkpoint of 8 devices restores on 1 and back)."""
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=here),
+                      saved)
+
+
+def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True,
+                log: Callable[[str], None] | None = None) -> tuple[Any, dict]:
+  """Parameters (only) of another run's newest intact checkpoint, checked against
+  ``target_params``, on any device count.
 
   With ``prefer_ema`` the parameter EMA is taken when the run kept one (what the run's own
   evaluation used); ``record["weights"]`` says which. Raises CheckpointError naming the path
-  on any mismatch.
+  on any mismatch; a damaged newer step is skipped with one line to ``log`` (default: stderr).
   """
   directory = find_checkpoint_dir(path)
   mngr = manager(directory, async_save=False)
+
+  def read(step: int):
+    saved = _saved_tree(directory, step)
+    ema = saved.get("ema") if isinstance(saved, dict) else None
+    use_ema = prefer_ema and bool(ema) and bool(jax.tree.leaves(ema))
+    if not isinstance(saved, dict) or "params" not in saved:
+      raise CheckpointError(f"{directory} step {step}: holds no parameters")
+    _check_fits(ema if use_ema else saved["params"], target_params,
+                f"{directory} step {step}", "parameter")
+    state, record = _restore_step(mngr, step, _abstract_here(saved))
+    record["weights"] = "ema" if use_ema else "params"
+    return state["ema"] if use_ema else state["params"], record
+
   try:
-    step = mngr.latest_step()
-    if step is None:
+    steps = list(mngr.all_steps())
+    if not steps:
       raise CheckpointError(f"{directory}: holds no checkpoint")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
+    params, record = _newest_intact(mngr, steps, read, log, set_aside=False)
   finally:
     mngr.close()
-  saved = out["state"]
-  record = dict(out["record"] or {})
-  ema = saved.get("ema") if isinstance(saved, dict) else None
-  use_ema = prefer_ema and bool(ema) and bool(jax.tree.leaves(ema))
-  params = ema if use_ema else saved["params"]
-  record["weights"] = "ema" if use_ema else "params"
-  want = jax.tree_util.tree_structure(target_params)
-  got = jax.tree_util.tree_structure(params)
-  if want != got:
-    raise CheckpointError(f"{directory}: parameters do not match this model's structure "
-                          "(different model config?)")
-  for (path_, a), b in zip(jax.tree_util.tree_flatten_with_path(target_params)[0],
-                           jax.tree.leaves(params)):
-    if a.shape != b.shape:
-      raise CheckpointError(f"{directory}: parameter {jax.tree_util.keystr(path_)} has shape "
-                            f"{b.shape}, the model expects {a.shape}")
   params = jax.tree.map(lambda a, b: jax.numpy.asarray(b, a.dtype), target_params, params)
   return params, record
