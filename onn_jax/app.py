@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from onn_jax import checkpoint, config, plots
+from onn_jax import checkpoint, config, faults, plots
 from onn_jax.config import Config, ConfigError
 from onn_jax.data.tasks import DataError, filter_max_grid, load_tasks
 from onn_jax.evaluation import augscore
@@ -23,7 +23,7 @@ from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS, is_main_process, maybe_initialize_distributed, resolve_mode
 from onn_jax import ttt  # test-time training (before evaluation, when ttt.steps > 0)
 
-USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError)
+USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, faults.OutputError)
 
 
 def _fail(err: BaseException) -> int:
@@ -95,8 +95,11 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
     result = run.train(cfg, workdir)
   except USER_ERRORS + (run.TrainingStopped,) as err:
     return _fail(err)
-  except KeyboardInterrupt:
-    return 130
+  except KeyboardInterrupt as err:  # run.train has checkpointed and said so, when it could
+    if not getattr(err, "reported", False):
+      print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) before the first step",
+            file=sys.stderr)
+    return getattr(err, "exit_code", 130)
   if is_main_process():
     plots.plot_training(workdir / "metrics.jsonl", workdir / "plots")
   if not result["finished"]:
@@ -130,6 +133,8 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
     cfg = config.load(cfg_path, overrides, saved_run=True)
     ttt.check(cfg)
+    if is_main_process():  # before any work: the evaluation's outputs must have a place
+      out_dir = faults.check_writable_dir(out_dir or run_dir / "eval", "--out")
     target = init_params(cfg.model, jax.random.PRNGKey(0))
     params, record = checkpoint.load_params(run_dir, target,
                                             prefer_ema=cfg.eval.weights == "ema")

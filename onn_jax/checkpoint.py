@@ -30,8 +30,10 @@ class _Damaged(Exception):
 
 def manager(directory: str | Path, keep: int = 3, async_save: bool = True
             ) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save cut short by a kill leaves no half-written folder behind.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                         enable_async_checkpointing=async_save, create=True)
+                                         enable_async_checkpointing=async_save, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 

@@ -7,6 +7,7 @@ starts; a bad value raises :class:`ConfigError` whose one-line message names the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+      raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return float(value)
   if annotation is str:
     if value is None:
@@ -265,6 +268,7 @@ def validate(cfg: Config) -> Config:
            f"model.sdl_target_active: must be in (0, 1], got {m.sdl_target_active}")
   _require(m.sdl_diversity_weight >= 0 and m.sdl_sparsity_weight >= 0,
            "model.sdl_*_weight: must be >= 0")
+  _require(m.rope_theta > 0, f"model.rope_theta: must be positive, got {m.rope_theta}")
   _one_of("model.cmp_rope", m.cmp_rope, ("none", "both", "query"))
   _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
@@ -279,6 +283,10 @@ def validate(cfg: Config) -> Config:
   _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
 
   _require(bool(d.train), "data.train: must name at least one source")
+  for key in ("train", "eval"):
+    spec = getattr(d, key)
+    _require(not spec or all(s.strip() for s in spec.split("+")),
+             f"data.{key}: {spec!r} has an empty source between '+' signs")
   _require(len(d.buckets) > 0, "data.buckets: must list at least one length")
   _require(all(b > 0 for b in d.buckets), f"data.buckets: lengths must be positive, got "
            f"{list(d.buckets)}")
@@ -303,6 +311,9 @@ def validate(cfg: Config) -> Config:
            f"{t.min_lr_ratio}")
   _require(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
   _require(t.grad_clip > 0, f"train.grad_clip: must be positive, got {t.grad_clip}")
+  _require(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+  for key in ("b1", "b2"):
+    _require(0 <= getattr(t, key) < 1, f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
   _require(t.max_nonfinite > 0, f"train.max_nonfinite: must be positive, got "
            f"{t.max_nonfinite}")
   _require(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")

@@ -9,6 +9,7 @@ the checkpointed state).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onn_jax import checkpoint, config, experts, stages, steps, tblog
+from onn_jax import checkpoint, config, experts, faults, stages, steps, tblog
 from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention
@@ -91,10 +92,10 @@ def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainStat
   """Fresh, resumed from the workdir's latest checkpoint, or started from ``init_from``."""
   state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed))
   if mngr.latest_step() is not None:
-    state, record = checkpoint.restore(mngr, state)
+    state, record = checkpoint.restore(mngr, state, log=log, set_aside=is_main_process())
     log(f"resumed from {mngr.directory} at step {int(state.step)}")
   elif cfg.train.init_from:
-    params, record = checkpoint.load_params(cfg.train.init_from, state.params)
+    params, record = checkpoint.load_params(cfg.train.init_from, state.params, log=log)
     state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed), params=params)
     log(f"parameters from {cfg.train.init_from} (step {record.get('step', '?')})")
   return state
@@ -132,8 +133,21 @@ def check_resume(saved: Config, cfg: Config) -> None:
 
 
 def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
-  """Runs the configured stages; returns a summary (last metrics, steps, paths)."""
+  """Runs the configured stages; returns a summary (last metrics, steps, paths).
+
+  The workdir is checked writable and locked (process 0) for the run; SIGINT, SIGTERM and
+  SIGHUP checkpoint the current step and raise :class:`faults.Interrupted`.
+  """
   workdir = Path(workdir)
+  lock = contextlib.nullcontext()
+  if is_main_process():  # one lock per run, held by process 0
+    faults.check_writable_dir(workdir, "--workdir")
+    lock = faults.WorkdirLock(workdir, log)
+  with lock, faults.SignalGuard(log) as guard:
+    return _train(cfg, workdir, log=log, guard=guard)
+
+
+def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dict[str, Any]:
   main = is_main_process()
   tblog.check_available(cfg)  # before any work: a missing optional dependency is one line
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
@@ -153,6 +167,11 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
   tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
                        process_index=jax.process_index(), process_count=jax.process_count())
+  if stream.num_too_long:
+    log(f"data: {stream.num_too_long} training sequences are longer than the longest bucket "
+        f"(data.buckets={list(cfg.data.buckets)}) even with one demonstration and are dropped; "
+        f"{stream.num_tasks_too_long} tasks lost all of theirs: "
+        f"{len(tasks) - stream.num_tasks_too_long} training tasks are left")
   model = Transformer(cfg.model)
   runner = make_runner(cfg, model)
   state = initial_state(cfg, model, mngr, log)
@@ -218,24 +237,30 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
             f"train.max_nonfinite: {nonfinite} non-finite steps in a row at step {step}; "
             f"the last good checkpoint in {mngr.directory} is kept")
       if step % cfg.checkpoint.every == 0 or step == stop_at:
-        save(step)
-  except KeyboardInterrupt:
+        with guard.saving():  # a stop signal waits for the save, then stops the run
+          save(step)
+  except KeyboardInterrupt as err:
+    name = getattr(err, "name", "SIGINT")
     try:
       at = int(_scalar_or_first(state.step, runner))
     except RuntimeError:  # interrupted inside a step that had already taken (donated) the state
       at = None
-    if at is None:
-      log(f"interrupted mid-step: the latest checkpoint in {mngr.directory} stands")
-    else:
-      if at not in mngr.all_steps():
-        save(at)
-      mngr.wait_until_finished()
-      log(f"interrupted: checkpoint at step {at} in {mngr.directory}")
+    with guard.saving(hold=True):  # a second signal cannot cut the save short
+      if at is None:
+        log(f"interrupted ({name}) mid-step: the latest checkpoint in {mngr.directory} stands")
+      else:
+        if at not in mngr.all_steps():
+          save(at)
+        mngr.wait_until_finished()
+        log(f"interrupted ({name}): checkpoint at step {at} in {mngr.directory}; run the same "
+            "command again to resume")
+    err.reported = True
     raise
   finally:
     bar.close()
     live.close()
-    mngr.wait_until_finished()
+    with guard.saving(hold=True):
+      mngr.wait_until_finished()
   mngr.close()
   final = runner.get_state(state)
   return {"step": step, "total": total, "finished": step >= total, "last": last,

@@ -94,6 +94,8 @@ def _apply_grads(state: TrainState, grads, rng, cfg: Config, axis_name, report: 
   lr = learning_rate_schedule(cfg)(state.step)
   updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+  # Finite loss and gradients can still give non-finite parameters (an overflowing update).
+  finite &= jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
   params = _tree_where(finite, new_params, state.params)
   opt_state = _tree_where(finite, new_opt, state.opt_state)
   ema = state.ema

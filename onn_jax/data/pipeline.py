@@ -20,7 +20,7 @@ import numpy as np
 from onn_jax.config import DataConfig
 from onn_jax.data.augment import View, augment_task, color_permutation
 from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out)
-from onn_jax.data.tasks import Task, filter_max_grid, load_tasks, remove_leaked
+from onn_jax.data.tasks import DataError, Task, filter_max_grid, load_tasks, remove_leaked
 from onn_jax.data.tokens import PAD
 
 _STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share a seed
@@ -35,7 +35,7 @@ def _load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str,
   duplicates = 0
   for source in (s.strip() for s in spec.split("+")):
     if not source:
-      raise ValueError(f"data source list {spec!r} has an empty entry")
+      raise DataError(f"data source list {spec!r} has an empty entry")
     loaded = load_tasks(source, skip_bad=skip_bad)
     skipped.extend(loaded.skipped)
     for task in loaded:
@@ -119,6 +119,11 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
                     "outputs unused)")
   elif cfg.eval_demos:
     log("data: eval_demos is set but data.eval is empty; no evaluation demonstrations added")
+  if not tasks:
+    raise DataError(
+        f"data.train: no training task left of the {info['loaded']} loaded from {cfg.train} "
+        f"({info['leaked_removed']} leaked from data.eval, {info['too_large']} with a grid "
+        f"side > data.max_grid={cfg.max_grid}, {info['skipped_bad']} malformed)")
   info["total"] = len(tasks)
   info["protocol"] = "; ".join(protocol)
   log(f"data: {len(tasks)} training tasks ({info['protocol']})")
@@ -185,7 +190,7 @@ class BatchStream:
   leave-one-out tasks are not split again). An item goes to its bucket: the shortest bucket
   length L with room (L + 1 tokens) for it with all demos, else the longest one, where trailing
   demos are dropped; items that fit no bucket even with one demo are dropped and counted in
-  ``num_too_long``.
+  ``num_too_long`` (``num_tasks_too_long``: tasks that lost every item so).
 
   ``batch(step)`` draws the bucket with probability proportional to its item count, then
   ``batch_size`` items uniformly from it (so every item is equally likely overall), and augments
@@ -219,25 +224,32 @@ class BatchStream:
     self.buckets = tuple(sorted(set(int(b) for b in cfg.buckets)))
 
     items: list[tuple[Task, int]] = []
-    for task in tasks:
+    origin: list[int] = []  # the index in ``tasks`` each item comes from
+    for k, task in enumerate(tasks):
+      n = len(items)
       items.extend((task, i) for i, (_, out) in enumerate(task.test) if out is not None)
       if not is_leave_one_out(task):
         items.extend((loo, 0) for loo in leave_one_out(task))
+      origin.extend([k] * (len(items) - n))
     longest = self.buckets[-1] + 1
     self.items: list[tuple[Task, int]] = []
     bucket_of: list[int] = []
     self.num_too_long = 0
-    for task, test_index in items:
+    kept_tasks: set[int] = set()
+    for (task, test_index), k in zip(items, origin):
       shortest, full = _item_lengths(task, test_index, cfg.d8)
       if shortest > longest:
         self.num_too_long += 1
         continue
+      kept_tasks.add(k)
       self.items.append((task, test_index))
       bucket_of.append(next((k for k, b in enumerate(self.buckets) if full <= b + 1),
                             len(self.buckets) - 1))
+    self.num_tasks_too_long = len(set(origin) - kept_tasks)
     if not self.items:
-      raise ValueError(f"no training sequence fits data.buckets={cfg.buckets} "
-                       f"({self.num_too_long} too long, {len(items)} in all)")
+      raise DataError(f"data.buckets: no training sequence fits the longest bucket "
+                      f"{self.buckets[-1]} even with one demonstration ({self.num_too_long} "
+                      f"sequences of {len(tasks)} tasks)")
     bucket_of_arr = np.array(bucket_of)
     self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
     counts = np.array([len(ix) for ix in self.bucket_items], np.float64)

@@ -79,6 +79,11 @@ def _as_grid(value: Any, where: str) -> Grid:
       raise _Bad(where, "grid is not a non-empty list of rows")
     if not all(isinstance(row, (list, tuple)) for row in value):
       raise _Bad(where, "grid is not a list of rows (lists)")
+    flags = [(r, c) for r, row in enumerate(value) for c, x in enumerate(row)
+             if isinstance(x, bool)]
+    if flags:  # numpy would read true/false as colours 1/0
+      raise _Bad(where, f"colour {value[flags[0][0]][flags[0][1]]!r} at {flags[0]} is not an "
+                 "integer")
     widths = [len(row) for row in value]
     if min(widths) != max(widths):
       row = next(i for i, w in enumerate(widths) if w != widths[0])

@@ -1,0 +1,382 @@
+"""Faults: preemption signals, damaged checkpoints, shared workdirs, device changes, impossible
+numbers, unwritable outputs, data that leaves nothing to train on."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax import app, checkpoint, config, faults, steps
+from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.data.tasks import DataError, load_tasks
+from onn_jax.model.transformer import Transformer
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(train=dict(pretrain_steps=4, batch_size=4, log_every=1),
+             data=dict(buckets=[128], max_train_tasks=20, eval=""),
+             checkpoint=dict(every=2, async_save=False))
+
+
+def _one_line(text: str) -> str:
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  assert len(lines) == 1, lines
+  return lines[0]
+
+
+# -- preemption signals --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_preemption_signal_checkpoints_the_current_step(sig, tmp_path):
+  """A real signal to a real ``python -m train.main``: checkpoint at the step it reached, one
+  line, exit 128 + signal, no temporary folder and no lock left; the run then resumes."""
+  cfg = tiny_config(**{**SMALL, "train": {**SMALL["train"], "pretrain_steps": 10_000},
+                       "checkpoint": {"every": 10_000, "async_save": True}})
+  cfg_path = tmp_path / "cfg.yaml"
+  config.save(cfg, cfg_path)
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen([sys.executable, "-m", "train.main", "--config", str(cfg_path),
+                           "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None and not (
+      metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stderr.read()[-2000:]
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + sig, err[-2000:]
+  name = signal.Signals(sig).name
+  line = [s for s in out.splitlines() if s.startswith("interrupted")]
+  assert len(line) == 1 and f"({name}): checkpoint at step" in line[0], out[-2000:]
+  at = int(line[0].split("checkpoint at step ")[1].split()[0])
+  assert at >= 2 and "Traceback" not in err
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(at)]
+  assert not (workdir / faults.WorkdirLock.NAME).exists()
+  mngr = checkpoint.manager(workdir / "checkpoints")  # whole: it restores
+  target = steps.init_state(cfg, Transformer(cfg.model), jax.random.PRNGKey(0))
+  assert int(checkpoint.restore(mngr, target)[0].step) == at
+  mngr.close()
+
+
+def test_a_second_signal_during_the_save_is_held_back(tmp_path, monkeypatch, capsys):
+  """SIGTERM at step 3, then SIGINT and SIGTERM (real signals to this process) while that
+  checkpoint is written: the save completes, each extra signal is one line."""
+  cfg = tiny_config(**SMALL)
+  real_batch, real_save = BatchStream.batch, checkpoint.save
+
+  def batch(self, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_batch(self, step)
+
+  def save(mngr, step, state, record):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGTERM)
+    real_save(mngr, step, state, record)
+
+  monkeypatch.setattr(BatchStream, "batch", batch)
+  monkeypatch.setattr(checkpoint, "save", save)
+  assert app.train_and_evaluate(cfg, tmp_path) == 128 + signal.SIGTERM
+  out = capsys.readouterr().out
+  assert "SIGINT during the checkpoint save: the save finishes first" in out
+  assert "SIGTERM during the checkpoint save: the save finishes first" in out
+  assert "interrupted (SIGTERM): checkpoint at step 3" in out
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+  mngr = checkpoint.manager(tmp_path / "checkpoints")
+  target = steps.init_state(cfg, Transformer(cfg.model), jax.random.PRNGKey(0))
+  state, record = checkpoint.restore(mngr, target)
+  mngr.close()
+  assert int(state.step) == 3 and record["step"] == 3
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+
+
+def test_a_signal_during_a_scheduled_save_stops_after_it():
+  lines = []
+  with faults.SignalGuard(lines.append) as guard:
+    with pytest.raises(faults.Interrupted) as info:
+      with guard.saving():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.01)
+        lines.append("saved")
+  assert info.value.exit_code == 128 + signal.SIGHUP
+  assert lines == ["SIGHUP during the checkpoint save: the save finishes first", "saved"]
+
+
+# -- damaged checkpoints -------------------------------------------------------------------------
+
+def _biggest_array_file(step_dir: Path) -> Path:
+  return max((Path(p) for p in glob.glob(str(step_dir / "state" / "**" / "d" / "*"),
+                                         recursive=True)), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: Path) -> None:
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _flip(path: Path) -> None:
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated array": lambda d: _truncate(_biggest_array_file(d)),
+    "bit-flipped array": lambda d: _flip(_biggest_array_file(d)),
+    "truncated _METADATA": lambda d: _truncate(d / "state" / "_METADATA"),
+    "deleted record": lambda d: shutil.rmtree(d / "record"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_states(tmp_path_factory):
+  """Checkpoints at steps 2 and 4 of two different states (no training: fast)."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  states = {s: steps.init_state(cfg, model, jax.random.PRNGKey(s)).replace(step=jnp.int32(s))
+            for s in (2, 4)}
+  source = tmp_path_factory.mktemp("ckpt")
+  mngr = checkpoint.manager(source, async_save=False)
+  for s, state in states.items():
+    checkpoint.save(mngr, s, state, {"step": s})
+  mngr.close()
+  return cfg, states, source
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(saved_states, tmp_path,
+                                                                   damage, capsys):
+  cfg, states, source = saved_states
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(source, directory)
+  DAMAGE[damage](directory / "4")
+  # Evaluation / init_from: parameters of step 2, one warning line, nothing moved.
+  params, record = checkpoint.load_params(directory, states[2].params)
+  assert record["step"] == 2
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(states[2].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  line = _one_line(capsys.readouterr().err)
+  assert f"{directory} step 4 is damaged" in line and "using step 2" in line
+  # Resume: the whole state of step 2; the damaged step is moved aside (it is written again).
+  logged = []
+  mngr = checkpoint.manager(directory, async_save=False)
+  state, record = checkpoint.restore(mngr, states[4], log=logged.append, set_aside=True)
+  assert int(state.step) == 2 and record == {"step": 2} and mngr.all_steps() == [2]
+  mngr.close()
+  assert len(logged) == 1 and "using step 2" in logged[0] and "damaged" in logged[0]
+  assert (tmp_path / "checkpoints.damaged" / "4").is_dir()
+
+
+def test_no_intact_checkpoint_is_one_line_naming_the_folder(saved_states, tmp_path):
+  cfg, states, source = saved_states
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(source, directory)
+  DAMAGE["truncated array"](directory / "4")
+  DAMAGE["deleted record"](directory / "2")
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    checkpoint.load_params(directory, states[2].params)
+  message = str(info.value)
+  assert "\n" not in message and message.startswith(f"{directory}: no intact checkpoint")
+  assert "step 4" in message and "2 damaged too" in message
+
+
+def test_a_damaged_checkpoint_of_another_model_still_does_not_fit(saved_states, tmp_path):
+  """Damage is skipped, a misfit is not: the intact older step of another model is an error."""
+  cfg, states, source = saved_states
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(source, directory)
+  DAMAGE["truncated _METADATA"](directory / "4")  # its tree cannot be read: damaged
+  bigger = config.replace(cfg, model={"num_experts": 6})
+  target = steps.init_state(bigger, Transformer(bigger.model), jax.random.PRNGKey(0))
+  mngr = checkpoint.manager(directory, async_save=False)
+  with pytest.raises(checkpoint.CheckpointError, match="step 2: the saved state does not fit"):
+    checkpoint.restore(mngr, target)
+  mngr.close()
+
+
+def test_evaluate_program_falls_back_with_one_warning(tmp_path, capsys):
+  cfg = tiny_config(**SMALL)
+  assert app.train_and_evaluate(cfg, tmp_path) == 0
+  DAMAGE["bit-flipped array"](tmp_path / "checkpoints" / "4")
+  capsys.readouterr()
+  from train import evaluate
+  assert evaluate.main(["--checkpoint", str(tmp_path), "--data", "arc-agi-1:evaluation",
+                        "eval.max_tasks=1"]) == 0
+  err = capsys.readouterr().err
+  assert "step 4 is damaged (its arrays do not match" in _one_line(err)
+  assert json.loads((tmp_path / "eval" / "scores.json").read_text())["step"] == 2
+
+
+# -- a checkpoint on any device count ------------------------------------------------------------
+
+def test_checkpoint_of_two_devices_loads_on_one(saved_states, tmp_path):
+  cfg, states, _ = saved_states
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  mngr = checkpoint.manager(tmp_path / "checkpoints", async_save=False)
+  checkpoint.save(mngr, 4, jax.device_put(states[4], replicated), {"step": 4})
+  mngr.close()
+  np.save(tmp_path / "embedding.npy", np.asarray(states[4].params["embedding"]))
+  code = f"""
+import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
+import jax, numpy as np
+from conftest import tiny_config
+from onn_jax import checkpoint
+from onn_jax.model.transformer import init_params
+assert jax.device_count() == 1
+params, record = checkpoint.load_params({str(tmp_path)!r}, init_params(tiny_config().model,
+                                        jax.random.PRNGKey(0)))
+np.testing.assert_array_equal(params["embedding"], np.load({str(tmp_path / 'embedding.npy')!r}))
+print("step", record["step"])
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0 and "step 4" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- one run per workdir -------------------------------------------------------------------------
+
+def test_a_locked_workdir_stops_a_second_run_with_one_line(tmp_path, capsys):
+  other = subprocess.Popen(["sleep", "60"])
+  try:
+    lock = faults.WorkdirLock(tmp_path)
+    lock.owner["pid"] = other.pid
+    lock.acquire()
+    assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"pid {other.pid}" in line and "in use by another run" in line
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "checkpoints").exists()
+  finally:
+    other.kill()
+    other.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path):
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  (tmp_path / faults.WorkdirLock.NAME).write_text(json.dumps(
+      {"host": faults.socket.gethostname(), "pid": gone.pid, "started": "then"}))
+  lines = []
+  with faults.WorkdirLock(tmp_path, lines.append) as lock:
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    with pytest.raises(faults.OutputError, match=f"pid {os.getpid()}"):
+      faults.WorkdirLock(tmp_path).acquire()  # held, even by this very process
+  assert len(lines) == 1 and f"stale lock {lock.path} of pid {gone.pid}" in lines[0]
+  assert not lock.path.exists()
+
+
+# -- non-finite numbers --------------------------------------------------------------------------
+
+def test_non_finite_parameters_skip_the_step():
+  """Loss and gradients are finite, the update is not: the step is skipped like a NaN loss."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  unchecked = dataclasses.replace(cfg, train=dataclasses.replace(
+      cfg.train, learning_rate=float("inf"), warmup_steps=0))
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  batch = BatchStream(tasks, cfg.data, cfg.train.batch_size, 0).batch(0)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+  new, metrics = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=unchecked))(
+      state, batch)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert int(metrics["skipped"]) == 1 and int(new.nonfinite) == 1
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("override,culprit", [
+    ("train.learning_rate=inf", "train.learning_rate: expected a finite number"),
+    ("train.learning_rate=.nan", "train.learning_rate: expected a finite number"),
+    ("eavi.learning_rate=-1e-3", "eavi.learning_rate: must be positive"),
+    ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0"),
+    ("train.b2=1.0", "train.b2: must be in [0, 1)"),
+    ("model.rope_theta=-inf", "model.rope_theta: expected a finite number"),
+    ("data.train=a++b", "data.train: 'a++b' has an empty source"),
+])
+def test_impossible_numbers_and_sources_are_config_errors(override, culprit):
+  with pytest.raises(config.ConfigError) as info:
+    config.load(None, [override])
+  assert culprit in str(info.value) and "\n" not in str(info.value)
+
+
+# -- outputs and data ----------------------------------------------------------------------------
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+  (tmp_path / "f").write_text("")
+  assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path / "f") == 1
+  assert "--workdir" in _one_line(capsys.readouterr().err)
+  assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path / "f" / "w") == 1
+  assert "not writable" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_workdir_is_one_line(tmp_path, capsys):
+  (tmp_path / "ro").mkdir(mode=0o555)
+  assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path / "ro") == 1
+  assert "--workdir" in _one_line(capsys.readouterr().err)
+
+
+def test_unwritable_out_fails_before_the_evaluation(saved_states, tmp_path, capsys, monkeypatch):
+  cfg, _, source = saved_states
+  shutil.copytree(source, tmp_path / "run" / "checkpoints")
+  config.save(cfg, tmp_path / "run" / "config.yaml")
+  (tmp_path / "file").write_text("")
+  monkeypatch.setattr(app, "evaluate_params", lambda *a, **k: pytest.fail("evaluation ran"))
+  from train import evaluate
+  assert evaluate.main(["--checkpoint", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "file" / "out")]) == 1
+  line = _one_line(capsys.readouterr().err)
+  assert "--out" in line and "not writable" in line
+
+
+def test_no_training_task_left_is_one_line(tmp_path, capsys):
+  cfg = tiny_config(**{**SMALL, "data": {**SMALL["data"], "train": "arc-agi-1:evaluation",
+                                        "eval": "arc-agi-1:evaluation", "max_grid": 1}})
+  assert app.train_and_evaluate(cfg, tmp_path) == 1
+  line = _one_line(capsys.readouterr().err)
+  assert "data.train: no training task left" in line and "leaked" in line
+
+
+def test_tasks_too_long_for_every_bucket_are_logged_and_not_counted(tmp_path):
+  small = [[1]]
+  big = [[1] * 5] * 5
+  for name, grid in (("small", small), ("big", big)):
+    (tmp_path / f"{name}.json").write_text(json.dumps(
+        {"train": [{"input": grid, "output": grid}] * 2,
+         "test": [{"input": grid, "output": grid}]}))
+  cfg = tiny_config(data={"train": str(tmp_path), "eval": "", "buckets": [32],
+                          "max_train_tasks": 0})
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, 8, 0)
+  assert stream.num_too_long == 3 and stream.num_tasks_too_long == 1 and stream.num_items == 3
+  only_big = dataclasses.replace(cfg.data, train=str(tmp_path / "big.json"))
+  (tmp_path / "big.json").write_text(json.dumps({"big": json.loads(
+      (tmp_path / "big.json").read_text())}))
+  with pytest.raises(DataError, match="data.buckets: no training sequence fits"):
+    BatchStream(build_training_tasks(only_big, log=lambda *_: None)[0], only_big, 8, 0)
+
+
+def test_a_boolean_colour_is_rejected(tmp_path):
+  (tmp_path / "t.json").write_text(json.dumps(
+      {"train": [{"input": [[True, 0]], "output": [[1]]}], "test": [{"input": [[1]]}]}))
+  with pytest.raises(DataError, match=r"train\[0\].input: colour True at \(0, 0\) is not an "
+                                      "integer"):
+    load_tasks(str(tmp_path))
