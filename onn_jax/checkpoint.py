@@ -28,12 +28,13 @@ class _Damaged(Exception):
   """One step's checkpoint cannot be read back as written; the message says why."""
 
 
-def manager(directory: str | Path, keep: int = 3, async_save: bool = True
-            ) -> ocp.CheckpointManager:
-  # cleanup_tmp_directories: a save cut short by a kill leaves no half-written folder behind.
+def manager(directory: str | Path, keep: int = 3, async_save: bool = True, *,
+            cleanup: bool = False) -> ocp.CheckpointManager:
+  """``cleanup``: remove half-written folders of saves cut short by a kill (only for the run
+  that owns the folder: a reader must not delete a live run's save in progress)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                          enable_async_checkpointing=async_save, create=True,
-                                         cleanup_tmp_directories=True)
+                                         cleanup_tmp_directories=cleanup)
   return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 

@@ -151,7 +151,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dic
   main = is_main_process()
   tblog.check_available(cfg)  # before any work: a missing optional dependency is one line
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
-                            cfg.checkpoint.async_save)
+                            cfg.checkpoint.async_save, cleanup=True)  # this run holds the lock
   if mngr.latest_step() is not None and (workdir / "config.yaml").is_file():
     try:
       check_resume(_saved_config(workdir / "config.yaml"), cfg)
