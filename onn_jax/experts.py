@@ -1,4 +1,4 @@
-"""Expert homeostasis: periodic reset of dead DynMoE experts (DESIGN.md, "Expert reset").
+"""Expert homeostasis: periodic reset of dead DynMoE experts.
 
 A pure transform of (params, optimizer state, routing statistics, rng). An expert that
 received no token during the last window gets fresh weights, prototype and threshold, and

@@ -36,20 +36,8 @@ MODES = ("auto", "single", "shard_map", "pmap")
 
 
 def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
-  """``jax.shard_map`` without the varying-manual-axes check (our steps psum explicitly).
-
-  jax >= 0.7 spells the check ``check_vma``; older releases only have
-  ``jax.experimental.shard_map.shard_map`` with ``check_rep``.
-  """
-  top_level = getattr(jax, "shard_map", None)
-  if top_level is not None:
-    try:
-      return top_level(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    except TypeError:  # pragma: no cover - an early top-level shard_map without check_vma
-      pass
-  from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover
-  return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,  # pragma: no cover
-                check_rep=False)
+  """``jax.shard_map`` without the varying-manual-axes check (our steps psum explicitly)."""
+  return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def maybe_initialize_distributed(cfg: Config) -> bool:
@@ -242,6 +230,12 @@ class Runner:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
         local_batch)
+
+  def host(self, x: Any) -> np.ndarray:
+    """A replicated value (a state field, a transform's output) as one host array: pmap's
+    leading local-device axis stays inside the runner."""
+    x = host_value(x)
+    return x[0] if self.mode == "pmap" else x
 
   # -- execution -------------------------------------------------------------------------------
   def run(self, name: str, state: Any, batch: dict[str, Any]) -> tuple[Any, Any]:

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from onn_jax import output
+
 # The ARC palette, indexed by colour 0..9.
 ARC_COLORS = (
     "#000000",  # 0 black
@@ -27,16 +29,6 @@ ARC_COLORS = (
     "#7FDBFF",  # 8 sky
     "#870C25",  # 9 maroon
 )
-
-
-def _figure(figsize: tuple[float, float]):
-  """A stand-alone Figure drawn by the Agg canvas: no pyplot, so no global backend switch
-  (a notebook's inline backend is left alone) and nothing to close."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=figsize)
-  FigureCanvasAgg(fig)
-  return fig
 
 
 def _cmap():
@@ -75,7 +67,7 @@ def render_sheet(rows: Sequence[dict], path: str | Path) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   num_rows = max(1, len(rows))
   num_cols = max([len(r.get("grids", [])) for r in rows] + [1])
-  fig = _figure((1.8 * num_cols, 2.0 * num_rows))
+  fig = output.figure((1.8 * num_cols, 2.0 * num_rows))
   axes = fig.subplots(num_rows, num_cols, squeeze=False)
   for r in range(num_rows):
     row = rows[r] if r < len(rows) else {"title": "", "grids": []}
@@ -139,7 +131,7 @@ def _series(records: list[dict], key: str) -> dict[str, tuple[list[float], list[
 
 def _line_plot(records: list[dict], keys: Sequence[str], ylabel: str, path: Path,
                log: bool = False, title: str = "") -> Path:
-  fig = _figure((7, 4))
+  fig = output.figure((7, 4))
   ax = fig.subplots()
   drawn = 0
   styles = ("-", "--", ":", "-.")
@@ -203,7 +195,7 @@ def _step_edges(steps_N: np.ndarray) -> np.ndarray:
 def _experts_plot(records: list[dict], resets: list[dict], path: Path) -> Path:
   data = _expert_tensor(records)
   if data is None:
-    fig = _figure((6, 2))
+    fig = output.figure((6, 2))
     ax = fig.subplots()
     ax.text(0.5, 0.5, "no tokens_per_expert recorded", ha="center", va="center",
             transform=ax.transAxes)
@@ -213,7 +205,7 @@ def _experts_plot(records: list[dict], resets: list[dict], path: Path) -> Path:
     order = np.argsort(steps_N, kind="stable")
     steps_N, share_NLE = steps_N[order], share_NLE[order]
     num_layers, num_experts = share_NLE.shape[1], share_NLE.shape[2]
-    fig = _figure((8, 1.2 + 0.35 * num_experts * num_layers))
+    fig = output.figure((8, 1.2 + 0.35 * num_experts * num_layers))
     axes = fig.subplots(num_layers, 1, squeeze=False, sharex=True)
     x_edges = _step_edges(steps_N)
     y_edges = np.arange(num_experts + 1) - 0.5

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onn_jax import checkpoint, config, experts, faults, stages, steps, tblog
+from onn_jax import checkpoint, config, experts, faults, output, stages, steps, tblog
 from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention
@@ -51,7 +50,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     with self.path.open("a") as f:
-      f.write(json.dumps(_jsonable(record)) + "\n")
+      f.write(json.dumps(output.jsonable(record)) + "\n")
 
 
 def _record_step(line: str) -> int:
@@ -59,27 +58,6 @@ def _record_step(line: str) -> int:
     return int(json.loads(line).get("step", 0))
   except (ValueError, AttributeError):
     return 1 << 62  # a torn last line: dropped
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.ndarray, jax.Array)):
-    x = np.asarray(x)
-    return x.tolist() if x.ndim else _jsonable(x.item())
-  if isinstance(x, (np.floating, float)):
-    return float(x) if math.isfinite(float(x)) else str(float(x))
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
-              desc="train")
 
 
 def make_runner(cfg: Config, model: Transformer) -> Runner:
@@ -191,7 +169,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dic
   stop_at = min(total, step + t.run_steps) if t.run_steps else total
   record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
   last: dict[str, Any] = {}
-  bar = _progress(total, step, main)
+  bar = output.progress(total, "train", enabled=main, initial=step)
   tick, tokens_since, real_since, steps_since = time.perf_counter(), 0, 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
@@ -213,11 +191,11 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dic
       step += 1
       if t.reset_every and step % t.reset_every == 0:
         state, dead = runner.apply(reset, state, jax.random.fold_in(reset_rng, step))
-        dead = _scalar_or_first(dead, runner)
+        dead = runner.host(dead)
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,
                              "experts": np.flatnonzero(row).tolist()})
-      nonfinite = int(_scalar_or_first(state.nonfinite, runner))
+      nonfinite = int(runner.host(state.nonfinite))
       if step % t.log_every == 0 or step == stop_at or nonfinite:
         out = jax.tree.map(host_value, out)
         now = time.perf_counter()
@@ -225,7 +203,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dic
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
                 "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
-                "skipped_total": int(_scalar_or_first(state.skipped, runner)),
+                "skipped_total": int(runner.host(state.skipped)),
                 **peak_memory()}
         metrics_out.write(last)
         live.write(last)
@@ -242,7 +220,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dic
   except KeyboardInterrupt as err:
     name = getattr(err, "name", "SIGINT")
     try:
-      at = int(_scalar_or_first(state.step, runner))
+      at = int(runner.host(state.step))
     except RuntimeError:  # interrupted inside a step that had already taken (donated) the state
       at = None
     with guard.saving(hold=True):  # a second signal cannot cut the save short
@@ -276,12 +254,6 @@ def _announce_step(bar, compiled: set, stage: str, length: int) -> None:
     compiled.add((stage, length))
     if not bar.disable:
       bar.write(f"compiling {stage} step (bucket {length})")
-
-
-def _scalar_or_first(x, runner: Runner) -> np.ndarray:
-  """A replicated value on the host (pmap keeps a leading device axis: take copy 0)."""
-  x = host_value(x)
-  return x[0] if runner.mode == "pmap" else x
 
 
 def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):

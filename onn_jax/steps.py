@@ -84,41 +84,50 @@ def _tree_where(pred, a, b):
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def _apply_grads(state: TrainState, grads, rng, cfg: Config, axis_name, report: dict,
-                 routing: dict) -> tuple[TrainState, dict]:
-  """Reduces gradients, takes an AdamW step unless anything is non-finite, and books metrics."""
-  grads = objectives.psum(grads, axis_name)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                          for g in jax.tree.leaves(grads)))
-  finite = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
+def _guarded_update(state: TrainState, grads, ok, cfg: Config
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+  """AdamW step at the schedule's rate unless ``ok`` is false or the new parameters are not
+  finite (an overflowing update from finite gradients); then the step is skipped and counted.
+  Returns ``(state, lr, finite)``; ``state.step`` advances either way."""
   lr = learning_rate_schedule(cfg)(state.step)
   updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-  # Finite loss and gradients can still give non-finite parameters (an overflowing update).
-  finite &= jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+  finite = ok & jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
   params = _tree_where(finite, new_params, state.params)
-  opt_state = _tree_where(finite, new_opt, state.opt_state)
   ema = state.ema
   if cfg.train.ema_decay > 0:
     d = cfg.train.ema_decay
     ema = _tree_where(finite, jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
-  window = state.routing["window_tokens"] + jnp.where(finite, routing["tokens_per_expert"], 0)
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-      routing={"window_tokens": window}, rng=rng,
-      nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+  state = state.replace(
+      step=state.step + 1, params=params, opt_state=_tree_where(finite, new_opt, state.opt_state),
+      ema=ema, nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
       skipped=state.skipped + (~finite).astype(jnp.int32))
-  metrics = dict(report)
-  metrics.update(
-      grad_norm=grad_norm, lr=lr,
-      skipped=(~finite).astype(jnp.int32),
-      experts_per_token=jnp.sum(routing["active_sum"]) / jnp.maximum(
-          jnp.sum(routing["routed_tokens"]), 1),
-      fallback_frac=jnp.sum(routing["fallback_tokens"]) / jnp.maximum(
-          jnp.sum(routing["routed_tokens"]), 1),
-      tokens_per_expert=routing["tokens_per_expert"],
-      dead_experts=jnp.sum(window == 0).astype(jnp.int32))
-  return new_state, metrics
+  return state, lr, finite
+
+
+def _routing_metrics(routing: dict, window_LE: jax.Array) -> dict:
+  """Experts per token, fallback fraction, tokens per expert, dead experts in the window."""
+  routed = jnp.maximum(jnp.sum(routing["routed_tokens"]), 1)
+  return {"experts_per_token": jnp.sum(routing["active_sum"]) / routed,
+          "fallback_frac": jnp.sum(routing["fallback_tokens"]) / routed,
+          "tokens_per_expert": routing["tokens_per_expert"],
+          "dead_experts": jnp.sum(window_LE == 0).astype(jnp.int32)}
+
+
+def _finish_step(state: TrainState, grads, report: dict, aux, *, cfg: Config, axis_name
+                 ) -> tuple[TrainState, dict]:
+  """The end of every training step: reduce the gradients and routing counts over devices,
+  update unless anything is non-finite, count the routing window, book the metrics."""
+  grads = objectives.psum(grads, axis_name)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                          for g in jax.tree.leaves(grads)))
+  ok = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
+  state, lr, finite = _guarded_update(state, grads, ok, cfg)
+  routing = _reduce_routing(aux, axis_name)
+  window = state.routing["window_tokens"] + jnp.where(finite, routing["tokens_per_expert"], 0)
+  state = state.replace(routing={"window_tokens": window})
+  return state, {**report, "grad_norm": grad_norm, "lr": lr,
+                 "skipped": (~finite).astype(jnp.int32), **_routing_metrics(routing, window)}
 
 
 def _reduce_routing(aux, axis_name):
@@ -155,8 +164,7 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Confi
   report.update(sdl_report)
   report["loss"] = report["loss_ce"] + report["sdl"]
   report["target_tokens"] = loss_stats["tokens"]
-  return _apply_grads(state, grads, state.rng, cfg, axis_name, report,
-                      _reduce_routing(aux, axis_name))
+  return _finish_step(state, grads, report, aux, cfg=cfg, axis_name=axis_name)
 
 
 def answer_budget(cfg: Config, seq_len: int) -> int:
@@ -165,24 +173,37 @@ def answer_budget(cfg: Config, seq_len: int) -> int:
   return min(seq_len, g * (g + 1) + 1)
 
 
-def excursion_inputs(batch: dict, fed_BAV: jax.Array) -> jax.Array:
-  """[B, T, V] inputs for the alignment pass: the prompt as one-hot tokens, then the excursion
-  (what the rollout fed back) from ``answer_start`` on; ground truth beyond the budget."""
-  inputs_BT = batch["inputs"]
-  A = fed_BAV.shape[1]
-  k_BT = jnp.arange(inputs_BT.shape[1])[None] - batch["answer_start"][:, None]
-  in_excursion_BT = (k_BT >= 0) & (k_BT < A)
-  fed_BTV = jnp.take_along_axis(fed_BAV, jnp.clip(k_BT, 0, A - 1)[..., None], axis=1)
-  onehot_BTV = jax.nn.one_hot(inputs_BT, VOCAB_SIZE, dtype=jnp.float32)
-  return jnp.where(in_excursion_BT[..., None], fed_BTV, onehot_BTV)
+def answer_index(batch: dict) -> jax.Array:
+  """[B, T] int32: ``k`` such that position t predicts answer token k (``t = answer_start - 1
+  + k``); answer token k itself is input t + 1. The one definition of the answer's span: answer
+  tokens are ``0 <= k < answer_len``, the last being END."""
+  t_BT = jnp.arange(batch["inputs"].shape[1], dtype=jnp.int32)[None]
+  return t_BT - jnp.asarray(batch["answer_start"], jnp.int32)[:, None] + 1
 
 
 def answer_mask(batch: dict) -> jax.Array:
   """[B, T] float: target positions that predict an answer token (incl. END)."""
-  t_BT = jnp.arange(batch["inputs"].shape[1])[None]
-  start_B1 = batch["answer_start"][:, None]
-  return ((t_BT >= start_B1 - 1) & (t_BT < start_B1 + batch["answer_len"][:, None] - 1)
-          ).astype(jnp.float32)
+  k_BT = answer_index(batch)
+  return ((k_BT >= 0) & (k_BT < batch["answer_len"][:, None])).astype(jnp.float32)
+
+
+def answer_targets(batch: dict, num_tokens: int) -> jax.Array:
+  """[B, A] ground-truth answer tokens, A = ``num_tokens``: position k < ``answer_len`` holds
+  answer token k (the last END); later ones are whatever follows and never compared."""
+  targets_BT = batch["targets"]
+  t_BA = batch["answer_start"][:, None] - 1 + jnp.arange(num_tokens)[None]
+  return jnp.take_along_axis(targets_BT, jnp.clip(t_BA, 0, targets_BT.shape[1] - 1), axis=1)
+
+
+def excursion_inputs(batch: dict, fed_BAV: jax.Array) -> jax.Array:
+  """[B, T, V] inputs for the alignment pass: the prompt as one-hot tokens, then the excursion
+  (what the rollout fed back) from ``answer_start`` on; ground truth beyond the budget."""
+  A = fed_BAV.shape[1]
+  k_BT = answer_index(batch) - 1  # input t holds answer token k_BT
+  in_excursion_BT = (k_BT >= 0) & (k_BT < A)
+  fed_BTV = jnp.take_along_axis(fed_BAV, jnp.clip(k_BT, 0, A - 1)[..., None], axis=1)
+  onehot_BTV = jax.nn.one_hot(batch["inputs"], VOCAB_SIZE, dtype=jnp.float32)
+  return jnp.where(in_excursion_BT[..., None], fed_BTV, onehot_BTV)
 
 
 def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
@@ -196,7 +217,7 @@ def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
   end_BA = (tokens_BA == END).astype(jnp.int32)
   produced_BA = (jnp.cumsum(end_BA, axis=1) - end_BA) == 0  # no END strictly before k
   A = tokens_BA.shape[1]
-  k_BT = jnp.arange(batch["inputs"].shape[1])[None] - batch["answer_start"][:, None] + 1
+  k_BT = answer_index(batch)
   produced_BT = jnp.take_along_axis(produced_BA, jnp.clip(k_BT, 0, A - 1), axis=1)
   # Beyond the rollout's budget the alignment pass feeds the ground truth (excursion_inputs):
   # those positions stay scored like teacher forcing.
@@ -206,18 +227,12 @@ def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
 def score_rollout(tokens_BA, batch: dict) -> dict:
   """Generated answers against the ground truth, position by position (free-running).
 
-  Answer token k is ``targets[answer_start - 1 + k]`` for k < ``answer_len`` (the last is END).
-  Returns ``exact_B`` (every answer token matches; rows with no answer never do) and
-  ``correct_B`` (matching answer tokens).
+  Returns ``exact_B`` (every answer token, END included, matches; rows with no answer never
+  do) and ``correct_B`` (matching answer tokens).
   """
   A = tokens_BA.shape[1]
-  k_BA = jnp.arange(A)[None]
-  targets_BT = batch["targets"]
-  gt_BA = jnp.take_along_axis(
-      targets_BT, jnp.clip(batch["answer_start"][:, None] - 1 + k_BA, 0,
-                           targets_BT.shape[1] - 1), axis=1)
-  in_answer_BA = k_BA < batch["answer_len"][:, None]
-  hit_BA = tokens_BA == gt_BA
+  in_answer_BA = jnp.arange(A)[None] < batch["answer_len"][:, None]
+  hit_BA = tokens_BA == answer_targets(batch, A)
   return {"exact_B": jnp.all(hit_BA | ~in_answer_BA, -1) & (batch["answer_len"] > 0),
           "correct_B": jnp.sum(hit_BA & in_answer_BA, -1)}
 
@@ -263,7 +278,7 @@ def alignment_loss(params, batch: dict, exc_BTV, exc_mask_BT=None, *, model: Tra
 
 def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config,
               axis_name: str | None = None, num_devices: int = 1):
-  """One EAVI step (DESIGN.md, Training): excursion under stop_gradient, then alignment."""
+  """One EAVI step: the excursion under stop_gradient, then the alignment pass."""
   rng, gen_rng = jax.random.split(state.rng)
   rows = batch["inputs"].shape[0]
   # Sampling keys follow global rows: n devices draw what one device would.
@@ -293,8 +308,8 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
                                  ).astype(jnp.float32)})
   report["free_exact"] = free["exact"] / jnp.maximum(free["examples"], 1.0)
   report["free_token_acc"] = free["correct"] / jnp.maximum(free["tokens"], 1.0)
-  return _apply_grads(state, grads, rng, cfg, axis_name, report,
-                      _reduce_routing(aux, axis_name))
+  return _finish_step(state.replace(rng=rng), grads, report, aux, cfg=cfg,
+                      axis_name=axis_name)
 
 
 # The two training stages of the seed, in the order a run takes them (onn_jax/stages.py).

@@ -96,8 +96,7 @@ def test_batch_shapes_shift_and_answer_mask(stream):
     assert B == 8 and T in CFG.buckets
     assert batch["inputs"].dtype == np.int32 and batch["targets"].dtype == np.int32
     assert batch["loss_mask"].dtype == np.float32 and batch["valid"].dtype == bool
-    assert batch["positions"].dtype == np.int32 and batch["answer_start"].shape == (B,)
-    np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(T), (B, 1)))
+    assert batch["answer_start"].shape == (B,) and "positions" not in batch  # RoPE: 0..T-1
     valid = batch["valid"]
     # Targets are inputs shifted by one; padding is PAD, masked and invalid.
     np.testing.assert_array_equal(batch["inputs"][:, 1:][valid[:, 1:]],

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import config, steps
+from onn_jax import config, output, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.decode import generate
 from onn_jax.model import attention, nsa, nsa_pallas
@@ -187,23 +187,19 @@ def synthetic_batch(batch: int, seq_len: int, seed: int = 0) -> dict[str, jax.Ar
   """A training batch with the keys of ``pipeline.collate``: every position valid.
 
   inputs/targets int32 [B, T] (random colours; targets are inputs shifted by one), loss_mask
-  float32 [B, T] (the answer's targets), positions int32 [B, T], valid bool [B, T],
+  float32 [B, T] (the answer's targets), valid bool [B, T],
   answer_start/answer_len int32 [B].
   """
   rng = np.random.default_rng(seed)
   tokens_BT1 = rng.integers(0, 10, size=(batch, seq_len + 1), dtype=np.int32)
   start, length = answer_span(seq_len)
-  t_T = np.arange(seq_len)
-  loss_mask_T = ((t_T >= start - 1) & (t_T < start + length - 1)).astype(np.float32)
-  batch_np = {
+  out = {k: jnp.asarray(v) for k, v in {
       "inputs": tokens_BT1[:, :-1], "targets": tokens_BT1[:, 1:],
-      "loss_mask": np.broadcast_to(loss_mask_T, (batch, seq_len)),
-      "positions": np.broadcast_to(t_T.astype(np.int32), (batch, seq_len)),
       "valid": np.ones((batch, seq_len), bool),
       "answer_start": np.full(batch, start, np.int32),
-      "answer_len": np.full(batch, length, np.int32),
-  }
-  return {k: jnp.asarray(v) for k, v in batch_np.items()}
+      "answer_len": np.full(batch, length, np.int32)}.items()}
+  out["loss_mask"] = steps.answer_mask(out)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,21 +685,10 @@ def markdown_summary(results: dict[str, Any]) -> str:
   return "\n\n".join(parts)
 
 
-def _json_safe(tree: Any) -> Any:
-  """NaN/inf (a diverged loss, say) become None: strict JSON has no spelling for them."""
-  if isinstance(tree, dict):
-    return {k: _json_safe(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [_json_safe(v) for v in tree]
-  if isinstance(tree, float) and not np.isfinite(tree):
-    return None
-  return tree
-
-
 def write_json(results: dict[str, Any], path: Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+  tmp.write_text(json.dumps(output.jsonable(results), indent=2, allow_nan=False) + "\n")
   tmp.replace(path)
 
 

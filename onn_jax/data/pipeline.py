@@ -134,13 +134,13 @@ def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
   """Right-pads examples into a next-token batch of width ``length``.
 
   For an example with tokens t[0..n-1] (n <= length + 1): inputs = t[:-1], targets = t[1:],
-  loss_mask = Example.loss_mask[1:] (the mask marks target tokens), positions 0..length-1.
+  loss_mask = Example.loss_mask[1:] (the mask marks target tokens).
 
   Returns (B = len(examples), T = length):
     inputs int32 [B, T] (PAD-padded), targets int32 [B, T] (PAD where none),
-    loss_mask float32 [B, T] (0 on padding), positions int32 [B, T], valid bool [B, T] (input
-    is a real token), answer_start int32 [B] (index in inputs of the first answer token; the
-    first answer token is predicted at targets index answer_start - 1), answer_len int32 [B].
+    loss_mask float32 [B, T] (0 on padding), valid bool [B, T] (input is a real token),
+    answer_start int32 [B] (index in inputs of the first answer token; the first answer token
+    is predicted at targets index answer_start - 1), answer_len int32 [B].
   A prompt (answer_len 0) loses its final OUT from inputs: feed Example.tokens to generate.
   """
   batch = len(examples)
@@ -161,10 +161,8 @@ def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
     valid_BT[b, :n] = True
     answer_start_B[b] = ex.answer_start
     answer_len_B[b] = ex.answer_len
-  positions_BT = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
   return {"inputs": inputs_BT, "targets": targets_BT, "loss_mask": loss_mask_BT,
-          "positions": positions_BT, "valid": valid_BT, "answer_start": answer_start_B,
-          "answer_len": answer_len_B}
+          "valid": valid_BT, "answer_start": answer_start_B, "answer_len": answer_len_B}
 
 
 def _item_lengths(task: Task, test_index: int, d8: bool) -> tuple[int, int]:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from onn_jax import output
 from onn_jax.data.augment import NUM_D8, View, color_permutation
 from onn_jax.data.serialize import (decode_grid, encode_grid, grid_length, sequence_length,
                                     serialize)
@@ -158,13 +159,6 @@ def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
     yield list(order[start:start + batch_size])
 
 
-def _progress(total: int, desc: str, enabled: bool):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="seq", leave=False)
-
-
 def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn, *,
               max_len: int, batch_size: int, samples: int, max_answer_tokens: int,
               progress: bool) -> None:
@@ -190,7 +184,7 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
   order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
   outputs: list[Sequence[np.ndarray] | None] = [None] * len(jobs)
   budgets = [0] * len(jobs)
-  bar = _progress(len(jobs), "generate", progress)
+  bar = output.progress(len(jobs), "generate", enabled=progress, unit="seq", leave=False)
   for batch in _batches(order, batch_size):
     prompts = [jobs[j][2] for j in batch]
     max_new = min(max_answer_tokens, max_len - max(len(p) for p in prompts))
@@ -200,10 +194,8 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
     for j, result in zip(batch, results):
       outputs[j] = result
       budgets[j] = max_new
-    if bar is not None:
-      bar.update(len(batch))
-  if bar is not None:
-    bar.close()
+    bar.update(len(batch))
+  bar.close()
   for j, (i, v, _) in enumerate(jobs):
     item = items[i]
     for tokens in outputs[j]:
@@ -235,7 +227,7 @@ def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, 
       for c, answer in enumerate(answers):
         pairs.append((i, c, np.concatenate([prompt, answer]), len(prompt)))
   order = sorted(range(len(pairs)), key=lambda p: -len(pairs[p][2]))
-  bar = _progress(len(pairs), "score", progress)
+  bar = output.progress(len(pairs), "score", enabled=progress, unit="seq", leave=False)
   for batch in _batches(order, batch_size):
     logprobs = np.asarray(logprob_fn([pairs[p][2] for p in batch], [pairs[p][3] for p in batch]),
                           np.float64).reshape(-1)
@@ -245,10 +237,8 @@ def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, 
       i, c = pairs[p][0], pairs[p][1]
       # NaN would make the ranking arbitrary; it counts as impossible instead.
       items[i].scores[c] += logprob if not math.isnan(logprob) else -math.inf
-    if bar is not None:
-      bar.update(len(batch))
-  if bar is not None:
-    bar.close()
+    bar.update(len(batch))
+  bar.close()
 
 
 def _record(item: _Item, mode: str) -> dict:
@@ -391,10 +381,6 @@ def describe(summary: dict, out_dir: str | Path | None = None) -> str:
   return "; ".join(parts)
 
 
-def _finite_or_none(x: float) -> float | None:
-  return x if math.isfinite(x) else None  # JSON has no infinities
-
-
 def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str | Path,
                   mode: str, extra: dict | None = None, sheet_tasks: int = 8) -> dict:
   """Writes into ``out_dir``: ``submission.json`` (validated), ``scores.json`` (summary plus
@@ -421,7 +407,7 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
           "test_index": r["test_index"],
           "candidates": [grid_to_list(c) for c in r["candidates"]],
           "counts": r["counts"],
-          "scores": [_finite_or_none(s) for s in r["scores"]],
+          "scores": output.jsonable(r["scores"]),
           "order": r["order"],
           "malformed": r["malformed"],
           "views": r["views"],

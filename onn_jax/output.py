@@ -1,0 +1,44 @@
+"""What the library writes for people and files: figures, progress bars, strict JSON."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def figure(figsize: tuple[float, float]):
+  """A stand-alone Figure drawn by the Agg canvas: no pyplot, so no global backend switch
+  (a notebook's inline backend is left alone) and nothing to close."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def progress(total: int, desc: str, *, enabled: bool = True, **kwargs):
+  """A tqdm bar (console or notebook); a silent one (every call a no-op) when not
+  ``enabled``, e.g. on processes other than 0."""
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def jsonable(x: Any) -> Any:
+  """``x`` with arrays as lists, numpy scalars as Python numbers and non-finite floats as None
+  (strict JSON has no spelling for NaN or infinity: a diverged loss is written as null)."""
+  if isinstance(x, dict):
+    return {k: jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    x = np.asarray(x)
+    return jsonable(x.tolist()) if x.ndim else jsonable(x.item())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (np.integer, int)):
+    return int(x)
+  if isinstance(x, (np.floating, float)):
+    return float(x) if math.isfinite(float(x)) else None
+  return x
