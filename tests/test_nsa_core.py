@@ -83,8 +83,10 @@ def _softmax_attend(q, keys, vals):
 
 
 def oracle_nsa(args: dict, geo: Geo, q_offset) -> np.ndarray:
-  """Per (b, t, h) loops straight from the contract, in float64."""
+  """Per (b, t, h) loops straight from the contract, in float64. ``args["q_cmp"]``, when
+  given, are the queries of the compressed branch and of the block choice."""
   a = {k: np.asarray(v, np.float64) for k, v in args.items()}
+  q_cmp = a.get("q_cmp", a["q"])
   R = geo.H // geo.G
   off = offsets_np(q_offset, geo.B)
   out = np.zeros((geo.B, geo.T, geo.H, geo.D))
@@ -96,7 +98,7 @@ def oracle_nsa(args: dict, geo: Geo, q_offset) -> np.ndarray:
         heads = range(g * R, (g + 1) * R)
         o_cmp, probs = {}, {}
         for h in heads:
-          o_cmp[h], probs[h] = _softmax_attend(a["q"][b, t, h], a["k_cmp"][b, visible, g],
+          o_cmp[h], probs[h] = _softmax_attend(q_cmp[b, t, h], a["k_cmp"][b, visible, g],
                                                a["v_cmp"][b, visible, g])
         cur = p // geo.select_len
         importance = {}

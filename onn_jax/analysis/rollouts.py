@@ -25,7 +25,7 @@ def _excursion_jit(model: Transformer, params, batch: dict, cfg: Config, rng):
 
 def answer_targets(batch: dict[str, np.ndarray], num_tokens: int) -> np.ndarray:
   """[B, A] ground-truth answer tokens (:func:`onn_jax.steps.answer_targets`, on the host)."""
-  return np.asarray(steps.answer_targets(
+  return np.array(steps.answer_targets(
       {k: np.asarray(batch[k]) for k in ("targets", "answer_start")}, num_tokens))
 
 
