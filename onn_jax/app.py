@@ -102,8 +102,8 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
     return getattr(err, "exit_code", 130)
   if is_main_process():
     plots.plot_training(workdir / "metrics.jsonl", workdir / "plots")
-  if not result["finished"]:
-    print(f"stopped at step {result['step']} of {result['total']} (train.run_steps); "
+  if not result.finished:
+    print(f"stopped at step {result.step} of {result.total} (train.run_steps); "
           "run the same command again to resume")
     return 0
   if not cfg.data.eval:
@@ -112,11 +112,11 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
     tasks = load_eval_tasks(cfg.data.eval, cfg, cfg.eval.max_tasks)
   except USER_ERRORS as err:
     return _fail(err)
-  state = result["state"]
+  state = result.state
   use_ema = cfg.eval.weights == "ema" and bool(jax.tree.leaves(state.ema))
   evaluate_params(cfg, jax.device_get(state.ema if use_ema else state.params), tasks,
                   workdir / "eval",
-                  extra={"step": result["step"], "weights": "ema" if use_ema else "params"})
+                  extra={"step": result.step, "weights": "ema" if use_ema else "params"})
   return 0
 
 

@@ -187,7 +187,7 @@ def find_checkpoint_dir(path: str | Path) -> Path:
     path = path / "checkpoints"
   if not path.is_dir():
     raise CheckpointError(f"{path}: checkpoint folder not found")
-  return path
+  return path.absolute()  # Orbax reads metadata from absolute paths only
 
 
 def _abstract_here(saved: Any) -> Any:

@@ -10,6 +10,7 @@ the checkpointed state).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -110,8 +111,21 @@ def check_resume(saved: Config, cfg: Config) -> None:
           "--workdir (or train.init_from) or set it back")
 
 
-def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
-  """Runs the configured stages; returns a summary (last metrics, steps, paths).
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` hands back."""
+  step: int  # the run's step when this invocation stopped
+  total: int  # the run's steps over all stages
+  finished: bool  # step == total (train.run_steps may stop earlier)
+  last: dict[str, Any]  # the last logged metrics record ({} if none was logged)
+  state: steps.TrainState  # one unreplicated copy, on the host's devices
+  model: Transformer
+  stream: BatchStream
+  info: dict[str, Any]  # the training data's protocol and counts
+
+
+def train(cfg: Config, workdir: str | Path, *, log=print) -> TrainResult:
+  """Runs the configured stages; returns where it stopped, the state and the last metrics.
 
   The workdir is checked writable and locked (process 0) for the run; SIGINT, SIGTERM and
   SIGHUP checkpoint the current step and raise :class:`faults.Interrupted`.
@@ -125,7 +139,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     return _train(cfg, workdir, log=log, guard=guard)
 
 
-def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dict[str, Any]:
+def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> TrainResult:
   main = is_main_process()
   tblog.check_available(cfg)  # before any work: a missing optional dependency is one line
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
@@ -241,8 +255,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> dic
       mngr.wait_until_finished()
   mngr.close()
   final = runner.get_state(state)
-  return {"step": step, "total": total, "finished": step >= total, "last": last,
-          "state": final, "model": model, "stream": stream, "info": info}
+  return TrainResult(step=step, total=total, finished=step >= total, last=last, state=final,
+                     model=model, stream=stream, info=info)
 
 
 def _announce_step(bar, compiled: set, stage: str, length: int) -> None:

@@ -278,7 +278,7 @@ def test_routing_table_ignores_padding_and_plots(cfg, params, table, tmp_path):
 
 
 def test_used_experts_names_the_layer_without_sown_masks(cfg, params, monkeypatch):
-  monkeypatch.setattr(analysis, "_routed_forward",
+  monkeypatch.setattr(analysis.routing, "_routed_forward",
                       lambda *a: ({}, np.zeros((cfg.model.num_layers, cfg.model.num_experts))))
   with pytest.raises(KeyError, match="block_0/moe"):
     analysis.used_experts(Transformer(cfg.model), params, np.zeros((1, 8), np.int32),

@@ -162,6 +162,16 @@ def saved_states(tmp_path_factory):
   return cfg, states, source
 
 
+def test_a_relative_checkpoint_path_loads(saved_states, tmp_path, monkeypatch):
+  """``train.init_from=runs/x`` and ``--checkpoint runs/x`` are relative to the working folder
+  (Orbax reads metadata from absolute paths only)."""
+  cfg, states, source = saved_states
+  shutil.copytree(source, tmp_path / "run" / "checkpoints")
+  monkeypatch.chdir(tmp_path)
+  params, record = checkpoint.load_params("run", states[4].params)
+  assert record["step"] == 4
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(saved_states, tmp_path,
                                                                    damage, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onn_jax import plots
+from onn_jax import output, plots
 from onn_jax.data.tasks import Task
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -105,8 +105,8 @@ def test_plots_draw_what_a_reader_needs(tmp_path, monkeypatch):
   """loss.png: linear axis, the EAVI terms (not their sum); experts.png: a red line only where
   an expert was reset; sheet: "no candidate" is a labelled empty cell, not a grid."""
   figures = []
-  make = plots._figure
-  monkeypatch.setattr(plots, "_figure", lambda size: figures.append(make(size)) or figures[-1])
+  make = output.figure
+  monkeypatch.setattr(output, "figure", lambda size: figures.append(make(size)) or figures[-1])
   lines = [{"step": s, "stage": "pretrain" if s <= 20 else "eavi", "loss": 3.0, "ce": 2.0,
             "sdl": 0.01, "tokens_per_expert": [[5, 0], [1, 1]]} for s in (10, 20, 30)]
   lines[2].update(loss=4.01, exc_ce=2.0)  # EAVI: exc_ce + ce + sdl

@@ -49,8 +49,8 @@ def test_a_registered_stage_runs_after_the_others(tmp_path, monkeypatch):
   cfg = tiny_config(train={"pretrain_steps": 2, "eavi_steps": 0, "log_every": 1,
                            "batch_size": 4},
                     data={"buckets": [128], "max_train_tasks": 10})
-  summary = run.train(cfg, tmp_path, log=lambda *_: None)
-  assert summary["step"] == summary["total"] == 4
+  result = run.train(cfg, tmp_path, log=lambda *_: None)
+  assert result.step == result.total == 4 and result.finished
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   logged = [r for r in records if "event" not in r]
   assert [r["stage"] for r in logged] == ["pretrain", "pretrain", "probe", "probe"]
