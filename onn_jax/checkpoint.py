@@ -136,7 +136,11 @@ def _newest_intact(mngr: ocp.CheckpointManager, steps: list[int], read: Callable
         aside = directory.parent / f"{directory.name}.damaged"
         aside.mkdir(exist_ok=True)
         for bad, _ in damaged:
-          shutil.move(str(directory / str(bad)), str(aside / f"{bad}"))
+          dest = aside / str(bad)
+          copies = 1
+          while dest.exists():  # the same step damaged again after a rerun: keep both
+            dest, copies = aside / f"{bad}.{copies}", copies + 1
+          shutil.move(str(directory / str(bad)), str(dest))
         mngr.reload()
         moved = f", moved to {aside}"
       (log or _warn)(f"checkpoint: {directory} step {damaged[0][0]} is damaged "

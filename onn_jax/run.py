@@ -74,10 +74,33 @@ def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainStat
     state, record = checkpoint.restore(mngr, state, log=log, set_aside=is_main_process())
     log(f"resumed from {mngr.directory} at step {int(state.step)}")
   elif cfg.train.init_from:
+    _warn_if_other_model(cfg, Path(cfg.train.init_from), log)
     params, record = checkpoint.load_params(cfg.train.init_from, state.params, log=log)
     state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed), params=params)
     log(f"parameters from {cfg.train.init_from} (step {record.get('step', '?')})")
   return state
+
+
+# Model settings that change what the same parameters compute without changing their shapes
+# (checked for train.init_from).
+SAME_PARAMS_OTHER_MODEL = ("cmp_rope",)
+
+
+def _warn_if_other_model(cfg: Config, source: Path, log) -> None:
+  """``train.init_from``: one line when the source run computed its model otherwise (e.g. a run
+  saved before ``model.cmp_rope`` existed reloads as ``query``); its parameters still load."""
+  path = source / "config.yaml" if (source / "config.yaml").is_file() else \
+      source.parent / "config.yaml"
+  if not path.is_file():
+    return
+  try:
+    saved = config.load(path, saved_run=True).model
+  except config.ConfigError:
+    return
+  for key in SAME_PARAMS_OTHER_MODEL:
+    if getattr(saved, key) != getattr(cfg.model, key):
+      log(f"warning: train.init_from={source} was trained with model.{key}="
+          f"{getattr(saved, key)!r}, this run uses {getattr(cfg.model, key)!r}")
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the model and the data
@@ -233,11 +256,11 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
           save(step)
   except KeyboardInterrupt as err:
     name = getattr(err, "name", "SIGINT")
-    try:
-      at = int(runner.host(state.step))
-    except RuntimeError:  # interrupted inside a step that had already taken (donated) the state
-      at = None
-    with guard.saving(hold=True):  # a second signal cannot cut the save short
+    with guard.saving(hold=True):  # a second signal cannot cut the step read or the save short
+      try:
+        at = int(runner.host(state.step))
+      except RuntimeError:  # interrupted inside a step that had already taken (donated) it
+        at = None
       if at is None:
         log(f"interrupted ({name}) mid-step: the latest checkpoint in {mngr.directory} stands")
       else:

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from onn_jax import output
 from onn_jax.config import Config, ConfigError
 
 
@@ -29,6 +30,8 @@ class TensorBoardWriter:
     self._writer = summary_writer_cls(str(log_dir))
 
   def write(self, record: dict[str, Any]) -> None:
+    # The training loop's metrics are 0-d arrays (host copies of device values): as numbers.
+    record = output.jsonable(record)
     step = record.get("step")
     if "event" in record or not isinstance(step, int):
       return

@@ -105,7 +105,7 @@ def task_stream(task: Task, cfg: Config) -> tuple[BatchStream | None, str]:
   """The task's leave-one-out stream at one bucket length, or (None, why it is not adapted).
 
   The length is the shortest bucket that holds every leave-one-out sequence with all its
-  demos, else the longest bucket (trailing demos dropped, as in training).
+  demos, else the longest bucket (trailing demos dropped, as in training's ``serialize.fit``).
   """
   if len(task.train) < 2:
     return None, "few_demos"

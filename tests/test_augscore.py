@@ -287,10 +287,11 @@ def test_fit_prompt_drops_the_largest_demonstrations_first():
   got_demos, got_input, _ = parse_sequence(prompt)
   assert [d[0].shape for d in got_demos] == [(1, 1), (2, 2)]
   np.testing.assert_array_equal(got_input, test_input)
-  # Too short for any demo: the test input alone, then nothing.
-  alone, dropped = augscore.fit_prompt(demos, test_input, room=9, max_len=1 + 2 + 8 + 9)
-  assert dropped == 3 and parse_sequence(alone)[0] == []
-  assert augscore.fit_prompt(demos, test_input, room=9, max_len=1 + 2 + 8 + 8) == (None, 3)
+  # Room for one demo only: the smallest (1x1: IN, 1 + newline, OUT, 1 + newline = 6 tokens)
+  # is kept; with one token less nothing fits (never a prompt without a demonstration).
+  one, dropped = augscore.fit_prompt(demos, test_input, room=9, max_len=1 + 6 + 2 + 8 + 9)
+  assert dropped == 2 and [d[0].shape for d in parse_sequence(one)[0]] == [(1, 1)]
+  assert augscore.fit_prompt(demos, test_input, room=9, max_len=1 + 6 + 2 + 8 + 8) == (None, 3)
 
 
 def test_shortened_test_inputs_are_answered_and_counted(tmp_path):

@@ -196,6 +196,23 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(saved_states,
   assert (tmp_path / "checkpoints.damaged" / "4").is_dir()
 
 
+def test_the_same_step_damaged_again_is_set_aside_beside_the_first(saved_states, tmp_path):
+  """A rerun writes step 4 again, and it is damaged again: both copies are kept, one line."""
+  cfg, states, source = saved_states
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(source, directory)
+  for _ in range(3):
+    shutil.rmtree(directory / "4", ignore_errors=True)
+    shutil.copytree(source / "4", directory / "4")
+    DAMAGE["truncated _METADATA"](directory / "4")
+    mngr = checkpoint.manager(directory, async_save=False)
+    state, _ = checkpoint.restore(mngr, states[4], log=lambda _: None, set_aside=True)
+    mngr.close()
+    assert int(state.step) == 2
+  aside = sorted(p.name for p in (tmp_path / "checkpoints.damaged").iterdir())
+  assert aside == ["4", "4.1", "4.2"]
+
+
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(saved_states, tmp_path):
   cfg, states, source = saved_states
   directory = tmp_path / "checkpoints"

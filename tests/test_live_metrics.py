@@ -6,6 +6,7 @@ import sys
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from onn_jax import config, parallel, tblog
@@ -51,8 +52,10 @@ def test_tensorboard_writer_gets_the_numeric_scalars(monkeypatch, tmp_path):
 
   monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeWriter))
   writer = tblog.open_writer(tiny_config(log=dict(tensorboard=True)), tmp_path, True)
-  writer.write({"step": 3, "stage": "eavi", "loss": 1.5, "skipped": 0, "lr": float("nan"),
-                "tokens_per_expert": [[1, 2]], "ok": True})
+  # As the training loop hands them over: device values copied to the host as 0-d arrays.
+  writer.write({"step": 3, "stage": "eavi", "loss": np.asarray(1.5, np.float32),
+                "skipped": np.asarray(0, np.int32), "lr": np.asarray(np.nan, np.float32),
+                "tokens_per_expert": np.asarray([[1, 2]]), "ok": True})
   writer.write({"event": "reset", "step": 4, "layer": 0, "experts": [1]})
   writer.close()
   assert written == [("dir", str(tmp_path / "tensorboard")), ("train/loss", 1.5, 3),

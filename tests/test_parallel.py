@@ -192,6 +192,9 @@ def test_eavi_matches_one_device(world, mode):
   _assert_trees_close(got, want, f"{mode} EAVI metrics ")
   _assert_trees_close(run["snapshots"][end].params, ref["snapshots"][end].params,
                       f"{mode} params after EAVI ", param_bound(ref["cfg"], end))
+  # The moments carry the gradients themselves: tight where the parameter bound is loose.
+  _assert_moments_close(run["snapshots"][end].opt_state, ref["snapshots"][end].opt_state,
+                        f"{mode} optimizer state after EAVI ")
   # The EAVI steps moved the parameters away from the teacher-forcing ones.
   assert _max_abs_diff(ref["snapshots"][end].params, ref["snapshots"][K_TF].params) > 1e-5
 
@@ -228,6 +231,8 @@ def test_resume_across_device_counts(world, src, dst):
   _assert_trees_close(_metric_curve(metrics, want.keys()), want, f"{src}->{dst} metrics ")
   _assert_trees_close(final.params, reference["snapshots"][K_TF].params, f"{src}->{dst} params ",
                       param_bound(reference["cfg"], K_TF))
+  _assert_moments_close(final.opt_state, reference["snapshots"][K_TF].opt_state,
+                        f"{src}->{dst} optimizer state ")
   np.testing.assert_array_equal(final.routing["window_tokens"],
                                 reference["snapshots"][K_TF].routing["window_tokens"])
   assert int(final.step) == K_TF

@@ -22,11 +22,11 @@ Modes (for each test input):
   candidate and view), ranked by score (ties: votes, then first seen).
 
 Length rule (:func:`fit_prompt`): while prompt plus answer exceed ``max_len``, the largest
-demonstration is dropped (the others keep their order), down to no demonstration at all; a test
-input whose prompt was cut so is counted as ``shortened``. For generation the answer's room is
+demonstration is dropped (the others keep their order), down to one demonstration (training
+never sees fewer); a test input whose prompt was cut so is counted as ``shortened``. For generation the answer's room is
 estimated from the largest demo output or the test input in that view; for scoring, every
 candidate of a test input shares one prompt per view that holds the largest of them, so the
-candidates' scores are comparable. A view whose test input does not fit even alone is left out
+candidates' scores are comparable. A view that does not fit even with one demonstration is left out
 (``skipped`` when no view fits). Every test input is answered: one without any candidate (no
 view fitted, or every generation was malformed) submits the fallback, its own test input, as
 both attempts, and is counted as ``fallback``.
@@ -139,16 +139,17 @@ def fit_prompt(demos: list, test_input: np.ndarray, room: int, max_len: int
                ) -> tuple[np.ndarray | None, int]:
   """(prompt, demos dropped): the prompt (int32 [P], ending with OUT) leaving ``room`` tokens
   for the answer, the largest demonstrations dropped first until it fits (ties: the later
-  one); (None, len(demos)) when the test input alone does not fit."""
+  one), keeping at least one, as training does (a prompt without any demonstration is never
+  trained on); (None, len(demos)) when it does not fit even with its smallest one."""
   alone = sequence_length([], test_input)
   sizes = [sequence_length([pair], test_input) - alone for pair in demos]
   budget = max_len - room - alone
   kept = set(range(len(demos)))
   for d in sorted(kept, key=lambda d: (-sizes[d], -d)):
-    if sum(sizes[k] for k in kept) <= budget:
+    if sum(sizes[k] for k in kept) <= budget or len(kept) == 1:
       break
     kept.remove(d)
-  if budget < 0:
+  if sum(sizes[k] for k in kept) > budget:
     return None, len(demos)
   example = serialize([demos[d] for d in sorted(kept)], test_input)
   return np.asarray(example.tokens, np.int32), len(demos) - len(kept)

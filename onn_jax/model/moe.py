@@ -334,6 +334,10 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 # Module
 # ----------------------------------------------------------------------------------------------
 
+# tau of the straight-through surrogate sigmoid((s - theta) / tau), shared by every gate.
+ST_TEMPERATURE = 0.1
+
+
 class DynMoE(nn.Module):
   """DynMoE feed-forward layer (Guo et al. 2024) with SDL; see the module docstring.
 
@@ -346,7 +350,7 @@ class DynMoE(nn.Module):
   fallback_k: int = 1
   init_threshold: float = 0.0
   target_active: float = 0.25  # target fraction of experts active per token
-  st_temperature: float = 0.1  # tau of the straight-through surrogate sigmoid((s - theta) / tau)
+  st_temperature: float = ST_TEMPERATURE
   # dense: one all-experts einsum. ragged / tiled: only the (token, expert) pairs in use, sorted
   # by expert (jax.lax.ragged_dot, or gather + per-tile matmul + scatter). A token may activate
   # any number of experts, so the static pair capacity is T * E: nothing is ever dropped.

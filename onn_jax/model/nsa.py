@@ -125,13 +125,13 @@ def resolve_impl(impl: str, *, num_queries: int, seq_len: int, keys_per_query: i
   return impl
 
 
-def auto_impl_summary(backend: str | None = None) -> str:
+def auto_impl_summary(backend: str | None = None, *, pallas_tiles_ok: bool = True) -> str:
   """What ``impl="auto"`` runs on ``backend`` (default: the current one), for a run's log.
 
-  "pallas" on GPU (the fused kernels; "blockwise"/"reference" by size if the head or block
-  sizes are not powers of two), else "blockwise or reference (by size)".
+  "pallas" on GPU when the tile sizes suit it (``nsa_pallas.pallas_supported``), else
+  "blockwise or reference (by size)".
   """
-  if (backend or jax.default_backend()) == "gpu":
+  if (backend or jax.default_backend()) == "gpu" and pallas_tiles_ok:
     return "pallas"
   return "blockwise or reference (by size)"
 

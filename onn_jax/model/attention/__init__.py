@@ -28,6 +28,7 @@ import dataclasses
 from typing import Any, Callable
 
 from onn_jax.model import nsa as nsa_core
+from onn_jax.model import nsa_pallas
 from onn_jax.model.attention import dynsmlora, full, nsa
 
 
@@ -56,5 +57,7 @@ def describe(cfg) -> str:
     return cfg.attention
   impl = cfg.nsa_impl
   if impl == "auto":
-    impl = f"auto: {nsa_core.auto_impl_summary()}"
+    tiles_ok = nsa_pallas.pallas_supported(heads_per_group=cfg.num_heads // cfg.num_kv_groups,
+                                           head_dim=cfg.head_dim, select_len=cfg.select_len)
+    impl = f"auto: {nsa_core.auto_impl_summary(pallas_tiles_ok=tiles_ok)}"
   return f"nsa (core: {impl}; cmp_rope {cfg.cmp_rope})"

@@ -35,7 +35,6 @@ from onn_jax.model import moe
 from onn_jax.model.attention.full import FullAttention, init_layer_cache  # noqa: F401
 from onn_jax.model.layers import dtype_of
 
-ST_TEMPERATURE = 0.1  # DynMoE's default tau of the straight-through surrogate
 
 
 def _init_lora_a(rng, num_experts: int, d_model: int, rank: int, param_dtype):
@@ -71,7 +70,7 @@ class DynSMLoRAttention(FullAttention):
     weights_BTE, _, aux = moe.route(
         x_BTC, self.prototypes, self.thresholds, valid_BT, combine=c.moe_combine,
         fallback_k=c.fallback_k, target_active=c.sdl_target_active,
-        st_temperature=ST_TEMPERATURE)
+        st_temperature=moe.ST_TEMPERATURE)
     z_BTER = jnp.einsum("btc,ecr->bter", x_BTC.astype(dt), self.lora_a.astype(dt))
     z_BTER = z_BTER * weights_BTE.astype(dt)[..., None]
     delta_BTF = jnp.einsum("bter,erf->btf", z_BTER, self.lora_b.astype(dt))
