@@ -47,7 +47,7 @@ class SignalGuard:
 
   def __init__(self, log: Callable[[str], None] = print):
     self.log = log
-    self._saving = False
+    self._saving: str | bool = False  # what holds signals back: "save", "step" or nothing
     self._pending: int | None = None
     self._previous: dict[int, object] = {}
 
@@ -66,14 +66,13 @@ class SignalGuard:
     if not self._saving:
       raise Interrupted(signum)
     self._pending = self._pending or signum
-    self.log(f"{signal.Signals(signum).name} during the checkpoint save: the save finishes "
-             "first")
+    if self._saving == "save":
+      self.log(f"{signal.Signals(signum).name} during the checkpoint save: the save finishes "
+               "first")
 
   @contextlib.contextmanager
-  def saving(self, hold: bool = False) -> Iterator[None]:
-    """Signals are held back inside; afterwards the first one is raised (``hold``: dropped,
-    for the save that an interruption already asked for)."""
-    self._saving, self._pending = True, None
+  def _held(self, what: str, hold: bool) -> Iterator[None]:
+    self._saving, self._pending = what, None
     try:
       yield
     finally:
@@ -81,6 +80,17 @@ class SignalGuard:
     pending, self._pending = self._pending, None
     if pending is not None and not hold:
       raise Interrupted(pending)
+
+  def saving(self, hold: bool = False):
+    """Signals are held back inside; afterwards the first one is raised (``hold``: dropped,
+    for the save that an interruption already asked for)."""
+    return self._held("save", hold)
+
+  def step(self):
+    """A training step: a signal waits (silently) until the step has handed back its new
+    state, then stops the run, so the interrupt can checkpoint a whole state (a step donates
+    the old one: cut in the middle there would be nothing to save)."""
+    return self._held("step", False)
 
 
 def _alive(pid: int) -> bool:

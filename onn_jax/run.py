@@ -224,10 +224,12 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
       tokens_since += local_batch["inputs"].size * jax.process_count()
       real_since += int(local_batch["valid"].sum()) * jax.process_count()
       steps_since += 1
-      state, out = runner.run(stage, state, runner.put_batch(local_batch))
+      with guard.step():  # a stop signal waits for the new state, then checkpoints it
+        state, out = runner.run(stage, state, runner.put_batch(local_batch))
       step += 1
       if t.reset_every and step % t.reset_every == 0:
-        state, dead = runner.apply(reset, state, jax.random.fold_in(reset_rng, step))
+        with guard.step():
+          state, dead = runner.apply(reset, state, jax.random.fold_in(reset_rng, step))
         dead = runner.host(dead)
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,

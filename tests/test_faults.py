@@ -76,6 +76,20 @@ def test_preemption_signal_checkpoints_the_current_step(tmp_path):
   mngr.close()
 
 
+def test_a_signal_during_a_step_waits_for_the_new_state():
+  """Preemption lands at any moment, mostly inside a step (which donates the old state): the
+  signal waits until the step has handed back its state, silently, then stops the run."""
+  lines = []
+  state = "old"
+  with faults.SignalGuard(log=lines.append) as guard:
+    with pytest.raises(faults.Interrupted):
+      with guard.step():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now (main thread, between bytecodes)
+        state = "new"
+  assert state == "new" and lines == []
+
+
 def test_a_second_signal_during_the_save_is_held_back(tmp_path, monkeypatch, capsys):
   """SIGTERM at step 3, then SIGINT and SIGTERM (real signals to this process) while that
   checkpoint is written: the save completes, each extra signal is one line."""
