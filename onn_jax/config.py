@@ -77,6 +77,9 @@ class DataConfig:
   max_grid: int = 30  # keep only tasks whose grids all fit max_grid x max_grid
   max_train_tasks: int = 0  # 0: all
   buckets: tuple[int, ...] = (2048,)  # sequence lengths; the longest is the maximum
+  # Teacher forcing on packed rows: several sequences per row of the longest bucket, each
+  # seeing only itself (positions restart), so little of a batch is padding. EAVI never packs.
+  pack: bool = False
   loss_on: str = "answer"  # answer | outputs (every demo output too)
   d8: bool = True
   color_perm: str = "1-9"  # none | 1-9 (0 fixed) | all

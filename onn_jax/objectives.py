@@ -22,19 +22,30 @@ def token_cross_entropy(logits_BTV, targets_BT):
   return -jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
 
 
-def answer_stats(logits_BTV, targets_BT, mask_BT):
-  """Local sums: masked CE, masked count, correct tokens and fully-correct examples."""
+def answer_stats(logits_BTV, targets_BT, mask_BT, segment_start_BT=None):
+  """Local sums: masked CE, masked count, correct tokens and fully-correct examples.
+
+  An example is a row, or with ``segment_start_BT`` (packed rows) each sequence of a row.
+  """
   mask_BT = mask_BT.astype(jnp.float32)
   ce_BT = token_cross_entropy(logits_BTV, targets_BT)
   hit_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32)
-  has_answer_B = jnp.sum(mask_BT, -1) > 0
-  exact_B = jnp.all((hit_BT > 0) | (mask_BT == 0), -1) & has_answer_B
+  if segment_start_BT is None:
+    has_answer = jnp.sum(mask_BT, -1) > 0
+    exact = jnp.all((hit_BT > 0) | (mask_BT == 0), -1) & has_answer
+  else:  # per sequence: a sequence is named by its start, so [B, T] counters suffice
+    B, T = mask_BT.shape
+    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    per_seq = lambda x_BT: jnp.zeros((B, T), jnp.float32).at[rows_BT, segment_start_BT].add(
+        x_BT)  # noqa: E731
+    has_answer = per_seq(mask_BT) > 0
+    exact = (per_seq(mask_BT * (1.0 - hit_BT)) == 0) & has_answer
   return {
       "ce_sum": jnp.sum(ce_BT * mask_BT),
       "tokens": jnp.sum(mask_BT),
       "correct": jnp.sum(hit_BT * mask_BT),
-      "exact": jnp.sum(exact_B.astype(jnp.float32)),
-      "examples": jnp.sum(has_answer_B.astype(jnp.float32)),
+      "exact": jnp.sum(exact.astype(jnp.float32)),
+      "examples": jnp.sum(has_answer.astype(jnp.float32)),
   }
 
 

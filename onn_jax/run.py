@@ -9,6 +9,7 @@ the checkpointed state).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -181,7 +182,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
 
   tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       pack_align=attention.pack_alignment(cfg.model))
   if stream.num_too_long:
     log(f"data: {stream.num_too_long} training sequences are longer than the longest bucket "
         f"(data.buckets={list(cfg.data.buckets)}) even with one demonstration and are dropped; "
@@ -215,10 +217,11 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   def save(at: int) -> None:
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
 
+  batches = Prefetch(functools.partial(batch_at, cfg, stream), stop_at)
   try:
     while step < stop_at:
       stage = stages.stage_at(cfg, step).name
-      local_batch = stream.batch(step)
+      local_batch = batches.get(step)
       _announce_step(bar, compiled, stage, local_batch["inputs"].shape[-1])
       # Per process: its own rows, scaled by the process count (rows are drawn alike).
       tokens_since += local_batch["inputs"].size * jax.process_count()
@@ -274,6 +277,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
     err.reported = True
     raise
   finally:
+    batches.close()
     bar.close()
     live.close()
     with guard.saving(hold=True):
@@ -282,6 +286,38 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   final = runner.get_state(state)
   return TrainResult(step=step, total=total, finished=step >= total, last=last, state=final,
                      model=model, stream=stream, info=info)
+
+
+def batch_at(cfg: Config, stream: BatchStream, step: int) -> dict:
+  """This process's batch of the run's step ``step``: packed rows when ``data.pack`` is on and
+  the step's stage takes them, else one sequence per row."""
+  if cfg.data.pack and stages.stage_at(cfg, step).packs:
+    return stream.packed_batch(step)
+  return stream.batch(step)
+
+
+class Prefetch:
+  """``get(step)`` returns ``make(step)`` and starts ``make(step + 1)`` (below ``stop``) on a
+  worker thread, so that building the next batch on the host overlaps the device's step.
+  Batches depend only on the step, so prefetching changes nothing but the time."""
+
+  def __init__(self, make, stop: int):
+    self._make, self._stop = make, stop
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._next: tuple[int, concurrent.futures.Future] | None = None
+
+  def get(self, step: int) -> dict:
+    if self._next is not None and self._next[0] == step:
+      batch = self._next[1].result()
+    else:
+      batch = self._make(step)
+    self._next = None
+    if step + 1 < self._stop:
+      self._next = (step + 1, self._pool.submit(self._make, step + 1))
+    return batch
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _announce_step(bar, compiled: set, stage: str, length: int) -> None:

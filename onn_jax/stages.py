@@ -32,6 +32,9 @@ class Stage:
   step: Callable[..., Any]  # the per-device step function (see onn_jax.steps.train_step)
   num_steps: Callable[[Config], int]
   schedule: Callable[[Config], optax.Schedule]  # learning rate over the stage's own steps
+  # Whether the step takes packed rows (several sequences per row, data.pack): its batch then
+  # has segment_start and answer_mask instead of answer_start and answer_len.
+  packs: bool = False
 
 
 _REGISTRY: dict[str, Stage] = {}

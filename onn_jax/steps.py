@@ -146,14 +146,15 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Confi
   """One teacher-forcing step: shifted next-token CE on the loss mask + SDL."""
 
   def loss_fn(params):
-    logits_BTV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"])
+    logits_BTV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"],
+                                     segment_start_BT=batch.get("segment_start"))
     loss_stats = objectives.answer_stats(logits_BTV, batch["targets"], batch["loss_mask"])
     tokens = jnp.maximum(objectives.psum(loss_stats["tokens"], axis_name), 1.0)
     sdl_local, sdl_report = objectives.sdl(aux, cfg.model, axis_name, num_devices)
     # Reported accuracy and exact match are on the answer alone, even when the loss also
     # covers demo outputs (data.loss_on=outputs).
     answer = objectives.answer_stats(jax.lax.stop_gradient(logits_BTV), batch["targets"],
-                                     answer_mask(batch))
+                                     answer_mask(batch), batch.get("segment_start"))
     return loss_stats["ce_sum"] / tokens + sdl_local, (loss_stats, answer, sdl_report, aux)
 
   grads, (loss_stats, stats, sdl_report, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -182,7 +183,10 @@ def answer_index(batch: dict) -> jax.Array:
 
 
 def answer_mask(batch: dict) -> jax.Array:
-  """[B, T] float: target positions that predict an answer token (incl. END)."""
+  """[B, T] float: target positions that predict an answer token (incl. END). A packed batch
+  (several answers per row) carries it as ``batch["answer_mask"]``."""
+  if "answer_mask" in batch:
+    return batch["answer_mask"]
   k_BT = answer_index(batch)
   return ((k_BT >= 0) & (k_BT < batch["answer_len"][:, None])).astype(jnp.float32)
 
@@ -315,6 +319,7 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
 # The two training stages of the seed, in the order a run takes them (onn_jax/stages.py).
 stages.register(stages.Stage(
     name="pretrain", step=train_step, num_steps=lambda cfg: cfg.train.pretrain_steps,
+    packs=True,
     schedule=lambda cfg: warmup_cosine(cfg.train.learning_rate, cfg.train.warmup_steps,
                                        cfg.train.pretrain_steps, cfg.train.min_lr_ratio)))
 stages.register(stages.Stage(

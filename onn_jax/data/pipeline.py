@@ -165,6 +165,45 @@ def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
           "valid": valid_BT, "answer_start": answer_start_B, "answer_len": answer_len_B}
 
 
+def collate_packed(rows: Sequence[Sequence[Example]], length: int, align: int
+                   ) -> dict[str, np.ndarray]:
+  """Packs each row's examples one after another into a next-token batch of width ``length``.
+
+  Every example starts at a multiple of ``align`` (the model's
+  :func:`onn_jax.model.attention.pack_alignment`); the gaps and the row's tail are padding.
+  An example of n tokens takes n - 1 positions (inputs ``t[:-1]``, targets ``t[1:]``), as in
+  :func:`collate`.
+
+  Returns :func:`collate`'s ``inputs``, ``targets``, ``loss_mask``, ``valid``, and
+    segment_start int32 [B, T]: the position where each token's sequence starts (padding
+      belongs to the sequence before it; the model shows every sequence only itself);
+    answer_mask float32 [B, T]: target positions that predict an answer token (incl. END).
+  """
+  batch = len(rows)
+  out = {"inputs": np.full((batch, length), PAD, np.int32),
+         "targets": np.full((batch, length), PAD, np.int32),
+         "loss_mask": np.zeros((batch, length), np.float32),
+         "valid": np.zeros((batch, length), bool),
+         "segment_start": np.zeros((batch, length), np.int32),
+         "answer_mask": np.zeros((batch, length), np.float32)}
+  for b, examples in enumerate(rows):
+    at = 0
+    for ex in examples:
+      n = len(ex.tokens) - 1
+      if at + n > length:
+        raise ValueError(f"task {ex.task_id} test {ex.test_index}: {n + 1} tokens do not fit "
+                         f"row {b} at position {at} of {length}")
+      out["inputs"][b, at:at + n] = ex.tokens[:-1]
+      out["targets"][b, at:at + n] = ex.tokens[1:]
+      out["loss_mask"][b, at:at + n] = ex.loss_mask[1:]
+      out["valid"][b, at:at + n] = True
+      out["segment_start"][b, at:] = at
+      first = at + ex.answer_start - 1  # the position that predicts the first answer token
+      out["answer_mask"][b, first:first + ex.answer_len] = 1.0
+      at += -(-n // align) * align
+  return out
+
+
 def _item_lengths(task: Task, test_index: int, d8: bool) -> tuple[int, int]:
   """(shortest with one demo, with every demo) token counts of an item, over the orientations
   augmentation may produce (a transpose turns h * (w + 1) into w * (h + 1))."""
@@ -196,10 +235,17 @@ class BatchStream:
   (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
   ``batch_size // process_count``: rows [process_index * b, (process_index + 1) * b) of the
   global batch, which every process draws identically.
+
+  ``packed_batch(step)`` (``data.pack``) fills rows of the longest bucket's length with
+  several sequences each (:func:`collate_packed`), drawn uniformly from all items
+  (:meth:`pack_rows`). Every process draws the whole batch and keeps its rows.
   """
 
+  PACK_MISSES = 4  # candidates passed over per row before a packed batch is closed
+
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
-               process_index: int = 0, process_count: int = 1, start_step: int = 0):
+               process_index: int = 0, process_count: int = 1, start_step: int = 0,
+               pack_align: int = 1):
     if batch_size < 1:
       raise ValueError(f"train.batch_size={batch_size} must be positive")
     if process_count < 1 or batch_size % process_count:
@@ -220,6 +266,9 @@ class BatchStream:
     self.start_step = start_step
     self.rows_per_process = batch_size // process_count
     self.buckets = tuple(sorted(set(int(b) for b in cfg.buckets)))
+    if pack_align < 1:
+      raise ValueError(f"pack alignment {pack_align} must be positive")
+    self.pack_align = pack_align
 
     items: list[tuple[Task, int]] = []
     origin: list[int] = []  # the index in ``tasks`` each item comes from
@@ -231,6 +280,7 @@ class BatchStream:
       origin.extend([k] * (len(items) - n))
     longest = self.buckets[-1] + 1
     self.items: list[tuple[Task, int]] = []
+    self.item_tokens: list[int] = []  # tokens with every demo (any orientation), capped
     bucket_of: list[int] = []
     self.num_too_long = 0
     kept_tasks: set[int] = set()
@@ -241,6 +291,7 @@ class BatchStream:
         continue
       kept_tasks.add(k)
       self.items.append((task, test_index))
+      self.item_tokens.append(min(full, longest))
       bucket_of.append(next((k for k, b in enumerate(self.buckets) if full <= b + 1),
                             len(self.buckets) - 1))
     self.num_tasks_too_long = len(set(origin) - kept_tasks)
@@ -288,6 +339,39 @@ class BatchStream:
     first = self.process_index * self.rows_per_process
     rows = range(first, first + self.rows_per_process)
     return collate([self._example(int(picks[r]), step, r, length + 1) for r in rows], length)
+
+  def pack_rows(self, step: int) -> list[list[Example]]:
+    """The examples in each row of the global packed batch at ``step``, augmented.
+
+    Candidates are drawn uniformly from all items and augmented in draw order (draw k uses
+    row id k); each goes to the row with the least room that still holds it (best fit); one
+    that fits no row is passed over. Drawing stops when no row has room for a sequence, or
+    after ``PACK_MISSES`` misses per row.
+    """
+    rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
+    length, align = self.buckets[-1], self.pack_align
+    room = np.full(self.batch_size, length)
+    rows: list[list[Example]] = [[] for _ in range(self.batch_size)]
+    misses, k = 0, 0
+    while misses < self.PACK_MISSES * self.batch_size and room.max() >= align:
+      item = int(rng.integers(len(self.items)))
+      example = self._example(item, step, k, self.item_tokens[item])
+      k += 1
+      need = -(-(len(example.tokens) - 1) // align) * align
+      fits = np.flatnonzero(room >= need)
+      if not fits.size:
+        misses += 1
+        continue
+      r = int(fits[np.argmin(room[fits])])
+      room[r] -= need
+      rows[r].append(example)
+    return rows
+
+  def packed_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global packed batch at ``step`` (:func:`collate_packed`)."""
+    first = self.process_index * self.rows_per_process
+    rows = self.pack_rows(step)[first:first + self.rows_per_process]
+    return collate_packed(rows, self.buckets[-1], self.pack_align)
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of steps start_step, start_step + 1, ... forever."""

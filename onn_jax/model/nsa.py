@@ -102,6 +102,12 @@ def num_selection_blocks(seq_len: int, select_len: int) -> int:
   return -(-seq_len // select_len)
 
 
+def pack_alignment(block_stride: int, select_len: int) -> int:
+  """The position every sequence of a packed row starts at a multiple of (see ``nsa_core``'s
+  ``segment_start``): ``lcm(block_stride, select_len)``."""
+  return math.lcm(block_stride, select_len)
+
+
 def resolve_impl(impl: str, *, num_queries: int, seq_len: int, keys_per_query: int,
                  backend: str | None = None, pallas_tiles_ok: bool = True) -> str:
   """Maps ``impl`` ("reference" | "blockwise" | "pallas" | "auto") to a concrete name.
@@ -188,9 +194,11 @@ def _attend_values(spec: str, probs: jax.Array, values: jax.Array) -> jax.Array:
 
 def _compressed_branch(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, v_cmp_BNGD: jax.Array,
                        pos_BT: jax.Array, block_len: int, block_stride: int,
-                       ) -> tuple[jax.Array, jax.Array]:
+                       lo_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention over visible compressed blocks (eq. 5, 7-8).
 
+  ``lo_BT`` (packed rows): the first key position each query may see; a block starting
+  before it belongs to an earlier sequence and is masked.
   Returns the branch output [B,T,G,R,D] and its probabilities [B,T,G,R,N] (float32, zero on
   blocks not yet visible).
   """
@@ -199,8 +207,10 @@ def _compressed_branch(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, v_cmp_BNGD: ja
     B, T, G, R, D = q_BTGRD.shape
     return jnp.zeros((B, T, G, R, D), _F32), jnp.zeros((B, T, G, R, 0), _F32)
   scale = 1.0 / math.sqrt(q_BTGRD.shape[-1])
-  last_N = jnp.arange(num_cmp, dtype=jnp.int32) * block_stride + (block_len - 1)
-  visible_BTN = last_N[None, None, :] <= pos_BT[:, :, None]
+  first_N = jnp.arange(num_cmp, dtype=jnp.int32) * block_stride
+  visible_BTN = first_N[None, None, :] + (block_len - 1) <= pos_BT[:, :, None]
+  if lo_BT is not None:
+    visible_BTN &= first_N[None, None, :] >= lo_BT[:, :, None]
   logits_BTGRN = jnp.einsum("btgrd,bngd->btgrn", q_BTGRD, k_cmp_BNGD,
                             preferred_element_type=_F32) * scale
   probs_BTGRN = _masked_softmax(logits_BTGRN, visible_BTN[:, :, None, None, :])
@@ -247,12 +257,14 @@ def _overlap_table(num_cmp: int, num_sel: int, block_len: int, block_stride: int
 
 
 def select_blocks(scores: jax.Array, pos: jax.Array, *, num_select: int, select_len: int,
-                  ) -> tuple[jax.Array, jax.Array]:
+                  lo: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Chooses ``num_select`` selection blocks per query and group (eq. 11).
 
   Args:
     scores: block importance [B,T,G,J] (treated as a constant: no gradient).
     pos: absolute query positions [B,T] int.
+    lo: packed rows: the first position of each query's sequence [B,T] (a multiple of
+      ``select_len``); its block plays block 0's part and earlier blocks are not candidates.
   Returns:
     ``(idx, valid)``, both [B,T,G,num_select]: int32 block indices, distinct within a row, and
     a bool mask of the slots in use. Forced blocks (0, ``p//select_len``, ``p//select_len - 1``)
@@ -262,8 +274,9 @@ def select_blocks(scores: jax.Array, pos: jax.Array, *, num_select: int, select_
   num_sel = scores.shape[-1]
   j_J = jnp.arange(num_sel, dtype=jnp.int32)
   cur_BT1 = (pos // select_len)[:, :, None]
-  candidate_BTJ = j_J <= cur_BT1
-  forced_BTJ = (j_J == 0) | (j_J == cur_BT1) | (j_J == cur_BT1 - 1)
+  first_BT1 = 0 if lo is None else (lo // select_len)[:, :, None]
+  candidate_BTJ = (j_J <= cur_BT1) & (j_J >= first_BT1)
+  forced_BTJ = ((j_J == first_BT1) | (j_J == cur_BT1) | (j_J == cur_BT1 - 1)) & candidate_BTJ
   scores_BTGJ = jax.lax.stop_gradient(scores).astype(_F32)
   key_BTGJ = jnp.where(forced_BTJ[:, :, None, :], jnp.inf,
                        jnp.where(candidate_BTJ[:, :, None, :], scores_BTGJ, -jnp.inf))
@@ -272,6 +285,8 @@ def select_blocks(scores: jax.Array, pos: jax.Array, *, num_select: int, select_
   _, idx_BTGK = jax.lax.top_k(key_BTGJ, k)
   idx_BTGK = idx_BTGK.astype(jnp.int32)
   valid_BTGK = idx_BTGK <= cur_BT1[..., None]
+  if lo is not None:
+    valid_BTGK &= idx_BTGK >= first_BT1[..., None]
   if k < num_select:
     pad = [(0, 0)] * 3 + [(0, num_select - k)]
     idx_BTGK = jnp.pad(idx_BTGK, pad)
@@ -290,7 +305,7 @@ def _dense_attention(q_BTGRD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
 
 
 def _reference_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK, pos_BT,
-                        select_len: int, window: int) -> tuple[jax.Array, jax.Array]:
+                        select_len: int, window: int, lo_BT=None) -> tuple[jax.Array, jax.Array]:
   """Selected and window branches as dense masked attention: O(B*T*H*S) memory."""
   S = k_slc.shape[1]
   num_sel = num_selection_blocks(S, select_len)
@@ -299,6 +314,8 @@ def _reference_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTG
       (idx_BTGK[..., None] == jnp.arange(num_sel, dtype=jnp.int32)) & valid_BTGK[..., None],
       axis=-2)
   causal_BTS = s_S[None, None, :] <= pos_BT[:, :, None]
+  if lo_BT is not None:
+    causal_BTS &= s_S[None, None, :] >= lo_BT[:, :, None]
   sel_BTGS = jnp.take(chosen_BTGJ, s_S // select_len, axis=-1) & causal_BTS[:, :, None, :]
   win_BTS = causal_BTS & (s_S[None, None, :] > pos_BT[:, :, None] - window)
   out_slc = _dense_attention(q_BTGRD, k_slc, v_slc, sel_BTGS)
@@ -354,8 +371,10 @@ def _selected_blockwise(q_BTGRD, k_slc, v_slc, idx_BTGK, valid_BTGK, pos_BT,
   return _attend_values("btgrkl,btgkld->btgrd", probs.reshape(logits.shape), v_sel)
 
 
-def _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window: int) -> jax.Array:
+def _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window: int, lo_BT=None) -> jax.Array:
   """Sliding-window branch over a band of keys, chunked along the queries: [B,T,G,R,D].
+
+  ``lo_BT`` (packed rows): keys before each query's sequence start are masked too.
 
   Example b's queries need keys ``[q_offset_b - w + 1, q_offset_b + T - 1]``: one contiguous
   band of ``T + w - 1`` rows (a left pad stands for negative positions). For ``T <= w`` all
@@ -393,6 +412,9 @@ def _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window: int) -> jax.Array:
                 + jnp.arange(KX)[None, None, :] - (w - 1))
   mask_BnCX = (((dist_CX >= 0) & (dist_CX < w))[None, None]
                & (keypos_BnX >= 0)[:, :, None, :])
+  if lo_BT is not None:
+    lo_BnC = jnp.pad(lo_BT, [(0, 0), (0, n * C - T)]).reshape(B, n, C)
+    mask_BnCX &= keypos_BnX[:, :, None, :] >= lo_BnC[..., None]
   logits = jnp.einsum("bcigrd,bcxgd->bcigrx", q_c, k_c,
                       preferred_element_type=_F32) / math.sqrt(D)
   probs = _masked_softmax(logits, mask_BnCX[:, :, :, None, None, :])
@@ -401,11 +423,12 @@ def _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window: int) -> jax.Array:
 
 
 def _blockwise_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK, pos_BT,
-                        select_len: int, window: int) -> tuple[jax.Array, jax.Array]:
-  """Selected and window branches from gathered keys only: no [T, S] tensor is built."""
+                        select_len: int, window: int, lo_BT=None) -> tuple[jax.Array, jax.Array]:
+  """Selected and window branches from gathered keys only: no [T, S] tensor is built.
+  (Chosen blocks never start before ``lo_BT``: the selected branch needs no extra mask.)"""
   out_slc = _selected_blockwise(q_BTGRD, k_slc, v_slc, idx_BTGK, valid_BTGK, pos_BT,
                                 select_len)
-  out_win = _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window)
+  out_win = _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window, lo_BT)
   return out_slc, out_win
 
 
@@ -414,7 +437,7 @@ def _blockwise_branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTG
 PALLAS_CMP_CHUNK_ELEMS = 1 << 26
 
 
-def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, *, seq_len: int,
+def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, *, seq_len: int,
                                       block_len: int, block_stride: int, select_len: int,
                                       num_select: int) -> tuple[jax.Array, jax.Array]:
   """Compressed branch and block choice over chunks of queries: memory linear in T.
@@ -431,41 +454,44 @@ def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, *, seq_len:
   n = -(-T // C)
 
   @jax.checkpoint
-  def chunk(q_c, pos_c):
-    out_c, p_c = _compressed_branch(q_c, k_cmp, v_cmp, pos_c, block_len, block_stride)
+  def chunk(q_c, pos_c, lo_c):
+    out_c, p_c = _compressed_branch(q_c, k_cmp, v_cmp, pos_c, block_len, block_stride, lo_c)
     p_c = jax.lax.stop_gradient(p_c)
     scores_c = selection_scores(p_c.reshape(B, q_c.shape[1], G * R, -1), num_groups=G,
                                 seq_len=seq_len, block_len=block_len,
                                 block_stride=block_stride, select_len=select_len)
     idx_c, valid_c = select_blocks(scores_c, pos_c, num_select=num_select,
-                                   select_len=select_len)
+                                   select_len=select_len, lo=lo_c)
     return out_c, jnp.where(valid_c, idx_c, -1)
 
   if n == 1:
-    return chunk(q_BTGRD, pos_BT)
+    return chunk(q_BTGRD, pos_BT, lo_BT)
   pad = n * C - T
   q_nBCGRD = jnp.moveaxis(
       jnp.pad(q_BTGRD, [(0, 0), (0, pad)] + [(0, 0)] * 3).reshape(B, n, C, G, R, D), 1, 0)
   pos_nBC = jnp.moveaxis(jnp.pad(pos_BT, [(0, 0), (0, pad)], mode="edge").reshape(B, n, C),
                          1, 0)
-  out_n, idx_n = jax.lax.map(lambda xs: chunk(*xs), (q_nBCGRD, pos_nBC))
+  lo_nBC = None if lo_BT is None else jnp.moveaxis(
+      jnp.pad(lo_BT, [(0, 0), (0, pad)], mode="edge").reshape(B, n, C), 1, 0)
+  out_n, idx_n = jax.lax.map(lambda xs: chunk(*xs), (q_nBCGRD, pos_nBC, lo_nBC))
   out_BTGRD = jnp.moveaxis(out_n, 0, 1).reshape(B, n * C, G, R, D)[:, :T]
   idx_BTGK = jnp.moveaxis(idx_n, 0, 1).reshape(B, n * C, G, -1)[:, :T]
   return out_BTGRD, idx_BTGK
 
 
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
-                        offset_is_zero: bool) -> jax.Array:
+                        offset_is_zero: bool, lo_BT=None) -> jax.Array:
   """Window branch for impl="pallas": cuDNN's sliding-window attention on GPU when it
-  applies (queries at positions 0..T-1 over T keys, 16-bit dtype), else the chunked band
-  attention of the blockwise implementation (which reads only each chunk's band of keys)."""
+  applies (queries at positions 0..T-1 over T keys, 16-bit dtype, one sequence per row), else
+  the chunked band attention of the blockwise implementation (which reads only each chunk's
+  band of keys)."""
   B, T, G, R, D = q_BTGRD.shape
   S = k_win.shape[1]
-  cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S
+  cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S and lo_BT is None
               and q_BTGRD.dtype in (jnp.bfloat16, jnp.float16)
               and k_win.dtype == q_BTGRD.dtype and v_win.dtype == q_BTGRD.dtype)
   if not cudnn_ok:
-    return _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window)
+    return _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window, lo_BT)
   out_BTHD = jax.nn.dot_product_attention(
       q_BTGRD.reshape(B, T, G * R, D), k_win, v_win, is_causal=True,
       local_window_size=(min(window, S) - 1, 0), implementation="cudnn")
@@ -507,7 +533,8 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
              v_slc: jax.Array, k_win: jax.Array, v_win: jax.Array, gates: jax.Array, *,
              block_len: int, block_stride: int, select_len: int, num_select: int, window: int,
              q_offset: QOffset = 0, impl: str = "reference",
-             q_cmp: jax.Array | None = None) -> jax.Array:
+             q_cmp: jax.Array | None = None,
+             segment_start: jax.Array | None = None) -> jax.Array:
   """NSA attention: gated sum of compressed, selected and sliding-window attention (eq. 5).
 
   Args:
@@ -523,6 +550,13 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
     q_cmp: queries [B,T,H,D] for the compressed branch and the block-importance scores only
       (the selected and window branches use ``q``). The NSA layer passes its queries before
       RoPE here, since compressed keys carry no rotation; default ``q``.
+    segment_start: packed rows (several sequences one after the other): int [B,T], the
+      position of the first token of each query's sequence. A query then sees nothing before
+      it: no key of the window or selected branches, no compressed block starting earlier,
+      and its sequence's first selection block takes block 0's forced place. Every sequence
+      must start at a multiple of ``select_len`` and of ``block_stride``
+      (:func:`pack_alignment`), so that blocks never straddle two sequences; each sequence
+      is then attended exactly as if it were alone in its row. Default: one sequence a row.
   Returns:
     [B,T,H,D] in ``q.dtype`` (logits, softmax and the gated sum are float32).
   """
@@ -540,28 +574,34 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
                       pallas_tiles_ok=nsa_pallas.pallas_supported(
                           heads_per_group=R, head_dim=D, select_len=select_len))
   pos_BT = query_positions(q_offset, B, T)
+  lo_BT = None
+  if segment_start is not None:
+    if segment_start.shape != (B, T):
+      raise ValueError(f"nsa_core: segment_start must be [B,T]={(B, T)}, got "
+                       f"{segment_start.shape}")
+    lo_BT = jnp.asarray(segment_start, jnp.int32)
   q_BTGRD = q.reshape(B, T, G, R, D)
   q_cmp_BTGRD = q_cmp.reshape(B, T, G, R, D)
 
   if impl == "pallas":
     out_cmp, idx_BTGK = _compressed_and_selection_chunked(
-        q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, seq_len=S, block_len=block_len,
+        q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, seq_len=S, block_len=block_len,
         block_stride=block_stride, select_len=select_len, num_select=num_select)
     out_slc = nsa_pallas.selected_attention(q_BTGRD, k_slc, v_slc, idx_BTGK, pos_BT,
                                             select_len, nsa_pallas.use_interpret())
     offset_is_zero = isinstance(q_offset, (int, np.integer)) and q_offset == 0
-    out_win = _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window, offset_is_zero)
+    out_win = _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window, offset_is_zero, lo_BT)
   else:
     out_cmp, p_cmp_BTGRN = _compressed_branch(q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, block_len,
-                                              block_stride)
+                                              block_stride, lo_BT)
     scores_BTGJ = selection_scores(p_cmp_BTGRN.reshape(B, T, H, -1), num_groups=G,
                                    seq_len=S, block_len=block_len, block_stride=block_stride,
                                    select_len=select_len)
     idx_BTGK, valid_BTGK = select_blocks(scores_BTGJ, pos_BT, num_select=num_select,
-                                         select_len=select_len)
+                                         select_len=select_len, lo=lo_BT)
     branches = _reference_branches if impl == "reference" else _blockwise_branches
     out_slc, out_win = branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK,
-                                pos_BT, select_len, window)
+                                pos_BT, select_len, window, lo_BT)
 
   gates_BTGR3 = gates.astype(_F32).reshape(B, T, G, R, 3)
   out_BTGRD = (gates_BTGR3[..., 0:1] * out_cmp + gates_BTGR3[..., 1:2] * out_slc

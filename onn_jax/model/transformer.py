@@ -56,12 +56,13 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTC, valid_BT, *, mode="train", cache=None, pos_B=None):
+  def __call__(self, x_BTC, valid_BT, segment_start_BT=None, *, mode="train", cache=None,
+               pos_B=None):
     c = self.cfg
     pdt = dtype_of(c.param_dtype)
     attn_out, new_cache, attn_aux = attention.get(c.attention).module(c, name="attn")(
         RMSNorm(param_dtype=pdt, name="attn_norm")(x_BTC), valid_BT, mode=mode, cache=cache,
-        pos_B=pos_B)
+        pos_B=pos_B, segment_start_BT=segment_start_BT)
     x_BTC = x_BTC + attn_out
     moe_out, aux = moe_layer(c, name="moe")(
         RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
@@ -74,6 +75,10 @@ class Transformer(nn.Module):
   """Tiny-ONN. ``inputs`` are token ids [B, T] or distributions over the vocabulary [B, T, V]
   (embedded as the expected embedding, for EAVI's soft feed).
 
+  ``segment_start_BT`` (train mode): packed rows, several sequences one after another, each
+  starting at a multiple of :func:`onn_jax.model.attention.pack_alignment`; int [B,T], the first position of each
+  token's sequence. Every sequence is then computed as if it were alone in its row.
+
   Returns ``(logits_BTV float32, new_cache or None, aux)`` where ``aux`` stacks each layer's
   DynMoE outputs along a leading layer axis (and a gated attention's under ``aux["attn"]``).
   """
@@ -81,7 +86,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, valid_BT=None, *, mode: str = "train", cache: Cache | None = None,
-               pos_B: jax.Array | None = None):
+               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None):
     c = self.cfg
     dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
     table_VC = self.param("embedding", nn.initializers.normal(1.0), (VOCAB_SIZE, c.d_model),
@@ -102,10 +107,11 @@ class Transformer(nn.Module):
     block_cls = nn.remat(Block) if (c.remat and mode == "train") else Block
     for i in range(c.num_layers):
       if mode == "train":
-        x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(x_BTC, valid_BT)
+        x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(x_BTC, valid_BT,
+                                                                  segment_start_BT)
       else:
         x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(
-            x_BTC, valid_BT, mode=mode, cache=cache[i], pos_B=pos_B)
+            x_BTC, valid_BT, segment_start_BT, mode=mode, cache=cache[i], pos_B=pos_B)
       new_caches.append(layer_cache)
       auxes.append(aux)
     x_BTC = RMSNorm(param_dtype=pdt, name="final_norm")(x_BTC)

@@ -3,10 +3,13 @@
 Each variant is one module in this package with
 
 * a Flax module ``cls(cfg, name=...)`` called as
-  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"decode", cache=None, pos_B=None)``
-  and returning ``(out_BTC, new_cache, aux)``:
+  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"decode", cache=None, pos_B=None,
+  segment_start_BT=None)`` and returning ``(out_BTC, new_cache, aux)``:
 
-  - ``"train"``: a causal pass over [B, T] from position 0; ``new_cache`` is None;
+  - ``"train"``: a causal pass over [B, T] from position 0; ``new_cache`` is None. With
+    ``segment_start_BT`` (int [B,T]: the first position of each token's sequence) a row holds
+    several packed sequences: each one attends only to itself, with positions from 0, exactly
+    as if alone (sequences start at multiples of :func:`pack_alignment`);
   - ``"prefill"``: the same pass, also writing positions ``0..T-1`` of ``cache``;
   - ``"decode"``: one token per example (T = 1) at absolute position ``pos_B`` [B], read from
     and written to ``cache``;
@@ -49,6 +52,14 @@ def get(name: str) -> Variant:
   if name not in VARIANTS:
     raise ValueError(f"model.attention: {name!r} is not one of {', '.join(VARIANTS)}")
   return VARIANTS[name]
+
+
+def pack_alignment(cfg) -> int:
+  """Sequences packed into one row start at multiples of this: NSA's selection and
+  compression blocks must not straddle two sequences; dense attention needs no alignment."""
+  if cfg.attention == "nsa":
+    return nsa_core.pack_alignment(cfg.block_stride, cfg.select_len)
+  return 1
 
 
 def describe(cfg) -> str:

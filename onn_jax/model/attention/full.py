@@ -24,9 +24,19 @@ def attention_implementation(dtype) -> str | None:
   return "cudnn" if on_gpu and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] else None
 
 
-def causal_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array) -> jax.Array:
-  """Causal softmax attention over a sequence from position 0 (GQA: H a multiple of G)."""
-  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, is_causal=True,
+def causal_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
+                     segment_start_BT: jax.Array | None = None) -> jax.Array:
+  """Causal softmax attention over a sequence from position 0 (GQA: H a multiple of G).
+
+  Packed rows (``segment_start_BT`` [B,T], the first position of each query's sequence): a
+  query also sees no key before its sequence, through a [B,1,T,T] mask (cuDNN takes it as a
+  bias: fine at training lengths, quadratic memory).
+  """
+  mask = None
+  if segment_start_BT is not None:
+    T = k_BTGD.shape[1]
+    mask = (jnp.arange(T)[None, None, None, :] >= segment_start_BT[:, None, :, None])
+  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, mask=mask, is_causal=True,
                                       implementation=attention_implementation(q_BTHD.dtype))
 
 
@@ -74,15 +84,20 @@ class FullAttention(nn.Module):
     return apply_rope(q_BTHD, pos_BT, theta), apply_rope(k_BTGD, pos_BT, theta), v_BTGD
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
-               pos_B: jax.Array | None = None):
+               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None):
     B, T, _ = x_BTC.shape
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), bool)
     new_cache = None
+    if segment_start_BT is not None and mode != "train":
+      raise ValueError(f"attention: packed rows (segment_start) are for training, not "
+                       f"mode={mode!r}")
     if mode in ("train", "prefill"):
       pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      if segment_start_BT is not None:  # packed rows: positions restart at every sequence
+        pos_BT = pos_BT - segment_start_BT
       q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, pos_BT, valid_BT)
-      o_BTHD = causal_attention(q_BTHD, k_BTGD, v_BTGD)
+      o_BTHD = causal_attention(q_BTHD, k_BTGD, v_BTGD, segment_start_BT)
       if mode == "prefill":
         new_cache = {name: jax.lax.dynamic_update_slice_in_dim(
             cache[name], val.astype(cache[name].dtype), 0, axis=1)

@@ -119,38 +119,46 @@ class NSAttention(nn.Module):
     gates_BTH3 = jax.nn.sigmoid(self.gate_proj(h).astype(jnp.float32)).reshape(B, T, H, 3)
     return (q_BTHD, q_cmp_BTHD), new, gates_BTH3.astype(q_BTHD.dtype)
 
-  def _core(self, qs, kv, k_cmp, v_cmp, gates, q_offset):
+  def _core(self, qs, kv, k_cmp, v_cmp, gates, q_offset, segment_start_BT=None):
     c = self.cfg
     q_BTHD, q_cmp_BTHD = qs
     return nsa.nsa_core(
         q_BTHD, k_cmp, v_cmp, kv["k_slc"], kv["v_slc"], kv["k_win"], kv["v_win"], gates,
         block_len=c.block_len, block_stride=c.block_stride, select_len=c.select_len,
         num_select=c.num_select, window=c.window, q_offset=q_offset, impl=c.nsa_impl,
-        q_cmp=q_cmp_BTHD)
+        q_cmp=q_cmp_BTHD, segment_start=segment_start_BT)
 
-  def _rotate_cmp(self, k_cmp_BNGD, block_BN):
-    """``cmp_rope="both"``: compressed key of block i rotated at its last position."""
+  def _rotate_cmp(self, k_cmp_BNGD, block_BN, shift_BN=0):
+    """``cmp_rope="both"``: compressed key of block i rotated at its last position (minus
+    ``shift_BN``, the start of its sequence in a packed row)."""
     c = self.cfg
     if c.cmp_rope != "both":
       return k_cmp_BNGD
-    return apply_rope(k_cmp_BNGD, block_BN * c.block_stride + c.block_len - 1, c.rope_theta)
+    return apply_rope(k_cmp_BNGD, block_BN * c.block_stride + c.block_len - 1 - shift_BN,
+                      c.rope_theta)
 
-  def _compress_all(self, kv, seq_len: int):
-    """Every complete compressed block of a sequence from position 0: (k_cmp, v_cmp)."""
+  def _compress_all(self, kv, seq_len: int, segment_start_BT=None):
+    """Every complete compressed block of a row from position 0: (k_cmp, v_cmp)."""
     c = self.cfg
     n = nsa.num_compressed_blocks(seq_len, c.block_len, c.block_stride)
     k_cmp = compress(self.k_compressor, kv["k_cmp_raw"], n, c.block_len, c.block_stride)
     block_BN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), k_cmp.shape[:2])
-    return (self._rotate_cmp(k_cmp, block_BN),
+    # Packed rows: a block's position is counted from the start of the sequence it begins in.
+    shift_BN = 0 if segment_start_BT is None else segment_start_BT[:, ::c.block_stride][:, :n]
+    return (self._rotate_cmp(k_cmp, block_BN, shift_BN),
             compress(self.v_compressor, kv["v_cmp_raw"], n, c.block_len, c.block_stride))
 
-  def _full_sequence(self, x_BTC):
-    """The train/prefill pass from position 0: (o_BTHD, key/values, k_cmp, v_cmp)."""
+  def _full_sequence(self, x_BTC, segment_start_BT=None):
+    """The train/prefill pass from position 0: (o_BTHD, key/values, k_cmp, v_cmp). Packed
+    rows (``segment_start_BT``): positions restart at every sequence, which sees only itself."""
     B, T, _ = x_BTC.shape
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_start_BT is not None:
+      pos_BT = pos_BT - segment_start_BT
     q, kv, gates = self._project(x_BTC, pos_BT)
-    k_cmp, v_cmp = self._compress_all(kv, T)
-    return self._core(q, kv, k_cmp, v_cmp, gates, 0), kv, k_cmp, v_cmp
+    k_cmp, v_cmp = self._compress_all(kv, T, segment_start_BT)
+    o_BTHD = self._core(q, kv, k_cmp, v_cmp, gates, 0, segment_start_BT)
+    return o_BTHD, kv, k_cmp, v_cmp
 
   @staticmethod
   def _write_prefix(cache, arrays):
@@ -203,12 +211,15 @@ class NSAttention(nn.Module):
     return o_BTHD, new_cache
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
-               pos_B: jax.Array | None = None):
-    del valid_BT  # attention is causal; padding sits after every real token
+               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None):
+    del valid_BT  # attention is causal; padding sits after every real token of its sequence
     B, T, _ = x_BTC.shape
     new_cache = None
+    if segment_start_BT is not None and mode != "train":
+      raise ValueError(f"NSA attention: packed rows (segment_start) are for training, not "
+                       f"mode={mode!r}")
     if mode in ("train", "prefill"):
-      o_BTHD, kv, k_cmp, v_cmp = self._full_sequence(x_BTC)
+      o_BTHD, kv, k_cmp, v_cmp = self._full_sequence(x_BTC, segment_start_BT)
       if mode == "prefill":
         new_cache = self._write_prefix(cache, {**{n: kv[n] for n in KV_NAMES},
                                                "k_cmp": k_cmp, "v_cmp": v_cmp})
