@@ -71,6 +71,14 @@ def test_quick_train_and_eavi_numbers(quick):
     assert row["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert row["experts_per_token"] <= results["config"]["model"]["num_experts"]
   _assert_finite_positive(results["train"])
+  # arc1 packs: the longest length is timed on packed rows too, real tokens/s beside tokens/s.
+  packed = [r for r in results["train"] if r["packed"]]
+  assert len(packed) == 1 and packed[0]["seq_len"] == max(r["seq_len"] for r in results["train"])
+  for row in results["train"]:
+    assert 0 < row["real_frac"] <= 1
+    assert row["real_tokens_per_s"] == pytest.approx(row["real_frac"] * row["tokens_per_s"])
+  data = results["train_data"]
+  assert data["packed"] > max(b["real_frac"] for b in data["buckets"].values())
   for row in results["eavi"]:
     for key in ("train_step_ms", "eavi_step_ms", "ratio", "rollout_tokens_per_s"):
       assert key in row, f"eavi row lacks {key}: {row}"
@@ -112,7 +120,7 @@ def test_quick_prints_tables(quick):
   _, printed = quick
   for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):
     assert f"**{title}" in printed
-  assert "| T | batch | step ms |" in printed
+  assert "| T | batch | packed | step ms |" in printed
 
 
 def test_bad_section_is_rejected(capsys):

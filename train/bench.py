@@ -52,6 +52,8 @@ import numpy as np
 
 from onn_jax import config, output, steps
 from onn_jax.config import Config, ModelConfig
+from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
+from onn_jax.data.serialize import Example
 from onn_jax.decode import generate
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
@@ -91,14 +93,16 @@ class Sizes:
   moe_ks: tuple[int, ...]  # mean active experts per token
   moe_tile: int  # rows per tile of the tiled sparse dispatch
   moe_passes: tuple[str, ...]  # "fwd" and/or "fwd_bwd"
+  data_batches: int  # batches of the config's data whose real-token share is measured
 
 
 FULL_SIZES = Sizes(warmup=2, iters=10, eavi_iters=3,
                    nsa_lens=(1024, 2048, 4096, 8192, 16384, 32768),
                    moe_tokens=(1024, 4096, 16384, 65536), moe_ks=(1, 2, 4), moe_tile=128,
-                   moe_passes=("fwd", "fwd_bwd"))
+                   moe_passes=("fwd", "fwd_bwd"), data_batches=20)
 QUICK_SIZES = Sizes(warmup=1, iters=2, eavi_iters=1, nsa_lens=(256, 512),
-                    moe_tokens=(64, 256), moe_ks=(1, 2), moe_tile=16, moe_passes=("fwd_bwd",))
+                    moe_tokens=(64, 256), moe_ks=(1, 2), moe_tile=16, moe_passes=("fwd_bwd",),
+                    data_batches=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +206,53 @@ def synthetic_batch(batch: int, seq_len: int, seed: int = 0) -> dict[str, jax.Ar
   return out
 
 
+# Sequence lengths of a synthetic packed row, as fractions of the row (the arc1 data packs ~2.6
+# sequences of ~900 tokens into each 2048-token row).
+PACKED_FRACTIONS = (0.34, 0.32, 0.29)
+
+
+def synthetic_packed_batch(batch: int, seq_len: int, align: int, seed: int = 0
+                           ) -> dict[str, jax.Array]:
+  """A packed training batch (``pipeline.collate_packed``'s keys): each row holds sequences of
+  ``PACKED_FRACTIONS`` of its length, each with :func:`answer_span`'s answer."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(batch):
+    row = []
+    for frac in PACKED_FRACTIONS:
+      n = max(align, int(frac * seq_len) // align * align)
+      tokens = rng.integers(0, 10, size=n + 1, dtype=np.int32)
+      start, length = answer_span(n)
+      mask = np.zeros(n + 1, bool)
+      mask[start:start + length] = True
+      row.append(Example(tokens, mask, start, length))
+    rows.append(row)
+  return {k: jnp.asarray(v) for k, v in collate_packed(rows, seq_len, align).items()}
+
+
+def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:
+  """The share of real (not padding) tokens in the config's own training batches.
+
+  ``buckets``: for each bucket length, the mean share over ``num_batches`` batches drawn in it
+  (one sequence per row) and the bucket's probability; ``packed``: the mean share of
+  ``num_batches`` packed batches (``data.pack``) in rows of the longest bucket.
+  """
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                       pack_align=attention.pack_alignment(cfg.model))
+  shares: dict[int, list[float]] = {length: [] for length in stream.buckets}
+  step = 0
+  while min(len(v) for v in shares.values()) < num_batches and step < 100 * num_batches:
+    batch = stream.batch(step)
+    shares[batch["inputs"].shape[1]].append(float(batch["valid"].mean()))
+    step += 1
+  packed = [float(stream.packed_batch(s)["valid"].mean()) for s in range(num_batches)]
+  return {"buckets": {length: {"real_frac": float(np.mean(v)) if v else None,
+                               "prob": float(p)}
+                      for (length, v), p in zip(shares.items(), stream.bucket_probs)},
+          "packed": float(np.mean(packed))}
+
+
 # ----------------------------------------------------------------------------------------------
 # Section: train and eavi
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +265,7 @@ class StepRunner:
     self.cfg, self.sizes = cfg, sizes
     self.model = Transformer(cfg.model)
     self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
-    self._compiled: dict[tuple[str, int], tuple[Any, float]] = {}
+    self._compiled: dict[tuple[str, int, bool], tuple[Any, float]] = {}
     # Jitted: an eager init dispatches thousands of small ops. Each call returns new buffers,
     # as a donated state needs.
     self._init = jax.jit(functools.partial(steps.init_state, cfg, self.model))
@@ -222,15 +273,20 @@ class StepRunner:
   def fresh_state(self):
     return self._init(jax.random.PRNGKey(0))
 
-  def batch(self, seq_len: int) -> dict[str, jax.Array]:
+  def batch(self, seq_len: int, packed: bool = False) -> dict[str, jax.Array]:
+    if packed:
+      return synthetic_packed_batch(self.cfg.train.batch_size, seq_len,
+                                    attention.pack_alignment(self.cfg.model))
     return synthetic_batch(self.cfg.train.batch_size, seq_len)
 
-  def time_step(self, kind: str, seq_len: int, iters: int) -> tuple[Timing, dict]:
-    """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len]: (Timing, last metrics)."""
+  def time_step(self, kind: str, seq_len: int, iters: int, packed: bool = False
+                ) -> tuple[Timing, dict]:
+    """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len] (``packed``: on packed
+    rows): (Timing, last metrics)."""
     step = {"train": steps.train_step, "eavi": steps.eavi_step}[kind]
     fn = functools.partial(step, model=self.model, cfg=self.cfg)
-    state, batch = self.fresh_state(), self.batch(seq_len)
-    key = (kind, seq_len)
+    state, batch = self.fresh_state(), self.batch(seq_len, packed)
+    key = (kind, seq_len, packed)
     if key not in self._compiled:
       self._compiled[key] = compile_fn(fn, (state, batch), self.donate)
     compiled, compile_s = self._compiled[key]
@@ -251,14 +307,21 @@ class StepRunner:
     return timing, budget
 
 
-def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None) -> list[dict]:
-  """Teacher-forcing step at each length: tokens/s, model FLOPs and MFU."""
+def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
+                data: dict[str, Any] | None) -> list[dict]:
+  """Teacher-forcing step at each length: tokens/s, model FLOPs and MFU; with ``data``
+  (:func:`data_real_fraction`) also real tokens/s, the share of the config's batches at that
+  length that is not padding times tokens/s. With ``data.pack`` the longest length is timed on
+  packed rows too (``packed: true``)."""
   m, B = runner.cfg.model, runner.cfg.train.batch_size
+  cases = [(T, False) for T in lens]
+  if runner.cfg.data.pack:
+    cases.append((max(lens), True))
   rows = []
-  for T in lens:
-    row: dict[str, Any] = {"seq_len": T, "batch": B}
+  for T, packed in cases:
+    row: dict[str, Any] = {"seq_len": T, "batch": B, "packed": packed}
     try:
-      timing, metrics = runner.time_step("train", T, runner.sizes.iters)
+      timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed)
     except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
       if not is_oom(err):
         raise
@@ -268,8 +331,13 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None) -> 
     tokens_per_s = B * T / (timing.median_ms / 1e3)
     flops = model_flops_per_token(m, T, experts)
     executed = model_flops_per_token(m, T, float(m.num_experts))  # the dense path's real work
+    real = None
+    if data is not None:
+      real = data["packed"] if packed else data["buckets"].get(T, {}).get("real_frac")
     row.update(step_ms=timing.median_ms, min_ms=timing.min_ms, compile_s=timing.compile_s,
-               tokens_per_s=tokens_per_s, experts_per_token=experts,
+               tokens_per_s=tokens_per_s, real_frac=real,
+               real_tokens_per_s=None if real is None else real * tokens_per_s,
+               experts_per_token=experts,
                model_flops_per_token=flops, executed_flops_per_token=executed,
                model_tflops_per_s=flops * tokens_per_s / 1e12,
                mfu=None if peak is None else flops * tokens_per_s / peak,
@@ -277,6 +345,21 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None) -> 
                loss=float(metrics["loss"]))
     rows.append(row)
   return rows
+
+
+def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
+  """Real tokens/s of a run that draws buckets as the config's data does, one sequence per
+  row: expected real tokens over expected step time (None unless every bucket was timed)."""
+  timed = {r["seq_len"]: r for r in rows if not r["packed"] and "step_ms" in r}
+  buckets = data["buckets"]
+  if any(length not in timed or b["real_frac"] is None for length, b in buckets.items()):
+    return None
+  real = sum(b["prob"] * b["real_frac"] * timed[length]["batch"] * length
+             for length, b in buckets.items())
+  seconds = sum(b["prob"] * timed[length]["step_ms"] / 1e3 for length, b in buckets.items())
+  tokens = sum(b["prob"] * timed[length]["batch"] * length for length, b in buckets.items())
+  return {"real_tokens_per_s": real / seconds, "tokens_per_s": tokens / seconds,
+          "real_frac": real / tokens}
 
 
 def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
@@ -628,11 +711,17 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
   """One table per measured section (plain text, or markdown for the README)."""
   out = {}
   if "train" in results:
+    rows = [[r["seq_len"], r["batch"], "yes" if r.get("packed") else "no",
+             r.get("step_ms", r.get("status")), r.get("tokens_per_s"), _percent(r.get("real_frac")),
+             r.get("real_tokens_per_s"), r.get("experts_per_token"), r.get("model_tflops_per_s"),
+             _percent(r.get("mfu"))] for r in results["train"]]
+    mix = (results.get("train_data") or {}).get("bucket_mix")
+    if mix:
+      rows.append(["buckets mixed", rows[0][1], "no", None, mix["tokens_per_s"],
+                   _percent(mix["real_frac"]), mix["real_tokens_per_s"], None, None, None])
     out["train"] = table(
-        ["T", "batch", "step ms", "tokens/s", "experts/token", "TFLOP/s", "MFU"],
-        [[r["seq_len"], r["batch"], r.get("step_ms", r.get("status")), r.get("tokens_per_s"),
-          r.get("experts_per_token"), r.get("model_tflops_per_s"), _percent(r.get("mfu"))]
-         for r in results["train"]], markdown)
+        ["T", "batch", "packed", "step ms", "tokens/s", "real", "real tokens/s",
+         "experts/token", "TFLOP/s", "MFU"], rows, markdown)
   if "eavi" in results:
     out["eavi"] = table(
         ["T", "batch", "TF step ms", "EAVI step ms", "ratio", "rollout tokens", "rollout tok/s"],
@@ -788,7 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         continue
       start = time.perf_counter()
       if name == "train":
-        results["train"] = bench_train(runner, lens, meta["peak_bf16_flops"])
+        data = data_real_fraction(cfg, sizes.data_batches)
+        results["train"] = bench_train(runner, lens, meta["peak_bf16_flops"], data)
+        results["train_data"] = {**data, "bucket_mix": bucket_mix(results["train"], data)}
       elif name == "eavi":
         results["eavi"] = bench_eavi(runner, lens)
       elif name == "nsa":
