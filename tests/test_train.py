@@ -15,6 +15,7 @@ import pytest
 
 from onn_jax import app, checkpoint, config, experts, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.model import moe
 from onn_jax.model.transformer import Transformer
 
 from conftest import tiny_config
@@ -49,6 +50,9 @@ def test_run_says_where_it_runs_what_it_compiles_and_how_it_ended(finished_run):
   lines = RUN_OUTPUT["stdout"].splitlines()
   device = jax.devices()[0]
   assert any(f"on {device.platform} ({device.device_kind}) x " in line for line in lines)
+  # The start line names the expert dispatch that model.moe_impl=auto takes here.
+  dispatch = moe.describe("auto", 1.25)
+  assert any(f"; experts {dispatch}; on " in line for line in lines)
   # One bucket (128): one compile per stage, said before the stage's first step.
   assert [l for l in lines if l.startswith("compiling")] == [
       "compiling pretrain step (bucket 128)", "compiling eavi step (bucket 128)"]
