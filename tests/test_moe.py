@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, EXPERT_LEAVES, DynMoE, describe,
-                               init_expert_params, pair_capacity, pair_slots, resolve_impl)
+                               init_expert_params, num_slots, pair_capacity, pair_slots,
+                               resolve_impl)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1
@@ -551,7 +552,7 @@ def _pairs(aux, valid_BT) -> int:
 
 
 @pytest.mark.parametrize("impl", SPARSE_IMPLS)
-@pytest.mark.parametrize("capacity", [0.5, 1.25, 4.0])
+@pytest.mark.parametrize("capacity", [0.5, 1.25, 2.0])
 def test_sparse_impl_equals_dense(impl, capacity):
   """Same output (at real tokens) and same expert-weight gradients as the dense einsum, whether
   the routing fits the capacity (sparse) or not (the dense fallback).
@@ -569,7 +570,7 @@ def test_sparse_impl_equals_dense(impl, capacity):
     (w_p, w_x), (want, _) = _grad_fn(dense)(params, x_BTC, valid_BT, r_BTC)
   N, C, F, E = 18, 8, 12, 5
   overflow = _pairs(aux, valid_BT) > pair_capacity(N, E, 0.25, capacity, 4)
-  # 24 pairs (1.5 experts per real token); capacities 12, 32 and 90 pairs
+  # 24 pairs (1.5 experts per real token); capacities 12, 32 and 48 pairs
   assert overflow == (capacity == 0.5)
   valid = np.asarray(valid_BT)
   _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, C + F + E)
@@ -605,6 +606,24 @@ def test_one_compiled_layer_overflows_in_one_call_and_fits_in_another(impl):
       _assert_order_close(g_p[name], w_p[name], jnp.float32, 18 + 8 + 12 + 5, err_msg=name)
   assert seen == {False, True}
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_few_tokens_compute_dense_outright(impl):
+  """When the slot layout would hold as many rows as dense computes (a decoding step: one token
+  per example), the layer is dense, gate gradients included."""
+  x_BTC, _, params, _ = _layer_setup()
+  x_BTC, valid_BT = x_BTC[:, :1], jnp.ones((2, 1), bool)
+  r_BTC = jnp.cos(jnp.arange(x_BTC.size).reshape(x_BTC.shape))
+  assert num_slots(pair_capacity(2, 5, 0.25, 1.25, 4), 4, 5) >= 2 * 5
+  (g_p, g_x), (y, _) = _grad_fn(DynMoE(impl=impl, tile=4, **SPARSE_KW))(
+      params, x_BTC, valid_BT, r_BTC)
+  (w_p, w_x), (want, _) = _grad_fn(DynMoE(impl="dense", **SPARSE_KW))(
+      params, x_BTC, valid_BT, r_BTC)
+  np.testing.assert_array_equal(y, want)
+  np.testing.assert_array_equal(g_x, w_x)
+  for name in EXPERT_LEAVES:
+    np.testing.assert_array_equal(g_p[name], w_p[name], err_msg=name)
 
 
 @pytest.mark.parametrize("impl", SPARSE_IMPLS)

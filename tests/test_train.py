@@ -308,7 +308,9 @@ def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_pat
   workdir, cfg = finished_run
   saved = config.load(workdir / "config.yaml")
   run.check_resume(saved, config.replace(cfg, train={"eavi_steps": 9, "learning_rate": 1e-4},
-                                         model={"remat": True}, parallel={"mode": "pmap"},
+                                         model={"remat": True, "moe_impl": "tiled",
+                                                "moe_capacity": 2.0, "moe_tile": 64},
+                                         parallel={"mode": "pmap"},
                                          eval={"mode": "vote"}))
   for changed, name in [(config.replace(cfg, data={"buckets": (128, 256)}), "data.buckets"),
                         (config.replace(cfg, train={"seed": 5}), "train.seed"),

@@ -13,6 +13,11 @@ Guo et al. 2024 (DynMoE), in the form the Tiny-ONN seed decided:
 - SDL: diversity ``||P^ P^T - I||_F^2`` (row-normalised prototypes) and sparsity
   ``(mean_t mean_e m_st_te - target)^2`` through the straight-through mask.
 
+This definition is what ``impl="dense"`` computes, every expert on every token. The sparse
+dispatches (:func:`experts`) compute the same forward pass and the same expert-weight gradients
+from the used pairs only, but not the straight-through gradient through ``w_te`` of an expert
+that token t does not use (its output is not computed), so they train the gate differently.
+
 Every parameter of the module carries a leading expert axis E, so that expert reset can
 re-initialise row e of every leaf with rows drawn by :func:`init_expert_params`.
 """
@@ -243,8 +248,8 @@ def experts_dense(x_BTC: Array, weights_BTE: Array, params: dict[str, Array], dt
 # one expert. A pair's slot is the start of its expert's group plus the number of tokens before
 # it that use the same expert (a cumulative sum over tokens: no sort). Tokens reach the slots by
 # a gather and come back by a gather + sum over their <= E slots (a [N, E] table of slot
-# indices), and the gradients of both are again gathers: no float scatter-add anywhere, and a
-# deterministic result.
+# indices), and the gradients of both are again gathers: no scatter-add of [S, C] rows (only
+# the tiles' weight and bias gradients are added into their experts' rows).
 
 
 def pair_capacity(num_tokens: int, num_experts: int, target_active: float, factor: float,
@@ -256,14 +261,19 @@ def pair_capacity(num_tokens: int, num_experts: int, target_active: float, facto
   return min(-(-pairs // tile) * tile, num_tokens * num_experts)
 
 
+def num_slots(capacity: int, tile: int, num_experts: int) -> int:
+  """Rows of the slot layout for ``capacity`` pairs: ``(ceil(capacity / tile) + E) * tile``,
+  enough whatever their spread over the experts (each group wastes fewer than ``tile``)."""
+  return (-(-capacity // tile) + num_experts) * tile
+
+
 def pair_slots(used_NE: Array, capacity: int, tile: int) -> tuple[Array, Array, Array, int]:
   """Where each (token, expert) pair of a routing mask goes in the tiled slot layout.
 
   Args:
     used_NE: bool/0-1 [N, E], the experts each token uses.
-    capacity: pairs that must fit. The layout has ``S = (ceil(capacity / tile) + E) * tile``
-      slots, enough for ``capacity`` pairs whatever their spread over experts (each group wastes
-      fewer than ``tile`` slots). Pairs beyond S (the highest experts' last ones) are dropped.
+    capacity: pairs that must fit. The layout has ``S = num_slots(capacity, tile, E)`` slots.
+      Pairs beyond S (the highest experts' last ones) are dropped.
   Returns:
     slot_NE int32 [N, E]: the slot of pair (t, e), S where t does not use e (or it was dropped);
     pair_S int32 [S]: ``t * E + e`` of the pair in each slot, ``N * E`` for an empty slot;
@@ -272,18 +282,18 @@ def pair_slots(used_NE: Array, capacity: int, tile: int) -> tuple[Array, Array, 
     S, the number of slots (static).
   """
   N, E = used_NE.shape
-  num_slots = (-(-capacity // tile) + E) * tile
+  S = num_slots(capacity, tile, E)
   used_NE = used_NE > 0
   count_NE = used_NE.astype(jnp.int32)
   rank_NE = jnp.cumsum(count_NE, axis=0) - count_NE  # tokens before t that use e
   group_E = (jnp.sum(count_NE, axis=0) + tile - 1) // tile * tile
-  end_E = jnp.minimum(jnp.cumsum(group_E), num_slots)
+  end_E = jnp.minimum(jnp.cumsum(group_E), S)
   group_E = end_E - jnp.concatenate([jnp.zeros(1, jnp.int32), end_E[:-1]])
-  slot_NE = jnp.where(used_NE, (end_E - group_E)[None, :] + rank_NE, num_slots)
-  slot_NE = jnp.minimum(slot_NE, num_slots)
-  pair_S = jnp.full(num_slots, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
+  slot_NE = jnp.where(used_NE, (end_E - group_E)[None, :] + rank_NE, S)
+  slot_NE = jnp.minimum(slot_NE, S)
+  pair_S = jnp.full(S, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
       jnp.arange(N * E, dtype=jnp.int32), mode="drop")
-  return slot_NE, pair_S, group_E, num_slots
+  return slot_NE, pair_S, group_E, S
 
 
 def _take_rows(src_MD: Array, index_K: Array) -> Array:
@@ -366,8 +376,8 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
   """
   N, C = x_NC.shape
   E = used_NE.shape[1]
-  slot_NE, pair_S, group_E, num_slots = pair_slots(used_NE, capacity, tile)
-  num_tiles = num_slots // tile
+  slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
+  num_tiles = S // tile
   end_E = jnp.cumsum(group_E)
   # Tiles past the last group (no rows) take the last expert.
   expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(num_tiles) * tile, side="right"),
@@ -380,7 +390,7 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
     return params[name].at[expert_N].get(indices_are_sorted=True).astype(dtype)
 
   if impl == "ragged":
-    h_NLF = jax.lax.ragged_dot(x_NLC.reshape(num_slots, C), params["w_in"].astype(dtype),
+    h_NLF = jax.lax.ragged_dot(x_NLC.reshape(S, C), params["w_in"].astype(dtype),
                                group_E, precision=precision).reshape(num_tiles, tile, -1)
   elif impl == "tiled":
     h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, per_tile("w_in"), precision=precision)
@@ -388,12 +398,12 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
     raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged' or 'tiled'")
   h_NLF = jax.nn.gelu(h_NLF + per_tile("b_in")[:, None], approximate=False)
   if impl == "ragged":
-    z_NLC = jax.lax.ragged_dot(h_NLF.reshape(num_slots, -1), params["w_out"].astype(dtype),
+    z_NLC = jax.lax.ragged_dot(h_NLF.reshape(S, -1), params["w_out"].astype(dtype),
                                group_E, precision=precision).reshape(num_tiles, tile, C)
   else:
     z_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF, per_tile("w_out"), precision=precision)
   z_NLC = z_NLC + per_tile("b_out")[:, None]
-  y_NC = combine(z_NLC.reshape(num_slots, C), weights_NE, slot_NE, pair_S)
+  y_NC = combine(z_NLC.reshape(S, C), weights_NE, slot_NE, pair_S)
   return y_NC.astype(dtype)
 
 
@@ -429,6 +439,8 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   When a call's routing has more pairs than ``capacity``, the layer computes the dense result
   instead (``jax.lax.cond`` on the pair count), so nothing is ever dropped. Under ``jax.vmap``
   the cond becomes a select and both branches run: still exact, but slower than dense alone.
+  When the sparse layout would hold as many rows as dense computes (``num_slots >= B*T*E``: few
+  tokens, e.g. a decoding step, or a capacity of every pair), dense is computed outright.
   """
   impl = resolve_impl(impl)
   if impl == "dense":
@@ -440,6 +452,8 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   if valid_BT is not None:
     used_NE = used_NE & valid_BT.reshape(N, 1)
   capacity = N * E if capacity is None else min(capacity, N * E)
+  if num_slots(capacity, tile, E) >= N * E:
+    return experts_dense(x_BTC, weights_BTE, params, dtype)
 
   def sparse(x_BTC, weights_BTE, used_NE, params):
     return experts_sparse(x_BTC.reshape(N, C), weights_BTE.reshape(N, E), used_NE, params,
@@ -449,10 +463,9 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
     del used_NE
     return experts_dense(x_BTC, weights_BTE, params, dtype)
 
-  args = (x_BTC, weights_BTE, used_NE, params)
-  if capacity == N * E:  # every pair fits
-    return sparse(*args)
-  return jax.lax.cond(jnp.sum(used_NE, dtype=jnp.int32) > capacity, dense, sparse, *args)
+  return jax.lax.cond(jnp.sum(used_NE, dtype=jnp.int32) > capacity, dense, sparse, x_BTC,
+                      weights_BTE, used_NE, params)
+
 
 # ----------------------------------------------------------------------------------------------
 # Module
