@@ -65,8 +65,8 @@ from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay impo
     forward_flops_per_token, model_flops_per_token, peak_flops)
 from onn_jax.model.layers import dtype_of
 from onn_jax.model import moe
-from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_sparse,  # noqa: F401
-                               init_expert_params, pair_capacity, pair_slots)
+from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_sparse,
+                               init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer
 
