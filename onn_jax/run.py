@@ -24,7 +24,7 @@ import numpy as np
 from onn_jax import checkpoint, config, experts, faults, output, stages, steps, tblog
 from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
-from onn_jax.model import attention
+from onn_jax.model import attention, moe
 from onn_jax.model.transformer import Transformer, count_params
 from onn_jax.parallel import (Runner, host_value, is_main_process, peak_memory,
                               platform_line)
@@ -109,7 +109,10 @@ def _warn_if_other_model(cfg: Config, source: Path, log) -> None:
 # (it decides what the checkpointed state holds). Execution choices (parallel layout, remat, NSA
 # implementation, compute dtype), stage lengths, optimiser and EAVI settings, checkpointing and
 # evaluation may change between invocations.
-RESUME_MAY_CHANGE = {"model": {"remat", "nsa_impl", "compute_dtype"},
+# The expert dispatch (moe_*) computes the same forward pass; a sparse one leaves out a part of
+# the gate's gradient (DynMoE.impl), so switching it mid-run is allowed as a deliberate choice.
+RESUME_MAY_CHANGE = {"model": {"remat", "nsa_impl", "compute_dtype", "moe_impl", "moe_capacity",
+                               "moe_tile"},
                      "train": set(config.TrainConfig.__dataclass_fields__)
                      - {"seed", "batch_size", "ema_decay"}}
 RESUME_FIXED_SECTIONS = ("model", "data", "train")
@@ -198,7 +201,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   if warning:
     log(warning)
   log(f"Tiny-ONN: {count_params(state.params):,} parameters; {len(tasks)} training tasks; "
-      f"attention {attention.describe(cfg.model)}; on {platform}; parallel mode "
+      f"attention {attention.describe(cfg.model)}; experts "
+      f"{moe.describe(cfg.model.moe_impl, cfg.model.moe_capacity)}; on {platform}; parallel mode "
       f"{runner.mode} over {runner.num_devices} device(s)")
   state = runner.put_state(state)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from onn_jax import config
-from onn_jax.model.moe import experts_dense
+from onn_jax.model.moe import cosine_similarity, experts_dense
 from onn_jax.model.transformer import Transformer, init_params
 from train import bench
 
@@ -116,10 +116,31 @@ def test_quick_layers_numbers(quick):
       assert row[name]["ratio_to_full"] == pytest.approx(row[name]["ms"] / row["full"]["ms"])
 
 
+def test_quick_dynmoe_at_the_trained_density(quick):
+  results, _ = quick
+  m = results["config"]["model"]
+  rows = results["layers_dynmoe"]
+  assert [(r["batch"], r["seq_len"]) for r in rows] == list(bench.QUICK_SIZES.moe_layer_shapes)
+  for row in rows:
+    target = m["sdl_target_active"] * m["num_experts"]
+    # Thresholds put target experts on each token on average; a fallback token adds its own.
+    assert target <= row["experts_per_token"] <= target + row["fallback_frac"] * m["fallback_k"]
+    assert row["pairs"] == pytest.approx(row["experts_per_token"] * row["batch"]
+                                         * row["seq_len"], abs=0.5)
+    assert row["overflow"] is False  # the sparse rows timed the sparse path
+    assert row["dense"]["ratio_to_dense"] == 1.0
+    for impl in bench.SPARSE_IMPLS:
+      assert row[impl]["ms"] > 0, f"{impl}: {row[impl]}"
+      assert row[impl]["ratio_to_dense"] == pytest.approx(row[impl]["ms"] / row["dense"]["ms"])
+    assert row["auto"] == "dense"  # on the CPU
+
+
 def test_quick_prints_tables(quick):
   _, printed = quick
   for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):
     assert f"**{title}" in printed
+  assert "DynMoE layer forward+backward at the trained density, ratio to dense:" in printed
+  assert "| batch | T | experts/token | pairs / capacity | dense ms (x dense) |" in printed
   assert "| T | batch | packed | step ms |" in printed
 
 
@@ -200,17 +221,16 @@ def test_synthetic_batch_masks_the_answer():
 # Sparse MoE dispatch
 # ----------------------------------------------------------------------------------------------
 
-def test_sort_pairs_by_expert():
-  used_TE = jnp.array([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], jnp.float32)
-  token_P, expert_P, valid_P, sizes_E = bench.sort_pairs_by_expert(used_TE, 8)
-  n = int(used_TE.sum())
-  assert valid_P.tolist() == [True] * n + [False] * (8 - n)
-  assert list(zip(expert_P[:n].tolist(), token_P[:n].tolist())) == [
-      (0, 0), (0, 2), (1, 2), (1, 3), (2, 0), (2, 2)]
-  assert sizes_E.tolist() == [2, 2, 2]
-  # Too small a capacity drops the pairs of the highest experts.
-  _, expert_P, valid_P, sizes_E = bench.sort_pairs_by_expert(used_TE, 3)
-  assert valid_P.all() and expert_P.tolist() == [0, 0, 1] and sizes_E.tolist() == [2, 1, 0]
+def test_density_thresholds_give_the_target_experts_per_token():
+  """The layers section's DynMoE routes as a trained one: each expert active for the target
+  fraction of tokens, so target * E experts per token (plus the fallback's)."""
+  E, target = 16, 0.25
+  x_BTC = jax.random.normal(jax.random.PRNGKey(0), (4, 256, 32))
+  protos_EC = jax.random.normal(jax.random.PRNGKey(1), (E, 32))
+  theta_E = bench.density_thresholds(x_BTC, protos_EC, target)
+  active_NE = np.asarray(cosine_similarity(x_BTC, protos_EC) > theta_E).reshape(-1, E)
+  np.testing.assert_allclose(active_NE.mean(0), target, atol=1 / active_NE.shape[0])
+  assert active_NE.sum(1).mean() == pytest.approx(target * E, abs=E / active_NE.shape[0])
 
 
 @pytest.mark.parametrize("variant", ["ragged", "tiled"])

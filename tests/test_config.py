@@ -41,6 +41,12 @@ def test_overrides_are_typed():
     ("model.num_heads=3", "model.num_heads"),
     ("model.num_select=2", "model.num_select"),
     ("eavi.feed=beam", "eavi.feed"),
+    ("model.moe_impl=sparse", "model.moe_impl"),
+    ("model.moe_capacity=0", "model.moe_capacity"),
+    ("model.moe_capacity=-1.5", "model.moe_capacity"),
+    ("model.moe_capacity=.nan", "model.moe_capacity"),
+    ("model.moe_capacity=.inf", "model.moe_capacity"),
+    ("model.moe_tile=0", "model.moe_tile"),
     ("data.buckets=[256, 128]", "data.buckets"),
     ("train.seed", "train.seed"),
 ])

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.model.moe import AUX_KEYS, EXPERT_LEAVES, DynMoE, init_expert_params
+from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, EXPERT_LEAVES, DynMoE, describe,
+                               init_expert_params, num_slots, pair_capacity, pair_slots,
+                               resolve_impl)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1
@@ -24,8 +26,10 @@ TAU = 0.1
 def _apply(num_experts: int, hidden: int, combine: str, k: int, target: float = 0.25,
            dtype: str = "float32"):
   """One jitted ``(params, x, valid) -> (y, aux)`` per layer configuration, shared by tests."""
+  # impl="dense": the definition these tests check (auto may dispatch sparsely on a GPU).
   layer = DynMoE(num_experts=num_experts, expert_hidden=hidden, combine=combine, fallback_k=k,
-                 target_active=target, st_temperature=TAU, dtype=jnp.dtype(dtype))
+                 target_active=target, st_temperature=TAU, impl="dense",
+                 dtype=jnp.dtype(dtype))
   return jax.jit(lambda params, x, valid: layer.apply({"params": params}, x, valid))
 
 
@@ -440,6 +444,9 @@ def test_jit_does_not_retrace_for_same_shapes():
     ("fallback_k", 4, "fallback_k"),
     ("impl", "sparse", "impl"),
     ("st_temperature", 0.0, "st_temperature"),
+    ("capacity", 0.0, "capacity"),
+    ("capacity", math.nan, "capacity"),
+    ("tile", 0, "tile"),
 ])
 def test_bad_configuration_names_the_field(field, value, culprit):
   layer = DynMoE(num_experts=3, expert_hidden=4, **{field: value})
@@ -453,33 +460,239 @@ def test_bad_valid_mask_shape_is_rejected():
     layer.init(jax.random.key(0), jnp.ones((1, 2, 4)), jnp.ones((1, 3), bool))
 
 
-@pytest.mark.parametrize("impl", ["ragged", "tiled"])
-def test_sparse_impl_equals_dense(impl):
-  """Same output and same expert-weight gradients as the dense einsum.
+# ------------------------------------------------------------------------------------------------
+# Sparse dispatch (impl="ragged" / "tiled"): exact against dense, capacity and fallback
+# ------------------------------------------------------------------------------------------------
 
-  The straight-through gradient that flows from experts a token does not use (through their
-  weight w_te, 0 in the forward pass) into the gate, and from there into x, prototypes and
-  thresholds, is not computed by a sparse dispatch: those gradients differ, and must.
-  """
-  kwargs = dict(num_experts=5, expert_hidden=12, fallback_k=2, init_threshold=0.1)
+SPARSE_IMPLS = ("ragged", "tiled")
+
+
+def _order_tol(dtype, terms: int, scale: float) -> float:
+  """The rounding a sum of ``terms`` numbers of magnitude <= ``scale`` can show when taken in
+  another order (the recursive-summation bound ``terms * eps * scale``)."""
+  return terms * float(jnp.finfo(dtype).eps) * scale
+
+
+def _assert_order_close(got, want, dtype, terms: int, err_msg: str = "") -> None:
+  want = np.asarray(want, np.float64)
+  atol = _order_tol(dtype, terms, float(np.max(np.abs(want))) or 1.0)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=atol,
+                             err_msg=err_msg)
+
+
+def test_pair_slots_lays_pairs_out_by_expert_in_whole_tiles():
+  used_NE = jnp.array([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], jnp.float32)
+  slot_NE, pair_S, group_E, num_slots = pair_slots(used_NE, capacity=6, tile=4)
+  assert num_slots == (2 + 3) * 4  # ceil(6 / 4) tiles + one per expert
+  assert group_E.tolist() == [4, 4, 4]  # 2 pairs each, padded to a tile
+  S = num_slots
+  assert slot_NE.tolist() == [[0, S, 8], [S, S, S], [1, 4, 9], [S, 5, S]]
+  want_S = np.full(S, 4 * 3)
+  for (t, e), slot in np.ndenumerate(np.asarray(slot_NE)):
+    if slot < S:
+      want_S[slot] = t * 3 + e
+  assert pair_S.tolist() == want_S.tolist()
+  # Fewer slots than pairs: the highest experts' pairs are dropped, never overwritten.
+  slot_NE, pair_S, group_E, num_slots = pair_slots(used_NE, capacity=1, tile=1)
+  assert num_slots == 4 and group_E.tolist() == [2, 2, 0]
+  assert slot_NE.tolist() == [[0, 4, 4], [4, 4, 4], [1, 2, 4], [4, 3, 4]]
+  assert pair_S.tolist() == [0, 6, 7, 10]
+
+
+def test_pair_capacity_rounds_up_to_a_tile_and_stops_at_every_pair():
+  assert pair_capacity(1000, 16, 0.25, 1.25, 128) == 5120  # 5000 -> 40 tiles
+  assert pair_capacity(10, 4, 0.25, 1.25, 4) == 16  # 12.5 -> 13 -> 16
+  assert pair_capacity(10, 4, 0.5, 3.0, 4) == 40  # 60 > every pair
+  assert pair_capacity(10, 4, 1.0, 1.0, 16) == 40
+
+
+def test_auto_resolves_by_backend_and_the_start_line_names_it():
+  assert resolve_impl("auto", "gpu") == AUTO_GPU_IMPL
+  assert resolve_impl("auto", "cpu") == resolve_impl("auto", "tpu") == "dense"
+  assert resolve_impl("tiled", "cpu") == "tiled"
+  assert describe("auto", 1.25, "cpu") == "auto: dense"
+  assert describe("dense", 1.25, "gpu") == "dense"
+  assert describe("tiled", 1.5, "cpu") == "tiled, capacity 1.5x the SDL target"
+  if AUTO_GPU_IMPL != "dense":
+    assert describe("auto", 1.25, "gpu") == \
+        f"auto: {AUTO_GPU_IMPL}, capacity 1.25x the SDL target"
+  with pytest.raises(ValueError, match="impl"):
+    resolve_impl("sparse")
+
+
+SPARSE_KW = dict(num_experts=5, expert_hidden=12, fallback_k=2, target_active=0.25)
+
+
+def _layer_setup(theta: float = 0.3):
+  """x [2, 9, 8] with two padding tokens, parameters with non-zero biases, a fixed cotangent r
+  of the output."""
   x_BTC = jax.random.normal(jax.random.key(0), (2, 9, 8))
   valid_BT = jnp.ones((2, 9), bool).at[1, 7:].set(False)
-  dense = DynMoE(**kwargs)
-  params = dense.init(jax.random.key(1), x_BTC, valid_BT)["params"]
-  params = dict(params, b_in=0.1 + params["b_in"], b_out=0.2 + params["b_out"])
-  sparse = DynMoE(impl=impl, tile=4, **kwargs)
+  params = DynMoE(impl="dense", **SPARSE_KW).init(jax.random.key(1), x_BTC, valid_BT)["params"]
+  params = dict(params, b_in=0.1 + params["b_in"], b_out=0.2 + params["b_out"],
+                thresholds=jnp.full((5,), theta))
+  # Zero at padding, as every loss is: nothing reads a padding token's output.
+  r_BTC = jnp.cos(jnp.arange(x_BTC.size).reshape(x_BTC.shape)) * valid_BT[..., None]
+  return x_BTC, valid_BT, params, r_BTC
 
-  def run(layer):
-    def loss(p, x):
-      y_BTC, _ = layer.apply({"params": p}, x, valid_BT)
-      return jnp.sum(y_BTC * jnp.cos(jnp.arange(y_BTC.size).reshape(y_BTC.shape))), y_BTC
-    with jax.default_matmul_precision("float32"):
-      return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x_BTC)
 
-  (g_p, g_x), y = run(sparse)
-  (w_p, w_x), want = run(dense)
-  # float32 sums over C=8 / F=12 terms and a token's <= 5 experts, in another order.
-  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
-  assert float(jnp.max(jnp.abs(g_x - w_x))) > 1e-3  # the unused experts' ST path
+def _grad_fn(layer, traces: list | None = None):
+  """jit(grad) of ``sum(y * r)`` w.r.t. (params, x), with (y, aux) as auxiliary outputs; one
+  entry appended to ``traces`` per trace."""
+  def loss(p, x, valid, r):
+    if traces is not None:
+      traces.append(None)
+    y_BTC, aux = layer.apply({"params": p}, x, valid)
+    return jnp.sum(y_BTC * r), (y_BTC, aux)
+  return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _pairs(aux, valid_BT) -> int:
+  return int(round(float(aux["experts_per_token"]) * int(valid_BT.sum())))
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+@pytest.mark.parametrize("capacity", [0.5, 1.25, 2.0])
+def test_sparse_impl_equals_dense(impl, capacity):
+  """Same output (at real tokens) and same expert-weight gradients as the dense einsum, whether
+  the routing fits the capacity (sparse) or not (the dense fallback).
+
+  Within capacity, the straight-through gradient that flows from experts a token does not use
+  (through their weight w_te, 0 in the forward pass) into the gate, and from there into x,
+  prototypes and thresholds, is not computed: those gradients differ, and must. A padding token
+  uses no expert (output 0) in the sparse dispatch.
+  """
+  x_BTC, valid_BT, params, r_BTC = _layer_setup()
+  sparse = DynMoE(impl=impl, tile=4, capacity=capacity, **SPARSE_KW)
+  dense = DynMoE(impl="dense", **SPARSE_KW)
+  with jax.default_matmul_precision("float32"):
+    (g_p, g_x), (y, aux) = _grad_fn(sparse)(params, x_BTC, valid_BT, r_BTC)
+    (w_p, w_x), (want, _) = _grad_fn(dense)(params, x_BTC, valid_BT, r_BTC)
+  N, C, F, E = 18, 8, 12, 5
+  overflow = _pairs(aux, valid_BT) > pair_capacity(N, E, 0.25, capacity, 4)
+  # 24 pairs (1.5 experts per real token); capacities 12, 32 and 48 pairs
+  assert overflow == (capacity == 0.5)
+  valid = np.asarray(valid_BT)
+  _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, C + F + E)
   for name in ("w_in", "b_in", "w_out", "b_out"):
-    np.testing.assert_allclose(g_p[name], w_p[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    _assert_order_close(g_p[name], w_p[name], jnp.float32, N + C + F + E, err_msg=name)
+  if overflow:  # the dense result, gate gradients included
+    _assert_order_close(y, want, jnp.float32, C + F + E)
+    _assert_order_close(g_x, w_x, jnp.float32, N + C + F + E)
+  else:
+    assert not np.any(np.asarray(y)[~valid])
+    assert float(jnp.max(jnp.abs(g_x - w_x))) > 1e-3  # the unused experts' ST path
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_one_compiled_layer_overflows_in_one_call_and_fits_in_another(impl):
+  """The pair count is data: the same compiled step takes the sparse path or the dense fallback
+  by the routing of each call, and both equal dense."""
+  x_BTC, valid_BT, _, r_BTC = _layer_setup()
+  traces = []
+  sparse_fn = _grad_fn(DynMoE(impl=impl, tile=4, capacity=1.25, **SPARSE_KW), traces)
+  dense_fn = _grad_fn(DynMoE(impl="dense", **SPARSE_KW))
+  capacity = pair_capacity(18, 5, 0.25, 1.25, 4)
+  seen = set()
+  for theta in (0.3, -0.3):  # 24 pairs, then 59, against 32
+    _, _, params, _ = _layer_setup(theta)
+    with jax.default_matmul_precision("float32"):
+      (g_p, _), (y, aux) = sparse_fn(params, x_BTC, valid_BT, r_BTC)
+      (w_p, _), (want, _) = dense_fn(params, x_BTC, valid_BT, r_BTC)
+    seen.add(_pairs(aux, valid_BT) > capacity)
+    valid = np.asarray(valid_BT)
+    _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, 8 + 12 + 5)
+    for name in ("w_in", "w_out"):
+      _assert_order_close(g_p[name], w_p[name], jnp.float32, 18 + 8 + 12 + 5, err_msg=name)
+  assert seen == {False, True}
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_few_tokens_compute_dense_outright(impl):
+  """When the slot layout would hold as many rows as dense computes (a decoding step: one token
+  per example), the layer is dense, gate gradients included."""
+  x_BTC, _, params, _ = _layer_setup()
+  x_BTC, valid_BT = x_BTC[:, :1], jnp.ones((2, 1), bool)
+  r_BTC = jnp.cos(jnp.arange(x_BTC.size).reshape(x_BTC.shape))
+  assert num_slots(pair_capacity(2, 5, 0.25, 1.25, 4), 4, 5) >= 2 * 5
+  (g_p, g_x), (y, _) = _grad_fn(DynMoE(impl=impl, tile=4, **SPARSE_KW))(
+      params, x_BTC, valid_BT, r_BTC)
+  (w_p, w_x), (want, _) = _grad_fn(DynMoE(impl="dense", **SPARSE_KW))(
+      params, x_BTC, valid_BT, r_BTC)
+  np.testing.assert_array_equal(y, want)
+  np.testing.assert_array_equal(g_x, w_x)
+  for name in EXPERT_LEAVES:
+    np.testing.assert_array_equal(g_p[name], w_p[name], err_msg=name)
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_sparse_impl_under_vmap_equals_dense(impl):
+  """Under vmap the capacity cond is a select (both branches run): still the dense result,
+  example by example, whichever of them overflow."""
+  x_BTC, valid_BT, params, _ = _layer_setup()
+  theta_XE = jnp.array([[0.3] * 5, [-0.3] * 5, [0.1] * 5])  # 24, 59 and 39 pairs of 32
+
+  def apply(layer):
+    def one(theta_E):
+      return layer.apply({"params": dict(params, thresholds=theta_E)}, x_BTC, valid_BT)[0]
+    return jax.jit(jax.vmap(one))(theta_XE)
+
+  with jax.default_matmul_precision("float32"):
+    y = apply(DynMoE(impl=impl, tile=4, capacity=1.25, **SPARSE_KW))
+    want = apply(DynMoE(impl="dense", **SPARSE_KW))
+  valid = np.broadcast_to(np.asarray(valid_BT), y.shape[:3])
+  _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, 8 + 12 + 5)
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_sparse_impl_bfloat16_is_as_close_to_float32_as_dense(impl):
+  """In bfloat16 the two round differently; the sparse result is no further from the float32
+  definition than dense bfloat16 is (plus one rounding of the output)."""
+  x_BTC, valid_BT, params, _ = _layer_setup()
+  run = lambda layer: jax.jit(layer.apply)({"params": params}, x_BTC, valid_BT)[0]
+  with jax.default_matmul_precision("float32"):
+    exact = np.asarray(run(DynMoE(impl="dense", **SPARSE_KW)), np.float64)
+  dense16 = np.asarray(run(DynMoE(impl="dense", dtype=jnp.bfloat16, **SPARSE_KW)), np.float64)
+  sparse16 = run(DynMoE(impl=impl, tile=4, dtype=jnp.bfloat16, **SPARSE_KW))
+  assert sparse16.dtype == jnp.bfloat16
+  valid = np.asarray(valid_BT)
+  dense_err = np.max(np.abs(dense16 - exact)[valid])
+  sparse_err = np.max(np.abs(np.asarray(sparse16, np.float64) - exact)[valid])
+  one_rounding = float(jnp.finfo(jnp.bfloat16).eps) * np.max(np.abs(exact))
+  assert sparse_err <= 2 * dense_err + one_rounding
+
+
+def test_tiny_model_trains_with_the_sparse_dispatch():
+  """A few optimizer steps of a tiny Tiny-ONN with moe_impl=tiled reduce the loss, through the
+  sparse path (every step's routing fits the capacity), from the same first loss as dense."""
+  from conftest import tiny_config
+  from onn_jax import steps
+  from onn_jax.model.transformer import Transformer
+
+  B, T = 2, 32
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 10, size=(B, T + 1)).astype(np.int32)
+  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+           "valid": jnp.ones((B, T), bool), "loss_mask": jnp.ones((B, T), jnp.float32),
+           "answer_start": jnp.full((B,), T - 8, jnp.int32),
+           "answer_len": jnp.full((B,), 8, jnp.int32)}
+  losses = {}
+  for impl in ("dense", "tiled"):
+    cfg = tiny_config(
+        model=dict(num_layers=1, moe_impl=impl, moe_capacity=2.0, moe_tile=4,
+                   init_threshold=0.2),
+        data=dict(buckets=[T]), train=dict(learning_rate=3e-3, warmup_steps=0, batch_size=B))
+    model = Transformer(cfg.model)
+    state = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+    step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))
+    capacity = pair_capacity(B * T, cfg.model.num_experts, cfg.model.sdl_target_active,
+                             cfg.model.moe_capacity, cfg.model.moe_tile)
+    losses[impl] = []
+    for _ in range(8):
+      state, metrics = step(state, batch)
+      losses[impl].append(float(metrics["loss"]))
+      if impl == "tiled":
+        assert float(metrics["experts_per_token"]) * B * T <= capacity
+  np.testing.assert_allclose(losses["tiled"][0], losses["dense"][0], rtol=1e-5)
+  assert losses["tiled"][-1] < 0.9 * losses["tiled"][0]

@@ -15,6 +15,7 @@ import pytest
 
 from onn_jax import app, checkpoint, config, experts, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
+from onn_jax.model import moe
 from onn_jax.model.transformer import Transformer
 
 from conftest import tiny_config
@@ -49,6 +50,9 @@ def test_run_says_where_it_runs_what_it_compiles_and_how_it_ended(finished_run):
   lines = RUN_OUTPUT["stdout"].splitlines()
   device = jax.devices()[0]
   assert any(f"on {device.platform} ({device.device_kind}) x " in line for line in lines)
+  # The start line names the expert dispatch that model.moe_impl=auto takes here.
+  dispatch = moe.describe("auto", 1.25)
+  assert any(f"; experts {dispatch}; on " in line for line in lines)
   # One bucket (128): one compile per stage, said before the stage's first step.
   assert [l for l in lines if l.startswith("compiling")] == [
       "compiling pretrain step (bucket 128)", "compiling eavi step (bucket 128)"]
@@ -304,7 +308,9 @@ def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_pat
   workdir, cfg = finished_run
   saved = config.load(workdir / "config.yaml")
   run.check_resume(saved, config.replace(cfg, train={"eavi_steps": 9, "learning_rate": 1e-4},
-                                         model={"remat": True}, parallel={"mode": "pmap"},
+                                         model={"remat": True, "moe_impl": "tiled",
+                                                "moe_capacity": 2.0, "moe_tile": 64},
+                                         parallel={"mode": "pmap"},
                                          eval={"mode": "vote"}))
   for changed, name in [(config.replace(cfg, data={"buckets": (128, 256)}), "data.buckets"),
                         (config.replace(cfg, train={"seed": 5}), "train.seed"),

@@ -14,19 +14,26 @@ after each one; the median is reported):
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
-* ``layers``: one attention layer of each variant (``model.attention`` = full, nsa,
-  dynsmlora; projections included) and one DynMoE layer, forward+backward (gradients of the
-  input and every parameter) on [batch_size, T] in the compute dtype, at every length of
-  ``--lens``; each as a ratio to the ``full`` layer of the same run.
+* ``layers``: first the DynMoE layer at the trained density (thresholds such that each token
+  uses ``sdl_target_active * num_experts`` experts on average, as SDL trains the gate to),
+  forward+backward, ``model.moe_impl=dense`` against each sparse impl at each (batch, T) of
+  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192), as ratios to dense (``layers_dynmoe`` in
+  the JSON, with the measured experts per token and the pairs against the sparse capacity);
+  then one attention layer of each variant (``model.attention`` = full, nsa, dynsmlora;
+  projections included) and the DynMoE layer (``model.moe_impl``, trained density),
+  forward+backward (gradients of the input and every parameter) on [batch_size, T] in the
+  compute dtype, at every length of ``--lens``; each as a ratio to the ``full`` layer.
 * ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``) against the two sparse
-  token-to-expert dispatches of ``onn_jax.model.moe`` (``model.moe_impl=ragged``: pairs sorted
-  by expert through ``jax.lax.ragged_dot``; ``tiled``: gather-matmul-scatter), forward and
-  forward+backward, and the crossover token count from which the sparse dispatch is faster.
+  token-to-expert dispatches of ``onn_jax.model.moe`` (``moe.experts_sparse``: pairs laid out
+  by expert, then ``jax.lax.ragged_dot`` or a batched matmul per tile), forward and
+  forward+backward on a synthetic routing, and the crossover token count from which the sparse
+  dispatch is faster.
 
 Synthetic batches (random colour tokens, every position valid, an answer of ~200 tokens ending
 ~100 tokens before the end) are used throughout: routing statistics are those of the untrained
-model. Results are printed as tables, written as JSON (rewritten after every section, so a run
-cut short keeps what it measured) and summarised as a markdown table for the README.
+model, except in the DynMoE rows of ``layers``. Results are printed as tables, written as JSON
+(rewritten after every section, so a run cut short keeps what it measured) and summarised as a
+markdown table for the README.
 
 ``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU in well under a
 minute: a smoke check of this program, not a measurement.
@@ -59,13 +66,15 @@ from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
     forward_flops_per_token, model_flops_per_token, peak_flops)
 from onn_jax.model.layers import dtype_of
-from onn_jax.model.moe import (experts_dense, init_expert_params, moe_sparse_ragged,  # noqa: F401
-                               moe_sparse_tiled, sort_pairs_by_expert)
+from onn_jax.model import moe
+from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_sparse,
+                               init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer
 
 SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
+SPARSE_IMPLS = ("ragged", "tiled")  # model.moe_impl values that dispatch sparsely
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
@@ -77,7 +86,8 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "model.d_model=32", "model.num_layers=1", "model.num_heads=4", "model.num_kv_groups=2",
     "model.head_dim=8", "model.block_len=8", "model.block_stride=4", "model.select_len=16",
     "model.num_select=4", "model.window=32", "model.num_experts=4", "model.expert_hidden=32",
-    "model.compute_dtype=float32", "data.buckets=[128]", "data.max_grid=5",
+    "model.moe_tile=16", "model.moe_capacity=1.5", "model.compute_dtype=float32",
+    "data.buckets=[128]", "data.max_grid=5",
     "train.batch_size=2",
 )
 
@@ -94,15 +104,18 @@ class Sizes:
   moe_tile: int  # rows per tile of the tiled sparse dispatch
   moe_passes: tuple[str, ...]  # "fwd" and/or "fwd_bwd"
   data_batches: int  # batches of the config's data whose real-token share is measured
+  # (batch, T) of the DynMoE layer at the trained density, dense against the sparse impls
+  moe_layer_shapes: tuple[tuple[int, int], ...]
 
 
 FULL_SIZES = Sizes(warmup=2, iters=10, eavi_iters=3,
                    nsa_lens=(1024, 2048, 4096, 8192, 16384, 32768),
                    moe_tokens=(1024, 4096, 16384, 65536), moe_ks=(1, 2, 4), moe_tile=128,
-                   moe_passes=("fwd", "fwd_bwd"), data_batches=20)
+                   moe_passes=("fwd", "fwd_bwd"), data_batches=20,
+                   moe_layer_shapes=((32, 2048), (8, 8192)))
 QUICK_SIZES = Sizes(warmup=1, iters=2, eavi_iters=1, nsa_lens=(256, 512),
                     moe_tokens=(64, 256), moe_ks=(1, 2), moe_tile=16, moe_passes=("fwd_bwd",),
-                    data_batches=2)
+                    data_batches=2, moe_layer_shapes=((2, 128),))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,11 +522,10 @@ def moe_variants(m: ModelConfig, dtype: Any, capacity: int, tile: int, precision
     del used_TE
     return experts_dense(x_TC[None], weights_TE[None], params, dtype)[0]
 
-  return {"dense": dense,
-          "tiled": functools.partial(moe_sparse_tiled, dtype=dtype, capacity=capacity,
-                                     tile=tile, precision=precision),
-          "ragged": functools.partial(moe_sparse_ragged, dtype=dtype, capacity=capacity,
-                                      precision=precision)}
+  return {"dense": dense, **{
+      impl: functools.partial(experts_sparse, dtype=dtype, capacity=capacity, tile=tile,
+                              impl=impl, precision=precision)
+      for impl in SPARSE_IMPLS}}
 
 
 def _fwd_bwd(f: Callable) -> Callable:
@@ -630,10 +642,24 @@ def moe_crossovers(rows: list[dict]) -> dict[str, dict[str, dict[str, int | None
 # Section: layers (attention variants and DynMoE, one layer each)
 # ----------------------------------------------------------------------------------------------
 
+def density_thresholds(x_BTC: jax.Array, prototypes_EC: jax.Array, target_active: float
+                       ) -> jax.Array:
+  """Thresholds [E] under which each expert is active for a ``target_active`` fraction of the
+  tokens of ``x_BTC``: the (1 - target) quantile of its cosine similarities. Each token then
+  uses ``target_active * E`` experts on average (plus the fallback's for a token with none),
+  the density that SDL trains the gate to."""
+  s_NE = cosine_similarity(x_BTC, prototypes_EC).reshape(-1, prototypes_EC.shape[0])
+  return jnp.quantile(s_NE, 1.0 - target_active, axis=0)
+
+
 def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
                   ) -> tuple[Callable, tuple[Any, jax.Array]]:
   """``(fn, (params, x_BTC))``: ``fn`` runs one ``name`` layer (an attention variant or
-  ``"dynmoe"``) forward and returns the gradients of ``sum(out)`` w.r.t. params and x."""
+  ``"dynmoe"``) forward and returns the gradients of ``sum(out)`` w.r.t. params and x.
+
+  The DynMoE layer (``model.moe_impl``) routes at the trained density: its thresholds come from
+  :func:`density_thresholds` on x and ``model.sdl_target_active``.
+  """
   dt = dtype_of(m.compute_dtype)
   if name == "dynmoe":
     layer = moe_layer(m)
@@ -643,6 +669,10 @@ def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
   # Parameters from a short sequence that holds one complete NSA compressed block.
   init_len = min(seq_len, m.block_len + m.select_len)
   params = jax.jit(layer.init)(jax.random.PRNGKey(1), x_BTC[:, :init_len])["params"]
+  if name == "dynmoe":
+    theta_E = jax.jit(density_thresholds, static_argnums=2)(x_BTC, params["prototypes"],
+                                                            m.sdl_target_active)
+    params = dict(params, thresholds=theta_E.astype(params["thresholds"].dtype))
 
   def loss(p, x):
     return jnp.sum(layer.apply({"params": p}, x)[0].astype(jnp.float32))
@@ -662,6 +692,44 @@ def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes) 
     for name in LAYERS:
       if base_ms and "ms" in row[name]:
         row[name]["ratio_to_full"] = row[name]["ms"] / base_ms
+    rows.append(row)
+  return rows
+
+
+def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], sizes: Sizes
+                         ) -> list[dict]:
+  """The DynMoE layer at the trained density (:func:`layer_fwd_bwd`), forward+backward, dense
+  against each sparse impl, per (batch, T) of ``shapes``: each time and its ratio to dense.
+
+  A row also reports the routing measured on the benchmark input (``experts_per_token``,
+  ``fallback_frac``), the pairs in use against the sparse capacity and ``overflow`` (more pairs
+  than the capacity: the sparse rows then timed the dense fallback), and what ``auto`` runs.
+  """
+  rows = []
+  for batch, T in shapes:
+    row: dict[str, Any] = {"batch": batch, "seq_len": T, "dtype": m.compute_dtype,
+                           "num_experts": m.num_experts, "target_active": m.sdl_target_active,
+                           "capacity_factor": m.moe_capacity, "tile": m.moe_tile,
+                           "auto": moe.resolve_impl("auto")}
+    for impl in ("dense",) + SPARSE_IMPLS:
+      m_impl = dataclasses.replace(m, moe_impl=impl)
+      fn, args = layer_fwd_bwd(m_impl, "dynmoe", batch, T)
+      if impl == "dense":
+        params, x_BTC = args
+        _, aux = jax.jit(moe_layer(m_impl).apply)({"params": params}, x_BTC)
+        num_tokens = batch * T
+        row.update(experts_per_token=float(aux["experts_per_token"]),
+                   fallback_frac=float(aux["fallback_frac"]),
+                   pairs=int(round(float(aux["experts_per_token"]) * num_tokens)),
+                   capacity_pairs=pair_capacity(num_tokens, m.num_experts,
+                                                m.sdl_target_active, m.moe_capacity,
+                                                m.moe_tile))
+        row["overflow"] = row["pairs"] > row["capacity_pairs"]
+      row[impl] = measure(fn, args, sizes)
+    dense_ms = row["dense"].get("ms")
+    for impl in ("dense",) + SPARSE_IMPLS:
+      if dense_ms and "ms" in row[impl]:
+        row[impl]["ratio_to_dense"] = row[impl]["ms"] / dense_ms
     rows.append(row)
   return rows
 
@@ -700,10 +768,10 @@ def _nsa_cell(case: dict) -> Any:
   return case.get("ms", case.get("status"))
 
 
-def _layer_cell(case: dict) -> Any:
+def _layer_cell(case: dict, ratio_key: str = "ratio_to_full") -> Any:
   if "ms" not in case:
     return case.get("status")
-  ratio = case.get("ratio_to_full")
+  ratio = case.get(ratio_key)
   return f"{case['ms']:.3g}" + ("" if ratio is None else f" ({ratio:.2f}x)")
 
 
@@ -740,6 +808,18 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
         ["T", "batch"] + [f"{n} ms (x full)" for n in LAYERS],
         [[r["seq_len"], r["batch"]] + [_layer_cell(r[n]) for n in LAYERS]
          for r in results["layers"]], markdown)
+  if results.get("layers_dynmoe"):
+    impls = ("dense",) + SPARSE_IMPLS
+    text = table(
+        ["batch", "T", "experts/token", "pairs / capacity"] + [f"{i} ms (x dense)" for i in impls]
+        + ["auto"],
+        [[r["batch"], r["seq_len"], r["experts_per_token"],
+          f"{r['pairs']} / {r['capacity_pairs']}" + (" (overflow)" if r["overflow"] else "")]
+         + [_layer_cell(r[i], "ratio_to_dense") for i in impls] + [r["auto"]]
+         for r in results["layers_dynmoe"]], markdown)
+    caption = "DynMoE layer forward+backward at the trained density, ratio to dense:"
+    sep = "\n\n" if markdown else "\n"
+    out["layers"] = sep.join(t for t in (out.get("layers"), caption, text) if t)
   if "moe" in results:
     moe = results["moe"]
     variants = sorted({r["variant"] for r in moe["rows"]})
@@ -885,6 +965,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       elif name == "nsa":
         results["nsa"] = bench_nsa(cfg.model, sizes)
       elif name == "layers":
+        results["layers_dynmoe"] = bench_dynmoe_density(cfg.model, sizes.moe_layer_shapes,
+                                                        sizes)
+        write_json(results, out)
         results["layers"] = bench_layers(cfg.model, cfg.train.batch_size, lens, sizes)
       else:
         results["moe"] = bench_moe(cfg.model, sizes)

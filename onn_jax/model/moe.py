@@ -13,12 +13,18 @@ Guo et al. 2024 (DynMoE), in the form the Tiny-ONN seed decided:
 - SDL: diversity ``||P^ P^T - I||_F^2`` (row-normalised prototypes) and sparsity
   ``(mean_t mean_e m_st_te - target)^2`` through the straight-through mask.
 
+This definition is what ``impl="dense"`` computes, every expert on every token. The sparse
+dispatches (:func:`experts`) compute the same forward pass and the same expert-weight gradients
+from the used pairs only, but not the straight-through gradient through ``w_te`` of an expert
+that token t does not use (its output is not computed), so they train the gate differently.
+
 Every parameter of the module carries a leading expert axis E, so that expert reset can
 re-initialise row e of every leaf with rows drawn by :func:`init_expert_params`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -30,8 +36,17 @@ Array = jax.Array
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
-IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled")
-TILE_ROWS: int = 128  # rows per tile of the tiled sparse dispatch
+IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "auto")
+# What impl="auto" runs on a GPU (dense elsewhere): the sparse dispatch that measured fastest at
+# the trained density (`python -m train.bench --only layers`, the DynMoE rows). Dense when no
+# sparse dispatch beats the all-experts einsum.
+AUTO_GPU_IMPL: str = "tiled"
+# Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
+# tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
+# expert's weights once per tile, so larger tiles copy less and pad more (< E * TILE_ROWS rows).
+TILE_ROWS: int = 512
+# Pairs a sparse dispatch computes, as a multiple of the SDL target (model.moe_capacity).
+CAPACITY: float = 1.25
 # Added to squared norms before the rsqrt: keeps cos() finite for an all-zero vector.
 NORM_EPS: float = 1e-6
 AUX_KEYS: tuple[str, ...] = ("diversity", "sparsity", "active_frac", "experts_per_token",
@@ -227,107 +242,229 @@ def experts_dense(x_BTC: Array, weights_BTE: Array, params: dict[str, Array], dt
 # ----------------------------------------------------------------------------------------------
 # Sparse token-to-expert dispatch (impl="ragged" / "tiled")
 # ----------------------------------------------------------------------------------------------
+#
+# Layout: the (token, expert) pairs in use are laid out expert by expert ("slots"), each
+# expert's group padded to a multiple of ``tile`` rows, so that every tile of rows belongs to
+# one expert. A pair's slot is the start of its expert's group plus the number of tokens before
+# it that use the same expert (a cumulative sum over tokens: no sort). Tokens reach the slots by
+# a gather and come back by a gather + sum over their <= E slots (a [N, E] table of slot
+# indices), and the gradients of both are again gathers: no scatter-add of [S, C] rows (only
+# the tiles' weight and bias gradients are added into their experts' rows).
 
-def sort_pairs_by_expert(used_TE: jax.Array, capacity: int
-                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The (token, expert) pairs of a routing mask, sorted by expert then token.
+
+def pair_capacity(num_tokens: int, num_experts: int, target_active: float, factor: float,
+                  tile: int) -> int:
+  """The static number of (token, expert) pairs a sparse dispatch computes for ``num_tokens``:
+  ``factor * target_active * num_tokens * num_experts`` rounded up to a multiple of ``tile``,
+  at most every pair (``num_tokens * num_experts``)."""
+  pairs = math.ceil(factor * target_active * num_tokens * num_experts)
+  return min(-(-pairs // tile) * tile, num_tokens * num_experts)
+
+
+def num_slots(capacity: int, tile: int, num_experts: int) -> int:
+  """Rows of the slot layout for ``capacity`` pairs: ``(ceil(capacity / tile) + E) * tile``,
+  enough whatever their spread over the experts (each group wastes fewer than ``tile``)."""
+  return (-(-capacity // tile) + num_experts) * tile
+
+
+def pair_slots(used_NE: Array, capacity: int, tile: int) -> tuple[Array, Array, Array, int]:
+  """Where each (token, expert) pair of a routing mask goes in the tiled slot layout.
 
   Args:
-    used_TE: bool/0-1 [T, E], the experts each token uses.
-    capacity: static number of pair slots P. Pairs beyond it (highest experts first) are
-      dropped; empty slots come last.
+    used_NE: bool/0-1 [N, E], the experts each token uses.
+    capacity: pairs that must fit. The layout has ``S = num_slots(capacity, tile, E)`` slots.
+      Pairs beyond S (the highest experts' last ones) are dropped.
   Returns:
-    token_P, expert_P int32 [P] (empty slots: token 0, expert E-1), valid_P bool [P], and
-    group_sizes_E int32 [E], the pairs of each expert kept (summing to ``valid_P.sum()``).
+    slot_NE int32 [N, E]: the slot of pair (t, e), S where t does not use e (or it was dropped);
+    pair_S int32 [S]: ``t * E + e`` of the pair in each slot, ``N * E`` for an empty slot;
+    group_E int32 [E]: the slots of each expert's group (a multiple of ``tile``; they sum to at
+      most S);
+    S, the number of slots (static).
   """
-  T, E = used_TE.shape
-  sentinel = E * T
-  key_TE = jnp.where(used_TE > 0, jnp.arange(E)[None, :] * T + jnp.arange(T)[:, None], sentinel)
-  key_P = jnp.sort(key_TE.reshape(-1))[:min(capacity, T * E)]
-  if capacity > T * E:
-    key_P = jnp.pad(key_P, (0, capacity - T * E), constant_values=sentinel)
-  valid_P = key_P < sentinel
-  expert_P = jnp.where(valid_P, key_P // T, E - 1).astype(jnp.int32)
-  token_P = jnp.where(valid_P, key_P % T, 0).astype(jnp.int32)
-  group_sizes_E = jnp.zeros(E, jnp.int32).at[expert_P].add(valid_P.astype(jnp.int32))
-  return token_P, expert_P, valid_P, group_sizes_E
+  N, E = used_NE.shape
+  S = num_slots(capacity, tile, E)
+  used_NE = used_NE > 0
+  count_NE = used_NE.astype(jnp.int32)
+  rank_NE = jnp.cumsum(count_NE, axis=0) - count_NE  # tokens before t that use e
+  group_E = (jnp.sum(count_NE, axis=0) + tile - 1) // tile * tile
+  end_E = jnp.minimum(jnp.cumsum(group_E), S)
+  group_E = end_E - jnp.concatenate([jnp.zeros(1, jnp.int32), end_E[:-1]])
+  slot_NE = jnp.where(used_NE, (end_E - group_E)[None, :] + rank_NE, S)
+  slot_NE = jnp.minimum(slot_NE, S)
+  pair_S = jnp.full(S, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
+      jnp.arange(N * E, dtype=jnp.int32), mode="drop")
+  return slot_NE, pair_S, group_E, S
 
 
-def moe_sparse_ragged(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
-                      params: dict[str, jax.Array], dtype: Any, capacity: int,
-                      precision: Any = None) -> jax.Array:
-  """``sum_e w_te Expert_e(x_t)`` over the used experts only, with ``jax.lax.ragged_dot``.
+def _take_rows(src_MD: Array, index_K: Array) -> Array:
+  """Rows ``src[index]``; an index of M (one past the end) gives a zero row."""
+  return jnp.take(src_MD, index_K, axis=0, mode="fill", fill_value=0)
 
-  Pairs sorted by expert form contiguous groups, so each expert's rows are one block of a
-  grouped matmul. Same result as :func:`experts_dense` when no pair exceeds ``capacity``.
-  Returns y_TC in ``dtype``.
+
+def _sum_rows(src_SD: Array, slot_NE: Array, weights_NE: Array | None = None) -> Array:
+  """``out_t = sum_e w_te src[slot_te]`` (w = 1 when None) accumulated in float32; slot S adds
+  nothing. One gather per expert, summed elementwise: XLA fuses them into one pass that forms no
+  [N, E, D] tensor."""
+  out_ND = None
+  for e in range(slot_NE.shape[1]):
+    term_ND = _take_rows(src_SD, slot_NE[:, e]).astype(jnp.float32)
+    if weights_NE is not None:
+      term_ND = weights_NE[:, e, None].astype(jnp.float32) * term_ND
+    out_ND = term_ND if out_ND is None else out_ND + term_ND
+  return out_ND
+
+
+@jax.custom_vjp
+def dispatch(x_NC: Array, slot_NE: Array, pair_S: Array) -> Array:
+  """x_SC: each slot's token row (zero for an empty slot). Its gradient is the sum over each
+  token's slots, a gather (autodiff would scatter-add [S, C] rows)."""
+  return _take_rows(x_NC, pair_S // slot_NE.shape[1])
+
+
+def _dispatch_fwd(x_NC, slot_NE, pair_S):
+  return dispatch(x_NC, slot_NE, pair_S), (slot_NE, pair_S)
+
+
+def _dispatch_bwd(res, g_SC):
+  slot_NE, _ = res
+  return _sum_rows(g_SC, slot_NE).astype(g_SC.dtype), None, None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def combine(z_SC: Array, weights_NE: Array, slot_NE: Array, pair_S: Array) -> Array:
+  """``y_t = sum_e w_te z[slot_te]`` over each token's slots, float32 [N, C].
+
+  The gradients are gathers too: ``dz_s = w_s g[token_s]``, ``dw_te = g_t . z[slot_te]``
+  (0 for an expert that t does not use: its output is not computed).
   """
-  T, C = x_TC.shape
-  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
-  w_P1 = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)[:, None]
-  x_PC = x_TC.astype(dtype)[token_P]
-  h_PF = jax.lax.ragged_dot(x_PC, params["w_in"].astype(dtype), sizes_E, precision=precision)
-  h_PF = jax.nn.gelu(h_PF + params["b_in"].astype(dtype)[expert_P], approximate=False)
-  y_PC = jax.lax.ragged_dot(h_PF * w_P1, params["w_out"].astype(dtype), sizes_E,
-                            precision=precision)
-  y_PC = y_PC + w_P1 * params["b_out"].astype(dtype)[expert_P]
-  # Accumulate a token's experts in float32, as the dense einsum does inside its contraction.
-  y_TC = jnp.zeros((T, C), jnp.float32).at[token_P].add(y_PC.astype(jnp.float32))
-  return y_TC.astype(dtype)
+  del pair_S
+  return _sum_rows(z_SC, slot_NE, weights_NE)
 
 
-def moe_sparse_tiled(x_TC: jax.Array, weights_TE: jax.Array, used_TE: jax.Array,
-                     params: dict[str, jax.Array], dtype: Any, capacity: int, tile: int,
-                     precision: Any = None) -> jax.Array:
-  """The same mixture as :func:`moe_sparse_ragged` by gather, batched matmul and scatter.
+def _combine_fwd(z_SC, weights_NE, slot_NE, pair_S):
+  return combine(z_SC, weights_NE, slot_NE, pair_S), (z_SC, weights_NE, slot_NE, pair_S)
 
-  Each expert's pairs are padded to a multiple of ``tile`` rows, so every tile of rows belongs
-  to one expert: tile n gathers its expert's weights and runs one [tile, C] x [C, F] matmul.
-  ``ceil(P / tile) + E`` tiles always suffice. Returns y_TC in ``dtype``.
+
+def _combine_bwd(res, g_NC):
+  z_SC, weights_NE, slot_NE, pair_S = res
+  E = slot_NE.shape[1]
+  g_SC = _take_rows(g_NC.astype(jnp.float32), pair_S // E)
+  w_S = _take_rows(weights_NE.reshape(-1).astype(jnp.float32), pair_S)
+  dz_SC = (g_SC * w_S[:, None]).astype(z_SC.dtype)
+  dw_S = jnp.sum(g_SC * z_SC.astype(jnp.float32), axis=-1)
+  dw_NE = _take_rows(dw_S, slot_NE).astype(weights_NE.dtype)
+  return dz_SC, dw_NE, None, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[str, Array],
+                   dtype: Any, capacity: int, tile: int, impl: str = "tiled",
+                   precision: Any = None) -> Array:
+  """``y_t = sum_e w_te Expert_e(x_t)`` over the pairs of ``used_NE`` only.
+
+  The pairs are laid out by :func:`pair_slots`; ``impl`` picks the grouped matmul over the
+  expert groups: ``"ragged"``: ``jax.lax.ragged_dot``; ``"tiled"``: each tile of ``tile`` rows
+  gathers its expert's weights for one batched matmul. Biases are added per tile. Empty slots
+  hold zero rows whose outputs nobody reads. Same result as :func:`experts_dense` when the
+  pairs number at most ``capacity`` (otherwise the highest experts' last pairs are dropped: see
+  :func:`experts` for the exact fallback). Returns y_NC in ``dtype``.
   """
-  T, C = x_TC.shape
-  token_P, expert_P, valid_P, sizes_E = sort_pairs_by_expert(used_TE, capacity)
-  E = sizes_E.shape[0]
-  num_tiles = -(-capacity // tile) + E
-  slots = num_tiles * tile
-  padded_E = (sizes_E + tile - 1) // tile * tile
-  padded_end_E = jnp.cumsum(padded_E)
-  rank_P = jnp.arange(capacity) - (jnp.cumsum(sizes_E) - sizes_E)[expert_P]
-  slot_P = jnp.where(valid_P, (padded_end_E - padded_E)[expert_P] + rank_P, slots)
-  token_S = jnp.zeros(slots, jnp.int32).at[slot_P].set(token_P, mode="drop")
-  w_P = jnp.where(valid_P, weights_TE[token_P, expert_P], 0.0).astype(dtype)
-  w_NL1 = jnp.zeros(slots, dtype).at[slot_P].set(w_P, mode="drop").reshape(num_tiles, tile, 1)
-  expert_N = jnp.minimum(
-      jnp.searchsorted(padded_end_E, jnp.arange(num_tiles) * tile, side="right"), E - 1)
-  x_NLC = x_TC.astype(dtype)[token_S].reshape(num_tiles, tile, C)
-  w_in_NCF = params["w_in"].astype(dtype)[expert_N]
-  h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, w_in_NCF, precision=precision)
-  h_NLF = jax.nn.gelu(h_NLF + params["b_in"].astype(dtype)[expert_N][:, None], approximate=False)
-  y_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF * w_NL1, params["w_out"].astype(dtype)[expert_N],
-                     precision=precision)
-  y_NLC = y_NLC + w_NL1 * params["b_out"].astype(dtype)[expert_N][:, None]
-  y_TC = jnp.zeros((T, C), jnp.float32).at[token_S].add(
-      y_NLC.reshape(slots, C).astype(jnp.float32))
-  return y_TC.astype(dtype)
+  N, C = x_NC.shape
+  E = used_NE.shape[1]
+  slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
+  num_tiles = S // tile
+  end_E = jnp.cumsum(group_E)
+  # Tiles past the last group (no rows) take the last expert.
+  expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(num_tiles) * tile, side="right"),
+                         E - 1)
+  x_NLC = dispatch(x_NC.astype(dtype), slot_NE, pair_S).reshape(num_tiles, tile, C)
+
+  def per_tile(name: str) -> Array:
+    # Gathered before the cast: the gradient sums the tiles of an expert in the parameters'
+    # dtype (float32), not in the compute dtype.
+    return params[name].at[expert_N].get(indices_are_sorted=True).astype(dtype)
+
+  if impl == "ragged":
+    h_NLF = jax.lax.ragged_dot(x_NLC.reshape(S, C), params["w_in"].astype(dtype),
+                               group_E, precision=precision).reshape(num_tiles, tile, -1)
+  elif impl == "tiled":
+    h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, per_tile("w_in"), precision=precision)
+  else:
+    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged' or 'tiled'")
+  h_NLF = jax.nn.gelu(h_NLF + per_tile("b_in")[:, None], approximate=False)
+  if impl == "ragged":
+    z_NLC = jax.lax.ragged_dot(h_NLF.reshape(S, -1), params["w_out"].astype(dtype),
+                               group_E, precision=precision).reshape(num_tiles, tile, C)
+  else:
+    z_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF, per_tile("w_out"), precision=precision)
+  z_NLC = z_NLC + per_tile("b_out")[:, None]
+  y_NC = combine(z_NLC.reshape(S, C), weights_NE, slot_NE, pair_S)
+  return y_NC.astype(dtype)
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """``impl`` with ``"auto"`` mapped to :data:`AUTO_GPU_IMPL` on GPU (``backend``, default
+  ``jax.default_backend()``) and to ``"dense"`` elsewhere."""
+  if impl not in IMPLS:
+    raise ValueError(f"DynMoE impl={impl!r}: expected one of {IMPLS}")
+  if impl == "auto":
+    return AUTO_GPU_IMPL if (backend or jax.default_backend()) == "gpu" else "dense"
+  return impl
+
+
+def describe(impl: str, capacity: float, backend: str | None = None) -> str:
+  """The expert dispatch a run computes, for its start line, e.g. ``auto: tiled, capacity
+  1.25x the SDL target``."""
+  resolved = resolve_impl(impl, backend)
+  text = resolved if impl == resolved else f"{impl}: {resolved}"
+  return text if resolved == "dense" else f"{text}, capacity {capacity:g}x the SDL target"
 
 
 def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str, Array],
-            dtype: Any, impl: str = "dense", tile: int = TILE_ROWS) -> Array:
-  """The expert mixture by ``impl``: :func:`experts_dense`, or a sparse dispatch over the
-  ``used_BTE`` pairs with capacity ``B*T*E`` (exact). Returns y_BTC in ``dtype``."""
+            dtype: Any, impl: str = "dense", tile: int = TILE_ROWS, *,
+            capacity: int | None = None, valid_BT: Array | None = None,
+            precision: Any = None) -> Array:
+  """The expert mixture by ``impl`` (``auto``: :func:`resolve_impl`). Returns y_BTC in
+  ``dtype``.
+
+  ``dense``: :func:`experts_dense`, every expert on every token. ``ragged`` / ``tiled``:
+  :func:`experts_sparse` over the ``used_BTE`` pairs of the valid tokens (``valid_BT``; a padding
+  token then uses no expert and its output is 0, which no real token reads: attention is causal
+  and padding follows every real token), at most ``capacity`` pairs (default: all ``B*T*E``).
+  When a call's routing has more pairs than ``capacity``, the layer computes the dense result
+  instead (``jax.lax.cond`` on the pair count), so nothing is ever dropped. Under ``jax.vmap``
+  the cond becomes a select and both branches run: still exact, but slower than dense alone.
+  When the sparse layout would hold as many rows as dense computes (``num_slots >= B*T*E``: few
+  tokens, e.g. a decoding step, or a capacity of every pair), dense is computed outright.
+  """
+  impl = resolve_impl(impl)
   if impl == "dense":
     return experts_dense(x_BTC, weights_BTE, params, dtype)
   B, T, C = x_BTC.shape
   E = weights_BTE.shape[-1]
-  args = (x_BTC.reshape(B * T, C), weights_BTE.reshape(B * T, E), used_BTE.reshape(B * T, E),
-          params, dtype, B * T * E)
-  if impl == "ragged":
-    y_NC = moe_sparse_ragged(*args)
-  elif impl == "tiled":
-    y_NC = moe_sparse_tiled(*args, tile=tile)
-  else:
-    raise ValueError(f"DynMoE impl={impl!r}: expected one of {IMPLS}")
-  return y_NC.reshape(B, T, C)
+  N = B * T
+  used_NE = used_BTE.reshape(N, E) > 0
+  if valid_BT is not None:
+    used_NE = used_NE & valid_BT.reshape(N, 1)
+  capacity = N * E if capacity is None else min(capacity, N * E)
+  if num_slots(capacity, tile, E) >= N * E:
+    return experts_dense(x_BTC, weights_BTE, params, dtype)
+
+  def sparse(x_BTC, weights_BTE, used_NE, params):
+    return experts_sparse(x_BTC.reshape(N, C), weights_BTE.reshape(N, E), used_NE, params,
+                          dtype, capacity, tile, impl, precision).reshape(B, T, C)
+
+  def dense(x_BTC, weights_BTE, used_NE, params):
+    del used_NE
+    return experts_dense(x_BTC, weights_BTE, params, dtype)
+
+  return jax.lax.cond(jnp.sum(used_NE, dtype=jnp.int32) > capacity, dense, sparse, x_BTC,
+                      weights_BTE, used_NE, params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,15 +488,18 @@ class DynMoE(nn.Module):
   init_threshold: float = 0.0
   target_active: float = 0.25  # target fraction of experts active per token
   st_temperature: float = ST_TEMPERATURE
-  # dense: one all-experts einsum. ragged / tiled: only the (token, expert) pairs in use, sorted
-  # by expert (jax.lax.ragged_dot, or gather + per-tile matmul + scatter). A token may activate
-  # any number of experts, so the static pair capacity is T * E: nothing is ever dropped.
+  # dense: one all-experts einsum, the definition. ragged / tiled: only the (token, expert)
+  # pairs in use by real tokens, laid out by expert, through a grouped matmul (jax.lax.ragged_dot,
+  # or a batched matmul per tile of `tile` rows); auto: resolve_impl. A sparse dispatch computes
+  # a static number of pairs, `capacity` times the SDL target (pair_capacity); a call whose
+  # routing uses more computes the dense result instead, so nothing is dropped (`experts`).
   # Same forward and same expert-weight gradients as dense. NOT the same training: the
   # straight-through gradient that an expert *inactive* for a token sends through its weight
   # w_te (0 in the forward pass) into the gate, and so into x, prototypes and thresholds, is
-  # not computed, as that expert is not run. The gate then learns to switch an expert on only
-  # through the SDL sparsity term.
-  impl: str = "dense"
+  # not computed, as that expert is not run (a call that falls back to dense computes it). The
+  # gate then learns to switch an expert on only through the SDL sparsity term.
+  impl: str = "auto"
+  capacity: float = CAPACITY
   tile: int = TILE_ROWS
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -378,6 +518,10 @@ class DynMoE(nn.Module):
       raise ValueError(f"DynMoE st_temperature={self.st_temperature}: must be > 0")
     if self.impl not in IMPLS:
       raise ValueError(f"DynMoE impl={self.impl!r}: expected one of {IMPLS}")
+    if not (math.isfinite(self.capacity) and self.capacity > 0):
+      raise ValueError(f"DynMoE capacity={self.capacity}: must be a finite number > 0")
+    if self.tile < 1:
+      raise ValueError(f"DynMoE tile={self.tile}: must be >= 1")
 
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None
@@ -399,5 +543,9 @@ class DynMoE(nn.Module):
         fallback_k=self.fallback_k, target_active=self.target_active,
         st_temperature=self.st_temperature)
     self.sow("intermediates", "used_experts", used_BTE)
-    y_BTC = experts(x_BTC, weights_BTE, used_BTE, params, self.dtype, self.impl, self.tile)
+    B, T = x_BTC.shape[:2]
+    capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,
+                             self.tile)
+    y_BTC = experts(x_BTC, weights_BTE, used_BTE, params, self.dtype, self.impl, self.tile,
+                    capacity=capacity, valid_BT=valid_BT)
     return y_BTC, aux

@@ -48,7 +48,8 @@ def moe_layer(c: ModelConfig, **kwargs) -> DynMoE:
   return DynMoE(
       num_experts=c.num_experts, expert_hidden=c.expert_hidden, combine=c.moe_combine,
       fallback_k=c.fallback_k, init_threshold=c.init_threshold, impl=c.moe_impl,
-      target_active=c.sdl_target_active, dtype=dtype_of(c.compute_dtype),
+      capacity=c.moe_capacity, tile=c.moe_tile, target_active=c.sdl_target_active,
+      dtype=dtype_of(c.compute_dtype),
       param_dtype=dtype_of(c.param_dtype), **kwargs)
 
 
