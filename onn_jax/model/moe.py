@@ -39,8 +39,10 @@ COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
 IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "auto")
 # What impl="auto" runs on a GPU (dense elsewhere): the sparse dispatch that measured fastest at
 # the trained density (`python -m train.bench --only layers`, the DynMoE rows). Dense when no
-# sparse dispatch beats the all-experts einsum.
-AUTO_GPU_IMPL: str = "tiled"
+# sparse dispatch beats the all-experts einsum, as on an H200 (jax 0.11.2, 2026-11-30, one
+# arc1 layer fwd+bwd at 32 x 2048, 4.01 of 16 experts per token): dense 5.43 ms, ragged 30.7 ms
+# (XLA's ragged_dot); tiled did not finish compiling in 100 s (twice), so was not timed.
+AUTO_GPU_IMPL: str = "dense"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
 # tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
 # expert's weights once per tile, so larger tiles copy less and pad more (< E * TILE_ROWS rows).
