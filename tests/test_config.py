@@ -42,6 +42,9 @@ def test_overrides_are_typed():
     ("model.num_select=2", "model.num_select"),
     ("eavi.feed=beam", "eavi.feed"),
     ("data.buckets=[256, 128]", "data.buckets"),
+    ("eval.max_len=-1", "eval.max_len"),
+    ("eval.max_batch_tokens=-8", "eval.max_batch_tokens"),
+    ("eval.max_batch_tokens=1.5", "eval.max_batch_tokens"),
     ("train.seed", "train.seed"),
 ])
 def test_bad_values_name_the_key(override, culprit):
