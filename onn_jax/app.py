@@ -51,33 +51,46 @@ def protocol(cfg: Config) -> dict[str, Any]:
   return {"train": d.train, "eval": d.eval, "eval_demos": d.eval_demos,
           "hold_out_train_tests": d.hold_out_train_tests,
           "leakage_guard": d.leakage_guard, "max_grid": d.max_grid,
-          "pretrain_steps": cfg.train.pretrain_steps, "eavi_steps": cfg.train.eavi_steps}
+          "pretrain_steps": cfg.train.pretrain_steps, "eavi_steps": cfg.train.eavi_steps,
+          "eval_max_len": eval_max_len(cfg)}
+
+
+def eval_max_len(cfg: Config) -> int:
+  """The evaluation's limit on prompt plus answer tokens: ``eval.max_len``, or when 0 the
+  longest training bucket."""
+  return cfg.eval.max_len or cfg.data.buckets[-1]
 
 
 def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: dict | None = None,
                     log=print) -> dict:
   """Runs ``cfg.eval.mode`` on ``tasks`` and writes submission.json, scores.json, results.jsonl
-  and sheet.png into ``out_dir``. Returns the summary."""
+  and sheet.png into ``out_dir``. Returns the summary.
+
+  With ``ttt.steps > 0`` every task is first adapted (:func:`ttt.adapt`), then all tasks are
+  evaluated together, each row of a model call under its own task's adapter (the tasks that
+  were not adapted under the base weights)."""
   e = cfg.eval
   model = Transformer(cfg.model)
   mesh = None
   if resolve_mode(cfg) != "single":  # split tasks x views over every device of every host
     mesh = Mesh(np.array(jax.devices()), (AXIS,))
-  make_fns = lambda p: ModelFns(model, p, batch_size=e.batch_size, temperature=e.temperature,
-                                 seed=cfg.train.seed, mesh=mesh)
-  fns = make_fns(params)
+  adapters, group_of = None, None
+  if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
+    adapted, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
+                                  log=log if is_main_process() else lambda _: None)
+    adapters, index = ttt.stack(params, adapted)
+    if adapters is not None:
+      group_of = lambda task: index.get(task.id, 0)  # 0: the base's own leaves
+    extra = {**(extra or {}), "ttt": ttt_info}
+  fns = ModelFns(model, params, batch_size=e.batch_size, max_batch_tokens=e.max_batch_tokens,
+                 temperature=e.temperature, seed=cfg.train.seed, mesh=mesh, adapters=adapters)
   views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
                               else "1-9", cfg.train.seed)
-  evaluate = augscore.evaluate
-  if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
-    adapters, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
-                                   log=log if is_main_process() else lambda _: None)
-    evaluate = ttt.per_task_evaluate(params, adapters, make_fns)
-    extra = {**(extra or {}), "ttt": ttt_info}
-  records = evaluate(
+  records = augscore.evaluate(
       tasks, mode=e.mode, views=views, generate_fn=fns.generate,
-      logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=cfg.data.buckets[-1],
-      batch_size=e.batch_size, samples=e.samples, progress=is_main_process())
+      logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=eval_max_len(cfg),
+      batch_size=e.batch_size, samples=e.samples,
+      group_of=group_of, progress=is_main_process())
   summary = augscore.summarise(records, tasks, e.mode)
   if is_main_process():
     augscore.write_outputs(records, tasks, out_dir, e.mode,

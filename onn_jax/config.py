@@ -132,7 +132,14 @@ class EvalConfig:
   color_perms: int = 0  # extra colour-permuted copies of each D8 view
   samples: int = 0  # extra sampled candidates per view
   temperature: float = 1.0
-  batch_size: int = 16
+  batch_size: int = 16  # rows (prompts or scored sequences) per model call, at most
+  # Tokens per model call, rows x padded length (the KV capacity in generation): a call at a
+  # long length holds max(1, max_batch_tokens // length) rows (a multiple of the device count)
+  # instead of batch_size. 0: always batch_size rows.
+  max_batch_tokens: int = 0
+  # Longest prompt plus answer evaluated, in tokens; 0: the longest of data.buckets. A longer
+  # prompt loses demonstrations, largest first (``shortened`` in scores.json).
+  max_len: int = 0
   sheet_tasks: int = 8
   weights: str = "ema"  # ema (when the run kept one) | params
 
@@ -339,7 +346,8 @@ def validate(cfg: Config) -> Config:
 
   _one_of("eval.mode", ev.mode, ("greedy", "vote", "augscore"))
   _one_of("eval.weights", ev.weights, ("ema", "params"))
-  for key in ("max_tasks", "color_perms", "samples", "sheet_tasks"):
+  for key in ("max_tasks", "color_perms", "samples", "sheet_tasks", "max_batch_tokens",
+              "max_len"):
     _require(getattr(ev, key) >= 0, f"eval.{key}: must be >= 0, got {getattr(ev, key)}")
   _require(ev.batch_size > 0, f"eval.batch_size: must be positive, got {ev.batch_size}")
   _require(ev.temperature > 0, f"eval.temperature: must be positive, got {ev.temperature}")

@@ -19,6 +19,11 @@ over a task axis that is split over a 1-D mesh of every device with shard_map. A
 fewer than 2 demonstrations, or none of whose leave-one-out sequences fits the longest bucket,
 is not adapted (counted and logged) and is evaluated with the base weights.
 
+Evaluation (``app.evaluate_params``) then scores all tasks together: :func:`stack` puts the
+adapters on one leading axis (index 0: the base's own leaves) and every row of a model call
+runs under its task's adapter (:class:`onn_jax.evaluation.model_fns.RowParams`);
+:func:`per_task_evaluate`, one task at a time, is the reference the tests compare it with.
+
 TTT is not a stage of :mod:`onn_jax.stages`: stages are steps of the training run on one shared
 train state, while TTT runs at evaluation, per task, on weights that are discarded afterwards.
 """
@@ -254,9 +259,26 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   return adapters, info
 
 
+def stack(base, adapters: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+  """The adapters of :func:`adapt` as one tree for pooled evaluation, and their indices.
+
+  Every leaf gets a leading axis K = 1 + len(adapters): index 0 holds the base's own leaves
+  (the tasks that were not adapted), index k the k-th adapter in the dict's order. Returns
+  (that tree, {task id: k}); (None, {}) without adapters. Host (numpy) arrays.
+  """
+  if not adapters:
+    return None, {}
+  paths = list(flatten_dict(next(iter(adapters.values()))))
+  trees = [split(base, paths), *adapters.values()]
+  return _stack(trees), {task_id: k for k, task_id in enumerate(adapters, 1)}
+
+
 def per_task_evaluate(base, adapters: dict[str, Any], make_fns: Callable[[Any], Any]
                       ) -> Callable[..., list[dict]]:
-  """:func:`augscore.evaluate` with every adapted task scored under base + its adapter.
+  """:func:`augscore.evaluate` with every adapted task scored under base + its adapter, one
+  task at a time: the reference that the pooled evaluation (``app.evaluate_params``: one
+  :class:`~onn_jax.evaluation.model_fns.ModelFns` with every adapter, rows of any tasks in a
+  call) is tested against.
 
   The tasks left with the base weights are evaluated together through the generate_fn and
   logprob_fn given; each adapted task alone through ``make_fns(its params)`` (an object with

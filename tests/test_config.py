@@ -48,6 +48,9 @@ def test_overrides_are_typed():
     ("model.moe_capacity=.inf", "model.moe_capacity"),
     ("model.moe_tile=0", "model.moe_tile"),
     ("data.buckets=[256, 128]", "data.buckets"),
+    ("eval.max_len=-1", "eval.max_len"),
+    ("eval.max_batch_tokens=-8", "eval.max_batch_tokens"),
+    ("eval.max_batch_tokens=1.5", "eval.max_batch_tokens"),
     ("train.seed", "train.seed"),
 ])
 def test_bad_values_name_the_key(override, culprit):

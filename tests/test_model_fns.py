@@ -55,3 +55,18 @@ def test_logprob_is_the_sum_of_answer_token_logprobs():
   logp = jax.nn.log_softmax(logits, -1)
   want = sum(float(logp[t - 1, seq[t]]) for t in range(len(prompt), len(seq)))
   np.testing.assert_allclose(fns.logprob([seq], [len(prompt)])[0], want, rtol=1e-5)
+
+
+def test_rows_per_call_follow_the_token_budget():
+  """arc1's budget: 64 rows up to 2048-token prompts (+ 1024 answer tokens), 11 at 16384; on
+  8 devices a multiple of 8, at least one row per device."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  params = init_params(cfg.model, jax.random.PRNGKey(0))
+  one = ModelFns(model, params, batch_size=64, max_batch_tokens=196608)
+  assert [one.rows(n) for n in (1024, 3072, 16384 + 1024, 10**6)] == [64, 64, 11, 1]
+  assert ModelFns(model, params, batch_size=6).rows(10**6) == 6  # no budget: batch_size
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  many = ModelFns(model, params, batch_size=60, max_batch_tokens=196608, mesh=mesh)
+  assert many.batch_size == 64
+  assert [many.rows(n) for n in (3072, 16384 + 1024, 10**6)] == [64, 8, 8]

@@ -1,4 +1,5 @@
-"""Test-time training: per-task adapters, base frozen, test outputs unread, vmap and shards."""
+"""Test-time training: per-task adapters, base frozen, test outputs unread, vmap and shards;
+pooled evaluation of the adapted tasks (rows of many tasks per call) against the per-task one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from onn_jax.config import ConfigError
 from onn_jax.data.serialize import encode_grid
 from onn_jax.data.tasks import Task
 from onn_jax.data.tokens import END
-from onn_jax.model.transformer import init_params
+from onn_jax.evaluation import augscore
+from onn_jax.evaluation.model_fns import ModelFns
+from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS
 
 from conftest import tiny_config
@@ -181,6 +184,127 @@ def test_each_adapted_task_is_scored_with_its_own_weights_in_task_order():
   assert [int(r["ranked"][0][0, 0]) for r in records] == [1, 7, 1]
 
 
+def test_pooled_evaluation_routes_every_row_to_its_task_group():
+  """augscore hands the model each row's group (here: the colour a task's weights answer)."""
+  tasks = [_task(name, i) for i, name in enumerate(["p", "q", "r"])]
+  colours = {"p": 1, "q": 7, "r": 4}
+  seen = []
+
+  def generate(prompts, max_new, num_samples, groups):
+    seen.append(list(groups))
+    return [[np.asarray(encode_grid(np.full((1, 1), g)) + [END], np.int32)] for g in groups]
+
+  def logprob(sequences, answer_starts, groups):
+    return np.asarray(groups, np.float64)
+
+  records = augscore.evaluate(tasks, mode="augscore", views=augscore.make_views()[:2],
+                              generate_fn=generate, logprob_fn=logprob, max_len=128,
+                              batch_size=4, group_of=lambda task: colours[task.id],
+                              progress=False)
+  assert [int(r["ranked"][0][0, 0]) for r in records] == [1, 7, 4]
+  assert [r["scores"] for r in records] == [[2.0], [14.0], [8.0]]  # two views each
+  assert sorted(g for call in seen for g in call) == [1, 1, 4, 4, 7, 7]
+
+
+# TTT long enough that the tiny model's generations parse as grids (candidates to score).
+FORMED = dict(steps=40, learning_rate=0.01, params=["*"], chunk=0, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def formed():
+  """Adapters of a and b trained to emit grids; one_demo stays on the base, huge is too long."""
+  cfg = tiny_config(ttt=FORMED, data=dict(buckets=[128]))
+  params = jax.device_get(init_params(cfg.model, jax.random.PRNGKey(0)))
+  tasks = [_task("a", 1), _task("b", 2), _task("one_demo", 3, demos=1),
+           _task("huge", 4, side=12)]
+  adapters, _ = ttt.adapt(cfg, params, tasks, log=lambda _: None)
+  return cfg, params, tasks, adapters
+
+
+def _pooled(formed, mode, *, mesh=None, tasks=None, max_len=128, views=None, **kwargs):
+  """(records, ModelFns) of a pooled evaluation: every task's rows in shared calls."""
+  cfg, params, all_tasks, adapters = formed
+  stacked, index = ttt.stack(params, adapters)
+  fns = ModelFns(Transformer(cfg.model), params, batch_size=8, mesh=mesh, adapters=stacked,
+                 **kwargs)
+  records = augscore.evaluate(tasks or all_tasks, mode=mode, views=views,
+                              generate_fn=fns.generate, logprob_fn=fns.logprob,
+                              max_len=max_len, batch_size=8,
+                              group_of=lambda task: index.get(task.id, 0), progress=False)
+  return records, fns
+
+
+# Scores are float32 log-probabilities summed in float64 over a test input's views and answer
+# tokens (~100 terms); pooling changes how the matmuls sum (a batched matmul per row against
+# one shared matmul) and the padding, a few ulps per logit, amplified at most ~10x by two
+# layers and a log-softmax: 1e3 ulps of float32 relative to the score is a wide margin.
+SCORE_RTOL = 1e3 * float(np.finfo(np.float32).eps)
+
+
+def _assert_same_records(got, want):
+  assert [(r["task_id"], r["test_index"]) for r in got] == \
+      [(r["task_id"], r["test_index"]) for r in want]
+  for g, w in zip(got, want):
+    assert (g["counts"], g["order"], g["malformed"], g["views"], g["score_views"]) == \
+        (w["counts"], w["order"], w["malformed"], w["views"], w["score_views"])
+    assert all(np.array_equal(x, y) for x, y in zip(g["candidates"], w["candidates"]))
+    np.testing.assert_allclose(g["scores"], w["scores"], rtol=SCORE_RTOL)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "augscore"])
+def test_pooled_evaluation_equals_the_per_task_one(formed, mode):
+  cfg, params, tasks, adapters = formed
+  model = Transformer(cfg.model)
+  per_task_fns = []
+
+  def make_fns(p):
+    per_task_fns.append(ModelFns(model, p, batch_size=8))
+    return per_task_fns[-1]
+
+  base = make_fns(params)
+  want = ttt.per_task_evaluate(params, adapters, make_fns)(
+      tasks, mode=mode, generate_fn=base.generate, logprob_fn=base.logprob, max_len=128,
+      batch_size=8, progress=False)
+  got, fns = _pooled(formed, mode)
+  _assert_same_records(got, want)
+  if mode == "augscore":  # the adapters make candidates: the scores were compared
+    assert sum(len(r["candidates"]) for r in got) >= 3
+  # No more calls than task by task, of the same padded shapes (no program per task).
+  assert sum(fns.shapes.values()) <= sum(sum(f.shapes.values()) for f in per_task_fns)
+  assert all(rows == 8 for _, rows, *_ in fns.shapes)
+  assert {s[2:] for s in fns.shapes} <= {s[2:] for f in per_task_fns for s in f.shapes}
+
+
+def test_pooled_evaluation_sharded_over_eight_devices_equals_one_device(formed):
+  mesh = Mesh(np.array(jax.devices()), (AXIS,))
+  got, fns = _pooled(formed, "augscore", mesh=mesh)
+  assert fns.batch_size == 8 and fns.num_devices == 8
+  _assert_same_records(got, _pooled(formed, "augscore")[0])
+
+
+def test_long_prompts_run_in_fewer_rows_under_the_token_budget(formed):
+  """A 6x6 task needs ~330 tokens: over data.buckets (128) but within an eval max_len of 512."""
+  _, _, tasks, _ = formed
+  long = _task("long", 5, side=6)
+  mixed = [tasks[1], long, tasks[0]]
+  views = augscore.make_views()[:1]
+  unbatched, _ = _pooled(formed, "augscore", tasks=mixed, max_len=512, views=views)
+  # Generation: 1 row of 512 + 256 (prompt + answer budget), 2 of 128 + 256; scoring: 6 of 128.
+  budget = 800
+  records, fns = _pooled(formed, "augscore", tasks=mixed, max_len=512, views=views,
+                         max_batch_tokens=budget)
+  _assert_same_records(records, unbatched)
+  assert all(r["views"] == 1 and not r["shortened"] for r in records)  # every task attempted
+  assert sum(len(r["candidates"]) for r in records) >= 1  # and some scored
+  assert dict(fns.shapes) == {("generate", 1, 512, 256): 1, ("generate", 2, 128, 256): 1,
+                              ("logprob", 6, 128): 1}
+  for kind, rows, *lengths in fns.shapes:
+    assert rows * sum(lengths) <= budget or rows == 1, (kind, rows, lengths)
+  # Within the training buckets alone it would not fit even with one demonstration.
+  short, _ = _pooled(formed, "greedy", tasks=[long], max_len=128)
+  assert short[0]["skipped"] and short[0]["fallback"]
+
+
 def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
   cfg, params, tasks = setup
   out = tmp_path / "eval"
@@ -190,6 +314,7 @@ def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
   scores = json.loads((out / "scores.json").read_text())
   assert scores["ttt"]["adapted"] == 1 and scores["ttt"]["not_adapted"]["few_demos"] == 1
   assert scores["ttt"]["steps"] == 4 and scores["step"] == 0
+  assert scores["protocol"]["eval_max_len"] == 128  # eval.max_len 0: the longest bucket
   submission = json.loads((out / "submission.json").read_text())
   assert sorted(submission) == ["a", "one_demo"]
   assert all({"attempt_1", "attempt_2"} <= set(entry) for v in submission.values()

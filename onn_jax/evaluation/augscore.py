@@ -11,6 +11,10 @@ The model enters through two callables, both batched over tasks and views:
   by answer tokens incl. END, and the result is the teacher-forced total log-probability
   sum_{t >= answer_starts[n]} log p(x_t | x_<t) of those answer tokens.
 
+With ``group_of`` (a task -> int, e.g. the index of the task's own test-time-trained weights),
+both are also given ``groups=``: the group of every prompt's or sequence's task, in order, so
+one call can hold the rows of many tasks, each under its own weights.
+
 Modes (for each test input):
 
 - ``greedy``: the identity view, its greedy generation, no scoring.
@@ -160,9 +164,17 @@ def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
     yield list(order[start:start + batch_size])
 
 
+def _groups(items: list[_Item], group_of: Callable[[Task], int] | None, rows: Sequence[int]
+            ) -> dict[str, list[int]]:
+  """``{"groups": [group of each row's item]}`` for the model calls, or {} without group_of."""
+  if group_of is None:
+    return {}
+  return {"groups": [int(group_of(items[i].task)) for i in rows]}
+
+
 def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn, *,
               max_len: int, batch_size: int, samples: int, max_answer_tokens: int,
-              progress: bool) -> None:
+              progress: bool, group_of: Callable[[Task], int] | None = None) -> None:
   """Builds every (item, view) prompt, generates in length-sorted batches, collects candidates.
 
   Candidates are added in (item, view, greedy-then-samples) order whatever the batching, so
@@ -189,7 +201,8 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
   for batch in _batches(order, batch_size):
     prompts = [jobs[j][2] for j in batch]
     max_new = min(max_answer_tokens, max_len - max(len(p) for p in prompts))
-    results = generate_fn(prompts, max_new, samples)
+    results = generate_fn(prompts, max_new, samples,
+                          **_groups(items, group_of, [jobs[j][0] for j in batch]))
     if len(results) != len(prompts):
       raise ValueError(f"generate_fn returned {len(results)} results for {len(prompts)} prompts")
     for j, result in zip(batch, results):
@@ -209,7 +222,8 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
 
 
 def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, max_len: int,
-           batch_size: int, progress: bool) -> None:
+           batch_size: int, progress: bool, group_of: Callable[[Task], int] | None = None
+           ) -> None:
   """Sets item.scores[c] = sum over usable views v of log p(v(c) | prompt_v) (batched)."""
   pairs: list[tuple[int, int, np.ndarray, int]] = []  # (item, candidate, sequence, answer start)
   for i, item in enumerate(items):
@@ -230,7 +244,8 @@ def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, 
   order = sorted(range(len(pairs)), key=lambda p: -len(pairs[p][2]))
   bar = output.progress(len(pairs), "score", enabled=progress, unit="seq", leave=False)
   for batch in _batches(order, batch_size):
-    logprobs = np.asarray(logprob_fn([pairs[p][2] for p in batch], [pairs[p][3] for p in batch]),
+    logprobs = np.asarray(logprob_fn([pairs[p][2] for p in batch], [pairs[p][3] for p in batch],
+                                     **_groups(items, group_of, [pairs[p][0] for p in batch])),
                           np.float64).reshape(-1)
     if len(logprobs) != len(batch):
       raise ValueError(f"logprob_fn returned {len(logprobs)} values for {len(batch)} sequences")
@@ -285,7 +300,8 @@ def _record(item: _Item, mode: str) -> dict:
 def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[View] | None = None,
              generate_fn: GenerateFn, logprob_fn: LogprobFn | None = None, max_len: int,
              batch_size: int, samples: int = 0, max_answer_tokens: int = MAX_ANSWER_TOKENS,
-             progress: bool = True) -> list[dict]:
+             group_of: Callable[[Task], int] | None = None, progress: bool = True
+             ) -> list[dict]:
   """Evaluates every test input of ``tasks``; one record per (task id, test index), in order.
 
   A record holds ``candidates`` (int32 [h, w] grids in the task's frame, deduplicated, in the
@@ -298,7 +314,7 @@ def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[V
 
   ``views`` defaults to the 8 D8 views; ``greedy`` mode always uses the identity view alone and
   no samples. Every prompt plus ``max_new`` tokens fits ``max_len``, with ``max_new`` at most
-  ``max_answer_tokens``.
+  ``max_answer_tokens``. ``group_of``: see the module doc (per-task weights in one call).
   """
   if mode not in MODES:
     raise ValueError(f"eval mode {mode!r} is not one of {', '.join(MODES)}")
@@ -318,9 +334,10 @@ def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[V
     raise ValueError("no views to evaluate")
   items = [_Item(task, t) for task in tasks for t in range(len(task.test))]
   _generate(items, views, generate_fn, max_len=max_len, batch_size=batch_size, samples=samples,
-            max_answer_tokens=max_answer_tokens, progress=progress)
+            max_answer_tokens=max_answer_tokens, progress=progress, group_of=group_of)
   if mode == "augscore":
-    _score(items, views, logprob_fn, max_len=max_len, batch_size=batch_size, progress=progress)
+    _score(items, views, logprob_fn, max_len=max_len, batch_size=batch_size, progress=progress,
+           group_of=group_of)
   return [_record(item, mode) for item in items]
 
 
@@ -373,7 +390,7 @@ def describe(summary: dict, out_dir: str | Path | None = None) -> str:
                f"grid); {s['mean_candidates']:.1f} distinct candidates per test input")
   if s.get("shortened"):
     parts.append(f"{s['shortened']} test inputs shortened (largest demonstrations dropped "
-                 "to fit the longest bucket)")
+                 "to fit the evaluation's length limit)")
   if s.get("fallback"):
     parts.append(f"{s['fallback']} without a candidate answered with their test input "
                  f"({s['skipped']} of them too long to attempt)")

@@ -1,13 +1,24 @@
 """The model side of evaluation: batched ``generate_fn`` and ``logprob_fn`` for AugScore.
 
-Batches are padded to a fixed number of rows and to bucketed lengths, so a whole evaluation
-compiles a handful of programs however many tasks and views it covers.
+Each model call is padded to a bucketed length (a power of two) and to a number of rows fixed by
+that length: ``batch_size``, or fewer where a row is long and a token budget
+(``max_batch_tokens``) is set, so a 16k-token prompt runs a few rows at a time while short
+ones fill the batch. A whole evaluation compiles a handful of programs (one per length and
+budget) however many tasks and views it covers.
+
+Per-task weights (test-time training) are pooled: with ``adapters`` (every adapted task's
+parameter subset stacked on a leading axis) each row carries the index of its task's adapter,
+gathered per call, and the model runs vmapped over rows with the base shared
+(:class:`RowParams`). Tasks of any mix share a call; the compiled programs are the same shapes
+as without adapters.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +29,7 @@ from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
 from onn_jax.model.transformer import Transformer
 from onn_jax.parallel import AXIS, host_value
+from onn_jax.ttt import merge
 
 MIN_LENGTH = 64  # prompt, budget and sequence lengths are powers of two from here up
 
@@ -39,26 +51,80 @@ def _logprob_jit(model, params, inputs_BT, targets_BT, mask_BT):
   return sequence_logprob(model, params, inputs_BT, targets_BT, mask_BT)
 
 
+def _gather_rows(adapters_K, index_B):
+  """Row b's adapter: ``adapters_K`` (leading axis K) at ``index_B[b]``, for every leaf."""
+  return jax.tree.map(lambda a_K: jnp.take(a_K, index_B, axis=0), adapters_K)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+  """``model`` with per-row parameters, for the callers of ``model.apply`` (decoding, log-probs).
+
+  ``apply({"params": {"base": tree, "rows": adapter_B}}, inputs, ...)`` runs row b under the
+  base with row b's adapter (a parameter subset nested like the base, every leaf with a leading
+  row axis) in place of the base's own leaves. The rows are vmapped with the base shared: a
+  weight that is not adapted is one matmul over all rows, an adapted one a batched matmul.
+  Every cache leaf has its batch axis first (each attention variant's layout does); ``aux``
+  gets a leading row axis.
+  """
+  model: Transformer
+
+  @property
+  def cfg(self):
+    return self.model.cfg
+
+  def apply(self, variables, inputs, valid_BT=None, *, mode: str = "train", cache=None,
+            pos_B=None):
+    base, adapter_B = variables["params"]["base"], variables["params"]["rows"]
+    one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # a row as a batch of one
+
+    def row(adapter, inputs, valid, cache, pos):
+      logits_1TV, new_cache, aux = self.model.apply(
+          {"params": merge(base, adapter)}, inputs[None], one(valid), mode=mode,
+          cache=one(cache), pos_B=one(pos))
+      return logits_1TV[0], jax.tree.map(lambda x: x[0], new_cache), aux
+
+    return jax.vmap(row)(adapter_B, inputs, valid_BT, cache, pos_B)
+
+
 class ModelFns:
   """Callables for :func:`onn_jax.evaluation.augscore.evaluate` backed by one model.
 
-  With a ``mesh``, every batch of prompts (tasks x views) is split by rows over the mesh's
-  ``data`` axis (all devices of all hosts) and the compiled programs run data-parallel; the
-  batch size is rounded up to a multiple of the device count.
+  ``batch_size`` rows per call at most; with ``max_batch_tokens`` > 0 a call at length L (the
+  KV capacity, prompt plus answer budget, in generation; the sequence length in scoring) holds
+  ``max(1, max_batch_tokens // L)`` rows when that is fewer. With a ``mesh``, every call's rows
+  (tasks x views) are split over the mesh's ``data`` axis (all devices of all hosts) and the
+  compiled programs run data-parallel; row counts are rounded to a multiple of the device
+  count (up for ``batch_size``, down, but at least one per device, under the token budget).
+
+  ``adapters``: per-task parameter subsets stacked on a leading axis (see
+  :func:`onn_jax.ttt.stack`); then :meth:`generate` and :meth:`logprob` take ``groups``, the
+  adapter index of every prompt or sequence, and each row runs under ``params`` merged with its
+  adapter. ``shapes`` counts the calls per compiled shape.
   """
 
   def __init__(self, model: Transformer, params: Any, *, batch_size: int,
-               temperature: float = 1.0, seed: int = 0, mesh: Mesh | None = None):
+               max_batch_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
+               mesh: Mesh | None = None, adapters: Any = None):
     self.model, self.mesh = model, mesh
     self.temperature = temperature
     self.rng = jax.random.PRNGKey(seed)
     self.calls = 0
-    if mesh is None:
-      self.batch_size, self.params = batch_size, params
-    else:
-      n = mesh.devices.size
-      self.batch_size = -(-batch_size // n) * n
-      self.params = jax.device_put(params, NamedSharding(mesh, P()))
+    self.shapes: collections.Counter = collections.Counter()
+    self.num_devices = 1 if mesh is None else mesh.devices.size
+    self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
+    self.max_batch_tokens = max_batch_tokens
+    self.params = self._put_shared(params)
+    self.adapters_K = None if adapters is None else self._put_shared(adapters)
+    self.row_model = RowParams(model)
+    self._gather = jax.jit(_gather_rows, out_shardings=None if mesh is None else
+                           NamedSharding(mesh, P(AXIS)))
+
+  def _put_shared(self, tree):
+    """A tree (identical on every process) -> device arrays, replicated over a mesh."""
+    if self.mesh is None:
+      return jax.device_put(tree)
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
   def _put(self, rows: np.ndarray) -> jax.Array:
     """A host array (identical on every process) -> a device array split by rows."""
@@ -67,39 +133,71 @@ class ModelFns:
     sharding = NamedSharding(self.mesh, P(AXIS))
     return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
-  def generate(self, prompts: list[np.ndarray], max_new: int, num_samples: int
-               ) -> list[list[np.ndarray]]:
+  def rows(self, length: int) -> int:
+    """Rows of a call whose rows hold ``length`` tokens each (see the class doc)."""
+    if not self.max_batch_tokens:
+      return self.batch_size
+    n = self.num_devices
+    return min(self.batch_size, max(n, self.max_batch_tokens // length // n * n))
+
+  def _calls(self, lengths: Sequence[int], tokens: Callable[[int], int]
+             ) -> list[tuple[list[int], int, int]]:
+    """(indices, padded length, rows) per call: longest first, each call as many rows as its
+    padded length allows (``tokens(padded length)``: the tokens a row holds)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    calls, start = [], 0
+    while start < len(order):
+      length = _round_up(lengths[order[start]])
+      rows = self.rows(tokens(length))
+      calls.append((order[start:start + rows], length, rows))
+      start += rows
+    return calls
+
+  def _model_params(self, indices: list[int], rows: int, groups: Sequence[int] | None):
+    """(model, params) of one call: the plain model, or per-row adapters gathered by group."""
+    if self.adapters_K is None:
+      return self.model, self.params
+    if groups is None:
+      raise ValueError("this ModelFns holds per-task adapters: pass groups (one per row)")
+    index_B = np.zeros(rows, np.int32)  # padding rows take adapter 0
+    index_B[:len(indices)] = [groups[i] for i in indices]
+    adapter_B = self._gather(self.adapters_K, self._put(index_B))
+    return self.row_model, {"base": self.params, "rows": adapter_B}
+
+  def generate(self, prompts: list[np.ndarray], max_new: int, num_samples: int,
+               groups: Sequence[int] | None = None) -> list[list[np.ndarray]]:
     """Per prompt: the greedy generation, then ``num_samples`` sampled ones (answer tokens)."""
     results: list[list[np.ndarray]] = [[] for _ in prompts]
-    for start in range(0, len(prompts), self.batch_size):
-      chunk = prompts[start:start + self.batch_size]
-      P = _round_up(max(len(p) for p in chunk))
-      budget = _round_up(max_new)
-      prompt_BP = self._put(_pad_rows(chunk, self.batch_size, P))
-      lens = np.full(self.batch_size, 1, np.int32)
-      lens[:len(chunk)] = [len(p) for p in chunk]
+    budget = _round_up(max_new)
+    for indices, P, rows in self._calls([len(p) for p in prompts], lambda P: P + budget):
+      prompt_BP = self._put(_pad_rows([prompts[i] for i in indices], rows, P))
+      lens = np.full(rows, 1, np.int32)
+      lens[:len(indices)] = [len(prompts[i]) for i in indices]
+      model, params = self._model_params(indices, rows, groups)
       for sample in range(1 + num_samples):
         self.calls += 1
+        self.shapes["generate", rows, P, budget] += 1
         out = generate_jit(
-            self.model, self.params, prompt_BP, self._put(lens), max_new=budget,
+            model, params, prompt_BP, self._put(lens), max_new=budget,
             capacity=P + budget, feed="argmax" if sample == 0 else "sample",
             temperature=self.temperature, rng=jax.random.fold_in(self.rng, self.calls))
         tokens_BA = host_value(out.tokens_BA)[:, :max_new]
-        for i in range(len(chunk)):
-          results[start + i].append(tokens_BA[i])
+        for r, i in enumerate(indices):
+          results[i].append(tokens_BA[r])
     return results
 
-  def logprob(self, sequences: list[np.ndarray], answer_starts: list[int]) -> np.ndarray:
+  def logprob(self, sequences: list[np.ndarray], answer_starts: list[int],
+              groups: Sequence[int] | None = None) -> np.ndarray:
     """Teacher-forced log-probability of each sequence's answer tokens: [N] float64."""
-    totals = []
-    for start in range(0, len(sequences), self.batch_size):
-      chunk = sequences[start:start + self.batch_size]
-      L = _round_up(max(len(s) for s in chunk))
-      tokens = _pad_rows(chunk, self.batch_size, L + 1)
-      mask = np.zeros((self.batch_size, L), np.float32)
-      for i, (seq, a) in enumerate(zip(chunk, answer_starts[start:start + len(chunk)])):
-        mask[i, a - 1:len(seq) - 1] = 1.0  # target t+1 is answer token when t >= a - 1
-      lp = _logprob_jit(self.model, self.params, self._put(tokens[:, :-1]),
-                        self._put(tokens[:, 1:]), self._put(mask))
-      totals.append(host_value(lp).astype(np.float64)[:len(chunk)])
-    return np.concatenate(totals)
+    totals = np.zeros(len(sequences), np.float64)
+    for indices, L, rows in self._calls([len(s) for s in sequences], lambda L: L):
+      tokens = _pad_rows([sequences[i] for i in indices], rows, L + 1)
+      mask = np.zeros((rows, L), np.float32)
+      for r, i in enumerate(indices):
+        mask[r, answer_starts[i] - 1:len(sequences[i]) - 1] = 1.0  # target t+1: answer
+      model, params = self._model_params(indices, rows, groups)
+      self.shapes["logprob", rows, L] += 1
+      lp = _logprob_jit(model, params, self._put(tokens[:, :-1]), self._put(tokens[:, 1:]),
+                        self._put(mask))
+      totals[indices] = host_value(lp).astype(np.float64)[:len(indices)]
+    return totals
