@@ -386,10 +386,17 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
                          E - 1)
   x_NLC = dispatch(x_NC.astype(dtype), slot_NE, pair_S).reshape(num_tiles, tile, C)
 
+  # Each tile's expert weights by a one-hot matmul rather than a gather: its gradient (the sum
+  # of an expert's tiles) is then a plain matmul too, not a scatter-add of [tiles, C, F] rows
+  # (the gather form's program did not finish compiling on an H200). HIGHEST precision makes the
+  # product an exact copy, in the parameters' dtype (float32) before the cast, so the gradient
+  # sums an expert's tiles in float32.
+  onehot_NE = (expert_N[:, None] == jnp.arange(E)[None, :]).astype(jnp.float32)
+
   def per_tile(name: str) -> Array:
-    # Gathered before the cast: the gradient sums the tiles of an expert in the parameters'
-    # dtype (float32), not in the compute dtype.
-    return params[name].at[expert_N].get(indices_are_sorted=True).astype(dtype)
+    w = params[name].astype(jnp.float32)
+    return jnp.einsum("ne,e...->n...", onehot_NE, w,
+                      precision=jax.lax.Precision.HIGHEST).astype(dtype)
 
   if impl == "ragged":
     h_NLF = jax.lax.ragged_dot(x_NLC.reshape(S, C), params["w_in"].astype(dtype),
