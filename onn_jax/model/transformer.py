@@ -58,12 +58,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTC, valid_BT, segment_start_BT=None, *, mode="train", cache=None,
-               pos_B=None):
+               pos_B=None, branch_len=0):
     c = self.cfg
     pdt = dtype_of(c.param_dtype)
     attn_out, new_cache, attn_aux = attention.get(c.attention).module(c, name="attn")(
         RMSNorm(param_dtype=pdt, name="attn_norm")(x_BTC), valid_BT, mode=mode, cache=cache,
-        pos_B=pos_B, segment_start_BT=segment_start_BT)
+        pos_B=pos_B, segment_start_BT=segment_start_BT, branch_len=branch_len)
     x_BTC = x_BTC + attn_out
     moe_out, aux = moe_layer(c, name="moe")(
         RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
@@ -80,6 +80,12 @@ class Transformer(nn.Module):
   starting at a multiple of :func:`onn_jax.model.attention.pack_alignment`; int [B,T], the first position of each
   token's sequence. Every sequence is then computed as if it were alone in its row.
 
+  ``"branch"`` (EAVI's alignment pass): ``inputs`` [B, T] is a training sequence and
+  ``branch_BAV`` [B, A, V] an alternative continuation of it fed from position ``pos_B`` [B]
+  on: branch token i sees the sequence's tokens before ``pos_B`` and branch tokens ``0..i``.
+  The shared prefix is computed once. Logits are [B, T + A, V]: the sequence's, then the
+  branch's (token i's logits predict the branch's token i + 1).
+
   Returns ``(logits_BTV float32, new_cache or None, aux)`` where ``aux`` stacks each layer's
   DynMoE outputs along a leading layer axis (and a gated attention's under ``aux["attn"]``).
   """
@@ -87,21 +93,33 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, valid_BT=None, *, mode: str = "train", cache: Cache | None = None,
-               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None):
+               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None,
+               branch_BAV: jax.Array | None = None):
     c = self.cfg
     dt, pdt = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
     table_VC = self.param("embedding", nn.initializers.normal(1.0), (VOCAB_SIZE, c.d_model),
                           pdt)
-    if inputs.ndim == 2:
-      x_BTC = jnp.take(table_VC, inputs, axis=0).astype(dt)
-    else:
+
+    def embed(tokens):
+      if tokens.ndim == 2:
+        return jnp.take(table_VC, tokens, axis=0).astype(dt)
       # HIGHEST: a one-hot row must give exactly the token's embedding (no TF32 rounding).
-      x_BTC = jnp.einsum("btv,vc->btc", inputs.astype(jnp.float32),
-                         table_VC.astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST).astype(dt)
+      return jnp.einsum("btv,vc->btc", tokens.astype(jnp.float32), table_VC.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST).astype(dt)
+
+    x_BTC = embed(inputs)
     B, T = x_BTC.shape[:2]
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), bool)
+    branch_len = 0
+    if mode == "branch":
+      # The branch's tokens follow the main ones in every layer's row (the attention keeps
+      # them apart); a branch token is valid where a row of length T would hold it.
+      branch_len = branch_BAV.shape[1]
+      x_BTC = jnp.concatenate([x_BTC, embed(branch_BAV)], axis=1)
+      branch_pos_BA = pos_B[:, None] + jnp.arange(branch_len)[None, :]
+      valid_BT = jnp.concatenate([valid_BT, branch_pos_BA < T], axis=1)
+      T = T + branch_len
     new_caches, auxes = [], []
     # Rematerialise each block in the backward pass when asked: activation memory of one
     # block instead of all of them (the dense NSA reference keeps O(T^2) per layer).
@@ -110,6 +128,9 @@ class Transformer(nn.Module):
       if mode == "train":
         x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(x_BTC, valid_BT,
                                                                   segment_start_BT)
+      elif mode == "branch":
+        x_BTC, layer_cache, aux = Block(c, name=f"block_{i}")(
+            x_BTC, valid_BT, mode=mode, pos_B=pos_B, branch_len=branch_len)
       else:
         x_BTC, layer_cache, aux = block_cls(c, name=f"block_{i}")(
             x_BTC, valid_BT, segment_start_BT, mode=mode, cache=cache[i], pos_B=pos_B)
@@ -119,7 +140,7 @@ class Transformer(nn.Module):
     logits_BTV = nn.Dense(VOCAB_SIZE, use_bias=False, dtype=jnp.float32, param_dtype=pdt,
                           name="lm_head")(x_BTC.astype(jnp.float32))
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
-    return logits_BTV, (new_caches if mode != "train" else None), aux
+    return logits_BTV, (new_caches if mode not in ("train", "branch") else None), aux
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> Cache:

@@ -40,6 +40,34 @@ def causal_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
                                       implementation=attention_implementation(q_BTHD.dtype))
 
 
+def branch_positions(total: int, branch_len: int, start_B: jax.Array) -> jax.Array:
+  """Positions [B, total] of a ``"branch"`` row: ``0 .. M-1`` for the M = total - branch_len
+  main tokens, then ``start_B + i`` for branch token i."""
+  B = start_B.shape[0]
+  M = total - branch_len
+  main_BM = jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), (B, M))
+  branch_BA = start_B.astype(jnp.int32)[:, None] + jnp.arange(branch_len, dtype=jnp.int32)
+  return jnp.concatenate([main_BM, branch_BA], axis=1)
+
+
+def branch_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
+                     branch_len: int, start_B: jax.Array) -> jax.Array:
+  """Attention of a ``"branch"`` row: the first M = T - branch_len tokens are a causal sequence
+  from position 0; branch token i sits at position ``start_B + i`` and sees the main tokens
+  before ``start_B`` and branch tokens ``0..i`` (an alternative continuation of the main
+  sequence's prefix, without recomputing it). The branch part uses a [B,1,A,M+A] mask."""
+  T = q_BTHD.shape[1]
+  M, A = T - branch_len, branch_len
+  o_main = causal_attention(q_BTHD[:, :M], k_BTGD[:, :M], v_BTGD[:, :M])
+  sees_main_BAM = jnp.broadcast_to(jnp.arange(M)[None, None, :] < start_B[:, None, None],
+                                   (start_B.shape[0], A, M))
+  sees_branch_AA = jnp.arange(A)[None, :] <= jnp.arange(A)[:, None]
+  mask = jnp.concatenate([sees_main_BAM, jnp.broadcast_to(sees_branch_AA, sees_main_BAM.shape[:2]
+                                                          + (A,))], axis=-1)[:, None]
+  o_branch = jax.nn.dot_product_attention(q_BTHD[:, M:], k_BTGD, v_BTGD, mask=mask)
+  return jnp.concatenate([o_main, o_branch.astype(o_main.dtype)], axis=1)
+
+
 def decode_attention(q_B1HD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
                      pos_B: jax.Array) -> jax.Array:
   """One query per example at ``pos_B`` over cache positions ``0 .. pos_B`` (XLA)."""
@@ -84,7 +112,8 @@ class FullAttention(nn.Module):
     return apply_rope(q_BTHD, pos_BT, theta), apply_rope(k_BTGD, pos_BT, theta), v_BTGD
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
-               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None):
+               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None,
+               branch_len: int = 0):
     B, T, _ = x_BTC.shape
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), bool)
@@ -102,6 +131,10 @@ class FullAttention(nn.Module):
         new_cache = {name: jax.lax.dynamic_update_slice_in_dim(
             cache[name], val.astype(cache[name].dtype), 0, axis=1)
             for name, val in (("k", k_BTGD), ("v", v_BTGD))}
+    elif mode == "branch":
+      q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, branch_positions(T, branch_len, pos_B),
+                                              valid_BT)
+      o_BTHD = branch_attention(q_BTHD, k_BTGD, v_BTGD, branch_len, pos_B)
     elif mode == "decode":
       if T != 1:
         raise ValueError(f"decode takes one token per example, got {T}")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from onn_jax.config import ModelConfig
 from onn_jax.model import nsa
+from onn_jax.model.attention.full import branch_positions
 from onn_jax.model.layers import apply_rope, dtype_of
 
 KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
@@ -210,8 +211,30 @@ class NSAttention(nn.Module):
                         new_cache["v_cmp"].astype(dt), gates, pos_B)
     return o_BTHD, new_cache
 
+  def _branch(self, x_BTC, branch_len: int, start_B):
+    """``"branch"`` mode (see :func:`onn_jax.model.attention.full.branch_attention`): the main
+    tokens as in training; the branch against keys/values whose positions before ``start_B``
+    are the main sequence's and from ``start_B`` on its own (compressed blocks rebuilt from
+    those, so a block straddling ``start_B`` mixes both, as in a row holding the branch)."""
+    B, T, _ = x_BTC.shape
+    M, A = T - branch_len, branch_len
+    (q_BTHD, q_cmp_BTHD), kv, gates = self._project(
+        x_BTC, branch_positions(T, branch_len, start_B))
+    main = {name: val[:, :M] for name, val in kv.items()}
+    k_cmp, v_cmp = self._compress_all(main, M)
+    o_main = self._core((q_BTHD[:, :M], q_cmp_BTHD[:, :M]), main, k_cmp, v_cmp,
+                        gates[:, :M], 0)
+    put = jax.vmap(lambda base, new, at: jax.lax.dynamic_update_slice_in_dim(base, new, at, 0))
+    merged = {name: put(jnp.pad(val[:, :M], [(0, 0), (0, A), (0, 0), (0, 0)]), val[:, M:],
+                        start_B) for name, val in kv.items()}
+    k_cmp, v_cmp = self._compress_all(merged, M + A)
+    o_branch = self._core((q_BTHD[:, M:], q_cmp_BTHD[:, M:]), merged, k_cmp, v_cmp,
+                          gates[:, M:], start_B.astype(jnp.int32))
+    return jnp.concatenate([o_main, o_branch], axis=1)
+
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
-               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None):
+               pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None,
+               branch_len: int = 0):
     del valid_BT  # attention is causal; padding sits after every real token of its sequence
     B, T, _ = x_BTC.shape
     new_cache = None
@@ -223,6 +246,8 @@ class NSAttention(nn.Module):
       if mode == "prefill":
         new_cache = self._write_prefix(cache, {**{n: kv[n] for n in KV_NAMES},
                                                "k_cmp": k_cmp, "v_cmp": v_cmp})
+    elif mode == "branch":
+      o_BTHD = self._branch(x_BTC, branch_len, pos_B)
     elif mode == "decode":
       o_BTHD, new_cache = self._decode(x_BTC, cache, pos_B)
     else:
