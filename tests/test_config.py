@@ -42,6 +42,8 @@ def test_overrides_are_typed():
     ("model.num_select=2", "model.num_select"),
     ("eavi.feed=beam", "eavi.feed"),
     ("model.moe_impl=sparse", "model.moe_impl"),
+    ("data.pack_misses=-1", "data.pack_misses"),
+    ("data.pack_misses=.inf", "data.pack_misses"),
     ("model.moe_capacity=0", "model.moe_capacity"),
     ("model.moe_capacity=-1.5", "model.moe_capacity"),
     ("model.moe_capacity=.nan", "model.moe_capacity"),

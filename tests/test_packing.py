@@ -178,6 +178,33 @@ def test_packing_fills_rows(packing):
   assert real > unpacked + 0.15
 
 
+@pytest.mark.parametrize("misses", [0.0, 1.0])
+def test_packing_trains_what_it_draws_unless_told_to_pass_over(packing, monkeypatch, misses):
+  """data.pack_misses=0: every drawn sequence trains but the one that closes the batch, so
+  sequences train as often as they are drawn (uniformly), whatever their length."""
+  cfg, stream, align = packing
+  stream = BatchStream(build_training_tasks(cfg.data, log=lambda *_: None)[0],
+                       dataclasses.replace(cfg.data, pack_misses=misses), cfg.train.batch_size,
+                       0, pack_align=align)
+  drawn = []
+  real_example = BatchStream._example
+
+  def record(self, *args):
+    example = real_example(self, *args)
+    drawn.append(example)
+    return example
+
+  monkeypatch.setattr(BatchStream, "_example", record)
+  for step in range(3):
+    drawn.clear()
+    trained = [ex for row in stream.pack_rows(step) for ex in row]
+    passed_over = len(drawn) - len(trained)
+    assert passed_over <= int(misses * cfg.train.batch_size) + 1
+    if misses == 0:
+      kept = {id(ex) for ex in trained}
+      assert all(id(ex) in kept for ex in drawn[:-1])
+
+
 def test_collate_packed_rejects_an_overfull_row(packing):
   _, stream, align = packing
   ex = stream.pack_rows(0)[0][0]

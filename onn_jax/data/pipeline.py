@@ -241,8 +241,6 @@ class BatchStream:
   (:meth:`pack_rows`). Every process draws the whole batch and keeps its rows.
   """
 
-  PACK_MISSES = 4  # candidates passed over per row before a packed batch is closed
-
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
                process_index: int = 0, process_count: int = 1, start_step: int = 0,
                pack_align: int = 1):
@@ -344,16 +342,19 @@ class BatchStream:
     """The examples in each row of the global packed batch at ``step``, augmented.
 
     Candidates are drawn uniformly from all items and augmented in draw order (draw k uses
-    row id k); each goes to the row with the least room that still holds it (best fit); one
-    that fits no row is passed over. Drawing stops when no row has room for a sequence, or
-    after ``PACK_MISSES`` misses per row.
+    row id k); each goes to the row with the least room that still holds it (best fit). The
+    batch closes when no row has room left, or when more than ``data.pack_misses`` per row
+    drew a candidate that fits no row (passed over). At 0 only the candidate that closes the
+    batch is passed over, so what trains is what was drawn; passing over more fills rows
+    better but favours short sequences (they fit the gaps).
     """
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
     length, align = self.buckets[-1], self.pack_align
     room = np.full(self.batch_size, length)
     rows: list[list[Example]] = [[] for _ in range(self.batch_size)]
+    allowed = int(self.cfg.pack_misses * self.batch_size)
     misses, k = 0, 0
-    while misses < self.PACK_MISSES * self.batch_size and room.max() >= align:
+    while room.max() >= align:
       item = int(rng.integers(len(self.items)))
       example = self._example(item, step, k, self.item_tokens[item])
       k += 1
@@ -361,6 +362,8 @@ class BatchStream:
       fits = np.flatnonzero(room >= need)
       if not fits.size:
         misses += 1
+        if misses > allowed:
+          break
         continue
       r = int(fits[np.argmin(room[fits])])
       room[r] -= need

@@ -29,15 +29,15 @@ def causal_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
   """Causal softmax attention over a sequence from position 0 (GQA: H a multiple of G).
 
   Packed rows (``segment_start_BT`` [B,T], the first position of each query's sequence): a
-  query also sees no key before its sequence, through a [B,1,T,T] mask (cuDNN takes it as a
-  bias: fine at training lengths, quadratic memory).
+  query also sees no key before its sequence, through a [B,1,T,T] mask, in XLA's attention
+  (quadratic memory; cuDNN would take the mask as a bias and also compute its gradient).
   """
-  mask = None
-  if segment_start_BT is not None:
-    T = k_BTGD.shape[1]
-    mask = (jnp.arange(T)[None, None, None, :] >= segment_start_BT[:, None, :, None])
-  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, mask=mask, is_causal=True,
-                                      implementation=attention_implementation(q_BTHD.dtype))
+  if segment_start_BT is None:
+    return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, is_causal=True,
+                                        implementation=attention_implementation(q_BTHD.dtype))
+  T = k_BTGD.shape[1]
+  mask = jnp.arange(T)[None, None, None, :] >= segment_start_BT[:, None, :, None]
+  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, mask=mask, is_causal=True)
 
 
 def branch_positions(total: int, branch_len: int, start_B: jax.Array) -> jax.Array:
