@@ -257,22 +257,58 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
       stop_after_B=batch["answer_len"]))
 
 
-def alignment_loss(params, batch: dict, exc_BTV, exc_mask_BT=None, *, model: Transformer,
+def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Transformer,
                    cfg: Config, axis_name=None, num_devices: int = 1):
-  """Stage 2 of EAVI: one parallel pass over [prompt + excursion ; prompt + ground truth].
+  """Stage 2 of EAVI: one pass over each prompt + ground truth, with the excursion as a branch.
 
-  The excursion half is scored on ``exc_mask_BT`` (:func:`excursion_mask`: what the rollout
-  produced; default every answer position), the teacher-forced half on every answer position;
-  both are normalised by the answer tokens, so an early END does not reweight the terms.
+  The model runs the teacher-forced sequence and, sharing its prompt (computed once), the
+  excursion fed from ``answer_start`` on (``Transformer`` mode ``"branch"``): the same logits
+  as two rows [prompt + excursion ; prompt + ground truth] (:func:`alignment_loss_reference`)
+  for about the cost of one plus the answer. Answer token 0 is predicted from the prompt alone
+  (the same logits in both); token k >= 1 of the excursion term from its branch position k - 1.
+  The excursion term is scored on ``exc_mask_BT`` (:func:`excursion_mask`: what the rollout
+  produced; default every answer position), the teacher-forced one on every answer position;
+  both are normalised by the answer tokens, so an early END does not reweight the terms. The
+  SDL statistics cover the tokens computed (the prompt once).
   """
+  T = batch["inputs"].shape[1]
+  A = fed_BAV.shape[1]
+  mask_BT = answer_mask(batch)
+  exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
+  start_B = jnp.asarray(batch["answer_start"], jnp.int32)
+  logits_BXV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"],
+                                   mode="branch", pos_B=start_B, branch_BAV=fed_BAV)
+  logits_BTV, branch_BAV = logits_BXV[:, :T], logits_BXV[:, T:]
+  first_B1V = jnp.take_along_axis(logits_BTV, jnp.maximum(start_B - 1, 0)[:, None, None], axis=1)
+  exc_logits_BAV = jnp.concatenate([first_B1V, branch_BAV[:, :A - 1]], axis=1)
+  # Answer token k sits at target position answer_start - 1 + k of the sequence.
+  t_BA = start_B[:, None] - 1 + jnp.arange(A)[None]
+  exc_mask_BA = jnp.where(t_BA < T, jnp.take_along_axis(exc_mask_BT, jnp.clip(t_BA, 0, T - 1),
+                                                        axis=1), 0.0)
+  stats_exc = objectives.answer_stats(exc_logits_BAV, answer_targets(batch, A), exc_mask_BA)
+  stats_tf = objectives.answer_stats(logits_BTV, batch["targets"], mask_BT)
+  return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
+
+
+def alignment_loss_reference(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
+                             model: Transformer, cfg: Config, axis_name=None,
+                             num_devices: int = 1):
+  """:func:`alignment_loss` as two full rows [prompt + excursion ; prompt + ground truth] (the
+  prompt computed twice): the reference the branch pass is tested against."""
   B = batch["inputs"].shape[0]
   mask_BT = answer_mask(batch)
   exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
-  inputs = jnp.concatenate([exc_BTV, jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)], 0)
+  inputs = jnp.concatenate([excursion_inputs(batch, fed_BAV),
+                            jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)], 0)
   valid = jnp.concatenate([batch["valid"], batch["valid"]], 0)
   logits_2BTV, _, aux = model.apply({"params": params}, inputs, valid)
   stats_exc = objectives.answer_stats(logits_2BTV[:B], batch["targets"], exc_mask_BT)
   stats_tf = objectives.answer_stats(logits_2BTV[B:], batch["targets"], mask_BT)
+  return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
+
+
+def _alignment_objective(stats_exc, stats_tf, aux, cfg: Config, axis_name, num_devices: int):
+  """``(excursion_weight * exc CE + tf_weight * TF CE) / answer tokens + SDL``, with the stats."""
   tokens = jnp.maximum(objectives.psum(stats_tf["tokens"], axis_name), 1.0)
   sdl_local, sdl_report = objectives.sdl(aux, cfg.model, axis_name, num_devices)
   e = cfg.eavi
@@ -288,9 +324,8 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
   gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
-  exc_BTV = excursion_inputs(batch, gen.fed_BAV)
   grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_loss, has_aux=True)(
-      state.params, batch, exc_BTV, excursion_mask(batch, gen.tokens_BA), model=model,
+      state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA), model=model,
       cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)
   stats_exc, stats_tf = sums(stats_exc), sums(stats_tf)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import objectives, steps
+from onn_jax import config, objectives, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
 from onn_jax.model.transformer import Transformer
@@ -35,14 +35,13 @@ def test_gradient_ignores_the_rollout(setup):
 
   def eavi_loss(params):
     gen = steps.excursion(model, params, batch, cfg, rng)
-    exc = steps.excursion_inputs(batch, gen.fed_BAV)
-    return steps.alignment_loss(params, batch, exc, model=model, cfg=cfg)[0]
+    return steps.alignment_loss(params, batch, gen.fed_BAV, model=model, cfg=cfg)[0]
 
   gen = steps.excursion(model, state.params, batch, cfg, rng)
   constant_exc = steps.excursion_inputs(batch, gen.fed_BAV)
   grad_through = jax.jit(jax.grad(eavi_loss))(state.params)
   grad_constant = jax.jit(jax.grad(lambda p: steps.alignment_loss(
-      p, batch, constant_exc, model=model, cfg=cfg)[0]))(state.params)
+      p, batch, gen.fed_BAV, model=model, cfg=cfg)[0]))(state.params)
   for a, b in zip(jax.tree.leaves(grad_through), jax.tree.leaves(grad_constant)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grad_constant))
@@ -116,7 +115,7 @@ def test_excursion_after_an_early_end_is_not_scored(setup):
   fed_BAV = jax.nn.one_hot(jnp.asarray(tokens_BA), VOCAB_SIZE)
   exc_BTV = steps.excursion_inputs(batch, fed_BAV)
   loss, (stats_exc, stats_tf, _, aux) = steps.alignment_loss(
-      state.params, batch, exc_BTV, jnp.asarray(mask_BT), model=model, cfg=cfg)
+      state.params, batch, fed_BAV, jnp.asarray(mask_BT), model=model, cfg=cfg)
   logits_BTV = model.apply({"params": state.params}, exc_BTV, batch["valid"])[0]
   ce_BT = np.asarray(objectives.token_cross_entropy(logits_BTV, batch["targets"]))
   # float32 sums of a few hundred terms of size ~3: relative rounding well under 1e-5.
@@ -126,3 +125,34 @@ def test_excursion_after_an_early_end_is_not_scored(setup):
           * float(stats_tf["ce_sum"])) / float(stats_tf["tokens"])
   sdl_local = float(objectives.sdl(aux, cfg.model)[0])
   np.testing.assert_allclose(float(loss), want + sdl_local, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_branch_alignment_equals_two_rows(setup, attention):
+  """The alignment pass with the excursion as a branch of the teacher-forced sequence (prompt
+  computed once) gives the two-row pass's CE terms and, without SDL (whose statistics cover the
+  tokens computed), its gradients."""
+  cfg, _, _, batch = setup
+  cfg = config.replace(cfg, model={"attention": attention, "sdl_diversity_weight": 0.0,
+                                   "sdl_sparsity_weight": 0.0})
+  model = Transformer(cfg.model)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(1))
+  gen = steps.excursion(model, state.params, batch, cfg, jax.random.PRNGKey(2))
+  mask_BT = steps.excursion_mask(batch, gen.tokens_BA)
+
+  def run(fn):
+    return jax.jit(jax.value_and_grad(lambda p: fn(p, batch, gen.fed_BAV, mask_BT, model=model,
+                                                   cfg=cfg), has_aux=True))(state.params)
+
+  (loss, (exc, tf, _, _)), grads = run(steps.alignment_loss)
+  (loss_ref, (exc_ref, tf_ref, _, _)), grads_ref = run(steps.alignment_loss_reference)
+  # float32: the same per-token terms, summed over a few hundred tokens in another order.
+  for key in ("ce_sum", "tokens", "correct", "exact", "examples"):
+    np.testing.assert_allclose(exc[key], exc_ref[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(tf[key], tf_ref[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  # Gradients: entries differ by float32 rounding of sums of ~10^3 terms, relative to the
+  # largest entry (entries near 0 keep that absolute error): 1e-4 of it.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_ref))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=0),
+               grads, grads_ref)
