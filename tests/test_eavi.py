@@ -127,7 +127,7 @@ def test_excursion_after_an_early_end_is_not_scored(setup):
   np.testing.assert_allclose(float(loss), want + sdl_local, rtol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["nsa", "full"])
+@pytest.mark.parametrize("attention", ["nsa", "full", "dynsmlora"])
 def test_branch_alignment_equals_two_rows(setup, attention):
   """The alignment pass with the excursion as a branch of the teacher-forced sequence (prompt
   computed once) gives the two-row pass's CE terms and, without SDL (whose statistics cover the
