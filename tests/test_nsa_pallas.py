@@ -289,3 +289,29 @@ def test_auto_takes_pallas_on_gpu_only():
   assert nsa.resolve_impl("pallas", num_queries=1, seq_len=4, keys_per_query=9) == "pallas"
   assert nsa_pallas.pallas_supported(heads_per_group=4, head_dim=32, select_len=32)
   assert not nsa_pallas.pallas_supported(heads_per_group=3, head_dim=32, select_len=32)
+
+
+@pytest.mark.parametrize("geo", [
+    GEOMETRIES["group1_from_start"][0],
+    # block_len not a multiple of the stride; T - block_len + 1 not a multiple of it either.
+    Geo(B=2, T=37, S=37, H=4, G=2, D=8, block_len=6, block_stride=4, select_len=8,
+        num_select=4, window=9),
+], ids=["stride_divides", "ragged_groups"])
+@pytest.mark.parametrize("chunk_queries", [None, 5])
+def test_folded_compressed_branch_matches_reference(geo, chunk_queries, monkeypatch):
+  """PALLAS_CMP_ATTENTION="folded" (the compressed branch as one causal attention over query
+  groups, the block choice from its log-sum-exp): outputs and gradients of the reference."""
+  monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", "folded")
+  if chunk_queries:
+    monkeypatch.setattr(nsa, "PALLAS_CMP_CHUNK_ELEMS", geo.B * geo.H * geo.N * chunk_queries)
+  args = make_inputs(geo, seed=7)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 8)
+
+  def run(impl):
+    def loss(a):
+      out = nsa_core(*(a[n] for n in ARG_NAMES), q_offset=0, impl=impl, **geo.static())
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    return out, grads
+
+  _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)

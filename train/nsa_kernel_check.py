@@ -25,34 +25,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.model import nsa_pallas
+from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 
 H, G, D = 8, 2, 32
 GEO = dict(block_len=16, block_stride=8, select_len=32, num_select=8, window=128)
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
-# Selected-branch backward variants (module settings of nsa_pallas).
+# Variants: module settings of nsa_pallas (the selected branch's backward) or of nsa (the
+# compressed branch).
 VARIANTS = {
     "atomic": dict(BWD_IMPL="atomic"),
     "keyblock": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=16),
     "keyblock_c32": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=32),
     "keyblock_c8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8),
     "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
+    # The compressed branch as one causal cuDNN attention over query groups (nsa module).
+    "cmp_folded": dict(PALLAS_CMP_ATTENTION="folded"),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str | None):
-  """Sets nsa_pallas's backward settings for ``name`` while programs are traced."""
+  """Sets the module settings of ``name`` (nsa_pallas's backward, or nsa's compressed-branch
+  choice) while programs are traced."""
   settings = VARIANTS.get(name, {}) if name else {}
-  old = {k: getattr(nsa_pallas, k) for k in settings}
+  owner = {k: (nsa if hasattr(nsa, k) else nsa_pallas) for k in settings}
+  old = {k: getattr(owner[k], k) for k in settings}
   for k, v in settings.items():
-    setattr(nsa_pallas, k, v)
+    setattr(owner[k], k, v)
   try:
     yield
   finally:
     for k, v in old.items():
-      setattr(nsa_pallas, k, v)
+      setattr(owner[k], k, v)
 
 
 def inputs(B: int, T: int, dtype, seed: int = 0) -> dict:

@@ -479,6 +479,95 @@ def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, *, s
   return out_BTGRD, idx_BTGK
 
 
+# impl="pallas": how the compressed branch's output is computed on GPU for training shapes
+# ("chunked": the XLA chunks above; "folded": cuDNN attention over the query groups, see
+# _compressed_folded). Folded is not measured on a GPU yet, so chunked stays the choice.
+PALLAS_CMP_ATTENTION = "chunked"
+
+
+def _fold_queries(x_BTGRD: jax.Array, num_cmp: int, block_len: int, block_stride: int
+                  ) -> jax.Array:
+  """[B,T,G,R,D] queries at positions 0..T-1 -> [B,N,G*s*R,D] (s = block_stride).
+
+  Query p sees compressed blocks ``0..g`` with ``g = (p - block_len + 1) // s``: the s queries
+  of group g share one causal row over the N blocks. Queries before ``block_len - 1`` (which
+  see nothing) are dropped; the last group is zero-padded. Heads are ordered (kv group, query
+  of the group, head in the group), so GQA maps each folded head to its own kv group.
+  """
+  B, T, G, R, D = x_BTGRD.shape
+  s, first = block_stride, block_len - 1
+  x = x_BTGRD[:, first:]
+  x = jnp.pad(x, [(0, 0), (0, num_cmp * s - x.shape[1])] + [(0, 0)] * 3)
+  x = x.reshape(B, num_cmp, s, G, R, D).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(B, num_cmp, G * s * R, D)
+
+
+def _unfold(x_BNF: jax.Array, T: int, G: int, R: int, block_len: int, block_stride: int,
+            fill: float) -> jax.Array:
+  """Inverse of :func:`_fold_queries` for per-head arrays [B,N,G*s*R,...] -> [B,T,G,R,...];
+  the positions before ``block_len - 1`` get ``fill``."""
+  B, N = x_BNF.shape[:2]
+  s, first = block_stride, block_len - 1
+  tail = x_BNF.shape[3:]
+  x = x_BNF.reshape((B, N, G, s, R) + tail).swapaxes(2, 3).reshape((B, N * s, G, R) + tail)
+  x = x[:, :T - first]
+  head = jnp.full((B, first, G, R) + tail, fill, x.dtype)
+  return jnp.concatenate([head, x], axis=1)
+
+
+def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """The compressed branch (queries at 0..T-1, one sequence a row) as one square causal
+  attention over query groups (:func:`_fold_queries`): cuDNN's fused kernel on GPU for 16-bit
+  inputs. Returns the output [B,T,G,R,D] float32 and the log-sum-exp of each query's scaled
+  logits [B,T,G,R] (``-inf`` where no block is visible yet)."""
+  from onn_jax.model.attention.full import attention_implementation
+  B, T, G, R, D = q_BTGRD.shape
+  N = k_cmp.shape[1]
+  q_BNFD = _fold_queries(q_BTGRD, N, block_len, block_stride)
+  out_BNFD, lse_BNF = jax.nn.dot_product_attention(
+      q_BNFD, k_cmp, v_cmp, is_causal=True, return_residual=True,
+      implementation=attention_implementation(q_BNFD.dtype))
+  out = _unfold(out_BNFD.astype(_F32), T, G, R, block_len, block_stride, 0.0)
+  lse = _unfold(lse_BNF.astype(_F32), T, G, R, block_len, block_stride, -jnp.inf)
+  return out, jax.lax.stop_gradient(lse)
+
+
+def _selection_chunked(q_BTGRD, k_cmp, lse_BTGR, pos_BT, *, seq_len: int, block_len: int,
+                       block_stride: int, select_len: int, num_select: int) -> jax.Array:
+  """The block choice from the compressed probabilities ``exp(logits - lse)``, recomputed over
+  chunks of queries (forward only: the choice carries no gradient). Chosen blocks [B,T,G,K]
+  int32, ``-1`` for unused slots."""
+  B, T, G, R, D = q_BTGRD.shape
+  N = k_cmp.shape[1]
+  C = max(1, min(T, PALLAS_CMP_CHUNK_ELEMS // max(1, B * G * R * max(N, 1))))
+  n = -(-T // C)
+  scale = 1.0 / math.sqrt(D)
+  first_N = jnp.arange(N, dtype=jnp.int32) * block_stride
+
+  def chunk(q_c, pos_c, lse_c):
+    logits = jnp.einsum("btgrd,bngd->btgrn", q_c, k_cmp, preferred_element_type=_F32) * scale
+    visible = (first_N[None, None, :] + (block_len - 1) <= pos_c[:, :, None])[:, :, None, None]
+    safe_lse = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)[..., None]
+    p_c = jnp.where(visible, jnp.exp(logits - safe_lse), 0.0)
+    scores = selection_scores(p_c.reshape(B, q_c.shape[1], G * R, N), num_groups=G,
+                              seq_len=seq_len, block_len=block_len, block_stride=block_stride,
+                              select_len=select_len)
+    idx, valid = select_blocks(scores, pos_c, num_select=num_select, select_len=select_len)
+    return jnp.where(valid, idx, -1)
+
+  q_BTGRD, lse_BTGR = jax.lax.stop_gradient((q_BTGRD, lse_BTGR))
+  if n == 1:
+    return chunk(q_BTGRD, pos_BT, lse_BTGR)
+  pad = n * C - T
+  split = lambda x, mode="constant": jnp.moveaxis(jnp.pad(  # noqa: E731
+      x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode).reshape(
+          (B, n, C) + x.shape[2:]), 1, 0)
+  idx_n = jax.lax.map(lambda xs: chunk(*xs),
+                      (split(q_BTGRD), split(pos_BT, "edge"), split(lse_BTGR, "edge")))
+  return jnp.moveaxis(idx_n, 0, 1).reshape(B, n * C, G, -1)[:, :T]
+
+
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
                         offset_is_zero: bool, lo_BT=None) -> jax.Array:
   """Window branch for impl="pallas": cuDNN's sliding-window attention on GPU when it
@@ -584,9 +673,18 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
   q_cmp_BTGRD = q_cmp.reshape(B, T, G, R, D)
 
   if impl == "pallas":
-    out_cmp, idx_BTGK = _compressed_and_selection_chunked(
-        q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, seq_len=S, block_len=block_len,
-        block_stride=block_stride, select_len=select_len, num_select=num_select)
+    one_sequence = (lo_BT is None and T == S and k_cmp.shape[1] > 0
+                    and isinstance(q_offset, (int, np.integer)) and q_offset == 0)
+    if PALLAS_CMP_ATTENTION == "folded" and one_sequence:
+      out_cmp, lse_BTGR = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
+                                             block_stride=block_stride)
+      idx_BTGK = _selection_chunked(q_cmp_BTGRD, k_cmp, lse_BTGR, pos_BT, seq_len=S,
+                                    block_len=block_len, block_stride=block_stride,
+                                    select_len=select_len, num_select=num_select)
+    else:
+      out_cmp, idx_BTGK = _compressed_and_selection_chunked(
+          q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, seq_len=S, block_len=block_len,
+          block_stride=block_stride, select_len=select_len, num_select=num_select)
     out_slc = nsa_pallas.selected_attention(q_BTGRD, k_slc, v_slc, idx_BTGK, pos_BT,
                                             select_len, nsa_pallas.use_interpret())
     offset_is_zero = isinstance(q_offset, (int, np.integer)) and q_offset == 0
