@@ -450,33 +450,56 @@ def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, *, s
   """
   B, T, G, R, D = q_BTGRD.shape
   N = k_cmp.shape[1]
-  C = max(1, min(T, PALLAS_CMP_CHUNK_ELEMS // max(1, B * G * R * max(N, 1))))
-  n = -(-T // C)
+  C = _chunk_len(B, T, G, R, N)
 
   @jax.checkpoint
   def chunk(q_c, pos_c, lo_c):
     out_c, p_c = _compressed_branch(q_c, k_cmp, v_cmp, pos_c, block_len, block_stride, lo_c)
-    p_c = jax.lax.stop_gradient(p_c)
-    scores_c = selection_scores(p_c.reshape(B, q_c.shape[1], G * R, -1), num_groups=G,
-                                seq_len=seq_len, block_len=block_len,
-                                block_stride=block_stride, select_len=select_len)
-    idx_c, valid_c = select_blocks(scores_c, pos_c, num_select=num_select,
-                                   select_len=select_len, lo=lo_c)
-    return out_c, jnp.where(valid_c, idx_c, -1)
+    idx_c = _choose_blocks(jax.lax.stop_gradient(p_c), pos_c, lo_c, seq_len=seq_len,
+                           block_len=block_len, block_stride=block_stride,
+                           select_len=select_len, num_select=num_select)
+    return out_c, idx_c
 
+  return _over_query_chunks(chunk, (q_BTGRD, pos_BT, lo_BT), C)
+
+
+def _chunk_len(B: int, T: int, G: int, R: int, N: int) -> int:
+  """Queries per chunk so that a chunk's [B,C,G,R,N] logits hold PALLAS_CMP_CHUNK_ELEMS."""
+  return max(1, min(T, PALLAS_CMP_CHUNK_ELEMS // max(1, B * G * R * max(N, 1))))
+
+
+def _over_query_chunks(fn, arrays, C: int):
+  """``fn`` over chunks of C queries of per-query arrays [B,T,...] (None passes through), with
+  ``jax.lax.map``; its per-query outputs [B,C,...] reassembled to [B,T,...]. The last chunk is
+  padded by repeating the last query, whose copies are dropped."""
+  T = arrays[0].shape[1]
+  n = -(-T // C)
   if n == 1:
-    return chunk(q_BTGRD, pos_BT, lo_BT)
-  pad = n * C - T
-  q_nBCGRD = jnp.moveaxis(
-      jnp.pad(q_BTGRD, [(0, 0), (0, pad)] + [(0, 0)] * 3).reshape(B, n, C, G, R, D), 1, 0)
-  pos_nBC = jnp.moveaxis(jnp.pad(pos_BT, [(0, 0), (0, pad)], mode="edge").reshape(B, n, C),
-                         1, 0)
-  lo_nBC = None if lo_BT is None else jnp.moveaxis(
-      jnp.pad(lo_BT, [(0, 0), (0, pad)], mode="edge").reshape(B, n, C), 1, 0)
-  out_n, idx_n = jax.lax.map(lambda xs: chunk(*xs), (q_nBCGRD, pos_nBC, lo_nBC))
-  out_BTGRD = jnp.moveaxis(out_n, 0, 1).reshape(B, n * C, G, R, D)[:, :T]
-  idx_BTGK = jnp.moveaxis(idx_n, 0, 1).reshape(B, n * C, G, -1)[:, :T]
-  return out_BTGRD, idx_BTGK
+    return fn(*arrays)
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2), mode="edge")
+    return jnp.moveaxis(x.reshape((x.shape[0], n, C) + x.shape[2:]), 1, 0)
+
+  def join(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], n * C) + y.shape[3:])[:, :T]
+
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(None if x is None else split(x) for x in arrays))
+  return jax.tree.map(join, out)
+
+
+def _choose_blocks(p_BTGRN, pos_BT, lo_BT, *, seq_len: int, block_len: int, block_stride: int,
+                   select_len: int, num_select: int) -> jax.Array:
+  """The selection blocks [B,T,G,K] int32 (``-1`` for unused slots) from the compressed
+  probabilities [B,T,G,R,N] (eq. 9-11)."""
+  B, T, G, R, N = p_BTGRN.shape
+  scores = selection_scores(p_BTGRN.reshape(B, T, G * R, N), num_groups=G, seq_len=seq_len,
+                            block_len=block_len, block_stride=block_stride,
+                            select_len=select_len)
+  idx, valid = select_blocks(scores, pos_BT, num_select=num_select, select_len=select_len,
+                             lo=lo_BT)
+  return jnp.where(valid, idx, -1)
 
 
 # impl="pallas": how the compressed branch's output is computed on GPU for training shapes
@@ -540,8 +563,6 @@ def _selection_chunked(q_BTGRD, k_cmp, lse_BTGR, pos_BT, *, seq_len: int, block_
   int32, ``-1`` for unused slots."""
   B, T, G, R, D = q_BTGRD.shape
   N = k_cmp.shape[1]
-  C = max(1, min(T, PALLAS_CMP_CHUNK_ELEMS // max(1, B * G * R * max(N, 1))))
-  n = -(-T // C)
   scale = 1.0 / math.sqrt(D)
   first_N = jnp.arange(N, dtype=jnp.int32) * block_stride
 
@@ -550,22 +571,12 @@ def _selection_chunked(q_BTGRD, k_cmp, lse_BTGR, pos_BT, *, seq_len: int, block_
     visible = (first_N[None, None, :] + (block_len - 1) <= pos_c[:, :, None])[:, :, None, None]
     safe_lse = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)[..., None]
     p_c = jnp.where(visible, jnp.exp(logits - safe_lse), 0.0)
-    scores = selection_scores(p_c.reshape(B, q_c.shape[1], G * R, N), num_groups=G,
-                              seq_len=seq_len, block_len=block_len, block_stride=block_stride,
-                              select_len=select_len)
-    idx, valid = select_blocks(scores, pos_c, num_select=num_select, select_len=select_len)
-    return jnp.where(valid, idx, -1)
+    return _choose_blocks(p_c, pos_c, None, seq_len=seq_len, block_len=block_len,
+                          block_stride=block_stride, select_len=select_len,
+                          num_select=num_select)
 
   q_BTGRD, lse_BTGR = jax.lax.stop_gradient((q_BTGRD, lse_BTGR))
-  if n == 1:
-    return chunk(q_BTGRD, pos_BT, lse_BTGR)
-  pad = n * C - T
-  split = lambda x, mode="constant": jnp.moveaxis(jnp.pad(  # noqa: E731
-      x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode).reshape(
-          (B, n, C) + x.shape[2:]), 1, 0)
-  idx_n = jax.lax.map(lambda xs: chunk(*xs),
-                      (split(q_BTGRD), split(pos_BT, "edge"), split(lse_BTGR, "edge")))
-  return jnp.moveaxis(idx_n, 0, 1).reshape(B, n * C, G, -1)[:, :T]
+  return _over_query_chunks(chunk, (q_BTGRD, pos_BT, lse_BTGR), _chunk_len(B, T, G, R, N))
 
 
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
