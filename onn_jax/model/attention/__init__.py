@@ -3,14 +3,17 @@
 Each variant is one module in this package with
 
 * a Flax module ``cls(cfg, name=...)`` called as
-  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"decode", cache=None, pos_B=None,
-  segment_start_BT=None)`` and returning ``(out_BTC, new_cache, aux)``:
+  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"branch"|"decode", cache=None,
+  pos_B=None, segment_start_BT=None, branch_len=0)`` and returning ``(out_BTC, new_cache, aux)``:
 
   - ``"train"``: a causal pass over [B, T] from position 0; ``new_cache`` is None. With
     ``segment_start_BT`` (int [B,T]: the first position of each token's sequence) a row holds
     several packed sequences: each one attends only to itself, with positions from 0, exactly
     as if alone (sequences start at multiples of :func:`pack_alignment`);
   - ``"prefill"``: the same pass, also writing positions ``0..T-1`` of ``cache``;
+  - ``"branch"`` (``branch_len`` = A > 0): the last A of the T tokens continue the first
+    T - A differently from position ``pos_B`` on: they see the first tokens before ``pos_B``
+    and each other causally (EAVI's alignment pass; no cache);
   - ``"decode"``: one token per example (T = 1) at absolute position ``pos_B`` [B], read from
     and written to ``cache``;
   - ``aux``: a dict of float32 statistics (empty, or a gate's :data:`moe.AUX_KEYS`, which the

@@ -55,7 +55,8 @@ def branch_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
   """Attention of a ``"branch"`` row: the first M = T - branch_len tokens are a causal sequence
   from position 0; branch token i sits at position ``start_B + i`` and sees the main tokens
   before ``start_B`` and branch tokens ``0..i`` (an alternative continuation of the main
-  sequence's prefix, without recomputing it). The branch part uses a [B,1,A,M+A] mask."""
+  sequence's prefix, without recomputing it). The branch part is XLA attention with a
+  [B,1,A,M+A] mask (A queries: small)."""
   T = q_BTHD.shape[1]
   M, A = T - branch_len, branch_len
   o_main = causal_attention(q_BTHD[:, :M], k_BTGD[:, :M], v_BTGD[:, :M])
