@@ -203,9 +203,10 @@ def _abstract_here(saved: Any) -> Any:
 
 
 def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True,
-                log: Callable[[str], None] | None = None) -> tuple[Any, dict]:
-  """Parameters (only) of another run's newest intact checkpoint, checked against
-  ``target_params``, on any device count.
+                log: Callable[[str], None] | None = None, step: int | None = None
+                ) -> tuple[Any, dict]:
+  """Parameters (only) of another run's newest intact checkpoint (or of ``step``, which must be
+  there and intact), checked against ``target_params``, on any device count.
 
   With ``prefer_ema`` the parameter EMA is taken when the run kept one (what the run's own
   evaluation used); ``record["weights"]`` says which. Raises CheckpointError naming the path
@@ -230,7 +231,10 @@ def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True
     steps = list(mngr.all_steps())
     if not steps:
       raise CheckpointError(f"{directory}: holds no checkpoint")
-    params, record = _newest_intact(mngr, steps, read, log, set_aside=False)
+    if step is not None and step not in steps:
+      raise CheckpointError(f"{directory}: no checkpoint of step {step} (has {sorted(steps)})")
+    params, record = _newest_intact(mngr, steps if step is None else [step], read, log,
+                                    set_aside=False)
   finally:
     mngr.close()
   params = jax.tree.map(lambda a, b: jax.numpy.asarray(b, a.dtype), target_params, params)

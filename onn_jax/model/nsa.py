@@ -506,6 +506,7 @@ def _choose_blocks(p_BTGRN, pos_BT, lo_BT, *, seq_len: int, block_len: int, bloc
 # ("chunked": the XLA chunks above; "folded": cuDNN attention over the query groups, see
 # _compressed_folded). Folded is not measured on a GPU yet, so chunked stays the choice.
 PALLAS_CMP_ATTENTION = "chunked"
+FOLDED_PAD = 64  # the folded attention's length (query groups = blocks) is a multiple of this
 
 
 def _fold_queries(x_BTGRD: jax.Array, num_cmp: int, block_len: int, block_stride: int
@@ -546,7 +547,11 @@ def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: i
   logits [B,T,G,R] (``-inf`` where no block is visible yet)."""
   from onn_jax.model.attention.full import attention_implementation
   B, T, G, R, D = q_BTGRD.shape
-  N = k_cmp.shape[1]
+  # cuDNN takes no odd lengths when training; a multiple of its 64-row tiles costs nothing
+  # extra. Padded blocks come last, so causally only the padded query groups (dropped) see them.
+  N = -(-k_cmp.shape[1] // FOLDED_PAD) * FOLDED_PAD
+  k_cmp, v_cmp = (jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)])
+                  for x in (k_cmp, v_cmp))
   q_BNFD = _fold_queries(q_BTGRD, N, block_len, block_stride)
   out_BNFD, lse_BNF = jax.nn.dot_product_attention(
       q_BNFD, k_cmp, v_cmp, is_causal=True, return_residual=True,

@@ -1,0 +1,69 @@
+"""Does EAVI help? Teacher forcing alone against teacher forcing + EAVI variants at equal
+training time, several seeds each (protocol: onn_jax/analysis/verdict.py).
+
+  python -m train.eavi_verdict [--config default] [--out runs/eavi_verdict] [--seeds 0,1,2]
+                               [--arms tf,soft,...] [--eavi-share 0.25] [--probes 6]
+                               [--ratio R] [--max-runs N] [section.key=value ...]
+
+The time budget is the config's train.pretrain_steps teacher-forcing steps. Writes
+OUT/verdict.md (the table), verdict.json and verdict.png (free-running accuracy along training);
+each run keeps its folder under OUT/runs. Run the same command again to go on after a stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from onn_jax import config
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.eavi_verdict", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=config.KEYS_HELP)
+  parser.add_argument("--config", default="default")
+  parser.add_argument("--out", default="runs/eavi_verdict")
+  parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+  parser.add_argument("--arms", default="", help="comma-separated, default all of: "
+                      "tf, soft, argmax, sample, soft_exc_only, soft_mixed")
+  parser.add_argument("--eavi-share", type=float, default=0.25,
+                      help="share of the time budget an EAVI arm spends on EAVI steps")
+  parser.add_argument("--probes", type=int, default=6,
+                      help="checkpoints decoded free running along each run")
+  parser.add_argument("--ratio", type=float, default=None,
+                      help="EAVI step / teacher-forcing step (default: measured first)")
+  parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs (0: all)")
+  parser.add_argument("--cache", default="",
+                      help="persistent compilation cache folder (default OUT/jax_cache)")
+  parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  from onn_jax.analysis import verdict
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(verdict.ARMS)
+    unknown = [a for a in arms if a not in verdict.ARMS]
+    if unknown:
+      raise config.ConfigError(f"--arms: unknown {unknown}; known: {list(verdict.ARMS)}")
+    if not 0.0 < args.eavi_share < 1.0:
+      raise config.ConfigError(f"--eavi-share: must lie in (0, 1), got {args.eavi_share}")
+    if args.probes < 1 or not seeds:
+      raise config.ConfigError("--probes and --seeds: at least one each")
+    base = config.load(args.config, args.overrides)
+  except (ValueError, config.ConfigError) as err:
+    print(f"config error: {err}", file=sys.stderr)
+    return 2
+  import jax
+  out = Path(args.out)
+  jax.config.update("jax_compilation_cache_dir", str(Path(args.cache or out / "jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  study = verdict.Study(out=out, base=base, overrides=tuple(args.overrides),
+                        config_name=args.config, seeds=seeds, arms=arms,
+                        share=args.eavi_share, probes=args.probes, ratio=args.ratio)
+  study.run(args.max_runs)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
