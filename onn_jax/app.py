@@ -51,7 +51,8 @@ def protocol(cfg: Config) -> dict[str, Any]:
   return {"train": d.train, "eval": d.eval, "eval_demos": d.eval_demos,
           "hold_out_train_tests": d.hold_out_train_tests,
           "leakage_guard": d.leakage_guard, "max_grid": d.max_grid,
-          "pretrain_steps": cfg.train.pretrain_steps, "eavi_steps": cfg.train.eavi_steps,
+          "pretrain_steps": cfg.train.pretrain_steps, "eavi_every": cfg.train.eavi_every,
+          "eavi_steps": cfg.train.eavi_steps,
           "eval_max_len": eval_max_len(cfg)}
 
 

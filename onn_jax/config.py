@@ -104,6 +104,10 @@ class TrainConfig:
   batch_size: int = 8
   pretrain_steps: int = 100
   eavi_steps: int = 0
+  # 0: EAVI only as the second stage, of train.eavi_steps steps. k >= 2: every k-th step of
+  # teacher forcing (run steps k-1, 2k-1, ... of train.pretrain_steps) is an EAVI step instead,
+  # at the pre-training learning rate; train.eavi_steps may still add the second stage after.
+  eavi_every: int = 0
   learning_rate: float = 1e-3
   warmup_steps: int = 10
   min_lr_ratio: float = 0.1
@@ -331,6 +335,9 @@ def validate(cfg: Config) -> Config:
   for key in ("pretrain_steps", "eavi_steps", "warmup_steps", "reset_every", "run_steps",
               "seed"):
     _require(getattr(t, key) >= 0, f"train.{key}: must be >= 0, got {getattr(t, key)}")
+  _require(t.eavi_every >= 0, f"train.eavi_every: must be >= 0, got {t.eavi_every}")
+  _require(t.eavi_every != 1, "train.eavi_every: 1 would make every step EAVI, with no teacher "
+           "forcing at all; for EAVI alone use train.pretrain_steps=0 and train.eavi_steps")
   _require(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
   _require(t.learning_rate > 0, f"train.learning_rate: must be positive, got {t.learning_rate}")
   _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got "

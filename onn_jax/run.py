@@ -1,10 +1,10 @@
 """The training run behind ``python -m train.main``: data, model, steps, checkpoints, metrics.
 
 The registered training stages in order (:mod:`onn_jax.stages`: teacher forcing for
-``train.pretrain_steps``, then EAVI for ``train.eavi_steps``), then evaluation on
-``data.eval``. A run on a workdir that holds checkpoints resumes from the latest one and
-continues bit-identically (the batch at step s depends only on (seed, s), and the RNG lives in
-the checkpointed state).
+``train.pretrain_steps``, every ``train.eavi_every``-th of them an EAVI step when set, then EAVI
+for ``train.eavi_steps``), then evaluation on ``data.eval``. A run on a workdir that holds
+checkpoints resumes from the latest one and continues bit-identically (the stage and the batch
+at step s depend only on (config, seed, s), and the RNG lives in the checkpointed state).
 """
 
 from __future__ import annotations

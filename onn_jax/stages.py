@@ -1,8 +1,12 @@
 """Training stages as a registry: a stage is a name, a per-device step function and a schedule.
 
 A run is the registered stages in registration order, each for as many steps as its config
-says (a stage of 0 steps is skipped). The training loop (:mod:`onn_jax.run`), the learning-rate
-schedule and the progress display read this plan and never name a stage.
+says (a stage of 0 steps is skipped). A stage may also *interleave*: with ``interleave(cfg) =
+k > 0`` it takes every k-th step (the run's steps k-1, 2k-1, ...) that falls in the span of a
+stage registered before it, at the learning rate of the schedule in force there (the joined
+schedule does not change); its own span follows as before. The training loop
+(:mod:`onn_jax.run`), the learning-rate schedule and the progress display read this plan and
+never name a stage.
 
 Adding a stage::
 
@@ -11,9 +15,11 @@ Adding a stage::
         step=my_step,                      # (state, batch, *, model, cfg, axis_name,
                                            #  num_devices) -> (state, metrics)
         num_steps=lambda cfg: cfg.train.mystage_steps,
-        schedule=lambda cfg: optax.constant_schedule(cfg.train.learning_rate)))
+        schedule=lambda cfg: optax.constant_schedule(cfg.train.learning_rate),
+        interleave=lambda cfg: cfg.train.mystage_every))  # optional; default never
 
-Teacher forcing ("pretrain") and EAVI ("eavi") register themselves in :mod:`onn_jax.steps`.
+Teacher forcing ("pretrain") and EAVI ("eavi", interleaved every ``train.eavi_every`` steps)
+register themselves in :mod:`onn_jax.steps`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class Stage:
   # Whether the step takes packed rows (several sequences per row, data.pack): its batch then
   # has segment_start and answer_mask instead of answer_start and answer_len.
   packs: bool = False
+  # k > 0: the stage also takes every k-th step (run steps k-1, 2k-1, ...) inside the spans of
+  # the stages registered before it, at their schedule's learning rate; 0: only its own span.
+  interleave: Callable[[Config], int] = lambda cfg: 0
 
 
 _REGISTRY: dict[str, Stage] = {}
@@ -80,15 +89,28 @@ def total_steps(cfg: Config) -> int:
 
 
 def stage_at(cfg: Config, step: int) -> Stage:
-  """The stage that takes the run's step ``step`` (0-based)."""
+  """The stage that takes the run's step ``step`` (0-based): the stage of the span holding it,
+  unless a stage registered after that one interleaves and takes it (:class:`Stage`
+  ``interleave``; where several would, the first registered)."""
   for span in plan(cfg):
     if step < span.end:
-      return span.stage
+      return _interleaved(cfg, span.stage, step) or span.stage
   raise ValueError(f"step {step} is past the run's {total_steps(cfg)} steps")
 
 
+def _interleaved(cfg: Config, owner: Stage, step: int) -> Stage | None:
+  """The first stage registered after ``owner`` that takes ``step`` by interleaving, if any."""
+  order = registered()
+  for stage in order[order.index(owner) + 1:]:
+    every = int(stage.interleave(cfg))
+    if every > 0 and (step + 1) % every == 0:
+      return stage
+  return None
+
+
 def learning_rate_schedule(cfg: Config) -> optax.Schedule:
-  """Each stage's own schedule, restarted at the step where the stage begins."""
+  """Each stage's own schedule, restarted at the step where the stage begins. Interleaved steps
+  (:func:`stage_at`) take the rate of the span they fall in."""
   spans = plan(cfg)
   if not spans:
     return optax.constant_schedule(0.0)

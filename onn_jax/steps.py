@@ -351,7 +351,8 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
                       axis_name=axis_name)
 
 
-# The two training stages of the seed, in the order a run takes them (onn_jax/stages.py).
+# The two training stages of the seed, in the order a run takes them (onn_jax/stages.py); EAVI
+# also takes every train.eavi_every-th step of teacher forcing.
 stages.register(stages.Stage(
     name="pretrain", step=train_step, num_steps=lambda cfg: cfg.train.pretrain_steps,
     packs=True,
@@ -359,5 +360,6 @@ stages.register(stages.Stage(
                                        cfg.train.pretrain_steps, cfg.train.min_lr_ratio)))
 stages.register(stages.Stage(
     name="eavi", step=eavi_step, num_steps=lambda cfg: cfg.train.eavi_steps,
+    interleave=lambda cfg: cfg.train.eavi_every,
     schedule=lambda cfg: warmup_cosine(cfg.eavi.learning_rate, cfg.eavi.warmup_steps,
                                        cfg.train.eavi_steps, cfg.train.min_lr_ratio)))

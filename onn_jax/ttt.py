@@ -96,9 +96,9 @@ def step_config(cfg: Config) -> Config:
   ``train`` keys (warmup + cosine over ttt.steps, train.min_lr_ratio, train.grad_clip)."""
   t = cfg.ttt
   return config.replace(cfg, train={
-      "pretrain_steps": t.steps, "eavi_steps": 0, "learning_rate": t.learning_rate,
-      "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay, "ema_decay": 0.0,
-      "batch_size": t.batch_size})
+      "pretrain_steps": t.steps, "eavi_steps": 0, "eavi_every": 0,
+      "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps,
+      "weight_decay": t.weight_decay, "ema_decay": 0.0, "batch_size": t.batch_size})
 
 
 def task_seed(seed: int, task_id: str) -> int:

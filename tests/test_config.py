@@ -54,12 +54,21 @@ def test_overrides_are_typed():
     ("eval.max_batch_tokens=-8", "eval.max_batch_tokens"),
     ("eval.max_batch_tokens=1.5", "eval.max_batch_tokens"),
     ("train.seed", "train.seed"),
+    ("train.eavi_every=-1", "train.eavi_every"),
+    ("train.eavi_every=1", "train.eavi_every"),
 ])
 def test_bad_values_name_the_key(override, culprit):
   with pytest.raises(ConfigError) as err:
     config.load("configs/default.yaml", [override])
   message = str(err.value)
   assert culprit in message and "\n" not in message
+
+
+def test_eavi_every_of_one_says_there_would_be_no_teacher_forcing():
+  with pytest.raises(ConfigError, match=r"^train\.eavi_every: 1 .*no teacher forcing.*"
+                     r"train\.pretrain_steps=0"):
+    config.load("configs/default.yaml", ["train.eavi_every=1"])
+  assert config.load("configs/default.yaml", ["train.eavi_every=2"]).train.eavi_every == 2
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -111,8 +120,10 @@ def test_a_saved_run_without_a_newer_key_reloads_as_it_was_trained(tmp_path):
   cfg = config.load("configs/default.yaml")
   values = config.to_dict(cfg)
   del values["model"]["cmp_rope"]
+  del values["train"]["eavi_every"]  # today's default (0) is how every older run trained
   (tmp_path / "old.yaml").write_text(yaml.safe_dump(values))
   assert config.load(tmp_path / "old.yaml", saved_run=True).model.cmp_rope == "query"
+  assert config.load(tmp_path / "old.yaml", saved_run=True).train.eavi_every == 0
   assert config.load(tmp_path / "old.yaml").model.cmp_rope == "none"
   config.save(cfg, tmp_path / "new.yaml")
   assert config.load(tmp_path / "new.yaml", saved_run=True).model.cmp_rope == "none"

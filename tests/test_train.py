@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import app, checkpoint, config, experts, steps
+from onn_jax import app, checkpoint, config, experts, run, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import moe
 from onn_jax.model.transformer import Transformer
@@ -104,14 +104,21 @@ def _final_state(workdir, cfg):
   return state
 
 
-def test_resume_in_a_new_process_is_bit_identical(finished_run, tmp_path):
-  """Stop inside the EAVI stage (step 5 of 4 + 2), then a new process resumes for the rest:
-  same params, Adam state, RNG (which drives the rollouts) and routing counts."""
+@pytest.mark.parametrize("eavi_every, stop", [(0, 5), (3, 2)])
+def test_resume_in_a_new_process_is_bit_identical(finished_run, tmp_path, eavi_every, stop):
+  """Stop inside the EAVI stage (step 5 of 4 + 2), or with train.eavi_every=3 (steps pretrain,
+  pretrain, EAVI, pretrain, EAVI, EAVI) just before the interleaved EAVI step, then a new
+  process resumes for the rest: same params, Adam state, RNG (which drives the rollouts) and
+  routing counts as the uninterrupted run."""
   whole_dir, cfg = finished_run
+  if eavi_every:
+    cfg = config.replace(cfg, train={"eavi_every": eavi_every})
+    whole_dir = tmp_path / "whole"
+    assert run.train(cfg, whole_dir, log=lambda *_: None).finished
   sliced = tmp_path / "sliced"
   cfg_path = _write_config(tmp_path / "cfg.yaml", cfg)
-  assert app.train_and_evaluate(config.replace(cfg, train={"run_steps": 5}), sliced) == 0
-  assert checkpoint.manager(sliced / "checkpoints").latest_step() == 5
+  assert app.train_and_evaluate(config.replace(cfg, train={"run_steps": stop}), sliced) == 0
+  assert checkpoint.manager(sliced / "checkpoints").latest_step() == stop
   proc = subprocess.run([sys.executable, "-m", "train.main", "--config", cfg_path,
                          "--workdir", str(sliced), "eval.mode=greedy", "eval.max_tasks=1"],
                         capture_output=True, text=True, timeout=300)
