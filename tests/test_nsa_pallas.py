@@ -298,10 +298,12 @@ def test_auto_takes_pallas_on_gpu_only():
         num_select=4, window=9),
 ], ids=["stride_divides", "ragged_groups"])
 @pytest.mark.parametrize("chunk_queries", [None, 5])
-def test_folded_compressed_branch_matches_reference(geo, chunk_queries, monkeypatch):
-  """PALLAS_CMP_ATTENTION="folded" (the compressed branch as one causal attention over query
-  groups, the block choice from its log-sum-exp): outputs and gradients of the reference."""
-  monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", "folded")
+@pytest.mark.parametrize("cmp_attention", ["folded", "chunked"])
+def test_compressed_branch_matches_reference(geo, chunk_queries, cmp_attention, monkeypatch):
+  """Both ways of the pallas path's compressed branch for one sequence a row from position 0:
+  "folded" (one causal attention over query groups, the block choice from its log-sum-exp) and
+  "chunked": outputs and gradients of the reference."""
+  monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", cmp_attention)
   if chunk_queries:
     monkeypatch.setattr(nsa, "PALLAS_CMP_CHUNK_ELEMS", geo.B * geo.H * geo.N * chunk_queries)
   args = make_inputs(geo, seed=7)

@@ -39,8 +39,9 @@ VARIANTS = {
     "keyblock_c32": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=32),
     "keyblock_c8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8),
     "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
-    # The compressed branch as one causal cuDNN attention over query groups (nsa module).
-    "cmp_folded": dict(PALLAS_CMP_ATTENTION="folded"),
+    # The compressed branch (nsa module): the XLA chunks instead of the default folded
+    # attention (one causal cuDNN attention over query groups).
+    "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),
 }
 
 

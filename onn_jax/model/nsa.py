@@ -502,10 +502,12 @@ def _choose_blocks(p_BTGRN, pos_BT, lo_BT, *, seq_len: int, block_len: int, bloc
   return jnp.where(valid, idx, -1)
 
 
-# impl="pallas": how the compressed branch's output is computed on GPU for training shapes
-# ("chunked": the XLA chunks above; "folded": cuDNN attention over the query groups, see
-# _compressed_folded). Folded is not measured on a GPU yet, so chunked stays the choice.
-PALLAS_CMP_ATTENTION = "chunked"
+# impl="pallas": how the compressed branch's output is computed for one sequence a row from
+# position 0 ("folded": one causal attention over the query groups, cuDNN on GPU, see
+# _compressed_folded; "chunked": the XLA chunks above, which every other shape takes). nsa_core
+# fwd+bwd on an H200 (train.nsa_kernel_check, 2026-11-30): folded 6.2 / 9.1 / 10.1 ms against
+# chunked 8.9 / 23.6 / 34.7 ms at 32x2048 / 8x8192 / 1x32768.
+PALLAS_CMP_ATTENTION = "folded"
 FOLDED_PAD = 64  # the folded attention's length (query groups = blocks) is a multiple of this
 
 
