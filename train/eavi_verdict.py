@@ -61,7 +61,11 @@ def main(argv=None) -> int:
   study = verdict.Study(out=out, base=base, overrides=tuple(args.overrides),
                         config_name=args.config, seeds=seeds, arms=arms,
                         share=args.eavi_share, probes=args.probes, ratio=args.ratio)
-  study.run(args.max_runs)
+  from onn_jax import app, run
+  try:
+    study.run(args.max_runs)
+  except app.USER_ERRORS + (run.TrainingStopped,) as err:
+    return app._fail(err)
   return 0
 
 

@@ -1,0 +1,138 @@
+"""The EAVI verdict study (onn_jax/analysis/verdict.py, python -m train.eavi_verdict): equal-time
+step plans, the table and sentence, and a tiny end-to-end study."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onn_jax import stages
+from onn_jax.analysis import TINY_OVERRIDES
+from onn_jax.analysis.verdict import Plan, markdown, plan_arm, sentence, summarise
+from train import eavi_verdict
+
+from conftest import tiny_config
+
+
+def _cost(plan: Plan, ratio: float) -> float:
+  n_tf, n_eavi = plan.counts()
+  return n_tf + ratio * n_eavi
+
+
+@pytest.mark.parametrize("ratio", [1.6, 4.7, 5.74, 12.0])
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_eavi_plans_spend_the_budget_with_the_asked_share(ratio, share, mixed):
+  """Every plan costs the budget up to rounding (one step of each kind; the mixed plan's step
+  count rounds to one step, its interleave k to the nearest integer), with EAVI's share of the
+  time near the one asked."""
+  budget = 1000
+  plan = plan_arm(mixed, True, budget, share, ratio)
+  n_tf, n_eavi = plan.counts()
+  cost = _cost(plan, ratio)
+  if mixed:
+    k = plan.every
+    # k is round(1 + r (1 - f) / f): EAVI's share r / (k - 1 + r) is off by at most the
+    # rounding of k (half a step of k either way).
+    exact_k = 1 + ratio * (1 - share) / share
+    assert abs(k - exact_k) <= 0.5 or k == 2
+    assert abs(cost - budget) <= ratio + 1
+    assert plan.eavi == 0 and n_eavi == plan.pretrain // k
+  else:
+    assert abs(cost - budget) <= ratio / 2 + 0.5 + 1e-9
+    assert abs(ratio * n_eavi / cost - share) <= ratio / cost
+  assert _cost(plan_arm(mixed, False, budget, share, ratio), ratio) == budget
+
+
+@pytest.mark.parametrize("plan", [Plan(10, 3), Plan(11, 0, 3), Plan(9, 2, 4), Plan(5, 0)])
+def test_plan_counts_match_the_stages_the_run_takes(plan):
+  """Plan.counts (what the study charges) equals the steps the training loop gives each stage
+  (stages.stage_at with the plan's config keys), for every prefix of the run."""
+  cfg = tiny_config(train={"pretrain_steps": plan.pretrain, "eavi_steps": plan.eavi,
+                           "eavi_every": plan.every})
+  names = [stages.stage_at(cfg, i).name for i in range(plan.pretrain + plan.eavi)]
+  for upto in range(len(names) + 1):
+    assert plan.counts(upto) == (names[:upto].count("pretrain"), names[:upto].count("eavi"))
+
+
+def _record(arm, seed, heldout, acc):
+  scores = {f"{s}_{m}": {"score": heldout if s == "heldout" else 0.0}
+            for s in ("heldout", "eval") for m in ("greedy", "augscore")}
+  return {"arm": arm, "seed": seed, "plan": {"pretrain": 8, "eavi": 1, "every": 0},
+          "train_s": 1.0, "train_wall_s": 2.0, "budget_frac": 1.0, "scores": scores,
+          "curve": [{"step": 9, "budget_frac": 1.0, "token_accuracy": acc,
+                     "exact_match": 0.0}]}
+
+
+def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
+  records = ([_record("tf", s, h, 0.5) for s, h in enumerate((0.10, 0.12, 0.11))]
+             + [_record("soft", s, h, a) for s, (h, a) in
+                enumerate(((0.20, 0.50), (0.21, 0.52), (0.22, 0.48)))]
+             + [_record("argmax", s, h, 0.3) for s, h in enumerate((0.00, 0.30, 0.10))])
+  verdict = summarise(records, {"ratio": 2.0, "measured": False},
+                      {"config": "x", "overrides": [], "budget_tf_steps": 10,
+                       "eavi_share": 0.25, "seeds": [0, 1, 2]})
+  said = verdict["sentence"]
+  assert "soft: held-out AugScore 21.0% vs 11.0%, better" in said
+  assert "free-running token accuracy 50.0% vs 50.0%, no different" in said
+  # argmax's mean (13.3%) is above tf's, but its seeds spread more than that.
+  assert "argmax: held-out AugScore 13.3% vs 11.0%, no different" in said
+  assert "token accuracy 30.0% vs 50.0%, worse" in said
+  table = markdown(verdict)
+  assert table.count("\n| ") == 4  # after the header: the separator and the three arms
+  assert "| soft | 8+1 |" in table and "21.0% ± 1.0%" in table
+
+
+def test_the_study_end_to_end(tmp_path, capsys):
+  """A tiny study (one seed; teacher forcing against EAVI mixed in from the start): the table,
+  the plot and per-run results, the curve of free-running accuracy, equal planned time; run
+  again, it reuses every finished run."""
+  out = tmp_path / "study"
+  argv = ["--config", "default", "--out", str(out), "--seeds", "0", "--arms", "tf,soft_mixed",
+          "--probes", "2", "--ratio", "2", *TINY_OVERRIDES, "train.pretrain_steps=6",
+          "parallel.mode=single"]
+  assert eavi_verdict.main(argv) == 0
+  verdict = json.loads((out / "verdict.json").read_text())
+  assert set(verdict["arms"]) == {"tf", "soft_mixed"}
+  mixed = verdict["arms"]["soft_mixed"]["runs"][0]
+  # k = 1 + r (1 - f) / f = 7, and a mixed run holds at least one EAVI step: 7 steps.
+  assert mixed["plan"] == {"pretrain": 7, "eavi": 0, "every": 7}
+  assert [p["step"] for p in mixed["curve"]] == [4, 7]
+  for arm in verdict["arms"].values():
+    run = arm["runs"][0]
+    assert set(run["scores"]) == {"heldout_greedy", "heldout_augscore", "eval_greedy",
+                                  "eval_augscore"}
+    assert run["tasks"]["heldout"] > 0
+    assert abs(run["budget_frac"] - 1.0) <= 0.5
+  metrics = (out / "runs" / "soft_mixed_s0" / "metrics.jsonl").read_text()
+  assert '"stage": "eavi"' in metrics
+  assert (out / "verdict.md").read_text().startswith("| arm |")
+  assert (out / "verdict.png").stat().st_size > 0
+  stamp = (out / "runs" / "tf_s0" / "result.json").stat().st_mtime_ns
+  capsys.readouterr()
+  assert eavi_verdict.main(argv) == 0
+  assert (out / "runs" / "tf_s0" / "result.json").stat().st_mtime_ns == stamp
+  assert "compiling" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--arms", "tf,bogus"], "--arms: unknown ['bogus']"),
+    (["--eavi-share", "1.0"], "--eavi-share"),
+    (["--seeds", "a"], "invalid literal"),
+    (["model.d_model=-1"], "model.d_model"),
+])
+def test_bad_study_arguments_fail_in_one_line(tmp_path, capsys, args, culprit):
+  assert eavi_verdict.main(["--out", str(tmp_path / "s"), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("config error:") and culprit in err and "\n" not in err
+  assert not (tmp_path / "s").exists()
+
+
+def test_a_run_that_cannot_start_fails_in_one_line(tmp_path, capsys):
+  """A config that loads but cannot train here (a batch that does not split over the 8 host
+  devices of the suite) is one line and exit 1, as train.main says it."""
+  assert eavi_verdict.main(["--out", str(tmp_path / "s"), "--ratio", "2", *TINY_OVERRIDES,
+                            "train.batch_size=3", "parallel.mode=shard_map"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: train.batch_size: 3 does not divide evenly")
