@@ -213,7 +213,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
   last: dict[str, Any] = {}
   bar = output.progress(total, "train", enabled=main, initial=step)
-  tick, tokens_since, real_since, steps_since = time.perf_counter(), 0, 0, 0
+  tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
   compiled: set[tuple[str, int]] = set()
@@ -226,7 +226,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
     while step < stop_at:
       stage = stages.stage_at(cfg, step).name
       local_batch = batches.get(step)
-      _announce_step(bar, compiled, stage, local_batch["inputs"].shape[-1])
+      compiles_since += _announce_step(bar, compiled, stage, local_batch["inputs"].shape[-1])
       # Per process: its own rows, scaled by the process count (rows are drawn alike).
       tokens_since += local_batch["inputs"].size * jax.process_count()
       real_since += int(local_batch["valid"].sum()) * jax.process_count()
@@ -249,12 +249,13 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
                 "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
+                "compiled_steps": compiles_since,  # steps of the interval that compiled
                 "skipped_total": int(runner.host(state.skipped)),
                 **peak_memory()}
         metrics_out.write(last)
         live.write(last)
         bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}")
-        tick, tokens_since, real_since, steps_since = now, 0, 0, 0
+        tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
       bar.update(1)
       if nonfinite >= t.max_nonfinite:
         raise TrainingStopped(
@@ -324,15 +325,18 @@ class Prefetch:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _announce_step(bar, compiled: set, stage: str, length: int) -> None:
+def _announce_step(bar, compiled: set, stage: str, length: int) -> bool:
   """The bar names the stage of the step it runs; the first step of each (stage, bucket)
-  says that it compiles (seconds to minutes, during which the ETA means nothing)."""
+  says that it compiles (seconds to minutes, during which the ETA means nothing). Returns
+  whether this step is such a first one (its time is mostly compilation)."""
   if not bar.desc.startswith(stage):
     bar.set_description(stage, refresh=False)
   if (stage, length) not in compiled:
     compiled.add((stage, length))
     if not bar.disable:
       bar.write(f"compiling {stage} step (bucket {length})")
+    return True
+  return False
 
 
 def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):

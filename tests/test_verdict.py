@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 
 from onn_jax import stages
 from onn_jax.analysis import TINY_OVERRIDES
-from onn_jax.analysis.verdict import Plan, markdown, plan_arm, sentence, summarise
+from onn_jax.analysis.verdict import Plan, markdown, plan_arm, step_seconds, summarise
 from train import eavi_verdict
 
 from conftest import tiny_config
@@ -60,9 +61,11 @@ def _record(arm, seed, heldout, acc):
   scores = {f"{s}_{m}": {"score": heldout if s == "heldout" else 0.0}
             for s in ("heldout", "eval") for m in ("greedy", "augscore")}
   return {"arm": arm, "seed": seed, "plan": {"pretrain": 8, "eavi": 1, "every": 0},
-          "train_s": 1.0, "train_wall_s": 2.0, "budget_frac": 1.0, "scores": scores,
-          "curve": [{"step": 9, "budget_frac": 1.0, "token_accuracy": acc,
-                     "exact_match": 0.0}]}
+          "train_s": 1.0, "measured_train_s": 2.0, "budget_frac": 1.0, "scores": scores,
+          "curve": [{"step": 4, "budget_frac": 0.5, "token_accuracy": 0.0, "exact_match": 0.0},
+                    {"step": 9, "budget_frac": 1.0, "token_accuracy": acc,
+                     "exact_match": 0.0}],
+          "params": 1234, "tasks": {"train": 7, "heldout": 7, "eval": 3}, "machine": "cpu x 1"}
 
 
 def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
@@ -74,6 +77,9 @@ def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
                       {"config": "x", "overrides": [], "budget_tf_steps": 10,
                        "eavi_share": 0.25, "seeds": [0, 1, 2]})
   said = verdict["sentence"]
+  # The scale the answer holds for comes first; the final point of each curve is compared.
+  assert said.startswith("At config x (1,234 parameters; 7 training tasks; budget 10 "
+                         "teacher-forcing steps; cpu x 1), against teacher forcing")
   assert "soft: held-out AugScore 21.0% vs 11.0%, better" in said
   assert "free-running token accuracy 50.0% vs 50.0%, no different" in said
   # argmax's mean (13.3%) is above tf's, but its seeds spread more than that.
@@ -81,13 +87,30 @@ def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
   assert "token accuracy 30.0% vs 50.0%, worse" in said
   table = markdown(verdict)
   assert table.count("\n| ") == 4  # after the header: the separator and the three arms
-  assert "| soft | 8+1 |" in table and "21.0% ± 1.0%" in table
+  assert "| soft | 8+1 | 1.0 | 2.0 ± 0.0 |" in table and "21.0% ± 1.0%" in table
+  assert "7 training tasks' held-out test outputs and 3 evaluation tasks" in table
+
+
+def test_step_seconds_leave_out_compiles_and_count_a_redone_step_once(tmp_path):
+  """A step that compiled is not a step's cost; after a resume the redone step's later record
+  stands; a mixed run's steps keep their own stage."""
+  rows = [{"step": 1, "stage": "pretrain", "step_s": 9.0, "compiled_steps": 1},
+          {"step": 2, "stage": "pretrain", "step_s": 1.0, "compiled_steps": 0},
+          {"step": 3, "stage": "eavi", "step_s": 8.0, "compiled_steps": 1},
+          {"step": 4, "stage": "pretrain", "step_s": 5.0, "compiled_steps": 0},
+          {"event": "reset", "step": 4, "layer": 0, "experts": []},
+          {"step": 4, "stage": "pretrain", "step_s": 2.0, "compiled_steps": 0},  # resumed
+          {"step": 5, "stage": "eavi", "step_s": 3.0, "compiled_steps": 0}]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert step_seconds(path) == {"pretrain": [1.0, 2.0], "eavi": [3.0]}
 
 
 def test_the_study_end_to_end(tmp_path, capsys):
   """A tiny study (one seed; teacher forcing against EAVI mixed in from the start): the table,
-  the plot and per-run results, the curve of free-running accuracy, equal planned time; run
-  again, it reuses every finished run."""
+  the plot and per-run results, the curve of free-running accuracy, equal planned time, every
+  step's time measured; run again, it reuses every finished run; run with another plan in the
+  same folder, it refuses in one line."""
   out = tmp_path / "study"
   argv = ["--config", "default", "--out", str(out), "--seeds", "0", "--arms", "tf,soft_mixed",
           "--probes", "2", "--ratio", "2", *TINY_OVERRIDES, "train.pretrain_steps=6",
@@ -105,15 +128,27 @@ def test_the_study_end_to_end(tmp_path, capsys):
                                   "eval_augscore"}
     assert run["tasks"]["heldout"] > 0
     assert abs(run["budget_frac"] - 1.0) <= 0.5
-  metrics = (out / "runs" / "soft_mixed_s0" / "metrics.jsonl").read_text()
-  assert '"stage": "eavi"' in metrics
+    assert run["tasks"]["heldout"] == 2  # eval.max_tasks of TINY_OVERRIDES
+    assert run["measured_train_s"] > 0 and run["params"] > 0
+  assert set(mixed["step_s"]) == {"pretrain"}  # its one EAVI step compiled: not a cost
+  metrics = [json.loads(line) for line in
+             (out / "runs" / "soft_mixed_s0" / "metrics.jsonl").read_text().splitlines()]
+  steps = [r for r in metrics if "step_s" in r]
+  # Every step logged, with its own stage: step 7 (the 7th, k = 7) is EAVI.
+  assert [r["stage"] for r in steps] == ["pretrain"] * 6 + ["eavi"]
+  assert sum(r["compiled_steps"] for r in steps) == 2
   assert (out / "verdict.md").read_text().startswith("| arm |")
   assert (out / "verdict.png").stat().st_size > 0
-  stamp = (out / "runs" / "tf_s0" / "result.json").stat().st_mtime_ns
-  capsys.readouterr()
+  files = [out / "runs" / "tf_s0" / name for name in ("result.json", "metrics.jsonl")]
+  stamps = [f.stat().st_mtime_ns for f in files]
   assert eavi_verdict.main(argv) == 0
-  assert (out / "runs" / "tf_s0" / "result.json").stat().st_mtime_ns == stamp
-  assert "compiling" not in capsys.readouterr().err
+  assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing retrained
+  capsys.readouterr()
+  at = argv.index("--ratio") + 1
+  assert eavi_verdict.main(argv[:at] + ["3"] + argv[at + 1:]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "study.json" in err and "ratio=2.0" in err
+  assert "\n" not in err
 
 
 @pytest.mark.parametrize("args, culprit", [
@@ -129,6 +164,7 @@ def test_bad_study_arguments_fail_in_one_line(tmp_path, capsys, args, culprit):
   assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.skipif(jax.device_count() != 8, reason="needs the suite's 8 host devices")
 def test_a_run_that_cannot_start_fails_in_one_line(tmp_path, capsys):
   """A config that loads but cannot train here (a batch that does not split over the 8 host
   devices of the suite) is one line and exit 1, as train.main says it."""

@@ -7,7 +7,8 @@ training time, several seeds each (protocol: onn_jax/analysis/verdict.py).
 
 The time budget is the config's train.pretrain_steps teacher-forcing steps. Writes
 OUT/verdict.md (the table), verdict.json and verdict.png (free-running accuracy along training);
-each run keeps its folder under OUT/runs. Run the same command again to go on after a stop.
+each run keeps its folder under OUT/runs. Run the same command again to go on after a stop;
+OUT/study.json refuses a command whose config, overrides, budget, share or ratio differ.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def main(argv=None) -> int:
     return 2
   import jax
   out = Path(args.out)
-  jax.config.update("jax_compilation_cache_dir", str(Path(args.cache or out / "jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if args.cache or not jax.config.jax_compilation_cache_dir:  # a user's own cache stands
+    jax.config.update("jax_compilation_cache_dir", str(Path(args.cache or out / "jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   study = verdict.Study(out=out, base=base, overrides=tuple(args.overrides),
                         config_name=args.config, seeds=seeds, arms=arms,
                         share=args.eavi_share, probes=args.probes, ratio=args.ratio)
@@ -66,6 +68,10 @@ def main(argv=None) -> int:
     study.run(args.max_runs)
   except app.USER_ERRORS + (run.TrainingStopped,) as err:
     return app._fail(err)
+  except KeyboardInterrupt as err:  # the run in progress has checkpointed when it could
+    print(f"interrupted ({getattr(err, 'name', 'SIGINT')}); run the same command again to go "
+          "on", file=sys.stderr)
+    return getattr(err, "exit_code", 130)
   return 0
 
 

@@ -2,24 +2,27 @@
 
 The study behind ``python -m train.eavi_verdict`` (protocol in DESIGN.md terms):
 
-1. **Calibration.** A short run of the config (teacher forcing, then EAVI) on this machine
-   gives the median seconds of a teacher-forcing step ``t_tf`` and of an EAVI step
-   ``t_eavi`` (first logged interval of each stage left out: it compiles); ``r = t_eavi / t_tf``.
+1. **Calibration.** A short run of the config (teacher forcing, then EAVI, every step logged)
+   on this machine gives the mean seconds of a teacher-forcing step ``t_tf`` and of an EAVI
+   step ``t_eavi``, over the steps that did not compile (the first step of each stage and
+   bucket compiles); ``r = t_eavi / t_tf``.
 2. **Arms at equal time.** The budget is ``N`` teacher-forcing steps (``train.pretrain_steps``
    of the config). The ``tf`` arm trains N teacher-forcing steps. A second-stage EAVI arm
    spends the share ``f`` of the time on EAVI: ``(1 - f) N`` teacher-forcing steps, then
    ``f N / r`` EAVI steps. The mixed arm (``train.eavi_every = k``, EAVI from the start, at the
    pre-training learning rate) takes ``k = round(1 + r (1 - f) / f)`` and ``P = N k / (k - 1 + r)``
-   steps, so that EAVI again has about the share f. Each run's own step times are recorded, so
-   the table shows the time each arm really took.
-3. **Scores.** Every run trains on ``data.train`` with its test outputs held out
-   (``data.hold_out_train_tests``), then is scored on those held-out test outputs and on
-   ``data.eval``, greedy and AugScore (official score, pass@2). Along training, checkpoints are
+   steps, so that EAVI again has about the share f. Each run logs every step, so the table
+   also shows the time each arm really took (its own mean step times, compilation left out).
+3. **Scores.** Every run trains on its training tasks with their test pairs held out
+   (``data.hold_out_train_tests``), then its final weights (never their EMA) are scored on
+   those held-out test outputs and on ``data.eval`` (each the first ``eval.max_tasks`` by id;
+   0: all), greedy and AugScore (official score, pass@2). Along training, checkpoints are
    decoded greedily on the held-out test pairs: the free-running answer-token accuracy and exact
    match against the fraction of the time budget spent.
 
 Runs are resumable: a finished run's ``result.json`` is reused, an unfinished one resumes from
-its checkpoints, so the study can be run in slices (``--max-runs``).
+its checkpoints, so the study can be run in slices (``--max-runs``). ``study.json`` records the
+plan's inputs; a command that differs in them is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -81,19 +84,23 @@ def plan_arm(mixed: bool, eavi: bool, budget: int, share: float, ratio: float) -
   return Plan(round(budget * (1 - share)), max(1, round(budget * share / ratio)))
 
 
-def stage_seconds(metrics_path: Path) -> dict[str, list[float]]:
-  """Stage -> seconds per step of its logged intervals, each stage's first interval (which
-  compiles the step) left out when there are others."""
+def step_seconds(metrics_path: Path) -> dict[str, list[float]]:
+  """Stage -> seconds of each of its steps that did not compile, from a run logged every step
+  (``train.log_every=1``, as the study's runs are); a step logged twice (a resumed run redoes
+  the steps after its checkpoint) counts once, as its later record."""
   records, _ = plots.read_metrics(metrics_path)
+  latest = {rec["step"]: rec for rec in records if "step_s" in rec}
   by_stage: dict[str, list[float]] = {}
-  for rec in records:
-    if "step_s" in rec:
+  for rec in latest.values():
+    if not rec.get("compiled_steps"):
       by_stage.setdefault(str(rec.get("stage")), []).append(float(rec["step_s"]))
-  return {stage: values[1:] or values for stage, values in by_stage.items()}
+  return by_stage
 
 
-def median_step_s(metrics_path: Path) -> dict[str, float]:
-  return {stage: statistics.median(v) for stage, v in stage_seconds(metrics_path).items()}
+def mean_step_s(metrics_path: Path) -> dict[str, float]:
+  """Stage -> mean seconds of a step (the mean, not the median: steps of every bucket, each as
+  often as the run drew it, are what a run pays)."""
+  return {stage: statistics.fmean(v) for stage, v in step_seconds(metrics_path).items() if v}
 
 
 @dataclasses.dataclass
@@ -109,39 +116,46 @@ class Study:
   probes: int = 6
   ratio: float | None = None  # EAVI step / teacher-forcing step; measured when None
   log: Callable[[str], None] = print
+  calibration_steps: int = 40  # of each stage
 
   @property
   def budget(self) -> int:
     return self.base.train.pretrain_steps
 
+  def checkpoint_every(self, plan: Plan) -> int:
+    return max(1, math.ceil((plan.pretrain + plan.eavi) / self.probes))
+
   def run_config(self, arm: str, seed: int, plan: Plan) -> Config:
     arm_overrides, _ = ARMS[arm]
-    total = plan.pretrain + plan.eavi
+    # Every step is logged (its time, its stage, whether it compiled); the final weights are
+    # scored, never their EMA (which lags the most recent steps: EAVI's, in a second stage).
     return config.load(self.config_name, list(self.overrides) + list(arm_overrides) + list(
         plan.overrides()) + [
-            f"train.seed={seed}", "data.hold_out_train_tests=true",
-            f"checkpoint.every={max(1, math.ceil(total / self.probes))}",
+            f"train.seed={seed}", "data.hold_out_train_tests=true", "train.log_every=1",
+            "eval.weights=params", f"checkpoint.every={self.checkpoint_every(plan)}",
             f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
 
   # -- calibration ------------------------------------------------------------------------
   def calibrate(self) -> dict[str, float]:
-    """Measures t_tf and t_eavi on this machine (a short run; cached in calibration.json)."""
+    """t_tf and t_eavi on this machine: the mean of the steps of a short run (teacher forcing,
+    then EAVI) that did not compile; cached in calibration.json. A given ``ratio`` is used
+    as it is."""
+    if self.ratio is not None:
+      return {"ratio": self.ratio, "measured": False}
     path = self.out / "calibration.json"
     if path.is_file():
       return json.loads(path.read_text())
-    if self.ratio is not None:
-      result = {"ratio": self.ratio, "measured": False}
-    else:
-      from onn_jax import run
-      workdir = self.out / "calibration"
-      cfg = config.load(self.config_name, list(self.overrides) + [
-          "train.pretrain_steps=30", "train.eavi_steps=15", "train.eavi_every=0",
-          "train.log_every=5", "checkpoint.every=100000", "train.reset_every=0"])
-      self.log("calibration: 30 teacher-forcing then 15 EAVI steps")
-      run.train(cfg, workdir, log=self.log)
-      med = median_step_s(workdir / "metrics.jsonl")
-      result = {"tf_step_s": med["pretrain"], "eavi_step_s": med["eavi"],
-                "ratio": med["eavi"] / med["pretrain"], "measured": True}
+    from onn_jax import run
+    workdir = self.out / "calibration"
+    n = self.calibration_steps
+    cfg = config.load(self.config_name, list(self.overrides) + [
+        f"train.pretrain_steps={n}", f"train.eavi_steps={n}", "train.eavi_every=0",
+        "train.log_every=1", "checkpoint.every=100000", "train.reset_every=0"])
+    self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps")
+    run.train(cfg, workdir, log=self.log)
+    mean = mean_step_s(workdir / "metrics.jsonl")
+    result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
+              "ratio": mean["eavi"] / mean["pretrain"], "measured": True}
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -149,44 +163,69 @@ class Study:
     return {arm: plan_arm(ARMS[arm][1], arm != "tf", self.budget, self.share, ratio)
             for arm in self.arms}
 
+  def check_manifest(self, calib: dict) -> None:
+    """study.json records what every run of this folder was planned with; a command that
+    differs (config, overrides, budget, share, EAVI's cost) would mix incomparable runs."""
+    manifest = {"config": self.config_name, "overrides": list(self.overrides),
+                "budget_tf_steps": self.budget, "eavi_share": self.share,
+                "probes": self.probes, "ratio": calib["ratio"]}
+    path = self.out / "study.json"
+    if path.is_file():
+      before = json.loads(path.read_text())
+      differ = [k for k in manifest if before.get(k) != manifest[k]]
+      if differ:
+        k = differ[0]
+        raise config.ConfigError(
+            f"{path}: this folder's study has {k}={before.get(k)!r}, this command "
+            f"{manifest[k]!r}; use another --out (or the same arguments) to go on")
+    else:
+      path.write_text(json.dumps(manifest, indent=1))
+
   # -- one run ------------------------------------------------------------------------------
-  def run_one(self, arm: str, seed: int, plan: Plan, calib: dict) -> dict:
+  def held_out_tasks(self, cfg: Config) -> list:
+    """The run's own training tasks (leakage guard, max_grid, max_train_tasks applied) with
+    their test pairs, which training never saw; the first eval.max_tasks by id (0: all)."""
+    from onn_jax.data.pipeline import build_training_tasks
+    data = dataclasses.replace(cfg.data, hold_out_train_tests=False, eval_demos=False)
+    tasks = [t for t in build_training_tasks(data, log=lambda _: None)[0] if t.test]
+    return tasks[:cfg.eval.max_tasks] if cfg.eval.max_tasks else tasks
+
+  def run_one(self, arm: str, seed: int, plan: Plan, calib: dict) -> dict | None:
+    """Trains, probes and scores one run (``None``: stopped before its last step)."""
     from onn_jax import app, checkpoint, run
     from onn_jax import analysis  # rollouts, summarise_rollouts
-    from onn_jax.model.transformer import init_params
+    from onn_jax.model.transformer import count_params, init_params
     import jax
     workdir = self.out / "runs" / f"{arm}_s{seed}"
     done = workdir / "result.json"
     if done.is_file():
       return json.loads(done.read_text())
     cfg = self.run_config(arm, seed, plan)
-    started = time.perf_counter()
     result = run.train(cfg, workdir, log=self.log)
-    train_wall = time.perf_counter() - started
-    heldout = app.load_eval_tasks(cfg.data.train, cfg, 0)
-    splits = {"heldout": heldout,
-              "eval": app.load_eval_tasks(cfg.data.eval, cfg, 0) if cfg.data.eval else []}
-    # Free running along training: every checkpoint, greedy, on the held-out test pairs.
+    if not result.finished:
+      self.log(f"{arm} seed {seed} stopped at step {result.step} of {result.total}; run the "
+               "same command again to go on")
+      return None
+    splits = {"heldout": self.held_out_tasks(cfg),
+              "eval": app.load_eval_tasks(cfg.data.eval, cfg, cfg.eval.max_tasks)
+              if cfg.data.eval else []}
+    # Free running along training: the planned checkpoints, greedy, on the held-out test pairs.
     target = init_params(cfg.model, jax.random.PRNGKey(0))
-    use_ema = cfg.eval.weights == "ema"
-    curve = []
     total = plan.pretrain + plan.eavi
-    # Seconds per step: the calibration's (one machine state for every arm) or, when the ratio
-    # was given, this run's own medians (a mixed run's intervals mix both kinds of step).
-    med = median_step_s(workdir / "metrics.jsonl")
-    t_tf = calib.get("tf_step_s") or med.get("pretrain", math.nan)
-    t_eavi = calib.get("eavi_step_s") or t_tf * calib["ratio"]
+    every = self.checkpoint_every(plan)
+    mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
+    probe_steps = sorted(s for s in mngr.all_steps() if s % every == 0 or s == total)
+    mngr.close()
     cost = lambda n: plan.counts(n)[0] + plan.counts(n)[1] * calib["ratio"]  # noqa: E731
-    for step in sorted(checkpoint.manager(workdir / "checkpoints", async_save=False).all_steps()):
-      params, _ = checkpoint.load_params(workdir, target, prefer_ema=use_ema, step=step,
+    curve = []
+    for step in probe_steps:
+      params, _ = checkpoint.load_params(workdir, target, prefer_ema=False, step=step,
                                          log=self.log)
-      summary = analysis.summarise_rollouts(analysis.rollouts(cfg, params, heldout))
+      summary = analysis.summarise_rollouts(analysis.rollouts(cfg, params, splits["heldout"]))
       curve.append({"step": step, "budget_frac": cost(step) / self.budget,
                     "token_accuracy": summary["token_accuracy"],
                     "exact_match": summary["exact_match"]})
-    weights = result.state.ema if use_ema and jax.tree.leaves(result.state.ema) else \
-        result.state.params
-    weights = jax.device_get(weights)
+    weights = jax.device_get(result.state.params)
     scores: dict[str, Any] = {}
     for split, tasks in splits.items():
       for mode in MODES:
@@ -196,12 +235,23 @@ class Study:
                                       workdir / f"eval_{split}_{mode}", log=self.log)
         scores[f"{split}_{mode}"] = {k: summary[k] for k in ("score", "pass@1", "pass@2",
                                                              "num_test_inputs", "solved")}
+    # Seconds: planned from the calibration; measured from this run's own steps (each stage's
+    # mean over its steps that did not compile, times its step count: a compile, or a resume,
+    # costs nothing here; a stage whose every step compiled is charged at the planned ratio).
     n_tf, n_eavi = plan.counts()
+    own = mean_step_s(workdir / "metrics.jsonl")
+    t_tf = calib.get("tf_step_s") or own.get("pretrain", math.nan)
+    own_tf = own.get("pretrain", t_tf)
+    planned = (n_tf + n_eavi * calib["ratio"]) * t_tf
+    measured = n_tf * own_tf + n_eavi * own.get("eavi", own_tf * calib["ratio"])
+    device = jax.devices()[0]
     record = {"arm": arm, "seed": seed, "plan": dataclasses.asdict(plan),
-              "tf_step_s": t_tf, "eavi_step_s": t_eavi if n_eavi else None,
-              "train_s": n_tf * t_tf + n_eavi * t_eavi, "train_wall_s": train_wall,
+              "step_s": own, "train_s": planned, "measured_train_s": measured,
               "budget_frac": cost(None) / self.budget, "scores": scores, "curve": curve,
-              "tasks": {split: len(tasks) for split, tasks in splits.items()}}
+              "tasks": {"train": result.info.get("train_tasks"),
+                        **{split: len(tasks) for split, tasks in splits.items()}},
+              "params": count_params(weights),
+              "machine": f"{device.platform} ({device.device_kind}) x {jax.device_count()}"}
     done.write_text(json.dumps(output.jsonable(record), indent=1))
     return record
 
@@ -211,6 +261,7 @@ class Study:
     verdict.md and verdict.png once every run is done and returns the verdict (else None)."""
     self.out.mkdir(parents=True, exist_ok=True)
     calib = self.calibrate()
+    self.check_manifest(calib)
     plans = self.plans(calib["ratio"])
     self.log(f"EAVI step = {calib['ratio']:.2f} teacher-forcing steps; plans: " + ", ".join(
         f"{arm} {p.pretrain}+{p.eavi}" + (f" (EAVI every {p.every})" if p.every else "")
@@ -224,7 +275,10 @@ class Study:
           return None
         started += not done
         self.log(f"run {arm} seed {seed}")
-        records.append(self.run_one(arm, seed, plans[arm], calib))
+        record = self.run_one(arm, seed, plans[arm], calib)
+        if record is None:
+          return None
+        records.append(record)
     verdict = summarise(records, calib, {"config": self.config_name,
                                          "overrides": list(self.overrides),
                                          "budget_tf_steps": self.budget, "eavi_share": self.share,
@@ -242,23 +296,44 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(records: Sequence[dict], calib: dict, meta: dict) -> dict:
-  """Per arm: mean and standard deviation over seeds of every score, of the training time and
-  of the final free-running accuracy; the curves; and one sentence comparing with ``tf``."""
+  """Per arm: mean and standard deviation over seeds of every score, of the training time
+  (planned and measured) and of the final free-running accuracy; the curves; the scale; and
+  one sentence comparing each EAVI arm with ``tf``."""
   arms: dict[str, dict] = {}
   for rec in records:
     arms.setdefault(rec["arm"], {"runs": []})["runs"].append(rec)
   for arm, entry in arms.items():
     runs = entry["runs"]
     entry["train_s"] = _mean_sd([r["train_s"] for r in runs])
-    entry["train_wall_s"] = _mean_sd([r["train_wall_s"] for r in runs])
+    entry["measured_train_s"] = _mean_sd([r["measured_train_s"] for r in runs])
     entry["budget_frac"] = _mean_sd([r["budget_frac"] for r in runs])
     entry["scores"] = {key: _mean_sd([r["scores"][key]["score"] for r in runs])
                        for key in runs[0]["scores"]}
-    entry["free_token_acc"] = _mean_sd([r["curve"][-1]["token_accuracy"] for r in runs
-                                        if r["curve"]] or [math.nan])
-  verdict = {**meta, "calibration": calib, "arms": arms}
-  verdict["sentence"] = sentence(arms)
+    entry["free_token_acc"] = _mean_sd([final_point(r)["token_accuracy"] for r in runs
+                                        if final_point(r)] or [math.nan])
+  first = records[0] if records else {}
+  scale = {"params": first.get("params"), "tasks": first.get("tasks", {}),
+           "machine": first.get("machine")}
+  verdict = {**meta, "scale": scale, "calibration": calib, "arms": arms}
+  verdict["sentence"] = sentence(arms, describe_scale(verdict))
   return verdict
+
+
+def final_point(record: dict) -> dict | None:
+  """The curve's point at the run's last step (None when it was not probed)."""
+  total = record["plan"]["pretrain"] + record["plan"]["eavi"]
+  return next((p for p in record["curve"] if p["step"] == total), None)
+
+
+def describe_scale(verdict: dict) -> str:
+  """"config default (198,000 parameters; 46 training tasks; budget 350 teacher-forcing
+  steps; cpu x 1)": what the sentence's answer holds for."""
+  scale, tasks = verdict.get("scale", {}), verdict.get("scale", {}).get("tasks", {})
+  parts = [f"{scale['params']:,} parameters" if scale.get("params") else None,
+           f"{tasks['train']} training tasks" if tasks.get("train") else None,
+           f"budget {verdict['budget_tf_steps']} teacher-forcing steps",
+           scale.get("machine")]
+  return f"config {verdict['config']} (" + "; ".join(p for p in parts if p) + ")"
 
 
 def _compare(entry: dict, base: dict, key: Callable[[dict], tuple[float, float]]) -> str:
@@ -268,7 +343,7 @@ def _compare(entry: dict, base: dict, key: Callable[[dict], tuple[float, float]]
   return f"{m:.1%} vs {b:.1%}, {word} (seed spread {spread:.1%})"
 
 
-def sentence(arms: dict[str, dict]) -> str:
+def sentence(arms: dict[str, dict], scale: str = "") -> str:
   """Plain words per EAVI arm against teacher forcing: the official score on the held-out test
   outputs (AugScore) and the final free-running answer-token accuracy, "better" or "worse"
   only when the difference of the means exceeds the seeds' combined standard deviation."""
@@ -280,47 +355,52 @@ def sentence(arms: dict[str, dict]) -> str:
            + "; free-running token accuracy "
            + _compare(entry, arms["tf"], lambda e: e["free_token_acc"])
            for arm, entry in arms.items() if arm != "tf"]
-  return ". ".join(lines) + "." if lines else "no EAVI arm"
+  if not lines:
+    return "no EAVI arm"
+  head = f"At {scale}, against teacher forcing at equal time: " if scale else ""
+  return head + ". ".join(lines) + "."
 
 
 def markdown(verdict: dict) -> str:
   """The table of the README: one row per arm, mean +- standard deviation over the seeds."""
   keys = [f"{s}_{m}" for s in SPLITS for m in MODES]
-  head = (["arm", "steps (TF+EAVI)", "train s (calibrated)", "wall s", "time / budget"] + keys
-          + ["free token acc"])
+  head = (["arm", "steps (TF+EAVI)", "planned s", "measured s"] + keys + ["free token acc"])
   rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   pct = lambda ms: f"{ms[0]:.1%} ± {ms[1]:.1%}"  # noqa: E731
   for arm, entry in verdict["arms"].items():
     p = entry["runs"][0]["plan"]
     steps = f"{p['pretrain']}+{p['eavi']}" + (f" (every {p['every']})" if p["every"] else "")
-    cells = [arm, steps, f"{entry['train_s'][0]:.1f}", "{:.0f} ± {:.0f}".format(
-        *entry["train_wall_s"]), f"{entry['budget_frac'][0]:.2f}"]
+    cells = [arm, steps, f"{entry['train_s'][0]:.1f}",
+             "{:.1f} ± {:.1f}".format(*entry["measured_train_s"])]
     cells += [pct(entry["scores"][k]) if k in entry["scores"] else "-" for k in keys]
     cells.append(pct(entry["free_token_acc"]))
     rows.append("| " + " | ".join(cells) + " |")
-  c = verdict["calibration"]
+  c, tasks = verdict["calibration"], verdict.get("scale", {}).get("tasks", {})
   return "\n".join(rows) + (
-      f"\n\nEAVI step = {c['ratio']:.2f} teacher-forcing steps"
+      f"\n\n{describe_scale(verdict)}. EAVI step = {c['ratio']:.2f} teacher-forcing steps"
       + (f" ({c['eavi_step_s'] * 1e3:.0f} / {c['tf_step_s'] * 1e3:.0f} ms)"
          if c.get("measured") else " (given)")
-      + f"; budget {verdict['budget_tf_steps']} teacher-forcing steps, EAVI share "
-      f"{verdict['eavi_share']:.0%}; seeds {verdict['seeds']}; scores are official scores "
-      "(pass@2).\n\n" + verdict["sentence"] + "\n")
+      + f"; EAVI share {verdict['eavi_share']:.0%}; seeds {verdict['seeds']}; scored on "
+      f"{tasks.get('heldout', '?')} training tasks' held-out test outputs and "
+      f"{tasks.get('eval', '?')} evaluation tasks; scores are official scores (pass@2); "
+      "measured s: each run's own step times, compilation left out.\n\n"
+      + verdict["sentence"] + "\n")
 
 
 def plot_curves(verdict: dict, path: Path) -> Path:
   """Free-running answer-token accuracy on the held-out test pairs against the share of the
-  time budget spent: each arm's mean over seeds, with its seeds' range shaded."""
+  time budget spent: each arm's mean over seeds at the steps every seed probed, with its
+  seeds' range shaded."""
   fig = output.figure((7, 4))
   ax = fig.subplots()
   for k, (arm, entry) in enumerate(verdict["arms"].items()):
-    curves = [r["curve"] for r in entry["runs"] if r["curve"]]
+    curves = [{p["step"]: p for p in r["curve"]} for r in entry["runs"] if r["curve"]]
     if not curves:
       continue
-    n = min(len(c) for c in curves)
-    x = np.mean([[p["budget_frac"] for p in c[:n]] for c in curves], 0)
-    y = np.array([[p["token_accuracy"] for p in c[:n]] for c in curves])
-    ax.plot(x, y.mean(0), label=arm, color=f"C{k}", linewidth=1.2)
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    x = [curves[0][s]["budget_frac"] for s in steps]
+    y = np.array([[c[s]["token_accuracy"] for s in steps] for c in curves])
+    ax.plot(x, y.mean(0), label=arm, color=f"C{k}", linewidth=1.2, marker=".")
     ax.fill_between(x, y.min(0), y.max(0), color=f"C{k}", alpha=0.15)
   ax.set_xlabel("share of the time budget spent")
   ax.set_ylabel("free-running answer-token accuracy\n(held-out test outputs, greedy)")
