@@ -77,6 +77,8 @@ def test_run_writes_metrics_checkpoints_plots_and_evaluation(finished_run):
       assert np.isfinite(r[key]), key
     # Buckets of 128 hold shorter sequences too: padding counts only in tokens_per_s.
     assert 0 < r["real_tokens_per_s"] < r["tokens_per_s"]
+  # The first step of each (stage, bucket) compiles, and its interval says so: one bucket here.
+  assert [r["compiled_steps"] for r in steps_logged] == [1, 0, 1]
   assert "free_exact" in steps_logged[-1] and "exc_ce" in steps_logged[-1]
   resets = [r for r in records if r.get("event") == "reset"]
   assert [r["step"] for r in resets] == [3, 3, 6, 6] and {r["layer"] for r in resets} == {0, 1}

@@ -91,19 +91,25 @@ def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
   assert "7 training tasks' held-out test outputs and 3 evaluation tasks" in table
 
 
-def test_step_seconds_leave_out_compiles_and_count_a_redone_step_once(tmp_path):
-  """A step that compiled is not a step's cost; after a resume the redone step's later record
-  stands; a mixed run's steps keep their own stage."""
+def test_step_seconds_count_only_plain_steps_and_a_redone_step_once(tmp_path):
+  """A step that compiled, the step after a checkpoint save and a step that reset experts are
+  not a step's cost; after a resume the redone step's later record stands; a mixed run's steps
+  keep their own stage."""
   rows = [{"step": 1, "stage": "pretrain", "step_s": 9.0, "compiled_steps": 1},
           {"step": 2, "stage": "pretrain", "step_s": 1.0, "compiled_steps": 0},
           {"step": 3, "stage": "eavi", "step_s": 8.0, "compiled_steps": 1},
           {"step": 4, "stage": "pretrain", "step_s": 5.0, "compiled_steps": 0},
           {"event": "reset", "step": 4, "layer": 0, "experts": []},
           {"step": 4, "stage": "pretrain", "step_s": 2.0, "compiled_steps": 0},  # resumed
-          {"step": 5, "stage": "eavi", "step_s": 3.0, "compiled_steps": 0}]
+          {"step": 5, "stage": "eavi", "step_s": 3.0, "compiled_steps": 0},
+          {"step": 6, "stage": "pretrain", "step_s": 4.0, "compiled_steps": 0},
+          {"step": 7, "stage": "pretrain", "step_s": 6.0, "compiled_steps": 0}]
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  assert step_seconds(path) == {"pretrain": [1.0, 2.0], "eavi": [3.0]}
+  assert step_seconds(path) == {"pretrain": [1.0, 2.0, 4.0, 6.0], "eavi": [3.0]}
+  # Saves after steps 3 and 6 (steps 4 and 7 pay for them); resets at steps 3 and 6.
+  assert step_seconds(path, save_every=3) == {"pretrain": [1.0, 4.0], "eavi": [3.0]}
+  assert step_seconds(path, reset_every=3) == {"pretrain": [1.0, 2.0, 6.0], "eavi": [3.0]}
 
 
 def test_the_study_end_to_end(tmp_path, capsys):

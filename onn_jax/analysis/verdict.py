@@ -84,23 +84,30 @@ def plan_arm(mixed: bool, eavi: bool, budget: int, share: float, ratio: float) -
   return Plan(round(budget * (1 - share)), max(1, round(budget * share / ratio)))
 
 
-def step_seconds(metrics_path: Path) -> dict[str, list[float]]:
-  """Stage -> seconds of each of its steps that did not compile, from a run logged every step
-  (``train.log_every=1``, as the study's runs are); a step logged twice (a resumed run redoes
+def step_seconds(metrics_path: Path, *, save_every: int = 0, reset_every: int = 0
+                 ) -> dict[str, list[float]]:
+  """Stage -> seconds of each of its steps that only stepped, from a run logged every step
+  (``train.log_every=1``, as the study's runs are): a step that compiled, the step after a
+  checkpoint save (every ``save_every``; the save falls into its interval) and a step that
+  reset experts (every ``reset_every``) are left out. A step logged twice (a resumed run redoes
   the steps after its checkpoint) counts once, as its later record."""
   records, _ = plots.read_metrics(metrics_path)
   latest = {rec["step"]: rec for rec in records if "step_s" in rec}
   by_stage: dict[str, list[float]] = {}
-  for rec in latest.values():
-    if not rec.get("compiled_steps"):
+  for step, rec in latest.items():
+    saved = save_every and step > 1 and (step - 1) % save_every == 0
+    reset = reset_every and step % reset_every == 0
+    if not (rec.get("compiled_steps") or saved or reset):
       by_stage.setdefault(str(rec.get("stage")), []).append(float(rec["step_s"]))
   return by_stage
 
 
-def mean_step_s(metrics_path: Path) -> dict[str, float]:
-  """Stage -> mean seconds of a step (the mean, not the median: steps of every bucket, each as
-  often as the run drew it, are what a run pays)."""
-  return {stage: statistics.fmean(v) for stage, v in step_seconds(metrics_path).items() if v}
+def mean_step_s(metrics_path: Path, cfg: Config) -> dict[str, float]:
+  """Stage -> mean seconds of a step of the run of ``cfg`` (the mean, not the median: steps of
+  every bucket, each as often as the run drew it, are what a run pays)."""
+  seconds = step_seconds(metrics_path, save_every=cfg.checkpoint.every,
+                         reset_every=cfg.train.reset_every)
+  return {stage: statistics.fmean(v) for stage, v in seconds.items() if v}
 
 
 @dataclasses.dataclass
@@ -153,7 +160,7 @@ class Study:
         "train.log_every=1", "checkpoint.every=100000", "train.reset_every=0"])
     self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps")
     run.train(cfg, workdir, log=self.log)
-    mean = mean_step_s(workdir / "metrics.jsonl")
+    mean = mean_step_s(workdir / "metrics.jsonl", cfg)
     result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
               "ratio": mean["eavi"] / mean["pretrain"], "measured": True}
     path.write_text(json.dumps(result, indent=1))
@@ -236,10 +243,11 @@ class Study:
         scores[f"{split}_{mode}"] = {k: summary[k] for k in ("score", "pass@1", "pass@2",
                                                              "num_test_inputs", "solved")}
     # Seconds: planned from the calibration; measured from this run's own steps (each stage's
-    # mean over its steps that did not compile, times its step count: a compile, or a resume,
-    # costs nothing here; a stage whose every step compiled is charged at the planned ratio).
+    # mean over its plain steps, times its step count: compiles, checkpoint saves, expert
+    # resets and resumes are left out, as in the calibration; a stage with no plain step is
+    # charged at the planned ratio).
     n_tf, n_eavi = plan.counts()
-    own = mean_step_s(workdir / "metrics.jsonl")
+    own = mean_step_s(workdir / "metrics.jsonl", cfg)
     t_tf = calib.get("tf_step_s") or own.get("pretrain", math.nan)
     own_tf = own.get("pretrain", t_tf)
     planned = (n_tf + n_eavi * calib["ratio"]) * t_tf
