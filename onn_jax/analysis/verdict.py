@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -202,6 +201,7 @@ class Study:
     from onn_jax import app, checkpoint, run
     from onn_jax import analysis  # rollouts, summarise_rollouts
     from onn_jax.model.transformer import count_params, init_params
+    from onn_jax.parallel import platform_line
     import jax
     workdir = self.out / "runs" / f"{arm}_s{seed}"
     done = workdir / "result.json"
@@ -252,14 +252,13 @@ class Study:
     own_tf = own.get("pretrain", t_tf)
     planned = (n_tf + n_eavi * calib["ratio"]) * t_tf
     measured = n_tf * own_tf + n_eavi * own.get("eavi", own_tf * calib["ratio"])
-    device = jax.devices()[0]
     record = {"arm": arm, "seed": seed, "plan": dataclasses.asdict(plan),
               "step_s": own, "train_s": planned, "measured_train_s": measured,
               "budget_frac": cost(None) / self.budget, "scores": scores, "curve": curve,
               "tasks": {"train": result.info.get("train_tasks"),
                         **{split: len(tasks) for split, tasks in splits.items()}},
               "params": count_params(weights),
-              "machine": f"{device.platform} ({device.device_kind}) x {jax.device_count()}"}
+              "machine": platform_line(cfg)[0]}
     done.write_text(json.dumps(output.jsonable(record), indent=1))
     return record
 
