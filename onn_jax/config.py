@@ -85,13 +85,20 @@ class DataConfig:
   max_grid: int = 30  # keep only tasks whose grids all fit max_grid x max_grid
   max_train_tasks: int = 0  # 0: all
   buckets: tuple[int, ...] = (2048,)  # sequence lengths; the longest is the maximum
-  # Teacher forcing on packed rows: several sequences per row of the longest bucket, each
+  # Teacher forcing on packed rows: several sequences per row of data.pack_len tokens, each
   # seeing only itself (positions restart), so little of a batch is padding. EAVI never packs.
   pack: bool = False
   # Drawn sequences a packed batch may pass over (per row) because they fit no row's room
   # before it closes. 0: none, every sequence is as likely to be trained as unpacked (arc1:
   # 92.7% real tokens); 1: 96.3% real, but sequences over 1536 tokens trained 15% less often.
   pack_misses: float = 0.0
+  # Packed rows are this long (one of data.buckets; 0: the longest). Sequences that need a
+  # longer bucket train unpacked in it, at a packing stage's steps drawn for that bucket.
+  pack_len: int = 0
+  # Tokens per training batch (rows x bucket length): a batch at a long bucket holds
+  # max_batch_tokens // length rows (a multiple of the device count) instead of
+  # train.batch_size, so long buckets fit beside short ones. 0: train.batch_size rows always.
+  max_batch_tokens: int = 0
   loss_on: str = "answer"  # answer | outputs (every demo output too)
   d8: bool = True
   color_perm: str = "1-9"  # none | 1-9 (0 fixed) | all
@@ -328,6 +335,10 @@ def validate(cfg: Config) -> Config:
            f"{d.max_train_tasks}")
   _require(math.isfinite(d.pack_misses) and d.pack_misses >= 0,
            f"data.pack_misses: must be a finite number >= 0, got {d.pack_misses}")
+  _require(d.pack_len == 0 or d.pack_len in d.buckets,
+           f"data.pack_len: must be 0 or one of data.buckets {list(d.buckets)}, got {d.pack_len}")
+  _require(d.max_batch_tokens >= 0, f"data.max_batch_tokens: must be >= 0, got "
+           f"{d.max_batch_tokens}")
   _one_of("data.loss_on", d.loss_on, ("answer", "outputs"))
   _one_of("data.color_perm", d.color_perm, ("none", "1-9", "all"))
   _require(not d.eval_demos or bool(d.eval), "data.eval_demos: needs data.eval to be set")

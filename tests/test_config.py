@@ -44,6 +44,8 @@ def test_overrides_are_typed():
     ("model.moe_impl=sparse", "model.moe_impl"),
     ("data.pack_misses=-1", "data.pack_misses"),
     ("data.pack_misses=.inf", "data.pack_misses"),
+    ("data.pack_len=100", "data.pack_len"),
+    ("data.max_batch_tokens=-1", "data.max_batch_tokens"),
     ("model.moe_capacity=0", "model.moe_capacity"),
     ("model.moe_capacity=-1.5", "model.moe_capacity"),
     ("model.moe_capacity=.nan", "model.moe_capacity"),

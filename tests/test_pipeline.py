@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from onn_jax.config import DataConfig
-from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate
+from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate, rows_within
 from onn_jax.data.serialize import (decode_grid, leave_one_out, parse_sequence,
                                     sequence_length, serialize)
 from onn_jax.data.tasks import Task, load_tasks
@@ -293,3 +293,84 @@ def test_hold_out_train_tests_keeps_every_test_output_out_of_the_stream():
   kept, _ = build_training_tasks(dataclasses.replace(cfg, hold_out_train_tests=False),
                                  log=lambda _: None)
   assert sum(len(t.test) for t in kept) >= 40
+
+
+# -- token budgets: long buckets with fewer rows, unpacked beside packed rows ----------------
+
+# Items of _tasks(12) by bucket: 8 in 64, 19 in 128, 17 in 256. Packed rows of 128; the 256
+# bucket gets 1024 // 256 = 4 rows.
+LONG = dataclasses.replace(CFG, buckets=(64, 128, 256), pack=True, pack_len=128,
+                           max_batch_tokens=8 * 128)
+
+
+def test_rows_within_a_token_budget():
+  assert rows_within(256, 8, 0) == 8  # no budget
+  assert rows_within(128, 8, 1024) == 8 and rows_within(256, 8, 1024) == 4
+  assert rows_within(2048, 8, 1024, multiple=2) == 2  # at least one multiple
+  assert rows_within(128, 16, 768, multiple=4) == 4  # 6 rows, down to a multiple of 4
+
+
+def test_a_budget_that_binds_nowhere_and_pack_len_longest_change_nothing():
+  plain = dataclasses.replace(LONG, pack_len=0, max_batch_tokens=0)
+  same = dataclasses.replace(LONG, pack_len=256, max_batch_tokens=8 * 256)
+  a, b = (BatchStream(_tasks(12), c, batch_size=8, seed=2, pack_align=8) for c in (plain, same))
+  for step in range(4):
+    for got, want in ((b.batch(step), a.batch(step)), (b.packed_batch(step),
+                                                       a.packed_batch(step))):
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_bucket_and_step_kind_probabilities_draw_every_item_alike():
+  s = BatchStream(_tasks(12), LONG, batch_size=8, seed=0, pack_align=8)
+  counts = [len(ix) for ix in s.bucket_items]
+  assert s.rows == [8, 8, 4] and counts == [8, 19, 17]
+  # Unpacked: a bucket's share is the batches that draw each of its items once, items / rows.
+  np.testing.assert_allclose(s.bucket_probs, np.array([8 / 8, 19 / 8, 17 / 4]) / (1 + 19 / 8
+                                                                                   + 17 / 4))
+  # Packed: the 8 + 19 items up to pack_len share rows of 128 (over the sequences a packed
+  # batch holds, measured on steps 0-7); the 256 bucket trains unpacked, 4 rows a batch.
+  packed = 27 / np.mean([sum(len(row) for row in s.pack_rows(k)) for k in range(8)])
+  np.testing.assert_allclose(s.kind_probs, np.array([packed, 17 / 4]) / (packed + 17 / 4))
+  steps = 300
+  kinds = [s.packed_batch(step)["inputs"].shape for step in range(steps)]
+  assert set(kinds) == {(8, 128), (4, 256)}
+  long = kinds.count((4, 256))
+  p = s.kind_probs[1]
+  assert abs(long - steps * p) <= 4 * np.sqrt(steps * p * (1 - p))  # binomial, 4 sigma
+
+
+def test_long_steps_draw_only_long_items_and_packed_rows_only_short(monkeypatch):
+  s = BatchStream(_tasks(12), LONG, batch_size=8, seed=1, pack_align=8)
+  long_items = set(s.bucket_items[2].tolist())
+  drawn: list[int] = []
+  real = BatchStream._example
+  monkeypatch.setattr(BatchStream, "_example",
+                      lambda self, item, *a: drawn.append(item) or real(self, item, *a))
+  seen = set()
+  for step in range(12):
+    drawn.clear()
+    batch = s.packed_batch(step)
+    seen.add(batch["inputs"].shape)
+    if batch["inputs"].shape == (4, 256):
+      assert set(drawn) <= long_items and len(drawn) == 4
+      assert "segment_start" not in batch or not batch["segment_start"].any()
+    else:
+      assert batch["inputs"].shape == (8, 128) and not set(drawn) & long_items
+  assert len(seen) == 2
+
+
+def test_long_steps_split_over_processes_and_devices():
+  whole = BatchStream(_tasks(12), LONG, batch_size=8, seed=1, pack_align=8)
+  step = next(k for k in range(50) if whole.packed_batch(k)["inputs"].shape[0] == 4)
+  parts = [BatchStream(_tasks(12), LONG, batch_size=8, seed=1, pack_align=8, process_index=i,
+                       process_count=2) for i in range(2)]
+  want = whole.packed_batch(step)
+  for key in want:
+    np.testing.assert_array_equal(np.concatenate([p.packed_batch(step)[key] for p in parts]),
+                                  want[key])
+  # Rows are a multiple of the device count: 8 devices keep 8 rows at 256 (budget says 4).
+  assert BatchStream(_tasks(12), LONG, batch_size=8, seed=1, row_multiple=8).rows == [8, 8, 8]
+  with pytest.raises(ValueError, match="row multiple 3"):
+    BatchStream(_tasks(12), LONG, batch_size=8, seed=1, row_multiple=3)

@@ -15,7 +15,7 @@ import pytest
 
 from onn_jax import app, checkpoint, config, experts, run, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
-from onn_jax.model import moe
+from onn_jax.model import attention, moe
 from onn_jax.model.transformer import Transformer
 
 from conftest import tiny_config
@@ -308,6 +308,29 @@ def test_steps_compile_once_per_length_bucket():
     state, _ = runner.run("pretrain", state, runner.put_batch(batch))
   assert len(lengths) >= 2  # several buckets were drawn
   assert runner._steps["pretrain"]._cache_size() == len(lengths)
+
+
+def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows():
+  """data.pack_len below the longest bucket with a token budget: a packing stage's steps are
+  packed rows of pack_len or unpacked rows of the longer bucket, fewer of them; each compiles
+  once and trains."""
+  from onn_jax import run
+  cfg = tiny_config(data={"buckets": [128, 256], "pack": True, "pack_len": 128,
+                          "max_batch_tokens": 8 * 128, "max_grid": 8},
+                    train={"pretrain_steps": 10})
+  model = Transformer(cfg.model)
+  runner = run.make_runner(cfg, model)
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, 8, 0, pack_align=attention.pack_alignment(cfg.model))
+  state = runner.put_state(steps.init_state(cfg, model, jax.random.PRNGKey(0)))
+  shapes = set()
+  for step in range(10):
+    batch = run.batch_at(cfg, stream, step)
+    shapes.add(batch["inputs"].shape)
+    state, out = runner.run("pretrain", state, runner.put_batch(batch))
+    assert np.isfinite(float(out["loss"]))
+  assert shapes == {(8, 128), (4, 256)}
+  assert runner._steps["pretrain"]._cache_size() == 2
 
 
 def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_path, capsys):

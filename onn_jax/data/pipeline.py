@@ -25,6 +25,17 @@ from onn_jax.data.tokens import PAD
 
 _STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share a seed
 _STREAM_ROW = 1
+_STREAM_KIND = 2  # packed rows or a longer bucket, at a packing stage's step
+_PACK_SAMPLES = 8  # packed batches (steps 0..7) that measure how many sequences one holds
+
+
+def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1) -> int:
+  """Rows of a batch whose rows hold ``length`` tokens: ``batch_size``, or with a token budget
+  (``max_tokens`` > 0) ``max_tokens // length`` when that is fewer, rounded down to a multiple
+  of ``multiple`` (the device count) and at least one multiple."""
+  if not max_tokens:
+    return batch_size
+  return min(batch_size, max(multiple, max_tokens // length // multiple * multiple))
 
 
 def _load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, str]], int]:
@@ -229,26 +240,37 @@ class BatchStream:
   demos are dropped; items that fit no bucket even with one demo are dropped and counted in
   ``num_too_long`` (``num_tasks_too_long``: tasks that lost every item so).
 
-  ``batch(step)`` draws the bucket with probability proportional to its item count, then
-  ``batch_size`` items uniformly from it (so every item is equally likely overall), and augments
-  row r from ``default_rng([seed, step, 1, r])``: a D8 element (cfg.d8), a colour permutation
-  (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
-  ``batch_size // process_count``: rows [process_index * b, (process_index + 1) * b) of the
-  global batch, which every process draws identically.
+  A batch at bucket length L has ``rows[L]`` rows: ``batch_size``, or with ``data.max_batch_tokens``
+  fewer at long buckets (:func:`rows_within`, a multiple of ``row_multiple``, the device count).
 
-  ``packed_batch(step)`` (``data.pack``) fills rows of the longest bucket's length with
-  several sequences each (:func:`collate_packed`), drawn uniformly from all items
-  (:meth:`pack_rows`). Every process draws the whole batch and keeps its rows.
+  ``batch(step)`` draws the bucket with probability proportional to its item count over its
+  rows, then ``rows`` items uniformly from it (so every item is equally likely overall), and
+  augments row r from ``default_rng([seed, step, 1, r])``: a D8 element (cfg.d8), a colour
+  permutation (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
+  ``rows // process_count``: this process's contiguous share of the global batch, which every
+  process draws identically.
+
+  ``packed_batch(step)`` (``data.pack``) fills rows of ``data.pack_len`` (0: the longest bucket)
+  with several sequences each (:func:`collate_packed`), drawn uniformly from the items of the
+  buckets up to it (:meth:`pack_rows`). Items of longer buckets train unpacked: a step is
+  theirs with probability proportional to the batches that draw each of them once (items over
+  rows), against the packed rows' share (their items over the sequences a packed batch holds,
+  the mean of steps 0-7's), so every item is drawn about equally often whatever its bucket.
+  Every process draws the whole batch and keeps its rows.
   """
 
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
                process_index: int = 0, process_count: int = 1, start_step: int = 0,
-               pack_align: int = 1):
+               pack_align: int = 1, row_multiple: int = 0):
+    row_multiple = row_multiple or process_count
     if batch_size < 1:
       raise ValueError(f"train.batch_size={batch_size} must be positive")
     if process_count < 1 or batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the process count "
                        f"{process_count}")
+    if row_multiple % process_count or batch_size % row_multiple:
+      raise ValueError(f"row multiple {row_multiple} must divide train.batch_size={batch_size} "
+                       f"and be a multiple of the process count {process_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
     if seed < 0:
@@ -262,8 +284,12 @@ class BatchStream:
     self.process_index = process_index
     self.process_count = process_count
     self.start_step = start_step
-    self.rows_per_process = batch_size // process_count
     self.buckets = tuple(sorted(set(int(b) for b in cfg.buckets)))
+    self.rows = [rows_within(b, batch_size, cfg.max_batch_tokens, row_multiple)
+                 for b in self.buckets]
+    self.pack_len = cfg.pack_len or self.buckets[-1]
+    if self.pack_len not in self.buckets:
+      raise ValueError(f"data.pack_len={cfg.pack_len} is not one of data.buckets {cfg.buckets}")
     if pack_align < 1:
       raise ValueError(f"pack alignment {pack_align} must be positive")
     self.pack_align = pack_align
@@ -300,7 +326,19 @@ class BatchStream:
     bucket_of_arr = np.array(bucket_of)
     self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
     counts = np.array([len(ix) for ix in self.bucket_items], np.float64)
-    self.bucket_probs = counts / counts.sum()
+    weights = counts * (batch_size / np.array(self.rows))  # batches that draw each item once
+    self.bucket_probs = weights / weights.sum()
+    packed = self.buckets.index(self.pack_len)
+    self.pack_items = np.concatenate(self.bucket_items[:packed + 1])  # in item order
+    self.pack_items.sort()
+    # Step kinds at a packing stage: packed rows, then each longer bucket (unpacked), each as
+    # likely as the batches it takes to draw each of its items once.
+    self.kind_probs = np.ones(1)
+    if counts[packed + 1:].any():
+      per_batch = np.mean([sum(map(len, self.pack_rows(k))) for k in range(_PACK_SAMPLES)])
+      kinds = np.concatenate([[len(self.pack_items) / per_batch],
+                              counts[packed + 1:] / np.array(self.rows[packed + 1:])])
+      self.kind_probs = kinds / kinds.sum()
 
   @property
   def num_items(self) -> int:
@@ -327,16 +365,22 @@ class BatchStream:
     assert example is not None, (task.id, test_index, capacity)
     return example
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch at ``step`` (see the class doc for keys)."""
+  def _mine(self, rows: int) -> range:
+    """This process's rows of a global batch of ``rows`` rows."""
+    share = rows // self.process_count
+    return range(self.process_index * share, (self.process_index + 1) * share)
+
+  def batch(self, step: int, bucket: int | None = None) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch at ``step`` (see the class doc for keys), in a
+    drawn bucket or the one given."""
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
-    bucket = int(rng.choice(len(self.buckets), p=self.bucket_probs))
+    if bucket is None:
+      bucket = int(rng.choice(len(self.buckets), p=self.bucket_probs))
     pool = self.bucket_items[bucket]
-    picks = pool[rng.integers(0, len(pool), size=self.batch_size)]
+    picks = pool[rng.integers(0, len(pool), size=self.rows[bucket])]
     length = self.buckets[bucket]
-    first = self.process_index * self.rows_per_process
-    rows = range(first, first + self.rows_per_process)
-    return collate([self._example(int(picks[r]), step, r, length + 1) for r in rows], length)
+    return collate([self._example(int(picks[r]), step, r, length + 1)
+                    for r in self._mine(self.rows[bucket])], length)
 
   def pack_rows(self, step: int) -> list[list[Example]]:
     """The examples in each row of the global packed batch at ``step``, augmented.
@@ -349,13 +393,14 @@ class BatchStream:
     better but favours short sequences (they fit the gaps).
     """
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
-    length, align = self.buckets[-1], self.pack_align
-    room = np.full(self.batch_size, length)
-    rows: list[list[Example]] = [[] for _ in range(self.batch_size)]
-    allowed = int(self.cfg.pack_misses * self.batch_size)
+    length, align = self.pack_len, self.pack_align
+    num_rows = self.rows[self.buckets.index(length)]
+    room = np.full(num_rows, length)
+    rows: list[list[Example]] = [[] for _ in range(num_rows)]
+    allowed = int(self.cfg.pack_misses * num_rows)
     misses, k = 0, 0
     while room.max() >= align:
-      item = int(rng.integers(len(self.items)))
+      item = int(self.pack_items[rng.integers(len(self.pack_items))])
       example = self._example(item, step, k, self.item_tokens[item])
       k += 1
       need = -(-(len(example.tokens) - 1) // align) * align
@@ -371,10 +416,17 @@ class BatchStream:
     return rows
 
   def packed_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global packed batch at ``step`` (:func:`collate_packed`)."""
-    first = self.process_index * self.rows_per_process
-    rows = self.pack_rows(step)[first:first + self.rows_per_process]
-    return collate_packed(rows, self.buckets[-1], self.pack_align)
+    """This process's rows of a packing stage's batch at ``step``: packed rows
+    (:func:`collate_packed`), or the unpacked rows of a bucket longer than ``data.pack_len``
+    when the step is drawn for it."""
+    if len(self.kind_probs) > 1:
+      rng = np.random.default_rng([self.seed, step, _STREAM_KIND])
+      kind = int(rng.choice(len(self.kind_probs), p=self.kind_probs))
+      if kind:
+        return self.batch(step, self.buckets.index(self.pack_len) + kind)
+    rows = self.pack_rows(step)
+    mine = self._mine(len(rows))
+    return collate_packed(rows[mine.start:mine.stop], self.pack_len, self.pack_align)
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of steps start_step, start_step + 1, ... forever."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from onn_jax.data.pipeline import rows_within
 from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
 from onn_jax.model.transformer import Transformer
@@ -135,10 +136,7 @@ class ModelFns:
 
   def rows(self, length: int) -> int:
     """Rows of a call whose rows hold ``length`` tokens each (see the class doc)."""
-    if not self.max_batch_tokens:
-      return self.batch_size
-    n = self.num_devices
-    return min(self.batch_size, max(n, self.max_batch_tokens // length // n * n))
+    return rows_within(length, self.batch_size, self.max_batch_tokens, self.num_devices)
 
   def _calls(self, lengths: Sequence[int], tokens: Callable[[int], int]
              ) -> list[tuple[list[int], int, int]]:
