@@ -96,8 +96,8 @@ class DataConfig:
   # longer bucket train unpacked in it, at a packing stage's steps drawn for that bucket.
   pack_len: int = 0
   # Tokens per training batch (rows x bucket length): a batch at a long bucket holds
-  # max_batch_tokens // length rows (a multiple of the device count) instead of
-  # train.batch_size, so long buckets fit beside short ones. 0: train.batch_size rows always.
+  # max(1, max_batch_tokens // length) rows instead of train.batch_size (they must divide over
+  # the devices), so long buckets fit beside short ones. 0: train.batch_size rows always.
   max_batch_tokens: int = 0
   loss_on: str = "answer"  # answer | outputs (every demo output too)
   d8: bool = True

@@ -1,7 +1,8 @@
 """Data parallelism: the per-device step functions under jit, ``shard_map`` or ``pmap``.
 
 The step functions in :mod:`onn_jax.steps` reduce over a named axis; here they are wrapped so
-the global batch (``train.batch_size`` rows) is split evenly over a 1-D ``data`` mesh of every
+the global batch (``train.batch_size`` rows, fewer at a long bucket under
+``data.max_batch_tokens``) is split evenly over a 1-D ``data`` mesh of every
 device of every host. A :class:`Runner` hides the difference between the modes from the
 training loop: it places the state and each batch, runs a step, and hands back one
 unreplicated copy of the state for checkpoints (portable across device counts and modes).
@@ -30,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from onn_jax.config import Config, ConfigError
+from onn_jax.data.pipeline import rows_within
 
 AXIS = "data"
 MODES = ("auto", "single", "shard_map", "pmap")
@@ -115,11 +117,18 @@ def resolve_mode(cfg: Config) -> str:
 
 
 def check_batch(cfg: Config, num_devices: int) -> None:
-  """The global batch must split evenly over the devices (and so over the hosts)."""
+  """The global batch, and a long bucket's fewer rows under ``data.max_batch_tokens``, must
+  split evenly over the devices (and so over the hosts)."""
   b = cfg.train.batch_size
   if b % num_devices:
     raise ConfigError(f"train.batch_size: {b} does not divide evenly over {num_devices} "
                       f"devices; use a multiple of {num_devices}")
+  for length in cfg.data.buckets:
+    rows = rows_within(length, b, cfg.data.max_batch_tokens)
+    if rows % num_devices:
+      raise ConfigError(f"data.max_batch_tokens: {cfg.data.max_batch_tokens} gives bucket "
+                        f"{length} {rows} rows, which do not divide evenly over {num_devices} "
+                        f"devices; use a multiple of {length * num_devices}")
 
 
 def _host(x) -> np.ndarray:
@@ -208,7 +217,7 @@ class Runner:
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """This process's rows of the global batch -> a global batch split over the devices.
 
-    ``local_batch`` arrays have ``train.batch_size / process_count`` leading rows (what
+    ``local_batch`` arrays have this process's share of the batch's rows (what
     ``BatchStream(process_index, process_count)`` returns); device k of this host gets the
     k-th contiguous slice of them, so the global row order is the single-device order.
     """

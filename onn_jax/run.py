@@ -188,8 +188,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   runner = make_runner(cfg, model)
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       pack_align=attention.pack_alignment(cfg.model),
-                       row_multiple=runner.num_devices)
+                       pack_align=attention.pack_alignment(cfg.model))
   if stream.num_too_long:
     log(f"data: {stream.num_too_long} training sequences are longer than the longest bucket "
         f"(data.buckets={list(cfg.data.buckets)}) even with one demonstration and are dropped; "

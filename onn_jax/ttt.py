@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from onn_jax import config, objectives, steps
 from onn_jax.config import Config, ConfigError
 from onn_jax.data.pipeline import BatchStream
-from onn_jax.data.tasks import Task
+from onn_jax.data.tasks import DataError, Task
 from onn_jax.evaluation import augscore
 from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS, host_value, shard_map
@@ -116,12 +116,13 @@ def task_stream(task: Task, cfg: Config) -> tuple[BatchStream | None, str]:
     return None, "few_demos"
   demos_only = dataclasses.replace(task, test=[])  # the test pairs never reach TTT
   seed = task_seed(cfg.train.seed, task.id)
+  data = dataclasses.replace(cfg.data, pack=False, pack_len=0)  # TTT batches are never packed
   try:
-    probe = BatchStream([demos_only], cfg.data, cfg.ttt.batch_size, seed)
-  except ValueError:  # not one leave-one-out sequence fits the longest bucket
+    probe = BatchStream([demos_only], data, cfg.ttt.batch_size, seed)
+  except DataError:  # not one leave-one-out sequence fits the longest bucket
     return None, "too_long"
   length = probe.buckets[max(k for k, ix in enumerate(probe.bucket_items) if len(ix))]
-  data = dataclasses.replace(cfg.data, buckets=(length,))
+  data = dataclasses.replace(data, buckets=(length,))
   return BatchStream([demos_only], data, cfg.ttt.batch_size, seed), ""
 
 

@@ -308,6 +308,20 @@ def test_indivisible_batch_is_rejected_in_one_line(mode):
   assert "\n" not in message
 
 
+def test_long_bucket_rows_that_do_not_divide_over_the_devices_are_one_line():
+  """data.max_batch_tokens=1024 gives bucket 256 4 rows: not a split over 8 devices. The rows
+  never round to the device count, so that batches do not depend on the layout."""
+  cfg = _cfg("shard_map", train=dict(batch_size=8),
+             data=dict(buckets=[128, 256], max_batch_tokens=1024))
+  with pytest.raises(ConfigError) as info:
+    Runner(cfg, {})
+  message = str(info.value)
+  assert message.startswith("data.max_batch_tokens: 1024 gives bucket 256 4 rows")
+  assert "8 devices" in message and "\n" not in message
+  Runner(_cfg("single", train=dict(batch_size=8),
+              data=dict(buckets=[128, 256], max_batch_tokens=1024)), {})  # one device: fine
+
+
 def test_single_mode_accepts_any_batch_and_auto_picks_shard_map():
   assert Runner(_cfg("single", train=dict(batch_size=12)), {}).num_devices == 1
   assert parallel.resolve_mode(_cfg("auto")) == "shard_map"

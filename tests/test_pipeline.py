@@ -353,11 +353,11 @@ def test_long_steps_draw_only_long_items_and_packed_rows_only_short(monkeypatch)
     drawn.clear()
     batch = s.packed_batch(step)
     seen.add(batch["inputs"].shape)
-    if batch["inputs"].shape == (4, 256):
-      assert set(drawn) <= long_items and len(drawn) == 4
-      assert "segment_start" not in batch or not batch["segment_start"].any()
+    if batch["inputs"].shape == (4, 256):  # one sequence a row, no segments
+      assert set(drawn) <= long_items and len(drawn) == 4 and "segment_start" not in batch
     else:
       assert batch["inputs"].shape == (8, 128) and not set(drawn) & long_items
+      assert "segment_start" in batch
   assert len(seen) == 2
 
 
@@ -370,7 +370,34 @@ def test_long_steps_split_over_processes_and_devices():
   for key in want:
     np.testing.assert_array_equal(np.concatenate([p.packed_batch(step)[key] for p in parts]),
                                   want[key])
-  # Rows are a multiple of the device count: 8 devices keep 8 rows at 256 (budget says 4).
-  assert BatchStream(_tasks(12), LONG, batch_size=8, seed=1, row_multiple=8).rows == [8, 8, 8]
-  with pytest.raises(ValueError, match="row multiple 3"):
-    BatchStream(_tasks(12), LONG, batch_size=8, seed=1, row_multiple=3)
+  with pytest.raises(ValueError, match="bucket 256 4 rows, which do not divide over 8 "):
+    BatchStream(_tasks(12), LONG, batch_size=8, seed=1, process_count=8)
+
+
+def test_every_item_is_drawn_about_equally_often_whatever_its_bucket(monkeypatch):
+  """Draws per item and step, packed (buckets 64, 128) against long (256): equal up to the
+  noise of which kind each step drew (binomial) and the 8-step estimate of a packed batch's
+  size."""
+  s = BatchStream(_tasks(12), LONG, batch_size=8, seed=4, pack_align=8)
+  long_items = set(s.bucket_items[2].tolist())
+  counts = {"long": 0, "packed": 0}
+  real = BatchStream._example
+
+  def count(self, item, *a):
+    counts["long" if item in long_items else "packed"] += 1
+    return real(self, item, *a)
+
+  monkeypatch.setattr(BatchStream, "_example", count)
+  steps = 1500
+  packed_steps = sum(s.packed_batch(k)["inputs"].shape == (8, 128) for k in range(steps))
+  counts["packed"] -= packed_steps  # the drawn sequence that closes each packed batch
+  rate = {"long": counts["long"] / 17, "packed": counts["packed"] / 27}
+  # Relative errors, 4 sigma each: the packed steps' count (binomial), the estimate of a packed
+  # batch's sequences from 8 batches, and their mean over this run's packed batches.
+  p = s.kind_probs[0]
+  sigma = np.sqrt(steps * p * (1 - p))
+  sizes = [sum(len(row) for row in s.pack_rows(k)) for k in range(8)]
+  spread = np.std(sizes, ddof=1) / np.mean(sizes)
+  tolerance = 4 * (sigma * (1 / (steps * p) + 1 / (steps * (1 - p))) + spread / np.sqrt(8)
+                   + spread / np.sqrt(packed_steps))
+  assert abs(rate["packed"] / rate["long"] - 1) < tolerance, (rate, tolerance)

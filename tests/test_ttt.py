@@ -102,6 +102,21 @@ def test_base_parameters_are_unchanged_and_skipped_tasks_counted(setup, together
   assert _max_diff(adapters["a"], base_adapter) > 1e-4
 
 
+def test_task_streams_never_pack_and_reach_long_buckets(setup):
+  """TTT batches are unpacked whatever data.pack says: with data.pack_len below the longest
+  bucket, a short task gets its own bucket and a long one the long bucket (fewer rows under
+  data.max_batch_tokens), neither refused."""
+  cfg, _, tasks = setup
+  packing = config.replace(cfg, data={"buckets": [64, 128, 2048], "pack": True, "pack_len": 128,
+                                      "max_batch_tokens": 2048})
+  short, why_short = ttt.task_stream(tasks["a"], packing)
+  long, why_long = ttt.task_stream(tasks["huge"], packing)
+  assert why_short == why_long == ""
+  assert short.buckets[0] <= 128 and long.buckets == (2048,)
+  assert long.batch(0)["inputs"].shape == (1, 2048)  # 2048 tokens a batch: one row
+  assert short.batch(0)["inputs"].shape == (2, short.buckets[0])
+
+
 def test_test_outputs_are_never_read(setup, together):
   cfg, params, tasks = setup
   a = tasks["a"]

@@ -248,7 +248,8 @@ def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:
 
   ``buckets``: for each bucket length, the mean share over ``num_batches`` batches drawn in it
   (one sequence per row) and the bucket's probability; ``packed``: the mean share of
-  ``num_batches`` packed batches (``data.pack``) in rows of the longest bucket.
+  ``num_batches`` batches of a packing stage (``data.pack``): rows of ``data.pack_len``, and the
+  unpacked rows of a longer bucket at the steps drawn for one.
   """
   tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,

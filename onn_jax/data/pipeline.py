@@ -32,7 +32,8 @@ _PACK_SAMPLES = 8  # packed batches (steps 0..7) that measure how many sequences
 def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1) -> int:
   """Rows of a batch whose rows hold ``length`` tokens: ``batch_size``, or with a token budget
   (``max_tokens`` > 0) ``max_tokens // length`` when that is fewer, rounded down to a multiple
-  of ``multiple`` (the device count) and at least one multiple."""
+  of ``multiple`` and at least one multiple (evaluation rounds to the device count; training
+  keeps 1, so its batches never depend on the device layout)."""
   if not max_tokens:
     return batch_size
   return min(batch_size, max(multiple, max_tokens // length // multiple * multiple))
@@ -241,7 +242,8 @@ class BatchStream:
   ``num_too_long`` (``num_tasks_too_long``: tasks that lost every item so).
 
   A batch at bucket length L has ``rows[L]`` rows: ``batch_size``, or with ``data.max_batch_tokens``
-  fewer at long buckets (:func:`rows_within`, a multiple of ``row_multiple``, the device count).
+  fewer at long buckets (:func:`rows_within`; at least one; they must divide over the
+  processes, and :func:`onn_jax.parallel.check_batch` checks them against the devices).
 
   ``batch(step)`` draws the bucket with probability proportional to its item count over its
   rows, then ``rows`` items uniformly from it (so every item is equally likely overall), and
@@ -261,16 +263,12 @@ class BatchStream:
 
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
                process_index: int = 0, process_count: int = 1, start_step: int = 0,
-               pack_align: int = 1, row_multiple: int = 0):
-    row_multiple = row_multiple or process_count
+               pack_align: int = 1):
     if batch_size < 1:
       raise ValueError(f"train.batch_size={batch_size} must be positive")
     if process_count < 1 or batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the process count "
                        f"{process_count}")
-    if row_multiple % process_count or batch_size % row_multiple:
-      raise ValueError(f"row multiple {row_multiple} must divide train.batch_size={batch_size} "
-                       f"and be a multiple of the process count {process_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
     if seed < 0:
@@ -285,8 +283,11 @@ class BatchStream:
     self.process_count = process_count
     self.start_step = start_step
     self.buckets = tuple(sorted(set(int(b) for b in cfg.buckets)))
-    self.rows = [rows_within(b, batch_size, cfg.max_batch_tokens, row_multiple)
-                 for b in self.buckets]
+    self.rows = [rows_within(b, batch_size, cfg.max_batch_tokens) for b in self.buckets]
+    for b, rows in zip(self.buckets, self.rows):
+      if rows % process_count:
+        raise ValueError(f"data.max_batch_tokens={cfg.max_batch_tokens} gives bucket {b} {rows} "
+                         f"rows, which do not divide over {process_count} processes")
     self.pack_len = cfg.pack_len or self.buckets[-1]
     if self.pack_len not in self.buckets:
       raise ValueError(f"data.pack_len={cfg.pack_len} is not one of data.buckets {cfg.buckets}")
@@ -334,9 +335,12 @@ class BatchStream:
     # Step kinds at a packing stage: packed rows, then each longer bucket (unpacked), each as
     # likely as the batches it takes to draw each of its items once.
     self.kind_probs = np.ones(1)
-    if counts[packed + 1:].any():
-      per_batch = np.mean([sum(map(len, self.pack_rows(k))) for k in range(_PACK_SAMPLES)])
-      kinds = np.concatenate([[len(self.pack_items) / per_batch],
+    if cfg.pack and counts[packed + 1:].any():
+      packed_share = 0.0  # no sequence fits pack_len: every step is a longer bucket's
+      if len(self.pack_items):
+        per_batch = np.mean([sum(map(len, self.pack_rows(k))) for k in range(_PACK_SAMPLES)])
+        packed_share = len(self.pack_items) / per_batch
+      kinds = np.concatenate([[packed_share],
                               counts[packed + 1:] / np.array(self.rows[packed + 1:])])
       self.kind_probs = kinds / kinds.sum()
 
