@@ -112,6 +112,19 @@ def test_step_seconds_count_only_plain_steps_and_a_redone_step_once(tmp_path):
   assert step_seconds(path, reset_every=3) == {"pretrain": [1.0, 2.0, 6.0], "eavi": [3.0]}
 
 
+def test_runs_are_scored_without_test_time_training_unless_asked(tmp_path):
+  """arc1 turns TTT on for its evaluation; a verdict compares training, so its runs score
+  without it, unless the study's overrides ask for it."""
+  from onn_jax import config
+  from onn_jax.analysis.verdict import Study
+  plan = plan_arm(False, False, 10, 0.25, 2.0)
+  for overrides, steps in (((), 0), (("ttt.steps=3",), 3)):
+    study = Study(out=tmp_path, base=config.load("arc1"), overrides=overrides,
+                  config_name="arc1")
+    assert config.load("arc1").ttt.steps > 0
+    assert study.run_config("tf", 0, plan).ttt.steps == steps
+
+
 def test_the_study_end_to_end(tmp_path, capsys):
   """A tiny study (one seed; teacher forcing against EAVI mixed in from the start): the table,
   the plot and per-run results, the curve of free-running accuracy, equal planned time, every
