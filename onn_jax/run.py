@@ -184,8 +184,6 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   live = tblog.open_writer(cfg, workdir, main)
 
   tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
-  model = Transformer(cfg.model)
-  runner = make_runner(cfg, model)
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
                        pack_align=attention.pack_alignment(cfg.model))
@@ -194,6 +192,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
         f"(data.buckets={list(cfg.data.buckets)}) even with one demonstration and are dropped; "
         f"{stream.num_tasks_too_long} tasks lost all of theirs: "
         f"{len(tasks) - stream.num_tasks_too_long} training tasks are left")
+  model = Transformer(cfg.model)
+  runner = make_runner(cfg, model)
   state = initial_state(cfg, model, mngr, log)
   if main:
     metrics_out.truncate_after(int(state.step))

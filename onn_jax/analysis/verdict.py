@@ -136,9 +136,8 @@ class Study:
     # Every step is logged (its time, its stage, whether it compiled); the final weights are
     # scored, never their EMA (which lags the most recent steps: EAVI's, in a second stage).
     # Scoring compares training, so it runs without test-time training unless asked for.
-    return config.load(self.config_name, ["ttt.steps=0"] + list(self.overrides) + list(
-        arm_overrides) + list(
-        plan.overrides()) + [
+    overrides = ["ttt.steps=0", *self.overrides, *arm_overrides, *plan.overrides()]
+    return config.load(self.config_name, overrides + [
             f"train.seed={seed}", "data.hold_out_train_tests=true", "train.log_every=1",
             "eval.weights=params", f"checkpoint.every={self.checkpoint_every(plan)}",
             f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
