@@ -169,8 +169,9 @@ class TttConfig:
   weight_decay: float = 0.0
   batch_size: int = 4  # leave-one-out sequences per task per step
   params: tuple[str, ...] = ("*/attn/*", "*norm/scale")  # fnmatch patterns on "a/b/c" paths
-  # Tasks adapted at once (vmapped, split over the devices) at the longest bucket length; a
-  # shorter bucket takes proportionally more. 0: every task of a bucket at once.
+  # Tasks adapted at once (vmapped, split over the devices) at data.pack_len (0: the longest
+  # bucket); a shorter bucket takes proportionally more, a longer one fewer (at least one).
+  # 0: every task of a bucket at once.
   chunk: int = 8
 
 

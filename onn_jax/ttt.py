@@ -12,8 +12,8 @@ How: a task's sequences come from its own :class:`BatchStream` (the training aug
 colours, demo order), built from the task with its test pairs removed, so test outputs are
 never read, and seeded from (train.seed, task id), so a task adapts the same whatever tasks it
 is grouped with. Tasks are grouped by the bucket length (data.buckets) their leave-one-out
-sequences need; chunks of a group train together (``ttt.chunk`` tasks at the longest bucket,
-proportionally more at shorter ones, so a step holds about as many tokens): the training
+sequences need; chunks of a group train together (:func:`tasks_per_chunk`: ``ttt.chunk`` tasks
+at ``data.pack_len``, proportionally more at shorter buckets and fewer at longer): the training
 teacher-forcing step (:func:`onn_jax.steps.train_step`: its loss, clipping, AdamW) is vmapped
 over a task axis that is split over a 1-D mesh of every device with shard_map. A task with
 fewer than 2 demonstrations, or none of whose leave-one-out sequences fits the longest bucket,
@@ -126,6 +126,14 @@ def task_stream(task: Task, cfg: Config) -> tuple[BatchStream | None, str]:
   return BatchStream([demos_only], data, cfg.ttt.batch_size, seed), ""
 
 
+def tasks_per_chunk(cfg: Config, length: int) -> int:
+  """Tasks adapted at once at bucket ``length``: ``ttt.chunk`` at ``data.pack_len`` (0: the
+  longest bucket), proportionally more at shorter buckets and fewer (at least one) at longer
+  ones, so a step holds about as many tokens at every length; 0 (``ttt.chunk=0``): all."""
+  anchor = cfg.data.pack_len or max(cfg.data.buckets)
+  return max(1, cfg.ttt.chunk * anchor // length) if cfg.ttt.chunk else 0
+
+
 def _stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -215,8 +223,7 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   for length in sorted(groups):
     group = groups[length]
     n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
-    per_chunk = t.chunk * cfg.data.buckets[-1] // length if t.chunk else len(group)
-    size = -(-max(1, per_chunk) // n) * n
+    size = -(-(tasks_per_chunk(cfg, length) or len(group)) // n) * n
     width = min(size, -(-len(group) // n) * n)
     for first in range(0, len(group), size):
       chunk = group[first:first + size]

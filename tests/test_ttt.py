@@ -117,6 +117,15 @@ def test_task_streams_never_pack_and_reach_long_buckets(setup):
   assert short.batch(0)["inputs"].shape == (2, short.buckets[0])
 
 
+def test_chunks_hold_about_as_many_tokens_at_every_length(setup):
+  cfg, _, _ = setup
+  longest = config.replace(cfg, data={"buckets": [64, 128, 2048]}, ttt={"chunk": 2})
+  assert [ttt.tasks_per_chunk(longest, n) for n in (64, 128, 2048)] == [64, 32, 2]
+  at_pack_len = config.replace(longest, data={"pack": True, "pack_len": 128})
+  assert [ttt.tasks_per_chunk(at_pack_len, n) for n in (64, 128, 2048)] == [4, 2, 1]
+  assert ttt.tasks_per_chunk(config.replace(longest, ttt={"chunk": 0}), 64) == 0  # all at once
+
+
 def test_test_outputs_are_never_read(setup, together):
   cfg, params, tasks = setup
   a = tasks["a"]
