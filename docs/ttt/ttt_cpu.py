@@ -2,7 +2,8 @@
 steps, 3 seeds), free-running greedy answer-token accuracy and exact match on the held-out test
 outputs of their 46 training tasks, without TTT and with ttt.steps=32 at two learning rates.
 
-  python docs/ttt/ttt_cpu.py runs/verdict_cpu ttt_cpu.json
+  python docs/ttt/ttt_cpu.py runs/verdict_cpu ttt_cpu.json            # attention + norms
+  python docs/ttt/ttt_cpu.py runs/verdict_cpu ttt_all.json "*" 1e-3   # the whole model
 """
 import dataclasses, json, sys, time
 import jax, numpy as np
@@ -10,7 +11,9 @@ from onn_jax import config, checkpoint, ttt, analysis
 from onn_jax.data.pipeline import build_training_tasks
 from onn_jax.model.transformer import init_params
 
-study, dest = (sys.argv[1:] + ["runs/verdict_cpu", "ttt_cpu.json"][len(sys.argv) - 1:])[:2]
+defaults = ["runs/verdict_cpu", "ttt_cpu.json", "*/attn/*,*norm/scale", "1e-4,1e-3"]
+study, dest, patterns, rates = (sys.argv[1:] + defaults[len(sys.argv) - 1:])[:4]
+patterns = patterns.split(",")
 out = {}
 for seed in (0, 1, 2):
   run = f"{study}/runs/tf_s{seed}"
@@ -20,8 +23,9 @@ for seed in (0, 1, 2):
   tasks = [t for t in build_training_tasks(data, log=lambda _: None)[0] if t.test]
   base = analysis.summarise_rollouts(analysis.rollouts(cfg, params, tasks))
   out[f"s{seed}/none"] = base; print(seed, "none", base, flush=True)
-  for lr in (1e-4, 1e-3):
-    c = config.replace(cfg, ttt={"steps": 32, "learning_rate": lr, "warmup_steps": 4})
+  for lr in (float(r) for r in rates.split(",")):
+    c = config.replace(cfg, ttt={"steps": 32, "learning_rate": lr, "warmup_steps": 4,
+                                 "params": patterns})
     t0 = time.time()
     adapters, info = ttt.adapt(c, params, tasks, log=lambda _: None)
     recs = []
