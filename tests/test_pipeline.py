@@ -361,7 +361,7 @@ def test_long_steps_draw_only_long_items_and_packed_rows_only_short(monkeypatch)
   assert len(seen) == 2
 
 
-def test_long_steps_split_over_processes_and_devices():
+def test_long_steps_split_over_processes():
   whole = BatchStream(_tasks(12), LONG, batch_size=8, seed=1, pack_align=8)
   step = next(k for k in range(50) if whole.packed_batch(k)["inputs"].shape[0] == 4)
   parts = [BatchStream(_tasks(12), LONG, batch_size=8, seed=1, pack_align=8, process_index=i,

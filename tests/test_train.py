@@ -314,7 +314,6 @@ def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(
   """data.pack_len below the longest bucket with a token budget: a packing stage's steps are
   packed rows of pack_len or unpacked rows of the longer bucket, fewer of them; each compiles
   once and trains."""
-  from onn_jax import run
   cfg = tiny_config(data={"buckets": [128, 256], "pack": True, "pack_len": 128,
                           "max_batch_tokens": 8 * 128, "max_grid": 8},
                     train={"pretrain_steps": 10})

@@ -118,10 +118,10 @@ def test_runs_are_scored_without_test_time_training_unless_asked(tmp_path):
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
   plan = plan_arm(False, False, 10, 0.25, 2.0)
+  base = config.load("arc1")
+  assert base.ttt.steps > 0
   for overrides, steps in (((), 0), (("ttt.steps=3",), 3)):
-    study = Study(out=tmp_path, base=config.load("arc1"), overrides=overrides,
-                  config_name="arc1")
-    assert config.load("arc1").ttt.steps > 0
+    study = Study(out=tmp_path, base=base, overrides=overrides, config_name="arc1")
     assert study.run_config("tf", 0, plan).ttt.steps == steps
 
 

@@ -138,9 +138,9 @@ class Study:
     # Scoring compares training, so it runs without test-time training unless asked for.
     overrides = ["ttt.steps=0", *self.overrides, *arm_overrides, *plan.overrides()]
     return config.load(self.config_name, overrides + [
-            f"train.seed={seed}", "data.hold_out_train_tests=true", "train.log_every=1",
-            "eval.weights=params", f"checkpoint.every={self.checkpoint_every(plan)}",
-            f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
+        f"train.seed={seed}", "data.hold_out_train_tests=true", "train.log_every=1",
+        "eval.weights=params", f"checkpoint.every={self.checkpoint_every(plan)}",
+        f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
 
   # -- calibration ------------------------------------------------------------------------
   def calibrate(self) -> dict[str, float]:
