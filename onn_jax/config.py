@@ -122,7 +122,7 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.95
   grad_clip: float = 1.0
-  ema_decay: float = 0.0  # 0: no EMA
+  ema_decay: float = 0.0  # 0: no EMA; bias-corrected (steps.ema_decay_at)
   reset_every: int = 0  # 0: no expert reset
   init_from: str = ""  # a checkpoint folder (or run folder) to take parameters from
   run_steps: int = 0  # stop this invocation after this many steps (0: run to the end)

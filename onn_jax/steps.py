@@ -80,6 +80,19 @@ def init_state(cfg: Config, model: Transformer, rng: jax.Array, params=None) -> 
       rng=state_rng, nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
 
 
+def ema_decay_at(decay: float, n: jax.Array) -> jax.Array:
+  """The decay of the n-th EMA update (n = 1, 2, ...): ``decay (1 - decay^(n-1)) / (1 - decay^n)``.
+
+  The EMA is then the bias-corrected average ``sum_k decay^(n-k) p_k / sum_k decay^(n-k)`` of
+  the parameters after each step (as Adam corrects its moments): the first update takes the
+  parameters whole (decay 0), so the initialisation keeps no weight, and the decay tends to
+  ``decay``. With a constant ``decay`` instead, a 1500-step run at 0.999 would evaluate
+  weights that are still 22% its random initialisation (0.999^1500)."""
+  d = jnp.float32(decay)
+  n = jnp.asarray(n, jnp.float32)
+  return d * (1 - d ** (n - 1)) / (1 - d ** n)
+
+
 def _tree_where(pred, a, b):
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -96,7 +109,7 @@ def _guarded_update(state: TrainState, grads, ok, cfg: Config
   params = _tree_where(finite, new_params, state.params)
   ema = state.ema
   if cfg.train.ema_decay > 0:
-    d = cfg.train.ema_decay
+    d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
     ema = _tree_where(finite, jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
   state = state.replace(
       step=state.step + 1, params=params, opt_state=_tree_where(finite, new_opt, state.opt_state),

@@ -422,3 +422,30 @@ def test_learning_rate_follows_the_run_step_across_a_skipped_step(trained_state)
                  zip(jax.tree.leaves(after_skip.params), jax.tree.leaves(fresh.params)))
   for a, b in zip(jax.tree.leaves(after_skip.params), jax.tree.leaves(direct.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ema_is_the_bias_corrected_average_of_the_steps(trained_state):
+  """EMA after n steps = sum_k d^(n-k) p_k / sum_k d^(n-k) over the parameters p_k after each
+  step: the first update takes the parameters whole, so the initialisation keeps no weight."""
+  cfg, model, stream, _ = trained_state
+  d = 0.9
+  cfg = config.replace(cfg, train={"ema_decay": d})
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(1))
+  seen = []
+  for i in range(4):
+    state, _ = step(state, stream.batch(i))
+    seen.append([np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)])
+    if i == 0:
+      for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  n = len(seen)
+  w = np.array([d ** (n - k) for k in range(1, n + 1)])
+  for leaf, ema in enumerate(jax.tree.leaves(state.ema)):
+    ps = np.stack([s[leaf] for s in seen])
+    expected = np.tensordot(w / w.sum(), ps, axes=1)
+    # float32 recursion: n updates of a few roundings each, relative to the largest value.
+    bound = 4 * n * np.finfo(np.float32).eps * np.max(np.abs(ps), axis=0)
+    assert np.all(np.abs(np.asarray(ema, np.float64) - expected) <= bound)
+  assert not np.allclose(np.asarray(jax.tree.leaves(state.ema)[0]),
+                         np.asarray(jax.tree.leaves(state.params)[0]))
