@@ -30,6 +30,7 @@ train state, while TTT runs at evaluation, per task, on weights that are discard
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fnmatch
 import functools
@@ -190,6 +191,32 @@ def _compiled(model: Transformer, step_cfg: Config, mesh: Mesh | None
   return axis.compile(_train(model, step_cfg)), axis.compile(_loo_ce(model))
 
 
+def _compile_all(axis: _TaskAxis, fns: Sequence[Callable], base, state0,
+                 shapes: dict[int, tuple[int, dict]]) -> dict[int, list[Callable]]:
+  """Every fn compiled ahead for every length: {length: (width, an example batch)}.
+
+  The compilations run in threads at once (XLA compiles outside the GIL): with one program per
+  bucket length and fn, compiling them one after another was most of TTT's time on a GPU."""
+  sharding = None if axis.mesh is None else NamedSharding(axis.mesh, P(AXIS))
+
+  def stacked(tree, width):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((width, *np.shape(x)), x.dtype,
+                                                       sharding=sharding), tree)
+
+  def build(job):
+    fn, width, batch = job
+    return fn.lower(base, stacked(state0 if fn is fns[0] else state0.params, width),
+                    stacked(batch, width)).compile()
+
+  jobs = {(length, k): (fn, width, batch) for length, (width, batch) in shapes.items()
+          for k, fn in enumerate(fns)}
+  if not jobs:
+    return {}
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    done = dict(zip(jobs, pool.map(build, jobs.values())))
+  return {length: [done[length, k] for k in range(len(fns))] for length in shapes}
+
+
 def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = None,
           log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict]:
   """Runs TTT on every task; ``params`` (the base) is not changed.
@@ -218,13 +245,23 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
     else:
       groups.setdefault(stream.buckets[0], []).append((task, stream))
 
+  n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
+  sizes = {length: -(-(tasks_per_chunk(cfg, length) or len(group)) // n) * n
+           for length, group in groups.items()}
+  widths = {length: min(sizes[length], -(-len(group) // n) * n)
+            for length, group in groups.items()}
+  compiled = time.time()
+  programs = _compile_all(axis, (train_fn, ce_fn), base, state0, {
+      length: (widths[length], group[0][1].batch(0)) for length, group in groups.items()})
+  if programs:
+    log(f"ttt: compiled the steps at lengths {', '.join(map(str, sorted(programs)))} at once "
+        f"in {time.time() - compiled:.1f} s")
+
   adapters: dict[str, Any] = {}
   before, after, skipped = [], [], 0
   for length in sorted(groups):
-    group = groups[length]
-    n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
-    size = -(-(tasks_per_chunk(cfg, length) or len(group)) // n) * n
-    width = min(size, -(-len(group) // n) * n)
+    group, size, width = groups[length], sizes[length], widths[length]
+    train_fn, ce_fn = programs[length]
     for first in range(0, len(group), size):
       chunk = group[first:first + size]
       streams = [s for _, s in chunk] + [chunk[-1][1]] * (width - len(chunk))  # padding rows
