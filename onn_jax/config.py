@@ -92,8 +92,9 @@ class DataConfig:
   # before it closes. 0: none, every sequence is as likely to be trained as unpacked (arc1:
   # 92.7% real tokens); 1: 96.3% real, but sequences over 1536 tokens trained 15% less often.
   pack_misses: float = 0.0
-  # Packed rows are this long (one of data.buckets; 0: the longest). Sequences that need a
-  # longer bucket train unpacked in it, at a packing stage's steps drawn for that bucket.
+  # Packed rows are this long (one of data.buckets; 0: the longest; ignored without pack).
+  # Sequences that need a longer bucket train unpacked in it, at a packing stage's steps drawn
+  # for that bucket.
   pack_len: int = 0
   # Tokens per training batch (rows x bucket length): a batch at a long bucket holds
   # max(1, max_batch_tokens // length) rows instead of train.batch_size (they must divide over
@@ -336,8 +337,9 @@ def validate(cfg: Config) -> Config:
            f"{d.max_train_tasks}")
   _require(math.isfinite(d.pack_misses) and d.pack_misses >= 0,
            f"data.pack_misses: must be a finite number >= 0, got {d.pack_misses}")
-  _require(d.pack_len == 0 or d.pack_len in d.buckets,
-           f"data.pack_len: must be 0 or one of data.buckets {list(d.buckets)}, got {d.pack_len}")
+  _require(not d.pack or d.pack_len == 0 or d.pack_len in d.buckets,
+           f"data.pack_len: must be 0 or one of data.buckets {list(d.buckets)} when data.pack is "
+           f"on, got {d.pack_len}")
   _require(d.max_batch_tokens >= 0, f"data.max_batch_tokens: must be >= 0, got "
            f"{d.max_batch_tokens}")
   _one_of("data.loss_on", d.loss_on, ("answer", "outputs"))

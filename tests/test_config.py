@@ -44,7 +44,6 @@ def test_overrides_are_typed():
     ("model.moe_impl=sparse", "model.moe_impl"),
     ("data.pack_misses=-1", "data.pack_misses"),
     ("data.pack_misses=.inf", "data.pack_misses"),
-    ("data.pack_len=100", "data.pack_len"),
     ("data.max_batch_tokens=-1", "data.max_batch_tokens"),
     ("model.moe_capacity=0", "model.moe_capacity"),
     ("model.moe_capacity=-1.5", "model.moe_capacity"),
@@ -64,6 +63,15 @@ def test_bad_values_name_the_key(override, culprit):
     config.load("configs/default.yaml", [override])
   message = str(err.value)
   assert culprit in message and "\n" not in message
+
+
+def test_pack_len_must_be_a_bucket_only_when_packing():
+  with pytest.raises(ConfigError, match=r"^data\.pack_len: .*data\.pack is on, got 100$"):
+    config.load("configs/default.yaml", ["data.pack=true", "data.pack_len=100"])
+  assert config.load("configs/default.yaml", ["data.pack_len=100"]).data.pack_len == 100
+  # The shipped GPU configs pack at 2048: one shorter bucket, unpacked, still loads.
+  arc1 = config.load("arc1", ["data.buckets=[1024]", "data.pack=false"])
+  assert arc1.data.buckets == (1024,) and arc1.data.pack_len == 2048
 
 
 def test_eavi_every_of_one_says_there_would_be_no_teacher_forcing():

@@ -322,6 +322,18 @@ def test_a_budget_that_binds_nowhere_and_pack_len_longest_change_nothing():
         np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_pack_len_is_ignored_without_packing():
+  """A config packing at 2048 with its buckets overridden to shorter ones and packing off
+  (as the EAVI verdict does with arc1) draws the unpacked batches, not a pack_len error."""
+  unpacked = dataclasses.replace(LONG, pack=False, max_batch_tokens=0)
+  other = dataclasses.replace(unpacked, pack_len=2048)
+  a, b = (BatchStream(_tasks(12), c, batch_size=8, seed=2) for c in (unpacked, other))
+  for key, want in a.batch(3).items():
+    np.testing.assert_array_equal(b.batch(3)[key], want)
+  with pytest.raises(ValueError, match="data.pack_len=2048"):
+    BatchStream(_tasks(12), dataclasses.replace(other, pack=True), batch_size=8, seed=2)
+
+
 def test_bucket_and_step_kind_probabilities_draw_every_item_alike():
   s = BatchStream(_tasks(12), LONG, batch_size=8, seed=0, pack_align=8)
   counts = [len(ix) for ix in s.bucket_items]

@@ -87,7 +87,7 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "model.head_dim=8", "model.block_len=8", "model.block_stride=4", "model.select_len=16",
     "model.num_select=4", "model.window=32", "model.num_experts=4", "model.expert_hidden=32",
     "model.moe_tile=16", "model.moe_capacity=1.5", "model.compute_dtype=float32",
-    "data.buckets=[128]", "data.max_grid=5",
+    "data.buckets=[128]", "data.pack_len=0", "data.max_batch_tokens=0", "data.max_grid=5",
     "train.batch_size=2",
 )
 
