@@ -50,13 +50,14 @@ class ModelConfig:
   num_experts: int = 8
   expert_hidden: int = 64
   moe_combine: str = "mean"  # mean | softmax (over the active experts)
-  # Expert dispatch: dense (every expert on every token, the definition) | ragged | tiled (only
-  # the pairs in use; the gate's straight-through gradient from inactive experts is not
-  # computed: DynMoE.impl) | auto (moe.AUTO_GPU_IMPL on GPU, dense elsewhere).
+  # Expert dispatch: dense (every expert on every token, the definition) | ragged | tiled |
+  # batched (only the pairs in use; the gate's straight-through gradient from inactive experts
+  # is not computed: DynMoE.impl) | auto (moe.AUTO_GPU_IMPL on GPU, dense elsewhere).
   moe_impl: str = "auto"
   # Pairs a sparse dispatch computes per layer call, as a multiple of the SDL target
   # (sdl_target_active * tokens * num_experts); a call whose routing uses more falls back to
-  # the dense result. Larger: fewer fallbacks, more padded work.
+  # the dense result (batched: each expert gets an even share of these pairs, and a call in
+  # which one expert has more falls back). Larger: fewer fallbacks, more padded work.
   moe_capacity: float = 1.25
   moe_tile: int = 512  # rows per tile of the sparse dispatch (each expert's pairs padded to it)
   fallback_k: int = 1  # experts used by a token that activates none
@@ -307,7 +308,7 @@ def validate(cfg: Config) -> Config:
   _one_of("model.cmp_rope", m.cmp_rope, ("none", "both", "query"))
   _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
-  _one_of("model.moe_impl", m.moe_impl, ("auto", "dense", "ragged", "tiled"))
+  _one_of("model.moe_impl", m.moe_impl, ("auto", "dense", "ragged", "tiled", "batched"))
   _require(m.moe_capacity > 0, f"model.moe_capacity: must be positive, got {m.moe_capacity}")
   _require(m.moe_tile > 0, f"model.moe_tile: must be positive, got {m.moe_tile}")
   _one_of("model.attention", m.attention, ("nsa", "full", "dynsmlora"))

@@ -98,13 +98,13 @@ def test_quick_nsa_numbers(quick):
 def test_quick_moe_numbers(quick):
   results, _ = quick
   moe = results["moe"]
-  assert {r["variant"] for r in moe["rows"]} == {"dense", "ragged", "tiled"}
+  assert {r["variant"] for r in moe["rows"]} == {"dense", *bench.SPARSE_IMPLS}
   for name, err in moe["check_max_abs_err"].items():
     assert isinstance(err, float) and err < 1e-4, f"{name}: {err}"
   for row in moe["rows"]:
     assert row["fwd_bwd_ms"] is not None, row
   _assert_finite_positive(moe["rows"])
-  assert set(moe["crossover"]) == {"ragged", "tiled"}
+  assert set(moe["crossover"]) == set(bench.SPARSE_IMPLS)
 
 
 def test_quick_layers_numbers(quick):
@@ -128,6 +128,7 @@ def test_quick_dynmoe_at_the_trained_density(quick):
     assert row["pairs"] == pytest.approx(row["experts_per_token"] * row["batch"]
                                          * row["seq_len"], abs=0.5)
     assert row["overflow"] is False  # the sparse rows timed the sparse path
+    assert row["batched_overflow"] is False and row["max_expert_tokens"] <= row["expert_rows"]
     assert row["dense"]["ratio_to_dense"] == 1.0
     for impl in bench.SPARSE_IMPLS:
       assert row[impl]["ms"] > 0, f"{impl}: {row[impl]}"
@@ -233,7 +234,7 @@ def test_density_thresholds_give_the_target_experts_per_token():
   assert active_NE.sum(1).mean() == pytest.approx(target * E, abs=E / active_NE.shape[0])
 
 
-@pytest.mark.parametrize("variant", ["ragged", "tiled"])
+@pytest.mark.parametrize("variant", bench.SPARSE_IMPLS)
 def test_sparse_dispatch_equals_dense(variant):
   """Every token counts, including one with no expert and one with all of them."""
   m = config.from_dict({"model": dict(d_model=16, num_experts=5, expert_hidden=24)}).model

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, EXPERT_LEAVES, DynMoE, describe,
-                               init_expert_params, num_slots, pair_capacity, pair_slots,
-                               resolve_impl)
+                               expert_rows, expert_slots, init_expert_params, num_slots,
+                               pair_capacity, pair_slots, resolve_impl)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1
@@ -464,7 +464,7 @@ def test_bad_valid_mask_shape_is_rejected():
 # Sparse dispatch (impl="ragged" / "tiled"): exact against dense, capacity and fallback
 # ------------------------------------------------------------------------------------------------
 
-SPARSE_IMPLS = ("ragged", "tiled")
+SPARSE_IMPLS = ("ragged", "tiled", "batched")
 
 
 def _order_tol(dtype, terms: int, scale: float) -> float:
@@ -497,6 +497,20 @@ def test_pair_slots_lays_pairs_out_by_expert_in_whole_tiles():
   assert num_slots == 4 and group_E.tolist() == [2, 2, 0]
   assert slot_NE.tolist() == [[0, 4, 4], [4, 4, 4], [1, 2, 4], [4, 3, 4]]
   assert pair_S.tolist() == [0, 6, 7, 10]
+
+
+def test_expert_slots_give_every_expert_its_own_rows():
+  used_NE = jnp.array([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], jnp.float32)
+  assert expert_rows(6, 3, 2, 4) == 2 and expert_rows(7, 3, 2, 4) == 4  # share 2, then 3 -> 4
+  assert expert_rows(100, 3, 2, 4) == 4  # never more rows than tokens
+  slot_NE, pair_S, S = expert_slots(used_NE, rows=2)
+  assert S == 6
+  assert slot_NE.tolist() == [[0, 6, 4], [6, 6, 6], [1, 2, 5], [6, 3, 6]]
+  assert pair_S.tolist() == [0, 6, 7, 10, 2, 8]
+  # One row each: an expert's later tokens are dropped, never written over another's slot.
+  slot_NE, pair_S, S = expert_slots(used_NE, rows=1)
+  assert slot_NE.tolist() == [[0, 3, 2], [3, 3, 3], [3, 1, 3], [3, 3, 3]]
+  assert pair_S.tolist() == [0, 7, 2]
 
 
 def test_pair_capacity_rounds_up_to_a_tile_and_stops_at_every_pair():
@@ -551,6 +565,15 @@ def _pairs(aux, valid_BT) -> int:
   return int(round(float(aux["experts_per_token"]) * int(valid_BT.sum())))
 
 
+def _overflows(impl: str, aux, valid_BT, factor: float) -> bool:
+  """Whether the routing of ``aux`` exceeds what ``impl`` computes at capacity ``factor`` (the
+  [2, 9] setup: 18 tokens, 5 experts, tile 4): the pairs in all, or one expert's tokens."""
+  capacity = pair_capacity(18, 5, 0.25, factor, 4)
+  if impl == "batched":
+    return float(np.max(aux["tokens_per_expert"])) > expert_rows(capacity, 5, 4, 18)
+  return _pairs(aux, valid_BT) > capacity
+
+
 @pytest.mark.parametrize("impl", SPARSE_IMPLS)
 @pytest.mark.parametrize("capacity", [0.5, 1.25, 2.0])
 def test_sparse_impl_equals_dense(impl, capacity):
@@ -569,8 +592,9 @@ def test_sparse_impl_equals_dense(impl, capacity):
     (g_p, g_x), (y, aux) = _grad_fn(sparse)(params, x_BTC, valid_BT, r_BTC)
     (w_p, w_x), (want, _) = _grad_fn(dense)(params, x_BTC, valid_BT, r_BTC)
   N, C, F, E = 18, 8, 12, 5
-  overflow = _pairs(aux, valid_BT) > pair_capacity(N, E, 0.25, capacity, 4)
-  # 24 pairs (1.5 experts per real token); capacities 12, 32 and 48 pairs
+  overflow = _overflows(impl, aux, valid_BT, capacity)
+  # 24 pairs (1.5 experts per real token), at most 7 on one expert; capacities 12, 32 and 48
+  # pairs, or 4, 8 and 12 rows per expert
   assert overflow == (capacity == 0.5)
   valid = np.asarray(valid_BT)
   _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, C + F + E)
@@ -592,14 +616,13 @@ def test_one_compiled_layer_overflows_in_one_call_and_fits_in_another(impl):
   traces = []
   sparse_fn = _grad_fn(DynMoE(impl=impl, tile=4, capacity=1.25, **SPARSE_KW), traces)
   dense_fn = _grad_fn(DynMoE(impl="dense", **SPARSE_KW))
-  capacity = pair_capacity(18, 5, 0.25, 1.25, 4)
   seen = set()
   for theta in (0.3, -0.3):  # 24 pairs, then 59, against 32
     _, _, params, _ = _layer_setup(theta)
     with jax.default_matmul_precision("float32"):
       (g_p, _), (y, aux) = sparse_fn(params, x_BTC, valid_BT, r_BTC)
       (w_p, _), (want, _) = dense_fn(params, x_BTC, valid_BT, r_BTC)
-    seen.add(_pairs(aux, valid_BT) > capacity)
+    seen.add(_overflows(impl, aux, valid_BT, 1.25))
     valid = np.asarray(valid_BT)
     _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, 8 + 12 + 5)
     for name in ("w_in", "w_out"):
@@ -616,6 +639,7 @@ def test_few_tokens_compute_dense_outright(impl):
   x_BTC, valid_BT = x_BTC[:, :1], jnp.ones((2, 1), bool)
   r_BTC = jnp.cos(jnp.arange(x_BTC.size).reshape(x_BTC.shape))
   assert num_slots(pair_capacity(2, 5, 0.25, 1.25, 4), 4, 5) >= 2 * 5
+  assert 5 * expert_rows(pair_capacity(2, 5, 0.25, 1.25, 4), 5, 4, 2) >= 2 * 5
   (g_p, g_x), (y, _) = _grad_fn(DynMoE(impl=impl, tile=4, **SPARSE_KW))(
       params, x_BTC, valid_BT, r_BTC)
   (w_p, w_x), (want, _) = _grad_fn(DynMoE(impl="dense", **SPARSE_KW))(

@@ -74,7 +74,7 @@ from onn_jax.model.transformer import Transformer, moe_layer
 
 SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
-SPARSE_IMPLS = ("ragged", "tiled")  # model.moe_impl values that dispatch sparsely
+SPARSE_IMPLS = ("ragged", "tiled", "batched")  # model.moe_impl values that dispatch sparsely
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
@@ -517,7 +517,7 @@ def synthetic_routing(num_tokens: int, num_experts: int, k_mean: int, seed: int 
 
 def moe_variants(m: ModelConfig, dtype: Any, capacity: int, tile: int, precision: Any = None
                  ) -> dict[str, Callable]:
-  """``name -> f(x_TC, weights_TE, used_TE, params) -> y_TC`` for dense, ragged and tiled."""
+  """``name -> f(x_TC, weights_TE, used_TE, params) -> y_TC`` for dense and each sparse impl."""
 
   def dense(x_TC, weights_TE, used_TE, params):
     del used_TE
@@ -704,7 +704,9 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
 
   A row also reports the routing measured on the benchmark input (``experts_per_token``,
   ``fallback_frac``), the pairs in use against the sparse capacity and ``overflow`` (more pairs
-  than the capacity: the sparse rows then timed the dense fallback), and what ``auto`` runs.
+  than the capacity: the ragged and tiled rows then timed the dense fallback), the busiest
+  expert's tokens against the batched dispatch's rows per expert (``batched_overflow``), and
+  what ``auto`` runs.
   """
   rows = []
   for batch, T in shapes:
@@ -726,6 +728,11 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
                                                 m.sdl_target_active, m.moe_capacity,
                                                 m.moe_tile))
         row["overflow"] = row["pairs"] > row["capacity_pairs"]
+        # batched: every expert has expert_rows rows; one expert over them is its overflow.
+        row["expert_rows"] = moe.expert_rows(row["capacity_pairs"], m.num_experts, m.moe_tile,
+                                             num_tokens)
+        row["max_expert_tokens"] = int(np.max(aux["tokens_per_expert"]))
+        row["batched_overflow"] = row["max_expert_tokens"] > row["expert_rows"]
       row[impl] = measure(fn, args, sizes)
     dense_ms = row["dense"].get("ms")
     for impl in ("dense",) + SPARSE_IMPLS:

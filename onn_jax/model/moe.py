@@ -36,7 +36,7 @@ Array = jax.Array
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
-IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "auto")
+IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "batched", "auto")
 # What impl="auto" runs on a GPU (dense elsewhere): the sparse dispatch that measured fastest at
 # the trained density (`python -m train.bench --only layers`, the DynMoE rows). Dense when no
 # sparse dispatch beats the all-experts einsum, as on an H200 (jax 0.11.2, 2026-11-30, one
@@ -242,7 +242,7 @@ def experts_dense(x_BTC: Array, weights_BTE: Array, params: dict[str, Array], dt
 
 
 # ----------------------------------------------------------------------------------------------
-# Sparse token-to-expert dispatch (impl="ragged" / "tiled")
+# Sparse token-to-expert dispatch (impl="ragged" / "tiled" / "batched")
 # ----------------------------------------------------------------------------------------------
 #
 # Layout: the (token, expert) pairs in use are laid out expert by expert ("slots"), each
@@ -296,6 +296,32 @@ def pair_slots(used_NE: Array, capacity: int, tile: int) -> tuple[Array, Array, 
   pair_S = jnp.full(S, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
       jnp.arange(N * E, dtype=jnp.int32), mode="drop")
   return slot_NE, pair_S, group_E, S
+
+
+def expert_rows(capacity: int, num_experts: int, tile: int, num_tokens: int) -> int:
+  """Rows per expert of the batched dispatch: an even share of ``capacity`` pairs, rounded up
+  to a multiple of ``tile``, at most ``num_tokens`` (an expert cannot have more)."""
+  return min(-(-capacity // (num_experts * tile)) * tile, num_tokens)
+
+
+def expert_slots(used_NE: Array, rows: int) -> tuple[Array, Array, int]:
+  """The batched dispatch's layout: ``rows`` slots per expert, expert-major, so the experts'
+  matmuls are one batched matmul over [E, rows] with each expert's own weights.
+
+  Pair (t, e) goes to slot ``e * rows + (tokens before t that use e)``. Returns slot_NE (S where
+  t does not use e, or the pair is past its expert's rows: dropped), pair_S (``t * E + e`` of
+  each slot, ``N * E`` when empty) and S = E * rows, as :func:`pair_slots` does.
+  """
+  N, E = used_NE.shape
+  S = E * rows
+  used_NE = used_NE > 0
+  count_NE = used_NE.astype(jnp.int32)
+  rank_NE = jnp.cumsum(count_NE, axis=0) - count_NE
+  kept_NE = used_NE & (rank_NE < rows)
+  slot_NE = jnp.where(kept_NE, jnp.arange(E, dtype=jnp.int32)[None, :] * rows + rank_NE, S)
+  pair_S = jnp.full(S, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
+      jnp.arange(N * E, dtype=jnp.int32), mode="drop")
+  return slot_NE, pair_S, S
 
 
 def _take_rows(src_MD: Array, index_K: Array) -> Array:
@@ -369,15 +395,26 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
                    precision: Any = None) -> Array:
   """``y_t = sum_e w_te Expert_e(x_t)`` over the pairs of ``used_NE`` only.
 
-  The pairs are laid out by :func:`pair_slots`; ``impl`` picks the grouped matmul over the
-  expert groups: ``"ragged"``: ``jax.lax.ragged_dot``; ``"tiled"``: each tile of ``tile`` rows
-  gathers its expert's weights for one batched matmul. Biases are added per tile. Empty slots
-  hold zero rows whose outputs nobody reads. Same result as :func:`experts_dense` when the
-  pairs number at most ``capacity`` (otherwise the highest experts' last pairs are dropped: see
-  :func:`experts` for the exact fallback). Returns y_NC in ``dtype``.
+  ``"ragged"`` and ``"tiled"`` lay the pairs out by :func:`pair_slots` and run a grouped matmul
+  over the expert groups: ``jax.lax.ragged_dot``, or one batched matmul over tiles of ``tile``
+  rows, each with a copy of its expert's weights. ``"batched"`` gives every expert the same
+  :func:`expert_rows` rows (:func:`expert_slots`) and runs one batched matmul over the experts
+  with their weights as they are. Empty slots hold zero rows whose outputs nobody reads. Same
+  result as :func:`experts_dense` when the pairs fit (ragged, tiled: at most ``capacity`` in
+  all; batched: at most ``expert_rows`` for every expert), otherwise pairs are dropped: see
+  :func:`experts` for the exact fallback. Returns y_NC in ``dtype``.
   """
   N, C = x_NC.shape
   E = used_NE.shape[1]
+  if impl == "batched":
+    rows = expert_rows(capacity, E, tile, N)
+    slot_NE, pair_S, S = expert_slots(used_NE, rows)
+    x_ERC = dispatch(x_NC.astype(dtype), slot_NE, pair_S).reshape(E, rows, C)
+    h_ERF = jnp.einsum("erc,ecf->erf", x_ERC, params["w_in"].astype(dtype), precision=precision)
+    h_ERF = jax.nn.gelu(h_ERF + params["b_in"].astype(dtype)[:, None], approximate=False)
+    z_ERC = jnp.einsum("erf,efc->erc", h_ERF, params["w_out"].astype(dtype), precision=precision)
+    z_ERC = z_ERC + params["b_out"].astype(dtype)[:, None]
+    return combine(z_ERC.reshape(S, C), weights_NE, slot_NE, pair_S).astype(dtype)
   slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
   num_tiles = S // tile
   end_E = jnp.cumsum(group_E)
@@ -445,10 +482,11 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   :func:`experts_sparse` over the ``used_BTE`` pairs of the valid tokens (``valid_BT``; a padding
   token then uses no expert and its output is 0, which no real token reads: attention is causal
   and padding follows every real token), at most ``capacity`` pairs (default: all ``B*T*E``).
-  When a call's routing has more pairs than ``capacity``, the layer computes the dense result
-  instead (``jax.lax.cond`` on the pair count), so nothing is ever dropped. Under ``jax.vmap``
+  When a call's routing has more pairs than ``capacity`` (``batched``: an expert has more
+  tokens than its :func:`expert_rows`), the layer computes the dense result instead
+  (``jax.lax.cond`` on the pair counts), so nothing is ever dropped. Under ``jax.vmap``
   the cond becomes a select and both branches run: still exact, but slower than dense alone.
-  When the sparse layout would hold as many rows as dense computes (``num_slots >= B*T*E``: few
+  When the sparse layout would hold as many rows as dense computes (``B*T*E`` or more: few
   tokens, e.g. a decoding step, or a capacity of every pair), dense is computed outright.
   """
   impl = resolve_impl(impl)
@@ -461,7 +499,12 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   if valid_BT is not None:
     used_NE = used_NE & valid_BT.reshape(N, 1)
   capacity = N * E if capacity is None else min(capacity, N * E)
-  if num_slots(capacity, tile, E) >= N * E:
+  if impl == "batched":
+    rows = expert_rows(capacity, E, tile, N)
+    computed, overflow = E * rows, jnp.max(jnp.sum(used_NE, axis=0, dtype=jnp.int32)) > rows
+  else:
+    computed, overflow = num_slots(capacity, tile, E), jnp.sum(used_NE, dtype=jnp.int32) > capacity
+  if computed >= N * E:
     return experts_dense(x_BTC, weights_BTE, params, dtype)
 
   def sparse(x_BTC, weights_BTE, used_NE, params):
@@ -472,8 +515,7 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
     del used_NE
     return experts_dense(x_BTC, weights_BTE, params, dtype)
 
-  return jax.lax.cond(jnp.sum(used_NE, dtype=jnp.int32) > capacity, dense, sparse, x_BTC,
-                      weights_BTE, used_NE, params)
+  return jax.lax.cond(overflow, dense, sparse, x_BTC, weights_BTE, used_NE, params)
 
 
 # ----------------------------------------------------------------------------------------------
