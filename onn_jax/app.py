@@ -53,7 +53,7 @@ def protocol(cfg: Config) -> dict[str, Any]:
           "leakage_guard": d.leakage_guard, "max_grid": d.max_grid,
           "pretrain_steps": cfg.train.pretrain_steps, "eavi_every": cfg.train.eavi_every,
           "eavi_steps": cfg.train.eavi_steps,
-          "eval_max_len": eval_max_len(cfg)}
+          "eval_max_len": eval_max_len(cfg), "eval_grid": cfg.eval.grid}
 
 
 def eval_max_len(cfg: Config) -> int:
@@ -84,7 +84,8 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
       group_of = lambda task: index.get(task.id, 0)  # 0: the base's own leaves
     extra = {**(extra or {}), "ttt": ttt_info}
   fns = ModelFns(model, params, batch_size=e.batch_size, max_batch_tokens=e.max_batch_tokens,
-                 temperature=e.temperature, seed=cfg.train.seed, mesh=mesh, adapters=adapters)
+                 temperature=e.temperature, seed=cfg.train.seed, mesh=mesh, adapters=adapters,
+                 grid=e.grid)
   views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
                               else "1-9", cfg.train.seed)
   records = augscore.evaluate(

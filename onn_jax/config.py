@@ -159,6 +159,11 @@ class EvalConfig:
   max_len: int = 0
   sheet_tasks: int = 8
   weights: str = "ema"  # ema (when the run kept one) | params
+  # Generations follow the grid grammar (decode.grid_allowed): rows of one width closed by
+  # NEWLINE, END after a whole row, at most 30 x 30; a token that would break it is never
+  # emitted, so no generation is malformed unless the budget cuts it off. A greedy answer that
+  # was already a grid is unchanged. false: unconstrained (as before 2026-12-01).
+  grid: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
+from onn_jax.data.tokens import END, NEWLINE, NUM_COLORS, PAD, VOCAB_SIZE
 from onn_jax.model.transformer import Transformer, init_cache
+
+GRID_SIDE = 30  # ARC grids are at most 30 x 30
 
 
 class Generation(NamedTuple):
@@ -21,6 +23,44 @@ class Generation(NamedTuple):
   logprobs_BA: jax.Array  # float32: log p of each emitted token (0 after END)
   fed_BAV: jax.Array  # float32: what was fed back at each step (one-hot or distribution)
   ended_B: jax.Array  # bool: END was emitted within the budget (and the row's stop)
+
+
+class GridState(NamedTuple):
+  """Where each row's answer stands in the grid grammar: the width fixed by its first grid row
+  (0 before that row closes), the cells of the current row, the closed rows."""
+  width_B: jax.Array
+  col_B: jax.Array
+  rows_B: jax.Array
+
+
+def grid_start(batch: int) -> GridState:
+  zeros_B = jnp.zeros((batch,), jnp.int32)
+  return GridState(zeros_B, zeros_B, zeros_B)
+
+
+def grid_allowed(state: GridState) -> jax.Array:
+  """bool [B, V]: the tokens that keep each answer a grid, ``(colour^w NEWLINE)^h END`` with
+  1 <= w, h <= GRID_SIDE: a colour while the row has room (the first row up to GRID_SIDE, the
+  others up to its width), NEWLINE after a row's last cell (any cell of the first row), END
+  after a whole row. Every state allows at least one token."""
+  width_B, col_B, rows_B = state
+  limit_B = jnp.where(width_B > 0, width_B, GRID_SIDE)
+  colour_B = (col_B < limit_B) & (rows_B < GRID_SIDE)
+  newline_B = (col_B >= 1) & ((width_B == 0) | (col_B == width_B))
+  end_B = (col_B == 0) & (rows_B >= 1)
+  token_V = jnp.arange(VOCAB_SIZE)
+  return (((token_V < NUM_COLORS)[None] & colour_B[:, None])
+          | ((token_V == NEWLINE)[None] & newline_B[:, None])
+          | ((token_V == END)[None] & end_B[:, None]))
+
+
+def grid_advance(state: GridState, token_B: jax.Array) -> GridState:
+  """The state after each row emits ``token_B`` (a token the state allowed)."""
+  width_B, col_B, rows_B = state
+  colour_B, newline_B = token_B < NUM_COLORS, token_B == NEWLINE
+  width_B = jnp.where(newline_B & (width_B == 0), col_B, width_B)
+  col_B = jnp.where(colour_B, col_B + 1, jnp.where(newline_B, 0, col_B))
+  return GridState(width_B, col_B, rows_B + newline_B.astype(jnp.int32))
 
 
 def _choose(logits_BV, feed: str, temperature: float, rng, rows_B):
@@ -46,7 +86,7 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
              max_new: int, capacity: int | None = None, feed: str = "argmax",
              temperature: float = 1.0, rng: jax.Array | None = None,
              row_offset: jax.Array | int = 0,
-             stop_after_B: jax.Array | None = None) -> Generation:
+             stop_after_B: jax.Array | None = None, grid: bool = False) -> Generation:
   """Generates ``max_new`` answer tokens after each prompt.
 
   Args:
@@ -61,6 +101,9 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
     row_offset: global index of this batch's first row (data parallel), for sampling keys.
     stop_after_B: int32 [B], optional: tokens each row needs; a row emits PAD after that many
       (EAVI needs only the answer's length). Default: ``max_new``.
+    grid: constrain every row to the grid grammar (:func:`grid_allowed`): tokens that would
+      break it get probability 0, and the reported log-probabilities are those of the
+      constrained distribution. An answer is then a grid unless the budget cuts it off.
   """
   B, P = prompt_BP.shape
   capacity = capacity or P + max_new
@@ -76,13 +119,16 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   logits_BV = logits_BPV[rows_B, prompt_len_B - 1]
   global_rows_B = row_offset + rows_B
 
-  def emit(logits_BV, done_B, rng):
+  def emit(logits_BV, done_B, grid_state, rng):
+    if grid:
+      logits_BV = jnp.where(grid_allowed(grid_state), logits_BV, -jnp.inf)
     token_B, fed_BV = _choose(logits_BV, feed, temperature, rng, global_rows_B)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], -1)[:, 0]
+    grid_state = grid_advance(grid_state, token_B)
     token_B = jnp.where(done_B, PAD, token_B)
     fed_BV = jnp.where(done_B[:, None], jax.nn.one_hot(PAD, VOCAB_SIZE), fed_BV)
     logp_B = jnp.where(done_B, 0.0, logp_B)
-    return token_B, fed_BV, logp_B, done_B | (token_B == END)
+    return token_B, fed_BV, logp_B, done_B | (token_B == END), grid_state
 
   # A row is finished once it has emitted END or the tokens it needs (``stop_after_B``); a
   # finished row emits PAD. Once every row is finished the model is no longer called, so a
@@ -90,8 +136,9 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   need_B = jnp.full((B,), max_new, jnp.int32) if stop_after_B is None else stop_after_B
 
   def step(carry, rng_step):
-    cache, logits_BV, pos_B, done_B, k = carry
-    token_B, fed_BV, logp_B, next_done_B = emit(logits_BV, done_B, rng_step)
+    cache, logits_BV, pos_B, done_B, grid_state, k = carry
+    token_B, fed_BV, logp_B, next_done_B, grid_state = emit(logits_BV, done_B, grid_state,
+                                                            rng_step)
     next_done_B = next_done_B | (k + 1 >= need_B)
 
     def advance(cache):
@@ -101,15 +148,16 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
 
     logits_BV, cache = jax.lax.cond(jnp.all(next_done_B), lambda c: (logits_BV, c), advance,
                                     cache)
-    return (cache, logits_BV, pos_B + 1, next_done_B, k + 1), (token_B, logp_B, fed_BV)
+    return ((cache, logits_BV, pos_B + 1, next_done_B, grid_state, k + 1),
+            (token_B, logp_B, fed_BV))
 
   rngs = jax.random.split(rng, max_new)
   done_B = jnp.zeros((B,), bool)
   # The last token needs no decode step after it: scan max_new - 1 steps, then emit once.
-  (cache, logits_BV, _, done_B, _), (tokens, logps, feds) = jax.lax.scan(
-      step, (cache, logits_BV, prompt_len_B.astype(jnp.int32), done_B, jnp.int32(0)),
-      rngs[:-1])
-  token_B, fed_BV, logp_B, _ = emit(logits_BV, done_B, rngs[-1])
+  (cache, logits_BV, _, done_B, grid_state, _), (tokens, logps, feds) = jax.lax.scan(
+      step, (cache, logits_BV, prompt_len_B.astype(jnp.int32), done_B, grid_start(B),
+             jnp.int32(0)), rngs[:-1])
+  token_B, fed_BV, logp_B, _, _ = emit(logits_BV, done_B, grid_state, rngs[-1])
   tokens_BA = jnp.concatenate([tokens.T, token_B[:, None]], 1)
   logprobs_BA = jnp.concatenate([logps.T, logp_B[:, None]], 1)
   fed_BAV = jnp.concatenate([feds.transpose(1, 0, 2), fed_BV[:, None]], 1)
@@ -118,11 +166,13 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "capacity", "feed",
-                                             "temperature"))
+                                             "temperature", "grid"))
 def generate_jit(model, params, prompt_BP, prompt_len_B, *, max_new, capacity=None,
-                 feed="argmax", temperature=1.0, rng=None, row_offset=0) -> Generation:
+                 feed="argmax", temperature=1.0, rng=None, row_offset=0,
+                 grid=False) -> Generation:
   return generate(model, params, prompt_BP, prompt_len_B, max_new=max_new, capacity=capacity,
-                  feed=feed, temperature=temperature, rng=rng, row_offset=row_offset)
+                  feed=feed, temperature=temperature, rng=rng, row_offset=row_offset,
+                  grid=grid)
 
 
 def sequence_logprob(model: Transformer, params, inputs_BT, targets_BT, mask_BT):

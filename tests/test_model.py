@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from onn_jax.config import ModelConfig
-from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
+from onn_jax import decode
+from onn_jax.data.serialize import decode_grid
+from onn_jax.data.tokens import END, NEWLINE, PAD, VOCAB_SIZE
 from onn_jax.decode import generate_jit
 from onn_jax.model.transformer import Transformer, count_params, init_cache, init_params
 
@@ -177,3 +179,51 @@ def test_sampling_depends_on_global_rows_not_on_the_split():
   halves = [generate_jit(model, params, prompt[i:i + 4], lens[i:i + 4], row_offset=i,
                          **kw).tokens_BA for i in (0, 4)]
   np.testing.assert_array_equal(np.asarray(whole), np.concatenate(halves))
+
+
+# -- the grid grammar (eval.grid) ------------------------------------------------------------
+
+def _allowed_after(tokens):
+  state = decode.grid_start(1)
+  for token in tokens:
+    assert bool(decode.grid_allowed(state)[0, token]), (tokens, token)
+    state = decode.grid_advance(state, jnp.array([token]))
+  return {int(v) for v in np.flatnonzero(np.asarray(decode.grid_allowed(state)[0]))}
+
+
+def test_grid_grammar_allows_exactly_what_keeps_the_answer_a_grid():
+  colours = set(range(10))
+  assert _allowed_after([]) == colours  # no empty row, no empty grid
+  assert _allowed_after([1]) == colours | {NEWLINE}  # the first row sets the width
+  assert _allowed_after([1, 2, NEWLINE]) == colours | {END}
+  assert _allowed_after([1, 2, NEWLINE, 3]) == colours  # the width is 2
+  assert _allowed_after([1, 2, NEWLINE, 3, 4]) == {NEWLINE}
+  assert _allowed_after([1, 2, NEWLINE, 3, 4, NEWLINE]) == colours | {END}
+  assert _allowed_after([5] * 30) == {NEWLINE}  # at most 30 wide
+  assert _allowed_after([5, NEWLINE] * 30) == {END}  # at most 30 high
+
+
+@pytest.mark.parametrize("feed", ["argmax", "sample"])
+def test_grid_generation_is_always_a_grid_and_greedy_only_changes_where_it_must(feed):
+  """With the grammar every answer decodes to a grid (the budget holds the largest, 30 x 30).
+  Greedy: the constrained answer is the unconstrained one up to the first token the grammar
+  forbids."""
+  _, model, params = _setup(0)
+  B, budget = 6, 30 * 31 + 1
+  prompt = jax.random.randint(jax.random.PRNGKey(8), (B, 12), 0, VOCAB_SIZE)
+  lens = jnp.array([12, 9, 5, 12, 7, 3])
+  kw = dict(max_new=budget, feed=feed, rng=jax.random.PRNGKey(2))
+  free = np.asarray(generate_jit(model, params, prompt, lens, **kw).tokens_BA)
+  grid = np.asarray(generate_jit(model, params, prompt, lens, grid=True, **kw).tokens_BA)
+  assert all(decode_grid(row) is not None for row in grid)
+  assert any(decode_grid(row) is None for row in free)  # the grammar had work to do
+  if feed == "argmax":
+    for f, g in zip(free, grid):
+      state = decode.grid_start(1)
+      for token_f, token_g in zip(f, g):
+        if not bool(decode.grid_allowed(state)[0, token_f]):
+          break
+        assert token_g == token_f
+        if token_f == END:
+          break
+        state = decode.grid_advance(state, jnp.array([token_f]))

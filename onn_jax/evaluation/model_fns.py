@@ -106,9 +106,9 @@ class ModelFns:
 
   def __init__(self, model: Transformer, params: Any, *, batch_size: int,
                max_batch_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
-               mesh: Mesh | None = None, adapters: Any = None):
+               mesh: Mesh | None = None, adapters: Any = None, grid: bool = False):
     self.model, self.mesh = model, mesh
-    self.temperature = temperature
+    self.temperature, self.grid = temperature, grid
     self.rng = jax.random.PRNGKey(seed)
     self.calls = 0
     self.shapes: collections.Counter = collections.Counter()
@@ -178,7 +178,8 @@ class ModelFns:
         out = generate_jit(
             model, params, prompt_BP, self._put(lens), max_new=budget,
             capacity=P + budget, feed="argmax" if sample == 0 else "sample",
-            temperature=self.temperature, rng=jax.random.fold_in(self.rng, self.calls))
+            temperature=self.temperature, rng=jax.random.fold_in(self.rng, self.calls),
+            grid=self.grid)
         tokens_BA = host_value(out.tokens_BA)[:, :max_new]
         for r, i in enumerate(indices):
           results[i].append(tokens_BA[r])
