@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 
@@ -176,9 +177,9 @@ class TttConfig:
   weight_decay: float = 0.0
   batch_size: int = 4  # leave-one-out sequences per task per step
   params: tuple[str, ...] = ("*/attn/*", "*norm/scale")  # fnmatch patterns on "a/b/c" paths
-  # Tasks adapted at once (vmapped, split over the devices) at data.pack_len (0: the longest
-  # bucket); a shorter bucket takes proportionally more, a longer one fewer (at least one).
-  # 0: every task of a bucket at once.
+  # Tasks adapted at once (vmapped, split over the devices) at data.pack_len (0 or packing
+  # off: the longest bucket); a shorter bucket takes proportionally more, a longer one fewer
+  # (at least one). 0: every task of a bucket at once.
   chunk: int = 8
 
 
@@ -362,7 +363,9 @@ def validate(cfg: Config) -> Config:
   _require(t.learning_rate > 0, f"train.learning_rate: must be positive, got {t.learning_rate}")
   _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got "
            f"{t.min_lr_ratio}")
-  _require(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+  # In float32 (as the EMA update computes it) too: 1 - 3e-8 rounds to 1, a division by 0.
+  _require(0 <= t.ema_decay < 1 and np.float32(t.ema_decay) < 1,
+           f"train.ema_decay: must be in [0, 1) in float32, got {t.ema_decay}")
   _require(t.grad_clip > 0, f"train.grad_clip: must be positive, got {t.grad_clip}")
   _require(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
   for key in ("b1", "b2"):

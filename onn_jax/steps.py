@@ -110,7 +110,8 @@ def _guarded_update(state: TrainState, grads, ok, cfg: Config
   ema = state.ema
   if cfg.train.ema_decay > 0:
     d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
-    ema = _tree_where(finite, jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
+    ema = _tree_where(finite, jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype),
+                                           ema, params), ema)
   state = state.replace(
       step=state.step + 1, params=params, opt_state=_tree_where(finite, new_opt, state.opt_state),
       ema=ema, nonfinite=jnp.where(finite, 0, state.nonfinite + 1),

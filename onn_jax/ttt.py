@@ -128,10 +128,11 @@ def task_stream(task: Task, cfg: Config) -> tuple[BatchStream | None, str]:
 
 
 def tasks_per_chunk(cfg: Config, length: int) -> int:
-  """Tasks adapted at once at bucket ``length``: ``ttt.chunk`` at ``data.pack_len`` (0: the
-  longest bucket), proportionally more at shorter buckets and fewer (at least one) at longer
-  ones, so a step holds about as many tokens at every length; 0 (``ttt.chunk=0``): all."""
-  anchor = cfg.data.pack_len or max(cfg.data.buckets)
+  """Tasks adapted at once at bucket ``length``: ``ttt.chunk`` at ``data.pack_len`` (0, or
+  packing off: the longest bucket), proportionally more at shorter buckets and fewer (at least
+  one) at longer ones, so a step holds about as many tokens at every length; 0
+  (``ttt.chunk=0``): all."""
+  anchor = (cfg.data.pack_len if cfg.data.pack else 0) or max(cfg.data.buckets)
   return max(1, cfg.ttt.chunk * anchor // length) if cfg.ttt.chunk else 0
 
 

@@ -45,6 +45,7 @@ def test_overrides_are_typed():
     ("data.pack_misses=-1", "data.pack_misses"),
     ("data.pack_misses=.inf", "data.pack_misses"),
     ("data.max_batch_tokens=-1", "data.max_batch_tokens"),
+    ("train.ema_decay=0.99999999", "train.ema_decay"),  # 1 in float32
     ("model.moe_capacity=0", "model.moe_capacity"),
     ("model.moe_capacity=-1.5", "model.moe_capacity"),
     ("model.moe_capacity=.nan", "model.moe_capacity"),

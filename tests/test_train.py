@@ -449,3 +449,17 @@ def test_ema_is_the_bias_corrected_average_of_the_steps(trained_state):
     assert np.all(np.abs(np.asarray(ema, np.float64) - expected) <= bound)
   assert not np.allclose(np.asarray(jax.tree.leaves(state.ema)[0]),
                          np.asarray(jax.tree.leaves(state.params)[0]))
+
+
+def test_ema_keeps_the_parameters_dtype(trained_state):
+  """bfloat16 parameters keep a bfloat16 EMA: the state a checkpoint is restored into (and the
+  compiled step) has the dtypes of init_state."""
+  cfg, _, stream, _ = trained_state
+  cfg = config.replace(cfg, train={"ema_decay": 0.9}, model={"param_dtype": "bfloat16"})
+  model = Transformer(cfg.model)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(1))
+  after, _ = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))(
+      state, stream.batch(0))
+  assert {x.dtype for x in jax.tree.leaves(state.ema)} == {jnp.dtype(jnp.bfloat16)}
+  assert [x.dtype for x in jax.tree.leaves(after.ema)] == \
+      [x.dtype for x in jax.tree.leaves(state.ema)]

@@ -123,6 +123,9 @@ def test_chunks_hold_about_as_many_tokens_at_every_length(setup):
   assert [ttt.tasks_per_chunk(longest, n) for n in (64, 128, 2048)] == [64, 32, 2]
   at_pack_len = config.replace(longest, data={"pack": True, "pack_len": 128})
   assert [ttt.tasks_per_chunk(at_pack_len, n) for n in (64, 128, 2048)] == [4, 2, 1]
+  # pack_len is ignored without packing: the longest bucket anchors the chunks.
+  unpacked = config.replace(at_pack_len, data={"pack": False})
+  assert [ttt.tasks_per_chunk(unpacked, n) for n in (64, 128, 2048)] == [64, 32, 2]
   assert ttt.tasks_per_chunk(config.replace(longest, ttt={"chunk": 0}), 64) == 0  # all at once
 
 

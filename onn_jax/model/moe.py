@@ -293,9 +293,7 @@ def pair_slots(used_NE: Array, capacity: int, tile: int) -> tuple[Array, Array, 
   group_E = end_E - jnp.concatenate([jnp.zeros(1, jnp.int32), end_E[:-1]])
   slot_NE = jnp.where(used_NE, (end_E - group_E)[None, :] + rank_NE, S)
   slot_NE = jnp.minimum(slot_NE, S)
-  pair_S = jnp.full(S, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
-      jnp.arange(N * E, dtype=jnp.int32), mode="drop")
-  return slot_NE, pair_S, group_E, S
+  return slot_NE, _pairs_by_slot(slot_NE, S), group_E, S
 
 
 def expert_rows(capacity: int, num_experts: int, tile: int, num_tokens: int) -> int:
@@ -319,9 +317,14 @@ def expert_slots(used_NE: Array, rows: int) -> tuple[Array, Array, int]:
   rank_NE = jnp.cumsum(count_NE, axis=0) - count_NE
   kept_NE = used_NE & (rank_NE < rows)
   slot_NE = jnp.where(kept_NE, jnp.arange(E, dtype=jnp.int32)[None, :] * rows + rank_NE, S)
-  pair_S = jnp.full(S, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
+  return slot_NE, _pairs_by_slot(slot_NE, S), S
+
+
+def _pairs_by_slot(slot_NE: Array, num_slots: int) -> Array:
+  """pair_S: ``t * E + e`` of the pair in each slot (``N * E`` when empty; slot S is none)."""
+  N, E = slot_NE.shape
+  return jnp.full(num_slots, N * E, jnp.int32).at[slot_NE.reshape(-1)].set(
       jnp.arange(N * E, dtype=jnp.int32), mode="drop")
-  return slot_NE, pair_S, S
 
 
 def _take_rows(src_MD: Array, index_K: Array) -> Array:
