@@ -192,30 +192,28 @@ def _compiled(model: Transformer, step_cfg: Config, mesh: Mesh | None
   return axis.compile(_train(model, step_cfg)), axis.compile(_loo_ce(model))
 
 
-def _compile_all(axis: _TaskAxis, fns: Sequence[Callable], base, state0,
-                 shapes: dict[int, tuple[int, dict]]) -> dict[int, list[Callable]]:
-  """Every fn compiled ahead for every length: {length: (width, an example batch)}.
+def _compile_all(axis: _TaskAxis, train_fn: Callable, ce_fn: Callable, base, state0,
+                 shapes: dict[int, tuple[int, dict]]) -> dict[int, tuple[Callable, Callable]]:
+  """(train step, leave-one-out CE) compiled ahead for every length: {length: (width, an
+  example batch)}.
 
-  The compilations run in threads at once (XLA compiles outside the GIL): with one program per
-  bucket length and fn, compiling them one after another was most of TTT's time on a GPU."""
+  Each program is lowered here (tracing sees the caller's JAX settings) and the compilations
+  then run in threads at once (XLA compiles outside the GIL): compiled one after another, one
+  pair per bucket length, they were most of TTT's time on a GPU."""
   sharding = None if axis.mesh is None else NamedSharding(axis.mesh, P(AXIS))
 
   def stacked(tree, width):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((width, *np.shape(x)), x.dtype,
                                                        sharding=sharding), tree)
 
-  def build(job):
-    fn, width, batch = job
-    return fn.lower(base, stacked(state0 if fn is fns[0] else state0.params, width),
-                    stacked(batch, width)).compile()
-
-  jobs = {(length, k): (fn, width, batch) for length, (width, batch) in shapes.items()
-          for k, fn in enumerate(fns)}
-  if not jobs:
+  lowered = [fn.lower(base, stacked(tree, width), stacked(batch, width))
+             for width, batch in shapes.values()
+             for fn, tree in ((train_fn, state0), (ce_fn, state0.params))]
+  if not lowered:
     return {}
-  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-    done = dict(zip(jobs, pool.map(build, jobs.values())))
-  return {length: [done[length, k] for k in range(len(fns))] for length in shapes}
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    done = list(pool.map(lambda program: program.compile(), lowered))
+  return {length: (done[2 * k], done[2 * k + 1]) for k, length in enumerate(shapes)}
 
 
 def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = None,
@@ -252,7 +250,7 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   widths = {length: min(sizes[length], -(-len(group) // n) * n)
             for length, group in groups.items()}
   compiled = time.time()
-  programs = _compile_all(axis, (train_fn, ce_fn), base, state0, {
+  programs = _compile_all(axis, train_fn, ce_fn, base, state0, {
       length: (widths[length], group[0][1].batch(0)) for length, group in groups.items()})
   if programs:
     log(f"ttt: compiled the steps at lengths {', '.join(map(str, sorted(programs)))} at once "
@@ -262,16 +260,16 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   before, after, skipped = [], [], 0
   for length in sorted(groups):
     group, size, width = groups[length], sizes[length], widths[length]
-    train_fn, ce_fn = programs[length]
+    train_at, ce_at = programs[length]
     for first in range(0, len(group), size):
       chunk = group[first:first + size]
       streams = [s for _, s in chunk] + [chunk[-1][1]] * (width - len(chunk))  # padding rows
       state = axis.put(_stack([state0] * width))
       held = axis.put(_stack([s.batch(t.steps) for s in streams]))
-      ce_before = host_value(ce_fn(base, state.params, held))
+      ce_before = host_value(ce_at(base, state.params, held))
       for step in range(t.steps):
-        state, _ = train_fn(base, state, axis.put(_stack([s.batch(step) for s in streams])))
-      ce_after = host_value(ce_fn(base, state.params, held))
+        state, _ = train_at(base, state, axis.put(_stack([s.batch(step) for s in streams])))
+      ce_after = host_value(ce_at(base, state.params, held))
       adapter_K = jax.tree.map(host_value, state.params)
       skipped += int(np.sum(host_value(state.skipped)[:len(chunk)]))
       for k, (task, _) in enumerate(chunk):
