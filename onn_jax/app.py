@@ -101,9 +101,18 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   return summary
 
 
+def use_compile_cache(cfg: Config) -> None:
+  """Points JAX's persistent compilation cache at ``train.jax_cache_dir`` unless that is empty
+  or a cache is set already (JAX_COMPILATION_CACHE_DIR, jax.config)."""
+  if cfg.train.jax_cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      str(Path(cfg.train.jax_cache_dir).expanduser()))
+
+
 def train_and_evaluate(cfg: Config, workdir: Path) -> int:
   """``python -m train.main``: train the configured stages, plot, evaluate on ``data.eval``."""
   from onn_jax import run  # heavy: jitted steps
+  use_compile_cache(cfg)
   try:
     maybe_initialize_distributed(cfg)
     ttt.check(cfg)
@@ -147,6 +156,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not cfg_path.is_file():
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
     cfg = config.load(cfg_path, overrides, saved_run=True)
+    use_compile_cache(cfg)
     ttt.check(cfg)
     if is_main_process():  # before any work: the evaluation's outputs must have a place
       out_dir = faults.check_writable_dir(out_dir or run_dir / "eval", "--out")

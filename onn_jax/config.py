@@ -131,6 +131,11 @@ class TrainConfig:
   run_steps: int = 0  # stop this invocation after this many steps (0: run to the end)
   log_every: int = 10
   max_nonfinite: int = 5  # consecutive non-finite steps that stop the run
+  # JAX's persistent compilation cache: train.main and train.evaluate keep compiled programs
+  # here, so a resumed slice (train.run_steps), an evaluation of a trained run or a second run
+  # of the same shapes skips their compilation. "": off. A cache set already (the
+  # JAX_COMPILATION_CACHE_DIR variable or jax.config) stands.
+  jax_cache_dir: str = "~/.cache/onn_jax/jax"
 
 
 @dataclass(frozen=True)

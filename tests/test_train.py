@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -463,3 +464,29 @@ def test_ema_keeps_the_parameters_dtype(trained_state):
   assert {x.dtype for x in jax.tree.leaves(state.ema)} == {jnp.dtype(jnp.bfloat16)}
   assert [x.dtype for x in jax.tree.leaves(after.ema)] == \
       [x.dtype for x in jax.tree.leaves(state.ema)]
+
+
+_CACHE_PROBE = """
+import sys, jax, jax.numpy as jnp
+from onn_jax import app, config
+cfg = config.load("default", [f"train.jax_cache_dir={sys.argv[1]}"])
+app.use_compile_cache(cfg)
+jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(5.0)).block_until_ready()
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.parametrize("preset", [False, True])
+def test_compiled_programs_go_to_train_jax_cache_dir_unless_a_cache_is_set(tmp_path, preset):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+  if preset:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(theirs)
+  done = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(mine)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  used = theirs if preset else mine
+  assert done.stdout.strip() == str(used)
+  assert any(used.iterdir())  # the program was written there
+  assert not (theirs if not preset else mine).exists()
