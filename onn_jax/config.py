@@ -133,8 +133,8 @@ class TrainConfig:
   max_nonfinite: int = 5  # consecutive non-finite steps that stop the run
   # JAX's persistent compilation cache: train.main and train.evaluate keep compiled programs
   # here, so a resumed slice (train.run_steps), an evaluation of a trained run or a second run
-  # of the same shapes skips their compilation. "": off. A cache set already (the
-  # JAX_COMPILATION_CACHE_DIR variable or jax.config) stands.
+  # of the same shapes skips their compilation. "": off (so is "~" alone, YAML's null). A
+  # cache set already (the JAX_COMPILATION_CACHE_DIR variable or jax.config) stands.
   jax_cache_dir: str = "~/.cache/onn_jax/jax"
 
 

@@ -328,15 +328,16 @@ class Prefetch:
 def _announce_step(bar, compiled: set, stage: str, length: int) -> bool:
   """The bar names the stage of the step it runs; the first step of each (stage, bucket)
   says that it compiles (seconds to minutes, during which the ETA means nothing). Returns
-  whether this step is such a first one (its time is mostly compilation)."""
-  if not bar.desc.startswith(stage):
-    bar.set_description(stage, refresh=False)
-  if (stage, length) not in compiled:
-    compiled.add((stage, length))
-    if not bar.disable:
+  whether this step is such a first one (its time is mostly compilation). A disabled bar
+  (processes other than 0) has no description and says nothing."""
+  first = (stage, length) not in compiled
+  compiled.add((stage, length))
+  if not bar.disable:
+    if not bar.desc.startswith(stage):
+      bar.set_description(stage, refresh=False)
+    if first:
       bar.write(f"compiling {stage} step (bucket {length})")
-    return True
-  return False
+  return first
 
 
 def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):

@@ -490,3 +490,19 @@ def test_compiled_programs_go_to_train_jax_cache_dir_unless_a_cache_is_set(tmp_p
   assert done.stdout.strip() == str(used)
   assert any(used.iterdir())  # the program was written there
   assert not (theirs if not preset else mine).exists()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_each_stage_and_bucket_announces_its_compile_once_on_any_process(enabled, capsys):
+  """Processes other than 0 run a disabled bar (no description): announcing a step there must
+  not fail (it did: AttributeError at the first step of every process but 0)."""
+  from onn_jax import output
+  bar = output.progress(4, "train", enabled=enabled)
+  compiled: set = set()
+  firsts = [run._announce_step(bar, compiled, stage, length)
+            for stage, length in (("pretrain", 128), ("pretrain", 128), ("pretrain", 256),
+                                  ("eavi", 128))]
+  bar.close()
+  assert firsts == [True, False, True, True]
+  said = capsys.readouterr()
+  assert (said.out + said.err).count("compiling") == (3 if enabled else 0)
