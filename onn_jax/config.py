@@ -107,6 +107,12 @@ class DataConfig:
   color_perm: str = "1-9"  # none | 1-9 (0 fixed) | all
   shuffle_demos: bool = True
 
+  @property
+  def packed_len(self) -> int:
+    """The length of a packed row: pack_len when packing (0: the longest bucket), else the
+    longest bucket."""
+    return (self.pack_len if self.pack else 0) or max(self.buckets)
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -124,7 +124,8 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
       logits_BV = jnp.where(grid_allowed(grid_state), logits_BV, -jnp.inf)
     token_B, fed_BV = _choose(logits_BV, feed, temperature, rng, global_rows_B)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], -1)[:, 0]
-    grid_state = grid_advance(grid_state, token_B)
+    if grid:
+      grid_state = grid_advance(grid_state, token_B)
     token_B = jnp.where(done_B, PAD, token_B)
     fed_BV = jnp.where(done_B[:, None], jax.nn.one_hot(PAD, VOCAB_SIZE), fed_BV)
     logp_B = jnp.where(done_B, 0.0, logp_B)

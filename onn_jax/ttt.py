@@ -132,8 +132,7 @@ def tasks_per_chunk(cfg: Config, length: int) -> int:
   packing off: the longest bucket), proportionally more at shorter buckets and fewer (at least
   one) at longer ones, so a step holds about as many tokens at every length; 0
   (``ttt.chunk=0``): all."""
-  anchor = (cfg.data.pack_len if cfg.data.pack else 0) or max(cfg.data.buckets)
-  return max(1, cfg.ttt.chunk * anchor // length) if cfg.ttt.chunk else 0
+  return max(1, cfg.ttt.chunk * cfg.data.packed_len // length) if cfg.ttt.chunk else 0
 
 
 def _stack(trees: Sequence[Any]) -> Any:

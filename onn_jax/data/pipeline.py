@@ -288,7 +288,7 @@ class BatchStream:
       if rows % process_count:
         raise ValueError(f"data.max_batch_tokens={cfg.max_batch_tokens} gives bucket {b} {rows} "
                          f"rows, which do not divide over {process_count} processes")
-    self.pack_len = (cfg.pack_len if cfg.pack else 0) or self.buckets[-1]
+    self.pack_len = cfg.packed_len
     if self.pack_len not in self.buckets:
       raise ValueError(f"data.pack_len={cfg.pack_len} is not one of data.buckets {cfg.buckets}")
     if pack_align < 1:
