@@ -720,3 +720,32 @@ def test_tiny_model_trains_with_the_sparse_dispatch():
         assert float(metrics["experts_per_token"]) * B * T <= capacity
   np.testing.assert_allclose(losses["tiled"][0], losses["dense"][0], rtol=1e-5)
   assert losses["tiled"][-1] < 0.9 * losses["tiled"][0]
+
+
+def _cond_outputs(jaxpr) -> list:
+  """The output avals of every cond in ``jaxpr`` and the jaxprs nested in its equations."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      found += [v.aval for v in eqn.outvars]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _cond_outputs(inner)
+  return found
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_sparse_gradient_saves_no_dense_activations(impl):
+  """Differentiating the capacity cond saves the residuals of both branches (zeros for the one
+  not taken). The dense fallback is rematerialised, so none of its [B, T, E, F] activations is
+  a residual: on an H200 the sparse layer wrote five of them (5 GiB) on every call and ran at
+  7.4 ms instead of 3.4."""
+  x_BTC, valid_BT, params, r_BTC = _layer_setup()
+  layer = DynMoE(impl=impl, tile=4, capacity=1.25, **SPARSE_KW)
+  loss = lambda p, x: jnp.sum(layer.apply({"params": p}, x, valid_BT)[0] * r_BTC)
+  outs = _cond_outputs(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x_BTC).jaxpr)
+  assert outs, "the sparse layer differentiates through its capacity cond"
+  per_expert_activations = x_BTC.shape[:2] + (SPARSE_KW["num_experts"],)
+  assert not [a.shape for a in outs if a.ndim == 4 and a.shape[:3] == per_expert_activations]

@@ -37,11 +37,16 @@ Array = jax.Array
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
 IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "batched", "auto")
-# What impl="auto" runs on a GPU (dense elsewhere): the sparse dispatch that measured fastest at
-# the trained density (`python -m train.bench --only layers`, the DynMoE rows). Dense when no
-# sparse dispatch beats the all-experts einsum, as on an H200 (jax 0.11.2, 2026-11-30, one
-# arc1 layer fwd+bwd at 32 x 2048, 4.01 of 16 experts per token): dense 5.43 ms, ragged 30.7 ms
-# (XLA's ragged_dot); tiled did not finish compiling in 100 s (twice), so was not timed.
+# What impl="auto" runs on a GPU (dense elsewhere). H200, jax 0.11.2, 2026-12-01, one arc1 layer
+# fwd+bwd at 32 x 2048 (`python -m train.bench --only layers`): at the trained density (4.0 of
+# 16 experts per token) tiled 4.13 ms and batched 3.43 ms against dense 5.82 (ragged 26.2); with
+# routing as uneven as a trained run's (busiest expert 2.4x the mean) tiled 3.9 ms, while
+# batched overflows its rows and falls back (6.8 ms). But in a real arc1 run most layers route
+# above the capacity (5 of 16) for the first 600 steps or more (4.3-6.2 experts per token by
+# layer at step 600) and compute the dense fallback: tiled and dense trained at the same step
+# time and loss there (docs/bench/arc1_600steps_moe_*). Dense stays the default: a sparse
+# dispatch also drops the gate's straight-through gradient from unused experts, and under
+# jax.vmap (test-time training) runs both branches.
 AUTO_GPU_IMPL: str = "dense"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
 # tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
