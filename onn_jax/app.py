@@ -20,7 +20,8 @@ from onn_jax.data.tasks import DataError, filter_max_grid, load_tasks
 from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
 from onn_jax.model.transformer import Transformer, init_params
-from onn_jax.parallel import AXIS, is_main_process, maybe_initialize_distributed, resolve_mode
+from onn_jax.parallel import (AXIS, DISTRIBUTED_KEYS, is_main_process,
+                              maybe_initialize_distributed, resolve_mode)
 from onn_jax import ttt  # test-time training (before evaluation, when ttt.steps > 0)
 
 USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, faults.OutputError)
@@ -75,6 +76,9 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   mesh = None
   if resolve_mode(cfg) != "single":  # split tasks x views over every device of every host
     mesh = Mesh(np.array(jax.devices()), (AXIS,))
+    # Host copies, the same on every process: placing an array held by one process's device
+    # on a mesh of several hosts would be a cross-host transfer, which jax refuses.
+    params = jax.device_get(params)
   adapters, group_of = None, None
   if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
     adapted, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
@@ -156,6 +160,13 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not cfg_path.is_file():
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
     cfg = config.load(cfg_path, overrides, saved_run=True)
+    # Joining a multi-host job is this command's choice, not the trained run's: a run trained
+    # on two hosts evaluates on one unless this command line gives the flags again.
+    asked = {o.split("=", 1)[0].strip() for o in overrides}
+    cfg = config.replace(cfg, parallel={key: getattr(config.ParallelConfig(), key)
+                                        for key in DISTRIBUTED_KEYS
+                                        if f"parallel.{key}" not in asked})
+    maybe_initialize_distributed(cfg)  # before anything touches a device
     use_compile_cache(cfg)
     ttt.check(cfg)
     if is_main_process():  # before any work: the evaluation's outputs must have a place
@@ -167,7 +178,6 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")
     if data:  # the user's data, whole: only a filter asked for on this command line applies
-      asked = {o.split("=", 1)[0].strip() for o in overrides}
       tasks = load_eval_tasks(spec, cfg,
                               cfg.eval.max_tasks if "eval.max_tasks" in asked else 0,
                               cfg.data.max_grid if "data.max_grid" in asked else 30)

@@ -42,6 +42,11 @@ def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
   return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+# The parallel.* keys that make maybe_initialize_distributed join a multi-host job.
+DISTRIBUTED_KEYS: tuple[str, ...] = ("distributed", "coordinator_address", "num_processes",
+                                     "process_id")
+
+
 def maybe_initialize_distributed(cfg: Config) -> bool:
   """Calls ``jax.distributed.initialize()`` when the config or the environment asks for it.
 

@@ -400,6 +400,24 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
     assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "challenges.json"), tmp_path / "u",
                                    overrides) == 0
     assert [t.id for t in seen["tasks"]] == ids
+  # Joining a multi-host job is this command's choice: the flags a run was trained with are not
+  # inherited (it may be evaluated on one host); flags on the command line reach jax first.
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  saved = (tmp_path / "config.yaml").read_text()
+  assert "coordinator_address: ''" in saved
+  (tmp_path / "config.yaml").write_text(saved.replace("coordinator_address: ''",
+                                                      "coordinator_address: 10.0.0.1:1234"))
+  assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:evaluation", tmp_path / "d",
+                                 ["eval.max_tasks=1"]) == 0
+  assert calls == []
+  flags = ["parallel.coordinator_address=10.0.0.2:5678", "parallel.num_processes=2",
+           "parallel.process_id=1"]
+  assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:evaluation", tmp_path / "d",
+                                 ["eval.max_tasks=1"] + flags) == 0
+  assert calls == [dict(coordinator_address="10.0.0.2:5678", num_processes=2, process_id=1)]
 
 
 def test_learning_rate_follows_the_run_step_across_a_skipped_step(trained_state):
