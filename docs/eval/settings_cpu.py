@@ -1,10 +1,19 @@
-"""More views at evaluation (eval.color_perms), CPU default scale: the tf runs of a CPU verdict
-study (README Results: 350 steps, 3 seeds), AugScore on the held-out test outputs of their 46
-training tasks with 0, 1 and 3 colour-permuted copies of each of the 8 D8 views (8, 16 and 32
-views). Besides the official score: coverage, the test outputs that any candidate matches
-(what a perfect ranking would reach), and the rank of the right candidate where it is one.
+"""Evaluation settings compared on the runs of a CPU verdict study (README Results:
+`configs/default.yaml`, 350 steps, 3 seeds): each setting scores the held-out test outputs of
+the runs' 46 training tasks with the final weights. Besides the official score: coverage, the
+test outputs that some candidate matches (what a perfect ranking would reach), and the rank
+of the right candidate where there is one.
 
-  python docs/eval/color_perms_cpu.py runs/loss_outputs color_perms_cpu.json
+  python docs/eval/settings_cpu.py STUDY OUT.json SETTING [SETTING ...]
+
+A setting is comma-separated overrides, e.g. the grid grammar (docs/eval/grid_cpu_default.json,
+on runs/verdict_cpu, written by this script's first form with other keys) and more views (docs/eval/color_perms_cpu_outputs.json, on the study with
+data.loss_on=outputs):
+
+  python docs/eval/settings_cpu.py runs/verdict_cpu grid.json eval.mode=greedy,eval.grid=false \\
+      eval.mode=greedy,eval.grid=true eval.mode=augscore,eval.grid=false eval.mode=augscore,eval.grid=true
+  python docs/eval/settings_cpu.py runs/loss_outputs perms.json eval.mode=augscore,eval.color_perms=0 \\
+      eval.mode=augscore,eval.color_perms=3
 """
 import dataclasses, json, sys, tempfile, time
 from pathlib import Path
@@ -14,7 +23,7 @@ from onn_jax import app, checkpoint, config
 from onn_jax.data.pipeline import build_training_tasks
 from onn_jax.model.transformer import init_params
 
-study, dest = (sys.argv[1:] + ["runs/loss_outputs", "color_perms_cpu.json"][len(sys.argv) - 1:])[:2]
+study, dest, settings = sys.argv[1], sys.argv[2], sys.argv[3:]
 out = {}
 for seed in (0, 1, 2):
   run = f"{study}/runs/tf_s{seed}"
@@ -25,8 +34,8 @@ for seed in (0, 1, 2):
   tasks = sorted((t for t in build_training_tasks(data, log=lambda _: None)[0] if t.test),
                  key=lambda t: t.id)
   targets = {(t.id, i): np.asarray(pair[1]) for t in tasks for i, pair in enumerate(t.test)}
-  for perms in (0, 1, 3):
-    c = config.replace(cfg, eval={"mode": "augscore", "color_perms": perms})
+  for setting in settings:
+    c = config.load(f"{run}/config.yaml", setting.split(","), saved_run=True)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
       s = app.evaluate_params(c, params, tasks, Path(tmp), log=lambda _: None)
@@ -38,10 +47,10 @@ for seed in (0, 1, 2):
                if np.array_equal(np.asarray(r["candidates"][cand]), want)]
         ranks.append(hit[0] + 1 if hit else None)
     row = {k: s[k] for k in ("solved", "num_test_inputs", "score", "pass@1", "pass@2",
-                             "malformed", "generations", "mean_candidates")}
+                             "malformed", "generations", "fallback", "mean_candidates")}
     row.update(covered=sum(r is not None for r in ranks),
                right_ranks=sorted(r for r in ranks if r is not None),
                seconds=round(time.time() - t0, 1))
-    out[f"s{seed}/color_perms={perms}"] = row
-    print(seed, perms, row, flush=True)
+    out[f"s{seed}/{setting}"] = row
+    print(seed, setting, row, flush=True)
 json.dump(out, open(dest, "w"), indent=1)
