@@ -521,7 +521,7 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 
   # Rematerialised: differentiating a cond saves the residuals of both branches, zeros for the
   # one not taken, so a sparse call would write dense's [N, E, F] activations (five of them,
-  # 5 GiB at arc1's 32 x 2048: the layer took 7.4 ms instead of 3.3 on an H200). Under
+  # 5 GiB at arc1's 32 x 2048: the layer took 7.4 ms instead of 3.4 on an H200). Under
   # jax.checkpoint the fallback saves only its inputs and recomputes the rest when it runs.
   @jax.checkpoint
   def dense(x_BTC, weights_BTE, used_NE, params):
