@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 # Eight host devices for the data-parallel tests; must be set before jax initialises.
@@ -15,7 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from onn_jax import config  # noqa: E402
+from onn_jax import config, steps  # noqa: E402
 
 # CPU unless asked otherwise (ONN_JAX_TEST_PLATFORMS=cuda runs the numeric tests on a GPU).
 jax.config.update("jax_platforms", os.environ.get("ONN_JAX_TEST_PLATFORMS", "cpu"))
@@ -44,3 +45,31 @@ def tiny_config(**sections) -> config.Config:
 @pytest.fixture(scope="session")
 def tiny_cfg() -> config.Config:
   return tiny_config()
+
+
+def adam_ratio_bound(t: int, b1: float, b2: float) -> float:
+  """Largest |m_hat / sqrt(v_hat)| Adam can produce at step ``t`` (1-based), for any gradients.
+
+  By Cauchy-Schwarz, (sum_i a_i |g_i|)^2 <= sum_i a_i^2 / c_i * sum_i c_i g_i^2 with
+  a_i = (1-b1) b1^(t-i), c_i = (1-b2) b2^(t-i); with the bias corrections this is
+  sqrt((1-b2^t) / (1-b1^t)^2 * (1-b1)^2 / (1-b2) * sum_{k<t} (b1^2/b2)^k). It is 1 at t=1.
+  """
+  r = b1 * b1 / b2
+  geometric = sum(r ** k for k in range(t))
+  return math.sqrt((1 - b2 ** t) / (1 - b1 ** t) ** 2 * (1 - b1) ** 2 / (1 - b2) * geometric)
+
+
+def param_bound(cfg, num_steps: int) -> float:
+  """How far one parameter can drift between two modes after ``num_steps`` AdamW steps.
+
+  Adam divides the first moment by the root of the second: where a gradient entry is at the
+  rounding level (a bias the softmax ignores, an expert that saw almost no tokens), the two
+  modes' rounding differences decide the sign of the update, so that entry may move by
+  lr_s * adam_ratio_bound(s) in opposite directions in the two runs at every step s (weight
+  decay only shrinks a difference). Entries with real gradients agree far more tightly; the
+  loss curves compared at RTOL catch any real divergence of the parameters (a wrong update of
+  many entries changes the next loss by about lr * sum|g|, far above rounding).
+  """
+  lr = steps.learning_rate_schedule(cfg)
+  t = cfg.train
+  return sum(2 * float(lr(s)) * adam_ratio_bound(s + 1, t.b1, t.b2) for s in range(num_steps))

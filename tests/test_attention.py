@@ -17,7 +17,7 @@ from onn_jax.model.transformer import Transformer, init_cache, init_params
 from onn_jax.run import make_runner
 from train.bench import synthetic_batch
 
-from conftest import tiny_config
+from conftest import param_bound, tiny_config
 
 VARIANTS = ("full", "dynsmlora")
 # float32 logits of O(10) through 2 layers; the cached and full passes sum the same terms in
@@ -156,7 +156,11 @@ def test_one_train_step_sharded_equals_single_device(variant):
   # Sums over 8 shards instead of one: float32 reassociation, ~1e-7 relative per add.
   for key in ("loss", "grad_norm", "sdl"):
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p8, p1)
+  # After the Adam step, an entry whose gradient is at the rounding level may move either way
+  # (param_bound); one did, by 3.9e-6, on a fresh machine.
+  bound = param_bound(cfg, 1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 + bound),
+               p8, p1)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -8,7 +8,6 @@ compilations overlap; the tests compare what it recorded.
 from __future__ import annotations
 
 import concurrent.futures
-import math
 
 import jax
 import numpy as np
@@ -21,7 +20,7 @@ from onn_jax.model.transformer import Transformer
 from onn_jax.parallel import Runner
 from onn_jax.run import make_runner
 
-from conftest import tiny_config
+from conftest import adam_ratio_bound, param_bound, tiny_config
 
 MODES = ("single", "shard_map", "pmap")
 K_TF, K_EAVI, CKPT_AT = 4, 2, 2  # teacher-forcing steps, EAVI steps, checkpoint after step 2
@@ -30,34 +29,6 @@ K_TF, K_EAVI, CKPT_AT = 4, 2, 2  # teacher-forcing steps, EAVI steps, checkpoint
 # differ by about sqrt(n) * eps_f32 = 32 * 1.2e-7 = 4e-6 relative (random-walk rounding), so
 # rtol 1e-5; atol 1e-6 for metrics near zero (SDL terms, fallback fractions).
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def adam_ratio_bound(t: int, b1: float, b2: float) -> float:
-  """Largest |m_hat / sqrt(v_hat)| Adam can produce at step ``t`` (1-based), for any gradients.
-
-  By Cauchy-Schwarz, (sum_i a_i |g_i|)^2 <= sum_i a_i^2 / c_i * sum_i c_i g_i^2 with
-  a_i = (1-b1) b1^(t-i), c_i = (1-b2) b2^(t-i); with the bias corrections this is
-  sqrt((1-b2^t) / (1-b1^t)^2 * (1-b1)^2 / (1-b2) * sum_{k<t} (b1^2/b2)^k). It is 1 at t=1.
-  """
-  r = b1 * b1 / b2
-  geometric = sum(r ** k for k in range(t))
-  return math.sqrt((1 - b2 ** t) / (1 - b1 ** t) ** 2 * (1 - b1) ** 2 / (1 - b2) * geometric)
-
-
-def param_bound(cfg, num_steps: int) -> float:
-  """How far one parameter can drift between two modes after ``num_steps`` AdamW steps.
-
-  Adam divides the first moment by the root of the second: where a gradient entry is at the
-  rounding level (a bias the softmax ignores, an expert that saw almost no tokens), the two
-  modes' rounding differences decide the sign of the update, so that entry may move by
-  lr_s * adam_ratio_bound(s) in opposite directions in the two runs at every step s (weight
-  decay only shrinks a difference). Entries with real gradients agree far more tightly; the
-  loss curves compared at RTOL catch any real divergence of the parameters (a wrong update of
-  many entries changes the next loss by about lr * sum|g|, far above rounding).
-  """
-  lr = steps.learning_rate_schedule(cfg)
-  t = cfg.train
-  return sum(2 * float(lr(s)) * adam_ratio_bound(s + 1, t.b1, t.b2) for s in range(num_steps))
 
 
 @pytest.fixture(scope="module", autouse=True)
