@@ -7,8 +7,9 @@ of the right candidate where there is one.
   python docs/eval/settings_cpu.py STUDY OUT.json SETTING [SETTING ...]
 
 A setting is comma-separated overrides, e.g. the grid grammar (docs/eval/grid_cpu_default.json,
-on runs/verdict_cpu, written by this script's first form with other keys) and more views (docs/eval/color_perms_cpu_outputs.json, on the study with
-data.loss_on=outputs):
+on runs/verdict_cpu, written by this script's first form with other keys) and more views
+(docs/eval/color_perms_cpu_outputs_seed0.json: seed 0 of the study with data.loss_on=outputs,
+collected from this script's printed rows as seeds 1 and 2 did not finish):
 
   python docs/eval/settings_cpu.py runs/verdict_cpu grid.json eval.mode=greedy,eval.grid=false \\
       eval.mode=greedy,eval.grid=true eval.mode=augscore,eval.grid=false eval.mode=augscore,eval.grid=true
