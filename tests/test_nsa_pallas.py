@@ -186,6 +186,85 @@ def test_selected_kernel_unused_slots_and_partial_last_block(variant, monkeypatc
     np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
 
 
+CHOICE_GEOS = {
+    # One tile of selection blocks, R = 2, block_len not a multiple of the stride.
+    "one_tile": Geo(B=2, T=37, S=37, H=4, G=2, D=8, block_len=6, block_stride=4, select_len=8,
+                    num_select=4, window=9),
+    # J = 75 selection blocks: 5 tiles walked (blocks reaching into the next tile), 5 tiles of
+    # 64 queries (the last one partial), tiles past a query tile's last candidate skipped;
+    # num_select = 5 (not a power of two).
+    "many_tiles": Geo(B=1, T=300, S=300, H=2, G=1, D=4, block_len=4, block_stride=2,
+                      select_len=4, num_select=5, window=9),
+}
+
+
+def _choice_case(geo: Geo):
+  R = geo.H // geo.G
+  args = make_inputs(geo, seed=3)
+  q = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
+  pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
+  bsl = dict(block_len=geo.block_len, block_stride=geo.block_stride)
+  _, p = nsa._compressed_branch(q, args["k_cmp"], args["v_cmp"], pos, **bsl)
+  want = nsa.selection_scores(p.reshape(geo.B, geo.T, geo.H, geo.N), num_groups=geo.G,
+                              seq_len=geo.S, select_len=geo.select_len, **bsl)
+  kw = dict(num_sel=want.shape[-1], num_select=geo.num_select, select_len=geo.select_len,
+            interpret=True, **bsl)
+  assert nsa_pallas.block_choice_supported(select_len=geo.select_len, **bsl)
+  return q, args["k_cmp"], pos, want, kw
+
+
+@pytest.mark.parametrize("name", list(CHOICE_GEOS))
+def test_block_choice_kernel_matches_selection(name):
+  """The fused block-choice kernel against ``selection_scores`` and ``select_blocks`` of the
+  reference's compressed probabilities. Each score is a sum of at most R * W (<= 10)
+  probabilities in [0, 1], computed with another summation order (online log-sum-exp over
+  tiles): a few float32 roundings (1.2e-7) of terms <= 1, so atol 1e-5. The choices are
+  compared by the reference scores of the chosen blocks, slot by slot (a near-tie may swap two
+  blocks of equal score); forced blocks and unused slots exactly."""
+  geo = CHOICE_GEOS[name]
+  q, k, pos, want, kw = _choice_case(geo)
+  got = nsa_pallas.block_choice(q, k, pos, scores=True, **kw)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+  idx_got = np.asarray(nsa_pallas.block_choice(q, k, pos, **kw))
+  idx_want = np.asarray(nsa._top_blocks(want, pos, None, num_select=geo.num_select,
+                                        select_len=geo.select_len))
+  assert idx_got.shape == idx_want.shape == (geo.B, geo.T, geo.G, geo.num_select)
+  np.testing.assert_array_equal(idx_got < 0, idx_want < 0)
+  cur = np.asarray(pos)[:, :, None, None] // geo.select_len
+  forced = lambda idx: (idx == 0) | (idx == cur) | (idx == cur - 1)  # noqa: E731
+  np.testing.assert_array_equal(forced(idx_got), forced(idx_want))
+  np.testing.assert_array_equal(np.where(forced(idx_want), idx_got, 0),
+                                np.where(forced(idx_want), idx_want, 0))
+  score_of = lambda idx: np.where(idx >= 0, np.take_along_axis(  # noqa: E731
+      np.asarray(want), np.maximum(idx, 0), axis=-1), 0.0)
+  np.testing.assert_allclose(score_of(idx_got), score_of(idx_want), rtol=0, atol=1e-5)
+
+
+def test_block_choice_ties_go_to_the_lower_block():
+  """Equal scores (identical compressed keys): the candidates are taken in block order, as
+  lax.top_k takes them, across tiles and across the kept list."""
+  geo = CHOICE_GEOS["many_tiles"]
+  q, k, pos, _, kw = _choice_case(geo)
+  k = jnp.broadcast_to(k[:, :1], k.shape)
+  got = np.asarray(nsa_pallas.block_choice(q, k, pos, **kw))
+  _, p = nsa._compressed_branch(q, k, k, pos, block_len=geo.block_len,
+                                block_stride=geo.block_stride)
+  want = nsa._choose_blocks(p, pos, None, seq_len=geo.S, num_select=geo.num_select,
+                            block_len=geo.block_len, block_stride=geo.block_stride,
+                            select_len=geo.select_len)
+  # Every visible block has the same probability, so the blocks past the first overlap the
+  # same number of equal terms and their scores are equal bit for bit in both computations.
+  np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_block_choice_supported_geometries():
+  assert nsa_pallas.block_choice_supported(block_len=16, block_stride=8, select_len=32)
+  # select_len not a multiple of the stride: the tiles of the walk would not repeat.
+  assert not nsa_pallas.block_choice_supported(block_len=5, block_stride=5, select_len=8)
+
+
 def test_keyblock_plan_covers_every_pair_once():
   """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
   of an item of its own block, whose rows read that token's query heads at its position;

@@ -42,6 +42,15 @@ VARIANTS = {
     # The compressed branch (nsa module): the XLA chunks instead of the default folded
     # attention (one causal cuDNN attention over query groups).
     "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),
+    # The block choice after the folded branch: XLA chunks instead of the fused scores kernel.
+    "choice_chunked": dict(PALLAS_CHOICE="chunked"),
+    # The fused block-choice kernel's launch and tile settings (nsa_pallas).
+    "choice_w8": dict(CHOICE_NUM_WARPS=8),
+    "choice_w2": dict(CHOICE_NUM_WARPS=2),
+    "choice_q32": dict(CHOICE_TOKENS=32),
+    "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
+    "choice_tf32x3": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),
+    "choice_long_first": dict(CHOICE_LONG_FIRST=True),
 }
 
 
@@ -92,10 +101,18 @@ def rel_err(got, want) -> float:
   return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def check(results: dict) -> None:
+def check(results: dict, variants=()) -> None:
   """Pallas against the reference: bf16 (cuDNN window path) and float32 (highest precision),
-  training shapes and one-token decoding with per-example offsets."""
+  training shapes and one-token decoding with per-example offsets; for the default settings
+  and each of ``variants``."""
   rows = []
+  for var in (None,) + tuple(variants):
+    with variant(var):
+      _check_rows(rows, var)
+  results["check"] = rows
+
+
+def _check_rows(rows: list, var) -> None:
   for dtype, B, T, q_offset in ((jnp.bfloat16, 2, 1024, 0), (jnp.float32, 2, 1024, 0),
                                 (jnp.float32, 3, 1, np.array([5, 700, 1023]))):
     S = 1024
@@ -104,7 +121,7 @@ def check(results: dict) -> None:
       args["q"], args["gates"] = args["q"][:, :T], args["gates"][:, :T]
     args["cot"] = jax.random.normal(jax.random.PRNGKey(2), args["q"].shape, jnp.float32)
     off = q_offset if isinstance(q_offset, int) else jnp.asarray(q_offset, jnp.int32)
-    row = dict(dtype=jnp.dtype(dtype).name, B=B, T=T, S=S)
+    row = dict(dtype=jnp.dtype(dtype).name, B=B, T=T, S=S, variant=var)
     try:
       with jax.default_matmul_precision("highest"):
         ref_args = {n: v.astype(jnp.float32) for n, v in args.items()}
@@ -116,7 +133,6 @@ def check(results: dict) -> None:
       row["status"] = f"{type(e).__name__}: {str(e)[:2000]}"
     rows.append(row)
     print("check", json.dumps(row), flush=True)
-  results["check"] = rows
 
 
 def time_case(fn, args, iters: int) -> dict:
@@ -162,8 +178,10 @@ def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: Non
 
 def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=(),
               save=lambda: None) -> None:
-  """Forward+backward time of each piece of the pallas path (compressed branch + block
-  choice, selected kernel, window branch) on its own."""
+  """Time of each piece of the pallas path on its own, as ``nsa_core`` runs it for one sequence
+  a row: the compressed branch (folded cuDNN attention, forward+backward), the block choice
+  (forward only: fused kernel, XLA chunks, the kernel writing scores only), the selected kernel (forward, forward+backward) and the window branch
+  (cuDNN sliding window, forward, forward+backward); the chunked compressed branch too."""
   from onn_jax.model import nsa, nsa_pallas
   rows = results.setdefault("breakdown", [])
   for B, T in cases:
@@ -171,51 +189,72 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     R = H // G
     q5 = args["q"].reshape(B, T, G, R, D)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    geo = dict(seq_len=T, block_len=16, block_stride=8, select_len=32, num_select=8)
+    sel = dict(seq_len=T, block_len=16, block_stride=8, select_len=32, num_select=8)
+    fold = dict(block_len=16, block_stride=8)
 
-    def cmp_loss(q5, k, v):
-      out, idx = nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
+    def cmp_chunked_loss(q5, k, v):
+      out, idx = nsa._compressed_and_selection_chunked(q5, k, v, pos, None, **sel)
       return jnp.sum(out) + 0.0 * jnp.sum(idx)
-    _, idx = jax.jit(lambda q5, k, v: nsa._compressed_and_selection_chunked(
-        q5, k, v, pos, **geo))(q5, args["k_cmp"], args["v_cmp"])
 
-    def cmp_fwd(q5, k, v):
-      return nsa._compressed_and_selection_chunked(q5, k, v, pos, **geo)
+    def cmp_folded_loss(q5, k, v):
+      return jnp.sum(nsa._compressed_folded(q5, k, v, **fold))
+
+    def choice(q5, k, v):
+      return nsa._folded_choice(q5, k, pos, **sel)
+
+    def choice_chunked(q5, k, v):
+      return nsa._selection_chunked(q5, k, pos, **sel)
+
+    def choice_scores(q5, k, v):
+      return nsa_pallas.block_choice(q5, k, pos, num_sel=T // 32, scores=True,
+                                     interpret=nsa_pallas.use_interpret(),
+                                     **{n: v for n, v in sel.items() if n != "seq_len"})
+
+    idx = jax.jit(choice)(q5, args["k_cmp"], args["v_cmp"])
 
     # The block choice is an argument, not a constant: a constant would be folded into the
     # backward's sort at compile time.
     def slc_loss(q5, k, v, idx):
-      return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32, nsa_pallas.use_interpret()))
+      return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32,
+                                                   nsa_pallas.use_interpret()))
 
     def win_loss(q5, k, v):
       return jnp.sum(nsa._window_pallas_path(q5, k, v, pos, 128, True))
 
     def wrap(f, names):
-      g = jax.jit(lambda a: f(*(a[n] for n in names)))
-      return g
+      return jax.jit(lambda a: f(*(a[n] for n in names)))
     a = dict(q5=q5, idx=idx, **args)
+    qkv_cmp, qkv_slc, qkv_win = (("q5", "k_cmp", "v_cmp"), ("q5", "k_slc", "v_slc", "idx"),
+                                 ("q5", "k_win", "v_win"))
     row = dict(B=B, T=T)
     rows.append(row)
-    row["cmp_fwd"] = time_case(wrap(cmp_fwd, ("q5", "k_cmp", "v_cmp")), a, iters)
-    row["cmp_fwd_bwd"] = time_case(wrap(jax.grad(cmp_loss, (0, 1, 2)), ("q5", "k_cmp", "v_cmp")),
-                                   a, iters)
-    row["slc_fwd"] = time_case(wrap(slc_loss, ("q5", "k_slc", "v_slc", "idx")), a, iters)
-    row["slc_fwd_bwd"] = time_case(
-        wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
-    for var in variants:
+    row["cmp_folded_fwd_bwd"] = time_case(wrap(jax.grad(cmp_folded_loss, (0, 1, 2)), qkv_cmp),
+                                          a, iters)
+    row["choice_fwd"] = time_case(wrap(choice, qkv_cmp), a, iters)
+    row["choice_chunked_fwd"] = time_case(wrap(choice_chunked, qkv_cmp), a, iters)
+    row["choice_kernel_scores_only_fwd"] = time_case(wrap(choice_scores, qkv_cmp), a, iters)
+    row["cmp_folded_fwd"] = time_case(wrap(lambda *x: nsa._compressed_folded(*x, **fold),
+                                           qkv_cmp), a, iters)
+    row["cmp_chunked_fwd_bwd"] = time_case(wrap(jax.grad(cmp_chunked_loss, (0, 1, 2)), qkv_cmp),
+                                           a, iters)
+    row["slc_fwd"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
+    row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc), a, iters)
+    for var in variants:  # the block choice's variants time the choice, others the kernel
       with variant(var):
-        row[f"slc_fwd_bwd[{var}]"] = time_case(
-            wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
+        if var.startswith("choice"):
+          row[f"choice_fwd[{var}]"] = time_case(wrap(choice, qkv_cmp), a, iters)
+        else:
+          row[f"slc_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
+                                                 a, iters)
       save()
     for warps in (1, 2, 8) if sweep else ():
       nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = warps
-      row[f"slc_fwd_w{warps}"] = time_case(
-          wrap(slc_loss, ("q5", "k_slc", "v_slc", "idx")), a, iters)
-      row[f"slc_fwd_bwd_w{warps}"] = time_case(
-          wrap(jax.grad(slc_loss, (0, 1, 2)), ("q5", "k_slc", "v_slc", "idx")), a, iters)
+      row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
+      row[f"slc_fwd_bwd_w{warps}"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
+                                               a, iters)
     nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = 4
-    row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), ("q5", "k_win", "v_win")),
-                                   a, iters)
+    row["win_fwd"] = time_case(wrap(win_loss, qkv_win), a, iters)
+    row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), qkv_win), a, iters)
     save()
     print("breakdown", json.dumps(row), flush=True)
 
@@ -248,7 +287,7 @@ def main(argv=None) -> None:
     if v not in VARIANTS:
       p.error(f"--variants: unknown {v!r}; known: {sorted(VARIANTS)}")
   if not a.skip_check:
-    check(results)
+    check(results, variants)
     save()
   cases = parse(a.cases)
   bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save)

@@ -497,8 +497,13 @@ def _choose_blocks(p_BTGRN, pos_BT, lo_BT, *, seq_len: int, block_len: int, bloc
   scores = selection_scores(p_BTGRN.reshape(B, T, G * R, N), num_groups=G, seq_len=seq_len,
                             block_len=block_len, block_stride=block_stride,
                             select_len=select_len)
-  idx, valid = select_blocks(scores, pos_BT, num_select=num_select, select_len=select_len,
-                             lo=lo_BT)
+  return _top_blocks(scores, pos_BT, lo_BT, num_select=num_select, select_len=select_len)
+
+
+def _top_blocks(scores_BTGJ, pos_BT, lo_BT, *, num_select: int, select_len: int) -> jax.Array:
+  """:func:`select_blocks` with the unused slots marked ``-1``: [B,T,G,K] int32."""
+  idx, valid = select_blocks(scores_BTGJ, pos_BT, num_select=num_select,
+                             select_len=select_len, lo=lo_BT)
   return jnp.where(valid, idx, -1)
 
 
@@ -509,6 +514,11 @@ def _choose_blocks(p_BTGRN, pos_BT, lo_BT, *, seq_len: int, block_len: int, bloc
 # chunked 8.9 / 23.6 / 34.7 ms at 32x2048 / 8x8192 / 1x32768.
 PALLAS_CMP_ATTENTION = "folded"
 FOLDED_PAD = 64  # the folded attention's length (query groups = blocks) is a multiple of this
+# impl="pallas", folded compressed branch: how the block choice is made ("kernel":
+# nsa_pallas.block_choice, one fused pass that stores only the chosen blocks, where
+# block_choice_supported; "chunked": XLA over chunks of queries, _selection_chunked).
+# H200, forward: measured in train.nsa_kernel_check --breakdown (README, Benchmarks).
+PALLAS_CHOICE = "kernel"
 
 
 def _fold_queries(x_BTGRD: jax.Array, num_cmp: int, block_len: int, block_stride: int
@@ -542,11 +552,10 @@ def _unfold(x_BNF: jax.Array, T: int, G: int, R: int, block_len: int, block_stri
 
 
 def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: int
-                       ) -> tuple[jax.Array, jax.Array]:
-  """The compressed branch (queries at 0..T-1, one sequence a row) as one square causal
-  attention over query groups (:func:`_fold_queries`): cuDNN's fused kernel on GPU for 16-bit
-  inputs. Returns the output [B,T,G,R,D] float32 and the log-sum-exp of each query's scaled
-  logits [B,T,G,R] (``-inf`` where no block is visible yet)."""
+                       ) -> jax.Array:
+  """The compressed branch's output [B,T,G,R,D] float32 (queries at 0..T-1, one sequence a
+  row) as one square causal attention over query groups (:func:`_fold_queries`): cuDNN's
+  fused kernel on GPU for 16-bit inputs."""
   from onn_jax.model.attention.full import attention_implementation
   B, T, G, R, D = q_BTGRD.shape
   # cuDNN takes no odd lengths when training; a multiple of its 64-row tiles costs nothing
@@ -555,35 +564,52 @@ def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: i
   k_cmp, v_cmp = (jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)])
                   for x in (k_cmp, v_cmp))
   q_BNFD = _fold_queries(q_BTGRD, N, block_len, block_stride)
-  out_BNFD, lse_BNF = jax.nn.dot_product_attention(
-      q_BNFD, k_cmp, v_cmp, is_causal=True, return_residual=True,
-      implementation=attention_implementation(q_BNFD.dtype))
-  out = _unfold(out_BNFD.astype(_F32), T, G, R, block_len, block_stride, 0.0)
-  lse = _unfold(lse_BNF.astype(_F32), T, G, R, block_len, block_stride, -jnp.inf)
-  return out, jax.lax.stop_gradient(lse)
+  out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, is_causal=True,
+                                          implementation=attention_implementation(q_BNFD.dtype))
+  return _unfold(out_BNFD.astype(_F32), T, G, R, block_len, block_stride, 0.0)
 
 
-def _selection_chunked(q_BTGRD, k_cmp, lse_BTGR, pos_BT, *, seq_len: int, block_len: int,
+def _selection_chunked(q_BTGRD, k_cmp, pos_BT, *, seq_len: int, block_len: int,
                        block_stride: int, select_len: int, num_select: int) -> jax.Array:
-  """The block choice from the compressed probabilities ``exp(logits - lse)``, recomputed over
-  chunks of queries (forward only: the choice carries no gradient). Chosen blocks [B,T,G,K]
-  int32, ``-1`` for unused slots."""
+  """The block choice (one sequence a row) from the compressed probabilities, recomputed in
+  float32 over chunks of queries (forward only: the choice carries no gradient). Chosen blocks
+  [B,T,G,K] int32, ``-1`` for unused slots.
+
+  Not from the folded attention's log-sum-exp: cuDNN returns it in the inputs' dtype, and a
+  bf16 log-sum-exp (error up to 0.03 at arc1 sizes) weighs the heads of a group unequally and
+  changed 1% of the choices on an H200."""
   B, T, G, R, D = q_BTGRD.shape
   N = k_cmp.shape[1]
   scale = 1.0 / math.sqrt(D)
   first_N = jnp.arange(N, dtype=jnp.int32) * block_stride
 
-  def chunk(q_c, pos_c, lse_c):
+  def chunk(q_c, pos_c):
     logits = jnp.einsum("btgrd,bngd->btgrn", q_c, k_cmp, preferred_element_type=_F32) * scale
     visible = (first_N[None, None, :] + (block_len - 1) <= pos_c[:, :, None])[:, :, None, None]
-    safe_lse = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)[..., None]
-    p_c = jnp.where(visible, jnp.exp(logits - safe_lse), 0.0)
+    p_c = _masked_softmax(logits, visible)
     return _choose_blocks(p_c, pos_c, None, seq_len=seq_len, block_len=block_len,
                           block_stride=block_stride, select_len=select_len,
                           num_select=num_select)
 
-  q_BTGRD, lse_BTGR = jax.lax.stop_gradient((q_BTGRD, lse_BTGR))
-  return _over_query_chunks(chunk, (q_BTGRD, pos_BT, lse_BTGR), _chunk_len(B, T, G, R, N))
+  q_BTGRD, k_cmp = jax.lax.stop_gradient((q_BTGRD, k_cmp))
+  return _over_query_chunks(chunk, (q_BTGRD, pos_BT), _chunk_len(B, T, G, R, N))
+
+
+def _folded_choice(q_BTGRD, k_cmp, pos_BT, *, seq_len: int, block_len: int,
+                   block_stride: int, select_len: int, num_select: int) -> jax.Array:
+  """The block choice [B,T,G,K] (``-1``: unused slot) beside the folded compressed branch
+  (one sequence a row): the fused Pallas kernel where it serves the geometry (PALLAS_CHOICE),
+  else the XLA chunks."""
+  geo = dict(block_len=block_len, block_stride=block_stride, select_len=select_len)
+  if PALLAS_CHOICE not in ("kernel", "chunked"):
+    raise ValueError(f"nsa.PALLAS_CHOICE must be 'kernel' or 'chunked', got {PALLAS_CHOICE!r}")
+  if PALLAS_CHOICE == "chunked" or not nsa_pallas.block_choice_supported(**geo):
+    return _selection_chunked(q_BTGRD, k_cmp, pos_BT, seq_len=seq_len, num_select=num_select,
+                              **geo)
+  return nsa_pallas.block_choice(
+      *jax.lax.stop_gradient((q_BTGRD, k_cmp)), pos_BT,
+      num_sel=num_selection_blocks(seq_len, select_len), num_select=num_select,
+      interpret=nsa_pallas.use_interpret(), **geo)
 
 
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
@@ -694,11 +720,11 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
     one_sequence = (lo_BT is None and T == S and k_cmp.shape[1] > 0
                     and isinstance(q_offset, (int, np.integer)) and q_offset == 0)
     if PALLAS_CMP_ATTENTION == "folded" and one_sequence:
-      out_cmp, lse_BTGR = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
-                                             block_stride=block_stride)
-      idx_BTGK = _selection_chunked(q_cmp_BTGRD, k_cmp, lse_BTGR, pos_BT, seq_len=S,
-                                    block_len=block_len, block_stride=block_stride,
-                                    select_len=select_len, num_select=num_select)
+      out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
+                                   block_stride=block_stride)
+      idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, seq_len=S,
+                                block_len=block_len, block_stride=block_stride,
+                                select_len=select_len, num_select=num_select)
     else:
       out_cmp, idx_BTGK = _compressed_and_selection_chunked(
           q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, seq_len=S, block_len=block_len,

@@ -429,3 +429,210 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
 
 
 selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
+
+
+# ---------------------------------------------------------------- block choice
+#
+# The selection blocks' importances (eq. 9-10) and the choice (eq. 11) for one sequence a row,
+# from the compressed keys alone: p_i = softmax_i(q.k_i / sqrt(D)) over the visible
+# compression blocks, summed over the GQA group's R heads, then over the compression blocks
+# overlapping each selection block; then the forced blocks and the top candidates. One program
+# per (example, group, tile of CHOICE_TOKENS queries) walks the compression blocks in tiles of
+# CHOICE_SEL_TILE selection blocks' worth, up to the tile's last candidate, twice: once for
+# each head's float32 log-sum-exp (online), once for the probabilities. No [B,T,H,N]
+# probabilities are stored; the program keeps a running top-k and writes only the chosen
+# blocks (or, for tests, the [B,T,G,J] scores).
+#
+# The overlap sum is two small exact (float32) products per tile: compression blocks starting
+# in this tile's key range against a static [Nt, Js] 0/1 matrix, and those starting in the
+# previous tile (a block that starts near a tile's end reaches into the next one) against a
+# second. Both matrices are the same for every tile, which needs ``select_len`` to be a
+# multiple of ``block_stride`` (``block_choice_supported``).
+#
+# The running top-k: each tile's keys (forced blocks _FORCED, candidates their score, others
+# _NEG) are merged with the k kept so far by k rounds of "take the larger head of the two
+# lists"; equal keys go to the lower block index (the kept list, from earlier tiles, first),
+# as ``lax.top_k`` orders them, so the choice equals ``nsa.select_blocks`` on equal scores.
+
+CHOICE_TOKENS = 64     # queries per program (the rows of its products)
+CHOICE_SEL_TILE = 16   # selection blocks per tile of the walk
+CHOICE_NUM_WARPS = 4
+# The overlap sums' products (probabilities against 0/1 matrices): HIGHEST = exact float32
+# (CUDA cores on GPU); HIGH = three TF32 products on tensor cores (about float32 accuracy).
+CHOICE_OVERLAP_PRECISION = jax.lax.Precision.HIGHEST
+CHOICE_LONG_FIRST = False  # programs of the last query tiles (the longest walks) first
+_FORCED = 1e30         # key of a forced block (scores are sums of probabilities: <= R)
+_USED = -3e38          # key of an entry already taken in the merge
+
+
+def block_choice_supported(*, block_len: int, block_stride: int, select_len: int) -> bool:
+  """Whether :func:`block_choice` serves this geometry (on GPU the tiles must also be powers
+  of two: ``select_len // block_stride`` is)."""
+  if select_len % block_stride:
+    return False
+  per = select_len // block_stride
+  if jax.default_backend() == "gpu" and not _is_pow2(per):
+    return False
+  return block_len - block_stride <= CHOICE_SEL_TILE * select_len
+
+
+def _overlap_tiles(block_len: int, block_stride: int, select_len: int) -> jax.Array:
+  """float32 [2, Nt, Js]: ``[0]`` whether compression block ``i`` of a tile overlaps selection
+  block ``j`` of the same tile, ``[1]`` of the next tile (Nt = Js * select_len / stride)."""
+  Js = CHOICE_SEL_TILE
+  Nt = Js * select_len // block_stride
+  start_i = (jnp.arange(Nt) * block_stride)[:, None]
+  out = []
+  for shift in (0, Js * select_len):
+    start_j = (jnp.arange(Js) * select_len + shift)[None, :]
+    out.append((start_i < start_j + select_len) & (start_j < start_i + block_len))
+  return jnp.stack(out).astype(_F32)
+
+
+def _merge_top(val_QK, idx_QK, key_QJ, blk_QJ, num_select: int):
+  """The ``num_select`` largest of two key lists (kept [Q,K], new tile [Q,Js]), ties to the
+  kept list and then to the lower block index; the result's unfilled slots keep _NEG."""
+  big = jnp.int32(2**30)
+  slot_QK = jax.lax.broadcasted_iota(jnp.int32, val_QK.shape, 1)
+  new_v = jnp.full(val_QK.shape, _NEG, _F32)
+  new_i = jnp.full(idx_QK.shape, -1, jnp.int32)
+  for i in range(num_select):
+    ma_Q = jnp.max(val_QK, axis=1)
+    mb_Q = jnp.max(key_QJ, axis=1)
+    ia_Q = jnp.min(jnp.where(val_QK == ma_Q[:, None], idx_QK, big), axis=1)
+    ib_Q = jnp.min(jnp.where(key_QJ == mb_Q[:, None], blk_QJ, big), axis=1)
+    kept_Q = ma_Q >= mb_Q
+    v_Q = jnp.where(kept_Q, ma_Q, mb_Q)
+    b_Q = jnp.where(kept_Q, ia_Q, ib_Q)
+    new_v = jnp.where(slot_QK == i, v_Q[:, None], new_v)
+    new_i = jnp.where(slot_QK == i, b_Q[:, None], new_i)
+    val_QK = jnp.where(kept_Q[:, None] & (idx_QK == ia_Q[:, None]), _USED, val_QK)
+    key_QJ = jnp.where(~kept_Q[:, None] & (blk_QJ == ib_Q[:, None]), _USED, key_QJ)
+  return new_v, new_i
+
+
+def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: int,
+                         num_token_tiles: int, num_tiles: int, heads: int, block_len: int,
+                         block_stride: int, select_len: int, num_select: int, scale: float,
+                         topk: bool):
+  Q, Js = CHOICE_TOKENS, CHOICE_SEL_TILE
+  Nt = Js * select_len // block_stride
+  pid = pl.program_id(0)
+  tt = jax.lax.rem(pid, num_token_tiles)
+  if CHOICE_LONG_FIRST:  # the last query tiles walk the most blocks: launch them first
+    tt = num_token_tiles - 1 - tt
+  bg = jax.lax.div(pid, num_token_tiles)
+  b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
+  t0 = tt * Q
+  pos_Q = pos_ref[b, pl.ds(t0, Q)]
+  q_rQD = [q_ref[b, pl.ds(t0, Q), g, r, :] for r in range(heads)]
+  same_NJ, next_NJ = ovl_ref[0], ovl_ref[1]
+  # Tiles up to the one holding the tile's last candidate block (pos // select_len).
+  n = jnp.minimum(jax.lax.div(jnp.maximum(jnp.max(pos_Q), 0), select_len * Js) + 1, num_tiles)
+
+  def tile_keys(jt):
+    """Tile ``jt``'s keys [Nt, D] and visibility [Q, Nt]."""
+    i0 = jt * Nt
+    last_key_N = (i0 + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)) * block_stride + (
+        block_len - 1)
+    return k_ref[b, pl.ds(i0, Nt), g, :], last_key_N[None, :] <= pos_Q[:, None]
+
+  def head_logits(r, k_ND, vis_QN):
+    # One head at a time: R [Q, Nt] float32 tiles alive at once would spill registers.
+    return jnp.where(vis_QN, _mm(q_rQD[r], k_ND, trans_b=True) * scale, _NEG)
+
+  def lse_tile(jt, carry):
+    k_ND, vis_QN = tile_keys(jt)
+    out = []
+    for r in range(heads):
+      logits_QN = head_logits(r, k_ND, vis_QN)
+      m_Q, l_Q = carry[2 * r], carry[2 * r + 1]
+      m_new = jnp.maximum(m_Q, jnp.max(logits_QN, axis=1))
+      p_QN = jnp.where(vis_QN, jnp.exp(logits_QN - m_new[:, None]), 0.0)
+      out += [m_new, l_Q * jnp.exp(m_Q - m_new) + jnp.sum(p_QN, axis=1)]
+    return tuple(out)
+
+  init = tuple(jnp.full((Q,), _NEG, _F32) if i % 2 == 0 else jnp.zeros((Q,), _F32)
+               for i in range(2 * heads))
+  ml = jax.lax.fori_loop(0, n, lse_tile, init)
+  # Rows that see no block keep l = 0; their logits are all masked, so any lse does.
+  lse_rQ = [ml[2 * r] + jnp.log(jnp.maximum(ml[2 * r + 1], 1e-30)) for r in range(heads)]
+  cur_Q = jax.lax.div(jnp.maximum(pos_Q, 0), select_len)
+
+  def score_tile(jt, carry):
+    prev_QN = carry[0]
+    k_ND, vis_QN = tile_keys(jt)
+    p_QN = jnp.zeros((Q, Nt), _F32)
+    for r in range(heads):
+      p_QN += jnp.where(vis_QN, jnp.exp(head_logits(r, k_ND, vis_QN) - lse_rQ[r][:, None]),
+                        0.0)
+    prec = CHOICE_OVERLAP_PRECISION
+    s_QJ = (jax.lax.dot(p_QN, same_NJ, precision=prec, preferred_element_type=_F32)
+            + jax.lax.dot(prev_QN, next_NJ, precision=prec, preferred_element_type=_F32))
+    if not topk:
+      o_ref[b, pl.ds(t0, Q), g, pl.ds(jt * Js, Js)] = s_QJ
+      return (p_QN,)
+    blk_QJ = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Q, Js), 1)
+    cand = (blk_QJ <= cur_Q[:, None]) & (pos_Q[:, None] >= 0)
+    forced = cand & ((blk_QJ == 0) | (blk_QJ == cur_Q[:, None])
+                     | (blk_QJ == cur_Q[:, None] - 1))
+    key_QJ = jnp.where(forced, _FORCED, jnp.where(cand, s_QJ, _NEG))
+    val_QK, idx_QK = _merge_top(carry[1], carry[2], key_QJ, blk_QJ, num_select)
+    return p_QN, val_QK, idx_QK
+
+  Kp = o_ref.shape[-1]
+  init = (jnp.zeros((Q, Nt), _F32),)
+  if topk:
+    init += (jnp.full((Q, Kp), _NEG, _F32), jnp.full((Q, Kp), -1, jnp.int32))
+  out = jax.lax.fori_loop(0, n, score_tile, init)
+  if topk:
+    val_QK, idx_QK = out[1], out[2]
+    o_ref[b, pl.ds(t0, Q), g, :] = jnp.where(val_QK > 0.5 * _NEG, idx_QK, -1)
+    return
+
+  def zero(jt, carry):
+    o_ref[b, pl.ds(t0, Q), g, pl.ds(jt * Js, Js)] = jnp.zeros((Q, Js), _F32)
+    return carry
+
+  jax.lax.fori_loop(n, num_tiles, zero, 0)
+
+
+def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array, *,
+                 num_sel: int, block_len: int, block_stride: int, select_len: int,
+                 num_select: int, interpret: bool, scores: bool = False) -> jax.Array:
+  """The selection blocks [B,T,G,num_select] int32 of queries at positions ``pos_BT`` (one
+  sequence a row: every query may see every block before it), ``-1`` for unused slots, as
+  ``nsa.select_blocks`` chooses them from ``nsa.selection_scores`` of the compressed branch's
+  probabilities; forced blocks first, then candidates by decreasing score.
+
+  Args:
+    q_BTGRD: the compressed branch's queries [B,T,G,R,D].
+    k_cmp_BNGD: compressed keys [B,N,G,D].
+    pos_BT: int32 query positions.
+    num_sel: J, the number of selection blocks.
+    scores: return the importances [B,T,G,J] float32 instead (zero past each query's
+      candidates; for tests).
+  Needs :func:`block_choice_supported`. Forward only (the choice carries no gradient).
+  """
+  B, T, G, R, D = q_BTGRD.shape
+  Q, Js = CHOICE_TOKENS, CHOICE_SEL_TILE
+  Nt = Js * select_len // block_stride
+  nq = -(-T // Q)
+  nj = -(-num_sel // Js)
+  Tp = nq * Q
+  Kp = 1 << max(0, num_select - 1).bit_length()  # a power of two for the Triton tiles
+  q = jnp.pad(q_BTGRD, [(0, 0), (0, Tp - T)] + [(0, 0)] * 3)
+  pos = jnp.pad(pos_BT.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
+  N = k_cmp_BNGD.shape[1]
+  k = jnp.pad(k_cmp_BNGD, [(0, 0), (0, max(0, nj * Nt - N)), (0, 0), (0, 0)])[:, :nj * Nt]
+  kernel = functools.partial(
+      _block_choice_kernel, num_groups=G, num_token_tiles=nq, num_tiles=nj, heads=R,
+      block_len=block_len, block_stride=block_stride, select_len=select_len,
+      num_select=num_select, scale=1.0 / math.sqrt(D), topk=not scores)
+  out_shape = (jax.ShapeDtypeStruct((B, Tp, G, nj * Js), _F32) if scores
+               else jax.ShapeDtypeStruct((B, Tp, G, Kp), jnp.int32))
+  out = pl.pallas_call(
+      kernel, grid=(B * G * nq,), out_shape=out_shape,
+      interpret=interpret, compiler_params=_compiler_params(interpret, CHOICE_NUM_WARPS),
+  )(q, k, pos, _overlap_tiles(block_len, block_stride, select_len))
+  return out[:, :T, :, :num_sel] if scores else out[:, :T, :, :num_select]
