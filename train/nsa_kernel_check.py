@@ -50,7 +50,7 @@ VARIANTS = {
     "choice_q32": dict(CHOICE_TOKENS=32),
     "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
     "choice_tf32x3": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),
-    "choice_long_first": dict(CHOICE_LONG_FIRST=True),
+    "choice_short_first": dict(CHOICE_LONG_FIRST=False),
 }
 
 

@@ -35,10 +35,14 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   query: keys/values O(B*(T + window)*G*D), logits O(B*T*H*min(T + window, 2*window)). Never
   O(T*S). The gather's gradient is a one-hot contraction instead of a scatter-add (custom VJP),
   so forward-mode autodiff (jvp) of this implementation is not available.
-* ``impl="pallas"``: memory linear in T. The compressed branch and the block choice run over
-  chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's [B,C,H,N] logits; the
-  backward pass recomputes a chunk), so neither [B,T,H,N] probabilities nor [B,T,G,J] scores
-  exist at once; the selected branch is the Pallas kernel pair of
+* ``impl="pallas"``: memory linear in T. For one sequence a row from position 0 (training),
+  the compressed branch is one causal attention over query groups (cuDNN on GPU,
+  ``PALLAS_CMP_ATTENTION``) and the block choice one fused Pallas pass
+  (``nsa_pallas.block_choice``: float32 probabilities, overlap sums and top-k per tile of
+  queries; ``PALLAS_CHOICE``). Other shapes (offsets, packed rows) run the compressed branch
+  and the choice over chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's
+  [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N] probabilities
+  nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel pair of
   :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward without
   atomics); the window branch is cuDNN's sliding-window attention on GPU for training shapes
   (``q_offset`` the Python int 0, T == S, bf16/fp16), else the chunked band attention above.
