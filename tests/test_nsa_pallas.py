@@ -138,12 +138,16 @@ def test_pallas_bf16_close_to_fp32_reference():
 
 # Backward variants: (BWD_IMPL, DKDV_REDUCE, KEY_CHUNK). KEY_CHUNK = 2 spreads a block's
 # tokens over several items, the last one partial.
-BWD_VARIANTS = [("atomic", "partials", 16), ("keyblock", "partials", 16),
-                ("keyblock", "partials", 2), ("keyblock", "atomic", 2)]
+# (forward, backward, dk/dv reduction, tokens per item): every forward with every backward,
+# items of 2 tokens (many items per block, partial and empty items) for the key-major ones.
+BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "partials", 16),
+                ("keyblock", "keyblock", "partials", 2), ("query", "keyblock", "atomic", 2),
+                ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16)]
 
 
 def _set_bwd(monkeypatch, variant):
-  bwd, reduce, chunk = variant
+  fwd, bwd, reduce, chunk = variant
+  monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
   monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
   monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce)
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", chunk)
@@ -153,7 +157,7 @@ def _set_bwd(monkeypatch, variant):
 def test_selected_kernel_unused_slots_and_partial_last_block(variant, monkeypatch):
   """Direct kernel test: S = 10 is not a multiple of select_len = 4 (last block partial),
   slot -1 unused, keys after the query's position masked; against dense masked attention,
-  for every backward variant."""
+  for every forward and backward variant."""
   _set_bwd(monkeypatch, variant)
   B, T, S, G, R, D, L = 1, 3, 10, 2, 2, 4, 4
   rng = np.random.default_rng(0)
@@ -306,10 +310,11 @@ def test_keyblock_plan_covers_every_pair_once():
             assert np.all(posrow[b, g, m, c] == -1)
 
 
-@pytest.mark.parametrize("variant", BWD_VARIANTS[2:], ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", BWD_VARIANTS[2:5], ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])
 def test_pallas_backward_variants_match_reference(name, variant, monkeypatch):
-  """Small items (2 tokens) in nsa_core: many items per block, partial and empty items."""
+  """Small items (2 tokens) in nsa_core: many items per block, partial and empty items; the
+  key-major forward with both backwards."""
   _set_bwd(monkeypatch, variant)
   geo, q_offset = GEOMETRIES[name]
   args = make_inputs(geo, seed=41)

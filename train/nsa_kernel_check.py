@@ -51,6 +51,9 @@ VARIANTS = {
     "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
     "choice_tf32x3": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),
     "choice_short_first": dict(CHOICE_LONG_FIRST=False),
+    # The selected branch's forward: key-major items (the backward's plan) or query-major.
+    "fwd_keyblock": dict(FWD_IMPL="keyblock"),
+    "fwd_query": dict(FWD_IMPL="query"),
 }
 
 
@@ -244,6 +247,7 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
         if var.startswith("choice"):
           row[f"choice_fwd[{var}]"] = time_case(wrap(choice, qkv_cmp), a, iters)
         else:
+          row[f"slc_fwd[{var}]"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
           row[f"slc_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
                                                  a, iters)
       save()

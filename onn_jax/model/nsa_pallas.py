@@ -216,16 +216,27 @@ def selected_attention(q_BTGRD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
   Returns:
     float32 [B,T,G,R,D]. Differentiable in q, k and v (indices and positions are constants).
   """
-  out, _ = _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret)
-  return out[:, :, :, :q_BTGRD.shape[3]]
+  return _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len,
+                           interpret)[0]
 
 
 def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret):
-  out, lse = _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len,
-                               interpret)
+  """Output [B,T,G,R,D] float32 and the residuals: inputs, output, log-sum-exp and, with the
+  key-major forward, the item plan (which the key-major backward then reuses)."""
   R = q_BTGRD.shape[3]
-  return out[:, :, :, :R], (q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out[:, :, :, :R],
-                            lse[:, :, :, :R])
+  plan = None
+  if FWD_IMPL == "keyblock":
+    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=-(-k_BSGD.shape[1] // select_len),
+                          heads=R, chunk=KEY_CHUNK)
+    out, lse = _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len,
+                                          interpret)
+  elif FWD_IMPL == "query":
+    out, lse = _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len,
+                                 interpret)
+    out, lse = out[:, :, :, :R], lse[:, :, :, :R]
+  else:
+    raise ValueError(f"nsa_pallas.FWD_IMPL must be 'keyblock' or 'query', got {FWD_IMPL!r}")
+  return out, (q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse, plan)
 
 
 def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
@@ -233,7 +244,7 @@ def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
     return _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD)
   if BWD_IMPL != "atomic":
     raise ValueError(f"nsa_pallas.BWD_IMPL must be 'keyblock' or 'atomic', got {BWD_IMPL!r}")
-  return _selected_bwd_atomic(select_len, interpret, res, do_BTGRD)
+  return _selected_bwd_atomic(select_len, interpret, res[:-1], do_BTGRD)
 
 
 def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
@@ -275,6 +286,11 @@ def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
 # walks a long list; the number of items is static: sum_j ceil(n_j / C) <= (T*K + J*(C-1))/C.
 
 BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomic dk/dv)
+# The forward: "query" (one program per (example, token, group) walking its K blocks) or
+# "keyblock" (the backward's items: each block's keys loaded once for up to KEY_CHUNK tokens,
+# partial outputs combined by log-sum-exp in XLA; the item plan is then shared with the
+# backward).
+FWD_IMPL = "query"
 KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
 DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic"
 KEY_NUM_WARPS = 4
@@ -376,16 +392,16 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
 
 
 def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
-  q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse = res
+  q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse, plan = res
   B, T, G, R, D = q_BTGRD.shape
   S = k_BSGD.shape[1]
-  K = idx_BTGK.shape[-1]
   C, L = KEY_CHUNK, select_len
   k_pad, v_pad = _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L)
   Sp = k_pad.shape[1]
   J = Sp // L
-  qrow, posrow, blk_BGM, padpos_BGTK = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=J,
-                                                      heads=R, chunk=C)
+  if plan is None:  # the query-major forward made none
+    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=J, heads=R, chunk=C)
+  qrow, posrow, blk_BGM, padpos_BGTK = plan
   M = blk_BGM.shape[-1]
   X = C * R
   delta_BTGR = jnp.sum(do_BTGRD.astype(_F32) * out, axis=-1)
@@ -419,13 +435,73 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
     dk, dv = reduce(dk), reduce(dv)
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
-  dq_BGYRD = dq_BGXD.reshape(B, G, M * C, R, D)
-  safe_BGTK = jnp.maximum(padpos_BGTK, 0)
-  gathered = jax.vmap(jax.vmap(lambda d, i: d[i]))(dq_BGYRD, safe_BGTK)  # [B,G,T,K,R,D]
-  gathered = jnp.where((padpos_BGTK >= 0)[..., None, None], gathered, 0.0)
+  gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
   dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
   return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
+
+
+def _gather_slots(x_BGY, padpos_BGTK, fill):
+  """Per-item-row values [B,G,M*C,...] -> [B,G,T,K,...] at each (token, slot)'s item row,
+  ``fill`` for unused slots."""
+  got = jax.vmap(jax.vmap(lambda d, i: d[i]))(x_BGY, jnp.maximum(padpos_BGTK, 0))
+  used = (padpos_BGTK >= 0).reshape(padpos_BGTK.shape + (1,) * (x_BGY.ndim - 3))
+  return jnp.where(used, got, fill)
+
+
+def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref, o_ref,
+                             lse_ref, *, num_groups: int, num_items: int, rows: int,
+                             select_len: int, scale: float):
+  """One item: its rows' attention over the item's one block, normalised within the block,
+  and the rows' log-sum-exp over it (``_NEG`` for padding rows, which see no key)."""
+  pid = pl.program_id(0)
+  m = jax.lax.rem(pid, num_items)
+  bg = jax.lax.div(pid, num_items)
+  b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
+  start = blk_ref[b, g, m] * select_len
+  qrow_X = qrow_ref[b, g, pl.ds(m * rows, rows)]
+  pos_X = posrow_ref[b, g, pl.ds(m * rows, rows)]
+  q_XD = q_ref[b, qrow_X, :]
+  k_LD = k_ref[b, pl.ds(start, select_len), g, :]
+  v_LD = v_ref[b, pl.ds(start, select_len), g, :]
+  keypos_L = start + jax.lax.broadcasted_iota(jnp.int32, (select_len,), 0)
+  ok_XL = keypos_L[None, :] <= pos_X[:, None]
+  logits_XL = jnp.where(ok_XL, _mm(q_XD, k_LD, trans_b=True) * scale, _NEG)
+  m_X = jnp.max(logits_XL, axis=1)
+  p_XL = jnp.where(ok_XL, jnp.exp(logits_XL - m_X[:, None]), 0.0)
+  l_X = jnp.sum(p_XL, axis=1)
+  seen_X = l_X > 0
+  acc_XD = _mm(p_XL.astype(v_LD.dtype), v_LD)
+  o_ref[b, g, pl.ds(m * rows, rows), :] = acc_XD / jnp.where(seen_X, l_X, 1.0)[:, None]
+  lse_ref[b, g, pl.ds(m * rows, rows)] = jnp.where(
+      seen_X, m_X + jnp.log(jnp.where(seen_X, l_X, 1.0)), _NEG)
+
+
+def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interpret):
+  """Key-major forward over the items of ``plan`` (:func:`_keyblock_plan`): each item's
+  per-block partial output and log-sum-exp, then per (token, head) the K partials combined
+  by their log-sum-exps (in XLA). Output [B,T,G,R,D] and log-sum-exp [B,T,G,R], float32."""
+  qrow, posrow, blk_BGM, padpos_BGTK = plan
+  B, T, G, R, D = q_BTGRD.shape
+  C, L = KEY_CHUNK, select_len
+  M = blk_BGM.shape[-1]
+  X = C * R
+  kernel = functools.partial(_selected_fwd_key_kernel, num_groups=G, num_items=M, rows=X,
+                             select_len=L, scale=1.0 / math.sqrt(D))
+  o_BGXD, lse_BGX = pl.pallas_call(
+      kernel, grid=(B * G * M,),
+      out_shape=(jax.ShapeDtypeStruct((B, G, M * X, D), _F32),
+                 jax.ShapeDtypeStruct((B, G, M * X), _F32)),
+      interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
+  )(q_BTGRD.reshape(B, T * G * R, D), _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L), qrow,
+    posrow, blk_BGM)
+  o_BGTKRD = _gather_slots(o_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
+  lse_BGTKR = _gather_slots(lse_BGX.reshape(B, G, M * C, R), padpos_BGTK, _NEG)
+  # Every (token, head) sees at least its own key (its block is always chosen).
+  lse_BGTR = jax.nn.logsumexp(lse_BGTKR, axis=3)
+  w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
+  out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD, axis=3)
+  return out_BGTRD.transpose(0, 2, 1, 3, 4), lse_BGTR.transpose(0, 2, 1, 3)
 
 
 selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
