@@ -5,10 +5,15 @@ attends to its own ``num_select`` key blocks, so the blockwise implementation ga
 [B,T,G,K,select_len,D] copy of the keys and values and keeps it for the backward pass. The
 kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
 
-* forward: one program per (example, query token, group) holds the group's R query heads as
-  one [R, D] tile, walks the ``K`` chosen blocks with an online softmax and writes the
-  output and the log-sum-exp (float32) -- nothing of size T*K*select_len is stored;
-* backward (``BWD_IMPL = "keyblock"``, the default): key-major, without atomics. The
+* forward (``FWD_IMPL = "keyblock"``, the default): key-major, on the backward's items
+  below: one program per item loads its block's keys and values once, attends the item's
+  query rows to them and writes per-row partial outputs and log-sum-exps, which XLA combines
+  over each token's ``K`` slots; ``FWD_IMPL = "query"``: one program per (example, query
+  token, group) holds the group's R query heads as one [R, D] tile and walks the ``K`` chosen
+  blocks with an online softmax (slower, measured). Neither stores anything of size
+  T*K*select_len;
+* backward (``BWD_IMPL = "keyblock"``, the default): key-major, without atomics (the item
+  plan comes from the key-major forward when it ran). The
   (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
   into items of ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values
   once, gathers the item's query rows and recomputes the probabilities from the log-sum-exp,
@@ -17,6 +22,10 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
   so no program walks a long list. ``BWD_IMPL = "atomic"`` keeps the query-major backward
   (one program per (example, token, group), dk/dv by float32 atomic adds: slower, measured).
+
+The block choice (eq. 9-11) for one sequence a row is a kernel too (``block_choice``, see its
+section below): float32 compressed probabilities, their overlap sums and a running top-k per
+tile of queries, without storing [B,T,H,N] probabilities.
 
 Products run on tensor cores: a group's R query heads (4 at the GPU config) are zero-padded
 to ``ROW_TILE`` = 16 rows (an element-wise formulation on CUDA cores measured 2.8x slower
