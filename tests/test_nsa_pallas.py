@@ -199,6 +199,9 @@ CHOICE_GEOS = {
     # num_select = 5 (not a power of two).
     "many_tiles": Geo(B=1, T=300, S=300, H=2, G=1, D=4, block_len=4, block_stride=2,
                       select_len=4, num_select=5, window=9),
+    # Compression blocks shorter than their stride (gaps), more slots than blocks (J = 3).
+    "gaps_few_blocks": Geo(B=2, T=20, S=20, H=4, G=2, D=4, block_len=2, block_stride=4,
+                           select_len=8, num_select=6, window=9),
 }
 
 
@@ -247,8 +250,9 @@ def test_block_choice_kernel_matches_selection(name):
 
 
 def test_block_choice_ties_go_to_the_lower_block():
-  """Equal scores (identical compressed keys): the candidates are taken in block order, as
-  lax.top_k takes them, across tiles and across the kept list."""
+  """Equal scores (identical compressed keys, a geometry where equal reference scores are
+  equal bit for bit in the kernel too: at most 3 equal terms per score): the candidates are
+  taken in block order, as lax.top_k takes them, across tiles and across the kept list."""
   geo = CHOICE_GEOS["many_tiles"]
   q, k, pos, _, kw = _choice_case(geo)
   k = jnp.broadcast_to(k[:, :1], k.shape)
@@ -267,6 +271,11 @@ def test_block_choice_supported_geometries():
   assert nsa_pallas.block_choice_supported(block_len=16, block_stride=8, select_len=32)
   # select_len not a multiple of the stride: the tiles of the walk would not repeat.
   assert not nsa_pallas.block_choice_supported(block_len=5, block_stride=5, select_len=8)
+  # A compression block reaching past the next tile of selection blocks.
+  reach = nsa_pallas.CHOICE_SEL_TILE * 4
+  assert nsa_pallas.block_choice_supported(block_len=2 + reach, block_stride=2, select_len=4)
+  assert not nsa_pallas.block_choice_supported(block_len=3 + reach, block_stride=2,
+                                               select_len=4)
 
 
 def test_keyblock_plan_covers_every_pair_once():
@@ -382,12 +391,13 @@ def test_auto_takes_pallas_on_gpu_only():
         num_select=4, window=9),
 ], ids=["stride_divides", "ragged_groups"])
 @pytest.mark.parametrize("chunk_queries", [None, 5])
-@pytest.mark.parametrize("cmp_attention", ["folded", "chunked"])
+@pytest.mark.parametrize("cmp_attention", ["folded", "folded_xla_choice", "chunked"])
 def test_compressed_branch_matches_reference(geo, chunk_queries, cmp_attention, monkeypatch):
-  """Both ways of the pallas path's compressed branch for one sequence a row from position 0:
-  "folded" (one causal attention over query groups, the block choice from its log-sum-exp) and
-  "chunked": outputs and gradients of the reference."""
-  monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", cmp_attention)
+  """Every way of the pallas path's compressed branch for one sequence a row from position 0:
+  "folded" (one causal attention over query groups) with the block choice of the fused kernel
+  or of the XLA chunks, and "chunked": outputs and gradients of the reference."""
+  monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", cmp_attention.split("_")[0])
+  monkeypatch.setattr(nsa, "PALLAS_CHOICE", "chunked" if "xla" in cmp_attention else "kernel")
   if chunk_queries:
     monkeypatch.setattr(nsa, "PALLAS_CMP_CHUNK_ELEMS", geo.B * geo.H * geo.N * chunk_queries)
   args = make_inputs(geo, seed=7)

@@ -49,7 +49,7 @@ VARIANTS = {
     "choice_w2": dict(CHOICE_NUM_WARPS=2),
     "choice_q32": dict(CHOICE_TOKENS=32),
     "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
-    "choice_tf32x3": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),
+    "choice_tf32": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),  # one TF32 pass
     "choice_short_first": dict(CHOICE_LONG_FIRST=False),
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
     "fwd_keyblock": dict(FWD_IMPL="keyblock"),

@@ -538,16 +538,22 @@ selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
 # The running top-k: each tile's keys (forced blocks _FORCED, candidates their score, others
 # _NEG) are merged with the k kept so far by k rounds of "take the larger head of the two
 # lists"; equal keys go to the lower block index (the kept list, from earlier tiles, first),
-# as ``lax.top_k`` orders them, so the choice equals ``nsa.select_blocks`` on equal scores.
+# as ``lax.top_k`` orders them. The scores are summed in another order than
+# ``nsa.selection_scores`` (a tile's first block adds the previous tile's spill last), so two
+# scores equal there may differ in the last bit here and a near-tie may swap: the chosen
+# blocks then have equal reference scores.
 
 CHOICE_TOKENS = 64     # queries per program (the rows of its products)
 CHOICE_SEL_TILE = 16   # selection blocks per tile of the walk
 CHOICE_NUM_WARPS = 4
 # The overlap sums' products (probabilities against 0/1 matrices): HIGHEST = exact float32
-# (CUDA cores on GPU); HIGH = three TF32 products on tensor cores (about float32 accuracy).
+# (CUDA cores on GPU). HIGH or DEFAULT lower to one TF32 pass on tensor cores, which rounds
+# the probabilities to about 1e-3 and changed choices on an H200 (float32 check: loss error
+# 5e-4 against 1e-6).
 CHOICE_OVERLAP_PRECISION = jax.lax.Precision.HIGHEST
-# Programs of the last query tiles (the longest walks) first: the choice at 1 x 32768 on an
-# H200 2.61 -> 2.25 ms (train.nsa_kernel_check --variants choice_long_first); no change at 2k.
+# Programs of the last query tiles (the longest walks) first within each (example, group):
+# the choice at 1 x 32768 on an H200 2.61 -> 2.25 ms (train.nsa_kernel_check --variants
+# choice_short_first); no change at 32 x 2048, where the (example, group) order dominates.
 CHOICE_LONG_FIRST = True
 _FORCED = 1e30         # key of a forced block (scores are sums of probabilities: <= R)
 _USED = -3e38          # key of an entry already taken in the merge
