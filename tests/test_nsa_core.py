@@ -67,6 +67,15 @@ def with_gates(args: dict, g: tuple[float, float, float]) -> dict:
   return dict(args, gates=jnp.asarray(gates, args["gates"].dtype))
 
 
+def segment_start_of(starts, B: int, T: int) -> jax.Array:
+  """Packed rows: int32 [B,T], the start of each position's sequence (sequences begin at
+  ``starts``, the same in every row)."""
+  seg = np.zeros((B, T), np.int32)
+  for s0 in starts:
+    seg[:, s0:] = s0
+  return jnp.asarray(seg)
+
+
 def offsets_np(q_offset, B: int) -> np.ndarray:
   return np.broadcast_to(np.asarray(q_offset, np.int64), (B,))
 

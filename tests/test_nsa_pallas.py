@@ -27,7 +27,7 @@ from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.nsa import nsa_core
 
 from test_nsa_core import (ARG_NAMES, GEOMETRIES, Geo, make_inputs, offsets_np, oracle_nsa,
-                           random_like)
+                           random_like, segment_start_of)
 
 # float32 throughout. The kernels sum in another order than the reference (online softmax over
 # blocks; dk/dv summed over every (query, head) that chose a key: up to T*R ~ 100 terms of
@@ -205,42 +205,52 @@ CHOICE_GEOS = {
 }
 
 
-def _choice_case(geo: Geo):
+# Packed rows for the many_tiles geometry (tiles of 64 positions): sequences starting inside
+# a tile, one spanning three tiles, query tiles holding two or three sequence starts.
+CHOICE_PACKED_STARTS = [0, 36, 48, 172, 264]
+
+
+def _choice_case(geo: Geo, starts=None):
   R = geo.H // geo.G
   args = make_inputs(geo, seed=3)
   q = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
   pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
+  lo = None if starts is None else segment_start_of(starts, geo.B, geo.T)
   bsl = dict(block_len=geo.block_len, block_stride=geo.block_stride)
-  _, p = nsa._compressed_branch(q, args["k_cmp"], args["v_cmp"], pos, **bsl)
+  _, p = nsa._compressed_branch(q, args["k_cmp"], args["v_cmp"], pos, lo_BT=lo, **bsl)
   want = nsa.selection_scores(p.reshape(geo.B, geo.T, geo.H, geo.N), num_groups=geo.G,
                               seq_len=geo.S, select_len=geo.select_len, **bsl)
   kw = dict(num_sel=want.shape[-1], num_select=geo.num_select, select_len=geo.select_len,
             interpret=True, **bsl)
   assert nsa_pallas.block_choice_supported(select_len=geo.select_len, **bsl)
-  return q, args["k_cmp"], pos, want, kw
+  return q, args["k_cmp"], pos, lo, want, kw
 
 
-@pytest.mark.parametrize("name", list(CHOICE_GEOS))
+@pytest.mark.parametrize("name", list(CHOICE_GEOS) + ["many_tiles_packed"])
 def test_block_choice_kernel_matches_selection(name):
   """The fused block-choice kernel against ``selection_scores`` and ``select_blocks`` of the
-  reference's compressed probabilities. Each score is a sum of at most R * W (<= 10)
-  probabilities in [0, 1], computed with another summation order (online log-sum-exp over
-  tiles): a few float32 roundings (1.2e-7) of terms <= 1, so atol 1e-5. The choices are
-  compared by the reference scores of the chosen blocks, slot by slot (a near-tie may swap two
-  blocks of equal score); forced blocks and unused slots exactly."""
-  geo = CHOICE_GEOS[name]
-  q, k, pos, want, kw = _choice_case(geo)
-  got = nsa_pallas.block_choice(q, k, pos, scores=True, **kw)
+  reference's compressed probabilities (packed rows: with ``segment_start``). Each score is a
+  sum of at most R * W (<= 10) probabilities in [0, 1], computed with another summation order
+  (online log-sum-exp over tiles): a few float32 roundings (1.2e-7) of terms <= 1, so atol
+  1e-5. The choices are compared by the reference scores of the chosen blocks, slot by slot (a
+  near-tie may swap two blocks of equal score); forced blocks and unused slots exactly."""
+  packed = name.endswith("_packed")
+  geo = CHOICE_GEOS[name.removesuffix("_packed")]
+  q, k, pos, lo, want, kw = _choice_case(geo, CHOICE_PACKED_STARTS if packed else None)
+  got = nsa_pallas.block_choice(q, k, pos, lo, scores=True, **kw)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
-  idx_got = np.asarray(nsa_pallas.block_choice(q, k, pos, **kw))
-  idx_want = np.asarray(nsa._top_blocks(want, pos, None, num_select=geo.num_select,
+  idx_got = np.asarray(nsa_pallas.block_choice(q, k, pos, lo, **kw))
+  idx_want = np.asarray(nsa._top_blocks(want, pos, lo, num_select=geo.num_select,
                                         select_len=geo.select_len))
   assert idx_got.shape == idx_want.shape == (geo.B, geo.T, geo.G, geo.num_select)
   np.testing.assert_array_equal(idx_got < 0, idx_want < 0)
   cur = np.asarray(pos)[:, :, None, None] // geo.select_len
-  forced = lambda idx: (idx == 0) | (idx == cur) | (idx == cur - 1)  # noqa: E731
+  first = 0 if lo is None else np.asarray(lo)[:, :, None, None] // geo.select_len
+  if packed:  # every slot stays within the query's own sequence
+    assert np.all((idx_got < 0) | ((idx_got >= first) & (idx_got <= cur)))
+  forced = lambda idx: (idx == first) | (idx == cur) | (idx == cur - 1)  # noqa: E731
   np.testing.assert_array_equal(forced(idx_got), forced(idx_want))
   np.testing.assert_array_equal(np.where(forced(idx_want), idx_got, 0),
                                 np.where(forced(idx_want), idx_want, 0))
@@ -254,7 +264,7 @@ def test_block_choice_ties_go_to_the_lower_block():
   equal bit for bit in the kernel too: at most 3 equal terms per score): the candidates are
   taken in block order, as lax.top_k takes them, across tiles and across the kept list."""
   geo = CHOICE_GEOS["many_tiles"]
-  q, k, pos, _, kw = _choice_case(geo)
+  q, k, pos, _, _, kw = _choice_case(geo)
   k = jnp.broadcast_to(k[:, :1], k.shape)
   got = np.asarray(nsa_pallas.block_choice(q, k, pos, **kw))
   _, p = nsa._compressed_branch(q, k, k, pos, block_len=geo.block_len,
@@ -411,3 +421,56 @@ def test_compressed_branch_matches_reference(geo, chunk_queries, cmp_attention, 
     return out, grads
 
   _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
+
+
+# Packed rows: sequences at multiples of lcm(block_stride, select_len) = 8, among them one
+# shorter than a compression block (16..24), one of 7 selection blocks (a real choice beside
+# the 3 forced ones) and a last one of two tokens; query groups of the folded branch that hold
+# the end of one sequence and the start of the next.
+PACKED_GEO = Geo(B=2, T=82, S=82, H=4, G=2, D=8, block_len=6, block_stride=4, select_len=8,
+                 num_select=4, window=9)
+PACKED_STARTS = [0, 16, 24, 80]
+
+
+@pytest.mark.parametrize("cmp_attention", ["folded", "folded_xla_choice", "chunked"])
+def test_pallas_packed_rows_match_reference(cmp_attention, monkeypatch):
+  """Packed rows (``segment_start``) on the pallas path: the folded compressed branch with its
+  block mask and the block choice (fused kernel or XLA chunks) given each query's sequence
+  start, or the chunked branch: outputs and gradients of the reference."""
+  monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", cmp_attention.split("_")[0])
+  monkeypatch.setattr(nsa, "PALLAS_CHOICE", "chunked" if "xla" in cmp_attention else "kernel")
+  geo = PACKED_GEO
+  assert nsa.pack_alignment(geo.block_stride, geo.select_len) == 8
+  args = make_inputs(geo, seed=12)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 13)
+  seg = segment_start_of(PACKED_STARTS, geo.B, geo.T)
+
+  def run(impl):
+    def loss(a):
+      out = nsa_core(*(a[n] for n in ARG_NAMES), impl=impl, segment_start=seg, **geo.static())
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    return out, grads
+
+  _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
+
+
+def test_window_band_attention_packed_matches_band_chunks():
+  """The window branch as one sliding-window attention with a [B,1,T,T] mask (cuDNN's on GPU
+  for packed rows; XLA's here) against the chunked band attention: outputs and gradients."""
+  geo = PACKED_GEO
+  R = geo.H // geo.G
+  args = make_inputs(geo, seed=14)
+  q5 = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
+  pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
+  cot = random_like((geo.B, geo.T, geo.G, R, geo.D), 15)
+  for lo in (segment_start_of(PACKED_STARTS, geo.B, geo.T), None):
+    def loss(f):
+      return jax.jit(jax.value_and_grad(lambda *x: jnp.sum(f(*x) * cot), (0, 1, 2)))
+    band = lambda q, k, v: nsa._window_band_attention(q, k, v, geo.window, lo, None)  # noqa
+    chunks = lambda q, k, v: nsa._window_blockwise(q, k, v, pos, geo.window, lo)  # noqa
+    got = loss(band)(q5, args["k_win"], args["v_win"])
+    want = loss(chunks)(q5, args["k_win"], args["v_win"])
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+    for g_got, g_want in zip(got[1], want[1]):
+      np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)

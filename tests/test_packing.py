@@ -15,7 +15,7 @@ from onn_jax import steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate, collate_packed
 from onn_jax.model import attention, nsa
 from onn_jax.model.transformer import Transformer, init_params
-from test_nsa_core import Geo, make_inputs
+from test_nsa_core import Geo, make_inputs, segment_start_of
 
 # Float32 throughout. A packed sequence and the same sequence alone differ only in how many
 # exactly-zero (masked) terms their sums hold and in the order XLA adds them, so outputs agree
@@ -31,13 +31,6 @@ def _segments(lengths, align):
     starts.append(at)
     at += -(-n // align) * align
   return starts, at
-
-
-def _segment_start(starts, T):
-  seg = np.zeros((1, T), np.int32)
-  for s0 in starts:
-    seg[:, s0:] = s0
-  return jnp.asarray(seg)
 
 
 GEO = Geo(B=1, T=0, S=0, H=4, G=2, D=8, block_len=8, block_stride=4, select_len=16,
@@ -66,7 +59,7 @@ def test_nsa_core_packed_row_is_each_sequence_alone(impl):
                         a["k_slc"], a["v_slc"], a["k_win"], a["v_win"], a["gates"],
                         impl=impl, **static, **kw)
 
-  packed = core(args, raw_k, raw_v, T, segment_start=_segment_start(starts, T))
+  packed = core(args, raw_k, raw_v, T, segment_start=segment_start_of(starts, 1, T))
   for s0, n in zip(starts, lengths):
     part = {k: v[:, s0:s0 + n] for k, v in args.items() if k not in ("k_cmp", "v_cmp")}
     alone = core(part, raw_k[:, s0:s0 + n], raw_v[:, s0:s0 + n], n)
@@ -79,7 +72,7 @@ def test_nsa_core_packed_row_sees_nothing_of_earlier_sequences():
   starts, T = _segments(lengths, align)
   geo = dataclasses.replace(GEO, T=T, S=T)
   args = make_inputs(geo, seed=1)
-  seg = _segment_start(starts, T)
+  seg = segment_start_of(starts, 1, T)
   out = nsa.nsa_core(**args, **geo.static(), impl="blockwise", segment_start=seg)
   changed = {k: (v.at[:, :starts[1]].set(7.0) if k not in ("k_cmp", "v_cmp") else v)
              for k, v in args.items()}
@@ -103,7 +96,7 @@ def test_model_packed_row_gives_each_sequence_its_own_logits(variant, cmp_rope):
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 12, size=(1, T)), jnp.int32)
   model = Transformer(cfg)
   packed, _, _ = model.apply({"params": params}, tokens,
-                             segment_start_BT=_segment_start(starts, T))
+                             segment_start_BT=segment_start_of(starts, 1, T))
   for s0, n in zip(starts, lengths):
     alone, _, _ = model.apply({"params": params}, tokens[:, s0:s0 + n])
     np.testing.assert_allclose(packed[:, s0:s0 + n], alone, atol=ATOL, rtol=0)

@@ -2,14 +2,16 @@
 forward+backward timings against cuDNN causal GQA attention and the blockwise implementation.
 
     python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
-        [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic]
+        [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic] [--packed]
 
 Geometry and head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32, block_len
 16, stride 8, select_len 32, num_select 8, window 128), bf16 inputs. Each timing is the median
 of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
 and the gates); memory is XLA's temporary buffer size for that program. ``--variants`` times
-the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run; the
-results file is rewritten after every row, so a run cut short keeps what it measured.
+the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run;
+``--packed`` also times each impl on packed rows (``segment_start``: sequences of 300 to 1400
+tokens, as ``data.pack`` lays out arc1's). The check covers packed rows too. The results file
+is rewritten after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -84,11 +86,28 @@ def inputs(B: int, T: int, dtype, seed: int = 0) -> dict:
   return {n: v.astype(dtype) for n, v in out.items()}
 
 
-def nsa_fwd_bwd(impl: str, q_offset=0):
-  def loss(args):
-    out = nsa_core(*(args[n] for n in NAMES), q_offset=q_offset, impl=impl, **GEO)
+def packed_starts(B: int, T: int, seed: int = 0) -> jax.Array:
+  """segment_start [B,T] of rows packed with sequences of 300 to 1400 tokens, each starting at
+  a multiple of the pack alignment (the last one cut at the row's end)."""
+  align = nsa.pack_alignment(GEO["block_stride"], GEO["select_len"])
+  rng = np.random.default_rng(seed)
+  seg = np.zeros((B, T), np.int32)
+  for b in range(B):
+    at = 0
+    while at < T:
+      seg[b, at:] = at
+      at += -(-int(rng.integers(300, 1400)) // align) * align
+  return jnp.asarray(seg)
+
+
+def nsa_fwd_bwd(impl: str, q_offset=0, packed: bool = False):
+  def loss(args, seg):
+    out = nsa_core(*(args[n] for n in NAMES), q_offset=q_offset, impl=impl, segment_start=seg,
+                   **GEO)
     return jnp.sum(out.astype(jnp.float32) * args["cot"].astype(jnp.float32))
-  return jax.jit(jax.value_and_grad(loss))
+  grad = jax.value_and_grad(loss)
+  return jax.jit(lambda args: grad({n: v for n, v in args.items() if n != "seg"},
+                                   args["seg"] if packed else None))
 
 
 def full_fwd_bwd():
@@ -96,7 +115,8 @@ def full_fwd_bwd():
     out = jax.nn.dot_product_attention(args["q"], args["k_slc"], args["v_slc"], is_causal=True,
                                        implementation="cudnn")
     return jnp.sum(out.astype(jnp.float32) * args["cot"].astype(jnp.float32))
-  return jax.jit(jax.value_and_grad(loss))
+  grad = jax.value_and_grad(loss)
+  return jax.jit(lambda args: grad({n: v for n, v in args.items() if n != "seg"}))
 
 
 def rel_err(got, want) -> float:
@@ -116,20 +136,23 @@ def check(results: dict, variants=()) -> None:
 
 
 def _check_rows(rows: list, var) -> None:
-  for dtype, B, T, q_offset in ((jnp.bfloat16, 2, 1024, 0), (jnp.float32, 2, 1024, 0),
-                                (jnp.float32, 3, 1, np.array([5, 700, 1023]))):
+  for dtype, B, T, q_offset, packed in (
+      (jnp.bfloat16, 2, 1024, 0, False), (jnp.float32, 2, 1024, 0, False),
+      (jnp.bfloat16, 2, 1024, 0, True), (jnp.float32, 2, 1024, 0, True),
+      (jnp.float32, 3, 1, np.array([5, 700, 1023]), False)):
     S = 1024
     args = inputs(B, S, dtype, seed=1)
     if T != S:
       args["q"], args["gates"] = args["q"][:, :T], args["gates"][:, :T]
     args["cot"] = jax.random.normal(jax.random.PRNGKey(2), args["q"].shape, jnp.float32)
+    args["seg"] = packed_starts(B, S, seed=3)
     off = q_offset if isinstance(q_offset, int) else jnp.asarray(q_offset, jnp.int32)
-    row = dict(dtype=jnp.dtype(dtype).name, B=B, T=T, S=S, variant=var)
+    row = dict(dtype=jnp.dtype(dtype).name, B=B, T=T, S=S, packed=packed, variant=var)
     try:
       with jax.default_matmul_precision("highest"):
-        ref_args = {n: v.astype(jnp.float32) for n, v in args.items()}
-        (l_ref, g_ref) = nsa_fwd_bwd("reference", off)(ref_args)
-        (l_pal, g_pal) = nsa_fwd_bwd("pallas", off)(args)
+        ref_args = {n: v.astype(jnp.float32) if n != "seg" else v for n, v in args.items()}
+        (l_ref, g_ref) = nsa_fwd_bwd("reference", off, packed)(ref_args)
+        (l_pal, g_pal) = nsa_fwd_bwd("pallas", off, packed)(args)
       row.update(loss_rel_err=abs(float(l_pal) - float(l_ref)) / abs(float(l_ref)),
                  grad_rel_err={n: rel_err(g_pal[n], g_ref[n]) for n in NAMES})
     except Exception as e:  # noqa: BLE001 - report and go on to the timings
@@ -156,24 +179,30 @@ def time_case(fn, args, iters: int) -> dict:
     return dict(status=f"{type(e).__name__}: {str(e)[:300]}")
 
 
-def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None) -> None:
+def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None,
+          packed: bool = False) -> None:
   """One row per case: cuDNN full causal GQA, each impl, and ``pallas[variant]`` for every
-  backward variant (all timed in this run)."""
+  backward variant (all timed in this run); ``packed``: each impl on packed rows too
+  (``<impl>_packed``)."""
   rows = results.setdefault("bench", [])
   for B, T in cases:
     args = inputs(B, T, jnp.bfloat16)
     args["cot"] = jnp.ones((B, T, H, D), jnp.bfloat16)
+    args["seg"] = packed_starts(B, T)
     row = dict(B=B, T=T)
     rows.append(row)
     row["cudnn_full"] = time_case(full_fwd_bwd(), args, iters)
     names = list(impls) + [f"pallas[{v}]" for v in variants]
+    names += [f"{i}_packed" for i in impls] if packed else []
     for name in names:
       impl, var = (name[:-1].split("[") + [None])[:2] if "[" in name else (name, None)
       with variant(var):
-        row[name] = time_case(nsa_fwd_bwd(impl), args, iters)
+        row[name] = time_case(nsa_fwd_bwd(impl.removesuffix("_packed"),
+                                          packed=impl.endswith("_packed")), args, iters)
       if "ms" in row[name] and "ms" in row["cudnn_full"]:
         row[name]["speed_vs_cudnn"] = row["cudnn_full"]["ms"] / row[name]["ms"]
-      if name != "blockwise" and "ms" in row[name] and "ms" in row.get("blockwise", {}):
+      if name != "blockwise" and "ms" in row[name] and "ms" in row.get("blockwise", {}) and (
+          not name.endswith("_packed")):
         row[name]["speedup_vs_blockwise"] = row["blockwise"]["ms"] / row[name]["ms"]
       save()
     print("bench", json.dumps(row), flush=True)
@@ -203,10 +232,10 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
       return jnp.sum(nsa._compressed_folded(q5, k, v, **fold))
 
     def choice(q5, k, v):
-      return nsa._folded_choice(q5, k, pos, **sel)
+      return nsa._folded_choice(q5, k, pos, None, **sel)
 
     def choice_chunked(q5, k, v):
-      return nsa._selection_chunked(q5, k, pos, **sel)
+      return nsa._selection_chunked(q5, k, pos, None, **sel)
 
     def choice_scores(q5, k, v):
       return nsa_pallas.block_choice(q5, k, pos, num_sel=T // 32, scores=True,
@@ -275,6 +304,7 @@ def main(argv=None) -> None:
   p.add_argument("--variants", default="",
                  help=f"pallas backward variants to time as well, from {sorted(VARIANTS)}")
   p.add_argument("--breakdown-cases", default=None, help="cases of --breakdown (default --cases)")
+  p.add_argument("--packed", action="store_true", help="time each impl on packed rows too")
   a = p.parse_args(argv)
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
@@ -294,7 +324,8 @@ def main(argv=None) -> None:
     check(results, variants)
     save()
   cases = parse(a.cases)
-  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save)
+  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save,
+        a.packed)
   if a.breakdown:
     breakdown(results, parse(a.breakdown_cases or a.cases), a.iters, a.sweep, variants, save)
   save()

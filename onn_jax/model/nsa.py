@@ -35,17 +35,18 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   query: keys/values O(B*(T + window)*G*D), logits O(B*T*H*min(T + window, 2*window)). Never
   O(T*S). The gather's gradient is a one-hot contraction instead of a scatter-add (custom VJP),
   so forward-mode autodiff (jvp) of this implementation is not available.
-* ``impl="pallas"``: memory linear in T. For one sequence a row from position 0 (training),
-  the compressed branch is one causal attention over query groups (cuDNN on GPU,
-  ``PALLAS_CMP_ATTENTION``) and the block choice one fused Pallas pass
-  (``nsa_pallas.block_choice``: float32 probabilities, overlap sums and top-k per tile of
-  queries; ``PALLAS_CHOICE``). Other shapes (offsets, packed rows) run the compressed branch
-  and the choice over chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's
-  [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N] probabilities
-  nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel pair of
-  :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward without
-  atomics); the window branch is cuDNN's sliding-window attention on GPU for training shapes
-  (``q_offset`` the Python int 0, T == S, bf16/fp16), else the chunked band attention above.
+* ``impl="pallas"``: memory linear in T. For rows from position 0 (training and prefill,
+  packed rows too), the compressed branch is one causal attention over query groups (cuDNN
+  on GPU, ``PALLAS_CMP_ATTENTION``; packed rows add a [B,1,N,N] mask) and the block choice
+  one fused Pallas pass (``nsa_pallas.block_choice``: float32 probabilities, overlap sums and
+  top-k per tile of queries; ``PALLAS_CHOICE``). Other shapes (``q_offset``) run the
+  compressed branch and the choice over chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a
+  chunk's [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N]
+  probabilities nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel
+  pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward
+  without atomics); the window branch is cuDNN's sliding-window attention on GPU for training
+  shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a [B,1,T,T] mask
+  up to ``PALLAS_WINDOW_MASK_ELEMS``), else the chunked band attention above.
   One-token decoding reads the compressed keys, the chosen blocks and the window band only.
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
@@ -555,11 +556,16 @@ def _unfold(x_BNF: jax.Array, T: int, G: int, R: int, block_len: int, block_stri
   return jnp.concatenate([head, x], axis=1)
 
 
-def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: int
-                       ) -> jax.Array:
-  """The compressed branch's output [B,T,G,R,D] float32 (queries at 0..T-1, one sequence a
-  row) as one square causal attention over query groups (:func:`_fold_queries`): cuDNN's
-  fused kernel on GPU for 16-bit inputs."""
+def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: int,
+                       lo_BT: jax.Array | None = None) -> jax.Array:
+  """The compressed branch's output [B,T,G,R,D] float32 (queries at 0..T-1 of T keys) as one
+  square causal attention over query groups (:func:`_fold_queries`): cuDNN's fused kernel on
+  GPU for 16-bit inputs.
+
+  Packed rows (``lo_BT``, sequences starting at multiples of ``block_stride``): query group g
+  sees only the blocks of the sequence holding block g's first key, through a [B,1,N,N] mask
+  (cuDNN takes it as a bias). Every query of the group that sees anything belongs to that
+  sequence; the others (the first ``block_len - 1`` of the next sequence) get zero."""
   from onn_jax.model.attention.full import attention_implementation
   B, T, G, R, D = q_BTGRD.shape
   # cuDNN takes no odd lengths when training; a multiple of its 64-row tiles costs nothing
@@ -568,16 +574,26 @@ def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: i
   k_cmp, v_cmp = (jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)])
                   for x in (k_cmp, v_cmp))
   q_BNFD = _fold_queries(q_BTGRD, N, block_len, block_stride)
-  out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, is_causal=True,
+  mask = None
+  if lo_BT is not None:
+    first_N = jnp.arange(N, dtype=jnp.int32) * block_stride
+    # Block g's own start is in its sequence, so no row is masked entirely.
+    row_lo_BN = jnp.take(lo_BT, jnp.minimum(first_N, T - 1), axis=1)
+    mask = (first_N[None, None, :] >= row_lo_BN[:, :, None])[:, None]
+  out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, mask=mask, is_causal=True,
                                           implementation=attention_implementation(q_BNFD.dtype))
-  return _unfold(out_BNFD.astype(_F32), T, G, R, block_len, block_stride, 0.0)
+  out_BTGRD = _unfold(out_BNFD.astype(_F32), T, G, R, block_len, block_stride, 0.0)
+  if lo_BT is None:
+    return out_BTGRD
+  sees_BT = jnp.arange(T, dtype=jnp.int32)[None, :] - lo_BT >= block_len - 1
+  return jnp.where(sees_BT[:, :, None, None, None], out_BTGRD, 0.0)
 
 
-def _selection_chunked(q_BTGRD, k_cmp, pos_BT, *, seq_len: int, block_len: int,
+def _selection_chunked(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: int,
                        block_stride: int, select_len: int, num_select: int) -> jax.Array:
-  """The block choice (one sequence a row) from the compressed probabilities, recomputed in
-  float32 over chunks of queries (forward only: the choice carries no gradient). Chosen blocks
-  [B,T,G,K] int32, ``-1`` for unused slots.
+  """The block choice from the compressed probabilities, recomputed in float32 over chunks of
+  queries (forward only: the choice carries no gradient). Chosen blocks [B,T,G,K] int32,
+  ``-1`` for unused slots; ``lo_BT``: packed rows (as in :func:`_compressed_branch`).
 
   Not from the folded attention's log-sum-exp: cuDNN returns it in the inputs' dtype, and a
   bf16 log-sum-exp (error up to 0.03 at arc1 sizes) weighs the heads of a group unequally and
@@ -587,51 +603,73 @@ def _selection_chunked(q_BTGRD, k_cmp, pos_BT, *, seq_len: int, block_len: int,
   scale = 1.0 / math.sqrt(D)
   first_N = jnp.arange(N, dtype=jnp.int32) * block_stride
 
-  def chunk(q_c, pos_c):
+  def chunk(q_c, pos_c, lo_c):
     logits = jnp.einsum("btgrd,bngd->btgrn", q_c, k_cmp, preferred_element_type=_F32) * scale
-    visible = (first_N[None, None, :] + (block_len - 1) <= pos_c[:, :, None])[:, :, None, None]
-    p_c = _masked_softmax(logits, visible)
-    return _choose_blocks(p_c, pos_c, None, seq_len=seq_len, block_len=block_len,
+    visible = first_N[None, None, :] + (block_len - 1) <= pos_c[:, :, None]
+    if lo_c is not None:
+      visible &= first_N[None, None, :] >= lo_c[:, :, None]
+    p_c = _masked_softmax(logits, visible[:, :, None, None])
+    return _choose_blocks(p_c, pos_c, lo_c, seq_len=seq_len, block_len=block_len,
                           block_stride=block_stride, select_len=select_len,
                           num_select=num_select)
 
   q_BTGRD, k_cmp = jax.lax.stop_gradient((q_BTGRD, k_cmp))
-  return _over_query_chunks(chunk, (q_BTGRD, pos_BT), _chunk_len(B, T, G, R, N))
+  return _over_query_chunks(chunk, (q_BTGRD, pos_BT, lo_BT), _chunk_len(B, T, G, R, N))
 
 
-def _folded_choice(q_BTGRD, k_cmp, pos_BT, *, seq_len: int, block_len: int,
+def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: int,
                    block_stride: int, select_len: int, num_select: int) -> jax.Array:
   """The block choice [B,T,G,K] (``-1``: unused slot) beside the folded compressed branch
-  (one sequence a row): the fused Pallas kernel where it serves the geometry (PALLAS_CHOICE),
-  else the XLA chunks."""
+  (``lo_BT``: packed rows): the fused Pallas kernel where it serves the geometry
+  (PALLAS_CHOICE), else the XLA chunks."""
   geo = dict(block_len=block_len, block_stride=block_stride, select_len=select_len)
   if PALLAS_CHOICE not in ("kernel", "chunked"):
     raise ValueError(f"nsa.PALLAS_CHOICE must be 'kernel' or 'chunked', got {PALLAS_CHOICE!r}")
   if PALLAS_CHOICE == "chunked" or not nsa_pallas.block_choice_supported(**geo):
-    return _selection_chunked(q_BTGRD, k_cmp, pos_BT, seq_len=seq_len, num_select=num_select,
-                              **geo)
+    return _selection_chunked(q_BTGRD, k_cmp, pos_BT, lo_BT, seq_len=seq_len,
+                              num_select=num_select, **geo)
   return nsa_pallas.block_choice(
-      *jax.lax.stop_gradient((q_BTGRD, k_cmp)), pos_BT,
+      *jax.lax.stop_gradient((q_BTGRD, k_cmp)), pos_BT, lo_BT,
       num_sel=num_selection_blocks(seq_len, select_len), num_select=num_select,
       interpret=nsa_pallas.use_interpret(), **geo)
+
+
+# impl="pallas", packed rows on GPU: the window branch is cuDNN's sliding-window attention with
+# a [B,1,T,T] mask (cuDNN takes it as a bias) while the mask holds at most this many elements,
+# else the chunked band attention. H200, 32 x 2048 fwd+bwd (.devrun probe, 2026-12-01): 1.42 ms
+# against 2.11 ms for the band attention (one sequence a row, no mask: 1.06 ms).
+PALLAS_WINDOW_MASK_ELEMS = 1 << 28
 
 
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
                         offset_is_zero: bool, lo_BT=None) -> jax.Array:
   """Window branch for impl="pallas": cuDNN's sliding-window attention on GPU when it
-  applies (queries at positions 0..T-1 over T keys, 16-bit dtype, one sequence per row), else
-  the chunked band attention of the blockwise implementation (which reads only each chunk's
-  band of keys)."""
+  applies (queries at positions 0..T-1 over T keys, 16-bit dtype; packed rows while the mask
+  is small enough, PALLAS_WINDOW_MASK_ELEMS), else the chunked band attention of the
+  blockwise implementation (which reads only each chunk's band of keys)."""
   B, T, G, R, D = q_BTGRD.shape
   S = k_win.shape[1]
-  cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S and lo_BT is None
+  cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S
+              and (lo_BT is None or B * T * S <= PALLAS_WINDOW_MASK_ELEMS)
               and q_BTGRD.dtype in (jnp.bfloat16, jnp.float16)
               and k_win.dtype == q_BTGRD.dtype and v_win.dtype == q_BTGRD.dtype)
   if not cudnn_ok:
     return _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window, lo_BT)
+  return _window_band_attention(q_BTGRD, k_win, v_win, window, lo_BT, "cudnn")
+
+
+def _window_band_attention(q_BTGRD, k_win, v_win, window: int, lo_BT, implementation
+                           ) -> jax.Array:
+  """The window branch of queries at 0..T-1 over T keys as one sliding-window attention
+  (``jax.nn.dot_product_attention``; ``lo_BT``: packed rows, through a [B,1,T,T] mask):
+  [B,T,G,R,D] float32."""
+  B, T, G, R, D = q_BTGRD.shape
+  mask = None
+  if lo_BT is not None:
+    mask = jnp.arange(T, dtype=jnp.int32)[None, None, None, :] >= lo_BT[:, None, :, None]
   out_BTHD = jax.nn.dot_product_attention(
-      q_BTGRD.reshape(B, T, G * R, D), k_win, v_win, is_causal=True,
-      local_window_size=(min(window, S) - 1, 0), implementation="cudnn")
+      q_BTGRD.reshape(B, T, G * R, D), k_win, v_win, mask=mask, is_causal=True,
+      local_window_size=(min(window, T) - 1, 0), implementation=implementation)
   return out_BTHD.reshape(B, T, G, R, D).astype(_F32)
 
 
@@ -721,12 +759,12 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
   q_cmp_BTGRD = q_cmp.reshape(B, T, G, R, D)
 
   if impl == "pallas":
-    one_sequence = (lo_BT is None and T == S and k_cmp.shape[1] > 0
-                    and isinstance(q_offset, (int, np.integer)) and q_offset == 0)
-    if PALLAS_CMP_ATTENTION == "folded" and one_sequence:
+    from_start = (T == S and k_cmp.shape[1] > 0
+                  and isinstance(q_offset, (int, np.integer)) and q_offset == 0)
+    if PALLAS_CMP_ATTENTION == "folded" and from_start:
       out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
-                                   block_stride=block_stride)
-      idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, seq_len=S,
+                                   block_stride=block_stride, lo_BT=lo_BT)
+      idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, seq_len=S,
                                 block_len=block_len, block_stride=block_stride,
                                 select_len=select_len, num_select=num_select)
     else:

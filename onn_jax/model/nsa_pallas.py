@@ -605,7 +605,7 @@ def _merge_top(val_QK, idx_QK, key_QJ, blk_QJ, num_select: int):
   return new_v, new_i
 
 
-def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: int,
+def _block_choice_kernel(q_ref, k_ref, pos_ref, lo_ref, ovl_ref, o_ref, *, num_groups: int,
                          num_token_tiles: int, num_tiles: int, heads: int, block_len: int,
                          block_stride: int, select_len: int, num_select: int, scale: float,
                          topk: bool):
@@ -619,17 +619,23 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: i
   b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
   t0 = tt * Q
   pos_Q = pos_ref[b, pl.ds(t0, Q)]
+  lo_Q = lo_ref[b, pl.ds(t0, Q)]
   q_rQD = [q_ref[b, pl.ds(t0, Q), g, r, :] for r in range(heads)]
   same_NJ, next_NJ = ovl_ref[0], ovl_ref[1]
-  # Tiles up to the one holding the tile's last candidate block (pos // select_len).
+  # Tiles from the one holding the tile's first candidate block (its sequence's first block,
+  # lo // select_len) up to the one holding its last (pos // select_len). The blocks of the
+  # tile before the first reach into it only from before every lo: invisible, so the walk's
+  # spill starts at zero.
   n = jnp.minimum(jax.lax.div(jnp.maximum(jnp.max(pos_Q), 0), select_len * Js) + 1, num_tiles)
+  n0 = jnp.minimum(jax.lax.div(jnp.min(lo_Q), select_len * Js), n)
 
   def tile_keys(jt):
     """Tile ``jt``'s keys [Nt, D] and visibility [Q, Nt]."""
     i0 = jt * Nt
-    last_key_N = (i0 + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)) * block_stride + (
-        block_len - 1)
-    return k_ref[b, pl.ds(i0, Nt), g, :], last_key_N[None, :] <= pos_Q[:, None]
+    first_key_N = (i0 + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)) * block_stride
+    vis_QN = ((first_key_N[None, :] + (block_len - 1) <= pos_Q[:, None])
+              & (first_key_N[None, :] >= lo_Q[:, None]))
+    return k_ref[b, pl.ds(i0, Nt), g, :], vis_QN
 
   def head_logits(r, k_ND, vis_QN):
     # One head at a time: R [Q, Nt] float32 tiles alive at once would spill registers.
@@ -648,10 +654,11 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: i
 
   init = tuple(jnp.full((Q,), _NEG, _F32) if i % 2 == 0 else jnp.zeros((Q,), _F32)
                for i in range(2 * heads))
-  ml = jax.lax.fori_loop(0, n, lse_tile, init)
+  ml = jax.lax.fori_loop(n0, n, lse_tile, init)
   # Rows that see no block keep l = 0; their logits are all masked, so any lse does.
   lse_rQ = [ml[2 * r] + jnp.log(jnp.maximum(ml[2 * r + 1], 1e-30)) for r in range(heads)]
   cur_Q = jax.lax.div(jnp.maximum(pos_Q, 0), select_len)
+  first_Q = jax.lax.div(lo_Q, select_len)
 
   def score_tile(jt, carry):
     prev_QN = carry[0]
@@ -667,8 +674,8 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: i
       o_ref[b, pl.ds(t0, Q), g, pl.ds(jt * Js, Js)] = s_QJ
       return (p_QN,)
     blk_QJ = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Q, Js), 1)
-    cand = (blk_QJ <= cur_Q[:, None]) & (pos_Q[:, None] >= 0)
-    forced = cand & ((blk_QJ == 0) | (blk_QJ == cur_Q[:, None])
+    cand = (blk_QJ <= cur_Q[:, None]) & (blk_QJ >= first_Q[:, None]) & (pos_Q[:, None] >= 0)
+    forced = cand & ((blk_QJ == first_Q[:, None]) | (blk_QJ == cur_Q[:, None])
                      | (blk_QJ == cur_Q[:, None] - 1))
     key_QJ = jnp.where(forced, _FORCED, jnp.where(cand, s_QJ, _NEG))
     val_QK, idx_QK = _merge_top(carry[1], carry[2], key_QJ, blk_QJ, num_select)
@@ -678,7 +685,7 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: i
   init = (jnp.zeros((Q, Nt), _F32),)
   if topk:
     init += (jnp.full((Q, Kp), _NEG, _F32), jnp.full((Q, Kp), -1, jnp.int32))
-  out = jax.lax.fori_loop(0, n, score_tile, init)
+  out = jax.lax.fori_loop(n0, n, score_tile, init)
   if topk:
     val_QK, idx_QK = out[1], out[2]
     o_ref[b, pl.ds(t0, Q), g, :] = jnp.where(val_QK > 0.5 * _NEG, idx_QK, -1)
@@ -688,21 +695,25 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, ovl_ref, o_ref, *, num_groups: i
     o_ref[b, pl.ds(t0, Q), g, pl.ds(jt * Js, Js)] = jnp.zeros((Q, Js), _F32)
     return carry
 
+  jax.lax.fori_loop(0, n0, zero, 0)
   jax.lax.fori_loop(n, num_tiles, zero, 0)
 
 
-def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array, *,
-                 num_sel: int, block_len: int, block_stride: int, select_len: int,
-                 num_select: int, interpret: bool, scores: bool = False) -> jax.Array:
-  """The selection blocks [B,T,G,num_select] int32 of queries at positions ``pos_BT`` (one
-  sequence a row: every query may see every block before it), ``-1`` for unused slots, as
-  ``nsa.select_blocks`` chooses them from ``nsa.selection_scores`` of the compressed branch's
-  probabilities; forced blocks first, then candidates by decreasing score.
+def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
+                 lo_BT: jax.Array | None = None, *, num_sel: int, block_len: int,
+                 block_stride: int, select_len: int, num_select: int, interpret: bool,
+                 scores: bool = False) -> jax.Array:
+  """The selection blocks [B,T,G,num_select] int32 of queries at positions ``pos_BT``, ``-1``
+  for unused slots, as ``nsa.select_blocks`` chooses them from ``nsa.selection_scores`` of the
+  compressed branch's probabilities; forced blocks first, then candidates by decreasing score.
 
   Args:
     q_BTGRD: the compressed branch's queries [B,T,G,R,D].
     k_cmp_BNGD: compressed keys [B,N,G,D].
     pos_BT: int32 query positions.
+    lo_BT: packed rows: int [B,T], the start of each query's sequence (a multiple of
+      ``select_len`` and ``block_stride``); blocks before it are neither visible nor
+      candidates, and its block is forced in block 0's place. Default: one sequence a row.
     num_sel: J, the number of selection blocks.
     scores: return the importances [B,T,G,J] float32 instead (zero past each query's
       candidates; for tests).
@@ -717,6 +728,8 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array, *
   Kp = 1 << max(0, num_select - 1).bit_length()  # a power of two for the Triton tiles
   q = jnp.pad(q_BTGRD, [(0, 0), (0, Tp - T)] + [(0, 0)] * 3)
   pos = jnp.pad(pos_BT.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
+  lo = (jnp.zeros((B, Tp), jnp.int32) if lo_BT is None
+        else jnp.pad(lo_BT.astype(jnp.int32), [(0, 0), (0, Tp - T)], mode="edge"))
   N = k_cmp_BNGD.shape[1]
   k = jnp.pad(k_cmp_BNGD, [(0, 0), (0, max(0, nj * Nt - N)), (0, 0), (0, 0)])[:, :nj * Nt]
   kernel = functools.partial(
@@ -728,5 +741,5 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array, *
   out = pl.pallas_call(
       kernel, grid=(B * G * nq,), out_shape=out_shape,
       interpret=interpret, compiler_params=_compiler_params(interpret, CHOICE_NUM_WARPS),
-  )(q, k, pos, _overlap_tiles(block_len, block_stride, select_len))
+  )(q, k, pos, lo, _overlap_tiles(block_len, block_stride, select_len))
   return out[:, :T, :, :num_sel] if scores else out[:, :T, :, :num_select]
