@@ -189,3 +189,33 @@ def test_flops_by_variant():
   width = (m.num_heads + 2 * m.num_kv_groups) * m.head_dim
   assert lora["total"] - one["total"] == pytest.approx(
       m.num_layers * (2 * C * E + E * (2 * C * r + 2 * r * width)))
+
+
+@pytest.mark.parametrize("block_len,stride", [(16, 8), (8, 8), (6, 4)],
+                         ids=["two_strides", "one_stride", "gathered"])
+def test_block_compressor_from_row_matches_gathered_blocks(block_len, stride):
+  """Every compressed block of a row (``from_row``: shifted products of stride-chunks, or the
+  gather where the block is not whole strides) against the blocks gathered one by one, with
+  gradients. Float32 at highest precision: each output sums ~L*D = 512 products of O(1)
+  terms in another order, so differences stay within a few hundred float32 roundings
+  (1.2e-7) of O(1) values: atol 1e-5."""
+  from onn_jax.model.attention.nsa import BlockCompressor
+  D, G, S = 8, 2, 45
+  N = (S - block_len) // stride + 1
+  raw = jnp.asarray(np.random.default_rng(0).standard_normal((2, S, G, D)), jnp.float32)
+  idx = np.arange(N)[:, None] * stride + np.arange(block_len)
+  comp = BlockCompressor(block_len, D, jnp.float32, jnp.float32)
+  params = comp.init(jax.random.PRNGKey(1), raw[:, idx])
+
+  def total(p, x, row):
+    out = (comp.apply(p, x, N, stride, method=BlockCompressor.from_row) if row
+           else comp.apply(p, x[:, idx]))
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+  with jax.default_matmul_precision("highest"):
+    (_, got), g_got = jax.value_and_grad(total, (0, 1), has_aux=True)(params, raw, True)
+    (_, want), g_want = jax.value_and_grad(total, (0, 1), has_aux=True)(params, raw, False)
+  assert got.shape == (2, N, G, D)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

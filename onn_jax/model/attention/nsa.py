@@ -31,36 +31,76 @@ KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
 CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
 
 
+class _Linear(nn.Module):
+  """``nn.Dense`` with its input width fixed (the same ``kernel``/``bias`` parameters and
+  initialisers), so that its kernel can also be applied in row blocks (:meth:`partial`)."""
+  in_features: int
+  features: int
+  dtype: Any
+  param_dtype: Any
+
+  def setup(self):
+    self.kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                             (self.in_features, self.features), self.param_dtype)
+    self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                           self.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.partial(x, 0) + self.bias.astype(self.dtype)
+
+  def partial(self, x: jax.Array, row0: int) -> jax.Array:
+    """``x @ kernel[row0 : row0 + x.shape[-1]]`` in ``dtype`` (no bias)."""
+    w = self.kernel[row0:row0 + x.shape[-1]].astype(self.dtype)
+    return jnp.einsum("...f,fo->...o", x.astype(self.dtype), w)
+
+
 class BlockCompressor(nn.Module):
   """phi of NSA eq. (7): a compressed key (value) from one block of ``block_len`` keys.
 
   Each key gets a learned intra-block position embedding, the block is flattened and an MLP
-  maps it to one vector. Shared across GQA groups.
+  maps it to one vector. Shared across GQA groups. ``__call__`` compresses given blocks
+  [B,N,L,G,D] (decoding: one block at a time); :meth:`from_row` every block of a row.
   """
   block_len: int
   head_dim: int
   dtype: Any
   param_dtype: Any
 
-  @nn.compact
+  def setup(self):
+    L, D = self.block_len, self.head_dim
+    self.block_pos = self.param("block_pos", nn.initializers.normal(0.02), (L, D),
+                                self.param_dtype)
+    self.fc1 = _Linear(L * D, 2 * D, self.dtype, self.param_dtype)
+    self.fc2 = nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype)
+
   def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
     B, N, L, G, D = blocks_BNLGD.shape
-    pos_LD = self.param("block_pos", nn.initializers.normal(0.02), (L, D), self.param_dtype)
-    x = blocks_BNLGD + pos_LD[None, None, :, None, :].astype(blocks_BNLGD.dtype)
+    x = blocks_BNLGD + self.block_pos[None, None, :, None, :].astype(blocks_BNLGD.dtype)
     x_BNGF = x.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
-    h = nn.Dense(2 * D, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x_BNGF)
-    return nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="fc2")(nn.gelu(h))
+    return self.fc2(nn.gelu(self.fc1(x_BNGF)))
 
+  def from_row(self, raw_BSGD: jax.Array, num_blocks: int, block_stride: int) -> jax.Array:
+    """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len).
 
-def compress(compressor: BlockCompressor, raw_BSGD: jax.Array, num_blocks: int,
-             block_len: int, block_stride: int) -> jax.Array:
-  """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len)."""
-  B, S, G, D = raw_BSGD.shape
-  if num_blocks == 0:
-    return jnp.zeros((B, 0, G, D), raw_BSGD.dtype)
-  idx_NL = (jnp.arange(num_blocks)[:, None] * block_stride + jnp.arange(block_len)[None, :])
-  return compressor(raw_BSGD[:, idx_NL])
+    When ``block_len`` is m strides, block i is the stride-chunks i..i+m-1, so the first layer
+    is m products of the row's chunks with row blocks of its kernel, added with a shift of k
+    chunks (the position embedding's share is one constant vector): no [B,N,L,G,D] copy of
+    the keys and no scatter in the backward pass. Other geometries gather the blocks."""
+    B, S, G, D = raw_BSGD.shape
+    L, s, N = self.block_len, block_stride, num_blocks
+    if N == 0:
+      return jnp.zeros((B, 0, G, D), raw_BSGD.dtype)
+    if L % s:
+      idx_NL = jnp.arange(N)[:, None] * s + jnp.arange(L)[None, :]
+      return self(raw_BSGD[:, idx_NL])
+    m = L // s
+    C = N + m - 1  # chunks of s keys that hold the N blocks
+    x = raw_BSGD[:, :C * s].reshape(B, C, s, G, D).transpose(0, 1, 3, 2, 4)
+    x_BCGF = x.reshape(B, C, G, s * D)
+    h_BNGO = sum(self.fc1.partial(x_BCGF[:, k:k + N], k * s * D) for k in range(m))
+    pos_O = self.fc1.partial(self.block_pos.reshape(L * D), 0)
+    h_BNGO = h_BNGO + (pos_O + self.fc1.bias.astype(self.dtype))
+    return self.fc2(nn.gelu(h_BNGO))
 
 
 def init_layer_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict[str, jax.Array]:
@@ -142,12 +182,12 @@ class NSAttention(nn.Module):
     """Every complete compressed block of a row from position 0: (k_cmp, v_cmp)."""
     c = self.cfg
     n = nsa.num_compressed_blocks(seq_len, c.block_len, c.block_stride)
-    k_cmp = compress(self.k_compressor, kv["k_cmp_raw"], n, c.block_len, c.block_stride)
+    k_cmp = self.k_compressor.from_row(kv["k_cmp_raw"], n, c.block_stride)
     block_BN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), k_cmp.shape[:2])
     # Packed rows: a block's position is counted from the start of the sequence it begins in.
     shift_BN = 0 if segment_start_BT is None else segment_start_BT[:, ::c.block_stride][:, :n]
     return (self._rotate_cmp(k_cmp, block_BN, shift_BN),
-            compress(self.v_compressor, kv["v_cmp_raw"], n, c.block_len, c.block_stride))
+            self.v_compressor.from_row(kv["v_cmp_raw"], n, c.block_stride))
 
   def _full_sequence(self, x_BTC, segment_start_BT=None):
     """The train/prefill pass from position 0: (o_BTHD, key/values, k_cmp, v_cmp). Packed
