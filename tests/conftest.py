@@ -12,6 +12,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), "onn-jax-test-jit-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# XLA without most optimisations: a cold run of the suite on a 2-core CPU is ~80% compilation,
+# and every comparison in it runs both sides under the same flag. Inherited by the programs
+# some tests start. JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles as users do.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

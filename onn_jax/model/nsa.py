@@ -636,8 +636,8 @@ def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: in
 
 # impl="pallas", packed rows on GPU: the window branch is cuDNN's sliding-window attention with
 # a [B,1,T,T] mask (cuDNN takes it as a bias) while the mask holds at most this many elements,
-# else the chunked band attention. H200, 32 x 2048 fwd+bwd (.devrun probe, 2026-12-01): 1.42 ms
-# against 2.11 ms for the band attention (one sequence a row, no mask: 1.06 ms).
+# else the chunked band attention. H200, 32 x 2048 fwd+bwd: 1.42 ms against 2.11 ms for the
+# band attention (one sequence a row, no mask: 1.06 ms); docs/bench/nsa_packed_masks_probe_*.
 PALLAS_WINDOW_MASK_ELEMS = 1 << 28
 
 
