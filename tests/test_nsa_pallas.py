@@ -141,26 +141,17 @@ def test_pallas_bf16_close_to_fp32_reference():
 # tokens over several items, the last one partial.
 # (forward, backward, dk/dv reduction, tokens per item): every forward with every backward,
 # items of 2 tokens (many items per block, partial and empty items) for the key-major ones.
-# (forward, backward, dk/dv reduction, tokens per item, slot combination): the combining
-# kernel with one token per program ("kernel1": several programs, the last one partial when T
-# is odd) and with all tokens in one, and the XLA gather.
-BWD_VARIANTS = [("query", "atomic", "partials", 16, "kernel"),
-                ("query", "keyblock", "partials", 16, "xla"),
-                ("keyblock", "keyblock", "partials", 2, "kernel1"),
-                ("query", "keyblock", "atomic", 2, "kernel"),
-                ("keyblock", "atomic", "partials", 2, "xla"),
-                ("keyblock", "keyblock", "partials", 16, "kernel")]
+BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "partials", 16),
+                ("keyblock", "keyblock", "partials", 2), ("query", "keyblock", "atomic", 2),
+                ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16)]
 
 
 def _set_bwd(monkeypatch, variant):
-  fwd, bwd, reduce, chunk, combine = variant
+  fwd, bwd, reduce, chunk = variant
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
   monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
   monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce)
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", chunk)
-  monkeypatch.setattr(nsa_pallas, "COMBINE", combine.rstrip("1"))
-  if combine == "kernel1":
-    monkeypatch.setattr(nsa_pallas, "COMBINE_TOKENS", 1)
 
 
 @pytest.mark.parametrize("variant", BWD_VARIANTS, ids=lambda v: "-".join(map(str, v)))
@@ -269,7 +260,7 @@ def test_block_choice_kernel_matches_selection(name):
   np.testing.assert_allclose(score_of(idx_got), score_of(idx_want), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("order,long_first", [("tile", True), ("group", False)])
+@pytest.mark.parametrize("order,long_first", [("group", True), ("tile", False)])
 def test_block_choice_program_order_changes_nothing(order, long_first, monkeypatch):
   """Each program computes its own (example, group, query tile): any launch order gives the
   same choices, bit for bit (B = 2 examples x 2 groups x 5 query tiles)."""

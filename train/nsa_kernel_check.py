@@ -53,9 +53,7 @@ VARIANTS = {
     "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
     "choice_tf32": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),  # one TF32 pass
     "choice_short_first": dict(CHOICE_LONG_FIRST=False),
-    "choice_tile_order": dict(CHOICE_ORDER="tile"),
-    # How the selected branch combines each token's K slots (forward and dq): XLA's gather.
-    "combine_xla": dict(COMBINE="xla"),
+    "choice_group_order": dict(CHOICE_ORDER="group"),
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
     "fwd_keyblock": dict(FWD_IMPL="keyblock"),
     "fwd_query": dict(FWD_IMPL="query"),

@@ -7,8 +7,8 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
 
 * forward (``FWD_IMPL = "keyblock"``, the default): key-major, on the backward's items
   below: one program per item loads its block's keys and values once, attends the item's
-  query rows to them and writes per-row partial outputs and log-sum-exps, combined over
-  each token's ``K`` slots by a small gathering kernel (``COMBINE``); ``FWD_IMPL = "query"``: one program per (example, query
+  query rows to them and writes per-row partial outputs and log-sum-exps, which XLA combines
+  over each token's ``K`` slots; ``FWD_IMPL = "query"``: one program per (example, query
   token, group) holds the group's R query heads as one [R, D] tile and walks the ``K`` chosen
   blocks with an online softmax (slower, measured). Neither stores anything of size
   T*K*select_len;
@@ -445,7 +445,8 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
     dk, dv = reduce(dk), reduce(dv)
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
-  dq_BTGRD, _ = _combine_slots(dq_BGXD, None, padpos_BGTK, R, interpret)
+  gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
+  dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
   return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
 
@@ -456,98 +457,6 @@ def _gather_slots(x_BGY, padpos_BGTK, fill):
   got = jax.vmap(jax.vmap(lambda d, i: d[i]))(x_BGY, jnp.maximum(padpos_BGTK, 0))
   used = (padpos_BGTK >= 0).reshape(padpos_BGTK.shape + (1,) * (x_BGY.ndim - 3))
   return jnp.where(used, got, fill)
-
-
-# How the K slots of every (token, head) are combined from the item rows (the key-major
-# forward's partial outputs by their log-sum-exps, the backward's dq by a sum): "kernel" (one
-# Pallas program per COMBINE_TOKENS tokens and group gathers its rows slot by slot, online) or
-# "xla" (gather [B,G,T,K,R,D], then reduce).
-COMBINE = "kernel"
-COMBINE_TOKENS = 32
-
-
-def _combine_kernel(slot_ref, x_ref, *refs, num_groups: int, num_tiles: int, rows: int,
-                    num_slots: int, weighted: bool):
-  if weighted:
-    lse_ref, o_ref, lse_out_ref = refs
-  else:
-    (o_ref,) = refs
-  pid = pl.program_id(0)
-  tile = jax.lax.rem(pid, num_tiles)
-  bg = jax.lax.div(pid, num_tiles)
-  b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
-  x0 = tile * rows
-  D = x_ref.shape[-1]
-  acc_XD = jnp.zeros((rows, D), _F32)
-  m_X = jnp.full((rows,), _NEG, _F32)
-  l_X = jnp.zeros((rows,), _F32)
-  for k in range(num_slots):
-    idx_X = slot_ref[b, g, k, pl.ds(x0, rows)]
-    used_X = idx_X >= 0
-    row_X = jnp.maximum(idx_X, 0)
-    x_XD = jnp.where(used_X[:, None], x_ref[b, g, row_X, :], 0.0)
-    if not weighted:
-      acc_XD += x_XD
-      continue
-    lse_X = jnp.where(used_X, lse_ref[b, g, row_X], _NEG)
-    m_new = jnp.maximum(m_X, lse_X)
-    scale_X = jnp.exp(m_X - m_new)
-    w_X = jnp.where(used_X, jnp.exp(lse_X - m_new), 0.0)
-    acc_XD = acc_XD * scale_X[:, None] + w_X[:, None] * x_XD
-    l_X = l_X * scale_X + w_X
-    m_X = m_new
-  if not weighted:
-    o_ref[b, g, pl.ds(x0, rows), :] = acc_XD
-    return
-  seen_X = l_X > 0  # rows past the last token use no slot
-  o_ref[b, g, pl.ds(x0, rows), :] = acc_XD / jnp.where(seen_X, l_X, 1.0)[:, None]
-  lse_out_ref[b, g, pl.ds(x0, rows)] = jnp.where(
-      seen_X, m_X + jnp.log(jnp.where(seen_X, l_X, 1.0)), _NEG)
-
-
-def _combine_slots(x_BGYD, lse_BGY, padpos_BGTK, heads: int, interpret: bool):
-  """Each (token, group, head)'s K item rows combined: by their log-sum-exps into one
-  normalised output and log-sum-exp (``lse_BGY`` given), or summed (``lse_BGY`` None).
-
-  ``x_BGYD``: float32 per-item-row values [B,G,M*C*R,D] (row ``slot*R + r``); ``padpos_BGTK``
-  the item slot of each (token, slot) (:func:`_keyblock_plan`). Returns [B,T,G,R,D] float32
-  and [B,T,G,R] float32 (or None)."""
-  B, G, T, K = padpos_BGTK.shape
-  R, D = heads, x_BGYD.shape[-1]
-  if COMBINE == "xla":
-    x_BGTKRD = _gather_slots(x_BGYD.reshape(B, G, -1, R, D), padpos_BGTK, 0.0)
-    if lse_BGY is None:
-      return jnp.sum(x_BGTKRD, axis=3).transpose(0, 2, 1, 3, 4), None
-    lse_BGTKR = _gather_slots(lse_BGY.reshape(B, G, -1, R), padpos_BGTK, _NEG)
-    # Every (token, head) sees at least its own key (its block is always chosen).
-    lse_BGTR = jax.nn.logsumexp(lse_BGTKR, axis=3)
-    w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
-    out_BGTRD = jnp.sum(w_BGTKR[..., None] * x_BGTKRD, axis=3)
-    return out_BGTRD.transpose(0, 2, 1, 3, 4), lse_BGTR.transpose(0, 2, 1, 3)
-  if COMBINE != "kernel":
-    raise ValueError(f"nsa_pallas.COMBINE must be 'kernel' or 'xla', got {COMBINE!r}")
-  Q = COMBINE_TOKENS
-  nt = -(-T // Q)
-  X = Q * R
-  # The item row of every (slot, token, head), -1 for unused slots and for padding tokens.
-  row = padpos_BGTK[..., None] * R + jnp.arange(R, dtype=jnp.int32)
-  row = jnp.where(padpos_BGTK[..., None] >= 0, row, -1).transpose(0, 1, 3, 2, 4)
-  row = jnp.pad(row, [(0, 0)] * 3 + [(0, nt * Q - T), (0, 0)], constant_values=-1)
-  weighted = lse_BGY is not None
-  kernel = functools.partial(_combine_kernel, num_groups=G, num_tiles=nt, rows=X,
-                             num_slots=K, weighted=weighted)
-  out_shape = [jax.ShapeDtypeStruct((B, G, nt * X, D), _F32)]
-  args = [row.reshape(B, G, K, nt * X), x_BGYD]
-  if weighted:
-    out_shape.append(jax.ShapeDtypeStruct((B, G, nt * X), _F32))
-    args.append(lse_BGY)
-  outs = pl.pallas_call(
-      kernel, grid=(B * G * nt,), out_shape=tuple(out_shape), interpret=interpret,
-      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS))(*args)
-  out_BTGRD = outs[0][:, :, :T * R].reshape(B, G, T, R, D).transpose(0, 2, 1, 3, 4)
-  if not weighted:
-    return out_BTGRD, None
-  return out_BTGRD, outs[1][:, :, :T * R].reshape(B, G, T, R).transpose(0, 2, 1, 3)
 
 
 def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref, o_ref,
@@ -581,8 +490,7 @@ def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref,
 def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interpret):
   """Key-major forward over the items of ``plan`` (:func:`_keyblock_plan`): each item's
   per-block partial output and log-sum-exp, then per (token, head) the K partials combined
-  by their log-sum-exps (:func:`_combine_slots`). Output [B,T,G,R,D] and log-sum-exp
-  [B,T,G,R], float32."""
+  by their log-sum-exps (in XLA). Output [B,T,G,R,D] and log-sum-exp [B,T,G,R], float32."""
   qrow, posrow, blk_BGM, padpos_BGTK = plan
   B, T, G, R, D = q_BTGRD.shape
   C, L = KEY_CHUNK, select_len
@@ -597,7 +505,13 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
       interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
   )(q_BTGRD.reshape(B, T * G * R, D), _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L), qrow,
     posrow, blk_BGM)
-  return _combine_slots(o_BGXD, lse_BGX, padpos_BGTK, R, interpret)
+  o_BGTKRD = _gather_slots(o_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
+  lse_BGTKR = _gather_slots(lse_BGX.reshape(B, G, M * C, R), padpos_BGTK, _NEG)
+  # Every (token, head) sees at least its own key (its block is always chosen).
+  lse_BGTR = jax.nn.logsumexp(lse_BGTKR, axis=3)
+  w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
+  out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD, axis=3)
+  return out_BGTRD.transpose(0, 2, 1, 3, 4), lse_BGTR.transpose(0, 2, 1, 3)
 
 
 selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
@@ -641,10 +555,12 @@ CHOICE_OVERLAP_PRECISION = jax.lax.Precision.HIGHEST
 # the choice at 1 x 32768 on an H200 2.61 -> 2.25 ms (train.nsa_kernel_check --variants
 # choice_short_first); no change at 32 x 2048, where the (example, group) order dominates.
 CHOICE_LONG_FIRST = True
-# Program order: "group" (query tiles innermost: each (example, group)'s tiles together) or
-# "tile" (the (example, group) pairs innermost: with CHOICE_LONG_FIRST every pair's longest
-# tile before any shorter one).
-CHOICE_ORDER = "group"
+# Program order: "tile" ((example, group) pairs innermost: with CHOICE_LONG_FIRST every pair's
+# longest query tile before any shorter one) or "group" (query tiles innermost: each pair's
+# tiles together). H200, the choice alone (train.nsa_kernel_check --breakdown --variants
+# choice_group_order, 2026-12-01): 0.60 against 0.64 ms at 32 x 2048, 1.27 against 1.46 ms at
+# 8 x 8192.
+CHOICE_ORDER = "tile"
 _FORCED = 1e30         # key of a forced block (scores are sums of probabilities: <= R)
 _USED = -3e38          # key of an entry already taken in the merge
 
