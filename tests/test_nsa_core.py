@@ -68,11 +68,13 @@ def with_gates(args: dict, g: tuple[float, float, float]) -> dict:
 
 
 def segment_start_of(starts, B: int, T: int) -> jax.Array:
-  """Packed rows: int32 [B,T], the start of each position's sequence (sequences begin at
-  ``starts``, the same in every row)."""
+  """Packed rows: int32 [B,T], the start of each position's sequence. ``starts``: where the
+  sequences begin, the same in every row, or one such list per row."""
+  per_row = starts if starts and isinstance(starts[0], (list, tuple)) else [starts] * B
   seg = np.zeros((B, T), np.int32)
-  for s0 in starts:
-    seg[:, s0:] = s0
+  for b, row in enumerate(per_row):
+    for s0 in row:
+      seg[b, s0:] = s0
   return jnp.asarray(seg)
 
 

@@ -206,9 +206,10 @@ CHOICE_GEOS = {
 }
 
 
-# Packed rows for the many_tiles geometry (tiles of 64 positions): sequences starting inside
-# a tile, one spanning three tiles, query tiles holding two or three sequence starts.
-CHOICE_PACKED_STARTS = [0, 36, 48, 172, 264]
+# Packed rows for the many_tiles geometry (tiles of 64 positions), other starts in each row:
+# sequences starting inside a tile, one spanning three tiles, query tiles holding two or three
+# sequence starts.
+CHOICE_PACKED_STARTS = [[0, 36, 48, 172, 264], [0, 100, 204]]
 
 
 def _choice_case(geo: Geo, starts=None):
@@ -237,6 +238,8 @@ def test_block_choice_kernel_matches_selection(name):
   near-tie may swap two blocks of equal score); forced blocks and unused slots exactly."""
   packed = name.endswith("_packed")
   geo = CHOICE_GEOS[name.removesuffix("_packed")]
+  if packed:
+    geo = dataclasses.replace(geo, B=len(CHOICE_PACKED_STARTS))
   q, k, pos, lo, want, kw = _choice_case(geo, CHOICE_PACKED_STARTS if packed else None)
   got = nsa_pallas.block_choice(q, k, pos, lo, scores=True, **kw)
   assert got.shape == want.shape
@@ -437,22 +440,27 @@ def test_compressed_branch_matches_reference(geo, chunk_queries, cmp_attention, 
   _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
 
 
-# Packed rows: sequences at multiples of lcm(block_stride, select_len) = 8, among them one
-# shorter than a compression block (16..24), one of 7 selection blocks (a real choice beside
-# the 3 forced ones) and a last one of two tokens; query groups of the folded branch that hold
-# the end of one sequence and the start of the next.
+# Packed rows: sequences at multiples of lcm(block_stride, select_len) = 8, other starts in
+# each row; among them one of 7 selection blocks (a real choice beside the 3 forced ones), a
+# last one of two tokens (shorter than a compression block), and query groups of the folded
+# branch that hold the end of one sequence and the start of the next.
 PACKED_GEO = Geo(B=2, T=82, S=82, H=4, G=2, D=8, block_len=6, block_stride=4, select_len=8,
                  num_select=4, window=9)
-PACKED_STARTS = [0, 16, 24, 80]
+PACKED_STARTS = [[0, 16, 24, 80], [0, 8, 48, 64]]
 
 
-@pytest.mark.parametrize("cmp_attention", ["folded", "folded_xla_choice", "chunked"])
+@pytest.mark.parametrize("cmp_attention", ["folded", "folded_xla_choice", "chunked",
+                                           "folded_over_mask_limit"])
 def test_pallas_packed_rows_match_reference(cmp_attention, monkeypatch):
   """Packed rows (``segment_start``) on the pallas path: the folded compressed branch with its
   block mask and the block choice (fused kernel or XLA chunks) given each query's sequence
-  start, or the chunked branch: outputs and gradients of the reference."""
+  start, or the chunked branch (also taken when the mask would exceed PALLAS_MASK_ELEMS):
+  outputs and gradients of the reference."""
   monkeypatch.setattr(nsa, "PALLAS_CMP_ATTENTION", cmp_attention.split("_")[0])
   monkeypatch.setattr(nsa, "PALLAS_CHOICE", "chunked" if "xla" in cmp_attention else "kernel")
+  if cmp_attention.endswith("limit"):
+    monkeypatch.setattr(nsa, "PALLAS_MASK_ELEMS", 0)
+    monkeypatch.setattr(nsa, "_compressed_folded", None)  # must not be called
   geo = PACKED_GEO
   assert nsa.pack_alignment(geo.block_stride, geo.select_len) == 8
   args = make_inputs(geo, seed=12)

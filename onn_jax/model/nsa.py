@@ -35,7 +35,8 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   query: keys/values O(B*(T + window)*G*D), logits O(B*T*H*min(T + window, 2*window)). Never
   O(T*S). The gather's gradient is a one-hot contraction instead of a scatter-add (custom VJP),
   so forward-mode autodiff (jvp) of this implementation is not available.
-* ``impl="pallas"``: memory linear in T. For rows from position 0 (training and prefill,
+* ``impl="pallas"``: memory linear in T, but for the masks of packed rows (below, each at
+  most ``PALLAS_MASK_ELEMS`` elements). For rows from position 0 (training and prefill,
   packed rows too), the compressed branch is one causal attention over query groups (cuDNN
   on GPU, ``PALLAS_CMP_ATTENTION``; packed rows add a [B,1,N,N] mask) and the block choice
   one fused Pallas pass (``nsa_pallas.block_choice``: float32 probabilities, overlap sums and
@@ -45,8 +46,8 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   probabilities nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel
   pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward
   without atomics); the window branch is cuDNN's sliding-window attention on GPU for training
-  shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a [B,1,T,T] mask
-  up to ``PALLAS_WINDOW_MASK_ELEMS``), else the chunked band attention above.
+  shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a [B,1,T,T]
+  mask), else the chunked band attention above.
   One-token decoding reads the compressed keys, the chosen blocks and the window band only.
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
@@ -512,8 +513,8 @@ def _top_blocks(scores_BTGJ, pos_BT, lo_BT, *, num_select: int, select_len: int)
   return jnp.where(valid, idx, -1)
 
 
-# impl="pallas": how the compressed branch's output is computed for one sequence a row from
-# position 0 ("folded": one causal attention over the query groups, cuDNN on GPU, see
+# impl="pallas": how the compressed branch's output is computed for rows from position 0,
+# packed or not ("folded": one causal attention over the query groups, cuDNN on GPU, see
 # _compressed_folded; "chunked": the XLA chunks above, which every other shape takes). nsa_core
 # fwd+bwd on an H200 (train.nsa_kernel_check, 2026-11-30): folded 6.2 / 9.1 / 10.1 ms against
 # chunked 8.9 / 23.6 / 34.7 ms at 32x2048 / 8x8192 / 1x32768.
@@ -634,23 +635,25 @@ def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: in
       interpret=nsa_pallas.use_interpret(), **geo)
 
 
-# impl="pallas", packed rows on GPU: the window branch is cuDNN's sliding-window attention with
-# a [B,1,T,T] mask (cuDNN takes it as a bias) while the mask holds at most this many elements,
-# else the chunked band attention. H200, 32 x 2048 fwd+bwd: 1.42 ms against 2.11 ms for the
-# band attention (one sequence a row, no mask: 1.06 ms); docs/bench/nsa_packed_masks_probe_*.
-PALLAS_WINDOW_MASK_ELEMS = 1 << 28
+# impl="pallas", packed rows: the folded compressed branch takes a [B,1,N,N] mask, and on GPU
+# the window branch is cuDNN's sliding-window attention with a [B,1,T,T] mask (cuDNN takes
+# masks as a bias), each while its mask holds at most this many elements; else the XLA chunks
+# and the chunked band attention. H200, 32 x 2048 fwd+bwd: window 1.42 ms against 2.11 ms for
+# the band attention (one sequence a row, no mask: 1.06 ms), compressed branch and choice
+# 1.02 + 0.65 ms against 2.55 ms for the chunks; docs/bench/nsa_packed_masks_probe_*.
+PALLAS_MASK_ELEMS = 1 << 28
 
 
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
                         offset_is_zero: bool, lo_BT=None) -> jax.Array:
   """Window branch for impl="pallas": cuDNN's sliding-window attention on GPU when it
   applies (queries at positions 0..T-1 over T keys, 16-bit dtype; packed rows while the mask
-  is small enough, PALLAS_WINDOW_MASK_ELEMS), else the chunked band attention of the
+  is small enough, PALLAS_MASK_ELEMS), else the chunked band attention of the
   blockwise implementation (which reads only each chunk's band of keys)."""
   B, T, G, R, D = q_BTGRD.shape
   S = k_win.shape[1]
   cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S
-              and (lo_BT is None or B * T * S <= PALLAS_WINDOW_MASK_ELEMS)
+              and (lo_BT is None or B * T * S <= PALLAS_MASK_ELEMS)
               and q_BTGRD.dtype in (jnp.bfloat16, jnp.float16)
               and k_win.dtype == q_BTGRD.dtype and v_win.dtype == q_BTGRD.dtype)
   if not cudnn_ok:
@@ -759,8 +762,9 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
   q_cmp_BTGRD = q_cmp.reshape(B, T, G, R, D)
 
   if impl == "pallas":
-    from_start = (T == S and k_cmp.shape[1] > 0
-                  and isinstance(q_offset, (int, np.integer)) and q_offset == 0)
+    N = k_cmp.shape[1]
+    from_start = (T == S and N > 0 and isinstance(q_offset, (int, np.integer)) and q_offset == 0
+                  and (lo_BT is None or B * N * N <= PALLAS_MASK_ELEMS))
     if PALLAS_CMP_ATTENTION == "folded" and from_start:
       out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
                                    block_stride=block_stride, lo_BT=lo_BT)

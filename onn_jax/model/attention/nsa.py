@@ -32,8 +32,9 @@ CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
 
 
 class _Linear(nn.Module):
-  """``nn.Dense`` with its input width fixed (the same ``kernel``/``bias`` parameters and
-  initialisers), so that its kernel can also be applied in row blocks (:meth:`partial`)."""
+  """The parameters of an ``nn.Dense`` with ``in_features`` inputs (the same ``kernel`` and
+  ``bias`` names, shapes and initialisers), applied by row blocks of the kernel
+  (:meth:`partial`)."""
   in_features: int
   features: int
   dtype: Any
@@ -45,13 +46,14 @@ class _Linear(nn.Module):
     self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                            self.param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.partial(x, 0) + self.bias.astype(self.dtype)
-
   def partial(self, x: jax.Array, row0: int) -> jax.Array:
-    """``x @ kernel[row0 : row0 + x.shape[-1]]`` in ``dtype`` (no bias)."""
+    """``x @ kernel[row0 : row0 + x.shape[-1]]``: operands in ``dtype``, float32 result."""
+    if not (0 <= row0 and row0 + x.shape[-1] <= self.in_features):
+      raise ValueError(f"_Linear.partial: rows {row0}..{row0 + x.shape[-1]} of a kernel "
+                       f"with {self.in_features}")
     w = self.kernel[row0:row0 + x.shape[-1]].astype(self.dtype)
-    return jnp.einsum("...f,fo->...o", x.astype(self.dtype), w)
+    return jnp.einsum("...f,fo->...o", x.astype(self.dtype), w,
+                      preferred_element_type=jnp.float32)
 
 
 class BlockCompressor(nn.Module):
@@ -60,6 +62,8 @@ class BlockCompressor(nn.Module):
   Each key gets a learned intra-block position embedding, the block is flattened and an MLP
   maps it to one vector. Shared across GQA groups. ``__call__`` compresses given blocks
   [B,N,L,G,D] (decoding: one block at a time); :meth:`from_row` every block of a row.
+  Both add the position embedding after the first product (its share is one constant vector,
+  by linearity) and sum in float32, so they agree to float32 rounding before the one cast.
   """
   block_len: int
   head_dim: int
@@ -73,19 +77,24 @@ class BlockCompressor(nn.Module):
     self.fc1 = _Linear(L * D, 2 * D, self.dtype, self.param_dtype)
     self.fc2 = nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype)
 
+  def _finish(self, h_f32: jax.Array) -> jax.Array:
+    """The first layer's product of the keys (float32) -> the compressed vectors."""
+    pos_O = self.fc1.partial(self.block_pos.reshape(-1), 0)
+    h = h_f32 + (pos_O + self.fc1.bias.astype(jnp.float32))
+    return self.fc2(nn.gelu(h.astype(self.dtype)))
+
   def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
     B, N, L, G, D = blocks_BNLGD.shape
-    x = blocks_BNLGD + self.block_pos[None, None, :, None, :].astype(blocks_BNLGD.dtype)
-    x_BNGF = x.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
-    return self.fc2(nn.gelu(self.fc1(x_BNGF)))
+    x_BNGF = blocks_BNLGD.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
+    return self._finish(self.fc1.partial(x_BNGF, 0))
 
   def from_row(self, raw_BSGD: jax.Array, num_blocks: int, block_stride: int) -> jax.Array:
     """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len).
 
     When ``block_len`` is m strides, block i is the stride-chunks i..i+m-1, so the first layer
     is m products of the row's chunks with row blocks of its kernel, added with a shift of k
-    chunks (the position embedding's share is one constant vector): no [B,N,L,G,D] copy of
-    the keys and no scatter in the backward pass. Other geometries gather the blocks."""
+    chunks: no [B,N,L,G,D] copy of the keys and no scatter in the backward pass. Other
+    geometries gather the blocks."""
     B, S, G, D = raw_BSGD.shape
     L, s, N = self.block_len, block_stride, num_blocks
     if N == 0:
@@ -97,10 +106,8 @@ class BlockCompressor(nn.Module):
     C = N + m - 1  # chunks of s keys that hold the N blocks
     x = raw_BSGD[:, :C * s].reshape(B, C, s, G, D).transpose(0, 1, 3, 2, 4)
     x_BCGF = x.reshape(B, C, G, s * D)
-    h_BNGO = sum(self.fc1.partial(x_BCGF[:, k:k + N], k * s * D) for k in range(m))
-    pos_O = self.fc1.partial(self.block_pos.reshape(L * D), 0)
-    h_BNGO = h_BNGO + (pos_O + self.fc1.bias.astype(self.dtype))
-    return self.fc2(nn.gelu(h_BNGO))
+    return self._finish(sum(self.fc1.partial(x_BCGF[:, k:k + N], k * s * D)
+                            for k in range(m)))
 
 
 def init_layer_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict[str, jax.Array]:
