@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,15 @@ def test_nsa_core_packed_row_is_each_sequence_alone(impl):
   raw_k, raw_v = args["k_slc"] * 0.5, args["v_win"] * 0.5
   static = geo.static()
 
-  def core(a, k_raw, v_raw, S, **kw):
+  # Jitted: op by op, every small op would compile on its own (and outside the persistent
+  # compilation cache), for each of the four shapes.
+  @functools.partial(jax.jit, static_argnums=3)
+  def core(a, k_raw, v_raw, S, segment_start=None):
     return nsa.nsa_core(a["q"], _compress_mean(k_raw, S, geo), _compress_mean(v_raw, S, geo),
                         a["k_slc"], a["v_slc"], a["k_win"], a["v_win"], a["gates"],
-                        impl=impl, **static, **kw)
+                        impl=impl, segment_start=segment_start, **static)
 
-  packed = core(args, raw_k, raw_v, T, segment_start=segment_start_of(starts, 1, T))
+  packed = core(args, raw_k, raw_v, T, segment_start_of(starts, 1, T))
   for s0, n in zip(starts, lengths):
     part = {k: v[:, s0:s0 + n] for k, v in args.items() if k not in ("k_cmp", "v_cmp")}
     alone = core(part, raw_k[:, s0:s0 + n], raw_v[:, s0:s0 + n], n)
@@ -94,11 +98,11 @@ def test_model_packed_row_gives_each_sequence_its_own_logits(variant, cmp_rope):
   lengths = [29, 70, 41]
   starts, T = _segments(lengths, attention.pack_alignment(cfg))
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 12, size=(1, T)), jnp.int32)
-  model = Transformer(cfg)
-  packed, _, _ = model.apply({"params": params}, tokens,
-                             segment_start_BT=segment_start_of(starts, 1, T))
+  apply = jax.jit(Transformer(cfg).apply)  # one program per shape, not one per op
+  packed, _, _ = apply({"params": params}, tokens,
+                       segment_start_BT=segment_start_of(starts, 1, T))
   for s0, n in zip(starts, lengths):
-    alone, _, _ = model.apply({"params": params}, tokens[:, s0:s0 + n])
+    alone, _, _ = apply({"params": params}, tokens[:, s0:s0 + n])
     np.testing.assert_allclose(packed[:, s0:s0 + n], alone, atol=ATOL, rtol=0)
 
 
