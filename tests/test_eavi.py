@@ -37,7 +37,8 @@ def test_gradient_ignores_the_rollout(setup):
     gen = steps.excursion(model, params, batch, cfg, rng)
     return steps.alignment_loss(params, batch, gen.fed_BAV, model=model, cfg=cfg)[0]
 
-  gen = steps.excursion(model, state.params, batch, cfg, rng)
+  # Jitted: op by op the prefill would compile every small op on its own.
+  gen = jax.jit(lambda p: steps.excursion(model, p, batch, cfg, rng))(state.params)
   constant_exc = steps.excursion_inputs(batch, gen.fed_BAV)
   grad_through = jax.jit(jax.grad(eavi_loss))(state.params)
   grad_constant = jax.jit(jax.grad(lambda p: steps.alignment_loss(
