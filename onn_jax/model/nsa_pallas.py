@@ -519,8 +519,9 @@ selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
 
 # ---------------------------------------------------------------- block choice
 #
-# The selection blocks' importances (eq. 9-10) and the choice (eq. 11) for one sequence a row,
-# from the compressed keys alone: p_i = softmax_i(q.k_i / sqrt(D)) over the visible
+# The selection blocks' importances (eq. 9-10) and the choice (eq. 11) for rows from position 0
+# (in packed rows each query's sequence start bounds what it sees), from the compressed keys
+# alone: p_i = softmax_i(q.k_i / sqrt(D)) over the visible
 # compression blocks, summed over the GQA group's R heads, then over the compression blocks
 # overlapping each selection block; then the forced blocks and the top candidates. One program
 # per (example, group, tile of CHOICE_TOKENS queries) walks the compression blocks in tiles of
