@@ -666,10 +666,9 @@ def _window_band_attention(q_BTGRD, k_win, v_win, window: int, lo_BT, implementa
   """The window branch of queries at 0..T-1 over T keys as one sliding-window attention
   (``jax.nn.dot_product_attention``; ``lo_BT``: packed rows, through a [B,1,T,T] mask):
   [B,T,G,R,D] float32."""
+  from onn_jax.model.attention.full import segment_mask
   B, T, G, R, D = q_BTGRD.shape
-  mask = None
-  if lo_BT is not None:
-    mask = jnp.arange(T, dtype=jnp.int32)[None, None, None, :] >= lo_BT[:, None, :, None]
+  mask = None if lo_BT is None else segment_mask(lo_BT)
   out_BTHD = jax.nn.dot_product_attention(
       q_BTGRD.reshape(B, T, G * R, D), k_win, v_win, mask=mask, is_causal=True,
       local_window_size=(min(window, T) - 1, 0), implementation=implementation)

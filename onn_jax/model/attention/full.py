@@ -35,9 +35,15 @@ def causal_attention(q_BTHD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
   if segment_start_BT is None:
     return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, is_causal=True,
                                         implementation=attention_implementation(q_BTHD.dtype))
-  T = k_BTGD.shape[1]
-  mask = jnp.arange(T)[None, None, None, :] >= segment_start_BT[:, None, :, None]
-  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, mask=mask, is_causal=True)
+  return jax.nn.dot_product_attention(q_BTHD, k_BTGD, v_BTGD, mask=segment_mask(segment_start_BT),
+                                      is_causal=True)
+
+
+def segment_mask(segment_start_BT: jax.Array) -> jax.Array:
+  """Packed rows: bool [B,1,T,T], whether query t may see key s by sequence (``s`` at or after
+  the start of ``t``'s sequence); causality is the attention's own."""
+  T = segment_start_BT.shape[1]
+  return jnp.arange(T)[None, None, None, :] >= segment_start_BT[:, None, :, None]
 
 
 def branch_positions(total: int, branch_len: int, start_B: jax.Array) -> jax.Array:
