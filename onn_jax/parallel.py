@@ -21,6 +21,7 @@ pmap        [n_local, ...] stacked copies, one per    [n_local, B / n, ...] host
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 from typing import Any, Callable
@@ -168,6 +169,7 @@ class Runner:
     self.stacked = NamedSharding(self.local_mesh, P(AXIS))
     self._donate = (0,) if donate else ()
     self._steps = {name: self._compile(fn) for name, fn in steps.items()}
+    self._ready: dict[tuple, Callable] = {}  # (name, batch signature) -> compiled ahead
     self._applied: dict[Any, Callable] = {}
     self._unstack_fn: Callable | None = None
 
@@ -252,9 +254,20 @@ class Runner:
     return x[0] if self.mode == "pmap" else x
 
   # -- execution -------------------------------------------------------------------------------
+  def precompile(self, name: str, state: Any, local_batches: list[dict[str, np.ndarray]]
+                 ) -> None:
+    """Compiles step ``name`` for the shape of each batch (this process's rows, as
+    :meth:`put_batch` takes them), all at once (:func:`compile_at_once`); :meth:`run` then uses
+    these programs for batches of those shapes. ``state`` is only read for its shapes."""
+    placed = [self.put_batch(b) for b in local_batches]
+    lowered = [self._steps[name].lower(state, b) for b in placed]
+    for batch, program in zip(placed, compile_at_once(lowered)):
+      self._ready[name, _signature(batch)] = program
+
   def run(self, name: str, state: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """One step: ``(state, batch) -> (state, out)``; ``out`` holds one (reduced) copy."""
-    state, out = self._steps[name](state, batch)
+    step = self._ready.get((name, _signature(batch)), self._steps[name])
+    state, out = step(state, batch)
     if self.mode == "pmap":
       out = self._unstack(out)
     return state, out
@@ -283,6 +296,21 @@ class Runner:
                                                  lambda idx, h=_host(a): h[idx]), a)
                    for a in args)
     return compiled(state, *args)
+
+
+def _signature(batch: dict[str, Any]) -> tuple:
+  """What a compiled step depends on in a placed batch: its keys, shapes and dtypes."""
+  return tuple((key, tuple(x.shape), str(x.dtype)) for key, x in sorted(batch.items()))
+
+
+def compile_at_once(lowered: list) -> list:
+  """``[program.compile() for program in lowered]``, the compilations in threads at once: XLA
+  compiles outside the GIL, so N programs take about as long as the slowest, not the sum
+  (lower them in the caller's thread: tracing sees its JAX settings)."""
+  if len(lowered) < 2:
+    return [program.compile() for program in lowered]
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    return list(pool.map(lambda program: program.compile(), lowered))
 
 
 def host_value(x) -> np.ndarray:

@@ -216,7 +216,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
-  compiled: set[tuple[str, int]] = set()
+  compiled: set[str] = set()  # stages whose steps this invocation has compiled
 
   def save(at: int) -> None:
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
@@ -225,8 +225,13 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   try:
     while step < stop_at:
       stage = stages.stage_at(cfg, step).name
+      if stage not in compiled:
+        compiled.add(stage)
+        compiles_since += 1
+        _compile_stage(cfg, stream, runner, state, stage, step, stop_at, bar)
+      if not bar.disable and not bar.desc.startswith(stage):  # disabled: no description
+        bar.set_description(stage, refresh=False)
       local_batch = batches.get(step)
-      compiles_since += _announce_step(bar, compiled, stage, local_batch["inputs"].shape[-1])
       # Per process: its own rows, scaled by the process count (rows are drawn alike).
       tokens_since += local_batch["inputs"].size * jax.process_count()
       real_since += int(local_batch["valid"].sum()) * jax.process_count()
@@ -325,19 +330,36 @@ class Prefetch:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _announce_step(bar, compiled: set, stage: str, length: int) -> bool:
-  """The bar names the stage of the step it runs; the first step of each (stage, bucket)
-  says that it compiles (seconds to minutes, during which the ETA means nothing). Returns
-  whether this step is such a first one (its time is mostly compilation). A disabled bar
-  (processes other than 0) has no description and says nothing."""
-  first = (stage, length) not in compiled
-  compiled.add((stage, length))
+def stage_lengths(cfg: Config, stream: BatchStream, stage: str, start: int, stop: int
+                  ) -> dict[int, int]:
+  """{row length: the first step that has it} over the steps ``start..stop-1`` that ``stage``
+  takes: the batch shapes that stage will run in this invocation (lengths drawn as
+  :func:`batch_at` draws them, without building the batches)."""
+  packed = cfg.data.pack and next(s for s in stages.registered() if s.name == stage).packs
+  possible = (len(stream.buckets) - stream.buckets.index(stream.pack_len) if packed
+              else int(np.count_nonzero(stream.bucket_probs)))
+  found: dict[int, int] = {}
+  for step in range(start, stop):
+    if len(found) == possible:
+      break
+    if stages.stage_at(cfg, step).name == stage:
+      found.setdefault(stream.length_at(step, packed), step)
+  return found
+
+
+def _compile_stage(cfg: Config, stream: BatchStream, runner: Runner, state, stage: str,
+                   start: int, stop: int, bar) -> None:
+  """At a stage's first step in this invocation: its steps for every batch shape it will run
+  here, compiled at once (in threads) before it starts. One after another, at each shape's
+  first step, they took minutes on a GPU (EAVI's five buckets: about 7 minutes of an arc1
+  run). The bar says so (processes other than 0 run a disabled bar and say nothing)."""
+  lengths = stage_lengths(cfg, stream, stage, start, stop)
   if not bar.disable:
-    if not bar.desc.startswith(stage):
-      bar.set_description(stage, refresh=False)
-    if first:
-      bar.write(f"compiling {stage} step (bucket {length})")
-  return first
+    bar.write(f"compiling {stage} steps (buckets {', '.join(map(str, sorted(lengths)))})")
+  tick = time.perf_counter()
+  runner.precompile(stage, state, [batch_at(cfg, stream, s) for s in lengths.values()])
+  if not bar.disable:
+    bar.write(f"compiled {stage} steps in {time.perf_counter() - tick:.1f} s")
 
 
 def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):

@@ -30,7 +30,6 @@ train state, while TTT runs at evaluation, per task, on weights that are discard
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import fnmatch
 import functools
@@ -50,7 +49,7 @@ from onn_jax.data.pipeline import BatchStream
 from onn_jax.data.tasks import DataError, Task
 from onn_jax.evaluation import augscore
 from onn_jax.model.transformer import Transformer, init_params
-from onn_jax.parallel import AXIS, host_value, shard_map
+from onn_jax.parallel import AXIS, compile_at_once, host_value, shard_map
 
 
 def adapted_paths(params, patterns: Sequence[str]) -> list[tuple[str, ...]]:
@@ -208,10 +207,7 @@ def _compile_all(axis: _TaskAxis, train_fn: Callable, ce_fn: Callable, base, sta
   lowered = [fn.lower(base, stacked(tree, width), stacked(batch, width))
              for width, batch in shapes.values()
              for fn, tree in ((train_fn, state0), (ce_fn, state0.params))]
-  if not lowered:
-    return {}
-  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-    done = list(pool.map(lambda program: program.compile(), lowered))
+  done = compile_at_once(lowered)
   return {length: (done[2 * k], done[2 * k + 1]) for k, length in enumerate(shapes)}
 
 

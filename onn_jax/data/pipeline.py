@@ -374,12 +374,31 @@ class BatchStream:
     share = rows // self.process_count
     return range(self.process_index * share, (self.process_index + 1) * share)
 
+  def _drawn_bucket(self, rng: np.random.Generator) -> int:
+    """The bucket (index) of an unpacked batch, the first draw of its step's rng."""
+    return int(rng.choice(len(self.buckets), p=self.bucket_probs))
+
+  def _packed_kind(self, step: int) -> int:
+    """A packing stage's step: 0 for packed rows, k for the k-th bucket past ``pack_len``."""
+    if len(self.kind_probs) == 1:
+      return 0
+    rng = np.random.default_rng([self.seed, step, _STREAM_KIND])
+    return int(rng.choice(len(self.kind_probs), p=self.kind_probs))
+
+  def length_at(self, step: int, packed: bool = False) -> int:
+    """The row length of the batch at ``step`` (``packed``: of :meth:`packed_batch`, else of
+    :meth:`batch`), drawn as they draw it but without building the batch."""
+    if packed:
+      return self.buckets[self.buckets.index(self.pack_len) + self._packed_kind(step)]
+    return self.buckets[self._drawn_bucket(np.random.default_rng([self.seed, step,
+                                                                  _STREAM_BATCH]))]
+
   def batch(self, step: int, bucket: int | None = None) -> dict[str, np.ndarray]:
     """This process's rows of the global batch at ``step`` (see the class doc for keys), in a
     drawn bucket or the one given."""
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
     if bucket is None:
-      bucket = int(rng.choice(len(self.buckets), p=self.bucket_probs))
+      bucket = self._drawn_bucket(rng)
     pool = self.bucket_items[bucket]
     picks = pool[rng.integers(0, len(pool), size=self.rows[bucket])]
     length = self.buckets[bucket]
@@ -423,11 +442,9 @@ class BatchStream:
     """This process's rows of a packing stage's batch at ``step``: packed rows
     (:func:`collate_packed`), or the unpacked rows of a bucket longer than ``data.pack_len``
     when the step is drawn for it."""
-    if len(self.kind_probs) > 1:
-      rng = np.random.default_rng([self.seed, step, _STREAM_KIND])
-      kind = int(rng.choice(len(self.kind_probs), p=self.kind_probs))
-      if kind:
-        return self.batch(step, self.buckets.index(self.pack_len) + kind)
+    kind = self._packed_kind(step)
+    if kind:
+      return self.batch(step, self.buckets.index(self.pack_len) + kind)
     rows = self.pack_rows(step)
     mine = self._mine(len(rows))
     return collate_packed(rows[mine.start:mine.stop], self.pack_len, self.pack_align)
