@@ -96,7 +96,7 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
       tasks, mode=e.mode, views=views, generate_fn=fns.generate,
       logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=eval_max_len(cfg),
       batch_size=e.batch_size, samples=e.samples,
-      group_of=group_of, progress=is_main_process())
+      group_of=group_of, progress=is_main_process(), prepare=fns.prepare)
   summary = augscore.summarise(records, tasks, e.mode)
   if is_main_process():
     augscore.write_outputs(records, tasks, out_dir, e.mode,

@@ -7,7 +7,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from onn_jax.data.serialize import encode_grid, serialize
+from onn_jax.data.tasks import Task
 from onn_jax.data.tokens import END
+from onn_jax.decode import generate_jit
+from onn_jax.evaluation import augscore, model_fns
 from onn_jax.evaluation.model_fns import ModelFns
 from onn_jax.model.transformer import Transformer, init_params
 
@@ -70,3 +73,37 @@ def test_rows_per_call_follow_the_token_budget():
   many = ModelFns(model, params, batch_size=60, max_batch_tokens=196608, mesh=mesh)
   assert many.batch_size == 64
   assert [many.rows(n) for n in (3072, 16384 + 1024, 10**6)] == [64, 8, 8]
+
+
+def test_prepared_programs_give_the_jitted_results_and_are_the_ones_run():
+  """augscore.evaluate announces its calls (``prepare``); ModelFns compiles their programs at
+  once and runs every call on them: the same records as without, sampled generations
+  included (same keys), and no call compiles through the jitted functions."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  params = init_params(cfg.model, jax.random.PRNGKey(2))
+  tasks = []
+  for k, side in enumerate((2, 3, 5)):  # prompts of different padded lengths
+    grid = np.random.default_rng(k).integers(0, 10, size=(side, side))
+    tasks.append(Task(id=f"t{k}", train=[(grid, grid.T), (grid.T, grid)],
+                               test=[(grid, grid.T)]))
+  views = augscore.make_views()[:3]
+
+  def evaluate(fns, prepare):
+    return augscore.evaluate(tasks, mode="augscore", views=views, generate_fn=fns.generate,
+                             logprob_fn=fns.logprob, max_len=256, batch_size=4, samples=1,
+                             max_answer_tokens=40, progress=False,
+                             prepare=fns.prepare if prepare else None)
+
+  want = evaluate(ModelFns(model, params, batch_size=4), False)
+  caches = generate_jit._cache_size(), model_fns._logprob_jit._cache_size()
+  fns = ModelFns(model, params, batch_size=4)
+  got = evaluate(fns, True)
+  assert (generate_jit._cache_size(), model_fns._logprob_jit._cache_size()) == caches
+  assert len({key for key in fns.shapes if key[0] == "generate"}) >= 2
+  assert {key[:4] for key in fns._ready if key[0] == "generate"} | {
+      key for key in fns._ready if key[0] == "logprob"} == set(fns.shapes)
+  for g, w in zip(got, want):
+    assert (g["counts"], g["order"], g["malformed"]) == (w["counts"], w["order"], w["malformed"])
+    assert all(np.array_equal(x, y) for x, y in zip(g["candidates"], w["candidates"]))
+    np.testing.assert_array_equal(g["scores"], w["scores"])

@@ -259,7 +259,11 @@ def _pooled(formed, mode, *, mesh=None, tasks=None, max_len=128, views=None, **k
   records = augscore.evaluate(tasks or all_tasks, mode=mode, views=views,
                               generate_fn=fns.generate, logprob_fn=fns.logprob,
                               max_len=max_len, batch_size=8,
-                              group_of=lambda task: index.get(task.id, 0), progress=False)
+                              group_of=lambda task: index.get(task.id, 0), progress=False,
+                              prepare=fns.prepare)
+  # Every call ran a program compiled ahead (ModelFns.prepare), as in train.main's evaluation.
+  ready = {key[:4] if key[0] == "generate" else key for key in fns._ready}
+  assert set(fns.shapes) <= ready
   return records, fns
 
 

@@ -11,6 +11,10 @@ The model enters through two callables, both batched over tasks and views:
   by answer tokens incl. END, and the result is the teacher-forced total log-probability
   sum_{t >= answer_starts[n]} log p(x_t | x_<t) of those answer tokens.
 
+Optionally ``prepare(kind, calls, num_samples)`` hears of every call before the first one
+(``kind`` "generate": ``calls`` is ``[(prompt lengths, max_new)]`` in call order; "logprob":
+``[(sequence lengths, 0)]``), so that a model can compile all the programs they need at once.
+
 With ``group_of`` (a task -> int, e.g. the index of the task's own test-time-trained weights),
 both are also given ``groups=``: the group of every prompt's or sequence's task, in order, so
 one call can hold the rows of many tasks, each under its own weights.
@@ -60,6 +64,7 @@ MAX_ANSWER_TOKENS = 30 * 31 + 1  # a 30x30 grid, its NEWLINEs and END
 
 GenerateFn = Callable[[list[np.ndarray], int, int], Sequence[Sequence[np.ndarray]]]
 LogprobFn = Callable[[list[np.ndarray], list[int]], np.ndarray]
+PrepareFn = Callable[[str, list[tuple[list[int], int]], int], None]
 
 
 def make_views(num_color_perms: int = 0, color_mode: str = "1-9", seed: int = 0) -> list[View]:
@@ -174,7 +179,8 @@ def _groups(items: list[_Item], group_of: Callable[[Task], int] | None, rows: Se
 
 def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn, *,
               max_len: int, batch_size: int, samples: int, max_answer_tokens: int,
-              progress: bool, group_of: Callable[[Task], int] | None = None) -> None:
+              progress: bool, group_of: Callable[[Task], int] | None = None,
+              prepare: PrepareFn | None = None) -> None:
   """Builds every (item, view) prompt, generates in length-sorted batches, collects candidates.
 
   Candidates are added in (item, view, greedy-then-samples) order whatever the batching, so
@@ -197,10 +203,15 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
   order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
   outputs: list[Sequence[np.ndarray] | None] = [None] * len(jobs)
   budgets = [0] * len(jobs)
+  batches = list(_batches(order, batch_size))
+  budget_of = [min(max_answer_tokens, max_len - max(len(jobs[j][2]) for j in batch))
+               for batch in batches]
+  if prepare is not None and batches:
+    prepare("generate", [([len(jobs[j][2]) for j in batch], max_new)
+                         for batch, max_new in zip(batches, budget_of)], samples)
   bar = output.progress(len(jobs), "generate", enabled=progress, unit="seq", leave=False)
-  for batch in _batches(order, batch_size):
+  for batch, max_new in zip(batches, budget_of):
     prompts = [jobs[j][2] for j in batch]
-    max_new = min(max_answer_tokens, max_len - max(len(p) for p in prompts))
     results = generate_fn(prompts, max_new, samples,
                           **_groups(items, group_of, [jobs[j][0] for j in batch]))
     if len(results) != len(prompts):
@@ -222,8 +233,8 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
 
 
 def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, max_len: int,
-           batch_size: int, progress: bool, group_of: Callable[[Task], int] | None = None
-           ) -> None:
+           batch_size: int, progress: bool, group_of: Callable[[Task], int] | None = None,
+           prepare: PrepareFn | None = None) -> None:
   """Sets item.scores[c] = sum over usable views v of log p(v(c) | prompt_v) (batched)."""
   pairs: list[tuple[int, int, np.ndarray, int]] = []  # (item, candidate, sequence, answer start)
   for i, item in enumerate(items):
@@ -242,8 +253,11 @@ def _score(items: list[_Item], views: Sequence[View], logprob_fn: LogprobFn, *, 
       for c, answer in enumerate(answers):
         pairs.append((i, c, np.concatenate([prompt, answer]), len(prompt)))
   order = sorted(range(len(pairs)), key=lambda p: -len(pairs[p][2]))
+  batches = list(_batches(order, batch_size))
+  if prepare is not None and batches:
+    prepare("logprob", [([len(pairs[p][2]) for p in batch], 0) for batch in batches], 0)
   bar = output.progress(len(pairs), "score", enabled=progress, unit="seq", leave=False)
-  for batch in _batches(order, batch_size):
+  for batch in batches:
     logprobs = np.asarray(logprob_fn([pairs[p][2] for p in batch], [pairs[p][3] for p in batch],
                                      **_groups(items, group_of, [pairs[p][0] for p in batch])),
                           np.float64).reshape(-1)
@@ -300,8 +314,8 @@ def _record(item: _Item, mode: str) -> dict:
 def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[View] | None = None,
              generate_fn: GenerateFn, logprob_fn: LogprobFn | None = None, max_len: int,
              batch_size: int, samples: int = 0, max_answer_tokens: int = MAX_ANSWER_TOKENS,
-             group_of: Callable[[Task], int] | None = None, progress: bool = True
-             ) -> list[dict]:
+             group_of: Callable[[Task], int] | None = None, progress: bool = True,
+             prepare: PrepareFn | None = None) -> list[dict]:
   """Evaluates every test input of ``tasks``; one record per (task id, test index), in order.
 
   A record holds ``candidates`` (int32 [h, w] grids in the task's frame, deduplicated, in the
@@ -314,7 +328,8 @@ def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[V
 
   ``views`` defaults to the 8 D8 views; ``greedy`` mode always uses the identity view alone and
   no samples. Every prompt plus ``max_new`` tokens fits ``max_len``, with ``max_new`` at most
-  ``max_answer_tokens``. ``group_of``: see the module doc (per-task weights in one call).
+  ``max_answer_tokens``. ``group_of``, ``prepare``: see the module doc (per-task weights in
+  one call; the calls announced ahead).
   """
   if mode not in MODES:
     raise ValueError(f"eval mode {mode!r} is not one of {', '.join(MODES)}")
@@ -334,10 +349,11 @@ def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[V
     raise ValueError("no views to evaluate")
   items = [_Item(task, t) for task in tasks for t in range(len(task.test))]
   _generate(items, views, generate_fn, max_len=max_len, batch_size=batch_size, samples=samples,
-            max_answer_tokens=max_answer_tokens, progress=progress, group_of=group_of)
+            max_answer_tokens=max_answer_tokens, progress=progress, group_of=group_of,
+            prepare=prepare)
   if mode == "augscore":
     _score(items, views, logprob_fn, max_len=max_len, batch_size=batch_size, progress=progress,
-           group_of=group_of)
+           group_of=group_of, prepare=prepare)
   return [_record(item, mode) for item in items]
 
 

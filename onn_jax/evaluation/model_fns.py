@@ -29,7 +29,7 @@ from onn_jax.data.pipeline import rows_within
 from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
 from onn_jax.model.transformer import Transformer
-from onn_jax.parallel import AXIS, host_value
+from onn_jax.parallel import AXIS, compile_at_once, host_value
 from onn_jax.ttt import merge
 
 MIN_LENGTH = 64  # prompt, budget and sequence lengths are powers of two from here up
@@ -120,6 +120,7 @@ class ModelFns:
     self.row_model = RowParams(model)
     self._gather = jax.jit(_gather_rows, out_shardings=None if mesh is None else
                            NamedSharding(mesh, P(AXIS)))
+    self._ready: dict[tuple, Any] = {}  # programs compiled ahead (prepare), by call shape
 
   def _put_shared(self, tree):
     """A tree (identical on every process) -> device arrays, replicated over a mesh."""
@@ -162,6 +163,48 @@ class ModelFns:
     adapter_B = self._gather(self.adapters_K, self._put(index_B))
     return self.row_model, {"base": self.params, "rows": adapter_B}
 
+  def _generate_args(self, model, params, prompt_BP, lens_B, budget: int, feed: str):
+    """generate_jit's (arguments, static keywords) for one call; ``rng`` is set per call."""
+    return ((model, params, prompt_BP, lens_B),
+            dict(max_new=budget, capacity=prompt_BP.shape[1] + budget, feed=feed,
+                 temperature=self.temperature, grid=self.grid))
+
+  def prepare(self, kind: str, calls: list[tuple[list[int], int]], num_samples: int) -> None:
+    """Compiles, all at once (:func:`onn_jax.parallel.compile_at_once`), every program that
+    the :meth:`generate` (``kind`` "generate") or :meth:`logprob` ("logprob") calls announced
+    here will run: ``calls`` is ``[(lengths, max_new)]``, one entry per call, as
+    :func:`onn_jax.evaluation.augscore.evaluate` makes them. One after another, at each shape's
+    first call, they took minutes of an arc1 evaluation on a GPU."""
+    wanted: dict[tuple, Any] = {}
+    for lengths, max_new in calls:
+      if kind == "generate":
+        budget = _round_up(max_new)
+        shapes = self._calls(lengths, lambda P, budget=budget: P + budget)
+        feeds = ["argmax"] + ["sample"] * (num_samples > 0)
+        keys = [("generate", rows, P, budget, feed) for _, P, rows in shapes for feed in feeds]
+      elif kind == "logprob":
+        keys = [("logprob", rows, L) for _, L, rows in self._calls(lengths, lambda L: L)]
+      else:
+        raise ValueError(f"ModelFns.prepare: kind {kind!r} is not 'generate' or 'logprob'")
+      for key in keys:
+        if key not in self._ready and key not in wanted:
+          wanted[key] = self._lower(key)
+    for key, program in zip(wanted, compile_at_once(list(wanted.values()))):
+      self._ready[key] = program
+
+  def _lower(self, key: tuple):
+    """The lowered program of a call shape (see :meth:`prepare`), on placeholder rows."""
+    rows = key[1]
+    model, params = self._model_params([], rows, [])  # padding rows only: adapter 0
+    if key[0] == "generate":
+      _, _, P, budget, feed = key
+      args, static = self._generate_args(model, params, self._put(np.zeros((rows, P), np.int32)),
+                                         self._put(np.ones(rows, np.int32)), budget, feed)
+      return generate_jit.lower(*args, **static, rng=self.rng)
+    zeros = self._put(np.zeros((rows, key[2]), np.int32))
+    return _logprob_jit.lower(model, params, zeros, zeros,
+                              self._put(np.zeros((rows, key[2]), np.float32)))
+
   def generate(self, prompts: list[np.ndarray], max_new: int, num_samples: int,
                groups: Sequence[int] | None = None) -> list[list[np.ndarray]]:
     """Per prompt: the greedy generation, then ``num_samples`` sampled ones (answer tokens)."""
@@ -175,11 +218,13 @@ class ModelFns:
       for sample in range(1 + num_samples):
         self.calls += 1
         self.shapes["generate", rows, P, budget] += 1
-        out = generate_jit(
-            model, params, prompt_BP, self._put(lens), max_new=budget,
-            capacity=P + budget, feed="argmax" if sample == 0 else "sample",
-            temperature=self.temperature, rng=jax.random.fold_in(self.rng, self.calls),
-            grid=self.grid)
+        feed = "argmax" if sample == 0 else "sample"
+        args, static = self._generate_args(model, params, prompt_BP, self._put(lens), budget,
+                                           feed)
+        rng = jax.random.fold_in(self.rng, self.calls)
+        program = self._ready.get(("generate", rows, P, budget, feed))
+        out = (program(*args[1:], rng=rng) if program is not None
+               else generate_jit(*args, **static, rng=rng))
         tokens_BA = host_value(out.tokens_BA)[:, :max_new]
         for r, i in enumerate(indices):
           results[i].append(tokens_BA[r])
@@ -196,7 +241,8 @@ class ModelFns:
         mask[r, answer_starts[i] - 1:len(sequences[i]) - 1] = 1.0  # target t+1: answer
       model, params = self._model_params(indices, rows, groups)
       self.shapes["logprob", rows, L] += 1
-      lp = _logprob_jit(model, params, self._put(tokens[:, :-1]), self._put(tokens[:, 1:]),
-                        self._put(mask))
+      args = (params, self._put(tokens[:, :-1]), self._put(tokens[:, 1:]), self._put(mask))
+      program = self._ready.get(("logprob", rows, L))
+      lp = program(*args) if program is not None else _logprob_jit(model, *args)
       totals[indices] = host_value(lp).astype(np.float64)[:len(indices)]
     return totals
