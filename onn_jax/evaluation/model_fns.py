@@ -4,7 +4,8 @@ Each model call is padded to a bucketed length (a power of two) and to a number 
 that length: ``batch_size``, or fewer where a row is long and a token budget
 (``max_batch_tokens``) is set, so a 16k-token prompt runs a few rows at a time while short
 ones fill the batch. A whole evaluation compiles a handful of programs (one per length and
-budget) however many tasks and views it covers.
+budget) however many tasks and views it covers, all at once before its first call when the
+evaluation announces its calls (:meth:`ModelFns.prepare`).
 
 Per-task weights (test-time training) are pooled: with ``adapters`` (every adapted task's
 parameter subset stacked on a leading axis) each row carries the index of its task's adapter,
