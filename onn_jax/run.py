@@ -336,8 +336,7 @@ def stage_lengths(cfg: Config, stream: BatchStream, stage: str, start: int, stop
   takes: the batch shapes that stage will run in this invocation (lengths drawn as
   :func:`batch_at` draws them, without building the batches)."""
   packed = cfg.data.pack and next(s for s in stages.registered() if s.name == stage).packs
-  possible = (len(stream.buckets) - stream.buckets.index(stream.pack_len) if packed
-              else int(np.count_nonzero(stream.bucket_probs)))
+  possible = int(np.count_nonzero(stream.kind_probs if packed else stream.bucket_probs))
   found: dict[int, int] = {}
   for step in range(start, stop):
     if len(found) == possible:
