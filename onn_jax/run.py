@@ -300,10 +300,12 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
 
 def batch_at(cfg: Config, stream: BatchStream, step: int) -> dict:
   """This process's batch of the run's step ``step``: packed rows when ``data.pack`` is on and
-  the step's stage takes them, else one sequence per row."""
-  if cfg.data.pack and stages.stage_at(cfg, step).packs:
+  the step's stage takes them, else one sequence per row (from one answer-length group when the
+  stage groups answers, as EAVI does with ``eavi.answer_groups``)."""
+  stage = stages.stage_at(cfg, step)
+  if cfg.data.pack and stage.packs:
     return stream.packed_batch(step)
-  return stream.batch(step)
+  return stream.batch(step, answer_groups=tuple(stage.answer_groups(cfg)))
 
 
 class Prefetch:
@@ -335,14 +337,16 @@ def stage_lengths(cfg: Config, stream: BatchStream, stage: str, start: int, stop
   """{row length: the first step that has it} over the steps ``start..stop-1`` that ``stage``
   takes: the batch shapes that stage will run in this invocation (lengths drawn as
   :func:`batch_at` draws them, without building the batches)."""
-  packed = cfg.data.pack and next(s for s in stages.registered() if s.name == stage).packs
+  kind = next(s for s in stages.registered() if s.name == stage)
+  packed = cfg.data.pack and kind.packs
+  groups = tuple(kind.answer_groups(cfg))
   possible = int(np.count_nonzero(stream.kind_probs if packed else stream.bucket_probs))
   found: dict[int, int] = {}
   for step in range(start, stop):
     if len(found) == possible:
       break
     if stages.stage_at(cfg, step).name == stage:
-      found.setdefault(stream.length_at(step, packed), step)
+      found.setdefault(stream.length_at(step, packed, groups), step)
   return found
 
 

@@ -44,6 +44,9 @@ class Stage:
   # k > 0: the stage also takes every k-th step (run steps k-1, 2k-1, ...) inside the spans of
   # the stages registered before it, at their schedule's learning rate; 0: only its own span.
   interleave: Callable[[Config], int] = lambda cfg: 0
+  # Answer-length edges: the stage's unpacked batches take their rows from one answer-length
+  # group (BatchStream.batch's ``answer_groups``); (): rows from the whole bucket.
+  answer_groups: Callable[[Config], tuple[int, ...]] = lambda cfg: ()
 
 
 _REGISTRY: dict[str, Stage] = {}

@@ -375,5 +375,6 @@ stages.register(stages.Stage(
 stages.register(stages.Stage(
     name="eavi", step=eavi_step, num_steps=lambda cfg: cfg.train.eavi_steps,
     interleave=lambda cfg: cfg.train.eavi_every,
+    answer_groups=lambda cfg: tuple(cfg.eavi.answer_groups),
     schedule=lambda cfg: warmup_cosine(cfg.eavi.learning_rate, cfg.eavi.warmup_steps,
                                        cfg.train.eavi_steps, cfg.train.min_lr_ratio)))

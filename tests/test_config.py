@@ -58,6 +58,8 @@ def test_overrides_are_typed():
     ("train.seed", "train.seed"),
     ("train.eavi_every=-1", "train.eavi_every"),
     ("train.eavi_every=1", "train.eavi_every"),
+    ("eavi.answer_groups=[128,64]", "eavi.answer_groups"),
+    ("eavi.answer_groups=[0,64]", "eavi.answer_groups"),
 ])
 def test_bad_values_name_the_key(override, culprit):
   with pytest.raises(ConfigError) as err:

@@ -413,3 +413,34 @@ def test_every_item_is_drawn_about_equally_often_whatever_its_bucket(monkeypatch
   tolerance = 4 * (sigma * (1 / (steps * p) + 1 / (steps * (1 - p))) + spread / np.sqrt(8)
                    + spread / np.sqrt(packed_steps))
   assert abs(rate["packed"] / rate["long"] - 1) < tolerance, (rate, tolerance)
+
+
+def test_answer_groups_draw_rows_of_one_group_and_every_item_alike(monkeypatch):
+  """``answer_groups`` (EAVI's ``eavi.answer_groups``): a batch's rows come from one cell
+  (bucket x answer-length group), the cells split each bucket's items, and a cell is drawn as
+  often as its items over its bucket's rows, so every item is as likely as without groups;
+  ``length_at`` names the drawn bucket without building the batch."""
+  s = BatchStream(_tasks(12), CFG, batch_size=8, seed=0)
+  groups = (int(np.median(s.item_answer)),)
+  cells, probs = s.answer_cells(groups)
+  for k, pool in enumerate(s.bucket_items):
+    mine = [cell for b, cell in cells if b == k]
+    assert sorted(np.concatenate(mine).tolist()) == sorted(pool.tolist())
+  assert len(cells) > len(s.buckets)  # some bucket really is split
+  per_item = [p * s.rows[k] / len(cell) for (k, cell), p in zip(cells, probs)]
+  np.testing.assert_allclose(per_item, per_item[0])
+  drawn: list[int] = []
+  real = BatchStream._example
+  monkeypatch.setattr(BatchStream, "_example",
+                      lambda self, item, *a: drawn.append(item) or real(self, item, *a))
+  for step in range(24):
+    drawn.clear()
+    batch = s.batch(step, answer_groups=groups)
+    assert batch["inputs"].shape[1] == s.length_at(step, answer_groups=groups)
+    answers = s.item_answer[drawn]
+    assert (answers <= groups[0]).all() or (answers > groups[0]).all()
+    assert set(drawn) <= set(s.bucket_items[s.buckets.index(batch["inputs"].shape[1])].tolist())
+  # The answer length counted is the longer orientation's, END included.
+  task, test_index = s.items[0]
+  h, w = np.shape(task.test[test_index][1])
+  assert s.item_answer[0] == max(h * (w + 1), w * (h + 1)) + 1

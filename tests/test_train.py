@@ -276,10 +276,10 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_logs_each_step_once(tmp_path, mon
                        "checkpoint": {"every": 2, "async_save": False}})
   real_batch = BatchStream.batch
 
-  def interrupted(self, step):
+  def interrupted(self, step, **kwargs):
     if step == 3:
       raise KeyboardInterrupt
-    return real_batch(self, step)
+    return real_batch(self, step, **kwargs)
 
   monkeypatch.setattr(BatchStream, "batch", interrupted)
   assert app.train_and_evaluate(cfg, tmp_path) == 130
@@ -309,6 +309,25 @@ def test_steps_compile_once_per_length_bucket():
     state, _ = runner.run("pretrain", state, runner.put_batch(batch))
   assert len(lengths) >= 2  # several buckets were drawn
   assert runner._steps["pretrain"]._cache_size() == len(lengths)
+
+
+def test_eavi_steps_draw_from_answer_groups_when_set():
+  """eavi.answer_groups reaches EAVI's batches (and the shapes compiled for them), not the
+  teacher-forcing steps'."""
+  cfg = tiny_config(train={"pretrain_steps": 2, "eavi_steps": 6},
+                    eavi={"answer_groups": [20]})
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  stream = BatchStream(tasks, cfg.data, 8, 0)
+  for step in range(8):
+    groups = (20,) if step >= 2 else ()
+    want = stream.batch(step, answer_groups=groups)
+    got = run.batch_at(cfg, stream, step)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  lengths = run.stage_lengths(cfg, stream, "eavi", 2, 8)
+  assert lengths == {L: min(s for s in range(2, 8)
+                            if stream.length_at(s, answer_groups=(20,)) == L)
+                     for L in {stream.length_at(s, answer_groups=(20,)) for s in range(2, 8)}}
 
 
 def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows():

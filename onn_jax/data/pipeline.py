@@ -216,6 +216,13 @@ def collate_packed(rows: Sequence[Sequence[Example]], length: int, align: int
   return out
 
 
+def _answer_length(task: Task, test_index: int, d8: bool) -> int:
+  """Answer tokens of a test output (its grid, NEWLINEs and END), the longer orientation when
+  D8 may transpose it."""
+  h, w = np.shape(task.test[test_index][1])
+  return max(grid_length((h, w)), grid_length((w, h)) if d8 else 0) + 1
+
+
 def _item_lengths(task: Task, test_index: int, d8: bool) -> tuple[int, int]:
   """(shortest with one demo, with every demo) token counts of an item, over the orientations
   augmentation may produce (a transpose turns h * (w + 1) into w * (h + 1))."""
@@ -324,6 +331,10 @@ class BatchStream:
       raise DataError(f"data.buckets: no training sequence fits the longest bucket "
                       f"{self.buckets[-1]} even with one demonstration ({self.num_too_long} "
                       f"sequences of {len(tasks)} tasks)")
+    # Answer tokens of each item, its longer orientation under D8 (EAVI's rollout length).
+    self.item_answer = np.array([_answer_length(task, test_index, cfg.d8)
+                                 for task, test_index in self.items], np.int64)
+    self._cells: dict[tuple[int, ...], tuple[list[tuple[int, np.ndarray]], np.ndarray]] = {}
     bucket_of_arr = np.array(bucket_of)
     self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
     counts = np.array([len(ix) for ix in self.bucket_items], np.float64)
@@ -374,9 +385,34 @@ class BatchStream:
     share = rows // self.process_count
     return range(self.process_index * share, (self.process_index + 1) * share)
 
-  def _drawn_bucket(self, rng: np.random.Generator) -> int:
-    """The bucket (index) of an unpacked batch, the first draw of its step's rng."""
-    return int(rng.choice(len(self.buckets), p=self.bucket_probs))
+  def answer_cells(self, groups: tuple[int, ...]) -> tuple[list[tuple[int, np.ndarray]],
+                                                          np.ndarray]:
+    """([(bucket, items)], probabilities): each bucket's items split by answer length at the
+    edges ``groups`` (a group holds answers in (previous edge, edge], the last one the rest),
+    empty cells left out; a cell is drawn with probability proportional to its items over its
+    bucket's rows, so that every item is as likely as in :meth:`batch` without groups."""
+    if groups not in self._cells:
+      cells, weights = [], []
+      edges = [0, *groups, np.iinfo(np.int64).max]
+      for k, pool in enumerate(self.bucket_items):
+        answer = self.item_answer[pool]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+          cell = pool[(answer > lo) & (answer <= hi)]
+          if len(cell):
+            cells.append((k, cell))
+            weights.append(len(cell) / self.rows[k])
+      self._cells[groups] = (cells, np.array(weights) / np.sum(weights))
+    return self._cells[groups]
+
+  def _drawn_bucket(self, rng: np.random.Generator, answer_groups: tuple[int, ...] = ()
+                    ) -> tuple[int, np.ndarray]:
+    """(bucket index, the items to draw rows from) of an unpacked batch: the first draw of its
+    step's rng (a bucket, or with ``answer_groups`` a cell of :meth:`answer_cells`)."""
+    if answer_groups:
+      cells, probs = self.answer_cells(tuple(answer_groups))
+      return cells[int(rng.choice(len(cells), p=probs))]
+    bucket = int(rng.choice(len(self.buckets), p=self.bucket_probs))
+    return bucket, self.bucket_items[bucket]
 
   def _packed_kind(self, step: int) -> int:
     """A packing stage's step: 0 for packed rows, k for the k-th bucket past ``pack_len``."""
@@ -385,21 +421,25 @@ class BatchStream:
     rng = np.random.default_rng([self.seed, step, _STREAM_KIND])
     return int(rng.choice(len(self.kind_probs), p=self.kind_probs))
 
-  def length_at(self, step: int, packed: bool = False) -> int:
+  def length_at(self, step: int, packed: bool = False, answer_groups: tuple[int, ...] = ()
+                ) -> int:
     """The row length of the batch at ``step`` (``packed``: of :meth:`packed_batch`, else of
-    :meth:`batch`), drawn as they draw it but without building the batch."""
+    :meth:`batch` with ``answer_groups``), drawn as they draw it but without building it."""
     if packed:
       return self.buckets[self.buckets.index(self.pack_len) + self._packed_kind(step)]
-    return self.buckets[self._drawn_bucket(np.random.default_rng([self.seed, step,
-                                                                  _STREAM_BATCH]))]
+    rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
+    return self.buckets[self._drawn_bucket(rng, answer_groups)[0]]
 
-  def batch(self, step: int, bucket: int | None = None) -> dict[str, np.ndarray]:
+  def batch(self, step: int, bucket: int | None = None, answer_groups: tuple[int, ...] = ()
+            ) -> dict[str, np.ndarray]:
     """This process's rows of the global batch at ``step`` (see the class doc for keys), in a
-    drawn bucket or the one given."""
+    drawn bucket or the one given. ``answer_groups`` (edges in answer tokens): the rows come
+    from one drawn cell of :meth:`answer_cells`, items of similar answer length."""
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
     if bucket is None:
-      bucket = self._drawn_bucket(rng)
-    pool = self.bucket_items[bucket]
+      bucket, pool = self._drawn_bucket(rng, answer_groups)
+    else:
+      pool = self.bucket_items[bucket]
     picks = pool[rng.integers(0, len(pool), size=self.rows[bucket])]
     length = self.buckets[bucket]
     return collate([self._example(int(picks[r]), step, r, length + 1)
