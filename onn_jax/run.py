@@ -254,7 +254,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
                 "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
-                "compiled_steps": compiles_since,  # steps of the interval that compiled
+                # Steps of the interval that compiled: a stage's first step in this
+                # invocation, which compiles the steps of all its buckets.
+                "compiled_steps": compiles_since,
                 "skipped_total": int(runner.host(state.skipped)),
                 **peak_memory()}
         metrics_out.write(last)
