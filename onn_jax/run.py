@@ -307,7 +307,7 @@ def batch_at(cfg: Config, stream: BatchStream, step: int) -> dict:
   stage = stages.stage_at(cfg, step)
   if cfg.data.pack and stage.packs:
     return stream.packed_batch(step)
-  return stream.batch(step, answer_groups=tuple(stage.answer_groups(cfg)))
+  return stream.batch(step, answer_groups=stage.answer_groups(cfg))
 
 
 class Prefetch:
@@ -341,7 +341,7 @@ def stage_lengths(cfg: Config, stream: BatchStream, stage: str, start: int, stop
   :func:`batch_at` draws them, without building the batches)."""
   kind = next(s for s in stages.registered() if s.name == stage)
   packed = cfg.data.pack and kind.packs
-  groups = tuple(kind.answer_groups(cfg))
+  groups = kind.answer_groups(cfg)
   possible = int(np.count_nonzero(stream.kind_probs if packed else stream.bucket_probs))
   found: dict[int, int] = {}
   for step in range(start, stop):
