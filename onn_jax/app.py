@@ -89,7 +89,7 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
     extra = {**(extra or {}), "ttt": ttt_info}
   fns = ModelFns(model, params, batch_size=e.batch_size, max_batch_tokens=e.max_batch_tokens,
                  temperature=e.temperature, seed=cfg.train.seed, mesh=mesh, adapters=adapters,
-                 grid=e.grid)
+                 grid=e.grid, log=log if is_main_process() else None)
   views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
                               else "1-9", cfg.train.seed)
   records = augscore.evaluate(

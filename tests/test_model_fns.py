@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -97,8 +99,12 @@ def test_prepared_programs_give_the_jitted_results_and_are_the_ones_run():
 
   want = evaluate(ModelFns(model, params, batch_size=4), False)
   caches = generate_jit._cache_size(), model_fns._logprob_jit._cache_size()
-  fns = ModelFns(model, params, batch_size=4)
+  lines = []
+  fns = ModelFns(model, params, batch_size=4, log=lines.append)
   got = evaluate(fns, True)
+  kinds = collections.Counter(key[0] for key in fns._ready)  # one line per kind compiled
+  assert [line.split(" programs")[0] for line in lines] == [
+      f"evaluation: compiled {count} {kind}" for kind, count in kinds.items()]
   assert (generate_jit._cache_size(), model_fns._logprob_jit._cache_size()) == caches
   assert len({key for key in fns.shapes if key[0] == "generate"}) >= 2
   assert {key[:4] for key in fns._ready if key[0] == "generate"} | {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -102,13 +103,15 @@ class ModelFns:
   ``adapters``: per-task parameter subsets stacked on a leading axis (see
   :func:`onn_jax.ttt.stack`); then :meth:`generate` and :meth:`logprob` take ``groups``, the
   adapter index of every prompt or sequence, and each row runs under ``params`` merged with its
-  adapter. ``shapes`` counts the calls per compiled shape.
+  adapter. ``shapes`` counts the calls per compiled shape. ``log`` hears one line per
+  :meth:`prepare` that compiled anything.
   """
 
   def __init__(self, model: Transformer, params: Any, *, batch_size: int,
                max_batch_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
-               mesh: Mesh | None = None, adapters: Any = None, grid: bool = False):
-    self.model, self.mesh = model, mesh
+               mesh: Mesh | None = None, adapters: Any = None, grid: bool = False,
+               log: Callable[[str], None] | None = None):
+    self.model, self.mesh, self.log = model, mesh, log
     self.temperature, self.grid = temperature, grid
     self.rng = jax.random.PRNGKey(seed)
     self.calls = 0
@@ -176,6 +179,7 @@ class ModelFns:
     here will run: ``calls`` is ``[(lengths, max_new)]``, one entry per call, as
     :func:`onn_jax.evaluation.augscore.evaluate` makes them. One after another, at each shape's
     first call, they took minutes of an arc1 evaluation on a GPU."""
+    start = time.time()
     wanted: dict[tuple, Any] = {}
     for lengths, max_new in calls:
       if kind == "generate":
@@ -192,6 +196,9 @@ class ModelFns:
           wanted[key] = self._lower(key)
     for key, program in zip(wanted, compile_at_once(list(wanted.values()))):
       self._ready[key] = program
+    if wanted and self.log is not None:
+      self.log(f"evaluation: compiled {len(wanted)} {kind} programs at once in "
+               f"{time.time() - start:.1f} s")
 
   def _lower(self, key: tuple):
     """The lowered program of a call shape (see :meth:`prepare`), on placeholder rows."""
