@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -170,6 +171,9 @@ class Runner:
     self._donate = (0,) if donate else ()
     self._steps = {name: self._compile(fn) for name, fn in steps.items()}
     self._ready: dict[tuple, Callable] = {}  # (name, batch signature) -> compiled ahead
+    # name -> (future of (programs, seconds), batch signatures): compiling in the background
+    self._pending: dict[str, tuple[concurrent.futures.Future, list[tuple]]] = {}
+    self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
     self._applied: dict[Any, Callable] = {}
     self._unstack_fn: Callable | None = None
 
@@ -254,18 +258,55 @@ class Runner:
     return x[0] if self.mode == "pmap" else x
 
   # -- execution -------------------------------------------------------------------------------
-  def precompile(self, name: str, state: Any, local_batches: list[dict[str, np.ndarray]]
-                 ) -> None:
+  def precompile(self, name: str, state: Any, local_batches: list[dict[str, np.ndarray]], *,
+                 background: bool = False) -> None:
     """Compiles step ``name`` for the shape of each batch (this process's rows, as
     :meth:`put_batch` takes them), all at once (:func:`compile_at_once`); :meth:`run` then uses
-    these programs for batches of those shapes. ``state`` is only read for its shapes."""
+    these programs for batches of those shapes. ``state`` is only read for its shapes.
+
+    ``background``: the steps are lowered now and compiled on a worker thread, while this
+    thread goes on (e.g. training an earlier stage); the first :meth:`run` of ``name``, or
+    :meth:`wait_compiled`, waits for them."""
     placed = [self.put_batch(b) for b in local_batches]
     lowered = [self._steps[name].lower(state, b) for b in placed]
-    for batch, program in zip(placed, compile_at_once(lowered)):
-      self._ready[name, _signature(batch)] = program
+    signatures = [_signature(b) for b in placed]
+    if not background:
+      self._install(name, signatures, compile_at_once(lowered))
+      return
+    if self._compiler is None:
+      self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+
+    def compile_timed():
+      tick = time.perf_counter()
+      return compile_at_once(lowered), time.perf_counter() - tick
+
+    self._pending[name] = (self._compiler.submit(compile_timed), signatures)
+
+  def _install(self, name: str, signatures: list[tuple], programs: list) -> None:
+    for signature, program in zip(signatures, programs):
+      self._ready[name, signature] = program
+
+  def wait_compiled(self, name: str) -> tuple[float, float] | None:
+    """Waits for the background compilation of step ``name`` (:meth:`precompile`) and puts
+    its programs to use: (seconds it took, seconds waited here), or None when none was
+    pending. A compilation that failed raises its error here."""
+    pending = self._pending.pop(name, None)
+    if pending is None:
+      return None
+    future, signatures = pending
+    tick = time.perf_counter()
+    programs, seconds = future.result()
+    self._install(name, signatures, programs)
+    return seconds, time.perf_counter() - tick
+
+  def compiling(self) -> list[str]:
+    """The steps whose background compilation has not finished yet."""
+    return [name for name, (future, _) in self._pending.items() if not future.done()]
 
   def run(self, name: str, state: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """One step: ``(state, batch) -> (state, out)``; ``out`` holds one (reduced) copy."""
+    if name in self._pending:
+      self.wait_compiled(name)
     step = self._ready.get((name, _signature(batch)), self._steps[name])
     state, out = step(state, batch)
     if self.mode == "pmap":

@@ -216,7 +216,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
-  compiled: set[str] = set()  # stages whose steps this invocation has compiled
+  started: set[str] = set()  # stages this invocation has run a step of
 
   def save(at: int) -> None:
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
@@ -225,10 +225,17 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
   try:
     while step < stop_at:
       stage = stages.stage_at(cfg, step).name
-      if stage not in compiled:
-        compiled.add(stage)
+      if stage not in started:  # compile its steps (or wait for them) before its first step
         compiles_since += 1
-        _compile_stage(cfg, stream, runner, state, stage, step, stop_at, bar)
+        if started and t.background_compile:
+          _await_compile(runner, stage, bar)
+        else:
+          _compile_stage(cfg, stream, runner, state, stage, step, stop_at, bar)
+        if not started and t.background_compile:  # the later stages compile while it trains
+          for later in invocation_stages(cfg, step, stop_at)[1:]:
+            _compile_stage(cfg, stream, runner, state, later, step, stop_at, bar,
+                           background=True)
+        started.add(stage)
       if not bar.disable and not bar.desc.startswith(stage):  # disabled: no description
         bar.set_description(stage, refresh=False)
       local_batch = batches.get(step)
@@ -289,6 +296,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
     err.reported = True
     raise
   finally:
+    if runner.compiling():  # an unfinished background compilation (XLA cannot stop one)
+      log(f"waiting for the background compilation of {', '.join(runner.compiling())} "
+          "steps to end before exiting")
     batches.close()
     bar.close()
     live.close()
@@ -352,19 +362,43 @@ def stage_lengths(cfg: Config, stream: BatchStream, stage: str, start: int, stop
   return found
 
 
+def invocation_stages(cfg: Config, start: int, stop: int) -> list[str]:
+  """The stages that steps ``start..stop-1`` take, in the order of their first steps."""
+  names: list[str] = []
+  for step in range(start, stop):
+    name = stages.stage_at(cfg, step).name
+    if name not in names:
+      names.append(name)
+      if len(names) == len(stages.registered()):
+        break
+  return names
+
+
 def _compile_stage(cfg: Config, stream: BatchStream, runner: Runner, state, stage: str,
-                   start: int, stop: int, bar) -> None:
-  """At a stage's first step in this invocation: its steps for every batch shape it will run
-  here, compiled at once (in threads) before it starts. One after another, at each shape's
+                   start: int, stop: int, bar, *, background: bool = False) -> None:
+  """The steps of ``stage`` for every batch shape it will run in this invocation, compiled at
+  once (in threads): before its first step, or with ``background`` on a worker thread while
+  an earlier stage trains (see :func:`_await_compile`). One after another, at each shape's
   first step, they took minutes on a GPU (EAVI's five buckets: about 7 minutes of an arc1
-  run). The bar says so (processes other than 0 run a disabled bar and say nothing)."""
+  run; at once, 3.9). The bar says so (processes other than 0 run a disabled bar and say
+  nothing)."""
   lengths = stage_lengths(cfg, stream, stage, start, stop)
   if not bar.disable:
-    bar.write(f"compiling {stage} steps (buckets {', '.join(map(str, sorted(lengths)))})")
+    bar.write(f"compiling {stage} steps (buckets {', '.join(map(str, sorted(lengths)))})"
+              + " in the background" * background)
   tick = time.perf_counter()
-  runner.precompile(stage, state, [batch_at(cfg, stream, s) for s in lengths.values()])
-  if not bar.disable:
+  runner.precompile(stage, state, [batch_at(cfg, stream, s) for s in lengths.values()],
+                    background=background)
+  if not bar.disable and not background:
     bar.write(f"compiled {stage} steps in {time.perf_counter() - tick:.1f} s")
+
+
+def _await_compile(runner: Runner, stage: str, bar) -> None:
+  """At a stage's first step: its steps compiled in the background, waited for if need be."""
+  times = runner.wait_compiled(stage)
+  if times is not None and not bar.disable:
+    bar.write(f"compiled {stage} steps in the background in {times[0]:.1f} s (waited "
+              f"{times[1]:.1f} s)")
 
 
 def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):

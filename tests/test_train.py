@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,9 +55,15 @@ def test_run_says_where_it_runs_what_it_compiles_and_how_it_ended(finished_run):
   # The start line names the expert dispatch that model.moe_impl=auto takes here.
   dispatch = moe.describe("auto", 1.25)
   assert any(f"; experts {dispatch}; on " in line for line in lines)
-  # One bucket (128): one compile per stage, said before the stage's first step.
-  assert [l for l in lines if l.startswith("compiling")] == [
-      "compiling pretrain steps (buckets 128)", "compiling eavi steps (buckets 128)"]
+  # One bucket (128): one compile per stage; EAVI's in the background, during pre-training,
+  # and waited for at its first step.
+  said = [l for l in lines if l.startswith("compil")]
+  assert len(said) == 4
+  assert said[:3] == ["compiling pretrain steps (buckets 128)",
+                      said[1], "compiling eavi steps (buckets 128) in the background"]
+  assert re.fullmatch(r"compiled pretrain steps in [0-9.]+ s", said[1])
+  assert re.fullmatch(r"compiled eavi steps in the background in [0-9.]+ s \(waited [0-9.]+ s\)",
+                      said[3])
   scores = json.loads((workdir / "eval" / "scores.json").read_text())
   last = lines[-1]
   assert last.startswith(f"evaluation (augscore): solved {scores['solved']} of "
@@ -330,12 +337,14 @@ def test_eavi_steps_draw_from_answer_groups_when_set():
                      for L in {stream.length_at(s, answer_groups=(20,)) for s in range(2, 8)}}
 
 
-def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows():
+@pytest.mark.parametrize("background", [False, True])
+def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(background):
   """data.pack_len below the longest bucket with a token budget: a packing stage's steps are
   packed rows of pack_len or unpacked rows of the longer bucket, fewer of them; each trains.
   ``stage_lengths`` names every row length the steps draw, at its first step, without building
-  a batch; the runner compiles them ahead (``precompile``) and runs every step on those
-  programs, with the jitted step's result."""
+  a batch; the runner compiles them ahead (``precompile``, now or in the background, which the
+  first step waits for) and runs every step on those programs, with the jitted step's
+  result."""
   cfg = tiny_config(data={"buckets": [128, 256], "pack": True, "pack_len": 128,
                           "max_batch_tokens": 8 * 128, "max_grid": 8},
                     train={"pretrain_steps": 10})
@@ -346,7 +355,10 @@ def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(
   state0 = steps.init_state(cfg, model, jax.random.PRNGKey(0))
   state = runner.put_state(state0)
   lengths = run.stage_lengths(cfg, stream, "pretrain", 0, 10)
-  runner.precompile("pretrain", state, [run.batch_at(cfg, stream, s) for s in lengths.values()])
+  runner.precompile("pretrain", state, [run.batch_at(cfg, stream, s) for s in lengths.values()],
+                    background=background)
+  if not background:
+    assert runner.wait_compiled("pretrain") is None  # nothing left pending
   shapes, firsts, outs = set(), {}, []
   for step in range(10):
     batch = run.batch_at(cfg, stream, step)
@@ -357,6 +369,7 @@ def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(
     assert np.isfinite(float(out["loss"]))
   assert shapes == {(8, 128), (4, 256)}
   assert lengths == firsts
+  assert not runner._pending  # the first run waited for the background compilation
   assert runner._steps["pretrain"]._cache_size() == 0  # every step ran a precompiled program
   _, jitted = runner._steps["pretrain"](runner.put_state(state0),
                                         runner.put_batch(run.batch_at(cfg, stream, 0)))
@@ -550,7 +563,7 @@ def test_a_stage_announces_its_compile_on_any_process(enabled, capsys):
   from onn_jax import output
 
   class Runner:
-    def precompile(self, name, state, batches):
+    def precompile(self, name, state, batches, background=False):
       self.compiled = (name, [b["inputs"].shape for b in batches])
 
   cfg = tiny_config(data={"buckets": [128, 256]}, train={"pretrain_steps": 6})
