@@ -63,6 +63,12 @@ def eval_max_len(cfg: Config) -> int:
   return cfg.eval.max_len or cfg.data.buckets[-1]
 
 
+def eval_mesh(cfg: Config) -> Mesh | None:
+  """The evaluation's mesh: tasks x views split over every device of every host, or None on
+  one device."""
+  return None if resolve_mode(cfg) == "single" else Mesh(np.array(jax.devices()), (AXIS,))
+
+
 def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: dict | None = None,
                     log=print) -> dict:
   """Runs ``cfg.eval.mode`` on ``tasks`` and writes submission.json, scores.json, results.jsonl
@@ -73,9 +79,8 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
   were not adapted under the base weights)."""
   e = cfg.eval
   model = Transformer(cfg.model)
-  mesh = None
-  if resolve_mode(cfg) != "single":  # split tasks x views over every device of every host
-    mesh = Mesh(np.array(jax.devices()), (AXIS,))
+  mesh = eval_mesh(cfg)
+  if mesh is not None:
     # Host copies, the same on every process: placing an array held by one process's device
     # on a mesh of several hosts would be a cross-host transfer, which jax refuses.
     params = jax.device_get(params)
@@ -120,7 +125,11 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
   try:
     maybe_initialize_distributed(cfg)
     ttt.check(cfg)
-    result = run.train(cfg, workdir)
+    tasks = load_eval_tasks(cfg.data.eval, cfg, cfg.eval.max_tasks) if cfg.data.eval else []
+    ahead = None
+    if tasks and cfg.ttt.steps > 0 and cfg.train.background_compile:
+      ahead = lambda params: ttt.compile_ahead(cfg, params, tasks, mesh=eval_mesh(cfg))
+    result = run.train(cfg, workdir, ahead=ahead)
   except USER_ERRORS + (run.TrainingStopped,) as err:
     return _fail(err)
   except KeyboardInterrupt as err:  # run.train has checkpointed and said so, when it could
@@ -136,10 +145,6 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
     return 0
   if not cfg.data.eval:
     return 0
-  try:
-    tasks = load_eval_tasks(cfg.data.eval, cfg, cfg.eval.max_tasks)
-  except USER_ERRORS as err:
-    return _fail(err)
   state = result.state
   use_ema = cfg.eval.weights == "ema" and bool(jax.tree.leaves(state.ema))
   evaluate_params(cfg, jax.device_get(state.ema if use_ema else state.params), tasks,

@@ -142,8 +142,9 @@ class TrainConfig:
   # of the same shapes skips their compilation. "": off (so is "~" alone, YAML's null). A
   # cache set already (the JAX_COMPILATION_CACHE_DIR variable or jax.config) stands.
   jax_cache_dir: str = "~/.cache/onn_jax/jax"
-  # Steps of the stages after an invocation's first (EAVI after pre-training) compile on a
-  # worker thread while the first stage trains; false: each at its stage's first step.
+  # Steps of the stages after an invocation's first (EAVI after pre-training), and TTT's when
+  # train.main evaluates after it, compile on a worker thread while the first stage trains;
+  # false: each when it is first needed.
   background_compile: bool = True
 
 

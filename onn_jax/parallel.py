@@ -173,7 +173,6 @@ class Runner:
     self._ready: dict[tuple, Callable] = {}  # (name, batch signature) -> compiled ahead
     # name -> (future of (programs, seconds), batch signatures): compiling in the background
     self._pending: dict[str, tuple[concurrent.futures.Future, list[tuple]]] = {}
-    self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
     self._applied: dict[Any, Callable] = {}
     self._unstack_fn: Callable | None = None
 
@@ -270,17 +269,11 @@ class Runner:
     placed = [self.put_batch(b) for b in local_batches]
     lowered = [self._steps[name].lower(state, b) for b in placed]
     signatures = [_signature(b) for b in placed]
-    if not background:
+    if background:
+      self._pending[name] = (compile_in_background(f"{name} steps", lambda: lowered),
+                             signatures)
+    else:
       self._install(name, signatures, compile_at_once(lowered))
-      return
-    if self._compiler is None:
-      self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
-
-    def compile_timed():
-      tick = time.perf_counter()
-      return compile_at_once(lowered), time.perf_counter() - tick
-
-    self._pending[name] = (self._compiler.submit(compile_timed), signatures)
 
   def _install(self, name: str, signatures: list[tuple], programs: list) -> None:
     for signature, program in zip(signatures, programs):
@@ -298,10 +291,6 @@ class Runner:
     programs, seconds = future.result()
     self._install(name, signatures, programs)
     return seconds, time.perf_counter() - tick
-
-  def compiling(self) -> list[str]:
-    """The steps whose background compilation has not finished yet."""
-    return [name for name, (future, _) in self._pending.items() if not future.done()]
 
   def run(self, name: str, state: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """One step: ``(state, batch) -> (state, out)``; ``out`` holds one (reduced) copy."""
@@ -353,6 +342,37 @@ def compile_at_once(lowered: list) -> list:
     return [program.compile() for program in lowered]
   with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as pool:
     return list(pool.map(lambda program: program.compile(), lowered))
+
+
+_compiler: concurrent.futures.ThreadPoolExecutor | None = None
+_background: dict[str, concurrent.futures.Future] = {}
+
+
+def compile_in_background(name: str, lower: Callable[[], list]) -> concurrent.futures.Future:
+  """``compile_at_once(lower())`` on a worker thread, while the caller goes on (e.g. training):
+  a future of (programs, seconds taken). ``lower`` runs on that thread too, so JAX settings
+  made with a context manager in the caller's thread do not reach its tracing (the callers
+  set none). One worker for the process, so background
+  compilations run one after another, each with :func:`compile_at_once`'s threads. ``name``
+  (e.g. "eavi steps") is what :func:`compiling_in_background` reports while it runs."""
+  global _compiler
+  if _compiler is None:
+    _compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+
+  def work():
+    tick = time.perf_counter()
+    programs = compile_at_once(lower())
+    return programs, time.perf_counter() - tick
+
+  for done in [key for key, future in _background.items() if future.done()]:
+    del _background[done]
+  _background[name] = _compiler.submit(work)
+  return _background[name]
+
+
+def compiling_in_background() -> list[str]:
+  """What :func:`compile_in_background` is still compiling (a process exits only after)."""
+  return [name for name, future in _background.items() if not future.done()]
 
 
 def host_value(x) -> np.ndarray:

@@ -26,8 +26,8 @@ from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention, moe
 from onn_jax.model.transformer import Transformer, count_params
-from onn_jax.parallel import (Runner, host_value, is_main_process, peak_memory,
-                              platform_line)
+from onn_jax.parallel import (Runner, compiling_in_background, host_value, is_main_process,
+                              peak_memory, platform_line)
 
 
 class TrainingStopped(RuntimeError):
@@ -151,8 +151,13 @@ class TrainResult:
   info: dict[str, Any]  # the training data's protocol and counts
 
 
-def train(cfg: Config, workdir: str | Path, *, log=print) -> TrainResult:
+def train(cfg: Config, workdir: str | Path, *, log=print, ahead=None) -> TrainResult:
   """Runs the configured stages; returns where it stopped, the state and the last metrics.
+
+  ``ahead(params)``, when given, is called once, before the first step, when this invocation
+  will finish the training: to start work for what follows it (e.g. compiling TTT's steps
+  while training runs, :func:`onn_jax.ttt.compile_ahead`). It must not keep ``params``'
+  arrays: the steps donate them.
 
   The workdir is checked writable and locked (process 0) for the run; SIGINT, SIGTERM and
   SIGHUP checkpoint the current step and raise :class:`faults.Interrupted`.
@@ -163,10 +168,11 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> TrainResult:
     faults.check_writable_dir(workdir, "--workdir")
     lock = faults.WorkdirLock(workdir, log)
   with lock, faults.SignalGuard(log) as guard:
-    return _train(cfg, workdir, log=log, guard=guard)
+    return _train(cfg, workdir, log=log, guard=guard, ahead=ahead)
 
 
-def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> TrainResult:
+def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
+           ) -> TrainResult:
   main = is_main_process()
   tblog.check_available(cfg)  # before any work: a missing optional dependency is one line
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
@@ -222,6 +228,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
 
   batches = Prefetch(functools.partial(batch_at, cfg, stream), stop_at)
+  completed = False
   try:
     while step < stop_at:
       stage = stages.stage_at(cfg, step).name
@@ -235,6 +242,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
           for later in invocation_stages(cfg, step, stop_at)[1:]:
             _compile_stage(cfg, stream, runner, state, later, step, stop_at, bar,
                            background=True)
+        if not started and ahead is not None and stop_at == total:
+          ahead(runner.get_state(state).params)
         started.add(stage)
       if not bar.disable and not bar.desc.startswith(stage):  # disabled: no description
         bar.set_description(stage, refresh=False)
@@ -278,6 +287,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
       if step % cfg.checkpoint.every == 0 or step == stop_at:
         with guard.saving():  # a stop signal waits for the save, then stops the run
           save(step)
+    completed = True
   except KeyboardInterrupt as err:
     name = getattr(err, "name", "SIGINT")
     with guard.saving(hold=True):  # a second signal cannot cut the step read or the save short
@@ -296,9 +306,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard) -> Tra
     err.reported = True
     raise
   finally:
-    if runner.compiling():  # an unfinished background compilation (XLA cannot stop one)
-      log(f"waiting for the background compilation of {', '.join(runner.compiling())} "
-          "steps to end before exiting")
+    if not completed and compiling_in_background():  # XLA cannot stop a compilation
+      log(f"waiting for the background compilation of {', '.join(compiling_in_background())} "
+          "to end before exiting")
     batches.close()
     bar.close()
     live.close()

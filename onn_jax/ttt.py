@@ -49,7 +49,7 @@ from onn_jax.data.pipeline import BatchStream
 from onn_jax.data.tasks import DataError, Task
 from onn_jax.evaluation import augscore
 from onn_jax.model.transformer import Transformer, init_params
-from onn_jax.parallel import AXIS, compile_at_once, host_value, shard_map
+from onn_jax.parallel import AXIS, compile_at_once, compile_in_background, host_value, shard_map
 
 
 def adapted_paths(params, patterns: Sequence[str]) -> list[tuple[str, ...]]:
@@ -190,25 +190,90 @@ def _compiled(model: Transformer, step_cfg: Config, mesh: Mesh | None
   return axis.compile(_train(model, step_cfg)), axis.compile(_loo_ce(model))
 
 
-def _compile_all(axis: _TaskAxis, train_fn: Callable, ce_fn: Callable, base, state0,
-                 shapes: dict[int, tuple[int, dict]]) -> dict[int, tuple[Callable, Callable]]:
-  """(train step, leave-one-out CE) compiled ahead for every length: {length: (width, an
-  example batch)}.
+@dataclasses.dataclass
+class _Plan:
+  """What :func:`adapt` runs for a config, a base's shapes and a task list: the tasks grouped
+  by length, the chunk size and width per length, the step functions and their inputs."""
+  step_cfg: Config
+  axis: _TaskAxis
+  train_fn: Callable
+  ce_fn: Callable
+  base: Any
+  state0: Any
+  groups: dict[int, list[tuple[Task, BatchStream]]]
+  not_adapted: dict[str, list[str]]
+  sizes: dict[int, int]
+  widths: dict[int, int]
 
-  Each program is lowered here (tracing sees the caller's JAX settings) and the compilations
-  then run in threads at once (XLA compiles outside the GIL): compiled one after another, one
-  pair per bucket length, they were most of TTT's time on a GPU."""
-  sharding = None if axis.mesh is None else NamedSharding(axis.mesh, P(AXIS))
+  def lower(self) -> list:
+    """(train step, leave-one-out CE) of every length, lowered for one chunk's width;
+    :meth:`programs` pairs them up once compiled. Compiled at once in threads
+    (:func:`compile_at_once`), not one pair per length after another: those compilations were
+    most of TTT's time on a GPU."""
+    sharding = None if self.axis.mesh is None else NamedSharding(self.axis.mesh, P(AXIS))
 
-  def stacked(tree, width):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((width, *np.shape(x)), x.dtype,
-                                                       sharding=sharding), tree)
+    def stacked(tree, width):
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct((width, *np.shape(x)), x.dtype,
+                                                         sharding=sharding), tree)
 
-  lowered = [fn.lower(base, stacked(tree, width), stacked(batch, width))
-             for width, batch in shapes.values()
-             for fn, tree in ((train_fn, state0), (ce_fn, state0.params))]
-  done = compile_at_once(lowered)
-  return {length: (done[2 * k], done[2 * k + 1]) for k, length in enumerate(shapes)}
+    return [fn.lower(self.base, stacked(tree, self.widths[length]),
+                     stacked(group[0][1].batch(0), self.widths[length]))
+            for length, group in self.groups.items()
+            for fn, tree in ((self.train_fn, self.state0), (self.ce_fn, self.state0.params))]
+
+  def programs(self, done: list) -> dict[int, tuple[Callable, Callable]]:
+    return {length: (done[2 * k], done[2 * k + 1]) for k, length in enumerate(self.groups)}
+
+  def key(self) -> tuple:
+    """What the compiled programs depend on (see :func:`compile_ahead`)."""
+    leaves = tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(self.base))
+    return (self.step_cfg, self.axis.mesh, tuple(sorted(self.widths.items())),
+            jax.tree.structure(self.base), leaves)
+
+
+def _plan(cfg: Config, params, tasks: Sequence[Task], mesh: Mesh | None) -> _Plan:
+  paths = adapted_paths(params, cfg.ttt.params)
+  model = Transformer(cfg.model)
+  step_cfg = step_config(cfg)
+  axis = _TaskAxis(mesh)
+  train_fn, ce_fn = _compiled(model, step_cfg, mesh)
+  state0 = steps.init_state(step_cfg, model, jax.random.PRNGKey(0),
+                            params=split(jax.device_get(params), paths))
+  groups: dict[int, list[tuple[Task, BatchStream]]] = {}
+  not_adapted: dict[str, list[str]] = {"few_demos": [], "too_long": []}
+  for task in tasks:
+    stream, why = task_stream(task, cfg)
+    if stream is None:
+      not_adapted[why].append(task.id)
+    else:
+      groups.setdefault(stream.buckets[0], []).append((task, stream))
+  n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
+  sizes = {length: -(-(tasks_per_chunk(cfg, length) or len(group)) // n) * n
+           for length, group in groups.items()}
+  widths = {length: min(sizes[length], -(-len(group) // n) * n)
+            for length, group in groups.items()}
+  return _Plan(step_cfg, axis, train_fn, ce_fn, axis.put_base(params), state0, groups,
+               not_adapted, sizes, widths)
+
+
+_ahead: list[tuple[dict, Any]] = []  # ({"key": _Plan.key()}, future of compile_in_background)
+
+
+def compile_ahead(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = None
+                  ) -> None:
+  """Starts compiling the steps that :func:`adapt` will run for ``tasks`` under a base of
+  ``params``' shapes, on a worker thread (:func:`compile_in_background`; the tasks' streams
+  are built and the steps lowered there too), e.g. while training runs; ``adapt`` then waits
+  for them instead of compiling. ``params`` is copied to the host here, so the caller may go
+  on with (or donate) its arrays."""
+  params, made = jax.device_get(params), {}
+
+  def lower():
+    plan = _plan(cfg, params, tasks, mesh)
+    made["key"] = plan.key()
+    return plan.lower()
+
+  _ahead.append((made, compile_in_background("ttt steps", lower)))
 
 
 def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = None,
@@ -218,38 +283,28 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   Returns ({task id: its adapter (numpy, nested like params)} for the adapted tasks, an info
   dict for scores.json: the ttt settings, counts, mean leave-one-out CE before/after).
   The leave-one-out CE is measured on a draw the steps did not train on (step ``ttt.steps``).
+  Its steps were compiled ahead when :func:`compile_ahead` was called for the same config,
+  shapes and tasks.
   """
   t = cfg.ttt
   start = time.time()
-  paths = adapted_paths(params, t.params)
-  model = Transformer(cfg.model)
-  step_cfg = step_config(cfg)
-  axis = _TaskAxis(mesh)
-  train_fn, ce_fn = _compiled(model, step_cfg, mesh)
-  base = axis.put_base(params)
-  state0 = steps.init_state(step_cfg, model, jax.random.PRNGKey(0),
-                            params=split(jax.device_get(params), paths))
-
-  groups: dict[int, list[tuple[Task, BatchStream]]] = {}
-  not_adapted = {"few_demos": [], "too_long": []}
-  for task in tasks:
-    stream, why = task_stream(task, cfg)
-    if stream is None:
-      not_adapted[why].append(task.id)
-    else:
-      groups.setdefault(stream.buckets[0], []).append((task, stream))
-
-  n = axis.num_devices  # a chunk fills whole devices; the last is padded to full width
-  sizes = {length: -(-(tasks_per_chunk(cfg, length) or len(group)) // n) * n
-           for length, group in groups.items()}
-  widths = {length: min(sizes[length], -(-len(group) // n) * n)
-            for length, group in groups.items()}
-  compiled = time.time()
-  programs = _compile_all(axis, train_fn, ce_fn, base, state0, {
-      length: (widths[length], group[0][1].batch(0)) for length, group in groups.items()})
-  if programs:
-    log(f"ttt: compiled the steps at lengths {', '.join(map(str, sorted(programs)))} at once "
-        f"in {time.time() - compiled:.1f} s")
+  plan = _plan(cfg, params, tasks, mesh)
+  base, state0, groups, not_adapted = plan.base, plan.state0, plan.groups, plan.not_adapted
+  sizes, widths, axis = plan.sizes, plan.widths, plan.axis
+  lengths, tick, programs = ', '.join(map(str, sorted(groups))), time.time(), None
+  for entry in list(_ahead):  # started for this evaluation: wait for each, take the match
+    made, future = entry
+    done, seconds = future.result()
+    if made["key"] == plan.key():
+      _ahead.remove(entry)
+      programs = plan.programs(done)
+      log(f"ttt: compiled the steps at lengths {lengths} in the background in {seconds:.1f} "
+          f"s (waited {time.time() - tick:.1f} s)")
+      break
+  if programs is None:
+    programs = plan.programs(compile_at_once(plan.lower()))
+    if groups:
+      log(f"ttt: compiled the steps at lengths {lengths} at once in {time.time() - tick:.1f} s")
 
   adapters: dict[str, Any] = {}
   before, after, skipped = [], [], 0

@@ -111,7 +111,8 @@ def test_eavi_every_mixes_unpacked_eavi_steps_into_packed_pretraining(tmp_path, 
   assert result.finished and result.step == 5
   assert packed == {0: True, 1: False, 2: True, 3: False, 4: False}
   assert [l for l in capsys.readouterr().out.splitlines() if l.startswith("compiling")] == [
-      "compiling pretrain steps (buckets 128)", "compiling eavi steps (buckets 128)"]
+      "compiling pretrain steps (buckets 128)",
+      "compiling eavi steps (buckets 128) in the background"]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["stage"]) for r in records] == [
       (1, "pretrain"), (2, "eavi"), (3, "pretrain"), (4, "eavi"), (5, "eavi")]

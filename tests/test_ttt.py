@@ -178,6 +178,27 @@ def test_vmapped_tasks_adapt_as_each_alone_and_ttt_lowers_the_loss(setup, togeth
     _assert_same_adaptation(alone[name], together[0][name], cfg)
 
 
+def test_steps_compiled_ahead_in_the_background_adapt_as_compiled_in_place(setup, together):
+  """compile_ahead (as train.main calls it while training, with other parameter values of the
+  same shapes) leaves adapt its programs: adapt waits for them and its adapters are the ones
+  adapt compiling in place gives, bit for bit. Steps of other shapes are not taken from it."""
+  cfg, params, tasks = setup
+  other = jax.device_get(init_params(cfg.model, jax.random.PRNGKey(1)))
+  ttt.compile_ahead(cfg, other, list(tasks.values()))
+  lines = []
+  ttt.adapt(cfg, params, [tasks["a"]], log=lines.append)  # one task a chunk: other shapes
+  assert not any("in the background" in line for line in lines)
+  lines = []
+  ahead, info = ttt.adapt(cfg, params, list(tasks.values()), log=lines.append)
+  assert sum(line.startswith("ttt: compiled the steps at lengths 128 in the background in ")
+             for line in lines) == 1
+  assert not ttt._ahead
+  assert info["adapted"] == together[1]["adapted"] == 2
+  for name in ("a", "b"):
+    for x, y in zip(jax.tree.leaves(ahead[name]), jax.tree.leaves(together[0][name])):
+      np.testing.assert_array_equal(x, y)
+
+
 def test_sharded_over_eight_devices_equals_one_device(setup, together):
   cfg, params, tasks = setup
   assert jax.device_count() == 8
@@ -362,3 +383,25 @@ def test_a_bad_pattern_fails_before_training_or_loading(tmp_path, capsys):
   assert app.evaluate_checkpoint(tmp_path, None, None, []) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and all(line.startswith("error: ttt.params:") for line in err)
+
+
+def test_train_main_compiles_ttt_while_training_and_evaluation_uses_it(tmp_path, capsys):
+  """train.main starts TTT's compilation before its first step, from the training state's
+  parameters; evaluation (of the EMA weights) finds those programs for its own."""
+  cfg = tiny_config(ttt=TTT, train=dict(pretrain_steps=2, ema_decay=0.9, batch_size=4),
+                    data=dict(buckets=[128], max_train_tasks=8), eval=dict(max_tasks=2))
+  assert app.train_and_evaluate(cfg, tmp_path / "run") == 0
+  out = capsys.readouterr().out.splitlines()
+  assert sum(line.startswith("ttt: compiled the steps at lengths 128 in the background in ")
+             for line in out) == 1, out
+  assert not ttt._ahead
+
+
+def test_bad_evaluation_data_fails_before_training(tmp_path, capsys):
+  """train.main loads its evaluation tasks before training (TTT compiles them during it): a
+  data.eval that cannot be read is one line before the first step, not after the training."""
+  cfg = tiny_config(data=dict(eval=str(tmp_path / "missing.json")))
+  assert app.train_and_evaluate(cfg, tmp_path / "run") == 1
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "missing.json" in err[0], err
