@@ -210,6 +210,7 @@ def test_ranking_by_summed_logprob_and_votes(tasks, views, mode):
     assert order[0] != np.argmax(votes) or mode == "vote"  # the two modes really differ
     assert [_key(g) for g in r["ranked"]] == [_key(cands[i]) for i in order]
     assert r["correct_1"] == (order[0] == 0) and r["correct_2"] == (0 in order[:2])
+    assert r["rank"] == list(order).index(0) + 1  # candidate 0 is the right answer
   if mode == "augscore":
     n_pairs = sum(len(r["candidates"]) for r in records) * len(views)
     assert sum(len(c) for c in model.lp_calls) == n_pairs
@@ -348,6 +349,11 @@ def test_write_outputs(tasks, views, tmp_path):
   assert [(x["task_id"], x["test_index"]) for x in lines] == [("alpha", 0), ("beta", 0),
                                                                ("beta", 1)]
   assert lines[0]["candidates"][0] == np.asarray(tasks[0].test[0][1]).tolist()
+  assert [x["rank"] for x in lines] == [r["rank"] for r in records]
+  assert written["found"] == sum(r["rank"] is not None for r in records) >= written["solved"]
+  assert [group["tasks"] for group in written["by_size"]] == [1, 1]
+  assert written["by_size"][0]["cells"][0] == min(augscore.task_cells(t) for t in tasks)
+  assert np.mean([g["score"] for g in written["by_size"]]) == pytest.approx(written["score"])
   assert (out / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # Without solutions: a submission all the same, scores omitted and said to be.
@@ -358,3 +364,20 @@ def test_write_outputs(tasks, views, tmp_path):
                                          "augscore", {})
   assert hidden_scores["scores"] == "omitted: no solutions" and "score" not in hidden_scores
   validate_submission(json.loads((tmp_path / "h" / "submission.json").read_text()), everything)
+
+
+def test_scores_by_task_size_split_the_tasks_into_quarters_smallest_first():
+  def task(name, side, demos=1):
+    grid = np.zeros((side, side), np.int32)
+    return Task(name, [(grid, grid)] * demos, [(grid, grid)])
+
+  tasks = [task("e", 5), task("a", 1), task("c", 3), task("b", 2), task("d", 4, demos=2)]
+  assert augscore.task_cells(tasks[4]) == 4 * 16 + 16
+  per_task = {"a": 1.0, "b": 0.0, "c": 0.5, "d": 1.0, "e": 0.0}
+  groups = augscore.by_size(tasks, per_task)
+  assert groups == [{"cells": [3, 12], "tasks": 2, "score": 0.5},
+                    {"cells": [27, 27], "tasks": 1, "score": 0.5},
+                    {"cells": [75, 75], "tasks": 1, "score": 0.0},
+                    {"cells": [80, 80], "tasks": 1, "score": 1.0}]
+  assert augscore.by_size(tasks[:2], per_task) == [
+      {"cells": [3, 3], "tasks": 1, "score": 1.0}, {"cells": [75, 75], "tasks": 1, "score": 0.0}]

@@ -19,7 +19,6 @@ collected from this script's printed rows as seeds 1 and 2 did not finish):
 import dataclasses, json, sys, tempfile, time
 from pathlib import Path
 import jax
-import numpy as np
 from onn_jax import app, checkpoint, config
 from onn_jax.data.pipeline import build_training_tasks
 from onn_jax.model.transformer import init_params
@@ -34,19 +33,12 @@ for seed in (0, 1, 2):
   data = dataclasses.replace(cfg.data, hold_out_train_tests=False, eval_demos=False)
   tasks = sorted((t for t in build_training_tasks(data, log=lambda _: None)[0] if t.test),
                  key=lambda t: t.id)
-  targets = {(t.id, i): np.asarray(pair[1]) for t in tasks for i, pair in enumerate(t.test)}
   for setting in settings:
     c = config.load(f"{run}/config.yaml", setting.split(","), saved_run=True)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
       s = app.evaluate_params(c, params, tasks, Path(tmp), log=lambda _: None)
-      ranks = []
-      for line in open(Path(tmp) / "results.jsonl"):
-        r = json.loads(line)
-        want = targets[(r["task_id"], r["test_index"])]
-        hit = [k for k, cand in enumerate(r["order"])
-               if np.array_equal(np.asarray(r["candidates"][cand]), want)]
-        ranks.append(hit[0] + 1 if hit else None)
+      ranks = [json.loads(line)["rank"] for line in open(Path(tmp) / "results.jsonl")]
     row = {k: s[k] for k in ("solved", "num_test_inputs", "score", "pass@1", "pass@2",
                              "malformed", "generations", "fallback", "mean_candidates")}
     row.update(covered=sum(r is not None for r in ranks),

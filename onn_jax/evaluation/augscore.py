@@ -284,12 +284,12 @@ def _record(item: _Item, mode: str) -> dict:
   if fallback:  # nothing to submit: the test input itself, as both attempts
     ranked = [np.asarray(item.task.test[item.test_index][0], np.int32)]
   target = item.task.test[item.test_index][1]
-  correct_1 = correct_2 = None
+  correct_1 = correct_2 = rank = None
   if target is not None:
     target = np.asarray(target)
-    hits = [g.shape == target.shape and bool(np.array_equal(g, target)) for g in ranked[:2]]
-    correct_1 = bool(hits[:1] and hits[0])
-    correct_2 = any(hits)
+    rank = next((r + 1 for r, g in enumerate(ranked)
+                 if g.shape == target.shape and np.array_equal(g, target)), None)
+    correct_1, correct_2 = rank == 1, rank in (1, 2)
   return {
       "task_id": item.task.id,
       "test_index": item.test_index,
@@ -308,6 +308,7 @@ def _record(item: _Item, mode: str) -> dict:
       "fallback": fallback,
       "correct_1": correct_1,
       "correct_2": correct_2,
+      "rank": rank,  # of the right answer among the ranked candidates (None: not among them)
   }
 
 
@@ -386,9 +387,27 @@ def summarise(records: Sequence[dict], tasks: Sequence[Task], mode: str | None =
   if tasks and has_solutions(tasks):
     summary.update(score_submission(build_submission(ranked_by_task(records, tasks)), tasks))
     summary["solved"] = int(sum(r["correct_2"] is True for r in records))
+    summary["found"] = int(sum(r["rank"] is not None for r in records))
+    summary["by_size"] = by_size(tasks, summary["per_task"])
   else:
     summary["scores"] = "omitted: no solutions"
   return summary
+
+
+def task_cells(task: Task) -> int:
+  """A task's size: the cells of its demonstrations' grids and of its test inputs."""
+  return int(sum(np.size(i) + np.size(o) for i, o in task.train)
+             + sum(np.size(i) for i, _ in task.test))
+
+
+def by_size(tasks: Sequence[Task], per_task: dict[str, float], parts: int = 4) -> list[dict]:
+  """The official score of each quarter (``parts``) of the tasks by :func:`task_cells`,
+  smallest first: ``[{"cells": [fewest, most], "tasks": n, "score": s}]``."""
+  ordered = sorted(tasks, key=lambda task: (task_cells(task), task.id))
+  groups = [g for g in np.array_split(np.arange(len(ordered)), min(parts, len(ordered)))]
+  return [{"cells": [task_cells(ordered[g[0]]), task_cells(ordered[g[-1]])],
+           "tasks": len(g), "score": float(np.mean([per_task[ordered[k].id] for k in g]))}
+          for g in groups if len(g)]
 
 
 def describe(summary: dict, out_dir: str | Path | None = None) -> str:
@@ -398,7 +417,8 @@ def describe(summary: dict, out_dir: str | Path | None = None) -> str:
   if "solved" in s:
     parts.append(f"solved {s['solved']} of {s['num_test_inputs']} test outputs of "
                  f"{s['num_tasks']} tasks (official score {s['score']:.1%}, "
-                 f"pass@1 {s['pass@1']:.1%})")
+                 f"pass@1 {s['pass@1']:.1%}); the right answer among the candidates for "
+                 f"{s['found']}")
   else:
     parts.append(f"answered {s['num_test_inputs']} test inputs of {s['num_tasks']} tasks "
                  "(no solutions: not scored)")
@@ -450,6 +470,7 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
           "fallback": r["fallback"],
           "correct_1": r["correct_1"],
           "correct_2": r["correct_2"],
+          "rank": r["rank"],
       }) + "\n")
 
   from onn_jax.plots import render_sheet
