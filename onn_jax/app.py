@@ -84,19 +84,25 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
     # Host copies, the same on every process: placing an array held by one process's device
     # on a mesh of several hosts would be a cross-host transfer, which jax refuses.
     params = jax.device_get(params)
-  adapters, group_of = None, None
+  views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
+                              else "1-9", cfg.train.seed)
+  fns = ModelFns(model, params, batch_size=e.batch_size, max_batch_tokens=e.max_batch_tokens,
+                 temperature=e.temperature, seed=cfg.train.seed, mesh=mesh,
+                 adapters=ttt.placeholder_adapters(cfg, params) if cfg.ttt.steps > 0 else None,
+                 grid=e.grid, log=log if is_main_process() else None)
+  group_of = None
   if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
+    if cfg.train.background_compile:  # the generation's programs compile while TTT runs
+      fns.prepare_in_background("generate", augscore.generation_calls(
+          tasks, mode=e.mode, views=views, max_len=eval_max_len(cfg), batch_size=e.batch_size),
+                                0 if e.mode == "greedy" else e.samples)
     adapted, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
                                   log=log if is_main_process() else lambda _: None)
     adapters, index = ttt.stack(params, adapted)
+    fns.use_adapters(adapters)
     if adapters is not None:
       group_of = lambda task: index.get(task.id, 0)  # 0: the base's own leaves
     extra = {**(extra or {}), "ttt": ttt_info}
-  fns = ModelFns(model, params, batch_size=e.batch_size, max_batch_tokens=e.max_batch_tokens,
-                 temperature=e.temperature, seed=cfg.train.seed, mesh=mesh, adapters=adapters,
-                 grid=e.grid, log=log if is_main_process() else None)
-  views = augscore.make_views(e.color_perms, cfg.data.color_perm if cfg.data.color_perm != "none"
-                              else "1-9", cfg.train.seed)
   records = augscore.evaluate(
       tasks, mode=e.mode, views=views, generate_fn=fns.generate,
       logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=eval_max_len(cfg),

@@ -367,6 +367,13 @@ def stack(base, adapters: dict[str, Any]) -> tuple[Any, dict[str, int]]:
   return _stack(trees), {task_id: k for k, task_id in enumerate(adapters, 1)}
 
 
+def placeholder_adapters(cfg: Config, params) -> Any:
+  """Adapters of the leaf shapes that :func:`adapt` then :func:`stack` give (holding the base's
+  values), for compiling the evaluation's programs before TTT has run: those depend on the
+  adapters' leaf shapes, not on how many tasks they hold."""
+  return stack(params, {"": split(params, adapted_paths(params, cfg.ttt.params))})[0]
+
+
 def per_task_evaluate(base, adapters: dict[str, Any], make_fns: Callable[[Any], Any]
                       ) -> Callable[..., list[dict]]:
   """:func:`augscore.evaluate` with every adapted task scored under base + its adapter, one

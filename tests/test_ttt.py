@@ -405,3 +405,26 @@ def test_bad_evaluation_data_fails_before_training(tmp_path, capsys):
   assert not (tmp_path / "run" / "checkpoints").exists()
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "missing.json" in err[0], err
+
+
+def test_generation_programs_compiled_while_ttt_runs_give_the_same_evaluation(setup, tmp_path):
+  """With train.background_compile, evaluation compiles its generation programs on the worker
+  thread while TTT adapts (under placeholder adapters of the same leaf shapes), then runs on
+  them: the same records as compiling them when the generation starts. When TTT adapts no
+  task, the plain model's programs are compiled instead."""
+  cfg, params, tasks = setup
+  for chosen in ([tasks["a"], tasks["b"], tasks["one_demo"]], [tasks["one_demo"]]):
+    results = {}
+    for background in (True, False):
+      lines, out = [], tmp_path / f"{len(chosen)}_{background}"
+      c = config.replace(cfg, train={"background_compile": background},
+                         eval={"mode": "augscore", "max_tasks": 0})
+      app.evaluate_params(c, params, chosen, out, log=lines.append)
+      results[background] = (out / "results.jsonl").read_text()
+      said = [line for line in lines if line.startswith("evaluation: compiled")]
+      ahead = any(" generate programs in the background in " in line for line in said)
+      assert ahead == background, said
+      # Compiled in place: without the background, or (no adapters) for the plain model.
+      assert any(" generate programs at once" in line for line in said) == (
+          not background or len(chosen) == 1), said
+    assert results[True] == results[False]

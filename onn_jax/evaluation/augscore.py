@@ -177,15 +177,11 @@ def _groups(items: list[_Item], group_of: Callable[[Task], int] | None, rows: Se
   return {"groups": [int(group_of(items[i].task)) for i in rows]}
 
 
-def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn, *,
-              max_len: int, batch_size: int, samples: int, max_answer_tokens: int,
-              progress: bool, group_of: Callable[[Task], int] | None = None,
-              prepare: PrepareFn | None = None) -> None:
-  """Builds every (item, view) prompt, generates in length-sorted batches, collects candidates.
-
-  Candidates are added in (item, view, greedy-then-samples) order whatever the batching, so
-  "first seen" does not depend on batch_size.
-  """
+def _generation_jobs(items: list[_Item], views: Sequence[View], *, max_len: int, batch_size: int,
+                     max_answer_tokens: int):
+  """Every (item, view) prompt that fits, as jobs (item, view, prompt), in length-sorted
+  batches of job indices with each batch's answer budget. Counts the views and shortened
+  prompts into the items."""
   jobs: list[tuple[int, int, np.ndarray]] = []
   for i, item in enumerate(items):
     for v, view in enumerate(views):
@@ -201,14 +197,55 @@ def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn
   # Longest first: similar lengths share a batch (less padding, a fair max_new), and the
   # largest batch runs first so an out-of-memory shows at once.
   order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
-  outputs: list[Sequence[np.ndarray] | None] = [None] * len(jobs)
-  budgets = [0] * len(jobs)
   batches = list(_batches(order, batch_size))
   budget_of = [min(max_answer_tokens, max_len - max(len(jobs[j][2]) for j in batch))
                for batch in batches]
+  return jobs, batches, budget_of
+
+
+def generation_calls(tasks: Sequence[Task], *, mode: str = "augscore",
+                     views: Sequence[View] | None = None, max_len: int, batch_size: int,
+                     max_answer_tokens: int = MAX_ANSWER_TOKENS) -> list[tuple[list[int], int]]:
+  """The generation calls :func:`evaluate` with these arguments will make (and announce to its
+  ``prepare``): ``[(prompt lengths, max_new)]``, without running any. For compiling ahead."""
+  views = _mode_views(mode, views)
+  items = [_Item(task, t) for task in tasks for t in range(len(task.test))]
+  jobs, batches, budget_of = _generation_jobs(items, views, max_len=max_len,
+                                              batch_size=batch_size,
+                                              max_answer_tokens=max_answer_tokens)
+  return _announced(jobs, batches, budget_of)
+
+
+def _announced(jobs, batches, budget_of) -> list[tuple[list[int], int]]:
+  """The generation calls as ``prepare`` hears of them: [(prompt lengths, max_new)]."""
+  return [([len(jobs[j][2]) for j in batch], max_new)
+          for batch, max_new in zip(batches, budget_of)]
+
+
+def _mode_views(mode: str, views: Sequence[View] | None) -> Sequence[View]:
+  """The views a mode generates under: the identity alone in greedy mode, else ``views`` (the
+  8 D8 views when None)."""
+  if mode == "greedy":
+    return [View()]
+  return make_views(0) if views is None else views
+
+
+def _generate(items: list[_Item], views: Sequence[View], generate_fn: GenerateFn, *,
+              max_len: int, batch_size: int, samples: int, max_answer_tokens: int,
+              progress: bool, group_of: Callable[[Task], int] | None = None,
+              prepare: PrepareFn | None = None) -> None:
+  """Builds every (item, view) prompt, generates in length-sorted batches, collects candidates.
+
+  Candidates are added in (item, view, greedy-then-samples) order whatever the batching, so
+  "first seen" does not depend on batch_size.
+  """
+  jobs, batches, budget_of = _generation_jobs(items, views, max_len=max_len,
+                                              batch_size=batch_size,
+                                              max_answer_tokens=max_answer_tokens)
+  outputs: list[Sequence[np.ndarray] | None] = [None] * len(jobs)
+  budgets = [0] * len(jobs)
   if prepare is not None and batches:
-    prepare("generate", [([len(jobs[j][2]) for j in batch], max_new)
-                         for batch, max_new in zip(batches, budget_of)], samples)
+    prepare("generate", _announced(jobs, batches, budget_of), samples)
   bar = output.progress(len(jobs), "generate", enabled=progress, unit="seq", leave=False)
   for batch, max_new in zip(batches, budget_of):
     prompts = [jobs[j][2] for j in batch]
@@ -342,10 +379,9 @@ def evaluate(tasks: Sequence[Task], *, mode: str = "augscore", views: Sequence[V
     raise ValueError(f"max_answer_tokens must be >= 3, got {max_answer_tokens}")
   if mode == "augscore" and logprob_fn is None:
     raise ValueError("augscore mode needs a logprob_fn")
+  views = _mode_views(mode, views)
   if mode == "greedy":
-    views, samples = [View()], 0
-  elif views is None:
-    views = make_views(0)
+    samples = 0
   if not views:
     raise ValueError("no views to evaluate")
   items = [_Item(task, t) for task in tasks for t in range(len(task.test))]

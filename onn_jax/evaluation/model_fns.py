@@ -31,7 +31,7 @@ from onn_jax.data.pipeline import rows_within
 from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
 from onn_jax.model.transformer import Transformer
-from onn_jax.parallel import AXIS, compile_at_once, host_value
+from onn_jax.parallel import AXIS, compile_at_once, compile_in_background, host_value
 from onn_jax.ttt import merge
 
 MIN_LENGTH = 64  # prompt, budget and sequence lengths are powers of two from here up
@@ -125,6 +125,7 @@ class ModelFns:
     self._gather = jax.jit(_gather_rows, out_shardings=None if mesh is None else
                            NamedSharding(mesh, P(AXIS)))
     self._ready: dict[tuple, Any] = {}  # programs compiled ahead (prepare), by call shape
+    self._background: list[tuple[list[tuple], Any]] = []  # (call shapes, future): compiling
 
   def _put_shared(self, tree):
     """A tree (identical on every process) -> device arrays, replicated over a mesh."""
@@ -178,9 +179,47 @@ class ModelFns:
     the :meth:`generate` (``kind`` "generate") or :meth:`logprob` ("logprob") calls announced
     here will run: ``calls`` is ``[(lengths, max_new)]``, one entry per call, as
     :func:`onn_jax.evaluation.augscore.evaluate` makes them. One after another, at each shape's
-    first call, they took minutes of an arc1 evaluation on a GPU."""
+    first call, they took minutes of an arc1 evaluation on a GPU. Programs that
+    :meth:`prepare_in_background` started are waited for, not compiled again."""
+    self._collect()
     start = time.time()
-    wanted: dict[tuple, Any] = {}
+    wanted = self._wanted(kind, calls, num_samples)
+    lowered = [self._lower(key) for key in wanted]
+    for key, program in zip(wanted, compile_at_once(lowered)):
+      self._ready[key] = program
+    if wanted and self.log is not None:
+      self.log(f"evaluation: compiled {len(wanted)} {kind} programs at once in "
+               f"{time.time() - start:.1f} s")
+
+  def prepare_in_background(self, kind: str, calls: list[tuple[list[int], int]],
+                            num_samples: int) -> None:
+    """:meth:`prepare` on a worker thread (:func:`onn_jax.parallel.compile_in_background`),
+    e.g. while TTT runs; the next :meth:`prepare`, :meth:`generate` or :meth:`logprob` waits
+    for it. ``augscore.generation_calls`` gives the calls an evaluation's generation makes."""
+    self._collect(wait=False)
+    wanted = self._wanted(kind, calls, num_samples)
+    if wanted:
+      self._background.append((wanted, compile_in_background(
+          f"evaluation {kind} programs", lambda: [self._lower(key) for key in wanted])))
+
+  def _collect(self, wait: bool = True) -> None:
+    """Puts the programs compiled in the background to use (waiting for them with ``wait``)."""
+    for entry in list(self._background):
+      keys, future = entry
+      if wait or future.done():
+        tick = time.time()
+        programs, seconds = future.result()
+        self._ready.update(zip(keys, programs))
+        self._background.remove(entry)
+        if self.log is not None:
+          self.log(f"evaluation: compiled {len(keys)} {keys[0][0]} programs in the background "
+                   f"in {seconds:.1f} s (waited {time.time() - tick:.1f} s)")
+
+  def _wanted(self, kind: str, calls: list[tuple[list[int], int]], num_samples: int
+              ) -> list[tuple]:
+    """The call shapes (program keys) of ``calls`` that have no program yet."""
+    wanted: list[tuple] = []
+    pending = {key for keys, _ in self._background for key in keys}
     for lengths, max_new in calls:
       if kind == "generate":
         budget = _round_up(max_new)
@@ -191,14 +230,18 @@ class ModelFns:
         keys = [("logprob", rows, L) for _, L, rows in self._calls(lengths, lambda L: L)]
       else:
         raise ValueError(f"ModelFns.prepare: kind {kind!r} is not 'generate' or 'logprob'")
-      for key in keys:
-        if key not in self._ready and key not in wanted:
-          wanted[key] = self._lower(key)
-    for key, program in zip(wanted, compile_at_once(list(wanted.values()))):
-      self._ready[key] = program
-    if wanted and self.log is not None:
-      self.log(f"evaluation: compiled {len(wanted)} {kind} programs at once in "
-               f"{time.time() - start:.1f} s")
+      wanted += [key for key in keys
+                 if key not in self._ready and key not in pending and key not in wanted]
+    return wanted
+
+  def use_adapters(self, adapters: Any) -> None:
+    """Replaces the per-task adapters (see the class doc; None: the plain model). Programs stay
+    valid as long as adapters are used or not as before: a call's programs depend on the
+    adapters' leaf shapes, not on how many tasks they hold. Otherwise they are dropped."""
+    if (adapters is None) != (self.adapters_K is None):
+      self._collect()
+      self._ready.clear()
+    self.adapters_K = None if adapters is None else self._put_shared(adapters)
 
   def _lower(self, key: tuple):
     """The lowered program of a call shape (see :meth:`prepare`), on placeholder rows."""
@@ -230,6 +273,7 @@ class ModelFns:
         args, static = self._generate_args(model, params, prompt_BP, self._put(lens), budget,
                                            feed)
         rng = jax.random.fold_in(self.rng, self.calls)
+        self._collect()
         program = self._ready.get(("generate", rows, P, budget, feed))
         out = (program(*args[1:], rng=rng) if program is not None
                else generate_jit(*args, **static, rng=rng))
@@ -250,6 +294,7 @@ class ModelFns:
       model, params = self._model_params(indices, rows, groups)
       self.shapes["logprob", rows, L] += 1
       args = (params, self._put(tokens[:, :-1]), self._put(tokens[:, 1:]), self._put(mask))
+      self._collect()
       program = self._ready.get(("logprob", rows, L))
       lp = program(*args) if program is not None else _logprob_jit(model, *args)
       totals[indices] = host_value(lp).astype(np.float64)[:len(indices)]
