@@ -345,16 +345,17 @@ def compile_at_once(lowered: list) -> list:
 
 
 _compiler: concurrent.futures.ThreadPoolExecutor | None = None
-_background: dict[str, concurrent.futures.Future] = {}
+_background: list[tuple[str, concurrent.futures.Future]] = []
 
 
 def compile_in_background(name: str, lower: Callable[[], list]) -> concurrent.futures.Future:
   """``compile_at_once(lower())`` on a worker thread, while the caller goes on (e.g. training):
   a future of (programs, seconds taken). ``lower`` runs on that thread too, so JAX settings
   made with a context manager in the caller's thread do not reach its tracing (the callers
-  set none). One worker for the process, so background
-  compilations run one after another, each with :func:`compile_at_once`'s threads. ``name``
-  (e.g. "eavi steps") is what :func:`compiling_in_background` reports while it runs."""
+  set none), and it must run nothing on the devices (it may overlap the caller's collectives
+  on other hosts): lower from shapes. One worker for the process, so background compilations
+  run one after another, each with :func:`compile_at_once`'s threads. ``name`` (e.g. "eavi
+  steps") is what :func:`compiling_in_background` reports while it runs."""
   global _compiler
   if _compiler is None:
     _compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
@@ -364,15 +365,24 @@ def compile_in_background(name: str, lower: Callable[[], list]) -> concurrent.fu
     programs = compile_at_once(lower())
     return programs, time.perf_counter() - tick
 
-  for done in [key for key, future in _background.items() if future.done()]:
-    del _background[done]
-  _background[name] = _compiler.submit(work)
-  return _background[name]
+  _background[:] = [(n, f) for n, f in _background if not f.done()]
+  future = _compiler.submit(work)
+  _background.append((name, future))
+  return future
 
 
 def compiling_in_background() -> list[str]:
-  """What :func:`compile_in_background` is still compiling (a process exits only after)."""
-  return [name for name, future in _background.items() if not future.done()]
+  """What :func:`compile_in_background` is still compiling or has queued."""
+  return [name for name, future in _background if not future.done()]
+
+
+def cancel_background() -> list[str]:
+  """Cancels the queued background compilations (a run that stops will not need them); the
+  one running cannot be stopped (XLA), and the process exits only after it: its name, if
+  any."""
+  for _, future in _background:
+    future.cancel()
+  return compiling_in_background()
 
 
 def host_value(x) -> np.ndarray:

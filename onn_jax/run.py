@@ -26,7 +26,7 @@ from onn_jax.config import Config
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention, moe
 from onn_jax.model.transformer import Transformer, count_params
-from onn_jax.parallel import (Runner, compiling_in_background, host_value, is_main_process,
+from onn_jax.parallel import (Runner, cancel_background, host_value, is_main_process,
                               peak_memory, platform_line)
 
 
@@ -306,9 +306,10 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
     err.reported = True
     raise
   finally:
-    if not completed and compiling_in_background():  # XLA cannot stop a compilation
-      log(f"waiting for the background compilation of {', '.join(compiling_in_background())} "
-          "to end before exiting")
+    running = [] if completed else cancel_background()  # the queued ones are not needed
+    if running:  # XLA cannot stop a compilation
+      log(f"waiting for the background compilation of {', '.join(running)} to end before "
+          "exiting")
     batches.close()
     bar.close()
     live.close()

@@ -227,11 +227,15 @@ class _Plan:
   def key(self) -> tuple:
     """What the compiled programs depend on (see :func:`compile_ahead`)."""
     leaves = tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(self.base))
-    return (self.step_cfg, self.axis.mesh, tuple(sorted(self.widths.items())),
+    # In the groups' order, the order of lower()'s programs.
+    return (self.step_cfg, self.axis.mesh, tuple((n, self.widths[n]) for n in self.groups),
             jax.tree.structure(self.base), leaves)
 
 
-def _plan(cfg: Config, params, tasks: Sequence[Task], mesh: Mesh | None) -> _Plan:
+def _plan(cfg: Config, params, tasks: Sequence[Task], mesh: Mesh | None, *,
+          place: bool = True) -> _Plan:
+  """``place``: the base on the devices; else its shapes only (enough to lower the steps;
+  placing it over a mesh of several hosts would be a cross-host transfer)."""
   paths = adapted_paths(params, cfg.ttt.params)
   model = Transformer(cfg.model)
   step_cfg = step_config(cfg)
@@ -252,8 +256,11 @@ def _plan(cfg: Config, params, tasks: Sequence[Task], mesh: Mesh | None) -> _Pla
            for length, group in groups.items()}
   widths = {length: min(sizes[length], -(-len(group) // n) * n)
             for length, group in groups.items()}
-  return _Plan(step_cfg, axis, train_fn, ce_fn, axis.put_base(params), state0, groups,
-               not_adapted, sizes, widths)
+  replicated = None if mesh is None else NamedSharding(mesh, P())
+  base = axis.put_base(params) if place else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), params)
+  return _Plan(step_cfg, axis, train_fn, ce_fn, base, state0, groups, not_adapted, sizes,
+               widths)
 
 
 _ahead: list[tuple[dict, Any]] = []  # ({"key": _Plan.key()}, future of compile_in_background)
@@ -269,7 +276,7 @@ def compile_ahead(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | No
   params, made = jax.device_get(params), {}
 
   def lower():
-    plan = _plan(cfg, params, tasks, mesh)
+    plan = _plan(cfg, params, tasks, mesh, place=False)
     made["key"] = plan.key()
     return plan.lower()
 
@@ -292,15 +299,20 @@ def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = Non
   base, state0, groups, not_adapted = plan.base, plan.state0, plan.groups, plan.not_adapted
   sizes, widths, axis = plan.sizes, plan.widths, plan.axis
   lengths, tick, programs = ', '.join(map(str, sorted(groups))), time.time(), None
-  for entry in list(_ahead):  # started for this evaluation: wait for each, take the match
-    made, future = entry
-    done, seconds = future.result()
-    if made["key"] == plan.key():
-      _ahead.remove(entry)
+  ahead, _ahead[:] = list(_ahead), []  # started for this evaluation: the match is taken
+  for made, future in ahead:
+    if future.cancelled():  # by a training run that stopped
+      continue
+    try:
+      done, seconds = future.result()
+    except Exception as err:  # e.g. out of host memory beside the training: compile here
+      log(f"ttt: compiling the steps in the background failed ({type(err).__name__}: {err}); "
+          "compiling them here")
+      continue
+    if programs is None and made["key"] == plan.key():
       programs = plan.programs(done)
       log(f"ttt: compiled the steps at lengths {lengths} in the background in {seconds:.1f} "
           f"s (waited {time.time() - tick:.1f} s)")
-      break
   if programs is None:
     programs = plan.programs(compile_at_once(plan.lower()))
     if groups:

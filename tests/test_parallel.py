@@ -8,6 +8,7 @@ compilations overlap; the tests compare what it recorded.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 
 import jax
 import numpy as np
@@ -340,3 +341,21 @@ def test_adam_ratio_bound_holds_for_adversarial_gradients():
   for t in range(1, 7):
     update_N, state = opt.update(grads_NS[:, t - 1], state)
     assert np.max(np.abs(update_N)) <= adam_ratio_bound(t, b1, b2) * (1 + 1e-5)
+
+
+def test_a_stopping_run_cancels_the_queued_background_compilations_not_the_running_one():
+  started, release = threading.Event(), threading.Event()
+
+  def running():
+    started.set()
+    release.wait(30)
+    return []
+
+  first = parallel.compile_in_background("first", running)
+  second = parallel.compile_in_background("second", lambda: [])
+  assert started.wait(30)
+  assert parallel.compiling_in_background() == ["first", "second"]
+  assert parallel.cancel_background() == ["first"]
+  assert second.cancelled() and not first.cancelled()
+  release.set()
+  assert first.result(30)[0] == [] and parallel.compiling_in_background() == []

@@ -239,22 +239,31 @@ class ModelFns:
     valid as long as adapters are used or not as before: a call's programs depend on the
     adapters' leaf shapes, not on how many tasks they hold. Otherwise they are dropped."""
     if (adapters is None) != (self.adapters_K is None):
-      self._collect()
+      self._background.clear()  # compiled for the other model: their results are dropped
       self._ready.clear()
     self.adapters_K = None if adapters is None else self._put_shared(adapters)
 
   def _lower(self, key: tuple):
-    """The lowered program of a call shape (see :meth:`prepare`), on placeholder rows."""
-    rows = key[1]
-    model, params = self._model_params([], rows, [])  # padding rows only: adapter 0
+    """The lowered program of a call shape (see :meth:`prepare`), from shapes alone: nothing
+    runs, so it may lower on a worker thread while the devices (of every host) do other
+    work. Rows are split over the mesh as :meth:`_put` and the adapter gather split them."""
+    rows, adapters = key[1], self.adapters_K
+    sharding = None if self.mesh is None else NamedSharding(self.mesh, P(AXIS))
+
+    def spec(shape, dtype):
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    model, params = self.model, self.params
+    if adapters is not None:  # one adapter a row, as _model_params gathers them
+      model, params = self.row_model, {"base": self.params, "rows": jax.tree.map(
+          lambda x: spec((rows, *x.shape[1:]), x.dtype), adapters)}
     if key[0] == "generate":
-      _, _, P, budget, feed = key
-      args, static = self._generate_args(model, params, self._put(np.zeros((rows, P), np.int32)),
-                                         self._put(np.ones(rows, np.int32)), budget, feed)
+      _, _, prompt_len, budget, feed = key
+      args, static = self._generate_args(model, params, spec((rows, prompt_len), jnp.int32),
+                                         spec((rows,), jnp.int32), budget, feed)
       return generate_jit.lower(*args, **static, rng=self.rng)
-    zeros = self._put(np.zeros((rows, key[2]), np.int32))
-    return _logprob_jit.lower(model, params, zeros, zeros,
-                              self._put(np.zeros((rows, key[2]), np.float32)))
+    tokens = spec((rows, key[2]), jnp.int32)
+    return _logprob_jit.lower(model, params, tokens, tokens, spec((rows, key[2]), jnp.float32))
 
   def generate(self, prompts: list[np.ndarray], max_new: int, num_samples: int,
                groups: Sequence[int] | None = None) -> list[list[np.ndarray]]:
