@@ -272,8 +272,8 @@ def compile_ahead(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | No
   ``params``' shapes, on a worker thread (:func:`compile_in_background`; the tasks' streams
   are built and the steps lowered there too), e.g. while training runs; ``adapt`` then waits
   for them instead of compiling. ``params`` is copied to the host here, so the caller may go
-  on with (or donate) its arrays."""
-  params, made = jax.device_get(params), {}
+  on with (or donate) its arrays; replicated over the devices of several hosts, too."""
+  params, made = jax.tree.map(host_value, params), {}
 
   def lower():
     plan = _plan(cfg, params, tasks, mesh, place=False)
