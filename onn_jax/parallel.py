@@ -336,8 +336,8 @@ def _signature(batch: dict[str, Any]) -> tuple:
 def compile_at_once(lowered: list) -> list:
   """``[program.compile() for program in lowered]``, the compilations in threads at once (at
   most one per CPU core, which bounds the host memory they take): XLA compiles outside the
-  GIL, so N programs take about as long as the slowest, not the sum (lower them in the
-  caller's thread: tracing sees its JAX settings)."""
+  GIL, so N programs take about as long as the slowest, not the sum (tracing happens when
+  they are lowered, under the JAX settings of the thread that lowers them)."""
   if len(lowered) < 2:
     return [program.compile() for program in lowered]
   with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as pool:

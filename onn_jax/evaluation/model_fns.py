@@ -104,7 +104,7 @@ class ModelFns:
   :func:`onn_jax.ttt.stack`); then :meth:`generate` and :meth:`logprob` take ``groups``, the
   adapter index of every prompt or sequence, and each row runs under ``params`` merged with its
   adapter. ``shapes`` counts the calls per compiled shape. ``log`` hears one line per
-  :meth:`prepare` that compiled anything.
+  batch of programs compiled (by :meth:`prepare` or in the background).
   """
 
   def __init__(self, model: Transformer, params: Any, *, batch_size: int,
