@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from onn_jax.config import DataConfig
+from onn_jax.data import pipeline
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate, rows_within
 from onn_jax.data.serialize import (decode_grid, leave_one_out, parse_sequence,
                                     sequence_length, serialize)
@@ -413,6 +414,92 @@ def test_every_item_is_drawn_about_equally_often_whatever_its_bucket(monkeypatch
   tolerance = 4 * (sigma * (1 / (steps * p) + 1 / (steps * (1 - p))) + spread / np.sqrt(8)
                    + spread / np.sqrt(packed_steps))
   assert abs(rate["packed"] / rate["long"] - 1) < tolerance, (rate, tolerance)
+
+
+# data.pack_fill: the long bucket's rows are filled with items up to pack_len after their own.
+FILL = dataclasses.replace(LONG, pack_fill=True)
+
+
+def test_pack_fill_rows_start_with_the_long_steps_own_sequences_then_short_ones():
+  """A filled long row holds, from position 0 and token for token, the sequence the unpacked
+  long step draws for it at that step, then items up to pack_len, whole, at aligned starts;
+  the rows get more real tokens."""
+  plain = BatchStream(_tasks(12), LONG, batch_size=8, seed=1, pack_align=8)
+  fill = BatchStream(_tasks(12), FILL, batch_size=8, seed=1, pack_align=8)
+  long_items = set(fill.bucket_items[2].tolist())
+  index = {(task.id, i): k for k, (task, i) in enumerate(fill.items)}
+  long_steps = [k for k in range(40) if fill._packed_kind(k) == 1][:4]
+  assert long_steps
+  for step in long_steps:
+    want, got = plain.batch(step, 2), fill.packed_batch(step)
+    assert got["inputs"].shape == want["inputs"].shape == (4, 256)
+    for b in range(4):
+      n = int(want["valid"][b].sum())
+      for key in ("inputs", "targets", "loss_mask"):
+        np.testing.assert_array_equal(got[key][b, :n], want[key][b, :n])
+      assert not got["segment_start"][b, :n].any()
+    rows = fill.pack_rows(step, 1)
+    assert [index[r[0].task_id, r[0].test_index] in long_items for r in rows] == [True] * 4
+    fillers = [ex for row in rows for ex in row[1:]]
+    assert not {index[ex.task_id, ex.test_index] for ex in fillers} & long_items
+    for b, row in enumerate(rows):  # each sequence starts at an aligned position of its own
+      starts = np.unique(got["segment_start"][b])
+      assert len(starts) == len(row) and not (starts % 8).any()
+    assert got["valid"].sum() == want["valid"].sum() + sum(len(ex.tokens) - 1 for ex in fillers)
+  real = [fill.packed_batch(k)["valid"].mean() - plain.batch(k, 2)["valid"].mean()
+          for k in long_steps]
+  assert min(real) >= 0 and max(real) > 0
+
+
+def test_pack_fill_step_kinds_count_the_short_items_the_long_rows_take():
+  """The packed rows' share is what the items up to pack_len still need after the long
+  steps' rows took theirs (8-step estimates of both), so every item stays as likely."""
+  s = BatchStream(_tasks(12), FILL, batch_size=8, seed=0, pack_align=8)
+  per_batch = np.mean([sum(len(row) for row in s.pack_rows(k)) for k in range(8)])
+  taken = np.mean([sum(len(row) - 1 for row in s.pack_rows(k, 1)) for k in range(8)])
+  assert taken > 0
+  packed = (27 - 17 / 4 * taken) / per_batch
+  np.testing.assert_allclose(s.kind_probs, np.array([packed, 17 / 4]) / (packed + 17 / 4))
+
+
+def test_pack_fill_is_ignored_without_packing_and_changes_no_packed_row():
+  off = dataclasses.replace(LONG, pack=False, max_batch_tokens=0)
+  a, b = (BatchStream(_tasks(12), c, batch_size=8, seed=2) for c in
+          (off, dataclasses.replace(off, pack_fill=True)))
+  for key, want in a.batch(3).items():
+    np.testing.assert_array_equal(b.batch(3)[key], want)
+  c, d = (BatchStream(_tasks(12), cfg, batch_size=8, seed=2, pack_align=8) for cfg in (LONG, FILL))
+  assert [[ex.tokens.tolist() for ex in row] for row in c.pack_rows(5)] == \
+      [[ex.tokens.tolist() for ex in row] for row in d.pack_rows(5)]
+
+
+def test_pack_fill_draws_every_item_about_equally_often(monkeypatch):
+  """Sequences that train per item, short (up to pack_len: packed rows and the long rows'
+  rest) against long, over many steps. With the kinds' probabilities estimated from 200
+  batches each (8 in a run: their noise is not this test's subject), equal up to the noise of
+  the step kinds (binomial) and of the batches' sizes: 4 sigma of their root sum of squares,
+  each weighted by its share of the short items' draws. Without the long rows' rest counted
+  the short items train 1.44x as often here."""
+  monkeypatch.setattr(pipeline, "_PACK_SAMPLES", 200)
+  s = BatchStream(_tasks(12), FILL, batch_size=8, seed=4, pack_align=8)
+  long_items = set(s.bucket_items[2].tolist())
+  index = {(task.id, i): k for k, (task, i) in enumerate(s.items)}
+  steps = 3000
+  short: dict[int, list[int]] = {0: [], 1: []}  # short sequences in each batch, by kind
+  long = 0
+  for step in range(steps):
+    kind = s._packed_kind(step)
+    drawn = [index[ex.task_id, ex.test_index] for row in s.pack_rows(step, kind) for ex in row]
+    short[kind].append(sum(item not in long_items for item in drawn))
+    long += len(drawn) - short[kind][-1]
+  ratio = (sum(map(sum, short.values())) / 27) / (long / 17)
+  n0, n1 = len(short[0]), len(short[1])
+  share0 = sum(short[0]) / (sum(short[0]) + sum(short[1]))
+  kinds = np.sqrt(steps * n0 / steps * n1 / steps) * (1 / n0 + 1 / n1) * share0
+  sizes = [share * np.std(x, ddof=1) / np.mean(x) * np.sqrt(1 / 200 + 1 / len(x))
+           for share, x in ((share0, short[0]), (1 - share0, short[1]))]
+  tolerance = 4 * np.sqrt(kinds ** 2 + sum(v ** 2 for v in sizes))
+  assert abs(ratio - 1) < tolerance, (ratio, tolerance)
 
 
 def test_answer_groups_draw_rows_of_one_group_and_every_item_alike(monkeypatch):

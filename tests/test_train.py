@@ -337,16 +337,17 @@ def test_eavi_steps_draw_from_answer_groups_when_set():
                      for L in {stream.length_at(s, answer_groups=(20,)) for s in range(2, 8)}}
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(background):
+@pytest.mark.parametrize("background,fill", [(False, False), (True, False), (False, True)])
+def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(background, fill):
   """data.pack_len below the longest bucket with a token budget: a packing stage's steps are
-  packed rows of pack_len or unpacked rows of the longer bucket, fewer of them; each trains.
+  packed rows of pack_len or rows of the longer bucket, fewer of them (unpacked, or with
+  ``data.pack_fill`` packed after their own sequences); each trains.
   ``stage_lengths`` names every row length the steps draw, at its first step, without building
   a batch; the runner compiles them ahead (``precompile``, now or in the background, which the
   first step waits for) and runs every step on those programs, with the jitted step's
   result."""
   cfg = tiny_config(data={"buckets": [128, 256], "pack": True, "pack_len": 128,
-                          "max_batch_tokens": 8 * 128, "max_grid": 8},
+                          "max_batch_tokens": 8 * 128, "max_grid": 8, "pack_fill": fill},
                     train={"pretrain_steps": 10})
   model = Transformer(cfg.model)
   runner = run.make_runner(cfg, model)
@@ -364,6 +365,7 @@ def test_packing_stage_with_long_buckets_runs_packed_rows_and_fewer_longer_rows(
     batch = run.batch_at(cfg, stream, step)
     shapes.add(batch["inputs"].shape)
     firsts.setdefault(batch["inputs"].shape[1], step)
+    assert ("segment_start" in batch) == (fill or batch["inputs"].shape[1] == 128)
     state, out = runner.run("pretrain", state, runner.put_batch(batch))
     outs.append(out)
     assert np.isfinite(float(out["loss"]))

@@ -261,11 +261,13 @@ class BatchStream:
 
   ``packed_batch(step)`` (``data.pack``) fills rows of ``data.pack_len`` (0: the longest bucket)
   with several sequences each (:func:`collate_packed`), drawn uniformly from the items of the
-  buckets up to it (:meth:`pack_rows`). Items of longer buckets train unpacked: a step is
-  theirs with probability proportional to the batches that draw each of them once (items over
-  rows), against the packed rows' share (their items over the sequences a packed batch holds,
-  the mean of steps 0-7's), so every item is drawn about equally often whatever its bucket.
-  Every process draws the whole batch and keeps its rows.
+  buckets up to it (:meth:`pack_rows`). Items of longer buckets train in their bucket, one a
+  row, unpacked (or with ``data.pack_fill`` followed by items up to ``pack_len`` in the rest of
+  the row): a step is theirs with probability proportional to the batches that draw each of
+  them once (items over rows), against the packed rows' share (their items, less those the
+  longer buckets' rows take, over the sequences a packed batch holds; means of steps 0-7), so
+  every item is drawn about equally often whatever its bucket. Every process draws the whole
+  packed batch and keeps its rows.
   """
 
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
@@ -347,12 +349,20 @@ class BatchStream:
     # likely as the batches it takes to draw each of its items once.
     self.kind_probs = np.ones(1)
     if cfg.pack and counts[packed + 1:].any():
+      longer = counts[packed + 1:] / np.array(self.rows[packed + 1:])
       packed_share = 0.0  # no sequence fits pack_len: every step is a longer bucket's
       if len(self.pack_items):
+        # Draws of the items up to pack_len still wanted from packed rows: all of them, less
+        # what the longer buckets' rows take in their rest (data.pack_fill), per batch drawn.
+        wanted = float(len(self.pack_items))
+        if cfg.pack_fill:
+          for kind, batches in enumerate(longer, start=1):
+            if batches:
+              wanted -= batches * np.mean([sum(len(row) - 1 for row in self.pack_rows(s, kind))
+                                           for s in range(_PACK_SAMPLES)])
         per_batch = np.mean([sum(map(len, self.pack_rows(k))) for k in range(_PACK_SAMPLES)])
-        packed_share = len(self.pack_items) / per_batch
-      kinds = np.concatenate([[packed_share],
-                              counts[packed + 1:] / np.array(self.rows[packed + 1:])])
+        packed_share = max(wanted, 0.0) / per_batch
+      kinds = np.concatenate([[packed_share], longer])
       self.kind_probs = kinds / kinds.sum()
 
   @property
@@ -445,49 +455,62 @@ class BatchStream:
     return collate([self._example(int(picks[r]), step, r, length + 1)
                     for r in self._mine(self.rows[bucket])], length)
 
-  def pack_rows(self, step: int) -> list[list[Example]]:
+  def pack_rows(self, step: int, kind: int = 0) -> list[list[Example]]:
     """The examples in each row of the global packed batch at ``step``, augmented.
 
-    Candidates are drawn uniformly from all items and augmented in draw order (draw k uses
-    row id k); each goes to the row with the least room that still holds it (best fit). The
-    batch closes when no row has room left, or when more than ``data.pack_misses`` per row
-    drew a candidate that fits no row (passed over). At 0 only the candidate that closes the
-    batch is passed over, so what trains is what was drawn; passing over more fills rows
-    better but favours short sequences (they fit the gaps).
+    ``kind`` 0: rows of ``data.pack_len``, empty at first. ``kind`` k (``data.pack_fill``):
+    rows of the k-th bucket past it, each starting with the sequence :meth:`batch` draws for
+    that row at that step (the same draw and augmentation), so that only their rest is filled.
+    Candidates are drawn uniformly from the items up to ``data.pack_len`` and augmented in draw
+    order (draw k uses row id k, after the rows' own sequences); each goes to the row with the
+    least room that still holds it (best fit). The batch closes when no row has room left, or
+    when more than ``data.pack_misses`` per row drew a candidate that fits no row (passed
+    over). At 0 only the candidate that closes the batch is passed over, so what trains is what
+    was drawn; passing over more fills rows better but favours short sequences (they fit the
+    gaps).
     """
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
-    length, align = self.pack_len, self.pack_align
-    num_rows = self.rows[self.buckets.index(length)]
-    room = np.full(num_rows, length)
+    bucket = self.buckets.index(self.pack_len) + kind
+    length, align, num_rows = self.buckets[bucket], self.pack_align, self.rows[bucket]
     rows: list[list[Example]] = [[] for _ in range(num_rows)]
+    if kind:
+      pool = self.bucket_items[bucket]
+      picks = pool[rng.integers(0, len(pool), size=num_rows)]
+      rows = [[self._example(int(picks[r]), step, r, length + 1)] for r in range(num_rows)]
+
+    def need(example: Example) -> int:  # positions it takes, its start aligned
+      return -(-(len(example.tokens) - 1) // align) * align
+
+    room = np.array([max(0, length - sum(map(need, row))) for row in rows])
     allowed = int(self.cfg.pack_misses * num_rows)
-    misses, k = 0, 0
+    misses, k = 0, sum(map(len, rows))
     while room.max() >= align:
       item = int(self.pack_items[rng.integers(len(self.pack_items))])
       example = self._example(item, step, k, self.item_tokens[item])
       k += 1
-      need = -(-(len(example.tokens) - 1) // align) * align
-      fits = np.flatnonzero(room >= need)
+      fits = np.flatnonzero(room >= need(example))
       if not fits.size:
         misses += 1
         if misses > allowed:
           break
         continue
       r = int(fits[np.argmin(room[fits])])
-      room[r] -= need
+      room[r] -= need(example)
       rows[r].append(example)
     return rows
 
   def packed_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of a packing stage's batch at ``step``: packed rows
-    (:func:`collate_packed`), or the unpacked rows of a bucket longer than ``data.pack_len``
-    when the step is drawn for it."""
+    (:func:`collate_packed`), or when the step is drawn for a bucket longer than
+    ``data.pack_len`` that bucket's rows: unpacked, or with ``data.pack_fill`` packed after
+    their own sequences (:meth:`pack_rows`)."""
     kind = self._packed_kind(step)
-    if kind:
-      return self.batch(step, self.buckets.index(self.pack_len) + kind)
-    rows = self.pack_rows(step)
+    bucket = self.buckets.index(self.pack_len) + kind
+    if kind and not self.cfg.pack_fill:
+      return self.batch(step, bucket)
+    rows = self.pack_rows(step, kind)
     mine = self._mine(len(rows))
-    return collate_packed(rows[mine.start:mine.stop], self.pack_len, self.pack_align)
+    return collate_packed(rows[mine.start:mine.stop], self.buckets[bucket], self.pack_align)
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of steps start_step, start_step + 1, ... forever."""
