@@ -308,24 +308,39 @@ class Runner:
 
     Returns ``fn``'s output in the mode's layout: under pmap every output leaf has a leading
     local-device axis (take ``[0]`` of non-state outputs). Pass the same ``fn`` object each
-    time to reuse its compilation.
+    time to reuse its compilation (:meth:`precompile_apply` compiles it ahead).
     """
+    return self._applied_fn(fn, len(args))(state, *self._replicated_args(args))
+
+  def precompile_apply(self, fn: Callable, state: Any, *args) -> None:
+    """Compiles :meth:`apply` of ``fn`` for these arguments' shapes now, so that its first
+    call compiles nothing (a compilation there would wait behind a background one, and stall
+    training): an ahead-of-time compilation fills the caches that the call looks in."""
+    self._applied_fn(fn, len(args)).lower(state, *self._replicated_args(args)).compile()
+
+  def _applied_fn(self, fn: Callable, num_args: int) -> Callable:
+    """``fn`` jitted (pmapped) for the mode, once per ``fn`` object; ``num_args`` after the
+    state, replicated."""
     compiled = self._applied.get(fn)
     if compiled is None:
       if self.mode == "pmap":
         compiled = jax.pmap(fn, axis_name=AXIS, devices=self.devices,
-                            in_axes=(0,) + (None,) * len(args))
+                            in_axes=(0,) + (None,) * num_args)
       elif self.mode == "shard_map":
         compiled = jax.jit(fn, out_shardings=self.replicated)
       else:
         compiled = jax.jit(fn)
       self._applied[fn] = compiled
-    if self.mode == "shard_map":  # host-identical values -> global replicated arrays
-      args = tuple(jax.tree.map(
-          lambda a: jax.make_array_from_callback(np.shape(a), self.replicated,
-                                                 lambda idx, h=_host(a): h[idx]), a)
-                   for a in args)
-    return compiled(state, *args)
+    return compiled
+
+  def _replicated_args(self, args: tuple) -> tuple:
+    """``apply``'s host-identical arguments, as global replicated arrays under shard_map."""
+    if self.mode != "shard_map":
+      return args
+    return tuple(jax.tree.map(
+        lambda a: jax.make_array_from_callback(np.shape(a), self.replicated,
+                                               lambda idx, h=_host(a): h[idx]), a)
+                 for a in args)
 
 
 def _signature(batch: dict[str, Any]) -> tuple:

@@ -238,6 +238,10 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
           _await_compile(runner, stage, bar)
         else:
           _compile_stage(cfg, stream, runner, state, stage, step, stop_at, bar)
+        if not started and t.reset_every and (stop_at // t.reset_every) * t.reset_every > step:
+          # The expert reset compiles now, not at its first step (where it would stall behind
+          # a background compilation).
+          runner.precompile_apply(reset, state, reset_rng, np.int32(step))
         if not started and t.background_compile:  # the later stages compile while it trains
           for later in invocation_stages(cfg, step, stop_at)[1:]:
             _compile_stage(cfg, stream, runner, state, later, step, stop_at, bar,
@@ -257,7 +261,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       step += 1
       if t.reset_every and step % t.reset_every == 0:
         with guard.step():
-          state, dead = runner.apply(reset, state, jax.random.fold_in(reset_rng, step))
+          state, dead = runner.apply(reset, state, reset_rng, np.int32(step))
         dead = runner.host(dead)
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,
@@ -412,8 +416,10 @@ def _await_compile(runner: Runner, stage: str, bar) -> None:
               f"{times[1]:.1f} s)")
 
 
-def _reset_transform(state: steps.TrainState, rng, *, cfg: Config):
-  """Expert reset on the whole train state; the window counts start again from zero."""
+def _reset_transform(state: steps.TrainState, rng, step, *, cfg: Config):
+  """Expert reset on the whole train state, with ``rng`` folded with ``step``; the window
+  counts start again from zero."""
+  rng = jax.random.fold_in(rng, step)
   params, opt_state, ema, dead = experts.reset_dead_experts(
       state.params, state.opt_state, state.routing["window_tokens"], rng, cfg.model,
       ema=state.ema)

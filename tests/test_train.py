@@ -9,13 +9,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import app, checkpoint, config, experts, run, steps
+from onn_jax import app, checkpoint, config, experts, parallel, run, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention, moe
 from onn_jax.model.transformer import Transformer
@@ -298,6 +299,42 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_logs_each_step_once(tmp_path, mon
   logged = [json.loads(line)["step"] for line in
             (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event"' not in line]
   assert logged == sorted(set(logged)) and logged[-1] == 6
+
+
+def test_training_compiles_nothing_on_its_own_thread_once_steps_run(tmp_path, monkeypatch):
+  """With train.background_compile (the default), every program the training loop runs is
+  compiled before its first step (the first stage's steps, the expert reset) or on the
+  compile thread (the later stages'): none on the training thread once steps run, where it
+  would wait behind a background compilation (on a GPU, steps stalled for minutes beside
+  them; README Quick start). Counted from JAX's compile events (a cache load counts too)."""
+  cfg = tiny_config(**{**RUN_CFG, "data": {**RUN_CFG["data"], "eval": ""},
+                       "train": {**RUN_CFG["train"], "reset_every": 2}})
+  assert cfg.train.background_compile
+  events: list[tuple[str, str]] = []  # (thread, what): a compilation or "step"
+
+  def compiled(event, duration, **meta):
+    if event == "/jax/core/compile/backend_compile_duration":
+      events.append((threading.current_thread().name, meta.get("fun_name", "?")))
+
+  real_run = parallel.Runner.run
+
+  def run_step(self, *args, **kwargs):
+    events.append((threading.current_thread().name, "step"))
+    return real_run(self, *args, **kwargs)
+
+  monkeypatch.setattr(parallel.Runner, "run", run_step)
+  jax.monitoring.register_event_duration_secs_listener(compiled)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      run.train(cfg, tmp_path, log=lambda *_: None)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(compiled)
+  main = threading.main_thread().name
+  first = events.index((main, "step"))
+  assert sum(what == "step" for _, what in events) == 6
+  assert any(thread != main and what != "step" for thread, what in events)  # EAVI's, there
+  late = [what for thread, what in events[first:] if thread == main and what != "step"]
+  assert late == [], late
 
 
 def test_steps_compile_once_per_length_bucket():
