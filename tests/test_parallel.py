@@ -224,13 +224,26 @@ def reset_transform(world):
 
 
 def test_apply_expert_reset_is_the_same_in_every_mode(world, reset_transform):
+  """... and, compiled ahead (``precompile_apply``), its call compiles nothing."""
   window_LE = np.array([[0, 3, 5, 0], [2, 0, 1, 1]], np.float32)
   rng = jax.random.PRNGKey(7)
   results = {}
+  compiled: list[str] = []
+
+  def count(event, duration, **meta):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(meta.get("fun_name", "?"))
+
   for mode in MODES:
     runner = world["runs"][mode]["runner"]
     state = runner.put_state(world["runs"][mode]["snapshots"][K_TF + K_EAVI])
-    new_state, dead = runner.apply(reset_transform, state, rng, window_LE)
+    runner.precompile_apply(reset_transform, state, rng, window_LE)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+      new_state, dead = runner.apply(reset_transform, state, rng, window_LE)
+    finally:
+      jax.monitoring.unregister_event_duration_listener(count)
+    assert compiled == [], (mode, compiled)
     dead = np.asarray(parallel.host_value(dead[0] if mode == "pmap" else dead))
     results[mode] = (_host_tree(runner.get_state(new_state)), dead)
   np.testing.assert_array_equal(results["single"][1], window_LE == 0)
