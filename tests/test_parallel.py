@@ -8,6 +8,7 @@ compilations overlap; the tests compare what it recorded.
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import threading
 
 import jax
@@ -212,6 +213,33 @@ def test_resume_across_device_counts(world, src, dst):
   assert int(final.step) == K_TF
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_steps_compiled_in_the_background_are_traced_there_and_run_as_jitted(world, mode):
+  """``precompile(background=True)`` lowers the steps on the compile thread, from shapes: this
+  thread traces nothing (an H200 run's first step waited a minute for five EAVI buckets'
+  tracing), and the programs give the jitted step's results bit for bit."""
+  run = world["runs"][mode]
+  runner = run["runner"]
+  batch = world["batches"][0]
+  traced: list[tuple[str, str]] = []
+
+  def record(event, duration, **meta):
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traced.append((threading.current_thread().name, meta.get("fun_name", "?")))
+
+  state = runner.put_state(world["init"])
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    runner.precompile("pretrain", state, [batch], background=True)
+    _, out = runner.run("pretrain", state, runner.put_batch(batch))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)
+  assert traced and all(thread != threading.current_thread().name for thread, _ in traced), \
+      traced
+  for key, want in run["metrics"][0].items():
+    np.testing.assert_array_equal(_host_tree(out)[key], want, err_msg=f"{mode} {key}")
+
+
 @pytest.fixture(scope="module")
 def reset_transform(world):
   model_cfg = world["runs"]["single"]["cfg"].model
@@ -354,6 +382,26 @@ def test_adam_ratio_bound_holds_for_adversarial_gradients():
   for t in range(1, 7):
     update_N, state = opt.update(grads_NS[:, t - 1], state)
     assert np.max(np.abs(update_N)) <= adam_ratio_bound(t, b1, b2) * (1 + 1e-5)
+
+
+def test_background_lowering_hands_the_gil_back_quickly_and_restores_the_interval():
+  """While a background compilation traces (lowers), the interpreter switches threads every
+  BACKGROUND_SWITCH_INTERVAL_S, so training and batch building are not starved; after it, and
+  after a lowering that fails, the interval is what it was."""
+  before = sys.getswitchinterval()
+  inside: list[float] = []
+  seen = parallel.compile_in_background("probe", lambda: inside.append(sys.getswitchinterval())
+                                        or [])
+  assert seen.result(30)[0] == []
+  # The interpreter keeps the interval in whole microseconds.
+  assert inside == [pytest.approx(min(before, parallel.BACKGROUND_SWITCH_INTERVAL_S), abs=1e-6)]
+
+  def failing():
+    raise RuntimeError("lowering failed")
+
+  with pytest.raises(RuntimeError, match="lowering failed"):
+    parallel.compile_in_background("failing", failing).result(30)
+  assert sys.getswitchinterval() == pytest.approx(before, abs=1e-6)
 
 
 def test_a_stopping_run_cancels_the_queued_background_compilations_not_the_running_one():

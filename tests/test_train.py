@@ -308,7 +308,8 @@ def test_training_compiles_nothing_on_its_own_thread_once_steps_run(tmp_path, mo
   would wait behind a background compilation (on a GPU, steps stalled for minutes beside
   them; README Quick start). Counted from JAX's compile events (a cache load counts too)."""
   cfg = tiny_config(**{**RUN_CFG, "data": {**RUN_CFG["data"], "eval": ""},
-                       "train": {**RUN_CFG["train"], "reset_every": 2}})
+                       "train": {**RUN_CFG["train"], "reset_every": 2},
+                       "checkpoint": {"every": 2, "async_save": True}})  # as runs save
   assert cfg.train.background_compile
   events: list[tuple[str, str]] = []  # (thread, what): a compilation or "step"
 
