@@ -473,6 +473,21 @@ def test_pack_fill_is_ignored_without_packing_and_changes_no_packed_row():
       [[ex.tokens.tolist() for ex in row] for row in d.pack_rows(5)]
 
 
+def test_pack_fill_with_no_item_up_to_pack_len_trains_the_long_rows_as_they_are():
+  """Nothing fits pack_len: every step is a longer bucket's, and its rows hold their own
+  sequences only (as without pack_fill), in the packed layout."""
+  cfg = dataclasses.replace(FILL, buckets=(8, 256), pack_len=8)
+  plain = BatchStream(_tasks(12), dataclasses.replace(cfg, pack_fill=False), batch_size=8,
+                      seed=3, pack_align=8)
+  fill = BatchStream(_tasks(12), cfg, batch_size=8, seed=3, pack_align=8)
+  assert len(fill.pack_items) == 0 and list(fill.kind_probs) == [0.0, 1.0]
+  for step in range(3):
+    want, got = plain.packed_batch(step), fill.packed_batch(step)
+    assert not got["segment_start"].any()
+    for key in ("inputs", "targets", "loss_mask", "valid"):
+      np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_pack_fill_draws_every_item_about_equally_often(monkeypatch):
   """Sequences that train per item, short (up to pack_len: packed rows and the long rows'
   rest) against long, over many steps. With the kinds' probabilities estimated from 200
