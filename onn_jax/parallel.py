@@ -269,7 +269,8 @@ class Runner:
     (and shardings) of ``state`` and the placed batches, while this thread goes on (e.g.
     training an earlier stage); the first :meth:`run` of ``name``, or :meth:`wait_compiled`,
     waits for them, and an error in their tracing or compilation is raised there, not here.
-    (Lowered here, five EAVI buckets held an H200 run's first step back a minute.)"""
+    (Lowered here, five EAVI buckets most likely held an H200 run's first step back a
+    minute.)"""
     placed = [self.put_batch(b) for b in local_batches]
     signatures = [_signature(b) for b in placed]
     step = self._steps[name]

@@ -440,7 +440,7 @@ def by_size(tasks: Sequence[Task], per_task: dict[str, float], parts: int = 4) -
   """The official score of each quarter (``parts``) of the tasks by :func:`task_cells`,
   smallest first: ``[{"cells": [fewest, most], "tasks": n, "score": s}]``."""
   ordered = sorted(tasks, key=lambda task: (task_cells(task), task.id))
-  groups = [g for g in np.array_split(np.arange(len(ordered)), min(parts, len(ordered)))]
+  groups = np.array_split(np.arange(len(ordered)), min(parts, len(ordered)))
   return [{"cells": [task_cells(ordered[g[0]]), task_cells(ordered[g[-1]])],
            "tasks": len(g), "score": float(np.mean([per_task[ordered[k].id] for k in g]))}
           for g in groups if len(g)]
