@@ -27,6 +27,10 @@ _STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share 
 _STREAM_ROW = 1
 _STREAM_KIND = 2  # packed rows or a longer bucket, at a packing stage's step
 _PACK_SAMPLES = 8  # packed batches (steps 0..7) that measure how many sequences one holds
+_STREAM_FILL_SIM = 3  # the simulated packing that sets draw weights (data.pack_misses > 0)
+_FILL_SIM_BATCHES = 400  # simulated batches of each step kind, a round
+_FILL_SIM_ROUNDS = 3  # rounds of weights = 1 / acceptance (acceptance moves with the weights)
+_FILL_BAND = 4  # acceptance is measured per band of lengths, this many alignment units wide
 
 
 def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1) -> int:
@@ -212,7 +216,7 @@ def collate_packed(rows: Sequence[Sequence[Example]], length: int, align: int
       out["segment_start"][b, at:] = at
       first = at + ex.answer_start - 1  # the position that predicts the first answer token
       out["answer_mask"][b, first:first + ex.answer_len] = 1.0
-      at += -(-n // align) * align
+      at += packed_need(len(ex.tokens), align)
   return out
 
 
@@ -238,6 +242,42 @@ def _item_lengths(task: Task, test_index: int, d8: bool) -> tuple[int, int]:
   return shortest, full
 
 
+def packed_need(num_tokens, align: int):
+  """Positions a sequence of ``num_tokens`` tokens takes in a packed row (it trains on all but
+  the last as inputs), its start aligned to ``align``; works on arrays too."""
+  return -(-(num_tokens - 1) // align) * align
+
+
+def weighted_draw(cdf: np.ndarray, rng: np.random.Generator) -> int:
+  """An index drawn with the probabilities whose cumulative sums are ``cdf``."""
+  return min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)
+
+
+def best_fit(room: np.ndarray, draw: Callable[[], int], allowed: int, align: int) -> list[int]:
+  """Places drawn candidates in rows: each goes to the row with the least room that holds it.
+
+  ``room``: each row's free positions (updated in place); ``draw()``: the positions the next
+  candidate needs. Stops when no row has ``align`` positions left, or at the miss (a candidate
+  that fits no row) after ``allowed`` of them. Returns each drawn candidate's row, -1 where it
+  was passed over.
+  """
+  placed: list[int] = []
+  misses = 0
+  while room.max() >= align:
+    need = draw()
+    fits = np.flatnonzero(room >= need)
+    if not fits.size:
+      placed.append(-1)
+      misses += 1
+      if misses > allowed:
+        break
+      continue
+    r = int(fits[np.argmin(room[fits])])
+    room[r] -= need
+    placed.append(r)
+  return placed
+
+
 class BatchStream:
   """An infinite, deterministic stream of fixed-shape next-token batches.
 
@@ -260,13 +300,14 @@ class BatchStream:
   process draws identically.
 
   ``packed_batch(step)`` (``data.pack``) fills rows of ``data.pack_len`` (0: the longest bucket)
-  with several sequences each (:func:`collate_packed`), drawn uniformly from the items of the
-  buckets up to it (:meth:`pack_rows`). Items of longer buckets train in their bucket, one a
-  row, unpacked (or with ``data.pack_fill`` followed by items up to ``pack_len`` in the rest of
-  the row): a step is theirs with probability proportional to the batches that draw each of
-  them once (items over rows), against the packed rows' share (their items, less those the
-  longer buckets' rows take, over the sequences a packed batch holds; means of steps 0-7), so
-  every item is drawn about equally often whatever its bucket. Every process draws the whole
+  with several sequences each (:func:`collate_packed`), drawn from the items of the buckets up
+  to it (:meth:`pack_rows`: uniformly, or weighted so that they train uniformly). Items of
+  longer buckets train in their bucket, one a row, unpacked (or with ``data.pack_fill``
+  followed by items up to ``pack_len`` in the rest of the row): a step is theirs with
+  probability proportional to the batches that draw each of them once (items over rows),
+  against the packed rows' share (their items, less those the longer buckets' rows take, over
+  the sequences a packed batch holds; means of steps 0-7), so every item is drawn about
+  equally often whatever its bucket. Every process draws the whole
   packed batch and keeps its rows.
   """
 
@@ -345,28 +386,81 @@ class BatchStream:
     packed = self.buckets.index(self.pack_len)
     self.pack_items = np.concatenate(self.bucket_items[:packed + 1])  # in item order
     self.pack_items.sort()
-    # Step kinds at a packing stage: packed rows, then each longer bucket (its own sequences
-    # one a row, with data.pack_fill shorter ones after them), each as likely as the batches
-    # it takes to draw each of its items once; packed rows for the short items that the
-    # longer buckets' rows do not take (none, if they take more than all: then the short
-    # items train more often than the long ones).
-    self.kind_probs = np.ones(1)
-    if cfg.pack and counts[packed + 1:].any():
-      longer = counts[packed + 1:] / np.array(self.rows[packed + 1:])
-      packed_share = 0.0  # no sequence fits pack_len: every step is a longer bucket's
-      if len(self.pack_items):
-        # Draws of the items up to pack_len still wanted from packed rows: all of them, less
-        # what the longer buckets' rows take in their rest (data.pack_fill), per batch drawn.
-        wanted = float(len(self.pack_items))
-        if cfg.pack_fill:
-          for kind, batches in enumerate(longer, start=1):
-            if batches:
-              wanted -= batches * np.mean([sum(len(row) - 1 for row in self.pack_rows(s, kind))
-                                           for s in range(_PACK_SAMPLES)])
-        per_batch = np.mean([sum(map(len, self.pack_rows(k))) for k in range(_PACK_SAMPLES)])
-        packed_share = max(wanted, 0.0) / per_batch
-      kinds = np.concatenate([[packed_share], longer])
-      self.kind_probs = kinds / kinds.sum()
+    self._fill_cdf: np.ndarray | None = None  # uniform draws of the items up to pack_len
+    self.kind_probs = self._kind_probs(counts)
+    if cfg.pack and cfg.pack_misses > 0 and len(self.pack_items):
+      self._fill_cdf = self._fill_draw_cdf(counts)
+      self.kind_probs = self._kind_probs(counts)
+
+  def _kind_probs(self, counts: np.ndarray) -> np.ndarray:
+    """Probabilities of a packing stage's step kinds: packed rows, then each longer bucket (its
+    own sequences one a row, with data.pack_fill shorter ones after them), each as likely as
+    the batches it takes to draw each of its items once; packed rows for the short items that
+    the longer buckets' rows do not take (none, if they take more than all: then the short
+    items train more often than the long ones)."""
+    packed = self.buckets.index(self.pack_len)
+    if not self.cfg.pack or not counts[packed + 1:].any():
+      return np.ones(1)
+    longer = counts[packed + 1:] / np.array(self.rows[packed + 1:])
+    packed_share = 0.0  # no sequence fits pack_len: every step is a longer bucket's
+    if len(self.pack_items):
+      # Draws of the items up to pack_len still wanted from packed rows: all of them, less
+      # what the longer buckets' rows take in their rest (data.pack_fill), per batch drawn.
+      wanted = float(len(self.pack_items))
+      if self.cfg.pack_fill:
+        for kind, batches in enumerate(longer, start=1):
+          if batches:
+            wanted -= batches * np.mean([sum(len(row) - 1 for row in self.pack_rows(s, kind))
+                                         for s in range(_PACK_SAMPLES)])
+      per_batch = np.mean([sum(map(len, self.pack_rows(k))) for k in range(_PACK_SAMPLES)])
+      packed_share = max(wanted, 0.0) / per_batch
+    kinds = np.concatenate([[packed_share], longer])
+    return kinds / kinds.sum()
+
+  def _fill_draw_cdf(self, counts: np.ndarray) -> np.ndarray:
+    """The cumulative draw probabilities of the items up to pack_len with which they train
+    equally often although packing passes over candidates that fit no row
+    (``data.pack_misses`` > 0), the longer ones more often than the shorter.
+
+    Each item is drawn with weight 1 / (the share of drawn candidates of its length band that
+    a packed batch keeps), measured by packing lengths alone (each item's longest orientation)
+    in simulated batches of every step kind, weighed by ``kind_probs``. The acceptance moves
+    with the weights, so this is repeated a few rounds.
+    """
+    align, cfg = self.pack_align, self.cfg
+    tokens = np.asarray(self.item_tokens)
+    need = packed_need(tokens[self.pack_items], align)
+    band = need // (_FILL_BAND * align)
+    num_bands = int(band.max()) + 1
+    packed = self.buckets.index(self.pack_len)
+    kinds = [0] + ([k for k in range(1, len(self.kind_probs)) if counts[packed + k]]
+                   if cfg.pack_fill else [])
+    rng = np.random.default_rng([self.seed, _STREAM_FILL_SIM])
+    weights = np.ones(len(need))
+    for _ in range(_FILL_SIM_ROUNDS):
+      cdf = np.cumsum(weights) / weights.sum()
+      drawn, kept = np.zeros(num_bands), np.zeros(num_bands)
+      for kind in kinds:
+        bucket = packed + kind
+        length, num_rows = self.buckets[bucket], self.rows[bucket]
+        own = packed_need(tokens[self.bucket_items[bucket]], align)
+        for _ in range(_FILL_SIM_BATCHES):
+          room = np.full(num_rows, length)
+          if kind:
+            room = np.maximum(0, room - own[rng.integers(len(own), size=num_rows)])
+          picks: list[int] = []
+
+          def draw() -> int:
+            picks.append(weighted_draw(cdf, rng))
+            return int(need[picks[-1]])
+
+          rows = np.array(best_fit(room, draw, int(cfg.pack_misses * num_rows), align))
+          share = self.kind_probs[kind] / _FILL_SIM_BATCHES
+          drawn += share * np.bincount(band[picks], minlength=num_bands)
+          kept += share * np.bincount(band[np.array(picks)[rows >= 0]], minlength=num_bands)
+      rate = np.where(drawn > 0, kept / np.maximum(drawn, 1e-12), 1.0)
+      weights = 1.0 / np.maximum(rate[band], 1e-3)
+    return np.cumsum(weights) / weights.sum()
 
   @property
   def num_items(self) -> int:
@@ -464,16 +558,18 @@ class BatchStream:
     ``kind`` 0: rows of ``data.pack_len``, empty at first. ``kind`` k (``data.pack_fill``):
     rows of the k-th bucket past it, each starting with the sequence :meth:`batch` draws for
     that row at that step (the same draw and augmentation), so that only their rest is filled.
-    Candidates are drawn uniformly from the items up to ``data.pack_len`` and augmented in draw
-    order (draw k uses row id k, after the rows' own sequences); each goes to the row with the
-    least room that still holds it (best fit). The batch closes when no row has room left, or
-    when more than ``data.pack_misses`` per row drew a candidate that fits no row (passed
+    Candidates are drawn from the items up to ``data.pack_len`` and augmented in draw order
+    (draw k uses row id k, after the rows' own sequences); each goes to the row with the least
+    room that still holds it (:func:`best_fit`). The batch closes when no row has room left,
+    or when more than ``data.pack_misses`` per row drew a candidate that fits no row (passed
     over). At 0 only the candidate that closes the batch is passed over, so what trains is what
-    was drawn; passing over more fills rows better but favours short sequences (they fit the
-    gaps). The candidate passed over is more often a long one, and a long bucket's rest holds
-    fewer candidates than packed rows do, so among the items up to ``pack_len`` the longer
-    ones train a little less often with ``data.pack_fill`` (arc1's data, steps 0-399: items
-    of 1536-2048 tokens 0.96x the mean, under 1024 1.02x).
+    was drawn, uniformly; the candidate passed over is more often a long one, and a long
+    bucket's rest holds fewer candidates than packed rows do, so the longer items train a
+    little less often with ``data.pack_fill`` (arc1's data, steps 0-999: items of 1536-2048
+    tokens 0.96x the mean, under 512 1.02x). Passing over more fills rows better but would
+    favour short sequences (they fit the gaps), so then candidates are drawn with the weights
+    of :meth:`_fill_draw_cdf` (arc1's data with ``pack_fill`` at ``pack_misses=1``: every
+    length band 0.996-1.002x the mean).
     """
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
     bucket = self.buckets.index(self.pack_len) + kind
@@ -484,25 +580,27 @@ class BatchStream:
       picks = pool[rng.integers(0, len(pool), size=num_rows)]
       rows = [[self._example(int(picks[r]), step, r, length + 1)] for r in range(num_rows)]
 
-    def need(example: Example) -> int:  # positions it takes, its start aligned
-      return -(-(len(example.tokens) - 1) // align) * align
+    def need(example: Example) -> int:
+      return packed_need(len(example.tokens), align)
 
     room = np.array([max(0, length - sum(map(need, row))) for row in rows])
-    allowed = int(self.cfg.pack_misses * num_rows)
-    misses, k = 0, sum(map(len, rows))
-    while len(self.pack_items) and room.max() >= align:
-      item = int(self.pack_items[rng.integers(len(self.pack_items))])
-      example = self._example(item, step, k, self.item_tokens[item])
-      k += 1
-      fits = np.flatnonzero(room >= need(example))
-      if not fits.size:
-        misses += 1
-        if misses > allowed:
-          break
-        continue
-      r = int(fits[np.argmin(room[fits])])
-      room[r] -= need(example)
-      rows[r].append(example)
+    if not len(self.pack_items):
+      return rows
+    drawn: list[Example] = []
+
+    def draw() -> int:
+      if self._fill_cdf is None:
+        item = int(self.pack_items[rng.integers(len(self.pack_items))])
+      else:
+        item = int(self.pack_items[weighted_draw(self._fill_cdf, rng)])
+      drawn.append(self._example(item, step, num_rows * bool(kind) + len(drawn),
+                                 self.item_tokens[item]))
+      return need(drawn[-1])
+
+    placed = best_fit(room, draw, int(self.cfg.pack_misses * num_rows), align)
+    for example, r in zip(drawn, placed):
+      if r >= 0:
+        rows[r].append(example)
     return rows
 
   def packed_batch(self, step: int) -> dict[str, np.ndarray]:
