@@ -26,6 +26,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -361,15 +362,35 @@ def _signature(batch: dict[str, Any]) -> tuple:
   return tuple((key, tuple(x.shape), str(x.dtype)) for key, x in sorted(batch.items()))
 
 
-def compile_at_once(lowered: list) -> list:
+def compile_at_once(lowered: list, *, nice: int = 0) -> list:
   """``[program.compile() for program in lowered]``, the compilations in threads at once (at
   most one per CPU core, which bounds the host memory they take): XLA compiles outside the
   GIL, so N programs take about as long as the slowest, not the sum (tracing happens when
-  they are lowered, under the JAX settings of the thread that lowers them)."""
-  if len(lowered) < 2:
+  they are lowered, under the JAX settings of the thread that lowers them). ``nice``: the
+  compiling threads run that much nicer (see :func:`_nicer`)."""
+  if len(lowered) < 2 and not nice:
     return [program.compile() for program in lowered]
-  with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1)),
+                                             initializer=_nicer, initargs=(nice,)) as pool:
     return list(pool.map(lambda program: program.compile(), lowered))
+
+
+# How much nicer the threads that compile in the background run than the rest of the process
+# (Linux, where niceness is per thread and the threads XLA starts from them inherit it): a
+# background compilation's threads, as many as there are cores, then take the cores that
+# training's loop and batch building leave idle instead of an equal share of all of them.
+BACKGROUND_NICE = 10
+
+
+def _nicer(nice: int) -> None:
+  """Makes the calling thread ``nice`` nicer (at most 19); nothing off Linux or if refused."""
+  if not nice or not sys.platform.startswith("linux"):
+    return
+  tid = threading.get_native_id()
+  try:
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+  except OSError:
+    pass
 
 
 # The interpreter's switch interval while a background compilation lowers (traces) its
@@ -410,7 +431,7 @@ def compile_in_background(name: str, lower: Callable[[], list]) -> concurrent.fu
     tick = time.perf_counter()
     with _yielding_gil():
       lowered = lower()
-    programs = compile_at_once(lowered)  # XLA compiles outside the GIL
+    programs = compile_at_once(lowered, nice=BACKGROUND_NICE)  # XLA compiles outside the GIL
     return programs, time.perf_counter() - tick
 
   _background[:] = [(n, f) for n, f in _background if not f.done()]

@@ -8,6 +8,7 @@ compilations overlap; the tests compare what it recorded.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import sys
 import threading
 
@@ -402,6 +403,25 @@ def test_background_lowering_hands_the_gil_back_quickly_and_restores_the_interva
   with pytest.raises(RuntimeError, match="lowering failed"):
     parallel.compile_in_background("failing", failing).result(30)
   assert sys.getswitchinterval() == pytest.approx(before, abs=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_background_compilations_run_nicer_than_training():
+  """The threads that compile in the background run BACKGROUND_NICE nicer than the caller (at
+  most 19); the caller's own niceness does not change."""
+  def niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+  before = niceness()
+
+  class Lowered:
+    def compile(self):
+      return niceness()
+
+  programs, _ = parallel.compile_in_background("nice", lambda: [Lowered(), Lowered()]).result(30)
+  assert programs == [min(19, before + parallel.BACKGROUND_NICE)] * 2
+  assert niceness() == before
+  assert parallel.compile_at_once([Lowered()]) == [before]  # in the foreground: as it was
 
 
 def test_a_stopping_run_cancels_the_queued_background_compilations_not_the_running_one():
