@@ -13,7 +13,8 @@ import pytest
 
 from conftest import tiny_config
 from onn_jax import steps
-from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate, collate_packed
+from onn_jax.data.pipeline import (BatchStream, build_training_tasks, collate, collate_packed,
+                                   packed_need)
 from onn_jax.model import attention, nsa
 from onn_jax.model.transformer import Transformer, init_params
 from test_nsa_core import Geo, make_inputs, segment_start_of
@@ -30,7 +31,7 @@ def _segments(lengths, align):
   starts, at = [], 0
   for n in lengths:
     starts.append(at)
-    at += -(-n // align) * align
+    at += packed_need(n + 1, align)
   return starts, at
 
 
@@ -144,7 +145,7 @@ def test_packed_batch_lays_out_whole_sequences_at_aligned_starts(packing):
       np.testing.assert_array_equal(batch["loss_mask"][b, at:at + n], one["loss_mask"][0])
       np.testing.assert_array_equal(batch["answer_mask"][b, at:at + n],
                                     np.asarray(steps.answer_mask(one))[0])
-      at += -(-n // align) * align
+      at += packed_need(len(ex.tokens), align)
     assert batch["valid"][b].sum() == sum(len(ex.tokens) - 1 for ex in examples)
 
 
@@ -228,6 +229,23 @@ def test_passing_over_keeps_long_and_short_sequences_trained_equally_often(packi
   assert 0.92 < long_over_short() < 1.08
   stream._fill_cdf = None  # uniform draws
   assert long_over_short() < 0.92
+
+
+def test_passing_over_with_filled_long_rows_of_one_row_each():
+  """data.pack_fill with data.pack_misses: the draw weights come from simulated batches of
+  every step kind, here long rows (256, one a batch) whose own sequence can leave no room at
+  all; the stream still builds, and its batches hold whole sequences."""
+  cfg = tiny_config(data=dict(pack=True, pack_len=128, pack_fill=True, pack_misses=1.0,
+                              max_batch_tokens=256))
+  align = attention.pack_alignment(cfg.model)
+  stream = BatchStream(build_training_tasks(cfg.data, log=lambda *_: None)[0], cfg.data,
+                       cfg.train.batch_size, 0, pack_align=align)
+  assert stream.rows == [2, 1] and len(stream.kind_probs) == 2 and stream._fill_cdf is not None
+  for step in range(6):
+    kind = stream._packed_kind(step)
+    length = stream.buckets[kind]
+    for row in stream.pack_rows(step, kind):
+      assert sum(packed_need(len(ex.tokens), align) for ex in row) <= length
 
 
 def test_collate_packed_rejects_an_overfull_row(packing):

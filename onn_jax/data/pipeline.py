@@ -31,6 +31,8 @@ _STREAM_FILL_SIM = 3  # the simulated packing that sets draw weights (data.pack_
 _FILL_SIM_BATCHES = 400  # simulated batches of each step kind, a round
 _FILL_SIM_ROUNDS = 3  # rounds of weights = 1 / acceptance (acceptance moves with the weights)
 _FILL_BAND = 4  # acceptance is measured per band of lengths, this many alignment units wide
+_FILL_MIN_DRAWS = 20  # simulated draws a band needs for its acceptance to count
+_FILL_MIN_RATE = 0.25  # the lowest acceptance made up for (weights at most 4x)
 
 
 def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1) -> int:
@@ -435,11 +437,14 @@ class BatchStream:
     packed = self.buckets.index(self.pack_len)
     kinds = [0] + ([k for k in range(1, len(self.kind_probs)) if counts[packed + k]]
                    if cfg.pack_fill else [])
-    rng = np.random.default_rng([self.seed, _STREAM_FILL_SIM])
+    # [seed, 0, 3]: no batch's stream (a seed sequence pads with zeros: [seed, 3] would be the
+    # stream of step 3's batch).
+    rng = np.random.default_rng([self.seed, 0, _STREAM_FILL_SIM])
     weights = np.ones(len(need))
     for _ in range(_FILL_SIM_ROUNDS):
       cdf = np.cumsum(weights) / weights.sum()
       drawn, kept = np.zeros(num_bands), np.zeros(num_bands)
+      draws = np.zeros(num_bands, np.int64)
       for kind in kinds:
         bucket = packed + kind
         length, num_rows = self.buckets[bucket], self.rows[bucket]
@@ -454,12 +459,16 @@ class BatchStream:
             picks.append(weighted_draw(cdf, rng))
             return int(need[picks[-1]])
 
-          rows = np.array(best_fit(room, draw, int(cfg.pack_misses * num_rows), align))
+          rows = np.array(best_fit(room, draw, int(cfg.pack_misses * num_rows), align), np.intp)
+          drawn_bands = band[np.asarray(picks, np.intp)]  # none if the rows had no room
           share = self.kind_probs[kind] / _FILL_SIM_BATCHES
-          drawn += share * np.bincount(band[picks], minlength=num_bands)
-          kept += share * np.bincount(band[np.array(picks)[rows >= 0]], minlength=num_bands)
-      rate = np.where(drawn > 0, kept / np.maximum(drawn, 1e-12), 1.0)
-      weights = 1.0 / np.maximum(rate[band], 1e-3)
+          drawn += share * np.bincount(drawn_bands, minlength=num_bands)
+          kept += share * np.bincount(drawn_bands[rows >= 0], minlength=num_bands)
+          draws += np.bincount(drawn_bands, minlength=num_bands)
+      # A band drawn too rarely to measure keeps weight 1; none gets more than 1 / _FILL_MIN_RATE
+      # (a band no row keeps, e.g. too long for every long row's rest and no packed steps).
+      rate = np.where(draws >= _FILL_MIN_DRAWS, kept / np.maximum(drawn, 1e-12), 1.0)
+      weights = 1.0 / np.clip(rate[band], _FILL_MIN_RATE, 1.0)
     return np.cumsum(weights) / weights.sum()
 
   @property
