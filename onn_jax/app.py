@@ -90,12 +90,14 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
                  temperature=e.temperature, seed=cfg.train.seed, mesh=mesh,
                  adapters=ttt.placeholder_adapters(cfg, params) if cfg.ttt.steps > 0 else None,
                  grid=e.grid, log=log if is_main_process() else None)
+  calls = None  # the generation's calls, when its programs or scoring's compile ahead
+  if cfg.train.background_compile and (cfg.ttt.steps > 0 or e.mode == "augscore"):
+    calls = augscore.generation_calls(tasks, mode=e.mode, views=views,
+                                      max_len=eval_max_len(cfg), batch_size=e.batch_size)
   group_of = None
   if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
-    if cfg.train.background_compile:  # the generation's programs compile while TTT runs
-      fns.prepare_in_background("generate", augscore.generation_calls(
-          tasks, mode=e.mode, views=views, max_len=eval_max_len(cfg), batch_size=e.batch_size),
-                                0 if e.mode == "greedy" else e.samples)
+    if calls is not None:  # the generation's programs compile while TTT runs
+      fns.prepare_in_background("generate", calls, 0 if e.mode == "greedy" else e.samples)
     adapted, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
                                   log=log if is_main_process() else lambda _: None)
     adapters, index = ttt.stack(params, adapted)
@@ -103,6 +105,12 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
     if adapters is not None:
       group_of = lambda task: index.get(task.id, 0)  # 0: the base's own leaves
     extra = {**(extra or {}), "ttt": ttt_info}
+  if calls is not None and e.mode == "augscore":
+    # The scoring's programs compile while the generation runs, after the generation's own
+    # (none left to compile if they did during TTT). The candidates' lengths are not known
+    # yet, so every length band they can fall in (augscore.scoring_calls).
+    fns.prepare("generate", calls, e.samples)
+    fns.prepare_in_background("logprob", augscore.scoring_calls(calls, eval_max_len(cfg)), 0)
   records = augscore.evaluate(
       tasks, mode=e.mode, views=views, generate_fn=fns.generate,
       logprob_fn=fns.logprob if e.mode == "augscore" else None, max_len=eval_max_len(cfg),

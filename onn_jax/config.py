@@ -148,7 +148,8 @@ class TrainConfig:
   jax_cache_dir: str = "~/.cache/onn_jax/jax"
   # Steps of the stages after an invocation's first (EAVI after pre-training), and TTT's when
   # train.main evaluates after it, compile on a worker thread while the first stage trains;
-  # false: each when it is first needed.
+  # the evaluation's generation programs while TTT adapts, its scoring programs while it
+  # generates. false: each when it is first needed.
   background_compile: bool = True
 
 

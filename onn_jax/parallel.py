@@ -376,9 +376,11 @@ def compile_at_once(lowered: list, *, nice: int = 0) -> list:
 
 
 # How much nicer the threads that compile in the background run than the rest of the process
-# (Linux, where niceness is per thread and the threads XLA starts from them inherit it): a
-# background compilation's threads, as many as there are cores, then take the cores that
-# training's loop and batch building leave idle instead of an equal share of all of them.
+# (Linux, where niceness is per thread; threads started from them inherit it, but a pool
+# that XLA's client made at start-up does not, so XLA's own parallel compilation may still run
+# at the process's niceness: unmeasured). A background compilation's threads, as many as
+# there are cores, then take the cores that training's loop and batch building leave idle
+# instead of an equal share of all of them.
 BACKGROUND_NICE = 10
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 
 import jax
 import numpy as np
@@ -113,3 +114,67 @@ def test_prepared_programs_give_the_jitted_results_and_are_the_ones_run():
     assert (g["counts"], g["order"], g["malformed"]) == (w["counts"], w["order"], w["malformed"])
     assert all(np.array_equal(x, y) for x, y in zip(g["candidates"], w["candidates"]))
     np.testing.assert_array_equal(g["scores"], w["scores"])
+
+
+def test_a_shape_that_several_calls_share_compiles_once():
+  """Sequences of one padded length that need two calls (the token budget holds 2 rows) and a
+  second announced call of that length: one program, compiled once, for all three calls."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  params = init_params(cfg.model, jax.random.PRNGKey(0))
+  lines = []
+  fns = ModelFns(model, params, batch_size=4, max_batch_tokens=256, log=lines.append)
+  assert fns.rows(128) == 2
+  fns.prepare("logprob", [([100, 110, 120, 127], 0), ([101], 0)], 0)
+  assert list(fns._ready) == [("logprob", 2, 128)]
+  assert lines[0].startswith("evaluation: compiled 1 logprob programs at once in ")
+
+
+def test_scoring_calls_cover_the_lengths_scoring_meets():
+  """The scoring of an evaluation runs only shapes that ``augscore.scoring_calls`` (made from
+  its generation calls, before any candidate exists) announced."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  params = init_params(cfg.model, jax.random.PRNGKey(3))
+  tasks = []
+  for k, side in enumerate((2, 4, 6)):
+    grid = np.random.default_rng(k).integers(0, 10, size=(side, side + 1))
+    tasks.append(Task(id=f"t{k}", train=[(grid, grid.T), (grid.T, grid)], test=[(grid, grid.T)]))
+  views = augscore.make_views()[:4]
+  kw = dict(mode="augscore", views=views, max_len=256, batch_size=4)
+  calls = augscore.scoring_calls(augscore.generation_calls(tasks, **kw), 256)
+  lengths = [n for lengths, _ in calls for n in lengths]
+  assert lengths == sorted(lengths) and lengths[-1] <= 256
+  fns = ModelFns(model, params, batch_size=4)
+  announced = set(fns._wanted("logprob", calls, 0))
+  augscore.evaluate(tasks, generate_fn=fns.generate, logprob_fn=fns.logprob, samples=1,
+                    progress=False, **kw)
+  scored = {key for key in fns.shapes if key[0] == "logprob"}
+  assert scored and scored <= announced
+
+
+def test_a_call_waits_only_for_the_background_compilation_of_its_own_program():
+  """A generation does not wait for a scoring compilation still running in the background; a
+  background compilation that failed is said, and its programs compile at their first call."""
+  cfg = tiny_config()
+  model = Transformer(cfg.model)
+  params = init_params(cfg.model, jax.random.PRNGKey(0))
+  lines = []
+  fns = ModelFns(model, params, batch_size=4, log=lines.append)
+  prompts = _prompts(3)
+  running = concurrent.futures.Future()  # never finishes
+  fns._background.append(([("logprob", 4, 4096)], running))
+  want = ModelFns(model, params, batch_size=4).generate(prompts, 8, 0)
+  got = fns.generate(prompts, 8, 0)  # would hang if it waited for ``running``
+  assert all(np.array_equal(a[0], b[0]) for a, b in zip(got, want))
+  assert fns._background == [([("logprob", 4, 4096)], running)] and not lines
+  failed = concurrent.futures.Future()
+  failed.set_exception(RuntimeError("out of host memory"))
+  key = ("logprob", 4, 64)
+  fns._background = [([key], failed)]
+  answers = [np.asarray(encode_grid(np.ones((1, 2), int)) + [END]) for _ in prompts]
+  seqs = [np.concatenate([p, a])[:60] for p, a in zip(prompts, answers)]
+  fns.logprob(seqs, [len(s) - 3 for s in seqs])
+  assert fns._background == [] and key not in fns._ready
+  assert lines == ["evaluation: the background compilation of 1 logprob programs failed "
+                   "(RuntimeError: out of host memory); they compile when first called"]

@@ -411,9 +411,10 @@ def test_bad_evaluation_data_fails_before_training(tmp_path, capsys):
 
 def test_generation_programs_compiled_while_ttt_runs_give_the_same_evaluation(setup, tmp_path):
   """With train.background_compile, evaluation compiles its generation programs on the worker
-  thread while TTT adapts (under placeholder adapters of the same leaf shapes), then runs on
-  them: the same records as compiling them when the generation starts. When TTT adapts no
-  task, the plain model's programs are compiled instead."""
+  thread while TTT adapts (under placeholder adapters of the same leaf shapes) and its scoring
+  programs while it generates, then runs on them: the same records as compiling them when the
+  generation and the scoring start. When TTT adapts no task, the plain model's generation
+  programs are compiled instead."""
   cfg, params, tasks = setup
   for chosen in ([tasks["a"], tasks["b"], tasks["one_demo"]], [tasks["one_demo"]]):
     results = {}
@@ -429,6 +430,10 @@ def test_generation_programs_compiled_while_ttt_runs_give_the_same_evaluation(se
       # Compiled in place: without the background, or (no adapters) for the plain model.
       assert any(" generate programs at once" in line for line in said) == (
           not background or len(chosen) == 1), said
+      # Scoring's compile in the background during the generation (after TTT, so for the
+      # model it scores with): none is left to compile when scoring starts, if it does.
+      if background:
+        assert not any(" logprob programs at once" in line for line in said), said
     assert results[True] == results[False]
 
 

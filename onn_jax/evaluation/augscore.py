@@ -216,6 +216,25 @@ def generation_calls(tasks: Sequence[Task], *, mode: str = "augscore",
   return _announced(jobs, batches, budget_of)
 
 
+def scoring_calls(generation: list[tuple[list[int], int]], max_len: int
+                  ) -> list[tuple[list[int], int]]:
+  """Scoring calls (as ``prepare`` hears of them) that cover, before any candidate exists, the
+  lengths the scoring of these generation calls (:func:`generation_calls`) can meet: one
+  sequence a call, from the shortest prompt plus an answer token and END to the longest prompt
+  plus its budget (at most ``max_len``), each twice the last, so that every length band of a
+  power of two between them is met once. For compiling ahead; a scoring prompt can hold fewer
+  demonstrations than its generation prompt, so a shorter length may still turn up."""
+  if not generation:
+    return []
+  shortest = min(min(lengths) for lengths, _ in generation) + 2
+  longest = min(max_len, max(max(lengths) + max_new for lengths, max_new in generation))
+  calls, n = [], shortest
+  while n < longest:
+    calls.append(([n], 0))
+    n *= 2
+  return calls + [([longest], 0)]
+
+
 def _announced(jobs, batches, budget_of) -> list[tuple[list[int], int]]:
   """The generation calls as ``prepare`` hears of them: [(prompt lengths, max_new)]."""
   return [([len(jobs[j][2]) for j in batch], max_new)

@@ -180,7 +180,8 @@ class ModelFns:
     here will run: ``calls`` is ``[(lengths, max_new)]``, one entry per call, as
     :func:`onn_jax.evaluation.augscore.evaluate` makes them. One after another, at each shape's
     first call, they took minutes of an arc1 evaluation on a GPU. Programs that
-    :meth:`prepare_in_background` started are waited for, not compiled again."""
+    :meth:`prepare_in_background` started are not compiled again: the first call that runs
+    one waits for them."""
     self._collect()
     start = time.time()
     wanted = self._wanted(kind, calls, num_samples)
@@ -194,23 +195,32 @@ class ModelFns:
   def prepare_in_background(self, kind: str, calls: list[tuple[list[int], int]],
                             num_samples: int) -> None:
     """:meth:`prepare` on a worker thread (:func:`onn_jax.parallel.compile_in_background`),
-    e.g. while TTT runs; the next :meth:`prepare`, :meth:`generate` or :meth:`logprob` waits
-    for it. ``augscore.generation_calls`` gives the calls an evaluation's generation makes."""
-    self._collect(wait=False)
+    e.g. while TTT runs; the first :meth:`generate` or :meth:`logprob` call that runs one of
+    its programs waits for it. ``augscore.generation_calls`` gives the calls an evaluation's
+    generation makes, ``augscore.scoring_calls`` a cover of its scoring's."""
+    self._collect()
     wanted = self._wanted(kind, calls, num_samples)
     if wanted:
       self._background.append((wanted, compile_in_background(
           f"evaluation {kind} programs", lambda: [self._lower(key) for key in wanted])))
 
-  def _collect(self, wait: bool = True) -> None:
-    """Puts the programs compiled in the background to use (waiting for them with ``wait``)."""
+  def _collect(self, needed: tuple | None = None) -> None:
+    """Puts the programs compiled in the background to use: those done, and the batch holding
+    the program ``needed`` (a call shape), waited for if need be."""
     for entry in list(self._background):
       keys, future = entry
-      if wait or future.done():
+      if needed in keys or future.done():
         tick = time.time()
-        programs, seconds = future.result()
-        self._ready.update(zip(keys, programs))
         self._background.remove(entry)
+        try:
+          programs, seconds = future.result()
+        except Exception as err:  # each compiles at its first call instead
+          if self.log is not None:
+            self.log(f"evaluation: the background compilation of {len(keys)} {keys[0][0]} "
+                     f"programs failed ({type(err).__name__}: {err}); they compile when first "
+                     "called")
+          continue
+        self._ready.update(zip(keys, programs))
         if self.log is not None:
           self.log(f"evaluation: compiled {len(keys)} {keys[0][0]} programs in the background "
                    f"in {seconds:.1f} s (waited {time.time() - tick:.1f} s)")
@@ -230,8 +240,9 @@ class ModelFns:
         keys = [("logprob", rows, L) for _, L, rows in self._calls(lengths, lambda L: L)]
       else:
         raise ValueError(f"ModelFns.prepare: kind {kind!r} is not 'generate' or 'logprob'")
-      wanted += [key for key in keys
-                 if key not in self._ready and key not in pending and key not in wanted]
+      for key in keys:  # each shape once, though many calls (and one call's parts) share it
+        if key not in self._ready and key not in pending and key not in wanted:
+          wanted.append(key)
     return wanted
 
   def use_adapters(self, adapters: Any) -> None:
@@ -282,8 +293,9 @@ class ModelFns:
         args, static = self._generate_args(model, params, prompt_BP, self._put(lens), budget,
                                            feed)
         rng = jax.random.fold_in(self.rng, self.calls)
-        self._collect()
-        program = self._ready.get(("generate", rows, P, budget, feed))
+        key = ("generate", rows, P, budget, feed)
+        self._collect(key)
+        program = self._ready.get(key)
         out = (program(*args[1:], rng=rng) if program is not None
                else generate_jit(*args, **static, rng=rng))
         tokens_BA = host_value(out.tokens_BA)[:, :max_new]
@@ -303,7 +315,7 @@ class ModelFns:
       model, params = self._model_params(indices, rows, groups)
       self.shapes["logprob", rows, L] += 1
       args = (params, self._put(tokens[:, :-1]), self._put(tokens[:, 1:]), self._put(mask))
-      self._collect()
+      self._collect(("logprob", rows, L))
       program = self._ready.get(("logprob", rows, L))
       lp = program(*args) if program is not None else _logprob_jit(model, *args)
       totals[indices] = host_value(lp).astype(np.float64)[:len(indices)]
