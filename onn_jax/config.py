@@ -93,7 +93,7 @@ class DataConfig:
   # Drawn sequences a packed batch may pass over (per row) because they fit no row's room
   # before it closes. 0: none, every sequence is as likely to be trained as unpacked (arc1:
   # 92.7% real tokens); 1: 95.4% real (96.6% with pack_fill), longer sequences drawn more
-  # often to make up for being passed over more (each length trains 0.99-1.03x the mean).
+  # often to make up for being passed over more (each length trains 0.98-1.03x the mean).
   pack_misses: float = 0.0
   # Packed rows are this long (one of data.buckets; 0: the longest; ignored without pack).
   # Sequences that need a longer bucket train in it, at a packing stage's steps drawn for that

@@ -578,7 +578,7 @@ class BatchStream:
     tokens 0.96x the mean, under 512 1.02x). Passing over more fills rows better but would
     favour short sequences (they fit the gaps), so then candidates are drawn with the weights
     of :meth:`_fill_draw_cdf` (arc1's data with ``pack_fill`` at ``pack_misses=1``: every
-    length band 0.996-1.002x the mean).
+    length band 0.996-1.022x the mean, steps 0-999).
     """
     rng = np.random.default_rng([self.seed, step, _STREAM_BATCH])
     bucket = self.buckets.index(self.pack_len) + kind
