@@ -220,6 +220,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   last: dict[str, Any] = {}
   bar = output.progress(total, "train", enabled=main, initial=step)
   tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
+  device_since, batch_waited = 0.0, 0.0  # the window's waits for the device, for batches
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
   started: set[str] = set()  # stages this invocation has run a step of
@@ -266,7 +267,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,
                              "experts": np.flatnonzero(row).tolist()})
-      nonfinite = int(runner.host(state.nonfinite))
+      waiting = time.perf_counter()
+      nonfinite = int(runner.host(state.nonfinite))  # waits for the step's end
+      device_since += time.perf_counter() - waiting
       if step % t.log_every == 0 or step == stop_at or nonfinite:
         out = jax.tree.map(host_value, out)
         now = time.perf_counter()
@@ -274,6 +277,10 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
                 "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
+                # Of which the loop waited for the step's end (the device's work), and for
+                # its batch (building it on the host): the rest is the loop's own host work.
+                "device_wait_s": device_since / max(steps_since, 1),
+                "batch_wait_s": (batches.waited - batch_waited) / max(steps_since, 1),
                 # Steps of the interval that compiled: a stage's first step in this
                 # invocation, which compiles the steps of all its buckets.
                 "compiled_steps": compiles_since,
@@ -283,6 +290,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         live.write(last)
         bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}")
         tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
+        device_since, batch_waited = 0.0, batches.waited
       bar.update(1)
       if nonfinite >= t.max_nonfinite:
         raise TrainingStopped(
@@ -344,12 +352,15 @@ class Prefetch:
     self._make, self._stop = make, stop
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._next: tuple[int, concurrent.futures.Future] | None = None
+    self.waited = 0.0  # seconds get() waited for batches, in all
 
   def get(self, step: int) -> dict:
+    tick = time.perf_counter()
     if self._next is not None and self._next[0] == step:
       batch = self._next[1].result()
     else:
       batch = self._make(step)
+    self.waited += time.perf_counter() - tick
     self._next = None
     if step + 1 < self._stop:
       self._next = (step + 1, self._pool.submit(self._make, step + 1))
