@@ -221,6 +221,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   bar = output.progress(total, "train", enabled=main, initial=step)
   tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
   device_since, batch_waited = 0.0, 0.0  # the window's waits for the device, for batches
+  late = None  # the last step's count of non-finite steps in a row, not read yet
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
   started: set[str] = set()  # stages this invocation has run a step of
@@ -267,10 +268,16 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,
                              "experts": np.flatnonzero(row).tolist()})
+      # Consecutive non-finite steps, read one step late while every step is finite, so that
+      # the device runs this step while the host waits for the last one and then queues the
+      # next (read at once at a step that logs or saves, and after a non-finite one).
+      due = step % t.log_every == 0 or step == stop_at or step % cfg.checkpoint.every == 0
       waiting = time.perf_counter()
-      nonfinite = int(runner.host(state.nonfinite))  # waits for the step's end
+      earlier = 0 if late is None else int(host_value(late))  # the last step's
+      nonfinite = int(host_value(out["nonfinite"])) if due or earlier or late is None else 0
       device_since += time.perf_counter() - waiting
-      if step % t.log_every == 0 or step == stop_at or nonfinite:
+      late = out["nonfinite"]
+      if due or nonfinite or earlier:
         out = jax.tree.map(host_value, out)
         now = time.perf_counter()
         last = {"step": step, "stage": stage, **out,
@@ -292,9 +299,10 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
         device_since, batch_waited = 0.0, batches.waited
       bar.update(1)
-      if nonfinite >= t.max_nonfinite:
+      if max(nonfinite, earlier) >= t.max_nonfinite:
+        at, count = (step - 1, earlier) if earlier >= t.max_nonfinite else (step, nonfinite)
         raise TrainingStopped(
-            f"train.max_nonfinite: {nonfinite} non-finite steps in a row at step {step}; "
+            f"train.max_nonfinite: {count} non-finite steps in a row at step {at}; "
             f"the last good checkpoint in {mngr.directory} is kept")
       if step % cfg.checkpoint.every == 0 or step == stop_at:
         with guard.saving():  # a stop signal waits for the save, then stops the run

@@ -141,7 +141,8 @@ def _finish_step(state: TrainState, grads, report: dict, aux, *, cfg: Config, ax
   window = state.routing["window_tokens"] + jnp.where(finite, routing["tokens_per_expert"], 0)
   state = state.replace(routing={"window_tokens": window})
   return state, {**report, "grad_norm": grad_norm, "lr": lr,
-                 "skipped": (~finite).astype(jnp.int32), **_routing_metrics(routing, window)}
+                 "skipped": (~finite).astype(jnp.int32), "nonfinite": state.nonfinite,
+                 **_routing_metrics(routing, window)}
 
 
 def _reduce_routing(aux, axis_name):

@@ -624,3 +624,22 @@ def test_a_stage_announces_its_compile_on_any_process(enabled, capsys):
     assert lines[0] == ("compiling pretrain steps (buckets "
                         f"{', '.join(str(s[1]) for s in drawn)})")
     assert lines[1].startswith("compiled pretrain steps in ")
+
+
+@pytest.mark.parametrize("max_nonfinite", [1, 3])
+def test_non_finite_steps_read_one_step_late_still_stop_the_run_at_the_right_step(
+    tmp_path, capsys, max_nonfinite):
+  """The loop reads the count of non-finite steps one step late while steps are finite (and at
+  once at logging and checkpoint steps): a run whose steps overflow from its second on (the
+  first update makes the parameters huge, the next loss infinite) stops naming the step where
+  the count reached train.max_nonfinite, and keeps no checkpoint."""
+  cfg = tiny_config(train={"learning_rate": 1e30, "warmup_steps": 0, "grad_clip": 1e30,
+                           "pretrain_steps": 8, "max_nonfinite": max_nonfinite,
+                           "log_every": 100},
+                    checkpoint={"every": 100}, data={"eval": ""})
+  code = app.train_and_evaluate(cfg, tmp_path / "w")
+  err = capsys.readouterr().err
+  assert code == 1, err
+  assert (f"train.max_nonfinite: {max_nonfinite} non-finite steps in a row at step "
+          f"{max_nonfinite + 1};") in err
+  assert not list((tmp_path / "w" / "checkpoints").glob("[0-9]*"))
