@@ -221,7 +221,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   bar = output.progress(total, "train", enabled=main, initial=step)
   tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
   device_since, batch_waited = 0.0, 0.0  # the window's waits for the device, for batches
-  late = None  # the last step's count of non-finite steps in a row, not read yet
+  late = None  # the last step: (its outputs, its stage, whether its record was written)
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
   started: set[str] = set()  # stages this invocation has run a step of
@@ -264,23 +264,31 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       if t.reset_every and step % t.reset_every == 0:
         with guard.step():
           state, dead = runner.apply(reset, state, reset_rng, np.int32(step))
+        waiting = time.perf_counter()
         dead = runner.host(dead)
+        device_since += time.perf_counter() - waiting
         for layer, row in enumerate(dead):
           metrics_out.write({"event": "reset", "step": step, "layer": layer,
                              "experts": np.flatnonzero(row).tolist()})
       # Consecutive non-finite steps, read one step late while every step is finite, so that
       # the device runs this step while the host waits for the last one and then queues the
-      # next (read at once at a step that logs or saves, and after a non-finite one).
-      due = step % t.log_every == 0 or step == stop_at or step % cfg.checkpoint.every == 0
+      # next; read at once at a step that logs or saves, before a stage's first step (which
+      # may wait for its compile) and after a non-finite one. Every non-finite step is logged.
+      due = (step % t.log_every == 0 or step == stop_at or step % cfg.checkpoint.every == 0
+             or stages.stage_at(cfg, step).name not in started)  # (step < stop_at here)
       waiting = time.perf_counter()
-      earlier = 0 if late is None else int(host_value(late))  # the last step's
+      earlier = 0 if late is None else int(host_value(late[0]["nonfinite"]))  # the last step's
       nonfinite = int(host_value(out["nonfinite"])) if due or earlier or late is None else 0
       device_since += time.perf_counter() - waiting
-      late = out["nonfinite"]
-      if due or nonfinite or earlier:
-        out = jax.tree.map(host_value, out)
+      logging = []  # (step, stage, out) of the records to write
+      if earlier and not late[2]:  # the last step was non-finite, and its record not written
+        logging.append((step - 1, late[1], late[0]))
+      if due or nonfinite:
+        logging.append((step, stage, out))
+      for at, at_stage, at_out in logging:
+        at_out = jax.tree.map(host_value, at_out)
         now = time.perf_counter()
-        last = {"step": step, "stage": stage, **out,
+        last = {"step": at, "stage": at_stage, **at_out,
                 "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
                 "real_tokens_per_s": real_since / max(now - tick, 1e-9),
                 "step_s": (now - tick) / max(steps_since, 1),
@@ -295,9 +303,12 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
                 **peak_memory()}
         metrics_out.write(last)
         live.write(last)
-        bar.set_postfix(loss=f"{float(out['loss']):.3f}", acc=f"{float(out['answer_acc']):.3f}")
+        bar.set_postfix(loss=f"{float(at_out['loss']):.3f}",
+                        acc=f"{float(at_out['answer_acc']):.3f}")
+      if logging:
         tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
         device_since, batch_waited = 0.0, batches.waited
+      late = (out, stage, bool(due or nonfinite))
       bar.update(1)
       if max(nonfinite, earlier) >= t.max_nonfinite:
         at, count = (step - 1, earlier) if earlier >= t.max_nonfinite else (step, nonfinite)
@@ -315,6 +326,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         at = int(runner.host(state.step))
       except RuntimeError:  # interrupted inside a step that had already taken (donated) it
         at = None
+      if at is not None and int(runner.host(state.nonfinite)) >= t.max_nonfinite:
+        at = None  # stopped at a run of non-finite steps not read yet: not a state to resume
       if at is None:
         log(f"interrupted ({name}) mid-step: the latest checkpoint in {mngr.directory} stands")
       else:

@@ -643,3 +643,10 @@ def test_non_finite_steps_read_one_step_late_still_stop_the_run_at_the_right_ste
   assert (f"train.max_nonfinite: {max_nonfinite} non-finite steps in a row at step "
           f"{max_nonfinite + 1};") in err
   assert not list((tmp_path / "w" / "checkpoints").glob("[0-9]*"))
+  # Every non-finite step that ran has its record, the first one too (read late, logged late).
+  # At 1 the stop is read one step late: step 3 ran (non-finite too) before it.
+  ran = max_nonfinite + (max_nonfinite == 1)
+  records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text()
+             .splitlines() if '"event"' not in line]
+  assert [r["step"] for r in records] == list(range(2, ran + 2))
+  assert [r["nonfinite"] for r in records] == list(range(1, ran + 1))
