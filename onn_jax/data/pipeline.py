@@ -440,6 +440,7 @@ class BatchStream:
     # [seed, 0, 3]: no batch's stream (a seed sequence pads with zeros: [seed, 3] would be the
     # stream of step 3's batch).
     rng = np.random.default_rng([self.seed, 0, _STREAM_FILL_SIM])
+    own = {kind: packed_need(tokens[self.bucket_items[packed + kind]], align) for kind in kinds}
     weights = np.ones(len(need))
     for _ in range(_FILL_SIM_ROUNDS):
       cdf = np.cumsum(weights) / weights.sum()
@@ -448,11 +449,10 @@ class BatchStream:
       for kind in kinds:
         bucket = packed + kind
         length, num_rows = self.buckets[bucket], self.rows[bucket]
-        own = packed_need(tokens[self.bucket_items[bucket]], align)
         for _ in range(_FILL_SIM_BATCHES):
           room = np.full(num_rows, length)
-          if kind:
-            room = np.maximum(0, room - own[rng.integers(len(own), size=num_rows)])
+          if kind:  # each row's own sequence first
+            room = np.maximum(0, room - own[kind][rng.integers(len(own[kind]), size=num_rows)])
           picks: list[int] = []
 
           def draw() -> int:
