@@ -631,7 +631,9 @@ def test_non_finite_steps_read_one_step_late_still_stop_the_run_at_the_right_ste
     tmp_path, capsys, max_nonfinite):
   """The loop reads the count of non-finite steps one step late while steps are finite (and at
   once at logging and checkpoint steps): a run whose steps overflow from its second on (the
-  first update makes the parameters huge, the next loss infinite) stops naming the step where
+  first Adam update, at most lr = 1e30 per entry, leaves the parameters finite; at the next
+  step a product of two such weights, e.g. an attention score, is ~1e60, past float32's
+  3.4e38, on any CPU) stops naming the step where
   the count reached train.max_nonfinite, and keeps no checkpoint."""
   cfg = tiny_config(train={"learning_rate": 1e30, "warmup_steps": 0, "grad_clip": 1e30,
                            "pretrain_steps": 8, "max_nonfinite": max_nonfinite,
