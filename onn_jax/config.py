@@ -167,6 +167,12 @@ class EaviConfig:
   # data these edges cut that from 424 to 296 tokens a batch on average. Rows of a batch then
   # have similar answers, so the token-averaged loss weighs short answers more. []: off.
   answer_groups: tuple[int, ...] = ()
+  # How the excursion is decoded: "sequential" (one token after another, a KV-cached scan as
+  # long as the batch's longest answer) or "parallel" (every answer token at once, repeated:
+  # the first pass feeds the ground truth, each next one what the last emitted; exact for the
+  # first `passes` tokens and for every row whose pass changed nothing; decode.parallel_rollout).
+  rollout: str = "sequential"
+  passes: int = 4  # at most, with rollout=parallel
 
 
 @dataclass(frozen=True)
@@ -401,6 +407,8 @@ def validate(cfg: Config) -> Config:
   _require(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
 
   _one_of("eavi.feed", e.feed, ("soft", "argmax", "sample"))
+  _one_of("eavi.rollout", e.rollout, ("sequential", "parallel"))
+  _require(e.passes >= 1, f"eavi.passes: must be >= 1, got {e.passes}")
   _require(e.temperature > 0, f"eavi.temperature: must be positive, got {e.temperature}")
   _require(e.excursion_weight >= 0 and e.tf_weight >= 0, "eavi.*_weight: must be >= 0")
   _require(e.learning_rate > 0, f"eavi.learning_rate: must be positive, got {e.learning_rate}")

@@ -23,6 +23,10 @@ class Generation(NamedTuple):
   logprobs_BA: jax.Array  # float32: log p of each emitted token (0 after END)
   fed_BAV: jax.Array  # float32: what was fed back at each step (one-hot or distribution)
   ended_B: jax.Array  # bool: END was emitted within the budget (and the row's stop)
+  # parallel_rollout only: the passes it ran (int32 scalar), and the rows whose tokens are
+  # exactly what generate would emit (bool [B]: a fixed point, or no more tokens than passes).
+  passes: jax.Array | None = None
+  exact_B: jax.Array | None = None
 
 
 class GridState(NamedTuple):
@@ -109,15 +113,8 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   capacity = capacity or P + max_new
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  pos_P = jnp.arange(P)
-  masked_BP = jnp.where(pos_P[None] < prompt_len_B[:, None], prompt_BP, PAD)
-  valid_BP = pos_P[None] < prompt_len_B[:, None]
-  cache = init_cache(model.cfg, B, capacity)
-  logits_BPV, cache, _ = model.apply({"params": params}, masked_BP, valid_BP, mode="prefill",
-                                     cache=cache)
-  rows_B = jnp.arange(B)
-  logits_BV = logits_BPV[rows_B, prompt_len_B - 1]
-  global_rows_B = row_offset + rows_B
+  cache, logits_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+  global_rows_B = row_offset + jnp.arange(B)
 
   def emit(logits_BV, done_B, grid_state, rng):
     if grid:
@@ -164,6 +161,76 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   fed_BAV = jnp.concatenate([feds.transpose(1, 0, 2), fed_BV[:, None]], 1)
   done_B = jnp.any(tokens_BA == END, axis=1)
   return Generation(tokens_BA, logprobs_BA, fed_BAV, done_B)
+
+
+def _prefill(model: Transformer, params, prompt_BP, prompt_len_B, capacity: int):
+  """The cache after each row's prompt (what lies past it in ``prompt_BP`` is fed as PAD), and
+  the logits at its last token: (cache, logits_BV)."""
+  B, P = prompt_BP.shape
+  valid_BP = jnp.arange(P)[None] < prompt_len_B[:, None]
+  cache = init_cache(model.cfg, B, capacity)
+  logits_BPV, cache, _ = model.apply({"params": params}, jnp.where(valid_BP, prompt_BP, PAD),
+                                     valid_BP, mode="prefill", cache=cache)
+  return cache, logits_BPV[jnp.arange(B), prompt_len_B - 1]
+
+
+def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax.Array,
+                     guess_BA: jax.Array, *, passes: int, capacity: int | None = None,
+                     feed: str = "argmax", temperature: float = 1.0,
+                     rng: jax.Array | None = None, row_offset: jax.Array | int = 0,
+                     stop_after_B: jax.Array | None = None) -> Generation:
+  """:func:`generate`'s rollout (no grid grammar) by fixed-point iteration over all its tokens
+  at once, instead of one token after another.
+
+  A pass feeds what the last pass emitted (first ``guess_BA``, int32 [B, A], e.g. the ground
+  truth) after the prompt, all A tokens at once (``"extend"`` mode against the prompt's cache),
+  and emits at every position what ``generate`` would emit there after that context (the same
+  choice, sampling key and stop rules). After pass i the first i tokens are exactly
+  ``generate``'s; a pass that changes nothing has reached its fixed point, which is
+  ``generate``'s rollout. The loop stops then or after ``passes`` passes; a pass costs one
+  forward of A tokens a row, against A one-token steps. Tokens past the capacity are computed
+  at their own positions (``generate`` clamps them; neither is meant to be used).
+  """
+  B, A = guess_BA.shape
+  capacity = capacity or prompt_BP.shape[1] + A
+  if rng is None:
+    rng = jax.random.PRNGKey(0)
+  cache, first_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+  global_rows_B = row_offset + jnp.arange(B)
+  keys = jax.random.split(rng, A)  # generate's key for token k
+  need_B = jnp.full((B,), A, jnp.int32) if stop_after_B is None else stop_after_B
+  k_BA = jnp.arange(A)[None]
+
+  def emit(fed_BAV):
+    """Every token after the context ``fed_BAV``: (tokens, fed back, log-probabilities)."""
+    later_BAV = model.apply({"params": params}, fed_BAV[:, :A - 1], mode="extend", cache=cache,
+                            pos_B=prompt_len_B)[0] if A > 1 else jnp.zeros((B, 0, VOCAB_SIZE))
+    logits_BAV = jnp.concatenate([first_BV[:, None], later_BAV], axis=1)
+    token_BA, out_BAV = jax.vmap(lambda logits_BV, key: _choose(
+        logits_BV, feed, temperature, key, global_rows_B), in_axes=(1, 0), out_axes=1)(
+            logits_BAV, keys)
+    logp_BA = jnp.take_along_axis(jax.nn.log_softmax(logits_BAV, -1), token_BA[..., None],
+                                  -1)[..., 0]
+    # generate's stop: PAD after the first END (before the row's need) and from the need on.
+    end_BA = ((token_BA == END) & (k_BA < need_B[:, None])).astype(jnp.int32)
+    done_BA = (jnp.cumsum(end_BA, axis=1) - end_BA > 0) | (k_BA >= need_B[:, None])
+    out_BAV = jnp.where(done_BA[..., None], jax.nn.one_hot(PAD, VOCAB_SIZE), out_BAV)
+    return (jnp.where(done_BA, PAD, token_BA), jnp.where(done_BA, 0.0, logp_BA), out_BAV)
+
+  def body(carry):
+    i, fed_BAV, _, _, _ = carry
+    token_BA, logp_BA, out_BAV = emit(fed_BAV)
+    moved_B = jnp.any(out_BAV != fed_BAV, axis=(1, 2))
+    return i + 1, out_BAV, token_BA, logp_BA, moved_B
+
+  guess_BAV = jax.nn.one_hot(jnp.where(k_BA < need_B[:, None], guess_BA, PAD), VOCAB_SIZE,
+                             dtype=jnp.float32)
+  start = (jnp.int32(0), guess_BAV, jnp.zeros((B, A), jnp.int32), jnp.zeros((B, A)),
+           jnp.ones((B,), bool))
+  ran, fed_BAV, tokens_BA, logprobs_BA, moved_B = jax.lax.while_loop(
+      lambda carry: (carry[0] < passes) & jnp.any(carry[4]), body, start)
+  return Generation(tokens_BA, logprobs_BA, fed_BAV, jnp.any(tokens_BA == END, axis=1),
+                    passes=ran, exact_B=~moved_B | (need_B <= ran))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "capacity", "feed",

@@ -18,7 +18,7 @@ import optax
 from onn_jax import objectives, stages
 from onn_jax.config import Config
 from onn_jax.data.tokens import END, VOCAB_SIZE
-from onn_jax.decode import generate
+from onn_jax.decode import generate, parallel_rollout
 from onn_jax.model.transformer import Transformer, init_params
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
@@ -263,13 +263,20 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   compares no more) and the loop stops calling the model once every row has, so the cost is
   that of the batch's longest answer. Tokens that would fall past the sequence (position >= T)
   are generated against a clamped cache position and never enter the alignment pass.
+  With ``eavi.rollout=parallel`` the same rollout is iterated from the ground truth, every
+  token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`).
   """
   T = batch["inputs"].shape[1]
-  return jax.lax.stop_gradient(generate(
-      model, jax.lax.stop_gradient(params), batch["inputs"], batch["answer_start"],
-      max_new=answer_budget(cfg, T), capacity=T, feed=cfg.eavi.feed,
-      temperature=cfg.eavi.temperature, rng=rng, row_offset=row_offset,
-      stop_after_B=batch["answer_len"]))
+  e, A = cfg.eavi, answer_budget(cfg, T)
+  how = dict(capacity=T, feed=e.feed, temperature=e.temperature, rng=rng, row_offset=row_offset,
+             stop_after_B=batch["answer_len"])
+  params = jax.lax.stop_gradient(params)
+  if e.rollout == "parallel":  # every token at once, from the ground truth on
+    return jax.lax.stop_gradient(parallel_rollout(
+        model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
+        passes=e.passes, **how))
+  return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
+                                        max_new=A, **how))
 
 
 def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Transformer,
@@ -362,6 +369,11 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
                                  ).astype(jnp.float32)})
   report["free_exact"] = free["exact"] / jnp.maximum(free["examples"], 1.0)
   report["free_token_acc"] = free["correct"] / jnp.maximum(free["tokens"], 1.0)
+  if gen.passes is not None:  # eavi.rollout=parallel: how far from generate's rollout
+    exact = sums({"rows": jnp.sum(gen.exact_B & (batch["answer_len"] > 0)).astype(jnp.float32)})
+    report["rollout_exact"] = exact["rows"] / jnp.maximum(free["examples"], 1.0)
+    passes = gen.passes if axis_name is None else jax.lax.pmax(gen.passes, axis_name)
+    report["rollout_passes"] = passes.astype(jnp.float32)  # the most any device ran
   return _finish_step(state.replace(rng=rng), grads, report, aux, cfg=cfg,
                       axis_name=axis_name)
 

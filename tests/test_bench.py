@@ -80,9 +80,12 @@ def test_quick_train_and_eavi_numbers(quick):
   data = results["train_data"]
   assert data["packed"] > max(b["real_frac"] for b in data["buckets"].values())
   for row in results["eavi"]:
-    for key in ("train_step_ms", "eavi_step_ms", "ratio", "rollout_tokens_per_s"):
+    for key in ("train_step_ms", "eavi_step_ms", "ratio", "rollout_tokens_per_s",
+                "sequential_step_ms", "parallel_step_ms", "parallel_passes"):
       assert key in row, f"eavi row lacks {key}: {row}"
     assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
+    assert row["eavi_step_ms"] == row["sequential_step_ms"]  # the config's rollout
+    assert 1 <= row["parallel_passes"] <= 4  # eavi.passes, the default
   _assert_finite_positive(results["eavi"])
 
 

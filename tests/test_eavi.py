@@ -157,3 +157,48 @@ def test_branch_alignment_equals_two_rows(setup, attention):
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_ref))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=0),
                grads, grads_ref)
+
+
+@pytest.mark.parametrize("feed", ["argmax", "sample", "soft"])
+def test_parallel_rollout_reaches_the_sequential_one(setup, feed):
+  """eavi.rollout=parallel: given as many passes as answer tokens (or until a pass changes
+  nothing), the excursion is generate's, token for token (same choices, keys and stops), and
+  fed back alike; with fewer passes, the first ones already are."""
+  cfg, model, state, batch = setup
+  cfg = config.replace(cfg, eavi={"feed": feed})
+  need = int(np.max(batch["answer_len"]))
+  par = lambda passes: config.replace(cfg, eavi={"rollout": "parallel", "passes": passes})
+  run = lambda c: jax.jit(lambda p: steps.excursion(model, p, batch, c, jax.random.PRNGKey(5)))(
+      state.params)
+  seq, full, two = run(cfg), run(par(need)), run(par(2))
+  A = seq.tokens_BA.shape[1]
+  answer_BA = np.arange(A)[None] < np.asarray(batch["answer_len"])[:, None]
+  assert bool(np.all(full.exact_B)) and 1 <= int(full.passes) <= need
+  np.testing.assert_array_equal(full.tokens_BA, seq.tokens_BA)
+  # float32 logits of one model through its cached one-token path and through "extend": the
+  # same terms summed in another order, a few ulps of O(10) per op (test_attention's bound).
+  np.testing.assert_allclose(np.where(answer_BA[..., None], full.fed_BAV, 0),
+                             np.where(answer_BA[..., None], seq.fed_BAV, 0), rtol=0, atol=2e-5)
+  np.testing.assert_allclose(full.logprobs_BA, seq.logprobs_BA, rtol=0, atol=2e-5)
+  assert int(two.passes) == 2 or bool(np.all(two.exact_B))
+  np.testing.assert_array_equal(two.tokens_BA[:, :2], seq.tokens_BA[:, :2])
+  # An untrained model's rollout is far from the ground truth: 2 passes do not reach it.
+  assert not bool(np.all(two.exact_B)) and not np.array_equal(two.tokens_BA, seq.tokens_BA)
+
+
+def test_eavi_step_with_the_parallel_rollout(setup):
+  """The EAVI step with eavi.rollout=parallel: the sequential step's loss and gradients when
+  its rollout reaches the fixed point, and it reports how many passes ran and rows were exact."""
+  cfg, model, state, batch = setup
+  cfg = config.replace(cfg, eavi={"feed": "argmax"})
+  need = int(np.max(batch["answer_len"]))
+  par = config.replace(cfg, eavi={"rollout": "parallel", "passes": need})
+  run = lambda c: jax.jit(functools.partial(steps.eavi_step, model=model, cfg=c))(state, batch)
+  (s_seq, m_seq), (s_par, m_par) = run(cfg), run(par)
+  assert float(m_par["rollout_exact"]) == 1.0 and 1 <= float(m_par["rollout_passes"]) <= need
+  assert "rollout_passes" not in m_seq
+  # The same excursion tokens (argmax feed: one-hot, exactly equal), so the same float32 step.
+  for key in ("loss", "exc_ce", "free_exact", "free_token_acc"):
+    np.testing.assert_allclose(m_par[key], m_seq[key], rtol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               s_par.params, s_seq.params)

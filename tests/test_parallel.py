@@ -175,6 +175,22 @@ def test_eavi_matches_one_device(world, mode):
   assert _max_abs_diff(ref["snapshots"][end].params, ref["snapshots"][K_TF].params) > 1e-5
 
 
+def test_parallel_rollout_eavi_step_matches_one_device(world):
+  """eavi.rollout=parallel under shard_map: each device iterates its own rows until they
+  settle (a while loop of its own length), and the step is the one-device step."""
+  batch, init, model = world["batches"][K_TF], world["init"], world["model"]
+  out = {}
+  for mode in ("single", "shard_map"):
+    runner = make_runner(_cfg(mode, eavi=dict(rollout="parallel", passes=3)), model)
+    state, metrics = runner.run("eavi", runner.put_state(init), runner.put_batch(batch))
+    out[mode] = (_host_tree(runner.get_state(state)), _host_tree(metrics))
+  (ref_state, ref), (state, got) = out["single"], out["shard_map"]
+  assert 1 <= ref["rollout_passes"] <= 3 and 0 <= ref["rollout_exact"] <= 1
+  _assert_trees_close(got, ref, "shard_map parallel-rollout EAVI metrics ")
+  _assert_trees_close(state.params, ref_state.params, "shard_map params after a parallel-rollout "
+                      "EAVI step ", param_bound(_cfg("single"), 1))
+
+
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_routing_statistics_match_one_device(world, mode):
   ref, run = world["runs"]["single"], world["runs"][mode]

@@ -9,8 +9,10 @@ after each one; the median is reported):
 
 * ``train``: the teacher-forcing step (``steps.train_step``, state donated) at every length of
   ``data.buckets``: tokens/s and model-FLOPs utilisation (:func:`model_flops_per_token`).
-* ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), and
-  the excursion alone (``decode.generate`` for ``steps.answer_budget`` tokens): rollout tokens/s.
+* ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), with
+  each ``eavi.rollout`` (the parallel one at ``eavi.passes`` passes, as an untrained model
+  never reaches the fixed point), and the sequential excursion alone (``decode.generate`` for
+  ``steps.answer_budget`` tokens): rollout tokens/s.
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
@@ -293,14 +295,17 @@ class StepRunner:
                                     attention.pack_alignment(self.cfg.model))
     return synthetic_batch(self.cfg.train.batch_size, seq_len)
 
-  def time_step(self, kind: str, seq_len: int, iters: int, packed: bool = False
-                ) -> tuple[Timing, dict]:
+  def time_step(self, kind: str, seq_len: int, iters: int, packed: bool = False,
+                rollout: str | None = None) -> tuple[Timing, dict]:
     """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len] (``packed``: on packed
-    rows): (Timing, last metrics)."""
+    rows; ``rollout``: EAVI's ``eavi.rollout``, default the config's): (Timing, last
+    metrics)."""
     step = {"train": steps.train_step, "eavi": steps.eavi_step}[kind]
-    fn = functools.partial(step, model=self.model, cfg=self.cfg)
+    rollout = rollout or self.cfg.eavi.rollout
+    cfg = config.replace(self.cfg, eavi={"rollout": rollout})
+    fn = functools.partial(step, model=self.model, cfg=cfg)
     state, batch = self.fresh_state(), self.batch(seq_len, packed)
-    key = (kind, seq_len, packed)
+    key = (kind, seq_len, packed, rollout)
     if key not in self._compiled:
       self._compiled[key] = compile_fn(fn, (state, batch), self.donate)
     compiled, compile_s = self._compiled[key]
@@ -377,25 +382,35 @@ def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
-  """EAVI step against a teacher-forcing step on the same batch; rollout tokens/s."""
+  """EAVI step against a teacher-forcing step on the same batch, with each ``eavi.rollout``
+  (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s. An
+  untrained model's parallel rollout never reaches its fixed point: it runs all
+  ``eavi.passes`` passes, the most it costs."""
   B = runner.cfg.train.batch_size
   rows = []
   for T in lens:
     row: dict[str, Any] = {"seq_len": T, "batch": B}
     try:
       tf, _ = runner.time_step("train", T, runner.sizes.iters)
-      eavi, _ = runner.time_step("eavi", T, runner.sizes.eavi_iters)
+      eavi = {kind: runner.time_step("eavi", T, runner.sizes.eavi_iters, rollout=kind)
+              for kind in ("sequential", "parallel")}
       rollout, budget = runner.time_rollout(T)
     except Exception as err:  # noqa: BLE001
       if not is_oom(err):
         raise
       rows.append({**row, "status": "oom"})
       continue
-    row.update(train_step_ms=tf.median_ms, eavi_step_ms=eavi.median_ms,
-               eavi_compile_s=eavi.compile_s, ratio=eavi.median_ms / tf.median_ms,
+    mine = eavi[runner.cfg.eavi.rollout][0]
+    row.update(train_step_ms=tf.median_ms, eavi_step_ms=mine.median_ms,
+               eavi_compile_s=mine.compile_s, ratio=mine.median_ms / tf.median_ms,
+               sequential_step_ms=eavi["sequential"][0].median_ms,
+               sequential_ratio=eavi["sequential"][0].median_ms / tf.median_ms,
+               parallel_step_ms=eavi["parallel"][0].median_ms,
+               parallel_ratio=eavi["parallel"][0].median_ms / tf.median_ms,
+               parallel_passes=float(eavi["parallel"][1]["rollout_passes"]),
                rollout_budget=budget, rollout_ms=rollout.median_ms,
                rollout_tokens_per_s=B * budget / (rollout.median_ms / 1e3),
-               rollout_share=rollout.median_ms / eavi.median_ms)
+               rollout_share=rollout.median_ms / eavi["sequential"][0].median_ms)
     rows.append(row)
   return rows
 
@@ -800,10 +815,13 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
          "experts/token", "TFLOP/s", "MFU"], rows, markdown)
   if "eavi" in results:
     out["eavi"] = table(
-        ["T", "batch", "TF step ms", "EAVI step ms", "ratio", "rollout tokens", "rollout tok/s"],
+        ["T", "batch", "TF step ms", "EAVI step ms (sequential)", "ratio",
+         "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s"],
         [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
-          r.get("eavi_step_ms"), r.get("ratio"), r.get("rollout_budget"),
-          r.get("rollout_tokens_per_s")] for r in results["eavi"]], markdown)
+          r.get("sequential_step_ms"), r.get("sequential_ratio"),
+          r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
+          r.get("rollout_budget"), r.get("rollout_tokens_per_s")] for r in results["eavi"]],
+        markdown)
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"
     out["nsa"] = table(

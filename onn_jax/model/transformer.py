@@ -9,6 +9,9 @@ Three calling modes share one set of parameters (``mode`` is static):
 - ``"prefill"``: the same pass from position 0, also writing every layer's cache.
 - ``"decode"``: one token per example at per-example absolute position ``pos_B``, read from
   and written to the cache.
+- ``"extend"``: T tokens per example at positions ``pos_B .. pos_B + T - 1`` against the
+  cache's positions before ``pos_B`` (a prefill's), which is read, not written: every token at
+  once, as decoding them one by one would give (EAVI's parallel rollout).
 
 The cache is an explicit pytree (no mutable Flax collections): a list with one dict of arrays
 per layer, in the layout of the attention variant (:func:`init_cache`).
@@ -140,7 +143,7 @@ class Transformer(nn.Module):
     logits_BTV = nn.Dense(VOCAB_SIZE, use_bias=False, dtype=jnp.float32, param_dtype=pdt,
                           name="lm_head")(x_BTC.astype(jnp.float32))
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
-    return logits_BTV, (new_caches if mode not in ("train", "branch") else None), aux
+    return logits_BTV, (new_caches if mode in ("prefill", "decode") else None), aux
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> Cache:

@@ -3,8 +3,9 @@
 Each variant is one module in this package with
 
 * a Flax module ``cls(cfg, name=...)`` called as
-  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"branch"|"decode", cache=None,
-  pos_B=None, segment_start_BT=None, branch_len=0)`` and returning ``(out_BTC, new_cache, aux)``:
+  ``attn(x_BTC, valid_BT=None, *, mode="train"|"prefill"|"branch"|"decode"|"extend",
+  cache=None, pos_B=None, segment_start_BT=None, branch_len=0)`` and returning
+  ``(out_BTC, new_cache, aux)``:
 
   - ``"train"``: a causal pass over [B, T] from position 0; ``new_cache`` is None. With
     ``segment_start_BT`` (int [B,T]: the first position of each token's sequence) a row holds
@@ -16,6 +17,9 @@ Each variant is one module in this package with
     and each other causally (EAVI's alignment pass; no cache);
   - ``"decode"``: one token per example (T = 1) at absolute position ``pos_B`` [B], read from
     and written to ``cache``;
+  - ``"extend"``: T tokens per example at positions ``pos_B + 0 .. T-1``, seeing the cache's
+    positions before ``pos_B`` and each other causally; ``cache`` is read, not written, and
+    ``new_cache`` is None (EAVI's parallel rollout);
   - ``aux``: a dict of float32 statistics (empty, or a gate's :data:`moe.AUX_KEYS`, which the
     model stacks over layers under ``aux["attn"]`` and :func:`onn_jax.objectives.sdl` adds to
     the loss);

@@ -82,6 +82,25 @@ def decode_attention(q_B1HD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
                                       key_value_seq_lengths=(pos_B + 1).astype(jnp.int32))
 
 
+def extend_keys(cache_BSGD: jax.Array, new_BAGD: jax.Array, start_B: jax.Array) -> jax.Array:
+  """``"extend"`` mode's keys (or values): the cache's, positions ``start_B ..`` replaced by
+  the A new ones, [B, S + A, G, D] (padded by A, so that new tokens past the cache's end keep
+  their positions). Positions past ``start_B + A - 1`` are the cache's and no query sees them."""
+  A = new_BAGD.shape[1]
+  padded = jnp.pad(cache_BSGD.astype(new_BAGD.dtype), [(0, 0), (0, A), (0, 0), (0, 0)])
+  return jax.vmap(lambda base, new, at: jax.lax.dynamic_update_slice_in_dim(base, new, at, 0))(
+      padded, new_BAGD, start_B)
+
+
+def extend_attention(q_BAHD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
+                     start_B: jax.Array) -> jax.Array:
+  """Query i at position ``start_B + i`` over the keys at positions ``<= start_B + i``
+  (:func:`extend_keys`' layout), with a [B,1,A,S] mask (XLA; A queries)."""
+  A, S = q_BAHD.shape[1], k_BSGD.shape[1]
+  sees_BAS = jnp.arange(S)[None, None, :] <= (start_B[:, None, None] + jnp.arange(A)[None, :, None])
+  return jax.nn.dot_product_attention(q_BAHD, k_BSGD, v_BSGD, mask=sees_BAS[:, None])
+
+
 def init_layer_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict[str, jax.Array]:
   """One layer's empty cache: ``k``, ``v`` [batch, capacity, G, D] in the compute dtype."""
   shape = (batch, capacity, cfg.num_kv_groups, cfg.head_dim)
@@ -142,6 +161,12 @@ class FullAttention(nn.Module):
       q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, branch_positions(T, branch_len, pos_B),
                                               valid_BT)
       o_BTHD = branch_attention(q_BTHD, k_BTGD, v_BTGD, branch_len, pos_B)
+    elif mode == "extend":
+      pos_BT = pos_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+      q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, pos_BT, valid_BT)
+      o_BTHD = extend_attention(q_BTHD, extend_keys(cache["k"], k_BTGD, pos_B),
+                                extend_keys(cache["v"], v_BTGD, pos_B), pos_B)
+      o_BTHD = o_BTHD.astype(q_BTHD.dtype)
     elif mode == "decode":
       if T != 1:
         raise ValueError(f"decode takes one token per example, got {T}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from onn_jax.config import ModelConfig
 from onn_jax.model import nsa
-from onn_jax.model.attention.full import branch_positions
+from onn_jax.model.attention.full import branch_positions, extend_keys
 from onn_jax.model.layers import apply_rope, dtype_of
 
 KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
@@ -271,13 +271,22 @@ class NSAttention(nn.Module):
     k_cmp, v_cmp = self._compress_all(main, M)
     o_main = self._core((q_BTHD[:, :M], q_cmp_BTHD[:, :M]), main, k_cmp, v_cmp,
                         gates[:, :M], 0)
-    put = jax.vmap(lambda base, new, at: jax.lax.dynamic_update_slice_in_dim(base, new, at, 0))
-    merged = {name: put(jnp.pad(val[:, :M], [(0, 0), (0, A), (0, 0), (0, 0)]), val[:, M:],
-                        start_B) for name, val in kv.items()}
+    merged = {name: extend_keys(val[:, :M], val[:, M:], start_B) for name, val in kv.items()}
     k_cmp, v_cmp = self._compress_all(merged, M + A)
     o_branch = self._core((q_BTHD[:, M:], q_cmp_BTHD[:, M:]), merged, k_cmp, v_cmp,
                           gates[:, M:], start_B.astype(jnp.int32))
     return jnp.concatenate([o_main, o_branch], axis=1)
+
+  def _extend(self, x_BTC, cache, start_B):
+    """``"extend"`` mode: the T tokens at ``start_B ..`` against the cache's keys/values before
+    ``start_B`` (compressed blocks rebuilt from the merged raw keys/values, as in
+    :meth:`_branch`); the cache is only read."""
+    B, T, _ = x_BTC.shape
+    pos_BT = start_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    q, kv, gates = self._project(x_BTC, pos_BT)
+    merged = {name: extend_keys(cache[name], kv[name], start_B) for name in KV_NAMES}
+    k_cmp, v_cmp = self._compress_all(merged, merged[KV_NAMES[0]].shape[1])
+    return self._core(q, merged, k_cmp, v_cmp, gates, start_B.astype(jnp.int32))
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
                pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None,
@@ -295,6 +304,8 @@ class NSAttention(nn.Module):
                                                "k_cmp": k_cmp, "v_cmp": v_cmp})
     elif mode == "branch":
       o_BTHD = self._branch(x_BTC, branch_len, pos_B)
+    elif mode == "extend":
+      o_BTHD = self._extend(x_BTC, cache, pos_B)
     elif mode == "decode":
       o_BTHD, new_cache = self._decode(x_BTC, cache, pos_B)
     else:
