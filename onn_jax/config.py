@@ -169,8 +169,9 @@ class EaviConfig:
   answer_groups: tuple[int, ...] = ()
   # How the excursion is decoded: "sequential" (one token after another, a KV-cached scan as
   # long as the batch's longest answer) or "parallel" (every answer token at once, repeated:
-  # the first pass feeds the ground truth, each next one what the last emitted; exact for the
-  # first `passes` tokens and for every row whose pass changed nothing; decode.parallel_rollout).
+  # the first pass feeds the ground truth, each next one what the last emitted; the sequential
+  # rollout, up to rounding, for the first `passes` tokens and for every row whose last pass
+  # changed nothing; decode.parallel_rollout).
   rollout: str = "sequential"
   passes: int = 4  # at most, with rollout=parallel
 

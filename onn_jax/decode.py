@@ -150,7 +150,7 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
             (token_B, logp_B, fed_BV))
 
   rngs = jax.random.split(rng, max_new)
-  done_B = jnp.zeros((B,), bool)
+  done_B = need_B <= 0  # a row that needs no token emits none
   # The last token needs no decode step after it: scan max_new - 1 steps, then emit once.
   (cache, logits_BV, _, done_B, grid_state, _), (tokens, logps, feds) = jax.lax.scan(
       step, (cache, logits_BV, prompt_len_B.astype(jnp.int32), done_B, grid_start(B),
@@ -161,6 +161,13 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   fed_BAV = jnp.concatenate([feds.transpose(1, 0, 2), fed_BV[:, None]], 1)
   done_B = jnp.any(tokens_BA == END, axis=1)
   return Generation(tokens_BA, logprobs_BA, fed_BAV, done_B)
+
+
+def after_first_end(tokens_BA: jax.Array) -> jax.Array:
+  """bool [B, A]: whether an END comes strictly before each position (a rollout that emitted
+  END at index e emits nothing after it: :func:`generate` pads positions > e)."""
+  end_BA = (tokens_BA == END).astype(jnp.int32)
+  return jnp.cumsum(end_BA, axis=1) - end_BA > 0
 
 
 def _prefill(model: Transformer, params, prompt_BP, prompt_len_B, capacity: int):
@@ -185,11 +192,19 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   A pass feeds what the last pass emitted (first ``guess_BA``, int32 [B, A], e.g. the ground
   truth) after the prompt, all A tokens at once (``"extend"`` mode against the prompt's cache),
   and emits at every position what ``generate`` would emit there after that context (the same
-  choice, sampling key and stop rules). After pass i the first i tokens are exactly
-  ``generate``'s; a pass that changes nothing has reached its fixed point, which is
-  ``generate``'s rollout. The loop stops then or after ``passes`` passes; a pass costs one
-  forward of A tokens a row, against A one-token steps. Tokens past the capacity are computed
-  at their own positions (``generate`` clamps them; neither is meant to be used).
+  choice, sampling key and stop rules). After pass i the first i tokens are ``generate``'s; a
+  pass that changes nothing has reached its fixed point, which is ``generate``'s rollout. The
+  loop stops once every row is there (or needs no more than the passes run) or after ``passes``
+  passes. A row that is not there keeps, from token ``passes`` on, what the model emits after
+  the previous pass's context: its own predictions, not its free-running rollout. ``exact_B``
+  says which rows are exact; "exact" up to rounding: the ``"extend"`` pass and the one-token
+  decode add the same terms in other orders (float32 on the CPU: the same tokens, distributions
+  within 1e-6; bfloat16 rounds coarser, so a near tie may go the other way).
+
+  Cost: a pass is one forward of all A tokens of every row (the whole static budget, past the
+  row's answer too), against one-token steps up to the batch's longest answer; NSA rebuilds
+  every compressed block of the row in every pass. Tokens past the capacity are computed at
+  their own positions (``generate`` clamps them; such a row is never exact).
   """
   B, A = guess_BA.shape
   capacity = capacity or prompt_BP.shape[1] + A
@@ -212,8 +227,8 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
     logp_BA = jnp.take_along_axis(jax.nn.log_softmax(logits_BAV, -1), token_BA[..., None],
                                   -1)[..., 0]
     # generate's stop: PAD after the first END (before the row's need) and from the need on.
-    end_BA = ((token_BA == END) & (k_BA < need_B[:, None])).astype(jnp.int32)
-    done_BA = (jnp.cumsum(end_BA, axis=1) - end_BA > 0) | (k_BA >= need_B[:, None])
+    live_BA = k_BA < need_B[:, None]
+    done_BA = after_first_end(jnp.where(live_BA, token_BA, PAD)) | ~live_BA
     out_BAV = jnp.where(done_BA[..., None], jax.nn.one_hot(PAD, VOCAB_SIZE), out_BAV)
     return (jnp.where(done_BA, PAD, token_BA), jnp.where(done_BA, 0.0, logp_BA), out_BAV)
 
@@ -227,10 +242,13 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
                              dtype=jnp.float32)
   start = (jnp.int32(0), guess_BAV, jnp.zeros((B, A), jnp.int32), jnp.zeros((B, A)),
            jnp.ones((B,), bool))
+  # A row is exact once its last pass changed nothing, or after as many passes as it needs.
+  unsettled = lambda ran, moved_B: moved_B & (need_B > ran)
   ran, fed_BAV, tokens_BA, logprobs_BA, moved_B = jax.lax.while_loop(
-      lambda carry: (carry[0] < passes) & jnp.any(carry[4]), body, start)
+      lambda carry: (carry[0] < passes) & jnp.any(unsettled(carry[0], carry[4])), body, start)
+  fits_B = prompt_len_B + need_B - 1 <= capacity
   return Generation(tokens_BA, logprobs_BA, fed_BAV, jnp.any(tokens_BA == END, axis=1),
-                    passes=ran, exact_B=~moved_B | (need_B <= ran))
+                    passes=ran, exact_B=~unsettled(ran, moved_B) & fits_B)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "capacity", "feed",

@@ -17,8 +17,8 @@ import optax
 
 from onn_jax import objectives, stages
 from onn_jax.config import Config
-from onn_jax.data.tokens import END, VOCAB_SIZE
-from onn_jax.decode import generate, parallel_rollout
+from onn_jax.data.tokens import VOCAB_SIZE
+from onn_jax.decode import after_first_end, generate, parallel_rollout
 from onn_jax.model.transformer import Transformer, init_params
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
@@ -233,8 +233,7 @@ def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
   (the last one being the END decision itself) are scored, later ones would be trained on a
   context (END, then PAD) that never occurs when the model generates, so they are not.
   """
-  end_BA = (tokens_BA == END).astype(jnp.int32)
-  produced_BA = (jnp.cumsum(end_BA, axis=1) - end_BA) == 0  # no END strictly before k
+  produced_BA = ~after_first_end(tokens_BA)  # no END strictly before k
   A = tokens_BA.shape[1]
   k_BT = answer_index(batch)
   produced_BT = jnp.take_along_axis(produced_BA, jnp.clip(k_BT, 0, A - 1), axis=1)

@@ -176,19 +176,24 @@ def test_eavi_matches_one_device(world, mode):
 
 
 def test_parallel_rollout_eavi_step_matches_one_device(world):
-  """eavi.rollout=parallel under shard_map: each device iterates its own rows until they
-  settle (a while loop of its own length), and the step is the one-device step."""
+  """eavi.rollout=parallel (argmax feed, passes enough for every row) under shard_map and
+  pmap: each device iterates its own row until it settles (a while loop of its own length),
+  and the step is the one-device step; the passes reported are the most any device ran."""
   batch, init, model = world["batches"][K_TF], world["init"], world["model"]
   out = {}
-  for mode in ("single", "shard_map"):
-    runner = make_runner(_cfg(mode, eavi=dict(rollout="parallel", passes=3)), model)
+  for mode in MODES:
+    runner = make_runner(_cfg(mode, eavi=dict(rollout="parallel", passes=64, feed="argmax")),
+                         model)
     state, metrics = runner.run("eavi", runner.put_state(init), runner.put_batch(batch))
     out[mode] = (_host_tree(runner.get_state(state)), _host_tree(metrics))
-  (ref_state, ref), (state, got) = out["single"], out["shard_map"]
-  assert 1 <= ref["rollout_passes"] <= 3 and 0 <= ref["rollout_exact"] <= 1
-  _assert_trees_close(got, ref, "shard_map parallel-rollout EAVI metrics ")
-  _assert_trees_close(state.params, ref_state.params, "shard_map params after a parallel-rollout "
-                      "EAVI step ", param_bound(_cfg("single"), 1))
+  ref_state, ref = out["single"]
+  assert ref["rollout_exact"] == 1.0 and 1 <= ref["rollout_passes"] <= int(
+      np.max(batch["answer_len"]))
+  for mode in ("shard_map", "pmap"):
+    state, got = out[mode]
+    _assert_trees_close(got, ref, f"{mode} parallel-rollout EAVI metrics ")
+    _assert_trees_close(state.params, ref_state.params, f"{mode} params after a "
+                        "parallel-rollout EAVI step ", param_bound(_cfg("single"), 1))
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])

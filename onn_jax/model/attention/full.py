@@ -162,8 +162,7 @@ class FullAttention(nn.Module):
                                               valid_BT)
       o_BTHD = branch_attention(q_BTHD, k_BTGD, v_BTGD, branch_len, pos_B)
     elif mode == "extend":
-      pos_BT = pos_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-      q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, pos_BT, valid_BT)
+      q_BTHD, k_BTGD, v_BTGD, aux = self._qkv(x_BTC, branch_positions(T, T, pos_B), valid_BT)
       o_BTHD = extend_attention(q_BTHD, extend_keys(cache["k"], k_BTGD, pos_B),
                                 extend_keys(cache["v"], v_BTGD, pos_B), pos_B)
       o_BTHD = o_BTHD.astype(q_BTHD.dtype)

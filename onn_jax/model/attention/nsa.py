@@ -281,9 +281,8 @@ class NSAttention(nn.Module):
     """``"extend"`` mode: the T tokens at ``start_B ..`` against the cache's keys/values before
     ``start_B`` (compressed blocks rebuilt from the merged raw keys/values, as in
     :meth:`_branch`); the cache is only read."""
-    B, T, _ = x_BTC.shape
-    pos_BT = start_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    q, kv, gates = self._project(x_BTC, pos_BT)
+    T = x_BTC.shape[1]
+    q, kv, gates = self._project(x_BTC, branch_positions(T, T, start_B))
     merged = {name: extend_keys(cache[name], kv[name], start_B) for name in KV_NAMES}
     k_cmp, v_cmp = self._compress_all(merged, merged[KV_NAMES[0]].shape[1])
     return self._core(q, merged, k_cmp, v_cmp, gates, start_B.astype(jnp.int32))
