@@ -220,7 +220,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   last: dict[str, Any] = {}
   bar = output.progress(total, "train", enabled=main, initial=step)
   tick, tokens_since, real_since, steps_since, compiles_since = time.perf_counter(), 0, 0, 0, 0
-  device_since, batch_waited = 0.0, 0.0  # the window's waits for the device, for batches
+  # The window's waits for the device, for batches, and its time queuing steps on the device.
+  device_since, batch_waited, queue_since = 0.0, 0.0, 0.0
   late = None  # the last step: (its outputs, its stage, whether its record was written)
   reset_rng = jax.random.PRNGKey(cfg.train.seed + 1)
   reset = functools.partial(_reset_transform, cfg=cfg)  # one object: compiled once
@@ -259,7 +260,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       real_since += int(local_batch["valid"].sum()) * jax.process_count()
       steps_since += 1
       with guard.step():  # a stop signal waits for the new state, then checkpoints it
+        queuing = time.perf_counter()
         state, out = runner.run(stage, state, runner.put_batch(local_batch))
+        queue_since += time.perf_counter() - queuing
       step += 1
       if t.reset_every and step % t.reset_every == 0:
         with guard.step():
@@ -296,6 +299,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
                 # its batch (building it on the host): the rest is the loop's own host work.
                 "device_wait_s": device_since / max(steps_since, 1),
                 "batch_wait_s": (batches.waited - batch_waited) / max(steps_since, 1),
+                # And how long handing the batch and the step to the device took (it should
+                # not wait; it does when the device's queue is full or held by someone else).
+                "queue_s": queue_since / max(steps_since, 1),
                 # Steps of the interval that compiled: a stage's first step in this
                 # invocation, which compiles the steps of all its buckets.
                 "compiled_steps": compiles_since,
@@ -307,7 +313,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
                         acc=f"{float(at_out['answer_acc']):.3f}")
       if logging:
         tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
-        device_since, batch_waited = 0.0, batches.waited
+        device_since, batch_waited, queue_since = 0.0, batches.waited, 0.0
       late = (out, stage, bool(due or nonfinite))
       bar.update(1)
       if max(nonfinite, earlier) >= t.max_nonfinite:

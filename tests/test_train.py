@@ -87,8 +87,8 @@ def test_run_writes_metrics_checkpoints_plots_and_evaluation(finished_run):
     # Buckets of 128 hold shorter sequences too: padding counts only in tokens_per_s.
     assert 0 < r["real_tokens_per_s"] < r["tokens_per_s"]
     # The waits for the device and for batches are parts of the window's time a step.
-    assert 0 < r["device_wait_s"] and 0 <= r["batch_wait_s"]
-    assert r["device_wait_s"] + r["batch_wait_s"] <= r["step_s"]
+    assert 0 < r["device_wait_s"] and 0 <= r["batch_wait_s"] and 0 < r["queue_s"]
+    assert r["device_wait_s"] + r["batch_wait_s"] + r["queue_s"] <= r["step_s"]
   # The first step of each stage compiles its buckets, and its interval says so.
   assert [r["compiled_steps"] for r in steps_logged] == [1, 0, 1]
   assert "free_exact" in steps_logged[-1] and "exc_ce" in steps_logged[-1]
