@@ -23,8 +23,9 @@ class Generation(NamedTuple):
   logprobs_BA: jax.Array  # float32: log p of each emitted token (0 after END)
   fed_BAV: jax.Array  # float32: what was fed back at each step (one-hot or distribution)
   ended_B: jax.Array  # bool: END was emitted within the budget (and the row's stop)
-  # parallel_rollout only: the passes it ran (int32 scalar), and the rows whose tokens are
-  # exactly what generate would emit (bool [B]: a fixed point, or no more tokens than passes).
+  # parallel_rollout only: the passes it ran (int32 scalar), and the rows whose tokens are what
+  # generate would emit, up to rounding (bool [B]: a fixed point, or no more tokens than
+  # passes; never a row whose tokens reach past the cache's capacity).
   passes: jax.Array | None = None
   exact_B: jax.Array | None = None
 
