@@ -4,7 +4,7 @@
 attention is the variant named by ``model.attention`` (NSA by default; see
 :mod:`onn_jax.model.attention` for the interface every variant implements).
 
-Three calling modes share one set of parameters (``mode`` is static):
+The calling modes share one set of parameters (``mode`` is static):
 - ``"train"``: a full causal pass over [B, T] with no cache.
 - ``"prefill"``: the same pass from position 0, also writing every layer's cache.
 - ``"decode"``: one token per example at per-example absolute position ``pos_B``, read from

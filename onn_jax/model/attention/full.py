@@ -97,7 +97,8 @@ def extend_attention(q_BAHD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
   """Query i at position ``start_B + i`` over the keys at positions ``<= start_B + i``
   (:func:`extend_keys`' layout), with a [B,1,A,S] mask (XLA; A queries)."""
   A, S = q_BAHD.shape[1], k_BSGD.shape[1]
-  sees_BAS = jnp.arange(S)[None, None, :] <= (start_B[:, None, None] + jnp.arange(A)[None, :, None])
+  pos_BA1 = start_B[:, None, None] + jnp.arange(A)[None, :, None]
+  sees_BAS = jnp.arange(S)[None, None, :] <= pos_BA1
   return jax.nn.dot_product_attention(q_BAHD, k_BSGD, v_BSGD, mask=sees_BAS[:, None])
 
 
