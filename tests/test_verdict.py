@@ -125,6 +125,31 @@ def test_runs_are_scored_without_test_time_training_unless_asked(tmp_path):
     assert study.run_config("tf", 0, plan).ttt.steps == steps
 
 
+def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
+  """An arm with eavi.rollout=parallel is charged its own measured EAVI cost: a calibration
+  run of its own (the cached one, written before rollouts had their own, stands for the
+  config's sequential rollout), its plan spends the budget at that cost, and the manifest
+  records both costs."""
+  from onn_jax import config
+  from onn_jax.analysis.verdict import Study
+  overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single")
+  study = Study(out=tmp_path, base=config.load("default", list(overrides)), overrides=overrides,
+                config_name="default", arms=("tf", "soft", "soft_parallel"),
+                calibration_steps=3, log=lambda *_: None)
+  assert [study.rollout(arm) for arm in study.arms] == ["sequential", "sequential", "parallel"]
+  (tmp_path / "calibration.json").write_text(json.dumps({"ratio": 2.0, "measured": False}))
+  calib = study.calibrate()
+  assert not (tmp_path / "calibration").exists() and (tmp_path / "calibration_parallel").is_dir()
+  assert calib["ratios"]["sequential"] == 2.0 and calib["ratios"]["parallel"] > 0
+  assert study.calibrate() == calib == json.loads((tmp_path / "calibration.json").read_text())
+  plans = study.plans(calib)
+  for arm, kind in (("soft", "sequential"), ("soft_parallel", "parallel")):
+    assert study.arm_ratio(arm, calib) == calib["ratios"][kind]
+    assert plans[arm] == plan_arm(False, True, 8, study.share, calib["ratios"][kind])
+  study.check_manifest(calib)
+  assert json.loads((tmp_path / "study.json").read_text())["ratios"] == calib["ratios"]
+
+
 def test_the_study_end_to_end(tmp_path, capsys):
   """A tiny study (one seed; teacher forcing against EAVI mixed in from the start): the table,
   the plot and per-run results, the curve of free-running accuracy, equal planned time, every

@@ -27,8 +27,9 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default="default")
   parser.add_argument("--out", default="runs/eavi_verdict")
   parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
-  parser.add_argument("--arms", default="", help="comma-separated, default all of: "
-                      "tf, soft, argmax, sample, soft_exc_only, soft_mixed")
+  parser.add_argument("--arms", default="", help="comma-separated, default: tf, soft, argmax, "
+                      "sample, soft_exc_only, soft_mixed; also soft_parallel, argmax_parallel "
+                      "(eavi.rollout=parallel, each calibrated on its own)")
   parser.add_argument("--eavi-share", type=float, default=0.25,
                       help="share of the time budget an EAVI arm spends on EAVI steps")
   parser.add_argument("--probes", type=int, default=6,
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
   from onn_jax.analysis import verdict
   try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(verdict.ARMS)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(verdict.DEFAULT_ARMS)
     unknown = [a for a in arms if a not in verdict.ARMS]
     if unknown:
       raise config.ConfigError(f"--arms: unknown {unknown}; known: {list(verdict.ARMS)}")

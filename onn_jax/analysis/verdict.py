@@ -5,7 +5,8 @@ The study behind ``python -m train.eavi_verdict`` (protocol in DESIGN.md terms):
 1. **Calibration.** A short run of the config (teacher forcing, then EAVI, every step logged)
    on this machine gives the mean seconds of a teacher-forcing step ``t_tf`` and of an EAVI
    step ``t_eavi``, over the steps that did not compile (the first step of each stage and
-   bucket compiles); ``r = t_eavi / t_tf``.
+   bucket compiles); ``r = t_eavi / t_tf``. Arms whose EAVI decodes its excursion another way
+   (``eavi.rollout``: the ``*_parallel`` arms) get their own calibration run and ``r``.
 2. **Arms at equal time.** The budget is ``N`` teacher-forcing steps (``train.pretrain_steps``
    of the config). The ``tf`` arm trains N teacher-forcing steps. A second-stage EAVI arm
    spends the share ``f`` of the time on EAVI: ``(1 - f) N`` teacher-forcing steps, then
@@ -47,7 +48,11 @@ ARMS: dict[str, tuple[tuple[str, ...], bool]] = {
     "sample": (("eavi.feed=sample",), False),
     "soft_exc_only": (("eavi.feed=soft", "eavi.tf_weight=0.0"), False),
     "soft_mixed": (("eavi.feed=soft",), True),
+    "soft_parallel": (("eavi.feed=soft", "eavi.rollout=parallel"), False),
+    "argmax_parallel": (("eavi.feed=argmax", "eavi.rollout=parallel"), False),
 }
+# The arms a study runs unless told (--arms): the parallel-rollout arms are asked for by name.
+DEFAULT_ARMS = ("tf", "soft", "argmax", "sample", "soft_exc_only", "soft_mixed")
 SPLITS = ("heldout", "eval")  # the training tasks' held-out test outputs; data.eval
 MODES = ("greedy", "augscore")
 
@@ -117,7 +122,7 @@ class Study:
   overrides: tuple[str, ...]  # applied to the config for every run (recorded)
   config_name: str
   seeds: Sequence[int] = (0, 1, 2)
-  arms: Sequence[str] = tuple(ARMS)
+  arms: Sequence[str] = DEFAULT_ARMS
   share: float = 0.25
   probes: int = 6
   ratio: float | None = None  # EAVI step / teacher-forcing step; measured when None
@@ -143,32 +148,52 @@ class Study:
         f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
 
   # -- calibration ------------------------------------------------------------------------
-  def calibrate(self) -> dict[str, float]:
+  def rollout(self, arm: str) -> str:
+    """The ``eavi.rollout`` of ``arm``'s runs."""
+    return config.load(self.config_name, [*self.overrides, *ARMS[arm][0]]).eavi.rollout
+
+  def calibrate(self) -> dict[str, Any]:
     """t_tf and t_eavi on this machine: the mean of the steps of a short run (teacher forcing,
-    then EAVI) that did not compile; cached in calibration.json. A given ``ratio`` is used
-    as it is."""
+    then EAVI) that did not compile, one run for each ``eavi.rollout`` the EAVI arms take
+    (``ratios``; ``ratio``: the first one's); cached in calibration.json. A given ``ratio`` is
+    used as it is, for every arm."""
+    kinds = sorted({self.rollout(arm) for arm in self.arms if arm != "tf"}
+                   or {self.base.eavi.rollout})
     if self.ratio is not None:
-      return {"ratio": self.ratio, "measured": False}
+      return {"ratio": self.ratio, "measured": False, "ratios": {k: self.ratio for k in kinds}}
     path = self.out / "calibration.json"
-    if path.is_file():
-      return json.loads(path.read_text())
-    from onn_jax import run
-    workdir = self.out / "calibration"
-    n = self.calibration_steps
-    cfg = config.load(self.config_name, list(self.overrides) + [
-        f"train.pretrain_steps={n}", f"train.eavi_steps={n}", "train.eavi_every=0",
-        "train.log_every=1", "checkpoint.every=100000", "train.reset_every=0"])
-    self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps")
-    run.train(cfg, workdir, log=self.log)
-    mean = mean_step_s(workdir / "metrics.jsonl", cfg)
-    result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
-              "ratio": mean["eavi"] / mean["pretrain"], "measured": True}
-    path.write_text(json.dumps(result, indent=1))
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result and "ratios" not in result:  # cached before the rollouts had their own
+      result["ratios"] = {self.base.eavi.rollout: result["ratio"]}
+    for kind in kinds:
+      if kind in result.get("ratios", {}):
+        continue
+      from onn_jax import run
+      # The config's own rollout calibrates in calibration/ (as before the rollouts had theirs).
+      workdir = self.out / ("calibration" if kind == self.base.eavi.rollout
+                            else f"calibration_{kind}")
+      n = self.calibration_steps
+      cfg = config.load(self.config_name, list(self.overrides) + [
+          f"train.pretrain_steps={n}", f"train.eavi_steps={n}", "train.eavi_every=0",
+          f"eavi.rollout={kind}", "train.log_every=1", "checkpoint.every=100000",
+          "train.reset_every=0"])
+      self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps (eavi.rollout={kind})")
+      run.train(cfg, workdir, log=self.log)
+      mean = mean_step_s(workdir / "metrics.jsonl", cfg)
+      if not result:
+        result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
+                  "ratio": mean["eavi"] / mean["pretrain"], "measured": True, "ratios": {}}
+      result["ratios"][kind] = mean["eavi"] / mean["pretrain"]
+      path.write_text(json.dumps(result, indent=1))
     return result
 
-  def plans(self, ratio: float) -> dict[str, Plan]:
-    return {arm: plan_arm(ARMS[arm][1], arm != "tf", self.budget, self.share, ratio)
-            for arm in self.arms}
+  def arm_ratio(self, arm: str, calib: dict) -> float:
+    """What one of ``arm``'s EAVI steps costs, in teacher-forcing steps."""
+    return calib["ratios"].get(self.rollout(arm), calib["ratio"]) if arm != "tf" else calib["ratio"]
+
+  def plans(self, calib: dict) -> dict[str, Plan]:
+    return {arm: plan_arm(ARMS[arm][1], arm != "tf", self.budget, self.share,
+                          self.arm_ratio(arm, calib)) for arm in self.arms}
 
   def check_manifest(self, calib: dict) -> None:
     """study.json records what every run of this folder was planned with; a command that
@@ -176,6 +201,8 @@ class Study:
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
                 "budget_tf_steps": self.budget, "eavi_share": self.share,
                 "probes": self.probes, "ratio": calib["ratio"]}
+    if any(kind != "sequential" for kind in calib["ratios"]):  # (studies before them had none)
+      manifest["ratios"] = calib["ratios"]
     path = self.out / "study.json"
     if path.is_file():
       before = json.loads(path.read_text())
@@ -224,7 +251,8 @@ class Study:
     mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
     probe_steps = sorted(s for s in mngr.all_steps() if s % every == 0 or s == total)
     mngr.close()
-    cost = lambda n: plan.counts(n)[0] + plan.counts(n)[1] * calib["ratio"]  # noqa: E731
+    ratio = self.arm_ratio(arm, calib)
+    cost = lambda n: plan.counts(n)[0] + plan.counts(n)[1] * ratio  # noqa: E731
     curve = []
     for step in probe_steps:
       params, _ = checkpoint.load_params(workdir, target, prefer_ema=False, step=step,
@@ -251,8 +279,8 @@ class Study:
     own = mean_step_s(workdir / "metrics.jsonl", cfg)
     t_tf = calib.get("tf_step_s") or own.get("pretrain", math.nan)
     own_tf = own.get("pretrain", t_tf)
-    planned = (n_tf + n_eavi * calib["ratio"]) * t_tf
-    measured = n_tf * own_tf + n_eavi * own.get("eavi", own_tf * calib["ratio"])
+    planned = (n_tf + n_eavi * ratio) * t_tf
+    measured = n_tf * own_tf + n_eavi * own.get("eavi", own_tf * ratio)
     record = {"arm": arm, "seed": seed, "plan": dataclasses.asdict(plan),
               "step_s": own, "train_s": planned, "measured_train_s": measured,
               "budget_frac": cost(None) / self.budget, "scores": scores, "curve": curve,
@@ -270,8 +298,9 @@ class Study:
     self.out.mkdir(parents=True, exist_ok=True)
     calib = self.calibrate()
     self.check_manifest(calib)
-    plans = self.plans(calib["ratio"])
-    self.log(f"EAVI step = {calib['ratio']:.2f} teacher-forcing steps; plans: " + ", ".join(
+    plans = self.plans(calib)
+    self.log("EAVI step = " + ", ".join(f"{r:.2f} ({kind})" for kind, r in calib["ratios"].items())
+             + " teacher-forcing steps; plans: " + ", ".join(
         f"{arm} {p.pretrain}+{p.eavi}" + (f" (EAVI every {p.every})" if p.every else "")
         for arm, p in plans.items()))
     records, started = [], 0
@@ -388,6 +417,8 @@ def markdown(verdict: dict) -> str:
       f"\n\n{describe_scale(verdict)}. EAVI step = {c['ratio']:.2f} teacher-forcing steps"
       + (f" ({c['eavi_step_s'] * 1e3:.0f} / {c['tf_step_s'] * 1e3:.0f} ms)"
          if c.get("measured") else " (given)")
+      + "".join(f", {r:.2f} with eavi.rollout={kind}" for kind, r in c.get("ratios", {}).items()
+                if len(c["ratios"]) > 1)
       + f"; EAVI share {verdict['eavi_share']:.0%}; seeds {verdict['seeds']}; scored on "
       f"{tasks.get('heldout', '?')} training tasks' held-out test outputs and "
       f"{tasks.get('eval', '?')} evaluation tasks; scores are official scores (pass@2); "
