@@ -284,7 +284,7 @@ def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Tra
 
   The model runs the teacher-forced sequence and, sharing its prompt (computed once), the
   excursion fed from ``answer_start`` on (``Transformer`` mode ``"branch"``): the same logits
-  as two rows [prompt + excursion ; prompt + ground truth] (:func:`alignment_loss_reference`)
+  as two rows [prompt + excursion ; prompt + ground truth] (:func:`alignment_loss_rows`)
   for about the cost of one plus the answer. Answer token 0 is predicted from the prompt alone
   (the same logits in both); token k >= 1 of the excursion term from its branch position k - 1.
   The excursion term is scored on ``exc_mask_BT`` (:func:`excursion_mask`: what the rollout
@@ -311,11 +311,11 @@ def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Tra
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
 
 
-def alignment_loss_reference(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
-                             model: Transformer, cfg: Config, axis_name=None,
-                             num_devices: int = 1):
+def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
+                        model: Transformer, cfg: Config, axis_name=None, num_devices: int = 1):
   """:func:`alignment_loss` as two full rows [prompt + excursion ; prompt + ground truth] (the
-  prompt computed twice): the reference the branch pass is tested against."""
+  prompt computed twice): the reference the branch pass is tested against, and
+  ``eavi.alignment=rows`` (:func:`alignment_fn`)."""
   B = batch["inputs"].shape[0]
   mask_BT = answer_mask(batch)
   exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
@@ -326,6 +326,16 @@ def alignment_loss_reference(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
   stats_exc = objectives.answer_stats(logits_2BTV[:B], batch["targets"], exc_mask_BT)
   stats_tf = objectives.answer_stats(logits_2BTV[B:], batch["targets"], mask_BT)
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
+
+
+def alignment_fn(cfg: Config, backend: str | None = None):
+  """The alignment pass ``eavi.alignment`` runs on ``backend`` (default: the current one):
+  :func:`alignment_loss` (branch) or :func:`alignment_loss_rows` (rows; what "auto" takes on
+  GPU)."""
+  name = cfg.eavi.alignment
+  if name == "auto":
+    name = "rows" if (backend or jax.default_backend()) == "gpu" else "branch"
+  return alignment_loss_rows if name == "rows" else alignment_loss
 
 
 def _alignment_objective(stats_exc, stats_tf, aux, cfg: Config, axis_name, num_devices: int):
@@ -345,7 +355,7 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
   gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
-  grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_loss, has_aux=True)(
+  grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_fn(cfg), has_aux=True)(
       state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA), model=model,
       cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)

@@ -146,7 +146,7 @@ def test_branch_alignment_equals_two_rows(setup, attention):
                                                    cfg=cfg), has_aux=True))(state.params)
 
   (loss, (exc, tf, _, _)), grads = run(steps.alignment_loss)
-  (loss_ref, (exc_ref, tf_ref, _, _)), grads_ref = run(steps.alignment_loss_reference)
+  (loss_ref, (exc_ref, tf_ref, _, _)), grads_ref = run(steps.alignment_loss_rows)
   # float32: the same per-token terms, summed over a few hundred tokens in another order.
   for key in ("ce_sum", "tokens", "correct", "exact", "examples"):
     np.testing.assert_allclose(exc[key], exc_ref[key], rtol=1e-5, err_msg=key)
@@ -205,3 +205,25 @@ def test_eavi_step_with_the_parallel_rollout(setup):
     np.testing.assert_allclose(m_par[key], m_seq[key], rtol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                s_par.params, s_seq.params)
+
+
+def test_alignment_choice(setup):
+  """eavi.alignment: "auto" runs two rows on GPU and the branch elsewhere; the EAVI step's
+  loss terms are the same either way (its gradients: test_branch_alignment_equals_two_rows)."""
+  cfg, model, state, batch = setup
+  pick = lambda name, backend: steps.alignment_fn(
+      config.replace(cfg, eavi={"alignment": name}), backend)
+  assert pick("auto", "gpu") is steps.alignment_loss_rows
+  assert pick("auto", "cpu") is pick("auto", "tpu") is steps.alignment_loss
+  assert pick("rows", "cpu") is steps.alignment_loss_rows
+  assert pick("branch", "gpu") is steps.alignment_loss
+  cfg = config.replace(cfg, model={"sdl_diversity_weight": 0.0, "sdl_sparsity_weight": 0.0})
+  run = lambda name: jax.jit(functools.partial(
+      steps.eavi_step, model=model, cfg=config.replace(cfg, eavi={"alignment": name})))(
+          state, batch)[1]
+  rows, branch = run("rows"), run("branch")
+  # float32 sums of a few hundred per-token terms in another order.
+  for key in ("loss", "exc_ce", "ce", "answer_acc", "exc_scored_frac", "free_token_acc"):
+    np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)
+  with pytest.raises(config.ConfigError, match="eavi.alignment"):
+    config.replace(cfg, eavi={"alignment": "twice"})

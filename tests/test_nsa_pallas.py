@@ -411,6 +411,23 @@ def test_auto_takes_pallas_on_gpu_only():
   assert not nsa_pallas.pallas_supported(heads_per_group=3, head_dim=32, select_len=32)
 
 
+def test_forward_auto_keyblock_for_training_rows_query_for_decoding(monkeypatch):
+  """``FWD_IMPL="auto"``: key-major once a row's pairs fill its blocks' items (arc1 training:
+  T = 2048, K = 8, J = 64 blocks), query-major for one-token decoding against that cache."""
+  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 16)
+  assert nsa_pallas.FWD_IMPL == "auto"
+  assert nsa_pallas.forward_impl(2048, 8, 64) == "keyblock"
+  assert nsa_pallas.forward_impl(128, 8, 64) == "keyblock"  # 1024 pairs, 64 items of 16
+  assert nsa_pallas.forward_impl(127, 8, 64) == "query"
+  assert nsa_pallas.forward_impl(1, 8, 64) == "query"
+  for fixed in ("keyblock", "query"):
+    monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fixed)
+    assert nsa_pallas.forward_impl(1, 8, 64) == nsa_pallas.forward_impl(2048, 8, 64) == fixed
+  monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keys")
+  with pytest.raises(ValueError, match="FWD_IMPL"):
+    nsa_pallas.forward_impl(1, 8, 64)
+
+
 @pytest.mark.parametrize("geo", [
     GEOMETRIES["group1_from_start"][0],
     # block_len not a multiple of the stride; T - block_len + 1 not a multiple of it either.

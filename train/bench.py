@@ -63,6 +63,7 @@ from onn_jax import config, output, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
+from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import generate
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
@@ -325,6 +326,18 @@ class StepRunner:
                           warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
     return timing, budget
 
+  def time_alignment(self, seq_len: int, loss_fn) -> Timing:
+    """Times the EAVI alignment pass alone (``loss_fn``: ``steps.alignment_loss`` or
+    ``steps.alignment_loss_rows``), forward and backward, with the ground truth as the
+    excursion (the cost does not depend on what is fed)."""
+    cfg, batch = self.cfg, self.batch(seq_len)
+    fed_BAV = jax.nn.one_hot(steps.answer_targets(batch, steps.answer_budget(cfg, seq_len)),
+                             VOCAB_SIZE, dtype=jnp.float32)
+    grad = jax.grad(lambda p, b, fed: loss_fn(p, b, fed, model=self.model, cfg=cfg)[0])
+    timing, _ = benchmark(grad, (self.fresh_state().params, batch, fed_BAV),
+                          warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
+    return timing
+
 
 def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
                 data: dict[str, Any] | None) -> list[dict]:
@@ -383,9 +396,10 @@ def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
 
 def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
   """EAVI step against a teacher-forcing step on the same batch, with each ``eavi.rollout``
-  (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s. An
-  untrained model's parallel rollout never reaches its fixed point: it runs all
-  ``eavi.passes`` passes, the most it costs."""
+  (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s; the
+  alignment pass alone, forward and backward, each ``eavi.alignment`` way. An untrained
+  model's parallel rollout never reaches its fixed point: it runs all ``eavi.passes`` passes,
+  the most it costs."""
   B = runner.cfg.train.batch_size
   rows = []
   for T in lens:
@@ -395,6 +409,8 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
       eavi = {kind: runner.time_step("eavi", T, runner.sizes.eavi_iters, rollout=kind)
               for kind in ("sequential", "parallel")}
       rollout, budget = runner.time_rollout(T)
+      align = {name: runner.time_alignment(T, fn) for name, fn in (
+          ("branch", steps.alignment_loss), ("rows", steps.alignment_loss_rows))}
     except Exception as err:  # noqa: BLE001
       if not is_oom(err):
         raise
@@ -410,7 +426,10 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                parallel_passes=float(eavi["parallel"][1]["rollout_passes"]),
                rollout_budget=budget, rollout_ms=rollout.median_ms,
                rollout_tokens_per_s=B * budget / (rollout.median_ms / 1e3),
-               rollout_share=rollout.median_ms / eavi["sequential"][0].median_ms)
+               rollout_share=rollout.median_ms / eavi["sequential"][0].median_ms,
+               alignment=("rows" if steps.alignment_fn(runner.cfg) is steps.alignment_loss_rows
+                          else "branch"),
+               align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms)
     rows.append(row)
   return rows
 
@@ -816,11 +835,13 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
   if "eavi" in results:
     out["eavi"] = table(
         ["T", "batch", "TF step ms", "EAVI step ms (sequential)", "ratio",
-         "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s"],
+         "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s",
+         "alignment", "align branch ms", "align rows ms"],
         [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
           r.get("sequential_step_ms"), r.get("sequential_ratio"),
           r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
-          r.get("rollout_budget"), r.get("rollout_tokens_per_s")] for r in results["eavi"]],
+          r.get("rollout_budget"), r.get("rollout_tokens_per_s"), r.get("alignment"),
+          r.get("align_branch_ms"), r.get("align_rows_ms")] for r in results["eavi"]],
         markdown)
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"

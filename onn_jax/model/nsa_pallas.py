@@ -5,13 +5,14 @@ attends to its own ``num_select`` key blocks, so the blockwise implementation ga
 [B,T,G,K,select_len,D] copy of the keys and values and keeps it for the backward pass. The
 kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
 
-* forward (``FWD_IMPL = "keyblock"``, the default): key-major, on the backward's items
-  below: one program per item loads its block's keys and values once, attends the item's
-  query rows to them and writes per-row partial outputs and log-sum-exps, which XLA combines
-  over each token's ``K`` slots; ``FWD_IMPL = "query"``: one program per (example, query
-  token, group) holds the group's R query heads as one [R, D] tile and walks the ``K`` chosen
-  blocks with an online softmax (slower, measured). Neither stores anything of size
-  T*K*select_len;
+* forward (``FWD_IMPL = "keyblock"``, what the default ``"auto"`` takes for training rows):
+  key-major, on the backward's items below: one program per item loads its block's keys and
+  values once, attends the item's query rows to them and writes per-row partial outputs and
+  log-sum-exps, which XLA combines over each token's ``K`` slots; ``FWD_IMPL = "query"``: one
+  program per (example, query token, group) holds the group's R query heads as one [R, D]
+  tile and walks the ``K`` chosen blocks with an online softmax (slower for training rows,
+  measured; ``"auto"`` takes it for a few queries a row, such as one-token decoding).
+  Neither stores anything of size T*K*select_len;
 * backward (``BWD_IMPL = "keyblock"``, the default): key-major, without atomics (the item
   plan comes from the key-major forward when it ran). The
   (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
@@ -233,18 +234,16 @@ def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, int
   """Output [B,T,G,R,D] float32 and the residuals: inputs, output, log-sum-exp and, with the
   key-major forward, the item plan (which the key-major backward then reuses)."""
   R = q_BTGRD.shape[3]
+  num_blocks = -(-k_BSGD.shape[1] // select_len)
   plan = None
-  if FWD_IMPL == "keyblock":
-    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=-(-k_BSGD.shape[1] // select_len),
-                          heads=R, chunk=KEY_CHUNK)
+  if forward_impl(q_BTGRD.shape[1], idx_BTGK.shape[-1], num_blocks) == "keyblock":
+    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=num_blocks, heads=R, chunk=KEY_CHUNK)
     out, lse = _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len,
                                           interpret)
-  elif FWD_IMPL == "query":
+  else:
     out, lse = _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len,
                                  interpret)
     out, lse = out[:, :, :, :R], lse[:, :, :, :R]
-  else:
-    raise ValueError(f"nsa_pallas.FWD_IMPL must be 'keyblock' or 'query', got {FWD_IMPL!r}")
   return out, (q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse, plan)
 
 
@@ -300,10 +299,24 @@ BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomi
 # shared with the backward) or "query" (one program per (example, token, group) walking its K
 # blocks). H200, selected branch at 32x2048 (train.nsa_kernel_check --variants fwd_query):
 # forward 1.36 ms against 2.10, forward+backward 2.48 against 3.38.
-FWD_IMPL = "keyblock"
+# "auto" (the default) takes the key-major forward when a row's (token, slot) pairs fill at
+# least as many items as every block's one partial item could hold (T * K >= J * KEY_CHUNK),
+# the query-major one otherwise: one-token decoding (T = 1) would otherwise launch J mostly
+# empty items per (example, group) and sort their plan, at every generated token.
+FWD_IMPL = "auto"
 KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
 DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic"
 KEY_NUM_WARPS = 4
+
+
+def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
+  """The selected branch's forward for T queries of K slots over J key blocks (``FWD_IMPL``)."""
+  if FWD_IMPL == "auto":
+    return "keyblock" if num_queries * num_slots >= num_blocks * KEY_CHUNK else "query"
+  if FWD_IMPL not in ("keyblock", "query"):
+    raise ValueError(f"nsa_pallas.FWD_IMPL must be 'auto', 'keyblock' or 'query', got "
+                     f"{FWD_IMPL!r}")
+  return FWD_IMPL
 
 
 def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, heads: int,
