@@ -174,13 +174,15 @@ class EaviConfig:
   # changed nothing; decode.parallel_rollout).
   rollout: str = "sequential"
   passes: int = 4  # at most, with rollout=parallel
-  # How the alignment pass runs the two continuations of each prompt: "branch" (the prompt
-  # once, the excursion as a branch against its keys; steps.alignment_loss), "rows" (two full
-  # rows, prompt + excursion and prompt + ground truth; steps.alignment_loss_rows): the same
-  # CE terms and, SDL aside (its statistics cover the tokens computed), gradients. "auto": rows on GPU, where the branch's per-row offsets leave NSA's fast
-  # paths (H200, arc1 32 x 2048, fwd+bwd: 124 ms as rows, 145 as a branch), branch elsewhere
-  # (CPU, default config: 530 ms as a branch, 893 as rows).
-  alignment: str = "auto"
+  # How EAVI computes a prompt's continuations: "branch" (the prompt once: the parallel
+  # rollout's passes extend its KV cache, the alignment pass runs the excursion as a branch
+  # against its keys; steps.alignment_loss) or "rows" (each continuation a full row, the
+  # prompt recomputed: steps.alignment_loss_rows): the same tokens and CE terms and, SDL aside
+  # (its statistics cover the tokens computed), gradients. "auto": rows on GPU, where the
+  # branch's per-row offsets leave NSA's fast paths (H200, arc1 32 x 2048, the alignment's
+  # fwd+bwd: 124 ms as rows, 145 as a branch), branch elsewhere (CPU, default config: 530 ms as
+  # a branch, 893 as rows).
+  continuation: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -417,7 +419,7 @@ def validate(cfg: Config) -> Config:
   _one_of("eavi.feed", e.feed, ("soft", "argmax", "sample"))
   _one_of("eavi.rollout", e.rollout, ("sequential", "parallel"))
   _require(e.passes >= 1, f"eavi.passes: must be >= 1, got {e.passes}")
-  _one_of("eavi.alignment", e.alignment, ("auto", "branch", "rows"))
+  _one_of("eavi.continuation", e.continuation, ("auto", "branch", "rows"))
   _require(e.temperature > 0, f"eavi.temperature: must be positive, got {e.temperature}")
   _require(e.excursion_weight >= 0 and e.tf_weight >= 0, "eavi.*_weight: must be >= 0")
   _require(e.learning_rate > 0, f"eavi.learning_rate: must be positive, got {e.learning_rate}")

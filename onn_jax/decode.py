@@ -182,11 +182,25 @@ def _prefill(model: Transformer, params, prompt_BP, prompt_len_B, capacity: int)
   return cache, logits_BPV[jnp.arange(B), prompt_len_B - 1]
 
 
+def continuation_inputs(inputs_BT: jax.Array, start_B: jax.Array, fed_BAV: jax.Array
+                        ) -> jax.Array:
+  """[B, T, V]: each row's tokens (``inputs_BT``, one-hot) with ``fed_BAV`` (a continuation:
+  tokens or distributions) in place of those at ``start_B ..``; ``inputs_BT`` again past it."""
+  A = fed_BAV.shape[1]
+  k_BT = jnp.arange(inputs_BT.shape[1], dtype=jnp.int32)[None] - jnp.asarray(
+      start_B, jnp.int32)[:, None]  # input t holds continuation token k_BT
+  in_continuation_BT = (k_BT >= 0) & (k_BT < A)
+  fed_BTV = jnp.take_along_axis(fed_BAV, jnp.clip(k_BT, 0, A - 1)[..., None], axis=1)
+  onehot_BTV = jax.nn.one_hot(inputs_BT, VOCAB_SIZE, dtype=jnp.float32)
+  return jnp.where(in_continuation_BT[..., None], fed_BTV, onehot_BTV)
+
+
 def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax.Array,
                      guess_BA: jax.Array, *, passes: int, capacity: int | None = None,
                      feed: str = "argmax", temperature: float = 1.0,
                      rng: jax.Array | None = None, row_offset: jax.Array | int = 0,
-                     stop_after_B: jax.Array | None = None) -> Generation:
+                     stop_after_B: jax.Array | None = None,
+                     shared_prompt: bool = True) -> Generation:
   """:func:`generate`'s rollout (no grid grammar) by fixed-point iteration over all its tokens
   at once, instead of one token after another.
 
@@ -202,26 +216,47 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   decode add the same terms in other orders (float32 on the CPU: the same tokens, distributions
   within 1e-6; bfloat16 rounds coarser, so a near tie may go the other way).
 
+  A pass runs, with ``shared_prompt``, all A tokens at once against the prompt's KV cache
+  (``"extend"`` mode, after one prefill), or else each row whole, prompt and the A - 1 tokens
+  fed, as in training (``capacity`` positions; the prompt recomputed every pass, but on the
+  attention's training path, which on GPU is NSA's fastest).
+
   Cost: a pass is one forward of all A tokens of every row (the whole static budget, past the
   row's answer too), against one-token steps up to the batch's longest answer; NSA rebuilds
   every compressed block of the row in every pass. Tokens past the capacity are computed at
-  their own positions (``generate`` clamps them; such a row is never exact).
+  their own positions with ``shared_prompt``, from the last position's logits without
+  (``generate`` clamps them; such a row is never exact).
   """
   B, A = guess_BA.shape
   capacity = capacity or prompt_BP.shape[1] + A
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  cache, first_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
   global_rows_B = row_offset + jnp.arange(B)
   keys = jax.random.split(rng, A)  # generate's key for token k
   need_B = jnp.full((B,), A, jnp.int32) if stop_after_B is None else stop_after_B
   k_BA = jnp.arange(A)[None]
+  if shared_prompt:
+    cache, first_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+  else:
+    P = prompt_BP.shape[1]
+    row_BC = (jnp.pad(prompt_BP, ((0, 0), (0, capacity - P)), constant_values=PAD)
+              if capacity > P else prompt_BP[:, :capacity])
+    # Token k is predicted at position prompt_len - 1 + k of the row.
+    at_BA = jnp.clip(prompt_len_B[:, None] - 1 + k_BA, 0, capacity - 1)
+
+  def logits_after(fed_BAV):
+    """[B, A, V]: the logits for token k after the prompt and ``fed_BAV[:, :k]``."""
+    if not shared_prompt:
+      logits_BCV = model.apply({"params": params}, continuation_inputs(
+          row_BC, prompt_len_B, fed_BAV[:, :A - 1]))[0]
+      return jnp.take_along_axis(logits_BCV, at_BA[..., None], axis=1)
+    later_BAV = model.apply({"params": params}, fed_BAV[:, :A - 1], mode="extend", cache=cache,
+                            pos_B=prompt_len_B)[0] if A > 1 else jnp.zeros((B, 0, VOCAB_SIZE))
+    return jnp.concatenate([first_BV[:, None], later_BAV], axis=1)
 
   def emit(fed_BAV):
     """Every token after the context ``fed_BAV``: (tokens, fed back, log-probabilities)."""
-    later_BAV = model.apply({"params": params}, fed_BAV[:, :A - 1], mode="extend", cache=cache,
-                            pos_B=prompt_len_B)[0] if A > 1 else jnp.zeros((B, 0, VOCAB_SIZE))
-    logits_BAV = jnp.concatenate([first_BV[:, None], later_BAV], axis=1)
+    logits_BAV = logits_after(fed_BAV)
     token_BA, out_BAV = jax.vmap(lambda logits_BV, key: _choose(
         logits_BV, feed, temperature, key, global_rows_B), in_axes=(1, 0), out_axes=1)(
             logits_BAV, keys)

@@ -18,7 +18,7 @@ import optax
 from onn_jax import objectives, stages
 from onn_jax.config import Config
 from onn_jax.data.tokens import VOCAB_SIZE
-from onn_jax.decode import after_first_end, generate, parallel_rollout
+from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
 from onn_jax.model.transformer import Transformer, init_params
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
@@ -217,12 +217,7 @@ def answer_targets(batch: dict, num_tokens: int) -> jax.Array:
 def excursion_inputs(batch: dict, fed_BAV: jax.Array) -> jax.Array:
   """[B, T, V] inputs for the alignment pass: the prompt as one-hot tokens, then the excursion
   (what the rollout fed back) from ``answer_start`` on; ground truth beyond the budget."""
-  A = fed_BAV.shape[1]
-  k_BT = answer_index(batch) - 1  # input t holds answer token k_BT
-  in_excursion_BT = (k_BT >= 0) & (k_BT < A)
-  fed_BTV = jnp.take_along_axis(fed_BAV, jnp.clip(k_BT, 0, A - 1)[..., None], axis=1)
-  onehot_BTV = jax.nn.one_hot(batch["inputs"], VOCAB_SIZE, dtype=jnp.float32)
-  return jnp.where(in_excursion_BT[..., None], fed_BTV, onehot_BTV)
+  return continuation_inputs(batch["inputs"], batch["answer_start"], fed_BAV)
 
 
 def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
@@ -273,7 +268,7 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   if e.rollout == "parallel":  # every token at once, from the ground truth on
     return jax.lax.stop_gradient(parallel_rollout(
         model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
-        passes=e.passes, **how))
+        passes=e.passes, shared_prompt=continuation(cfg) == "branch", **how))
   return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
                                         max_new=A, **how))
 
@@ -315,7 +310,7 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
                         model: Transformer, cfg: Config, axis_name=None, num_devices: int = 1):
   """:func:`alignment_loss` as two full rows [prompt + excursion ; prompt + ground truth] (the
   prompt computed twice): the reference the branch pass is tested against, and
-  ``eavi.alignment=rows`` (:func:`alignment_fn`)."""
+  ``eavi.continuation=rows`` (:func:`continuation`)."""
   B = batch["inputs"].shape[0]
   mask_BT = answer_mask(batch)
   exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
@@ -328,14 +323,13 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
 
 
-def alignment_fn(cfg: Config, backend: str | None = None):
-  """The alignment pass ``eavi.alignment`` runs on ``backend`` (default: the current one):
-  :func:`alignment_loss` (branch) or :func:`alignment_loss_rows` (rows; what "auto" takes on
-  GPU)."""
-  name = cfg.eavi.alignment
+def continuation(cfg: Config, backend: str | None = None) -> str:
+  """How EAVI computes a prompt's continuations on ``backend`` (default: the current one):
+  ``eavi.continuation``, "auto" resolved ("rows" on GPU, "branch" elsewhere)."""
+  name = cfg.eavi.continuation
   if name == "auto":
-    name = "rows" if (backend or jax.default_backend()) == "gpu" else "branch"
-  return alignment_loss_rows if name == "rows" else alignment_loss
+    return "rows" if (backend or jax.default_backend()) == "gpu" else "branch"
+  return name
 
 
 def _alignment_objective(stats_exc, stats_tf, aux, cfg: Config, axis_name, num_devices: int):
@@ -355,7 +349,8 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
   gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
-  grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_fn(cfg), has_aux=True)(
+  align = alignment_loss if continuation(cfg) == "branch" else alignment_loss_rows
+  grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(align, has_aux=True)(
       state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA), model=model,
       cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)

@@ -82,9 +82,9 @@ def test_quick_train_and_eavi_numbers(quick):
   for row in results["eavi"]:
     for key in ("train_step_ms", "eavi_step_ms", "ratio", "rollout_tokens_per_s",
                 "sequential_step_ms", "parallel_step_ms", "parallel_passes", "align_branch_ms",
-                "align_rows_ms"):
+                "align_rows_ms", "passes_branch_ms", "passes_rows_ms"):
       assert key in row, f"eavi row lacks {key}: {row}"
-    assert row["alignment"] == "branch"  # eavi.alignment=auto off the GPU
+    assert row["continuation"] == "branch"  # eavi.continuation=auto off the GPU
     assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
     assert row["eavi_step_ms"] == row["sequential_step_ms"]  # the config's rollout
     assert 1 <= row["parallel_passes"] <= 4  # eavi.passes, the default

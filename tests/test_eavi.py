@@ -159,13 +159,15 @@ def test_branch_alignment_equals_two_rows(setup, attention):
                grads, grads_ref)
 
 
+@pytest.mark.parametrize("continuation", ["branch", "rows"])
 @pytest.mark.parametrize("feed", ["argmax", "sample", "soft"])
-def test_parallel_rollout_reaches_the_sequential_one(setup, feed):
+def test_parallel_rollout_reaches_the_sequential_one(setup, feed, continuation):
   """eavi.rollout=parallel: with enough passes the excursion is generate's, token for token
   (same choices, keys and stops; a row that needs no token emits none in both), and fed back
-  alike; after i passes the first i tokens are, and so is every row said to be exact."""
+  alike; after i passes the first i tokens are, and so is every row said to be exact; passes
+  against the prompt's cache (branch) and over whole rows alike."""
   cfg, model, state, batch = setup
-  cfg = config.replace(cfg, eavi={"feed": feed})
+  cfg = config.replace(cfg, eavi={"feed": feed, "continuation": continuation})
   batch = {**batch, "answer_len": batch["answer_len"].at[1].set(0)}
   need = int(np.max(batch["answer_len"]))
   par = lambda passes: config.replace(cfg, eavi={"rollout": "parallel", "passes": passes})
@@ -175,8 +177,8 @@ def test_parallel_rollout_reaches_the_sequential_one(setup, feed):
   assert bool(np.all(full.exact_B)) and 1 <= int(full.passes) <= need
   assert (np.asarray(seq.tokens_BA[1]) == PAD).all()  # the row that needs no token
   np.testing.assert_array_equal(full.tokens_BA, seq.tokens_BA)
-  # float32 logits of one model through its cached one-token path and through "extend": the
-  # same terms summed in another order, a few ulps of O(10) per op (test_attention's bound).
+  # float32 logits of one model through its cached one-token path and through "extend" or a
+  # whole row: the same terms summed in another order, a few ulps of O(10) per op (test_attention's bound).
   np.testing.assert_allclose(full.fed_BAV, seq.fed_BAV, rtol=0, atol=2e-5)
   np.testing.assert_allclose(full.logprobs_BA, seq.logprobs_BA, rtol=0, atol=2e-5)
   for passes in (1, 3):
@@ -207,23 +209,22 @@ def test_eavi_step_with_the_parallel_rollout(setup):
                s_par.params, s_seq.params)
 
 
-def test_alignment_choice(setup):
-  """eavi.alignment: "auto" runs two rows on GPU and the branch elsewhere; the EAVI step's
-  loss terms are the same either way (its gradients: test_branch_alignment_equals_two_rows)."""
+def test_continuation_choice(setup):
+  """eavi.continuation: "auto" takes full rows on GPU and the branch elsewhere; the EAVI step's
+  loss terms are the same either way (its gradients: test_branch_alignment_equals_two_rows;
+  the parallel rollout's passes: test_parallel_rollout_reaches_the_sequential_one)."""
   cfg, model, state, batch = setup
-  pick = lambda name, backend: steps.alignment_fn(
-      config.replace(cfg, eavi={"alignment": name}), backend)
-  assert pick("auto", "gpu") is steps.alignment_loss_rows
-  assert pick("auto", "cpu") is pick("auto", "tpu") is steps.alignment_loss
-  assert pick("rows", "cpu") is steps.alignment_loss_rows
-  assert pick("branch", "gpu") is steps.alignment_loss
+  pick = lambda name, backend: steps.continuation(
+      config.replace(cfg, eavi={"continuation": name}), backend)
+  assert pick("auto", "gpu") == "rows" and pick("rows", "cpu") == "rows"
+  assert pick("auto", "cpu") == pick("auto", "tpu") == pick("branch", "gpu") == "branch"
   cfg = config.replace(cfg, model={"sdl_diversity_weight": 0.0, "sdl_sparsity_weight": 0.0})
   run = lambda name: jax.jit(functools.partial(
-      steps.eavi_step, model=model, cfg=config.replace(cfg, eavi={"alignment": name})))(
+      steps.eavi_step, model=model, cfg=config.replace(cfg, eavi={"continuation": name})))(
           state, batch)[1]
   rows, branch = run("rows"), run("branch")
   # float32 sums of a few hundred per-token terms in another order.
   for key in ("loss", "exc_ce", "ce", "answer_acc", "exc_scored_frac", "free_token_acc"):
     np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)
-  with pytest.raises(config.ConfigError, match="eavi.alignment"):
-    config.replace(cfg, eavi={"alignment": "twice"})
+  with pytest.raises(config.ConfigError, match="eavi.continuation"):
+    config.replace(cfg, eavi={"continuation": "twice"})

@@ -12,7 +12,9 @@ after each one; the median is reported):
 * ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), with
   each ``eavi.rollout`` (the parallel one at ``eavi.passes`` passes, as an untrained model
   never reaches the fixed point), and the sequential excursion alone (``decode.generate`` for
-  ``steps.answer_budget`` tokens): rollout tokens/s.
+  ``steps.answer_budget`` tokens): rollout tokens/s; the parallel excursion alone and the
+  alignment pass alone (forward+backward), each ``eavi.continuation`` way (branch: the prompt
+  once; rows: whole rows), so that "auto" can be checked on the device.
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
@@ -64,7 +66,7 @@ from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
 from onn_jax.data.tokens import VOCAB_SIZE
-from onn_jax.decode import generate
+from onn_jax.decode import generate, parallel_rollout
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
     forward_flops_per_token, model_flops_per_token, peak_flops)
@@ -326,6 +328,21 @@ class StepRunner:
                           warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
     return timing, budget
 
+  def time_parallel_rollout(self, seq_len: int, continuation: str) -> Timing:
+    """Times the EAVI excursion alone with ``eavi.rollout=parallel`` (all ``eavi.passes``
+    passes, from an untrained model) and its passes run the ``continuation`` way."""
+    cfg, batch = self.cfg, self.batch(seq_len)
+    fn = functools.partial(
+        parallel_rollout, self.model, passes=cfg.eavi.passes, capacity=seq_len,
+        feed=cfg.eavi.feed, temperature=cfg.eavi.temperature,
+        shared_prompt=continuation == "branch")
+    guess_BA = steps.answer_targets(batch, steps.answer_budget(cfg, seq_len))
+    timing, _ = benchmark(lambda p, x, n, g, need: fn(p, x, n, g, stop_after_B=need).tokens_BA,
+                          (self.fresh_state().params, batch["inputs"], batch["answer_start"],
+                           guess_BA, batch["answer_len"]),
+                          warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
+    return timing
+
   def time_alignment(self, seq_len: int, loss_fn) -> Timing:
     """Times the EAVI alignment pass alone (``loss_fn``: ``steps.alignment_loss`` or
     ``steps.alignment_loss_rows``), forward and backward, with the ground truth as the
@@ -397,7 +414,8 @@ def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
 def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
   """EAVI step against a teacher-forcing step on the same batch, with each ``eavi.rollout``
   (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s; the
-  alignment pass alone, forward and backward, each ``eavi.alignment`` way. An untrained
+  parallel rollout alone and the alignment pass alone (forward and backward), each
+  ``eavi.continuation`` way. An untrained
   model's parallel rollout never reaches its fixed point: it runs all ``eavi.passes`` passes,
   the most it costs."""
   B = runner.cfg.train.batch_size
@@ -411,6 +429,7 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
       rollout, budget = runner.time_rollout(T)
       align = {name: runner.time_alignment(T, fn) for name, fn in (
           ("branch", steps.alignment_loss), ("rows", steps.alignment_loss_rows))}
+      passes = {name: runner.time_parallel_rollout(T, name) for name in ("branch", "rows")}
     except Exception as err:  # noqa: BLE001
       if not is_oom(err):
         raise
@@ -427,9 +446,10 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                rollout_budget=budget, rollout_ms=rollout.median_ms,
                rollout_tokens_per_s=B * budget / (rollout.median_ms / 1e3),
                rollout_share=rollout.median_ms / eavi["sequential"][0].median_ms,
-               alignment=("rows" if steps.alignment_fn(runner.cfg) is steps.alignment_loss_rows
-                          else "branch"),
-               align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms)
+               continuation=steps.continuation(runner.cfg),
+               align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms,
+               passes_branch_ms=passes["branch"].median_ms,
+               passes_rows_ms=passes["rows"].median_ms)
     rows.append(row)
   return rows
 
@@ -836,12 +856,14 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
     out["eavi"] = table(
         ["T", "batch", "TF step ms", "EAVI step ms (sequential)", "ratio",
          "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s",
-         "alignment", "align branch ms", "align rows ms"],
+         "continuation", "align branch ms", "align rows ms", "passes branch ms",
+         "passes rows ms"],
         [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
           r.get("sequential_step_ms"), r.get("sequential_ratio"),
           r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
-          r.get("rollout_budget"), r.get("rollout_tokens_per_s"), r.get("alignment"),
-          r.get("align_branch_ms"), r.get("align_rows_ms")] for r in results["eavi"]],
+          r.get("rollout_budget"), r.get("rollout_tokens_per_s"), r.get("continuation"),
+          r.get("align_branch_ms"), r.get("align_rows_ms"), r.get("passes_branch_ms"),
+          r.get("passes_rows_ms")] for r in results["eavi"]],
         markdown)
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"
