@@ -159,8 +159,8 @@ def test_branch_alignment_equals_two_rows(setup, attention):
                grads, grads_ref)
 
 
-@pytest.mark.parametrize("continuation", ["branch", "rows"])
-@pytest.mark.parametrize("feed", ["argmax", "sample", "soft"])
+@pytest.mark.parametrize("feed, continuation", [
+    ("argmax", "branch"), ("sample", "branch"), ("soft", "branch"), ("soft", "rows")])
 def test_parallel_rollout_reaches_the_sequential_one(setup, feed, continuation):
   """eavi.rollout=parallel: with enough passes the excursion is generate's, token for token
   (same choices, keys and stops; a row that needs no token emits none in both), and fed back
@@ -178,7 +178,8 @@ def test_parallel_rollout_reaches_the_sequential_one(setup, feed, continuation):
   assert (np.asarray(seq.tokens_BA[1]) == PAD).all()  # the row that needs no token
   np.testing.assert_array_equal(full.tokens_BA, seq.tokens_BA)
   # float32 logits of one model through its cached one-token path and through "extend" or a
-  # whole row: the same terms summed in another order, a few ulps of O(10) per op (test_attention's bound).
+  # whole row: the same terms summed in another order, a few ulps of O(10) per op
+  # (test_attention's bound).
   np.testing.assert_allclose(full.fed_BAV, seq.fed_BAV, rtol=0, atol=2e-5)
   np.testing.assert_allclose(full.logprobs_BA, seq.logprobs_BA, rtol=0, atol=2e-5)
   for passes in (1, 3):

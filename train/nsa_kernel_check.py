@@ -3,6 +3,7 @@ forward+backward timings against cuDNN causal GQA attention and the blockwise im
 
     python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
         [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic] [--packed]
+        [--decode 32x2048]
 
 Geometry and head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32, block_len
 16, stride 8, select_len 32, num_select 8, window 128), bf16 inputs. Each timing is the median
@@ -10,8 +11,10 @@ of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/q
 and the gates); memory is XLA's temporary buffer size for that program. ``--variants`` times
 the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run;
 ``--packed`` also times each impl on packed rows (``segment_start``: sequences of 300 to 1400
-tokens, as ``data.pack`` lays out arc1's). The check covers packed rows too. The results file
-is rewritten after every row, so a run cut short keeps what it measured.
+tokens, as ``data.pack`` lays out arc1's); ``--decode B x S`` times one-token decoding (the
+forward for one query a row against S keys; ``--variants fwd_keyblock`` is the key-major
+forward that ``FWD_IMPL="auto"`` leaves to training rows). The check covers packed rows too.
+The results file is rewritten after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -209,6 +212,26 @@ def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: Non
     print("bench", json.dumps(row), flush=True)
 
 
+def decode_bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None) -> None:
+  """One-token decoding: ``nsa_core``'s forward for one query a row at the cache's last
+  position (B x S: B rows against S keys), for each impl and ``pallas[variant]``."""
+  rows = results.setdefault("decode", [])
+  for B, S in cases:
+    args = inputs(B, S, jnp.bfloat16)
+    args["q"], args["gates"] = args["q"][:, -1:], args["gates"][:, -1:]
+    offset = jnp.full((B,), S - 1, jnp.int32)
+    row = dict(B=B, S=S)
+    rows.append(row)
+    for name in list(impls) + [f"pallas[{v}]" for v in variants]:
+      impl, var = (name[:-1].split("[") + [None])[:2] if "[" in name else (name, None)
+      with variant(var):
+        fn = jax.jit(lambda a, impl=impl: nsa_core(*(a[n] for n in NAMES), q_offset=offset,
+                                                   impl=impl, **GEO))
+        row[name] = time_case(fn, args, iters)
+      save()
+    print("decode", json.dumps(row), flush=True)
+
+
 def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=(),
               save=lambda: None) -> None:
   """Time of each piece of the pallas path on its own, as ``nsa_core`` runs it for one sequence
@@ -306,11 +329,13 @@ def main(argv=None) -> None:
                  help=f"pallas backward variants to time as well, from {sorted(VARIANTS)}")
   p.add_argument("--breakdown-cases", default=None, help="cases of --breakdown (default --cases)")
   p.add_argument("--packed", action="store_true", help="time each impl on packed rows too")
+  p.add_argument("--decode", default="",
+                 help="also time one-token decoding at these B x S cases, e.g. 32x2048")
   a = p.parse_args(argv)
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: getattr(nsa_pallas, k) for k in
-                           ("BWD_IMPL", "DKDV_REDUCE", "KEY_CHUNK")})
+                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "KEY_CHUNK")})
 
   def save():
     with open(a.out, "w") as f:
@@ -327,6 +352,9 @@ def main(argv=None) -> None:
   cases = parse(a.cases)
   bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save,
         a.packed)
+  if a.decode:
+    decode_bench(results, parse(a.decode), a.iters, [i for i in a.impls.split(",") if i],
+                 variants, save)
   if a.breakdown:
     breakdown(results, parse(a.breakdown_cases or a.cases), a.iters, a.sweep, variants, save)
   save()
