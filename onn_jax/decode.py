@@ -205,27 +205,26 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   at once, instead of one token after another.
 
   A pass feeds what the last pass emitted (first ``guess_BA``, int32 [B, A], e.g. the ground
-  truth) after the prompt, all A tokens at once (``"extend"`` mode against the prompt's cache),
-  and emits at every position what ``generate`` would emit there after that context (the same
-  choice, sampling key and stop rules). After pass i the first i tokens are ``generate``'s; a
-  pass that changes nothing has reached its fixed point, which is ``generate``'s rollout. The
-  loop stops once every row is there (or needs no more than the passes run) or after ``passes``
-  passes. A row that is not there keeps, from token ``passes`` on, what the model emits after
-  the previous pass's context: its own predictions, not its free-running rollout. ``exact_B``
-  says which rows are exact; "exact" up to rounding: the ``"extend"`` pass and the one-token
-  decode add the same terms in other orders (float32 on the CPU: the same tokens, distributions
-  within 1e-6; bfloat16 rounds coarser, so a near tie may go the other way).
+  truth) after the prompt, all A tokens at once, and emits at every position what ``generate``
+  would emit there after that context (the same choice, sampling key and stop rules). After
+  pass i the first i tokens are ``generate``'s; a pass that changes nothing has reached its
+  fixed point, which is ``generate``'s rollout. The loop stops once every row is there (or
+  needs no more than the passes run) or after ``passes`` passes. A row that is not there keeps,
+  from token ``passes`` on, what the model emits after the previous pass's context: its own
+  predictions, not its free-running rollout. ``exact_B`` says which rows are exact; "exact" up
+  to rounding: a pass and the one-token decode add the same terms in other orders (float32 on
+  the CPU: the same tokens, distributions within 1e-6; bfloat16 rounds coarser, so a near tie
+  may go the other way).
 
-  A pass runs, with ``shared_prompt``, all A tokens at once against the prompt's KV cache
-  (``"extend"`` mode, after one prefill), or else each row whole, prompt and the A - 1 tokens
-  fed, as in training (``capacity`` positions; the prompt recomputed every pass, but on the
-  attention's training path, which on GPU is NSA's fastest).
-
-  Cost: a pass is one forward of all A tokens of every row (the whole static budget, past the
-  row's answer too), against one-token steps up to the batch's longest answer; NSA rebuilds
-  every compressed block of the row in every pass. Tokens past the capacity are computed at
-  their own positions with ``shared_prompt``, from the last position's logits without
-  (``generate`` clamps them; such a row is never exact).
+  A pass runs, with ``shared_prompt``, the A tokens against the prompt's KV cache (``"extend"``
+  mode, after one prefill): a forward of A tokens a row. Without, it runs each row whole as in
+  training, the prompt and the A - 1 tokens fed (``capacity`` positions, the prompt recomputed
+  every pass, on the attention's training path, which on GPU is NSA's fastest): a forward of
+  ``capacity`` tokens a row. Either way a pass covers the whole static budget, past each row's
+  answer too, where ``generate`` runs one-token steps up to the batch's longest answer; NSA
+  rebuilds every compressed block of the row in every pass. Tokens past the capacity are
+  computed at their own positions with ``shared_prompt``, from the last position's logits
+  without (``generate`` clamps them; such a row is never exact).
   """
   B, A = guess_BA.shape
   capacity = capacity or prompt_BP.shape[1] + A
@@ -241,14 +240,16 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
     P = prompt_BP.shape[1]
     row_BC = (jnp.pad(prompt_BP, ((0, 0), (0, capacity - P)), constant_values=PAD)
               if capacity > P else prompt_BP[:, :capacity])
-    # Token k is predicted at position prompt_len - 1 + k of the row.
+    # Token k is predicted at position prompt_len - 1 + k of the row; what lies past the last
+    # token fed is padding (kept out of the experts' dispatch and statistics).
     at_BA = jnp.clip(prompt_len_B[:, None] - 1 + k_BA, 0, capacity - 1)
+    valid_BC = jnp.arange(capacity)[None] < (prompt_len_B + A - 1)[:, None]
 
   def logits_after(fed_BAV):
     """[B, A, V]: the logits for token k after the prompt and ``fed_BAV[:, :k]``."""
     if not shared_prompt:
       logits_BCV = model.apply({"params": params}, continuation_inputs(
-          row_BC, prompt_len_B, fed_BAV[:, :A - 1]))[0]
+          row_BC, prompt_len_B, fed_BAV[:, :A - 1]), valid_BC)[0]
       return jnp.take_along_axis(logits_BCV, at_BA[..., None], axis=1)
     later_BAV = model.apply({"params": params}, fed_BAV[:, :A - 1], mode="extend", cache=cache,
                             pos_B=prompt_len_B)[0] if A > 1 else jnp.zeros((B, 0, VOCAB_SIZE))

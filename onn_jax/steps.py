@@ -258,7 +258,8 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   that of the batch's longest answer. Tokens that would fall past the sequence (position >= T)
   are generated against a clamped cache position and never enter the alignment pass.
   With ``eavi.rollout=parallel`` the same rollout is iterated from the ground truth, every
-  token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`).
+  token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`), each
+  pass against the prompt's cache or over whole rows (:func:`continuation`, part "passes").
   """
   T = batch["inputs"].shape[1]
   e, A = cfg.eavi, answer_budget(cfg, T)
@@ -268,7 +269,7 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   if e.rollout == "parallel":  # every token at once, from the ground truth on
     return jax.lax.stop_gradient(parallel_rollout(
         model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
-        passes=e.passes, shared_prompt=continuation(cfg) == "branch", **how))
+        passes=e.passes, shared_prompt=continuation(cfg, "passes") == "branch", **how))
   return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
                                         max_new=A, **how))
 
@@ -323,12 +324,25 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
 
 
-def continuation(cfg: Config, backend: str | None = None) -> str:
-  """How EAVI computes a prompt's continuations on ``backend`` (default: the current one):
-  ``eavi.continuation``, "auto" resolved ("rows" on GPU, "branch" elsewhere)."""
+# What ``eavi.continuation=auto`` takes on GPU, by part (elsewhere: "branch" for both). H200,
+# arc1 at 32 x 2048 (docs/bench/eavi_parts_decode_fwd_h200_2026-12-02.json): the alignment's
+# fwd+bwd 124 ms as rows, 145 as a branch; the parallel rollout's 4 passes against the cache
+# (prefill included) 155 ms, as rows not yet timed (train.bench --only eavi prints both).
+AUTO_GPU_CONTINUATION = {"alignment": "rows", "passes": "branch"}
+
+
+def continuation(cfg: Config, part: str, backend: str | None = None) -> str:
+  """How EAVI computes a prompt's continuations in ``part`` ("alignment": the alignment pass;
+  "passes": the parallel rollout's passes) on ``backend`` (default: the current one):
+  ``eavi.continuation``, with "auto" resolved by :data:`AUTO_GPU_CONTINUATION` on GPU and to
+  "branch" elsewhere."""
+  if part not in AUTO_GPU_CONTINUATION:
+    raise ValueError(f"continuation: part must be one of {sorted(AUTO_GPU_CONTINUATION)}, "
+                     f"got {part!r}")
   name = cfg.eavi.continuation
   if name == "auto":
-    return "rows" if (backend or jax.default_backend()) == "gpu" else "branch"
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return AUTO_GPU_CONTINUATION[part] if gpu else "branch"
   return name
 
 
@@ -349,7 +363,7 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
   gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
-  align = alignment_loss if continuation(cfg) == "branch" else alignment_loss_rows
+  align = alignment_loss if continuation(cfg, "alignment") == "branch" else alignment_loss_rows
   grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(align, has_aux=True)(
       state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA), model=model,
       cfg=cfg, axis_name=axis_name, num_devices=num_devices)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import config
+from onn_jax import config, steps
 from onn_jax.model.moe import cosine_similarity, experts_dense
 from onn_jax.model.transformer import Transformer, init_params
 from train import bench
@@ -84,7 +84,9 @@ def test_quick_train_and_eavi_numbers(quick):
                 "sequential_step_ms", "parallel_step_ms", "parallel_passes", "align_branch_ms",
                 "align_rows_ms", "passes_branch_ms", "passes_rows_ms"):
       assert key in row, f"eavi row lacks {key}: {row}"
-    assert row["continuation"] == "branch"  # eavi.continuation=auto off the GPU
+    cfg = config.load("configs/arc1.yaml", list(bench.QUICK_OVERRIDES))
+    assert row["continuation"] == {part: steps.continuation(cfg, part)
+                                   for part in ("alignment", "passes")}
     assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
     assert row["eavi_step_ms"] == row["sequential_step_ms"]  # the config's rollout
     assert 1 <= row["parallel_passes"] <= 4  # eavi.passes, the default

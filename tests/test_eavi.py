@@ -210,22 +210,50 @@ def test_eavi_step_with_the_parallel_rollout(setup):
                s_par.params, s_seq.params)
 
 
-def test_continuation_choice(setup):
-  """eavi.continuation: "auto" takes full rows on GPU and the branch elsewhere; the EAVI step's
-  loss terms are the same either way (its gradients: test_branch_alignment_equals_two_rows;
-  the parallel rollout's passes: test_parallel_rollout_reaches_the_sequential_one)."""
+def test_continuation_choice(setup, monkeypatch):
+  """eavi.continuation: "auto" takes the alignment as rows on GPU and everything else as a
+  branch; the EAVI step runs the parts as asked (the parallel rollout's passes and the
+  alignment pass, spied on) and its loss terms are the same either way (gradients:
+  test_branch_alignment_equals_two_rows; tokens:
+  test_parallel_rollout_reaches_the_sequential_one)."""
   cfg, model, state, batch = setup
-  pick = lambda name, backend: steps.continuation(
-      config.replace(cfg, eavi={"continuation": name}), backend)
-  assert pick("auto", "gpu") == "rows" and pick("rows", "cpu") == "rows"
-  assert pick("auto", "cpu") == pick("auto", "tpu") == pick("branch", "gpu") == "branch"
-  cfg = config.replace(cfg, model={"sdl_diversity_weight": 0.0, "sdl_sparsity_weight": 0.0})
-  run = lambda name: jax.jit(functools.partial(
-      steps.eavi_step, model=model, cfg=config.replace(cfg, eavi={"continuation": name})))(
-          state, batch)[1]
-  rows, branch = run("rows"), run("branch")
-  # float32 sums of a few hundred per-token terms in another order.
-  for key in ("loss", "exc_ce", "ce", "answer_acc", "exc_scored_frac", "free_token_acc"):
-    np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)
+  pick = lambda name, part, backend: steps.continuation(
+      config.replace(cfg, eavi={"continuation": name}), part, backend)
+  assert pick("auto", "alignment", "gpu") == "rows"
+  assert pick("auto", "passes", "gpu") == "branch"  # rows not yet timed on a GPU
+  for part in ("alignment", "passes"):
+    assert pick("auto", part, "cpu") == pick("auto", part, "tpu") == "branch"
+    assert pick("rows", part, "cpu") == "rows" and pick("branch", part, "gpu") == "branch"
+  with pytest.raises(ValueError, match="part"):
+    pick("auto", "prompt", "gpu")
   with pytest.raises(config.ConfigError, match="eavi.continuation"):
     config.replace(cfg, eavi={"continuation": "twice"})
+
+  seen = []
+  def spy(name, fn):
+    def call(*args, **kwargs):
+      seen.append((name, kwargs.get("shared_prompt")))
+      return fn(*args, **kwargs)
+    return call
+
+  monkeypatch.setattr(steps, "parallel_rollout", spy("passes", steps.parallel_rollout))
+  monkeypatch.setattr(steps, "alignment_loss", spy("branch", steps.alignment_loss))
+  monkeypatch.setattr(steps, "alignment_loss_rows", spy("rows", steps.alignment_loss_rows))
+  # Argmax feed: both ways emit the same tokens, so the loss terms compare.
+  cfg = config.replace(cfg, eavi={"feed": "argmax", "rollout": "parallel", "passes": 2})
+
+  def run(name):
+    seen.clear()
+    metrics = jax.jit(functools.partial(
+        steps.eavi_step, model=model, cfg=config.replace(cfg, eavi={"continuation": name})))(
+            state, batch)[1]
+    return metrics, list(seen)
+
+  (rows, seen_rows), (branch, seen_branch) = run("rows"), run("branch")
+  assert seen_rows == [("passes", False), ("rows", None)]
+  assert seen_branch == [("passes", True), ("branch", None)]
+  # float32 sums of a few hundred per-token terms in another order.
+  for key in ("exc_ce", "ce", "answer_acc", "exc_scored_frac", "free_token_acc"):
+    np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)
+  # SDL's statistics cover the tokens computed: the prompt twice as rows, once as a branch.
+  assert float(rows["sdl"]) != float(branch["sdl"])

@@ -214,8 +214,11 @@ def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: Non
 
 def decode_bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None) -> None:
   """One-token decoding: ``nsa_core``'s forward for one query a row at the cache's last
-  position (B x S: B rows against S keys), for each impl and ``pallas[variant]``."""
+  position (B x S: B rows against S keys), for each impl and ``pallas[variant]`` for the
+  variants of the selected branch's forward (the others change only the backward or the
+  from-position-0 paths, which decoding does not take)."""
   rows = results.setdefault("decode", [])
+  variants = [v for v in variants if "FWD_IMPL" in VARIANTS[v]]
   for B, S in cases:
     args = inputs(B, S, jnp.bfloat16)
     args["q"], args["gates"] = args["q"][:, -1:], args["gates"][:, -1:]

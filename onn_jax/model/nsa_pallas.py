@@ -299,10 +299,10 @@ BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomi
 # shared with the backward) or "query" (one program per (example, token, group) walking its K
 # blocks). H200, selected branch at 32x2048 (train.nsa_kernel_check --variants fwd_query):
 # forward 1.36 ms against 2.10, forward+backward 2.48 against 3.38.
-# "auto" (the default) takes the key-major forward when a row's (token, slot) pairs fill at
-# least as many items as every block's one partial item could hold (T * K >= J * KEY_CHUNK),
-# the query-major one otherwise: one-token decoding (T = 1) would otherwise launch J mostly
-# empty items per (example, group) and sort their plan, at every generated token.
+# "auto" (the default) takes the key-major forward when a row's T * K (token, slot) pairs
+# could fill one whole item of KEY_CHUNK per key block (T * K >= J * KEY_CHUNK), the
+# query-major one otherwise: one-token decoding (T = 1) would otherwise launch J mostly empty
+# items per (example, group) and sort their plan, at every generated token.
 FWD_IMPL = "auto"
 KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
 DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic"
