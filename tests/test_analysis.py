@@ -173,6 +173,12 @@ def test_rollouts_are_consistent_and_independent_of_batching(cfg, tasks, params,
   assert analysis.free_running_exact_match(cfg, params, tasks) == summary["exact_match"]
   soft = analysis.rollouts(cfg, params, tasks[:1], feed="soft")
   assert len(soft) == len(tasks[0].test)
+  # A config whose EAVI trains with the parallel rollout (which starts from the ground truth)
+  # still decodes free running, one token after another: the same tokens.
+  parallel = analysis.rollouts(config.replace(cfg, eavi={"rollout": "parallel", "passes": 1}),
+                               params, tasks)
+  for r, s in zip(records, parallel):
+    assert np.array_equal(r["tokens"], s["tokens"])
   path = analysis.render_rollouts(records, tmp_path / "sheet.png", max_rows=2)
   assert path.read_bytes().startswith(PNG)
 

@@ -66,7 +66,8 @@ def rollouts(cfg: Config, params, tasks: Sequence[Task], *, feed: str = "argmax"
   """Decodes the answer of every test pair of ``tasks`` from its prompt, free running.
 
   ``feed`` is what is fed back (``argmax``: greedy decoding; ``soft`` or ``sample``: EAVI's
-  excursion, as in :func:`onn_jax.steps.excursion`). Batches of ``eval.batch_size`` rows (the
+  excursion, as in :func:`onn_jax.steps.excursion`, always decoded one token after another:
+  ``eavi.rollout`` is ignored, as the parallel rollout starts from the ground truth). Batches of ``eval.batch_size`` rows (the
   last padded with repeats), one compiled program for all; ``sample`` draws from ``seed``
   folded with the batch's first row.
 
@@ -77,7 +78,9 @@ def rollouts(cfg: Config, params, tasks: Sequence[Task], *, feed: str = "argmax"
   """
   batch, items = task_batch(tasks, cfg)
   by_id = {task.id: task for task in tasks}
-  run_cfg = config.replace(cfg, eavi={"feed": feed})
+  # Free running is the sequential rollout, whatever EAVI trains with: the parallel one starts
+  # from the ground truth (eavi.rollout=parallel).
+  run_cfg = config.replace(cfg, eavi={"feed": feed, "rollout": "sequential"})
   model = Transformer(cfg.model)
   rows = cfg.eval.batch_size
   rng = jax.random.PRNGKey(seed)
