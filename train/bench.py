@@ -415,9 +415,8 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
   """EAVI step against a teacher-forcing step on the same batch, with each ``eavi.rollout``
   (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s; the
   parallel rollout alone and the alignment pass alone (forward and backward), each
-  ``eavi.continuation`` way. An untrained
-  model's parallel rollout never reaches its fixed point: it runs all ``eavi.passes`` passes,
-  the most it costs."""
+  ``eavi.continuation`` way. An untrained model's parallel rollout never reaches its fixed
+  point: it runs all ``eavi.passes`` passes, the most it costs."""
   B = runner.cfg.train.batch_size
   rows = []
   for T in lens:

@@ -67,9 +67,9 @@ def rollouts(cfg: Config, params, tasks: Sequence[Task], *, feed: str = "argmax"
 
   ``feed`` is what is fed back (``argmax``: greedy decoding; ``soft`` or ``sample``: EAVI's
   excursion, as in :func:`onn_jax.steps.excursion`, always decoded one token after another:
-  ``eavi.rollout`` is ignored, as the parallel rollout starts from the ground truth). Batches of ``eval.batch_size`` rows (the
-  last padded with repeats), one compiled program for all; ``sample`` draws from ``seed``
-  folded with the batch's first row.
+  ``eavi.rollout`` is ignored, as the parallel rollout starts from the ground truth). Batches
+  of ``eval.batch_size`` rows (the last padded with repeats), one compiled program for all;
+  ``sample`` draws from ``seed`` folded with the batch's first row.
 
   Returns one record per test pair: ``task_id``, ``test_index``, ``test_input``, ``target``
   and ``prediction`` (an [h, w] grid, or None when the output is malformed), ``tokens`` (the
