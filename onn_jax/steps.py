@@ -325,10 +325,11 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
 
 
 # What ``eavi.continuation=auto`` takes on GPU, by part (elsewhere: "branch" for both). H200,
-# arc1 at 32 x 2048 (docs/bench/eavi_parts_decode_fwd_h200_2026-12-02.json): the alignment's
-# fwd+bwd 124 ms as rows, 145 as a branch; the parallel rollout's 4 passes against the cache
-# (prefill included) 155 ms, as rows not yet timed (train.bench --only eavi prints both).
-AUTO_GPU_CONTINUATION = {"alignment": "rows", "passes": "branch"}
+# arc1 at 32 x 2048, one run of `train.bench --only eavi --lens 2048`
+# (docs/bench/eavi_rows_passes_h200_2026-12-02.json): the alignment's fwd+bwd 125.8 ms as rows,
+# 144.0 as a branch; the parallel rollout's 4 passes 138.9 ms as rows, 154.2 against the cache
+# (prefill included).
+AUTO_GPU_CONTINUATION = {"alignment": "rows", "passes": "rows"}
 
 
 def continuation(cfg: Config, part: str, backend: str | None = None) -> str:
