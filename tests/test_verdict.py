@@ -114,22 +114,26 @@ def test_step_seconds_count_only_plain_steps_and_a_redone_step_once(tmp_path):
 
 def test_runs_are_scored_without_test_time_training_unless_asked(tmp_path):
   """arc1 turns TTT on for its evaluation; a verdict compares training, so its runs score
-  without it, unless the study's overrides ask for it."""
+  without it, unless the study's overrides ask for it. Its runs compile no stage in the
+  background, whatever the overrides say (it would slow the steps the study times)."""
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
   plan = plan_arm(False, False, 10, 0.25, 2.0)
   base = config.load("arc1")
   assert base.ttt.steps > 0
   for overrides, steps in (((), 0), (("ttt.steps=3",), 3)):
-    study = Study(out=tmp_path, base=base, overrides=overrides, config_name="arc1")
-    assert study.run_config("tf", 0, plan).ttt.steps == steps
+    study = Study(out=tmp_path, base=base, overrides=(*overrides, "train.background_compile=true"),
+                  config_name="arc1")
+    cfg = study.run_config("tf", 0, plan)
+    assert cfg.ttt.steps == steps and not cfg.train.background_compile
 
 
 def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
   """An arm with eavi.rollout=parallel is charged its own measured EAVI cost: a calibration
   run of its own (the cached one, written before rollouts had their own, stands for the
   config's sequential rollout), its plan spends the budget at that cost, and the manifest
-  records both costs."""
+  records both costs. The calibration compiles EAVI's step when EAVI starts, not in the
+  background while its teacher-forcing steps are timed."""
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
   overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single")
@@ -140,6 +144,8 @@ def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
   (tmp_path / "calibration.json").write_text(json.dumps({"ratio": 2.0, "measured": False}))
   calib = study.calibrate()
   assert not (tmp_path / "calibration").exists() and (tmp_path / "calibration_parallel").is_dir()
+  saved = config.load(str(tmp_path / "calibration_parallel" / "config.yaml"), saved_run=True)
+  assert saved.eavi.rollout == "parallel" and not saved.train.background_compile
   assert calib["ratios"]["sequential"] == 2.0 and calib["ratios"]["parallel"] > 0
   assert study.calibrate() == calib == json.loads((tmp_path / "calibration.json").read_text())
   plans = study.plans(calib)

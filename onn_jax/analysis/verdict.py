@@ -129,6 +129,13 @@ class Study:
   log: Callable[[str], None] = print
   calibration_steps: int = 40  # of each stage
 
+  # Every run of a study, its calibration's too, compiles each stage's steps when the stage
+  # starts: compiling a later stage on a worker thread (train.background_compile) slows the
+  # steps it overlaps, so the calibration would charge teacher forcing for EAVI's compilation
+  # (on an H200 its teacher-forcing steps measured 154 ms instead of 70) and hand the EAVI
+  # arms more than their share of the time.
+  MEASURE = ("train.background_compile=false",)
+
   @property
   def budget(self) -> int:
     return self.base.train.pretrain_steps
@@ -142,7 +149,7 @@ class Study:
     # scored, never their EMA (which lags the most recent steps: EAVI's, in a second stage).
     # Scoring compares training, so it runs without test-time training unless asked for.
     overrides = ["ttt.steps=0", *self.overrides, *arm_overrides, *plan.overrides()]
-    return config.load(self.config_name, overrides + [
+    return config.load(self.config_name, overrides + [*self.MEASURE,
         f"train.seed={seed}", "data.hold_out_train_tests=true", "train.log_every=1",
         "eval.weights=params", f"checkpoint.every={self.checkpoint_every(plan)}",
         f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
@@ -176,7 +183,7 @@ class Study:
       cfg = config.load(self.config_name, list(self.overrides) + [
           f"train.pretrain_steps={n}", f"train.eavi_steps={n}", "train.eavi_every=0",
           f"eavi.rollout={kind}", "train.log_every=1", "checkpoint.every=100000",
-          "train.reset_every=0"])
+          "train.reset_every=0", *self.MEASURE])
       self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps (eavi.rollout={kind})")
       run.train(cfg, workdir, log=self.log)
       mean = mean_step_s(workdir / "metrics.jsonl", cfg)
