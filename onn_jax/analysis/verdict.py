@@ -5,7 +5,8 @@ The study behind ``python -m train.eavi_verdict`` (protocol in DESIGN.md terms):
 1. **Calibration.** A short run of the config (teacher forcing, then EAVI, every step logged)
    on this machine gives the mean seconds of a teacher-forcing step ``t_tf`` and of an EAVI
    step ``t_eavi``, over the steps that did not compile (the first step of each stage and
-   bucket compiles); ``r = t_eavi / t_tf``. Arms whose EAVI decodes its excursion another way
+   bucket compiles; no stage compiles in the background while another is timed:
+   ``Study.MEASURE``); ``r = t_eavi / t_tf``. Arms whose EAVI decodes its excursion another way
    (``eavi.rollout``: the ``*_parallel`` arms) get their own calibration run and ``r``.
 2. **Arms at equal time.** The budget is ``N`` teacher-forcing steps (``train.pretrain_steps``
    of the config). The ``tf`` arm trains N teacher-forcing steps. A second-stage EAVI arm
