@@ -156,6 +156,31 @@ def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
   assert json.loads((tmp_path / "study.json").read_text())["ratios"] == calib["ratios"]
 
 
+def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
+  """A calibration measured before studies turned background compilation off (no "measure" in
+  its calibration.json), or a study.json written then, is refused rather than mixed in."""
+  from onn_jax import config
+  from onn_jax.analysis.verdict import Study
+  study = Study(out=tmp_path, base=config.load("default", list(TINY_OVERRIDES)),
+                overrides=TINY_OVERRIDES, config_name="default", arms=("tf", "soft"),
+                log=lambda *_: None)
+  old = {"tf_step_s": 0.93, "eavi_step_s": 0.88, "ratio": 0.95, "measured": True}
+  (tmp_path / "calibration.json").write_text(json.dumps(old))
+  with pytest.raises(config.ConfigError, match="calibration.json: measured with None"):
+    study.calibrate()
+  (tmp_path / "calibration.json").write_text(json.dumps({**old, "measure": list(study.MEASURE),
+                                                          "ratios": {"sequential": 0.95}}))
+  calib = study.calibrate()
+  study.check_manifest(calib)  # a new folder: writes study.json
+  manifest = json.loads((tmp_path / "study.json").read_text())
+  assert manifest["measure"] == ["train.background_compile=false"]
+  study.check_manifest(calib)  # the same study goes on
+  del manifest["measure"]
+  (tmp_path / "study.json").write_text(json.dumps(manifest))
+  with pytest.raises(config.ConfigError, match="study has measure=None"):
+    study.check_manifest(calib)
+
+
 def test_the_study_end_to_end(tmp_path, capsys):
   """A tiny study (one seed; teacher forcing against EAVI mixed in from the start): the table,
   the plot and per-run results, the curve of free-running accuracy, equal planned time, every

@@ -171,6 +171,11 @@ class Study:
       return {"ratio": self.ratio, "measured": False, "ratios": {k: self.ratio for k in kinds}}
     path = self.out / "calibration.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("measured") and result.get("measure") != list(self.MEASURE):
+      raise config.ConfigError(
+          f"{path}: measured with {result.get('measure')!r}, this study times its steps with "
+          f"{list(self.MEASURE)!r} (before 2026-12-02 the calibration timed teacher forcing "
+          "while EAVI compiled in the background); use another --out")
     if result and "ratios" not in result:  # cached before the rollouts had their own
       result["ratios"] = {self.base.eavi.rollout: result["ratio"]}
     for kind in kinds:
@@ -190,7 +195,8 @@ class Study:
       mean = mean_step_s(workdir / "metrics.jsonl", cfg)
       if not result:
         result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
-                  "ratio": mean["eavi"] / mean["pretrain"], "measured": True, "ratios": {}}
+                  "ratio": mean["eavi"] / mean["pretrain"], "measured": True, "ratios": {},
+                  "measure": list(self.MEASURE)}
       result["ratios"][kind] = mean["eavi"] / mean["pretrain"]
       path.write_text(json.dumps(result, indent=1))
     return result
@@ -205,10 +211,11 @@ class Study:
 
   def check_manifest(self, calib: dict) -> None:
     """study.json records what every run of this folder was planned with; a command that
-    differs (config, overrides, budget, share, EAVI's cost) would mix incomparable runs."""
+    differs (config, overrides, budget, share, EAVI's cost, how steps are timed) would mix
+    incomparable runs."""
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
                 "budget_tf_steps": self.budget, "eavi_share": self.share,
-                "probes": self.probes, "ratio": calib["ratio"]}
+                "probes": self.probes, "ratio": calib["ratio"], "measure": list(self.MEASURE)}
     if any(kind != "sequential" for kind in calib["ratios"]):  # (studies before them had none)
       manifest["ratios"] = calib["ratios"]
     path = self.out / "study.json"
