@@ -266,3 +266,19 @@ def test_crossover():
   assert bench.crossover(tokens, dense, [0.5, 2.0, 0.5, 0.5]) == 4  # faster for good from 4
   assert bench.crossover(tokens, dense, [0.5, 0.5, 0.5, 2.0]) is None
   assert bench.crossover(tokens, dense, [0.5, 0.5, 0.5, None]) is None  # e.g. out of memory
+
+
+def test_nsa_kernel_check_takes_a_geometry_or_fails_in_one_line(capsys):
+  """``--geometry`` sets the NSA geometry the GPU check times (the paper's against arc1's);
+  a malformed one exits 2 naming it, before anything runs."""
+  from train import nsa_kernel_check as check
+  assert check.parse_geometry("32/16/64/16/512") == dict(
+      block_len=32, block_stride=16, select_len=64, num_select=16, window=512)
+  for bad in ("32/16/64", "32/16/64/16/x", "32/0/64/16/512", ""):
+    with pytest.raises(ValueError, match="--geometry"):
+      check.parse_geometry(bad)
+  before = dict(check.GEO)
+  with pytest.raises(SystemExit) as exit_info:
+    check.main(["--geometry", "32/16", "--skip-check", "--cases", ""])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert exit_info.value.code == 2 and "--geometry '32/16'" in err and check.GEO == before

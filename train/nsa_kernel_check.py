@@ -3,11 +3,12 @@ forward+backward timings against cuDNN causal GQA attention and the blockwise im
 
     python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
         [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic] [--packed]
-        [--decode 32x2048]
+        [--decode 32x2048] [--geometry 16/8/32/8/128]
 
-Geometry and head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32, block_len
-16, stride 8, select_len 32, num_select 8, window 128), bf16 inputs. Each timing is the median
-of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
+Head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32) and its NSA geometry
+(block_len 16, stride 8, select_len 32, num_select 8, window 128; ``--geometry`` takes
+another, as block_len/stride/select_len/num_select/window), bf16 inputs. Each timing is the
+median of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
 and the gates); memory is XLA's temporary buffer size for that program. ``--variants`` times
 the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run;
 ``--packed`` also times each impl on packed rows (``segment_start``: sequences of 300 to 1400
@@ -35,6 +36,15 @@ from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 
 H, G, D = 8, 2, 32
 GEO = dict(block_len=16, block_stride=8, select_len=32, num_select=8, window=128)
+
+
+def parse_geometry(text: str) -> dict[str, int]:
+  """``"BL/BS/SL/NS/W"`` -> the keyword arguments of GEO; ValueError in one line otherwise."""
+  parts = text.split("/")
+  if len(parts) != len(GEO) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"--geometry {text!r}: expected five positive integers "
+                     "block_len/block_stride/select_len/num_select/window, e.g. 16/8/32/8/128")
+  return dict(zip(GEO, (int(p) for p in parts)))
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 # Variants: module settings of nsa_pallas (the selected branch's backward) or of nsa (the
 # compressed branch).
@@ -239,8 +249,9 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
               save=lambda: None) -> None:
   """Time of each piece of the pallas path on its own, as ``nsa_core`` runs it for one sequence
   a row: the compressed branch (folded cuDNN attention, forward+backward), the block choice
-  (forward only: fused kernel, XLA chunks, the kernel writing scores only), the selected kernel (forward, forward+backward) and the window branch
-  (cuDNN sliding window, forward, forward+backward); the chunked compressed branch too."""
+  (forward only: fused kernel, XLA chunks, the kernel writing scores only), the selected
+  kernel (forward, forward+backward) and the window branch (cuDNN sliding window, forward,
+  forward+backward); the chunked compressed branch too."""
   from onn_jax.model import nsa, nsa_pallas
   rows = results.setdefault("breakdown", [])
   for B, T in cases:
@@ -248,8 +259,8 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     R = H // G
     q5 = args["q"].reshape(B, T, G, R, D)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    sel = dict(seq_len=T, block_len=16, block_stride=8, select_len=32, num_select=8)
-    fold = dict(block_len=16, block_stride=8)
+    fold = {k: GEO[k] for k in ("block_len", "block_stride")}
+    sel = dict(seq_len=T, **fold, select_len=GEO["select_len"], num_select=GEO["num_select"])
 
     def cmp_chunked_loss(q5, k, v):
       out, idx = nsa._compressed_and_selection_chunked(q5, k, v, pos, None, **sel)
@@ -265,7 +276,7 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
       return nsa._selection_chunked(q5, k, pos, None, **sel)
 
     def choice_scores(q5, k, v):
-      return nsa_pallas.block_choice(q5, k, pos, num_sel=T // 32, scores=True,
+      return nsa_pallas.block_choice(q5, k, pos, num_sel=T // GEO["select_len"], scores=True,
                                      interpret=nsa_pallas.use_interpret(),
                                      **{n: v for n, v in sel.items() if n != "seq_len"})
 
@@ -274,11 +285,11 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     # The block choice is an argument, not a constant: a constant would be folded into the
     # backward's sort at compile time.
     def slc_loss(q5, k, v, idx):
-      return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, 32,
+      return jnp.sum(nsa_pallas.selected_attention(q5, k, v, idx, pos, GEO["select_len"],
                                                    nsa_pallas.use_interpret()))
 
     def win_loss(q5, k, v):
-      return jnp.sum(nsa._window_pallas_path(q5, k, v, pos, 128, True))
+      return jnp.sum(nsa._window_pallas_path(q5, k, v, pos, GEO["window"], True))
 
     def wrap(f, names):
       return jax.jit(lambda a: f(*(a[n] for n in names)))
@@ -334,7 +345,14 @@ def main(argv=None) -> None:
   p.add_argument("--packed", action="store_true", help="time each impl on packed rows too")
   p.add_argument("--decode", default="",
                  help="also time one-token decoding at these B x S cases, e.g. 32x2048")
+  p.add_argument("--geometry", default="",
+                 help="block_len/block_stride/select_len/num_select/window (default: arc1's)")
   a = p.parse_args(argv)
+  if a.geometry:
+    try:
+      GEO.update(parse_geometry(a.geometry))
+    except ValueError as err:
+      p.error(str(err))
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: getattr(nsa_pallas, k) for k in
