@@ -3,12 +3,15 @@ training time, several seeds each (protocol: onn_jax/analysis/verdict.py).
 
   python -m train.eavi_verdict [--config default] [--out runs/eavi_verdict] [--seeds 0,1,2]
                                [--arms tf,soft,...] [--eavi-share 0.25] [--probes 6]
-                               [--ratio R] [--max-runs N] [section.key=value ...]
+                               [--ratio R] [--max-runs N] [--baseline STUDY]
+                               [section.key=value ...]
 
 The time budget is the config's train.pretrain_steps teacher-forcing steps. Writes
 OUT/verdict.md (the table), verdict.json and verdict.png (free-running accuracy along training);
 each run keeps its folder under OUT/runs. Run the same command again to go on after a stop;
 OUT/study.json refuses a command whose config, overrides, budget, share or ratio differ.
+``--baseline STUDY``: a study without a tf arm compares its arms with the tf runs of a finished
+study of the same config, overrides, budget and seeds (a new variant, teacher forcing not rerun).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def main(argv=None) -> int:
   parser.add_argument("--ratio", type=float, default=None,
                       help="EAVI step / teacher-forcing step (default: measured first)")
   parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs (0: all)")
+  parser.add_argument("--baseline", default="",
+                      help="a finished study (folder or verdict.json) of the same config, "
+                      "overrides, budget and seeds whose tf runs stand in for a tf arm this "
+                      "one does not run")
   parser.add_argument("--cache", default="",
                       help="persistent compilation cache folder (default OUT/jax_cache)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
@@ -63,7 +70,8 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   study = verdict.Study(out=out, base=base, overrides=tuple(args.overrides),
                         config_name=args.config, seeds=seeds, arms=arms,
-                        share=args.eavi_share, probes=args.probes, ratio=args.ratio)
+                        share=args.eavi_share, probes=args.probes, ratio=args.ratio,
+                        baseline=Path(args.baseline) if args.baseline else None)
   from onn_jax import app, run
   try:
     study.run(args.max_runs)

@@ -129,6 +129,10 @@ class Study:
   ratio: float | None = None  # EAVI step / teacher-forcing step; measured when None
   log: Callable[[str], None] = print
   calibration_steps: int = 40  # of each stage
+  # A finished study (its folder or verdict.json) whose ``tf`` runs stand in for a ``tf`` arm
+  # this study does not run (``--baseline``): a new arm is then compared without rerunning
+  # teacher forcing.
+  baseline: Path | None = None
 
   # Every run of a study, its calibration's too, compiles each stage's steps when the stage
   # starts: compiling a later stage on a worker thread (train.background_compile) slows the
@@ -306,11 +310,34 @@ class Study:
     done.write_text(json.dumps(output.jsonable(record), indent=1))
     return record
 
+  def baseline_runs(self) -> list[dict]:
+    """The ``tf`` runs of the study ``baseline``, when this study runs no ``tf`` arm of its own
+    (else none); refused in one line when that study's config, overrides, budget or seeds
+    differ from this one's, or it has no ``tf`` arm."""
+    if self.baseline is None or "tf" in self.arms:
+      return []
+    path = Path(self.baseline)
+    path = path / "verdict.json" if path.is_dir() else path
+    if not path.is_file():
+      raise config.ConfigError(f"--baseline {self.baseline}: no finished study there "
+                               "(its verdict.json)")
+    other = json.loads(path.read_text())
+    mine = {"config": self.config_name, "overrides": list(self.overrides),
+            "budget_tf_steps": self.budget, "seeds": list(self.seeds)}
+    for key, value in mine.items():
+      if other.get(key) != value:
+        raise config.ConfigError(f"--baseline {path}: its study has {key}={other.get(key)!r}, "
+                                 f"this one {value!r}")
+    if "tf" not in other.get("arms", {}):
+      raise config.ConfigError(f"--baseline {path}: its study has no tf arm")
+    return list(other["arms"]["tf"]["runs"])
+
   # -- the whole study ------------------------------------------------------------------------
   def run(self, max_runs: int = 0) -> dict | None:
     """Runs what is not done yet (at most ``max_runs`` runs, 0: all); writes verdict.json,
     verdict.md and verdict.png once every run is done and returns the verdict (else None)."""
     self.out.mkdir(parents=True, exist_ok=True)
+    baseline = self.baseline_runs()
     calib = self.calibrate()
     self.check_manifest(calib)
     plans = self.plans(calib)
@@ -331,10 +358,11 @@ class Study:
         if record is None:
           return None
         records.append(record)
-    verdict = summarise(records, calib, {"config": self.config_name,
-                                         "overrides": list(self.overrides),
-                                         "budget_tf_steps": self.budget, "eavi_share": self.share,
-                                         "seeds": list(self.seeds)})
+    meta = {"config": self.config_name, "overrides": list(self.overrides),
+            "budget_tf_steps": self.budget, "eavi_share": self.share, "seeds": list(self.seeds)}
+    if baseline:
+      meta["baseline"] = str(self.baseline)
+    verdict = summarise(baseline + records, calib, meta)
     (self.out / "verdict.json").write_text(json.dumps(output.jsonable(verdict), indent=1))
     (self.out / "verdict.md").write_text(markdown(verdict))
     plot_curves(verdict, self.out / "verdict.png")
@@ -437,7 +465,9 @@ def markdown(verdict: dict) -> str:
       + f"; EAVI share {verdict['eavi_share']:.0%}; seeds {verdict['seeds']}; scored on "
       f"{tasks.get('heldout', '?')} training tasks' held-out test outputs and "
       f"{tasks.get('eval', '?')} evaluation tasks; scores are official scores (pass@2); "
-      "measured s: each run's own step times, compilation left out.\n\n"
+      "measured s: each run's own step times, compilation left out"
+      + (f"; tf: the runs of the study {verdict['baseline']}" if verdict.get("baseline") else "")
+      + ".\n\n"
       + verdict["sentence"] + "\n")
 
 
