@@ -4,6 +4,7 @@ step plans, the table and sentence, and a tiny end-to-end study."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import pytest
@@ -93,50 +94,73 @@ def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
 
 def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
   """--baseline: a study without a tf arm takes the tf runs of a finished study of the same
-  config, overrides, budget and seeds, and the sentence and table compare with them; a study
-  that differs in any of them, or has no tf arm, is refused in one line; a study with its own
-  tf arm ignores it."""
+  command (config, overrides, budget, seeds), resolved config and machine, and its verdict
+  compares with them (its scale and planned seconds its own); a study that differs in any of
+  them, records no resolved config (before 2026-12-02) or has no tf arm is refused in one line;
+  a study with its own tf arm does not use it."""
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
-  meta = {"config": "default", "overrides": list(TINY_OVERRIDES), "budget_tf_steps": 8,
-          "eavi_share": 0.25, "seeds": [0, 1, 2]}
-  tf_runs = [_record("tf", s, h, 0.5) for s, h in enumerate((0.10, 0.12, 0.11))]
-  old = summarise(tf_runs + [_record("soft", s, 0.1, 0.5) for s in range(3)],
-                  {"ratio": 2.0, "measured": False}, meta)
-  (tmp_path / "old").mkdir()
-  (tmp_path / "old" / "verdict.json").write_text(json.dumps(old))
-  base = config.load("default", [*TINY_OVERRIDES, "train.pretrain_steps=8"])
-  study = lambda arms, **kw: Study(out=tmp_path / "new", base=base,  # noqa: E731
-                                   overrides=TINY_OVERRIDES, config_name="default",
-                                   arms=arms, baseline=tmp_path / "old", **kw)
+  from onn_jax.parallel import platform_line
+  here = platform_line(config.load("default", list(TINY_OVERRIDES)))[0]
+
+  def study(arms, overrides=TINY_OVERRIDES, baseline=tmp_path / "old", **kw):
+    return Study(out=tmp_path / "new", base=config.load("default", [*overrides,
+                                                                    "train.pretrain_steps=8"]),
+                 overrides=overrides, config_name="default", arms=arms, baseline=baseline,
+                 **kw)
+
+  def old_study(**changes):
+    runs = [{**_record("tf", s, h, 0.5), "machine": here}
+            for s, h in enumerate((0.10, 0.12, 0.11))]
+    verdict = summarise(runs, {"ratio": 2.0, "measured": False}, study(("tf",)).meta())
+    (tmp_path / "old").mkdir(exist_ok=True)
+    (tmp_path / "old" / "verdict.json").write_text(json.dumps({**verdict, **changes}))
+    return verdict
+
+  old = old_study()
   runs = study(("soft_parallel",)).baseline_runs()
   assert [(r["arm"], r["seed"]) for r in runs] == [("tf", 0), ("tf", 1), ("tf", 2)]
-  new = summarise(runs + [_record("soft_parallel", s, h, 0.6) for s, h in
-                          enumerate((0.20, 0.21, 0.22))], {"ratio": 1.5, "measured": False},
-                  {**meta, "baseline": str(tmp_path / "old")})
-  assert "soft_parallel: held-out AugScore 21.0% vs 11.0%, better" in new["sentence"]
-  assert f"tf: the runs of the study {tmp_path / 'old'}." in markdown(new)
-  assert study(("tf", "soft_parallel")).baseline_runs() == []
-  with pytest.raises(config.ConfigError, match="its study has seeds=.0, 1, 2., this one .0."):
-    study(("soft_parallel",), seeds=(0,)).baseline_runs()
-  old["arms"].pop("tf")
-  (tmp_path / "old" / "verdict.json").write_text(json.dumps(old))
-  with pytest.raises(config.ConfigError, match="has no tf arm"):
-    study(("soft_parallel",)).baseline_runs()
-  with pytest.raises(config.ConfigError, match="no finished study there"):
-    Study(out=tmp_path / "new", base=base, overrides=TINY_OVERRIDES, config_name="default",
-          arms=("soft",), baseline=tmp_path / "nowhere").baseline_runs()
-  # The whole study (its runs stubbed): verdict.json holds the baseline's tf runs beside its own.
-  old["arms"]["tf"] = {"runs": tf_runs}
-  (tmp_path / "old" / "verdict.json").write_text(json.dumps(old))
+  said = []
+  assert study(("tf", "soft_parallel"), log=said.append).baseline_runs() == [] and said
+  # The whole study (its runs stubbed): the verdict holds the baseline's tf runs beside its own.
   s = study(("soft_parallel",), ratio=1.5, log=lambda *_: None)
-  s.run_one = lambda arm, seed, plan, calib: _record(arm, seed, 0.2, 0.6)
+  s.run_one = lambda arm, seed, plan, calib: {**_record(arm, seed, 0.2 + seed / 100, 0.6),
+                                              "machine": "this study's"}
   verdict = s.run()
   assert [(arm, len(e["runs"])) for arm, e in verdict["arms"].items()] == [("tf", 3),
                                                                            ("soft_parallel", 3)]
   saved = json.loads((tmp_path / "new" / "verdict.json").read_text())
-  assert saved["baseline"] == str(tmp_path / "old")
-  assert "soft_parallel: held-out" in saved["sentence"]
+  assert saved["baseline"] == str(tmp_path / "old") and saved["scale"]["machine"] == "this study's"
+  assert "soft_parallel: held-out AugScore 21.0% vs 11.0%, better" in saved["sentence"]
+  assert f"tf: the runs of the study {tmp_path / 'old'}." in (tmp_path / "new" / "verdict.md"
+                                                               ).read_text()
+  # Refusals, each naming what differs.
+  for changes, culprit in (({"seeds": [0]}, "its study has seeds=[0], this one [0, 1, 2]"),
+                           ({"budget_tf_steps": 9}, "budget_tf_steps=9"),
+                           ({"overrides": list(TINY_OVERRIDES)[::-1]}, "overrides="),
+                           ({"base_config": None}, "does not record its resolved config")):
+    old_study(**changes)
+    if changes.get("base_config", 0) is None:
+      data = json.loads((tmp_path / "old" / "verdict.json").read_text())
+      data.pop("base_config")
+      (tmp_path / "old" / "verdict.json").write_text(json.dumps(data))
+    with pytest.raises(config.ConfigError, match=re.escape(culprit)):
+      study(("soft_parallel",)).baseline_runs()
+  resolved = study(("tf",)).meta()["base_config"]  # a default changed since: named by its key
+  old_study(base_config={**resolved, "data": {**resolved["data"], "loss_on": "outputs"}})
+  with pytest.raises(config.ConfigError, match=r"its study has data\.loss_on='outputs', this "
+                     r"one 'answer'"):
+    study(("soft_parallel",)).baseline_runs()
+  old_study(arms={"soft": old["arms"]["tf"]})
+  with pytest.raises(config.ConfigError, match="has no tf arm"):
+    study(("soft_parallel",)).baseline_runs()
+  (tmp_path / "old" / "verdict.json").write_text(json.dumps(
+      {**old, "arms": {"tf": {"runs": [{**r, "machine": "gpu x 8"} for r in old["arms"]["tf"]
+                                       ["runs"]]}}}))
+  with pytest.raises(config.ConfigError, match="its tf runs ran on .'gpu x 8'."):
+    study(("soft_parallel",)).baseline_runs()
+  with pytest.raises(config.ConfigError, match="no finished study there"):
+    study(("soft",), baseline=tmp_path / "nowhere").baseline_runs()
 
 
 def test_step_seconds_count_only_plain_steps_and_a_redone_step_once(tmp_path):

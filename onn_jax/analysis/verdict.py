@@ -310,27 +310,53 @@ class Study:
     done.write_text(json.dumps(output.jsonable(record), indent=1))
     return record
 
+  def meta(self) -> dict[str, Any]:
+    """What verdict.json records of the study: its command's inputs and the resolved base
+    config (every key, the config file's and the code's defaults included)."""
+    return {"config": self.config_name, "overrides": list(self.overrides),
+            "budget_tf_steps": self.budget, "eavi_share": self.share, "seeds": list(self.seeds),
+            "base_config": output.jsonable(config.to_dict(self.base))}
+
   def baseline_runs(self) -> list[dict]:
     """The ``tf`` runs of the study ``baseline``, when this study runs no ``tf`` arm of its own
-    (else none); refused in one line when that study's config, overrides, budget or seeds
-    differ from this one's, or it has no ``tf`` arm."""
-    if self.baseline is None or "tf" in self.arms:
+    (else none, and a log line says so); refused in one line when that study's command
+    (config, overrides, budget, seeds), its resolved base config (a default changed since) or
+    its machine differ from this one's, or it has no ``tf`` arm."""
+    if self.baseline is None:
+      return []
+    if "tf" in self.arms:
+      self.log(f"--baseline {self.baseline}: not used, this study runs its own tf arm")
       return []
     path = Path(self.baseline)
     path = path / "verdict.json" if path.is_dir() else path
     if not path.is_file():
       raise config.ConfigError(f"--baseline {self.baseline}: no finished study there "
                                "(its verdict.json)")
-    other = json.loads(path.read_text())
-    mine = {"config": self.config_name, "overrides": list(self.overrides),
-            "budget_tf_steps": self.budget, "seeds": list(self.seeds)}
-    for key, value in mine.items():
-      if other.get(key) != value:
-        raise config.ConfigError(f"--baseline {path}: its study has {key}={other.get(key)!r}, "
-                                 f"this one {value!r}")
+    other, mine = json.loads(path.read_text()), self.meta()
+    if "base_config" not in other:
+      raise config.ConfigError(f"--baseline {path}: it does not record its resolved config "
+                               "(studies before 2026-12-02 did not), so a changed default "
+                               "cannot be ruled out; run its tf arm again")
+    for key in ("config", "overrides", "budget_tf_steps", "seeds", "base_config"):
+      if other.get(key) != mine[key]:
+        theirs, ours = other.get(key), mine[key]
+        if key == "base_config":  # name the first setting that differs (sections of keys)
+          key, theirs, ours = next(
+              ((f"{sec}.{k}", theirs.get(sec, {}).get(k), v) for sec, vals in ours.items()
+               for k, v in vals.items() if theirs.get(sec, {}).get(k) != v),
+              ("base_config", "other keys", "these"))
+        raise config.ConfigError(f"--baseline {path}: its study has {key}={theirs!r}, this one "
+                                 f"{ours!r}")
     if "tf" not in other.get("arms", {}):
       raise config.ConfigError(f"--baseline {path}: its study has no tf arm")
-    return list(other["arms"]["tf"]["runs"])
+    runs = list(other["arms"]["tf"]["runs"])
+    from onn_jax.parallel import platform_line
+    here = platform_line(self.base)[0]
+    if any(r.get("machine") != here for r in runs):
+      raise config.ConfigError(f"--baseline {path}: its tf runs ran on "
+                               f"{sorted({str(r.get('machine')) for r in runs})}, this study "
+                               f"on {here!r}")
+    return runs
 
   # -- the whole study ------------------------------------------------------------------------
   def run(self, max_runs: int = 0) -> dict | None:
@@ -358,9 +384,12 @@ class Study:
         if record is None:
           return None
         records.append(record)
-    meta = {"config": self.config_name, "overrides": list(self.overrides),
-            "budget_tf_steps": self.budget, "eavi_share": self.share, "seeds": list(self.seeds)}
+    meta = self.meta()
     if baseline:
+      # Charged like this study's own arms: at its calibration's teacher-forcing step.
+      t_tf = calib.get("tf_step_s")
+      baseline = [{**r, "train_s": r["plan"]["pretrain"] * t_tf} if t_tf else r
+                  for r in baseline]
       meta["baseline"] = str(self.baseline)
     verdict = summarise(baseline + records, calib, meta)
     (self.out / "verdict.json").write_text(json.dumps(output.jsonable(verdict), indent=1))
@@ -391,7 +420,8 @@ def summarise(records: Sequence[dict], calib: dict, meta: dict) -> dict:
                        for key in runs[0]["scores"]}
     entry["free_token_acc"] = _mean_sd([final_point(r)["token_accuracy"] for r in runs
                                         if final_point(r)] or [math.nan])
-  first = records[0] if records else {}
+  # The scale of this study's own runs: a --baseline's come first, from another study.
+  first = next((r for r in records if r["arm"] != "tf"), records[0]) if records else {}
   scale = {"params": first.get("params"), "tasks": first.get("tasks", {}),
            "machine": first.get("machine")}
   verdict = {**meta, "scale": scale, "calibration": calib, "arms": arms}
