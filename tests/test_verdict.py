@@ -9,7 +9,7 @@ import re
 import jax
 import pytest
 
-from onn_jax import stages
+from onn_jax import config, stages
 from onn_jax.analysis import TINY_OVERRIDES
 from onn_jax.analysis.verdict import Plan, markdown, plan_arm, step_seconds, summarise
 from train import eavi_verdict
@@ -228,6 +228,41 @@ def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
   assert json.loads((tmp_path / "study.json").read_text())["ratios"] == calib["ratios"]
 
 
+def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
+  """--arm: a teacher-forcing arm with overrides of the user's. It calibrates its own
+  teacher-forcing step (a short run, cached) and trains ``budget / cost`` steps, its runs take
+  its overrides, it is charged at its cost in the planned seconds and the curve, and the
+  manifest records it; with a given --ratio it is charged as teacher forcing."""
+  from onn_jax import config
+  from onn_jax.analysis.verdict import Study
+  overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single")
+  custom = {"wide": ("model.expert_hidden=64",), "outputs": ("data.loss_on=outputs",)}
+  def make(**kw):
+    return Study(out=tmp_path, base=config.load("default", list(overrides)),
+                 overrides=overrides, config_name="default", arms=("tf", "wide", "outputs"),
+                 custom=custom, calibration_steps=3, log=lambda *_: None, **kw)
+  given = make(ratio=2.0).calibrate()
+  assert given["costs"] == {"wide": 1.0, "outputs": 1.0}
+  assert make(ratio=2.0).plans(given)["wide"] == Plan(8, 0)
+  study = make()
+  assert not study.is_eavi("wide") and study.is_eavi("soft") and not study.is_eavi("tf")
+  calib = study.calibrate()
+  assert (tmp_path / "calibration_arm_wide").is_dir() and not (tmp_path / "calibration_arm_tf"
+                                                                ).exists()
+  assert set(calib["costs"]) == {"wide", "outputs"} and all(c > 0 for c in calib["costs"].values())
+  assert study.calibrate() == calib  # cached
+  calib = {**calib, "costs": {"wide": 2.0, "outputs": 1.0}}  # as if measured so
+  plans = study.plans(calib)
+  assert (plans["tf"], plans["wide"], plans["outputs"]) == (Plan(8, 0), Plan(4, 0), Plan(8, 0))
+  cfg = study.run_config("wide", 1, plans["wide"])
+  assert cfg.model.expert_hidden == 64 and cfg.train.pretrain_steps == 4 and cfg.train.seed == 1
+  assert study.run_config("tf", 1, plans["tf"]).model.expert_hidden != 64
+  study.check_manifest(calib)
+  manifest = json.loads((tmp_path / "study.json").read_text())
+  assert manifest["custom"] == {k: list(v) for k, v in custom.items()}
+  assert manifest["costs"] == calib["costs"]
+
+
 def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
   """A calibration measured before studies turned background compilation off (no "measure" in
   its calibration.json), or a study.json written then, is refused rather than mixed in."""
@@ -254,17 +289,21 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
 
 
 def test_the_study_end_to_end(tmp_path, capsys):
-  """A tiny study (one seed; teacher forcing against EAVI mixed in from the start): the table,
-  the plot and per-run results, the curve of free-running accuracy, equal planned time, every
+  """A tiny study (one seed; teacher forcing against EAVI mixed in from the start and an arm of
+  the user's, --arm, charged as teacher forcing under --ratio): the table, the plot and per-run
+  results, the curve of free-running accuracy, equal planned time, every
   step's time measured; run again, it reuses every finished run; run with another plan in the
   same folder, it refuses in one line."""
   out = tmp_path / "study"
   argv = ["--config", "default", "--out", str(out), "--seeds", "0", "--arms", "tf,soft_mixed",
-          "--probes", "2", "--ratio", "2", *TINY_OVERRIDES, "train.pretrain_steps=6",
-          "parallel.mode=single"]
+          "--probes", "2", "--ratio", "2", "--arm", "outputs: data.loss_on=outputs",
+          *TINY_OVERRIDES, "train.pretrain_steps=6", "parallel.mode=single"]
   assert eavi_verdict.main(argv) == 0
   verdict = json.loads((out / "verdict.json").read_text())
-  assert set(verdict["arms"]) == {"tf", "soft_mixed"}
+  assert set(verdict["arms"]) == {"tf", "soft_mixed", "outputs"}
+  assert verdict["arms"]["outputs"]["runs"][0]["plan"] == {"pretrain": 6, "eavi": 0, "every": 0}
+  saved = config.load(str(out / "runs" / "outputs_s0" / "config.yaml"), saved_run=True)
+  assert saved.data.loss_on == "outputs" and saved.train.pretrain_steps == 6
   mixed = verdict["arms"]["soft_mixed"]["runs"][0]
   # k = 1 + r (1 - f) / f = 7, and a mixed run holds at least one EAVI step: 7 steps.
   assert mixed["plan"] == {"pretrain": 7, "eavi": 0, "every": 7}
@@ -303,6 +342,12 @@ def test_the_study_end_to_end(tmp_path, capsys):
     (["--eavi-share", "1.0"], "--eavi-share"),
     (["--seeds", "a"], "invalid literal"),
     (["model.d_model=-1"], "model.d_model"),
+    (["--arm", "paper"], "--arm 'paper': expected 'NAME: section.key=value ...'"),
+    (["--arm", "paper: "], "expected 'NAME: section.key=value ...'"),
+    (["--arm", "soft: data.loss_on=outputs"], "the name 'soft' is taken"),
+    (["--arm", "a: data.loss_on=outputs", "--arm", "a: data.loss_on=answer"], "'a' is taken"),
+    (["--arm", "a: data.loss_on"], "'data.loss_on' is not section.key=value"),
+    (["--arm", "a: data.loss_on=everything"], "data.loss_on"),
 ])
 def test_bad_study_arguments_fail_in_one_line(tmp_path, capsys, args, culprit):
   assert eavi_verdict.main(["--out", str(tmp_path / "s"), *args]) == 2

@@ -4,14 +4,18 @@ training time, several seeds each (protocol: onn_jax/analysis/verdict.py).
   python -m train.eavi_verdict [--config default] [--out runs/eavi_verdict] [--seeds 0,1,2]
                                [--arms tf,soft,...] [--eavi-share 0.25] [--probes 6]
                                [--ratio R] [--max-runs N] [--baseline STUDY]
+                               [--arm "NAME: section.key=value ..."]
                                [section.key=value ...]
 
 The time budget is the config's train.pretrain_steps teacher-forcing steps. Writes
 OUT/verdict.md (the table), verdict.json and verdict.png (free-running accuracy along training);
 each run keeps its folder under OUT/runs. Run the same command again to go on after a stop;
 OUT/study.json refuses a command whose config, overrides, budget, share or ratio differ.
-``--baseline STUDY``: a study without a tf arm compares its arms with the tf runs of a finished
-study of the same config, overrides, budget and seeds (a new variant, teacher forcing not rerun).
+``--arm "NAME: key=value ..."`` adds a teacher-forcing arm of your own (an NSA geometry, the
+loss, TTT at evaluation), at equal time too: it calibrates its own step and trains the budget
+over its cost. ``--baseline STUDY``: a study without a tf arm compares its arms with the tf
+runs of a finished study of the same command, resolved config and machine (a new variant,
+teacher forcing not rerun).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def main(argv=None) -> int:
   parser.add_argument("--ratio", type=float, default=None,
                       help="EAVI step / teacher-forcing step (default: measured first)")
   parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs (0: all)")
+  parser.add_argument("--arm", action="append", default=[], metavar="NAME:OVERRIDES",
+                      help="a teacher-forcing arm of your own, e.g. \"paper: model.block_len=32 "
+                      "model.block_stride=16\" (overrides separated by spaces); at equal time: "
+                      "it calibrates its own step; repeatable")
   parser.add_argument("--baseline", default="",
                       help="a finished study (folder or verdict.json) of the same config, "
                       "overrides, budget and seeds whose tf runs stand in for a tf arm this "
@@ -51,15 +59,19 @@ def main(argv=None) -> int:
   from onn_jax.analysis import verdict
   try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(verdict.DEFAULT_ARMS)
+    custom = verdict.parse_custom_arms(args.arm)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in verdict.ARMS]
     if unknown:
       raise config.ConfigError(f"--arms: unknown {unknown}; known: {list(verdict.ARMS)}")
+    arms = (arms or (["tf"] if custom else list(verdict.DEFAULT_ARMS))) + list(custom)
     if not 0.0 < args.eavi_share < 1.0:
       raise config.ConfigError(f"--eavi-share: must lie in (0, 1), got {args.eavi_share}")
     if args.probes < 1 or not seeds:
       raise config.ConfigError("--probes and --seeds: at least one each")
     base = config.load(args.config, args.overrides)
+    for overrides in custom.values():  # a bad key fails now, not after hours of other runs
+      config.load(args.config, [*args.overrides, *overrides])
   except (ValueError, config.ConfigError) as err:
     print(f"config error: {err}", file=sys.stderr)
     return 2
@@ -71,7 +83,8 @@ def main(argv=None) -> int:
   study = verdict.Study(out=out, base=base, overrides=tuple(args.overrides),
                         config_name=args.config, seeds=seeds, arms=arms,
                         share=args.eavi_share, probes=args.probes, ratio=args.ratio,
-                        baseline=Path(args.baseline) if args.baseline else None)
+                        baseline=Path(args.baseline) if args.baseline else None,
+                        custom=custom)
   from onn_jax import app, run
   try:
     study.run(args.max_runs)

@@ -58,6 +58,25 @@ SPLITS = ("heldout", "eval")  # the training tasks' held-out test outputs; data.
 MODES = ("greedy", "augscore")
 
 
+def parse_custom_arms(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """``["NAME: key=value key=value", ...]`` (``--arm``) -> {NAME: overrides}; ConfigError in
+  one line for a spec without a name or overrides, a name of a built-in arm or a repeated
+  one."""
+  arms: dict[str, tuple[str, ...]] = {}
+  for spec in specs:
+    name, _, rest = spec.partition(":")
+    name, overrides = name.strip(), tuple(rest.split())
+    if not name or not name.replace("_", "").isalnum() or not overrides:
+      raise config.ConfigError(f"--arm {spec!r}: expected 'NAME: section.key=value ...'")
+    if name in ARMS or name in arms:
+      raise config.ConfigError(f"--arm {spec!r}: the name {name!r} is taken")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+      raise config.ConfigError(f"--arm {spec!r}: {bad[0]!r} is not section.key=value")
+    arms[name] = overrides
+  return arms
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Step counts of one arm: teacher-forcing steps, EAVI steps and EAVI's interleave."""
@@ -133,6 +152,10 @@ class Study:
   # this study does not run (``--baseline``): a new arm is then compared without rerunning
   # teacher forcing.
   baseline: Path | None = None
+  # Arms of the user's (``--arm NAME:OVERRIDES``): teacher forcing with these overrides (an NSA
+  # geometry, the loss, TTT at evaluation...), at equal time: each calibrates its own
+  # teacher-forcing step and trains ``budget / cost`` steps.
+  custom: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   # Every run of a study, its calibration's too, compiles each stage's steps when the stage
   # starts: compiling a later stage on a worker thread (train.background_compile) slows the
@@ -148,8 +171,15 @@ class Study:
   def checkpoint_every(self, plan: Plan) -> int:
     return max(1, math.ceil((plan.pretrain + plan.eavi) / self.probes))
 
+  def spec(self, arm: str) -> tuple[tuple[str, ...], bool]:
+    """(config overrides, EAVI mixed into pre-training) of ``arm``, built in or custom."""
+    return ARMS[arm] if arm in ARMS else (tuple(self.custom[arm]), False)
+
+  def is_eavi(self, arm: str) -> bool:
+    return arm != "tf" and arm not in self.custom
+
   def run_config(self, arm: str, seed: int, plan: Plan) -> Config:
-    arm_overrides, _ = ARMS[arm]
+    arm_overrides, _ = self.spec(arm)
     # Every step is logged (its time, its stage, whether it compiled); the final weights are
     # scored, never their EMA (which lags the most recent steps: EAVI's, in a second stage).
     # Scoring compares training, so it runs without test-time training unless asked for.
@@ -162,17 +192,20 @@ class Study:
   # -- calibration ------------------------------------------------------------------------
   def rollout(self, arm: str) -> str:
     """The ``eavi.rollout`` of ``arm``'s runs."""
-    return config.load(self.config_name, [*self.overrides, *ARMS[arm][0]]).eavi.rollout
+    return config.load(self.config_name, [*self.overrides, *self.spec(arm)[0]]).eavi.rollout
 
   def calibrate(self) -> dict[str, Any]:
     """t_tf and t_eavi on this machine: the mean of the steps of a short run (teacher forcing,
     then EAVI) that did not compile, one run for each ``eavi.rollout`` the EAVI arms take
-    (``ratios``; ``ratio``: the first one's); cached in calibration.json. A given ``ratio`` is
-    used as it is, for every arm."""
-    kinds = sorted({self.rollout(arm) for arm in self.arms if arm != "tf"}
+    (``ratios``; ``ratio``: the first one's), and a short teacher-forcing run of each custom
+    arm (``costs``: its step over the config's); cached in calibration.json. A given ``ratio``
+    is used as it is, for every EAVI arm, and custom arms are charged as teacher forcing."""
+    kinds = sorted({self.rollout(arm) for arm in self.arms if self.is_eavi(arm)}
                    or {self.base.eavi.rollout})
+    custom = [arm for arm in self.arms if arm in self.custom]
     if self.ratio is not None:
-      return {"ratio": self.ratio, "measured": False, "ratios": {k: self.ratio for k in kinds}}
+      return {"ratio": self.ratio, "measured": False, "ratios": {k: self.ratio for k in kinds},
+              "costs": {arm: 1.0 for arm in custom}}
     path = self.out / "calibration.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("measured") and result.get("measure") != list(self.MEASURE):
@@ -203,6 +236,19 @@ class Study:
                   "measure": list(self.MEASURE)}
       result["ratios"][kind] = mean["eavi"] / mean["pretrain"]
       path.write_text(json.dumps(result, indent=1))
+    for arm in custom:
+      if arm in result.setdefault("costs", {}):
+        continue
+      from onn_jax import run
+      n = self.calibration_steps
+      cfg = config.load(self.config_name, [*self.overrides, *self.custom[arm]] + [
+          f"train.pretrain_steps={n}", "train.eavi_steps=0", "train.log_every=1",
+          "checkpoint.every=100000", "train.reset_every=0", *self.MEASURE])
+      self.log(f"calibration: {n} teacher-forcing steps of arm {arm}")
+      run.train(cfg, self.out / f"calibration_arm_{arm}", log=self.log)
+      t_arm = mean_step_s(self.out / f"calibration_arm_{arm}" / "metrics.jsonl", cfg)["pretrain"]
+      result["costs"][arm] = t_arm / result["tf_step_s"]
+      path.write_text(json.dumps(result, indent=1))
     return result
 
   def arm_ratio(self, arm: str, calib: dict) -> float:
@@ -210,8 +256,11 @@ class Study:
     return calib["ratios"].get(self.rollout(arm), calib["ratio"]) if arm != "tf" else calib["ratio"]
 
   def plans(self, calib: dict) -> dict[str, Plan]:
-    return {arm: plan_arm(ARMS[arm][1], arm != "tf", self.budget, self.share,
-                          self.arm_ratio(arm, calib)) for arm in self.arms}
+    """Each arm's steps: EAVI arms by :func:`plan_arm`, a custom arm the budget over its cost."""
+    return {arm: (Plan(max(1, round(self.budget / calib["costs"][arm])), 0) if arm in self.custom
+                  else plan_arm(self.spec(arm)[1], self.is_eavi(arm), self.budget, self.share,
+                                self.arm_ratio(arm, calib)))
+            for arm in self.arms}
 
   def check_manifest(self, calib: dict) -> None:
     """study.json records what every run of this folder was planned with; a command that
@@ -222,6 +271,9 @@ class Study:
                 "probes": self.probes, "ratio": calib["ratio"], "measure": list(self.MEASURE)}
     if any(kind != "sequential" for kind in calib["ratios"]):  # (studies before them had none)
       manifest["ratios"] = calib["ratios"]
+    if self.custom:
+      manifest["custom"] = {arm: list(ov) for arm, ov in self.custom.items()}
+      manifest["costs"] = calib["costs"]
     path = self.out / "study.json"
     if path.is_file():
       before = json.loads(path.read_text())
@@ -271,7 +323,8 @@ class Study:
     probe_steps = sorted(s for s in mngr.all_steps() if s % every == 0 or s == total)
     mngr.close()
     ratio = self.arm_ratio(arm, calib)
-    cost = lambda n: plan.counts(n)[0] + plan.counts(n)[1] * ratio  # noqa: E731
+    tf_cost = calib.get("costs", {}).get(arm, 1.0)  # a custom arm's step, in the config's
+    cost = lambda n: plan.counts(n)[0] * tf_cost + plan.counts(n)[1] * ratio  # noqa: E731
     curve = []
     for step in probe_steps:
       params, _ = checkpoint.load_params(workdir, target, prefer_ema=False, step=step,
@@ -298,7 +351,7 @@ class Study:
     own = mean_step_s(workdir / "metrics.jsonl", cfg)
     t_tf = calib.get("tf_step_s") or own.get("pretrain", math.nan)
     own_tf = own.get("pretrain", t_tf)
-    planned = (n_tf + n_eavi * ratio) * t_tf
+    planned = (n_tf * tf_cost + n_eavi * ratio) * t_tf
     measured = n_tf * own_tf + n_eavi * own.get("eavi", own_tf * ratio)
     record = {"arm": arm, "seed": seed, "plan": dataclasses.asdict(plan),
               "step_s": own, "train_s": planned, "measured_train_s": measured,
@@ -492,6 +545,8 @@ def markdown(verdict: dict) -> str:
          if c.get("measured") else " (given)")
       + "".join(f", {r:.2f} with eavi.rollout={kind}" for kind, r in c.get("ratios", {}).items()
                 if len(c["ratios"]) > 1)
+      + "".join(f"; a step of {arm} = {r:.2f} teacher-forcing steps"
+                for arm, r in c.get("costs", {}).items())
       + f"; EAVI share {verdict['eavi_share']:.0%}; seeds {verdict['seeds']}; scored on "
       f"{tasks.get('heldout', '?')} training tasks' held-out test outputs and "
       f"{tasks.get('eval', '?')} evaluation tasks; scores are official scores (pass@2); "
