@@ -230,28 +230,39 @@ def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
 
 def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   """--arm: a teacher-forcing arm with overrides of the user's. It calibrates its own
-  teacher-forcing step (a short run, cached) and trains ``budget / cost`` steps, its runs take
-  its overrides, it is charged at its cost in the planned seconds and the curve, and the
-  manifest records it; with a given --ratio it is charged as teacher forcing."""
+  teacher-forcing step (a short run, cached while its overrides stay; an arm that only changes
+  the evaluation is charged 1 untimed) and trains ``budget / cost`` steps, its runs take its
+  overrides, and the manifest records it; a folder's study with other --arm arms is refused
+  before anything runs; with a given --ratio it is charged as teacher forcing."""
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
   overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single")
-  custom = {"wide": ("model.expert_hidden=64",), "outputs": ("data.loss_on=outputs",)}
+  custom = {"wide": ("model.expert_hidden=64",), "outputs": ("data.loss_on=outputs",),
+            "ttt": ("ttt.steps=2", "eval.color_perms=1")}
   def make(**kw):
     return Study(out=tmp_path, base=config.load("default", list(overrides)),
-                 overrides=overrides, config_name="default", arms=("tf", "wide", "outputs"),
-                 custom=custom, calibration_steps=3, log=lambda *_: None, **kw)
+                 overrides=overrides, config_name="default",
+                 arms=("tf", "wide", "outputs", "ttt"), custom=kw.pop("custom", custom),
+                 calibration_steps=3, log=lambda *_: None, **kw)
   given = make(ratio=2.0).calibrate()
-  assert given["costs"] == {"wide": 1.0, "outputs": 1.0}
+  assert given["costs"] == {"wide": 1.0, "outputs": 1.0, "ttt": 1.0}
   assert make(ratio=2.0).plans(given)["wide"] == Plan(8, 0)
   study = make()
   assert not study.is_eavi("wide") and study.is_eavi("soft") and not study.is_eavi("tf")
   calib = study.calibrate()
   assert (tmp_path / "calibration_arm_wide").is_dir() and not (tmp_path / "calibration_arm_tf"
                                                                 ).exists()
-  assert set(calib["costs"]) == {"wide", "outputs"} and all(c > 0 for c in calib["costs"].values())
-  assert study.calibrate() == calib  # cached
-  calib = {**calib, "costs": {"wide": 2.0, "outputs": 1.0}}  # as if measured so
+  assert set(calib["costs"]) == {"wide", "outputs", "ttt"} and calib["costs"]["ttt"] == 1.0
+  assert all(c > 0 for c in calib["costs"].values())
+  assert not (tmp_path / "calibration_arm_ttt").exists()
+  timed = tmp_path / "calibration_arm_wide" / "metrics.jsonl"
+  stamp = timed.stat().st_mtime_ns
+  assert study.calibrate() == calib and timed.stat().st_mtime_ns == stamp  # cached
+  # Other overrides under the same name are timed again.
+  again = make(custom={**custom, "wide": ("model.expert_hidden=48",)}).calibrate()
+  assert again["cost_overrides"]["wide"] == ["model.expert_hidden=48"]
+  assert timed.stat().st_mtime_ns != stamp
+  calib = {**calib, "costs": {"wide": 2.0, "outputs": 1.0, "ttt": 1.0}}  # as if measured so
   plans = study.plans(calib)
   assert (plans["tf"], plans["wide"], plans["outputs"]) == (Plan(8, 0), Plan(4, 0), Plan(8, 0))
   cfg = study.run_config("wide", 1, plans["wide"])
@@ -261,6 +272,9 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   manifest = json.loads((tmp_path / "study.json").read_text())
   assert manifest["custom"] == {k: list(v) for k, v in custom.items()}
   assert manifest["costs"] == calib["costs"]
+  other = make(custom={"wide": ("model.expert_hidden=48",)})
+  with pytest.raises(config.ConfigError, match="other --arm arms"):
+    other.run()
 
 
 def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
@@ -347,7 +361,8 @@ def test_the_study_end_to_end(tmp_path, capsys):
     (["--arm", "soft: data.loss_on=outputs"], "the name 'soft' is taken"),
     (["--arm", "a: data.loss_on=outputs", "--arm", "a: data.loss_on=answer"], "'a' is taken"),
     (["--arm", "a: data.loss_on"], "'data.loss_on' is not section.key=value"),
-    (["--arm", "a: data.loss_on=everything"], "data.loss_on"),
+    (["--arm", "a: data.loss_on=everything"], "'everything' is not one of answer, outputs"),
+    (["--arm", "a: train.pretrain_steps=5"], "'train.pretrain_steps=5' is set by the study"),
 ])
 def test_bad_study_arguments_fail_in_one_line(tmp_path, capsys, args, culprit):
   assert eavi_verdict.main(["--out", str(tmp_path / "s"), *args]) == 2

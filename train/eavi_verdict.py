@@ -47,7 +47,8 @@ def main(argv=None) -> int:
   parser.add_argument("--arm", action="append", default=[], metavar="NAME:OVERRIDES",
                       help="a teacher-forcing arm of your own, e.g. \"paper: model.block_len=32 "
                       "model.block_stride=16\" (overrides separated by spaces); at equal time: "
-                      "it calibrates its own step; repeatable")
+                      "it calibrates its own step; repeatable; without --arms, the arms are "
+                      "tf (unless --baseline) and these")
   parser.add_argument("--baseline", default="",
                       help="a finished study (folder or verdict.json) of the same config, "
                       "overrides, budget and seeds whose tf runs stand in for a tf arm this "
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
     unknown = [a for a in arms if a not in verdict.ARMS]
     if unknown:
       raise config.ConfigError(f"--arms: unknown {unknown}; known: {list(verdict.ARMS)}")
-    arms = (arms or (["tf"] if custom else list(verdict.DEFAULT_ARMS))) + list(custom)
+    # With --arm alone: teacher forcing and those arms (only those, against a --baseline).
+    default = [] if args.baseline else ["tf"]
+    arms = (arms or (default if custom else list(verdict.DEFAULT_ARMS))) + list(custom)
     if not 0.0 < args.eavi_share < 1.0:
       raise config.ConfigError(f"--eavi-share: must lie in (0, 1), got {args.eavi_share}")
     if args.probes < 1 or not seeds:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,10 +59,21 @@ SPLITS = ("heldout", "eval")  # the training tasks' held-out test outputs; data.
 MODES = ("greedy", "augscore")
 
 
+# Settings every run of a study takes from the study itself (Study.run_config, MEASURE): an arm
+# of the user's may not set them.
+STUDY_KEYS = ("train.pretrain_steps", "train.eavi_steps", "train.eavi_every", "train.seed",
+              "train.log_every", "train.background_compile", "checkpoint.every",
+              "checkpoint.keep", "checkpoint.async_save", "eval.weights",
+              "data.hold_out_train_tests")
+# Sections that only change how a run is evaluated: an arm that sets nothing else trains as
+# teacher forcing does, so its step is charged at 1 without a calibration run.
+EVAL_SECTIONS = ("ttt", "eval")
+
+
 def parse_custom_arms(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
   """``["NAME: key=value key=value", ...]`` (``--arm``) -> {NAME: overrides}; ConfigError in
   one line for a spec without a name or overrides, a name of a built-in arm or a repeated
-  one."""
+  one, or a setting the study makes itself (:data:`STUDY_KEYS`)."""
   arms: dict[str, tuple[str, ...]] = {}
   for spec in specs:
     name, _, rest = spec.partition(":")
@@ -73,6 +85,10 @@ def parse_custom_arms(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
     bad = [o for o in overrides if "=" not in o]
     if bad:
       raise config.ConfigError(f"--arm {spec!r}: {bad[0]!r} is not section.key=value")
+    fixed = [o for o in overrides if o.split("=", 1)[0].strip() in STUDY_KEYS]
+    if fixed:
+      raise config.ConfigError(f"--arm {spec!r}: {fixed[0]!r} is set by the study for every "
+                               "arm (the budget, seeds, logging and checkpoints)")
     arms[name] = overrides
   return arms
 
@@ -237,15 +253,24 @@ class Study:
       result["ratios"][kind] = mean["eavi"] / mean["pretrain"]
       path.write_text(json.dumps(result, indent=1))
     for arm in custom:
-      if arm in result.setdefault("costs", {}):
+      timed = result.setdefault("cost_overrides", {}).get(arm)
+      if arm in result.setdefault("costs", {}) and timed == list(self.custom[arm]):
+        continue
+      result["cost_overrides"][arm] = list(self.custom[arm])
+      if all(o.split(".", 1)[0] in EVAL_SECTIONS for o in self.custom[arm]):
+        result["costs"][arm] = 1.0  # trains as teacher forcing does
+        path.write_text(json.dumps(result, indent=1))
         continue
       from onn_jax import run
       n = self.calibration_steps
       cfg = config.load(self.config_name, [*self.overrides, *self.custom[arm]] + [
-          f"train.pretrain_steps={n}", "train.eavi_steps=0", "train.log_every=1",
-          "checkpoint.every=100000", "train.reset_every=0", *self.MEASURE])
+          f"train.pretrain_steps={n}", "train.eavi_steps=0", "train.eavi_every=0",
+          "train.log_every=1", "checkpoint.every=100000", "train.reset_every=0",
+          *self.MEASURE])
       self.log(f"calibration: {n} teacher-forcing steps of arm {arm}")
-      run.train(cfg, self.out / f"calibration_arm_{arm}", log=self.log)
+      workdir = self.out / f"calibration_arm_{arm}"
+      shutil.rmtree(workdir, ignore_errors=True)  # an earlier try, or other overrides: anew
+      run.train(cfg, workdir, log=self.log)
       t_arm = mean_step_s(self.out / f"calibration_arm_{arm}" / "metrics.jsonl", cfg)["pretrain"]
       result["costs"][arm] = t_arm / result["tf_step_s"]
       path.write_text(json.dumps(result, indent=1))
@@ -417,6 +442,11 @@ class Study:
     verdict.md and verdict.png once every run is done and returns the verdict (else None)."""
     self.out.mkdir(parents=True, exist_ok=True)
     baseline = self.baseline_runs()
+    before = self.out / "study.json"
+    custom = {arm: list(ov) for arm, ov in self.custom.items()}
+    if before.is_file() and json.loads(before.read_text()).get("custom", {}) != custom:
+      raise config.ConfigError(f"{before}: this folder's study has other --arm arms than "
+                               f"{custom!r}; use another --out (or the same arguments) to go on")
     calib = self.calibrate()
     self.check_manifest(calib)
     plans = self.plans(calib)
@@ -474,7 +504,8 @@ def summarise(records: Sequence[dict], calib: dict, meta: dict) -> dict:
     entry["free_token_acc"] = _mean_sd([final_point(r)["token_accuracy"] for r in runs
                                         if final_point(r)] or [math.nan])
   # The scale of this study's own runs: a --baseline's come first, from another study.
-  first = next((r for r in records if r["arm"] != "tf"), records[0]) if records else {}
+  first = next((r for r in records if r["arm"] in ARMS and r["arm"] != "tf"),
+               next((r for r in records if r["arm"] == "tf"), records[0])) if records else {}
   scale = {"params": first.get("params"), "tasks": first.get("tasks", {}),
            "machine": first.get("machine")}
   verdict = {**meta, "scale": scale, "calibration": calib, "arms": arms}
@@ -546,6 +577,7 @@ def markdown(verdict: dict) -> str:
       + "".join(f", {r:.2f} with eavi.rollout={kind}" for kind, r in c.get("ratios", {}).items()
                 if len(c["ratios"]) > 1)
       + "".join(f"; a step of {arm} = {r:.2f} teacher-forcing steps"
+                + ("" if c.get("measured") else " (assumed)")
                 for arm, r in c.get("costs", {}).items())
       + f"; EAVI share {verdict['eavi_share']:.0%}; seeds {verdict['seeds']}; scored on "
       f"{tasks.get('heldout', '?')} training tasks' held-out test outputs and "
