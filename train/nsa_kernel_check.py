@@ -8,8 +8,8 @@ forward+backward timings against cuDNN causal GQA attention and the blockwise im
 Head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32) and its NSA geometry
 (block_len 16, stride 8, select_len 32, num_select 8, window 128; ``--geometry`` takes
 another, as block_len/stride/select_len/num_select/window), bf16 inputs. Each timing is the
-median of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query inputs
-and the gates); memory is XLA's temporary buffer size for that program. ``--variants`` times
+median of ``--iters`` runs of one jitted forward+backward (gradients of all seven key/query
+inputs and the gates); memory is XLA's temporary buffer size for that program. ``--variants`` times
 the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run;
 ``--packed`` also times each impl on packed rows (``segment_start``: sequences of 300 to 1400
 tokens, as ``data.pack`` lays out arc1's); ``--decode B x S`` times one-token decoding (the
@@ -45,6 +45,8 @@ def parse_geometry(text: str) -> dict[str, int]:
     raise ValueError(f"--geometry {text!r}: expected five positive integers "
                      "block_len/block_stride/select_len/num_select/window, e.g. 16/8/32/8/128")
   return dict(zip(GEO, (int(p) for p in parts)))
+
+
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 # Variants: module settings of nsa_pallas (the selected branch's backward) or of nsa (the
 # compressed branch).

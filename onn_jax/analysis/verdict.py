@@ -234,18 +234,11 @@ class Study:
     for kind in kinds:
       if kind in result.get("ratios", {}):
         continue
-      from onn_jax import run
       # The config's own rollout calibrates in calibration/ (as before the rollouts had theirs).
-      workdir = self.out / ("calibration" if kind == self.base.eavi.rollout
-                            else f"calibration_{kind}")
       n = self.calibration_steps
-      cfg = config.load(self.config_name, list(self.overrides) + [
-          f"train.pretrain_steps={n}", f"train.eavi_steps={n}", "train.eavi_every=0",
-          f"eavi.rollout={kind}", "train.log_every=1", "checkpoint.every=100000",
-          "train.reset_every=0", *self.MEASURE])
       self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps (eavi.rollout={kind})")
-      run.train(cfg, workdir, log=self.log)
-      mean = mean_step_s(workdir / "metrics.jsonl", cfg)
+      mean = self._timed_run("calibration" if kind == self.base.eavi.rollout
+                             else f"calibration_{kind}", [f"eavi.rollout={kind}"], eavi=True)
       if not result:
         result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
                   "ratio": mean["eavi"] / mean["pretrain"], "measured": True, "ratios": {},
@@ -261,20 +254,27 @@ class Study:
         result["costs"][arm] = 1.0  # trains as teacher forcing does
         path.write_text(json.dumps(result, indent=1))
         continue
-      from onn_jax import run
-      n = self.calibration_steps
-      cfg = config.load(self.config_name, [*self.overrides, *self.custom[arm]] + [
-          f"train.pretrain_steps={n}", "train.eavi_steps=0", "train.eavi_every=0",
-          "train.log_every=1", "checkpoint.every=100000", "train.reset_every=0",
-          *self.MEASURE])
-      self.log(f"calibration: {n} teacher-forcing steps of arm {arm}")
-      workdir = self.out / f"calibration_arm_{arm}"
-      shutil.rmtree(workdir, ignore_errors=True)  # an earlier try, or other overrides: anew
-      run.train(cfg, workdir, log=self.log)
-      t_arm = mean_step_s(self.out / f"calibration_arm_{arm}" / "metrics.jsonl", cfg)["pretrain"]
-      result["costs"][arm] = t_arm / result["tf_step_s"]
+      self.log(f"calibration: {self.calibration_steps} teacher-forcing steps of arm {arm}")
+      # An earlier try, or other overrides under this name: timed anew, from scratch.
+      shutil.rmtree(self.out / f"calibration_arm_{arm}", ignore_errors=True)
+      mean = self._timed_run(f"calibration_arm_{arm}", self.custom[arm], eavi=False)
+      result["costs"][arm] = mean["pretrain"] / result["tf_step_s"]
       path.write_text(json.dumps(result, indent=1))
     return result
+
+  def _timed_run(self, folder: str, overrides: Sequence[str], eavi: bool) -> dict[str, float]:
+    """A calibration run in OUT/``folder``: ``calibration_steps`` teacher-forcing steps (then
+    as many EAVI steps with ``eavi``) of the config with ``overrides``, every step logged, no
+    save, reset or background compilation on the way; the mean seconds of its plain steps by
+    stage."""
+    from onn_jax import run
+    n = self.calibration_steps
+    cfg = config.load(self.config_name, [*self.overrides, *overrides] + [
+        f"train.pretrain_steps={n}", f"train.eavi_steps={n if eavi else 0}",
+        "train.eavi_every=0", "train.log_every=1", "checkpoint.every=100000",
+        "train.reset_every=0", *self.MEASURE])
+    run.train(cfg, self.out / folder, log=self.log)
+    return mean_step_s(self.out / folder / "metrics.jsonl", cfg)
 
   def arm_ratio(self, arm: str, calib: dict) -> float:
     """What one of ``arm``'s EAVI steps costs, in teacher-forcing steps."""
