@@ -56,6 +56,10 @@ VARIANTS = {
     "keyblock_c32": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=32),
     "keyblock_c8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8),
     "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
+    # The key-major kernels' launch width (its tiles are KEY_CHUNK * heads rows x select_len).
+    "key_w8": dict(KEY_NUM_WARPS=8),
+    "keyblock_c8_w8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8,
+                           KEY_NUM_WARPS=8),
     # The compressed branch (nsa module): the XLA chunks instead of the default folded
     # attention (one causal cuDNN attention over query groups).
     "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),
@@ -320,12 +324,18 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
           row[f"slc_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
                                                  a, iters)
       save()
+    # Every selected-branch kernel's launch width (query-major and key-major alike).
+    warp_names = ("FWD_NUM_WARPS", "BWD_NUM_WARPS", "KEY_NUM_WARPS")
+    default_warps = {n: getattr(nsa_pallas, n) for n in warp_names}
     for warps in (1, 2, 8) if sweep else ():
-      nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = warps
+      for n in warp_names:
+        setattr(nsa_pallas, n, warps)
       row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
       row[f"slc_fwd_bwd_w{warps}"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
                                                a, iters)
-    nsa_pallas.FWD_NUM_WARPS = nsa_pallas.BWD_NUM_WARPS = 4
+      for n, v in default_warps.items():
+        setattr(nsa_pallas, n, v)
+      save()
     row["win_fwd"] = time_case(wrap(win_loss, qkv_win), a, iters)
     row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), qkv_win), a, iters)
     save()
