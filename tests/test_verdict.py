@@ -233,7 +233,9 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   teacher-forcing step (a short run, cached while its overrides stay; an arm that only changes
   the evaluation is charged 1 untimed) and trains ``budget / cost`` steps, its runs take its
   overrides, and the manifest records it; a folder's study with other --arm arms is refused
-  before anything runs; with a given --ratio it is charged as teacher forcing."""
+  before anything runs; with a given --ratio it is charged as teacher forcing. A study
+  without EAVI arms times no EAVI step; an EAVI arm that joins its folder later times its
+  own, and teacher forcing's step stays the one the costs are relative to."""
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
   overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single")
@@ -242,7 +244,8 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   def make(**kw):
     return Study(out=tmp_path, base=config.load("default", list(overrides)),
                  overrides=overrides, config_name="default",
-                 arms=("tf", "wide", "outputs", "ttt"), custom=kw.pop("custom", custom),
+                 arms=kw.pop("arms", ("tf", "wide", "outputs", "ttt")),
+                 custom=kw.pop("custom", custom),
                  calibration_steps=3, log=lambda *_: None, **kw)
   given = make(ratio=2.0).calibrate()
   assert given["costs"] == {"wide": 1.0, "outputs": 1.0, "ttt": 1.0}
@@ -252,6 +255,14 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   calib = study.calibrate()
   assert (tmp_path / "calibration_arm_wide").is_dir() and not (tmp_path / "calibration_arm_tf"
                                                                 ).exists()
+  assert calib["ratio"] is None and calib["ratios"] == {} and calib["tf_step_s"] > 0
+  assert (tmp_path / "calibration_tf").is_dir() and not (tmp_path / "calibration").exists()
+  tf_only = [json.loads(line) for line in
+             (tmp_path / "calibration_tf" / "metrics.jsonl").read_text().splitlines()]
+  assert {r["stage"] for r in tf_only if "stage" in r} == {"pretrain"}
+  assert study.arm_ratio("tf", calib) == study.arm_ratio("wide", calib) == 0.0
+  table = markdown(summarise([_record("tf", 0, 0.1, 0.5)], calib, study.meta()))
+  assert f"teacher-forcing step {calib['tf_step_s'] * 1e3:.0f} ms (no EAVI arm timed)" in table
   assert set(calib["costs"]) == {"wide", "outputs", "ttt"} and calib["costs"]["ttt"] == 1.0
   assert all(c > 0 for c in calib["costs"].values())
   assert not (tmp_path / "calibration_arm_ttt").exists()
@@ -275,6 +286,15 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   other = make(custom={"wide": ("model.expert_hidden=48",)})
   with pytest.raises(config.ConfigError, match="other --arm arms"):
     other.run()
+  # An EAVI arm joins the folder's study: its step is timed, the rest is kept.
+  joined = make(arms=("tf", "wide", "outputs", "ttt", "soft"))
+  grown = joined.calibrate()
+  assert grown["ratio"] == grown["ratios"]["sequential"] > 0 and grown["eavi_step_s"] > 0
+  assert grown["tf_step_s"] == again["tf_step_s"] and (tmp_path / "calibration").is_dir()
+  joined.check_manifest({**grown, "costs": calib["costs"]})
+  assert json.loads((tmp_path / "study.json").read_text())["ratio"] == grown["ratio"]
+  with pytest.raises(config.ConfigError, match="study has ratio="):
+    joined.check_manifest({**grown, "costs": calib["costs"], "ratio": 9.0})
 
 
 def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):

@@ -215,12 +215,14 @@ class Study:
     then EAVI) that did not compile, one run for each ``eavi.rollout`` the EAVI arms take
     (``ratios``; ``ratio``: the first one's), and a short teacher-forcing run of each custom
     arm (``costs``: its step over the config's); cached in calibration.json. A given ``ratio``
-    is used as it is, for every EAVI arm, and custom arms are charged as teacher forcing."""
-    kinds = sorted({self.rollout(arm) for arm in self.arms if self.is_eavi(arm)}
-                   or {self.base.eavi.rollout})
+    is used as it is, for every EAVI arm, and custom arms are charged as teacher forcing. A
+    study without EAVI arms times teacher forcing alone (``ratio`` None until an EAVI arm
+    joins the folder's study)."""
+    kinds = sorted({self.rollout(arm) for arm in self.arms if self.is_eavi(arm)})
     custom = [arm for arm in self.arms if arm in self.custom]
     if self.ratio is not None:
-      return {"ratio": self.ratio, "measured": False, "ratios": {k: self.ratio for k in kinds},
+      return {"ratio": self.ratio, "measured": False,
+              "ratios": {k: self.ratio for k in kinds or [self.base.eavi.rollout]},
               "costs": {arm: 1.0 for arm in custom}}
     path = self.out / "calibration.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
@@ -231,18 +233,26 @@ class Study:
           "while EAVI compiled in the background); use another --out")
     if result and "ratios" not in result:  # cached before the rollouts had their own
       result["ratios"] = {self.base.eavi.rollout: result["ratio"]}
+    n = self.calibration_steps
+    if not result and not kinds:  # teacher forcing's step is all this study needs
+      self.log(f"calibration: {n} teacher-forcing steps")
+      mean = self._timed_run("calibration_tf", [], eavi=False)
+      result = {"tf_step_s": mean["pretrain"], "eavi_step_s": None, "ratio": None,
+                "measured": True, "ratios": {}, "measure": list(self.MEASURE)}
+      path.write_text(json.dumps(result, indent=1))
     for kind in kinds:
       if kind in result.get("ratios", {}):
         continue
       # The config's own rollout calibrates in calibration/ (as before the rollouts had theirs).
-      n = self.calibration_steps
       self.log(f"calibration: {n} teacher-forcing then {n} EAVI steps (eavi.rollout={kind})")
       mean = self._timed_run("calibration" if kind == self.base.eavi.rollout
                              else f"calibration_{kind}", [f"eavi.rollout={kind}"], eavi=True)
       if not result:
-        result = {"tf_step_s": mean["pretrain"], "eavi_step_s": mean["eavi"],
-                  "ratio": mean["eavi"] / mean["pretrain"], "measured": True, "ratios": {},
+        result = {"tf_step_s": mean["pretrain"], "ratios": {}, "measured": True,
                   "measure": list(self.MEASURE)}
+      if result.get("ratio") is None:  # the first EAVI kind timed (teacher forcing's step
+        # stays the one timed first: the custom arms' costs are relative to it)
+        result.update(eavi_step_s=mean["eavi"], ratio=mean["eavi"] / mean["pretrain"])
       result["ratios"][kind] = mean["eavi"] / mean["pretrain"]
       path.write_text(json.dumps(result, indent=1))
     for arm in custom:
@@ -277,8 +287,9 @@ class Study:
     return mean_step_s(self.out / folder / "metrics.jsonl", cfg)
 
   def arm_ratio(self, arm: str, calib: dict) -> float:
-    """What one of ``arm``'s EAVI steps costs, in teacher-forcing steps."""
-    return calib["ratios"].get(self.rollout(arm), calib["ratio"]) if arm != "tf" else calib["ratio"]
+    """What one of ``arm``'s EAVI steps costs, in teacher-forcing steps (0: an arm without
+    EAVI steps)."""
+    return calib["ratios"].get(self.rollout(arm), calib["ratio"]) if self.is_eavi(arm) else 0.0
 
   def plans(self, calib: dict) -> dict[str, Plan]:
     """Each arm's steps: EAVI arms by :func:`plan_arm`, a custom arm the budget over its cost."""
@@ -302,14 +313,17 @@ class Study:
     path = self.out / "study.json"
     if path.is_file():
       before = json.loads(path.read_text())
-      differ = [k for k in manifest if before.get(k) != manifest[k]]
+      # A study without EAVI arms timed no EAVI step: one that joins it brings its cost.
+      grown = ("ratio", "ratios") if before.get("ratio") is None else ()
+      differ = [k for k in manifest if before.get(k) != manifest[k] and k not in grown]
       if differ:
         k = differ[0]
         raise config.ConfigError(
             f"{path}: this folder's study has {k}={before.get(k)!r}, this command "
             f"{manifest[k]!r}; use another --out (or the same arguments) to go on")
-    else:
-      path.write_text(json.dumps(manifest, indent=1))
+      if manifest == before:
+        return
+    path.write_text(json.dumps(manifest, indent=1))
 
   # -- one run ------------------------------------------------------------------------------
   def held_out_tasks(self, cfg: Config) -> list:
@@ -450,8 +464,9 @@ class Study:
     calib = self.calibrate()
     self.check_manifest(calib)
     plans = self.plans(calib)
-    self.log("EAVI step = " + ", ".join(f"{r:.2f} ({kind})" for kind, r in calib["ratios"].items())
-             + " teacher-forcing steps; plans: " + ", ".join(
+    self.log(("EAVI step = " + ", ".join(f"{r:.2f} ({kind})" for kind, r in
+                                        calib["ratios"].items()) + " teacher-forcing steps"
+              if calib["ratios"] else "no EAVI arm") + "; plans: " + ", ".join(
         f"{arm} {p.pretrain}+{p.eavi}" + (f" (EAVI every {p.every})" if p.every else "")
         for arm, p in plans.items()))
     records, started = [], 0
@@ -571,9 +586,12 @@ def markdown(verdict: dict) -> str:
     rows.append("| " + " | ".join(cells) + " |")
   c, tasks = verdict["calibration"], verdict.get("scale", {}).get("tasks", {})
   return "\n".join(rows) + (
-      f"\n\n{describe_scale(verdict)}. EAVI step = {c['ratio']:.2f} teacher-forcing steps"
-      + (f" ({c['eavi_step_s'] * 1e3:.0f} / {c['tf_step_s'] * 1e3:.0f} ms)"
-         if c.get("measured") else " (given)")
+      f"\n\n{describe_scale(verdict)}. "
+      + (f"EAVI step = {c['ratio']:.2f} teacher-forcing steps"
+         + (f" ({c['eavi_step_s'] * 1e3:.0f} / {c['tf_step_s'] * 1e3:.0f} ms)"
+            if c.get("measured") else " (given)")
+         if c.get("ratio") is not None else
+         f"teacher-forcing step {c['tf_step_s'] * 1e3:.0f} ms (no EAVI arm timed)")
       + "".join(f", {r:.2f} with eavi.rollout={kind}" for kind, r in c.get("ratios", {}).items()
                 if len(c["ratios"]) > 1)
       + "".join(f"; a step of {arm} = {r:.2f} teacher-forcing steps"
