@@ -139,19 +139,23 @@ def test_pallas_bf16_close_to_fp32_reference():
 
 # Backward variants: (BWD_IMPL, DKDV_REDUCE, KEY_CHUNK). KEY_CHUNK = 2 spreads a block's
 # tokens over several items, the last one partial.
-# (forward, backward, dk/dv reduction, tokens per item): every forward with every backward,
-# items of 2 tokens (many items per block, partial and empty items) for the key-major ones.
+# (forward, backward, dk/dv reduction, tokens per item[, keys per backward tile]): every
+# forward with every backward, items of 2 tokens (many items per block, partial and empty
+# items) for the key-major ones; blocks walked in tiles of 2 keys (both reductions).
 BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "partials", 16),
                 ("keyblock", "keyblock", "partials", 2), ("query", "keyblock", "atomic", 2),
-                ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16)]
+                ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16),
+                ("keyblock", "keyblock", "partials", 2, 2), ("query", "keyblock", "atomic", 2, 2)]
 
 
 def _set_bwd(monkeypatch, variant):
-  fwd, bwd, reduce, chunk = variant
+  fwd, bwd, reduce, chunk, *tile = variant
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
   monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
   monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce)
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", chunk)
+  if tile:
+    monkeypatch.setattr(nsa_pallas, "KEY_TILE", tile[0])
 
 
 @pytest.mark.parametrize("variant", BWD_VARIANTS, ids=lambda v: "-".join(map(str, v)))
@@ -346,11 +350,12 @@ def test_keyblock_plan_covers_every_pair_once():
             assert np.all(posrow[b, g, m, c] == -1)
 
 
-@pytest.mark.parametrize("variant", BWD_VARIANTS[2:5], ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", BWD_VARIANTS[2:5] + BWD_VARIANTS[6:7],
+                         ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])
 def test_pallas_backward_variants_match_reference(name, variant, monkeypatch):
   """Small items (2 tokens) in nsa_core: many items per block, partial and empty items; the
-  key-major forward with both backwards."""
+  key-major forward with both backwards; blocks walked in tiles of 2 keys."""
   _set_bwd(monkeypatch, variant)
   geo, q_offset = GEOMETRIES[name]
   args = make_inputs(geo, seed=41)

@@ -58,6 +58,8 @@ VARIANTS = {
     "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
     # The key-major kernels' launch width (its tiles are KEY_CHUNK * heads rows x select_len).
     "key_w8": dict(KEY_NUM_WARPS=8),
+    # The key-major backward walking a whole block at once (as before KEY_TILE) up to 64 keys.
+    "key_tile64": dict(KEY_TILE=64),
     "keyblock_c8_w8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8,
                            KEY_NUM_WARPS=8),
     # The compressed branch (nsa module): the XLA chunks instead of the default folded

@@ -307,6 +307,16 @@ FWD_IMPL = "auto"
 KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
 DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic"
 KEY_NUM_WARPS = 4
+# Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
+# KEY_TILE, so a program holds [KEY_CHUNK * heads, KEY_TILE] float32 values (logits,
+# probabilities and their gradients) at a time whatever select_len is. Why: with the whole
+# block at once, the paper's geometry (32/16/64/16/512) ran the selected branch's
+# forward+backward in 49.6 ms against 2.2 ms at select_len 32 (H200, 32 x 2048,
+# train.nsa_kernel_check --breakdown --geometry), most likely registers spilling; the tiles
+# are not yet timed on a GPU. A power of two, at least 16 on GPU (tensor-core tiles); a
+# select_len that is not a multiple of it (at most KEY_TILE on GPU) is one tile, the kernel
+# as it was.
+KEY_TILE = 32
 
 
 def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
@@ -377,7 +387,8 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
 
 def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qrow_ref,
                              posrow_ref, blk_ref, *refs, num_groups: int, num_items: int,
-                             rows: int, select_len: int, scale: float, atomic: bool):
+                             rows: int, select_len: int, key_tile: int, scale: float,
+                             atomic: bool):
   if atomic:
     _, _, dq_ref, dk_ref, dv_ref = refs  # dk/dv inputs aliased to the outputs
   else:
@@ -394,24 +405,37 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
   do_XD = do_ref[b, qrow_X, :]
   lse_X = lse_ref[b, qrow_X]
   delta_X = delta_ref[b, qrow_X]
-  k_LD = k_ref[b, pl.ds(start, select_len), g, :]
-  v_LD = v_ref[b, pl.ds(start, select_len), g, :]
-  keypos_L = start + jax.lax.broadcasted_iota(jnp.int32, (select_len,), 0)
-  ok_XL = keypos_L[None, :] <= pos_X[:, None]  # padding rows (pos -1) see nothing
-  logits_XL = _mm(q_XD, k_LD, trans_b=True) * scale
-  p_XL = jnp.where(ok_XL, jnp.exp(jnp.where(ok_XL, logits_XL - lse_X[:, None], 0.0)), 0.0)
-  dp_XL = _mm(do_XD, v_LD, trans_b=True)
-  ds_XL = (p_XL * (dp_XL - delta_X[:, None])).astype(q_XD.dtype)
-  dv_LD = _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)
-  dk_LD = _mm(ds_XL, q_XD, trans_a=True) * scale
-  dq_ref[b, g, pl.ds(m * rows, rows), :] = _mm(ds_XL, k_LD) * scale
-  if atomic:
-    blk_rows = (b, pl.ds(start, select_len), g, slice(None))
-    plt.atomic_add(dk_ref, blk_rows, dk_LD)
-    plt.atomic_add(dv_ref, blk_rows, dv_LD)
-  else:
-    dk_ref[b, g, m] = dk_LD
-    dv_ref[b, g, m] = dv_LD
+
+  def tile(i):
+    """The block's keys [i*key_tile, (i+1)*key_tile): their dk/dv written, dq's share of
+    them returned (unscaled)."""
+    lo = i * key_tile
+    k_LD = k_ref[b, pl.ds(start + lo, key_tile), g, :]
+    v_LD = v_ref[b, pl.ds(start + lo, key_tile), g, :]
+    keypos_L = start + lo + jax.lax.broadcasted_iota(jnp.int32, (key_tile,), 0)
+    ok_XL = keypos_L[None, :] <= pos_X[:, None]  # padding rows (pos -1) see nothing
+    logits_XL = _mm(q_XD, k_LD, trans_b=True) * scale
+    p_XL = jnp.where(ok_XL, jnp.exp(jnp.where(ok_XL, logits_XL - lse_X[:, None], 0.0)), 0.0)
+    dp_XL = _mm(do_XD, v_LD, trans_b=True)
+    ds_XL = (p_XL * (dp_XL - delta_X[:, None])).astype(q_XD.dtype)
+    dv_LD = _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)
+    dk_LD = _mm(ds_XL, q_XD, trans_a=True) * scale
+    if atomic:
+      blk_rows = (b, pl.ds(start + lo, key_tile), g, slice(None))
+      plt.atomic_add(dk_ref, blk_rows, dk_LD)
+      plt.atomic_add(dv_ref, blk_rows, dv_LD)
+    else:
+      dk_ref[b, g, m, pl.ds(lo, key_tile), :] = dk_LD
+      dv_ref[b, g, m, pl.ds(lo, key_tile), :] = dv_LD
+    return _mm(ds_XL, k_LD)
+
+  num_tiles = select_len // key_tile
+  if num_tiles == 1:
+    dq_XD = tile(0)
+  else:  # a loop, not unrolled: one tile's [rows, key_tile] values live at a time
+    dq_XD = jax.lax.fori_loop(0, num_tiles, lambda i, acc: acc + tile(i),
+                              jnp.zeros(q_XD.shape, _F32))
+  dq_ref[b, g, pl.ds(m * rows, rows), :] = dq_XD * scale
 
 
 def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
@@ -432,7 +456,8 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   if DKDV_REDUCE not in ("atomic", "partials"):
     raise ValueError(f"nsa_pallas.DKDV_REDUCE must be 'partials' or 'atomic', got {DKDV_REDUCE!r}")
   kernel = functools.partial(_selected_bwd_key_kernel, num_groups=G, num_items=M, rows=X,
-                             select_len=L, scale=1.0 / math.sqrt(D), atomic=atomic)
+                             select_len=L, key_tile=KEY_TILE if L % KEY_TILE == 0 else L,
+                             scale=1.0 / math.sqrt(D), atomic=atomic)
   args = [q_BTGRD.reshape(B, T * G * R, D), k_pad, v_pad,
           do_BTGRD.astype(q_BTGRD.dtype).reshape(B, T * G * R, D), lse.reshape(B, -1),
           delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
