@@ -425,8 +425,9 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
       plt.atomic_add(dk_ref, blk_rows, dk_LD)
       plt.atomic_add(dv_ref, blk_rows, dv_LD)
     else:
-      dk_ref[b, g, m, pl.ds(lo, key_tile), :] = dk_LD
-      dv_ref[b, g, m, pl.ds(lo, key_tile), :] = dv_LD
+      keys = slice(None) if key_tile == select_len else pl.ds(lo, key_tile)
+      dk_ref[b, g, m, keys, :] = dk_LD
+      dv_ref[b, g, m, keys, :] = dv_LD
     return _mm(ds_XL, k_LD)
 
   num_tiles = select_len // key_tile
