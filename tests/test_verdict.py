@@ -286,6 +286,16 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   other = make(custom={"wide": ("model.expert_hidden=48",)})
   with pytest.raises(config.ConfigError, match="other --arm arms"):
     other.run()
+  # Another command is refused before its calibration caches anything in the folder.
+  cached = (tmp_path / "calibration.json").read_text()
+  stray = Study(out=tmp_path, base=config.load("default", [*overrides, "train.warmup_steps=1"]),
+                overrides=(*overrides, "train.warmup_steps=1"), config_name="default",
+                arms=("tf", "wide", "outputs", "ttt", "soft"), custom=custom,
+                calibration_steps=3, log=lambda *_: None)
+  with pytest.raises(config.ConfigError, match="study has overrides="):
+    stray.run()
+  assert (tmp_path / "calibration.json").read_text() == cached
+  assert not (tmp_path / "calibration").exists()
   # An EAVI arm joins the folder's study: its step is timed, the rest is kept.
   joined = make(arms=("tf", "wide", "outputs", "ttt", "soft"))
   grown = joined.calibrate()
@@ -295,6 +305,16 @@ def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
   assert json.loads((tmp_path / "study.json").read_text())["ratio"] == grown["ratio"]
   with pytest.raises(config.ConfigError, match="study has ratio="):
     joined.check_manifest({**grown, "costs": calib["costs"], "ratio": 9.0})
+  # Its table shows the EAVI run's own two steps, whose quotient is the ratio.
+  table = markdown(summarise([_record("tf", 0, 0.1, 0.5)], grown, joined.meta()))
+  assert (f"EAVI step = {grown['ratio']:.2f} teacher-forcing steps "
+          f"({grown['eavi_step_s'] * 1e3:.0f} / {grown['eavi_run_tf_step_s'] * 1e3:.0f} ms)"
+          ) in table
+  # A given --ratio means nothing to a study without EAVI arms.
+  given = make(ratio=2.0, custom={}, arms=("tf",)).calibrate()
+  assert given["ratio"] is None and given["ratios"] == {}
+  assert "no EAVI arm;" in markdown(summarise([_record("tf", 0, 0.1, 0.5)], given,
+                                              study.meta()))
 
 
 def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):

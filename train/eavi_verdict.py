@@ -10,7 +10,8 @@ training time, several seeds each (protocol: onn_jax/analysis/verdict.py).
 The time budget is the config's train.pretrain_steps teacher-forcing steps. Writes
 OUT/verdict.md (the table), verdict.json and verdict.png (free-running accuracy along training);
 each run keeps its folder under OUT/runs. Run the same command again to go on after a stop;
-OUT/study.json refuses a command whose config, overrides, budget, share or ratio differ.
+OUT/study.json refuses a command whose config, overrides, budget, share or ratio differ (a
+study without EAVI arms has no ratio; an EAVI arm may join it later).
 ``--arm "NAME: key=value ..."`` adds a teacher-forcing arm of your own (an NSA geometry, the
 loss, TTT at evaluation), at equal time too: it calibrates its own step and trains the budget
 over its cost. ``--baseline STUDY``: a study without a tf arm compares its arms with the tf

@@ -7,7 +7,8 @@ The study behind ``python -m train.eavi_verdict`` (protocol in DESIGN.md terms):
    step ``t_eavi``, over the steps that did not compile (the first step of each stage and
    bucket compiles; no stage compiles in the background while another is timed:
    ``Study.MEASURE``); ``r = t_eavi / t_tf``. Arms whose EAVI decodes its excursion another way
-   (``eavi.rollout``: the ``*_parallel`` arms) get their own calibration run and ``r``.
+   (``eavi.rollout``: the ``*_parallel`` arms) get their own calibration run and ``r``. A
+   study without EAVI arms times teacher forcing alone (no ``r``).
 2. **Arms at equal time.** The budget is ``N`` teacher-forcing steps (``train.pretrain_steps``
    of the config). The ``tf`` arm trains N teacher-forcing steps. A second-stage EAVI arm
    spends the share ``f`` of the time on EAVI: ``(1 - f) N`` teacher-forcing steps, then
@@ -220,10 +221,9 @@ class Study:
     joins the folder's study)."""
     kinds = sorted({self.rollout(arm) for arm in self.arms if self.is_eavi(arm)})
     custom = [arm for arm in self.arms if arm in self.custom]
-    if self.ratio is not None:
-      return {"ratio": self.ratio, "measured": False,
-              "ratios": {k: self.ratio for k in kinds or [self.base.eavi.rollout]},
-              "costs": {arm: 1.0 for arm in custom}}
+    if self.ratio is not None:  # (a study without EAVI arms has no use for it)
+      return {"ratio": self.ratio if kinds else None, "measured": False,
+              "ratios": {k: self.ratio for k in kinds}, "costs": {arm: 1.0 for arm in custom}}
     path = self.out / "calibration.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("measured") and result.get("measure") != list(self.MEASURE):
@@ -251,8 +251,10 @@ class Study:
         result = {"tf_step_s": mean["pretrain"], "ratios": {}, "measured": True,
                   "measure": list(self.MEASURE)}
       if result.get("ratio") is None:  # the first EAVI kind timed (teacher forcing's step
-        # stays the one timed first: the custom arms' costs are relative to it)
-        result.update(eavi_step_s=mean["eavi"], ratio=mean["eavi"] / mean["pretrain"])
+        # stays the one timed first: the custom arms' costs are relative to it; the EAVI
+        # run's own is kept beside its EAVI step)
+        result.update(eavi_step_s=mean["eavi"], eavi_run_tf_step_s=mean["pretrain"],
+                      ratio=mean["eavi"] / mean["pretrain"])
       result["ratios"][kind] = mean["eavi"] / mean["pretrain"]
       path.write_text(json.dumps(result, indent=1))
     for arm in custom:
@@ -298,18 +300,22 @@ class Study:
                                 self.arm_ratio(arm, calib)))
             for arm in self.arms}
 
-  def check_manifest(self, calib: dict) -> None:
+  def check_manifest(self, calib: dict | None) -> None:
     """study.json records what every run of this folder was planned with; a command that
     differs (config, overrides, budget, share, EAVI's cost, how steps are timed) would mix
-    incomparable runs."""
+    incomparable runs. ``calib`` None: only what the command itself says is checked (before
+    the calibration, which caches what it times in the folder), nothing written."""
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
                 "budget_tf_steps": self.budget, "eavi_share": self.share,
-                "probes": self.probes, "ratio": calib["ratio"], "measure": list(self.MEASURE)}
-    if any(kind != "sequential" for kind in calib["ratios"]):  # (studies before them had none)
-      manifest["ratios"] = calib["ratios"]
+                "probes": self.probes, "measure": list(self.MEASURE)}
     if self.custom:
       manifest["custom"] = {arm: list(ov) for arm, ov in self.custom.items()}
-      manifest["costs"] = calib["costs"]
+    if calib is not None:
+      manifest["ratio"] = calib["ratio"]
+      if any(kind != "sequential" for kind in calib["ratios"]):  # (older studies had none)
+        manifest["ratios"] = calib["ratios"]
+      if self.custom:
+        manifest["costs"] = calib["costs"]
     path = self.out / "study.json"
     if path.is_file():
       before = json.loads(path.read_text())
@@ -321,9 +327,10 @@ class Study:
         raise config.ConfigError(
             f"{path}: this folder's study has {k}={before.get(k)!r}, this command "
             f"{manifest[k]!r}; use another --out (or the same arguments) to go on")
-      if manifest == before:
+      if calib is None or manifest == before:
         return
-    path.write_text(json.dumps(manifest, indent=1))
+    if calib is not None:
+      path.write_text(json.dumps(manifest, indent=1))
 
   # -- one run ------------------------------------------------------------------------------
   def held_out_tasks(self, cfg: Config) -> list:
@@ -461,6 +468,7 @@ class Study:
     if before.is_file() and json.loads(before.read_text()).get("custom", {}) != custom:
       raise config.ConfigError(f"{before}: this folder's study has other --arm arms than "
                                f"{custom!r}; use another --out (or the same arguments) to go on")
+    self.check_manifest(None)  # before the calibration caches anything of this command's
     calib = self.calibrate()
     self.check_manifest(calib)
     plans = self.plans(calib)
@@ -588,10 +596,12 @@ def markdown(verdict: dict) -> str:
   return "\n".join(rows) + (
       f"\n\n{describe_scale(verdict)}. "
       + (f"EAVI step = {c['ratio']:.2f} teacher-forcing steps"
-         + (f" ({c['eavi_step_s'] * 1e3:.0f} / {c['tf_step_s'] * 1e3:.0f} ms)"
+         + (f" ({c['eavi_step_s'] * 1e3:.0f} / "
+            f"{c.get('eavi_run_tf_step_s', c['tf_step_s']) * 1e3:.0f} ms)"
             if c.get("measured") else " (given)")
          if c.get("ratio") is not None else
-         f"teacher-forcing step {c['tf_step_s'] * 1e3:.0f} ms (no EAVI arm timed)")
+         f"teacher-forcing step {c['tf_step_s'] * 1e3:.0f} ms (no EAVI arm timed)"
+         if c.get("measured") else "no EAVI arm")
       + "".join(f", {r:.2f} with eavi.rollout={kind}" for kind, r in c.get("ratios", {}).items()
                 if len(c["ratios"]) > 1)
       + "".join(f"; a step of {arm} = {r:.2f} teacher-forcing steps"
