@@ -326,7 +326,8 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
           row[f"slc_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
                                                  a, iters)
       save()
-    # Every selected-branch kernel's launch width (query-major and key-major alike).
+    # Every selected-branch kernel's launch width (query-major and key-major alike; files
+    # before 2026-12-02 evening: the query-major kernels' alone).
     warp_names = ("FWD_NUM_WARPS", "BWD_NUM_WARPS", "KEY_NUM_WARPS")
     default_warps = {n: getattr(nsa_pallas, n) for n in warp_names}
     for warps in (1, 2, 8) if sweep else ():
@@ -370,7 +371,8 @@ def main(argv=None) -> None:
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: getattr(nsa_pallas, k) for k in
-                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "KEY_CHUNK")})
+                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "KEY_CHUNK", "KEY_TILE",
+                            "KEY_NUM_WARPS")})
 
   def save():
     with open(a.out, "w") as f:
