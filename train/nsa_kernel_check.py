@@ -56,7 +56,8 @@ VARIANTS = {
     "keyblock_c32": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=32),
     "keyblock_c8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8),
     "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
-    # The key-major kernels' launch width (its tiles are KEY_CHUNK * heads rows x select_len).
+    # The key-major kernels' launch width (their tiles: KEY_CHUNK * heads rows x select_len
+    # keys in the forward, x KEY_TILE keys in the backward).
     "key_w8": dict(KEY_NUM_WARPS=8),
     # The key-major backward walking a whole block at once (as before KEY_TILE) up to 64 keys.
     "key_tile64": dict(KEY_TILE=64),
@@ -81,11 +82,15 @@ VARIANTS = {
 }
 
 
-@contextlib.contextmanager
 def variant(name: str | None):
   """Sets the module settings of ``name`` (nsa_pallas's backward, or nsa's compressed-branch
   choice) while programs are traced."""
-  settings = VARIANTS.get(name, {}) if name else {}
+  return module_settings(**(VARIANTS.get(name, {}) if name else {}))
+
+
+@contextlib.contextmanager
+def module_settings(**settings):
+  """Sets these module constants of nsa or nsa_pallas (e.g. ``KEY_TILE=64``) for the block."""
   owner = {k: (nsa if hasattr(nsa, k) else nsa_pallas) for k in settings}
   old = {k: getattr(owner[k], k) for k in settings}
   for k, v in settings.items():
@@ -328,16 +333,11 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
       save()
     # Every selected-branch kernel's launch width (query-major and key-major alike; files
     # before 2026-12-02 evening: the query-major kernels' alone).
-    warp_names = ("FWD_NUM_WARPS", "BWD_NUM_WARPS", "KEY_NUM_WARPS")
-    default_warps = {n: getattr(nsa_pallas, n) for n in warp_names}
     for warps in (1, 2, 8) if sweep else ():
-      for n in warp_names:
-        setattr(nsa_pallas, n, warps)
-      row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
-      row[f"slc_fwd_bwd_w{warps}"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
-                                               a, iters)
-      for n, v in default_warps.items():
-        setattr(nsa_pallas, n, v)
+      with module_settings(FWD_NUM_WARPS=warps, BWD_NUM_WARPS=warps, KEY_NUM_WARPS=warps):
+        row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
+        row[f"slc_fwd_bwd_w{warps}"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)),
+                                                      qkv_slc), a, iters)
       save()
     row["win_fwd"] = time_case(wrap(win_loss, qkv_win), a, iters)
     row["win_fwd_bwd"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), qkv_win), a, iters)

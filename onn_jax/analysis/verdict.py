@@ -308,8 +308,9 @@ class Study:
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
                 "budget_tf_steps": self.budget, "eavi_share": self.share,
                 "probes": self.probes, "measure": list(self.MEASURE)}
-    if self.custom:
-      manifest["custom"] = {arm: list(ov) for arm, ov in self.custom.items()}
+    custom = {arm: list(ov) for arm, ov in self.custom.items()}
+    if custom:
+      manifest["custom"] = custom
     if calib is not None:
       manifest["ratio"] = calib["ratio"]
       if any(kind != "sequential" for kind in calib["ratios"]):  # (older studies had none)
@@ -319,6 +320,10 @@ class Study:
     path = self.out / "study.json"
     if path.is_file():
       before = json.loads(path.read_text())
+      if before.get("custom", {}) != custom:
+        raise config.ConfigError(f"{path}: this folder's study has other --arm arms than "
+                                 f"{custom!r}; use another --out (or the same arguments) to go "
+                                 "on")
       # A study without EAVI arms timed no EAVI step: one that joins it brings its cost.
       grown = ("ratio", "ratios") if before.get("ratio") is None else ()
       differ = [k for k in manifest if before.get(k) != manifest[k] and k not in grown]
@@ -327,8 +332,6 @@ class Study:
         raise config.ConfigError(
             f"{path}: this folder's study has {k}={before.get(k)!r}, this command "
             f"{manifest[k]!r}; use another --out (or the same arguments) to go on")
-      if calib is None or manifest == before:
-        return
     if calib is not None:
       path.write_text(json.dumps(manifest, indent=1))
 
@@ -463,11 +466,6 @@ class Study:
     verdict.md and verdict.png once every run is done and returns the verdict (else None)."""
     self.out.mkdir(parents=True, exist_ok=True)
     baseline = self.baseline_runs()
-    before = self.out / "study.json"
-    custom = {arm: list(ov) for arm, ov in self.custom.items()}
-    if before.is_file() and json.loads(before.read_text()).get("custom", {}) != custom:
-      raise config.ConfigError(f"{before}: this folder's study has other --arm arms than "
-                               f"{custom!r}; use another --out (or the same arguments) to go on")
     self.check_manifest(None)  # before the calibration caches anything of this command's
     calib = self.calibrate()
     self.check_manifest(calib)
