@@ -350,6 +350,28 @@ def test_keyblock_plan_covers_every_pair_once():
             assert np.all(posrow[b, g, m, c] == -1)
 
 
+def test_item_partials_sum_per_block_and_drop_dead_items():
+  """The key-major backward's dk/dv reduce: each live item's [L, D] partial lands on its own
+  (example, group, block) keys; a dead item adds nothing, even with nonzero values (in the
+  kernel they are zeros; here they would show if they landed anywhere). Exact: every sum has
+  at most 3 integer-valued float32 terms."""
+  rng = np.random.default_rng(5)
+  B, G, M, L, D, J = 2, 3, 7, 2, 4, 3
+  part = rng.integers(-8, 9, (B, G, M, L, D)).astype(np.float32)
+  blk = np.sort(rng.integers(0, J, (B, G, M)), axis=-1).astype(np.int32)
+  live = rng.random((B, G, M)) < 0.7
+  live[0, 0] = False  # a row of no live item: its keys get zeros
+  got = np.asarray(nsa_pallas.sum_item_partials(jnp.asarray(part), jnp.asarray(blk),
+                                                jnp.asarray(live), J))
+  want = np.zeros((B, J * L, G, D), np.float32)
+  for b in range(B):
+    for g in range(G):
+      for m in range(M):
+        if live[b, g, m]:
+          want[b, blk[b, g, m] * L:(blk[b, g, m] + 1) * L, g] += part[b, g, m]
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("variant", BWD_VARIANTS[2:5] + BWD_VARIANTS[6:7],
                          ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])

@@ -25,6 +25,7 @@ import datetime
 import json
 import math
 import contextlib
+import functools
 import time
 
 import jax
@@ -263,8 +264,9 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
   """Time of each piece of the pallas path on its own, as ``nsa_core`` runs it for one sequence
   a row: the compressed branch (folded cuDNN attention, forward+backward), the block choice
   (forward only: fused kernel, XLA chunks, the kernel writing scores only), the selected
-  kernel (forward, forward+backward) and the window branch (cuDNN sliding window, forward,
-  forward+backward); the chunked compressed branch too."""
+  kernel (forward, forward+backward, and its backward's sum of dk partials alone) and the
+  window branch (cuDNN sliding window, forward, forward+backward); the chunked compressed
+  branch too."""
   from onn_jax.model import nsa, nsa_pallas
   rows = results.setdefault("breakdown", [])
   for B, T in cases:
@@ -322,6 +324,15 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
                                            a, iters)
     row["slc_fwd"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
     row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc), a, iters)
+    # The backward's dk (or dv) sum of per-item partials, once, at this choice's item plan.
+    L = GEO["select_len"]
+    _, posrow, blk, _ = nsa_pallas._keyblock_plan(idx, pos, num_blocks=-(-T // L), heads=R,
+                                                  chunk=nsa_pallas.KEY_CHUNK)
+    a["part"] = jnp.zeros(blk.shape + (L, D), jnp.float32)
+    a["blk"], a["live"] = blk, posrow.reshape(blk.shape + (-1,))[..., 0] >= 0
+    row["slc_dkdv_sum"] = time_case(
+        wrap(functools.partial(nsa_pallas.sum_item_partials, num_blocks=-(-T // L)),
+             ("part", "blk", "live")), a, iters)
     for var in variants:  # the block choice's variants time the choice, others the kernel
       with variant(var):
         if var.startswith("choice"):

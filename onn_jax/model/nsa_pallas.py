@@ -309,13 +309,12 @@ DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic
 KEY_NUM_WARPS = 4
 # Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
 # KEY_TILE, so a program holds [KEY_CHUNK * heads, KEY_TILE] float32 values (logits,
-# probabilities and their gradients) at a time whatever select_len is. Why: with the whole
-# block at once, the paper's geometry (32/16/64/16/512) ran the selected branch's
-# forward+backward in 49.6 ms against 2.2 ms at select_len 32 (H200, 32 x 2048,
-# train.nsa_kernel_check --breakdown --geometry), most likely registers spilling; the tiles
-# are not yet timed on a GPU. A power of two, at least 16 on GPU (tensor-core tiles); a
-# select_len that is not a multiple of it (at most KEY_TILE on GPU) is one tile, the kernel
-# as it was.
+# probabilities and their gradients) at a time whatever select_len is. Written against the
+# paper geometry's slow backward (32/16/64/16/512), which turned out to be the partials' sum
+# (sum_item_partials), not the kernel: with the sorted sum, tiles of 32 and the whole block
+# (variant key_tile64) timed the same, 49.6 and 49.2 ms (H200, 32 x 2048). Not yet timed
+# after that fix. A power of two, at least 16 on GPU (tensor-core tiles); a select_len that
+# is not a multiple of it (at most KEY_TILE on GPU) is one tile.
 KEY_TILE = 32
 
 
@@ -475,19 +474,32 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
   )(*args)
   if not atomic:
-    seg = ((jnp.arange(B * G, dtype=jnp.int32)[:, None] * J)
-           + blk_BGM.reshape(B * G, M)).reshape(-1)
-
-    def reduce(part_BGMLD):
-      s = jax.ops.segment_sum(part_BGMLD.reshape(B * G * M, L, D), seg,
-                              num_segments=B * G * J, indices_are_sorted=True)
-      return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
-    dk, dv = reduce(dk), reduce(dv)
+    live_BGM = posrow.reshape(B, G, M, X)[..., 0] >= 0
+    dk, dv = (sum_item_partials(p, blk_BGM, live_BGM, J) for p in (dk, dv))
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
   gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
   dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
   return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
+
+
+def sum_item_partials(part_BGMLD: jax.Array, blk_BGM: jax.Array, live_BGM: jax.Array,
+                      num_blocks: int) -> jax.Array:
+  """The key-major backward's per-item dk (or dv) partials [B,G,M,L,D] summed per selection
+  block -> [B, J*L, G, D]; an item that is not live (empty, past the end) adds nothing.
+
+  Not declared sorted, although the live items are: so declared, XLA's GPU scatter grew with
+  the items a block gets. H200, 32 x 2048, one sum of [B*G*M, L, D]: 23 ms sorted against
+  0.8 ms at the paper's geometry (32/16/64/16/512, about 50 items a block), 0.22 against
+  0.26 ms at arc1's (16 a block); the dead items go to one extra segment, dropped, rather than
+  piling onto the last block (docs/bench/nsa_segment_sum_h200_2026-12-02.json)."""
+  B, G, M, L, D = part_BGMLD.shape
+  J = num_blocks
+  seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
+  seg = jnp.where(live_BGM.reshape(B * G, M), seg, B * G * J).reshape(-1)
+  s = jax.ops.segment_sum(part_BGMLD.reshape(B * G * M, L, D), seg,
+                          num_segments=B * G * J + 1)[:-1]
+  return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
 
 
 def _gather_slots(x_BGY, padpos_BGTK, fill):
