@@ -305,7 +305,7 @@ BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomi
 # items per (example, group) and sort their plan, at every generated token.
 FWD_IMPL = "auto"
 KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
-DKDV_REDUCE = "partials"    # "partials" (segment sum, deterministic) or "atomic"
+DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_partials) or "atomic"
 KEY_NUM_WARPS = 4
 # Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
 # KEY_TILE, so a program holds [KEY_CHUNK * heads, KEY_TILE] float32 values (logits,
