@@ -312,7 +312,8 @@ def test_block_choice_supported_geometries():
 def test_keyblock_plan_covers_every_pair_once():
   """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
   of an item of its own block, whose rows read that token's query heads at its position;
-  padding rows are masked (position -1); the item count bound holds."""
+  padding rows are masked (position -1), after an item's real rows; the item count bound
+  holds."""
   rng = np.random.default_rng(3)
   B, T, G, K, J, R, C = 2, 7, 2, 3, 5, 2, 2
   idx = np.full((B, T, G, K), -1, np.int32)
@@ -348,15 +349,19 @@ def test_keyblock_plan_covers_every_pair_once():
         for c in range(C):
           if (m, c) not in used:
             assert np.all(posrow[b, g, m, c] == -1)
+        # An item's real rows come first (sum_item_partials tells a dead item by its rows).
+        real = posrow[b, g, m, :, 0] >= 0
+        assert not np.any(real[1:] & ~real[:-1])
 
 
 def test_item_partials_sum_per_block_and_drop_dead_items():
   """The key-major backward's dk/dv reduce: each live item's [L, D] partial lands on its own
   (example, group, block) keys; a dead item adds nothing, even with nonzero values (in the
-  kernel they are zeros; here they would show if they landed anywhere). Exact: every sum has
-  at most 3 integer-valued float32 terms."""
+  kernel they are zeros; here they would show if they landed anywhere). Every size differs
+  from the others, so a misplaced stride shows. Exact: sums of at most M integers of size
+  <= 8 in float32."""
   rng = np.random.default_rng(5)
-  B, G, M, L, D, J = 2, 3, 7, 2, 4, 3
+  B, G, M, L, D, J = 2, 3, 9, 6, 4, 5
   part = rng.integers(-8, 9, (B, G, M, L, D)).astype(np.float32)
   blk = np.sort(rng.integers(0, J, (B, G, M)), axis=-1).astype(np.int32)
   live = rng.random((B, G, M)) < 0.7

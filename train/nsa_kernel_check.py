@@ -324,12 +324,13 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
                                            a, iters)
     row["slc_fwd"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
     row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc), a, iters)
-    # The backward's dk (or dv) sum of per-item partials, once, at this choice's item plan.
+    # The backward's dk (or dv) sum of per-item partials (one of its two), at this choice's
+    # item plan.
     L = GEO["select_len"]
     _, posrow, blk, _ = nsa_pallas._keyblock_plan(idx, pos, num_blocks=-(-T // L), heads=R,
                                                   chunk=nsa_pallas.KEY_CHUNK)
     a["part"] = jnp.zeros(blk.shape + (L, D), jnp.float32)
-    a["blk"], a["live"] = blk, posrow.reshape(blk.shape + (-1,))[..., 0] >= 0
+    a["blk"], a["live"] = blk, jnp.any(posrow.reshape(blk.shape + (-1,)) >= 0, axis=-1)
     row["slc_dkdv_sum"] = time_case(
         wrap(functools.partial(nsa_pallas.sum_item_partials, num_blocks=-(-T // L)),
              ("part", "blk", "live")), a, iters)

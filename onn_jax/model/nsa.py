@@ -44,8 +44,8 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   compressed branch and the choice over chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a
   chunk's [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N]
   probabilities nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel
-  pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward
-  without atomics); the window branch is cuDNN's sliding-window attention on GPU for training
+  pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward,
+  its kernel without atomics); the window branch is cuDNN's sliding-window attention on GPU for training
   shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a [B,1,T,T]
   mask), else the chunked band attention above.
   One-token decoding reads the compressed keys, the chosen blocks and the window band only.

@@ -13,13 +13,13 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   tile and walks the ``K`` chosen blocks with an online softmax (slower for training rows,
   measured; ``"auto"`` takes it for a few queries a row, such as one-token decoding).
   Neither stores anything of size T*K*select_len;
-* backward (``BWD_IMPL = "keyblock"``, the default): key-major, without atomics (the item
+* backward (``BWD_IMPL = "keyblock"``, the default): key-major, the kernel without atomics (the item
   plan comes from the key-major forward when it ran). The
   (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
   into items of ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values
   once, gathers the item's query rows and recomputes the probabilities from the log-sum-exp,
   sums the block's dk/dv over the item's rows in registers (one [L, D] partial per item, then
-  a sorted segment sum in XLA) and writes each row's dq contribution, which XLA sums over the
+  summed per block by :func:`sum_item_partials`, a segment sum in XLA) and writes each row's dq contribution, which XLA sums over the
   token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
   so no program walks a long list. ``BWD_IMPL = "atomic"`` keeps the query-major backward
   (one program per (example, token, group), dk/dv by float32 atomic adds: slower, measured).
@@ -286,7 +286,7 @@ def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
 # partial, items past the end empty). One program per item loads its block's keys and values
 # once, gathers the item's query rows (KEY_CHUNK tokens x R heads) and computes
 #   * the block's dk/dv contribution, summed over the item's rows in registers and written
-#     as one [L, D] partial per item (summed per block afterwards by a sorted segment sum) or,
+#     as one [L, D] partial per item (summed per block afterwards by sum_item_partials) or,
 #     with DKDV_REDUCE = "atomic", added with one atomic add per item;
 #   * each row's dq contribution, written to the item's own rows of a [items*KEY_CHUNK*R, D]
 #     buffer and summed over the K slots of each token afterwards (a gather).
@@ -474,7 +474,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
   )(*args)
   if not atomic:
-    live_BGM = posrow.reshape(B, G, M, X)[..., 0] >= 0
+    live_BGM = jnp.any(posrow.reshape(B, G, M, X) >= 0, axis=-1)
     dk, dv = (sum_item_partials(p, blk_BGM, live_BGM, J) for p in (dk, dv))
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
   gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
@@ -488,11 +488,14 @@ def sum_item_partials(part_BGMLD: jax.Array, blk_BGM: jax.Array, live_BGM: jax.A
   """The key-major backward's per-item dk (or dv) partials [B,G,M,L,D] summed per selection
   block -> [B, J*L, G, D]; an item that is not live (empty, past the end) adds nothing.
 
-  Not declared sorted, although the live items are: so declared, XLA's GPU scatter grew with
-  the items a block gets. H200, 32 x 2048, one sum of [B*G*M, L, D]: 23 ms sorted against
-  0.8 ms at the paper's geometry (32/16/64/16/512, about 50 items a block), 0.22 against
-  0.26 ms at arc1's (16 a block); the dead items go to one extra segment, dropped, rather than
-  piling onto the last block (docs/bench/nsa_segment_sum_h200_2026-12-02.json)."""
+  Not declared sorted, although the live items are. H200, 32 x 2048, one sum of
+  [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items a block): 23 ms
+  declared sorted (19.6 ms with the dead items dropped too), 1.1 ms not, 0.8 ms not and the
+  dead items (a quarter of the static item count, all on the last block) sent to one extra
+  segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted against 0.26 ms,
+  within run-to-run noise. Why the sorted scatter is slow there is not pinned down
+  (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A live item is one whose rows include a
+  real query (position >= 0); a dead item's partial is zero anyway."""
   B, G, M, L, D = part_BGMLD.shape
   J = num_blocks
   seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
