@@ -215,12 +215,18 @@ CHOICE_GEOS = {
 # sequence starts.
 CHOICE_PACKED_STARTS = [[0, 36, 48, 172, 264], [0, 100, 204]]
 
+# Fewer queries than keys, at other positions in each row (a second stream, or the answer
+# against a cache's prompt): (queries, per-example q_offset) for a geometry.
+CHOICE_OFFSETS = {"one_tile": (9, [28, 5]), "many_tiles": (70, [230, 61])}
 
-def _choice_case(geo: Geo, starts=None):
+
+def _choice_case(geo: Geo, starts=None, offsets=None):
   R = geo.H // geo.G
   args = make_inputs(geo, seed=3)
   q = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
   pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
+  if offsets is not None:
+    pos = pos + jnp.asarray(offsets, jnp.int32)[:, None]
   lo = None if starts is None else segment_start_of(starts, geo.B, geo.T)
   bsl = dict(block_len=geo.block_len, block_stride=geo.block_stride)
   _, p = nsa._compressed_branch(q, args["k_cmp"], args["v_cmp"], pos, lo_BT=lo, **bsl)
@@ -232,19 +238,25 @@ def _choice_case(geo: Geo, starts=None):
   return q, args["k_cmp"], pos, lo, want, kw
 
 
-@pytest.mark.parametrize("name", list(CHOICE_GEOS) + ["many_tiles_packed"])
+@pytest.mark.parametrize("name", list(CHOICE_GEOS) + ["many_tiles_packed"]
+                         + [f"{g}_offsets" for g in CHOICE_OFFSETS])
 def test_block_choice_kernel_matches_selection(name):
   """The fused block-choice kernel against ``selection_scores`` and ``select_blocks`` of the
-  reference's compressed probabilities (packed rows: with ``segment_start``). Each score is a
+  reference's compressed probabilities (packed rows: with ``segment_start``; offsets: fewer
+  queries than keys, at per-example positions, which the kernel takes as they are). Each score is a
   sum of at most R * W (<= 10) probabilities in [0, 1], computed with another summation order
   (online log-sum-exp over tiles): a few float32 roundings (1.2e-7) of terms <= 1, so atol
   1e-5. The choices are compared by the reference scores of the chosen blocks, slot by slot (a
   near-tie may swap two blocks of equal score); forced blocks and unused slots exactly."""
-  packed = name.endswith("_packed")
-  geo = CHOICE_GEOS[name.removesuffix("_packed")]
+  packed, offset = name.endswith("_packed"), name.endswith("_offsets")
+  base = name.removesuffix("_packed").removesuffix("_offsets")
+  geo, offsets = CHOICE_GEOS[base], None
   if packed:
     geo = dataclasses.replace(geo, B=len(CHOICE_PACKED_STARTS))
-  q, k, pos, lo, want, kw = _choice_case(geo, CHOICE_PACKED_STARTS if packed else None)
+  if offset:
+    T, offsets = CHOICE_OFFSETS[base]
+    geo = dataclasses.replace(geo, B=len(offsets), T=T)
+  q, k, pos, lo, want, kw = _choice_case(geo, CHOICE_PACKED_STARTS if packed else None, offsets)
   got = nsa_pallas.block_choice(q, k, pos, lo, scores=True, **kw)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
