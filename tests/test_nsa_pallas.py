@@ -104,6 +104,32 @@ def test_pallas_compressed_chunks(monkeypatch):
   _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
 
 
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_offset_queries_with_the_choice_kernel_match_reference(name, monkeypatch):
+  """PALLAS_OFFSET_CHOICE="kernel": queries not known to start at position 0 (every geometry
+  here: the offset is an array) take the choice kernel beside the chunked compressed output;
+  outputs and gradients as the reference's. A bad setting is refused in one line."""
+  geo, q_offset = GEOMETRIES[name]
+  assert nsa_pallas.block_choice_supported(block_len=geo.block_len,
+                                           block_stride=geo.block_stride,
+                                           select_len=geo.select_len)
+  monkeypatch.setattr(nsa, "PALLAS_OFFSET_CHOICE", "kernel")
+  traced, kernel = [], nsa_pallas.block_choice
+  monkeypatch.setattr(nsa_pallas, "block_choice",
+                      lambda *a, **kw: traced.append(1) or kernel(*a, **kw))
+  args = make_inputs(geo, seed=len(name) + 1)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 98)
+  # Not the cached value_and_grad_fn: the patched module constant is read when tracing.
+  def run(impl):
+    return value_and_grad_fn.__wrapped__(geo, impl)(args, _offset(q_offset), cot)
+
+  _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
+  assert traced, "the choice kernel was not taken"
+  monkeypatch.setattr(nsa, "PALLAS_OFFSET_CHOICE", "kernal")
+  with pytest.raises(ValueError, match="PALLAS_OFFSET_CHOICE must be 'fused' or 'kernel'"):
+    forward_fn.__wrapped__(geo, "pallas")(args, _offset(q_offset))
+
+
 @pytest.mark.parametrize("name", ["group1_from_start", "per_example_offset"])
 def test_pallas_causality(name):
   geo, q_offset = GEOMETRIES[name]

@@ -80,6 +80,8 @@ VARIANTS = {
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
     "fwd_keyblock": dict(FWD_IMPL="keyblock"),
     "fwd_query": dict(FWD_IMPL="query"),
+    # Queries not from position 0 (decoding; nsa.PALLAS_OFFSET_CHOICE): the choice by the kernel.
+    "offset_choice_kernel": dict(PALLAS_OFFSET_CHOICE="kernel"),
 }
 
 
@@ -239,10 +241,11 @@ def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: Non
 def decode_bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None) -> None:
   """One-token decoding: ``nsa_core``'s forward for one query a row at the cache's last
   position (B x S: B rows against S keys), for each impl and ``pallas[variant]`` for the
-  variants of the selected branch's forward (the others change only the backward or the
-  from-position-0 paths, which decoding does not take)."""
+  variants of the selected branch's forward and of the offset queries' block choice (the
+  others change only the backward or the from-position-0 paths, which decoding does not
+  take)."""
   rows = results.setdefault("decode", [])
-  variants = [v for v in variants if "FWD_IMPL" in VARIANTS[v]]
+  variants = [v for v in variants if {"FWD_IMPL", "PALLAS_OFFSET_CHOICE"} & set(VARIANTS[v])]
   for B, S in cases:
     args = inputs(B, S, jnp.bfloat16)
     args["q"], args["gates"] = args["q"][:, -1:], args["gates"][:, -1:]

@@ -45,9 +45,9 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   chunk's [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N]
   probabilities nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel
   pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward,
-  its kernel without atomics); the window branch is cuDNN's sliding-window attention on GPU for training
-  shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a [B,1,T,T]
-  mask), else the chunked band attention above.
+  its kernel without atomics); the window branch is cuDNN's sliding-window attention on GPU
+  for training shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a
+  [B,1,T,T] mask), else the chunked band attention above.
   One-token decoding reads the compressed keys, the chosen blocks and the window band only.
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
@@ -445,14 +445,15 @@ PALLAS_CMP_CHUNK_ELEMS = 1 << 26
 
 def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, *, seq_len: int,
                                       block_len: int, block_stride: int, select_len: int,
-                                      num_select: int) -> tuple[jax.Array, jax.Array]:
+                                      num_select: int, choose: bool = True
+                                      ) -> tuple[jax.Array, jax.Array | None]:
   """Compressed branch and block choice over chunks of queries: memory linear in T.
 
   Returns the compressed-branch output [B,T,G,R,D] float32 and the chosen selection blocks
-  int32 [B,T,G,num_select] (``-1`` for unused slots). Each chunk of C queries builds its
-  [B,C,H,N] probabilities, turns them into block importances and a top-n choice, and keeps
-  only the output and the indices; the backward pass recomputes a chunk's probabilities
-  (``jax.checkpoint``). No [B,T,H,N] or [B,T,G,J] tensor exists at once.
+  int32 [B,T,G,num_select] (``-1`` for unused slots; None with ``choose=False``). Each chunk
+  of C queries builds its [B,C,H,N] probabilities, turns them into block importances and a
+  top-n choice, and keeps only the output and the indices; the backward pass recomputes a
+  chunk's probabilities (``jax.checkpoint``). No [B,T,H,N] or [B,T,G,J] tensor exists at once.
   """
   B, T, G, R, D = q_BTGRD.shape
   N = k_cmp.shape[1]
@@ -461,6 +462,8 @@ def _compressed_and_selection_chunked(q_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, *, s
   @jax.checkpoint
   def chunk(q_c, pos_c, lo_c):
     out_c, p_c = _compressed_branch(q_c, k_cmp, v_cmp, pos_c, block_len, block_stride, lo_c)
+    if not choose:
+      return out_c, None
     idx_c = _choose_blocks(jax.lax.stop_gradient(p_c), pos_c, lo_c, seq_len=seq_len,
                            block_len=block_len, block_stride=block_stride,
                            select_len=select_len, num_select=num_select)
@@ -525,6 +528,13 @@ FOLDED_PAD = 64  # the folded attention's length (query groups = blocks) is a mu
 # block_choice_supported; "chunked": XLA over chunks of queries, _selection_chunked).
 # H200, forward: measured in train.nsa_kernel_check --breakdown (README, Benchmarks).
 PALLAS_CHOICE = "kernel"
+# impl="pallas", every other shape (queries not from position 0: a second stream, the answer
+# against a cache's prompt; packed rows past PALLAS_MASK_ELEMS): "fused", the choice inside
+# the compressed branch's XLA chunks; "kernel", the chunks compute the output alone and the
+# choice is nsa_pallas.block_choice (which takes any query positions), where
+# block_choice_supported. Not yet timed on a GPU (train.nsa_kernel_check --variants
+# offset_choice_kernel), so "fused" stays the default.
+PALLAS_OFFSET_CHOICE = "fused"
 
 
 def _fold_queries(x_BTGRD: jax.Array, num_cmp: int, block_len: int, block_stride: int
@@ -620,9 +630,9 @@ def _selection_chunked(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len
 
 def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: int,
                    block_stride: int, select_len: int, num_select: int) -> jax.Array:
-  """The block choice [B,T,G,K] (``-1``: unused slot) beside the folded compressed branch
-  (``lo_BT``: packed rows): the fused Pallas kernel where it serves the geometry
-  (PALLAS_CHOICE), else the XLA chunks."""
+  """The block choice [B,T,G,K] (``-1``: unused slot) beside the folded compressed branch,
+  or beside the chunked one with PALLAS_OFFSET_CHOICE "kernel" (``lo_BT``: packed rows): the
+  fused Pallas kernel where it serves the geometry (PALLAS_CHOICE), else the XLA chunks."""
   geo = dict(block_len=block_len, block_stride=block_stride, select_len=select_len)
   if PALLAS_CHOICE not in ("kernel", "chunked"):
     raise ValueError(f"nsa.PALLAS_CHOICE must be 'kernel' or 'chunked', got {PALLAS_CHOICE!r}")
@@ -771,9 +781,17 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
                                 block_len=block_len, block_stride=block_stride,
                                 select_len=select_len, num_select=num_select)
     else:
+      if PALLAS_OFFSET_CHOICE not in ("fused", "kernel"):
+        raise ValueError(f"nsa.PALLAS_OFFSET_CHOICE must be 'fused' or 'kernel', got "
+                         f"{PALLAS_OFFSET_CHOICE!r}")
+      sel = dict(seq_len=S, block_len=block_len, block_stride=block_stride,
+                 select_len=select_len, num_select=num_select)
+      apart = PALLAS_OFFSET_CHOICE == "kernel" and N > 0 and nsa_pallas.block_choice_supported(
+          block_len=block_len, block_stride=block_stride, select_len=select_len)
       out_cmp, idx_BTGK = _compressed_and_selection_chunked(
-          q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, seq_len=S, block_len=block_len,
-          block_stride=block_stride, select_len=select_len, num_select=num_select)
+          q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, choose=not apart, **sel)
+      if apart:
+        idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, **sel)
     out_slc = nsa_pallas.selected_attention(q_BTGRD, k_slc, v_slc, idx_BTGK, pos_BT,
                                             select_len, nsa_pallas.use_interpret())
     offset_is_zero = isinstance(q_offset, (int, np.integer)) and q_offset == 0

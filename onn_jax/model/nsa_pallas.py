@@ -19,8 +19,8 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   into items of ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values
   once, gathers the item's query rows and recomputes the probabilities from the log-sum-exp,
   sums the block's dk/dv over the item's rows in registers (one [L, D] partial per item, then
-  summed per block by :func:`sum_item_partials`, a segment sum in XLA) and writes each row's dq contribution, which XLA sums over the
-  token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
+  summed per block by :func:`sum_item_partials`, a segment sum in XLA) and writes each row's
+  dq contribution, which XLA sums over the token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
   so no program walks a long list. ``BWD_IMPL = "atomic"`` keeps the query-major backward
   (one program per (example, token, group), dk/dv by float32 atomic adds: slower, measured).
 
