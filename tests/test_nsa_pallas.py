@@ -114,6 +114,8 @@ def test_offset_queries_with_the_choice_kernel_match_reference(name, monkeypatch
                                            block_stride=geo.block_stride,
                                            select_len=geo.select_len)
   monkeypatch.setattr(nsa, "PALLAS_OFFSET_CHOICE", "kernel")
+  # Chunks of 4 queries: the output alone is reassembled from several (T > 4), or T = 1.
+  monkeypatch.setattr(nsa, "PALLAS_CMP_CHUNK_ELEMS", geo.B * geo.H * geo.N * 4)
   traced, kernel = [], nsa_pallas.block_choice
   monkeypatch.setattr(nsa_pallas, "block_choice",
                       lambda *a, **kw: traced.append(1) or kernel(*a, **kw))
