@@ -397,7 +397,8 @@ def test_keyblock_plan_covers_every_pair_once():
 def test_item_partials_sum_per_block_and_drop_dead_items():
   """The key-major backward's dk/dv reduce: each live item's [L, D] partial lands on its own
   (example, group, block) keys; a dead item adds nothing, even with nonzero values (in the
-  kernel they are zeros; here they would show if they landed anywhere). Every size differs
+  kernel they are zeros; here they would show if they landed anywhere); an item is live when
+  any of its rows has a position. Every size differs
   from the others, so a misplaced stride shows. Exact: sums of at most M integers of size
   <= 8 in float32."""
   rng = np.random.default_rng(5)
@@ -406,8 +407,10 @@ def test_item_partials_sum_per_block_and_drop_dead_items():
   blk = np.sort(rng.integers(0, J, (B, G, M)), axis=-1).astype(np.int32)
   live = rng.random((B, G, M)) < 0.7
   live[0, 0] = False  # a row of no live item: its keys get zeros
+  # The plan's row positions (2 rows an item): a live item's first row real, a dead one's none.
+  posrow = np.where(live[..., None], np.array([7, -1]), -1).reshape(B, G, M * 2)
   got = np.asarray(nsa_pallas.sum_item_partials(jnp.asarray(part), jnp.asarray(blk),
-                                                jnp.asarray(live), J))
+                                                jnp.asarray(posrow, jnp.int32), J))
   want = np.zeros((B, J * L, G, D), np.float32)
   for b in range(B):
     for g in range(G):

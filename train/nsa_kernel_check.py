@@ -330,13 +330,13 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     # The backward's dk (or dv) sum of per-item partials (one of its two), at this choice's
     # item plan.
     L = GEO["select_len"]
-    _, posrow, blk, _ = nsa_pallas._keyblock_plan(idx, pos, num_blocks=-(-T // L), heads=R,
-                                                  chunk=nsa_pallas.KEY_CHUNK)
-    a["part"] = jnp.zeros(blk.shape + (L, D), jnp.float32)
-    a["blk"], a["live"] = blk, jnp.any(posrow.reshape(blk.shape + (-1,)) >= 0, axis=-1)
+    J = -(-T // L)
+    _, a["posrow"], a["blk"], _ = nsa_pallas._keyblock_plan(idx, pos, num_blocks=J, heads=R,
+                                                            chunk=nsa_pallas.KEY_CHUNK)
+    a["part"] = jnp.zeros(a["blk"].shape + (L, D), jnp.float32)
     row["slc_dkdv_sum"] = time_case(
-        wrap(functools.partial(nsa_pallas.sum_item_partials, num_blocks=-(-T // L)),
-             ("part", "blk", "live")), a, iters)
+        wrap(functools.partial(nsa_pallas.sum_item_partials, num_blocks=J),
+             ("part", "blk", "posrow")), a, iters)
     for var in variants:  # the block choice's variants time the choice, others the kernel
       with variant(var):
         if var.startswith("choice"):

@@ -13,16 +13,17 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   tile and walks the ``K`` chosen blocks with an online softmax (slower for training rows,
   measured; ``"auto"`` takes it for a few queries a row, such as one-token decoding).
   Neither stores anything of size T*K*select_len;
-* backward (``BWD_IMPL = "keyblock"``, the default): key-major, the kernel without atomics (the item
-  plan comes from the key-major forward when it ran). The
-  (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
-  into items of ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values
-  once, gathers the item's query rows and recomputes the probabilities from the log-sum-exp,
-  sums the block's dk/dv over the item's rows in registers (one [L, D] partial per item, then
-  summed per block by :func:`sum_item_partials`, a segment sum in XLA) and writes each row's
-  dq contribution, which XLA sums over the token's ``K`` slots. A block that every token chooses (block 0) is spread over many items,
-  so no program walks a long list. ``BWD_IMPL = "atomic"`` keeps the query-major backward
-  (one program per (example, token, group), dk/dv by float32 atomic adds: slower, measured).
+* backward (``BWD_IMPL = "keyblock"``, the default): key-major, the kernel without atomics
+  (the item plan comes from the key-major forward when it ran). The (token, slot) pairs of
+  each (example, group) are sorted by selection block (in XLA) and cut into items of
+  ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values once, gathers
+  the item's query rows and recomputes the probabilities from the log-sum-exp, sums the
+  block's dk/dv over the item's rows in registers (one [L, D] partial per item, then summed
+  per block by :func:`sum_item_partials`, a segment sum in XLA) and writes each row's dq
+  contribution, which XLA sums over the token's ``K`` slots. A block that every token
+  chooses (block 0) is spread over many items, so no program walks a long list.
+  ``BWD_IMPL = "atomic"`` keeps the query-major backward (one program per (example, token,
+  group), dk/dv by float32 atomic adds: slower, measured).
 
 The block choice (eq. 9-11) for one sequence a row is a kernel too (``block_choice``, see its
 section below): float32 compressed probabilities, their overlap sums and a running top-k per
@@ -474,8 +475,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
   )(*args)
   if not atomic:
-    live_BGM = jnp.any(posrow.reshape(B, G, M, X) >= 0, axis=-1)
-    dk, dv = (sum_item_partials(p, blk_BGM, live_BGM, J) for p in (dk, dv))
+    dk, dv = (sum_item_partials(p, blk_BGM, posrow, J) for p in (dk, dv))
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
   gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
   dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
@@ -483,10 +483,11 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
           dv[:, :S].astype(v_BSGD.dtype), None, None)
 
 
-def sum_item_partials(part_BGMLD: jax.Array, blk_BGM: jax.Array, live_BGM: jax.Array,
+def sum_item_partials(part_BGMLD: jax.Array, blk_BGM: jax.Array, posrow_BGX: jax.Array,
                       num_blocks: int) -> jax.Array:
   """The key-major backward's per-item dk (or dv) partials [B,G,M,L,D] summed per selection
-  block -> [B, J*L, G, D]; an item that is not live (empty, past the end) adds nothing.
+  block -> [B, J*L, G, D], from the item plan's blocks and row positions (``posrow_BGX``, see
+  :func:`_keyblock_plan`); a dead item (no real row: empty, past the end) adds nothing.
 
   Not declared sorted, although the live items are. H200, 32 x 2048, one sum of
   [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items a block): 23 ms
@@ -494,12 +495,12 @@ def sum_item_partials(part_BGMLD: jax.Array, blk_BGM: jax.Array, live_BGM: jax.A
   dead items (a quarter of the static item count, all on the last block) sent to one extra
   segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted against 0.26 ms,
   within run-to-run noise. Why the sorted scatter is slow there is not pinned down
-  (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A live item is one whose rows include a
-  real query (position >= 0); a dead item's partial is zero anyway."""
+  (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A dead item's partial is zero anyway."""
   B, G, M, L, D = part_BGMLD.shape
   J = num_blocks
+  live = jnp.any(posrow_BGX.reshape(B * G, M, -1) >= 0, axis=-1)
   seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
-  seg = jnp.where(live_BGM.reshape(B * G, M), seg, B * G * J).reshape(-1)
+  seg = jnp.where(live, seg, B * G * J).reshape(-1)
   s = jax.ops.segment_sum(part_BGMLD.reshape(B * G * M, L, D), seg,
                           num_segments=B * G * J + 1)[:-1]
   return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
