@@ -532,8 +532,8 @@ PALLAS_CHOICE = "kernel"
 # against a cache's prompt; packed rows past PALLAS_MASK_ELEMS): "fused", the choice inside
 # the compressed branch's XLA chunks; "kernel", the chunks compute the output alone and the
 # choice is nsa_pallas.block_choice (which takes any query positions), where
-# block_choice_supported. Not yet timed on a GPU (train.nsa_kernel_check --variants
-# offset_choice_kernel), so "fused" stays the default.
+# block_choice_supported. H200, one-token decoding at 32 x 2048: "kernel" 1.5x slower
+# (train.nsa_kernel_check --decode 32x2048 --variants offset_choice_kernel), so "fused".
 PALLAS_OFFSET_CHOICE = "fused"
 
 
