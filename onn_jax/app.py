@@ -70,13 +70,14 @@ def eval_mesh(cfg: Config) -> Mesh | None:
 
 
 def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: dict | None = None,
-                    log=print) -> dict:
+                    adapted: tuple | None = None, log=print) -> dict:
   """Runs ``cfg.eval.mode`` on ``tasks`` and writes submission.json, scores.json, results.jsonl
   and sheet.png into ``out_dir``. Returns the summary.
 
-  With ``ttt.steps > 0`` every task is first adapted (:func:`ttt.adapt`), then all tasks are
-  evaluated together, each row of a model call under its own task's adapter (the tasks that
-  were not adapted under the base weights)."""
+  With ``ttt.steps > 0`` every task is first adapted (:func:`ttt.adapt`; ``adapted``: what it
+  returned for these ``params`` and ``tasks`` already, e.g. to score one adaptation in both
+  modes), then all tasks are evaluated together, each row of a model call under its own
+  task's adapter (the tasks that were not adapted under the base weights)."""
   e = cfg.eval
   model = Transformer(cfg.model)
   mesh = eval_mesh(cfg)
@@ -96,10 +97,12 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
                                       max_len=eval_max_len(cfg), batch_size=e.batch_size)
   group_of = None
   if cfg.ttt.steps > 0:  # test-time training: each adapted task is scored with its own weights
-    if calls is not None:  # the generation's programs compile while TTT runs
-      fns.prepare_in_background("generate", calls, 0 if e.mode == "greedy" else e.samples)
-    adapted, ttt_info = ttt.adapt(cfg, params, tasks, mesh=mesh,
-                                  log=log if is_main_process() else lambda _: None)
+    if adapted is None:
+      if calls is not None:  # the generation's programs compile while TTT runs
+        fns.prepare_in_background("generate", calls, 0 if e.mode == "greedy" else e.samples)
+      adapted = ttt.adapt(cfg, params, tasks, mesh=mesh,
+                          log=log if is_main_process() else lambda _: None)
+    adapted, ttt_info = adapted
     adapters, index = ttt.stack(params, adapted)
     fns.use_adapters(adapters)
     if adapters is not None:

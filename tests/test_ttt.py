@@ -377,6 +377,23 @@ def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
              for entry in v)
 
 
+def test_an_adaptation_given_to_the_evaluation_is_the_one_it_scores_with(setup, together,
+                                                                          tmp_path, monkeypatch):
+  """evaluate_params(adapted=ttt.adapt(...)) adapts nothing itself and scores exactly as when it
+  adapts the same tasks (the verdict adapts a split once for greedy and AugScore)."""
+  cfg, params, tasks = setup
+  chosen = list(tasks.values())
+  cfg = config.replace(cfg, train={"background_compile": False})
+  app.evaluate_params(cfg, params, chosen, tmp_path / "own")
+  monkeypatch.setattr(ttt, "adapt", lambda *a, **k: pytest.fail("adapted again"))
+  adapters, info, _ = together
+  app.evaluate_params(cfg, params, chosen, tmp_path / "given", adapted=(adapters, info))
+  for name in ("results.jsonl", "submission.json"):
+    assert (tmp_path / "given" / name).read_text() == (tmp_path / "own" / name).read_text()
+  given = json.loads((tmp_path / "given" / "scores.json").read_text())
+  assert given["ttt"]["adapted"] == 2 and given["ttt"]["steps"] == cfg.ttt.steps
+
+
 def test_a_bad_pattern_fails_before_training_or_loading(tmp_path, capsys):
   cfg = tiny_config(ttt=dict(steps=2, params=["*/atn/*"]))
   assert app.train_and_evaluate(cfg, tmp_path / "run") == 1

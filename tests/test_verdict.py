@@ -344,13 +344,13 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
 
 def test_the_study_end_to_end(tmp_path, capsys):
   """A tiny study (one seed; teacher forcing against EAVI mixed in from the start and an arm of
-  the user's, --arm, charged as teacher forcing under --ratio): the table, the plot and per-run
+  the user's, --arm, charged as teacher forcing under --ratio, with TTT): the table, the plot and per-run
   results, the curve of free-running accuracy, equal planned time, every
   step's time measured; run again, it reuses every finished run; run with another plan in the
   same folder, it refuses in one line."""
   out = tmp_path / "study"
   argv = ["--config", "default", "--out", str(out), "--seeds", "0", "--arms", "tf,soft_mixed",
-          "--probes", "2", "--ratio", "2", "--arm", "outputs: data.loss_on=outputs",
+          "--probes", "2", "--ratio", "2", "--arm", "outputs: data.loss_on=outputs ttt.steps=2",
           *TINY_OVERRIDES, "train.pretrain_steps=6", "parallel.mode=single"]
   assert eavi_verdict.main(argv) == 0
   verdict = json.loads((out / "verdict.json").read_text())
@@ -358,6 +358,13 @@ def test_the_study_end_to_end(tmp_path, capsys):
   assert verdict["arms"]["outputs"]["runs"][0]["plan"] == {"pretrain": 6, "eavi": 0, "every": 0}
   saved = config.load(str(out / "runs" / "outputs_s0" / "config.yaml"), saved_run=True)
   assert saved.data.loss_on == "outputs" and saved.train.pretrain_steps == 6
+  # Its TTT adapted each split once, and both modes scored with that adaptation.
+  said = capsys.readouterr().out
+  assert said.count("ttt: adapted ") == 2, said
+  for split in ("heldout", "eval"):
+    infos = [json.loads((out / "runs" / "outputs_s0" / f"eval_{split}_{mode}" / "scores.json")
+                        .read_text())["ttt"] for mode in ("greedy", "augscore")]
+    assert infos[0] == infos[1] and infos[0]["steps"] == 2
   mixed = verdict["arms"]["soft_mixed"]["runs"][0]
   # k = 1 + r (1 - f) / f = 7, and a mixed run holds at least one EAVI step: 7 steps.
   assert mixed["plan"] == {"pretrain": 7, "eavi": 0, "every": 7}

@@ -346,7 +346,7 @@ class Study:
 
   def run_one(self, arm: str, seed: int, plan: Plan, calib: dict) -> dict | None:
     """Trains, probes and scores one run (``None``: stopped before its last step)."""
-    from onn_jax import app, checkpoint, run
+    from onn_jax import app, checkpoint, run, ttt
     from onn_jax import analysis  # rollouts, summarise_rollouts
     from onn_jax.model.transformer import count_params, init_params
     from onn_jax.parallel import platform_line
@@ -385,11 +385,15 @@ class Study:
     weights = jax.device_get(result.state.params)
     scores: dict[str, Any] = {}
     for split, tasks in splits.items():
+      if not tasks:
+        continue
+      # TTT (an arm that asks for it) adapts a split's tasks once, for both modes.
+      adapted = (ttt.adapt(cfg, weights, tasks, mesh=app.eval_mesh(cfg), log=self.log)
+                 if cfg.ttt.steps > 0 else None)
       for mode in MODES:
-        if not tasks:
-          continue
         summary = app.evaluate_params(config.replace(cfg, eval={"mode": mode}), weights, tasks,
-                                      workdir / f"eval_{split}_{mode}", log=self.log)
+                                      workdir / f"eval_{split}_{mode}", adapted=adapted,
+                                      log=self.log)
         scores[f"{split}_{mode}"] = {k: summary[k] for k in ("score", "pass@1", "pass@2",
                                                              "num_test_inputs", "solved")}
     # Seconds: planned from the calibration; measured from this run's own steps (each stage's
