@@ -173,14 +173,18 @@ def test_pallas_bf16_close_to_fp32_reference():
 BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "partials", 16),
                 ("keyblock", "keyblock", "partials", 2), ("query", "keyblock", "atomic", 2),
                 ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16),
-                ("keyblock", "keyblock", "partials", 2, 2), ("query", "keyblock", "atomic", 2, 2)]
+                ("keyblock", "keyblock", "partials", 2, 2), ("query", "keyblock", "atomic", 2, 2),
+                ("keyblock", "keyblock", "partials_kernel", 2)]
 
 
 def _set_bwd(monkeypatch, variant):
+  """(forward, backward, dk/dv reduce (``partials_kernel``: partials summed by the sum
+  kernel, nsa_pallas.DKDV_SUM), item tokens[, key tile])."""
   fwd, bwd, reduce, chunk, *tile = variant
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
   monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
-  monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce)
+  monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce.removesuffix("_kernel"))
+  monkeypatch.setattr(nsa_pallas, "DKDV_SUM", "kernel" if reduce.endswith("_kernel") else "xla")
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", chunk)
   if tile:
     monkeypatch.setattr(nsa_pallas, "KEY_TILE", tile[0])
@@ -394,33 +398,48 @@ def test_keyblock_plan_covers_every_pair_once():
         assert not np.any(real[1:] & ~real[:-1])
 
 
-def test_item_partials_sum_per_block_and_drop_dead_items():
-  """The key-major backward's dk/dv reduce: each live item's [L, D] partial lands on its own
+@pytest.mark.parametrize("how", ["xla", "kernel"])
+def test_item_partials_sum_per_block_and_drop_dead_items(how, monkeypatch):
+  """The key-major backward's dk/dv reduce (both sums: XLA's segment sum and the Pallas walk
+  over each block's run of items): each live item's [L, D] partial lands on its own
   (example, group, block) keys; a dead item adds nothing, even with nonzero values (in the
-  kernel they are zeros; here they would show if they landed anywhere); an item is live when
-  any of its rows has a position. Every size differs
-  from the others, so a misplaced stride shows. Exact: sums of at most M integers of size
-  <= 8 in float32."""
+  kernel they are zeros; here they would show if they landed anywhere), inside a block's run
+  or after the last live item; an item is live when any of its rows has a position. Every
+  size differs from the others, so a misplaced stride shows; the two partials differ, so a
+  swap shows. Exact: sums of at most M integers of size <= 8 in float32."""
+  monkeypatch.setattr(nsa_pallas, "DKDV_SUM", how)
+  monkeypatch.setattr(nsa_pallas, "SUM_UNROLL", 2)  # runs of 1-5 items: odd ones end inside a step
   rng = np.random.default_rng(5)
   B, G, M, L, D, J = 2, 3, 9, 6, 4, 5
-  part = rng.integers(-8, 9, (B, G, M, L, D)).astype(np.float32)
+  parts = [rng.integers(-8, 9, (B, G, M, L, D)).astype(np.float32) for _ in range(2)]
   blk = np.sort(rng.integers(0, J, (B, G, M)), axis=-1).astype(np.int32)
   live = rng.random((B, G, M)) < 0.7
   live[0, 0] = False  # a row of no live item: its keys get zeros
+  live[1, 2, -3:] = False  # dead items after the last live one (as the plan has them)
   # The plan's row positions (2 rows an item): a live item's first row real, a dead one's none.
   posrow = np.where(live[..., None], np.array([7, -1]), -1).reshape(B, G, M * 2)
-  got = np.asarray(nsa_pallas.sum_item_partials(jnp.asarray(part), jnp.asarray(blk),
-                                                jnp.asarray(posrow, jnp.int32), J))
-  want = np.zeros((B, J * L, G, D), np.float32)
-  for b in range(B):
-    for g in range(G):
-      for m in range(M):
-        if live[b, g, m]:
-          want[b, blk[b, g, m] * L:(blk[b, g, m] + 1) * L, g] += part[b, g, m]
-  np.testing.assert_array_equal(got, want)
+  got = nsa_pallas.sum_item_partials(tuple(map(jnp.asarray, parts)), jnp.asarray(blk),
+                                     jnp.asarray(posrow, jnp.int32), J, interpret=True)
+  for part, sums in zip(parts, got):
+    want = np.zeros((B, J * L, G, D), np.float32)
+    for b in range(B):
+      for g in range(G):
+        for m in range(M):
+          if live[b, g, m]:
+            want[b, blk[b, g, m] * L:(blk[b, g, m] + 1) * L, g] += part[b, g, m]
+    np.testing.assert_array_equal(np.asarray(sums), want)
 
 
-@pytest.mark.parametrize("variant", BWD_VARIANTS[2:5] + BWD_VARIANTS[6:7],
+def test_a_bad_partial_sum_setting_is_one_line(monkeypatch):
+  monkeypatch.setattr(nsa_pallas, "DKDV_SUM", "sorted")
+  one = jnp.zeros((1, 1, 2, 2, 2), jnp.float32)
+  with pytest.raises(ValueError, match=r"^nsa_pallas.DKDV_SUM must be 'xla' or 'kernel', got "
+                                       r"'sorted'$"):
+    nsa_pallas.sum_item_partials((one,), jnp.zeros((1, 1, 2), jnp.int32),
+                                 jnp.zeros((1, 1, 2), jnp.int32), 1)
+
+
+@pytest.mark.parametrize("variant", BWD_VARIANTS[2:5] + BWD_VARIANTS[6:7] + BWD_VARIANTS[8:],
                          ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])
 def test_pallas_backward_variants_match_reference(name, variant, monkeypatch):

@@ -80,6 +80,8 @@ VARIANTS = {
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
     "fwd_keyblock": dict(FWD_IMPL="keyblock"),
     "fwd_query": dict(FWD_IMPL="query"),
+    # The key-major backward's dk/dv partials summed per block by a kernel, not a segment sum.
+    "dkdv_sum_kernel": dict(DKDV_SUM="kernel"),
     # Queries not from position 0 (decoding; nsa.PALLAS_OFFSET_CHOICE): the choice by the kernel.
     "offset_choice_kernel": dict(PALLAS_OFFSET_CHOICE="kernel"),
 }
@@ -327,21 +329,25 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
                                            a, iters)
     row["slc_fwd"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
     row["slc_fwd_bwd"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc), a, iters)
-    # The backward's dk (or dv) sum of per-item partials (one of its two), at this choice's
-    # item plan.
+    # The backward's sums of per-item dk and dv partials (both; files before 2026-12-02 night
+    # have `slc_dkdv_sum`, one of the two), at this choice's item plan.
     L = GEO["select_len"]
     J = -(-T // L)
     _, a["posrow"], a["blk"], _ = nsa_pallas._keyblock_plan(idx, pos, num_blocks=J, heads=R,
                                                             chunk=nsa_pallas.KEY_CHUNK)
-    a["part"] = jnp.zeros(a["blk"].shape + (L, D), jnp.float32)
-    row["slc_dkdv_sum"] = time_case(
-        wrap(functools.partial(nsa_pallas.sum_item_partials, num_blocks=J),
-             ("part", "blk", "posrow")), a, iters)
+    a["dk_part"] = a["dv_part"] = jnp.zeros(a["blk"].shape + (L, D), jnp.float32)
+
+    def sums(dk, dv, blk, posrow):
+      return nsa_pallas.sum_item_partials((dk, dv), blk, posrow, J)
+    qkv_sums = ("dk_part", "dv_part", "blk", "posrow")
+    row["slc_dkdv_sums"] = time_case(wrap(sums, qkv_sums), a, iters)
     for var in variants:  # the block choice's variants time the choice, others the kernel
       with variant(var):
         if var.startswith("choice"):
           row[f"choice_fwd[{var}]"] = time_case(wrap(choice, qkv_cmp), a, iters)
         else:
+          if "DKDV_SUM" in VARIANTS[var]:
+            row[f"slc_dkdv_sums[{var}]"] = time_case(wrap(sums, qkv_sums), a, iters)
           row[f"slc_fwd[{var}]"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
           row[f"slc_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
                                                  a, iters)

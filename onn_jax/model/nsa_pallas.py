@@ -19,9 +19,10 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values once, gathers
   the item's query rows and recomputes the probabilities from the log-sum-exp, sums the
   block's dk/dv over the item's rows in registers (one [L, D] partial per item, then summed
-  per block by :func:`sum_item_partials`, a segment sum in XLA) and writes each row's dq
-  contribution, which XLA sums over the token's ``K`` slots. A block that every token
-  chooses (block 0) is spread over many items, so no program walks a long list.
+  per block by :func:`sum_item_partials`: a segment sum in XLA, or a kernel) and writes each
+  row's dq contribution, which XLA sums over the token's ``K`` slots. A block that every
+  token chooses (block 0) is spread over many items, so no program of the backward walks a
+  long list.
   ``BWD_IMPL = "atomic"`` keeps the query-major backward (one program per (example, token,
   group), dk/dv by float32 atomic adds: slower, measured).
 
@@ -307,6 +308,12 @@ BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomi
 FWD_IMPL = "auto"
 KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
 DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_partials) or "atomic"
+# How sum_item_partials sums the partials: "xla" (a segment sum) or "kernel" (Pallas: one
+# program per (block, example, group) walks its block's run of items, SUM_UNROLL at a time,
+# and writes the block's keys once; no scatter).
+DKDV_SUM = "xla"
+SUM_UNROLL = 4
+SUM_NUM_WARPS = 4
 KEY_NUM_WARPS = 4
 # Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
 # KEY_TILE, so a program holds [KEY_CHUNK * heads, KEY_TILE] float32 values (logits,
@@ -475,7 +482,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
   )(*args)
   if not atomic:
-    dk, dv = (sum_item_partials(p, blk_BGM, posrow, J) for p in (dk, dv))
+    dk, dv = sum_item_partials((dk, dv), blk_BGM, posrow, J, interpret=interpret)
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
   gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
   dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
@@ -483,27 +490,84 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
           dv[:, :S].astype(v_BSGD.dtype), None, None)
 
 
-def sum_item_partials(part_BGMLD: jax.Array, blk_BGM: jax.Array, posrow_BGX: jax.Array,
-                      num_blocks: int) -> jax.Array:
-  """The key-major backward's per-item dk (or dv) partials [B,G,M,L,D] summed per selection
-  block -> [B, J*L, G, D], from the item plan's blocks and row positions (``posrow_BGX``, see
-  :func:`_keyblock_plan`); a dead item (no real row: empty, past the end) adds nothing.
+def sum_item_partials(parts: tuple, blk_BGM: jax.Array, posrow_BGX: jax.Array,
+                      num_blocks: int, *, interpret: bool | None = None) -> tuple:
+  """The key-major backward's per-item dk and dv partials (each [B,G,M,L,D]) summed per
+  selection block -> each [B, J*L, G, D], from the item plan's blocks (non-decreasing along
+  M, as the plan sorts them) and row positions (``posrow_BGX``, see :func:`_keyblock_plan`);
+  a dead item (no real row: empty, past the end) adds nothing. ``DKDV_SUM`` picks the sum.
 
-  Not declared sorted, although the live items are. H200, 32 x 2048, one sum of
-  [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items a block): 23 ms
-  declared sorted (19.6 ms with the dead items dropped too), 1.1 ms not, 0.8 ms not and the
-  dead items (a quarter of the static item count, all on the last block) sent to one extra
-  segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted against 0.26 ms,
-  within run-to-run noise. Why the sorted scatter is slow there is not pinned down
-  (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A dead item's partial is zero anyway."""
-  B, G, M, L, D = part_BGMLD.shape
+  "xla": a segment sum, not declared sorted although the live items are. H200, 32 x 2048,
+  one sum of [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items a
+  block): 23 ms declared sorted (19.6 ms with the dead items dropped too), 1.1 ms not, 0.8
+  ms not and the dead items (a quarter of the static item count, all on the last block)
+  sent to one extra segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted
+  against 0.26 ms, within run-to-run noise. Why the sorted scatter is slow there is not
+  pinned down (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A dead item's partial is
+  zero anyway. "kernel": :func:`_sum_partials_kernel`, both partials in one launch."""
+  B, G, M, L, D = parts[0].shape
   J = num_blocks
-  live = jnp.any(posrow_BGX.reshape(B * G, M, -1) >= 0, axis=-1)
-  seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
-  seg = jnp.where(live, seg, B * G * J).reshape(-1)
-  s = jax.ops.segment_sum(part_BGMLD.reshape(B * G * M, L, D), seg,
-                          num_segments=B * G * J + 1)[:-1]
-  return s.reshape(B, G, J * L, D).transpose(0, 2, 1, 3)
+  live_BGM = jnp.any(posrow_BGX.reshape(B, G, M, -1) >= 0, axis=-1)
+  if DKDV_SUM == "kernel":
+    sums = _sum_partials_pallas(parts, blk_BGM, live_BGM, J,
+                                use_interpret() if interpret is None else interpret)
+  elif DKDV_SUM == "xla":
+    seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
+    seg = jnp.where(live_BGM.reshape(B * G, M), seg, B * G * J).reshape(-1)
+    sums = tuple(jax.ops.segment_sum(p.reshape(B * G * M, L, D), seg,
+                                     num_segments=B * G * J + 1)[:-1] for p in parts)
+  else:
+    raise ValueError(f"nsa_pallas.DKDV_SUM must be 'xla' or 'kernel', got {DKDV_SUM!r}")
+  return tuple(x.reshape(B, G, J * L, D).transpose(0, 2, 1, 3) for x in sums)
+
+
+def _sum_partials_kernel(lo_ref, hi_ref, live_ref, *refs, num_bg: int, num_blocks: int,
+                         num_items: int, unroll: int):
+  """One (block j, example-group bg): the sum of the live items m in [lo, hi) of each
+  partial (rows ``bg*M + m`` of [B*G*M, L*D]) into row ``bg*J + j`` of its output."""
+  n_parts = len(refs) // 2
+  ins, outs = refs[:n_parts], refs[n_parts:]
+  pid = pl.program_id(0)
+  j, bg = jax.lax.div(pid, num_bg), jax.lax.rem(pid, num_bg)  # block 0 of every row first
+  lo, hi = lo_ref[bg, j], hi_ref[bg, j]
+
+  def step(i, acc):
+    m_U = lo + i * unroll + jax.lax.broadcasted_iota(jnp.int32, (unroll,), 0)
+    row_U = bg * num_items + jnp.minimum(m_U, num_items - 1)
+    use_U = (m_U < hi) & (live_ref[row_U] != 0)
+    return tuple(a + jnp.sum(jnp.where(use_U[:, None], r[row_U, :], 0.0), axis=0)
+                 for a, r in zip(acc, ins))
+
+  width = ins[0].shape[-1]
+  acc = jax.lax.fori_loop(0, jax.lax.div(hi - lo + unroll - 1, unroll), step,
+                          tuple(jnp.zeros((width,), _F32) for _ in ins))
+  for a, o in zip(acc, outs):
+    o[bg * num_blocks + j, :] = a
+
+
+def _sum_partials_pallas(parts, blk_BGM, live_BGM, num_blocks: int, interpret: bool):
+  """``DKDV_SUM = "kernel"``: each (example, group)'s items of block j form one run (the plan
+  sorts them; the dead ones are past the last live item or masked), found by a binary search
+  in XLA and walked by one program. Returns each sum as [B*G*J, L, D]."""
+  B, G, M, L, D = parts[0].shape
+  J, BG = num_blocks, B * G
+  blk = blk_BGM.reshape(BG, M)
+  live = live_BGM.reshape(BG, M)
+  j_J = jnp.arange(J, dtype=blk.dtype)
+  lo = jax.vmap(lambda a: jnp.searchsorted(a, j_J, side="left"))(blk).astype(jnp.int32)
+  hi = jax.vmap(lambda a: jnp.searchsorted(a, j_J, side="right"))(blk).astype(jnp.int32)
+  end = jnp.max(jnp.where(live, jnp.arange(1, M + 1, dtype=jnp.int32), 0), axis=-1)
+  hi = jnp.minimum(hi, end[:, None])
+  lo = jnp.minimum(lo, hi)
+  kernel = functools.partial(_sum_partials_kernel, num_bg=BG, num_blocks=J, num_items=M,
+                             unroll=SUM_UNROLL)
+  out = jax.ShapeDtypeStruct((BG * J, L * D), _F32)
+  sums = pl.pallas_call(
+      kernel, grid=(BG * J,), out_shape=tuple(out for _ in parts), interpret=interpret,
+      compiler_params=_compiler_params(interpret, SUM_NUM_WARPS),
+  )(lo, hi, live.reshape(-1).astype(jnp.int32),
+    *(p.reshape(BG * M, L * D).astype(_F32) for p in parts))
+  return tuple(x.reshape(BG * J, L, D) for x in sums)
 
 
 def _gather_slots(x_BGY, padpos_BGTK, fill):
