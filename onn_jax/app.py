@@ -76,8 +76,11 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
 
   With ``ttt.steps > 0`` every task is first adapted (:func:`ttt.adapt`; ``adapted``: what it
   returned for these ``params`` and ``tasks`` already, e.g. to score one adaptation in both
-  modes), then all tasks are evaluated together, each row of a model call under its own
-  task's adapter (the tasks that were not adapted under the base weights)."""
+  modes; no generation program then compiles during an adaptation), then all tasks are
+  evaluated together, each row of a model call under its own task's adapter (the tasks that
+  were not adapted under the base weights)."""
+  if adapted is not None and cfg.ttt.steps <= 0:
+    raise ValueError("evaluate_params: an adaptation given with ttt.steps=0")
   e = cfg.eval
   model = Transformer(cfg.model)
   mesh = eval_mesh(cfg)
@@ -92,7 +95,8 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
                  adapters=ttt.placeholder_adapters(cfg, params) if cfg.ttt.steps > 0 else None,
                  grid=e.grid, log=log if is_main_process() else None)
   calls = None  # the generation's calls, when its programs or scoring's compile ahead
-  if cfg.train.background_compile and (cfg.ttt.steps > 0 or e.mode == "augscore"):
+  if cfg.train.background_compile and (
+      (cfg.ttt.steps > 0 and adapted is None) or e.mode == "augscore"):
     calls = augscore.generation_calls(tasks, mode=e.mode, views=views,
                                       max_len=eval_max_len(cfg), batch_size=e.batch_size)
   group_of = None

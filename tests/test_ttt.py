@@ -392,6 +392,9 @@ def test_an_adaptation_given_to_the_evaluation_is_the_one_it_scores_with(setup, 
     assert (tmp_path / "given" / name).read_text() == (tmp_path / "own" / name).read_text()
   given = json.loads((tmp_path / "given" / "scores.json").read_text())
   assert given["ttt"]["adapted"] == 2 and given["ttt"]["steps"] == cfg.ttt.steps
+  with pytest.raises(ValueError, match="an adaptation given with ttt.steps=0"):
+    app.evaluate_params(config.replace(cfg, ttt={"steps": 0}), params, chosen, tmp_path / "no",
+                        adapted=(adapters, info))
 
 
 def test_a_bad_pattern_fails_before_training_or_loading(tmp_path, capsys):

@@ -344,10 +344,10 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
 
 def test_the_study_end_to_end(tmp_path, capsys):
   """A tiny study (one seed; teacher forcing against EAVI mixed in from the start and an arm of
-  the user's, --arm, charged as teacher forcing under --ratio, with TTT): the table, the plot and per-run
-  results, the curve of free-running accuracy, equal planned time, every
-  step's time measured; run again, it reuses every finished run; run with another plan in the
-  same folder, it refuses in one line."""
+  the user's, --arm, charged as teacher forcing under --ratio, with TTT): the table, the plot
+  and per-run results, the curve of free-running accuracy, equal planned time, every step's
+  time measured; run again, it reuses every finished run; run with another plan in the same
+  folder, it refuses in one line."""
   out = tmp_path / "study"
   argv = ["--config", "default", "--out", str(out), "--seeds", "0", "--arms", "tf,soft_mixed",
           "--probes", "2", "--ratio", "2", "--arm", "outputs: data.loss_on=outputs ttt.steps=2",

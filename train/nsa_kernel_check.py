@@ -269,7 +269,7 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
   """Time of each piece of the pallas path on its own, as ``nsa_core`` runs it for one sequence
   a row: the compressed branch (folded cuDNN attention, forward+backward), the block choice
   (forward only: fused kernel, XLA chunks, the kernel writing scores only), the selected
-  kernel (forward, forward+backward, and its backward's sum of dk partials alone) and the
+  kernel (forward, forward+backward, and its backward's sums of dk and dv partials alone) and the
   window branch (cuDNN sliding window, forward, forward+backward); the chunked compressed
   branch too."""
   from onn_jax.model import nsa, nsa_pallas
@@ -392,8 +392,8 @@ def main(argv=None) -> None:
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: getattr(nsa_pallas, k) for k in
-                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "KEY_CHUNK", "KEY_TILE",
-                            "KEY_NUM_WARPS")})
+                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DKDV_SUM", "KEY_CHUNK",
+                            "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL", "SUM_NUM_WARPS")})
 
   def save():
     with open(a.out, "w") as f:

@@ -313,7 +313,9 @@ DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_part
 # and writes the block's keys once; no scatter). H200, 32 x 2048, arc1's geometry, both sums
 # (train.nsa_kernel_check --breakdown --variants dkdv_sum_kernel): "kernel" 0.84 ms against
 # 0.48, the branch's forward+backward 2.70 against 2.45 ms; so "xla". Untuned: SUM_UNROLL
-# and SUM_NUM_WARPS were not swept (block 0's program walks every token's item of it).
+# and SUM_NUM_WARPS were not swept (block 0's program walks every token's item of it; each
+# program holds two [L*D] float32 sums and two [SUM_UNROLL, L*D] loads: splitting L*D over a
+# second grid axis is untried). SUM_UNROLL: a power of two on GPU (a tile dimension).
 DKDV_SUM = "xla"
 SUM_UNROLL = 4
 SUM_NUM_WARPS = 4
