@@ -82,6 +82,11 @@ VARIANTS = {
     "fwd_query": dict(FWD_IMPL="query"),
     # The key-major backward's dk/dv partials summed per block by a kernel, not a segment sum.
     "dkdv_sum_kernel": dict(DKDV_SUM="kernel"),
+    # ... its items per loop step (SUM_UNROLL) and launch width (SUM_NUM_WARPS).
+    "dkdv_sum_u8": dict(DKDV_SUM="kernel", SUM_UNROLL=8),
+    "dkdv_sum_u16": dict(DKDV_SUM="kernel", SUM_UNROLL=16),
+    "dkdv_sum_u16_w8": dict(DKDV_SUM="kernel", SUM_UNROLL=16, SUM_NUM_WARPS=8),
+    "dkdv_sum_w1": dict(DKDV_SUM="kernel", SUM_NUM_WARPS=1),
     # Queries not from position 0 (decoding; nsa.PALLAS_OFFSET_CHOICE): the choice by the kernel.
     "offset_choice_kernel": dict(PALLAS_OFFSET_CHOICE="kernel"),
 }
