@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import gzip
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +20,18 @@ from onn_jax import config, steps
 from onn_jax.model.moe import cosine_similarity, experts_dense
 from onn_jax.model.transformer import Transformer, init_params
 from train import bench
+from train import profile as profiling
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
   """Runs ``python -m train.bench --quick`` once: (results JSON, printed text)."""
-  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  folder = tmp_path_factory.mktemp("bench")
+  out = folder / "bench.json"
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    rc = bench.main(["--config", "configs/arc1.yaml", "--quick", "--out", str(out)])
+    rc = bench.main(["--config", "configs/arc1.yaml", "--quick", "--out", str(out),
+                     "--profile", str(folder / "profile")])
   assert rc == 0
   return json.loads(out.read_text()), printed.getvalue()
 
@@ -70,7 +75,7 @@ def test_quick_train_and_eavi_numbers(quick):
       assert key in row, f"train row lacks {key}: {row}"
     assert row["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert row["experts_per_token"] <= results["config"]["model"]["num_experts"]
-  _assert_finite_positive(results["train"])
+  _assert_finite_positive(results["train"], skip=("profile",))  # its own test below
   # arc1 packs: the longest length is timed on packed rows too, real tokens/s beside tokens/s.
   packed = [r for r in results["train"] if r["packed"]]
   assert len(packed) == 1 and packed[0]["seq_len"] == max(r["seq_len"] for r in results["train"])
@@ -90,7 +95,8 @@ def test_quick_train_and_eavi_numbers(quick):
     assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
     assert row["eavi_step_ms"] == row["sequential_step_ms"]  # the config's rollout
     assert 1 <= row["parallel_passes"] <= 4  # eavi.passes, the default
-  _assert_finite_positive(results["eavi"])
+  _assert_finite_positive(results["eavi"],
+                          skip=("profile_train", "profile_eavi", "profile_rollout"))
 
 
 def test_quick_nsa_numbers(quick):
@@ -282,3 +288,44 @@ def test_nsa_kernel_check_takes_a_geometry_or_fails_in_one_line(capsys):
     check.main(["--geometry", "32/16", "--skip-check", "--cases", ""])
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert exit_info.value.code == 2 and "--geometry '32/16'" in err and check.GEO == before
+
+
+def test_quick_profiles_each_step(quick):
+  """--profile: every train row and the EAVI rows carry a trace summary, and the traces exist
+  (on a CPU they hold no device kernels, which the summary says)."""
+  results, _ = quick
+  summaries = [row["profile"] for row in results["train"]]
+  summaries += [results["eavi"][0][f"profile_{name}"] for name in ("train", "eavi", "rollout")]
+  for summary in summaries:
+    assert summary["wall_ms"] > 0 and summary["calls"] == 3
+    assert Path(summary["trace"]).is_file()
+    if jax.default_backend() == "cpu":
+      assert summary["kernels_per_call"] == 0 and "no device kernels" in summary["note"]
+
+
+def test_profile_summary_groups_device_kernels(tmp_path):
+  """summarize: device kernels only (not host events), per call, by name and by model scope
+  with layer indices folded, jit/jvp wrappers dropped and the backward marked."""
+  def meta(pid, name):
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+
+  def kernel(pid, name, dur, op):
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": 0.0, "dur": dur, "name": name,
+            "args": {"tf_op": op}}
+  events = [meta(1, "/host:CPU"), meta(2, "/device:GPU:0 (stream)"),
+            kernel(1, "host_thing", 1000.0, "jit(f)/block_0/attn"),
+            kernel(2, "gemm", 10.0, "jit(train_step)/jvp(Transformer)/block_0/attn/q_proj"),
+            kernel(2, "gemm", 30.0, "jit(train_step)/transpose(jvp(Transformer))/block_5/attn/"
+                                    "q_proj"),
+            kernel(2, "fusion_7", 20.0, "jit(train_step)/block_1/moe/gelu")]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  got = profiling.summarize(path, calls=2)
+  assert got["kernel_us_per_call"] == 30.0 and got["kernels_per_call"] == 1.5
+  assert [(k["name"], k["us"], k["count"]) for k in got["by_name"]] == [("gemm", 20.0, 1.0),
+                                                                        ("fusion_7", 10.0, 0.5)]
+  assert got["by_name"][0]["scope"] == "block_N/attn/q_proj"  # the first event's
+  assert {s["scope"]: s["us"] for s in got["by_scope"]} == {
+      "bwd/block_N/attn/q_proj": 15.0, "block_N/moe/gelu": 10.0, "block_N/attn/q_proj": 5.0}
+  assert profiling.summarize(None, calls=1)["note"] == "no trace written"

@@ -39,6 +39,10 @@ model, except in the DynMoE rows of ``layers``. Results are printed as tables, w
 (rewritten after every section, so a run cut short keeps what it measured) and summarised as a
 markdown table for the README.
 
+``--profile DIR`` also traces each timed train and EAVI step and the rollout (``jax.profiler``,
+after timing them) and adds to their rows a summary of the device kernels by name and by model
+scope (:mod:`train.profile`); the traces stay under DIR.
+
 ``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU in well under a
 minute: a smoke check of this program, not a measurement.
 """
@@ -76,6 +80,7 @@ from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_sparse,
                                init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer
+from train import profile as profiling
 
 SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
@@ -280,8 +285,12 @@ class StepRunner:
   """Compiles each (step kind, seq_len) once and times it on fresh states, reusing executables
   across the train and eavi sections."""
 
-  def __init__(self, cfg: Config, sizes: Sizes):
+  def __init__(self, cfg: Config, sizes: Sizes, profile_dir: Path | None = None):
     self.cfg, self.sizes = cfg, sizes
+    # --profile: each timed step is then traced too (train/profile.py), its summary kept here
+    # by name (e.g. "train_T2048_packed") for the section's rows.
+    self.profile_dir = profile_dir
+    self.profiles: dict[str, dict] = {}
     self.model = Transformer(cfg.model)
     self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
     self._compiled: dict[tuple[str, int, bool], tuple[Any, float]] = {}
@@ -314,7 +323,19 @@ class StepRunner:
     compiled, compile_s = self._compiled[key]
     median_ms, min_ms, (_, metrics) = time_compiled(
         compiled, (state, batch), warmup=self.sizes.warmup, iters=iters, carry=True)
+    name = f"{kind}_T{seq_len}" + ("_packed" if packed else "") + (
+        f"_{rollout}" if kind == "eavi" else "")
+    self.profile(name, compiled, (self.fresh_state(), batch), carry=True)
     return Timing(compile_s, median_ms, min_ms, iters), metrics
+
+  def profile(self, name: str, compiled, args: Sequence[Any], carry: bool = False) -> None:
+    """With ``--profile``: traces ``compiled(*args)`` (train/profile.py) into
+    ``profile_dir/name`` and keeps the summary in ``self.profiles[name]``, once per name."""
+    if self.profile_dir is None or name in self.profiles:
+      return
+    self.profiles[name] = profiling.profile(compiled, args, self.profile_dir / name,
+                                            carry=carry)
+    print(f"-- profile {name}: {profiling.table(self.profiles[name])}", flush=True)
 
   def time_rollout(self, seq_len: int) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example)."""
@@ -324,9 +345,11 @@ class StepRunner:
                            feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
     args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
             jax.random.PRNGKey(1))
-    timing, _ = benchmark(lambda p, x, n, r: fn(p, x, n, rng=r), args,
-                          warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
-    return timing, budget
+    compiled, compile_s = compile_fn(lambda p, x, n, r: fn(p, x, n, rng=r), args)
+    median_ms, min_ms, _ = time_compiled(compiled, args, warmup=self.sizes.warmup,
+                                         iters=self.sizes.eavi_iters)
+    self.profile(f"rollout_T{seq_len}", compiled, args)
+    return Timing(compile_s, median_ms, min_ms, self.sizes.eavi_iters), budget
 
   def time_parallel_rollout(self, seq_len: int, continuation: str) -> Timing:
     """Times the EAVI excursion alone with ``eavi.rollout=parallel`` (all ``eavi.passes``
@@ -371,6 +394,7 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
     row: dict[str, Any] = {"seq_len": T, "batch": B, "packed": packed}
     try:
       timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed)
+      profile = runner.profiles.get(f"train_T{T}" + ("_packed" if packed else ""))
     except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
       if not is_oom(err):
         raise
@@ -392,6 +416,8 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
                mfu=None if peak is None else flops * tokens_per_s / peak,
                executed_flops_util=None if peak is None else executed * tokens_per_s / peak,
                loss=float(metrics["loss"]))
+    if profile is not None:
+      row["profile"] = profile
     rows.append(row)
   return rows
 
@@ -450,6 +476,10 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms,
                passes_branch_ms=passes["branch"].median_ms,
                passes_rows_ms=passes["rows"].median_ms)
+    row.update({f"profile_{name}": runner.profiles[f"{name}_T{T}" + suffix]
+                for name, suffix in (("train", ""), ("eavi", f"_{runner.cfg.eavi.rollout}"),
+                                     ("rollout", ""))
+                if f"{name}_T{T}" + suffix in runner.profiles})
     rows.append(row)
   return rows
 
@@ -962,6 +992,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--lens", default="",
                       help="comma-separated sequence lengths for train/eavi/layers (default: "
                            "data.buckets)")
+  parser.add_argument("--profile", default="",
+                      help="also trace each timed train/EAVI step and the rollout into this "
+                           "folder and summarise its kernels by name and model scope in the "
+                           "JSON (train/profile.py)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16")
   return parser.parse_args(argv)
 
@@ -1021,7 +1055,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"bench: {meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
         f"sections {','.join(sections)}, lengths {list(lens)}", flush=True)
   with light_compilation(args.quick):
-    runner = StepRunner(cfg, sizes)
+    runner = StepRunner(cfg, sizes, Path(args.profile) if args.profile else None)
     for name in SECTIONS:  # a fixed order, so train's compiled steps are reused by eavi
       if name not in sections:
         continue
