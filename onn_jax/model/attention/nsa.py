@@ -235,11 +235,10 @@ class NSAttention(nn.Module):
       block_B1GD = compressor(raw_BLGD[:, None])
       if name == "k_cmp":
         block_B1GD = self._rotate_cmp(block_B1GD, block_B[:, None])
-      block_BGD = block_B1GD[:, 0].astype(cache[name].dtype)
-      slot_B = jnp.minimum(block_B, num_slots - 1)
-      old_BGD = cache[name][rows_B, slot_B]
+      # A row that completes no block writes to slot num_slots, which the scatter drops.
+      slot_B = jnp.where(complete_B, block_B, num_slots)
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
-          jnp.where(complete_B[:, None, None], block_BGD, old_BGD))
+          block_B1GD[:, 0].astype(cache[name].dtype), mode="drop")
     return new_cache
 
   def _decode(self, x_BTC, cache, pos_B):
