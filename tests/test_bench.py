@@ -329,3 +329,19 @@ def test_profile_summary_groups_device_kernels(tmp_path):
   assert {s["scope"]: s["us"] for s in got["by_scope"]} == {
       "bwd/block_N/attn/q_proj": 15.0, "block_N/moe/gelu": 10.0, "block_N/attn/q_proj": 5.0}
   assert profiling.summarize(None, calls=1)["note"] == "no trace written"
+
+
+def test_profile_scopes_come_from_the_compiled_hlo():
+  """On a GPU a kernel event's own scope field names only the module: the scope is looked up
+  in the compiled program's op_name metadata by the kernel's name (fusion ``a.7`` runs as
+  kernel ``a_7``), and an unknown kernel gets ``?``."""
+  def f(x):
+    with jax.named_scope("block_3"), jax.named_scope("mlp"):
+      return jnp.tanh(x @ x) * 2.0
+  compiled = jax.jit(f).lower(jnp.ones((8, 8))).compile()
+  ops = profiling.op_names(compiled.as_text())
+  assert ops and all("." not in name for name in ops)
+  gpu_args = {"tf_op": "XlaModule:", "hlo_op": "command_buffer_1"}
+  scopes = {profiling.scope_of(gpu_args, name, ops) for name in ops}
+  assert any(s.startswith("block_N/mlp/") for s in scopes), scopes
+  assert profiling.scope_of(gpu_args, "nvjet_gemm_kernel", ops) == "?"

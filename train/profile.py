@@ -3,8 +3,9 @@
 ``python -m train.bench --profile DIR`` traces a few calls of each step it times (after timing
 them) and adds to each row of its JSON a ``profile`` entry: the device's kernel time and kernel
 count per call, against the call's wall time, and the kernels grouped by name and by model scope
-(the HLO op's name stack, ``block_N`` folded, jit/jvp wrappers dropped, ``bwd/`` for the
-backward pass). The raw trace
+(the HLO op's name stack from the compiled program's metadata, ``block_N`` folded, jit/jvp
+wrappers dropped, ``bwd/`` for the backward pass; library kernels such as cuBLAS's or cuDNN's
+have none while XLA's command buffers run them: ``?``). The raw trace
 stays under DIR for Perfetto (ui.perfetto.dev) or TensorBoard.
 
 On a CPU the trace has no device kernels: the entry then says so (``kernels_per_call`` 0).
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 # Event arguments that name an HLO op's model scope, by preference.
-SCOPE_KEYS = ("tf_op", "long_name", "hlo_op")
+SCOPE_KEYS = ("tf_op", "long_name")
 _WRAPPER = re.compile(r"(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call|"
                       r"custom_vjp_call|cond|while|body|branch_\d+_fun)\(([^()]*)\)/?")
 
@@ -56,11 +57,33 @@ def _is_device(process_name: str) -> bool:
   return process_name.startswith("/device:") and "CPU" not in process_name
 
 
-def scope_of(event_args: dict[str, Any]) -> str:
-  """The model scope of a kernel event: its op's name stack with wrappers dropped and layer
-  indices folded (``block_3/attn/q_proj`` -> ``block_N/attn/q_proj``), at most 5 levels, led
-  by ``bwd/`` in the backward pass (a ``transpose(...)`` wrapper)."""
-  text = next((str(event_args[k]) for k in SCOPE_KEYS if k in event_args), "")
+_HLO_OP = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name="([^"]+)"', re.M)
+
+
+def _kernel_key(name: str) -> str:
+  """An HLO instruction's name as its GPU kernel is named (``loop_fusion.17`` ->
+  ``loop_fusion_17``)."""
+  return name.replace(".", "_").replace("-", "_")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """Instruction -> ``op_name`` metadata (the jax name stack) of a compiled program's HLO text
+  (``compiled.as_text()``), keyed as kernels are named. On a GPU the trace's own scope field
+  holds only the module's name, so this is where scopes come from."""
+  return {_kernel_key(m.group(1)): m.group(2) for m in _HLO_OP.finditer(hlo_text)}
+
+
+def scope_of(event_args: dict[str, Any], name: str = "",
+             ops: dict[str, str] | None = None) -> str:
+  """The model scope of a kernel event: its op's name stack (from ``ops``, :func:`op_names`,
+  by the event's HLO op or kernel name; else from the event's own fields) with wrappers
+  dropped and layer indices folded (``block_3/attn/q_proj`` -> ``block_N/attn/q_proj``), at
+  most 5 levels, led by ``bwd/`` in the backward pass (a ``transpose(...)`` wrapper)."""
+  ops = ops or {}
+  text = ops.get(_kernel_key(str(event_args.get("hlo_op", "")))) or ops.get(_kernel_key(name))
+  if text is None:
+    text = next((str(event_args[k]) for k in SCOPE_KEYS
+                 if k in event_args and not str(event_args[k]).startswith("XlaModule")), "")
   backward = "transpose(" in text
   while True:  # nested wrappers: innermost first
     shorter = _WRAPPER.sub("", text)
@@ -71,10 +94,12 @@ def scope_of(event_args: dict[str, Any]) -> str:
   return "/".join((["bwd"] if backward else []) + parts) or "?"
 
 
-def summarize(trace_file: Path | None, calls: int, *, top: int = 40) -> dict[str, Any]:
+def summarize(trace_file: Path | None, calls: int, *, top: int = 40,
+              ops: dict[str, str] | None = None) -> dict[str, Any]:
   """Device kernel events of a Perfetto trace (processes named ``/device:...``), per call:
   total kernel microseconds, kernel count, and the ``top`` kernel names (microseconds, count,
-  scope of the first) and scopes (microseconds) by time."""
+  scope of the first) and scopes (microseconds) by time; scopes from ``ops``
+  (:func:`op_names`) where given."""
   empty = {"kernel_us_per_call": 0.0, "kernels_per_call": 0.0, "by_name": [], "by_scope": []}
   if trace_file is None:
     return {**empty, "note": "no trace written"}
@@ -91,7 +116,7 @@ def summarize(trace_file: Path | None, calls: int, *, top: int = 40) -> dict[str
     if e.get("ph") != "X" or e.get("pid") not in device_pids:
       continue
     name, dur = str(e.get("name", "")), float(e.get("dur", 0.0))
-    scope = scope_of(e.get("args", {}))
+    scope = scope_of(e.get("args", {}), name, ops)
     us[name] += dur
     count[name] += 1
     by_scope[scope] += dur
@@ -107,9 +132,11 @@ def summarize(trace_file: Path | None, calls: int, *, top: int = 40) -> dict[str
 
 def profile(fn: Callable, args: Sequence[Any], logdir: str | Path, *, calls: int = 3,
             carry: bool = False, top: int = 40) -> dict[str, Any]:
-  """:func:`trace` then :func:`summarize`, with the wall time per call and the trace's path."""
+  """:func:`trace` then :func:`summarize`, with the wall time per call and the trace's path.
+  A compiled ``fn`` (``jax.jit(...).lower(...).compile()``) lends its HLO's scopes."""
   trace_file, wall_ms = trace(fn, args, logdir, calls=calls, carry=carry)
-  return {"wall_ms": wall_ms, "calls": calls, **summarize(trace_file, calls, top=top),
+  ops = op_names(fn.as_text()) if hasattr(fn, "as_text") else None
+  return {"wall_ms": wall_ms, "calls": calls, **summarize(trace_file, calls, top=top, ops=ops),
           "trace": None if trace_file is None else str(trace_file)}
 
 
