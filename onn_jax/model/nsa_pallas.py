@@ -312,10 +312,11 @@ DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_part
 # program per (block, example, group) walks its block's run of items, SUM_UNROLL at a time,
 # and writes the block's keys once; no scatter). H200, 32 x 2048, arc1's geometry, both sums
 # (train.nsa_kernel_check --breakdown --variants dkdv_sum_kernel): "kernel" 0.84 ms against
-# 0.48, the branch's forward+backward 2.70 against 2.45 ms; so "xla". Untuned: SUM_UNROLL
-# and SUM_NUM_WARPS were not swept (block 0's program walks every token's item of it; each
-# program holds two [L*D] float32 sums and two [SUM_UNROLL, L*D] loads: splitting L*D over a
-# second grid axis is untried). SUM_UNROLL: a power of two on GPU (a tile dimension).
+# 0.48, the branch's forward+backward 2.70 against 2.45 ms; so "xla". Swept on 2026-12-03
+# (docs/bench/nsa_dkdv_sum_sweep_h200_2026-12-03.json): both sums 0.91 ms (SUM_UNROLL 4),
+# 0.79 (8), 0.79 (16), 1.01 (16, 8 warps), 0.98 (1 warp), against XLA's 0.49: none wins.
+# Untried: splitting L*D over a second grid axis (block 0's program walks every token's item
+# of it). SUM_UNROLL: a power of two on GPU (a tile dimension).
 DKDV_SUM = "xla"
 SUM_UNROLL = 4
 SUM_NUM_WARPS = 4
