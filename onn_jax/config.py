@@ -167,7 +167,7 @@ class EaviConfig:
   # data these edges cut that from 424 to 296 tokens a batch on average. Rows of a batch then
   # have similar answers, so the token-averaged loss weighs short answers more. []: off.
   answer_groups: tuple[int, ...] = ()
-  # How the excursion is decoded: "sequential" (one token after another, a KV-cached scan as
+  # How the excursion is decoded: "sequential" (one token after another, a KV-cached loop as
   # long as the batch's longest answer) or "parallel" (every answer token at once, repeated:
   # the first pass feeds the ground truth, each next one what the last emitted; the sequential
   # rollout, up to rounding, for the first `passes` tokens and for every row whose last pass

@@ -19,12 +19,19 @@ GRID_SIDE = 30  # ARC grids are at most 30 x 30
 # One-token steps per iteration of generate's loop, which checks after each iteration whether
 # every row has finished (on a GPU each check waits for the device, as did the branch that used
 # to skip the model for finished rows at every step). H200, jax 0.11.2, arc1 model (random
-# weights), batch 32, 2048-slot cache (docs/bench/decode_steps_per_check_h200_2026-12-03.json):
-# 128 tokens after a 1918-token prompt 132.7 ms before (a branch and a check every step), 134.6
-# with a check every step, 124.9 every 4, 123.0 every 8 (0.752 -> 0.667 ms a token); 200 tokens
-# of a 931-token budget after 1000: 195.6, 189.3, 167.2, 162.8 ms. At most 7 steps are wasted
-# once every row has finished.
+# weights), batch 32, 2048-slot cache, the steps compiled as STEPS_PER_CHECK copies
+# (STEP_COPIES = STEPS_PER_CHECK; docs/bench/decode_steps_per_check_h200_2026-12-03.json): 129
+# tokens after a 1918-token prompt 132.7 ms before (a branch and a check every step), 134.6
+# with a check every step, 124.9 every 4, 123.0 every 8 (0.752 -> 0.667 ms a token); 200
+# tokens of a 931-token budget after 1000: 195.6, 189.3, 167.2, 162.8 ms. Once every row has
+# finished, up to STEPS_PER_CHECK more steps run (at most max_new in all).
 STEPS_PER_CHECK = 8
+# Copies of the step compiled into the inner loop of STEPS_PER_CHECK steps. Compile time grows
+# with them (CPU, the test model, 40 tokens: 3.1 s for one copy, 5.2 for 4, 9.5 for 8), and
+# the generation programs compile while training runs, so one copy is the default: the inner
+# loop's trip count is static, so it needs no check of its own. Not yet timed on the GPU
+# against 8 copies (the measurement above).
+STEP_COPIES = 1
 
 
 class Generation(NamedTuple):
@@ -146,7 +153,8 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
 
   def step(carry):
     cache, logits_BV, pos_B, done_B, grid_state, k, out = carry
-    token_B, fed_BV, logp_B, done_B, grid_state = emit(logits_BV, done_B, grid_state, rngs[k])
+    token_B, fed_BV, logp_B, done_B, grid_state = emit(logits_BV, done_B, grid_state,
+                                                         rngs[jnp.minimum(k, max_new - 1)])
     done_B = done_B | (k + 1 >= need_B)
     logits_B1V, cache, _ = model.apply({"params": params}, fed_BV[:, None], mode="decode",
                                        cache=cache, pos_B=jnp.minimum(pos_B, capacity - 1))
@@ -156,26 +164,28 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   # Each step emits one token and feeds it to the model (the last step's model call is not
   # needed, but skipping it would take a branch). The loop checks for its end every
   # STEPS_PER_CHECK steps (each check waits for the device); the steps past max_new, or after
-  # every row finished, emit PAD into buffer rows that are dropped or already PAD.
+  # every row finished, emit PAD into buffer rows (step-major: _AB) that are dropped or
+  # already PAD.
   per = max(1, min(STEPS_PER_CHECK, max_new))
   padded = -(-max_new // per) * per
   out = (jnp.full((padded, B), PAD, jnp.int32), jnp.zeros((padded, B), jnp.float32),
          jnp.broadcast_to(jax.nn.one_hot(PAD, VOCAB_SIZE, dtype=jnp.float32),
                           (padded, B, VOCAB_SIZE)))
-  rngs = jnp.concatenate([rngs, jnp.broadcast_to(rngs[-1:], (padded - max_new,)
-                                                 + rngs.shape[1:])])
 
   def steps_body(carry):
-    for _ in range(per):
-      carry = step(carry)
-    return carry
+    # A loop of known trip count, which XLA's GPU runtime runs without waiting for the device.
+    return jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=per,
+                        unroll=max(1, min(STEP_COPIES, per)))[0]
+
+  def unfinished(carry):
+    k, done_B = carry[5], carry[3]
+    return (k < max_new) & ~jnp.all(done_B)
 
   carry = (cache, logits_BV, prompt_len_B.astype(jnp.int32), need_B <= 0, grid_start(B),
            jnp.int32(0), out)
-  carry = jax.lax.while_loop(lambda c: (c[5] < max_new) & ~jnp.all(c[3]), steps_body, carry)
-  tokens, logps, feds = carry[-1]
-  tokens_BA, logprobs_BA = tokens[:max_new].T, logps[:max_new].T
-  fed_BAV = feds[:max_new].transpose(1, 0, 2)
+  tokens_AB, logps_AB, feds_ABV = jax.lax.while_loop(unfinished, steps_body, carry)[-1]
+  tokens_BA, logprobs_BA = tokens_AB[:max_new].T, logps_AB[:max_new].T
+  fed_BAV = feds_ABV[:max_new].transpose(1, 0, 2)
   done_B = jnp.any(tokens_BA == END, axis=1)
   return Generation(tokens_BA, logprobs_BA, fed_BAV, done_B)
 

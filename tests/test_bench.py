@@ -317,7 +317,7 @@ def test_profile_summary_groups_device_kernels(tmp_path):
             kernel(2, "gemm", 10.0, "jit(train_step)/jvp(Transformer)/block_0/attn/q_proj"),
             kernel(2, "gemm", 30.0, "jit(train_step)/transpose(jvp(Transformer))/block_5/attn/"
                                     "q_proj"),
-            kernel(2, "fusion_7", 20.0, "jit(train_step)/block_1/moe/gelu")]
+            kernel(2, "fusion_7", 20.0, "jit(train_step)/while/body/block_1/moe/gelu")]
   path = tmp_path / "perfetto_trace.json.gz"
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)

@@ -135,23 +135,25 @@ def test_end_forces_padding():
 
 @pytest.mark.parametrize("feed,grid", [("sample", False), ("argmax", True), ("soft", False)])
 def test_generation_does_not_depend_on_steps_per_check(monkeypatch, feed, grid):
-  """generate's loop checks for its end every decode.STEPS_PER_CHECK steps; what it emits is
-  the same for any value (budgets that are and are not multiples of it; rows with their own
-  stop, one that needs no token, and one that needs the whole budget)."""
+  """generate's loop checks for its end every decode.STEPS_PER_CHECK steps, compiled as
+  decode.STEP_COPIES copies; what it emits is the same for any values (budgets that are and
+  are not multiples of them; rows with their own stop, one that needs no token, and one that
+  needs the whole budget up to the cache's last slot)."""
   cfg, model, params = _setup(1)
   prompt = jax.random.randint(jax.random.PRNGKey(7), (4, 12), 0, VOCAB_SIZE)
   lens, stop = jnp.array([12, 5, 9, 7]), jnp.array([3, 0, 11, 6])
   got = {}
-  for per in (1, 2, 3, 4, 16):
+  for per, copies in ((1, 1), (3, 1), (8, 1), (4, 4), (16, 2)):
     monkeypatch.setattr(decode, "STEPS_PER_CHECK", per)
-    run = jax.jit(functools.partial(decode.generate, model, max_new=11, capacity=24, feed=feed,
+    monkeypatch.setattr(decode, "STEP_COPIES", copies)
+    run = jax.jit(functools.partial(decode.generate, model, max_new=11, capacity=22, feed=feed,
                                     grid=grid, temperature=0.7))
-    got[per] = run(params, prompt, lens, rng=jax.random.PRNGKey(8), stop_after_B=stop)
-  for per, gen in got.items():
+    got[per, copies] = run(params, prompt, lens, rng=jax.random.PRNGKey(8), stop_after_B=stop)
+  for key, gen in got.items():
     for name in ("tokens_BA", "logprobs_BA", "fed_BAV", "ended_B"):
       np.testing.assert_array_equal(np.asarray(getattr(gen, name)),
-                                    np.asarray(getattr(got[1], name)), err_msg=f"{per} {name}")
-  tokens = np.asarray(got[1].tokens_BA)
+                                    np.asarray(getattr(got[1, 1], name)), err_msg=f"{key} {name}")
+  tokens = np.asarray(got[1, 1].tokens_BA)
   assert (tokens[1] == PAD).all() and (tokens[0, 3:] == PAD).all()
   assert (tokens[2] != PAD).sum() > 3  # the long row kept decoding after the others stopped
 

@@ -333,8 +333,13 @@ class StepRunner:
     ``profile_dir/name`` and keeps the summary in ``self.profiles[name]``, once per name."""
     if self.profile_dir is None or name in self.profiles:
       return
-    self.profiles[name] = profiling.profile(compiled, args, self.profile_dir / name,
-                                            carry=carry)
+    try:
+      self.profiles[name] = profiling.profile(compiled, args, self.profile_dir / name,
+                                              carry=carry)
+    except Exception as err:  # noqa: BLE001 - a failed trace must not lose the timings
+      self.profiles[name] = {"status": "oom" if is_oom(err) else "error", "error": _short(err)}
+      print(f"-- profile {name}: {self.profiles[name]}", file=sys.stderr, flush=True)
+      return
     print(f"-- profile {name}: {profiling.table(self.profiles[name])}", flush=True)
 
   def time_rollout(self, seq_len: int) -> tuple[Timing, int]:

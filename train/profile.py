@@ -4,8 +4,8 @@
 them) and adds to each row of its JSON a ``profile`` entry: the device's kernel time and kernel
 count per call, against the call's wall time, and the kernels grouped by name and by model scope
 (the HLO op's name stack from the compiled program's metadata, ``block_N`` folded, jit/jvp
-wrappers dropped, ``bwd/`` for the backward pass; library kernels such as cuBLAS's or cuDNN's
-have none while XLA's command buffers run them: ``?``). The raw trace
+wrappers and control-flow levels dropped, ``bwd/`` for the backward pass; library and Pallas
+kernels (cuBLAS's, cuDNN's, custom calls) have none while XLA's command buffers run them: ``?``). The raw trace
 stays under DIR for Perfetto (ui.perfetto.dev) or TensorBoard.
 
 On a CPU the trace has no device kernels: the entry then says so (``kernels_per_call`` 0).
@@ -26,7 +26,10 @@ import jax
 # Event arguments that name an HLO op's model scope, by preference.
 SCOPE_KEYS = ("tf_op", "long_name")
 _WRAPPER = re.compile(r"(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call|"
-                      r"custom_vjp_call|cond|while|body|branch_\d+_fun)\(([^()]*)\)/?")
+                      r"custom_vjp_call)\(([^()]*)\)/?")
+# Name-stack levels of control flow (``while/body/``, ``cond/branch_1_fun/``, ...), dropped.
+_CONTROL = re.compile(r"while|body|cond|branch_\d+_fun|checkpoint|rematted_computation|"
+                      r"remat|scan|checkpoint_name")
 
 
 def _run(fn: Callable, args: tuple, calls: int, carry: bool) -> tuple:
@@ -47,9 +50,11 @@ def trace(fn: Callable, args: Sequence[Any], logdir: str | Path, *, calls: int =
   args = _run(fn, args, calls, carry)
   wall_ms = (time.perf_counter() - start) / calls * 1e3
   logdir = Path(logdir)
+  before = set(logdir.glob("**/perfetto_trace.json.gz"))
   with jax.profiler.trace(str(logdir), create_perfetto_trace=True):
     _run(fn, args, calls, carry)
-  files = sorted(logdir.glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  files = sorted(set(logdir.glob("**/perfetto_trace.json.gz")) - before,
+                 key=lambda p: p.stat().st_mtime)  # this trace's, not an earlier run's
   return (files[-1] if files else None), wall_ms
 
 
@@ -90,7 +95,8 @@ def scope_of(event_args: dict[str, Any], name: str = "",
     if shorter == text:
       break
     text = shorter
-  parts = [p for p in re.sub(r"block_\d+", "block_N", text).split("/") if p][:5]
+  parts = [p for p in re.sub(r"block_\d+", "block_N", text).split("/")
+           if p and not _CONTROL.fullmatch(p)][:5]
   return "/".join((["bwd"] if backward else []) + parts) or "?"
 
 
