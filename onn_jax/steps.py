@@ -255,8 +255,9 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
 
   Each row generates as many tokens as its ground-truth answer has (the alignment pass
   compares no more) and the loop stops calling the model once every row has, so the cost is
-  that of the batch's longest answer (rounded up to ``decode.STEPS_PER_CHECK`` steps). Tokens that would fall past the sequence (position >= T)
-  are generated against a clamped cache position and never enter the alignment pass.
+  that of the batch's longest answer (rounded up to ``decode.STEPS_PER_CHECK`` steps). Tokens
+  that would fall past the sequence (position >= T) are generated against a clamped cache
+  position and never enter the alignment pass.
   With ``eavi.rollout=parallel`` the same rollout is iterated from the ground truth, every
   token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`), each
   pass against the prompt's cache or over whole rows (:func:`continuation`, part "passes").

@@ -5,8 +5,8 @@ them) and adds to each row of its JSON a ``profile`` entry: the device's kernel 
 count per call, against the call's wall time, and the kernels grouped by name and by model scope
 (the HLO op's name stack from the compiled program's metadata, ``block_N`` folded, jit/jvp
 wrappers and control-flow levels dropped, ``bwd/`` for the backward pass; library and Pallas
-kernels (cuBLAS's, cuDNN's, custom calls) have none while XLA's command buffers run them: ``?``). The raw trace
-stays under DIR for Perfetto (ui.perfetto.dev) or TensorBoard.
+kernels (cuBLAS's, cuDNN's, custom calls) have none while XLA's command buffers run them:
+``?``). The raw trace stays under DIR for Perfetto (ui.perfetto.dev) or TensorBoard.
 
 On a CPU the trace has no device kernels: the entry then says so (``kernels_per_call`` 0).
 """
