@@ -143,7 +143,7 @@ def test_generation_does_not_depend_on_steps_per_check(monkeypatch, feed, grid):
   prompt = jax.random.randint(jax.random.PRNGKey(7), (4, 12), 0, VOCAB_SIZE)
   lens, stop = jnp.array([12, 5, 9, 7]), jnp.array([3, 0, 11, 6])
   got = {}
-  for per, copies in ((1, 1), (3, 1), (8, 1), (4, 4), (16, 2)):
+  for per, copies in ((1, 1), (3, 1), (8, 3)):
     monkeypatch.setattr(decode, "STEPS_PER_CHECK", per)
     monkeypatch.setattr(decode, "STEP_COPIES", copies)
     run = jax.jit(functools.partial(decode.generate, model, max_new=11, capacity=22, feed=feed,
