@@ -20,18 +20,27 @@ GRID_SIDE = 30  # ARC grids are at most 30 x 30
 # every row has finished (on a GPU each check waits for the device, as did the branch that used
 # to skip the model for finished rows at every step). H200, jax 0.11.2, arc1 model (random
 # weights), batch 32, 2048-slot cache, the steps compiled as STEPS_PER_CHECK copies
-# (STEP_COPIES = STEPS_PER_CHECK; docs/bench/decode_steps_per_check_h200_2026-12-03.json): 129
+# (STEP_COPIES = 8; docs/bench/decode_steps_per_check_h200_2026-12-03.json): 129
 # tokens after a 1918-token prompt 132.7 ms before (a branch and a check every step), 134.6
 # with a check every step, 124.9 every 4, 123.0 every 8 (0.752 -> 0.667 ms a token); 200
 # tokens of a 931-token budget after 1000: 195.6, 189.3, 167.2, 162.8 ms. Once every row has
 # finished, up to STEPS_PER_CHECK more steps run (at most max_new in all).
 STEPS_PER_CHECK = 8
-# Copies of the step compiled into the inner loop of STEPS_PER_CHECK steps. Compile time grows
-# with them (CPU, the test model, 40 tokens: 3.1 s for one copy, 5.2 for 4, 9.5 for 8), and
-# the generation programs compile while training runs, so one copy is the default: the inner
-# loop's trip count is static, so it needs no check of its own. Not yet timed on the GPU
-# against 8 copies (the measurement above).
-STEP_COPIES = 1
+# Copies of the step compiled into the inner loop of STEPS_PER_CHECK steps: None is 8 on a GPU
+# and 1 elsewhere (step_copies). H200, same setting, same process
+# (docs/bench/decode_step_copies_h200_2026-12-03.json): 8 copies 107.4 ms against 122.7 for one
+# (129 tokens; 200 of 931: 147.2 against 168.7), 1.14x, but the first call compiles 2.1-2.5x
+# longer (35 s against 14-17); on the CPU 8 copies compile 3x longer (the test model, 40
+# tokens: 3.1 s for one copy, 5.2 for 4, 9.5 for 8); their speed there was not timed.
+STEP_COPIES: int | None = None
+
+
+def step_copies(backend: str | None = None) -> int:
+  """:data:`STEP_COPIES`, or where it is None 8 on a GPU (``backend``, default
+  ``jax.default_backend()``) and 1 elsewhere."""
+  if STEP_COPIES is not None:
+    return STEP_COPIES
+  return 8 if (backend or jax.default_backend()) == "gpu" else 1
 
 
 class Generation(NamedTuple):
@@ -175,7 +184,7 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   def steps_body(carry):
     # A loop of known trip count, which XLA's GPU runtime runs without waiting for the device.
     return jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=per,
-                        unroll=max(1, min(STEP_COPIES, per)))[0]
+                        unroll=max(1, min(step_copies(), per)))[0]
 
   def unfinished(carry):
     k, done_B = carry[5], carry[3]

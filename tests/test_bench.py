@@ -111,7 +111,7 @@ def test_quick_nsa_numbers(quick):
 def test_quick_moe_numbers(quick):
   results, _ = quick
   moe = results["moe"]
-  assert {r["variant"] for r in moe["rows"]} == {"dense", *bench.SPARSE_IMPLS}
+  assert {r["variant"] for r in moe["rows"]} == {*bench.DENSE_VARIANTS, *bench.SPARSE_IMPLS}
   for name, err in moe["check_max_abs_err"].items():
     assert isinstance(err, float) and err < 1e-4, f"{name}: {err}"
   for row in moe["rows"]:

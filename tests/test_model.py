@@ -133,6 +133,15 @@ def test_end_forces_padding():
   np.testing.assert_array_equal(np.asarray(gen.logprobs_BA[:, 1:]), 0.0)
 
 
+def test_step_copies_by_backend(monkeypatch):
+  """Unset, the step is compiled as 8 copies on a GPU (faster steps) and 1 elsewhere (faster
+  compiles); a set value wins everywhere."""
+  monkeypatch.setattr(decode, "STEP_COPIES", None)
+  assert [decode.step_copies(backend) for backend in ("gpu", "cpu", "tpu")] == [8, 1, 1]
+  monkeypatch.setattr(decode, "STEP_COPIES", 3)
+  assert decode.step_copies("gpu") == decode.step_copies("cpu") == 3
+
+
 @pytest.mark.parametrize("feed,grid", [("sample", False), ("argmax", True), ("soft", False)])
 def test_generation_does_not_depend_on_steps_per_check(monkeypatch, feed, grid):
   """generate's loop checks for its end every decode.STEPS_PER_CHECK steps, compiled as

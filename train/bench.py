@@ -27,7 +27,8 @@ after each one; the median is reported):
   projections included) and the DynMoE layer (``model.moe_impl``, trained density),
   forward+backward (gradients of the input and every parameter) on [batch_size, T] in the
   compute dtype, at every length of ``--lens``; each as a ratio to the ``full`` layer.
-* ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``) against the two sparse
+* ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``; ``dense_autodiff``: the same
+  differentiated by autodiff, ``moe.experts_reference``, its baseline) against the sparse
   token-to-expert dispatches of ``onn_jax.model.moe`` (``moe.experts_sparse``: pairs laid out
   by expert, then ``jax.lax.ragged_dot`` or a batched matmul per tile), forward and
   forward+backward on a synthetic routing, and the crossover token count from which the sparse
@@ -76,8 +77,8 @@ from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay impo
     forward_flops_per_token, model_flops_per_token, peak_flops)
 from onn_jax.model.layers import dtype_of
 from onn_jax.model import moe
-from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_sparse,
-                               init_expert_params, pair_capacity)
+from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_reference,
+                               experts_sparse, init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer
 from train import profile as profiling
@@ -85,6 +86,7 @@ from train import profile as profiling
 SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
 SPARSE_IMPLS = ("ragged", "tiled", "batched")  # model.moe_impl values that dispatch sparsely
+DENSE_VARIANTS = ("dense", "dense_autodiff")  # moe section: experts_dense and its baseline
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
@@ -606,13 +608,16 @@ def synthetic_routing(num_tokens: int, num_experts: int, k_mean: int, seed: int 
 
 def moe_variants(m: ModelConfig, dtype: Any, capacity: int, tile: int, precision: Any = None
                  ) -> dict[str, Callable]:
-  """``name -> f(x_TC, weights_TE, used_TE, params) -> y_TC`` for dense and each sparse impl."""
+  """``name -> f(x_TC, weights_TE, used_TE, params) -> y_TC`` for dense (``experts_dense``),
+  its autodiff baseline (``dense_autodiff``: ``experts_reference``) and each sparse impl."""
 
-  def dense(x_TC, weights_TE, used_TE, params):
-    del used_TE
-    return experts_dense(x_TC[None], weights_TE[None], params, dtype)[0]
+  def dense(fn: Callable) -> Callable:
+    def f(x_TC, weights_TE, used_TE, params):
+      del used_TE
+      return fn(x_TC[None], weights_TE[None], params, dtype)[0]
+    return f
 
-  return {"dense": dense, **{
+  return {"dense": dense(experts_dense), "dense_autodiff": dense(experts_reference), **{
       impl: functools.partial(experts_sparse, dtype=dtype, capacity=capacity, tile=tile,
                               impl=impl, precision=precision)
       for impl in SPARSE_IMPLS}}
@@ -638,9 +643,10 @@ def moe_inputs(m: ModelConfig, num_tokens: int, seed: int = 0
 
 def check_moe_variants(m: ModelConfig, num_tokens: int, k_mean: int, tile: int
                        ) -> dict[str, float | str]:
-  """Asserts every sparse variant equals the dense einsum (float32, full precision).
+  """Asserts every other variant (sparse, or dense by autodiff) equals ``experts_dense``
+  (float32, full precision).
 
-  Returns each sparse variant's max absolute error, or the error message of a variant that
+  Returns each variant's max absolute error, or the error message of a variant that
   does not run here. Raises AssertionError when a variant's output differs.
   """
   x_TC, params = moe_inputs(m, num_tokens)
@@ -658,7 +664,7 @@ def check_moe_variants(m: ModelConfig, num_tokens: int, k_mean: int, tile: int
         errors[name] = f"error: {_short(err)}"
         continue
       np.testing.assert_allclose(y_TC, dense_TC, rtol=1e-4, atol=1e-4,
-                                 err_msg=f"moe sparse variant {name!r} differs from dense")
+                                 err_msg=f"moe variant {name!r} differs from dense")
       errors[name] = float(np.max(np.abs(y_TC - dense_TC)))
   return errors
 
@@ -686,7 +692,7 @@ def bench_moe(m: ModelConfig, sizes: Sizes) -> dict[str, Any]:
   rows: list[dict[str, Any]] = []
   for num_tokens in sizes.moe_tokens:
     x_TC, params = moe_inputs(m, num_tokens)
-    dense_ms: dict[str, float | None] = {}
+    dense_ms: dict[str, dict[str, float | None]] = {}  # by variant: k changes nothing
     for k in ks:
       used_TE, weights_TE, k_max = synthetic_routing(num_tokens, m.num_experts, k)
       args = (x_TC, weights_TE, used_TE, params)
@@ -694,8 +700,8 @@ def bench_moe(m: ModelConfig, sizes: Sizes) -> dict[str, Any]:
       for name, f in variants.items():
         row = {"tokens": num_tokens, "k": k, "k_actual": float(jnp.mean(jnp.sum(used_TE, 1))),
                "k_max": k_max, "variant": name}
-        if name == "dense" and dense_ms:  # all experts computed: k changes nothing
-          row.update(dense_ms)
+        if name in dense_ms:  # all experts computed: k changes nothing
+          row.update(dense_ms[name])
         else:
           for pass_ in sizes.moe_passes:
             fn = f if pass_ == "fwd" else _fwd_bwd(f)
@@ -703,8 +709,9 @@ def bench_moe(m: ModelConfig, sizes: Sizes) -> dict[str, Any]:
             row[f"{pass_}_ms"] = case.get("ms")
             if "status" in case:
               row[f"{pass_}_status"] = case.get("error", case["status"])
-          if name == "dense":
-            dense_ms = {key: val for key, val in row.items() if key.startswith(sizes.moe_passes)}
+          if name in DENSE_VARIANTS:
+            dense_ms[name] = {key: val for key, val in row.items()
+                              if key.startswith(sizes.moe_passes)}
         rows.append(row)
   return {"d_model": m.d_model, "num_experts": m.num_experts, "expert_hidden": m.expert_hidden,
           "dtype": dtype.name, "tile": sizes.moe_tile, "check_max_abs_err": errors,
@@ -720,7 +727,7 @@ def moe_crossovers(rows: list[dict]) -> dict[str, dict[str, dict[str, int | None
   tokens = sorted({r["tokens"] for r in rows})
   ks = sorted({r["k"] for r in rows})
   result: dict[str, dict[str, dict[str, int | None]]] = {}
-  for variant in sorted({r["variant"] for r in rows} - {"dense"}):
+  for variant in sorted({r["variant"] for r in rows} - set(DENSE_VARIANTS)):
     result[variant] = {
         key: {str(k): crossover(tokens, times("dense", k, key), times(variant, k, key))
               for k in ks}
