@@ -24,7 +24,7 @@ from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.data.tasks import DataError, load_tasks
 from onn_jax.model.transformer import Transformer
 
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags_with_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(train=dict(pretrain_steps=4, batch_size=4, log_every=1),
@@ -295,7 +295,7 @@ params, record = checkpoint.load_params({str(tmp_path)!r}, init_params(tiny_conf
 np.testing.assert_array_equal(params["embedding"], np.load({str(tmp_path / 'embedding.npy')!r}))
 print("step", record["step"])
 """
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(1)}
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0 and "step 4" in proc.stdout, proc.stderr[-3000:]

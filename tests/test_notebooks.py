@@ -22,6 +22,8 @@ pytest.importorskip("ipykernel")
 
 from onn_jax.analysis import NOTEBOOKS, TINY_ENV  # noqa: E402
 
+from conftest import xla_flags_with_devices  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 # onn-jax is not published: a fresh runtime installs it from an uploaded archive or a clone.
@@ -109,9 +111,9 @@ def test_install_cell_installs_the_package_where_it_is_missing(machine, jax_buil
 @pytest.fixture
 def kernel_env(monkeypatch):
   """The kernel's environment: tiny sizes, one CPU device (the suite forces eight through
-  XLA_FLAGS), this checkout first on the path, and this interpreter's kernelspec first."""
+  XLA_FLAGS; its fast-compile flags are kept), this checkout first on the path, and this interpreter's kernelspec first."""
   monkeypatch.setenv(TINY_ENV, "1")
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", xla_flags_with_devices(1))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   # The three notebooks build the same tiny model: cache even its many small eager
