@@ -111,7 +111,8 @@ def test_install_cell_installs_the_package_where_it_is_missing(machine, jax_buil
 @pytest.fixture
 def kernel_env(monkeypatch):
   """The kernel's environment: tiny sizes, one CPU device (the suite forces eight through
-  XLA_FLAGS; its fast-compile flags are kept), this checkout first on the path, and this interpreter's kernelspec first."""
+  XLA_FLAGS; its fast-compile flags are kept), this checkout first on the path, and this
+  interpreter's kernelspec first."""
   monkeypatch.setenv(TINY_ENV, "1")
   monkeypatch.setenv("XLA_FLAGS", xla_flags_with_devices(1))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
