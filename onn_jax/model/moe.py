@@ -54,6 +54,9 @@ AUTO_GPU_IMPL: str = "dense"
 TILE_ROWS: int = 512
 # Pairs a sparse dispatch computes, as a multiple of the SDL target (model.moe_capacity).
 CAPACITY: float = 1.25
+# The dense experts' backward pass appends a column of ones to x for b_in's gradient, padded
+# with zero columns to a multiple of this (matmul-friendly operand sizes).
+BIAS_PAD: int = 16
 # Added to squared norms before the rsqrt: keeps cos() finite for an all-zero vector.
 NORM_EPS: float = 1e-6
 AUX_KEYS: tuple[str, ...] = ("diversity", "sparsity", "active_frac", "experts_per_token",
@@ -272,6 +275,7 @@ def _experts_mixture_fwd(x_BTC, w_BTE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC):
 def _experts_mixture_bwd(res, dy_BTC):
   x_BTC, w_BTE, h_BTEF, a_BTEF, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC = res
   dtype, f32 = x_BTC.dtype, jnp.float32
+  C = x_BTC.shape[-1]
   da_BTEF = jnp.einsum("btc,efc->btef", dy_BTC, w_out_EFC)
   # One pass over the hidden activations: gelu and its slope from the saved pre-activation,
   # the gate's gradient (a sum over f) and the pre-activation's gradient.
@@ -280,11 +284,18 @@ def _experts_mixture_bwd(res, dy_BTC):
   dw_BTE = jnp.sum(da32_BTEF * gelu_BTEF, axis=-1) + jnp.einsum(
       "btc,ec->bte", dy_BTC, b_out_EC, preferred_element_type=f32)
   dh_BTEF = (da32_BTEF * slope_BTEF * w_BTE[..., None].astype(f32)).astype(dtype)
+  # b_in's gradient (the sum of dh over tokens) comes out of the input projection's weight
+  # gradient as the row of a column of ones appended to x (zero-padded to BIAS_PAD columns):
+  # the matmul reads dh anyway, where a separate reduction read it again (1 GiB a layer at
+  # arc1's 32 x 2048).
+  x1_BTK = jnp.concatenate(
+      [x_BTC, jnp.ones(x_BTC.shape[:-1] + (1,), dtype),
+       jnp.zeros(x_BTC.shape[:-1] + (-(C + 1) % BIAS_PAD,), dtype)], axis=-1)
+  dw_in1_EKF = jnp.einsum("btk,btef->ekf", x1_BTK, dh_BTEF, preferred_element_type=f32)
   return (jnp.einsum("btef,ecf->btc", dh_BTEF, w_in_ECF),
           dw_BTE.astype(w_BTE.dtype),
-          jnp.einsum("btc,btef->ecf", x_BTC, dh_BTEF,
-                     preferred_element_type=f32).astype(w_in_ECF.dtype),
-          jnp.sum(dh_BTEF, axis=(0, 1), dtype=f32).astype(b_in_EF.dtype),
+          dw_in1_EKF[:, :C].astype(w_in_ECF.dtype),
+          dw_in1_EKF[:, C].astype(b_in_EF.dtype),
           jnp.einsum("btef,btc->efc", a_BTEF, dy_BTC,
                      preferred_element_type=f32).astype(w_out_EFC.dtype),
           jnp.einsum("bte,btc->ec", w_BTE, dy_BTC,
