@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, EXPERT_LEAVES, DynMoE, describe,
+from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES, DynMoE, describe,
                                expert_rows, expert_slots, experts_dense, experts_reference,
                                init_expert_params, num_slots, pair_capacity, pair_slots,
                                resolve_impl)
@@ -481,18 +481,18 @@ def _assert_order_close(got, want, dtype, terms: int, err_msg: str = "") -> None
                              err_msg=err_msg)
 
 
-def _mixture_inputs():
-  """Inputs of the expert mixture: x [2, 9, 8], gate weights [2, 9, 5] with zeros (unused
+def _mixture_inputs(C: int = 8):
+  """Inputs of the expert mixture: x [2, 9, C], gate weights [2, 9, 5] with zeros (unused
   experts) and one-hot rows, parameters with non-zero biases, a cotangent of the output."""
   keys = jax.random.split(jax.random.key(7), 7)
-  x_BTC = jax.random.normal(keys[0], (2, 9, 8))
+  x_BTC = jax.random.normal(keys[0], (2, 9, C))
   w_BTE = jax.nn.softmax(2.0 * jax.random.normal(keys[1], (2, 9, 5)))
   w_BTE = jnp.where(w_BTE > 0.15, w_BTE, 0.0).at[1, 3].set(jax.nn.one_hot(2, 5))
-  params = {"w_in": jax.random.normal(keys[2], (5, 8, 12)) / math.sqrt(8),
+  params = {"w_in": jax.random.normal(keys[2], (5, C, 12)) / math.sqrt(C),
             "b_in": jax.random.normal(keys[3], (5, 12)),
-            "w_out": jax.random.normal(keys[4], (5, 12, 8)) / math.sqrt(12),
-            "b_out": jax.random.normal(keys[5], (5, 8))}
-  return x_BTC, w_BTE, params, jax.random.normal(keys[6], (2, 9, 8))
+            "w_out": jax.random.normal(keys[4], (5, 12, C)) / math.sqrt(12),
+            "b_out": jax.random.normal(keys[5], (5, C))}
+  return x_BTC, w_BTE, params, jax.random.normal(keys[6], (2, 9, C))
 
 
 def _mixture_vjp(fn, dtype, x_BTC, w_BTE, params, r_BTC):
@@ -500,16 +500,18 @@ def _mixture_vjp(fn, dtype, x_BTC, w_BTE, params, r_BTC):
   return y_BTC, vjp(r_BTC.astype(y_BTC.dtype))
 
 
-def test_dense_backward_pass_equals_autodiff_of_the_definition():
+@pytest.mark.parametrize("C", [8, 2 * BIAS_PAD - 1])  # x's ones column padded, unpadded
+def test_dense_backward_pass_equals_autodiff_of_the_definition(C):
   """experts_dense's hand-written backward pass against autodiff of experts_reference: the
-  output and the gradients of x, the gate weights and all four expert leaves, in float32."""
-  args = _mixture_inputs()
+  output and the gradients of x, the gate weights and all four expert leaves (b_in's from the
+  weight-gradient matmul's ones column), in float32."""
+  args = _mixture_inputs(C)
   with jax.default_matmul_precision("float32"):
     y, (g_x, g_w, g_p) = jax.jit(functools.partial(_mixture_vjp, experts_dense,
                                                    jnp.float32))(*args)
     want, (w_x, w_w, w_p) = jax.jit(functools.partial(_mixture_vjp, experts_reference,
                                                       jnp.float32))(*args)
-  N, C, F, E = 18, 8, 12, 5
+  N, F, E = 18, 12, 5
   _assert_order_close(y, want, jnp.float32, C + E * F)
   _assert_order_close(g_x, w_x, jnp.float32, 2 * C + E * F)
   _assert_order_close(g_w, w_w, jnp.float32, 2 * C + F)
