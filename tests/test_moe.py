@@ -16,7 +16,7 @@ import pytest
 
 from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES, DynMoE, describe,
                                expert_rows, expert_slots, experts_dense, experts_reference,
-                               init_expert_params, num_slots, pair_capacity, pair_slots,
+                               experts_sparse, init_expert_params, num_slots, pair_capacity, pair_slots,
                                resolve_impl)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
@@ -554,6 +554,30 @@ def test_dense_bfloat16_is_as_close_to_float32_as_autodiff():
     fused_err = np.max(np.abs(np.asarray(f16, np.float64) - ex))
     auto_err = np.max(np.abs(np.asarray(a16, np.float64) - ex))
     assert fused_err <= auto_err + one_rounding, (fused_err, auto_err)
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_sparse_experts_backward_pass_equals_autodiff_of_the_definition(impl):
+  """experts_sparse (pairs within capacity) against autodiff of experts_reference: the output
+  and the gradients of x, every expert leaf and the gate weights of the pairs in use; a pair not
+  in use gets no gate gradient (its expert's output is not computed)."""
+  x_BTC, w_BTE, params, r_BTC = _mixture_inputs()
+  N, C, E, F = 18, 8, 5, 12
+  used_NE = w_BTE.reshape(N, E) > 0
+  sparse = lambda x, w, p, dtype: experts_sparse(x.reshape(N, C), w.reshape(N, E), used_NE, p,
+                                                 dtype, N * E, 4, impl).reshape(x.shape)
+  with jax.default_matmul_precision("float32"):
+    y, (g_x, g_w, g_p) = jax.jit(functools.partial(_mixture_vjp, sparse, jnp.float32))(
+        x_BTC, w_BTE, params, r_BTC)
+    want, (w_x, w_w, w_p) = jax.jit(functools.partial(_mixture_vjp, experts_reference,
+                                                      jnp.float32))(x_BTC, w_BTE, params, r_BTC)
+  _assert_order_close(y, want, jnp.float32, C + E * F)
+  _assert_order_close(g_x, w_x, jnp.float32, 2 * C + E * F)
+  used = np.asarray(used_NE).reshape(w_BTE.shape)
+  _assert_order_close(np.where(used, g_w, 0.0), np.where(used, w_w, 0.0), jnp.float32, 2 * C + F)
+  assert not np.any(np.asarray(g_w)[~used]) and np.any(np.asarray(w_w)[~used])
+  for name in ("w_in", "b_in", "w_out", "b_out"):
+    _assert_order_close(g_p[name], w_p[name], jnp.float32, N + C + F, err_msg=name)
 
 
 def test_pair_slots_lays_pairs_out_by_expert_in_whole_tiles():

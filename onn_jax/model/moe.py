@@ -24,6 +24,7 @@ re-initialise row e of every leaf with rows drawn by :func:`init_expert_params`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -257,49 +258,64 @@ def _gelu_and_slope(u: Array) -> tuple[Array, Array]:
   return u * cdf, cdf + u * jnp.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
-@jax.custom_vjp
-def _experts_mixture(x_BTC: Array, w_BTE: Array, w_in_ECF: Array, b_in_EF: Array,
+# The expert mixture's einsum subscripts by layout: x, the gate weights w, the hidden
+# activations h (one row per (token, expert)) and the output y. "dense": every expert on every
+# token (x_BTC shared by the experts, y summed over them); "grouped": each expert (or tile) on
+# its own rows (x_ERC, gate w_ER), y_ERC per row, summed over a token's rows by the caller.
+_MIXTURE_LAYOUTS: dict[str, tuple[str, str, str, str]] = {
+    "dense": ("btc", "bte", "btef", "btc"),
+    "grouped": ("erc", "er", "erf", "erc"),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _experts_mixture(layout: str, x: Array, w: Array, w_in_ECF: Array, b_in_EF: Array,
                      w_out_EFC: Array, b_out_EC: Array) -> Array:
-  return _experts_mixture_fwd(x_BTC, w_BTE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)[0]
+  """``y = sum_e w_e (gelu(x W_in_e + b_in_e) W_out_e + b_out_e)`` in ``layout``
+  (:data:`_MIXTURE_LAYOUTS`), with a hand-written backward pass (see :func:`experts_dense`)."""
+  return _experts_mixture_fwd(layout, x, w, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)[0]
 
 
-def _experts_mixture_fwd(x_BTC, w_BTE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC):
-  h_BTEF = jnp.einsum("btc,ecf->btef", x_BTC, w_in_ECF)
-  gelu_BTEF, _ = _gelu_and_slope(h_BTEF + b_in_EF)
-  a_BTEF = (gelu_BTEF * w_BTE[..., None].astype(jnp.float32)).astype(x_BTC.dtype)
-  y_BTC = jnp.einsum("btef,efc->btc", a_BTEF, w_out_EFC) + jnp.einsum("bte,ec->btc", w_BTE,
-                                                                      b_out_EC)
-  return y_BTC, (x_BTC, w_BTE, h_BTEF, a_BTEF, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
+def _bias_rows(b_EF: Array, hidden: str) -> Array:
+  """b_EF broadcast against activations with subscripts ``hidden`` (e and f last, or e first)."""
+  return b_EF if hidden.endswith("ef") else b_EF[:, None]
 
 
-def _experts_mixture_bwd(res, dy_BTC):
-  x_BTC, w_BTE, h_BTEF, a_BTEF, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC = res
-  dtype, f32 = x_BTC.dtype, jnp.float32
-  C = x_BTC.shape[-1]
-  da_BTEF = jnp.einsum("btc,efc->btef", dy_BTC, w_out_EFC)
+def _experts_mixture_fwd(layout, x, w, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC):
+  X, W, H, Y = _MIXTURE_LAYOUTS[layout]
+  h = jnp.einsum(f"{X},ecf->{H}", x, w_in_ECF)
+  gelu, _ = _gelu_and_slope(h + _bias_rows(b_in_EF, H))
+  a = (gelu * w[..., None].astype(jnp.float32)).astype(x.dtype)
+  y = jnp.einsum(f"{H},efc->{Y}", a, w_out_EFC) + jnp.einsum(f"{W},ec->{Y}", w, b_out_EC)
+  return y, (x, w, h, a, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
+
+
+def _experts_mixture_bwd(layout, res, dy):
+  x, w, h, a, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC = res
+  X, W, H, Y = _MIXTURE_LAYOUTS[layout]
+  dtype, f32 = x.dtype, jnp.float32
+  C = x.shape[-1]
+  da = jnp.einsum(f"{Y},efc->{H}", dy, w_out_EFC)
   # One pass over the hidden activations: gelu and its slope from the saved pre-activation,
   # the gate's gradient (a sum over f) and the pre-activation's gradient.
-  gelu_BTEF, slope_BTEF = _gelu_and_slope(h_BTEF + b_in_EF)
-  da32_BTEF = da_BTEF.astype(f32)
-  dw_BTE = jnp.sum(da32_BTEF * gelu_BTEF, axis=-1) + jnp.einsum(
-      "btc,ec->bte", dy_BTC, b_out_EC, preferred_element_type=f32)
-  dh_BTEF = (da32_BTEF * slope_BTEF * w_BTE[..., None].astype(f32)).astype(dtype)
-  # b_in's gradient (the sum of dh over tokens) comes out of the input projection's weight
+  gelu, slope = _gelu_and_slope(h + _bias_rows(b_in_EF, H))
+  da32 = da.astype(f32)
+  dw = jnp.sum(da32 * gelu, axis=-1) + jnp.einsum(f"{Y},ec->{W}", dy, b_out_EC,
+                                                  preferred_element_type=f32)
+  dh = (da32 * slope * w[..., None].astype(f32)).astype(dtype)
+  # b_in's gradient (the sum of dh over rows) comes out of the input projection's weight
   # gradient as the row of a column of ones appended to x (zero-padded to BIAS_PAD columns):
   # the matmul reads dh anyway, where a separate reduction read it again (1 GiB a layer at
   # arc1's 32 x 2048).
-  x1_BTK = jnp.concatenate(
-      [x_BTC, jnp.ones(x_BTC.shape[:-1] + (1,), dtype),
-       jnp.zeros(x_BTC.shape[:-1] + (-(C + 1) % BIAS_PAD,), dtype)], axis=-1)
-  dw_in1_EKF = jnp.einsum("btk,btef->ekf", x1_BTK, dh_BTEF, preferred_element_type=f32)
-  return (jnp.einsum("btef,ecf->btc", dh_BTEF, w_in_ECF),
-          dw_BTE.astype(w_BTE.dtype),
+  x1 = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), dtype),
+                        jnp.zeros(x.shape[:-1] + (-(C + 1) % BIAS_PAD,), dtype)], axis=-1)
+  dw_in1_EKF = jnp.einsum(f"{X[:-1]}k,{H}->ekf", x1, dh, preferred_element_type=f32)
+  return (jnp.einsum(f"{H},ecf->{X}", dh, w_in_ECF),
+          dw.astype(w.dtype),
           dw_in1_EKF[:, :C].astype(w_in_ECF.dtype),
           dw_in1_EKF[:, C].astype(b_in_EF.dtype),
-          jnp.einsum("btef,btc->efc", a_BTEF, dy_BTC,
-                     preferred_element_type=f32).astype(w_out_EFC.dtype),
-          jnp.einsum("bte,btc->ec", w_BTE, dy_BTC,
-                     preferred_element_type=f32).astype(b_out_EC.dtype))
+          jnp.einsum(f"{H},{Y}->efc", a, dy, preferred_element_type=f32).astype(w_out_EFC.dtype),
+          jnp.einsum(f"{W},{Y}->ec", w, dy, preferred_element_type=f32).astype(b_out_EC.dtype))
 
 
 _experts_mixture.defvjp(_experts_mixture_fwd, _experts_mixture_bwd)
@@ -316,7 +332,7 @@ def experts_dense(x_BTC: Array, weights_BTE: Array, params: dict[str, Array], dt
   gate's gradient and the pre-activation's gradient in one pass over the activations, with
   gelu and its slope recomputed from h in float32.
   """
-  return _experts_mixture(x_BTC.astype(dtype), weights_BTE.astype(dtype),
+  return _experts_mixture("dense", x_BTC.astype(dtype), weights_BTE.astype(dtype),
                           *(params[name].astype(dtype) for name in ("w_in", "b_in", "w_out",
                                                                    "b_out")))
 
@@ -412,15 +428,12 @@ def _take_rows(src_MD: Array, index_K: Array) -> Array:
   return jnp.take(src_MD, index_K, axis=0, mode="fill", fill_value=0)
 
 
-def _sum_rows(src_SD: Array, slot_NE: Array, weights_NE: Array | None = None) -> Array:
-  """``out_t = sum_e w_te src[slot_te]`` (w = 1 when None) accumulated in float32; slot S adds
-  nothing. One gather per expert, summed elementwise: XLA fuses them into one pass that forms no
-  [N, E, D] tensor."""
+def _sum_rows(src_SD: Array, slot_NE: Array) -> Array:
+  """``out_t = sum_e src[slot_te]`` accumulated in float32; slot S adds nothing. One gather per
+  expert, summed elementwise: XLA fuses them into one pass that forms no [N, E, D] tensor."""
   out_ND = None
   for e in range(slot_NE.shape[1]):
     term_ND = _take_rows(src_SD, slot_NE[:, e]).astype(jnp.float32)
-    if weights_NE is not None:
-      term_ND = weights_NE[:, e, None].astype(jnp.float32) * term_ND
     out_ND = term_ND if out_ND is None else out_ND + term_ND
   return out_ND
 
@@ -445,29 +458,39 @@ dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 @jax.custom_vjp
-def combine(z_SC: Array, weights_NE: Array, slot_NE: Array, pair_S: Array) -> Array:
-  """``y_t = sum_e w_te z[slot_te]`` over each token's slots, float32 [N, C].
+def slot_gates(weights_NE: Array, slot_NE: Array, pair_S: Array) -> Array:
+  """w_S: the gate weight of each slot's pair (0 for an empty slot). Every pair has at most one
+  slot, so the gradient is a gather too: ``dw_te = g[slot_te]`` (0 for a pair with none)."""
+  return _take_rows(weights_NE.reshape(-1), pair_S)
 
-  The gradients are gathers too: ``dz_s = w_s g[token_s]``, ``dw_te = g_t . z[slot_te]``
-  (0 for an expert that t does not use: its output is not computed).
-  """
+
+def _slot_gates_fwd(weights_NE, slot_NE, pair_S):
+  return slot_gates(weights_NE, slot_NE, pair_S), slot_NE
+
+
+def _slot_gates_bwd(slot_NE, g_S):
+  return _take_rows(g_S, slot_NE), None, None
+
+
+slot_gates.defvjp(_slot_gates_fwd, _slot_gates_bwd)
+
+
+@jax.custom_vjp
+def combine(z_SC: Array, slot_NE: Array, pair_S: Array) -> Array:
+  """``y_t = sum_e z[slot_te]`` over each token's slots [N, C], accumulated in float32 and
+  rounded once to z's dtype (the slots' rows carry their gate weights already). Its gradient
+  ``dz_s = g[token_s]`` is a gather."""
   del pair_S
-  return _sum_rows(z_SC, slot_NE, weights_NE)
+  return _sum_rows(z_SC, slot_NE).astype(z_SC.dtype)
 
 
-def _combine_fwd(z_SC, weights_NE, slot_NE, pair_S):
-  return combine(z_SC, weights_NE, slot_NE, pair_S), (z_SC, weights_NE, slot_NE, pair_S)
+def _combine_fwd(z_SC, slot_NE, pair_S):
+  return combine(z_SC, slot_NE, pair_S), (slot_NE, pair_S)
 
 
 def _combine_bwd(res, g_NC):
-  z_SC, weights_NE, slot_NE, pair_S = res
-  E = slot_NE.shape[1]
-  g_SC = _take_rows(g_NC.astype(jnp.float32), pair_S // E)
-  w_S = _take_rows(weights_NE.reshape(-1).astype(jnp.float32), pair_S)
-  dz_SC = (g_SC * w_S[:, None]).astype(z_SC.dtype)
-  dw_S = jnp.sum(g_SC * z_SC.astype(jnp.float32), axis=-1)
-  dw_NE = _take_rows(dw_S, slot_NE).astype(weights_NE.dtype)
-  return dz_SC, dw_NE, None, None
+  slot_NE, pair_S = res
+  return _take_rows(g_NC, pair_S // slot_NE.shape[1]), None, None
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)
@@ -482,58 +505,59 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
   over the expert groups: ``jax.lax.ragged_dot``, or one batched matmul over tiles of ``tile``
   rows, each with a copy of its expert's weights. ``"batched"`` gives every expert the same
   :func:`expert_rows` rows (:func:`expert_slots`) and runs one batched matmul over the experts
-  with their weights as they are. Empty slots hold zero rows whose outputs nobody reads. Same
-  result as :func:`experts_dense` when the pairs fit (ragged, tiled: at most ``capacity`` in
-  all; batched: at most ``expert_rows`` for every expert), otherwise pairs are dropped: see
-  :func:`experts` for the exact fallback. Returns y_NC in ``dtype``.
+  with their weights as they are. Tiled and batched run the experts with the dense mixture's
+  hand-written backward pass (:func:`experts_dense`), each slot's gate weight folded into its
+  activations; ``precision`` applies to ragged's matmuls. Empty slots hold zero rows with gate
+  0. Same result as :func:`experts_dense` when the pairs fit (ragged, tiled: at most
+  ``capacity`` in all; batched: at most ``expert_rows`` for every expert), otherwise pairs are
+  dropped: see :func:`experts` for the exact fallback. Returns y_NC in ``dtype``.
   """
   N, C = x_NC.shape
   E = used_NE.shape[1]
+  expert_params = [params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")]
   if impl == "batched":
     rows = expert_rows(capacity, E, tile, N)
     slot_NE, pair_S, S = expert_slots(used_NE, rows)
     x_ERC = dispatch(x_NC.astype(dtype), slot_NE, pair_S).reshape(E, rows, C)
-    h_ERF = jnp.einsum("erc,ecf->erf", x_ERC, params["w_in"].astype(dtype), precision=precision)
-    h_ERF = jax.nn.gelu(h_ERF + params["b_in"].astype(dtype)[:, None], approximate=False)
-    z_ERC = jnp.einsum("erf,efc->erc", h_ERF, params["w_out"].astype(dtype), precision=precision)
-    z_ERC = z_ERC + params["b_out"].astype(dtype)[:, None]
-    return combine(z_ERC.reshape(S, C), weights_NE, slot_NE, pair_S).astype(dtype)
+    w_ER = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S).reshape(E, rows)
+    z_ERC = _experts_mixture("grouped", x_ERC, w_ER, *expert_params)
+    return combine(z_ERC.reshape(S, C), slot_NE, pair_S)
+  if impl not in ("ragged", "tiled"):
+    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged', 'tiled' or 'batched'")
   slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
   num_tiles = S // tile
-  end_E = jnp.cumsum(group_E)
-  # Tiles past the last group (no rows) take the last expert.
-  expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(num_tiles) * tile, side="right"),
-                         E - 1)
-  x_NLC = dispatch(x_NC.astype(dtype), slot_NE, pair_S).reshape(num_tiles, tile, C)
-
+  w_S = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S)
+  x_SC = dispatch(x_NC.astype(dtype), slot_NE, pair_S)
   # Each tile's expert weights by a one-hot matmul rather than a gather: its gradient (the sum
   # of an expert's tiles) is then a plain matmul too, not a scatter-add of [tiles, C, F] rows
   # (the gather form's program did not finish compiling on an H200). HIGHEST precision makes the
   # product an exact copy, in the parameters' dtype (float32) before the cast, so the gradient
   # sums an expert's tiles in float32.
-  onehot_NE = (expert_N[:, None] == jnp.arange(E)[None, :]).astype(jnp.float32)
+  end_E = jnp.cumsum(group_E)
+  # Tiles past the last group (no rows) take the last expert.
+  expert_L = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(num_tiles) * tile, side="right"),
+                         E - 1)
+  onehot_LE = (expert_L[:, None] == jnp.arange(E)[None, :]).astype(jnp.float32)
 
   def per_tile(name: str) -> Array:
     w = params[name].astype(jnp.float32)
-    return jnp.einsum("ne,e...->n...", onehot_NE, w,
+    return jnp.einsum("le,e...->l...", onehot_LE, w,
                       precision=jax.lax.Precision.HIGHEST).astype(dtype)
 
   if impl == "ragged":
-    h_NLF = jax.lax.ragged_dot(x_NLC.reshape(S, C), params["w_in"].astype(dtype),
-                               group_E, precision=precision).reshape(num_tiles, tile, -1)
-  elif impl == "tiled":
-    h_NLF = jnp.einsum("nlc,ncf->nlf", x_NLC, per_tile("w_in"), precision=precision)
-  else:
-    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged' or 'tiled'")
-  h_NLF = jax.nn.gelu(h_NLF + per_tile("b_in")[:, None], approximate=False)
-  if impl == "ragged":
-    z_NLC = jax.lax.ragged_dot(h_NLF.reshape(S, -1), params["w_out"].astype(dtype),
-                               group_E, precision=precision).reshape(num_tiles, tile, C)
-  else:
-    z_NLC = jnp.einsum("nlf,nfc->nlc", h_NLF, per_tile("w_out"), precision=precision)
-  z_NLC = z_NLC + per_tile("b_out")[:, None]
-  y_NC = combine(z_NLC.reshape(S, C), weights_NE, slot_NE, pair_S)
-  return y_NC.astype(dtype)
+    w_in, _, w_out, _ = expert_params
+    h_LRF = jax.lax.ragged_dot(x_SC, w_in, group_E, precision=precision).reshape(
+        num_tiles, tile, -1)
+    h_SF = jax.nn.gelu(h_LRF + per_tile("b_in")[:, None], approximate=False).reshape(S, -1)
+    z_LRC = jax.lax.ragged_dot(h_SF, w_out, group_E, precision=precision).reshape(
+        num_tiles, tile, C)
+    z_SC = w_S[:, None] * (z_LRC + per_tile("b_out")[:, None]).reshape(S, C)
+    return combine(z_SC, slot_NE, pair_S)
+
+  z_LRC = _experts_mixture("grouped", x_SC.reshape(num_tiles, tile, C),
+                           w_S.reshape(num_tiles, tile),
+                           *(per_tile(name) for name in ("w_in", "b_in", "w_out", "b_out")))
+  return combine(z_LRC.reshape(S, C), slot_NE, pair_S)
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
