@@ -272,13 +272,36 @@ _MIXTURE_LAYOUTS: dict[str, tuple[str, str, str, str]] = {
 def _experts_mixture(layout: str, x: Array, w: Array, w_in_ECF: Array, b_in_EF: Array,
                      w_out_EFC: Array, b_out_EC: Array) -> Array:
   """``y = sum_e w_e (gelu(x W_in_e + b_in_e) W_out_e + b_out_e)`` in ``layout``
-  (:data:`_MIXTURE_LAYOUTS`), with a hand-written backward pass (see :func:`experts_dense`)."""
+  (:data:`_MIXTURE_LAYOUTS`), with a hand-written backward pass (see :func:`experts_dense`).
+
+  ``b_in_EF=None``: x carries :func:`with_ones`' column and w_in its bias row
+  (:func:`with_bias_row`), so b_in's gradient is w_in's row; else the backward pass appends the
+  column itself."""
   return _experts_mixture_fwd(layout, x, w, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)[0]
 
 
-def _bias_rows(b_EF: Array, hidden: str) -> Array:
-  """b_EF broadcast against activations with subscripts ``hidden`` (e and f last, or e first)."""
+def _bias_rows(b_EF: Array | None, hidden: str) -> Array:
+  """b_EF broadcast against activations with subscripts ``hidden`` (e and f last, or e first);
+  0 for None (the bias is in the weights)."""
+  if b_EF is None:
+    return jnp.zeros((), jnp.float32)
   return b_EF if hidden.endswith("ef") else b_EF[:, None]
+
+
+def with_ones(x: Array) -> Array:
+  """x [..., C] with a column of ones appended and zero columns up to a multiple of BIAS_PAD:
+  a matmul of it by :func:`with_bias_row`'s weights adds the bias, and its weight-gradient
+  matmul gives the bias's gradient as one more row."""
+  C = x.shape[-1]
+  return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype),
+                          jnp.zeros(x.shape[:-1] + (-(C + 1) % BIAS_PAD,), x.dtype)], axis=-1)
+
+
+def with_bias_row(w_ECF: Array, b_EF: Array) -> Array:
+  """w_ECF with b_EF as row C and zero rows up to :func:`with_ones`' width."""
+  E, C, F = w_ECF.shape
+  return jnp.concatenate([w_ECF, b_EF[:, None].astype(w_ECF.dtype),
+                          jnp.zeros((E, -(C + 1) % BIAS_PAD, F), w_ECF.dtype)], axis=1)
 
 
 def _experts_mixture_fwd(layout, x, w, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC):
@@ -304,16 +327,20 @@ def _experts_mixture_bwd(layout, res, dy):
                                                   preferred_element_type=f32)
   dh = (da32 * slope * w[..., None].astype(f32)).astype(dtype)
   # b_in's gradient (the sum of dh over rows) comes out of the input projection's weight
-  # gradient as the row of a column of ones appended to x (zero-padded to BIAS_PAD columns):
-  # the matmul reads dh anyway, where a separate reduction read it again (1 GiB a layer at
-  # arc1's 32 x 2048).
-  x1 = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), dtype),
-                        jnp.zeros(x.shape[:-1] + (-(C + 1) % BIAS_PAD,), dtype)], axis=-1)
-  dw_in1_EKF = jnp.einsum(f"{X[:-1]}k,{H}->ekf", x1, dh, preferred_element_type=f32)
+  # gradient as the row of a column of ones appended to x (:func:`with_ones`): the matmul reads
+  # dh anyway, where a separate reduction read it again (1 GiB a layer at arc1's 32 x 2048).
+  # The sparse dispatch gathers x with its column already (appending it to the gathered rows
+  # took 0.4 ms at arc1's 32 x 2048 on an H200).
+  if b_in_EF is None:
+    dw_in_ECF = jnp.einsum(f"{X},{H}->ecf", x, dh, preferred_element_type=f32)
+    db_in_EF = None
+  else:
+    dw_in1_EKF = jnp.einsum(f"{X[:-1]}k,{H}->ekf", with_ones(x), dh, preferred_element_type=f32)
+    dw_in_ECF, db_in_EF = dw_in1_EKF[:, :C], dw_in1_EKF[:, C].astype(b_in_EF.dtype)
   return (jnp.einsum(f"{H},ecf->{X}", dh, w_in_ECF),
           dw.astype(w.dtype),
-          dw_in1_EKF[:, :C].astype(w_in_ECF.dtype),
-          dw_in1_EKF[:, C].astype(b_in_EF.dtype),
+          dw_in_ECF.astype(w_in_ECF.dtype),
+          db_in_EF,
           jnp.einsum(f"{H},{Y}->efc", a, dy, preferred_element_type=f32).astype(w_out_EFC.dtype),
           jnp.einsum(f"{W},{Y}->ec", w, dy, preferred_element_type=f32).astype(b_out_EC.dtype))
 
@@ -514,20 +541,20 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
   """
   N, C = x_NC.shape
   E = used_NE.shape[1]
-  expert_params = [params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")]
   if impl == "batched":
     rows = expert_rows(capacity, E, tile, N)
     slot_NE, pair_S, S = expert_slots(used_NE, rows)
-    x_ERC = dispatch(x_NC.astype(dtype), slot_NE, pair_S).reshape(E, rows, C)
+    x1_ERK = dispatch(with_ones(x_NC.astype(dtype)), slot_NE, pair_S).reshape(E, rows, -1)
     w_ER = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S).reshape(E, rows)
-    z_ERC = _experts_mixture("grouped", x_ERC, w_ER, *expert_params)
+    w_in1_EKF = with_bias_row(params["w_in"], params["b_in"]).astype(dtype)
+    z_ERC = _experts_mixture("grouped", x1_ERK, w_ER, w_in1_EKF, None,
+                             params["w_out"].astype(dtype), params["b_out"].astype(dtype))
     return combine(z_ERC.reshape(S, C), slot_NE, pair_S)
   if impl not in ("ragged", "tiled"):
     raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged', 'tiled' or 'batched'")
   slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
   num_tiles = S // tile
   w_S = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S)
-  x_SC = dispatch(x_NC.astype(dtype), slot_NE, pair_S)
   # Each tile's expert weights by a one-hot matmul rather than a gather: its gradient (the sum
   # of an expert's tiles) is then a plain matmul too, not a scatter-add of [tiles, C, F] rows
   # (the gather form's program did not finish compiling on an H200). HIGHEST precision makes the
@@ -539,24 +566,26 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
                          E - 1)
   onehot_LE = (expert_L[:, None] == jnp.arange(E)[None, :]).astype(jnp.float32)
 
-  def per_tile(name: str) -> Array:
-    w = params[name].astype(jnp.float32)
-    return jnp.einsum("le,e...->l...", onehot_LE, w,
+  def per_tile(w: Array) -> Array:
+    return jnp.einsum("le,e...->l...", onehot_LE, w.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST).astype(dtype)
 
   if impl == "ragged":
-    w_in, _, w_out, _ = expert_params
-    h_LRF = jax.lax.ragged_dot(x_SC, w_in, group_E, precision=precision).reshape(
-        num_tiles, tile, -1)
-    h_SF = jax.nn.gelu(h_LRF + per_tile("b_in")[:, None], approximate=False).reshape(S, -1)
-    z_LRC = jax.lax.ragged_dot(h_SF, w_out, group_E, precision=precision).reshape(
-        num_tiles, tile, C)
-    z_SC = w_S[:, None] * (z_LRC + per_tile("b_out")[:, None]).reshape(S, C)
+    x_SC = dispatch(x_NC.astype(dtype), slot_NE, pair_S)
+    h_LRF = jax.lax.ragged_dot(x_SC, params["w_in"].astype(dtype), group_E,
+                               precision=precision).reshape(num_tiles, tile, -1)
+    h_SF = jax.nn.gelu(h_LRF + per_tile(params["b_in"])[:, None],
+                       approximate=False).reshape(S, -1)
+    z_LRC = jax.lax.ragged_dot(h_SF, params["w_out"].astype(dtype), group_E,
+                               precision=precision).reshape(num_tiles, tile, C)
+    z_SC = w_S[:, None] * (z_LRC + per_tile(params["b_out"])[:, None]).reshape(S, C)
     return combine(z_SC, slot_NE, pair_S)
 
-  z_LRC = _experts_mixture("grouped", x_SC.reshape(num_tiles, tile, C),
+  x1_SK = dispatch(with_ones(x_NC.astype(dtype)), slot_NE, pair_S)
+  z_LRC = _experts_mixture("grouped", x1_SK.reshape(num_tiles, tile, -1),
                            w_S.reshape(num_tiles, tile),
-                           *(per_tile(name) for name in ("w_in", "b_in", "w_out", "b_out")))
+                           per_tile(with_bias_row(params["w_in"], params["b_in"])), None,
+                           per_tile(params["w_out"]), per_tile(params["b_out"]))
   return combine(z_LRC.reshape(S, C), slot_NE, pair_S)
 
 
