@@ -47,7 +47,8 @@ IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "batched", "auto")
 # layer at step 600) and compute the dense fallback: tiled and dense trained at the same step
 # time and loss there (docs/bench/arc1_600steps_moe_*). Dense stays the default: a sparse
 # dispatch also drops the gate's straight-through gradient from unused experts, and under
-# jax.vmap (test-time training) runs both branches.
+# jax.vmap (test-time training) runs both branches. 2026-12-03, same command, with the sparse
+# paths on the dense mixture's backward pass: dense 4.16 ms, batched 2.77, tiled 3.49.
 AUTO_GPU_IMPL: str = "dense"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
 # tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
