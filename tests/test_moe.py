@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES, DynMoE, describe,
-                               expert_rows, expert_slots, experts_dense, experts_reference,
-                               experts_sparse, init_expert_params, num_slots, pair_capacity, pair_slots,
-                               resolve_impl)
+from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES, DynMoE,
+                               describe, expert_rows, expert_slots, experts_dense,
+                               experts_reference, experts_sparse, init_expert_params, num_slots,
+                               pair_capacity, pair_slots, resolve_impl)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1

@@ -281,12 +281,12 @@ def _experts_mixture(layout: str, x: Array, w: Array, w_in_ECF: Array, b_in_EF: 
   return _experts_mixture_fwd(layout, x, w, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)[0]
 
 
-def _bias_rows(b_EF: Array | None, hidden: str) -> Array:
-  """b_EF broadcast against activations with subscripts ``hidden`` (e and f last, or e first);
-  0 for None (the bias is in the weights)."""
+def _preactivation(h: Array, b_EF: Array | None, hidden: str) -> Array:
+  """``h + b`` with b_EF broadcast against activations with subscripts ``hidden`` (e and f last,
+  or e first); h itself for None (the bias is in the weights already)."""
   if b_EF is None:
-    return jnp.zeros((), jnp.float32)
-  return b_EF if hidden.endswith("ef") else b_EF[:, None]
+    return h
+  return h + (b_EF if hidden.endswith("ef") else b_EF[:, None])
 
 
 def with_ones(x: Array) -> Array:
@@ -308,7 +308,7 @@ def with_bias_row(w_ECF: Array, b_EF: Array) -> Array:
 def _experts_mixture_fwd(layout, x, w, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC):
   X, W, H, Y = _MIXTURE_LAYOUTS[layout]
   h = jnp.einsum(f"{X},ecf->{H}", x, w_in_ECF)
-  gelu, _ = _gelu_and_slope(h + _bias_rows(b_in_EF, H))
+  gelu, _ = _gelu_and_slope(_preactivation(h, b_in_EF, H))
   a = (gelu * w[..., None].astype(jnp.float32)).astype(x.dtype)
   y = jnp.einsum(f"{H},efc->{Y}", a, w_out_EFC) + jnp.einsum(f"{W},ec->{Y}", w, b_out_EC)
   return y, (x, w, h, a, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
@@ -322,7 +322,7 @@ def _experts_mixture_bwd(layout, res, dy):
   da = jnp.einsum(f"{Y},efc->{H}", dy, w_out_EFC)
   # One pass over the hidden activations: gelu and its slope from the saved pre-activation,
   # the gate's gradient (a sum over f) and the pre-activation's gradient.
-  gelu, slope = _gelu_and_slope(h + _bias_rows(b_in_EF, H))
+  gelu, slope = _gelu_and_slope(_preactivation(h, b_in_EF, H))
   da32 = da.astype(f32)
   dw = jnp.sum(da32 * gelu, axis=-1) + jnp.einsum(f"{Y},ec->{W}", dy, b_out_EC,
                                                   preferred_element_type=f32)
