@@ -17,7 +17,7 @@ import pytest
 from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES, DynMoE,
                                describe, expert_rows, expert_slots, experts_dense,
                                experts_reference, experts_sparse, init_expert_params, num_slots,
-                               pair_capacity, pair_slots, resolve_impl)
+                               pair_capacity, pair_slots, resolve_impl, sum_rows)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1
@@ -578,6 +578,29 @@ def test_sparse_experts_backward_pass_equals_autodiff_of_the_definition(impl):
   assert not np.any(np.asarray(g_w)[~used]) and np.any(np.asarray(w_w)[~used])
   for name in ("w_in", "b_in", "w_out", "b_out"):
     _assert_order_close(g_p[name], w_p[name], jnp.float32, N + C + F, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sum_rows_adds_each_tokens_slot_rows(dtype):
+  """sum_rows against float64 sums of each token's slot rows, over the first `width` columns:
+  empty slots (S) add nothing, and a token may use no slot or every one."""
+  N, S, D, E = 37, 23, 24, 6
+  rng = np.random.default_rng(0)
+  slot = np.where(rng.random((N, E)) < 0.4, rng.integers(0, S, (N, E)), S)
+  slot[0] = S
+  slot[1] = np.arange(E)
+  src_SD = jnp.asarray(rng.normal(size=(S, D)), dtype)
+  rows = np.concatenate([np.asarray(src_SD, np.float64), np.zeros((1, D))])
+  for width in (None, 16):
+    want = rows[slot].sum(axis=1)[:, :width]
+    got = jax.jit(sum_rows, static_argnums=2)(src_SD, jnp.asarray(slot, jnp.int32), width)
+    assert got.shape == want.shape and got.dtype == dtype
+    # float32 accumulation over E terms, then one rounding to dtype.
+    atol = _order_tol(jnp.float32, E, np.abs(rows).max()) + float(jnp.finfo(dtype).eps) * (
+        np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=atol,
+                               err_msg=f"width={width}")
+    assert not np.any(np.asarray(got)[0])
 
 
 def test_pair_slots_lays_pairs_out_by_expert_in_whole_tiles():

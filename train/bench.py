@@ -752,7 +752,10 @@ def density_thresholds(x_BTC: jax.Array, prototypes_EC: jax.Array, target_active
 def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
                   ) -> tuple[Callable, tuple[Any, jax.Array]]:
   """``(fn, (params, x_BTC))``: ``fn`` runs one ``name`` layer (an attention variant or
-  ``"dynmoe"``) forward and returns the gradients of ``sum(out)`` w.r.t. params and x.
+  ``"dynmoe"``) forward and returns ``sum(out)`` and its gradients w.r.t. params and x. The
+  value keeps the whole forward pass live, as the next layer does in a model: with the
+  gradients alone XLA drops the layer's last forward operation (its output projection, the
+  experts' combine), whose result the gradient of a sum does not read.
 
   The DynMoE layer (``model.moe_impl``) routes at the trained density: its thresholds come from
   :func:`density_thresholds` on x and ``model.sdl_target_active``.
@@ -774,7 +777,7 @@ def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
   def loss(p, x):
     return jnp.sum(layer.apply({"params": p}, x)[0].astype(jnp.float32))
 
-  return jax.grad(loss, argnums=(0, 1)), (params, x_BTC)
+  return jax.value_and_grad(loss, argnums=(0, 1)), (params, x_BTC)
 
 
 def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes) -> list[dict]:

@@ -456,30 +456,43 @@ def _take_rows(src_MD: Array, index_K: Array) -> Array:
   return jnp.take(src_MD, index_K, axis=0, mode="fill", fill_value=0)
 
 
-def _sum_rows(src_SD: Array, slot_NE: Array) -> Array:
-  """``out_t = sum_e src[slot_te]`` accumulated in float32; slot S adds nothing. One gather per
-  expert, summed elementwise: XLA fuses them into one pass that forms no [N, E, D] tensor."""
+def sum_rows(src_SD: Array, slot_NE: Array, width: int | None = None) -> Array:
+  """``out_t = sum_e src[slot_te, :width]`` [N, width] (width: default all of D), accumulated in
+  float32 and rounded once to src's dtype; slot S (one past the last row) adds nothing. One
+  gather per expert, summed elementwise: XLA fuses them into one pass that forms no [N, E, D]
+  tensor.
+
+  Tried, not kept (H200, jax 0.11.2, 2026-12-03, docs/bench/moe_sum_rows_h200_2026-12-03.json):
+  a Pallas (Triton) kernel of 16 tokens a program, each adding its slots' rows expert by
+  expert. Alone at arc1's 32 x 2048 tokens (4 of 16 experts) it took 0.154 ms against these
+  fused gathers' 0.279, but the batched DynMoE layer fwd+bwd took the same time with it as
+  without (3.08 ms both, three alternated runs each, at 32 x 2048 and at 8 x 8192).
+  """
+  if width is not None and width != src_SD.shape[1]:
+    src_SD = src_SD[:, :width]
   out_ND = None
   for e in range(slot_NE.shape[1]):
     term_ND = _take_rows(src_SD, slot_NE[:, e]).astype(jnp.float32)
     out_ND = term_ND if out_ND is None else out_ND + term_ND
-  return out_ND
+  return out_ND.astype(src_SD.dtype)
 
 
-@jax.custom_vjp
-def dispatch(x_NC: Array, slot_NE: Array, pair_S: Array) -> Array:
-  """x_SC: each slot's token row (zero for an empty slot). Its gradient is the sum over each
-  token's slots, a gather (autodiff would scatter-add [S, C] rows)."""
-  return _take_rows(x_NC, pair_S // slot_NE.shape[1])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dispatch(x_NC: Array, slot_NE: Array, pair_S: Array, ones: bool = False) -> Array:
+  """x_SC: each slot's token row (zero for an empty slot), with :func:`with_ones`' columns
+  appended when ``ones``. Its gradient is the sum over each token's slots of x's own columns, a
+  gather (autodiff would scatter-add [S, C] rows)."""
+  return _take_rows(with_ones(x_NC) if ones else x_NC, pair_S // slot_NE.shape[1])
 
 
-def _dispatch_fwd(x_NC, slot_NE, pair_S):
-  return dispatch(x_NC, slot_NE, pair_S), (slot_NE, pair_S)
+def _dispatch_fwd(x_NC, slot_NE, pair_S, ones):
+  return dispatch(x_NC, slot_NE, pair_S, ones), (slot_NE, x_NC.shape[1])
 
 
-def _dispatch_bwd(res, g_SC):
-  slot_NE, _ = res
-  return _sum_rows(g_SC, slot_NE).astype(g_SC.dtype), None, None
+def _dispatch_bwd(ones, res, g_SK):
+  del ones
+  slot_NE, width = res
+  return sum_rows(g_SK, slot_NE, width), None, None
 
 
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -509,7 +522,7 @@ def combine(z_SC: Array, slot_NE: Array, pair_S: Array) -> Array:
   rounded once to z's dtype (the slots' rows carry their gate weights already). Its gradient
   ``dz_s = g[token_s]`` is a gather."""
   del pair_S
-  return _sum_rows(z_SC, slot_NE).astype(z_SC.dtype)
+  return sum_rows(z_SC, slot_NE)
 
 
 def _combine_fwd(z_SC, slot_NE, pair_S):
@@ -545,7 +558,7 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
   if impl == "batched":
     rows = expert_rows(capacity, E, tile, N)
     slot_NE, pair_S, S = expert_slots(used_NE, rows)
-    x1_ERK = dispatch(with_ones(x_NC.astype(dtype)), slot_NE, pair_S).reshape(E, rows, -1)
+    x1_ERK = dispatch(x_NC.astype(dtype), slot_NE, pair_S, True).reshape(E, rows, -1)
     w_ER = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S).reshape(E, rows)
     w_in1_EKF = with_bias_row(params["w_in"], params["b_in"]).astype(dtype)
     z_ERC = _experts_mixture("grouped", x1_ERK, w_ER, w_in1_EKF, None,
@@ -582,7 +595,7 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
     z_SC = w_S[:, None] * (z_LRC + per_tile(params["b_out"])[:, None]).reshape(S, C)
     return combine(z_SC, slot_NE, pair_S)
 
-  x1_SK = dispatch(with_ones(x_NC.astype(dtype)), slot_NE, pair_S)
+  x1_SK = dispatch(x_NC.astype(dtype), slot_NE, pair_S, True)
   z_LRC = _experts_mixture("grouped", x1_SK.reshape(num_tiles, tile, -1),
                            w_S.reshape(num_tiles, tile),
                            per_tile(with_bias_row(params["w_in"], params["b_in"])), None,
