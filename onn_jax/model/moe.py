@@ -48,7 +48,9 @@ IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "batched", "auto")
 # time and loss there (docs/bench/arc1_600steps_moe_*). Dense stays the default: a sparse
 # dispatch also drops the gate's straight-through gradient from unused experts, and under
 # jax.vmap (test-time training) runs both branches. 2026-12-03, same command, with the sparse
-# paths on the dense mixture's backward pass: dense 4.16 ms, batched 2.77, tiled 3.49.
+# paths on the dense mixture's backward pass: dense 4.16 ms, batched 2.77, tiled 3.49; with the
+# benchmark's layer output kept live (it had let XLA drop the combine): dense 4.31-4.44 ms,
+# batched 3.09-3.10 (0.70-0.72x), tiled 3.77-3.89.
 AUTO_GPU_IMPL: str = "dense"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
 # tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
