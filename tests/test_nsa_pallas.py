@@ -607,3 +607,33 @@ def test_window_band_attention_packed_matches_band_chunks():
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
     for g_got, g_want in zip(got[1], want[1]):
       np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("group_heads", [False, True])
+@pytest.mark.parametrize("tile,window,packed", [(16, 9, True), (16, 9, False), (8, 20, True),
+                                                (64, 9, True), (16, 100, False)])
+def test_window_kernel_matches_band_chunks(tile, window, packed, group_heads, monkeypatch):
+  """nsa_pallas.window_attention (interpret mode) against the chunked band attention: outputs
+  and the gradients of q, k and v, packed rows or not, T = 82 not a multiple of the tile, key
+  tiles that cross a sequence start, a window longer than the tile and one longer than T; one
+  query head a program, or a KV group's heads stacked in one tile."""
+  monkeypatch.setattr(nsa_pallas, "WIN_TILE", tile)
+  monkeypatch.setattr(nsa_pallas, "WIN_GROUP_HEADS", group_heads)
+  geo = PACKED_GEO
+  R = geo.H // geo.G
+  args = make_inputs(geo, seed=16)
+  q5 = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
+  pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
+  cot = random_like((geo.B, geo.T, geo.G, R, geo.D), 17)
+  lo = segment_start_of(PACKED_STARTS, geo.B, geo.T) if packed else None
+
+  def loss(f):
+    return jax.jit(jax.value_and_grad(lambda *x: jnp.sum(f(*x) * cot), (0, 1, 2)))
+
+  kernel = lambda q, k, v: nsa_pallas.window_attention(q, k, v, lo, window, True)  # noqa
+  chunks = lambda q, k, v: nsa._window_blockwise(q, k, v, pos, window, lo)  # noqa
+  got = loss(kernel)(q5, args["k_win"], args["v_win"])
+  want = loss(chunks)(q5, args["k_win"], args["v_win"])
+  np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+  for g_got, g_want in zip(got[1], want[1]):
+    np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)

@@ -89,6 +89,17 @@ VARIANTS = {
     "dkdv_sum_w1": dict(DKDV_SUM="kernel", SUM_NUM_WARPS=1),
     # Queries not from position 0 (decoding; nsa.PALLAS_OFFSET_CHOICE): the choice by the kernel.
     "offset_choice_kernel": dict(PALLAS_OFFSET_CHOICE="kernel"),
+    # The window branch: cuDNN's sliding-window attention instead of the window kernel, and the
+    # kernel's tile (queries per program, keys per step) and launch width.
+    "win_cudnn": dict(PALLAS_WINDOW="cudnn"),
+    "win_tile32": dict(WIN_TILE=32),
+    "win_tile128": dict(WIN_TILE=128),
+    "win_w8": dict(WIN_NUM_WARPS=8),
+    "win_w2": dict(WIN_NUM_WARPS=2),
+    "win_group": dict(WIN_GROUP_HEADS=True),
+    "win_group_t32": dict(WIN_GROUP_HEADS=True, WIN_TILE=32),
+    "win_group_t32_w8": dict(WIN_GROUP_HEADS=True, WIN_TILE=32, WIN_NUM_WARPS=8),
+    "win_group_w8": dict(WIN_GROUP_HEADS=True, WIN_NUM_WARPS=8),
 }
 
 
@@ -231,6 +242,7 @@ def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: Non
     row["cudnn_full"] = time_case(full_fwd_bwd(), args, iters)
     names = list(impls) + [f"pallas[{v}]" for v in variants]
     names += [f"{i}_packed" for i in impls] if packed else []
+    names += [f"pallas_packed[{v}]" for v in variants] if packed and "pallas" in impls else []
     for name in names:
       impl, var = (name[:-1].split("[") + [None])[:2] if "[" in name else (name, None)
       with variant(var):
@@ -275,8 +287,8 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
   a row: the compressed branch (folded cuDNN attention, forward+backward), the block choice
   (forward only: fused kernel, XLA chunks, the kernel writing scores only), the selected
   kernel (forward, forward+backward, and its backward's sums of dk and dv partials alone) and the
-  window branch (cuDNN sliding window, forward, forward+backward); the chunked compressed
-  branch too."""
+  window branch (``nsa.PALLAS_WINDOW``: the window kernel or cuDNN's sliding window; forward,
+  forward+backward); the chunked compressed branch too."""
   from onn_jax.model import nsa, nsa_pallas
   rows = results.setdefault("breakdown", [])
   for B, T in cases:
@@ -350,6 +362,10 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
       with variant(var):
         if var.startswith("choice"):
           row[f"choice_fwd[{var}]"] = time_case(wrap(choice, qkv_cmp), a, iters)
+        elif var.startswith("win"):
+          row[f"win_fwd[{var}]"] = time_case(wrap(win_loss, qkv_win), a, iters)
+          row[f"win_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), qkv_win),
+                                                 a, iters)
         else:
           if "DKDV_SUM" in VARIANTS[var]:
             row[f"slc_dkdv_sums[{var}]"] = time_case(wrap(sums, qkv_sums), a, iters)
@@ -398,7 +414,9 @@ def main(argv=None) -> None:
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: getattr(nsa_pallas, k) for k in
                            ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DKDV_SUM", "KEY_CHUNK",
-                            "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL", "SUM_NUM_WARPS")})
+                            "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL", "SUM_NUM_WARPS",
+                            "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS")},
+                 window=nsa.PALLAS_WINDOW)
 
   def save():
     with open(a.out, "w") as f:

@@ -654,14 +654,26 @@ def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: in
 PALLAS_MASK_ELEMS = 1 << 28
 
 
+# impl="pallas": the window branch of queries at positions 0..T-1 over T keys. "kernel":
+# nsa_pallas.window_attention (any dtype, packed rows without a mask; interpret mode off GPU);
+# "cudnn": cuDNN's sliding-window attention on GPU (16-bit dtypes), the chunked band attention
+# elsewhere.
+PALLAS_WINDOW = "kernel"
+
+
 def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
                         offset_is_zero: bool, lo_BT=None) -> jax.Array:
-  """Window branch for impl="pallas": cuDNN's sliding-window attention on GPU when it
-  applies (queries at positions 0..T-1 over T keys, 16-bit dtype; packed rows while the mask
-  is small enough, PALLAS_MASK_ELEMS), else the chunked band attention of the
-  blockwise implementation (which reads only each chunk's band of keys)."""
+  """Window branch for impl="pallas": for queries at positions 0..T-1 over T keys, the
+  window kernel (``PALLAS_WINDOW = "kernel"``) or cuDNN's sliding-window attention on GPU (16-bit
+  dtype; packed rows while the mask is small enough, PALLAS_MASK_ELEMS); else the chunked band
+  attention of the blockwise implementation (which reads only each chunk's band of keys)."""
   B, T, G, R, D = q_BTGRD.shape
   S = k_win.shape[1]
+  if PALLAS_WINDOW not in ("kernel", "cudnn"):
+    raise ValueError(f"nsa.PALLAS_WINDOW must be 'kernel' or 'cudnn', got {PALLAS_WINDOW!r}")
+  if PALLAS_WINDOW == "kernel" and offset_is_zero and T == S:
+    return nsa_pallas.window_attention(q_BTGRD, k_win, v_win, lo_BT, window,
+                                       nsa_pallas.use_interpret())
   cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S
               and (lo_BT is None or B * T * S <= PALLAS_MASK_ELEMS)
               and q_BTGRD.dtype in (jnp.bfloat16, jnp.float16)

@@ -878,3 +878,237 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
       interpret=interpret, compiler_params=_compiler_params(interpret, CHOICE_NUM_WARPS),
   )(q, k, pos, lo, _overlap_tiles(block_len, block_stride, select_len))
   return out[:, :T, :, :num_sel] if scores else out[:, :T, :, :num_select]
+
+
+# ------------------------------------------------------------------------------------------
+# Window branch: sliding-window attention of queries at positions 0..T-1 over T keys.
+#
+# cuDNN's sliding-window attention (jax.nn.dot_product_attention with local_window_size) took
+# 0.95 ms fwd+bwd at arc1's 32 x 2048 (window 128) and, for packed rows, needs the segments as
+# a [B,1,T,T] mask (over PALLAS_MASK_ELEMS: the chunked band attention). Here one program per
+# (example, tile of WIN_TILE queries, P query heads of a KV group) walks the few key tiles of
+# its band with an online softmax, the P heads' rows stacked into one [WIN_TILE * P, D] tile;
+# packed rows mask the keys before each query's sequence start (``lo``) instead of reading a
+# mask. The backward pass is two kernels without atomics: dq (the same walk), and dk/dv per
+# (example, group, key tile), walking the query tiles that see it, P heads at a time.
+
+WIN_TILE = 64          # queries per program, and keys per step of the walk
+WIN_NUM_WARPS = 4
+WIN_GROUP_HEADS = False  # P: all R heads of a KV group in one program (True), or one (False)
+
+
+def _win_steps(window: int, tile: int, num_tiles: int) -> int:
+  """Tiles of the other side a tile meets: keys of a query tile, or queries of a key tile."""
+  return min(1 + -(-(window - 1) // tile), num_tiles)
+
+
+def _win_rows(x_ref, b, t0, hg, tile: int):
+  """Rows of ``tile`` positions from ``t0`` of head group ``hg`` of [B,Tp,H/P,P,...] as one
+  [tile * P, ...] tile (row = position * P + head)."""
+  x = x_ref[b, pl.ds(t0, tile), hg]
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _win_query_rows(lo_ref, b, t0, tile: int, P: int):
+  """Positions [X] and sequence starts [X] of the X = tile * P query rows from ``t0``."""
+  lo_Q = lo_ref[b, pl.ds(t0, tile)]
+  t_X = t0 + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tile * P,), 0), P)
+  return t_X, jnp.broadcast_to(lo_Q[:, None], (tile, P)).reshape(tile * P)
+
+
+def _win_mask(t_X, s_K, lo_X, window: int):
+  """[X, K]: key s is in query t's window and not before its sequence's start."""
+  t, s = t_X[:, None], s_K[None, :]
+  return (s <= t) & (s > t - window) & (s >= lo_X[:, None])
+
+
+def _win_key_tile(k_ref, v_ref, b, g, first, last, j, tile: int):
+  """Keys, values [tile, D] and positions [tile] of the j-th key tile from ``first``, and
+  whether it is one (past ``last`` it re-reads ``first`` and must be masked)."""
+  live = first + j <= last
+  s0 = jnp.where(live, first + j, first) * tile
+  s_K = s0 + jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
+  return k_ref[b, pl.ds(s0, tile), g, :], v_ref[b, pl.ds(s0, tile), g, :], s_K, live
+
+
+def _win_query_coords(num_tiles: int, head_groups: int, per_group: int, tile: int,
+                      window: int):
+  """(b, head group, KV group, t0, first key tile, last key tile) of a query-tile program;
+  the head groups of a tile are neighbouring programs (its key tiles stay in L2)."""
+  pid = pl.program_id(0)
+  hg = jax.lax.rem(pid, head_groups)
+  bi = jax.lax.div(pid, head_groups)
+  b, i = jax.lax.div(bi, num_tiles), jax.lax.rem(bi, num_tiles)
+  t0 = i * tile
+  first = jax.lax.div(jnp.maximum(t0 - window + 1, 0), tile)
+  return b, hg, jax.lax.div(hg, per_group), t0, first, i
+
+
+def _window_fwd_kernel(q_ref, k_ref, v_ref, lo_ref, o_ref, lse_ref, *, num_tiles: int,
+                       head_groups: int, per_group: int, P: int, tile: int, window: int,
+                       steps: int, scale: float):
+  b, hg, g, t0, first, last = _win_query_coords(num_tiles, head_groups, per_group, tile,
+                                                window)
+  q_XD = _win_rows(q_ref, b, t0, hg, tile)
+  t_X, lo_X = _win_query_rows(lo_ref, b, t0, tile, P)
+  X, D = q_XD.shape
+
+  def step(j, carry):
+    m_X, l_X, acc_XD = carry
+    k_KD, v_KD, s_K, live = _win_key_tile(k_ref, v_ref, b, g, first, last, j, tile)
+    ok_XK = _win_mask(t_X, s_K, lo_X, window) & live
+    logits_XK = jnp.where(ok_XK, _mm(q_XD, k_KD, trans_b=True) * scale, _NEG)
+    m_new_X = jnp.maximum(m_X, jnp.max(logits_XK, axis=-1))
+    alpha_X = jnp.exp(m_X - m_new_X)
+    p_XK = jnp.where(ok_XK, jnp.exp(logits_XK - m_new_X[:, None]), 0.0)
+    l_X = l_X * alpha_X + jnp.sum(p_XK, axis=-1)
+    acc_XD = acc_XD * alpha_X[:, None] + _mm(p_XK.astype(v_KD.dtype), v_KD)
+    return m_new_X, l_X, acc_XD
+
+  init = (jnp.full((X,), _NEG, _F32), jnp.zeros((X,), _F32), jnp.zeros((X, D), _F32))
+  m_X, l_X, acc_XD = jax.lax.fori_loop(0, steps, step, init)
+  # Every query sees its own key (lo <= t), so l > 0.
+  o_ref[b, pl.ds(t0, tile), hg] = (acc_XD / l_X[:, None]).reshape(tile, P, D)
+  lse_ref[b, pl.ds(t0, tile), hg] = (m_X + jnp.log(l_X)).reshape(tile, P)
+
+
+def _window_dq_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+                      num_tiles: int, head_groups: int, per_group: int, P: int, tile: int,
+                      window: int, steps: int, scale: float):
+  b, hg, g, t0, first, last = _win_query_coords(num_tiles, head_groups, per_group, tile,
+                                                window)
+  q_XD = _win_rows(q_ref, b, t0, hg, tile)
+  do_XD = _win_rows(do_ref, b, t0, hg, tile)
+  lse_X = _win_rows(lse_ref, b, t0, hg, tile)
+  delta_X = _win_rows(delta_ref, b, t0, hg, tile)
+  t_X, lo_X = _win_query_rows(lo_ref, b, t0, tile, P)
+
+  def step(j, dq_XD):
+    k_KD, v_KD, s_K, live = _win_key_tile(k_ref, v_ref, b, g, first, last, j, tile)
+    ok_XK = _win_mask(t_X, s_K, lo_X, window) & live
+    logits_XK = _mm(q_XD, k_KD, trans_b=True) * scale
+    p_XK = jnp.where(ok_XK, jnp.exp(logits_XK - lse_X[:, None]), 0.0)
+    dp_XK = _mm(do_XD, v_KD, trans_b=True)
+    ds_XK = (p_XK * (dp_XK - delta_X[:, None])).astype(q_XD.dtype)
+    return dq_XD + _mm(ds_XK, k_KD)
+
+  dq_XD = jax.lax.fori_loop(0, steps, step, jnp.zeros(q_XD.shape, _F32))
+  dq_ref[b, pl.ds(t0, tile), hg] = (dq_XD * scale).reshape(tile, P, -1)
+
+
+def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                        dv_ref, *, num_tiles: int, groups: int, per_group: int, P: int,
+                        tile: int, window: int, steps: int, seq_len: int, scale: float):
+  pid = pl.program_id(0)
+  kt = jax.lax.rem(pid, num_tiles)
+  bg = jax.lax.div(pid, num_tiles)
+  b, g = jax.lax.div(bg, groups), jax.lax.rem(bg, groups)
+  s0 = kt * tile
+  k_KD = k_ref[b, pl.ds(s0, tile), g, :]
+  v_KD = v_ref[b, pl.ds(s0, tile), g, :]
+  s_K = s0 + jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
+  last = jnp.minimum(jax.lax.div(s0 + tile + window - 2, tile), num_tiles - 1)
+
+  def step(jr, carry):  # query tile kt + j, head group r of this KV group
+    dk_KD, dv_KD = carry
+    j, r = jax.lax.div(jr, per_group), jax.lax.rem(jr, per_group)
+    live = kt + j <= last
+    t0 = jnp.where(live, kt + j, kt) * tile
+    hg = g * per_group + r
+    q_XD = _win_rows(q_ref, b, t0, hg, tile)
+    do_XD = _win_rows(do_ref, b, t0, hg, tile)
+    lse_X = _win_rows(lse_ref, b, t0, hg, tile)
+    delta_X = _win_rows(delta_ref, b, t0, hg, tile)
+    t_X, lo_X = _win_query_rows(lo_ref, b, t0, tile, P)
+    ok_XK = _win_mask(t_X, s_K, lo_X, window) & (t_X < seq_len)[:, None] & live
+    logits_XK = _mm(q_XD, k_KD, trans_b=True) * scale
+    p_XK = jnp.where(ok_XK, jnp.exp(logits_XK - lse_X[:, None]), 0.0)
+    dv_KD = dv_KD + _mm(p_XK.astype(do_XD.dtype), do_XD, trans_a=True)
+    dp_XK = _mm(do_XD, v_KD, trans_b=True)
+    ds_XK = (p_XK * (dp_XK - delta_X[:, None])).astype(q_XD.dtype)
+    return dk_KD + _mm(ds_XK, q_XD, trans_a=True), dv_KD
+
+  zeros = jnp.zeros(k_KD.shape, _F32)
+  dk_KD, dv_KD = jax.lax.fori_loop(0, steps * per_group, step, (zeros, zeros))
+  dk_ref[b, pl.ds(s0, tile), g, :] = dk_KD * scale
+  dv_ref[b, pl.ds(s0, tile), g, :] = dv_KD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def window_attention(q_BTGRD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
+                     lo_BT: jax.Array | None, window: int, interpret: bool) -> jax.Array:
+  """The window branch (NSA's sliding window) of queries at positions 0..T-1 over T keys.
+
+  Args:
+    q_BTGRD: queries [B,T,G,R,D]; k_BTGD, v_BTGD: window keys/values [B,T,G,D].
+    lo_BT: packed rows: int [B,T], the position of each query's sequence start (keys before
+      it are masked); None: one sequence a row.
+    window: keys per query, its own included (static).
+    interpret: Pallas interpret mode (static).
+  Returns:
+    float32 [B,T,G,R,D]; differentiable in q, k and v. Products take the inputs' dtype with
+    float32 accumulation; probabilities (and ``ds``) are rounded to it before their products,
+    as the reference rounds probabilities before the value product.
+  """
+  return _window_vjp_fwd(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window, interpret)[0]
+
+
+def _window_setup(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window: int):
+  """Static kernel arguments, and the operands with T padded to whole tiles: q as
+  [B,Tp,H/P,P,D], keys and values [B,Tp,G,D], ``lo`` [B,Tp] int32 (a padded query starts its
+  own sequence at T: it sees padded keys only)."""
+  B, T, G, R, D = q_BTGRD.shape
+  tile = WIN_TILE
+  P = R if WIN_GROUP_HEADS else 1
+  num_tiles = -(-T // tile)
+  Tp = num_tiles * tile
+  static = dict(num_tiles=num_tiles, per_group=R // P, P=P, tile=tile, window=window,
+                steps=_win_steps(window, tile, num_tiles), scale=1.0 / math.sqrt(D))
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+  lo = jnp.zeros((B, T), jnp.int32) if lo_BT is None else lo_BT.astype(jnp.int32)
+  lo = jnp.pad(lo, [(0, 0), (0, Tp - T)], constant_values=T)
+  return static, (pad(q_BTGRD.reshape(B, T, G * R // P, P, D)), pad(k_BTGD), pad(v_BTGD), lo)
+
+
+def _window_vjp_fwd(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window, interpret):
+  B, T, G, R, D = q_BTGRD.shape
+  static, operands = _window_setup(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window)
+  q = operands[0]
+  HG = q.shape[2]
+  out, lse = pl.pallas_call(
+      functools.partial(_window_fwd_kernel, head_groups=HG, **static),
+      grid=(B * static["num_tiles"] * HG,),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(q.shape[:-1], _F32)),
+      interpret=interpret, compiler_params=_compiler_params(interpret, WIN_NUM_WARPS),
+  )(*operands)
+  return (out[:, :T].reshape(B, T, G, R, D),
+          (q_BTGRD, k_BTGD, v_BTGD, lo_BT, out, lse))
+
+
+def _window_vjp_bwd(window, interpret, res, do_BTGRD):
+  q_BTGRD, k_BTGD, v_BTGD, lo_BT, out, lse = res
+  B, T, G, R, D = q_BTGRD.shape
+  static, operands = _window_setup(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window)
+  q = operands[0]
+  do = jnp.pad(do_BTGRD.astype(_F32).reshape(q.shape[:1] + (T,) + q.shape[2:]),
+               [(0, 0), (0, q.shape[1] - T), (0, 0), (0, 0), (0, 0)])
+  delta = jnp.sum(do * out, axis=-1)
+  args = (*operands, do.astype(q.dtype), lse, delta)
+  params = _compiler_params(interpret, WIN_NUM_WARPS)
+  dq = pl.pallas_call(
+      functools.partial(_window_dq_kernel, head_groups=q.shape[2], **static),
+      grid=(B * static["num_tiles"] * q.shape[2],),
+      out_shape=jax.ShapeDtypeStruct(q.shape, _F32),
+      interpret=interpret, compiler_params=params,
+  )(*args)
+  acc = jax.ShapeDtypeStruct(operands[1].shape, _F32)
+  dk, dv = pl.pallas_call(
+      functools.partial(_window_dkdv_kernel, groups=G, seq_len=T, **static),
+      grid=(B * G * static["num_tiles"],), out_shape=(acc, acc),
+      interpret=interpret, compiler_params=params,
+  )(*args)
+  return (dq[:, :T].reshape(B, T, G, R, D).astype(q_BTGRD.dtype),
+          dk[:, :T].astype(k_BTGD.dtype), dv[:, :T].astype(v_BTGD.dtype), None)
+
+
+window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
