@@ -91,15 +91,17 @@ VARIANTS = {
     "offset_choice_kernel": dict(PALLAS_OFFSET_CHOICE="kernel"),
     # The window branch: cuDNN's sliding-window attention instead of the window kernel, and the
     # kernel's tile (queries per program, keys per step) and launch width.
+    # (2026-12-03: the default, a KV group's heads in one program over 32-query tiles, against
+    # one head a program over 64, 32 or 128, and against 64-query group tiles.)
     "win_cudnn": dict(PALLAS_WINDOW="cudnn"),
-    "win_tile32": dict(WIN_TILE=32),
-    "win_tile128": dict(WIN_TILE=128),
+    "win_head": dict(WIN_GROUP_HEADS=False, WIN_TILE=64),
+    "win_head_t32": dict(WIN_GROUP_HEADS=False, WIN_TILE=32),
+    "win_head_t128": dict(WIN_GROUP_HEADS=False, WIN_TILE=128),
+    "win_head_w8": dict(WIN_GROUP_HEADS=False, WIN_TILE=64, WIN_NUM_WARPS=8),
+    "win_head_w2": dict(WIN_GROUP_HEADS=False, WIN_TILE=64, WIN_NUM_WARPS=2),
+    "win_t64": dict(WIN_TILE=64),
+    "win_t64_w8": dict(WIN_TILE=64, WIN_NUM_WARPS=8),
     "win_w8": dict(WIN_NUM_WARPS=8),
-    "win_w2": dict(WIN_NUM_WARPS=2),
-    "win_group": dict(WIN_GROUP_HEADS=True),
-    "win_group_t32": dict(WIN_GROUP_HEADS=True, WIN_TILE=32),
-    "win_group_t32_w8": dict(WIN_GROUP_HEADS=True, WIN_TILE=32, WIN_NUM_WARPS=8),
-    "win_group_w8": dict(WIN_GROUP_HEADS=True, WIN_NUM_WARPS=8),
 }
 
 

@@ -45,9 +45,11 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   chunk's [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N]
   probabilities nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel
   pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward,
-  its kernel without atomics); the window branch is cuDNN's sliding-window attention on GPU
-  for training shapes (``q_offset`` the Python int 0, T == S, bf16/fp16; packed rows with a
-  [B,1,T,T] mask), else the chunked band attention above.
+  its kernel without atomics); for rows from position 0 (``q_offset`` the Python int 0,
+  T == S) the window branch is a Pallas kernel too (``nsa_pallas.window_attention``: a band
+  of key tiles a tile of queries, packed rows masked by their sequence starts, no mask
+  tensor; ``PALLAS_WINDOW = "cudnn"`` takes cuDNN's sliding-window attention instead, as
+  before 2026-12-03), else the chunked band attention above.
   One-token decoding reads the compressed keys, the chosen blocks and the window band only.
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).

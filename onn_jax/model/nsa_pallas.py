@@ -28,7 +28,9 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
 
 The block choice (eq. 9-11) for one sequence a row is a kernel too (``block_choice``, see its
 section below): float32 compressed probabilities, their overlap sums and a running top-k per
-tile of queries, without storing [B,T,H,N] probabilities.
+tile of queries, without storing [B,T,H,N] probabilities. So is the window branch of rows from
+position 0 (``window_attention``, the last section): a band of key tiles for each tile of
+queries, packed rows masked by their sequences' starts.
 
 Products run on tensor cores: a group's R query heads (4 at the GPU config) are zero-padded
 to ``ROW_TILE`` = 16 rows (an element-wise formulation on CUDA cores measured 2.8x slower
@@ -892,9 +894,9 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
 # mask. The backward pass is two kernels without atomics: dq (the same walk), and dk/dv per
 # (example, group, key tile), walking the query tiles that see it, P heads at a time.
 
-WIN_TILE = 64          # queries per program, and keys per step of the walk
+WIN_TILE = 32          # queries per program, and keys per step of the walk
 WIN_NUM_WARPS = 4
-WIN_GROUP_HEADS = False  # P: all R heads of a KV group in one program (True), or one (False)
+WIN_GROUP_HEADS = True  # P: all R heads of a KV group in one program (True), or one (False)
 
 
 def _win_steps(window: int, tile: int, num_tiles: int) -> int:
