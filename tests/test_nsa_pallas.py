@@ -591,22 +591,31 @@ def test_pallas_packed_rows_match_reference(cmp_attention, monkeypatch):
 def test_window_band_attention_packed_matches_band_chunks():
   """The window branch as one sliding-window attention with a [B,1,T,T] mask (cuDNN's on GPU
   for packed rows; XLA's here) against the chunked band attention: outputs and gradients."""
+  for lo in (segment_start_of(PACKED_STARTS, PACKED_GEO.B, PACKED_GEO.T), None):
+    assert_window_matches_band_chunks(
+        lambda q, k, v: nsa._window_band_attention(q, k, v, PACKED_GEO.window, lo, None),  # noqa
+        PACKED_GEO.window, lo, seed=14)
+
+
+def assert_window_matches_band_chunks(window_fn, window: int, lo, seed: int) -> None:
+  """``window_fn(q5, k, v)`` against the chunked band attention on PACKED_GEO's inputs:
+  outputs and the gradients of q, k and v."""
   geo = PACKED_GEO
   R = geo.H // geo.G
-  args = make_inputs(geo, seed=14)
+  args = make_inputs(geo, seed=seed)
   q5 = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
   pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
-  cot = random_like((geo.B, geo.T, geo.G, R, geo.D), 15)
-  for lo in (segment_start_of(PACKED_STARTS, geo.B, geo.T), None):
-    def loss(f):
-      return jax.jit(jax.value_and_grad(lambda *x: jnp.sum(f(*x) * cot), (0, 1, 2)))
-    band = lambda q, k, v: nsa._window_band_attention(q, k, v, geo.window, lo, None)  # noqa
-    chunks = lambda q, k, v: nsa._window_blockwise(q, k, v, pos, geo.window, lo)  # noqa
-    got = loss(band)(q5, args["k_win"], args["v_win"])
-    want = loss(chunks)(q5, args["k_win"], args["v_win"])
-    np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
-    for g_got, g_want in zip(got[1], want[1]):
-      np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
+  cot = random_like((geo.B, geo.T, geo.G, R, geo.D), seed + 1)
+
+  def loss(f):
+    return jax.jit(jax.value_and_grad(lambda *x: jnp.sum(f(*x) * cot), (0, 1, 2)))
+
+  chunks = lambda q, k, v: nsa._window_blockwise(q, k, v, pos, window, lo)  # noqa: E731
+  got = loss(window_fn)(q5, args["k_win"], args["v_win"])
+  want = loss(chunks)(q5, args["k_win"], args["v_win"])
+  np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+  for g_got, g_want in zip(got[1], want[1]):
+    np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("group_heads", [False, True])
@@ -619,21 +628,7 @@ def test_window_kernel_matches_band_chunks(tile, window, packed, group_heads, mo
   query head a program, or a KV group's heads stacked in one tile."""
   monkeypatch.setattr(nsa_pallas, "WIN_TILE", tile)
   monkeypatch.setattr(nsa_pallas, "WIN_GROUP_HEADS", group_heads)
-  geo = PACKED_GEO
-  R = geo.H // geo.G
-  args = make_inputs(geo, seed=16)
-  q5 = args["q"].reshape(geo.B, geo.T, geo.G, R, geo.D)
-  pos = jnp.broadcast_to(jnp.arange(geo.T, dtype=jnp.int32), (geo.B, geo.T))
-  cot = random_like((geo.B, geo.T, geo.G, R, geo.D), 17)
-  lo = segment_start_of(PACKED_STARTS, geo.B, geo.T) if packed else None
-
-  def loss(f):
-    return jax.jit(jax.value_and_grad(lambda *x: jnp.sum(f(*x) * cot), (0, 1, 2)))
-
-  kernel = lambda q, k, v: nsa_pallas.window_attention(q, k, v, lo, window, True)  # noqa
-  chunks = lambda q, k, v: nsa._window_blockwise(q, k, v, pos, window, lo)  # noqa
-  got = loss(kernel)(q5, args["k_win"], args["v_win"])
-  want = loss(chunks)(q5, args["k_win"], args["v_win"])
-  np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
-  for g_got, g_want in zip(got[1], want[1]):
-    np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL)
+  lo = segment_start_of(PACKED_STARTS, PACKED_GEO.B, PACKED_GEO.T) if packed else None
+  assert_window_matches_band_chunks(
+      lambda q, k, v: nsa_pallas.window_attention(q, k, v, lo, window, True),  # noqa: E731
+      window, lo, seed=16)
