@@ -82,6 +82,12 @@ def test_quick_train_and_eavi_numbers(quick):
   for row in results["train"]:
     assert 0 < row["real_frac"] <= 1
     assert row["real_tokens_per_s"] == pytest.approx(row["real_frac"] * row["tokens_per_s"])
+    # The back-to-back loop's numbers are the same quantities over its own time.
+    assert row["loop_tokens_per_s"] == pytest.approx(
+        row["batch"] * row["seq_len"] / (row["loop_ms"] / 1e3))
+    assert row["loop_real_tokens_per_s"] == pytest.approx(
+        row["real_frac"] * row["loop_tokens_per_s"])
+    assert row["loop_mfu"] is None
   data = results["train_data"]
   assert data["packed"] > max(b["real_frac"] for b in data["buckets"].values())
   for row in results["eavi"]:
@@ -345,3 +351,15 @@ def test_profile_scopes_come_from_the_compiled_hlo():
   scopes = {profiling.scope_of(gpu_args, name, ops) for name in ops}
   assert any(s.startswith("block_N/mlp/") for s in scopes), scopes
   assert profiling.scope_of(gpu_args, "nvjet_gemm_kernel", ops) == "?"
+
+
+def test_time_loop_queues_calls_on_the_carried_state():
+  seen = []
+
+  def step(state, batch):
+    seen.append(int(state))
+    return state + batch, {"loss": state}
+
+  ms = bench.time_loop(step, (jnp.int32(0), jnp.int32(2)), iters=3, repeats=2)
+  assert seen == [0, 2, 4, 6, 8, 10]  # each call on the state the last one returned
+  assert math.isfinite(ms) and ms > 0
