@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import re
@@ -29,6 +30,27 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 FAST_CPU_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
                           "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
                           "--xla_cpu_parallel_codegen_split_count=1")
+# Not the fast-compile preset from jax 0.12 on: there (Python 3.12.1, jax 0.12.0.1, 2026-12-03
+# and -04) a pytest process that had compiled a few hundred programs under it failed to
+# serialise one for the persistent cache ("Failed to materialize symbols" in XLA:CPU's JIT
+# library) and died unwinding that error (README Package map): every cold run with the preset
+# died so (three whole suites; four runs of one worker's files in one process, one of them
+# without the split count), and the same files without the preset passed. jax 0.10 and 0.11
+# keep it (CI's suites; 0.11.2 on an Intel Xeon with 8 workers passed too).
+PRESET_FLAG_UNTIL = (0, 12)
+
+
+def release(version: str) -> tuple[int, ...]:
+  """``"0.12.0.1"`` -> ``(0, 12, 0, 1)`` (the numeric fields of a version string)."""
+  return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:4])
+
+
+def fast_compile_flags(known: set[str], jax_version: str) -> list[str]:
+  """The flags of FAST_CPU_COMPILE_FLAGS this XLA knows (``known``) and this jax keeps."""
+  keep = [f for f in FAST_CPU_COMPILE_FLAGS if f.split("=")[0] in known]
+  if release(jax_version) >= PRESET_FLAG_UNTIL:
+    keep = [f for f in keep if not f.startswith("--xla_cpu_opt_preset=")]
+  return keep
 
 
 def known_xla_flags() -> set[str]:
@@ -45,8 +67,7 @@ def default_xla_flags() -> str:
   knows."""
   flags = ["--xla_force_host_platform_device_count=8"]
   if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] != "0":
-    known = known_xla_flags()
-    flags += [f for f in FAST_CPU_COMPILE_FLAGS if f.split("=")[0] in known]
+    flags += fast_compile_flags(known_xla_flags(), importlib.metadata.version("jax"))
   return " ".join(flags)
 
 
