@@ -332,10 +332,10 @@ class StepRunner:
     return synthetic_batch(self.cfg.train.batch_size, seq_len)
 
   def time_step(self, kind: str, seq_len: int, iters: int, packed: bool = False,
-                rollout: str | None = None) -> tuple[Timing, dict]:
+                rollout: str | None = None, loop: bool = False) -> tuple[Timing, dict]:
     """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len] (``packed``: on packed
-    rows; ``rollout``: EAVI's ``eavi.rollout``, default the config's): (Timing, last
-    metrics)."""
+    rows; ``rollout``: EAVI's ``eavi.rollout``, default the config's; ``loop``: also back to
+    back, :func:`time_loop`): (Timing, last metrics)."""
     step = {"train": steps.train_step, "eavi": steps.eavi_step}[kind]
     rollout = rollout or self.cfg.eavi.rollout
     cfg = config.replace(self.cfg, eavi={"rollout": rollout})
@@ -347,7 +347,7 @@ class StepRunner:
     compiled, compile_s = self._compiled[key]
     median_ms, min_ms, (state, metrics) = time_compiled(
         compiled, (state, batch), warmup=self.sizes.warmup, iters=iters, carry=True)
-    loop_ms = time_loop(compiled, (state, batch), iters=iters) if kind == "train" else None
+    loop_ms = time_loop(compiled, (state, batch), iters=iters) if loop else None
     name = f"{kind}_T{seq_len}" + ("_packed" if packed else "") + (
         f"_{rollout}" if kind == "eavi" else "")
     self.profile(name, compiled, (self.fresh_state(), batch), carry=True)
@@ -423,7 +423,7 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
   for T, packed in cases:
     row: dict[str, Any] = {"seq_len": T, "batch": B, "packed": packed}
     try:
-      timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed)
+      timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed, loop=True)
       profile = runner.profiles.get(f"train_T{T}" + ("_packed" if packed else ""))
     except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
       if not is_oom(err):
