@@ -133,6 +133,9 @@ def test_quick_layers_numbers(quick):
     for name in bench.LAYERS:
       assert row[name]["ms"] > 0, f"{name} at T={row['seq_len']}: {row[name]}"
       assert row[name]["ratio_to_full"] == pytest.approx(row[name]["ms"] / row["full"]["ms"])
+      assert row[name]["loop_ms"] > 0, f"{name} at T={row['seq_len']}: {row[name]}"
+      assert row[name]["loop_ratio_to_full"] == pytest.approx(
+          row[name]["loop_ms"] / row["full"]["loop_ms"])
 
 
 def test_quick_dynmoe_at_the_trained_density(quick):
@@ -152,6 +155,8 @@ def test_quick_dynmoe_at_the_trained_density(quick):
     for impl in bench.SPARSE_IMPLS:
       assert row[impl]["ms"] > 0, f"{impl}: {row[impl]}"
       assert row[impl]["ratio_to_dense"] == pytest.approx(row[impl]["ms"] / row["dense"]["ms"])
+      assert row[impl]["loop_ratio_to_dense"] == pytest.approx(
+          row[impl]["loop_ms"] / row["dense"]["loop_ms"])
     assert row["auto"] == "dense"  # on the CPU
 
 
@@ -363,3 +368,18 @@ def test_time_loop_queues_calls_on_the_carried_state():
   ms = bench.time_loop(step, (jnp.int32(0), jnp.int32(2)), iters=3, repeats=2)
   assert seen == [0, 2, 4, 6, 8, 10]  # each call on the state the last one returned
   assert math.isfinite(ms) and ms > 0
+  seen.clear()
+  ms = bench.time_loop(step, (jnp.int32(1), jnp.int32(2)), iters=3, repeats=2, carry=False)
+  assert seen == [1] * 6  # a stateless call (a layer's fwd+bwd) takes the same args each time
+  assert math.isfinite(ms) and ms > 0
+
+
+def test_layer_cells_show_both_timings_and_ratios():
+  row = {"full": {"ms": 2.0, "loop_ms": 1.0}, "nsa": {"ms": 4.0, "loop_ms": 3.0},
+         "dynmoe": {"status": "oom"}}
+  bench.add_ratios(row, ("full", "nsa", "dynmoe"), "full", "full")
+  assert row["nsa"]["ratio_to_full"] == 2.0 and row["nsa"]["loop_ratio_to_full"] == 3.0
+  assert "ratio_to_full" not in row["dynmoe"]
+  assert bench._layer_cell(row["nsa"]) == "4 (2.00x); loop 3 (3.00x)"
+  assert bench._layer_cell(row["dynmoe"]) == "oom"
+  assert bench._layer_cell({"ms": 5.0}) == "5"

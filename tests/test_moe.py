@@ -16,8 +16,9 @@ import pytest
 
 from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES, DynMoE,
                                describe, expert_rows, expert_slots, experts_dense,
-                               experts_reference, experts_sparse, init_expert_params, num_slots,
-                               pair_capacity, pair_slots, resolve_impl, sum_rows)
+                               experts_reference, experts_sparse, fallback_experts,
+                               init_expert_params, num_slots, pair_capacity, pair_slots,
+                               resolve_impl, sum_rows)
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1
@@ -872,3 +873,16 @@ def test_sparse_gradient_saves_no_dense_activations(impl):
   assert outs, "the sparse layer differentiates through its capacity cond"
   per_expert_activations = x_BTC.shape[:2] + (SPARSE_KW["num_experts"],)
   assert not [a.shape for a in outs if a.ndim == 4 and a.shape[:3] == per_expert_activations]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_fallback_experts_match_top_k_ties_to_the_lower_index(k):
+  """k = 1 takes an argmax instead of lax.top_k's sort: the same experts, ties included."""
+  s = jnp.asarray([[[0.5, 0.9, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2], [-1.0, 0.3, -0.5, 0.3]]],
+                  jnp.float32)
+  _, top = jax.lax.top_k(s, k)
+  want = np.sum(np.eye(4, dtype=np.float32)[np.asarray(top)], axis=-2)
+  got = np.asarray(fallback_experts(s, k))
+  np.testing.assert_array_equal(got, want)
+  if k == 1:
+    np.testing.assert_array_equal(got.argmax(-1), [[1, 0, 1]])  # the lower of tied indices

@@ -28,7 +28,10 @@ after each one; the median is reported):
   then one attention layer of each variant (``model.attention`` = full, nsa, dynsmlora;
   projections included) and the DynMoE layer (``model.moe_impl``, trained density),
   forward+backward (gradients of the input and every parameter) on [batch_size, T] in the
-  compute dtype, at every length of ``--lens``; each as a ratio to the ``full`` layer.
+  compute dtype, at every length of ``--lens``; each as a ratio to the ``full`` layer. Each
+  case is timed one call at a time (``ms``) and queued back to back (``loop_ms``,
+  :func:`time_loop`; ``loop_ratio_to_full``, ``loop_ratio_to_dense``), which leaves out the
+  ~0.6 ms a call costs on the host and so compares the kernels alone.
 * ``moe``: the DynMoE all-experts einsum (``moe.experts_dense``; ``dense_autodiff``: the same
   differentiated by autodiff, ``moe.experts_reference``, its baseline) against the sparse
   token-to-expert dispatches of ``onn_jax.model.moe`` (``moe.experts_sparse``: pairs laid out
@@ -171,21 +174,27 @@ def time_compiled(compiled, args: Sequence[Any], *, warmup: int, iters: int,
   return 1e3 * statistics.median(times_s), 1e3 * min(times_s), out
 
 
-def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3) -> float:
+def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
+              carry: bool = True) -> float:
   """Milliseconds per call of a train step run as a training loop runs it: ``iters`` calls
-  queued back to back, each on the state the last returned (carried, as a donated state
-  must be), one ``jax.block_until_ready`` after the last; the median of ``repeats`` such
-  loops. The host queues the next step while the device runs this one, so the time a call
-  spends on the host (dispatching an executable of thousands of kernels over a state of
-  hundreds of arrays: 11-20 ms at arc1 on an H200 host) is hidden, as in ``train.main``'s
-  loop, where :func:`time_compiled`'s one-at-a-time calls pay it every time."""
+  queued back to back, each on the state the last returned (``carry``: carried, as a donated
+  state must be; without it every call takes ``args`` as they are, e.g. a layer's
+  forward+backward), one ``jax.block_until_ready`` after the last; the median of ``repeats``
+  such loops. The host queues the next call while the device runs this one, so the time a
+  call spends on the host (dispatching an executable of thousands of kernels over a state of
+  hundreds of arrays: 11-20 ms at arc1 on an H200 host; ~0.6 ms for one layer) is hidden, as
+  in ``train.main``'s loop, where :func:`time_compiled`'s one-at-a-time calls pay it every
+  time."""
   args = tuple(args)
   loops_s = []
   for _ in range(repeats):
     start = time.perf_counter()
+    out = None
     for _ in range(iters):
-      args = (compiled(*args)[0],) + args[1:]
-    jax.block_until_ready(args[0])
+      out = compiled(*args)
+      if carry:
+        args = (out[0],) + args[1:]
+    jax.block_until_ready(out)
     loops_s.append((time.perf_counter() - start) / iters)
   return 1e3 * statistics.median(loops_s)
 
@@ -198,18 +207,36 @@ def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
   return Timing(compile_s, median_ms, min_ms, iters), out
 
 
-def measure(fn: Callable, args: Sequence[Any], sizes: Sizes) -> dict[str, Any]:
-  """``benchmark`` that turns a failure into a result: ``{"ms", "min_ms", "compile_s"}``, or
-  ``{"status": "oom"}``, or ``{"status": "error", "error": ...}`` (printed to stderr) for
-  anything else XLA or the code raised, so one unsupported case does not end the run."""
+def measure(fn: Callable, args: Sequence[Any], sizes: Sizes, loop: bool = False
+            ) -> dict[str, Any]:
+  """``benchmark`` that turns a failure into a result: ``{"ms", "min_ms", "compile_s"}`` (with
+  ``loop``, also ``loop_ms``: the same call queued back to back, :func:`time_loop` without
+  carry), or ``{"status": "oom"}``, or ``{"status": "error", "error": ...}`` (printed to
+  stderr) for anything else XLA or the code raised, so one unsupported case does not end the
+  run."""
   try:
-    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters)
+    compiled, compile_s = compile_fn(fn, args)
+    median_ms, min_ms, _ = time_compiled(compiled, args, warmup=sizes.warmup, iters=sizes.iters)
+    loop_ms = time_loop(compiled, args, iters=sizes.iters, carry=False) if loop else None
   except Exception as err:  # noqa: BLE001 - recorded in the results
     if is_oom(err):
       return {"status": "oom"}
     print(f"bench: error: {_short(err)}", file=sys.stderr)
     return {"status": "error", "error": _short(err)}
-  return {"ms": timing.median_ms, "min_ms": timing.min_ms, "compile_s": timing.compile_s}
+  result = {"ms": median_ms, "min_ms": min_ms, "compile_s": compile_s}
+  if loop:
+    result["loop_ms"] = loop_ms
+  return result
+
+
+def add_ratios(row: dict[str, Any], names: Sequence[str], base: str, suffix: str) -> None:
+  """``ratio_to_<suffix>`` (and ``loop_ratio_to_<suffix>`` where both have ``loop_ms``) of each
+  of ``names``' cases in ``row`` against ``row[base]``."""
+  for key in ("ms", "loop_ms"):
+    base_ms = row[base].get(key)
+    for name in names:
+      if base_ms and row[name].get(key):
+        row[name][f"{key[:-2]}ratio_to_{suffix}"] = row[name][key] / base_ms
 
 
 def is_oom(err: BaseException) -> bool:
@@ -815,11 +842,8 @@ def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes) 
     row: dict[str, Any] = {"seq_len": T, "batch": batch, "dtype": m.compute_dtype}
     for name in LAYERS:
       fn, args = layer_fwd_bwd(m, name, batch, T)
-      row[name] = measure(fn, args, sizes)
-    base_ms = row["full"].get("ms")
-    for name in LAYERS:
-      if base_ms and "ms" in row[name]:
-        row[name]["ratio_to_full"] = row[name]["ms"] / base_ms
+      row[name] = measure(fn, args, sizes, loop=True)
+    add_ratios(row, LAYERS, "full", "full")
     rows.append(row)
   return rows
 
@@ -860,11 +884,8 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
                                              num_tokens)
         row["max_expert_tokens"] = int(np.max(aux["tokens_per_expert"]))
         row["batched_overflow"] = row["max_expert_tokens"] > row["expert_rows"]
-      row[impl] = measure(fn, args, sizes)
-    dense_ms = row["dense"].get("ms")
-    for impl in ("dense",) + SPARSE_IMPLS:
-      if dense_ms and "ms" in row[impl]:
-        row[impl]["ratio_to_dense"] = row[impl]["ms"] / dense_ms
+      row[impl] = measure(fn, args, sizes, loop=True)
+    add_ratios(row, ("dense",) + SPARSE_IMPLS, "dense", "dense")
     rows.append(row)
   return rows
 
@@ -903,11 +924,17 @@ def _nsa_cell(case: dict) -> Any:
   return case.get("ms", case.get("status"))
 
 
-def _layer_cell(case: dict, ratio_key: str = "ratio_to_full") -> Any:
+def _layer_cell(case: dict, suffix: str = "full") -> Any:
+  """``ms (ratio)``, then ``; loop ms (ratio)`` where the case was timed back to back too."""
   if "ms" not in case:
     return case.get("status")
-  ratio = case.get(ratio_key)
-  return f"{case['ms']:.3g}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+  parts = []
+  for key in ("ms", "loop_ms"):
+    if case.get(key) is not None:
+      ratio = case.get(f"{key[:-2]}ratio_to_{suffix}")
+      parts.append(("loop " if key == "loop_ms" else "") + f"{case[key]:.3g}"
+                   + ("" if ratio is None else f" ({ratio:.2f}x)"))
+  return "; ".join(parts)
 
 
 def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str, str]:
@@ -962,7 +989,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
         + ["auto"],
         [[r["batch"], r["seq_len"], r["experts_per_token"],
           f"{r['pairs']} / {r['capacity_pairs']}" + (" (overflow)" if r["overflow"] else "")]
-         + [_layer_cell(r[i], "ratio_to_dense") for i in impls] + [r["auto"]]
+         + [_layer_cell(r[i], "dense") for i in impls] + [r["auto"]]
          for r in results["layers_dynmoe"]], markdown)
     caption = "DynMoE layer forward+backward at the trained density, ratio to dense:"
     sep = "\n\n" if markdown else "\n"
