@@ -51,7 +51,8 @@ class ModelConfig:
   num_experts: int = 8
   expert_hidden: int = 64
   moe_combine: str = "mean"  # mean | softmax (over the active experts)
-  # Expert dispatch: dense (every expert on every token, the definition) | ragged | tiled |
+  # Expert dispatch: dense (every expert on every token, the definition; reference: the same
+  # differentiated by autodiff, slower, the benchmark's baseline) | ragged | tiled |
   # batched (only the pairs in use; the gate's straight-through gradient from inactive experts
   # is not computed: DynMoE.impl) | auto (moe.AUTO_GPU_IMPL on GPU, dense elsewhere).
   moe_impl: str = "auto"
@@ -357,7 +358,8 @@ def validate(cfg: Config) -> Config:
   _one_of("model.cmp_rope", m.cmp_rope, ("none", "both", "query"))
   _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
-  _one_of("model.moe_impl", m.moe_impl, ("auto", "dense", "ragged", "tiled", "batched"))
+  _one_of("model.moe_impl", m.moe_impl, ("auto", "reference", "dense", "ragged", "tiled",
+                                        "batched"))
   _require(m.moe_capacity > 0, f"model.moe_capacity: must be positive, got {m.moe_capacity}")
   _require(m.moe_tile > 0, f"model.moe_tile: must be positive, got {m.moe_tile}")
   _one_of("model.attention", m.attention, ("nsa", "full", "dynsmlora"))

@@ -152,7 +152,10 @@ def test_quick_dynmoe_at_the_trained_density(quick):
     assert row["overflow"] is False  # the sparse rows timed the sparse path
     assert row["batched_overflow"] is False and row["max_expert_tokens"] <= row["expert_rows"]
     assert row["dense"]["ratio_to_dense"] == 1.0
-    for impl in bench.SPARSE_IMPLS:
+    assert row["reference"]["loop_ratio_to_reference"] == 1.0
+    for impl in bench.SPARSE_IMPLS + ("reference",):
+      assert row[impl]["loop_ratio_to_reference"] == pytest.approx(
+          row[impl]["loop_ms"] / row["reference"]["loop_ms"])
       assert row[impl]["ms"] > 0, f"{impl}: {row[impl]}"
       assert row[impl]["ratio_to_dense"] == pytest.approx(row[impl]["ms"] / row["dense"]["ms"])
       assert row[impl]["loop_ratio_to_dense"] == pytest.approx(
@@ -164,8 +167,9 @@ def test_quick_prints_tables(quick):
   _, printed = quick
   for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):
     assert f"**{title}" in printed
-  assert "DynMoE layer forward+backward at the trained density, ratio to dense:" in printed
-  assert "| batch | T | experts/token | pairs / capacity | dense ms (x dense) |" in printed
+  assert "DynMoE layer forward+backward at the trained density, ratio to dense (" in printed
+  assert ("| batch | T | experts/token | pairs / capacity | reference ms (x dense) "
+          "| dense ms (x dense) |") in printed
   assert "| T | batch | packed | step ms |" in printed
 
 

@@ -698,6 +698,23 @@ def _overflows(impl: str, aux, valid_BT, factor: float) -> bool:
   return _pairs(aux, valid_BT) > capacity
 
 
+def test_reference_impl_is_the_dense_layer_by_autodiff():
+  """impl="reference" (the benchmark's baseline) computes the dense layer, every gradient
+  included (the gate's straight-through ones too), by autodiff of the definition."""
+  x_BTC, valid_BT, params, r_BTC = _layer_setup()
+  with jax.default_matmul_precision("float32"):
+    (g_p, g_x), (y, _) = _grad_fn(DynMoE(impl="reference", **SPARSE_KW))(
+        params, x_BTC, valid_BT, r_BTC)
+    (w_p, w_x), (want, _) = _grad_fn(DynMoE(impl="dense", **SPARSE_KW))(
+        params, x_BTC, valid_BT, r_BTC)
+  N, C, F, E = 18, 8, 12, 5
+  _assert_order_close(y, want, jnp.float32, C + F + E)
+  _assert_order_close(g_x, w_x, jnp.float32, N + C + F + E)
+  for name in EXPERT_LEAVES:
+    _assert_order_close(g_p[name], w_p[name], jnp.float32, N + C + F + E, err_msg=name)
+  assert describe("reference", 1.25, "gpu") == "reference"
+
+
 @pytest.mark.parametrize("impl", SPARSE_IMPLS)
 @pytest.mark.parametrize("capacity", [0.5, 1.25, 2.0])
 def test_sparse_impl_equals_dense(impl, capacity):

@@ -22,9 +22,11 @@ after each one; the median is reported):
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
 * ``layers``: first the DynMoE layer at the trained density (thresholds such that each token
   uses ``sdl_target_active * num_experts`` experts on average, as SDL trains the gate to),
-  forward+backward, ``model.moe_impl=dense`` against each sparse impl at each (batch, T) of
-  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192), as ratios to dense (``layers_dynmoe`` in
-  the JSON, with the measured experts per token and the pairs against the sparse capacity);
+  forward+backward, ``model.moe_impl=dense`` against each sparse impl and ``reference`` (the
+  all-experts einsum differentiated by autodiff) at each (batch, T) of
+  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192), as ratios to dense and to reference
+  (``layers_dynmoe`` in the JSON, with the measured experts per token and the pairs against the
+  sparse capacity);
   then one attention layer of each variant (``model.attention`` = full, nsa, dynsmlora;
   projections included) and the DynMoE layer (``model.moe_impl``, trained density),
   forward+backward (gradients of the input and every parameter) on [batch_size, T] in the
@@ -92,6 +94,9 @@ SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
 SPARSE_IMPLS = ("ragged", "tiled", "batched")  # model.moe_impl values that dispatch sparsely
 DENSE_VARIANTS = ("dense", "dense_autodiff")  # moe section: experts_dense and its baseline
+# layers section, DynMoE at the trained density: the all-experts einsum by autodiff (the
+# baseline of issue #17's goal), the same with the hand-written backward pass, the sparse ones.
+DYNMOE_IMPLS = ("reference", "dense") + SPARSE_IMPLS
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
@@ -865,7 +870,7 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
                            "num_experts": m.num_experts, "target_active": m.sdl_target_active,
                            "capacity_factor": m.moe_capacity, "tile": m.moe_tile,
                            "auto": moe.resolve_impl("auto")}
-    for impl in ("dense",) + SPARSE_IMPLS:
+    for impl in DYNMOE_IMPLS:
       m_impl = dataclasses.replace(m, moe_impl=impl)
       fn, args = layer_fwd_bwd(m_impl, "dynmoe", batch, T)
       if impl == "dense":
@@ -885,7 +890,8 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
         row["max_expert_tokens"] = int(np.max(aux["tokens_per_expert"]))
         row["batched_overflow"] = row["max_expert_tokens"] > row["expert_rows"]
       row[impl] = measure(fn, args, sizes, loop=True)
-    add_ratios(row, ("dense",) + SPARSE_IMPLS, "dense", "dense")
+    add_ratios(row, DYNMOE_IMPLS, "dense", "dense")
+    add_ratios(row, DYNMOE_IMPLS, "reference", "reference")
     rows.append(row)
   return rows
 
@@ -983,7 +989,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
         [[r["seq_len"], r["batch"]] + [_layer_cell(r[n]) for n in LAYERS]
          for r in results["layers"]], markdown)
   if results.get("layers_dynmoe"):
-    impls = ("dense",) + SPARSE_IMPLS
+    impls = DYNMOE_IMPLS
     text = table(
         ["batch", "T", "experts/token", "pairs / capacity"] + [f"{i} ms (x dense)" for i in impls]
         + ["auto"],
@@ -991,7 +997,9 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
           f"{r['pairs']} / {r['capacity_pairs']}" + (" (overflow)" if r["overflow"] else "")]
          + [_layer_cell(r[i], "dense") for i in impls] + [r["auto"]]
          for r in results["layers_dynmoe"]], markdown)
-    caption = "DynMoE layer forward+backward at the trained density, ratio to dense:"
+    caption = ("DynMoE layer forward+backward at the trained density, ratio to dense "
+               "(reference: the all-experts einsum by autodiff; loop_ratio_to_reference in the "
+               "JSON):")
     sep = "\n\n" if markdown else "\n"
     out["layers"] = sep.join(t for t in (out.get("layers"), caption, text) if t)
   if "moe" in results:

@@ -13,7 +13,9 @@ Guo et al. 2024 (DynMoE), in the form the Tiny-ONN seed decided:
 - SDL: diversity ``||P^ P^T - I||_F^2`` (row-normalised prototypes) and sparsity
   ``(mean_t mean_e m_st_te - target)^2`` through the straight-through mask.
 
-This definition is what ``impl="dense"`` computes, every expert on every token. The sparse
+This definition is what ``impl="dense"`` computes, every expert on every token (``"reference"``:
+the same einsums differentiated by autodiff, :func:`experts_reference`, the baseline that
+``python -m train.bench`` times the others against). The sparse
 dispatches (:func:`experts`) compute the same forward pass and the same expert-weight gradients
 from the used pairs only, but not the straight-through gradient through ``w_te`` of an expert
 that token t does not use (its output is not computed), so they train the gate differently.
@@ -37,7 +39,7 @@ Array = jax.Array
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
-IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "batched", "auto")
+IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "auto")
 # What impl="auto" runs on a GPU (dense elsewhere). H200, jax 0.11.2, 2026-12-01, one arc1 layer
 # fwd+bwd at 32 x 2048 (`python -m train.bench --only layers`): at the trained density (4.0 of
 # 16 experts per token) tiled 4.13 ms and batched 3.43 ms against dense 5.82 (ragged 26.2); with
@@ -50,7 +52,9 @@ IMPLS: tuple[str, ...] = ("dense", "ragged", "tiled", "batched", "auto")
 # jax.vmap (test-time training) runs both branches. 2026-12-03, same command, with the sparse
 # paths on the dense mixture's backward pass: dense 4.16 ms, batched 2.77, tiled 3.49; with the
 # benchmark's layer output kept live (it had let XLA drop the combine): dense 4.31-4.44 ms,
-# batched 3.09-3.10 (0.70-0.72x), tiled 3.77-3.89.
+# batched 3.09-3.10 (0.70-0.72x), tiled 3.77-3.89. 2026-12-04, queued back to back (without the
+# per-call host time): dense 3.91 ms, batched 2.53 (0.65x), tiled 3.41; the all-experts einsum
+# by autodiff (impl="reference") 5.71-6.02 against batched 2.44-2.50 (README Benchmarks).
 AUTO_GPU_IMPL: str = "dense"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
 # tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
@@ -630,7 +634,8 @@ def describe(impl: str, capacity: float, backend: str | None = None) -> str:
   1.25x the SDL target``."""
   resolved = resolve_impl(impl, backend)
   text = resolved if impl == resolved else f"{impl}: {resolved}"
-  return text if resolved == "dense" else f"{text}, capacity {capacity:g}x the SDL target"
+  return (text if resolved in ("dense", "reference")
+          else f"{text}, capacity {capacity:g}x the SDL target")
 
 
 def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str, Array],
@@ -640,7 +645,8 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   """The expert mixture by ``impl`` (``auto``: :func:`resolve_impl`). Returns y_BTC in
   ``dtype``.
 
-  ``dense``: :func:`experts_dense`, every expert on every token. ``ragged`` / ``tiled``:
+  ``dense``: :func:`experts_dense`, every expert on every token (``reference``: the same by
+  autodiff of the definition, :func:`experts_reference`). ``ragged`` / ``tiled``:
   :func:`experts_sparse` over the ``used_BTE`` pairs of the valid tokens (``valid_BT``; a padding
   token then uses no expert and its output is 0, which no real token reads: attention is causal
   and padding follows every real token), at most ``capacity`` pairs (default: all ``B*T*E``).
@@ -652,8 +658,9 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   tokens, e.g. a decoding step, or a capacity of every pair), dense is computed outright.
   """
   impl = resolve_impl(impl)
-  if impl == "dense":
-    return experts_dense(x_BTC, weights_BTE, params, dtype)
+  if impl in ("dense", "reference"):
+    return (experts_dense if impl == "dense" else experts_reference)(x_BTC, weights_BTE, params,
+                                                                     dtype)
   B, T, C = x_BTC.shape
   E = weights_BTE.shape[-1]
   N = B * T
