@@ -855,8 +855,10 @@ def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes) 
 
 def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], sizes: Sizes
                          ) -> list[dict]:
-  """The DynMoE layer at the trained density (:func:`layer_fwd_bwd`), forward+backward, dense
-  against each sparse impl, per (batch, T) of ``shapes``: each time and its ratio to dense.
+  """The DynMoE layer at the trained density (:func:`layer_fwd_bwd`), forward+backward, each
+  impl of :data:`DYNMOE_IMPLS` (the all-experts einsum by autodiff, dense, the sparse ones), per
+  (batch, T) of ``shapes``: each time, one at a time and back to back, and its ratios to dense
+  and to reference.
 
   A row also reports the routing measured on the benchmark input (``experts_per_token``,
   ``fallback_frac``), the pairs in use against the sparse capacity and ``overflow`` (more pairs
