@@ -205,11 +205,17 @@ def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
 
 
 def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
-              donate: tuple[int, ...] = (), carry: bool = False) -> tuple[Timing, Any]:
-  """Compiles, warms up and times ``fn(*args)``. Returns (Timing, last output)."""
+              donate: tuple[int, ...] = (), carry: bool = False, loop: bool = False
+              ) -> tuple[Timing, Any]:
+  """Compiles, warms up and times ``fn(*args)`` (``loop``: also back to back, the Timing's
+  ``loop_ms``, :func:`time_loop`). Returns (Timing, last output of the one-at-a-time calls)."""
   compiled, compile_s = compile_fn(fn, args, donate)
   median_ms, min_ms, out = time_compiled(compiled, args, warmup=warmup, iters=iters, carry=carry)
-  return Timing(compile_s, median_ms, min_ms, iters), out
+  loop_ms = None
+  if loop:
+    loop_args = (out[0],) + tuple(args[1:]) if carry else args
+    loop_ms = time_loop(compiled, loop_args, iters=iters, carry=carry)
+  return Timing(compile_s, median_ms, min_ms, iters, loop_ms), out
 
 
 def measure(fn: Callable, args: Sequence[Any], sizes: Sizes, loop: bool = False
@@ -220,17 +226,15 @@ def measure(fn: Callable, args: Sequence[Any], sizes: Sizes, loop: bool = False
   stderr) for anything else XLA or the code raised, so one unsupported case does not end the
   run."""
   try:
-    compiled, compile_s = compile_fn(fn, args)
-    median_ms, min_ms, _ = time_compiled(compiled, args, warmup=sizes.warmup, iters=sizes.iters)
-    loop_ms = time_loop(compiled, args, iters=sizes.iters, carry=False) if loop else None
+    timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters, loop=loop)
   except Exception as err:  # noqa: BLE001 - recorded in the results
     if is_oom(err):
       return {"status": "oom"}
     print(f"bench: error: {_short(err)}", file=sys.stderr)
     return {"status": "error", "error": _short(err)}
-  result = {"ms": median_ms, "min_ms": min_ms, "compile_s": compile_s}
+  result = {"ms": timing.median_ms, "min_ms": timing.min_ms, "compile_s": timing.compile_s}
   if loop:
-    result["loop_ms"] = loop_ms
+    result["loop_ms"] = timing.loop_ms
   return result
 
 
