@@ -50,18 +50,29 @@ def test_preemption_signal_checkpoints_the_current_step(tmp_path):
   workdir = tmp_path / "w"
   # What a save cut short by SIGKILL leaves behind: the run removes it.
   (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-99" / "state").mkdir(parents=True)
-  proc = subprocess.Popen([sys.executable, "-m", "train.main", "--config", str(cfg_path),
-                           "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  # Output to files, not pipes: nothing reads a pipe until the end, and a child that writes
+  # more than a pipe holds (64 KiB) blocks in its write. jax 0.10.0 on an AMD CPU logs ~3 KB to
+  # stderr for every program it loads from the compilation cache (XLA:CPU's AOT loader
+  # comparing feature lists), which stalled the run before its first step until the deadline.
+  out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+  with out_path.open("w") as out_file, err_path.open("w") as err_file:
+    proc = subprocess.Popen([sys.executable, "-m", "train.main", "--config", str(cfg_path),
+                             "--workdir", str(workdir)], cwd=ROOT, stdout=out_file,
+                            stderr=err_file, text=True)
   metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None and not (
-      metrics.exists() and metrics.read_text().count("\n") >= 2):
+  reached = lambda: metrics.exists() and metrics.read_text().count("\n") >= 2  # two steps
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not reached():
     time.sleep(0.2)
-  assert proc.poll() is None, proc.stderr.read()[-2000:]
+  if not reached():  # ended, or still starting: a signal now would not test a step
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"the run did not reach step 2 (exit {proc.returncode}): "
+                f"{err_path.read_text()[-2000:]}")
   sig = signal.SIGTERM  # SIGHUP takes the same path (test_a_signal_during_a_scheduled_save...)
   proc.send_signal(sig)
-  out, err = proc.communicate(timeout=120)
+  proc.wait(timeout=120)
+  out, err = out_path.read_text(), err_path.read_text()
   assert proc.returncode == 128 + sig, err[-2000:]
   name = signal.Signals(sig).name
   line = [s for s in out.splitlines() if s.startswith("interrupted")]
