@@ -369,13 +369,58 @@ def test_time_loop_queues_calls_on_the_carried_state():
     seen.append(int(state))
     return state + batch, {"loss": state}
 
+  # Each round queues iters calls, then 2 * iters: 9 calls a round here.
   ms = bench.time_loop(step, (jnp.int32(0), jnp.int32(2)), iters=3, repeats=2)
-  assert seen == [0, 2, 4, 6, 8, 10]  # each call on the state the last one returned
+  assert seen == list(range(0, 36, 2))  # each call on the state the last one returned
   assert math.isfinite(ms) and ms > 0
   seen.clear()
   ms = bench.time_loop(step, (jnp.int32(1), jnp.int32(2)), iters=3, repeats=2, carry=False)
-  assert seen == [1] * 6  # a stateless call (a layer's fwd+bwd) takes the same args each time
+  assert seen == [1] * 18  # a stateless call (a layer's fwd+bwd) takes the same args each time
   assert math.isfinite(ms) and ms > 0
+
+
+class FakeClock:
+  """time.perf_counter for time_loop: a call costs ``call_s``; each wait at the end of a loop
+  costs the next of ``waits_s`` (what a loop pays once, whatever its length)."""
+
+  def __init__(self, call_s: float, waits_s):
+    self.now, self.call_s, self.waits_s = 0.0, call_s, list(waits_s)
+
+  def perf_counter(self) -> float:
+    return self.now
+
+  def call(self, *args):
+    self.now += self.call_s
+    return args
+
+  def wait(self, out):
+    self.now += self.waits_s.pop(0)
+    return out
+
+
+def test_time_loop_cancels_what_a_loop_pays_once(monkeypatch):
+  # 2 s a call and 20 s at each loop's end: one loop of 4 calls alone would read 7 s a call.
+  clock = FakeClock(2.0, [20.0] * 6)
+  monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
+  monkeypatch.setattr(bench.jax, "block_until_ready", clock.wait)
+  assert bench.time_loop(clock.call, (1,), iters=4, repeats=3, carry=False) == 2000.0
+  # A round whose longer loop was not the slower (the clock's noise) counts its mean.
+  clock = FakeClock(0.0, [5.0, 4.0])
+  monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
+  monkeypatch.setattr(bench.jax, "block_until_ready", clock.wait)
+  assert bench.time_loop(clock.call, (1,), iters=4, repeats=1, carry=False) == 4.0 / 8 * 1e3
+
+
+def test_an_oom_queued_back_to_back_keeps_the_one_at_a_time_timing(monkeypatch):
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+
+  monkeypatch.setattr(bench, "time_loop", out_of_memory)
+  result = bench.measure(lambda x: x * 2, (jnp.ones(4),), bench.QUICK_SIZES, loop=True)
+  assert result["ms"] > 0 and result["loop_status"] == "oom" and "loop_ms" not in result
+  row = {"full": {"ms": 2.0, "loop_ms": 1.0}, "nsa": result}
+  bench.add_ratios(row, ("full", "nsa"), "full", "full")
+  assert bench._layer_cell(row["nsa"]).endswith("x); loop oom")
 
 
 def test_layer_cells_show_both_timings_and_ratios():

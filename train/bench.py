@@ -150,7 +150,9 @@ class Timing:
   median_ms: float
   min_ms: float
   iters: int
-  loop_ms: float | None = None  # back to back, as a training loop runs (:func:`time_loop`)
+  # Back to back, as a training loop runs (:func:`time_loop`); "oom" when only that ran out of
+  # memory (the calls it queues can hold more at once than one call).
+  loop_ms: float | str | None = None
 
 
 def compile_fn(fn: Callable, args: Sequence[Any], donate: tuple[int, ...] = ()):
@@ -181,27 +183,37 @@ def time_compiled(compiled, args: Sequence[Any], *, warmup: int, iters: int,
 
 def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
               carry: bool = True) -> float:
-  """Milliseconds per call of a train step run as a training loop runs it: ``iters`` calls
-  queued back to back, each on the state the last returned (``carry``: carried, as a donated
-  state must be; without it every call takes ``args`` as they are, e.g. a layer's
-  forward+backward), one ``jax.block_until_ready`` after the last; the median of ``repeats``
-  such loops. The host queues the next call while the device runs this one, so the time a
-  call spends on the host (dispatching an executable of thousands of kernels over a state of
-  hundreds of arrays: 11-20 ms at arc1 on an H200 host; ~0.6 ms for one layer) is hidden, as
-  in ``train.main``'s loop, where :func:`time_compiled`'s one-at-a-time calls pay it every
-  time."""
+  """Milliseconds per call of a train step run as a training loop runs it: calls queued back to
+  back, each on the state the last returned (``carry``: carried, as a donated state must be;
+  without it every call takes ``args`` as they are, e.g. a layer's forward+backward), one
+  ``jax.block_until_ready`` after the last. The host queues the next call while the device runs
+  this one, so the time a call spends on the host (dispatching an executable of thousands of
+  kernels over a state of hundreds of arrays: 11-20 ms at arc1 on an H200 host; ~0.6 ms for one
+  layer) is hidden, as in ``train.main``'s loop, where :func:`time_compiled`'s one-at-a-time
+  calls pay it every time.
+
+  Each of ``repeats`` rounds queues ``iters`` calls, then ``2 * iters``: their difference over
+  ``iters`` is the time a call adds to a loop, without the costs a loop pays once (the first
+  call's dispatch, which no device work overlaps, and the final wait; they added ~0.6 ms /
+  ``iters`` to a layer's time). The median of the rounds. A round whose difference is not
+  positive (a call too short for the clock's noise) counts the longer loop's mean instead."""
   args = tuple(args)
-  loops_s = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for _ in range(iters):
+
+  def loop_s(n: int) -> float:
+    nonlocal args
+    start, out = time.perf_counter(), None
+    for _ in range(n):
       out = compiled(*args)
       if carry:
         args = (out[0],) + args[1:]
     jax.block_until_ready(out)
-    loops_s.append((time.perf_counter() - start) / iters)
-  return 1e3 * statistics.median(loops_s)
+    return time.perf_counter() - start
+
+  per_call_s = []
+  for _ in range(repeats):
+    short, long = loop_s(iters), loop_s(2 * iters)
+    per_call_s.append((long - short) / iters if long > short else long / (2 * iters))
+  return 1e3 * statistics.median(per_call_s)
 
 
 def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
@@ -214,7 +226,12 @@ def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
   loop_ms = None
   if loop:
     loop_args = (out[0],) + tuple(args[1:]) if carry else args
-    loop_ms = time_loop(compiled, loop_args, iters=iters, carry=carry)
+    try:
+      loop_ms = time_loop(compiled, loop_args, iters=iters, carry=carry)
+    except Exception as err:  # noqa: BLE001 - queued calls can hold more memory than one
+      if not is_oom(err):
+        raise
+      loop_ms = "oom"
   return Timing(compile_s, median_ms, min_ms, iters, loop_ms), out
 
 
@@ -222,9 +239,9 @@ def measure(fn: Callable, args: Sequence[Any], sizes: Sizes, loop: bool = False
             ) -> dict[str, Any]:
   """``benchmark`` that turns a failure into a result: ``{"ms", "min_ms", "compile_s"}`` (with
   ``loop``, also ``loop_ms``: the same call queued back to back, :func:`time_loop` without
-  carry), or ``{"status": "oom"}``, or ``{"status": "error", "error": ...}`` (printed to
-  stderr) for anything else XLA or the code raised, so one unsupported case does not end the
-  run."""
+  carry; or ``loop_status: "oom"`` where only that ran out of memory), or ``{"status": "oom"}``,
+  or ``{"status": "error", "error": ...}`` (printed to stderr) for anything else XLA or the code
+  raised, so one unsupported case does not end the run."""
   try:
     timing, _ = benchmark(fn, args, warmup=sizes.warmup, iters=sizes.iters, loop=loop)
   except Exception as err:  # noqa: BLE001 - recorded in the results
@@ -233,7 +250,9 @@ def measure(fn: Callable, args: Sequence[Any], sizes: Sizes, loop: bool = False
     print(f"bench: error: {_short(err)}", file=sys.stderr)
     return {"status": "error", "error": _short(err)}
   result = {"ms": timing.median_ms, "min_ms": timing.min_ms, "compile_s": timing.compile_s}
-  if loop:
+  if timing.loop_ms == "oom":
+    result["loop_status"] = "oom"
+  elif loop:
     result["loop_ms"] = timing.loop_ms
   return result
 
@@ -946,6 +965,8 @@ def _layer_cell(case: dict, suffix: str = "full") -> Any:
       ratio = case.get(f"{key[:-2]}ratio_to_{suffix}")
       parts.append(("loop " if key == "loop_ms" else "") + f"{case[key]:.3g}"
                    + ("" if ratio is None else f" ({ratio:.2f}x)"))
+  if case.get("loop_status"):
+    parts.append(f"loop {case['loop_status']}")
   return "; ".join(parts)
 
 
