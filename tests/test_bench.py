@@ -142,15 +142,26 @@ def test_quick_dynmoe_at_the_trained_density(quick):
   results, _ = quick
   m = results["config"]["model"]
   rows = results["layers_dynmoe"]
-  assert [(r["batch"], r["seq_len"]) for r in rows] == list(bench.QUICK_SIZES.moe_layer_shapes)
+  shapes = list(bench.QUICK_SIZES.moe_layer_shapes)
+  assert [(r["batch"], r["seq_len"], r["routing"]) for r in rows] == (
+      [(*shape, "even") for shape in shapes] + [(*shapes[0], "trained")])
+  loads = bench.trained_loads(m["num_experts"], m["sdl_target_active"])
   for row in rows:
     target = m["sdl_target_active"] * m["num_experts"]
-    # Thresholds put target experts on each token on average; a fallback token adds its own.
-    assert target <= row["experts_per_token"] <= target + row["fallback_frac"] * m["fallback_k"]
+    tokens = row["batch"] * row["seq_len"]
+    # Thresholds put target experts on each token on average (each expert's share to a token
+    # of the quantile); a fallback token adds its own.
+    slack = m["num_experts"] / tokens
+    assert target - slack <= row["experts_per_token"] <= (
+        target + row["fallback_frac"] * m["fallback_k"] + slack)
     assert row["pairs"] == pytest.approx(row["experts_per_token"] * row["batch"]
                                          * row["seq_len"], abs=0.5)
-    assert row["overflow"] is False  # the sparse rows timed the sparse path
-    assert row["batched_overflow"] is False and row["max_expert_tokens"] <= row["expert_rows"]
+    assert row["overflow"] is False  # the ragged and tiled rows timed the sparse path
+    assert row["batched_overflow"] == (row["max_expert_tokens"] > row["expert_rows"])
+    busiest = max(loads) if row["routing"] == "trained" else m["sdl_target_active"]
+    # The busiest expert: its share, plus the fallback's tokens it may take.
+    assert busiest - 1 / tokens <= row["max_expert_share"] <= (
+        busiest + row["fallback_frac"] + 1 / tokens)
     assert row["dense"]["ratio_to_dense"] == 1.0
     assert row["reference"]["loop_ratio_to_reference"] == 1.0
     for impl in bench.SPARSE_IMPLS + ("reference",):
@@ -161,6 +172,9 @@ def test_quick_dynmoe_at_the_trained_density(quick):
       assert row[impl]["loop_ratio_to_dense"] == pytest.approx(
           row[impl]["loop_ms"] / row["dense"]["loop_ms"])
     assert row["auto"] == "dense"  # on the CPU
+  even, trained = rows[0], rows[-1]
+  assert even["batched_overflow"] is False  # the even share fits the batched rows
+  assert trained["batched_overflow"] is True  # a trained layer's busiest expert does not
 
 
 def test_quick_prints_tables(quick):
@@ -168,8 +182,8 @@ def test_quick_prints_tables(quick):
   for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):
     assert f"**{title}" in printed
   assert "DynMoE layer forward+backward at the trained density, ratio to dense (" in printed
-  assert ("| batch | T | experts/token | pairs / capacity | reference ms (x dense) "
-          "| dense ms (x dense) |") in printed
+  assert ("| batch | T | routing | experts/token | busiest expert | pairs / capacity "
+          "| reference ms (x dense) | dense ms (x dense) |") in printed
   assert "| T | batch | packed | step ms |" in printed
 
 
@@ -260,6 +274,24 @@ def test_density_thresholds_give_the_target_experts_per_token():
   active_NE = np.asarray(cosine_similarity(x_BTC, protos_EC) > theta_E).reshape(-1, E)
   np.testing.assert_allclose(active_NE.mean(0), target, atol=1 / active_NE.shape[0])
   assert active_NE.sum(1).mean() == pytest.approx(target * E, abs=E / active_NE.shape[0])
+
+
+def test_density_thresholds_give_each_expert_its_share():
+  """The "trained" routing: each expert active for its own share of the tokens."""
+  E = 16
+  loads_E = bench.trained_loads(E, 0.25)
+  np.testing.assert_allclose(loads_E, np.asarray(bench.TRAINED_EXPERT_LOADS) * 4 / 3.934,
+                             rtol=1e-12)  # 16 experts: the measured shares, scaled to 4
+  x_BTC = jax.random.normal(jax.random.PRNGKey(0), (4, 256, 32))
+  protos_EC = jax.random.normal(jax.random.PRNGKey(1), (E, 32))
+  theta_E = bench.density_thresholds(x_BTC, protos_EC, loads_E)
+  active_NE = np.asarray(cosine_similarity(x_BTC, protos_EC) > theta_E).reshape(-1, E)
+  np.testing.assert_allclose(active_NE.mean(0), loads_E, atol=1 / active_NE.shape[0])
+  assert active_NE[:, -1].sum() == 0  # a share of 0: no token
+  # Fewer experts: the sorted curve sampled, scaled to the target, each share at most 1.
+  loads_4 = bench.trained_loads(4, 0.25)
+  assert loads_4.sum() == pytest.approx(1.0) and list(loads_4) == sorted(loads_4, reverse=True)
+  assert bench.trained_loads(2, 0.9).max() == 1.0
 
 
 @pytest.mark.parametrize("variant", bench.SPARSE_IMPLS)

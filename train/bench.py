@@ -24,9 +24,11 @@ after each one; the median is reported):
   uses ``sdl_target_active * num_experts`` experts on average, as SDL trains the gate to),
   forward+backward, ``model.moe_impl=dense`` against each sparse impl and ``reference`` (the
   all-experts einsum differentiated by autodiff) at each (batch, T) of
-  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192), as ratios to dense and to reference
-  (``layers_dynmoe`` in the JSON, with the measured experts per token and the pairs against the
-  sparse capacity);
+  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192) with every expert used by the same share
+  of the tokens (routing "even"), and at the first of them with the experts' shares of a trained
+  layer (routing "trained", :data:`TRAINED_EXPERT_LOADS`: one expert on 85% of the tokens), as
+  ratios to dense and to reference (``layers_dynmoe`` in the JSON, with the measured experts per
+  token and the pairs against the sparse capacity);
   then one attention layer of each variant (``model.attention`` = full, nsa, dynsmlora;
   projections included) and the DynMoE layer (``model.moe_impl``, trained density),
   forward+backward (gradients of the input and every parameter) on [batch_size, T] in the
@@ -97,6 +99,16 @@ DENSE_VARIANTS = ("dense", "dense_autodiff")  # moe section: experts_dense and i
 # layers section, DynMoE at the trained density: the all-experts einsum by autodiff (the
 # baseline of issue #17's goal), the same with the hand-written backward pass, the sparse ones.
 DYNMOE_IMPLS = ("reference", "dense") + SPARSE_IMPLS
+# The share of the tokens that uses each expert in a trained DynMoE layer, sorted: the last layer
+# of a `configs/arc1.yaml` run at step 7000 (tokens_per_expert / 65536 tokens a batch in
+# docs/bench/arc1_shipped_recipe_scored_metrics_h200_2026-12-02.jsonl). 3.93 experts a token,
+# as SDL's target of 4; but one expert on 85% of the tokens and six over the even share (25%),
+# while ten are nearly idle. The other layers of that step were alike (busiest 49-85%). The
+# layers section's "trained" routing (:func:`trained_loads`): a sparse dispatch has to fit it.
+TRAINED_EXPERT_LOADS: tuple[float, ...] = (0.846, 0.751, 0.631, 0.577, 0.496, 0.429, 0.083,
+                                           0.028, 0.027, 0.023, 0.016, 0.014, 0.007, 0.005,
+                                           0.001, 0.0)
+ROUTINGS = ("even", "trained")  # the DynMoE layer rows' routings (bench_dynmoe_density)
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
@@ -822,18 +834,30 @@ def moe_crossovers(rows: list[dict]) -> dict[str, dict[str, dict[str, int | None
 # Section: layers (attention variants and DynMoE, one layer each)
 # ----------------------------------------------------------------------------------------------
 
-def density_thresholds(x_BTC: jax.Array, prototypes_EC: jax.Array, target_active: float
-                       ) -> jax.Array:
-  """Thresholds [E] under which each expert is active for a ``target_active`` fraction of the
-  tokens of ``x_BTC``: the (1 - target) quantile of its cosine similarities. Each token then
-  uses ``target_active * E`` experts on average (plus the fallback's for a token with none),
-  the density that SDL trains the gate to."""
-  s_NE = cosine_similarity(x_BTC, prototypes_EC).reshape(-1, prototypes_EC.shape[0])
-  return jnp.quantile(s_NE, 1.0 - target_active, axis=0)
+def density_thresholds(x_BTC: jax.Array, prototypes_EC: jax.Array, active: Any) -> jax.Array:
+  """Thresholds [E] under which expert e is active for an ``active`` fraction of the tokens of
+  ``x_BTC`` (a number for every expert, or one per expert, [E]): the (1 - active_e) quantile
+  of its cosine similarities. With ``model.sdl_target_active`` for all, each token uses
+  ``target * E`` experts on average (plus the fallback's for a token with none), the density
+  that SDL trains the gate to."""
+  E = prototypes_EC.shape[0]
+  s_NE = cosine_similarity(x_BTC, prototypes_EC).reshape(-1, E)
+  q_E = 1.0 - jnp.broadcast_to(jnp.asarray(active, s_NE.dtype), (E,))
+  return jax.vmap(jnp.quantile, in_axes=(1, 0))(s_NE, q_E)
 
 
-def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
-                  ) -> tuple[Callable, tuple[Any, jax.Array]]:
+def trained_loads(num_experts: int, target_active: float) -> np.ndarray:
+  """:data:`TRAINED_EXPERT_LOADS` for ``num_experts`` experts (the sorted curve sampled at the
+  experts' midpoints) scaled to ``target_active * num_experts`` experts a token, each share at
+  most 1."""
+  src = np.asarray(TRAINED_EXPERT_LOADS, np.float64)
+  at = (np.arange(num_experts) + 0.5) / num_experts
+  loads = np.interp(at, (np.arange(len(src)) + 0.5) / len(src), src)
+  return np.minimum(loads * (target_active * num_experts / loads.sum()), 1.0)
+
+
+def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int,
+                  routing: str = "even") -> tuple[Callable, tuple[Any, jax.Array]]:
   """``(fn, (params, x_BTC))``: ``fn`` runs one ``name`` layer (an attention variant or
   ``"dynmoe"``) forward and returns ``sum(out)`` and its gradients w.r.t. params and x. The
   value keeps the whole forward pass live, as the next layer does in a model: with the
@@ -841,8 +865,11 @@ def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
   experts' combine), whose result the gradient of a sum does not read.
 
   The DynMoE layer (``model.moe_impl``) routes at the trained density: its thresholds come from
-  :func:`density_thresholds` on x and ``model.sdl_target_active``.
+  :func:`density_thresholds` on x and ``model.sdl_target_active`` for every expert (``routing``
+  "even") or the experts' shares of :func:`trained_loads` ("trained").
   """
+  if routing not in ROUTINGS:
+    raise ValueError(f"layer_fwd_bwd: routing={routing!r}: expected one of {ROUTINGS}")
   dt = dtype_of(m.compute_dtype)
   if name == "dynmoe":
     layer = moe_layer(m)
@@ -853,8 +880,9 @@ def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int
   init_len = min(seq_len, m.block_len + m.select_len)
   params = jax.jit(layer.init)(jax.random.PRNGKey(1), x_BTC[:, :init_len])["params"]
   if name == "dynmoe":
-    theta_E = jax.jit(density_thresholds, static_argnums=2)(x_BTC, params["prototypes"],
-                                                            m.sdl_target_active)
+    active = (m.sdl_target_active if routing == "even"
+              else trained_loads(m.num_experts, m.sdl_target_active))
+    theta_E = jax.jit(density_thresholds)(x_BTC, params["prototypes"], active)
     params = dict(params, thresholds=theta_E.astype(params["thresholds"].dtype))
 
   def loss(p, x):
@@ -880,24 +908,28 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
                          ) -> list[dict]:
   """The DynMoE layer at the trained density (:func:`layer_fwd_bwd`), forward+backward, each
   impl of :data:`DYNMOE_IMPLS` (the all-experts einsum by autodiff, dense, the sparse ones), per
-  (batch, T) of ``shapes``: each time, one at a time and back to back, and its ratios to dense
-  and to reference.
+  (batch, T) of ``shapes`` with even routing, then at the first shape with a trained layer's
+  (``routing``: "even", "trained"): each time, one at a time and back to back, and its ratios
+  to dense and to reference.
 
   A row also reports the routing measured on the benchmark input (``experts_per_token``,
-  ``fallback_frac``), the pairs in use against the sparse capacity and ``overflow`` (more pairs
-  than the capacity: the ragged and tiled rows then timed the dense fallback), the busiest
-  expert's tokens against the batched dispatch's rows per expert (``batched_overflow``), and
-  what ``auto`` runs.
+  ``fallback_frac``, ``max_expert_share``: the busiest expert's share of the tokens), the pairs
+  in use against the sparse capacity and ``overflow`` (more pairs than the capacity: the ragged
+  and tiled rows then timed the dense fallback), the busiest expert's tokens against the
+  batched dispatch's rows per expert (``batched_overflow``: the batched row then timed the
+  dense fallback), and what ``auto`` runs.
   """
   rows = []
-  for batch, T in shapes:
-    row: dict[str, Any] = {"batch": batch, "seq_len": T, "dtype": m.compute_dtype,
-                           "num_experts": m.num_experts, "target_active": m.sdl_target_active,
+  cases = [(batch, T, "even") for batch, T in shapes] + [(*shapes[0], "trained")]
+  for batch, T, routing in cases:
+    row: dict[str, Any] = {"batch": batch, "seq_len": T, "routing": routing,
+                           "dtype": m.compute_dtype, "num_experts": m.num_experts,
+                           "target_active": m.sdl_target_active,
                            "capacity_factor": m.moe_capacity, "tile": m.moe_tile,
                            "auto": moe.resolve_impl("auto")}
     for impl in DYNMOE_IMPLS:
       m_impl = dataclasses.replace(m, moe_impl=impl)
-      fn, args = layer_fwd_bwd(m_impl, "dynmoe", batch, T)
+      fn, args = layer_fwd_bwd(m_impl, "dynmoe", batch, T, routing)
       if impl == "dense":
         params, x_BTC = args
         _, aux = jax.jit(moe_layer(m_impl).apply)({"params": params}, x_BTC)
@@ -913,6 +945,7 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
         row["expert_rows"] = moe.expert_rows(row["capacity_pairs"], m.num_experts, m.moe_tile,
                                              num_tokens)
         row["max_expert_tokens"] = int(np.max(aux["tokens_per_expert"]))
+        row["max_expert_share"] = row["max_expert_tokens"] / num_tokens
         row["batched_overflow"] = row["max_expert_tokens"] > row["expert_rows"]
       row[impl] = measure(fn, args, sizes, loop=True)
     add_ratios(row, DYNMOE_IMPLS, "dense", "dense")
@@ -1018,15 +1051,18 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
   if results.get("layers_dynmoe"):
     impls = DYNMOE_IMPLS
     text = table(
-        ["batch", "T", "experts/token", "pairs / capacity"] + [f"{i} ms (x dense)" for i in impls]
-        + ["auto"],
-        [[r["batch"], r["seq_len"], r["experts_per_token"],
+        ["batch", "T", "routing", "experts/token", "busiest expert", "pairs / capacity"]
+        + [f"{i} ms (x dense)" for i in impls] + ["auto"],
+        [[r["batch"], r["seq_len"], r["routing"], r["experts_per_token"],
+          f"{r['max_expert_share']:.0%}" + (" (batched overflow)" if r["batched_overflow"]
+                                             else ""),
           f"{r['pairs']} / {r['capacity_pairs']}" + (" (overflow)" if r["overflow"] else "")]
          + [_layer_cell(r[i], "dense") for i in impls] + [r["auto"]]
          for r in results["layers_dynmoe"]], markdown)
     caption = ("DynMoE layer forward+backward at the trained density, ratio to dense "
                "(reference: the all-experts einsum by autodiff; loop_ratio_to_reference in the "
-               "JSON):")
+               "JSON; routing even: every expert on the same share of the tokens, trained: "
+               "a trained layer's shares; an overflow row timed the dense fallback):")
     sep = "\n\n" if markdown else "\n"
     out["layers"] = sep.join(t for t in (out.get("layers"), caption, text) if t)
   if "moe" in results:
