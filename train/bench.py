@@ -103,7 +103,7 @@ DYNMOE_IMPLS = ("reference", "dense") + SPARSE_IMPLS
 # of a `configs/arc1.yaml` run at step 7000 (tokens_per_expert / 65536 tokens a batch in
 # docs/bench/arc1_shipped_recipe_scored_metrics_h200_2026-12-02.jsonl). 3.93 experts a token,
 # as SDL's target of 4; but one expert on 85% of the tokens and six over the even share (25%),
-# while ten are nearly idle. The other layers of that step were alike (busiest 49-85%). The
+# while ten are nearly idle. The other layers of steps 6900-7000 were alike (busiest 43-87%). The
 # layers section's "trained" routing (:func:`trained_loads`): a sparse dispatch has to fit it.
 TRAINED_EXPERT_LOADS: tuple[float, ...] = (0.846, 0.751, 0.631, 0.577, 0.496, 0.429, 0.083,
                                            0.028, 0.027, 0.023, 0.016, 0.014, 0.007, 0.005,
