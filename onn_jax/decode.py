@@ -235,7 +235,8 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
                      feed: str = "argmax", temperature: float = 1.0,
                      rng: jax.Array | None = None, row_offset: jax.Array | int = 0,
                      stop_after_B: jax.Array | None = None,
-                     shared_prompt: bool = True) -> Generation:
+                     shared_prompt: bool = True,
+                     first_logits_BAV: jax.Array | None = None) -> Generation:
   """:func:`generate`'s rollout (no grid grammar) by fixed-point iteration over all its tokens
   at once, instead of one token after another.
 
@@ -260,6 +261,11 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   rebuilds every compressed block of the row in every pass. Tokens past the capacity are
   computed at their own positions with ``shared_prompt``, from the last position's logits
   without (``generate`` clamps them; such a row is never exact).
+
+  ``first_logits_BAV``: the first pass's logits (for token k after the prompt and ``guess_BA``'s
+  first k tokens), when the caller has computed them, e.g. a teacher-forced forward pass over
+  the ground truth (EAVI's alignment): that pass is then not run again, and counts in
+  ``passes``.
   """
   B, A = guess_BA.shape
   capacity = capacity or prompt_BP.shape[1] + A
@@ -290,9 +296,9 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
                             pos_B=prompt_len_B)[0] if A > 1 else jnp.zeros((B, 0, VOCAB_SIZE))
     return jnp.concatenate([first_BV[:, None], later_BAV], axis=1)
 
-  def emit(fed_BAV):
-    """Every token after the context ``fed_BAV``: (tokens, fed back, log-probabilities)."""
-    logits_BAV = logits_after(fed_BAV)
+  def emit(logits_BAV):
+    """Every token from its logits (after a pass's context): (tokens, log-probabilities, fed
+    back)."""
     token_BA, out_BAV = jax.vmap(lambda logits_BV, key: _choose(
         logits_BV, feed, temperature, key, global_rows_B), in_axes=(1, 0), out_axes=1)(
             logits_BAV, keys)
@@ -304,16 +310,22 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
     out_BAV = jnp.where(done_BA[..., None], jax.nn.one_hot(PAD, VOCAB_SIZE), out_BAV)
     return (jnp.where(done_BA, PAD, token_BA), jnp.where(done_BA, 0.0, logp_BA), out_BAV)
 
-  def body(carry):
-    i, fed_BAV, _, _, _ = carry
-    token_BA, logp_BA, out_BAV = emit(fed_BAV)
+  def step(i, fed_BAV, logits_BAV):
+    token_BA, logp_BA, out_BAV = emit(logits_BAV)
     moved_B = jnp.any(out_BAV != fed_BAV, axis=(1, 2))
     return i + 1, out_BAV, token_BA, logp_BA, moved_B
 
+  def body(carry):
+    i, fed_BAV, _, _, _ = carry
+    return step(i, fed_BAV, logits_after(fed_BAV))
+
   guess_BAV = jax.nn.one_hot(jnp.where(k_BA < need_B[:, None], guess_BA, PAD), VOCAB_SIZE,
                              dtype=jnp.float32)
-  start = (jnp.int32(0), guess_BAV, jnp.zeros((B, A), jnp.int32), jnp.zeros((B, A)),
-           jnp.ones((B,), bool))
+  if first_logits_BAV is None:
+    start = (jnp.int32(0), guess_BAV, jnp.zeros((B, A), jnp.int32), jnp.zeros((B, A)),
+             jnp.ones((B,), bool))
+  else:  # the first pass, from the caller's logits
+    start = step(jnp.int32(0), guess_BAV, first_logits_BAV.astype(jnp.float32))
   # A row is exact once its last pass changed nothing, or after as many passes as it needs.
   unsettled = lambda ran, moved_B: moved_B & (need_B > ran)
   ran, fed_BAV, tokens_BA, logprobs_BA, moved_B = jax.lax.while_loop(

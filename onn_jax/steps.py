@@ -19,6 +19,7 @@ from onn_jax import objectives, stages
 from onn_jax.config import Config
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
+from onn_jax.model.moe import merge_aux
 from onn_jax.model.transformer import Transformer, init_params
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
@@ -250,7 +251,8 @@ def score_rollout(tokens_BA, batch: dict) -> dict:
           "correct_B": jnp.sum(hit_BA & in_answer_BA, -1)}
 
 
-def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_offset=0):
+def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_offset=0,
+              first_logits_BAV=None):
   """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
 
   Each row generates as many tokens as its ground-truth answer has (the alignment pass
@@ -260,7 +262,9 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   position and never enter the alignment pass.
   With ``eavi.rollout=parallel`` the same rollout is iterated from the ground truth, every
   token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`), each
-  pass against the prompt's cache or over whole rows (:func:`continuation`, part "passes").
+  pass against the prompt's cache or over whole rows (:func:`continuation`, part "passes"); its
+  first pass from ``first_logits_BAV`` when given (the teacher-forced logits of each answer
+  token, :func:`rows_alignment_after_rollout`).
   """
   T = batch["inputs"].shape[1]
   e, A = cfg.eavi, answer_budget(cfg, T)
@@ -270,7 +274,8 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   if e.rollout == "parallel":  # every token at once, from the ground truth on
     return jax.lax.stop_gradient(parallel_rollout(
         model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
-        passes=e.passes, shared_prompt=continuation(cfg, "passes") == "branch", **how))
+        passes=e.passes, shared_prompt=continuation(cfg, "passes") == "branch",
+        first_logits_BAV=first_logits_BAV, **how))
   return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
                                         max_new=A, **how))
 
@@ -325,6 +330,46 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
 
 
+def rows_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
+                                 model: Transformer, cfg: Config, axis_name=None,
+                                 num_devices: int = 1):
+  """The parallel rollout and :func:`alignment_loss_rows` with the teacher-forced rows run
+  first: their logits at the answer positions are the rollout's first pass (the ground truth
+  fed after the prompt), so the rollout runs one pass fewer. The two halves of the alignment
+  are then two model calls (their routing statistics merged, :func:`moe.merge_aux`), each
+  differentiated by its own ``jax.vjp``: the gradient is :func:`alignment_loss_rows`'.
+
+  Returns ``(generation, grads, (stats_exc, stats_tf, sdl_report, aux))``.
+  """
+  T = batch["inputs"].shape[1]
+  A = answer_budget(cfg, T)
+  mask_BT = answer_mask(batch)
+
+  def rows(p, inputs_BTV):
+    logits_BTV, _, aux = model.apply({"params": p}, inputs_BTV, batch["valid"])
+    return logits_BTV, aux
+
+  tf_out, tf_vjp = jax.vjp(lambda p: rows(p, jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)),
+                           params)
+  at_BA = jnp.clip(jnp.asarray(batch["answer_start"], jnp.int32)[:, None] - 1
+                   + jnp.arange(A)[None], 0, T - 1)
+  first_BAV = jnp.take_along_axis(tf_out[0], at_BA[..., None], axis=1)
+  gen = excursion(model, params, batch, cfg, rng, row_offset, first_logits_BAV=first_BAV)
+  exc_out, exc_vjp = jax.vjp(lambda p: rows(p, excursion_inputs(batch, gen.fed_BAV)), params)
+  exc_mask_BT = excursion_mask(batch, gen.tokens_BA)
+
+  def objective(exc, tf):
+    stats_exc = objectives.answer_stats(exc[0], batch["targets"], exc_mask_BT)
+    stats_tf = objectives.answer_stats(tf[0], batch["targets"], mask_BT)
+    aux = merge_aux(exc[1], tf[1], cfg.model.sdl_target_active)
+    return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
+
+  _, objective_vjp, out = jax.vjp(objective, exc_out, tf_out, has_aux=True)
+  d_exc, d_tf = objective_vjp(jnp.ones((), jnp.float32))
+  grads = jax.tree.map(jnp.add, exc_vjp(d_exc)[0], tf_vjp(d_tf)[0])
+  return gen, grads, out
+
+
 # What ``eavi.continuation=auto`` takes on GPU, by part (elsewhere: "branch" for both). H200,
 # arc1 at 32 x 2048, one run of `train.bench --only eavi --lens 2048`
 # (docs/bench/eavi_rows_passes_h200_2026-12-02.json): the alignment's fwd+bwd 125.8 ms as rows,
@@ -364,11 +409,17 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   rows = batch["inputs"].shape[0]
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
-  gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
-  align = alignment_loss if continuation(cfg, "alignment") == "branch" else alignment_loss_rows
-  grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(align, has_aux=True)(
-      state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA), model=model,
-      cfg=cfg, axis_name=axis_name, num_devices=num_devices)
+  rows = continuation(cfg, "alignment") == "rows"
+  if rows and cfg.eavi.rollout == "parallel":  # the teacher-forced rows give the first pass
+    gen, grads, (stats_exc, stats_tf, sdl_report, aux) = rows_alignment_after_rollout(
+        state.params, batch, gen_rng, row_offset, model=model, cfg=cfg, axis_name=axis_name,
+        num_devices=num_devices)
+  else:
+    gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
+    grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(
+        alignment_loss_rows if rows else alignment_loss, has_aux=True)(
+            state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA),
+            model=model, cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)
   stats_exc, stats_tf = sums(stats_exc), sums(stats_tf)
   report = _answer_report(stats_tf)

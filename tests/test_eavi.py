@@ -210,6 +210,53 @@ def test_eavi_step_with_the_parallel_rollout(setup):
                s_par.params, s_seq.params)
 
 
+@pytest.mark.parametrize("feed", ["argmax", "soft", "sample"])
+def test_rows_alignment_gives_the_rollout_its_first_pass(setup, feed):
+  """eavi.continuation=rows with the parallel rollout: the teacher-forced rows run before the
+  rollout and their logits are its first pass, so it runs one pass fewer; the rollout, the
+  gradient, the loss terms and the routing statistics are those of the rollout followed by
+  alignment_loss_rows (one call over the 2B rows)."""
+  cfg, model, state, batch = setup
+  cfg = config.replace(cfg, eavi={"feed": feed, "rollout": "parallel", "passes": 2,
+                                  "continuation": "rows"})
+  rng = jax.random.PRNGKey(7)
+
+  @jax.jit
+  def reference(params):
+    gen = steps.excursion(model, params, batch, cfg, rng)
+    grads, out = jax.grad(steps.alignment_loss_rows, has_aux=True)(
+        params, batch, gen.fed_BAV, steps.excursion_mask(batch, gen.tokens_BA), model=model,
+        cfg=cfg)
+    return gen, grads, out
+
+  calls = []
+  first_pass = steps.parallel_rollout
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs["first_logits_BAV"] is not None)
+    return first_pass(*args, **kwargs)
+
+  (gen, grads, out) = reference(state.params)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(steps, "parallel_rollout", spy)
+    gen2, grads2, out2 = jax.jit(functools.partial(
+        steps.rows_alignment_after_rollout, rng=rng, model=model, cfg=cfg))(state.params, batch)
+  assert calls == [True]
+  assert int(gen2.passes) == int(gen.passes) == 2  # the given first pass counts
+  np.testing.assert_array_equal(gen2.tokens_BA, gen.tokens_BA)
+  # float32 logits of the same rows in a call of B rows and one of 2B, and of the first pass's
+  # rows (PAD after the answer): the same terms, a few ulps of O(10) (test_attention's bound).
+  np.testing.assert_allclose(gen2.fed_BAV, gen.fed_BAV, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(gen2.logprobs_BA, gen.logprobs_BA, rtol=0, atol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads2,
+               grads)
+  (exc, tf, sdl, aux), (exc2, tf2, sdl2, aux2) = out, out2
+  for got, want in ((exc2, exc), (tf2, tf), (sdl2, sdl), (aux2, aux)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got,
+                 want)
+
+
 def test_continuation_choice(setup, monkeypatch):
   """eavi.continuation: "auto" takes the alignment as rows on GPU and everything else as a
   branch; the EAVI step runs the parts as asked (the parallel rollout's passes and the
@@ -238,7 +285,8 @@ def test_continuation_choice(setup, monkeypatch):
 
   monkeypatch.setattr(steps, "parallel_rollout", spy("passes", steps.parallel_rollout))
   monkeypatch.setattr(steps, "alignment_loss", spy("branch", steps.alignment_loss))
-  monkeypatch.setattr(steps, "alignment_loss_rows", spy("rows", steps.alignment_loss_rows))
+  monkeypatch.setattr(steps, "rows_alignment_after_rollout",
+                      spy("rows", steps.rows_alignment_after_rollout))
   # Argmax feed: both ways emit the same tokens, so the loss terms compare.
   cfg = config.replace(cfg, eavi={"feed": "argmax", "rollout": "parallel", "passes": 2})
 
@@ -250,7 +298,7 @@ def test_continuation_choice(setup, monkeypatch):
     return metrics, list(seen)
 
   (rows, seen_rows), (branch, seen_branch) = run("rows"), run("branch")
-  assert seen_rows == [("passes", False), ("rows", None)]
+  assert seen_rows == [("rows", None), ("passes", False)]  # the rows first: the first pass
   assert seen_branch == [("passes", True), ("branch", None)]
   # float32 sums of a few hundred per-token terms in another order.
   for key in ("exc_ce", "ce", "answer_acc", "exc_scored_frac", "free_token_acc"):

@@ -175,15 +175,17 @@ def test_eavi_matches_one_device(world, mode):
   assert _max_abs_diff(ref["snapshots"][end].params, ref["snapshots"][K_TF].params) > 1e-5
 
 
-def test_parallel_rollout_eavi_step_matches_one_device(world):
+@pytest.mark.parametrize("continuation", ["branch", "rows"])
+def test_parallel_rollout_eavi_step_matches_one_device(world, continuation):
   """eavi.rollout=parallel (argmax feed, passes enough for every row) under shard_map and
   pmap: each device iterates its own row until it settles (a while loop of its own length),
-  and the step is the one-device step; the passes reported are the most any device ran."""
+  and the step is the one-device step; the passes reported are the most any device ran. As
+  rows, the first pass comes from the alignment's teacher-forced rows (each device's own)."""
   batch, init, model = world["batches"][K_TF], world["init"], world["model"]
   out = {}
   for mode in MODES:
-    runner = make_runner(_cfg(mode, eavi=dict(rollout="parallel", passes=64, feed="argmax")),
-                         model)
+    runner = make_runner(_cfg(mode, eavi=dict(rollout="parallel", passes=64, feed="argmax",
+                                              continuation=continuation)), model)
     state, metrics = runner.run("eavi", runner.put_state(init), runner.put_batch(batch))
     out[mode] = (_host_tree(runner.get_state(state)), _host_tree(metrics))
   ref_state, ref = out["single"]

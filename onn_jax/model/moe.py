@@ -253,6 +253,28 @@ def route(x_BTC: Array, prototypes_EC: Array, thresholds_E: Array, valid_BT: Arr
   return weights_BTE, used_BTE, aux
 
 
+# aux entries that add up over tokens, and those that are means over the tokens.
+_AUX_SUMS = ("tokens_per_expert", "fallback_tokens", "num_tokens", "st_active_sum")
+_AUX_MEANS = ("active_frac", "experts_per_token", "fallback_frac")
+
+
+def merge_aux(a: dict[str, Array], b: dict[str, Array], target_active: float
+              ) -> dict[str, Array]:
+  """The :func:`route` statistics (of every layer, stacked or not; a gated attention's under
+  ``"attn"``) of one call over the tokens of two calls with the same parameters: the counts
+  and sums add, the per-token means are weighted by the calls' token counts, the sparsity
+  term is formed again from the sums, and the diversity (of the prototypes) is either's."""
+  n_a, n_b = a["num_tokens"], b["num_tokens"]
+  denom = jnp.maximum(n_a + n_b, 1.0)
+  out = {k: a[k] + b[k] for k in _AUX_SUMS}
+  out.update({k: (a[k] * n_a + b[k] * n_b) / denom for k in _AUX_MEANS})
+  out["sparsity"] = jnp.square(out["st_active_sum"] / denom - target_active)
+  out["diversity"] = a["diversity"]
+  if "attn" in a:
+    out["attn"] = merge_aux(a["attn"], b["attn"], target_active)
+  return out
+
+
 def experts_reference(x_BTC: Array, weights_BTE: Array, params: dict[str, Array], dtype: Any
                       ) -> Array:
   """``y_t = sum_e w_te (gelu(x_t W_in_e + b_in_e) W_out_e + b_out_e)``, every expert computed,
