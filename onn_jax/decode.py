@@ -322,10 +322,11 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   guess_BAV = jax.nn.one_hot(jnp.where(k_BA < need_B[:, None], guess_BA, PAD), VOCAB_SIZE,
                              dtype=jnp.float32)
   if first_logits_BAV is None:
-    start = (jnp.int32(0), guess_BAV, jnp.zeros((B, A), jnp.int32), jnp.zeros((B, A)),
+    start = (jnp.int32(0), guess_BAV, jnp.full((B, A), PAD, jnp.int32), jnp.zeros((B, A)),
              jnp.ones((B,), bool))
-  else:  # the first pass, from the caller's logits
-    start = step(jnp.int32(0), guess_BAV, first_logits_BAV.astype(jnp.float32))
+  else:  # the first pass, from the caller's logits (run, as a pass is, if a row needs a token)
+    ran, *rest = step(jnp.int32(0), guess_BAV, first_logits_BAV.astype(jnp.float32))
+    start = (jnp.where(jnp.any(need_B > 0), ran, 0), *rest)
   # A row is exact once its last pass changed nothing, or after as many passes as it needs.
   unsettled = lambda ran, moved_B: moved_B & (need_B > ran)
   ran, fed_BAV, tokens_BA, logprobs_BA, moved_B = jax.lax.while_loop(

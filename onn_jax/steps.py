@@ -337,7 +337,12 @@ def rows_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
   first: their logits at the answer positions are the rollout's first pass (the ground truth
   fed after the prompt), so the rollout runs one pass fewer. The two halves of the alignment
   are then two model calls (their routing statistics merged, :func:`moe.merge_aux`), each
-  differentiated by its own ``jax.vjp``: the gradient is :func:`alignment_loss_rows`'.
+  differentiated by its own ``jax.vjp``: the gradient is :func:`alignment_loss_rows`'. With a
+  sparse expert dispatch (``model.moe_impl`` ragged, tiled, batched) each call of B rows
+  decides on its own whether it overflows the capacity and computes the dense fallback (which
+  carries the gate's straight-through gradient that the sparse path leaves out), where
+  ``alignment_loss_rows`` decides once for the 2B rows: the gradients then differ when the two
+  decisions do.
 
   Returns ``(generation, grads, (stats_exc, stats_tf, sdl_report, aux))``.
   """
@@ -409,15 +414,15 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   rows = batch["inputs"].shape[0]
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
-  rows = continuation(cfg, "alignment") == "rows"
-  if rows and cfg.eavi.rollout == "parallel":  # the teacher-forced rows give the first pass
+  as_rows = continuation(cfg, "alignment") == "rows"
+  if as_rows and cfg.eavi.rollout == "parallel":  # the teacher-forced rows give the first pass
     gen, grads, (stats_exc, stats_tf, sdl_report, aux) = rows_alignment_after_rollout(
         state.params, batch, gen_rng, row_offset, model=model, cfg=cfg, axis_name=axis_name,
         num_devices=num_devices)
   else:
     gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
     grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(
-        alignment_loss_rows if rows else alignment_loss, has_aux=True)(
+        alignment_loss_rows if as_rows else alignment_loss, has_aux=True)(
             state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA),
             model=model, cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)

@@ -257,6 +257,21 @@ def test_rows_alignment_gives_the_rollout_its_first_pass(setup, feed):
                  want)
 
 
+def test_a_given_first_pass_runs_only_when_a_row_needs_a_token(setup):
+  """A batch whose rows need no token: no pass runs, given first logits or not, and every
+  token is PAD."""
+  cfg, model, state, batch = setup
+  none_B = jnp.zeros_like(batch["answer_len"])
+  A = steps.answer_budget(cfg, batch["inputs"].shape[1])
+  guess_BA = steps.answer_targets(batch, A)
+  for first in (None, jnp.zeros((none_B.shape[0], A, VOCAB_SIZE))):
+    gen = jax.jit(lambda p, first: steps.parallel_rollout(
+        model, p, batch["inputs"], batch["answer_start"], guess_BA, passes=3,
+        stop_after_B=none_B, first_logits_BAV=first))(state.params, first)
+    assert int(gen.passes) == 0 and bool(np.all(gen.exact_B))
+    assert (np.asarray(gen.tokens_BA) == PAD).all()
+
+
 def test_continuation_choice(setup, monkeypatch):
   """eavi.continuation: "auto" takes the alignment as rows on GPU and everything else as a
   branch; the EAVI step runs the parts as asked (the parallel rollout's passes and the

@@ -71,7 +71,12 @@ def test_preemption_signal_checkpoints_the_current_step(tmp_path):
                 f"{err_path.read_text()[-2000:]}")
   sig = signal.SIGTERM  # SIGHUP takes the same path (test_a_signal_during_a_scheduled_save...)
   proc.send_signal(sig)
-  proc.wait(timeout=120)
+  try:
+    proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:  # never left running (it would train 10000 steps)
+      proc.kill()
+      proc.wait()
   out, err = out_path.read_text(), err_path.read_text()
   assert proc.returncode == 128 + sig, err[-2000:]
   name = signal.Signals(sig).name

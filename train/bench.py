@@ -228,6 +228,18 @@ def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
   return 1e3 * statistics.median(per_call_s)
 
 
+def time_loop_or_oom(compiled, args: Sequence[Any], *, iters: int, carry: bool = True
+                     ) -> float | str:
+  """:func:`time_loop`, or ``"oom"`` when only the calls queued back to back ran out of memory
+  (they can hold more at once than one call)."""
+  try:
+    return time_loop(compiled, args, iters=iters, carry=carry)
+  except Exception as err:  # noqa: BLE001 - anything but an OOM is raised again
+    if not is_oom(err):
+      raise
+    return "oom"
+
+
 def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
               donate: tuple[int, ...] = (), carry: bool = False, loop: bool = False
               ) -> tuple[Timing, Any]:
@@ -238,12 +250,7 @@ def benchmark(fn: Callable, args: Sequence[Any], *, warmup: int, iters: int,
   loop_ms = None
   if loop:
     loop_args = (out[0],) + tuple(args[1:]) if carry else args
-    try:
-      loop_ms = time_loop(compiled, loop_args, iters=iters, carry=carry)
-    except Exception as err:  # noqa: BLE001 - queued calls can hold more memory than one
-      if not is_oom(err):
-        raise
-      loop_ms = "oom"
+    loop_ms = time_loop_or_oom(compiled, loop_args, iters=iters, carry=carry)
   return Timing(compile_s, median_ms, min_ms, iters, loop_ms), out
 
 
@@ -414,7 +421,7 @@ class StepRunner:
     compiled, compile_s = self._compiled[key]
     median_ms, min_ms, (state, metrics) = time_compiled(
         compiled, (state, batch), warmup=self.sizes.warmup, iters=iters, carry=True)
-    loop_ms = time_loop(compiled, (state, batch), iters=iters) if loop else None
+    loop_ms = time_loop_or_oom(compiled, (state, batch), iters=iters) if loop else None
     name = f"{kind}_T{seq_len}" + ("_packed" if packed else "") + (
         f"_{rollout}" if kind == "eavi" else "")
     self.profile(name, compiled, (self.fresh_state(), batch), carry=True)
@@ -514,10 +521,13 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
                executed_flops_util=None if peak is None else executed * tokens_per_s / peak,
                loss=float(metrics["loss"]))
     # The same step queued back to back, as train.main's loop runs it (time_loop).
-    loop_tokens_per_s = B * T / (timing.loop_ms / 1e3)
-    row.update(loop_ms=timing.loop_ms, loop_tokens_per_s=loop_tokens_per_s,
-               loop_real_tokens_per_s=None if real is None else real * loop_tokens_per_s,
-               loop_mfu=None if peak is None else flops * loop_tokens_per_s / peak)
+    if timing.loop_ms == "oom":
+      row["loop_status"] = "oom"
+    else:
+      loop_tokens_per_s = B * T / (timing.loop_ms / 1e3)
+      row.update(loop_ms=timing.loop_ms, loop_tokens_per_s=loop_tokens_per_s,
+                 loop_real_tokens_per_s=None if real is None else real * loop_tokens_per_s,
+                 loop_mfu=None if peak is None else flops * loop_tokens_per_s / peak)
     if profile is not None:
       row["profile"] = profile
     rows.append(row)
