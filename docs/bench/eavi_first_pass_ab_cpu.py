@@ -1,7 +1,15 @@
-"""A/B on CPU (python docs/bench/eavi_first_pass_ab_cpu.py): the EAVI alignment as rows with the parallel rollout,
-then alignment_loss_rows over 2B rows) and after (rows_alignment_after_rollout)."""
-import functools, statistics, time, json, sys
-import jax, jax.numpy as jnp
+"""A/B on the CPU: the EAVI alignment as rows with the parallel rollout (4 passes), before
+(the rollout, then steps.alignment_loss_rows over 2B rows) and after
+(steps.rows_alignment_after_rollout: the teacher-forced rows give the rollout its first pass).
+
+  python docs/bench/eavi_first_pass_ab_cpu.py
+"""
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
 from onn_jax import config, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model.transformer import Transformer
