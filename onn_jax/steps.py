@@ -207,12 +207,17 @@ def answer_mask(batch: dict) -> jax.Array:
   return ((k_BT >= 0) & (k_BT < batch["answer_len"][:, None])).astype(jnp.float32)
 
 
+def answer_positions(batch: dict, num_tokens: int) -> jax.Array:
+  """[B, A] int32, A = ``num_tokens``: the position that predicts answer token k
+  (``answer_start - 1 + k``), clipped to the sequence."""
+  t_BA = jnp.asarray(batch["answer_start"], jnp.int32)[:, None] - 1 + jnp.arange(num_tokens)[None]
+  return jnp.clip(t_BA, 0, batch["targets"].shape[1] - 1)
+
+
 def answer_targets(batch: dict, num_tokens: int) -> jax.Array:
   """[B, A] ground-truth answer tokens, A = ``num_tokens``: position k < ``answer_len`` holds
   answer token k (the last END); later ones are whatever follows and never compared."""
-  targets_BT = batch["targets"]
-  t_BA = batch["answer_start"][:, None] - 1 + jnp.arange(num_tokens)[None]
-  return jnp.take_along_axis(targets_BT, jnp.clip(t_BA, 0, targets_BT.shape[1] - 1), axis=1)
+  return jnp.take_along_axis(batch["targets"], answer_positions(batch, num_tokens), axis=1)
 
 
 def excursion_inputs(batch: dict, fed_BAV: jax.Array) -> jax.Array:
@@ -319,14 +324,21 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
   prompt computed twice): the reference the branch pass is tested against, and
   ``eavi.continuation=rows`` (:func:`continuation`)."""
   B = batch["inputs"].shape[0]
-  mask_BT = answer_mask(batch)
-  exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
+  exc_mask_BT = answer_mask(batch) if exc_mask_BT is None else exc_mask_BT
   inputs = jnp.concatenate([excursion_inputs(batch, fed_BAV),
                             jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)], 0)
   valid = jnp.concatenate([batch["valid"], batch["valid"]], 0)
   logits_2BTV, _, aux = model.apply({"params": params}, inputs, valid)
-  stats_exc = objectives.answer_stats(logits_2BTV[:B], batch["targets"], exc_mask_BT)
-  stats_tf = objectives.answer_stats(logits_2BTV[B:], batch["targets"], mask_BT)
+  return _rows_objective(logits_2BTV[:B], logits_2BTV[B:], aux, batch, exc_mask_BT, cfg,
+                         axis_name, num_devices)
+
+
+def _rows_objective(exc_logits_BTV, tf_logits_BTV, aux, batch: dict, exc_mask_BT, cfg: Config,
+                    axis_name, num_devices: int):
+  """:func:`_alignment_objective` of the excursion rows (scored on ``exc_mask_BT``) and the
+  teacher-forced rows (on every answer position)."""
+  stats_exc = objectives.answer_stats(exc_logits_BTV, batch["targets"], exc_mask_BT)
+  stats_tf = objectives.answer_stats(tf_logits_BTV, batch["targets"], answer_mask(batch))
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
 
 
@@ -346,9 +358,7 @@ def rows_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
 
   Returns ``(generation, grads, (stats_exc, stats_tf, sdl_report, aux))``.
   """
-  T = batch["inputs"].shape[1]
-  A = answer_budget(cfg, T)
-  mask_BT = answer_mask(batch)
+  A = answer_budget(cfg, batch["inputs"].shape[1])
 
   def rows(p, inputs_BTV):
     logits_BTV, _, aux = model.apply({"params": p}, inputs_BTV, batch["valid"])
@@ -356,18 +366,14 @@ def rows_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
 
   tf_out, tf_vjp = jax.vjp(lambda p: rows(p, jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)),
                            params)
-  at_BA = jnp.clip(jnp.asarray(batch["answer_start"], jnp.int32)[:, None] - 1
-                   + jnp.arange(A)[None], 0, T - 1)
-  first_BAV = jnp.take_along_axis(tf_out[0], at_BA[..., None], axis=1)
+  first_BAV = jnp.take_along_axis(tf_out[0], answer_positions(batch, A)[..., None], axis=1)
   gen = excursion(model, params, batch, cfg, rng, row_offset, first_logits_BAV=first_BAV)
   exc_out, exc_vjp = jax.vjp(lambda p: rows(p, excursion_inputs(batch, gen.fed_BAV)), params)
   exc_mask_BT = excursion_mask(batch, gen.tokens_BA)
 
   def objective(exc, tf):
-    stats_exc = objectives.answer_stats(exc[0], batch["targets"], exc_mask_BT)
-    stats_tf = objectives.answer_stats(tf[0], batch["targets"], mask_BT)
-    aux = merge_aux(exc[1], tf[1], cfg.model.sdl_target_active)
-    return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
+    return _rows_objective(exc[0], tf[0], merge_aux(exc[1], tf[1], cfg.model.sdl_target_active),
+                           batch, exc_mask_BT, cfg, axis_name, num_devices)
 
   _, objective_vjp, out = jax.vjp(objective, exc_out, tf_out, has_aux=True)
   d_exc, d_tf = objective_vjp(jnp.ones((), jnp.float32))
