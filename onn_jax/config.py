@@ -61,7 +61,8 @@ class ModelConfig:
   # the dense result (batched: each expert gets an even share of these pairs, and a call in
   # which one expert has more falls back). Larger: fewer fallbacks, more padded work.
   moe_capacity: float = 1.25
-  moe_tile: int = 512  # rows per tile of the sparse dispatch (each expert's pairs padded to it)
+  moe_tile: int = 2048  # rows per tile of the sparse dispatch (each expert's pairs padded to
+  # it; moe.TILE_ROWS says why this many)
   fallback_k: int = 1  # experts used by a token that activates none
   init_threshold: float = 0.0
   sdl_diversity_weight: float = 0.01
