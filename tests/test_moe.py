@@ -19,6 +19,8 @@ from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES,
                                experts_reference, experts_sparse, fallback_experts,
                                init_expert_params, num_slots, pair_capacity, pair_slots,
                                resolve_impl, sum_rows)
+from onn_jax.model import moe
+from onn_jax.config import ModelConfig
 
 EPS = 1e-6  # the layer's normalisation epsilon (added to squared norms)
 TAU = 0.1
@@ -642,6 +644,21 @@ def test_pair_capacity_rounds_up_to_a_tile_and_stops_at_every_pair():
   assert pair_capacity(10, 4, 0.25, 1.25, 4) == 16  # 12.5 -> 13 -> 16
   assert pair_capacity(10, 4, 0.5, 3.0, 4) == 40  # 60 > every pair
   assert pair_capacity(10, 4, 1.0, 1.0, 16) == 40
+
+
+def test_the_tuned_dispatch_defaults_are_the_config_defaults_and_stay_sparse_at_arc1_sizes():
+  """moe.TILE_ROWS and moe.CAPACITY carry the measurements that chose them; the config and the
+  bare module must use the same numbers. At them, a layer call of arc1's 32 x 2048 tokens (16
+  experts, SDL target 4) lays out fewer rows than dense computes (5.5 of 16 a token for tiled,
+  5 for batched), so the sparse impls are not replaced by dense outright (moe.experts)."""
+  m = ModelConfig()
+  assert (m.moe_tile, m.moe_capacity) == (moe.TILE_ROWS, moe.CAPACITY)
+  assert (DynMoE.tile, DynMoE.capacity) == (moe.TILE_ROWS, moe.CAPACITY)
+  N, E = 32 * 2048, 16
+  capacity = pair_capacity(N, E, 0.25, moe.CAPACITY, moe.TILE_ROWS)
+  assert capacity == 5 * N
+  assert num_slots(capacity, moe.TILE_ROWS, E) == 5 * N + E * moe.TILE_ROWS < N * E
+  assert E * expert_rows(capacity, E, moe.TILE_ROWS, N) == 5 * N
 
 
 def test_auto_resolves_by_backend_and_the_start_line_names_it():
