@@ -62,7 +62,7 @@ AUTO_GPU_IMPL: str = "dense"
 # H200, jax 0.11.2, 2026-12-04, one arc1 layer fwd+bwd at 32 x 2048 (4.0 of 16 experts a token),
 # tiled queued back to back at tiles of 512 / 1024 / 2048 / 4096 rows: 3.26-3.31 / 2.96-3.03 /
 # 2.92-2.94 / 2.95-2.97 ms, as much at a trained layer's uneven routing as at even routing
-# (dense 3.83-3.89; batched does not depend on it: 2.32-2.37 ms). Gathering each tile's weights
+# (dense 3.82-3.90; batched does not depend on it: 2.31-2.37 ms). Gathering each tile's weights
 # instead of the one-hot matmul measured the same (2.83-2.95 ms), summing their gradients by
 # segment_sum slower (2.95-3.06) (docs/bench/moe_tile*_h200_2026-12-04.json).
 TILE_ROWS: int = 2048
