@@ -54,7 +54,8 @@ class ModelConfig:
   # Expert dispatch: dense (every expert on every token, the definition; reference: the same
   # differentiated by autodiff, slower, the benchmark's baseline) | ragged | tiled |
   # batched (only the pairs in use; the gate's straight-through gradient from inactive experts
-  # is not computed: DynMoE.impl) | auto (moe.AUTO_GPU_IMPL on GPU, dense elsewhere).
+  # is not computed: DynMoE.impl) | auto (moe.AUTO_GPU_IMPL, tiled, in the teacher-forcing
+  # step on GPU; dense in EAVI, TTT, evaluation and on other backends: moe.auto_dense).
   moe_impl: str = "auto"
   # Pairs a sparse dispatch computes per layer call, as a multiple of the SDL target
   # (sdl_target_active * tokens * num_experts); a call whose routing uses more falls back to

@@ -20,7 +20,7 @@ from onn_jax.config import Config
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
 from onn_jax.model.moe import merge_aux
-from onn_jax.model.transformer import Transformer, init_params
+from onn_jax.model.transformer import Transformer, init_params, outside_tf
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
                    "embedding")
@@ -415,7 +415,9 @@ def _alignment_objective(stats_exc, stats_tf, aux, cfg: Config, axis_name, num_d
 
 def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config,
               axis_name: str | None = None, num_devices: int = 1):
-  """One EAVI step: the excursion under stop_gradient, then the alignment pass."""
+  """One EAVI step: the excursion under stop_gradient, then the alignment pass
+  (``model.moe_impl=auto`` runs its experts dense here: :func:`transformer.outside_tf`)."""
+  model = outside_tf(model)
   rng, gen_rng = jax.random.split(state.rng)
   rows = batch["inputs"].shape[0]
   # Sampling keys follow global rows: n devices draw what one device would.

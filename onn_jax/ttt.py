@@ -48,7 +48,7 @@ from onn_jax.config import Config, ConfigError
 from onn_jax.data.pipeline import BatchStream
 from onn_jax.data.tasks import DataError, Task
 from onn_jax.evaluation import augscore
-from onn_jax.model.transformer import Transformer, init_params
+from onn_jax.model.transformer import Transformer, for_vmap, init_params
 from onn_jax.parallel import AXIS, compile_at_once, compile_in_background, host_value, shard_map
 
 
@@ -237,7 +237,7 @@ def _plan(cfg: Config, params, tasks: Sequence[Task], mesh: Mesh | None, *,
   """``place``: the base on the devices; else its shapes only (enough to lower the steps;
   placing it over a mesh of several hosts would be a cross-host transfer)."""
   paths = adapted_paths(params, cfg.ttt.params)
-  model = Transformer(cfg.model)
+  model = for_vmap(Transformer(cfg.model))  # tasks vmapped: no sparse expert dispatch
   step_cfg = step_config(cfg)
   axis = _TaskAxis(mesh)
   train_fn, ce_fn = _compiled(model, step_cfg, mesh)

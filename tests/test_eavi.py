@@ -323,3 +323,40 @@ def test_continuation_choice(setup, monkeypatch):
     np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)
   # SDL's statistics cover the tokens computed: the prompt twice as rows, once as a branch.
   assert float(rows["sdl"]) != float(branch["sdl"])
+
+
+def test_auto_experts_are_sparse_in_teacher_forcing_only(setup, monkeypatch):
+  """With ``model.moe_impl=auto`` resolving to a sparse dispatch (as on a GPU), teacher
+  forcing dispatches sparsely, and EAVI's step and the evaluation's model calls run the
+  experts dense (transformer.outside_tf); an explicit sparse impl is kept outside teacher
+  forcing too."""
+  from onn_jax.evaluation.model_fns import ModelFns
+  from onn_jax.model import moe
+  cfg, _, state, batch = setup
+  sparse_calls = []
+  real_sparse, real_resolve = moe.experts_sparse, moe.resolve_impl
+  monkeypatch.setattr(moe, "resolve_impl", lambda impl, backend=None: (
+      "tiled" if impl == "auto" else real_resolve(impl, backend)))
+  monkeypatch.setattr(moe, "experts_sparse", lambda *a, **k: (
+      sparse_calls.append(1), real_sparse(*a, **k))[1])
+
+  def model_cfg(impl):
+    c = config.replace(cfg, model={"moe_impl": impl, "moe_tile": 8})
+    return Transformer(c.model), c
+
+  def traced(step, impl):
+    model, c = model_cfg(impl)
+    sparse_calls.clear()
+    jax.jit(functools.partial(step, model=model, cfg=c)).lower(state, batch)
+    return bool(sparse_calls)
+
+  def scored(impl):
+    sparse_calls.clear()
+    fns = ModelFns(model_cfg(impl)[0], state.params, batch_size=4)
+    fns.logprob([np.asarray(row) for row in batch["inputs"]], [5] * len(batch["inputs"]))
+    return bool(sparse_calls)
+
+  assert traced(steps.train_step, "auto")
+  assert not traced(steps.eavi_step, "auto") and not scored("auto")
+  assert traced(steps.eavi_step, "tiled") and scored("tiled")
+  assert not traced(steps.eavi_step, "dense")

@@ -667,12 +667,19 @@ def test_auto_resolves_by_backend_and_the_start_line_names_it():
   assert resolve_impl("tiled", "cpu") == "tiled"
   assert describe("auto", 1.25, "cpu") == "auto: dense"
   assert describe("dense", 1.25, "gpu") == "dense"
-  assert describe("tiled", 1.5, "cpu") == "tiled, capacity 1.5x the SDL target"
+  assert describe("tiled", 1.5, "cpu") == \
+      "tiled, capacity 1.5x the SDL target (dense under vmap)"
   if AUTO_GPU_IMPL != "dense":
     assert describe("auto", 1.25, "gpu") == \
-        f"auto: {AUTO_GPU_IMPL}, capacity 1.25x the SDL target"
+        f"auto: {AUTO_GPU_IMPL}, capacity 1.25x the SDL target (teacher forcing only)"
+  assert moe.auto_dense("auto") == "dense" and moe.auto_dense("tiled") == "tiled"
   with pytest.raises(ValueError, match="impl"):
     resolve_impl("sparse")
+  # A model vmapped over examples runs no sparse dispatch (its cond would run both branches).
+  assert [moe.vmap_impl(i) for i in ("ragged", "tiled", "batched", "dense", "reference")] == \
+      ["dense", "dense", "dense", "dense", "reference"]
+  assert moe.vmap_impl("auto", "cpu") == "auto"
+  assert moe.vmap_impl("auto", "gpu") == ("auto" if AUTO_GPU_IMPL == "dense" else "dense")
 
 
 SPARSE_KW = dict(num_experts=5, expert_hidden=12, fallback_k=2, target_active=0.25)

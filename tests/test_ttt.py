@@ -19,6 +19,7 @@ from onn_jax.data.tasks import Task
 from onn_jax.data.tokens import END
 from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
+from onn_jax.model import moe
 from onn_jax.model.transformer import Transformer, init_params
 from onn_jax.parallel import AXIS
 
@@ -477,3 +478,38 @@ def test_steps_compiled_ahead_for_another_task_order_or_lost_are_compiled_in_pla
   assert lines[0] == ("ttt: compiling the steps in the background failed (MemoryError: host "
                       "memory); compiling them here")
   assert any("at once in" in line for line in lines), lines
+
+
+def test_models_vmapped_over_tasks_or_rows_never_dispatch_experts_sparsely(setup, together,
+                                                                            monkeypatch):
+  """A sparse expert dispatch (``model.moe_impl=tiled``, what ``auto`` runs on a GPU) decides
+  its exact dense fallback by a ``lax.cond``, which ``jax.vmap`` turns into a select that
+  computes both branches. TTT (tasks vmapped) and the evaluation's per-task adapters (rows
+  vmapped) so run the experts dense (``transformer.for_vmap``); an evaluation without adapters
+  keeps the sparse dispatch (which shows that the probe sees it), with the same log-probs."""
+  cfg, params, tasks = setup
+  tiled = config.replace(cfg, model={"moe_impl": "tiled", "moe_tile": 8})
+  sparse_calls = []
+  real = moe.experts_sparse
+
+  def probe(*args, **kwargs):
+    sparse_calls.append(kwargs.get("impl", args[7] if len(args) > 7 else "tiled"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(moe, "experts_sparse", probe)
+  adapters, info = ttt.adapt(tiled, params, [tasks["a"], tasks["b"]])
+  assert info["adapted"] == 2 and sparse_calls == []
+  # Dense experts under vmap: the adaptation is the default (dense) config's.
+  for name in ("a", "b"):
+    _assert_same_adaptation(adapters[name], together[0][name], cfg)
+  stacked, index = ttt.stack(params, adapters)
+  sequences = [np.arange(40, dtype=np.int32) % 10, np.arange(30, dtype=np.int32) % 9]  # no PAD
+  pooled = ModelFns(Transformer(tiled.model), params, batch_size=2, adapters=stacked)
+  assert pooled.row_model.model.cfg.moe_impl == "dense"
+  pooled.logprob(sequences, [20, 15], groups=[index["a"], index["b"]])
+  assert sparse_calls == []
+  plain_tiled = ModelFns(Transformer(tiled.model), params, batch_size=2)
+  got = plain_tiled.logprob(sequences, [20, 15])
+  assert sparse_calls and set(sparse_calls) == {"tiled"}
+  want = ModelFns(Transformer(cfg.model), params, batch_size=2).logprob(sequences, [20, 15])
+  np.testing.assert_allclose(got, want, rtol=SCORE_RTOL)

@@ -94,7 +94,8 @@ def test_the_sentence_says_better_or_worse_only_beyond_the_seed_spread():
 
 def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
   """--baseline: a study without a tf arm takes the tf runs of a finished study of the same
-  command (config, overrides, budget, seeds), resolved config and machine, and its verdict
+  command (config, overrides, budget, seeds), resolved config, experts' dispatch (a study
+  that did not record it ran auto dense) and machine, and its verdict
   compares with them (its scale and planned seconds its own); a study that differs in any of
   them, records no resolved config (before 2026-12-02) or has no tf arm is refused in one line;
   a study with its own tf arm does not use it."""
@@ -120,6 +121,11 @@ def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
   old = old_study()
   runs = study(("soft_parallel",)).baseline_runs()
   assert [(r["arm"], r["seed"]) for r in runs] == [("tf", 0), ("tf", 1), ("tf", 2)]
+  assert old["experts"] == "dense"  # auto on the CPU
+  data = json.loads((tmp_path / "old" / "verdict.json").read_text())
+  data.pop("experts")  # before 2026-12-04: auto ran dense everywhere
+  (tmp_path / "old" / "verdict.json").write_text(json.dumps(data))
+  assert len(study(("soft_parallel",)).baseline_runs()) == 3
   said = []
   assert study(("tf", "soft_parallel"), log=said.append).baseline_runs() == [] and said
   # The whole study (its runs stubbed): the verdict holds the baseline's tf runs beside its own.
@@ -138,6 +144,8 @@ def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
   for changes, culprit in (({"seeds": [0]}, "its study has seeds=[0], this one [0, 1, 2]"),
                            ({"budget_tf_steps": 9}, "budget_tf_steps=9"),
                            ({"overrides": list(TINY_OVERRIDES)[::-1]}, "overrides="),
+                           ({"experts": "tiled"}, "its study has experts='tiled', this one "
+                                                   "'dense'"),
                            ({"base_config": None}, "does not record its resolved config")):
     old_study(**changes)
     if changes.get("base_config", 0) is None:
@@ -336,6 +344,18 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
   manifest = json.loads((tmp_path / "study.json").read_text())
   assert manifest["measure"] == ["train.background_compile=false"]
   study.check_manifest(calib)  # the same study goes on
+  # Its teacher-forcing experts' dispatch: another one is refused; none recorded (before
+  # 2026-12-04) was auto's dense.
+  assert manifest["experts"] == "dense"
+  for experts, refused in (("tiled", True), (None, False)):
+    (tmp_path / "study.json").write_text(json.dumps(
+        {k: v for k, v in {**manifest, "experts": experts}.items() if v is not None}))
+    if refused:
+      with pytest.raises(config.ConfigError, match="study has experts='tiled', this command "
+                         "'dense'"):
+        study.check_manifest(calib)
+    else:
+      study.check_manifest(calib)
   del manifest["measure"]
   (tmp_path / "study.json").write_text(json.dumps(manifest))
   with pytest.raises(config.ConfigError, match="study has measure=None"):

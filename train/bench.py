@@ -89,7 +89,7 @@ from onn_jax.model import moe
 from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_reference,
                                experts_sparse, init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
-from onn_jax.model.transformer import Transformer, moe_layer
+from onn_jax.model.transformer import Transformer, moe_layer, outside_tf
 from train import profile as profiling
 
 SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
@@ -390,6 +390,7 @@ class StepRunner:
     self.profile_dir = profile_dir
     self.profiles: dict[str, dict] = {}
     self.model = Transformer(cfg.model)
+    self.eavi_model = outside_tf(self.model)  # EAVI's parts, as eavi_step runs them
     self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
     self._compiled: dict[tuple[str, int, bool], tuple[Any, float]] = {}
     # Jitted: an eager init dispatches thousands of small ops. Each call returns new buffers,
@@ -445,7 +446,7 @@ class StepRunner:
     """Times the EAVI excursion alone: (Timing, tokens generated per example)."""
     cfg, batch = self.cfg, self.batch(seq_len)
     budget = steps.answer_budget(cfg, seq_len)
-    fn = functools.partial(generate, self.model, max_new=budget, capacity=seq_len,
+    fn = functools.partial(generate, self.eavi_model, max_new=budget, capacity=seq_len,
                            feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
     args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
             jax.random.PRNGKey(1))
@@ -460,7 +461,7 @@ class StepRunner:
     passes, from an untrained model) and its passes run the ``continuation`` way."""
     cfg, batch = self.cfg, self.batch(seq_len)
     fn = functools.partial(
-        parallel_rollout, self.model, passes=cfg.eavi.passes, capacity=seq_len,
+        parallel_rollout, self.eavi_model, passes=cfg.eavi.passes, capacity=seq_len,
         feed=cfg.eavi.feed, temperature=cfg.eavi.temperature,
         shared_prompt=continuation == "branch")
     guess_BA = steps.answer_targets(batch, steps.answer_budget(cfg, seq_len))
@@ -477,7 +478,7 @@ class StepRunner:
     cfg, batch = self.cfg, self.batch(seq_len)
     fed_BAV = jax.nn.one_hot(steps.answer_targets(batch, steps.answer_budget(cfg, seq_len)),
                              VOCAB_SIZE, dtype=jnp.float32)
-    grad = jax.grad(lambda p, b, fed: loss_fn(p, b, fed, model=self.model, cfg=cfg)[0])
+    grad = jax.grad(lambda p, b, fed: loss_fn(p, b, fed, model=self.eavi_model, cfg=cfg)[0])
     timing, _ = benchmark(grad, (self.fresh_state().params, batch, fed_BAV),
                           warmup=self.sizes.warmup, iters=self.sizes.eavi_iters)
     return timing

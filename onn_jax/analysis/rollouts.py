@@ -16,7 +16,7 @@ from onn_jax.config import Config
 from onn_jax.data.serialize import decode_grid
 from onn_jax.data.tasks import Task
 from onn_jax.data.tokens import END, token_name
-from onn_jax.model.transformer import Transformer
+from onn_jax.model.transformer import Transformer, outside_tf
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
 def _excursion_jit(model: Transformer, params, batch: dict, cfg: Config, rng):
@@ -81,7 +81,7 @@ def rollouts(cfg: Config, params, tasks: Sequence[Task], *, feed: str = "argmax"
   # Free running is the sequential rollout, whatever EAVI trains with: the parallel one starts
   # from the ground truth (eavi.rollout=parallel).
   run_cfg = config.replace(cfg, eavi={"feed": feed, "rollout": "sequential"})
-  model = Transformer(cfg.model)
+  model = outside_tf(Transformer(cfg.model))
   rows = cfg.eval.batch_size
   rng = jax.random.PRNGKey(seed)
   records = []

@@ -14,7 +14,7 @@ import numpy as np
 
 from onn_jax import output, plots
 from onn_jax.data.tokens import IN, NEWLINE, NUM_COLORS, OUT, VOCAB_SIZE, token_name
-from onn_jax.model.transformer import Transformer
+from onn_jax.model.transformer import Transformer, outside_tf
 
 
 
@@ -62,8 +62,8 @@ def used_experts(model: Transformer, params, inputs_BT, valid_BT) -> tuple[np.nd
   Returns (used_LBTE float32 0/1, tokens_per_expert_LE: the model's own aux counts of the same
   forward pass).
   """
-  inter, tokens_per_expert_LE = _routed_forward(model, params, jnp.asarray(inputs_BT),
-                                                jnp.asarray(valid_BT))
+  inter, tokens_per_expert_LE = _routed_forward(outside_tf(model), params,
+                                                jnp.asarray(inputs_BT), jnp.asarray(valid_BT))
   used = []
   for layer in range(model.cfg.num_layers):
     try:

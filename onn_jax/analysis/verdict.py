@@ -42,6 +42,7 @@ import numpy as np
 
 from onn_jax import config, output, plots
 from onn_jax.config import Config
+from onn_jax.model import moe
 
 # Arm name -> (config overrides, whether EAVI is mixed into pre-training from the start).
 ARMS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -302,12 +303,14 @@ class Study:
 
   def check_manifest(self, calib: dict | None) -> None:
     """study.json records what every run of this folder was planned with; a command that
-    differs (config, overrides, budget, share, EAVI's cost, how steps are timed) would mix
-    incomparable runs. ``calib`` None: only what the command itself says is checked (before
-    the calibration, which caches what it times in the folder), nothing written."""
+    differs (config, overrides, budget, share, EAVI's cost, how steps are timed, the
+    teacher-forcing experts' dispatch) would mix incomparable runs. ``calib`` None: only what
+    the command itself says is checked (before the calibration, which caches what it times in
+    the folder), nothing written."""
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
                 "budget_tf_steps": self.budget, "eavi_share": self.share,
-                "probes": self.probes, "measure": list(self.MEASURE)}
+                "probes": self.probes, "measure": list(self.MEASURE),
+                "experts": moe.resolve_impl(self.base.model.moe_impl)}
     custom = {arm: list(ov) for arm, ov in self.custom.items()}
     if custom:
       manifest["custom"] = custom
@@ -320,6 +323,7 @@ class Study:
     path = self.out / "study.json"
     if path.is_file():
       before = json.loads(path.read_text())
+      before.setdefault("experts", _unrecorded_experts(self.base.model.moe_impl))
       if before.get("custom", {}) != custom:
         raise config.ConfigError(f"{path}: this folder's study has other --arm arms than "
                                  f"{custom!r}; use another --out (or the same arguments) to go "
@@ -417,17 +421,20 @@ class Study:
     return record
 
   def meta(self) -> dict[str, Any]:
-    """What verdict.json records of the study: its command's inputs and the resolved base
-    config (every key, the config file's and the code's defaults included)."""
+    """What verdict.json records of the study: its command's inputs, the resolved base config
+    (every key, the config file's and the code's defaults included) and the expert dispatch
+    its teacher-forcing steps run on this machine (``model.moe_impl`` resolved)."""
     return {"config": self.config_name, "overrides": list(self.overrides),
             "budget_tf_steps": self.budget, "eavi_share": self.share, "seeds": list(self.seeds),
-            "base_config": output.jsonable(config.to_dict(self.base))}
+            "base_config": output.jsonable(config.to_dict(self.base)),
+            "experts": moe.resolve_impl(self.base.model.moe_impl)}
 
   def baseline_runs(self) -> list[dict]:
     """The ``tf`` runs of the study ``baseline``, when this study runs no ``tf`` arm of its own
     (else none, and a log line says so); refused in one line when that study's command
-    (config, overrides, budget, seeds), its resolved base config (a default changed since) or
-    its machine differ from this one's, or it has no ``tf`` arm."""
+    (config, overrides, budget, seeds), its resolved base config (a default changed since), its
+    teacher-forcing experts' dispatch or its machine differ from this one's, or it has no
+    ``tf`` arm."""
     if self.baseline is None:
       return []
     if "tf" in self.arms:
@@ -443,7 +450,9 @@ class Study:
       raise config.ConfigError(f"--baseline {path}: it does not record its resolved config "
                                "(studies before 2026-12-02 did not), so a changed default "
                                "cannot be ruled out; run its tf arm again")
-    for key in ("config", "overrides", "budget_tf_steps", "seeds", "base_config"):
+    other.setdefault("experts", _unrecorded_experts(
+        other["base_config"].get("model", {}).get("moe_impl", "auto")))
+    for key in ("config", "overrides", "budget_tf_steps", "seeds", "base_config", "experts"):
       if other.get(key) != mine[key]:
         theirs, ours = other.get(key), mine[key]
         if key == "base_config":  # name the first setting that differs (sections of keys)
@@ -510,6 +519,12 @@ class Study:
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
   values = [float(v) for v in values]
   return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _unrecorded_experts(impl: str) -> str:
+  """The teacher-forcing experts' dispatch of a study that did not record it (before
+  2026-12-04, session 13): ``model.moe_impl=auto`` was dense on every machine then."""
+  return "dense" if impl == "auto" else impl
 
 
 def summarise(records: Sequence[dict], calib: dict, meta: dict) -> dict:

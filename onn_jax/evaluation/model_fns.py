@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from onn_jax.data.pipeline import rows_within
 from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
-from onn_jax.model.transformer import Transformer
+from onn_jax.model.transformer import Transformer, for_vmap, outside_tf
 from onn_jax.parallel import AXIS, compile_at_once, compile_in_background, host_value
 from onn_jax.ttt import merge
 
@@ -111,7 +111,8 @@ class ModelFns:
                max_batch_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
                mesh: Mesh | None = None, adapters: Any = None, grid: bool = False,
                log: Callable[[str], None] | None = None):
-    self.model, self.mesh, self.log = model, mesh, log
+    # auto's experts: dense outside teacher forcing; the rows vmapped: no sparse dispatch.
+    self.model, self.mesh, self.log = outside_tf(model), mesh, log
     self.temperature, self.grid = temperature, grid
     self.rng = jax.random.PRNGKey(seed)
     self.calls = 0
@@ -121,7 +122,7 @@ class ModelFns:
     self.max_batch_tokens = max_batch_tokens
     self.params = self._put_shared(params)
     self.adapters_K = None if adapters is None else self._put_shared(adapters)
-    self.row_model = RowParams(model)
+    self.row_model = RowParams(for_vmap(self.model))
     self._gather = jax.jit(_gather_rows, out_shardings=None if mesh is None else
                            NamedSharding(mesh, P(AXIS)))
     self._ready: dict[tuple, Any] = {}  # programs compiled ahead (prepare), by call shape

@@ -40,22 +40,30 @@ Array = jax.Array
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
 IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "auto")
-# What impl="auto" runs on a GPU (dense elsewhere). H200, jax 0.11.2, 2026-12-01, one arc1 layer
-# fwd+bwd at 32 x 2048 (`python -m train.bench --only layers`): at the trained density (4.0 of
-# 16 experts per token) tiled 4.13 ms and batched 3.43 ms against dense 5.82 (ragged 26.2); with
-# routing as uneven as a trained run's (busiest expert 2.4x the mean) tiled 3.9 ms, while
-# batched overflows its rows and falls back (6.8 ms). But in a real arc1 run most layers route
-# above the capacity (5 of 16) for the first 600 steps or more (4.3-6.2 experts per token by
-# layer at step 600) and compute the dense fallback: tiled and dense trained at the same step
-# time and loss there (docs/bench/arc1_600steps_moe_*). Dense stays the default: a sparse
-# dispatch also drops the gate's straight-through gradient from unused experts, and under
-# jax.vmap (test-time training) runs both branches. 2026-12-03, same command, with the sparse
-# paths on the dense mixture's backward pass: dense 4.16 ms, batched 2.77, tiled 3.49; with the
-# benchmark's layer output kept live (it had let XLA drop the combine): dense 4.31-4.44 ms,
-# batched 3.09-3.10 (0.70-0.72x), tiled 3.77-3.89. 2026-12-04, queued back to back (without the
-# per-call host time): dense 3.91 ms, batched 2.53 (0.65x), tiled 3.41; the all-experts einsum
-# by autodiff (impl="reference") 5.71-6.02 against batched 2.44-2.50 (README Benchmarks).
-AUTO_GPU_IMPL: str = "dense"
+# What impl="auto" runs in the teacher-forcing step on a GPU (dense in every other call and on
+# other backends: auto_dense, vmap_impl). H200, jax 0.11.2, 2026-12-04 (session 13):
+# two arc1 runs from scratch, 2000 steps each, one after the other, no background compiles
+# (`python -m train.main --config arc1 train.run_steps=2000 train.background_compile=false
+# model.moe_impl=dense|tiled`): tiled stepped 13% slower while the routing overflows the
+# capacity (steps 100-500: 0.066 s against 0.058; the overflowing layers compute the
+# checkpointed dense fallback), as fast over steps 500-1000 (0.058), and 10% faster once it fits
+# (median steps of 1000-1500 and 1500-2000: 0.0523 and 0.0527 s against 0.0586 and 0.0584; 1.21M
+# real tokens/s against 1.08M over steps 1000-2000: 12% more), at the same
+# loss (0.3535 against 0.3532 at step 2000; answer-token accuracy 0.884 against 0.883), in less
+# memory (peak 14.1 GiB against 17.8) and compiled as fast (56 s against 65). So tiled, though
+# it drops the gate's straight-through gradient from the experts a token does not use (that
+# run's loss shows no cost). Under jax.vmap its lax.cond becomes a select that runs both
+# branches: the callers that vmap the model over examples (test-time training, per-task
+# adapters in evaluation) take :func:`vmap_impl`'s dense instead. And auto is sparse only in
+# the teacher-forcing step: every other model call (EAVI, evaluation, probes) runs it dense
+# (:func:`auto_dense`). With tiled experts EAVI's first step failed on the H200 (the same day,
+# background-compiled: "cuda_graph_end_capture ... capturing stream has unjoined work" in
+# cuDNN's graph deserialisation; not pinned down; tiled pre-training then dense EAVI ran), and
+# the decoding programs, with the same mix of a cond, cuDNN calls and CUDA graphs, were not
+# tried with tiled experts on a GPU. Before: dense (the single-layer timings of 2026-12-01..04
+# in README Benchmarks, and an A/B of 1500 steps beside background compiles:
+# docs/bench/arc1_ab_moe_*; this one: docs/bench/arc1_ab2000_moe_*).
+AUTO_GPU_IMPL: str = "tiled"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A
 # tile is one matmul of [TILE_ROWS, C] by its expert's [C, F]; the tiled impl copies that
 # expert's weights once per tile, so larger tiles copy less and pad more (< E * TILE_ROWS rows).
@@ -659,13 +667,29 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   return impl
 
 
+def vmap_impl(impl: str, backend: str | None = None) -> str:
+  """The dispatch to run instead of ``impl`` when the model is ``jax.vmap``-ed over examples:
+  a sparse one's ``lax.cond`` (its exact dense fallback) becomes a select there and computes
+  both branches, so ``"dense"`` for the sparse impls; ``impl`` itself otherwise."""
+  resolved = resolve_impl(impl, backend)
+  return impl if resolved in ("dense", "reference") else "dense"
+
+
+def auto_dense(impl: str) -> str:
+  """The dispatch of every model call but the teacher-forcing step (EAVI, evaluation, probes)
+  for ``impl``: ``auto`` runs dense there (see :data:`AUTO_GPU_IMPL`), any other impl itself."""
+  return "dense" if impl == "auto" else impl
+
+
 def describe(impl: str, capacity: float, backend: str | None = None) -> str:
   """The expert dispatch a run computes, for its start line, e.g. ``auto: tiled, capacity
-  1.25x the SDL target``."""
+  1.25x the SDL target (teacher forcing only)``."""
   resolved = resolve_impl(impl, backend)
   text = resolved if impl == resolved else f"{impl}: {resolved}"
-  return (text if resolved in ("dense", "reference")
-          else f"{text}, capacity {capacity:g}x the SDL target")
+  if resolved in ("dense", "reference"):
+    return text
+  where = "teacher forcing only" if auto_dense(impl) != impl else "dense under vmap"
+  return f"{text}, capacity {capacity:g}x the SDL target ({where})"
 
 
 def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str, Array],
@@ -683,7 +707,8 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   When a call's routing has more pairs than ``capacity`` (``batched``: an expert has more
   tokens than its :func:`expert_rows`), the layer computes the dense result instead
   (``jax.lax.cond`` on the pair counts), so nothing is ever dropped. Under ``jax.vmap``
-  the cond becomes a select and both branches run: still exact, but slower than dense alone.
+  the cond becomes a select and both branches run: still exact, but slower than dense alone
+  (callers that vmap the model take :func:`vmap_impl`).
   When the sparse layout would hold as many rows as dense computes (``B*T*E`` or more: few
   tokens, e.g. a decoding step, or a capacity of every pair), dense is computed outright.
   """

@@ -19,6 +19,7 @@ per layer, in the layout of the attention variant (:func:`init_cache`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.model import attention
 from onn_jax.model.layers import apply_rope, dtype_of  # noqa: F401 (public here too)
+from onn_jax.model import moe
 from onn_jax.model.moe import DynMoE
 
 Cache = list[dict[str, jax.Array]]
@@ -144,6 +146,25 @@ class Transformer(nn.Module):
                           name="lm_head")(x_BTC.astype(jnp.float32))
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
     return logits_BTV, (new_caches if mode in ("prefill", "decode") else None), aux
+
+
+def with_moe_impl(model: Transformer, impl: str) -> Transformer:
+  """``model`` (same parameters) with the expert dispatch ``impl`` (``model.moe_impl``)."""
+  return model if impl == model.cfg.moe_impl else Transformer(
+      dataclasses.replace(model.cfg, moe_impl=impl))
+
+
+def outside_tf(model: Transformer) -> Transformer:
+  """``model`` as every call but the teacher-forcing step runs it (EAVI, evaluation, probes):
+  ``model.moe_impl=auto`` dense there (:func:`onn_jax.model.moe.auto_dense`)."""
+  return with_moe_impl(model, moe.auto_dense(model.cfg.moe_impl))
+
+
+def for_vmap(model: Transformer) -> Transformer:
+  """``model`` as a caller that ``jax.vmap``s it over examples should run it: with the expert
+  dispatch of :func:`onn_jax.model.moe.vmap_impl` (dense for a sparse one, whose exact fallback
+  would run beside it under vmap)."""
+  return with_moe_impl(model, moe.vmap_impl(model.cfg.moe_impl))
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> Cache:
