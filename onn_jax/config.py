@@ -181,11 +181,10 @@ class EaviConfig:
   # rollout's passes extend its KV cache, the alignment pass runs the excursion as a branch
   # against its keys; steps.alignment_loss) or "rows" (each continuation a full row, the
   # prompt recomputed: steps.alignment_loss_rows): the same tokens and CE terms and, SDL aside
-  # (its statistics cover the tokens computed), gradients. "auto": on GPU, where the branch's
-  # per-row offsets leave NSA's fast paths, rows for both (H200, arc1 32 x 2048: the
-  # alignment's fwd+bwd 126 ms as rows, 144 as a branch; 4 passes 139 ms as rows, 154 against
-  # the cache); branch elsewhere (CPU, default config, the alignment: 530 ms as a branch, 893
-  # as rows). steps.AUTO_GPU_CONTINUATION.
+  # (its statistics cover the tokens computed), gradients. "auto": branch on every backend
+  # (H200, arc1 32 x 2048: the EAVI step with the parallel rollout 131.7 ms as a branch, 177.8
+  # as rows; CPU, default config, the alignment: 530 ms as a branch, 893 as rows).
+  # steps.continuation.
   continuation: str = "auto"
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.data.tokens import END, NEWLINE, NUM_COLORS, PAD, VOCAB_SIZE
-from onn_jax.model.transformer import Transformer, init_cache
+from onn_jax.model.transformer import Cache, Transformer, init_cache
 
 GRID_SIDE = 30  # ARC grids are at most 30 x 30
 # One-token steps per iteration of generate's loop, which checks after each iteration whether
@@ -236,7 +236,8 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
                      rng: jax.Array | None = None, row_offset: jax.Array | int = 0,
                      stop_after_B: jax.Array | None = None,
                      shared_prompt: bool = True,
-                     first_logits_BAV: jax.Array | None = None) -> Generation:
+                     first_logits_BAV: jax.Array | None = None,
+                     prompt_cache: Cache | None = None) -> Generation:
   """:func:`generate`'s rollout (no grid grammar) by fixed-point iteration over all its tokens
   at once, instead of one token after another.
 
@@ -265,7 +266,9 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   ``first_logits_BAV``: the first pass's logits (for token k after the prompt and ``guess_BA``'s
   first k tokens), when the caller has computed them, e.g. a teacher-forced forward pass over
   the ground truth (EAVI's alignment): that pass is then not run again, and counts in
-  ``passes``.
+  ``passes``. ``prompt_cache`` (with ``shared_prompt`` and ``first_logits_BAV``): the prompt's
+  KV cache from that pass (run in ``"prefill"`` mode; only positions before each row's
+  ``prompt_len`` are read), so that no prefill runs here.
   """
   B, A = guess_BA.shape
   capacity = capacity or prompt_BP.shape[1] + A
@@ -275,7 +278,11 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   keys = jax.random.split(rng, A)  # generate's key for token k
   need_B = jnp.full((B,), A, jnp.int32) if stop_after_B is None else stop_after_B
   k_BA = jnp.arange(A)[None]
-  if shared_prompt:
+  if prompt_cache is not None and (not shared_prompt or first_logits_BAV is None):
+    raise ValueError("parallel_rollout: prompt_cache needs shared_prompt and first_logits_BAV")
+  if prompt_cache is not None:  # token 0's logits follow the prompt alone, in every pass
+    cache, first_BV = prompt_cache, first_logits_BAV[:, 0]
+  elif shared_prompt:
     cache, first_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
   else:
     P = prompt_BP.shape[1]

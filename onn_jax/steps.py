@@ -20,7 +20,7 @@ from onn_jax.config import Config
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
 from onn_jax.model.moe import merge_aux
-from onn_jax.model.transformer import Transformer, init_params, outside_tf
+from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
                    "embedding")
@@ -257,7 +257,7 @@ def score_rollout(tokens_BA, batch: dict) -> dict:
 
 
 def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_offset=0,
-              first_logits_BAV=None):
+              first_logits_BAV=None, prompt_cache=None):
   """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
 
   Each row generates as many tokens as its ground-truth answer has (the alignment pass
@@ -267,9 +267,10 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   position and never enter the alignment pass.
   With ``eavi.rollout=parallel`` the same rollout is iterated from the ground truth, every
   token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`), each
-  pass against the prompt's cache or over whole rows (:func:`continuation`, part "passes"); its
+  pass against the prompt's cache or over whole rows (:func:`continuation`); its
   first pass from ``first_logits_BAV`` when given (the teacher-forced logits of each answer
-  token, :func:`rows_alignment_after_rollout`).
+  token, :func:`rows_alignment_after_rollout`), and its passes against ``prompt_cache`` when
+  given (the teacher-forced sequence's, :func:`branch_alignment_after_rollout`).
   """
   T = batch["inputs"].shape[1]
   e, A = cfg.eavi, answer_budget(cfg, T)
@@ -279,8 +280,8 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   if e.rollout == "parallel":  # every token at once, from the ground truth on
     return jax.lax.stop_gradient(parallel_rollout(
         model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
-        passes=e.passes, shared_prompt=continuation(cfg, "passes") == "branch",
-        first_logits_BAV=first_logits_BAV, **how))
+        passes=e.passes, shared_prompt=continuation(cfg) == "branch",
+        first_logits_BAV=first_logits_BAV, prompt_cache=prompt_cache, **how))
   return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
                                         max_new=A, **how))
 
@@ -300,21 +301,32 @@ def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Tra
   SDL statistics cover the tokens computed (the prompt once).
   """
   T = batch["inputs"].shape[1]
-  A = fed_BAV.shape[1]
+  logits_BXV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"],
+                                   mode="branch", pos_B=jnp.asarray(batch["answer_start"],
+                                                                    jnp.int32),
+                                   branch_BAV=fed_BAV)
+  return _branch_objective(logits_BXV[:, T:], logits_BXV[:, :T], aux, batch, exc_mask_BT, cfg,
+                           axis_name, num_devices)
+
+
+def _branch_objective(branch_BAV, tf_logits_BTV, aux, batch: dict, exc_mask_BT, cfg: Config,
+                      axis_name, num_devices: int):
+  """:func:`_alignment_objective` of the excursion's logits as a branch (``branch_BAV``: the
+  logits of each fed token; answer token 0 from the teacher-forced logits before the answer)
+  and of the teacher-forced sequence's (:func:`alignment_loss`)."""
+  T, A = tf_logits_BTV.shape[1], branch_BAV.shape[1]
   mask_BT = answer_mask(batch)
   exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
   start_B = jnp.asarray(batch["answer_start"], jnp.int32)
-  logits_BXV, _, aux = model.apply({"params": params}, batch["inputs"], batch["valid"],
-                                   mode="branch", pos_B=start_B, branch_BAV=fed_BAV)
-  logits_BTV, branch_BAV = logits_BXV[:, :T], logits_BXV[:, T:]
-  first_B1V = jnp.take_along_axis(logits_BTV, jnp.maximum(start_B - 1, 0)[:, None, None], axis=1)
+  first_B1V = jnp.take_along_axis(tf_logits_BTV, jnp.maximum(start_B - 1, 0)[:, None, None],
+                                  axis=1)
   exc_logits_BAV = jnp.concatenate([first_B1V, branch_BAV[:, :A - 1]], axis=1)
   # Answer token k sits at target position answer_start - 1 + k of the sequence.
   t_BA = start_B[:, None] - 1 + jnp.arange(A)[None]
   exc_mask_BA = jnp.where(t_BA < T, jnp.take_along_axis(exc_mask_BT, jnp.clip(t_BA, 0, T - 1),
                                                         axis=1), 0.0)
   stats_exc = objectives.answer_stats(exc_logits_BAV, answer_targets(batch, A), exc_mask_BA)
-  stats_tf = objectives.answer_stats(logits_BTV, batch["targets"], mask_BT)
+  stats_tf = objectives.answer_stats(tf_logits_BTV, batch["targets"], mask_BT)
   return _alignment_objective(stats_exc, stats_tf, aux, cfg, axis_name, num_devices)
 
 
@@ -371,37 +383,80 @@ def rows_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
   exc_out, exc_vjp = jax.vjp(lambda p: rows(p, excursion_inputs(batch, gen.fed_BAV)), params)
   exc_mask_BT = excursion_mask(batch, gen.tokens_BA)
 
-  def objective(exc, tf):
-    return _rows_objective(exc[0], tf[0], merge_aux(exc[1], tf[1], cfg.model.sdl_target_active),
-                           batch, exc_mask_BT, cfg, axis_name, num_devices)
-
-  _, objective_vjp, out = jax.vjp(objective, exc_out, tf_out, has_aux=True)
-  d_exc, d_tf = objective_vjp(jnp.ones((), jnp.float32))
+  (d_exc, d_tf), out = _two_calls_objective(_rows_objective, exc_out, tf_out, batch, exc_mask_BT,
+                                            cfg, axis_name, num_devices)
   grads = jax.tree.map(jnp.add, exc_vjp(d_exc)[0], tf_vjp(d_tf)[0])
   return gen, grads, out
 
 
-# What ``eavi.continuation=auto`` takes on GPU, by part (elsewhere: "branch" for both). H200,
-# arc1 at 32 x 2048, one run of `train.bench --only eavi --lens 2048`
-# (docs/bench/eavi_rows_passes_h200_2026-12-02.json): the alignment's fwd+bwd 125.8 ms as rows,
-# 144.0 as a branch; the parallel rollout's 4 passes 138.9 ms as rows, 154.2 against the cache
-# (prefill included).
-AUTO_GPU_CONTINUATION = {"alignment": "rows", "passes": "rows"}
+def _two_calls_objective(score, exc_out, tf_out, batch: dict, exc_mask_BT, cfg: Config,
+                         axis_name, num_devices: int):
+  """``score`` (:func:`_rows_objective`, :func:`_branch_objective`) of the excursion's and the
+  teacher forcing's model calls, each ``(logits, aux)``, their routing statistics merged:
+  ``((d_exc, d_tf), (stats_exc, stats_tf, sdl_report, aux))``, the cotangents of both."""
+  def objective(exc, tf):
+    return score(exc[0], tf[0], merge_aux(exc[1], tf[1], cfg.model.sdl_target_active), batch,
+                 exc_mask_BT, cfg, axis_name, num_devices)
+
+  _, objective_vjp, out = jax.vjp(objective, exc_out, tf_out, has_aux=True)
+  return objective_vjp(jnp.ones((), jnp.float32)), out
 
 
-def continuation(cfg: Config, part: str, backend: str | None = None) -> str:
-  """How EAVI computes a prompt's continuations in ``part`` ("alignment": the alignment pass;
-  "passes": the parallel rollout's passes) on ``backend`` (default: the current one):
-  ``eavi.continuation``, with "auto" resolved by :data:`AUTO_GPU_CONTINUATION` on GPU and to
-  "branch" elsewhere."""
-  if part not in AUTO_GPU_CONTINUATION:
-    raise ValueError(f"continuation: part must be one of {sorted(AUTO_GPU_CONTINUATION)}, "
-                     f"got {part!r}")
-  name = cfg.eavi.continuation
-  if name == "auto":
-    gpu = (backend or jax.default_backend()) == "gpu"
-    return AUTO_GPU_CONTINUATION[part] if gpu else "branch"
-  return name
+def branch_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
+                                   model: Transformer, cfg: Config, axis_name=None,
+                                   num_devices: int = 1):
+  """The parallel rollout and :func:`alignment_loss` with the teacher-forced sequence run first,
+  in ``"prefill"`` mode: its logits at the answer positions are the rollout's first pass, and
+  its KV cache holds the prompt for the rollout's other passes (no prefill of their own) and
+  for the excursion, which then runs as an ``"extend"`` of it (what ``"branch"`` mode computes,
+  split in two calls whose routing statistics are merged, :func:`moe.merge_aux`). Each call is
+  differentiated by its own ``jax.vjp``; the excursion's cotangent of the cache joins the
+  teacher-forced call's backward pass, so the gradient is :func:`alignment_loss`'. With a
+  sparse expert dispatch each call decides its dense fallback on its own (as in
+  :func:`rows_alignment_after_rollout`).
+
+  Returns ``(generation, grads, (stats_exc, stats_tf, sdl_report, aux))``.
+  """
+  B, T = batch["inputs"].shape
+  A = answer_budget(cfg, T)
+  start_B = jnp.asarray(batch["answer_start"], jnp.int32)
+
+  def teacher_forced(p):
+    logits_BTV, cache, aux = model.apply({"params": p}, batch["inputs"], batch["valid"],
+                                         mode="prefill", cache=init_cache(model.cfg, B, T))
+    return (logits_BTV, aux), cache
+
+  (tf_out, cache), tf_vjp = jax.vjp(teacher_forced, params)
+  first_BAV = jnp.take_along_axis(tf_out[0], answer_positions(batch, A)[..., None], axis=1)
+  gen = excursion(model, params, batch, cfg, rng, row_offset, first_logits_BAV=first_BAV,
+                  prompt_cache=jax.lax.stop_gradient(cache))
+
+  def branch(p, prompt_cache):
+    # As in "branch" mode, a branch token is valid where a row of length T would hold it.
+    valid_BA = start_B[:, None] + jnp.arange(A)[None] < T
+    logits_BAV, _, aux = model.apply({"params": p}, gen.fed_BAV, valid_BA, mode="extend",
+                                     cache=prompt_cache, pos_B=start_B)
+    return logits_BAV, aux
+
+  exc_out, exc_vjp = jax.vjp(branch, params, cache)
+  exc_mask_BT = excursion_mask(batch, gen.tokens_BA)
+
+  (d_exc, d_tf), out = _two_calls_objective(_branch_objective, exc_out, tf_out, batch,
+                                            exc_mask_BT, cfg, axis_name, num_devices)
+  d_params, d_cache = exc_vjp(d_exc)
+  grads = jax.tree.map(jnp.add, d_params, tf_vjp((d_tf, d_cache))[0])
+  return gen, grads, out
+
+
+def continuation(cfg: Config) -> str:
+  """How EAVI computes a prompt's continuations (the parallel rollout's passes and the alignment
+  pass): ``eavi.continuation``, "auto" being "branch" on every backend. H200, arc1 at 32 x 2048
+  (docs/bench/eavi_offset_path_ab_h200_2026-12-04.json, eavi_branch_after_rollout_*): with
+  NSA's fast path for a continuation's queries (``nsa.PALLAS_OFFSET_MIN_QUERIES``) the
+  alignment's fwd+bwd takes 91.3 ms as a branch against 106.0 as rows, the rollout's 4 passes
+  73.0 against 82.4, and the EAVI step with the parallel rollout 131.7 against 177.8. (Before
+  that path, rows were faster on GPU: 125.8 against 144.0 ms, 2026-12-02.)"""
+  return "branch" if cfg.eavi.continuation == "auto" else cfg.eavi.continuation
 
 
 def _alignment_objective(stats_exc, stats_tf, aux, cfg: Config, axis_name, num_devices: int):
@@ -422,9 +477,10 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   rows = batch["inputs"].shape[0]
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
-  as_rows = continuation(cfg, "alignment") == "rows"
-  if as_rows and cfg.eavi.rollout == "parallel":  # the teacher-forced rows give the first pass
-    gen, grads, (stats_exc, stats_tf, sdl_report, aux) = rows_alignment_after_rollout(
+  as_rows = continuation(cfg) == "rows"
+  if cfg.eavi.rollout == "parallel":  # its first pass from the alignment's teacher forcing
+    after = rows_alignment_after_rollout if as_rows else branch_alignment_after_rollout
+    gen, grads, (stats_exc, stats_tf, sdl_report, aux) = after(
         state.params, batch, gen_rng, row_offset, model=model, cfg=cfg, axis_name=axis_name,
         num_devices=num_devices)
   else:

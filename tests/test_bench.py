@@ -96,8 +96,7 @@ def test_quick_train_and_eavi_numbers(quick):
                 "align_rows_ms", "passes_branch_ms", "passes_rows_ms"):
       assert key in row, f"eavi row lacks {key}: {row}"
     cfg = config.load("configs/arc1.yaml", list(bench.QUICK_OVERRIDES))
-    assert row["continuation"] == {part: steps.continuation(cfg, part)
-                                   for part in ("alignment", "passes")}
+    assert row["continuation"] == steps.continuation(cfg)
     assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
     assert row["eavi_step_ms"] == row["sequential_step_ms"]  # the config's rollout
     assert 1 <= row["parallel_passes"] <= 4  # eavi.passes, the default

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import config, objectives, steps
+from onn_jax import config, decode, objectives, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
 from onn_jax.model.transformer import Transformer
@@ -210,21 +210,27 @@ def test_eavi_step_with_the_parallel_rollout(setup):
                s_par.params, s_seq.params)
 
 
+@pytest.mark.parametrize("continuation", ["rows", "branch"])
 @pytest.mark.parametrize("feed", ["argmax", "soft", "sample"])
-def test_rows_alignment_gives_the_rollout_its_first_pass(setup, feed):
-  """eavi.continuation=rows with the parallel rollout: the teacher-forced rows run before the
-  rollout and their logits are its first pass, so it runs one pass fewer; the rollout, the
-  gradient, the loss terms and the routing statistics are those of the rollout followed by
-  alignment_loss_rows (one call over the 2B rows)."""
+def test_alignment_gives_the_rollout_its_first_pass(setup, feed, continuation, monkeypatch):
+  """The parallel rollout after the alignment's teacher forcing: its logits are the rollout's
+  first pass, so it runs one pass fewer (rows: the teacher-forced rows; branch: the
+  teacher-forced sequence in prefill mode, whose KV cache the other passes and the excursion
+  then extend: no prefill of their own); the rollout, the gradient, the loss terms and the
+  routing statistics are those of the rollout followed by alignment_loss_rows (one call over
+  the 2B rows) or alignment_loss (one "branch" call)."""
   cfg, model, state, batch = setup
   cfg = config.replace(cfg, eavi={"feed": feed, "rollout": "parallel", "passes": 2,
-                                  "continuation": "rows"})
+                                  "continuation": continuation})
   rng = jax.random.PRNGKey(7)
+  loss, after = {"rows": (steps.alignment_loss_rows, steps.rows_alignment_after_rollout),
+                 "branch": (steps.alignment_loss, steps.branch_alignment_after_rollout)
+                 }[continuation]
 
   @jax.jit
   def reference(params):
     gen = steps.excursion(model, params, batch, cfg, rng)
-    grads, out = jax.grad(steps.alignment_loss_rows, has_aux=True)(
+    grads, out = jax.grad(loss, has_aux=True)(
         params, batch, gen.fed_BAV, steps.excursion_mask(batch, gen.tokens_BA), model=model,
         cfg=cfg)
     return gen, grads, out
@@ -233,23 +239,24 @@ def test_rows_alignment_gives_the_rollout_its_first_pass(setup, feed):
   first_pass = steps.parallel_rollout
 
   def spy(*args, **kwargs):
-    calls.append(kwargs["first_logits_BAV"] is not None)
+    calls.append((kwargs["first_logits_BAV"] is not None, kwargs["prompt_cache"] is not None))
     return first_pass(*args, **kwargs)
 
   (gen, grads, out) = reference(state.params)
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "parallel_rollout", spy)
-    gen2, grads2, out2 = jax.jit(functools.partial(
-        steps.rows_alignment_after_rollout, rng=rng, model=model, cfg=cfg))(state.params, batch)
-  assert calls == [True]
+  monkeypatch.setattr(steps, "parallel_rollout", spy)
+  monkeypatch.setattr(decode, "_prefill", None)  # must not run: the alignment gives the cache
+  gen2, grads2, out2 = jax.jit(functools.partial(after, rng=rng, model=model, cfg=cfg))(
+      state.params, batch)
+  assert calls == [(True, continuation == "branch")]
   assert int(gen2.passes) == int(gen.passes) == 2  # the given first pass counts
   np.testing.assert_array_equal(gen2.tokens_BA, gen.tokens_BA)
-  # float32 logits of the same rows in a call of B rows and one of 2B, and of the first pass's
-  # rows (PAD after the answer): the same terms, a few ulps of O(10) (test_attention's bound).
+  # float32 logits of the same rows in a call of B rows and one of 2B (a branch: in prefill and
+  # extend mode against one "branch" call), and of the first pass's rows (PAD after the
+  # answer): the same terms, a few ulps of O(10) (test_attention's bound).
   np.testing.assert_allclose(gen2.fed_BAV, gen.fed_BAV, rtol=0, atol=2e-5)
   np.testing.assert_allclose(gen2.logprobs_BA, gen.logprobs_BA, rtol=0, atol=2e-5)
-  # The same float32 gradient summed in another grouping (two calls of B rows against one of
-  # 2B, two backward passes added): each leaf sums a few thousand terms of one step, so a
+  # The same float32 gradient summed in another grouping (two calls against one, two
+  # backward passes added): each leaf sums a few thousand terms of one step, so a
   # relative error ~ sqrt(terms) * 1.2e-7 ~ 1e-5 with margin; atol for leaves near 0.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads2,
                grads)
@@ -276,21 +283,14 @@ def test_a_given_first_pass_runs_only_when_a_row_needs_a_token(setup):
 
 
 def test_continuation_choice(setup, monkeypatch):
-  """eavi.continuation: "auto" takes the alignment as rows on GPU and everything else as a
-  branch; the EAVI step runs the parts as asked (the parallel rollout's passes and the
-  alignment pass, spied on) and its loss terms are the same either way (gradients:
-  test_branch_alignment_equals_two_rows; tokens:
-  test_parallel_rollout_reaches_the_sequential_one)."""
+  """eavi.continuation: "auto" takes the branch on every backend; the EAVI step runs the parts
+  as asked (the parallel rollout's passes and the alignment, spied on: after the rollout, its
+  first pass from the alignment's teacher forcing, either way) and its loss terms are the same
+  either way (gradients: test_branch_alignment_equals_two_rows and the after-rollout tests;
+  tokens: test_parallel_rollout_reaches_the_sequential_one)."""
   cfg, model, state, batch = setup
-  pick = lambda name, part, backend: steps.continuation(
-      config.replace(cfg, eavi={"continuation": name}), part, backend)
-  assert pick("auto", "alignment", "gpu") == "rows"
-  assert pick("auto", "passes", "gpu") == "rows"  # measured faster on an H200
-  for part in ("alignment", "passes"):
-    assert pick("auto", part, "cpu") == pick("auto", part, "tpu") == "branch"
-    assert pick("rows", part, "cpu") == "rows" and pick("branch", part, "gpu") == "branch"
-  with pytest.raises(ValueError, match="part"):
-    pick("auto", "prompt", "gpu")
+  pick = lambda name: steps.continuation(config.replace(cfg, eavi={"continuation": name}))
+  assert pick("auto") == pick("branch") == "branch" and pick("rows") == "rows"
   with pytest.raises(config.ConfigError, match="eavi.continuation"):
     config.replace(cfg, eavi={"continuation": "twice"})
 
@@ -302,7 +302,8 @@ def test_continuation_choice(setup, monkeypatch):
     return call
 
   monkeypatch.setattr(steps, "parallel_rollout", spy("passes", steps.parallel_rollout))
-  monkeypatch.setattr(steps, "alignment_loss", spy("branch", steps.alignment_loss))
+  monkeypatch.setattr(steps, "branch_alignment_after_rollout",
+                      spy("branch", steps.branch_alignment_after_rollout))
   monkeypatch.setattr(steps, "rows_alignment_after_rollout",
                       spy("rows", steps.rows_alignment_after_rollout))
   # Argmax feed: both ways emit the same tokens, so the loss terms compare.
@@ -316,8 +317,9 @@ def test_continuation_choice(setup, monkeypatch):
     return metrics, list(seen)
 
   (rows, seen_rows), (branch, seen_branch) = run("rows"), run("branch")
-  assert seen_rows == [("rows", None), ("passes", False)]  # the rows first: the first pass
-  assert seen_branch == [("passes", True), ("branch", None)]
+  # The teacher forcing first: the first pass (and, as a branch, the prompt's cache).
+  assert seen_rows == [("rows", None), ("passes", False)]
+  assert seen_branch == [("branch", None), ("passes", True)]
   # float32 sums of a few hundred per-token terms in another order.
   for key in ("exc_ce", "ce", "answer_acc", "exc_scored_frac", "free_token_acc"):
     np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)

@@ -27,6 +27,8 @@ import pytest
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.nsa import nsa_core
 
+import test_nsa_core
+
 from test_nsa_core import (ARG_NAMES, GEOMETRIES, Geo, make_inputs, offsets_np, oracle_nsa,
                            random_like, segment_start_of)
 
@@ -130,6 +132,35 @@ def test_offset_queries_with_the_choice_kernel_match_reference(name, monkeypatch
   monkeypatch.setattr(nsa, "PALLAS_OFFSET_CHOICE", "kernal")
   with pytest.raises(ValueError, match="PALLAS_OFFSET_CHOICE must be 'fused' or 'kernel'"):
     forward_fn.__wrapped__(geo, "pallas")(args, _offset(q_offset))
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES) + ["window_over_rows"])
+def test_long_offset_queries_take_the_folded_and_window_paths(name, monkeypatch):
+  """Queries not from position 0, at least PALLAS_OFFSET_MIN_QUERIES of them (lowered to 2
+  here; an answer continued against its prompt): the compressed branch is one attention over
+  the queries' groups and the window branch the window kernel over each row's band of keys
+  (spied on); outputs and gradients as the reference's, also where a row's first queries see
+  no compressed block or sit before the window's length (offsets 0 and 3), and with the window
+  longer than the rows. One-token decoding keeps the chunks."""
+  if name == "window_over_rows":
+    geo, q_offset = test_nsa_core.FULL_GEO, np.array([0, 3])
+  else:
+    geo, q_offset = GEOMETRIES[name]
+  monkeypatch.setattr(nsa, "PALLAS_OFFSET_MIN_QUERIES", 2)
+  taken = set()
+  for fn in ("_compressed_folded_offset", "_window_band_kernel"):
+    real = getattr(nsa, fn)
+    monkeypatch.setattr(nsa, fn, lambda *a, real=real, fn=fn, **kw: taken.add(fn) or real(*a, **kw))
+  args = make_inputs(geo, seed=len(name) + 5)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 97)
+  # Not the cached value_and_grad_fn: the patched module constants are read when tracing.
+  def run(impl):
+    return value_and_grad_fn.__wrapped__(geo, impl)(args, _offset(q_offset), cot)
+
+  _assert_close_all(run("pallas"), run("reference"), ARG_NAMES)
+  # The offset is an array here, so even offset 0 counts as not from position 0.
+  want = {"_compressed_folded_offset", "_window_band_kernel"} if geo.T >= 2 else set()
+  assert taken == want
 
 
 @pytest.mark.parametrize("name", ["group1_from_start", "per_example_offset"])

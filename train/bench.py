@@ -584,8 +584,7 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                rollout_budget=budget, rollout_ms=rollout.median_ms,
                rollout_tokens_per_s=B * budget / (rollout.median_ms / 1e3),
                rollout_share=rollout.median_ms / eavi["sequential"][0].median_ms,
-               continuation={part: steps.continuation(runner.cfg, part)
-                             for part in steps.AUTO_GPU_CONTINUATION},
+               continuation=steps.continuation(runner.cfg),
                align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms,
                passes_branch_ms=passes["branch"].median_ms,
                passes_rows_ms=passes["rows"].median_ms)
@@ -1043,7 +1042,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
           r.get("sequential_step_ms"), r.get("sequential_ratio"),
           r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
           r.get("rollout_budget"), r.get("rollout_tokens_per_s"),
-          ", ".join(f"{k} {v}" for k, v in r.get("continuation", {}).items()),
+          r.get("continuation"),
           r.get("align_branch_ms"), r.get("align_rows_ms"), r.get("passes_branch_ms"),
           r.get("passes_rows_ms")] for r in results["eavi"]],
         markdown)

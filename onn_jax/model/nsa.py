@@ -40,13 +40,18 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   packed rows too), the compressed branch is one causal attention over query groups (cuDNN
   on GPU, ``PALLAS_CMP_ATTENTION``; packed rows add a [B,1,N,N] mask) and the block choice
   one fused Pallas pass (``nsa_pallas.block_choice``: float32 probabilities, overlap sums and
-  top-k per tile of queries; ``PALLAS_CHOICE``). Other shapes (``q_offset``) run the
-  compressed branch and the choice over chunks of queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a
-  chunk's [B,C,H,N] logits; the backward pass recomputes a chunk). Neither [B,T,H,N]
+  top-k per tile of queries; ``PALLAS_CHOICE``). Queries from an offset, at least
+  ``PALLAS_OFFSET_MIN_QUERIES`` of them (a continuation against its prompt: EAVI's branch,
+  ``"extend"`` mode), take the same attention over their query groups (a [B,1,groups,N]
+  mask), the choice kernel and the window kernel over each row's band of keys. Other shapes
+  (one-token decoding, short offsets) run the compressed branch and the choice over chunks of
+  queries (``PALLAS_CMP_CHUNK_ELEMS`` bounds a chunk's [B,C,H,N] logits; the backward pass
+  recomputes a chunk). Neither [B,T,H,N]
   probabilities nor [B,T,G,J] scores exist at once; the selected branch is the Pallas kernel
   pair of :mod:`onn_jax.model.nsa_pallas` (reads only the chosen blocks; key-major backward,
   its kernel without atomics); for rows from position 0 (``q_offset`` the Python int 0,
-  T == S) the window branch is a Pallas kernel too (``nsa_pallas.window_attention``: a band
+  T == S) and long offset queries the window branch is a Pallas kernel too
+  (``nsa_pallas.window_attention``: a band
   of key tiles a tile of queries, packed rows masked by their sequence starts, no mask
   tensor; ``PALLAS_WINDOW = "cudnn"`` takes cuDNN's sliding-window attention instead, as
   before 2026-12-03), else the chunked band attention above.
@@ -537,6 +542,15 @@ PALLAS_CHOICE = "kernel"
 # block_choice_supported. H200, one-token decoding at 32 x 2048: "kernel" 1.5x slower
 # (train.nsa_kernel_check --decode 32x2048 --variants offset_choice_kernel), so "fused".
 PALLAS_OFFSET_CHOICE = "fused"
+# impl="pallas", queries not from position 0 (one sequence a row): from this many queries on
+# (an answer continued against its prompt: EAVI's alignment branch and its rollout's passes),
+# the compressed branch is one attention over the queries' groups (_compressed_folded_offset),
+# the choice nsa_pallas.block_choice and the window branch the window kernel over each row's
+# band of keys (_window_band_kernel), instead of the XLA chunks above. H200, arc1 at 32 x 2048
+# with 931 continuation tokens: EAVI's alignment as a branch 91.3 ms fwd+bwd against 114.5,
+# the rollout's 4 passes against the cache 73.0 against 112.8
+# (docs/bench/eavi_offset_path_ab_h200_2026-12-04.json). The threshold itself is not tuned.
+PALLAS_OFFSET_MIN_QUERIES = 64
 
 
 def _fold_queries(x_BTGRD: jax.Array, num_cmp: int, block_len: int, block_stride: int
@@ -602,6 +616,42 @@ def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: i
   return jnp.where(sees_BT[:, :, None, None, None], out_BTGRD, 0.0)
 
 
+def _compressed_folded_offset(q_BTGRD, k_cmp, v_cmp, off_B, *, block_len: int,
+                              block_stride: int) -> jax.Array:
+  """:func:`_compressed_folded` for queries at positions ``off_B[b] + t`` (one sequence a row).
+
+  Query p belongs to group ``g = (p - block_len + 1) // s`` (it sees blocks ``0..g``); a row's
+  T queries touch at most ``ceil((T + s - 1) / s)`` consecutive groups from ``g0_b``, folded as
+  in :func:`_fold_queries` after shifting each row by ``(off_b - block_len + 1) mod s``. Local
+  group j sees blocks ``<= g0_b + j`` through a [B,1,groups,N] mask (cuDNN takes it as a
+  bias). Queries before ``block_len - 1`` see no block and get zero. [B,T,G,R,D] float32."""
+  from onn_jax.model.attention.full import attention_implementation
+  B, T, G, R, D = q_BTGRD.shape
+  s, first = block_stride, block_len - 1
+  rel_B = off_B.astype(jnp.int32) - first
+  g0_B = rel_B // s  # floor: negative for queries before the first block
+  shift_B = rel_B - g0_B * s
+  groups = -(-(T + s - 1) // s)
+  NG = -(-groups // FOLDED_PAD) * FOLDED_PAD
+  N = -(-k_cmp.shape[1] // FOLDED_PAD) * FOLDED_PAD
+  k_cmp, v_cmp = (jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)])
+                  for x in (k_cmp, v_cmp))
+  zeros = jnp.zeros((NG * s, G, R, D), q_BTGRD.dtype)
+  q = jax.vmap(lambda x, at: jax.lax.dynamic_update_slice_in_dim(zeros, x, at, 0))(
+      q_BTGRD, shift_B)
+  q_BNFD = q.reshape(B, NG, s, G, R, D).transpose(0, 1, 3, 2, 4, 5).reshape(B, NG, G * s * R, D)
+  # Groups before the first block see block 0 here (no row masked entirely) and are zeroed.
+  last_BN = jnp.maximum(g0_B[:, None] + jnp.arange(NG, dtype=jnp.int32)[None], 0)
+  mask = (jnp.arange(N, dtype=jnp.int32)[None, None, :] <= last_BN[:, :, None])[:, None]
+  out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, mask=mask,
+                                          implementation=attention_implementation(q_BNFD.dtype))
+  out = out_BNFD.astype(_F32).reshape(B, NG, G, s, R, D).swapaxes(2, 3).reshape(
+      B, NG * s, G, R, D)
+  out_BTGRD = jax.vmap(lambda x, at: jax.lax.dynamic_slice_in_dim(x, at, T, 0))(out, shift_B)
+  sees_BT = query_positions(off_B, B, T) >= first
+  return jnp.where(sees_BT[:, :, None, None, None], out_BTGRD, 0.0)
+
+
 def _selection_chunked(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: int,
                        block_stride: int, select_len: int, num_select: int) -> jax.Array:
   """The block choice from the compressed probabilities, recomputed in float32 over chunks of
@@ -632,8 +682,9 @@ def _selection_chunked(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len
 
 def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: int,
                    block_stride: int, select_len: int, num_select: int) -> jax.Array:
-  """The block choice [B,T,G,K] (``-1``: unused slot) beside the folded compressed branch,
-  or beside the chunked one with PALLAS_OFFSET_CHOICE "kernel" (``lo_BT``: packed rows): the
+  """The block choice [B,T,G,K] (``-1``: unused slot) beside the folded compressed branch
+  (from position 0, or from an offset: PALLAS_OFFSET_MIN_QUERIES), or beside the chunked one
+  with PALLAS_OFFSET_CHOICE "kernel" (``lo_BT``: packed rows): the
   fused Pallas kernel where it serves the geometry (PALLAS_CHOICE), else the XLA chunks."""
   geo = dict(block_len=block_len, block_stride=block_stride, select_len=select_len)
   if PALLAS_CHOICE not in ("kernel", "chunked"):
@@ -676,6 +727,8 @@ def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
   if PALLAS_WINDOW == "kernel" and offset_is_zero and T == S:
     return nsa_pallas.window_attention(q_BTGRD, k_win, v_win, lo_BT, window,
                                        nsa_pallas.use_interpret())
+  if PALLAS_WINDOW == "kernel" and lo_BT is None and T >= PALLAS_OFFSET_MIN_QUERIES:
+    return _window_band_kernel(q_BTGRD, k_win, v_win, pos_BT[:, 0], window)
   cudnn_ok = (jax.default_backend() == "gpu" and offset_is_zero and T == S
               and (lo_BT is None or B * T * S <= PALLAS_MASK_ELEMS)
               and q_BTGRD.dtype in (jnp.bfloat16, jnp.float16)
@@ -683,6 +736,27 @@ def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
   if not cudnn_ok:
     return _window_blockwise(q_BTGRD, k_win, v_win, pos_BT, window, lo_BT)
   return _window_band_attention(q_BTGRD, k_win, v_win, window, lo_BT, "cudnn")
+
+
+def _window_band_kernel(q_BTGRD, k_win, v_win, off_B, window: int) -> jax.Array:
+  """The window branch of queries at ``off_B[b] + t`` (one sequence a row) through the window
+  kernel: each row's band of keys ``[off_b - w + 1, off_b + T)`` (w = window) with ``w - 1``
+  zero queries in front, so that band query x sees band keys ``x - w + 1 .. x``. Band keys at
+  negative positions are masked as the start of a packed sequence; a front query sees only
+  its own key (finite, dropped). [B,T,G,R,D] float32."""
+  B, T, G, R, D = q_BTGRD.shape
+  W = window - 1
+  X = T + W
+  band = jax.vmap(lambda x, o: jax.lax.dynamic_slice_in_dim(x, o, X, axis=0))
+  left = [(0, 0), (W, 0), (0, 0), (0, 0)]
+  off_B = off_B.astype(jnp.int32)
+  k_band, v_band = band(jnp.pad(k_win, left), off_B), band(jnp.pad(v_win, left), off_B)
+  q_band = jnp.pad(q_BTGRD, [(0, 0), (W, 0), (0, 0), (0, 0), (0, 0)])
+  x_X = jnp.arange(X, dtype=jnp.int32)[None]
+  lo_BX = jnp.where(x_X < W, x_X, jnp.maximum(W - off_B, 0)[:, None])
+  out = nsa_pallas.window_attention(q_band, k_band, v_band, lo_BX, window,
+                                    nsa_pallas.use_interpret())
+  return out[:, W:]
 
 
 def _window_band_attention(q_BTGRD, k_win, v_win, window: int, lo_BT, implementation
@@ -788,9 +862,15 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
     N = k_cmp.shape[1]
     from_start = (T == S and N > 0 and isinstance(q_offset, (int, np.integer)) and q_offset == 0
                   and (lo_BT is None or B * N * N <= PALLAS_MASK_ELEMS))
-    if PALLAS_CMP_ATTENTION == "folded" and from_start:
-      out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
-                                   block_stride=block_stride, lo_BT=lo_BT)
+    long_offset = (not from_start and lo_BT is None and N > 0
+                   and T >= PALLAS_OFFSET_MIN_QUERIES)
+    if PALLAS_CMP_ATTENTION == "folded" and (from_start or long_offset):
+      if from_start:
+        out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
+                                     block_stride=block_stride, lo_BT=lo_BT)
+      else:
+        out_cmp = _compressed_folded_offset(q_cmp_BTGRD, k_cmp, v_cmp, pos_BT[:, 0],
+                                            block_len=block_len, block_stride=block_stride)
       idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, seq_len=S,
                                 block_len=block_len, block_stride=block_stride,
                                 select_len=select_len, num_select=num_select)
