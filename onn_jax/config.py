@@ -179,8 +179,9 @@ class EaviConfig:
   passes: int = 4  # at most, with rollout=parallel
   # How EAVI computes a prompt's continuations: "branch" (the prompt once: the parallel
   # rollout's passes extend its KV cache, the alignment pass runs the excursion as a branch
-  # against its keys; steps.alignment_loss) or "rows" (each continuation a full row, the
-  # prompt recomputed: steps.alignment_loss_rows): the same tokens and CE terms and, SDL aside
+  # against its keys; steps.alignment_loss, with the parallel rollout
+  # steps.branch_alignment_after_rollout) or "rows" (each continuation a full row, the prompt
+  # recomputed: steps.alignment_loss_rows): the same tokens and CE terms and, SDL aside
   # (its statistics cover the tokens computed), gradients. "auto": branch on every backend
   # (H200, arc1 32 x 2048: the EAVI step with the parallel rollout 131.7 ms as a branch, 177.8
   # as rows; CPU, default config, the alignment: 530 ms as a branch, 893 as rows).

@@ -193,8 +193,10 @@ def test_parallel_rollout_reaches_the_sequential_one(setup, feed, continuation):
 
 
 def test_eavi_step_with_the_parallel_rollout(setup):
-  """The EAVI step with eavi.rollout=parallel (argmax feed): the sequential step's loss and
-  parameters when its rollout reaches the fixed point; it reports the passes that ran."""
+  """The EAVI step with eavi.rollout=parallel (argmax feed): the sequential step's loss terms
+  when its rollout reaches the fixed point; it reports the passes that ran. (Its gradient:
+  test_alignment_gives_the_rollout_its_first_pass, against the same rollout followed by the
+  one-call alignment that the sequential step runs.)"""
   cfg, model, state, batch = setup
   cfg = config.replace(cfg, eavi={"feed": "argmax"})
   need = int(np.max(batch["answer_len"]))
@@ -203,11 +205,13 @@ def test_eavi_step_with_the_parallel_rollout(setup):
   (s_seq, m_seq), (s_par, m_par) = run(cfg), run(par)
   assert 1 <= float(m_par["rollout_passes"]) <= need
   assert "rollout_passes" not in m_seq
-  # The same excursion tokens (argmax feed: one-hot, exactly equal), so the same float32 step.
-  for key in ("loss", "exc_ce", "free_exact", "free_token_acc"):
-    np.testing.assert_allclose(m_par[key], m_seq[key], rtol=1e-6, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               s_par.params, s_seq.params)
+  # The same excursion tokens (argmax feed: one-hot, exactly equal), so the same float32 loss
+  # terms, summed over ~100 answer tokens in another grouping (the parallel step's alignment
+  # runs as two calls, the sequential one's as one): a few ulps, well within 1e-5.
+  np.testing.assert_array_equal(m_par["free_exact"], m_seq["free_exact"])
+  np.testing.assert_array_equal(m_par["free_token_acc"], m_seq["free_token_acc"])
+  for key in ("loss", "exc_ce", "ce"):
+    np.testing.assert_allclose(m_par[key], m_seq[key], rtol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("continuation", ["rows", "branch"])
@@ -242,6 +246,9 @@ def test_alignment_gives_the_rollout_its_first_pass(setup, feed, continuation, m
     calls.append((kwargs["first_logits_BAV"] is not None, kwargs["prompt_cache"] is not None))
     return first_pass(*args, **kwargs)
 
+  # Some row's budget runs past the sequence: its branch tokens there are not valid.
+  A = steps.answer_budget(cfg, batch["inputs"].shape[1])
+  assert np.any(np.asarray(batch["answer_start"]) + A > batch["inputs"].shape[1])
   (gen, grads, out) = reference(state.params)
   monkeypatch.setattr(steps, "parallel_rollout", spy)
   monkeypatch.setattr(decode, "_prefill", None)  # must not run: the alignment gives the cache

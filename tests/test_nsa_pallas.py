@@ -163,6 +163,33 @@ def test_long_offset_queries_take_the_folded_and_window_paths(name, monkeypatch)
   assert taken == want
 
 
+def test_offset_queries_past_the_fold_padding_at_the_default_threshold(monkeypatch):
+  """At the default PALLAS_OFFSET_MIN_QUERIES: 90 queries from offsets 0 and 27 (blocks of 6
+  every 4 positions: 24 query groups and 29 blocks, each past one FOLDED_PAD, lowered to 16)
+  take the folded and window paths and match the reference; 13 queries keep the chunks."""
+  geo = test_nsa_core.Geo(B=2, T=90, S=120, H=2, G=1, D=4, block_len=6, block_stride=4,
+                          select_len=8, num_select=3, window=9)
+  assert geo.T >= nsa.PALLAS_OFFSET_MIN_QUERIES > test_nsa_core.GEOMETRIES[
+      "group4_int_offset"][0].T
+  monkeypatch.setattr(nsa, "FOLDED_PAD", 16)
+  taken = []
+  for fn in ("_compressed_folded_offset", "_window_band_kernel"):
+    real = getattr(nsa, fn)
+    monkeypatch.setattr(nsa, fn,
+                        lambda *a, real=real, fn=fn, **kw: taken.append(fn) or real(*a, **kw))
+  args = make_inputs(geo, seed=31)
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 96)
+  offset = _offset(np.array([0, 27]))
+  got = value_and_grad_fn.__wrapped__(geo, "pallas")(args, offset, cot)
+  _assert_close_all(got, value_and_grad_fn.__wrapped__(geo, "reference")(args, offset, cot),
+                    ARG_NAMES)
+  assert sorted(set(taken)) == ["_compressed_folded_offset", "_window_band_kernel"]
+  taken.clear()
+  geo, q_offset = test_nsa_core.GEOMETRIES["group4_int_offset"]
+  forward_fn.__wrapped__(geo, "pallas")(make_inputs(geo, seed=1), _offset(q_offset))
+  assert not taken
+
+
 @pytest.mark.parametrize("name", ["group1_from_start", "per_example_offset"])
 def test_pallas_causality(name):
   geo, q_offset = GEOMETRIES[name]

@@ -179,8 +179,9 @@ def test_eavi_matches_one_device(world, mode):
 def test_parallel_rollout_eavi_step_matches_one_device(world, continuation):
   """eavi.rollout=parallel (argmax feed, passes enough for every row) under shard_map and
   pmap: each device iterates its own row until it settles (a while loop of its own length),
-  and the step is the one-device step; the passes reported are the most any device ran. As
-  rows, the first pass comes from the alignment's teacher-forced rows (each device's own)."""
+  and the step is the one-device step; the passes reported are the most any device ran. The
+  first pass comes from the alignment's teacher forcing (each device's own; as a branch, with
+  its prompt's KV cache)."""
   batch, init, model = world["batches"][K_TF], world["init"], world["model"]
   out = {}
   for mode in MODES:

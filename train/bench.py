@@ -16,7 +16,7 @@ after each one; the median is reported):
   never reaches the fixed point), and the sequential excursion alone (``decode.generate`` for
   ``steps.answer_budget`` tokens): rollout tokens/s; the parallel excursion alone and the
   alignment pass alone (forward+backward), each ``eavi.continuation`` way (branch: the prompt
-  once; rows: whole rows), so that "auto" can be checked on the device.
+  once; rows: whole rows), so that "auto" (branch) can be checked on the device.
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.

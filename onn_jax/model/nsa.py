@@ -525,7 +525,8 @@ def _top_blocks(scores_BTGJ, pos_BT, lo_BT, *, num_select: int, select_len: int)
 
 # impl="pallas": how the compressed branch's output is computed for rows from position 0,
 # packed or not ("folded": one causal attention over the query groups, cuDNN on GPU, see
-# _compressed_folded; "chunked": the XLA chunks above, which every other shape takes). nsa_core
+# _compressed_folded; "chunked": the XLA chunks above, which every other shape takes but long
+# offset queries, PALLAS_OFFSET_MIN_QUERIES). nsa_core
 # fwd+bwd on an H200 (train.nsa_kernel_check, 2026-11-30): folded 6.2 / 9.1 / 10.1 ms against
 # chunked 8.9 / 23.6 / 34.7 ms at 32x2048 / 8x8192 / 1x32768.
 PALLAS_CMP_ATTENTION = "folded"
@@ -535,11 +536,11 @@ FOLDED_PAD = 64  # the folded attention's length (query groups = blocks) is a mu
 # block_choice_supported; "chunked": XLA over chunks of queries, _selection_chunked).
 # H200, forward: measured in train.nsa_kernel_check --breakdown (README, Benchmarks).
 PALLAS_CHOICE = "kernel"
-# impl="pallas", every other shape (queries not from position 0: a second stream, the answer
-# against a cache's prompt; packed rows past PALLAS_MASK_ELEMS): "fused", the choice inside
-# the compressed branch's XLA chunks; "kernel", the chunks compute the output alone and the
-# choice is nsa_pallas.block_choice (which takes any query positions), where
-# block_choice_supported. H200, one-token decoding at 32 x 2048: "kernel" 1.5x slower
+# impl="pallas", every other shape (queries not from position 0, fewer than
+# PALLAS_OFFSET_MIN_QUERIES: one-token decoding; packed rows past PALLAS_MASK_ELEMS): "fused",
+# the choice inside the compressed branch's XLA chunks; "kernel", the chunks compute the
+# output alone and the choice is nsa_pallas.block_choice (which takes any query positions),
+# where block_choice_supported. H200, one-token decoding at 32 x 2048: "kernel" 1.5x slower
 # (train.nsa_kernel_check --decode 32x2048 --variants offset_choice_kernel), so "fused".
 PALLAS_OFFSET_CHOICE = "fused"
 # impl="pallas", queries not from position 0 (one sequence a row): from this many queries on
@@ -707,7 +708,8 @@ def _folded_choice(q_BTGRD, k_cmp, pos_BT, lo_BT, *, seq_len: int, block_len: in
 PALLAS_MASK_ELEMS = 1 << 28
 
 
-# impl="pallas": the window branch of queries at positions 0..T-1 over T keys. "kernel":
+# impl="pallas": the window branch of queries at positions 0..T-1 over T keys (and of long
+# offset queries, PALLAS_OFFSET_MIN_QUERIES: the kernel over each row's band). "kernel":
 # nsa_pallas.window_attention (any dtype, packed rows without a mask; interpret mode off GPU);
 # "cudnn": cuDNN's sliding-window attention on GPU (16-bit dtypes), the chunked band attention
 # elsewhere.
@@ -718,8 +720,10 @@ def _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window: int,
                         offset_is_zero: bool, lo_BT=None) -> jax.Array:
   """Window branch for impl="pallas": for queries at positions 0..T-1 over T keys, the
   window kernel (``PALLAS_WINDOW = "kernel"``) or cuDNN's sliding-window attention on GPU (16-bit
-  dtype; packed rows while the mask is small enough, PALLAS_MASK_ELEMS); else the chunked band
-  attention of the blockwise implementation (which reads only each chunk's band of keys)."""
+  dtype; packed rows while the mask is small enough, PALLAS_MASK_ELEMS); for at least
+  PALLAS_OFFSET_MIN_QUERIES queries from an offset (one sequence a row), the window kernel over
+  each row's band (:func:`_window_band_kernel`); else the chunked band attention of the
+  blockwise implementation (which reads only each chunk's band of keys)."""
   B, T, G, R, D = q_BTGRD.shape
   S = k_win.shape[1]
   if PALLAS_WINDOW not in ("kernel", "cudnn"):
@@ -743,7 +747,8 @@ def _window_band_kernel(q_BTGRD, k_win, v_win, off_B, window: int) -> jax.Array:
   kernel: each row's band of keys ``[off_b - w + 1, off_b + T)`` (w = window) with ``w - 1``
   zero queries in front, so that band query x sees band keys ``x - w + 1 .. x``. Band keys at
   negative positions are masked as the start of a packed sequence; a front query sees only
-  its own key (finite, dropped). [B,T,G,R,D] float32."""
+  its own key (finite, dropped): w - 1 queries more a row (14% more at arc1's window of 128
+  and 931 answer tokens). [B,T,G,R,D] float32."""
   B, T, G, R, D = q_BTGRD.shape
   W = window - 1
   X = T + W
