@@ -584,6 +584,13 @@ def _unfold(x_BNF: jax.Array, T: int, G: int, R: int, block_len: int, block_stri
   return jnp.concatenate([head, x], axis=1)
 
 
+def _pad_blocks(k_cmp, v_cmp):
+  """Compressed keys and values padded with zero blocks to a multiple of FOLDED_PAD: cuDNN
+  takes no odd lengths when training, and a multiple of its 64-row tiles costs nothing extra."""
+  N = -(-k_cmp.shape[1] // FOLDED_PAD) * FOLDED_PAD
+  return tuple(jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)]) for x in (k_cmp, v_cmp))
+
+
 def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: int,
                        lo_BT: jax.Array | None = None) -> jax.Array:
   """The compressed branch's output [B,T,G,R,D] float32 (queries at 0..T-1 of T keys) as one
@@ -596,11 +603,9 @@ def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: i
   sequence; the others (the first ``block_len - 1`` of the next sequence) get zero."""
   from onn_jax.model.attention.full import attention_implementation
   B, T, G, R, D = q_BTGRD.shape
-  # cuDNN takes no odd lengths when training; a multiple of its 64-row tiles costs nothing
-  # extra. Padded blocks come last, so causally only the padded query groups (dropped) see them.
-  N = -(-k_cmp.shape[1] // FOLDED_PAD) * FOLDED_PAD
-  k_cmp, v_cmp = (jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)])
-                  for x in (k_cmp, v_cmp))
+  # Padded blocks come last, so causally only the padded query groups (dropped) see them.
+  k_cmp, v_cmp = _pad_blocks(k_cmp, v_cmp)
+  N = k_cmp.shape[1]
   q_BNFD = _fold_queries(q_BTGRD, N, block_len, block_stride)
   mask = None
   if lo_BT is not None:
@@ -631,24 +636,24 @@ def _compressed_folded_offset(q_BTGRD, k_cmp, v_cmp, off_B, *, block_len: int,
   s, first = block_stride, block_len - 1
   rel_B = off_B.astype(jnp.int32) - first
   g0_B = rel_B // s  # floor: negative for queries before the first block
-  shift_B = rel_B - g0_B * s
-  groups = -(-(T + s - 1) // s)
+  # Each row's queries placed at local positions first + shift_B .., so that local position p
+  # folds into local group (p - first) // s = global group - g0_B.
+  at_B = first + rel_B - g0_B * s
+  groups = -(-(T + s - 1) // s)  # the most a row's T queries touch
   NG = -(-groups // FOLDED_PAD) * FOLDED_PAD
-  N = -(-k_cmp.shape[1] // FOLDED_PAD) * FOLDED_PAD
-  k_cmp, v_cmp = (jnp.pad(x, [(0, 0), (0, N - x.shape[1]), (0, 0), (0, 0)])
-                  for x in (k_cmp, v_cmp))
-  zeros = jnp.zeros((NG * s, G, R, D), q_BTGRD.dtype)
-  q = jax.vmap(lambda x, at: jax.lax.dynamic_update_slice_in_dim(zeros, x, at, 0))(
-      q_BTGRD, shift_B)
-  q_BNFD = q.reshape(B, NG, s, G, R, D).transpose(0, 1, 3, 2, 4, 5).reshape(B, NG, G * s * R, D)
+  L = first + NG * s
+  k_cmp, v_cmp = _pad_blocks(k_cmp, v_cmp)
+  zeros = jnp.zeros((L, G, R, D), q_BTGRD.dtype)
+  q = jax.vmap(lambda x, at: jax.lax.dynamic_update_slice_in_dim(zeros, x, at, 0))(q_BTGRD, at_B)
+  q_BNFD = _fold_queries(q, NG, block_len, block_stride)
   # Groups before the first block see block 0 here (no row masked entirely) and are zeroed.
   last_BN = jnp.maximum(g0_B[:, None] + jnp.arange(NG, dtype=jnp.int32)[None], 0)
+  N = k_cmp.shape[1]
   mask = (jnp.arange(N, dtype=jnp.int32)[None, None, :] <= last_BN[:, :, None])[:, None]
   out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, mask=mask,
                                           implementation=attention_implementation(q_BNFD.dtype))
-  out = out_BNFD.astype(_F32).reshape(B, NG, G, s, R, D).swapaxes(2, 3).reshape(
-      B, NG * s, G, R, D)
-  out_BTGRD = jax.vmap(lambda x, at: jax.lax.dynamic_slice_in_dim(x, at, T, 0))(out, shift_B)
+  out = _unfold(out_BNFD.astype(_F32), L, G, R, block_len, block_stride, 0.0)
+  out_BTGRD = jax.vmap(lambda x, at: jax.lax.dynamic_slice_in_dim(x, at, T, 0))(out, at_B)
   sees_BT = query_positions(off_B, B, T) >= first
   return jnp.where(sees_BT[:, :, None, None, None], out_BTGRD, 0.0)
 
