@@ -69,14 +69,14 @@ def _offset(q_offset):
   return jnp.asarray(q_offset, jnp.int32)
 
 
-def _assert_close_all(got, want, names):
+def _assert_close_all(got, want, names, rtol=RTOL, atol=ATOL):
   out_got, grads_got = got
   out_want, grads_want = want
-  np.testing.assert_allclose(out_got, out_want, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(out_got, out_want, rtol=rtol, atol=atol)
   for name in names:
     g_got, g_want = np.asarray(grads_got[name]), np.asarray(grads_want[name])
     assert np.all(np.isfinite(g_got)), name
-    np.testing.assert_allclose(g_got, g_want, rtol=RTOL, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(g_got, g_want, rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))
@@ -181,8 +181,10 @@ def test_offset_queries_past_the_fold_padding_at_the_default_threshold(monkeypat
   cot = random_like((geo.B, geo.T, geo.H, geo.D), 96)
   offset = _offset(np.array([0, 27]))
   got = value_and_grad_fn.__wrapped__(geo, "pallas")(args, offset, cot)
+  # A key's gradient sums over up to T * R = 180 (query, head) terms, twice the ~100 that
+  # RTOL/ATOL are derived for (module docstring): twice the tolerances.
   _assert_close_all(got, value_and_grad_fn.__wrapped__(geo, "reference")(args, offset, cot),
-                    ARG_NAMES)
+                    ARG_NAMES, rtol=2 * RTOL, atol=2 * ATOL)
   assert sorted(set(taken)) == ["_compressed_folded_offset", "_window_band_kernel"]
   taken.clear()
   geo, q_offset = test_nsa_core.GEOMETRIES["group4_int_offset"]
