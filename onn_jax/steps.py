@@ -17,6 +17,7 @@ import optax
 
 from onn_jax import objectives, stages
 from onn_jax.config import Config
+from onn_jax.data.serialize import grid_length
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
 from onn_jax.model.moe import merge_aux
@@ -184,10 +185,14 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Confi
   return _finish_step(state, grads, report, aux, cfg=cfg, axis_name=axis_name)
 
 
-def answer_budget(cfg: Config, seq_len: int) -> int:
-  """Static excursion length: the longest answer the data can hold (rows of w+1, then END)."""
+def answer_budget(batch: dict, cfg: Config) -> int:
+  """Static excursion length A: the width of the batch's ``answer_tokens`` (the longest answer
+  of its bucket, :attr:`onn_jax.data.pipeline.BatchStream.answer_budgets`), else the longest
+  answer ``data.max_grid`` allows (rows of w+1, then END), at most the sequence."""
+  if "answer_tokens" in batch:
+    return batch["answer_tokens"].shape[1]
   g = cfg.data.max_grid
-  return min(seq_len, g * (g + 1) + 1)
+  return min(batch["inputs"].shape[1], grid_length((g, g)) + 1)
 
 
 def answer_index(batch: dict) -> jax.Array:
@@ -273,7 +278,7 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   given (the teacher-forced sequence's, :func:`branch_alignment_after_rollout`).
   """
   T = batch["inputs"].shape[1]
-  e, A = cfg.eavi, answer_budget(cfg, T)
+  e, A = cfg.eavi, answer_budget(batch, cfg)
   how = dict(capacity=T, feed=e.feed, temperature=e.temperature, rng=rng, row_offset=row_offset,
              stop_after_B=batch["answer_len"])
   params = jax.lax.stop_gradient(params)
@@ -370,7 +375,7 @@ def rows_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
 
   Returns ``(generation, grads, (stats_exc, stats_tf, sdl_report, aux))``.
   """
-  A = answer_budget(cfg, batch["inputs"].shape[1])
+  A = answer_budget(batch, cfg)
 
   def rows(p, inputs_BTV):
     logits_BTV, _, aux = model.apply({"params": p}, inputs_BTV, batch["valid"])
@@ -418,7 +423,7 @@ def branch_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
   Returns ``(generation, grads, (stats_exc, stats_tf, sdl_report, aux))``.
   """
   B, T = batch["inputs"].shape
-  A = answer_budget(cfg, T)
+  A = answer_budget(batch, cfg)
   start_B = jnp.asarray(batch["answer_start"], jnp.int32)
 
   def teacher_forced(p):

@@ -97,6 +97,8 @@ def test_quick_train_and_eavi_numbers(quick):
       assert key in row, f"eavi row lacks {key}: {row}"
     cfg = config.load("configs/arc1.yaml", list(bench.QUICK_OVERRIDES))
     assert row["continuation"] == steps.continuation(cfg)
+    stream = bench.config_stream(cfg)  # EAVI's answer budget of the config's data
+    assert row["rollout_budget"] == stream.answer_budgets[stream.buckets.index(row["seq_len"])]
     assert row["ratio"] == pytest.approx(row["eavi_step_ms"] / row["train_step_ms"])
     assert row["eavi_step_ms"] == row["sequential_step_ms"]  # the config's rollout
     assert 1 <= row["parallel_passes"] <= 4  # eavi.passes, the default

@@ -98,7 +98,7 @@ def test_excursion_after_an_early_end_is_not_scored(setup):
   the objective stays normalised by the answer tokens."""
   cfg, model, state, batch = setup
   B = batch["inputs"].shape[0]
-  A = steps.answer_budget(cfg, batch["inputs"].shape[1])
+  A = steps.answer_budget(batch, cfg)
   answer_len = np.asarray(batch["answer_len"])
   assert (answer_len >= 3).all()
   tokens_BA = np.ones((B, A), np.int32)  # colour 1 everywhere: never END
@@ -214,6 +214,31 @@ def test_eavi_step_with_the_parallel_rollout(setup):
     np.testing.assert_allclose(m_par[key], m_seq[key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("rollout", ["sequential", "parallel"])
+def test_the_batchs_answer_budget_sets_the_excursion_and_changes_no_answer_term(setup, rollout):
+  """EAVI's static answer budget is the width of the batch's ``answer_tokens`` (the longest
+  answer of its bucket), else the longest answer data.max_grid allows: a batch as wide as its
+  longest answer gets the same rollout over every answer and the same loss terms (the tokens
+  past an answer are neither scored nor seen by an answer token), from a shorter excursion."""
+  cfg, model, state, batch = setup
+  cfg = config.replace(cfg, eavi={"feed": "argmax", "rollout": rollout, "passes": 2})
+  need = int(np.max(batch["answer_len"]))
+  wide = {k: v for k, v in batch.items() if k != "answer_tokens"}
+  tight = dict(batch, answer_tokens=batch["answer_tokens"][:, :need])
+  assert steps.answer_budget(wide, cfg) == 21 and steps.answer_budget(tight, cfg) == need < 21
+  rng = jax.random.PRNGKey(5)
+  gens = [jax.jit(lambda p, b: steps.excursion(model, p, b, cfg, rng))(state.params, b)
+          for b in (wide, tight)]
+  assert [g.tokens_BA.shape[1] for g in gens] == [21, need]
+  np.testing.assert_array_equal(gens[0].tokens_BA[:, :need], gens[1].tokens_BA)
+  run = lambda b: jax.jit(functools.partial(steps.eavi_step, model=model, cfg=cfg))(state, b)
+  (_, m_wide), (_, m_tight) = run(wide), run(tight)
+  # The same answer tokens' float32 terms; the excursion's logits come from calls over fewer
+  # continuation tokens (other shapes, other reduction order): a few ulps of ~100 summed terms.
+  for key in ("exc_ce", "ce", "free_exact", "free_token_acc", "exc_scored_frac"):
+    np.testing.assert_allclose(m_tight[key], m_wide[key], rtol=1e-5, err_msg=key)
+
+
 @pytest.mark.parametrize("continuation", ["rows", "branch"])
 @pytest.mark.parametrize("feed", ["argmax", "soft", "sample"])
 def test_alignment_gives_the_rollout_its_first_pass(setup, feed, continuation, monkeypatch):
@@ -247,7 +272,7 @@ def test_alignment_gives_the_rollout_its_first_pass(setup, feed, continuation, m
     return first_pass(*args, **kwargs)
 
   # Some row's budget runs past the sequence: its branch tokens there are not valid.
-  A = steps.answer_budget(cfg, batch["inputs"].shape[1])
+  A = steps.answer_budget(batch, cfg)
   assert np.any(np.asarray(batch["answer_start"]) + A > batch["inputs"].shape[1])
   (gen, grads, out) = reference(state.params)
   monkeypatch.setattr(steps, "parallel_rollout", spy)
@@ -279,7 +304,7 @@ def test_a_given_first_pass_runs_only_when_a_row_needs_a_token(setup):
   token is PAD."""
   cfg, model, state, batch = setup
   none_B = jnp.zeros_like(batch["answer_len"])
-  A = steps.answer_budget(cfg, batch["inputs"].shape[1])
+  A = steps.answer_budget(batch, cfg)
   guess_BA = steps.answer_targets(batch, A)
   for first in (None, jnp.zeros((none_B.shape[0], A, VOCAB_SIZE))):
     gen = jax.jit(lambda p, first: steps.parallel_rollout(

@@ -9,7 +9,8 @@ import pytest
 
 from onn_jax.config import DataConfig
 from onn_jax.data import pipeline
-from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate, rows_within
+from onn_jax.data.pipeline import (ANSWER_BUDGET_ALIGN, BatchStream, build_training_tasks, collate,
+                                   rows_within)
 from onn_jax.data.serialize import (decode_grid, leave_one_out, parse_sequence,
                                     sequence_length, serialize)
 from onn_jax.data.tasks import Task, load_tasks
@@ -546,3 +547,38 @@ def test_answer_groups_draw_rows_of_one_group_and_every_item_alike(monkeypatch):
   task, test_index = s.items[0]
   h, w = np.shape(task.test[test_index][1])
   assert s.item_answer[0] == max(h * (w + 1), w * (h + 1)) + 1
+
+
+def test_answer_tokens_are_each_answer_at_its_buckets_budget():
+  """A batch's ``answer_tokens`` hold each row's answer (END last, PAD after), as wide as EAVI's
+  answer budget of its bucket: the bucket's longest answer (either orientation) rounded up to
+  ANSWER_BUDGET_ALIGN, at most the bucket's length and the longest answer data.max_grid
+  allows."""
+  for max_grid in (30, 4):  # 4: the grid bound (21 tokens) is below one alignment step
+    cfg = dataclasses.replace(CFG, max_grid=max_grid)
+    crop = lambda g: None if g is None else g[:max_grid, :max_grid]
+    tasks = [Task(t.id, [(crop(a), crop(b)) for a, b in t.train],
+                  [(crop(a), crop(b)) for a, b in t.test]) for t in _tasks(12)]
+    s = BatchStream(tasks, cfg, batch_size=8, seed=1)
+    for k, length in enumerate(s.buckets):
+      budget, longest = s.answer_budgets[k], int(s.item_answer[s.bucket_items[k]].max())
+      assert longest <= budget <= min(length, max_grid * (max_grid + 1) + 1)
+      assert budget in (length, max_grid * (max_grid + 1) + 1) or (
+          budget % ANSWER_BUDGET_ALIGN == 0 and budget - ANSWER_BUDGET_ALIGN < longest)
+    assert s.answer_budgets[0] == (64 if max_grid == 30 else 21)
+    for step in range(8):
+      batch = s.batch(step)
+      budget = s.answer_budgets[s.buckets.index(batch["inputs"].shape[1])]
+      assert batch["answer_tokens"].shape == (8, budget)
+      assert batch["answer_tokens"].dtype == np.int32
+      for b in range(8):
+        start, n = int(batch["answer_start"][b]), int(batch["answer_len"][b])
+        np.testing.assert_array_equal(batch["answer_tokens"][b, :n],
+                                      batch["targets"][b, start - 1:start - 1 + n])
+        assert batch["answer_tokens"][b, n - 1] == END
+        assert np.all(batch["answer_tokens"][b, n:] == PAD)
+  # collate leaves the key out without a budget, and cuts an answer longer than it.
+  ex = s._example(0, 0, 0, s.buckets[-1] + 1)
+  assert "answer_tokens" not in collate([ex], s.buckets[-1])
+  cut = collate([ex], s.buckets[-1], answer_budget=2)["answer_tokens"]
+  np.testing.assert_array_equal(cut[0], ex.tokens[ex.answer_start:ex.answer_start + 2])

@@ -14,9 +14,11 @@ after each one; the median is reported):
 * ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), with
   each ``eavi.rollout`` (the parallel one at ``eavi.passes`` passes, as an untrained model
   never reaches the fixed point), and the sequential excursion alone (``decode.generate`` for
-  ``steps.answer_budget`` tokens): rollout tokens/s; the parallel excursion alone and the
-  alignment pass alone (forward+backward), each ``eavi.continuation`` way (branch: the prompt
-  once; rows: whole rows), so that "auto" (branch) can be checked on the device.
+  ``steps.answer_budget`` tokens, ``rollout_budget``: EAVI's answer budget in the config's
+  data at that length, ``BatchStream.answer_budgets``): rollout tokens/s; the parallel
+  excursion alone and the alignment pass alone (forward+backward), each
+  ``eavi.continuation`` way (branch: the prompt once; rows: whole rows), so that "auto"
+  (branch) can be checked on the device.
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
@@ -79,7 +81,7 @@ from onn_jax import config, output, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
-from onn_jax.data.tokens import VOCAB_SIZE
+from onn_jax.data.tokens import PAD, VOCAB_SIZE
 from onn_jax.decode import generate, parallel_rollout
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
@@ -351,6 +353,13 @@ def synthetic_packed_batch(batch: int, seq_len: int, align: int, seed: int = 0
   return {k: jnp.asarray(v) for k, v in collate_packed(rows, seq_len, align).items()}
 
 
+def config_stream(cfg: Config) -> BatchStream:
+  """The training batches of the config's own data."""
+  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
+  return BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                     pack_align=attention.pack_alignment(cfg.model))
+
+
 def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:
   """The share of real (not padding) tokens in the config's own training batches.
 
@@ -359,9 +368,7 @@ def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:
   ``num_batches`` batches of a packing stage (``data.pack``): rows of ``data.pack_len``, and the
   unpacked rows of a longer bucket at the steps drawn for one.
   """
-  tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
-  stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
-                       pack_align=attention.pack_alignment(cfg.model))
+  stream = config_stream(cfg)
   shares: dict[int, list[float]] = {length: [] for length in stream.buckets}
   step = 0
   while min(len(v) for v in shares.values()) < num_batches and step < 100 * num_batches:
@@ -383,8 +390,13 @@ class StepRunner:
   """Compiles each (step kind, seq_len) once and times it on fresh states, reusing executables
   across the train and eavi sections."""
 
-  def __init__(self, cfg: Config, sizes: Sizes, profile_dir: Path | None = None):
+  def __init__(self, cfg: Config, sizes: Sizes, profile_dir: Path | None = None,
+               answer_budgets: dict[int, int] | None = None):
     self.cfg, self.sizes = cfg, sizes
+    # {T: A}: the unpacked batches at length T carry answer_tokens A wide, EAVI's answer budget
+    # in the config's data at that bucket (BatchStream.answer_budgets); other lengths none
+    # (steps.answer_budget: the longest answer data.max_grid allows).
+    self.answer_budgets = answer_budgets or {}
     # --profile: each timed step is then traced too (train/profile.py), its summary kept here
     # by name (e.g. "train_T2048_packed") for the section's rows.
     self.profile_dir = profile_dir
@@ -404,7 +416,12 @@ class StepRunner:
     if packed:
       return synthetic_packed_batch(self.cfg.train.batch_size, seq_len,
                                     attention.pack_alignment(self.cfg.model))
-    return synthetic_batch(self.cfg.train.batch_size, seq_len)
+    batch = synthetic_batch(self.cfg.train.batch_size, seq_len)
+    if seq_len in self.answer_budgets:  # as pipeline.collate writes it: PAD after the answer
+      A = self.answer_budgets[seq_len]
+      in_answer_BA = jnp.arange(A)[None] < batch["answer_len"][:, None]
+      batch["answer_tokens"] = jnp.where(in_answer_BA, steps.answer_targets(batch, A), PAD)
+    return batch
 
   def time_step(self, kind: str, seq_len: int, iters: int, packed: bool = False,
                 rollout: str | None = None, loop: bool = False) -> tuple[Timing, dict]:
@@ -445,7 +462,7 @@ class StepRunner:
   def time_rollout(self, seq_len: int) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example)."""
     cfg, batch = self.cfg, self.batch(seq_len)
-    budget = steps.answer_budget(cfg, seq_len)
+    budget = steps.answer_budget(batch, cfg)
     fn = functools.partial(generate, self.eavi_model, max_new=budget, capacity=seq_len,
                            feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
     args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
@@ -464,7 +481,7 @@ class StepRunner:
         parallel_rollout, self.eavi_model, passes=cfg.eavi.passes, capacity=seq_len,
         feed=cfg.eavi.feed, temperature=cfg.eavi.temperature,
         shared_prompt=continuation == "branch")
-    guess_BA = steps.answer_targets(batch, steps.answer_budget(cfg, seq_len))
+    guess_BA = steps.answer_targets(batch, steps.answer_budget(batch, cfg))
     timing, _ = benchmark(lambda p, x, n, g, need: fn(p, x, n, g, stop_after_B=need).tokens_BA,
                           (self.fresh_state().params, batch["inputs"], batch["answer_start"],
                            guess_BA, batch["answer_len"]),
@@ -476,7 +493,7 @@ class StepRunner:
     ``steps.alignment_loss_rows``), forward and backward, with the ground truth as the
     excursion (the cost does not depend on what is fed)."""
     cfg, batch = self.cfg, self.batch(seq_len)
-    fed_BAV = jax.nn.one_hot(steps.answer_targets(batch, steps.answer_budget(cfg, seq_len)),
+    fed_BAV = jax.nn.one_hot(steps.answer_targets(batch, steps.answer_budget(batch, cfg)),
                              VOCAB_SIZE, dtype=jnp.float32)
     grad = jax.grad(lambda p, b, fed: loss_fn(p, b, fed, model=self.eavi_model, cfg=cfg)[0])
     timing, _ = benchmark(grad, (self.fresh_state().params, batch, fed_BAV),
@@ -1210,7 +1227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"bench: {meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
         f"sections {','.join(sections)}, lengths {list(lens)}", flush=True)
   with light_compilation(args.quick):
-    runner = StepRunner(cfg, sizes, Path(args.profile) if args.profile else None)
+    budgets = {}
+    if "eavi" in sections:  # EAVI's answer budgets of the config's data
+      stream = config_stream(cfg)
+      budgets = dict(zip(stream.buckets, stream.answer_budgets))
+    runner = StepRunner(cfg, sizes, Path(args.profile) if args.profile else None, budgets)
     for name in SECTIONS:  # a fixed order, so train's compiled steps are reused by eavi
       if name not in sections:
         continue

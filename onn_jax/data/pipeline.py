@@ -26,6 +26,9 @@ from onn_jax.data.tokens import PAD
 _STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share a seed
 _STREAM_ROW = 1
 _STREAM_KIND = 2  # packed rows or a longer bucket, at a packing stage's step
+# EAVI's answer budgets (BatchStream.answer_budgets) are multiples of this: the queries one
+# program of NSA's block-choice kernel takes (nsa_pallas.CHOICE_TOKENS).
+ANSWER_BUDGET_ALIGN = 64
 _PACK_SAMPLES = 8  # packed batches (steps 0..7) that measure how many sequences one holds
 _STREAM_FILL_SIM = 3  # the simulated packing that sets draw weights (data.pack_misses > 0)
 _FILL_SIM_BATCHES = 400  # simulated batches of each step kind, a round
@@ -148,7 +151,8 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   return tasks, info
 
 
-def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
+def collate(examples: Sequence[Example], length: int, answer_budget: int = 0
+            ) -> dict[str, np.ndarray]:
   """Right-pads examples into a next-token batch of width ``length``.
 
   For an example with tokens t[0..n-1] (n <= length + 1): inputs = t[:-1], targets = t[1:],
@@ -159,6 +163,9 @@ def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
     loss_mask float32 [B, T] (0 on padding), valid bool [B, T] (input is a real token),
     answer_start int32 [B] (index in inputs of the first answer token; the first answer token
     is predicted at targets index answer_start - 1), answer_len int32 [B].
+  With ``answer_budget`` A > 0 also answer_tokens int32 [B, A]: each answer (END last; PAD
+  after it, and an answer longer than A cut), whose width is EAVI's static answer budget
+  (:func:`onn_jax.steps.answer_budget`; :attr:`BatchStream.answer_budgets`).
   A prompt (answer_len 0) loses its final OUT from inputs: feed Example.tokens to generate.
   """
   batch = len(examples)
@@ -179,8 +186,15 @@ def collate(examples: Sequence[Example], length: int) -> dict[str, np.ndarray]:
     valid_BT[b, :n] = True
     answer_start_B[b] = ex.answer_start
     answer_len_B[b] = ex.answer_len
-  return {"inputs": inputs_BT, "targets": targets_BT, "loss_mask": loss_mask_BT,
-          "valid": valid_BT, "answer_start": answer_start_B, "answer_len": answer_len_B}
+  out = {"inputs": inputs_BT, "targets": targets_BT, "loss_mask": loss_mask_BT,
+         "valid": valid_BT, "answer_start": answer_start_B, "answer_len": answer_len_B}
+  if answer_budget > 0:
+    answer_BA = np.full((batch, answer_budget), PAD, np.int32)
+    for b, ex in enumerate(examples):
+      tokens = ex.tokens[ex.answer_start:ex.answer_start + min(ex.answer_len, answer_budget)]
+      answer_BA[b, :len(tokens)] = tokens
+    out["answer_tokens"] = answer_BA
+  return out
 
 
 def collate_packed(rows: Sequence[Sequence[Example]], length: int, align: int
@@ -299,7 +313,8 @@ class BatchStream:
   augments row r from ``default_rng([seed, step, 1, r])``: a D8 element (cfg.d8), a colour
   permutation (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
   ``rows // process_count``: this process's contiguous share of the global batch, which every
-  process draws identically.
+  process draws identically. Its ``answer_tokens`` are ``answer_budgets[bucket]`` wide: the
+  longest answer in the bucket (EAVI's rollout and alignment budget).
 
   ``packed_batch(step)`` (``data.pack``) fills rows of ``data.pack_len`` (0: the longest bucket)
   with several sequences each (:func:`collate_packed`), drawn from the items of the buckets up
@@ -379,9 +394,17 @@ class BatchStream:
     # Answer tokens of each item, its longer orientation under D8 (EAVI's rollout length).
     self.item_answer = np.array([_answer_length(task, test_index, cfg.d8)
                                  for task, test_index in self.items], np.int64)
-    self._cells: dict[tuple[int, ...], tuple[list[tuple[int, np.ndarray]], np.ndarray]] = {}
     bucket_of_arr = np.array(bucket_of)
     self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
+    # EAVI's answer budget in each bucket (the width of its batches' answer_tokens): the
+    # longest answer of the bucket's items, rounded up to ANSWER_BUDGET_ALIGN, at most the
+    # bucket's length and the longest answer data.max_grid allows.
+    self.answer_budgets = [
+        min(length, grid_length((cfg.max_grid, cfg.max_grid)) + 1,
+            -(-int(self.item_answer[ix].max(initial=1)) // ANSWER_BUDGET_ALIGN)
+            * ANSWER_BUDGET_ALIGN)
+        for length, ix in zip(self.buckets, self.bucket_items)]
+    self._cells: dict[tuple[int, ...], tuple[list[tuple[int, np.ndarray]], np.ndarray]] = {}
     counts = np.array([len(ix) for ix in self.bucket_items], np.float64)
     weights = counts * (batch_size / np.array(self.rows))  # batches that draw each item once
     self.bucket_probs = weights / weights.sum()
@@ -559,7 +582,8 @@ class BatchStream:
     picks = pool[rng.integers(0, len(pool), size=self.rows[bucket])]
     length = self.buckets[bucket]
     return collate([self._example(int(picks[r]), step, r, length + 1)
-                    for r in self._mine(self.rows[bucket])], length)
+                    for r in self._mine(self.rows[bucket])], length,
+                   self.answer_budgets[bucket])
 
   def pack_rows(self, step: int, kind: int = 0) -> list[list[Example]]:
     """The examples in each row of the global packed batch at ``step``, augmented.
