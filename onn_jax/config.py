@@ -166,7 +166,8 @@ class EaviConfig:
   warmup_steps: int = 10
   # Rows of an EAVI batch drawn from one answer-length group: edges in answer tokens, e.g.
   # [64, 128, 256, 512] (groups <= 64, 65-128, ..., > 512) inside each bucket; every sequence
-  # stays as likely as without. A rollout lasts as long as its batch's longest answer: on arc1's
+  # stays as likely as without. A sequential rollout lasts as long as its batch's longest answer
+  # (the parallel one and the alignment run the bucket's static budget either way): on arc1's
   # data these edges cut that from 424 to 296 tokens a batch on average. Rows of a batch then
   # have similar answers, so the token-averaged loss weighs short answers more. []: off.
   answer_groups: tuple[int, ...] = ()
@@ -183,8 +184,9 @@ class EaviConfig:
   # steps.branch_alignment_after_rollout) or "rows" (each continuation a full row, the prompt
   # recomputed: steps.alignment_loss_rows): the same tokens and CE terms and, SDL aside
   # (its statistics cover the tokens computed), gradients. "auto": branch on every backend
-  # (H200, arc1 32 x 2048: the EAVI step with the parallel rollout 131.7 ms as a branch, 177.8
-  # as rows; CPU, default config, the alignment: 530 ms as a branch, 893 as rows).
+  # (H200, arc1 32 x 2048, 931 answer tokens: the EAVI step with the parallel rollout 131.7 ms
+  # as a branch, 177.8 as rows; CPU, default config, the alignment: 530 ms as a branch, 893 as
+  # rows).
   # steps.continuation.
   continuation: str = "auto"
 
