@@ -17,7 +17,7 @@ import optax
 
 from onn_jax import objectives, stages
 from onn_jax.config import Config
-from onn_jax.data.serialize import grid_length
+from onn_jax.data.serialize import longest_answer
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
 from onn_jax.model.moe import merge_aux
@@ -191,8 +191,7 @@ def answer_budget(batch: dict, cfg: Config) -> int:
   answer ``data.max_grid`` allows (rows of w+1, then END), at most the sequence."""
   if "answer_tokens" in batch:
     return batch["answer_tokens"].shape[1]
-  g = cfg.data.max_grid
-  return min(batch["inputs"].shape[1], grid_length((g, g)) + 1)
+  return min(batch["inputs"].shape[1], longest_answer(cfg.data.max_grid))
 
 
 def answer_index(batch: dict) -> jax.Array:

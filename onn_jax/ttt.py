@@ -118,12 +118,14 @@ def task_stream(task: Task, cfg: Config) -> tuple[BatchStream | None, str]:
   seed = task_seed(cfg.train.seed, task.id)
   data = dataclasses.replace(cfg.data, pack=False, pack_len=0)  # TTT batches are never packed
   try:
-    probe = BatchStream([demos_only], data, cfg.ttt.batch_size, seed)
+    probe = BatchStream([demos_only], data, cfg.ttt.batch_size, seed, answer_tokens=False)
   except DataError:  # not one leave-one-out sequence fits the longest bucket
     return None, "too_long"
   length = probe.buckets[max(k for k, ix in enumerate(probe.bucket_items) if len(ix))]
   data = dataclasses.replace(data, buckets=(length,))
-  return BatchStream([demos_only], data, cfg.ttt.batch_size, seed), ""
+  # Tasks' batches are stacked (one program per length): no answer_tokens, whose width, EAVI's
+  # answer budget, is each task's own.
+  return BatchStream([demos_only], data, cfg.ttt.batch_size, seed, answer_tokens=False), ""
 
 
 def tasks_per_chunk(cfg: Config, length: int) -> int:

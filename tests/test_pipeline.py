@@ -552,20 +552,33 @@ def test_answer_groups_draw_rows_of_one_group_and_every_item_alike(monkeypatch):
 def test_answer_tokens_are_each_answer_at_its_buckets_budget():
   """A batch's ``answer_tokens`` hold each row's answer (END last, PAD after), as wide as EAVI's
   answer budget of its bucket: the bucket's longest answer (either orientation) rounded up to
-  ANSWER_BUDGET_ALIGN, at most the bucket's length and the longest answer data.max_grid
-  allows."""
-  for max_grid in (30, 4):  # 4: the grid bound (21 tokens) is below one alignment step
-    cfg = dataclasses.replace(CFG, max_grid=max_grid)
-    crop = lambda g: None if g is None else g[:max_grid, :max_grid]
-    tasks = [Task(t.id, [(crop(a), crop(b)) for a, b in t.train],
-                  [(crop(a), crop(b)) for a, b in t.test]) for t in _tasks(12)]
+  ANSWER_BUDGET_ALIGN, at most the bucket's length and, when no answer is longer, the longest
+  answer data.max_grid allows; never below an answer of the bucket."""
+  rng = np.random.default_rng(4)
+  big = Task("big", [(rng.integers(0, 10, (12, 9)), rng.integers(0, 10, (9, 12)))
+                     for _ in range(3)], [(rng.integers(0, 10, (12, 9)),
+                                           rng.integers(0, 10, (9, 12)))])
+  crop = lambda g, side: None if g is None else g[:side, :side]
+  cropped = lambda side: [Task(t.id, [(crop(a, side), crop(b, side)) for a, b in t.train],
+                               [(crop(a, side), crop(b, side)) for a, b in t.test])
+                          for t in _tasks(12)]
+  cases = [  # (max_grid, buckets, tasks, budgets expected)
+      (30, (128, 256), _tasks(12), [64, 64]),
+      # 12x9 answers: 9 * 13 + 1 = 118 tokens, either orientation (D8) -> 128.
+      (30, (128, 1024), _tasks(12) + [big], [64, 128]),
+      (4, (128, 256), cropped(4), [21, 21]),  # the grid bound (21) below one alignment step
+      (4, (128, 256), _tasks(12), None)]  # grids past max_grid (unfiltered): never cut
+  for max_grid, buckets, tasks, expected in cases:
+    cfg = dataclasses.replace(CFG, max_grid=max_grid, buckets=buckets)
     s = BatchStream(tasks, cfg, batch_size=8, seed=1)
+    bound = max_grid * (max_grid + 1) + 1
     for k, length in enumerate(s.buckets):
       budget, longest = s.answer_budgets[k], int(s.item_answer[s.bucket_items[k]].max())
-      assert longest <= budget <= min(length, max_grid * (max_grid + 1) + 1)
-      assert budget in (length, max_grid * (max_grid + 1) + 1) or (
+      assert longest <= budget <= length
+      assert budget in (length, max(longest, bound)) or (
           budget % ANSWER_BUDGET_ALIGN == 0 and budget - ANSWER_BUDGET_ALIGN < longest)
-    assert s.answer_budgets[0] == (64 if max_grid == 30 else 21)
+    if expected is not None:
+      assert s.answer_budgets == expected
     for step in range(8):
       batch = s.batch(step)
       budget = s.answer_budgets[s.buckets.index(batch["inputs"].shape[1])]
@@ -577,6 +590,7 @@ def test_answer_tokens_are_each_answer_at_its_buckets_budget():
                                       batch["targets"][b, start - 1:start - 1 + n])
         assert batch["answer_tokens"][b, n - 1] == END
         assert np.all(batch["answer_tokens"][b, n:] == PAD)
+  assert "answer_tokens" not in BatchStream(tasks, cfg, 8, 1, answer_tokens=False).batch(0)
   # collate leaves the key out without a budget, and cuts an answer longer than it.
   ex = s._example(0, 0, 0, s.buckets[-1] + 1)
   assert "answer_tokens" not in collate([ex], s.buckets[-1])

@@ -117,6 +117,8 @@ def test_task_streams_never_pack_and_reach_long_buckets(setup):
   assert short.buckets[0] <= 128 and long.buckets == (2048,)
   assert long.batch(0)["inputs"].shape == (1, 2048)  # 2048 tokens a batch: one row
   assert short.batch(0)["inputs"].shape == (2, short.buckets[0])
+  # Tasks' batches are stacked: no answer_tokens, whose width (EAVI's budget) is per task.
+  assert "answer_tokens" not in short.batch(0) and "answer_tokens" not in long.batch(0)
 
 
 def test_chunks_hold_about_as_many_tokens_at_every_length(setup):

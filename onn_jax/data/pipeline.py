@@ -19,7 +19,8 @@ import numpy as np
 
 from onn_jax.config import DataConfig
 from onn_jax.data.augment import View, augment_task, color_permutation
-from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out)
+from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out,
+                                    longest_answer)
 from onn_jax.data.tasks import DataError, Task, filter_max_grid, load_tasks, remove_leaked
 from onn_jax.data.tokens import PAD
 
@@ -314,7 +315,9 @@ class BatchStream:
   permutation (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
   ``rows // process_count``: this process's contiguous share of the global batch, which every
   process draws identically. Its ``answer_tokens`` are ``answer_budgets[bucket]`` wide: the
-  longest answer in the bucket (EAVI's rollout and alignment budget).
+  longest answer in the bucket (EAVI's rollout and alignment budget); with ``answer_tokens``
+  False (streams whose batches are stacked across tasks, as test-time training's, where each
+  task's budget would differ) they carry none.
 
   ``packed_batch(step)`` (``data.pack``) fills rows of ``data.pack_len`` (0: the longest bucket)
   with several sequences each (:func:`collate_packed`), drawn from the items of the buckets up
@@ -330,7 +333,7 @@ class BatchStream:
 
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
                process_index: int = 0, process_count: int = 1, start_step: int = 0,
-               pack_align: int = 1):
+               pack_align: int = 1, answer_tokens: bool = True):
     if batch_size < 1:
       raise ValueError(f"train.batch_size={batch_size} must be positive")
     if process_count < 1 or batch_size % process_count:
@@ -398,12 +401,13 @@ class BatchStream:
     self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
     # EAVI's answer budget in each bucket (the width of its batches' answer_tokens): the
     # longest answer of the bucket's items, rounded up to ANSWER_BUDGET_ALIGN, at most the
-    # bucket's length and the longest answer data.max_grid allows.
-    self.answer_budgets = [
-        min(length, grid_length((cfg.max_grid, cfg.max_grid)) + 1,
-            -(-int(self.item_answer[ix].max(initial=1)) // ANSWER_BUDGET_ALIGN)
-            * ANSWER_BUDGET_ALIGN)
-        for length, ix in zip(self.buckets, self.bucket_items)]
+    # bucket's length and (not below that answer) the longest one data.max_grid allows.
+    self.answer_tokens = answer_tokens
+    self.answer_budgets = []
+    for length, ix in zip(self.buckets, self.bucket_items):
+      longest = int(self.item_answer[ix].max(initial=1))
+      self.answer_budgets.append(min(length, max(longest, longest_answer(cfg.max_grid)),
+                                     -(-longest // ANSWER_BUDGET_ALIGN) * ANSWER_BUDGET_ALIGN))
     self._cells: dict[tuple[int, ...], tuple[list[tuple[int, np.ndarray]], np.ndarray]] = {}
     counts = np.array([len(ix) for ix in self.bucket_items], np.float64)
     weights = counts * (batch_size / np.array(self.rows))  # batches that draw each item once
@@ -583,7 +587,7 @@ class BatchStream:
     length = self.buckets[bucket]
     return collate([self._example(int(picks[r]), step, r, length + 1)
                     for r in self._mine(self.rows[bucket])], length,
-                   self.answer_budgets[bucket])
+                   self.answer_budgets[bucket] if self.answer_tokens else 0)
 
   def pack_rows(self, step: int, kind: int = 0) -> list[list[Example]]:
     """The examples in each row of the global packed batch at ``step``, augmented.

@@ -48,6 +48,11 @@ def grid_length(shape: Sequence[int]) -> int:
   return h * (w + 1)
 
 
+def longest_answer(max_grid: int) -> int:
+  """Answer tokens of the largest grid ``max_grid`` allows: its rows, NEWLINEs and END."""
+  return grid_length((max_grid, max_grid)) + 1
+
+
 def _grid_tokens(grid: Grid) -> np.ndarray:
   grid = np.asarray(grid, dtype=np.int32)
   newline_H1 = np.full((grid.shape[0], 1), NEWLINE, np.int32)

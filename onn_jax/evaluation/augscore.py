@@ -52,15 +52,15 @@ import numpy as np
 
 from onn_jax import output
 from onn_jax.data.augment import NUM_D8, View, color_permutation
-from onn_jax.data.serialize import (decode_grid, encode_grid, grid_length, sequence_length,
-                                    serialize)
+from onn_jax.data.serialize import (decode_grid, encode_grid, grid_length, longest_answer,
+                                    sequence_length, serialize)
 from onn_jax.data.tasks import Task
 from onn_jax.data.tokens import END
 from onn_jax.evaluation.scoring import has_solutions, score_submission, validate_submission
 from onn_jax.evaluation.submission import build_submission, grid_to_list, write_submission
 
 MODES = ("greedy", "vote", "augscore")
-MAX_ANSWER_TOKENS = 30 * 31 + 1  # a 30x30 grid, its NEWLINEs and END
+MAX_ANSWER_TOKENS = longest_answer(30)  # a 30x30 grid, its NEWLINEs and END
 
 GenerateFn = Callable[[list[np.ndarray], int, int], Sequence[Sequence[np.ndarray]]]
 LogprobFn = Callable[[list[np.ndarray], list[int]], np.ndarray]
