@@ -116,7 +116,9 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
              max_new: int, capacity: int | None = None, feed: str = "argmax",
              temperature: float = 1.0, rng: jax.Array | None = None,
              row_offset: jax.Array | int = 0,
-             stop_after_B: jax.Array | None = None, grid: bool = False) -> Generation:
+             stop_after_B: jax.Array | None = None, grid: bool = False,
+             prompt_cache: Cache | None = None,
+             first_logits_BV: jax.Array | None = None) -> Generation:
   """Generates ``max_new`` answer tokens after each prompt.
 
   Args:
@@ -134,12 +136,23 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
     grid: constrain every row to the grid grammar (:func:`grid_allowed`): tokens that would
       break it get probability 0, and the reported log-probabilities are those of the
       constrained distribution. An answer is then a grid unless the budget cuts it off.
+    prompt_cache, first_logits_BV: the prompt's KV cache (``capacity`` slots) and the logits
+      at its last token, when the caller has computed them, e.g. a teacher-forced pass in
+      ``"prefill"`` mode over the prompt and the ground truth (EAVI's alignment): no prefill
+      runs then. Only positions before each row's ``prompt_len`` are read: a decoded token
+      overwrites its position before it is attended to, and a compressed block is rebuilt
+      when a token completes it, before any query sees it.
   """
   B, P = prompt_BP.shape
   capacity = capacity or P + max_new
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  cache, logits_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+  if (prompt_cache is None) != (first_logits_BV is None):
+    raise ValueError("generate: prompt_cache and first_logits_BV go together")
+  if prompt_cache is None:
+    cache, logits_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+  else:
+    cache, logits_BV = prompt_cache, first_logits_BV.astype(jnp.float32)
   global_rows_B = row_offset + jnp.arange(B)
 
   def emit(logits_BV, done_B, grid_state, rng):

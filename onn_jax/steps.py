@@ -274,7 +274,9 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   pass against the prompt's cache or over whole rows (:func:`continuation`); its
   first pass from ``first_logits_BAV`` when given (the teacher-forced logits of each answer
   token, :func:`rows_alignment_after_rollout`), and its passes against ``prompt_cache`` when
-  given (the teacher-forced sequence's, :func:`branch_alignment_after_rollout`).
+  given (the teacher-forced sequence's, :func:`branch_alignment_after_rollout`). The
+  sequential rollout takes both or neither: the prompt's cache and the logits of answer token
+  0 (``first_logits_BAV[:, 0]``) in place of its own prefill.
   """
   T = batch["inputs"].shape[1]
   e, A = cfg.eavi, answer_budget(batch, cfg)
@@ -286,8 +288,10 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
         model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
         passes=e.passes, shared_prompt=continuation(cfg) == "branch",
         first_logits_BAV=first_logits_BAV, prompt_cache=prompt_cache, **how))
+  first_BV = None if first_logits_BAV is None else first_logits_BAV[:, 0]
   return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
-                                        max_new=A, **how))
+                                        max_new=A, prompt_cache=prompt_cache,
+                                        first_logits_BV=first_BV, **how))
 
 
 def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Transformer,
@@ -409,10 +413,11 @@ def _two_calls_objective(score, exc_out, tf_out, batch: dict, exc_mask_BT, cfg: 
 def branch_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
                                    model: Transformer, cfg: Config, axis_name=None,
                                    num_devices: int = 1):
-  """The parallel rollout and :func:`alignment_loss` with the teacher-forced sequence run first,
-  in ``"prefill"`` mode: its logits at the answer positions are the rollout's first pass, and
-  its KV cache holds the prompt for the rollout's other passes (no prefill of their own) and
-  for the excursion, which then runs as an ``"extend"`` of it (what ``"branch"`` mode computes,
+  """The rollout and :func:`alignment_loss` with the teacher-forced sequence run first, in
+  ``"prefill"`` mode: its logits at the answer positions are the parallel rollout's first pass
+  (the sequential one's first token), and its KV cache holds the prompt for the rollout (no
+  prefill of its own: the parallel one's other passes, the sequential one's one-token steps)
+  and for the excursion, which then runs as an ``"extend"`` of it (what ``"branch"`` mode computes,
   split in two calls whose routing statistics are merged, :func:`moe.merge_aux`). Each call is
   differentiated by its own ``jax.vjp``; the excursion's cotangent of the cache joins the
   teacher-forced call's backward pass, so the gradient is :func:`alignment_loss`'. With a
@@ -482,17 +487,17 @@ def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config
   # Sampling keys follow global rows: n devices draw what one device would.
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
   as_rows = continuation(cfg) == "rows"
-  if cfg.eavi.rollout == "parallel":  # its first pass from the alignment's teacher forcing
+  if as_rows and cfg.eavi.rollout == "sequential":  # a rollout with its own prefill, then rows
+    gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
+    grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(alignment_loss_rows, has_aux=True)(
+        state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA), model=model,
+        cfg=cfg, axis_name=axis_name, num_devices=num_devices)
+  else:  # the alignment's teacher forcing first: the parallel rollout's first pass, and as a
+    # branch the prompt's KV cache for either rollout
     after = rows_alignment_after_rollout if as_rows else branch_alignment_after_rollout
     gen, grads, (stats_exc, stats_tf, sdl_report, aux) = after(
         state.params, batch, gen_rng, row_offset, model=model, cfg=cfg, axis_name=axis_name,
         num_devices=num_devices)
-  else:
-    gen = excursion(model, state.params, batch, cfg, gen_rng, row_offset)
-    grads, (stats_exc, stats_tf, sdl_report, aux) = jax.grad(
-        alignment_loss_rows if as_rows else alignment_loss, has_aux=True)(
-            state.params, batch, gen.fed_BAV, excursion_mask(batch, gen.tokens_BA),
-            model=model, cfg=cfg, axis_name=axis_name, num_devices=num_devices)
   sums = lambda s: jax.tree.map(lambda x: objectives.psum(x, axis_name), s)
   stats_exc, stats_tf = sums(stats_exc), sums(stats_tf)
   report = _answer_report(stats_tf)

@@ -239,17 +239,21 @@ def test_the_batchs_answer_budget_sets_the_excursion_and_changes_no_answer_term(
     np.testing.assert_allclose(m_tight[key], m_wide[key], rtol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("continuation", ["rows", "branch"])
+@pytest.mark.parametrize("rollout, continuation", [
+    ("parallel", "rows"), ("parallel", "branch"), ("sequential", "branch")])
 @pytest.mark.parametrize("feed", ["argmax", "soft", "sample"])
-def test_alignment_gives_the_rollout_its_first_pass(setup, feed, continuation, monkeypatch):
-  """The parallel rollout after the alignment's teacher forcing: its logits are the rollout's
+def test_alignment_gives_the_rollout_its_first_pass(setup, feed, rollout, continuation,
+                                                    monkeypatch):
+  """The rollout after the alignment's teacher forcing: its logits are the parallel rollout's
   first pass, so it runs one pass fewer (rows: the teacher-forced rows; branch: the
   teacher-forced sequence in prefill mode, whose KV cache the other passes and the excursion
-  then extend: no prefill of their own); the rollout, the gradient, the loss terms and the
-  routing statistics are those of the rollout followed by alignment_loss_rows (one call over
-  the 2B rows) or alignment_loss (one "branch" call)."""
+  then extend: no prefill of their own); the sequential rollout's one-token steps extend that
+  cache too, from its logits for answer token 0 (no prefill either). The rollout, the
+  gradient, the loss terms and the routing statistics are those of the rollout with its own
+  prefill followed by alignment_loss_rows (one call over the 2B rows) or alignment_loss (one
+  "branch" call)."""
   cfg, model, state, batch = setup
-  cfg = config.replace(cfg, eavi={"feed": feed, "rollout": "parallel", "passes": 2,
+  cfg = config.replace(cfg, eavi={"feed": feed, "rollout": rollout, "passes": 2,
                                   "continuation": continuation})
   rng = jax.random.PRNGKey(7)
   loss, after = {"rows": (steps.alignment_loss_rows, steps.rows_alignment_after_rollout),
@@ -279,12 +283,15 @@ def test_alignment_gives_the_rollout_its_first_pass(setup, feed, continuation, m
   monkeypatch.setattr(decode, "_prefill", None)  # must not run: the alignment gives the cache
   gen2, grads2, out2 = jax.jit(functools.partial(after, rng=rng, model=model, cfg=cfg))(
       state.params, batch)
-  assert calls == [(True, continuation == "branch")]
-  assert int(gen2.passes) == int(gen.passes) == 2  # the given first pass counts
+  if rollout == "parallel":
+    assert calls == [(True, continuation == "branch")]
+    assert int(gen2.passes) == int(gen.passes) == 2  # the given first pass counts
+  else:
+    assert calls == [] and gen2.passes is None
   np.testing.assert_array_equal(gen2.tokens_BA, gen.tokens_BA)
   # float32 logits of the same rows in a call of B rows and one of 2B (a branch: in prefill and
-  # extend mode against one "branch" call), and of the first pass's rows (PAD after the
-  # answer): the same terms, a few ulps of O(10) (test_attention's bound).
+  # extend mode against one "branch" call), and of the first pass's rows or the prefill's
+  # (PAD after the answer): the same terms, a few ulps of O(10) (test_attention's bound).
   np.testing.assert_allclose(gen2.fed_BAV, gen.fed_BAV, rtol=0, atol=2e-5)
   np.testing.assert_allclose(gen2.logprobs_BA, gen.logprobs_BA, rtol=0, atol=2e-5)
   # The same float32 gradient summed in another grouping (two calls against one, two
@@ -357,6 +364,10 @@ def test_continuation_choice(setup, monkeypatch):
     np.testing.assert_allclose(rows[key], branch[key], rtol=1e-5, err_msg=key)
   # SDL's statistics cover the tokens computed: the prompt twice as rows, once as a branch.
   assert float(rows["sdl"]) != float(branch["sdl"])
+  # The sequential rollout: after the teacher forcing as a branch (from its cache), on its own
+  # (with its own prefill) before the alignment's rows.
+  cfg = config.replace(cfg, eavi={"rollout": "sequential"})
+  assert run("branch")[1] == [("branch", None)] and run("rows")[1] == []
 
 
 def test_auto_experts_are_sparse_in_teacher_forcing_only(setup, monkeypatch):
