@@ -178,11 +178,12 @@ class EaviConfig:
   # changed nothing; decode.parallel_rollout).
   rollout: str = "sequential"
   passes: int = 4  # at most, with rollout=parallel
-  # How EAVI computes a prompt's continuations: "branch" (the prompt once: the parallel
-  # rollout's passes extend its KV cache, the alignment pass runs the excursion as a branch
-  # against its keys; steps.alignment_loss, with the parallel rollout
-  # steps.branch_alignment_after_rollout) or "rows" (each continuation a full row, the prompt
-  # recomputed: steps.alignment_loss_rows): the same tokens and CE terms and, SDL aside
+  # How EAVI computes a prompt's continuations: "branch" (the prompt once, teacher forced in
+  # prefill mode: the parallel rollout's passes or the sequential one's steps extend its KV
+  # cache, and the excursion runs as a branch against its keys;
+  # steps.branch_alignment_after_rollout, the reference steps.alignment_loss) or "rows" (each
+  # continuation a full row, the prompt recomputed: steps.alignment_loss_rows; the sequential
+  # rollout then prefills its own prompt): the same tokens and CE terms and, SDL aside
   # (its statistics cover the tokens computed), gradients. "auto": branch on every backend
   # (H200, arc1 32 x 2048, 931 answer tokens: the EAVI step with the parallel rollout 131.7 ms
   # as a branch, 177.8 as rows; CPU, default config, the alignment: 530 ms as a branch, 893 as
