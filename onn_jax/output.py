@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,3 +45,16 @@ def jsonable(x: Any) -> Any:
   if isinstance(x, (np.floating, float)):
     return float(x) if math.isfinite(float(x)) else None
   return x
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+  """A fingerprint of this library: the first 12 hex digits of the SHA-256 of its package's
+  source and config files (``onn_jax/**/*.py`` and ``*.yaml``; each relative path and its
+  bytes, in path order), read once a process. Files one version writes (an EAVI study's runs
+  and calibration) can then tell another version's."""
+  root = Path(__file__).resolve().parent
+  digest = hashlib.sha256()
+  for path in sorted([*root.rglob("*.py"), *root.rglob("*.yaml")]):
+    digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+  return digest.hexdigest()[:12]

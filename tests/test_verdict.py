@@ -9,7 +9,7 @@ import re
 import jax
 import pytest
 
-from onn_jax import config, stages
+from onn_jax import config, output, stages
 from onn_jax.analysis import TINY_OVERRIDES
 from onn_jax.analysis.verdict import Plan, markdown, plan_arm, step_seconds, summarise
 from train import eavi_verdict
@@ -338,7 +338,8 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
   with pytest.raises(config.ConfigError, match="calibration.json: measured with None"):
     study.calibrate()
   (tmp_path / "calibration.json").write_text(json.dumps({**old, "measure": list(study.MEASURE),
-                                                          "ratios": {"sequential": 0.95}}))
+                                                          "ratios": {"sequential": 0.95},
+                                                          "code": [output.code_version()]}))
   calib = study.calibrate()
   study.check_manifest(calib)  # a new folder: writes study.json
   manifest = json.loads((tmp_path / "study.json").read_text())
@@ -360,6 +361,56 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
   (tmp_path / "study.json").write_text(json.dumps(manifest))
   with pytest.raises(config.ConfigError, match="study has measure=None"):
     study.check_manifest(calib)
+
+
+def test_a_folder_that_other_code_wrote_is_refused_unless_asked(tmp_path):
+  """study.json and calibration.json record the code versions that wrote them
+  (output.code_version); another version, or a folder from before they did, is refused in one
+  line, and with ``any_code`` recorded beside them; verdict.json lists the runs' versions and
+  the table says when they are several."""
+  from onn_jax.analysis.verdict import Study
+  here = output.code_version()
+  assert re.fullmatch(r"[0-9a-f]{12}", here) and output.code_version() == here
+  make = lambda any_code=False: Study(
+      out=tmp_path, base=config.load("default", list(TINY_OVERRIDES)),
+      overrides=TINY_OVERRIDES, config_name="default", arms=("tf", "soft"), log=lambda *_: None,
+      any_code=any_code)
+  calib = {"tf_step_s": 0.9, "eavi_step_s": 1.8, "ratio": 2.0, "measured": True,
+           "measure": list(Study.MEASURE), "ratios": {"sequential": 2.0}}
+  for name in ("calibration.json", "study.json"):
+    for recorded, refused in ((None, "unrecorded"), (["0123456789ab"], "0123456789ab"),
+                              ([here], None)):
+      for path in tmp_path.glob("*.json"):
+        path.unlink()
+      (tmp_path / "calibration.json").write_text(json.dumps({**calib, "code": [here]}))
+      make().check_manifest(make().calibrate())  # a study.json of this code
+      written = json.loads((tmp_path / name).read_text())
+      assert written["code"] == [here]
+      if recorded is None:
+        del written["code"]
+      else:
+        written["code"] = recorded
+      (tmp_path / name).write_text(json.dumps(written))
+      if refused is None:
+        make().check_manifest(make().calibrate())
+        continue
+      with pytest.raises(config.ConfigError, match=f"{name}: written by other code "
+                         f"\\(version {refused}; this is {here}\\)") as err:
+        make().check_manifest(make().calibrate())
+      assert "--any-code" in str(err.value) and "\n" not in str(err.value)
+      study = make(any_code=True)
+      study.check_manifest(study.calibrate())
+      assert json.loads((tmp_path / name).read_text())["code"] == [refused, here]
+  # Runs of two versions (a baseline's from before 2026-12-04 would be "unrecorded").
+  runs = [{**_record(arm, 0, 0.1, 0.5), "code": code}
+          for arm, code in (("tf", here), ("soft", "0123456789ab"))]
+  meta = {"config": "x", "overrides": [], "budget_tf_steps": 10, "eavi_share": 0.25,
+          "seeds": [0]}
+  verdict = summarise(runs, calib, meta)
+  assert verdict["code"] == sorted([here, "0123456789ab"])
+  assert f"runs of 2 versions of the code ({', '.join(verdict['code'])})" in markdown(verdict)
+  one = summarise(runs[:1], calib, meta)
+  assert one["code"] == [here] and "versions of the code" not in markdown(one)
 
 
 def test_the_study_end_to_end(tmp_path, capsys):
@@ -410,6 +461,17 @@ def test_the_study_end_to_end(tmp_path, capsys):
   stamps = [f.stat().st_mtime_ns for f in files]
   assert eavi_verdict.main(argv) == 0
   assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing retrained
+  # A folder that other code wrote: refused in one line, or gone on with --any-code.
+  manifest = json.loads((out / "study.json").read_text())
+  (out / "study.json").write_text(json.dumps({**manifest, "code": ["0123456789ab"]}))
+  capsys.readouterr()
+  assert eavi_verdict.main(argv) == 1
+  err = capsys.readouterr().err.strip()
+  assert "written by other code (version 0123456789ab" in err and "\n" not in err
+  assert eavi_verdict.main([*argv, "--any-code"]) == 0
+  assert [f.stat().st_mtime_ns for f in files] == stamps
+  assert json.loads((out / "study.json").read_text())["code"] == ["0123456789ab",
+                                                                  output.code_version()]
   capsys.readouterr()
   at = argv.index("--ratio") + 1
   assert eavi_verdict.main(argv[:at] + ["3"] + argv[at + 1:]) == 1

@@ -4,14 +4,16 @@ training time, several seeds each (protocol: onn_jax/analysis/verdict.py).
   python -m train.eavi_verdict [--config default] [--out runs/eavi_verdict] [--seeds 0,1,2]
                                [--arms tf,soft,...] [--eavi-share 0.25] [--probes 6]
                                [--ratio R] [--max-runs N] [--baseline STUDY]
-                               [--arm "NAME: section.key=value ..."]
+                               [--arm "NAME: section.key=value ..."] [--any-code]
                                [section.key=value ...]
 
 The time budget is the config's train.pretrain_steps teacher-forcing steps. Writes
 OUT/verdict.md (the table), verdict.json and verdict.png (free-running accuracy along training);
 each run keeps its folder under OUT/runs. Run the same command again to go on after a stop;
 OUT/study.json refuses a command whose config, overrides, budget, share or ratio differ (a
-study without EAVI arms has no ratio; an EAVI arm may join it later).
+study without EAVI arms has no ratio; an EAVI arm may join it later), and other code than
+wrote the folder (``onn_jax``'s sources and configs, ``output.code_version``) unless
+``--any-code``: verdict.json lists the code versions of its runs.
 ``--arm "NAME: key=value ..."`` adds a teacher-forcing arm of your own (an NSA geometry, the
 loss, TTT at evaluation), at equal time too: it calibrates its own step and trains the budget
 over its cost. ``--baseline STUDY``: a study without a tf arm compares its arms with the tf
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
                       help="a finished study (folder or verdict.json) of the same config, "
                       "overrides, budget and seeds whose tf runs stand in for a tf arm this "
                       "one does not run")
+  parser.add_argument("--any-code", action="store_true",
+                      help="go on in a folder that another version of the code wrote (its "
+                      "study.json or calibration.json), recording both; refused otherwise")
   parser.add_argument("--cache", default="",
                       help="persistent compilation cache folder (default OUT/jax_cache)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
                         config_name=args.config, seeds=seeds, arms=arms,
                         share=args.eavi_share, probes=args.probes, ratio=args.ratio,
                         baseline=Path(args.baseline) if args.baseline else None,
-                        custom=custom)
+                        custom=custom, any_code=args.any_code)
   from onn_jax import app, run
   try:
     study.run(args.max_runs)

@@ -174,6 +174,9 @@ class Study:
   # geometry, the loss, TTT at evaluation...), at equal time: each calibrates its own
   # teacher-forcing step and trains ``budget / cost`` steps.
   custom: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  # Go on in a folder that other code (output.code_version) wrote, recording both versions;
+  # without it such a folder is refused (its runs would mix with this code's).
+  any_code: bool = False
 
   # Every run of a study, its calibration's too, compiles each stage's steps when the stage
   # starts: compiling a later stage on a worker thread (train.background_compile) slows the
@@ -234,12 +237,18 @@ class Study:
           "while EAVI compiled in the background); use another --out")
     if result and "ratios" not in result:  # cached before the rollouts had their own
       result["ratios"] = {self.base.eavi.rollout: result["ratio"]}
+    if result.get("measured"):
+      code = self.code_seen(path, result)
+      if code != result.get("code"):
+        result["code"] = code
+        path.write_text(json.dumps(result, indent=1))
     n = self.calibration_steps
     if not result and not kinds:  # teacher forcing's step is all this study needs
       self.log(f"calibration: {n} teacher-forcing steps")
       mean = self._timed_run("calibration_tf", [], eavi=False)
       result = {"tf_step_s": mean["pretrain"], "eavi_step_s": None, "ratio": None,
-                "measured": True, "ratios": {}, "measure": list(self.MEASURE)}
+                "measured": True, "ratios": {}, "measure": list(self.MEASURE),
+                "code": [output.code_version()]}
       path.write_text(json.dumps(result, indent=1))
     for kind in kinds:
       if kind in result.get("ratios", {}):
@@ -250,7 +259,7 @@ class Study:
                              else f"calibration_{kind}", [f"eavi.rollout={kind}"], eavi=True)
       if not result:
         result = {"tf_step_s": mean["pretrain"], "ratios": {}, "measured": True,
-                  "measure": list(self.MEASURE)}
+                  "measure": list(self.MEASURE), "code": [output.code_version()]}
       if result.get("ratio") is None:  # the first EAVI kind timed (teacher forcing's step
         # stays the one timed first: the custom arms' costs are relative to it; the EAVI
         # run's own is kept beside its EAVI step)
@@ -304,7 +313,8 @@ class Study:
   def check_manifest(self, calib: dict | None) -> None:
     """study.json records what every run of this folder was planned with; a command that
     differs (config, overrides, budget, share, EAVI's cost, how steps are timed, the
-    teacher-forcing experts' dispatch) would mix incomparable runs. ``calib`` None: only what
+    teacher-forcing experts' dispatch) would mix incomparable runs, and so would other code
+    (:meth:`code_seen`: refused unless ``any_code``). ``calib`` None: only what
     the command itself says is checked (before the calibration, which caches what it times in
     the folder), nothing written."""
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
@@ -321,8 +331,10 @@ class Study:
       if self.custom:
         manifest["costs"] = calib["costs"]
     path = self.out / "study.json"
+    manifest["code"] = [output.code_version()]
     if path.is_file():
       before = json.loads(path.read_text())
+      manifest["code"] = self.code_seen(path, before, say=calib is not None)
       before.setdefault("experts", _unrecorded_experts(self.base.model.moe_impl))
       if before.get("custom", {}) != custom:
         raise config.ConfigError(f"{path}: this folder's study has other --arm arms than "
@@ -330,7 +342,8 @@ class Study:
                                  "on")
       # A study without EAVI arms timed no EAVI step: one that joins it brings its cost.
       grown = ("ratio", "ratios") if before.get("ratio") is None else ()
-      differ = [k for k in manifest if before.get(k) != manifest[k] and k not in grown]
+      differ = [k for k in manifest
+                if before.get(k) != manifest[k] and k not in grown and k != "code"]
       if differ:
         k = differ[0]
         raise config.ConfigError(
@@ -338,6 +351,24 @@ class Study:
             f"{manifest[k]!r}; use another --out (or the same arguments) to go on")
     if calib is not None:
       path.write_text(json.dumps(manifest, indent=1))
+
+  def code_seen(self, path: Path, recorded: dict, say: bool = True) -> list[str]:
+    """The versions of the code (:func:`output.code_version`) that wrote ``recorded`` (the
+    contents of ``path``, a study.json or calibration.json; "unrecorded" before 2026-12-04),
+    this one's added: refused in one line when it is not among them, unless ``any_code``
+    (then ``say`` logs that it goes on)."""
+    seen, here = list(recorded.get("code", ["unrecorded"])), output.code_version()
+    if here not in seen:
+      if not self.any_code:
+        raise config.ConfigError(
+            f"{path}: written by other code (version {', '.join(seen)}; this is {here}), whose "
+            "runs and step times would mix with this code's; use another --out, or --any-code "
+            "to go on and record both")
+      if say:
+        self.log(f"{path}: written by other code (version {', '.join(seen)}); going on with "
+                 f"{here} (--any-code), both recorded")
+      seen.append(here)
+    return seen
 
   # -- one run ------------------------------------------------------------------------------
   def held_out_tasks(self, cfg: Config) -> list:
@@ -416,7 +447,7 @@ class Study:
               "tasks": {"train": result.info.get("train_tasks"),
                         **{split: len(tasks) for split, tasks in splits.items()}},
               "params": count_params(weights),
-              "machine": platform_line(cfg)[0]}
+              "machine": platform_line(cfg)[0], "code": output.code_version()}
     done.write_text(json.dumps(output.jsonable(record), indent=1))
     return record
 
@@ -548,7 +579,9 @@ def summarise(records: Sequence[dict], calib: dict, meta: dict) -> dict:
                next((r for r in records if r["arm"] == "tf"), records[0])) if records else {}
   scale = {"params": first.get("params"), "tasks": first.get("tasks", {}),
            "machine": first.get("machine")}
-  verdict = {**meta, "scale": scale, "calibration": calib, "arms": arms}
+  verdict = {**meta, "scale": scale, "calibration": calib, "arms": arms,
+             # the code versions of the runs (output.code_version; a baseline's too)
+             "code": sorted({str(r.get("code", "unrecorded")) for r in records})}
   verdict["sentence"] = sentence(arms, describe_scale(verdict))
   return verdict
 
@@ -629,6 +662,8 @@ def markdown(verdict: dict) -> str:
       f"{tasks.get('eval', '?')} evaluation tasks; scores are official scores (pass@2); "
       "measured s: each run's own step times, compilation left out"
       + (f"; tf: the runs of the study {verdict['baseline']}" if verdict.get("baseline") else "")
+      + (f"; runs of {len(verdict['code'])} versions of the code ({', '.join(verdict['code'])})"
+         if len(verdict.get("code", ())) > 1 else "")
       + ".\n\n"
       + verdict["sentence"] + "\n")
 
