@@ -61,28 +61,42 @@ def known_xla_flags() -> set[str]:
   return set(re.findall(r"^\s*(--xla_\w+)=", listed.stdout + listed.stderr, re.MULTILINE))
 
 
-def default_xla_flags() -> str:
-  """Eight host devices for the data-parallel tests and, unless
-  JAX_DISABLE_MOST_OPTIMIZATIONS=0 (compile as users do), the fast-compile flags this XLA
-  knows."""
-  flags = ["--xla_force_host_platform_device_count=8"]
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def with_flags(given: str, ours: list[str]) -> str:
+  """``given`` (XLA_FLAGS as found, e.g. a user's own) with each of ``ours`` whose name it does
+  not set: the user's flags first and kept as they are."""
+  names = {f.split("=")[0] for f in given.split()}
+  return " ".join([*given.split(), *(f for f in ours if f.split("=")[0] not in names)])
+
+
+def suite_xla_flags(given: str) -> str:
+  """XLA_FLAGS for this suite: ``given``'s flags, plus eight host devices for the
+  data-parallel tests and, unless JAX_DISABLE_MOST_OPTIMIZATIONS=0 (compile as users do), the
+  fast-compile flags this XLA knows, where ``given`` does not set them; ``given`` as it is when
+  it sets the device count (the process that started this one did, e.g. for the xdist
+  workers, or the user did). Until 2026-12-04 a user's own XLA_FLAGS replaced all of them:
+  one host device, and 11 data-parallel tests failed."""
+  if DEVICE_COUNT_FLAG in {f.split("=")[0] for f in given.split()}:
+    return given
+  ours = [f"{DEVICE_COUNT_FLAG}=8"]
   if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] != "0":
-    flags += fast_compile_flags(known_xla_flags(), importlib.metadata.version("jax"))
-  return " ".join(flags)
+    ours += fast_compile_flags(known_xla_flags(), importlib.metadata.version("jax"))
+  return with_flags(given, ours)
 
 
 # Must be set before jax initialises; the xdist workers and the programs some tests start
 # inherit it from the process that set it first.
-if "XLA_FLAGS" not in os.environ:
-  os.environ["XLA_FLAGS"] = default_xla_flags()
+os.environ["XLA_FLAGS"] = suite_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 
 def xla_flags_with_devices(count: int) -> str:
   """This suite's XLA_FLAGS with ``count`` host devices instead of eight, for a program a test
   starts (the other flags kept)."""
-  flag = "--xla_force_host_platform_device_count"
-  rest = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag + "=")]
-  return " ".join([f"{flag}={count}", *rest])
+  rest = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith(DEVICE_COUNT_FLAG + "=")]
+  return " ".join([f"{DEVICE_COUNT_FLAG}={count}", *rest])
 
 
 import jax  # noqa: E402

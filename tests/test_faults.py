@@ -24,7 +24,8 @@ from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.data.tasks import DataError, load_tasks
 from onn_jax.model.transformer import Transformer
 
-from conftest import fast_compile_flags, release, tiny_config, xla_flags_with_devices
+from conftest import (fast_compile_flags, release, suite_xla_flags, tiny_config, with_flags,
+                      xla_flags_with_devices)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(train=dict(pretrain_steps=4, batch_size=4, log_every=1),
@@ -460,3 +461,20 @@ def test_the_suites_compile_flags_drop_the_preset_from_jax_0_12():
     flags = fast_compile_flags(every, version)
     assert preset not in flags and "--xla_cpu_parallel_codegen_split_count=1" in flags
   assert fast_compile_flags({"--xla_cpu_opt_preset"}, "0.10.2") == [preset]
+
+
+def test_the_suites_xla_flags_keep_a_users_own(monkeypatch):
+  """A user's XLA_FLAGS keeps its flags and gains the suite's eight host devices (and the
+  fast-compile flags it does not set); one that sets the device count itself, as the suite's
+  first process does for the xdist workers, is left as it is."""
+  assert with_flags("--a=1 --b=2", ["--b=3", "--c=4"]) == "--a=1 --b=2 --c=4"
+  assert with_flags("", ["--c=4"]) == "--c=4"
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")  # no compile flags: devices alone
+  assert suite_xla_flags("--xla_cpu_max_isa=AVX2") == (
+      "--xla_cpu_max_isa=AVX2 --xla_force_host_platform_device_count=8")
+  assert suite_xla_flags("") == "--xla_force_host_platform_device_count=8"
+  given = "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2"
+  assert suite_xla_flags(given) == given
+  # This process: eight devices whatever XLA_FLAGS it was started with.
+  assert jax.device_count() == 8 and "--xla_force_host_platform_device_count=8" in \
+      os.environ["XLA_FLAGS"]
