@@ -179,8 +179,8 @@ class EaviConfig:
   rollout: str = "sequential"
   passes: int = 4  # at most, with rollout=parallel
   # How EAVI computes a prompt's continuations: "branch" (the prompt once, teacher forced in
-  # prefill mode: the parallel rollout's passes or the sequential one's steps extend its KV
-  # cache, and the excursion runs as a branch against its keys;
+  # prefill mode: the parallel rollout's passes extend its KV cache, the sequential one
+  # decodes into it, and the excursion runs as a branch against its keys;
   # steps.branch_alignment_after_rollout, the reference steps.alignment_loss) or "rows" (each
   # continuation a full row, the prompt recomputed: steps.alignment_loss_rows; the sequential
   # rollout then prefills its own prompt): the same tokens and CE terms and, SDL aside

@@ -136,19 +136,24 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
     grid: constrain every row to the grid grammar (:func:`grid_allowed`): tokens that would
       break it get probability 0, and the reported log-probabilities are those of the
       constrained distribution. An answer is then a grid unless the budget cuts it off.
-    prompt_cache, first_logits_BV: the prompt's KV cache (``capacity`` slots) and the logits
-      at its last token, when the caller has computed them, e.g. a teacher-forced pass in
-      ``"prefill"`` mode over the prompt and the ground truth (EAVI's alignment): no prefill
-      runs then. Only positions before each row's ``prompt_len`` are read: a decoded token
-      overwrites its position before it is attended to, and a compressed block is rebuilt
-      when a token completes it, before any query sees it.
+    prompt_cache, first_logits_BV: the prompt's KV cache (``capacity`` slots, given
+      explicitly) and the logits at its last token, when the caller has computed them, e.g. a
+      teacher-forced pass in ``"prefill"`` mode over the prompt and the ground truth (EAVI's
+      alignment): no prefill runs then. Only positions before each row's ``prompt_len`` are
+      read: a decoded token overwrites its position before it is attended to, and a compressed
+      block is rebuilt when a token completes it, before any query sees it. The rollout is
+      then the one from its own prefill, up to rounding where the experts' dispatch depends on
+      the tokens after the prompt (a sparse ``model.moe_impl``'s overflow decision counts every
+      valid token of the call; EAVI runs its experts dense).
   """
+  if (prompt_cache is None) != (first_logits_BV is None):
+    raise ValueError("generate: prompt_cache and first_logits_BV go together")
+  if prompt_cache is not None and capacity is None:
+    raise ValueError("generate: with a prompt_cache, give its capacity (its slots)")
   B, P = prompt_BP.shape
   capacity = capacity or P + max_new
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  if (prompt_cache is None) != (first_logits_BV is None):
-    raise ValueError("generate: prompt_cache and first_logits_BV go together")
   if prompt_cache is None:
     cache, logits_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
   else:

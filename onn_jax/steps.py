@@ -275,8 +275,8 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   first pass from ``first_logits_BAV`` when given (the teacher-forced logits of each answer
   token, :func:`rows_alignment_after_rollout`), and its passes against ``prompt_cache`` when
   given (the teacher-forced sequence's, :func:`branch_alignment_after_rollout`). The
-  sequential rollout takes both or neither: the prompt's cache and the logits of answer token
-  0 (``first_logits_BAV[:, 0]``) in place of its own prefill.
+  sequential rollout takes, with ``prompt_cache``, the logits of answer token 0
+  (``first_logits_BAV[:, 0]``) in place of its own prefill, and decodes into that cache.
   """
   T = batch["inputs"].shape[1]
   e, A = cfg.eavi, answer_budget(batch, cfg)
@@ -288,7 +288,9 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
         model, params, batch["inputs"], batch["answer_start"], answer_targets(batch, A),
         passes=e.passes, shared_prompt=continuation(cfg) == "branch",
         first_logits_BAV=first_logits_BAV, prompt_cache=prompt_cache, **how))
-  first_BV = None if first_logits_BAV is None else first_logits_BAV[:, 0]
+  # (first logits without the cache, a rows alignment's: its own prefill computes them again)
+  first_BV = (first_logits_BAV[:, 0] if prompt_cache is not None and first_logits_BAV is not None
+              else None)
   return jax.lax.stop_gradient(generate(model, params, batch["inputs"], batch["answer_start"],
                                         max_new=A, prompt_cache=prompt_cache,
                                         first_logits_BV=first_BV, **how))
@@ -479,7 +481,8 @@ def _alignment_objective(stats_exc, stats_tf, aux, cfg: Config, axis_name, num_d
 
 def eavi_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Config,
               axis_name: str | None = None, num_devices: int = 1):
-  """One EAVI step: the excursion under stop_gradient, then the alignment pass
+  """One EAVI step: the excursion under stop_gradient and the alignment pass, the alignment's
+  teacher forcing first unless the sequential rollout meets ``eavi.continuation=rows``
   (``model.moe_impl=auto`` runs its experts dense here: :func:`transformer.outside_tf`)."""
   model = outside_tf(model)
   rng, gen_rng = jax.random.split(state.rng)

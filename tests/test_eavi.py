@@ -12,7 +12,7 @@ import pytest
 from onn_jax import config, decode, objectives, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.data.tokens import END, PAD, VOCAB_SIZE
-from onn_jax.model.transformer import Transformer
+from onn_jax.model.transformer import Transformer, init_cache
 
 from conftest import tiny_config
 
@@ -306,6 +306,51 @@ def test_alignment_gives_the_rollout_its_first_pass(setup, feed, rollout, contin
                  want)
 
 
+@pytest.mark.parametrize("model_changes", [
+    {"attention": "full"}, {"attention": "dynsmlora"},
+    {"attention": "nsa", "nsa_impl": "blockwise", "num_select": 5}])
+def test_the_sequential_rollout_from_a_teacher_forced_cache(setup, model_changes):
+  """generate from the KV cache of a teacher-forced prefill (the prompt, the ground truth and
+  what follows, every position valid) and its logits at the prompt's last token emits what it
+  emits after its own prefill of the prompt alone: a decoded token overwrites its position
+  before it is read, NSA rebuilds a compressed block when a token completes it (here with
+  blocks chosen by score: num_select above the blocks every query is given); every attention
+  kind. (EAVI's step, NSA's reference path, every feed: test_alignment_gives_the_rollout_its_
+  first_pass.) A cache without its capacity, or without the logits, is refused."""
+  cfg, _, _, batch = setup
+  cfg = config.replace(cfg, model=model_changes)
+  model = Transformer(cfg.model)
+  params = steps.init_state(cfg, model, jax.random.PRNGKey(4)).params
+  B, T = batch["inputs"].shape
+  A = steps.answer_budget(batch, cfg)
+  how = dict(max_new=A, capacity=T, stop_after_B=batch["answer_len"], feed="soft")
+
+  @functools.partial(jax.jit, static_argnames="given")
+  def rollout(params, given):
+    if not given:
+      return decode.generate(model, params, batch["inputs"], batch["answer_start"], **how)
+    logits_BTV, cache, _ = model.apply({"params": params}, batch["inputs"], batch["valid"],
+                                       mode="prefill", cache=init_cache(model.cfg, B, T))
+    first_BV = logits_BTV[jnp.arange(B), batch["answer_start"] - 1]
+    return decode.generate(model, params, batch["inputs"], batch["answer_start"],
+                           prompt_cache=cache, first_logits_BV=first_BV, **how)
+
+  own, given = rollout(params, False), rollout(params, True)
+  np.testing.assert_array_equal(given.tokens_BA, own.tokens_BA)
+  assert np.sum(np.asarray(own.tokens_BA) != PAD, axis=1).max() > 5  # not an empty rollout
+  # float32 logits through the same one-token path from caches whose prompt positions hold the
+  # same values (a prefill of other valid tokens after them): a few ulps of O(10).
+  np.testing.assert_allclose(given.fed_BAV, own.fed_BAV, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(given.logprobs_BA, own.logprobs_BA, rtol=0, atol=2e-5)
+  cache = init_cache(model.cfg, B, T)
+  with pytest.raises(ValueError, match="give its capacity"):
+    decode.generate(model, params, batch["inputs"], batch["answer_start"], max_new=A,
+                    prompt_cache=cache, first_logits_BV=jnp.zeros((B, VOCAB_SIZE)))
+  with pytest.raises(ValueError, match="go together"):
+    decode.generate(model, params, batch["inputs"], batch["answer_start"], max_new=A,
+                    capacity=T, prompt_cache=cache)
+
+
 def test_a_given_first_pass_runs_only_when_a_row_needs_a_token(setup):
   """A batch whose rows need no token: no pass runs, given first logits or not, and every
   token is PAD."""
@@ -323,8 +368,9 @@ def test_a_given_first_pass_runs_only_when_a_row_needs_a_token(setup):
 
 def test_continuation_choice(setup, monkeypatch):
   """eavi.continuation: "auto" takes the branch on every backend; the EAVI step runs the parts
-  as asked (the parallel rollout's passes and the alignment, spied on: after the rollout, its
-  first pass from the alignment's teacher forcing, either way) and its loss terms are the same
+  as asked (the parallel rollout's passes and the alignment, spied on: the alignment's teacher
+  forcing first, the rollout's first pass, either way; the sequential rollout after it as a
+  branch, on its own before the rows) and its loss terms are the same
   either way (gradients: test_branch_alignment_equals_two_rows and the after-rollout tests;
   tokens: test_parallel_rollout_reaches_the_sequential_one)."""
   cfg, model, state, batch = setup

@@ -475,6 +475,3 @@ def test_the_suites_xla_flags_keep_a_users_own(monkeypatch):
   assert suite_xla_flags("") == "--xla_force_host_platform_device_count=8"
   given = "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2"
   assert suite_xla_flags(given) == given
-  # This process: eight devices whatever XLA_FLAGS it was started with.
-  assert jax.device_count() == 8 and "--xla_force_host_platform_device_count=8" in \
-      os.environ["XLA_FLAGS"]

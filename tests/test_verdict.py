@@ -111,7 +111,7 @@ def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
                  **kw)
 
   def old_study(**changes):
-    runs = [{**_record("tf", s, h, 0.5), "machine": here}
+    runs = [{**_record("tf", s, h, 0.5), "machine": here, "code": output.code_version()}
             for s, h in enumerate((0.10, 0.12, 0.11))]
     verdict = summarise(runs, {"ratio": 2.0, "measured": False}, study(("tf",)).meta())
     (tmp_path / "old").mkdir(exist_ok=True)
@@ -131,12 +131,14 @@ def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
   # The whole study (its runs stubbed): the verdict holds the baseline's tf runs beside its own.
   s = study(("soft_parallel",), ratio=1.5, log=lambda *_: None)
   s.run_one = lambda arm, seed, plan, calib: {**_record(arm, seed, 0.2 + seed / 100, 0.6),
-                                              "machine": "this study's"}
+                                              "machine": "this study's",
+                                              "code": output.code_version()}
   verdict = s.run()
   assert [(arm, len(e["runs"])) for arm, e in verdict["arms"].items()] == [("tf", 3),
                                                                            ("soft_parallel", 3)]
   saved = json.loads((tmp_path / "new" / "verdict.json").read_text())
   assert saved["baseline"] == str(tmp_path / "old") and saved["scale"]["machine"] == "this study's"
+  assert saved["code"] == [output.code_version()]
   assert "soft_parallel: held-out AugScore 21.0% vs 11.0%, better" in saved["sentence"]
   assert f"tf: the runs of the study {tmp_path / 'old'}." in (tmp_path / "new" / "verdict.md"
                                                                ).read_text()
@@ -167,6 +169,16 @@ def test_a_new_arm_is_compared_with_the_tf_runs_of_a_finished_study(tmp_path):
                                        ["runs"]]}}}))
   with pytest.raises(config.ConfigError, match="its tf runs ran on .'gpu x 8'."):
     study(("soft_parallel",)).baseline_runs()
+  # Its tf runs' code: another version (or none recorded, before 2026-12-04) only with any_code.
+  for code, culprit in (("0123456789ab", "its tf runs were by other code (version "
+                                         "0123456789ab), this is"),
+                        (None, "its tf runs were before code versions were recorded")):
+    (tmp_path / "old" / "verdict.json").write_text(json.dumps(
+        {**old, "arms": {"tf": {"runs": [{k: v for k, v in {**r, "code": code}.items()
+                                          if v is not None} for r in old["arms"]["tf"]["runs"]]}}}))
+    with pytest.raises(config.ConfigError, match=re.escape(culprit)):
+      study(("soft_parallel",)).baseline_runs()
+    assert len(study(("soft_parallel",), any_code=True, log=lambda *_: None).baseline_runs()) == 3
   with pytest.raises(config.ConfigError, match="no finished study there"):
     study(("soft",), baseline=tmp_path / "nowhere").baseline_runs()
 
@@ -394,8 +406,10 @@ def test_a_folder_that_other_code_wrote_is_refused_unless_asked(tmp_path):
       if refused is None:
         make().check_manifest(make().calibrate())
         continue
-      with pytest.raises(config.ConfigError, match=f"{name}: written by other code "
-                         f"\\(version {refused}; this is {here}\\)") as err:
+      said = ("written before code versions were recorded" if refused == "unrecorded" else
+              f"written by other code (version {refused})")
+      with pytest.raises(config.ConfigError, match=re.escape(f"{name}: {said}, this is {here}:")
+                         ) as err:
         make().check_manifest(make().calibrate())
       assert "--any-code" in str(err.value) and "\n" not in str(err.value)
       study = make(any_code=True)
@@ -467,7 +481,7 @@ def test_the_study_end_to_end(tmp_path, capsys):
   capsys.readouterr()
   assert eavi_verdict.main(argv) == 1
   err = capsys.readouterr().err.strip()
-  assert "written by other code (version 0123456789ab" in err and "\n" not in err
+  assert "written by other code (version 0123456789ab), this is" in err and "\n" not in err
   assert eavi_verdict.main([*argv, "--any-code"]) == 0
   assert [f.stat().st_mtime_ns for f in files] == stamps
   assert json.loads((out / "study.json").read_text())["code"] == ["0123456789ab",

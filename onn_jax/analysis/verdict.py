@@ -331,10 +331,12 @@ class Study:
       if self.custom:
         manifest["costs"] = calib["costs"]
     path = self.out / "study.json"
-    manifest["code"] = [output.code_version()]
+    # (a calibration that went on with --any-code brings both versions)
+    manifest["code"] = list((calib or {}).get("code") or [output.code_version()])
     if path.is_file():
       before = json.loads(path.read_text())
-      manifest["code"] = self.code_seen(path, before, say=calib is not None)
+      seen = self.code_seen(path, before, say=calib is not None)
+      manifest["code"] = seen + [c for c in manifest["code"] if c not in seen]
       before.setdefault("experts", _unrecorded_experts(self.base.model.moe_impl))
       if before.get("custom", {}) != custom:
         raise config.ConfigError(f"{path}: this folder's study has other --arm arms than "
@@ -352,21 +354,22 @@ class Study:
     if calib is not None:
       path.write_text(json.dumps(manifest, indent=1))
 
-  def code_seen(self, path: Path, recorded: dict, say: bool = True) -> list[str]:
+  def code_seen(self, path: Path, recorded: dict, say: bool = True,
+                what: str = "written") -> list[str]:
     """The versions of the code (:func:`output.code_version`) that wrote ``recorded`` (the
-    contents of ``path``, a study.json or calibration.json; "unrecorded" before 2026-12-04),
-    this one's added: refused in one line when it is not among them, unless ``any_code``
-    (then ``say`` logs that it goes on)."""
+    contents of ``path``: a study.json, a calibration.json, or a --baseline's tf runs; what
+    ``what`` says of them), this one's added: refused in one line when it is not among them,
+    unless ``any_code`` (then ``say`` logs that it goes on). "unrecorded": before 2026-12-04."""
     seen, here = list(recorded.get("code", ["unrecorded"])), output.code_version()
     if here not in seen:
+      other = ("before code versions were recorded" if seen == ["unrecorded"] else
+               f"by other code (version {', '.join(seen)})")
       if not self.any_code:
         raise config.ConfigError(
-            f"{path}: written by other code (version {', '.join(seen)}; this is {here}), whose "
-            "runs and step times would mix with this code's; use another --out, or --any-code "
-            "to go on and record both")
+            f"{path}: {what} {other}, this is {here}: their runs and step times would mix "
+            "with this code's; use another --out, or --any-code to go on and record both")
       if say:
-        self.log(f"{path}: written by other code (version {', '.join(seen)}); going on with "
-                 f"{here} (--any-code), both recorded")
+        self.log(f"{path}: {what} {other}; going on with {here} (--any-code), both recorded")
       seen.append(here)
     return seen
 
@@ -502,6 +505,8 @@ class Study:
       raise config.ConfigError(f"--baseline {path}: its tf runs ran on "
                                f"{sorted({str(r.get('machine')) for r in runs})}, this study "
                                f"on {here!r}")
+    self.code_seen(path, {"code": sorted({str(r.get("code", "unrecorded")) for r in runs})},
+                   what="its tf runs were")
     return runs
 
   # -- the whole study ------------------------------------------------------------------------
@@ -532,7 +537,8 @@ class Study:
         if record is None:
           return None
         records.append(record)
-    meta = self.meta()
+    # The code versions this folder went on with (--any-code), beside each run's own.
+    meta = {**self.meta(), "code": json.loads((self.out / "study.json").read_text())["code"]}
     if baseline:
       # Charged like this study's own arms: at its calibration's teacher-forcing step.
       t_tf = calib.get("tf_step_s")
@@ -580,8 +586,10 @@ def summarise(records: Sequence[dict], calib: dict, meta: dict) -> dict:
   scale = {"params": first.get("params"), "tasks": first.get("tasks", {}),
            "machine": first.get("machine")}
   verdict = {**meta, "scale": scale, "calibration": calib, "arms": arms,
-             # the code versions of the runs (output.code_version; a baseline's too)
-             "code": sorted({str(r.get("code", "unrecorded")) for r in records})}
+             # the code versions of the runs (output.code_version; a baseline's too) and of
+             # the study's folder (meta's "code", study.json's)
+             "code": sorted({str(r.get("code", "unrecorded")) for r in records}
+                            | set(meta.get("code", ())))}
   verdict["sentence"] = sentence(arms, describe_scale(verdict))
   return verdict
 
