@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -88,6 +89,35 @@ def test_prefill_then_decode_matches_full_forward(geometry):
     logits, cache = _decode(model)(params, step_tokens, cache, pos)
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
+
+
+@pytest.mark.parametrize("geometry", [0, 2])
+def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
+  """The same with NSA's Pallas path and its one-kernel decoding step (interpret mode here),
+  compressed blocks completing mid-decode (rotated in the cache with cmp_rope="both")."""
+  from onn_jax.model import nsa, nsa_pallas
+  cfg, model, params = _setup(geometry)
+  calls = []
+  kernel = nsa_pallas.decode_attention
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+  monkeypatch.setattr(nsa_pallas, "decode_attention",
+                      lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  fused = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
+  decode_step = jax.jit(lambda params, inputs, cache, pos: fused.apply(
+      {"params": params}, inputs, mode="decode", cache=cache, pos_B=pos)[:2])
+  T = 33
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, T), 0, VOCAB_SIZE)
+  full = _forward(model)(params, tokens)
+  prompt_len = np.array([3, 17])
+  P = int(prompt_len.max())
+  masked = jnp.where(jnp.arange(P)[None] < prompt_len[:, None], tokens[:, :P], PAD)
+  _, cache = _prefill(model)(params, masked, init_cache(cfg, 2, T))
+  pos = jnp.asarray(prompt_len)
+  for _ in range(T - P):
+    logits, cache = decode_step(params, tokens[jnp.arange(2), pos][:, None], cache, pos)
+    np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], atol=2e-5, rtol=1e-5)
+    pos = pos + 1
+  assert calls, "the decoding kernel did not run"
 
 
 def test_soft_inputs_equal_token_inputs_for_one_hot():

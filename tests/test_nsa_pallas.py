@@ -692,3 +692,120 @@ def test_window_kernel_matches_band_chunks(tile, window, packed, group_heads, mo
   assert_window_matches_band_chunks(
       lambda q, k, v: nsa_pallas.window_attention(q, k, v, lo, window, True),  # noqa: E731
       window, lo, seed=16)
+
+
+# ------------------------------------------------------- one-token decoding in one kernel
+
+# One query a row against a cache (nsa.PALLAS_DECODE = "fused": nsa_pallas.decode_attention).
+DECODE_GEOS = {
+    # One tile of selection blocks, J = 4 < num_select = 6 (unused slots), window > S, R = 2
+    # heads padded to the 16-row tile, a row at position 0 (no compressed block visible).
+    "few_blocks": GEOMETRIES["decode_t1_few_blocks"],
+    # J = 75 selection blocks walked in 5 tiles (compression blocks reaching into the next
+    # tile), num_select = 5 (not a power of two), positions at the start, inside and at the
+    # end of tiles.
+    "many_tiles": (Geo(B=4, T=1, S=300, H=2, G=1, D=4, block_len=4, block_stride=2,
+                       select_len=4, num_select=5, window=9), np.array([0, 63, 150, 299])),
+    # R = 16 heads a group (the whole tile, no padding), block_len not a multiple of the
+    # stride, S not a multiple of select_len (a partial last block), the window band of 32
+    # keys masked to 20.
+    "wide_group": (Geo(B=2, T=1, S=100, H=32, G=2, D=4, block_len=6, block_stride=4,
+                       select_len=8, num_select=4, window=20), np.array([37, 99])),
+}
+
+
+def _fused_fn(geo: Geo, monkeypatch, grads: bool = True):
+  """nsa_core(impl="pallas") with the decoding kernel; fails unless the kernel ran."""
+  calls = []
+  kernel = nsa_pallas.decode_attention
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+  monkeypatch.setattr(nsa_pallas, "decode_attention",
+                      lambda *a, **k: calls.append(1) or kernel(*a, **k))
+
+  def loss(args, q_offset, cot):
+    out = nsa_core(*(args[n] for n in ARG_NAMES), q_offset=q_offset, impl="pallas",
+                   **geo.static())
+    return jnp.sum(out.astype(jnp.float32) * cot), out
+
+  def run(args, q_offset, cot):
+    if not grads:
+      return loss(args, q_offset, cot)[1]
+    (_, out), g = jax.value_and_grad(loss, has_aux=True)(args, q_offset, cot)
+    return out, g
+
+  def checked(*args):
+    result = jax.jit(run)(*args)
+    assert calls, "the decoding kernel did not run"
+    return result
+
+  return checked
+
+
+@pytest.mark.parametrize("name", list(DECODE_GEOS))
+def test_fused_decoding_matches_reference(name, monkeypatch):
+  """Outputs against the reference and the float64 oracle; gradients (which the unfused
+  path computes, nsa._split_decode) against the reference's. float32 sums of at most ~100
+  terms in another order: RTOL / ATOL as above."""
+  geo, q_offset = DECODE_GEOS[name]
+  R = geo.H // geo.G
+  assert nsa_pallas.decode_supported(heads_per_group=R, head_dim=geo.D,
+                                     block_len=geo.block_len, block_stride=geo.block_stride,
+                                     select_len=geo.select_len)
+  args = make_inputs(geo, seed=len(name))
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 98)
+  want = value_and_grad_fn(geo, "reference")(args, _offset(q_offset), cot)
+  got = _fused_fn(geo, monkeypatch)(args, _offset(q_offset), cot)
+  assert got[0].dtype == jnp.float32 and got[0].shape == (geo.B, 1, geo.H, geo.D)
+  _assert_close_all(got, want, ARG_NAMES)
+  np.testing.assert_allclose(got[0], oracle_nsa(args, geo, q_offset), rtol=RTOL, atol=ATOL)
+
+
+def test_fused_decoding_breaks_ties_as_the_reference(monkeypatch):
+  """Identical compressed keys: every visible block equally probable, so candidate blocks
+  overlapping the same number of them tie bit for bit; the kernel must take the lower block,
+  as lax.top_k does, or it attends other keys (``many_tiles``: ties across the choice
+  tiles)."""
+  geo, q_offset = DECODE_GEOS["many_tiles"]
+  args = make_inputs(geo, seed=4)
+  args = dict(args, k_cmp=jnp.broadcast_to(args["k_cmp"][:, :1], args["k_cmp"].shape))
+  cot = jnp.zeros((geo.B, geo.T, geo.H, geo.D))
+  want = forward_fn(geo, "reference")(args, _offset(q_offset))
+  got = _fused_fn(geo, monkeypatch, grads=False)(args, _offset(q_offset), cot)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_decoding_reads_nothing_past_the_query(monkeypatch):
+  """Keys and values after each row's position, and compressed blocks not complete there,
+  change nothing, bit for bit (the cache past a row's position holds stale entries)."""
+  geo, q_offset = DECODE_GEOS["many_tiles"]
+  args = make_inputs(geo, seed=6)
+  cot = jnp.zeros((geo.B, geo.T, geo.H, geo.D))
+  later = (np.arange(geo.S)[None, :] > q_offset[:, None])[:, :, None, None]
+  unseen = (np.arange(geo.N)[None, :] * geo.block_stride + geo.block_len - 1
+            > q_offset[:, None])[:, :, None, None]
+  perturbed = {k: v + 3.0 * (unseen if k in ("k_cmp", "v_cmp") else later)
+               if k not in ("q", "gates") else v for k, v in args.items()}
+  f = _fused_fn(geo, monkeypatch, grads=False)
+  np.testing.assert_array_equal(f(perturbed, _offset(q_offset), cot),
+                                f(args, _offset(q_offset), cot))
+
+
+def test_fused_decoding_bf16_close_to_fp32_reference(monkeypatch):
+  """bf16 inputs, as the GPU runs them: the bound of test_pallas_bf16_close_to_fp32_reference
+  (bf16 output rounding and probabilities rounded before the value products)."""
+  geo, q_offset = DECODE_GEOS["wide_group"]
+  args16 = make_inputs(geo, seed=9, dtype=jnp.bfloat16)
+  args32 = {k: v.astype(jnp.float32) for k, v in args16.items()}
+  cot = jnp.zeros((geo.B, geo.T, geo.H, geo.D))
+  out16 = _fused_fn(geo, monkeypatch, grads=False)(args16, _offset(q_offset), cot)
+  assert out16.dtype == jnp.bfloat16
+  out32 = forward_fn(geo, "reference")(args32, _offset(q_offset))
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, rtol=2e-2, atol=2e-2)
+
+
+def test_a_bad_decoding_setting_is_one_line(monkeypatch):
+  geo, q_offset = DECODE_GEOS["few_blocks"]
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fast")
+  with pytest.raises(ValueError, match="nsa.PALLAS_DECODE must be 'fused' or 'split'"):
+    forward_fn(dataclasses.replace(geo, B=1), "pallas")(
+        make_inputs(dataclasses.replace(geo, B=1), seed=1), _offset(q_offset[:1]))

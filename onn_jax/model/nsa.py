@@ -783,6 +783,112 @@ def _window_band_attention(q_BTGRD, k_win, v_win, window: int, lo_BT, implementa
   return out_BTHD.reshape(B, T, G, R, D).astype(_F32)
 
 
+def _pallas_branches(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos_BT,
+                     lo_BT, q_offset, *, block_len: int, block_stride: int, select_len: int,
+                     num_select: int, window: int):
+  """impl="pallas": the three branches' outputs (compressed, selected, window), each
+  [B,T,G,R,D] float32 (see the module docstring for which path each shape takes)."""
+  B, T, G, R, D = q_BTGRD.shape
+  S = k_slc.shape[1]
+  N = k_cmp.shape[1]
+  from_start = (T == S and N > 0 and isinstance(q_offset, (int, np.integer)) and q_offset == 0
+                and (lo_BT is None or B * N * N <= PALLAS_MASK_ELEMS))
+  long_offset = (not from_start and lo_BT is None and N > 0
+                 and T >= PALLAS_OFFSET_MIN_QUERIES)
+  if PALLAS_CMP_ATTENTION == "folded" and (from_start or long_offset):
+    if from_start:
+      out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
+                                   block_stride=block_stride, lo_BT=lo_BT)
+    else:
+      out_cmp = _compressed_folded_offset(q_cmp_BTGRD, k_cmp, v_cmp, pos_BT[:, 0],
+                                          block_len=block_len, block_stride=block_stride)
+    idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, seq_len=S,
+                              block_len=block_len, block_stride=block_stride,
+                              select_len=select_len, num_select=num_select)
+  else:
+    if PALLAS_OFFSET_CHOICE not in ("fused", "kernel"):
+      raise ValueError(f"nsa.PALLAS_OFFSET_CHOICE must be 'fused' or 'kernel', got "
+                       f"{PALLAS_OFFSET_CHOICE!r}")
+    sel = dict(seq_len=S, block_len=block_len, block_stride=block_stride,
+               select_len=select_len, num_select=num_select)
+    apart = PALLAS_OFFSET_CHOICE == "kernel" and N > 0 and nsa_pallas.block_choice_supported(
+        block_len=block_len, block_stride=block_stride, select_len=select_len)
+    out_cmp, idx_BTGK = _compressed_and_selection_chunked(
+        q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, choose=not apart, **sel)
+    if apart:
+      idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, **sel)
+  out_slc = nsa_pallas.selected_attention(q_BTGRD, k_slc, v_slc, idx_BTGK, pos_BT,
+                                          select_len, nsa_pallas.use_interpret())
+  offset_is_zero = isinstance(q_offset, (int, np.integer)) and q_offset == 0
+  out_win = _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window, offset_is_zero, lo_BT)
+  return out_cmp, out_slc, out_win
+
+
+def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
+  """The branches' gated sum (eq. 5): [B,T,G,R,D] float32."""
+  B, T, G, R, D = out_cmp.shape
+  gates_BTGR3 = gates_BTH3.astype(_F32).reshape(B, T, G, R, 3)
+  return (gates_BTGR3[..., 0:1] * out_cmp + gates_BTGR3[..., 1:2] * out_slc
+          + gates_BTGR3[..., 2:3] * out_win)
+
+
+# impl="pallas", one query a row (one-token decoding against a KV cache, one sequence a row):
+# "fused": the whole core in one kernel a layer (nsa_pallas.decode_attention); "split": the
+# compressed branch and block choice in XLA, the selected kernel, the window band in XLA
+# (_pallas_branches), about 17 launches a layer. On an H200 a decoding step of the arc1
+# model is bound by its launches (README Benchmarks, issue #16); the fused kernel compiles
+# for sm_90 (a deviceless compile, docs/bench/decode_kernel_count.py) but its speed there has
+# not been measured yet, so "split", the measured path, stays the default.
+PALLAS_DECODE = "split"
+
+
+def _fused_decode_applies(q_BTGRD, k_cmp, k_slc, lo_BT, *, block_len: int, block_stride: int,
+                          select_len: int, num_select: int, window: int) -> bool:
+  del num_select, window
+  if PALLAS_DECODE not in ("fused", "split"):
+    raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
+  _, T, _, R, D = q_BTGRD.shape
+  return (PALLAS_DECODE == "fused" and T == 1 and lo_BT is None and k_cmp.shape[1] > 0
+          and nsa_pallas.decode_supported(heads_per_group=R, head_dim=D, block_len=block_len,
+                                          block_stride=block_stride, select_len=select_len))
+
+
+def _split_decode(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
+                  pos_BT, geometry):
+  """What the fused kernel computes, by :func:`_pallas_branches`: [B,1,G,R,D] float32."""
+  branches = _pallas_branches(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win,
+                              pos_BT, None, pos_BT[:, 0], **dict(geometry))
+  return _gated(gates, *branches)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _fused_decode(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos_BT,
+                  geometry):
+  """One query a row through ``nsa_pallas.decode_attention``: [B,1,G,R,D] float32. Its
+  gradient is that of :func:`_split_decode` (decoding is not differentiated in training; a
+  user's gradient through it is still right)."""
+  B, _, G, R, D = q_BTGRD.shape
+  geo = dict(geometry)
+  out_BGRD = nsa_pallas.decode_attention(
+      q_BTGRD[:, 0], q_cmp_BTGRD[:, 0], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win,
+      gates.reshape(B, G, R, 3), pos_BT[:, 0],
+      num_sel=num_selection_blocks(k_slc.shape[1], geo["select_len"]),
+      interpret=nsa_pallas.use_interpret(), **geo)
+  return out_BGRD[:, None]
+
+
+def _fused_decode_fwd(*args):
+  return _fused_decode(*args), args[:10]
+
+
+def _fused_decode_bwd(geometry, res, ct):
+  _, vjp = jax.vjp(lambda *a: _split_decode(*a, res[9], geometry), *res[:9])
+  return vjp(ct) + (None,)
+
+
+_fused_decode.defvjp(_fused_decode_fwd, _fused_decode_bwd)
+
+
 def _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_offset, block_len,
                   block_stride, select_len, num_select, window) -> None:
   if q.ndim != 4:
@@ -868,38 +974,16 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
   q_BTGRD = q.reshape(B, T, G, R, D)
   q_cmp_BTGRD = q_cmp.reshape(B, T, G, R, D)
 
+  geometry = dict(block_len=block_len, block_stride=block_stride, select_len=select_len,
+                  num_select=num_select, window=window)
+  if impl == "pallas" and _fused_decode_applies(q_BTGRD, k_cmp, k_slc, lo_BT, **geometry):
+    out_BTGRD = _fused_decode(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win,
+                              gates, pos_BT, tuple(geometry.items()))
+    return out_BTGRD.reshape(B, T, H, D).astype(q.dtype)
   if impl == "pallas":
-    N = k_cmp.shape[1]
-    from_start = (T == S and N > 0 and isinstance(q_offset, (int, np.integer)) and q_offset == 0
-                  and (lo_BT is None or B * N * N <= PALLAS_MASK_ELEMS))
-    long_offset = (not from_start and lo_BT is None and N > 0
-                   and T >= PALLAS_OFFSET_MIN_QUERIES)
-    if PALLAS_CMP_ATTENTION == "folded" and (from_start or long_offset):
-      if from_start:
-        out_cmp = _compressed_folded(q_cmp_BTGRD, k_cmp, v_cmp, block_len=block_len,
-                                     block_stride=block_stride, lo_BT=lo_BT)
-      else:
-        out_cmp = _compressed_folded_offset(q_cmp_BTGRD, k_cmp, v_cmp, pos_BT[:, 0],
-                                            block_len=block_len, block_stride=block_stride)
-      idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, seq_len=S,
-                                block_len=block_len, block_stride=block_stride,
-                                select_len=select_len, num_select=num_select)
-    else:
-      if PALLAS_OFFSET_CHOICE not in ("fused", "kernel"):
-        raise ValueError(f"nsa.PALLAS_OFFSET_CHOICE must be 'fused' or 'kernel', got "
-                         f"{PALLAS_OFFSET_CHOICE!r}")
-      sel = dict(seq_len=S, block_len=block_len, block_stride=block_stride,
-                 select_len=select_len, num_select=num_select)
-      apart = PALLAS_OFFSET_CHOICE == "kernel" and N > 0 and nsa_pallas.block_choice_supported(
-          block_len=block_len, block_stride=block_stride, select_len=select_len)
-      out_cmp, idx_BTGK = _compressed_and_selection_chunked(
-          q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, lo_BT, choose=not apart, **sel)
-      if apart:
-        idx_BTGK = _folded_choice(q_cmp_BTGRD, k_cmp, pos_BT, lo_BT, **sel)
-    out_slc = nsa_pallas.selected_attention(q_BTGRD, k_slc, v_slc, idx_BTGK, pos_BT,
-                                            select_len, nsa_pallas.use_interpret())
-    offset_is_zero = isinstance(q_offset, (int, np.integer)) and q_offset == 0
-    out_win = _window_pallas_path(q_BTGRD, k_win, v_win, pos_BT, window, offset_is_zero, lo_BT)
+    out_cmp, out_slc, out_win = _pallas_branches(
+        q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos_BT, lo_BT,
+        q_offset, **geometry)
   else:
     out_cmp, p_cmp_BTGRN = _compressed_branch(q_cmp_BTGRD, k_cmp, v_cmp, pos_BT, block_len,
                                               block_stride, lo_BT)
@@ -912,7 +996,4 @@ def nsa_core(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, k_slc: jax.Array,
     out_slc, out_win = branches(q_BTGRD, k_slc, v_slc, k_win, v_win, idx_BTGK, valid_BTGK,
                                 pos_BT, select_len, window, lo_BT)
 
-  gates_BTGR3 = gates.astype(_F32).reshape(B, T, G, R, 3)
-  out_BTGRD = (gates_BTGR3[..., 0:1] * out_cmp + gates_BTGR3[..., 1:2] * out_slc
-               + gates_BTGR3[..., 2:3] * out_win)
-  return out_BTGRD.reshape(B, T, H, D).astype(q.dtype)
+  return _gated(gates, out_cmp, out_slc, out_win).reshape(B, T, H, D).astype(q.dtype)

@@ -1114,3 +1114,165 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
 
 
 window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
+
+
+# ------------------------------------------------------------------------------------------
+# One-token decoding: the whole NSA core of a query against its KV cache in one kernel.
+#
+# A decoding step (T = 1) otherwise runs the compressed branch and the block choice as XLA
+# fusions, the selected branch as its own kernel and the window branch as a gather and a few
+# more fusions: about 17 launches a layer of a few microseconds each, while a step of 32 rows
+# moves only kilobytes (issue #16: the rollout is bound by its launches). Here one program per
+# (example, KV group) does all of it for the group's R heads, as rows of one tile (R padded to
+# ROW_TILE with copies of the last head, computed and dropped):
+#   1. the log-sum-exp of the compressed logits, walking the compressed keys in the block
+#      choice's tiles (CHOICE_SEL_TILE selection blocks' worth);
+#   2. the same walk again: normalised probabilities, the compressed branch's output, each
+#      tile's selection scores (summed over the real heads and the overlapping blocks) and the
+#      running top-k (_merge_top; forced blocks first, ties to the lower block);
+#   3. the chosen blocks' keys gathered by row (num_select * select_len of them, one load) and
+#      the window band (the next power of two of min(window, S) positions ending at the
+#      query, masked to the window): one softmax each;
+#   4. the gated sum.
+# Every index is clamped into its array and the rows it brings in masked, so nothing is padded
+# in XLA. Forward only: nsa_core's custom VJP differentiates the unfused path instead.
+
+DEC_NUM_WARPS = 4
+
+
+def decode_supported(*, heads_per_group: int, head_dim: int, block_len: int, block_stride: int,
+                     select_len: int) -> bool:
+  """Whether :func:`decode_attention` serves this geometry (the Triton tiles of the selected
+  and choice kernels)."""
+  return (pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
+                           select_len=select_len)
+          and block_choice_supported(block_len=block_len, block_stride=block_stride,
+                                     select_len=select_len))
+
+
+def _attend_masked(q_PD, k_XD, v_XD, ok_X, scale: float):
+  """Softmax attention of the rows of ``q_PD`` over the keys where ``ok_X``: [P, D] float32
+  (probabilities normalised, then rounded to the values' dtype, as the reference does)."""
+  logits_PX = jnp.where(ok_X[None, :], _mm(q_PD, k_XD, trans_b=True) * scale, _NEG)
+  m_P = jnp.max(logits_PX, axis=1)
+  p_PX = jnp.where(ok_X[None, :], jnp.exp(logits_PX - m_P[:, None]), 0.0)
+  l_P = jnp.sum(p_PX, axis=1)
+  p_PX = p_PX / jnp.maximum(l_P, 1e-30)[:, None]
+  return _mm(p_PX.astype(v_XD.dtype), v_XD)
+
+
+def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref, gate_ref,
+                   pos_ref, ovl_ref, o_ref, *, num_groups: int, heads: int, rows: int,
+                   num_cmp: int, seq_len: int, num_tiles: int, block_len: int,
+                   block_stride: int, select_len: int, num_select: int, slots: int,
+                   window: int, band: int, scale: float):
+  Js = CHOICE_SEL_TILE
+  Nt = Js * select_len // block_stride
+  pid = pl.program_id(0)
+  b, g = jax.lax.div(pid, num_groups), jax.lax.rem(pid, num_groups)
+  row_P = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  real_P = row_P < heads
+  row_P = jnp.minimum(row_P, heads - 1)
+  pos = pos_ref[b]
+  q_PD = q_ref[b, g, row_P, :]
+  qc_PD = qc_ref[b, g, row_P, :]
+  n = jnp.minimum(jax.lax.div(pos, select_len * Js) + 1, num_tiles)
+
+  def tile(jt):
+    """Tile ``jt``'s compressed-block rows (clamped), visibility and logits [P, Nt]."""
+    i_N = jt * Nt + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)
+    vis_N = (i_N * block_stride + (block_len - 1) <= pos) & (i_N < num_cmp)
+    i_N = jnp.minimum(i_N, num_cmp - 1)
+    k_ND = kc_ref[b, i_N, g, :]
+    logits_PN = jnp.where(vis_N[None, :], _mm(qc_PD, k_ND, trans_b=True) * scale, _NEG)
+    return i_N, vis_N, logits_PN
+
+  def lse_tile(jt, carry):
+    m_P, l_P = carry
+    _, vis_N, logits_PN = tile(jt)
+    m_new = jnp.maximum(m_P, jnp.max(logits_PN, axis=1))
+    p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - m_new[:, None]), 0.0)
+    return m_new, l_P * jnp.exp(m_P - m_new) + jnp.sum(p_PN, axis=1)
+
+  m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, (jnp.full((rows,), _NEG, _F32),
+                                                jnp.zeros((rows,), _F32)))
+  lse_P = m_P + jnp.log(jnp.maximum(l_P, 1e-30))  # no visible block: l = 0, p = 0 below
+  cur = jax.lax.div(pos, select_len)
+  same_NJ, next_NJ = ovl_ref[0], ovl_ref[1]
+
+  def score_tile(jt, carry):
+    prev_N, acc_PD, val_1K, idx_1K = carry
+    i_N, vis_N, logits_PN = tile(jt)
+    p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - lse_P[:, None]), 0.0)
+    v_ND = vc_ref[b, i_N, g, :]
+    acc_PD = acc_PD + _mm(p_PN.astype(v_ND.dtype), v_ND)
+    p_N = jnp.sum(jnp.where(real_P[:, None], p_PN, 0.0), axis=0)
+    s_J = jnp.sum(p_N[:, None] * same_NJ + prev_N[:, None] * next_NJ, axis=0)
+    blk_J = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Js,), 0)
+    cand_J = blk_J <= cur
+    forced_J = cand_J & ((blk_J == 0) | (blk_J == cur) | (blk_J == cur - 1))
+    key_J = jnp.where(forced_J, _FORCED, jnp.where(cand_J, s_J, _NEG))
+    val_1K, idx_1K = _merge_top(val_1K, idx_1K, key_J[None, :], blk_J[None, :], num_select)
+    return p_N, acc_PD, val_1K, idx_1K
+
+  init = (jnp.zeros((Nt,), _F32), jnp.zeros(q_PD.shape, _F32),
+          jnp.full((1, slots), _NEG, _F32), jnp.full((1, slots), -1, jnp.int32))
+  _, out_cmp_PD, val_1K, idx_1K = jax.lax.fori_loop(0, n, score_tile, init)
+  idx_1K = jnp.where(val_1K > 0.5 * _NEG, idx_1K, -1)
+
+  # The chosen blocks' keys, slot k's select_len rows at x = k * select_len + l.
+  X = slots * select_len
+  x_X = jax.lax.broadcasted_iota(jnp.int32, (X,), 0)
+  slot_X, off_X = jax.lax.div(x_X, select_len), jax.lax.rem(x_X, select_len)
+  slot_1K = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
+  blk_X = jnp.full((X,), -1, jnp.int32)
+  for k in range(num_select):
+    blk_X = jnp.where(slot_X == k, jnp.sum(jnp.where(slot_1K == k, idx_1K, 0)), blk_X)
+  keypos_X = blk_X * select_len + off_X
+  ok_X = (blk_X >= 0) & (keypos_X <= pos) & (keypos_X < seq_len)
+  key_X = jnp.clip(keypos_X, 0, seq_len - 1)
+  out_slc_PD = _attend_masked(q_PD, ks_ref[b, key_X, g, :], vs_ref[b, key_X, g, :], ok_X,
+                              scale)
+
+  keypos_W = pos - (band - 1) + jax.lax.broadcasted_iota(jnp.int32, (band,), 0)
+  ok_W = (keypos_W >= 0) & (keypos_W > pos - window)
+  key_W = jnp.maximum(keypos_W, 0)
+  out_win_PD = _attend_masked(q_PD, kw_ref[b, key_W, g, :], vw_ref[b, key_W, g, :], ok_W,
+                              scale)
+
+  gate = [gate_ref[b, g, row_P, c].astype(_F32)[:, None] for c in range(3)]
+  o_ref[b, g, row_P, :] = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * out_win_PD
+
+
+def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.Array,
+                     v_cmp_BNGD: jax.Array, k_slc: jax.Array, v_slc: jax.Array,
+                     k_win: jax.Array, v_win: jax.Array, gates_BGR3: jax.Array,
+                     pos_B: jax.Array, *, num_sel: int, block_len: int, block_stride: int,
+                     select_len: int, num_select: int, window: int, interpret: bool
+                     ) -> jax.Array:
+  """NSA (``nsa.nsa_core``'s gated sum of its three branches) of one query a row at
+  position ``pos_B[b]``, in one kernel.
+
+  Args:
+    q_BGRD: the query's heads [B,G,R,D] (selected and window branches); q_cmp_BGRD: the
+      compressed branch's and the block scores' queries.
+    k_cmp_BNGD, v_cmp_BNGD: compressed keys/values (N > 0); k_slc, v_slc, k_win, v_win:
+      [B,S,G,D], with every position up to ``pos_B`` written.
+    gates_BGR3: the branch gates (compressed, selected, window).
+    pos_B: int32 positions, ``0 <= pos < S``.
+    num_sel: J, the number of selection blocks of S keys.
+  Needs :func:`decode_supported`. Returns float32 [B,G,R,D]; forward only.
+  """
+  B, G, R, D = q_BGRD.shape
+  S, N = k_slc.shape[1], k_cmp_BNGD.shape[1]
+  kernel = functools.partial(
+      _decode_kernel, num_groups=G, heads=R, rows=max(ROW_TILE, R), num_cmp=N, seq_len=S,
+      num_tiles=-(-num_sel // CHOICE_SEL_TILE), block_len=block_len,
+      block_stride=block_stride, select_len=select_len, num_select=num_select,
+      slots=1 << max(0, num_select - 1).bit_length(), window=window,
+      band=1 << max(0, min(window, S) - 1).bit_length(), scale=1.0 / math.sqrt(D))
+  return pl.pallas_call(
+      kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), _F32),
+      interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
+  )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
+    pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len))
