@@ -29,7 +29,7 @@ _WRAPPER = re.compile(r"(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp
                       r"custom_vjp_call)\(([^()]*)\)/?")
 # Name-stack levels of control flow (``while/body/``, ``cond/branch_1_fun/``, ...), dropped.
 _CONTROL = re.compile(r"while|body|cond|branch_\d+_fun|checkpoint|rematted_computation|"
-                      r"remat|scan|checkpoint_name")
+                      r"remat|scan|checkpoint_name|closed_call")
 
 
 def _run(fn: Callable, args: tuple, calls: int, carry: bool) -> tuple:

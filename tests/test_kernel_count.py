@@ -1,0 +1,105 @@
+"""train.kernel_count: the launches of a compiled loop body, counted from its HLO text."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from onn_jax import decode
+from onn_jax.model.transformer import Transformer, init_params
+from train import kernel_count
+
+from conftest import tiny_config
+
+# A scheduled module as XLA prints it: a loop whose body launches two fusions (one with a
+# tuple shape), a library call and a copy, beside instructions that launch nothing.
+HLO = """HloModule jit_f, entry_computation_layout={()->f32[4]{0}}
+
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+%body.1 (arg: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %arg = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = f32[4]{0} get-tuple-element(%arg), index=1
+  %f1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(f)/while/body/Transformer/block_3/attn/neg"}
+  %f2 = (f32[4]{0}, s32[]) fusion(%f1, %i), kind=kInput, calls=%fused_computation, metadata={op_name="jit(f)/while/body/Transformer/block_0/moe/add"}
+  %g = f32[4]{0} get-tuple-element(%f2), index=0
+  %c = f32[4]{0} custom-call(%g), custom_call_target="__cublas$gemm"
+  %y = f32[4]{0} copy(%c)
+  %b = f32[4]{0} bitcast(%y)
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %b)
+}
+
+%cond.1 (arg.1: (s32[], f32[4])) -> pred[] {
+  %arg.1 = (s32[], f32[4]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%arg.1), index=0
+  %k = s32[] constant(8)
+  ROOT %lt = pred[] compare(%j, %k), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[4]{0}) tuple(%z, %a)
+  %w = (s32[], f32[4]{0}) while(%t0), condition=%cond.1, body=%body.1
+  ROOT %r = f32[4]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_the_body_launches_per_step_by_kind_and_scope():
+  got = kernel_count.step_launches(HLO, steps_per_body=2)
+  assert got["launches_per_step"] == 2.0  # 4 launches, 2 steps a body
+  assert got["by_kind"] == {"fusion:kLoop": 0.5, "fusion:kInput": 0.5,
+                            "custom-call:__cublas$gemm": 0.5, "copy": 0.5}
+  assert got["by_scope"]["Transformer/block_N/attn/neg"] == 0.5
+  assert got["by_scope"]["Transformer/block_N/moe/add"] == 0.5
+
+
+def test_a_program_without_a_loop_is_one_line():
+  with pytest.raises(ValueError, match="no while loop"):
+    kernel_count.step_launches(HLO.split("%body.1")[0], steps_per_body=1)
+
+
+def test_a_compiled_decoding_loop_parses():
+  """The CPU's own compile of generate: its loop body is found and counted, the attention
+  and expert layers among its scopes."""
+  cfg = tiny_config().model
+  model = Transformer(cfg)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  prompt = jnp.ones((2, 6), jnp.int32)
+  text = jax.jit(lambda p, x: decode.generate(model, p, x, jnp.array([6, 4]), max_new=8,
+                                               capacity=16)).lower(params, prompt).compile(
+                                                   ).as_text()
+  got = kernel_count.step_launches(text, steps_per_body=decode.step_copies())
+  assert got["launches_per_step"] > 0
+  assert sum(got["by_kind"].values()) == pytest.approx(got["launches_per_step"])
+  assert any(s.startswith("Transformer/block_N/attn") for s in got["by_scope"])
+
+
+CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+               and importlib.util.find_spec("jax_plugins.xla_cuda13") is not None)
+
+
+@pytest.mark.skipif(CUDA_PLUGIN or jax.default_backend() == "gpu",
+                    reason="a GPU or the CUDA plugin is here")
+def test_without_a_gpu_or_the_cuda_plugin_it_says_what_to_install():
+  with pytest.raises(SystemExit, match="pip install jax-cuda13-plugin jax-cuda13-pjrt=="):
+    kernel_count.gpu_device()
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
+def test_the_fused_decoding_step_launches_fewer_kernels():
+  """Deviceless sm_90 compile of the tiny model: the one-kernel NSA step launches fewer."""
+  cfg = tiny_config()
+  device, _ = kernel_count.gpu_device()
+  rows = {path: kernel_count.count_decode(cfg, batch=4, capacity=64, decode_path=path,
+                                          device=device) for path in ("split", "fused")}
+  assert rows["fused"]["launches_per_step"] < rows["split"]["launches_per_step"]
+  assert rows["fused"]["by_kind"]["custom-call:__gpu$xla.gpu.triton"] == cfg.model.num_layers

@@ -1,0 +1,244 @@
+"""Kernels a one-token decoding step launches on an NVIDIA GPU, counted on any machine.
+
+A decoding step of a model this small is bound by its launches, not by FLOPs or bytes (README
+Benchmarks; issue #16's rollout goal), so the number of kernels a step launches is a measure
+of its own. This compiles ``decode.generate``'s loop of one-token steps (the config's model as
+evaluation and EAVI run it: dense experts, ``decode.step_copies`` steps a loop iteration, from
+a given KV cache) for a GPU and counts what the loop body launches per step: XLA's fusions,
+library and Pallas (Triton) custom calls, copies; by kind and by model scope.
+
+On a machine without a GPU it compiles ahead of time for an sm_90 (H100 / H200 class) target
+through the CUDA plugin's deviceless compilation: ``pip install jax-cuda13-plugin
+jax-cuda13-pjrt`` at your jax's version (no driver, no GPU; on a GPU machine the local device
+is used). The library picks its GPU paths while tracing (it asks ``jax.default_backend()``,
+which reads "gpu" meanwhile, and Pallas kernels lower through Triton). The prefill is not
+compiled: its cuDNN attention needs cuDNN at compile time.
+
+    python -m train.kernel_count --config arc1 --decode split,fused --out kernels.json
+
+Counts are per step of the compiled program; whether a launch is cheap is not known here
+(time it on the device: ``python -m train.bench --only eavi``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+# The CUDA plugin checks its cuDNN and driver at start-up, which a deviceless compilation
+# needs neither of (the only cuDNN use, the prefill's attention, is not compiled here).
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from onn_jax import config, decode, output
+from onn_jax.data.tokens import VOCAB_SIZE
+from onn_jax.model import nsa, nsa_pallas
+from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
+from train import profile as profiling
+
+# An sm_90 device (H100 SXM class; the H200 differs in memory size and bandwidth), for the
+# deviceless compilation: XLA's GpuTargetConfigProto in text form.
+SM90_TARGET = """
+gpu_device_info {
+  cuda_compute_capability { major: 9 minor: 0 }
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 150000000000
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 patch: 0 }
+device_description_str: "sm_90 (deviceless)"
+"""
+
+# Top-level HLO instructions that launch nothing.
+NO_LAUNCH = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
+                       "while", "conditional", "call", "after-all", "opt-barrier",
+                       "partition-id", "replica-id", "copy-done", "add-dependency"})
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
+_OPCODE = re.compile(r"^\s*([a-z][\w\-]*)\(")
+_BODY = re.compile(r"body=%?([\w.\-]+)")
+
+
+def gpu_device() -> tuple[Any, str]:
+  """(device, how): the local GPU if there is one, else an sm_90 target without one."""
+  try:
+    return jax.devices("gpu")[0], "local GPU"
+  except RuntimeError:
+    pass
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc("kernel_count", "cuda", target_config=SM90_TARGET,
+                                            topology="1x1x1")
+  except Exception as err:  # noqa: BLE001 - one line naming what is missing
+    raise SystemExit(f"kernel_count: no GPU and no deviceless CUDA compiler ({err}); "
+                     f"pip install jax-cuda13-plugin jax-cuda13-pjrt=={jax.__version__}")
+  return topology.devices[0], "deviceless sm_90"
+
+
+@contextlib.contextmanager
+def gpu_paths():
+  """While tracing: the library's backend checks read "gpu" and Pallas kernels lower for
+  Triton (not interpret mode)."""
+  saved = jax.default_backend, nsa_pallas.use_interpret
+  jax.default_backend = lambda: "gpu"
+  nsa_pallas.use_interpret = lambda: False
+  try:
+    yield
+  finally:
+    jax.default_backend, nsa_pallas.use_interpret = saved
+
+
+def instructions(hlo_text: str) -> dict[str, list[tuple[str, str, str]]]:
+  """Computation name -> its instructions as (name, opcode, line)."""
+  comps: dict[str, list[tuple[str, str, str]]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line) if not line.startswith(" ") else None
+    if header:
+      current = comps.setdefault(header.group(1), [])
+      continue
+    match = _INSTRUCTION.match(line) if current is not None else None
+    if not match:
+      continue
+    rest = match.group(2)
+    if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+      depth = 0
+      for i, ch in enumerate(rest):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+          rest = rest[i + 1:]
+          break
+    else:
+      rest = rest.split(" ", 1)[1] if " " in rest else ""
+    opcode = _OPCODE.match(rest)
+    if opcode:
+      current.append((match.group(1), opcode.group(1), line))
+  return comps
+
+
+def launch_kind(opcode: str, line: str) -> str | None:
+  """What an instruction launches (``fusion:kLoop``, ``custom-call:<target>``, ...), or None."""
+  if opcode in NO_LAUNCH:
+    return None
+  if opcode == "fusion":
+    kind = re.search(r"kind=(\w+)", line)
+    return "fusion:" + (kind.group(1) if kind else "?")
+  if opcode == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    return "custom-call:" + (target.group(1) if target else "?")
+  return opcode
+
+
+def step_launches(hlo_text: str, steps_per_body: int) -> dict[str, Any]:
+  """The launches of the busiest while-loop body, per step (body / ``steps_per_body``)."""
+  comps = instructions(hlo_text)
+  bodies = {b for insts in comps.values() for _, op, line in insts if op == "while"
+            for b in _BODY.findall(line)}
+  ops = profiling.op_names(hlo_text)
+  best: tuple[int, collections.Counter, collections.Counter] | None = None
+  for name in bodies & comps.keys():
+    kinds, scopes = collections.Counter(), collections.Counter()
+    for inst, op, line in comps[name]:
+      kind = launch_kind(op, line)
+      if kind:
+        kinds[kind] += 1
+        scopes[profiling.scope_of({}, inst, ops)] += 1
+    if best is None or sum(kinds.values()) > best[0]:
+      best = (sum(kinds.values()), kinds, scopes)
+  if best is None:
+    raise ValueError("kernel_count: the compiled program has no while loop")
+  total, kinds, scopes = best
+  per = lambda c: {k: n / steps_per_body for k, n in c.most_common()}  # noqa: E731
+  return {"launches_per_step": total / steps_per_body, "by_kind": per(kinds),
+          "by_scope": per(scopes)}
+
+
+def count_decode(cfg: config.Config, *, batch: int, capacity: int, decode_path: str,
+                 device) -> dict[str, Any]:
+  """Compiles ``decode.generate``'s step loop for ``device`` and counts its launches."""
+  model = outside_tf(Transformer(cfg.model))
+  params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+  cache = jax.eval_shape(lambda: init_cache(cfg.model, batch, capacity))
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  prompt_len = capacity // 2
+  args = jax.tree.map(on_device, (
+      params, jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32), cache,
+      jax.ShapeDtypeStruct((batch, VOCAB_SIZE), jnp.float32)))
+  max_new = 2 * decode.STEPS_PER_CHECK
+
+  def rollout(params, prompt, prompt_len_B, cache, logits):
+    return decode.generate(model, params, prompt, prompt_len_B, max_new=max_new,
+                           capacity=capacity, prompt_cache=cache, first_logits_BV=logits)
+
+  previous = nsa.PALLAS_DECODE
+  nsa.PALLAS_DECODE = decode_path
+  try:
+    with gpu_paths():
+      copies = decode.step_copies()
+      text = jax.jit(rollout).lower(*args).compile().as_text()
+  finally:
+    nsa.PALLAS_DECODE = previous
+  return {"decode": decode_path, "batch": batch, "capacity": capacity, "step_copies": copies,
+          **step_launches(text, copies)}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m train.kernel_count", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="arc1", help="shipped config name or YAML path")
+  parser.add_argument("--batch", type=int, default=32, help="decoding rows")
+  parser.add_argument("--capacity", type=int, default=2048, help="KV-cache slots")
+  parser.add_argument("--decode", default="split,fused",
+                      help="nsa.PALLAS_DECODE settings to count, comma-separated")
+  parser.add_argument("--out", default="", help="JSON results file")
+  parser.add_argument("overrides", nargs="*", help="section.key=value")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  cfg = config.load(args.config, args.overrides)
+  device, how = gpu_device()
+  rows = []
+  for path in [p for p in args.decode.split(",") if p]:
+    row = count_decode(cfg, batch=args.batch, capacity=args.capacity, decode_path=path,
+                       device=device)
+    rows.append(row)
+    top = ", ".join(f"{s} {n:g}" for s, n in list(row["by_scope"].items())[:6])
+    print(f"decode={path}: {row['launches_per_step']:g} launches a step "
+          f"({args.batch} rows, {args.capacity}-slot cache, {how}); {top}", flush=True)
+  result = {"target": how, "config": args.config, "overrides": args.overrides,
+            "jax": jax.__version__, "rows": rows}
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(output.jsonable(result), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  main()
