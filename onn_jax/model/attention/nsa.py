@@ -230,13 +230,21 @@ class NSAttention(nn.Module):
     complete_B = (start_B >= 0) & (start_B % c.block_stride == 0) & (block_B < num_slots)
     idx_BL = jnp.clip(block_B[:, None] * c.block_stride + jnp.arange(c.block_len), 0,
                       cache["k_slc"].shape[1] - 1)
-    for (name, raw_name), compressor in zip(CMP_NAMES, (self.k_compressor, self.v_compressor)):
-      raw_BLGD = jnp.take_along_axis(new_cache[raw_name], idx_BL[:, :, None, None], axis=1)
-      block_B1GD = compressor(raw_BLGD[:, None])
+    raw_2BLGD = jnp.stack([jnp.take_along_axis(new_cache[raw], idx_BL[:, :, None, None], axis=1)
+                           for _, raw in CMP_NAMES])
+    # Both compressors in one batched pass (their parameters stacked): a decoding step's
+    # kernels are its cost (issue #16), and the two would each launch their own.
+    stacked = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.variables,
+                           self.v_compressor.variables)
+    compressor = BlockCompressor(c.block_len, c.head_dim, self.k_compressor.dtype,
+                                 self.k_compressor.param_dtype, parent=None)
+    blocks_2B1GD = jax.vmap(lambda v, x: compressor.apply(v, x[:, None]))(stacked, raw_2BLGD)
+    # A row that completes no block writes to slot num_slots, which the scatter drops.
+    slot_B = jnp.where(complete_B, block_B, num_slots)
+    for i, (name, _) in enumerate(CMP_NAMES):
+      block_B1GD = blocks_2B1GD[i]
       if name == "k_cmp":
         block_B1GD = self._rotate_cmp(block_B1GD, block_B[:, None])
-      # A row that completes no block writes to slot num_slots, which the scatter drops.
-      slot_B = jnp.where(complete_B, block_B, num_slots)
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
           block_B1GD[:, 0].astype(cache[name].dtype), mode="drop")
     return new_cache
