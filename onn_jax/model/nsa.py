@@ -864,7 +864,7 @@ def _split_decode(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _fused_decode(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos_BT,
                   geometry):
-  """One query a row through ``nsa_pallas.decode_attention``: [B,1,G,R,D] float32. Its
+  """One query a row through ``nsa_pallas.decode_attention``: [B,1,G,R,D] in q's dtype. Its
   gradient is that of :func:`_split_decode` (decoding is not differentiated in training; a
   user's gradient through it is still right)."""
   B, _, G, R, D = q_BTGRD.shape
@@ -883,7 +883,7 @@ def _fused_decode_fwd(*args):
 
 def _fused_decode_bwd(geometry, res, ct):
   _, vjp = jax.vjp(lambda *a: _split_decode(*a, res[9], geometry), *res[:9])
-  return vjp(ct) + (None,)
+  return vjp(ct.astype(_F32)) + (None,)
 
 
 _fused_decode.defvjp(_fused_decode_fwd, _fused_decode_bwd)

@@ -1241,7 +1241,8 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
                               scale)
 
   gate = [gate_ref[b, g, row_P, c].astype(_F32)[:, None] for c in range(3)]
-  o_ref[b, g, row_P, :] = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * out_win_PD
+  out_PD = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * out_win_PD
+  o_ref[b, g, row_P, :] = out_PD.astype(o_ref.dtype)
 
 
 def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.Array,
@@ -1261,7 +1262,8 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
     gates_BGR3: the branch gates (compressed, selected, window).
     pos_B: int32 positions, ``0 <= pos < S``.
     num_sel: J, the number of selection blocks of S keys.
-  Needs :func:`decode_supported`. Returns float32 [B,G,R,D]; forward only.
+  Needs :func:`decode_supported`. Returns [B,G,R,D] in q's dtype (the gated sum in float32,
+  rounded once, as nsa_core rounds it); forward only.
   """
   B, G, R, D = q_BGRD.shape
   S, N = k_slc.shape[1], k_cmp_BNGD.shape[1]
@@ -1272,7 +1274,7 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
       slots=1 << max(0, num_select - 1).bit_length(), window=window,
       band=1 << max(0, min(window, S) - 1).bit_length(), scale=1.0 / math.sqrt(D))
   return pl.pallas_call(
-      kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), _F32),
+      kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), q_BGRD.dtype),
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
   )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
     pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len))
