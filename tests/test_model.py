@@ -120,6 +120,16 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
   assert calls, "the decoding kernel did not run"
 
 
+def test_a_model_initialises_in_decoding_mode_as_in_training():
+  """init in mode="decode" (a cache, one token) makes the parameters train mode makes."""
+  cfg, model, params = _setup(0)
+  cache = init_cache(cfg, 2, 16)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 1), jnp.int32), mode="decode",
+                         cache=cache, pos_B=jnp.array([3, 9]))
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), variables["params"])
+          == jax.tree.map(lambda x: (x.shape, x.dtype), params))
+
+
 def test_soft_inputs_equal_token_inputs_for_one_hot():
   _, model, params = _setup(0)
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 19), 0, VOCAB_SIZE)

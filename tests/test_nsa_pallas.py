@@ -748,9 +748,8 @@ def test_fused_decoding_matches_reference(name, monkeypatch):
   terms in another order: RTOL / ATOL as above."""
   geo, q_offset = DECODE_GEOS[name]
   R = geo.H // geo.G
-  assert nsa_pallas.decode_supported(heads_per_group=R, head_dim=geo.D,
-                                     block_len=geo.block_len, block_stride=geo.block_stride,
-                                     select_len=geo.select_len)
+  assert nsa_pallas.decode_supported(heads_per_group=R, head_dim=geo.D, seq_len=geo.S,
+                                     itemsize=4, **geo.static())
   args = make_inputs(geo, seed=len(name))
   cot = random_like((geo.B, geo.T, geo.H, geo.D), 98)
   want = value_and_grad_fn(geo, "reference")(args, _offset(q_offset), cot)
@@ -809,3 +808,27 @@ def test_a_bad_decoding_setting_is_one_line(monkeypatch):
   with pytest.raises(ValueError, match="nsa.PALLAS_DECODE must be 'fused' or 'split'"):
     forward_fn(dataclasses.replace(geo, B=1), "pallas")(
         make_inputs(dataclasses.replace(geo, B=1), seed=1), _offset(q_offset[:1]))
+
+
+def test_fused_decoding_bounds_its_key_tiles(monkeypatch):
+  """Key tiles over DEC_TILE_BYTES (shared memory on the GPU) take the split path: the NSA
+  paper's geometry at D = 128 in bf16 (16 blocks of 64 keys: 256 KiB a tile) did not compile
+  for sm_90; arc1's (16 KiB) does."""
+  arc1 = dict(heads_per_group=4, head_dim=32, block_len=16, block_stride=8, select_len=32,
+              num_select=8, window=128, seq_len=2048, itemsize=2)
+  assert nsa_pallas.decode_supported(**arc1)
+  assert not nsa_pallas.decode_supported(**dict(arc1, head_dim=128, block_len=32,
+                                                block_stride=16, select_len=64, num_select=16,
+                                                window=512))
+  assert not nsa_pallas.decode_supported(**dict(arc1, head_dim=64, window=2048))
+  geo, q_offset = DECODE_GEOS["few_blocks"]
+  monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+  calls = []
+  monkeypatch.setattr(nsa_pallas, "decode_attention", lambda *a, **k: calls.append(1))
+  args = make_inputs(geo, seed=2)
+  got = jax.jit(lambda a, o: nsa_core(*(a[n] for n in ARG_NAMES), q_offset=o, impl="pallas",
+                                      **geo.static()))(args, _offset(q_offset))
+  assert not calls
+  np.testing.assert_allclose(got, forward_fn(geo, "reference")(args, _offset(q_offset)),
+                             rtol=RTOL, atol=ATOL)

@@ -55,7 +55,9 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   of key tiles a tile of queries, packed rows masked by their sequence starts, no mask
   tensor; ``PALLAS_WINDOW = "cudnn"`` takes cuDNN's sliding-window attention instead, as
   before 2026-12-03), else the chunked band attention above.
-  One-token decoding reads the compressed keys, the chosen blocks and the window band only.
+  One-token decoding reads the compressed keys, the chosen blocks and the window band only;
+  with ``PALLAS_DECODE = "fused"`` it is one kernel a call (``nsa_pallas.decode_attention``:
+  all three branches, the choice and the gated sum; its gradient is the unfused path's).
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
 * ``impl="auto"``: ``pallas`` on GPU (when R, D and ``select_len`` are powers of two; it is
@@ -837,20 +839,22 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 # compressed branch and block choice in XLA, the selected kernel, the window band in XLA
 # (_pallas_branches), about 17 launches a layer. On an H200 a decoding step of the arc1
 # model is bound by its launches (README Benchmarks, issue #16); the fused kernel compiles
-# for sm_90 (a deviceless compile, docs/bench/decode_kernel_count.py) but its speed there has
-# not been measured yet, so "split", the measured path, stays the default.
+# for sm_90 (a deviceless compile: python -m train.kernel_count) but its speed there has not
+# been measured yet, so "split", the measured path, stays the default.
 PALLAS_DECODE = "split"
 
 
 def _fused_decode_applies(q_BTGRD, k_cmp, k_slc, lo_BT, *, block_len: int, block_stride: int,
                           select_len: int, num_select: int, window: int) -> bool:
-  del num_select, window
   if PALLAS_DECODE not in ("fused", "split"):
     raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
   _, T, _, R, D = q_BTGRD.shape
   return (PALLAS_DECODE == "fused" and T == 1 and lo_BT is None and k_cmp.shape[1] > 0
-          and nsa_pallas.decode_supported(heads_per_group=R, head_dim=D, block_len=block_len,
-                                          block_stride=block_stride, select_len=select_len))
+          and nsa_pallas.decode_supported(
+              heads_per_group=R, head_dim=D, block_len=block_len, block_stride=block_stride,
+              select_len=select_len, num_select=num_select, window=window,
+              seq_len=k_slc.shape[1],
+              itemsize=max(k_slc.dtype.itemsize, q_BTGRD.dtype.itemsize)))
 
 
 def _split_decode(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,

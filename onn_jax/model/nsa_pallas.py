@@ -1135,19 +1135,32 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 #      query, masked to the window): one softmax each;
 #   4. the gated sum.
 # Every index is clamped into its array and the rows it brings in masked, so nothing is padded
-# in XLA. Forward only: nsa_core's custom VJP differentiates the unfused path instead.
+# in XLA. Key tiles are bounded (DEC_TILE_BYTES, decode_supported). Forward only: nsa_core's custom VJP differentiates the unfused path instead.
 
 DEC_NUM_WARPS = 4
+# The largest key tile (the chosen blocks' num_select * select_len rows, or the window band)
+# the kernel loads at once, in bytes: its keys and values sit in shared memory together (an
+# sm_90 block has 227 KiB). arc1: 16 KiB. The NSA paper's geometry at D = 128 (16 blocks of
+# 64 keys, 256 KiB a tile) asked for 288 KiB and did not compile; larger geometries take the
+# split path.
+DEC_TILE_BYTES = 64 * 1024
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
 
 
 def decode_supported(*, heads_per_group: int, head_dim: int, block_len: int, block_stride: int,
-                     select_len: int) -> bool:
-  """Whether :func:`decode_attention` serves this geometry (the Triton tiles of the selected
-  and choice kernels)."""
+                     select_len: int, num_select: int, window: int, seq_len: int,
+                     itemsize: int) -> bool:
+  """Whether :func:`decode_attention` serves this geometry: the Triton tiles of the selected
+  and choice kernels, and key tiles of at most DEC_TILE_BYTES (keys of ``itemsize`` bytes)."""
+  rows = max(_pow2_at_least(num_select) * select_len, _pow2_at_least(min(window, seq_len)))
   return (pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
                            select_len=select_len)
           and block_choice_supported(block_len=block_len, block_stride=block_stride,
-                                     select_len=select_len))
+                                     select_len=select_len)
+          and rows * head_dim * itemsize <= DEC_TILE_BYTES)
 
 
 def _attend_masked(q_PD, k_XD, v_XD, ok_X, scale: float):
@@ -1236,12 +1249,13 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
 
   keypos_W = pos - (band - 1) + jax.lax.broadcasted_iota(jnp.int32, (band,), 0)
   ok_W = (keypos_W >= 0) & (keypos_W > pos - window)
-  key_W = jnp.maximum(keypos_W, 0)
+  key_W = jnp.clip(keypos_W, 0, seq_len - 1)
   out_win_PD = _attend_masked(q_PD, kw_ref[b, key_W, g, :], vw_ref[b, key_W, g, :], ok_W,
                               scale)
 
   gate = [gate_ref[b, g, row_P, c].astype(_F32)[:, None] for c in range(3)]
   out_PD = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * out_win_PD
+  # The padded rows (copies of head R - 1) store the same values to its row.
   o_ref[b, g, row_P, :] = out_PD.astype(o_ref.dtype)
 
 
@@ -1271,8 +1285,8 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
       _decode_kernel, num_groups=G, heads=R, rows=max(ROW_TILE, R), num_cmp=N, seq_len=S,
       num_tiles=-(-num_sel // CHOICE_SEL_TILE), block_len=block_len,
       block_stride=block_stride, select_len=select_len, num_select=num_select,
-      slots=1 << max(0, num_select - 1).bit_length(), window=window,
-      band=1 << max(0, min(window, S) - 1).bit_length(), scale=1.0 / math.sqrt(D))
+      slots=_pow2_at_least(num_select), window=window, band=_pow2_at_least(min(window, S)),
+      scale=1.0 / math.sqrt(D))
   return pl.pallas_call(
       kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), q_BGRD.dtype),
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),

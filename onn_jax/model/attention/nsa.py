@@ -232,13 +232,17 @@ class NSAttention(nn.Module):
                       cache["k_slc"].shape[1] - 1)
     raw_2BLGD = jnp.stack([jnp.take_along_axis(new_cache[raw], idx_BL[:, :, None, None], axis=1)
                            for _, raw in CMP_NAMES])
-    # Both compressors in one batched pass (their parameters stacked): a decoding step's
-    # kernels are its cost (issue #16), and the two would each launch their own.
-    stacked = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.variables,
-                           self.v_compressor.variables)
-    compressor = BlockCompressor(c.block_len, c.head_dim, self.k_compressor.dtype,
-                                 self.k_compressor.param_dtype, parent=None)
-    blocks_2B1GD = jax.vmap(lambda v, x: compressor.apply(v, x[:, None]))(stacked, raw_2BLGD)
+    compressors = (self.k_compressor, self.v_compressor)
+    if self.is_initializing():  # the compressors' parameters do not exist yet
+      blocks_2B1GD = [f(x[:, None]) for f, x in zip(compressors, raw_2BLGD)]
+    else:
+      # Both compressors in one batched pass (their parameters stacked): a decoding step's
+      # kernels are its cost (issue #16), and the two would each launch their own.
+      stacked = jax.tree.map(lambda k, v: jnp.stack([k, v]),
+                             *(f.variables for f in compressors))
+      unbound = BlockCompressor(c.block_len, c.head_dim, self.k_compressor.dtype,
+                                self.k_compressor.param_dtype, parent=None)
+      blocks_2B1GD = jax.vmap(lambda v, x: unbound.apply(v, x[:, None]))(stacked, raw_2BLGD)
     # A row that completes no block writes to slot num_slots, which the scatter drops.
     slot_B = jnp.where(complete_B, block_B, num_slots)
     for i, (name, _) in enumerate(CMP_NAMES):
