@@ -56,6 +56,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 def test_the_body_launches_per_step_by_kind_and_scope():
   got = kernel_count.step_launches(HLO, steps_per_body=2)
   assert got["launches_per_step"] == 2.0  # 4 launches, 2 steps a body
+  assert got["copied_bytes_per_step"] == 8.0  # one f32[4] copy a body
   assert got["by_kind"] == {"fusion:kLoop": 0.5, "fusion:kInput": 0.5,
                             "custom-call:__cublas$gemm": 0.5, "copy": 0.5}
   assert got["by_scope"]["Transformer/block_N/attn/neg"] == 0.5
@@ -102,4 +103,15 @@ def test_the_fused_decoding_step_launches_fewer_kernels():
   rows = {path: kernel_count.count_decode(cfg, batch=4, capacity=64, decode_path=path,
                                           device=device) for path in ("split", "fused")}
   assert rows["fused"]["launches_per_step"] < rows["split"]["launches_per_step"]
-  assert rows["fused"]["by_kind"]["custom-call:__gpu$xla.gpu.triton"] == cfg.model.num_layers
+  # A kernel for the core and one for the cache writes a layer, and no cache copied.
+  assert rows["fused"]["by_kind"]["custom-call:__gpu$xla.gpu.triton"] == 2 * cfg.model.num_layers
+  itemsize = jnp.dtype(cfg.model.compute_dtype).itemsize
+  smallest_cache_array = 4 * 64 * cfg.model.num_kv_groups * cfg.model.head_dim * itemsize
+  for row in rows.values():
+    assert row["copied_bytes_per_step"] < smallest_cache_array
+
+
+def test_array_bytes_of_an_instruction():
+  assert kernel_count.array_bytes("%c = bf16[32,2048,2,32]{3,2,1,0} copy(%x)") == 8388608
+  assert kernel_count.array_bytes("%c = s32[] copy(%x)") == 4
+  assert kernel_count.array_bytes("%c = pred[3]{0} copy(%x)") == 3

@@ -93,15 +93,17 @@ def test_prefill_then_decode_matches_full_forward(geometry):
 
 @pytest.mark.parametrize("geometry", [0, 2])
 def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
-  """The same with NSA's Pallas path and its one-kernel decoding step (interpret mode here),
-  compressed blocks completing mid-decode (rotated in the cache with cmp_rope="both")."""
+  """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
+  writes; interpret mode here), compressed blocks completing mid-decode (rotated in the cache
+  with cmp_rope="both")."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   calls = []
-  kernel = nsa_pallas.decode_attention
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
-  monkeypatch.setattr(nsa_pallas, "decode_attention",
-                      lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  for name in ("decode_attention", "write_cache"):
+    monkeypatch.setattr(nsa_pallas, name, functools.partial(
+        lambda kernel, name, *a, **k: calls.append(name) or kernel(*a, **k),
+        getattr(nsa_pallas, name), name))
   fused = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
   decode_step = jax.jit(lambda params, inputs, cache, pos: fused.apply(
       {"params": params}, inputs, mode="decode", cache=cache, pos_B=pos)[:2])
@@ -117,7 +119,7 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
     logits, cache = decode_step(params, tokens[jnp.arange(2), pos][:, None], cache, pos)
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
-  assert calls, "the decoding kernel did not run"
+  assert set(calls) == {"decode_attention", "write_cache"}, "a decoding kernel did not run"
 
 
 def test_a_model_initialises_in_decoding_mode_as_in_training():

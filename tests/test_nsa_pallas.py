@@ -832,3 +832,36 @@ def test_fused_decoding_bounds_its_key_tiles(monkeypatch):
   assert not calls
   np.testing.assert_allclose(got, forward_fn(geo, "reference")(args, _offset(q_offset)),
                              rtol=RTOL, atol=ATOL)
+
+
+def test_cache_writes_in_one_kernel_are_the_scatters():
+  """nsa_pallas.write_cache against XLA scatters, bit for bit: each row's token at its
+  position in every array, its block at its slot where it has one (-1: none), nothing else
+  touched (interpret mode here; in place on the GPU)."""
+  rng = np.random.default_rng(0)
+  B, S, N, G, D = 3, 12, 5, 2, 4
+  tokens = tuple(jnp.asarray(rng.standard_normal((B, S, G, D)), jnp.bfloat16) for _ in range(3))
+  blocks = tuple(jnp.asarray(rng.standard_normal((B, N, G, D)), jnp.bfloat16) for _ in range(2))
+  new_t = jnp.asarray(rng.standard_normal((3, B, G, D)), jnp.bfloat16)
+  new_b = jnp.asarray(rng.standard_normal((2, B, G, D)), jnp.bfloat16)
+  pos, slot = jnp.array([0, 7, 11]), jnp.array([-1, 2, 4])
+  got = jax.jit(functools.partial(nsa_pallas.write_cache, interpret=True))(
+      tokens, new_t, pos, blocks, new_b, slot)
+  rows = jnp.arange(B)
+  want = [a.at[rows, pos].set(new_t[i]) for i, a in enumerate(tokens)]
+  want += [a.at[rows, jnp.where(slot >= 0, slot, N)].set(new_b[i], mode="drop")
+           for i, a in enumerate(blocks)]
+  assert len(got) == 5
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_which_decoding_steps_write_the_cache_in_one_kernel(monkeypatch):
+  tiles = dict(heads_per_group=2, head_dim=8, select_len=8)
+  assert not nsa.fused_decoding("pallas", num_groups=2, **tiles)  # "split", the default
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+  assert nsa.fused_decoding("pallas", num_groups=2, **tiles)
+  assert not nsa.fused_decoding("pallas", num_groups=3, **tiles)  # [3, D] rows: no Triton tile
+  assert not nsa.fused_decoding("blockwise", num_groups=2, **tiles)
+  assert nsa.fused_decoding("auto", num_groups=2, **tiles) == (jax.default_backend() == "gpu")

@@ -153,28 +153,48 @@ def launch_kind(opcode: str, line: str) -> str | None:
   return opcode
 
 
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16}
+
+
+def array_bytes(line: str) -> int:
+  """Bytes of the first array shape of an HLO instruction line (``bf16[32,2048]{1,0}``)."""
+  match = _ARRAY.search(line.split(" = ", 1)[1] if " = " in line else line)
+  if not match:
+    return 0
+  dtype, dims = match.groups()
+  bits = _BITS.get(dtype) or int(dtype[1:])
+  count = 1
+  for d in filter(None, dims.split(",")):
+    count *= int(d)
+  return count * bits // 8
+
+
 def step_launches(hlo_text: str, steps_per_body: int) -> dict[str, Any]:
-  """The launches of the busiest while-loop body, per step (body / ``steps_per_body``)."""
+  """The launches of the busiest while-loop body, per step (body / ``steps_per_body``), and
+  the bytes its copies move per step (a KV cache copied every step would show here)."""
   comps = instructions(hlo_text)
   bodies = {b for insts in comps.values() for _, op, line in insts if op == "while"
             for b in _BODY.findall(line)}
   ops = profiling.op_names(hlo_text)
-  best: tuple[int, collections.Counter, collections.Counter] | None = None
+  best: tuple[int, collections.Counter, collections.Counter, int] | None = None
   for name in bodies & comps.keys():
-    kinds, scopes = collections.Counter(), collections.Counter()
+    kinds, scopes, copied = collections.Counter(), collections.Counter(), 0
     for inst, op, line in comps[name]:
       kind = launch_kind(op, line)
       if kind:
         kinds[kind] += 1
         scopes[profiling.scope_of({}, inst, ops)] += 1
+      if op == "copy":
+        copied += array_bytes(line)
     if best is None or sum(kinds.values()) > best[0]:
-      best = (sum(kinds.values()), kinds, scopes)
+      best = (sum(kinds.values()), kinds, scopes, copied)
   if best is None:
     raise ValueError("kernel_count: the compiled program has no while loop")
-  total, kinds, scopes = best
+  total, kinds, scopes, copied = best
   per = lambda c: {k: n / steps_per_body for k, n in c.most_common()}  # noqa: E731
-  return {"launches_per_step": total / steps_per_body, "by_kind": per(kinds),
-          "by_scope": per(scopes)}
+  return {"launches_per_step": total / steps_per_body, "copied_bytes_per_step":
+          copied / steps_per_body, "by_kind": per(kinds), "by_scope": per(scopes)}
 
 
 def count_decode(cfg: config.Config, *, batch: int, capacity: int, decode_path: str,
@@ -232,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows.append(row)
     top = ", ".join(f"{s} {n:g}" for s, n in list(row["by_scope"].items())[:6])
     print(f"decode={path}: {row['launches_per_step']:g} launches a step "
-          f"({args.batch} rows, {args.capacity}-slot cache, {how}); {top}", flush=True)
+          f"({args.batch} rows, {args.capacity}-slot cache, {how}), copies "
+          f"{row['copied_bytes_per_step']:g} bytes a step; {top}", flush=True)
   result = {"target": how, "config": args.config, "overrides": args.overrides,
             "jax": jax.__version__, "rows": rows}
   if args.out:

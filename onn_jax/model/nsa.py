@@ -835,13 +835,28 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 
 
 # impl="pallas", one query a row (one-token decoding against a KV cache, one sequence a row):
-# "fused": the whole core in one kernel a layer (nsa_pallas.decode_attention); "split": the
+# "fused": the whole core in one kernel a layer (nsa_pallas.decode_attention), and the NSA
+# layer's cache writes in another (nsa_pallas.write_cache, fused_decoding); "split": the
 # compressed branch and block choice in XLA, the selected kernel, the window band in XLA
 # (_pallas_branches), about 17 launches a layer. On an H200 a decoding step of the arc1
 # model is bound by its launches (README Benchmarks, issue #16); the fused kernel compiles
 # for sm_90 (a deviceless compile: python -m train.kernel_count) but its speed there has not
 # been measured yet, so "split", the measured path, stays the default.
 PALLAS_DECODE = "split"
+
+
+def fused_decoding(impl: str, *, heads_per_group: int, head_dim: int, select_len: int,
+                   num_groups: int) -> bool:
+  """Whether the NSA layer's decoding step writes its cache in one kernel
+  (``nsa_pallas.write_cache``): with ``PALLAS_DECODE = "fused"`` where ``impl`` resolves to
+  "pallas" for one query and the [G, D] rows it stores are Triton tiles (powers of two)."""
+  if PALLAS_DECODE not in ("fused", "split"):
+    raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
+  tiles_ok = nsa_pallas.pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
+                                         select_len=select_len)
+  return (PALLAS_DECODE == "fused" and nsa_pallas._is_pow2(num_groups)
+          and resolve_impl(impl, num_queries=1, seq_len=1, keys_per_query=1,
+                           pallas_tiles_ok=tiles_ok) == "pallas")
 
 
 def _fused_decode_applies(q_BTGRD, k_cmp, k_slc, lo_BT, *, block_len: int, block_stride: int,

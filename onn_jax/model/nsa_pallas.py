@@ -1292,3 +1292,36 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
   )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
     pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len))
+
+
+def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_token: int,
+                        num_block: int):
+  outs = refs[num_token + num_block:]  # aliased to the inputs before them
+  b = pl.program_id(0)
+  pos, slot = pos_ref[b], slot_ref[b]
+  for i in range(num_token):
+    outs[i][b, pos] = token_ref[i, b]
+
+  @pl.when(slot >= 0)
+  def _():
+    for i in range(num_block):
+      outs[num_token + i][b, slot] = block_ref[i, b]
+
+
+def write_cache(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
+                block_arrays: tuple, block_MBGD: jax.Array, slot_B: jax.Array, *,
+                interpret: bool) -> tuple:
+  """A decoding step's cache writes in one kernel, in place: ``token_arrays[i][b, pos_B[b]] =
+  token_NBGD[i, b]`` for each of the N [B,S,G,D] arrays, and ``block_arrays[j][b, slot_B[b]] =
+  block_MBGD[j, b]`` for each of the M [B,N,G,D] arrays where ``slot_B[b] >= 0`` (-1: the row
+  completes no block). Returns the N + M updated arrays (the inputs' buffers: XLA writes
+  them in place where it can, as it does a scatter's). One program a row; ``0 <= pos_B < S``."""
+  arrays = tuple(token_arrays) + tuple(block_arrays)
+  n, m = len(token_arrays), len(block_arrays)
+  kernel = functools.partial(_cache_write_kernel, num_token=n, num_block=m)
+  return pl.pallas_call(
+      kernel, grid=(pos_B.shape[0],),
+      out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
+      input_output_aliases={4 + i: i for i in range(n + m)},
+      interpret=interpret, compiler_params=_compiler_params(interpret, 1),
+  )(pos_B.astype(jnp.int32), slot_B.astype(jnp.int32), token_NBGD, block_MBGD, *arrays)

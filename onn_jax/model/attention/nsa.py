@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.config import ModelConfig
-from onn_jax.model import nsa
+from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.attention.full import branch_positions, extend_keys
 from onn_jax.model.layers import apply_rope, dtype_of
 
@@ -214,24 +214,28 @@ class NSAttention(nn.Module):
     return {name: jax.lax.dynamic_update_slice_in_dim(
         cache[name], val.astype(cache[name].dtype), 0, axis=1) for name, val in arrays.items()}
 
-  def _rebuild_completed_block(self, cache, new_cache, pos_B):
-    """Writes compressed block i into ``new_cache`` when ``pos_B`` completes it.
+  def _completed_blocks(self, cache, token_BGD, pos_B):
+    """The compressed block each row's token at ``pos_B`` completes: ({k_cmp, v_cmp: [B,G,D]},
+    slot_B), slot_B = the number of slots for a row that completes none.
 
-    Block i completes at position ``i*stride + len - 1``: it is recomputed from the raw cache
-    only then, so no partial block is ever visible (NSA eq. 7). ``cache`` holds the old
-    compressed slots, ``new_cache`` the raw keys/values with this token already written.
+    Block i completes at position ``i*stride + len - 1``: it is computed from the raw keys
+    only then, so no partial block is ever visible (NSA eq. 7). Its raw keys are the cache's
+    with this token's (``token_BGD``, by name) at ``pos_B``, written there or not.
     """
     c = self.cfg
-    B = pos_B.shape[0]
-    rows_B = jnp.arange(B)
     start_B = pos_B - c.block_len + 1
     block_B = jnp.maximum(start_B, 0) // c.block_stride
     num_slots = cache["k_cmp"].shape[1]
     complete_B = (start_B >= 0) & (start_B % c.block_stride == 0) & (block_B < num_slots)
     idx_BL = jnp.clip(block_B[:, None] * c.block_stride + jnp.arange(c.block_len), 0,
                       cache["k_slc"].shape[1] - 1)
-    raw_2BLGD = jnp.stack([jnp.take_along_axis(new_cache[raw], idx_BL[:, :, None, None], axis=1)
-                           for _, raw in CMP_NAMES])
+    here_BL11 = (idx_BL == pos_B[:, None])[:, :, None, None]
+
+    def raw_block(name):
+      old_BLGD = jnp.take_along_axis(cache[name], idx_BL[:, :, None, None], axis=1)
+      return jnp.where(here_BL11, token_BGD[name][:, None].astype(old_BLGD.dtype), old_BLGD)
+
+    raw_2BLGD = jnp.stack([raw_block(raw) for _, raw in CMP_NAMES])
     compressors = (self.k_compressor, self.v_compressor)
     if self.is_initializing():  # the compressors' parameters do not exist yet
       blocks_2B1GD = [f(x[:, None]) for f, x in zip(compressors, raw_2BLGD)]
@@ -243,14 +247,43 @@ class NSAttention(nn.Module):
       unbound = BlockCompressor(c.block_len, c.head_dim, self.k_compressor.dtype,
                                 self.k_compressor.param_dtype, parent=None)
       blocks_2B1GD = jax.vmap(lambda v, x: unbound.apply(v, x[:, None]))(stacked, raw_2BLGD)
-    # A row that completes no block writes to slot num_slots, which the scatter drops.
-    slot_B = jnp.where(complete_B, block_B, num_slots)
+    blocks = {}
     for i, (name, _) in enumerate(CMP_NAMES):
       block_B1GD = blocks_2B1GD[i]
       if name == "k_cmp":
         block_B1GD = self._rotate_cmp(block_B1GD, block_B[:, None])
+      blocks[name] = block_B1GD[:, 0]
+    return blocks, jnp.where(complete_B, block_B, num_slots)
+
+  def _write_token(self, cache, token_BGD, pos_B):
+    """The cache with each row's token at ``pos_B`` and the compressed block it completes.
+
+    XLA scatters: the token's six, then its block's two, computed from the written cache (a
+    block read from the cache before an in-place scatter into it would make XLA copy the
+    whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): the block
+    from the unwritten cache with the token in place, then one kernel for all eight arrays."""
+    c = self.cfg
+    num_slots = cache["k_cmp"].shape[1]
+    names = tuple(name for name, _ in CMP_NAMES)
+    if nsa.fused_decoding(c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups,
+                          head_dim=c.head_dim, select_len=c.select_len,
+                          num_groups=c.num_kv_groups):
+      blocks_BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B)
+      arrays = nsa_pallas.write_cache(
+          tuple(cache[n] for n in KV_NAMES),
+          jnp.stack([token_BGD[n].astype(cache[n].dtype) for n in KV_NAMES]), pos_B,
+          tuple(cache[n] for n in names),
+          jnp.stack([blocks_BGD[n].astype(cache[n].dtype) for n in names]),
+          jnp.where(slot_B < num_slots, slot_B, -1), interpret=nsa_pallas.use_interpret())
+      return dict(zip(KV_NAMES + names, arrays))
+    rows_B = jnp.arange(pos_B.shape[0])
+    new_cache = dict(cache, **{name: cache[name].at[rows_B, pos_B].set(token_BGD[name].astype(
+        cache[name].dtype)) for name in KV_NAMES})
+    blocks_BGD, slot_B = self._completed_blocks(new_cache, token_BGD, pos_B)
+    # A row that completes no block writes to slot num_slots, which the scatter drops.
+    for name in names:
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
-          block_B1GD[:, 0].astype(cache[name].dtype), mode="drop")
+          blocks_BGD[name].astype(cache[name].dtype), mode="drop")
     return new_cache
 
   def _decode(self, x_BTC, cache, pos_B):
@@ -259,10 +292,7 @@ class NSAttention(nn.Module):
     if T != 1:
       raise ValueError(f"decode takes one token per example, got {T}")
     q, kv, gates = self._project(x_BTC, pos_B[:, None])
-    rows_B = jnp.arange(B)
-    new_cache = {name: cache[name].at[rows_B, pos_B].set(kv[name][:, 0].astype(
-        cache[name].dtype)) for name in KV_NAMES}
-    new_cache = self._rebuild_completed_block(cache, new_cache, pos_B)
+    new_cache = self._write_token(cache, {name: kv[name][:, 0] for name in KV_NAMES}, pos_B)
     dt = q[0].dtype
     kv_all = {name: new_cache[name].astype(dt) for name in KV_NAMES}
     o_BTHD = self._core(q, kv_all, new_cache["k_cmp"].astype(dt),
