@@ -122,6 +122,25 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
   assert set(calls) == {"decode_attention", "write_cache"}, "a decoding kernel did not run"
 
 
+def test_fused_nsa_decoding_with_a_cache_shorter_than_a_block(monkeypatch):
+  """A cache with no compressed slot (capacity < block_len) decodes on the fused setting as
+  on the split one (the cache writes keep their scatters there)."""
+  from onn_jax.model import nsa
+  cfg, model, params = _setup(0)
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+  fused = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
+  T = cfg.block_len - 2
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (2, T), 0, VOCAB_SIZE)
+  full = _forward(model)(params, tokens)
+  cache, pos = init_cache(cfg, 2, T), jnp.zeros((2,), jnp.int32)
+  step = jax.jit(lambda params, inputs, cache, pos: fused.apply(
+      {"params": params}, inputs, mode="decode", cache=cache, pos_B=pos)[:2])
+  for t in range(T):
+    logits, cache = step(params, tokens[:, t:t + 1], cache, pos)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=2e-5, rtol=1e-5)
+    pos = pos + 1
+
+
 def test_a_model_initialises_in_decoding_mode_as_in_training():
   """init in mode="decode" (a cache, one token) makes the parameters train mode makes."""
   cfg, model, params = _setup(0)

@@ -835,26 +835,40 @@ def test_fused_decoding_bounds_its_key_tiles(monkeypatch):
 
 
 def test_cache_writes_in_one_kernel_are_the_scatters():
-  """nsa_pallas.write_cache against XLA scatters, bit for bit: each row's token at its
-  position in every array, its block at its slot where it has one (-1: none), nothing else
-  touched (interpret mode here; in place on the GPU)."""
+  """nsa_pallas.write_cache against XLA scatters (write_cache_reference), bit for bit: each
+  row's token at its position in every array (a position past S: nothing), its block at its
+  slot where it has one (-1 or N: none), nothing else touched (interpret mode here; in place
+  on the GPU); its gradient is the scatters'."""
   rng = np.random.default_rng(0)
-  B, S, N, G, D = 3, 12, 5, 2, 4
+  B, S, N, G, D = 4, 12, 5, 2, 4
   tokens = tuple(jnp.asarray(rng.standard_normal((B, S, G, D)), jnp.bfloat16) for _ in range(3))
   blocks = tuple(jnp.asarray(rng.standard_normal((B, N, G, D)), jnp.bfloat16) for _ in range(2))
   new_t = jnp.asarray(rng.standard_normal((3, B, G, D)), jnp.bfloat16)
   new_b = jnp.asarray(rng.standard_normal((2, B, G, D)), jnp.bfloat16)
-  pos, slot = jnp.array([0, 7, 11]), jnp.array([-1, 2, 4])
-  got = jax.jit(functools.partial(nsa_pallas.write_cache, interpret=True))(
-      tokens, new_t, pos, blocks, new_b, slot)
-  rows = jnp.arange(B)
-  want = [a.at[rows, pos].set(new_t[i]) for i, a in enumerate(tokens)]
-  want += [a.at[rows, jnp.where(slot >= 0, slot, N)].set(new_b[i], mode="drop")
-           for i, a in enumerate(blocks)]
+  pos, slot = jnp.array([0, 7, 11, S]), jnp.array([-1, 2, 4, N])
+  got = jax.jit(lambda *a: nsa_pallas.write_cache(*a, True))(tokens, new_t, pos, blocks, new_b,
+                                                            slot)
+  want = nsa_pallas.write_cache_reference(tokens, new_t, pos, blocks, new_b, slot)
   assert len(got) == 5
-  for g, w in zip(got, want):
+  for g, w, a in zip(got, want, tokens + blocks):
     assert g.dtype == w.dtype
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  np.testing.assert_array_equal(np.asarray(got[0][3]), np.asarray(tokens[0][3]))  # pos == S
+  np.testing.assert_array_equal(np.asarray(got[3][3]), np.asarray(blocks[0][3]))  # slot == N
+  np.testing.assert_array_equal(np.asarray(got[0][1, 7], np.float32),
+                                np.asarray(new_t[0, 1], np.float32))
+
+  def loss(fn, *a):
+    return sum(jnp.sum(x.astype(jnp.float32) * (i + 1)) for i, x in enumerate(fn(*a)))
+  args = (tokens, new_t, pos, blocks, new_b, slot)
+  grads = jax.grad(lambda t, tn, b, bm: loss(lambda *a: nsa_pallas.write_cache(*a, True), t, tn,
+                                             pos, b, bm, slot), argnums=(0, 1, 2, 3))(
+      *(args[i] for i in (0, 1, 3, 4)))
+  ref = jax.grad(lambda t, tn, b, bm: loss(nsa_pallas.write_cache_reference, t, tn, pos, b, bm,
+                                           slot), argnums=(0, 1, 2, 3))(
+      *(args[i] for i in (0, 1, 3, 4)))
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
 
 
 def test_which_decoding_steps_write_the_cache_in_one_kernel(monkeypatch):

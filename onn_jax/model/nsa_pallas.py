@@ -1295,12 +1295,15 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
 
 
 def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_token: int,
-                        num_block: int):
+                        num_block: int, seq_len: int):
   outs = refs[num_token + num_block:]  # aliased to the inputs before them
   b = pl.program_id(0)
   pos, slot = pos_ref[b], slot_ref[b]
-  for i in range(num_token):
-    outs[i][b, pos] = token_ref[i, b]
+
+  @pl.when((pos >= 0) & (pos < seq_len))  # no bounds check on a GPU: a row past S writes nothing
+  def _():
+    for i in range(num_token):
+      outs[i][b, pos] = token_ref[i, b]
 
   @pl.when(slot >= 0)
   def _():
@@ -1308,20 +1311,58 @@ def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_toke
       outs[num_token + i][b, slot] = block_ref[i, b]
 
 
+def write_cache_reference(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
+                          block_arrays: tuple, block_MBGD: jax.Array,
+                          slot_B: jax.Array) -> tuple:
+  """:func:`write_cache` as XLA scatters (its gradient, and the tests' reference)."""
+  rows_B = jnp.arange(pos_B.shape[0])
+  S = token_arrays[0].shape[1]
+  pos_B = jnp.where((pos_B >= 0) & (pos_B < S), pos_B, S)
+  out = [a.at[rows_B, pos_B].set(token_NBGD[i], mode="drop")
+         for i, a in enumerate(token_arrays)]
+  N = block_arrays[0].shape[1]
+  return tuple(out + [a.at[rows_B, jnp.where(slot_B >= 0, slot_B, N)].set(
+      block_MBGD[i], mode="drop") for i, a in enumerate(block_arrays)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def write_cache(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
-                block_arrays: tuple, block_MBGD: jax.Array, slot_B: jax.Array, *,
+                block_arrays: tuple, block_MBGD: jax.Array, slot_B: jax.Array,
                 interpret: bool) -> tuple:
   """A decoding step's cache writes in one kernel, in place: ``token_arrays[i][b, pos_B[b]] =
-  token_NBGD[i, b]`` for each of the N [B,S,G,D] arrays, and ``block_arrays[j][b, slot_B[b]] =
-  block_MBGD[j, b]`` for each of the M [B,N,G,D] arrays where ``slot_B[b] >= 0`` (-1: the row
-  completes no block). Returns the N + M updated arrays (the inputs' buffers: XLA writes
-  them in place where it can, as it does a scatter's). One program a row; ``0 <= pos_B < S``."""
+  token_NBGD[i, b]`` for each of the N [B,S,G,D] arrays (a row with ``pos_B`` outside
+  ``[0, S)`` writes nothing), and ``block_arrays[j][b, slot_B[b]] = block_MBGD[j, b]`` for each
+  of the M [B,N,G,D] arrays where ``0 <= slot_B[b] < N`` (-1: the row completes no block).
+  Returns the N + M updated arrays (the inputs' buffers: XLA writes them in place where it
+  can, as it does a scatter's). One program a row. Differentiable in reverse mode (the
+  scatters' gradient), not forward mode."""
   arrays = tuple(token_arrays) + tuple(block_arrays)
   n, m = len(token_arrays), len(block_arrays)
-  kernel = functools.partial(_cache_write_kernel, num_token=n, num_block=m)
+  kernel = functools.partial(_cache_write_kernel, num_token=n, num_block=m,
+                             seq_len=token_arrays[0].shape[1])
+  slot_B = jnp.where(slot_B < block_arrays[0].shape[1], slot_B, -1)
   return pl.pallas_call(
       kernel, grid=(pos_B.shape[0],),
       out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
       input_output_aliases={4 + i: i for i in range(n + m)},
       interpret=interpret, compiler_params=_compiler_params(interpret, 1),
   )(pos_B.astype(jnp.int32), slot_B.astype(jnp.int32), token_NBGD, block_MBGD, *arrays)
+
+
+def _write_cache_fwd(token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B,
+                     interpret):
+  out = write_cache(token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B,
+                    interpret)
+  return out, (token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B)
+
+
+def _write_cache_bwd(interpret, res, ct):
+  del interpret
+  token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B = res
+  _, vjp = jax.vjp(lambda t, tn, b, bm: write_cache_reference(t, tn, pos_B, b, bm, slot_B),
+                   token_arrays, token_NBGD, block_arrays, block_MBGD)
+  d_t, d_tn, d_b, d_bm = vjp(tuple(ct))
+  return d_t, d_tn, None, d_b, d_bm, None
+
+
+write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)

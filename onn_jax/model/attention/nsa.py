@@ -265,16 +265,16 @@ class NSAttention(nn.Module):
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
     names = tuple(name for name, _ in CMP_NAMES)
-    if nsa.fused_decoding(c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups,
-                          head_dim=c.head_dim, select_len=c.select_len,
-                          num_groups=c.num_kv_groups):
+    if num_slots and nsa.fused_decoding(
+        c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups, head_dim=c.head_dim,
+        select_len=c.select_len, num_groups=c.num_kv_groups):
       blocks_BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B)
       arrays = nsa_pallas.write_cache(
           tuple(cache[n] for n in KV_NAMES),
           jnp.stack([token_BGD[n].astype(cache[n].dtype) for n in KV_NAMES]), pos_B,
           tuple(cache[n] for n in names),
-          jnp.stack([blocks_BGD[n].astype(cache[n].dtype) for n in names]),
-          jnp.where(slot_B < num_slots, slot_B, -1), interpret=nsa_pallas.use_interpret())
+          jnp.stack([blocks_BGD[n].astype(cache[n].dtype) for n in names]), slot_B,
+          nsa_pallas.use_interpret())
       return dict(zip(KV_NAMES + names, arrays))
     rows_B = jnp.arange(pos_B.shape[0])
     new_cache = dict(cache, **{name: cache[name].at[rows_B, pos_B].set(token_BGD[name].astype(
