@@ -845,26 +845,29 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 PALLAS_DECODE = "split"
 
 
+def _decode_fused_setting() -> bool:
+  """Whether ``PALLAS_DECODE`` is "fused" (a one-line error for anything but "fused"/"split")."""
+  if PALLAS_DECODE not in ("fused", "split"):
+    raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
+  return PALLAS_DECODE == "fused"
+
+
 def fused_decoding(impl: str, *, heads_per_group: int, head_dim: int, select_len: int,
                    num_groups: int) -> bool:
   """Whether the NSA layer's decoding step writes its cache in one kernel
   (``nsa_pallas.write_cache``): with ``PALLAS_DECODE = "fused"`` where ``impl`` resolves to
   "pallas" for one query and the [G, D] rows it stores are Triton tiles (powers of two)."""
-  if PALLAS_DECODE not in ("fused", "split"):
-    raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
   tiles_ok = nsa_pallas.pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
                                          select_len=select_len)
-  return (PALLAS_DECODE == "fused" and nsa_pallas._is_pow2(num_groups)
+  return (_decode_fused_setting() and nsa_pallas._is_pow2(num_groups)
           and resolve_impl(impl, num_queries=1, seq_len=1, keys_per_query=1,
                            pallas_tiles_ok=tiles_ok) == "pallas")
 
 
 def _fused_decode_applies(q_BTGRD, k_cmp, k_slc, lo_BT, *, block_len: int, block_stride: int,
                           select_len: int, num_select: int, window: int) -> bool:
-  if PALLAS_DECODE not in ("fused", "split"):
-    raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
   _, T, _, R, D = q_BTGRD.shape
-  return (PALLAS_DECODE == "fused" and T == 1 and lo_BT is None and k_cmp.shape[1] > 0
+  return (_decode_fused_setting() and T == 1 and lo_BT is None and k_cmp.shape[1] > 0
           and nsa_pallas.decode_supported(
               heads_per_group=R, head_dim=D, block_len=block_len, block_stride=block_stride,
               select_len=select_len, num_select=num_select, window=window,

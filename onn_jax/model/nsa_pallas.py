@@ -72,6 +72,10 @@ def _is_pow2(n: int) -> bool:
   return n >= 1 and (n & (n - 1)) == 0
 
 
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
 def pallas_supported(*, heads_per_group: int, head_dim: int, select_len: int) -> bool:
   """Whether the Triton lowering accepts these tile sizes (each a power of two)."""
   return all(_is_pow2(n) for n in (heads_per_group, head_dim, select_len))
@@ -862,7 +866,7 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
   nq = -(-T // Q)
   nj = -(-num_sel // Js)
   Tp = nq * Q
-  Kp = 1 << max(0, num_select - 1).bit_length()  # a power of two for the Triton tiles
+  Kp = _pow2_at_least(num_select)  # a power of two for the Triton tiles
   q = jnp.pad(q_BTGRD, [(0, 0), (0, Tp - T)] + [(0, 0)] * 3)
   pos = jnp.pad(pos_BT.astype(jnp.int32), [(0, 0), (0, Tp - T)], constant_values=-1)
   lo = (jnp.zeros((B, Tp), jnp.int32) if lo_BT is None
@@ -1135,7 +1139,8 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 #      query, masked to the window): one softmax each;
 #   4. the gated sum.
 # Every index is clamped into its array and the rows it brings in masked, so nothing is padded
-# in XLA. Key tiles are bounded (DEC_TILE_BYTES, decode_supported). Forward only: nsa_core's custom VJP differentiates the unfused path instead.
+# in XLA. Key tiles are bounded (DEC_TILE_BYTES, decode_supported). Forward only: nsa_core's
+# custom VJP differentiates the unfused path instead.
 
 DEC_NUM_WARPS = 4
 # The largest key tile (the chosen blocks' num_select * select_len rows, or the window band)
@@ -1144,10 +1149,6 @@ DEC_NUM_WARPS = 4
 # 64 keys, 256 KiB a tile) asked for 288 KiB and did not compile; larger geometries take the
 # split path.
 DEC_TILE_BYTES = 64 * 1024
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 def decode_supported(*, heads_per_group: int, head_dim: int, block_len: int, block_stride: int,

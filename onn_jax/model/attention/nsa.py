@@ -214,13 +214,14 @@ class NSAttention(nn.Module):
     return {name: jax.lax.dynamic_update_slice_in_dim(
         cache[name], val.astype(cache[name].dtype), 0, axis=1) for name, val in arrays.items()}
 
-  def _completed_blocks(self, cache, token_BGD, pos_B):
+  def _completed_blocks(self, cache, token_BGD, pos_B, written: bool = False):
     """The compressed block each row's token at ``pos_B`` completes: ({k_cmp, v_cmp: [B,G,D]},
     slot_B), slot_B = the number of slots for a row that completes none.
 
     Block i completes at position ``i*stride + len - 1``: it is computed from the raw keys
     only then, so no partial block is ever visible (NSA eq. 7). Its raw keys are the cache's
-    with this token's (``token_BGD``, by name) at ``pos_B``, written there or not.
+    with this token's (``token_BGD``, by name) at ``pos_B``: put in place unless
+    ``written`` (the cache holds it already).
     """
     c = self.cfg
     start_B = pos_B - c.block_len + 1
@@ -233,6 +234,8 @@ class NSAttention(nn.Module):
 
     def raw_block(name):
       old_BLGD = jnp.take_along_axis(cache[name], idx_BL[:, :, None, None], axis=1)
+      if written:
+        return old_BLGD
       return jnp.where(here_BL11, token_BGD[name][:, None].astype(old_BLGD.dtype), old_BLGD)
 
     raw_2BLGD = jnp.stack([raw_block(raw) for _, raw in CMP_NAMES])
@@ -279,7 +282,7 @@ class NSAttention(nn.Module):
     rows_B = jnp.arange(pos_B.shape[0])
     new_cache = dict(cache, **{name: cache[name].at[rows_B, pos_B].set(token_BGD[name].astype(
         cache[name].dtype)) for name in KV_NAMES})
-    blocks_BGD, slot_B = self._completed_blocks(new_cache, token_BGD, pos_B)
+    blocks_BGD, slot_B = self._completed_blocks(new_cache, token_BGD, pos_B, written=True)
     # A row that completes no block writes to slot num_slots, which the scatter drops.
     for name in names:
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
