@@ -6,6 +6,7 @@ at its own absolute position, so a batch may mix prompts of different lengths.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.data.tokens import END, NEWLINE, NUM_COLORS, PAD, VOCAB_SIZE
+from onn_jax.model import moe, nsa
 from onn_jax.model.transformer import Cache, Transformer, init_cache
 
 GRID_SIDE = 30  # ARC grids are at most 30 x 30
@@ -41,6 +43,26 @@ def step_copies(backend: str | None = None) -> int:
   if STEP_COPIES is not None:
     return STEP_COPIES
   return 8 if (backend or jax.default_backend()) == "gpu" else 1
+
+
+# The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
+# "split" is what runs by default (each NSA branch its own kernel, XLA's DynMoE); "fused":
+# NSA's core and cache writes one kernel each; "fused_moe": also each DynMoE layer one kernel.
+DECODE_KERNELS: dict[str, tuple[str, bool]] = {
+    "split": ("split", False), "fused": ("fused", False), "fused_moe": ("fused", True)}
+
+
+@contextlib.contextmanager
+def decode_kernels(name: str):
+  """While tracing inside: the decoding step's kernels :data:`DECODE_KERNELS` ``[name]``."""
+  if name not in DECODE_KERNELS:
+    raise ValueError(f"decode kernels {name!r}: expected one of {', '.join(DECODE_KERNELS)}")
+  saved = nsa.PALLAS_DECODE, moe.DECODE_KERNEL
+  nsa.PALLAS_DECODE, moe.DECODE_KERNEL = DECODE_KERNELS[name]
+  try:
+    yield
+  finally:
+    nsa.PALLAS_DECODE, moe.DECODE_KERNEL = saved
 
 
 class Generation(NamedTuple):

@@ -97,14 +97,19 @@ def test_without_a_gpu_or_the_cuda_plugin_it_says_what_to_install():
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
 def test_the_fused_decoding_step_launches_fewer_kernels():
-  """Deviceless sm_90 compile of the tiny model: the one-kernel NSA step launches fewer."""
+  """Deviceless sm_90 compile of the tiny model: the one-kernel NSA step launches fewer, and
+  fewer again with each DynMoE layer one kernel."""
   cfg = tiny_config()
   device, _ = kernel_count.gpu_device()
   rows = {path: kernel_count.count_decode(cfg, batch=4, capacity=64, decode_path=path,
-                                          device=device) for path in ("split", "fused")}
-  assert rows["fused"]["launches_per_step"] < rows["split"]["launches_per_step"]
-  # A kernel for the core and one for the cache writes a layer, and no cache copied.
-  assert rows["fused"]["by_kind"]["custom-call:__gpu$xla.gpu.triton"] == 2 * cfg.model.num_layers
+                                          device=device) for path in ("split", "fused", "fused_moe")}
+  assert (rows["fused_moe"]["launches_per_step"] < rows["fused"]["launches_per_step"]
+          < rows["split"]["launches_per_step"])
+  # A kernel for the core and one for the cache writes a layer (fused_moe: and the experts'),
+  # and no cache copied.
+  triton = "custom-call:__gpu$xla.gpu.triton"
+  assert rows["fused"]["by_kind"][triton] == 2 * cfg.model.num_layers
+  assert rows["fused_moe"]["by_kind"][triton] == 3 * cfg.model.num_layers
   itemsize = jnp.dtype(cfg.model.compute_dtype).itemsize
   smallest_cache_array = 4 * 64 * cfg.model.num_kv_groups * cfg.model.head_dim * itemsize
   for row in rows.values():

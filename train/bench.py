@@ -18,9 +18,10 @@ after each one; the median is reported):
   data at that length, ``BatchStream.answer_budgets``): rollout tokens/s; the parallel
   excursion alone and the alignment pass alone (forward+backward), each
   ``eavi.continuation`` way (branch: the prompt once; rows: whole rows), so that "auto"
-  (branch) can be checked on the device. On a GPU the sequential excursion again with NSA's
-  one-kernel decoding step (``nsa.PALLAS_DECODE = "fused"``; ``rollout_fused_ms``,
-  ``rollout_fused_tokens_per_s``, ``rollout_fused_speedup`` over the default's in the same run).
+  (branch) can be checked on the device. On a GPU the sequential excursion again with the
+  one-kernel decoding steps (``decode.DECODE_KERNELS``): ``fused`` (NSA's core and cache
+  writes) and ``fused_moe`` (also each DynMoE layer): ``rollout_<name>_ms``,
+  ``rollout_<name>_tokens_per_s``, ``rollout_<name>_speedup`` over the default's in the same run.
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
@@ -84,7 +85,7 @@ from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
 from onn_jax.data.tokens import PAD, VOCAB_SIZE
-from onn_jax.decode import generate, parallel_rollout
+from onn_jax.decode import decode_kernels, generate, parallel_rollout
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
     forward_flops_per_token, model_flops_per_token, peak_flops)
@@ -463,19 +464,15 @@ class StepRunner:
 
   def time_rollout(self, seq_len: int, decode: str | None = None) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example). ``decode``:
-    ``nsa.PALLAS_DECODE`` while it compiles (default: as set)."""
+    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set)."""
     cfg, batch = self.cfg, self.batch(seq_len)
     budget = steps.answer_budget(batch, cfg)
     fn = functools.partial(generate, self.eavi_model, max_new=budget, capacity=seq_len,
                            feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
     args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
             jax.random.PRNGKey(1))
-    previous = nsa.PALLAS_DECODE
-    nsa.PALLAS_DECODE = decode or previous
-    try:
+    with decode_kernels(decode) if decode else contextlib.nullcontext():
       compiled, compile_s = compile_fn(lambda p, x, n, r: fn(p, x, n, rng=r), args)
-    finally:
-      nsa.PALLAS_DECODE = previous
     median_ms, min_ms, _ = time_compiled(compiled, args, warmup=self.sizes.warmup,
                                          iters=self.sizes.eavi_iters)
     self.profile(f"rollout_T{seq_len}" + (f"_{decode}" if decode else ""), compiled, args)
@@ -590,7 +587,9 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
       eavi = {kind: runner.time_step("eavi", T, runner.sizes.eavi_iters, rollout=kind)
               for kind in ("sequential", "parallel")}
       rollout, budget = runner.time_rollout(T)
-      fused = runner.time_rollout(T, "fused")[0] if jax.default_backend() == "gpu" else None
+      # The one-kernel decoding steps (decode.DECODE_KERNELS), on a GPU (Triton) only.
+      fused = ({name: runner.time_rollout(T, name)[0] for name in ("fused", "fused_moe")}
+               if jax.default_backend() == "gpu" else {})
       align = {name: runner.time_alignment(T, fn) for name, fn in (
           ("branch", steps.alignment_loss), ("rows", steps.alignment_loss_rows))}
       passes = {name: runner.time_parallel_rollout(T, name) for name in ("branch", "rows")}
@@ -614,10 +613,10 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms,
                passes_branch_ms=passes["branch"].median_ms,
                passes_rows_ms=passes["rows"].median_ms)
-    if fused is not None:
-      row.update(rollout_fused_ms=fused.median_ms,
-                 rollout_fused_tokens_per_s=B * budget / (fused.median_ms / 1e3),
-                 rollout_fused_speedup=rollout.median_ms / fused.median_ms)
+    for name, timing in fused.items():
+      row.update({f"rollout_{name}_ms": timing.median_ms,
+                  f"rollout_{name}_tokens_per_s": B * budget / (timing.median_ms / 1e3),
+                  f"rollout_{name}_speedup": rollout.median_ms / timing.median_ms})
     row.update({f"profile_{name}": runner.profiles[f"{name}_T{T}" + suffix]
                 for name, suffix in (("train", ""), ("eavi", f"_{runner.cfg.eavi.rollout}"),
                                      ("rollout", ""))
@@ -1066,13 +1065,14 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
     out["eavi"] = table(
         ["T", "batch", "TF step ms", "EAVI step ms (sequential)", "ratio",
          "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s",
-         "fused decode tok/s", "continuation", "align branch ms", "align rows ms", "passes branch ms",
+         "fused decode tok/s", "fused + MoE kernel tok/s", "continuation", "align branch ms", "align rows ms", "passes branch ms",
          "passes rows ms"],
         [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
           r.get("sequential_step_ms"), r.get("sequential_ratio"),
           r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
           r.get("rollout_budget"), r.get("rollout_tokens_per_s"),
-          r.get("rollout_fused_tokens_per_s"), r.get("continuation"),
+          r.get("rollout_fused_tokens_per_s"), r.get("rollout_fused_moe_tokens_per_s"),
+          r.get("continuation"),
           r.get("align_branch_ms"), r.get("align_rows_ms"), r.get("passes_branch_ms"),
           r.get("passes_rows_ms")] for r in results["eavi"]],
         markdown)

@@ -14,7 +14,7 @@ is used). The library picks its GPU paths while tracing (it asks ``jax.default_b
 which reads "gpu" meanwhile, and Pallas kernels lower through Triton). The prefill is not
 compiled: its cuDNN attention needs cuDNN at compile time.
 
-    python -m train.kernel_count --config arc1 --decode split,fused --out kernels.json
+    python -m train.kernel_count --config arc1 --decode split,fused,fused_moe --out kernels.json
 
 Counts are per step of the compiled program; whether a launch is cheap is not known here
 (time it on the device: ``python -m train.bench --only eavi``).
@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from onn_jax import config, decode, output
 from onn_jax.data.tokens import VOCAB_SIZE
-from onn_jax.model import nsa, nsa_pallas
+from onn_jax.model import nsa_pallas
 from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
 from train import profile as profiling
 
@@ -216,14 +216,9 @@ def count_decode(cfg: config.Config, *, batch: int, capacity: int, decode_path: 
     return decode.generate(model, params, prompt, prompt_len_B, max_new=max_new,
                            capacity=capacity, prompt_cache=cache, first_logits_BV=logits)
 
-  previous = nsa.PALLAS_DECODE
-  nsa.PALLAS_DECODE = decode_path
-  try:
-    with gpu_paths():
-      copies = decode.step_copies()
-      text = jax.jit(rollout).lower(*args).compile().as_text()
-  finally:
-    nsa.PALLAS_DECODE = previous
+  with decode.decode_kernels(decode_path), gpu_paths():
+    copies = decode.step_copies()
+    text = jax.jit(rollout).lower(*args).compile().as_text()
   return {"decode": decode_path, "batch": batch, "capacity": capacity, "step_copies": copies,
           **step_launches(text, copies)}
 
@@ -234,8 +229,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--config", default="arc1", help="shipped config name or YAML path")
   parser.add_argument("--batch", type=int, default=32, help="decoding rows")
   parser.add_argument("--capacity", type=int, default=2048, help="KV-cache slots")
-  parser.add_argument("--decode", default="split,fused",
-                      help="nsa.PALLAS_DECODE settings to count, comma-separated")
+  parser.add_argument("--decode", default=",".join(decode.DECODE_KERNELS),
+                      help="decoding kernels to count (decode.DECODE_KERNELS), comma-separated")
   parser.add_argument("--out", default="", help="JSON results file")
   parser.add_argument("overrides", nargs="*", help="section.key=value")
   return parser.parse_args(argv)

@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from onn_jax.model import moe_pallas, nsa_pallas
+
 Array = jax.Array
 
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
@@ -748,6 +750,62 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 
 
 # ----------------------------------------------------------------------------------------------
+# One-token decoding in one kernel
+# ----------------------------------------------------------------------------------------------
+
+# Whether a decoding step's DynMoE layers run as one Pallas kernel each
+# (:func:`decode_experts`, where :func:`moe_pallas.decode_supported`); off GPU the kernel runs in
+# Pallas interpret mode (tests). False (XLA's ~9 launches a layer) until timed on a GPU.
+DECODE_KERNEL: bool = False
+
+
+def decode_kernel_applies(d_model: int, expert_hidden: int, fallback_k: int) -> bool:
+  """Whether :func:`decode_experts` computes a decoding step's layer of these sizes."""
+  return DECODE_KERNEL and moe_pallas.decode_supported(
+      d_model=d_model, expert_hidden=expert_hidden, fallback_k=fallback_k)
+
+
+def _decode_reference(combine: str, st_temperature: float, dtype: Any, x_BTC: Array,
+                      params: dict[str, Array]) -> Array:
+  """What :func:`decode_experts` computes, in XLA: :func:`route`'s weights (top-1 fallback) and
+  :func:`experts_dense`."""
+  weights_BTE, _, _ = route(x_BTC, params["prototypes"], params["thresholds"],
+                            jnp.ones(x_BTC.shape[:2], bool), combine=combine, fallback_k=1,
+                            target_active=0.0, st_temperature=st_temperature)
+  return experts_dense(x_BTC, weights_BTE, params, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def decode_experts(combine: str, st_temperature: float, dtype: Any, interpret: bool,
+                   x_BTC: Array, params: dict[str, Array]) -> Array:
+  """The DynMoE layer's output y_BTC (``dtype``) for a few tokens, routing included, by
+  :mod:`onn_jax.model.moe_pallas`'s kernel; its gradient is :func:`_decode_reference`'s (the
+  straight-through gate and every expert, as in training)."""
+  B, T, C = x_BTC.shape
+  cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
+  parts = moe_pallas.decode_partials(
+      x_BTC.reshape(B * T, C).astype(dtype), params["prototypes"], params["thresholds"],
+      cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], combine=combine, eps=NORM_EPS,
+      interpret=interpret)
+  return jnp.sum(parts, axis=0).astype(dtype).reshape(B, T, C)
+
+
+def _decode_experts_fwd(combine, st_temperature, dtype, interpret, x_BTC, params):
+  return (decode_experts(combine, st_temperature, dtype, interpret, x_BTC, params),
+          (x_BTC, params))
+
+
+def _decode_experts_bwd(combine, st_temperature, dtype, interpret, res, dy_BTC):
+  del interpret
+  _, pullback = jax.vjp(functools.partial(_decode_reference, combine, st_temperature, dtype),
+                        *res)
+  return pullback(dy_BTC)
+
+
+decode_experts.defvjp(_decode_experts_fwd, _decode_experts_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
 # Module
 # ----------------------------------------------------------------------------------------------
 
@@ -804,8 +862,10 @@ class DynMoE(nn.Module):
       raise ValueError(f"DynMoE tile={self.tile}: must be >= 1")
 
   @nn.compact
-  def __call__(self, x_BTC: Array, valid_BT: Array | None = None
+  def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False
                ) -> tuple[Array, dict[str, Array]]:
+    """``decoding``: a one-token decoding step (its layer may run as one kernel,
+    :data:`DECODE_KERNEL`)."""
     self._check()
     if x_BTC.ndim != 3:
       raise ValueError(f"DynMoE x: expected [B, T, C], got shape {x_BTC.shape}")
@@ -824,6 +884,10 @@ class DynMoE(nn.Module):
         st_temperature=self.st_temperature)
     self.sow("intermediates", "used_experts", used_BTE)
     B, T = x_BTC.shape[:2]
+    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.fallback_k):
+      y_BTC = decode_experts(self.combine, self.st_temperature, self.dtype,
+                             nsa_pallas.use_interpret(), x_BTC, params)
+      return y_BTC, aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,
                              self.tile)
     y_BTC = experts(x_BTC, weights_BTE, used_BTE, params, self.dtype, self.impl, self.tile,

@@ -71,7 +71,7 @@ class Block(nn.Module):
         pos_B=pos_B, segment_start_BT=segment_start_BT, branch_len=branch_len)
     x_BTC = x_BTC + attn_out
     moe_out, aux = moe_layer(c, name="moe")(
-        RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT)
+        RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT, decoding=mode == "decode")
     if attn_aux:  # a gated attention (dynsmlora): its gate statistics and SDL terms
       aux = {**aux, "attn": attn_aux}
     return x_BTC + moe_out, new_cache, aux

@@ -1,0 +1,161 @@
+"""DynMoE's one-kernel decoding step (moe_pallas, in Pallas interpret mode here) against the
+XLA layer it replaces: outputs, routing cases, gradients, and a model's decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onn_jax import decode
+from onn_jax.config import ModelConfig
+from onn_jax.data.tokens import PAD, VOCAB_SIZE
+from onn_jax.model import moe, moe_pallas, nsa
+from onn_jax.model.transformer import Transformer, init_cache, init_params
+
+from conftest import TINY_MODEL
+
+F32_EPS = float(jnp.finfo(jnp.float32).eps)
+
+
+def _layer(E, C, F, B, threshold, seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = moe.init_expert_params(keys[0], E, C, F, 0.0)
+  # Thresholds spread around `threshold`: some experts on, some off, some rows with none.
+  params["thresholds"] = threshold + 0.1 * jax.random.normal(keys[1], (E,))
+  x_BTC = jax.random.normal(keys[2], (B, 1, C)).astype(dtype)
+  return x_BTC, params
+
+
+def _kernel(combine, dtype, x_BTC, params):
+  return moe.decode_experts(combine, moe.ST_TEMPERATURE, dtype, True, x_BTC, params)
+
+
+def _reference(combine, dtype, x_BTC, params):
+  return moe._decode_reference(combine, moe.ST_TEMPERATURE, dtype, x_BTC, params)
+
+
+def _fallback_rows(x_BTC, params):
+  s = moe.cosine_similarity(x_BTC, params["prototypes"])
+  return int(jnp.sum(jnp.all(s <= params["thresholds"], axis=-1)))
+
+
+def test_erf_is_within_its_stated_error():
+  x = jnp.linspace(-6.0, 6.0, 20001, dtype=jnp.float32)
+  err = jnp.max(jnp.abs(moe_pallas._erf(x) - jax.lax.erf(x)))
+  # A&S 7.1.26's 1.5e-7 plus float32 rounding of values up to 1 (a few eps).
+  assert float(err) <= 1.5e-7 + 4 * F32_EPS
+
+
+# (experts, d_model, hidden, rows): fewer experts than the 16 routing columns (padded), several
+# hidden tiles a program grid (hidden > DEC_TILE_F), rows not a multiple of the row tile.
+SHAPES = [(4, 32, 32, 3), (8, 64, 128, 20), (16, 32, 256, 70)]
+
+
+@pytest.mark.parametrize("combine", ["mean", "softmax"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threshold", [0.05, 2.0])  # 2.0: every row falls back
+def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold):
+  E, C, F, B = shape
+  x_BTC, params = _layer(E, C, F, B, threshold)
+  if threshold > 1:
+    assert _fallback_rows(x_BTC, params) == B
+  got = _kernel(combine, jnp.float32, x_BTC, params)
+  want = _reference(combine, jnp.float32, x_BTC, params)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  # Float32 sums of E*F terms in another order (relative error ~ sqrt(E*F) eps of the terms'
+  # magnitude, which is the output's here) plus the erf approximation (1.5e-7 relative on gelu).
+  tol = (4 * np.sqrt(E * F) * F32_EPS + 3e-7) * float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("combine", ["mean", "softmax"])
+def test_kernel_is_as_close_to_float32_as_the_xla_layer_in_bfloat16(combine):
+  E, C, F, B = 8, 64, 128, 20
+  x_BTC, params = _layer(E, C, F, B, 0.05, dtype=jnp.bfloat16)
+  exact = _reference(combine, jnp.float32, x_BTC.astype(jnp.float32), params)
+  err_xla = jnp.abs(_reference(combine, jnp.bfloat16, x_BTC, params).astype(jnp.float32) - exact)
+  err_kernel = jnp.abs(_kernel(combine, jnp.bfloat16, x_BTC, params).astype(jnp.float32) - exact)
+  # Both round the same intermediates to bfloat16; the kernel sums its partials in float32
+  # before one rounding (XLA rounds each of its products), so it is no further from float32.
+  assert float(jnp.max(err_kernel)) <= 1.25 * float(jnp.max(err_xla))
+  assert float(jnp.mean(err_kernel)) <= 1.25 * float(jnp.mean(err_xla))
+
+
+def test_ties_fall_back_to_the_lower_expert():
+  """Two experts with the same prototype: a falling-back row takes the first, as argmax does."""
+  x_BTC, params = _layer(4, 32, 32, 5, 2.0)
+  params["prototypes"] = params["prototypes"].at[3].set(params["prototypes"][1])
+  params["w_out"] = params["w_out"].at[3].set(-params["w_out"][1])
+  # Rows near that prototype: expert 1 (and 3) is every row's most similar.
+  x_BTC = params["prototypes"][1] + 0.1 * x_BTC
+  assert bool(jnp.all(jnp.argmax(moe.cosine_similarity(x_BTC, params["prototypes"]), -1) == 1))
+  np.testing.assert_allclose(_kernel("mean", jnp.float32, x_BTC, params),
+                             _reference("mean", jnp.float32, x_BTC, params), atol=1e-5, rtol=0)
+
+
+def test_gradient_is_the_xla_layers():
+  """The custom VJP is autodiff of the XLA layer: the straight-through gate and every expert."""
+  x_BTC, params = _layer(8, 32, 64, 6, 0.05)
+  ct = jax.random.normal(jax.random.PRNGKey(9), x_BTC.shape)
+  loss = lambda fn: lambda x, p: jnp.sum(fn("softmax", jnp.float32, x, p) * ct)  # noqa: E731
+  got = jax.grad(loss(_kernel), argnums=(0, 1))(x_BTC, params)
+  want = jax.grad(loss(_reference), argnums=(0, 1))(x_BTC, params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w)
+  assert float(jnp.max(jnp.abs(got[1]["thresholds"]))) > 0  # the gate learns
+
+
+def test_decode_supported():
+  assert moe_pallas.decode_supported(d_model=256, expert_hidden=512, fallback_k=1)
+  assert not moe_pallas.decode_supported(d_model=256, expert_hidden=512, fallback_k=2)
+  assert not moe_pallas.decode_supported(d_model=48, expert_hidden=512, fallback_k=1)
+  assert not moe_pallas.decode_supported(d_model=256, expert_hidden=8, fallback_k=1)
+
+
+def test_decode_kernels_names_and_restores_the_settings():
+  before = nsa.PALLAS_DECODE, moe.DECODE_KERNEL
+  with decode.decode_kernels("fused_moe"):
+    assert (nsa.PALLAS_DECODE, moe.DECODE_KERNEL) == ("fused", True)
+  assert (nsa.PALLAS_DECODE, moe.DECODE_KERNEL) == before
+  with pytest.raises(ValueError, match="decode kernels 'fast': expected one of split, fused"):
+    with decode.decode_kernels("fast"):
+      pass
+
+
+@pytest.mark.parametrize("kernels", ["split", "fused_moe"])
+def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
+  """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe, NSA's one-kernel
+  step) gives the full forward's logits; the kernel runs in every decoding step, never in the
+  prefill."""
+  cfg = ModelConfig(**TINY_MODEL)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  model = Transformer(cfg)
+  calls = []
+  monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
+      lambda kernel, *a, **k: calls.append(1) or kernel(*a, **k), moe_pallas.decode_partials))
+  monkeypatch.setattr(moe, "DECODE_KERNEL", True)
+  if kernels == "fused_moe":
+    monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+    model = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
+  T = 21
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (3, T), 0, VOCAB_SIZE)
+  full = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x)[0])(params, tokens)
+  prompt_len = np.array([2, 9, 5])
+  P = int(prompt_len.max())
+  masked = jnp.where(jnp.arange(P)[None] < prompt_len[:, None], tokens[:, :P], PAD)
+  _, cache = jax.jit(lambda p, x, c: model.apply({"params": p}, x, mode="prefill", cache=c)[:2])(
+      params, masked, init_cache(cfg, 3, T))
+  assert not calls, "the prefill ran the decoding kernel"
+  step = jax.jit(lambda p, x, c, pos: model.apply({"params": p}, x, mode="decode", cache=c,
+                                                  pos_B=pos)[:2])
+  pos = jnp.asarray(prompt_len)
+  for _ in range(T - P):
+    logits, cache = step(params, tokens[jnp.arange(3), pos][:, None], cache, pos)
+    np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
+    pos = pos + 1
+  assert calls, "the decoding kernel did not run"
