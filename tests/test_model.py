@@ -100,7 +100,7 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
   cfg, model, params = _setup(geometry)
   calls = []
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
-  for name in ("decode_attention", "write_cache"):
+  for name in ("decode_attention", "write_cache", "write_cache_compress"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
         lambda kernel, name, *a, **k: calls.append(name) or kernel(*a, **k),
         getattr(nsa_pallas, name), name))
@@ -119,7 +119,9 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
     logits, cache = decode_step(params, tokens[jnp.arange(2), pos][:, None], cache, pos)
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
-  assert set(calls) == {"decode_attention", "write_cache"}, "a decoding kernel did not run"
+  # Rotated compressed keys (geometry 2) are computed in XLA and written by the kernel.
+  writer = "write_cache" if cfg.cmp_rope == "both" else "write_cache_compress"
+  assert set(calls) == {"decode_attention", writer}, "a decoding kernel did not run"
 
 
 def test_fused_nsa_decoding_with_a_cache_shorter_than_a_block(monkeypatch):

@@ -871,6 +871,54 @@ def test_cache_writes_in_one_kernel_are_the_scatters():
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_writes_with_the_block_compressed_in_the_kernel(dtype):
+  """nsa_pallas.write_cache_compress against XLA (write_cache_compress_reference): the tokens
+  bit for bit; the block a token completes (block_len 8, stride 4: positions 7, 11, 15, ...)
+  compressed at its slot, none for a token that completes none, one whose slot is past N, or
+  one past S; its gradient is the reference's."""
+  rng = np.random.default_rng(1)
+  L, stride, B, S, N, G, D, O = 8, 4, 6, 24, 3, 2, 4, 8
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+  tokens = tuple(normal(B, S, G, D) for _ in range(3))
+  blocks = tuple(normal(B, N, G, D) for _ in range(2))
+  new_t = normal(3, B, G, D)
+  weights = (normal(2, L, D, O) / np.sqrt(L * D), jnp.asarray(rng.standard_normal((2, O)),
+                                                               jnp.float32),
+             normal(2, O, D) / np.sqrt(O), normal(2, D))
+  pos = jnp.array([7, 13, 19, 11, 3, S])  # slots 0, none, 3 >= N, 1, none, none
+  run = jax.jit(lambda t, tn, b, w: nsa_pallas.write_cache_compress(t, tn, pos, b, w, L, stride,
+                                                                    True))
+  got = run(tokens, new_t, blocks, weights)
+  want = nsa_pallas.write_cache_compress_reference(tokens, new_t, pos, blocks, weights,
+                                                   block_len=L, block_stride=stride)
+  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+  for g, w in zip(got[:3], want[:3]):
+    np.testing.assert_array_equal(f32(g), f32(w))
+  # Float32: sums of L*D (then O) products in another order. bfloat16: the same roundings of
+  # the first product, gelu and the second product, each of which may land one ulp apart.
+  tol = 1e-5 if dtype == jnp.float32 else 4 * 2.0 ** -8 * float(jnp.max(jnp.abs(f32(want[3]))))
+  for g, w, before in zip(got[3:], want[3:], blocks):
+    np.testing.assert_allclose(f32(g), f32(w), atol=tol, rtol=0)
+    written = np.zeros((B, N), bool)
+    written[0, 0] = written[3, 1] = True
+    np.testing.assert_array_equal(f32(g)[~written], f32(before)[~written])  # nothing else
+    assert not np.allclose(f32(g)[written], f32(before)[written])
+
+  def loss(fn, *a):
+    return sum(jnp.sum(x.astype(jnp.float32) * (i + 1)) for i, x in enumerate(fn(*a)))
+  reference = functools.partial(nsa_pallas.write_cache_compress_reference, block_len=L,
+                                block_stride=stride)
+  grads = jax.grad(lambda t, tn, b, w: loss(
+      lambda *a: nsa_pallas.write_cache_compress(*a, L, stride, True), t, tn, pos, b, w),
+      argnums=(0, 1, 2, 3))(tokens, new_t, blocks, weights)
+  ref = jax.grad(lambda t, tn, b, w: loss(reference, t, tn, pos, b, w), argnums=(0, 1, 2, 3))(
+      tokens, new_t, blocks, weights)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(f32(g), f32(r))
+  assert float(jnp.max(jnp.abs(f32(grads[3][0])))) > 0  # the compressor's weights learn
+
+
 def test_which_decoding_steps_write_the_cache_in_one_kernel(monkeypatch):
   tiles = dict(heads_per_group=2, head_dim=8, select_len=8)
   assert not nsa.fused_decoding("pallas", num_groups=2, **tiles)  # "split", the default

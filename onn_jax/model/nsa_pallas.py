@@ -1367,3 +1367,134 @@ def _write_cache_bwd(interpret, res, ct):
 
 
 write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache writes with the completed compressed block computed in the same kernel
+# ----------------------------------------------------------------------------------------------
+#
+# ``write_cache`` takes the token's completed block from XLA, which computes it every step for
+# every row (the block's raw keys gathered, the compressor's two products, its gelu: about five
+# launches a layer). ``write_cache_compress`` computes it in the write kernel instead, only in
+# the programs whose row completes a block (one step in ``block_stride``), from the cache's
+# ``block_len - 1`` raw keys before the token and the token itself.
+
+
+def compress_reference(raw_2BLGD: jax.Array, weights: tuple) -> jax.Array:
+  """The compressor (``BlockCompressor``) of keys and values ([2, B, L, G, D] raw blocks) by
+  :meth:`BlockCompressor.kernel_weights`' arrays stacked on a leading k/v axis: [2, B, G, D]
+  in the compute dtype (the weights')."""
+  w1_2LDO, const_2O, w2_2OD, b2_2D = weights
+  dt = w1_2LDO.dtype
+  h_2BGO = jnp.einsum("kblgd,kldo->kbgo", raw_2BLGD.astype(dt), w1_2LDO,
+                      preferred_element_type=_F32) + const_2O[:, None, None, :]
+  a_2BGO = jax.nn.gelu(h_2BGO.astype(dt))
+  return jnp.einsum("kbgo,kod->kbgd", a_2BGO, w2_2OD) + b2_2D[:, None, None, :]
+
+
+def _completion(pos_B, *, block_len: int, block_stride: int, num_cmp: int, seq_len: int):
+  """(start of the block each row's token completes, its slot; -1 for none)."""
+  start_B = pos_B - (block_len - 1)
+  block_B = jnp.maximum(start_B, 0) // block_stride
+  done_B = ((start_B >= 0) & (start_B % block_stride == 0) & (block_B < num_cmp)
+            & (pos_B < seq_len))
+  return start_B, jnp.where(done_B, block_B, -1)
+
+
+def write_cache_compress_reference(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
+                                   block_arrays: tuple, weights: tuple, *, block_len: int,
+                                   block_stride: int) -> tuple:
+  """:func:`write_cache_compress` in XLA (its gradient, and the tests' reference). The raw
+  keys/values are ``token_arrays[0]`` and ``[1]``."""
+  S, N = token_arrays[0].shape[1], block_arrays[0].shape[1]
+  start_B, slot_B = _completion(pos_B, block_len=block_len, block_stride=block_stride,
+                                num_cmp=N, seq_len=S)
+  idx_BL = jnp.clip(jnp.maximum(start_B, 0)[:, None] + jnp.arange(block_len), 0, S - 1)
+  last_L = jnp.arange(block_len) == block_len - 1
+  raw_2BLGD = jnp.stack([
+      jnp.where(last_L[None, :, None, None], token_NBGD[i][:, None].astype(a.dtype),
+                jnp.take_along_axis(a, idx_BL[:, :, None, None], axis=1))
+      for i, a in enumerate(token_arrays[:2])])
+  blocks_2BGD = compress_reference(raw_2BLGD, weights)
+  return write_cache_reference(token_arrays, token_NBGD, pos_B, block_arrays,
+                               blocks_2BGD.astype(block_arrays[0].dtype), slot_B)
+
+
+def _cache_compress_kernel(pos_ref, token_ref, w1_ref, const_ref, w2_ref, b2_ref, *refs,
+                           num_token: int, seq_len: int, num_cmp: int, num_groups: int,
+                           block_len: int, block_stride: int):
+  ins, outs = refs[:num_token + 2], refs[num_token + 2:]  # outs aliased to ins
+  b = pl.program_id(0)
+  pos = pos_ref[b]
+
+  @pl.when((pos >= 0) & (pos < seq_len))  # no bounds check on a GPU: a row past S writes nothing
+  def _():
+    for i in range(num_token):
+      outs[i][b, pos] = token_ref[i, b]
+
+  start, slot = _completion(pos, block_len=block_len, block_stride=block_stride,
+                            num_cmp=num_cmp, seq_len=seq_len)
+
+  @pl.when(slot >= 0)
+  def _():
+    dt = w1_ref.dtype
+    for m in range(2):  # keys, values: their raw arrays are token arrays 0 and 1
+      for g in range(num_groups):
+        def add_key(h_O, x_D, l, m=m):
+          w_DO = w1_ref[m, l].astype(_F32)
+          return h_O + jnp.sum(x_D.astype(dt).astype(_F32)[:, None] * w_DO, axis=0)
+
+        # The block's keys before the token from the cache (as read before this kernel's
+        # write, which touches only the token's row), the token's from its own input.
+        h_O = jax.lax.fori_loop(
+            0, block_len - 1, lambda l, h, m=m, g=g: add_key(h, ins[m][b, start + l, g], l),
+            const_ref[m])
+        h_O = add_key(h_O, token_ref[m, b, g], block_len - 1)
+        a_O = jax.nn.gelu(h_O.astype(dt).astype(_F32)).astype(dt).astype(_F32)
+        y_D = jnp.sum(a_O[:, None] * w2_ref[m].astype(_F32), axis=0).astype(dt)
+        out = outs[num_token + m]
+        out[b, slot, g] = (y_D.astype(_F32) + b2_ref[m].astype(_F32)).astype(dt).astype(out.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def write_cache_compress(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
+                         block_arrays: tuple, weights: tuple, block_len: int, block_stride: int,
+                         interpret: bool) -> tuple:
+  """:func:`write_cache` with the compressed block computed in the kernel: the N token arrays
+  ([B,S,G,D], the first two the raw keys and values the compressor reads) get each row's
+  token at ``pos_B`` (outside ``[0, S)``: nothing), and the two block arrays (k_cmp, v_cmp
+  [B,N,G,D]) the block that token completes (block i completes at ``i*stride + len - 1``;
+  slots past N: nothing), compressed by ``weights`` (:func:`compress_reference`'s). One
+  program a row; reverse-mode gradient = :func:`write_cache_compress_reference`'s."""
+  arrays = tuple(token_arrays) + tuple(block_arrays)
+  n = len(token_arrays)
+  B, S, G, _ = token_arrays[0].shape
+  kernel = functools.partial(_cache_compress_kernel, num_token=n, seq_len=S,
+                             num_cmp=block_arrays[0].shape[1], num_groups=G,
+                             block_len=block_len, block_stride=block_stride)
+  return pl.pallas_call(
+      kernel, grid=(B,),
+      out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
+      input_output_aliases={6 + i: i for i in range(n + 2)},
+      interpret=interpret, compiler_params=_compiler_params(interpret, 1),
+  )(pos_B.astype(jnp.int32), token_NBGD, *weights, *arrays)
+
+
+def _write_cache_compress_fwd(token_arrays, token_NBGD, pos_B, block_arrays, weights, block_len,
+                              block_stride, interpret):
+  out = write_cache_compress(token_arrays, token_NBGD, pos_B, block_arrays, weights, block_len,
+                             block_stride, interpret)
+  return out, (token_arrays, token_NBGD, pos_B, block_arrays, weights)
+
+
+def _write_cache_compress_bwd(block_len, block_stride, interpret, res, ct):
+  del interpret
+  token_arrays, token_NBGD, pos_B, block_arrays, weights = res
+  _, vjp = jax.vjp(lambda t, tn, b, w: write_cache_compress_reference(
+      t, tn, pos_B, b, w, block_len=block_len, block_stride=block_stride),
+      token_arrays, token_NBGD, block_arrays, weights)
+  d_t, d_tn, d_b, d_w = vjp(tuple(ct))
+  return d_t, d_tn, None, d_b, d_w
+
+
+write_cache_compress.defvjp(_write_cache_compress_fwd, _write_cache_compress_bwd)

@@ -83,6 +83,16 @@ class BlockCompressor(nn.Module):
     h = h_f32 + (pos_O + self.fc1.bias.astype(jnp.float32))
     return self.fc2(nn.gelu(h.astype(self.dtype)))
 
+  def kernel_weights(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The compressor as arrays for ``nsa_pallas.write_cache_compress``: the first layer's
+    kernel by key [L, D, 2D] (compute dtype), its constant term (position embedding's share
+    plus bias, float32 [2D]), the second layer's kernel [2D, D] and bias [D] (compute dtype)."""
+    L, D = self.block_len, self.head_dim
+    const_O = self.fc1.partial(self.block_pos.reshape(-1), 0) + self.fc1.bias.astype(jnp.float32)
+    return (self.fc1.kernel.astype(self.dtype).reshape(L, D, 2 * D), const_O,
+            self.fc2.variables["params"]["kernel"].astype(self.dtype),
+            self.fc2.variables["params"]["bias"].astype(self.dtype))
+
   def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
     B, N, L, G, D = blocks_BNLGD.shape
     x_BNGF = blocks_BNLGD.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
@@ -263,19 +273,28 @@ class NSAttention(nn.Module):
 
     XLA scatters: the token's six, then its block's two, computed from the written cache (a
     block read from the cache before an in-place scatter into it would make XLA copy the
-    whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): the block
-    from the unwritten cache with the token in place, then one kernel for all eight arrays."""
+    whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): one kernel
+    for all eight arrays, which also computes the block (``nsa_pallas.write_cache_compress``;
+    with ``cmp_rope="both"`` the block is computed in XLA from the unwritten cache with the
+    token in place, and the kernel writes it: ``nsa_pallas.write_cache``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
     names = tuple(name for name, _ in CMP_NAMES)
     if num_slots and nsa.fused_decoding(
         c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups, head_dim=c.head_dim,
         select_len=c.select_len, num_groups=c.num_kv_groups):
+      tokens_NBGD = jnp.stack([token_BGD[n].astype(cache[n].dtype) for n in KV_NAMES])
+      if c.cmp_rope != "both" and not self.is_initializing():
+        # The completed block computed in the write kernel (rotated blocks: in XLA, below).
+        weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
+                               self.v_compressor.kernel_weights())
+        arrays = nsa_pallas.write_cache_compress(
+            tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
+            weights, c.block_len, c.block_stride, nsa_pallas.use_interpret())
+        return dict(zip(KV_NAMES + names, arrays))
       blocks_BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B)
       arrays = nsa_pallas.write_cache(
-          tuple(cache[n] for n in KV_NAMES),
-          jnp.stack([token_BGD[n].astype(cache[n].dtype) for n in KV_NAMES]), pos_B,
-          tuple(cache[n] for n in names),
+          tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
           jnp.stack([blocks_BGD[n].astype(cache[n].dtype) for n in names]), slot_B,
           nsa_pallas.use_interpret())
       return dict(zip(KV_NAMES + names, arrays))
