@@ -48,8 +48,8 @@ def step_copies(backend: str | None = None) -> int:
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
 # "split" is what runs by default (each NSA branch its own kernel, XLA's DynMoE); "fused":
 # NSA's core and cache writes one kernel each; "fused_moe": also each DynMoE layer one kernel.
-DECODE_KERNELS: dict[str, tuple[str, bool]] = {
-    "split": ("split", False), "fused": ("fused", False), "fused_moe": ("fused", True)}
+DECODE_KERNELS: dict[str, tuple[str, str]] = {
+    "split": ("split", "xla"), "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas")}
 
 
 @contextlib.contextmanager

@@ -117,10 +117,23 @@ def test_decode_supported():
   assert not moe_pallas.decode_supported(d_model=256, expert_hidden=8, fallback_k=1)
 
 
+def test_which_decoding_steps_run_the_kernel(monkeypatch):
+  sizes = dict(d_model=32, expert_hidden=32, fallback_k=1)
+  for setting, expected in (("pallas", True), ("xla", False),
+                            ("auto", jax.default_backend() == "gpu")):
+    monkeypatch.setattr(moe, "DECODE_KERNEL", setting)
+    assert moe.decode_kernel_applies(**sizes) == expected
+  monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
+  assert not moe.decode_kernel_applies(**{**sizes, "fallback_k": 2})
+  monkeypatch.setattr(moe, "DECODE_KERNEL", True)
+  with pytest.raises(ValueError, match="moe.DECODE_KERNEL must be one of"):
+    moe.decode_kernel_applies(**sizes)
+
+
 def test_decode_kernels_names_and_restores_the_settings():
   before = nsa.PALLAS_DECODE, moe.DECODE_KERNEL
   with decode.decode_kernels("fused_moe"):
-    assert (nsa.PALLAS_DECODE, moe.DECODE_KERNEL) == ("fused", True)
+    assert (nsa.PALLAS_DECODE, moe.DECODE_KERNEL) == ("fused", "pallas")
   assert (nsa.PALLAS_DECODE, moe.DECODE_KERNEL) == before
   with pytest.raises(ValueError, match="decode kernels 'fast': expected one of split, fused"):
     with decode.decode_kernels("fast"):
@@ -138,7 +151,7 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
   calls = []
   monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
       lambda kernel, *a, **k: calls.append(1) or kernel(*a, **k), moe_pallas.decode_partials))
-  monkeypatch.setattr(moe, "DECODE_KERNEL", True)
+  monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
   if kernels == "fused_moe":
     monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
     model = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))

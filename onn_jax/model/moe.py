@@ -753,15 +753,21 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 # One-token decoding in one kernel
 # ----------------------------------------------------------------------------------------------
 
-# Whether a decoding step's DynMoE layers run as one Pallas kernel each
-# (:func:`decode_experts`, where :func:`moe_pallas.decode_supported`); off GPU the kernel runs in
-# Pallas interpret mode (tests). False (XLA's ~9 launches a layer) until timed on a GPU.
-DECODE_KERNEL: bool = False
+# How a decoding step's DynMoE layers run: "pallas", one kernel each (:func:`decode_experts`,
+# where :func:`moe_pallas.decode_supported`; off GPU in Pallas interpret mode, for tests);
+# "xla", XLA's ~9 launches a layer; "auto", pallas on a GPU and xla elsewhere.
+DECODE_KERNEL: str = "xla"
+DECODE_KERNEL_CHOICES: tuple[str, ...] = ("auto", "pallas", "xla")
 
 
 def decode_kernel_applies(d_model: int, expert_hidden: int, fallback_k: int) -> bool:
   """Whether :func:`decode_experts` computes a decoding step's layer of these sizes."""
-  return DECODE_KERNEL and moe_pallas.decode_supported(
+  if DECODE_KERNEL not in DECODE_KERNEL_CHOICES:
+    raise ValueError(f"moe.DECODE_KERNEL must be one of {DECODE_KERNEL_CHOICES}, got "
+                     f"{DECODE_KERNEL!r}")
+  wanted = DECODE_KERNEL == "pallas" or (DECODE_KERNEL == "auto"
+                                         and jax.default_backend() == "gpu")
+  return wanted and moe_pallas.decode_supported(
       d_model=d_model, expert_hidden=expert_hidden, fallback_k=fallback_k)
 
 
