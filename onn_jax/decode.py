@@ -47,14 +47,19 @@ def step_copies(backend: str | None = None) -> int:
 
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
 # "split" is what runs by default (each NSA branch its own kernel, XLA's DynMoE); "fused":
-# NSA's core and cache writes one kernel each; "fused_moe": also each DynMoE layer one kernel.
+# NSA's core and cache writes (with the completed compressed block) one kernel each;
+# "fused_xla_block": the same with the block computed in XLA; "fused_moe": "fused" and each
+# DynMoE layer one kernel.
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
-    "split": ("split", "xla"), "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas")}
+    "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
+    "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas")}
 
 
 @contextlib.contextmanager
 def decode_kernels(name: str):
-  """While tracing inside: the decoding step's kernels :data:`DECODE_KERNELS` ``[name]``."""
+  """While tracing inside: the decoding step's kernels :data:`DECODE_KERNELS` ``[name]``. The
+  settings are read when a function is traced: a function jitted and compiled before keeps the
+  kernels it was traced with."""
   if name not in DECODE_KERNELS:
     raise ValueError(f"decode kernels {name!r}: expected one of {', '.join(DECODE_KERNELS)}")
   saved = nsa.PALLAS_DECODE, moe.DECODE_KERNEL

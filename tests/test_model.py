@@ -91,15 +91,26 @@ def test_prefill_then_decode_matches_full_forward(geometry):
     pos = pos + 1
 
 
-@pytest.mark.parametrize("geometry", [0, 2])
-def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
+def _with_biases(params, seed):
+  """``params`` with every bias (zero at initialisation) drawn at random, so that each counts."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [
+      0.1 * jax.random.normal(k, leaf.shape, leaf.dtype) if "bias" in jax.tree_util.keystr(path)
+      else leaf for k, (path, leaf) in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("geometry,setting", [(0, "fused"), (2, "fused"), (3, "fused"),
+                                              (0, "fused_xla_block")])
+def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
-  writes; interpret mode here), compressed blocks completing mid-decode (rotated in the cache
-  with cmp_rope="both")."""
+  writes with the completed compressed block; interpret mode here), compressed blocks
+  completing mid-decode (rotated in the cache with cmp_rope="both", computed in XLA then)."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
+  params = _with_biases(params, geometry)
   calls = []
-  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
   for name in ("decode_attention", "write_cache", "write_cache_compress"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
         lambda kernel, name, *a, **k: calls.append(name) or kernel(*a, **k),
@@ -120,7 +131,8 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, monkeypatch):
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   # Rotated compressed keys (geometry 2) are computed in XLA and written by the kernel.
-  writer = "write_cache" if cfg.cmp_rope == "both" else "write_cache_compress"
+  in_xla = cfg.cmp_rope == "both" or setting == "fused_xla_block"
+  writer = "write_cache" if in_xla else "write_cache_compress"
   assert set(calls) == {"decode_attention", writer}, "a decoding kernel did not run"
 
 

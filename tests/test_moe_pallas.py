@@ -23,10 +23,13 @@ F32_EPS = float(jnp.finfo(jnp.float32).eps)
 
 
 def _layer(E, C, F, B, threshold, seed=0, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   params = moe.init_expert_params(keys[0], E, C, F, 0.0)
   # Thresholds spread around `threshold`: some experts on, some off, some rows with none.
   params["thresholds"] = threshold + 0.1 * jax.random.normal(keys[1], (E,))
+  # Biases are zero at initialisation: give them values, so that each counts.
+  params["b_in"] = 0.5 * jax.random.normal(keys[3], (E, F))
+  params["b_out"] = 0.5 * jax.random.normal(keys[4], (E, C))
   x_BTC = jax.random.normal(keys[2], (B, 1, C)).astype(dtype)
   return x_BTC, params
 
@@ -98,6 +101,19 @@ def test_ties_fall_back_to_the_lower_expert():
                              _reference("mean", jnp.float32, x_BTC, params), atol=1e-5, rtol=0)
 
 
+def test_a_row_dissimilar_to_every_expert_falls_back_to_a_real_one():
+  """Every similarity negative, fewer experts than the 16 routing columns: the fallback is the
+  most similar real expert, never a padding column (whose similarity reads 0)."""
+  x_BTC, params = _layer(4, 32, 32, 3, 2.0)
+  p_EC = moe._normalise(params["prototypes"])
+  x_BTC = -jnp.sum(p_EC, axis=0) + 0.05 * x_BTC
+  assert bool(jnp.all(moe.cosine_similarity(x_BTC, params["prototypes"]) < 0))
+  got = _kernel("mean", jnp.float32, x_BTC, params)
+  np.testing.assert_allclose(got, _reference("mean", jnp.float32, x_BTC, params), atol=1e-5,
+                             rtol=0)
+  assert float(jnp.min(jnp.abs(got))) > 0
+
+
 def test_gradient_is_the_xla_layers():
   """The custom VJP is autodiff of the XLA layer: the straight-through gate and every expert."""
   x_BTC, params = _layer(8, 32, 64, 6, 0.05)
@@ -110,15 +126,24 @@ def test_gradient_is_the_xla_layers():
   assert float(jnp.max(jnp.abs(got[1]["thresholds"]))) > 0  # the gate learns
 
 
-def test_decode_supported():
-  assert moe_pallas.decode_supported(d_model=256, expert_hidden=512, fallback_k=1)
-  assert not moe_pallas.decode_supported(d_model=256, expert_hidden=512, fallback_k=2)
-  assert not moe_pallas.decode_supported(d_model=48, expert_hidden=512, fallback_k=1)
-  assert not moe_pallas.decode_supported(d_model=256, expert_hidden=8, fallback_k=1)
+def test_decode_supported_and_the_tiles_of_larger_layers():
+  arc1 = dict(d_model=256, expert_hidden=512, fallback_k=1, num_experts=16, itemsize=2)
+  assert moe_pallas.decode_supported(**arc1)
+  assert moe_pallas._tiles(256, 16, 512, 2) == (moe_pallas.DEC_TILE_F, moe_pallas.DEC_ROWS)
+  assert not moe_pallas.decode_supported(**{**arc1, "fallback_k": 2})
+  assert not moe_pallas.decode_supported(**{**arc1, "d_model": 48})
+  assert not moe_pallas.decode_supported(**{**arc1, "expert_hidden": 8})
+  # Larger layers take smaller tiles within DEC_TILE_BYTES, down to 16 x 16, then none.
+  for d_model, itemsize in ((512, 4), (1024, 2)):
+    tile_f, rows = moe_pallas._tiles(d_model, 16, 1024, itemsize)
+    assert min(tile_f, rows) >= 16
+    assert (moe_pallas._program_bytes(d_model, 16, tile_f, rows, itemsize)
+            <= moe_pallas.DEC_TILE_BYTES)
+  assert not moe_pallas.decode_supported(**{**arc1, "d_model": 2048})
 
 
 def test_which_decoding_steps_run_the_kernel(monkeypatch):
-  sizes = dict(d_model=32, expert_hidden=32, fallback_k=1)
+  sizes = dict(d_model=32, expert_hidden=32, fallback_k=1, num_experts=4, dtype=jnp.float32)
   for setting, expected in (("pallas", True), ("xla", False),
                             ("auto", jax.default_backend() == "gpu")):
     monkeypatch.setattr(moe, "DECODE_KERNEL", setting)

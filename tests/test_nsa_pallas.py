@@ -805,7 +805,7 @@ def test_fused_decoding_bf16_close_to_fp32_reference(monkeypatch):
 def test_a_bad_decoding_setting_is_one_line(monkeypatch):
   geo, q_offset = DECODE_GEOS["few_blocks"]
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fast")
-  with pytest.raises(ValueError, match="nsa.PALLAS_DECODE must be 'fused' or 'split'"):
+  with pytest.raises(ValueError, match="nsa.PALLAS_DECODE must be one of"):
     forward_fn(dataclasses.replace(geo, B=1), "pallas")(
         make_inputs(dataclasses.replace(geo, B=1), seed=1), _offset(q_offset[:1]))
 
@@ -871,14 +871,14 @@ def test_cache_writes_in_one_kernel_are_the_scatters():
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cache_writes_with_the_block_compressed_in_the_kernel(dtype):
+@pytest.mark.parametrize("dtype,L", [(jnp.float32, 8), (jnp.bfloat16, 8), (jnp.float32, 7)])
+def test_cache_writes_with_the_block_compressed_in_the_kernel(dtype, L):
   """nsa_pallas.write_cache_compress against XLA (write_cache_compress_reference): the tokens
-  bit for bit; the block a token completes (block_len 8, stride 4: positions 7, 11, 15, ...)
-  compressed at its slot, none for a token that completes none, one whose slot is past N, or
-  one past S; its gradient is the reference's."""
+  bit for bit; the block a token completes (block_len 8, stride 4: positions 7, 11, 15, ...;
+  block_len 7: 6, 10, 14, ...) compressed at its slot, none for a token that completes none,
+  one whose slot is past N, or one past S; its gradient is the reference's."""
   rng = np.random.default_rng(1)
-  L, stride, B, S, N, G, D, O = 8, 4, 6, 24, 3, 2, 4, 8
+  stride, B, S, N, G, D, O = 4, 6, 24, 3, 2, 4, 8
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
   tokens = tuple(normal(B, S, G, D) for _ in range(3))
   blocks = tuple(normal(B, N, G, D) for _ in range(2))
@@ -886,7 +886,8 @@ def test_cache_writes_with_the_block_compressed_in_the_kernel(dtype):
   weights = (normal(2, L, D, O) / np.sqrt(L * D), jnp.asarray(rng.standard_normal((2, O)),
                                                                jnp.float32),
              normal(2, O, D) / np.sqrt(O), normal(2, D))
-  pos = jnp.array([7, 13, 19, 11, 3, S])  # slots 0, none, 3 >= N, 1, none, none
+  # Slots 0, none, 3 >= N, 1, none, none.
+  pos = jnp.array([7 - 8 + L, 13, 19 - 8 + L, 11 - 8 + L, 3, S])
   run = jax.jit(lambda t, tn, b, w: nsa_pallas.write_cache_compress(t, tn, pos, b, w, L, stride,
                                                                     True))
   got = run(tokens, new_t, blocks, weights)

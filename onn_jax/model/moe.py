@@ -760,7 +760,8 @@ DECODE_KERNEL: str = "xla"
 DECODE_KERNEL_CHOICES: tuple[str, ...] = ("auto", "pallas", "xla")
 
 
-def decode_kernel_applies(d_model: int, expert_hidden: int, fallback_k: int) -> bool:
+def decode_kernel_applies(d_model: int, expert_hidden: int, fallback_k: int, num_experts: int,
+                          dtype: Any) -> bool:
   """Whether :func:`decode_experts` computes a decoding step's layer of these sizes."""
   if DECODE_KERNEL not in DECODE_KERNEL_CHOICES:
     raise ValueError(f"moe.DECODE_KERNEL must be one of {DECODE_KERNEL_CHOICES}, got "
@@ -768,7 +769,8 @@ def decode_kernel_applies(d_model: int, expert_hidden: int, fallback_k: int) -> 
   wanted = DECODE_KERNEL == "pallas" or (DECODE_KERNEL == "auto"
                                          and jax.default_backend() == "gpu")
   return wanted and moe_pallas.decode_supported(
-      d_model=d_model, expert_hidden=expert_hidden, fallback_k=fallback_k)
+      d_model=d_model, expert_hidden=expert_hidden, fallback_k=fallback_k,
+      num_experts=num_experts, itemsize=jnp.dtype(dtype).itemsize)
 
 
 def _decode_reference(combine: str, st_temperature: float, dtype: Any, x_BTC: Array,
@@ -890,7 +892,8 @@ class DynMoE(nn.Module):
         st_temperature=self.st_temperature)
     self.sow("intermediates", "used_experts", used_BTE)
     B, T = x_BTC.shape[:2]
-    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.fallback_k):
+    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.fallback_k,
+                                          self.num_experts, self.dtype):
       y_BTC = decode_experts(self.combine, self.st_temperature, self.dtype,
                              nsa_pallas.use_interpret(), x_BTC, params)
       return y_BTC, aux

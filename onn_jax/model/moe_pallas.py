@@ -27,8 +27,9 @@ order differs from XLA's, so a token whose margin ``s - theta`` is within float3
 may switch an expert the other way (as a TF32 product would flip far more).
 
 Fallback to the top-1 expert only (``fallback_k = 1``, every shipped config); d_model and
-expert_hidden powers of two of at least 16 (:func:`decode_supported`). Off GPU the kernel runs in
-Pallas interpret mode (tests).
+expert_hidden powers of two of at least 16, tiles within :data:`DEC_TILE_BYTES`
+(:func:`decode_supported`). Off GPU the kernel runs in Pallas interpret mode (tests). The
+kernel routes every row as valid (a decoding step's rows are).
 """
 
 from __future__ import annotations
@@ -75,10 +76,39 @@ def gelu(u):
   return 0.5 * u * (1.0 + _erf(u * (1.0 / math.sqrt(2.0))))
 
 
-def decode_supported(*, d_model: int, expert_hidden: int, fallback_k: int) -> bool:
-  """Whether :func:`decode_experts` serves this layer (Triton tiles are powers of two)."""
+# What a program's tiles may take (Triton stages its product operands in shared memory, 227 KiB
+# a block on an H100 / H200): the weight tiles, the rows and the prototypes. Larger layers get
+# fewer hidden units and rows a program, down to 16 each, then no kernel (d_model 1024 in bf16
+# asked for 448 KiB at the full tiles and did not compile).
+DEC_TILE_BYTES = 160 * 1024
+
+
+def _program_bytes(d_model: int, num_experts: int, tile_f: int, rows: int, itemsize: int) -> int:
+  width = max(_pow2_at_least(num_experts), _MIN_TILE)
+  return (2 * d_model * tile_f + rows * d_model) * itemsize + width * d_model * 4
+
+
+def _tiles(d_model: int, num_experts: int, expert_hidden: int, itemsize: int
+           ) -> tuple[int, int] | None:
+  """(hidden units, most rows) a program: the largest within DEC_TILE_BYTES, or None."""
+  tile_f, rows = min(expert_hidden, DEC_TILE_F), DEC_ROWS
+  while _program_bytes(d_model, num_experts, tile_f, rows, itemsize) > DEC_TILE_BYTES:
+    if tile_f == rows == _MIN_TILE:
+      return None
+    if tile_f >= rows and tile_f > _MIN_TILE:
+      tile_f //= 2
+    else:
+      rows //= 2
+  return tile_f, rows
+
+
+def decode_supported(*, d_model: int, expert_hidden: int, fallback_k: int, num_experts: int,
+                     itemsize: int) -> bool:
+  """Whether :func:`decode_experts` serves this layer (``itemsize``: the compute dtype's bytes):
+  Triton tiles are powers of two, and a program's within :data:`DEC_TILE_BYTES`."""
   return (fallback_k == 1 and _is_pow2(d_model) and _is_pow2(expert_hidden)
-          and min(d_model, expert_hidden) >= _MIN_TILE)
+          and min(d_model, expert_hidden) >= _MIN_TILE
+          and _tiles(d_model, num_experts, expert_hidden, itemsize) is not None)
 
 
 def _route_weights(x_PC, p_EC, th_E, *, num_experts: int, combine: str, eps: float):
@@ -133,8 +163,8 @@ def decode_partials(x_BC, prototypes_EC, thresholds_E, w_in_ECF, b_in_EF, w_out_
   the layer's output). Weights in the compute dtype (x's); gate parameters in float32."""
   B, C = x_BC.shape
   E, _, F = w_in_ECF.shape
-  tile_f = min(F, DEC_TILE_F)
-  rows = min(_pow2_at_least(max(B, _MIN_TILE)), DEC_ROWS)
+  tile_f, most_rows = _tiles(C, E, F, x_BC.dtype.itemsize)
+  rows = min(_pow2_at_least(max(B, _MIN_TILE)), most_rows)
   padded_b = -(-B // rows) * rows
   width = max(_pow2_at_least(E), _MIN_TILE)
   x_PC = jnp.pad(x_BC, ((0, padded_b - B), (0, 0)))

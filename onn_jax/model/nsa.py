@@ -836,19 +836,29 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 
 # impl="pallas", one query a row (one-token decoding against a KV cache, one sequence a row):
 # "fused": the whole core in one kernel a layer (nsa_pallas.decode_attention), and the NSA
-# layer's cache writes in another (nsa_pallas.write_cache, fused_decoding); "split": the
+# layer's cache writes in another, which also computes the compressed block the token
+# completes (nsa_pallas.write_cache_compress, fused_decoding); "fused_xla_block": the same with
+# that block computed in XLA and written by the kernel (nsa_pallas.write_cache); "split": the
 # compressed branch and block choice in XLA, the selected kernel, the window band in XLA
 # (_pallas_branches), about 17 launches a layer. On an H200 a decoding step of the arc1
-# model is bound by its launches (README Benchmarks, issue #16); the fused kernel compiles
-# for sm_90 (a deviceless compile: python -m train.kernel_count) but its speed there has not
+# model is bound by its launches (README Benchmarks, issue #16); the fused kernels compile
+# for sm_90 (a deviceless compile: python -m train.kernel_count) but their speed there has not
 # been measured yet, so "split", the measured path, stays the default.
 PALLAS_DECODE = "split"
+PALLAS_DECODE_CHOICES = ("split", "fused", "fused_xla_block")
 
 
 def _decode_fused_setting() -> bool:
-  """Whether ``PALLAS_DECODE`` is "fused" (a one-line error for anything but "fused"/"split")."""
-  if PALLAS_DECODE not in ("fused", "split"):
-    raise ValueError(f"nsa.PALLAS_DECODE must be 'fused' or 'split', got {PALLAS_DECODE!r}")
+  """Whether ``PALLAS_DECODE`` is a fused one (a one-line error for an unknown setting)."""
+  if PALLAS_DECODE not in PALLAS_DECODE_CHOICES:
+    raise ValueError(f"nsa.PALLAS_DECODE must be one of {PALLAS_DECODE_CHOICES}, got "
+                     f"{PALLAS_DECODE!r}")
+  return PALLAS_DECODE != "split"
+
+
+def block_in_write_kernel() -> bool:
+  """Whether a fused decoding step computes the completed compressed block in the cache-write
+  kernel (``PALLAS_DECODE = "fused"``) rather than in XLA."""
   return PALLAS_DECODE == "fused"
 
 

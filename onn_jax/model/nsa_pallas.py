@@ -1380,6 +1380,10 @@ write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
 # ``block_len - 1`` raw keys before the token and the token itself.
 
 
+# Warps of a write_cache_compress program (its [D, 2D] products; not timed).
+COMPRESS_NUM_WARPS = 2
+
+
 def compress_reference(raw_2BLGD: jax.Array, weights: tuple) -> jax.Array:
   """The compressor (``BlockCompressor``) of keys and values ([2, B, L, G, D] raw blocks) by
   :meth:`BlockCompressor.kernel_weights`' arrays stacked on a leading k/v axis: [2, B, G, D]
@@ -1424,36 +1428,37 @@ def _cache_compress_kernel(pos_ref, token_ref, w1_ref, const_ref, w2_ref, b2_ref
                            num_token: int, seq_len: int, num_cmp: int, num_groups: int,
                            block_len: int, block_stride: int):
   ins, outs = refs[:num_token + 2], refs[num_token + 2:]  # outs aliased to ins
-  b = pl.program_id(0)
+  b, j = pl.program_id(0), pl.program_id(1)
   pos = pos_ref[b]
 
-  @pl.when((pos >= 0) & (pos < seq_len))  # no bounds check on a GPU: a row past S writes nothing
+  # The row's first program writes its token: no bounds check on a GPU, so a row past S
+  # writes nothing.
+  @pl.when((j == 0) & (pos >= 0) & (pos < seq_len))
   def _():
     for i in range(num_token):
       outs[i][b, pos] = token_ref[i, b]
 
   start, slot = _completion(pos, block_len=block_len, block_stride=block_stride,
                             num_cmp=num_cmp, seq_len=seq_len)
+  dt = w1_ref.dtype
 
-  @pl.when(slot >= 0)
-  def _():
-    dt = w1_ref.dtype
-    for m in range(2):  # keys, values: their raw arrays are token arrays 0 and 1
-      for g in range(num_groups):
-        def add_key(h_O, x_D, l, m=m):
-          w_DO = w1_ref[m, l].astype(_F32)
-          return h_O + jnp.sum(x_D.astype(dt).astype(_F32)[:, None] * w_DO, axis=0)
-
-        # The block's keys before the token from the cache (as read before this kernel's
-        # write, which touches only the token's row), the token's from its own input.
-        h_O = jax.lax.fori_loop(
-            0, block_len - 1, lambda l, h, m=m, g=g: add_key(h, ins[m][b, start + l, g], l),
-            const_ref[m])
-        h_O = add_key(h_O, token_ref[m, b, g], block_len - 1)
-        a_O = jax.nn.gelu(h_O.astype(dt).astype(_F32)).astype(dt).astype(_F32)
-        y_D = jnp.sum(a_O[:, None] * w2_ref[m].astype(_F32), axis=0).astype(dt)
-        out = outs[num_token + m]
-        out[b, slot, g] = (y_D.astype(_F32) + b2_ref[m].astype(_F32)).astype(dt).astype(out.dtype)
+  # Program j computes group j % G of the keys' (j < G) or the values' block.
+  for m in range(2):  # their raw arrays are token arrays 0 and 1
+    @pl.when((slot >= 0) & (j // num_groups == m))
+    def _(m=m):
+      g = j % num_groups
+      # The block's keys before the token from the cache (as read before the token's row is
+      # written: no other row is), the token's from its own input. Unrolled: the loads are
+      # independent and can all be in flight at once.
+      h_O = const_ref[m].astype(_F32)
+      for l in range(block_len):
+        x_D = token_ref[m, b, g] if l == block_len - 1 else ins[m][b, start + l, g]
+        h_O = h_O + jnp.sum(x_D.astype(dt).astype(_F32)[:, None]
+                            * w1_ref[m, l].astype(_F32), axis=0)
+      a_O = jax.nn.gelu(h_O.astype(dt).astype(_F32)).astype(dt).astype(_F32)
+      y_D = jnp.sum(a_O[:, None] * w2_ref[m].astype(_F32), axis=0).astype(dt)
+      out = outs[num_token + m]
+      out[b, slot, g] = (y_D.astype(_F32) + b2_ref[m].astype(_F32)).astype(dt).astype(out.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -1464,8 +1469,9 @@ def write_cache_compress(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.
   ([B,S,G,D], the first two the raw keys and values the compressor reads) get each row's
   token at ``pos_B`` (outside ``[0, S)``: nothing), and the two block arrays (k_cmp, v_cmp
   [B,N,G,D]) the block that token completes (block i completes at ``i*stride + len - 1``;
-  slots past N: nothing), compressed by ``weights`` (:func:`compress_reference`'s). One
-  program a row; reverse-mode gradient = :func:`write_cache_compress_reference`'s."""
+  slots past N: nothing), compressed by ``weights`` (:func:`compress_reference`'s). A
+  program per (row, keys or values, group); reverse-mode gradient =
+  :func:`write_cache_compress_reference`'s."""
   arrays = tuple(token_arrays) + tuple(block_arrays)
   n = len(token_arrays)
   B, S, G, _ = token_arrays[0].shape
@@ -1473,10 +1479,10 @@ def write_cache_compress(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.
                              num_cmp=block_arrays[0].shape[1], num_groups=G,
                              block_len=block_len, block_stride=block_stride)
   return pl.pallas_call(
-      kernel, grid=(B,),
+      kernel, grid=(B, 2 * G),
       out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
       input_output_aliases={6 + i: i for i in range(n + 2)},
-      interpret=interpret, compiler_params=_compiler_params(interpret, 1),
+      interpret=interpret, compiler_params=_compiler_params(interpret, COMPRESS_NUM_WARPS),
   )(pos_B.astype(jnp.int32), token_NBGD, *weights, *arrays)
 
 

@@ -275,8 +275,9 @@ class NSAttention(nn.Module):
     block read from the cache before an in-place scatter into it would make XLA copy the
     whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): one kernel
     for all eight arrays, which also computes the block (``nsa_pallas.write_cache_compress``;
-    with ``cmp_rope="both"`` the block is computed in XLA from the unwritten cache with the
-    token in place, and the kernel writes it: ``nsa_pallas.write_cache``)."""
+    with ``cmp_rope="both"`` or ``nsa.PALLAS_DECODE = "fused_xla_block"`` the block is
+    computed in XLA from the unwritten cache with the token in place, and the kernel writes
+    it: ``nsa_pallas.write_cache``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
     names = tuple(name for name, _ in CMP_NAMES)
@@ -284,7 +285,7 @@ class NSAttention(nn.Module):
         c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups, head_dim=c.head_dim,
         select_len=c.select_len, num_groups=c.num_kv_groups):
       tokens_NBGD = jnp.stack([token_BGD[n].astype(cache[n].dtype) for n in KV_NAMES])
-      if c.cmp_rope != "both" and not self.is_initializing():
+      if nsa.block_in_write_kernel() and c.cmp_rope != "both" and not self.is_initializing():
         # The completed block computed in the write kernel (rotated blocks: in XLA, below).
         weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
                                self.v_compressor.kernel_weights())
