@@ -26,6 +26,10 @@ partial outputs are summed in float32 before the one rounding. The similarity's 
 order differs from XLA's, so a token whose margin ``s - theta`` is within float32 rounding of 0
 may switch an expert the other way (as a TF32 product would flip far more).
 
+Measured slower than XLA's launches (H200, jax 0.11.2, 2026-12-05, arc1 rollout of 32 rows:
+45.7k tokens/s with it against 62.8k without, ~32 us a layer more; README Benchmarks), so
+``moe.DECODE_KERNEL`` keeps it off.
+
 Fallback to the top-1 expert only (``fallback_k = 1``, every shipped config); d_model and
 expert_hidden powers of two of at least 16, tiles within :data:`DEC_TILE_BYTES`
 (:func:`decode_supported`). Off GPU the kernel runs in Pallas interpret mode (tests). The
@@ -52,7 +56,6 @@ DEC_ROWS = 64
 # The routing product's minimum width (tensor-core tile): fewer experts are padded to it.
 _MIN_TILE = 16
 DEC_NUM_WARPS = 4
-# Added to squared norms before the rsqrt (onn_jax.model.moe.NORM_EPS; passed in, see below).
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + ...)) exp(-x^2), t = 1 / (1 + p x),
 # for x >= 0, |error| <= 1.5e-7.
@@ -159,8 +162,8 @@ def _decode_kernel(x_ref, p_ref, th_ref, w_in_ref, b_in_ref, w_out_ref, b_out_re
 
 def decode_partials(x_BC, prototypes_EC, thresholds_E, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC,
                     *, combine: str, eps: float, interpret: bool) -> jax.Array:
-  """The kernel's float32 partial outputs [E * F / DEC_TILE_F, B, C] (their sum over axis 0 is
-  the layer's output). Weights in the compute dtype (x's); gate parameters in float32."""
+  """The kernel's float32 partial outputs [E * F / tile_f, B, C] (:func:`_tiles`; their sum
+  over axis 0 is the layer's output). Weights in the compute dtype (x's); gate parameters in float32."""
   B, C = x_BC.shape
   E, _, F = w_in_ECF.shape
   tile_f, most_rows = _tiles(C, E, F, x_BC.dtype.itemsize)

@@ -842,8 +842,9 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 # compressed branch and block choice in XLA, the selected kernel, the window band in XLA
 # (_pallas_branches), about 17 launches a layer. On an H200 a decoding step of the arc1
 # model is bound by its launches (README Benchmarks, issue #16); the fused kernels compile
-# for sm_90 (a deviceless compile: python -m train.kernel_count) but their speed there has not
-# been measured yet, so "split", the measured path, stays the default.
+# for sm_90. H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout (32 rows, 2048-slot cache):
+# split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k (README Benchmarks); the
+# default stays "split" until the suite is checked with fused_xla_block (issue #16's note).
 PALLAS_DECODE = "split"
 PALLAS_DECODE_CHOICES = ("split", "fused", "fused_xla_block")
 

@@ -1378,6 +1378,9 @@ write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
 # launches a layer). ``write_cache_compress`` computes it in the write kernel instead, only in
 # the programs whose row completes a block (one step in ``block_stride``), from the cache's
 # ``block_len - 1`` raw keys before the token and the token itself.
+# Measured slower than the XLA block (H200, 2026-12-05, arc1 rollout of 32 rows: 62.8k tokens/s
+# against 73.4k, ~12 us a layer more; README Benchmarks): nsa.PALLAS_DECODE = "fused" takes it,
+# "fused_xla_block" does not.
 
 
 # Warps of a write_cache_compress program (its [D, 2D] products; not timed).
