@@ -46,10 +46,10 @@ def step_copies(backend: str | None = None) -> int:
 
 
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
-# "split" is what runs by default (each NSA branch its own kernel, XLA's DynMoE); "fused":
-# NSA's core and cache writes (with the completed compressed block) one kernel each;
-# "fused_xla_block": the same with the block computed in XLA; "fused_moe": "fused" and each
-# DynMoE layer one kernel.
+# "fused_xla_block" is what runs by default (NSA's core and cache writes one kernel each, the
+# completed compressed block in XLA; XLA's DynMoE); "split": each NSA branch its own kernel;
+# "fused": the block computed in the write kernel too; "fused_moe": "fused" and each DynMoE
+# layer one kernel. The fused ones are slower than the default on an H200 (README Benchmarks).
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
     "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas")}

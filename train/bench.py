@@ -18,9 +18,9 @@ after each one; the median is reported):
   data at that length, ``BatchStream.answer_budgets``): rollout tokens/s; the parallel
   excursion alone and the alignment pass alone (forward+backward), each
   ``eavi.continuation`` way (branch: the prompt once; rows: whole rows), so that "auto"
-  (branch) can be checked on the device. On a GPU the sequential excursion again with the
-  one-kernel decoding steps (``decode.DECODE_KERNELS``): ``fused`` (NSA's core and cache
-  writes) and ``fused_moe`` (also each DynMoE layer): ``rollout_<name>_ms``,
+  (branch) can be checked on the device. On a GPU the sequential excursion again with each
+  other set of decoding kernels (``decode.DECODE_KERNELS``: ``split``, ``fused``,
+  ``fused_moe`` beside the default ``fused_xla_block``): ``rollout_<name>_ms``,
   ``rollout_<name>_tokens_per_s``, ``rollout_<name>_speedup`` over the default's in the same run.
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
@@ -85,7 +85,7 @@ from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
 from onn_jax.data.tokens import PAD, VOCAB_SIZE
-from onn_jax.decode import decode_kernels, generate, parallel_rollout
+from onn_jax.decode import DECODE_KERNELS, decode_kernels, generate, parallel_rollout
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
     forward_flops_per_token, model_flops_per_token, peak_flops)
@@ -572,6 +572,12 @@ def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
           "real_frac": real / tokens}
 
 
+def other_decode_kernels() -> list[str]:
+  """The sets of ``decode.DECODE_KERNELS`` other than the one set now (the default's)."""
+  return [name for name, kernels in DECODE_KERNELS.items()
+          if kernels != (nsa.PALLAS_DECODE, moe.DECODE_KERNEL)]
+
+
 def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
   """EAVI step against a teacher-forcing step on the same batch, with each ``eavi.rollout``
   (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s; the
@@ -587,9 +593,9 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
       eavi = {kind: runner.time_step("eavi", T, runner.sizes.eavi_iters, rollout=kind)
               for kind in ("sequential", "parallel")}
       rollout, budget = runner.time_rollout(T)
-      # The one-kernel decoding steps (decode.DECODE_KERNELS), on a GPU (Triton) only.
-      fused = ({name: runner.time_rollout(T, name)[0] for name in ("fused", "fused_moe")}
-               if jax.default_backend() == "gpu" else {})
+      # The other sets of decoding kernels (decode.DECODE_KERNELS), on a GPU (Triton) only.
+      others = ({name: runner.time_rollout(T, name)[0] for name in other_decode_kernels()}
+                if jax.default_backend() == "gpu" else {})
       align = {name: runner.time_alignment(T, fn) for name, fn in (
           ("branch", steps.alignment_loss), ("rows", steps.alignment_loss_rows))}
       passes = {name: runner.time_parallel_rollout(T, name) for name in ("branch", "rows")}
@@ -613,7 +619,7 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms,
                passes_branch_ms=passes["branch"].median_ms,
                passes_rows_ms=passes["rows"].median_ms)
-    for name, timing in fused.items():
+    for name, timing in others.items():
       row.update({f"rollout_{name}_ms": timing.median_ms,
                   f"rollout_{name}_tokens_per_s": B * budget / (timing.median_ms / 1e3),
                   f"rollout_{name}_speedup": rollout.median_ms / timing.median_ms})
@@ -1065,13 +1071,13 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
     out["eavi"] = table(
         ["T", "batch", "TF step ms", "EAVI step ms (sequential)", "ratio",
          "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s",
-         "fused decode tok/s", "fused + MoE kernel tok/s", "continuation", "align branch ms", "align rows ms", "passes branch ms",
-         "passes rows ms"],
+         *(f"{name} tok/s" for name in other_decode_kernels()), "continuation",
+         "align branch ms", "align rows ms", "passes branch ms", "passes rows ms"],
         [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
           r.get("sequential_step_ms"), r.get("sequential_ratio"),
           r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
           r.get("rollout_budget"), r.get("rollout_tokens_per_s"),
-          r.get("rollout_fused_tokens_per_s"), r.get("rollout_fused_moe_tokens_per_s"),
+          *(r.get(f"rollout_{name}_tokens_per_s") for name in other_decode_kernels()),
           r.get("continuation"),
           r.get("align_branch_ms"), r.get("align_rows_ms"), r.get("passes_branch_ms"),
           r.get("passes_rows_ms")] for r in results["eavi"]],

@@ -56,7 +56,7 @@ selection (O(B*T*H*N) memory, ``N`` compressed blocks, plus O(B*T*G*S/select_len
   tensor; ``PALLAS_WINDOW = "cudnn"`` takes cuDNN's sliding-window attention instead, as
   before 2026-12-03), else the chunked band attention above.
   One-token decoding reads the compressed keys, the chosen blocks and the window band only;
-  with ``PALLAS_DECODE = "fused"`` it is one kernel a call (``nsa_pallas.decode_attention``:
+  by default (``PALLAS_DECODE``) it is one kernel a call (``nsa_pallas.decode_attention``:
   all three branches, the choice and the gated sum; its gradient is the unfused path's).
   Off GPU the kernels run in Pallas interpret mode (for tests). Timings against cuDNN and
   blockwise: ``python -m train.nsa_kernel_check`` (results in docs/bench/).
@@ -835,17 +835,17 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 
 
 # impl="pallas", one query a row (one-token decoding against a KV cache, one sequence a row):
-# "fused": the whole core in one kernel a layer (nsa_pallas.decode_attention), and the NSA
-# layer's cache writes in another, which also computes the compressed block the token
-# completes (nsa_pallas.write_cache_compress, fused_decoding); "fused_xla_block": the same with
-# that block computed in XLA and written by the kernel (nsa_pallas.write_cache); "split": the
-# compressed branch and block choice in XLA, the selected kernel, the window band in XLA
-# (_pallas_branches), about 17 launches a layer. On an H200 a decoding step of the arc1
-# model is bound by its launches (README Benchmarks, issue #16); the fused kernels compile
-# for sm_90. H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout (32 rows, 2048-slot cache):
-# split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k (README Benchmarks); the
-# default stays "split" until the suite is checked with fused_xla_block (issue #16's note).
-PALLAS_DECODE = "split"
+# "fused_xla_block" (the default): the whole core in one kernel a layer
+# (nsa_pallas.decode_attention) and the NSA layer's cache writes in another
+# (nsa_pallas.write_cache), the compressed block the token completes computed in XLA;
+# "fused": the same with that block computed in the write kernel too
+# (nsa_pallas.write_cache_compress); "split": the compressed branch and block choice in XLA,
+# the selected kernel, the window band in XLA (_pallas_branches), about 17 launches a layer,
+# also what any geometry the fused kernels do not take runs (fused_decoding,
+# _fused_decode_applies). A decoding step of the arc1 model is bound by its launches (README
+# Benchmarks, issue #16). H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout (32 rows,
+# 2048-slot cache): split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k.
+PALLAS_DECODE = "fused_xla_block"
 PALLAS_DECODE_CHOICES = ("split", "fused", "fused_xla_block")
 
 
@@ -866,7 +866,7 @@ def block_in_write_kernel() -> bool:
 def fused_decoding(impl: str, *, heads_per_group: int, head_dim: int, select_len: int,
                    num_groups: int) -> bool:
   """Whether the NSA layer's decoding step writes its cache in one kernel
-  (``nsa_pallas.write_cache``): with ``PALLAS_DECODE = "fused"`` where ``impl`` resolves to
+  (``nsa_pallas.write_cache``): with ``PALLAS_DECODE`` not "split" where ``impl`` resolves to
   "pallas" for one query and the [G, D] rows it stores are Triton tiles (powers of two)."""
   tiles_ok = nsa_pallas.pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
                                          select_len=select_len)

@@ -274,10 +274,10 @@ class NSAttention(nn.Module):
     XLA scatters: the token's six, then its block's two, computed from the written cache (a
     block read from the cache before an in-place scatter into it would make XLA copy the
     whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): one kernel
-    for all eight arrays, which also computes the block (``nsa_pallas.write_cache_compress``;
-    with ``cmp_rope="both"`` or ``nsa.PALLAS_DECODE = "fused_xla_block"`` the block is
-    computed in XLA from the unwritten cache with the token in place, and the kernel writes
-    it: ``nsa_pallas.write_cache``)."""
+    for all eight arrays (``nsa_pallas.write_cache``): by default (``nsa.PALLAS_DECODE =
+    "fused_xla_block"``) and with ``cmp_rope="both"`` the block is computed in XLA from the
+    unwritten cache with the token in place; with ``"fused"`` in the kernel too
+    (``nsa_pallas.write_cache_compress``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
     names = tuple(name for name, _ in CMP_NAMES)
