@@ -712,9 +712,9 @@ DECODE_GEOS = {
     # One tile of selection blocks, J = 4 < num_select = 6 (unused slots), window > S, R = 2
     # heads padded to the 16-row tile, a row at position 0 (no compressed block visible).
     "few_blocks": GEOMETRIES["decode_t1_few_blocks"],
-    # J = 75 selection blocks walked in 5 tiles (compression blocks reaching into the next
-    # tile), num_select = 5 (not a power of two), positions at the start, inside and at the
-    # end of tiles.
+    # J = 75 selection blocks walked in 2 tiles of 64 (5 of 16 with DEC_SEL_TILE = 16;
+    # compression blocks reaching into the next tile), num_select = 5 (not a power of two),
+    # positions at the start, inside and at the end of tiles.
     "many_tiles": (Geo(B=4, T=1, S=300, H=2, G=1, D=4, block_len=4, block_stride=2,
                        select_len=4, num_select=5, window=9), np.array([0, 63, 150, 299])),
     # R = 16 heads a group (the whole tile, no padding), block_len not a multiple of the
@@ -752,11 +752,15 @@ def _fused_fn(geo: Geo, monkeypatch, grads: bool = True):
   return checked
 
 
-@pytest.mark.parametrize("name", list(DECODE_GEOS))
-def test_fused_decoding_matches_reference(name, monkeypatch):
+@pytest.mark.parametrize("name,sel_tile", [(name, None) for name in DECODE_GEOS]
+                         + [("many_tiles", 16)])
+def test_fused_decoding_matches_reference(name, sel_tile, monkeypatch):
   """Outputs against the reference and the float64 oracle; gradients (which the unfused
   path computes, nsa._split_decode) against the reference's. float32 sums of at most ~100
-  terms in another order: RTOL / ATOL as above."""
+  terms in another order: RTOL / ATOL as above. ``sel_tile``: the walk's tile
+  (DEC_SEL_TILE) where not the default."""
+  if sel_tile:
+    monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", sel_tile)
   geo, q_offset = DECODE_GEOS[name]
   R = geo.H // geo.G
   assert nsa_pallas.decode_supported(heads_per_group=R, head_dim=geo.D, seq_len=geo.S,
@@ -773,8 +777,9 @@ def test_fused_decoding_matches_reference(name, monkeypatch):
 def test_fused_decoding_breaks_ties_as_the_reference(monkeypatch):
   """Identical compressed keys: every visible block equally probable, so candidate blocks
   overlapping the same number of them tie bit for bit; the kernel must take the lower block,
-  as lax.top_k does, or it attends other keys (``many_tiles``: ties across the choice
-  tiles)."""
+  as lax.top_k does, or it attends other keys (``many_tiles`` in tiles of 16: ties across
+  five tiles)."""
+  monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", 16)
   geo, q_offset = DECODE_GEOS["many_tiles"]
   args = make_inputs(geo, seed=4)
   args = dict(args, k_cmp=jnp.broadcast_to(args["k_cmp"][:, :1], args["k_cmp"].shape))
@@ -832,6 +837,15 @@ def test_fused_decoding_bounds_its_key_tiles(monkeypatch):
                                                 block_stride=16, select_len=64, num_select=16,
                                                 window=512))
   assert not nsa_pallas.decode_supported(**dict(arc1, head_dim=64, window=2048))
+  # The walk's tile: arc1's 64 selection blocks (256 compressed keys, 16 KiB); halved while
+  # its keys pass DEC_TILE_BYTES (D = 128 in float32: 128 KiB at 64, 64 KiB at 32), no lower
+  # than the block choice's 16; none where a compression block reaches past the next tile.
+  tile = dict(block_len=16, block_stride=8, select_len=32)
+  assert nsa_pallas.decode_sel_tile(**tile, head_dim=32, itemsize=2) == 64
+  assert nsa_pallas.decode_sel_tile(**tile, head_dim=128, itemsize=4) == 32
+  assert nsa_pallas.decode_sel_tile(**tile, head_dim=4096, itemsize=4) == 16
+  assert nsa_pallas.decode_sel_tile(**dict(tile, block_len=1100), head_dim=32, itemsize=2) == 64
+  assert nsa_pallas.decode_sel_tile(**dict(tile, block_len=1100), head_dim=128, itemsize=4) == 0
   geo, q_offset = DECODE_GEOS["few_blocks"]
   monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")

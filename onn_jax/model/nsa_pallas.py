@@ -708,10 +708,11 @@ def block_choice_supported(*, block_len: int, block_stride: int, select_len: int
   return block_len - block_stride <= CHOICE_SEL_TILE * select_len
 
 
-def _overlap_tiles(block_len: int, block_stride: int, select_len: int) -> jax.Array:
-  """float32 [2, Nt, Js]: ``[0]`` whether compression block ``i`` of a tile overlaps selection
-  block ``j`` of the same tile, ``[1]`` of the next tile (Nt = Js * select_len / stride)."""
-  Js = CHOICE_SEL_TILE
+def _overlap_tiles(block_len: int, block_stride: int, select_len: int,
+                   Js: int = CHOICE_SEL_TILE) -> jax.Array:
+  """float32 [2, Nt, Js]: ``[0]`` whether compression block ``i`` of a tile (of ``Js``
+  selection blocks) overlaps selection block ``j`` of the same tile, ``[1]`` of the next tile
+  (Nt = Js * select_len / stride)."""
   Nt = Js * select_len // block_stride
   start_i = (jnp.arange(Nt) * block_stride)[:, None]
   out = []
@@ -1129,8 +1130,8 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 # moves only kilobytes (issue #16: the rollout is bound by its launches). Here one program per
 # (example, KV group) does all of it for the group's R heads, as rows of one tile (R padded to
 # ROW_TILE with copies of the last head, computed and dropped):
-#   1. the log-sum-exp of the compressed logits, walking the compressed keys in the block
-#      choice's tiles (CHOICE_SEL_TILE selection blocks' worth);
+#   1. the log-sum-exp of the compressed logits, walking the compressed keys in tiles of
+#      DEC_SEL_TILE selection blocks' worth;
 #   2. the same walk again: normalised probabilities, the compressed branch's output, each
 #      tile's selection scores (summed over the real heads and the overlapping blocks) and the
 #      running top-k (_merge_top; forced blocks first, ties to the lower block);
@@ -1142,7 +1143,18 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 # in XLA. Key tiles are bounded (DEC_TILE_BYTES, decode_supported). Forward only: nsa_core's
 # custom VJP differentiates the unfused path instead.
 
-DEC_NUM_WARPS = 4
+# Warps a program, and the most selection blocks a tile of the walk over the compressed keys
+# covers (its compressed keys: tile * select_len / block_stride rows; decode_sel_tile halves it
+# until its keys fit DEC_TILE_BYTES and its overlap matrices DEC_OVERLAP_BYTES). H200, jax
+# 0.11.2, arc1 sizes (32 rows, G = 2, R = 4, D = 32, 2048 keys, positions 1024-2047; the
+# kernel alone, 32 calls a program, .devrun sweep, docs/bench/decode_kernel_sweep_h200_2026-12-05.json):
+# 4 warps and 16 blocks (the block choice's tile, before) 20.8 us a call; 8 and 64 (one tile
+# up to 2048 keys) 16.9 us, the fastest of warps 1-8 x tiles 16-64; the arc1 rollout 386 ms ->
+# 365 ms.
+DEC_NUM_WARPS = 8
+DEC_SEL_TILE = 64
+# The overlap matrices' bytes (two [Nt, Js] float32 arrays): arc1's 128 KiB at tile 64 compile.
+DEC_OVERLAP_BYTES = 128 * 1024
 # The largest key tile (the chosen blocks' num_select * select_len rows, or the window band)
 # the kernel loads at once, in bytes: its keys and values sit in shared memory together (an
 # sm_90 block has 227 KiB). arc1: 16 KiB. The NSA paper's geometry at D = 128 (16 blocks of
@@ -1151,17 +1163,36 @@ DEC_NUM_WARPS = 4
 DEC_TILE_BYTES = 64 * 1024
 
 
+def decode_sel_tile(*, block_len: int, block_stride: int, select_len: int, head_dim: int,
+                    itemsize: int) -> int:
+  """Selection blocks a tile of :func:`decode_attention`'s walk covers: DEC_SEL_TILE, halved
+  while its compressed keys exceed DEC_TILE_BYTES or its overlap matrices DEC_OVERLAP_BYTES,
+  down to the block choice's CHOICE_SEL_TILE (the walk's tile before 2026-12-05, taken
+  whatever its bytes); 0 where a compression block reaches past the next tile."""
+  Js = DEC_SEL_TILE
+  while Js > CHOICE_SEL_TILE:
+    Nt = Js * select_len // block_stride
+    if Nt * head_dim * itemsize <= DEC_TILE_BYTES and 2 * Nt * Js * 4 <= DEC_OVERLAP_BYTES:
+      break
+    Js //= 2
+  Js = max(Js, min(CHOICE_SEL_TILE, DEC_SEL_TILE))
+  return Js if block_len - block_stride <= Js * select_len else 0
+
+
 def decode_supported(*, heads_per_group: int, head_dim: int, block_len: int, block_stride: int,
                      select_len: int, num_select: int, window: int, seq_len: int,
                      itemsize: int) -> bool:
   """Whether :func:`decode_attention` serves this geometry: the Triton tiles of the selected
-  and choice kernels, and key tiles of at most DEC_TILE_BYTES (keys of ``itemsize`` bytes)."""
+  and choice kernels, key tiles of at most DEC_TILE_BYTES (keys of ``itemsize`` bytes) and a
+  tile of the walk (decode_sel_tile)."""
   rows = max(_pow2_at_least(num_select) * select_len, _pow2_at_least(min(window, seq_len)))
   return (pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
                            select_len=select_len)
           and block_choice_supported(block_len=block_len, block_stride=block_stride,
                                      select_len=select_len)
-          and rows * head_dim * itemsize <= DEC_TILE_BYTES)
+          and rows * head_dim * itemsize <= DEC_TILE_BYTES
+          and decode_sel_tile(block_len=block_len, block_stride=block_stride,
+                              select_len=select_len, head_dim=head_dim, itemsize=itemsize) > 0)
 
 
 def _attend_masked(q_PD, k_XD, v_XD, ok_X, scale: float):
@@ -1179,8 +1210,8 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
                    pos_ref, ovl_ref, o_ref, *, num_groups: int, heads: int, rows: int,
                    num_cmp: int, seq_len: int, num_tiles: int, block_len: int,
                    block_stride: int, select_len: int, num_select: int, slots: int,
-                   window: int, band: int, scale: float):
-  Js = CHOICE_SEL_TILE
+                   window: int, band: int, scale: float, sel_tile: int):
+  Js = sel_tile
   Nt = Js * select_len // block_stride
   pid = pl.program_id(0)
   b, g = jax.lax.div(pid, num_groups), jax.lax.rem(pid, num_groups)
@@ -1282,17 +1313,19 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
   """
   B, G, R, D = q_BGRD.shape
   S, N = k_slc.shape[1], k_cmp_BNGD.shape[1]
+  Js = decode_sel_tile(block_len=block_len, block_stride=block_stride, select_len=select_len,
+                       head_dim=D, itemsize=max(k_slc.dtype.itemsize, q_BGRD.dtype.itemsize))
   kernel = functools.partial(
       _decode_kernel, num_groups=G, heads=R, rows=max(ROW_TILE, R), num_cmp=N, seq_len=S,
-      num_tiles=-(-num_sel // CHOICE_SEL_TILE), block_len=block_len,
+      num_tiles=-(-num_sel // Js), block_len=block_len,
       block_stride=block_stride, select_len=select_len, num_select=num_select,
       slots=_pow2_at_least(num_select), window=window, band=_pow2_at_least(min(window, S)),
-      scale=1.0 / math.sqrt(D))
+      scale=1.0 / math.sqrt(D), sel_tile=Js)
   return pl.pallas_call(
       kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), q_BGRD.dtype),
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
   )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
-    pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len))
+    pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len, Js))
 
 
 def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_token: int,
