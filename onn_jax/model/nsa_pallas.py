@@ -1127,7 +1127,8 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 # A decoding step (T = 1) otherwise runs the compressed branch and the block choice as XLA
 # fusions, the selected branch as its own kernel and the window branch as a gather and a few
 # more fusions: about 17 launches a layer of a few microseconds each, while a step of 32 rows
-# moves only kilobytes (issue #16: the rollout is bound by its launches). Here one program per
+# moves only kilobytes (issue #16: the rollout is bound by its many small kernels, 1.2-4.5 us
+# each even inside XLA's CUDA graphs, README Benchmarks). Here one program per
 # (example, KV group) does all of it for the group's R heads, as rows of one tile (R padded to
 # ROW_TILE with copies of the last head, computed and dropped):
 #   1. the log-sum-exp of the compressed logits, walking the compressed keys in tiles of
