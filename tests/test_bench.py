@@ -465,3 +465,22 @@ def test_layer_cells_show_both_timings_and_ratios():
   assert bench._layer_cell(row["nsa"]) == "4 (2.00x); loop 3 (3.00x)"
   assert bench._layer_cell(row["dynmoe"]) == "oom"
   assert bench._layer_cell({"ms": 5.0}) == "5"
+
+
+def test_nsa_kernel_check_times_decoding_variants(tmp_path):
+  """``--decode`` with ``--decode-calls`` and the decoding variants (interpret mode here): a
+  row per case, each variant timed per call; variants decoding does not take are left out."""
+  from train import nsa_kernel_check as check
+  out = tmp_path / "check.json"
+  check.main(["--skip-check", "--cases", "", "--impls", "pallas", "--decode", "2x64",
+              "--decode-calls", "2", "--iters", "1", "--out", str(out),
+              "--variants", "dec_split,dec_w4_t16,win_w8"])
+  row = json.loads(out.read_text())["decode"][0]
+  assert (row["B"], row["S"], row["calls"]) == (2, 64, 2)
+  names = {k for k in row if k.startswith("pallas")}
+  assert names == {"pallas", "pallas[dec_split]", "pallas[dec_w4_t16]"}
+  for name in names:
+    assert row[name]["ms_per_call"] == pytest.approx(row[name]["ms"] / 2)
+  offsets = np.asarray(check.decode_offsets(2, 64, 3))
+  assert offsets.shape == (3, 2) and offsets.min() >= 32 and offsets.max() <= 63
+  assert len(set(offsets.ravel().tolist())) == 6  # a position for each row and call

@@ -3,7 +3,7 @@ forward+backward timings against cuDNN causal GQA attention and the blockwise im
 
     python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
         [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic] [--packed]
-        [--decode 32x2048] [--geometry 16/8/32/8/128]
+        [--decode 32x2048] [--decode-calls 32] [--geometry 16/8/32/8/128]
 
 Head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32) and its NSA geometry
 (block_len 16, stride 8, select_len 32, num_select 8, window 128; ``--geometry`` takes
@@ -13,8 +13,10 @@ inputs and the gates); memory is XLA's temporary buffer size for that program. `
 the pallas path once per selected-branch backward variant (``VARIANTS``), all in one run;
 ``--packed`` also times each impl on packed rows (``segment_start``: sequences of 300 to 1400
 tokens, as ``data.pack`` lays out arc1's); ``--decode B x S`` times one-token decoding (the
-forward for one query a row against S keys; ``--variants fwd_keyblock`` is the key-major
-forward that ``FWD_IMPL="auto"`` leaves to training rows). The check covers packed rows too.
+forward for one query a row against S keys; ``--decode-calls K`` runs K of them in one
+program; ``--variants dec_split,dec_w4_t16`` times the split path and the decoding kernel's
+former settings too; ``fwd_keyblock`` and ``offset_choice_kernel`` change only the split path,
+which decoding takes where the kernel does not serve the geometry). The check covers packed rows too.
 The results file is rewritten after every row, so a run cut short keeps what it measured.
 """
 
@@ -102,7 +104,17 @@ VARIANTS = {
     "win_t64": dict(WIN_TILE=64),
     "win_t64_w8": dict(WIN_TILE=64, WIN_NUM_WARPS=8),
     "win_w8": dict(WIN_NUM_WARPS=8),
+    # One-token decoding (--decode): the split path (each branch its own kernel) instead of
+    # the decoding kernel, and the kernel's launch width and tile of the compressed keys' walk
+    # (2026-12-05: 8 warps and 64 selection blocks against the 4 and 16 of before).
+    "dec_split": dict(PALLAS_DECODE="split"),
+    "dec_w4_t16": dict(DEC_NUM_WARPS=4, DEC_SEL_TILE=16),
+    "dec_w4": dict(DEC_NUM_WARPS=4),
+    "dec_t32": dict(DEC_SEL_TILE=32),
 }
+# The settings --decode's variants may change (the others touch paths decoding does not take).
+DECODE_SETTINGS = {"FWD_IMPL", "PALLAS_OFFSET_CHOICE", "PALLAS_DECODE", "DEC_NUM_WARPS",
+                   "DEC_SEL_TILE"}
 
 
 def variant(name: str | None):
@@ -259,26 +271,39 @@ def bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: Non
     print("bench", json.dumps(row), flush=True)
 
 
-def decode_bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None) -> None:
-  """One-token decoding: ``nsa_core``'s forward for one query a row at the cache's last
-  position (B x S: B rows against S keys), for each impl and ``pallas[variant]`` for the
-  variants of the selected branch's forward and of the offset queries' block choice (the
-  others change only the backward or the from-position-0 paths, which decoding does not
-  take)."""
+def decode_offsets(B: int, S: int, calls: int) -> jax.Array:
+  """int32 [calls, B]: the query positions of --decode's calls: S - 1 for one call, else
+  spread over the cache's second half (a different position for each row and call)."""
+  if calls == 1:
+    return jnp.full((1, B), S - 1, jnp.int32)
+  i_KB = jnp.arange(calls * B, dtype=jnp.int32).reshape(calls, B)
+  return S - 1 - (i_KB * 7919) % max(1, S // 2)
+
+
+def decode_bench(results: dict, cases, iters: int, impls, variants=(), save=lambda: None,
+                 calls: int = 1) -> None:
+  """One-token decoding: ``nsa_core``'s forward for one query a row (B x S: B rows against S
+  keys), ``calls`` of them in one program (decode_offsets; ``ms_per_call``: a single call's
+  time is mostly its dispatch), for each impl and ``pallas[variant]`` for the variants of
+  DECODE_SETTINGS (the others change only the backward or the from-position-0 paths, which
+  decoding does not take)."""
   rows = results.setdefault("decode", [])
-  variants = [v for v in variants if {"FWD_IMPL", "PALLAS_OFFSET_CHOICE"} & set(VARIANTS[v])]
+  variants = [v for v in variants if DECODE_SETTINGS & set(VARIANTS[v])]
   for B, S in cases:
     args = inputs(B, S, jnp.bfloat16)
     args["q"], args["gates"] = args["q"][:, -1:], args["gates"][:, -1:]
-    offset = jnp.full((B,), S - 1, jnp.int32)
-    row = dict(B=B, S=S)
+    offsets = decode_offsets(B, S, calls)
+    row = dict(B=B, S=S, calls=calls)
     rows.append(row)
     for name in list(impls) + [f"pallas[{v}]" for v in variants]:
       impl, var = (name[:-1].split("[") + [None])[:2] if "[" in name else (name, None)
       with variant(var):
-        fn = jax.jit(lambda a, impl=impl: nsa_core(*(a[n] for n in NAMES), q_offset=offset,
-                                                   impl=impl, **GEO))
+        fn = jax.jit(lambda a, impl=impl: jnp.stack([
+            nsa_core(*(a[n] for n in NAMES), q_offset=offsets[i], impl=impl, **GEO)
+            for i in range(calls)]))
         row[name] = time_case(fn, args, iters)
+      if "ms" in row[name]:
+        row[name]["ms_per_call"] = row[name]["ms"] / calls
       save()
     print("decode", json.dumps(row), flush=True)
 
@@ -404,6 +429,9 @@ def main(argv=None) -> None:
   p.add_argument("--packed", action="store_true", help="time each impl on packed rows too")
   p.add_argument("--decode", default="",
                  help="also time one-token decoding at these B x S cases, e.g. 32x2048")
+  p.add_argument("--decode-calls", type=int, default=1,
+                 help="--decode: calls in one timed program (e.g. 32, to time kernels, not "
+                      "dispatch)")
   p.add_argument("--geometry", default="",
                  help="block_len/block_stride/select_len/num_select/window (default: arc1's)")
   a = p.parse_args(argv)
@@ -417,8 +445,9 @@ def main(argv=None) -> None:
                  defaults={k: getattr(nsa_pallas, k) for k in
                            ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DKDV_SUM", "KEY_CHUNK",
                             "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL", "SUM_NUM_WARPS",
-                            "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS")},
-                 window=nsa.PALLAS_WINDOW)
+                            "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
+                            "DEC_NUM_WARPS", "DEC_SEL_TILE")},
+                 window=nsa.PALLAS_WINDOW, pallas_decode=nsa.PALLAS_DECODE)
 
   def save():
     with open(a.out, "w") as f:
@@ -437,7 +466,7 @@ def main(argv=None) -> None:
         a.packed)
   if a.decode:
     decode_bench(results, parse(a.decode), a.iters, [i for i in a.impls.split(",") if i],
-                 variants, save)
+                 variants, save, a.decode_calls)
   if a.breakdown:
     breakdown(results, parse(a.breakdown_cases or a.cases), a.iters, a.sweep, variants, save)
   save()
