@@ -49,7 +49,8 @@ def step_copies(backend: str | None = None) -> int:
 # "fused_xla_block" is what runs by default (NSA's core and cache writes one kernel each, the
 # completed compressed block in XLA; XLA's DynMoE); "split": each NSA branch its own kernel;
 # "fused": the block computed in the write kernel too; "fused_moe": "fused" and each DynMoE
-# layer one kernel. The fused ones are slower than the default on an H200 (README Benchmarks).
+# layer one kernel. "fused" and "fused_moe" are slower than the default on an H200 (README
+# Benchmarks).
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
     "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas")}

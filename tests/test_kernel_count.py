@@ -116,6 +116,41 @@ def test_the_fused_decoding_step_launches_fewer_kernels():
     assert row["copied_bytes_per_step"] < smallest_cache_array
 
 
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_the_decoding_kernel_compiles_for_sm90_with_its_widest_tile(head_dim):
+  """nsa_pallas.decode_attention at arc1's geometry (a 2048-key cache: one 64-block tile of
+  the walk) compiles for sm_90 within its shared memory at D = 32 and at D = 128 (bf16); the
+  NSA paper's geometry past DEC_TILE_BYTES does not (XLA's compile reports it)."""
+  from onn_jax.model import nsa_pallas
+  from onn_jax.model.nsa import num_compressed_blocks
+  device, _ = kernel_count.gpu_device()
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def compile_at(D, block_len=16, block_stride=8, select_len=32, num_select=8, window=128):
+    B, G, R, S = 32, 2, 4, 2048
+    N = num_compressed_blocks(S, block_len, block_stride)
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)  # noqa: E731
+    args = (spec(B, G, R, D), spec(B, G, R, D), spec(B, N, G, D), spec(B, N, G, D),
+            *(spec(B, S, G, D) for _ in range(4)), spec(B, G, R, 3),
+            jax.ShapeDtypeStruct((B,), jnp.int32, sharding=sharding))
+    fn = lambda *a: nsa_pallas.decode_attention(  # noqa: E731
+        *a, num_sel=-(-S // select_len), block_len=block_len, block_stride=block_stride,
+        select_len=select_len, num_select=num_select, window=window, interpret=False)
+    with kernel_count.gpu_paths():
+      jax.jit(fn).lower(*args).compile()
+
+  assert nsa_pallas.decode_sel_tile(block_len=16, block_stride=8, select_len=32,
+                                    head_dim=head_dim, itemsize=2, num_sel=64) == 64
+  compile_at(head_dim)
+  if head_dim == 128:
+    paper = dict(block_len=32, block_stride=16, select_len=64, num_select=16, window=512)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(nsa_pallas, "DEC_TILE_BYTES", 1 << 30)
+      with pytest.raises(Exception, match="[Ss]hared memory"):
+        compile_at(head_dim, **paper)
+
+
 def test_array_bytes_of_an_instruction():
   assert kernel_count.array_bytes("%c = bf16[32,2048,2,32]{3,2,1,0} copy(%x)") == 8388608
   assert kernel_count.array_bytes("%c = s32[] copy(%x)") == 4

@@ -102,16 +102,20 @@ def _with_biases(params, seed):
 
 @pytest.mark.parametrize("geometry,setting", [
     (0, "fused_xla_block"), (3, "fused_xla_block"), (0, "fused"), (2, "fused"), (3, "fused"),
-    (0, "split")])
+    (0, "split"), (0, "fused_xla_block/no_core_kernel")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
   completing mid-decode (rotated in the cache with cmp_rope="both", computed in XLA then);
-  "split": no one-kernel step (the branches' kernels and XLA's scatters)."""
+  "split": no one-kernel step (the branches' kernels and XLA's scatters); "no_core_kernel":
+  key tiles too large for the core's kernel (the split core) beside the write kernel."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
   calls = []
+  setting, _, variant = setting.partition("/")
+  if variant == "no_core_kernel":
+    monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
   for name in ("decode_attention", "write_cache", "write_cache_compress"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
@@ -136,6 +140,8 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   in_xla = cfg.cmp_rope == "both" or setting == "fused_xla_block"
   writer = "write_cache" if in_xla else "write_cache_compress"
   want = set() if setting == "split" else {"decode_attention", writer}
+  if variant == "no_core_kernel":
+    want = {writer}
   assert set(calls) == want, "a decoding kernel did not run, or ran on the split setting"
 
 

@@ -177,8 +177,8 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
   monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
       lambda kernel, *a, **k: calls.append(1) or kernel(*a, **k), moe_pallas.decode_partials))
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
   if kernels == "fused_moe":
-    monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")
     model = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
   T = 21
   tokens = jax.random.randint(jax.random.PRNGKey(5), (3, T), 0, VOCAB_SIZE)

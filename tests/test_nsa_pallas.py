@@ -774,12 +774,13 @@ def test_fused_decoding_matches_reference(name, sel_tile, monkeypatch):
   np.testing.assert_allclose(got[0], oracle_nsa(args, geo, q_offset), rtol=RTOL, atol=ATOL)
 
 
-def test_fused_decoding_breaks_ties_as_the_reference(monkeypatch):
+@pytest.mark.parametrize("sel_tile", [16, 64])
+def test_fused_decoding_breaks_ties_as_the_reference(sel_tile, monkeypatch):
   """Identical compressed keys: every visible block equally probable, so candidate blocks
   overlapping the same number of them tie bit for bit; the kernel must take the lower block,
-  as lax.top_k does, or it attends other keys (``many_tiles`` in tiles of 16: ties across
-  five tiles)."""
-  monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", 16)
+  as lax.top_k does, or it attends other keys (``many_tiles``: ties across five tiles of 16,
+  or two of 64)."""
+  monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", sel_tile)
   geo, q_offset = DECODE_GEOS["many_tiles"]
   args = make_inputs(geo, seed=4)
   args = dict(args, k_cmp=jnp.broadcast_to(args["k_cmp"][:, :1], args["k_cmp"].shape))
@@ -846,6 +847,13 @@ def test_fused_decoding_bounds_its_key_tiles(monkeypatch):
   assert nsa_pallas.decode_sel_tile(**tile, head_dim=4096, itemsize=4) == 16
   assert nsa_pallas.decode_sel_tile(**dict(tile, block_len=1100), head_dim=32, itemsize=2) == 64
   assert nsa_pallas.decode_sel_tile(**dict(tile, block_len=1100), head_dim=128, itemsize=4) == 0
+  # No wider than the cache's selection blocks (one tile), no narrower than 16.
+  for num_sel, want in ((64, 64), (40, 64), (32, 32), (20, 32), (16, 16), (3, 16)):
+    assert nsa_pallas.decode_sel_tile(**tile, head_dim=32, itemsize=2, num_sel=num_sel) == want
+  with monkeypatch.context() as m:
+    m.setattr(nsa_pallas, "DEC_SEL_TILE", 48)
+    with pytest.raises(ValueError, match="DEC_SEL_TILE must be a power of two"):
+      nsa_pallas.decode_sel_tile(**tile, head_dim=32, itemsize=2)
   geo, q_offset = DECODE_GEOS["few_blocks"]
   monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused")

@@ -3,10 +3,11 @@
 A decoding step of a model this small is bound by its kernels' count, not by FLOPs or bytes
 (README Benchmarks; issue #16's rollout goal): XLA runs the loop body as CUDA graphs, and on an
 H200 each of its kernels still takes 1.2-4.5 us, however small, so the number of kernels a step
-launches is a measure of its own (a custom kernel's own duration is not). This compiles ``decode.generate``'s loop of one-token steps (the config's model as
-evaluation and EAVI run it: dense experts, ``decode.step_copies`` steps a loop iteration, from
-a given KV cache) for a GPU and counts what the loop body launches per step: XLA's fusions,
-library and Pallas (Triton) custom calls, copies; by kind and by model scope.
+launches is a measure of its own (a custom kernel's own duration is not). This compiles
+``decode.generate``'s loop of one-token steps (the config's model as evaluation and EAVI run
+it: dense experts, ``decode.step_copies`` steps a loop iteration, from a given KV cache) for a
+GPU and counts what the loop body launches per step: XLA's fusions, library and Pallas
+(Triton) custom calls, copies; by kind and by model scope.
 
 On a machine without a GPU it compiles ahead of time for an sm_90 (H100 / H200 class) target
 through the CUDA plugin's deviceless compilation: ``pip install jax-cuda13-plugin

@@ -15,8 +15,7 @@ the pallas path once per selected-branch backward variant (``VARIANTS``), all in
 tokens, as ``data.pack`` lays out arc1's); ``--decode B x S`` times one-token decoding (the
 forward for one query a row against S keys; ``--decode-calls K`` runs K of them in one
 program; ``--variants dec_split,dec_w4_t16`` times the split path and the decoding kernel's
-former settings too; ``fwd_keyblock`` and ``offset_choice_kernel`` change only the split path,
-which decoding takes where the kernel does not serve the geometry). The check covers packed rows too.
+former settings too; other variants are not timed there). The check covers packed rows too.
 The results file is rewritten after every row, so a run cut short keeps what it measured.
 """
 
@@ -112,9 +111,10 @@ VARIANTS = {
     "dec_w4": dict(DEC_NUM_WARPS=4),
     "dec_t32": dict(DEC_SEL_TILE=32),
 }
-# The settings --decode's variants may change (the others touch paths decoding does not take).
-DECODE_SETTINGS = {"FWD_IMPL", "PALLAS_OFFSET_CHOICE", "PALLAS_DECODE", "DEC_NUM_WARPS",
-                   "DEC_SEL_TILE"}
+# The settings --decode's variants may change: the others touch paths one-token decoding does
+# not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
+# only the split path's).
+DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE"}
 
 
 def variant(name: str | None):

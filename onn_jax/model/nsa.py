@@ -843,8 +843,10 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 # the selected kernel, the window band in XLA (_pallas_branches), about 17 launches a layer,
 # also what any geometry the fused kernels do not take runs (fused_decoding,
 # _fused_decode_applies). A decoding step of the arc1 model is bound by its many small
-# kernels (README Benchmarks, issue #16). H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout (32 rows,
-# 2048-slot cache): split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k.
+# kernels (README Benchmarks, issue #16). H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout
+# (32 rows, 2048-slot cache): split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k
+# (one run); fused_xla_block with the core kernel's later settings (nsa_pallas.DEC_SEL_TILE)
+# 81.5k.
 PALLAS_DECODE = "fused_xla_block"
 PALLAS_DECODE_CHOICES = ("split", "fused", "fused_xla_block")
 

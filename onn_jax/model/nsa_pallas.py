@@ -709,10 +709,11 @@ def block_choice_supported(*, block_len: int, block_stride: int, select_len: int
 
 
 def _overlap_tiles(block_len: int, block_stride: int, select_len: int,
-                   Js: int = CHOICE_SEL_TILE) -> jax.Array:
+                   Js: int | None = None) -> jax.Array:
   """float32 [2, Nt, Js]: ``[0]`` whether compression block ``i`` of a tile (of ``Js``
-  selection blocks) overlaps selection block ``j`` of the same tile, ``[1]`` of the next tile
-  (Nt = Js * select_len / stride)."""
+  selection blocks, default CHOICE_SEL_TILE) overlaps selection block ``j`` of the same tile,
+  ``[1]`` of the next tile (Nt = Js * select_len / stride)."""
+  Js = Js or CHOICE_SEL_TILE
   Nt = Js * select_len // block_stride
   start_i = (jnp.arange(Nt) * block_stride)[:, None]
   out = []
@@ -1144,14 +1145,16 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 # in XLA. Key tiles are bounded (DEC_TILE_BYTES, decode_supported). Forward only: nsa_core's
 # custom VJP differentiates the unfused path instead.
 
-# Warps a program, and the most selection blocks a tile of the walk over the compressed keys
-# covers (its compressed keys: tile * select_len / block_stride rows; decode_sel_tile halves it
-# until its keys fit DEC_TILE_BYTES and its overlap matrices DEC_OVERLAP_BYTES). H200, jax
-# 0.11.2, arc1 sizes (32 rows, G = 2, R = 4, D = 32, 2048 keys, positions 1024-2047; the
-# kernel alone, 32 calls a program, .devrun sweep, docs/bench/decode_kernel_sweep_h200_2026-12-05.json):
-# 4 warps and 16 blocks (the block choice's tile, before) 20.8 us a call; 8 and 64 (one tile
-# up to 2048 keys) 16.9 us, the fastest of warps 1-8 x tiles 16-64; the arc1 rollout 386 ms ->
-# 365 ms.
+# Warps a program, and the most selection blocks (a power of two) a tile of the walk over the
+# compressed keys covers (its compressed keys: tile * select_len / block_stride rows;
+# decode_sel_tile halves it until its keys fit DEC_TILE_BYTES and its overlap matrices
+# DEC_OVERLAP_BYTES, and to the cache's blocks). H200, jax 0.11.2, arc1 sizes (32 rows,
+# G = 2, R = 4, D = 32, 2048 keys, positions 1024-2047; the kernel alone, 32 calls a program;
+# docs/bench/decode_kernel_sweep_h200_2026-12-05.json): 4 warps and 16 blocks (the block
+# choice's tile, before) 20.8 us a call; 8 and 64 (one tile up to 2048 keys) 16.9 us, the
+# fastest of warps 1-8 x tiles 16-64; the arc1 rollout 387.9 ms -> 365.5 ms. At arc1's block
+# geometry with D = 64 and 128 (bf16) the 64-block tile compiles for sm_90 (deviceless, as
+# tests/test_kernel_count.py checks); not timed there.
 DEC_NUM_WARPS = 8
 DEC_SEL_TILE = 64
 # The overlap matrices' bytes (two [Nt, Js] float32 arrays): arc1's 128 KiB at tile 64 compile.
@@ -1165,12 +1168,17 @@ DEC_TILE_BYTES = 64 * 1024
 
 
 def decode_sel_tile(*, block_len: int, block_stride: int, select_len: int, head_dim: int,
-                    itemsize: int) -> int:
+                    itemsize: int, num_sel: int | None = None) -> int:
   """Selection blocks a tile of :func:`decode_attention`'s walk covers: DEC_SEL_TILE, halved
-  while its compressed keys exceed DEC_TILE_BYTES or its overlap matrices DEC_OVERLAP_BYTES,
-  down to the block choice's CHOICE_SEL_TILE (the walk's tile before 2026-12-05, taken
-  whatever its bytes); 0 where a compression block reaches past the next tile."""
+  while its compressed keys exceed DEC_TILE_BYTES or its overlap matrices DEC_OVERLAP_BYTES
+  or it passes the ``num_sel`` selection blocks of the cache (where given), down to the block
+  choice's CHOICE_SEL_TILE (the walk's tile before 2026-12-05, taken whatever its bytes); 0
+  where a compression block reaches past the next tile."""
+  if not _is_pow2(DEC_SEL_TILE):
+    raise ValueError(f"nsa_pallas.DEC_SEL_TILE must be a power of two, got {DEC_SEL_TILE}")
   Js = DEC_SEL_TILE
+  while num_sel and Js > CHOICE_SEL_TILE and Js // 2 >= num_sel:
+    Js //= 2
   while Js > CHOICE_SEL_TILE:
     Nt = Js * select_len // block_stride
     if Nt * head_dim * itemsize <= DEC_TILE_BYTES and 2 * Nt * Js * 4 <= DEC_OVERLAP_BYTES:
@@ -1315,7 +1323,8 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
   B, G, R, D = q_BGRD.shape
   S, N = k_slc.shape[1], k_cmp_BNGD.shape[1]
   Js = decode_sel_tile(block_len=block_len, block_stride=block_stride, select_len=select_len,
-                       head_dim=D, itemsize=max(k_slc.dtype.itemsize, q_BGRD.dtype.itemsize))
+                       head_dim=D, itemsize=max(k_slc.dtype.itemsize, q_BGRD.dtype.itemsize),
+                       num_sel=num_sel)
   kernel = functools.partial(
       _decode_kernel, num_groups=G, heads=R, rows=max(ROW_TILE, R), num_cmp=N, seq_len=S,
       num_tiles=-(-num_sel // Js), block_len=block_len,
