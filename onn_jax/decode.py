@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from onn_jax.data.tokens import END, NEWLINE, NUM_COLORS, PAD, VOCAB_SIZE
 from onn_jax.model import moe, nsa
@@ -69,6 +70,74 @@ def decode_kernels(name: str):
     yield
   finally:
     nsa.PALLAS_DECODE, moe.DECODE_KERNEL = saved
+
+
+# Whether generate's loop reads the parameters that its step only ever reads converted (the
+# experts' and projections' float32 weights, read as bfloat16) converted once before the loop
+# (:func:`precast`): the same step without those conversions. XLA left them in the loop,
+# once per iteration of STEP_COPIES steps on a GPU, every step on the CPU.
+HOIST_CASTS = True
+
+# Operations that only move or pick elements: converting their operand first gives exactly
+# their result converted.
+_MOVES = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
+                    "slice", "dynamic_slice", "concatenate", "stack", "gather", "rev", "copy"})
+# Where a nested call (jit, custom_jvp, checkpoint, ...) keeps its jaxpr, whose inputs are the
+# call's.
+_CALL_JAXPRS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _cast_targets(jaxpr, var, returned=None) -> frozenset | None:
+  """The dtypes ``var`` is converted to wherever it is read, through element moves and nested
+  calls; None where a read computes with it. ``returned(i)``: the same for ``jaxpr``'s output
+  i in the jaxpr that called it (None at the top, where an output is a read)."""
+  targets: frozenset = frozenset()
+  for i, out in enumerate(jaxpr.outvars):
+    if out is var:
+      found = returned(i) if returned else None
+      if found is None:
+        return None
+      targets |= found
+  for eqn in jaxpr.eqns:
+    for i, v in enumerate(eqn.invars):
+      if v is not var:
+        continue
+      name = eqn.primitive.name
+      if name == "convert_element_type":
+        found = frozenset({np.dtype(eqn.params["new_dtype"])})
+      elif name in _MOVES and (i == 0 or name in ("concatenate", "stack")):
+        found = _cast_targets(jaxpr, eqn.outvars[0], returned)
+      else:
+        sub = next((eqn.params[k] for k in _CALL_JAXPRS if k in eqn.params), None)
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+        if (sub is None or len(sub.invars) != len(eqn.invars)
+            or len(sub.outvars) != len(eqn.outvars)):
+          return None
+        found = _cast_targets(sub, sub.invars[i], lambda j, eqn=eqn: _cast_targets(
+            jaxpr, eqn.outvars[j], returned))
+      if found is None:
+        return None
+      targets |= found
+  return targets
+
+
+def precast(fn, params, *args):
+  """``params`` with each leaf that ``fn(params, *args)`` reads only converted to one narrower
+  dtype converted to it, so that ``fn`` computes exactly what it did without converting them:
+  a loop that calls ``fn`` converts them once, before it. Found from ``fn``'s jaxpr (traced
+  again here, from shapes): every read of such a leaf, through reshapes, slices, gathers,
+  concatenations and nested calls, is a conversion to that dtype."""
+  leaves, treedef = jax.tree.flatten(params)
+  spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))  # noqa: E731
+  closed = jax.make_jaxpr(lambda p, *a: fn(jax.tree.unflatten(treedef, p), *a))(
+      [spec(x) for x in leaves], *jax.tree.map(spec, args))
+  out = []
+  for leaf, var in zip(leaves, closed.jaxpr.invars):
+    targets = _cast_targets(closed.jaxpr, var)
+    dtype = next(iter(targets)) if targets is not None and len(targets) == 1 else None
+    narrower = dtype is not None and dtype.itemsize < jnp.result_type(leaf).itemsize
+    out.append(leaf.astype(dtype) if narrower else leaf)
+  return jax.tree.unflatten(treedef, out)
 
 
 class Generation(NamedTuple):
@@ -206,13 +275,21 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   need_B = jnp.full((B,), max_new, jnp.int32) if stop_after_B is None else stop_after_B
   rngs = jax.random.split(rng, max_new)
 
+  def decode_step(params, fed_BV, cache, pos_B):
+    return model.apply({"params": params}, fed_BV[:, None], mode="decode", cache=cache,
+                       pos_B=jnp.minimum(pos_B, capacity - 1))
+
+  pos_B = prompt_len_B.astype(jnp.int32)
+  # (A model that computes in its parameters' dtype converts none of them.)
+  if HOIST_CASTS and model.cfg.compute_dtype != model.cfg.param_dtype:
+    params = precast(decode_step, params, logits_BV, cache, pos_B)
+
   def step(carry):
     cache, logits_BV, pos_B, done_B, grid_state, k, out = carry
     token_B, fed_BV, logp_B, done_B, grid_state = emit(logits_BV, done_B, grid_state,
                                                          rngs[jnp.minimum(k, max_new - 1)])
     done_B = done_B | (k + 1 >= need_B)
-    logits_B1V, cache, _ = model.apply({"params": params}, fed_BV[:, None], mode="decode",
-                                       cache=cache, pos_B=jnp.minimum(pos_B, capacity - 1))
+    logits_B1V, cache, _ = decode_step(params, fed_BV, cache, pos_B)
     out = tuple(buf.at[k].set(val) for buf, val in zip(out, (token_B, logp_B, fed_BV)))
     return cache, logits_B1V[:, 0], pos_B + 1, done_B, grid_state, k + 1, out
 
@@ -236,7 +313,7 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
     k, done_B = carry[5], carry[3]
     return (k < max_new) & ~jnp.all(done_B)
 
-  carry = (cache, logits_BV, prompt_len_B.astype(jnp.int32), need_B <= 0, grid_start(B),
+  carry = (cache, logits_BV, pos_B, need_B <= 0, grid_start(B),
            jnp.int32(0), out)
   tokens_AB, logps_AB, feds_ABV = jax.lax.while_loop(unfinished, steps_body, carry)[-1]
   tokens_BA, logprobs_BA = tokens_AB[:max_new].T, logps_AB[:max_new].T
