@@ -753,14 +753,15 @@ def _fused_fn(geo: Geo, monkeypatch, grads: bool = True):
 
 
 @pytest.mark.parametrize("name,sel_tile", [(name, None) for name in DECODE_GEOS]
-                         + [("many_tiles", 16)])
+                         + [("many_tiles", 16), ("many_tiles", 128)])
 def test_fused_decoding_matches_reference(name, sel_tile, monkeypatch):
   """Outputs against the reference and the float64 oracle; gradients (which the unfused
   path computes, nsa._split_decode) against the reference's. float32 sums of at most ~100
   terms in another order: RTOL / ATOL as above. ``sel_tile``: the walk's tile
-  (DEC_SEL_TILE) where not the default."""
+  (DEC_SEL_TILE) where not the default (``few_blocks`` and ``wide_group`` take one tile, which
+  the kernel walks in one pass; ``many_tiles`` two, five of 16 or one of 128)."""
   if sel_tile:
-    monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", sel_tile)
+    _walk_tile(monkeypatch, sel_tile)
   geo, q_offset = DECODE_GEOS[name]
   R = geo.H // geo.G
   assert nsa_pallas.decode_supported(heads_per_group=R, head_dim=geo.D, seq_len=geo.S,
@@ -774,13 +775,21 @@ def test_fused_decoding_matches_reference(name, sel_tile, monkeypatch):
   np.testing.assert_allclose(got[0], oracle_nsa(args, geo, q_offset), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("sel_tile", [16, 64])
+def _walk_tile(monkeypatch, sel_tile: int):
+  """The decoding kernel's walk in tiles of ``sel_tile`` selection blocks (128: ``many_tiles``'s
+  75 blocks in one tile, its overlap matrices let past their byte bound)."""
+  monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", sel_tile)
+  if sel_tile == 128:
+    monkeypatch.setattr(nsa_pallas, "DEC_OVERLAP_BYTES", 512 * 1024)
+
+
+@pytest.mark.parametrize("sel_tile", [16, 64, 128])
 def test_fused_decoding_breaks_ties_as_the_reference(sel_tile, monkeypatch):
   """Identical compressed keys: every visible block equally probable, so candidate blocks
   overlapping the same number of them tie bit for bit; the kernel must take the lower block,
   as lax.top_k does, or it attends other keys (``many_tiles``: ties across five tiles of 16,
-  or two of 64)."""
-  monkeypatch.setattr(nsa_pallas, "DEC_SEL_TILE", sel_tile)
+  two of 64, or in the one tile of 128, which the kernel walks in one pass)."""
+  _walk_tile(monkeypatch, sel_tile)
   geo, q_offset = DECODE_GEOS["many_tiles"]
   args = make_inputs(geo, seed=4)
   args = dict(args, k_cmp=jnp.broadcast_to(args["k_cmp"][:, :1], args["k_cmp"].shape))
@@ -790,9 +799,12 @@ def test_fused_decoding_breaks_ties_as_the_reference(sel_tile, monkeypatch):
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-def test_fused_decoding_reads_nothing_past_the_query(monkeypatch):
+@pytest.mark.parametrize("sel_tile", [64, 128])
+def test_fused_decoding_reads_nothing_past_the_query(sel_tile, monkeypatch):
   """Keys and values after each row's position, and compressed blocks not complete there,
-  change nothing, bit for bit (the cache past a row's position holds stale entries)."""
+  change nothing, bit for bit (the cache past a row's position holds stale entries), in a walk
+  of two tiles or of one."""
+  _walk_tile(monkeypatch, sel_tile)
   geo, q_offset = DECODE_GEOS["many_tiles"]
   args = make_inputs(geo, seed=6)
   cot = jnp.zeros((geo.B, geo.T, geo.H, geo.D))

@@ -1154,7 +1154,10 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 # choice's tile, before) 20.8 us a call; 8 and 64 (one tile up to 2048 keys) 16.9 us, the
 # fastest of warps 1-8 x tiles 16-64; the arc1 rollout 387.9 ms -> 365.5 ms. At arc1's block
 # geometry with D = 64 and 128 (bf16) the 64-block tile compiles for sm_90 (deviceless, as
-# tests/test_kernel_count.py checks); not timed there.
+# tests/test_kernel_count.py checks); not timed there. Since 2026-12-05 (session 20, no GPU) a
+# walk of one tile (arc1's) computes its logits once for both passes: the same numbers
+# (interpret mode, bit for bit), one product and one load of the compressed keys fewer; not
+# yet timed.
 DEC_NUM_WARPS = 8
 DEC_SEL_TILE = 64
 # The overlap matrices' bytes (two [Nt, Js] float32 arrays): arc1's 128 KiB at tile 64 compile.
@@ -1241,22 +1244,28 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
     logits_PN = jnp.where(vis_N[None, :], _mm(qc_PD, k_ND, trans_b=True) * scale, _NEG)
     return i_N, vis_N, logits_PN
 
-  def lse_tile(jt, carry):
+  def lse_tile(jt, carry, tiled=None):
     m_P, l_P = carry
-    _, vis_N, logits_PN = tile(jt)
+    _, vis_N, logits_PN = tile(jt) if tiled is None else tiled
     m_new = jnp.maximum(m_P, jnp.max(logits_PN, axis=1))
     p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - m_new[:, None]), 0.0)
     return m_new, l_P * jnp.exp(m_P - m_new) + jnp.sum(p_PN, axis=1)
 
-  m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, (jnp.full((rows,), _NEG, _F32),
-                                                jnp.zeros((rows,), _F32)))
+  start = (jnp.full((rows,), _NEG, _F32), jnp.zeros((rows,), _F32))
+  if num_tiles == 1:
+    # One tile holds every compressed key (arc1's 2048-slot cache at 64 blocks a tile): both
+    # passes read its logits, computed once (the loops' one iteration, without the loops).
+    first = tile(0)
+    m_P, l_P = lse_tile(0, start, first)
+  else:
+    m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, start)
   lse_P = m_P + jnp.log(jnp.maximum(l_P, 1e-30))  # no visible block: l = 0, p = 0 below
   cur = jax.lax.div(pos, select_len)
   same_NJ, next_NJ = ovl_ref[0], ovl_ref[1]
 
-  def score_tile(jt, carry):
+  def score_tile(jt, carry, tiled=None):
     prev_N, acc_PD, val_1K, idx_1K = carry
-    i_N, vis_N, logits_PN = tile(jt)
+    i_N, vis_N, logits_PN = tile(jt) if tiled is None else tiled
     p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - lse_P[:, None]), 0.0)
     v_ND = vc_ref[b, i_N, g, :]
     acc_PD = acc_PD + _mm(p_PN.astype(v_ND.dtype), v_ND)
@@ -1271,7 +1280,10 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
 
   init = (jnp.zeros((Nt,), _F32), jnp.zeros(q_PD.shape, _F32),
           jnp.full((1, slots), _NEG, _F32), jnp.full((1, slots), -1, jnp.int32))
-  _, out_cmp_PD, val_1K, idx_1K = jax.lax.fori_loop(0, n, score_tile, init)
+  if num_tiles == 1:
+    _, out_cmp_PD, val_1K, idx_1K = score_tile(0, init, first)
+  else:
+    _, out_cmp_PD, val_1K, idx_1K = jax.lax.fori_loop(0, n, score_tile, init)
   idx_1K = jnp.where(val_1K > 0.5 * _NEG, idx_1K, -1)
 
   # The chosen blocks' keys, slot k's select_len rows at x = k * select_len + l.
