@@ -171,6 +171,15 @@ class EaviConfig:
   # data these edges cut that from 424 to 296 tokens a batch on average. Rows of a batch then
   # have similar answers, so the token-averaged loss weighs short answers more. []: off.
   answer_groups: tuple[int, ...] = ()
+  # EAVI's static answer budget in each bucket (the rollout's and the alignment's answer
+  # tokens; BatchStream.answer_budgets): this quantile of the bucket's answer lengths (each
+  # training item counted once), rounded up to 64 tokens; 1.0: the longest answer. A longer
+  # answer is rolled out for the budget's tokens and teacher forced after them (scored there
+  # as in teacher forcing). The parallel rollout and the alignment cost grows with the budget:
+  # on arc1's data 0.99 sets 192 / 320 / 512 answer tokens at 512 / 1024 / 2048 against the
+  # longest's 256 / 704 / 640, cutting 3 of the 1008 answers at 1024 (README, "EAVI's answer
+  # budget from a quantile").
+  budget_quantile: float = 1.0
   # How the excursion is decoded: "sequential" (one token after another, a KV-cached loop as
   # long as the batch's longest answer) or "parallel" (every answer token at once, repeated:
   # the first pass feeds the ground truth, each next one what the last emitted; the sequential
@@ -432,6 +441,8 @@ def validate(cfg: Config) -> Config:
   _require(e.excursion_weight >= 0 and e.tf_weight >= 0, "eavi.*_weight: must be >= 0")
   _require(e.learning_rate > 0, f"eavi.learning_rate: must be positive, got {e.learning_rate}")
   _require(e.warmup_steps >= 0, f"eavi.warmup_steps: must be >= 0, got {e.warmup_steps}")
+  _require(0 < e.budget_quantile <= 1,
+           f"eavi.budget_quantile: must be in (0, 1], got {e.budget_quantile}")
   _require(all(g > 0 for g in e.answer_groups)
            and list(e.answer_groups) == sorted(set(e.answer_groups)),
            f"eavi.answer_groups: must be positive and strictly increasing, got "

@@ -192,7 +192,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       pack_align=attention.pack_alignment(cfg.model))
+                       pack_align=attention.pack_alignment(cfg.model),
+                       answer_quantile=cfg.eavi.budget_quantile)
   if stream.num_too_long:
     log(f"data: {stream.num_too_long} training sequences are longer than the longest bucket "
         f"(data.buckets={list(cfg.data.buckets)}) even with one demonstration and are dropped; "

@@ -187,8 +187,9 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Confi
 
 def answer_budget(batch: dict, cfg: Config) -> int:
   """Static excursion length A: the width of the batch's ``answer_tokens`` (the longest answer
-  of its bucket, :attr:`onn_jax.data.pipeline.BatchStream.answer_budgets`), else the longest
-  answer ``data.max_grid`` allows (rows of w+1, then END), at most the sequence."""
+  of its bucket, or ``eavi.budget_quantile``'s: :attr:`onn_jax.data.pipeline.BatchStream.answer_budgets`),
+  else the longest answer ``data.max_grid`` allows (rows of w+1, then END), at most the
+  sequence."""
   if "answer_tokens" in batch:
     return batch["answer_tokens"].shape[1]
   return min(batch["inputs"].shape[1], longest_answer(cfg.data.max_grid))
@@ -251,12 +252,14 @@ def score_rollout(tokens_BA, batch: dict) -> dict:
   """Generated answers against the ground truth, position by position (free-running).
 
   Returns ``exact_B`` (every answer token, END included, matches; rows with no answer never
-  do) and ``correct_B`` (matching answer tokens).
+  do, nor rows whose answer is longer than the A tokens generated: eavi.budget_quantile) and
+  ``correct_B`` (matching answer tokens among the A).
   """
   A = tokens_BA.shape[1]
   in_answer_BA = jnp.arange(A)[None] < batch["answer_len"][:, None]
   hit_BA = tokens_BA == answer_targets(batch, A)
-  return {"exact_B": jnp.all(hit_BA | ~in_answer_BA, -1) & (batch["answer_len"] > 0),
+  whole_B = (batch["answer_len"] > 0) & (batch["answer_len"] <= A)
+  return {"exact_B": jnp.all(hit_BA | ~in_answer_BA, -1) & whole_B,
           "correct_B": jnp.sum(hit_BA & in_answer_BA, -1)}
 
 

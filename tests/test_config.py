@@ -59,6 +59,8 @@ def test_overrides_are_typed():
     ("train.eavi_every=-1", "train.eavi_every"),
     ("train.eavi_every=1", "train.eavi_every"),
     ("eavi.answer_groups=[128,64]", "eavi.answer_groups"),
+    ("eavi.budget_quantile=0", "eavi.budget_quantile"),
+    ("eavi.budget_quantile=1.5", "eavi.budget_quantile"),
     ("eavi.answer_groups=[0,64]", "eavi.answer_groups"),
 ])
 def test_bad_values_name_the_key(override, culprit):

@@ -239,6 +239,33 @@ def test_the_batchs_answer_budget_sets_the_excursion_and_changes_no_answer_term(
     np.testing.assert_allclose(m_tight[key], m_wide[key], rtol=1e-5, err_msg=key)
 
 
+def test_a_budget_shorter_than_an_answer_rolls_out_its_start_and_teacher_forces_the_rest(setup):
+  """eavi.budget_quantile < 1: a batch's answer_tokens may be narrower than some answers. The
+  excursion then covers their first A tokens; the answer tokens past it are scored as in
+  teacher forcing (their inputs are the ground truth), and such a row never counts as an
+  exact free-running answer, even when its first A tokens are right."""
+  cfg, model, state, batch = setup
+  cfg = config.replace(cfg, eavi={"feed": "argmax"})
+  lens = np.asarray(batch["answer_len"])
+  A = int(np.min(lens))
+  assert A < lens.max()  # some rows are cut, some fit
+  cut = dict(batch, answer_tokens=batch["answer_tokens"][:, :A])
+  truth_BA = steps.answer_targets(cut, A)
+  scores = steps.score_rollout(truth_BA, cut)
+  np.testing.assert_array_equal(scores["exact_B"], lens <= A)
+  np.testing.assert_array_equal(scores["correct_B"], np.minimum(lens, A))
+  # A rollout without END in its A tokens: every answer position is scored, those past A as
+  # teacher forcing scores them.
+  no_end_BA = jnp.where(truth_BA == END, 0, truth_BA)
+  np.testing.assert_array_equal(steps.excursion_mask(cut, no_end_BA), steps.answer_mask(cut))
+  gen = jax.jit(lambda p: steps.excursion(model, p, cut, cfg, jax.random.PRNGKey(2)))(
+      state.params)
+  assert gen.tokens_BA.shape == (lens.shape[0], A)
+  _, metrics = jax.jit(functools.partial(steps.eavi_step, model=model, cfg=cfg))(state, cut)
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics["free_exact"]) <= np.mean(lens <= A)
+
+
 @pytest.mark.parametrize("rollout, continuation", [
     ("parallel", "rows"), ("parallel", "branch"), ("sequential", "branch")])
 @pytest.mark.parametrize("feed", ["argmax", "soft", "sample"])

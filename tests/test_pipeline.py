@@ -591,6 +591,28 @@ def test_answer_tokens_are_each_answer_at_its_buckets_budget():
         assert batch["answer_tokens"][b, n - 1] == END
         assert np.all(batch["answer_tokens"][b, n:] == PAD)
   assert "answer_tokens" not in BatchStream(tasks, cfg, 8, 1, answer_tokens=False).batch(0)
+  # eavi.budget_quantile: the budget is that quantile of the bucket's answers (an answer of
+  # the bucket), rounded up the same way; longer answers are cut to it.
+  tasks = _tasks(12) + [big]
+  cfg = dataclasses.replace(CFG, max_grid=30, buckets=(1024,))
+  whole = BatchStream(tasks, cfg, batch_size=8, seed=1)
+  assert BatchStream(tasks, cfg, batch_size=8, seed=1, answer_quantile=1.0).answer_budgets == (
+      whole.answer_budgets) == [128]
+  part = BatchStream(tasks, cfg, batch_size=8, seed=1, answer_quantile=0.5)
+  answers = np.sort(part.item_answer[part.bucket_items[0]])
+  median = int(answers[len(answers) // 2])  # the "higher" median: answers[ceil((n - 1) / 2)]
+  assert median < answers[-1] == 121  # the big task: 12 rows of 9 + NEWLINE, END (D8)
+  assert part.answer_budgets == [-(-median // ANSWER_BUDGET_ALIGN) * ANSWER_BUDGET_ALIGN] == [64]
+  cut = 0
+  for step in range(16):
+    batch = part.batch(step)
+    assert batch["answer_tokens"].shape == (8, 64)
+    for b in range(8):
+      start, n = int(batch["answer_start"][b]), int(batch["answer_len"][b])
+      cut += n > 64
+      np.testing.assert_array_equal(batch["answer_tokens"][b, :min(n, 64)],
+                                    batch["targets"][b, start - 1:start - 1 + min(n, 64)])
+  assert cut > 0
   # collate leaves the key out without a budget, and cuts an answer longer than it.
   ex = s._example(0, 0, 0, s.buckets[-1] + 1)
   assert "answer_tokens" not in collate([ex], s.buckets[-1])

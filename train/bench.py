@@ -360,7 +360,8 @@ def config_stream(cfg: Config) -> BatchStream:
   """The training batches of the config's own data."""
   tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
   return BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
-                     pack_align=attention.pack_alignment(cfg.model))
+                     pack_align=attention.pack_alignment(cfg.model),
+                     answer_quantile=cfg.eavi.budget_quantile)
 
 
 def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:

@@ -315,7 +315,8 @@ class BatchStream:
   permutation (cfg.color_perm), a demo order (cfg.shuffle_demos). Arrays have leading dimension
   ``rows // process_count``: this process's contiguous share of the global batch, which every
   process draws identically. Its ``answer_tokens`` are ``answer_budgets[bucket]`` wide: the
-  longest answer in the bucket (EAVI's rollout and alignment budget); with ``answer_tokens``
+  longest answer in the bucket, or the ``answer_quantile`` quantile of its answers (EAVI's
+  rollout and alignment budget; a longer answer is cut to it); with ``answer_tokens``
   False (streams whose batches are stacked across tasks, as test-time training's, where each
   task's budget would differ) they carry none.
 
@@ -333,7 +334,8 @@ class BatchStream:
 
   def __init__(self, tasks: Sequence[Task], cfg: DataConfig, batch_size: int, seed: int, *,
                process_index: int = 0, process_count: int = 1, start_step: int = 0,
-               pack_align: int = 1, answer_tokens: bool = True):
+               pack_align: int = 1, answer_tokens: bool = True,
+               answer_quantile: float = 1.0):
     if batch_size < 1:
       raise ValueError(f"train.batch_size={batch_size} must be positive")
     if process_count < 1 or batch_size % process_count:
@@ -400,12 +402,14 @@ class BatchStream:
     bucket_of_arr = np.array(bucket_of)
     self.bucket_items = [np.flatnonzero(bucket_of_arr == k) for k in range(len(self.buckets))]
     # EAVI's answer budget in each bucket (the width of its batches' answer_tokens): the
-    # longest answer of the bucket's items, rounded up to ANSWER_BUDGET_ALIGN, at most the
+    # ``answer_quantile`` quantile of the bucket's items' answers (an answer of the bucket; 1:
+    # the longest; eavi.budget_quantile), rounded up to ANSWER_BUDGET_ALIGN, at most the
     # bucket's length and (not below that answer) the longest one data.max_grid allows.
     self.answer_tokens = answer_tokens
     self.answer_budgets = []
     for length, ix in zip(self.buckets, self.bucket_items):
-      longest = int(self.item_answer[ix].max(initial=1))
+      longest = (int(np.quantile(self.item_answer[ix], answer_quantile, method="higher"))
+                 if len(ix) else 1)
       self.answer_budgets.append(min(length, max(longest, longest_answer(cfg.max_grid)),
                                      -(-longest // ANSWER_BUDGET_ALIGN) * ANSWER_BUDGET_ALIGN))
     self._cells: dict[tuple[int, ...], tuple[list[tuple[int, np.ndarray]], np.ndarray]] = {}
