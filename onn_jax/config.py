@@ -174,8 +174,8 @@ class EaviConfig:
   # EAVI's static answer budget in each bucket (the rollout's and the alignment's answer
   # tokens; BatchStream.answer_budgets): this quantile of the bucket's answer lengths (each
   # training item counted once), rounded up to 64 tokens; 1.0: the longest answer. A longer
-  # answer is rolled out for the budget's tokens and teacher forced after them (scored there
-  # as in teacher forcing). The parallel rollout and the alignment cost grows with the budget:
+  # answer is rolled out for the budget's tokens, and only the teacher-forcing term scores the
+  # rest of it. The parallel rollout and the alignment cost grows with the budget:
   # on arc1's data 0.99 sets 192 / 320 / 512 answer tokens at 512 / 1024 / 2048 against the
   # longest's 256 / 704 / 640, cutting 3 of the 1008 answers at 1024 (README, "EAVI's answer
   # budget from a quantile").

@@ -74,16 +74,18 @@ def decode_kernels(name: str):
 
 # Whether generate's loop reads the parameters that its step only ever reads converted (the
 # experts' and projections' float32 weights, read as bfloat16) converted once before the loop
-# (:func:`precast`): the same step without those conversions. XLA left them in the loop,
-# once per iteration of STEP_COPIES steps on a GPU, every step on the CPU.
+# (:func:`precast`): the same step without those conversions. XLA left them in the loop body on
+# a GPU (once per iteration of STEP_COPIES steps; train.kernel_count), not on the CPU.
 HOIST_CASTS = True
 
 # Operations that only move or pick elements: converting their operand first gives exactly
 # their result converted.
 _MOVES = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
                     "slice", "dynamic_slice", "concatenate", "stack", "gather", "rev", "copy"})
-# Where a nested call (jit, custom_jvp, checkpoint, ...) keeps its jaxpr, whose inputs are the
-# call's.
+# Calls whose jaxpr (under one of _CALL_JAXPRS) takes the call's operands and gives its results,
+# run once (a loop's or a kernel's jaxpr does not: scan, while, cond and pallas_call are reads).
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint",
+                    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _CALL_JAXPRS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
@@ -110,7 +112,7 @@ def _cast_targets(jaxpr, var, returned=None) -> frozenset | None:
       else:
         sub = next((eqn.params[k] for k in _CALL_JAXPRS if k in eqn.params), None)
         sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
-        if (sub is None or len(sub.invars) != len(eqn.invars)
+        if (name not in _CALLS or sub is None or len(sub.invars) != len(eqn.invars)
             or len(sub.outvars) != len(eqn.outvars)):
           return None
         found = _cast_targets(sub, sub.invars[i], lambda j, eqn=eqn: _cast_targets(
@@ -126,7 +128,9 @@ def precast(fn, params, *args):
   dtype converted to it, so that ``fn`` computes exactly what it did without converting them:
   a loop that calls ``fn`` converts them once, before it. Found from ``fn``'s jaxpr (traced
   again here, from shapes): every read of such a leaf, through reshapes, slices, gathers,
-  concatenations and nested calls, is a conversion to that dtype."""
+  concatenations and nested calls, is a conversion to that dtype. ``fn``'s Python code must
+  not depend on the leaves' dtypes (``w.dtype``), which the jaxpr does not show (the model's
+  modules read their configured dtypes; tests/test_model.py checks generate bit for bit)."""
   leaves, treedef = jax.tree.flatten(params)
   spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))  # noqa: E731
   closed = jax.make_jaxpr(lambda p, *a: fn(jax.tree.unflatten(treedef, p), *a))(
@@ -282,7 +286,8 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   pos_B = prompt_len_B.astype(jnp.int32)
   # (A model that computes in its parameters' dtype converts none of them.)
   if HOIST_CASTS and model.cfg.compute_dtype != model.cfg.param_dtype:
-    params = precast(decode_step, params, logits_BV, cache, pos_B)
+    params = precast(decode_step, params, jax.ShapeDtypeStruct((B, VOCAB_SIZE), jnp.float32),
+                     cache, pos_B)
 
   def step(carry):
     cache, logits_BV, pos_B, done_B, grid_state, k, out = carry

@@ -231,21 +231,26 @@ def excursion_inputs(batch: dict, fed_BAV: jax.Array) -> jax.Array:
   return continuation_inputs(batch["inputs"], batch["answer_start"], fed_BAV)
 
 
+def excursion_span(batch: dict, num_tokens: int) -> jax.Array:
+  """[B, T] float: the answer positions an excursion of ``num_tokens`` (the budget A) predicts,
+  answer tokens ``k < A``. An answer longer than the budget (``eavi.budget_quantile``) is
+  scored past it by the teacher-forcing term alone."""
+  return answer_mask(batch) * (answer_index(batch) < num_tokens).astype(jnp.float32)
+
+
 def excursion_mask(batch: dict, tokens_BA: jax.Array) -> jax.Array:
   """[B, T] float: the answer positions whose context the rollout really produced.
 
   Answer token k is predicted at position ``answer_start - 1 + k`` from the excursion's tokens
   0..k-1. A rollout that emitted END at index e never generates past it: predictions k <= e
   (the last one being the END decision itself) are scored, later ones would be trained on a
-  context (END, then PAD) that never occurs when the model generates, so they are not.
+  context (END, then PAD) that never occurs when the model generates, so they are not; nor
+  are those past the rollout's A tokens (:func:`excursion_span`).
   """
   produced_BA = ~after_first_end(tokens_BA)  # no END strictly before k
   A = tokens_BA.shape[1]
-  k_BT = answer_index(batch)
-  produced_BT = jnp.take_along_axis(produced_BA, jnp.clip(k_BT, 0, A - 1), axis=1)
-  # Beyond the rollout's budget the alignment pass feeds the ground truth (excursion_inputs):
-  # those positions stay scored like teacher forcing.
-  return answer_mask(batch) * (produced_BT | (k_BT >= A)).astype(jnp.float32)
+  produced_BT = jnp.take_along_axis(produced_BA, jnp.clip(answer_index(batch), 0, A - 1), axis=1)
+  return excursion_span(batch, A) * produced_BT.astype(jnp.float32)
 
 
 def score_rollout(tokens_BA, batch: dict) -> dict:
@@ -267,8 +272,8 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
               first_logits_BAV=None, prompt_cache=None):
   """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
 
-  Each row generates as many tokens as its ground-truth answer has (the alignment pass
-  compares no more) and the loop stops calling the model once every row has, so the cost is
+  Each row generates as many tokens as its ground-truth answer has, at most the budget A (the
+  alignment pass compares no more) and the loop stops calling the model once every row has, so the cost is
   that of the batch's longest answer (rounded up to ``decode.STEPS_PER_CHECK`` steps). Tokens
   that would fall past the sequence (position >= T) are generated against a clamped cache
   position and never enter the alignment pass.
@@ -284,7 +289,7 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   T = batch["inputs"].shape[1]
   e, A = cfg.eavi, answer_budget(batch, cfg)
   how = dict(capacity=T, feed=e.feed, temperature=e.temperature, rng=rng, row_offset=row_offset,
-             stop_after_B=batch["answer_len"])
+             stop_after_B=jnp.minimum(batch["answer_len"], A))
   params = jax.lax.stop_gradient(params)
   if e.rollout == "parallel":  # every token at once, from the ground truth on
     return jax.lax.stop_gradient(parallel_rollout(
@@ -309,7 +314,8 @@ def alignment_loss(params, batch: dict, fed_BAV, exc_mask_BT=None, *, model: Tra
   for about the cost of one plus the answer. Answer token 0 is predicted from the prompt alone
   (the same logits in both); token k >= 1 of the excursion term from its branch position k - 1.
   The excursion term is scored on ``exc_mask_BT`` (:func:`excursion_mask`: what the rollout
-  produced; default every answer position), the teacher-forced one on every answer position;
+  produced; default every answer position of the excursion, :func:`excursion_span`), the
+  teacher-forced one on every answer position;
   both are normalised by the answer tokens, so an early END does not reweight the terms. The
   SDL statistics cover the tokens computed (the prompt once).
   """
@@ -329,7 +335,7 @@ def _branch_objective(branch_BAV, tf_logits_BTV, aux, batch: dict, exc_mask_BT, 
   and of the teacher-forced sequence's (:func:`alignment_loss`)."""
   T, A = tf_logits_BTV.shape[1], branch_BAV.shape[1]
   mask_BT = answer_mask(batch)
-  exc_mask_BT = mask_BT if exc_mask_BT is None else exc_mask_BT
+  exc_mask_BT = excursion_span(batch, A) if exc_mask_BT is None else exc_mask_BT
   start_B = jnp.asarray(batch["answer_start"], jnp.int32)
   first_B1V = jnp.take_along_axis(tf_logits_BTV, jnp.maximum(start_B - 1, 0)[:, None, None],
                                   axis=1)
@@ -349,7 +355,8 @@ def alignment_loss_rows(params, batch: dict, fed_BAV, exc_mask_BT=None, *,
   prompt computed twice): the reference the branch pass is tested against, and
   ``eavi.continuation=rows`` (:func:`continuation`)."""
   B = batch["inputs"].shape[0]
-  exc_mask_BT = answer_mask(batch) if exc_mask_BT is None else exc_mask_BT
+  exc_mask_BT = (excursion_span(batch, fed_BAV.shape[1]) if exc_mask_BT is None
+                 else exc_mask_BT)
   inputs = jnp.concatenate([excursion_inputs(batch, fed_BAV),
                             jax.nn.one_hot(batch["inputs"], VOCAB_SIZE)], 0)
   valid = jnp.concatenate([batch["valid"], batch["valid"]], 0)

@@ -241,9 +241,9 @@ def test_the_batchs_answer_budget_sets_the_excursion_and_changes_no_answer_term(
 
 def test_a_budget_shorter_than_an_answer_rolls_out_its_start_and_teacher_forces_the_rest(setup):
   """eavi.budget_quantile < 1: a batch's answer_tokens may be narrower than some answers. The
-  excursion then covers their first A tokens; the answer tokens past it are scored as in
-  teacher forcing (their inputs are the ground truth), and such a row never counts as an
-  exact free-running answer, even when its first A tokens are right."""
+  excursion then covers their first A tokens, and only the teacher-forcing term scores the
+  rest (the branch and rows alignments alike); such a row never counts as an exact
+  free-running answer, even when its first A tokens are right."""
   cfg, model, state, batch = setup
   cfg = config.replace(cfg, eavi={"feed": "argmax"})
   lens = np.asarray(batch["answer_len"])
@@ -254,13 +254,30 @@ def test_a_budget_shorter_than_an_answer_rolls_out_its_start_and_teacher_forces_
   scores = steps.score_rollout(truth_BA, cut)
   np.testing.assert_array_equal(scores["exact_B"], lens <= A)
   np.testing.assert_array_equal(scores["correct_B"], np.minimum(lens, A))
-  # A rollout without END in its A tokens: every answer position is scored, those past A as
-  # teacher forcing scores them.
+  # The excursion's positions: answer tokens k < min(answer_len, A); with an END at index 1
+  # in row 0's rollout, k <= 1 there.
+  k_BT = np.asarray(steps.answer_index(cut))
+  span_BT = (k_BT >= 0) & (k_BT < np.minimum(lens, A)[:, None])
+  np.testing.assert_array_equal(steps.excursion_span(cut, A), span_BT)
   no_end_BA = jnp.where(truth_BA == END, 0, truth_BA)
-  np.testing.assert_array_equal(steps.excursion_mask(cut, no_end_BA), steps.answer_mask(cut))
+  np.testing.assert_array_equal(steps.excursion_mask(cut, no_end_BA), span_BT)
+  early_BA = no_end_BA.at[0, 1].set(END)
+  np.testing.assert_array_equal(steps.excursion_mask(cut, early_BA),
+                                span_BT & ((np.arange(len(lens)) != 0)[:, None] | (k_BT <= 1)))
+  # The branch alignment and the rows alignment score the same terms on the cut batch.
   gen = jax.jit(lambda p: steps.excursion(model, p, cut, cfg, jax.random.PRNGKey(2)))(
       state.params)
   assert gen.tokens_BA.shape == (lens.shape[0], A)
+  mask_BT = steps.excursion_mask(cut, gen.tokens_BA)
+  terms = [jax.jit(lambda p, fn=fn: fn(p, cut, gen.fed_BAV, mask_BT, model=model, cfg=cfg))(
+      state.params) for fn in (steps.alignment_loss, steps.alignment_loss_rows)]
+  (loss, (exc, tf, _, _)), (loss_rows, (exc_rows, tf_rows, _, _)) = terms
+  assert float(exc["tokens"]) == float(jnp.sum(mask_BT)) < float(tf["tokens"])
+  # float32: the same per-token terms, summed in another order (as in the test above).
+  for key in ("ce_sum", "tokens", "correct"):
+    np.testing.assert_allclose(exc[key], exc_rows[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(tf[key], tf_rows[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(loss, loss_rows, rtol=1e-5)
   _, metrics = jax.jit(functools.partial(steps.eavi_step, model=model, cfg=cfg))(state, cut)
   assert np.isfinite(float(metrics["loss"]))
   assert float(metrics["free_exact"]) <= np.mean(lens <= A)

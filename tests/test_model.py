@@ -254,7 +254,8 @@ def test_generation_does_not_depend_on_steps_per_check(monkeypatch, feed, grid):
 def test_precast_converts_exactly_the_leaves_read_only_converted():
   """decode.precast converts a leaf where every read of it, through element moves (slice,
   stack, concatenation, gather) and nested calls, converts it to one narrower dtype; not a leaf
-  that a read computes with, one converted to two dtypes, one returned, one read wider."""
+  that a read computes with, one converted to two dtypes, one returned, one read in a loop's
+  body, one read wider."""
   bf16 = jnp.bfloat16
 
   def fn(p, x_N):
@@ -263,18 +264,22 @@ def test_precast_converts_exactly_the_leaves_read_only_converted():
     picked = jnp.take(p["gathered"], jnp.array([2, 0]), axis=0).astype(bf16)
     mixed = p["mixed"].astype(bf16).sum() + p["mixed"].sum()
     twice = p["twice"].astype(bf16).sum() + p["twice"].astype(jnp.float16).sum()
-    total = (inner.sum() + stacked.sum() + picked.sum() + twice + mixed
+    # A loop's body is a read (its carries come back in each iteration): not followed.
+    looped = jax.lax.scan(lambda c, _: (c + p["looped"].astype(bf16).sum(), None),
+                          jnp.zeros((), bf16), None, length=2)[0]
+    total = (inner.sum() + stacked.sum() + picked.sum() + twice + mixed + looped
              + p["scale"] * x_N.sum() + p["bf16"].astype(bf16).sum())
     return total, p["returned"].astype(bf16), p["returned"]
 
   ones = lambda *shape: jnp.ones(shape, jnp.float32)  # noqa: E731
   params = {"nested": ones(4, 4), "stack_a": ones(3), "stack_b": ones(3), "gathered": ones(3, 2),
             "mixed": ones(2), "twice": ones(2), "scale": ones(), "returned": ones(2),
-            "bf16": jnp.ones((2,), bf16)}
+            "looped": ones(2), "bf16": jnp.ones((2,), bf16)}
   cast = decode.precast(fn, params, ones(4))
   assert {k for k, v in cast.items() if v.dtype == bf16} == {
       "nested", "stack_a", "stack_b", "gathered", "bf16"}
-  assert all(cast[k] is params[k] for k in ("mixed", "twice", "scale", "returned", "bf16"))
+  assert all(cast[k] is params[k]
+             for k in ("mixed", "twice", "scale", "returned", "looped", "bf16"))
   got, want = fn(cast, ones(4)), fn(params, ones(4))
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -290,18 +295,20 @@ def test_generation_with_casts_hoisted_out_of_the_loop_is_bit_identical(monkeypa
   model, params = Transformer(cfg), _setup(geometry)[2]
   prompt = jax.random.randint(jax.random.PRNGKey(9), (3, 12), 0, VOCAB_SIZE)
   lens = jnp.array([12, 7, 10])
-  got = {}
+  got, calls, precast = {}, [], decode.precast
+  monkeypatch.setattr(decode, "precast", lambda *a: calls.append(1) or precast(*a))
   for hoist in (False, True):
     monkeypatch.setattr(decode, "HOIST_CASTS", hoist)
     run = jax.jit(functools.partial(decode.generate, model, max_new=9, capacity=22, feed=feed))
     got[hoist] = run(params, prompt, lens, rng=jax.random.PRNGKey(1))
+    assert len(calls) == hoist  # generate hoisted the casts (once, while tracing) or did not
   for name in ("tokens_BA", "logprobs_BA", "fed_BAV", "ended_B"):
     np.testing.assert_array_equal(np.asarray(getattr(got[True], name)),
                                   np.asarray(getattr(got[False], name)), err_msg=name)
   assert (np.asarray(got[True].tokens_BA) != PAD).any()
   # Not vacuous: the experts' and the projections' weights are the ones converted.
   cache = init_cache(cfg, 3, 22)
-  cast = decode.precast(lambda p, x, c, pos: model.apply(
+  cast = precast(lambda p, x, c, pos: model.apply(
       {"params": p}, x[:, None], mode="decode", cache=c, pos_B=pos),
       params, jnp.zeros((3, VOCAB_SIZE)), cache, lens)
   dtypes = {jax.tree_util.keystr(path): leaf.dtype
