@@ -187,9 +187,9 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer, cfg: Confi
 
 def answer_budget(batch: dict, cfg: Config) -> int:
   """Static excursion length A: the width of the batch's ``answer_tokens`` (the longest answer
-  of its bucket, or ``eavi.budget_quantile``'s: :attr:`onn_jax.data.pipeline.BatchStream.answer_budgets`),
-  else the longest answer ``data.max_grid`` allows (rows of w+1, then END), at most the
-  sequence."""
+  of its bucket, or ``eavi.budget_quantile``'s quantile of its answers:
+  :attr:`onn_jax.data.pipeline.BatchStream.answer_budgets`), else the longest answer
+  ``data.max_grid`` allows (rows of w+1, then END), at most the sequence."""
   if "answer_tokens" in batch:
     return batch["answer_tokens"].shape[1]
   return min(batch["inputs"].shape[1], longest_answer(cfg.data.max_grid))
@@ -273,10 +273,10 @@ def excursion(model: Transformer, params, batch: dict, cfg: Config, rng, row_off
   """Stage 1 of EAVI: the free-running rollout from each prompt, with no gradient.
 
   Each row generates as many tokens as its ground-truth answer has, at most the budget A (the
-  alignment pass compares no more) and the loop stops calling the model once every row has, so the cost is
-  that of the batch's longest answer (rounded up to ``decode.STEPS_PER_CHECK`` steps). Tokens
-  that would fall past the sequence (position >= T) are generated against a clamped cache
-  position and never enter the alignment pass.
+  alignment pass compares no more), and the loop stops calling the model once every row has,
+  so the cost is that of the batch's longest answer (rounded up to ``decode.STEPS_PER_CHECK``
+  steps). Tokens that would fall past the sequence (position >= T) are generated against a
+  clamped cache position and never enter the alignment pass.
   With ``eavi.rollout=parallel`` the same rollout is iterated from the ground truth, every
   token at once, up to ``eavi.passes`` times (:func:`onn_jax.decode.parallel_rollout`), each
   pass against the prompt's cache or over whole rows (:func:`continuation`); its
