@@ -846,7 +846,7 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 # kernels (README Benchmarks, issue #16). H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout
 # (32 rows, 2048-slot cache): split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k
 # (one run); fused_xla_block with the core kernel's later settings (nsa_pallas.DEC_SEL_TILE)
-# 81.5k.
+# 81.5k. H100, 2026-12-05 (session 21): fused_xla_block 84.3k, fused 76.7k.
 PALLAS_DECODE = "fused_xla_block"
 PALLAS_DECODE_CHOICES = ("split", "fused", "fused_xla_block")
 

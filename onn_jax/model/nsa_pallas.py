@@ -1433,9 +1433,10 @@ write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
 # launches a layer). ``write_cache_compress`` computes it in the write kernel instead, only in
 # the programs whose row completes a block (one step in ``block_stride``), from the cache's
 # ``block_len - 1`` raw keys before the token and the token itself.
-# Measured slower than the XLA block (H200, 2026-12-05, arc1 rollout of 32 rows: 62.8k tokens/s
-# against 73.4k, ~12 us a layer more; README Benchmarks): nsa.PALLAS_DECODE = "fused" takes it,
-# "fused_xla_block" does not.
+# Measured slower than the XLA block (arc1 rollout of 32 rows; README Benchmarks): H200, session
+# 19: 62.8k tokens/s against 73.4k, ~12 us a layer more; H100, session 21, with the products
+# summed once over D (not once a key): 76.7k against 84.3k (70.3k before that change, in the
+# same run). nsa.PALLAS_DECODE = "fused" takes it, "fused_xla_block" does not.
 
 
 # Warps of a write_cache_compress program (its [D, 2D] products; not timed).
@@ -1507,12 +1508,14 @@ def _cache_compress_kernel(pos_ref, token_ref, w1_ref, const_ref, w2_ref, b2_ref
       g = j % num_groups
       # The block's keys before the token from the cache (as read before the token's row is
       # written: no other row is), the token's from its own input. Unrolled: the loads are
-      # independent and can all be in flight at once.
-      h_O = const_ref[m].astype(_F32)
+      # independent and can all be in flight at once. The products are summed over the
+      # block's keys elementwise and over D once, at the end (one cross-thread reduction, not
+      # one a key).
+      acc_DO = jnp.zeros(w1_ref.shape[2:], _F32)
       for l in range(block_len):
         x_D = token_ref[m, b, g] if l == block_len - 1 else ins[m][b, start + l, g]
-        h_O = h_O + jnp.sum(x_D.astype(dt).astype(_F32)[:, None]
-                            * w1_ref[m, l].astype(_F32), axis=0)
+        acc_DO = acc_DO + x_D.astype(dt).astype(_F32)[:, None] * w1_ref[m, l].astype(_F32)
+      h_O = const_ref[m].astype(_F32) + jnp.sum(acc_DO, axis=0)
       a_O = jax.nn.gelu(h_O.astype(dt).astype(_F32)).astype(dt).astype(_F32)
       y_D = jnp.sum(a_O[:, None] * w2_ref[m].astype(_F32), axis=0).astype(dt)
       out = outs[num_token + m]
