@@ -106,6 +106,38 @@ def test_quick_train_and_eavi_numbers(quick):
                           skip=("profile_train", "profile_eavi", "profile_rollout"))
 
 
+def test_quick_decode_numbers(quick):
+  """The decode section: the default set's rollout, the same measurement as the eavi section's
+  (timed once a run), its tokens/s over the rows' tokens; on a CPU no other set."""
+  results, _ = quick
+  eavi = {r["seq_len"]: r for r in results["eavi"]}
+  assert [r["seq_len"] for r in results["decode"]] == list(eavi)
+  for row in results["decode"]:
+    sets = row["sets"]
+    assert list(sets) == ["default"] + bench.other_decode_kernels()
+    assert sets["default"]["speedup"] == 1.0
+    assert sets["default"]["ms"] == eavi[row["seq_len"]]["rollout_ms"]
+    assert row["rollout_budget"] == eavi[row["seq_len"]]["rollout_budget"]
+    for case in sets.values():
+      assert case["tokens_per_s"] == pytest.approx(
+          row["batch"] * row["rollout_budget"] / (case["ms"] / 1e3))
+  _assert_finite_positive(results["decode"])
+
+
+def test_other_decoding_kernel_sets_are_timed_on_a_gpu_only(monkeypatch):
+  """On a GPU every decode.DECODE_KERNELS set but the one set now; elsewhere none (the sets
+  differ in Triton kernels only)."""
+  from onn_jax.decode import DECODE_KERNELS
+  from onn_jax.model import moe, nsa
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  others = bench.other_decode_kernels()
+  assert len(others) == len(DECODE_KERNELS) - 1
+  assert DECODE_KERNELS[next(n for n in DECODE_KERNELS if n not in others)] == (
+      nsa.PALLAS_DECODE, moe.DECODE_KERNEL)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert bench.other_decode_kernels() == []
+
+
 def test_quick_nsa_numbers(quick):
   results, _ = quick
   assert [r["seq_len"] for r in results["nsa"]] == list(bench.QUICK_SIZES.nsa_lens)
@@ -180,12 +212,14 @@ def test_quick_dynmoe_at_the_trained_density(quick):
 
 def test_quick_prints_tables(quick):
   _, printed = quick
-  for title in ("Teacher-forcing step", "EAVI step", "NSA core", "DynMoE experts"):
+  for title in ("Teacher-forcing step", "EAVI step", "Sequential rollout with each set",
+                "NSA core", "DynMoE experts"):
     assert f"**{title}" in printed
   assert "DynMoE layer forward+backward at the trained density, ratio to dense (" in printed
   assert ("| batch | T | routing | experts/token | busiest expert | pairs / capacity "
           "| reference ms (x dense) | dense ms (x dense) |") in printed
   assert "| T | batch | packed | step ms |" in printed
+  assert "| T | batch | tokens a row | default ms (tok/s, x default) |" in printed
 
 
 def test_bad_section_is_rejected(capsys):

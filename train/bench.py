@@ -1,7 +1,7 @@
-"""Benchmarks of Tiny-ONN on the accelerator: training step, EAVI, NSA core, DynMoE dispatch.
+"""Benchmarks of Tiny-ONN on the accelerator: training step, EAVI, decoding, NSA core, DynMoE.
 
   python -m train.bench [--config configs/arc1.yaml] [--quick] [--out bench.json]
-                        [--only train,eavi,nsa,moe,layers] [--lens 512,2048]
+                        [--only train,eavi,decode,nsa,moe,layers] [--lens 512,2048]
                         [section.key=value ...]
 
 Sections (each: compile first, warm up, then time ``iters`` calls with ``jax.block_until_ready``
@@ -18,10 +18,13 @@ after each one; the median is reported):
   data at that length, ``BatchStream.answer_budgets``): rollout tokens/s; the parallel
   excursion alone and the alignment pass alone (forward+backward), each
   ``eavi.continuation`` way (branch: the prompt once; rows: whole rows), so that "auto"
-  (branch) can be checked on the device. On a GPU the sequential excursion again with each
-  other set of decoding kernels (``decode.DECODE_KERNELS``: ``split``, ``fused``,
-  ``fused_moe`` beside the default ``fused_xla_block``): ``rollout_<name>_ms``,
-  ``rollout_<name>_tokens_per_s``, ``rollout_<name>_speedup`` over the default's in the same run.
+  (branch) can be checked on the device.
+* ``decode``: the sequential excursion (as ``eavi``'s, the same measurement where both run)
+  with each set of decoding kernels (``decode.DECODE_KERNELS``: ``split``, ``fused``,
+  ``fused_moe`` beside the default ``fused_xla_block``; on a GPU only, where they are Triton
+  kernels: elsewhere the default alone): per set ``ms``, ``tokens_per_s`` and ``speedup`` over
+  the default's in the same run. Apart from ``eavi``, so that the decoding kernels can be
+  timed without EAVI's steps (a minute's compile each).
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
@@ -97,7 +100,7 @@ from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer, outside_tf
 from train import profile as profiling
 
-SECTIONS = ("train", "eavi", "nsa", "moe", "layers")
+SECTIONS = ("train", "eavi", "decode", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
 SPARSE_IMPLS = ("ragged", "tiled", "batched")  # model.moe_impl values that dispatch sparsely
 DENSE_VARIANTS = ("dense", "dense_autodiff")  # moe section: experts_dense and its baseline
@@ -409,6 +412,7 @@ class StepRunner:
     self.eavi_model = outside_tf(self.model)  # EAVI's parts, as eavi_step runs them
     self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
     self._compiled: dict[tuple[str, int, bool], tuple[Any, float]] = {}
+    self._rollouts: dict[tuple[int, str | None], tuple[Timing, int]] = {}
     # Jitted: an eager init dispatches thousands of small ops. Each call returns new buffers,
     # as a donated state needs.
     self._init = jax.jit(functools.partial(steps.init_state, cfg, self.model))
@@ -465,7 +469,13 @@ class StepRunner:
 
   def time_rollout(self, seq_len: int, decode: str | None = None) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example). ``decode``:
-    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set)."""
+    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set). Timed once a
+    run: the eavi and decode sections share it."""
+    if (seq_len, decode) not in self._rollouts:
+      self._rollouts[seq_len, decode] = self._time_rollout(seq_len, decode)
+    return self._rollouts[seq_len, decode]
+
+  def _time_rollout(self, seq_len: int, decode: str | None) -> tuple[Timing, int]:
     cfg, batch = self.cfg, self.batch(seq_len)
     budget = steps.answer_budget(batch, cfg)
     fn = functools.partial(generate, self.eavi_model, max_new=budget, capacity=seq_len,
@@ -573,12 +583,6 @@ def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
           "real_frac": real / tokens}
 
 
-def other_decode_kernels() -> list[str]:
-  """The sets of ``decode.DECODE_KERNELS`` other than the one set now (the default's)."""
-  return [name for name, kernels in DECODE_KERNELS.items()
-          if kernels != (nsa.PALLAS_DECODE, moe.DECODE_KERNEL)]
-
-
 def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
   """EAVI step against a teacher-forcing step on the same batch, with each ``eavi.rollout``
   (``eavi_step_ms``, ``ratio``: the config's); the sequential rollout alone: tokens/s; the
@@ -594,9 +598,6 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
       eavi = {kind: runner.time_step("eavi", T, runner.sizes.eavi_iters, rollout=kind)
               for kind in ("sequential", "parallel")}
       rollout, budget = runner.time_rollout(T)
-      # The other sets of decoding kernels (decode.DECODE_KERNELS), on a GPU (Triton) only.
-      others = ({name: runner.time_rollout(T, name)[0] for name in other_decode_kernels()}
-                if jax.default_backend() == "gpu" else {})
       align = {name: runner.time_alignment(T, fn) for name, fn in (
           ("branch", steps.alignment_loss), ("rows", steps.alignment_loss_rows))}
       passes = {name: runner.time_parallel_rollout(T, name) for name in ("branch", "rows")}
@@ -620,14 +621,49 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
                align_branch_ms=align["branch"].median_ms, align_rows_ms=align["rows"].median_ms,
                passes_branch_ms=passes["branch"].median_ms,
                passes_rows_ms=passes["rows"].median_ms)
-    for name, timing in others.items():
-      row.update({f"rollout_{name}_ms": timing.median_ms,
-                  f"rollout_{name}_tokens_per_s": B * budget / (timing.median_ms / 1e3),
-                  f"rollout_{name}_speedup": rollout.median_ms / timing.median_ms})
     row.update({f"profile_{name}": runner.profiles[f"{name}_T{T}" + suffix]
                 for name, suffix in (("train", ""), ("eavi", f"_{runner.cfg.eavi.rollout}"),
                                      ("rollout", ""))
                 if f"{name}_T{T}" + suffix in runner.profiles})
+    rows.append(row)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Section: decode
+# ----------------------------------------------------------------------------------------------
+
+def other_decode_kernels() -> list[str]:
+  """The sets of ``decode.DECODE_KERNELS`` other than the one set now (the default's), where
+  they differ from it: on a GPU (their kernels are Triton's; elsewhere none, as every set
+  runs the same XLA there)."""
+  if jax.default_backend() != "gpu":
+    return []
+  return [name for name, kernels in DECODE_KERNELS.items()
+          if kernels != (nsa.PALLAS_DECODE, moe.DECODE_KERNEL)]
+
+
+def bench_decode(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
+  """The sequential EAVI excursion (``decode.generate``, ``rollout_budget`` tokens a row) with
+  the default decoding kernels and each other set (:func:`other_decode_kernels`): ``sets``
+  {name: ms, tokens/s, compile s, speedup over the default's}."""
+  B = runner.cfg.train.batch_size
+  rows = []
+  for T in lens:
+    row: dict[str, Any] = {"seq_len": T, "batch": B}
+    try:
+      timings = {name: runner.time_rollout(T, None if name == "default" else name)
+                 for name in ["default"] + other_decode_kernels()}
+    except Exception as err:  # noqa: BLE001
+      if not is_oom(err):
+        raise
+      rows.append({**row, "status": "oom"})
+      continue
+    base = timings["default"][0].median_ms
+    row["rollout_budget"] = budget = timings["default"][1]
+    row["sets"] = {name: {"ms": t.median_ms, "tokens_per_s": B * budget / (t.median_ms / 1e3),
+                          "compile_s": t.compile_s, "speedup": base / t.median_ms}
+                   for name, (t, _) in timings.items()}
     rows.append(row)
   return rows
 
@@ -1034,6 +1070,10 @@ def _nsa_cell(case: dict) -> Any:
   return case.get("ms", case.get("status"))
 
 
+def _decode_cell(case: dict) -> str:
+  return f"{case['ms']:.1f} ({case['tokens_per_s'] / 1e3:.1f}k, {case['speedup']:.2f}x)"
+
+
 def _layer_cell(case: dict, suffix: str = "full") -> Any:
   """``ms (ratio)``, then ``; loop ms (ratio)`` where the case was timed back to back too."""
   if "ms" not in case:
@@ -1072,17 +1112,22 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
     out["eavi"] = table(
         ["T", "batch", "TF step ms", "EAVI step ms (sequential)", "ratio",
          "EAVI step ms (parallel)", "ratio", "passes", "rollout tokens", "rollout tok/s",
-         *(f"{name} tok/s" for name in other_decode_kernels()), "continuation",
+         "continuation",
          "align branch ms", "align rows ms", "passes branch ms", "passes rows ms"],
         [[r["seq_len"], r["batch"], r.get("train_step_ms", r.get("status")),
           r.get("sequential_step_ms"), r.get("sequential_ratio"),
           r.get("parallel_step_ms"), r.get("parallel_ratio"), r.get("parallel_passes"),
-          r.get("rollout_budget"), r.get("rollout_tokens_per_s"),
-          *(r.get(f"rollout_{name}_tokens_per_s") for name in other_decode_kernels()),
-          r.get("continuation"),
+          r.get("rollout_budget"), r.get("rollout_tokens_per_s"), r.get("continuation"),
           r.get("align_branch_ms"), r.get("align_rows_ms"), r.get("passes_branch_ms"),
           r.get("passes_rows_ms")] for r in results["eavi"]],
         markdown)
+  if "decode" in results:
+    names = list(dict.fromkeys(n for r in results["decode"] for n in r.get("sets", {})))
+    out["decode"] = table(
+        ["T", "batch", "tokens a row"] + [f"{n} ms (tok/s, x default)" for n in names],
+        [[r["seq_len"], r["batch"], r.get("rollout_budget", r.get("status"))]
+         + [_decode_cell(r["sets"][n]) if n in r.get("sets", {}) else None for n in names]
+         for r in results["decode"]], markdown)
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"
     out["nsa"] = table(
@@ -1138,6 +1183,7 @@ def markdown_summary(results: dict[str, Any]) -> str:
           f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
           f"{meta['date']}.")
   titles = {"train": "Teacher-forcing step", "eavi": "EAVI step",
+            "decode": "Sequential rollout with each set of decoding kernels",
             "nsa": "NSA core forward+backward (batch 1)", "moe": "DynMoE experts (one layer)",
             "layers": "One layer forward+backward, ratio to full causal GQA"}
   parts = [head]
@@ -1248,7 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"sections {','.join(sections)}, lengths {list(lens)}", flush=True)
   with light_compilation(args.quick):
     budgets = {}
-    if "eavi" in sections:  # EAVI's answer budgets of the config's data
+    if {"eavi", "decode"} & set(sections):  # EAVI's answer budgets of the config's data
       stream = config_stream(cfg)
       budgets = dict(zip(stream.buckets, stream.answer_budgets))
     runner = StepRunner(cfg, sizes, Path(args.profile) if args.profile else None, budgets)
@@ -1262,6 +1308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["train_data"] = {**data, "bucket_mix": bucket_mix(results["train"], data)}
       elif name == "eavi":
         results["eavi"] = bench_eavi(runner, lens)
+      elif name == "decode":
+        results["decode"] = bench_decode(runner, lens)
       elif name == "nsa":
         results["nsa"] = bench_nsa(cfg.model, sizes)
       elif name == "layers":
