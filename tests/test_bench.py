@@ -121,7 +121,9 @@ def test_quick_decode_numbers(quick):
     for case in sets.values():
       assert case["tokens_per_s"] == pytest.approx(
           row["batch"] * row["rollout_budget"] / (case["ms"] / 1e3))
-  _assert_finite_positive(results["decode"])
+    # --profile (the quick fixture's): the default's trace summary, as the eavi row's.
+    assert sets["default"]["profile"] == eavi[row["seq_len"]]["profile_rollout"]
+  _assert_finite_positive(results["decode"], skip=("profile",))
 
 
 def test_other_decoding_kernel_sets_are_timed_on_a_gpu_only(monkeypatch):
@@ -136,6 +138,31 @@ def test_other_decoding_kernel_sets_are_timed_on_a_gpu_only(monkeypatch):
       nsa.PALLAS_DECODE, moe.DECODE_KERNEL)
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert bench.other_decode_kernels() == []
+
+
+def test_decode_rows_keep_the_sets_that_fit(monkeypatch):
+  """A set that runs out of memory is recorded as such; the others keep their timings and
+  speedups, and the table shows both."""
+  class Runner:
+    cfg = config.load("configs/arc1.yaml", list(bench.QUICK_OVERRIDES))
+    profiles: dict = {}
+
+    def default_rollout(self, T):
+      return bench.Timing(1.0, 20.0, 19.0, 3), 30
+
+    def time_rollout(self, T, name):
+      if name == "fused":
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+      return bench.Timing(1.0, 10.0, 9.0, 3), 30
+  monkeypatch.setattr(bench, "other_decode_kernels", lambda: ["split", "fused"])
+  [row] = bench.bench_decode(Runner(), [128])
+  B = Runner.cfg.train.batch_size
+  assert row["rollout_budget"] == 30
+  assert row["sets"]["fused"] == {"status": "oom"}
+  assert row["sets"]["split"]["speedup"] == 2.0 and row["sets"]["default"]["speedup"] == 1.0
+  assert row["sets"]["split"]["tokens_per_s"] == pytest.approx(B * 30 / 0.01)
+  text = bench.section_tables({"decode": [row]})["decode"]
+  assert "oom" in text and "20.0 (" in text and "2.00x" in text
 
 
 def test_quick_nsa_numbers(quick):

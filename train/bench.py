@@ -412,7 +412,9 @@ class StepRunner:
     self.eavi_model = outside_tf(self.model)  # EAVI's parts, as eavi_step runs them
     self.donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot reuse buffers
     self._compiled: dict[tuple[str, int, bool], tuple[Any, float]] = {}
-    self._rollouts: dict[tuple[int, str | None], tuple[Timing, int]] = {}
+    # {T: (Timing, budget)}: the default kernels' rollout, which the eavi and decode sections
+    # share (default_rollout).
+    self._default_rollouts: dict[int, tuple[Timing, int]] = {}
     # Jitted: an eager init dispatches thousands of small ops. Each call returns new buffers,
     # as a donated state needs.
     self._init = jax.jit(functools.partial(steps.init_state, cfg, self.model))
@@ -469,13 +471,7 @@ class StepRunner:
 
   def time_rollout(self, seq_len: int, decode: str | None = None) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example). ``decode``:
-    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set). Timed once a
-    run: the eavi and decode sections share it."""
-    if (seq_len, decode) not in self._rollouts:
-      self._rollouts[seq_len, decode] = self._time_rollout(seq_len, decode)
-    return self._rollouts[seq_len, decode]
-
-  def _time_rollout(self, seq_len: int, decode: str | None) -> tuple[Timing, int]:
+    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set)."""
     cfg, batch = self.cfg, self.batch(seq_len)
     budget = steps.answer_budget(batch, cfg)
     fn = functools.partial(generate, self.eavi_model, max_new=budget, capacity=seq_len,
@@ -488,6 +484,13 @@ class StepRunner:
                                          iters=self.sizes.eavi_iters)
     self.profile(f"rollout_T{seq_len}" + (f"_{decode}" if decode else ""), compiled, args)
     return Timing(compile_s, median_ms, min_ms, self.sizes.eavi_iters), budget
+
+  def default_rollout(self, seq_len: int) -> tuple[Timing, int]:
+    """:meth:`time_rollout` with the kernels as set, timed once a run for the eavi and decode
+    sections (nothing in a bench run changes the settings between them)."""
+    if seq_len not in self._default_rollouts:
+      self._default_rollouts[seq_len] = self.time_rollout(seq_len)
+    return self._default_rollouts[seq_len]
 
   def time_parallel_rollout(self, seq_len: int, continuation: str) -> Timing:
     """Times the EAVI excursion alone with ``eavi.rollout=parallel`` (all ``eavi.passes``
@@ -597,7 +600,7 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
       tf, _ = runner.time_step("train", T, runner.sizes.iters)
       eavi = {kind: runner.time_step("eavi", T, runner.sizes.eavi_iters, rollout=kind)
               for kind in ("sequential", "parallel")}
-      rollout, budget = runner.time_rollout(T)
+      rollout, budget = runner.default_rollout(T)
       align = {name: runner.time_alignment(T, fn) for name, fn in (
           ("branch", steps.alignment_loss), ("rows", steps.alignment_loss_rows))}
       passes = {name: runner.time_parallel_rollout(T, name) for name in ("branch", "rows")}
@@ -644,26 +647,34 @@ def other_decode_kernels() -> list[str]:
 
 
 def bench_decode(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
-  """The sequential EAVI excursion (``decode.generate``, ``rollout_budget`` tokens a row) with
-  the default decoding kernels and each other set (:func:`other_decode_kernels`): ``sets``
-  {name: ms, tokens/s, compile s, speedup over the default's}."""
+  """The sequential EAVI excursion (``decode.generate``, ``rollout_budget`` tokens a row: the
+  eavi section's, EAVI's answer budget in the config's data) with the default decoding kernels
+  and each other set (:func:`other_decode_kernels`): ``sets`` {name: ms, tokens/s, compile s,
+  speedup over the default's; ``status: oom`` for a set that ran out of memory}."""
   B = runner.cfg.train.batch_size
   rows = []
   for T in lens:
-    row: dict[str, Any] = {"seq_len": T, "batch": B}
-    try:
-      timings = {name: runner.time_rollout(T, None if name == "default" else name)
-                 for name in ["default"] + other_decode_kernels()}
-    except Exception as err:  # noqa: BLE001
-      if not is_oom(err):
-        raise
-      rows.append({**row, "status": "oom"})
-      continue
-    base = timings["default"][0].median_ms
-    row["rollout_budget"] = budget = timings["default"][1]
-    row["sets"] = {name: {"ms": t.median_ms, "tokens_per_s": B * budget / (t.median_ms / 1e3),
-                          "compile_s": t.compile_s, "speedup": base / t.median_ms}
-                   for name, (t, _) in timings.items()}
+    row: dict[str, Any] = {"seq_len": T, "batch": B, "sets": {}}
+    for name in ["default"] + other_decode_kernels():
+      try:
+        timing, budget = (runner.default_rollout(T) if name == "default"
+                          else runner.time_rollout(T, name))
+      except Exception as err:  # noqa: BLE001
+        if not is_oom(err):
+          raise
+        row["sets"][name] = {"status": "oom"}
+        continue
+      row["rollout_budget"] = budget
+      case = {"ms": timing.median_ms, "tokens_per_s": B * budget / (timing.median_ms / 1e3),
+              "compile_s": timing.compile_s}
+      key = f"rollout_T{T}" + ("" if name == "default" else f"_{name}")
+      if key in runner.profiles:  # --profile
+        case["profile"] = runner.profiles[key]
+      row["sets"][name] = case
+    base = row["sets"]["default"].get("ms")
+    for case in row["sets"].values():
+      if base and "ms" in case:
+        case["speedup"] = base / case["ms"]
     rows.append(row)
   return rows
 
@@ -1071,7 +1082,10 @@ def _nsa_cell(case: dict) -> Any:
 
 
 def _decode_cell(case: dict) -> str:
-  return f"{case['ms']:.1f} ({case['tokens_per_s'] / 1e3:.1f}k, {case['speedup']:.2f}x)"
+  if "ms" not in case:
+    return case.get("status", "-")
+  speedup = f", {case['speedup']:.2f}x" if "speedup" in case else ""
+  return f"{case['ms']:.1f} ({case['tokens_per_s'] / 1e3:.1f}k{speedup})"
 
 
 def _layer_cell(case: dict, suffix: str = "full") -> Any:
@@ -1122,11 +1136,11 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
           r.get("passes_rows_ms")] for r in results["eavi"]],
         markdown)
   if "decode" in results:
-    names = list(dict.fromkeys(n for r in results["decode"] for n in r.get("sets", {})))
+    names = list(dict.fromkeys(n for r in results["decode"] for n in r["sets"]))
     out["decode"] = table(
         ["T", "batch", "tokens a row"] + [f"{n} ms (tok/s, x default)" for n in names],
-        [[r["seq_len"], r["batch"], r.get("rollout_budget", r.get("status"))]
-         + [_decode_cell(r["sets"][n]) if n in r.get("sets", {}) else None for n in names]
+        [[r["seq_len"], r["batch"], r.get("rollout_budget")]
+         + [_decode_cell(r["sets"][n]) if n in r["sets"] else None for n in names]
          for r in results["decode"]], markdown)
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"

@@ -19,7 +19,7 @@ compiled: its cuDNN attention needs cuDNN at compile time.
     python -m train.kernel_count --config arc1 --decode split,fused,fused_moe --out kernels.json
 
 Counts are per step of the compiled program; whether a launch is cheap is not known here
-(time it on the device: ``python -m train.bench --only eavi``).
+(time it on the device: ``python -m train.bench --only decode``).
 """
 
 from __future__ import annotations
