@@ -54,7 +54,8 @@ def step_copies(backend: str | None = None) -> int:
 # Benchmarks).
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
-    "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas")}
+    "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas"),
+    "fused_xla_block_moe": ("fused_xla_block", "pallas")}
 
 
 @contextlib.contextmanager

@@ -165,10 +165,10 @@ def test_decode_kernels_names_and_restores_the_settings():
       pass
 
 
-@pytest.mark.parametrize("kernels", ["split", "fused_moe"])
+@pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
-  """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe, NSA's one-kernel
-  step) gives the full forward's logits; the kernel runs in every decoding step, never in the
+  """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
+  fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs in every decoding step, never in the
   prefill."""
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
@@ -178,7 +178,7 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
       lambda kernel, *a, **k: calls.append(1) or kernel(*a, **k), moe_pallas.decode_partials))
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
-  if kernels == "fused_moe":
+  if kernels != "split":
     model = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
   T = 21
   tokens = jax.random.randint(jax.random.PRNGKey(5), (3, T), 0, VOCAB_SIZE)
