@@ -76,6 +76,7 @@ VARIANTS = {
     "choice_q32": dict(CHOICE_TOKENS=32),
     "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
     "choice_tf32": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),  # one TF32 pass
+    "choice_bf16x3": dict(CHOICE_OVERLAP_PRECISION="bf16x3"),  # three bf16 parts
     "choice_short_first": dict(CHOICE_LONG_FIRST=False),
     "choice_group_order": dict(CHOICE_ORDER="group"),
     # The selected branch's forward: key-major items (the backward's plan) or query-major.

@@ -697,6 +697,25 @@ _FORCED = 1e30         # key of a forced block (scores are sums of probabilities
 _USED = -3e38          # key of an entry already taken in the merge
 
 
+def _overlap_dot(p_QN, m_NJ):
+  """``p_QN @ m_NJ`` (float32 probabilities against a 0/1 matrix) at
+  CHOICE_OVERLAP_PRECISION; "bf16x3": the probabilities split into three bfloat16 parts
+  (hi + mid + lo, within float32 rounding of p) on tensor cores, each product exact (the
+  matrix is 0/1), the sums in float32."""
+  if CHOICE_OVERLAP_PRECISION != "bf16x3":
+    return jax.lax.dot(p_QN, m_NJ, precision=CHOICE_OVERLAP_PRECISION,
+                       preferred_element_type=_F32)
+  bf = jnp.bfloat16
+  m_NJ = m_NJ.astype(bf)
+  hi = p_QN.astype(bf)
+  rest = p_QN - hi.astype(_F32)
+  mid = rest.astype(bf)
+  lo = (rest - mid.astype(_F32)).astype(bf)
+  return (jax.lax.dot(hi, m_NJ, preferred_element_type=_F32)
+          + jax.lax.dot(mid, m_NJ, preferred_element_type=_F32)
+          + jax.lax.dot(lo, m_NJ, preferred_element_type=_F32))
+
+
 def block_choice_supported(*, block_len: int, block_stride: int, select_len: int) -> bool:
   """Whether :func:`block_choice` serves this geometry (on GPU the tiles must also be powers
   of two: ``select_len // block_stride`` is)."""
@@ -810,9 +829,7 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, lo_ref, ovl_ref, o_ref, *, num_g
     for r in range(heads):
       p_QN += jnp.where(vis_QN, jnp.exp(head_logits(r, k_ND, vis_QN) - lse_rQ[r][:, None]),
                         0.0)
-    prec = CHOICE_OVERLAP_PRECISION
-    s_QJ = (jax.lax.dot(p_QN, same_NJ, precision=prec, preferred_element_type=_F32)
-            + jax.lax.dot(prev_QN, next_NJ, precision=prec, preferred_element_type=_F32))
+    s_QJ = _overlap_dot(p_QN, same_NJ) + _overlap_dot(prev_QN, next_NJ)
     if not topk:
       o_ref[b, pl.ds(t0, Q), g, pl.ds(jt * Js, Js)] = s_QJ
       return (p_QN,)
