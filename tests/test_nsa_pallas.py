@@ -382,6 +382,15 @@ def test_block_choice_kernel_matches_selection(name):
   np.testing.assert_allclose(score_of(idx_got), score_of(idx_want), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["one_tile", "many_tiles_packed"])
+def test_block_choice_in_three_bfloat16_parts_matches_selection(name, monkeypatch):
+  """CHOICE_OVERLAP_PRECISION "bf16x3": each probability is split into three bfloat16 parts
+  whose sum is within float32 rounding of it (8 + 8 + 8 bits), against exact 0/1 matrices, so
+  the same bounds hold (atol 1e-5; one bfloat16 part alone errs by up to 2^-9 of each term)."""
+  monkeypatch.setattr(nsa_pallas, "CHOICE_OVERLAP_PRECISION", "bf16x3")
+  test_block_choice_kernel_matches_selection(name)
+
+
 @pytest.mark.parametrize("order,long_first", [("group", True), ("tile", False)])
 def test_block_choice_program_order_changes_nothing(order, long_first, monkeypatch):
   """Each program computes its own (example, group, query tile): any launch order gives the
