@@ -8,15 +8,15 @@ the output bias mix. :func:`decode_experts` computes the same layer, routing inc
 kernel plus the sum of its partial outputs:
 
 * a program per (tile of rows, expert e, tile of ``DEC_TILE_F`` hidden units) recomputes the
-  gate of its rows (normalised cosine similarity to every prototype in exact float32,
-  threshold, arg-max fallback, ``mean`` / ``softmax`` combination: :func:`onn_jax.model.moe.route`'s
+  gate of its rows (normalised cosine similarity to every prototype in float32, summed row
+  by row, one prototype at a time: :func:`_route_weights`; threshold, arg-max fallback, ``mean`` / ``softmax`` combination: :func:`onn_jax.model.moe.route`'s
   forward pass), takes expert e's weight w_e, and adds ``w_e * gelu(x W_in[e, :, tile] +
   b_in) W_out[e, tile, :]`` (plus ``w_e b_out[e]`` in the first tile) as one float32 partial;
 * XLA sums the E * F / DEC_TILE_F partials of each row (one reduction).
 
-The routing product is tiny (rows x d_model x E); recomputing it per program costs less than a
-launch. Fewer than 16 experts are padded to 16 columns (a tensor-core product's minimum) that
-no row uses.
+The routing is tiny (rows x d_model x E products); recomputing it per program was meant to
+cost less than a launch, but as Triton's exact float32 matrix product it cost most of the
+kernel (below). Fewer than 16 experts are padded to 16 routing columns that no row uses.
 
 Numerics follow :func:`onn_jax.model.moe.experts_dense`: products in the compute dtype with
 float32 accumulation, the hidden product and the bias sum rounded to the compute dtype, gelu in
@@ -28,7 +28,14 @@ may switch an expert the other way (as a TF32 product would flip far more).
 
 Measured slower than XLA's launches (H200, jax 0.11.2, 2026-12-05, arc1 rollout of 32 rows:
 45.7k tokens/s with it against 62.8k without, ~32 us a layer more; README Benchmarks), so
-``moe.DECODE_KERNEL`` keeps it off.
+``moe.DECODE_KERNEL`` keeps it off. Why (H100, jax 0.11.2, 2026-12-05, session 22: one arc1
+layer, 32 rows, 32 dependent calls a program;
+``docs/bench/moe_decode_kernel_variants_h100_2026-12-05.json``): XLA's layer 29.7 us a call,
+the kernel 62.7 us with its routing as Triton's exact float32 product, 17.6 us with the
+routing left out (a timing stub), 21.8 us given XLA's routing weights. The routing is now
+summed elementwise (:func:`_route_weights`), not yet timed on a GPU; the decoding set
+``fused_xla_block_moe`` (``decode.DECODE_KERNELS``) puts the kernel beside the default NSA
+kernels for ``python -m train.bench --only decode`` to compare.
 
 Fallback to the top-1 expert only (``fallback_k = 1``, every shipped config); d_model and
 expert_hidden powers of two of at least 16, tiles within :data:`DEC_TILE_BYTES`

@@ -681,7 +681,11 @@ CHOICE_NUM_WARPS = 4
 # The overlap sums' products (probabilities against 0/1 matrices): HIGHEST = exact float32
 # (CUDA cores on GPU). HIGH or DEFAULT lower to one TF32 pass on tensor cores, which rounds
 # the probabilities to about 1e-3 and changed choices on an H200 (float32 check: loss error
-# 5e-4 against 1e-6).
+# 5e-4 against 1e-6). "bf16x3" (_overlap_dot): three bfloat16 parts of the probabilities on
+# tensor cores, within float32 rounding. Not yet timed: Triton's exact float32 product was
+# what made the DynMoE decoding kernel's routing slow (moe_pallas, session 22);
+# `python -m train.nsa_kernel_check --cases 32x2048 --impls pallas --breakdown --variants
+# choice_tf32,choice_bf16x3` compares them.
 CHOICE_OVERLAP_PRECISION = jax.lax.Precision.HIGHEST
 # Programs of the last query tiles (the longest walks) first within each (example, group):
 # the choice at 1 x 32768 on an H200 2.61 -> 2.25 ms (train.nsa_kernel_check --variants
