@@ -136,8 +136,10 @@ def test_other_decoding_kernel_sets_are_timed_on_a_gpu_only(monkeypatch):
   assert len(others) == len(DECODE_KERNELS) - 1
   assert DECODE_KERNELS[next(n for n in DECODE_KERNELS if n not in others)] == (
       nsa.PALLAS_DECODE, moe.DECODE_KERNEL)
+  assert bench.other_decode_kernels(["split", "fused"]) == ["split", "fused"]
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert bench.other_decode_kernels() == []
+  assert bench.other_decode_kernels(["split"]) == []
 
 
 def test_decode_rows_keep_the_sets_that_fit(monkeypatch):
@@ -154,7 +156,7 @@ def test_decode_rows_keep_the_sets_that_fit(monkeypatch):
       if name == "fused":
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
       return bench.Timing(1.0, 10.0, 9.0, 3), 30
-  monkeypatch.setattr(bench, "other_decode_kernels", lambda: ["split", "fused"])
+  monkeypatch.setattr(bench, "other_decode_kernels", lambda only=None: ["split", "fused"])
   [row] = bench.bench_decode(Runner(), [128])
   B = Runner.cfg.train.batch_size
   assert row["rollout_budget"] == 30
@@ -252,6 +254,14 @@ def test_quick_prints_tables(quick):
 def test_bad_section_is_rejected(capsys):
   assert bench.main(["--only", "train,nope"]) == 2
   assert "'nope'" in capsys.readouterr().err
+
+
+def test_bad_decoding_set_is_rejected(capsys):
+  assert bench.main(["--only", "decode", "--sets", "split,fast"]) == 2
+  err = capsys.readouterr().err
+  assert "--sets: unknown decoding-kernel set 'fast'" in err and len(err.splitlines()) == 1
+  assert bench._parse_sets(" split, fused ") == ["split", "fused"]
+  assert bench._parse_sets("") is None
 
 
 # ----------------------------------------------------------------------------------------------

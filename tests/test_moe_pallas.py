@@ -168,8 +168,8 @@ def test_decode_kernels_names_and_restores_the_settings():
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
-  fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs in every decoding step, never in the
-  prefill."""
+  fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
+  in every decoding step, never in the prefill."""
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)

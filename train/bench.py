@@ -636,26 +636,29 @@ def bench_eavi(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
 # Section: decode
 # ----------------------------------------------------------------------------------------------
 
-def other_decode_kernels() -> list[str]:
+def other_decode_kernels(only: Sequence[str] | None = None) -> list[str]:
   """The sets of ``decode.DECODE_KERNELS`` other than the one set now (the default's), where
   they differ from it: on a GPU (their kernels are Triton's; elsewhere none, as every set
-  runs the same XLA there)."""
+  runs the same XLA there). ``only`` (``--sets``): those of these names."""
   if jax.default_backend() != "gpu":
     return []
   return [name for name, kernels in DECODE_KERNELS.items()
-          if kernels != (nsa.PALLAS_DECODE, moe.DECODE_KERNEL)]
+          if kernels != (nsa.PALLAS_DECODE, moe.DECODE_KERNEL)
+          and (only is None or name in only)]
 
 
-def bench_decode(runner: StepRunner, lens: Sequence[int]) -> list[dict]:
+def bench_decode(runner: StepRunner, lens: Sequence[int],
+                 sets: Sequence[str] | None = None) -> list[dict]:
   """The sequential EAVI excursion (``decode.generate``, ``rollout_budget`` tokens a row: the
   eavi section's, EAVI's answer budget in the config's data) with the default decoding kernels
-  and each other set (:func:`other_decode_kernels`): ``sets`` {name: ms, tokens/s, compile s,
-  speedup over the default's; ``status: oom`` for a set that ran out of memory}."""
+  and each other set (:func:`other_decode_kernels`, of ``sets`` where given): ``sets`` {name:
+  ms, tokens/s, compile s, speedup over the default's; ``status: oom`` for a set that ran out
+  of memory}."""
   B = runner.cfg.train.batch_size
   rows = []
   for T in lens:
     row: dict[str, Any] = {"seq_len": T, "batch": B, "sets": {}}
-    for name in ["default"] + other_decode_kernels():
+    for name in ["default"] + other_decode_kernels(sets):
       try:
         timing, budget = (runner.default_rollout(T) if name == "default"
                           else runner.time_rollout(T, name))
@@ -1244,6 +1247,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--lens", default="",
                       help="comma-separated sequence lengths for train/eavi/layers (default: "
                            "data.buckets)")
+  parser.add_argument("--sets", default="",
+                      help="decode: the decoding-kernel sets to time beside the default, "
+                           f"comma-separated, of {','.join(DECODE_KERNELS)} (default: every "
+                           "other set; on a GPU only)")
   parser.add_argument("--profile", default="",
                       help="also trace each timed train/EAVI step and the rollout into this "
                            "folder and summarise its kernels by name and model scope in the "
@@ -1260,6 +1267,16 @@ def _parse_sections(text: str) -> list[str]:
   if not names:
     raise ValueError("--only: name at least one section")
   return names
+
+
+def _parse_sets(text: str) -> list[str] | None:
+  """``--sets``: None (every set) when empty, else the names, each of decode.DECODE_KERNELS."""
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  for name in names:
+    if name not in DECODE_KERNELS:
+      raise ValueError(f"--sets: unknown decoding-kernel set {name!r} (known: "
+                       f"{', '.join(DECODE_KERNELS)})")
+  return names or None
 
 
 def _parse_lens(text: str, default: Sequence[int]) -> tuple[int, ...]:
@@ -1297,6 +1314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.load(args.config, overrides)
     sections = _parse_sections(args.only)
     lens = _parse_lens(args.lens, cfg.data.buckets)
+    decode_sets = _parse_sets(args.sets)
   except (config.ConfigError, ValueError) as err:
     print(f"bench: {err}", file=sys.stderr)
     return 2
@@ -1323,7 +1341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       elif name == "eavi":
         results["eavi"] = bench_eavi(runner, lens)
       elif name == "decode":
-        results["decode"] = bench_decode(runner, lens)
+        results["decode"] = bench_decode(runner, lens, decode_sets)
       elif name == "nsa":
         results["nsa"] = bench_nsa(cfg.model, sizes)
       elif name == "layers":

@@ -9,7 +9,8 @@ kernel plus the sum of its partial outputs:
 
 * a program per (tile of rows, expert e, tile of ``DEC_TILE_F`` hidden units) recomputes the
   gate of its rows (normalised cosine similarity to every prototype in float32, summed row
-  by row, one prototype at a time: :func:`_route_weights`; threshold, arg-max fallback, ``mean`` / ``softmax`` combination: :func:`onn_jax.model.moe.route`'s
+  by row, one prototype at a time: :func:`_route_weights`; threshold, arg-max fallback,
+  ``mean`` / ``softmax`` combination: :func:`onn_jax.model.moe.route`'s
   forward pass), takes expert e's weight w_e, and adds ``w_e * gelu(x W_in[e, :, tile] +
   b_in) W_out[e, tile, :]`` (plus ``w_e b_out[e]`` in the first tile) as one float32 partial;
 * XLA sums the E * F / DEC_TILE_F partials of each row (one reduction).
