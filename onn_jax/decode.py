@@ -54,7 +54,8 @@ def step_copies(backend: str | None = None) -> int:
 # kernel. H200, `python -m train.bench --only decode --lens 2048` (2026-12-05, session 22, 32
 # rows x 512 tokens): the default 205.5 ms, "fused" 0.98x its speed, "fused_moe" 0.68x,
 # "split" 0.61x; "fused_xla_block_moe" (added after that run, with the DynMoE kernel's
-# routing made cheaper) is not yet timed (README Benchmarks).
+# routing changed to elementwise sums, meant to be cheaper) is not yet timed (README
+# Benchmarks).
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
     "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas"),

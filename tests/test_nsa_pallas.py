@@ -386,7 +386,9 @@ def test_block_choice_kernel_matches_selection(name):
 def test_block_choice_in_three_bfloat16_parts_matches_selection(name, monkeypatch):
   """CHOICE_OVERLAP_PRECISION "bf16x3": each probability is split into three bfloat16 parts
   whose sum is within float32 rounding of it (8 + 8 + 8 bits), against exact 0/1 matrices, so
-  the same bounds hold (atol 1e-5; one bfloat16 part alone errs by up to 2^-9 of each term)."""
+  the same bounds hold (atol 1e-5). One bfloat16 part alone errs by up to 2^-8 of each term
+  and fails here; two parts (2^-16) pass these cases too: the third keeps the sums as close as
+  HIGHEST's, which this test does not resolve."""
   monkeypatch.setattr(nsa_pallas, "CHOICE_OVERLAP_PRECISION", "bf16x3")
   test_block_choice_kernel_matches_selection(name)
 

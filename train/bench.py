@@ -1250,7 +1250,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--sets", default="",
                       help="decode: the decoding-kernel sets to time beside the default, "
                            f"comma-separated, of {','.join(DECODE_KERNELS)} (default: every "
-                           "other set; on a GPU only)")
+                           "other set; on a GPU only; the default set is always timed)")
   parser.add_argument("--profile", default="",
                       help="also trace each timed train/EAVI step and the rollout into this "
                            "folder and summarise its kernels by name and model scope in the "

@@ -128,9 +128,8 @@ def _route_weights(x_PC, p_ref, th_E, *, num_experts: int, combine: str, eps: fl
   padding, weight 0).
 
   The cosine similarities are float32 products summed over C row by row, one prototype at a
-  time, not a matrix product: Triton's exact float32 product made the routing of 32 rows cost
-  about 45 us a program (H100, 2026-12-05: the kernel 62.7 us a call with it, 17.6 us with the
-  routing left out; README Benchmarks)."""
+  time, not Triton's exact float32 matrix product, which cost most of the kernel's time (the
+  module docstring)."""
   x32 = x_PC.astype(_F32)
   xn_PC = x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=1, keepdims=True) + eps)
   width = p_ref.shape[0]
