@@ -236,22 +236,29 @@ def test_pallas_bf16_close_to_fp32_reference():
 
 # ---------------------------------------------------------------- the selected-branch kernel
 
-# Backward variants: (BWD_IMPL, DKDV_REDUCE, KEY_CHUNK). KEY_CHUNK = 2 spreads a block's
-# tokens over several items, the last one partial.
-# (forward, backward, dk/dv reduction, tokens per item[, keys per backward tile]): every
-# forward with every backward, items of 2 tokens (many items per block, partial and empty
-# items) for the key-major ones; blocks walked in tiles of 2 keys (both reductions).
+# (forward, backward, dk/dv reduction, tokens per chunk[, keys per backward tile[, chunks per
+# item]]): every forward with every backward, chunks of 2 tokens (many items per block,
+# partial and empty items) for the key-major ones; blocks walked in tiles of 2 keys (both
+# reductions); items of several chunks (a program walks its live ones, dk/dv summed over
+# them) with both forwards and both reductions.
 BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "partials", 16),
                 ("keyblock", "keyblock", "partials", 2), ("query", "keyblock", "atomic", 2),
                 ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16),
                 ("keyblock", "keyblock", "partials", 2, 2), ("query", "keyblock", "atomic", 2, 2),
-                ("keyblock", "keyblock", "partials_kernel", 2)]
+                ("keyblock", "keyblock", "partials_kernel", 2),
+                ("keyblock", "keyblock", "partials", 1, None, 2),
+                ("keyblock", "keyblock", "atomic", 1, 2, 4),
+                ("query", "keyblock", "partials", 2, 2, 2)]
 
 
 def _set_bwd(monkeypatch, variant):
   """(forward, backward, dk/dv reduce (``partials_kernel``: partials summed by the sum
-  kernel, nsa_pallas.DKDV_SUM), item tokens[, key tile])."""
-  fwd, bwd, reduce, chunk, *tile = variant
+  kernel, nsa_pallas.DKDV_SUM), chunk tokens[, key tile (None: the default)[, chunks per
+  item]]). Items of several chunks: a program walks its live chunks (a block chosen by
+  one token leaves the rest of its item empty; one chosen by three fills two chunks of 2)."""
+  fwd, bwd, reduce, chunk, *rest = variant
+  tile = [t for t in rest[:1] if t is not None]
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", rest[1] if len(rest) > 1 else 1)
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
   monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
   monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce.removesuffix("_kernel"))
@@ -510,6 +517,13 @@ def test_item_partials_sum_per_block_and_drop_dead_items(how, monkeypatch):
           if live[b, g, m]:
             want[b, blk[b, g, m] * L:(blk[b, g, m] + 1) * L, g] += part[b, g, m]
     np.testing.assert_array_equal(np.asarray(sums), want)
+
+
+def test_a_bad_item_chunks_setting_is_one_line(monkeypatch):
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 0)
+  with pytest.raises(ValueError, match=r"^nsa_pallas.ITEM_CHUNKS must be a positive integer, "
+                                       r"got 0$"):
+    nsa_pallas._item_tokens()
 
 
 def test_a_bad_partial_sum_setting_is_one_line(monkeypatch):

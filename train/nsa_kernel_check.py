@@ -65,6 +65,19 @@ VARIANTS = {
     "key_tile64": dict(KEY_TILE=64),
     "keyblock_c8_w8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8,
                            KEY_NUM_WARPS=8),
+    # Items of several KEY_CHUNK-token chunks (nsa_pallas.ITEM_CHUNKS): fewer dk/dv partials
+    # to write and sum, longer programs.
+    "items1": dict(ITEM_CHUNKS=1),
+    "items2": dict(ITEM_CHUNKS=2),
+    "items4": dict(ITEM_CHUNKS=4),
+    "items8": dict(ITEM_CHUNKS=8),
+    "items16": dict(ITEM_CHUNKS=16),
+    "items4_w8": dict(ITEM_CHUNKS=4, KEY_NUM_WARPS=8),
+    "items8_c8": dict(ITEM_CHUNKS=8, KEY_CHUNK=8),
+    "items16_c8": dict(ITEM_CHUNKS=16, KEY_CHUNK=8),
+    "items4_c32": dict(ITEM_CHUNKS=4, KEY_CHUNK=32),
+    # The key-major forward's partial outputs in the inputs' dtype (bfloat16) instead of float32.
+    "fwd_part_input": dict(FWD_PARTIAL_DTYPE="input"),
     # The compressed branch (nsa module): the XLA chunks instead of the default folded
     # attention (one causal cuDNN attention over query groups).
     "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),
@@ -379,7 +392,7 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     L = GEO["select_len"]
     J = -(-T // L)
     _, a["posrow"], a["blk"], _ = nsa_pallas._keyblock_plan(idx, pos, num_blocks=J, heads=R,
-                                                            chunk=nsa_pallas.KEY_CHUNK)
+                                                            chunk=nsa_pallas._item_tokens())
     a["dk_part"] = a["dv_part"] = jnp.zeros(a["blk"].shape + (L, D), jnp.float32)
 
     def sums(dk, dv, blk, posrow):
@@ -445,7 +458,8 @@ def main(argv=None) -> None:
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: getattr(nsa_pallas, k) for k in
                            ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DKDV_SUM", "KEY_CHUNK",
-                            "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL", "SUM_NUM_WARPS",
+                            "ITEM_CHUNKS", "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL",
+                            "SUM_NUM_WARPS",
                             "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
                             "DEC_NUM_WARPS", "DEC_SEL_TILE")},
                  window=nsa.PALLAS_WINDOW, pallas_decode=nsa.PALLAS_DECODE)

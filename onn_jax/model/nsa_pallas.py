@@ -15,10 +15,11 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   Neither stores anything of size T*K*select_len;
 * backward (``BWD_IMPL = "keyblock"``, the default): key-major, the kernel without atomics
   (the item plan comes from the key-major forward when it ran). The (token, slot) pairs of
-  each (example, group) are sorted by selection block (in XLA) and cut into items of
-  ``KEY_CHUNK`` tokens; one program per item loads its block's keys and values once, gathers
-  the item's query rows and recomputes the probabilities from the log-sum-exp, sums the
-  block's dk/dv over the item's rows in registers (one [L, D] partial per item, then summed
+  each (example, group) are sorted by selection block (in XLA) and cut into items of up to
+  ``ITEM_CHUNKS`` chunks of ``KEY_CHUNK`` tokens; one program per item loads its block's keys
+  and values once and walks the item's chunks (gathers each chunk's query rows, recomputes
+  the probabilities from the log-sum-exp), sums the block's dk/dv over the item's rows in
+  registers (one [L, D] partial per item, then summed
   per block by :func:`sum_item_partials`: a segment sum in XLA, or a kernel) and writes each
   row's dq contribution, which XLA sums over the token's ``K`` slots. A block that every
   token chooses (block 0) is spread over many items, so no program of the backward walks a
@@ -245,7 +246,8 @@ def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, int
   num_blocks = -(-k_BSGD.shape[1] // select_len)
   plan = None
   if forward_impl(q_BTGRD.shape[1], idx_BTGK.shape[-1], num_blocks) == "keyblock":
-    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=num_blocks, heads=R, chunk=KEY_CHUNK)
+    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=num_blocks, heads=R,
+                          chunk=_item_tokens())
     out, lse = _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len,
                                           interpret)
   else:
@@ -290,20 +292,21 @@ def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
 # ---------------------------------------------------------------- key-major backward
 #
 # The (token, slot) pairs of each (example, group) are sorted by their selection block, and
-# each block's run of tokens is cut into items of KEY_CHUNK tokens (the last item of a block
-# partial, items past the end empty). One program per item loads its block's keys and values
-# once, gathers the item's query rows (KEY_CHUNK tokens x R heads) and computes
+# each block's run of tokens is cut into items of C = ITEM_CHUNKS * KEY_CHUNK tokens (the last
+# item of a block partial, items past the end empty). One program per item loads its block's
+# keys and values once and walks the item's live chunks, gathering each chunk's query rows
+# (KEY_CHUNK tokens x R heads), and computes
 #   * the block's dk/dv contribution, summed over the item's rows in registers and written
 #     as one [L, D] partial per item (summed per block afterwards by sum_item_partials) or,
 #     with DKDV_REDUCE = "atomic", added with one atomic add per item;
-#   * each row's dq contribution, written to the item's own rows of a [items*KEY_CHUNK*R, D]
+#   * each row's dq contribution, written to the item's own rows of a [items*C*R, D]
 #     buffer and summed over the K slots of each token afterwards (a gather).
 # A block chosen by every token (block 0 always is) is spread over many items, so no program
 # walks a long list; the number of items is static: sum_j ceil(n_j / C) <= (T*K + J*(C-1))/C.
 
 BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomic dk/dv)
 # The forward: "keyblock" (the backward's items: each block's keys loaded once for up to
-# KEY_CHUNK tokens, partial outputs combined by log-sum-exp in XLA; the item plan is then
+# ITEM_CHUNKS * KEY_CHUNK tokens, partial outputs combined by log-sum-exp in XLA; the plan is
 # shared with the backward) or "query" (one program per (example, token, group) walking its K
 # blocks). H200, selected branch at 32x2048 (train.nsa_kernel_check --variants fwd_query):
 # forward 1.36 ms against 2.10, forward+backward 2.48 against 3.38.
@@ -312,7 +315,19 @@ BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomi
 # query-major one otherwise: one-token decoding (T = 1) would otherwise launch J mostly empty
 # items per (example, group) and sort their plan, at every generated token.
 FWD_IMPL = "auto"
-KEY_CHUNK = 16              # tokens per item (a power of two on GPU)
+KEY_CHUNK = 16              # tokens per chunk: a program's query tile (a power of two on GPU)
+# Chunks per item: an item holds up to ITEM_CHUNKS * KEY_CHUNK tokens of one block and its
+# program walks the live chunks one query tile at a time, keys and values loaded once, dk/dv
+# summed in registers over them. More chunks mean fewer items, so fewer dk/dv partials to
+# write and sum (the segment sum and the partials' writes are the selected backward's XLA
+# glue), at the cost of more padding in the plan for blocks few tokens choose and of fewer,
+# longer programs. A power of two on GPU. H100, jax 0.11.2, arc1's geometry, nsa_core
+# forward+backward (train.nsa_kernel_check --variants items1,items2,items4,items8,items16):
+# 8 against 1 (the former items of one chunk) 3.67 / 4.03 ms at 32 x 2048, 4.79 / 5.44 at
+# 8 x 8192, 5.17 / 5.58 at 1 x 32768; 2 and 4 in between, 16 no better, chunks of 8 or 32
+# tokens slower (docs/bench/nsa_item_chunks*_h100_2026-12-05.json). The arc1 training step
+# (train.bench --only train --lens 2048, back to back): 68.8 against 72.3 ms.
+ITEM_CHUNKS = 8
 DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_partials) or "atomic"
 # How sum_item_partials sums the partials: "xla" (a segment sum) or "kernel" (Pallas: one
 # program per (block, example, group) walks its block's run of items, SUM_UNROLL at a time,
@@ -336,6 +351,21 @@ KEY_NUM_WARPS = 4
 # after that fix. A power of two, at least 16 on GPU (tensor-core tiles); a select_len that
 # is not a multiple of it (at most KEY_TILE on GPU) is one tile.
 KEY_TILE = 32
+
+
+def _item_tokens() -> int:
+  """Tokens per item of the key-major kernels' plan (KEY_CHUNK * ITEM_CHUNKS)."""
+  if not (isinstance(ITEM_CHUNKS, int) and ITEM_CHUNKS >= 1):
+    raise ValueError(f"nsa_pallas.ITEM_CHUNKS must be a positive integer, got {ITEM_CHUNKS!r}")
+  return KEY_CHUNK * ITEM_CHUNKS
+
+
+def _live_chunks(pos_ref, b, g, m, rows: int, chunks: int):
+  """The number of chunks of item ``m`` that hold a real row: its real rows come first (see
+  :func:`_keyblock_plan`), ``rows`` a chunk, ``chunks`` an item."""
+  pos_Y = pos_ref[b, g, pl.ds(m * rows * chunks, rows * chunks)]
+  live = jnp.sum((pos_Y >= 0).astype(jnp.int32))
+  return jax.lax.div(live + rows - 1, rows)
 
 
 def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
@@ -406,8 +436,10 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
 
 def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qrow_ref,
                              posrow_ref, blk_ref, *refs, num_groups: int, num_items: int,
-                             rows: int, select_len: int, key_tile: int, scale: float,
-                             atomic: bool):
+                             rows: int, chunks: int, select_len: int, key_tile: int,
+                             scale: float, atomic: bool):
+  """One item: its live chunks of ``rows`` query rows walked in turn against the item's
+  block, the block's dk/dv summed over them in registers and written once."""
   if atomic:
     _, _, dq_ref, dk_ref, dv_ref = refs  # dk/dv inputs aliased to the outputs
   else:
@@ -418,56 +450,63 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
   b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
   j = blk_ref[b, g, m]
   start = j * select_len
-  qrow_X = qrow_ref[b, g, pl.ds(m * rows, rows)]
-  pos_X = posrow_ref[b, g, pl.ds(m * rows, rows)]
-  q_XD = q_ref[b, qrow_X, :]
-  do_XD = do_ref[b, qrow_X, :]
-  lse_X = lse_ref[b, qrow_X]
-  delta_X = delta_ref[b, qrow_X]
+  num_tiles = select_len // key_tile
+  # The block's keys in tiles of key_tile: a static loop, one tile's [rows, key_tile] values
+  # live at a time (their dk/dv accumulators stay).
+  keys = [(k_ref[b, pl.ds(start + i * key_tile, key_tile), g, :],
+           v_ref[b, pl.ds(start + i * key_tile, key_tile), g, :],
+           start + i * key_tile + jax.lax.broadcasted_iota(jnp.int32, (key_tile,), 0))
+          for i in range(num_tiles)]
 
-  def tile(i):
-    """The block's keys [i*key_tile, (i+1)*key_tile): their dk/dv written, dq's share of
-    them returned (unscaled)."""
-    lo = i * key_tile
-    k_LD = k_ref[b, pl.ds(start + lo, key_tile), g, :]
-    v_LD = v_ref[b, pl.ds(start + lo, key_tile), g, :]
-    keypos_L = start + lo + jax.lax.broadcasted_iota(jnp.int32, (key_tile,), 0)
-    ok_XL = keypos_L[None, :] <= pos_X[:, None]  # padding rows (pos -1) see nothing
-    logits_XL = _mm(q_XD, k_LD, trans_b=True) * scale
-    p_XL = jnp.where(ok_XL, jnp.exp(jnp.where(ok_XL, logits_XL - lse_X[:, None], 0.0)), 0.0)
-    dp_XL = _mm(do_XD, v_LD, trans_b=True)
-    ds_XL = (p_XL * (dp_XL - delta_X[:, None])).astype(q_XD.dtype)
-    dv_LD = _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)
-    dk_LD = _mm(ds_XL, q_XD, trans_a=True) * scale
+  def chunk(c, acc):
+    """Chunk c's rows: dq written, the chunk's dk/dv (per key tile) added to ``acc``."""
+    row0 = (m * chunks + c) * rows
+    qrow_X = qrow_ref[b, g, pl.ds(row0, rows)]
+    pos_X = posrow_ref[b, g, pl.ds(row0, rows)]
+    q_XD = q_ref[b, qrow_X, :]
+    do_XD = do_ref[b, qrow_X, :]
+    lse_X = lse_ref[b, qrow_X]
+    delta_X = delta_ref[b, qrow_X]
+    dq_XD = jnp.zeros(q_XD.shape, _F32)
+    out = []
+    for (k_LD, v_LD, keypos_L), (dk_LD, dv_LD) in zip(keys, acc):
+      ok_XL = keypos_L[None, :] <= pos_X[:, None]  # padding rows (pos -1) see nothing
+      logits_XL = _mm(q_XD, k_LD, trans_b=True) * scale
+      p_XL = jnp.where(ok_XL, jnp.exp(jnp.where(ok_XL, logits_XL - lse_X[:, None], 0.0)), 0.0)
+      dp_XL = _mm(do_XD, v_LD, trans_b=True)
+      ds_XL = (p_XL * (dp_XL - delta_X[:, None])).astype(q_XD.dtype)
+      out.append((dk_LD + _mm(ds_XL, q_XD, trans_a=True) * scale,
+                  dv_LD + _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)))
+      dq_XD = dq_XD + _mm(ds_XL, k_LD)
+    dq_ref[b, g, pl.ds(row0, rows), :] = dq_XD * scale
+    return tuple(out)
+
+  zeros = tuple((jnp.zeros((key_tile, k.shape[-1]), _F32),) * 2 for k, _, _ in keys)
+  if chunks == 1:
+    acc = chunk(0, zeros)
+  else:  # the live chunks only (an item's last chunks may be empty)
+    acc = jax.lax.fori_loop(0, _live_chunks(posrow_ref, b, g, m, rows, chunks), chunk, zeros)
+  for i, (dk_LD, dv_LD) in enumerate(acc):
     if atomic:
-      blk_rows = (b, pl.ds(start + lo, key_tile), g, slice(None))
+      blk_rows = (b, pl.ds(start + i * key_tile, key_tile), g, slice(None))
       plt.atomic_add(dk_ref, blk_rows, dk_LD)
       plt.atomic_add(dv_ref, blk_rows, dv_LD)
     else:
-      keys = slice(None) if key_tile == select_len else pl.ds(lo, key_tile)
-      dk_ref[b, g, m, keys, :] = dk_LD
-      dv_ref[b, g, m, keys, :] = dv_LD
-    return _mm(ds_XL, k_LD)
-
-  num_tiles = select_len // key_tile
-  if num_tiles == 1:
-    dq_XD = tile(0)
-  else:  # a loop, not unrolled: one tile's [rows, key_tile] values live at a time
-    dq_XD = jax.lax.fori_loop(0, num_tiles, lambda i, acc: acc + tile(i),
-                              jnp.zeros(q_XD.shape, _F32))
-  dq_ref[b, g, pl.ds(m * rows, rows), :] = dq_XD * scale
+      tile = slice(None) if key_tile == select_len else pl.ds(i * key_tile, key_tile)
+      dk_ref[b, g, m, tile, :] = dk_LD
+      dv_ref[b, g, m, tile, :] = dv_LD
 
 
 def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse, plan = res
   B, T, G, R, D = q_BTGRD.shape
   S = k_BSGD.shape[1]
-  C, L = KEY_CHUNK, select_len
+  C, U, L = KEY_CHUNK, ITEM_CHUNKS, select_len
   k_pad, v_pad = _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L)
   Sp = k_pad.shape[1]
   J = Sp // L
   if plan is None:  # the query-major forward made none
-    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=J, heads=R, chunk=C)
+    plan = _keyblock_plan(idx_BTGK, pos_BT, num_blocks=J, heads=R, chunk=_item_tokens())
   qrow, posrow, blk_BGM, padpos_BGTK = plan
   M = blk_BGM.shape[-1]
   X = C * R
@@ -476,12 +515,13 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   if DKDV_REDUCE not in ("atomic", "partials"):
     raise ValueError(f"nsa_pallas.DKDV_REDUCE must be 'partials' or 'atomic', got {DKDV_REDUCE!r}")
   kernel = functools.partial(_selected_bwd_key_kernel, num_groups=G, num_items=M, rows=X,
-                             select_len=L, key_tile=KEY_TILE if L % KEY_TILE == 0 else L,
+                             chunks=U, select_len=L,
+                             key_tile=KEY_TILE if L % KEY_TILE == 0 else L,
                              scale=1.0 / math.sqrt(D), atomic=atomic)
   args = [q_BTGRD.reshape(B, T * G * R, D), k_pad, v_pad,
           do_BTGRD.astype(q_BTGRD.dtype).reshape(B, T * G * R, D), lse.reshape(B, -1),
           delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
-  dq_shape = jax.ShapeDtypeStruct((B, G, M * X, D), _F32)
+  dq_shape = jax.ShapeDtypeStruct((B, G, M * U * X, D), _F32)
   if atomic:
     acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
     out_shape, aliases = (dq_shape, acc, acc), {9: 1, 10: 2}
@@ -496,7 +536,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   if not atomic:
     dk, dv = sum_item_partials((dk, dv), blk_BGM, posrow, J, interpret=interpret)
   # dq: the K slot contributions of every (token, group), gathered from the item rows.
-  gathered = _gather_slots(dq_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
+  gathered = _gather_slots(dq_BGXD.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
   dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
   return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
@@ -592,30 +632,53 @@ def _gather_slots(x_BGY, padpos_BGTK, fill):
 
 def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref, o_ref,
                              lse_ref, *, num_groups: int, num_items: int, rows: int,
-                             select_len: int, scale: float):
-  """One item: its rows' attention over the item's one block, normalised within the block,
-  and the rows' log-sum-exp over it (``_NEG`` for padding rows, which see no key)."""
+                             chunks: int, select_len: int, scale: float):
+  """One item: each live chunk's rows attend to the item's one block, normalised within the
+  block; the rows' log-sum-exp over it (``_NEG`` for padding rows, which see no key)."""
   pid = pl.program_id(0)
   m = jax.lax.rem(pid, num_items)
   bg = jax.lax.div(pid, num_items)
   b, g = jax.lax.div(bg, num_groups), jax.lax.rem(bg, num_groups)
   start = blk_ref[b, g, m] * select_len
-  qrow_X = qrow_ref[b, g, pl.ds(m * rows, rows)]
-  pos_X = posrow_ref[b, g, pl.ds(m * rows, rows)]
-  q_XD = q_ref[b, qrow_X, :]
   k_LD = k_ref[b, pl.ds(start, select_len), g, :]
   v_LD = v_ref[b, pl.ds(start, select_len), g, :]
   keypos_L = start + jax.lax.broadcasted_iota(jnp.int32, (select_len,), 0)
-  ok_XL = keypos_L[None, :] <= pos_X[:, None]
-  logits_XL = jnp.where(ok_XL, _mm(q_XD, k_LD, trans_b=True) * scale, _NEG)
-  m_X = jnp.max(logits_XL, axis=1)
-  p_XL = jnp.where(ok_XL, jnp.exp(logits_XL - m_X[:, None]), 0.0)
-  l_X = jnp.sum(p_XL, axis=1)
-  seen_X = l_X > 0
-  acc_XD = _mm(p_XL.astype(v_LD.dtype), v_LD)
-  o_ref[b, g, pl.ds(m * rows, rows), :] = acc_XD / jnp.where(seen_X, l_X, 1.0)[:, None]
-  lse_ref[b, g, pl.ds(m * rows, rows)] = jnp.where(
-      seen_X, m_X + jnp.log(jnp.where(seen_X, l_X, 1.0)), _NEG)
+
+  def chunk(c, carry):
+    row0 = (m * chunks + c) * rows
+    qrow_X = qrow_ref[b, g, pl.ds(row0, rows)]
+    pos_X = posrow_ref[b, g, pl.ds(row0, rows)]
+    q_XD = q_ref[b, qrow_X, :]
+    ok_XL = keypos_L[None, :] <= pos_X[:, None]
+    logits_XL = jnp.where(ok_XL, _mm(q_XD, k_LD, trans_b=True) * scale, _NEG)
+    m_X = jnp.max(logits_XL, axis=1)
+    p_XL = jnp.where(ok_XL, jnp.exp(logits_XL - m_X[:, None]), 0.0)
+    l_X = jnp.sum(p_XL, axis=1)
+    seen_X = l_X > 0
+    acc_XD = _mm(p_XL.astype(v_LD.dtype), v_LD)
+    o_ref[b, g, pl.ds(row0, rows), :] = (acc_XD / jnp.where(seen_X, l_X, 1.0)[:, None]
+                                         ).astype(o_ref.dtype)
+    lse_ref[b, g, pl.ds(row0, rows)] = jnp.where(
+        seen_X, m_X + jnp.log(jnp.where(seen_X, l_X, 1.0)), _NEG)
+    return carry
+
+  if chunks == 1:
+    chunk(0, 0)
+  else:  # the live chunks only
+    jax.lax.fori_loop(0, _live_chunks(posrow_ref, b, g, m, rows, chunks), chunk, 0)
+
+
+# The key-major forward's per-block partial outputs: float32 ("float32") or the inputs' dtype
+# ("input": bfloat16 in training, half the bytes the kernel writes and XLA's combination
+# reads; each partial then rounded once before the float32 combination).
+FWD_PARTIAL_DTYPE = "float32"
+
+
+def _partial_dtype(input_dtype):
+  if FWD_PARTIAL_DTYPE not in ("float32", "input"):
+    raise ValueError(f"nsa_pallas.FWD_PARTIAL_DTYPE must be 'float32' or 'input', got "
+                     f"{FWD_PARTIAL_DTYPE!r}")
+  return _F32 if FWD_PARTIAL_DTYPE == "float32" else input_dtype
 
 
 def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interpret):
@@ -624,24 +687,24 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
   by their log-sum-exps (in XLA). Output [B,T,G,R,D] and log-sum-exp [B,T,G,R], float32."""
   qrow, posrow, blk_BGM, padpos_BGTK = plan
   B, T, G, R, D = q_BTGRD.shape
-  C, L = KEY_CHUNK, select_len
+  C, U, L = KEY_CHUNK, ITEM_CHUNKS, select_len
   M = blk_BGM.shape[-1]
   X = C * R
   kernel = functools.partial(_selected_fwd_key_kernel, num_groups=G, num_items=M, rows=X,
-                             select_len=L, scale=1.0 / math.sqrt(D))
+                             chunks=U, select_len=L, scale=1.0 / math.sqrt(D))
   o_BGXD, lse_BGX = pl.pallas_call(
       kernel, grid=(B * G * M,),
-      out_shape=(jax.ShapeDtypeStruct((B, G, M * X, D), _F32),
-                 jax.ShapeDtypeStruct((B, G, M * X), _F32)),
+      out_shape=(jax.ShapeDtypeStruct((B, G, M * U * X, D), _partial_dtype(q_BTGRD.dtype)),
+                 jax.ShapeDtypeStruct((B, G, M * U * X), _F32)),
       interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
   )(q_BTGRD.reshape(B, T * G * R, D), _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L), qrow,
     posrow, blk_BGM)
-  o_BGTKRD = _gather_slots(o_BGXD.reshape(B, G, M * C, R, D), padpos_BGTK, 0.0)
-  lse_BGTKR = _gather_slots(lse_BGX.reshape(B, G, M * C, R), padpos_BGTK, _NEG)
+  o_BGTKRD = _gather_slots(o_BGXD.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
+  lse_BGTKR = _gather_slots(lse_BGX.reshape(B, G, M * U * C, R), padpos_BGTK, _NEG)
   # Every (token, head) sees at least its own key (its block is always chosen).
   lse_BGTR = jax.nn.logsumexp(lse_BGTKR, axis=3)
   w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
-  out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD, axis=3)
+  out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD.astype(_F32), axis=3)
   return out_BGTRD.transpose(0, 2, 1, 3, 4), lse_BGTR.transpose(0, 2, 1, 3)
 
 
