@@ -519,6 +519,37 @@ def test_item_partials_sum_per_block_and_drop_dead_items(how, monkeypatch):
     np.testing.assert_array_equal(np.asarray(sums), want)
 
 
+def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
+  """``FWD_PARTIAL_DTYPE="input"``: the key-major forward's per-block partial outputs stored in
+  bfloat16 and combined in float32. Each partial is a convex combination of values, rounded
+  once (relative error <= 2^-8), and the combination's weights sum to 1, so the output moves
+  by at most 2^-8 * max|v| from the float32 partials' (plus float32 slack)."""
+  monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keyblock")
+  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
+  B, T, G, R, D, L, K = 2, 24, 2, 2, 8, 4, 3
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+             for s in ((B, T, G, R, D), (B, T, G, D), (B, T, G, D)))
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  own = np.arange(T) // L
+  idx = np.stack([own, np.maximum(own - 1, -1), np.where(own >= 3, 0, -1)], axis=-1)
+  idx = jnp.asarray(np.broadcast_to(idx[None, :, None, :], (B, T, G, K)), jnp.int32)
+  outs = {}
+  for how in ("float32", "input"):
+    monkeypatch.setattr(nsa_pallas, "FWD_PARTIAL_DTYPE", how)
+    outs[how] = np.asarray(nsa_pallas.selected_attention(q, k, v, idx, pos, L, True))
+  bound = 2.0 ** -8 * float(jnp.max(jnp.abs(v.astype(jnp.float32)))) + 1e-6
+  assert np.max(np.abs(outs["input"] - outs["float32"])) <= bound
+  assert not np.array_equal(outs["input"], outs["float32"])  # the setting took effect
+  monkeypatch.setattr(nsa_pallas, "FWD_PARTIAL_DTYPE", "half")
+  with pytest.raises(ValueError) as err:
+    nsa_pallas.selected_attention(q, k, v, idx, pos, L, True)
+  # JAX appends its traceback-filtering note on later lines.
+  assert str(err.value).splitlines()[0] == ("nsa_pallas.FWD_PARTIAL_DTYPE must be 'float32' "
+                                            "or 'input', got 'half'")
+
+
 def test_a_bad_item_chunks_setting_is_one_line(monkeypatch):
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 0)
   with pytest.raises(ValueError, match=r"^nsa_pallas.ITEM_CHUNKS must be a positive integer, "

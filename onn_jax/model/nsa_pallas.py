@@ -670,7 +670,12 @@ def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref,
 
 # The key-major forward's per-block partial outputs: float32 ("float32") or the inputs' dtype
 # ("input": bfloat16 in training, half the bytes the kernel writes and XLA's combination
-# reads; each partial then rounded once before the float32 combination).
+# reads; each partial then rounded once before the float32 combination, so the output moves
+# by up to 2^-8 of the largest value). H100, arc1's geometry: nsa_core forward+backward 3.37
+# against 3.66 ms at 32 x 2048, 4.68 against 4.78 at 8 x 8192
+# (docs/bench/nsa_fwd_partials_h100_2026-12-05.json), but the arc1 training step only 67.4
+# against 68.0 ms back to back (67.0 / 68.2 packed; train_fwd_partials_h100_2026-12-05.json):
+# 1-2% for an extra rounding, so the default stays float32.
 FWD_PARTIAL_DTYPE = "float32"
 
 
