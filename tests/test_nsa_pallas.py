@@ -248,7 +248,9 @@ BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "part
                 ("keyblock", "keyblock", "partials_kernel", 2),
                 ("keyblock", "keyblock", "partials", 1, None, 2),
                 ("keyblock", "keyblock", "atomic", 1, 2, 4),
-                ("query", "keyblock", "partials", 2, 2, 2)]
+                ("query", "keyblock", "partials", 2, 2, 2),
+                ("keyblock", "keyblock", "partials_kernel", 2, None, 2),
+                ("keyblock", "atomic", "partials", 2, None, 2)]
 
 
 def _set_bwd(monkeypatch, variant):
@@ -550,10 +552,11 @@ def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
                                             "or 'input', got 'half'")
 
 
-def test_a_bad_item_chunks_setting_is_one_line(monkeypatch):
-  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 0)
-  with pytest.raises(ValueError, match=r"^nsa_pallas.ITEM_CHUNKS must be a positive integer, "
-                                       r"got 0$"):
+@pytest.mark.parametrize("bad", [0, 3, True, 2.0])
+def test_a_bad_item_chunks_setting_is_one_line(bad, monkeypatch):
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", bad)
+  with pytest.raises(ValueError, match=r"^nsa_pallas.ITEM_CHUNKS must be a power of two "
+                                       rf"\(1, 2, 4, \.\.\.\), got {bad!r}$"):
     nsa_pallas._item_tokens()
 
 
@@ -570,8 +573,9 @@ def test_a_bad_partial_sum_setting_is_one_line(monkeypatch):
                          ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])
 def test_pallas_backward_variants_match_reference(name, variant, monkeypatch):
-  """Small items (2 tokens) in nsa_core: many items per block, partial and empty items; the
-  key-major forward with both backwards; blocks walked in tiles of 2 keys."""
+  """Small chunks (1-2 tokens) in nsa_core: many items per block, partial and empty items,
+  items of several chunks (full, partly filled and dead chunks); the key-major forward with
+  both backwards; blocks walked in tiles of 2 keys."""
   _set_bwd(monkeypatch, variant)
   geo, q_offset = GEOMETRIES[name]
   args = make_inputs(geo, seed=41)
@@ -638,7 +642,7 @@ def test_forward_auto_keyblock_for_training_rows_query_for_decoding(monkeypatch)
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 16)
   assert nsa_pallas.FWD_IMPL == "auto"
   assert nsa_pallas.forward_impl(2048, 8, 64) == "keyblock"
-  assert nsa_pallas.forward_impl(128, 8, 64) == "keyblock"  # 1024 pairs, 64 items of 16
+  assert nsa_pallas.forward_impl(128, 8, 64) == "keyblock"  # 1024 pairs, 64 chunks of 16
   assert nsa_pallas.forward_impl(127, 8, 64) == "query"
   assert nsa_pallas.forward_impl(1, 8, 64) == "query"
   for fixed in ("keyblock", "query"):

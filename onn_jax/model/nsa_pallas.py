@@ -19,9 +19,9 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   ``ITEM_CHUNKS`` chunks of ``KEY_CHUNK`` tokens; one program per item loads its block's keys
   and values once and walks the item's chunks (gathers each chunk's query rows, recomputes
   the probabilities from the log-sum-exp), sums the block's dk/dv over the item's rows in
-  registers (one [L, D] partial per item, then summed
-  per block by :func:`sum_item_partials`: a segment sum in XLA, or a kernel) and writes each
-  row's dq contribution, which XLA sums over the token's ``K`` slots. A block that every
+  registers (one [L, D] partial per item, then summed per block by
+  :func:`sum_item_partials`: a segment sum in XLA, or a kernel) and writes each row's dq
+  contribution, which XLA sums over the token's ``K`` slots. A block that every
   token chooses (block 0) is spread over many items, so no program of the backward walks a
   long list.
   ``BWD_IMPL = "atomic"`` keeps the query-major backward (one program per (example, token,
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -229,7 +230,8 @@ def selected_attention(q_BTGRD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
     k_BSGD, v_BSGD: selection keys/values [B,S,G,D].
     idx_BTGK: int32 [B,T,G,K] selection-block indices; ``-1`` marks an unused slot. Distinct
       within a row (a duplicate would count its keys twice).
-    pos_BT: int32 [B,T] absolute query positions; key ``s`` is seen only when ``s <= pos``.
+    pos_BT: int32 [B,T] absolute query positions (>= 0); key ``s`` is seen only when
+      ``s <= pos``.
     select_len: keys per selection block (static).
     interpret: run the kernels in Pallas interpret mode (static).
   Returns:
@@ -311,9 +313,10 @@ BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomi
 # blocks). H200, selected branch at 32x2048 (train.nsa_kernel_check --variants fwd_query):
 # forward 1.36 ms against 2.10, forward+backward 2.48 against 3.38.
 # "auto" (the default) takes the key-major forward when a row's T * K (token, slot) pairs
-# could fill one whole item of KEY_CHUNK per key block (T * K >= J * KEY_CHUNK), the
-# query-major one otherwise: one-token decoding (T = 1) would otherwise launch J mostly empty
-# items per (example, group) and sort their plan, at every generated token.
+# could fill one whole chunk of KEY_CHUNK per key block (T * K >= J * KEY_CHUNK; a chunk, not
+# an item of ITEM_CHUNKS chunks, as before items had several), the query-major one
+# otherwise: one-token decoding (T = 1) would otherwise launch J mostly empty items per
+# (example, group) and sort their plan, at every generated token.
 FWD_IMPL = "auto"
 KEY_CHUNK = 16              # tokens per chunk: a program's query tile (a power of two on GPU)
 # Chunks per item: an item holds up to ITEM_CHUNKS * KEY_CHUNK tokens of one block and its
@@ -324,9 +327,13 @@ KEY_CHUNK = 16              # tokens per chunk: a program's query tile (a power 
 # longer programs. A power of two on GPU. H100, jax 0.11.2, arc1's geometry, nsa_core
 # forward+backward (train.nsa_kernel_check --variants items1,items2,items4,items8,items16):
 # 8 against 1 (the former items of one chunk) 3.67 / 4.03 ms at 32 x 2048, 4.79 / 5.44 at
-# 8 x 8192, 5.17 / 5.58 at 1 x 32768; 2 and 4 in between, 16 no better, chunks of 8 or 32
-# tokens slower (docs/bench/nsa_item_chunks*_h100_2026-12-05.json). The arc1 training step
-# (train.bench --only train --lens 2048, back to back): 68.8 against 72.3 ms.
+# 8 x 8192, 5.17 / 5.58 at 1 x 32768; 2 and 4 in between; 16 chunks 3.57 / 4.89 / 5.38
+# (faster at 2048 only); 8 chunks of 8 tokens 4.03 / 5.37 / 5.42, 16 of 8 3.89 / 5.26 /
+# 5.58, 4 of 32 3.69 / 5.19 / 5.36 (docs/bench/nsa_item_chunks*_h100_2026-12-05.json). The
+# selected forward alone is a little slower at 8 chunks (1.26 against 1.15 ms at 32 x 2048;
+# 4 chunks 1.13), its backward much faster. The arc1 training step (train.bench --only train
+# --lens 2048, back to back): 68.8 against 72.3 ms. Every real row's position is >= 0 (the
+# plan marks padding rows with -1, and a program walks the chunks up to its last real row).
 ITEM_CHUNKS = 8
 DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_partials) or "atomic"
 # How sum_item_partials sums the partials: "xla" (a segment sum) or "kernel" (Pallas: one
@@ -343,8 +350,10 @@ SUM_UNROLL = 4
 SUM_NUM_WARPS = 4
 KEY_NUM_WARPS = 4
 # Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
-# KEY_TILE, so a program holds [KEY_CHUNK * heads, KEY_TILE] float32 values (logits,
-# probabilities and their gradients) at a time whatever select_len is. Written against the
+# KEY_TILE (a static, unrolled loop), so a program holds [KEY_CHUNK * heads, KEY_TILE] float32
+# values (logits, probabilities and their gradients) at a time whatever select_len is, but
+# (since items of several chunks) every tile's keys, values and [KEY_TILE, D] float32 dk/dv
+# sums across its chunk loop: with two tiles (the paper's geometry) untimed. Written against the
 # paper geometry's slow backward (32/16/64/16/512), which turned out to be the partials' sum
 # (sum_item_partials), not the kernel: with the sorted sum, tiles of 32 and the whole block
 # (variant key_tile64) timed the same, 49.6 and 49.2 ms (H200, 32 x 2048). Not yet timed
@@ -355,9 +364,11 @@ KEY_TILE = 32
 
 def _item_tokens() -> int:
   """Tokens per item of the key-major kernels' plan (KEY_CHUNK * ITEM_CHUNKS)."""
-  if not (isinstance(ITEM_CHUNKS, int) and ITEM_CHUNKS >= 1):
-    raise ValueError(f"nsa_pallas.ITEM_CHUNKS must be a positive integer, got {ITEM_CHUNKS!r}")
-  return KEY_CHUNK * ITEM_CHUNKS
+  if isinstance(ITEM_CHUNKS, bool) or not (isinstance(ITEM_CHUNKS, numbers.Integral)
+                                           and _is_pow2(int(ITEM_CHUNKS))):
+    raise ValueError(f"nsa_pallas.ITEM_CHUNKS must be a power of two (1, 2, 4, ...), got "
+                     f"{ITEM_CHUNKS!r}")
+  return KEY_CHUNK * int(ITEM_CHUNKS)
 
 
 def _live_chunks(pos_ref, b, g, m, rows: int, chunks: int):
@@ -510,6 +521,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   qrow, posrow, blk_BGM, padpos_BGTK = plan
   M = blk_BGM.shape[-1]
   X = C * R
+  assert qrow.shape[-1] == M * U * X, "the plan was made with other item settings"
   delta_BTGR = jnp.sum(do_BTGRD.astype(_F32) * out, axis=-1)
   atomic = DKDV_REDUCE == "atomic"
   if DKDV_REDUCE not in ("atomic", "partials"):
@@ -550,9 +562,9 @@ def sum_item_partials(parts: tuple, blk_BGM: jax.Array, posrow_BGX: jax.Array,
   a dead item (no real row: empty, past the end) adds nothing. ``DKDV_SUM`` picks the sum.
 
   "xla": a segment sum, not declared sorted although the live items are. H200, 32 x 2048,
-  one sum of [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items a
-  block): 23 ms declared sorted (19.6 ms with the dead items dropped too), 1.1 ms not, 0.8
-  ms not and the dead items (a quarter of the static item count, all on the last block)
+  one sum of [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items of
+  16 tokens a block): 23 ms declared sorted (19.6 ms with the dead items dropped too), 1.1
+  ms not, 0.8 ms not and the dead items (a quarter of the static item count, all on the last block)
   sent to one extra segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted
   against 0.26 ms, within run-to-run noise. Why the sorted scatter is slow there is not
   pinned down (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A dead item's partial is
@@ -623,8 +635,8 @@ def _sum_partials_pallas(parts, blk_BGM, live_BGM, num_blocks: int, interpret: b
 
 
 def _gather_slots(x_BGY, padpos_BGTK, fill):
-  """Per-item-row values [B,G,M*C,...] -> [B,G,T,K,...] at each (token, slot)'s item row,
-  ``fill`` for unused slots."""
+  """Per-item-row values [B,G,M*C,...] (C: the plan's tokens an item) -> [B,G,T,K,...] at
+  each (token, slot)'s item row, ``fill`` for unused slots."""
   got = jax.vmap(jax.vmap(lambda d, i: d[i]))(x_BGY, jnp.maximum(padpos_BGTK, 0))
   used = (padpos_BGTK >= 0).reshape(padpos_BGTK.shape + (1,) * (x_BGY.ndim - 3))
   return jnp.where(used, got, fill)
@@ -674,8 +686,9 @@ def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref,
 # by up to 2^-8 of the largest value). H100, arc1's geometry: nsa_core forward+backward 3.37
 # against 3.66 ms at 32 x 2048, 4.68 against 4.78 at 8 x 8192
 # (docs/bench/nsa_fwd_partials_h100_2026-12-05.json), but the arc1 training step only 67.4
-# against 68.0 ms back to back (67.0 / 68.2 packed; train_fwd_partials_h100_2026-12-05.json):
-# 1-2% for an extra rounding, so the default stays float32.
+# against 68.0 ms back to back (67.0 / 68.2 packed, but one step at a time 76.0 / 74.7;
+# train_fwd_partials_h100_2026-12-05.json): noise level for an extra rounding (which the
+# backward's delta = do . out then sees too), so the default stays float32.
 FWD_PARTIAL_DTYPE = "float32"
 
 
@@ -695,6 +708,7 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
   C, U, L = KEY_CHUNK, ITEM_CHUNKS, select_len
   M = blk_BGM.shape[-1]
   X = C * R
+  assert qrow.shape[-1] == M * U * X, "the plan was made with other item settings"
   kernel = functools.partial(_selected_fwd_key_kernel, num_groups=G, num_items=M, rows=X,
                              chunks=U, select_len=L, scale=1.0 / math.sqrt(D))
   o_BGXD, lse_BGX = pl.pallas_call(
