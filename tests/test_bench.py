@@ -76,9 +76,17 @@ def test_quick_train_and_eavi_numbers(quick):
     assert row["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert row["experts_per_token"] <= results["config"]["model"]["num_experts"]
   _assert_finite_positive(results["train"], skip=("profile",))  # its own test below
-  # arc1 packs: the longest length is timed on packed rows too, real tokens/s beside tokens/s.
+  # arc1 packs: the longest length is timed on packed rows too, real tokens/s beside tokens/s;
+  # every case at both routings, the target one nearer the SDL target's experts a token.
   packed = [r for r in results["train"] if r["packed"]]
-  assert len(packed) == 1 and packed[0]["seq_len"] == max(r["seq_len"] for r in results["train"])
+  assert [r["routing"] for r in packed] == list(bench.ROUTINGS_STEP)
+  assert all(r["seq_len"] == max(r["seq_len"] for r in results["train"]) for r in packed)
+  cfg = config.load("configs/arc1.yaml", list(bench.QUICK_OVERRIDES))
+  target = cfg.model.sdl_target_active * cfg.model.num_experts
+  for init, tgt in zip(results["train"][::2], results["train"][1::2]):
+    assert (init["routing"], tgt["routing"]) == bench.ROUTINGS_STEP
+    assert (init["seq_len"], init["packed"]) == (tgt["seq_len"], tgt["packed"])
+    assert abs(tgt["experts_per_token"] - target) < abs(init["experts_per_token"] - target)
   for row in results["train"]:
     assert 0 < row["real_frac"] <= 1
     assert row["real_tokens_per_s"] == pytest.approx(row["real_frac"] * row["tokens_per_s"])
@@ -247,7 +255,7 @@ def test_quick_prints_tables(quick):
   assert "DynMoE layer forward+backward at the trained density, ratio to dense (" in printed
   assert ("| batch | T | routing | experts/token | busiest expert | pairs / capacity "
           "| reference ms (x dense) | dense ms (x dense) |") in printed
-  assert "| T | batch | packed | step ms |" in printed
+  assert "| T | batch | packed | routing | step ms |" in printed
   assert "| T | batch | tokens a row | default ms (tok/s, x default) |" in printed
 
 
@@ -348,6 +356,29 @@ def test_density_thresholds_give_the_target_experts_per_token():
   assert active_NE.sum(1).mean() == pytest.approx(target * E, abs=E / active_NE.shape[0])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_target_routing_gives_every_layer_the_target_density(packed):
+  """The train section's "target" routing: on the timed batch every DynMoE layer (each
+  calibrated on the inputs the layers before it, already calibrated, give it) has each expert
+  active for the target fraction of the real tokens, within the quantile's step (1 / N); the
+  fresh parameters' layers are far from it."""
+  cfg = config.load("configs/default.yaml")
+  model = Transformer(cfg.model)
+  state = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+  batch = (bench.synthetic_packed_batch(4, 64, 16) if packed else bench.synthetic_batch(4, 64))
+  num_real = int(np.sum(batch["valid"]))
+
+  def active_frac(params):  # [L]: the mean over experts and real tokens of "above threshold"
+    return np.asarray(model.apply({"params": params}, batch["inputs"], batch["valid"],
+                                  segment_start_BT=batch.get("segment_start"))[2]["active_frac"])
+
+  assert cfg.model.num_layers >= 2
+  target = cfg.model.sdl_target_active
+  np.testing.assert_allclose(active_frac(bench.target_routing(model, state.params, batch)),
+                             target, atol=1 / num_real + 1e-6)
+  assert np.all(np.abs(active_frac(state.params) - target) > 0.1)
+
+
 def test_density_thresholds_give_each_expert_its_share():
   """The "trained" routing: each expert active for its own share of the tokens."""
   E = 16
@@ -410,11 +441,12 @@ def test_nsa_kernel_check_takes_a_geometry_or_fails_in_one_line(capsys):
 
 
 def test_quick_profiles_each_step(quick):
-  """--profile: every train row and the EAVI rows carry a trace summary, and the traces exist
-  (on a CPU they hold no device kernels, which the summary says)."""
+  """--profile: every train row, the EAVI rows and every layer row carry a trace summary, and
+  the traces exist (on a CPU they hold no device kernels, which the summary says)."""
   results, _ = quick
   summaries = [row["profile"] for row in results["train"]]
   summaries += [results["eavi"][0][f"profile_{name}"] for name in ("train", "eavi", "rollout")]
+  summaries += [row[name]["profile"] for row in results["layers"] for name in bench.LAYERS]
   for summary in summaries:
     assert summary["wall_ms"] > 0 and summary["calls"] == 3
     assert Path(summary["trace"]).is_file()

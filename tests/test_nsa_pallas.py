@@ -250,15 +250,21 @@ BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "part
                 ("keyblock", "keyblock", "atomic", 1, 2, 4),
                 ("query", "keyblock", "partials", 2, 2, 2),
                 ("keyblock", "keyblock", "partials_kernel", 2, None, 2),
-                ("keyblock", "atomic", "partials", 2, None, 2)]
+                ("keyblock", "atomic", "partials", 2, None, 2),
+                ("keyblock", "keyblock", "partials+dq", 2),
+                ("keyblock", "keyblock", "atomic+dq", 1, 2, 4),
+                ("query", "keyblock", "partials+dq", 2, 2, 2)]
 
 
 def _set_bwd(monkeypatch, variant):
   """(forward, backward, dk/dv reduce (``partials_kernel``: partials summed by the sum
-  kernel, nsa_pallas.DKDV_SUM), chunk tokens[, key tile (None: the default)[, chunks per
-  item]]). Items of several chunks: a program walks its live chunks (a block chosen by
-  one token leaves the rest of its item empty; one chosen by three fills two chunks of 2)."""
+  kernel, nsa_pallas.DKDV_SUM; ``+dq``: dq added atomically, nsa_pallas.DQ_REDUCE), chunk
+  tokens[, key tile (None: the default)[, chunks per item]]). Items of several chunks: a
+  program walks its live chunks (a block chosen by one token leaves the rest of its item
+  empty; one chosen by three fills two chunks of 2)."""
   fwd, bwd, reduce, chunk, *rest = variant
+  reduce, _, dq = reduce.partition("+")
+  monkeypatch.setattr(nsa_pallas, "DQ_REDUCE", "atomic" if dq else "partials")
   tile = [t for t in rest[:1] if t is not None]
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", rest[1] if len(rest) > 1 else 1)
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
@@ -392,13 +398,14 @@ def test_block_choice_kernel_matches_selection(name):
 
 
 @pytest.mark.parametrize("name", ["one_tile", "many_tiles_packed"])
-def test_block_choice_in_three_bfloat16_parts_matches_selection(name, monkeypatch):
-  """CHOICE_OVERLAP_PRECISION "bf16x3": each probability is split into three bfloat16 parts
-  whose sum is within float32 rounding of it (8 + 8 + 8 bits), against exact 0/1 matrices, so
-  the same bounds hold (atol 1e-5). One bfloat16 part alone errs by up to 2^-8 of each term
-  and fails here; two parts (2^-16) pass these cases too: the third keeps the sums as close as
-  HIGHEST's, which this test does not resolve."""
-  monkeypatch.setattr(nsa_pallas, "CHOICE_OVERLAP_PRECISION", "bf16x3")
+def test_block_choice_in_exact_float32_products_matches_selection(name, monkeypatch):
+  """CHOICE_OVERLAP_PRECISION HIGHEST (exact float32 products) meets the same bounds as the
+  default "bf16x3", whose three bfloat16 parts of each probability sum to within float32
+  rounding of it (8 + 8 + 8 bits) against exact 0/1 matrices: the test above (atol 1e-5). One
+  bfloat16 part alone errs by up to 2^-8 of each term and fails there; two parts (2^-16) pass
+  those cases too: the third keeps the sums as close as HIGHEST's, which the test does not
+  resolve."""
+  monkeypatch.setattr(nsa_pallas, "CHOICE_OVERLAP_PRECISION", jax.lax.Precision.HIGHEST)
   test_block_choice_kernel_matches_selection(name)
 
 
@@ -558,6 +565,52 @@ def test_a_bad_item_chunks_setting_is_one_line(bad, monkeypatch):
   with pytest.raises(ValueError, match=r"^nsa_pallas.ITEM_CHUNKS must be a power of two "
                                        rf"\(1, 2, 4, \.\.\.\), got {bad!r}$"):
     nsa_pallas._item_tokens()
+
+
+@pytest.mark.parametrize("setting", ["KEY_NUM_STAGES", "CHOICE_NUM_STAGES", "WIN_NUM_STAGES",
+                                     "DEC_NUM_STAGES"])
+def test_each_kernel_family_reads_its_stages_setting(setting, monkeypatch):
+  """A family's Triton pipelining setting (nsa_pallas.*_NUM_STAGES) reaches its launches in
+  nsa_core (training from position 0: the key-major forward, the block choice, the window
+  kernel; one-token decoding: the decoding kernel): a bad value is a one-line error naming it."""
+  decode = setting == "DEC_NUM_STAGES"
+  geo, q_offset = DECODE_GEOS["few_blocks"] if decode else GEOMETRIES["group1_from_start"]
+  args = make_inputs(geo, seed=3)
+  if decode:
+    run = functools.partial(_fused_fn(geo, monkeypatch, grads=False), args, _offset(q_offset),
+                            None)
+  else:  # a static offset of 0: the path of training rows
+    run = functools.partial(nsa_core, *(args[n] for n in ARG_NAMES), q_offset=q_offset,
+                            impl="pallas", **geo.static())
+  monkeypatch.setattr(nsa_pallas, setting, 0)
+  with pytest.raises(ValueError) as err:
+    run()
+  assert str(err.value).splitlines()[0] == f"nsa_pallas.{setting} must be an integer >= 1, got 0"
+
+
+@pytest.mark.skipif(nsa_pallas.plt is None, reason="no Pallas Triton module")
+def test_a_stages_setting_is_tritons_num_stages(monkeypatch):
+  monkeypatch.setattr(nsa_pallas, "WIN_NUM_STAGES", 3)
+  params = nsa_pallas._compiler_params(False, 8, "WIN_NUM_STAGES")
+  assert (params.num_warps, params.num_stages) == (8, 3)
+  assert nsa_pallas._compiler_params(False, 4).num_stages == 1  # the other kernels
+  assert nsa_pallas._compiler_params(True, 4, "WIN_NUM_STAGES") is None  # interpret mode
+  for bad in (True, 2.0, -1):
+    monkeypatch.setattr(nsa_pallas, "WIN_NUM_STAGES", bad)
+    with pytest.raises(ValueError, match=rf"^nsa_pallas.WIN_NUM_STAGES must be an integer >= 1, "
+                                         rf"got {bad!r}$"):
+      nsa_pallas._compiler_params(True, 4, "WIN_NUM_STAGES")
+
+
+def test_a_bad_dq_reduce_setting_is_one_line(monkeypatch):
+  geo, q_offset = GEOMETRIES["group1_from_start"]
+  monkeypatch.setattr(nsa_pallas, "DQ_REDUCE", "sum")
+  cot = random_like((geo.B, geo.T, geo.H, geo.D), 4)
+  with pytest.raises(ValueError) as err:
+    value_and_grad_fn.__wrapped__(geo, "pallas")(make_inputs(geo, seed=3), _offset(q_offset),
+                                                 cot)
+  assert str(err.value).splitlines()[0] == ("nsa_pallas.DQ_REDUCE must be 'partials' or "
+                                            "'atomic', got 'sum'")
 
 
 def test_a_bad_partial_sum_setting_is_one_line(monkeypatch):

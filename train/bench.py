@@ -10,7 +10,9 @@ after each one; the median is reported):
 * ``train``: the teacher-forcing step (``steps.train_step``, state donated) at every length of
   ``data.buckets``: tokens/s and model-FLOPs utilisation (:func:`model_flops_per_token`); and
   the same step queued back to back as a training loop runs it (``loop_ms``,
-  ``loop_tokens_per_s``, ``loop_mfu``: :func:`time_loop`), which hides the host's dispatch.
+  ``loop_tokens_per_s``, ``loop_mfu``: :func:`time_loop`), which hides the host's dispatch;
+  each twice (``routing``): with the fresh parameters' experts and at the SDL target's
+  density, where a run routes after its first few hundred steps (:func:`target_routing`).
 * ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), with
   each ``eavi.rollout`` (the parallel one at ``eavi.passes`` passes, as an untrained model
   never reaches the fixed point), and the sequential excursion alone (``decode.generate`` for
@@ -57,9 +59,9 @@ model, except in the DynMoE rows of ``layers``. Results are printed as tables, w
 (rewritten after every section, so a run cut short keeps what it measured) and summarised as a
 markdown table for the README.
 
-``--profile DIR`` also traces each timed train and EAVI step and the rollout (``jax.profiler``,
-after timing them) and adds to their rows a summary of the device kernels by name and by model
-scope (:mod:`train.profile`); the traces stay under DIR.
+``--profile DIR`` also traces each timed train and EAVI step, the rollout and each layer of the
+``layers`` section (``jax.profiler``, after timing them) and adds to their rows a summary of
+the device kernels by name and by model scope (:mod:`train.profile`); the traces stay under DIR.
 
 ``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU (2.4 minutes on
 a 2-core AMD EPYC, compilation included): a smoke check of this program, not a measurement.
@@ -72,6 +74,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -117,6 +120,7 @@ TRAINED_EXPERT_LOADS: tuple[float, ...] = (0.846, 0.751, 0.631, 0.577, 0.496, 0.
                                            0.028, 0.027, 0.023, 0.016, 0.014, 0.007, 0.005,
                                            0.001, 0.0)
 ROUTINGS = ("even", "trained")  # the DynMoE layer rows' routings (bench_dynmoe_density)
+ROUTINGS_STEP = ("init", "target")  # the teacher-forcing step's (bench_train)
 NSA_IMPLS = ("reference", "blockwise", "pallas", "auto")
 # Off GPU the Pallas kernels run in interpret mode (a loop over programs): measured up to here.
 PALLAS_INTERPRET_MAX_T = 2048
@@ -393,6 +397,20 @@ def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:
 # Section: train and eavi
 # ----------------------------------------------------------------------------------------------
 
+def trace_summary(name: str, compiled, args: Sequence[Any], folder: Path,
+                  carry: bool = False) -> dict[str, Any]:
+  """``--profile``'s trace of ``compiled(*args)`` into ``folder/name`` and its summary
+  (train/profile.py), printed; a failed trace is a status, never the end of the timings."""
+  try:
+    summary = profiling.profile(compiled, args, folder / name, carry=carry)
+  except Exception as err:  # noqa: BLE001 - a failed trace must not lose the timings
+    summary = {"status": "oom" if is_oom(err) else "error", "error": _short(err)}
+    print(f"-- profile {name}: {summary}", file=sys.stderr, flush=True)
+    return summary
+  print(f"-- profile {name}: {profiling.table(summary)}", flush=True)
+  return summary
+
+
 class StepRunner:
   """Compiles each (step kind, seq_len) once and times it on fresh states, reusing executables
   across the train and eavi sections."""
@@ -434,15 +452,27 @@ class StepRunner:
     return batch
 
   def time_step(self, kind: str, seq_len: int, iters: int, packed: bool = False,
-                rollout: str | None = None, loop: bool = False) -> tuple[Timing, dict]:
+                rollout: str | None = None, loop: bool = False, routing: str = "init"
+                ) -> tuple[Timing, dict]:
     """Times ``train_step`` or ``eavi_step`` at [batch_size, seq_len] (``packed``: on packed
     rows; ``rollout``: EAVI's ``eavi.rollout``, default the config's; ``loop``: also back to
-    back, :func:`time_loop`): (Timing, last metrics)."""
+    back, :func:`time_loop`; ``routing``: "init", the fresh parameters' experts, or "target",
+    thresholds at the SDL target's density on this batch, :func:`target_routing`; the same
+    program either way): (Timing, last metrics)."""
     step = {"train": steps.train_step, "eavi": steps.eavi_step}[kind]
     rollout = rollout or self.cfg.eavi.rollout
     cfg = config.replace(self.cfg, eavi={"rollout": rollout})
     fn = functools.partial(step, model=self.model, cfg=cfg)
-    state, batch = self.fresh_state(), self.batch(seq_len, packed)
+    batch = self.batch(seq_len, packed)
+    fresh = self.fresh_state
+    if routing == "target":
+      params = target_routing(self.model, self.fresh_state().params, batch)
+      # A copy each time: a donated state's buffers are gone after its step.
+      fresh = lambda: self.fresh_state().replace(  # noqa: E731
+          params=jax.tree.map(jnp.copy, params))
+    elif routing != "init":
+      raise ValueError(f"time_step: routing={routing!r}: expected 'init' or 'target'")
+    state = fresh()
     key = (kind, seq_len, packed, rollout)
     if key not in self._compiled:
       self._compiled[key] = compile_fn(fn, (state, batch), self.donate)
@@ -451,8 +481,8 @@ class StepRunner:
         compiled, (state, batch), warmup=self.sizes.warmup, iters=iters, carry=True)
     loop_ms = time_loop_or_oom(compiled, (state, batch), iters=iters) if loop else None
     name = f"{kind}_T{seq_len}" + ("_packed" if packed else "") + (
-        f"_{rollout}" if kind == "eavi" else "")
-    self.profile(name, compiled, (self.fresh_state(), batch), carry=True)
+        f"_{rollout}" if kind == "eavi" else "") + ("_target" if routing == "target" else "")
+    self.profile(name, compiled, (fresh(), batch), carry=True)
     return Timing(compile_s, median_ms, min_ms, iters, loop_ms), metrics
 
   def profile(self, name: str, compiled, args: Sequence[Any], carry: bool = False) -> None:
@@ -460,14 +490,7 @@ class StepRunner:
     ``profile_dir/name`` and keeps the summary in ``self.profiles[name]``, once per name."""
     if self.profile_dir is None or name in self.profiles:
       return
-    try:
-      self.profiles[name] = profiling.profile(compiled, args, self.profile_dir / name,
-                                              carry=carry)
-    except Exception as err:  # noqa: BLE001 - a failed trace must not lose the timings
-      self.profiles[name] = {"status": "oom" if is_oom(err) else "error", "error": _short(err)}
-      print(f"-- profile {name}: {self.profiles[name]}", file=sys.stderr, flush=True)
-      return
-    print(f"-- profile {name}: {profiling.table(self.profiles[name])}", flush=True)
+    self.profiles[name] = trace_summary(name, compiled, args, self.profile_dir, carry)
 
   def time_rollout(self, seq_len: int, decode: str | None = None) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example). ``decode``:
@@ -525,17 +548,23 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
   """Teacher-forcing step at each length: tokens/s, model FLOPs and MFU; with ``data``
   (:func:`data_real_fraction`) also real tokens/s, the share of the config's batches at that
   length that is not padding times tokens/s. With ``data.pack`` the longest length is timed on
-  packed rows too (``packed: true``)."""
+  packed rows too (``packed: true``). Each case twice (``routing``): with the fresh
+  parameters' experts ("init": about half of them a token) and at the SDL target's density
+  ("target", :func:`target_routing`), where a run's routing is after its first few hundred
+  steps; a sparse expert dispatch computes its dense fallback at the first, the sparse path
+  at the second."""
   m, B = runner.cfg.model, runner.cfg.train.batch_size
   cases = [(T, False) for T in lens]
   if runner.cfg.data.pack:
     cases.append((max(lens), True))
   rows = []
-  for T, packed in cases:
-    row: dict[str, Any] = {"seq_len": T, "batch": B, "packed": packed}
+  for (T, packed), routing in itertools.product(cases, ROUTINGS_STEP):
+    row: dict[str, Any] = {"seq_len": T, "batch": B, "packed": packed, "routing": routing}
     try:
-      timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed, loop=True)
-      profile = runner.profiles.get(f"train_T{T}" + ("_packed" if packed else ""))
+      timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed, loop=True,
+                                         routing=routing)
+      profile = runner.profiles.get(f"train_T{T}" + ("_packed" if packed else "")
+                                    + ("_target" if routing == "target" else ""))
     except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
       if not is_oom(err):
         raise
@@ -573,8 +602,10 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
 
 def bucket_mix(rows: list[dict], data: dict[str, Any]) -> dict[str, Any] | None:
   """Real tokens/s of a run that draws buckets as the config's data does, one sequence per
-  row: expected real tokens over expected step time (None unless every bucket was timed)."""
-  timed = {r["seq_len"]: r for r in rows if not r["packed"] and "step_ms" in r}
+  row: expected real tokens over expected step time (None unless every bucket was timed), at
+  the target routing (:func:`bench_train`)."""
+  timed = {r["seq_len"]: r for r in rows
+           if not r["packed"] and r.get("routing") == "target" and "step_ms" in r}
   buckets = data["buckets"]
   if any(length not in timed or b["real_frac"] is None for length, b in buckets.items()):
     return None
@@ -942,6 +973,35 @@ def density_thresholds(x_BTC: jax.Array, prototypes_EC: jax.Array, active: Any) 
   return jax.vmap(jnp.quantile, in_axes=(1, 0))(s_NE, q_E)
 
 
+def target_routing(model: Transformer, params: Any, batch: dict[str, jax.Array]) -> Any:
+  """``params`` with every DynMoE layer's thresholds set (:func:`density_thresholds`) so that
+  on ``batch``'s real tokens each expert is active for ``model.sdl_target_active`` of them:
+  the density SDL trains the gate to, which a run reaches within its first few hundred steps
+  (fresh parameters route about half the experts, more than a sparse dispatch's capacity, so
+  every layer then takes its dense fallback). Layer by layer from the first: a layer's
+  thresholds change the next one's inputs."""
+  def is_moe_input(module, method):
+    return module.name == "moe_norm" and method == "__call__"
+
+  @jax.jit
+  def moe_inputs(p):
+    _, state = model.apply({"params": p}, batch["inputs"], batch["valid"],
+                           segment_start_BT=batch.get("segment_start"),
+                           capture_intermediates=is_moe_input, mutable=["intermediates"])
+    return state["intermediates"]
+
+  valid_N = np.asarray(batch["valid"]).reshape(-1)
+  for i in range(model.cfg.num_layers):
+    x_BTC = moe_inputs(params)[f"block_{i}"]["moe_norm"]["__call__"][0]
+    x_1NC = x_BTC.reshape(-1, x_BTC.shape[-1])[valid_N][None]
+    block = params[f"block_{i}"]
+    theta_E = density_thresholds(x_1NC, block["moe"]["prototypes"],
+                                 model.cfg.sdl_target_active)
+    moe = dict(block["moe"], thresholds=theta_E.astype(block["moe"]["thresholds"].dtype))
+    params = dict(params, **{f"block_{i}": dict(block, moe=moe)})
+  return params
+
+
 def trained_loads(num_experts: int, target_active: float) -> np.ndarray:
   """:data:`TRAINED_EXPERT_LOADS` for ``num_experts`` experts (the sorted curve sampled at the
   experts' midpoints) scaled to ``target_active * num_experts`` experts a token, each share at
@@ -987,14 +1047,19 @@ def layer_fwd_bwd(m: ModelConfig, name: str, batch: int, seq_len: int,
   return jax.value_and_grad(loss, argnums=(0, 1)), (params, x_BTC)
 
 
-def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes) -> list[dict]:
-  """Each of :data:`LAYERS` forward+backward per length, and its ratio to ``full``."""
+def bench_layers(m: ModelConfig, batch: int, lens: Sequence[int], sizes: Sizes,
+                 profile_dir: Path | None = None) -> list[dict]:
+  """Each of :data:`LAYERS` forward+backward per length, and its ratio to ``full``; with
+  ``profile_dir`` (``--profile``) each one's kernels too (``profile``, as the steps')."""
   rows = []
   for T in lens:
     row: dict[str, Any] = {"seq_len": T, "batch": batch, "dtype": m.compute_dtype}
     for name in LAYERS:
       fn, args = layer_fwd_bwd(m, name, batch, T)
       row[name] = measure(fn, args, sizes, loop=True)
+      if profile_dir is not None and "ms" in row[name]:
+        compiled = jax.jit(fn).lower(*args).compile()
+        row[name]["profile"] = trace_summary(f"layer_{name}_T{T}", compiled, args, profile_dir)
     add_ratios(row, LAYERS, "full", "full")
     rows.append(row)
   return rows
@@ -1110,7 +1175,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
   """One table per measured section (plain text, or markdown for the README)."""
   out = {}
   if "train" in results:
-    rows = [[r["seq_len"], r["batch"], "yes" if r.get("packed") else "no",
+    rows = [[r["seq_len"], r["batch"], "yes" if r.get("packed") else "no", r.get("routing"),
              r.get("step_ms", r.get("status")), r.get("tokens_per_s"), _percent(r.get("real_frac")),
              r.get("real_tokens_per_s"), r.get("experts_per_token"), r.get("model_tflops_per_s"),
              _percent(r.get("mfu")), r.get("loop_ms"), r.get("loop_tokens_per_s"),
@@ -1118,11 +1183,11 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
             for r in results["train"]]
     mix = (results.get("train_data") or {}).get("bucket_mix")
     if mix:
-      rows.append(["buckets mixed", rows[0][1], "no", None, mix["tokens_per_s"],
+      rows.append(["buckets mixed", rows[0][1], "no", "target", None, mix["tokens_per_s"],
                    _percent(mix["real_frac"]), mix["real_tokens_per_s"], None, None, None,
                    None, None, None, None])
     out["train"] = table(
-        ["T", "batch", "packed", "step ms", "tokens/s", "real", "real tokens/s",
+        ["T", "batch", "packed", "routing", "step ms", "tokens/s", "real", "real tokens/s",
          "experts/token", "TFLOP/s", "MFU", "loop ms", "loop tokens/s", "loop real tokens/s",
          "loop MFU"], rows, markdown)
   if "eavi" in results:
@@ -1252,9 +1317,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                            f"comma-separated, of {','.join(DECODE_KERNELS)} (default: every "
                            "other set; on a GPU only; the default set is always timed)")
   parser.add_argument("--profile", default="",
-                      help="also trace each timed train/EAVI step and the rollout into this "
-                           "folder and summarise its kernels by name and model scope in the "
-                           "JSON (train/profile.py)")
+                      help="also trace each timed train/EAVI step, the rollout and each layer "
+                           "of the layers section into this folder and summarise its kernels "
+                           "by name and model scope in the JSON (train/profile.py)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16")
   return parser.parse_args(argv)
 
@@ -1348,7 +1413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["layers_dynmoe"] = bench_dynmoe_density(cfg.model, sizes.moe_layer_shapes,
                                                         sizes)
         write_json(results, out)
-        results["layers"] = bench_layers(cfg.model, cfg.train.batch_size, lens, sizes)
+        results["layers"] = bench_layers(cfg.model, cfg.train.batch_size, lens, sizes,
+                                         runner.profile_dir)
       else:
         results["moe"] = bench_moe(cfg.model, sizes)
       write_json(results, out)

@@ -78,6 +78,10 @@ VARIANTS = {
     "items4_c32": dict(ITEM_CHUNKS=4, KEY_CHUNK=32),
     # The key-major forward's partial outputs in the inputs' dtype (bfloat16) instead of float32.
     "fwd_part_input": dict(FWD_PARTIAL_DTYPE="input"),
+    # The key-major backward's dq added atomically (no per-slot partials, no gather), alone and
+    # with the forward's bfloat16 partials.
+    "dq_atomic": dict(DQ_REDUCE="atomic"),
+    "dq_atomic_fwd_part_input": dict(DQ_REDUCE="atomic", FWD_PARTIAL_DTYPE="input"),
     # The compressed branch (nsa module): the XLA chunks instead of the default folded
     # attention (one causal cuDNN attention over query groups).
     "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),
@@ -89,7 +93,8 @@ VARIANTS = {
     "choice_q32": dict(CHOICE_TOKENS=32),
     "choice_q128": dict(CHOICE_TOKENS=128, CHOICE_NUM_WARPS=8),
     "choice_tf32": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGH),  # one TF32 pass
-    "choice_bf16x3": dict(CHOICE_OVERLAP_PRECISION="bf16x3"),  # three bf16 parts
+    "choice_bf16x3": dict(CHOICE_OVERLAP_PRECISION="bf16x3"),  # three bf16 parts (default)
+    "choice_highest": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGHEST),  # exact fp32
     "choice_short_first": dict(CHOICE_LONG_FIRST=False),
     "choice_group_order": dict(CHOICE_ORDER="group"),
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
@@ -124,11 +129,23 @@ VARIANTS = {
     "dec_w4_t16": dict(DEC_NUM_WARPS=4, DEC_SEL_TILE=16),
     "dec_w4": dict(DEC_NUM_WARPS=4),
     "dec_t32": dict(DEC_SEL_TILE=32),
+    # Triton's software pipelining of the kernels' loops (nsa_pallas.*_NUM_STAGES; 1 = off):
+    # every family at once, then one family at a time.
+    "stages2": dict(KEY_NUM_STAGES=2, CHOICE_NUM_STAGES=2, WIN_NUM_STAGES=2, DEC_NUM_STAGES=2),
+    "stages3": dict(KEY_NUM_STAGES=3, CHOICE_NUM_STAGES=3, WIN_NUM_STAGES=3, DEC_NUM_STAGES=3),
+    "key_s2": dict(KEY_NUM_STAGES=2),
+    "key_s3": dict(KEY_NUM_STAGES=3),
+    "choice_s2": dict(CHOICE_NUM_STAGES=2),
+    "choice_s3": dict(CHOICE_NUM_STAGES=3),
+    "win_s2": dict(WIN_NUM_STAGES=2),
+    "win_s3": dict(WIN_NUM_STAGES=3),
+    "dec_s2": dict(DEC_NUM_STAGES=2),
+    "dec_s3": dict(DEC_NUM_STAGES=3),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
 # only the split path's).
-DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE"}
+DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES"}
 
 
 def variant(name: str | None):
@@ -456,12 +473,16 @@ def main(argv=None) -> None:
       p.error(str(err))
   results = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
-                 defaults={k: getattr(nsa_pallas, k) for k in
-                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DKDV_SUM", "KEY_CHUNK",
+                 defaults={k: str(getattr(nsa_pallas, k)) if k == "CHOICE_OVERLAP_PRECISION"
+                           else getattr(nsa_pallas, k) for k in
+                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DQ_REDUCE", "DKDV_SUM",
+                            "KEY_CHUNK",
                             "ITEM_CHUNKS", "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL",
                             "SUM_NUM_WARPS",
                             "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
-                            "DEC_NUM_WARPS", "DEC_SEL_TILE")},
+                            "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_NUM_STAGES",
+                            "CHOICE_NUM_STAGES", "WIN_NUM_STAGES", "DEC_NUM_STAGES",
+                            "CHOICE_OVERLAP_PRECISION")},
                  window=nsa.PALLAS_WINDOW, pallas_decode=nsa.PALLAS_DECODE)
 
   def save():

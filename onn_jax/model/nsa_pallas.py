@@ -93,10 +93,36 @@ FWD_NUM_WARPS = 4
 BWD_NUM_WARPS = 4
 
 
-def _compiler_params(interpret: bool, num_warps: int):
+# Triton's software pipelining of a kernel's loops (num_stages: how many iterations' loads
+# feeding a product are in flight at once; 1 = none, every loop waits on its loads), by
+# kernel family: the key-major selected forward and backward (their chunk loop gathers query
+# rows), the block choice (its walk over the compressed keys), the window kernels (their walk
+# over the band's key tiles) and the one-token decoding kernel. Every other kernel runs 1.
+# Timed on an H100 (jax 0.11.2, 2026-12-05; docs/bench/nsa_stages*_h100_2026-12-05.json), no
+# win: nsa_core forward+backward with every family at 2 / 3 stages 4.11 / 4.15 against 4.18 ms
+# at 32 x 2048, 5.00 / 5.28 against 5.08 at 8 x 8192, 5.60 / 5.23 against 5.37 at 1 x 32768
+# (train.nsa_kernel_check --variants stages2,stages3; one family at a time within the same
+# ~0.2 ms noise); the pieces alone (--breakdown, 20 iterations) moved both ways (the choice
+# 0.45 against 0.61 ms at 32 x 2048 but 1.81 against 1.13 at 8 x 8192); the decoding kernel
+# 15-17 against 18 us a call, but the arc1 rollout 204.4 against 204.3 ms.
+KEY_NUM_STAGES = 1
+CHOICE_NUM_STAGES = 1
+WIN_NUM_STAGES = 1
+DEC_NUM_STAGES = 1
+
+
+def _compiler_params(interpret: bool, num_warps: int, stages: str | None = None):
+  """Triton's launch parameters; ``stages``: the name of the family's ``*_NUM_STAGES``
+  setting (checked on every backend), else 1."""
+  num_stages = 1
+  if stages is not None:
+    num_stages = globals()[stages]
+    if isinstance(num_stages, bool) or not (isinstance(num_stages, numbers.Integral)
+                                            and num_stages >= 1):
+      raise ValueError(f"nsa_pallas.{stages} must be an integer >= 1, got {num_stages!r}")
   if interpret or plt is None:
     return None
-  return plt.CompilerParams(num_warps=num_warps, num_stages=1)
+  return plt.CompilerParams(num_warps=num_warps, num_stages=int(num_stages))
 
 
 def _program_coords(num_queries: int, num_groups: int):
@@ -302,7 +328,8 @@ def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
 #     as one [L, D] partial per item (summed per block afterwards by sum_item_partials) or,
 #     with DKDV_REDUCE = "atomic", added with one atomic add per item;
 #   * each row's dq contribution, written to the item's own rows of a [items*C*R, D]
-#     buffer and summed over the K slots of each token afterwards (a gather).
+#     buffer and summed over the K slots of each token afterwards (a gather), or with
+#     DQ_REDUCE = "atomic" added to the row's own.
 # A block chosen by every token (block 0 always is) is spread over many items, so no program
 # walks a long list; the number of items is static: sum_j ceil(n_j / C) <= (T*K + J*(C-1))/C.
 
@@ -336,6 +363,15 @@ KEY_CHUNK = 16              # tokens per chunk: a program's query tile (a power 
 # plan marks padding rows with -1, and a program walks the chunks up to its last real row).
 ITEM_CHUNKS = 8
 DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_partials) or "atomic"
+# The key-major backward's dq: "partials" (each item row's contribution written to its own
+# row of a [items*C*R, D] float32 buffer, then gathered and summed over the K slots of each
+# (token, head) in XLA: K partials a row to write and read back) or "atomic" (added by the
+# kernel, one float32 atomic add a value, into a [T*G*R (+1), D] buffer: no partials, no
+# gather; the sum's order, hence its last bits, then varies from run to run on a GPU).
+# H200, jax 0.11.2, 2026-12-05, nsa_core forward+backward (train.nsa_kernel_check --variants
+# dq_atomic; docs/bench/nsa_dq_atomic_h200_2026-12-05.json): atomic 4.04 against 3.56 ms at
+# 32 x 2048, 4.96 against 4.85 at 8 x 8192, 5.21 against 4.82 at 1 x 32768: "partials".
+DQ_REDUCE = "partials"
 # How sum_item_partials sums the partials: "xla" (a segment sum) or "kernel" (Pallas: one
 # program per (block, example, group) walks its block's run of items, SUM_UNROLL at a time,
 # and writes the block's keys once; no scatter). H200, 32 x 2048, arc1's geometry, both sums
@@ -448,13 +484,11 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
 def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qrow_ref,
                              posrow_ref, blk_ref, *refs, num_groups: int, num_items: int,
                              rows: int, chunks: int, select_len: int, key_tile: int,
-                             scale: float, atomic: bool):
+                             scale: float, atomic: bool, atomic_dq: bool):
   """One item: its live chunks of ``rows`` query rows walked in turn against the item's
-  block, the block's dk/dv summed over them in registers and written once."""
-  if atomic:
-    _, _, dq_ref, dk_ref, dv_ref = refs  # dk/dv inputs aliased to the outputs
-  else:
-    dq_ref, dk_ref, dv_ref = refs
+  block, the block's dk/dv summed over them in registers and written once; dq per chunk
+  (written to the chunk's rows, or with ``atomic_dq`` added to each row's own)."""
+  dq_ref, dk_ref, dv_ref = refs[-3:]  # after the inputs aliased to the atomic outputs
   pid = pl.program_id(0)
   m = jax.lax.rem(pid, num_items)
   bg = jax.lax.div(pid, num_items)
@@ -489,7 +523,15 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
       out.append((dk_LD + _mm(ds_XL, q_XD, trans_a=True) * scale,
                   dv_LD + _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)))
       dq_XD = dq_XD + _mm(ds_XL, k_LD)
-    dq_ref[b, g, pl.ds(row0, rows), :] = dq_XD * scale
+    if atomic_dq:
+      # Padding rows (all zero) go to the spare last row, so no real row is hit twice here.
+      dummy = dq_ref.shape[1] - 1
+      row_XD = jnp.broadcast_to(jnp.where(pos_X >= 0, qrow_X, dummy)[:, None], dq_XD.shape)
+      col_XD = jax.lax.broadcasted_iota(jnp.int32, dq_XD.shape, 1)
+      plt.atomic_add(dq_ref, (jnp.full(dq_XD.shape, b, jnp.int32), row_XD, col_XD),
+                     dq_XD * scale)
+    else:
+      dq_ref[b, g, pl.ds(row0, rows), :] = dq_XD * scale
     return tuple(out)
 
   zeros = tuple((jnp.zeros((key_tile, k.shape[-1]), _F32),) * 2 for k, _, _ in keys)
@@ -523,33 +565,39 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   X = C * R
   assert qrow.shape[-1] == M * U * X, "the plan was made with other item settings"
   delta_BTGR = jnp.sum(do_BTGRD.astype(_F32) * out, axis=-1)
-  atomic = DKDV_REDUCE == "atomic"
-  if DKDV_REDUCE not in ("atomic", "partials"):
-    raise ValueError(f"nsa_pallas.DKDV_REDUCE must be 'partials' or 'atomic', got {DKDV_REDUCE!r}")
+  for name, value in (("DKDV_REDUCE", DKDV_REDUCE), ("DQ_REDUCE", DQ_REDUCE)):
+    if value not in ("atomic", "partials"):
+      raise ValueError(f"nsa_pallas.{name} must be 'partials' or 'atomic', got {value!r}")
+  atomic, atomic_dq = DKDV_REDUCE == "atomic", DQ_REDUCE == "atomic"
   kernel = functools.partial(_selected_bwd_key_kernel, num_groups=G, num_items=M, rows=X,
                              chunks=U, select_len=L,
                              key_tile=KEY_TILE if L % KEY_TILE == 0 else L,
-                             scale=1.0 / math.sqrt(D), atomic=atomic)
+                             scale=1.0 / math.sqrt(D), atomic=atomic, atomic_dq=atomic_dq)
   args = [q_BTGRD.reshape(B, T * G * R, D), k_pad, v_pad,
           do_BTGRD.astype(q_BTGRD.dtype).reshape(B, T * G * R, D), lse.reshape(B, -1),
           delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
-  dq_shape = jax.ShapeDtypeStruct((B, G, M * U * X, D), _F32)
-  if atomic:
-    acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
-    out_shape, aliases = (dq_shape, acc, acc), {9: 1, 10: 2}
-    args += [jnp.zeros(k_pad.shape, _F32), jnp.zeros(v_pad.shape, _F32)]
-  else:
-    part = jax.ShapeDtypeStruct((B, G, M, L, D), _F32)
-    out_shape, aliases = (dq_shape, part, part), {}
-  dq_BGXD, dk, dv = pl.pallas_call(
-      kernel, grid=(B * G * M,), out_shape=out_shape, input_output_aliases=aliases,
-      interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
+  # Outputs (dq, dk, dv); an atomic one starts from zeros, an input aliased to it.
+  acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
+  part = jax.ShapeDtypeStruct((B, G, M, L, D), _F32)
+  out_shape = [jax.ShapeDtypeStruct((B, T * G * R + 1, D) if atomic_dq else (B, G, M * U * X, D),
+                                    _F32)] + [acc if atomic else part] * 2
+  aliases = {}
+  for out, use in enumerate((atomic_dq, atomic, atomic)):
+    if use:
+      aliases[len(args)] = out
+      args.append(jnp.zeros(out_shape[out].shape, _F32))
+  dq_out, dk, dv = pl.pallas_call(
+      kernel, grid=(B * G * M,), out_shape=tuple(out_shape), input_output_aliases=aliases,
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_NUM_STAGES"),
   )(*args)
   if not atomic:
     dk, dv = sum_item_partials((dk, dv), blk_BGM, posrow, J, interpret=interpret)
-  # dq: the K slot contributions of every (token, group), gathered from the item rows.
-  gathered = _gather_slots(dq_BGXD.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
-  dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
+  if atomic_dq:
+    dq_BTGRD = dq_out[:, :-1].reshape(B, T, G, R, D)
+  else:  # the K slot contributions of every (token, group), gathered from the item rows
+    gathered = _gather_slots(dq_out.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
+    dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
   return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
 
@@ -715,7 +763,8 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
       kernel, grid=(B * G * M,),
       out_shape=(jax.ShapeDtypeStruct((B, G, M * U * X, D), _partial_dtype(q_BTGRD.dtype)),
                  jax.ShapeDtypeStruct((B, G, M * U * X), _F32)),
-      interpret=interpret, compiler_params=_compiler_params(interpret, KEY_NUM_WARPS),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_NUM_STAGES"),
   )(q_BTGRD.reshape(B, T * G * R, D), _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L), qrow,
     posrow, blk_BGM)
   o_BGTKRD = _gather_slots(o_BGXD.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
@@ -760,15 +809,19 @@ selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
 CHOICE_TOKENS = 64     # queries per program (the rows of its products)
 CHOICE_SEL_TILE = 16   # selection blocks per tile of the walk
 CHOICE_NUM_WARPS = 4
-# The overlap sums' products (probabilities against 0/1 matrices): HIGHEST = exact float32
-# (CUDA cores on GPU). HIGH or DEFAULT lower to one TF32 pass on tensor cores, which rounds
-# the probabilities to about 1e-3 and changed choices on an H200 (float32 check: loss error
-# 5e-4 against 1e-6). "bf16x3" (_overlap_dot): three bfloat16 parts of the probabilities on
-# tensor cores, within float32 rounding. Not yet timed: Triton's exact float32 product was
-# what made the DynMoE decoding kernel's routing slow (moe_pallas, session 22);
-# `python -m train.nsa_kernel_check --cases 32x2048 --impls pallas --breakdown --variants
-# choice_tf32,choice_bf16x3` compares them.
-CHOICE_OVERLAP_PRECISION = jax.lax.Precision.HIGHEST
+# The overlap sums' products (probabilities against 0/1 matrices). "bf16x3" (the default,
+# _overlap_dot): three bfloat16 parts of the probabilities on tensor cores, each product exact,
+# the sums within float32 rounding of the exact ones (the same class of difference as the
+# kernel's other summation order, below). HIGHEST: exact float32 products (on CUDA cores on a
+# GPU: at 1 x 32768 about a fifth of the kernel). HIGH or DEFAULT lower to one TF32 pass,
+# which rounds the probabilities to about 1e-3 and changed choices on an H200 (float32 check:
+# loss error 5e-4 against 1e-6). H100, jax 0.11.2, 2026-12-05, nsa_core forward+backward
+# (train.nsa_kernel_check --variants choice_bf16x3, against HIGHEST in the same call):
+# 4.46 against 5.02 ms and 4.39 against 4.86 at 1 x 32768 (2.05x cuDNN's speed against
+# 1.82x), 4.60 against 4.66 at 8 x 8192, 3.45 / 3.58 and 3.63 / 3.63 at 32 x 2048
+# (docs/bench/nsa_choice_*_h100_2026-12-05.json; session 23 at 32 x 2048: 4.19 against 4.02,
+# the kernel alone 0.546 against 0.629 ms).
+CHOICE_OVERLAP_PRECISION = "bf16x3"
 # Programs of the last query tiles (the longest walks) first within each (example, group):
 # the choice at 1 x 32768 on an H200 2.61 -> 2.25 ms (train.nsa_kernel_check --variants
 # choice_short_first); no change at 32 x 2048, where the (example, group) order dominates.
@@ -986,7 +1039,8 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
                else jax.ShapeDtypeStruct((B, Tp, G, Kp), jnp.int32))
   out = pl.pallas_call(
       kernel, grid=(B * G * nq,), out_shape=out_shape,
-      interpret=interpret, compiler_params=_compiler_params(interpret, CHOICE_NUM_WARPS),
+      interpret=interpret, compiler_params=_compiler_params(interpret, CHOICE_NUM_WARPS,
+                                                          "CHOICE_NUM_STAGES"),
   )(q, k, pos, lo, _overlap_tiles(block_len, block_stride, select_len))
   return out[:, :T, :, :num_sel] if scores else out[:, :T, :, :num_select]
 
@@ -1190,7 +1244,8 @@ def _window_vjp_fwd(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window, interpret):
       functools.partial(_window_fwd_kernel, head_groups=HG, **static),
       grid=(B * static["num_tiles"] * HG,),
       out_shape=(jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(q.shape[:-1], _F32)),
-      interpret=interpret, compiler_params=_compiler_params(interpret, WIN_NUM_WARPS),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, WIN_NUM_WARPS, "WIN_NUM_STAGES"),
   )(*operands)
   return (out[:, :T].reshape(B, T, G, R, D),
           (q_BTGRD, k_BTGD, v_BTGD, lo_BT, out, lse))
@@ -1205,7 +1260,7 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
                [(0, 0), (0, q.shape[1] - T), (0, 0), (0, 0), (0, 0)])
   delta = jnp.sum(do * out, axis=-1)
   args = (*operands, do.astype(q.dtype), lse, delta)
-  params = _compiler_params(interpret, WIN_NUM_WARPS)
+  params = _compiler_params(interpret, WIN_NUM_WARPS, "WIN_NUM_STAGES")
   dq = pl.pallas_call(
       functools.partial(_window_dq_kernel, head_groups=q.shape[2], **static),
       grid=(B * static["num_tiles"] * q.shape[2],),
@@ -1448,7 +1503,8 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
       scale=1.0 / math.sqrt(D), sel_tile=Js)
   return pl.pallas_call(
       kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), q_BGRD.dtype),
-      interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, DEC_NUM_WARPS, "DEC_NUM_STAGES"),
   )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
     pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len, Js))
 
