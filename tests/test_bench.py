@@ -364,7 +364,12 @@ def test_target_routing_gives_every_layer_the_target_density(packed):
   fresh parameters' layers are far from it."""
   cfg = config.load("configs/default.yaml")
   model = Transformer(cfg.model)
-  state = steps.init_state(cfg, model, jax.random.PRNGKey(0))
+  params = steps.init_state(cfg, model, jax.random.PRNGKey(0)).params
+  # A trained norm's scale turns its output (the experts' input) away from its input.
+  for i in range(cfg.model.num_layers):
+    scale = params[f"block_{i}"]["moe_norm"]["scale"]
+    params[f"block_{i}"]["moe_norm"]["scale"] = jax.random.uniform(
+        jax.random.PRNGKey(i), scale.shape, scale.dtype, 0.2, 3.0)
   batch = (bench.synthetic_packed_batch(4, 64, 16) if packed else bench.synthetic_batch(4, 64))
   num_real = int(np.sum(batch["valid"]))
 
@@ -374,9 +379,9 @@ def test_target_routing_gives_every_layer_the_target_density(packed):
 
   assert cfg.model.num_layers >= 2
   target = cfg.model.sdl_target_active
-  np.testing.assert_allclose(active_frac(bench.target_routing(model, state.params, batch)),
+  np.testing.assert_allclose(active_frac(bench.target_routing(model, params, batch)),
                              target, atol=1 / num_real + 1e-6)
-  assert np.all(np.abs(active_frac(state.params) - target) > 0.1)
+  assert np.all(np.abs(active_frac(params) - target) > 0.1)
 
 
 def test_density_thresholds_give_each_expert_its_share():
@@ -513,6 +518,10 @@ def test_time_loop_queues_calls_on_the_carried_state():
   ms = bench.time_loop(step, (jnp.int32(1), jnp.int32(2)), iters=3, repeats=2, carry=False)
   assert seen == [1] * 18  # a stateless call (a layer's fwd+bwd) takes the same args each time
   assert math.isfinite(ms) and ms > 0
+  seen.clear()  # fresh: every loop (3 calls, then 6) starts from a new state, then carries it
+  ms = bench.time_loop(step, (jnp.int32(5), jnp.int32(2)), iters=3, repeats=2,
+                       fresh=lambda: jnp.int32(10))
+  assert seen == [10, 12, 14, 10, 12, 14, 16, 18, 20] * 2
 
 
 class FakeClock:

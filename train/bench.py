@@ -63,8 +63,9 @@ markdown table for the README.
 ``layers`` section (``jax.profiler``, after timing them) and adds to their rows a summary of
 the device kernels by name and by model scope (:mod:`train.profile`); the traces stay under DIR.
 
-``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU (2.4 minutes on
-a 2-core AMD EPYC, compilation included): a smoke check of this program, not a measurement.
+``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU (1.6 minutes on
+a 2-core AMD EPYC, compilation included, 2026-12-05): a smoke check of this program, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def time_compiled(compiled, args: Sequence[Any], *, warmup: int, iters: int,
 
 
 def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
-              carry: bool = True) -> float:
+              carry: bool = True, fresh: Callable[[], Any] | None = None) -> float:
   """Milliseconds per call of a train step run as a training loop runs it: calls queued back to
   back, each on the state the last returned (``carry``: carried, as a donated state must be;
   without it every call takes ``args`` as they are, e.g. a layer's forward+backward), one
@@ -220,11 +221,16 @@ def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
   ``iters`` is the time a call adds to a loop, without the costs a loop pays once (the first
   call's dispatch, which no device work overlaps, and the final wait; they added ~0.6 ms /
   ``iters`` to a layer's time). The median of the rounds. A round whose difference is not
-  positive (a call too short for the clock's noise) counts the longer loop's mean instead."""
+  positive (a call too short for the clock's noise) counts the longer loop's mean instead.
+  ``fresh``: each loop starts from ``fresh()`` as its first argument (made before the clock
+  starts), so no loop carries the state further than ``2 * iters`` steps: a train step moves
+  the experts' thresholds, hence their routing and the step's cost."""
   args = tuple(args)
 
   def loop_s(n: int) -> float:
     nonlocal args
+    if fresh is not None:
+      args = (jax.block_until_ready(fresh()),) + args[1:]
     start, out = time.perf_counter(), None
     for _ in range(n):
       out = compiled(*args)
@@ -240,12 +246,12 @@ def time_loop(compiled, args: Sequence[Any], *, iters: int, repeats: int = 3,
   return 1e3 * statistics.median(per_call_s)
 
 
-def time_loop_or_oom(compiled, args: Sequence[Any], *, iters: int, carry: bool = True
-                     ) -> float | str:
+def time_loop_or_oom(compiled, args: Sequence[Any], *, iters: int, carry: bool = True,
+                     fresh: Callable[[], Any] | None = None) -> float | str:
   """:func:`time_loop`, or ``"oom"`` when only the calls queued back to back ran out of memory
   (they can hold more at once than one call)."""
   try:
-    return time_loop(compiled, args, iters=iters, carry=carry)
+    return time_loop(compiled, args, iters=iters, carry=carry, fresh=fresh)
   except Exception as err:  # noqa: BLE001 - anything but an OOM is raised again
     if not is_oom(err):
       raise
@@ -479,7 +485,8 @@ class StepRunner:
     compiled, compile_s = self._compiled[key]
     median_ms, min_ms, (state, metrics) = time_compiled(
         compiled, (state, batch), warmup=self.sizes.warmup, iters=iters, carry=True)
-    loop_ms = time_loop_or_oom(compiled, (state, batch), iters=iters) if loop else None
+    loop_ms = (time_loop_or_oom(compiled, (state, batch), iters=iters, fresh=fresh) if loop
+               else None)
     name = f"{kind}_T{seq_len}" + ("_packed" if packed else "") + (
         f"_{rollout}" if kind == "eavi" else "") + ("_target" if routing == "target" else "")
     self.profile(name, compiled, (fresh(), batch), carry=True)

@@ -38,7 +38,8 @@ to ``ROW_TILE`` = 16 rows (an element-wise formulation on CUDA cores measured 2.
 forward and 2x slower forward+backward on an H200).
 
 Numerics: products take the inputs' dtype with float32 accumulation (float32 inputs: exact
-float32 products, no TF32); logits, softmax, the running sums and the gradient accumulators
+float32 products, no TF32; the block choice's float32 overlap sums: three bfloat16 parts,
+``CHOICE_OVERLAP_PRECISION``); logits, softmax, the running sums and the gradient accumulators
 are float32. For 16-bit inputs probabilities and ``ds`` are rounded to the input dtype before
 their products, as the reference rounds probabilities before the value product.
 
@@ -101,10 +102,14 @@ BWD_NUM_WARPS = 4
 # Timed on an H100 (jax 0.11.2, 2026-12-05; docs/bench/nsa_stages*_h100_2026-12-05.json), no
 # win: nsa_core forward+backward with every family at 2 / 3 stages 4.11 / 4.15 against 4.18 ms
 # at 32 x 2048, 5.00 / 5.28 against 5.08 at 8 x 8192, 5.60 / 5.23 against 5.37 at 1 x 32768
-# (train.nsa_kernel_check --variants stages2,stages3; one family at a time within the same
-# ~0.2 ms noise); the pieces alone (--breakdown, 20 iterations) moved both ways (the choice
-# 0.45 against 0.61 ms at 32 x 2048 but 1.81 against 1.13 at 8 x 8192); the decoding kernel
-# 15-17 against 18 us a call, but the arc1 rollout 204.4 against 204.3 ms.
+# (train.nsa_kernel_check --variants stages2,stages3); one family at a time from 0.45 ms
+# faster (the choice at 3 stages, 32 x 2048: 3.73 against 4.18) to 0.17 slower, but the
+# choice's 0.45 ms did not repeat when timed alone (--breakdown, 20 iterations: 0.46 against
+# 0.61 at 32 x 2048, 1.53 against 1.13 at 8 x 8192). In that breakdown the forward kernels
+# gained at both lengths (the window's 0.50 -> 0.30 and 0.45 -> 0.25-0.33 ms, the selected
+# branch's 1.68 -> 1.44 and 1.76 -> 1.31-1.39 ms with its plan) while the forward+backward
+# pairs lost at 8 x 8192: separate forward and backward settings are untried. The decoding
+# kernel 15-17 against 18 us a call, but the arc1 rollout 204.4 against 204.3 ms.
 KEY_NUM_STAGES = 1
 CHOICE_NUM_STAGES = 1
 WIN_NUM_STAGES = 1
@@ -286,6 +291,9 @@ def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, int
 
 
 def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
+  for name, value in (("DKDV_REDUCE", DKDV_REDUCE), ("DQ_REDUCE", DQ_REDUCE)):
+    if value not in ("atomic", "partials"):
+      raise ValueError(f"nsa_pallas.{name} must be 'partials' or 'atomic', got {value!r}")
   if BWD_IMPL == "keyblock":
     return _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD)
   if BWD_IMPL != "atomic":
@@ -370,7 +378,8 @@ DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_part
 # gather; the sum's order, hence its last bits, then varies from run to run on a GPU).
 # H200, jax 0.11.2, 2026-12-05, nsa_core forward+backward (train.nsa_kernel_check --variants
 # dq_atomic; docs/bench/nsa_dq_atomic_h200_2026-12-05.json): atomic 4.04 against 3.56 ms at
-# 32 x 2048, 4.96 against 4.85 at 8 x 8192, 5.21 against 4.82 at 1 x 32768: "partials".
+# 32 x 2048, 4.96 against 4.85 at 8 x 8192, 5.21 against 4.82 at 1 x 32768: "partials"
+# (timed with the padding rows' zeros added to one spare row, see the kernel).
 DQ_REDUCE = "partials"
 # How sum_item_partials sums the partials: "xla" (a segment sum) or "kernel" (Pallas: one
 # program per (block, example, group) walks its block's run of items, SUM_UNROLL at a time,
@@ -524,7 +533,10 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
                   dv_LD + _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)))
       dq_XD = dq_XD + _mm(ds_XL, k_LD)
     if atomic_dq:
-      # Padding rows (all zero) go to the spare last row, so no real row is hit twice here.
+      # Padding rows (all zero) go to the spare last row: interpret mode's atomic add is a
+      # gather then a set, which keeps one of two writes to a row of one call (a real row and
+      # row 0's padding). On a GPU every padding row of an example adds its zeros there (a
+      # hot spot in the timings below; a mask would skip them).
       dummy = dq_ref.shape[1] - 1
       row_XD = jnp.broadcast_to(jnp.where(pos_X >= 0, qrow_X, dummy)[:, None], dq_XD.shape)
       col_XD = jax.lax.broadcasted_iota(jnp.int32, dq_XD.shape, 1)
@@ -565,10 +577,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   X = C * R
   assert qrow.shape[-1] == M * U * X, "the plan was made with other item settings"
   delta_BTGR = jnp.sum(do_BTGRD.astype(_F32) * out, axis=-1)
-  for name, value in (("DKDV_REDUCE", DKDV_REDUCE), ("DQ_REDUCE", DQ_REDUCE)):
-    if value not in ("atomic", "partials"):
-      raise ValueError(f"nsa_pallas.{name} must be 'partials' or 'atomic', got {value!r}")
-  atomic, atomic_dq = DKDV_REDUCE == "atomic", DQ_REDUCE == "atomic"
+  atomic, atomic_dq = DKDV_REDUCE == "atomic", DQ_REDUCE == "atomic"  # checked by the caller
   kernel = functools.partial(_selected_bwd_key_kernel, num_groups=G, num_items=M, rows=X,
                              chunks=U, select_len=L,
                              key_tile=KEY_TILE if L % KEY_TILE == 0 else L,
@@ -792,11 +801,12 @@ selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
 # probabilities are stored; the program keeps a running top-k and writes only the chosen
 # blocks (or, for tests, the [B,T,G,J] scores).
 #
-# The overlap sum is two small exact (float32) products per tile: compression blocks starting
-# in this tile's key range against a static [Nt, Js] 0/1 matrix, and those starting in the
-# previous tile (a block that starts near a tile's end reaches into the next one) against a
-# second. Both matrices are the same for every tile, which needs ``select_len`` to be a
-# multiple of ``block_stride`` (``block_choice_supported``).
+# The overlap sum is two small products per tile, each term exact (CHOICE_OVERLAP_PRECISION:
+# three bfloat16 parts of the probabilities, or float32 products), summed in float32:
+# compression blocks starting in this tile's key range against a static [Nt, Js] 0/1 matrix,
+# and those starting in the previous tile (a block that starts near a tile's end reaches into
+# the next one) against a second. Both matrices are the same for every tile, which needs
+# ``select_len`` to be a multiple of ``block_stride`` (``block_choice_supported``).
 #
 # The running top-k: each tile's keys (forced blocks _FORCED, candidates their score, others
 # _NEG) are merged with the k kept so far by k rounds of "take the larger head of the two
@@ -812,15 +822,14 @@ CHOICE_NUM_WARPS = 4
 # The overlap sums' products (probabilities against 0/1 matrices). "bf16x3" (the default,
 # _overlap_dot): three bfloat16 parts of the probabilities on tensor cores, each product exact,
 # the sums within float32 rounding of the exact ones (the same class of difference as the
-# kernel's other summation order, below). HIGHEST: exact float32 products (on CUDA cores on a
-# GPU: at 1 x 32768 about a fifth of the kernel). HIGH or DEFAULT lower to one TF32 pass,
-# which rounds the probabilities to about 1e-3 and changed choices on an H200 (float32 check:
-# loss error 5e-4 against 1e-6). H100, jax 0.11.2, 2026-12-05, nsa_core forward+backward
-# (train.nsa_kernel_check --variants choice_bf16x3, against HIGHEST in the same call):
-# 4.46 against 5.02 ms and 4.39 against 4.86 at 1 x 32768 (2.05x cuDNN's speed against
-# 1.82x), 4.60 against 4.66 at 8 x 8192, 3.45 / 3.58 and 3.63 / 3.63 at 32 x 2048
-# (docs/bench/nsa_choice_*_h100_2026-12-05.json; session 23 at 32 x 2048: 4.19 against 4.02,
-# the kernel alone 0.546 against 0.629 ms).
+# kernel's other summation order, above). HIGHEST: exact float32 products (on CUDA cores on a
+# GPU). HIGH or DEFAULT lower to one TF32 pass, which rounds the probabilities to about 1e-3
+# and changed choices on an H200 (float32 check: loss error 5e-4 against 1e-6). H100, jax
+# 0.11.2, 2026-12-05, nsa_core forward+backward (train.nsa_kernel_check --variants
+# choice_bf16x3, against HIGHEST in the same call): 4.46 against 5.02 ms and 4.39 against
+# 4.86 at 1 x 32768 (2.05x cuDNN's speed against 1.82x), 4.60 against 4.66 at 8 x 8192, 3.45
+# / 3.58 and 3.63 / 3.63 at 32 x 2048 (docs/bench/nsa_choice_*_h100_2026-12-05.json; session
+# 23 at 32 x 2048: 4.19 against 4.02, the kernel alone 0.546 against 0.629 ms).
 CHOICE_OVERLAP_PRECISION = "bf16x3"
 # Programs of the last query tiles (the longest walks) first within each (example, group):
 # the choice at 1 x 32768 on an H200 2.61 -> 2.25 ms (train.nsa_kernel_check --variants
