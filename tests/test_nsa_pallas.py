@@ -363,11 +363,11 @@ def test_block_choice_kernel_matches_selection(name):
   reference's compressed probabilities (packed rows: with ``segment_start``; offsets: fewer
   queries than keys, at per-example positions, which the kernel takes as they are). Each score is a
   sum of at most R * W (<= 10) probabilities in [0, 1], computed with another summation order
-  (online log-sum-exp over tiles): a few float32 roundings of the sum, so atol is 5 units in
-  the last place of the largest score (measured over these cases: 3 at most, at HIGHEST and
-  with the default three bfloat16 parts alike; two parts, 2^-16 of each term, fail). The
-  choices are compared by the reference scores of the chosen blocks, slot by slot (a near-tie
-  may swap two blocks of equal score); forced blocks and unused slots exactly."""
+  (online log-sum-exp over tiles): a few float32 roundings (1.2e-7) of terms <= 1, so atol
+  1e-5 (the overlap products' three bfloat16 parts keep each term within one rounding: the
+  next test). The choices are compared by the reference scores of the chosen blocks, slot by
+  slot (a near-tie may swap two blocks of equal score); forced blocks and unused slots
+  exactly."""
   packed, offset = name.endswith("_packed"), name.endswith("_offsets")
   base = name.removesuffix("_packed").removesuffix("_offsets")
   geo, offsets = CHOICE_GEOS[base], None
@@ -379,8 +379,7 @@ def test_block_choice_kernel_matches_selection(name):
   q, k, pos, lo, want, kw = _choice_case(geo, CHOICE_PACKED_STARTS if packed else None, offsets)
   got = nsa_pallas.block_choice(q, k, pos, lo, scores=True, **kw)
   assert got.shape == want.shape
-  atol = 5 * float(np.spacing(np.max(np.asarray(want, np.float32))))
-  np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
   idx_got = np.asarray(nsa_pallas.block_choice(q, k, pos, lo, **kw))
   idx_want = np.asarray(nsa._top_blocks(want, pos, lo, num_select=geo.num_select,
@@ -397,7 +396,19 @@ def test_block_choice_kernel_matches_selection(name):
                                 np.where(forced(idx_want), idx_want, 0))
   score_of = lambda idx: np.where(idx >= 0, np.take_along_axis(  # noqa: E731
       np.asarray(want), np.maximum(idx, 0), axis=-1), 0.0)
-  np.testing.assert_allclose(score_of(idx_got), score_of(idx_want), rtol=0, atol=atol)
+  np.testing.assert_allclose(score_of(idx_got), score_of(idx_want), rtol=0, atol=1e-5)
+
+
+def test_overlap_products_in_three_bfloat16_parts_keep_each_term_to_float32():
+  """The default CHOICE_OVERLAP_PRECISION against an identity matrix: every output is one
+  probability rebuilt from its parts. hi = bf16(p) errs by <= 2^-9 |p|, mid by 2^-9 of that,
+  lo by 2^-9 of that again (2^-27 |p|); hi + mid is exact in float32 and adding lo rounds once
+  (2^-24 |p|): within 2^-23 |p| in all. Two parts would leave up to 2^-18 |p|."""
+  assert nsa_pallas.CHOICE_OVERLAP_PRECISION == "bf16x3"
+  p = jax.random.uniform(jax.random.PRNGKey(0), (64, 64), jnp.float32, 1e-6, 1.0)
+  got = np.asarray(nsa_pallas._overlap_dot(p, jnp.eye(64, dtype=jnp.float32)))
+  p = np.asarray(p)
+  assert np.all(np.abs(got - p) <= 2.0 ** -23 * p)
 
 
 @pytest.mark.parametrize("name", ["one_tile", "many_tiles_packed"])
