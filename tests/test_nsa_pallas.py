@@ -330,8 +330,10 @@ CHOICE_GEOS = {
 
 # Packed rows for the many_tiles geometry (tiles of 64 positions), other starts in each row:
 # sequences starting inside a tile, one spanning three tiles, query tiles holding two or three
-# sequence starts.
-CHOICE_PACKED_STARTS = [[0, 36, 48, 172, 264], [0, 100, 204]]
+# sequence starts; the third row's second sequence (20..289) starts inside tile 0 and is seen
+# whole by later query tiles: tile 0 is masked for them (keys before 20), tile 1 is not (the
+# kernel's unmasked interior tiles, CHOICE_INTERIOR_MIN_TILES).
+CHOICE_PACKED_STARTS = [[0, 36, 48, 172, 264], [0, 100, 204], [0, 20, 290]]
 
 # Fewer queries than keys, at other positions in each row (a second stream, or the answer
 # against a cache's prompt): (queries, per-example q_offset) for a geometry.
@@ -420,17 +422,32 @@ def test_block_choice_in_exact_float32_products_matches_selection(name, monkeypa
   test_block_choice_kernel_matches_selection(name)
 
 
-@pytest.mark.parametrize("order,long_first", [("group", True), ("tile", False)])
-def test_block_choice_program_order_changes_nothing(order, long_first, monkeypatch):
+@pytest.mark.parametrize("order,long_first,interior", [("group", True, False),
+                                                       ("tile", False, False),
+                                                       ("tile", True, True)])
+def test_block_choice_program_order_changes_nothing(order, long_first, interior, monkeypatch):
   """Each program computes its own (example, group, query tile): any launch order gives the
-  same choices, bit for bit (B = 2 examples x 2 groups x 5 query tiles)."""
+  same choices, bit for bit (B = 3 examples x 2 groups x 5 query tiles); so does walking the
+  tiles a program sees in full without masks (CHOICE_INTERIOR_MIN_TILES 0; the default masks
+  every tile of rows this short): a mask that keeps every key changes no value; scores too."""
   geo = CHOICE_GEOS["many_tiles"]
-  geo = dataclasses.replace(geo, B=2, H=4, G=2)
+  geo = dataclasses.replace(geo, B=len(CHOICE_PACKED_STARTS), H=4, G=2)
   q, k, pos, lo, _, kw = _choice_case(geo, CHOICE_PACKED_STARTS)
-  want = np.asarray(nsa_pallas.block_choice(q, k, pos, lo, **kw))
+  want = [np.asarray(nsa_pallas.block_choice(q, k, pos, lo, scores=s, **kw)) for s in (0, 1)]
   monkeypatch.setattr(nsa_pallas, "CHOICE_ORDER", order)
   monkeypatch.setattr(nsa_pallas, "CHOICE_LONG_FIRST", long_first)
-  np.testing.assert_array_equal(nsa_pallas.block_choice(q, k, pos, lo, **kw), want)
+  monkeypatch.setattr(nsa_pallas, "CHOICE_INTERIOR_MIN_TILES", 0 if interior else 2**30)
+  for s in (0, 1):
+    np.testing.assert_array_equal(nsa_pallas.block_choice(q, k, pos, lo, scores=s, **kw),
+                                  want[s])
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, None])
+def test_block_choice_rejects_a_bad_interior_setting(bad, monkeypatch):
+  q, k, pos, lo, _, kw = _choice_case(CHOICE_GEOS["one_tile"])
+  monkeypatch.setattr(nsa_pallas, "CHOICE_INTERIOR_MIN_TILES", bad)
+  with pytest.raises(ValueError, match="CHOICE_INTERIOR_MIN_TILES must be an int >= 0"):
+    nsa_pallas.block_choice(q, k, pos, lo, **kw)
 
 
 def test_block_choice_ties_go_to_the_lower_block():

@@ -97,6 +97,8 @@ VARIANTS = {
     "choice_highest": dict(CHOICE_OVERLAP_PRECISION=jax.lax.Precision.HIGHEST),  # exact fp32
     "choice_short_first": dict(CHOICE_LONG_FIRST=False),
     "choice_group_order": dict(CHOICE_ORDER="group"),
+    "choice_masked": dict(CHOICE_INTERIOR_MIN_TILES=2**30),  # every tile masked
+    "choice_interior": dict(CHOICE_INTERIOR_MIN_TILES=0),  # fully visible tiles unmasked
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
     "fwd_keyblock": dict(FWD_IMPL="keyblock"),
     "fwd_query": dict(FWD_IMPL="query"),
@@ -482,7 +484,7 @@ def main(argv=None) -> None:
                             "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
                             "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_NUM_STAGES",
                             "CHOICE_NUM_STAGES", "WIN_NUM_STAGES", "DEC_NUM_STAGES",
-                            "CHOICE_OVERLAP_PRECISION")},
+                            "CHOICE_OVERLAP_PRECISION", "CHOICE_INTERIOR_MIN_TILES")},
                  window=nsa.PALLAS_WINDOW, pallas_decode=nsa.PALLAS_DECODE)
 
   def save():

@@ -841,6 +841,15 @@ CHOICE_LONG_FIRST = True
 # choice_group_order, 2026-12-01): 0.60 against 0.64 ms at 32 x 2048, 1.27 against 1.46 ms at
 # 8 x 8192.
 CHOICE_ORDER = "tile"
+# From this many tiles of selection blocks in a row (T / (CHOICE_SEL_TILE * select_len)) on,
+# the tiles every query of a program sees in full are walked without the visibility masks
+# (three loops: masked, unmasked, masked); shorter rows mask every tile. H200, jax 0.11.2,
+# 2026-12-05, the choice alone in three calls (train.nsa_kernel_check --breakdown, variants
+# choice_interior / choice_masked): 4 tiles (32 x 2048) 0.575 / 0.546 / 0.595 ms unmasked
+# against 0.467 / 0.469 / 0.422 masked; 16 (8 x 8192) 1.09 / 0.94 against 0.93 / 1.27; 64
+# (1 x 32768) 1.55 / 1.63 / 1.92 against 1.76 / 1.83 / 1.74, and nsa_core there 4.41 / 4.40 /
+# 4.44 against 4.51 / 4.63 / 4.63 (docs/bench/nsa_choice_interior_h200_2026-12-05*.json).
+CHOICE_INTERIOR_MIN_TILES = 32
 _FORCED = 1e30         # key of a forced block (scores are sums of probabilities: <= R)
 _USED = -3e38          # key of an entry already taken in the merge
 
@@ -915,7 +924,7 @@ def _merge_top(val_QK, idx_QK, key_QJ, blk_QJ, num_select: int):
 def _block_choice_kernel(q_ref, k_ref, pos_ref, lo_ref, ovl_ref, o_ref, *, num_groups: int,
                          num_token_tiles: int, num_tiles: int, heads: int, block_len: int,
                          block_stride: int, select_len: int, num_select: int, scale: float,
-                         topk: bool):
+                         topk: bool, interior: bool):
   Q, Js = CHOICE_TOKENS, CHOICE_SEL_TILE
   Nt = Js * select_len // block_stride
   pid = pl.program_id(0)
@@ -938,62 +947,86 @@ def _block_choice_kernel(q_ref, k_ref, pos_ref, lo_ref, ovl_ref, o_ref, *, num_g
   # spill starts at zero.
   n = jnp.minimum(jax.lax.div(jnp.maximum(jnp.max(pos_Q), 0), select_len * Js) + 1, num_tiles)
   n0 = jnp.minimum(jax.lax.div(jnp.min(lo_Q), select_len * Js), n)
+  # Tiles [a, z) are visible to every query of the program (their keys start at or after the
+  # largest lo and their last block ends by the smallest position; padding rows, pos -1, leave
+  # none): walked without masks where ``interior`` (CHOICE_INTERIOR_MIN_TILES). The walk is
+  # [n0, a) masked, [a, z) not, [z, n) masked: the same tiles in the same order.
+  span = select_len * Js
+  a, z = n0, n0
+  if interior:
+    a = jnp.clip(jax.lax.div(jnp.max(lo_Q) + span - 1, span), n0, n)
+    z = jnp.clip(jax.lax.div(jnp.maximum(jnp.min(pos_Q) - block_len + 1 + block_stride, 0),
+                             span), a, n)
 
-  def tile_keys(jt):
-    """Tile ``jt``'s keys [Nt, D] and visibility [Q, Nt]."""
+  def tile_keys(jt, masked: bool):
+    """Tile ``jt``'s keys [Nt, D] and visibility [Q, Nt] (None: every key visible)."""
     i0 = jt * Nt
+    k_ND = k_ref[b, pl.ds(i0, Nt), g, :]
+    if not masked:
+      return k_ND, None
     first_key_N = (i0 + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)) * block_stride
     vis_QN = ((first_key_N[None, :] + (block_len - 1) <= pos_Q[:, None])
               & (first_key_N[None, :] >= lo_Q[:, None]))
-    return k_ref[b, pl.ds(i0, Nt), g, :], vis_QN
+    return k_ND, vis_QN
 
   def head_logits(r, k_ND, vis_QN):
     # One head at a time: R [Q, Nt] float32 tiles alive at once would spill registers.
-    return jnp.where(vis_QN, _mm(q_rQD[r], k_ND, trans_b=True) * scale, _NEG)
+    logits_QN = _mm(q_rQD[r], k_ND, trans_b=True) * scale
+    return logits_QN if vis_QN is None else jnp.where(vis_QN, logits_QN, _NEG)
 
-  def lse_tile(jt, carry):
-    k_ND, vis_QN = tile_keys(jt)
+  def visible(vis_QN, x_QN):
+    return x_QN if vis_QN is None else jnp.where(vis_QN, x_QN, 0.0)
+
+  def walk(body, init):
+    """``body(jt, carry, masked)`` over tiles n0..n-1 in order, masked outside [a, z)."""
+    carry = jax.lax.fori_loop(n0, a, functools.partial(body, masked=True), init)
+    carry = jax.lax.fori_loop(a, z, functools.partial(body, masked=False), carry)
+    return jax.lax.fori_loop(z, n, functools.partial(body, masked=True), carry)
+
+  def lse_tile(jt, carry, masked):
+    k_ND, vis_QN = tile_keys(jt, masked)
     out = []
     for r in range(heads):
       logits_QN = head_logits(r, k_ND, vis_QN)
       m_Q, l_Q = carry[2 * r], carry[2 * r + 1]
       m_new = jnp.maximum(m_Q, jnp.max(logits_QN, axis=1))
-      p_QN = jnp.where(vis_QN, jnp.exp(logits_QN - m_new[:, None]), 0.0)
+      p_QN = visible(vis_QN, jnp.exp(logits_QN - m_new[:, None]))
       out += [m_new, l_Q * jnp.exp(m_Q - m_new) + jnp.sum(p_QN, axis=1)]
     return tuple(out)
 
   init = tuple(jnp.full((Q,), _NEG, _F32) if i % 2 == 0 else jnp.zeros((Q,), _F32)
                for i in range(2 * heads))
-  ml = jax.lax.fori_loop(n0, n, lse_tile, init)
+  ml = walk(lse_tile, init)
   # Rows that see no block keep l = 0; their logits are all masked, so any lse does.
   lse_rQ = [ml[2 * r] + jnp.log(jnp.maximum(ml[2 * r + 1], 1e-30)) for r in range(heads)]
   cur_Q = jax.lax.div(jnp.maximum(pos_Q, 0), select_len)
   first_Q = jax.lax.div(lo_Q, select_len)
 
-  def score_tile(jt, carry):
-    prev_QN = carry[0]
-    k_ND, vis_QN = tile_keys(jt)
+  def score_tile(jt, carry, masked):
+    # carry[0]: the previous tile's blocks' overlap with this tile's selection blocks (the
+    # spill, [Q, Js]: kept instead of the previous tile's [Q, Nt] probabilities).
+    k_ND, vis_QN = tile_keys(jt, masked)
     p_QN = jnp.zeros((Q, Nt), _F32)
     for r in range(heads):
-      p_QN += jnp.where(vis_QN, jnp.exp(head_logits(r, k_ND, vis_QN) - lse_rQ[r][:, None]),
-                        0.0)
-    s_QJ = _overlap_dot(p_QN, same_NJ) + _overlap_dot(prev_QN, next_NJ)
+      p_QN += visible(vis_QN, jnp.exp(head_logits(r, k_ND, vis_QN) - lse_rQ[r][:, None]))
+    s_QJ = _overlap_dot(p_QN, same_NJ) + carry[0]
+    spill_QJ = _overlap_dot(p_QN, next_NJ)
     if not topk:
       o_ref[b, pl.ds(t0, Q), g, pl.ds(jt * Js, Js)] = s_QJ
-      return (p_QN,)
+      return (spill_QJ,)
     blk_QJ = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Q, Js), 1)
     cand = (blk_QJ <= cur_Q[:, None]) & (blk_QJ >= first_Q[:, None]) & (pos_Q[:, None] >= 0)
     forced = cand & ((blk_QJ == first_Q[:, None]) | (blk_QJ == cur_Q[:, None])
                      | (blk_QJ == cur_Q[:, None] - 1))
     key_QJ = jnp.where(forced, _FORCED, jnp.where(cand, s_QJ, _NEG))
     val_QK, idx_QK = _merge_top(carry[1], carry[2], key_QJ, blk_QJ, num_select)
-    return p_QN, val_QK, idx_QK
+    return spill_QJ, val_QK, idx_QK
 
   Kp = o_ref.shape[-1]
-  init = (jnp.zeros((Q, Nt), _F32),)
+  init = (jnp.zeros((Q, Js), _F32),)
   if topk:
     init += (jnp.full((Q, Kp), _NEG, _F32), jnp.full((Q, Kp), -1, jnp.int32))
-  out = jax.lax.fori_loop(n0, n, score_tile, init)
+  out = walk(score_tile, init)
   if topk:
     val_QK, idx_QK = out[1], out[2]
     o_ref[b, pl.ds(t0, Q), g, :] = jnp.where(val_QK > 0.5 * _NEG, idx_QK, -1)
@@ -1027,6 +1060,9 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
       candidates; for tests).
   Needs :func:`block_choice_supported`. Forward only (the choice carries no gradient).
   """
+  if not isinstance(CHOICE_INTERIOR_MIN_TILES, int) or CHOICE_INTERIOR_MIN_TILES < 0:
+    raise ValueError("nsa_pallas.CHOICE_INTERIOR_MIN_TILES must be an int >= 0, got "
+                     f"{CHOICE_INTERIOR_MIN_TILES!r}")
   B, T, G, R, D = q_BTGRD.shape
   Q, Js = CHOICE_TOKENS, CHOICE_SEL_TILE
   Nt = Js * select_len // block_stride
@@ -1043,7 +1079,8 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
   kernel = functools.partial(
       _block_choice_kernel, num_groups=G, num_token_tiles=nq, num_tiles=nj, heads=R,
       block_len=block_len, block_stride=block_stride, select_len=select_len,
-      num_select=num_select, scale=1.0 / math.sqrt(D), topk=not scores)
+      num_select=num_select, scale=1.0 / math.sqrt(D), topk=not scores,
+      interior=nj >= CHOICE_INTERIOR_MIN_TILES)
   out_shape = (jax.ShapeDtypeStruct((B, Tp, G, nj * Js), _F32) if scores
                else jax.ShapeDtypeStruct((B, Tp, G, Kp), jnp.int32))
   out = pl.pallas_call(
