@@ -422,24 +422,42 @@ def test_block_choice_in_exact_float32_products_matches_selection(name, monkeypa
   test_block_choice_kernel_matches_selection(name)
 
 
-@pytest.mark.parametrize("order,long_first,interior", [("group", True, False),
-                                                       ("tile", False, False),
-                                                       ("tile", True, True)])
-def test_block_choice_program_order_changes_nothing(order, long_first, interior, monkeypatch):
+@pytest.mark.parametrize("order,long_first", [("group", True), ("tile", False)])
+def test_block_choice_program_order_changes_nothing(order, long_first, monkeypatch):
   """Each program computes its own (example, group, query tile): any launch order gives the
-  same choices, bit for bit (B = 3 examples x 2 groups x 5 query tiles); so does walking the
-  tiles a program sees in full without masks (CHOICE_INTERIOR_MIN_TILES 0; the default masks
-  every tile of rows this short): a mask that keeps every key changes no value; scores too."""
+  same choices, bit for bit (B = 3 examples x 2 groups x 5 query tiles)."""
   geo = CHOICE_GEOS["many_tiles"]
   geo = dataclasses.replace(geo, B=len(CHOICE_PACKED_STARTS), H=4, G=2)
   q, k, pos, lo, _, kw = _choice_case(geo, CHOICE_PACKED_STARTS)
-  want = [np.asarray(nsa_pallas.block_choice(q, k, pos, lo, scores=s, **kw)) for s in (0, 1)]
+  want = np.asarray(nsa_pallas.block_choice(q, k, pos, lo, **kw))
   monkeypatch.setattr(nsa_pallas, "CHOICE_ORDER", order)
   monkeypatch.setattr(nsa_pallas, "CHOICE_LONG_FIRST", long_first)
-  monkeypatch.setattr(nsa_pallas, "CHOICE_INTERIOR_MIN_TILES", 0 if interior else 2**30)
+  np.testing.assert_array_equal(nsa_pallas.block_choice(q, k, pos, lo, **kw), want)
+
+
+@pytest.mark.parametrize("block_len", [4, 1])
+def test_block_choice_unmasked_interior_is_the_masked_walk(block_len, monkeypatch):
+  """CHOICE_INTERIOR_MIN_TILES 0 (every row walks the tiles a program sees in full without
+  masks; rows this short mask every tile by default) gives the masked walk's scores and choices
+  bit for bit: a mask that keeps every key changes no operand. Packed rows (the third row's
+  sequence starting inside tile 0 and seen whole later) and blocks longer than their stride or
+  shorter (1 < 2: there a query tile holding two sequence starts has interior tiles, so an
+  interior range taken from the smallest start instead of the largest fails)."""
+  geo = dataclasses.replace(CHOICE_GEOS["many_tiles"], B=len(CHOICE_PACKED_STARTS), H=4, G=2,
+                            block_len=block_len)
+  q, k, pos, lo, _, kw = _choice_case(geo, CHOICE_PACKED_STARTS)
+  want = [np.asarray(nsa_pallas.block_choice(q, k, pos, lo, scores=s, **kw)) for s in (0, 1)]
+  monkeypatch.setattr(nsa_pallas, "CHOICE_INTERIOR_MIN_TILES", 0)
   for s in (0, 1):
     np.testing.assert_array_equal(nsa_pallas.block_choice(q, k, pos, lo, scores=s, **kw),
                                   want[s])
+
+
+@pytest.mark.parametrize("name", ["many_tiles_packed", "many_tiles_offsets"])
+def test_block_choice_unmasked_interior_matches_selection(name, monkeypatch):
+  """The unmasked interior walk against the reference, as the default walk is above."""
+  monkeypatch.setattr(nsa_pallas, "CHOICE_INTERIOR_MIN_TILES", 0)
+  test_block_choice_kernel_matches_selection(name)
 
 
 @pytest.mark.parametrize("bad", [-1, 2.0, None])

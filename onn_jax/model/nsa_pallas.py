@@ -799,13 +799,15 @@ selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
 # CHOICE_SEL_TILE selection blocks' worth, up to the tile's last candidate, twice: once for
 # each head's float32 log-sum-exp (online), once for the probabilities. No [B,T,H,N]
 # probabilities are stored; the program keeps a running top-k and writes only the chosen
-# blocks (or, for tests, the [B,T,G,J] scores).
+# blocks (or, for tests, the [B,T,G,J] scores). In long rows the tiles that every query of the
+# program sees in full skip the masks (CHOICE_INTERIOR_MIN_TILES).
 #
 # The overlap sum is two small products per tile, each term exact (CHOICE_OVERLAP_PRECISION:
 # three bfloat16 parts of the probabilities, or float32 products), summed in float32:
 # compression blocks starting in this tile's key range against a static [Nt, Js] 0/1 matrix,
 # and those starting in the previous tile (a block that starts near a tile's end reaches into
-# the next one) against a second. Both matrices are the same for every tile, which needs
+# the next one) against a second: that product is computed in the previous tile and carried
+# to this one, [Q, Js]. Both matrices are the same for every tile, which needs
 # ``select_len`` to be a multiple of ``block_stride`` (``block_choice_supported``).
 #
 # The running top-k: each tile's keys (forced blocks _FORCED, candidates their score, others
@@ -841,14 +843,17 @@ CHOICE_LONG_FIRST = True
 # choice_group_order, 2026-12-01): 0.60 against 0.64 ms at 32 x 2048, 1.27 against 1.46 ms at
 # 8 x 8192.
 CHOICE_ORDER = "tile"
-# From this many tiles of selection blocks in a row (T / (CHOICE_SEL_TILE * select_len)) on,
-# the tiles every query of a program sees in full are walked without the visibility masks
-# (three loops: masked, unmasked, masked); shorter rows mask every tile. H200, jax 0.11.2,
-# 2026-12-05, the choice alone in three calls (train.nsa_kernel_check --breakdown, variants
-# choice_interior / choice_masked): 4 tiles (32 x 2048) 0.575 / 0.546 / 0.595 ms unmasked
-# against 0.467 / 0.469 / 0.422 masked; 16 (8 x 8192) 1.09 / 0.94 against 0.93 / 1.27; 64
-# (1 x 32768) 1.55 / 1.63 / 1.92 against 1.76 / 1.83 / 1.74, and nsa_core there 4.41 / 4.40 /
-# 4.44 against 4.51 / 4.63 / 4.63 (docs/bench/nsa_choice_interior_h200_2026-12-05*.json).
+# From this many tiles of selection blocks in the keys (ceil(J / CHOICE_SEL_TILE), J the
+# selection blocks of the key length) on, the tiles every query of a program sees in full are
+# walked without the visibility masks (three loops: masked, unmasked, masked; the same values,
+# tested bit for bit in interpret mode, within float32 rounding on a GPU should the compiler
+# fuse the unmasked products differently; the kernel compiles in about 6 s instead of 2); fewer
+# mask every tile. H200, jax 0.11.2, 2026-12-05, the choice alone in three processes of two
+# calls (train.nsa_kernel_check --breakdown, variants choice_interior / choice_masked): 4
+# tiles (32 x 2048) 0.575 / 0.546 / 0.595 ms unmasked against 0.467 / 0.469 / 0.422 masked;
+# 16 (8 x 8192) 1.09 / 0.94 against 0.93 / 1.27; 64 (1 x 32768) 1.55 / 1.63 / 1.92 against
+# 1.76 / 1.83 / 1.74, and nsa_core there 4.41 / 4.40 / 4.44 against 4.51 / 4.63 / 4.63
+# (docs/bench/nsa_choice_interior*_h200_2026-12-05.json).
 CHOICE_INTERIOR_MIN_TILES = 32
 _FORCED = 1e30         # key of a forced block (scores are sums of probabilities: <= R)
 _USED = -3e38          # key of an entry already taken in the merge
