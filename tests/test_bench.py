@@ -429,6 +429,16 @@ def test_crossover():
   assert bench.crossover(tokens, dense, [0.5, 0.5, 0.5, None]) is None  # e.g. out of memory
 
 
+def test_nsa_kernel_check_variants_name_settings_that_exist():
+  """Every ``--variants`` entry sets constants that nsa or nsa_pallas has (a setting removed
+  from the library would otherwise only fail on the GPU, mid-run)."""
+  from onn_jax.model import nsa, nsa_pallas
+  from train import nsa_kernel_check as check
+  for name, settings in check.VARIANTS.items():
+    for key in settings:
+      assert hasattr(nsa, key) or hasattr(nsa_pallas, key), f"variant {name}: no {key}"
+
+
 def test_nsa_kernel_check_takes_a_geometry_or_fails_in_one_line(capsys):
   """``--geometry`` sets the NSA geometry the GPU check times (the paper's against arc1's);
   a malformed one exits 2 naming it, before anything runs."""

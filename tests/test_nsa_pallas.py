@@ -236,41 +236,37 @@ def test_pallas_bf16_close_to_fp32_reference():
 
 # ---------------------------------------------------------------- the selected-branch kernel
 
-# (forward, backward, dk/dv reduction, tokens per chunk[, keys per backward tile[, chunks per
-# item]]): every forward with every backward, chunks of 2 tokens (many items per block,
-# partial and empty items) for the key-major ones; blocks walked in tiles of 2 keys (both
-# reductions); items of several chunks (a program walks its live ones, dk/dv summed over
-# them) with both forwards and both reductions.
-BWD_VARIANTS = [("query", "atomic", "partials", 16), ("query", "keyblock", "partials", 16),
-                ("keyblock", "keyblock", "partials", 2), ("query", "keyblock", "atomic", 2),
-                ("keyblock", "atomic", "partials", 2), ("keyblock", "keyblock", "partials", 16),
-                ("keyblock", "keyblock", "partials", 2, 2), ("query", "keyblock", "atomic", 2, 2),
-                ("keyblock", "keyblock", "partials_kernel", 2),
-                ("keyblock", "keyblock", "partials", 1, None, 2),
-                ("keyblock", "keyblock", "atomic", 1, 2, 4),
-                ("query", "keyblock", "partials", 2, 2, 2),
-                ("keyblock", "keyblock", "partials_kernel", 2, None, 2),
-                ("keyblock", "atomic", "partials", 2, None, 2),
-                ("keyblock", "keyblock", "partials+dq", 2),
-                ("keyblock", "keyblock", "atomic+dq", 1, 2, 4),
-                ("query", "keyblock", "partials+dq", 2, 2, 2)]
+# (forward, dk/dv reduction[+dq], tokens per chunk[, keys per backward tile[, chunks per
+# item]]): both forwards with both reductions, chunks of 2 tokens (many items per block,
+# partial and empty items); blocks walked in tiles of 2 keys (both reductions); items of
+# several chunks (a program walks its live ones, dk/dv summed over them) with both forwards
+# and both reductions; dq added atomically with each. The first three run in the direct
+# kernel test only.
+BWD_VARIANTS = [("query", "partials", 16), ("keyblock", "partials", 16),
+                ("query", "atomic", 2, 2),
+                ("keyblock", "partials", 2), ("query", "atomic", 2),
+                ("keyblock", "partials", 2, 2),
+                ("keyblock", "partials", 1, None, 2),
+                ("keyblock", "atomic", 1, 2, 4),
+                ("query", "partials", 2, 2, 2),
+                ("keyblock", "partials", 2, None, 2),
+                ("keyblock", "partials+dq", 2),
+                ("keyblock", "atomic+dq", 1, 2, 4),
+                ("query", "partials+dq", 2, 2, 2)]
 
 
 def _set_bwd(monkeypatch, variant):
-  """(forward, backward, dk/dv reduce (``partials_kernel``: partials summed by the sum
-  kernel, nsa_pallas.DKDV_SUM; ``+dq``: dq added atomically, nsa_pallas.DQ_REDUCE), chunk
+  """(forward, dk/dv reduce (``+dq``: dq added atomically, nsa_pallas.DQ_REDUCE), chunk
   tokens[, key tile (None: the default)[, chunks per item]]). Items of several chunks: a
   program walks its live chunks (a block chosen by one token leaves the rest of its item
   empty; one chosen by three fills two chunks of 2)."""
-  fwd, bwd, reduce, chunk, *rest = variant
+  fwd, reduce, chunk, *rest = variant
   reduce, _, dq = reduce.partition("+")
   monkeypatch.setattr(nsa_pallas, "DQ_REDUCE", "atomic" if dq else "partials")
   tile = [t for t in rest[:1] if t is not None]
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", rest[1] if len(rest) > 1 else 1)
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", fwd)
-  monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
-  monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce.removesuffix("_kernel"))
-  monkeypatch.setattr(nsa_pallas, "DKDV_SUM", "kernel" if reduce.endswith("_kernel") else "xla")
+  monkeypatch.setattr(nsa_pallas, "DKDV_REDUCE", reduce)
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", chunk)
   if tile:
     monkeypatch.setattr(nsa_pallas, "KEY_TILE", tile[0])
@@ -542,17 +538,13 @@ def test_keyblock_plan_covers_every_pair_once():
         assert not np.any(real[1:] & ~real[:-1])
 
 
-@pytest.mark.parametrize("how", ["xla", "kernel"])
-def test_item_partials_sum_per_block_and_drop_dead_items(how, monkeypatch):
-  """The key-major backward's dk/dv reduce (both sums: XLA's segment sum and the Pallas walk
-  over each block's run of items): each live item's [L, D] partial lands on its own
-  (example, group, block) keys; a dead item adds nothing, even with nonzero values (in the
-  kernel they are zeros; here they would show if they landed anywhere), inside a block's run
-  or after the last live item; an item is live when any of its rows has a position. Every
-  size differs from the others, so a misplaced stride shows; the two partials differ, so a
-  swap shows. Exact: sums of at most M integers of size <= 8 in float32."""
-  monkeypatch.setattr(nsa_pallas, "DKDV_SUM", how)
-  monkeypatch.setattr(nsa_pallas, "SUM_UNROLL", 2)  # runs of 1-5 items: odd ones end inside a step
+def test_item_partials_sum_per_block_and_drop_dead_items():
+  """The key-major backward's dk/dv reduce (a segment sum): each live item's [L, D] partial
+  lands on its own (example, group, block) keys; a dead item adds nothing, even with nonzero
+  values (in the kernel they are zeros; here they would show if they landed anywhere),
+  inside a block's run or after the last live item; an item is live when any of its rows has
+  a position. Every size differs from the others, so a misplaced stride shows; the two
+  partials differ, so a swap shows. Exact: sums of at most M integers of size <= 8 in float32."""
   rng = np.random.default_rng(5)
   B, G, M, L, D, J = 2, 3, 9, 6, 4, 5
   parts = [rng.integers(-8, 9, (B, G, M, L, D)).astype(np.float32) for _ in range(2)]
@@ -563,7 +555,7 @@ def test_item_partials_sum_per_block_and_drop_dead_items(how, monkeypatch):
   # The plan's row positions (2 rows an item): a live item's first row real, a dead one's none.
   posrow = np.where(live[..., None], np.array([7, -1]), -1).reshape(B, G, M * 2)
   got = nsa_pallas.sum_item_partials(tuple(map(jnp.asarray, parts)), jnp.asarray(blk),
-                                     jnp.asarray(posrow, jnp.int32), J, interpret=True)
+                                     jnp.asarray(posrow, jnp.int32), J)
   for part, sums in zip(parts, got):
     want = np.zeros((B, J * L, G, D), np.float32)
     for b in range(B):
@@ -670,11 +662,8 @@ def test_a_stages_setting_is_tritons_num_stages(monkeypatch):
       nsa_pallas._compiler_params(True, 4, "WIN_NUM_STAGES")
 
 
-@pytest.mark.parametrize("bwd", ["keyblock", "atomic"])
-def test_a_bad_dq_reduce_setting_is_one_line(bwd, monkeypatch):
-  """Whichever backward runs (the query-major one has no use for it)."""
+def test_a_bad_dq_reduce_setting_is_one_line(monkeypatch):
   geo, q_offset = GEOMETRIES["group1_from_start"]
-  monkeypatch.setattr(nsa_pallas, "BWD_IMPL", bwd)
   monkeypatch.setattr(nsa_pallas, "DQ_REDUCE", "sum")
   cot = random_like((geo.B, geo.T, geo.H, geo.D), 4)
   with pytest.raises(ValueError) as err:
@@ -684,17 +673,7 @@ def test_a_bad_dq_reduce_setting_is_one_line(bwd, monkeypatch):
                                             "'atomic', got 'sum'")
 
 
-def test_a_bad_partial_sum_setting_is_one_line(monkeypatch):
-  monkeypatch.setattr(nsa_pallas, "DKDV_SUM", "sorted")
-  one = jnp.zeros((1, 1, 2, 2, 2), jnp.float32)
-  with pytest.raises(ValueError, match=r"^nsa_pallas.DKDV_SUM must be 'xla' or 'kernel', got "
-                                       r"'sorted'$"):
-    nsa_pallas.sum_item_partials((one,), jnp.zeros((1, 1, 2), jnp.int32),
-                                 jnp.zeros((1, 1, 2), jnp.int32), 1)
-
-
-@pytest.mark.parametrize("variant", BWD_VARIANTS[2:5] + BWD_VARIANTS[6:7] + BWD_VARIANTS[8:],
-                         ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", BWD_VARIANTS[3:], ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("name", ["per_example_offset", "decode_t1_few_blocks"])
 def test_pallas_backward_variants_match_reference(name, variant, monkeypatch):
   """Small chunks (1-2 tokens) in nsa_core: many items per block, partial and empty items,

@@ -2,7 +2,7 @@
 forward+backward timings against cuDNN causal GQA attention and the blockwise implementation.
 
     python -m train.nsa_kernel_check [--out results.json] [--cases 32x2048,8x8192]
-        [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,atomic] [--packed]
+        [--skip-check] [--iters 5] [--breakdown] [--variants keyblock,dq_atomic] [--packed]
         [--decode 32x2048] [--decode-calls 32] [--geometry 16/8/32/8/128]
 
 Head sizes of configs/arc1.yaml (8 heads, 2 KV groups, head_dim 32) and its NSA geometry
@@ -53,18 +53,16 @@ NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 # Variants: module settings of nsa_pallas (the selected branch's backward) or of nsa (the
 # compressed branch).
 VARIANTS = {
-    "atomic": dict(BWD_IMPL="atomic"),
-    "keyblock": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=16),
-    "keyblock_c32": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=32),
-    "keyblock_c8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8),
-    "keyblock_atomic": dict(BWD_IMPL="keyblock", DKDV_REDUCE="atomic", KEY_CHUNK=16),
+    "keyblock": dict(DKDV_REDUCE="partials", KEY_CHUNK=16),
+    "keyblock_c32": dict(DKDV_REDUCE="partials", KEY_CHUNK=32),
+    "keyblock_c8": dict(DKDV_REDUCE="partials", KEY_CHUNK=8),
+    "keyblock_atomic": dict(DKDV_REDUCE="atomic", KEY_CHUNK=16),
     # The key-major kernels' launch width (their tiles: KEY_CHUNK * heads rows x select_len
     # keys in the forward, x KEY_TILE keys in the backward).
     "key_w8": dict(KEY_NUM_WARPS=8),
     # The key-major backward walking a whole block at once (as before KEY_TILE) up to 64 keys.
     "key_tile64": dict(KEY_TILE=64),
-    "keyblock_c8_w8": dict(BWD_IMPL="keyblock", DKDV_REDUCE="partials", KEY_CHUNK=8,
-                           KEY_NUM_WARPS=8),
+    "keyblock_c8_w8": dict(DKDV_REDUCE="partials", KEY_CHUNK=8, KEY_NUM_WARPS=8),
     # Items of several KEY_CHUNK-token chunks (nsa_pallas.ITEM_CHUNKS): fewer dk/dv partials
     # to write and sum, longer programs.
     "items1": dict(ITEM_CHUNKS=1),
@@ -102,13 +100,6 @@ VARIANTS = {
     # The selected branch's forward: key-major items (the backward's plan) or query-major.
     "fwd_keyblock": dict(FWD_IMPL="keyblock"),
     "fwd_query": dict(FWD_IMPL="query"),
-    # The key-major backward's dk/dv partials summed per block by a kernel, not a segment sum.
-    "dkdv_sum_kernel": dict(DKDV_SUM="kernel"),
-    # ... its items per loop step (SUM_UNROLL) and launch width (SUM_NUM_WARPS).
-    "dkdv_sum_u8": dict(DKDV_SUM="kernel", SUM_UNROLL=8),
-    "dkdv_sum_u16": dict(DKDV_SUM="kernel", SUM_UNROLL=16),
-    "dkdv_sum_u16_w8": dict(DKDV_SUM="kernel", SUM_UNROLL=16, SUM_NUM_WARPS=8),
-    "dkdv_sum_w1": dict(DKDV_SUM="kernel", SUM_NUM_WARPS=1),
     # Queries not from position 0 (decoding; nsa.PALLAS_OFFSET_CHOICE): the choice by the kernel.
     "offset_choice_kernel": dict(PALLAS_OFFSET_CHOICE="kernel"),
     # The window branch: cuDNN's sliding-window attention instead of the window kernel, and the
@@ -427,8 +418,6 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
           row[f"win_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(win_loss, (0, 1, 2)), qkv_win),
                                                  a, iters)
         else:
-          if "DKDV_SUM" in VARIANTS[var]:
-            row[f"slc_dkdv_sums[{var}]"] = time_case(wrap(sums, qkv_sums), a, iters)
           row[f"slc_fwd[{var}]"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
           row[f"slc_fwd_bwd[{var}]"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)), qkv_slc),
                                                  a, iters)
@@ -436,7 +425,7 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
     # Every selected-branch kernel's launch width (query-major and key-major alike; files
     # before 2026-12-02 evening: the query-major kernels' alone).
     for warps in (1, 2, 8) if sweep else ():
-      with module_settings(FWD_NUM_WARPS=warps, BWD_NUM_WARPS=warps, KEY_NUM_WARPS=warps):
+      with module_settings(FWD_NUM_WARPS=warps, KEY_NUM_WARPS=warps):
         row[f"slc_fwd_w{warps}"] = time_case(wrap(slc_loss, qkv_slc), a, iters)
         row[f"slc_fwd_bwd_w{warps}"] = time_case(wrap(jax.grad(slc_loss, (0, 1, 2)),
                                                       qkv_slc), a, iters)
@@ -477,10 +466,8 @@ def main(argv=None) -> None:
                  date=datetime.date.today().isoformat(), geometry=GEO, H=H, G=G, D=D,
                  defaults={k: str(getattr(nsa_pallas, k)) if k == "CHOICE_OVERLAP_PRECISION"
                            else getattr(nsa_pallas, k) for k in
-                           ("FWD_IMPL", "BWD_IMPL", "DKDV_REDUCE", "DQ_REDUCE", "DKDV_SUM",
-                            "KEY_CHUNK",
-                            "ITEM_CHUNKS", "KEY_TILE", "KEY_NUM_WARPS", "SUM_UNROLL",
-                            "SUM_NUM_WARPS",
+                           ("FWD_IMPL", "DKDV_REDUCE", "DQ_REDUCE", "KEY_CHUNK",
+                            "ITEM_CHUNKS", "KEY_TILE", "KEY_NUM_WARPS",
                             "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
                             "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_NUM_STAGES",
                             "CHOICE_NUM_STAGES", "WIN_NUM_STAGES", "DEC_NUM_STAGES",

@@ -13,19 +13,18 @@ kernels here read the chosen blocks straight from the [B,S,G,D] keys instead:
   tile and walks the ``K`` chosen blocks with an online softmax (slower for training rows,
   measured; ``"auto"`` takes it for a few queries a row, such as one-token decoding).
   Neither stores anything of size T*K*select_len;
-* backward (``BWD_IMPL = "keyblock"``, the default): key-major, the kernel without atomics
-  (the item plan comes from the key-major forward when it ran). The (token, slot) pairs of
-  each (example, group) are sorted by selection block (in XLA) and cut into items of up to
-  ``ITEM_CHUNKS`` chunks of ``KEY_CHUNK`` tokens; one program per item loads its block's keys
-  and values once and walks the item's chunks (gathers each chunk's query rows, recomputes
-  the probabilities from the log-sum-exp), sums the block's dk/dv over the item's rows in
-  registers (one [L, D] partial per item, then summed per block by
-  :func:`sum_item_partials`: a segment sum in XLA, or a kernel) and writes each row's dq
-  contribution, which XLA sums over the token's ``K`` slots. A block that every
-  token chooses (block 0) is spread over many items, so no program of the backward walks a
-  long list.
-  ``BWD_IMPL = "atomic"`` keeps the query-major backward (one program per (example, token,
-  group), dk/dv by float32 atomic adds: slower, measured).
+* backward: key-major (the item plan comes from the key-major forward when it ran). The
+  (token, slot) pairs of each (example, group) are sorted by selection block (in XLA) and cut
+  into items of up to ``ITEM_CHUNKS`` chunks of ``KEY_CHUNK`` tokens; one program per item
+  loads its block's keys and values once and walks the item's chunks (gathers each chunk's
+  query rows, recomputes the probabilities from the log-sum-exp), sums the block's dk/dv
+  over the item's rows in registers (one [L, D] partial per item, then summed per block by
+  :func:`sum_item_partials`, a segment sum in XLA) and writes each row's dq contribution,
+  which XLA sums over the token's ``K`` slots. A block that every token chooses (block 0) is
+  spread over many items, so no program of the backward walks a long list. (A query-major
+  backward, one program per (example, token, group) adding dk/dv by float32 atomic adds,
+  made the selected branch's forward+backward 2.1-2.5x slower on an H200 at 32 x 2048 and
+  1 x 32768, docs/bench/nsa_pallas_h200_r6_keyblock_variants.json; removed in session 26.)
 
 The block choice (eq. 9-11) for one sequence a row is a kernel too (``block_choice``, see its
 section below): float32 compressed probabilities, their overlap sums and a running top-k per
@@ -89,9 +88,8 @@ def use_interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-# Triton launch parameters of the forward and backward kernels (measured on an H200).
+# Triton launch width of the query-major selected forward (measured on an H200).
 FWD_NUM_WARPS = 4
-BWD_NUM_WARPS = 4
 
 
 # Triton's software pipelining of a kernel's loops (num_stages: how many iterations' loads
@@ -187,36 +185,6 @@ def _selected_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, pos_ref, o_ref, lse_ref, 
   lse_ref[b, t, g] = m_P + jnp.log(l_P)
 
 
-def _selected_bwd_kernel(q_ref, k_ref, v_ref, idx_ref, pos_ref, do_ref, lse_ref, delta_ref,
-                         dk_in_ref, dv_in_ref, dq_ref, dk_ref, dv_ref, *, num_queries: int,
-                         num_groups: int, num_slots: int, select_len: int, scale: float):
-  del dk_in_ref, dv_in_ref  # aliased to dk_ref / dv_ref (zero-initialised accumulators)
-  b, t, g = _program_coords(num_queries, num_groups)
-  q_PD = q_ref[b, t, g]
-  pos = pos_ref[b, t]
-  do_PD = do_ref[b, t, g]
-  lse_P = lse_ref[b, t, g]
-  delta_P = delta_ref[b, t, g]
-
-  def slot(k, dq_PD):
-    j = idx_ref[b, t, g, k]
-    logits_PL, ok_L, k_LD, start = _block_logits(q_PD, k_ref, b, g, j, pos, select_len,
-                                                 scale)
-    v_LD = v_ref[b, pl.ds(start, select_len), g, :]
-    p_PL = jnp.where(ok_L[None, :], jnp.exp(logits_PL - lse_P[:, None]), 0.0)
-    dp_PL = _mm(do_PD, v_LD, trans_b=True)
-    ds_PL = (p_PL * (dp_PL - delta_P[:, None])).astype(q_PD.dtype)
-    dv_LD = _mm(p_PL.astype(do_PD.dtype), do_PD, trans_a=True)
-    dk_LD = _mm(ds_PL, q_PD, trans_a=True) * scale
-    rows = (b, pl.ds(start, select_len), g, slice(None))
-    plt.atomic_add(dk_ref, rows, dk_LD)
-    plt.atomic_add(dv_ref, rows, dv_LD)
-    return dq_PD + _mm(ds_PL, k_LD)
-
-  dq_PD = jax.lax.fori_loop(0, num_slots, slot, jnp.zeros(q_PD.shape, _F32))
-  dq_ref[b, t, g] = dq_PD * scale
-
-
 def _pad_keys(x_BSGD: jax.Array, select_len: int) -> jax.Array:
   """Pads the key axis to a whole number of selection blocks (no copy when it already is)."""
   S = x_BSGD.shape[1]
@@ -294,35 +262,7 @@ def _selected_vjp_bwd(select_len, interpret, res, do_BTGRD):
   for name, value in (("DKDV_REDUCE", DKDV_REDUCE), ("DQ_REDUCE", DQ_REDUCE)):
     if value not in ("atomic", "partials"):
       raise ValueError(f"nsa_pallas.{name} must be 'partials' or 'atomic', got {value!r}")
-  if BWD_IMPL == "keyblock":
-    return _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD)
-  if BWD_IMPL != "atomic":
-    raise ValueError(f"nsa_pallas.BWD_IMPL must be 'keyblock' or 'atomic', got {BWD_IMPL!r}")
-  return _selected_bwd_atomic(select_len, interpret, res[:-1], do_BTGRD)
-
-
-def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
-  """Query-major backward: one program per (example, token, group), dk/dv by atomic adds."""
-  q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, out, lse = res
-  B, T, G, R, D = q_BTGRD.shape
-  S = k_BSGD.shape[1]
-  K = idx_BTGK.shape[-1]
-  P = max(ROW_TILE, R)
-  delta_BTGR = jnp.sum(do_BTGRD.astype(_F32) * out, axis=-1)
-  k_pad, v_pad = _pad_keys(k_BSGD, select_len), _pad_keys(v_BSGD, select_len)
-  acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
-  kernel = functools.partial(_selected_bwd_kernel, num_queries=T, num_groups=G, num_slots=K,
-                             select_len=select_len, scale=1.0 / math.sqrt(D))
-  dq, dk, dv = pl.pallas_call(
-      kernel, grid=(B * T * G,),
-      out_shape=(jax.ShapeDtypeStruct((B, T, G, P, D), _F32), acc, acc),
-      input_output_aliases={8: 1, 9: 2},
-      interpret=interpret, compiler_params=_compiler_params(interpret, BWD_NUM_WARPS),
-  )(_pad_rows(q_BTGRD, P), k_pad, v_pad, idx_BTGK, pos_BT,
-    _pad_rows(do_BTGRD.astype(q_BTGRD.dtype), P), _pad_rows(lse, P), _pad_rows(delta_BTGR, P),
-    jnp.zeros(k_pad.shape, _F32), jnp.zeros(v_pad.shape, _F32))
-  return (dq[:, :, :, :R].astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
-          dv[:, :S].astype(v_BSGD.dtype), None, None)
+  return _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD)
 
 
 # ---------------------------------------------------------------- key-major backward
@@ -341,7 +281,6 @@ def _selected_bwd_atomic(select_len, interpret, res, do_BTGRD):
 # A block chosen by every token (block 0 always is) is spread over many items, so no program
 # walks a long list; the number of items is static: sum_j ceil(n_j / C) <= (T*K + J*(C-1))/C.
 
-BWD_IMPL = "keyblock"       # "keyblock" (above) or "atomic" (query-major, atomic dk/dv)
 # The forward: "keyblock" (the backward's items: each block's keys loaded once for up to
 # ITEM_CHUNKS * KEY_CHUNK tokens, partial outputs combined by log-sum-exp in XLA; the plan is
 # shared with the backward) or "query" (one program per (example, token, group) walking its K
@@ -381,18 +320,6 @@ DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_part
 # 32 x 2048, 4.96 against 4.85 at 8 x 8192, 5.21 against 4.82 at 1 x 32768: "partials"
 # (timed with the padding rows' zeros added to one spare row, see the kernel).
 DQ_REDUCE = "partials"
-# How sum_item_partials sums the partials: "xla" (a segment sum) or "kernel" (Pallas: one
-# program per (block, example, group) walks its block's run of items, SUM_UNROLL at a time,
-# and writes the block's keys once; no scatter). H200, 32 x 2048, arc1's geometry, both sums
-# (train.nsa_kernel_check --breakdown --variants dkdv_sum_kernel): "kernel" 0.84 ms against
-# 0.48, the branch's forward+backward 2.70 against 2.45 ms; so "xla". Swept on 2026-12-03
-# (docs/bench/nsa_dkdv_sum_sweep_h200_2026-12-03.json): both sums 0.91 ms (SUM_UNROLL 4),
-# 0.79 (8), 0.79 (16), 1.01 (16, 8 warps), 0.98 (1 warp), against XLA's 0.49: none wins.
-# Untried: splitting L*D over a second grid axis (block 0's program walks every token's item
-# of it). SUM_UNROLL: a power of two on GPU (a tile dimension).
-DKDV_SUM = "xla"
-SUM_UNROLL = 4
-SUM_NUM_WARPS = 4
 KEY_NUM_WARPS = 4
 # Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
 # KEY_TILE (a static, unrolled loop), so a program holds [KEY_CHUNK * heads, KEY_TILE] float32
@@ -601,7 +528,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
       compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_NUM_STAGES"),
   )(*args)
   if not atomic:
-    dk, dv = sum_item_partials((dk, dv), blk_BGM, posrow, J, interpret=interpret)
+    dk, dv = sum_item_partials((dk, dv), blk_BGM, posrow, J)
   if atomic_dq:
     dq_BTGRD = dq_out[:, :-1].reshape(B, T, G, R, D)
   else:  # the K slot contributions of every (token, group), gathered from the item rows
@@ -612,83 +539,31 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
 
 
 def sum_item_partials(parts: tuple, blk_BGM: jax.Array, posrow_BGX: jax.Array,
-                      num_blocks: int, *, interpret: bool | None = None) -> tuple:
+                      num_blocks: int) -> tuple:
   """The key-major backward's per-item dk and dv partials (each [B,G,M,L,D]) summed per
   selection block -> each [B, J*L, G, D], from the item plan's blocks (non-decreasing along
   M, as the plan sorts them) and row positions (``posrow_BGX``, see :func:`_keyblock_plan`);
-  a dead item (no real row: empty, past the end) adds nothing. ``DKDV_SUM`` picks the sum.
+  a dead item (no real row: empty, past the end) adds nothing.
 
-  "xla": a segment sum, not declared sorted although the live items are. H200, 32 x 2048,
-  one sum of [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items of
-  16 tokens a block): 23 ms declared sorted (19.6 ms with the dead items dropped too), 1.1
-  ms not, 0.8 ms not and the dead items (a quarter of the static item count, all on the last block)
-  sent to one extra segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted
-  against 0.26 ms, within run-to-run noise. Why the sorted scatter is slow there is not
-  pinned down (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A dead item's partial is
-  zero anyway. "kernel": :func:`_sum_partials_kernel`, both partials in one launch."""
+  A segment sum, not declared sorted although the live items are. H200, 32 x 2048, one sum of
+  [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items of 16 tokens a
+  block): 23 ms declared sorted (19.6 ms with the dead items dropped too), 1.1 ms not, 0.8 ms
+  not and the dead items (a quarter of the static item count, all on the last block) sent to
+  one extra segment that is dropped, as here; at arc1's (16 a block) 0.22 ms sorted against
+  0.26 ms, within run-to-run noise. Why the sorted scatter is slow there is not pinned down
+  (docs/bench/nsa_segment_sum_h200_2026-12-02.json). A dead item's partial is zero anyway.
+  A Pallas kernel walking each block's run of items (one program per (block, example,
+  group)) measured slower at every setting tried (H200, 32 x 2048, both sums: 0.79-1.01 ms
+  against 0.48-0.49; docs/bench/nsa_dkdv_sum_*_h200_2026-12-0[23].json) and was removed in
+  session 26."""
   B, G, M, L, D = parts[0].shape
   J = num_blocks
   live_BGM = jnp.any(posrow_BGX.reshape(B, G, M, -1) >= 0, axis=-1)
-  if DKDV_SUM == "kernel":
-    sums = _sum_partials_pallas(parts, blk_BGM, live_BGM, J,
-                                use_interpret() if interpret is None else interpret)
-  elif DKDV_SUM == "xla":
-    seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
-    seg = jnp.where(live_BGM.reshape(B * G, M), seg, B * G * J).reshape(-1)
-    sums = tuple(jax.ops.segment_sum(p.reshape(B * G * M, L, D), seg,
-                                     num_segments=B * G * J + 1)[:-1] for p in parts)
-  else:
-    raise ValueError(f"nsa_pallas.DKDV_SUM must be 'xla' or 'kernel', got {DKDV_SUM!r}")
+  seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
+  seg = jnp.where(live_BGM.reshape(B * G, M), seg, B * G * J).reshape(-1)
+  sums = tuple(jax.ops.segment_sum(p.reshape(B * G * M, L, D), seg,
+                                   num_segments=B * G * J + 1)[:-1] for p in parts)
   return tuple(x.reshape(B, G, J * L, D).transpose(0, 2, 1, 3) for x in sums)
-
-
-def _sum_partials_kernel(lo_ref, hi_ref, live_ref, *refs, num_bg: int, num_blocks: int,
-                         num_items: int, unroll: int):
-  """One (block j, example-group bg): the sum of the live items m in [lo, hi) of each
-  partial (rows ``bg*M + m`` of [B*G*M, L*D]) into row ``bg*J + j`` of its output."""
-  n_parts = len(refs) // 2
-  ins, outs = refs[:n_parts], refs[n_parts:]
-  pid = pl.program_id(0)
-  j, bg = jax.lax.div(pid, num_bg), jax.lax.rem(pid, num_bg)  # block 0 of every row first
-  lo, hi = lo_ref[bg, j], hi_ref[bg, j]
-
-  def step(i, acc):
-    m_U = lo + i * unroll + jax.lax.broadcasted_iota(jnp.int32, (unroll,), 0)
-    row_U = bg * num_items + jnp.minimum(m_U, num_items - 1)
-    use_U = (m_U < hi) & (live_ref[row_U] != 0)
-    return tuple(a + jnp.sum(jnp.where(use_U[:, None], r[row_U, :], 0.0), axis=0)
-                 for a, r in zip(acc, ins))
-
-  width = ins[0].shape[-1]
-  acc = jax.lax.fori_loop(0, jax.lax.div(hi - lo + unroll - 1, unroll), step,
-                          tuple(jnp.zeros((width,), _F32) for _ in ins))
-  for a, o in zip(acc, outs):
-    o[bg * num_blocks + j, :] = a
-
-
-def _sum_partials_pallas(parts, blk_BGM, live_BGM, num_blocks: int, interpret: bool):
-  """``DKDV_SUM = "kernel"``: each (example, group)'s items of block j form one run (the plan
-  sorts them; the dead ones are past the last live item or masked), found by a binary search
-  in XLA and walked by one program. Returns each sum as [B*G*J, L, D]."""
-  B, G, M, L, D = parts[0].shape
-  J, BG = num_blocks, B * G
-  blk = blk_BGM.reshape(BG, M)
-  live = live_BGM.reshape(BG, M)
-  j_J = jnp.arange(J, dtype=blk.dtype)
-  lo = jax.vmap(lambda a: jnp.searchsorted(a, j_J, side="left"))(blk).astype(jnp.int32)
-  hi = jax.vmap(lambda a: jnp.searchsorted(a, j_J, side="right"))(blk).astype(jnp.int32)
-  end = jnp.max(jnp.where(live, jnp.arange(1, M + 1, dtype=jnp.int32), 0), axis=-1)
-  hi = jnp.minimum(hi, end[:, None])
-  lo = jnp.minimum(lo, hi)
-  kernel = functools.partial(_sum_partials_kernel, num_bg=BG, num_blocks=J, num_items=M,
-                             unroll=SUM_UNROLL)
-  out = jax.ShapeDtypeStruct((BG * J, L * D), _F32)
-  sums = pl.pallas_call(
-      kernel, grid=(BG * J,), out_shape=tuple(out for _ in parts), interpret=interpret,
-      compiler_params=_compiler_params(interpret, SUM_NUM_WARPS),
-  )(lo, hi, live.reshape(-1).astype(jnp.int32),
-    *(p.reshape(BG * M, L * D).astype(_F32) for p in parts))
-  return tuple(x.reshape(BG * J, L, D) for x in sums)
 
 
 def _gather_slots(x_BGY, padpos_BGTK, fill):
