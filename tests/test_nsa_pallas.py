@@ -605,12 +605,15 @@ def test_a_bad_item_chunks_setting_is_one_line(bad, monkeypatch):
     nsa_pallas._item_tokens()
 
 
-@pytest.mark.parametrize("setting", ["KEY_NUM_STAGES", "CHOICE_NUM_STAGES", "WIN_NUM_STAGES",
-                                     "DEC_NUM_STAGES"])
+@pytest.mark.parametrize("setting", ["KEY_FWD_NUM_STAGES", "KEY_BWD_NUM_STAGES",
+                                     "CHOICE_NUM_STAGES", "WIN_FWD_NUM_STAGES",
+                                     "WIN_BWD_NUM_STAGES", "DEC_NUM_STAGES"])
 def test_each_kernel_family_reads_its_stages_setting(setting, monkeypatch):
   """A family's Triton pipelining setting (nsa_pallas.*_NUM_STAGES) reaches its launches in
-  nsa_core (training from position 0: the key-major forward, the block choice, the window
-  kernel; one-token decoding: the decoding kernel): a bad value is a one-line error naming it."""
+  nsa_core (training from position 0: the key-major forward and backward, the block choice,
+  the window forward and backward; one-token decoding: the decoding kernel): a bad value is
+  a one-line error naming it. A backward's setting is read by the backward only: the forward
+  runs with it bad."""
   decode = setting == "DEC_NUM_STAGES"
   geo, q_offset = DECODE_GEOS["few_blocks"] if decode else GEOMETRIES["group1_from_start"]
   args = make_inputs(geo, seed=3)
@@ -618,8 +621,14 @@ def test_each_kernel_family_reads_its_stages_setting(setting, monkeypatch):
     run = functools.partial(_fused_fn(geo, monkeypatch, grads=False), args, _offset(q_offset),
                             None)
   else:  # a static offset of 0: the path of training rows
-    run = functools.partial(nsa_core, *(args[n] for n in ARG_NAMES), q_offset=q_offset,
-                            impl="pallas", **geo.static())
+    def core(q):
+      rest = (args[n] for n in ARG_NAMES[1:])
+      return nsa_core(q, *rest, q_offset=q_offset, impl="pallas", **geo.static())
+    run = functools.partial(core, args[ARG_NAMES[0]])
+    if "_BWD_" in setting:
+      monkeypatch.setattr(nsa_pallas, setting, 0)
+      run()  # the forward alone
+      run = functools.partial(jax.grad(lambda q: jnp.sum(core(q))), args[ARG_NAMES[0]])
   monkeypatch.setattr(nsa_pallas, setting, 0)
   with pytest.raises(ValueError) as err:
     run()
@@ -627,8 +636,9 @@ def test_each_kernel_family_reads_its_stages_setting(setting, monkeypatch):
 
 
 def test_forward_and_backward_kernels_pass_their_stages_setting(monkeypatch):
-  """Every launch of a family names its setting: the key-major forward and backward, the block
-  choice, the window forward and its backward (one setting for both backward kernels)."""
+  """Every launch of a family names its setting: the key-major forward and its backward, the
+  block choice, the window forward and its backward (one setting for both backward
+  kernels)."""
   names, real = [], nsa_pallas._compiler_params
 
   def spy(interpret, num_warps, stages=None):
@@ -645,21 +655,22 @@ def test_forward_and_backward_kernels_pass_their_stages_setting(monkeypatch):
 
   jax.grad(loss)(args[ARG_NAMES[0]])
   counts = {n: names.count(n) for n in set(names) - {None}}
-  assert counts == {"KEY_NUM_STAGES": 2, "CHOICE_NUM_STAGES": 1, "WIN_NUM_STAGES": 2}
+  assert counts == {"KEY_FWD_NUM_STAGES": 1, "KEY_BWD_NUM_STAGES": 1, "CHOICE_NUM_STAGES": 1,
+                    "WIN_FWD_NUM_STAGES": 1, "WIN_BWD_NUM_STAGES": 1}
 
 
 @pytest.mark.skipif(nsa_pallas.plt is None, reason="no Pallas Triton module")
 def test_a_stages_setting_is_tritons_num_stages(monkeypatch):
-  monkeypatch.setattr(nsa_pallas, "WIN_NUM_STAGES", 3)
-  params = nsa_pallas._compiler_params(False, 8, "WIN_NUM_STAGES")
+  monkeypatch.setattr(nsa_pallas, "WIN_FWD_NUM_STAGES", 3)
+  params = nsa_pallas._compiler_params(False, 8, "WIN_FWD_NUM_STAGES")
   assert (params.num_warps, params.num_stages) == (8, 3)
   assert nsa_pallas._compiler_params(False, 4).num_stages == 1  # the other kernels
-  assert nsa_pallas._compiler_params(True, 4, "WIN_NUM_STAGES") is None  # interpret mode
+  assert nsa_pallas._compiler_params(True, 4, "WIN_FWD_NUM_STAGES") is None  # interpret mode
   for bad in (True, 2.0, -1):
-    monkeypatch.setattr(nsa_pallas, "WIN_NUM_STAGES", bad)
-    with pytest.raises(ValueError, match=rf"^nsa_pallas.WIN_NUM_STAGES must be an integer >= 1, "
-                                         rf"got {bad!r}$"):
-      nsa_pallas._compiler_params(True, 4, "WIN_NUM_STAGES")
+    monkeypatch.setattr(nsa_pallas, "WIN_FWD_NUM_STAGES", bad)
+    with pytest.raises(ValueError, match=rf"^nsa_pallas.WIN_FWD_NUM_STAGES must be an integer "
+                                         rf">= 1, got {bad!r}$"):
+      nsa_pallas._compiler_params(True, 4, "WIN_FWD_NUM_STAGES")
 
 
 def test_a_bad_dq_reduce_setting_is_one_line(monkeypatch):

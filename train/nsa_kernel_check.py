@@ -123,15 +123,22 @@ VARIANTS = {
     "dec_w4": dict(DEC_NUM_WARPS=4),
     "dec_t32": dict(DEC_SEL_TILE=32),
     # Triton's software pipelining of the kernels' loops (nsa_pallas.*_NUM_STAGES; 1 = off):
-    # every family at once, then one family at a time.
-    "stages2": dict(KEY_NUM_STAGES=2, CHOICE_NUM_STAGES=2, WIN_NUM_STAGES=2, DEC_NUM_STAGES=2),
-    "stages3": dict(KEY_NUM_STAGES=3, CHOICE_NUM_STAGES=3, WIN_NUM_STAGES=3, DEC_NUM_STAGES=3),
-    "key_s2": dict(KEY_NUM_STAGES=2),
-    "key_s3": dict(KEY_NUM_STAGES=3),
+    # every family at once, one family at a time (a forward and its backward together), then
+    # the forward kernels alone (the key-major selected forward and the window's).
+    "stages2": dict(KEY_FWD_NUM_STAGES=2, KEY_BWD_NUM_STAGES=2, CHOICE_NUM_STAGES=2,
+                    WIN_FWD_NUM_STAGES=2, WIN_BWD_NUM_STAGES=2, DEC_NUM_STAGES=2),
+    "stages3": dict(KEY_FWD_NUM_STAGES=3, KEY_BWD_NUM_STAGES=3, CHOICE_NUM_STAGES=3,
+                    WIN_FWD_NUM_STAGES=3, WIN_BWD_NUM_STAGES=3, DEC_NUM_STAGES=3),
+    "key_s2": dict(KEY_FWD_NUM_STAGES=2, KEY_BWD_NUM_STAGES=2),
+    "key_s3": dict(KEY_FWD_NUM_STAGES=3, KEY_BWD_NUM_STAGES=3),
     "choice_s2": dict(CHOICE_NUM_STAGES=2),
     "choice_s3": dict(CHOICE_NUM_STAGES=3),
-    "win_s2": dict(WIN_NUM_STAGES=2),
-    "win_s3": dict(WIN_NUM_STAGES=3),
+    "win_s2": dict(WIN_FWD_NUM_STAGES=2, WIN_BWD_NUM_STAGES=2),
+    "win_s3": dict(WIN_FWD_NUM_STAGES=3, WIN_BWD_NUM_STAGES=3),
+    "fwd_s2": dict(KEY_FWD_NUM_STAGES=2, WIN_FWD_NUM_STAGES=2),
+    "fwd_s3": dict(KEY_FWD_NUM_STAGES=3, WIN_FWD_NUM_STAGES=3),
+    "key_fwd_s3": dict(KEY_FWD_NUM_STAGES=3),
+    "win_fwd_s3": dict(WIN_FWD_NUM_STAGES=3),
     "dec_s2": dict(DEC_NUM_STAGES=2),
     "dec_s3": dict(DEC_NUM_STAGES=3),
 }
@@ -469,8 +476,9 @@ def main(argv=None) -> None:
                            ("FWD_IMPL", "DKDV_REDUCE", "DQ_REDUCE", "KEY_CHUNK",
                             "ITEM_CHUNKS", "KEY_TILE", "KEY_NUM_WARPS",
                             "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
-                            "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_NUM_STAGES",
-                            "CHOICE_NUM_STAGES", "WIN_NUM_STAGES", "DEC_NUM_STAGES",
+                            "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_FWD_NUM_STAGES",
+                            "KEY_BWD_NUM_STAGES", "CHOICE_NUM_STAGES", "WIN_FWD_NUM_STAGES",
+                            "WIN_BWD_NUM_STAGES", "DEC_NUM_STAGES",
                             "CHOICE_OVERLAP_PRECISION", "CHOICE_INTERIOR_MIN_TILES")},
                  window=nsa.PALLAS_WINDOW, pallas_decode=nsa.PALLAS_DECODE)
 

@@ -94,9 +94,10 @@ FWD_NUM_WARPS = 4
 
 # Triton's software pipelining of a kernel's loops (num_stages: how many iterations' loads
 # feeding a product are in flight at once; 1 = none, every loop waits on its loads), by
-# kernel family: the key-major selected forward and backward (their chunk loop gathers query
-# rows), the block choice (its walk over the compressed keys), the window kernels (their walk
-# over the band's key tiles) and the one-token decoding kernel. Every other kernel runs 1.
+# kernel family: the key-major selected forward and, apart, its backward (their chunk loop
+# gathers query rows), the block choice (its walk over the compressed keys), the window
+# forward and, apart, its two backward kernels (their walk over the band's key tiles) and the
+# one-token decoding kernel. Every other kernel runs 1.
 # Timed on an H100 (jax 0.11.2, 2026-12-05; docs/bench/nsa_stages*_h100_2026-12-05.json), no
 # win: nsa_core forward+backward with every family at 2 / 3 stages 4.11 / 4.15 against 4.18 ms
 # at 32 x 2048, 5.00 / 5.28 against 5.08 at 8 x 8192, 5.60 / 5.23 against 5.37 at 1 x 32768
@@ -106,11 +107,14 @@ FWD_NUM_WARPS = 4
 # 0.61 at 32 x 2048, 1.53 against 1.13 at 8 x 8192). In that breakdown the forward kernels
 # gained at both lengths (the window's 0.50 -> 0.30 and 0.45 -> 0.25-0.33 ms, the selected
 # branch's 1.68 -> 1.44 and 1.76 -> 1.31-1.39 ms with its plan) while the forward+backward
-# pairs lost at 8 x 8192: separate forward and backward settings are untried. The decoding
-# kernel 15-17 against 18 us a call, but the arc1 rollout 204.4 against 204.3 ms.
-KEY_NUM_STAGES = 1
+# pairs lost at 8 x 8192; hence separate forward and backward settings (session 26, not yet
+# timed: train.nsa_kernel_check --variants fwd_s2,fwd_s3). The decoding kernel 15-17 against
+# 18 us a call, but the arc1 rollout 204.4 against 204.3 ms.
+KEY_FWD_NUM_STAGES = 1
+KEY_BWD_NUM_STAGES = 1
 CHOICE_NUM_STAGES = 1
-WIN_NUM_STAGES = 1
+WIN_FWD_NUM_STAGES = 1
+WIN_BWD_NUM_STAGES = 1
 DEC_NUM_STAGES = 1
 
 
@@ -525,7 +529,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   dq_out, dk, dv = pl.pallas_call(
       kernel, grid=(B * G * M,), out_shape=tuple(out_shape), input_output_aliases=aliases,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_NUM_STAGES"),
+      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_BWD_NUM_STAGES"),
   )(*args)
   if not atomic:
     dk, dv = sum_item_partials((dk, dv), blk_BGM, posrow, J)
@@ -648,7 +652,7 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
       out_shape=(jax.ShapeDtypeStruct((B, G, M * U * X, D), _partial_dtype(q_BTGRD.dtype)),
                  jax.ShapeDtypeStruct((B, G, M * U * X), _F32)),
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_NUM_STAGES"),
+      compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_FWD_NUM_STAGES"),
   )(q_BTGRD.reshape(B, T * G * R, D), _pad_keys(k_BSGD, L), _pad_keys(v_BSGD, L), qrow,
     posrow, blk_BGM)
   o_BGTKRD = _gather_slots(o_BGXD.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
@@ -1171,7 +1175,7 @@ def _window_vjp_fwd(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window, interpret):
       grid=(B * static["num_tiles"] * HG,),
       out_shape=(jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(q.shape[:-1], _F32)),
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, WIN_NUM_WARPS, "WIN_NUM_STAGES"),
+      compiler_params=_compiler_params(interpret, WIN_NUM_WARPS, "WIN_FWD_NUM_STAGES"),
   )(*operands)
   return (out[:, :T].reshape(B, T, G, R, D),
           (q_BTGRD, k_BTGD, v_BTGD, lo_BT, out, lse))
@@ -1186,7 +1190,7 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
                [(0, 0), (0, q.shape[1] - T), (0, 0), (0, 0), (0, 0)])
   delta = jnp.sum(do * out, axis=-1)
   args = (*operands, do.astype(q.dtype), lse, delta)
-  params = _compiler_params(interpret, WIN_NUM_WARPS, "WIN_NUM_STAGES")
+  params = _compiler_params(interpret, WIN_NUM_WARPS, "WIN_BWD_NUM_STAGES")
   dq = pl.pallas_call(
       functools.partial(_window_dq_kernel, head_groups=q.shape[2], **static),
       grid=(B * static["num_tiles"] * q.shape[2],),
