@@ -322,7 +322,8 @@ DKDV_REDUCE = "partials"    # "partials" (kernel writes, summed by sum_item_part
 # H200, jax 0.11.2, 2026-12-05, nsa_core forward+backward (train.nsa_kernel_check --variants
 # dq_atomic; docs/bench/nsa_dq_atomic_h200_2026-12-05.json): atomic 4.04 against 3.56 ms at
 # 32 x 2048, 4.96 against 4.85 at 8 x 8192, 5.21 against 4.82 at 1 x 32768: "partials"
-# (timed with the padding rows' zeros added to one spare row, see the kernel).
+# (timed with the padding rows' zeros added to one spare row; since session 26 they are
+# masked on a GPU, see the kernel: not yet timed).
 DQ_REDUCE = "partials"
 KEY_NUM_WARPS = 4
 # Keys per tile of the key-major backward: a block of select_len keys is walked in tiles of
@@ -424,7 +425,7 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
 def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qrow_ref,
                              posrow_ref, blk_ref, *refs, num_groups: int, num_items: int,
                              rows: int, chunks: int, select_len: int, key_tile: int,
-                             scale: float, atomic: bool, atomic_dq: bool):
+                             scale: float, atomic: bool, atomic_dq: bool, interpret: bool):
   """One item: its live chunks of ``rows`` query rows walked in turn against the item's
   block, the block's dk/dv summed over them in registers and written once; dq per chunk
   (written to the chunk's rows, or with ``atomic_dq`` added to each row's own)."""
@@ -464,15 +465,18 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
                   dv_LD + _mm(p_XL.astype(do_XD.dtype), do_XD, trans_a=True)))
       dq_XD = dq_XD + _mm(ds_XL, k_LD)
     if atomic_dq:
-      # Padding rows (all zero) go to the spare last row: interpret mode's atomic add is a
-      # gather then a set, which keeps one of two writes to a row of one call (a real row and
-      # row 0's padding). On a GPU every padding row of an example adds its zeros there (a
-      # hot spot in the timings below; a mask would skip them).
+      # Padding rows (all zero) add nothing: on a GPU they are masked; interpret mode has no
+      # masked atomics, and its atomic add is a gather then a set, which keeps one of two
+      # writes to a row of one call (a real row and row 0's padding), so there they add
+      # their zeros to the spare last row. (Before session 26 the GPU did that too: every
+      # padding row of an example on one row, a hot spot in the timings below.)
       dummy = dq_ref.shape[1] - 1
-      row_XD = jnp.broadcast_to(jnp.where(pos_X >= 0, qrow_X, dummy)[:, None], dq_XD.shape)
+      real_X = pos_X >= 0
+      row_XD = jnp.broadcast_to(jnp.where(real_X, qrow_X, dummy)[:, None], dq_XD.shape)
       col_XD = jax.lax.broadcasted_iota(jnp.int32, dq_XD.shape, 1)
+      mask = None if interpret else jnp.broadcast_to(real_X[:, None], dq_XD.shape)
       plt.atomic_add(dq_ref, (jnp.full(dq_XD.shape, b, jnp.int32), row_XD, col_XD),
-                     dq_XD * scale)
+                     dq_XD * scale, mask=mask)
     else:
       dq_ref[b, g, pl.ds(row0, rows), :] = dq_XD * scale
     return tuple(out)
@@ -512,7 +516,8 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
   kernel = functools.partial(_selected_bwd_key_kernel, num_groups=G, num_items=M, rows=X,
                              chunks=U, select_len=L,
                              key_tile=KEY_TILE if L % KEY_TILE == 0 else L,
-                             scale=1.0 / math.sqrt(D), atomic=atomic, atomic_dq=atomic_dq)
+                             scale=1.0 / math.sqrt(D), atomic=atomic, atomic_dq=atomic_dq,
+                             interpret=interpret)
   args = [q_BTGRD.reshape(B, T * G * R, D), k_pad, v_pad,
           do_BTGRD.astype(q_BTGRD.dtype).reshape(B, T * G * R, D), lse.reshape(B, -1),
           delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
