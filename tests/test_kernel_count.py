@@ -171,3 +171,64 @@ def test_array_bytes_of_an_instruction():
   assert kernel_count.array_bytes("%c = bf16[32,2048,2,32]{3,2,1,0} copy(%x)") == 8388608
   assert kernel_count.array_bytes("%c = s32[] copy(%x)") == 4
   assert kernel_count.array_bytes("%c = pred[3]{0} copy(%x)") == 3
+
+
+# A PTX module as XLA dumps it: two Pallas kernels and an XLA fusion; predicated statements,
+# several statements on one line (Triton's inline assembly), labels and directives.
+PTX = """
+.visible .entry _window_dq_kernel(
+\t.param .u64 _window_dq_kernel_param_0
+)
+{
+\t.reg .pred \t%p<3>;
+\tmov.u32 %r1, 0x0; @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+\twgmma.fence.sync.aligned;
+\twgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%f1}, %rd2, %rd3, 1, 1, 1, 0, 1;
+\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r5}, {%r6}, {%f2};
+\t@!%p2 st.global.b32 [ %rd4 + 0 ], { %r7 };
+\tbar.sync \t0;
+$L__BB0_2:
+\tred.global.add.f32 [%rd5], %f3;
+\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r8, %r9, %r10, %r11}, [%r12];
+\tret;
+}
+.visible .entry loop_add_fusion(
+)
+{
+\tld.global.f32 %f1, [%rd1];
+}
+.visible .entry _block_choice_kernel(
+)
+{
+\tatom.global.add.f32 %f1, [%rd1], %f2; st.shared.f32 [%r1], %f1; ld.shared.f32 %f3, [%r1];
+}
+"""
+
+
+def test_ptx_instructions_of_each_pallas_kernel():
+  got = kernel_count.ptx_instructions(PTX)
+  assert set(got) == {"_window_dq_kernel", "_block_choice_kernel"}  # not XLA's fusion
+  zero = dict.fromkeys(kernel_count.PTX_KINDS, 0)
+  assert got["_window_dq_kernel"] == {**zero, "wgmma": 1, "mma.sync": 1, "ldmatrix": 1,
+                                      "bar.sync": 1, "ld.global": 1, "st.global": 1,
+                                      "atomic": 1}
+  assert got["_block_choice_kernel"] == {**zero, "atomic": 1, "st.shared": 1, "ld.shared": 1}
+
+
+def test_a_bad_ptx_shape_is_one_line():
+  with pytest.raises(SystemExit, match=r"^kernel_count: --ptx '32': expected rows x tokens"):
+    kernel_count.main(["--config", "arc1", "--ptx", "32"])
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
+def test_every_nsa_training_kernel_multiplies_on_tensor_cores():
+  """Deviceless sm_90 compile at arc1's geometry: the six Pallas kernels of a training step's
+  NSA core are in the PTX, each with tensor-core products (wgmma or mma.sync)."""
+  from onn_jax import config
+  device, _ = kernel_count.gpu_device()
+  got = kernel_count.nsa_kernel_ptx(config.load("arc1"), batch=2, seq_len=512, device=device)
+  assert set(got) == {"_selected_fwd_key_kernel", "_selected_bwd_key_kernel",
+                      "_window_fwd_kernel", "_window_dq_kernel", "_window_dkdv_kernel",
+                      "_block_choice_kernel"}
+  for name, counts in got.items():
+    assert counts["wgmma"] + counts["mma.sync"] > 0, name

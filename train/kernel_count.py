@@ -20,6 +20,17 @@ compiled: its cuDNN attention needs cuDNN at compile time.
 
 Counts are per step of the compiled program; whether a launch is cheap is not known here
 (time it on the device: ``python -m train.bench --only decode``).
+
+``--ptx B x T`` reports, instead, what the NSA training kernels (the selected branch's forward
+and backward, the window's, the block choice; the config's geometry, B rows of T tokens)
+compile to: per Pallas kernel, static counts of its PTX instructions by kind (Hopper's
+``wgmma`` against the older ``mma.sync`` tensor-core products, ``ldmatrix``/``stmatrix`` and
+shared-memory traffic, barriers, global loads, stores and atomics), from XLA's PTX dump. On a
+machine without a GPU this is what can be learned of a kernel change's code: wgmma, for
+instance, needs at least 64 rows in a product's output, so a product of a 32-key tile runs
+on mma.sync (README Benchmarks, session 26).
+
+    python -m train.kernel_count --config arc1 --ptx 32x2048 --out ptx.json
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from onn_jax import config, decode, output
 from onn_jax.data.tokens import VOCAB_SIZE
-from onn_jax.model import nsa_pallas
+from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
 from train import profile as profiling
 
@@ -83,6 +95,14 @@ _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
 _OPCODE = re.compile(r"^\s*([a-z][\w\-]*)\(")
 _BODY = re.compile(r"body=%?([\w.\-]+)")
+
+# PTX instruction kinds counted by ptx_instructions: name -> the opcodes' common prefix.
+PTX_KINDS = {"wgmma": "wgmma.mma_async", "mma.sync": "mma.sync", "ldmatrix": "ldmatrix",
+             "stmatrix": "stmatrix", "ld.shared": "ld.shared", "st.shared": "st.shared",
+             "bar.sync": "bar.sync", "ld.global": "ld.global", "st.global": "st.global",
+             "atomic": ("atom.", "red.")}
+_PTX_ENTRY = re.compile(r"\.entry\s+([\w$]+)")
+_PTX_OPCODE = re.compile(r"\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")  # of one statement
 
 
 def gpu_device() -> tuple[Any, str]:
@@ -199,6 +219,62 @@ def step_launches(hlo_text: str, steps_per_body: int) -> dict[str, Any]:
           copied / steps_per_body, "by_kind": per(kinds), "by_scope": per(scopes)}
 
 
+def ptx_instructions(ptx_text: str) -> dict[str, dict[str, int]]:
+  """Static counts of :data:`PTX_KINDS` instructions in each Pallas kernel of a PTX module
+  (entries whose names end in ``_kernel``, as nsa_pallas names its kernel functions; XLA's
+  own fusions are left out). Instructions are counted as written, not as executed: one in a
+  loop counts once."""
+  entries = list(_PTX_ENTRY.finditer(ptx_text))
+  out: dict[str, dict[str, int]] = {}
+  for i, entry in enumerate(entries):
+    name = entry.group(1)
+    if not name.endswith("_kernel"):
+      continue
+    end = entries[i + 1].start() if i + 1 < len(entries) else len(ptx_text)
+    # Statements end at ";" (inline assembly puts several on a line) or at a line's end.
+    ops = [m.group(1) for st in re.split(r"[;\n]", ptx_text[entry.end():end])
+           if (m := _PTX_OPCODE.match(st))]
+    out[name] = {kind: sum(op.startswith(prefix) for op in ops)
+                 for kind, prefix in PTX_KINDS.items()}
+  return out
+
+
+def nsa_kernel_ptx(cfg: config.Config, *, batch: int, seq_len: int,
+                   device) -> dict[str, dict[str, int]]:
+  """:func:`ptx_instructions` of the NSA kernels a teacher-forcing step of ``batch`` rows of
+  ``seq_len`` tokens runs (the config's head sizes, geometry and compute dtype), compiled for
+  ``device``: the selected branch's forward and backward (block indices as a training step's
+  shapes give them, so the key-major forward when they would take it), the window branch's,
+  the block choice. The compressed branch is cuDNN's, not compiled here."""
+  m = cfg.model
+  B, T, G, D = batch, seq_len, m.num_kv_groups, m.head_dim
+  R = m.num_heads // G
+  dtype = jnp.dtype(m.compute_dtype)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+  q, k = spec(B, T, G, R, D), spec(B, T, G, D)
+  pos, idx = spec(B, T, dt=jnp.int32), spec(B, T, G, m.num_select, dt=jnp.int32)
+  k_cmp = spec(B, nsa.num_compressed_blocks(T, m.block_len, m.block_stride), G, D)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a)), (0, 1, 2))  # noqa: E731
+  programs = [
+      (grad(lambda q, k, v, i, p: nsa_pallas.selected_attention(q, k, v, i, p, m.select_len,
+                                                                 False)), (q, k, k, idx, pos)),
+      (grad(lambda q, k, v: nsa_pallas.window_attention(q, k, v, None, m.window, False)),
+       (q, k, k)),
+      (lambda q, c, p: nsa_pallas.block_choice(
+          q, c, p, num_sel=-(-T // m.select_len), block_len=m.block_len,
+          block_stride=m.block_stride, select_len=m.select_len, num_select=m.num_select,
+          interpret=False), (q, k_cmp, pos))]
+  kernels: dict[str, dict[str, int]] = {}
+  with tempfile.TemporaryDirectory() as dump, gpu_paths():
+    for fn, args in programs:
+      jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
+    for path in sorted(Path(dump).glob("*.ptx")):
+      for name, counts in ptx_instructions(path.read_text()).items():
+        kernels.setdefault(name, counts)
+  return kernels
+
+
 def count_decode(cfg: config.Config, *, batch: int, capacity: int, decode_path: str,
                  device) -> dict[str, Any]:
   """Compiles ``decode.generate``'s step loop for ``device`` and counts its launches."""
@@ -231,8 +307,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--config", default="arc1", help="shipped config name or YAML path")
   parser.add_argument("--batch", type=int, default=32, help="decoding rows")
   parser.add_argument("--capacity", type=int, default=2048, help="KV-cache slots")
-  parser.add_argument("--decode", default=",".join(decode.DECODE_KERNELS),
-                      help="decoding kernels to count (decode.DECODE_KERNELS), comma-separated")
+  parser.add_argument("--decode", default=None,
+                      help="decoding kernels to count (decode.DECODE_KERNELS), comma-separated "
+                           "(default: all of them, none with --ptx)")
+  parser.add_argument("--ptx", default="", metavar="BxT[,BxT]",
+                      help="the NSA training kernels' PTX instructions at these shapes")
   parser.add_argument("--out", default="", help="JSON results file")
   parser.add_argument("overrides", nargs="*", help="section.key=value")
   return parser.parse_args(argv)
@@ -241,7 +320,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   cfg = config.load(args.config, args.overrides)
+  shapes = []
+  for case in filter(None, args.ptx.split(",")):
+    match = re.fullmatch(r"(\d+)x(\d+)", case.strip())
+    if not match or not all(int(n) > 0 for n in match.groups()):
+      raise SystemExit(f"kernel_count: --ptx {case!r}: expected rows x tokens, e.g. 32x2048")
+    shapes.append(tuple(int(n) for n in match.groups()))
+  if args.decode is None:
+    args.decode = "" if shapes else ",".join(decode.DECODE_KERNELS)
   device, how = gpu_device()
+  ptx = []
+  for batch, seq_len in shapes:
+    kernels = nsa_kernel_ptx(cfg, batch=batch, seq_len=seq_len, device=device)
+    ptx.append({"batch": batch, "seq_len": seq_len, "kernels": kernels})
+    print(f"PTX of the NSA kernels at {batch} x {seq_len} ({how}), instructions as written:")
+    for name, counts in kernels.items():
+      print(f"  {name}: " + ", ".join(f"{k} {n}" for k, n in counts.items() if n), flush=True)
   rows = []
   for path in [p for p in args.decode.split(",") if p]:
     row = count_decode(cfg, batch=args.batch, capacity=args.capacity, decode_path=path,
@@ -252,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"({args.batch} rows, {args.capacity}-slot cache, {how}), copies "
           f"{row['copied_bytes_per_step']:g} bytes a step; {top}", flush=True)
   result = {"target": how, "config": args.config, "overrides": args.overrides,
-            "jax": jax.__version__, "rows": rows}
+            "jax": jax.__version__, "rows": rows, "ptx": ptx}
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(output.jsonable(result), indent=2) + "\n")
