@@ -871,6 +871,44 @@ def test_window_kernel_matches_band_chunks(tile, window, packed, group_heads, mo
   and the gradients of q, k and v, packed rows or not, T = 82 not a multiple of the tile, key
   tiles that cross a sequence start, a window longer than the tile and one longer than T; one
   query head a program, or a KV group's heads stacked in one tile."""
+  _window_matches_band_chunks(tile, window, packed, group_heads, monkeypatch)
+
+
+@pytest.mark.parametrize("tile,window,packed,group_heads,runs,keys_first", [
+    (16, 9, True, True, 4, True), (16, 9, True, True, 4, False), (8, 20, True, False, 2, True),
+    (16, 100, False, True, 2, False), (16, 9, False, False, 1, True)])
+def test_window_dkdv_settings_match_band_chunks(tile, window, packed, group_heads, runs,
+                                               keys_first, monkeypatch):
+  """The window's dk/dv kernel over runs of several query tiles' keys (WIN_DKDV_KEYS; T = 82:
+  the keys padded to whole runs, 96 -> 128 at runs of 64, 88 -> 96 at runs of 16 over 11
+  tiles) and with its tiles held as [keys, rows] (WIN_DKDV_KEYS_FIRST), against the chunked
+  band attention."""
+  monkeypatch.setattr(nsa_pallas, "WIN_DKDV_KEYS", runs * tile)
+  monkeypatch.setattr(nsa_pallas, "WIN_DKDV_KEYS_FIRST", keys_first)
+  _window_matches_band_chunks(tile, window, packed, group_heads, monkeypatch)
+
+
+@pytest.mark.parametrize("setting,bad,message", [
+    ("WIN_DKDV_KEYS", 48, "None or a power-of-two multiple of WIN_TILE (32), got 48"),
+    ("WIN_DKDV_KEYS", 16, "None or a power-of-two multiple of WIN_TILE (32), got 16"),
+    ("WIN_DKDV_KEYS", True, "None or a power-of-two multiple of WIN_TILE (32), got True"),
+    ("WIN_DKDV_KEYS_FIRST", 1, "True or False, got 1")])
+def test_a_bad_window_dkdv_setting_is_one_line(setting, bad, message, monkeypatch):
+  """Read by the window kernel's backward in nsa_core's training path."""
+  geo, q_offset = GEOMETRIES["group1_from_start"]
+  args = make_inputs(geo, seed=3)
+  monkeypatch.setattr(nsa_pallas, setting, bad)
+
+  def loss(q):
+    rest = (args[n] for n in ARG_NAMES[1:])
+    return jnp.sum(nsa_core(q, *rest, q_offset=q_offset, impl="pallas", **geo.static()))
+
+  with pytest.raises(ValueError) as err:
+    jax.grad(loss)(args[ARG_NAMES[0]])
+  assert str(err.value).splitlines()[0] == f"nsa_pallas.{setting} must be {message}"
+
+
+def _window_matches_band_chunks(tile, window, packed, group_heads, monkeypatch):
   monkeypatch.setattr(nsa_pallas, "WIN_TILE", tile)
   monkeypatch.setattr(nsa_pallas, "WIN_GROUP_HEADS", group_heads)
   lo = segment_start_of(PACKED_STARTS, PACKED_GEO.B, PACKED_GEO.T) if packed else None

@@ -115,6 +115,11 @@ VARIANTS = {
     "win_t64": dict(WIN_TILE=64),
     "win_t64_w8": dict(WIN_TILE=64, WIN_NUM_WARPS=8),
     "win_w8": dict(WIN_NUM_WARPS=8),
+    # The window's dk/dv kernel over runs of 64 or 128 keys (its dk/dv products on wgmma), its
+    # tiles as [rows, keys] or as [keys, rows] (session 26: no transposes of computed tiles).
+    "win_dkdv64": dict(WIN_DKDV_KEYS=64),
+    "win_dkdv64_keys_first": dict(WIN_DKDV_KEYS=64, WIN_DKDV_KEYS_FIRST=True),
+    "win_dkdv128_keys_first": dict(WIN_DKDV_KEYS=128, WIN_DKDV_KEYS_FIRST=True),
     # One-token decoding (--decode): the split path (each branch its own kernel) instead of
     # the decoding kernel, and the kernel's launch width and tile of the compressed keys' walk
     # (2026-12-05: 8 warps and 64 selection blocks against the 4 and 16 of before).
@@ -475,7 +480,8 @@ def main(argv=None) -> None:
                            else getattr(nsa_pallas, k) for k in
                            ("FWD_IMPL", "DKDV_REDUCE", "DQ_REDUCE", "KEY_CHUNK",
                             "ITEM_CHUNKS", "KEY_TILE", "KEY_NUM_WARPS",
-                            "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS",
+                            "WIN_TILE", "WIN_NUM_WARPS", "WIN_GROUP_HEADS", "WIN_DKDV_KEYS",
+                            "WIN_DKDV_KEYS_FIRST",
                             "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_FWD_NUM_STAGES",
                             "KEY_BWD_NUM_STAGES", "CHOICE_NUM_STAGES", "WIN_FWD_NUM_STAGES",
                             "WIN_BWD_NUM_STAGES", "DEC_NUM_STAGES",

@@ -132,6 +132,15 @@ def _compiler_params(interpret: bool, num_warps: int, stages: str | None = None)
   return plt.CompilerParams(num_warps=num_warps, num_stages=int(num_stages))
 
 
+def _flag(name: str) -> bool:
+  """A True/False setting of this module (read when a kernel is traced); anything else is a
+  one-line error naming it."""
+  value = globals()[name]
+  if not isinstance(value, bool):
+    raise ValueError(f"nsa_pallas.{name} must be True or False, got {value!r}")
+  return value
+
+
 def _program_coords(num_queries: int, num_groups: int):
   """(b, t, g) of this program in the flat grid of B*T*G programs."""
   pid = pl.program_id(0)
@@ -995,6 +1004,30 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
 WIN_TILE = 32          # queries per program, and keys per step of the walk
 WIN_NUM_WARPS = 4
 WIN_GROUP_HEADS = True  # P: all R heads of a KV group in one program (True), or one (False)
+# The window's dk/dv kernel: keys per program (None: WIN_TILE; else a power-of-two multiple of
+# it, the keys and values padded to whole runs) and whether its tiles are held as [keys,
+# rows] (True) rather than [rows, keys]. Its dk and dv products have as many rows as the
+# program has keys, and Hopper's wgmma takes 64 or more: at WIN_TILE (32) both run on
+# mma.sync, with two transposes of computed tiles a step (train.kernel_count --ptx 32x2048:
+# 8 wgmma and 64 mma.sync instructions against the dq kernel's 12 wgmma and none). The kernel
+# took 0.31 ms against the dq kernel's 0.11 at 32 x 2048 and 8 x 8192 (H100 profile, session
+# 24). At 64 keys (--ptx 32x2048, session 26): 24 wgmma and no mma.sync, 20 barriers; [keys,
+# rows] tiles also drop every ldmatrix/stmatrix (20 wgmma, 12 barriers); at 32 keys [keys,
+# rows] alone is worse (128 mma.sync, no wgmma). Written without a GPU, not yet timed:
+# train.nsa_kernel_check --variants win_dkdv64,win_dkdv64_keys_first,win_dkdv128_keys_first.
+WIN_DKDV_KEYS = None
+WIN_DKDV_KEYS_FIRST = False
+
+
+def _dkdv_keys(tile: int) -> int:
+  """WIN_DKDV_KEYS, checked: keys per program of the window's dk/dv kernel."""
+  keys = tile if WIN_DKDV_KEYS is None else WIN_DKDV_KEYS
+  ok = (not isinstance(keys, bool) and isinstance(keys, numbers.Integral) and keys >= tile
+        and keys % tile == 0 and _is_pow2(keys // tile))
+  if not ok:
+    raise ValueError(f"nsa_pallas.WIN_DKDV_KEYS must be None or a power-of-two multiple of "
+                     f"WIN_TILE ({tile}), got {WIN_DKDV_KEYS!r}")
+  return int(keys)
 
 
 def _win_steps(window: int, tile: int, num_tiles: int) -> int:
@@ -1016,10 +1049,14 @@ def _win_query_rows(lo_ref, b, t0, tile: int, P: int):
   return t_X, jnp.broadcast_to(lo_Q[:, None], (tile, P)).reshape(tile * P)
 
 
-def _win_mask(t_X, s_K, lo_X, window: int):
-  """[X, K]: key s is in query t's window and not before its sequence's start."""
-  t, s = t_X[:, None], s_K[None, :]
-  return (s <= t) & (s > t - window) & (s >= lo_X[:, None])
+def _win_mask(t_X, s_K, lo_X, window: int, keys_first: bool = False):
+  """[X, K] ([K, X] with ``keys_first``): key s is in query t's window and not before its
+  sequence's start."""
+  if keys_first:
+    t, s, lo = t_X[None, :], s_K[:, None], lo_X[None, :]
+  else:
+    t, s, lo = t_X[:, None], s_K[None, :], lo_X[:, None]
+  return (s <= t) & (s > t - window) & (s >= lo)
 
 
 def _win_key_tile(k_ref, v_ref, b, g, first, last, j, tile: int):
@@ -1098,28 +1135,42 @@ def _window_dq_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, d
 
 def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, dk_ref,
                         dv_ref, *, num_tiles: int, groups: int, per_group: int, P: int,
-                        tile: int, window: int, steps: int, seq_len: int, scale: float):
+                        tile: int, window: int, seq_len: int, scale: float, keys: int,
+                        keys_first: bool):
+  """One (example, KV group, run of ``keys`` keys): its dk/dv over the query tiles that see
+  it, P heads at a time. ``keys_first``: the logits and their gradients held as [keys, rows]
+  instead of [rows, keys], so that both dk/dv products are plain ones."""
+  num_runs = -(-num_tiles * tile // keys)
   pid = pl.program_id(0)
-  kt = jax.lax.rem(pid, num_tiles)
-  bg = jax.lax.div(pid, num_tiles)
+  kt = jax.lax.rem(pid, num_runs)
+  bg = jax.lax.div(pid, num_runs)
   b, g = jax.lax.div(bg, groups), jax.lax.rem(bg, groups)
-  s0 = kt * tile
-  k_KD = k_ref[b, pl.ds(s0, tile), g, :]
-  v_KD = v_ref[b, pl.ds(s0, tile), g, :]
-  s_K = s0 + jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
-  last = jnp.minimum(jax.lax.div(s0 + tile + window - 2, tile), num_tiles - 1)
+  s0 = kt * keys
+  k_KD = k_ref[b, pl.ds(s0, keys), g, :]
+  v_KD = v_ref[b, pl.ds(s0, keys), g, :]
+  s_K = s0 + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
+  first = jax.lax.div(s0, tile)
+  last = jnp.minimum(jax.lax.div(s0 + keys + window - 2, tile), num_tiles - 1)
 
-  def step(jr, carry):  # query tile kt + j, head group r of this KV group
+  def step(jr, carry):  # query tile first + j, head group r of this KV group
     dk_KD, dv_KD = carry
     j, r = jax.lax.div(jr, per_group), jax.lax.rem(jr, per_group)
-    live = kt + j <= last
-    t0 = jnp.where(live, kt + j, kt) * tile
+    live = first + j <= last
+    t0 = jnp.where(live, first + j, first) * tile
     hg = g * per_group + r
     q_XD = _win_rows(q_ref, b, t0, hg, tile)
     do_XD = _win_rows(do_ref, b, t0, hg, tile)
     lse_X = _win_rows(lse_ref, b, t0, hg, tile)
     delta_X = _win_rows(delta_ref, b, t0, hg, tile)
     t_X, lo_X = _win_query_rows(lo_ref, b, t0, tile, P)
+    if keys_first:
+      ok_KX = _win_mask(t_X, s_K, lo_X, window, keys_first=True) & (t_X < seq_len)[None, :]
+      logits_KX = _mm(k_KD, q_XD, trans_b=True) * scale
+      p_KX = jnp.where(ok_KX & live, jnp.exp(logits_KX - lse_X[None, :]), 0.0)
+      dv_KD = dv_KD + _mm(p_KX.astype(do_XD.dtype), do_XD)
+      dp_KX = _mm(v_KD, do_XD, trans_b=True)
+      ds_KX = (p_KX * (dp_KX - delta_X[None, :])).astype(q_XD.dtype)
+      return dk_KD + _mm(ds_KX, q_XD), dv_KD
     ok_XK = _win_mask(t_X, s_K, lo_X, window) & (t_X < seq_len)[:, None] & live
     logits_XK = _mm(q_XD, k_KD, trans_b=True) * scale
     p_XK = jnp.where(ok_XK, jnp.exp(logits_XK - lse_X[:, None]), 0.0)
@@ -1128,10 +1179,12 @@ def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref,
     ds_XK = (p_XK * (dp_XK - delta_X[:, None])).astype(q_XD.dtype)
     return dk_KD + _mm(ds_XK, q_XD, trans_a=True), dv_KD
 
+  # Query tiles a run of keys meets (as _win_steps for one tile of keys).
+  steps = min(1 + (keys + window - 2) // tile, num_tiles)
   zeros = jnp.zeros(k_KD.shape, _F32)
   dk_KD, dv_KD = jax.lax.fori_loop(0, steps * per_group, step, (zeros, zeros))
-  dk_ref[b, pl.ds(s0, tile), g, :] = dk_KD * scale
-  dv_ref[b, pl.ds(s0, tile), g, :] = dv_KD
+  dk_ref[b, pl.ds(s0, keys), g, :] = dk_KD * scale
+  dv_ref[b, pl.ds(s0, keys), g, :] = dv_KD
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -1202,12 +1255,19 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
       out_shape=jax.ShapeDtypeStruct(q.shape, _F32),
       interpret=interpret, compiler_params=params,
   )(*args)
-  acc = jax.ShapeDtypeStruct(operands[1].shape, _F32)
+  # dk/dv: runs of `keys` keys a program, the keys and values padded to whole runs.
+  keys = _dkdv_keys(static["tile"])
+  num_runs = -(-q.shape[1] // keys)
+  extra = [(0, 0), (0, num_runs * keys - q.shape[1]), (0, 0), (0, 0)]
+  kv = tuple(jnp.pad(x, extra) for x in operands[1:3])
+  acc = jax.ShapeDtypeStruct(kv[0].shape, _F32)
+  dkdv_static = {n: v for n, v in static.items() if n != "steps"}
   dk, dv = pl.pallas_call(
-      functools.partial(_window_dkdv_kernel, groups=G, seq_len=T, **static),
-      grid=(B * G * static["num_tiles"],), out_shape=(acc, acc),
+      functools.partial(_window_dkdv_kernel, groups=G, seq_len=T, keys=keys,
+                        keys_first=_flag("WIN_DKDV_KEYS_FIRST"), **dkdv_static),
+      grid=(B * G * num_runs,), out_shape=(acc, acc),
       interpret=interpret, compiler_params=params,
-  )(*args)
+  )(q, *kv, *args[3:])
   return (dq[:, :T].reshape(B, T, G, R, D).astype(q_BTGRD.dtype),
           dk[:, :T].astype(k_BTGD.dtype), dv[:, :T].astype(v_BTGD.dtype), None)
 
