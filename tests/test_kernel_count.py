@@ -215,6 +215,27 @@ def test_ptx_instructions_of_each_pallas_kernel():
   assert got["_block_choice_kernel"] == {**zero, "atomic": 1, "st.shared": 1, "ld.shared": 1}
 
 
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_window_dkdv_kernel' for 'sm_90a'
+ptxas info    : Function properties for _window_dkdv_kernel
+    104 bytes stack frame, 84 bytes spill stores, 80 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 104 bytes cumulative stack size
+ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers
+ptxas info    : Function properties for _window_fwd_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 125 registers, used 1 barriers
+"""
+
+
+def test_ptxas_report_of_each_pallas_kernel():
+  assert kernel_count.ptxas_report(PTXAS) == {
+      "_window_dkdv_kernel": {"registers": 255, "spill_store_bytes": 84, "spill_load_bytes": 80},
+      "_window_fwd_kernel": {"registers": 125, "spill_store_bytes": 0, "spill_load_bytes": 0}}
+
+
 def test_a_bad_ptx_shape_is_one_line():
   with pytest.raises(SystemExit, match=r"^kernel_count: --ptx '32': expected rows x tokens"):
     kernel_count.main(["--config", "arc1", "--ptx", "32"])
@@ -232,3 +253,5 @@ def test_every_nsa_training_kernel_multiplies_on_tensor_cores():
                       "_block_choice_kernel"}
   for name, counts in got.items():
     assert counts["wgmma"] + counts["mma.sync"] > 0, name
+    if kernel_count.shutil.which("ptxas"):  # the CUDA toolkit's assembler: registers too
+      assert 0 < counts["registers"] <= 255, name

@@ -25,7 +25,8 @@ Counts are per step of the compiled program; whether a launch is cheap is not kn
 and backward, the window's, the block choice; the config's geometry, B rows of T tokens)
 compile to: per Pallas kernel, static counts of its PTX instructions by kind (Hopper's
 ``wgmma`` against the older ``mma.sync`` tensor-core products, ``ldmatrix``/``stmatrix`` and
-shared-memory traffic, barriers, global loads, stores and atomics), from XLA's PTX dump. On a
+shared-memory traffic, barriers, global loads, stores and atomics), from XLA's PTX dump, and,
+where the CUDA toolkit's ``ptxas`` is installed, its registers a thread and spilled bytes. On a
 machine without a GPU this is what can be learned of a kernel change's code: wgmma, for
 instance, needs at least 64 rows in a product's output, so a product of a 32-key tile runs
 on mma.sync (README Benchmarks, session 26).
@@ -41,6 +42,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -270,9 +273,47 @@ def nsa_kernel_ptx(cfg: config.Config, *, batch: int, seq_len: int,
     for fn, args in programs:
       jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
     for path in sorted(Path(dump).glob("*.ptx")):
+      usage = ptxas_usage(path)
       for name, counts in ptx_instructions(path.read_text()).items():
-        kernels.setdefault(name, counts)
+        used = usage.get(name, {})
+        kernels.setdefault(name, {**{k: used[k] for k in PTXAS_KEYS if k in used}, **counts})
   return kernels
+
+
+PTXAS_KEYS = ("registers", "spill_store_bytes", "spill_load_bytes")
+_PTXAS_FUNCTION = re.compile(r"Function properties for ([\w$]+)")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_report(text: str) -> dict[str, dict[str, int]]:
+  """Registers and spill bytes of each ``*_kernel`` function in ``ptxas -v``'s report."""
+  out: dict[str, dict[str, int]] = {}
+  current = None
+  for line in text.splitlines():
+    if match := _PTXAS_FUNCTION.search(line):
+      current = match.group(1) if match.group(1).endswith("_kernel") else None
+    elif current and (match := _PTXAS_SPILLS.search(line)):
+      out.setdefault(current, {}).update(spill_store_bytes=int(match.group(1)),
+                                         spill_load_bytes=int(match.group(2)))
+    elif current and (match := _PTXAS_REGISTERS.search(line)):
+      out.setdefault(current, {})["registers"] = int(match.group(1))
+  return out
+
+
+def ptxas_usage(ptx_path: Path) -> dict[str, dict[str, int]]:
+  """:func:`ptxas_report` of a PTX file assembled for its own target by the CUDA toolkit's
+  ``ptxas`` (on the PATH or in /usr/local/cuda/bin); empty without one. Registers a thread
+  (255 at most: past them values spill to local memory) bound how many programs an SM runs
+  at once; spills are memory traffic in the kernel's loops."""
+  ptxas = shutil.which("ptxas") or next(
+      (str(p) for p in [Path("/usr/local/cuda/bin/ptxas")] if p.exists()), None)
+  target = re.search(r"^\.target\s+(\w+)", ptx_path.read_text(), re.MULTILINE)
+  if ptxas is None or target is None:
+    return {}
+  done = subprocess.run([ptxas, f"-arch={target.group(1)}", "-v", str(ptx_path), "-o",
+                         os.devnull], capture_output=True, text=True, check=False)
+  return ptxas_report(done.stdout + done.stderr)
 
 
 def count_decode(cfg: config.Config, *, batch: int, capacity: int, decode_path: str,

@@ -115,11 +115,10 @@ VARIANTS = {
     "win_t64": dict(WIN_TILE=64),
     "win_t64_w8": dict(WIN_TILE=64, WIN_NUM_WARPS=8),
     "win_w8": dict(WIN_NUM_WARPS=8),
-    # The window's dk/dv kernel over runs of 64 or 128 keys (its dk/dv products on wgmma), its
-    # tiles as [rows, keys] or as [keys, rows] (session 26: no transposes of computed tiles).
+    # The window's dk/dv kernel over runs of 64 keys (its dk/dv products on wgmma, no spills),
+    # its tiles as [rows, keys] or as [keys, rows] (session 26: no transposes of computed tiles).
     "win_dkdv64": dict(WIN_DKDV_KEYS=64),
     "win_dkdv64_keys_first": dict(WIN_DKDV_KEYS=64, WIN_DKDV_KEYS_FIRST=True),
-    "win_dkdv128_keys_first": dict(WIN_DKDV_KEYS=128, WIN_DKDV_KEYS_FIRST=True),
     # One-token decoding (--decode): the split path (each branch its own kernel) instead of
     # the decoding kernel, and the kernel's launch width and tile of the compressed keys' walk
     # (2026-12-05: 8 warps and 64 selection blocks against the 4 and 16 of before).

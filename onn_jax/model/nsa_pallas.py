@@ -1007,14 +1007,16 @@ WIN_GROUP_HEADS = True  # P: all R heads of a KV group in one program (True), or
 # The window's dk/dv kernel: keys per program (None: WIN_TILE; else a power-of-two multiple of
 # it, the keys and values padded to whole runs) and whether its tiles are held as [keys,
 # rows] (True) rather than [rows, keys]. Its dk and dv products have as many rows as the
-# program has keys, and Hopper's wgmma takes 64 or more: at WIN_TILE (32) both run on
-# mma.sync, with two transposes of computed tiles a step (train.kernel_count --ptx 32x2048:
-# 8 wgmma and 64 mma.sync instructions against the dq kernel's 12 wgmma and none). The kernel
-# took 0.31 ms against the dq kernel's 0.11 at 32 x 2048 and 8 x 8192 (H100 profile, session
-# 24). At 64 keys (--ptx 32x2048, session 26): 24 wgmma and no mma.sync, 20 barriers; [keys,
-# rows] tiles also drop every ldmatrix/stmatrix (20 wgmma, 12 barriers); at 32 keys [keys,
-# rows] alone is worse (128 mma.sync, no wgmma). Written without a GPU, not yet timed:
-# train.nsa_kernel_check --variants win_dkdv64,win_dkdv64_keys_first,win_dkdv128_keys_first.
+# program has keys, and Hopper's wgmma takes 64 or more. train.kernel_count --ptx 32x2048
+# (deviceless sm_90, session 26; docs/bench/nsa_kernel_ptx_sm90_2026-12-05.json): at 32 keys
+# (the default) both run on mma.sync (64 instructions, 8 wgmma, 36 barriers) and the kernel
+# spills (255 registers, 84 bytes), against the dq kernel's 12 wgmma, 155 registers and no
+# spills; at 64 keys every product is on wgmma (24), 225 registers, no spills, 20 barriers;
+# [keys, rows] at 64 keys also drops every ldmatrix/stmatrix (255 registers, no spills, 12
+# barriers); [keys, rows] spills at 32 keys (452 bytes, all mma.sync) and at 128 (1520). The
+# kernel took 0.31 ms against the dq kernel's 0.11 at 32 x 2048 and 8 x 8192 (H100 profile,
+# session 24). Written without a GPU, not yet timed: train.nsa_kernel_check --variants
+# win_dkdv64,win_dkdv64_keys_first.
 WIN_DKDV_KEYS = None
 WIN_DKDV_KEYS_FIRST = False
 
