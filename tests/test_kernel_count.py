@@ -187,6 +187,7 @@ PTX = """
 \tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r5}, {%r6}, {%f2};
 \t@!%p2 st.global.b32 [ %rd4 + 0 ], { %r7 };
 \tbar.sync \t0;
+\tbarrier.sync.aligned 1;
 $L__BB0_2:
 \tred.global.add.f32 [%rd5], %f3;
 \tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r8, %r9, %r10, %r11}, [%r12];
@@ -201,6 +202,7 @@ $L__BB0_2:
 )
 {
 \tatom.global.add.f32 %f1, [%rd1], %f2; st.shared.f32 [%r1], %f1; ld.shared.f32 %f3, [%r1];
+\t@%p3 cp.async.cg.shared.global [ %r2 + 0 ], [ %rd2 + 0 ], 0x10, %r3;
 }
 """
 
@@ -210,9 +212,10 @@ def test_ptx_instructions_of_each_pallas_kernel():
   assert set(got) == {"_window_dq_kernel", "_block_choice_kernel"}  # not XLA's fusion
   zero = dict.fromkeys(kernel_count.PTX_KINDS, 0)
   assert got["_window_dq_kernel"] == {**zero, "wgmma": 1, "mma.sync": 1, "ldmatrix": 1,
-                                      "bar.sync": 1, "ld.global": 1, "st.global": 1,
+                                      "bar.sync": 2, "ld.global": 1, "st.global": 1,
                                       "atomic": 1}
-  assert got["_block_choice_kernel"] == {**zero, "atomic": 1, "st.shared": 1, "ld.shared": 1}
+  assert got["_block_choice_kernel"] == {**zero, "atomic": 1, "st.shared": 1, "ld.shared": 1,
+                                         "cp.async": 1}
 
 
 PTXAS = """ptxas info    : 0 bytes gmem
@@ -227,6 +230,8 @@ ptxas info    : Used 12 registers
 ptxas info    : Function properties for _window_fwd_kernel
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 125 registers, used 1 barriers
+ptxas info    : Compiling entry function 'input_reduce_fusion' for 'sm_90a'
+ptxas info    : Used 30 registers
 """
 
 

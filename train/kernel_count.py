@@ -102,8 +102,8 @@ _BODY = re.compile(r"body=%?([\w.\-]+)")
 # PTX instruction kinds counted by ptx_instructions: name -> the opcodes' common prefix.
 PTX_KINDS = {"wgmma": "wgmma.mma_async", "mma.sync": "mma.sync", "ldmatrix": "ldmatrix",
              "stmatrix": "stmatrix", "ld.shared": "ld.shared", "st.shared": "st.shared",
-             "bar.sync": "bar.sync", "ld.global": "ld.global", "st.global": "st.global",
-             "atomic": ("atom.", "red.")}
+             "bar.sync": ("bar.sync", "barrier.sync"), "ld.global": "ld.global",
+             "cp.async": "cp.async", "st.global": "st.global", "atomic": ("atom.", "red.")}
 _PTX_ENTRY = re.compile(r"\.entry\s+([\w$]+)")
 _PTX_OPCODE = re.compile(r"\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")  # of one statement
 
@@ -269,19 +269,28 @@ def nsa_kernel_ptx(cfg: config.Config, *, batch: int, seq_len: int,
           block_stride=m.block_stride, select_len=m.select_len, num_select=m.num_select,
           interpret=False), (q, k_cmp, pos))]
   kernels: dict[str, dict[str, int]] = {}
-  with tempfile.TemporaryDirectory() as dump, gpu_paths():
-    for fn, args in programs:
-      jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
-    for path in sorted(Path(dump).glob("*.ptx")):
-      usage = ptxas_usage(path)
-      for name, counts in ptx_instructions(path.read_text()).items():
-        used = usage.get(name, {})
-        kernels.setdefault(name, {**{k: used[k] for k in PTXAS_KEYS if k in used}, **counts})
+  # A program loaded from a persistent compilation cache is not compiled, so nothing is dumped
+  # (the dump folder is not part of the cache key): the cache is off meanwhile.
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    with tempfile.TemporaryDirectory() as dump, gpu_paths():
+      for fn, args in programs:
+        jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
+      for path in sorted(Path(dump).glob("*.ptx")):
+        usage = ptxas_usage(path)
+        for name, counts in ptx_instructions(path.read_text()).items():
+          used = usage.get(name, {})
+          kernels.setdefault(name, {**{k: used[k] for k in PTXAS_KEYS if k in used}, **counts})
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  if not kernels:
+    raise SystemExit("kernel_count: --ptx: XLA dumped no Pallas kernel's PTX")
   return kernels
 
 
 PTXAS_KEYS = ("registers", "spill_store_bytes", "spill_load_bytes")
-_PTXAS_FUNCTION = re.compile(r"Function properties for ([\w$]+)")
+_PTXAS_FUNCTION = re.compile(r"(?:Function properties for |Compiling entry function ')([\w$]+)")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 
@@ -313,6 +322,11 @@ def ptxas_usage(ptx_path: Path) -> dict[str, dict[str, int]]:
     return {}
   done = subprocess.run([ptxas, f"-arch={target.group(1)}", "-v", str(ptx_path), "-o",
                          os.devnull], capture_output=True, text=True, check=False)
+  if done.returncode:
+    error = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    print(f"kernel_count: {ptxas} failed on {ptx_path.name} (registers not reported): {error}",
+          file=sys.stderr)
+    return {}
   return ptxas_report(done.stdout + done.stderr)
 
 

@@ -999,7 +999,8 @@ def block_choice(q_BTGRD: jax.Array, k_cmp_BNGD: jax.Array, pos_BT: jax.Array,
 # its band with an online softmax, the P heads' rows stacked into one [WIN_TILE * P, D] tile;
 # packed rows mask the keys before each query's sequence start (``lo``) instead of reading a
 # mask. The backward pass is two kernels without atomics: dq (the same walk), and dk/dv per
-# (example, group, key tile), walking the query tiles that see it, P heads at a time.
+# (example, group, run of WIN_DKDV_KEYS keys: one key tile by default), walking the query
+# tiles that see it, P heads at a time.
 
 WIN_TILE = 32          # queries per program, and keys per step of the walk
 WIN_NUM_WARPS = 4
@@ -1033,7 +1034,8 @@ def _dkdv_keys(tile: int) -> int:
 
 
 def _win_steps(window: int, tile: int, num_tiles: int) -> int:
-  """Tiles of the other side a tile meets: keys of a query tile, or queries of a key tile."""
+  """Tiles of the other side a tile meets: keys of a query tile, or queries of a key tile (a
+  run of several key tiles: see _window_dkdv_kernel)."""
   return min(1 + -(-(window - 1) // tile), num_tiles)
 
 
