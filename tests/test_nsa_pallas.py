@@ -605,6 +605,18 @@ def test_a_bad_item_chunks_setting_is_one_line(bad, monkeypatch):
     nsa_pallas._item_tokens()
 
 
+def _training_core():
+  """nsa_core(impl="pallas") on the rows of a training step (GEOMETRIES["group1_from_start"]:
+  a static offset of 0) as a function of q, and that q."""
+  geo, q_offset = GEOMETRIES["group1_from_start"]
+  args = make_inputs(geo, seed=3)
+
+  def core(q):
+    rest = (args[n] for n in ARG_NAMES[1:])
+    return nsa_core(q, *rest, q_offset=q_offset, impl="pallas", **geo.static())
+  return core, args[ARG_NAMES[0]]
+
+
 @pytest.mark.parametrize("setting", ["KEY_FWD_NUM_STAGES", "KEY_BWD_NUM_STAGES",
                                      "CHOICE_NUM_STAGES", "WIN_FWD_NUM_STAGES",
                                      "WIN_BWD_NUM_STAGES", "DEC_NUM_STAGES"])
@@ -614,21 +626,17 @@ def test_each_kernel_family_reads_its_stages_setting(setting, monkeypatch):
   the window forward and backward; one-token decoding: the decoding kernel): a bad value is
   a one-line error naming it. A backward's setting is read by the backward only: the forward
   runs with it bad."""
-  decode = setting == "DEC_NUM_STAGES"
-  geo, q_offset = DECODE_GEOS["few_blocks"] if decode else GEOMETRIES["group1_from_start"]
-  args = make_inputs(geo, seed=3)
-  if decode:
-    run = functools.partial(_fused_fn(geo, monkeypatch, grads=False), args, _offset(q_offset),
-                            None)
-  else:  # a static offset of 0: the path of training rows
-    def core(q):
-      rest = (args[n] for n in ARG_NAMES[1:])
-      return nsa_core(q, *rest, q_offset=q_offset, impl="pallas", **geo.static())
-    run = functools.partial(core, args[ARG_NAMES[0]])
+  if setting == "DEC_NUM_STAGES":
+    geo, q_offset = DECODE_GEOS["few_blocks"]
+    run = functools.partial(_fused_fn(geo, monkeypatch, grads=False),
+                            make_inputs(geo, seed=3), _offset(q_offset), None)
+  else:
+    core, q = _training_core()
+    run = functools.partial(core, q)
     if "_BWD_" in setting:
       monkeypatch.setattr(nsa_pallas, setting, 0)
       run()  # the forward alone
-      run = functools.partial(jax.grad(lambda q: jnp.sum(core(q))), args[ARG_NAMES[0]])
+      run = functools.partial(jax.grad(lambda q: jnp.sum(core(q))), q)
   monkeypatch.setattr(nsa_pallas, setting, 0)
   with pytest.raises(ValueError) as err:
     run()
@@ -646,14 +654,8 @@ def test_forward_and_backward_kernels_pass_their_stages_setting(monkeypatch):
     return real(interpret, num_warps, stages)
 
   monkeypatch.setattr(nsa_pallas, "_compiler_params", spy)
-  geo, q_offset = GEOMETRIES["group1_from_start"]
-  args = make_inputs(geo, seed=3)
-
-  def loss(q):
-    rest = (args[n] for n in ARG_NAMES[1:])
-    return jnp.sum(nsa_core(q, *rest, q_offset=q_offset, impl="pallas", **geo.static()))
-
-  jax.grad(loss)(args[ARG_NAMES[0]])
+  core, q = _training_core()
+  jax.grad(lambda q: jnp.sum(core(q)))(q)
   counts = {n: names.count(n) for n in set(names) - {None}}
   assert counts == {"KEY_FWD_NUM_STAGES": 1, "KEY_BWD_NUM_STAGES": 1, "CHOICE_NUM_STAGES": 1,
                     "WIN_FWD_NUM_STAGES": 1, "WIN_BWD_NUM_STAGES": 1}
@@ -895,16 +897,10 @@ def test_window_dkdv_settings_match_band_chunks(tile, window, packed, group_head
     ("WIN_DKDV_KEYS_FIRST", 1, "True or False, got 1")])
 def test_a_bad_window_dkdv_setting_is_one_line(setting, bad, message, monkeypatch):
   """Read by the window kernel's backward in nsa_core's training path."""
-  geo, q_offset = GEOMETRIES["group1_from_start"]
-  args = make_inputs(geo, seed=3)
+  core, q = _training_core()
   monkeypatch.setattr(nsa_pallas, setting, bad)
-
-  def loss(q):
-    rest = (args[n] for n in ARG_NAMES[1:])
-    return jnp.sum(nsa_core(q, *rest, q_offset=q_offset, impl="pallas", **geo.static()))
-
   with pytest.raises(ValueError) as err:
-    jax.grad(loss)(args[ARG_NAMES[0]])
+    jax.grad(lambda q: jnp.sum(core(q)))(q)
   assert str(err.value).splitlines()[0] == f"nsa_pallas.{setting} must be {message}"
 
 

@@ -315,8 +315,8 @@ def ptxas_usage(ptx_path: Path) -> dict[str, dict[str, int]]:
   ``ptxas`` (on the PATH or in /usr/local/cuda/bin); empty without one. Registers a thread
   (255 at most: past them values spill to local memory) bound how many programs an SM runs
   at once; spills are memory traffic in the kernel's loops."""
-  ptxas = shutil.which("ptxas") or next(
-      (str(p) for p in [Path("/usr/local/cuda/bin/ptxas")] if p.exists()), None)
+  toolkit = Path("/usr/local/cuda/bin/ptxas")
+  ptxas = shutil.which("ptxas") or (str(toolkit) if toolkit.exists() else None)
   target = re.search(r"^\.target\s+(\w+)", ptx_path.read_text(), re.MULTILINE)
   if ptxas is None or target is None:
     return {}
