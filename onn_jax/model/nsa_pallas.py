@@ -1139,8 +1139,8 @@ def _window_dq_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, d
 
 def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, dk_ref,
                         dv_ref, *, num_tiles: int, groups: int, per_group: int, P: int,
-                        tile: int, window: int, seq_len: int, scale: float, keys: int,
-                        keys_first: bool):
+                        tile: int, window: int, steps: int, seq_len: int, scale: float,
+                        keys: int, keys_first: bool):
   """One (example, KV group, run of ``keys`` keys): its dk/dv over the query tiles that see
   it, P heads at a time. ``keys_first``: the logits and their gradients held as [keys, rows]
   instead of [rows, keys], so that both dk/dv products are plain ones."""
@@ -1183,8 +1183,6 @@ def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref,
     ds_XK = (p_XK * (dp_XK - delta_X[:, None])).astype(q_XD.dtype)
     return dk_KD + _mm(ds_XK, q_XD, trans_a=True), dv_KD
 
-  # Query tiles a run of keys meets (as _win_steps for one tile of keys).
-  steps = min(1 + (keys + window - 2) // tile, num_tiles)
   zeros = jnp.zeros(k_KD.shape, _F32)
   dk_KD, dv_KD = jax.lax.fori_loop(0, steps * per_group, step, (zeros, zeros))
   dk_ref[b, pl.ds(s0, keys), g, :] = dk_KD * scale
@@ -1262,10 +1260,13 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
   # dk/dv: runs of `keys` keys a program, the keys and values padded to whole runs.
   keys = _dkdv_keys(static["tile"])
   num_runs = -(-q.shape[1] // keys)
-  extra = [(0, 0), (0, num_runs * keys - q.shape[1]), (0, 0), (0, 0)]
-  kv = tuple(jnp.pad(x, extra) for x in operands[1:3])
+  extra = num_runs * keys - q.shape[1]
+  kv = tuple(jnp.pad(x, [(0, 0), (0, extra), (0, 0), (0, 0)]) if extra else x
+             for x in operands[1:3])
   acc = jax.ShapeDtypeStruct(kv[0].shape, _F32)
-  dkdv_static = {n: v for n, v in static.items() if n != "steps"}
+  # The query tiles a run meets: a tile's, from a window keys - tile longer.
+  tile = static["tile"]
+  dkdv_static = dict(static, steps=_win_steps(window + keys - tile, tile, static["num_tiles"]))
   dk, dv = pl.pallas_call(
       functools.partial(_window_dkdv_kernel, groups=G, seq_len=T, keys=keys,
                         keys_first=_flag("WIN_DKDV_KEYS_FIRST"), **dkdv_static),
