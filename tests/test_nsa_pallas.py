@@ -1175,7 +1175,7 @@ def test_cache_writes_with_the_block_compressed_in_the_kernel(dtype, L):
 
 def test_which_decoding_steps_write_the_cache_in_one_kernel(monkeypatch):
   tiles = dict(heads_per_group=2, head_dim=8, select_len=8)
-  assert DEFAULT_DECODE == "fused_xla_block"  # the fastest on an H200 (README Benchmarks)
+  assert DEFAULT_DECODE == "fused_xla_block"  # the fastest on an H200 (docs/benchmarks.md)
   assert not nsa.fused_decoding("pallas", num_groups=2, **tiles)  # "split" (the fixture)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", DEFAULT_DECODE)
   assert nsa.fused_decoding("pallas", num_groups=2, **tiles)

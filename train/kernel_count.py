@@ -1,7 +1,7 @@
 """Kernels a one-token decoding step launches on an NVIDIA GPU, counted on any machine.
 
 A decoding step of a model this small is bound by its kernels' count, not by FLOPs or bytes
-(README Benchmarks; issue #16's rollout goal): XLA runs the loop body as CUDA graphs, and on an
+(docs/benchmarks.md; issue #16's rollout goal): XLA runs the loop body as CUDA graphs, and on an
 H200 each of its kernels still takes 1.2-4.5 us, however small, so the number of kernels a step
 launches is a measure of its own (a custom kernel's own duration is not). This compiles
 ``decode.generate``'s loop of one-token steps (the config's model as evaluation and EAVI run
@@ -29,7 +29,7 @@ shared-memory traffic, barriers, global loads, stores and atomics), from XLA's P
 where the CUDA toolkit's ``ptxas`` is installed, its registers a thread and spilled bytes. On a
 machine without a GPU this is what can be learned of a kernel change's code: wgmma, for
 instance, needs at least 64 rows in a product's output, so a product of a 32-key tile runs
-on mma.sync (README Benchmarks, session 26).
+on mma.sync (docs/benchmarks.md, session 26).
 
     python -m train.kernel_count --config arc1 --ptx 32x2048 --out ptx.json
 """

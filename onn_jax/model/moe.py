@@ -63,7 +63,7 @@ IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "a
 # cuDNN's graph deserialisation; not pinned down; tiled pre-training then dense EAVI ran), and
 # the decoding programs, with the same mix of a cond, cuDNN calls and CUDA graphs, were not
 # tried with tiled experts on a GPU. Before: dense (the single-layer timings of 2026-12-01..04
-# in README Benchmarks, and an A/B of 1500 steps beside background compiles:
+# in docs/benchmarks.md, and an A/B of 1500 steps beside background compiles:
 # docs/bench/arc1_ab_moe_*; this one: docs/bench/arc1_ab2000_moe_*).
 AUTO_GPU_IMPL: str = "tiled"
 # Rows per tile of the sparse dispatch (each expert's pairs are padded to a multiple of it). A

@@ -28,7 +28,7 @@ order differs from XLA's, so a token whose margin ``s - theta`` is within float3
 may switch an expert the other way (as a TF32 product would flip far more).
 
 Measured slower than XLA's launches (H200, jax 0.11.2, 2026-12-05, arc1 rollout of 32 rows:
-45.7k tokens/s with it against 62.8k without, ~32 us a layer more; README Benchmarks), so
+45.7k tokens/s with it against 62.8k without, ~32 us a layer more; docs/benchmarks.md), so
 ``moe.DECODE_KERNEL`` keeps it off. Why (H100, jax 0.11.2, 2026-12-05, session 22: one arc1
 layer, 32 rows, 32 dependent calls a program;
 ``docs/bench/moe_decode_kernel_variants_h100_2026-12-05.json``): XLA's layer 29.7 us a call,

@@ -536,7 +536,7 @@ FOLDED_PAD = 64  # the folded attention's length (query groups = blocks) is a mu
 # impl="pallas", folded compressed branch: how the block choice is made ("kernel":
 # nsa_pallas.block_choice, one fused pass that stores only the chosen blocks, where
 # block_choice_supported; "chunked": XLA over chunks of queries, _selection_chunked).
-# H200, forward: measured in train.nsa_kernel_check --breakdown (README, Benchmarks).
+# H200, forward: measured in train.nsa_kernel_check --breakdown (docs/benchmarks.md).
 PALLAS_CHOICE = "kernel"
 # impl="pallas", every other shape (queries not from position 0, fewer than
 # PALLAS_OFFSET_MIN_QUERIES: one-token decoding; packed rows past PALLAS_MASK_ELEMS): "fused",
@@ -843,7 +843,7 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 # the selected kernel, the window band in XLA (_pallas_branches), about 17 launches a layer,
 # also what any geometry the fused kernels do not take runs (fused_decoding,
 # _fused_decode_applies). A decoding step of the arc1 model is bound by its many small
-# kernels (README Benchmarks, issue #16). H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout
+# kernels (docs/benchmarks.md, issue #16). H200, jax 0.11.2, 2026-12-05, the arc1 EAVI rollout
 # (32 rows, 2048-slot cache): split 48.9k tokens/s, fused_xla_block 73.4k (1.50x), fused 62.8k
 # (one run); fused_xla_block with the core kernel's later settings (nsa_pallas.DEC_SEL_TILE)
 # 81.5k. H100, 2026-12-05 (session 21): fused_xla_block 84.3k, fused 76.7k.

@@ -1287,7 +1287,7 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 # fusions, the selected branch as its own kernel and the window branch as a gather and a few
 # more fusions: about 17 launches a layer of a few microseconds each, while a step of 32 rows
 # moves only kilobytes (issue #16: the rollout is bound by its many small kernels, 1.2-4.5 us
-# each even inside XLA's CUDA graphs, README Benchmarks). Here one program per
+# each even inside XLA's CUDA graphs, docs/benchmarks.md). Here one program per
 # (example, KV group) does all of it for the group's R heads, as rows of one tile (R padded to
 # ROW_TILE with copies of the last head, computed and dropped):
 #   1. the log-sum-exp of the compressed logits, walking the compressed keys in tiles of
@@ -1592,7 +1592,7 @@ write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
 # launches a layer). ``write_cache_compress`` computes it in the write kernel instead, only in
 # the programs whose row completes a block (one step in ``block_stride``), from the cache's
 # ``block_len - 1`` raw keys before the token and the token itself.
-# Measured slower than the XLA block (arc1 rollout of 32 rows; README Benchmarks): H200, session
+# Measured slower than the XLA block (arc1 rollout of 32 rows; docs/benchmarks.md): H200, session
 # 19: 62.8k tokens/s against 73.4k, ~12 us a layer more; H100, session 21, with the products
 # summed once over D (not once a key): 76.7k against 84.3k (70.3k before that change, in the
 # same run). nsa.PALLAS_DECODE = "fused" takes it, "fused_xla_block" does not.
