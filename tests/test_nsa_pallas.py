@@ -877,14 +877,14 @@ def test_window_kernel_matches_band_chunks(tile, window, packed, group_heads, mo
 
 
 @pytest.mark.parametrize("tile,window,packed,group_heads,runs,keys_first", [
-    (16, 9, True, True, 4, True), (16, 9, True, True, 4, False), (8, 20, True, False, 2, True),
+    (16, 9, True, True, 1, False), (16, 9, True, True, 4, False), (8, 20, True, False, 2, True),
     (16, 100, False, True, 2, False), (16, 9, False, False, 1, True)])
 def test_window_dkdv_settings_match_band_chunks(tile, window, packed, group_heads, runs,
                                                keys_first, monkeypatch):
-  """The window's dk/dv kernel over runs of several query tiles' keys (WIN_DKDV_KEYS; T = 82:
-  the keys padded to whole runs, 96 -> 128 at runs of 64, 88 -> 96 at runs of 16 over 11
-  tiles) and with its tiles held as [keys, rows] (WIN_DKDV_KEYS_FIRST), against the chunked
-  band attention."""
+  """The window's dk/dv kernel over one query tile's keys or runs of several (WIN_DKDV_KEYS;
+  T = 82: the keys padded to whole runs, 96 -> 128 at runs of 64, 88 -> 96 at runs of 16 over
+  11 tiles), its tiles held as [keys, rows] or [rows, keys] (WIN_DKDV_KEYS_FIRST), against the
+  chunked band attention. (The default, 64 keys as [keys, rows], is the test above's.)"""
   monkeypatch.setattr(nsa_pallas, "WIN_DKDV_KEYS", runs * tile)
   monkeypatch.setattr(nsa_pallas, "WIN_DKDV_KEYS_FIRST", keys_first)
   _window_matches_band_chunks(tile, window, packed, group_heads, monkeypatch)

@@ -109,16 +109,17 @@ VARIANTS = {
     "win_cudnn": dict(PALLAS_WINDOW="cudnn"),
     "win_head": dict(WIN_GROUP_HEADS=False, WIN_TILE=64),
     "win_head_t32": dict(WIN_GROUP_HEADS=False, WIN_TILE=32),
-    "win_head_t128": dict(WIN_GROUP_HEADS=False, WIN_TILE=128),
+    "win_head_t128": dict(WIN_GROUP_HEADS=False, WIN_TILE=128, WIN_DKDV_KEYS=None),
     "win_head_w8": dict(WIN_GROUP_HEADS=False, WIN_TILE=64, WIN_NUM_WARPS=8),
     "win_head_w2": dict(WIN_GROUP_HEADS=False, WIN_TILE=64, WIN_NUM_WARPS=2),
     "win_t64": dict(WIN_TILE=64),
     "win_t64_w8": dict(WIN_TILE=64, WIN_NUM_WARPS=8),
     "win_w8": dict(WIN_NUM_WARPS=8),
-    # The window's dk/dv kernel over runs of 64 keys (its dk/dv products on wgmma, no spills),
-    # its tiles as [rows, keys] or as [keys, rows] (session 26: no transposes of computed tiles).
-    "win_dkdv64": dict(WIN_DKDV_KEYS=64),
-    "win_dkdv64_keys_first": dict(WIN_DKDV_KEYS=64, WIN_DKDV_KEYS_FIRST=True),
+    # The window's dk/dv kernel: one query tile's keys a program as [rows, keys] (the default
+    # before session 28: mma.sync, spills), and runs of 64 keys as [rows, keys] (the default:
+    # 64 keys as [keys, rows], every product on wgmma, no spills).
+    "win_dkdv32": dict(WIN_DKDV_KEYS=None, WIN_DKDV_KEYS_FIRST=False),
+    "win_dkdv64_rows_first": dict(WIN_DKDV_KEYS=64, WIN_DKDV_KEYS_FIRST=False),
     # One-token decoding (--decode): the split path (each branch its own kernel) instead of
     # the decoding kernel, and the kernel's launch width and tile of the compressed keys' walk
     # (2026-12-05: 8 warps and 64 selection blocks against the 4 and 16 of before).

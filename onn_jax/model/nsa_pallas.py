@@ -1010,16 +1010,19 @@ WIN_GROUP_HEADS = True  # P: all R heads of a KV group in one program (True), or
 # rows] (True) rather than [rows, keys]. Its dk and dv products have as many rows as the
 # program has keys, and Hopper's wgmma takes 64 or more. train.kernel_count --ptx 32x2048
 # (deviceless sm_90, session 26; docs/bench/nsa_kernel_ptx_sm90_2026-12-05.json): at 32 keys
-# (the default) both run on mma.sync (64 instructions, 8 wgmma, 36 barriers) and the kernel
-# spills (255 registers, 84 bytes), against the dq kernel's 12 wgmma, 155 registers and no
-# spills; at 64 keys every product is on wgmma (24), 225 registers, no spills, 20 barriers;
+# both run on mma.sync (64 instructions, 8 wgmma, 36 barriers) and the kernel spills (255
+# registers, 84 bytes); at 64 keys every product is on wgmma (24), 225 registers, no spills;
 # [keys, rows] at 64 keys also drops every ldmatrix/stmatrix (255 registers, no spills, 12
-# barriers); [keys, rows] spills at 32 keys (452 bytes, all mma.sync) and at 128 (1520). The
-# kernel took 0.31 ms against the dq kernel's 0.11 at 32 x 2048 and 8 x 8192 (H100 profile,
-# session 24). Written without a GPU, not yet timed: train.nsa_kernel_check --variants
-# win_dkdv64,win_dkdv64_keys_first.
-WIN_DKDV_KEYS = None
-WIN_DKDV_KEYS_FIRST = False
+# barriers); [keys, rows] spills at 32 keys (452 bytes, all mma.sync) and at 128 (1520).
+# Measured (session 28, H100, train.nsa_kernel_check --variants win_dkdv64,
+# win_dkdv64_keys_first; docs/bench/nsa_core_s28_h100_2026-12-06.json): the window branch's
+# fwd+bwd 0.80 -> 0.63 ms at 32 x 2048 and 0.80 -> 0.65 at 8 x 8192 with 64 keys as [keys,
+# rows] (0.70 / 0.72 as [rows, keys]); nsa_core 3.39 -> 3.27 ms and 4.41 -> 4.26 ms; the arc1
+# layer (train.bench --only layers) 4.10 -> 3.95 ms (loop) at 32 x 2048, 5.14 -> 4.99 at 8 x
+# 8192. Hence the default: 64 keys as [keys, rows]. A WIN_TILE over 64 needs WIN_DKDV_KEYS
+# = None (or its multiple).
+WIN_DKDV_KEYS = 64
+WIN_DKDV_KEYS_FIRST = True
 
 
 def _dkdv_keys(tile: int) -> int:
