@@ -597,6 +597,84 @@ def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
                                             "or 'input', got 'half'")
 
 
+def _selected_case(seed: int):
+  """A small selected-branch case in bfloat16: q [B,T,G,R,D], k and v [B,T,G,D], each token's
+  own block, the one before it and (from block 3 on) block 0 chosen, some slots unused."""
+  B, T, G, R, D, L = 2, 24, 2, 2, 8, 4
+  rng = np.random.default_rng(seed)
+  q, k, v, do = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+                 for s in ((B, T, G, R, D), (B, T, G, D), (B, T, G, D), (B, T, G, R, D)))
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  own = np.arange(T) // L
+  idx = np.stack([own, np.maximum(own - 1, -1), np.where(own >= 3, 0, -1)], axis=-1)
+  idx = np.broadcast_to(idx[None, :, None, :], (B, T, G, 3)).astype(np.int32)
+  return q, k, v, do, idx, pos, L
+
+
+def _partial_sums_bound(q, k, v, do, idx, L):
+  """Per entry of dq, dk and dv: the sum of the magnitudes of the terms the kernel's partials
+  add (float64, from the dense softmax over each row's selected causal keys): dq[t,r] sums
+  scale*ds[t,r,s]*k[s] over keys s, dk[s] scale*ds[t,r,s]*q[t,r] and dv[s] p[t,r,s]*do[t,r]
+  over rows (t, r); each partial is a sum of some of these terms."""
+  q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+  B, T, G, R, D = q.shape
+  scale = 1.0 / math.sqrt(D)
+  keys = np.arange(T)
+  sel = np.zeros((B, T, G, T), bool)  # [b, t, g, s]: key s in a block row t chose
+  for slot in range(idx.shape[-1]):
+    j = idx[..., slot]
+    sel |= (j[..., None] >= 0) & (keys // L == j[..., None])
+  sel &= keys[None, None, None, :] <= np.arange(T)[None, :, None, None]
+  logits = np.einsum("btgrd,bsgd->btgrs", q, k) * scale
+  logits = np.where(sel[:, :, :, None], logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dp = np.einsum("btgrd,bsgd->btgrs", do, v)
+  ds = p * (dp - np.sum(p * dp, -1, keepdims=True))
+  dq = scale * np.einsum("btgrs,bsgd->btgrd", np.abs(ds), np.abs(k))
+  dk = scale * np.einsum("btgrs,btgrd->bsgd", np.abs(ds), np.abs(q))
+  dv = np.einsum("btgrs,btgrd->bsgd", p, np.abs(do))
+  return dq, dk, dv
+
+
+@pytest.mark.parametrize("setting", ["DQ_PARTIAL_DTYPE", "DKDV_PARTIAL_DTYPE"])
+def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monkeypatch):
+  """``DQ_PARTIAL_DTYPE`` / ``DKDV_PARTIAL_DTYPE = "input"``: the key-major backward's dq
+  (per token and slot) or dk/dv (per item) partials stored in bfloat16, summed in float32.
+  Each partial is rounded once (relative error <= 2^-8), so a gradient entry moves from the
+  float32 partials' by at most 2^-8 times the sum of its partials' magnitudes, itself at most
+  the sum of its terms' magnitudes (:func:`_partial_sums_bound`, with 2^-7 of slack for the
+  kernel's ds rounded to bfloat16 before its products), plus the float32 sums' rounding. Only
+  the gradients the setting names move."""
+  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
+  q, k, v, do, idx, pos, L = _selected_case(seed=11)
+
+  def grads():
+    _, pull = jax.vjp(lambda q, k, v: nsa_pallas.selected_attention(
+        q, k, v, jnp.asarray(idx), pos, L, True), q, k, v)
+    return [np.asarray(g, np.float64) for g in pull(do.astype(jnp.float32))]
+
+  want = grads()
+  monkeypatch.setattr(nsa_pallas, setting, "input")
+  got = grads()
+  moved = {"DQ_PARTIAL_DTYPE": (0,), "DKDV_PARTIAL_DTYPE": (1, 2)}[setting]
+  # The gradients come back in bfloat16 (the inputs' dtype): their own rounding (2^-8 of the
+  # value) is applied to both, so it may flip one bfloat16 ulp where the partials moved it.
+  for i, (g, w, terms) in enumerate(zip(got, want, _partial_sums_bound(q, k, v, do, idx, L))):
+    if i not in moved:
+      np.testing.assert_array_equal(g, w)
+      continue
+    bound = 2.0 ** -8 * (1 + 2.0 ** -7) * terms + 1e-6 * terms + 2.0 ** -7 * np.abs(w)
+    assert np.all(np.abs(g - w) <= bound), (setting, i, np.max(np.abs(g - w) - bound))
+    assert not np.array_equal(g, w)  # the setting took effect
+  monkeypatch.setattr(nsa_pallas, setting, "half")
+  with pytest.raises(ValueError) as err:
+    grads()
+  assert str(err.value).splitlines()[0] == (f"nsa_pallas.{setting} must be 'float32' or "
+                                            "'input', got 'half'")
+
+
 @pytest.mark.parametrize("bad", [0, 3, True, 2.0])
 def test_a_bad_item_chunks_setting_is_one_line(bad, monkeypatch):
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", bad)

@@ -80,6 +80,12 @@ VARIANTS = {
     # with the forward's bfloat16 partials.
     "dq_atomic": dict(DQ_REDUCE="atomic"),
     "dq_atomic_fwd_part_input": dict(DQ_REDUCE="atomic", FWD_PARTIAL_DTYPE="input"),
+    # The key-major backward's dq partials, its dk/dv partials, and every partial of the
+    # selected branch (forward's too) in the inputs' dtype (bfloat16) instead of float32.
+    "dq_part_input": dict(DQ_PARTIAL_DTYPE="input"),
+    "dkdv_part_input": dict(DKDV_PARTIAL_DTYPE="input"),
+    "part_input": dict(FWD_PARTIAL_DTYPE="input", DQ_PARTIAL_DTYPE="input",
+                       DKDV_PARTIAL_DTYPE="input"),
     # The compressed branch (nsa module): the XLA chunks instead of the default folded
     # attention (one causal cuDNN attention over query groups).
     "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),

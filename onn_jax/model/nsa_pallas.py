@@ -487,7 +487,7 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
       plt.atomic_add(dq_ref, (jnp.full(dq_XD.shape, b, jnp.int32), row_XD, col_XD),
                      dq_XD * scale, mask=mask)
     else:
-      dq_ref[b, g, pl.ds(row0, rows), :] = dq_XD * scale
+      dq_ref[b, g, pl.ds(row0, rows), :] = (dq_XD * scale).astype(dq_ref.dtype)
     return tuple(out)
 
   zeros = tuple((jnp.zeros((key_tile, k.shape[-1]), _F32),) * 2 for k, _, _ in keys)
@@ -502,8 +502,8 @@ def _selected_bwd_key_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qr
       plt.atomic_add(dv_ref, blk_rows, dv_LD)
     else:
       tile = slice(None) if key_tile == select_len else pl.ds(i * key_tile, key_tile)
-      dk_ref[b, g, m, tile, :] = dk_LD
-      dv_ref[b, g, m, tile, :] = dv_LD
+      dk_ref[b, g, m, tile, :] = dk_LD.astype(dk_ref.dtype)
+      dv_ref[b, g, m, tile, :] = dv_LD.astype(dv_ref.dtype)
 
 
 def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
@@ -532,9 +532,11 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
           delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
   # Outputs (dq, dk, dv); an atomic one starts from zeros, an input aliased to it.
   acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
-  part = jax.ShapeDtypeStruct((B, G, M, L, D), _F32)
-  out_shape = [jax.ShapeDtypeStruct((B, T * G * R + 1, D) if atomic_dq else (B, G, M * U * X, D),
-                                    _F32)] + [acc if atomic else part] * 2
+  part = jax.ShapeDtypeStruct((B, G, M, L, D), _partial_dtype("DKDV_PARTIAL_DTYPE", k_pad.dtype))
+  dq = (jax.ShapeDtypeStruct((B, T * G * R + 1, D), _F32) if atomic_dq else
+        jax.ShapeDtypeStruct((B, G, M * U * X, D),
+                             _partial_dtype("DQ_PARTIAL_DTYPE", q_BTGRD.dtype)))
+  out_shape = [dq] + [acc if atomic else part] * 2
   aliases = {}
   for out, use in enumerate((atomic_dq, atomic, atomic)):
     if use:
@@ -551,7 +553,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
     dq_BTGRD = dq_out[:, :-1].reshape(B, T, G, R, D)
   else:  # the K slot contributions of every (token, group), gathered from the item rows
     gathered = _gather_slots(dq_out.reshape(B, G, M * U * C, R, D), padpos_BGTK, 0.0)
-    dq_BTGRD = jnp.sum(gathered, axis=3).transpose(0, 2, 1, 3, 4)
+    dq_BTGRD = jnp.sum(gathered.astype(_F32), axis=3).transpose(0, 2, 1, 3, 4)
   return (dq_BTGRD.astype(q_BTGRD.dtype), dk[:, :S].astype(k_BSGD.dtype),
           dv[:, :S].astype(v_BSGD.dtype), None, None)
 
@@ -559,7 +561,7 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
 def sum_item_partials(parts: tuple, blk_BGM: jax.Array, posrow_BGX: jax.Array,
                       num_blocks: int) -> tuple:
   """The key-major backward's per-item dk and dv partials (each [B,G,M,L,D]) summed per
-  selection block -> each [B, J*L, G, D], from the item plan's blocks (non-decreasing along
+  selection block in float32 -> each [B, J*L, G, D], from the item plan's blocks (non-decreasing along
   M, as the plan sorts them) and row positions (``posrow_BGX``, see :func:`_keyblock_plan`);
   a dead item (no real row: empty, past the end) adds nothing.
 
@@ -579,7 +581,7 @@ def sum_item_partials(parts: tuple, blk_BGM: jax.Array, posrow_BGX: jax.Array,
   live_BGM = jnp.any(posrow_BGX.reshape(B, G, M, -1) >= 0, axis=-1)
   seg = (jnp.arange(B * G, dtype=jnp.int32)[:, None] * J + blk_BGM.reshape(B * G, M))
   seg = jnp.where(live_BGM.reshape(B * G, M), seg, B * G * J).reshape(-1)
-  sums = tuple(jax.ops.segment_sum(p.reshape(B * G * M, L, D), seg,
+  sums = tuple(jax.ops.segment_sum(p.reshape(B * G * M, L, D).astype(_F32), seg,
                                    num_segments=B * G * J + 1)[:-1] for p in parts)
   return tuple(x.reshape(B, G, J * L, D).transpose(0, 2, 1, 3) for x in sums)
 
@@ -640,13 +642,21 @@ def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref,
 # train_fwd_partials_h100_2026-12-05.json): noise level for an extra rounding (which the
 # backward's delta = do . out then sees too), so the default stays float32.
 FWD_PARTIAL_DTYPE = "float32"
+# The key-major backward's partials, likewise: dq (one [R, D] row set per (token, slot),
+# gathered and summed over the K slots in XLA) and dk/dv (one [L, D] per item, summed per block
+# by sum_item_partials), float32 or the inputs' dtype. Each partial is rounded once before its
+# float32 sum. What they cost in float32 (H100, arc1 layer at 8 x 8192, train.bench --profile):
+# the dq gather and sum 218 us and the dk/dv segment sums 71 us, of the layer's 4.89 ms.
+DQ_PARTIAL_DTYPE = "float32"
+DKDV_PARTIAL_DTYPE = "float32"
 
 
-def _partial_dtype(input_dtype):
-  if FWD_PARTIAL_DTYPE not in ("float32", "input"):
-    raise ValueError(f"nsa_pallas.FWD_PARTIAL_DTYPE must be 'float32' or 'input', got "
-                     f"{FWD_PARTIAL_DTYPE!r}")
-  return _F32 if FWD_PARTIAL_DTYPE == "float32" else input_dtype
+def _partial_dtype(setting: str, input_dtype):
+  """The dtype the module setting ``setting`` (one of the *_PARTIAL_DTYPE) names."""
+  how = globals()[setting]
+  if how not in ("float32", "input"):
+    raise ValueError(f"nsa_pallas.{setting} must be 'float32' or 'input', got {how!r}")
+  return _F32 if how == "float32" else input_dtype
 
 
 def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interpret):
@@ -663,7 +673,8 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
                              chunks=U, select_len=L, scale=1.0 / math.sqrt(D))
   o_BGXD, lse_BGX = pl.pallas_call(
       kernel, grid=(B * G * M,),
-      out_shape=(jax.ShapeDtypeStruct((B, G, M * U * X, D), _partial_dtype(q_BTGRD.dtype)),
+      out_shape=(jax.ShapeDtypeStruct((B, G, M * U * X, D),
+                                      _partial_dtype("FWD_PARTIAL_DTYPE", q_BTGRD.dtype)),
                  jax.ShapeDtypeStruct((B, G, M * U * X), _F32)),
       interpret=interpret,
       compiler_params=_compiler_params(interpret, KEY_NUM_WARPS, "KEY_FWD_NUM_STAGES"),
