@@ -567,8 +567,8 @@ def test_item_partials_sum_per_block_and_drop_dead_items():
 
 
 def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
-  """``FWD_PARTIAL_DTYPE="input"``: the key-major forward's per-block partial outputs stored in
-  bfloat16 and combined in float32. Each partial is a convex combination of values, rounded
+  """``FWD_PARTIAL_DTYPE="input"`` (the default): the key-major forward's per-block partial
+  outputs stored in bfloat16 and combined in float32. Each partial is a convex combination of values, rounded
   once (relative error <= 2^-8), and the combination's weights sum to 1, so the output moves
   by at most 2^-8 * max|v| from the float32 partials' (plus float32 slack)."""
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keyblock")
@@ -639,7 +639,8 @@ def _partial_sums_bound(q, k, v, do, idx, L):
 
 @pytest.mark.parametrize("setting", ["DQ_PARTIAL_DTYPE", "DKDV_PARTIAL_DTYPE"])
 def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monkeypatch):
-  """``DQ_PARTIAL_DTYPE`` / ``DKDV_PARTIAL_DTYPE = "input"``: the key-major backward's dq
+  """``DQ_PARTIAL_DTYPE`` / ``DKDV_PARTIAL_DTYPE = "input"`` (the default) against
+  ``"float32"``: the key-major backward's dq
   (per token and slot) or dk/dv (per item) partials stored in bfloat16, summed in float32.
   Each partial is rounded once (relative error <= 2^-8), so a gradient entry moves from the
   float32 partials' by at most 2^-8 times the sum of its partials' magnitudes, itself at most
@@ -655,6 +656,8 @@ def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monke
         q, k, v, jnp.asarray(idx), pos, L, True), q, k, v)
     return [np.asarray(g, np.float64) for g in pull(do.astype(jnp.float32))]
 
+  monkeypatch.setattr(nsa_pallas, "DQ_PARTIAL_DTYPE", "float32")
+  monkeypatch.setattr(nsa_pallas, "DKDV_PARTIAL_DTYPE", "float32")
   want = grads()
   monkeypatch.setattr(nsa_pallas, setting, "input")
   got = grads()

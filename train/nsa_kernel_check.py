@@ -74,18 +74,15 @@ VARIANTS = {
     "items8_c8": dict(ITEM_CHUNKS=8, KEY_CHUNK=8),
     "items16_c8": dict(ITEM_CHUNKS=16, KEY_CHUNK=8),
     "items4_c32": dict(ITEM_CHUNKS=4, KEY_CHUNK=32),
-    # The key-major forward's partial outputs in the inputs' dtype (bfloat16) instead of float32.
-    "fwd_part_input": dict(FWD_PARTIAL_DTYPE="input"),
-    # The key-major backward's dq added atomically (no per-slot partials, no gather), alone and
-    # with the forward's bfloat16 partials.
+    # The selected branch's partials in float32 (the default until 2026-12-06; now the
+    # inputs' dtype, bfloat16): all of them, the forward's, the backward's dq, its dk/dv.
+    "part_f32": dict(FWD_PARTIAL_DTYPE="float32", DQ_PARTIAL_DTYPE="float32",
+                     DKDV_PARTIAL_DTYPE="float32"),
+    "fwd_part_f32": dict(FWD_PARTIAL_DTYPE="float32"),
+    "dq_part_f32": dict(DQ_PARTIAL_DTYPE="float32"),
+    "dkdv_part_f32": dict(DKDV_PARTIAL_DTYPE="float32"),
+    # The key-major backward's dq added atomically (no per-slot partials, no gather).
     "dq_atomic": dict(DQ_REDUCE="atomic"),
-    "dq_atomic_fwd_part_input": dict(DQ_REDUCE="atomic", FWD_PARTIAL_DTYPE="input"),
-    # The key-major backward's dq partials, its dk/dv partials, and every partial of the
-    # selected branch (forward's too) in the inputs' dtype (bfloat16) instead of float32.
-    "dq_part_input": dict(DQ_PARTIAL_DTYPE="input"),
-    "dkdv_part_input": dict(DKDV_PARTIAL_DTYPE="input"),
-    "part_input": dict(FWD_PARTIAL_DTYPE="input", DQ_PARTIAL_DTYPE="input",
-                       DKDV_PARTIAL_DTYPE="input"),
     # The compressed branch (nsa module): the XLA chunks instead of the default folded
     # attention (one causal cuDNN attention over query groups).
     "cmp_chunked": dict(PALLAS_CMP_ATTENTION="chunked"),

@@ -632,23 +632,28 @@ def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref,
     jax.lax.fori_loop(0, _live_chunks(posrow_ref, b, g, m, rows, chunks), chunk, 0)
 
 
-# The key-major forward's per-block partial outputs: float32 ("float32") or the inputs' dtype
-# ("input": bfloat16 in training, half the bytes the kernel writes and XLA's combination
-# reads; each partial then rounded once before the float32 combination, so the output moves
-# by up to 2^-8 of the largest value). H100, arc1's geometry: nsa_core forward+backward 3.37
-# against 3.66 ms at 32 x 2048, 4.68 against 4.78 at 8 x 8192
-# (docs/bench/nsa_fwd_partials_h100_2026-12-05.json), but the arc1 training step only 67.4
-# against 68.0 ms back to back (67.0 / 68.2 packed, but one step at a time 76.0 / 74.7;
-# train_fwd_partials_h100_2026-12-05.json): noise level for an extra rounding (which the
-# backward's delta = do . out then sees too), so the default stays float32.
-FWD_PARTIAL_DTYPE = "float32"
-# The key-major backward's partials, likewise: dq (one [R, D] row set per (token, slot),
-# gathered and summed over the K slots in XLA) and dk/dv (one [L, D] per item, summed per block
-# by sum_item_partials), float32 or the inputs' dtype. Each partial is rounded once before its
-# float32 sum. What they cost in float32 (H100, arc1 layer at 8 x 8192, train.bench --profile):
-# the dq gather and sum 218 us and the dk/dv segment sums 71 us, of the layer's 4.89 ms.
-DQ_PARTIAL_DTYPE = "float32"
-DKDV_PARTIAL_DTYPE = "float32"
+# The selected branch's partials, each float32 ("float32") or the inputs' dtype ("input":
+# bfloat16 in training, half the bytes its kernel writes and XLA reads back): the key-major
+# forward's per-block partial outputs (combined by their log-sum-exps in float32), and the
+# key-major backward's dq (one [R, D] set per (token, slot), gathered and summed over the K
+# slots) and dk/dv (one [L, D] per item, summed per block by sum_item_partials). Each partial
+# is rounded once before its float32 sum, so a result moves by at most 2^-8 of the sum of its
+# partials' magnitudes (the forward's output by 2^-8 of the largest value); with bfloat16
+# inputs the kernels' products already round p and ds to bfloat16.
+# In float32 the XLA glue was a large part of the layer (H100, arc1 layer at 8 x 8192,
+# train.bench --only layers --profile: the forward's combination 213 us, the dq gather and sum
+# 218 us, the dk/dv segment sums 71 us, of 4.89 ms of kernels; the same at 32 x 2048).
+# All three in bfloat16 against float32 (H100, jax 0.11.2, 2026-12-06, one process each,
+# docs/bench/*_h100_2026-12-06*.json): nsa_core forward+backward 4.55 -> 4.14 ms at 8 x 8192
+# (cuDNN full attention 4.96), 3.46 -> 3.25 at 32 x 2048 (dq alone 4.32 / 3.51, the forward
+# alone 4.46 / 3.44); the layer back to back 4.90 -> 4.57 ms at 8 x 8192 (the cuDNN GQA layer
+# 4.76 / 4.69: 1.03x -> 0.97x), 3.87 -> 3.59 at 32 x 2048 (2.20x -> 2.07x); the arc1 training
+# step at the SDL target's routing 49.5 -> 47.8 ms back to back (packed rows 49.1 -> 45.6), one
+# step at a time 56.1 -> 52.5. (The forward's alone had timed at noise level at the step:
+# docs/bench/train_fwd_partials_h100_2026-12-05.json.)
+FWD_PARTIAL_DTYPE = "input"
+DQ_PARTIAL_DTYPE = "input"
+DKDV_PARTIAL_DTYPE = "input"
 
 
 def _partial_dtype(setting: str, input_dtype):
