@@ -569,8 +569,8 @@ def test_item_partials_sum_per_block_and_drop_dead_items():
 def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
   """``FWD_PARTIAL_DTYPE="input"`` (the default): the key-major forward's per-block partial
   outputs stored in bfloat16 and combined in float32. Each partial is a convex combination of
-  values, rounded once (relative error <= 2^-8), and the combination's weights sum to 1, so the output moves
-  by at most 2^-8 * max|v| from the float32 partials' (plus float32 slack)."""
+  values, rounded once (relative error <= 2^-8), and the combination's weights sum to 1, so
+  the output moves by at most 2^-8 * max|v| from the float32 partials' (plus float32 slack)."""
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keyblock")
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)

@@ -562,8 +562,8 @@ def sum_item_partials(parts: tuple, blk_BGM: jax.Array, posrow_BGX: jax.Array,
                       num_blocks: int) -> tuple:
   """The key-major backward's per-item dk and dv partials (each [B,G,M,L,D]) summed per
   selection block in float32 -> each [B, J*L, G, D], from the item plan's blocks
-  (non-decreasing along M, as the plan sorts them) and row positions (``posrow_BGX``, see :func:`_keyblock_plan`);
-  a dead item (no real row: empty, past the end) adds nothing.
+  (non-decreasing along M, as the plan sorts them) and row positions (``posrow_BGX``, see
+  :func:`_keyblock_plan`); a dead item (no real row: empty, past the end) adds nothing.
 
   A segment sum, not declared sorted although the live items are. H200, 32 x 2048, one sum of
   [B*G*M, L, D] at the paper's geometry (32/16/64/16/512, about 50 items of 16 tokens a
