@@ -264,6 +264,41 @@ def test_bad_section_is_rejected(capsys):
   assert "'nope'" in capsys.readouterr().err
 
 
+def test_a_kernel_setting_holds_for_the_whole_run_and_is_recorded(tmp_path, monkeypatch):
+  """``--variant NAME``: nsa_kernel_check's setting holds while every section runs (here the
+  nsa section, replaced by a probe that reads the settings), the library's defaults again
+  after; the JSON's meta and the printed command name it. An unknown name exits 2 in one
+  line naming it and the known ones."""
+  from onn_jax.model import nsa_pallas
+  from train import nsa_kernel_check as check
+  names = sorted(check.VARIANTS["part_f32"])
+  before = {n: getattr(nsa_pallas, n) for n in names}
+  assert set(before.values()) == {"input"}  # else the probe below would prove nothing
+  seen = {}
+
+  def probe(model_cfg, sizes):
+    seen.update({n: getattr(nsa_pallas, n) for n in names})
+    return []
+  monkeypatch.setattr(bench, "bench_nsa", probe)
+  out = tmp_path / "bench.json"
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert bench.main(["--quick", "--only", "nsa", "--variant", "part_f32",
+                       "--out", str(out)]) == 0
+  assert seen == {n: "float32" for n in names}
+  assert {n: getattr(nsa_pallas, n) for n in names} == before
+  assert json.loads(out.read_text())["meta"]["variant"] == "part_f32"
+  assert "--only nsa --variant part_f32" in printed.getvalue()
+  assert "NSA kernel setting part_f32" in printed.getvalue().splitlines()[0]
+
+
+def test_an_unknown_kernel_setting_is_rejected(capsys):
+  assert bench.main(["--only", "nsa", "--variant", "fast"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("bench: --variant: unknown NSA kernel setting "
+                                             "'fast' (known: ") and "part_f32" in err[0]
+
+
 def test_bad_decoding_set_is_rejected(capsys):
   assert bench.main(["--only", "decode", "--sets", "split,fast"]) == 2
   err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 
   python -m train.bench [--config configs/arc1.yaml] [--quick] [--out bench.json]
                         [--only train,eavi,decode,nsa,moe,layers] [--lens 512,2048]
-                        [section.key=value ...]
+                        [--variant part_f32] [section.key=value ...]
 
 Sections (each: compile first, warm up, then time ``iters`` calls with ``jax.block_until_ready``
 after each one; the median is reported):
@@ -63,6 +63,12 @@ markdown table for the README.
 ``layers`` section (``jax.profiler``, after timing them) and adds to their rows a summary of
 the device kernels by name and by model scope (:mod:`train.profile`); the traces stay under DIR.
 
+``--variant NAME`` runs everything under one of ``train.nsa_kernel_check``'s NSA kernel
+settings (``VARIANTS``: e.g. ``part_f32``, the selected branch's partials in float32, the
+default until 2026-12-06), so that a setting is timed in the layers and the step as well as in
+``nsa_core``: one process for the defaults, one for the setting, compared as ratios to the
+baselines each measures (the cuDNN layer, the anchor).
+
 ``--quick`` swaps in a toy model and toy sizes so that everything runs on a CPU (1.6 minutes on
 a 2-core AMD EPYC, compilation included, 2026-12-05): a smoke check of this program, not a
 measurement.
@@ -103,6 +109,7 @@ from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_referen
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer, outside_tf
 from train import profile as profiling
+from train.nsa_kernel_check import VARIANTS, variant as kernel_setting
 
 SECTIONS = ("train", "eavi", "decode", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
@@ -1267,7 +1274,9 @@ def markdown_summary(results: dict[str, Any]) -> str:
   command = " ".join(["python -m train.bench", "--config", meta["config_path"]]
                      + (["--quick"] if meta["quick"] else [])
                      + (["--only", meta["only"]] if meta.get("only") != ",".join(SECTIONS) else [])
-                     + (["--lens", meta["lens"]] if meta.get("lens") else []) + meta["overrides"])
+                     + (["--lens", meta["lens"]] if meta.get("lens") else [])
+                     + (["--variant", meta["variant"]] if meta.get("variant") else [])
+                     + meta["overrides"])
   head = (f"Measured with `{command}` on "
           f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
           f"{meta['date']}.")
@@ -1327,8 +1336,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="also trace each timed train/EAVI step, the rollout and each layer "
                            "of the layers section into this folder and summarise its kernels "
                            "by name and model scope in the JSON (train/profile.py)")
+  parser.add_argument("--variant", default="",
+                      help="time everything under one NSA kernel setting of train.nsa_kernel_"
+                           "check's --variants (e.g. part_f32: the selected branch's partials "
+                           "in float32), applied for the whole run; the defaults when empty")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16")
   return parser.parse_args(argv)
+
+
+def _parse_variant(name: str) -> str | None:
+  """``--variant``: None (the library's settings) when empty, else a name of
+  ``nsa_kernel_check.VARIANTS``."""
+  if name and name not in VARIANTS:
+    raise ValueError(f"--variant: unknown NSA kernel setting {name!r} (known: "
+                     f"{', '.join(sorted(VARIANTS))})")
+  return name or None
 
 
 def _parse_sections(text: str) -> list[str]:
@@ -1375,7 +1397,7 @@ def device_meta(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
           "jax_version": jax.__version__, "jaxlib_version": jaxlib_version,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "config_path": args.config, "overrides": list(args.overrides), "quick": args.quick,
-          "only": args.only, "lens": args.lens,
+          "only": args.only, "lens": args.lens, "variant": args.variant,
           "peak_bf16_flops": peak_flops(device.device_kind)}
 
 
@@ -1387,6 +1409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = _parse_sections(args.only)
     lens = _parse_lens(args.lens, cfg.data.buckets)
     decode_sets = _parse_sets(args.sets)
+    variant = _parse_variant(args.variant)
   except (config.ConfigError, ValueError) as err:
     print(f"bench: {err}", file=sys.stderr)
     return 2
@@ -1395,8 +1418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   meta = device_meta(args, cfg)
   results: dict[str, Any] = {"meta": meta, "config": config.to_dict(cfg)}
   print(f"bench: {meta['device_kind']} ({meta['platform']}), jax {meta['jax_version']}, "
-        f"sections {','.join(sections)}, lengths {list(lens)}", flush=True)
-  with light_compilation(args.quick):
+        f"sections {','.join(sections)}, lengths {list(lens)}"
+        + (f", NSA kernel setting {variant}" if variant else ""), flush=True)
+  with light_compilation(args.quick), kernel_setting(variant):
     budgets = {}
     if {"eavi", "decode"} & set(sections):  # EAVI's answer budgets of the config's data
       stream = config_stream(cfg)
