@@ -564,37 +564,13 @@ def test_item_partials_sum_per_block_and_drop_dead_items():
           if live[b, g, m]:
             want[b, blk[b, g, m] * L:(blk[b, g, m] + 1) * L, g] += part[b, g, m]
     np.testing.assert_array_equal(np.asarray(sums), want)
-
-
-def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
-  """``FWD_PARTIAL_DTYPE="input"`` (the default): the key-major forward's per-block partial
-  outputs stored in bfloat16 and combined in float32. Each partial is a convex combination of
-  values, rounded once (relative error <= 2^-8), and the combination's weights sum to 1, so
-  the output moves by at most 2^-8 * max|v| from the float32 partials' (plus float32 slack)."""
-  monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keyblock")
-  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
-  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
-  B, T, G, R, D, L, K = 2, 24, 2, 2, 8, 4, 3
-  rng = np.random.default_rng(9)
-  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
-             for s in ((B, T, G, R, D), (B, T, G, D), (B, T, G, D)))
-  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  own = np.arange(T) // L
-  idx = np.stack([own, np.maximum(own - 1, -1), np.where(own >= 3, 0, -1)], axis=-1)
-  idx = jnp.asarray(np.broadcast_to(idx[None, :, None, :], (B, T, G, K)), jnp.int32)
-  outs = {}
-  for how in ("float32", "input"):
-    monkeypatch.setattr(nsa_pallas, "FWD_PARTIAL_DTYPE", how)
-    outs[how] = np.asarray(nsa_pallas.selected_attention(q, k, v, idx, pos, L, True))
-  bound = 2.0 ** -8 * float(jnp.max(jnp.abs(v.astype(jnp.float32)))) + 1e-6
-  assert np.max(np.abs(outs["input"] - outs["float32"])) <= bound
-  assert not np.array_equal(outs["input"], outs["float32"])  # the setting took effect
-  monkeypatch.setattr(nsa_pallas, "FWD_PARTIAL_DTYPE", "half")
-  with pytest.raises(ValueError) as err:
-    nsa_pallas.selected_attention(q, k, v, idx, pos, L, True)
-  # JAX appends its traceback-filtering note on later lines.
-  assert str(err.value).splitlines()[0] == ("nsa_pallas.FWD_PARTIAL_DTYPE must be 'float32' "
-                                            "or 'input', got 'half'")
+  # bfloat16 partials (DKDV_PARTIAL_DTYPE="input"; these integers are exact in it) are summed
+  # in float32.
+  half = nsa_pallas.sum_item_partials(tuple(jnp.asarray(p, jnp.bfloat16) for p in parts),
+                                      jnp.asarray(blk), jnp.asarray(posrow, jnp.int32), J)
+  for sums, want in zip(half, got):
+    assert sums.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(sums), np.asarray(want))
 
 
 def _selected_case(seed: int):
@@ -609,6 +585,31 @@ def _selected_case(seed: int):
   idx = np.stack([own, np.maximum(own - 1, -1), np.where(own >= 3, 0, -1)], axis=-1)
   idx = np.broadcast_to(idx[None, :, None, :], (B, T, G, 3)).astype(np.int32)
   return q, k, v, do, idx, pos, L
+
+
+def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
+  """``FWD_PARTIAL_DTYPE="input"`` (the default): the key-major forward's per-block partial
+  outputs stored in bfloat16 and combined in float32. Each partial is a convex combination of
+  values, rounded once (relative error <= 2^-8), and the combination's weights sum to 1, so
+  the output moves by at most 2^-8 * max|v| from the float32 partials' (plus float32 slack)."""
+  monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keyblock")
+  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
+  q, k, v, _, idx, pos, L = _selected_case(seed=9)
+  idx = jnp.asarray(idx)
+  outs = {}
+  for how in ("float32", "input"):
+    monkeypatch.setattr(nsa_pallas, "FWD_PARTIAL_DTYPE", how)
+    outs[how] = np.asarray(nsa_pallas.selected_attention(q, k, v, idx, pos, L, True))
+  bound = 2.0 ** -8 * float(jnp.max(jnp.abs(v.astype(jnp.float32)))) + 1e-6
+  assert np.max(np.abs(outs["input"] - outs["float32"])) <= bound
+  assert not np.array_equal(outs["input"], outs["float32"])  # the setting took effect
+  monkeypatch.setattr(nsa_pallas, "FWD_PARTIAL_DTYPE", "half")
+  with pytest.raises(ValueError) as err:
+    nsa_pallas.selected_attention(q, k, v, idx, pos, L, True)
+  # JAX appends its traceback-filtering note on later lines.
+  assert str(err.value).splitlines()[0] == ("nsa_pallas.FWD_PARTIAL_DTYPE must be 'float32' "
+                                            "or 'input', got 'half'")
 
 
 def _partial_sums_bound(q, k, v, do, idx, L):
@@ -640,13 +641,14 @@ def _partial_sums_bound(q, k, v, do, idx, L):
 @pytest.mark.parametrize("setting", ["DQ_PARTIAL_DTYPE", "DKDV_PARTIAL_DTYPE"])
 def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monkeypatch):
   """``DQ_PARTIAL_DTYPE`` / ``DKDV_PARTIAL_DTYPE = "input"`` (the default) against
-  ``"float32"``: the key-major backward's dq
-  (per token and slot) or dk/dv (per item) partials stored in bfloat16, summed in float32.
-  Each partial is rounded once (relative error <= 2^-8), so a gradient entry moves from the
-  float32 partials' by at most 2^-8 times the sum of its partials' magnitudes, itself at most
-  the sum of its terms' magnitudes (:func:`_partial_sums_bound`, with 2^-7 of slack for the
-  kernel's ds rounded to bfloat16 before its products), plus the float32 sums' rounding. Only
-  the gradients the setting names move."""
+  ``"float32"``: the key-major backward's dq (per token and slot) or dk/dv (per item)
+  partials stored in bfloat16, summed in float32. Each partial is rounded once (relative
+  error <= 2^-8), so a gradient entry moves from the float32 partials' by at most 2^-8 times
+  the sum of its partials' magnitudes, itself at most the sum of its terms' magnitudes
+  (:func:`_partial_sums_bound`, from the exact softmax: to first order, with 2^-7 of slack
+  for the kernel's ds, rounded to bfloat16 and computed from bfloat16 inputs), plus the
+  float32 sums' rounding. Only the gradients the setting names move; float32 inputs, for
+  which "input" is float32, move none."""
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
   q, k, v, do, idx, pos, L = _selected_case(seed=11)
@@ -671,6 +673,11 @@ def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monke
     bound = 2.0 ** -8 * (1 + 2.0 ** -7) * terms + 1e-6 * terms + 2.0 ** -7 * np.abs(w)
     assert np.all(np.abs(g - w) <= bound), (setting, i, np.max(np.abs(g - w) - bound))
     assert not np.array_equal(g, w)  # the setting took effect
+  q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+  got = grads()
+  monkeypatch.setattr(nsa_pallas, setting, "float32")
+  for g, w in zip(got, grads()):
+    np.testing.assert_array_equal(g, w)
   monkeypatch.setattr(nsa_pallas, setting, "half")
   with pytest.raises(ValueError) as err:
     grads()

@@ -159,7 +159,7 @@ DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_ST
 def variant(name: str | None):
   """Sets the module settings of ``name`` (nsa_pallas's backward, or nsa's compressed-branch
   choice) while programs are traced."""
-  return module_settings(**(VARIANTS.get(name, {}) if name else {}))
+  return module_settings(**(VARIANTS[name] if name else {}))
 
 
 @contextlib.contextmanager

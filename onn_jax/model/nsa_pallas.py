@@ -531,12 +531,13 @@ def _selected_bwd_keyblock(select_len, interpret, res, do_BTGRD):
           do_BTGRD.astype(q_BTGRD.dtype).reshape(B, T * G * R, D), lse.reshape(B, -1),
           delta_BTGR.reshape(B, -1), qrow, posrow, blk_BGM]
   # Outputs (dq, dk, dv); an atomic one starts from zeros, an input aliased to it.
-  acc = jax.ShapeDtypeStruct(k_pad.shape, _F32)
-  part = jax.ShapeDtypeStruct((B, G, M, L, D), _partial_dtype("DKDV_PARTIAL_DTYPE", k_pad.dtype))
   dq = (jax.ShapeDtypeStruct((B, T * G * R + 1, D), _F32) if atomic_dq else
         jax.ShapeDtypeStruct((B, G, M * U * X, D),
                              _partial_dtype("DQ_PARTIAL_DTYPE", q_BTGRD.dtype)))
-  out_shape = [dq] + [acc if atomic else part] * 2
+  dkdv = [jax.ShapeDtypeStruct(x.shape, _F32) if atomic else
+          jax.ShapeDtypeStruct((B, G, M, L, D), _partial_dtype("DKDV_PARTIAL_DTYPE", x.dtype))
+          for x in (k_pad, v_pad)]
+  out_shape = [dq] + dkdv
   aliases = {}
   for out, use in enumerate((atomic_dq, atomic, atomic)):
     if use:
