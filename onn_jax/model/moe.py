@@ -41,7 +41,7 @@ Array = jax.Array
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
-IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "auto")
+IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "pallas", "auto")
 # What impl="auto" runs in the teacher-forcing step on a GPU (dense in every other call and on
 # other backends: auto_dense, vmap_impl). H200, jax 0.11.2, 2026-12-04 (session 13):
 # two arc1 runs from scratch, 2000 steps each, one after the other, no background compiles
@@ -620,9 +620,19 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
     z_ERC = _experts_mixture("grouped", x1_ERK, w_ER, w_in1_EKF, None,
                              params["w_out"].astype(dtype), params["b_out"].astype(dtype))
     return combine(z_ERC.reshape(S, C), slot_NE, pair_S)
-  if impl not in ("ragged", "tiled"):
-    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged', 'tiled' or 'batched'")
+  if impl not in ("ragged", "tiled", "pallas"):
+    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged', 'tiled', 'batched' or "
+                     "'pallas'")
   slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
+  if impl == "pallas":
+    rows = moe_pallas.mlp_rows(tile)
+    layout = moe_pallas.block_layout(group_E, jnp.sum(used_NE, axis=0, dtype=jnp.int32), S, rows)
+    z_SC = moe_pallas.grouped_mlp(
+        dispatch(x_NC.astype(dtype), slot_NE, pair_S),
+        slot_gates(weights_NE.astype(dtype), slot_NE, pair_S), *layout,
+        *(params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")), rows,
+        nsa_pallas.use_interpret())
+    return combine(z_SC, slot_NE, pair_S)
   num_tiles = S // tile
   w_S = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S)
   # Each tile's expert weights by a one-hot matmul rather than a gather: its gradient (the sum

@@ -208,3 +208,231 @@ def decode_partials(x_BC, prototypes_EC, thresholds_E, w_in_ECF, b_in_EF, w_out_
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
   )(x_PC, p_WC, th_W, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
   return parts[:, :B]
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher forcing: the tiled experts in three kernels (DynMoE impl "pallas")
+# ----------------------------------------------------------------------------------------------
+#
+# The tiled dispatch (moe.experts_sparse) lays the (token, expert) pairs out expert by expert in
+# groups of whole tiles; XLA then runs each tile's two products with a copy of its expert's
+# weights and walks the [pairs, F] hidden activations in separate passes (gelu and its gate,
+# the backward's gelu slope, the gate's gradient, the dtype conversions): ~1.2 ms of a layer's
+# 3.3 at 8 x 8192 on an H100 (session 29's profile). Here every block of MLP_ROWS slots (one
+# expert's) is one program that keeps its hidden activations on chip:
+#
+# * forward: ``z = w (gelu(x W_in[e] + b_in[e]) W_out[e] + b_out[e])``, the hidden units in steps
+#   of MLP_TILE_F, the output accumulated in float32 (:func:`_mlp_fwd_kernel`);
+# * backward, x and the gate weights: the same walk with the hidden units recomputed, the
+#   gate's gradient ``sum_f da * gelu`` and ``dx = sum_f dh W_in^T`` accumulated
+#   (:func:`_mlp_bwd_x_kernel`);
+# * backward, the weights: a program per (expert, MLP_WGRAD_TILE_F hidden units) walks that
+#   expert's live blocks, recomputing h and da, and accumulates ``x^T dh``, ``sum dh``,
+#   ``a^T dz`` and ``w dz`` in float32 (:func:`_mlp_bwd_w_kernel`).
+#
+# Nothing of size [pairs, F] is written; blocks with no pair write zeros and are skipped. The
+# price is recomputation: nine [pairs, C, F] products where XLA runs six.
+#
+# Numerics follow the tiled XLA path (moe._experts_mixture, "grouped"): products in the compute
+# dtype with float32 accumulation, the pre-activation (bias included) rounded once to the compute
+# dtype, gelu and its slope in float32 (with :func:`_erf`), the gated activations and the
+# pre-activation's gradient rounded to the compute dtype before their products, the output's
+# gradient through W_out rounded as XLA's product is. The output (with its b_out term) is
+# rounded once from float32.
+
+MLP_ROWS = 64
+MLP_TILE_F = 64
+MLP_WGRAD_TILE_F = 32
+MLP_NUM_WARPS = 8
+
+
+def mlp_rows(tile: int) -> int:
+  """Rows a program of the tiled experts' kernels takes: the largest power of two that divides
+  ``tile`` (the dispatch's tile) and is at most :data:`MLP_ROWS`."""
+  return math.gcd(tile, MLP_ROWS)
+
+
+def _gelu_and_slope(u):
+  """gelu(u) and its derivative ``Phi(u) + u phi(u)`` of float32 ``u``, with :func:`_erf`."""
+  cdf = 0.5 * (1.0 + _erf(u * (1.0 / math.sqrt(2.0))))
+  return u * cdf, cdf + u * jnp.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+def _hidden(x_RC, w_in_CF, b_F):
+  """The pre-activation ``x W_in + b`` of a block, rounded once to x's dtype, as float32."""
+  h_RF = _mm(x_RC, w_in_CF) + b_F.astype(_F32)[None, :]
+  return h_RF.astype(x_RC.dtype).astype(_F32)
+
+
+def _mlp_fwd_kernel(expert_ref, live_ref, x_ref, w_ref, w_in_ref, b_in_ref, w_out_ref,
+                    b_out_ref, z_ref, *, rows: int, tile_f: int):
+  m = pl.program_id(0)
+  rs = pl.ds(m * rows, rows)
+  C, F = w_in_ref.shape[1], w_in_ref.shape[2]
+
+  @pl.when(live_ref[m] == 0)
+  def _():
+    z_ref[rs, :] = jnp.zeros((rows, C), z_ref.dtype)
+
+  @pl.when(live_ref[m] != 0)
+  def _():
+    e = expert_ref[m]
+    x_RC = x_ref[rs, :]
+    w_R1 = w_ref[rs].astype(_F32)[:, None]
+
+    def step(j, acc_RC):
+      fs = pl.ds(j * tile_f, tile_f)
+      gelu_RF, _ = _gelu_and_slope(_hidden(x_RC, w_in_ref[e, :, fs], b_in_ref[e, fs]))
+      return acc_RC + _mm((gelu_RF * w_R1).astype(x_RC.dtype), w_out_ref[e, fs, :])
+
+    acc_RC = jax.lax.fori_loop(0, F // tile_f, step, jnp.zeros((rows, C), _F32))
+    z_ref[rs, :] = (acc_RC + w_R1 * b_out_ref[e, :].astype(_F32)[None, :]).astype(z_ref.dtype)
+
+
+def _mlp_bwd_x_kernel(expert_ref, live_ref, x_ref, w_ref, dz_ref, w_in_ref, b_in_ref, w_out_ref,
+                      b_out_ref, dx_ref, dw_ref, *, rows: int, tile_f: int):
+  m = pl.program_id(0)
+  rs = pl.ds(m * rows, rows)
+  C, F = w_in_ref.shape[1], w_in_ref.shape[2]
+
+  @pl.when(live_ref[m] == 0)
+  def _():
+    dx_ref[rs, :] = jnp.zeros((rows, C), dx_ref.dtype)
+    dw_ref[rs] = jnp.zeros((rows,), dw_ref.dtype)
+
+  @pl.when(live_ref[m] != 0)
+  def _():
+    e = expert_ref[m]
+    x_RC, dz_RC = x_ref[rs, :], dz_ref[rs, :]
+    dt = x_RC.dtype
+    w_R1 = w_ref[rs].astype(_F32)[:, None]
+
+    def step(j, carry):
+      dx_RC, dw_R = carry
+      fs = pl.ds(j * tile_f, tile_f)
+      w_in_CF = w_in_ref[e, :, fs]
+      gelu_RF, slope_RF = _gelu_and_slope(_hidden(x_RC, w_in_CF, b_in_ref[e, fs]))
+      da_RF = _mm(dz_RC, w_out_ref[e, fs, :], trans_b=True).astype(dt).astype(_F32)
+      dh_RF = (da_RF * slope_RF * w_R1).astype(dt)
+      return (dx_RC + _mm(dh_RF, w_in_CF, trans_b=True),
+              dw_R + jnp.sum(da_RF * gelu_RF, axis=1))
+
+    dx_RC, dw_R = jax.lax.fori_loop(
+        0, F // tile_f, step, (jnp.zeros((rows, C), _F32), jnp.zeros((rows,), _F32)))
+    dw_R += jnp.sum(dz_RC.astype(_F32) * b_out_ref[e, :].astype(_F32)[None, :], axis=1)
+    dx_ref[rs, :] = dx_RC.astype(dx_ref.dtype)
+    dw_ref[rs] = dw_R.astype(dw_ref.dtype)
+
+
+def _mlp_bwd_w_kernel(first_ref, blocks_ref, x_ref, w_ref, dz_ref, w_in_ref, b_in_ref,
+                      w_out_ref, dw_in_ref, db_in_ref, dw_out_ref, db_out_ref, *, rows: int,
+                      tile_f: int):
+  e, j = pl.program_id(0), pl.program_id(1)
+  fs = pl.ds(j * tile_f, tile_f)
+  C = w_in_ref.shape[1]
+  w_in_CF, b_F, w_out_FC = w_in_ref[e, :, fs], b_in_ref[e, fs], w_out_ref[e, fs, :]
+  first = first_ref[e]
+
+  def step(i, carry):
+    dw_in_CF, db_in_F, dw_out_FC, db_out_C = carry
+    rs = pl.ds((first + i) * rows, rows)
+    x_RC, dz_RC = x_ref[rs, :], dz_ref[rs, :]
+    dt = x_RC.dtype
+    w_R1 = w_ref[rs].astype(_F32)[:, None]
+    gelu_RF, slope_RF = _gelu_and_slope(_hidden(x_RC, w_in_CF, b_F))
+    da_RF = _mm(dz_RC, w_out_FC, trans_b=True).astype(dt).astype(_F32)
+    dh_RF = (da_RF * slope_RF * w_R1).astype(dt)
+    a_RF = (gelu_RF * w_R1).astype(dt)
+    return (dw_in_CF + _mm(x_RC, dh_RF, trans_a=True),
+            db_in_F + jnp.sum(dh_RF.astype(_F32), axis=0),
+            dw_out_FC + _mm(a_RF, dz_RC, trans_a=True),
+            db_out_C + jnp.sum(w_R1 * dz_RC.astype(_F32), axis=0))
+
+  init = (jnp.zeros((C, tile_f), _F32), jnp.zeros((tile_f,), _F32),
+          jnp.zeros((tile_f, C), _F32), jnp.zeros((C,), _F32))
+  dw_in_CF, db_in_F, dw_out_FC, db_out_C = jax.lax.fori_loop(0, blocks_ref[e], step, init)
+  dw_in_ref[e, :, fs] = dw_in_CF
+  db_in_ref[e, fs] = db_in_F
+  dw_out_ref[e, fs, :] = dw_out_FC
+
+  @pl.when(j == 0)
+  def _():
+    db_out_ref[e, :] = db_out_C
+
+
+def block_layout(group_E: jax.Array, count_E: jax.Array, num_slots: int, rows: int
+                 ) -> tuple[jax.Array, ...]:
+  """Where the tiled layout's experts sit in blocks of ``rows`` slots (``rows`` divides the
+  layout's tile, so a block is one expert's). ``group_E``: each expert's slots, in expert order
+  (:func:`onn_jax.model.moe.pair_slots`); ``count_E``: its pairs, first in its group.
+
+  Returns expert_M (each block's expert; blocks past the last group take the last), live_M (1
+  where the block holds a pair), first_E (each expert's first block) and blocks_E (its blocks
+  that hold a pair), all int32."""
+  E = group_E.shape[0]
+  end_E = jnp.cumsum(group_E)
+  begin_E = end_E - group_E
+  start_M = jnp.arange(num_slots // rows, dtype=jnp.int32) * rows
+  expert_M = jnp.minimum(jnp.searchsorted(end_E, start_M, side="right"), E - 1).astype(jnp.int32)
+  used_E = jnp.minimum(count_E, group_E)
+  live_M = (start_M < (begin_E + used_E)[expert_M]).astype(jnp.int32)
+  return (expert_M, live_M, (begin_E // rows).astype(jnp.int32),
+          ((used_E + rows - 1) // rows).astype(jnp.int32))
+
+
+def _check_mlp(rows: int, C: int, F: int, interpret: bool) -> tuple[int, int]:
+  """(hidden units a forward step, a weight-gradient program) for these sizes; on a GPU a
+  one-line error where Triton cannot tile them."""
+  tile_f, tile_w = math.gcd(F, MLP_TILE_F), math.gcd(F, MLP_WGRAD_TILE_F)
+  if not interpret and (min(rows, tile_w) < _MIN_TILE or not (_is_pow2(C) and C >= _MIN_TILE)):
+    raise ValueError(f"DynMoE impl='pallas': d_model {C} must be a power of two >= 16, and "
+                     f"moe_tile and expert_hidden {F} multiples of 16 (rows a program {rows})")
+  return tile_f, tile_w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def grouped_mlp(x_SC, w_S, expert_M, live_M, first_E, blocks_E, w_in_ECF, b_in_EF, w_out_EFC,
+                b_out_EC, rows: int, interpret: bool) -> jax.Array:
+  """``z_s = w_s (gelu(x_s W_in[e] + b_in[e]) W_out[e] + b_out[e])`` for every slot s of the
+  tiled layout, e its block's expert (:func:`block_layout`); zero in blocks without a pair.
+  x, w and the weights in one compute dtype; z in it."""
+  return _grouped_mlp_fwd(x_SC, w_S, expert_M, live_M, first_E, blocks_E, w_in_ECF, b_in_EF,
+                          w_out_EFC, b_out_EC, rows, interpret)[0]
+
+
+def _grouped_mlp_fwd(x_SC, w_S, expert_M, live_M, first_E, blocks_E, w_in_ECF, b_in_EF,
+                     w_out_EFC, b_out_EC, rows, interpret):
+  S, C = x_SC.shape
+  tile_f, _ = _check_mlp(rows, C, w_in_ECF.shape[2], interpret)
+  z_SC = pl.pallas_call(
+      functools.partial(_mlp_fwd_kernel, rows=rows, tile_f=tile_f), grid=(S // rows,),
+      out_shape=jax.ShapeDtypeStruct((S, C), x_SC.dtype), interpret=interpret,
+      compiler_params=_compiler_params(interpret, MLP_NUM_WARPS),
+  )(expert_M, live_M, x_SC, w_S, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
+  return z_SC, (x_SC, w_S, expert_M, live_M, first_E, blocks_E, w_in_ECF, b_in_EF, w_out_EFC,
+                b_out_EC)
+
+
+def _grouped_mlp_bwd(rows, interpret, res, dz_SC):
+  x_SC, w_S, expert_M, live_M, first_E, blocks_E, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC = res
+  S, C = x_SC.shape
+  E, _, F = w_in_ECF.shape
+  tile_f, tile_w = _check_mlp(rows, C, F, interpret)
+  dz_SC = dz_SC.astype(x_SC.dtype)
+  dx_SC, dw_S = pl.pallas_call(
+      functools.partial(_mlp_bwd_x_kernel, rows=rows, tile_f=tile_f), grid=(S // rows,),
+      out_shape=(jax.ShapeDtypeStruct((S, C), x_SC.dtype), jax.ShapeDtypeStruct((S,), _F32)),
+      interpret=interpret, compiler_params=_compiler_params(interpret, MLP_NUM_WARPS),
+  )(expert_M, live_M, x_SC, w_S, dz_SC, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
+  dw_in, db_in, dw_out, db_out = pl.pallas_call(
+      functools.partial(_mlp_bwd_w_kernel, rows=rows, tile_f=tile_w), grid=(E, F // tile_w),
+      out_shape=(jax.ShapeDtypeStruct((E, C, F), _F32), jax.ShapeDtypeStruct((E, F), _F32),
+                 jax.ShapeDtypeStruct((E, F, C), _F32), jax.ShapeDtypeStruct((E, C), _F32)),
+      interpret=interpret, compiler_params=_compiler_params(interpret, MLP_NUM_WARPS),
+  )(first_E, blocks_E, x_SC, w_S, dz_SC, w_in_ECF, b_in_EF, w_out_EFC)
+  return (dx_SC, dw_S.astype(w_S.dtype), None, None, None, None,
+          dw_in.astype(w_in_ECF.dtype), db_in.astype(b_in_EF.dtype),
+          dw_out.astype(w_out_EFC.dtype), db_out.astype(b_out_EC.dtype))
+
+
+grouped_mlp.defvjp(_grouped_mlp_fwd, _grouped_mlp_bwd)
