@@ -373,7 +373,7 @@ def validate(cfg: Config) -> Config:
   _one_of("model.nsa_impl", m.nsa_impl, ("auto", "reference", "blockwise", "pallas"))
   _one_of("model.moe_combine", m.moe_combine, ("mean", "softmax"))
   _one_of("model.moe_impl", m.moe_impl, ("auto", "reference", "dense", "ragged", "tiled",
-                                        "batched", "pallas"))
+                                        "batched"))
   _require(m.moe_capacity > 0, f"model.moe_capacity: must be positive, got {m.moe_capacity}")
   _require(m.moe_tile > 0, f"model.moe_tile: must be positive, got {m.moe_tile}")
   _one_of("model.attention", m.attention, ("nsa", "full", "dynsmlora"))

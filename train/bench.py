@@ -113,8 +113,7 @@ from train.nsa_kernel_check import VARIANTS, variant as kernel_setting
 
 SECTIONS = ("train", "eavi", "decode", "nsa", "moe", "layers")
 LAYERS = ("full", "nsa", "dynsmlora", "dynmoe")  # "full" first: the others are ratios to it
-# model.moe_impl values that dispatch sparsely
-SPARSE_IMPLS = ("ragged", "tiled", "batched", "pallas")
+SPARSE_IMPLS = ("ragged", "tiled", "batched")  # model.moe_impl values that dispatch sparsely
 DENSE_VARIANTS = ("dense", "dense_autodiff")  # moe section: experts_dense and its baseline
 # layers section, DynMoE at the trained density: the all-experts einsum by autodiff (the
 # baseline of issue #17's goal), the same with the hand-written backward pass, the sparse ones.

@@ -41,7 +41,7 @@ Array = jax.Array
 # Leaf names of one DynMoE layer, in the order init_expert_params splits its rng.
 EXPERT_LEAVES: tuple[str, ...] = ("prototypes", "thresholds", "w_in", "b_in", "w_out", "b_out")
 COMBINE_MODES: tuple[str, ...] = ("mean", "softmax")
-IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "pallas", "auto")
+IMPLS: tuple[str, ...] = ("reference", "dense", "ragged", "tiled", "batched", "auto")
 # What impl="auto" runs in the teacher-forcing step on a GPU (dense in every other call and on
 # other backends: auto_dense, vmap_impl). H200, jax 0.11.2, 2026-12-04 (session 13):
 # two arc1 runs from scratch, 2000 steps each, one after the other, no background compiles
@@ -75,6 +75,19 @@ AUTO_GPU_IMPL: str = "tiled"
 # (dense 3.82-3.90; batched does not depend on it: 2.31-2.37 ms). Gathering each tile's weights
 # instead of the one-hot matmul measured the same (2.83-2.95 ms), summing their gradients by
 # segment_sum slower (2.95-3.06) (docs/bench/moe_tile*_h200_2026-12-04.json).
+#
+# Tried, not kept (H100, jax 0.11.2, 2026-12-06, session 30; commit "DynMoE impl pallas, tried",
+# docs/bench/moe_pallas_layer_h100_2026-12-06.json): the tiled layout's experts as three Triton
+# kernels that keep the [pairs, F] hidden activations on chip (a program per block of 64 slots
+# walking the hidden units for the forward and for x's and the gates' gradients, a program per
+# expert and 32 hidden units for the weight gradients), at the cost of recomputing h and its
+# gradient: nine [pairs, C, F] products where XLA runs six. One arc1 layer fwd+bwd back to back
+# at 32 x 2048: 6.78 ms against tiled's 3.28 at even routing, 8.96 against 3.28 at a trained
+# layer's (likely the busiest expert's weight-gradient programs, which walk its blocks alone);
+# the step 1.7x slower. The kernels ran at ~10% of the card's bf16 rate (188-255 registers a
+# thread at 8 warps, so one program an SM; one stage, no pipelining), where XLA's six products
+# take ~1.35 ms of tiled's 3.28 (session 29's profile at 8 x 8192, the same 65536 tokens: its
+# elementwise passes over [pairs, F] ~0.9 ms, the dispatch and combine gathers ~0.3).
 TILE_ROWS: int = 2048
 # Pairs a sparse dispatch computes, as a multiple of the SDL target (model.moe_capacity).
 CAPACITY: float = 1.25
@@ -620,19 +633,9 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
     z_ERC = _experts_mixture("grouped", x1_ERK, w_ER, w_in1_EKF, None,
                              params["w_out"].astype(dtype), params["b_out"].astype(dtype))
     return combine(z_ERC.reshape(S, C), slot_NE, pair_S)
-  if impl not in ("ragged", "tiled", "pallas"):
-    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged', 'tiled', 'batched' or "
-                     "'pallas'")
+  if impl not in ("ragged", "tiled"):
+    raise ValueError(f"experts_sparse: impl={impl!r} is not 'ragged', 'tiled' or 'batched'")
   slot_NE, pair_S, group_E, S = pair_slots(used_NE, capacity, tile)
-  if impl == "pallas":
-    rows = moe_pallas.mlp_rows(tile)
-    layout = moe_pallas.block_layout(group_E, jnp.sum(used_NE, axis=0, dtype=jnp.int32), S, rows)
-    z_SC = moe_pallas.grouped_mlp(
-        dispatch(x_NC.astype(dtype), slot_NE, pair_S),
-        slot_gates(weights_NE.astype(dtype), slot_NE, pair_S), *layout,
-        *(params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")), rows,
-        nsa_pallas.use_interpret())
-    return combine(z_SC, slot_NE, pair_S)
   num_tiles = S // tile
   w_S = slot_gates(weights_NE.astype(dtype), slot_NE, pair_S)
   # Each tile's expert weights by a one-hot matmul rather than a gather: its gradient (the sum
