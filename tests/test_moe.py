@@ -18,7 +18,7 @@ from onn_jax.model.moe import (AUTO_GPU_IMPL, AUX_KEYS, BIAS_PAD, EXPERT_LEAVES,
                                describe, expert_rows, expert_slots, experts_dense,
                                experts_reference, experts_sparse, fallback_experts,
                                init_expert_params, num_slots, pair_capacity, pair_slots,
-                               resolve_impl, sum_rows)
+                               resolve_impl, slots_overflow, sum_rows)
 from onn_jax.model import moe
 from onn_jax.config import ModelConfig
 
@@ -625,6 +625,29 @@ def test_pair_slots_lays_pairs_out_by_expert_in_whole_tiles():
   assert pair_S.tolist() == [0, 6, 7, 10]
 
 
+def test_slots_overflow_is_exactly_when_the_layout_drops_a_pair():
+  """slots_overflow (what experts() checks before the sparse path) against what pair_slots
+  does: over random routings of 12 tokens to 3 experts in tiles of 4 at capacities 1-36, it is
+  true exactly where some pair gets no slot; never with ``capacity`` pairs or fewer; and it
+  lets more pairs than ``capacity`` through where their groups fit whole tiles."""
+  rng = np.random.default_rng(0)
+  fitted_over_capacity = 0
+  for _ in range(200):
+    used_NE = rng.random((12, 3)) < rng.uniform(0.05, 0.95)
+    capacity = int(rng.integers(1, 37))
+    slot_NE, _, _, S = pair_slots(jnp.asarray(used_NE), capacity, tile=4)
+    dropped = bool(np.any(np.asarray(slot_NE)[used_NE] == S))
+    over = bool(slots_overflow(jnp.asarray(used_NE.sum(axis=0)), capacity, 4))
+    assert over == dropped, (used_NE.sum(axis=0), capacity)
+    if used_NE.sum() <= capacity:
+      assert not over
+    fitted_over_capacity += (not over) and used_NE.sum() > capacity
+  assert fitted_over_capacity > 0
+  # 9 pairs against a capacity of 4 in 12 slots: 8 + 1 fit (2 + 1 tiles), 6 + 5 do not (4).
+  assert not slots_overflow(jnp.array([8, 1]), 4, 4)
+  assert slots_overflow(jnp.array([6, 5]), 4, 4)
+
+
 def test_expert_slots_give_every_expert_its_own_rows():
   used_NE = jnp.array([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], jnp.float32)
   assert expert_rows(6, 3, 2, 4) == 2 and expert_rows(7, 3, 2, 4) == 4  # share 2, then 3 -> 4
@@ -715,11 +738,14 @@ def _pairs(aux, valid_BT) -> int:
 
 def _overflows(impl: str, aux, valid_BT, factor: float) -> bool:
   """Whether the routing of ``aux`` exceeds what ``impl`` computes at capacity ``factor`` (the
-  [2, 9] setup: 18 tokens, 5 experts, tile 4): the pairs in all, or one expert's tokens."""
+  [2, 9] setup: 18 tokens, 5 experts, tile 4): the experts' groups in whole tiles against the
+  slots, or one expert's tokens against its rows."""
+  del valid_BT  # tokens_per_expert counts valid tokens only
   capacity = pair_capacity(18, 5, 0.25, factor, 4)
+  count_E = np.asarray(aux["tokens_per_expert"]).round().astype(np.int32)
   if impl == "batched":
-    return float(np.max(aux["tokens_per_expert"])) > expert_rows(capacity, 5, 4, 18)
-  return _pairs(aux, valid_BT) > capacity
+    return int(np.max(count_E)) > expert_rows(capacity, 5, 4, 18)
+  return bool(slots_overflow(jnp.asarray(count_E), capacity, 4))
 
 
 def test_reference_impl_is_the_dense_layer_by_autodiff():
@@ -740,10 +766,10 @@ def test_reference_impl_is_the_dense_layer_by_autodiff():
 
 
 @pytest.mark.parametrize("impl", SPARSE_IMPLS)
-@pytest.mark.parametrize("capacity", [0.5, 1.25, 2.0])
+@pytest.mark.parametrize("capacity", [0.25, 0.5, 1.25, 2.0])
 def test_sparse_impl_equals_dense(impl, capacity):
   """Same output (at real tokens) and same expert-weight gradients as the dense einsum, whether
-  the routing fits the capacity (sparse) or not (the dense fallback).
+  the routing fits the capacity's layout (sparse) or not (the dense fallback).
 
   Within capacity, the straight-through gradient that flows from experts a token does not use
   (through their weight w_te, 0 in the forward pass) into the gate, and from there into x,
@@ -758,9 +784,12 @@ def test_sparse_impl_equals_dense(impl, capacity):
     (w_p, w_x), (want, _) = _grad_fn(dense)(params, x_BTC, valid_BT, r_BTC)
   N, C, F, E = 18, 8, 12, 5
   overflow = _overflows(impl, aux, valid_BT, capacity)
-  # 24 pairs (1.5 experts per real token), at most 7 on one expert; capacities 12, 32 and 48
-  # pairs, or 4, 8 and 12 rows per expert
-  assert overflow == (capacity == 0.5)
+  # 24 pairs (1.5 experts per real token), 7 / 5 / 3 / 6 / 3 per expert, in whole tiles of 4
+  # 32 slots. Ragged and tiled: capacities of 8, 12, 32 and 48 pairs, layouts of 28, 32, 52 and
+  # 68 slots (so at 0.5 the 24 pairs over its 12 still take the sparse path); batched: 4, 4, 8
+  # and 12 rows per expert.
+  assert overflow == (capacity == 0.25 or (impl == "batched" and capacity == 0.5))
+  assert _pairs(aux, valid_BT) == 24
   valid = np.asarray(valid_BT)
   _assert_order_close(np.asarray(y)[valid], np.asarray(want)[valid], jnp.float32, C + F + E)
   for name in ("w_in", "b_in", "w_out", "b_out"):

@@ -1089,8 +1089,9 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
 
   A row also reports the routing measured on the benchmark input (``experts_per_token``,
   ``fallback_frac``, ``max_expert_share``: the busiest expert's share of the tokens), the pairs
-  in use against the sparse capacity and ``overflow`` (more pairs than the capacity: the ragged
-  and tiled rows then timed the dense fallback), the busiest expert's tokens against the
+  in use against the sparse capacity and ``overflow`` (more than fit its layout,
+  ``moe.slots_overflow``: the ragged and tiled rows then timed the dense fallback), the
+  busiest expert's tokens against the
   batched dispatch's rows per expert (``batched_overflow``: the batched row then timed the
   dense fallback), and what ``auto`` runs.
   """
@@ -1115,7 +1116,9 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
                    capacity_pairs=pair_capacity(num_tokens, m.num_experts,
                                                 m.sdl_target_active, m.moe_capacity,
                                                 m.moe_tile))
-        row["overflow"] = row["pairs"] > row["capacity_pairs"]
+        row["overflow"] = bool(moe.slots_overflow(
+            np.asarray(aux["tokens_per_expert"]).round().astype(np.int32),
+            row["capacity_pairs"], m.moe_tile))
         # batched: every expert has expert_rows rows; one expert over them is its overflow.
         row["expert_rows"] = moe.expert_rows(row["capacity_pairs"], m.num_experts, m.moe_tile,
                                              num_tokens)

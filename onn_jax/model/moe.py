@@ -462,13 +462,33 @@ def num_slots(capacity: int, tile: int, num_experts: int) -> int:
   return (-(-capacity // tile) + num_experts) * tile
 
 
+def slots_overflow(count_E: Array, capacity: int, tile: int) -> Array:
+  """Whether pairs counted per expert (``count_E``, int [E]) overflow :func:`pair_slots`' layout
+  for ``capacity``: each expert's group rounded up to whole tiles needs more than
+  :func:`num_slots` rows in all. Never for ``capacity`` pairs or fewer (the layout leaves a tile
+  of slack per expert); up to ``num_slots - E * (tile - 1)`` pairs always fit, and more where
+  the groups end near a tile's end.
+
+  The check before 2026-12-06 was ``pairs > capacity``. Counted offline on the per-layer
+  ``tokens_per_expert`` of the logged steps of three H200 runs (65536 tokens a batch, the
+  default capacity and tile): the arc1 recipe of 2026-12-02 had 73 of 114 layer-batches over
+  the old check before step 1000 and 22 of 750 after, 60 and 6 over this one; the arc2 run of
+  that day 78 / 114 and 40 / 846 against 71 and 17
+  (docs/bench/arc{1_shipped_recipe_scored,2_pack_misses_8000_no_eavi_ttt64}_metrics_h200_
+  2026-12-02.jsonl). Each is a layer that now runs sparse instead of the dense fallback; at
+  ~1-3 ms a fallback, seconds of a run, not minutes."""
+  need = jnp.sum((jnp.asarray(count_E, jnp.int32) + tile - 1) // tile) * tile
+  return need > num_slots(capacity, tile, count_E.shape[-1])
+
+
 def pair_slots(used_NE: Array, capacity: int, tile: int) -> tuple[Array, Array, Array, int]:
   """Where each (token, expert) pair of a routing mask goes in the tiled slot layout.
 
   Args:
     used_NE: bool/0-1 [N, E], the experts each token uses.
     capacity: pairs that must fit. The layout has ``S = num_slots(capacity, tile, E)`` slots.
-      Pairs beyond S (the highest experts' last ones) are dropped.
+      Pairs beyond S (the highest experts' last ones) are dropped: only where
+      :func:`slots_overflow`, which :func:`experts` checks first.
   Returns:
     slot_NE int32 [N, E]: the slot of pair (t, e), S where t does not use e (or it was dropped);
     pair_S int32 [S]: ``t * E + e`` of the pair in each slot, ``N * E`` for an empty slot;
@@ -718,9 +738,10 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
   autodiff of the definition, :func:`experts_reference`). ``ragged`` / ``tiled``:
   :func:`experts_sparse` over the ``used_BTE`` pairs of the valid tokens (``valid_BT``; a padding
   token then uses no expert and its output is 0, which no real token reads: attention is causal
-  and padding follows every real token), at most ``capacity`` pairs (default: all ``B*T*E``).
-  When a call's routing has more pairs than ``capacity`` (``batched``: an expert has more
-  tokens than its :func:`expert_rows`), the layer computes the dense result instead
+  and padding follows every real token), in a layout of ``num_slots(capacity)`` rows
+  (``capacity`` default: all ``B*T*E`` pairs). When a call's pairs do not fit that layout
+  (:func:`slots_overflow`: never with ``capacity`` pairs or fewer; ``batched``: an expert has
+  more tokens than its :func:`expert_rows`), the layer computes the dense result instead
   (``jax.lax.cond`` on the pair counts), so nothing is ever dropped. Under ``jax.vmap``
   the cond becomes a select and both branches run: still exact, but slower than dense alone
   (callers that vmap the model take :func:`vmap_impl`).
@@ -742,7 +763,8 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
     rows = expert_rows(capacity, E, tile, N)
     computed, overflow = E * rows, jnp.max(jnp.sum(used_NE, axis=0, dtype=jnp.int32)) > rows
   else:
-    computed, overflow = num_slots(capacity, tile, E), jnp.sum(used_NE, dtype=jnp.int32) > capacity
+    computed = num_slots(capacity, tile, E)
+    overflow = slots_overflow(jnp.sum(used_NE, axis=0, dtype=jnp.int32), capacity, tile)
   if computed >= N * E:
     return experts_dense(x_BTC, weights_BTE, params, dtype)
 
@@ -851,7 +873,7 @@ class DynMoE(nn.Module):
   # pairs in use by real tokens, laid out by expert, through a grouped matmul (jax.lax.ragged_dot,
   # or a batched matmul per tile of `tile` rows); auto: resolve_impl. A sparse dispatch computes
   # a static number of pairs, `capacity` times the SDL target (pair_capacity); a call whose
-  # routing uses more computes the dense result instead, so nothing is dropped (`experts`).
+  # pairs do not fit computes the dense result instead, so nothing is dropped (`experts`).
   # Same forward and same expert-weight gradients as dense. NOT the same training: the
   # straight-through gradient that an expert *inactive* for a token sends through its weight
   # w_te (0 in the forward pass) into the gate, and so into x, prototypes and thresholds, is
