@@ -259,6 +259,36 @@ def test_quick_prints_tables(quick):
   assert "| T | batch | tokens a row | default ms (tok/s, x default) |" in printed
 
 
+def test_the_dynmoe_density_table_runs_with_moe_not_with_layers(tmp_path, monkeypatch):
+  """``--only layers`` times the layers alone (so one attention layer at a new length costs no
+  DynMoE table); ``--only moe`` runs the dispatches and then the DynMoE layer at the trained
+  density, both in its JSON and its printed table."""
+  calls = []
+
+  def stub(name, value):
+    def f(*args, **kwargs):
+      calls.append(name)
+      return value
+    monkeypatch.setattr(bench, name, f)
+  stub("bench_layers", [])
+  stub("bench_moe", {"rows": [], "crossover": {}})
+  row = {"batch": 1, "seq_len": 8, "routing": "even", "experts_per_token": 4.0,
+         "max_expert_share": 0.25, "batched_overflow": False, "pairs": 32,
+         "capacity_pairs": 40, "overflow": False, "auto": "dense",
+         **{impl: {"ms": 1.0} for impl in bench.DYNMOE_IMPLS}}
+  stub("bench_dynmoe_density", [row])
+  for only, want in (("layers", ["bench_layers"]),
+                     ("moe", ["bench_moe", "bench_dynmoe_density"])):
+    calls.clear()
+    out = tmp_path / f"{only}.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      assert bench.main(["--quick", "--only", only, "--out", str(out)]) == 0
+    assert calls == want
+    assert ("layers_dynmoe" in json.loads(out.read_text())) == (only == "moe")
+    assert ("at the trained density" in printed.getvalue()) == (only == "moe")
+
+
 def test_bad_section_is_rejected(capsys):
   assert bench.main(["--only", "train,nope"]) == 2
   assert "'nope'" in capsys.readouterr().err

@@ -30,16 +30,7 @@ after each one; the median is reported):
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
-* ``layers``: first the DynMoE layer at the trained density (thresholds such that each token
-  uses ``sdl_target_active * num_experts`` experts on average, as SDL trains the gate to),
-  forward+backward, ``model.moe_impl=dense`` against each sparse impl and ``reference`` (the
-  all-experts einsum differentiated by autodiff) at each (batch, T) of
-  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192) with every expert used by the same share
-  of the tokens (routing "even"), and at the first of them with the experts' shares of a trained
-  layer (routing "trained", :data:`TRAINED_EXPERT_LOADS`: one expert on 85% of the tokens), as
-  ratios to dense and to reference (``layers_dynmoe`` in the JSON, with the measured experts per
-  token and the pairs against the sparse capacity);
-  then one attention layer of each variant (``model.attention`` = full, nsa, dynsmlora;
+* ``layers``: one attention layer of each variant (``model.attention`` = full, nsa, dynsmlora;
   projections included) and the DynMoE layer (``model.moe_impl``, trained density),
   forward+backward (gradients of the input and every parameter) on [batch_size, T] in the
   compute dtype, at every length of ``--lens``; each as a ratio to the ``full`` layer. Each
@@ -51,7 +42,17 @@ after each one; the median is reported):
   token-to-expert dispatches of ``onn_jax.model.moe`` (``moe.experts_sparse``: pairs laid out
   by expert, then ``jax.lax.ragged_dot`` or a batched matmul per tile), forward and
   forward+backward on a synthetic routing, and the crossover token count from which the sparse
-  dispatch is faster.
+  dispatch is faster; then the DynMoE layer at the trained density (thresholds such that each
+  token uses ``sdl_target_active * num_experts`` experts on average, as SDL trains the gate
+  to), forward+backward, ``model.moe_impl=dense`` against each sparse impl and ``reference``
+  (the all-experts einsum differentiated by autodiff) at each (batch, T) of
+  ``Sizes.moe_layer_shapes`` (32 x 2048 and 8 x 8192) with every expert used by the same share
+  of the tokens (routing "even"), and at the first of them with the experts' shares of a
+  trained layer (routing "trained", :data:`TRAINED_EXPERT_LOADS`: one expert on 85% of the
+  tokens), as ratios to dense and to reference (``layers_dynmoe`` in the JSON, with the
+  measured experts per token and the pairs against the sparse capacity). Until 2026-12-06 the
+  ``layers`` section ran this table first, so timing one attention layer at a new length
+  cost its 21 compiled layers too.
 
 Synthetic batches (random colour tokens, every position valid, an answer of ~200 tokens ending
 ~100 tokens before the end) are used throughout: routing statistics are those of the untrained
@@ -1239,6 +1240,19 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
         ["T", "batch"] + [f"{n} ms (x full)" for n in LAYERS],
         [[r["seq_len"], r["batch"]] + [_layer_cell(r[n]) for n in LAYERS]
          for r in results["layers"]], markdown)
+  if "moe" in results:
+    moe = results["moe"]
+    variants = sorted({r["variant"] for r in moe["rows"]})
+    keys = sorted({(r["tokens"], r["k"]) for r in moe["rows"]})
+    by = {(r["tokens"], r["k"], r["variant"]): r for r in moe["rows"]}
+    out["moe"] = table(
+        ["tokens", "k"] + [f"{v} fwd+bwd ms" for v in variants],
+        [[n, k] + [by[(n, k, v)].get("fwd_bwd_ms") for v in variants] for n, k in keys],
+        markdown)
+    cross = [f"{v} k={k}: {moe['crossover'][v]['fwd_bwd_ms'][k] or 'never'}"
+             for v in moe["crossover"] for k in moe["crossover"][v]["fwd_bwd_ms"]]
+    out["moe"] += ("\n\n" if markdown else "\n") + "crossover (fwd+bwd, tokens): " + \
+        "; ".join(cross)
   if results.get("layers_dynmoe"):
     impls = DYNMOE_IMPLS
     text = table(
@@ -1255,20 +1269,7 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
                "JSON; routing even: every expert on the same share of the tokens, trained: "
                "a trained layer's shares; an overflow row timed the dense fallback):")
     sep = "\n\n" if markdown else "\n"
-    out["layers"] = sep.join(t for t in (out.get("layers"), caption, text) if t)
-  if "moe" in results:
-    moe = results["moe"]
-    variants = sorted({r["variant"] for r in moe["rows"]})
-    keys = sorted({(r["tokens"], r["k"]) for r in moe["rows"]})
-    by = {(r["tokens"], r["k"], r["variant"]): r for r in moe["rows"]}
-    out["moe"] = table(
-        ["tokens", "k"] + [f"{v} fwd+bwd ms" for v in variants],
-        [[n, k] + [by[(n, k, v)].get("fwd_bwd_ms") for v in variants] for n, k in keys],
-        markdown)
-    cross = [f"{v} k={k}: {moe['crossover'][v]['fwd_bwd_ms'][k] or 'never'}"
-             for v in moe["crossover"] for k in moe["crossover"][v]["fwd_bwd_ms"]]
-    out["moe"] += ("\n\n" if markdown else "\n") + "crossover (fwd+bwd, tokens): " + \
-        "; ".join(cross)
+    out["moe"] = sep.join(t for t in (out.get("moe"), caption, text) if t)
   return out
 
 
@@ -1444,13 +1445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       elif name == "nsa":
         results["nsa"] = bench_nsa(cfg.model, sizes)
       elif name == "layers":
-        results["layers_dynmoe"] = bench_dynmoe_density(cfg.model, sizes.moe_layer_shapes,
-                                                        sizes)
-        write_json(results, out)
         results["layers"] = bench_layers(cfg.model, cfg.train.batch_size, lens, sizes,
                                          runner.profile_dir)
       else:
         results["moe"] = bench_moe(cfg.model, sizes)
+        write_json(results, out)
+        results["layers_dynmoe"] = bench_dynmoe_density(cfg.model, sizes.moe_layer_shapes,
+                                                        sizes)
       write_json(results, out)
       print(f"\n== {name} ({time.perf_counter() - start:.1f} s)\n"
             f"{section_tables(results)[name]}", flush=True)
