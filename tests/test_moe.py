@@ -784,10 +784,10 @@ def test_sparse_impl_equals_dense(impl, capacity):
     (w_p, w_x), (want, _) = _grad_fn(dense)(params, x_BTC, valid_BT, r_BTC)
   N, C, F, E = 18, 8, 12, 5
   overflow = _overflows(impl, aux, valid_BT, capacity)
-  # 24 pairs (1.5 experts per real token), 7 / 5 / 3 / 6 / 3 per expert, in whole tiles of 4
-  # 32 slots. Ragged and tiled: capacities of 8, 12, 32 and 48 pairs, layouts of 28, 32, 52 and
-  # 68 slots (so at 0.5 the 24 pairs over its 12 still take the sparse path); batched: 4, 4, 8
-  # and 12 rows per expert.
+  # 24 pairs (1.5 experts per real token), 7 / 5 / 3 / 6 / 3 per expert: 32 slots in whole
+  # tiles of 4. Ragged and tiled: capacities of 8, 12, 32 and 48 pairs, layouts of 28, 32, 52
+  # and 68 slots (so at 0.5 the 24 pairs over its 12 still take the sparse path); batched: 4,
+  # 4, 8 and 12 rows per expert.
   assert overflow == (capacity == 0.25 or (impl == "batched" and capacity == 0.5))
   assert _pairs(aux, valid_BT) == 24
   valid = np.asarray(valid_BT)

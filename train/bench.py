@@ -1092,9 +1092,9 @@ def bench_dynmoe_density(m: ModelConfig, shapes: Sequence[tuple[int, int]], size
   ``fallback_frac``, ``max_expert_share``: the busiest expert's share of the tokens), the pairs
   in use against the sparse capacity and ``overflow`` (more than fit its layout,
   ``moe.slots_overflow``: the ragged and tiled rows then timed the dense fallback), the
-  busiest expert's tokens against the
-  batched dispatch's rows per expert (``batched_overflow``: the batched row then timed the
-  dense fallback), and what ``auto`` runs.
+  busiest expert's tokens against the batched dispatch's rows per expert
+  (``batched_overflow``: the batched row then timed the dense fallback), and what ``auto``
+  runs.
   """
   rows = []
   cases = [(batch, T, "even") for batch, T in shapes] + [(*shapes[0], "trained")]
