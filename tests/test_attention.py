@@ -261,3 +261,35 @@ def test_block_compressor_from_row_matches_gathered_blocks_in_bf16():
   assert got.dtype == want.dtype == jnp.bfloat16
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.abs(got - want).max() <= 2.0 ** -6 * np.abs(want).max()
+
+
+def test_nsa_fused_input_projection_matches_three_products(monkeypatch):
+  """``FUSED_INPUT_PROJECTION`` (the gate reading x): q_proj, kv_proj and gate_proj as one
+  product against their kernels side by side, against the three modules: the layer's output
+  and every gradient (parameters and x). Float32 at highest precision: the same products,
+  each entry of a projection a sum of d_model terms in perhaps another order, then the layer
+  (softmaxes, the compressor, out_proj) on O(1) values: within ~100 float32 roundings, atol
+  and rtol 1e-5. The fused run has one product of width (H + 6G) * D + 3H, the other none."""
+  from onn_jax.model.attention import nsa as nsa_layer
+  cfg = tiny_config(model=dict(attention="nsa", compute_dtype="float32")).model
+  layer = nsa_layer.NSAttention(cfg)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 40, cfg.d_model)), jnp.float32)
+  params = layer.init(jax.random.PRNGKey(4), x)
+  cot = jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
+  width = (cfg.num_heads + 6 * cfg.num_kv_groups) * cfg.head_dim + 3 * cfg.num_heads
+
+  def run(fused):
+    monkeypatch.setattr(nsa_layer, "FUSED_INPUT_PROJECTION", fused)
+
+    def loss(p, x):  # a new function each run: make_jaxpr caches its traces by function
+      return jnp.sum(layer.apply(p, x)[0] * cot)
+    widths = [e.outvars[0].aval.shape[-1] for e in jax.make_jaxpr(loss)(params, x).eqns
+              if e.primitive.name == "dot_general"]
+    with jax.default_matmul_precision("highest"):
+      return widths.count(width), jax.value_and_grad(loss, (0, 1))(params, x)
+
+  (n_fused, got), (n_three, want) = run(True), run(False)
+  assert (n_fused, n_three) == (1, 0)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -595,6 +595,7 @@ def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
   monkeypatch.setattr(nsa_pallas, "FWD_IMPL", "keyblock")
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
+  monkeypatch.setattr(nsa_pallas, "BRANCH_OUT_DTYPE", "float32")  # the partials alone
   q, k, v, _, idx, pos, L = _selected_case(seed=9)
   idx = jnp.asarray(idx)
   outs = {}
@@ -612,22 +613,26 @@ def test_keyblock_forward_bf16_partials_within_one_rounding(monkeypatch):
                                             "or 'input', got 'half'")
 
 
-def _partial_sums_bound(q, k, v, do, idx, L):
-  """Per entry of dq, dk and dv: the sum of the magnitudes of the terms the kernel's partials
-  add (float64, from the dense softmax over each row's selected causal keys): dq[t,r] sums
-  scale*ds[t,r,s]*k[s] over keys s, dk[s] scale*ds[t,r,s]*q[t,r] and dv[s] p[t,r,s]*do[t,r]
-  over rows (t, r); each partial is a sum of some of these terms."""
-  q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
-  B, T, G, R, D = q.shape
-  scale = 1.0 / math.sqrt(D)
+def _selected_visible(idx, T: int, L: int):
+  """[B,T,G,S] bool: key s lies in a block row t chose and s <= t."""
   keys = np.arange(T)
-  sel = np.zeros((B, T, G, T), bool)  # [b, t, g, s]: key s in a block row t chose
+  sel = np.zeros(idx.shape[:3] + (T,), bool)
   for slot in range(idx.shape[-1]):
     j = idx[..., slot]
     sel |= (j[..., None] >= 0) & (keys // L == j[..., None])
-  sel &= keys[None, None, None, :] <= np.arange(T)[None, :, None, None]
+  return sel & (keys[None, None, None, :] <= np.arange(T)[None, :, None, None])
+
+
+def _dense_terms(q, k, v, do, visible):
+  """Float64 from the dense softmax of queries [B,T,G,R,D] over the keys [B,S,G,D] that
+  ``visible`` [B,T,G,S] allows: per entry of dq, dk and dv, the sum of the magnitudes of the
+  terms that make it (dq[t,r] sums scale*ds[t,r,s]*k[s] over keys s, dk[s]
+  scale*ds[t,r,s]*q[t,r] and dv[s] p[t,r,s]*do[t,r] over rows (t, r)), and the
+  probabilities p [B,T,G,R,S]."""
+  q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+  scale = 1.0 / math.sqrt(q.shape[-1])
   logits = np.einsum("btgrd,bsgd->btgrs", q, k) * scale
-  logits = np.where(sel[:, :, :, None], logits, -np.inf)
+  logits = np.where(visible[:, :, :, None], logits, -np.inf)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   dp = np.einsum("btgrd,bsgd->btgrs", do, v)
@@ -635,7 +640,13 @@ def _partial_sums_bound(q, k, v, do, idx, L):
   dq = scale * np.einsum("btgrs,bsgd->btgrd", np.abs(ds), np.abs(k))
   dk = scale * np.einsum("btgrs,btgrd->bsgd", np.abs(ds), np.abs(q))
   dv = np.einsum("btgrs,btgrd->bsgd", p, np.abs(do))
-  return dq, dk, dv
+  return dq, dk, dv, p
+
+
+def _partial_sums_bound(q, k, v, do, idx, L):
+  """:func:`_dense_terms`' term magnitudes (dq, dk, dv) of the selected branch (each row's
+  selected causal keys); each of the kernel's partials is a sum of some of these terms."""
+  return _dense_terms(q, k, v, do, _selected_visible(idx, q.shape[1], L))[:3]
 
 
 @pytest.mark.parametrize("setting", ["DQ_PARTIAL_DTYPE", "DKDV_PARTIAL_DTYPE"])
@@ -651,6 +662,7 @@ def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monke
   which "input" is float32, move none."""
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
+  monkeypatch.setattr(nsa_pallas, "BRANCH_OUT_DTYPE", "float32")  # float32 cotangents
   q, k, v, do, idx, pos, L = _selected_case(seed=11)
 
   def grads():
@@ -682,6 +694,68 @@ def test_keyblock_backward_bf16_partials_within_one_rounding_each(setting, monke
   with pytest.raises(ValueError) as err:
     grads()
   assert str(err.value).splitlines()[0] == (f"nsa_pallas.{setting} must be 'float32' or "
+                                            "'input', got 'half'")
+
+
+@pytest.mark.parametrize("branch", ["selected_keyblock", "selected_query", "window"])
+def test_branch_outputs_in_the_inputs_dtype(branch, monkeypatch):
+  """``BRANCH_OUT_DTYPE="input"`` (the default) against ``"float32"``, bfloat16 inputs: the
+  output is the float32 setting's rounded once to bfloat16, bit for bit (the same float32
+  values, cast where they are written), and dv is unchanged (it does not read the output and
+  came back in bfloat16 either way). dq and dk move only through the backward's
+  delta = sum(do * out), out now rounded: each ds term by p * |d delta| (:func:`_dense_terms`'
+  exact p), plus one bfloat16 flip of the kernel's rounded ds and of a bfloat16 partial
+  (2^-8 of each term, twice), plus a flip of the result (2^-7 of its value), with 2^-7 of
+  slack for the kernel's float32 p. Float32 inputs: nothing moves."""
+  monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
+  monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
+  q, k, v, do, idx, pos, L = _selected_case(seed=13)
+  T = q.shape[1]
+  if branch == "window":
+    window = 7
+    monkeypatch.setattr(nsa_pallas, "WIN_TILE", 16)  # two query tiles, the last partial
+    t = np.arange(T)
+    band = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    visible = np.broadcast_to(band[None, :, None, :], idx.shape[:3] + (T,))
+    fn = lambda q, k, v: nsa_pallas.window_attention(q, k, v, None, window, True)  # noqa: E731
+  else:
+    monkeypatch.setattr(nsa_pallas, "FWD_IMPL", branch.split("_")[1])
+    visible = _selected_visible(idx, T, L)
+    fn = lambda q, k, v: nsa_pallas.selected_attention(  # noqa: E731
+        q, k, v, jnp.asarray(idx), pos, L, True)
+
+  def run(how, *args):
+    monkeypatch.setattr(nsa_pallas, "BRANCH_OUT_DTYPE", how)
+    out, pull = jax.vjp(fn, *args)
+    return np.asarray(out.astype(jnp.float32)), out.dtype, [
+        np.asarray(g, np.float64) for g in pull(do.astype(out.dtype))]
+
+  out_f, dtype_f, grads_f = run("float32", q, k, v)
+  out_i, dtype_i, grads_i = run("input", q, k, v)
+  assert (dtype_f, dtype_i) == (jnp.float32, jnp.bfloat16)
+  np.testing.assert_array_equal(out_i, np.asarray(jnp.asarray(out_f).astype(jnp.bfloat16),
+                                                  np.float32))
+  np.testing.assert_array_equal(grads_i[2], grads_f[2])
+  terms_dq, terms_dk, _, p = _dense_terms(q, k, v, do, visible)
+  d_delta = np.abs(np.sum(np.asarray(do, np.float64) * (out_i.astype(np.float64) - out_f),
+                          axis=-1))  # [B,T,G,R]
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  qa, ka = (np.abs(np.asarray(x, np.float64)) for x in (q, k))
+  via_dq = scale * d_delta[..., None] * np.einsum("btgrs,bsgd->btgrd", p, ka)
+  via_dk = scale * np.einsum("btgrs,btgr,btgrd->bsgd", p, d_delta, qa)
+  for g, w, via, terms in ((grads_i[0], grads_f[0], via_dq, terms_dq),
+                           (grads_i[1], grads_f[1], via_dk, terms_dk)):
+    bound = (1 + 2.0 ** -7) * (via + 2.0 ** -7 * terms) + 2.0 ** -7 * np.abs(w) + 1e-6
+    assert np.all(np.abs(g - w) <= bound), np.max(np.abs(g - w) - bound)
+  q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+  got, want = run("input", q, k, v), run("float32", q, k, v)
+  np.testing.assert_array_equal(got[0], want[0])
+  for g, w in zip(got[2], want[2]):
+    np.testing.assert_array_equal(g, w)
+  monkeypatch.setattr(nsa_pallas, "BRANCH_OUT_DTYPE", "half")
+  with pytest.raises(ValueError) as err:
+    fn(q, k, v)
+  assert str(err.value).splitlines()[0] == ("nsa_pallas.BRANCH_OUT_DTYPE must be 'float32' or "
                                             "'input', got 'half'")
 
 

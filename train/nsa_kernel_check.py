@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.model import nsa, nsa_pallas
+from onn_jax.model.attention import nsa as nsa_layer
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 
 H, G, D = 8, 2, 32
@@ -149,6 +150,12 @@ VARIANTS = {
     "win_fwd_s3": dict(WIN_FWD_NUM_STAGES=3),
     "dec_s2": dict(DEC_NUM_STAGES=2),
     "dec_s3": dict(DEC_NUM_STAGES=3),
+    # Session 31: the training kernels' outputs (and cuDNN's compressed branch) in float32, as
+    # before (nsa_pallas.BRANCH_OUT_DTYPE); the NSA layer's three input projections as three
+    # products (attention.nsa.FUSED_INPUT_PROJECTION; the layer benches only); both.
+    "branch_f32": dict(BRANCH_OUT_DTYPE="float32"),
+    "proj_three": dict(FUSED_INPUT_PROJECTION=False),
+    "before_s31": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
@@ -164,8 +171,10 @@ def variant(name: str | None):
 
 @contextlib.contextmanager
 def module_settings(**settings):
-  """Sets these module constants of nsa or nsa_pallas (e.g. ``KEY_TILE=64``) for the block."""
-  owner = {k: (nsa if hasattr(nsa, k) else nsa_pallas) for k in settings}
+  """Sets these module constants of nsa, nsa_pallas or the NSA layer's module (e.g.
+  ``KEY_TILE=64``) for the block."""
+  owners = (nsa, nsa_pallas, nsa_layer)
+  owner = {k: next((m for m in owners if hasattr(m, k)), nsa_pallas) for k in settings}
   old = {k: getattr(owner[k], k) for k in settings}
   for k, v in settings.items():
     setattr(owner[k], k, v)

@@ -595,7 +595,8 @@ def _pad_blocks(k_cmp, v_cmp):
 
 def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: int,
                        lo_BT: jax.Array | None = None) -> jax.Array:
-  """The compressed branch's output [B,T,G,R,D] float32 (queries at 0..T-1 of T keys) as one
+  """The compressed branch's output [B,T,G,R,D] (float32, or the inputs' dtype per
+  ``nsa_pallas.BRANCH_OUT_DTYPE``; queries at 0..T-1 of T keys) as one
   square causal attention over query groups (:func:`_fold_queries`): cuDNN's fused kernel on
   GPU for 16-bit inputs.
 
@@ -617,7 +618,8 @@ def _compressed_folded(q_BTGRD, k_cmp, v_cmp, *, block_len: int, block_stride: i
     mask = (first_N[None, None, :] >= row_lo_BN[:, :, None])[:, None]
   out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, mask=mask, is_causal=True,
                                           implementation=attention_implementation(q_BNFD.dtype))
-  out_BTGRD = _unfold(out_BNFD.astype(_F32), T, G, R, block_len, block_stride, 0.0)
+  out_BTGRD = _unfold(out_BNFD.astype(nsa_pallas.branch_out_dtype(out_BNFD.dtype)), T, G, R,
+                      block_len, block_stride, 0.0)
   if lo_BT is None:
     return out_BTGRD
   sees_BT = jnp.arange(T, dtype=jnp.int32)[None, :] - lo_BT >= block_len - 1
@@ -632,7 +634,8 @@ def _compressed_folded_offset(q_BTGRD, k_cmp, v_cmp, off_B, *, block_len: int,
   T queries touch at most ``ceil((T + s - 1) / s)`` consecutive groups from ``g0_b``, folded as
   in :func:`_fold_queries` after shifting each row by ``(off_b - block_len + 1) mod s``. Local
   group j sees blocks ``<= g0_b + j`` through a [B,1,groups,N] mask (cuDNN takes it as a
-  bias). Queries before ``block_len - 1`` see no block and get zero. [B,T,G,R,D] float32."""
+  bias). Queries before ``block_len - 1`` see no block and get zero. [B,T,G,R,D] as
+  :func:`_compressed_folded`'s."""
   from onn_jax.model.attention.full import attention_implementation
   B, T, G, R, D = q_BTGRD.shape
   s, first = block_stride, block_len - 1
@@ -654,7 +657,8 @@ def _compressed_folded_offset(q_BTGRD, k_cmp, v_cmp, off_B, *, block_len: int,
   mask = (jnp.arange(N, dtype=jnp.int32)[None, None, :] <= last_BN[:, :, None])[:, None]
   out_BNFD = jax.nn.dot_product_attention(q_BNFD, k_cmp, v_cmp, mask=mask,
                                           implementation=attention_implementation(q_BNFD.dtype))
-  out = _unfold(out_BNFD.astype(_F32), L, G, R, block_len, block_stride, 0.0)
+  out = _unfold(out_BNFD.astype(nsa_pallas.branch_out_dtype(out_BNFD.dtype)), L, G, R,
+                block_len, block_stride, 0.0)
   out_BTGRD = jax.vmap(lambda x, at: jax.lax.dynamic_slice_in_dim(x, at, T, 0))(out, at_B)
   sees_BT = query_positions(off_B, B, T) >= first
   return jnp.where(sees_BT[:, :, None, None, None], out_BTGRD, 0.0)
@@ -755,7 +759,7 @@ def _window_band_kernel(q_BTGRD, k_win, v_win, off_B, window: int) -> jax.Array:
   zero queries in front, so that band query x sees band keys ``x - w + 1 .. x``. Band keys at
   negative positions are masked as the start of a packed sequence; a front query sees only
   its own key (finite, dropped): w - 1 queries more a row (14% more at arc1's window of 128
-  and 931 answer tokens). [B,T,G,R,D] float32."""
+  and 931 answer tokens). [B,T,G,R,D] as ``nsa_pallas.window_attention``'s."""
   B, T, G, R, D = q_BTGRD.shape
   W = window - 1
   X = T + W
@@ -775,21 +779,22 @@ def _window_band_attention(q_BTGRD, k_win, v_win, window: int, lo_BT, implementa
                            ) -> jax.Array:
   """The window branch of queries at 0..T-1 over T keys as one sliding-window attention
   (``jax.nn.dot_product_attention``; ``lo_BT``: packed rows, through a [B,1,T,T] mask):
-  [B,T,G,R,D] float32."""
+  [B,T,G,R,D] (``nsa_pallas.BRANCH_OUT_DTYPE``)."""
   from onn_jax.model.attention.full import segment_mask
   B, T, G, R, D = q_BTGRD.shape
   mask = None if lo_BT is None else segment_mask(lo_BT)
   out_BTHD = jax.nn.dot_product_attention(
       q_BTGRD.reshape(B, T, G * R, D), k_win, v_win, mask=mask, is_causal=True,
       local_window_size=(min(window, T) - 1, 0), implementation=implementation)
-  return out_BTHD.reshape(B, T, G, R, D).astype(_F32)
+  return out_BTHD.reshape(B, T, G, R, D).astype(nsa_pallas.branch_out_dtype(out_BTHD.dtype))
 
 
 def _pallas_branches(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos_BT,
                      lo_BT, q_offset, *, block_len: int, block_stride: int, select_len: int,
                      num_select: int, window: int):
   """impl="pallas": the three branches' outputs (compressed, selected, window), each
-  [B,T,G,R,D] float32 (see the module docstring for which path each shape takes)."""
+  [B,T,G,R,D], float32 or (the kernels' and cuDNN's, ``nsa_pallas.BRANCH_OUT_DTYPE``) the
+  inputs' dtype (see the module docstring for which path each shape takes)."""
   B, T, G, R, D = q_BTGRD.shape
   S = k_slc.shape[1]
   N = k_cmp.shape[1]
@@ -827,7 +832,8 @@ def _pallas_branches(q_BTGRD, q_cmp_BTGRD, k_cmp, v_cmp, k_slc, v_slc, k_win, v_
 
 
 def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
-  """The branches' gated sum (eq. 5): [B,T,G,R,D] float32."""
+  """The branches' gated sum (eq. 5) in float32 (whatever the branches' dtypes): [B,T,G,R,D]
+  float32."""
   B, T, G, R, D = out_cmp.shape
   gates_BTGR3 = gates_BTH3.astype(_F32).reshape(B, T, G, R, 3)
   return (gates_BTGR3[..., 0:1] * out_cmp + gates_BTGR3[..., 1:2] * out_slc

@@ -194,7 +194,7 @@ def _selected_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, pos_ref, o_ref, lse_ref, 
   init = (jnp.full((P,), _NEG, _F32), jnp.zeros((P,), _F32), jnp.zeros((P, D), _F32))
   m_P, l_P, acc_PD = jax.lax.fori_loop(0, num_slots, slot, init)
   # Every query sees at least its own key (its block is always selected), so l > 0.
-  o_ref[b, t, g] = acc_PD / l_P[:, None]
+  o_ref[b, t, g] = (acc_PD / l_P[:, None]).astype(o_ref.dtype)
   lse_ref[b, t, g] = m_P + jnp.log(l_P)
 
 
@@ -216,7 +216,8 @@ def _pad_rows(x, rows: int):
 
 
 def _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret):
-  """Output [B,T,G,P,D] and log-sum-exp [B,T,G,P] (float32) over P >= R padded rows."""
+  """Output [B,T,G,P,D] (BRANCH_OUT_DTYPE) and log-sum-exp [B,T,G,P] (float32) over P >= R
+  padded rows."""
   B, T, G, R, D = q_BTGRD.shape
   P = max(ROW_TILE, R)
   K = idx_BTGK.shape[-1]
@@ -224,7 +225,7 @@ def _selected_forward(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, int
                              select_len=select_len, scale=1.0 / math.sqrt(D))
   return pl.pallas_call(
       kernel, grid=(B * T * G,),
-      out_shape=(jax.ShapeDtypeStruct((B, T, G, P, D), _F32),
+      out_shape=(jax.ShapeDtypeStruct((B, T, G, P, D), branch_out_dtype(q_BTGRD.dtype)),
                  jax.ShapeDtypeStruct((B, T, G, P), _F32)),
       interpret=interpret, compiler_params=_compiler_params(interpret, FWD_NUM_WARPS),
   )(_pad_rows(q_BTGRD, P), _pad_keys(k_BSGD, select_len), _pad_keys(v_BSGD, select_len),
@@ -247,15 +248,17 @@ def selected_attention(q_BTGRD: jax.Array, k_BSGD: jax.Array, v_BSGD: jax.Array,
     select_len: keys per selection block (static).
     interpret: run the kernels in Pallas interpret mode (static).
   Returns:
-    float32 [B,T,G,R,D]. Differentiable in q, k and v (indices and positions are constants).
+    [B,T,G,R,D] in float32 or q's dtype (BRANCH_OUT_DTYPE). Differentiable in q, k and v
+    (indices and positions are constants).
   """
   return _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len,
                            interpret)[0]
 
 
 def _selected_vjp_fwd(q_BTGRD, k_BSGD, v_BSGD, idx_BTGK, pos_BT, select_len, interpret):
-  """Output [B,T,G,R,D] float32 and the residuals: inputs, output, log-sum-exp and, with the
-  key-major forward, the item plan (which the key-major backward then reuses)."""
+  """Output [B,T,G,R,D] (BRANCH_OUT_DTYPE) and the residuals: inputs, output, log-sum-exp
+  and, with the key-major forward, the item plan (which the key-major backward then
+  reuses)."""
   R = q_BTGRD.shape[3]
   num_blocks = -(-k_BSGD.shape[1] // select_len)
   plan = None
@@ -655,20 +658,38 @@ def _selected_fwd_key_kernel(q_ref, k_ref, v_ref, qrow_ref, posrow_ref, blk_ref,
 FWD_PARTIAL_DTYPE = "input"
 DQ_PARTIAL_DTYPE = "input"
 DKDV_PARTIAL_DTYPE = "input"
+# What the training kernels return, float32 ("float32", before session 31) or the inputs'
+# dtype ("input"): the selected and window branches' outputs [B,T,G,R,D] (the selected one
+# after its float32 combination, each rounded once) and the window's dq, dk, dv (accumulated
+# in float32 in the kernel, rounded once when written; the selected backward's already came
+# back in the inputs' dtype). In bfloat16 training each output is then written and read back
+# (the gates' sum, the gates' and the backward's delta reductions) in half the bytes, and
+# nsa's compressed branch keeps cuDNN's output dtype too (nsa._compressed_folded); the gated
+# sum of the three stays float32. Rounding a branch's output moves it by at most 2^-8 of its
+# largest value, as the layer's own bfloat16 output rounding does.
+BRANCH_OUT_DTYPE = "input"
 
 
 def _partial_dtype(setting: str, input_dtype):
-  """The dtype the module setting ``setting`` (one of the *_PARTIAL_DTYPE) names."""
+  """The dtype the module setting ``setting`` (one of the *_PARTIAL_DTYPE, or
+  BRANCH_OUT_DTYPE) names for inputs of ``input_dtype``."""
   how = globals()[setting]
   if how not in ("float32", "input"):
     raise ValueError(f"nsa_pallas.{setting} must be 'float32' or 'input', got {how!r}")
   return _F32 if how == "float32" else input_dtype
 
 
+def branch_out_dtype(input_dtype):
+  """The dtype of the training kernels' outputs for inputs of ``input_dtype``
+  (BRANCH_OUT_DTYPE)."""
+  return _partial_dtype("BRANCH_OUT_DTYPE", input_dtype)
+
+
 def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interpret):
   """Key-major forward over the items of ``plan`` (:func:`_keyblock_plan`): each item's
   per-block partial output and log-sum-exp, then per (token, head) the K partials combined
-  by their log-sum-exps (in XLA). Output [B,T,G,R,D] and log-sum-exp [B,T,G,R], float32."""
+  by their log-sum-exps (in XLA, float32). Output [B,T,G,R,D] (BRANCH_OUT_DTYPE) and
+  log-sum-exp [B,T,G,R] float32."""
   qrow, posrow, blk_BGM, padpos_BGTK = plan
   B, T, G, R, D = q_BTGRD.shape
   C, U, L = KEY_CHUNK, ITEM_CHUNKS, select_len
@@ -692,6 +713,7 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
   lse_BGTR = jax.nn.logsumexp(lse_BGTKR, axis=3)
   w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
   out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD.astype(_F32), axis=3)
+  out_BGTRD = out_BGTRD.astype(branch_out_dtype(q_BTGRD.dtype))
   return out_BGTRD.transpose(0, 2, 1, 3, 4), lse_BGTR.transpose(0, 2, 1, 3)
 
 
@@ -1129,7 +1151,8 @@ def _window_fwd_kernel(q_ref, k_ref, v_ref, lo_ref, o_ref, lse_ref, *, num_tiles
   init = (jnp.full((X,), _NEG, _F32), jnp.zeros((X,), _F32), jnp.zeros((X, D), _F32))
   m_X, l_X, acc_XD = jax.lax.fori_loop(0, steps, step, init)
   # Every query sees its own key (lo <= t), so l > 0.
-  o_ref[b, pl.ds(t0, tile), hg] = (acc_XD / l_X[:, None]).reshape(tile, P, D)
+  o_ref[b, pl.ds(t0, tile), hg] = (acc_XD / l_X[:, None]).reshape(tile, P, D).astype(
+      o_ref.dtype)
   lse_ref[b, pl.ds(t0, tile), hg] = (m_X + jnp.log(l_X)).reshape(tile, P)
 
 
@@ -1154,7 +1177,7 @@ def _window_dq_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, d
     return dq_XD + _mm(ds_XK, k_KD)
 
   dq_XD = jax.lax.fori_loop(0, steps, step, jnp.zeros(q_XD.shape, _F32))
-  dq_ref[b, pl.ds(t0, tile), hg] = (dq_XD * scale).reshape(tile, P, -1)
+  dq_ref[b, pl.ds(t0, tile), hg] = (dq_XD * scale).reshape(tile, P, -1).astype(dq_ref.dtype)
 
 
 def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref, dk_ref,
@@ -1205,8 +1228,8 @@ def _window_dkdv_kernel(q_ref, k_ref, v_ref, lo_ref, do_ref, lse_ref, delta_ref,
 
   zeros = jnp.zeros(k_KD.shape, _F32)
   dk_KD, dv_KD = jax.lax.fori_loop(0, steps * per_group, step, (zeros, zeros))
-  dk_ref[b, pl.ds(s0, keys), g, :] = dk_KD * scale
-  dv_ref[b, pl.ds(s0, keys), g, :] = dv_KD
+  dk_ref[b, pl.ds(s0, keys), g, :] = (dk_KD * scale).astype(dk_ref.dtype)
+  dv_ref[b, pl.ds(s0, keys), g, :] = dv_KD.astype(dv_ref.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -1221,9 +1244,10 @@ def window_attention(q_BTGRD: jax.Array, k_BTGD: jax.Array, v_BTGD: jax.Array,
     window: keys per query, its own included (static).
     interpret: Pallas interpret mode (static).
   Returns:
-    float32 [B,T,G,R,D]; differentiable in q, k and v. Products take the inputs' dtype with
-    float32 accumulation; probabilities (and ``ds``) are rounded to it before their products,
-    as the reference rounds probabilities before the value product.
+    [B,T,G,R,D] in float32 or q's dtype (BRANCH_OUT_DTYPE); differentiable in q, k and v.
+    Products take the inputs' dtype with float32 accumulation; probabilities (and ``ds``) are
+    rounded to it before their products, as the reference rounds probabilities before the
+    value product.
   """
   return _window_vjp_fwd(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window, interpret)[0]
 
@@ -1253,7 +1277,8 @@ def _window_vjp_fwd(q_BTGRD, k_BTGD, v_BTGD, lo_BT, window, interpret):
   out, lse = pl.pallas_call(
       functools.partial(_window_fwd_kernel, head_groups=HG, **static),
       grid=(B * static["num_tiles"] * HG,),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(q.shape[:-1], _F32)),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, branch_out_dtype(q.dtype)),
+                 jax.ShapeDtypeStruct(q.shape[:-1], _F32)),
       interpret=interpret,
       compiler_params=_compiler_params(interpret, WIN_NUM_WARPS, "WIN_FWD_NUM_STAGES"),
   )(*operands)
@@ -1274,7 +1299,7 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
   dq = pl.pallas_call(
       functools.partial(_window_dq_kernel, head_groups=q.shape[2], **static),
       grid=(B * static["num_tiles"] * q.shape[2],),
-      out_shape=jax.ShapeDtypeStruct(q.shape, _F32),
+      out_shape=jax.ShapeDtypeStruct(q.shape, branch_out_dtype(q.dtype)),
       interpret=interpret, compiler_params=params,
   )(*args)
   # dk/dv: runs of `keys` keys a program, the keys and values padded to whole runs.
@@ -1283,14 +1308,14 @@ def _window_vjp_bwd(window, interpret, res, do_BTGRD):
   extra = num_runs * keys - q.shape[1]
   kv = tuple(jnp.pad(x, [(0, 0), (0, extra), (0, 0), (0, 0)]) if extra else x
              for x in operands[1:3])
-  acc = jax.ShapeDtypeStruct(kv[0].shape, _F32)
+  grad = jax.ShapeDtypeStruct(kv[0].shape, branch_out_dtype(kv[0].dtype))
   # The query tiles a run meets: a tile's, from a window keys - tile longer.
   tile = static["tile"]
   dkdv_static = dict(static, steps=_win_steps(window + keys - tile, tile, static["num_tiles"]))
   dk, dv = pl.pallas_call(
       functools.partial(_window_dkdv_kernel, groups=G, seq_len=T, keys=keys,
                         keys_first=_flag("WIN_DKDV_KEYS_FIRST"), **dkdv_static),
-      grid=(B * G * num_runs,), out_shape=(acc, acc),
+      grid=(B * G * num_runs,), out_shape=(grad, grad),
       interpret=interpret, compiler_params=params,
   )(q, *kv, *args[3:])
   return (dq[:, :T].reshape(B, T, G, R, D).astype(q_BTGRD.dtype),

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from onn_jax.config import ModelConfig
 from onn_jax.model import nsa, nsa_pallas
@@ -29,6 +30,15 @@ from onn_jax.model.layers import apply_rope, dtype_of
 
 KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
 CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
+
+# Where the gate reads the layer's input (model.gate_hidden = 0), the three input projections
+# (q_proj, kv_proj, gate_proj: their parameters unchanged) run as one product against their
+# kernels side by side. In the backward its cotangent [B*T, (H + 6G) * D + 3H] is then
+# assembled once and read by both products (the kernels' and x's gradients); with three
+# products XLA assembled the six key/value cotangents for kv_proj's kernel gradient and then
+# all of them again in one concatenated operand for x's gradient (H100, arc1 layer at
+# 32 x 2048: 77 + 75 us of 3.59 ms, docs/benchmarks.md session 30). False: three products.
+FUSED_INPUT_PROJECTION = True
 
 
 class _Linear(nn.Module):
@@ -158,7 +168,8 @@ class NSAttention(nn.Module):
     c = self.cfg
     B, T, _ = x_BTC.shape
     H, G, D = c.num_heads, c.num_kv_groups, c.head_dim
-    q_raw_BTHD = self.q_proj(x_BTC).reshape(B, T, H, D)
+    q_raw, kv, gate_logits = self._input_products(x_BTC)
+    q_raw_BTHD = q_raw.reshape(B, T, H, D)
     q_BTHD = apply_rope(q_raw_BTHD, pos_BT, c.rope_theta)
     # "none": compressed keys carry position only through the compressor, so the compressed
     # branch (and with it block selection) scores them with the unrotated query: scores do
@@ -166,16 +177,31 @@ class NSAttention(nn.Module):
     # block's last position (see _rotate_cmp), the query as usual: relative positions.
     # "query": rotated query against unrotated keys (before 2026-11-30; position-dependent).
     q_cmp_BTHD = q_raw_BTHD if c.cmp_rope == "none" else q_BTHD
-    kv = self.kv_proj(x_BTC).reshape(B, T, 6, G, D)
+    kv = kv.reshape(B, T, 6, G, D)
     new = dict(zip(KV_NAMES, [kv[:, :, i] for i in range(6)]))
     # Selected and window keys carry RoPE; compressed keys get position from the compressor.
     new["k_slc"] = apply_rope(new["k_slc"], pos_BT, c.rope_theta)
     new["k_win"] = apply_rope(new["k_win"], pos_BT, c.rope_theta)
-    h = x_BTC
-    if c.gate_hidden:
-      h = nn.gelu(self.gate_hidden(h))
-    gates_BTH3 = jax.nn.sigmoid(self.gate_proj(h).astype(jnp.float32)).reshape(B, T, H, 3)
+    gates_BTH3 = jax.nn.sigmoid(gate_logits.astype(jnp.float32)).reshape(B, T, H, 3)
     return (q_BTHD, q_cmp_BTHD), new, gates_BTH3.astype(q_BTHD.dtype)
+
+  def _input_products(self, x_BTC):
+    """``q_proj(x)``, ``kv_proj(x)`` and the gate's logits, in the compute dtype: one product
+    where the gate reads x (FUSED_INPUT_PROJECTION), the same values as the three modules'
+    up to the products' float32 summation order."""
+    c = self.cfg
+    if c.gate_hidden or not FUSED_INPUT_PROJECTION or self.is_initializing():
+      h = nn.gelu(self.gate_hidden(x_BTC)) if c.gate_hidden else x_BTC
+      return self.q_proj(x_BTC), self.kv_proj(x_BTC), self.gate_proj(h)
+    dt = self.q_proj.dtype
+    mods = (self.q_proj, self.kv_proj, self.gate_proj)
+    kernels = [m.variables["params"]["kernel"].astype(dt) for m in mods]
+    # As nn.Dense: operands in the compute dtype, the product's result in it too.
+    y = jax.lax.dot_general(x_BTC.astype(dt), jnp.concatenate(kernels, axis=1),
+                            (((x_BTC.ndim - 1,), (0,)), ((), ())))
+    ends = np.cumsum([k.shape[1] for k in kernels])
+    q_raw, kv, gate = y[..., :ends[0]], y[..., ends[0]:ends[1]], y[..., ends[1]:]
+    return q_raw, kv, gate + self.gate_proj.variables["params"]["bias"].astype(dt)
 
   def _core(self, qs, kv, k_cmp, v_cmp, gates, q_offset, segment_start_BT=None):
     c = self.cfg
