@@ -495,13 +495,14 @@ def test_crossover():
 
 
 def test_nsa_kernel_check_variants_name_settings_that_exist():
-  """Every ``--variants`` entry sets constants that nsa or nsa_pallas has (a setting removed
-  from the library would otherwise only fail on the GPU, mid-run)."""
-  from onn_jax.model import nsa, nsa_pallas
+  """Every ``--variants`` entry sets constants that nsa, nsa_pallas or the NSA layer's module
+  has (a setting removed from the library would otherwise only fail on the GPU, mid-run)."""
   from train import nsa_kernel_check as check
+  assert {m.__name__ for m in check.SETTING_MODULES} == {
+      "onn_jax.model.nsa", "onn_jax.model.nsa_pallas", "onn_jax.model.attention.nsa"}
   for name, settings in check.VARIANTS.items():
     for key in settings:
-      assert hasattr(nsa, key) or hasattr(nsa_pallas, key), f"variant {name}: no {key}"
+      assert any(hasattr(m, key) for m in check.SETTING_MODULES), f"variant {name}: no {key}"
 
 
 def test_nsa_kernel_check_takes_a_geometry_or_fails_in_one_line(capsys):

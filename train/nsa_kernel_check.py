@@ -156,11 +156,17 @@ VARIANTS = {
     "branch_f32": dict(BRANCH_OUT_DTYPE="float32"),
     "proj_three": dict(FUSED_INPUT_PROJECTION=False),
     "before_s31": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False),
+    # The selected branch's plan sorted as (block, entry) pairs (nsa_pallas.PLAN_SORT).
+    "plan_pairs": dict(PLAN_SORT="pairs"),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
 # only the split path's).
 DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES"}
+
+
+# The modules whose constants a variant may set.
+SETTING_MODULES = (nsa, nsa_pallas, nsa_layer)
 
 
 def variant(name: str | None):
@@ -173,8 +179,7 @@ def variant(name: str | None):
 def module_settings(**settings):
   """Sets these module constants of nsa, nsa_pallas or the NSA layer's module (e.g.
   ``KEY_TILE=64``) for the block."""
-  owners = (nsa, nsa_pallas, nsa_layer)
-  owner = {k: next((m for m in owners if hasattr(m, k)), nsa_pallas) for k in settings}
+  owner = {k: next((m for m in SETTING_MODULES if hasattr(m, k)), nsa_pallas) for k in settings}
   old = {k: getattr(owner[k], k) for k in settings}
   for k, v in settings.items():
     setattr(owner[k], k, v)

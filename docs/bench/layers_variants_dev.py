@@ -1,7 +1,7 @@
 """Session 31 dev: the NSA layer (train.bench's layers section) under the defaults and under
 train.nsa_kernel_check variants, and the cuDNN GQA layer, alternated twice in one process at
 32 x 2048 and 8 x 8192. Usage: python docs/bench/layers_variants_dev.py VARIANT[,VARIANT...]
-(writes $OUT/layers_variants_dev.json)."""
+(writes $OUT/layers_variants_dev.json); LAYER_SIZES="32x2048" for some sizes only."""
 import json, os, sys
 from pathlib import Path
 import jax
@@ -12,7 +12,8 @@ m = config.load("configs/arc1.yaml").model
 OUT = Path(os.environ["OUT"])
 names = [None] + [v for v in sys.argv[1].split(",") if v]
 out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "variants": names[1:]}
-for B, T in ((32, 2048), (8, 8192)):
+sizes = os.environ.get("LAYER_SIZES", "32x2048,8x8192").split(",")
+for B, T in (tuple(map(int, s.split("x"))) for s in sizes):
   for _ in range(2):
     for layer, var in [("full", None)] + [("nsa", v) for v in names]:
       with variant(var):
