@@ -177,8 +177,10 @@ class NSAttention(nn.Module):
     # block's last position (see _rotate_cmp), the query as usual: relative positions.
     # "query": rotated query against unrotated keys (before 2026-11-30; position-dependent).
     q_cmp_BTHD = q_raw_BTHD if c.cmp_rope == "none" else q_BTHD
-    kv = kv.reshape(B, T, 6, G, D)
-    new = dict(zip(KV_NAMES, [kv[:, :, i] for i in range(6)]))
+    # Split, not indexed: the backward then concatenates the six cotangents (an index's
+    # transpose is a zero pad, and the six pads' sum cost more than a concatenation).
+    kv_parts = jnp.split(kv.reshape(B, T, 6, G, D), 6, axis=2)
+    new = dict(zip(KV_NAMES, [x.reshape(B, T, G, D) for x in kv_parts]))
     # Selected and window keys carry RoPE; compressed keys get position from the compressor.
     new["k_slc"] = apply_rope(new["k_slc"], pos_BT, c.rope_theta)
     new["k_win"] = apply_rope(new["k_win"], pos_BT, c.rope_theta)
@@ -199,8 +201,8 @@ class NSAttention(nn.Module):
     # As nn.Dense: operands in the compute dtype, the product's result in it too.
     y = jax.lax.dot_general(x_BTC.astype(dt), jnp.concatenate(kernels, axis=1),
                             (((x_BTC.ndim - 1,), (0,)), ((), ())))
-    ends = np.cumsum([k.shape[1] for k in kernels])
-    q_raw, kv, gate = y[..., :ends[0]], y[..., ends[0]:ends[1]], y[..., ends[1]:]
+    # Split (its backward one concatenation, as above).
+    q_raw, kv, gate = jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1], axis=-1)
     return q_raw, kv, gate + self.gate_proj.variables["params"]["bias"].astype(dt)
 
   def _core(self, qs, kv, k_cmp, v_cmp, gates, q_offset, segment_start_BT=None):
