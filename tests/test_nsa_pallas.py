@@ -493,13 +493,11 @@ def test_block_choice_supported_geometries():
                                                select_len=4)
 
 
-@pytest.mark.parametrize("sort", ["packed", "pairs"])
-def test_keyblock_plan_covers_every_pair_once(sort, monkeypatch):
+def test_keyblock_plan_covers_every_pair_once():
   """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
   of an item of its own block, whose rows read that token's query heads at its position;
   padding rows are masked (position -1), after an item's real rows; the item count bound
-  holds. With either sort of the entries (PLAN_SORT)."""
-  monkeypatch.setattr(nsa_pallas, "PLAN_SORT", sort)
+  holds."""
   rng = np.random.default_rng(3)
   B, T, G, K, J, R, C = 2, 7, 2, 3, 5, 2, 2
   idx = np.full((B, T, G, K), -1, np.int32)
@@ -538,38 +536,6 @@ def test_keyblock_plan_covers_every_pair_once(sort, monkeypatch):
         # An item's real rows come first (sum_item_partials tells a dead item by its rows).
         real = posrow[b, g, m, :, 0] >= 0
         assert not np.any(real[1:] & ~real[:-1])
-
-
-def test_plan_sorts_agree_and_packed_keys_fall_back_past_int32(monkeypatch):
-  """PLAN_SORT "packed" (one int32 key a entry) and "pairs" (a stable sort of the pairs)
-  make the same plan, bit for bit, on a random choice with unused slots; "packed" sorts one
-  operand while (J + 1) * T*K fits in int32 and the pairs past it (traced on abstract
-  inputs: T = 65536 fits at K = 8 and 32-key blocks, 131072 does not); a bad setting is one
-  line."""
-  rng = np.random.default_rng(8)
-  B, T, G, K, J = 2, 50, 2, 4, 13
-  idx = np.where(rng.random((B, T, G, K)) < 0.8, rng.integers(0, J, (B, T, G, K)), -1)
-  idx = jnp.asarray(idx, jnp.int32)  # duplicates within a row are fine for the plan's order
-  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  plans = {}
-  for sort in ("packed", "pairs"):
-    monkeypatch.setattr(nsa_pallas, "PLAN_SORT", sort)
-    plans[sort] = nsa_pallas._keyblock_plan(idx, pos, num_blocks=J, heads=2, chunk=4)
-  for a, b in zip(plans["packed"], plans["pairs"]):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-  def sort_operands(T):
-    monkeypatch.setattr(nsa_pallas, "PLAN_SORT", "packed")
-    args = (jax.ShapeDtypeStruct((1, T, 1, 8), jnp.int32), jax.ShapeDtypeStruct((1, T), jnp.int32))
-    plan = functools.partial(nsa_pallas._keyblock_plan, num_blocks=T // 32, heads=4, chunk=128)
-    return [len(e.invars) for e in jax.make_jaxpr(plan)(*args).eqns if e.primitive.name == "sort"]
-
-  assert sort_operands(65536) == [1] and sort_operands(131072) == [2]
-  monkeypatch.setattr(nsa_pallas, "PLAN_SORT", "radix")
-  with pytest.raises(ValueError) as err:
-    nsa_pallas._keyblock_plan(idx, pos, num_blocks=J, heads=2, chunk=4)
-  assert str(err.value).splitlines()[0] == ("nsa_pallas.PLAN_SORT must be 'packed' or 'pairs', "
-                                            "got 'radix'")
 
 
 def test_item_partials_sum_per_block_and_drop_dead_items():

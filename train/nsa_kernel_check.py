@@ -156,8 +156,6 @@ VARIANTS = {
     "branch_f32": dict(BRANCH_OUT_DTYPE="float32"),
     "proj_three": dict(FUSED_INPUT_PROJECTION=False),
     "before_s31": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False),
-    # The selected branch's plan sorted as (block, entry) pairs (nsa_pallas.PLAN_SORT).
-    "plan_pairs": dict(PLAN_SORT="pairs"),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

@@ -378,13 +378,6 @@ def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
   return FWD_IMPL
 
 
-# The plan's sort of the (token, slot) entries by selection block: "packed" (one int32 key a
-# entry, block * T*K + entry, where (J + 1) * T*K fits in int32: up to T = 65536 at arc1's
-# geometry) or "pairs" (a stable sort of the (block, entry) pairs, as before session 31, and
-# the fallback where the key would not fit). Both give the same order, hence the same plan.
-PLAN_SORT = "packed"
-
-
 def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, heads: int,
                    chunk: int):
   """The items of the key-major backward, built from the block choice.
@@ -403,17 +396,11 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
   E = T * K
   M = (E + J * (C - 1)) // C
   blk_BGE = jnp.where(idx_BTGK >= 0, idx_BTGK, J).transpose(0, 2, 1, 3).reshape(B, G, E)
-  blk_BGE = blk_BGE.astype(jnp.int32)
   ent_BGE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (B, G, E))
-  # By block, the tokens of one block in increasing order: one int32 key per entry where
-  # block and entry fit in it (PLAN_SORT), else a stable sort of the pairs; the same order.
-  if PLAN_SORT not in ("packed", "pairs"):
-    raise ValueError(f"nsa_pallas.PLAN_SORT must be 'packed' or 'pairs', got {PLAN_SORT!r}")
-  if PLAN_SORT == "packed" and (J + 1) * E <= 2**31 - 1:
-    key_s = jax.lax.sort(blk_BGE * E + ent_BGE, dimension=2)
-    blk_s, ent_s = key_s // E, key_s % E
-  else:
-    blk_s, ent_s = jax.lax.sort((blk_BGE, ent_BGE), dimension=2, is_stable=True, num_keys=1)
+  # Stable: the tokens of one block stay in increasing order. (Session 31 tried one packed
+  # int32 key a entry, block * T*K + entry, sorted alone: the layer at 32 x 2048 was no
+  # faster, 3.56 / 3.50 ms against 3.48 / 3.44 on an H100; removed.)
+  blk_s, ent_s = jax.lax.sort((blk_BGE, ent_BGE), dimension=2, is_stable=True, num_keys=1)
   per_bg = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731
   seg_BGJ1 = per_bg(lambda a: jnp.searchsorted(a, jnp.arange(J + 1, dtype=jnp.int32),
                                                side="left"))(blk_s).astype(jnp.int32)
@@ -681,7 +668,11 @@ DKDV_PARTIAL_DTYPE = "input"
 # (the gates' sum, the gates' and the backward's delta reductions) in half the bytes, and
 # nsa's compressed branch keeps cuDNN's output dtype too (nsa._compressed_folded); the gated
 # sum of the three stays float32. Rounding a branch's output moves it by at most 2^-8 of its
-# largest value, as the layer's own bfloat16 output rounding does.
+# largest value, as the layer's own bfloat16 output rounding does. H100, jax 0.11.2, session
+# 31, the arc1 NSA layer back to back with the session's three-product projections
+# (train.nsa_kernel_check variants proj_three against before_s31, one process): 3.50 / 3.60
+# against 3.55 / 3.54 ms at 32 x 2048, 4.56 / 4.54 against 4.61 / 4.60 at 8 x 8192 (with
+# attention.nsa.FUSED_INPUT_PROJECTION, both: docs/benchmarks.md session 31).
 BRANCH_OUT_DTYPE = "input"
 
 

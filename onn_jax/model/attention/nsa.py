@@ -34,10 +34,15 @@ CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
 # Where the gate reads the layer's input (model.gate_hidden = 0), the three input projections
 # (q_proj, kv_proj, gate_proj: their parameters unchanged) run as one product against their
 # kernels side by side. In the backward its cotangent [B*T, (H + 6G) * D + 3H] is then
-# assembled once and read by both products (the kernels' and x's gradients); with three
-# products XLA assembled the six key/value cotangents for kv_proj's kernel gradient and then
-# all of them again in one concatenated operand for x's gradient (H100, arc1 layer at
-# 32 x 2048: 77 + 75 us of 3.59 ms, docs/benchmarks.md session 30). False: three products.
+# assembled once, by one concatenation (the product split, not sliced), and read by both
+# products (the kernels' and x's gradients); with three products XLA assembled the six
+# key/value cotangents for kv_proj's kernel gradient and then all of them again in one
+# concatenated operand for x's gradient (H100, arc1 layer at 32 x 2048: 77 + 75 us of 3.59 ms
+# of kernels, docs/benchmarks.md session 30; now one fusion of 143 us, which also holds the
+# RoPE and compressor backward passes, of 3.36 ms). With BRANCH_OUT_DTYPE (nsa_pallas), the
+# layer back to back (H100, jax 0.11.2, session 31, one process, alternated twice): 3.40 /
+# 3.41 ms against 3.55 / 3.51 before both at 32 x 2048, 4.38 / 4.39 against 4.54 / 4.57 at
+# 8 x 8192. False: three products (train.nsa_kernel_check variant proj_three).
 FUSED_INPUT_PROJECTION = True
 
 
