@@ -703,10 +703,11 @@ def test_branch_outputs_in_the_inputs_dtype(branch, monkeypatch):
   output is the float32 setting's rounded once to bfloat16, bit for bit (the same float32
   values, cast where they are written), and dv is unchanged (it does not read the output and
   came back in bfloat16 either way). dq and dk move only through the backward's
-  delta = sum(do * out), out now rounded: each ds term by p * |d delta| (:func:`_dense_terms`'
-  exact p), plus one bfloat16 flip of the kernel's rounded ds and of a bfloat16 partial
-  (2^-8 of each term, twice), plus a flip of the result (2^-7 of its value), with 2^-7 of
-  slack for the kernel's float32 p. Float32 inputs: nothing moves."""
+  delta = sum(do * out), out now rounded (the same do here): each ds term by p * |d delta|
+  (:func:`_dense_terms`' exact p), plus up to one bfloat16 ulp (2^-7 of the term) where two
+  nearby values are each rounded: the kernel's ds, and for the selected branch its bfloat16
+  dq / dk partials; plus an ulp of the result (2^-7 of its value), with 2^-7 of slack for the
+  kernel's float32 p. Float32 inputs: nothing moves."""
   monkeypatch.setattr(nsa_pallas, "KEY_CHUNK", 2)
   monkeypatch.setattr(nsa_pallas, "ITEM_CHUNKS", 2)
   q, k, v, do, idx, pos, L = _selected_case(seed=13)
@@ -743,9 +744,11 @@ def test_branch_outputs_in_the_inputs_dtype(branch, monkeypatch):
   qa, ka = (np.abs(np.asarray(x, np.float64)) for x in (q, k))
   via_dq = scale * d_delta[..., None] * np.einsum("btgrs,bsgd->btgrd", p, ka)
   via_dk = scale * np.einsum("btgrs,btgr,btgrd->bsgd", p, d_delta, qa)
+  roundings = 1 if branch == "window" else 2  # ds; the selected branch's partials too
   for g, w, via, terms in ((grads_i[0], grads_f[0], via_dq, terms_dq),
                            (grads_i[1], grads_f[1], via_dk, terms_dk)):
-    bound = (1 + 2.0 ** -7) * (via + 2.0 ** -7 * terms) + 2.0 ** -7 * np.abs(w) + 1e-6
+    bound = ((1 + 2.0 ** -7) * (via + roundings * 2.0 ** -7 * terms) + 2.0 ** -7 * np.abs(w)
+             + 1e-6)
     assert np.all(np.abs(g - w) <= bound), np.max(np.abs(g - w) - bound)
   q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
   got, want = run("input", q, k, v), run("float32", q, k, v)
@@ -757,6 +760,35 @@ def test_branch_outputs_in_the_inputs_dtype(branch, monkeypatch):
     fn(q, k, v)
   assert str(err.value).splitlines()[0] == ("nsa_pallas.BRANCH_OUT_DTYPE must be 'float32' or "
                                             "'input', got 'half'")
+
+
+@pytest.mark.parametrize("how", ["input", "float32"])
+def test_pallas_branches_dtype_follows_the_setting(how, monkeypatch):
+  """bfloat16 inputs through the pallas path's branches (``nsa._pallas_branches``): from
+  position 0 (the folded compressed branch, the selected and window kernels) and from offsets
+  (PALLAS_OFFSET_MIN_QUERIES lowered: the folded branch over the queries' groups, the window
+  kernel over each row's band), and the window as one sliding-window attention over packed
+  rows (the "cudnn" path; XLA's attention here) come back in bfloat16 with
+  BRANCH_OUT_DTYPE="input" and in float32 with "float32"."""
+  monkeypatch.setattr(nsa_pallas, "BRANCH_OUT_DTYPE", how)
+  monkeypatch.setattr(nsa, "PALLAS_OFFSET_MIN_QUERIES", 2)
+  want = jnp.bfloat16 if how == "input" else jnp.float32
+  for name, q_offset in (("group1_from_start", 0), ("group4_int_offset", np.array([0, 20]))):
+    geo = GEOMETRIES[name][0]
+    a = make_inputs(dataclasses.replace(geo, B=2), seed=4, dtype=jnp.bfloat16)
+    R = geo.H // geo.G
+    q = a["q"].reshape(2, geo.T, geo.G, R, geo.D)
+    pos = nsa.query_positions(q_offset, 2, geo.T)
+    off = q_offset if isinstance(q_offset, int) else jnp.asarray(q_offset, jnp.int32)
+    branches = nsa._pallas_branches(q, q, *(a[n] for n in ARG_NAMES[1:7]), pos, None, off,
+                                    **geo.static())
+    assert [x.dtype for x in branches] == [want] * 3, name
+  geo = PACKED_GEO
+  a = make_inputs(geo, seed=5, dtype=jnp.bfloat16)
+  lo = segment_start_of(PACKED_STARTS, geo.B, geo.T)
+  out = nsa._window_band_attention(a["q"].reshape(geo.B, geo.T, geo.G, geo.H // geo.G, geo.D),
+                                   a["k_win"], a["v_win"], geo.window, lo, None)
+  assert out.dtype == want
 
 
 @pytest.mark.parametrize("bad", [0, 3, True, 2.0])

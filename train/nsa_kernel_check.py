@@ -51,8 +51,8 @@ def parse_geometry(text: str) -> dict[str, int]:
 
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
-# Variants: module settings of nsa_pallas (the selected branch's backward) or of nsa (the
-# compressed branch).
+# Variants: module settings of nsa_pallas (the kernels), of nsa (the branches' paths) or of
+# the NSA layer's module (onn_jax.model.attention.nsa: its projections): SETTING_MODULES.
 VARIANTS = {
     "keyblock": dict(DKDV_REDUCE="partials", KEY_CHUNK=16),
     "keyblock_c32": dict(DKDV_REDUCE="partials", KEY_CHUNK=32),
@@ -168,8 +168,8 @@ SETTING_MODULES = (nsa, nsa_pallas, nsa_layer)
 
 
 def variant(name: str | None):
-  """Sets the module settings of ``name`` (nsa_pallas's backward, or nsa's compressed-branch
-  choice) while programs are traced."""
+  """Sets the module settings of ``name`` (of nsa_pallas, nsa or the NSA layer's module) while
+  programs are traced."""
   return module_settings(**(VARIANTS[name] if name else {}))
 
 

@@ -40,7 +40,8 @@ Numerics: products take the inputs' dtype with float32 accumulation (float32 inp
 float32 products, no TF32; the block choice's float32 overlap sums: three bfloat16 parts,
 ``CHOICE_OVERLAP_PRECISION``); logits, softmax, the running sums and the gradient accumulators
 are float32. For 16-bit inputs probabilities and ``ds`` are rounded to the input dtype before
-their products, as the reference rounds probabilities before the value product.
+their products, as the reference rounds probabilities before the value product, and the
+training kernels' outputs come back in the input dtype (``BRANCH_OUT_DTYPE``), each rounded once.
 
 On GPU the kernels lower through Triton; every tile dimension (R, D, ``select_len``) must then
 be a power of two (``pallas_supported`` says whether they are). Elsewhere they run in Pallas
@@ -668,7 +669,9 @@ DKDV_PARTIAL_DTYPE = "input"
 # (the gates' sum, the gates' and the backward's delta reductions) in half the bytes, and
 # nsa's compressed branch keeps cuDNN's output dtype too (nsa._compressed_folded); the gated
 # sum of the three stays float32. Rounding a branch's output moves it by at most 2^-8 of its
-# largest value, as the layer's own bfloat16 output rounding does. H100, jax 0.11.2, session
+# largest value, as the layer's own bfloat16 output rounding does; its cotangent then comes
+# back in bfloat16 too, so the backward's delta = sum(do * out) reads both rounded (its dp
+# already read the rounded do). H100, jax 0.11.2, session
 # 31, the arc1 NSA layer back to back with the session's three-product projections
 # (train.nsa_kernel_check variants proj_three against before_s31, one process): 3.50 / 3.60
 # against 3.55 / 3.54 ms at 32 x 2048, 4.56 / 4.54 against 4.61 / 4.60 at 8 x 8192 (with

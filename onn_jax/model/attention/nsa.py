@@ -201,6 +201,8 @@ class NSAttention(nn.Module):
       h = nn.gelu(self.gate_hidden(x_BTC)) if c.gate_hidden else x_BTC
       return self.q_proj(x_BTC), self.kv_proj(x_BTC), self.gate_proj(h)
     dt = self.q_proj.dtype
+    # The modules are built in setup with nn.Dense's default precision and dot_general; one
+    # given others would need them here too (or the three products).
     mods = (self.q_proj, self.kv_proj, self.gate_proj)
     kernels = [m.variables["params"]["kernel"].astype(dt) for m in mods]
     # As nn.Dense: operands in the compute dtype, the product's result in it too.
