@@ -293,3 +293,48 @@ def test_nsa_fused_input_projection_matches_three_products(monkeypatch):
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compressor_cotangent_in_the_compute_dtype_computes_the_same_products(monkeypatch):
+  """``COMPRESSOR_COTANGENT="compute"`` (the default) against ``"float32"``: the compressors'
+  first-layer products of a row's keys take their cotangent in bfloat16. It reaches them
+  through the one rounding of the first layer's float32 sum, so its values are bfloat16's
+  either way: the same exact products, summed in float32 in another order. The parameters'
+  gradients (float32, sums of up to B*N*G = 162 products a weight): within 2^-24 * 162 of the
+  sum of the products' magnitudes, bounded here by 1e-5 of the largest gradient's; the keys'
+  (bfloat16, rounded from float32 sums): within one bfloat16 ulp (2^-7). Only the float32
+  setting's backward has float32 operands in the keys' products (four: the two shifted
+  products of stride-chunks, each giving x's and the kernel rows' gradients)."""
+  from onn_jax.model.attention import nsa as nsa_layer
+  L, s, D, G, S = 16, 8, 32, 2, 200
+  N = (S - L) // s + 1
+  raw = jnp.asarray(np.random.default_rng(5).standard_normal((3, S, G, D)), jnp.bfloat16)
+  comp = nsa_layer.BlockCompressor(L, D, jnp.bfloat16, jnp.float32)
+  params = comp.init(jax.random.PRNGKey(6), raw[:, :L][:, None])
+  cot = jnp.cos(jnp.arange(3 * N * G * D, dtype=jnp.float32).reshape(3, N, G, D))
+
+  def run(how):
+    monkeypatch.setattr(nsa_layer, "COMPRESSOR_COTANGENT", how)
+
+    def loss(p, x):  # a new function each run: make_jaxpr caches its traces by function
+      out = comp.apply(p, x, N, s, method=nsa_layer.BlockCompressor.from_row)
+      return jnp.sum(out.astype(jnp.float32) * cot)
+    eqns = jax.make_jaxpr(jax.grad(loss, (0, 1)))(params, raw).eqns
+    # The keys' products' backward: x's gradient [B, N, G, s*D] and the kernel rows'
+    # [2D, s*D] (the position embedding's product, over all L*D rows, left out).
+    f32_products = sum(e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == s * D
+                       and any(v.aval.dtype == jnp.float32 for v in e.invars) for e in eqns)
+    return f32_products, jax.grad(loss, (0, 1))(params, raw)
+
+  (n_compute, got), (n_f32, want) = run("compute"), run("float32")
+  assert (n_compute, n_f32) == (0, 4)
+  g_params, w_params = jax.tree.leaves(got[0]), jax.tree.leaves(want[0])
+  for a, b in zip(g_params, w_params):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-30)
+  g_x, w_x = np.asarray(got[1], np.float32), np.asarray(want[1], np.float32)
+  assert np.all(np.abs(g_x - w_x) <= 2.0 ** -7 * np.abs(w_x))
+  monkeypatch.setattr(nsa_layer, "COMPRESSOR_COTANGENT", "bf16")
+  with pytest.raises(ValueError) as err:
+    comp.apply(params, raw, N, s, method=nsa_layer.BlockCompressor.from_row)
+  assert str(err.value).splitlines()[0] == (
+      "attention.nsa.COMPRESSOR_COTANGENT must be 'compute' or 'float32', got 'bf16'")

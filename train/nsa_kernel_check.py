@@ -156,6 +156,8 @@ VARIANTS = {
     "branch_f32": dict(BRANCH_OUT_DTYPE="float32"),
     "proj_three": dict(FUSED_INPUT_PROJECTION=False),
     "before_s31": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False),
+    # The compressors' first-layer backward in float32 (attention.nsa.COMPRESSOR_COTANGENT).
+    "cmp_grad_f32": dict(COMPRESSOR_COTANGENT="float32"),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

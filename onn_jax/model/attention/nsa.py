@@ -46,6 +46,40 @@ CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
 FUSED_INPUT_PROJECTION = True
 
 
+# The compressors' first layer (a [B, N, G, L*D] x [L*D, 2D] product with a float32 result,
+# summed with its position and bias terms in float32 and rounded once to the compute dtype):
+# its backward takes the cotangent in the compute dtype ("compute") or in float32 ("float32",
+# before session 31). The cotangent reaches it through that one rounding's transpose, so its
+# values are the compute dtype's either way and "compute" computes the same exact products
+# (float32 accumulation kept), as bfloat16 products where "float32" ran float32 ones: on an
+# H100 the 32 x 2048 layer's compressor backward ran ~100 us of float32 products (two cuBLAS
+# TF32 products and four Triton ones, docs/benchmarks.md session 31). Not yet timed on a GPU
+# (train.nsa_kernel_check variant cmp_grad_f32 restores the former).
+COMPRESSOR_COTANGENT = "compute"
+
+
+@jax.custom_vjp
+def _product_grad_in_dtype(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ w`` (operands in one dtype) with a float32 result; its backward rounds the
+  cotangent to the operands' dtype before its two products (float32 accumulation)."""
+  return jnp.einsum("...f,fo->...o", x, w, preferred_element_type=jnp.float32)
+
+
+def _product_grad_in_dtype_fwd(x, w):
+  return _product_grad_in_dtype(x, w), (x, w)
+
+
+def _product_grad_in_dtype_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jnp.einsum("...o,fo->...f", g, w, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("...f,...o->fo", x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_product_grad_in_dtype.defvjp(_product_grad_in_dtype_fwd, _product_grad_in_dtype_bwd)
+
+
 class _Linear(nn.Module):
   """The parameters of an ``nn.Dense`` with ``in_features`` inputs (the same ``kernel`` and
   ``bias`` names, shapes and initialisers), applied by row blocks of the kernel
@@ -61,12 +95,19 @@ class _Linear(nn.Module):
     self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                            self.param_dtype)
 
-  def partial(self, x: jax.Array, row0: int) -> jax.Array:
-    """``x @ kernel[row0 : row0 + x.shape[-1]]``: operands in ``dtype``, float32 result."""
+  def partial(self, x: jax.Array, row0: int, activations: bool = False) -> jax.Array:
+    """``x @ kernel[row0 : row0 + x.shape[-1]]``: operands in ``dtype``, float32 result;
+    ``activations``: x is a row's keys (not a parameter), whose product's backward follows
+    COMPRESSOR_COTANGENT."""
     if not (0 <= row0 and row0 + x.shape[-1] <= self.in_features):
       raise ValueError(f"_Linear.partial: rows {row0}..{row0 + x.shape[-1]} of a kernel "
                        f"with {self.in_features}")
+    if COMPRESSOR_COTANGENT not in ("compute", "float32"):
+      raise ValueError(f"attention.nsa.COMPRESSOR_COTANGENT must be 'compute' or 'float32', "
+                       f"got {COMPRESSOR_COTANGENT!r}")
     w = self.kernel[row0:row0 + x.shape[-1]].astype(self.dtype)
+    if activations and COMPRESSOR_COTANGENT == "compute":
+      return _product_grad_in_dtype(x.astype(self.dtype), w)
     return jnp.einsum("...f,fo->...o", x.astype(self.dtype), w,
                       preferred_element_type=jnp.float32)
 
@@ -111,7 +152,7 @@ class BlockCompressor(nn.Module):
   def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
     B, N, L, G, D = blocks_BNLGD.shape
     x_BNGF = blocks_BNLGD.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
-    return self._finish(self.fc1.partial(x_BNGF, 0))
+    return self._finish(self.fc1.partial(x_BNGF, 0, activations=True))
 
   def from_row(self, raw_BSGD: jax.Array, num_blocks: int, block_stride: int) -> jax.Array:
     """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len).
@@ -131,7 +172,7 @@ class BlockCompressor(nn.Module):
     C = N + m - 1  # chunks of s keys that hold the N blocks
     x = raw_BSGD[:, :C * s].reshape(B, C, s, G, D).transpose(0, 1, 3, 2, 4)
     x_BCGF = x.reshape(B, C, G, s * D)
-    return self._finish(sum(self.fc1.partial(x_BCGF[:, k:k + N], k * s * D)
+    return self._finish(sum(self.fc1.partial(x_BCGF[:, k:k + N], k * s * D, activations=True)
                             for k in range(m)))
 
 
