@@ -722,8 +722,11 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
   lse_BGTR = jax.nn.logsumexp(lse_BGTKR, axis=3)
   w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
   out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD.astype(_F32), axis=3)
-  out_BGTRD = out_BGTRD.astype(branch_out_dtype(q_BTGRD.dtype))
-  return out_BGTRD.transpose(0, 2, 1, 3, 4), lse_BGTR.transpose(0, 2, 1, 3)
+  out_BTGRD = out_BGTRD.astype(branch_out_dtype(q_BTGRD.dtype)).transpose(0, 2, 1, 3, 4)
+  # The barrier makes XLA write the combination in its output dtype: without it, XLA wrote
+  # it in float32 and put the rounding in each consumer (the gated sum, the backward's
+  # reductions read float32; sm_90 HLO, session 31).
+  return jax.lax.optimization_barrier(out_BTGRD), lse_BGTR.transpose(0, 2, 1, 3)
 
 
 selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
