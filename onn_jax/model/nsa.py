@@ -77,9 +77,9 @@ float32 implementations there under ``jax.default_matmul_precision("highest")``.
 scores, e.g. the layer's queries before RoPE (compressed keys carry no rotation).
 
 All implementations agree to float32 rounding (with 16-bit inputs the pallas path rounds each
-branch's output to the input dtype before the float32 gated sum: ``nsa_pallas.BRANCH_OUT_DTYPE``);
-they are jit-able with the geometry static,
-differentiable in every array input, and pure ``jax.numpy`` (vmap / shard_map friendly).
+branch's output to the input dtype before the float32 gated sum:
+``nsa_pallas.BRANCH_OUT_DTYPE``); they are jit-able with the geometry static, differentiable
+in every array input, and pure ``jax.numpy`` (vmap / shard_map friendly).
 """
 
 from __future__ import annotations
