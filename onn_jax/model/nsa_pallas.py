@@ -673,9 +673,9 @@ DKDV_PARTIAL_DTYPE = "input"
 # back in bfloat16 too, so the backward's delta = sum(do * out) reads both rounded (its dp
 # already read the rounded do). H100, jax 0.11.2, session 31, the arc1 NSA layer back to back
 # with the session's three-product projections (train.nsa_kernel_check variants proj_three
-# against before_s31, one process): 3.50 / 3.60
-# against 3.55 / 3.54 ms at 32 x 2048, 4.56 / 4.54 against 4.61 / 4.60 at 8 x 8192 (with
-# attention.nsa.FUSED_INPUT_PROJECTION, both: docs/benchmarks.md session 31).
+# against before_s31, one process): 3.50 / 3.60 against 3.55 / 3.54 ms at 32 x 2048, 4.56 /
+# 4.54 against 4.61 / 4.60 at 8 x 8192 (with attention.nsa.FUSED_INPUT_PROJECTION, both:
+# docs/benchmarks.md session 31).
 BRANCH_OUT_DTYPE = "input"
 
 
