@@ -158,6 +158,11 @@ VARIANTS = {
     "before_s31": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False),
     # The compressors' first-layer backward in float32 (attention.nsa.COMPRESSOR_COTANGENT).
     "cmp_grad_f32": dict(COMPRESSOR_COTANGENT="float32"),
+    # The selected combination without its optimization barrier (SELECTED_COMBINE_BARRIER);
+    # every session-31 change undone at once.
+    "no_sel_barrier": dict(SELECTED_COMBINE_BARRIER=False),
+    "before_s31_all": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False,
+                           COMPRESSOR_COTANGENT="float32", SELECTED_COMBINE_BARRIER=False),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

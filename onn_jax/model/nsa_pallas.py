@@ -677,6 +677,11 @@ DKDV_PARTIAL_DTYPE = "input"
 # 4.54 against 4.61 / 4.60 at 8 x 8192 (with attention.nsa.FUSED_INPUT_PROJECTION, both:
 # docs/benchmarks.md session 31).
 BRANCH_OUT_DTYPE = "input"
+# An optimization barrier after the selected forward's combination (session 31): without it
+# XLA wrote the combination in float32 and put the rounding to BRANCH_OUT_DTYPE in each
+# consumer (sm_90 HLO). False restores the former (train.nsa_kernel_check variant
+# no_sel_barrier).
+SELECTED_COMBINE_BARRIER = True
 
 
 def _partial_dtype(setting: str, input_dtype):
@@ -723,10 +728,9 @@ def _selected_forward_keyblock(q_BTGRD, k_BSGD, v_BSGD, plan, select_len, interp
   w_BGTKR = jnp.exp(lse_BGTKR - lse_BGTR[:, :, :, None])
   out_BGTRD = jnp.sum(w_BGTKR[..., None] * o_BGTKRD.astype(_F32), axis=3)
   out_BTGRD = out_BGTRD.astype(branch_out_dtype(q_BTGRD.dtype)).transpose(0, 2, 1, 3, 4)
-  # The barrier makes XLA write the combination in its output dtype: without it, XLA wrote
-  # it in float32 and put the rounding in each consumer (the gated sum, the backward's
-  # reductions read float32; sm_90 HLO, session 31).
-  return jax.lax.optimization_barrier(out_BTGRD), lse_BGTR.transpose(0, 2, 1, 3)
+  if SELECTED_COMBINE_BARRIER:  # XLA writes the combination in its output dtype
+    out_BTGRD = jax.lax.optimization_barrier(out_BTGRD)
+  return out_BTGRD, lse_BGTR.transpose(0, 2, 1, 3)
 
 
 selected_attention.defvjp(_selected_vjp_fwd, _selected_vjp_bwd)
