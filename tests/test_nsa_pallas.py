@@ -493,11 +493,13 @@ def test_block_choice_supported_geometries():
                                                select_len=4)
 
 
-def test_keyblock_plan_covers_every_pair_once():
+@pytest.mark.parametrize("search", ["compare_all", "scan"])
+def test_keyblock_plan_covers_every_pair_once(search, monkeypatch):
   """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
   of an item of its own block, whose rows read that token's query heads at its position;
   padding rows are masked (position -1), after an item's real rows; the item count bound
-  holds."""
+  holds. With either ``PLAN_SEARCH`` (the same integers: compared at the end)."""
+  monkeypatch.setattr(nsa_pallas, "PLAN_SEARCH", search)
   rng = np.random.default_rng(3)
   B, T, G, K, J, R, C = 2, 7, 2, 3, 5, 2, 2
   idx = np.full((B, T, G, K), -1, np.int32)
@@ -536,6 +538,11 @@ def test_keyblock_plan_covers_every_pair_once():
         # An item's real rows come first (sum_item_partials tells a dead item by its rows).
         real = posrow[b, g, m, :, 0] >= 0
         assert not np.any(real[1:] & ~real[:-1])
+  monkeypatch.setattr(nsa_pallas, "PLAN_SEARCH", "scan")
+  other = nsa_pallas._keyblock_plan(jnp.asarray(idx), jnp.asarray(pos), num_blocks=J, heads=R,
+                                    chunk=C)
+  for got, want in zip((qrow.reshape(B, G, -1), posrow.reshape(B, G, -1), blk, padpos), other):
+    np.testing.assert_array_equal(got, np.asarray(want))
 
 
 def test_item_partials_sum_per_block_and_drop_dead_items():

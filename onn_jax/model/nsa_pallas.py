@@ -379,6 +379,13 @@ def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
   return FWD_IMPL
 
 
+# How the key-major plan finds each block's entries among the sorted ones and each item's
+# block: jnp.searchsorted's "compare_all" (one fused comparison of every entry with every
+# boundary, J+1 of them, then a sum) or "scan" (before session 32: a binary search as a while
+# loop of log2(T*K) iterations, each a few small kernels and copies).
+PLAN_SEARCH = "compare_all"
+
+
 def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, heads: int,
                    chunk: int):
   """The items of the key-major backward, built from the block choice.
@@ -403,14 +410,15 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
   # faster, 3.56 / 3.50 ms against 3.48 / 3.44 on an H100; removed.)
   blk_s, ent_s = jax.lax.sort((blk_BGE, ent_BGE), dimension=2, is_stable=True, num_keys=1)
   per_bg = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731
-  seg_BGJ1 = per_bg(lambda a: jnp.searchsorted(a, jnp.arange(J + 1, dtype=jnp.int32),
-                                               side="left"))(blk_s).astype(jnp.int32)
+  search = functools.partial(jnp.searchsorted, method=PLAN_SEARCH)
+  seg_BGJ1 = per_bg(lambda a: search(a, jnp.arange(J + 1, dtype=jnp.int32),
+                                     side="left"))(blk_s).astype(jnp.int32)
   count_BGJ = seg_BGJ1[..., 1:] - seg_BGJ1[..., :-1]
   nch_BGJ = (count_BGJ + C - 1) // C
   cst_BGJ1 = jnp.concatenate([jnp.zeros((B, G, 1), jnp.int32),
                               jnp.cumsum(nch_BGJ, axis=-1, dtype=jnp.int32)], axis=-1)
   m_M = jnp.arange(M, dtype=jnp.int32)
-  blk_BGM = per_bg(lambda a: jnp.searchsorted(a, m_M, side="right"))(cst_BGJ1) - 1
+  blk_BGM = per_bg(lambda a: search(a, m_M, side="right"))(cst_BGJ1) - 1
   blk_BGM = jnp.clip(blk_BGM, 0, J - 1).astype(jnp.int32)
   c_BGM = m_M - jnp.take_along_axis(cst_BGJ1, blk_BGM, axis=-1)
   start_BGM = jnp.take_along_axis(seg_BGJ1, blk_BGM, axis=-1) + c_BGM * C
