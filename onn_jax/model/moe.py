@@ -664,9 +664,11 @@ def experts_sparse(x_NC: Array, weights_NE: Array, used_NE: Array, params: dict[
   # product an exact copy, in the parameters' dtype (float32) before the cast, so the gradient
   # sums an expert's tiles in float32.
   end_E = jnp.cumsum(group_E)
-  # Tiles past the last group (no rows) take the last expert.
-  expert_L = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(num_tiles) * tile, side="right"),
-                         E - 1)
+  # Tiles past the last group (no rows) take the last expert. "compare_all": one fused
+  # comparison of every tile with the E group ends; the default binary search is a while loop
+  # (the NSA plan's two such loops cost 2.3 ms of an H100 step, docs/benchmarks.md session 32).
+  expert_L = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(num_tiles) * tile, side="right",
+                                          method="compare_all"), E - 1)
   onehot_LE = (expert_L[:, None] == jnp.arange(E)[None, :]).astype(jnp.float32)
 
   def per_tile(w: Array) -> Array:
