@@ -493,7 +493,7 @@ def test_block_choice_supported_geometries():
                                                select_len=4)
 
 
-@pytest.mark.parametrize("search", ["compare_all", "scan"])
+@pytest.mark.parametrize("search", nsa_pallas.PLAN_SEARCHES)
 def test_keyblock_plan_covers_every_pair_once(search, monkeypatch):
   """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
   of an item of its own block, whose rows read that token's query heads at its position;
@@ -543,6 +543,24 @@ def test_keyblock_plan_covers_every_pair_once(search, monkeypatch):
                                     chunk=C)
   for got, want in zip((qrow.reshape(B, G, -1), posrow.reshape(B, G, -1), blk, padpos), other):
     np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_sorted_run_starts_is_searchsorted(monkeypatch):
+  """``_sorted_run_starts`` (PLAN_SEARCH="runs") is numpy's left searchsorted of every value,
+  for absent values first, inside and last, one entry, one value throughout; an unknown
+  PLAN_SEARCH is refused in one line."""
+  rng = np.random.default_rng(4)
+  cases = [np.array([2]), np.full(6, 0), np.full(6, 4), np.array([0, 0, 3, 3, 3, 4]),
+           np.sort(rng.integers(1, 7, 40))]
+  for a in cases:
+    got = nsa_pallas._sorted_run_starts(jnp.asarray(a, jnp.int32), 8)
+    np.testing.assert_array_equal(np.asarray(got), np.searchsorted(a, np.arange(8), "left"))
+  monkeypatch.setattr(nsa_pallas, "PLAN_SEARCH", "binary")
+  with pytest.raises(ValueError) as err:
+    nsa_pallas._keyblock_plan(jnp.zeros((1, 2, 1, 1), jnp.int32), jnp.zeros((1, 2), jnp.int32),
+                              num_blocks=2, heads=1, chunk=2)
+  assert str(err.value).splitlines()[0] == (
+      "nsa_pallas.PLAN_SEARCH must be one of ('compare_all', 'scan', 'runs'), got 'binary'")
 
 
 def test_item_partials_sum_per_block_and_drop_dead_items():

@@ -163,8 +163,10 @@ VARIANTS = {
     "no_sel_barrier": dict(SELECTED_COMBINE_BARRIER=False),
     "before_s31_all": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False,
                            COMPRESSOR_COTANGENT="float32", SELECTED_COMBINE_BARRIER=False),
-    # Session 32: the key-major plan's searches as binary-search loops (PLAN_SEARCH).
+    # Session 32: the key-major plan's searches as binary-search loops, or each block's first
+    # entry by a scatter of the runs' starts (PLAN_SEARCH).
     "plan_scan": dict(PLAN_SEARCH="scan"),
+    "plan_runs": dict(PLAN_SEARCH="runs"),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

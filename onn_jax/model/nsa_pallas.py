@@ -386,8 +386,25 @@ def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
 # host). H100, jax 0.11.2, the arc1 NSA layer back to back (docs/benchmarks.md, session 32):
 # 3.18 / 3.21 ms against 3.31 / 3.32 at 32 x 2048, 4.20 / 4.17 against 4.34 / 4.30 at 8 x 8192;
 # the step 43.6 against 45.9 ms. The comparison reads the entries J+1 times (~2 GB at 1 x
-# 32768, untimed there): an O(T*K) scatter of each run's start would scale better.
+# 32768, untimed there). "runs" (untimed): each block's first entry by one scatter of the
+# runs' starts and a reverse running minimum (:func:`_sorted_run_starts`, O(T*K)), each
+# item's block by "compare_all" (M x (J+1) comparisons of a small array).
 PLAN_SEARCH = "compare_all"
+PLAN_SEARCHES = ("compare_all", "scan", "runs")
+
+
+def _sorted_run_starts(a_E: jax.Array, num_values: int) -> jax.Array:
+  """``searchsorted(a_E, arange(num_values), side="left")`` for ``a_E`` sorted, of ints in
+  [0, num_values): where each value's run starts (where the next present value's does for an
+  absent one, E past the last), from each run's first entry scattered to its value (O(E)),
+  then the least start at or above each value (a V x V masked minimum: one fusion, where a
+  running minimum lowers to a scan of several)."""
+  E = a_E.shape[0]
+  first_E = jnp.concatenate([jnp.ones((1,), bool), a_E[1:] != a_E[:-1]])
+  start_V = jnp.full((num_values,), E, jnp.int32).at[jnp.where(first_E, a_E, num_values)].set(
+      jnp.arange(E, dtype=jnp.int32), mode="drop")
+  v_V = jnp.arange(num_values)
+  return jnp.min(jnp.where(v_V[None, :] >= v_V[:, None], start_V[None, :], E), axis=1)
 
 
 def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, heads: int,
@@ -414,9 +431,16 @@ def _keyblock_plan(idx_BTGK: jax.Array, pos_BT: jax.Array, *, num_blocks: int, h
   # faster, 3.56 / 3.50 ms against 3.48 / 3.44 on an H100; removed.)
   blk_s, ent_s = jax.lax.sort((blk_BGE, ent_BGE), dimension=2, is_stable=True, num_keys=1)
   per_bg = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731
-  search = functools.partial(jnp.searchsorted, method=PLAN_SEARCH)
-  seg_BGJ1 = per_bg(lambda a: search(a, jnp.arange(J + 1, dtype=jnp.int32),
-                                     side="left"))(blk_s).astype(jnp.int32)
+  if PLAN_SEARCH not in PLAN_SEARCHES:
+    raise ValueError(f"nsa_pallas.PLAN_SEARCH must be one of {PLAN_SEARCHES}, got "
+                     f"{PLAN_SEARCH!r}")
+  search = functools.partial(jnp.searchsorted,
+                             method="compare_all" if PLAN_SEARCH == "runs" else PLAN_SEARCH)
+  if PLAN_SEARCH == "runs":
+    seg_BGJ1 = per_bg(lambda a: _sorted_run_starts(a, J + 1))(blk_s)
+  else:
+    seg_BGJ1 = per_bg(lambda a: search(a, jnp.arange(J + 1, dtype=jnp.int32),
+                                       side="left"))(blk_s).astype(jnp.int32)
   count_BGJ = seg_BGJ1[..., 1:] - seg_BGJ1[..., :-1]
   nch_BGJ = (count_BGJ + C - 1) // C
   cst_BGJ1 = jnp.concatenate([jnp.zeros((B, G, 1), jnp.int32),
