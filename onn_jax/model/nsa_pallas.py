@@ -387,8 +387,8 @@ def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
 # 3.18 / 3.21 ms against 3.31 / 3.32 at 32 x 2048, 4.20 / 4.17 against 4.34 / 4.30 at 8 x 8192;
 # the step 43.6 against 45.9 ms. The comparison reads the entries J+1 times (~2 GB at 1 x
 # 32768, untimed there). "runs" (untimed): each block's first entry by one scatter of the
-# runs' starts and a reverse running minimum (:func:`_sorted_run_starts`, O(T*K)), each
-# item's block by "compare_all" (M x (J+1) comparisons of a small array).
+# runs' starts and a masked minimum over the blocks (:func:`_sorted_run_starts`, O(T*K + J^2)),
+# each item's block by "compare_all" (M x (J+1) comparisons of a small array).
 PLAN_SEARCH = "compare_all"
 PLAN_SEARCHES = ("compare_all", "scan", "runs")
 
