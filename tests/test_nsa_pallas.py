@@ -498,7 +498,7 @@ def test_keyblock_plan_covers_every_pair_once(search, monkeypatch):
   """The key-major backward's items: every used (token, slot) sits in exactly one item slot,
   of an item of its own block, whose rows read that token's query heads at its position;
   padding rows are masked (position -1), after an item's real rows; the item count bound
-  holds. With either ``PLAN_SEARCH`` (the same integers: compared at the end)."""
+  holds. With each ``PLAN_SEARCH`` (the same integers: compared at the end)."""
   monkeypatch.setattr(nsa_pallas, "PLAN_SEARCH", search)
   rng = np.random.default_rng(3)
   B, T, G, K, J, R, C = 2, 7, 2, 3, 5, 2, 2
@@ -551,6 +551,7 @@ def test_sorted_run_starts_is_searchsorted(monkeypatch):
   PLAN_SEARCH is refused in one line."""
   rng = np.random.default_rng(4)
   cases = [np.array([2]), np.full(6, 0), np.full(6, 4), np.array([0, 0, 3, 3, 3, 4]),
+           np.array([0, 7, 7]),
            np.sort(rng.integers(1, 7, 40))]
   for a in cases:
     got = nsa_pallas._sorted_run_starts(jnp.asarray(a, jnp.int32), 8)
