@@ -53,8 +53,9 @@ FUSED_INPUT_PROJECTION = True
 # values are the compute dtype's either way and "compute" computes the same exact products
 # (float32 accumulation kept), as bfloat16 products where "float32" ran float32 ones: on an
 # H100 the 32 x 2048 layer's compressor backward ran ~100 us of float32 products (two cuBLAS
-# TF32 products and four Triton ones, docs/benchmarks.md session 31). Not yet timed on a GPU
-# (train.nsa_kernel_check variant cmp_grad_f32 restores the former).
+# TF32 products and four Triton ones, docs/benchmarks.md session 31). H100, session 32, the
+# layer back to back: 3.33 / 3.31 ms against 3.36 / 3.35 at 32 x 2048 (within the spread;
+# train.nsa_kernel_check variant cmp_grad_f32 restores the former).
 COMPRESSOR_COTANGENT = "compute"
 
 
