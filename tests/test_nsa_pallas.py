@@ -561,7 +561,7 @@ def test_sorted_run_starts_is_searchsorted(monkeypatch):
     nsa_pallas._keyblock_plan(jnp.zeros((1, 2, 1, 1), jnp.int32), jnp.zeros((1, 2), jnp.int32),
                               num_blocks=2, heads=1, chunk=2)
   assert str(err.value).splitlines()[0] == (
-      "nsa_pallas.PLAN_SEARCH must be one of ('compare_all', 'scan', 'runs'), got 'binary'")
+      "nsa_pallas.PLAN_SEARCH must be one of ('runs', 'compare_all', 'scan'), got 'binary'")
 
 
 def test_item_partials_sum_per_block_and_drop_dead_items():

@@ -164,9 +164,11 @@ VARIANTS = {
     "before_s31_all": dict(BRANCH_OUT_DTYPE="float32", FUSED_INPUT_PROJECTION=False,
                            COMPRESSOR_COTANGENT="float32", SELECTED_COMBINE_BARRIER=False),
     # Session 32: the key-major plan's searches as binary-search loops, or each block's first
-    # entry by a scatter of the runs' starts (PLAN_SEARCH).
+    # entry by a scatter of the runs' starts (PLAN_SEARCH; session 33's default), or by one
+    # comparison of every entry with every block (session 32's default).
     "plan_scan": dict(PLAN_SEARCH="scan"),
     "plan_runs": dict(PLAN_SEARCH="runs"),
+    "plan_compare_all": dict(PLAN_SEARCH="compare_all"),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
@@ -511,7 +513,8 @@ def main(argv=None) -> None:
                             "DEC_NUM_WARPS", "DEC_SEL_TILE", "KEY_FWD_NUM_STAGES",
                             "KEY_BWD_NUM_STAGES", "CHOICE_NUM_STAGES", "WIN_FWD_NUM_STAGES",
                             "WIN_BWD_NUM_STAGES", "DEC_NUM_STAGES",
-                            "CHOICE_OVERLAP_PRECISION", "CHOICE_INTERIOR_MIN_TILES")},
+                            "CHOICE_OVERLAP_PRECISION", "CHOICE_INTERIOR_MIN_TILES", "PLAN_SEARCH",
+                            "SELECTED_COMBINE_BARRIER")},
                  window=nsa.PALLAS_WINDOW, pallas_decode=nsa.PALLAS_DECODE)
 
   def save():

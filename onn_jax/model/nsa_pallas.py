@@ -380,18 +380,19 @@ def forward_impl(num_queries: int, num_slots: int, num_blocks: int) -> str:
 
 
 # How the key-major plan finds each block's entries among the sorted ones and each item's
-# block: jnp.searchsorted's "compare_all" (one fused comparison of every entry with every
-# boundary, J+1 of them, then a sum) or "scan" (before session 32: a binary search as a while
-# loop of ceil(log2(T*K + 1)) iterations, each a few small kernels and copies, its condition
-# read by the host). H100, jax 0.11.2, the arc1 NSA layer back to back (docs/benchmarks.md,
-# session 32): 3.18 / 3.21 ms against 3.31 / 3.32 at 32 x 2048, 4.20 / 4.17 against 4.34 /
-# 4.30 at 8 x 8192; the step 43.6 against 45.9 ms. The comparison reads the entries J+1
-# times (~2 GB at 1 x 32768, untimed there). "runs" (untimed): each block's first entry by
-# one scatter of the runs' starts and a masked minimum over the blocks
-# (:func:`_sorted_run_starts`, O(T*K + J^2)), each item's block by "compare_all" (M x (J+1)
-# comparisons of a small array).
-PLAN_SEARCH = "compare_all"
-PLAN_SEARCHES = ("compare_all", "scan", "runs")
+# block: "runs" (each block's first entry by one scatter of the runs' starts and a masked
+# minimum over the blocks, :func:`_sorted_run_starts`, O(T*K + J^2); each item's block by
+# "compare_all", M x (J+1) comparisons of a small array), jnp.searchsorted's "compare_all"
+# (one fused comparison of every entry with every boundary, J+1 of them, then a sum: it reads
+# the entries J+1 times, ~2 GB at 1 x 32768) or "scan" (before session 32: a binary search
+# as a while loop of ceil(log2(T*K + 1)) iterations, each a few small kernels and copies, its
+# condition read by the host). H100, jax 0.11.2, the arc1 NSA layer fwd+bwd back to back, twice
+# in one process (docs/benchmarks.md, session 33), runs / compare_all / scan: 3.17 / 3.24 /
+# 3.26 and 3.19 / 3.19 / 3.33 ms at 32 x 2048; 4.13 / 4.17 / 4.30 and 4.09 / 4.16 / 4.31 at
+# 8 x 8192; 3.98 / 4.15 / 4.03 and 3.93 / 4.18 / 4.09 at 1 x 32768 (session 32: compare_all
+# against scan, the step 43.6 against 45.9 ms at 32 x 2048).
+PLAN_SEARCH = "runs"
+PLAN_SEARCHES = ("runs", "compare_all", "scan")
 
 
 def _sorted_run_starts(a_E: jax.Array, num_values: int) -> jax.Array:
