@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -245,6 +246,98 @@ def test_non_finite_step_is_skipped_and_counted(trained_state):
   for a, b in zip(jax.tree.leaves((bad.params, bad.opt_state)),
                   jax.tree.leaves((new.params, new.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _leaf_grads(params, seed: int, scale: float):
+  leaves = jax.tree.leaves(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(jax.tree.structure(params), [
+      scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def _update(layout: str, cfg, state, grads, ok: bool = True):
+  """One _guarded_update under ``layout``, a fresh jitted function for each call (the setting
+  is read at trace time)."""
+  old = steps.UPDATE_LAYOUT
+  steps.UPDATE_LAYOUT = layout
+  try:
+    return jax.jit(lambda s, g: steps._guarded_update(s, g, jnp.bool_(ok), cfg))(state, grads)
+  finally:
+    steps.UPDATE_LAYOUT = old
+
+
+@pytest.mark.parametrize("scale", [1e-4, 30.0])
+def test_flat_update_is_the_tree_update(trained_state, scale):
+  """UPDATE_LAYOUT="flat" (one ravelled vector) gives the tree update's state, same structure:
+  while the gradients are under train.grad_clip every entry goes through the same operations
+  (compiled apart, a last bit may round differently: a few float32 ulps of the leaf's scale);
+  clipped, the clip scale's global norm is summed in another order (a tree reduction of n
+  squares: ~log2(n) roundings), carried into the moments (squared into the second one) and
+  the update."""
+  cfg, _, _, state = trained_state
+  grads = _leaf_grads(state.params, 3, scale)
+  norm = float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+  assert (norm > cfg.train.grad_clip) == (scale > 1)  # both regimes really tested
+  tree, lr_t, fin_t = _update("tree", cfg, state, grads)
+  flat, lr_f, fin_f = _update("flat", cfg, state, grads)
+  assert bool(fin_t) and bool(fin_f) and float(lr_t) == float(lr_f)
+  assert jax.tree.structure(tree) == jax.tree.structure(flat)
+  n = sum(x.size for x in jax.tree.leaves(state.params))
+  ulps = 4 * (np.ceil(np.log2(n)) if scale > 1 else 1)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(flat)):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind != "f" or not a.size:  # the step count, the counters
+      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    else:  # relative to the leaf's scale: entries near 0 come from cancellations
+      bound = ulps * np.finfo(np.float32).eps * np.max(np.abs(a))
+      assert np.max(np.abs(a - b)) <= bound, (jax.tree_util.keystr(path),
+                                               np.max(np.abs(a - b)), bound)
+
+
+def test_flat_update_skips_like_the_tree_update(trained_state):
+  """Under UPDATE_LAYOUT="flat" a step whose gradients are not finite (``ok`` false), or whose
+  new parameters are not (lr = inf), changes nothing but the counters, as the tree path; an
+  unknown layout is refused in one line."""
+  cfg, _, _, state = trained_state
+  grads = _leaf_grads(state.params, 4, 1e-3)
+  inf_lr = dataclasses.replace(cfg, train=dataclasses.replace(
+      cfg.train, learning_rate=float("inf"), warmup_steps=0))
+  for c, ok in ((cfg, False), (inf_lr, True)):
+    new, _, finite = _update("flat", c, state, grads, ok)
+    assert not bool(finite) and int(new.nonfinite) == 1 and int(new.skipped) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.ema)),
+                    jax.tree.leaves((new.params, new.opt_state, new.ema))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError) as err:
+    _update("ravel", cfg, state, grads)
+  assert str(err.value).splitlines()[0] == (
+      "steps.UPDATE_LAYOUT must be one of ('tree', 'flat'), got 'ravel'")
+
+
+def test_flat_update_trains_as_the_tree_update(trained_state):
+  """Whole teacher-forcing steps under either layout (the update inside the jitted step), from
+  the same state and batches: the first step's loss is the same number (its gradient norm is
+  summed over the ravelled vector under "flat": a few roundings apart), the next two steps'
+  losses and norms agree to float32 accumulation over the tiny model's sums (parameters a few
+  ulps apart, as above; not the parameters themselves: Adam divides by the second moment,
+  which for entries whose gradients are near 0 turns an ulp of gradient into a visible update)."""
+  cfg, model, stream, state = trained_state
+  out = {}
+  for layout in ("tree", "flat"):
+    old = steps.UPDATE_LAYOUT
+    steps.UPDATE_LAYOUT = layout
+    try:
+      step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg))
+      s, losses = state, []
+      for i in range(3):
+        s, m = step(s, stream.batch(10 + i))
+        losses.append((float(m["loss"]), float(m["grad_norm"])))
+    finally:
+      steps.UPDATE_LAYOUT = old
+    out[layout] = (s, losses)
+  assert out["flat"][1][0][0] == out["tree"][1][0][0]
+  np.testing.assert_allclose(out["flat"][1], out["tree"][1], rtol=1e-5)
+  assert int(out["flat"][0].step) == int(out["tree"][0].step) == int(state.step) + 3
 
 
 def test_repeated_non_finite_steps_stop_the_run(tmp_path, capsys):
