@@ -104,19 +104,23 @@ def _tree_where(pred, a, b):
 # clip and AdamW as make_optimizer chains them), or "flat": the same arithmetic on one vector
 # (gradients, parameters, Adam's moments and the EMA ravelled, each a concatenation; the
 # results unravelled into the same trees), so the state, the checkpoints and every other user
-# of the trees are unchanged; the gradients' global norm (_grad_norm) is then summed over
-# the ravelled vector, in another order (its last bits may differ), and every entry goes
-# through the same operations (compiled apart, a last bit may round differently).
+# of the trees are unchanged. The gradients' global norm, the logged one (_grad_norm, which
+# the non-finite guard reads) and the clip's, is then summed over the ravelled vector, in
+# another order (its last bits may differ); every entry goes through the same operations
+# (compiled apart, a last bit may round differently). _flat_update restates make_optimizer's
+# chain (adamw's defaults: eps 1e-8, no nesterov, the moments in the parameters' dtype):
+# change both together (the tests compare the two layouts).
 # At arc1's 141 leaves the tree update launches a few small kernels a leaf (the norms, the
 # finiteness reductions, the updates and the selects): compiled for sm_90 without a GPU, the
-# arc1 step's program holds 1662 kernels and copies with "tree", 1142 with "flat". H100, jax
-# 0.11.2, session 33 (docs/bench/optimizer_flat_dev.py; raw
-# docs/bench/optimizer_flat_h100_2026-12-06.json): the tree update alone, donated and queued
-# back to back on arc1's state, 3.30 / 4.14 ms against 1.41 / 0.94 for the flat arithmetic
-# with the moments and the EMA kept flat (a bound for "flat", which ravels and unravels them
-# every step: ~1.3 GB more to move). The arc1 step is ~41.5 ms. Not yet timed in the step
-# (train_variants_dev.py ",update_flat"), hence "tree"; on the CPU (configs/default.yaml, 2
-# cores), where launches cost little, "flat" is the slower: 1.07-1.11 ms against 0.66-0.78.
+# arc1 step's program holds 1662 kernels and copies with "tree", 1142 with "flat"
+# (docs/bench/step_kernels_update_layout_sm90_2026-12-06.json). H100, jax 0.11.2, session 33
+# (docs/bench/optimizer_flat_dev.py; raw docs/bench/optimizer_flat_h100_2026-12-06.json): the
+# tree update alone, donated and queued back to back on arc1's state, 3.30 / 4.14 ms against
+# 1.41 / 0.94 for the flat arithmetic with the moments and the EMA kept flat (a bound for
+# "flat", which ravels and unravels them every step: ~1.3 GB more to move); the arc1 step
+# takes ~41.5 ms. Not yet timed in the step (train_variants_dev.py ",update_flat"), hence
+# "tree"; on the CPU (configs/default.yaml, 2 cores), where launches cost little, "flat" is
+# the slower: 1.07-1.11 ms against 0.66-0.78 (docs/bench/optimizer_flat_cpu_2026-12-06.json).
 # A tree of mixed dtypes always runs "tree".
 UPDATE_LAYOUT = "tree"
 UPDATE_LAYOUTS = ("tree", "flat")

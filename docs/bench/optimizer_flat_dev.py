@@ -1,14 +1,15 @@
 """Session 33 dev: what the optimizer update costs in a step, and what one flat vector would.
 
 `steps._guarded_update` (clip, AdamW, the non-finite guard, the EMA) runs leaf by leaf over the
-model's parameter tree (arc1: ~180 leaves, so ~450 small kernels a step: the norms, the
-finiteness reductions, the updates and selects). Timed back to back, donated and carried as a
+model's parameter tree (arc1: 141 leaves, a few small kernels each a step: the norms, the
+finiteness reductions, the updates and the selects). Timed back to back, donated and carried as a
 training loop runs it, against the same arithmetic on one flat vector: the gradients and the
 parameters ravelled (one concatenation each), the moments and the EMA kept flat, the new
 parameters unravelled. Same optimizer settings (cfg.train), weight decay on every entry (the
 flat form's mask is not modelled: a timing, not a result); and "setting", what
 steps.UPDATE_LAYOUT="flat" runs (the moments and the EMA ravelled and unravelled every step,
-so the state keeps its trees). Usage:
+so the state keeps its trees; added after session 33's H100 run, whose raw file has "tree" and
+"flat" only). Usage:
 CONFIG=configs/arc1.yaml python docs/bench/optimizer_flat_dev.py (writes
 $OUT/optimizer_flat_dev.json)."""
 import json, os
