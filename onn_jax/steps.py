@@ -162,10 +162,10 @@ def _flat_update(state: TrainState, grads, ok, lr, cfg: Config):
     e = jax.flatten_util.ravel_pytree(ema)[0]
     d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
     ema = unravel(jnp.where(finite, (d * e + (1 - d) * p).astype(e.dtype), e))
+  # The moments mirror the parameters' tree and (_flat_layout) dtype: the same unravel.
   clip_state, (_, *rest) = state.opt_state
-  moments = jax.flatten_util.ravel_pytree(adam.mu)[1]
-  opt_state = (clip_state, (optax.ScaleByAdamState(count=count, mu=moments(mu),
-                                                   nu=moments(nu)), *rest))
+  opt_state = (clip_state, (optax.ScaleByAdamState(count=count, mu=unravel(mu),
+                                                   nu=unravel(nu)), *rest))
   return unravel(p), opt_state, ema, finite
 
 
