@@ -12,7 +12,6 @@ from typing import Any
 
 import flax.struct
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -100,120 +99,28 @@ def _tree_where(pred, a, b):
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-# How _guarded_update runs the optimizer: "tree", leaf by leaf over the parameter tree (optax's
-# clip and AdamW as make_optimizer chains them), or "flat": the same arithmetic on one vector
-# (gradients, parameters, Adam's moments and the EMA ravelled, each a concatenation; the
-# results unravelled into the same trees), so the state, the checkpoints and every other user
-# of the trees are unchanged. The gradients' global norm, the logged one (_grad_norm, which
-# the non-finite guard reads) and the clip's, is then summed over the ravelled vector, in
-# another order (its last bits may differ); every entry goes through the same operations
-# (compiled apart, a last bit may round differently). _flat_update restates make_optimizer's
-# chain (adamw's defaults: eps 1e-8, no nesterov, the moments in the parameters' dtype):
-# change both together (the tests compare the two layouts).
-# At arc1's 141 leaves the tree update launches a few small kernels a leaf (the norms, the
-# finiteness reductions, the updates and the selects): compiled for sm_90 without a GPU, the
-# arc1 step's program holds 1662 kernels and copies with "tree", 1142 with "flat"
-# (docs/bench/step_kernels_update_layout_sm90_2026-12-06.json). H100, jax 0.11.2, session 33
-# (docs/bench/optimizer_flat_dev.py; raw docs/bench/optimizer_flat_h100_2026-12-06.json): the
-# tree update alone, donated and queued back to back on arc1's state, 3.30 / 4.14 ms against
-# 1.41 / 0.94 for the flat arithmetic with the moments and the EMA kept flat (a bound for
-# "flat", which ravels and unravels them every step: ~1.3 GB more to move); the arc1 step
-# takes ~41.5 ms. Not yet timed in the step (train_variants_dev.py ",update_flat"), hence
-# "tree"; on the CPU (configs/default.yaml, 2 cores), where launches cost little, "flat" is
-# the slower: 1.07-1.11 ms against 0.66-0.78 (docs/bench/optimizer_flat_cpu_2026-12-06.json).
-# A tree of mixed dtypes always runs "tree".
-UPDATE_LAYOUT = "tree"
-UPDATE_LAYOUTS = ("tree", "flat")
-
-
-def _adam_state(opt_state):
-  """make_optimizer's chain state: (clip's, (Adam's, the masked decay's, the scale's))."""
-  adam = opt_state[1][0]
-  if not isinstance(adam, optax.ScaleByAdamState):
-    raise TypeError(f"steps: expected make_optimizer's state, got {type(adam).__name__} where "
-                    "Adam's belongs")
-  return adam
-
-
-def _flat_update(state: TrainState, grads, ok, lr, cfg: Config):
-  """``_guarded_update``'s arithmetic on ravelled vectors (UPDATE_LAYOUT="flat"): returns
-  (params, opt_state, ema, finite) as the tree path does."""
-  t = cfg.train
-  p, unravel = jax.flatten_util.ravel_pytree(state.params)
-  g = jax.flatten_util.ravel_pytree(grads)[0].astype(p.dtype)
-  adam = _adam_state(state.opt_state)
-  mu, nu = (jax.flatten_util.ravel_pytree(x)[0] for x in (adam.mu, adam.nu))
-  g, _ = optax.clip_by_global_norm(t.grad_clip).update(g, optax.EmptyState())
-  u, new_adam = optax.scale_by_adam(b1=t.b1, b2=t.b2).update(
-      g, optax.ScaleByAdamState(count=adam.count, mu=mu, nu=nu))
-  # add_decayed_weights on decay_mask's leaves, then scale_by_learning_rate(1.0), as the
-  # chain does per leaf; the step's rate and apply_updates as the tree path does.
-  decay = jnp.concatenate([jnp.full(x.size, keep) for x, keep in
-                           zip(jax.tree.leaves(state.params),
-                               jax.tree.leaves(decay_mask(state.params)))])
-  u = jnp.where(decay, u + t.weight_decay * p, u)
-  new_p = (p + lr * (-1.0 * u)).astype(p.dtype)
-  finite = ok & jnp.all(jnp.isfinite(new_p))
-  p = jnp.where(finite, new_p, p)
-  mu, nu = (jnp.where(finite, a, b) for a, b in ((new_adam.mu, mu), (new_adam.nu, nu)))
-  count = jnp.where(finite, new_adam.count, adam.count)
-  ema = state.ema
-  if cfg.train.ema_decay > 0:
-    e = jax.flatten_util.ravel_pytree(ema)[0]
-    d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
-    ema = unravel(jnp.where(finite, (d * e + (1 - d) * p).astype(e.dtype), e))
-  # The moments mirror the parameters' tree and (_flat_layout) dtype: the same unravel.
-  clip_state, (_, *rest) = state.opt_state
-  opt_state = (clip_state, (optax.ScaleByAdamState(count=count, mu=unravel(mu),
-                                                   nu=unravel(nu)), *rest))
-  return unravel(p), opt_state, ema, finite
-
-
-def _flat_layout(state: TrainState) -> bool:
-  """Whether the update runs on ravelled vectors: UPDATE_LAYOUT="flat" and one dtype for the
-  parameters, Adam's moments and the EMA (ravelling mixed dtypes would promote them)."""
-  if UPDATE_LAYOUT not in UPDATE_LAYOUTS:
-    raise ValueError(f"steps.UPDATE_LAYOUT must be one of {UPDATE_LAYOUTS}, got "
-                     f"{UPDATE_LAYOUT!r}")
-  if UPDATE_LAYOUT != "flat":
-    return False
-  leaves = jax.tree.leaves((state.params, _adam_state(state.opt_state).mu, state.ema))
-  return len({x.dtype for x in leaves}) <= 1
-
-
-def _grad_norm(grads, flat: bool) -> jax.Array:
-  """The gradients' global L2 norm in float32: leaf by leaf, or (``flat``) over the ravelled
-  vector that the flat update reads (one reduction instead of one a leaf)."""
-  if flat:
-    g = jax.flatten_util.ravel_pytree(grads)[0].astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(g)))
-  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                      for g in jax.tree.leaves(grads)))
-
-
+# Tried, not kept (session 33-34, H100): the update on one ravelled vector (gradients,
+# parameters, Adam's moments and the EMA concatenated, the results unravelled into the same
+# trees). Alone it costs what the tree update does (2.65 against 2.74 ms back to back; 0.94 with
+# the moments and the EMA kept flat in the state, which would change the checkpoints' layout),
+# and the arc1 step took 0.5 ms longer with it (docs/benchmarks.md, session 34).
 def _guarded_update(state: TrainState, grads, ok, cfg: Config
                     ) -> tuple[TrainState, jax.Array, jax.Array]:
   """AdamW step at the schedule's rate unless ``ok`` is false or the new parameters are not
   finite (an overflowing update from finite gradients); then the step is skipped and counted.
-  Returns ``(state, lr, finite)``; ``state.step`` advances either way. ``UPDATE_LAYOUT``: leaf
-  by leaf or on one ravelled vector, the same state either way."""
+  Returns ``(state, lr, finite)``; ``state.step`` advances either way."""
   lr = learning_rate_schedule(cfg)(state.step)
-  if _flat_layout(state):
-    params, opt_state, ema, finite = _flat_update(state, grads, ok, lr, cfg)
-  else:
-    updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    finite = ok & jnp.all(jnp.array([jnp.all(jnp.isfinite(p))
-                                     for p in jax.tree.leaves(new_params)]))
-    params = _tree_where(finite, new_params, state.params)
-    ema = state.ema
-    if cfg.train.ema_decay > 0:
-      d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
-      ema = _tree_where(finite, jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype),
-                                             ema, params), ema)
-    opt_state = _tree_where(finite, new_opt, state.opt_state)
+  updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+  finite = ok & jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+  params = _tree_where(finite, new_params, state.params)
+  ema = state.ema
+  if cfg.train.ema_decay > 0:
+    d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
+    ema = _tree_where(finite, jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype),
+                                           ema, params), ema)
   state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state,
+      step=state.step + 1, params=params, opt_state=_tree_where(finite, new_opt, state.opt_state),
       ema=ema, nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
       skipped=state.skipped + (~finite).astype(jnp.int32))
   return state, lr, finite
@@ -233,7 +140,8 @@ def _finish_step(state: TrainState, grads, report: dict, aux, *, cfg: Config, ax
   """The end of every training step: reduce the gradients and routing counts over devices,
   update unless anything is non-finite, count the routing window, book the metrics."""
   grads = objectives.psum(grads, axis_name)
-  grad_norm = _grad_norm(grads, _flat_layout(state))
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                          for g in jax.tree.leaves(grads)))
   ok = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
   state, lr, finite = _guarded_update(state, grads, ok, cfg)
   routing = _reduce_routing(aux, axis_name)

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import steps
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.attention import nsa as nsa_layer
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
@@ -52,9 +51,8 @@ def parse_geometry(text: str) -> dict[str, int]:
 
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
-# Variants: module settings of nsa_pallas (the kernels), of nsa (the branches' paths), of
-# the NSA layer's module (onn_jax.model.attention.nsa: its projections) or of onn_jax.steps:
-# SETTING_MODULES.
+# Variants: module settings of nsa_pallas (the kernels), of nsa (the branches' paths) or of
+# the NSA layer's module (onn_jax.model.attention.nsa: its projections): SETTING_MODULES.
 VARIANTS = {
     "keyblock": dict(DKDV_REDUCE="partials", KEY_CHUNK=16),
     "keyblock_c32": dict(DKDV_REDUCE="partials", KEY_CHUNK=32),
@@ -171,8 +169,6 @@ VARIANTS = {
     "plan_scan": dict(PLAN_SEARCH="scan"),
     "plan_runs": dict(PLAN_SEARCH="runs"),
     "plan_compare_all": dict(PLAN_SEARCH="compare_all"),
-    # Session 33: the optimizer update on ravelled vectors (steps.UPDATE_LAYOUT; the step only).
-    "update_flat": dict(UPDATE_LAYOUT="flat"),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
@@ -180,19 +176,19 @@ VARIANTS = {
 DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES"}
 
 
-# The modules whose constants a variant may set (steps: the train step's optimizer update).
-SETTING_MODULES = (nsa, nsa_pallas, nsa_layer, steps)
+# The modules whose constants a variant may set.
+SETTING_MODULES = (nsa, nsa_pallas, nsa_layer)
 
 
 def variant(name: str | None):
-  """Sets the module settings of ``name`` (of nsa_pallas, nsa, the NSA layer's module or
-  steps) while programs are traced."""
+  """Sets the module settings of ``name`` (of nsa_pallas, nsa or the NSA layer's module) while
+  programs are traced."""
   return module_settings(**(VARIANTS[name] if name else {}))
 
 
 @contextlib.contextmanager
 def module_settings(**settings):
-  """Sets these module constants of nsa, nsa_pallas, the NSA layer's module or steps (e.g.
+  """Sets these module constants of nsa, nsa_pallas or the NSA layer's module (e.g.
   ``KEY_TILE=64``) for the block."""
   owner = {k: next((m for m in SETTING_MODULES if hasattr(m, k)), nsa_pallas) for k in settings}
   old = {k: getattr(owner[k], k) for k in settings}

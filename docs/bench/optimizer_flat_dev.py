@@ -1,4 +1,6 @@
 """Session 33 dev: what the optimizer update costs in a step, and what one flat vector would.
+Its "setting" arm needs steps.UPDATE_LAYOUT, removed in session 34 (the flat update made the
+arc1 step 0.5 ms slower on an H100): run it at commit 5f14626; the other two run anywhere.
 
 `steps._guarded_update` (clip, AdamW, the non-finite guard, the EMA) runs leaf by leaf over the
 model's parameter tree (arc1: 141 leaves, a few small kernels each a step: the norms, the
@@ -68,8 +70,10 @@ def flat_update(s, g):
 p0, _ = ravel_pytree(state.params)
 flat_state = (state.params, jnp.zeros_like(p0), jnp.zeros_like(p0), p0, state.step)
 for _ in range(2):
-  for name, fn, s in (("tree", tree_update, state), ("flat", flat_update, flat_state),
-                      ("setting", setting_update, state)):
+  arms = [("tree", tree_update, state), ("flat", flat_update, flat_state)]
+  if hasattr(steps, "UPDATE_LAYOUT"):
+    arms.append(("setting", setting_update, state))
+  for name, fn, s in arms:
     s = jax.tree.map(jnp.copy, s)  # each its own buffers: the call donates them
     timing, _ = bench.benchmark(fn, (s, grads), warmup=bench.FULL_SIZES.warmup,
                                 iters=bench.FULL_SIZES.iters, donate=(0,), carry=True,

@@ -8,6 +8,8 @@ import sys, re, functools, jax
 from onn_jax import config, steps
 from onn_jax.model import nsa
 from train import kernel_count as kc, bench
+if not hasattr(steps, "UPDATE_LAYOUT"):
+  sys.exit("steps.UPDATE_LAYOUT was removed in session 34: run this at commit 5f14626")
 steps.UPDATE_LAYOUT = sys.argv[1]
 dev, how = kc.gpu_device()
 cfg = config.load("configs/arc1.yaml")
