@@ -108,21 +108,26 @@ def _guarded_update(state: TrainState, grads, ok, cfg: Config
                     ) -> tuple[TrainState, jax.Array, jax.Array]:
   """AdamW step at the schedule's rate unless ``ok`` is false or the new parameters are not
   finite (an overflowing update from finite gradients); then the step is skipped and counted.
-  Returns ``(state, lr, finite)``; ``state.step`` advances either way."""
-  lr = learning_rate_schedule(cfg)(state.step)
-  updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-  finite = ok & jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
-  params = _tree_where(finite, new_params, state.params)
-  ema = state.ema
-  if cfg.train.ema_decay > 0:
-    d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
-    ema = _tree_where(finite, jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype),
-                                           ema, params), ema)
-  state = state.replace(
-      step=state.step + 1, params=params, opt_state=_tree_where(finite, new_opt, state.opt_state),
-      ema=ema, nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
-      skipped=state.skipped + (~finite).astype(jnp.int32))
+  Returns ``(state, lr, finite)``; ``state.step`` advances either way. Its operations carry
+  the name scope ``optimizer``, so a profile (``train.bench --profile``) books their kernels
+  there."""
+  with jax.named_scope("optimizer"):
+    lr = learning_rate_schedule(cfg)(state.step)
+    updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+    finite = ok & jnp.all(jnp.array([jnp.all(jnp.isfinite(p))
+                                     for p in jax.tree.leaves(new_params)]))
+    params = _tree_where(finite, new_params, state.params)
+    ema = state.ema
+    if cfg.train.ema_decay > 0:
+      d = ema_decay_at(cfg.train.ema_decay, state.step + 1)
+      ema = _tree_where(finite, jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype),
+                                             ema, params), ema)
+    state = state.replace(
+        step=state.step + 1, params=params,
+        opt_state=_tree_where(finite, new_opt, state.opt_state),
+        ema=ema, nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+        skipped=state.skipped + (~finite).astype(jnp.int32))
   return state, lr, finite
 
 
@@ -140,8 +145,9 @@ def _finish_step(state: TrainState, grads, report: dict, aux, *, cfg: Config, ax
   """The end of every training step: reduce the gradients and routing counts over devices,
   update unless anything is non-finite, count the routing window, book the metrics."""
   grads = objectives.psum(grads, axis_name)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                          for g in jax.tree.leaves(grads)))
+  with jax.named_scope("optimizer"):  # the global norm the guard reads (a profile's scope)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                            for g in jax.tree.leaves(grads)))
   ok = jnp.isfinite(report["loss"]) & jnp.isfinite(grad_norm)
   state, lr, finite = _guarded_update(state, grads, ok, cfg)
   routing = _reduce_routing(aux, axis_name)

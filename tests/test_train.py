@@ -247,6 +247,20 @@ def test_non_finite_step_is_skipped_and_counted(trained_state):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_optimizer_ops_carry_their_scope(trained_state):
+  """The update's and the gradient norm's operations are named under ``optimizer`` in the
+  step's program (``train.bench --profile`` books kernels by their name scope). Read from the
+  lowered program's locations: a compiled program may come from JAX's compilation cache,
+  whose key leaves op names out."""
+  cfg, model, stream, state = trained_state
+  text = jax.jit(lambda s, b: steps.train_step(s, b, model=model, cfg=cfg)).lower(
+      state, stream.batch(0)).as_text(debug_info=True)
+  names = set(re.findall(r'loc\("([^"]+)"', text))
+  mine = {n.split("optimizer/", 1)[1] for n in names if "/optimizer/" in n}
+  assert {"is_finite", "sqrt", "select_n"} <= mine, sorted(mine)
+  assert any("/block_0/" in n and "/optimizer/" not in n for n in names)
+
+
 def test_repeated_non_finite_steps_stop_the_run(tmp_path, capsys):
   cfg = tiny_config(train={"learning_rate": 1e30, "warmup_steps": 0, "grad_clip": 1e30,
                            "pretrain_steps": 6, "max_nonfinite": 2},
