@@ -257,7 +257,10 @@ def test_optimizer_ops_carry_their_scope(trained_state):
       state, stream.batch(0)).as_text(debug_info=True)
   names = set(re.findall(r'loc\("([^"]+)"', text))
   mine = {n.split("optimizer/", 1)[1] for n in names if "/optimizer/" in n}
-  assert {"is_finite", "sqrt", "select_n"} <= mine, sorted(mine)
+  # The guard's (is_finite, select_n) and the logged norm's (square: optax squares otherwise).
+  assert {"is_finite", "select_n", "square"} <= mine, sorted(mine)
+  assert not [n for n in names if n.endswith("/square") and "Transformer" not in n
+              and "/optimizer/" not in n]
   assert any("/block_0/" in n and "/optimizer/" not in n for n in names)
 
 

@@ -1,4 +1,6 @@
-"""Session 33 dev: the arc1 teacher-forcing step compiled for sm_90 without a GPU (jax with
+"""Session 33 dev (needs commit 5f14626: steps.UPDATE_LAYOUT was removed in session 34, the
+flat update being slower in the step): the arc1 teacher-forcing step compiled for sm_90
+without a GPU (jax with
 jax-cuda13-plugin, no device: train.kernel_count.gpu_device), under steps.UPDATE_LAYOUT=ARG
 (tree or flat); prints the entry computation's kernels (fusions, library calls, copies), those
 outside the model (the optimizer update, the norms, the guard) by op name, and the copies.
