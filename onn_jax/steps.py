@@ -106,17 +106,22 @@ def _tree_where(pred, a, b):
 # and the arc1 step took 0.5 ms longer with it (docs/benchmarks.md, session 34).
 def _guarded_update(state: TrainState, grads, ok, cfg: Config
                     ) -> tuple[TrainState, jax.Array, jax.Array]:
-  """AdamW step at the schedule's rate unless ``ok`` is false or the new parameters are not
-  finite (an overflowing update from finite gradients); then the step is skipped and counted.
-  Returns ``(state, lr, finite)``; ``state.step`` advances either way. Its operations carry
-  the name scope ``optimizer``, so a profile (``train.bench --profile``) books their kernels
-  there."""
+  """AdamW step at the schedule's rate unless ``ok`` (finite loss and gradients) is false or
+  the rate is not finite; then the step is skipped and counted. Returns ``(state, lr,
+  finite)``; ``state.step`` advances either way. Its operations carry the name scope
+  ``optimizer``, so a profile (``train.bench --profile``) books their kernels there.
+
+  The guard reads scalars only (the new parameters are not checked leaf by leaf), so that XLA
+  can fuse its selects into the update's own passes. From finite gradients at a finite rate an
+  AdamW step is finite: each element moves by at most ``lr * (G / eps + weight_decay * |p|)``,
+  G the clip or the finite global norm (below 2e19), eps optax's 1e-8. What could still grow
+  without bound (``lr * weight_decay > 2``) makes the loss non-finite first, and a checkpoint
+  holding non-finite values is never restored (``checkpoint._restore_step``)."""
   with jax.named_scope("optimizer"):
     lr = learning_rate_schedule(cfg)(state.step)
+    finite = ok & jnp.isfinite(lr)
     updates, new_opt = make_optimizer(cfg).update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    finite = ok & jnp.all(jnp.array([jnp.all(jnp.isfinite(p))
-                                     for p in jax.tree.leaves(new_params)]))
     params = _tree_where(finite, new_params, state.params)
     ema = state.ema
     if cfg.train.ema_decay > 0:

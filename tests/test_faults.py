@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -369,8 +370,9 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
 
 # -- non-finite numbers --------------------------------------------------------------------------
 
-def test_non_finite_parameters_skip_the_step(saved_states):
-  """Loss and gradients are finite, the update is not: the step is skipped like a NaN loss."""
+def test_non_finite_rate_skips_the_step(saved_states):
+  """Loss and gradients are finite, the rate (so the update) is not: the step is skipped like a
+  NaN loss."""
   cfg, states, _ = saved_states
   unchecked = dataclasses.replace(cfg, train=dataclasses.replace(
       cfg.train, learning_rate=float("inf"), warmup_steps=0))  # what validation now refuses
@@ -383,6 +385,27 @@ def test_non_finite_parameters_skip_the_step(saved_states):
   for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
                   jax.tree.leaves((new.params, new.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_update_guard_reads_scalars_only(saved_states):
+  """The skip decision is taken from scalars (the loss, the gradients' norm, the rate), never
+  from a reduction over the new parameters, so that XLA can fuse the guard's selects into the
+  update (steps._guarded_update). Fails if a per-leaf check of the update comes back."""
+  cfg, states, _ = saved_states
+  state = states[2]
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  jaxpr = jax.make_jaxpr(lambda s, g: steps._guarded_update(s, g, jnp.bool_(True), cfg))(
+      state, grads)
+
+  def finiteness_checks(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "is_finite":
+        yield eqn.invars[0].aval.shape
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from finiteness_checks(sub)
+
+  shapes = list(finiteness_checks(jaxpr.jaxpr))
+  assert shapes == [()], shapes
 
 
 @pytest.mark.parametrize("override,culprit", [
