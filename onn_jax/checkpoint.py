@@ -38,20 +38,39 @@ def manager(directory: str | Path, keep: int = 3, async_save: bool = True, *,
   return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def state_digest(state: Any) -> str:
-  """CRC-32 of every leaf's path and bytes, in path order (so a dataclass state and the
-  nested dicts a checkpoint reads back agree): a restored state that differs is damaged."""
+def _host_leaves(state: Any) -> list[tuple[str, np.ndarray]]:
+  """Every leaf on the host, by path ("params/...") in path order (so a dataclass state and
+  the nested dicts a checkpoint reads back agree)."""
+  return [("/".join(key), np.ascontiguousarray(host_value(leaf))) for key, leaf in sorted(
+      (_leaf_key(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0])]
+
+
+def _digest(leaves: list[tuple[str, np.ndarray]]) -> str:
+  """CRC-32 of every leaf's path and bytes, in path order: a restored state that differs is
+  damaged."""
   crc = 0
-  for key, leaf in sorted((_leaf_key(p), x)
-                          for p, x in jax.tree_util.tree_flatten_with_path(state)[0]):
-    crc = zlib.crc32("/".join(key).encode(), crc)
-    crc = zlib.crc32(np.ascontiguousarray(host_value(leaf)).tobytes(), crc)
+  for key, value in leaves:
+    crc = zlib.crc32(key.encode(), crc)
+    crc = zlib.crc32(value.tobytes(), crc)
   return f"{crc:08x}"
 
 
+def _non_finite(leaves: list[tuple[str, np.ndarray]]) -> str | None:
+  """The path of the first floating-point leaf holding a NaN or an infinity, or None."""
+  return next((key for key, value in leaves if jax.numpy.issubdtype(value.dtype,
+               jax.numpy.inexact) and not np.isfinite(value).all()), None)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict) -> None:
-  """Saves ``state`` and ``record`` (plus the state's digest) at ``step``."""
-  record = {**record, "digest": state_digest(state)}
+  """Saves ``state`` and ``record`` (plus the state's digest) at ``step``. A state holding
+  non-finite values is not written (CheckpointError naming the leaf): it could never be
+  restored, and written it would push an intact checkpoint out of the kept ones."""
+  leaves = _host_leaves(state)
+  bad = _non_finite(leaves)
+  if bad is not None:
+    raise CheckpointError(f"the state at step {step} holds non-finite values in {bad}; not "
+                          f"checkpointed (the checkpoints in {mngr.directory} are kept)")
+  record = {**record, "digest": _digest(leaves)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           record=ocp.args.JsonSave(record)), force=True)
 
@@ -111,11 +130,12 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Any) -> tupl
   except Exception as err:  # noqa: BLE001 -- the tree fits (checked), so this is damage
     raise _Damaged(f"it cannot be read: {_first_line(err, 100)}") from err
   digest = record.pop("digest", None)
-  if digest is not None and state_digest(out["state"]) != digest:
+  leaves = _host_leaves(out["state"])
+  if digest is not None and _digest(leaves) != digest:
     raise _Damaged("its arrays do not match the digest written with them")
-  if not all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(out["state"])
-             if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)):
-    raise _Damaged("it holds non-finite values")
+  bad = _non_finite(leaves)
+  if bad is not None:
+    raise _Damaged(f"it holds non-finite values ({bad})")
   return out["state"], record
 
 

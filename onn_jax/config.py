@@ -427,8 +427,10 @@ def validate(cfg: Config) -> Config:
            f"train.ema_decay: must be in [0, 1) in float32, got {t.ema_decay}")
   _require(t.grad_clip > 0, f"train.grad_clip: must be positive, got {t.grad_clip}")
   _require(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
-  for key in ("b1", "b2"):
-    _require(0 <= getattr(t, key) < 1, f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+  for key in ("b1", "b2"):  # in float32 too: Adam's bias correction 1 - b^t must not be 0
+    b = getattr(t, key)
+    _require(0 <= b < 1 and np.float32(b) < 1, f"train.{key}: must be in [0, 1) in float32, "
+             f"got {b}")
   _require(t.max_nonfinite > 0, f"train.max_nonfinite: must be positive, got "
            f"{t.max_nonfinite}")
   _require(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")

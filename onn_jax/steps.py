@@ -111,12 +111,16 @@ def _guarded_update(state: TrainState, grads, ok, cfg: Config
   finite)``; ``state.step`` advances either way. Its operations carry the name scope
   ``optimizer``, so a profile (``train.bench --profile``) books their kernels there.
 
-  The guard reads scalars only (the new parameters are not checked leaf by leaf), so that XLA
-  can fuse its selects into the update's own passes. From finite gradients at a finite rate an
-  AdamW step is finite: each element moves by at most ``lr * (G / eps + weight_decay * |p|)``,
-  G the clip or the finite global norm (below 2e19), eps optax's 1e-8. What could still grow
-  without bound (``lr * weight_decay > 2``) makes the loss non-finite first, and a checkpoint
-  holding non-finite values is never restored (``checkpoint._restore_step``)."""
+  The guard reads scalars only (the parameters are not checked leaf by leaf), so that XLA can
+  fuse its selects into the update's own passes. From finite gradients at a finite rate an
+  AdamW step moves each element by at most ``lr * (G / eps + weight_decay * |p|)``: G is the
+  clip, or the gradients' largest entry (below 1.9e19 when their float32 norm is finite), eps
+  optax's 1e-8, and the config keeps b1 and b2 below 1 in float32 (a bias correction of 0
+  would divide by 0). That is finite for any rate a run trains at. A configuration absurd
+  enough to overflow it (``train.learning_rate=1e30``, as the fault tests use) may leave
+  non-finite values in the state, which usually make the next steps non-finite too (skipped,
+  counted towards ``train.max_nonfinite``); such a state is never checkpointed
+  (``checkpoint.save`` refuses it, naming the leaf) nor restored."""
   with jax.named_scope("optimizer"):
     lr = learning_rate_schedule(cfg)(state.step)
     finite = ok & jnp.isfinite(lr)
