@@ -424,7 +424,9 @@ def test_a_non_finite_state_is_never_checkpointed(saved_states, tmp_path):
   path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(state.params)[0][-1][0])
   assert all(part in message for part in re.findall(r"\w+", path))
   mngr.close()
-  assert checkpoint.manager(directory, async_save=False).all_steps() == [2, 4]
+  reader = checkpoint.manager(directory, async_save=False)
+  assert reader.all_steps() == [2, 4]
+  reader.close()
 
 
 @pytest.mark.parametrize("override,culprit", [
