@@ -50,12 +50,10 @@ def step_copies(backend: str | None = None) -> int:
 # "fused_xla_block" is what runs by default (NSA's core and cache writes one kernel each, the
 # completed compressed block in XLA; XLA's DynMoE); "split": each NSA branch its own kernel;
 # "fused": the block computed in the write kernel too; "fused_moe": "fused" and each DynMoE
-# layer one kernel; "fused_xla_block_moe": the default's NSA kernels and each DynMoE layer one
-# kernel. H200, `python -m train.bench --only decode --lens 2048` (2026-12-05, session 22, 32
-# rows x 512 tokens): the default 205.5 ms, "fused" 0.98x its speed, "fused_moe" 0.68x,
-# "split" 0.61x; "fused_xla_block_moe" (added after that run, with the DynMoE kernel's
-# routing changed to elementwise sums, meant to be cheaper) is not yet timed (README
-# Benchmarks).
+# layer's experts one kernel (given XLA's routing since session 36); "fused_xla_block_moe": the
+# default's NSA kernels and that DynMoE kernel. H200, `python -m train.bench --only decode --lens
+# 2048` (2026-12-05, session 22, 32 rows x 512 tokens, the DynMoE kernel routing in itself):
+# the default 205.5 ms, "fused" 0.98x its speed, "fused_moe" 0.68x, "split" 0.61x.
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
     "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas"),

@@ -1,5 +1,5 @@
-"""DynMoE's one-kernel decoding step (moe_pallas, in Pallas interpret mode here) against the
-XLA layer it replaces: outputs, routing cases, gradients, and a model's decoding."""
+"""DynMoE's decoding experts as one kernel (moe_pallas, in Pallas interpret mode here) against
+the XLA layer they replace: outputs, routing cases, gradients, and a model's decoding."""
 
 from __future__ import annotations
 
@@ -34,12 +34,20 @@ def _layer(E, C, F, B, threshold, seed=0, dtype=jnp.float32):
   return x_BTC, params
 
 
-def _kernel(combine, dtype, x_BTC, params):
-  return moe.decode_experts(combine, moe.ST_TEMPERATURE, dtype, True, x_BTC, params)
+def _weights(combine, x_BTC, params, fallback_k=1):
+  """The gate's combination weights, as a decoding step's layer computes them (XLA)."""
+  return moe.route(x_BTC, params["prototypes"], params["thresholds"],
+                   jnp.ones(x_BTC.shape[:2], bool), combine=combine, fallback_k=fallback_k,
+                   target_active=0.0, st_temperature=moe.ST_TEMPERATURE)[0]
 
 
-def _reference(combine, dtype, x_BTC, params):
-  return moe._decode_reference(combine, moe.ST_TEMPERATURE, dtype, x_BTC, params)
+def _kernel(combine, dtype, x_BTC, params, fallback_k=1):
+  weights_BTE = _weights(combine, x_BTC, params, fallback_k)
+  return moe.decode_experts(dtype, True, x_BTC, weights_BTE, params)
+
+
+def _reference(combine, dtype, x_BTC, params, fallback_k=1):
+  return moe.experts_dense(x_BTC, _weights(combine, x_BTC, params, fallback_k), params, dtype)
 
 
 def _fallback_rows(x_BTC, params):
@@ -54,21 +62,22 @@ def test_erf_is_within_its_stated_error():
   assert float(err) <= 1.5e-7 + 4 * F32_EPS
 
 
-# (experts, d_model, hidden, rows): fewer experts than the 16 routing columns (padded), several
-# hidden tiles a program grid (hidden > DEC_TILE_F), rows not a multiple of the row tile.
+# (experts, d_model, hidden, rows): several hidden tiles a program grid (hidden > DEC_TILE_F),
+# rows fewer than a tile's 16 and not a multiple of the row tile.
 SHAPES = [(4, 32, 32, 3), (8, 64, 128, 20), (16, 32, 256, 70)]
 
 
 @pytest.mark.parametrize("combine", ["mean", "softmax"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("threshold", [0.05, 2.0])  # 2.0: every row falls back
-def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold):
+# 2.0: every row falls back (to its top two experts with fallback_k=2)
+@pytest.mark.parametrize("threshold,fallback_k", [(0.05, 1), (2.0, 1), (2.0, 2)])
+def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold, fallback_k):
   E, C, F, B = shape
   x_BTC, params = _layer(E, C, F, B, threshold)
   if threshold > 1:
     assert _fallback_rows(x_BTC, params) == B
-  got = _kernel(combine, jnp.float32, x_BTC, params)
-  want = _reference(combine, jnp.float32, x_BTC, params)
+  got = _kernel(combine, jnp.float32, x_BTC, params, fallback_k)
+  want = _reference(combine, jnp.float32, x_BTC, params, fallback_k)
   assert got.shape == want.shape and got.dtype == want.dtype
   # Float32 sums of E*F terms in another order (relative error ~ sqrt(E*F) eps of the terms'
   # magnitude, which is the output's here) plus the erf approximation (1.5e-7 relative on gelu).
@@ -89,33 +98,9 @@ def test_kernel_is_as_close_to_float32_as_the_xla_layer_in_bfloat16(combine):
   assert float(jnp.mean(err_kernel)) <= 1.25 * float(jnp.mean(err_xla))
 
 
-def test_ties_fall_back_to_the_lower_expert():
-  """Two experts with the same prototype: a falling-back row takes the first, as argmax does."""
-  x_BTC, params = _layer(4, 32, 32, 5, 2.0)
-  params["prototypes"] = params["prototypes"].at[3].set(params["prototypes"][1])
-  params["w_out"] = params["w_out"].at[3].set(-params["w_out"][1])
-  # Rows near that prototype: expert 1 (and 3) is every row's most similar.
-  x_BTC = params["prototypes"][1] + 0.1 * x_BTC
-  assert bool(jnp.all(jnp.argmax(moe.cosine_similarity(x_BTC, params["prototypes"]), -1) == 1))
-  np.testing.assert_allclose(_kernel("mean", jnp.float32, x_BTC, params),
-                             _reference("mean", jnp.float32, x_BTC, params), atol=1e-5, rtol=0)
-
-
-def test_a_row_dissimilar_to_every_expert_falls_back_to_a_real_one():
-  """Every similarity negative, fewer experts than the 16 routing columns: the fallback is the
-  most similar real expert, never a padding column (whose similarity reads 0)."""
-  x_BTC, params = _layer(4, 32, 32, 3, 2.0)
-  p_EC = moe._normalise(params["prototypes"])
-  x_BTC = -jnp.sum(p_EC, axis=0) + 0.05 * x_BTC
-  assert bool(jnp.all(moe.cosine_similarity(x_BTC, params["prototypes"]) < 0))
-  got = _kernel("mean", jnp.float32, x_BTC, params)
-  np.testing.assert_allclose(got, _reference("mean", jnp.float32, x_BTC, params), atol=1e-5,
-                             rtol=0)
-  assert float(jnp.min(jnp.abs(got))) > 0
-
-
 def test_gradient_is_the_xla_layers():
-  """The custom VJP is autodiff of the XLA layer: the straight-through gate and every expert."""
+  """The custom VJP is the XLA layer's: through the weights to the straight-through gate, and
+  to every expert."""
   x_BTC, params = _layer(8, 32, 64, 6, 0.05)
   ct = jax.random.normal(jax.random.PRNGKey(9), x_BTC.shape)
   loss = lambda fn: lambda x, p: jnp.sum(fn("softmax", jnp.float32, x, p) * ct)  # noqa: E731
@@ -127,29 +112,28 @@ def test_gradient_is_the_xla_layers():
 
 
 def test_decode_supported_and_the_tiles_of_larger_layers():
-  arc1 = dict(d_model=256, expert_hidden=512, fallback_k=1, num_experts=16, itemsize=2)
+  arc1 = dict(d_model=256, expert_hidden=512, itemsize=2)
   assert moe_pallas.decode_supported(**arc1)
-  assert moe_pallas._tiles(256, 16, 512, 2) == (moe_pallas.DEC_TILE_F, moe_pallas.DEC_ROWS)
-  assert not moe_pallas.decode_supported(**{**arc1, "fallback_k": 2})
+  assert moe_pallas._tiles(256, 512, 2) == (moe_pallas.DEC_TILE_F, moe_pallas.DEC_ROWS)
   assert not moe_pallas.decode_supported(**{**arc1, "d_model": 48})
   assert not moe_pallas.decode_supported(**{**arc1, "expert_hidden": 8})
   # Larger layers take smaller tiles within DEC_TILE_BYTES, down to 16 x 16, then none.
   for d_model, itemsize in ((512, 4), (1024, 2)):
-    tile_f, rows = moe_pallas._tiles(d_model, 16, 1024, itemsize)
+    tile_f, rows = moe_pallas._tiles(d_model, 1024, itemsize)
     assert min(tile_f, rows) >= 16
-    assert (moe_pallas._program_bytes(d_model, 16, tile_f, rows, itemsize)
+    assert (moe_pallas._program_bytes(d_model, tile_f, rows, itemsize)
             <= moe_pallas.DEC_TILE_BYTES)
   assert not moe_pallas.decode_supported(**{**arc1, "d_model": 2048})
 
 
 def test_which_decoding_steps_run_the_kernel(monkeypatch):
-  sizes = dict(d_model=32, expert_hidden=32, fallback_k=1, num_experts=4, dtype=jnp.float32)
+  sizes = dict(d_model=32, expert_hidden=32, dtype=jnp.float32)
   for setting, expected in (("pallas", True), ("xla", False),
                             ("auto", jax.default_backend() == "gpu")):
     monkeypatch.setattr(moe, "DECODE_KERNEL", setting)
     assert moe.decode_kernel_applies(**sizes) == expected
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
-  assert not moe.decode_kernel_applies(**{**sizes, "fallback_k": 2})
+  assert not moe.decode_kernel_applies(**{**sizes, "d_model": 48})
   monkeypatch.setattr(moe, "DECODE_KERNEL", True)
   with pytest.raises(ValueError, match="moe.DECODE_KERNEL must be one of"):
     moe.decode_kernel_applies(**sizes)

@@ -790,60 +790,45 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 # One-token decoding in one kernel
 # ----------------------------------------------------------------------------------------------
 
-# How a decoding step's DynMoE layers run: "pallas", one kernel each (:func:`decode_experts`,
-# where :func:`moe_pallas.decode_supported`; off GPU in Pallas interpret mode, for tests);
-# "xla", XLA's ~9 launches a layer; "auto", pallas on a GPU and xla elsewhere.
+# How a decoding step's DynMoE experts run: "pallas", one kernel a layer given XLA's routing
+# (:func:`decode_experts`, where :func:`moe_pallas.decode_supported`; off GPU in Pallas
+# interpret mode, for tests); "xla", XLA's launches; "auto", pallas on a GPU and xla elsewhere.
 DECODE_KERNEL: str = "xla"
 DECODE_KERNEL_CHOICES: tuple[str, ...] = ("auto", "pallas", "xla")
 
 
-def decode_kernel_applies(d_model: int, expert_hidden: int, fallback_k: int, num_experts: int,
-                          dtype: Any) -> bool:
-  """Whether :func:`decode_experts` computes a decoding step's layer of these sizes."""
+def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any) -> bool:
+  """Whether :func:`decode_experts` computes a decoding step's experts of these sizes."""
   if DECODE_KERNEL not in DECODE_KERNEL_CHOICES:
     raise ValueError(f"moe.DECODE_KERNEL must be one of {DECODE_KERNEL_CHOICES}, got "
                      f"{DECODE_KERNEL!r}")
   wanted = DECODE_KERNEL == "pallas" or (DECODE_KERNEL == "auto"
                                          and jax.default_backend() == "gpu")
   return wanted and moe_pallas.decode_supported(
-      d_model=d_model, expert_hidden=expert_hidden, fallback_k=fallback_k,
-      num_experts=num_experts, itemsize=jnp.dtype(dtype).itemsize)
+      d_model=d_model, expert_hidden=expert_hidden, itemsize=jnp.dtype(dtype).itemsize)
 
 
-def _decode_reference(combine: str, st_temperature: float, dtype: Any, x_BTC: Array,
-                      params: dict[str, Array]) -> Array:
-  """What :func:`decode_experts` computes, in XLA: :func:`route`'s weights (top-1 fallback) and
-  :func:`experts_dense`."""
-  weights_BTE, _, _ = route(x_BTC, params["prototypes"], params["thresholds"],
-                            jnp.ones(x_BTC.shape[:2], bool), combine=combine, fallback_k=1,
-                            target_active=0.0, st_temperature=st_temperature)
-  return experts_dense(x_BTC, weights_BTE, params, dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def decode_experts(combine: str, st_temperature: float, dtype: Any, interpret: bool,
-                   x_BTC: Array, params: dict[str, Array]) -> Array:
-  """The DynMoE layer's output y_BTC (``dtype``) for a few tokens, routing included, by
-  :mod:`onn_jax.model.moe_pallas`'s kernel; its gradient is :func:`_decode_reference`'s (the
-  straight-through gate and every expert, as in training)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def decode_experts(dtype: Any, interpret: bool, x_BTC: Array, weights_BTE: Array,
+                   params: dict[str, Array]) -> Array:
+  """:func:`experts_dense` (``dtype`` output) for a few tokens, by
+  :mod:`onn_jax.model.moe_pallas`'s kernel; its gradient is :func:`experts_dense`'s."""
   B, T, C = x_BTC.shape
   cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
   parts = moe_pallas.decode_partials(
-      x_BTC.reshape(B * T, C).astype(dtype), params["prototypes"], params["thresholds"],
-      cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], combine=combine, eps=NORM_EPS,
-      interpret=interpret)
+      x_BTC.reshape(B * T, C).astype(dtype), weights_BTE.reshape(B * T, -1),
+      cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], interpret=interpret)
   return jnp.sum(parts, axis=0).astype(dtype).reshape(B, T, C)
 
 
-def _decode_experts_fwd(combine, st_temperature, dtype, interpret, x_BTC, params):
-  return (decode_experts(combine, st_temperature, dtype, interpret, x_BTC, params),
-          (x_BTC, params))
+def _decode_experts_fwd(dtype, interpret, x_BTC, weights_BTE, params):
+  return (decode_experts(dtype, interpret, x_BTC, weights_BTE, params),
+          (x_BTC, weights_BTE, params))
 
 
-def _decode_experts_bwd(combine, st_temperature, dtype, interpret, res, dy_BTC):
+def _decode_experts_bwd(dtype, interpret, res, dy_BTC):
   del interpret
-  _, pullback = jax.vjp(functools.partial(_decode_reference, combine, st_temperature, dtype),
-                        *res)
+  _, pullback = jax.vjp(lambda x, w, p: experts_dense(x, w, p, dtype), *res)
   return pullback(dy_BTC)
 
 
@@ -929,10 +914,8 @@ class DynMoE(nn.Module):
         st_temperature=self.st_temperature)
     self.sow("intermediates", "used_experts", used_BTE)
     B, T = x_BTC.shape[:2]
-    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.fallback_k,
-                                          self.num_experts, self.dtype):
-      y_BTC = decode_experts(self.combine, self.st_temperature, self.dtype,
-                             nsa_pallas.use_interpret(), x_BTC, params)
+    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype):
+      y_BTC = decode_experts(self.dtype, nsa_pallas.use_interpret(), x_BTC, weights_BTE, params)
       return y_BTC, aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,
                              self.tile)
