@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.model import nsa, nsa_pallas
+from onn_jax.model import moe_pallas, nsa, nsa_pallas
 from onn_jax.model.attention import nsa as nsa_layer
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 
@@ -169,6 +169,9 @@ VARIANTS = {
     "plan_scan": dict(PLAN_SEARCH="scan"),
     "plan_runs": dict(PLAN_SEARCH="runs"),
     "plan_compare_all": dict(PLAN_SEARCH="compare_all"),
+    # Session 36: the DynMoE decoding kernel's hidden units a program (moe_pallas.DEC_TILE_F,
+    # 64): 128 halves its programs and the float32 partials XLA sums (2 MiB a layer at arc1).
+    "moe_tile128": dict(DEC_TILE_F=128),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
@@ -176,8 +179,8 @@ VARIANTS = {
 DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES"}
 
 
-# The modules whose constants a variant may set.
-SETTING_MODULES = (nsa, nsa_pallas, nsa_layer)
+# The modules whose constants a variant may set (the first that has the name).
+SETTING_MODULES = (nsa, nsa_pallas, nsa_layer, moe_pallas)
 
 
 def variant(name: str | None):
