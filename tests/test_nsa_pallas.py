@@ -1307,11 +1307,12 @@ def test_fused_decoding_bounds_its_key_tiles(monkeypatch):
                              rtol=RTOL, atol=ATOL)
 
 
-def test_cache_writes_in_one_kernel_are_the_scatters():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cache_writes_in_one_kernel_are_the_scatters(with_bias):
   """nsa_pallas.write_cache against XLA scatters (write_cache_reference), bit for bit: each
-  row's token at its position in every array (a position past S: nothing), its block at its
-  slot where it has one (-1 or N: none), nothing else touched (interpret mode here; in place
-  on the GPU); its gradient is the scatters'."""
+  row's token at its position in every array (a position past S: nothing), its block (plus its
+  bias, where given) at its slot where it has one (-1 or N: none), nothing else touched
+  (interpret mode here; in place on the GPU); its gradient is the scatters'."""
   rng = np.random.default_rng(0)
   B, S, N, G, D = 4, 12, 5, 2, 4
   tokens = tuple(jnp.asarray(rng.standard_normal((B, S, G, D)), jnp.bfloat16) for _ in range(3))
@@ -1319,9 +1320,10 @@ def test_cache_writes_in_one_kernel_are_the_scatters():
   new_t = jnp.asarray(rng.standard_normal((3, B, G, D)), jnp.bfloat16)
   new_b = jnp.asarray(rng.standard_normal((2, B, G, D)), jnp.bfloat16)
   pos, slot = jnp.array([0, 7, 11, S]), jnp.array([-1, 2, 4, N])
-  got = jax.jit(lambda *a: nsa_pallas.write_cache(*a, True))(tokens, new_t, pos, blocks, new_b,
-                                                            slot)
-  want = nsa_pallas.write_cache_reference(tokens, new_t, pos, blocks, new_b, slot)
+  bias = jnp.asarray(rng.standard_normal((2, D)), jnp.bfloat16) if with_bias else None
+  got = jax.jit(lambda *a: nsa_pallas.write_cache(*a, True, bias))(tokens, new_t, pos, blocks,
+                                                                  new_b, slot)
+  want = nsa_pallas.write_cache_reference(tokens, new_t, pos, blocks, new_b, slot, bias)
   assert len(got) == 5
   for g, w, a in zip(got, want, tokens + blocks):
     assert g.dtype == w.dtype
@@ -1330,16 +1332,19 @@ def test_cache_writes_in_one_kernel_are_the_scatters():
   np.testing.assert_array_equal(np.asarray(got[3][3]), np.asarray(blocks[0][3]))  # slot == N
   np.testing.assert_array_equal(np.asarray(got[0][1, 7], np.float32),
                                 np.asarray(new_t[0, 1], np.float32))
+  if with_bias:  # row 1's block at slot 2, its bias added in bfloat16
+    np.testing.assert_array_equal(np.asarray(got[4][1, 2], np.float32),
+                                  np.asarray(new_b[1, 1] + bias[1], np.float32))
 
   def loss(fn, *a):
     return sum(jnp.sum(x.astype(jnp.float32) * (i + 1)) for i, x in enumerate(fn(*a)))
   args = (tokens, new_t, pos, blocks, new_b, slot)
-  grads = jax.grad(lambda t, tn, b, bm: loss(lambda *a: nsa_pallas.write_cache(*a, True), t, tn,
-                                             pos, b, bm, slot), argnums=(0, 1, 2, 3))(
-      *(args[i] for i in (0, 1, 3, 4)))
-  ref = jax.grad(lambda t, tn, b, bm: loss(nsa_pallas.write_cache_reference, t, tn, pos, b, bm,
-                                           slot), argnums=(0, 1, 2, 3))(
-      *(args[i] for i in (0, 1, 3, 4)))
+  grads = jax.grad(lambda t, tn, b, bm, bb: loss(
+      lambda *a: nsa_pallas.write_cache(*a, True, bb), t, tn, pos, b, bm, slot),
+      argnums=(0, 1, 2, 3, 4))(*(args[i] for i in (0, 1, 3, 4)), bias)
+  ref = jax.grad(lambda t, tn, b, bm, bb: loss(nsa_pallas.write_cache_reference, t, tn, pos, b,
+                                               bm, slot, bb), argnums=(0, 1, 2, 3, 4))(
+      *(args[i] for i in (0, 1, 3, 4)), bias)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
 

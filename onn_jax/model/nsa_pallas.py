@@ -1609,7 +1609,8 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
 
 
 def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_token: int,
-                        num_block: int, seq_len: int):
+                        num_block: int, seq_len: int, has_bias: bool):
+  bias_ref, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
   outs = refs[num_token + num_block:]  # aliased to the inputs before them
   b = pl.program_id(0)
   pos, slot = pos_ref[b], slot_ref[b]
@@ -1622,64 +1623,80 @@ def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_toke
   @pl.when(slot >= 0)
   def _():
     for i in range(num_block):
-      outs[num_token + i][b, slot] = block_ref[i, b]
+      block_GD = block_ref[i, b]
+      if has_bias:  # added in float32 and rounded once, as XLA adds in the blocks' dtype
+        block_GD = (block_GD.astype(_F32) + bias_ref[i].astype(_F32)[None, :]).astype(
+            block_GD.dtype)
+      outs[num_token + i][b, slot] = block_GD
 
 
 def write_cache_reference(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
-                          block_arrays: tuple, block_MBGD: jax.Array,
-                          slot_B: jax.Array) -> tuple:
+                          block_arrays: tuple, block_MBGD: jax.Array, slot_B: jax.Array,
+                          block_bias_MD: jax.Array | None = None) -> tuple:
   """:func:`write_cache` as XLA scatters (its gradient, and the tests' reference)."""
   rows_B = jnp.arange(pos_B.shape[0])
   S = token_arrays[0].shape[1]
   pos_B = jnp.where((pos_B >= 0) & (pos_B < S), pos_B, S)
   out = [a.at[rows_B, pos_B].set(token_NBGD[i], mode="drop")
          for i, a in enumerate(token_arrays)]
+  if block_bias_MD is not None:
+    block_MBGD = block_MBGD + block_bias_MD[:, None, None, :].astype(block_MBGD.dtype)
   N = block_arrays[0].shape[1]
   return tuple(out + [a.at[rows_B, jnp.where(slot_B >= 0, slot_B, N)].set(
       block_MBGD[i], mode="drop") for i, a in enumerate(block_arrays)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def write_cache(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
                 block_arrays: tuple, block_MBGD: jax.Array, slot_B: jax.Array,
-                interpret: bool) -> tuple:
+                interpret: bool, block_bias_MD: jax.Array | None = None) -> tuple:
   """A decoding step's cache writes in one kernel, in place: ``token_arrays[i][b, pos_B[b]] =
   token_NBGD[i, b]`` for each of the N [B,S,G,D] arrays (a row with ``pos_B`` outside
-  ``[0, S)`` writes nothing), and ``block_arrays[j][b, slot_B[b]] = block_MBGD[j, b]`` for each
-  of the M [B,N,G,D] arrays where ``0 <= slot_B[b] < N`` (-1: the row completes no block).
-  Returns the N + M updated arrays (the inputs' buffers: XLA writes them in place where it
-  can, as it does a scatter's). One program a row. Differentiable in reverse mode (the
-  scatters' gradient), not forward mode."""
-  arrays = tuple(token_arrays) + tuple(block_arrays)
+  ``[0, S)`` writes nothing), and ``block_arrays[j][b, slot_B[b]] = block_MBGD[j, b]`` (plus
+  ``block_bias_MD[j]`` where given: the compressor's last bias, which XLA would otherwise add
+  in a launch of its own) for each of the M [B,N,G,D] arrays where ``0 <= slot_B[b] < N`` (-1:
+  the row completes no block). Returns the N + M updated arrays (the inputs' buffers: XLA
+  writes them in place where it can, as it does a scatter's). One program a row.
+  Differentiable in reverse mode (the scatters' gradient), not forward mode."""
+  return _write_cache(tuple(token_arrays), token_NBGD, pos_B, tuple(block_arrays), block_MBGD,
+                      slot_B, block_bias_MD, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _write_cache(token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B,
+                 block_bias_MD, interpret):
+  arrays = token_arrays + block_arrays
   n, m = len(token_arrays), len(block_arrays)
+  has_bias = block_bias_MD is not None
   kernel = functools.partial(_cache_write_kernel, num_token=n, num_block=m,
-                             seq_len=token_arrays[0].shape[1])
+                             seq_len=token_arrays[0].shape[1], has_bias=has_bias)
   slot_B = jnp.where(slot_B < block_arrays[0].shape[1], slot_B, -1)
+  inputs = [pos_B.astype(jnp.int32), slot_B.astype(jnp.int32), token_NBGD, block_MBGD]
+  inputs += [block_bias_MD] if has_bias else []
   return pl.pallas_call(
       kernel, grid=(pos_B.shape[0],),
       out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
-      input_output_aliases={4 + i: i for i in range(n + m)},
+      input_output_aliases={len(inputs) + i: i for i in range(n + m)},
       interpret=interpret, compiler_params=_compiler_params(interpret, 1),
-  )(pos_B.astype(jnp.int32), slot_B.astype(jnp.int32), token_NBGD, block_MBGD, *arrays)
+  )(*inputs, *arrays)
 
 
 def _write_cache_fwd(token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B,
-                     interpret):
-  out = write_cache(token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B,
-                    interpret)
-  return out, (token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B)
+                     block_bias_MD, interpret):
+  out = _write_cache(token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B,
+                     block_bias_MD, interpret)
+  return out, (token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B, block_bias_MD)
 
 
 def _write_cache_bwd(interpret, res, ct):
   del interpret
-  token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B = res
-  _, vjp = jax.vjp(lambda t, tn, b, bm: write_cache_reference(t, tn, pos_B, b, bm, slot_B),
-                   token_arrays, token_NBGD, block_arrays, block_MBGD)
-  d_t, d_tn, d_b, d_bm = vjp(tuple(ct))
-  return d_t, d_tn, None, d_b, d_bm, None
+  token_arrays, token_NBGD, pos_B, block_arrays, block_MBGD, slot_B, block_bias_MD = res
+  _, vjp = jax.vjp(lambda t, tn, b, bm, bb: write_cache_reference(t, tn, pos_B, b, bm, slot_B, bb),
+                   token_arrays, token_NBGD, block_arrays, block_MBGD, block_bias_MD)
+  d_t, d_tn, d_b, d_bm, d_bb = vjp(tuple(ct))
+  return d_t, d_tn, None, d_b, d_bm, None, d_bb
 
 
-write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
+_write_cache.defvjp(_write_cache_fwd, _write_cache_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

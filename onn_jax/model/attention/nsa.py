@@ -58,6 +58,14 @@ FUSED_INPUT_PROJECTION = True
 # train.nsa_kernel_check variant cmp_grad_f32 restores the former).
 COMPRESSOR_COTANGENT = "compute"
 
+# One-token decoding with NSA's write kernel and the completed compressed block computed in XLA
+# (nsa.PALLAS_DECODE "fused_xla_block", the default): the compressors' last bias is added in the
+# write kernel (True) or by XLA (False, before session 36), which fused it into a launch a layer
+# of its own (with the unstacking and restacking of the two blocks; deviceless sm_90, arc1
+# rollout step of 32 rows: 160.5 -> 155.25 launches). The same numbers either way (the bias
+# added in float32 and rounded once). train.nsa_kernel_check variant block_bias_xla: False.
+BLOCK_BIAS_IN_WRITE = True
+
 
 @jax.custom_vjp
 def _product_grad_in_dtype(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -134,11 +142,17 @@ class BlockCompressor(nn.Module):
     self.fc1 = _Linear(L * D, 2 * D, self.dtype, self.param_dtype)
     self.fc2 = nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype)
 
-  def _finish(self, h_f32: jax.Array) -> jax.Array:
-    """The first layer's product of the keys (float32) -> the compressed vectors."""
+  def _finish(self, h_f32: jax.Array, bias: bool = True) -> jax.Array:
+    """The first layer's product of the keys (float32) -> the compressed vectors (without the
+    second layer's bias unless ``bias``: a caller that adds it itself, in the vectors' dtype)."""
     pos_O = self.fc1.partial(self.block_pos.reshape(-1), 0)
     h = h_f32 + (pos_O + self.fc1.bias.astype(jnp.float32))
-    return self.fc2(nn.gelu(h.astype(self.dtype)))
+    a = nn.gelu(h.astype(self.dtype))
+    if bias:
+      return self.fc2(a)
+    # nn.Dense's product (its dtype's operands and result), without the bias.
+    kernel = self.fc2.variables["params"]["kernel"].astype(self.dtype)
+    return jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ())))
 
   def kernel_weights(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The compressor as arrays for ``nsa_pallas.write_cache_compress``: the first layer's
@@ -150,10 +164,10 @@ class BlockCompressor(nn.Module):
             self.fc2.variables["params"]["kernel"].astype(self.dtype),
             self.fc2.variables["params"]["bias"].astype(self.dtype))
 
-  def __call__(self, blocks_BNLGD: jax.Array) -> jax.Array:
+  def __call__(self, blocks_BNLGD: jax.Array, bias: bool = True) -> jax.Array:
     B, N, L, G, D = blocks_BNLGD.shape
     x_BNGF = blocks_BNLGD.transpose(0, 1, 3, 2, 4).reshape(B, N, G, L * D)
-    return self._finish(self.fc1.partial(x_BNGF, 0, activations=True))
+    return self._finish(self.fc1.partial(x_BNGF, 0, activations=True), bias)
 
   def from_row(self, raw_BSGD: jax.Array, num_blocks: int, block_stride: int) -> jax.Array:
     """[B, S, G, D] raw keys -> [B, N, G, D]: block i summarises [i*stride, i*stride + len).
@@ -301,16 +315,21 @@ class NSAttention(nn.Module):
     return {name: jax.lax.dynamic_update_slice_in_dim(
         cache[name], val.astype(cache[name].dtype), 0, axis=1) for name, val in arrays.items()}
 
-  def _completed_blocks(self, cache, token_BGD, pos_B, written: bool = False):
-    """The compressed block each row's token at ``pos_B`` completes: ({k_cmp, v_cmp: [B,G,D]},
-    slot_B), slot_B = the number of slots for a row that completes none.
+  def _completed_blocks(self, cache, token_BGD, pos_B, written: bool = False,
+                        bias: bool = True):
+    """The compressed block each row's token at ``pos_B`` completes: (blocks_2BGD, k_cmp's and
+    v_cmp's stacked, slot_B, the number of slots for a row that completes none).
 
     Block i completes at position ``i*stride + len - 1``: it is computed from the raw keys
     only then, so no partial block is ever visible (NSA eq. 7). Its raw keys are the cache's
     with this token's (``token_BGD``, by name) at ``pos_B``: put in place unless
-    ``written`` (the cache holds it already).
+    ``written`` (the cache holds it already). Without ``bias`` the compressors' last bias is
+    left to the caller (``nsa_pallas.write_cache`` adds it; not with ``cmp_rope="both"``,
+    whose rotation comes after it).
     """
     c = self.cfg
+    if not bias and c.cmp_rope == "both":
+      raise ValueError("_completed_blocks: rotated blocks (cmp_rope='both') need their bias")
     start_B = pos_B - c.block_len + 1
     block_B = jnp.maximum(start_B, 0) // c.block_stride
     num_slots = cache["k_cmp"].shape[1]
@@ -328,7 +347,7 @@ class NSAttention(nn.Module):
     raw_2BLGD = jnp.stack([raw_block(raw) for _, raw in CMP_NAMES])
     compressors = (self.k_compressor, self.v_compressor)
     if self.is_initializing():  # the compressors' parameters do not exist yet
-      blocks_2B1GD = [f(x[:, None]) for f, x in zip(compressors, raw_2BLGD)]
+      blocks_2B1GD = jnp.stack([f(x[:, None], bias) for f, x in zip(compressors, raw_2BLGD)])
     else:
       # Both compressors in one batched pass (their parameters stacked): a decoding step's
       # kernels are its cost (issue #16), and the two would each launch their own.
@@ -336,14 +355,20 @@ class NSAttention(nn.Module):
                              *(f.variables for f in compressors))
       unbound = BlockCompressor(c.block_len, c.head_dim, self.k_compressor.dtype,
                                 self.k_compressor.param_dtype, parent=None)
-      blocks_2B1GD = jax.vmap(lambda v, x: unbound.apply(v, x[:, None]))(stacked, raw_2BLGD)
-    blocks = {}
-    for i, (name, _) in enumerate(CMP_NAMES):
-      block_B1GD = blocks_2B1GD[i]
-      if name == "k_cmp":
-        block_B1GD = self._rotate_cmp(block_B1GD, block_B[:, None])
-      blocks[name] = block_B1GD[:, 0]
-    return blocks, jnp.where(complete_B, block_B, num_slots)
+      blocks_2B1GD = jax.vmap(lambda v, x: unbound.apply(v, x[:, None], bias))(stacked,
+                                                                              raw_2BLGD)
+    blocks_2BGD = blocks_2B1GD[:, :, 0]
+    if c.cmp_rope == "both":  # k_cmp's blocks (CMP_NAMES[0]) rotated
+      # A stack, not blocks_2BGD.at[0].set(...): XLA:CPU of jax 0.10.0 and 0.10.2 computed
+      # that one wrong under jit (docs/bench/xla_cpu_rope_update_miscompile.py).
+      k_B1GD = self._rotate_cmp(blocks_2B1GD[0], block_B[:, None])
+      blocks_2BGD = jnp.stack([k_B1GD[:, 0], blocks_2BGD[1]])
+    return blocks_2BGD, jnp.where(complete_B, block_B, num_slots)
+
+  def _block_biases(self):
+    """The compressors' last biases [2, D] (k_cmp's, v_cmp's), in the compute dtype."""
+    return jnp.stack([f.fc2.variables["params"]["bias"].astype(self.k_compressor.dtype)
+                      for f in (self.k_compressor, self.v_compressor)])
 
   def _write_token(self, cache, token_BGD, pos_B):
     """The cache with each row's token at ``pos_B`` and the compressed block it completes.
@@ -353,7 +378,8 @@ class NSAttention(nn.Module):
     whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): one kernel
     for all eight arrays (``nsa_pallas.write_cache``): by default (``nsa.PALLAS_DECODE =
     "fused_xla_block"``) and with ``cmp_rope="both"`` the block is computed in XLA from the
-    unwritten cache with the token in place; with ``"fused"`` in the kernel too
+    unwritten cache with the token in place (its last bias added in the write kernel where
+    ``BLOCK_BIAS_IN_WRITE``); with ``"fused"`` in the kernel too
     (``nsa_pallas.write_cache_compress``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
@@ -370,20 +396,24 @@ class NSAttention(nn.Module):
             tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
             weights, c.block_len, c.block_stride, nsa_pallas.use_interpret())
         return dict(zip(KV_NAMES + names, arrays))
-      blocks_BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B)
+      # The last bias in the write kernel: XLA would add it in a launch of its own.
+      bias_in_kernel = (BLOCK_BIAS_IN_WRITE and c.cmp_rope != "both"
+                        and not self.is_initializing())
+      blocks_2BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B,
+                                                   bias=not bias_in_kernel)
       arrays = nsa_pallas.write_cache(
           tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
-          jnp.stack([blocks_BGD[n].astype(cache[n].dtype) for n in names]), slot_B,
-          nsa_pallas.use_interpret())
+          blocks_2BGD.astype(cache[names[0]].dtype), slot_B, nsa_pallas.use_interpret(),
+          self._block_biases() if bias_in_kernel else None)
       return dict(zip(KV_NAMES + names, arrays))
     rows_B = jnp.arange(pos_B.shape[0])
     new_cache = dict(cache, **{name: cache[name].at[rows_B, pos_B].set(token_BGD[name].astype(
         cache[name].dtype)) for name in KV_NAMES})
-    blocks_BGD, slot_B = self._completed_blocks(new_cache, token_BGD, pos_B, written=True)
+    blocks_2BGD, slot_B = self._completed_blocks(new_cache, token_BGD, pos_B, written=True)
     # A row that completes no block writes to slot num_slots, which the scatter drops.
-    for name in names:
+    for i, name in enumerate(names):
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
-          blocks_BGD[name].astype(cache[name].dtype), mode="drop")
+          blocks_2BGD[i].astype(cache[name].dtype), mode="drop")
     return new_cache
 
   def _decode(self, x_BTC, cache, pos_B):
