@@ -47,13 +47,13 @@ def step_copies(backend: str | None = None) -> int:
 
 
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
-# "fused_xla_block" is what runs by default (NSA's core and cache writes one kernel each, the
-# completed compressed block in XLA; XLA's DynMoE); "split": each NSA branch its own kernel;
-# "fused": the block computed in the write kernel too; "fused_moe": "fused" and each DynMoE
-# layer's experts one kernel (given XLA's routing since session 36); "fused_xla_block_moe": the
-# default's NSA kernels and that DynMoE kernel. H200, `python -m train.bench --only decode --lens
-# 2048` (2026-12-05, session 22, 32 rows x 512 tokens, the DynMoE kernel routing in itself):
-# the default 205.5 ms, "fused" 0.98x its speed, "fused_moe" 0.68x, "split" 0.61x.
+# "fused_xla_block_moe" is what runs by default on a GPU (NSA's core and cache writes one
+# kernel each, the completed compressed block in XLA; each DynMoE layer's experts one kernel
+# given XLA's routing; elsewhere XLA's DynMoE, "fused_xla_block"); "split": each NSA branch its
+# own kernel; "fused": the block computed in the write kernel too; "fused_moe": "fused" and the
+# DynMoE kernel. H100, `python -m train.bench --only decode --lens 2048 --sets ...` (session 36,
+# 32 rows x 512 tokens): "fused_xla_block_moe" 1.05-1.06x "fused_xla_block"; H200 (session 22,
+# the DynMoE kernel routing in itself then): "fused" 0.98x "fused_xla_block", "split" 0.61x.
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
     "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas"),

@@ -143,7 +143,8 @@ def test_other_decoding_kernel_sets_are_timed_on_a_gpu_only(monkeypatch):
   others = bench.other_decode_kernels()
   assert len(others) == len(DECODE_KERNELS) - 1
   assert DECODE_KERNELS[next(n for n in DECODE_KERNELS if n not in others)] == (
-      nsa.PALLAS_DECODE, moe.DECODE_KERNEL)
+      nsa.PALLAS_DECODE, moe.decode_kernel_setting())
+  assert moe.decode_kernel_setting() == "pallas"  # the default, "auto", on a GPU
   assert bench.other_decode_kernels(["split", "fused"]) == ["split", "fused"]
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert bench.other_decode_kernels() == []

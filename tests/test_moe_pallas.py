@@ -128,6 +128,10 @@ def test_decode_supported_and_the_tiles_of_larger_layers():
 
 def test_which_decoding_steps_run_the_kernel(monkeypatch):
   sizes = dict(d_model=32, expert_hidden=32, dtype=jnp.float32)
+  assert moe.DECODE_KERNEL == "auto"  # the kernel on a GPU, XLA elsewhere
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert moe.decode_kernel_setting() == "pallas" and moe.decode_kernel_applies(**sizes)
+  monkeypatch.undo()
   for setting, expected in (("pallas", True), ("xla", False),
                             ("auto", jax.default_backend() == "gpu")):
     monkeypatch.setattr(moe, "DECODE_KERNEL", setting)

@@ -689,7 +689,7 @@ def other_decode_kernels(only: Sequence[str] | None = None) -> list[str]:
   if jax.default_backend() != "gpu":
     return []
   return [name for name, kernels in DECODE_KERNELS.items()
-          if kernels != (nsa.PALLAS_DECODE, moe.DECODE_KERNEL)
+          if kernels != (nsa.PALLAS_DECODE, moe.decode_kernel_setting())
           and (only is None or name in only)]
 
 

@@ -792,19 +792,29 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 
 # How a decoding step's DynMoE experts run: "pallas", one kernel a layer given XLA's routing
 # (:func:`decode_experts`, where :func:`moe_pallas.decode_supported`; off GPU in Pallas
-# interpret mode, for tests); "xla", XLA's launches; "auto", pallas on a GPU and xla elsewhere.
-DECODE_KERNEL: str = "xla"
+# interpret mode, for tests); "xla", XLA's launches; "auto" (the default), pallas on a GPU and
+# xla elsewhere. H100, jax 0.11.2, session 36, the arc1 rollout of 32 rows x 512 tokens
+# (`python -m train.bench --config configs/arc1.yaml --only decode --lens 2048 --sets
+# fused_xla_block_moe`, two calls): 189.3 / 190.5 ms with the kernel against 200.0 / 200.9 with
+# XLA's launches (1.06x / 1.05x); at 128 hidden units a program (moe_pallas.DEC_TILE_F) 1.03x /
+# 1.06x. Before it took XLA's routing, the kernel was slower than XLA (0.80x, session 30).
+DECODE_KERNEL: str = "auto"
 DECODE_KERNEL_CHOICES: tuple[str, ...] = ("auto", "pallas", "xla")
+
+
+def decode_kernel_setting() -> str:
+  """:data:`DECODE_KERNEL` as it applies here: "pallas" or "xla" ("auto" resolved)."""
+  if DECODE_KERNEL not in DECODE_KERNEL_CHOICES:
+    raise ValueError(f"moe.DECODE_KERNEL must be one of {DECODE_KERNEL_CHOICES}, got "
+                     f"{DECODE_KERNEL!r}")
+  if DECODE_KERNEL == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return DECODE_KERNEL
 
 
 def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any) -> bool:
   """Whether :func:`decode_experts` computes a decoding step's experts of these sizes."""
-  if DECODE_KERNEL not in DECODE_KERNEL_CHOICES:
-    raise ValueError(f"moe.DECODE_KERNEL must be one of {DECODE_KERNEL_CHOICES}, got "
-                     f"{DECODE_KERNEL!r}")
-  wanted = DECODE_KERNEL == "pallas" or (DECODE_KERNEL == "auto"
-                                         and jax.default_backend() == "gpu")
-  return wanted and moe_pallas.decode_supported(
+  return decode_kernel_setting() == "pallas" and moe_pallas.decode_supported(
       d_model=d_model, expert_hidden=expert_hidden, itemsize=jnp.dtype(dtype).itemsize)
 
 
