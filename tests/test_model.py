@@ -100,6 +100,46 @@ def _with_biases(params, seed):
       else leaf for k, (path, leaf) in zip(keys, leaves)])
 
 
+def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
+  """The compressors' last bias added by NSA's cache-write kernel (BLOCK_BIAS_IN_WRITE, the
+  default) gives the bfloat16 cache and logits of XLA's add, bit for bit, over decoding steps
+  that complete compressed blocks (interpret mode here)."""
+  from onn_jax.model import nsa, nsa_pallas
+  from onn_jax.model.attention import nsa as nsa_layer
+  cfg, _, params = _setup(0)
+  params = _with_biases(params, 0)
+  cfg = dataclasses.replace(cfg, nsa_impl="pallas", compute_dtype="bfloat16")
+  model = Transformer(cfg)
+  monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused_xla_block")
+  biases = []
+  monkeypatch.setattr(nsa_pallas, "write_cache", functools.partial(
+      lambda kernel, *a: biases.append(a[7] is not None) or kernel(*a), nsa_pallas.write_cache))
+  T, P = 18, 6
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, T), 0, VOCAB_SIZE)
+  _, cache0 = _prefill(model)(params, tokens[:, :P], init_cache(cfg, 2, T))
+
+  def decode_all(in_kernel):
+    monkeypatch.setattr(nsa_layer, "BLOCK_BIAS_IN_WRITE", in_kernel)
+    step = jax.jit(lambda p, x, c, pos: model.apply({"params": p}, x, mode="decode", cache=c,
+                                                    pos_B=pos)[:2])
+    cache, pos, out = cache0, jnp.full((2,), P), []
+    for _ in range(T - P):  # blocks (length 8, stride 4) complete at 7, 11, 15
+      logits, cache = step(params, tokens[jnp.arange(2), pos][:, None], cache, pos)
+      out.append(logits)
+      pos = pos + 1
+    return out, cache
+
+  got, got_cache = decode_all(True)
+  assert biases and all(biases)
+  biases.clear()
+  want, want_cache = decode_all(False)
+  assert biases and not any(biases)
+  for g, w in zip(got + jax.tree.leaves(got_cache), want + jax.tree.leaves(want_cache)):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  assert float(jnp.max(jnp.abs(got_cache[0]["k_cmp"][:, 1].astype(jnp.float32)))) > 0
+
+
 @pytest.mark.parametrize("geometry,setting", [
     (0, "fused_xla_block"), (3, "fused_xla_block"), (0, "fused"), (2, "fused"), (3, "fused"),
     (0, "split"), (0, "fused_xla_block/no_core_kernel")])

@@ -128,9 +128,17 @@ def test_decode_supported_and_the_tiles_of_larger_layers():
 
 def test_which_decoding_steps_run_the_kernel(monkeypatch):
   sizes = dict(d_model=32, expert_hidden=32, dtype=jnp.float32)
-  assert moe.DECODE_KERNEL == "auto"  # the kernel on a GPU, XLA elsewhere
+  # The default, "auto": the kernel on a GPU where it was timed (2-byte dtypes, up to
+  # DECODE_AUTO_ROWS rows), XLA elsewhere; "pallas" wherever the kernel serves the layer.
+  assert moe.DECODE_KERNEL == "auto"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert moe.decode_kernel_setting() == "pallas" and moe.decode_kernel_applies(**sizes)
+  assert moe.decode_kernel_setting() == "pallas"
+  half = {**sizes, "dtype": jnp.bfloat16}
+  assert moe.decode_kernel_applies(**half, rows=moe.DECODE_AUTO_ROWS)
+  assert not moe.decode_kernel_applies(**half, rows=moe.DECODE_AUTO_ROWS + 1)
+  assert not moe.decode_kernel_applies(**sizes)  # float32
+  monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
+  assert moe.decode_kernel_applies(**sizes, rows=1000)
   monkeypatch.undo()
   for setting, expected in (("pallas", True), ("xla", False),
                             ("auto", jax.default_backend() == "gpu")):

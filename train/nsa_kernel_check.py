@@ -172,14 +172,15 @@ VARIANTS = {
     # Session 36: the DynMoE decoding kernel's hidden units a program (moe_pallas.DEC_TILE_F,
     # 64): 128 halves its programs and the float32 partials XLA sums (2 MiB a layer at arc1).
     "moe_tile128": dict(DEC_TILE_F=128),
-    # The compressors' last bias added by XLA, not the write kernel (BLOCK_BIAS_IN_WRITE).
+    # The compressors' last bias added by XLA, not the write kernel (BLOCK_BIAS_IN_WRITE; a
+    # model's decoding step: `train.bench --only decode --variant block_bias_xla`, not --decode,
+    # which times nsa_core alone).
     "block_bias_xla": dict(BLOCK_BIAS_IN_WRITE=False),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
 # only the split path's).
-DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES",
-                   "BLOCK_BIAS_IN_WRITE"}
+DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES"}
 
 
 # The modules whose constants a variant may set (the first that has the name).

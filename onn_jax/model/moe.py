@@ -792,18 +792,22 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 
 # How a decoding step's DynMoE experts run: "pallas", one kernel a layer given XLA's routing
 # (:func:`decode_experts`, where :func:`moe_pallas.decode_supported`; off GPU in Pallas
-# interpret mode, for tests); "xla", XLA's launches; "auto" (the default), pallas on a GPU and
-# xla elsewhere. H100, jax 0.11.2, session 36, the arc1 rollout of 32 rows x 512 tokens
-# (`python -m train.bench --config configs/arc1.yaml --only decode --lens 2048 --sets
-# fused_xla_block_moe`, two calls): 189.3 / 190.5 ms with the kernel against 200.0 / 200.9 with
-# XLA's launches (1.06x / 1.05x); at 128 hidden units a program (moe_pallas.DEC_TILE_F) 1.03x /
-# 1.06x. Before it took XLA's routing, the kernel was slower than XLA (0.80x, session 30).
+# interpret mode, for tests); "xla", XLA's launches; "auto" (the default), pallas on a GPU where
+# it was timed (a 2-byte compute dtype, at most DECODE_AUTO_ROWS rows: its float32 partials
+# grow with the rows) and xla elsewhere. H100, jax 0.11.2, session 36, the arc1 rollout of 32
+# rows x 512 tokens (`python -m train.bench --config configs/arc1.yaml --only decode --lens
+# 2048 --sets fused_xla_block_moe`, two calls): 189.3 / 190.5 ms with the kernel against 200.0
+# / 200.9 with XLA's launches (1.06x / 1.05x); at 128 hidden units a program
+# (moe_pallas.DEC_TILE_F) 1.03x / 1.06x. Before it took XLA's routing, the kernel was slower
+# than XLA (0.80x, session 30).
 DECODE_KERNEL: str = "auto"
 DECODE_KERNEL_CHOICES: tuple[str, ...] = ("auto", "pallas", "xla")
+DECODE_AUTO_ROWS = 64
 
 
 def decode_kernel_setting() -> str:
-  """:data:`DECODE_KERNEL` as it applies here: "pallas" or "xla" ("auto" resolved)."""
+  """:data:`DECODE_KERNEL` as it applies here: "pallas" or "xla" ("auto" resolved by the
+  backend; :func:`decode_kernel_applies` also by the layer's dtype and rows)."""
   if DECODE_KERNEL not in DECODE_KERNEL_CHOICES:
     raise ValueError(f"moe.DECODE_KERNEL must be one of {DECODE_KERNEL_CHOICES}, got "
                      f"{DECODE_KERNEL!r}")
@@ -812,10 +816,14 @@ def decode_kernel_setting() -> str:
   return DECODE_KERNEL
 
 
-def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any) -> bool:
-  """Whether :func:`decode_experts` computes a decoding step's experts of these sizes."""
+def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any, rows: int = 1) -> bool:
+  """Whether :func:`decode_experts` computes a decoding step's experts of these sizes
+  (``rows``: the step's tokens)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  if DECODE_KERNEL == "auto" and (itemsize != 2 or rows > DECODE_AUTO_ROWS):
+    return False
   return decode_kernel_setting() == "pallas" and moe_pallas.decode_supported(
-      d_model=d_model, expert_hidden=expert_hidden, itemsize=jnp.dtype(dtype).itemsize)
+      d_model=d_model, expert_hidden=expert_hidden, itemsize=itemsize)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -904,7 +912,7 @@ class DynMoE(nn.Module):
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False
                ) -> tuple[Array, dict[str, Array]]:
-    """``decoding``: a one-token decoding step (its layer may run as one kernel,
+    """``decoding``: a one-token decoding step (its experts may run as one kernel,
     :data:`DECODE_KERNEL`)."""
     self._check()
     if x_BTC.ndim != 3:
@@ -924,7 +932,7 @@ class DynMoE(nn.Module):
         st_temperature=self.st_temperature)
     self.sow("intermediates", "used_experts", used_BTE)
     B, T = x_BTC.shape[:2]
-    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype):
+    if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype, B * T):
       y_BTC = decode_experts(self.dtype, nsa_pallas.use_interpret(), x_BTC, weights_BTE, params)
       return y_BTC, aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,

@@ -49,7 +49,7 @@ DEC_TILE_F = 64
 DEC_ROWS = 64
 # The smallest tile of a product (a tensor-core tile's rows): fewer rows are padded to it.
 _MIN_TILE = 16
-DEC_NUM_WARPS = 4
+DEC_MOE_NUM_WARPS = 4
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + ...)) exp(-x^2), t = 1 / (1 + p x),
 # for x >= 0, |error| <= 1.5e-7.
@@ -101,7 +101,8 @@ def decode_supported(*, d_model: int, expert_hidden: int, itemsize: int) -> bool
   """Whether :func:`decode_partials` serves this layer (``itemsize``: the compute dtype's
   bytes): Triton tiles are powers of two, and a program's within :data:`DEC_TILE_BYTES`."""
   return (_is_pow2(d_model) and _is_pow2(expert_hidden)
-          and min(d_model, expert_hidden) >= _MIN_TILE and _tiles(d_model, expert_hidden, itemsize) is not None)
+          and min(d_model, expert_hidden) >= _MIN_TILE
+          and _tiles(d_model, expert_hidden, itemsize) is not None)
 
 
 def _decode_kernel(x_ref, w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref):
@@ -145,6 +146,6 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
       ],
       out_specs=pl.BlockSpec((1, rows, C), lambda i, e, j: (e * num_f + j, i, 0)),
       out_shape=jax.ShapeDtypeStruct((E * num_f, padded_b, C), _F32),
-      interpret=interpret, compiler_params=_compiler_params(interpret, DEC_NUM_WARPS),
+      interpret=interpret, compiler_params=_compiler_params(interpret, DEC_MOE_NUM_WARPS),
   )(x_PC, w_EP, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
   return parts[:, :B]

@@ -317,8 +317,9 @@ class NSAttention(nn.Module):
 
   def _completed_blocks(self, cache, token_BGD, pos_B, written: bool = False,
                         bias: bool = True):
-    """The compressed block each row's token at ``pos_B`` completes: (blocks_2BGD, k_cmp's and
-    v_cmp's stacked, slot_B, the number of slots for a row that completes none).
+    """The compressed block each row's token at ``pos_B`` completes: (blocks_2BGD: k_cmp's and
+    v_cmp's stacked; slot_B: each row's slot, the number of slots for a row that completes
+    none).
 
     Block i completes at position ``i*stride + len - 1``: it is computed from the raw keys
     only then, so no partial block is ever visible (NSA eq. 7). Its raw keys are the cache's
@@ -379,7 +380,7 @@ class NSAttention(nn.Module):
     for all eight arrays (``nsa_pallas.write_cache``): by default (``nsa.PALLAS_DECODE =
     "fused_xla_block"``) and with ``cmp_rope="both"`` the block is computed in XLA from the
     unwritten cache with the token in place (its last bias added in the write kernel where
-    ``BLOCK_BIAS_IN_WRITE``); with ``"fused"`` in the kernel too
+    ``BLOCK_BIAS_IN_WRITE``, except with ``cmp_rope="both"``); with ``"fused"`` in the kernel too
     (``nsa_pallas.write_cache_compress``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
@@ -397,7 +398,9 @@ class NSAttention(nn.Module):
             weights, c.block_len, c.block_stride, nsa_pallas.use_interpret())
         return dict(zip(KV_NAMES + names, arrays))
       # The last bias in the write kernel: XLA would add it in a launch of its own.
+      # (Rounded once: the cache holds the compute dtype, init_layer_cache.)
       bias_in_kernel = (BLOCK_BIAS_IN_WRITE and c.cmp_rope != "both"
+                        and cache[names[0]].dtype == self.k_compressor.dtype
                         and not self.is_initializing())
       blocks_2BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B,
                                                    bias=not bias_in_kernel)
