@@ -1,7 +1,9 @@
 """An XLA:CPU miscompilation met in session 36 (jax 0.10.0 and 0.10.2, CPU): a rotary embedding
 written into one slice of a stacked array with ``.at[0].set`` gives, under ``jax.jit``, values
 that neither eager JAX nor NumPy give (the rotated half of some rows is off by up to ~1.9).
-``attention.nsa.NSAttention._completed_blocks`` stacks the slices instead. Run:
+``attention.nsa.NSAttention._completed_blocks`` stacks the slices instead. Probably the open
+openxla/xla#49176 (an in-place dynamic-update-slice fusion on CPU that reads its own output
+when the update is computed from a slice of the operand). Run:
 ``JAX_PLATFORMS=cpu python docs/bench/xla_cpu_rope_update_miscompile.py``."""
 import jax
 import jax.numpy as jnp
