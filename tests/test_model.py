@@ -103,9 +103,11 @@ def _with_biases(params, seed):
 def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
   """The compressors' last bias added by NSA's cache-write kernel (BLOCK_BIAS_IN_WRITE, the
   default) gives the bfloat16 cache and logits of XLA's add, bit for bit, over decoding steps
-  that complete compressed blocks (interpret mode here)."""
+  that complete compressed blocks (interpret mode here). The block itself from XLA both times
+  (not from the input-products kernel, which sums its products in another order)."""
   from onn_jax.model import nsa, nsa_pallas
   from onn_jax.model.attention import nsa as nsa_layer
+  monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", False)
   cfg, _, params = _setup(0)
   params = _with_biases(params, 0)
   cfg = dataclasses.replace(cfg, nsa_impl="pallas", compute_dtype="bfloat16")
@@ -142,13 +144,14 @@ def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
 
 @pytest.mark.parametrize("geometry,setting", [
     (0, "fused_xla_block"), (3, "fused_xla_block"), (0, "fused"), (2, "fused"), (3, "fused"),
-    (0, "split"), (0, "fused_xla_block/no_core_kernel")])
+    (0, "split"), (0, "fused_xla_block/no_core_kernel"), (2, "fused_xla_block/no_inputs_kernel")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
   completing mid-decode (rotated in the cache with cmp_rope="both", computed in XLA then);
   "split": no one-kernel step (the branches' kernels and XLA's scatters); "no_core_kernel":
-  key tiles too large for the core's kernel (the split core) beside the write kernel."""
+  key tiles too large for the core's kernel (the split core) beside the write kernel; the
+  input products by their kernel (nsa_pallas.decode_inputs) but with "no_inputs_kernel"."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
@@ -156,8 +159,9 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   setting, _, variant = setting.partition("/")
   if variant == "no_core_kernel":
     monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
+  monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", variant != "no_inputs_kernel")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
-  for name in ("decode_attention", "write_cache", "write_cache_compress"):
+  for name in ("decode_attention", "write_cache", "write_cache_compress", "decode_inputs"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
         lambda kernel, name, *a, **k: calls.append(name) or kernel(*a, **k),
         getattr(nsa_pallas, name), name))
@@ -179,9 +183,11 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   # Rotated compressed keys (geometry 2) are computed in XLA and written by the kernel.
   in_xla = cfg.cmp_rope == "both" or setting == "fused_xla_block"
   writer = "write_cache" if in_xla else "write_cache_compress"
-  want = set() if setting == "split" else {"decode_attention", writer}
+  want = set() if setting == "split" else {"decode_attention", writer, "decode_inputs"}
   if variant == "no_core_kernel":
-    want = {writer}
+    want = {writer, "decode_inputs"}
+  if variant == "no_inputs_kernel":
+    want -= {"decode_inputs"}
   assert set(calls) == want, "a decoding kernel did not run, or ran on the split setting"
 
 

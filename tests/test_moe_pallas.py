@@ -41,9 +41,13 @@ def _weights(combine, x_BTC, params, fallback_k=1):
                    target_active=0.0, st_temperature=moe.ST_TEMPERATURE)[0]
 
 
-def _kernel(combine, dtype, x_BTC, params, fallback_k=1):
+def _kernel(combine, dtype, x_BTC, params, fallback_k=1, routed=False):
+  """The kernel given XLA's routing weights, or (``routed``) routing its rows itself."""
+  if routed:
+    gate = (combine, fallback_k, moe.ST_TEMPERATURE)
+    return moe.decode_experts(dtype, True, gate, x_BTC, None, params)
   weights_BTE = _weights(combine, x_BTC, params, fallback_k)
-  return moe.decode_experts(dtype, True, x_BTC, weights_BTE, params)
+  return moe.decode_experts(dtype, True, None, x_BTC, weights_BTE, params)
 
 
 def _reference(combine, dtype, x_BTC, params, fallback_k=1):
@@ -71,12 +75,15 @@ SHAPES = [(4, 32, 32, 3), (8, 64, 128, 20), (16, 32, 256, 70)]
 @pytest.mark.parametrize("shape", SHAPES)
 # 2.0: every row falls back (to its top two experts with fallback_k=2)
 @pytest.mark.parametrize("threshold,fallback_k", [(0.05, 1), (2.0, 1), (2.0, 2)])
-def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold, fallback_k):
+@pytest.mark.parametrize("routed", [False, True])
+def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold, fallback_k, routed):
+  """Given XLA's routing weights or routing in the kernel (its similarities within float32
+  rounding of XLA's: no margin here is that close to its threshold, no two that close)."""
   E, C, F, B = shape
   x_BTC, params = _layer(E, C, F, B, threshold)
   if threshold > 1:
     assert _fallback_rows(x_BTC, params) == B
-  got = _kernel(combine, jnp.float32, x_BTC, params, fallback_k)
+  got = _kernel(combine, jnp.float32, x_BTC, params, fallback_k, routed)
   want = _reference(combine, jnp.float32, x_BTC, params, fallback_k)
   assert got.shape == want.shape and got.dtype == want.dtype
   # Float32 sums of E*F terms in another order (relative error ~ sqrt(E*F) eps of the terms'
@@ -86,25 +93,29 @@ def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold, fall
 
 
 @pytest.mark.parametrize("combine", ["mean", "softmax"])
-def test_kernel_is_as_close_to_float32_as_the_xla_layer_in_bfloat16(combine):
+@pytest.mark.parametrize("routed", [False, True])
+def test_kernel_is_as_close_to_float32_as_the_xla_layer_in_bfloat16(combine, routed):
   E, C, F, B = 8, 64, 128, 20
   x_BTC, params = _layer(E, C, F, B, 0.05, dtype=jnp.bfloat16)
   exact = _reference(combine, jnp.float32, x_BTC.astype(jnp.float32), params)
   err_xla = jnp.abs(_reference(combine, jnp.bfloat16, x_BTC, params).astype(jnp.float32) - exact)
-  err_kernel = jnp.abs(_kernel(combine, jnp.bfloat16, x_BTC, params).astype(jnp.float32) - exact)
+  err_kernel = jnp.abs(_kernel(combine, jnp.bfloat16, x_BTC, params, routed=routed).astype(
+      jnp.float32) - exact)
   # Both round the same intermediates to bfloat16; the kernel sums its partials in float32
   # before one rounding (XLA rounds each of its products), so it is no further from float32.
   assert float(jnp.max(err_kernel)) <= 1.25 * float(jnp.max(err_xla))
   assert float(jnp.mean(err_kernel)) <= 1.25 * float(jnp.mean(err_xla))
 
 
-def test_gradient_is_the_xla_layers():
+@pytest.mark.parametrize("routed", [False, True])
+def test_gradient_is_the_xla_layers(routed):
   """The custom VJP is the XLA layer's: through the weights to the straight-through gate, and
-  to every expert."""
+  to every expert (routing in the kernel or not)."""
   x_BTC, params = _layer(8, 32, 64, 6, 0.05)
   ct = jax.random.normal(jax.random.PRNGKey(9), x_BTC.shape)
   loss = lambda fn: lambda x, p: jnp.sum(fn("softmax", jnp.float32, x, p) * ct)  # noqa: E731
-  got = jax.grad(loss(_kernel), argnums=(0, 1))(x_BTC, params)
+  kernel = functools.partial(_kernel, routed=routed)
+  got = jax.grad(lambda x, p: loss(kernel)(x, p), argnums=(0, 1))(x_BTC, params)
   want = jax.grad(loss(_reference), argnums=(0, 1))(x_BTC, params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(g, w)
@@ -193,3 +204,14 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   assert calls, "the decoding kernel did not run"
+
+
+def test_where_the_kernel_routes_its_rows():
+  """On a GPU the kernel routes where the similarities are Triton tiles (E a power of two of
+  at least 16, d_model a power of two); in interpret mode always; DECODE_ROUTE is the default."""
+  assert moe_pallas.DECODE_ROUTE is True
+  gpu = functools.partial(moe_pallas.route_supported, interpret=False)
+  assert gpu(num_experts=16, d_model=256)
+  assert not gpu(num_experts=8, d_model=256) and not gpu(num_experts=24, d_model=256)
+  assert not gpu(num_experts=16, d_model=48)
+  assert moe_pallas.route_supported(num_experts=3, d_model=48, interpret=True)

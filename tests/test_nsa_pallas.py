@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from onn_jax.model import nsa, nsa_pallas
+from onn_jax.model.layers import rope_cos_sin
 from onn_jax.model.nsa import nsa_core
 
 import test_nsa_core
@@ -1407,3 +1408,78 @@ def test_which_decoding_steps_write_the_cache_in_one_kernel(monkeypatch):
   assert not nsa.fused_decoding("pallas", num_groups=3, **tiles)  # [3, D] rows: no Triton tile
   assert not nsa.fused_decoding("blockwise", num_groups=2, **tiles)
   assert nsa.fused_decoding("auto", num_groups=2, **tiles) == (jax.default_backend() == "gpu")
+
+
+def _input_products_args(dtype, B, with_block, seed=0):
+  """decode_inputs' arguments: C=16, H=4, G=2, D=8; with_block a 40-slot cache, blocks of 8
+  every 4, positions before the first block completes, completing one, and in between."""
+  C, H, G, D, S = 16, 4, 2, 8, 40
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
+  normal = lambda shape, scale=1.0: (scale * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
+  pos_B = jnp.asarray(np.random.default_rng(seed).integers(0, S, B), jnp.int32)
+  pos_B = pos_B.at[:3].set(jnp.array([3, 7, 11]))  # 3: no block yet; 7 and 11 complete one
+  cos_BF, sin_BF = rope_cos_sin(pos_B, D // 2, 10000.0)
+  args = (normal((B, C)), normal((C, H * D), 0.3), normal((C, 6 * G * D), 0.3),
+          normal((C, 3 * H), 0.3), normal((3 * H,), 0.3), cos_BF, sin_BF)
+  if not with_block:
+    return args, None, None
+  L, s = 8, 4
+  raw = (normal((B, S, G, D)), normal((B, S, G, D)))
+  weights = (normal((2, L, D, 2 * D), 0.2), normal((2, 2 * D), 0.2).astype(jnp.float32),
+             normal((2, 2 * D, D), 0.2))
+  return args, (raw, pos_B, weights), (("block_len", L), ("block_stride", s))
+
+
+@pytest.mark.parametrize("dtype,rows,with_block", [
+    (jnp.float32, 16, True), (jnp.bfloat16, 16, True), (jnp.float32, 64, False)])
+def test_decode_input_products_in_one_kernel(dtype, rows, with_block, monkeypatch):
+  """nsa_pallas.decode_inputs against its XLA reference: rotated and unrotated queries, the six
+  key/value rows (k_slc and k_win rotated), the gates' sigmoid and the block each row's token
+  would complete (the cache's rows, the token's in its place), for 37 rows in tiles of 16 (the
+  last part-filled) or one tile. Float32: sums of at most L*D = 64 products in another order
+  (1e-5); bfloat16: each output rounded once more or less at a different last bit (the block
+  after two roundings): 2 ulps."""
+  monkeypatch.setattr(nsa_pallas, "INPUTS_ROWS", rows)
+  args, block, geometry = _input_products_args(dtype, 37, with_block)
+  rotate = (2, 4)
+  got = jax.jit(lambda a, b: nsa_pallas.decode_inputs(*a, b, rotate, geometry, True))(args, block)
+  want = nsa_pallas.decode_inputs_reference(*args, block, rotate=rotate,
+                                            block_geometry=geometry)
+  assert len(got) == len(want) == (5 if with_block else 4)
+  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype == dtype
+    w32 = np.asarray(w, np.float32)
+    np.testing.assert_allclose(np.asarray(g, np.float32), w32, rtol=tol,
+                               atol=tol * float(np.max(np.abs(w32))))
+  if with_block:  # the rows that complete a block read the token in its place
+    assert not np.allclose(np.asarray(got[4][:, 1], np.float32), 0)
+
+
+def test_decode_input_products_gradient_is_the_references():
+  args, block, geometry = _input_products_args(jnp.float32, 5, True)
+  cts = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 8))
+
+  def loss(fn, a, raw, w):
+    outs = fn(*a, (raw, block[1], w))
+    return sum(jnp.sum(o * jnp.resize(cts, o.shape) * (i + 1)) for i, o in enumerate(outs))
+
+  kernel = lambda *a: nsa_pallas.decode_inputs(*a, (2, 4), geometry, True)  # noqa: E731
+  reference = functools.partial(nsa_pallas.decode_inputs_reference, rotate=(2, 4),
+                                block_geometry=geometry)
+  got = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2))(args, block[0], block[2])
+  want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2))(args, block[0],
+                                                                        block[2])
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w)
+  assert float(jnp.max(jnp.abs(got[1][0]))) > 0  # the cache's raw keys get a gradient
+
+
+def test_which_decoding_steps_take_the_input_products_kernel():
+  """On a GPU the Triton tiles (C and D powers of two, D/2 >= 16); interpret mode any even D;
+  DECODE_INPUTS is the default."""
+  assert nsa_pallas.DECODE_INPUTS is True
+  gpu = functools.partial(nsa_pallas.decode_inputs_supported, interpret=False)
+  assert gpu(d_model=256, head_dim=32)
+  assert not gpu(d_model=256, head_dim=16) and not gpu(d_model=96, head_dim=32)
+  assert nsa_pallas.decode_inputs_supported(d_model=96, head_dim=6, interpret=True)

@@ -176,6 +176,12 @@ VARIANTS = {
     # model's decoding step: `train.bench --only decode --variant block_bias_xla`, not --decode,
     # which times nsa_core alone).
     "block_bias_xla": dict(BLOCK_BIAS_IN_WRITE=False),
+    # Session 37: a decoding step's NSA input products (nsa_pallas.DECODE_INPUTS) and DynMoE
+    # routing (moe_pallas.DECODE_ROUTE) by XLA's launches, not their kernels (a model's
+    # decoding step: `train.bench --only decode --variant ...`).
+    "inputs_xla": dict(DECODE_INPUTS=False),
+    "route_xla": dict(DECODE_ROUTE=False),
+    "inputs_route_xla": dict(DECODE_INPUTS=False, DECODE_ROUTE=False),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

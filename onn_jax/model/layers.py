@@ -12,14 +12,24 @@ def dtype_of(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def rope_cos_sin(pos: jax.Array, half: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """The rotary angles' cosines and sines at integer positions ``pos`` (any shape): float32
+  [..., half] each, frequency i ``theta ** (-i / half)``."""
+  freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = pos.astype(jnp.float32)[..., None] * freq_F
+  return jnp.cos(angle), jnp.sin(angle)
+
+
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """``x`` [..., D] rotated by angles whose cosines and sines [..., D/2] broadcast against its
+  halves (rotate-half form), in float32, rounded once to x's dtype."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
 def apply_rope(x_BTnD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotate-half form, computed in float32."""
-  half = x_BTnD.shape[-1] // 2
-  freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BTF = pos_BT.astype(jnp.float32)[..., None] * freq_F
-  cos_BT1F = jnp.cos(angle_BTF)[:, :, None, :]
-  sin_BT1F = jnp.sin(angle_BTF)[:, :, None, :]
-  x = x_BTnD.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], -1)
-  return out.astype(x_BTnD.dtype)
+  cos_BTF, sin_BTF = rope_cos_sin(pos_BT, x_BTnD.shape[-1] // 2, theta)
+  return rotate_half(x_BTnD, cos_BTF[:, :, None, :], sin_BTF[:, :, None, :])

@@ -215,21 +215,11 @@ def fallback_experts(s_BTE: Array, k: int) -> Array:
   return jnp.sum(jax.nn.one_hot(top_BTK, E, dtype=jnp.float32), axis=-2)
 
 
-def route(x_BTC: Array, prototypes_EC: Array, thresholds_E: Array, valid_BT: Array, *,
-          combine: str, fallback_k: int, target_active: float, st_temperature: float
-          ) -> tuple[Array, Array, dict[str, Array]]:
-  """The DynMoE gate, in float32.
-
-  Args:
-    x_BTC: token features.  prototypes_EC, thresholds_E: gate parameters.
-    valid_BT: bool, False for padding (excluded from every statistic and from the sparsity term).
-  Returns:
-    weights_BTE: combination weights (float32, sum to 1 over the used experts of each token;
-      carry the straight-through gradient).
-    used_BTE: hard 0/1 mask of the experts each token actually uses (fallback included).
-    aux: the statistics and SDL terms listed in ``AUX_KEYS`` (diversity included).
-  """
-  s_BTE = cosine_similarity(x_BTC, prototypes_EC)
+def gate_weights(s_BTE: Array, thresholds_E: Array, *, combine: str, fallback_k: int,
+                 st_temperature: float) -> tuple[Array, ...]:
+  """The gate's decisions from the similarities ``s_BTE`` (float32): (weights_BTE, used_BTE,
+  st_BTE, hard_BTE, fallback_BT), as :func:`route` documents them (st: the straight-through
+  activation, equal to hard in the forward pass; fallback: tokens that activate none)."""
   margin_BTE = s_BTE - thresholds_E.astype(jnp.float32)
   hard_BTE = (margin_BTE > 0).astype(jnp.float32)
   soft_BTE = jax.nn.sigmoid(margin_BTE / st_temperature)
@@ -259,6 +249,27 @@ def route(x_BTC: Array, prototypes_EC: Array, thresholds_E: Array, valid_BT: Arr
     weights_BTE = e_BTE / jnp.sum(e_BTE, axis=-1, keepdims=True)
   else:
     raise ValueError(f"DynMoE combine={combine!r}: expected one of {COMBINE_MODES}")
+  return weights_BTE, used_BTE, st_BTE, hard_BTE, fallback_BT
+
+
+def route(x_BTC: Array, prototypes_EC: Array, thresholds_E: Array, valid_BT: Array, *,
+          combine: str, fallback_k: int, target_active: float, st_temperature: float
+          ) -> tuple[Array, Array, dict[str, Array]]:
+  """The DynMoE gate, in float32.
+
+  Args:
+    x_BTC: token features.  prototypes_EC, thresholds_E: gate parameters.
+    valid_BT: bool, False for padding (excluded from every statistic and from the sparsity term).
+  Returns:
+    weights_BTE: combination weights (float32, sum to 1 over the used experts of each token;
+      carry the straight-through gradient).
+    used_BTE: hard 0/1 mask of the experts each token actually uses (fallback included).
+    aux: the statistics and SDL terms listed in ``AUX_KEYS`` (diversity included).
+  """
+  s_BTE = cosine_similarity(x_BTC, prototypes_EC)
+  weights_BTE, used_BTE, st_BTE, hard_BTE, fallback_BT = gate_weights(
+      s_BTE, thresholds_E, combine=combine, fallback_k=fallback_k,
+      st_temperature=st_temperature)
 
   valid_BT = valid_BT.astype(jnp.float32)
   num_tokens = jnp.sum(valid_BT)
@@ -826,27 +837,47 @@ def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any, rows: in
       d_model=d_model, expert_hidden=expert_hidden, itemsize=itemsize)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def decode_experts(dtype: Any, interpret: bool, x_BTC: Array, weights_BTE: Array,
-                   params: dict[str, Array]) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array,
+                   weights_BTE: Array | None, params: dict[str, Array]) -> Array:
   """:func:`experts_dense` (``dtype`` output) for a few tokens, by
-  :mod:`onn_jax.model.moe_pallas`'s kernel; its gradient is :func:`experts_dense`'s."""
+  :mod:`onn_jax.model.moe_pallas`'s kernel, given the combination weights ``weights_BTE``, or
+  with ``gate`` = (combine, fallback_k, st_temperature) and ``weights_BTE`` None routing each
+  token in the kernel (:func:`route`'s weights from ``params``' prototypes and thresholds).
+  Its gradient is that of :func:`experts_dense` (of :func:`route`'s weights with ``gate``)."""
   B, T, C = x_BTC.shape
   cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
+  routing = None
+  if gate is not None:
+    combine, fallback_k, _ = gate
+    routing = (_normalise(params["prototypes"]), params["thresholds"],
+               dict(eps=NORM_EPS, combine=combine, fallback_k=fallback_k))
   parts = moe_pallas.decode_partials(
-      x_BTC.reshape(B * T, C).astype(dtype), weights_BTE.reshape(B * T, -1),
-      cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], interpret=interpret)
+      x_BTC.reshape(B * T, C).astype(dtype),
+      None if weights_BTE is None else weights_BTE.reshape(B * T, -1),
+      cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], interpret=interpret,
+      gate=routing)
   return jnp.sum(parts, axis=0).astype(dtype).reshape(B, T, C)
 
 
-def _decode_experts_fwd(dtype, interpret, x_BTC, weights_BTE, params):
-  return (decode_experts(dtype, interpret, x_BTC, weights_BTE, params),
+def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params):
+  if gate is not None:
+    combine, fallback_k, st_temperature = gate
+    s_BTE = jnp.einsum("btc,ec->bte", _normalise(x_BTC), _normalise(params["prototypes"]),
+                       precision=jax.lax.Precision.HIGHEST)
+    weights_BTE = gate_weights(s_BTE, params["thresholds"], combine=combine,
+                               fallback_k=fallback_k, st_temperature=st_temperature)[0]
+  return experts_dense(x_BTC, weights_BTE, params, dtype)
+
+
+def _decode_experts_fwd(dtype, interpret, gate, x_BTC, weights_BTE, params):
+  return (decode_experts(dtype, interpret, gate, x_BTC, weights_BTE, params),
           (x_BTC, weights_BTE, params))
 
 
-def _decode_experts_bwd(dtype, interpret, res, dy_BTC):
+def _decode_experts_bwd(dtype, interpret, gate, res, dy_BTC):
   del interpret
-  _, pullback = jax.vjp(lambda x, w, p: experts_dense(x, w, p, dtype), *res)
+  _, pullback = jax.vjp(functools.partial(_decode_experts_reference, dtype, gate), *res)
   return pullback(dy_BTC)
 
 
@@ -933,7 +964,14 @@ class DynMoE(nn.Module):
     self.sow("intermediates", "used_experts", used_BTE)
     B, T = x_BTC.shape[:2]
     if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype, B * T):
-      y_BTC = decode_experts(self.dtype, nsa_pallas.use_interpret(), x_BTC, weights_BTE, params)
+      interpret = nsa_pallas.use_interpret()
+      gate = None
+      if moe_pallas.DECODE_ROUTE and moe_pallas.route_supported(
+          num_experts=self.num_experts, d_model=d_model, interpret=interpret):
+        # The kernel routes (the same weights; XLA's route above then only feeds aux and the
+        # sown mask, which a decoding loop does not read).
+        gate, weights_BTE = (self.combine, self.fallback_k, self.st_temperature), None
+      y_BTC = decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params)
       return y_BTC, aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,
                              self.tile)

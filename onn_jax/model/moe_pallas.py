@@ -33,13 +33,15 @@ in Pallas interpret mode (tests).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from onn_jax.model.nsa_pallas import _F32, _compiler_params, _is_pow2, _mm, _pow2_at_least
+from onn_jax.model.nsa_pallas import (_F32, _compiler_params, _is_pow2, _mm, _pow2_at_least,
+                                      bf16_parts)
 
 # Hidden units per program: each program reads [d_model, DEC_TILE_F] and [DEC_TILE_F, d_model]
 # of its expert's weights (64 KiB at arc1's d_model 256 in bf16), so arc1's 16 experts x 512
@@ -105,12 +107,54 @@ def decode_supported(*, d_model: int, expert_hidden: int, itemsize: int) -> bool
           and _tiles(d_model, expert_hidden, itemsize) is not None)
 
 
-def _decode_kernel(x_ref, w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref):
-  j = pl.program_id(2)
+def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: int):
+  """The DynMoE gate's float32 combination weights [P, E] of rows ``x_PC`` given unit-norm
+  prototypes ``p_EC`` (float32) and thresholds: ``moe.gate_weights``' forward values (its
+  straight-through terms are 0 there)."""
+  x_PC = x_PC.astype(_F32)
+  x_PC = x_PC * jax.lax.rsqrt(jnp.sum(x_PC * x_PC, axis=1) + eps)[:, None]
+  # The similarities within float32 rounding of the exact ones: three bfloat16 parts of each
+  # operand on tensor cores, the six products above float32's last bits (Triton's exact
+  # float32 product runs on CUDA cores: tens of microseconds, see the module docstring).
+  x3, p3 = bf16_parts(x_PC), bf16_parts(p_EC)
+  s_PE = sum(_mm(x3[i], p3[j], trans_b=True) for i in range(3) for j in range(3) if i + j <= 2)
+  E = s_PE.shape[1]
+  margin_PE = s_PE - thr_E.astype(_F32)[None, :]
+  hard_PE = margin_PE > 0
+  fallback_P = jnp.sum(hard_PE.astype(_F32), axis=1) == 0
+  # The fallback's k most similar experts, ties to the lower index (moe.fallback_experts).
+  e_PE = jax.lax.broadcasted_iota(jnp.int32, s_PE.shape, 1)
+  top_PE, rest_PE = jnp.zeros(s_PE.shape, jnp.bool_), s_PE
+  for _ in range(fallback_k):
+    best_P = jnp.max(rest_PE, axis=1)
+    first_P = jnp.min(jnp.where(rest_PE == best_P[:, None], e_PE, E), axis=1)
+    pick_PE = e_PE == first_P[:, None]
+    top_PE, rest_PE = top_PE | pick_PE, jnp.where(pick_PE, -jnp.inf, rest_PE)
+  used_PE = jnp.where(fallback_P[:, None], top_PE, hard_PE)
+  e_w_PE = used_PE.astype(_F32)
+  if combine == "softmax":  # over the used experts' margins (moe.gate_weights)
+    top_P = jnp.max(jnp.where(used_PE, margin_PE, -jnp.inf), axis=1)
+    z_PE = margin_PE - top_P[:, None]
+    e_w_PE = e_w_PE * jnp.exp(jnp.where(used_PE, z_PE, jnp.minimum(z_PE, 0.0)))
+  return e_w_PE / jnp.sum(e_w_PE, axis=1)[:, None]
+
+
+def _decode_kernel(x_ref, *refs, gate: dict | None):
+  """``gate`` None: the rows' weights of expert e are an input; else the kernel's own routing
+  (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds)."""
+  e, j = pl.program_id(1), pl.program_id(2)
   x_PC = x_ref[...]
   dt = x_PC.dtype
+  if gate is None:
+    w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
+    w_P1 = w_ref[...]
+  else:
+    p_ref, thr_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
+    w_PE = _gate_weights(x_PC, p_ref[...], thr_ref[...], **gate)
+    e_PE = jax.lax.broadcasted_iota(jnp.int32, w_PE.shape, 1)
+    w_P1 = jnp.sum(jnp.where(e_PE == e, w_PE, 0.0), axis=1)[:, None]
   # Expert e's weight of each row, rounded to the compute dtype as experts_dense rounds it.
-  w_P1 = w_ref[0].astype(dt).astype(_F32)[:, None]
+  w_P1 = w_P1.astype(dt).astype(_F32)
   h_PF = _mm(x_PC, w_in_ref[0]).astype(dt)
   u_PF = (h_PF.astype(_F32) + b_in_ref[0].astype(_F32)[None, :]).astype(dt).astype(_F32)
   a_PF = (gelu(u_PF) * w_P1).astype(dt)
@@ -120,25 +164,35 @@ def _decode_kernel(x_ref, w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref
 
 
 def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
-                    interpret: bool) -> jax.Array:
+                    interpret: bool, gate: tuple | None = None) -> jax.Array:
   """The kernel's float32 partial outputs [E * F / tile_f, B, C] (:func:`_tiles`; their sum
   over axis 0 is the layer's output) for rows ``x_BC`` and their combination weights
-  ``weights_BE`` (the gate's float32 ones: zero for an expert a row does not use). Everything
-  else in the compute dtype (x's)."""
+  ``weights_BE`` (the gate's float32 ones: zero for an expert a row does not use), or, with
+  ``weights_BE`` None, those of ``gate`` = (unit-norm prototypes [E, C] float32, thresholds
+  [E], dict(eps=, combine=, fallback_k=)) computed in the kernel (needs
+  :func:`route_supported`). Everything else in the compute dtype (x's)."""
   B, C = x_BC.shape
   E, _, F = w_in_ECF.shape
   tile_f, most_rows = _tiles(C, F, x_BC.dtype.itemsize)
   rows = min(_pow2_at_least(max(B, _MIN_TILE)), most_rows)
   padded_b = -(-B // rows) * rows
   x_PC = jnp.pad(x_BC, ((0, padded_b - B), (0, 0)))
-  w_EP = jnp.pad(weights_BE.astype(_F32), ((0, padded_b - B), (0, 0))).T
   num_f = F // tile_f
+  if weights_BE is None:
+    p_unit_EC, thresholds_E, settings = gate
+    gate_in = [p_unit_EC.astype(_F32), thresholds_E]
+    gate_specs = [pl.BlockSpec((E, C), lambda i, e, j: (0, 0)),
+                  pl.BlockSpec((E,), lambda i, e, j: (0,))]
+  else:
+    settings = None
+    gate_in = [jnp.pad(weights_BE.astype(_F32), ((0, padded_b - B), (0, 0)))]
+    gate_specs = [pl.BlockSpec((rows, 1), lambda i, e, j: (i, e))]
   parts = pl.pallas_call(
-      _decode_kernel,
+      functools.partial(_decode_kernel, gate=settings),
       grid=(padded_b // rows, E, num_f),
       in_specs=[
           pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)),
-          pl.BlockSpec((1, rows), lambda i, e, j: (e, i)),
+          *gate_specs,
           pl.BlockSpec((1, C, tile_f), lambda i, e, j: (e, 0, j)),
           pl.BlockSpec((1, tile_f), lambda i, e, j: (e, j)),
           pl.BlockSpec((1, tile_f, C), lambda i, e, j: (e, j, 0)),
@@ -147,5 +201,20 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
       out_specs=pl.BlockSpec((1, rows, C), lambda i, e, j: (e * num_f + j, i, 0)),
       out_shape=jax.ShapeDtypeStruct((E * num_f, padded_b, C), _F32),
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_MOE_NUM_WARPS),
-  )(x_PC, w_EP, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
+  )(x_PC, *gate_in, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
   return parts[:, :B]
+
+
+# Whether a decoding step's experts kernel routes its rows itself (where route_supported) rather
+# than taking XLA's routing weights (about five launches a layer on a GPU: the input's
+# normalisation, the similarity product, the fallback's reduction, the mask's select, the
+# weights' division; deviceless sm_90 count of the arc1 rollout step, session 37).
+DECODE_ROUTE = True
+
+
+def route_supported(*, num_experts: int, d_model: int, interpret: bool) -> bool:
+  """Whether :func:`decode_partials` can route in the kernel: on a GPU Triton tiles of E by C
+  (powers of two, E >= 16 for a tensor-core product); in interpret mode any."""
+  if interpret:
+    return True
+  return _is_pow2(num_experts) and num_experts >= 16 and _is_pow2(d_model) and d_model >= 16

@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from onn_jax.model.layers import rotate_half
+
 try:  # the Triton-specific API (atomics, compiler parameters)
   from jax.experimental.pallas import triton as plt
 except ImportError:  # pragma: no cover - every supported jax version has it
@@ -853,15 +855,21 @@ def _overlap_dot(p_QN, m_NJ):
   if CHOICE_OVERLAP_PRECISION != "bf16x3":
     return jax.lax.dot(p_QN, m_NJ, precision=CHOICE_OVERLAP_PRECISION,
                        preferred_element_type=_F32)
-  bf = jnp.bfloat16
-  m_NJ = m_NJ.astype(bf)
-  hi = p_QN.astype(bf)
-  rest = p_QN - hi.astype(_F32)
-  mid = rest.astype(bf)
-  lo = (rest - mid.astype(_F32)).astype(bf)
+  m_NJ = m_NJ.astype(jnp.bfloat16)
+  hi, mid, lo = bf16_parts(p_QN)
   return (jax.lax.dot(hi, m_NJ, preferred_element_type=_F32)
           + jax.lax.dot(mid, m_NJ, preferred_element_type=_F32)
           + jax.lax.dot(lo, m_NJ, preferred_element_type=_F32))
+
+
+def bf16_parts(x):
+  """float32 ``x`` as three bfloat16 parts (hi, mid, lo) whose float32 sum is within float32
+  rounding of x."""
+  bf = jnp.bfloat16
+  hi = x.astype(bf)
+  rest = x - hi.astype(_F32)
+  mid = rest.astype(bf)
+  return hi, mid, (rest - mid.astype(_F32)).astype(bf)
 
 
 def block_choice_supported(*, block_len: int, block_stride: int, select_len: int) -> bool:
@@ -1518,7 +1526,9 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
     m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, start)
   lse_P = m_P + jnp.log(jnp.maximum(l_P, 1e-30))  # no visible block: l = 0, p = 0 below
   cur = jax.lax.div(pos, select_len)
-  same_NJ, next_NJ = ovl_ref[0], ovl_ref[1]
+  # One tile: no previous tile spills into it (its spill term is 0), so the second overlap
+  # matrix is not read (64 KiB a program at arc1's tile of 256 blocks x 64 in float32).
+  same_NJ, next_NJ = ovl_ref[0], (ovl_ref[1] if num_tiles > 1 else None)
 
   def score_tile(jt, carry, tiled=None):
     prev_N, acc_PD, val_1K, idx_1K = carry
@@ -1527,7 +1537,10 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
     v_ND = vc_ref[b, i_N, g, :]
     acc_PD = acc_PD + _mm(p_PN.astype(v_ND.dtype), v_ND)
     p_N = jnp.sum(jnp.where(real_P[:, None], p_PN, 0.0), axis=0)
-    s_J = jnp.sum(p_N[:, None] * same_NJ + prev_N[:, None] * next_NJ, axis=0)
+    if next_NJ is None:
+      s_J = jnp.sum(p_N[:, None] * same_NJ, axis=0)
+    else:
+      s_J = jnp.sum(p_N[:, None] * same_NJ + prev_N[:, None] * next_NJ, axis=0)
     blk_J = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Js,), 0)
     cand_J = blk_J <= cur
     forced_J = cand_J & ((blk_J == 0) | (blk_J == cur) | (blk_J == cur - 1))
@@ -1840,3 +1853,226 @@ def _write_cache_compress_bwd(block_len, block_stride, interpret, res, ct):
 
 
 write_cache_compress.defvjp(_write_cache_compress_fwd, _write_cache_compress_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# A decoding step's input products
+# ----------------------------------------------------------------------------------------------
+#
+# The NSA layer's one product of the token with its three input kernels (queries, the six
+# key/value arrays, the gates) ended in five XLA launches a layer on a GPU: the product (its
+# K split in parts), then a launch each to sum the parts into the rotated query, the unrotated
+# query, the stacked keys/values and the gates (the product's consumers each sum them again;
+# deviceless sm_90 count of the arc1 rollout step, session 36). The compressed block the token
+# completes took four more (its raw keys gathered, the compressor's two products, the gelu).
+# ``decode_inputs`` is one kernel for all of it: a program a (tile of rows, head-sized column
+# block); the programs of the raw compressed keys' and values' blocks go on to compress the
+# block each row's token would complete (the write kernel keeps only those completed).
+
+# Whether the NSA layer's decoding step computes its input products by decode_inputs (where
+# decode_inputs_supported; with the fused decoding kernels only) rather than XLA's launches.
+DECODE_INPUTS = True
+# Warps of a decode_inputs program (a [rows, C] x [C, D/2] pair of products).
+INPUTS_NUM_WARPS = 4
+# Rows of a decode_inputs program at most (more rows: more row tiles).
+INPUTS_ROWS = 64
+
+
+def decode_inputs_supported(*, d_model: int, head_dim: int, interpret: bool) -> bool:
+  """Whether :func:`decode_inputs` takes these sizes: on a GPU Triton tiles of C by D/2
+  (powers of two, D/2 >= 16 for a tensor-core product); in interpret mode any even D."""
+  if interpret:
+    return head_dim % 2 == 0
+  return _is_pow2(d_model) and d_model >= 16 and _is_pow2(head_dim) and head_dim >= 32
+
+
+def block_rows(pos_B: jax.Array, *, block_len: int, block_stride: int, seq_len: int
+               ) -> jax.Array:
+  """The cache positions [B, L] of the compressed block each row's token at ``pos_B`` would
+  complete (the last block starting at or before ``pos - block_len + 1``, clipped to the
+  cache): the block is complete where its last position is ``pos``."""
+  start_B = jnp.maximum(pos_B - block_len + 1, 0) // block_stride * block_stride
+  return jnp.clip(start_B[:, None] + jnp.arange(block_len), 0, seq_len - 1)
+
+
+def decode_inputs_reference(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block=None, *,
+                            rotate: tuple[int, ...], block_geometry=None):
+  """What :func:`decode_inputs` computes, in XLA (its gradient, and the tests' reference)."""
+  B = x_BC.shape[0]
+  D = 2 * cos_BF.shape[1]
+  dt = x_BC.dtype
+
+  def product(w):  # as nn.Dense: operands and result in the compute dtype
+    return jax.lax.dot_general(x_BC, w.astype(dt), (((1,), (0,)), ((), ())))
+
+  def rope(y_BnD):
+    return rotate_half(y_BnD, cos_BF[:, None, :], sin_BF[:, None, :])
+
+  q_raw = product(w_q).reshape(B, -1, D)
+  kv = product(w_kv).reshape(B, 6, -1, D).transpose(1, 0, 2, 3)
+  kv = jnp.stack([rope(kv[n]) if n in rotate else kv[n] for n in range(6)])
+  gates = product(w_gate) + b_gate.astype(dt)
+  gates = jax.nn.sigmoid(gates.astype(_F32)).astype(dt).reshape(B, -1, 3)
+  out = (rope(q_raw), q_raw, kv, gates)
+  if block is None:
+    return out
+  raw, pos_B, weights = block
+  idx_BL = block_rows(pos_B, seq_len=raw[0].shape[1], **dict(block_geometry))
+  here_BL11 = (idx_BL == pos_B[:, None])[:, :, None, None]
+  raw_2BLGD = jnp.stack([
+      jnp.where(here_BL11, kv[m][:, None].astype(a.dtype),
+                jnp.take_along_axis(a, idx_BL[:, :, None, None], axis=1))
+      for m, a in enumerate(raw)])
+  w1, const, w2 = weights
+  # The compressor without its last bias (the write kernel adds it).
+  blocks = compress_reference(raw_2BLGD, (w1, const, w2, jnp.zeros(w2.shape[::2], w2.dtype)))
+  return out + (blocks.astype(dt),)
+
+
+def _inputs_kernel(x_ref, wq_ref, wkv_ref, wgt_ref, bg_ref, cos_ref, sin_ref, *refs,
+                   batch: int, rows: int, heads: int, groups: int, head_dim: int,
+                   rotate: tuple[int, ...], gate_cols: int, block: dict | None):
+  if block is None:
+    q_ref, qraw_ref, kv_ref, g_ref = refs
+  else:
+    (kraw_ref, vraw_ref, pos_ref, w1_ref, c1_ref, w2_ref,
+     q_ref, qraw_ref, kv_ref, g_ref, blk_ref) = refs
+  i, s = pl.program_id(0), pl.program_id(1)
+  half = head_dim // 2
+  row_P = jnp.minimum(i * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0), batch - 1)
+  x_PC = x_ref[row_P, :]
+  dt = x_PC.dtype
+
+  def pair(w_ref, col0):
+    """The two halves of a head-sized column block's product, rounded to the compute dtype
+    as nn.Dense rounds its result, in float32."""
+    return tuple(_mm(x_PC, w_ref[:, pl.ds(col0 + h * half, half)]).astype(dt).astype(_F32)
+                 for h in range(2))
+
+  def rotated(y1, y2):
+    c, sn = cos_ref[row_P, :], sin_ref[row_P, :]
+    return y1 * c - y2 * sn, y2 * c + y1 * sn
+
+  def store(ref, idx, y1, y2):
+    ref[idx(pl.ds(0, half))] = y1.astype(ref.dtype)
+    ref[idx(pl.ds(half, half))] = y2.astype(ref.dtype)
+
+  @pl.when(s < heads)
+  def _():
+    y1, y2 = pair(wq_ref, s * head_dim)
+    store(qraw_ref, lambda d: (row_P, s, d), y1, y2)
+    store(q_ref, lambda d: (row_P, s, d), *rotated(y1, y2))
+
+  j = s - heads
+  n, g = jax.lax.div(j, groups), jax.lax.rem(j, groups)
+
+  @pl.when((s >= heads) & (s < heads + 6 * groups))
+  def _():
+    y1, y2 = pair(wkv_ref, j * head_dim)
+    r1, r2 = rotated(y1, y2)
+    rot = functools.reduce(jnp.logical_or, [n == k for k in rotate], jnp.bool_(False))
+    store(kv_ref, lambda d: (n, row_P, g, d), jnp.where(rot, r1, y1), jnp.where(rot, r2, y2))
+    if block is not None:
+      for m, raw_ref in enumerate((kraw_ref, vraw_ref)):  # kv arrays 0 and 1: the raw ones
+        @pl.when(n == m)
+        def _(m=m, raw_ref=raw_ref):
+          _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, g,
+                         (y1, y2), half=half, dt=dt, **block)
+
+  @pl.when(s == heads + 6 * groups)
+  def _():
+    # Gate c of every head: the kernel's columns h*3 + c (heads past H repeat head H - 1 and
+    # store its values again).
+    h_H = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (gate_cols,), 0), heads - 1)
+    for c in range(3):
+      col_H = h_H * 3 + c
+      y = _mm(x_PC, wgt_ref[col_H, :], trans_b=True).astype(dt).astype(_F32)
+      y = (y + bg_ref[col_H].astype(_F32)[None, :]).astype(dt).astype(_F32)
+      g_ref[row_P[:, None] * (heads * 3) + col_H[None, :]] = jax.nn.sigmoid(y).astype(
+          g_ref.dtype)
+
+
+def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, g, token,
+                   *, half: int, dt, block_len: int, block_stride: int, seq_len: int):
+  """The block of raw array ``m`` (keys 0, values 1), group ``g``, that each row's token
+  (``token``: its two halves, float32 of compute-dtype values) completes, compressed without
+  the last bias (:func:`block_rows`; the block's rows from the cache but the token's)."""
+  pos_P = pos_ref[row_P]
+  start_P = jnp.maximum(pos_P - block_len + 1, 0) // block_stride * block_stride
+  acc = None
+  for l in range(block_len):
+    idx_P = jnp.clip(start_P + l, 0, seq_len - 1)
+    here_P1 = (idx_P == pos_P)[:, None]
+    for h in range(2):
+      x_PH = jnp.where(here_P1, token[h],
+                       raw_ref[row_P, idx_P, g, pl.ds(h * half, half)].astype(_F32)).astype(dt)
+      part = _mm(x_PH, w1_ref[m, l, pl.ds(h * half, half), :])
+      acc = part if acc is None else acc + part
+  h_PO = (acc + c1_ref[m].astype(_F32)[None, :]).astype(dt).astype(_F32)
+  a_PO = jax.nn.gelu(h_PO).astype(dt)
+  blk_ref[m, row_P, g, :] = _mm(a_PO, w2_ref[m]).astype(blk_ref.dtype)
+
+
+def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotate,
+                   block_geometry, interpret):
+  B, C = x_BC.shape
+  D = 2 * cos_BF.shape[1]
+  H, G = w_q.shape[1] // D, w_kv.shape[1] // (6 * D)
+  dt = x_BC.dtype
+  rows = min(max(_pow2_at_least(B), 16), INPUTS_ROWS)
+  out_shape = [jax.ShapeDtypeStruct((B, H, D), dt), jax.ShapeDtypeStruct((B, H, D), dt),
+               jax.ShapeDtypeStruct((6, B, G, D), dt), jax.ShapeDtypeStruct((B * H * 3,), dt)]
+  extra, settings = [], None
+  if block is not None:
+    raw, pos_B, (w1, const, w2) = block
+    extra = [*raw, pos_B.astype(jnp.int32), w1.astype(dt), const.astype(_F32), w2.astype(dt)]
+    settings = dict(block_geometry, seq_len=raw[0].shape[1])
+    out_shape.append(jax.ShapeDtypeStruct((2, B, G, D), dt))
+  kernel = functools.partial(_inputs_kernel, batch=B, rows=rows, heads=H, groups=G,
+                             head_dim=D, rotate=tuple(rotate),
+                             gate_cols=max(16, _pow2_at_least(H)), block=settings)
+  outs = pl.pallas_call(
+      kernel, grid=(-(-B // rows), H + 6 * G + 1), out_shape=tuple(out_shape),
+      interpret=interpret, compiler_params=_compiler_params(interpret, INPUTS_NUM_WARPS),
+  )(x_BC, w_q.astype(dt), w_kv.astype(dt), w_gate.astype(dt).T, b_gate, cos_BF, sin_BF, *extra)
+  return (*outs[:3], outs[3].reshape(B, H, 3), *outs[4:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def decode_inputs(x_BC: jax.Array, w_q: jax.Array, w_kv: jax.Array, w_gate: jax.Array,
+                  b_gate: jax.Array, cos_BF: jax.Array, sin_BF: jax.Array, block: tuple | None,
+                  rotate: tuple[int, ...], block_geometry: tuple | None, interpret: bool):
+  """The NSA layer's input products for one token a row, in one kernel.
+
+  Args:
+    x_BC: the rows' (normalised) features, in the compute dtype.
+    w_q [C, H*D], w_kv [C, 6*G*D], w_gate [C, 3H], b_gate [3H]: the three input kernels and
+      the gate's bias (converted to x's dtype).
+    cos_BF, sin_BF: float32 [B, D/2], each row's rotary angles' cosines and sines
+      (``layers.rope_cos_sin``).
+    block: None, or (the cache's raw compressed keys and values [B,S,G,D] (kv arrays 0 and
+      1), ``pos_B``, the compressors' (w1 [2,L,D,2D], const [2,2D], w2 [2,2D,D]) of
+      :meth:`BlockCompressor.kernel_weights` stacked k, v): also the block each row's token
+      completes (:func:`block_rows`), compressed without the last bias.
+    rotate: the key/value arrays (indices of the six) that carry RoPE.
+    block_geometry: with ``block``, ``(("block_len", L), ("block_stride", s))``.
+  Returns (q_BHD rotated, q_raw_BHD, kv_6BGD, gates_BH3[, blocks_2BGD]), all in x's dtype: the
+  products rounded as nn.Dense rounds them, RoPE, the gates' sigmoid and the compressor's gelu
+  in float32, each rounded once (:func:`decode_inputs_reference`, whose gradient this
+  takes). Needs :func:`decode_inputs_supported`."""
+  return _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotate,
+                        block_geometry, interpret)
+
+
+def _decode_inputs_fwd(*args):
+  return decode_inputs(*args), args[:8]
+
+
+def _decode_inputs_bwd(rotate, block_geometry, interpret, res, ct):
+  del interpret
+  _, vjp = jax.vjp(functools.partial(decode_inputs_reference, rotate=rotate,
+                                     block_geometry=block_geometry), *res)
+  return vjp(ct)
+
+
+decode_inputs.defvjp(_decode_inputs_fwd, _decode_inputs_bwd)

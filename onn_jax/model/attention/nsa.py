@@ -26,7 +26,7 @@ import numpy as np
 from onn_jax.config import ModelConfig
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.attention.full import branch_positions, extend_keys
-from onn_jax.model.layers import apply_rope, dtype_of
+from onn_jax.model.layers import apply_rope, dtype_of, rope_cos_sin
 
 KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
 CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
@@ -331,12 +331,9 @@ class NSAttention(nn.Module):
     c = self.cfg
     if not bias and c.cmp_rope == "both":
       raise ValueError("_completed_blocks: rotated blocks (cmp_rope='both') need their bias")
-    start_B = pos_B - c.block_len + 1
-    block_B = jnp.maximum(start_B, 0) // c.block_stride
-    num_slots = cache["k_cmp"].shape[1]
-    complete_B = (start_B >= 0) & (start_B % c.block_stride == 0) & (block_B < num_slots)
-    idx_BL = jnp.clip(block_B[:, None] * c.block_stride + jnp.arange(c.block_len), 0,
-                      cache["k_slc"].shape[1] - 1)
+    block_B, slot_B = self._block_slots(cache, pos_B)
+    idx_BL = nsa_pallas.block_rows(pos_B, block_len=c.block_len, block_stride=c.block_stride,
+                                   seq_len=cache["k_slc"].shape[1])
     here_BL11 = (idx_BL == pos_B[:, None])[:, :, None, None]
 
     def raw_block(name):
@@ -364,15 +361,35 @@ class NSAttention(nn.Module):
       # that one wrong under jit (docs/bench/xla_cpu_rope_update_miscompile.py).
       k_B1GD = self._rotate_cmp(blocks_2B1GD[0], block_B[:, None])
       blocks_2BGD = jnp.stack([k_B1GD[:, 0], blocks_2BGD[1]])
-    return blocks_2BGD, jnp.where(complete_B, block_B, num_slots)
+    return blocks_2BGD, slot_B
+
+  def _block_slots(self, cache, pos_B):
+    """(block_B: the block each row's token at ``pos_B`` would complete; slot_B: its slot where
+    it does complete it, else the number of slots)."""
+    c = self.cfg
+    start_B = pos_B - c.block_len + 1
+    block_B = jnp.maximum(start_B, 0) // c.block_stride
+    num_slots = cache["k_cmp"].shape[1]
+    complete_B = (start_B >= 0) & (start_B % c.block_stride == 0) & (block_B < num_slots)
+    return block_B, jnp.where(complete_B, block_B, num_slots)
+
+  def _bias_in_write(self, cache) -> bool:
+    """Whether the write kernel adds the compressors' last bias (BLOCK_BIAS_IN_WRITE): XLA
+    would add it in a launch of its own. Not with rotated blocks (their rotation comes after
+    it), nor into a cache of another dtype (the sum is rounded once, to the compute dtype)."""
+    return (BLOCK_BIAS_IN_WRITE and self.cfg.cmp_rope != "both"
+            and cache[CMP_NAMES[0][0]].dtype == self.k_compressor.dtype
+            and not self.is_initializing())
 
   def _block_biases(self):
     """The compressors' last biases [2, D] (k_cmp's, v_cmp's), in the compute dtype."""
     return jnp.stack([f.fc2.variables["params"]["bias"].astype(self.k_compressor.dtype)
                       for f in (self.k_compressor, self.v_compressor)])
 
-  def _write_token(self, cache, token_BGD, pos_B):
-    """The cache with each row's token at ``pos_B`` and the compressed block it completes.
+  def _write_token(self, cache, tokens_6BGD, pos_B, blocks_2BGD=None):
+    """The cache with each row's token at ``pos_B`` (``tokens_6BGD``: its six key/value
+    arrays' rows, in KV_NAMES' order) and the compressed block it completes (``blocks_2BGD``:
+    computed by ``nsa_pallas.decode_inputs``, without the last bias; else here).
 
     XLA scatters: the token's six, then its block's two, computed from the written cache (a
     block read from the cache before an in-place scatter into it would make XLA copy the
@@ -385,10 +402,9 @@ class NSAttention(nn.Module):
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
     names = tuple(name for name, _ in CMP_NAMES)
-    if num_slots and nsa.fused_decoding(
-        c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups, head_dim=c.head_dim,
-        select_len=c.select_len, num_groups=c.num_kv_groups):
-      tokens_NBGD = jnp.stack([token_BGD[n].astype(cache[n].dtype) for n in KV_NAMES])
+    token_BGD = dict(zip(KV_NAMES, tokens_6BGD))
+    if num_slots and self._fused_decoding():
+      tokens_NBGD = tokens_6BGD.astype(cache[KV_NAMES[0]].dtype)  # one dtype: init_layer_cache
       if nsa.block_in_write_kernel() and c.cmp_rope != "both" and not self.is_initializing():
         # The completed block computed in the write kernel (rotated blocks: in XLA, below).
         weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
@@ -397,13 +413,14 @@ class NSAttention(nn.Module):
             tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
             weights, c.block_len, c.block_stride, nsa_pallas.use_interpret())
         return dict(zip(KV_NAMES + names, arrays))
-      # The last bias in the write kernel: XLA would add it in a launch of its own.
-      # (Rounded once: the cache holds the compute dtype, init_layer_cache.)
-      bias_in_kernel = (BLOCK_BIAS_IN_WRITE and c.cmp_rope != "both"
-                        and cache[names[0]].dtype == self.k_compressor.dtype
-                        and not self.is_initializing())
-      blocks_2BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B,
-                                                   bias=not bias_in_kernel)
+      bias_in_kernel = self._bias_in_write(cache)
+      if blocks_2BGD is None:
+        blocks_2BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B,
+                                                     bias=not bias_in_kernel)
+      elif not bias_in_kernel:
+        raise ValueError("_write_token: blocks without their bias need the write kernel's")
+      else:
+        slot_B = self._block_slots(cache, pos_B)[1]
       arrays = nsa_pallas.write_cache(
           tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
           blocks_2BGD.astype(cache[names[0]].dtype), slot_B, nsa_pallas.use_interpret(),
@@ -419,13 +436,60 @@ class NSAttention(nn.Module):
           blocks_2BGD[i].astype(cache[name].dtype), mode="drop")
     return new_cache
 
+  def _fused_decoding(self) -> bool:
+    """Whether a decoding step writes the cache in one kernel (``nsa.fused_decoding``)."""
+    c = self.cfg
+    return nsa.fused_decoding(
+        c.nsa_impl, heads_per_group=c.num_heads // c.num_kv_groups, head_dim=c.head_dim,
+        select_len=c.select_len, num_groups=c.num_kv_groups)
+
+  def _decode_inputs_apply(self) -> bool:
+    """Whether a decoding step takes its input products from one kernel
+    (``nsa_pallas.decode_inputs``, ``nsa_pallas.DECODE_INPUTS``): with the fused decoding
+    kernels and a one-layer gate."""
+    c = self.cfg
+    return (nsa_pallas._flag("DECODE_INPUTS") and not c.gate_hidden
+            and not self.is_initializing() and self._fused_decoding()
+            and nsa_pallas.decode_inputs_supported(d_model=c.d_model, head_dim=c.head_dim,
+                                                   interpret=nsa_pallas.use_interpret()))
+
+  def _decode_inputs(self, x_BTC, cache, pos_B):
+    """:meth:`_project`'s values for one token a row by ``nsa_pallas.decode_inputs``:
+    ((q_BTHD, q_cmp_BTHD), tokens_6BGD, gates_BTH3, blocks_2BGD or None), the block each row's
+    token would complete computed there too (without its last bias) where the write kernel
+    adds that bias and takes it from XLA (nsa.PALLAS_DECODE "fused_xla_block")."""
+    c = self.cfg
+    dt = self.q_proj.dtype
+    kernels = [m.variables["params"]["kernel"].astype(dt)
+               for m in (self.q_proj, self.kv_proj, self.gate_proj)]
+    cos_BF, sin_BF = rope_cos_sin(pos_B, c.head_dim // 2, c.rope_theta)
+    block, geometry = None, None
+    if (cache["k_cmp"].shape[1] and not nsa.block_in_write_kernel()
+        and self._bias_in_write(cache)):
+      weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
+                             self.v_compressor.kernel_weights())
+      block = (tuple(cache[raw] for _, raw in CMP_NAMES), pos_B, weights[:3])
+      geometry = (("block_len", c.block_len), ("block_stride", c.block_stride))
+    q_BHD, q_raw_BHD, tokens_6BGD, gates_BH3, *blocks = nsa_pallas.decode_inputs(
+        x_BTC[:, 0].astype(dt), *kernels, self.gate_proj.variables["params"]["bias"].astype(dt),
+        cos_BF, sin_BF, block, tuple(KV_NAMES.index(n) for n in ("k_slc", "k_win")), geometry,
+        nsa_pallas.use_interpret())
+    q_cmp_BHD = q_raw_BHD if c.cmp_rope == "none" else q_BHD
+    return ((q_BHD[:, None], q_cmp_BHD[:, None]), tokens_6BGD, gates_BH3[:, None],
+            blocks[0] if blocks else None)
+
   def _decode(self, x_BTC, cache, pos_B):
     """One token per example at ``pos_B``: (o_BTHD, new_cache)."""
     B, T, _ = x_BTC.shape
     if T != 1:
       raise ValueError(f"decode takes one token per example, got {T}")
-    q, kv, gates = self._project(x_BTC, pos_B[:, None])
-    new_cache = self._write_token(cache, {name: kv[name][:, 0] for name in KV_NAMES}, pos_B)
+    blocks_2BGD = None
+    if self._decode_inputs_apply():
+      q, tokens_6BGD, gates, blocks_2BGD = self._decode_inputs(x_BTC, cache, pos_B)
+    else:
+      q, kv, gates = self._project(x_BTC, pos_B[:, None])
+      tokens_6BGD = jnp.stack([kv[name][:, 0] for name in KV_NAMES])
+    new_cache = self._write_token(cache, tokens_6BGD, pos_B, blocks_2BGD)
     dt = q[0].dtype
     kv_all = {name: new_cache[name].astype(dt) for name in KV_NAMES}
     o_BTHD = self._core(q, kv_all, new_cache["k_cmp"].astype(dt),
