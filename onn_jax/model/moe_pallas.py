@@ -4,31 +4,36 @@ A decoding step of the arc1 model is bound by its kernel launches (issue #16's r
 ``python -m train.kernel_count``), and XLA runs a DynMoE layer at one token a row as about ten:
 the input's normalisation, the gate's similarity product, the routing's reductions, the
 weights' normalisation, the hidden product, the gelu, the output product (with a split-K
-reduction) and the output bias mix. :func:`decode_partials` computes the experts, given the
-gate's combination weights (XLA's :func:`onn_jax.model.moe.route`, the same numbers as the
-layer's), in one kernel plus the sum of its partial outputs:
+reduction) and the output bias mix. :func:`decode_partials` computes the layer in one kernel
+plus the sum of its partial outputs:
 
-* a program per (tile of rows, expert e, tile of ``DEC_TILE_F`` hidden units) takes expert e's
-  weight w_e of its rows and adds ``w_e * gelu(x W_in[e, :, tile] + b_in) W_out[e, tile, :]``
-  (plus ``w_e b_out[e]`` in the first tile) as one float32 partial;
+* a program per (tile of rows, expert e, tile of ``DEC_TILE_F`` hidden units) routes its rows
+  (:func:`_gate_weights`: the gate's weights from the unit-norm prototypes, which XLA
+  normalises, and the thresholds; ``DECODE_ROUTE``) or takes their weights from XLA's
+  :func:`onn_jax.model.moe.route`, then adds ``w_e * gelu(x W_in[e, :, tile] + b_in)
+  W_out[e, tile, :]`` (plus ``w_e b_out[e]`` in the first tile) as one float32 partial;
 * XLA sums the E * F / DEC_TILE_F partials of each row (one reduction).
 
 Numerics follow :func:`onn_jax.model.moe.experts_dense`: products in the compute dtype with
 float32 accumulation, the weights, the hidden product and the bias sum rounded to the compute
-dtype, gelu in float32, the gated activations rounded before the output product. Two
-differences: Triton has no erf, so gelu uses :func:`_erf` (absolute error below 1.5e-7, float32
-rounding), and the partial outputs are summed in float32 before the one rounding.
+dtype, gelu in float32, the gated activations rounded before the output product. Differences:
+Triton has no erf, so gelu uses :func:`_erf` (absolute error below 1.5e-7, float32 rounding);
+the partial outputs are summed in float32 before the one rounding; the kernel's similarities
+(three bfloat16 parts of each operand on tensor cores) are within float32 rounding of XLA's
+exact float32 product, so only a margin within that rounding of its threshold (or two
+similarities that close, for the fallback) can route differently.
 
-The routing was in the kernel until session 36 (each program recomputed its rows' gate), and
-that made it slower than XLA's launches: H100, jax 0.11.2, session 22, one arc1 layer of 32
-rows, 32 dependent calls a program (``docs/bench/moe_decode_kernel_variants_h100_2026-12-05.json``):
-XLA's layer 29.7 us a call, the kernel 62.7 us with its routing as Triton's exact float32
-product, **21.8 us given XLA's routing weights**; with the routing summed elementwise the arc1
-rollout was still 0.80x the default's (session 30). So the routing is XLA's now.
+The routing's history: in the kernel as Triton's exact float32 product until session 36,
+slower than XLA's launches (H100, jax 0.11.2, session 22, one arc1 layer of 32 rows, 32
+dependent calls a program, ``docs/bench/moe_decode_kernel_variants_h100_2026-12-05.json``:
+XLA's layer 29.7 us a call, the kernel 62.7 us routing in exact float32 on CUDA cores, 21.8 us
+given XLA's weights; summed elementwise, the arc1 rollout 0.80x, session 30); XLA's in session
+36; in the kernel again since session 37, on tensor cores (docs/benchmarks.md, session 37).
 
 d_model and expert_hidden powers of two of at least 16, tiles within :data:`DEC_TILE_BYTES`
-(:func:`decode_supported`); any ``fallback_k`` (the routing is XLA's). Off GPU the kernel runs
-in Pallas interpret mode (tests).
+(:func:`decode_supported`); any ``fallback_k``; routing in the kernel needs E a power of two
+of at least 16 on a GPU (:func:`route_supported`). Off GPU the kernel runs in Pallas
+interpret mode (tests).
 """
 
 from __future__ import annotations

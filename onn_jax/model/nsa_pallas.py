@@ -920,6 +920,22 @@ def _merge_top(val_QK, idx_QK, key_QJ, blk_QJ, num_select: int):
   return new_v, new_i
 
 
+def _top_of_tile(key_QJ, blk_QJ, val_QK, idx_QK, num_select: int):
+  """:func:`_merge_top` of an empty kept list (every value _NEG): the ``num_select`` largest
+  keys of the tile, ties to the lower block index; where fewer than ``num_select`` exceed _NEG
+  the remaining slots' values are _NEG (as the merge's, whose blocks there differ but are
+  dropped with their values)."""
+  big = jnp.int32(2**30)
+  slot_QK = jax.lax.broadcasted_iota(jnp.int32, val_QK.shape, 1)
+  for i in range(num_select):
+    m_Q = jnp.max(key_QJ, axis=1)
+    b_Q = jnp.min(jnp.where(key_QJ == m_Q[:, None], blk_QJ, big), axis=1)
+    val_QK = jnp.where(slot_QK == i, jnp.maximum(m_Q, _NEG)[:, None], val_QK)
+    idx_QK = jnp.where(slot_QK == i, b_Q[:, None], idx_QK)
+    key_QJ = jnp.where(blk_QJ == b_Q[:, None], _USED, key_QJ)
+  return val_QK, idx_QK
+
+
 def _block_choice_kernel(q_ref, k_ref, pos_ref, lo_ref, ovl_ref, o_ref, *, num_groups: int,
                          num_token_tiles: int, num_tiles: int, heads: int, block_len: int,
                          block_stride: int, select_len: int, num_select: int, scale: float,
@@ -1545,7 +1561,11 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
     cand_J = blk_J <= cur
     forced_J = cand_J & ((blk_J == 0) | (blk_J == cur) | (blk_J == cur - 1))
     key_J = jnp.where(forced_J, _FORCED, jnp.where(cand_J, s_J, _NEG))
-    val_1K, idx_1K = _merge_top(val_1K, idx_1K, key_J[None, :], blk_J[None, :], num_select)
+    if num_tiles == 1:  # nothing kept yet: the tile's own top (half the reductions)
+      val_1K, idx_1K = _top_of_tile(key_J[None, :], blk_J[None, :], val_1K, idx_1K,
+                                    num_select)
+    else:
+      val_1K, idx_1K = _merge_top(val_1K, idx_1K, key_J[None, :], blk_J[None, :], num_select)
     return p_N, acc_PD, val_1K, idx_1K
 
   init = (jnp.zeros((Nt,), _F32), jnp.zeros(q_PD.shape, _F32),
@@ -1561,9 +1581,8 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
   x_X = jax.lax.broadcasted_iota(jnp.int32, (X,), 0)
   slot_X, off_X = jax.lax.div(x_X, select_len), jax.lax.rem(x_X, select_len)
   slot_1K = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
-  blk_X = jnp.full((X,), -1, jnp.int32)
-  for k in range(num_select):
-    blk_X = jnp.where(slot_X == k, jnp.sum(jnp.where(slot_1K == k, idx_1K, 0)), blk_X)
+  # Each row's slot's block (slots past num_select hold -1): one reduction over the slots.
+  blk_X = jnp.sum(jnp.where(slot_X[:, None] == slot_1K, idx_1K, 0), axis=1)
   keypos_X = blk_X * select_len + off_X
   ok_X = (blk_X >= 0) & (keypos_X <= pos) & (keypos_X < seq_len)
   key_X = jnp.clip(keypos_X, 0, seq_len - 1)
