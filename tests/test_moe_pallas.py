@@ -172,17 +172,22 @@ def test_decode_kernels_names_and_restores_the_settings():
       pass
 
 
-@pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe"])
+@pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
+                                     "fused_xla_block_moe/xla_routing"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
   fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
-  in every decoding step, never in the prefill."""
+  in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
+  XLA's routing weights."""
+  kernels, _, routing = kernels.partition("/")
+  monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
   calls = []
   monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
-      lambda kernel, *a, **k: calls.append(1) or kernel(*a, **k), moe_pallas.decode_partials))
+      lambda kernel, *a, **k: calls.append(a[1] is None) or kernel(*a, **k),
+      moe_pallas.decode_partials))
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
   if kernels != "split":
@@ -204,9 +209,10 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   assert calls, "the decoding kernel did not run"
+  assert set(calls) == {routing != "xla_routing"}, "the kernel's routing was not the one set"
 
 
-def test_where_the_kernel_routes_its_rows():
+def test_where_the_kernel_routes_its_rows(monkeypatch):
   """On a GPU the kernel routes where the similarities are Triton tiles (E a power of two of
   at least 16, d_model a power of two); in interpret mode always; DECODE_ROUTE is the default."""
   assert moe_pallas.DECODE_ROUTE is True
@@ -215,3 +221,8 @@ def test_where_the_kernel_routes_its_rows():
   assert not gpu(num_experts=8, d_model=256) and not gpu(num_experts=24, d_model=256)
   assert not gpu(num_experts=16, d_model=48)
   assert moe_pallas.route_supported(num_experts=3, d_model=48, interpret=True)
+  monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", False)
+  assert not moe_pallas.route_supported(num_experts=16, d_model=256, interpret=True)
+  monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", "yes")
+  with pytest.raises(ValueError, match="moe_pallas.DECODE_ROUTE must be True or False"):
+    moe_pallas.route_supported(num_experts=16, d_model=256, interpret=True)

@@ -801,7 +801,8 @@ def experts(x_BTC: Array, weights_BTE: Array, used_BTE: Array, params: dict[str,
 # One-token decoding in one kernel
 # ----------------------------------------------------------------------------------------------
 
-# How a decoding step's DynMoE experts run: "pallas", one kernel a layer given XLA's routing
+# How a decoding step's DynMoE experts run: "pallas", one kernel a layer, routing its rows itself
+# (moe_pallas.DECODE_ROUTE, where moe_pallas.route_supported) or given XLA's routing
 # (:func:`decode_experts`, where :func:`moe_pallas.decode_supported`; off GPU in Pallas
 # interpret mode, for tests); "xla", XLA's launches; "auto" (the default), pallas on a GPU where
 # it was timed (a 2-byte compute dtype, at most DECODE_AUTO_ROWS rows: its float32 partials
@@ -966,7 +967,7 @@ class DynMoE(nn.Module):
     if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype, B * T):
       interpret = nsa_pallas.use_interpret()
       gate = None
-      if moe_pallas.DECODE_ROUTE and moe_pallas.route_supported(
+      if moe_pallas.route_supported(
           num_experts=self.num_experts, d_model=d_model, interpret=interpret):
         # The kernel routes (the same weights; XLA's route above then only feeds aux and the
         # sown mask, which a decoding loop does not read).

@@ -218,8 +218,13 @@ DECODE_ROUTE = True
 
 
 def route_supported(*, num_experts: int, d_model: int, interpret: bool) -> bool:
-  """Whether :func:`decode_partials` can route in the kernel: on a GPU Triton tiles of E by C
-  (powers of two, E >= 16 for a tensor-core product); in interpret mode any."""
+  """Whether :func:`decode_partials` routes in the kernel: with DECODE_ROUTE, on a GPU where E
+  by C are Triton tiles (powers of two, E >= 16 for a tensor-core product), in interpret mode
+  always."""
+  if not isinstance(DECODE_ROUTE, bool):
+    raise ValueError(f"moe_pallas.DECODE_ROUTE must be True or False, got {DECODE_ROUTE!r}")
+  if not DECODE_ROUTE:
+    return False
   if interpret:
     return True
   return _is_pow2(num_experts) and num_experts >= 16 and _is_pow2(d_model) and d_model >= 16

@@ -845,7 +845,9 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 # impl="pallas", one query a row (one-token decoding against a KV cache, one sequence a row):
 # "fused_xla_block" (the default): the whole core in one kernel a layer
 # (nsa_pallas.decode_attention) and the NSA layer's cache writes in another
-# (nsa_pallas.write_cache), the compressed block the token completes computed in XLA;
+# (nsa_pallas.write_cache), the compressed block the token completes computed outside the
+# write kernel: by the layer's input-products kernel (nsa_pallas.decode_inputs, with
+# nsa_pallas.DECODE_INPUTS, the default since session 37) or else in XLA;
 # "fused": the same with that block computed in the write kernel too
 # (nsa_pallas.write_cache_compress); "split": the compressed branch and block choice in XLA,
 # the selected kernel, the window band in XLA (_pallas_branches), about 17 launches a layer,
