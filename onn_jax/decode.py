@@ -47,15 +47,16 @@ def step_copies(backend: str | None = None) -> int:
 
 
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
-# "fused_xla_block_moe" is what runs by default on a GPU (NSA's input products with the completed
-# compressed block, its core and its cache writes one kernel each; each DynMoE layer one kernel
-# with its routing, and XLA's sum of its partials; elsewhere XLA's DynMoE, "fused_xla_block");
-# the input products' and the routing's kernels have settings of their own
-# (nsa_pallas.DECODE_INPUTS, moe_pallas.DECODE_ROUTE); "split": each NSA branch its
-# own kernel; "fused": the block computed in the write kernel too; "fused_moe": "fused" and the
-# DynMoE kernel. H100, `python -m train.bench --only decode --lens 2048 --sets ...` (session 36,
-# 32 rows x 512 tokens): "fused_xla_block_moe" 1.05-1.06x "fused_xla_block"; H200 (session 22,
-# the DynMoE kernel routing in itself then): "fused" 0.98x "fused_xla_block", "split" 0.61x.
+# "fused_xla_block_moe" is what runs by default on a GPU (NSA's input products, its core and
+# its cache writes one kernel each, the completed compressed block in XLA; each DynMoE layer's
+# experts one kernel given XLA's routing, and XLA's sum of its partials; elsewhere XLA's
+# DynMoE, "fused_xla_block"); settings of their own: nsa_pallas.DECODE_INPUTS (on),
+# nsa_pallas.INPUTS_BLOCK and moe_pallas.DECODE_ROUTE (off until timed); "split": each NSA
+# branch its own kernel; "fused": the block computed in the write kernel too; "fused_moe":
+# "fused" and the DynMoE kernel. H100, `python -m train.bench --only decode --lens 2048 --sets
+# ...` (session 36, 32 rows x 512 tokens): "fused_xla_block_moe" 1.05-1.06x "fused_xla_block";
+# H200 (session 22, the DynMoE kernel routing in itself then): "fused" 0.98x
+# "fused_xla_block", "split" 0.61x.
 DECODE_KERNELS: dict[str, tuple[str, str]] = {
     "split": ("split", "xla"), "fused_xla_block": ("fused_xla_block", "xla"),
     "fused": ("fused", "xla"), "fused_moe": ("fused", "pallas"),

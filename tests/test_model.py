@@ -144,14 +144,16 @@ def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
 
 @pytest.mark.parametrize("geometry,setting", [
     (0, "fused_xla_block"), (3, "fused_xla_block"), (0, "fused"), (2, "fused"), (3, "fused"),
-    (0, "split"), (0, "fused_xla_block/no_core_kernel"), (2, "fused_xla_block/no_inputs_kernel")])
+    (0, "split"), (0, "fused_xla_block/no_core_kernel"), (2, "fused_xla_block/no_inputs_kernel"),
+    (0, "fused_xla_block/inputs_block"), (3, "fused_xla_block/inputs_block")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
   completing mid-decode (rotated in the cache with cmp_rope="both", computed in XLA then);
   "split": no one-kernel step (the branches' kernels and XLA's scatters); "no_core_kernel":
   key tiles too large for the core's kernel (the split core) beside the write kernel; the
-  input products by their kernel (nsa_pallas.decode_inputs) but with "no_inputs_kernel"."""
+  input products by their kernel (nsa_pallas.decode_inputs) but with "no_inputs_kernel", and
+  with "inputs_block" the completed compressed block too (nsa_pallas.INPUTS_BLOCK)."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
@@ -160,11 +162,13 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   if variant == "no_core_kernel":
     monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
   monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", variant != "no_inputs_kernel")
+  monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", variant == "inputs_block")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
   for name in ("decode_attention", "write_cache", "write_cache_compress", "decode_inputs"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
-        lambda kernel, name, *a, **k: calls.append(name) or kernel(*a, **k),
-        getattr(nsa_pallas, name), name))
+        lambda kernel, name, *a, **k: calls.append(
+            name + ("+block" if name == "decode_inputs" and a[7] is not None else ""))
+        or kernel(*a, **k), getattr(nsa_pallas, name), name))
   fused = Transformer(dataclasses.replace(cfg, nsa_impl="pallas"))
   decode_step = jax.jit(lambda params, inputs, cache, pos: fused.apply(
       {"params": params}, inputs, mode="decode", cache=cache, pos_B=pos)[:2])
@@ -188,6 +192,8 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
     want = {writer, "decode_inputs"}
   if variant == "no_inputs_kernel":
     want -= {"decode_inputs"}
+  if variant == "inputs_block":
+    want = want - {"decode_inputs"} | {"decode_inputs+block"}
   assert set(calls) == want, "a decoding kernel did not run, or ran on the split setting"
 
 

@@ -213,9 +213,11 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):
-  """On a GPU the kernel routes where the similarities are Triton tiles (E a power of two of
-  at least 16, d_model a power of two); in interpret mode always; DECODE_ROUTE is the default."""
-  assert moe_pallas.DECODE_ROUTE is True
+  """With DECODE_ROUTE (not the default) the kernel routes on a GPU where the similarities are
+  Triton tiles (E a power of two of at least 16, d_model a power of two), in interpret mode
+  always."""
+  assert moe_pallas.DECODE_ROUTE is False
+  monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", True)
   gpu = functools.partial(moe_pallas.route_supported, interpret=False)
   assert gpu(num_experts=16, d_model=256)
   assert not gpu(num_experts=8, d_model=256) and not gpu(num_experts=24, d_model=256)

@@ -1415,7 +1415,9 @@ def _input_products_args(dtype, B, with_block, seed=0):
   every 4, positions before the first block completes, completing one, and in between."""
   C, H, G, D, S = 16, 4, 2, 8, 40
   keys = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
-  normal = lambda shape, scale=1.0: (scale * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
+
+  def normal(shape, scale=1.0):
+    return (scale * jax.random.normal(next(keys), shape)).astype(dtype)
   pos_B = jnp.asarray(np.random.default_rng(seed).integers(0, S, B), jnp.int32)
   pos_B = pos_B.at[:3].set(jnp.array([3, 7, 11]))  # 3: no block yet; 7 and 11 complete one
   cos_BF, sin_BF = rope_cos_sin(pos_B, D // 2, 10000.0)

@@ -176,12 +176,14 @@ VARIANTS = {
     # model's decoding step: `train.bench --only decode --variant block_bias_xla`, not --decode,
     # which times nsa_core alone).
     "block_bias_xla": dict(BLOCK_BIAS_IN_WRITE=False),
-    # Session 37: a decoding step's NSA input products (nsa_pallas.DECODE_INPUTS) and DynMoE
-    # routing (moe_pallas.DECODE_ROUTE) by XLA's launches, not their kernels (a model's
-    # decoding step: `train.bench --only decode --variant ...`).
+    # Session 37 (a model's decoding step: `train.bench --only decode --variant ...`): the NSA
+    # input products by XLA's launches, not their kernel (nsa_pallas.DECODE_INPUTS); that
+    # kernel computing the completed compressed block too (nsa_pallas.INPUTS_BLOCK); the
+    # DynMoE experts kernel routing its rows (moe_pallas.DECODE_ROUTE); both of these.
     "inputs_xla": dict(DECODE_INPUTS=False),
-    "route_xla": dict(DECODE_ROUTE=False),
-    "inputs_route_xla": dict(DECODE_INPUTS=False, DECODE_ROUTE=False),
+    "inputs_block": dict(INPUTS_BLOCK=True),
+    "moe_route": dict(DECODE_ROUTE=True),
+    "inputs_block_route": dict(INPUTS_BLOCK=True, DECODE_ROUTE=True),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

@@ -28,7 +28,8 @@ slower than XLA's launches (H100, jax 0.11.2, session 22, one arc1 layer of 32 r
 dependent calls a program, ``docs/bench/moe_decode_kernel_variants_h100_2026-12-05.json``:
 XLA's layer 29.7 us a call, the kernel 62.7 us routing in exact float32 on CUDA cores, 21.8 us
 given XLA's weights; summed elementwise, the arc1 rollout 0.80x, session 30); XLA's in session
-36; in the kernel again since session 37, on tensor cores (docs/benchmarks.md, session 37).
+36; in the kernel again with ``DECODE_ROUTE`` since session 37, on tensor cores, off until
+timed (docs/benchmarks.md, session 37).
 
 d_model and expert_hidden powers of two of at least 16, tiles within :data:`DEC_TILE_BYTES`
 (:func:`decode_supported`); any ``fallback_k``; routing in the kernel needs E a power of two
@@ -213,8 +214,12 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
 # Whether a decoding step's experts kernel routes its rows itself (where route_supported) rather
 # than taking XLA's routing weights (about five launches a layer on a GPU: the input's
 # normalisation, the similarity product, the fallback's reduction, the mask's select, the
-# weights' division; deviceless sm_90 count of the arc1 rollout step, session 37).
-DECODE_ROUTE = True
+# weights' division; deviceless sm_90 count of the arc1 rollout step, session 37). H200, jax
+# 0.11.2, session 37: the routing as a kernel of its own (the same arithmetic, one program)
+# made the arc1 rollout 176.2 ms against 178.2 with XLA's (1.01x), 7.1 us a call, about XLA's
+# five launches' time; in each program of the experts kernel (no launch of its own, every
+# program routing its 32 rows) not yet timed: train.nsa_kernel_check variant moe_route.
+DECODE_ROUTE = False
 
 
 def route_supported(*, num_experts: int, d_model: int, interpret: bool) -> bool:

@@ -1890,7 +1890,16 @@ write_cache_compress.defvjp(_write_cache_compress_fwd, _write_cache_compress_bwd
 
 # Whether the NSA layer's decoding step computes its input products by decode_inputs (where
 # decode_inputs_supported; with the fused decoding kernels only) rather than XLA's launches.
+# H200, jax 0.11.2, session 37, the arc1 rollout of 32 rows x 512 tokens (`python -m
+# train.bench --config configs/arc1.yaml --only decode --lens 2048`, one call, one process
+# each): 178.2 ms against 183.7 with XLA's launches (1.03x); its kernel 4.96 us a call
+# (profile), XLA's five launches about 9.
 DECODE_INPUTS = True
+# Whether decode_inputs also computes the completed compressed block (four XLA launches a layer,
+# 6.8 us in that profile; the block's programs then walk its block_len raw keys). Not yet
+# timed on a GPU (no device time was left in session 37): train.nsa_kernel_check variant
+# inputs_block.
+INPUTS_BLOCK = False
 # Warps of a decode_inputs program (a [rows, C] x [C, D/2] pair of products).
 INPUTS_NUM_WARPS = 4
 # Rows of a decode_inputs program at most (more rows: more row tiles).

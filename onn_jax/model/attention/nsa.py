@@ -456,16 +456,17 @@ class NSAttention(nn.Module):
   def _decode_inputs(self, x_BTC, cache, pos_B):
     """:meth:`_project`'s values for one token a row by ``nsa_pallas.decode_inputs``:
     ((q_BTHD, q_cmp_BTHD), tokens_6BGD, gates_BTH3, blocks_2BGD or None), the block each row's
-    token would complete computed there too (without its last bias) where the write kernel
-    adds that bias and takes it from XLA (nsa.PALLAS_DECODE "fused_xla_block")."""
+    token would complete computed there too (without its last bias) with
+    ``nsa_pallas.INPUTS_BLOCK`` where the write kernel adds that bias and takes the block from
+    outside (nsa.PALLAS_DECODE "fused_xla_block")."""
     c = self.cfg
     dt = self.q_proj.dtype
     kernels = [m.variables["params"]["kernel"].astype(dt)
                for m in (self.q_proj, self.kv_proj, self.gate_proj)]
     cos_BF, sin_BF = rope_cos_sin(pos_B, c.head_dim // 2, c.rope_theta)
     block, geometry = None, None
-    if (cache["k_cmp"].shape[1] and not nsa.block_in_write_kernel()
-        and self._bias_in_write(cache)):
+    if (nsa_pallas._flag("INPUTS_BLOCK") and cache["k_cmp"].shape[1]
+        and not nsa.block_in_write_kernel() and self._bias_in_write(cache)):
       weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
                              self.v_compressor.kernel_weights())
       block = (tuple(cache[raw] for _, raw in CMP_NAMES), pos_B, weights[:3])
