@@ -218,13 +218,21 @@ def test_where_the_kernel_routes_its_rows(monkeypatch):
   always."""
   assert moe_pallas.DECODE_ROUTE is False
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", True)
-  gpu = functools.partial(moe_pallas.route_supported, interpret=False)
-  assert gpu(num_experts=16, d_model=256)
+  gpu = functools.partial(moe_pallas.route_supported, interpret=False, expert_hidden=512,
+                          itemsize=2)
+  assert gpu(num_experts=16, d_model=256)  # arc1
   assert not gpu(num_experts=8, d_model=256) and not gpu(num_experts=24, d_model=256)
   assert not gpu(num_experts=16, d_model=48)
-  assert moe_pallas.route_supported(num_experts=3, d_model=48, interpret=True)
+  # The prototypes' tiles past DEC_TILE_BYTES beside the experts' (which still fit).
+  assert moe_pallas.decode_supported(d_model=1024, expert_hidden=512, itemsize=2)
+  assert not gpu(num_experts=64, d_model=1024)
+  interp = dict(expert_hidden=32, itemsize=4, interpret=True)
+  assert moe_pallas.route_supported(num_experts=3, d_model=48, **interp)
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", False)
-  assert not moe_pallas.route_supported(num_experts=16, d_model=256, interpret=True)
+  assert not moe_pallas.route_supported(num_experts=16, d_model=256, **interp)
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", "yes")
   with pytest.raises(ValueError, match="moe_pallas.DECODE_ROUTE must be True or False"):
-    moe_pallas.route_supported(num_experts=16, d_model=256, interpret=True)
+    moe_pallas.route_supported(num_experts=16, d_model=256, **interp)
+  x_BTC, params = _layer(4, 32, 32, 3, 0.05)
+  with pytest.raises(ValueError, match="routing in the kernel takes x in bfloat16"):
+    moe.decode_experts(jnp.bfloat16, True, ("mean", 1, 0.1), x_BTC, None, params)

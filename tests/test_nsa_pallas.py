@@ -1478,10 +1478,14 @@ def test_decode_input_products_gradient_is_the_references():
 
 
 def test_which_decoding_steps_take_the_input_products_kernel():
-  """On a GPU the Triton tiles (C and D powers of two, D/2 >= 16); interpret mode any even D;
-  DECODE_INPUTS is the default."""
+  """On a GPU the Triton tiles (C and D powers of two, D/2 >= 16, within INPUTS_TILE_BYTES);
+  interpret mode any even D; DECODE_INPUTS is the default; the block's raw arrays unrotated."""
   assert nsa_pallas.DECODE_INPUTS is True
-  gpu = functools.partial(nsa_pallas.decode_inputs_supported, interpret=False)
-  assert gpu(d_model=256, head_dim=32)
+  gpu = functools.partial(nsa_pallas.decode_inputs_supported, interpret=False, itemsize=2)
+  assert gpu(d_model=256, head_dim=32) and gpu(d_model=512, head_dim=64)
   assert not gpu(d_model=256, head_dim=16) and not gpu(d_model=96, head_dim=32)
-  assert nsa_pallas.decode_inputs_supported(d_model=96, head_dim=6, interpret=True)
+  assert not gpu(d_model=2048, head_dim=64)  # a program's tiles past INPUTS_TILE_BYTES
+  assert nsa_pallas.decode_inputs_supported(d_model=96, head_dim=6, itemsize=4, interpret=True)
+  args, block, geometry = _input_products_args(jnp.float32, 3, True)
+  with pytest.raises(ValueError, match="compressor reads the raw arrays 0 and 1 unrotated"):
+    nsa_pallas.decode_inputs(*args, block, (0, 2), geometry, True)

@@ -849,6 +849,10 @@ def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array
   B, T, C = x_BTC.shape
   cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
   routing = None
+  if gate is not None and x_BTC.dtype != jnp.dtype(dtype):
+    # The kernel routes its rows as it reads them (in dtype): route would not round them.
+    raise ValueError(f"decode_experts: routing in the kernel takes x in {jnp.dtype(dtype)}, "
+                     f"got {x_BTC.dtype}")
   if gate is not None:
     combine, fallback_k, _ = gate
     routing = (_normalise(params["prototypes"]), params["thresholds"],
@@ -968,7 +972,8 @@ class DynMoE(nn.Module):
       interpret = nsa_pallas.use_interpret()
       gate = None
       if moe_pallas.route_supported(
-          num_experts=self.num_experts, d_model=d_model, interpret=interpret):
+          num_experts=self.num_experts, d_model=d_model, expert_hidden=self.expert_hidden,
+          itemsize=jnp.dtype(self.dtype).itemsize, interpret=interpret):
         # The kernel routes (the same weights; XLA's route above then only feeds aux and the
         # sown mask, which a decoding loop does not read).
         gate, weights_BTE = (self.combine, self.fallback_k, self.st_temperature), None

@@ -222,14 +222,20 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
 DECODE_ROUTE = False
 
 
-def route_supported(*, num_experts: int, d_model: int, interpret: bool) -> bool:
+def route_supported(*, num_experts: int, d_model: int, expert_hidden: int, itemsize: int,
+                    interpret: bool) -> bool:
   """Whether :func:`decode_partials` routes in the kernel: with DECODE_ROUTE, on a GPU where E
-  by C are Triton tiles (powers of two, E >= 16 for a tensor-core product), in interpret mode
-  always."""
+  by C are Triton tiles (powers of two, E >= 16 for a tensor-core product) and a program's
+  tiles with the prototypes' (float32 and its three bfloat16 parts) stay within
+  DEC_TILE_BYTES, in interpret mode always."""
   if not isinstance(DECODE_ROUTE, bool):
     raise ValueError(f"moe_pallas.DECODE_ROUTE must be True or False, got {DECODE_ROUTE!r}")
   if not DECODE_ROUTE:
     return False
   if interpret:
     return True
-  return _is_pow2(num_experts) and num_experts >= 16 and _is_pow2(d_model) and d_model >= 16
+  tiles = _tiles(d_model, expert_hidden, itemsize)
+  return (_is_pow2(num_experts) and num_experts >= 16 and _is_pow2(d_model) and d_model >= 16
+          and tiles is not None
+          and _program_bytes(d_model, *tiles, itemsize) + num_experts * d_model * (4 + 3 * 2)
+          <= DEC_TILE_BYTES)

@@ -1906,12 +1906,20 @@ INPUTS_NUM_WARPS = 4
 INPUTS_ROWS = 64
 
 
-def decode_inputs_supported(*, d_model: int, head_dim: int, interpret: bool) -> bool:
+# What a decode_inputs program's tiles may take: its rows' features and a column block's weights
+# ([INPUTS_ROWS, C] and [C, D], compute dtype), as moe_pallas.DEC_TILE_BYTES bounds its kernel.
+INPUTS_TILE_BYTES = 160 * 1024
+
+
+def decode_inputs_supported(*, d_model: int, head_dim: int, itemsize: int,
+                            interpret: bool) -> bool:
   """Whether :func:`decode_inputs` takes these sizes: on a GPU Triton tiles of C by D/2
-  (powers of two, D/2 >= 16 for a tensor-core product); in interpret mode any even D."""
+  (powers of two, D/2 >= 16 for a tensor-core product) within INPUTS_TILE_BYTES (``itemsize``:
+  the compute dtype's bytes); in interpret mode any even D."""
   if interpret:
     return head_dim % 2 == 0
-  return _is_pow2(d_model) and d_model >= 16 and _is_pow2(head_dim) and head_dim >= 32
+  return (_is_pow2(d_model) and d_model >= 16 and _is_pow2(head_dim) and head_dim >= 32
+          and (INPUTS_ROWS + head_dim) * d_model * itemsize <= INPUTS_TILE_BYTES)
 
 
 def block_rows(pos_B: jax.Array, *, block_len: int, block_stride: int, seq_len: int
@@ -2032,8 +2040,9 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
     idx_P = jnp.clip(start_P + l, 0, seq_len - 1)
     here_P1 = (idx_P == pos_P)[:, None]
     for h in range(2):
-      x_PH = jnp.where(here_P1, token[h],
-                       raw_ref[row_P, idx_P, g, pl.ds(h * half, half)].astype(_F32)).astype(dt)
+      tok_PH = token[h].astype(raw_ref.dtype)  # as the cache will hold it
+      x_PH = jnp.where(here_P1, tok_PH, raw_ref[row_P, idx_P, g, pl.ds(h * half, half)])
+      x_PH = x_PH.astype(dt)
       part = _mm(x_PH, w1_ref[m, l, pl.ds(h * half, half), :])
       acc = part if acc is None else acc + part
   h_PO = (acc + c1_ref[m].astype(_F32)[None, :]).astype(dt).astype(_F32)
@@ -2047,6 +2056,9 @@ def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotat
   D = 2 * cos_BF.shape[1]
   H, G = w_q.shape[1] // D, w_kv.shape[1] // (6 * D)
   dt = x_BC.dtype
+  if block is not None and {0, 1} & set(rotate):
+    raise ValueError(f"decode_inputs: the compressor reads the raw arrays 0 and 1 unrotated, "
+                     f"got rotate={rotate}")
   rows = min(max(_pow2_at_least(B), 16), INPUTS_ROWS)
   out_shape = [jax.ShapeDtypeStruct((B, H, D), dt), jax.ShapeDtypeStruct((B, H, D), dt),
                jax.ShapeDtypeStruct((6, B, G, D), dt), jax.ShapeDtypeStruct((B * H * 3,), dt)]

@@ -450,8 +450,10 @@ class NSAttention(nn.Module):
     c = self.cfg
     return (nsa_pallas._flag("DECODE_INPUTS") and not c.gate_hidden
             and not self.is_initializing() and self._fused_decoding()
-            and nsa_pallas.decode_inputs_supported(d_model=c.d_model, head_dim=c.head_dim,
-                                                   interpret=nsa_pallas.use_interpret()))
+            and nsa_pallas.decode_inputs_supported(
+                d_model=c.d_model, head_dim=c.head_dim,
+                itemsize=jnp.dtype(self.q_proj.dtype).itemsize,
+                interpret=nsa_pallas.use_interpret()))
 
   def _decode_inputs(self, x_BTC, cache, pos_B):
     """:meth:`_project`'s values for one token a row by ``nsa_pallas.decode_inputs``:
