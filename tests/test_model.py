@@ -100,6 +100,21 @@ def _with_biases(params, seed):
       else leaf for k, (path, leaf) in zip(keys, leaves)])
 
 
+def _decode_steps(model, params, tokens_BT, cache, start: int):
+  """Decoding steps from position ``start`` to the end of ``tokens_BT`` (traced anew, with the
+  module settings of the moment): (every step's logits, the last cache). With geometry 0's
+  blocks (length 8, stride 4) blocks complete at 7, 11, 15, ..."""
+  step = jax.jit(lambda p, x, c, pos: model.apply({"params": p}, x, mode="decode", cache=c,
+                                                  pos_B=pos)[:2])
+  B, T = tokens_BT.shape
+  pos, out = jnp.full((B,), start), []
+  for _ in range(T - start):
+    logits, cache = step(params, tokens_BT[jnp.arange(B), pos][:, None], cache, pos)
+    out.append(logits)
+    pos = pos + 1
+  return out, cache
+
+
 def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
   """The compressors' last bias added by NSA's cache-write kernel (BLOCK_BIAS_IN_WRITE, the
   default) gives the bfloat16 cache and logits of XLA's add, bit for bit, over decoding steps
@@ -122,14 +137,7 @@ def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
 
   def decode_all(in_kernel):
     monkeypatch.setattr(nsa_layer, "BLOCK_BIAS_IN_WRITE", in_kernel)
-    step = jax.jit(lambda p, x, c, pos: model.apply({"params": p}, x, mode="decode", cache=c,
-                                                    pos_B=pos)[:2])
-    cache, pos, out = cache0, jnp.full((2,), P), []
-    for _ in range(T - P):  # blocks (length 8, stride 4) complete at 7, 11, 15
-      logits, cache = step(params, tokens[jnp.arange(2), pos][:, None], cache, pos)
-      out.append(logits)
-      pos = pos + 1
-    return out, cache
+    return _decode_steps(model, params, tokens, cache0, P)
 
   got, got_cache = decode_all(True)
   assert biases and all(biases)
@@ -163,14 +171,7 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
 
   def decode_all(kernel):
     monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", kernel)
-    step = jax.jit(lambda p, x, c, pos: model.apply({"params": p}, x, mode="decode", cache=c,
-                                                    pos_B=pos)[:2])
-    cache, pos, out = cache0, jnp.full((2,), P), []
-    for _ in range(T - P):  # blocks (length 8, stride 4) complete at 7, 11, 15
-      logits, cache = step(params, tokens[jnp.arange(2), pos][:, None], cache, pos)
-      out.append(logits)
-      pos = pos + 1
-    return out, cache
+    return _decode_steps(model, params, tokens, cache0, P)
 
   got, want = decode_all(True), decode_all(False)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
