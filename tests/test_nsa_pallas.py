@@ -1247,6 +1247,35 @@ def test_fused_decoding_reads_nothing_past_the_query(sel_tile, monkeypatch):
                                 f(args, _offset(q_offset), cot))
 
 
+@pytest.mark.parametrize("name,sel_tile,ties", [
+    ("few_blocks", None, False), ("wide_group", None, False), ("many_tiles", 64, False),
+    ("many_tiles", 128, False), ("many_tiles", 128, True)])
+def test_fused_decoding_options_give_the_same_numbers(name, sel_tile, ties, monkeypatch):
+  """The decoding kernel's untimed options (DEC_RANKED_TOP: a one-tile top-k by ranks;
+  DEC_OVERLAP_IOTA; DEC_EARLY_LOADS), each and all together, change which instructions run,
+  never a number: the same blocks in the same slots, the same sums in the same order, so the
+  output is the default's bit for bit (``ties``: identical compressed keys, so tied candidates
+  must be ranked by block as the picks take them)."""
+  if sel_tile:
+    _walk_tile(monkeypatch, sel_tile)
+  geo, q_offset = DECODE_GEOS[name]
+  args = make_inputs(geo, seed=11)
+  if ties:
+    args = dict(args, k_cmp=jnp.broadcast_to(args["k_cmp"][:, :1], args["k_cmp"].shape))
+  cot = jnp.zeros((geo.B, geo.T, geo.H, geo.D))
+  options = ("DEC_RANKED_TOP", "DEC_OVERLAP_IOTA", "DEC_EARLY_LOADS")
+
+  def run(**on):
+    with monkeypatch.context() as m:
+      for option in options:
+        m.setattr(nsa_pallas, option, option in on)
+      return np.asarray(_fused_fn(geo, m, grads=False)(args, _offset(q_offset), cot))
+
+  want = run()
+  for on in [(option,) for option in options] + [options]:
+    np.testing.assert_array_equal(run(**dict.fromkeys(on)), want, err_msg=str(on))
+
+
 def test_fused_decoding_bf16_close_to_fp32_reference(monkeypatch):
   """bf16 inputs, as the GPU runs them: the bound of test_pallas_bf16_close_to_fp32_reference
   (bf16 output rounding and probabilities rounded before the value products)."""

@@ -184,11 +184,21 @@ VARIANTS = {
     "inputs_block": dict(INPUTS_BLOCK=True),
     "moe_route": dict(DECODE_ROUTE=True),
     "inputs_block_route": dict(INPUTS_BLOCK=True, DECODE_ROUTE=True),
+    # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
+    # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
+    # (DEC_EARLY_LOADS); all three; all three with session 37's two options.
+    "dec_ranked": dict(DEC_RANKED_TOP=True),
+    "dec_iota": dict(DEC_OVERLAP_IOTA=True),
+    "dec_early": dict(DEC_EARLY_LOADS=True),
+    "dec_all": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True),
+    "dec_all_block_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True,
+                                DEC_EARLY_LOADS=True, INPUTS_BLOCK=True, DECODE_ROUTE=True),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
 # only the split path's).
-DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES"}
+DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES",
+                   "DEC_RANKED_TOP", "DEC_OVERLAP_IOTA", "DEC_EARLY_LOADS"}
 
 
 # The modules whose constants a variant may set (the first that has the name).

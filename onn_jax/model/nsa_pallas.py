@@ -889,13 +889,17 @@ def _overlap_tiles(block_len: int, block_stride: int, select_len: int,
   selection blocks, default CHOICE_SEL_TILE) overlaps selection block ``j`` of the same tile,
   ``[1]`` of the next tile (Nt = Js * select_len / stride)."""
   Js = Js or CHOICE_SEL_TILE
+  return jnp.stack([_overlap(block_len, block_stride, select_len, Js, shift)
+                    for shift in (0, 1)])
+
+
+def _overlap(block_len: int, block_stride: int, select_len: int, Js: int, shift: int):
+  """float32 [Nt, Js]: whether compression block ``i`` of a tile overlaps selection block
+  ``j`` of the tile ``shift`` (0 or 1) tiles later (iotas only: also inside a kernel)."""
   Nt = Js * select_len // block_stride
-  start_i = (jnp.arange(Nt) * block_stride)[:, None]
-  out = []
-  for shift in (0, Js * select_len):
-    start_j = (jnp.arange(Js) * select_len + shift)[None, :]
-    out.append((start_i < start_j + select_len) & (start_j < start_i + block_len))
-  return jnp.stack(out).astype(_F32)
+  start_i = jax.lax.broadcasted_iota(jnp.int32, (Nt, Js), 0) * block_stride
+  start_j = (jax.lax.broadcasted_iota(jnp.int32, (Nt, Js), 1) + shift * Js) * select_len
+  return ((start_i < start_j + select_len) & (start_j < start_i + block_len)).astype(_F32)
 
 
 def _merge_top(val_QK, idx_QK, key_QJ, blk_QJ, num_select: int):
@@ -918,6 +922,22 @@ def _merge_top(val_QK, idx_QK, key_QJ, blk_QJ, num_select: int):
     val_QK = jnp.where(kept_Q[:, None] & (idx_QK == ia_Q[:, None]), _USED, val_QK)
     key_QJ = jnp.where(~kept_Q[:, None] & (blk_QJ == ib_Q[:, None]), _USED, key_QJ)
   return new_v, new_i
+
+
+def _ranked_top(key_J, blk_J, slots: int, num_select: int):
+  """:func:`_top_of_tile` of one row ([Js] keys) by ranks, not picks: each key's rank (how
+  many keys come before it: larger, or equal at a lower block) in one reduction, then slot k
+  takes the key of rank k (two more); the same blocks in the same slots. Returns the slots'
+  values and blocks [1, slots] (values _NEG past num_select or past the tile's keys)."""
+  before_IJ = ((key_J[:, None] > key_J[None, :])
+               | ((key_J[:, None] == key_J[None, :]) & (blk_J[:, None] < blk_J[None, :])))
+  rank_J = jnp.sum(before_IJ.astype(jnp.int32), axis=0)
+  slot_K = jax.lax.broadcasted_iota(jnp.int32, (slots, key_J.shape[0]), 0)
+  hit_KJ = rank_J[None, :] == slot_K
+  val_K = jnp.max(jnp.where(hit_KJ, key_J[None, :], _NEG), axis=1)
+  idx_K = jnp.max(jnp.where(hit_KJ, blk_J[None, :], -1), axis=1)
+  slot_1K = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
+  return jnp.where(slot_1K < num_select, val_K[None, :], _NEG), idx_K[None, :]
 
 
 def _top_of_tile(key_QJ, blk_QJ, val_QK, idx_QK, num_select: int):
@@ -1449,6 +1469,13 @@ DEC_OVERLAP_BYTES = 128 * 1024
 # 64 keys, 256 KiB a tile) asked for 288 KiB and did not compile; larger geometries take the
 # split path.
 DEC_TILE_BYTES = 64 * 1024
+# Session 38 (no GPU yet; untimed, so off): the one tile's top-k by ranks (_ranked_top: three
+# reductions, not two a pick); the overlap matrices computed from iotas, not read (64 KiB a
+# program at arc1); the loads that wait on nothing issued first. Each gives the same numbers,
+# bit for bit (tests/test_nsa_pallas.py).
+DEC_RANKED_TOP = False
+DEC_OVERLAP_IOTA = False
+DEC_EARLY_LOADS = False
 
 
 def decode_sel_tile(*, block_len: int, block_stride: int, select_len: int, head_dim: int,
@@ -1503,7 +1530,8 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
                    pos_ref, ovl_ref, o_ref, *, num_groups: int, heads: int, rows: int,
                    num_cmp: int, seq_len: int, num_tiles: int, block_len: int,
                    block_stride: int, select_len: int, num_select: int, slots: int,
-                   window: int, band: int, scale: float, sel_tile: int):
+                   window: int, band: int, scale: float, sel_tile: int, ranked_top: bool,
+                   overlap_iota: bool, early_loads: bool):
   Js = sel_tile
   Nt = Js * select_len // block_stride
   pid = pl.program_id(0)
@@ -1516,18 +1544,31 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
   qc_PD = qc_ref[b, g, row_P, :]
   n = jnp.minimum(jax.lax.div(pos, select_len * Js) + 1, num_tiles)
 
-  def tile(jt):
-    """Tile ``jt``'s compressed-block rows (clamped), visibility and logits [P, Nt]."""
+  keypos_W = pos - (band - 1) + jax.lax.broadcasted_iota(jnp.int32, (band,), 0)
+  ok_W = (keypos_W >= 0) & (keypos_W > pos - window)
+  key_W = jnp.clip(keypos_W, 0, seq_len - 1)
+
+  def window_kv():
+    return kw_ref[b, key_W, g, :], vw_ref[b, key_W, g, :]
+
+  # DEC_EARLY_LOADS: the loads that wait on nothing (the window band's keys and values, the
+  # one tile's compressed values) issued first, under the compressed walk's chain.
+  early_W = window_kv() if early_loads else None
+
+  def tile(jt, values: bool = False):
+    """Tile ``jt``'s compressed-block rows (clamped), visibility and logits [P, Nt], and its
+    compressed values where ``values`` (loaded before the logits' product), else None."""
     i_N = jt * Nt + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)
     vis_N = (i_N * block_stride + (block_len - 1) <= pos) & (i_N < num_cmp)
     i_N = jnp.minimum(i_N, num_cmp - 1)
     k_ND = kc_ref[b, i_N, g, :]
+    v_ND = vc_ref[b, i_N, g, :] if values else None
     logits_PN = jnp.where(vis_N[None, :], _mm(qc_PD, k_ND, trans_b=True) * scale, _NEG)
-    return i_N, vis_N, logits_PN
+    return i_N, vis_N, logits_PN, v_ND
 
   def lse_tile(jt, carry, tiled=None):
     m_P, l_P = carry
-    _, vis_N, logits_PN = tile(jt) if tiled is None else tiled
+    _, vis_N, logits_PN, _ = tile(jt) if tiled is None else tiled
     m_new = jnp.maximum(m_P, jnp.max(logits_PN, axis=1))
     p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - m_new[:, None]), 0.0)
     return m_new, l_P * jnp.exp(m_P - m_new) + jnp.sum(p_PN, axis=1)
@@ -1536,7 +1577,7 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
   if num_tiles == 1:
     # One tile holds every compressed key (arc1's 2048-slot cache at 64 blocks a tile): both
     # passes read its logits, computed once (the loops' one iteration, without the loops).
-    first = tile(0)
+    first = tile(0, values=early_loads)
     m_P, l_P = lse_tile(0, start, first)
   else:
     m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, start)
@@ -1544,13 +1585,18 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
   cur = jax.lax.div(pos, select_len)
   # One tile: no previous tile spills into it (its spill term is 0), so the second overlap
   # matrix is not read (64 KiB a program at arc1's tile of 256 blocks x 64 in float32).
-  same_NJ, next_NJ = ovl_ref[0], (ovl_ref[1] if num_tiles > 1 else None)
+  # DEC_OVERLAP_IOTA: neither is read, both computed from iotas.
+  def overlap(shift):
+    return (_overlap(block_len, block_stride, select_len, Js, shift) if overlap_iota
+            else ovl_ref[shift])
+
+  same_NJ, next_NJ = overlap(0), (overlap(1) if num_tiles > 1 else None)
 
   def score_tile(jt, carry, tiled=None):
     prev_N, acc_PD, val_1K, idx_1K = carry
-    i_N, vis_N, logits_PN = tile(jt) if tiled is None else tiled
+    i_N, vis_N, logits_PN, v_ND = tile(jt) if tiled is None else tiled
     p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - lse_P[:, None]), 0.0)
-    v_ND = vc_ref[b, i_N, g, :]
+    v_ND = vc_ref[b, i_N, g, :] if v_ND is None else v_ND
     acc_PD = acc_PD + _mm(p_PN.astype(v_ND.dtype), v_ND)
     p_N = jnp.sum(jnp.where(real_P[:, None], p_PN, 0.0), axis=0)
     if next_NJ is None:
@@ -1561,7 +1607,9 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
     cand_J = blk_J <= cur
     forced_J = cand_J & ((blk_J == 0) | (blk_J == cur) | (blk_J == cur - 1))
     key_J = jnp.where(forced_J, _FORCED, jnp.where(cand_J, s_J, _NEG))
-    if num_tiles == 1:  # nothing kept yet: the tile's own top (half the reductions)
+    if num_tiles == 1 and ranked_top:  # nothing kept yet: the tile's top by ranks
+      val_1K, idx_1K = _ranked_top(key_J, blk_J, val_1K.shape[1], num_select)
+    elif num_tiles == 1:  # nothing kept yet: the tile's own top (half the reductions)
       val_1K, idx_1K = _top_of_tile(key_J[None, :], blk_J[None, :], val_1K, idx_1K,
                                     num_select)
     else:
@@ -1589,11 +1637,7 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
   out_slc_PD = _attend_masked(q_PD, ks_ref[b, key_X, g, :], vs_ref[b, key_X, g, :], ok_X,
                               scale)
 
-  keypos_W = pos - (band - 1) + jax.lax.broadcasted_iota(jnp.int32, (band,), 0)
-  ok_W = (keypos_W >= 0) & (keypos_W > pos - window)
-  key_W = jnp.clip(keypos_W, 0, seq_len - 1)
-  out_win_PD = _attend_masked(q_PD, kw_ref[b, key_W, g, :], vw_ref[b, key_W, g, :], ok_W,
-                              scale)
+  out_win_PD = _attend_masked(q_PD, *(early_W or window_kv()), ok_W, scale)
 
   gate = [gate_ref[b, g, row_P, c].astype(_F32)[:, None] for c in range(3)]
   out_PD = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * out_win_PD
@@ -1631,7 +1675,8 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
       num_tiles=-(-num_sel // Js), block_len=block_len,
       block_stride=block_stride, select_len=select_len, num_select=num_select,
       slots=_pow2_at_least(num_select), window=window, band=_pow2_at_least(min(window, S)),
-      scale=1.0 / math.sqrt(D), sel_tile=Js)
+      scale=1.0 / math.sqrt(D), sel_tile=Js, ranked_top=_flag("DEC_RANKED_TOP"),
+      overlap_iota=_flag("DEC_OVERLAP_IOTA"), early_loads=_flag("DEC_EARLY_LOADS"))
   return pl.pallas_call(
       kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), q_BGRD.dtype),
       interpret=interpret,
