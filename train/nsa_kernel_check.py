@@ -191,6 +191,10 @@ VARIANTS = {
     "dec_iota": dict(DEC_OVERLAP_IOTA=True),
     "dec_early": dict(DEC_EARLY_LOADS=True),
     "dec_all": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True),
+    "dec_all_block": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True,
+                          INPUTS_BLOCK=True),
+    "dec_all_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True,
+                          DECODE_ROUTE=True),
     "dec_all_block_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True,
                                 DEC_EARLY_LOADS=True, INPUTS_BLOCK=True, DECODE_ROUTE=True),
 }

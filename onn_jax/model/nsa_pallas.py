@@ -1999,7 +1999,10 @@ def decode_inputs_reference(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, blo
     return out
   raw, pos_B, weights = block
   idx_BL = block_rows(pos_B, seq_len=raw[0].shape[1], **dict(block_geometry))
-  here_BL11 = (idx_BL == pos_B[:, None])[:, :, None, None]
+  # The token is the block's last row where it sits there (where the block is complete; the
+  # other rows' blocks are not written).
+  here_BL11 = ((idx_BL == pos_B[:, None]) & (jnp.arange(idx_BL.shape[1]) == idx_BL.shape[1] - 1)
+               )[:, :, None, None]
   raw_2BLGD = jnp.stack([
       jnp.where(here_BL11, kv[m][:, None].astype(a.dtype),
                 jnp.take_along_axis(a, idx_BL[:, :, None, None], axis=1))
@@ -2077,19 +2080,26 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
                    *, half: int, dt, block_len: int, block_stride: int, seq_len: int):
   """The block of raw array ``m`` (keys 0, values 1), group ``g``, that each row's token
   (``token``: its two halves, float32 of compute-dtype values) completes, compressed without
-  the last bias (:func:`block_rows`; the block's rows from the cache but the token's)."""
+  the last bias (:func:`block_rows`; the block's rows from the cache but its last, which is the
+  token's where the token sits there). ``raw_ref``: the raw array flattened; ``w1_ref``
+  [2, L*D, 2D]. The block's L*D features as one gathered load and one product, the token's
+  as two more."""
+  D = 2 * half
+  groups, S = blk_ref.shape[2], seq_len
   pos_P = pos_ref[row_P]
   start_P = jnp.maximum(pos_P - block_len + 1, 0) // block_stride * block_stride
-  acc = None
-  for l in range(block_len):
-    idx_P = jnp.clip(start_P + l, 0, seq_len - 1)
-    here_P1 = (idx_P == pos_P)[:, None]
-    for h in range(2):
-      tok_PH = token[h].astype(raw_ref.dtype)  # as the cache will hold it
-      x_PH = jnp.where(here_P1, tok_PH, raw_ref[row_P, idx_P, g, pl.ds(h * half, half)])
-      x_PH = x_PH.astype(dt)
-      part = _mm(x_PH, w1_ref[m, l, pl.ds(h * half, half), :])
-      acc = part if acc is None else acc + part
+  x_X = jax.lax.broadcasted_iota(jnp.int32, (block_len * D,), 0)
+  l_X, d_X = jax.lax.div(x_X, D), jax.lax.rem(x_X, D)
+  idx_PX = jnp.clip(start_P[:, None] + l_X[None, :], 0, S - 1)
+  last_P = jnp.clip(start_P + block_len - 1, 0, S - 1) == pos_P
+  token_PX = last_P[:, None] & (l_X == block_len - 1)[None, :]
+  flat_PX = ((row_P[:, None] * S + idx_PX) * groups + g) * D + d_X[None, :]
+  x_PX = jnp.where(token_PX, 0.0, raw_ref[flat_PX]).astype(dt)
+  acc = _mm(x_PX, w1_ref[m])
+  for h in range(2):
+    tok_PH = token[h].astype(raw_ref.dtype).astype(dt)  # as the cache will hold it
+    w_HO = w1_ref[m, pl.ds((block_len - 1) * D + h * half, half), :]
+    acc = acc + jnp.where(last_P[:, None], _mm(tok_PH, w_HO), 0.0)
   h_PO = (acc + c1_ref[m].astype(_F32)[None, :]).astype(dt).astype(_F32)
   a_PO = jax.nn.gelu(h_PO).astype(dt)
   blk_ref[m, row_P, g, :] = _mm(a_PO, w2_ref[m]).astype(blk_ref.dtype)
@@ -2110,7 +2120,8 @@ def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotat
   extra, settings = [], None
   if block is not None:
     raw, pos_B, (w1, const, w2) = block
-    extra = [*raw, pos_B.astype(jnp.int32), w1.astype(dt), const.astype(_F32), w2.astype(dt)]
+    extra = [*(a.reshape(-1) for a in raw), pos_B.astype(jnp.int32),
+             w1.astype(dt).reshape(2, -1, w1.shape[-1]), const.astype(_F32), w2.astype(dt)]
     settings = dict(block_geometry, seq_len=raw[0].shape[1])
     out_shape.append(jax.ShapeDtypeStruct((2, B, G, D), dt))
   kernel = functools.partial(_inputs_kernel, batch=B, rows=rows, heads=H, groups=G,
