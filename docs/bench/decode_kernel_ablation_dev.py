@@ -1,5 +1,6 @@
-"""Session 38 dev (`OUT=dir python docs/bench/decode_kernel_ablation_dev.py` on a GPU): where the NSA decoding kernel's ~12.8 us go. The kernel alone (nsa_core's
-one-token forward, arc1 geometry, 32 rows x 2048 keys, 32 calls a program, as the session-20
+"""Session 38 dev: where the NSA decoding kernel's ~12.8 us go (on a GPU:
+`OUT=dir python docs/bench/decode_kernel_ablation_dev.py`). The kernel alone (nsa_core's one-token
+forward, arc1 geometry, 32 rows x 2048 keys, 32 calls a program, as the session-20
 sweep timed it), with parts of its body cut out by editing its source (timing only: the cut
 kernels compute wrong numbers). Writes $OUT/dec_ablate.json."""
 import inspect, json, os, textwrap
@@ -11,16 +12,21 @@ SRC = textwrap.dedent(inspect.getsource(nsa_pallas._decode_kernel))
 CUTS = {
     "full": [],
     "no_topk": [("if num_tiles == 1 and ranked_top:",
-                 "if True:\n      val_1K = jnp.ones_like(val_1K); idx_1K = jax.lax.broadcasted_iota("
-                 "jnp.int32, idx_1K.shape, 1)\n    elif False:")],
+                 "if True:\n      val_1K = jnp.ones_like(val_1K); "
+                 "idx_1K = jax.lax.broadcasted_iota(jnp.int32, idx_1K.shape, 1)\n"
+                 "    elif False:")],
     "no_window": [("out_win_PD = _attend_masked(q_PD, *(early_W or window_kv()), ok_W, scale)",
                    "out_win_PD = jnp.zeros_like(out_cmp_PD)")],
-    "no_selected": [("out_slc_PD = _attend_masked(", "out_slc_PD = out_cmp_PD * 1e-30 + jnp.max(idx_1K).astype(_F32) * 1e-30 + _nothing(")],
+    "no_selected": [("out_slc_PD = _attend_masked(",
+                     "out_slc_PD = out_cmp_PD * 1e-30 + jnp.max(idx_1K).astype(_F32) * 1e-30"
+                     " + _nothing(")],
     "cmp_only": [("out_slc_PD = _attend_masked(", "out_slc_PD = out_cmp_PD * 1e-30 + _nothing("),
                  ("out_win_PD = _attend_masked(q_PD, *(early_W or window_kv()), ok_W, scale)",
                   "out_win_PD = jnp.zeros_like(out_cmp_PD)")],
-    "empty": [("  gate = [", "  out_cmp_PD = out_slc_PD = out_win_PD = jnp.zeros(q_PD.shape, _F32)\n  gate = [")],
-    "window_only": [("  gate = [", "  out_cmp_PD = jnp.zeros_like(out_win_PD); out_slc_PD = out_cmp_PD\n  gate = [")],
+    "empty": [("  gate = [", "  out_cmp_PD = out_slc_PD = out_win_PD = "
+               "jnp.zeros(q_PD.shape, _F32)\n  gate = [")],
+    "window_only": [("  gate = [", "  out_cmp_PD = jnp.zeros_like(out_win_PD); "
+                     "out_slc_PD = out_cmp_PD\n  gate = [")],
 }
 out = {"device": __import__("jax").devices()[0].device_kind, "rows": {}}
 orig = nsa_pallas._decode_kernel
