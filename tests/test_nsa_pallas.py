@@ -1251,9 +1251,9 @@ def test_fused_decoding_reads_nothing_past_the_query(sel_tile, monkeypatch):
     ("few_blocks", None, False), ("wide_group", None, False), ("many_tiles", 64, False),
     ("many_tiles", 128, False), ("many_tiles", 128, True)])
 def test_fused_decoding_options_give_the_same_numbers(name, sel_tile, ties, monkeypatch):
-  """The decoding kernel's untimed options (DEC_RANKED_TOP: a one-tile top-k by ranks;
-  DEC_OVERLAP_IOTA; DEC_EARLY_LOADS), each and all together, change which instructions run,
-  never a number: the same blocks in the same slots, the same sums in the same order, so the
+  """The decoding kernel's session-38 options (DEC_RANKED_TOP: a one-tile top-k by ranks;
+  DEC_OVERLAP_IOTA; DEC_EARLY_LOADS; on by default), each and all together, change which
+  instructions run, never a number (against all three off): the same blocks in the same slots, the same sums in the same order, so the
   output is the default's bit for bit (``ties``: identical compressed keys, so tied candidates
   must be ranked by block as the picks take them)."""
   if sel_tile:

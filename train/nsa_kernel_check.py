@@ -186,7 +186,9 @@ VARIANTS = {
     "inputs_block_route": dict(INPUTS_BLOCK=True, DECODE_ROUTE=True),
     # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
     # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
-    # (DEC_EARLY_LOADS); all three; all three with session 37's two options.
+    # (DEC_EARLY_LOADS); all three (the default since session 38: "dec_before" undoes them);
+    # all three with session 37's two options.
+    "dec_before": dict(DEC_RANKED_TOP=False, DEC_OVERLAP_IOTA=False, DEC_EARLY_LOADS=False),
     "dec_ranked": dict(DEC_RANKED_TOP=True),
     "dec_iota": dict(DEC_OVERLAP_IOTA=True),
     "dec_early": dict(DEC_EARLY_LOADS=True),

@@ -1469,13 +1469,16 @@ DEC_OVERLAP_BYTES = 128 * 1024
 # 64 keys, 256 KiB a tile) asked for 288 KiB and did not compile; larger geometries take the
 # split path.
 DEC_TILE_BYTES = 64 * 1024
-# Session 38 (no GPU yet; untimed, so off): the one tile's top-k by ranks (_ranked_top: three
-# reductions, not two a pick); the overlap matrices computed from iotas, not read (64 KiB a
-# program at arc1); the loads that wait on nothing issued first. Each gives the same numbers,
-# bit for bit (tests/test_nsa_pallas.py).
-DEC_RANKED_TOP = False
-DEC_OVERLAP_IOTA = False
-DEC_EARLY_LOADS = False
+# Session 38: the one tile's top-k by ranks (_ranked_top: three reductions, not two a pick);
+# the overlap matrices computed from iotas, not read (64 KiB a program at arc1); the loads that
+# wait on nothing issued first. Each gives the same numbers, bit for bit
+# (tests/test_nsa_pallas.py). H100, arc1 rollout (32 rows x 512 tokens, `train.bench --only
+# decode`): all three 184.3 ms against 187.4 and 186.7 in the same call, the kernel 12.6 us a
+# layer against 13.2 in the profiles; alone (docs/bench/decode_kernel_ablation_dev.py, 32
+# calls a program) 15.5 against 16.3 us (docs/bench/*_s38_*).
+DEC_RANKED_TOP = True
+DEC_OVERLAP_IOTA = True
+DEC_EARLY_LOADS = True
 
 
 def decode_sel_tile(*, block_len: int, block_stride: int, select_len: int, head_dim: int,
