@@ -1247,23 +1247,26 @@ def test_fused_decoding_reads_nothing_past_the_query(sel_tile, monkeypatch):
                                 f(args, _offset(q_offset), cot))
 
 
-@pytest.mark.parametrize("name,sel_tile,ties", [
-    ("few_blocks", None, False), ("wide_group", None, False), ("many_tiles", 64, False),
-    ("many_tiles", 128, False), ("many_tiles", 128, True)])
-def test_fused_decoding_options_give_the_same_numbers(name, sel_tile, ties, monkeypatch):
+@pytest.mark.parametrize("name,sel_tile,ties,dtype", [
+    ("few_blocks", None, False, jnp.float32), ("wide_group", None, False, jnp.float32),
+    ("wide_group", None, False, jnp.bfloat16), ("many_tiles", 64, False, jnp.float32),
+    ("many_tiles", 128, False, jnp.float32), ("many_tiles", 128, True, jnp.float32)])
+def test_fused_decoding_options_give_the_same_numbers(name, sel_tile, ties, dtype,
+                                                      monkeypatch):
   """The decoding kernel's session-38 options (DEC_RANKED_TOP: a one-tile top-k by ranks;
-  DEC_OVERLAP_IOTA; DEC_EARLY_LOADS; on by default), each and all together, change which
-  instructions run, never a number (against all three off): the same blocks in the same slots, the same sums in the same order, so the
+  DEC_OVERLAP_IOTA; DEC_EARLY_LOADS, on by default; DEC_WINDOW_PROGRAMS, whose two float32
+  parts are the one program's sum of three split after its second term), each and all
+  together, change which instructions run, never a number (against all four off): the same blocks in the same slots, the same sums in the same order, so the
   output is the default's bit for bit (``ties``: identical compressed keys, so tied candidates
   must be ranked by block as the picks take them)."""
   if sel_tile:
     _walk_tile(monkeypatch, sel_tile)
   geo, q_offset = DECODE_GEOS[name]
-  args = make_inputs(geo, seed=11)
+  args = make_inputs(geo, seed=11, dtype=dtype)
   if ties:
     args = dict(args, k_cmp=jnp.broadcast_to(args["k_cmp"][:, :1], args["k_cmp"].shape))
   cot = jnp.zeros((geo.B, geo.T, geo.H, geo.D))
-  options = ("DEC_RANKED_TOP", "DEC_OVERLAP_IOTA", "DEC_EARLY_LOADS")
+  options = ("DEC_RANKED_TOP", "DEC_OVERLAP_IOTA", "DEC_EARLY_LOADS", "DEC_WINDOW_PROGRAMS")
 
   def run(**on):
     with monkeypatch.context() as m:
@@ -1272,6 +1275,7 @@ def test_fused_decoding_options_give_the_same_numbers(name, sel_tile, ties, monk
       return np.asarray(_fused_fn(geo, m, grads=False)(args, _offset(q_offset), cot))
 
   want = run()
+  assert want.dtype == dtype
   for on in [(option,) for option in options] + [options]:
     np.testing.assert_array_equal(run(**dict.fromkeys(on)), want, err_msg=str(on))
 

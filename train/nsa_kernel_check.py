@@ -193,6 +193,7 @@ VARIANTS = {
     "dec_iota": dict(DEC_OVERLAP_IOTA=True),
     "dec_early": dict(DEC_EARLY_LOADS=True),
     "dec_all": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True),
+    "dec_window_programs": dict(DEC_WINDOW_PROGRAMS=True),
     "dec_all_block": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True,
                           INPUTS_BLOCK=True),
     "dec_all_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True,
@@ -204,7 +205,8 @@ VARIANTS = {
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
 # only the split path's).
 DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_STAGES",
-                   "DEC_RANKED_TOP", "DEC_OVERLAP_IOTA", "DEC_EARLY_LOADS"}
+                   "DEC_RANKED_TOP", "DEC_OVERLAP_IOTA", "DEC_EARLY_LOADS",
+                   "DEC_WINDOW_PROGRAMS"}
 
 
 # The modules whose constants a variant may set (the first that has the name).

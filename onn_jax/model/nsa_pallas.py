@@ -1479,6 +1479,13 @@ DEC_TILE_BYTES = 64 * 1024
 DEC_RANKED_TOP = True
 DEC_OVERLAP_IOTA = True
 DEC_EARLY_LOADS = True
+# The window branch in programs of its own (a second column of the grid: 128 programs at arc1,
+# not 64), beside the compressed walk and the selection instead of after them (~2.7 us of the
+# kernel's ~15.5 alone on the H100, session 38's ablation); each writes its gated part in
+# float32 and XLA adds the two and rounds (the same sum as one program's, rounded once): one
+# launch a layer more (deviceless sm_90, arc1: 112.75 -> 118.75 a step; XLA does not fuse the
+# sum into the output product). Untimed (session 38 had no device time left), so off.
+DEC_WINDOW_PROGRAMS = False
 
 
 def decode_sel_tile(*, block_len: int, block_stride: int, select_len: int, head_dim: int,
@@ -1534,7 +1541,7 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
                    num_cmp: int, seq_len: int, num_tiles: int, block_len: int,
                    block_stride: int, select_len: int, num_select: int, slots: int,
                    window: int, band: int, scale: float, sel_tile: int, ranked_top: bool,
-                   overlap_iota: bool, early_loads: bool):
+                   overlap_iota: bool, early_loads: bool, window_programs: bool):
   Js = sel_tile
   Nt = Js * select_len // block_stride
   pid = pl.program_id(0)
@@ -1556,96 +1563,116 @@ def _decode_kernel(q_ref, qc_ref, kc_ref, vc_ref, ks_ref, vs_ref, kw_ref, vw_ref
 
   # DEC_EARLY_LOADS: the loads that wait on nothing (the window band's keys and values, the
   # one tile's compressed values) issued first, under the compressed walk's chain.
-  early_W = window_kv() if early_loads else None
+  early_W = window_kv() if early_loads and not window_programs else None
 
-  def tile(jt, values: bool = False):
-    """Tile ``jt``'s compressed-block rows (clamped), visibility and logits [P, Nt], and its
-    compressed values where ``values`` (loaded before the logits' product), else None."""
-    i_N = jt * Nt + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)
-    vis_N = (i_N * block_stride + (block_len - 1) <= pos) & (i_N < num_cmp)
-    i_N = jnp.minimum(i_N, num_cmp - 1)
-    k_ND = kc_ref[b, i_N, g, :]
-    v_ND = vc_ref[b, i_N, g, :] if values else None
-    logits_PN = jnp.where(vis_N[None, :], _mm(qc_PD, k_ND, trans_b=True) * scale, _NEG)
-    return i_N, vis_N, logits_PN, v_ND
+  def compressed_selected():
+    """The compressed branch's output and the selected branch's (which the compressed
+    probabilities choose): [P, D] float32 each."""
+    def tile(jt, values: bool = False):
+      """Tile ``jt``'s compressed-block rows (clamped), visibility and logits [P, Nt], and its
+      compressed values where ``values`` (loaded before the logits' product), else None."""
+      i_N = jt * Nt + jax.lax.broadcasted_iota(jnp.int32, (Nt,), 0)
+      vis_N = (i_N * block_stride + (block_len - 1) <= pos) & (i_N < num_cmp)
+      i_N = jnp.minimum(i_N, num_cmp - 1)
+      k_ND = kc_ref[b, i_N, g, :]
+      v_ND = vc_ref[b, i_N, g, :] if values else None
+      logits_PN = jnp.where(vis_N[None, :], _mm(qc_PD, k_ND, trans_b=True) * scale, _NEG)
+      return i_N, vis_N, logits_PN, v_ND
 
-  def lse_tile(jt, carry, tiled=None):
-    m_P, l_P = carry
-    _, vis_N, logits_PN, _ = tile(jt) if tiled is None else tiled
-    m_new = jnp.maximum(m_P, jnp.max(logits_PN, axis=1))
-    p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - m_new[:, None]), 0.0)
-    return m_new, l_P * jnp.exp(m_P - m_new) + jnp.sum(p_PN, axis=1)
+    def lse_tile(jt, carry, tiled=None):
+      m_P, l_P = carry
+      _, vis_N, logits_PN, _ = tile(jt) if tiled is None else tiled
+      m_new = jnp.maximum(m_P, jnp.max(logits_PN, axis=1))
+      p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - m_new[:, None]), 0.0)
+      return m_new, l_P * jnp.exp(m_P - m_new) + jnp.sum(p_PN, axis=1)
 
-  start = (jnp.full((rows,), _NEG, _F32), jnp.zeros((rows,), _F32))
-  if num_tiles == 1:
-    # One tile holds every compressed key (arc1's 2048-slot cache at 64 blocks a tile): both
-    # passes read its logits, computed once (the loops' one iteration, without the loops).
-    first = tile(0, values=early_loads)
-    m_P, l_P = lse_tile(0, start, first)
-  else:
-    m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, start)
-  lse_P = m_P + jnp.log(jnp.maximum(l_P, 1e-30))  # no visible block: l = 0, p = 0 below
-  cur = jax.lax.div(pos, select_len)
-  # One tile: no previous tile spills into it (its spill term is 0), so the second overlap
-  # matrix is not read (64 KiB a program at arc1's tile of 256 blocks x 64 in float32).
-  # DEC_OVERLAP_IOTA: neither is read, both computed from iotas.
-  def overlap(shift):
-    return (_overlap(block_len, block_stride, select_len, Js, shift) if overlap_iota
-            else ovl_ref[shift])
-
-  same_NJ, next_NJ = overlap(0), (overlap(1) if num_tiles > 1 else None)
-
-  def score_tile(jt, carry, tiled=None):
-    prev_N, acc_PD, val_1K, idx_1K = carry
-    i_N, vis_N, logits_PN, v_ND = tile(jt) if tiled is None else tiled
-    p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - lse_P[:, None]), 0.0)
-    v_ND = vc_ref[b, i_N, g, :] if v_ND is None else v_ND
-    acc_PD = acc_PD + _mm(p_PN.astype(v_ND.dtype), v_ND)
-    p_N = jnp.sum(jnp.where(real_P[:, None], p_PN, 0.0), axis=0)
-    if next_NJ is None:
-      s_J = jnp.sum(p_N[:, None] * same_NJ, axis=0)
+    start = (jnp.full((rows,), _NEG, _F32), jnp.zeros((rows,), _F32))
+    if num_tiles == 1:
+      # One tile holds every compressed key (arc1's 2048-slot cache at 64 blocks a tile): both
+      # passes read its logits, computed once (the loops' one iteration, without the loops).
+      first = tile(0, values=early_loads)
+      m_P, l_P = lse_tile(0, start, first)
     else:
-      s_J = jnp.sum(p_N[:, None] * same_NJ + prev_N[:, None] * next_NJ, axis=0)
-    blk_J = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Js,), 0)
-    cand_J = blk_J <= cur
-    forced_J = cand_J & ((blk_J == 0) | (blk_J == cur) | (blk_J == cur - 1))
-    key_J = jnp.where(forced_J, _FORCED, jnp.where(cand_J, s_J, _NEG))
-    if num_tiles == 1 and ranked_top:  # nothing kept yet: the tile's top by ranks
-      val_1K, idx_1K = _ranked_top(key_J, blk_J, val_1K.shape[1], num_select)
-    elif num_tiles == 1:  # nothing kept yet: the tile's own top (half the reductions)
-      val_1K, idx_1K = _top_of_tile(key_J[None, :], blk_J[None, :], val_1K, idx_1K,
-                                    num_select)
+      m_P, l_P = jax.lax.fori_loop(0, n, lse_tile, start)
+    lse_P = m_P + jnp.log(jnp.maximum(l_P, 1e-30))  # no visible block: l = 0, p = 0 below
+    cur = jax.lax.div(pos, select_len)
+    # One tile: no previous tile spills into it (its spill term is 0), so the second overlap
+    # matrix is not read (64 KiB a program at arc1's tile of 256 blocks x 64 in float32).
+    # DEC_OVERLAP_IOTA: neither is read, both computed from iotas.
+    def overlap(shift):
+      return (_overlap(block_len, block_stride, select_len, Js, shift) if overlap_iota
+              else ovl_ref[shift])
+
+    same_NJ, next_NJ = overlap(0), (overlap(1) if num_tiles > 1 else None)
+
+    def score_tile(jt, carry, tiled=None):
+      prev_N, acc_PD, val_1K, idx_1K = carry
+      i_N, vis_N, logits_PN, v_ND = tile(jt) if tiled is None else tiled
+      p_PN = jnp.where(vis_N[None, :], jnp.exp(logits_PN - lse_P[:, None]), 0.0)
+      v_ND = vc_ref[b, i_N, g, :] if v_ND is None else v_ND
+      acc_PD = acc_PD + _mm(p_PN.astype(v_ND.dtype), v_ND)
+      p_N = jnp.sum(jnp.where(real_P[:, None], p_PN, 0.0), axis=0)
+      if next_NJ is None:
+        s_J = jnp.sum(p_N[:, None] * same_NJ, axis=0)
+      else:
+        s_J = jnp.sum(p_N[:, None] * same_NJ + prev_N[:, None] * next_NJ, axis=0)
+      blk_J = jt * Js + jax.lax.broadcasted_iota(jnp.int32, (Js,), 0)
+      cand_J = blk_J <= cur
+      forced_J = cand_J & ((blk_J == 0) | (blk_J == cur) | (blk_J == cur - 1))
+      key_J = jnp.where(forced_J, _FORCED, jnp.where(cand_J, s_J, _NEG))
+      if num_tiles == 1 and ranked_top:  # nothing kept yet: the tile's top by ranks
+        val_1K, idx_1K = _ranked_top(key_J, blk_J, val_1K.shape[1], num_select)
+      elif num_tiles == 1:  # nothing kept yet: the tile's own top (half the reductions)
+        val_1K, idx_1K = _top_of_tile(key_J[None, :], blk_J[None, :], val_1K, idx_1K,
+                                      num_select)
+      else:
+        val_1K, idx_1K = _merge_top(val_1K, idx_1K, key_J[None, :], blk_J[None, :], num_select)
+      return p_N, acc_PD, val_1K, idx_1K
+
+    init = (jnp.zeros((Nt,), _F32), jnp.zeros(q_PD.shape, _F32),
+            jnp.full((1, slots), _NEG, _F32), jnp.full((1, slots), -1, jnp.int32))
+    if num_tiles == 1:
+      _, out_cmp_PD, val_1K, idx_1K = score_tile(0, init, first)
     else:
-      val_1K, idx_1K = _merge_top(val_1K, idx_1K, key_J[None, :], blk_J[None, :], num_select)
-    return p_N, acc_PD, val_1K, idx_1K
+      _, out_cmp_PD, val_1K, idx_1K = jax.lax.fori_loop(0, n, score_tile, init)
+    idx_1K = jnp.where(val_1K > 0.5 * _NEG, idx_1K, -1)
 
-  init = (jnp.zeros((Nt,), _F32), jnp.zeros(q_PD.shape, _F32),
-          jnp.full((1, slots), _NEG, _F32), jnp.full((1, slots), -1, jnp.int32))
-  if num_tiles == 1:
-    _, out_cmp_PD, val_1K, idx_1K = score_tile(0, init, first)
-  else:
-    _, out_cmp_PD, val_1K, idx_1K = jax.lax.fori_loop(0, n, score_tile, init)
-  idx_1K = jnp.where(val_1K > 0.5 * _NEG, idx_1K, -1)
+    # The chosen blocks' keys, slot k's select_len rows at x = k * select_len + l.
+    X = slots * select_len
+    x_X = jax.lax.broadcasted_iota(jnp.int32, (X,), 0)
+    slot_X, off_X = jax.lax.div(x_X, select_len), jax.lax.rem(x_X, select_len)
+    slot_1K = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
+    # Each row's slot's block (slots past num_select hold -1): one reduction over the slots.
+    blk_X = jnp.sum(jnp.where(slot_X[:, None] == slot_1K, idx_1K, 0), axis=1)
+    keypos_X = blk_X * select_len + off_X
+    ok_X = (blk_X >= 0) & (keypos_X <= pos) & (keypos_X < seq_len)
+    key_X = jnp.clip(keypos_X, 0, seq_len - 1)
+    out_slc_PD = _attend_masked(q_PD, ks_ref[b, key_X, g, :], vs_ref[b, key_X, g, :], ok_X,
+                                scale)
+    return out_cmp_PD, out_slc_PD
 
-  # The chosen blocks' keys, slot k's select_len rows at x = k * select_len + l.
-  X = slots * select_len
-  x_X = jax.lax.broadcasted_iota(jnp.int32, (X,), 0)
-  slot_X, off_X = jax.lax.div(x_X, select_len), jax.lax.rem(x_X, select_len)
-  slot_1K = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
-  # Each row's slot's block (slots past num_select hold -1): one reduction over the slots.
-  blk_X = jnp.sum(jnp.where(slot_X[:, None] == slot_1K, idx_1K, 0), axis=1)
-  keypos_X = blk_X * select_len + off_X
-  ok_X = (blk_X >= 0) & (keypos_X <= pos) & (keypos_X < seq_len)
-  key_X = jnp.clip(keypos_X, 0, seq_len - 1)
-  out_slc_PD = _attend_masked(q_PD, ks_ref[b, key_X, g, :], vs_ref[b, key_X, g, :], ok_X,
-                              scale)
-
-  out_win_PD = _attend_masked(q_PD, *(early_W or window_kv()), ok_W, scale)
+  def window_out():
+    return _attend_masked(q_PD, *(early_W or window_kv()), ok_W, scale)
 
   gate = [gate_ref[b, g, row_P, c].astype(_F32)[:, None] for c in range(3)]
-  out_PD = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * out_win_PD
   # The padded rows (copies of head R - 1) store the same values to its row.
-  o_ref[b, g, row_P, :] = out_PD.astype(o_ref.dtype)
+  if not window_programs:
+    out_cmp_PD, out_slc_PD = compressed_selected()
+    out_PD = gate[0] * out_cmp_PD + gate[1] * out_slc_PD + gate[2] * window_out()
+    o_ref[b, g, row_P, :] = out_PD.astype(o_ref.dtype)
+    return
+  # DEC_WINDOW_PROGRAMS: programs (., 0) the compressed and selected branches, (., 1) the
+  # window's, each its gated part in float32 (summed and rounded by decode_attention).
+  part = pl.program_id(1)
+
+  @pl.when(part == 0)
+  def _():
+    out_cmp_PD, out_slc_PD = compressed_selected()
+    o_ref[0, b, g, row_P, :] = gate[0] * out_cmp_PD + gate[1] * out_slc_PD
+
+  @pl.when(part == 1)
+  def _():
+    o_ref[1, b, g, row_P, :] = gate[2] * window_out()
 
 
 def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.Array,
@@ -1670,6 +1697,7 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
   """
   B, G, R, D = q_BGRD.shape
   S, N = k_slc.shape[1], k_cmp_BNGD.shape[1]
+  split = _flag("DEC_WINDOW_PROGRAMS")
   Js = decode_sel_tile(block_len=block_len, block_stride=block_stride, select_len=select_len,
                        head_dim=D, itemsize=max(k_slc.dtype.itemsize, q_BGRD.dtype.itemsize),
                        num_sel=num_sel)
@@ -1679,13 +1707,16 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
       block_stride=block_stride, select_len=select_len, num_select=num_select,
       slots=_pow2_at_least(num_select), window=window, band=_pow2_at_least(min(window, S)),
       scale=1.0 / math.sqrt(D), sel_tile=Js, ranked_top=_flag("DEC_RANKED_TOP"),
-      overlap_iota=_flag("DEC_OVERLAP_IOTA"), early_loads=_flag("DEC_EARLY_LOADS"))
-  return pl.pallas_call(
-      kernel, grid=(B * G,), out_shape=jax.ShapeDtypeStruct((B, G, R, D), q_BGRD.dtype),
-      interpret=interpret,
+      overlap_iota=_flag("DEC_OVERLAP_IOTA"), early_loads=_flag("DEC_EARLY_LOADS"),
+      window_programs=split)
+  out = pl.pallas_call(
+      kernel, grid=(B * G, 2 if split else 1), interpret=interpret,
+      out_shape=jax.ShapeDtypeStruct(((2,) if split else ()) + (B, G, R, D),
+                                     _F32 if split else q_BGRD.dtype),
       compiler_params=_compiler_params(interpret, DEC_NUM_WARPS, "DEC_NUM_STAGES"),
   )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
     pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len, Js))
+  return (out[0] + out[1]).astype(q_BGRD.dtype) if split else out
 
 
 def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_token: int,
