@@ -1975,9 +1975,12 @@ write_cache_compress.defvjp(_write_cache_compress_fwd, _write_cache_compress_bwd
 # (profile), XLA's five launches about 9.
 DECODE_INPUTS = True
 # Whether decode_inputs also computes the completed compressed block (four XLA launches a layer,
-# 6.8 us in that profile; the block's programs then walk its block_len raw keys). Not yet
-# timed on a GPU (no device time was left in session 37): train.nsa_kernel_check variant
-# inputs_block.
+# 6.8 us in that profile, 7.1 on the H100 in session 38). Session 37's kernel walked the block's
+# block_len raw keys (2 x 16 small products, each after its gathered load): on the H100 the
+# input kernel took 37.7 us a layer with it against 4.8 without (rollout 268.2 ms against
+# 187.4 with the DynMoE kernel's routing too). Since session 38 the block's features are one
+# gathered load and one product (_compress_rows); not yet timed: train.nsa_kernel_check
+# variant inputs_block.
 INPUTS_BLOCK = False
 # Warps of a decode_inputs program (a [rows, C] x [C, D/2] pair of products).
 INPUTS_NUM_WARPS = 4
