@@ -1437,11 +1437,13 @@ window_attention.defvjp(_window_vjp_fwd, _window_vjp_bwd)
 #      DEC_SEL_TILE selection blocks' worth;
 #   2. the same walk again: normalised probabilities, the compressed branch's output, each
 #      tile's selection scores (summed over the real heads and the overlapping blocks) and the
-#      running top-k (_merge_top; forced blocks first, ties to the lower block);
+#      running top-k (_merge_top; forced blocks first, ties to the lower block; a walk of one
+#      tile takes that tile's top by ranks, _ranked_top);
 #   3. the chosen blocks' keys gathered by row (num_select * select_len of them, one load) and
 #      the window band (the next power of two of min(window, S) positions ending at the
 #      query, masked to the window): one softmax each;
-#   4. the gated sum.
+#   4. the gated sum (DEC_WINDOW_PROGRAMS: the window branch in programs of its own, the two
+#      gated parts summed by XLA).
 # Every index is clamped into its array and the rows it brings in masked, so nothing is padded
 # in XLA. Key tiles are bounded (DEC_TILE_BYTES, decode_supported). Forward only: nsa_core's
 # custom VJP differentiates the unfused path instead.
