@@ -189,7 +189,7 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
     (0, "fused_xla_block"), (3, "fused_xla_block"), (0, "fused"), (2, "fused"), (3, "fused"),
     (0, "split"), (0, "fused_xla_block/no_core_kernel"), (2, "fused_xla_block/no_inputs_kernel"),
     (0, "fused_xla_block/inputs_block"), (2, "fused_xla_block/inputs_block"),
-    (3, "fused_xla_block/inputs_block")])
+    (3, "fused_xla_block/inputs_block"), (0, "fused_xla_block/inputs_block_too_large")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
@@ -197,7 +197,9 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   "split": no one-kernel step (the branches' kernels and XLA's scatters); "no_core_kernel":
   key tiles too large for the core's kernel (the split core) beside the write kernel; the
   input products by their kernel (nsa_pallas.decode_inputs) but with "no_inputs_kernel", and
-  with "inputs_block" the completed compressed block too (nsa_pallas.INPUTS_BLOCK)."""
+  with "inputs_block" the completed compressed block too (nsa_pallas.INPUTS_BLOCK), not where
+  the raw cache has more elements than the kernel's int32 gather indexes
+  (INPUTS_BLOCK_MAX_ELEMENTS, lowered here: "inputs_block_too_large", XLA's block)."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
@@ -206,7 +208,9 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   if variant == "no_core_kernel":
     monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
   monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", variant != "no_inputs_kernel")
-  monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", variant == "inputs_block")
+  monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", variant.startswith("inputs_block"))
+  if variant == "inputs_block_too_large":
+    monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK_MAX_ELEMENTS", 0)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
   for name in ("decode_attention", "write_cache", "write_cache_compress", "decode_inputs"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(

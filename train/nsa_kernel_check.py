@@ -194,10 +194,6 @@ VARIANTS = {
     "dec_early": dict(DEC_EARLY_LOADS=True),
     "dec_all": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True),
     "dec_window_programs": dict(DEC_WINDOW_PROGRAMS=True),
-    "dec_all_block": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True,
-                          INPUTS_BLOCK=True),
-    "dec_all_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True, DEC_EARLY_LOADS=True,
-                          DECODE_ROUTE=True),
     "dec_all_block_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True,
                                 DEC_EARLY_LOADS=True, INPUTS_BLOCK=True, DECODE_ROUTE=True),
 }

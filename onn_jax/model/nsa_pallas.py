@@ -1984,6 +1984,8 @@ DECODE_INPUTS = True
 # gathered load and one product (_compress_rows); not yet timed: train.nsa_kernel_check
 # variant inputs_block.
 INPUTS_BLOCK = False
+# The block's gather indexes a raw array flattened, in int32: larger caches take XLA's block.
+INPUTS_BLOCK_MAX_ELEMENTS = 2**31 - 1
 # Warps of a decode_inputs program (a [rows, C] x [C, D/2] pair of products).
 INPUTS_NUM_WARPS = 4
 # Rows of a decode_inputs program at most (more rows: more row tiles).
@@ -2123,16 +2125,15 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
   token's where the token sits there). ``raw_ref``: the raw array flattened; ``w1_ref``
   [2, L*D, 2D]. The block's L*D features as one gathered load and one product, the token's
   as two more."""
-  D = 2 * half
-  groups, S = blk_ref.shape[2], seq_len
+  D, groups = 2 * half, blk_ref.shape[2]
   pos_P = pos_ref[row_P]
   start_P = jnp.maximum(pos_P - block_len + 1, 0) // block_stride * block_stride
   x_X = jax.lax.broadcasted_iota(jnp.int32, (block_len * D,), 0)
   l_X, d_X = jax.lax.div(x_X, D), jax.lax.rem(x_X, D)
-  idx_PX = jnp.clip(start_P[:, None] + l_X[None, :], 0, S - 1)
-  last_P = jnp.clip(start_P + block_len - 1, 0, S - 1) == pos_P
+  idx_PX = jnp.clip(start_P[:, None] + l_X[None, :], 0, seq_len - 1)
+  last_P = jnp.clip(start_P + block_len - 1, 0, seq_len - 1) == pos_P
   token_PX = last_P[:, None] & (l_X == block_len - 1)[None, :]
-  flat_PX = ((row_P[:, None] * S + idx_PX) * groups + g) * D + d_X[None, :]
+  flat_PX = ((row_P[:, None] * seq_len + idx_PX) * groups + g) * D + d_X[None, :]
   x_PX = jnp.where(token_PX, 0.0, raw_ref[flat_PX]).astype(dt)
   acc = _mm(x_PX, w1_ref[m])
   for h in range(2):

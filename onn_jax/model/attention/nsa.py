@@ -468,7 +468,8 @@ class NSAttention(nn.Module):
     cos_BF, sin_BF = rope_cos_sin(pos_B, c.head_dim // 2, c.rope_theta)
     block, geometry = None, None
     if (nsa_pallas._flag("INPUTS_BLOCK") and cache["k_cmp"].shape[1]
-        and not nsa.block_in_write_kernel() and self._bias_in_write(cache)):
+        and not nsa.block_in_write_kernel() and self._bias_in_write(cache)
+        and cache[CMP_NAMES[0][1]].size <= nsa_pallas.INPUTS_BLOCK_MAX_ELEMENTS):
       weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
                              self.v_compressor.kernel_weights())
       block = (tuple(cache[raw] for _, raw in CMP_NAMES), pos_B, weights[:3])
