@@ -1256,9 +1256,10 @@ def test_fused_decoding_options_give_the_same_numbers(name, sel_tile, ties, dtyp
   """The decoding kernel's session-38 options (DEC_RANKED_TOP: a one-tile top-k by ranks;
   DEC_OVERLAP_IOTA; DEC_EARLY_LOADS, on by default; DEC_WINDOW_PROGRAMS, whose two float32
   parts are the one program's sum of three split after its second term), each and all
-  together, change which instructions run, never a number (against all four off): the same blocks in the same slots, the same sums in the same order, so the
-  output is the default's bit for bit (``ties``: identical compressed keys, so tied candidates
-  must be ranked by block as the picks take them)."""
+  together, change which instructions run, never a number (against all four off): the same
+  blocks in the same slots, the same float32 operations in the same order, so the output is
+  the same bit for bit (``ties``: identical compressed keys, so tied candidates must be ranked
+  by block as the picks take them)."""
   if sel_tile:
     _walk_tile(monkeypatch, sel_tile)
   geo, q_offset = DECODE_GEOS[name]
