@@ -49,9 +49,9 @@ def step_copies(backend: str | None = None) -> int:
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
 # "fused_xla_block_moe" is what runs by default on a GPU (NSA's input products, its core and
 # its cache writes one kernel each, the completed compressed block in XLA; each DynMoE layer's
-# experts one kernel given XLA's routing, and XLA's sum of its partials; elsewhere XLA's
-# DynMoE, "fused_xla_block"); settings of their own: nsa_pallas.DECODE_INPUTS (on),
-# nsa_pallas.INPUTS_BLOCK and moe_pallas.DECODE_ROUTE (off until timed); "split": each NSA
+# experts one kernel routing its rows, and XLA's sum of its partials; elsewhere XLA's DynMoE,
+# "fused_xla_block"); settings of their own: nsa_pallas.DECODE_INPUTS and
+# moe_pallas.DECODE_ROUTE (on), nsa_pallas.INPUTS_BLOCK (off: slower); "split": each NSA
 # branch its own kernel; "fused": the block computed in the write kernel too; "fused_moe":
 # "fused" and the DynMoE kernel. H100, `python -m train.bench --only decode --lens 2048 --sets
 # ...` (session 36, 32 rows x 512 tokens): "fused_xla_block_moe" 1.05-1.06x "fused_xla_block";

@@ -213,11 +213,10 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):
-  """With DECODE_ROUTE (not the default) the kernel routes on a GPU where the similarities are
+  """With DECODE_ROUTE (the default) the kernel routes on a GPU where the similarities are
   Triton tiles (E a power of two of at least 16, d_model a power of two), in interpret mode
   always."""
-  assert moe_pallas.DECODE_ROUTE is False
-  monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", True)
+  assert moe_pallas.DECODE_ROUTE is True
   gpu = functools.partial(moe_pallas.route_supported, interpret=False, expert_hidden=512,
                           itemsize=2)
   assert gpu(num_experts=16, d_model=256)  # arc1
@@ -236,3 +235,26 @@ def test_where_the_kernel_routes_its_rows(monkeypatch):
   x_BTC, params = _layer(4, 32, 32, 3, 0.05)
   with pytest.raises(ValueError, match="routing in the kernel takes x in bfloat16"):
     moe.decode_experts(jnp.bfloat16, True, ("mean", 1, 0.1), x_BTC, None, params)
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_the_layer_routes_in_the_kernel_only_rows_in_its_dtype(x_dtype, monkeypatch):
+  """A bfloat16 DynMoE layer decoding rows given in float32 takes XLA's routing weights (the
+  kernel routes only rows in its own dtype, which it need not round) and gives the layer's
+  output; rows in bfloat16 are routed in the kernel."""
+  calls = []
+  monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
+      lambda kernel, *a, **k: calls.append(a[1] is None) or kernel(*a, **k),
+      moe_pallas.decode_partials))
+  monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
+  layer = moe.DynMoE(num_experts=3, expert_hidden=32, dtype=jnp.bfloat16)
+  x_BTC = jax.random.normal(jax.random.PRNGKey(2), (4, 1, 32)).astype(x_dtype)
+  variables = layer.init(jax.random.PRNGKey(0), x_BTC)
+  y_BTC = layer.apply(variables, x_BTC, decoding=True)[0]
+  assert calls == [x_dtype == jnp.bfloat16]
+  expected = layer.apply(variables, x_BTC)[0]
+  # bfloat16 products and one rounding each; the partials summed in another order: a few
+  # units in bfloat16's last place of the largest output.
+  scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(y_BTC, np.float32), np.asarray(expected, np.float32),
+                             atol=4 * 2.0**-8 * scale)

@@ -971,7 +971,7 @@ class DynMoE(nn.Module):
     if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype, B * T):
       interpret = nsa_pallas.use_interpret()
       gate = None
-      if moe_pallas.route_supported(
+      if x_BTC.dtype == jnp.dtype(self.dtype) and moe_pallas.route_supported(
           num_experts=self.num_experts, d_model=d_model, expert_hidden=self.expert_hidden,
           itemsize=jnp.dtype(self.dtype).itemsize, interpret=interpret):
         # The kernel routes (the same weights; XLA's route above then only feeds aux and the

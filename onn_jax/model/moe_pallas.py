@@ -28,8 +28,8 @@ slower than XLA's launches (H100, jax 0.11.2, session 22, one arc1 layer of 32 r
 dependent calls a program, ``docs/bench/moe_decode_kernel_variants_h100_2026-12-05.json``:
 XLA's layer 29.7 us a call, the kernel 62.7 us routing in exact float32 on CUDA cores, 21.8 us
 given XLA's weights; summed elementwise, the arc1 rollout 0.80x, session 30); XLA's in session
-36; in the kernel again with ``DECODE_ROUTE`` since session 37, on tensor cores, off until
-timed (docs/benchmarks.md, session 37).
+36; in the kernel again with ``DECODE_ROUTE`` since session 37, on tensor cores, on by default
+since session 39 (docs/benchmarks.md, sessions 37-39).
 
 d_model and expert_hidden powers of two of at least 16, tiles within :data:`DEC_TILE_BYTES`
 (:func:`decode_supported`); any ``fallback_k``; routing in the kernel needs E a power of two
@@ -220,8 +220,11 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
 # five launches' time; in each program of the experts kernel (no launch of its own, every
 # program routing its 32 rows): H100, session 38, with the block option above on too, the
 # experts kernel 13.6 us a layer against 8.0, XLA's routing 7.0 (~1.4 us a layer less, one
-# call's profile; not timed on its own: train.nsa_kernel_check variant moe_route).
-DECODE_ROUTE = False
+# call's profile). H100, session 39, timed on its own (`train.bench --config configs/arc1.yaml
+# --only decode --lens 2048`, one call, one process each): the rollout 173.0 ms against 176.4
+# and 179.1 with XLA's routing (1.02-1.04x), so on by default since (variant moe_xla_route:
+# XLA's routing).
+DECODE_ROUTE = True
 
 
 def route_supported(*, num_experts: int, d_model: int, expert_hidden: int, itemsize: int,
