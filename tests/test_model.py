@@ -157,13 +157,14 @@ def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
   assert float(jnp.max(jnp.abs(got_cache[0]["k_cmp"][:, 1].astype(jnp.float32)))) > 0
 
 
-@pytest.mark.parametrize("inputs_block", [False, True])
+@pytest.mark.parametrize("block", ["xla", "inputs_block", "block_kernel"])
 def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_rounding(
-    inputs_block, monkeypatch):
-  """A bfloat16 decoding step with the NSA input-products kernel (and its completed block)
-  writes the first layer's cache as XLA's projections do, within bfloat16 rounding. The two sum
-  each product's float32 terms in another order, so a value rounded once may differ in its
-  last bit (1 ulp, 2^-8 of it); the rotated keys round once more and the block three times
+    block, monkeypatch):
+  """A bfloat16 decoding step with the NSA input-products kernel (and its completed block, or
+  the block by a kernel of its own) writes the first layer's cache as XLA's projections and
+  block do, within bfloat16 rounding. The two sum each product's float32 terms in another
+  order, so a value rounded once may differ in its last bit (1 ulp, 2^-8 of it); the rotated
+  keys round once more and the block three times
   (its first product, gelu, its second product): 4 ulps of the array's scale bound them all.
   (Only the first layer: later layers see the DynMoE's routing, whose hard thresholds a last
   bit may flip; the float32 decoding tests compare the logits.)"""
@@ -171,10 +172,11 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
   P = 11  # the token at P completes block 1 (length 8, stride 4)
   model, params, tokens, cache0 = _bf16_decoding_setup(params_seed=1, tokens_seed=4, T=12, P=P)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused_xla_block")
-  monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", inputs_block)
   caches = []
   for kernel in (True, False):
     monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", kernel)
+    monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", kernel and block == "inputs_block")
+    monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", kernel and block == "block_kernel")
     caches.append(_decode_steps(model, params, tokens[:, :P + 1], cache0, P)[1][0])
   slot = (P - 7) // 4
   for name in caches[0]:
@@ -189,7 +191,10 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
     (0, "fused_xla_block"), (3, "fused_xla_block"), (0, "fused"), (2, "fused"), (3, "fused"),
     (0, "split"), (0, "fused_xla_block/no_core_kernel"), (2, "fused_xla_block/no_inputs_kernel"),
     (0, "fused_xla_block/inputs_block"), (2, "fused_xla_block/inputs_block"),
-    (3, "fused_xla_block/inputs_block"), (0, "fused_xla_block/inputs_block_too_large")])
+    (3, "fused_xla_block/inputs_block"), (0, "fused_xla_block/inputs_block_too_large"),
+    (0, "fused_xla_block/block_kernel"), (2, "fused_xla_block/block_kernel"),
+    (3, "fused_xla_block/block_kernel"), (1, "fused_xla_block/no_inputs_kernel+block_kernel"),
+    (0, "fused_xla_block/block_kernel_too_large")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
@@ -199,7 +204,9 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   input products by their kernel (nsa_pallas.decode_inputs) but with "no_inputs_kernel", and
   with "inputs_block" the completed compressed block too (nsa_pallas.INPUTS_BLOCK), not where
   the raw cache has more elements than the kernel's int32 gather indexes
-  (INPUTS_BLOCK_MAX_ELEMENTS, lowered here: "inputs_block_too_large", XLA's block)."""
+  (INPUTS_BLOCK_MAX_ELEMENTS, lowered here: "inputs_block_too_large", XLA's block); with
+  "block_kernel" the block by a kernel of its own (nsa_pallas.BLOCK_KERNEL; XLA's for rotated
+  blocks), after the input products' kernel or XLA's, not past that bound either."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
@@ -207,12 +214,15 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   setting, _, variant = setting.partition("/")
   if variant == "no_core_kernel":
     monkeypatch.setattr(nsa_pallas, "DEC_TILE_BYTES", 1)
-  monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", variant != "no_inputs_kernel")
+  monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", not variant.startswith("no_inputs_kernel"))
   monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", variant.startswith("inputs_block"))
-  if variant == "inputs_block_too_large":
+  monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", variant.endswith(
+      ("block_kernel", "block_kernel_too_large")))
+  if variant.endswith("too_large"):
     monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK_MAX_ELEMENTS", 0)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
-  for name in ("decode_attention", "write_cache", "write_cache_compress", "decode_inputs"):
+  for name in ("decode_attention", "write_cache", "write_cache_compress", "decode_inputs",
+               "decode_block"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
         lambda kernel, name, *a, **k: calls.append(
             name + ("+block" if name == "decode_inputs" and a[7] is not None else ""))
@@ -238,10 +248,12 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   want = set() if setting == "split" else {"decode_attention", writer, "decode_inputs"}
   if variant == "no_core_kernel":
     want = {writer, "decode_inputs"}
-  if variant == "no_inputs_kernel":
+  if variant.startswith("no_inputs_kernel"):
     want -= {"decode_inputs"}
   if variant == "inputs_block" and cfg.cmp_rope != "both":  # rotated blocks: XLA's
     want = want - {"decode_inputs"} | {"decode_inputs+block"}
+  if variant.endswith("block_kernel") and cfg.cmp_rope != "both":
+    want |= {"decode_block"}
   assert set(calls) == want, "a decoding kernel did not run, or ran on the split setting"
 
 

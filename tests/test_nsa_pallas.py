@@ -1492,6 +1492,39 @@ def test_decode_input_products_in_one_kernel(dtype, rows, with_block, monkeypatc
     assert not np.allclose(np.asarray(got[4][:, 1], np.float32), 0)
 
 
+@pytest.mark.parametrize("dtype,token_rows", [(jnp.float32, (0, 1)), (jnp.bfloat16, (3, 1))])
+def test_decode_block_in_a_kernel_of_its_own(dtype, token_rows, monkeypatch):
+  """nsa_pallas.decode_block against its XLA reference: the block each of 37 rows' token would
+  complete (tiles of 16 rows, the last part-filled), the token (taken from the step's arrays
+  ``token_rows``) as its last row where it completes one. Tolerances as the input kernel's
+  block above; its gradient is the reference's."""
+  monkeypatch.setattr(nsa_pallas, "BLOCK_ROWS", 16)
+  args, (raw, pos_B, weights), geometry = _input_products_args(dtype, 37, True)
+  tokens_NBGD = jax.random.normal(jax.random.PRNGKey(7), (6,) + raw[0][:, 0].shape).astype(dtype)
+  got = jax.jit(lambda r, t, w: nsa_pallas.decode_block(r, t, pos_B, w, token_rows, geometry,
+                                                        True))(raw, tokens_NBGD, weights)
+  reference = functools.partial(nsa_pallas.decode_block_reference, token_rows=token_rows,
+                                block_geometry=geometry)
+  want = reference(raw, tokens_NBGD, pos_B, weights)
+  assert got.shape == want.shape == (2,) + raw[0][:, 0].shape
+  assert got.dtype == want.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+  w32 = np.asarray(want, np.float32)
+  np.testing.assert_allclose(np.asarray(got, np.float32), w32, rtol=tol,
+                             atol=tol * float(np.max(np.abs(w32))))
+  # Rows 1 and 2 (positions 7 and 11) complete a block: without their token it changes.
+  other = reference(raw, tokens_NBGD.at[token_rows[0], 1:3].add(1.0), pos_B, weights)
+  assert not np.allclose(np.asarray(other[0, 1:3], np.float32), w32[0, 1:3])
+  if dtype == jnp.float32:
+    ct = jax.random.normal(jax.random.PRNGKey(8), want.shape)
+    kernel = lambda r, t, w: nsa_pallas.decode_block(  # noqa: E731
+        r, t, pos_B, w, token_rows, geometry, True)
+    grads = [jax.grad(lambda r, t, w, f=f: jnp.sum(f(r, t, w) * ct), argnums=(0, 1, 2))(
+        raw, tokens_NBGD, weights) for f in (kernel, lambda r, t, w: reference(r, t, pos_B, w))]
+    for g, w in zip(*map(jax.tree.leaves, grads)):
+      np.testing.assert_array_equal(g, w)
+
+
 def test_decode_input_products_gradient_is_the_references():
   args, block, geometry = _input_products_args(jnp.float32, 5, True)
   cts = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 8))

@@ -184,8 +184,10 @@ VARIANTS = {
     "inputs_block": dict(INPUTS_BLOCK=True),
     "moe_route": dict(DECODE_ROUTE=True),
     "inputs_block_route": dict(INPUTS_BLOCK=True, DECODE_ROUTE=True),
-    # Session 39: DECODE_ROUTE is the default since; this one undoes it (XLA's routing).
+    # Session 39: DECODE_ROUTE is the default since; this one undoes it (XLA's routing). The
+    # completed block by a kernel of its own (nsa_pallas.BLOCK_KERNEL).
     "moe_xla_route": dict(DECODE_ROUTE=False),
+    "block_kernel": dict(BLOCK_KERNEL=True),
     # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
     # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
     # (DEC_EARLY_LOADS); all three (the default since session 38: "dec_before" undoes them);

@@ -2039,19 +2039,25 @@ def decode_inputs_reference(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, blo
   if block is None:
     return out
   raw, pos_B, weights = block
+  return out + (decode_block_reference(raw, kv, pos_B, weights, token_rows=(0, 1),
+                                       block_geometry=block_geometry),)
+
+
+def decode_block_reference(raw, tokens_NBGD, pos_B, weights, *, token_rows, block_geometry):
+  """What :func:`decode_block` computes, in XLA (its gradient, and the tests' reference)."""
   idx_BL = block_rows(pos_B, seq_len=raw[0].shape[1], **dict(block_geometry))
   # The token is the block's last row where it sits there (where the block is complete; the
   # other rows' blocks are not written).
   here_BL11 = ((idx_BL == pos_B[:, None]) & (jnp.arange(idx_BL.shape[1]) == idx_BL.shape[1] - 1)
                )[:, :, None, None]
   raw_2BLGD = jnp.stack([
-      jnp.where(here_BL11, kv[m][:, None].astype(a.dtype),
+      jnp.where(here_BL11, tokens_NBGD[n][:, None].astype(a.dtype),
                 jnp.take_along_axis(a, idx_BL[:, :, None, None], axis=1))
-      for m, a in enumerate(raw)])
+      for n, a in zip(token_rows, raw)])
   w1, const, w2 = weights
   # The compressor without its last bias (the write kernel adds it).
   blocks = compress_reference(raw_2BLGD, (w1, const, w2, jnp.zeros(w2.shape[::2], w2.dtype)))
-  return out + (blocks.astype(dt),)
+  return blocks.astype(tokens_NBGD.dtype)
 
 
 def _inputs_kernel(x_ref, wq_ref, wkv_ref, wgt_ref, bg_ref, cos_ref, sin_ref, *refs,
@@ -2143,6 +2149,90 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
   h_PO = (acc + c1_ref[m].astype(_F32)[None, :]).astype(dt).astype(_F32)
   a_PO = jax.nn.gelu(h_PO).astype(dt)
   blk_ref[m, row_P, g, :] = _mm(a_PO, w2_ref[m]).astype(blk_ref.dtype)
+
+
+# The completed compressed block as a kernel of its own (decode_block), not XLA's four launches
+# nor decode_inputs' programs (INPUTS_BLOCK): a program a (tile of BLOCK_ROWS rows, raw keys or
+# values, group), 8 at arc1's 32 rows, each the gathered load and products of _compress_rows.
+# Where the write kernel adds the last bias (nsa.PALLAS_DECODE "fused_xla_block"), with
+# INPUTS_BLOCK off, where decode_block_supported and the raw cache fits INPUTS_BLOCK_MAX_ELEMENTS.
+# Not yet timed: train.nsa_kernel_check variant block_kernel.
+BLOCK_KERNEL = False
+BLOCK_ROWS = 16
+BLOCK_NUM_WARPS = 4
+
+
+def decode_block_supported(*, block_len: int, head_dim: int, interpret: bool) -> bool:
+  """Whether :func:`decode_block` takes these sizes: on a GPU Triton tiles (block_len and D
+  powers of two, D/2 >= 16 for the token's tensor-core products); in interpret mode any even
+  D."""
+  if interpret:
+    return head_dim % 2 == 0
+  return _is_pow2(block_len) and _is_pow2(head_dim) and head_dim >= 32
+
+
+def _block_kernel(kraw_ref, vraw_ref, tok_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, *,
+                  batch: int, rows: int, token_rows: tuple[int, int], geometry: dict):
+  i, n, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  half = blk_ref.shape[3] // 2
+  row_P = jnp.minimum(i * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0), batch - 1)
+  for m, raw_ref in enumerate((kraw_ref, vraw_ref)):
+    @pl.when(n == m)
+    def _(m=m, raw_ref=raw_ref):
+      token = tuple(tok_ref[token_rows[m], row_P, g, pl.ds(h * half, half)].astype(_F32)
+                    for h in range(2))
+      _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, g, token,
+                     half=half, dt=tok_ref.dtype, **geometry)
+
+
+def _decode_block(raw, tokens_NBGD, pos_B, weights, token_rows, block_geometry, interpret):
+  B, S, G, D = raw[0].shape
+  dt = tokens_NBGD.dtype
+  w1, const, w2 = weights
+  rows = min(max(_pow2_at_least(B), 16), BLOCK_ROWS)
+  kernel = functools.partial(_block_kernel, batch=B, rows=rows, token_rows=tuple(token_rows),
+                             geometry=dict(block_geometry, seq_len=S))
+  return pl.pallas_call(
+      kernel, grid=(-(-B // rows), 2, G), out_shape=jax.ShapeDtypeStruct((2, B, G, D), dt),
+      interpret=interpret, compiler_params=_compiler_params(interpret, BLOCK_NUM_WARPS),
+  )(*(a.reshape(-1) for a in raw), tokens_NBGD, pos_B.astype(jnp.int32),
+    w1.astype(dt).reshape(2, -1, w1.shape[-1]), const.astype(_F32), w2.astype(dt))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def decode_block(raw: tuple, tokens_NBGD: jax.Array, pos_B: jax.Array, weights: tuple,
+                 token_rows: tuple[int, int], block_geometry: tuple, interpret: bool
+                 ) -> jax.Array:
+  """The compressed block each row's token at ``pos_B`` would complete (:func:`block_rows`),
+  without the compressors' last bias, in one kernel.
+
+  Args:
+    raw: the cache's raw compressed keys and values [B, S, G, D], without the token.
+    tokens_NBGD: the step's key/value arrays' tokens (compute dtype); ``token_rows`` names the
+      raw keys' and values' of them. The token is the block's last row wherever a block is
+      complete (blocks of the other rows are never written).
+    weights: the compressors' (w1 [2,L,D,2D], const [2,2D], w2 [2,2D,D]) of
+      :meth:`BlockCompressor.kernel_weights` stacked k, v.
+    block_geometry: ``(("block_len", L), ("block_stride", s))``.
+  Returns [2, B, G, D] in the tokens' dtype: products of compute-dtype operands in float32,
+  the first layer's sum and the gelu each rounded once (:func:`decode_block_reference`, whose
+  gradient this takes). Needs :func:`decode_block_supported` and a raw array within
+  INPUTS_BLOCK_MAX_ELEMENTS (its int32 gather indexes)."""
+  return _decode_block(raw, tokens_NBGD, pos_B, weights, token_rows, block_geometry, interpret)
+
+
+def _decode_block_fwd(*args):
+  return decode_block(*args), args[:4]
+
+
+def _decode_block_bwd(token_rows, block_geometry, interpret, res, ct):
+  del interpret
+  _, vjp = jax.vjp(functools.partial(decode_block_reference, token_rows=token_rows,
+                                     block_geometry=block_geometry), *res)
+  return vjp(ct)
+
+
+decode_block.defvjp(_decode_block_fwd, _decode_block_bwd)
 
 
 def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotate,

@@ -407,13 +407,17 @@ class NSAttention(nn.Module):
       tokens_NBGD = tokens_6BGD.astype(cache[KV_NAMES[0]].dtype)  # one dtype: init_layer_cache
       if nsa.block_in_write_kernel() and c.cmp_rope != "both" and not self.is_initializing():
         # The completed block computed in the write kernel (rotated blocks: in XLA, below).
-        weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
-                               self.v_compressor.kernel_weights())
+        weights = self._compressor_weights()
         arrays = nsa_pallas.write_cache_compress(
             tuple(cache[n] for n in KV_NAMES), tokens_NBGD, pos_B, tuple(cache[n] for n in names),
             weights, c.block_len, c.block_stride, nsa_pallas.use_interpret())
         return dict(zip(KV_NAMES + names, arrays))
       bias_in_kernel = self._bias_in_write(cache)
+      if blocks_2BGD is None and bias_in_kernel and self._block_kernel_apply(cache):
+        blocks_2BGD = nsa_pallas.decode_block(
+            tuple(cache[raw] for _, raw in CMP_NAMES), tokens_6BGD, pos_B,
+            self._compressor_weights()[:3], tuple(KV_NAMES.index(raw) for _, raw in CMP_NAMES),
+            self._block_geometry(), nsa_pallas.use_interpret())
       if blocks_2BGD is None:
         blocks_2BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B,
                                                      bias=not bias_in_kernel)
@@ -435,6 +439,23 @@ class NSAttention(nn.Module):
       new_cache[name] = cache[name].at[rows_B, slot_B].set(
           blocks_2BGD[i].astype(cache[name].dtype), mode="drop")
     return new_cache
+
+  def _compressor_weights(self):
+    """The two compressors' :meth:`BlockCompressor.kernel_weights`, stacked k, v."""
+    return jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
+                        self.v_compressor.kernel_weights())
+
+  def _block_geometry(self) -> tuple:
+    return (("block_len", self.cfg.block_len), ("block_stride", self.cfg.block_stride))
+
+  def _block_kernel_apply(self, cache) -> bool:
+    """Whether a decoding step's completed block is ``nsa_pallas.decode_block`` (BLOCK_KERNEL;
+    the caller checks that the write kernel adds its last bias)."""
+    c = self.cfg
+    return (nsa_pallas._flag("BLOCK_KERNEL") and cache["k_cmp"].shape[1] > 0
+            and cache[CMP_NAMES[0][1]].size <= nsa_pallas.INPUTS_BLOCK_MAX_ELEMENTS
+            and nsa_pallas.decode_block_supported(block_len=c.block_len, head_dim=c.head_dim,
+                                                  interpret=nsa_pallas.use_interpret()))
 
   def _fused_decoding(self) -> bool:
     """Whether a decoding step writes the cache in one kernel (``nsa.fused_decoding``)."""
@@ -470,10 +491,8 @@ class NSAttention(nn.Module):
     if (nsa_pallas._flag("INPUTS_BLOCK") and cache["k_cmp"].shape[1]
         and not nsa.block_in_write_kernel() and self._bias_in_write(cache)
         and cache[CMP_NAMES[0][1]].size <= nsa_pallas.INPUTS_BLOCK_MAX_ELEMENTS):
-      weights = jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
-                             self.v_compressor.kernel_weights())
-      block = (tuple(cache[raw] for _, raw in CMP_NAMES), pos_B, weights[:3])
-      geometry = (("block_len", c.block_len), ("block_stride", c.block_stride))
+      block = (tuple(cache[raw] for _, raw in CMP_NAMES), pos_B, self._compressor_weights()[:3])
+      geometry = self._block_geometry()
     q_BHD, q_raw_BHD, tokens_6BGD, gates_BH3, *blocks = nsa_pallas.decode_inputs(
         x_BTC[:, 0].astype(dt), *kernels, self.gate_proj.variables["params"]["bias"].astype(dt),
         cos_BF, sin_BF, block, tuple(KV_NAMES.index(n) for n in ("k_slc", "k_win")), geometry,
