@@ -194,7 +194,7 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
     (3, "fused_xla_block/inputs_block"), (0, "fused_xla_block/inputs_block_too_large"),
     (0, "fused_xla_block/block_kernel"), (2, "fused_xla_block/block_kernel"),
     (3, "fused_xla_block/block_kernel"), (1, "fused_xla_block/no_inputs_kernel+block_kernel"),
-    (0, "fused_xla_block/block_kernel_too_large")])
+    (0, "fused_xla_block/block_kernel_too_large"), (0, "fused_xla_block/row_block_kernel")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
@@ -206,7 +206,8 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   the raw cache has more elements than the kernel's int32 gather indexes
   (INPUTS_BLOCK_MAX_ELEMENTS, lowered here: "inputs_block_too_large", XLA's block); with
   "block_kernel" the block by a kernel of its own (nsa_pallas.BLOCK_KERNEL; XLA's for rotated
-  blocks), after the input products' kernel or XLA's, not past that bound either."""
+  blocks), after the input products' kernel or XLA's, not past that bound either; a program a
+  row ("row_block_kernel", nsa_pallas.BLOCK_ROWS = 1)."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
@@ -218,6 +219,7 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", variant.startswith("inputs_block"))
   monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", variant.endswith(
       ("block_kernel", "block_kernel_too_large")))
+  monkeypatch.setattr(nsa_pallas, "BLOCK_ROWS", 1 if variant == "row_block_kernel" else 16)
   if variant.endswith("too_large"):
     monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK_MAX_ELEMENTS", 0)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)

@@ -1492,13 +1492,15 @@ def test_decode_input_products_in_one_kernel(dtype, rows, with_block, monkeypatc
     assert not np.allclose(np.asarray(got[4][:, 1], np.float32), 0)
 
 
-@pytest.mark.parametrize("dtype,token_rows", [(jnp.float32, (0, 1)), (jnp.bfloat16, (3, 1))])
-def test_decode_block_in_a_kernel_of_its_own(dtype, token_rows, monkeypatch):
+@pytest.mark.parametrize("dtype,token_rows,rows", [
+    (jnp.float32, (0, 1), 16), (jnp.bfloat16, (3, 1), 16), (jnp.float32, (0, 1), 1),
+    (jnp.bfloat16, (3, 1), 1)])
+def test_decode_block_in_a_kernel_of_its_own(dtype, token_rows, rows, monkeypatch):
   """nsa_pallas.decode_block against its XLA reference: the block each of 37 rows' token would
-  complete (tiles of 16 rows, the last part-filled), the token (taken from the step's arrays
-  ``token_rows``) as its last row where it completes one. Tolerances as the input kernel's
-  block above; its gradient is the reference's."""
-  monkeypatch.setattr(nsa_pallas, "BLOCK_ROWS", 16)
+  complete (tiles of 16 rows, the last part-filled; or a program a row, its block one tile),
+  the token (taken from the step's arrays ``token_rows``) as its last row where it completes
+  one. Tolerances as the input kernel's block above; its gradient is the reference's."""
+  monkeypatch.setattr(nsa_pallas, "BLOCK_ROWS", rows)
   args, (raw, pos_B, weights), geometry = _input_products_args(dtype, 37, True)
   tokens_NBGD = jax.random.normal(jax.random.PRNGKey(7), (6,) + raw[0][:, 0].shape).astype(dtype)
   got = jax.jit(lambda r, t, w: nsa_pallas.decode_block(r, t, pos_B, w, token_rows, geometry,

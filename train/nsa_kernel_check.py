@@ -188,6 +188,7 @@ VARIANTS = {
     # completed block by a kernel of its own (nsa_pallas.BLOCK_KERNEL).
     "moe_xla_route": dict(DECODE_ROUTE=False),
     "block_kernel": dict(BLOCK_KERNEL=True),
+    "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1),
     # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
     # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
     # (DEC_EARLY_LOADS); all three (the default since session 38: "dec_before" undoes them);

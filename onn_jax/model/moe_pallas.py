@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from onn_jax.model.nsa_pallas import (_F32, _compiler_params, _is_pow2, _mm, _pow2_at_least,
-                                      bf16_parts)
+from onn_jax.model.nsa_pallas import (_F32, _MIN_TILE, _compiler_params, _is_pow2, _mm,
+                                      _pow2_at_least, bf16_parts)
 
 # Hidden units per program: each program reads [d_model, DEC_TILE_F] and [DEC_TILE_F, d_model]
 # of its expert's weights (64 KiB at arc1's d_model 256 in bf16), so arc1's 16 experts x 512
@@ -55,8 +55,6 @@ from onn_jax.model.nsa_pallas import (_F32, _compiler_params, _is_pow2, _mm, _po
 DEC_TILE_F = 64
 # Rows per program (the batch padded to a power of two of at least 16, at most this).
 DEC_ROWS = 64
-# The smallest tile of a product (a tensor-core tile's rows): fewer rows are padded to it.
-_MIN_TILE = 16
 DEC_MOE_NUM_WARPS = 4
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + ...)) exp(-x^2), t = 1 / (1 + p x),

@@ -1992,6 +1992,10 @@ INPUTS_NUM_WARPS = 4
 INPUTS_ROWS = 64
 
 
+# The smallest tile of a product (a tensor-core tile's rows): fewer rows are padded to it.
+_MIN_TILE = 16
+
+
 # What a decode_inputs program's tiles may take: its rows' features and a column block's weights
 # ([INPUTS_ROWS, C] and [C, D], compute dtype), as moe_pallas.DEC_TILE_BYTES bounds its kernel.
 INPUTS_TILE_BYTES = 160 * 1024
@@ -2158,6 +2162,9 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
 # INPUTS_BLOCK off, where decode_block_supported and the raw cache fits INPUTS_BLOCK_MAX_ELEMENTS.
 # Not yet timed: train.nsa_kernel_check variant block_kernel.
 BLOCK_KERNEL = False
+# Rows a decode_block program: a tile of rows gathers their blocks' features in one load (its
+# [rows, L*D] indexes); 1, a program a row, loads its block as one [L, D] tile (4 * L*D / 16
+# products' worth of padding: the product's rows padded to a tensor-core tile).
 BLOCK_ROWS = 16
 BLOCK_NUM_WARPS = 4
 
@@ -2179,23 +2186,50 @@ def _block_kernel(kraw_ref, vraw_ref, tok_ref, pos_ref, w1_ref, c1_ref, w2_ref, 
   for m, raw_ref in enumerate((kraw_ref, vraw_ref)):
     @pl.when(n == m)
     def _(m=m, raw_ref=raw_ref):
+      if rows == 1:
+        _compress_row(raw_ref, tok_ref, token_rows[m], pos_ref, w1_ref, c1_ref, w2_ref,
+                      blk_ref, i, m, g, **geometry)
+        return
       token = tuple(tok_ref[token_rows[m], row_P, g, pl.ds(h * half, half)].astype(_F32)
                     for h in range(2))
       _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, g, token,
                      half=half, dt=tok_ref.dtype, **geometry)
 
 
+def _compress_row(raw_ref, tok_ref, n, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, b, m, g, *,
+                  block_len: int, block_stride: int, seq_len: int):
+  """:func:`_compress_rows` for one row ``b`` (BLOCK_ROWS = 1): its block's [L, D] keys as one
+  load from ``raw_ref`` [B, S, G, D], the token (``tok_ref[n]`` [B, G, D]) in its last row,
+  the products' one row padded to a tensor-core tile."""
+  D = blk_ref.shape[3]
+  dt = tok_ref.dtype
+  pos = pos_ref[b]
+  start = jnp.maximum(pos - block_len + 1, 0) // block_stride * block_stride
+  l_L = jax.lax.broadcasted_iota(jnp.int32, (block_len,), 0)
+  idx_L = jnp.clip(start + l_L, 0, seq_len - 1)
+  token_L = (idx_L == pos) & (l_L == block_len - 1)
+  x_LD = jnp.where(token_L[:, None], tok_ref[n, b, g, :].astype(raw_ref.dtype)[None, :],
+                   raw_ref[b, idx_L, g, :])
+  pad = jax.lax.broadcasted_iota(jnp.int32, (_MIN_TILE, 1), 0) == 0
+  x_RX = jnp.broadcast_to(x_LD.reshape(1, block_len * D), (_MIN_TILE, block_len * D))
+  h_RO = (_mm(x_RX.astype(dt), w1_ref[m]) + c1_ref[m].astype(_F32)[None, :]).astype(dt)
+  y_RD = _mm(jax.nn.gelu(h_RO.astype(_F32)).astype(dt), w2_ref[m])
+  blk_ref[m, b, g, :] = jnp.sum(jnp.where(pad, y_RD, 0.0), axis=0).astype(blk_ref.dtype)
+
+
 def _decode_block(raw, tokens_NBGD, pos_B, weights, token_rows, block_geometry, interpret):
   B, S, G, D = raw[0].shape
   dt = tokens_NBGD.dtype
   w1, const, w2 = weights
-  rows = min(max(_pow2_at_least(B), 16), BLOCK_ROWS)
+  if not (isinstance(BLOCK_ROWS, int) and BLOCK_ROWS >= 1):
+    raise ValueError(f"nsa_pallas.BLOCK_ROWS must be an integer >= 1, got {BLOCK_ROWS!r}")
+  rows = 1 if BLOCK_ROWS == 1 else min(max(_pow2_at_least(B), 16), _pow2_at_least(BLOCK_ROWS))
   kernel = functools.partial(_block_kernel, batch=B, rows=rows, token_rows=tuple(token_rows),
                              geometry=dict(block_geometry, seq_len=S))
   return pl.pallas_call(
       kernel, grid=(-(-B // rows), 2, G), out_shape=jax.ShapeDtypeStruct((2, B, G, D), dt),
       interpret=interpret, compiler_params=_compiler_params(interpret, BLOCK_NUM_WARPS),
-  )(*(a.reshape(-1) for a in raw), tokens_NBGD, pos_B.astype(jnp.int32),
+  )(*(a if rows == 1 else a.reshape(-1) for a in raw), tokens_NBGD, pos_B.astype(jnp.int32),
     w1.astype(dt).reshape(2, -1, w1.shape[-1]), const.astype(_F32), w2.astype(dt))
 
 
