@@ -92,6 +92,22 @@ def test_kernel_matches_the_xla_layer_in_float32(combine, shape, threshold, fall
   np.testing.assert_allclose(got, want, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_early_loads_give_the_same_numbers(dtype, monkeypatch):
+  """DEC_MOE_EARLY_LOADS moves the routing after the expert's loads and hidden product: the
+  same float32 operations, so bit for bit the same output (interpret mode)."""
+  x_BTC, params = _layer(8, 64, 128, 20, 0.05, dtype=dtype)
+  outs = []
+  for early in (False, True):
+    monkeypatch.setattr(moe_pallas, "DEC_MOE_EARLY_LOADS", early)
+    outs.append(np.asarray(_kernel("softmax", dtype, x_BTC, params, routed=True), np.float32))
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert np.max(np.abs(outs[0])) > 0
+  monkeypatch.setattr(moe_pallas, "DEC_MOE_EARLY_LOADS", 1)
+  with pytest.raises(ValueError, match="moe_pallas.DEC_MOE_EARLY_LOADS must be True or False"):
+    _kernel("softmax", dtype, x_BTC, params, routed=True)
+
+
 @pytest.mark.parametrize("combine", ["mean", "softmax"])
 @pytest.mark.parametrize("routed", [False, True])
 def test_kernel_is_as_close_to_float32_as_the_xla_layer_in_bfloat16(combine, routed):

@@ -189,6 +189,8 @@ VARIANTS = {
     "moe_xla_route": dict(DECODE_ROUTE=False),
     "block_kernel": dict(BLOCK_KERNEL=True),
     "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1),
+    # The DynMoE kernel's expert loads and hidden product before its routing.
+    "moe_early_loads": dict(DEC_MOE_EARLY_LOADS=True),
     # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
     # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
     # (DEC_EARLY_LOADS); all three (the default since session 38: "dec_before" undoes them);

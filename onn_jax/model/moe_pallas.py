@@ -143,27 +143,46 @@ def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: in
   return e_w_PE / jnp.sum(e_w_PE, axis=1)[:, None]
 
 
-def _decode_kernel(x_ref, *refs, gate: dict | None):
+# Whether a routing program reads its expert's weights and computes the hidden product before
+# it routes (neither depends on the routing; the same operations, in another order): the
+# weights' loads and the first product then overlap the routing's arithmetic. Not yet timed
+# (train.nsa_kernel_check variant moe_early_loads).
+DEC_MOE_EARLY_LOADS = False
+
+
+def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False):
   """``gate`` None: the rows' weights of expert e are an input; else the kernel's own routing
-  (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds)."""
+  (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds), after the
+  expert's loads and hidden product where ``early`` (DEC_MOE_EARLY_LOADS)."""
   e, j = pl.program_id(1), pl.program_id(2)
   x_PC = x_ref[...]
   dt = x_PC.dtype
   if gate is None:
     w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
-    w_P1 = w_ref[...]
   else:
     p_ref, thr_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
+
+  def hidden():
+    h_PF = _mm(x_PC, w_in_ref[0]).astype(dt)
+    return (h_PF.astype(_F32) + b_in_ref[0].astype(_F32)[None, :]).astype(dt).astype(_F32)
+
+  if early:
+    w_out_FC, b_out_C = w_out_ref[0], b_out_ref[0]
+    u_PF = hidden()
+  if gate is None:
+    w_P1 = w_ref[...]
+  else:
     w_PE = _gate_weights(x_PC, p_ref[...], thr_ref[...], **gate)
     e_PE = jax.lax.broadcasted_iota(jnp.int32, w_PE.shape, 1)
     w_P1 = jnp.sum(jnp.where(e_PE == e, w_PE, 0.0), axis=1)[:, None]
+  if not early:
+    u_PF = hidden()
+    w_out_FC, b_out_C = w_out_ref[0], b_out_ref[0]
   # Expert e's weight of each row, rounded to the compute dtype as experts_dense rounds it.
   w_P1 = w_P1.astype(dt).astype(_F32)
-  h_PF = _mm(x_PC, w_in_ref[0]).astype(dt)
-  u_PF = (h_PF.astype(_F32) + b_in_ref[0].astype(_F32)[None, :]).astype(dt).astype(_F32)
   a_PF = (gelu(u_PF) * w_P1).astype(dt)
-  y_PC = _mm(a_PF, w_out_ref[0])
-  bias_PC = jnp.where(j == 0, w_P1 * b_out_ref[0].astype(_F32)[None, :], 0.0)
+  y_PC = _mm(a_PF, w_out_FC)
+  bias_PC = jnp.where(j == 0, w_P1 * b_out_C.astype(_F32)[None, :], 0.0)
   y_ref[0] = y_PC + bias_PC
 
 
@@ -182,6 +201,9 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
   padded_b = -(-B // rows) * rows
   x_PC = jnp.pad(x_BC, ((0, padded_b - B), (0, 0)))
   num_f = F // tile_f
+  if not isinstance(DEC_MOE_EARLY_LOADS, bool):
+    raise ValueError(f"moe_pallas.DEC_MOE_EARLY_LOADS must be True or False, got "
+                     f"{DEC_MOE_EARLY_LOADS!r}")
   if weights_BE is None:
     p_unit_EC, thresholds_E, settings = gate
     gate_in = [p_unit_EC.astype(_F32), thresholds_E]
@@ -192,7 +214,8 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
     gate_in = [jnp.pad(weights_BE.astype(_F32), ((0, padded_b - B), (0, 0)))]
     gate_specs = [pl.BlockSpec((rows, 1), lambda i, e, j: (i, e))]
   parts = pl.pallas_call(
-      functools.partial(_decode_kernel, gate=settings),
+      functools.partial(_decode_kernel, gate=settings,
+                        early=DEC_MOE_EARLY_LOADS and settings is not None),
       grid=(padded_b // rows, E, num_f),
       in_specs=[
           pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)),
