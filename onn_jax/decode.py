@@ -16,6 +16,7 @@ import numpy as np
 
 from onn_jax.data.tokens import END, NEWLINE, NUM_COLORS, PAD, VOCAB_SIZE
 from onn_jax.model import moe, nsa
+from onn_jax.model.layers import DECODE_CONSTS
 from onn_jax.model.transformer import Cache, Transformer, init_cache
 
 GRID_SIDE = 30  # ARC grids are at most 30 x 30
@@ -83,6 +84,12 @@ def decode_kernels(name: str):
 # (:func:`precast`): the same step without those conversions. XLA left them in the loop body on
 # a GPU (once per iteration of STEP_COPIES steps; train.kernel_count), not on the CPU.
 HOIST_CASTS = True
+# Whether generate computes what its step computes from the parameters alone (the compressors'
+# weights stacked, the experts' unit prototypes: layers.DECODE_CONSTS) once, before its loop
+# (:func:`decode_constants`), rather than once per iteration of STEP_COPIES steps, where XLA's
+# GPU compiler left them (deviceless sm_90 count of the arc1 rollout: ~36 launches an
+# iteration, ~4.5 a step).
+HOIST_CONSTS = True
 
 # Operations that only move or pick elements: converting their operand first gives exactly
 # their result converted.
@@ -148,6 +155,15 @@ def precast(fn, params, *args):
     narrower = dtype is not None and dtype.itemsize < jnp.result_type(leaf).itemsize
     out.append(leaf.astype(dtype) if narrower else leaf)
   return jax.tree.unflatten(treedef, out)
+
+
+def decode_constants(model: Transformer, params, fed_BV, cache: Cache, pos_B) -> dict:
+  """The values a decoding step of ``model`` computes from ``params`` alone
+  (``layers.DECODE_CONSTS``), for :func:`generate`'s steps to take as given: a step traced
+  with that collection mutable, its other results unused (so never computed under jit)."""
+  _, mutated = model.apply({"params": params}, fed_BV[:, None], mode="decode", cache=cache,
+                           pos_B=pos_B, mutable=[DECODE_CONSTS])
+  return dict(mutated).get(DECODE_CONSTS, {})
 
 
 class Generation(NamedTuple):
@@ -285,22 +301,27 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   need_B = jnp.full((B,), max_new, jnp.int32) if stop_after_B is None else stop_after_B
   rngs = jax.random.split(rng, max_new)
 
-  def decode_step(params, fed_BV, cache, pos_B):
-    return model.apply({"params": params}, fed_BV[:, None], mode="decode", cache=cache,
+  def decode_step(params, consts, fed_BV, cache, pos_B):
+    variables = {"params": params, **({DECODE_CONSTS: consts} if consts else {})}
+    return model.apply(variables, fed_BV[:, None], mode="decode", cache=cache,
                        pos_B=jnp.minimum(pos_B, capacity - 1))
 
   pos_B = prompt_len_B.astype(jnp.int32)
+  consts = {}
+  if HOIST_CONSTS:
+    consts = decode_constants(model, params, jnp.zeros((B, VOCAB_SIZE), jnp.float32), cache,
+                              jnp.minimum(pos_B, capacity - 1))
   # (A model that computes in its parameters' dtype converts none of them.)
   if HOIST_CASTS and model.cfg.compute_dtype != model.cfg.param_dtype:
-    params = precast(decode_step, params, jax.ShapeDtypeStruct((B, VOCAB_SIZE), jnp.float32),
-                     cache, pos_B)
+    params = precast(decode_step, params, consts,
+                     jax.ShapeDtypeStruct((B, VOCAB_SIZE), jnp.float32), cache, pos_B)
 
   def step(carry):
     cache, logits_BV, pos_B, done_B, grid_state, k, out = carry
     token_B, fed_BV, logp_B, done_B, grid_state = emit(logits_BV, done_B, grid_state,
                                                          rngs[jnp.minimum(k, max_new - 1)])
     done_B = done_B | (k + 1 >= need_B)
-    logits_B1V, cache, _ = decode_step(params, fed_BV, cache, pos_B)
+    logits_B1V, cache, _ = decode_step(params, consts, fed_BV, cache, pos_B)
     out = tuple(buf.at[k].set(val) for buf, val in zip(out, (token_B, logp_B, fed_BV)))
     return cache, logits_B1V[:, 0], pos_B + 1, done_B, grid_state, k + 1, out
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onn_jax import decode
 from onn_jax.model import moe_pallas, nsa, nsa_pallas
 from onn_jax.model.attention import nsa as nsa_layer
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
@@ -191,6 +192,10 @@ VARIANTS = {
     "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1),
     # The DynMoE kernel's expert loads and hidden product before its routing.
     "moe_early_loads": dict(DEC_MOE_EARLY_LOADS=True),
+    # decode.HOIST_CONSTS off (the decoding constants in the loop again); that and XLA's
+    # routing: session 38's default.
+    "no_hoist_consts": dict(HOIST_CONSTS=False),
+    "s38_default": dict(HOIST_CONSTS=False, DECODE_ROUTE=False),
     # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
     # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
     # (DEC_EARLY_LOADS); all three (the default since session 38: "dec_before" undoes them);
@@ -212,8 +217,9 @@ DECODE_SETTINGS = {"PALLAS_DECODE", "DEC_NUM_WARPS", "DEC_SEL_TILE", "DEC_NUM_ST
                    "DEC_WINDOW_PROGRAMS"}
 
 
-# The modules whose constants a variant may set (the first that has the name).
-SETTING_MODULES = (nsa, nsa_pallas, nsa_layer, moe_pallas)
+# The modules whose constants a variant may set (the first that has the name; decode: the
+# decoding loop's HOIST_CONSTS).
+SETTING_MODULES = (nsa, nsa_pallas, nsa_layer, moe_pallas, decode)
 
 
 def variant(name: str | None):

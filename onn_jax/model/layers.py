@@ -1,4 +1,5 @@
-"""Small pieces shared by the model's modules: dtype names and rotary position embedding."""
+"""Small pieces shared by the model's modules: dtype names, rotary position embedding and the
+values a decoding step computes from the parameters alone."""
 
 from __future__ import annotations
 
@@ -6,6 +7,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+# The variable collection of the values a decoding step computes from the parameters alone (the
+# compressors' weights stacked, the experts' unit prototypes, ...): decode.generate computes
+# them once, before its loop (decode.HOIST_CONSTS), and gives them to every step; a step given
+# none computes them itself.
+DECODE_CONSTS = "decode_consts"
+
+
+def decode_const(module, name: str, fn) -> Any:
+  """``fn()``, a value of ``module``'s parameters alone that its decoding step reads: from the
+  DECODE_CONSTS collection where given, else computed (and put there where that collection is
+  mutable: decode.decode_constants)."""
+  if module.has_variable(DECODE_CONSTS, name):
+    return module.get_variable(DECODE_CONSTS, name)
+  value = fn()
+  if module.is_mutable_collection(DECODE_CONSTS) and not module.is_initializing():
+    module.put_variable(DECODE_CONSTS, name, value)
+  return value
 
 
 def dtype_of(name: str) -> Any:

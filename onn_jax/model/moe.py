@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.model import moe_pallas, nsa_pallas
+from onn_jax.model.layers import decode_const
 
 Array = jax.Array
 
@@ -840,11 +841,13 @@ def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any, rows: in
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array,
-                   weights_BTE: Array | None, params: dict[str, Array]) -> Array:
+                   weights_BTE: Array | None, params: dict[str, Array],
+                   unit_EC: Array | None = None) -> Array:
   """:func:`experts_dense` (``dtype`` output) for a few tokens, by
   :mod:`onn_jax.model.moe_pallas`'s kernel, given the combination weights ``weights_BTE``, or
   with ``gate`` = (combine, fallback_k, st_temperature) and ``weights_BTE`` None routing each
-  token in the kernel (:func:`route`'s weights from ``params``' prototypes and thresholds).
+  token in the kernel (:func:`route`'s weights from ``params``' prototypes and thresholds;
+  ``unit_EC``: the prototypes normalised, where the caller has them, else normalised here).
   Its gradient is that of :func:`experts_dense` (of :func:`route`'s weights with ``gate``)."""
   B, T, C = x_BTC.shape
   cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
@@ -855,7 +858,9 @@ def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array
                      f"got {x_BTC.dtype}")
   if gate is not None:
     combine, fallback_k, _ = gate
-    routing = (_normalise(params["prototypes"]), params["thresholds"],
+    if unit_EC is None:
+      unit_EC = _normalise(params["prototypes"])
+    routing = (unit_EC, params["thresholds"],
                dict(eps=NORM_EPS, combine=combine, fallback_k=fallback_k))
   parts = moe_pallas.decode_partials(
       x_BTC.reshape(B * T, C).astype(dtype),
@@ -875,15 +880,18 @@ def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params):
   return experts_dense(x_BTC, weights_BTE, params, dtype)
 
 
-def _decode_experts_fwd(dtype, interpret, gate, x_BTC, weights_BTE, params):
-  return (decode_experts(dtype, interpret, gate, x_BTC, weights_BTE, params),
-          (x_BTC, weights_BTE, params))
+def _decode_experts_fwd(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC=None):
+  return (decode_experts(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC),
+          ((x_BTC, weights_BTE, params), unit_EC))
 
 
 def _decode_experts_bwd(dtype, interpret, gate, res, dy_BTC):
+  """The reference's gradient; none through ``unit_EC`` (the reference normalises the
+  prototypes itself: their gradient goes to ``params``)."""
   del interpret
+  res, unit_EC = res
   _, pullback = jax.vjp(functools.partial(_decode_experts_reference, dtype, gate), *res)
-  return pullback(dy_BTC)
+  return (*pullback(dy_BTC), jax.tree.map(jnp.zeros_like, unit_EC))
 
 
 decode_experts.defvjp(_decode_experts_fwd, _decode_experts_bwd)
@@ -970,14 +978,16 @@ class DynMoE(nn.Module):
     B, T = x_BTC.shape[:2]
     if decoding and decode_kernel_applies(d_model, self.expert_hidden, self.dtype, B * T):
       interpret = nsa_pallas.use_interpret()
-      gate = None
+      gate, unit_EC = None, None
       if x_BTC.dtype == jnp.dtype(self.dtype) and moe_pallas.route_supported(
           num_experts=self.num_experts, d_model=d_model, expert_hidden=self.expert_hidden,
           itemsize=jnp.dtype(self.dtype).itemsize, interpret=interpret):
         # The kernel routes (the same weights; XLA's route above then only feeds aux and the
         # sown mask, which a decoding loop does not read).
         gate, weights_BTE = (self.combine, self.fallback_k, self.st_temperature), None
-      y_BTC = decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params)
+        unit_EC = decode_const(self, "unit_prototypes",
+                               lambda: _normalise(params["prototypes"]))
+      y_BTC = decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC)
       return y_BTC, aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,
                              self.tile)

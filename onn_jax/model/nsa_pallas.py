@@ -1703,13 +1703,18 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
   Js = decode_sel_tile(block_len=block_len, block_stride=block_stride, select_len=select_len,
                        head_dim=D, itemsize=max(k_slc.dtype.itemsize, q_BGRD.dtype.itemsize),
                        num_sel=num_sel)
+  overlap_iota = _flag("DEC_OVERLAP_IOTA")
+  # The overlap matrices (read unless DEC_OVERLAP_IOTA: then a placeholder, which XLA would
+  # otherwise build every step, 128 KiB at arc1).
+  overlap = (jnp.zeros((1,), _F32) if overlap_iota
+             else _overlap_tiles(block_len, block_stride, select_len, Js))
   kernel = functools.partial(
       _decode_kernel, num_groups=G, heads=R, rows=max(ROW_TILE, R), num_cmp=N, seq_len=S,
       num_tiles=-(-num_sel // Js), block_len=block_len,
       block_stride=block_stride, select_len=select_len, num_select=num_select,
       slots=_pow2_at_least(num_select), window=window, band=_pow2_at_least(min(window, S)),
       scale=1.0 / math.sqrt(D), sel_tile=Js, ranked_top=_flag("DEC_RANKED_TOP"),
-      overlap_iota=_flag("DEC_OVERLAP_IOTA"), early_loads=_flag("DEC_EARLY_LOADS"),
+      overlap_iota=overlap_iota, early_loads=_flag("DEC_EARLY_LOADS"),
       window_programs=split)
   out = pl.pallas_call(
       kernel, grid=(B * G, 2 if split else 1), interpret=interpret,
@@ -1717,7 +1722,7 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
                                      _F32 if split else q_BGRD.dtype),
       compiler_params=_compiler_params(interpret, DEC_NUM_WARPS, "DEC_NUM_STAGES"),
   )(q_BGRD, q_cmp_BGRD, k_cmp_BNGD, v_cmp_BNGD, k_slc, v_slc, k_win, v_win, gates_BGR3,
-    pos_B.astype(jnp.int32), _overlap_tiles(block_len, block_stride, select_len, Js))
+    pos_B.astype(jnp.int32), overlap)
   return (out[0] + out[1]).astype(q_BGRD.dtype) if split else out
 
 

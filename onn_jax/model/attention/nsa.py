@@ -26,7 +26,7 @@ import numpy as np
 from onn_jax.config import ModelConfig
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.attention.full import branch_positions, extend_keys
-from onn_jax.model.layers import apply_rope, dtype_of, rope_cos_sin
+from onn_jax.model.layers import apply_rope, decode_const, dtype_of, rope_cos_sin
 
 KV_NAMES = ("k_cmp_raw", "v_cmp_raw", "k_slc", "v_slc", "k_win", "v_win")
 CMP_NAMES = (("k_cmp", "k_cmp_raw"), ("v_cmp", "v_cmp_raw"))
@@ -349,8 +349,8 @@ class NSAttention(nn.Module):
     else:
       # Both compressors in one batched pass (their parameters stacked): a decoding step's
       # kernels are its cost (issue #16), and the two would each launch their own.
-      stacked = jax.tree.map(lambda k, v: jnp.stack([k, v]),
-                             *(f.variables for f in compressors))
+      stacked = decode_const(self, "compressor_variables", lambda: jax.tree.map(
+          lambda k, v: jnp.stack([k, v]), *(f.variables for f in compressors)))
       unbound = BlockCompressor(c.block_len, c.head_dim, self.k_compressor.dtype,
                                 self.k_compressor.param_dtype, parent=None)
       blocks_2B1GD = jax.vmap(lambda v, x: unbound.apply(v, x[:, None], bias))(stacked,
@@ -382,9 +382,11 @@ class NSAttention(nn.Module):
             and not self.is_initializing())
 
   def _block_biases(self):
-    """The compressors' last biases [2, D] (k_cmp's, v_cmp's), in the compute dtype."""
-    return jnp.stack([f.fc2.variables["params"]["bias"].astype(self.k_compressor.dtype)
-                      for f in (self.k_compressor, self.v_compressor)])
+    """The compressors' last biases [2, D] (k_cmp's, v_cmp's), in the compute dtype (a decoding
+    constant)."""
+    return decode_const(self, "block_biases", lambda: jnp.stack(
+        [f.fc2.variables["params"]["bias"].astype(self.k_compressor.dtype)
+         for f in (self.k_compressor, self.v_compressor)]))
 
   def _write_token(self, cache, tokens_6BGD, pos_B, blocks_2BGD=None):
     """The cache with each row's token at ``pos_B`` (``tokens_6BGD``: its six key/value
@@ -441,9 +443,11 @@ class NSAttention(nn.Module):
     return new_cache
 
   def _compressor_weights(self):
-    """The two compressors' :meth:`BlockCompressor.kernel_weights`, stacked k, v."""
-    return jax.tree.map(lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
-                        self.v_compressor.kernel_weights())
+    """The two compressors' :meth:`BlockCompressor.kernel_weights`, stacked k, v (a decoding
+    constant: ``layers.decode_const``)."""
+    return decode_const(self, "compressor_weights", lambda: jax.tree.map(
+        lambda k, v: jnp.stack([k, v]), self.k_compressor.kernel_weights(),
+        self.v_compressor.kernel_weights()))
 
   def _block_geometry(self) -> tuple:
     return (("block_len", self.cfg.block_len), ("block_stride", self.cfg.block_stride))
