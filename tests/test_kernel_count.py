@@ -133,6 +133,21 @@ def test_casts_hoisted_out_of_the_decoding_loop_leave_its_body(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
+def test_constants_hoisted_out_of_the_decoding_loop_leave_its_body(monkeypatch):
+  """Deviceless sm_90 compile of the tiny model in bfloat16 with the one-kernel step: with
+  decode.HOIST_CONSTS the loop body no longer stacks the compressors' weights nor normalises
+  the prototypes (fewer launches a step)."""
+  cfg = tiny_config(model=dict(compute_dtype="bfloat16", nsa_impl="pallas"))
+  device, _ = kernel_count.gpu_device()
+  rows = {}
+  for hoist in (False, True):
+    monkeypatch.setattr(decode, "HOIST_CONSTS", hoist)
+    rows[hoist] = kernel_count.count_decode(cfg, batch=4, capacity=64,
+                                            decode_path="fused_xla_block_moe", device=device)
+  assert rows[True]["launches_per_step"] < rows[False]["launches_per_step"]
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
 @pytest.mark.parametrize("head_dim", [32, 128])
 def test_the_decoding_kernel_compiles_for_sm90_with_its_widest_tile(head_dim):
   """nsa_pallas.decode_attention at arc1's geometry (a 2048-key cache: one 64-block tile of

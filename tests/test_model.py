@@ -427,6 +427,48 @@ def test_generation_with_casts_hoisted_out_of_the_loop_is_bit_identical(monkeypa
   assert dtypes["['attn_norm']['scale']"] == dtypes["['moe']['prototypes']"] == jnp.float32
 
 
+@pytest.mark.parametrize("kernels", ["xla", "fused_xla_block_moe", "block_kernel"])
+def test_generation_with_constants_hoisted_out_of_the_loop_is_bit_identical(monkeypatch,
+                                                                           kernels):
+  """generate computes what its step computes from the parameters alone (the compressors'
+  weights stacked, the block biases, the experts' unit prototypes) once, before its loop
+  (decode.HOIST_CONSTS), and emits exactly what it emits computing them at every step: with
+  XLA's decoding, with the one-kernel step and the DynMoE kernel routing its rows, and with
+  the completed block's kernel (nsa_pallas.BLOCK_KERNEL) too."""
+  from onn_jax.model import moe, nsa, nsa_pallas
+  cfg, _, params = _setup(0)
+  monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", kernels == "block_kernel")
+  if kernels != "xla":
+    kernels = "fused_xla_block_moe"
+    cfg = dataclasses.replace(cfg, nsa_impl="pallas")
+    monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
+    monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
+  model = Transformer(cfg)
+  prompt = jax.random.randint(jax.random.PRNGKey(9), (3, 12), 0, VOCAB_SIZE)
+  lens = jnp.array([12, 7, 10])
+  got, consts, constants = {}, [], decode.decode_constants
+  monkeypatch.setattr(decode, "decode_constants",
+                      lambda *a: consts.append(constants(*a)) or consts[-1])
+  for hoist in (False, True):
+    monkeypatch.setattr(decode, "HOIST_CONSTS", hoist)
+    run = jax.jit(functools.partial(decode.generate, model, max_new=9, capacity=22))
+    got[hoist] = run(params, prompt, lens)
+  for name in ("tokens_BA", "logprobs_BA", "fed_BAV", "ended_B"):
+    np.testing.assert_array_equal(np.asarray(getattr(got[True], name)),
+                                  np.asarray(getattr(got[False], name)), err_msg=name)
+  assert (np.asarray(got[True].tokens_BA) != PAD).any()
+  # Not vacuous: the step took these from the loop's constants.
+  names = {jax.tree_util.keystr(path[:3]) for path, _ in
+           jax.tree_util.tree_leaves_with_path(consts[0])}
+  want = {"['block_0']['attn']['compressor_variables']"}
+  if kernels != "xla":
+    want |= {"['block_0']['attn']['block_biases']", "['block_0']['moe']['unit_prototypes']"}
+  if nsa_pallas.BLOCK_KERNEL:
+    want = want - {"['block_0']['attn']['compressor_variables']"} | {
+        "['block_0']['attn']['compressor_weights']"}
+  assert want <= names, names
+
+
 def test_jitted_generation_does_not_retrace():
   cfg, model, params = _setup(0)
   prompt = jnp.zeros((2, 8), jnp.int32)
