@@ -157,10 +157,12 @@ def precast(fn, params, *args):
   return jax.tree.unflatten(treedef, out)
 
 
-def decode_constants(model: Transformer, params, fed_BV, cache: Cache, pos_B) -> dict:
-  """The values a decoding step of ``model`` computes from ``params`` alone
-  (``layers.DECODE_CONSTS``), for :func:`generate`'s steps to take as given: a step traced
-  with that collection mutable, its other results unused (so never computed under jit)."""
+def decode_constants(model, params, fed_BV, cache: Cache, pos_B) -> dict:
+  """The values a decoding step of ``model`` (a Transformer, or a wrapper with its ``apply``:
+  ``evaluation.model_fns.RowParams``, whose rows' constants get a leading row axis) computes
+  from ``params`` alone (``layers.DECODE_CONSTS``), for :func:`generate`'s steps to take as
+  given: a step traced with that collection mutable, its other results unused (so never
+  computed under jit)."""
   _, mutated = model.apply({"params": params}, fed_BV[:, None], mode="decode", cache=cache,
                            pos_B=pos_B, mutable=[DECODE_CONSTS])
   return dict(mutated).get(DECODE_CONSTS, {})

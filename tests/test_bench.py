@@ -496,13 +496,13 @@ def test_crossover():
 
 
 def test_nsa_kernel_check_variants_name_settings_that_exist():
-  """Every ``--variants`` entry sets constants that nsa, nsa_pallas, the NSA layer's module or
-  moe_pallas has (a setting removed from the library would otherwise only fail on the GPU,
-  mid-run)."""
+  """Every ``--variants`` entry sets constants that nsa, nsa_pallas, the NSA layer's module,
+  moe_pallas or decode has (a setting removed from the library would otherwise only fail on
+  the GPU, mid-run)."""
   from train import nsa_kernel_check as check
   assert {m.__name__ for m in check.SETTING_MODULES} == {
       "onn_jax.model.nsa", "onn_jax.model.nsa_pallas", "onn_jax.model.attention.nsa",
-      "onn_jax.model.moe_pallas"}
+      "onn_jax.model.moe_pallas", "onn_jax.decode"}
   for name, settings in check.VARIANTS.items():
     for key in settings:
       assert any(hasattr(m, key) for m in check.SETTING_MODULES), f"variant {name}: no {key}"

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from onn_jax.data.pipeline import rows_within
 from onn_jax.data.tokens import PAD
 from onn_jax.decode import generate_jit, sequence_logprob
+from onn_jax.model.layers import DECODE_CONSTS
 from onn_jax.model.transformer import Transformer, for_vmap, outside_tf
 from onn_jax.parallel import AXIS, compile_at_once, compile_in_background, host_value
 from onn_jax.ttt import merge
@@ -77,17 +78,24 @@ class RowParams:
     return self.model.cfg
 
   def apply(self, variables, inputs, valid_BT=None, *, mode: str = "train", cache=None,
-            pos_B=None):
+            pos_B=None, mutable=False):
+    """``variables`` may hold the decoding constants (``layers.DECODE_CONSTS``) with a leading
+    row axis, as ``mutable=[DECODE_CONSTS]`` returns them (each row's from its parameters)."""
     base, adapter_B = variables["params"]["base"], variables["params"]["rows"]
+    consts_B = variables.get(DECODE_CONSTS)
     one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # a row as a batch of one
 
-    def row(adapter, inputs, valid, cache, pos):
-      logits_1TV, new_cache, aux = self.model.apply(
-          {"params": merge(base, adapter)}, inputs[None], one(valid), mode=mode,
-          cache=one(cache), pos_B=one(pos))
-      return logits_1TV[0], jax.tree.map(lambda x: x[0], new_cache), aux
+    def row(adapter, consts, inputs, valid, cache, pos):
+      row_vars = {"params": merge(base, adapter)}
+      if consts is not None:
+        row_vars[DECODE_CONSTS] = consts
+      out = self.model.apply(row_vars, inputs[None], one(valid), mode=mode, cache=one(cache),
+                             pos_B=one(pos), mutable=mutable)
+      (logits_1TV, new_cache, aux), mutated = out if mutable else (out, None)
+      result = logits_1TV[0], jax.tree.map(lambda x: x[0], new_cache), aux
+      return (result, mutated) if mutable else result
 
-    return jax.vmap(row)(adapter_B, inputs, valid_BT, cache, pos_B)
+    return jax.vmap(row)(adapter_B, consts_B, inputs, valid_BT, cache, pos_B)
 
 
 class ModelFns:
