@@ -87,8 +87,13 @@ HOIST_CASTS = True
 # Whether generate computes what its step computes from the parameters alone (the compressors'
 # weights stacked, the experts' unit prototypes: layers.DECODE_CONSTS) once, before its loop
 # (:func:`decode_constants`), rather than once per iteration of STEP_COPIES steps, where XLA's
-# GPU compiler left them (deviceless sm_90 count of the arc1 rollout: ~36 launches an
-# iteration, ~4.5 a step).
+# GPU compiler left them. Deviceless sm_90 count of the arc1 rollout (`python -m
+# train.kernel_count --config arc1 --decode fused_xla_block_moe`): 87.625 -> 86.125 launches a
+# step (XLA's completed block still computes its compressors' constant terms in the step),
+# 70.375 -> 65.875 with nsa_pallas.BLOCK_KERNEL. Not yet timed (variant no_hoist_consts); an
+# earlier hoisting of every parameter-only value by partial evaluation of the step's jaxpr
+# (an internal JAX API) timed even on the H100 when the step took twice as long
+# (docs/benchmarks.md, session 21).
 HOIST_CONSTS = True
 
 # Operations that only move or pick elements: converting their operand first gives exactly
