@@ -117,34 +117,26 @@ def test_the_fused_decoding_step_launches_fewer_kernels():
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
-def test_casts_hoisted_out_of_the_decoding_loop_leave_its_body(monkeypatch):
+@pytest.mark.parametrize("setting", ["HOIST_CASTS", "HOIST_CONSTS"])
+def test_values_hoisted_out_of_the_decoding_loop_leave_its_body(monkeypatch, setting):
   """Deviceless sm_90 compile of the tiny model in bfloat16 (float32 parameters): with
-  decode.HOIST_CASTS the loop body no longer converts the weights (fewer launches a step)."""
-  cfg = tiny_config(model=dict(compute_dtype="bfloat16"))
+  decode.HOIST_CASTS the loop body no longer converts the weights; with decode.HOIST_CONSTS
+  (the one-kernel step) it no longer stacks the compressors' weights nor normalises the
+  prototypes (fewer launches a step either way)."""
+  consts = setting == "HOIST_CONSTS"
+  cfg = tiny_config(model=dict(compute_dtype="bfloat16", **(dict(nsa_impl="pallas") if consts
+                                                             else {})))
   device, _ = kernel_count.gpu_device()
   rows = {}
   for hoist in (False, True):
-    monkeypatch.setattr(decode, "HOIST_CASTS", hoist)
-    rows[hoist] = kernel_count.count_decode(cfg, batch=4, capacity=64,
-                                            decode_path="fused_xla_block", device=device)
+    monkeypatch.setattr(decode, setting, hoist)
+    rows[hoist] = kernel_count.count_decode(
+        cfg, batch=4, capacity=64, device=device,
+        decode_path="fused_xla_block_moe" if consts else "fused_xla_block")
   assert rows[True]["launches_per_step"] < rows[False]["launches_per_step"]
-  assert "Transformer/block_N/moe/convert_element_type" in rows[False]["by_scope"]
-  assert "Transformer/block_N/moe/convert_element_type" not in rows[True]["by_scope"]
-
-
-@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
-def test_constants_hoisted_out_of_the_decoding_loop_leave_its_body(monkeypatch):
-  """Deviceless sm_90 compile of the tiny model in bfloat16 with the one-kernel step: with
-  decode.HOIST_CONSTS the loop body no longer stacks the compressors' weights nor normalises
-  the prototypes (fewer launches a step)."""
-  cfg = tiny_config(model=dict(compute_dtype="bfloat16", nsa_impl="pallas"))
-  device, _ = kernel_count.gpu_device()
-  rows = {}
-  for hoist in (False, True):
-    monkeypatch.setattr(decode, "HOIST_CONSTS", hoist)
-    rows[hoist] = kernel_count.count_decode(cfg, batch=4, capacity=64,
-                                            decode_path="fused_xla_block_moe", device=device)
-  assert rows[True]["launches_per_step"] < rows[False]["launches_per_step"]
+  if not consts:
+    assert "Transformer/block_N/moe/convert_element_type" in rows[False]["by_scope"]
+    assert "Transformer/block_N/moe/convert_element_type" not in rows[True]["by_scope"]
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")

@@ -2260,18 +2260,22 @@ def decode_block(raw: tuple, tokens_NBGD: jax.Array, pos_B: jax.Array, weights: 
   return _decode_block(raw, tokens_NBGD, pos_B, weights, token_rows, block_geometry, interpret)
 
 
-def _decode_block_fwd(*args):
-  return decode_block(*args), args[:4]
+def _reference_gradient(kernel, reference, num_diff: int, static: tuple[str, ...]) -> None:
+  """Gives the custom_vjp ``kernel`` (its first ``num_diff`` arguments differentiable, then the
+  ``static`` ones, named as ``reference`` takes them, then ``interpret``) the gradient of
+  ``reference``."""
+  def fwd(*args):
+    return kernel(*args), args[:num_diff]
+
+  def bwd(*args):
+    *statics, _, res, ct = args
+    _, vjp = jax.vjp(functools.partial(reference, **dict(zip(static, statics))), *res)
+    return vjp(ct)
+
+  kernel.defvjp(fwd, bwd)
 
 
-def _decode_block_bwd(token_rows, block_geometry, interpret, res, ct):
-  del interpret
-  _, vjp = jax.vjp(functools.partial(decode_block_reference, token_rows=token_rows,
-                                     block_geometry=block_geometry), *res)
-  return vjp(ct)
-
-
-decode_block.defvjp(_decode_block_fwd, _decode_block_bwd)
+_reference_gradient(decode_block, decode_block_reference, 4, ("token_rows", "block_geometry"))
 
 
 def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotate,
@@ -2329,15 +2333,4 @@ def decode_inputs(x_BC: jax.Array, w_q: jax.Array, w_kv: jax.Array, w_gate: jax.
                         block_geometry, interpret)
 
 
-def _decode_inputs_fwd(*args):
-  return decode_inputs(*args), args[:8]
-
-
-def _decode_inputs_bwd(rotate, block_geometry, interpret, res, ct):
-  del interpret
-  _, vjp = jax.vjp(functools.partial(decode_inputs_reference, rotate=rotate,
-                                     block_geometry=block_geometry), *res)
-  return vjp(ct)
-
-
-decode_inputs.defvjp(_decode_inputs_fwd, _decode_inputs_bwd)
+_reference_gradient(decode_inputs, decode_inputs_reference, 8, ("rotate", "block_geometry"))
