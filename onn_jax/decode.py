@@ -90,7 +90,9 @@ HOIST_CASTS = True
 # GPU compiler left them. Deviceless sm_90 count of the arc1 rollout (`python -m
 # train.kernel_count --config arc1 --decode fused_xla_block_moe`): 87.625 -> 86.125 launches a
 # step (XLA's completed block still computes its compressors' constant terms in the step),
-# 70.375 -> 65.875 with nsa_pallas.BLOCK_KERNEL. Not yet timed (variant no_hoist_consts); an
+# 70.375 -> 65.875 with nsa_pallas.BLOCK_KERNEL. Timed in session 40 (H100, arc1 rollout,
+# BLOCK_KERNEL off): 175.3 ms a step (mean of 3) against 173.7 without (variant
+# no_hoist_consts), the same within the runs' spread (173.8-176.3); kept for the launches. An
 # earlier hoisting of every parameter-only value by partial evaluation of the step's jaxpr
 # (an internal JAX API) timed even on the H100 when the step took twice as long
 # (docs/benchmarks.md, session 21).

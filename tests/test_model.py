@@ -131,10 +131,12 @@ def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
   """The compressors' last bias added by NSA's cache-write kernel (BLOCK_BIAS_IN_WRITE, the
   default) gives the bfloat16 cache and logits of XLA's add, bit for bit, over decoding steps
   that complete compressed blocks (interpret mode here). The block itself from XLA both times
-  (not from the input-products kernel, which sums its products in another order)."""
+  (not from the input-products kernel nor its own, which sum their products in another
+  order)."""
   from onn_jax.model import nsa, nsa_pallas
   from onn_jax.model.attention import nsa as nsa_layer
   monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", False)
+  monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", False)
   P = 6
   model, params, tokens, cache0 = _bf16_decoding_setup(params_seed=0, tokens_seed=3, T=18, P=P)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", "fused_xla_block")

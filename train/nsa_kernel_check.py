@@ -188,14 +188,18 @@ VARIANTS = {
     # Session 39: DECODE_ROUTE is the default since; this one undoes it (XLA's routing). The
     # completed block by a kernel of its own (nsa_pallas.BLOCK_KERNEL).
     "moe_xla_route": dict(DECODE_ROUTE=False),
-    "block_kernel": dict(BLOCK_KERNEL=True),
+    "block_kernel": dict(BLOCK_KERNEL=True, BLOCK_ROWS=16),
     "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1),
+    # Session 40: BLOCK_KERNEL with a program a row is the default since; XLA's completed block
+    # (session 39's default), and 16-row tiles.
+    "xla_block": dict(BLOCK_KERNEL=False),
+    "block_kernel_tile": dict(BLOCK_KERNEL=True, BLOCK_ROWS=16),
     # The DynMoE kernel's expert loads and hidden product before its routing.
     "moe_early_loads": dict(DEC_MOE_EARLY_LOADS=True),
     # decode.HOIST_CONSTS off (the decoding constants in the loop again); that and XLA's
     # routing: session 38's default.
     "no_hoist_consts": dict(HOIST_CONSTS=False),
-    "s38_default": dict(HOIST_CONSTS=False, DECODE_ROUTE=False),
+    "s38_default": dict(HOIST_CONSTS=False, DECODE_ROUTE=False, BLOCK_KERNEL=False),
     # Session 38: the NSA decoding kernel's one tile's top-k by ranks (DEC_RANKED_TOP), its
     # overlap matrices from iotas (DEC_OVERLAP_IOTA), its independent loads first
     # (DEC_EARLY_LOADS); all three (the default since session 38: "dec_before" undoes them);

@@ -1986,8 +1986,8 @@ DECODE_INPUTS = True
 # block_len raw keys (2 x 16 small products, each after its gathered load): on the H100 the
 # input kernel took 37.7 us a layer with it against 4.8 without (rollout 268.2 ms against
 # 187.4 with the DynMoE kernel's routing too). Since session 38 the block's features are one
-# gathered load and one product (_compress_rows); not yet timed: train.nsa_kernel_check
-# variant inputs_block.
+# gathered load and one product (_compress_rows): slower still on the H100 in session 39
+# (variant inputs_block: 200.9 ms a rollout step against 176.4; its kernel 16.5 us a layer).
 INPUTS_BLOCK = False
 # The block's gather indexes a raw array flattened, in int32: larger caches take XLA's block.
 INPUTS_BLOCK_MAX_ELEMENTS = 2**31 - 1
@@ -2161,16 +2161,18 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
 
 
 # The completed compressed block as a kernel of its own (decode_block), not XLA's four launches
-# nor decode_inputs' programs (INPUTS_BLOCK): a program a (tile of BLOCK_ROWS rows, raw keys or
-# values, group), 8 at arc1's 32 rows, each the gathered load and products of _compress_rows.
-# Where the write kernel adds the last bias (nsa.PALLAS_DECODE "fused_xla_block"), with
-# INPUTS_BLOCK off, where decode_block_supported and the raw cache fits INPUTS_BLOCK_MAX_ELEMENTS.
-# Not yet timed: train.nsa_kernel_check variant block_kernel.
-BLOCK_KERNEL = False
-# Rows a decode_block program: a tile of rows gathers their blocks' features in one load (its
-# [rows, L*D] indexes); 1, a program a row, loads its block as one [L, D] tile (4 * L*D / 16
-# products' worth of padding: the product's rows padded to a tensor-core tile).
-BLOCK_ROWS = 16
+# nor decode_inputs' programs (INPUTS_BLOCK): a program a (row, raw keys or values, group), or a
+# (tile of BLOCK_ROWS rows, ...) with the gathered load and products of _compress_rows. Where
+# the write kernel adds the last bias (nsa.PALLAS_DECODE "fused_xla_block"), with INPUTS_BLOCK
+# off, where decode_block_supported and the raw cache fits INPUTS_BLOCK_MAX_ELEMENTS. The arc1
+# rollout on an H100 (session 40, `train.bench --only decode --lens 2048`): 175.3 ms a 512-token
+# step (mean of 3) with XLA's block (variant xla_block), 170.2 (mean of 2) a program a row,
+# 171.9 with 16-row tiles (variant block_kernel_tile).
+BLOCK_KERNEL = True
+# Rows a decode_block program: 1, a program a row, loads its block as one [L, D] tile (4 * L*D /
+# 16 products' worth of padding: the product's rows padded to a tensor-core tile); more, a
+# tile of rows gathers their blocks' features in one load (its [rows, L*D] indexes).
+BLOCK_ROWS = 1
 BLOCK_NUM_WARPS = 4
 
 
