@@ -191,9 +191,8 @@ VARIANTS = {
     "block_kernel": dict(BLOCK_KERNEL=True, BLOCK_ROWS=16),
     "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1),
     # Session 40: BLOCK_KERNEL with a program a row is the default since; XLA's completed block
-    # (session 39's default), and 16-row tiles.
+    # (session 39's default).
     "xla_block": dict(BLOCK_KERNEL=False),
-    "block_kernel_tile": dict(BLOCK_KERNEL=True, BLOCK_ROWS=16),
     # The DynMoE kernel's expert loads and hidden product before its routing.
     "moe_early_loads": dict(DEC_MOE_EARLY_LOADS=True),
     # decode.HOIST_CONSTS off (the decoding constants in the loop again); that and XLA's

@@ -2167,7 +2167,7 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
 # off, where decode_block_supported and the raw cache fits INPUTS_BLOCK_MAX_ELEMENTS. The arc1
 # rollout on an H100 (session 40, `train.bench --only decode --lens 2048`): 175.3 ms a 512-token
 # step (mean of 3) with XLA's block (variant xla_block), 170.2 (mean of 2) a program a row,
-# 171.9 with 16-row tiles (variant block_kernel_tile).
+# 171.9 with 16-row tiles (variant block_kernel).
 BLOCK_KERNEL = True
 # Rows a decode_block program: 1, a program a row, loads its block as one [L, D] tile (4 * L*D /
 # 16 products' worth of padding: the product's rows padded to a tensor-core tile); more, a
