@@ -15,6 +15,7 @@ from onn_jax import decode
 from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import PAD, VOCAB_SIZE
 from onn_jax.model import moe, moe_pallas, nsa
+from onn_jax.model.layers import rms_norm
 from onn_jax.model.transformer import Transformer, init_cache, init_params
 
 from conftest import TINY_MODEL
@@ -138,6 +139,39 @@ def test_gradient_is_the_xla_layers(routed):
   assert float(jnp.max(jnp.abs(got[1]["thresholds"]))) > 0  # the gate learns
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_the_kernel_applies_the_blocks_norm_and_adds_its_residual(routed):
+  """With an RMSNorm's gains (moe_pallas.DEC_PRENORM) the kernel computes x + DynMoE(rms_norm(x)):
+  float32 within the tolerance above of XLA's, the residual's terms exact; its gradient is
+  XLA's, the gains' included."""
+  E, C, F, B = 8, 64, 128, 20
+  x_BTC, params = _layer(E, C, F, B, 0.05)
+  x_BTC = 3.0 * x_BTC  # rows far from unit RMS: the norm is seen
+  scale_C = 1.0 + 0.5 * jax.random.normal(jax.random.PRNGKey(11), (C,))
+
+  def kernel(x, p, scale):
+    h = rms_norm(x, scale)
+    gate = ("softmax", 1, moe.ST_TEMPERATURE) if routed else None
+    weights = None if routed else _weights("softmax", h, p)
+    return moe.decode_experts(jnp.float32, True, gate, x, weights, p, None, scale)
+
+  def reference(x, p, scale):
+    return x + _reference("softmax", jnp.float32, rms_norm(x, scale), p)
+
+  got, want = kernel(x_BTC, params, scale_C), reference(x_BTC, params, scale_C)
+  tol = (4 * np.sqrt(E * F) * F32_EPS + 3e-7) * float(jnp.max(jnp.abs(want - x_BTC)))
+  np.testing.assert_allclose(got, want, atol=tol + 2 * F32_EPS * float(jnp.max(jnp.abs(want))),
+                             rtol=0)
+  assert float(jnp.max(jnp.abs(got - kernel(x_BTC, params, 2.0 * scale_C)))) > 100 * tol
+  ct = jax.random.normal(jax.random.PRNGKey(12), x_BTC.shape)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(
+      x_BTC, params, scale_C) for f in (kernel, reference)]
+  for g, w in zip(*map(jax.tree.leaves, grads)):  # the same terms, perhaps in another order
+    np.testing.assert_allclose(g, w, rtol=0, atol=4 * np.sqrt(E * F) * F32_EPS * float(
+        jnp.max(jnp.abs(w))))
+  assert float(jnp.max(jnp.abs(grads[0][2]))) > 0
+
+
 def test_decode_supported_and_the_tiles_of_larger_layers():
   arc1 = dict(d_model=256, expert_hidden=512, itemsize=2)
   assert moe_pallas.decode_supported(**arc1)
@@ -189,21 +223,24 @@ def test_decode_kernels_names_and_restores_the_settings():
 
 
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
-                                     "fused_xla_block_moe/xla_routing"])
+                                     "fused_xla_block_moe/xla_routing",
+                                     "fused_xla_block_moe/no_prenorm"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
   fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
   in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
-  XLA's routing weights."""
+  XLA's routing weights; applying the block's norm and adding its residual itself but with
+  "no_prenorm" (moe_pallas.DEC_PRENORM)."""
   kernels, _, routing = kernels.partition("/")
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
+  monkeypatch.setattr(moe_pallas, "DEC_PRENORM", routing != "no_prenorm")
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
   calls = []
   monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
-      lambda kernel, *a, **k: calls.append(a[1] is None) or kernel(*a, **k),
-      moe_pallas.decode_partials))
+      lambda kernel, *a, **k: calls.append((a[1] is None, k["prenorm_C"] is not None))
+      or kernel(*a, **k), moe_pallas.decode_partials))
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
   if kernels != "split":
@@ -225,7 +262,8 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   assert calls, "the decoding kernel did not run"
-  assert set(calls) == {routing != "xla_routing"}, "the kernel's routing was not the one set"
+  assert set(calls) == {(routing != "xla_routing", routing != "no_prenorm")}, (
+      "the kernel's routing or norm was not the one set")
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):

@@ -1466,21 +1466,25 @@ def _input_products_args(dtype, B, with_block, seed=0):
   return args, (raw, pos_B, weights), (("block_len", L), ("block_stride", s))
 
 
-@pytest.mark.parametrize("dtype,rows,with_block", [
-    (jnp.float32, 16, True), (jnp.bfloat16, 16, True), (jnp.float32, 64, False)])
-def test_decode_input_products_in_one_kernel(dtype, rows, with_block, monkeypatch):
+@pytest.mark.parametrize("dtype,rows,with_block,normed", [
+    (jnp.float32, 16, True, False), (jnp.bfloat16, 16, True, True),
+    (jnp.float32, 64, False, True)])
+def test_decode_input_products_in_one_kernel(dtype, rows, with_block, normed, monkeypatch):
   """nsa_pallas.decode_inputs against its XLA reference: rotated and unrotated queries, the six
   key/value rows (k_slc and k_win rotated), the gates' sigmoid and the block each row's token
   would complete (the cache's rows, the token's in its place), for 37 rows in tiles of 16 (the
-  last part-filled) or one tile. Float32: sums of at most L*D = 64 products in another order
-  (1e-5); bfloat16: each output rounded once more or less at a different last bit (the block
-  after two roundings): 2 ulps."""
+  last part-filled) or one tile, of the rows as given or RMS-normalised in the kernel. Float32:
+  sums of at most L*D = 64 products in another order (1e-5); bfloat16: each output rounded
+  once more or less at a different last bit (the block after two roundings): 2 ulps."""
   monkeypatch.setattr(nsa_pallas, "INPUTS_ROWS", rows)
   args, block, geometry = _input_products_args(dtype, 37, with_block)
   rotate = (2, 4)
-  got = jax.jit(lambda a, b: nsa_pallas.decode_inputs(*a, b, rotate, geometry, True))(args, block)
-  want = nsa_pallas.decode_inputs_reference(*args, block, rotate=rotate,
-                                            block_geometry=geometry)
+  scale, eps = (1.0 + jax.random.normal(jax.random.PRNGKey(9), (16,)), 1e-6) if normed else (
+      None, None)
+  got = jax.jit(lambda a, b, n: nsa_pallas.decode_inputs(*a, b, n, rotate, geometry, eps, True))(
+      args, block, scale)
+  want = nsa_pallas.decode_inputs_reference(*args, block, scale, rotate=rotate,
+                                            block_geometry=geometry, norm_eps=eps)
   assert len(got) == len(want) == (5 if with_block else 4)
   tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
   for g, w in zip(got, want):
@@ -1490,6 +1494,12 @@ def test_decode_input_products_in_one_kernel(dtype, rows, with_block, monkeypatc
                                atol=tol * float(np.max(np.abs(w32))))
   if with_block:  # the rows that complete a block read the token in its place
     assert not np.allclose(np.asarray(got[4][:, 1], np.float32), 0)
+  if normed:  # the norm is applied: rows scaled by 4 give the same products (not 4 times)
+    scaled = nsa_pallas.decode_inputs(args[0] * 4, *args[1:], block, scale, rotate, geometry,
+                                      eps, True)
+    g32 = np.asarray(got[2], np.float32)
+    np.testing.assert_allclose(np.asarray(scaled[2], np.float32), g32, rtol=tol,
+                               atol=tol * float(np.max(np.abs(g32))))
 
 
 @pytest.mark.parametrize("dtype,token_rows,rows", [
@@ -1530,20 +1540,21 @@ def test_decode_block_in_a_kernel_of_its_own(dtype, token_rows, rows, monkeypatc
 def test_decode_input_products_gradient_is_the_references():
   args, block, geometry = _input_products_args(jnp.float32, 5, True)
   cts = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 8))
+  scale = 1.0 + jax.random.normal(jax.random.PRNGKey(4), (16,))
 
-  def loss(fn, a, raw, w):
-    outs = fn(*a, (raw, block[1], w))
+  def loss(fn, a, raw, w, n):
+    outs = fn(*a, (raw, block[1], w), n)
     return sum(jnp.sum(o * jnp.resize(cts, o.shape) * (i + 1)) for i, o in enumerate(outs))
 
-  kernel = lambda *a: nsa_pallas.decode_inputs(*a, (2, 4), geometry, True)  # noqa: E731
+  kernel = lambda *a: nsa_pallas.decode_inputs(*a, (2, 4), geometry, 1e-6, True)  # noqa: E731
   reference = functools.partial(nsa_pallas.decode_inputs_reference, rotate=(2, 4),
-                                block_geometry=geometry)
-  got = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2))(args, block[0], block[2])
-  want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2))(args, block[0],
-                                                                        block[2])
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                                block_geometry=geometry, norm_eps=1e-6)
+  grads = [jax.grad(functools.partial(loss, f), argnums=(0, 1, 2, 3))(
+      args, block[0], block[2], scale) for f in (kernel, reference)]
+  for g, w in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_array_equal(g, w)
-  assert float(jnp.max(jnp.abs(got[1][0]))) > 0  # the cache's raw keys get a gradient
+  assert float(jnp.max(jnp.abs(grads[0][1][0]))) > 0  # the cache's raw keys get a gradient
+  assert float(jnp.max(jnp.abs(grads[0][3]))) > 0  # and the norm's gains
 
 
 def test_which_decoding_steps_take_the_input_products_kernel():
@@ -1557,4 +1568,6 @@ def test_which_decoding_steps_take_the_input_products_kernel():
   assert nsa_pallas.decode_inputs_supported(d_model=96, head_dim=6, itemsize=4, interpret=True)
   args, block, geometry = _input_products_args(jnp.float32, 3, True)
   with pytest.raises(ValueError, match="compressor reads the raw arrays 0 and 1 unrotated"):
-    nsa_pallas.decode_inputs(*args, block, (0, 2), geometry, True)
+    nsa_pallas.decode_inputs(*args, block, None, (0, 2), geometry, None, True)
+  with pytest.raises(ValueError, match="norm_scale_C and norm_eps go together"):
+    nsa_pallas.decode_inputs(*args, block, None, (2, 4), geometry, 1e-6, True)

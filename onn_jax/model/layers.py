@@ -28,6 +28,18 @@ def decode_const(module, name: str, fn) -> Any:
   return value
 
 
+# The epsilon of the model's RMS norms (transformer.RMSNorm; the decoding kernels that apply one).
+RMS_EPS = 1e-6
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = RMS_EPS) -> jax.Array:
+  """RMSNorm of ``x`` over its last axis with gains ``scale``, in float32, rounded once to x's
+  dtype (the model's norms, and the decoding kernels that apply one to their input)."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1) + eps)[..., None]
+  return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 def dtype_of(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 

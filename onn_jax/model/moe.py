@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.model import moe_pallas, nsa_pallas
-from onn_jax.model.layers import decode_const
+from onn_jax.model.layers import RMS_EPS, decode_const, rms_norm
 
 Array = jax.Array
 
@@ -842,13 +842,15 @@ def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any, rows: in
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array,
                    weights_BTE: Array | None, params: dict[str, Array],
-                   unit_EC: Array | None = None) -> Array:
+                   unit_EC: Array | None = None, prenorm_C: Array | None = None) -> Array:
   """:func:`experts_dense` (``dtype`` output) for a few tokens, by
   :mod:`onn_jax.model.moe_pallas`'s kernel, given the combination weights ``weights_BTE``, or
   with ``gate`` = (combine, fallback_k, st_temperature) and ``weights_BTE`` None routing each
   token in the kernel (:func:`route`'s weights from ``params``' prototypes and thresholds;
   ``unit_EC``: the prototypes normalised, where the caller has them, else normalised here).
-  Its gradient is that of :func:`experts_dense` (of :func:`route`'s weights with ``gate``)."""
+  With an RMSNorm's gains ``prenorm_C``: ``x_BTC +`` that of ``rms_norm(x_BTC)``, computed in
+  the kernel (rounded once). Its gradient is that of :func:`experts_dense` (of :func:`route`'s
+  weights with ``gate``), through the norm and the residual where given."""
   B, T, C = x_BTC.shape
   cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
   routing = None
@@ -866,11 +868,14 @@ def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array
       x_BTC.reshape(B * T, C).astype(dtype),
       None if weights_BTE is None else weights_BTE.reshape(B * T, -1),
       cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], interpret=interpret,
-      gate=routing)
+      gate=routing, prenorm_C=prenorm_C)
   return jnp.sum(parts, axis=0).astype(dtype).reshape(B, T, C)
 
 
-def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params):
+def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params, prenorm_C=None):
+  if prenorm_C is not None:
+    return x_BTC + _decode_experts_reference(dtype, gate, rms_norm(x_BTC, prenorm_C),
+                                             weights_BTE, params)
   if gate is not None:
     combine, fallback_k, st_temperature = gate
     s_BTE = jnp.einsum("btc,ec->bte", _normalise(x_BTC), _normalise(params["prototypes"]),
@@ -880,9 +885,10 @@ def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params):
   return experts_dense(x_BTC, weights_BTE, params, dtype)
 
 
-def _decode_experts_fwd(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC=None):
-  return (decode_experts(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC),
-          ((x_BTC, weights_BTE, params), unit_EC))
+def _decode_experts_fwd(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC=None,
+                        prenorm_C=None):
+  return (decode_experts(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC,
+                         prenorm_C), ((x_BTC, weights_BTE, params, prenorm_C), unit_EC))
 
 
 def _decode_experts_bwd(dtype, interpret, gate, res, dy_BTC):
@@ -891,7 +897,8 @@ def _decode_experts_bwd(dtype, interpret, gate, res, dy_BTC):
   del interpret
   res, unit_EC = res
   _, pullback = jax.vjp(functools.partial(_decode_experts_reference, dtype, gate), *res)
-  return (*pullback(dy_BTC), jax.tree.map(jnp.zeros_like, unit_EC))
+  *grads, d_prenorm = pullback(dy_BTC)
+  return (*grads, jax.tree.map(jnp.zeros_like, unit_EC), d_prenorm)
 
 
 decode_experts.defvjp(_decode_experts_fwd, _decode_experts_bwd)
@@ -908,8 +915,10 @@ ST_TEMPERATURE = 0.1
 class DynMoE(nn.Module):
   """DynMoE feed-forward layer (Guo et al. 2024) with SDL; see the module docstring.
 
-  ``__call__(x_BTC, valid_BT=None) -> (y_BTC, aux)``: y in the compute dtype, aux as documented in
-  :func:`route` (float32 scalars; ``tokens_per_expert`` is float32 [E]).
+  ``__call__(x_BTC, valid_BT=None, *, decoding=False, norm=None) -> (y_BTC, aux)``: y in the
+  compute dtype, aux as documented in :func:`route` (float32 scalars; ``tokens_per_expert`` is
+  float32 [E]). With ``norm`` (the block's RMSNorm module) the call is the block's residual
+  sublayer: ``y = x + DynMoE(norm(x))``.
   """
   num_experts: int
   expert_hidden: int
@@ -954,10 +963,11 @@ class DynMoE(nn.Module):
       raise ValueError(f"DynMoE tile={self.tile}: must be >= 1")
 
   @nn.compact
-  def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False,
+               norm: nn.Module | None = None) -> tuple[Array, dict[str, Array]]:
     """``decoding``: a one-token decoding step (its experts may run as one kernel,
-    :data:`DECODE_KERNEL`)."""
+    :data:`DECODE_KERNEL`, which also applies ``norm`` and adds the residual:
+    ``moe_pallas.DEC_PRENORM``)."""
     self._check()
     if x_BTC.ndim != 3:
       raise ValueError(f"DynMoE x: expected [B, T, C], got shape {x_BTC.shape}")
@@ -966,6 +976,9 @@ class DynMoE(nn.Module):
     elif valid_BT.shape != x_BTC.shape[:2]:
       raise ValueError(f"DynMoE valid_BT: shape {valid_BT.shape} != x's [B, T] "
                        f"{x_BTC.shape[:2]}")
+    residual_BTC = x_BTC
+    if norm is not None:  # the routing's input (and the experts' but in the prenorm kernel)
+      x_BTC = norm(x_BTC)
     d_model = x_BTC.shape[-1]
     params = {name: self.param(name, LEAF_INITS[name], self.num_experts, d_model,
                                self.expert_hidden, self.init_threshold, self.param_dtype)
@@ -987,10 +1000,17 @@ class DynMoE(nn.Module):
         gate, weights_BTE = (self.combine, self.fallback_k, self.st_temperature), None
         unit_EC = decode_const(self, "unit_prototypes",
                                lambda: _normalise(params["prototypes"]))
+      prenorm = moe_pallas.DEC_PRENORM
+      if not isinstance(prenorm, bool):
+        raise ValueError(f"moe_pallas.DEC_PRENORM must be True or False, got {prenorm!r}")
+      if (norm is not None and prenorm and norm.eps == RMS_EPS
+          and residual_BTC.dtype == jnp.dtype(self.dtype)):
+        return decode_experts(self.dtype, interpret, gate, residual_BTC, weights_BTE, params,
+                              unit_EC, norm.variables["params"]["scale"]), aux
       y_BTC = decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC)
-      return y_BTC, aux
+      return (y_BTC if norm is None else residual_BTC + y_BTC), aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,
                              self.tile)
     y_BTC = experts(x_BTC, weights_BTE, used_BTE, params, self.dtype, self.impl, self.tile,
                     capacity=capacity, valid_BT=valid_BT)
-    return y_BTC, aux
+    return (y_BTC if norm is None else residual_BTC + y_BTC), aux

@@ -14,6 +14,12 @@ plus the sum of its partial outputs:
   W_out[e, tile, :]`` (plus ``w_e b_out[e]`` in the first tile) as one float32 partial;
 * XLA sums the E * F / DEC_TILE_F partials of each row (one reduction).
 
+Given the block's RMSNorm gains (``prenorm_C``; DEC_PRENORM), the kernel computes the
+block's whole residual sublayer ``x + DynMoE(rms_norm(x))``: every program normalises its rows
+(``layers.rms_norm``, as XLA does) and the first program of a tile of rows adds them to its
+partial, so that XLA's one sum is the block's output, rounded once (XLA's norm and its add of
+the residual were a launch each, a layer).
+
 Numerics follow :func:`onn_jax.model.moe.experts_dense`: products in the compute dtype with
 float32 accumulation, the weights, the hidden product and the bias sum rounded to the compute
 dtype, gelu in float32, the gated activations rounded before the output product. Differences:
@@ -46,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from onn_jax.model.layers import rms_norm
 from onn_jax.model.nsa_pallas import (_F32, _MIN_TILE, _compiler_params, _is_pow2, _mm,
                                       _pow2_at_least, bf16_parts)
 
@@ -143,6 +150,15 @@ def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: in
   return e_w_PE / jnp.sum(e_w_PE, axis=1)[:, None]
 
 
+# Whether the kernel computes the block's whole residual sublayer, x + DynMoE(RMSNorm(x)) (the
+# layer called with ``norm``: the module docstring), rather than XLA normalising the layer's
+# input and adding its output to the residual: with the attention's norm in the NSA input
+# kernel (nsa_pallas.INPUTS_NORM), those were two launches of their own a layer (deviceless
+# sm_90 count of the arc1 rollout step, session 41: 65.9 launches a step with neither, 63.9
+# with the input kernel's alone, 64.9 with this one alone, 58.9 with both).
+DEC_PRENORM = True
+
+
 # Whether a routing program reads its expert's weights and computes the hidden product before
 # it routes (neither depends on the routing; the same operations, in another order): the
 # weights' loads and the first product then overlap the routing's arithmetic. Slower on the
@@ -150,13 +166,21 @@ def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: in
 DEC_MOE_EARLY_LOADS = False
 
 
-def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False):
+def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
+                   prenorm: bool = False):
   """``gate`` None: the rows' weights of expert e are an input; else the kernel's own routing
   (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds), after the
-  expert's loads and hidden product where ``early`` (DEC_MOE_EARLY_LOADS)."""
+  expert's loads and hidden product where ``early`` (DEC_MOE_EARLY_LOADS). ``prenorm``: the
+  rows are the block's input, normalised here with the gains (an input after the biases), and
+  the first program of each tile of rows adds them to its partial (the residual)."""
   e, j = pl.program_id(1), pl.program_id(2)
   x_PC = x_ref[...]
   dt = x_PC.dtype
+  residual_PC = None
+  if prenorm:
+    *refs, scale_ref, y_ref = refs
+    refs = (*refs, y_ref)
+    residual_PC, x_PC = x_PC, rms_norm(x_PC, scale_ref[...])
   if gate is None:
     w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
   else:
@@ -183,13 +207,18 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False):
   a_PF = (gelu(u_PF) * w_P1).astype(dt)
   y_PC = _mm(a_PF, w_out_FC)
   bias_PC = jnp.where(j == 0, w_P1 * b_out_C.astype(_F32)[None, :], 0.0)
+  if prenorm:
+    bias_PC = bias_PC + jnp.where((e == 0) & (j == 0), residual_PC.astype(_F32), 0.0)
   y_ref[0] = y_PC + bias_PC
 
 
 def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
-                    interpret: bool, gate: tuple | None = None) -> jax.Array:
+                    interpret: bool, gate: tuple | None = None,
+                    prenorm_C: jax.Array | None = None) -> jax.Array:
   """The kernel's float32 partial outputs [E * F / tile_f, B, C] (:func:`_tiles`; their sum
-  over axis 0 is the layer's output) for rows ``x_BC`` and their combination weights
+  over axis 0 is the layer's output; with an RMSNorm's gains ``prenorm_C``, of the layer applied
+  to ``rms_norm(x_BC)`` plus ``x_BC``: see the module docstring) for rows ``x_BC`` and their
+  combination weights
   ``weights_BE`` (the gate's float32 ones: zero for an expert a row does not use), or, with
   ``weights_BE`` None, those of ``gate`` = (unit-norm prototypes [E, C] float32, thresholds
   [E], dict(eps=, combine=, fallback_k=)) computed in the kernel (needs
@@ -213,9 +242,12 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
     settings = None
     gate_in = [jnp.pad(weights_BE.astype(_F32), ((0, padded_b - B), (0, 0)))]
     gate_specs = [pl.BlockSpec((rows, 1), lambda i, e, j: (i, e))]
+  norm_in = [] if prenorm_C is None else [prenorm_C]
+  norm_specs = [] if prenorm_C is None else [pl.BlockSpec((C,), lambda i, e, j: (0,))]
   parts = pl.pallas_call(
       functools.partial(_decode_kernel, gate=settings,
-                        early=DEC_MOE_EARLY_LOADS and settings is not None),
+                        early=DEC_MOE_EARLY_LOADS and settings is not None,
+                        prenorm=prenorm_C is not None),
       grid=(padded_b // rows, E, num_f),
       in_specs=[
           pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)),
@@ -224,11 +256,12 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
           pl.BlockSpec((1, tile_f), lambda i, e, j: (e, j)),
           pl.BlockSpec((1, tile_f, C), lambda i, e, j: (e, j, 0)),
           pl.BlockSpec((1, C), lambda i, e, j: (e, 0)),
+          *norm_specs,
       ],
       out_specs=pl.BlockSpec((1, rows, C), lambda i, e, j: (e * num_f + j, i, 0)),
       out_shape=jax.ShapeDtypeStruct((E * num_f, padded_b, C), _F32),
       interpret=interpret, compiler_params=_compiler_params(interpret, DEC_MOE_NUM_WARPS),
-  )(x_PC, *gate_in, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC)
+  )(x_PC, *gate_in, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *norm_in)
   return parts[:, :B]
 
 

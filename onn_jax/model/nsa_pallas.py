@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from onn_jax.model.layers import rotate_half
+from onn_jax.model.layers import rms_norm, rotate_half
 
 try:  # the Triton-specific API (atomics, compiler parameters)
   from jax.experimental.pallas import triton as plt
@@ -1991,6 +1991,12 @@ DECODE_INPUTS = True
 INPUTS_BLOCK = False
 # The block's gather indexes a raw array flattened, in int32: larger caches take XLA's block.
 INPUTS_BLOCK_MAX_ELEMENTS = 2**31 - 1
+# Whether decode_inputs applies the block's attention RMSNorm to its rows itself (each program
+# its tile of rows; the model passes the norm's gains) rather than taking them normalised from
+# an XLA launch before it (one a layer, ~1.3 us each in session 37's H200 profile; with
+# moe_pallas.DEC_PRENORM too, the arc1 rollout step's deviceless sm_90 count is 58.9 launches
+# against 65.9, session 41).
+INPUTS_NORM = True
 # Warps of a decode_inputs program (a [rows, C] x [C, D/2] pair of products).
 INPUTS_NUM_WARPS = 4
 # Rows of a decode_inputs program at most (more rows: more row tiles).
@@ -2026,9 +2032,12 @@ def block_rows(pos_B: jax.Array, *, block_len: int, block_stride: int, seq_len: 
   return jnp.clip(start_B[:, None] + jnp.arange(block_len), 0, seq_len - 1)
 
 
-def decode_inputs_reference(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block=None, *,
-                            rotate: tuple[int, ...], block_geometry=None):
+def decode_inputs_reference(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block=None,
+                            norm_scale_C=None, *, rotate: tuple[int, ...], block_geometry=None,
+                            norm_eps: float | None = None):
   """What :func:`decode_inputs` computes, in XLA (its gradient, and the tests' reference)."""
+  if norm_scale_C is not None:
+    x_BC = rms_norm(x_BC, norm_scale_C, norm_eps)
   B = x_BC.shape[0]
   D = 2 * cos_BF.shape[1]
   dt = x_BC.dtype
@@ -2071,7 +2080,10 @@ def decode_block_reference(raw, tokens_NBGD, pos_B, weights, *, token_rows, bloc
 
 def _inputs_kernel(x_ref, wq_ref, wkv_ref, wgt_ref, bg_ref, cos_ref, sin_ref, *refs,
                    batch: int, rows: int, heads: int, groups: int, head_dim: int,
-                   rotate: tuple[int, ...], gate_cols: int, block: dict | None):
+                   rotate: tuple[int, ...], gate_cols: int, block: dict | None,
+                   norm_eps: float | None):
+  if norm_eps is not None:
+    scale_ref, *refs = refs
   if block is None:
     q_ref, qraw_ref, kv_ref, g_ref = refs
   else:
@@ -2081,6 +2093,8 @@ def _inputs_kernel(x_ref, wq_ref, wkv_ref, wgt_ref, bg_ref, cos_ref, sin_ref, *r
   half = head_dim // 2
   row_P = jnp.minimum(i * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0), batch - 1)
   x_PC = x_ref[row_P, :]
+  if norm_eps is not None:  # INPUTS_NORM: the block's RMSNorm, as XLA computes it
+    x_PC = rms_norm(x_PC, scale_ref[...], norm_eps)
   dt = x_PC.dtype
 
   def pair(w_ref, col0):
@@ -2280,8 +2294,8 @@ def _reference_gradient(kernel, reference, num_diff: int, static: tuple[str, ...
 _reference_gradient(decode_block, decode_block_reference, 4, ("token_rows", "block_geometry"))
 
 
-def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotate,
-                   block_geometry, interpret):
+def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, norm_scale_C,
+                   rotate, block_geometry, norm_eps, interpret):
   B, C = x_BC.shape
   D = 2 * cos_BF.shape[1]
   H, G = w_q.shape[1] // D, w_kv.shape[1] // (6 * D)
@@ -2292,16 +2306,20 @@ def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotat
   rows = min(max(_pow2_at_least(B), 16), INPUTS_ROWS)
   out_shape = [jax.ShapeDtypeStruct((B, H, D), dt), jax.ShapeDtypeStruct((B, H, D), dt),
                jax.ShapeDtypeStruct((6, B, G, D), dt), jax.ShapeDtypeStruct((B * H * 3,), dt)]
-  extra, settings = [], None
+  if (norm_scale_C is None) != (norm_eps is None):
+    raise ValueError("decode_inputs: norm_scale_C and norm_eps go together")
+  extra = [] if norm_scale_C is None else [norm_scale_C]
+  settings = None
   if block is not None:
     raw, pos_B, (w1, const, w2) = block
-    extra = [*(a.reshape(-1) for a in raw), pos_B.astype(jnp.int32),
+    extra += [*(a.reshape(-1) for a in raw), pos_B.astype(jnp.int32),
              w1.astype(dt).reshape(2, -1, w1.shape[-1]), const.astype(_F32), w2.astype(dt)]
     settings = dict(block_geometry, seq_len=raw[0].shape[1])
     out_shape.append(jax.ShapeDtypeStruct((2, B, G, D), dt))
   kernel = functools.partial(_inputs_kernel, batch=B, rows=rows, heads=H, groups=G,
                              head_dim=D, rotate=tuple(rotate),
-                             gate_cols=max(16, _pow2_at_least(H)), block=settings)
+                             gate_cols=max(16, _pow2_at_least(H)), block=settings,
+                             norm_eps=norm_eps)
   outs = pl.pallas_call(
       kernel, grid=(-(-B // rows), H + 6 * G + 1), out_shape=tuple(out_shape),
       interpret=interpret, compiler_params=_compiler_params(interpret, INPUTS_NUM_WARPS),
@@ -2309,14 +2327,16 @@ def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotat
   return (*outs[:3], outs[3].reshape(B, H, 3), *outs[4:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def decode_inputs(x_BC: jax.Array, w_q: jax.Array, w_kv: jax.Array, w_gate: jax.Array,
                   b_gate: jax.Array, cos_BF: jax.Array, sin_BF: jax.Array, block: tuple | None,
-                  rotate: tuple[int, ...], block_geometry: tuple | None, interpret: bool):
+                  norm_scale_C: jax.Array | None, rotate: tuple[int, ...],
+                  block_geometry: tuple | None, norm_eps: float | None, interpret: bool):
   """The NSA layer's input products for one token a row, in one kernel.
 
   Args:
-    x_BC: the rows' (normalised) features, in the compute dtype.
+    x_BC: the rows' features, in the compute dtype: normalised, or to be normalised here
+      (``norm_scale_C``).
     w_q [C, H*D], w_kv [C, 6*G*D], w_gate [C, 3H], b_gate [3H]: the three input kernels and
       the gate's bias (converted to x's dtype).
     cos_BF, sin_BF: float32 [B, D/2], each row's rotary angles' cosines and sines
@@ -2326,13 +2346,16 @@ def decode_inputs(x_BC: jax.Array, w_q: jax.Array, w_kv: jax.Array, w_gate: jax.
       :meth:`BlockCompressor.kernel_weights` stacked k, v): also the block each row's token
       completes (:func:`block_rows`), compressed without the last bias.
     rotate: the key/value arrays (indices of the six) that carry RoPE.
+    norm_scale_C, norm_eps: None, or an RMSNorm's gains [C] (float32) and epsilon, applied
+      to ``x_BC`` first (``layers.rms_norm``; INPUTS_NORM).
     block_geometry: with ``block``, ``(("block_len", L), ("block_stride", s))``.
   Returns (q_BHD rotated, q_raw_BHD, kv_6BGD, gates_BH3[, blocks_2BGD]), all in x's dtype: the
   products rounded as nn.Dense rounds them, RoPE, the gates' sigmoid and the compressor's gelu
   in float32, each rounded once (:func:`decode_inputs_reference`, whose gradient this
   takes). Needs :func:`decode_inputs_supported`."""
-  return _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, rotate,
-                        block_geometry, interpret)
+  return _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, norm_scale_C,
+                        rotate, block_geometry, norm_eps, interpret)
 
 
-_reference_gradient(decode_inputs, decode_inputs_reference, 8, ("rotate", "block_geometry"))
+_reference_gradient(decode_inputs, decode_inputs_reference, 9,
+                    ("rotate", "block_geometry", "norm_eps"))

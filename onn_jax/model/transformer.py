@@ -30,6 +30,7 @@ from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.model import attention
 from onn_jax.model.layers import apply_rope, dtype_of  # noqa: F401 (public here too)
+from onn_jax.model.layers import RMS_EPS, rms_norm
 from onn_jax.model import moe
 from onn_jax.model.moe import DynMoE
 
@@ -37,15 +38,13 @@ Cache = list[dict[str, jax.Array]]
 
 
 class RMSNorm(nn.Module):
-  eps: float = 1e-6
+  eps: float = RMS_EPS
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+    return rms_norm(x, scale, self.eps)
 
 
 def moe_layer(c: ModelConfig, **kwargs) -> DynMoE:
@@ -66,15 +65,21 @@ class Block(nn.Module):
                pos_B=None, branch_len=0):
     c = self.cfg
     pdt = dtype_of(c.param_dtype)
-    attn_out, new_cache, attn_aux = attention.get(c.attention).module(c, name="attn")(
-        RMSNorm(param_dtype=pdt, name="attn_norm")(x_BTC), valid_BT, mode=mode, cache=cache,
-        pos_B=pos_B, segment_start_BT=segment_start_BT, branch_len=branch_len)
+    variant = attention.get(c.attention)
+    attn_norm = RMSNorm(param_dtype=pdt, name="attn_norm")
+    # A variant that takes the norm gets the block's input as it is where it decodes (its
+    # input kernel may normalise it: a launch a layer less).
+    kwargs = {"norm": attn_norm} if variant.takes_norm and mode == "decode" else {}
+    attn_out, new_cache, attn_aux = variant.module(c, name="attn")(
+        x_BTC if kwargs else attn_norm(x_BTC), valid_BT, mode=mode, cache=cache, pos_B=pos_B,
+        segment_start_BT=segment_start_BT, branch_len=branch_len, **kwargs)
     x_BTC = x_BTC + attn_out
-    moe_out, aux = moe_layer(c, name="moe")(
-        RMSNorm(param_dtype=pdt, name="moe_norm")(x_BTC), valid_BT, decoding=mode == "decode")
+    # x + DynMoE(norm(x)) (a decoding step's experts kernel applies the norm and adds x).
+    x_BTC, aux = moe_layer(c, name="moe")(x_BTC, valid_BT, decoding=mode == "decode",
+                                          norm=RMSNorm(param_dtype=pdt, name="moe_norm"))
     if attn_aux:  # a gated attention (dynsmlora): its gate statistics and SDL terms
       aux = {**aux, "attn": attn_aux}
-    return x_BTC + moe_out, new_cache, aux
+    return x_BTC, new_cache, aux
 
 
 class Transformer(nn.Module):

@@ -25,7 +25,12 @@ Each variant is one module in this package with
     the loss);
 
 * ``init_layer_cache(cfg, batch, capacity)``: one layer's empty cache, a dict of arrays whose
-  layout only the variant knows.
+  layout only the variant knows;
+
+* ``takes_norm``: whether ``"decode"`` is called with the block's input un-normalised and
+  ``norm=`` the block's RMSNorm module (``transformer.RMSNorm``), which the variant applies
+  itself (its decoding kernel may fold it in: a launch a layer less); otherwise ``x_BTC`` is
+  always normalised already.
 
 To add a variant: write the module, add it to :data:`VARIANTS` and to the choices of
 ``model.attention`` in :func:`onn_jax.config.validate`, and give it a FLOP count in
@@ -46,10 +51,11 @@ from onn_jax.model.attention import dynsmlora, full, nsa
 class Variant:
   module: Any  # a flax.linen.Module class taking (cfg, name=...)
   init_layer_cache: Callable[..., dict]
+  takes_norm: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
-    "nsa": Variant(nsa.NSAttention, nsa.init_layer_cache),
+    "nsa": Variant(nsa.NSAttention, nsa.init_layer_cache, takes_norm=True),
     "full": Variant(full.FullAttention, full.init_layer_cache),
     "dynsmlora": Variant(dynsmlora.DynSMLoRAttention, dynsmlora.init_layer_cache),
 }

@@ -204,8 +204,10 @@ def init_layer_cache(cfg: ModelConfig, batch: int, capacity: int) -> dict[str, j
 class NSAttention(nn.Module):
   """Native Sparse Attention layer; see the module docstring.
 
-  ``__call__(x_BTC, valid_BT=None, *, mode, cache, pos_B) -> (out_BTC, new_cache, aux)``
-  (the attention interface of :mod:`onn_jax.model.attention`; ``aux`` is empty).
+  ``__call__(x_BTC, valid_BT=None, *, mode, cache, pos_B, norm) -> (out_BTC, new_cache, aux)``
+  (the attention interface of :mod:`onn_jax.model.attention`; ``aux`` is empty; ``norm``, the
+  block's RMSNorm of an un-normalised ``x_BTC`` where decoding, applied by the input-products
+  kernel where ``nsa_pallas.INPUTS_NORM``).
   """
   cfg: ModelConfig
 
@@ -480,8 +482,9 @@ class NSAttention(nn.Module):
                 itemsize=jnp.dtype(self.q_proj.dtype).itemsize,
                 interpret=nsa_pallas.use_interpret()))
 
-  def _decode_inputs(self, x_BTC, cache, pos_B):
-    """:meth:`_project`'s values for one token a row by ``nsa_pallas.decode_inputs``:
+  def _decode_inputs(self, x_BTC, cache, pos_B, norm=None):
+    """:meth:`_project`'s values for one token a row by ``nsa_pallas.decode_inputs`` (of
+    ``norm(x_BTC)`` where ``norm``, an RMSNorm module, is given: applied in the kernel):
     ((q_BTHD, q_cmp_BTHD), tokens_6BGD, gates_BTH3, blocks_2BGD or None), the block each row's
     token would complete computed there too (without its last bias) with
     ``nsa_pallas.INPUTS_BLOCK`` where the write kernel adds that bias and takes the block from
@@ -497,23 +500,29 @@ class NSAttention(nn.Module):
         and cache[CMP_NAMES[0][1]].size <= nsa_pallas.INPUTS_BLOCK_MAX_ELEMENTS):
       block = (tuple(cache[raw] for _, raw in CMP_NAMES), pos_B, self._compressor_weights()[:3])
       geometry = self._block_geometry()
+    scale = None if norm is None else norm.variables["params"]["scale"]
     q_BHD, q_raw_BHD, tokens_6BGD, gates_BH3, *blocks = nsa_pallas.decode_inputs(
         x_BTC[:, 0].astype(dt), *kernels, self.gate_proj.variables["params"]["bias"].astype(dt),
-        cos_BF, sin_BF, block, tuple(KV_NAMES.index(n) for n in ("k_slc", "k_win")), geometry,
-        nsa_pallas.use_interpret())
+        cos_BF, sin_BF, block, scale, tuple(KV_NAMES.index(n) for n in ("k_slc", "k_win")),
+        geometry, None if norm is None else norm.eps, nsa_pallas.use_interpret())
     q_cmp_BHD = q_raw_BHD if c.cmp_rope == "none" else q_BHD
     return ((q_BHD[:, None], q_cmp_BHD[:, None]), tokens_6BGD, gates_BH3[:, None],
             blocks[0] if blocks else None)
 
-  def _decode(self, x_BTC, cache, pos_B):
-    """One token per example at ``pos_B``: (o_BTHD, new_cache)."""
+  def _decode(self, x_BTC, cache, pos_B, norm=None):
+    """One token per example at ``pos_B`` (``norm``: RMSNorm to apply to ``x_BTC`` first, or
+    None): (o_BTHD, new_cache)."""
     B, T, _ = x_BTC.shape
     if T != 1:
       raise ValueError(f"decode takes one token per example, got {T}")
     blocks_2BGD = None
     if self._decode_inputs_apply():
-      q, tokens_6BGD, gates, blocks_2BGD = self._decode_inputs(x_BTC, cache, pos_B)
+      if norm is not None and not nsa_pallas._flag("INPUTS_NORM"):
+        x_BTC, norm = norm(x_BTC), None
+      q, tokens_6BGD, gates, blocks_2BGD = self._decode_inputs(x_BTC, cache, pos_B, norm)
     else:
+      if norm is not None:
+        x_BTC = norm(x_BTC)
       q, kv, gates = self._project(x_BTC, pos_B[:, None])
       tokens_6BGD = jnp.stack([kv[name][:, 0] for name in KV_NAMES])
     new_cache = self._write_token(cache, tokens_6BGD, pos_B, blocks_2BGD)
@@ -554,8 +563,10 @@ class NSAttention(nn.Module):
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
                pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None,
-               branch_len: int = 0):
+               branch_len: int = 0, norm=None):
     del valid_BT  # attention is causal; padding sits after every real token of its sequence
+    if norm is not None and mode != "decode":
+      raise ValueError(f"NSA attention: norm= is for decoding, not mode={mode!r}")
     B, T, _ = x_BTC.shape
     new_cache = None
     if segment_start_BT is not None and mode != "train":
@@ -571,7 +582,7 @@ class NSAttention(nn.Module):
     elif mode == "extend":
       o_BTHD = self._extend(x_BTC, cache, pos_B)
     elif mode == "decode":
-      o_BTHD, new_cache = self._decode(x_BTC, cache, pos_B)
+      o_BTHD, new_cache = self._decode(x_BTC, cache, pos_B, norm)
     else:
       raise ValueError(f"unknown mode {mode!r}")
     return self.out_proj(o_BTHD.reshape(B, T, -1)), new_cache, {}
