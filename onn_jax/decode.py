@@ -331,7 +331,9 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
                                                          rngs[jnp.minimum(k, max_new - 1)])
     done_B = done_B | (k + 1 >= need_B)
     logits_B1V, cache, _ = decode_step(params, consts, fed_BV, cache, pos_B)
-    out = tuple(buf.at[k].set(val) for buf, val in zip(out, (token_B, logp_B, fed_BV)))
+    # k < padded always (the buffers' rows): an update in place, no bounds check (a scatter's).
+    out = tuple(jax.lax.dynamic_update_index_in_dim(buf, val, k, 0)
+                for buf, val in zip(out, (token_B, logp_B, fed_BV)))
     return cache, logits_B1V[:, 0], pos_B + 1, done_B, grid_state, k + 1, out
 
   # Each step emits one token and feeds it to the model (the last step's model call is not

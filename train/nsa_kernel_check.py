@@ -212,11 +212,12 @@ VARIANTS = {
     "dec_all_block_route": dict(DEC_RANKED_TOP=True, DEC_OVERLAP_IOTA=True,
                                 DEC_EARLY_LOADS=True, INPUTS_BLOCK=True, DECODE_ROUTE=True),
     # Session 41: the blocks' norms in the decoding kernels (nsa_pallas.INPUTS_NORM, the
-    # attention's in the input kernel; moe_pallas.DEC_PRENORM, the experts' in the DynMoE
-    # kernel, which also adds the residual): XLA's norms (session 40's default); each alone.
+    # attention's in the input kernel, the default since; moe_pallas.DEC_PRENORM, the experts'
+    # in the DynMoE kernel, which also adds the residual, off): XLA's norms (session 40's
+    # default); both in the kernels; the DynMoE kernel's alone.
     "norms_xla": dict(INPUTS_NORM=False, DEC_PRENORM=False),
-    "inputs_norm_only": dict(DEC_PRENORM=False),
-    "moe_prenorm_only": dict(INPUTS_NORM=False),
+    "moe_prenorm": dict(DEC_PRENORM=True),
+    "moe_prenorm_only": dict(INPUTS_NORM=False, DEC_PRENORM=True),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

@@ -153,10 +153,15 @@ def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: in
 # Whether the kernel computes the block's whole residual sublayer, x + DynMoE(RMSNorm(x)) (the
 # layer called with ``norm``: the module docstring), rather than XLA normalising the layer's
 # input and adding its output to the residual: with the attention's norm in the NSA input
-# kernel (nsa_pallas.INPUTS_NORM), those were two launches of their own a layer (deviceless
+# kernel (nsa_pallas.INPUTS_NORM), those are two launches of their own a layer (deviceless
 # sm_90 count of the arc1 rollout step, session 41: 65.9 launches a step with neither, 63.9
-# with the input kernel's alone, 64.9 with this one alone, 58.9 with both).
-DEC_PRENORM = True
+# with the input kernel's alone, 64.9 with this one alone, 58.9 with both). Fewer launches,
+# no faster: H100, session 41 (`train.bench --config configs/arc1.yaml --only decode --lens
+# 2048 --profile`), this kernel took 15.8 us a layer with the norm against 13.2-13.4 without
+# (its programs' serial chain: two row reductions before the routing's similarities), about
+# what XLA's norm (2.1) and add (1.0) take; the rollout 166.2-166.5 ms with both norms in the
+# kernels, 165.0 with the input kernel's alone (docs/benchmarks.md, session 41). Off.
+DEC_PRENORM = False
 
 
 # Whether a routing program reads its expert's weights and computes the hidden product before

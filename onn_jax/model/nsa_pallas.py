@@ -1993,9 +1993,11 @@ INPUTS_BLOCK = False
 INPUTS_BLOCK_MAX_ELEMENTS = 2**31 - 1
 # Whether decode_inputs applies the block's attention RMSNorm to its rows itself (each program
 # its tile of rows; the model passes the norm's gains) rather than taking them normalised from
-# an XLA launch before it (one a layer, ~1.3 us each in session 37's H200 profile; with
-# moe_pallas.DEC_PRENORM too, the arc1 rollout step's deviceless sm_90 count is 58.9 launches
-# against 65.9, session 41).
+# an XLA launch before it (one a layer, ~1.3 us each in session 37's H200 profile). The arc1
+# rollout step's deviceless sm_90 count 63.9 launches against 65.9; H100, session 41, its
+# kernel 5.4 us a layer against 4.8, XLA's norm ~2.1 (profiles of `train.bench --config
+# configs/arc1.yaml --only decode --lens 2048 --profile`; docs/benchmarks.md, session 41).
+# With moe_pallas.DEC_PRENORM too (off), 58.9 launches.
 INPUTS_NORM = True
 # Warps of a decode_inputs program (a [rows, C] x [C, D/2] pair of products).
 INPUTS_NUM_WARPS = 4
