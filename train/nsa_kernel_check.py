@@ -218,6 +218,8 @@ VARIANTS = {
     "norms_xla": dict(INPUTS_NORM=False, DEC_PRENORM=False),
     "moe_prenorm": dict(DEC_PRENORM=True),
     "moe_prenorm_only": dict(INPUTS_NORM=False, DEC_PRENORM=True),
+    # The DynMoE decoding kernel's programs at 8 warps (moe_pallas.DEC_MOE_NUM_WARPS, 4).
+    "moe_warps8": dict(DEC_MOE_NUM_WARPS=8),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
