@@ -966,8 +966,8 @@ class DynMoE(nn.Module):
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False,
                norm: nn.Module | None = None) -> tuple[Array, dict[str, Array]]:
     """``decoding``: a one-token decoding step (its experts may run as one kernel,
-    :data:`DECODE_KERNEL`, which also applies ``norm`` and adds the residual:
-    ``moe_pallas.DEC_PRENORM``)."""
+    :data:`DECODE_KERNEL`, which with ``moe_pallas.DEC_PRENORM``, off by default, also applies
+    ``norm`` where its epsilon is ``layers.RMS_EPS`` and adds the residual)."""
     self._check()
     if x_BTC.ndim != 3:
       raise ValueError(f"DynMoE x: expected [B, T, C], got shape {x_BTC.shape}")

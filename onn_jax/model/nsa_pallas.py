@@ -2038,6 +2038,8 @@ def decode_inputs_reference(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, blo
                             norm_scale_C=None, *, rotate: tuple[int, ...], block_geometry=None,
                             norm_eps: float | None = None):
   """What :func:`decode_inputs` computes, in XLA (its gradient, and the tests' reference)."""
+  if (norm_scale_C is None) != (norm_eps is None):
+    raise ValueError("decode_inputs_reference: norm_scale_C and norm_eps go together")
   if norm_scale_C is not None:
     x_BC = rms_norm(x_BC, norm_scale_C, norm_eps)
   B = x_BC.shape[0]
