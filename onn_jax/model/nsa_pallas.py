@@ -1486,7 +1486,8 @@ DEC_EARLY_LOADS = True
 # kernel's ~15.5 alone on the H100, session 38's ablation); each writes its gated part in
 # float32 and XLA adds the two and rounds (the same sum as one program's, rounded once): one
 # launch a layer more (deviceless sm_90, arc1: 112.75 -> 118.75 a step; XLA does not fuse the
-# sum into the output product). Untimed (session 38 had no device time left), so off.
+# sum into the output product). H100, session 42, the arc1 rollout (variant
+# dec_window_programs): 162.6 ms a step (mean of 2) against 162.5, no gain, so off.
 DEC_WINDOW_PROGRAMS = False
 
 
