@@ -197,7 +197,8 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
     (0, "fused_xla_block/block_kernel"), (2, "fused_xla_block/block_kernel"),
     (3, "fused_xla_block/block_kernel"), (1, "fused_xla_block/no_inputs_kernel+block_kernel"),
     (0, "fused_xla_block/block_kernel_too_large"), (0, "fused_xla_block/row_block_kernel"),
-    (0, "fused_xla_block/no_inputs_norm")])
+    (0, "fused_xla_block/no_inputs_norm"), (0, "fused_xla_block/block_write"),
+    (2, "fused_xla_block/block_write")])
 def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch):
   """The same with NSA's Pallas path and its one-kernel decoding step (the core and the cache
   writes with the completed compressed block; interpret mode here), compressed blocks
@@ -210,8 +211,10 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   (INPUTS_BLOCK_MAX_ELEMENTS, lowered here: "inputs_block_too_large", XLA's block); with
   "block_kernel" the block by a kernel of its own (nsa_pallas.BLOCK_KERNEL; XLA's for rotated
   blocks), after the input products' kernel or XLA's, not past that bound either; a program a
-  row ("row_block_kernel", nsa_pallas.BLOCK_ROWS = 1). The input products' kernel applies the
-  block's attention norm itself but with "no_inputs_norm" (nsa_pallas.INPUTS_NORM)."""
+  row ("row_block_kernel", nsa_pallas.BLOCK_ROWS = 1), or that kernel writing the cache too
+  ("block_write", nsa_pallas.BLOCK_WRITE: no write kernel; XLA's block and the write kernel
+  for rotated blocks). The input products' kernel applies the block's attention norm itself
+  but with "no_inputs_norm" (nsa_pallas.INPUTS_NORM)."""
   from onn_jax.model import nsa, nsa_pallas
   cfg, model, params = _setup(geometry)
   params = _with_biases(params, geometry)
@@ -222,14 +225,15 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
   monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", not variant.startswith("no_inputs_kernel"))
   monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", variant.startswith("inputs_block"))
   monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", variant.endswith(
-      ("block_kernel", "block_kernel_too_large")))
+      ("block_kernel", "block_kernel_too_large", "block_write")))
+  monkeypatch.setattr(nsa_pallas, "BLOCK_WRITE", variant == "block_write")
   monkeypatch.setattr(nsa_pallas, "BLOCK_ROWS", 1 if variant == "row_block_kernel" else 16)
   monkeypatch.setattr(nsa_pallas, "INPUTS_NORM", variant != "no_inputs_norm")
   if variant.endswith("too_large"):
     monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK_MAX_ELEMENTS", 0)
   monkeypatch.setattr(nsa, "PALLAS_DECODE", setting)
   for name in ("decode_attention", "write_cache", "write_cache_compress", "decode_inputs",
-               "decode_block"):
+               "decode_block", "decode_block_write"):
     monkeypatch.setattr(nsa_pallas, name, functools.partial(
         lambda kernel, name, *a, **k: calls.append(name + (
             "+block" * (a[7] is not None) + "+norm" * (a[8] is not None)
@@ -264,6 +268,8 @@ def test_fused_nsa_decoding_matches_full_forward(geometry, setting, monkeypatch)
     want = {n + "+norm" if n.startswith("decode_inputs") else n for n in want}
   if variant.endswith("block_kernel") and cfg.cmp_rope != "both":
     want |= {"decode_block"}
+  if variant == "block_write" and cfg.cmp_rope != "both":
+    want = want - {"write_cache"} | {"decode_block_write"}
   assert set(calls) == want, "a decoding kernel did not run, or ran on the split setting"
 
 

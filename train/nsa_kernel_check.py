@@ -188,8 +188,12 @@ VARIANTS = {
     # Session 39: DECODE_ROUTE is the default since; this one undoes it (XLA's routing). The
     # completed block by a kernel of its own (nsa_pallas.BLOCK_KERNEL).
     "moe_xla_route": dict(DECODE_ROUTE=False),
-    "block_kernel": dict(BLOCK_KERNEL=True, BLOCK_ROWS=16),
-    "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1),
+    "block_kernel": dict(BLOCK_KERNEL=True, BLOCK_ROWS=16, BLOCK_WRITE=False),
+    "block_kernel_row": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1, BLOCK_WRITE=False),
+    # The completed block's kernel writing the cache too (one launch a layer less; the default
+    # since session 42), or the write kernel after it (session 41's default).
+    "block_write": dict(BLOCK_KERNEL=True, BLOCK_ROWS=1, BLOCK_WRITE=True),
+    "no_block_write": dict(BLOCK_WRITE=False),
     # Session 40: BLOCK_KERNEL with a program a row is the default since; XLA's completed block
     # (session 39's default).
     "xla_block": dict(BLOCK_KERNEL=False),

@@ -2213,8 +2213,8 @@ def _block_kernel(kraw_ref, vraw_ref, tok_ref, pos_ref, w1_ref, c1_ref, w2_ref, 
     @pl.when(n == m)
     def _(m=m, raw_ref=raw_ref):
       if rows == 1:
-        _compress_row(raw_ref, tok_ref, token_rows[m], pos_ref, w1_ref, c1_ref, w2_ref,
-                      blk_ref, i, m, g, **geometry)
+        blk_ref[m, i, g, :] = _compress_row(raw_ref, tok_ref, token_rows[m], pos_ref, w1_ref,
+                                            c1_ref, w2_ref, i, m, g, **geometry)
         return
       token = tuple(tok_ref[token_rows[m], row_P, g, pl.ds(h * half, half)].astype(_F32)
                     for h in range(2))
@@ -2222,12 +2222,13 @@ def _block_kernel(kraw_ref, vraw_ref, tok_ref, pos_ref, w1_ref, c1_ref, w2_ref, 
                      half=half, dt=tok_ref.dtype, **geometry)
 
 
-def _compress_row(raw_ref, tok_ref, n, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, b, m, g, *,
+def _compress_row(raw_ref, tok_ref, n, pos_ref, w1_ref, c1_ref, w2_ref, b, m, g, *,
                   block_len: int, block_stride: int, seq_len: int):
   """:func:`_compress_rows` for one row ``b`` (BLOCK_ROWS = 1): its block's [L, D] keys as one
   load from ``raw_ref`` [B, S, G, D], the token (``tok_ref[n]`` [B, G, D]) in its last row,
-  the products' one row padded to a tensor-core tile."""
-  D = blk_ref.shape[3]
+  the products' one row padded to a tensor-core tile. Returns the block [D] in the tokens'
+  dtype."""
+  D = raw_ref.shape[3]
   dt = tok_ref.dtype
   pos = pos_ref[b]
   start = jnp.maximum(pos - block_len + 1, 0) // block_stride * block_stride
@@ -2240,7 +2241,7 @@ def _compress_row(raw_ref, tok_ref, n, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref,
   x_RX = jnp.broadcast_to(x_LD.reshape(1, block_len * D), (_MIN_TILE, block_len * D))
   h_RO = (_mm(x_RX.astype(dt), w1_ref[m]) + c1_ref[m].astype(_F32)[None, :]).astype(dt)
   y_RD = _mm(jax.nn.gelu(h_RO.astype(_F32)).astype(dt), w2_ref[m])
-  blk_ref[m, b, g, :] = jnp.sum(jnp.where(pad, y_RD, 0.0), axis=0).astype(blk_ref.dtype)
+  return jnp.sum(jnp.where(pad, y_RD, 0.0), axis=0).astype(dt)
 
 
 def _decode_block(raw, tokens_NBGD, pos_B, weights, token_rows, block_geometry, interpret):
@@ -2297,6 +2298,94 @@ def _reference_gradient(kernel, reference, num_diff: int, static: tuple[str, ...
 
 
 _reference_gradient(decode_block, decode_block_reference, 4, ("token_rows", "block_geometry"))
+
+
+# decode_block's kernel writing the cache as well (write_cache's stores, the compressors' last
+# bias added to the block): one launch a layer instead of two. Each program (b, m, g) of
+# decode_block's grid, a program a row (whatever BLOCK_ROWS), stores its block at the row's
+# slot and the token's (b, g) rows of the raw array it compresses (read first: the row at the
+# token's position it loads is replaced by the token all the same) and of two of the other
+# four. H100, session 42,
+# the arc1 rollout (`train.bench --only decode --lens 2048`, variant block_write, two device
+# calls): 159.9 and 158.6 ms a step (means of 2) against 166.1 and 165.1 (means of 3 and 2)
+# with the two kernels, 1.04x; deviceless sm_90 (train.kernel_count): 56.875 launches a step
+# against 62.875, no cache array copied. The same stores, bit for bit (tests; on the H100 too).
+BLOCK_WRITE = True
+
+
+def _block_write_kernel(pos_ref, slot_ref, tok_ref, w1_ref, c1_ref, w2_ref, bias_ref, *refs,
+                        token_rows: tuple[int, int], geometry: dict):
+  num = len(refs) // 2
+  arrays, outs = refs[:num], refs[num:]  # the N + 2 cache arrays, and their aliases
+  b, m, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  pos, slot = pos_ref[b], slot_ref[b]
+  others = [i for i in range(num - 2) if i not in token_rows]
+  for mm in range(2):
+    @pl.when(m == mm)
+    def _(mm=mm):
+      block_D = _compress_row(arrays[token_rows[mm]], tok_ref, token_rows[mm], pos_ref, w1_ref,
+                              c1_ref, w2_ref, b, mm, g, **geometry)
+
+      @pl.when((pos >= 0) & (pos < geometry["seq_len"]))
+      def _():
+        for i in (token_rows[mm], *others[mm::2]):
+          outs[i][b, pos, g, :] = tok_ref[i, b, g, :].astype(outs[i].dtype)
+
+      @pl.when(slot >= 0)
+      def _():
+        out = outs[num - 2 + mm]
+        # As write_cache stores it: rounded to the cache's dtype, the bias added in float32.
+        block_D32 = block_D.astype(out.dtype).astype(_F32)
+        out[b, slot, g, :] = (block_D32 + bias_ref[mm].astype(_F32)).astype(out.dtype)
+
+
+def decode_block_write_reference(token_arrays, tokens_NBGD, pos_B, block_arrays, slot_B,
+                                 weights, block_bias_MD, *, token_rows, block_geometry):
+  """What :func:`decode_block_write` computes, in XLA (its gradient, and the tests'
+  reference): :func:`decode_block_reference`'s blocks written by
+  :func:`write_cache_reference`."""
+  blocks_2BGD = decode_block_reference(tuple(token_arrays[n] for n in token_rows), tokens_NBGD,
+                                       pos_B, weights, token_rows=token_rows,
+                                       block_geometry=block_geometry)
+  return write_cache_reference(token_arrays, tokens_NBGD.astype(token_arrays[0].dtype), pos_B,
+                               block_arrays, blocks_2BGD.astype(block_arrays[0].dtype), slot_B,
+                               block_bias_MD)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def decode_block_write(token_arrays: tuple, tokens_NBGD: jax.Array, pos_B: jax.Array,
+                       block_arrays: tuple, slot_B: jax.Array, weights: tuple,
+                       block_bias_MD: jax.Array, token_rows: tuple[int, int],
+                       block_geometry: tuple, interpret: bool) -> tuple:
+  """:func:`decode_block` and :func:`write_cache` (with the compressors' last biases
+  ``block_bias_MD`` [2, D]) in one kernel: each row's token (``tokens_NBGD``, compute dtype)
+  written into the N [B,S,G,D] ``token_arrays`` at ``pos_B`` and the block it completes into
+  the two [B,N,G,D] ``block_arrays`` at ``slot_B`` (-1 or N and past: none), computed from the
+  raw arrays ``token_rows`` names. Returns the N + 2 updated arrays (written in place where
+  XLA can), the same numbers as the two kernels (:func:`decode_block_write_reference`'s
+  gradient). Needs :func:`decode_block_supported` and a raw array within
+  INPUTS_BLOCK_MAX_ELEMENTS."""
+  arrays = tuple(token_arrays) + tuple(block_arrays)
+  B, S = token_arrays[0].shape[:2]
+  G = token_arrays[0].shape[2]
+  dt = tokens_NBGD.dtype
+  w1, const, w2 = weights
+  kernel = functools.partial(_block_write_kernel, token_rows=tuple(token_rows),
+                             geometry=dict(block_geometry, seq_len=S))
+  slot_B = jnp.where(slot_B < block_arrays[0].shape[1], slot_B, -1)
+  inputs = [pos_B.astype(jnp.int32), slot_B.astype(jnp.int32), tokens_NBGD,
+            w1.astype(dt).reshape(2, -1, w1.shape[-1]), const.astype(_F32), w2.astype(dt),
+            block_bias_MD]
+  return pl.pallas_call(
+      kernel, grid=(B, 2, G),
+      out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
+      input_output_aliases={len(inputs) + i: i for i in range(len(arrays))},
+      interpret=interpret, compiler_params=_compiler_params(interpret, BLOCK_NUM_WARPS),
+  )(*inputs, *arrays)
+
+
+_reference_gradient(decode_block_write, decode_block_write_reference, 7,
+                    ("token_rows", "block_geometry"))
 
 
 def _decode_inputs(x_BC, w_q, w_kv, w_gate, b_gate, cos_BF, sin_BF, block, norm_scale_C,

@@ -401,7 +401,9 @@ class NSAttention(nn.Module):
     for all eight arrays (``nsa_pallas.write_cache``): by default (``nsa.PALLAS_DECODE =
     "fused_xla_block"``) and with ``cmp_rope="both"`` the block is computed in XLA from the
     unwritten cache with the token in place (its last bias added in the write kernel where
-    ``BLOCK_BIAS_IN_WRITE``, except with ``cmp_rope="both"``); with ``"fused"`` in the kernel too
+    ``BLOCK_BIAS_IN_WRITE``, except with ``cmp_rope="both"``), or by ``nsa_pallas.decode_block``
+    (``nsa_pallas.BLOCK_KERNEL``), which with ``nsa_pallas.BLOCK_WRITE`` writes all eight arrays
+    itself (``nsa_pallas.decode_block_write``); with ``"fused"`` in the write kernel too
     (``nsa_pallas.write_cache_compress``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
@@ -417,11 +419,19 @@ class NSAttention(nn.Module):
             weights, c.block_len, c.block_stride, nsa_pallas.use_interpret())
         return dict(zip(KV_NAMES + names, arrays))
       bias_in_kernel = self._bias_in_write(cache)
+      token_rows = tuple(KV_NAMES.index(raw) for _, raw in CMP_NAMES)
+      if (blocks_2BGD is None and bias_in_kernel and self._block_kernel_apply(cache)
+          and nsa_pallas._flag("BLOCK_WRITE")):  # the block's kernel writes the cache too
+        arrays = nsa_pallas.decode_block_write(
+            tuple(cache[n] for n in KV_NAMES), tokens_6BGD, pos_B, tuple(cache[n] for n in names),
+            self._block_slots(cache, pos_B)[1], self._compressor_weights()[:3],
+            self._block_biases(), token_rows, self._block_geometry(), nsa_pallas.use_interpret())
+        return dict(zip(KV_NAMES + names, arrays))
       if blocks_2BGD is None and bias_in_kernel and self._block_kernel_apply(cache):
         blocks_2BGD = nsa_pallas.decode_block(
             tuple(cache[raw] for _, raw in CMP_NAMES), tokens_6BGD, pos_B,
-            self._compressor_weights()[:3], tuple(KV_NAMES.index(raw) for _, raw in CMP_NAMES),
-            self._block_geometry(), nsa_pallas.use_interpret())
+            self._compressor_weights()[:3], token_rows, self._block_geometry(),
+            nsa_pallas.use_interpret())
       if blocks_2BGD is None:
         blocks_2BGD, slot_B = self._completed_blocks(cache, token_BGD, pos_B,
                                                      bias=not bias_in_kernel)
