@@ -49,7 +49,8 @@ def step_copies(backend: str | None = None) -> int:
 
 # The kernels of a one-token decoding step, by name: (nsa.PALLAS_DECODE, moe.DECODE_KERNEL).
 # "fused_xla_block_moe" is what runs by default on a GPU (NSA's input products, its core and
-# its cache writes one kernel each, the completed compressed block in XLA; each DynMoE layer's
+# its cache writes one kernel each, the completed compressed block outside the core: in the
+# cache writes' kernel with nsa_pallas.BLOCK_KERNEL and BLOCK_WRITE; each DynMoE layer's
 # experts one kernel routing its rows, and XLA's sum of its partials; elsewhere XLA's DynMoE,
 # "fused_xla_block"); settings of their own: nsa_pallas.DECODE_INPUTS and
 # moe_pallas.DECODE_ROUTE (on), nsa_pallas.INPUTS_BLOCK (off: slower); "split": each NSA

@@ -159,11 +159,12 @@ def test_block_bias_in_the_write_kernel_is_xlas_add_bit_for_bit(monkeypatch):
   assert float(jnp.max(jnp.abs(got_cache[0]["k_cmp"][:, 1].astype(jnp.float32)))) > 0
 
 
-@pytest.mark.parametrize("block", ["xla", "inputs_block", "block_kernel"])
+@pytest.mark.parametrize("block", ["xla", "inputs_block", "block_kernel", "block_write"])
 def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_rounding(
     block, monkeypatch):
   """A bfloat16 decoding step with the NSA input-products kernel (and its completed block, or
-  the block by a kernel of its own) writes the first layer's cache as XLA's projections and
+  the block by a kernel of its own, then the write kernel or, "block_write", writing the cache
+  itself) writes the first layer's cache as XLA's projections and
   block do, within bfloat16 rounding. The two sum each product's float32 terms in another
   order, so a value rounded once may differ in its last bit (1 ulp, 2^-8 of it); the rotated
   keys round once more and the block three times
@@ -178,7 +179,8 @@ def test_bfloat16_decoding_with_the_input_products_kernel_is_xlas_within_roundin
   for kernel in (True, False):
     monkeypatch.setattr(nsa_pallas, "DECODE_INPUTS", kernel)
     monkeypatch.setattr(nsa_pallas, "INPUTS_BLOCK", kernel and block == "inputs_block")
-    monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", kernel and block == "block_kernel")
+    monkeypatch.setattr(nsa_pallas, "BLOCK_KERNEL", kernel and block.startswith("block"))
+    monkeypatch.setattr(nsa_pallas, "BLOCK_WRITE", block == "block_write")
     caches.append(_decode_steps(model, params, tokens[:, :P + 1], cache0, P)[1][0])
   slot = (P - 7) // 4
   for name in caches[0]:

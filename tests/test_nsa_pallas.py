@@ -1537,18 +1537,20 @@ def test_decode_block_in_a_kernel_of_its_own(dtype, token_rows, rows, monkeypatc
       np.testing.assert_array_equal(g, w)
 
 
-
 @pytest.mark.parametrize("dtype,token_rows", [(jnp.float32, (0, 1)), (jnp.bfloat16, (3, 1))])
 def test_decode_block_writing_the_cache_is_the_block_kernel_then_the_write_kernel(
-    dtype, token_rows):
-  """nsa_pallas.decode_block_write (one kernel) stores what decode_block then write_cache
-  store, bit for bit: each row's six token rows at its position (none past the cache) and, in
-  the rows that complete one, the block with the compressors' last bias at its slot (none for
-  slot -1 or past the slots), every other entry of the eight arrays untouched; its gradient is
-  its reference's."""
-  B, N = 9, 10
+    dtype, token_rows, monkeypatch):
+  """nsa_pallas.decode_block_write (one kernel) stores what decode_block (a program a row) then
+  write_cache store, bit for bit: each row's six token rows at its position (none past the
+  cache) and, in the rows whose token completes a block within the slots, the block with the
+  compressors' last bias at its slot (the layer's slots: -1 elsewhere, and N for blocks past
+  the slots), every other entry of the eight arrays untouched; its gradient is its reference's
+  (the wiring of its arguments: the backward pass is the reference's own)."""
+  monkeypatch.setattr(nsa_pallas, "BLOCK_ROWS", 1)
+  B, N = 37, 5
   _, (raw, pos_B, weights), geometry = _input_products_args(dtype, B, True)
   S, G, D = raw[0].shape[1:]
+  L, stride = dict(geometry)["block_len"], dict(geometry)["block_stride"]
   keys = iter(jax.random.split(jax.random.PRNGKey(11), 4))
   token_arrays = tuple(jax.random.normal(next(keys), (6, B, S, G, D)).astype(dtype))
   token_arrays = tuple(raw[token_rows.index(i)] if i in token_rows else a
@@ -1556,18 +1558,23 @@ def test_decode_block_writing_the_cache_is_the_block_kernel_then_the_write_kerne
   block_arrays = tuple(jax.random.normal(next(keys), (2, B, N, G, D)).astype(dtype))
   tokens_NBGD = jax.random.normal(next(keys), (6, B, G, D)).astype(dtype)
   bias_MD = jax.random.normal(next(keys), (2, D)).astype(dtype)
-  pos_B = pos_B.at[3].set(S)  # past the cache: writes nothing
-  slot_B = jnp.array([-1, 1, 2, 5, N, 0, -1, 9, 3], jnp.int32)
+  # Row 3 past the cache (writes nothing), row 4's block 7 past the N slots, row 5's block 3.
+  pos_B = pos_B.at[3:6].set(jnp.array([S, 35, 19]))
+  start_B = pos_B - L + 1
+  complete_B = (start_B >= 0) & (start_B % stride == 0) & (pos_B < S)
+  slot_B = jnp.where(complete_B, start_B // stride, -1)
+  stored = np.asarray(complete_B & (slot_B < N))
+  assert stored[[1, 2, 5]].all() and not stored[[0, 3, 4]].any() and int(slot_B[4]) >= N
 
   def two_kernels(t, tok, b, w, bias):
     blocks = nsa_pallas.decode_block(tuple(t[n] for n in token_rows), tok, pos_B, w, token_rows,
                                      geometry, True)
-    return nsa_pallas.write_cache(t, tok.astype(t[0].dtype), pos_B, b, blocks.astype(b[0].dtype),
-                                  slot_B, True, bias)
+    return nsa_pallas.write_cache(t, tok.astype(t[0].dtype), pos_B, b,
+                                  blocks.astype(b[0].dtype), slot_B, True, bias)
 
   def one_kernel(t, tok, b, w, bias):
-    return nsa_pallas.decode_block_write(t, tok, pos_B, b, slot_B, w, bias, token_rows, geometry,
-                                         True)
+    return nsa_pallas.decode_block_write(t, tok, pos_B, b, slot_B, w, bias, token_rows,
+                                         geometry, True)
 
   args = (token_arrays, tokens_NBGD, block_arrays, weights, bias_MD)
   got, want = (jax.jit(f)(*args) for f in (one_kernel, two_kernels))
@@ -1575,19 +1582,26 @@ def test_decode_block_writing_the_cache_is_the_block_kernel_then_the_write_kerne
   for g, w in zip(got, want):
     assert g.dtype == w.dtype == dtype
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-  before = np.asarray(block_arrays[0], np.float32)
-  changed = np.any(np.asarray(got[6], np.float32) != before, axis=(2, 3))
-  assert changed.sum() == 6 and not changed[[0, 4, 6]].any()  # 6 of 9 rows complete a block
+  for i in (6, 7):
+    changed = np.any(np.asarray(got[i], np.float32) != np.asarray(block_arrays[i - 6],
+                                                                  np.float32), axis=(2, 3))
+    np.testing.assert_array_equal(changed.any(axis=1), stored)
   if dtype == jnp.float32:
-    reference = functools.partial(nsa_pallas.decode_block_write_reference, token_rows=token_rows,
-                                  block_geometry=geometry)
+    reference = functools.partial(nsa_pallas.decode_block_write_reference,
+                                  token_rows=token_rows, block_geometry=geometry)
     cts = tuple(jax.random.normal(jax.random.PRNGKey(i), a.shape) for i, a in enumerate(want))
-    grads = [jax.grad(lambda t, tok, b, w, bias, f=f: sum(
-        jnp.sum(o * c) for o, c in zip(f(t, tok, b, w, bias), cts)), argnums=(0, 1, 2, 3, 4))(*args)
+
+    def loss(f):
+      return lambda *a: sum(jnp.sum(o * c) for o, c in zip(f(*a), cts))
+    grads = [jax.grad(loss(f), argnums=(0, 1, 2, 3, 4))(*args)
              for f in (one_kernel, lambda t, tok, b, w, bias: reference(
                  t, tok, pos_B, b, slot_B, w, bias))]
     for g, w in zip(*map(jax.tree.leaves, grads)):
       np.testing.assert_array_equal(g, w)
+  with pytest.raises(ValueError, match="token_rows must name two different arrays"):
+    nsa_pallas.decode_block_write(token_arrays, tokens_NBGD, pos_B, block_arrays, slot_B,
+                                  weights, bias_MD, (1, 1), geometry, True)
+
 
 def test_decode_input_products_gradient_is_the_references():
   args, block, geometry = _input_products_args(jnp.float32, 5, True)

@@ -844,10 +844,11 @@ def _gated(gates_BTH3, out_cmp, out_slc, out_win) -> jax.Array:
 
 # impl="pallas", one query a row (one-token decoding against a KV cache, one sequence a row):
 # "fused_xla_block" (the default): the whole core in one kernel a layer
-# (nsa_pallas.decode_attention) and the NSA layer's cache writes in another
-# (nsa_pallas.write_cache), the compressed block the token completes computed outside the
-# write kernel: by the layer's input-products kernel (nsa_pallas.decode_inputs, with
-# nsa_pallas.DECODE_INPUTS, the default since session 37) or else in XLA;
+# (nsa_pallas.decode_attention) and the NSA layer's cache writes in another, with the
+# compressed block the token completes computed outside the core: by default in a kernel that
+# also writes the cache (nsa_pallas.decode_block_write: BLOCK_KERNEL and BLOCK_WRITE, since
+# sessions 40 and 42), else by that kernel, the input-products kernel (INPUTS_BLOCK) or XLA,
+# then written by nsa_pallas.write_cache;
 # "fused": the same with that block computed in the write kernel too
 # (nsa_pallas.write_cache_compress); "split": the compressed branch and block choice in XLA,
 # the selected kernel, the window band in XLA (_pallas_branches), about 17 launches a layer,
@@ -878,8 +879,9 @@ def block_in_write_kernel() -> bool:
 def fused_decoding(impl: str, *, heads_per_group: int, head_dim: int, select_len: int,
                    num_groups: int) -> bool:
   """Whether the NSA layer's decoding step writes its cache in one kernel
-  (``nsa_pallas.write_cache``): with ``PALLAS_DECODE`` not "split" where ``impl`` resolves to
-  "pallas" for one query and the [G, D] rows it stores are Triton tiles (powers of two)."""
+  (``nsa_pallas.decode_block_write`` or ``nsa_pallas.write_cache``): with ``PALLAS_DECODE``
+  not "split" where ``impl`` resolves to "pallas" for one query and the [G, D] rows it stores
+  are Triton tiles (powers of two)."""
   tiles_ok = nsa_pallas.pallas_supported(heads_per_group=heads_per_group, head_dim=head_dim,
                                          select_len=select_len)
   return (_decode_fused_setting() and nsa_pallas._is_pow2(num_groups)

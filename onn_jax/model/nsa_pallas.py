@@ -2190,7 +2190,9 @@ def _compress_rows(raw_ref, pos_ref, w1_ref, c1_ref, w2_ref, blk_ref, row_P, m, 
 BLOCK_KERNEL = True
 # Rows a decode_block program: 1, a program a row, loads its block as one [L, D] tile (4 * L*D /
 # 16 products' worth of padding: the product's rows padded to a tensor-core tile); more, a
-# tile of rows gathers their blocks' features in one load (its [rows, L*D] indexes).
+# tile of rows gathers their blocks' features in one load (its [rows, L*D] indexes). With
+# BLOCK_WRITE (the default) the kernel that also writes the cache takes a program a row whatever
+# this is.
 BLOCK_ROWS = 1
 BLOCK_NUM_WARPS = 4
 
@@ -2303,13 +2305,14 @@ _reference_gradient(decode_block, decode_block_reference, 4, ("token_rows", "blo
 # decode_block's kernel writing the cache as well (write_cache's stores, the compressors' last
 # bias added to the block): one launch a layer instead of two. Each program (b, m, g) of
 # decode_block's grid, a program a row (whatever BLOCK_ROWS), stores its block at the row's
-# slot and the token's (b, g) rows of the raw array it compresses (read first: the row at the
-# token's position it loads is replaced by the token all the same) and of two of the other
-# four. H100, session 42,
-# the arc1 rollout (`train.bench --only decode --lens 2048`, variant block_write, two device
-# calls): 159.9 and 158.6 ms a step (means of 2) against 166.1 and 165.1 (means of 3 and 2)
-# with the two kernels, 1.04x; deviceless sm_90 (train.kernel_count): 56.875 launches a step
-# against 62.875, no cache array copied. The same stores, bit for bit (tests; on the H100 too).
+# slot and the token's (b, g) rows of the raw array it compresses (where a row has a slot, the
+# row at the token's position it loads is the block's last, which the token replaces, so the
+# store there cannot change the block; decode_block_write) and of two of the other four.
+# H100, session 42, the arc1 rollout (`train.bench --only decode --lens 2048`, variant
+# block_write, two device calls): 159.9 and 158.6 ms a step (means of 2) against 166.1 and
+# 165.1 (means of 3 and 2) with the two kernels, 1.04x; deviceless sm_90
+# (train.kernel_count): 56.875 launches a step against 62.875, no cache array copied. The same
+# stores, bit for bit (tests; on the H100 too).
 BLOCK_WRITE = True
 
 
@@ -2361,10 +2364,16 @@ def decode_block_write(token_arrays: tuple, tokens_NBGD: jax.Array, pos_B: jax.A
   ``block_bias_MD`` [2, D]) in one kernel: each row's token (``tokens_NBGD``, compute dtype)
   written into the N [B,S,G,D] ``token_arrays`` at ``pos_B`` and the block it completes into
   the two [B,N,G,D] ``block_arrays`` at ``slot_B`` (-1 or N and past: none), computed from the
-  raw arrays ``token_rows`` names. Returns the N + 2 updated arrays (written in place where
-  XLA can), the same numbers as the two kernels (:func:`decode_block_write_reference`'s
-  gradient). Needs :func:`decode_block_supported` and a raw array within
-  INPUTS_BLOCK_MAX_ELEMENTS."""
+  raw arrays ``token_rows`` names (two different ones). A row's slot must be -1 (or past N)
+  unless its token completes its block, as the layer's ``_block_slots`` gives it: the row at
+  the token's position is then read only as the block's last row, which the token replaces, so
+  that a program's store of the token there cannot change its block. Returns the N + 2
+  updated arrays (written in place where XLA can), the same numbers as the two kernels
+  (:func:`decode_block_write_reference`'s gradient). Needs :func:`decode_block_supported` and
+  a raw array within INPUTS_BLOCK_MAX_ELEMENTS."""
+  if len(set(token_rows)) != 2:
+    raise ValueError(f"decode_block_write: token_rows must name two different arrays, got "
+                     f"{token_rows}")
   arrays = tuple(token_arrays) + tuple(block_arrays)
   B, S = token_arrays[0].shape[:2]
   G = token_arrays[0].shape[2]

@@ -398,13 +398,13 @@ class NSAttention(nn.Module):
     XLA scatters: the token's six, then its block's two, computed from the written cache (a
     block read from the cache before an in-place scatter into it would make XLA copy the
     whole array first). With NSA's one-kernel decoding (``nsa.fused_decoding``): one kernel
-    for all eight arrays (``nsa_pallas.write_cache``): by default (``nsa.PALLAS_DECODE =
-    "fused_xla_block"``) and with ``cmp_rope="both"`` the block is computed in XLA from the
-    unwritten cache with the token in place (its last bias added in the write kernel where
-    ``BLOCK_BIAS_IN_WRITE``, except with ``cmp_rope="both"``), or by ``nsa_pallas.decode_block``
-    (``nsa_pallas.BLOCK_KERNEL``), which with ``nsa_pallas.BLOCK_WRITE`` writes all eight arrays
-    itself (``nsa_pallas.decode_block_write``); with ``"fused"`` in the write kernel too
-    (``nsa_pallas.write_cache_compress``)."""
+    for all eight arrays. By default (``nsa.PALLAS_DECODE = "fused_xla_block"``,
+    ``nsa_pallas.BLOCK_KERNEL`` and ``BLOCK_WRITE``) the block's kernel computes the block from
+    the unwritten cache with the token in place and writes all eight
+    (``nsa_pallas.decode_block_write``); else that kernel's block, the input kernel's or XLA's
+    (with ``cmp_rope="both"`` XLA's) goes to ``nsa_pallas.write_cache`` (which adds its last
+    bias where ``BLOCK_BIAS_IN_WRITE``, except with ``cmp_rope="both"``); with ``"fused"`` the
+    write kernel computes the block too (``nsa_pallas.write_cache_compress``)."""
     c = self.cfg
     num_slots = cache["k_cmp"].shape[1]
     names = tuple(name for name, _ in CMP_NAMES)
@@ -465,8 +465,9 @@ class NSAttention(nn.Module):
     return (("block_len", self.cfg.block_len), ("block_stride", self.cfg.block_stride))
 
   def _block_kernel_apply(self, cache) -> bool:
-    """Whether a decoding step's completed block is ``nsa_pallas.decode_block`` (BLOCK_KERNEL;
-    the caller checks that the write kernel adds its last bias)."""
+    """Whether a decoding step's completed block is ``nsa_pallas.decode_block``'s kernel
+    (BLOCK_KERNEL; writing the cache itself with BLOCK_WRITE: ``decode_block_write``; the
+    caller checks that the write kernel adds its last bias)."""
     c = self.cfg
     return (nsa_pallas._flag("BLOCK_KERNEL") and cache["k_cmp"].shape[1] > 0
             and cache[CMP_NAMES[0][1]].size <= nsa_pallas.INPUTS_BLOCK_MAX_ELEMENTS
