@@ -1727,6 +1727,12 @@ def decode_attention(q_BGRD: jax.Array, q_cmp_BGRD: jax.Array, k_cmp_BNGD: jax.A
   return (out[0] + out[1]).astype(q_BGRD.dtype) if split else out
 
 
+def _add_bias(block, bias):
+  """A compressed block in the cache's dtype plus the compressor's last bias, added in float32
+  and rounded once (as XLA adds it in the blocks' dtype)."""
+  return (block.astype(_F32) + bias.astype(_F32)).astype(block.dtype)
+
+
 def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_token: int,
                         num_block: int, seq_len: int, has_bias: bool):
   bias_ref, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
@@ -1743,10 +1749,7 @@ def _cache_write_kernel(pos_ref, slot_ref, token_ref, block_ref, *refs, num_toke
   def _():
     for i in range(num_block):
       block_GD = block_ref[i, b]
-      if has_bias:  # added in float32 and rounded once, as XLA adds in the blocks' dtype
-        block_GD = (block_GD.astype(_F32) + bias_ref[i].astype(_F32)[None, :]).astype(
-            block_GD.dtype)
-      outs[num_token + i][b, slot] = block_GD
+      outs[num_token + i][b, slot] = _add_bias(block_GD, bias_ref[i]) if has_bias else block_GD
 
 
 def write_cache_reference(token_arrays: tuple, token_NBGD: jax.Array, pos_B: jax.Array,
@@ -2336,10 +2339,8 @@ def _block_write_kernel(pos_ref, slot_ref, tok_ref, w1_ref, c1_ref, w2_ref, bias
 
       @pl.when(slot >= 0)
       def _():
-        out = outs[num - 2 + mm]
-        # As write_cache stores it: rounded to the cache's dtype, the bias added in float32.
-        block_D32 = block_D.astype(out.dtype).astype(_F32)
-        out[b, slot, g, :] = (block_D32 + bias_ref[mm].astype(_F32)).astype(out.dtype)
+        out = outs[num - 2 + mm]  # as write_cache stores it, from the cache's dtype
+        out[b, slot, g, :] = _add_bias(block_D.astype(out.dtype), bias_ref[mm])
 
 
 def decode_block_write_reference(token_arrays, tokens_NBGD, pos_B, block_arrays, slot_B,
