@@ -172,6 +172,40 @@ def test_the_kernel_applies_the_blocks_norm_and_adds_its_residual(routed):
   assert float(jnp.max(jnp.abs(grads[0][2]))) > 0
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_the_kernel_adds_the_blocks_residual(routed):
+  """With the block's residual rows (moe_pallas.DEC_RESIDUAL) the kernel computes residual +
+  DynMoE(x): float32 within the tolerance above of XLA's, the residual's terms exact; its
+  gradient is XLA's, the residual's included. Not beside the norm's gains (which add x)."""
+  E, C, F, B = 8, 64, 128, 20
+  x_BTC, params = _layer(E, C, F, B, 0.05)
+  r_BTC = 3.0 * jax.random.normal(jax.random.PRNGKey(13), x_BTC.shape)
+
+  def kernel(x, p, r):
+    gate = ("softmax", 1, moe.ST_TEMPERATURE) if routed else None
+    weights = None if routed else _weights("softmax", x, p)
+    return moe.decode_experts(jnp.float32, True, gate, x, weights, p, None, None, r)
+
+  def reference(x, p, r):
+    return r + _reference("softmax", jnp.float32, x, p)
+
+  got, want = kernel(x_BTC, params, r_BTC), reference(x_BTC, params, r_BTC)
+  tol = (4 * np.sqrt(E * F) * F32_EPS + 3e-7) * float(jnp.max(jnp.abs(want - r_BTC)))
+  np.testing.assert_allclose(got, want, atol=tol + 2 * F32_EPS * float(jnp.max(jnp.abs(want))),
+                             rtol=0)
+  assert float(jnp.max(jnp.abs(got - kernel(x_BTC, params, 2.0 * r_BTC)))) > 100 * tol
+  ct = jax.random.normal(jax.random.PRNGKey(14), x_BTC.shape)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(
+      x_BTC, params, r_BTC) for f in (kernel, reference)]
+  for g, w in zip(*map(jax.tree.leaves, grads)):  # the same terms, perhaps in another order
+    np.testing.assert_allclose(g, w, rtol=0, atol=4 * np.sqrt(E * F) * F32_EPS * float(
+        jnp.max(jnp.abs(w))))
+  np.testing.assert_array_equal(grads[0][2], ct)  # d(r + y)/dr
+  with pytest.raises(ValueError, match="prenorm_C adds x itself; no residual_BC"):
+    moe.decode_experts(jnp.float32, True, None, x_BTC, _weights("softmax", x_BTC, params),
+                       params, None, jnp.ones((C,)), r_BTC)
+
+
 def test_decode_supported_and_the_tiles_of_larger_layers():
   arc1 = dict(d_model=256, expert_hidden=512, itemsize=2)
   assert moe_pallas.decode_supported(**arc1)
@@ -224,22 +258,27 @@ def test_decode_kernels_names_and_restores_the_settings():
 
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
                                      "fused_xla_block_moe/xla_routing",
-                                     "fused_xla_block_moe/no_prenorm"])
+                                     "fused_xla_block_moe/no_prenorm",
+                                     "fused_xla_block_moe/no_residual"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
   fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
   in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
   XLA's routing weights; applying the block's norm and adding its residual itself but with
-  "no_prenorm" (moe_pallas.DEC_PRENORM)."""
+  "no_prenorm" (moe_pallas.DEC_PRENORM), which adds the residual alone (DEC_RESIDUAL), and
+  "no_residual", which leaves both to XLA."""
   kernels, _, routing = kernels.partition("/")
+  prenorm = routing not in ("no_prenorm", "no_residual")
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
-  monkeypatch.setattr(moe_pallas, "DEC_PRENORM", routing != "no_prenorm")
+  monkeypatch.setattr(moe_pallas, "DEC_PRENORM", prenorm)
+  monkeypatch.setattr(moe_pallas, "DEC_RESIDUAL", routing != "no_residual")
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
   calls = []
   monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
-      lambda kernel, *a, **k: calls.append((a[1] is None, k["prenorm_C"] is not None))
+      lambda kernel, *a, **k: calls.append((a[1] is None, k["prenorm_C"] is not None,
+                                            k["residual_BC"] is not None))
       or kernel(*a, **k), moe_pallas.decode_partials))
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
@@ -262,8 +301,8 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   assert calls, "the decoding kernel did not run"
-  assert set(calls) == {(routing != "xla_routing", routing != "no_prenorm")}, (
-      "the kernel's routing or norm was not the one set")
+  assert set(calls) == {(routing != "xla_routing", prenorm, routing == "no_prenorm")}, (
+      "the kernel's routing, norm or residual was not the one set")
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):

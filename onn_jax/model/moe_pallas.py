@@ -18,7 +18,8 @@ Given the block's RMSNorm gains (``prenorm_C``; DEC_PRENORM), the kernel compute
 block's whole residual sublayer ``x + DynMoE(rms_norm(x))``: every program normalises its rows
 (``layers.rms_norm``, as XLA does) and the first program of a tile of rows adds them to its
 partial, so that XLA's one sum is the block's output, rounded once (XLA's norm and its add of
-the residual were a launch each, a layer).
+the residual were a launch each, a layer). With XLA's norm, the kernel adds the residual
+alone (``residual_BC``; DEC_RESIDUAL, the default): the first program's partial includes it.
 
 Numerics follow :func:`onn_jax.model.moe.experts_dense`: products in the compute dtype with
 float32 accumulation, the weights, the hidden product and the bias sum rounded to the compute
@@ -166,6 +167,13 @@ def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: in
 DEC_PRENORM = False
 
 
+# Whether a decoding step's experts kernel adds the block's residual (its input before the
+# norm, which XLA applies: DEC_PRENORM off) to the first program's partial, so that XLA's sum
+# of the partials is the block's output, rounded once, where XLA's sum and its add of the
+# residual were a launch each, a layer (the first program alone reads the residual's rows).
+DEC_RESIDUAL = True
+
+
 # Whether a routing program reads its expert's weights and computes the hidden product before
 # it routes (neither depends on the routing; the same operations, in another order): the
 # weights' loads and the first product then overlap the routing's arithmetic. Slower on the
@@ -174,13 +182,15 @@ DEC_MOE_EARLY_LOADS = False
 
 
 def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
-                   prenorm: bool = False):
+                   prenorm: bool = False, residual: bool = False):
   """``gate`` None: the rows' weights of expert e are an input; else the kernel's own routing
   (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds), after the
   expert's loads and hidden product where ``early`` (DEC_MOE_EARLY_LOADS). ``prenorm``: the
   rows are the block's input, normalised here with the gains (an input after the biases), and
-  the first program of each tile of rows adds them to its partial (the residual)."""
+  the first program of each tile of rows adds them to its partial (the residual).
+  ``residual``: that program adds the residual's rows (the last input) instead."""
   e, j = pl.program_id(1), pl.program_id(2)
+  first = (e == 0) & (j == 0)
   x_PC = x_ref[...]
   dt = x_PC.dtype
   residual_PC = None
@@ -188,6 +198,9 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
     *refs, scale_ref, y_ref = refs
     refs = (*refs, y_ref)
     residual_PC, x_PC = x_PC, rms_norm(x_PC, scale_ref[...])
+  if residual:
+    *refs, residual_ref, y_ref = refs
+    refs = (*refs, y_ref)
   if gate is None:
     w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
   else:
@@ -214,17 +227,21 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
   a_PF = (gelu(u_PF) * w_P1).astype(dt)
   y_PC = _mm(a_PF, w_out_FC)
   bias_PC = jnp.where(j == 0, w_P1 * b_out_C.astype(_F32)[None, :], 0.0)
-  if prenorm:
-    bias_PC = bias_PC + jnp.where((e == 0) & (j == 0), residual_PC.astype(_F32), 0.0)
+  if residual:
+    residual_PC = residual_ref[...]
+  if residual_PC is not None:
+    bias_PC = bias_PC + jnp.where(first, residual_PC.astype(_F32), 0.0)
   y_ref[0] = y_PC + bias_PC
 
 
 def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
                     interpret: bool, gate: tuple | None = None,
-                    prenorm_C: jax.Array | None = None) -> jax.Array:
+                    prenorm_C: jax.Array | None = None,
+                    residual_BC: jax.Array | None = None) -> jax.Array:
   """The kernel's float32 partial outputs [E * F / tile_f, B, C] (:func:`_tiles`; their sum
   over axis 0 is the layer's output; with an RMSNorm's gains ``prenorm_C``, of the layer applied
-  to ``rms_norm(x_BC)`` plus ``x_BC``: see the module docstring) for rows ``x_BC`` and their
+  to ``rms_norm(x_BC)`` plus ``x_BC``: see the module docstring; with ``residual_BC`` (not with
+  ``prenorm_C``), plus those rows) for rows ``x_BC`` and their
   combination weights
   ``weights_BE`` (the gate's float32 ones: zero for an expert a row does not use), or, with
   ``weights_BE`` None, those of ``gate`` = (unit-norm prototypes [E, C] float32, thresholds
@@ -249,12 +266,17 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
     settings = None
     gate_in = [jnp.pad(weights_BE.astype(_F32), ((0, padded_b - B), (0, 0)))]
     gate_specs = [pl.BlockSpec((rows, 1), lambda i, e, j: (i, e))]
+  if prenorm_C is not None and residual_BC is not None:
+    raise ValueError("decode_partials: prenorm_C adds x itself; no residual_BC beside it")
   norm_in = [] if prenorm_C is None else [prenorm_C]
   norm_specs = [] if prenorm_C is None else [pl.BlockSpec((C,), lambda i, e, j: (0,))]
+  if residual_BC is not None:
+    norm_in.append(jnp.pad(residual_BC, ((0, padded_b - B), (0, 0))))
+    norm_specs.append(pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)))
   parts = pl.pallas_call(
       functools.partial(_decode_kernel, gate=settings,
                         early=DEC_MOE_EARLY_LOADS and settings is not None,
-                        prenorm=prenorm_C is not None),
+                        prenorm=prenorm_C is not None, residual=residual_BC is not None),
       grid=(padded_b // rows, E, num_f),
       in_specs=[
           pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)),
