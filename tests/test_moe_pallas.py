@@ -14,7 +14,7 @@ import pytest
 from onn_jax import decode
 from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import PAD, VOCAB_SIZE
-from onn_jax.model import moe, moe_pallas, nsa
+from onn_jax.model import moe, moe_pallas, nsa, nsa_pallas
 from onn_jax.model.layers import rms_norm
 from onn_jax.model.transformer import Transformer, init_cache, init_params
 
@@ -258,20 +258,28 @@ def test_decode_kernels_names_and_restores_the_settings():
 
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
                                      "fused_xla_block_moe/xla_routing",
-                                     "fused_xla_block_moe/no_prenorm",
+                                     "fused_xla_block_moe/prenorm",
+                                     "fused_xla_block_moe/no_output",
                                      "fused_xla_block_moe/no_residual"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
-  fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
-  in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
-  XLA's routing weights; applying the block's norm and adding its residual itself but with
-  "no_prenorm" (moe_pallas.DEC_PRENORM), which adds the residual alone (DEC_RESIDUAL), and
-  "no_residual", which leaves both to XLA."""
+  fused_xla_block_moe, NSA's one-kernel step, ending in its output kernel, which adds the
+  residual and applies the DynMoE's norm: nsa_pallas.DECODE_OUTPUT) gives the full forward's
+  logits; the kernel runs in every decoding step, never in the prefill; routing its rows or
+  ("xla_routing") given XLA's routing weights; adding the block's residual itself
+  (moe_pallas.DEC_RESIDUAL) or not ("no_residual": XLA adds it); "prenorm" applying the norm
+  too (moe_pallas.DEC_PRENORM; without the output kernel, "no_output", which leaves the norm to
+  XLA)."""
   kernels, _, routing = kernels.partition("/")
-  prenorm = routing not in ("no_prenorm", "no_residual")
+  output = kernels != "split" and routing not in ("prenorm", "no_output", "no_residual")
+  prenorm = routing == "prenorm"
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
   monkeypatch.setattr(moe_pallas, "DEC_PRENORM", prenorm)
   monkeypatch.setattr(moe_pallas, "DEC_RESIDUAL", routing != "no_residual")
+  monkeypatch.setattr(nsa_pallas, "DECODE_OUTPUT", output)
+  outputs = []
+  monkeypatch.setattr(nsa_pallas, "decode_output", functools.partial(
+      lambda kernel, *a: outputs.append(a) or kernel(*a), nsa_pallas.decode_output))
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
@@ -301,8 +309,10 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   assert calls, "the decoding kernel did not run"
-  assert set(calls) == {(routing != "xla_routing", prenorm, routing == "no_prenorm")}, (
+  assert set(calls) == {(routing != "xla_routing", prenorm,
+                         routing not in ("prenorm", "no_residual"))}, (
       "the kernel's routing, norm or residual was not the one set")
+  assert bool(outputs) == output, "the output kernel ran where it was off, or did not run"
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):

@@ -229,6 +229,10 @@ VARIANTS = {
     # default).
     "moe_residual": dict(DEC_RESIDUAL=True),
     "no_moe_residual": dict(DEC_RESIDUAL=False),
+    # The NSA layer's decoding step ending in one kernel: its output product, the residual add
+    # and the DynMoE's norm (nsa_pallas.DECODE_OUTPUT), or XLA's two launches.
+    "decode_output": dict(DECODE_OUTPUT=True),
+    "no_decode_output": dict(DECODE_OUTPUT=False),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

@@ -972,11 +972,13 @@ class DynMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False,
-               norm: nn.Module | None = None) -> tuple[Array, dict[str, Array]]:
+               norm: nn.Module | None = None, normed: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
     """``decoding``: a one-token decoding step (its experts may run as one kernel,
     :data:`DECODE_KERNEL`, which with ``moe_pallas.DEC_PRENORM``, off by default, also applies
     ``norm`` where its epsilon is ``layers.RMS_EPS`` and adds the residual; else with
-    ``moe_pallas.DEC_RESIDUAL``, on, adds the residual)."""
+    ``moe_pallas.DEC_RESIDUAL``, on, adds the residual). ``normed``: ``norm(x_BTC)``, where
+    the caller has it (a decoding step's attention output kernel computes it)."""
     self._check()
     if x_BTC.ndim != 3:
       raise ValueError(f"DynMoE x: expected [B, T, C], got shape {x_BTC.shape}")
@@ -986,8 +988,11 @@ class DynMoE(nn.Module):
       raise ValueError(f"DynMoE valid_BT: shape {valid_BT.shape} != x's [B, T] "
                        f"{x_BTC.shape[:2]}")
     residual_BTC = x_BTC
+    if normed is not None and (norm is None or normed.shape != x_BTC.shape):
+      raise ValueError(f"DynMoE normed= needs norm= and x's shape {x_BTC.shape}, got shape "
+                       f"{normed.shape}")
     if norm is not None:  # the routing's input (and the experts' but in the prenorm kernel)
-      x_BTC = norm(x_BTC)
+      x_BTC = norm(x_BTC) if normed is None else normed
     d_model = x_BTC.shape[-1]
     params = {name: self.param(name, LEAF_INITS[name], self.num_experts, d_model,
                                self.expert_hidden, self.init_threshold, self.param_dtype)
@@ -1012,7 +1017,7 @@ class DynMoE(nn.Module):
       prenorm = moe_pallas.DEC_PRENORM
       if not isinstance(prenorm, bool):
         raise ValueError(f"moe_pallas.DEC_PRENORM must be True or False, got {prenorm!r}")
-      if (norm is not None and prenorm and norm.eps == RMS_EPS
+      if (norm is not None and prenorm and norm.eps == RMS_EPS and normed is None
           and residual_BTC.dtype == jnp.dtype(self.dtype)):
         return decode_experts(self.dtype, interpret, gate, residual_BTC, weights_BTE, params,
                               unit_EC, norm.variables["params"]["scale"]), aux

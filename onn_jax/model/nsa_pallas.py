@@ -2463,3 +2463,72 @@ def decode_inputs(x_BC: jax.Array, w_q: jax.Array, w_kv: jax.Array, w_gate: jax.
 
 _reference_gradient(decode_inputs, decode_inputs_reference, 9,
                     ("rotate", "block_geometry", "norm_eps"))
+
+
+# Whether a decoding step's NSA layer ends in one kernel (decode_output): its output product, the
+# block's residual add and the DynMoE's RMSNorm of the sum, where XLA ran the product (a gemm
+# fusion, 1.9 us a layer on the H100 in session 42's profile) and the add with the norm (2.1 us).
+DECODE_OUTPUT = True
+# Rows of a decode_output program (more rows: more programs, each reading the whole weight).
+OUTPUT_ROWS = 16
+OUTPUT_NUM_WARPS = 4
+
+
+def decode_output_supported(*, width: int, d_model: int, itemsize: int,
+                            interpret: bool) -> bool:
+  """Whether :func:`decode_output` takes an output product of ``width`` (H*D) inputs to
+  ``d_model`` features: on a GPU Triton tiles (powers of two of at least 16) whose weight and
+  rows fit INPUTS_TILE_BYTES (``itemsize``: the compute dtype's bytes); interpreted, any."""
+  if interpret:
+    return True
+  return (_is_pow2(width) and width >= 16 and _is_pow2(d_model) and d_model >= 16
+          and (width + 3 * OUTPUT_ROWS) * d_model * itemsize <= INPUTS_TILE_BYTES)
+
+
+def decode_output_reference(o_BK, w_KC, x_BC, norm_scale_C, *, norm_eps: float):
+  """What :func:`decode_output` computes, in XLA (its gradient, and the tests' reference)."""
+  dt = x_BC.dtype
+  y_BC = jax.lax.dot_general(o_BK.astype(dt), w_KC.astype(dt), (((1,), (0,)), ((), ())))
+  h_BC = x_BC + y_BC  # as nn.Dense and the block's add round them: once each
+  return h_BC, rms_norm(h_BC, norm_scale_C, norm_eps)
+
+
+def _output_kernel(o_ref, w_ref, x_ref, scale_ref, h_ref, hn_ref, *, batch: int, rows: int,
+                   norm_eps: float):
+  row_P = jnp.minimum(pl.program_id(0) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0),
+                      batch - 1)  # past the last row: the last row again (the same stores)
+  x_PC = x_ref[row_P, :]
+  dt = x_PC.dtype
+  y_PC = _mm(o_ref[row_P, :], w_ref[...]).astype(dt)
+  h_PC = (x_PC.astype(_F32) + y_PC.astype(_F32)).astype(dt)
+  h_ref[row_P, :] = h_PC
+  hn_ref[row_P, :] = rms_norm(h_PC, scale_ref[...], norm_eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def decode_output(o_BK: jax.Array, w_KC: jax.Array, x_BC: jax.Array, norm_scale_C: jax.Array,
+                  norm_eps: float, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """The NSA layer's output product for one token a row, added to the block's input and
+  normalised for the DynMoE layer, in one kernel (DECODE_OUTPUT).
+
+  Args:
+    o_BK: the attention's output rows (heads' outputs concatenated, K = H*D).
+    w_KC: the output kernel (converted to x's dtype).
+    x_BC: the block's input rows (the residual), in the compute dtype.
+    norm_scale_C, norm_eps: the DynMoE's RMSNorm gains [C] (float32) and epsilon.
+  Returns (h_BC = x + o W, rms_norm(h_BC)), in x's dtype: the product rounded as nn.Dense
+  rounds it, the sum rounded once, the norm in float32 rounded once
+  (:func:`decode_output_reference`, whose gradient this takes). Needs
+  :func:`decode_output_supported`."""
+  B, C = x_BC.shape
+  dt = x_BC.dtype
+  rows = min(max(_pow2_at_least(B), _MIN_TILE), OUTPUT_ROWS)
+  kernel = functools.partial(_output_kernel, batch=B, rows=rows, norm_eps=norm_eps)
+  return pl.pallas_call(
+      kernel, grid=(-(-B // rows),),
+      out_shape=(jax.ShapeDtypeStruct((B, C), dt), jax.ShapeDtypeStruct((B, C), dt)),
+      interpret=interpret, compiler_params=_compiler_params(interpret, OUTPUT_NUM_WARPS),
+  )(o_BK.astype(dt), w_KC.astype(dt), x_BC, norm_scale_C)
+
+
+_reference_gradient(decode_output, decode_output_reference, 4, ("norm_eps",))
