@@ -233,6 +233,8 @@ VARIANTS = {
     # and the DynMoE's norm (nsa_pallas.DECODE_OUTPUT), or XLA's two launches.
     "decode_output": dict(DECODE_OUTPUT=True),
     "no_decode_output": dict(DECODE_OUTPUT=False),
+    "output_w8": dict(OUTPUT_NUM_WARPS=8),
+    "output_s1": dict(OUTPUT_NUM_STAGES=1),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

@@ -1,7 +1,7 @@
 """GPU check: the DynMoE decoding kernel adding the residual (moe_pallas.DEC_RESIDUAL) against
 the same kernel without it, at arc1's sizes (bf16, 32 rows, d_model 256, 16 experts x 512
 hidden units, routing in the kernel): every partial but the first bit-identical, the first one
-the other's plus the residual within a float32 rounding of either's size.
+the other's plus the residual within three float32 roundings.
 
 `PYTHONPATH=$PWD python docs/bench/moe_residual_check_dev.py` on a GPU machine."""
 import jax
@@ -30,9 +30,12 @@ without = np.asarray(run(None))
 with_r = np.asarray(run(r_BC))
 rest_equal = np.array_equal(with_r[1:], without[1:])
 first = without[0] + np.asarray(r_BC, np.float32)
-# One float32 rounding of a sum of y + bias and r, in either order: relative to |y + b| + |r|.
-err = float(np.max(np.abs(with_r[0] - first)
-                   / (np.abs(without[0]) + np.abs(np.asarray(r_BC, np.float32)))))
-ok = rest_equal and err <= 2 * np.finfo(np.float32).eps
+# Each side sums y, the bias term and r with two or three float32 roundings (the kernel's
+# bias and residual perhaps in one fused multiply-add), each within half an ulp of a value no
+# larger than |y + b| + |r| plus the largest partial (y and b may cancel).
+bound = (np.abs(without[0]) + np.abs(np.asarray(r_BC, np.float32))
+         + float(np.max(np.abs(without[0]))))
+err = float(np.max(np.abs(with_r[0] - first) / bound))
+ok = rest_equal and err <= 3 * np.finfo(np.float32).eps
 print("MOE_RESIDUAL_CHECK", "passed" if ok else "FAILED", f"partials {with_r.shape}, the rest "
-      f"bit-identical: {rest_equal}, first partial's largest error {err:.2e} of |y + b| + |r|")
+      f"bit-identical: {rest_equal}, first partial's largest error {err:.2e} of the bound")

@@ -2472,17 +2472,23 @@ DECODE_OUTPUT = True
 # Rows of a decode_output program (more rows: more programs, each reading the whole weight).
 OUTPUT_ROWS = 16
 OUTPUT_NUM_WARPS = 4
+# The weight's rows a step of a decode_output program's loop reads (its [K, C] weight in steps:
+# a [256, 256] bfloat16 tile whole is 256 registers a thread at 4 warps), and the loop's stages.
+OUTPUT_K_STEP = 64
+OUTPUT_NUM_STAGES = 2
 
 
 def decode_output_supported(*, width: int, d_model: int, itemsize: int,
                             interpret: bool) -> bool:
   """Whether :func:`decode_output` takes an output product of ``width`` (H*D) inputs to
-  ``d_model`` features: on a GPU Triton tiles (powers of two of at least 16) whose weight and
-  rows fit INPUTS_TILE_BYTES (``itemsize``: the compute dtype's bytes); interpreted, any."""
+  ``d_model`` features: on a GPU Triton tiles (powers of two of at least 16) whose step of
+  the weight and rows fit INPUTS_TILE_BYTES (``itemsize``: the compute dtype's bytes);
+  interpreted, any."""
   if interpret:
     return True
   return (_is_pow2(width) and width >= 16 and _is_pow2(d_model) and d_model >= 16
-          and (width + 3 * OUTPUT_ROWS) * d_model * itemsize <= INPUTS_TILE_BYTES)
+          and (min(width, OUTPUT_K_STEP) + 3 * OUTPUT_ROWS) * d_model * itemsize
+          <= INPUTS_TILE_BYTES)
 
 
 def decode_output_reference(o_BK, w_KC, x_BC, norm_scale_C, *, norm_eps: float):
@@ -2493,16 +2499,21 @@ def decode_output_reference(o_BK, w_KC, x_BC, norm_scale_C, *, norm_eps: float):
   return h_BC, rms_norm(h_BC, norm_scale_C, norm_eps)
 
 
-def _output_kernel(o_ref, w_ref, x_ref, scale_ref, h_ref, hn_ref, *, batch: int, rows: int,
+def _output_kernel(o_ref, w_ref, x_ref, scale_ref, h_ref, hn_ref, *, k_step: int,
                    norm_eps: float):
-  row_P = jnp.minimum(pl.program_id(0) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0),
-                      batch - 1)  # past the last row: the last row again (the same stores)
-  x_PC = x_ref[row_P, :]
+  rows, C = x_ref.shape
+  K = w_ref.shape[0]
+
+  def step(k, acc_PC):
+    cols = pl.ds(pl.multiple_of(k * k_step, k_step), k_step)
+    return acc_PC + _mm(o_ref[:, cols], w_ref[cols, :])
+
+  acc_PC = jax.lax.fori_loop(0, K // k_step, step, jnp.zeros((rows, C), _F32))
+  x_PC = x_ref[...]
   dt = x_PC.dtype
-  y_PC = _mm(o_ref[row_P, :], w_ref[...]).astype(dt)
-  h_PC = (x_PC.astype(_F32) + y_PC.astype(_F32)).astype(dt)
-  h_ref[row_P, :] = h_PC
-  hn_ref[row_P, :] = rms_norm(h_PC, scale_ref[...], norm_eps)
+  h_PC = (x_PC.astype(_F32) + acc_PC.astype(dt).astype(_F32)).astype(dt)
+  h_ref[...] = h_PC
+  hn_ref[...] = rms_norm(h_PC, scale_ref[...], norm_eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -2521,14 +2532,23 @@ def decode_output(o_BK: jax.Array, w_KC: jax.Array, x_BC: jax.Array, norm_scale_
   (:func:`decode_output_reference`, whose gradient this takes). Needs
   :func:`decode_output_supported`."""
   B, C = x_BC.shape
+  K = w_KC.shape[0]
   dt = x_BC.dtype
   rows = min(max(_pow2_at_least(B), _MIN_TILE), OUTPUT_ROWS)
-  kernel = functools.partial(_output_kernel, batch=B, rows=rows, norm_eps=norm_eps)
-  return pl.pallas_call(
-      kernel, grid=(-(-B // rows),),
-      out_shape=(jax.ShapeDtypeStruct((B, C), dt), jax.ShapeDtypeStruct((B, C), dt)),
-      interpret=interpret, compiler_params=_compiler_params(interpret, OUTPUT_NUM_WARPS),
-  )(o_BK.astype(dt), w_KC.astype(dt), x_BC, norm_scale_C)
+  padded = -(-B // rows) * rows
+  k_step = math.gcd(K, OUTPUT_K_STEP)
+  o_PK, x_PC = (jnp.pad(a, ((0, padded - B), (0, 0))) for a in (o_BK.astype(dt), x_BC))
+  h_PC, hn_PC = pl.pallas_call(
+      functools.partial(_output_kernel, k_step=k_step, norm_eps=norm_eps),
+      grid=(padded // rows,),
+      in_specs=[pl.BlockSpec((rows, K), lambda i: (i, 0)), pl.BlockSpec((K, C), lambda i: (0, 0)),
+                pl.BlockSpec((rows, C), lambda i: (i, 0)), pl.BlockSpec((C,), lambda i: (0,))],
+      out_specs=[pl.BlockSpec((rows, C), lambda i: (i, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct((padded, C), dt)] * 2,
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, OUTPUT_NUM_WARPS, "OUTPUT_NUM_STAGES"),
+  )(o_PK, w_KC.astype(dt), x_PC, norm_scale_C)
+  return h_PC[:B], hn_PC[:B]
 
 
 _reference_gradient(decode_output, decode_output_reference, 4, ("norm_eps",))
