@@ -361,3 +361,20 @@ def test_the_layer_routes_in_the_kernel_only_rows_in_its_dtype(x_dtype, monkeypa
   scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
   np.testing.assert_allclose(np.asarray(y_BTC, np.float32), np.asarray(expected, np.float32),
                              atol=4 * 2.0**-8 * scale)
+
+
+def test_the_layer_takes_its_normed_input_only_beside_its_norm():
+  """DynMoE's ``normed=`` (norm(x), computed by the caller: the attention's output kernel) is
+  used as the norm's output; without the norm, or of another shape, it is a one-line error."""
+  from onn_jax.model.transformer import RMSNorm
+  layer = moe.DynMoE(num_experts=3, expert_hidden=16)
+  x_BTC = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 16))
+  norm = RMSNorm()
+  variables = layer.init(jax.random.PRNGKey(0), x_BTC)
+  normed = 2.0 * x_BTC
+  got = layer.apply(variables, x_BTC, normed=normed, norm=norm)[0]
+  np.testing.assert_allclose(got, x_BTC + layer.apply(variables, normed)[0], rtol=1e-6,
+                             atol=1e-6)
+  for kwargs in (dict(normed=normed), dict(normed=normed[:, :2], norm=norm)):
+    with pytest.raises(ValueError, match="DynMoE normed= needs norm= and x's shape"):
+      layer.apply(variables, x_BTC, **kwargs)

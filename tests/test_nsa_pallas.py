@@ -1637,3 +1637,45 @@ def test_which_decoding_steps_take_the_input_products_kernel():
     nsa_pallas.decode_inputs(*args, block, None, (0, 2), geometry, None, True)
   with pytest.raises(ValueError, match="norm_scale_C and norm_eps go together"):
     nsa_pallas.decode_inputs(*args, block, None, (2, 4), geometry, 1e-6, True)
+
+
+@pytest.mark.parametrize("B,K,dtype", [(5, 48, jnp.float32), (20, 64, jnp.float32),
+                                       (32, 256, jnp.bfloat16)])
+def test_decode_output_is_the_product_the_residual_and_the_norm(B, K, dtype):
+  """nsa_pallas.decode_output (interpret mode) gives XLA's output product, the block's
+  residual add and the DynMoE's RMSNorm (decode_output_reference): the sum within the
+  product's rounding (its weight walked in steps: float32 sums in another order, a bfloat16
+  product perhaps rounding the other way) and the sum's own, the norm XLA's of that sum; rows
+  that are not a multiple of its tile, a width that is not a multiple of its step. Its
+  gradient is the reference's."""
+  from onn_jax.model.layers import rms_norm
+  C = 32
+  k = jax.random.split(jax.random.PRNGKey(3), 5)
+  o_BK = jax.random.normal(k[0], (B, K)).astype(dtype)
+  w_KC = 0.2 * jax.random.normal(k[1], (K, C))
+  x_BC = (3.0 * jax.random.normal(k[2], (B, C))).astype(dtype)
+  scale_C = 1.0 + 0.3 * jax.random.normal(k[3], (C,))
+  got = nsa_pallas.decode_output(o_BK, w_KC, x_BC, scale_C, 1e-6, True)
+  want = nsa_pallas.decode_output_reference(o_BK, w_KC, x_BC, scale_C, norm_eps=1e-6)
+  eps = float(jnp.finfo(dtype).eps)
+  y = jnp.abs(o_BK.astype(jnp.float32)) @ jnp.abs(w_KC.astype(dtype).astype(jnp.float32))
+  for g, w, name in zip(got, want, ("sum", "norm")):
+    assert g.shape == w.shape == (B, C) and g.dtype == w.dtype == dtype, name
+  h_g, h_w = (np.asarray(a, np.float32) for a in (got[0], want[0]))
+  # float32 accumulation of K terms, the product's rounding to dtype, the sum's.
+  eps32 = float(jnp.finfo(jnp.float32).eps)
+  tol = (K * eps32 + (eps if dtype != jnp.float32 else 0.0)) * np.asarray(y) + eps * np.abs(h_w)
+  np.testing.assert_array_less(np.abs(h_g - h_w), tol + 1e-30)
+  # The norm is XLA's of the kernel's own sum (the same float32 operations, interpreted).
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32),
+                                np.asarray(rms_norm(got[0], scale_C), np.float32))
+  cts = [jax.random.normal(kk, (B, C)) for kk in jax.random.split(k[4], 2)]
+
+  def loss(fn):
+    return lambda *a: sum(jnp.sum(r.astype(jnp.float32) * c) for r, c in zip(fn(*a), cts))
+
+  grads = [jax.grad(loss(f), argnums=(0, 1, 2, 3))(o_BK, w_KC, x_BC, scale_C) for f in (
+      lambda *a: nsa_pallas.decode_output(*a, 1e-6, True),
+      lambda *a: nsa_pallas.decode_output_reference(*a, norm_eps=1e-6))]
+  for g, w in zip(*grads):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
