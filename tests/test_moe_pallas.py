@@ -259,19 +259,18 @@ def test_decode_kernels_names_and_restores_the_settings():
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
                                      "fused_xla_block_moe/xla_routing",
                                      "fused_xla_block_moe/prenorm",
-                                     "fused_xla_block_moe/no_output",
+                                     "fused_xla_block_moe/output",
                                      "fused_xla_block_moe/no_residual"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
-  fused_xla_block_moe, NSA's one-kernel step, ending in its output kernel, which adds the
-  residual and applies the DynMoE's norm: nsa_pallas.DECODE_OUTPUT) gives the full forward's
-  logits; the kernel runs in every decoding step, never in the prefill; routing its rows or
-  ("xla_routing") given XLA's routing weights; adding the block's residual itself
-  (moe_pallas.DEC_RESIDUAL) or not ("no_residual": XLA adds it); "prenorm" applying the norm
-  too (moe_pallas.DEC_PRENORM; without the output kernel, "no_output", which leaves the norm to
-  XLA)."""
+  fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
+  in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
+  XLA's routing weights; adding the block's residual itself (moe_pallas.DEC_RESIDUAL) or not
+  ("no_residual": XLA adds it); "prenorm" applying the norm too (moe_pallas.DEC_PRENORM);
+  "output": after NSA's output kernel, which adds the residual and applies the DynMoE's norm
+  (nsa_pallas.DECODE_OUTPUT)."""
   kernels, _, routing = kernels.partition("/")
-  output = kernels != "split" and routing not in ("prenorm", "no_output", "no_residual")
+  output = routing == "output"
   prenorm = routing == "prenorm"
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
   monkeypatch.setattr(moe_pallas, "DEC_PRENORM", prenorm)

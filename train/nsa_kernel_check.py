@@ -230,7 +230,7 @@ VARIANTS = {
     "moe_residual": dict(DEC_RESIDUAL=True),
     "no_moe_residual": dict(DEC_RESIDUAL=False),
     # The NSA layer's decoding step ending in one kernel: its output product, the residual add
-    # and the DynMoE's norm (nsa_pallas.DECODE_OUTPUT), or XLA's two launches.
+    # and the DynMoE's norm (nsa_pallas.DECODE_OUTPUT, off: slower), or XLA's two launches.
     "decode_output": dict(DECODE_OUTPUT=True),
     "no_decode_output": dict(DECODE_OUTPUT=False),
     "output_w8": dict(OUTPUT_NUM_WARPS=8),

@@ -2466,9 +2466,16 @@ _reference_gradient(decode_inputs, decode_inputs_reference, 9,
 
 
 # Whether a decoding step's NSA layer ends in one kernel (decode_output): its output product, the
-# block's residual add and the DynMoE's RMSNorm of the sum, where XLA ran the product (a gemm
+# block's residual add and the DynMoE's RMSNorm of the sum, where XLA runs the product (a gemm
 # fusion, 1.9 us a layer on the H100 in session 42's profile) and the add with the norm (2.1 us).
-DECODE_OUTPUT = True
+# Fewer launches (45.9 a rollout step against 51.9, deviceless sm_90), slower: H100, session 43,
+# the arc1 rollout (`train.bench --config configs/arc1.yaml --only decode --lens 2048`, variant
+# decode_output) 164.5 and 163.8 ms against 161.5 and 158.9 with XLA's launches, the kernel 5.8
+# us a layer (its whole [256, 256] weight at once, a program per 16 rows: two programs); walking
+# the weight in steps of 64 rows, 160.5 and 160.8 against 156.3 and 156.0 (0.97x), at 8 warps
+# 161.3. A program reads the whole weight (the norm needs whole rows), where XLA's product
+# spreads it over many. Off.
+DECODE_OUTPUT = False
 # Rows of a decode_output program (more rows: more programs, each reading the whole weight).
 OUTPUT_ROWS = 16
 OUTPUT_NUM_WARPS = 4
