@@ -172,35 +172,43 @@ def test_the_kernel_applies_the_blocks_norm_and_adds_its_residual(routed):
   assert float(jnp.max(jnp.abs(grads[0][2]))) > 0
 
 
-@pytest.mark.parametrize("routed", [False, True])
-def test_the_kernel_adds_the_blocks_residual(routed):
-  """With the block's residual rows (moe_pallas.DEC_RESIDUAL) the kernel computes residual +
-  DynMoE(x): float32 within the tolerance above of XLA's, the residual's terms exact; its
-  gradient is XLA's, the residual's included. Not beside the norm's gains (which add x)."""
+@pytest.mark.parametrize("routed,parts", [(False, 1), (True, 1), (True, 2)])
+def test_the_kernel_adds_the_blocks_residual(routed, parts):
+  """With the block's residual rows (moe_pallas.DEC_RESIDUAL), or a pair whose sum it is (the
+  block's input and its attention's output), the kernel computes residual + DynMoE(x): float32
+  within the tolerance above of XLA's, the residual's terms exact; its gradient is XLA's, the
+  residual's included. Not beside the norm's gains (which add x)."""
   E, C, F, B = 8, 64, 128, 20
   x_BTC, params = _layer(E, C, F, B, 0.05)
   r_BTC = 3.0 * jax.random.normal(jax.random.PRNGKey(13), x_BTC.shape)
+  if parts == 2:
+    r_BTC = (r_BTC, jax.random.normal(jax.random.PRNGKey(15), x_BTC.shape))
 
   def kernel(x, p, r):
     gate = ("softmax", 1, moe.ST_TEMPERATURE) if routed else None
     weights = None if routed else _weights("softmax", x, p)
     return moe.decode_experts(jnp.float32, True, gate, x, weights, p, None, None, r)
 
+  def residual(r):
+    return r if parts == 1 else r[0] + r[1]
+
   def reference(x, p, r):
-    return r + _reference("softmax", jnp.float32, x, p)
+    return residual(r) + _reference("softmax", jnp.float32, x, p)
 
   got, want = kernel(x_BTC, params, r_BTC), reference(x_BTC, params, r_BTC)
-  tol = (4 * np.sqrt(E * F) * F32_EPS + 3e-7) * float(jnp.max(jnp.abs(want - r_BTC)))
+  tol = (4 * np.sqrt(E * F) * F32_EPS + 3e-7) * float(jnp.max(jnp.abs(want - residual(r_BTC))))
   np.testing.assert_allclose(got, want, atol=tol + 2 * F32_EPS * float(jnp.max(jnp.abs(want))),
                              rtol=0)
-  assert float(jnp.max(jnp.abs(got - kernel(x_BTC, params, 2.0 * r_BTC)))) > 100 * tol
+  doubled = jax.tree.map(lambda r: 2.0 * r, r_BTC)
+  assert float(jnp.max(jnp.abs(got - kernel(x_BTC, params, doubled)))) > 100 * tol
   ct = jax.random.normal(jax.random.PRNGKey(14), x_BTC.shape)
   grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(
       x_BTC, params, r_BTC) for f in (kernel, reference)]
   for g, w in zip(*map(jax.tree.leaves, grads)):  # the same terms, perhaps in another order
     np.testing.assert_allclose(g, w, rtol=0, atol=4 * np.sqrt(E * F) * F32_EPS * float(
         jnp.max(jnp.abs(w))))
-  np.testing.assert_array_equal(grads[0][2], ct)  # d(r + y)/dr
+  for g in jax.tree.leaves(grads[0][2]):
+    np.testing.assert_array_equal(g, ct)  # d(r + y)/dr
   with pytest.raises(ValueError, match="prenorm_C adds x itself; no residual_BC"):
     moe.decode_experts(jnp.float32, True, None, x_BTC, _weights("softmax", x_BTC, params),
                        params, None, jnp.ones((C,)), r_BTC)
@@ -364,7 +372,8 @@ def test_the_layer_routes_in_the_kernel_only_rows_in_its_dtype(x_dtype, monkeypa
 
 def test_the_layer_takes_its_normed_input_only_beside_its_norm():
   """DynMoE's ``normed=`` (norm(x), computed by the caller: the attention's output kernel) is
-  used as the norm's output; without the norm, or of another shape, it is a one-line error."""
+  used as the norm's output; without the norm, or of another shape, it is a one-line error;
+  likewise ``addend=``, added to x first."""
   from onn_jax.model.transformer import RMSNorm
   layer = moe.DynMoE(num_experts=3, expert_hidden=16)
   x_BTC = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 16))
@@ -376,4 +385,11 @@ def test_the_layer_takes_its_normed_input_only_beside_its_norm():
                              atol=1e-6)
   for kwargs in (dict(normed=normed), dict(normed=normed[:, :2], norm=norm)):
     with pytest.raises(ValueError, match="DynMoE normed= needs norm= and x's shape"):
+      layer.apply(variables, x_BTC, **kwargs)
+  # addend= (the attention's output): the sublayer of x + addend.
+  double = lambda x: 2.0 * x  # noqa: E731 (a norm of no parameters)
+  got = layer.apply(variables, x_BTC, norm=double, addend=normed)[0]
+  np.testing.assert_array_equal(got, layer.apply(variables, x_BTC + normed, norm=double)[0])
+  for kwargs in (dict(addend=normed), dict(addend=normed, normed=normed, norm=norm)):
+    with pytest.raises(ValueError, match="DynMoE addend= needs norm= and no normed="):
       layer.apply(variables, x_BTC, **kwargs)

@@ -843,7 +843,7 @@ def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any, rows: in
 def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array,
                    weights_BTE: Array | None, params: dict[str, Array],
                    unit_EC: Array | None = None, prenorm_C: Array | None = None,
-                   residual_BTC: Array | None = None) -> Array:
+                   residual_BTC: Array | tuple | None = None) -> Array:
   """:func:`experts_dense` (``dtype`` output) for a few tokens, by
   :mod:`onn_jax.model.moe_pallas`'s kernel, given the combination weights ``weights_BTE``, or
   with ``gate`` = (combine, fallback_k, st_temperature) and ``weights_BTE`` None routing each
@@ -851,7 +851,8 @@ def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array
   ``unit_EC``: the prototypes normalised, where the caller has them, else normalised here).
   With an RMSNorm's gains ``prenorm_C``: ``x_BTC +`` that of ``rms_norm(x_BTC)``, computed in
   the kernel (rounded once); with ``residual_BTC`` instead, ``residual_BTC +`` the layer of
-  ``x_BTC`` (rounded once: moe_pallas.DEC_RESIDUAL). Its gradient is that of
+  ``x_BTC`` (rounded once: moe_pallas.DEC_RESIDUAL; a pair of arrays: their sum, rounded to
+  ``dtype``, as the block's residual add rounds it). Its gradient is that of
   :func:`experts_dense` (of :func:`route`'s weights with ``gate``), through the norm and the
   residual where given."""
   B, T, C = x_BTC.shape
@@ -872,14 +873,22 @@ def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array
       None if weights_BTE is None else weights_BTE.reshape(B * T, -1),
       cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], interpret=interpret,
       gate=routing, prenorm_C=prenorm_C,
-      residual_BC=None if residual_BTC is None else residual_BTC.reshape(B * T, C))
+      residual_BC=None if residual_BTC is None else tuple(
+          r.reshape(B * T, C) for r in _residual_parts(residual_BTC)))
   return jnp.sum(parts, axis=0).astype(dtype).reshape(B, T, C)
+
+
+def _residual_parts(residual_BTC) -> tuple:
+  """decode_experts' residual as a tuple of one array or two (whose sum it is)."""
+  return tuple(residual_BTC) if isinstance(residual_BTC, (tuple, list)) else (residual_BTC,)
 
 
 def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params, prenorm_C=None,
                               residual_BTC=None):
   if residual_BTC is not None:
-    return residual_BTC + _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params)
+    parts = _residual_parts(residual_BTC)
+    residual = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return residual + _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params)
   if prenorm_C is not None:
     return x_BTC + _decode_experts_reference(dtype, gate, rms_norm(x_BTC, prenorm_C),
                                              weights_BTE, params)
@@ -972,13 +981,16 @@ class DynMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False,
-               norm: nn.Module | None = None, normed: Array | None = None
-               ) -> tuple[Array, dict[str, Array]]:
+               norm: nn.Module | None = None, normed: Array | None = None,
+               addend: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """``decoding``: a one-token decoding step (its experts may run as one kernel,
     :data:`DECODE_KERNEL`, which with ``moe_pallas.DEC_PRENORM``, off by default, also applies
     ``norm`` where its epsilon is ``layers.RMS_EPS`` and adds the residual; else with
     ``moe_pallas.DEC_RESIDUAL``, on, adds the residual). ``normed``: ``norm(x_BTC)``, where
-    the caller has it (a decoding step's attention output kernel computes it)."""
+    the caller has it (a decoding step's attention output kernel computes it). ``addend``
+    (with ``norm``): the residual sublayer of ``x_BTC + addend`` (the block's input and its
+    attention's output: a decoding step's experts kernel adds the two, and XLA's add feeds the
+    norm alone, in one launch with it)."""
     self._check()
     if x_BTC.ndim != 3:
       raise ValueError(f"DynMoE x: expected [B, T, C], got shape {x_BTC.shape}")
@@ -987,7 +999,10 @@ class DynMoE(nn.Module):
     elif valid_BT.shape != x_BTC.shape[:2]:
       raise ValueError(f"DynMoE valid_BT: shape {valid_BT.shape} != x's [B, T] "
                        f"{x_BTC.shape[:2]}")
-    residual_BTC = x_BTC
+    if addend is not None and (norm is None or normed is not None):
+      raise ValueError("DynMoE addend= needs norm= and no normed=")
+    residual_parts = (x_BTC,) if addend is None else (x_BTC, addend)
+    residual_BTC = x_BTC = x_BTC if addend is None else x_BTC + addend
     if normed is not None and (norm is None or normed.shape != x_BTC.shape):
       raise ValueError(f"DynMoE normed= needs norm= and x's shape {x_BTC.shape}, got shape "
                        f"{normed.shape}")
@@ -1027,7 +1042,7 @@ class DynMoE(nn.Module):
       if (norm is not None and moe_pallas.DEC_RESIDUAL
           and residual_BTC.dtype == jnp.dtype(self.dtype)):
         return decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC,
-                              None, residual_BTC), aux
+                              None, residual_parts), aux
       y_BTC = decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC)
       return (y_BTC if norm is None else residual_BTC + y_BTC), aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,

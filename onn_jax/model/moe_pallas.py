@@ -182,13 +182,14 @@ DEC_MOE_EARLY_LOADS = False
 
 
 def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
-                   prenorm: bool = False, residual: bool = False):
+                   prenorm: bool = False, residual: int = 0):
   """``gate`` None: the rows' weights of expert e are an input; else the kernel's own routing
   (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds), after the
   expert's loads and hidden product where ``early`` (DEC_MOE_EARLY_LOADS). ``prenorm``: the
   rows are the block's input, normalised here with the gains (an input after the biases), and
   the first program of each tile of rows adds them to its partial (the residual).
-  ``residual``: that program adds the residual's rows (the last input) instead."""
+  ``residual``: that program adds the residual's rows instead: the last input, or the last two's
+  sum rounded to the compute dtype (the block's input and its attention's output)."""
   e, j = pl.program_id(1), pl.program_id(2)
   first = (e == 0) & (j == 0)
   x_PC = x_ref[...]
@@ -199,7 +200,8 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
     refs = (*refs, y_ref)
     residual_PC, x_PC = x_PC, rms_norm(x_PC, scale_ref[...])
   if residual:
-    *refs, residual_ref, y_ref = refs
+    *refs, y_ref = refs
+    refs, residual_refs = refs[:-residual], refs[-residual:]
     refs = (*refs, y_ref)
   if gate is None:
     w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
@@ -228,7 +230,9 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
   y_PC = _mm(a_PF, w_out_FC)
   bias_PC = jnp.where(j == 0, w_P1 * b_out_C.astype(_F32)[None, :], 0.0)
   if residual:
-    residual_PC = residual_ref[...]
+    residual_PC = residual_refs[0][...].astype(_F32)
+    if residual == 2:
+      residual_PC = (residual_PC + residual_refs[1][...].astype(_F32)).astype(dt)
   if residual_PC is not None:
     bias_PC = bias_PC + jnp.where(first, residual_PC.astype(_F32), 0.0)
   y_ref[0] = y_PC + bias_PC
@@ -237,11 +241,12 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
 def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
                     interpret: bool, gate: tuple | None = None,
                     prenorm_C: jax.Array | None = None,
-                    residual_BC: jax.Array | None = None) -> jax.Array:
+                    residual_BC: jax.Array | tuple | None = None) -> jax.Array:
   """The kernel's float32 partial outputs [E * F / tile_f, B, C] (:func:`_tiles`; their sum
   over axis 0 is the layer's output; with an RMSNorm's gains ``prenorm_C``, of the layer applied
   to ``rms_norm(x_BC)`` plus ``x_BC``: see the module docstring; with ``residual_BC`` (not with
-  ``prenorm_C``), plus those rows) for rows ``x_BC`` and their
+  ``prenorm_C``), plus those rows, or a pair's sum rounded to x's dtype) for rows ``x_BC`` and
+  their
   combination weights
   ``weights_BE`` (the gate's float32 ones: zero for an expert a row does not use), or, with
   ``weights_BE`` None, those of ``gate`` = (unit-norm prototypes [E, C] float32, thresholds
@@ -270,13 +275,18 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
     raise ValueError("decode_partials: prenorm_C adds x itself; no residual_BC beside it")
   norm_in = [] if prenorm_C is None else [prenorm_C]
   norm_specs = [] if prenorm_C is None else [pl.BlockSpec((C,), lambda i, e, j: (0,))]
-  if residual_BC is not None:
-    norm_in.append(jnp.pad(residual_BC, ((0, padded_b - B), (0, 0))))
+  residuals = (() if residual_BC is None else
+               tuple(residual_BC) if isinstance(residual_BC, (tuple, list)) else (residual_BC,))
+  if not len(residuals) <= 2:
+    raise ValueError(f"decode_partials: residual_BC is one array or a pair, got "
+                     f"{len(residuals)}")
+  for r in residuals:
+    norm_in.append(jnp.pad(r, ((0, padded_b - B), (0, 0))))
     norm_specs.append(pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)))
   parts = pl.pallas_call(
       functools.partial(_decode_kernel, gate=settings,
                         early=DEC_MOE_EARLY_LOADS and settings is not None,
-                        prenorm=prenorm_C is not None, residual=residual_BC is not None),
+                        prenorm=prenorm_C is not None, residual=len(residuals)),
       grid=(padded_b // rows, E, num_f),
       in_specs=[
           pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)),
