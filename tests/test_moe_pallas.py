@@ -14,7 +14,7 @@ import pytest
 from onn_jax import decode
 from onn_jax.config import ModelConfig
 from onn_jax.data.tokens import PAD, VOCAB_SIZE
-from onn_jax.model import moe, moe_pallas, nsa, nsa_pallas
+from onn_jax.model import moe, moe_pallas, nsa
 from onn_jax.model.layers import rms_norm
 from onn_jax.model.transformer import Transformer, init_cache, init_params
 
@@ -267,26 +267,18 @@ def test_decode_kernels_names_and_restores_the_settings():
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
                                      "fused_xla_block_moe/xla_routing",
                                      "fused_xla_block_moe/prenorm",
-                                     "fused_xla_block_moe/output",
                                      "fused_xla_block_moe/no_residual"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
   fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
   in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
   XLA's routing weights; adding the block's residual itself (moe_pallas.DEC_RESIDUAL) or not
-  ("no_residual": XLA adds it); "prenorm" applying the norm too (moe_pallas.DEC_PRENORM);
-  "output": after NSA's output kernel, which adds the residual and applies the DynMoE's norm
-  (nsa_pallas.DECODE_OUTPUT)."""
+  ("no_residual": XLA adds it); "prenorm" applying the norm too (moe_pallas.DEC_PRENORM)."""
   kernels, _, routing = kernels.partition("/")
-  output = routing == "output"
   prenorm = routing == "prenorm"
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
   monkeypatch.setattr(moe_pallas, "DEC_PRENORM", prenorm)
   monkeypatch.setattr(moe_pallas, "DEC_RESIDUAL", routing != "no_residual")
-  monkeypatch.setattr(nsa_pallas, "DECODE_OUTPUT", output)
-  outputs = []
-  monkeypatch.setattr(nsa_pallas, "decode_output", functools.partial(
-      lambda kernel, *a: outputs.append(a) or kernel(*a), nsa_pallas.decode_output))
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
@@ -319,7 +311,6 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
   assert set(calls) == {(routing != "xla_routing", prenorm,
                          routing not in ("prenorm", "no_residual"))}, (
       "the kernel's routing, norm or residual was not the one set")
-  assert bool(outputs) == output, "the output kernel ran where it was off, or did not run"
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):
@@ -370,26 +361,16 @@ def test_the_layer_routes_in_the_kernel_only_rows_in_its_dtype(x_dtype, monkeypa
                              atol=4 * 2.0**-8 * scale)
 
 
-def test_the_layer_takes_its_normed_input_only_beside_its_norm():
-  """DynMoE's ``normed=`` (norm(x), computed by the caller: the attention's output kernel) is
-  used as the norm's output; without the norm, or of another shape, it is a one-line error;
-  likewise ``addend=``, added to x first."""
-  from onn_jax.model.transformer import RMSNorm
+def test_the_layer_adds_its_addend_first_only_beside_its_norm():
+  """DynMoE's ``addend=`` (a decoding step's attention output) gives the sublayer of x +
+  addend; without the norm, or of another shape, it is a one-line error."""
   layer = moe.DynMoE(num_experts=3, expert_hidden=16)
   x_BTC = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 16))
-  norm = RMSNorm()
+  addend = jax.random.normal(jax.random.PRNGKey(3), x_BTC.shape)
   variables = layer.init(jax.random.PRNGKey(0), x_BTC)
-  normed = 2.0 * x_BTC
-  got = layer.apply(variables, x_BTC, normed=normed, norm=norm)[0]
-  np.testing.assert_allclose(got, x_BTC + layer.apply(variables, normed)[0], rtol=1e-6,
-                             atol=1e-6)
-  for kwargs in (dict(normed=normed), dict(normed=normed[:, :2], norm=norm)):
-    with pytest.raises(ValueError, match="DynMoE normed= needs norm= and x's shape"):
-      layer.apply(variables, x_BTC, **kwargs)
-  # addend= (the attention's output): the sublayer of x + addend.
   double = lambda x: 2.0 * x  # noqa: E731 (a norm of no parameters)
-  got = layer.apply(variables, x_BTC, norm=double, addend=normed)[0]
-  np.testing.assert_array_equal(got, layer.apply(variables, x_BTC + normed, norm=double)[0])
-  for kwargs in (dict(addend=normed), dict(addend=normed, normed=normed, norm=norm)):
-    with pytest.raises(ValueError, match="DynMoE addend= needs norm= and no normed="):
+  got = layer.apply(variables, x_BTC, norm=double, addend=addend)[0]
+  np.testing.assert_array_equal(got, layer.apply(variables, x_BTC + addend, norm=double)[0])
+  for kwargs in (dict(addend=addend), dict(addend=addend[:, :2], norm=double)):
+    with pytest.raises(ValueError, match="DynMoE addend= needs norm= and x's shape"):
       layer.apply(variables, x_BTC, **kwargs)

@@ -229,12 +229,6 @@ VARIANTS = {
     # default).
     "moe_residual": dict(DEC_RESIDUAL=True),
     "no_moe_residual": dict(DEC_RESIDUAL=False),
-    # The NSA layer's decoding step ending in one kernel: its output product, the residual add
-    # and the DynMoE's norm (nsa_pallas.DECODE_OUTPUT, off: slower), or XLA's two launches.
-    "decode_output": dict(DECODE_OUTPUT=True),
-    "no_decode_output": dict(DECODE_OUTPUT=False),
-    "output_w8": dict(OUTPUT_NUM_WARPS=8),
-    "output_s1": dict(OUTPUT_NUM_STAGES=1),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

@@ -981,13 +981,12 @@ class DynMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False,
-               norm: nn.Module | None = None, normed: Array | None = None,
-               addend: Array | None = None) -> tuple[Array, dict[str, Array]]:
+               norm: nn.Module | None = None, addend: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
     """``decoding``: a one-token decoding step (its experts may run as one kernel,
     :data:`DECODE_KERNEL`, which with ``moe_pallas.DEC_PRENORM``, off by default, also applies
     ``norm`` where its epsilon is ``layers.RMS_EPS`` and adds the residual; else with
-    ``moe_pallas.DEC_RESIDUAL``, on, adds the residual). ``normed``: ``norm(x_BTC)``, where
-    the caller has it (a decoding step's attention output kernel computes it). ``addend``
+    ``moe_pallas.DEC_RESIDUAL``, on, adds the residual). ``addend``
     (with ``norm``): the residual sublayer of ``x_BTC + addend`` (the block's input and its
     attention's output: a decoding step's experts kernel adds the two, and XLA's add feeds the
     norm alone, in one launch with it)."""
@@ -999,15 +998,13 @@ class DynMoE(nn.Module):
     elif valid_BT.shape != x_BTC.shape[:2]:
       raise ValueError(f"DynMoE valid_BT: shape {valid_BT.shape} != x's [B, T] "
                        f"{x_BTC.shape[:2]}")
-    if addend is not None and (norm is None or normed is not None):
-      raise ValueError("DynMoE addend= needs norm= and no normed=")
+    if addend is not None and (norm is None or addend.shape != x_BTC.shape):
+      raise ValueError(f"DynMoE addend= needs norm= and x's shape {x_BTC.shape}, got shape "
+                       f"{addend.shape}")
     residual_parts = (x_BTC,) if addend is None else (x_BTC, addend)
     residual_BTC = x_BTC = x_BTC if addend is None else x_BTC + addend
-    if normed is not None and (norm is None or normed.shape != x_BTC.shape):
-      raise ValueError(f"DynMoE normed= needs norm= and x's shape {x_BTC.shape}, got shape "
-                       f"{normed.shape}")
     if norm is not None:  # the routing's input (and the experts' but in the prenorm kernel)
-      x_BTC = norm(x_BTC) if normed is None else normed
+      x_BTC = norm(x_BTC)
     d_model = x_BTC.shape[-1]
     params = {name: self.param(name, LEAF_INITS[name], self.num_experts, d_model,
                                self.expert_hidden, self.init_threshold, self.param_dtype)
@@ -1032,7 +1029,7 @@ class DynMoE(nn.Module):
       prenorm = moe_pallas.DEC_PRENORM
       if not isinstance(prenorm, bool):
         raise ValueError(f"moe_pallas.DEC_PRENORM must be True or False, got {prenorm!r}")
-      if (norm is not None and prenorm and norm.eps == RMS_EPS and normed is None
+      if (norm is not None and prenorm and norm.eps == RMS_EPS
           and residual_BTC.dtype == jnp.dtype(self.dtype)):
         return decode_experts(self.dtype, interpret, gate, residual_BTC, weights_BTE, params,
                               unit_EC, norm.variables["params"]["scale"]), aux

@@ -2465,97 +2465,13 @@ _reference_gradient(decode_inputs, decode_inputs_reference, 9,
                     ("rotate", "block_geometry", "norm_eps"))
 
 
-# Whether a decoding step's NSA layer ends in one kernel (decode_output): its output product, the
-# block's residual add and the DynMoE's RMSNorm of the sum, where XLA runs the product (a gemm
-# fusion, 1.9 us a layer on the H100 in session 42's profile) and the add with the norm (2.1 us).
-# Fewer launches (45.9 a rollout step against 51.9, deviceless sm_90), slower: H100, session 43,
-# the arc1 rollout (`train.bench --config configs/arc1.yaml --only decode --lens 2048`, variant
-# decode_output) 164.5 and 163.8 ms against 161.5 and 158.9 with XLA's launches, the kernel 5.8
-# us a layer (its whole [256, 256] weight at once, a program per 16 rows: two programs); walking
-# the weight in steps of 64 rows, 160.5 and 160.8 against 156.3 and 156.0 (0.97x), at 8 warps
-# 161.3. A program reads the whole weight (the norm needs whole rows), where XLA's product
-# spreads it over many. Off.
-DECODE_OUTPUT = False
-# Rows of a decode_output program (more rows: more programs, each reading the whole weight).
-OUTPUT_ROWS = 16
-OUTPUT_NUM_WARPS = 4
-# The weight's rows a step of a decode_output program's loop reads (its [K, C] weight in steps:
-# a [256, 256] bfloat16 tile whole is 256 registers a thread at 4 warps), and the loop's stages.
-OUTPUT_K_STEP = 64
-OUTPUT_NUM_STAGES = 2
 
-
-def decode_output_supported(*, width: int, d_model: int, itemsize: int,
-                            interpret: bool) -> bool:
-  """Whether :func:`decode_output` takes an output product of ``width`` (H*D) inputs to
-  ``d_model`` features: on a GPU Triton tiles (powers of two of at least 16) whose step of
-  the weight and rows fit INPUTS_TILE_BYTES (``itemsize``: the compute dtype's bytes);
-  interpreted, any."""
-  if interpret:
-    return True
-  return (_is_pow2(width) and width >= 16 and _is_pow2(d_model) and d_model >= 16
-          and (min(width, OUTPUT_K_STEP) + 3 * OUTPUT_ROWS) * d_model * itemsize
-          <= INPUTS_TILE_BYTES)
-
-
-def decode_output_reference(o_BK, w_KC, x_BC, norm_scale_C, *, norm_eps: float):
-  """What :func:`decode_output` computes, in XLA (its gradient, and the tests' reference)."""
-  dt = x_BC.dtype
-  y_BC = jax.lax.dot_general(o_BK.astype(dt), w_KC.astype(dt), (((1,), (0,)), ((), ())))
-  h_BC = x_BC + y_BC  # as nn.Dense and the block's add round them: once each
-  return h_BC, rms_norm(h_BC, norm_scale_C, norm_eps)
-
-
-def _output_kernel(o_ref, w_ref, x_ref, scale_ref, h_ref, hn_ref, *, k_step: int,
-                   norm_eps: float):
-  rows, C = x_ref.shape
-  K = w_ref.shape[0]
-
-  def step(k, acc_PC):
-    cols = pl.ds(pl.multiple_of(k * k_step, k_step), k_step)
-    return acc_PC + _mm(o_ref[:, cols], w_ref[cols, :])
-
-  acc_PC = jax.lax.fori_loop(0, K // k_step, step, jnp.zeros((rows, C), _F32))
-  x_PC = x_ref[...]
-  dt = x_PC.dtype
-  h_PC = (x_PC.astype(_F32) + acc_PC.astype(dt).astype(_F32)).astype(dt)
-  h_ref[...] = h_PC
-  hn_ref[...] = rms_norm(h_PC, scale_ref[...], norm_eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def decode_output(o_BK: jax.Array, w_KC: jax.Array, x_BC: jax.Array, norm_scale_C: jax.Array,
-                  norm_eps: float, interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """The NSA layer's output product for one token a row, added to the block's input and
-  normalised for the DynMoE layer, in one kernel (DECODE_OUTPUT).
-
-  Args:
-    o_BK: the attention's output rows (heads' outputs concatenated, K = H*D).
-    w_KC: the output kernel (converted to x's dtype).
-    x_BC: the block's input rows (the residual), in the compute dtype.
-    norm_scale_C, norm_eps: the DynMoE's RMSNorm gains [C] (float32) and epsilon.
-  Returns (h_BC = x + o W, rms_norm(h_BC)), in x's dtype: the product rounded as nn.Dense
-  rounds it, the sum rounded once, the norm in float32 rounded once
-  (:func:`decode_output_reference`, whose gradient this takes). Needs
-  :func:`decode_output_supported`."""
-  B, C = x_BC.shape
-  K = w_KC.shape[0]
-  dt = x_BC.dtype
-  rows = min(max(_pow2_at_least(B), _MIN_TILE), OUTPUT_ROWS)
-  padded = -(-B // rows) * rows
-  k_step = math.gcd(K, OUTPUT_K_STEP)
-  o_PK, x_PC = (jnp.pad(a, ((0, padded - B), (0, 0))) for a in (o_BK.astype(dt), x_BC))
-  h_PC, hn_PC = pl.pallas_call(
-      functools.partial(_output_kernel, k_step=k_step, norm_eps=norm_eps),
-      grid=(padded // rows,),
-      in_specs=[pl.BlockSpec((rows, K), lambda i: (i, 0)), pl.BlockSpec((K, C), lambda i: (0, 0)),
-                pl.BlockSpec((rows, C), lambda i: (i, 0)), pl.BlockSpec((C,), lambda i: (0,))],
-      out_specs=[pl.BlockSpec((rows, C), lambda i: (i, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((padded, C), dt)] * 2,
-      interpret=interpret,
-      compiler_params=_compiler_params(interpret, OUTPUT_NUM_WARPS, "OUTPUT_NUM_STAGES"),
-  )(o_PK, w_KC.astype(dt), x_PC, norm_scale_C)
-  return h_PC[:B], hn_PC[:B]
-
-
-_reference_gradient(decode_output, decode_output_reference, 4, ("norm_eps",))
+# Tried, not kept (session 43, commit 4f4e237 "decode_output: ..."; docs/benchmarks.md): the NSA
+# layer's decoding step ending in one kernel, its output product, the block's residual add and
+# the DynMoE's RMSNorm of the sum (XLA: the product's gemm fusion, 1.9 us a layer on the H100
+# in session 42's profile, and the add with the norm, 2.1 us). Fewer launches, slower: H100, the
+# arc1 rollout (`train.bench --config configs/arc1.yaml --only decode --lens 2048`) 164.5 and
+# 163.8 ms against 161.5 and 158.9 with XLA's launches (the kernel 5.8 us a layer: two programs
+# of 16 rows, each reading the whole [256, 256] weight at once); walking the weight in steps of
+# 64 rows 160.5 and 160.8 against 156.3 and 156.0 (0.97x); at 8 warps 161.3. The norm needs
+# whole rows, so a program reads the whole weight, where XLA's product spreads it over many.

@@ -67,26 +67,22 @@ class Block(nn.Module):
     pdt = dtype_of(c.param_dtype)
     variant = attention.get(c.attention)
     attn_norm = RMSNorm(param_dtype=pdt, name="attn_norm")
-    moe_norm = RMSNorm(param_dtype=pdt, name="moe_norm")
-    # A variant that takes the norms gets the block's input as it is where it decodes (its
-    # input kernel may normalise it, its output kernel add it and apply the DynMoE's norm: a
-    # launch a layer less each).
-    kwargs = ({"norm": attn_norm, "out_norm": moe_norm}
-              if variant.takes_norm and mode == "decode" else {})
+    # A variant that takes the norm gets the block's input as it is where it decodes (its
+    # input kernel may normalise it: a launch a layer less).
+    kwargs = {"norm": attn_norm} if variant.takes_norm and mode == "decode" else {}
     attn_out, new_cache, attn_aux = variant.module(c, name="attn")(
         x_BTC if kwargs else attn_norm(x_BTC), valid_BT, mode=mode, cache=cache, pos_B=pos_B,
         segment_start_BT=segment_start_BT, branch_len=branch_len, **kwargs)
-    normed_BTC, addend_BTC = None, None
-    if isinstance(attn_out, tuple):  # (x + attention, moe_norm of it)
-      x_BTC, normed_BTC = attn_out
-    elif mode == "decode":  # the DynMoE layer adds it (its decoding kernel, and its norm's launch)
+    addend_BTC = None
+    if mode == "decode":  # the DynMoE layer adds it (its decoding kernel, and its norm's launch)
       addend_BTC = attn_out
     else:
       x_BTC = x_BTC + attn_out
     # x + DynMoE(norm(x)) (a decoding step's experts kernel adds x: moe_pallas.DEC_RESIDUAL;
     # with DEC_PRENORM, off by default, it applies the norm too).
     x_BTC, aux = moe_layer(c, name="moe")(x_BTC, valid_BT, decoding=mode == "decode",
-                                          norm=moe_norm, normed=normed_BTC, addend=addend_BTC)
+                                          norm=RMSNorm(param_dtype=pdt, name="moe_norm"),
+                                          addend=addend_BTC)
     if attn_aux:  # a gated attention (dynsmlora): its gate statistics and SDL terms
       aux = {**aux, "attn": attn_aux}
     return x_BTC, new_cache, aux

@@ -29,10 +29,8 @@ Each variant is one module in this package with
 
 * ``takes_norm``: whether ``"decode"`` is called with the block's input un-normalised and
   ``norm=`` the block's RMSNorm module (``transformer.RMSNorm``), which the variant applies
-  itself (its decoding kernel may fold it in: a launch a layer less), and ``out_norm=`` the
-  block's second one (the DynMoE's): the variant may then return, in place of its output,
-  the pair ``(x_BTC + output, out_norm(x_BTC + output))`` (its output kernel may fold the
-  residual add and that norm in); otherwise ``x_BTC`` is always normalised already.
+  itself (its decoding kernel may fold it in: a launch a layer less); otherwise ``x_BTC`` is
+  always normalised already.
 
 To add a variant: write the module, add it to :data:`VARIANTS` and to the choices of
 ``model.attention`` in :func:`onn_jax.config.validate`, and give it a FLOP count in

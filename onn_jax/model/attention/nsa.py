@@ -574,13 +574,10 @@ class NSAttention(nn.Module):
 
   def __call__(self, x_BTC, valid_BT=None, *, mode: str = "train", cache: dict | None = None,
                pos_B: jax.Array | None = None, segment_start_BT: jax.Array | None = None,
-               branch_len: int = 0, norm=None, out_norm=None):
-    """``norm``, ``out_norm`` (decoding only): the block's two RMSNorm modules (see
-    :mod:`onn_jax.model.attention`, ``takes_norm``): ``x_BTC`` is then the block's input, and
-    the output may be the pair (x + attention, out_norm(x + attention))."""
+               branch_len: int = 0, norm=None):
     del valid_BT  # attention is causal; padding sits after every real token of its sequence
-    if (norm is not None or out_norm is not None) and mode != "decode":
-      raise ValueError(f"NSA attention: norm= and out_norm= are for decoding, not mode={mode!r}")
+    if norm is not None and mode != "decode":
+      raise ValueError(f"NSA attention: norm= is for decoding, not mode={mode!r}")
     B, T, _ = x_BTC.shape
     new_cache = None
     if segment_start_BT is not None and mode != "train":
@@ -599,21 +596,4 @@ class NSAttention(nn.Module):
       o_BTHD, new_cache = self._decode(x_BTC, cache, pos_B, norm)
     else:
       raise ValueError(f"unknown mode {mode!r}")
-    if out_norm is not None and self._decode_output_apply(x_BTC, out_norm):
-      h_BC, hn_BC = nsa_pallas.decode_output(
-          o_BTHD.reshape(B, -1), self.out_proj.variables["params"]["kernel"], x_BTC[:, 0],
-          out_norm.variables["params"]["scale"], out_norm.eps, nsa_pallas.use_interpret())
-      return (h_BC[:, None], hn_BC[:, None]), new_cache, {}
     return self.out_proj(o_BTHD.reshape(B, T, -1)), new_cache, {}
-
-  def _decode_output_apply(self, x_BTC, out_norm) -> bool:
-    """Whether a decoding step ends in ``nsa_pallas.decode_output`` (DECODE_OUTPUT): the
-    output product, the block's residual add and ``out_norm``, with NSA's one-kernel decoding,
-    the block's input in the compute dtype."""
-    c = self.cfg
-    dt = self.out_proj.dtype
-    return (nsa_pallas._flag("DECODE_OUTPUT") and not self.is_initializing()
-            and self._fused_decoding() and x_BTC.dtype == jnp.dtype(dt)
-            and nsa_pallas.decode_output_supported(
-                width=c.num_heads * c.head_dim, d_model=c.d_model,
-                itemsize=jnp.dtype(dt).itemsize, interpret=nsa_pallas.use_interpret()))
