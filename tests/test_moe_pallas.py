@@ -172,48 +172,6 @@ def test_the_kernel_applies_the_blocks_norm_and_adds_its_residual(routed):
   assert float(jnp.max(jnp.abs(grads[0][2]))) > 0
 
 
-@pytest.mark.parametrize("routed,parts", [(False, 1), (True, 1), (True, 2)])
-def test_the_kernel_adds_the_blocks_residual(routed, parts):
-  """With the block's residual rows (moe_pallas.DEC_RESIDUAL), or a pair whose sum it is (the
-  block's input and its attention's output), the kernel computes residual + DynMoE(x): float32
-  within the tolerance above of XLA's, the residual's terms exact; its gradient is XLA's, the
-  residual's included. Not beside the norm's gains (which add x)."""
-  E, C, F, B = 8, 64, 128, 20
-  x_BTC, params = _layer(E, C, F, B, 0.05)
-  r_BTC = 3.0 * jax.random.normal(jax.random.PRNGKey(13), x_BTC.shape)
-  if parts == 2:
-    r_BTC = (r_BTC, jax.random.normal(jax.random.PRNGKey(15), x_BTC.shape))
-
-  def kernel(x, p, r):
-    gate = ("softmax", 1, moe.ST_TEMPERATURE) if routed else None
-    weights = None if routed else _weights("softmax", x, p)
-    return moe.decode_experts(jnp.float32, True, gate, x, weights, p, None, None, r)
-
-  def residual(r):
-    return r if parts == 1 else r[0] + r[1]
-
-  def reference(x, p, r):
-    return residual(r) + _reference("softmax", jnp.float32, x, p)
-
-  got, want = kernel(x_BTC, params, r_BTC), reference(x_BTC, params, r_BTC)
-  tol = (4 * np.sqrt(E * F) * F32_EPS + 3e-7) * float(jnp.max(jnp.abs(want - residual(r_BTC))))
-  np.testing.assert_allclose(got, want, atol=tol + 2 * F32_EPS * float(jnp.max(jnp.abs(want))),
-                             rtol=0)
-  doubled = jax.tree.map(lambda r: 2.0 * r, r_BTC)
-  assert float(jnp.max(jnp.abs(got - kernel(x_BTC, params, doubled)))) > 100 * tol
-  ct = jax.random.normal(jax.random.PRNGKey(14), x_BTC.shape)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(
-      x_BTC, params, r_BTC) for f in (kernel, reference)]
-  for g, w in zip(*map(jax.tree.leaves, grads)):  # the same terms, perhaps in another order
-    np.testing.assert_allclose(g, w, rtol=0, atol=4 * np.sqrt(E * F) * F32_EPS * float(
-        jnp.max(jnp.abs(w))))
-  for g in jax.tree.leaves(grads[0][2]):
-    np.testing.assert_array_equal(g, ct)  # d(r + y)/dr
-  with pytest.raises(ValueError, match="prenorm_C adds x itself; no residual_BC"):
-    moe.decode_experts(jnp.float32, True, None, x_BTC, _weights("softmax", x_BTC, params),
-                       params, None, jnp.ones((C,)), r_BTC)
-
-
 def test_decode_supported_and_the_tiles_of_larger_layers():
   arc1 = dict(d_model=256, expert_hidden=512, itemsize=2)
   assert moe_pallas.decode_supported(**arc1)
@@ -266,26 +224,22 @@ def test_decode_kernels_names_and_restores_the_settings():
 
 @pytest.mark.parametrize("kernels", ["split", "fused_moe", "fused_xla_block_moe",
                                      "fused_xla_block_moe/xla_routing",
-                                     "fused_xla_block_moe/prenorm",
-                                     "fused_xla_block_moe/no_residual"])
+                                     "fused_xla_block_moe/no_prenorm"])
 def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkeypatch):
   """KV-cached decoding with each DynMoE layer as one kernel (and, fused_moe and
   fused_xla_block_moe, NSA's one-kernel step) gives the full forward's logits; the kernel runs
   in every decoding step, never in the prefill; routing its rows or ("xla_routing") given
-  XLA's routing weights; adding the block's residual itself (moe_pallas.DEC_RESIDUAL) or not
-  ("no_residual": XLA adds it); "prenorm" applying the norm too (moe_pallas.DEC_PRENORM)."""
+  XLA's routing weights; applying the block's norm and adding its residual itself but with
+  "no_prenorm" (moe_pallas.DEC_PRENORM)."""
   kernels, _, routing = kernels.partition("/")
-  prenorm = routing == "prenorm"
   monkeypatch.setattr(moe_pallas, "DECODE_ROUTE", routing != "xla_routing")
-  monkeypatch.setattr(moe_pallas, "DEC_PRENORM", prenorm)
-  monkeypatch.setattr(moe_pallas, "DEC_RESIDUAL", routing != "no_residual")
+  monkeypatch.setattr(moe_pallas, "DEC_PRENORM", routing != "no_prenorm")
   cfg = ModelConfig(**TINY_MODEL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Transformer(cfg)
   calls = []
   monkeypatch.setattr(moe_pallas, "decode_partials", functools.partial(
-      lambda kernel, *a, **k: calls.append((a[1] is None, k["prenorm_C"] is not None,
-                                            k["residual_BC"] is not None))
+      lambda kernel, *a, **k: calls.append((a[1] is None, k["prenorm_C"] is not None))
       or kernel(*a, **k), moe_pallas.decode_partials))
   monkeypatch.setattr(moe, "DECODE_KERNEL", "pallas")
   monkeypatch.setattr(nsa, "PALLAS_DECODE", decode.DECODE_KERNELS[kernels][0])
@@ -308,9 +262,8 @@ def test_model_decoding_with_the_moe_kernel_matches_full_forward(kernels, monkey
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5, rtol=1e-5)
     pos = pos + 1
   assert calls, "the decoding kernel did not run"
-  assert set(calls) == {(routing != "xla_routing", prenorm,
-                         routing not in ("prenorm", "no_residual"))}, (
-      "the kernel's routing, norm or residual was not the one set")
+  assert set(calls) == {(routing != "xla_routing", routing != "no_prenorm")}, (
+      "the kernel's routing or norm was not the one set")
 
 
 def test_where_the_kernel_routes_its_rows(monkeypatch):
@@ -359,18 +312,3 @@ def test_the_layer_routes_in_the_kernel_only_rows_in_its_dtype(x_dtype, monkeypa
   scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
   np.testing.assert_allclose(np.asarray(y_BTC, np.float32), np.asarray(expected, np.float32),
                              atol=4 * 2.0**-8 * scale)
-
-
-def test_the_layer_adds_its_addend_first_only_beside_its_norm():
-  """DynMoE's ``addend=`` (a decoding step's attention output) gives the sublayer of x +
-  addend; without the norm, or of another shape, it is a one-line error."""
-  layer = moe.DynMoE(num_experts=3, expert_hidden=16)
-  x_BTC = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 16))
-  addend = jax.random.normal(jax.random.PRNGKey(3), x_BTC.shape)
-  variables = layer.init(jax.random.PRNGKey(0), x_BTC)
-  double = lambda x: 2.0 * x  # noqa: E731 (a norm of no parameters)
-  got = layer.apply(variables, x_BTC, norm=double, addend=addend)[0]
-  np.testing.assert_array_equal(got, layer.apply(variables, x_BTC + addend, norm=double)[0])
-  for kwargs in (dict(addend=addend), dict(addend=addend[:, :2], norm=double)):
-    with pytest.raises(ValueError, match="DynMoE addend= needs norm= and x's shape"):
-      layer.apply(variables, x_BTC, **kwargs)

@@ -1637,4 +1637,3 @@ def test_which_decoding_steps_take_the_input_products_kernel():
     nsa_pallas.decode_inputs(*args, block, None, (0, 2), geometry, None, True)
   with pytest.raises(ValueError, match="norm_scale_C and norm_eps go together"):
     nsa_pallas.decode_inputs(*args, block, None, (2, 4), geometry, 1e-6, True)
-

@@ -224,11 +224,6 @@ VARIANTS = {
     "moe_prenorm_only": dict(INPUTS_NORM=False, DEC_PRENORM=True),
     # The DynMoE decoding kernel's programs at 8 warps (moe_pallas.DEC_MOE_NUM_WARPS, 4).
     "moe_warps8": dict(DEC_MOE_NUM_WARPS=8),
-    # Session 43: the DynMoE decoding kernel adding the block's residual to its first partial
-    # (moe_pallas.DEC_RESIDUAL, on) or XLA's add after the partials' sum (session 42's
-    # default).
-    "moe_residual": dict(DEC_RESIDUAL=True),
-    "no_moe_residual": dict(DEC_RESIDUAL=False),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:

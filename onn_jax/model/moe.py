@@ -842,19 +842,15 @@ def decode_kernel_applies(d_model: int, expert_hidden: int, dtype: Any, rows: in
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array,
                    weights_BTE: Array | None, params: dict[str, Array],
-                   unit_EC: Array | None = None, prenorm_C: Array | None = None,
-                   residual_BTC: Array | tuple | None = None) -> Array:
+                   unit_EC: Array | None = None, prenorm_C: Array | None = None) -> Array:
   """:func:`experts_dense` (``dtype`` output) for a few tokens, by
   :mod:`onn_jax.model.moe_pallas`'s kernel, given the combination weights ``weights_BTE``, or
   with ``gate`` = (combine, fallback_k, st_temperature) and ``weights_BTE`` None routing each
   token in the kernel (:func:`route`'s weights from ``params``' prototypes and thresholds;
   ``unit_EC``: the prototypes normalised, where the caller has them, else normalised here).
   With an RMSNorm's gains ``prenorm_C``: ``x_BTC +`` that of ``rms_norm(x_BTC)``, computed in
-  the kernel (rounded once); with ``residual_BTC`` instead, ``residual_BTC +`` the layer of
-  ``x_BTC`` (rounded once: moe_pallas.DEC_RESIDUAL; a pair of arrays: their sum, rounded to
-  ``dtype``, as the block's residual add rounds it). Its gradient is that of
-  :func:`experts_dense` (of :func:`route`'s weights with ``gate``), through the norm and the
-  residual where given."""
+  the kernel (rounded once). Its gradient is that of :func:`experts_dense` (of :func:`route`'s
+  weights with ``gate``), through the norm and the residual where given."""
   B, T, C = x_BTC.shape
   cast = {name: params[name].astype(dtype) for name in ("w_in", "b_in", "w_out", "b_out")}
   routing = None
@@ -872,23 +868,11 @@ def decode_experts(dtype: Any, interpret: bool, gate: tuple | None, x_BTC: Array
       x_BTC.reshape(B * T, C).astype(dtype),
       None if weights_BTE is None else weights_BTE.reshape(B * T, -1),
       cast["w_in"], cast["b_in"], cast["w_out"], cast["b_out"], interpret=interpret,
-      gate=routing, prenorm_C=prenorm_C,
-      residual_BC=None if residual_BTC is None else tuple(
-          r.reshape(B * T, C) for r in _residual_parts(residual_BTC)))
+      gate=routing, prenorm_C=prenorm_C)
   return jnp.sum(parts, axis=0).astype(dtype).reshape(B, T, C)
 
 
-def _residual_parts(residual_BTC) -> tuple:
-  """decode_experts' residual as a tuple of one array or two (whose sum it is)."""
-  return tuple(residual_BTC) if isinstance(residual_BTC, (tuple, list)) else (residual_BTC,)
-
-
-def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params, prenorm_C=None,
-                              residual_BTC=None):
-  if residual_BTC is not None:
-    parts = _residual_parts(residual_BTC)
-    residual = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    return residual + _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params)
+def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params, prenorm_C=None):
   if prenorm_C is not None:
     return x_BTC + _decode_experts_reference(dtype, gate, rms_norm(x_BTC, prenorm_C),
                                              weights_BTE, params)
@@ -902,10 +886,9 @@ def _decode_experts_reference(dtype, gate, x_BTC, weights_BTE, params, prenorm_C
 
 
 def _decode_experts_fwd(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC=None,
-                        prenorm_C=None, residual_BTC=None):
+                        prenorm_C=None):
   return (decode_experts(dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC,
-                         prenorm_C, residual_BTC),
-          ((x_BTC, weights_BTE, params, prenorm_C, residual_BTC), unit_EC))
+                         prenorm_C), ((x_BTC, weights_BTE, params, prenorm_C), unit_EC))
 
 
 def _decode_experts_bwd(dtype, interpret, gate, res, dy_BTC):
@@ -914,8 +897,8 @@ def _decode_experts_bwd(dtype, interpret, gate, res, dy_BTC):
   del interpret
   res, unit_EC = res
   _, pullback = jax.vjp(functools.partial(_decode_experts_reference, dtype, gate), *res)
-  *grads, d_prenorm, d_residual = pullback(dy_BTC)
-  return (*grads, jax.tree.map(jnp.zeros_like, unit_EC), d_prenorm, d_residual)
+  *grads, d_prenorm = pullback(dy_BTC)
+  return (*grads, jax.tree.map(jnp.zeros_like, unit_EC), d_prenorm)
 
 
 decode_experts.defvjp(_decode_experts_fwd, _decode_experts_bwd)
@@ -981,15 +964,10 @@ class DynMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTC: Array, valid_BT: Array | None = None, *, decoding: bool = False,
-               norm: nn.Module | None = None, addend: Array | None = None
-               ) -> tuple[Array, dict[str, Array]]:
+               norm: nn.Module | None = None) -> tuple[Array, dict[str, Array]]:
     """``decoding``: a one-token decoding step (its experts may run as one kernel,
     :data:`DECODE_KERNEL`, which with ``moe_pallas.DEC_PRENORM``, off by default, also applies
-    ``norm`` where its epsilon is ``layers.RMS_EPS`` and adds the residual; else with
-    ``moe_pallas.DEC_RESIDUAL``, on, adds the residual). ``addend``
-    (with ``norm``): the residual sublayer of ``x_BTC + addend`` (the block's input and its
-    attention's output: a decoding step's experts kernel adds the two, and XLA's add feeds the
-    norm alone, in one launch with it)."""
+    ``norm`` where its epsilon is ``layers.RMS_EPS`` and adds the residual)."""
     self._check()
     if x_BTC.ndim != 3:
       raise ValueError(f"DynMoE x: expected [B, T, C], got shape {x_BTC.shape}")
@@ -998,11 +976,7 @@ class DynMoE(nn.Module):
     elif valid_BT.shape != x_BTC.shape[:2]:
       raise ValueError(f"DynMoE valid_BT: shape {valid_BT.shape} != x's [B, T] "
                        f"{x_BTC.shape[:2]}")
-    if addend is not None and (norm is None or addend.shape != x_BTC.shape):
-      raise ValueError(f"DynMoE addend= needs norm= and x's shape {x_BTC.shape}, got shape "
-                       f"{addend.shape}")
-    residual_parts = (x_BTC,) if addend is None else (x_BTC, addend)
-    residual_BTC = x_BTC = x_BTC if addend is None else x_BTC + addend
+    residual_BTC = x_BTC
     if norm is not None:  # the routing's input (and the experts' but in the prenorm kernel)
       x_BTC = norm(x_BTC)
     d_model = x_BTC.shape[-1]
@@ -1033,13 +1007,6 @@ class DynMoE(nn.Module):
           and residual_BTC.dtype == jnp.dtype(self.dtype)):
         return decode_experts(self.dtype, interpret, gate, residual_BTC, weights_BTE, params,
                               unit_EC, norm.variables["params"]["scale"]), aux
-      if not isinstance(moe_pallas.DEC_RESIDUAL, bool):
-        raise ValueError(f"moe_pallas.DEC_RESIDUAL must be True or False, got "
-                         f"{moe_pallas.DEC_RESIDUAL!r}")
-      if (norm is not None and moe_pallas.DEC_RESIDUAL
-          and residual_BTC.dtype == jnp.dtype(self.dtype)):
-        return decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC,
-                              None, residual_parts), aux
       y_BTC = decode_experts(self.dtype, interpret, gate, x_BTC, weights_BTE, params, unit_EC)
       return (y_BTC if norm is None else residual_BTC + y_BTC), aux
     capacity = pair_capacity(B * T, self.num_experts, self.target_active, self.capacity,

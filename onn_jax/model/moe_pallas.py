@@ -18,8 +18,7 @@ Given the block's RMSNorm gains (``prenorm_C``; DEC_PRENORM), the kernel compute
 block's whole residual sublayer ``x + DynMoE(rms_norm(x))``: every program normalises its rows
 (``layers.rms_norm``, as XLA does) and the first program of a tile of rows adds them to its
 partial, so that XLA's one sum is the block's output, rounded once (XLA's norm and its add of
-the residual were a launch each, a layer). With XLA's norm, the kernel adds the residual
-alone (``residual_BC``; DEC_RESIDUAL, the default): the first program's partial includes it.
+the residual were a launch each, a layer).
 
 Numerics follow :func:`onn_jax.model.moe.experts_dense`: products in the compute dtype with
 float32 accumulation, the weights, the hidden product and the bias sum rounded to the compute
@@ -165,13 +164,12 @@ def _gate_weights(x_PC, p_EC, thr_E, *, eps: float, combine: str, fallback_k: in
 # what XLA's norm (2.1) and add (1.0) take; the rollout 166.2-166.5 ms with both norms in the
 # kernels, 165.0 with the input kernel's alone (docs/benchmarks.md, session 41). Off.
 DEC_PRENORM = False
-
-
-# Whether a decoding step's experts kernel adds the block's residual (its input before the
-# norm, which XLA applies: DEC_PRENORM off) to the first program's partial, so that XLA's sum
-# of the partials is the block's output, rounded once, where XLA's sum and its add of the
-# residual were a launch each, a layer (the first program alone reads the residual's rows).
-DEC_RESIDUAL = True
+# Tried, not kept (session 43, commits 51e8642 and 8d9d71a; docs/benchmarks.md): the kernel
+# adding the residual alone (XLA applying the norm), the first program's partial taking the
+# block's input (or its input and the attention's output, added there). XLA's add after the sum
+# went, but the attention's residual add, which XLA fuses with this norm, became a launch of its
+# own (or the output product ran twice): 57.875 launches a step against 56.875 (deviceless
+# sm_90); H100, the arc1 rollout 158.5 and 158.1 ms against 158.9 and 159.5 (within the spread).
 
 
 # Whether a routing program reads its expert's weights and computes the hidden product before
@@ -182,16 +180,13 @@ DEC_MOE_EARLY_LOADS = False
 
 
 def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
-                   prenorm: bool = False, residual: int = 0):
+                   prenorm: bool = False):
   """``gate`` None: the rows' weights of expert e are an input; else the kernel's own routing
   (:func:`_gate_weights` of ``gate``'s settings, from the prototypes and thresholds), after the
   expert's loads and hidden product where ``early`` (DEC_MOE_EARLY_LOADS). ``prenorm``: the
   rows are the block's input, normalised here with the gains (an input after the biases), and
-  the first program of each tile of rows adds them to its partial (the residual).
-  ``residual``: that program adds the residual's rows instead: the last input, or the last two's
-  sum rounded to the compute dtype (the block's input and its attention's output)."""
+  the first program of each tile of rows adds them to its partial (the residual)."""
   e, j = pl.program_id(1), pl.program_id(2)
-  first = (e == 0) & (j == 0)
   x_PC = x_ref[...]
   dt = x_PC.dtype
   residual_PC = None
@@ -199,10 +194,6 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
     *refs, scale_ref, y_ref = refs
     refs = (*refs, y_ref)
     residual_PC, x_PC = x_PC, rms_norm(x_PC, scale_ref[...])
-  if residual:
-    *refs, y_ref = refs
-    refs, residual_refs = refs[:-residual], refs[-residual:]
-    refs = (*refs, y_ref)
   if gate is None:
     w_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, y_ref = refs
   else:
@@ -229,24 +220,17 @@ def _decode_kernel(x_ref, *refs, gate: dict | None, early: bool = False,
   a_PF = (gelu(u_PF) * w_P1).astype(dt)
   y_PC = _mm(a_PF, w_out_FC)
   bias_PC = jnp.where(j == 0, w_P1 * b_out_C.astype(_F32)[None, :], 0.0)
-  if residual:
-    residual_PC = residual_refs[0][...].astype(_F32)
-    if residual == 2:
-      residual_PC = (residual_PC + residual_refs[1][...].astype(_F32)).astype(dt)
-  if residual_PC is not None:
-    bias_PC = bias_PC + jnp.where(first, residual_PC.astype(_F32), 0.0)
+  if prenorm:
+    bias_PC = bias_PC + jnp.where((e == 0) & (j == 0), residual_PC.astype(_F32), 0.0)
   y_ref[0] = y_PC + bias_PC
 
 
 def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
                     interpret: bool, gate: tuple | None = None,
-                    prenorm_C: jax.Array | None = None,
-                    residual_BC: jax.Array | tuple | None = None) -> jax.Array:
+                    prenorm_C: jax.Array | None = None) -> jax.Array:
   """The kernel's float32 partial outputs [E * F / tile_f, B, C] (:func:`_tiles`; their sum
   over axis 0 is the layer's output; with an RMSNorm's gains ``prenorm_C``, of the layer applied
-  to ``rms_norm(x_BC)`` plus ``x_BC``: see the module docstring; with ``residual_BC`` (not with
-  ``prenorm_C``), plus those rows, or a pair's sum rounded to x's dtype) for rows ``x_BC`` and
-  their
+  to ``rms_norm(x_BC)`` plus ``x_BC``: see the module docstring) for rows ``x_BC`` and their
   combination weights
   ``weights_BE`` (the gate's float32 ones: zero for an expert a row does not use), or, with
   ``weights_BE`` None, those of ``gate`` = (unit-norm prototypes [E, C] float32, thresholds
@@ -271,22 +255,12 @@ def decode_partials(x_BC, weights_BE, w_in_ECF, b_in_EF, w_out_EFC, b_out_EC, *,
     settings = None
     gate_in = [jnp.pad(weights_BE.astype(_F32), ((0, padded_b - B), (0, 0)))]
     gate_specs = [pl.BlockSpec((rows, 1), lambda i, e, j: (i, e))]
-  if prenorm_C is not None and residual_BC is not None:
-    raise ValueError("decode_partials: prenorm_C adds x itself; no residual_BC beside it")
   norm_in = [] if prenorm_C is None else [prenorm_C]
   norm_specs = [] if prenorm_C is None else [pl.BlockSpec((C,), lambda i, e, j: (0,))]
-  residuals = (() if residual_BC is None else
-               tuple(residual_BC) if isinstance(residual_BC, (tuple, list)) else (residual_BC,))
-  if not len(residuals) <= 2:
-    raise ValueError(f"decode_partials: residual_BC is one array or a pair, got "
-                     f"{len(residuals)}")
-  for r in residuals:
-    norm_in.append(jnp.pad(r, ((0, padded_b - B), (0, 0))))
-    norm_specs.append(pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)))
   parts = pl.pallas_call(
       functools.partial(_decode_kernel, gate=settings,
                         early=DEC_MOE_EARLY_LOADS and settings is not None,
-                        prenorm=prenorm_C is not None, residual=len(residuals)),
+                        prenorm=prenorm_C is not None),
       grid=(padded_b // rows, E, num_f),
       in_specs=[
           pl.BlockSpec((rows, C), lambda i, e, j: (i, 0)),

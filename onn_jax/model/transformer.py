@@ -73,16 +73,11 @@ class Block(nn.Module):
     attn_out, new_cache, attn_aux = variant.module(c, name="attn")(
         x_BTC if kwargs else attn_norm(x_BTC), valid_BT, mode=mode, cache=cache, pos_B=pos_B,
         segment_start_BT=segment_start_BT, branch_len=branch_len, **kwargs)
-    addend_BTC = None
-    if mode == "decode":  # the DynMoE layer adds it (its decoding kernel, and its norm's launch)
-      addend_BTC = attn_out
-    else:
-      x_BTC = x_BTC + attn_out
-    # x + DynMoE(norm(x)) (a decoding step's experts kernel adds x: moe_pallas.DEC_RESIDUAL;
-    # with DEC_PRENORM, off by default, it applies the norm too).
+    x_BTC = x_BTC + attn_out
+    # x + DynMoE(norm(x)) (with moe_pallas.DEC_PRENORM, off by default, a decoding step's
+    # experts kernel applies the norm and adds x).
     x_BTC, aux = moe_layer(c, name="moe")(x_BTC, valid_BT, decoding=mode == "decode",
-                                          norm=RMSNorm(param_dtype=pdt, name="moe_norm"),
-                                          addend=addend_BTC)
+                                          norm=RMSNorm(param_dtype=pdt, name="moe_norm"))
     if attn_aux:  # a gated attention (dynsmlora): its gate statistics and SDL terms
       aux = {**aux, "attn": attn_aux}
     return x_BTC, new_cache, aux
