@@ -259,9 +259,10 @@ def test_routing_table_counts_agree_with_the_models_statistics(cfg, params, tabl
   assert table.cell_count_RC.sum() == on_grid.sum()
   np.testing.assert_allclose(table.by_cell_LRCE.sum(axis=(1, 2)),
                              table.used_LBTE[:, on_grid].sum(axis=1))
-  # One cell checked by hand: layer 1, cell (0, 1).
+  # One cell checked by hand: the last layer, cell (0, 1).
   at = on_grid & (row_BT == 0) & (col_BT == 1)
-  np.testing.assert_allclose(table.by_cell_LRCE[1, 0, 1], table.used_LBTE[1][at].sum(axis=0))
+  np.testing.assert_allclose(table.by_cell_LRCE[L - 1, 0, 1],
+                             table.used_LBTE[L - 1][at].sum(axis=0))
   shares = table.token_share()
   assert np.all(np.isnan(shares[:, PAD])) and np.nanmax(shares) <= 1.0
   assert table.silent_experts() == [np.flatnonzero(c == 0).tolist()

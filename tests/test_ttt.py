@@ -79,17 +79,18 @@ def test_a_pattern_matching_no_parameter_names_ttt_params(setup):
 
 
 def test_the_adapter_is_the_matched_subset_and_merge_puts_it_back(setup):
-  _, params, _ = setup
+  cfg, params, _ = setup
+  last = f"block_{cfg.model.num_layers - 1}"
   paths = ttt.adapted_paths(params, ("*/attn/*", "*norm/scale"))
   names = {"/".join(p) for p in paths}
-  assert "block_1/attn/q_proj/kernel" in names and "final_norm/scale" in names
+  assert f"{last}/attn/q_proj/kernel" in names and "final_norm/scale" in names
   assert not any("/moe/" in n or n.startswith(("embedding", "lm_head")) for n in names)
   adapter = ttt.split(params, paths)
   changed = jax.tree.map(lambda x: x + 1.0, adapter)
   merged = ttt.merge(params, changed)
-  np.testing.assert_array_equal(merged["block_1"]["attn"]["q_proj"]["kernel"],
-                                params["block_1"]["attn"]["q_proj"]["kernel"] + 1.0)
-  np.testing.assert_array_equal(merged["block_1"]["moe"]["w_in"], params["block_1"]["moe"]["w_in"])
+  np.testing.assert_array_equal(merged[last]["attn"]["q_proj"]["kernel"],
+                                params[last]["attn"]["q_proj"]["kernel"] + 1.0)
+  np.testing.assert_array_equal(merged[last]["moe"]["w_in"], params[last]["moe"]["w_in"])
 
 
 def test_base_parameters_are_unchanged_and_skipped_tasks_counted(setup, together):
