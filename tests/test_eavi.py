@@ -19,7 +19,7 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def setup():
-  return _setup(tiny_config().model.num_layers)
+  return _setup()
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,12 @@ def setup_two_layers():
   rollout reached every row's fixed point within three passes, and on the cut batch the branch
   and rows alignments' losses differed by 8.6e-5 of the loss while their CE terms agreed within
   1e-5 (not pinned down)."""
-  return _setup(2)
+  return _setup(num_layers=2)
 
 
-def _setup(num_layers: int):
+def _setup(**model):
   cfg = tiny_config(data={"buckets": [128], "max_grid": 4, "max_train_tasks": 10},
-                    eavi={"feed": "soft"}, model={"num_layers": num_layers})
+                    eavi={"feed": "soft"}, model=model)
   tasks, _ = build_training_tasks(cfg.data, log=lambda *_: None)
   stream = BatchStream(tasks, cfg.data, 4, 0)
   model = Transformer(cfg.model)
