@@ -288,7 +288,7 @@ def generate(model: Transformer, params, prompt_BP: jax.Array, prompt_len_B: jax
   if rng is None:
     rng = jax.random.PRNGKey(0)
   if prompt_cache is None:
-    cache, logits_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+    cache, logits_BV = prefill(model, params, prompt_BP, prompt_len_B, capacity)
   else:
     cache, logits_BV = prompt_cache, first_logits_BV.astype(jnp.float32)
   global_rows_B = row_offset + jnp.arange(B)
@@ -373,7 +373,7 @@ def after_first_end(tokens_BA: jax.Array) -> jax.Array:
   return jnp.cumsum(end_BA, axis=1) - end_BA > 0
 
 
-def _prefill(model: Transformer, params, prompt_BP, prompt_len_B, capacity: int):
+def prefill(model: Transformer, params, prompt_BP, prompt_len_B, capacity: int):
   """The cache after each row's prompt (what lies past it in ``prompt_BP`` is fed as PAD), and
   the logits at its last token: (cache, logits_BV)."""
   B, P = prompt_BP.shape
@@ -450,7 +450,7 @@ def parallel_rollout(model: Transformer, params, prompt_BP: jax.Array, prompt_le
   if prompt_cache is not None:  # token 0's logits follow the prompt alone, in every pass
     cache, first_BV = prompt_cache, first_logits_BAV[:, 0]
   elif shared_prompt:
-    cache, first_BV = _prefill(model, params, prompt_BP, prompt_len_B, capacity)
+    cache, first_BV = prefill(model, params, prompt_BP, prompt_len_B, capacity)
   else:
     P = prompt_BP.shape[1]
     row_BC = (jnp.pad(prompt_BP, ((0, 0), (0, capacity - P)), constant_values=PAD)

@@ -131,7 +131,12 @@ def test_quick_decode_numbers(quick):
           row["batch"] * row["rollout_budget"] / (case["ms"] / 1e3))
     # --profile (the quick fixture's): the default's trace summary, as the eavi row's.
     assert sets["default"]["profile"] == eavi[row["seq_len"]]["profile_rollout"]
-  _assert_finite_positive(results["decode"], skip=("profile",))
+    # The steps alone, from a prompt cache computed before the timed call: the prefill's time
+    # is the difference (any sign on a CPU's noise; its tokens/s over the same tokens).
+    assert row["prefill_ms"] == pytest.approx(sets["default"]["ms"] - row["steps_ms"])
+    assert row["steps_tokens_per_s"] == pytest.approx(
+        row["batch"] * row["rollout_budget"] / (row["steps_ms"] / 1e3))
+  _assert_finite_positive(results["decode"], skip=("profile", "prefill_ms"))
 
 
 def test_other_decoding_kernel_sets_are_timed_on_a_gpu_only(monkeypatch):
@@ -161,7 +166,9 @@ def test_decode_rows_keep_the_sets_that_fit(monkeypatch):
     def default_rollout(self, T):
       return bench.Timing(1.0, 20.0, 19.0, 3), 30
 
-    def time_rollout(self, T, name):
+    def time_rollout(self, T, name=None, steps_only=False):
+      if steps_only:
+        return bench.Timing(1.0, 16.0, 15.0, 3), 30
       if name == "fused":
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
       return bench.Timing(1.0, 10.0, 9.0, 3), 30
@@ -172,8 +179,10 @@ def test_decode_rows_keep_the_sets_that_fit(monkeypatch):
   assert row["sets"]["fused"] == {"status": "oom"}
   assert row["sets"]["split"]["speedup"] == 2.0 and row["sets"]["default"]["speedup"] == 1.0
   assert row["sets"]["split"]["tokens_per_s"] == pytest.approx(B * 30 / 0.01)
+  assert row["steps_ms"] == 16.0 and row["prefill_ms"] == 4.0
+  assert row["steps_tokens_per_s"] == pytest.approx(B * 30 / 0.016)
   text = bench.section_tables({"decode": [row]})["decode"]
-  assert "oom" in text and "20.0 (" in text and "2.00x" in text
+  assert "oom" in text and "20.0 (" in text and "2.00x" in text and "16.0 (" in text
 
 
 def test_quick_nsa_numbers(quick):

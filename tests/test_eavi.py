@@ -338,7 +338,7 @@ def test_alignment_gives_the_rollout_its_first_pass(setup, feed, rollout, contin
   assert np.any(np.asarray(batch["answer_start"]) + A > batch["inputs"].shape[1])
   (gen, grads, out) = reference(state.params)
   monkeypatch.setattr(steps, "parallel_rollout", spy)
-  monkeypatch.setattr(decode, "_prefill", None)  # must not run: the alignment gives the cache
+  monkeypatch.setattr(decode, "prefill", None)  # must not run: the alignment gives the cache
   gen2, grads2, out2 = jax.jit(functools.partial(after, rng=rng, model=model, cfg=cfg))(
       state.params, batch)
   if rollout == "parallel":

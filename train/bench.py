@@ -99,7 +99,8 @@ from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
 from onn_jax.data.tokens import PAD, VOCAB_SIZE
-from onn_jax.decode import DECODE_KERNELS, decode_kernels, generate, parallel_rollout
+from onn_jax.decode import (DECODE_KERNELS, decode_kernels, generate, parallel_rollout,
+                             prefill)
 from onn_jax.model import attention, nsa, nsa_pallas
 from onn_jax.model.flops import (  # noqa: F401 (bench.peak_flops etc. stay importable)
     forward_flops_per_token, model_flops_per_token, peak_flops)
@@ -507,20 +508,32 @@ class StepRunner:
       return
     self.profiles[name] = trace_summary(name, compiled, args, self.profile_dir, carry)
 
-  def time_rollout(self, seq_len: int, decode: str | None = None) -> tuple[Timing, int]:
+  def time_rollout(self, seq_len: int, decode: str | None = None, steps_only: bool = False
+                   ) -> tuple[Timing, int]:
     """Times the EAVI excursion alone: (Timing, tokens generated per example). ``decode``:
-    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set)."""
+    the decoding step's kernels (``decode.DECODE_KERNELS``; default: as set). ``steps_only``:
+    its one-token steps from a prompt cache computed before the timed call, as EAVI's
+    alignment gives it (``branch_alignment_after_rollout``), rather than with the prompt's own
+    prefill."""
     cfg, batch = self.cfg, self.batch(seq_len)
     budget = steps.answer_budget(batch, cfg)
     fn = functools.partial(generate, self.eavi_model, max_new=budget, capacity=seq_len,
                            feed=cfg.eavi.feed, temperature=cfg.eavi.temperature)
-    args = (self.fresh_state().params, batch["inputs"], batch["answer_start"],
-            jax.random.PRNGKey(1))
+    params, rng = self.fresh_state().params, jax.random.PRNGKey(1)
     with decode_kernels(decode) if decode else contextlib.nullcontext():
-      compiled, compile_s = compile_fn(lambda p, x, n, r: fn(p, x, n, rng=r), args)
+      if steps_only:
+        cache, first_BV = jax.jit(functools.partial(prefill, self.eavi_model, capacity=seq_len))(
+            params, batch["inputs"], batch["answer_start"])
+        args = (params, batch["inputs"], batch["answer_start"], cache, first_BV, rng)
+        compiled, compile_s = compile_fn(
+            lambda p, x, n, c, f, r: fn(p, x, n, rng=r, prompt_cache=c, first_logits_BV=f), args)
+      else:
+        args = (params, batch["inputs"], batch["answer_start"], rng)
+        compiled, compile_s = compile_fn(lambda p, x, n, r: fn(p, x, n, rng=r), args)
     median_ms, min_ms, _ = time_compiled(compiled, args, warmup=self.sizes.warmup,
                                          iters=self.sizes.eavi_iters)
-    self.profile(f"rollout_T{seq_len}" + (f"_{decode}" if decode else ""), compiled, args)
+    self.profile(f"rollout_T{seq_len}" + (f"_{decode}" if decode else "")
+                 + ("_steps" if steps_only else ""), compiled, args)
     return Timing(compile_s, median_ms, min_ms, self.sizes.eavi_iters), budget
 
   def default_rollout(self, seq_len: int) -> tuple[Timing, int]:
@@ -699,7 +712,8 @@ def bench_decode(runner: StepRunner, lens: Sequence[int],
   eavi section's, EAVI's answer budget in the config's data) with the default decoding kernels
   and each other set (:func:`other_decode_kernels`, of ``sets`` where given): ``sets`` {name:
   ms, tokens/s, compile s, speedup over the default's; ``status: oom`` for a set that ran out
-  of memory}."""
+  of memory}; and the default's one-token steps alone, from a prompt cache given as EAVI's
+  alignment gives it (``steps_ms``, ``steps_tokens_per_s``; ``prefill_ms``: the difference)."""
   B = runner.cfg.train.batch_size
   rows = []
   for T in lens:
@@ -720,6 +734,11 @@ def bench_decode(runner: StepRunner, lens: Sequence[int],
       if key in runner.profiles:  # --profile
         case["profile"] = runner.profiles[key]
       row["sets"][name] = case
+      if name == "default":  # the same kernels' one-token steps alone, as EAVI runs them
+        steps_timing, _ = runner.time_rollout(T, steps_only=True)
+        row["steps_ms"] = steps_timing.median_ms
+        row["steps_tokens_per_s"] = B * budget / (steps_timing.median_ms / 1e3)
+        row["prefill_ms"] = timing.median_ms - steps_timing.median_ms
     base = row["sets"]["default"].get("ms")
     for case in row["sets"].values():
       if base and "ms" in case:
@@ -1174,6 +1193,12 @@ def _decode_cell(case: dict) -> str:
   return f"{case['ms']:.1f} ({case['tokens_per_s'] / 1e3:.1f}k{speedup})"
 
 
+def _steps_cell(row: dict) -> str | None:
+  if "steps_ms" not in row:
+    return None
+  return f"{row['steps_ms']:.1f} ({row['steps_tokens_per_s'] / 1e3:.1f}k)"
+
+
 def _layer_cell(case: dict, suffix: str = "full") -> Any:
   """``ms (ratio)``, then ``; loop ms (ratio)`` where the case was timed back to back too."""
   if "ms" not in case:
@@ -1224,9 +1249,11 @@ def section_tables(results: dict[str, Any], markdown: bool = False) -> dict[str,
   if "decode" in results:
     names = list(dict.fromkeys(n for r in results["decode"] for n in r["sets"]))
     out["decode"] = table(
-        ["T", "batch", "tokens a row"] + [f"{n} ms (tok/s, x default)" for n in names],
+        ["T", "batch", "tokens a row"] + [f"{n} ms (tok/s, x default)" for n in names]
+        + ["default's steps alone ms (tok/s)", "its prefill ms"],
         [[r["seq_len"], r["batch"], r.get("rollout_budget")]
          + [_decode_cell(r["sets"][n]) if n in r["sets"] else None for n in names]
+         + [_steps_cell(r), r.get("prefill_ms")]
          for r in results["decode"]], markdown)
   if "nsa" in results:
     base = results["nsa"][0]["baseline"] if results["nsa"] else "full"
