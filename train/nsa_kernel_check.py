@@ -224,6 +224,14 @@ VARIANTS = {
     "moe_prenorm_only": dict(INPUTS_NORM=False, DEC_PRENORM=True),
     # The DynMoE decoding kernel's programs at 8 warps (moe_pallas.DEC_MOE_NUM_WARPS, 4).
     "moe_warps8": dict(DEC_MOE_NUM_WARPS=8),
+    # Session 45: more, shorter programs for the DynMoE decoding kernel (128 hidden units a
+    # program was 0.93x in session 41): 32 or 16 hidden units a program (twice or four times
+    # the programs and the float32 partials XLA sums), 32 at 2 warps, or 16 rows a program
+    # (arc1's 32 rows in two tiles, each reading the expert's weights).
+    "moe_tile32": dict(DEC_TILE_F=32),
+    "moe_tile16": dict(DEC_TILE_F=16),
+    "moe_tile32_w2": dict(DEC_TILE_F=32, DEC_MOE_NUM_WARPS=2),
+    "moe_rows16": dict(DEC_ROWS=16),
 }
 # The settings --decode's variants may change: the others touch paths one-token decoding does
 # not take where the decoding kernel serves the geometry (FWD_IMPL and PALLAS_OFFSET_CHOICE:
