@@ -25,8 +25,10 @@ after each one; the median is reported):
   with each set of decoding kernels (``decode.DECODE_KERNELS``: ``split``, ``fused``,
   ``fused_moe`` beside the default ``fused_xla_block``; on a GPU only, where they are Triton
   kernels: elsewhere the default alone): per set ``ms``, ``tokens_per_s`` and ``speedup`` over
-  the default's in the same run. Apart from ``eavi``, so that the decoding kernels can be
-  timed without EAVI's steps (a minute's compile each).
+  the default's in the same run; and the default's one-token steps alone, from a prompt cache
+  computed before the timed call, as EAVI's alignment gives it (``steps_ms``,
+  ``steps_tokens_per_s``; ``prefill_ms``, the difference). Apart from ``eavi``, so that the
+  decoding kernels can be timed without EAVI's steps (a minute's compile each).
 * ``nsa``: ``nsa_core`` forward+backward for each ``impl`` against full causal attention
   (``jax.nn.dot_product_attention``, cuDNN on GPU) at the model's head configuration, batch 1,
   T = 1k .. 32k; a case that runs out of memory is recorded as ``"oom"``.
