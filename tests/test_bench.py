@@ -339,6 +339,29 @@ def test_an_unknown_kernel_setting_is_rejected(capsys):
                                              "'fast' (known: ") and "part_f32" in err[0]
 
 
+def test_train_rows_at_the_routings_asked_for(capsys):
+  """``--routings``: the train section times the step at those routings only, in
+  ROUTINGS_STEP's order; an unknown one is a one-line error."""
+  class Runner:
+    cfg = config.load("configs/arc1.yaml", list(bench.QUICK_OVERRIDES))
+    profiles: dict = {}
+    sizes = bench.QUICK_SIZES
+    calls: list = []
+
+    def time_step(self, kind, T, iters, packed=False, loop=False, routing="init"):
+      self.calls.append((T, packed, routing))
+      return bench.Timing(1.0, 10.0, 9.0, 3, 8.0), {"experts_per_token": 1.0, "loss": 2.0}
+  runner = Runner()
+  rows = bench.bench_train(runner, [128], None, None, bench._parse_routings(" target "))
+  assert runner.calls == [(128, False, "target"), (128, True, "target")]  # arc1 packs
+  assert [r["routing"] for r in rows] == ["target", "target"] and rows[0]["loop_ms"] == 8.0
+  assert bench._parse_routings("") == bench.ROUTINGS_STEP
+  assert bench._parse_routings("target,init") == bench.ROUTINGS_STEP
+  assert bench.main(["--only", "train", "--routings", "trained"]) == 2
+  err = capsys.readouterr().err
+  assert err.strip() == "bench: --routings: unknown routing 'trained' (known: init, target)"
+
+
 def test_bad_decoding_set_is_rejected(capsys):
   assert bench.main(["--only", "decode", "--sets", "split,fast"]) == 2
   err = capsys.readouterr().err

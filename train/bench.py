@@ -2,7 +2,7 @@
 
   python -m train.bench [--config configs/arc1.yaml] [--quick] [--out bench.json]
                         [--only train,eavi,decode,nsa,moe,layers] [--lens 512,2048]
-                        [--variant part_f32] [section.key=value ...]
+                        [--routings target] [--variant part_f32] [section.key=value ...]
 
 Sections (each: compile first, warm up, then time ``iters`` calls with ``jax.block_until_ready``
 after each one; the median is reported):
@@ -12,7 +12,8 @@ after each one; the median is reported):
   the same step queued back to back as a training loop runs it (``loop_ms``,
   ``loop_tokens_per_s``, ``loop_mfu``: :func:`time_loop`), which hides the host's dispatch;
   each twice (``routing``): with the fresh parameters' experts and at the SDL target's
-  density, where a run routes after its first few hundred steps (:func:`target_routing`).
+  density, where a run routes after its first few hundred steps (:func:`target_routing`);
+  ``--routings target`` (or ``init``) times one of them.
 * ``eavi``: ``steps.eavi_step`` against ``steps.train_step`` on the same batch (the ratio), with
   each ``eavi.rollout`` (the parallel one at ``eavi.passes`` passes, as an untrained model
   never reaches the fixed point), and the sequential excursion alone (``decode.generate`` for
@@ -574,7 +575,8 @@ class StepRunner:
 
 
 def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
-                data: dict[str, Any] | None) -> list[dict]:
+                data: dict[str, Any] | None, routings: Sequence[str] = ROUTINGS_STEP
+                ) -> list[dict]:
   """Teacher-forcing step at each length: tokens/s, model FLOPs and MFU; with ``data``
   (:func:`data_real_fraction`) also real tokens/s, the share of the config's batches at that
   length that is not padding times tokens/s. With ``data.pack`` the longest length is timed on
@@ -582,13 +584,13 @@ def bench_train(runner: StepRunner, lens: Sequence[int], peak: float | None,
   parameters' experts ("init": about half of them a token) and at the SDL target's density
   ("target", :func:`target_routing`), where a run's routing is after its first few hundred
   steps; a sparse expert dispatch computes its dense fallback at the first, the sparse path
-  at the second."""
+  at the second (``routings``: those of them to time)."""
   m, B = runner.cfg.model, runner.cfg.train.batch_size
   cases = [(T, False) for T in lens]
   if runner.cfg.data.pack:
     cases.append((max(lens), True))
   rows = []
-  for (T, packed), routing in itertools.product(cases, ROUTINGS_STEP):
+  for (T, packed), routing in itertools.product(cases, routings):
     row: dict[str, Any] = {"seq_len": T, "batch": B, "packed": packed, "routing": routing}
     try:
       timing, metrics = runner.time_step("train", T, runner.sizes.iters, packed, loop=True,
@@ -1365,6 +1367,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="decode: the decoding-kernel sets to time beside the default, "
                            f"comma-separated, of {','.join(DECODE_KERNELS)} (default: every "
                            "other set; on a GPU only; the default set is always timed)")
+  parser.add_argument("--routings", default="",
+                      help="train: the experts' routings to time the step at, comma-separated, "
+                           f"of {','.join(ROUTINGS_STEP)} (default: both; target alone halves "
+                           "the section's time)")
   parser.add_argument("--profile", default="",
                       help="also trace each timed train/EAVI step, the rollout and each layer "
                            "of the layers section into this folder and summarise its kernels "
@@ -1386,11 +1392,18 @@ def _parse_variant(name: str) -> str | None:
   return name or None
 
 
-def _parse_sections(text: str) -> list[str]:
+def _parse_names(text: str, flag: str, what: str, known: Sequence[str]) -> list[str]:
+  """The comma-separated names of ``text``, each of ``known`` (a one-line error naming
+  ``flag`` and the ``what`` otherwise)."""
   names = [s.strip() for s in text.split(",") if s.strip()]
   for name in names:
-    if name not in SECTIONS:
-      raise ValueError(f"--only: unknown section {name!r} (known: {', '.join(SECTIONS)})")
+    if name not in known:
+      raise ValueError(f"{flag}: unknown {what} {name!r} (known: {', '.join(known)})")
+  return names
+
+
+def _parse_sections(text: str) -> list[str]:
+  names = _parse_names(text, "--only", "section", SECTIONS)
   if not names:
     raise ValueError("--only: name at least one section")
   return names
@@ -1398,12 +1411,14 @@ def _parse_sections(text: str) -> list[str]:
 
 def _parse_sets(text: str) -> list[str] | None:
   """``--sets``: None (every set) when empty, else the names, each of decode.DECODE_KERNELS."""
-  names = [s.strip() for s in text.split(",") if s.strip()]
-  for name in names:
-    if name not in DECODE_KERNELS:
-      raise ValueError(f"--sets: unknown decoding-kernel set {name!r} (known: "
-                       f"{', '.join(DECODE_KERNELS)})")
-  return names or None
+  return _parse_names(text, "--sets", "decoding-kernel set", tuple(DECODE_KERNELS)) or None
+
+
+def _parse_routings(text: str) -> tuple[str, ...]:
+  """``--routings``: the train section's routings (:data:`ROUTINGS_STEP`, all when empty), in
+  that order."""
+  names = _parse_names(text, "--routings", "routing", ROUTINGS_STEP)
+  return tuple(r for r in ROUTINGS_STEP if r in names) if names else ROUTINGS_STEP
 
 
 def _parse_lens(text: str, default: Sequence[int]) -> tuple[int, ...]:
@@ -1442,6 +1457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = _parse_sections(args.only)
     lens = _parse_lens(args.lens, cfg.data.buckets)
     decode_sets = _parse_sets(args.sets)
+    routings = _parse_routings(args.routings)
     variant = _parse_variant(args.variant)
   except (config.ConfigError, ValueError) as err:
     print(f"bench: {err}", file=sys.stderr)
@@ -1465,7 +1481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       start = time.perf_counter()
       if name == "train":
         data = data_real_fraction(cfg, sizes.data_batches)
-        results["train"] = bench_train(runner, lens, meta["peak_bf16_flops"], data)
+        results["train"] = bench_train(runner, lens, meta["peak_bf16_flops"], data, routings)
         results["train_data"] = {**data, "bucket_mix": bucket_mix(results["train"], data)}
       elif name == "eavi":
         results["eavi"] = bench_eavi(runner, lens)
