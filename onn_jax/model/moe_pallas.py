@@ -59,8 +59,9 @@ from onn_jax.model.nsa_pallas import (_F32, _MIN_TILE, _compiler_params, _is_pow
 # Hidden units per program: each program reads [d_model, DEC_TILE_F] and [DEC_TILE_F, d_model]
 # of its expert's weights (64 KiB at arc1's d_model 256 in bf16), so arc1's 16 experts x 512
 # hidden units are 128 programs a tile of rows. H100, session 41, the arc1 rollout (routing in
-# the kernel): 128 hidden units a program 176.1 ms a step against 163.7 (variant moe_tile128);
-# session 45, one process: 32 units 165.2 / 164.1 ms against 157.4 / 157.2, 16 units 204.5.
+# the kernel, 32 rows x 512 tokens): 128 hidden units a program 176.1 ms a rollout against
+# 163.7 (variant moe_tile128); session 45, one process: 32 units 165.2 / 164.1 ms against 157.4
+# / 157.2, 16 units 204.5 (variants moe_tile32, moe_tile16).
 DEC_TILE_F = 64
 # Rows per program (the batch padded to a power of two of at least 16, at most this).
 DEC_ROWS = 64
