@@ -7,8 +7,10 @@ tree or shapes differ from the model's does *not fit*: that is a CheckpointError
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -121,8 +123,67 @@ def _check_fits(saved: Any, target: Any, where: str, what: str) -> None:
                           "setting?)")
 
 
+# A damaged step's restore fails on its first bad read; Orbax's other reads of the step, still
+# pending when its event loop closes, then fail one by one, later and from other threads:
+# their callbacks on the closed loop, their coroutines and tasks garbage-collected with
+# errors never retrieved. Python prints each (~60 lines with the TensorStore spec); a
+# truncated array file left ~9,500 lines around the restore's one-line warning (2026-12-07,
+# orbax-checkpoint 0.12.8, tensorstore 0.1.86). From a process's first restore on, these
+# kinds are dropped; every other unraisable error, log record and warning passes as before.
+_ORBAX_SOURCE = f"{Path('orbax') / 'checkpoint'}"
+_ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize")  # its read coroutines
+
+
+def _codes(tb) -> list:
+  """The code objects of a traceback's frames, outermost first."""
+  codes = []
+  while tb is not None:
+    codes.append(tb.tb_frame.f_code)
+    tb = tb.tb_next
+  return codes
+
+
+def _abandoned_read(unraisable) -> bool:
+  """An unraisable error of an abandoned read: an Orbax coroutine's, or a callback's on a
+  closed event loop (no object; raised by asyncio's loop check)."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None:
+    return _ORBAX_SOURCE in code.co_filename
+  codes = _codes(unraisable.exc_traceback)
+  return (unraisable.object is None and bool(codes) and codes[-1].co_name == "_check_closed"
+          and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _drop_abandoned_reads(unraisable) -> None:
+  """``sys.unraisablehook`` from a process's first restore on (see _ORBAX_SOURCE)."""
+  if not _abandoned_read(unraisable):
+    _drop_abandoned_reads.previous(unraisable)
+
+
+def _not_an_abandoned_task(record: logging.LogRecord) -> bool:
+  """Filter of asyncio's log: False for a task or future of Orbax's reads garbage-collected
+  with its error never retrieved (raised in Orbax's code, or TensorStore's read of the step's
+  OCDBT database)."""
+  text = record.getMessage()
+  if "exception was never retrieved" not in text:
+    return True
+  codes = _codes(record.exc_info[2]) if record.exc_info else []
+  return not ("in OCDBT database" in text
+              or any(_ORBAX_SOURCE in c.co_filename for c in codes))
+
+
+def _quiet_abandoned_reads() -> None:
+  if sys.unraisablehook is not _drop_abandoned_reads:
+    _drop_abandoned_reads.previous = sys.unraisablehook
+    sys.unraisablehook = _drop_abandoned_reads
+  logging.getLogger("asyncio").addFilter(_not_an_abandoned_task)  # once: addFilter dedups
+  warnings.filterwarnings("ignore", f"coroutine '({'|'.join(_ORBAX_READS)})' was never awaited",
+                          RuntimeWarning)
+
+
 def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Any, dict]:
   """Reads one step against ``abstract``; _Damaged when it cannot be read back as written."""
+  _quiet_abandoned_reads()
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
