@@ -159,6 +159,15 @@ def test_challenges_with_solutions_beside_given_and_missing(tmp_path):
   with pytest.raises(DataError, match="x_solutions.json: task t1: no solutions for this task"):
     load_tasks(path)
   assert [t.id for t in load_tasks(path, skip_bad=True)] == ["t2"]
+  # A file named challenges.json finds solutions.json; one named otherwise finds none.
+  plain = _write(tmp_path / "challenges.json", challenges)
+  assert load_tasks(plain)[0].test[0][1] is None
+  _write(tmp_path / "solutions.json", solutions)
+  assert load_tasks(plain)[0].test[1][1].tolist() == [[4, 4]]
+  assert load_tasks(_write(tmp_path / "mine.json", challenges))[0].test[0][1] is None
+  # A challenges file without tasks is an error, as an empty folder is.
+  with pytest.raises(DataError, match=r"empty_challenges.json: challenges file holds no tasks"):
+    load_tasks(_write(tmp_path / "empty_challenges.json", {}))
 
 
 def test_leakage_guard_arc2_training_vs_arc1_evaluation(arc1_eval):

@@ -4,7 +4,8 @@
                            [--out DIR] [section.key=value ...]
 
 PATH is a folder of task JSON files or a Kaggle challenges JSON (its solutions JSON is found
-beside it when present; without solutions the scores are omitted and said to be).
+beside it when present: NAME_challenges.json's in NAME_solutions.json, challenges.json's in
+solutions.json; without solutions the scores are omitted and said to be).
 """
 
 from __future__ import annotations

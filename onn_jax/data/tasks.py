@@ -208,11 +208,13 @@ def _load_folder(folder: str, skip_bad: bool) -> TaskList:
 
 
 def _solutions_beside(path: str) -> str | None:
+  """Kaggle's naming: ``NAME_challenges.json``'s solutions are ``NAME_solutions.json`` beside
+  it (``challenges.json``'s, ``solutions.json``), when that file exists."""
   base = os.path.basename(path)
-  if not base.endswith("_challenges.json"):
+  if not base.endswith("challenges.json"):
     return None
   candidate = os.path.join(os.path.dirname(path),
-                           base[:-len("_challenges.json")] + "_solutions.json")
+                           base[:-len("challenges.json")] + "solutions.json")
   return candidate if os.path.isfile(candidate) else None
 
 
@@ -223,6 +225,8 @@ def _load_challenges(path: str, solutions: str | None, skip_bad: bool) -> TaskLi
     raise DataError(str(e)) from None
   if not isinstance(raw, dict):
     raise DataError(f"{path}: not a challenges file (expected an object {{task id: task}})")
+  if not raw:
+    raise DataError(f"{path}: challenges file holds no tasks")
   if solutions is not None and not os.path.isfile(solutions):
     raise DataError(f"{solutions}: solutions file not found (given for {path})")
   sol_path = solutions if solutions is not None else _solutions_beside(path)
