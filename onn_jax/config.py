@@ -565,8 +565,8 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *
 
 
 KEYS_HELP = ("Config keys (section.key=value): every key, its default and what it means are in "
-             "onn_jax/config.py (the *Config dataclasses); --print-config shows the resolved "
-             "values.")
+             "onn_jax/config.py (the *Config dataclasses); python -m train.main --config NAME "
+             "--print-config [section.key=value ...] shows the resolved values.")
 
 
 def dump(cfg: Config) -> str:

@@ -253,6 +253,13 @@ def test_a_bad_ptx_shape_is_one_line():
     kernel_count.main(["--config", "arc1", "--ptx", "32"])
 
 
+@pytest.mark.parametrize("args, culprit", [
+    (["--config", "nosuch"], "nosuch"), (["--config", "arc1", "train.nosuch=1"], "train.nosuch")])
+def test_a_bad_config_is_one_line(args, culprit):
+  with pytest.raises(SystemExit, match=rf"^kernel_count: [^\n]*{culprit}[^\n]*$"):
+    kernel_count.main(args)
+
+
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs the CUDA plugin (no GPU needed)")
 def test_every_nsa_training_kernel_multiplies_on_tensor_cores():
   """Deviceless sm_90 compile at arc1's geometry: the six Pallas kernels of a training step's

@@ -374,7 +374,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  cfg = config.load(args.config, args.overrides)
+  try:
+    cfg = config.load(args.config, args.overrides)
+  except config.ConfigError as err:
+    raise SystemExit(f"kernel_count: {err}") from None
   shapes = []
   for case in filter(None, args.ptx.split(",")):
     match = re.fullmatch(r"(\d+)x(\d+)", case.strip())

@@ -543,7 +543,8 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m train.nsa_kernel_check", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="nsa_kernel_check.json")
   p.add_argument("--cases", default="32x2048,8x8192,4x16384,1x32768")
   p.add_argument("--impls", default="pallas,blockwise")
