@@ -144,11 +144,11 @@ def _codes(tb) -> list:
 
 
 def _abandoned_read(unraisable) -> bool:
-  """An unraisable error of an abandoned read: an Orbax coroutine's, or a callback's on a
+  """An unraisable error of an abandoned read: an Orbax read coroutine's, or a callback's on a
   closed event loop (no object; raised by asyncio's loop check)."""
   code = getattr(unraisable.object, "cr_code", None)
   if code is not None:
-    return _ORBAX_SOURCE in code.co_filename
+    return _ORBAX_SOURCE in code.co_filename and code.co_name in _ORBAX_READS
   codes = _codes(unraisable.exc_traceback)
   return (unraisable.object is None and bool(codes) and codes[-1].co_name == "_check_closed"
           and str(unraisable.exc_value) == "Event loop is closed")
