@@ -185,7 +185,10 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
       cfg_path = ckpt_dir.parent / "config.yaml"
     if not cfg_path.is_file():
       raise checkpoint.CheckpointError(f"{run_dir}: no config.yaml beside the checkpoints")
-    cfg = config.load(cfg_path, overrides, saved_run=True)
+    try:
+      cfg = config.load(cfg_path, overrides, saved_run=True)
+    except ConfigError as err:  # the run's config with this command line's overrides
+      return config.fail(err)
     # Joining a multi-host job is this command's choice, not the trained run's: a run trained
     # on two hosts evaluates on one unless this command line gives the flags again.
     asked = {o.split("=", 1)[0].strip() for o in overrides}

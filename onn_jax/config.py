@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,15 @@ import yaml
 
 class ConfigError(ValueError):
   """A configuration value is unknown, mistyped or impossible. The message names the key."""
+
+
+def fail(err: BaseException) -> int:
+  """A config that does not load (the command line's ``--config``, overrides or arguments):
+  one line ``config error: ...`` on stderr and exit code 2, as argparse's usage errors, in every
+  entry point. Errors found after it loaded (data, checkpoints, a run that cannot start here)
+  are ``error: ...`` and exit code 1 (``onn_jax.app``)."""
+  print(f"config error: {err}", file=sys.stderr)
+  return 2
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from onn_jax import config, steps
 from onn_jax.model.moe import cosine_similarity, experts_dense
 from onn_jax.model.transformer import Transformer, init_params
 from train import bench
-from train import profile as profiling
+from onn_jax import profiling
 
 
 @pytest.fixture(scope="module")
@@ -690,14 +690,18 @@ def test_layer_cells_show_both_timings_and_ratios():
   assert bench._layer_cell({"ms": 5.0}) == "5"
 
 
-def test_nsa_kernel_check_times_decoding_variants(tmp_path):
+def test_nsa_kernel_check_times_decoding_variants(tmp_path, capsys):
   """``--decode`` with ``--decode-calls`` and the decoding variants (interpret mode here): a
-  row per case, each variant timed per call; variants decoding does not take are left out."""
+  row per case, each variant timed per call; variants decoding does not take are left out.
+  Without a GPU the check says first, in one line, that its kernels are interpreted."""
   from train import nsa_kernel_check as check
   out = tmp_path / "check.json"
   check.main(["--skip-check", "--cases", "", "--impls", "pallas", "--decode", "2x64",
               "--decode-calls", "2", "--iters", "1", "--out", str(out),
               "--variants", "dec_split,dec_w4_t16,win_w8"])
+  said = [line for line in capsys.readouterr().err.splitlines() if "nsa_kernel_check" in line]
+  assert said == ["nsa_kernel_check: no GPU (cpu): the Pallas kernels run in interpret mode, "
+                  "the checks take minutes and the timings mean nothing"]
   row = json.loads(out.read_text())["decode"][0]
   assert (row["B"], row["S"], row["calls"]) == (2, 64, 2)
   names = {k for k in row if k.startswith("pallas")}

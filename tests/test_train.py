@@ -493,9 +493,10 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   # Scoring the run's own training split, whose test pairs it trained on, is said.
   assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:training", tmp_path / "train", []) == 0
   assert "training data of this run" in capsys.readouterr().err
-  assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 1
+  # An override that does not load is a config error, as in train.main: one line, exit code 2.
+  assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "eval.weights" in err[0]
+  assert len(err) == 1 and err[0].startswith("config error: ") and "eval.weights" in err[0]
   # A user's challenges file is evaluated whole: the run's data.max_grid (5) and
   # eval.max_tasks do not drop its tasks; a filter given on the command line does apply.
   big = [[1] * 8] * 8

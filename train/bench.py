@@ -65,7 +65,7 @@ markdown table for the README.
 
 ``--profile DIR`` also traces each timed train and EAVI step, the rollout and each layer of the
 ``layers`` section (``jax.profiler``, after timing them) and adds to their rows a summary of
-the device kernels by name and by model scope (:mod:`train.profile`); the traces stay under DIR.
+the device kernels by name and by model scope (:mod:`onn_jax.profiling`); the traces stay under DIR.
 
 ``--variant NAME`` runs everything under one of ``train.nsa_kernel_check``'s NSA kernel
 settings (``VARIANTS``: e.g. ``part_f32``, the selected branch's partials in float32, the
@@ -113,7 +113,7 @@ from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_referen
                                experts_sparse, init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer, outside_tf
-from train import profile as profiling
+from onn_jax import profiling
 from train.nsa_kernel_check import VARIANTS, variant as kernel_setting
 
 SECTIONS = ("train", "eavi", "decode", "nsa", "moe", "layers")
@@ -418,7 +418,7 @@ def data_real_fraction(cfg: Config, num_batches: int) -> dict[str, Any]:
 def trace_summary(name: str, compiled, args: Sequence[Any], folder: Path,
                   carry: bool = False) -> dict[str, Any]:
   """``--profile``'s trace of ``compiled(*args)`` into ``folder/name`` and its summary
-  (train/profile.py), printed; a failed trace is a status, never the end of the timings."""
+  (onn_jax/profiling.py), printed; a failed trace is a status, never the end of the timings."""
   try:
     summary = profiling.profile(compiled, args, folder / name, carry=carry)
   except Exception as err:  # noqa: BLE001 - a failed trace must not lose the timings
@@ -440,7 +440,7 @@ class StepRunner:
     # in the config's data at that bucket (BatchStream.answer_budgets); other lengths none
     # (steps.answer_budget: the longest answer data.max_grid allows).
     self.answer_budgets = answer_budgets or {}
-    # --profile: each timed step is then traced too (train/profile.py), its summary kept here
+    # --profile: each timed step is then traced too (onn_jax/profiling.py), its summary kept here
     # by name (e.g. "train_T2048_packed") for the section's rows.
     self.profile_dir = profile_dir
     self.profiles: dict[str, dict] = {}
@@ -505,7 +505,7 @@ class StepRunner:
     return Timing(compile_s, median_ms, min_ms, iters, loop_ms), metrics
 
   def profile(self, name: str, compiled, args: Sequence[Any], carry: bool = False) -> None:
-    """With ``--profile``: traces ``compiled(*args)`` (train/profile.py) into
+    """With ``--profile``: traces ``compiled(*args)`` (onn_jax/profiling.py) into
     ``profile_dir/name`` and keeps the summary in ``self.profiles[name]``, once per name."""
     if self.profile_dir is None or name in self.profiles:
       return
@@ -1374,7 +1374,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--profile", default="",
                       help="also trace each timed train/EAVI step, the rollout and each layer "
                            "of the layers section into this folder and summarise its kernels "
-                           "by name and model scope in the JSON (train/profile.py)")
+                           "by name and model scope in the JSON (onn_jax/profiling.py)")
   parser.add_argument("--variant", default="",
                       help="time everything under one NSA kernel setting of train.nsa_kernel_"
                            "check's --variants (e.g. part_f32: the selected branch's partials "

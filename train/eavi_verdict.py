@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     for overrides in custom.values():  # a bad key fails now, not after hours of other runs
       config.load(args.config, [*args.overrides, *overrides])
   except (ValueError, config.ConfigError) as err:
-    print(f"config error: {err}", file=sys.stderr)
-    return 2
+    return config.fail(err)
   import jax
   out = Path(args.out)
   if args.cache or not jax.config.jax_compilation_cache_dir:  # a user's own cache stands

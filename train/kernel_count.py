@@ -60,7 +60,7 @@ from onn_jax import config, decode, output
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
-from train import profile as profiling
+from onn_jax import profiling
 
 # An sm_90 device (H100 SXM class; the H200 differs in memory size and bandwidth), for the
 # deviceless compilation: XLA's GpuTargetConfigProto in text form.

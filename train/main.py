@@ -33,8 +33,7 @@ def main(argv=None) -> int:
   try:
     cfg = config.load(args.config, args.overrides)
   except config.ConfigError as err:
-    print(f"config error: {err}", file=sys.stderr)
-    return 2
+    return config.fail(err)
   if args.print_config:
     print(config.dump(cfg), end="")
     return 0

@@ -27,6 +27,7 @@ import json
 import math
 import contextlib
 import functools
+import sys
 import time
 
 import jax
@@ -593,6 +594,10 @@ def main(argv=None) -> None:
   for v in variants:
     if v not in VARIANTS:
       p.error(f"--variants: unknown {v!r}; known: {sorted(VARIANTS)}")
+  if nsa_pallas.use_interpret():  # a GPU check: say so before minutes of interpreted kernels
+    print(f"nsa_kernel_check: no GPU ({jax.default_backend()}): the Pallas kernels run in "
+          "interpret mode, the checks take minutes and the timings mean nothing",
+          file=sys.stderr, flush=True)
   if not a.skip_check:
     check(results, variants)
     save()

@@ -1,5 +1,6 @@
 """Where a compiled call's device time goes: a ``jax.profiler`` trace, summarised.
 
+A library module of the tools (``train.bench``, ``train.kernel_count``), not a command.
 ``python -m train.bench --profile DIR`` traces a few calls of each step it times (after timing
 them) and adds to each row of its JSON a ``profile`` entry: the device's kernel time and kernel
 count per call, against the call's wall time, and the kernels grouped by name and by model scope
