@@ -6,6 +6,7 @@ on) end with one line on stderr naming the culprit and a non-zero exit code.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from jax.sharding import Mesh
 
 from onn_jax import checkpoint, config, faults, plots
 from onn_jax.config import Config, ConfigError
-from onn_jax.data.tasks import DataError, filter_max_grid, load_tasks
+from onn_jax.data.pipeline import load_joined
+from onn_jax.data.tasks import DataError, TaskList, filter_max_grid
 from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
 from onn_jax.model.transformer import Transformer, init_params
@@ -32,19 +34,46 @@ def _fail(err: BaseException) -> int:
   return 1
 
 
-def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None = None
-                    ) -> list:
-  """``arc-agi-1:evaluation``, a task folder or a Kaggle challenges JSON -> sorted tasks.
+def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None = None,
+                    log=print) -> TaskList:
+  """``arc-agi-1:evaluation``, a task folder or a Kaggle challenges JSON (or several joined
+  by "+", as ``data.train``) -> sorted tasks.
 
   ``max_grid`` (default ``cfg.data.max_grid``) and ``max_tasks`` select a subset: the run's
   own evaluation split only; a user's ``--data`` is evaluated whole (see
-  :func:`evaluate_checkpoint`)."""
-  tasks = list(load_tasks(spec, skip_bad=cfg.data.skip_bad))
+  :func:`evaluate_checkpoint`). Nothing is left out unsaid: each malformed task skipped under
+  ``data.skip_bad`` is named in a line and kept in the result's ``skipped`` (scores.json lists
+  them), a task id given twice is kept once and counted, and the tasks the filters leave out
+  are counted in one line. No task left is a :class:`DataError`."""
+  loaded, skipped, duplicates = load_joined(spec, cfg.data.skip_bad)
+  for where, reason in skipped:
+    log(f"eval data: skipped {where}: {reason}")
+  if duplicates:
+    log(f"eval data: {duplicates} task ids given twice in {spec}; the first kept")
+  tasks = list(loaded)
   max_grid = cfg.data.max_grid if max_grid is None else max_grid
   if max_grid < 30:  # a CPU-sized run only sees small grids; said in the protocol
     tasks = filter_max_grid(tasks, max_grid)
   tasks.sort(key=lambda t: t.id)
-  return tasks[:max_tasks] if max_tasks else tasks
+  kept = tasks[:max_tasks] if max_tasks else tasks
+  if len(kept) < len(loaded):
+    why = [f"data.max_grid={max_grid} leaves {len(tasks)}"] if len(tasks) < len(loaded) else []
+    why += [f"eval.max_tasks={max_tasks}"] if len(kept) < len(tasks) else []
+    log(f"eval data: {len(kept)} of the {len(loaded)} tasks of {spec} evaluated "
+        f"({', '.join(why)})")
+  if not kept:
+    raise DataError(f"{spec}: no evaluation task left ({len(loaded)} loaded, "
+                    f"{len(skipped)} malformed skipped"
+                    + (f", data.max_grid={max_grid} leaves none" if loaded else "") + ")")
+  return TaskList(kept, skipped)
+
+
+def _same_source(a: str, b: str) -> bool:
+  """Whether two data sources name the same tasks: ``arc-agi-1:training`` in any case, a path
+  however it is written (relative, absolute, a trailing slash)."""
+  if os.path.exists(a) and os.path.exists(b):
+    return os.path.realpath(a) == os.path.realpath(b)
+  return a.strip().lower() == b.strip().lower()
 
 
 def protocol(cfg: Config) -> dict[str, Any]:
@@ -124,10 +153,16 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
       batch_size=e.batch_size, samples=e.samples,
       group_of=group_of, progress=is_main_process(), prepare=fns.prepare)
   summary = augscore.summarise(records, tasks, e.mode)
+  skipped = list(getattr(tasks, "skipped", []))  # malformed tasks of data.skip_bad
+  if skipped:
+    extra = {**(extra or {}), "skipped_malformed": [{"where": where, "reason": reason}
+                                                    for where, reason in skipped]}
   if is_main_process():
     augscore.write_outputs(records, tasks, out_dir, e.mode,
                            {"protocol": protocol(cfg), **(extra or {})})
-    log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir))
+    log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir)
+        + (f"; {len(skipped)} malformed tasks skipped, not answered (data.skip_bad; named "
+           "in scores.json's skipped_malformed)" if skipped else ""))
   return summary
 
 
@@ -212,7 +247,8 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
                               cfg.data.max_grid if "data.max_grid" in asked else 30)
     else:
       tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
-    if spec in cfg.data.train.split("+") and not cfg.data.hold_out_train_tests:
+    if (any(_same_source(spec, part) for part in cfg.data.train.split("+"))
+        and not cfg.data.hold_out_train_tests):
       print(f"warning: {spec} is training data of this run and data.hold_out_train_tests was "
             "off: these test outputs were trained on", file=sys.stderr)
   except USER_ERRORS as err:

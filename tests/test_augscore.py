@@ -362,8 +362,14 @@ def test_write_outputs(tasks, views, tmp_path):
   assert hidden_records[0]["correct_1"] is None
   hidden_scores = augscore.write_outputs(records + hidden_records, everything, tmp_path / "h",
                                          "augscore", {})
-  assert hidden_scores["scores"] == "omitted: no solutions" and "score" not in hidden_scores
+  # Here some test outputs are known: how many are not is said, here and in the summary line.
+  assert hidden_scores["scores"] == "omitted: 1 of 4 test outputs have no solution"
+  assert "score" not in hidden_scores
+  assert "(1 of 4 test outputs have no solution: not scored)" in augscore.describe(hidden_scores)
   validate_submission(json.loads((tmp_path / "h" / "submission.json").read_text()), everything)
+  alone = augscore.write_outputs(hidden_records, [hidden], tmp_path / "h1", "augscore", {})
+  assert alone["scores"] == "omitted: no solutions"
+  assert "(no solutions: not scored)" in augscore.describe(alone)
 
 
 def test_scores_by_task_size_split_the_tasks_into_quarters_smallest_first():

@@ -105,6 +105,14 @@ def test_main_rejects_bad_overrides_with_one_line(override, tmp_path):
   assert not (tmp_path / "w").exists()  # rejected before any work
 
 
+def test_overrides_may_stand_before_and_after_the_options():
+  from train import main as train_main
+  args = train_main.parse_args(["train.seed=3", "--workdir", "w", "train.pretrain_steps=5",
+                                "--config", "arc1"])
+  assert args.overrides == ["train.seed=3", "train.pretrain_steps=5"]
+  assert (args.workdir, args.config) == ("w", "arc1")
+
+
 def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
   """After a plain pip install there is no configs/ folder: names and configs/NAME.yaml still
   reach the YAML shipped inside the package (the clone's configs/ links to the same files)."""

@@ -153,7 +153,11 @@ def test_challenges_with_solutions_beside_given_and_missing(tmp_path):
     load_tasks(path, solutions=missing)
   # Solution count must match the test inputs; a task without solutions is an error.
   _write(tmp_path / "x_solutions.json", {"t1": [[[3]]], "t2": [[[9, 8, 7]]]})
-  with pytest.raises(DataError, match="task t1: 1 solutions for 2 test inputs"):
+  with pytest.raises(DataError, match="x_solutions.json: task t1: 1 solutions for 2 test inputs"):
+    load_tasks(path)
+  # A bad solution grid names the solutions file, not the challenges file.
+  _write(tmp_path / "x_solutions.json", {"t1": [[[3]], [[11]]], "t2": [[[9, 8, 7]]]})
+  with pytest.raises(DataError, match=r"x_solutions.json: task t1: solution\[1\]: colour 11"):
     load_tasks(path)
   _write(tmp_path / "x_solutions.json", {"t2": [[[9, 8, 7]]]})
   with pytest.raises(DataError, match="x_solutions.json: task t1: no solutions for this task"):
@@ -168,6 +172,33 @@ def test_challenges_with_solutions_beside_given_and_missing(tmp_path):
   # A challenges file without tasks is an error, as an empty folder is.
   with pytest.raises(DataError, match=r"empty_challenges.json: challenges file holds no tasks"):
     load_tasks(_write(tmp_path / "empty_challenges.json", {}))
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_value(tmp_path):
+  """JSON keeps the last of two equal keys: a task id written twice in a challenges file (or a
+  pair's "input" twice) would lose a task or a grid without a word. It is a one-line error
+  naming the file and the key, or a skipped (and named) file with data.skip_bad."""
+  text = '{"aa01": %s, "bb02": %s, "aa01": %s}' % ((json.dumps(GOOD),) * 3)
+  path = tmp_path / "dup_challenges.json"
+  path.write_text(text)
+  with pytest.raises(DataError, match=r"dup_challenges.json: key 'aa01' appears twice"):
+    load_tasks(str(path))
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  (folder / "good.json").write_text(json.dumps(GOOD))
+  pair = '{"input": [[1]], "input": [[2]], "output": [[3]]}'
+  (folder / "twice.json").write_text('{"train": [%s], "test": [%s]}' % (pair, pair))
+  with pytest.raises(DataError, match=r"twice.json: key 'input' appears twice"):
+    load_tasks(str(folder))
+  tasks = load_tasks(str(folder), skip_bad=True)
+  assert [t.id for t in tasks] == ["good"] and len(tasks.skipped) == 1
+
+
+def test_a_folder_reads_json_files_whatever_the_case_of_the_suffix(tmp_path):
+  (tmp_path / "upper.JSON").write_text(json.dumps(GOOD))
+  (tmp_path / "lower.json").write_text(json.dumps(GOOD))
+  (tmp_path / "notes.txt").write_text("not a task")
+  assert [t.id for t in load_tasks(str(tmp_path))] == ["lower", "upper"]
 
 
 def test_leakage_guard_arc2_training_vs_arc1_evaluation(arc1_eval):

@@ -493,6 +493,9 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   # Scoring the run's own training split, whose test pairs it trained on, is said.
   assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:training", tmp_path / "train", []) == 0
   assert "training data of this run" in capsys.readouterr().err
+  assert app._same_source("ARC-AGI-1:training ", "arc-agi-1:training")
+  assert app._same_source(str(tmp_path) + "/", os.path.relpath(tmp_path))
+  assert not app._same_source(str(tmp_path), str(tmp_path / "train"))
   # An override that does not load is a config error, as in train.main: one line, exit code 2.
   assert app.evaluate_checkpoint(tmp_path, None, None, ["eval.weights=best"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -508,6 +511,38 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
     assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "challenges.json"), tmp_path / "u",
                                    overrides) == 0
     assert [t.id for t in seen["tasks"]] == ids
+  out = capsys.readouterr().out
+  assert "eval data: 2 of the 3 tasks of" in out and "(eval.max_tasks=2)" in out
+  assert "(data.max_grid=5 leaves 2)" in out
+  # Under data.skip_bad a malformed task is named in a line and handed on in the tasks'
+  # ``skipped`` (scores.json's skipped_malformed); none left, or none fitting the filter, is an
+  # error naming the data, not an empty submission.
+  challenges["t9"] = {"train": [{"input": [[10]], "output": [[1]]}], "test": [{"input": [[1]]}]}
+  (tmp_path / "challenges.json").write_text(json.dumps(challenges))
+  assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "challenges.json"), tmp_path / "u",
+                                 []) == 1
+  assert "task t9: train[0].input: colour 10" in capsys.readouterr().err
+  assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "challenges.json"), tmp_path / "u",
+                                 ["data.skip_bad=true"]) == 0
+  assert [t.id for t in seen["tasks"]] == ["t0", "t1", "t2"]
+  assert [w.split(": ", 1)[1] for w, _ in seen["tasks"].skipped] == ["task t9: train[0].input"]
+  assert "eval data: skipped " in capsys.readouterr().out
+  (tmp_path / "bad.json").write_text(json.dumps({"t9": challenges["t9"]}))
+  assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "bad.json"), tmp_path / "u",
+                                 ["data.skip_bad=true"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: {tmp_path / 'bad.json'}: no evaluation task left (0 loaded, 1 "
+                 "malformed skipped)"]
+  (tmp_path / "big.json").write_text(json.dumps({"t0": challenges["t0"]}))
+  assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "big.json"), tmp_path / "u",
+                                 ["data.max_grid=5"]) == 1
+  assert "no evaluation task left (1 loaded, 0 malformed skipped, data.max_grid=5 leaves none)" \
+      in capsys.readouterr().err
+  # Sources join with "+", as data.train's do.
+  (tmp_path / "more.json").write_text(json.dumps({"t5": challenges["t1"]}))
+  assert app.evaluate_checkpoint(
+      tmp_path, f"{tmp_path / 'big.json'}+{tmp_path / 'more.json'}", tmp_path / "u", []) == 0
+  assert [t.id for t in seen["tasks"]] == ["t0", "t5"]
   # Joining a multi-host job is this command's choice: the flags a run was trained with are not
   # inherited (it may be evaluated on one host); flags on the command line reach jax first.
   calls = []

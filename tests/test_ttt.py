@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from onn_jax import app, config, ttt
 from onn_jax.config import ConfigError
 from onn_jax.data.serialize import encode_grid
-from onn_jax.data.tasks import Task
+from onn_jax.data.tasks import Task, TaskList
 from onn_jax.data.tokens import END
 from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
@@ -368,10 +368,15 @@ def test_long_prompts_run_in_fewer_rows_under_the_token_budget(formed):
 def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
   cfg, params, tasks = setup
   out = tmp_path / "eval"
-  summary = app.evaluate_params(cfg, params, [tasks["a"], tasks["one_demo"]], out,
-                                extra={"step": 0})
+  lines = []
+  chosen = TaskList([tasks["a"], tasks["one_demo"]], [("x.json: task bad", "colour 10")])
+  summary = app.evaluate_params(cfg, params, chosen, out, extra={"step": 0}, log=lines.append)
   assert summary["num_tasks"] == 2
   scores = json.loads((out / "scores.json").read_text())
+  # A malformed task skipped on loading (data.skip_bad) is listed, and said in the last line.
+  assert scores["skipped_malformed"] == [{"where": "x.json: task bad", "reason": "colour 10"}]
+  assert lines[-1].endswith("; 1 malformed tasks skipped, not answered (data.skip_bad; named "
+                            "in scores.json's skipped_malformed)")
   assert scores["ttt"]["adapted"] == 1 and scores["ttt"]["not_adapted"]["few_demos"] == 1
   assert scores["ttt"]["steps"] == 4 and scores["step"] == 0
   assert scores["protocol"]["eval_max_len"] == 128  # eval.max_len 0: the longest bucket

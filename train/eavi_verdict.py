@@ -62,7 +62,7 @@ def main(argv=None) -> int:
   parser.add_argument("--cache", default="",
                       help="persistent compilation cache folder (default OUT/jax_cache)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
   from onn_jax.analysis import verdict
   try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
                       help="SOURCE:SPLIT or a path (default: the run's data.eval)")
   parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.mode=vote")
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
   from onn_jax import app
   return app.evaluate_checkpoint(args.checkpoint, args.data, args.out, args.overrides)
 

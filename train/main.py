@@ -25,7 +25,7 @@ def parse_args(argv):
   parser.add_argument("--workdir", default=None,
                       help="run folder (default: runs/<config name>)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.seed=3")
-  return parser.parse_args(argv)
+  return parser.parse_intermixed_args(argv)  # overrides before or after the options
 
 
 def main(argv=None) -> int:

@@ -49,7 +49,7 @@ def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1
   return min(batch_size, max(multiple, max_tokens // length // multiple * multiple))
 
 
-def _load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, str]], int]:
+def load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, str]], int]:
   """Loads "a+b+c": tasks (first occurrence of each id kept), skipped, duplicates dropped."""
   tasks: list[Task] = []
   skipped: list[tuple[str, str]] = []
@@ -85,7 +85,7 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   Info keys: loaded, duplicates_removed, skipped_bad, leaked_removed, too_large,
   limit_removed, train_tasks, eval_demo_tasks, total (ints) and protocol (one line).
   """
-  tasks, skipped, duplicates = _load_joined(cfg.train, cfg.skip_bad)
+  tasks, skipped, duplicates = load_joined(cfg.train, cfg.skip_bad)
   info = {"loaded": len(tasks) + duplicates, "duplicates_removed": duplicates,
           "skipped_bad": len(skipped), "leaked_removed": 0, "too_large": 0, "limit_removed": 0,
           "eval_demo_tasks": 0}
@@ -99,7 +99,7 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   protocol = [f"train on {cfg.train}"]
   eval_tasks: list[Task] = []
   if cfg.eval and (cfg.leakage_guard or cfg.eval_demos):
-    eval_tasks, eval_skipped, _ = _load_joined(cfg.eval, cfg.skip_bad)
+    eval_tasks, eval_skipped, _ = load_joined(cfg.eval, cfg.skip_bad)
     if eval_skipped:
       log(f"data: {len(eval_skipped)} malformed evaluation tasks skipped")
   if cfg.eval and cfg.leakage_guard:

