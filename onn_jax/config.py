@@ -7,8 +7,10 @@ starts; a bad value raises :class:`ConfigError` whose one-line message names the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +27,10 @@ class ConfigError(ValueError):
 
 def fail(err: BaseException) -> int:
   """A config that does not load (the command line's ``--config``, overrides or arguments):
-  one line ``config error: ...`` on stderr and exit code 2, as argparse's usage errors, in every
-  entry point. Errors found after it loaded (data, checkpoints, a run that cannot start here)
-  are ``error: ...`` and exit code 1 (``onn_jax.app``)."""
+  one line ``config error: ...`` on stderr and exit code 2, as argparse's usage errors, in
+  ``train.main``, ``train.evaluate`` and ``train.eavi_verdict``. Errors found after it loaded
+  (data, checkpoints, a run that cannot start here) are ``error: ...`` and exit code 1
+  (``onn_jax.app``). The benchmark tools name themselves instead (``bench: ...``)."""
   print(f"config error: {err}", file=sys.stderr)
   return 2
 
@@ -318,14 +321,18 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if value is None:
       return ""
     if not isinstance(value, str):
-      raise ConfigError(f"{key}: expected a string, got {value!r}")
+      hint = " (YAML reads yes/no/on/off as true/false: quote it)" if isinstance(value, bool) \
+          else ""
+      raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
     return value
   raise TypeError(f"unsupported annotation {annotation} for {key}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+  if values is None:  # ``train:`` with every key commented out: the defaults
+    values = {}
   if not isinstance(values, dict):
-    raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls)}
   for key in values:
@@ -508,8 +515,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as err:
-    raise ConfigError(f"{key}: cannot read value {raw!r} ({err.__class__.__name__})") from None
+    raise ConfigError(f"{key}: cannot read value {raw!r} ({err.__class__.__name__}); the shell "
+                      "removes unquoted quotes: quote the whole override, e.g. "
+                      "'ttt.params=[\"*\"]'") from None
+  # The key's type decides where YAML 1.1 would guess: a string key takes the text as typed
+  # (``data.color_perm=no`` is "no", not false), an integer key reads digits in base 10
+  # (``train.seed=010`` is 10, not octal 8).
+  hint = _field_types().get(tuple(path))
+  text = raw.strip()
+  if hint is str and isinstance(value, (bool, int, float)):
+    value = text
+  elif hint is int and re.fullmatch(r"[+-]?\d+", text):
+    value = int(text, 10)
   return path, value
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict[tuple[str, str], Any]:
+  """(section, key) -> the key's annotation, for every key of :class:`Config`."""
+  out = {}
+  for section in dataclasses.fields(Config):
+    hints = typing.get_type_hints(typing.get_type_hints(Config)[section.name])
+    out.update({(section.name, key): hint for key, hint in hints.items()})
+  return out
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
@@ -556,7 +584,9 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *
     try:
       values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-      raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+      mark = getattr(err, "problem_mark", None)
+      where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+      raise ConfigError(f"{path}: not valid YAML{where} ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
       raise ConfigError(f"{path}: the top level must be a mapping of sections")
     if saved_run:

@@ -216,6 +216,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   t = cfg.train
   total = stages.total_steps(cfg)
   step = int(host_value(runner.get_state(state).step))
+  if step > total:
+    log(f"the checkpoint's step {step} is past the {total} steps of train.pretrain_steps + "
+        f"train.eavi_steps: nothing left to train; the step-{step} state stands")
   stop_at = min(total, step + t.run_steps) if t.run_steps else total
   record = {"protocol": info.get("protocol", {}), "config": config.to_dict(cfg)}
   last: dict[str, Any] = {}
@@ -328,6 +331,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
     completed = True
   except KeyboardInterrupt as err:
     name = getattr(err, "name", "SIGINT")
+    bar.close()  # its line ends before the interruption's own
     with guard.saving(hold=True):  # a second signal cannot cut the step read or the save short
       try:
         at = int(runner.host(state.step))

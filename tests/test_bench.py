@@ -554,6 +554,13 @@ def test_nsa_kernel_check_takes_a_geometry_or_fails_in_one_line(capsys):
     check.main(["--geometry", "32/16", "--skip-check", "--cases", ""])
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert exit_info.value.code == 2 and "--geometry '32/16'" in err and check.GEO == before
+  # A malformed case fails the same way, before the check's minutes, not after them.
+  for flag in ("--cases", "--decode", "--breakdown-cases"):
+    with pytest.raises(SystemExit) as exit_info:
+      check.main([flag, "32by2048"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and err.endswith(f"{flag}: '32by2048' is not ROWSxTOKENS, "
+                                                      "e.g. 32x2048")
 
 
 def test_quick_profiles_each_step(quick):

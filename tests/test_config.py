@@ -105,6 +105,32 @@ def test_main_rejects_bad_overrides_with_one_line(override, tmp_path):
   assert not (tmp_path / "w").exists()  # rejected before any work
 
 
+def test_the_keys_type_decides_where_yaml_would_guess(tmp_path):
+  """Overrides are read as YAML 1.1, whose guesses a key's type corrects: a string key takes
+  the text as typed, an integer key reads base 10; a value YAML cannot read says to quote it."""
+  cfg = config.load(None, ["data.train=1", "train.seed=010", "train.learning_rate=1e-3",
+                           "train.init_from=off"])
+  assert (cfg.data.train, cfg.train.seed, cfg.train.learning_rate) == ("1", 10, 1e-3)
+  assert cfg.train.init_from == "off"
+  with pytest.raises(ConfigError, match=r"^data\.color_perm: 'no' is not one of"):
+    config.load(None, ["data.color_perm=no"])
+  with pytest.raises(ConfigError, match=r"^ttt\.params: cannot read value '\[\*\]' .*quote the "
+                                        r"whole override"):
+    config.load(None, ["ttt.params=[*]"])
+  assert config.load(None, ['ttt.params=["*"]']).ttt.params == ("*",)
+  # In a YAML file the text is YAML's: a boolean where a string belongs says why.
+  path = tmp_path / "mine.yaml"
+  path.write_text("data:\n  color_perm: off\n")
+  with pytest.raises(ConfigError, match=r"expected a string, got False \(YAML reads yes/no"):
+    config.load(path)
+  # A section whose keys are all commented out is the defaults; a bad file says where.
+  path.write_text("train:\n  # seed: 3\n")
+  assert config.load(path).train == config.TrainConfig()
+  path.write_text("train:\n  seed: 1\n bad: [\n")
+  with pytest.raises(ConfigError, match=r"mine.yaml: not valid YAML at line 3, column 2"):
+    config.load(path)
+
+
 def test_overrides_may_stand_before_and_after_the_options():
   from train import main as train_main
   args = train_main.parse_args(["train.seed=3", "--workdir", "w", "train.pretrain_steps=5",

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import app, checkpoint, config, experts, parallel, run, steps
+from onn_jax import app, checkpoint, config, experts, parallel, run, stages, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.model import attention, moe
 from onn_jax.model.transformer import Transformer
@@ -470,6 +471,22 @@ def test_resume_with_other_data_or_model_is_one_clear_line(finished_run, tmp_pat
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "train.batch_size=8" in err[0] and "checkpointed run" in err[0]
   assert (workdir / "config.yaml").read_text() == before
+
+
+def test_stages_shortened_below_the_checkpoint_are_said(finished_run, tmp_path):
+  """A resume whose stages end before the checkpoint's step trains nothing and says so; the
+  checkpoint's state stands (it is what evaluation then scores)."""
+  from onn_jax import run
+  workdir, cfg = finished_run
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  shutil.copy(workdir / "config.yaml", tmp_path / "config.yaml")
+  done = stages.total_steps(cfg)
+  lines = []
+  result = run.train(config.replace(cfg, train={"pretrain_steps": 1, "eavi_steps": 0}),
+                     tmp_path, log=lines.append)
+  assert result.finished and result.step == done
+  assert f"the checkpoint's step {done} is past the 1 steps of train.pretrain_steps + " \
+         f"train.eavi_steps: nothing left to train; the step-{done} state stands" in lines
 
 
 def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch, capsys):

@@ -34,8 +34,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train.eavi_verdict", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=config.KEYS_HELP)
-  parser.add_argument("--config", default="default")
-  parser.add_argument("--out", default="runs/eavi_verdict")
+  parser.add_argument("--config", default="default",
+                      help="a shipped config (default, arc1, arc2) or a YAML file")
+  parser.add_argument("--out", default="runs/eavi_verdict",
+                      help="the study's folder: its runs, study.json and verdict.json; the same "
+                      "command again goes on where it stopped")
   parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
   parser.add_argument("--arms", default="", help="comma-separated, default: tf, soft, argmax, "
                       "sample, soft_exc_only, soft_mixed; also soft_parallel, argmax_parallel "

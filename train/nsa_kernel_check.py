@@ -546,11 +546,14 @@ def breakdown(results: dict, cases, iters: int, sweep: bool = False, variants=()
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(prog="python -m train.nsa_kernel_check", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", default="nsa_kernel_check.json")
-  p.add_argument("--cases", default="32x2048,8x8192,4x16384,1x32768")
-  p.add_argument("--impls", default="pallas,blockwise")
-  p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--skip-check", action="store_true")
+  p.add_argument("--out", default="nsa_kernel_check.json", help="the JSON of results")
+  p.add_argument("--cases", default="32x2048,8x8192,4x16384,1x32768",
+                 help="ROWSxTOKENS cases timed forward+backward, comma-separated")
+  p.add_argument("--impls", default="pallas,blockwise",
+                 help="nsa_core implementations timed beside cuDNN's causal GQA attention")
+  p.add_argument("--iters", type=int, default=5, help="timed calls of each case")
+  p.add_argument("--skip-check", action="store_true",
+                 help="skip the check of the kernels (and variants) against the reference")
   p.add_argument("--breakdown", action="store_true", help="time the pallas path's pieces")
   p.add_argument("--sweep", action="store_true", help="with --breakdown: Triton num_warps")
   p.add_argument("--variants", default="",
@@ -589,7 +592,17 @@ def main(argv=None) -> None:
     with open(a.out, "w") as f:
       json.dump(results, f, indent=1)
 
-  parse = lambda s: [tuple(int(x) for x in c.split("x")) for c in s.split(",") if c]  # noqa: E731
+  def parse(text: str, flag: str) -> list[tuple[int, int]]:  # "32x2048,8x8192", checked now
+    cases = []
+    for case in filter(None, (c.strip() for c in text.split(","))):
+      sizes = case.split("x")
+      if len(sizes) != 2 or not all(n.isdigit() and int(n) > 0 for n in sizes):
+        p.error(f"{flag}: {case!r} is not ROWSxTOKENS, e.g. 32x2048")
+      cases.append((int(sizes[0]), int(sizes[1])))
+    return cases
+
+  cases, decode_cases = parse(a.cases, "--cases"), parse(a.decode, "--decode")
+  breakdown_cases = parse(a.breakdown_cases or a.cases, "--breakdown-cases")
   variants = [v for v in a.variants.split(",") if v]
   for v in variants:
     if v not in VARIANTS:
@@ -601,14 +614,13 @@ def main(argv=None) -> None:
   if not a.skip_check:
     check(results, variants)
     save()
-  cases = parse(a.cases)
   bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save,
         a.packed)
   if a.decode:
-    decode_bench(results, parse(a.decode), a.iters, [i for i in a.impls.split(",") if i],
+    decode_bench(results, decode_cases, a.iters, [i for i in a.impls.split(",") if i],
                  variants, save, a.decode_calls)
   if a.breakdown:
-    breakdown(results, parse(a.breakdown_cases or a.cases), a.iters, a.sweep, variants, save)
+    breakdown(results, breakdown_cases, a.iters, a.sweep, variants, save)
   save()
 
 

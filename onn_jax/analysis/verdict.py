@@ -345,7 +345,9 @@ class Study:
       # A study without EAVI arms timed no EAVI step: one that joins it brings its cost.
       grown = ("ratio", "ratios") if before.get("ratio") is None else ()
       differ = [k for k in manifest
-                if before.get(k) != manifest[k] and k not in grown and k != "code"]
+                if before.get(k) != manifest[k] and k not in grown and k != "code"
+                and not (k == "overrides" and _override_map(before.get(k) or [])
+                         == _override_map(manifest[k]))]
       if differ:
         k = differ[0]
         raise config.ConfigError(
@@ -487,6 +489,8 @@ class Study:
     other.setdefault("experts", _unrecorded_experts(
         other["base_config"].get("model", {}).get("moe_impl", "auto")))
     for key in ("config", "overrides", "budget_tf_steps", "seeds", "base_config", "experts"):
+      if key == "overrides" and _override_map(other.get(key) or []) == _override_map(mine[key]):
+        continue  # the same overrides in another order
       if other.get(key) != mine[key]:
         theirs, ours = other.get(key), mine[key]
         if key == "base_config":  # name the first setting that differs (sections of keys)
@@ -556,6 +560,12 @@ class Study:
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
   values = [float(v) for v in values]
   return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _override_map(overrides: list[str]) -> dict[str, str]:
+  """``section.key=value`` overrides as what they set: the same ones in another order are the
+  same study (of a key given twice, the last one counts, as in config.load)."""
+  return dict((key.strip(), value) for key, _, value in (o.partition("=") for o in overrides))
 
 
 def _unrecorded_experts(impl: str) -> str:
