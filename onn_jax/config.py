@@ -30,7 +30,8 @@ def fail(err: BaseException) -> int:
   one line ``config error: ...`` on stderr and exit code 2, as argparse's usage errors, in
   ``train.main``, ``train.evaluate`` and ``train.eavi_verdict``. Errors found after it loaded
   (data, checkpoints, a run that cannot start here) are ``error: ...`` and exit code 1
-  (``onn_jax.app``). The benchmark tools name themselves instead (``bench: ...``)."""
+  (``onn_jax.app``). The benchmark tools name themselves instead (``bench: ...``), exit code
+  2 as well."""
   print(f"config error: {err}", file=sys.stderr)
   return 2
 
@@ -559,7 +560,9 @@ def resolve(spec: str | Path) -> Path:
     return path
   name = path.stem if path.suffix in (".yaml", ".yml") else str(spec)
   shipped = SHIPPED_DIR / f"{name}.yaml"
-  if (str(spec) == name or path.parent.name == "configs") and shipped.is_file():
+  # Only the clone's own relative configs/NAME.yaml: a missing file in a folder of one's own
+  # that happens to be named configs/ is an error, not silently the shipped file.
+  if (str(spec) == name or path.parent == Path("configs")) and shipped.is_file():
     return shipped
   raise ConfigError(f"{spec}: config file not found (shipped configs: "
                     f"{', '.join(shipped_names())}; or give a path to a YAML file)")

@@ -151,6 +151,9 @@ def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
   assert config.load("mine.yaml").train.seed == 5  # a path still wins
   with pytest.raises(ConfigError, match=r"^elsewhere/arc1\.yaml: config file not found"):
     config.load("elsewhere/arc1.yaml")  # only configs/NAME.yaml falls back to the package
+  mine = tmp_path / "project" / "configs" / "default.yaml"
+  with pytest.raises(ConfigError, match=r"project/configs/default\.yaml: config file not found"):
+    config.load(mine)  # one's own configs/ folder, not the clone's: no fallback
 
 
 def test_print_config_prints_the_resolved_yaml_and_exits(capsys):

@@ -555,10 +555,17 @@ def test_unwritable_out_fails_before_the_evaluation(saved_states, tmp_path, caps
 
 def test_no_training_task_left_is_one_line(tmp_path, capsys):
   cfg = tiny_config(**{**SMALL, "data": {**SMALL["data"], "train": "arc-agi-1:evaluation",
-                                        "eval": "arc-agi-1:evaluation", "max_grid": 1}})
+                                        "eval": "arc-agi-1:evaluation", "max_grid": 5}})
   assert app.train_and_evaluate(cfg, tmp_path) == 1
   line = _one_line(capsys.readouterr().err)
   assert "data.train: no training task left" in line and "leaked" in line
+  # No evaluation task left is found first, before any training: one line naming the filter.
+  tiny = config.replace(cfg, data={"max_grid": 1})
+  assert app.train_and_evaluate(tiny, tmp_path / "tiny") == 1
+  assert _one_line(capsys.readouterr().err) == (
+      "error: arc-agi-1:evaluation: no evaluation task left (400 loaded, 0 malformed skipped, "
+      "data.max_grid=1 leaves none)")
+  assert not (tmp_path / "tiny" / "checkpoints").exists()
 
 
 def test_tasks_too_long_for_every_bucket_are_logged_and_not_counted(tmp_path):

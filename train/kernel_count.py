@@ -374,15 +374,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  def usage_error(message: str):  # one line and exit code 2, as train.bench's
+    print(f"kernel_count: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
   try:
     cfg = config.load(args.config, args.overrides)
   except config.ConfigError as err:
-    raise SystemExit(f"kernel_count: {err}") from None
+    usage_error(str(err))
   shapes = []
   for case in filter(None, args.ptx.split(",")):
     match = re.fullmatch(r"(\d+)x(\d+)", case.strip())
     if not match or not all(int(n) > 0 for n in match.groups()):
-      raise SystemExit(f"kernel_count: --ptx {case!r}: expected rows x tokens, e.g. 32x2048")
+      usage_error(f"--ptx {case!r}: expected rows x tokens, e.g. 32x2048")
     shapes.append(tuple(int(n) for n in match.groups()))
   if args.decode is None:
     args.decode = "" if shapes else ",".join(decode.DECODE_KERNELS)
