@@ -194,11 +194,15 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
                        process_index=jax.process_index(), process_count=jax.process_count(),
                        pack_align=attention.pack_alignment(cfg.model),
                        answer_quantile=cfg.eavi.budget_quantile)
+  if stream.num_tasks_empty:
+    log(f"data: {stream.num_tasks_empty} training tasks give no sequence (no test output and "
+        "fewer than 2 demonstrations) and are not trained on")
   if stream.num_too_long:
     log(f"data: {stream.num_too_long} training sequences are longer than the longest bucket "
         f"(data.buckets={list(cfg.data.buckets)}) even with one demonstration and are dropped; "
         f"{stream.num_tasks_too_long} tasks lost all of theirs: "
-        f"{len(tasks) - stream.num_tasks_too_long} training tasks are left")
+        f"{len(tasks) - stream.num_tasks_empty - stream.num_tasks_too_long} training tasks are "
+        "left")
   model = Transformer(cfg.model)
   runner = make_runner(cfg, model)
   state = initial_state(cfg, model, mngr, log)

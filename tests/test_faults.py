@@ -585,6 +585,20 @@ def test_tasks_too_long_for_every_bucket_are_logged_and_not_counted(tmp_path):
       (tmp_path / "big.json").read_text())}))
   with pytest.raises(DataError, match="data.buckets: no training sequence fits"):
     BatchStream(build_training_tasks(only_big, log=lambda *_: None)[0], only_big, 8, 0)
+  # A task with one demonstration and no test output gives no sequence: counted apart, and a
+  # data of nothing else is an error that says so (not one about the buckets).
+  lone = {"train": [{"input": small, "output": small}], "test": [{"input": small}]}
+  both = dataclasses.replace(cfg.data, train=str(tmp_path / "both"))
+  (tmp_path / "both").mkdir()
+  for name, task in (("lone", lone), ("small", json.loads((tmp_path / "small.json").read_text()))):
+    (tmp_path / "both" / f"{name}.json").write_text(json.dumps(task))
+  stream = BatchStream(build_training_tasks(both, log=lambda *_: None)[0], both, 8, 0)
+  assert stream.num_tasks_empty == 1 and stream.num_tasks_too_long == 0
+  only_lone = dataclasses.replace(cfg.data, train=str(tmp_path / "lone.json"))
+  (tmp_path / "lone.json").write_text(json.dumps({"lone": lone}))
+  with pytest.raises(DataError, match=r"^data.train: none of the 1 training tasks gives a "
+                                      r"sequence \(each needs a test output or at least 2 "):
+    BatchStream(build_training_tasks(only_lone, log=lambda *_: None)[0], only_lone, 8, 0)
 
 
 def test_a_boolean_colour_is_rejected(tmp_path):

@@ -375,6 +375,12 @@ class BatchStream:
       if not is_leave_one_out(task):
         items.extend((loo, 0) for loo in leave_one_out(task))
       origin.extend([k] * (len(items) - n))
+    # Tasks that give no sequence at all: no known test output and fewer than 2 demonstrations
+    # (leave-one-out needs two).
+    self.num_tasks_empty = len(tasks) - len(set(origin))
+    if not items:
+      raise DataError(f"data.train: none of the {len(tasks)} training tasks gives a sequence "
+                      "(each needs a test output or at least 2 demonstrations)")
     longest = self.buckets[-1] + 1
     self.items: list[tuple[Task, int]] = []
     self.item_tokens: list[int] = []  # tokens with every demo (any orientation), capped
