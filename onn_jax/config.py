@@ -274,7 +274,8 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class LogConfig:
   # Live metrics for TensorBoard in <workdir>/tensorboard, beside metrics.jsonl (which is always
-  # written). Needs tensorboardX: pip install "onn-jax[tensorboard]".
+  # written). Needs tensorboardX: pip install tensorboardX (in a clone: pip install -e
+  # ".[tensorboard]").
   tensorboard: bool = False
 
 

@@ -166,6 +166,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print, ahead=None) -> TrainRe
   lock = contextlib.nullcontext()
   if is_main_process():  # one lock per run, held by process 0
     faults.check_writable_dir(workdir, "--workdir")
+    if (workdir / "checkpoints").exists():  # a resume: Orbax would fail at its first save
+      faults.check_writable_dir(workdir / "checkpoints", "the checkpoint folder")
     lock = faults.WorkdirLock(workdir, log)
   with lock, faults.SignalGuard(log) as guard:
     return _train(cfg, workdir, log=log, guard=guard, ahead=ahead)

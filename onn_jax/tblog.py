@@ -1,8 +1,8 @@
 """Optional live metrics for TensorBoard (``log.tensorboard=true``), beside metrics.jsonl.
 
-Written with tensorboardX (``pip install "onn-jax[tensorboard]"``): no TensorFlow needed. Every
-numeric scalar of a logged step becomes ``train/<key>`` at that step; lists (tokens per
-expert) and events stay in metrics.jsonl only.
+Written with tensorboardX (``pip install tensorboardX``; in a clone ``pip install -e
+".[tensorboard]"``): no TensorFlow needed. Every numeric scalar of a logged step becomes
+``train/<key>`` at that step; lists (tokens per expert) and events stay in metrics.jsonl only.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def check_available(cfg: Config) -> None:
   try:
     import tensorboardX  # noqa: F401
   except ImportError:
-    raise ConfigError('log.tensorboard=true needs tensorboardX: pip install '
-                      '"onn-jax[tensorboard]" (or tensorboardX), or set log.tensorboard=false'
+    raise ConfigError('log.tensorboard=true needs tensorboardX: pip install tensorboardX (in '
+                      'a clone: pip install -e ".[tensorboard]"), or set log.tensorboard=false'
                       ) from None
 
 

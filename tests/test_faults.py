@@ -531,6 +531,14 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
   assert "--workdir" in _one_line(capsys.readouterr().err)
   assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path / "f" / "w") == 1
   assert "not writable" in _one_line(capsys.readouterr().err)
+  # A workdir whose checkpoint folder cannot take a save (here a file in its place; a
+  # read-only folder or another user's alike) is one line before the first step, not Orbax's
+  # traceback (and, with async saves, its minutes-long wait) at the first save.
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / "checkpoints").write_text("")
+  assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path / "w") == 1
+  assert _one_line(capsys.readouterr().err) == (
+      f"error: the checkpoint folder {tmp_path / 'w' / 'checkpoints'}: is a file, not a folder")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
