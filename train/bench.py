@@ -97,7 +97,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import config, output, steps
+from onn_jax import config, output, profiling, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
@@ -113,7 +113,6 @@ from onn_jax.model.moe import (cosine_similarity, experts_dense, experts_referen
                                experts_sparse, init_expert_params, pair_capacity)
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
 from onn_jax.model.transformer import Transformer, moe_layer, outside_tf
-from onn_jax import profiling
 from train.nsa_kernel_check import VARIANTS, variant as kernel_setting
 
 SECTIONS = ("train", "eavi", "decode", "nsa", "moe", "layers")

@@ -56,11 +56,10 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from onn_jax import config, decode, output
+from onn_jax import config, decode, output, profiling
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
-from onn_jax import profiling
 
 # An sm_90 device (H100 SXM class; the H200 differs in memory size and bandwidth), for the
 # deviceless compilation: XLA's GpuTargetConfigProto in text form.
@@ -374,6 +373,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+
   def usage_error(message: str):  # one line and exit code 2, as train.bench's
     print(f"kernel_count: {message}", file=sys.stderr)
     raise SystemExit(2)
