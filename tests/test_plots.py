@@ -128,3 +128,17 @@ def test_plots_draw_what_a_reader_needs(tmp_path, monkeypatch):
   empty, drawn = figures[0].axes
   assert not empty.images and [t.get_text() for t in empty.texts] == ["none"]
   assert len(drawn.images) == 1
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_a_progress_bar_in_a_log_file_ends_its_line(capsys, leave):
+  """Written to a file (stderr is not a terminal under capsys), a bar's last state ends with a
+  newline when it closes, also a bar asked not to stay (``leave=False``, as evaluation's): the
+  summary line after it shared the bar's line in a log before."""
+  bar = output.progress(3, "generate", leave=leave)
+  for _ in range(3):
+    bar.update(1)
+  bar.close()
+  err = capsys.readouterr().err
+  assert err.endswith("\n"), repr(err)
+  assert "3/3" in err.rsplit("\r", 1)[-1], repr(err)
