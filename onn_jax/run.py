@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,25 @@ class MetricsWriter:
       return
     with self.path.open("a") as f:
       f.write(json.dumps(output.jsonable(record)) + "\n")
+
+
+def _set_aside_previous_run(workdir: Path, log) -> None:
+  """A run starting fresh in a workdir whose metrics.jsonl holds records (its checkpoints were
+  deleted, or it stopped before its first save) moves that file and its config.yaml to
+  ``previous-N/`` and says so: the new run would otherwise write over them unsaid."""
+  metrics = workdir / "metrics.jsonl"
+  if not metrics.is_file() or not metrics.read_text().strip():
+    return
+  number = 1
+  while (workdir / f"previous-{number}").exists():
+    number += 1
+  aside = workdir / f"previous-{number}"
+  aside.mkdir()
+  moved = [name for name in ("metrics.jsonl", "config.yaml") if (workdir / name).is_file()]
+  for name in moved:
+    shutil.move(str(workdir / name), str(aside / name))
+  log(f"{workdir} holds no checkpoint but an earlier run's records: starting at step 0; its "
+      f"{' and '.join(moved)} moved to {aside}")
 
 
 def _record_step(line: str) -> int:
@@ -187,6 +207,8 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       raise
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
+    if mngr.latest_step() is None:
+      _set_aside_previous_run(workdir, log)
     config.save(cfg, workdir / "config.yaml")
   metrics_out = MetricsWriter(workdir / "metrics.jsonl", main)
   live = tblog.open_writer(cfg, workdir, main)

@@ -324,6 +324,30 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_logs_each_step_once(tmp_path, mon
   assert logged == sorted(set(logged)) and logged[-1] == 6
 
 
+def test_a_fresh_start_over_an_earlier_runs_records_moves_them_aside(tmp_path, capsys):
+  """A workdir whose checkpoints were deleted (or whose run stopped before its first save)
+  still holds that run's metrics.jsonl and config.yaml: the new run, starting at step 0, moves
+  both to previous-1/ and says so, instead of writing over them."""
+  cfg = tiny_config(**{**RUN_CFG, "data": {**RUN_CFG["data"], "eval": ""},
+                       "checkpoint": {"every": 2, "async_save": False}})
+  assert app.train_and_evaluate(cfg, tmp_path) == 0
+  earlier = (tmp_path / "metrics.jsonl").read_text()
+  shutil.rmtree(tmp_path / "checkpoints")
+  capsys.readouterr()
+  other = config.replace(cfg, train={"seed": 7})  # another run's config, no resume check left
+  assert app.train_and_evaluate(other, tmp_path) == 0
+  out = capsys.readouterr().out
+  aside = tmp_path / "previous-1"
+  assert (f"{tmp_path} holds no checkpoint but an earlier run's records: starting at step 0; "
+          f"its metrics.jsonl and config.yaml moved to {aside}") in out
+  assert (aside / "metrics.jsonl").read_text() == earlier
+  assert config.load(aside / "config.yaml").train.seed == cfg.train.seed
+  assert config.load(tmp_path / "config.yaml").train.seed == 7
+  logged = [json.loads(line)["step"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event"' not in line]
+  assert logged == sorted(set(logged)) and logged[-1] == 6
+
+
 def test_training_compiles_nothing_on_its_own_thread_once_steps_run(tmp_path, monkeypatch):
   """With train.background_compile (the default), every program the training loop runs is
   compiled before its first step (the first stage's steps, the expert reset) or on the
