@@ -7,6 +7,7 @@ on) end with one line on stderr naming the culprit and a non-zero exit code.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from onn_jax import checkpoint, config, faults, plots
-from onn_jax.config import Config, ConfigError
+from onn_jax.config import Config, ConfigError, data_sources
 from onn_jax.data.pipeline import load_joined
 from onn_jax.data.tasks import DataError, TaskList, filter_max_grid
 from onn_jax.evaluation import augscore
@@ -66,6 +67,18 @@ def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None
                     f"{len(skipped)} malformed skipped"
                     + (f", data.max_grid={max_grid} leaves none" if loaded else "") + ")")
   return TaskList(kept, skipped)
+
+
+def default_eval_folder(spec: str, run_eval: str) -> str:
+  """``train.evaluate``'s output folder in the run without ``--out``: ``eval`` for the run's
+  own ``data.eval`` (where ``train.main`` wrote its evaluation), else ``eval_`` and the data's
+  name (``eval_arc-agi-1_training``, ``eval_challenges`` for ``.../challenges.json``), so
+  that scoring other data never writes over the run's own results."""
+  if run_eval and _same_source(spec, run_eval):
+    return "eval"
+  names = [os.path.splitext(os.path.basename(os.path.normpath(source)))[0] or source
+           for source in data_sources(spec)]
+  return "eval_" + re.sub(r"[^A-Za-z0-9._+-]", "_", "+".join(names))
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -159,7 +172,7 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
                                                     for where, reason in skipped]}
   if is_main_process():
     augscore.write_outputs(records, tasks, out_dir, e.mode,
-                           {"protocol": protocol(cfg), **(extra or {})})
+                           {"protocol": protocol(cfg), **(extra or {})}, e.sheet_tasks)
     log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir)
         + (f"; {len(skipped)} malformed tasks skipped, not answered (data.skip_bad; named "
            "in scores.json's skipped_malformed)" if skipped else ""))
@@ -233,27 +246,29 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     maybe_initialize_distributed(cfg)  # before anything touches a device
     use_compile_cache(cfg)
     ttt.check(cfg)
-    if is_main_process():  # before any work: the evaluation's outputs must have a place
-      out_dir = faults.check_writable_dir(out_dir or run_dir / "eval", "--out")
-    target = init_params(cfg.model, jax.random.PRNGKey(0))
-    params, record = checkpoint.load_params(run_dir, target,
-                                            prefer_ema=cfg.eval.weights == "ema")
     spec = data or cfg.data.eval
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")
+    out_dir = Path(out_dir or run_dir / default_eval_folder(spec, cfg.data.eval))
+    if is_main_process():  # before any work: the evaluation's outputs must have a place
+      faults.check_writable_dir(out_dir, "--out")
+    target = init_params(cfg.model, jax.random.PRNGKey(0))
+    params, record = checkpoint.load_params(run_dir, target,
+                                            prefer_ema=cfg.eval.weights == "ema")
     if data:  # the user's data, whole: only a filter asked for on this command line applies
       tasks = load_eval_tasks(spec, cfg,
                               cfg.eval.max_tasks if "eval.max_tasks" in asked else 0,
                               cfg.data.max_grid if "data.max_grid" in asked else 30)
     else:
       tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
-    if (any(_same_source(spec, part) for part in cfg.data.train.split("+"))
-        and not cfg.data.hold_out_train_tests):
-      print(f"warning: {spec} is training data of this run and data.hold_out_train_tests was "
-            "off: these test outputs were trained on", file=sys.stderr)
+    trained = [part for part in data_sources(spec)
+               if any(_same_source(part, source) for source in data_sources(cfg.data.train))]
+    if trained and not cfg.data.hold_out_train_tests:
+      print(f"warning: {' and '.join(trained)} {'is' if len(trained) == 1 else 'are'} training "
+            "data of this run and data.hold_out_train_tests was off: these test outputs were "
+            "trained on", file=sys.stderr)
   except USER_ERRORS as err:
     return _fail(err)
-  out_dir = Path(out_dir or run_dir / "eval")
   evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
                                                      "weights": record.get("weights"),
                                                      "data": spec})

@@ -89,10 +89,19 @@ class ModelConfig:
   param_dtype: str = "float32"
 
 
+def data_sources(spec: str) -> list[str]:
+  """The sources a data spec names: ``"a+b"`` -> ``["a", "b"]``; an existing path is one source
+  even when its name holds a "+". An empty entry (``"a++b"``) stays empty for the caller to
+  refuse."""
+  if os.path.exists(spec.strip()):
+    return [spec.strip()]
+  return [s.strip() for s in spec.split("+")]
+
+
 @dataclass(frozen=True)
 class DataConfig:
   # A source is "arc-agi-1:training", "arc-agi-2:evaluation", a folder of task JSON files or a
-  # Kaggle challenges JSON. Several training sources are joined with "+".
+  # Kaggle challenges JSON. Several sources are joined with "+" (a path holding "+" is one).
   train: str = "arc-agi-1:training"
   eval: str = "arc-agi-1:evaluation"  # "" for none
   eval_demos: bool = False  # add leave-one-out sequences of the eval tasks' demonstrations
@@ -230,7 +239,7 @@ class EvalConfig:
   # Longest prompt plus answer evaluated, in tokens; 0: the longest of data.buckets. A longer
   # prompt loses demonstrations, largest first (``shortened`` in scores.json).
   max_len: int = 0
-  sheet_tasks: int = 8
+  sheet_tasks: int = 8  # tasks drawn in sheet.png, in id order (0: no sheet)
   weights: str = "ema"  # ema (when the run kept one) | params
   # Generations follow the grid grammar (decode.grid_allowed): rows of one width closed by
   # NEWLINE, END after a whole row, at most 30 x 30; a token that would break it is never
@@ -407,7 +416,7 @@ def validate(cfg: Config) -> Config:
   _require(bool(d.train), "data.train: must name at least one source")
   for key in ("train", "eval"):
     spec = getattr(d, key)
-    _require(not spec or all(s.strip() for s in spec.split("+")),
+    _require(not spec or all(data_sources(spec)),
              f"data.{key}: {spec!r} has an empty source between '+' signs")
   _require(len(d.buckets) > 0, "data.buckets: must list at least one length")
   _require(all(b > 0 for b in d.buckets), f"data.buckets: lengths must be positive, got "

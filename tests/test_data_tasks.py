@@ -169,6 +169,14 @@ def test_challenges_with_solutions_beside_given_and_missing(tmp_path):
   _write(tmp_path / "solutions.json", solutions)
   assert load_tasks(plain)[0].test[1][1].tolist() == [[4, 4]]
   assert load_tasks(_write(tmp_path / "mine.json", challenges))[0].test[0][1] is None
+  # The suffixes in another case, as *.JSON files are read: X_Challenges.JSON's solutions are
+  # X_Solutions.JSON (found however the suffix is written; the name before it as it stands).
+  (tmp_path / "upper").mkdir()
+  shouting = _write(tmp_path / "upper" / "X_Challenges.JSON", challenges)
+  _write(tmp_path / "upper" / "Y_Solutions.JSON", {"t1": [[[7]], [[7, 7]]], "t2": [[[7]]]})
+  assert load_tasks(shouting)[0].test[0][1] is None  # another name before the suffix
+  _write(tmp_path / "upper" / "X_Solutions.JSON", solutions)
+  assert load_tasks(shouting)[0].test[1][1].tolist() == [[4, 4]]
   # A challenges file without tasks is an error, as an empty folder is.
   with pytest.raises(DataError, match=r"empty_challenges.json: challenges file holds no tasks"):
     load_tasks(_write(tmp_path / "empty_challenges.json", {}))

@@ -277,22 +277,42 @@ def test_repeated_non_finite_steps_stop_the_run(tmp_path, capsys):
 
 
 def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_path):
+  """A user's file (in a folder whose name holds a "+", which joins sources elsewhere) is
+  evaluated whole; without --out its outputs go to RUN_DIR/eval_<its name>, beside the run's
+  own eval/, which stays as it was; eval.sheet_tasks picks the tasks drawn (0: no sheet)."""
   workdir, cfg = finished_run
+  run_dir = tmp_path / "run"
+  shutil.copytree(workdir, run_dir)
+  own = (run_dir / "eval" / "submission.json").read_text()
   from onn_jax.data.tasks import load_tasks
   tasks = app.load_eval_tasks(cfg.data.eval, cfg, 2)
   challenges = {t.id: {"train": [{"input": i.tolist(), "output": o.tolist()} for i, o in t.train],
                        "test": [{"input": i.tolist()} for i, _ in t.test]} for t in tasks}
-  path = tmp_path / "arc-agi_test_challenges.json"
+  (tmp_path / "my+data").mkdir()
+  path = tmp_path / "my+data" / "arc-agi_test_challenges.json"
   path.write_text(json.dumps(challenges))
   assert len(load_tasks(str(path))) == 2
-  out = tmp_path / "out"
   from train import evaluate
-  assert evaluate.main(["--checkpoint", str(workdir), "--data", str(path), "--out", str(out),
-                        "eval.mode=greedy"]) == 0
-  scores = json.loads((out / "scores.json").read_text())
-  assert "score" not in scores and "omitted" in json.dumps(scores)
-  submission = json.loads((out / "submission.json").read_text())
-  assert sorted(submission) == sorted(challenges)
+  heights = []
+  for sheet_tasks in (2, 1, 0):
+    assert evaluate.main(["--checkpoint", str(run_dir), "--data", str(path), "eval.mode=greedy",
+                          f"eval.sheet_tasks={sheet_tasks}"]) == 0
+    out = run_dir / "eval_arc-agi_test_challenges"
+    scores = json.loads((out / "scores.json").read_text())
+    assert "score" not in scores and "omitted" in json.dumps(scores)
+    submission = json.loads((out / "submission.json").read_text())
+    assert sorted(submission) == sorted(challenges)
+    if sheet_tasks:
+      from matplotlib.image import imread
+      heights.append(imread(out / "sheet.png").shape[0])
+      (out / "sheet.png").unlink()
+    else:
+      assert not (out / "sheet.png").exists()
+  assert heights[1] < heights[0]
+  assert (run_dir / "eval" / "submission.json").read_text() == own
+  assert app.default_eval_folder(cfg.data.eval, cfg.data.eval) == "eval"
+  assert app.default_eval_folder(" ARC-AGI-1:Training", cfg.data.eval) == "eval_ARC-AGI-1_Training"
+  assert app.default_eval_folder("a/tasks/+b.json", "") == "eval_tasks+b"
 
 
 def test_evaluate_program_missing_checkpoint_is_one_line(tmp_path, capsys):
@@ -520,7 +540,7 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   state = _final_state(tmp_path, cfg)
   seen = {}
   monkeypatch.setattr(app, "evaluate_params",
-                      lambda cfg, params, tasks, out, extra: seen.update(params=params,
+                      lambda cfg, params, tasks, out, extra: seen.update(params=params, out=out,
                                                                          tasks=tasks, **extra))
   for weights, expected in (("ema", state.ema), ("params", state.params)):
     assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:evaluation", tmp_path / weights,
@@ -534,6 +554,12 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   # Scoring the run's own training split, whose test pairs it trained on, is said.
   assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:training", tmp_path / "train", []) == 0
   assert "training data of this run" in capsys.readouterr().err
+  # Also when the training split is one of several joined sources; the warning names it.
+  assert app.evaluate_checkpoint(tmp_path, "arc-agi-1:evaluation+arc-agi-1:training", None,
+                                 ["eval.max_tasks=1"]) == 0
+  assert seen["out"] == tmp_path / "eval_arc-agi-1_evaluation+arc-agi-1_training"
+  assert ("warning: arc-agi-1:training is training data of this run"
+          in capsys.readouterr().err)
   assert app._same_source("ARC-AGI-1:training ", "arc-agi-1:training")
   assert app._same_source(str(tmp_path) + "/", os.path.relpath(tmp_path))
   assert not app._same_source(str(tmp_path), str(tmp_path / "train"))
@@ -584,6 +610,12 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
   assert app.evaluate_checkpoint(
       tmp_path, f"{tmp_path / 'big.json'}+{tmp_path / 'more.json'}", tmp_path / "u", []) == 0
   assert [t.id for t in seen["tasks"]] == ["t0", "t5"]
+  # A source that is not there, in a spec "+" splits, says the spec was split.
+  assert app.evaluate_checkpoint(tmp_path, f"{tmp_path / 'my+data.json'}", tmp_path / "u",
+                                 []) == 1
+  assert capsys.readouterr().err.strip() == (
+      f"error: source {str(tmp_path / 'my')!r} is not arc-agi-1, arc-agi-2, an existing folder "
+      f"or a JSON file ({str(tmp_path / 'my+data.json')!r} names 2 sources joined by '+')")
   # Joining a multi-host job is this command's choice: the flags a run was trained with are not
   # inherited (it may be evaluated on one host); flags on the command line reach jax first.
   calls = []

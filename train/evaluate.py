@@ -24,7 +24,9 @@ def main(argv=None) -> int:
                       help="a run folder (with config.yaml and checkpoints/)")
   parser.add_argument("--data", default=None,
                       help="SOURCE:SPLIT or a path (default: the run's data.eval)")
-  parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+  parser.add_argument("--out", default=None,
+                      help="output folder (default: RUN_DIR/eval for the run's own data.eval, "
+                           "RUN_DIR/eval_NAME for other data, e.g. eval_challenges)")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.mode=vote")
   args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
   from onn_jax import app

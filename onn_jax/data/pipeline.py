@@ -13,11 +13,12 @@ process of the same run, sees exactly the same data.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from onn_jax.config import DataConfig
+from onn_jax.config import DataConfig, data_sources
 from onn_jax.data.augment import View, augment_task, color_permutation
 from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out,
                                     longest_answer)
@@ -55,10 +56,16 @@ def load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, 
   skipped: list[tuple[str, str]] = []
   seen: set[str] = set()
   duplicates = 0
-  for source in (s.strip() for s in spec.split("+")):
+  sources = data_sources(spec)
+  for source in sources:
     if not source:
       raise DataError(f"data source list {spec!r} has an empty entry")
-    loaded = load_tasks(source, skip_bad=skip_bad)
+    try:
+      loaded = load_tasks(source, skip_bad=skip_bad)
+    except DataError as err:
+      if len(sources) == 1 or os.path.exists(source):
+        raise
+      raise DataError(f"{err} ({spec!r} names {len(sources)} sources joined by '+')") from None
     skipped.extend(loaded.skipped)
     for task in loaded:
       if task.id in seen:

@@ -228,13 +228,17 @@ def _load_folder(folder: str, skip_bad: bool) -> TaskList:
 
 def _solutions_beside(path: str) -> str | None:
   """Kaggle's naming: ``NAME_challenges.json``'s solutions are ``NAME_solutions.json`` beside
-  it (``challenges.json``'s, ``solutions.json``), when that file exists."""
+  it (``challenges.json``'s, ``solutions.json``), when that file exists; the suffix in any
+  case, as ``*.JSON`` files are read (``X_Challenges.JSON``'s are ``X_Solutions.JSON``)."""
   base = os.path.basename(path)
-  if not base.endswith("challenges.json"):
+  suffix = "challenges.json"
+  if not base.lower().endswith(suffix):
     return None
-  candidate = os.path.join(os.path.dirname(path),
-                           base[:-len("challenges.json")] + "solutions.json")
-  return candidate if os.path.isfile(candidate) else None
+  folder, prefix = os.path.dirname(path), base[:-len(suffix)]
+  found = sorted(n for n in os.listdir(folder or ".")
+                 if n.startswith(prefix) and n[len(prefix):].lower() == "solutions.json"
+                 and os.path.isfile(os.path.join(folder, n)))
+  return os.path.join(folder, found[0]) if found else None
 
 
 def _load_challenges(path: str, solutions: str | None, skip_bad: bool) -> TaskList:

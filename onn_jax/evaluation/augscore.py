@@ -498,8 +498,8 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
                   mode: str, extra: dict | None = None, sheet_tasks: int = 8) -> dict:
   """Writes into ``out_dir``: ``submission.json`` (validated), ``scores.json`` (summary plus
   ``extra``; summary keys win), ``results.jsonl`` (one line per test input) and ``sheet.png``
-  (test input, target and both attempts for the first ``sheet_tasks`` tasks). Returns the
-  scores dict."""
+  (test input, target and both attempts for the first ``sheet_tasks`` tasks; none at 0).
+  Returns the scores dict."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   ranked = ranked_by_task(records, tasks)
@@ -549,5 +549,6 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
           ("target", None if target is None else np.asarray(target)),
           *attempts,
       ]})
-  render_sheet(rows, out_dir / "sheet.png")
+  if rows:  # eval.sheet_tasks=0: no sheet
+    render_sheet(rows, out_dir / "sheet.png")
   return scores
