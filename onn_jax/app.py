@@ -188,9 +188,13 @@ def use_compile_cache(cfg: Config) -> None:
 
 
 def train_and_evaluate(cfg: Config, workdir: Path) -> int:
-  """``python -m train.main``: train the configured stages, plot, evaluate on ``data.eval``."""
+  """``python -m train.main``: train the configured stages, plot, evaluate on ``data.eval``.
+  The workdir stays locked until the evaluation has written its files (a second run there
+  would otherwise start beside it); a stop signal during the evaluation is one line."""
   from onn_jax import run  # heavy: jitted steps
   use_compile_cache(cfg)
+  workdir = Path(workdir)
+  when = "before the first step"  # where a stop signal the training did not report came
   try:
     maybe_initialize_distributed(cfg)
     ttt.check(cfg)
@@ -198,27 +202,29 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
     ahead = None
     if tasks and cfg.ttt.steps > 0 and cfg.train.background_compile:
       ahead = lambda params: ttt.compile_ahead(cfg, params, tasks, mesh=eval_mesh(cfg))
-    result = run.train(cfg, workdir, ahead=ahead)
+    with run.hold_workdir(workdir), faults.SignalGuard():
+      result = run.train(cfg, workdir, ahead=ahead, locked=True)
+      if is_main_process():
+        plots.plot_training(workdir / "metrics.jsonl", workdir / "plots")
+      if not result.finished:
+        print(f"stopped at step {result.step} of {result.total} (train.run_steps); "
+              "run the same command again to resume")
+        return 0
+      if not cfg.data.eval:
+        return 0
+      when = (f"during the evaluation; training is done and checkpointed at step "
+              f"{result.step}: run the same command again to evaluate")
+      state = result.state
+      use_ema = cfg.eval.weights == "ema" and bool(jax.tree.leaves(state.ema))
+      evaluate_params(cfg, jax.device_get(state.ema if use_ema else state.params), tasks,
+                      workdir / "eval",
+                      extra={"step": result.step, "weights": "ema" if use_ema else "params"})
   except USER_ERRORS + (run.TrainingStopped,) as err:
     return _fail(err)
   except KeyboardInterrupt as err:  # run.train has checkpointed and said so, when it could
     if not getattr(err, "reported", False):
-      print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) before the first step",
-            file=sys.stderr)
+      print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) {when}", file=sys.stderr)
     return getattr(err, "exit_code", 130)
-  if is_main_process():
-    plots.plot_training(workdir / "metrics.jsonl", workdir / "plots")
-  if not result.finished:
-    print(f"stopped at step {result.step} of {result.total} (train.run_steps); "
-          "run the same command again to resume")
-    return 0
-  if not cfg.data.eval:
-    return 0
-  state = result.state
-  use_ema = cfg.eval.weights == "ema" and bool(jax.tree.leaves(state.ema))
-  evaluate_params(cfg, jax.device_get(state.ema if use_ema else state.params), tasks,
-                  workdir / "eval",
-                  extra={"step": result.step, "weights": "ema" if use_ema else "params"})
   return 0
 
 
@@ -269,7 +275,13 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
             "trained on", file=sys.stderr)
   except USER_ERRORS as err:
     return _fail(err)
-  evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
-                                                     "weights": record.get("weights"),
-                                                     "data": spec})
+  try:
+    with faults.SignalGuard():
+      evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
+                                                         "weights": record.get("weights"),
+                                                         "data": spec})
+  except KeyboardInterrupt as err:
+    print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) during the evaluation: run it "
+          f"again for its files in {out_dir}", file=sys.stderr)
+    return getattr(err, "exit_code", 130)
   return 0

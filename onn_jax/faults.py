@@ -54,6 +54,8 @@ class SignalGuard:
   def __enter__(self) -> "SignalGuard":
     if threading.current_thread() is threading.main_thread():
       for signum in SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:  # nohup's SIGHUP, a script's `&` job's
+          continue  # SIGINT: ignored by whoever started the run, and it stays so
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
@@ -72,11 +74,13 @@ class SignalGuard:
 
   @contextlib.contextmanager
   def _held(self, what: str, hold: bool) -> Iterator[None]:
-    self._saving, self._pending = what, None
+    outer, self._saving = self._saving, what
+    if not outer:
+      self._pending = None
     try:
       yield
     finally:
-      self._saving = False
+      self._saving = outer  # a save inside a step: the step holds signals again after it
     pending, self._pending = self._pending, None
     if pending is not None and not hold:
       raise Interrupted(pending)
@@ -87,9 +91,11 @@ class SignalGuard:
     return self._held("save", hold)
 
   def step(self):
-    """A training step: a signal waits (silently) until the step has handed back its new
-    state, then stops the run, so the interrupt can checkpoint a whole state (a step donates
-    the old one: cut in the middle there would be nothing to save)."""
+    """A training step and what belongs to it (the expert reset after it, its records, its
+    scheduled save): a signal waits (silently) until all of it is done, then stops the run,
+    so the interrupt checkpoints a whole state that a resume continues exactly (a step
+    donates the old state: cut in the middle there would be nothing to save; cut before the
+    reset of its step, the resumed run would never reset)."""
     return self._held("step", False)
 
 
@@ -101,6 +107,9 @@ def _alive(pid: int) -> bool:
   except PermissionError:  # someone else's live process
     return True
   return True
+
+
+_HELD: set[str] = set()  # the lock files this process holds (their real paths)
 
 
 class WorkdirLock:
@@ -140,15 +149,20 @@ class WorkdirLock:
     for _ in range(3):  # a stale lock removed by us (or a racing run) is retried
       if self._create():
         self.held = True
+        _HELD.add(os.path.realpath(self.path))
         return self
       holder = self._holder()
       if holder is None:
         continue
       same_host = holder.get("host") == self.owner["host"]
       pid = holder.get("pid")
-      if same_host and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
-        self.log(f"workdir: removing the stale lock {self.path} of pid {pid}, which no longer "
-                 "runs")
+      # A lock naming this process that no lock object of it holds was written by an earlier
+      # process with its pid (a container restarted under the same host name).
+      earlier = pid == os.getpid() and os.path.realpath(self.path) not in _HELD
+      if same_host and isinstance(pid, int) and (earlier or not _alive(pid)):
+        why = ("an earlier process with this one's pid" if pid == os.getpid() else
+               "which no longer runs")
+        self.log(f"workdir: removing the stale lock {self.path} of pid {pid}, {why}")
         with contextlib.suppress(FileNotFoundError):
           self.path.unlink()
         continue
@@ -159,9 +173,11 @@ class WorkdirLock:
     raise OutputError(f"{self.path}: cannot take the lock (other runs keep taking it)")
 
   def release(self) -> None:
-    if self.held and self._holder() == self.owner:
-      with contextlib.suppress(FileNotFoundError):
-        self.path.unlink()
+    if self.held:
+      _HELD.discard(os.path.realpath(self.path))
+      if self._holder() == self.owner:
+        with contextlib.suppress(FileNotFoundError):
+          self.path.unlink()
     self.held = False
 
   def __enter__(self) -> "WorkdirLock":

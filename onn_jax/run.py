@@ -171,7 +171,8 @@ class TrainResult:
   info: dict[str, Any]  # the training data's protocol and counts
 
 
-def train(cfg: Config, workdir: str | Path, *, log=print, ahead=None) -> TrainResult:
+def train(cfg: Config, workdir: str | Path, *, log=print, ahead=None, locked: bool = False
+          ) -> TrainResult:
   """Runs the configured stages; returns where it stopped, the state and the last metrics.
 
   ``ahead(params)``, when given, is called once, before the first step, when this invocation
@@ -179,18 +180,26 @@ def train(cfg: Config, workdir: str | Path, *, log=print, ahead=None) -> TrainRe
   while training runs, :func:`onn_jax.ttt.compile_ahead`). It must not keep ``params``'
   arrays: the steps donate them.
 
-  The workdir is checked writable and locked (process 0) for the run; SIGINT, SIGTERM and
-  SIGHUP checkpoint the current step and raise :class:`faults.Interrupted`.
+  The workdir is checked writable and locked (:func:`hold_workdir`) for the run, unless
+  ``locked``: the caller holds it (``train.main`` does, over its evaluation too); SIGINT,
+  SIGTERM and SIGHUP checkpoint the current step and raise :class:`faults.Interrupted`.
   """
   workdir = Path(workdir)
-  lock = contextlib.nullcontext()
-  if is_main_process():  # one lock per run, held by process 0
-    faults.check_writable_dir(workdir, "--workdir")
-    if (workdir / "checkpoints").exists():  # a resume: Orbax would fail at its first save
-      faults.check_writable_dir(workdir / "checkpoints", "the checkpoint folder")
-    lock = faults.WorkdirLock(workdir, log)
-  with lock, faults.SignalGuard(log) as guard:
+  with (contextlib.nullcontext() if locked else hold_workdir(workdir, log)), \
+      faults.SignalGuard(log) as guard:
     return _train(cfg, workdir, log=log, guard=guard, ahead=ahead)
+
+
+def hold_workdir(workdir: str | Path, log=print):
+  """The workdir checked writable (and its checkpoints, on a resume: Orbax would fail at its
+  first save) and locked by process 0, as a context; nothing on the other processes."""
+  workdir = Path(workdir)
+  if not is_main_process():
+    return contextlib.nullcontext()
+  faults.check_writable_dir(workdir, "--workdir")
+  if (workdir / "checkpoints").exists():
+    faults.check_writable_dir(workdir / "checkpoints", "the checkpoint folder")
+  return faults.WorkdirLock(workdir, log)
 
 
 def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
@@ -291,71 +300,72 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       tokens_since += local_batch["inputs"].size * jax.process_count()
       real_since += int(local_batch["valid"].sum()) * jax.process_count()
       steps_since += 1
-      with guard.step():  # a stop signal waits for the new state, then checkpoints it
+      # A stop signal waits for the step and all that belongs to it (the reset of its step,
+      # its records, its scheduled save), then checkpoints the whole state (SignalGuard.step).
+      with guard.step():
         queuing = time.perf_counter()
         state, out = runner.run(stage, state, runner.put_batch(local_batch))
         queue_since += time.perf_counter() - queuing
-      step += 1
-      if t.reset_every and step % t.reset_every == 0:
-        with guard.step():
+        step += 1
+        if t.reset_every and step % t.reset_every == 0:
           state, dead = runner.apply(reset, state, reset_rng, np.int32(step))
+          waiting = time.perf_counter()
+          dead = runner.host(dead)
+          device_since += time.perf_counter() - waiting
+          for layer, row in enumerate(dead):
+            metrics_out.write({"event": "reset", "step": step, "layer": layer,
+                               "experts": np.flatnonzero(row).tolist()})
+        # Consecutive non-finite steps, read one step late while every step is finite, so that
+        # the device runs this step while the host waits for the last one and then queues the
+        # next; read at once at a step that logs or saves, before a stage's first step (which
+        # may wait for its compile) and after a non-finite one. Every non-finite step is logged.
+        due = (step % t.log_every == 0 or step == stop_at or step % cfg.checkpoint.every == 0
+               or stages.stage_at(cfg, step).name not in started)  # (step < stop_at here)
         waiting = time.perf_counter()
-        dead = runner.host(dead)
+        earlier = 0 if late is None else int(host_value(late[0]["nonfinite"]))  # the last step's
+        nonfinite = int(host_value(out["nonfinite"])) if due or earlier or late is None else 0
         device_since += time.perf_counter() - waiting
-        for layer, row in enumerate(dead):
-          metrics_out.write({"event": "reset", "step": step, "layer": layer,
-                             "experts": np.flatnonzero(row).tolist()})
-      # Consecutive non-finite steps, read one step late while every step is finite, so that
-      # the device runs this step while the host waits for the last one and then queues the
-      # next; read at once at a step that logs or saves, before a stage's first step (which
-      # may wait for its compile) and after a non-finite one. Every non-finite step is logged.
-      due = (step % t.log_every == 0 or step == stop_at or step % cfg.checkpoint.every == 0
-             or stages.stage_at(cfg, step).name not in started)  # (step < stop_at here)
-      waiting = time.perf_counter()
-      earlier = 0 if late is None else int(host_value(late[0]["nonfinite"]))  # the last step's
-      nonfinite = int(host_value(out["nonfinite"])) if due or earlier or late is None else 0
-      device_since += time.perf_counter() - waiting
-      logging = []  # (step, stage, out) of the records to write
-      if earlier and not late[2]:  # the last step was non-finite, and its record not written
-        logging.append((step - 1, late[1], late[0]))
-      if due or nonfinite:
-        logging.append((step, stage, out))
-      for at, at_stage, at_out in logging:
-        at_out = jax.tree.map(host_value, at_out)
-        now = time.perf_counter()
-        last = {"step": at, "stage": at_stage, **at_out,
-                "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
-                "real_tokens_per_s": real_since / max(now - tick, 1e-9),
-                "step_s": (now - tick) / max(steps_since, 1),
-                # Of which the loop waited for the step's end (the device's work), and for
-                # its batch (building it on the host): the rest is the loop's own host work.
-                "device_wait_s": device_since / max(steps_since, 1),
-                "batch_wait_s": (batches.waited - batch_waited) / max(steps_since, 1),
-                # And how long handing the batch and the step to the device took (it should
-                # not wait; it does when the device's queue is full or held by someone else).
-                "queue_s": queue_since / max(steps_since, 1),
-                # Steps of the interval that compiled: a stage's first step in this
-                # invocation, which compiles the steps of all its buckets.
-                "compiled_steps": compiles_since,
-                "skipped_total": int(runner.host(state.skipped)),
-                **peak_memory()}
-        metrics_out.write(last)
-        live.write(last)
-        bar.set_postfix(loss=f"{float(at_out['loss']):.3f}",
-                        acc=f"{float(at_out['answer_acc']):.3f}")
-      if logging:
-        tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
-        device_since, batch_waited, queue_since = 0.0, batches.waited, 0.0
-      late = (out, stage, bool(due or nonfinite))
-      bar.update(1)
-      if max(nonfinite, earlier) >= t.max_nonfinite:
-        at, count = (step - 1, earlier) if earlier >= t.max_nonfinite else (step, nonfinite)
-        raise TrainingStopped(
-            f"train.max_nonfinite: {count} non-finite steps in a row at step {at}; "
-            f"the last good checkpoint in {mngr.directory} is kept")
-      if step % cfg.checkpoint.every == 0 or step == stop_at:
-        with guard.saving():  # a stop signal waits for the save, then stops the run
-          save(step)
+        logging = []  # (step, stage, out) of the records to write
+        if earlier and not late[2]:  # the last step was non-finite, and its record not written
+          logging.append((step - 1, late[1], late[0]))
+        if due or nonfinite:
+          logging.append((step, stage, out))
+        for at, at_stage, at_out in logging:
+          at_out = jax.tree.map(host_value, at_out)
+          now = time.perf_counter()
+          last = {"step": at, "stage": at_stage, **at_out,
+                  "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
+                  "real_tokens_per_s": real_since / max(now - tick, 1e-9),
+                  "step_s": (now - tick) / max(steps_since, 1),
+                  # Of which the loop waited for the step's end (the device's work), and for
+                  # its batch (building it on the host): the rest is the loop's own host work.
+                  "device_wait_s": device_since / max(steps_since, 1),
+                  "batch_wait_s": (batches.waited - batch_waited) / max(steps_since, 1),
+                  # And how long handing the batch and the step to the device took (it should
+                  # not wait; it does when the device's queue is full or held by someone else).
+                  "queue_s": queue_since / max(steps_since, 1),
+                  # Steps of the interval that compiled: a stage's first step in this
+                  # invocation, which compiles the steps of all its buckets.
+                  "compiled_steps": compiles_since,
+                  "skipped_total": int(runner.host(state.skipped)),
+                  **peak_memory()}
+          metrics_out.write(last)
+          live.write(last)
+          bar.set_postfix(loss=f"{float(at_out['loss']):.3f}",
+                          acc=f"{float(at_out['answer_acc']):.3f}")
+        if logging:
+          tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
+          device_since, batch_waited, queue_since = 0.0, batches.waited, 0.0
+        late = (out, stage, bool(due or nonfinite))
+        bar.update(1)
+        if max(nonfinite, earlier) >= t.max_nonfinite:
+          at, count = (step - 1, earlier) if earlier >= t.max_nonfinite else (step, nonfinite)
+          raise TrainingStopped(
+              f"train.max_nonfinite: {count} non-finite steps in a row at step {at}; "
+              f"the last good checkpoint in {mngr.directory} is kept")
+        if step % cfg.checkpoint.every == 0 or step == stop_at:
+          with guard.saving():  # a stop signal waits for the save, then stops the run
+            save(step)
     completed = True
   except KeyboardInterrupt as err:
     name = getattr(err, "name", "SIGINT")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import app, checkpoint, config, faults, run, steps
+from onn_jax import app, checkpoint, config, faults, parallel, run, steps
 from onn_jax.data.pipeline import BatchStream, build_training_tasks
 from onn_jax.data.tasks import DataError, load_tasks
 from onn_jax.model.transformer import Transformer
@@ -110,6 +110,65 @@ def test_a_signal_during_a_step_waits_for_the_new_state():
         time.sleep(0.05)  # the handler has run by now (main thread, between bytecodes)
         state = "new"
   assert state == "new" and lines == []
+
+
+def test_a_signal_inside_the_step_before_an_expert_reset_resumes_exactly(tmp_path, monkeypatch,
+                                                                         capsys):
+  """A signal landing inside the step that ends on a reset step (step 4 of
+  train.reset_every=2) waits for that reset and the step's records as well: the checkpoint
+  holds the reset state, and the resumed run ends bit-identical to an uninterrupted one. The
+  interrupt came before the reset, and the resumed run (at step 4) never did it, before."""
+  cfg = tiny_config(**{**SMALL, "train": {**SMALL["train"], "reset_every": 2,
+                                          "pretrain_steps": 6},
+                       "model": {"num_experts": 16, "init_threshold": 0.9},  # experts die
+                       "checkpoint": {"every": 100, "async_save": False}})
+  assert app.train_and_evaluate(cfg, tmp_path / "whole") == 0
+  records = lambda workdir: [json.loads(line) for line in
+                             (workdir / "metrics.jsonl").read_text().splitlines()]
+  resets = [r for r in records(tmp_path / "whole") if r.get("event") == "reset"]
+  assert any(r["experts"] for r in resets if r["step"] == 4)  # the reset changes the state
+  real_run, calls = parallel.Runner.run, []
+
+  def run_step(self, *args, **kwargs):
+    out = real_run(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 4:  # the step that makes step 4 has handed back its state
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(parallel.Runner, "run", run_step)
+  assert app.train_and_evaluate(cfg, tmp_path / "cut") == 128 + signal.SIGTERM
+  assert "interrupted (SIGTERM): checkpoint at step 4" in capsys.readouterr().out
+  monkeypatch.setattr(parallel.Runner, "run", real_run)
+  assert app.train_and_evaluate(cfg, tmp_path / "cut") == 0
+  target = steps.init_state(cfg, Transformer(cfg.model), jax.random.PRNGKey(0))
+  final = []
+  for name in ("whole", "cut"):
+    mngr = checkpoint.manager(tmp_path / name / "checkpoints")
+    final.append(checkpoint.restore(mngr, target)[0])
+    mngr.close()
+  assert int(final[1].step) == 6
+  for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  drop_timing = lambda rs: [{k: v for k, v in r.items() if k in ("step", "event", "layer",
+                                                                 "experts", "loss")}
+                            for r in rs]
+  assert drop_timing(records(tmp_path / "cut")) == drop_timing(records(tmp_path / "whole"))
+
+
+def test_signals_ignored_by_whoever_started_the_run_stay_ignored(monkeypatch):
+  """``nohup`` starts a run with SIGHUP ignored (and a shell script's ``&`` job with SIGINT
+  ignored): logging out must not stop it, as it stopped at its next step before."""
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    with faults.SignalGuard(lambda line: None):
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the guard's handler
+      os.kill(os.getpid(), signal.SIGHUP)
+      time.sleep(0.05)  # nothing is raised
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_second_signal_during_the_save_is_held_back(tmp_path, monkeypatch, capsys):
@@ -444,6 +503,41 @@ def test_a_locked_workdir_stops_a_second_run_with_one_line(tmp_path, capsys):
     other.wait()
 
 
+def test_the_lock_covers_the_evaluation_and_a_signal_there_is_one_line(tmp_path, monkeypatch,
+                                                                        capsys):
+  """train.main holds the workdir's lock until its evaluation is written (a second run
+  started beside the evaluation before, and both wrote eval/); a stop signal during the
+  evaluation, of train.main or train.evaluate, is one line and 128 + the signal (a traceback,
+  or for SIGTERM no word at all, before)."""
+  cfg = tiny_config(**{**SMALL, "data": {**SMALL["data"], "eval": "arc-agi-1:evaluation"},
+                       "eval": {"max_tasks": 1}})
+  seen = []
+
+  def evaluate(*args, **kwargs):
+    seen.append((tmp_path / faults.WorkdirLock.NAME).exists())
+    if len(seen) == 1:  # train.main's (train.evaluate takes no lock)
+      with pytest.raises(faults.OutputError, match="in use by another run"):
+        run.hold_workdir(tmp_path).acquire()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    raise AssertionError("the signal did not stop the evaluation")
+
+  monkeypatch.setattr(app, "evaluate_params", evaluate)
+  assert app.train_and_evaluate(cfg, tmp_path) == 128 + signal.SIGTERM
+  assert seen == [True] and not (tmp_path / faults.WorkdirLock.NAME).exists()
+  said = [line for line in capsys.readouterr().err.splitlines()  # tqdm's bar aside
+          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+  assert said == ["interrupted (SIGTERM) during the evaluation; training is done and "
+                  "checkpointed at step 4: run the same command again to evaluate"]
+  from train import evaluate as evaluate_program
+  assert evaluate_program.main(["--checkpoint", str(tmp_path), "--out",
+                                str(tmp_path / "e")]) == 128 + signal.SIGTERM
+  assert _one_line(capsys.readouterr().err) == (
+      f"interrupted (SIGTERM) during the evaluation: run it again for its files in "
+      f"{tmp_path / 'e'}")
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
   gone = subprocess.Popen(["true"])
   gone.wait()
@@ -456,6 +550,14 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
       faults.WorkdirLock(tmp_path).acquire()  # held, even by this very process
   assert len(lines) == 1 and f"stale lock {lock.path} of pid {gone.pid}" in lines[0]
   assert not lock.path.exists()
+  # A lock naming this process's pid that no lock of this process holds was left by an earlier
+  # process with the same pid (a container restarted under the same host name): stale too.
+  (tmp_path / faults.WorkdirLock.NAME).write_text(json.dumps(
+      {"host": faults.socket.gethostname(), "pid": os.getpid(), "started": "before a restart"}))
+  with faults.WorkdirLock(tmp_path, lines.append):
+    pass
+  assert lines[1] == (f"workdir: removing the stale lock {lock.path} of pid {os.getpid()}, an "
+                      "earlier process with this one's pid")
 
 
 # -- non-finite numbers --------------------------------------------------------------------------
