@@ -255,7 +255,8 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     spec = data or cfg.data.eval
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")
-    out_dir = Path(out_dir or run_dir / default_eval_folder(spec, cfg.data.eval))
+    # The run's folder, also when --checkpoint names its checkpoints/ (Orbax's folder).
+    out_dir = Path(out_dir or cfg_path.parent / default_eval_folder(spec, cfg.data.eval))
     if is_main_process():  # before any work: the evaluation's outputs must have a place
       faults.check_writable_dir(out_dir, "--out")
     target = init_params(cfg.model, jax.random.PRNGKey(0))

@@ -265,6 +265,17 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None, *
   return _newest_intact(mngr, steps, read, log, set_aside)
 
 
+def read_record(mngr: ocp.CheckpointManager, step: int) -> dict | None:
+  """The JSON record saved with ``step`` (its config among it), without its arrays; None when
+  it cannot be read (a damaged step: :func:`restore` says so)."""
+  _quiet_abandoned_reads()
+  try:
+    return dict(mngr.restore(step, args=ocp.args.Composite(
+        record=ocp.args.JsonRestore()))["record"] or {})
+  except Exception:  # noqa: BLE001 -- damage is restore's to report
+    return None
+
+
 def find_checkpoint_dir(path: str | Path) -> Path:
   """Accepts a run folder (holding ``checkpoints/``) or the checkpoints folder itself."""
   path = Path(path)

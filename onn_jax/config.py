@@ -584,6 +584,20 @@ def resolve(spec: str | Path) -> Path:
 SAVED_RUN_DEFAULTS = {("model", "cmp_rope"): "query", ("model", "moe_impl"): "dense"}
 
 
+def _saved_run_defaults(values: dict[str, Any]) -> dict[str, Any]:
+  for (section, key), value in SAVED_RUN_DEFAULTS.items():
+    if isinstance(values.get(section), dict):
+      values[section].setdefault(key, value)
+  return values
+
+
+def from_saved_run(values: dict[str, Any]) -> Config:
+  """A run's config as saved (e.g. in a checkpoint's record), read as :func:`load` reads its
+  config.yaml with ``saved_run``."""
+  return from_dict(_saved_run_defaults({k: dict(v) if isinstance(v, dict) else v
+                                        for k, v in values.items()}))
+
+
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
          saved_run: bool = False) -> Config:
   """Reads a YAML config (a path or a shipped name; or the defaults), applies
@@ -603,9 +617,7 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *
     if not isinstance(values, dict):
       raise ConfigError(f"{path}: the top level must be a mapping of sections")
     if saved_run:
-      for (section, key), value in SAVED_RUN_DEFAULTS.items():
-        if isinstance(values.get(section), dict):
-          values[section].setdefault(key, value)
+      _saved_run_defaults(values)
   for text in overrides:
     (section, key), value = parse_override(text)
     if section not in {f.name for f in dataclasses.fields(Config)}:

@@ -93,7 +93,9 @@ def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainStat
   state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed))
   if mngr.latest_step() is not None:
     state, record = checkpoint.restore(mngr, state, log=log, set_aside=is_main_process())
-    log(f"resumed from {mngr.directory} at step {int(state.step)}")
+    log(f"resumed from {mngr.directory} at step {int(state.step)}"
+        + (f" (train.init_from={cfg.train.init_from} is for a run's start only: not read)"
+           if cfg.train.init_from else ""))
   elif cfg.train.init_from:
     _warn_if_other_model(cfg, Path(cfg.train.init_from), log)
     params, record = checkpoint.load_params(cfg.train.init_from, state.params, log=log)
@@ -143,6 +145,23 @@ def _saved_config(path: Path) -> Config:
     return config.load(path, saved_run=True)
   except config.ConfigError as err:
     raise config.ConfigError(f"{path} (the checkpointed run's): {err}") from None
+
+
+def _checkpointed_config(workdir: Path, mngr, log) -> Config | None:
+  """The config of the run a resume continues: its config.yaml, or (that file lost, e.g. only
+  ``checkpoints/`` was copied) the one saved in its latest checkpoint's record."""
+  if (workdir / "config.yaml").is_file():
+    return _saved_config(workdir / "config.yaml")
+  record = checkpoint.read_record(mngr, mngr.latest_step()) or {}
+  if not isinstance(record.get("config"), dict):
+    log(f"{workdir} has no config.yaml and its latest checkpoint no config either: this resume "
+        "cannot be checked against the run it continues")
+    return None
+  try:
+    return config.from_saved_run(record["config"])
+  except config.ConfigError as err:
+    raise config.ConfigError(f"{mngr.directory} step {mngr.latest_step()} (the checkpointed "
+                             f"run's config): {err}") from None
 
 
 def check_resume(saved: Config, cfg: Config) -> None:
@@ -208,9 +227,11 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   tblog.check_available(cfg)  # before any work: a missing optional dependency is one line
   mngr = checkpoint.manager(workdir / "checkpoints", cfg.checkpoint.keep,
                             cfg.checkpoint.async_save, cleanup=True)  # this run holds the lock
-  if mngr.latest_step() is not None and (workdir / "config.yaml").is_file():
+  if mngr.latest_step() is not None:
     try:
-      check_resume(_saved_config(workdir / "config.yaml"), cfg)
+      saved = _checkpointed_config(workdir, mngr, log)
+      if saved is not None:
+        check_resume(saved, cfg)
     except config.ConfigError:
       mngr.close()
       raise

@@ -112,6 +112,25 @@ def test_a_signal_during_a_step_waits_for_the_new_state():
   assert state == "new" and lines == []
 
 
+def test_a_resume_without_config_yaml_is_checked_against_the_checkpoints_config(tmp_path,
+                                                                                   capsys):
+  """Only checkpoints/ copied (config.yaml lost): the resume is checked against the config
+  saved in the latest checkpoint's record, as against config.yaml (it spliced two runs without
+  a word before); train.init_from given to a resume is said not to be read."""
+  cfg = tiny_config(**{**SMALL, "train": {**SMALL["train"], "run_steps": 2}})
+  assert app.train_and_evaluate(cfg, tmp_path) == 0
+  (tmp_path / "config.yaml").unlink()
+  capsys.readouterr()
+  assert app.train_and_evaluate(config.replace(cfg, train={"seed": 5}), tmp_path) == 1
+  assert _one_line(capsys.readouterr().err).startswith(
+      "error: train.seed=5 differs from the checkpointed run's 0")
+  assert not (tmp_path / "config.yaml").exists()
+  assert app.train_and_evaluate(config.replace(cfg, train={"init_from": str(tmp_path)}),
+                                tmp_path) == 0
+  assert (f"resumed from {tmp_path / 'checkpoints'} at step 2 (train.init_from={tmp_path} is "
+          "for a run's start only: not read)") in capsys.readouterr().out
+
+
 def test_a_signal_inside_the_step_before_an_expert_reset_resumes_exactly(tmp_path, monkeypatch,
                                                                          capsys):
   """A signal landing inside the step that ends on a reset step (step 4 of

@@ -294,8 +294,9 @@ def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_p
   assert len(load_tasks(str(path))) == 2
   from train import evaluate
   heights = []
-  for sheet_tasks in (2, 1, 0):
-    assert evaluate.main(["--checkpoint", str(run_dir), "--data", str(path), "eval.mode=greedy",
+  for sheet_tasks in (2, 1, 0):  # the last names the run by its checkpoints/ folder
+    given = run_dir / "checkpoints" if sheet_tasks == 0 else run_dir
+    assert evaluate.main(["--checkpoint", str(given), "--data", str(path), "eval.mode=greedy",
                           f"eval.sheet_tasks={sheet_tasks}"]) == 0
     out = run_dir / "eval_arc-agi_test_challenges"
     scores = json.loads((out / "scores.json").read_text())
@@ -309,6 +310,7 @@ def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_p
     else:
       assert not (out / "sheet.png").exists()
   assert heights[1] < heights[0]
+  assert not list((run_dir / "checkpoints").glob("eval*"))
   assert (run_dir / "eval" / "submission.json").read_text() == own
   assert app.default_eval_folder(cfg.data.eval, cfg.data.eval) == "eval"
   assert app.default_eval_folder(" ARC-AGI-1:Training", cfg.data.eval) == "eval_ARC-AGI-1_Training"
