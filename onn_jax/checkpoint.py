@@ -200,6 +200,11 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Any) -> tupl
   return out["state"], record
 
 
+class _Vanished(Exception):
+  """Internal: a step was removed while being read (a live run keeps only its newest
+  ``checkpoint.keep``): list the steps again."""
+
+
 def _newest_intact(mngr: ocp.CheckpointManager, steps: list[int], read: Callable,
                    log: Callable[[str], None] | None, set_aside: bool) -> tuple[Any, dict]:
   """``read(step)`` on ``steps`` newest first until one is intact; one line on a fallback."""
@@ -209,6 +214,8 @@ def _newest_intact(mngr: ocp.CheckpointManager, steps: list[int], read: Callable
     try:
       state, record = read(step)
     except _Damaged as err:
+      if not (directory / str(step)).exists():  # not damaged: removed while being read
+        raise _Vanished(step) from err
       damaged.append((step, str(err)))
       continue
     if damaged:
@@ -262,7 +269,10 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None, *
                 f"{mngr.directory} step {at}", "leaf")
     return _restore_step(mngr, at, abstract)
 
-  return _newest_intact(mngr, steps, read, log, set_aside)
+  try:
+    return _newest_intact(mngr, steps, read, log, set_aside)
+  except _Vanished as err:  # the resuming run holds the lock: someone else removed it
+    raise CheckpointError(f"{mngr.directory}: step {err} was removed while it was read") from None
 
 
 def read_record(mngr: ocp.CheckpointManager, step: int) -> dict | None:
@@ -319,15 +329,31 @@ def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True
     record["weights"] = "ema" if use_ema else "params"
     return state["ema"] if use_ema else state["params"], record
 
-  try:
-    steps = list(mngr.all_steps())
-    if not steps:
-      raise CheckpointError(f"{directory}: holds no checkpoint")
-    if step is not None and step not in steps:
-      raise CheckpointError(f"{directory}: no checkpoint of step {step} (has {sorted(steps)})")
-    params, record = _newest_intact(mngr, steps if step is None else [step], read, log,
-                                    set_aside=False)
-  finally:
-    mngr.close()
+  # A run still training there may remove a step while it is listed or read (it keeps only
+  # its newest checkpoint.keep): the steps are listed again, a few times.
+  for _ in range(5):
+    try:
+      mngr = manager(directory, async_save=False)
+    except FileNotFoundError:
+      continue
+    try:
+      steps = list(mngr.all_steps())
+      if not steps:
+        raise CheckpointError(f"{directory}: holds no checkpoint")
+      if step is not None and step not in steps:
+        raise CheckpointError(f"{directory}: no checkpoint of step {step} (has {sorted(steps)})")
+      params, record = _newest_intact(mngr, steps if step is None else [step], read, log,
+                                      set_aside=False)
+      break
+    except _Vanished:
+      if step is not None:
+        raise CheckpointError(f"{directory}: step {step} was removed while it was read "
+                              "(by the run writing there?)") from None
+    finally:
+      mngr.close()
+  else:
+    raise CheckpointError(f"{directory}: its checkpoints were removed while they were read, "
+                          "five times (a run still writing there keeps only its newest "
+                          "checkpoint.keep): copy one, or evaluate after the run")
   params = jax.tree.map(lambda a, b: jax.numpy.asarray(b, a.dtype), target_params, params)
   return params, record

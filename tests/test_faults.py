@@ -344,6 +344,32 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(saved_states,
   assert (tmp_path / "checkpoints.damaged" / "4").is_dir()
 
 
+def test_a_step_removed_while_it_is_read_is_not_called_damaged(saved_states, tmp_path,
+                                                                  monkeypatch, capsys):
+  """train.evaluate beside a run still training, which removes its older steps as it saves
+  (checkpoint.keep): a step gone while it was read is not damage; the steps are listed again
+  and the newest there is read, without a warning (it failed with "no intact checkpoint" or a
+  traceback before)."""
+  cfg, states, source = saved_states
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(source, directory)
+  real, reads = checkpoint._restore_step, []
+
+  def rotated(mngr, step, abstract):
+    reads.append(step)
+    if step == 4 and reads.count(4) == 1:  # the run removes step 4 while it is read
+      shutil.rmtree(directory / "4")
+      raise checkpoint._Damaged("it cannot be read: [Errno 2] No such file or directory")
+    return real(mngr, step, abstract)
+
+  monkeypatch.setattr(checkpoint, "_restore_step", rotated)
+  params, record = checkpoint.load_params(directory, states[2].params)
+  assert record["step"] == 2 and reads == [4, 2]
+  assert capsys.readouterr().err == ""
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(states[2].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_same_step_damaged_again_is_set_aside_beside_the_first(saved_states, tmp_path):
   """A rerun writes step 4 again, and it is damaged again: both copies are kept, one line."""
   cfg, states, source = saved_states
