@@ -44,9 +44,11 @@ def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None
   own evaluation split only; a user's ``--data`` is evaluated whole (see
   :func:`evaluate_checkpoint`). Nothing is left out unsaid: each malformed task skipped under
   ``data.skip_bad`` is named in a line and kept in the result's ``skipped`` (scores.json lists
-  them), a task id given twice is kept once and counted, and the tasks the filters leave out
-  are counted in one line. No task left is a :class:`DataError`."""
-  loaded, skipped, duplicates = load_joined(spec, cfg.data.skip_bad)
+  them) and, when the data is evaluated whole, in ``malformed_tests`` (submission.json answers
+  their test inputs); a task id given twice is kept once and counted, and the tasks the
+  filters leave out are counted in one line. No task left is a :class:`DataError`."""
+  loaded, duplicates = load_joined(spec, cfg.data.skip_bad)
+  skipped = loaded.skipped
   for where, reason in skipped:
     log(f"eval data: skipped {where}: {reason}")
   if duplicates:
@@ -66,7 +68,8 @@ def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None
     raise DataError(f"{spec}: no evaluation task left ({len(loaded)} loaded, "
                     f"{len(skipped)} malformed skipped"
                     + (f", data.max_grid={max_grid} leaves none" if loaded else "") + ")")
-  return TaskList(kept, skipped)
+  whole = len(kept) == len(loaded)  # a subset's submission holds the subset only
+  return TaskList(kept, skipped, loaded.malformed_tests if whole else {})
 
 
 def default_eval_folder(spec: str, run_eval: str) -> str:
@@ -167,15 +170,23 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
       group_of=group_of, progress=is_main_process(), prepare=fns.prepare)
   summary = augscore.summarise(records, tasks, e.mode)
   skipped = list(getattr(tasks, "skipped", []))  # malformed tasks of data.skip_bad
+  malformed = getattr(tasks, "malformed_tests", {})  # answered unless a subset is evaluated
+  answered = sum(max(len(grids), 1) for grids in malformed.values())
   if skipped:
     extra = {**(extra or {}), "skipped_malformed": [{"where": where, "reason": reason}
-                                                    for where, reason in skipped]}
+                                                    for where, reason in skipped],
+             "malformed_answered": {"tasks": len(malformed), "test_inputs": answered}}
   if is_main_process():
     augscore.write_outputs(records, tasks, out_dir, e.mode,
                            {"protocol": protocol(cfg), **(extra or {})}, e.sheet_tasks)
-    log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir)
-        + (f"; {len(skipped)} malformed tasks skipped, not answered (data.skip_bad; named "
-           "in scores.json's skipped_malformed)" if skipped else ""))
+    said = ""
+    if skipped:
+      said = (f"; {len(skipped)} malformed tasks skipped (data.skip_bad; named in scores.json's "
+              "skipped_malformed), " + (
+                  f"{answered} test inputs of {len(malformed)} of them answered with the input "
+                  "itself ([[0]] where unreadable), not scored" if malformed else
+                  "not answered (a subset of the data evaluated)"))
+    log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir) + said)
   return summary
 
 

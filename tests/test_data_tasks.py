@@ -126,6 +126,11 @@ def test_skip_bad_counts_and_lists(tmp_path):
   assert reasons["broken.json"].startswith("invalid JSON")
   assert reasons["ragged.json"].startswith("ragged rows")
   assert reasons["big.json"] == "grid is 31x31, more than 30 per side"
+  # Each skipped task's test inputs as far as they can be read (evaluation answers them).
+  readable = {k: [None if g is None else g.tolist() for g in v]
+              for k, v in tasks.malformed_tests.items()}
+  assert readable == {"ragged": [[[7, 8, 9]]], "big": [[[7, 8, 9]]], "colour10": [None],
+                      "notest": [], "broken": []}
 
 
 def test_challenges_with_solutions_beside_given_and_missing(tmp_path):

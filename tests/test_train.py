@@ -595,6 +595,8 @@ def test_eval_weights_picks_the_ema_or_the_raw_parameters(tmp_path, monkeypatch,
                                  ["data.skip_bad=true"]) == 0
   assert [t.id for t in seen["tasks"]] == ["t0", "t1", "t2"]
   assert [w.split(": ", 1)[1] for w, _ in seen["tasks"].skipped] == ["task t9: train[0].input"]
+  assert {k: [g.tolist() for g in v] for k, v in seen["tasks"].malformed_tests.items()} == {
+      "t9": [[[1]]]}  # its test input, answered in submission.json
   assert "eval data: skipped " in capsys.readouterr().out
   (tmp_path / "bad.json").write_text(json.dumps({"t9": challenges["t9"]}))
   assert app.evaluate_checkpoint(tmp_path, str(tmp_path / "bad.json"), tmp_path / "u",

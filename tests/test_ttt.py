@@ -369,19 +369,28 @@ def test_evaluation_with_ttt_records_its_settings_in_scores(setup, tmp_path):
   cfg, params, tasks = setup
   out = tmp_path / "eval"
   lines = []
-  chosen = TaskList([tasks["a"], tasks["one_demo"]], [("x.json: task bad", "colour 10")])
+  chosen = TaskList([tasks["a"], tasks["one_demo"]],
+                    [("x.json: task bad", "colour 10"), ("x.json: task worse", "no test")],
+                    {"bad": [np.array([[1, 2]]), None], "worse": []})
   summary = app.evaluate_params(cfg, params, chosen, out, extra={"step": 0}, log=lines.append)
   assert summary["num_tasks"] == 2
   scores = json.loads((out / "scores.json").read_text())
-  # A malformed task skipped on loading (data.skip_bad) is listed, and said in the last line.
-  assert scores["skipped_malformed"] == [{"where": "x.json: task bad", "reason": "colour 10"}]
-  assert lines[-1].endswith("; 1 malformed tasks skipped, not answered (data.skip_bad; named "
-                            "in scores.json's skipped_malformed)")
+  # Malformed tasks skipped on loading (data.skip_bad) are listed, answered as far as their
+  # test inputs could be read, not scored, and said in the last line.
+  assert scores["skipped_malformed"] == [{"where": "x.json: task bad", "reason": "colour 10"},
+                                         {"where": "x.json: task worse", "reason": "no test"}]
+  assert scores["malformed_answered"] == {"tasks": 2, "test_inputs": 3}
+  assert lines[-1].endswith("; 2 malformed tasks skipped (data.skip_bad; named in scores.json's "
+                            "skipped_malformed), 3 test inputs of 2 of them answered with the "
+                            "input itself ([[0]] where unreadable), not scored")
   assert scores["ttt"]["adapted"] == 1 and scores["ttt"]["not_adapted"]["few_demos"] == 1
   assert scores["ttt"]["steps"] == 4 and scores["step"] == 0
   assert scores["protocol"]["eval_max_len"] == 128  # eval.max_len 0: the longest bucket
   submission = json.loads((out / "submission.json").read_text())
-  assert sorted(submission) == ["a", "one_demo"]
+  assert sorted(submission) == ["a", "bad", "one_demo", "worse"]
+  assert submission["bad"] == [{"attempt_1": [[1, 2]], "attempt_2": [[1, 2]]},
+                               {"attempt_1": [[0]], "attempt_2": [[0]]}]
+  assert submission["worse"] == [{"attempt_1": [[0]], "attempt_2": [[0]]}]
   assert all({"attempt_1", "attempt_2"} <= set(entry) for v in submission.values()
              for entry in v)
 

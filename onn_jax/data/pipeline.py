@@ -22,7 +22,8 @@ from onn_jax.config import DataConfig, data_sources
 from onn_jax.data.augment import View, augment_task, color_permutation
 from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out,
                                     longest_answer)
-from onn_jax.data.tasks import DataError, Task, filter_max_grid, load_tasks, remove_leaked
+from onn_jax.data.tasks import (DataError, Task, TaskList, filter_max_grid, load_tasks,
+                                remove_leaked)
 from onn_jax.data.tokens import PAD
 
 _STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share a seed
@@ -50,10 +51,10 @@ def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1
   return min(batch_size, max(multiple, max_tokens // length // multiple * multiple))
 
 
-def load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, str]], int]:
-  """Loads "a+b+c": tasks (first occurrence of each id kept), skipped, duplicates dropped."""
-  tasks: list[Task] = []
-  skipped: list[tuple[str, str]] = []
+def load_joined(spec: str, skip_bad: bool) -> tuple[TaskList, int]:
+  """Loads "a+b+c": the tasks (first occurrence of each id kept; with the malformed ones
+  skipped in ``.skipped`` and ``.malformed_tests``) and the count of duplicates dropped."""
+  tasks = TaskList()
   seen: set[str] = set()
   duplicates = 0
   sources = data_sources(spec)
@@ -66,7 +67,9 @@ def load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, 
       if len(sources) == 1 or os.path.exists(source):
         raise
       raise DataError(f"{err} ({spec!r} names {len(sources)} sources joined by '+')") from None
-    skipped.extend(loaded.skipped)
+    tasks.skipped.extend(loaded.skipped)
+    for task_id, grids in loaded.malformed_tests.items():
+      tasks.malformed_tests.setdefault(task_id, grids)
     for task in loaded:
       if task.id in seen:
         duplicates += 1
@@ -74,7 +77,9 @@ def load_joined(spec: str, skip_bad: bool) -> tuple[list[Task], list[tuple[str, 
       seen.add(task.id)
       tasks.append(task)
   tasks.sort(key=lambda t: t.id)
-  return tasks, skipped, duplicates
+  for task_id in seen & set(tasks.malformed_tests):  # read well from another source
+    del tasks.malformed_tests[task_id]
+  return tasks, duplicates
 
 
 def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
@@ -92,7 +97,8 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   Info keys: loaded, duplicates_removed, skipped_bad, leaked_removed, too_large,
   limit_removed, train_tasks, eval_demo_tasks, total (ints) and protocol (one line).
   """
-  tasks, skipped, duplicates = load_joined(cfg.train, cfg.skip_bad)
+  tasks, duplicates = load_joined(cfg.train, cfg.skip_bad)
+  skipped = tasks.skipped
   info = {"loaded": len(tasks) + duplicates, "duplicates_removed": duplicates,
           "skipped_bad": len(skipped), "leaked_removed": 0, "too_large": 0, "limit_removed": 0,
           "eval_demo_tasks": 0}
@@ -106,9 +112,9 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   protocol = [f"train on {cfg.train}"]
   eval_tasks: list[Task] = []
   if cfg.eval and (cfg.leakage_guard or cfg.eval_demos):
-    eval_tasks, eval_skipped, _ = load_joined(cfg.eval, cfg.skip_bad)
-    if eval_skipped:
-      log(f"data: {len(eval_skipped)} malformed evaluation tasks skipped")
+    eval_tasks, _ = load_joined(cfg.eval, cfg.skip_bad)
+    if eval_tasks.skipped:
+      log(f"data: {len(eval_tasks.skipped)} malformed evaluation tasks skipped")
   if cfg.eval and cfg.leakage_guard:
     tasks, removed = remove_leaked(tasks, eval_tasks)
     info["leaked_removed"] = len(removed)

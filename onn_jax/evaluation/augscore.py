@@ -499,12 +499,21 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
   """Writes into ``out_dir``: ``submission.json`` (validated), ``scores.json`` (summary plus
   ``extra``; summary keys win), ``results.jsonl`` (one line per test input) and ``sheet.png``
   (test input, target and both attempts for the first ``sheet_tasks`` tasks; none at 0).
-  Returns the scores dict."""
+  Returns the scores dict.
+
+  The malformed tasks loading skipped (``tasks.malformed_tests``, see TaskList) are answered
+  in submission.json too, each test input with itself (``[[0]]`` where it cannot be read, one
+  such entry where not even the test list can): every task given has its answers. They are
+  not scored."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   ranked = ranked_by_task(records, tasks)
   submission = build_submission(ranked)
   validate_submission(submission, tasks)
+  malformed = {task_id: [[] if grid is None else [grid] for grid in grids] or [[]]
+               for task_id, grids in getattr(tasks, "malformed_tests", {}).items()
+               if task_id not in submission}
+  submission.update(build_submission(malformed))
   write_submission(submission, out_dir / "submission.json")
 
   scores = summarise(records, tasks, mode)
