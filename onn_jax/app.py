@@ -72,15 +72,16 @@ def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None
   return TaskList(kept, skipped, loaded.malformed_tests if whole else {})
 
 
-def default_eval_folder(spec: str, run_eval: str) -> str:
+def default_eval_folder(data: str | None) -> str:
   """``train.evaluate``'s output folder in the run without ``--out``: ``eval`` for the run's
-  own ``data.eval`` (where ``train.main`` wrote its evaluation), else ``eval_`` and the data's
-  name (``eval_arc-agi-1_training``, ``eval_challenges`` for ``.../challenges.json``), so
-  that scoring other data never writes over the run's own results."""
-  if run_eval and _same_source(spec, run_eval):
+  own evaluation (no ``--data``: where ``train.main`` wrote it, with the same selection),
+  else ``eval_`` and the data's name (``eval_arc-agi-1_training``, ``eval_challenges`` for
+  ``.../challenges.json``): data given with ``--data`` is evaluated whole, so its results
+  never replace the run's own."""
+  if not data:
     return "eval"
-  names = [os.path.splitext(os.path.basename(os.path.normpath(source)))[0] or source
-           for source in data_sources(spec)]
+  names = [re.sub(r"\.json$", "", os.path.basename(os.path.normpath(source)), flags=re.I)
+           or source for source in data_sources(data)]
   return "eval_" + re.sub(r"[^A-Za-z0-9._+-]", "_", "+".join(names))
 
 
@@ -215,6 +216,8 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
       ahead = lambda params: ttt.compile_ahead(cfg, params, tasks, mesh=eval_mesh(cfg))
     with run.hold_workdir(workdir), faults.SignalGuard():
       result = run.train(cfg, workdir, ahead=ahead, locked=True)
+      when = (f"after training, checkpointed at step {result.step}: run the same command again "
+              "to go on")
       if is_main_process():
         plots.plot_training(workdir / "metrics.jsonl", workdir / "plots")
       if not result.finished:
@@ -234,6 +237,7 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
     return _fail(err)
   except KeyboardInterrupt as err:  # run.train has checkpointed and said so, when it could
     if not getattr(err, "reported", False):
+      when = getattr(err, "when", when)  # run.train's, for one after its last step
       print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) {when}", file=sys.stderr)
     return getattr(err, "exit_code", 130)
   return 0
@@ -241,7 +245,20 @@ def train_and_evaluate(cfg: Config, workdir: Path) -> int:
 
 def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
                         overrides: list[str]) -> int:
-  """``python -m train.evaluate``: a trained run (its config.yaml + checkpoints) on a split."""
+  """``python -m train.evaluate``: a trained run (its config.yaml + checkpoints) on a split.
+  A stop signal (loading, adapting, evaluating) is one line and exit code 128 + it."""
+  with faults.SignalGuard():
+    try:
+      return _evaluate_checkpoint(run_dir, data, out_dir, overrides)
+    except KeyboardInterrupt as err:
+      print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) during train.evaluate: "
+            + (f"run it again for its files in {err.out_dir}" if hasattr(err, "out_dir") else
+               "nothing written"), file=sys.stderr)
+      return getattr(err, "exit_code", 130)
+
+
+def _evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
+                         overrides: list[str]) -> int:
   try:
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -267,7 +284,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     if not spec:
       raise ConfigError("--data: no evaluation data given and the run has no data.eval")
     # The run's folder, also when --checkpoint names its checkpoints/ (Orbax's folder).
-    out_dir = Path(out_dir or cfg_path.parent / default_eval_folder(spec, cfg.data.eval))
+    out_dir = Path(out_dir or cfg_path.parent / default_eval_folder(data))
     if is_main_process():  # before any work: the evaluation's outputs must have a place
       faults.check_writable_dir(out_dir, "--out")
     target = init_params(cfg.model, jax.random.PRNGKey(0))
@@ -288,12 +305,10 @@ def evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
   except USER_ERRORS as err:
     return _fail(err)
   try:
-    with faults.SignalGuard():
-      evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
-                                                         "weights": record.get("weights"),
-                                                         "data": spec})
+    evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
+                                                       "weights": record.get("weights"),
+                                                       "data": spec})
   except KeyboardInterrupt as err:
-    print(f"interrupted ({getattr(err, 'name', 'SIGINT')}) during the evaluation: run it "
-          f"again for its files in {out_dir}", file=sys.stderr)
-    return getattr(err, "exit_code", 130)
+    err.out_dir = out_dir
+    raise
   return 0

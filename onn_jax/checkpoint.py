@@ -315,7 +315,6 @@ def load_params(path: str | Path, target_params: Any, *, prefer_ema: bool = True
   on any mismatch; a damaged newer step is skipped with one line to ``log`` (default: stderr).
   """
   directory = find_checkpoint_dir(path)
-  mngr = manager(directory, async_save=False)
 
   def read(step: int):
     saved = _saved_tree(directory, step)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -109,7 +110,7 @@ def _alive(pid: int) -> bool:
   return True
 
 
-_HELD: set[str] = set()  # the lock files this process holds (their real paths)
+_HELD: list[dict] = []  # what the locks this process holds wrote (each with its own token)
 
 
 class WorkdirLock:
@@ -125,7 +126,8 @@ class WorkdirLock:
     self.path = Path(workdir) / self.NAME
     self.log = log
     self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "token": secrets.token_hex(8)}  # tells this lock from any other
     self.held = False
 
   def _create(self) -> bool:
@@ -149,7 +151,7 @@ class WorkdirLock:
     for _ in range(3):  # a stale lock removed by us (or a racing run) is retried
       if self._create():
         self.held = True
-        _HELD.add(os.path.realpath(self.path))
+        _HELD.append(self.owner)
         return self
       holder = self._holder()
       if holder is None:
@@ -158,7 +160,7 @@ class WorkdirLock:
       pid = holder.get("pid")
       # A lock naming this process that no lock object of it holds was written by an earlier
       # process with its pid (a container restarted under the same host name).
-      earlier = pid == os.getpid() and os.path.realpath(self.path) not in _HELD
+      earlier = pid == os.getpid() and holder not in _HELD
       if same_host and isinstance(pid, int) and (earlier or not _alive(pid)):
         why = ("an earlier process with this one's pid" if pid == os.getpid() else
                "which no longer runs")
@@ -174,7 +176,7 @@ class WorkdirLock:
 
   def release(self) -> None:
     if self.held:
-      _HELD.discard(os.path.realpath(self.path))
+      _HELD.remove(self.owner)
       if self._holder() == self.owner:
         with contextlib.suppress(FileNotFoundError):
           self.path.unlink()

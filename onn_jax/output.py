@@ -24,13 +24,15 @@ def figure(figsize: tuple[float, float]):
 def progress(total: int, desc: str, *, enabled: bool = True, **kwargs):
   """A tqdm bar (console or notebook); a silent one (every call a no-op) when not
   ``enabled``, e.g. on processes other than 0. Written to a log file (stderr not a terminal),
-  a bar is redrawn at most every 30 s and ends its line when it closes, so that the next
-  line (an evaluation's summary) starts a line of its own."""
+  a bar is redrawn at most every 30 s (unless refreshed by its caller) and ends its line
+  when it closes, so that the next line (an evaluation's summary) starts a line of its own."""
   import sys
   from tqdm.auto import tqdm
   notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
-  if not notebook and not sys.stderr.isatty():
-    kwargs = {**kwargs, "leave": True, "mininterval": max(kwargs.get("mininterval", 0.1), 30.0)}
+  if not notebook and not getattr(sys.stderr, "isatty", lambda: False)():
+    every = max(kwargs.get("mininterval", 0.1), 30.0)
+    kwargs = {**kwargs, "leave": True, "mininterval": every,
+              "maxinterval": max(kwargs.get("maxinterval", 10.0), every)}
   return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
 
 

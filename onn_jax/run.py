@@ -152,16 +152,17 @@ def _checkpointed_config(workdir: Path, mngr, log) -> Config | None:
   ``checkpoints/`` was copied) the one saved in its latest checkpoint's record."""
   if (workdir / "config.yaml").is_file():
     return _saved_config(workdir / "config.yaml")
-  record = checkpoint.read_record(mngr, mngr.latest_step()) or {}
-  if not isinstance(record.get("config"), dict):
-    log(f"{workdir} has no config.yaml and its latest checkpoint no config either: this resume "
-        "cannot be checked against the run it continues")
-    return None
-  try:
-    return config.from_saved_run(record["config"])
-  except config.ConfigError as err:
-    raise config.ConfigError(f"{mngr.directory} step {mngr.latest_step()} (the checkpointed "
-                             f"run's config): {err}") from None
+  for step in sorted(mngr.all_steps(), reverse=True):  # a damaged step's may not read
+    record = checkpoint.read_record(mngr, step) or {}
+    if isinstance(record.get("config"), dict):
+      try:
+        return config.from_saved_run(record["config"])
+      except config.ConfigError as err:
+        raise config.ConfigError(f"{mngr.directory} step {step} (the checkpointed run's "
+                                 f"config): {err}") from None
+  log(f"{workdir} has no config.yaml and no checkpoint there has a readable config: this "
+      "resume cannot be checked against the run it continues")
+  return None
 
 
 def check_resume(saved: Config, cfg: Config) -> None:
@@ -373,7 +374,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
           metrics_out.write(last)
           live.write(last)
           bar.set_postfix(loss=f"{float(at_out['loss']):.3f}",
-                          acc=f"{float(at_out['answer_acc']):.3f}")
+                          acc=f"{float(at_out['answer_acc']):.3f}", refresh=False)
         if logging:
           tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
           device_since, batch_waited, queue_since = 0.0, batches.waited, 0.0
@@ -409,15 +410,20 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
     err.reported = True
     raise
   finally:
-    running = [] if completed else cancel_background()  # the queued ones are not needed
-    if running:  # XLA cannot stop a compilation
-      log(f"waiting for the background compilation of {', '.join(running)} to end before "
-          "exiting")
-    batches.close()
-    bar.close()
-    live.close()
-    with guard.saving(hold=True):
-      mngr.wait_until_finished()
+    try:  # a stop signal here waits for the last save to be written, then stops the run
+      with guard.saving(hold=not completed):  # (an interruption is on its way out already)
+        running = [] if completed else cancel_background()  # the queued ones are not needed
+        if running:  # XLA cannot stop a compilation
+          log(f"waiting for the background compilation of {', '.join(running)} to end before "
+              "exiting")
+        batches.close()
+        bar.close()
+        live.close()
+        mngr.wait_until_finished()
+    except KeyboardInterrupt as err:
+      err.when = (f"after the training's last step, checkpointed at step {step} in "
+                  f"{mngr.directory}: run the same command again to go on")
+      raise
   mngr.close()
   final = runner.get_state(state)
   return TrainResult(step=step, total=total, finished=step >= total, last=last, state=final,

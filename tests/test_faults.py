@@ -117,9 +117,10 @@ def test_a_resume_without_config_yaml_is_checked_against_the_checkpoints_config(
   """Only checkpoints/ copied (config.yaml lost): the resume is checked against the config
   saved in the latest checkpoint's record, as against config.yaml (it spliced two runs without
   a word before); train.init_from given to a resume is said not to be read."""
-  cfg = tiny_config(**{**SMALL, "train": {**SMALL["train"], "run_steps": 2}})
-  assert app.train_and_evaluate(cfg, tmp_path) == 0
+  cfg = tiny_config(**SMALL)
+  assert app.train_and_evaluate(cfg, tmp_path) == 0  # steps 2 and 4 saved
   (tmp_path / "config.yaml").unlink()
+  DAMAGE["deleted record"](tmp_path / "checkpoints" / "4")  # checked against step 2's then
   capsys.readouterr()
   assert app.train_and_evaluate(config.replace(cfg, train={"seed": 5}), tmp_path) == 1
   assert _one_line(capsys.readouterr().err).startswith(
@@ -578,9 +579,17 @@ def test_the_lock_covers_the_evaluation_and_a_signal_there_is_one_line(tmp_path,
   assert evaluate_program.main(["--checkpoint", str(tmp_path), "--out",
                                 str(tmp_path / "e")]) == 128 + signal.SIGTERM
   assert _one_line(capsys.readouterr().err) == (
-      f"interrupted (SIGTERM) during the evaluation: run it again for its files in "
+      f"interrupted (SIGTERM) during train.evaluate: run it again for its files in "
       f"{tmp_path / 'e'}")
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  # Between the training and the evaluation (here: drawing the curves), it says so too.
+  monkeypatch.setattr(app.plots, "plot_training",
+                      lambda *args: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.05)))
+  assert app.train_and_evaluate(cfg, tmp_path) == 128 + signal.SIGTERM
+  said = [line for line in capsys.readouterr().err.splitlines()
+          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+  assert said == ["interrupted (SIGTERM) after training, checkpointed at step 4: run the same "
+                  "command again to go on"]
 
 
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):

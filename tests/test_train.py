@@ -312,9 +312,11 @@ def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_p
   assert heights[1] < heights[0]
   assert not list((run_dir / "checkpoints").glob("eval*"))
   assert (run_dir / "eval" / "submission.json").read_text() == own
-  assert app.default_eval_folder(cfg.data.eval, cfg.data.eval) == "eval"
-  assert app.default_eval_folder(" ARC-AGI-1:Training", cfg.data.eval) == "eval_ARC-AGI-1_Training"
-  assert app.default_eval_folder("a/tasks/+b.json", "") == "eval_tasks+b"
+  assert app.default_eval_folder(None) == "eval"  # the run's own evaluation, its selection
+  assert app.default_eval_folder(cfg.data.eval) == "eval_arc-agi-1_evaluation"  # whole
+  assert app.default_eval_folder(" ARC-AGI-1:Training") == "eval_ARC-AGI-1_Training"
+  assert app.default_eval_folder("a/tasks/+b.JSON") == "eval_tasks+b"
+  assert app.default_eval_folder("data/v1.1/") == "eval_v1.1"
 
 
 def test_evaluate_program_missing_checkpoint_is_one_line(tmp_path, capsys):

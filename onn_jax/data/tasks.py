@@ -266,9 +266,12 @@ def _solutions_beside(path: str) -> str | None:
   if not base.lower().endswith(suffix):
     return None
   folder, prefix = os.path.dirname(path), base[:-len(suffix)]
-  found = sorted(n for n in os.listdir(folder or ".")
-                 if n.startswith(prefix) and n[len(prefix):].lower() == "solutions.json"
-                 and os.path.isfile(os.path.join(folder, n)))
+  found = [n for n in os.listdir(folder or ".")
+           if n.startswith(prefix) and n[len(prefix):].lower() == "solutions.json"
+           and os.path.isfile(os.path.join(folder, n))]
+  mirror = prefix + base[len(prefix):].replace("challenges", "solutions").replace(
+      "Challenges", "Solutions").replace("CHALLENGES", "SOLUTIONS")
+  found.sort(key=lambda n: (n != mirror, n))  # the name written like the challenges' first
   return os.path.join(folder, found[0]) if found else None
 
 
