@@ -304,10 +304,16 @@ def _evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
             "trained on", file=sys.stderr)
   except USER_ERRORS as err:
     return _fail(err)
+  # What was evaluated: the user's data (whole, or filtered as this command line asked), not
+  # the run's own data.eval and its selection.
+  evaluated = {"eval": spec, "max_grid": cfg.data.max_grid if "data.max_grid" in asked
+               else 30} if data else {}
   try:
     evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
                                                        "weights": record.get("weights"),
-                                                       "data": spec})
+                                                       "data": spec,
+                                                       "protocol": {**protocol(cfg),
+                                                                    **evaluated}})
   except KeyboardInterrupt as err:
     err.out_dir = out_dir
     raise

@@ -301,6 +301,9 @@ def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_p
     out = run_dir / "eval_arc-agi_test_challenges"
     scores = json.loads((out / "scores.json").read_text())
     assert "score" not in scores and "omitted" in json.dumps(scores)
+    # The protocol names what was evaluated, not the run's own data.eval and its max_grid.
+    assert (scores["protocol"]["eval"], scores["protocol"]["max_grid"]) == (str(path), 30)
+    assert scores["protocol"]["train"] == cfg.data.train
     submission = json.loads((out / "submission.json").read_text())
     assert sorted(submission) == sorted(challenges)
     if sheet_tasks:
