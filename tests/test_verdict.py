@@ -3,6 +3,7 @@ step plans, the table and sentence, and a tiny end-to-end study."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,6 +12,11 @@ import pytest
 
 from onn_jax import config, output, stages
 from onn_jax.analysis import TINY_OVERRIDES
+from onn_jax.analysis.verdict import STUDY_KEYS
+
+# The tiny sizes without the settings a study makes itself (said not to be used when given).
+OWN_OVERRIDES = tuple(o for o in TINY_OVERRIDES if o.split("=", 1)[0] not in STUDY_KEYS
+                      or o.startswith("train.pretrain_steps="))
 from onn_jax.analysis.verdict import Plan, markdown, plan_arm, step_seconds, summarise
 from train import eavi_verdict
 
@@ -228,7 +234,10 @@ def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
   background while its teacher-forcing steps are timed."""
   from onn_jax import config
   from onn_jax.analysis.verdict import Study
-  overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single")
+  # (train.run_steps, slices of the study's runs, does not cut the calibration's runs short:
+  # it had no EAVI step to time, a KeyError)
+  overrides = (*TINY_OVERRIDES, "train.pretrain_steps=8", "parallel.mode=single",
+               "train.run_steps=2")
   study = Study(out=tmp_path, base=config.load("default", list(overrides)), overrides=overrides,
                 config_name="default", arms=("tf", "soft", "soft_parallel"),
                 calibration_steps=3, log=lambda *_: None)
@@ -246,6 +255,10 @@ def test_parallel_rollout_arms_are_calibrated_on_their_own(tmp_path):
     assert plans[arm] == plan_arm(False, True, 8, study.share, calib["ratios"][kind])
   study.check_manifest(calib)
   assert json.loads((tmp_path / "study.json").read_text())["ratios"] == calib["ratios"]
+  # A run keeps every checkpoint: one saved by a slice's stop (or a signal) off the probes'
+  # steps must not rotate a probe's out.
+  cfg = study.run_config("soft", 0, plans["soft"])
+  assert cfg.checkpoint.keep > plans["soft"].pretrain + plans["soft"].eavi
 
 
 def test_custom_arms_train_the_budget_over_their_own_step_cost(tmp_path):
@@ -378,6 +391,38 @@ def test_a_folder_timed_with_background_compilation_is_refused(tmp_path):
     study.check_manifest(calib)
 
 
+def test_a_study_goes_on_only_with_the_same_resolved_config_and_given_ratio(tmp_path):
+  """study.json keeps the resolved config, not only the config's name: an edited YAML file
+  given by the same name is refused in one line naming the first setting that differs (it
+  mixed runs of both before); a study planned with --ratio needs it again, before anything is
+  calibrated (a calibration ran first, then the refusal)."""
+  from onn_jax import config
+  from onn_jax.analysis.verdict import Study
+  path = tmp_path / "mine.yaml"
+  path.write_text("train:\n  learning_rate: 0.003\n")
+  make = lambda ratio=2.0: Study(out=tmp_path / "s", base=config.load(path, list(OWN_OVERRIDES)),
+                                 overrides=OWN_OVERRIDES, config_name=str(path),
+                                 arms=("tf", "soft"), ratio=ratio, log=lambda *_: None)
+  study = make()
+  study.out.mkdir()
+  study.check_manifest(study.calibrate())  # writes study.json
+  make().check_manifest(None)  # the same goes on
+  path.write_text("train:\n  learning_rate: 0.03\n")
+  with pytest.raises(config.ConfigError, match=r"study has train.learning_rate=0.003, this "
+                     r"command 0.03; use another --out \(or the same arguments and config"):
+    make().check_manifest(None)
+  path.write_text("train:\n  learning_rate: 0.003\n")
+  with pytest.raises(config.ConfigError, match="planned with --ratio 2.0; give it again"):
+    make(ratio=None).check_manifest(None)
+  # A --baseline that is not JSON, an --out that is a file: one line each.
+  (tmp_path / "bad.json").write_text("nope")
+  other = dataclasses.replace(make(), arms=("soft",), baseline=tmp_path / "bad.json")
+  with pytest.raises(config.ConfigError, match="bad.json: not a study's verdict.json"):
+    other.baseline_runs()
+  with pytest.raises(config.ConfigError, match="bad.json: is a file, not a folder"):
+    dataclasses.replace(make(), out=tmp_path / "bad.json").run()
+
+
 def test_a_folder_that_other_code_wrote_is_refused_unless_asked(tmp_path):
   """study.json and calibration.json record the code versions that wrote them
   (output.code_version); another version, or a folder from before they did, is refused in one
@@ -439,7 +484,7 @@ def test_the_study_end_to_end(tmp_path, capsys):
   out = tmp_path / "study"
   argv = ["--config", "default", "--out", str(out), "--seeds", "0", "--arms", "tf,soft_mixed",
           "--probes", "2", "--ratio", "2", "--arm", "outputs: data.loss_on=outputs ttt.steps=2",
-          *TINY_OVERRIDES, "train.pretrain_steps=6", "parallel.mode=single"]
+          *OWN_OVERRIDES, "train.pretrain_steps=6", "parallel.mode=single"]
   assert eavi_verdict.main(argv) == 0
   verdict = json.loads((out / "verdict.json").read_text())
   assert set(verdict["arms"]) == {"tf", "soft_mixed", "outputs"}
@@ -509,6 +554,12 @@ def test_the_study_end_to_end(tmp_path, capsys):
     (["--arm", "a: data.loss_on"], "'data.loss_on' is not section.key=value"),
     (["--arm", "a: data.loss_on=everything"], "'everything' is not one of answer, outputs"),
     (["--arm", "a: train.pretrain_steps=5"], "'train.pretrain_steps=5' is set by the study"),
+    (["--seeds", "0,1,0"], "--seeds: '0,1,0' must name distinct seeds"),
+    (["--seeds", "-1"], "must name distinct seeds >= 0"),
+    (["--ratio", "0"], "--ratio: an EAVI step's cost in teacher-forcing steps must be positive"),
+    (["--max-runs", "-1"], "--max-runs: must be >= 0"),
+    # TTT's parameter selection fails before any run, not after the arms before it trained.
+    (["--arm", 'x: ttt.steps=1 ttt.params=["*/atn/*"]'], "ttt.params: '*/atn/*' matches no"),
 ])
 def test_bad_study_arguments_fail_in_one_line(tmp_path, capsys, args, culprit):
   assert eavi_verdict.main(["--out", str(tmp_path / "s"), *args]) == 2
@@ -525,3 +576,6 @@ def test_a_run_that_cannot_start_fails_in_one_line(tmp_path, capsys):
                             "train.batch_size=3", "parallel.mode=shard_map"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: train.batch_size: 3 does not divide evenly")
+  # Settings the study makes for every run, given as overrides, are said not to be used.
+  assert err[0].startswith("warning: train.eavi_steps=0 train.log_every=2 checkpoint.every=100 "
+                           "checkpoint.async_save=false: not used; the study sets them")

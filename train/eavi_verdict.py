@@ -69,7 +69,16 @@ def main(argv=None) -> int:
   from onn_jax.analysis import verdict
   try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if len(set(seeds)) < len(seeds) or any(seed < 0 for seed in seeds):
+      raise config.ConfigError(f"--seeds: {args.seeds!r} must name distinct seeds >= 0 (a seed "
+                               "given twice would count one run as two)")
     custom = verdict.parse_custom_arms(args.arm)
+    fixed = [o for o in args.overrides if o.split("=", 1)[0].strip() in verdict.STUDY_KEYS
+             and o.split("=", 1)[0].strip() != "train.pretrain_steps"]  # (the budget)
+    if fixed:  # (verdict.json's base_config shows them as given)
+      print(f"warning: {' '.join(fixed)}: not used; the study sets "
+            f"{'it' if len(fixed) == 1 else 'them'} for every run (seeds, logging, "
+            "checkpoints, the EAVI plan; --seeds, --probes, --eavi-share)", file=sys.stderr)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in verdict.ARMS]
     if unknown:
@@ -81,9 +90,16 @@ def main(argv=None) -> int:
       raise config.ConfigError(f"--eavi-share: must lie in (0, 1), got {args.eavi_share}")
     if args.probes < 1 or not seeds:
       raise config.ConfigError("--probes and --seeds: at least one each")
+    if args.ratio is not None and not args.ratio > 0:
+      raise config.ConfigError(f"--ratio: an EAVI step's cost in teacher-forcing steps must be "
+                               f"positive, got {args.ratio}")
+    if args.max_runs < 0:
+      raise config.ConfigError(f"--max-runs: must be >= 0 (0: all), got {args.max_runs}")
     base = config.load(args.config, args.overrides)
+    from onn_jax import ttt
+    ttt.check(base)
     for overrides in custom.values():  # a bad key fails now, not after hours of other runs
-      config.load(args.config, [*args.overrides, *overrides])
+      ttt.check(config.load(args.config, [*args.overrides, *overrides]))
   except (ValueError, config.ConfigError) as err:
     return config.fail(err)
   import jax

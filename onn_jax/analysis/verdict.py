@@ -208,7 +208,9 @@ class Study:
     return config.load(self.config_name, overrides + [*self.MEASURE,
         f"train.seed={seed}", "data.hold_out_train_tests=true", "train.log_every=1",
         "eval.weights=params", f"checkpoint.every={self.checkpoint_every(plan)}",
-        f"checkpoint.keep={self.probes + 2}", "checkpoint.async_save=false"])
+        # every checkpoint stays: a stop (train.run_steps slices, a signal) saves one off the
+        # probes' steps, which must not rotate a probe's out
+        f"checkpoint.keep={plan.pretrain + plan.eavi + 1}", "checkpoint.async_save=false"])
 
   # -- calibration ------------------------------------------------------------------------
   def rollout(self, arm: str) -> str:
@@ -294,7 +296,7 @@ class Study:
     cfg = config.load(self.config_name, [*self.overrides, *overrides] + [
         f"train.pretrain_steps={n}", f"train.eavi_steps={n if eavi else 0}",
         "train.eavi_every=0", "train.log_every=1", "checkpoint.every=100000",
-        "train.reset_every=0", *self.MEASURE])
+        "train.reset_every=0", "train.run_steps=0", *self.MEASURE])  # timed whole
     run.train(cfg, self.out / folder, log=self.log)
     return mean_step_s(self.out / folder / "metrics.jsonl", cfg)
 
@@ -320,7 +322,9 @@ class Study:
     manifest = {"config": self.config_name, "overrides": list(self.overrides),
                 "budget_tf_steps": self.budget, "eavi_share": self.share,
                 "probes": self.probes, "measure": list(self.MEASURE),
-                "experts": moe.resolve_impl(self.base.model.moe_impl)}
+                "experts": moe.resolve_impl(self.base.model.moe_impl),
+                # the config file's contents, not only its name (an edited YAML), as resolved
+                "base_config": output.jsonable(config.to_dict(self.base))}
     custom = {arm: list(ov) for arm, ov in self.custom.items()}
     if custom:
       manifest["custom"] = custom
@@ -338,6 +342,11 @@ class Study:
       seen = self.code_seen(path, before, say=calib is not None)
       manifest["code"] = seen + [c for c in manifest["code"] if c not in seen]
       before.setdefault("experts", _unrecorded_experts(self.base.model.moe_impl))
+      before.setdefault("base_config", manifest["base_config"])  # (before 2026-12-08: none)
+      if (self.ratio is None and before.get("ratio") is not None
+          and not (self.out / "calibration.json").is_file()):  # given, not measured
+        raise config.ConfigError(f"{path}: this folder's study was planned with --ratio "
+                                 f"{before['ratio']}; give it again to go on")
       if before.get("custom", {}) != custom:
         raise config.ConfigError(f"{path}: this folder's study has other --arm arms than "
                                  f"{custom!r}; use another --out (or the same arguments) to go "
@@ -349,10 +358,14 @@ class Study:
                 and not (k == "overrides" and _override_map(before.get(k) or [])
                          == _override_map(manifest[k]))]
       if differ:
-        k = differ[0]
+        k, theirs, ours = differ[0], before.get(differ[0]), manifest[differ[0]]
+        if k == "base_config":  # the first setting that differs
+          k, theirs, ours = next((f"{sec}.{key}", theirs.get(sec, {}).get(key), value)
+                                 for sec, values in ours.items() for key, value in values.items()
+                                 if theirs.get(sec, {}).get(key) != value)
         raise config.ConfigError(
-            f"{path}: this folder's study has {k}={before.get(k)!r}, this command "
-            f"{manifest[k]!r}; use another --out (or the same arguments) to go on")
+            f"{path}: this folder's study has {k}={theirs!r}, this command {ours!r}; use "
+            "another --out (or the same arguments and config file) to go on")
     if calib is not None:
       path.write_text(json.dumps(manifest, indent=1))
 
@@ -481,7 +494,12 @@ class Study:
     if not path.is_file():
       raise config.ConfigError(f"--baseline {self.baseline}: no finished study there "
                                "(its verdict.json)")
-    other, mine = json.loads(path.read_text()), self.meta()
+    try:
+      other, mine = json.loads(path.read_text()), self.meta()
+    except (ValueError, UnicodeDecodeError) as err:
+      raise config.ConfigError(f"--baseline {path}: not a study's verdict.json ({err})") from None
+    if not isinstance(other, dict):
+      raise config.ConfigError(f"--baseline {path}: not a study's verdict.json")
     if "base_config" not in other:
       raise config.ConfigError(f"--baseline {path}: it does not record its resolved config "
                                "(studies before 2026-12-02 did not), so a changed default "
@@ -517,6 +535,8 @@ class Study:
   def run(self, max_runs: int = 0) -> dict | None:
     """Runs what is not done yet (at most ``max_runs`` runs, 0: all); writes verdict.json,
     verdict.md and verdict.png once every run is done and returns the verdict (else None)."""
+    if self.out.exists() and not self.out.is_dir():
+      raise config.ConfigError(f"--out {self.out}: is a file, not a folder")
     self.out.mkdir(parents=True, exist_ok=True)
     baseline = self.baseline_runs()
     self.check_manifest(None)  # before the calibration caches anything of this command's
