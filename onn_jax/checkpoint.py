@@ -7,6 +7,7 @@ tree or shapes differ from the model's does *not fit*: that is a CheckpointError
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -73,8 +74,26 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict) -> No
     raise CheckpointError(f"the state at step {step} holds non-finite values in {bad}; not "
                           f"checkpointed (the checkpoints in {mngr.directory} are kept)")
   record = {**record, "digest": _digest(leaves)}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          record=ocp.args.JsonSave(record)), force=True)
+  with _said_save_failure(mngr, f"saving step {step}"):  # (or an earlier async save's failure)
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            record=ocp.args.JsonSave(record)), force=True)
+
+
+def wait_until_saved(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous saves in flight; a failed one is a CheckpointError in one line."""
+  with _said_save_failure(mngr, "a checkpoint save"):
+    mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _said_save_failure(mngr: ocp.CheckpointManager, what: str):
+  """An operating-system error of a save (a full disk, a folder made read-only mid-run) as one
+  line naming the folder, instead of Orbax's traceback."""
+  try:
+    yield
+  except OSError as err:
+    raise CheckpointError(f"{mngr.directory}: {what} failed ({err.strerror or err}); the "
+                          "checkpoints written before it stand") from None
 
 
 def _abstract(tree):

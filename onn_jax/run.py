@@ -404,7 +404,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       else:
         if at not in mngr.all_steps():
           save(at)
-        mngr.wait_until_finished()
+        checkpoint.wait_until_saved(mngr)
         log(f"interrupted ({name}): checkpoint at step {at} in {mngr.directory}; run the same "
             "command again to resume")
     err.reported = True
@@ -419,7 +419,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         batches.close()
         bar.close()
         live.close()
-        mngr.wait_until_finished()
+        checkpoint.wait_until_saved(mngr)
     except KeyboardInterrupt as err:
       err.when = (f"after the training's last step, checkpointed at step {step} in "
                   f"{mngr.directory}: run the same command again to go on")

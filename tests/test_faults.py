@@ -592,6 +592,27 @@ def test_the_lock_covers_the_evaluation_and_a_signal_there_is_one_line(tmp_path,
                   "command again to go on"]
 
 
+def test_a_save_that_fails_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+  """A disk that fills (or a folder made read-only) during a run: the failed save is one line
+  naming the folder and exit code 1, and the earlier checkpoints stand (Orbax's traceback
+  before)."""
+  import orbax.checkpoint as ocp
+  real = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(28, "No space left on device")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path) == 1
+  said = [line for line in capsys.readouterr().err.splitlines()  # tqdm's bar aside
+          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+  assert said == [f"error: {tmp_path / 'checkpoints'}: saving step 4 failed (No space left on "
+                  "device); the checkpoints written before it stand"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
   gone = subprocess.Popen(["true"])
   gone.wait()
