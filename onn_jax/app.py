@@ -186,7 +186,7 @@ def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: d
               "skipped_malformed), " + (
                   f"{answered} test inputs of {len(malformed)} of them answered with the input "
                   "itself ([[0]] where unreadable), not scored" if malformed else
-                  "not answered (a subset of the data evaluated)"))
+                  "not answered (read well from another source, or a subset evaluated)"))
     log(f"evaluation ({e.mode}): " + augscore.describe(summary, out_dir) + said)
   return summary
 

@@ -91,9 +91,10 @@ def _said_save_failure(mngr: ocp.CheckpointManager, what: str):
   line naming the folder, instead of Orbax's traceback."""
   try:
     yield
-  except OSError as err:
-    raise CheckpointError(f"{mngr.directory}: {what} failed ({err.strerror or err}); the "
-                          "checkpoints written before it stand") from None
+  except (OSError, ValueError) as err:  # TensorStore's I/O errors are ValueErrors
+    why = (err.strerror if isinstance(err, OSError) else None) or _first_line(err)
+    raise CheckpointError(f"{mngr.directory}: {what} failed ({why}); the checkpoints written "
+                          "before it stand") from None
 
 
 def _abstract(tree):

@@ -38,6 +38,20 @@ SMALL = dict(train=dict(pretrain_steps=4, batch_size=4, log_every=1),
              checkpoint=dict(every=2, async_save=False))
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+  """Python's own handlers for the stop signals during each test: a suite started with some
+  of them ignored (`nohup`'s SIGHUP, SIGINT in a script's background job) would otherwise
+  test the guard that leaves ignored signals ignored, not the one that stops a run."""
+  defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+  if hasattr(signal, "SIGHUP"):
+    defaults[signal.SIGHUP] = signal.SIG_DFL
+  before = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
+  yield
+  for signum, handler in before.items():
+    signal.signal(signum, handler)
+
+
 def _one_line(text: str) -> str:
   lines = [line for line in text.strip().splitlines() if line.strip()]
   assert len(lines) == 1, lines

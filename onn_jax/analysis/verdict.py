@@ -360,9 +360,12 @@ class Study:
       if differ:
         k, theirs, ours = differ[0], before.get(differ[0]), manifest[differ[0]]
         if k == "base_config":  # the first setting that differs
-          k, theirs, ours = next((f"{sec}.{key}", theirs.get(sec, {}).get(key), value)
-                                 for sec, values in ours.items() for key, value in values.items()
-                                 if theirs.get(sec, {}).get(key) != value)
+          sections = {**theirs, **ours}
+          k, theirs, ours = next(
+              ((f"{sec}.{key}", theirs.get(sec, {}).get(key), ours.get(sec, {}).get(key))
+               for sec in sections for key in {**theirs.get(sec, {}), **ours.get(sec, {})}
+               if theirs.get(sec, {}).get(key) != ours.get(sec, {}).get(key)),
+              ("base_config", "other keys", "these"))
         raise config.ConfigError(
             f"{path}: this folder's study has {k}={theirs!r}, this command {ours!r}; use "
             "another --out (or the same arguments and config file) to go on")
