@@ -52,6 +52,12 @@ def default_signal_handlers():
     signal.signal(signum, handler)
 
 
+def _said(err: str) -> list[str]:
+  """stderr's lines without the progress bar's (tqdm writes it there too)."""
+  return [line for line in err.splitlines()
+          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+
+
 def _one_line(text: str) -> str:
   lines = [line for line in text.strip().splitlines() if line.strip()]
   assert len(lines) == 1, lines
@@ -585,8 +591,7 @@ def test_the_lock_covers_the_evaluation_and_a_signal_there_is_one_line(tmp_path,
   monkeypatch.setattr(app, "evaluate_params", evaluate)
   assert app.train_and_evaluate(cfg, tmp_path) == 128 + signal.SIGTERM
   assert seen == [True] and not (tmp_path / faults.WorkdirLock.NAME).exists()
-  said = [line for line in capsys.readouterr().err.splitlines()  # tqdm's bar aside
-          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+  said = _said(capsys.readouterr().err)
   assert said == ["interrupted (SIGTERM) during the evaluation; training is done and "
                   "checkpointed at step 4: run the same command again to evaluate"]
   from train import evaluate as evaluate_program
@@ -600,8 +605,7 @@ def test_the_lock_covers_the_evaluation_and_a_signal_there_is_one_line(tmp_path,
   monkeypatch.setattr(app.plots, "plot_training",
                       lambda *args: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.05)))
   assert app.train_and_evaluate(cfg, tmp_path) == 128 + signal.SIGTERM
-  said = [line for line in capsys.readouterr().err.splitlines()
-          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+  said = _said(capsys.readouterr().err)
   assert said == ["interrupted (SIGTERM) after training, checkpointed at step 4: run the same "
                   "command again to go on"]
 
@@ -620,8 +624,7 @@ def test_a_save_that_fails_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
   assert app.train_and_evaluate(tiny_config(**SMALL), tmp_path) == 1
-  said = [line for line in capsys.readouterr().err.splitlines()  # tqdm's bar aside
-          if line.strip() and not line.startswith(("train:", "pretrain:"))]
+  said = _said(capsys.readouterr().err)
   assert said == [f"error: {tmp_path / 'checkpoints'}: saving step 4 failed (No space left on "
                   "device); the checkpoints written before it stand"]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
