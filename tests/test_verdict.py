@@ -463,6 +463,23 @@ def test_a_folder_that_other_code_wrote_is_refused_unless_asked(tmp_path):
       study = make(any_code=True)
       study.check_manifest(study.calibrate())
       assert json.loads((tmp_path / name).read_text())["code"] == [refused, here]
+  # Code that added a setting since the folder was written: its record lacks the key, which
+  # reads as a saved run's (the default), so --any-code goes on; a changed value is named.
+  written = json.loads((tmp_path / "study.json").read_text())
+  defaults = config.to_dict(config.Config())
+  sec, key = next((sec, key) for sec, values in written["base_config"].items()
+                  for key, value in values.items() if value == defaults[sec][key]
+                  and (sec, key) not in config.SAVED_RUN_DEFAULTS and type(value) is int)
+  value = written["base_config"][sec].pop(key)
+  written["code"] = ["0123456789ab"]
+  (tmp_path / "study.json").write_text(json.dumps(written))
+  study = make(any_code=True)
+  study.check_manifest(study.calibrate())
+  written["base_config"][sec][key] = value + 1
+  (tmp_path / "study.json").write_text(json.dumps(written))
+  with pytest.raises(config.ConfigError, match=rf"study has {sec}.{key}={value + 1}, this "
+                     rf"command {value};"):
+    make(any_code=True).check_manifest(None)
   # Runs of two versions (a baseline's from before 2026-12-04 would be "unrecorded").
   runs = [{**_record(arm, 0, 0.1, 0.5), "code": code}
           for arm, code in (("tf", here), ("soft", "0123456789ab"))]

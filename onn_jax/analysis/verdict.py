@@ -342,7 +342,7 @@ class Study:
       seen = self.code_seen(path, before, say=calib is not None)
       manifest["code"] = seen + [c for c in manifest["code"] if c not in seen]
       before.setdefault("experts", _unrecorded_experts(self.base.model.moe_impl))
-      before.setdefault("base_config", manifest["base_config"])  # (before 2026-12-08: none)
+      before["base_config"] = _as_read_now(before.get("base_config", manifest["base_config"]))
       if (self.ratio is None and before.get("ratio") is not None
           and not (self.out / "calibration.json").is_file()):  # given, not measured
         raise config.ConfigError(f"{path}: this folder's study was planned with --ratio "
@@ -359,13 +359,8 @@ class Study:
                          == _override_map(manifest[k]))]
       if differ:
         k, theirs, ours = differ[0], before.get(differ[0]), manifest[differ[0]]
-        if k == "base_config":  # the first setting that differs
-          sections = {**theirs, **ours}
-          k, theirs, ours = next(
-              ((f"{sec}.{key}", theirs.get(sec, {}).get(key), ours.get(sec, {}).get(key))
-               for sec in sections for key in {**theirs.get(sec, {}), **ours.get(sec, {})}
-               if theirs.get(sec, {}).get(key) != ours.get(sec, {}).get(key)),
-              ("base_config", "other keys", "these"))
+        if k == "base_config":
+          k, theirs, ours = _first_setting_differs(theirs, ours)
         raise config.ConfigError(
             f"{path}: this folder's study has {k}={theirs!r}, this command {ours!r}; use "
             "another --out (or the same arguments and config file) to go on")
@@ -509,16 +504,14 @@ class Study:
                                "cannot be ruled out; run its tf arm again")
     other.setdefault("experts", _unrecorded_experts(
         other["base_config"].get("model", {}).get("moe_impl", "auto")))
+    other["base_config"] = _as_read_now(other["base_config"])
     for key in ("config", "overrides", "budget_tf_steps", "seeds", "base_config", "experts"):
       if key == "overrides" and _override_map(other.get(key) or []) == _override_map(mine[key]):
         continue  # the same overrides in another order
       if other.get(key) != mine[key]:
         theirs, ours = other.get(key), mine[key]
-        if key == "base_config":  # name the first setting that differs (sections of keys)
-          key, theirs, ours = next(
-              ((f"{sec}.{k}", theirs.get(sec, {}).get(k), v) for sec, vals in ours.items()
-               for k, v in vals.items() if theirs.get(sec, {}).get(k) != v),
-              ("base_config", "other keys", "these"))
+        if key == "base_config":
+          key, theirs, ours = _first_setting_differs(theirs, ours)
         raise config.ConfigError(f"--baseline {path}: its study has {key}={theirs!r}, this one "
                                  f"{ours!r}")
     if "tf" not in other.get("arms", {}):
@@ -589,6 +582,31 @@ def _override_map(overrides: list[str]) -> dict[str, str]:
   """``section.key=value`` overrides as what they set: the same ones in another order are the
   same study (of a key given twice, the last one counts, as in config.load)."""
   return dict((key.strip(), value) for key, _, value in (o.partition("=") for o in overrides))
+
+
+def _as_read_now(recorded: dict) -> dict:
+  """An earlier study's resolved config (study.json's or a baseline's ``base_config``) as
+  this code reads it: settings added since then filled in as a saved run's are (their
+  defaults, or :data:`config.SAVED_RUN_DEFAULTS`), so that a study continued with
+  ``--any-code`` across such an addition is not refused for it; as recorded when this code
+  cannot read it (a setting removed since: it then differs)."""
+  try:
+    return output.jsonable(config.to_dict(config.from_saved_run(recorded)))
+  except (config.ConfigError, TypeError, ValueError, AttributeError):
+    return recorded
+
+
+def _first_setting_differs(theirs: dict, ours: dict) -> tuple[str, object, object]:
+  """The first ``section.key`` whose value differs between two resolved configs, with both
+  values (None where one lacks it)."""
+  def value(cfg: dict, sec: str, key: str):
+    part = cfg.get(sec)
+    return part.get(key) if isinstance(part, dict) else None
+  keys = [(sec, key) for sec in {**theirs, **ours}
+          for key in {**(theirs.get(sec) or {}), **(ours.get(sec) or {})}]
+  return next(((f"{sec}.{key}", value(theirs, sec, key), value(ours, sec, key))
+               for sec, key in keys if value(theirs, sec, key) != value(ours, sec, key)),
+              ("base_config", "other keys", "these"))
 
 
 def _unrecorded_experts(impl: str) -> str:
