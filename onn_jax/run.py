@@ -421,8 +421,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         live.close()
         checkpoint.wait_until_saved(mngr)
     except KeyboardInterrupt as err:
-      err.when = (f"after the training's last step, checkpointed at step {step} in "
-                  f"{mngr.directory}: run the same command again to go on")
+      last = "the training's last step" if step >= total else "this run's last step"
+      err.when = (f"after {last}, checkpointed at step {step} in {mngr.directory}: run the "
+                  "same command again to go on")
       raise
   mngr.close()
   final = runner.get_state(state)

@@ -610,6 +610,28 @@ def test_the_lock_covers_the_evaluation_and_a_signal_there_is_one_line(tmp_path,
                   "command again to go on"]
 
 
+def test_a_signal_in_the_cleanup_names_the_slice_or_the_training(tmp_path, monkeypatch,
+                                                                  capsys):
+  """A stop signal while a run closes (waiting for its last save) is one line naming where it
+  stands: after a ``train.run_steps`` slice its last step is this run's, not the training's."""
+  from onn_jax import checkpoint
+  real = checkpoint.wait_until_saved
+
+  def wait(mngr):
+    real(mngr)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+
+  monkeypatch.setattr(checkpoint, "wait_until_saved", wait)
+  for steps, last in ((2, "this run's last step"), (0, "the training's last step")):
+    cfg = tiny_config(**{**SMALL, "train": {**SMALL["train"], "run_steps": steps}})
+    assert app.train_and_evaluate(cfg, tmp_path) == 128 + signal.SIGTERM
+    at = 2 if steps else 4
+    assert _said(capsys.readouterr().err)[-1] == (
+        f"interrupted (SIGTERM) after {last}, checkpointed at step {at} in "
+        f"{tmp_path / 'checkpoints'}: run the same command again to go on")
+
+
 def test_a_save_that_fails_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
   """A disk that fills (or a folder made read-only) during a run: the failed save is one line
   naming the folder and exit code 1, and the earlier checkpoints stand (Orbax's traceback
