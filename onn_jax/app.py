@@ -100,7 +100,8 @@ def protocol(cfg: Config) -> dict[str, Any]:
           "leakage_guard": d.leakage_guard, "max_grid": d.max_grid,
           "pretrain_steps": cfg.train.pretrain_steps, "eavi_every": cfg.train.eavi_every,
           "eavi_steps": cfg.train.eavi_steps,
-          "eval_max_len": eval_max_len(cfg), "eval_grid": cfg.eval.grid}
+          "eval_max_len": eval_max_len(cfg), "eval_grid": cfg.eval.grid,
+          "eval_max_tasks": cfg.eval.max_tasks}
 
 
 def eval_max_len(cfg: Config) -> int:
@@ -290,12 +291,10 @@ def _evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     target = init_params(cfg.model, jax.random.PRNGKey(0))
     params, record = checkpoint.load_params(run_dir, target,
                                             prefer_ema=cfg.eval.weights == "ema")
-    if data:  # the user's data, whole: only a filter asked for on this command line applies
-      tasks = load_eval_tasks(spec, cfg,
-                              cfg.eval.max_tasks if "eval.max_tasks" in asked else 0,
-                              cfg.data.max_grid if "data.max_grid" in asked else 30)
-    else:
-      tasks = load_eval_tasks(spec, cfg, cfg.eval.max_tasks)
+    # The user's data, whole: only a filter asked for on this command line applies.
+    max_tasks = cfg.eval.max_tasks if not data or "eval.max_tasks" in asked else 0
+    max_grid = cfg.data.max_grid if not data or "data.max_grid" in asked else 30
+    tasks = load_eval_tasks(spec, cfg, max_tasks, max_grid)
     trained = [part for part in data_sources(spec)
                if any(_same_source(part, source) for source in data_sources(cfg.data.train))]
     if trained and not cfg.data.hold_out_train_tests:
@@ -306,8 +305,7 @@ def _evaluate_checkpoint(run_dir: Path, data: str | None, out_dir: Path | None,
     return _fail(err)
   # What was evaluated: the user's data (whole, or filtered as this command line asked), not
   # the run's own data.eval and its selection.
-  evaluated = {"eval": spec, "max_grid": cfg.data.max_grid if "data.max_grid" in asked
-               else 30} if data else {}
+  evaluated = {"eval": spec, "max_grid": max_grid, "eval_max_tasks": max_tasks} if data else {}
   try:
     evaluate_params(cfg, params, tasks, out_dir, extra={"step": record.get("step"),
                                                        "weights": record.get("weights"),

@@ -313,6 +313,13 @@ def test_evaluate_program_on_a_kaggle_json_without_solutions(finished_run, tmp_p
     else:
       assert not (out / "sheet.png").exists()
   assert heights[1] < heights[0]
+  assert scores["protocol"]["eval_max_tasks"] == 0  # whole
+  # A filter given on this command line applies, and the protocol says so.
+  assert evaluate.main(["--checkpoint", str(run_dir), "--data", str(path), "eval.mode=greedy",
+                        "eval.max_tasks=1", "--out", str(tmp_path / "one")]) == 0
+  scores = json.loads((tmp_path / "one" / "scores.json").read_text())
+  assert scores["protocol"]["eval_max_tasks"] == 1
+  assert len(json.loads((tmp_path / "one" / "submission.json").read_text())) == 1
   assert not list((run_dir / "checkpoints").glob("eval*"))
   assert (run_dir / "eval" / "submission.json").read_text() == own
   assert app.default_eval_folder(None) == "eval"  # the run's own evaluation, its selection
