@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from onn_jax import checkpoint, config, faults, plots
 from onn_jax.config import Config, ConfigError, data_sources
-from onn_jax.data.pipeline import load_joined
+from onn_jax.data.pipeline import duplicates_line, load_joined
 from onn_jax.data.tasks import DataError, TaskList, filter_max_grid
 from onn_jax.evaluation import augscore
 from onn_jax.evaluation.model_fns import ModelFns
@@ -48,11 +48,18 @@ def load_eval_tasks(spec: str, cfg: Config, max_tasks: int, max_grid: int | None
   their test inputs); a task id given twice is kept once and counted, and the tasks the
   filters leave out are counted in one line. No task left is a :class:`DataError`."""
   loaded, duplicates = load_joined(spec, cfg.data.skip_bad)
+  other = next((d for d in duplicates if not d.same), None)
+  if other is not None:  # a submission holds one answer per task id
+    raise DataError(f"{spec}: task {other.task_id} is in {other.kept} and, with other "
+                    f"contents, in {other.dropped}: a submission answers one task per id; "
+                    "evaluate them apart")
   skipped = loaded.skipped
   for where, reason in skipped:
     log(f"eval data: skipped {where}: {reason}")
+  for note in loaded.notes:
+    log(f"eval data: {note}")
   if duplicates:
-    log(f"eval data: {duplicates} task ids given twice in {spec}; the first kept")
+    log(f"eval data: {duplicates_line(duplicates)}")
   tasks = list(loaded)
   max_grid = cfg.data.max_grid if max_grid is None else max_grid
   if max_grid < 30:  # a CPU-sized run only sees small grids; said in the protocol

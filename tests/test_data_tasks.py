@@ -36,6 +36,8 @@ MALFORMED = {
     "emptygrid": (_bad(lambda t: t["train"][0].__setitem__("input", [])),
                   "train[0].input: grid is not a non-empty list of rows"),
     "nooutput": (_bad(lambda t: t["train"][0].pop("output")), "train[0]: no 'output' grid"),
+    "trainobject": (_bad(lambda t: t.__setitem__("train", t["train"][0])),
+                    "'train' is not a list (got dict)"),
 }
 
 
@@ -134,8 +136,9 @@ def test_skip_bad_counts_and_lists(tmp_path):
 
 
 def test_challenges_with_solutions_beside_given_and_missing(tmp_path):
-  challenges = {"t2": GOOD, "t1": {"train": GOOD["train"], "test": [{"input": [[1]]},
-                                                                   {"input": [[2, 2]]}]}}
+  challenges = json.loads(json.dumps(  # (a copy: GOOD stays as it is for the other tests)
+      {"t2": GOOD, "t1": {"train": GOOD["train"], "test": [{"input": [[1]]},
+                                                          {"input": [[2, 2]]}]}}))
   for task in challenges.values():
     for pair in task["test"]:
       pair.pop("output", None)
@@ -212,6 +215,57 @@ def test_a_folder_reads_json_files_whatever_the_case_of_the_suffix(tmp_path):
   (tmp_path / "lower.json").write_text(json.dumps(GOOD))
   (tmp_path / "notes.txt").write_text("not a task")
   assert [t.id for t in load_tasks(str(tmp_path))] == ["lower", "upper"]
+
+
+def test_odd_sources_and_files_are_read_or_named(tmp_path):
+  """One task file given as a source is its task (it was read as a challenges file: an error
+  about a task named "train", or under skip_bad phantom tasks "train" and "test"); a folder
+  named like a task file is not one; a file named ".json" has no id to answer under; a
+  byte-order mark is read past; JSON nested too deeply is one line."""
+  path = _write(tmp_path / "mytask.json", GOOD)
+  tasks = load_tasks(path)
+  assert [t.id for t in tasks] == ["mytask"] and len(tasks[0].train) == 2
+  assert tasks[0].test[0][1].tolist() == [[9, 8, 7]]
+  with pytest.raises(DataError, match="mytask.json: a task file, not a challenges JSON"):
+    load_tasks(path, solutions=path)
+  folder = tmp_path / "f"
+  folder.mkdir()
+  _write(folder / "a.json", GOOD)
+  (folder / "sub.json").mkdir()
+  assert [t.id for t in load_tasks(str(folder))] == ["a"]
+  _write(folder / ".json", GOOD)
+  with pytest.raises(DataError, match=r"\.json: an empty task id"):
+    load_tasks(str(folder))
+  loaded = load_tasks(str(folder), skip_bad=True)
+  assert [t.id for t in loaded] == ["a"] and len(loaded.skipped) == 1
+  assert "" not in loaded.malformed_tests
+  os.remove(folder / ".json")
+  with open(folder / "b.json", "w", encoding="utf-8-sig") as f:
+    json.dump(GOOD, f)
+  assert [t.id for t in load_tasks(str(folder))] == ["a", "b"]
+  with open(folder / "c.json", "w") as f:
+    f.write('{"train": ' + "[" * 100_000 + "]" * 100_000 + ', "test": []}')
+  with pytest.raises(DataError, match=r"c.json: invalid JSON \(nested too deeply\)$"):
+    load_tasks(str(folder))
+  challenges = _write(tmp_path / "x_challenges.json", {"": GOOD})
+  with pytest.raises(DataError, match="task '': an empty task id"):
+    load_tasks(challenges)
+
+
+def test_solutions_that_disagree_or_go_unused_are_said(tmp_path):
+  """A solution that differs from an output the challenges file gives is an error (it replaced
+  it silently); solutions for ids the challenges file lacks are a note, not dropped unsaid."""
+  challenges = _write(tmp_path / "x_challenges.json", {"t1": GOOD})
+  solution = GOOD["test"][0]["output"]
+  _write(tmp_path / "x_solutions.json", {"t1": [solution], "t2": [solution], "t3": [[[1]]]})
+  tasks = load_tasks(challenges)
+  assert [t.id for t in tasks] == ["t1"]
+  assert tasks.notes == [f"{tmp_path / 'x_solutions.json'}: 2 solutions for task ids that "
+                         f"{challenges} does not hold, not used (t2, t3)"]
+  _write(tmp_path / "x_solutions.json", {"t1": [[[1, 2]]]})
+  with pytest.raises(DataError, match=r"x_solutions.json: task t1: solution\[0\] differs from "
+                     r"the output of test\[0\] in .*x_challenges.json"):
+    load_tasks(challenges)
 
 
 def test_leakage_guard_arc2_training_vs_arc1_evaluation(arc1_eval):

@@ -618,3 +618,49 @@ def test_answer_tokens_are_each_answer_at_its_buckets_budget():
   assert "answer_tokens" not in collate([ex], s.buckets[-1])
   cut = collate([ex], s.buckets[-1], answer_budget=2)["answer_tokens"]
   np.testing.assert_array_equal(cut[0], ex.tokens[ex.answer_start:ex.answer_start + 2])
+
+
+def test_a_task_id_given_twice_by_joined_sources_is_said_and_compared(tmp_path):
+  """Joined sources that give one task id twice: the first is kept, and whether the contents
+  differ is said; an evaluation refuses two different tasks under one id (a submission answers
+  one per id; the second was dropped with only a count before)."""
+  import json
+
+  from onn_jax import app, config
+  from onn_jax.data.tasks import DataError
+  task = {"train": [{"input": [[1]], "output": [[2]]}, {"input": [[3]], "output": [[4]]}],
+          "test": [{"input": [[5]], "output": [[6]]}]}
+  for name, test_input in (("a", 5), ("b", 5), ("c", 7)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "t1.json").write_text(json.dumps(
+        {**task, "test": [{"input": [[test_input]], "output": [[6]]}]}))
+  same, other = f"{tmp_path / 'a'}+{tmp_path / 'b'}", f"{tmp_path / 'a'}+{tmp_path / 'c'}"
+  tasks, duplicates = pipeline.load_joined(other, False)
+  assert [t.id for t in tasks] == ["t1"] and tasks[0].test[0][0].tolist() == [[5]]
+  assert duplicates == [pipeline.Duplicate("t1", str(tmp_path / "a"), str(tmp_path / "c"), False)]
+  lines = []
+  _, info = build_training_tasks(DataConfig(train=other, buckets=(128,)), log=lines.append)
+  assert info["duplicates_removed"] == 1
+  assert (f"1 task ids given twice, the first source's kept (1 with other contents, e.g. t1 in "
+          f"{tmp_path / 'a'} and {tmp_path / 'c'})") in lines[0]
+  cfg = config.load("default")
+  said = []
+  assert [t.id for t in app.load_eval_tasks(same, cfg, 0, 30, log=said.append)] == ["t1"]
+  assert said == ["eval data: 1 task ids given twice, the first source's kept"]
+  with pytest.raises(DataError, match=r"task t1 is in .*a and, with other contents, in .*c: a "
+                     "submission answers one task per id"):
+    app.load_eval_tasks(other, cfg, 0, 30)
+
+
+def test_a_users_task_id_holding_loo_is_not_taken_for_a_leave_one_out_task():
+  """Leave-one-out tasks are marked as made, not recognised by "/loo" in the id: a user's task
+  "my/loop" (any string is an id in a challenges file) gets its leave-one-out sequences."""
+  grid = np.ones((2, 2), np.int32)
+  counts = []
+  for task_id in ("abc", "my/loop"):
+    tasks = [Task(task_id, [(grid, grid)] * 3, [(grid, None)]),
+             Task("z", [(grid, grid)] * 3, [(grid, grid)])]
+    counts.append(BatchStream(tasks, DataConfig(buckets=(256,)), 2, 0).num_items)
+  assert counts[0] == counts[1] == 3 + 3 + 1
+  loo = leave_one_out(Task("my/loop", [(grid, grid)] * 3, []))
+  assert [t.loo_of for t in loo] == ["my/loop"] * 3

@@ -103,4 +103,4 @@ def augment_task(task: Task, view: View, demo_order: Sequence[int] | None = None
 
   train = [(apply(task.train[j][0]), apply(task.train[j][1])) for j in order]
   test = [(apply(i), None if o is None else apply(o)) for i, o in task.test]
-  return Task(id=task.id, train=train, test=test)
+  return dataclasses.replace(task, train=train, test=test)

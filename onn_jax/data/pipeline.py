@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from onn_jax.data.augment import View, augment_task, color_permutation
 from onn_jax.data.serialize import (Example, fit, grid_length, is_leave_one_out, leave_one_out,
                                     longest_answer)
 from onn_jax.data.tasks import (DataError, Task, TaskList, filter_max_grid, load_tasks,
-                                remove_leaked)
+                                remove_leaked, same_contents)
 from onn_jax.data.tokens import PAD
 
 _STREAM_BATCH = 0  # rng stream ids, so per-batch and per-row draws never share a seed
@@ -51,12 +52,21 @@ def rows_within(length: int, batch_size: int, max_tokens: int, multiple: int = 1
   return min(batch_size, max(multiple, max_tokens // length // multiple * multiple))
 
 
-def load_joined(spec: str, skip_bad: bool) -> tuple[TaskList, int]:
+class Duplicate(typing.NamedTuple):
+  """A task id that a later source of a "+" join gives again: dropped, the first kept."""
+  task_id: str
+  kept: str  # the source whose task is kept
+  dropped: str
+  same: bool  # whether both hold the same demonstrations and test pairs
+
+
+def load_joined(spec: str, skip_bad: bool) -> tuple[TaskList, list[Duplicate]]:
   """Loads "a+b+c": the tasks (first occurrence of each id kept; with the malformed ones
-  skipped in ``.skipped`` and ``.malformed_tests``) and the count of duplicates dropped."""
+  skipped in ``.skipped`` and ``.malformed_tests``, and each source's ``.notes``) and the
+  duplicates dropped."""
   tasks = TaskList()
-  seen: set[str] = set()
-  duplicates = 0
+  first: dict[str, tuple[str, Task]] = {}
+  duplicates: list[Duplicate] = []
   sources = data_sources(spec)
   for source in sources:
     if not source:
@@ -68,18 +78,28 @@ def load_joined(spec: str, skip_bad: bool) -> tuple[TaskList, int]:
         raise
       raise DataError(f"{err} ({spec!r} names {len(sources)} sources joined by '+')") from None
     tasks.skipped.extend(loaded.skipped)
+    tasks.notes.extend(loaded.notes)
     for task_id, grids in loaded.malformed_tests.items():
       tasks.malformed_tests.setdefault(task_id, grids)
     for task in loaded:
-      if task.id in seen:
-        duplicates += 1
+      if task.id in first:
+        kept_from, kept = first[task.id]
+        duplicates.append(Duplicate(task.id, kept_from, source, same_contents(kept, task)))
         continue
-      seen.add(task.id)
+      first[task.id] = (source, task)
       tasks.append(task)
   tasks.sort(key=lambda t: t.id)
-  for task_id in seen & set(tasks.malformed_tests):  # read well from another source
+  for task_id in set(first) & set(tasks.malformed_tests):  # read well from another source
     del tasks.malformed_tests[task_id]
   return tasks, duplicates
+
+
+def duplicates_line(duplicates: Sequence[Duplicate]) -> str:
+  """How many task ids a join gave twice, and how many of them with other contents."""
+  other = [d for d in duplicates if not d.same]
+  return (f"{len(duplicates)} task ids given twice, the first source's kept"
+          + (f" ({len(other)} with other contents, e.g. {other[0].task_id} in {other[0].kept} "
+             f"and {other[0].dropped})" if other else ""))
 
 
 def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
@@ -99,11 +119,13 @@ def build_training_tasks(cfg: DataConfig, log: Callable[[str], None] = print
   """
   tasks, duplicates = load_joined(cfg.train, cfg.skip_bad)
   skipped = tasks.skipped
-  info = {"loaded": len(tasks) + duplicates, "duplicates_removed": duplicates,
+  info = {"loaded": len(tasks) + len(duplicates), "duplicates_removed": len(duplicates),
           "skipped_bad": len(skipped), "leaked_removed": 0, "too_large": 0, "limit_removed": 0,
           "eval_demo_tasks": 0}
   log(f"data: {info['loaded']} training tasks loaded from {cfg.train}"
-      + (f", {duplicates} duplicate ids dropped" if duplicates else ""))
+      + (f"; {duplicates_line(duplicates)}" if duplicates else ""))
+  for note in tasks.notes:
+    log(f"data: {note}")
   for where, reason in skipped:
     log(f"data: skipped {where}: {reason}")
   if skipped:
@@ -533,7 +555,7 @@ class BatchStream:
     perm = color_permutation(rng, cfg.color_perm)
     order = rng.permutation(len(task.train)) if cfg.shuffle_demos else None
     view = View(d8=d8, perm=tuple(int(c) for c in perm))
-    one_test = Task(id=task.id, train=task.train, test=[task.test[test_index]])
+    one_test = dataclasses.replace(task, test=[task.test[test_index]])
     seen = augment_task(one_test, view, order)
     test_in, test_out = seen.test[0]
     kw = dict(loss_on=cfg.loss_on, task_id=task.id, test_index=test_index)

@@ -208,9 +208,9 @@ def leave_one_out(task: Task) -> list[Task]:
     return []
   return [Task(id=f"{task.id}{LOO_TAG}{i}",
                train=[p for j, p in enumerate(task.train) if j != i],
-               test=[task.train[i]]) for i in range(len(task.train))]
+               test=[task.train[i]], loo_of=task.id) for i in range(len(task.train))]
 
 
 def is_leave_one_out(task: Task) -> bool:
-  """Whether the task was made by :func:`leave_one_out` (by its id)."""
-  return LOO_TAG in task.id
+  """Whether the task was made by :func:`leave_one_out` (a user's task id may hold "/loo")."""
+  return task.loo_of is not None

