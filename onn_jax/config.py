@@ -530,15 +530,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                       "removes unquoted quotes: quote the whole override, e.g. "
                       "'ttt.params=[\"*\"]'") from None
   # The key's type decides where YAML 1.1 would guess: a string key takes the text as typed
-  # (``data.color_perm=no`` is "no", not false), an integer key reads digits in base 10
-  # (``train.seed=010`` is 10, not octal 8).
+  # (``data.color_perm=no`` is "no", not false; ``train.init_from=2024-12-01`` a folder, not a
+  # date; ``data.eval=#x`` "#x", not a comment that left it empty), unless quoted, a list or
+  # null; an integer key reads digits in base 10 (``train.seed=010`` is 10, not octal 8); a
+  # number is never read in base 60 (``1:30`` is not 90).
   hint = _field_types().get(tuple(path))
   text = raw.strip()
-  if hint is str and isinstance(value, (bool, int, float)):
+  if hint is str and text and text not in _NULLS and text[0] not in "'\"[{":
     value = text
   elif hint is int and re.fullmatch(r"[+-]?\d+", text):
     value = int(text, 10)
+  elif hint in (int, float) and ":" in text:
+    raise ConfigError(f"{key.strip()}: expected a number, got {text!r}")
   return path, value
+
+
+_NULLS = ("~", "null", "Null", "NULL")  # YAML's null: a string key's "none" ("")
 
 
 @functools.lru_cache(maxsize=None)
@@ -598,6 +605,24 @@ def from_saved_run(values: dict[str, Any]) -> Config:
                                         for k, v in values.items()}))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """``yaml.safe_load``'s reading, except that a key given twice in one mapping is an error: a
+  ``train:`` block appended to a copy of a shipped config replaced its whole section, silently
+  (the last one wins in YAML)."""
+
+  def construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+      seen = set()
+      for key_node, _ in node.value:
+        key = self.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+          raise yaml.constructor.ConstructorError(
+              None, None, f"key {key!r} given twice in one mapping", key_node.start_mark)
+        if isinstance(key, typing.Hashable):
+          seen.add(key)
+    return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
          saved_run: bool = False) -> Config:
   """Reads a YAML config (a path or a shipped name; or the defaults), applies
@@ -609,7 +634,10 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *
     if not path.is_file():
       raise ConfigError(f"{path}: config file not found")
     try:
-      values = yaml.safe_load(path.read_text()) or {}
+      values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except (OSError, UnicodeDecodeError) as err:
+      why = err.strerror if isinstance(err, OSError) else f"not UTF-8 text: {err.reason}"
+      raise ConfigError(f"{path}: cannot be read ({why})") from None
     except yaml.YAMLError as err:
       mark = getattr(err, "problem_mark", None)
       where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -622,7 +650,9 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *
     (section, key), value = parse_override(text)
     if section not in {f.name for f in dataclasses.fields(Config)}:
       raise ConfigError(f"{section}.{key}: unknown section {section!r}")
-    section_values = values.setdefault(section, {})
+    if values.get(section) is None:  # (``train:`` with every key commented out)
+      values[section] = {}
+    section_values = values[section]
     if not isinstance(section_values, dict):
       raise ConfigError(f"{section}: expected a mapping")
     section_values[key] = value

@@ -126,8 +126,36 @@ def test_the_keys_type_decides_where_yaml_would_guess(tmp_path):
   # A section whose keys are all commented out is the defaults; a bad file says where.
   path.write_text("train:\n  # seed: 3\n")
   assert config.load(path).train == config.TrainConfig()
+  assert config.load(path, ["train.seed=3"]).train.seed == 3  # (refused before)
   path.write_text("train:\n  seed: 1\n bad: [\n")
   with pytest.raises(ConfigError, match=r"mine.yaml: not valid YAML at line 3, column 2"):
+    config.load(path)
+  # Text YAML would read as a date, a comment, an anchor or a sexagesimal number.
+  cfg = config.load(None, ["train.init_from=2024-12-01", "data.eval=#held_out", "data.train=&x",
+                           "ttt.params=[\"*\"]"])
+  assert (cfg.train.init_from, cfg.data.eval, cfg.data.train) == ("2024-12-01", "#held_out", "&x")
+  assert config.load(None, ["data.eval=null"]).data.eval == ""  # null and empty: none
+  assert config.load(None, ["data.eval='a b'"]).data.eval == "a b"  # quoted: YAML's
+  for override in ("train.pretrain_steps=1:30", "train.learning_rate=1:30"):
+    with pytest.raises(ConfigError, match=r"expected a number, got '1:30'$"):
+      config.load(None, [override])
+
+
+def test_a_config_file_that_repeats_a_key_or_cannot_be_read_is_one_line(tmp_path):
+  """A section or key given twice in a YAML file is an error (a ``train:`` block appended to
+  a copy of a shipped config replaced its whole section, silently); a file that is not UTF-8
+  text is one line (a traceback before)."""
+  path = tmp_path / "mine.yaml"
+  path.write_text(config.resolve("default").read_text() + "train:\n  seed: 7\n")
+  line = len(config.resolve("default").read_text().splitlines()) + 1
+  with pytest.raises(ConfigError, match=rf"mine.yaml: not valid YAML at line {line}, column 1 "
+                     r"\(key 'train' given twice in one mapping\)$"):
+    config.load(path)
+  path.write_text("train:\n  seed: 1\n  seed: 2\n")
+  with pytest.raises(ConfigError, match=r"line 3, column 3 \(key 'seed' given twice"):
+    config.load(path)
+  path.write_bytes(b"\xff\xfe\x00")
+  with pytest.raises(ConfigError, match=r"mine.yaml: cannot be read \(not UTF-8 text"):
     config.load(path)
 
 
