@@ -232,6 +232,44 @@ def test_results_do_not_depend_on_batch_size(tasks, views):
     np.testing.assert_allclose(r1["scores"], r2["scores"], rtol=1e-12)
 
 
+def test_a_short_prompt_beside_a_long_one_keeps_its_answer_room():
+  """A batch shares one answer budget, the limit less its longest prompt: a shorter prompt
+  fitted with a larger answer's room is batched apart instead of losing its answer's end (it
+  was cut off, malformed, and the result depended on eval.batch_size)."""
+  def grid(h, w, colour):
+    return np.full((h, w), colour, np.int32)
+  long_prompt = Task("A", [(grid(4, 4, 1), grid(1, 1, 2))] * 4, [(grid(4, 4, 1), grid(1, 1, 2))])
+  big_answer = Task("B", [(grid(5, 5, 3), grid(5, 5, 4))], [(grid(5, 5, 3), grid(5, 5, 4))])
+  answers = {task.id: _answer(task.test[0][1]) for task in (long_prompt, big_answer)}
+  lengths = {}
+  for task in (long_prompt, big_answer):
+    prompt, _ = augscore.fit_prompt(task.train, task.test[0][0], 1, 10**6)
+    lengths[task.id] = len(prompt)
+  # Room for both answers alone, not for B's answer after A's prompt.
+  max_len = lengths["A"] + len(answers["B"]) - 1
+  assert lengths["B"] + len(answers["B"]) <= max_len
+  calls = []
+
+  def generate(prompts, max_new, samples):  # the right answer, cut at max_new
+    calls.append(([len(p) for p in prompts], max_new))
+    return [[answers["B" if 3 in p else "A"][:max_new]] for p in prompts]
+
+  for batch_size in (1, 2):
+    calls.clear()
+    records = augscore.evaluate([long_prompt, big_answer], mode="greedy", generate_fn=generate,
+                                max_len=max_len, batch_size=batch_size, progress=False)
+    assert [(r["task_id"], r["correct_1"], r["malformed"]) for r in records] == [
+        ("A", True, 0), ("B", True, 0)]
+    assert calls == [([lengths["A"]], max_len - lengths["A"]),
+                     ([lengths["B"]], max_len - lengths["B"])]
+  # Where every job fits beside the others, batches are the length order's runs, unchanged.
+  assert augscore._room_batches([0, 1, 2, 3], [9, 8, 7, 6], [1, 2, 3, 4], 2, 20) == [[0, 1],
+                                                                                     [2, 3]]
+  # Job 3 (6 tokens, room 9) waits: beside job 2's 7 tokens it would get 8.
+  assert augscore._room_batches([0, 1, 2, 3], [9, 8, 7, 6], [1, 2, 3, 9], 2, 15) == [[0, 1], [2],
+                                                                                     [3]]
+
+
 def test_greedy_mode_uses_identity_view_only(tasks, views):
   truth = {(t.id, i): y for t in tasks for i, (_, y) in enumerate(t.test)}
   model = FakeModel(tasks, views,

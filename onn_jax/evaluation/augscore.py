@@ -183,6 +183,7 @@ def _generation_jobs(items: list[_Item], views: Sequence[View], *, max_len: int,
   batches of job indices with each batch's answer budget. Counts the views and shortened
   prompts into the items."""
   jobs: list[tuple[int, int, np.ndarray]] = []
+  rooms: list[int] = []  # the answer room each prompt was fitted with
   for i, item in enumerate(items):
     for v, view in enumerate(views):
       demos, test_input = _view_task(item.task, item.test_index, view)
@@ -192,15 +193,41 @@ def _generation_jobs(items: list[_Item], views: Sequence[View], *, max_len: int,
       prompt, dropped = fit_prompt(demos, test_input, room, max_len)
       if prompt is not None:
         jobs.append((i, v, prompt))
+        rooms.append(room)
         item.gen_views += 1
         item.shortened |= dropped > 0
   # Longest first: similar lengths share a batch (less padding, a fair max_new), and the
   # largest batch runs first so an out-of-memory shows at once.
   order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
-  batches = list(_batches(order, batch_size))
+  batches = _room_batches(order, [len(prompt) for _, _, prompt in jobs], rooms, batch_size,
+                          max_len)
   budget_of = [min(max_answer_tokens, max_len - max(len(jobs[j][2]) for j in batch))
                for batch in batches]
   return jobs, batches, budget_of
+
+
+def _room_batches(order: Sequence[int], lengths: Sequence[int], rooms: Sequence[int],
+                  batch_size: int, max_len: int) -> list[list[int]]:
+  """Batches of up to ``batch_size`` jobs, taken in ``order``, whose shared answer budget
+  (``max_len`` less the batch's longest prompt) leaves each job the room its prompt was fitted
+  with: a job that a batch's longer prompt would cut short waits for a later batch (before,
+  a short prompt with a large answer beside a long one lost its answer's end, and the result
+  depended on ``eval.batch_size``). Where every job fits, the batches are ``order``'s runs."""
+  batches, pending = [], list(order)
+  while pending:
+    batch, later, longest, room = [], [], 0, 0
+    for n, j in enumerate(pending):
+      if len(batch) == batch_size:
+        later.extend(pending[n:])
+        break
+      if not batch or max(longest, lengths[j]) + max(room, rooms[j]) <= max_len:
+        batch.append(j)
+        longest, room = max(longest, lengths[j]), max(room, rooms[j])
+      else:
+        later.append(j)
+    batches.append(batch)
+    pending = later
+  return batches
 
 
 def generation_calls(tasks: Sequence[Task], *, mode: str = "augscore",
