@@ -51,6 +51,10 @@ def test_eavi_plans_spend_the_budget_with_the_asked_share(ratio, share, mixed):
     assert abs(cost - budget) <= ratio / 2 + 0.5 + 1e-9
     assert abs(ratio * n_eavi / cost - share) <= ratio / cost
   assert _cost(plan_arm(mixed, False, budget, share, ratio), ratio) == budget
+  # A cost no plan can take (one EAVI step dearer than the budget) is one line.
+  for dear in (budget + 1.0, 1.7e308):
+    with pytest.raises(config.ConfigError, match="plans no run"):
+      plan_arm(mixed, True, budget, share, dear)
 
 
 @pytest.mark.parametrize("plan", [Plan(10, 3), Plan(11, 0, 3), Plan(9, 2, 4), Plan(5, 0)])
@@ -562,7 +566,7 @@ def test_the_study_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("args, culprit", [
     (["--arms", "tf,bogus"], "--arms: unknown ['bogus']"),
     (["--eavi-share", "1.0"], "--eavi-share"),
-    (["--seeds", "a"], "invalid literal"),
+    (["--seeds", "a,b"], "--seeds: 'a,b' is not a comma-separated list of integers"),
     (["model.d_model=-1"], "model.d_model"),
     (["--arm", "paper"], "--arm 'paper': expected 'NAME: section.key=value ...'"),
     (["--arm", "paper: "], "expected 'NAME: section.key=value ...'"),
@@ -573,7 +577,9 @@ def test_the_study_end_to_end(tmp_path, capsys):
     (["--arm", "a: train.pretrain_steps=5"], "'train.pretrain_steps=5' is set by the study"),
     (["--seeds", "0,1,0"], "--seeds: '0,1,0' must name distinct seeds"),
     (["--seeds", "-1"], "must name distinct seeds >= 0"),
-    (["--ratio", "0"], "--ratio: an EAVI step's cost in teacher-forcing steps must be positive"),
+    (["--ratio", "0"], "--ratio: an EAVI step's cost in teacher-forcing steps must be a finite"),
+    (["--ratio", "inf"], "must be a finite positive number, got inf"),
+    (["--eavi-share", "1e-320"], "--eavi-share: must lie in (0, 1)"),
     (["--max-runs", "-1"], "--max-runs: must be >= 0"),
     # TTT's parameter selection fails before any run, not after the arms before it trained.
     (["--arm", 'x: ttt.steps=1 ttt.params=["*/atn/*"]'], "ttt.params: '*/atn/*' matches no"),

@@ -24,6 +24,7 @@ teacher forcing not rerun).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def main(argv=None) -> int:
   args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
   from onn_jax.analysis import verdict
   try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+      seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+      raise config.ConfigError(f"--seeds: {args.seeds!r} is not a comma-separated list of "
+                               "integers") from None
     if len(set(seeds)) < len(seeds) or any(seed < 0 for seed in seeds):
       raise config.ConfigError(f"--seeds: {args.seeds!r} must name distinct seeds >= 0 (a seed "
                                "given twice would count one run as two)")
@@ -86,13 +91,13 @@ def main(argv=None) -> int:
     # With --arm alone: teacher forcing and those arms (only those, against a --baseline).
     default = [] if args.baseline else ["tf"]
     arms = (arms or (default if custom else list(verdict.DEFAULT_ARMS))) + list(custom)
-    if not 0.0 < args.eavi_share < 1.0:
+    if not 0.0 < args.eavi_share < 1.0 or not math.isfinite(1 / args.eavi_share):
       raise config.ConfigError(f"--eavi-share: must lie in (0, 1), got {args.eavi_share}")
     if args.probes < 1 or not seeds:
       raise config.ConfigError("--probes and --seeds: at least one each")
-    if args.ratio is not None and not args.ratio > 0:
+    if args.ratio is not None and not (args.ratio > 0 and math.isfinite(args.ratio)):
       raise config.ConfigError(f"--ratio: an EAVI step's cost in teacher-forcing steps must be "
-                               f"positive, got {args.ratio}")
+                               f"a finite positive number, got {args.ratio}")
     if args.max_runs < 0:
       raise config.ConfigError(f"--max-runs: must be >= 0 (0: all), got {args.max_runs}")
     base = config.load(args.config, args.overrides)

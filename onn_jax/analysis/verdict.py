@@ -120,6 +120,10 @@ def plan_arm(mixed: bool, eavi: bool, budget: int, share: float, ratio: float) -
   EAVI steps that cost ``ratio`` teacher-forcing steps each (see the module docstring)."""
   if not eavi:
     return Plan(budget, 0)
+  if ratio > budget or not math.isfinite(budget * ratio * (1 - share) / share):
+    raise config.ConfigError(f"an EAVI step costing {ratio} teacher-forcing steps, at an EAVI "
+                             f"share of {share} of a budget of {budget}, plans no run "
+                             "(--ratio, --eavi-share, train.pretrain_steps)")
   if mixed:
     every = max(2, round(1 + ratio * (1 - share) / share))
     return Plan(max(every, round(budget * every / (every - 1 + ratio))), 0, every)
@@ -537,8 +541,8 @@ class Study:
     baseline = self.baseline_runs()
     self.check_manifest(None)  # before the calibration caches anything of this command's
     calib = self.calibrate()
+    plans = self.plans(calib)  # (before study.json is written: a ratio no run can take fails)
     self.check_manifest(calib)
-    plans = self.plans(calib)
     self.log(("EAVI step = " + ", ".join(f"{r:.2f} ({kind})" for kind, r in
                                         calib["ratios"].items()) + " teacher-forcing steps"
               if calib["ratios"] else "no EAVI arm") + "; plans: " + ", ".join(
