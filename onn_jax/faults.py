@@ -189,6 +189,17 @@ class WorkdirLock:
     self.release()
 
 
+def check_writable_file(path: str | Path, what: str) -> Path:
+  """A results file that will be written later (a benchmark's ``--out``): not a folder, and in
+  a folder that files can be written in (created if needed); OutputError naming ``what`` and
+  the path otherwise, before any work."""
+  path = Path(path)
+  if path.is_dir():
+    raise OutputError(f"{what} {path}: is a folder, not a file")
+  check_writable_dir(path.parent, what)
+  return path
+
+
 def check_writable_dir(path: str | Path, what: str) -> Path:
   """Creates ``path`` if needed and checks that files can be written in it; OutputError
   naming ``what`` (e.g. ``--workdir``) and the path otherwise."""

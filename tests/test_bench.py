@@ -302,6 +302,22 @@ def test_the_dynmoe_density_table_runs_with_moe_not_with_layers(tmp_path, monkey
 def test_bad_section_is_rejected(capsys):
   assert bench.main(["--only", "train,nope"]) == 2
   assert "'nope'" in capsys.readouterr().err
+  # Overrides on both sides of an option; an --out that cannot be written fails before any
+  # section runs (after the first one's minutes, with a traceback, before).
+  assert bench.main(["train.seed=1", "--only", "nsa", "train.nosuch=1"]) == 2
+  assert "train.nosuch" in capsys.readouterr().err
+  assert bench.main(["--only", "nsa", "--out", "."]) == 2
+  assert capsys.readouterr().err.strip() == "bench: --out .: is a folder, not a file"
+
+
+def test_nsa_kernel_check_rejects_bad_arguments_before_any_work(capsys):
+  from train import nsa_kernel_check
+  for args, culprit in ((["--impls", "pallas,nope"], "--impls: unknown 'nope'"),
+                        (["--iters", "0"], "--iters: at least 1 timed call"),
+                        (["--out", "."], "--out .: is a folder, not a file")):
+    with pytest.raises(SystemExit) as exit_info:
+      nsa_kernel_check.main(args)
+    assert exit_info.value.code == 2 and culprit in capsys.readouterr().err
 
 
 def test_a_kernel_setting_holds_for_the_whole_run_and_is_recorded(tmp_path, monkeypatch):

@@ -250,7 +250,12 @@ def test_ptxas_report_of_each_pallas_kernel():
 
 @pytest.mark.parametrize("args, culprit", [
     (["--config", "nosuch"], "nosuch"), (["--config", "arc1", "train.nosuch=1"], "train.nosuch"),
-    (["--config", "arc1", "--ptx", "32"], "--ptx '32': expected rows x tokens")])
+    (["--config", "arc1", "--ptx", "32"], "--ptx '32': expected rows x tokens"),
+    (["--decode", "nosuch"], "--decode: unknown decoding kernels ['nosuch']"),
+    (["--batch", "0"], "--batch and --capacity: at least 1 each"),
+    (["--out", "."], "--out .: is a folder, not a file"),
+    # Overrides stand before and after the options, as in train.main.
+    (["train.seed=1", "--config", "arc1", "train.nosuch=1"], "train.nosuch")])
 def test_a_bad_config_or_shape_is_one_line_and_exit_code_2(args, culprit, capsys):
   with pytest.raises(SystemExit) as exit_info:
     kernel_count.main(args)

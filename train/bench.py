@@ -97,7 +97,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import config, output, profiling, steps
+from onn_jax import config, faults, output, profiling, steps
 from onn_jax.config import Config, ModelConfig
 from onn_jax.data.pipeline import BatchStream, build_training_tasks, collate_packed
 from onn_jax.data.serialize import Example
@@ -1379,7 +1379,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                            "check's --variants (e.g. part_f32: the selected branch's partials "
                            "in float32), applied for the whole run; the defaults when empty")
   parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16")
-  return parser.parse_args(argv)
+  return parser.parse_intermixed_args(argv)
 
 
 def _parse_variant(name: str) -> str | None:
@@ -1458,7 +1458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     decode_sets = _parse_sets(args.sets)
     routings = _parse_routings(args.routings)
     variant = _parse_variant(args.variant)
-  except (config.ConfigError, ValueError) as err:
+    faults.check_writable_file(args.out, "--out")  # before minutes of timing
+  except (config.ConfigError, ValueError, faults.OutputError) as err:
     print(f"bench: {err}", file=sys.stderr)
     return 2
   sizes = QUICK_SIZES if args.quick else FULL_SIZES

@@ -56,7 +56,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from onn_jax import config, decode, output, profiling
+from onn_jax import config, decode, faults, output, profiling
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.model import nsa, nsa_pallas
 from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
@@ -368,7 +368,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="the NSA training kernels' PTX instructions at these shapes")
   parser.add_argument("--out", default="", help="JSON results file")
   parser.add_argument("overrides", nargs="*", help="section.key=value")
-  return parser.parse_args(argv)
+  return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -390,6 +390,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     shapes.append(tuple(int(n) for n in match.groups()))
   if args.decode is None:
     args.decode = "" if shapes else ",".join(decode.DECODE_KERNELS)
+  unknown = [p for p in args.decode.split(",") if p and p not in decode.DECODE_KERNELS]
+  if unknown:
+    usage_error(f"--decode: unknown decoding kernels {unknown} (known: "
+                f"{', '.join(decode.DECODE_KERNELS)})")
+  if args.batch < 1 or args.capacity < 1:
+    usage_error(f"--batch and --capacity: at least 1 each, got {args.batch} and "
+                f"{args.capacity}")
+  if args.out:
+    try:
+      faults.check_writable_file(args.out, "--out")
+    except faults.OutputError as err:
+      usage_error(str(err))
   device, how = gpu_device()
   ptx = []
   for batch, seq_len in shapes:

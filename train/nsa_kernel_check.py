@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import decode
+from onn_jax import decode, faults
 from onn_jax.model import moe_pallas, nsa, nsa_pallas
 from onn_jax.model.attention import nsa as nsa_layer
 from onn_jax.model.nsa import nsa_core, num_compressed_blocks
@@ -607,6 +607,16 @@ def main(argv=None) -> None:
   for v in variants:
     if v not in VARIANTS:
       p.error(f"--variants: unknown {v!r}; known: {sorted(VARIANTS)}")
+  impls = [i for i in a.impls.split(",") if i]
+  for i in impls:
+    if i not in nsa.IMPLS:
+      p.error(f"--impls: unknown {i!r}; known: {list(nsa.IMPLS)}")
+  if a.iters < 1:
+    p.error(f"--iters: at least 1 timed call, got {a.iters}")
+  try:  # before minutes of checks and timing
+    faults.check_writable_file(a.out, "--out")
+  except faults.OutputError as err:
+    p.error(str(err))
   if nsa_pallas.use_interpret():  # a GPU check: say so before minutes of interpreted kernels
     print(f"nsa_kernel_check: no GPU ({jax.default_backend()}): the Pallas kernels run in "
           "interpret mode, the checks take minutes and the timings mean nothing",
@@ -614,11 +624,9 @@ def main(argv=None) -> None:
   if not a.skip_check:
     check(results, variants)
     save()
-  bench(results, cases, a.iters, [i for i in a.impls.split(",") if i], variants, save,
-        a.packed)
+  bench(results, cases, a.iters, impls, variants, save, a.packed)
   if a.decode:
-    decode_bench(results, decode_cases, a.iters, [i for i in a.impls.split(",") if i],
-                 variants, save, a.decode_calls)
+    decode_bench(results, decode_cases, a.iters, impls, variants, save, a.decode_calls)
   if a.breakdown:
     breakdown(results, breakdown_cases, a.iters, a.sweep, variants, save)
   save()
