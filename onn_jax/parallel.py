@@ -93,6 +93,10 @@ def maybe_initialize_distributed(cfg: Config) -> bool:
   """
   p = cfg.parallel
   if not (p.distributed or p.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    if p.num_processes or p.process_id >= 0:  # (they ran one host, without a word)
+      raise ConfigError("parallel.num_processes and parallel.process_id: they need "
+                        "parallel.distributed=true or parallel.coordinator_address; without "
+                        "them this runs on one host")
     return False
   if jax.distributed.is_initialized():
     return False
@@ -138,7 +142,18 @@ def check_batch(cfg: Config, num_devices: int) -> None:
     if rows % num_devices:
       raise ConfigError(f"data.max_batch_tokens: {cfg.data.max_batch_tokens} gives bucket "
                         f"{length} {rows} rows, which do not divide evenly over {num_devices} "
-                        f"devices; use a multiple of {length * num_devices}")
+                        f"devices; e.g. {_even_batch_tokens(cfg, num_devices)} splits every "
+                        "bucket")
+
+
+def _even_batch_tokens(cfg: Config, num_devices: int) -> int:
+  """The least ``data.max_batch_tokens`` above the given one whose rows split evenly over the
+  devices at every bucket (a budget of whole device-multiples of each bucket's rows)."""
+  b, given = cfg.train.batch_size, cfg.data.max_batch_tokens
+  candidates = sorted({k * num_devices * length for length in cfg.data.buckets
+                       for k in range(1, b // num_devices + 1)})
+  return next(m for m in candidates if m > given and all(
+      rows_within(length, b, m) % num_devices == 0 for length in cfg.data.buckets))
 
 
 def _host(x) -> np.ndarray:

@@ -358,6 +358,10 @@ def test_long_bucket_rows_that_do_not_divide_over_the_devices_are_one_line():
   message = str(info.value)
   assert message.startswith("data.max_batch_tokens: 1024 gives bucket 256 4 rows")
   assert "8 devices" in message and "\n" not in message
+  # The value it suggests splits every bucket (the least above: 8 rows of 256, 8 of 128).
+  assert message.endswith("e.g. 2048 splits every bucket")
+  Runner(_cfg("shard_map", train=dict(batch_size=8),
+              data=dict(buckets=[128, 256], max_batch_tokens=2048)), {})
   Runner(_cfg("single", train=dict(batch_size=8),
               data=dict(buckets=[128, 256], max_batch_tokens=1024)), {})  # one device: fine
 
@@ -376,6 +380,11 @@ def test_distributed_is_a_no_op_without_flags(monkeypatch):
   monkeypatch.setattr(jax.distributed, "initialize", forbidden)
   assert parallel.maybe_initialize_distributed(_cfg("auto")) is False
   assert jax.process_count() == 1 and parallel.is_main_process()
+  # A host's count or id without the flag that joins hosts: one line, not a lone host.
+  for key, value in (("num_processes", 2), ("process_id", 1)):
+    with pytest.raises(ConfigError, match=r"^parallel.num_processes and parallel.process_id: "
+                       "they need parallel.distributed=true"):
+      parallel.maybe_initialize_distributed(_cfg("auto", parallel={key: value}))
 
 
 def test_distributed_flags_reach_jax(monkeypatch):
