@@ -21,7 +21,8 @@ from onn_jax.data.serialize import longest_answer
 from onn_jax.data.tokens import VOCAB_SIZE
 from onn_jax.decode import after_first_end, continuation_inputs, generate, parallel_rollout
 from onn_jax.model.moe import merge_aux
-from onn_jax.model.transformer import Transformer, init_cache, init_params, outside_tf
+from onn_jax.model.transformer import (Transformer, branch_valid, init_cache, init_params,
+                                       outside_tf)
 
 NO_DECAY_LEAVES = ("scale", "bias", "b_in", "b_out", "prototypes", "thresholds", "block_pos",
                    "embedding")
@@ -473,8 +474,7 @@ def branch_alignment_after_rollout(params, batch: dict, rng, row_offset=0, *,
                   prompt_cache=jax.lax.stop_gradient(cache))
 
   def branch(p, prompt_cache):
-    # As in "branch" mode, a branch token is valid where a row of length T would hold it.
-    valid_BA = start_B[:, None] + jnp.arange(A)[None] < T
+    valid_BA = branch_valid(batch["valid"], start_B, A)  # as in "branch" mode
     logits_BAV, _, aux = model.apply({"params": p}, gen.fed_BAV, valid_BA, mode="extend",
                                      cache=prompt_cache, pos_B=start_B)
     return logits_BAV, aux

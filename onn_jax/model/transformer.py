@@ -47,6 +47,17 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, self.eps)
 
 
+def branch_valid(valid_BT: jax.Array, pos_B: jax.Array, length: int) -> jax.Array:
+  """[B, length]: whether a branch token (a continuation of each row from ``pos_B``) is real:
+  where the row holds a valid token at its position, as the same continuation written into
+  the row would be (a branch past the row's answer, its padding, counted nowhere: the DynMoE
+  statistics, SDL and the expert-reset window took it for routed tokens before)."""
+  T = valid_BT.shape[1]
+  pos_BA = pos_B[:, None] + jnp.arange(length)[None, :]
+  held_BA = jnp.take_along_axis(valid_BT, jnp.clip(pos_BA, 0, T - 1), axis=1)
+  return (pos_BA < T) & held_BA.astype(bool)
+
+
 def moe_layer(c: ModelConfig, **kwargs) -> DynMoE:
   """The DynMoE feed-forward layer that ``c`` describes (``kwargs``: e.g. ``name``)."""
   return DynMoE(
@@ -125,11 +136,10 @@ class Transformer(nn.Module):
     branch_len = 0
     if mode == "branch":
       # The branch's tokens follow the main ones in every layer's row (the attention keeps
-      # them apart); a branch token is valid where a row of length T would hold it.
+      # them apart).
       branch_len = branch_BAV.shape[1]
       x_BTC = jnp.concatenate([x_BTC, embed(branch_BAV)], axis=1)
-      branch_pos_BA = pos_B[:, None] + jnp.arange(branch_len)[None, :]
-      valid_BT = jnp.concatenate([valid_BT, branch_pos_BA < T], axis=1)
+      valid_BT = jnp.concatenate([valid_BT, branch_valid(valid_BT, pos_B, branch_len)], axis=1)
       T = T + branch_len
     new_caches, auxes = [], []
     # Rematerialise each block in the backward pass when asked: activation memory of one
