@@ -100,7 +100,9 @@ def initial_state(cfg: Config, model: Transformer, mngr, log) -> steps.TrainStat
     _warn_if_other_model(cfg, Path(cfg.train.init_from), log)
     params, record = checkpoint.load_params(cfg.train.init_from, state.params, log=log)
     state = steps.init_state(cfg, model, jax.random.PRNGKey(cfg.train.seed), params=params)
-    log(f"parameters from {cfg.train.init_from} (step {record.get('step', '?')})")
+    weights = ("its EMA weights (train.ema_decay)" if record.get("weights") == "ema"
+               else "its parameters")
+    log(f"parameters from {cfg.train.init_from} (step {record.get('step', '?')}, {weights})")
   return state
 
 

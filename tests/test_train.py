@@ -164,6 +164,15 @@ def test_init_from_takes_parameters(finished_run, tmp_path):
   expected = _final_state(source, cfg).params
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The run that starts from it says which weights it took (the source's EMA when it kept one).
+  lines = []
+  started = run.initial_state(config.replace(cfg, train={"init_from": str(source)}), model,
+                              checkpoint.manager(tmp_path / "new"), lines.append)
+  for a, b in zip(jax.tree.leaves(started.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  said = "its EMA weights" if record["weights"] == "ema" else "its parameters"
+  assert lines[-1] == f"parameters from {source} (step {record['step']}, {said}" + (
+      " (train.ema_decay))" if record["weights"] == "ema" else ")")
   bigger = config.replace(cfg, model={"d_model": 48})
   with pytest.raises(checkpoint.CheckpointError, match="shape|structure"):
     checkpoint.load_params(source, steps.init_state(bigger, Transformer(bigger.model),
