@@ -167,3 +167,18 @@ def param_bound(cfg, num_steps: int) -> float:
   lr = steps.learning_rate_schedule(cfg)
   t = cfg.train
   return sum(2 * float(lr(s)) * adam_ratio_bound(s + 1, t.b1, t.b2) for s in range(num_steps))
+
+
+def assert_moments_close(actual, expected, what: str, rtol: float = 1e-5, atol: float = 1e-6):
+  """Optimizer moments (or any gradient sums) of two runs that reduce in another order: their
+  rounding is relative to each leaf's scale (its largest entry), not to each entry, so a
+  near-zero entry gets the leaf's atol. (After one Adam step the parameters cannot show a
+  wrong gradient: every entry moves by about lr either way; the moments can.)"""
+  import numpy as np
+  np.testing.assert_equal(jax.tree.structure(actual), jax.tree.structure(expected))
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                          jax.tree.leaves(expected)):
+    y = np.asarray(y)
+    scale = float(np.max(np.abs(y), initial=0.0)) if y.dtype.kind == "f" else 0.0
+    np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=atol + rtol * scale,
+                               err_msg=what + jax.tree_util.keystr(path))

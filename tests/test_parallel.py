@@ -23,7 +23,7 @@ from onn_jax.model.transformer import Transformer
 from onn_jax.parallel import Runner
 from onn_jax.run import make_runner
 
-from conftest import adam_ratio_bound, param_bound, tiny_config
+from conftest import adam_ratio_bound, assert_moments_close, param_bound, tiny_config
 
 MODES = ("single", "shard_map", "pmap")
 K_TF, K_EAVI, CKPT_AT = 4, 2, 2  # teacher-forcing steps, EAVI steps, checkpoint after step 2
@@ -86,18 +86,6 @@ def _assert_trees_close(actual, expected, what: str, bound: float = 0.0):
                                err_msg=what + jax.tree_util.keystr(path))
 
 
-def _assert_moments_close(actual, expected, what: str):
-  """Optimizer moments are gradient sums: their rounding is relative to the leaf's scale
-  (the largest entry), not to each entry, so a near-zero entry gets the leaf's atol."""
-  np.testing.assert_equal(jax.tree.structure(actual), jax.tree.structure(expected))
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                          jax.tree.leaves(expected)):
-    y = np.asarray(y)
-    scale = float(np.max(np.abs(y), initial=0.0)) if y.dtype.kind == "f" else 0.0
-    np.testing.assert_allclose(np.asarray(x), y, rtol=RTOL, atol=ATOL + RTOL * scale,
-                               err_msg=what + jax.tree_util.keystr(path))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   cfg = _cfg("single")
@@ -153,7 +141,7 @@ def test_teacher_forcing_matches_one_device(world, mode):
   _assert_trees_close(got, want, f"{mode} teacher-forcing metrics ")
   _assert_trees_close(run["snapshots"][K_TF].params, ref["snapshots"][K_TF].params,
                       f"{mode} params after {K_TF} steps ", param_bound(ref["cfg"], K_TF))
-  _assert_moments_close(run["snapshots"][K_TF].opt_state, ref["snapshots"][K_TF].opt_state,
+  assert_moments_close(run["snapshots"][K_TF].opt_state, ref["snapshots"][K_TF].opt_state,
                         f"{mode} optimizer state ")
   assert int(run["snapshots"][K_TF].step) == K_TF
 
@@ -169,7 +157,7 @@ def test_eavi_matches_one_device(world, mode):
   _assert_trees_close(run["snapshots"][end].params, ref["snapshots"][end].params,
                       f"{mode} params after EAVI ", param_bound(ref["cfg"], end))
   # The moments carry the gradients themselves: tight where the parameter bound is loose.
-  _assert_moments_close(run["snapshots"][end].opt_state, ref["snapshots"][end].opt_state,
+  assert_moments_close(run["snapshots"][end].opt_state, ref["snapshots"][end].opt_state,
                         f"{mode} optimizer state after EAVI ")
   # The EAVI steps moved the parameters away from the teacher-forcing ones.
   assert _max_abs_diff(ref["snapshots"][end].params, ref["snapshots"][K_TF].params) > 1e-5
@@ -195,8 +183,12 @@ def test_parallel_rollout_eavi_step_matches_one_device(world, continuation):
   for mode in ("shard_map", "pmap"):
     state, got = out[mode]
     _assert_trees_close(got, ref, f"{mode} parallel-rollout EAVI metrics ")
+    # One Adam step moves every entry by about lr either way: the params' bound admits any
+    # sign, so the gradient is checked through the moments (sums of it, rounding to scale).
     _assert_trees_close(state.params, ref_state.params, f"{mode} params after a "
                         "parallel-rollout EAVI step ", param_bound(_cfg("single"), 1))
+    assert_moments_close(state.opt_state, ref_state.opt_state,
+                          f"{mode} moments after a parallel-rollout EAVI step ")
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
@@ -231,7 +223,7 @@ def test_resume_across_device_counts(world, src, dst):
   _assert_trees_close(_metric_curve(metrics, want.keys()), want, f"{src}->{dst} metrics ")
   _assert_trees_close(final.params, reference["snapshots"][K_TF].params, f"{src}->{dst} params ",
                       param_bound(reference["cfg"], K_TF))
-  _assert_moments_close(final.opt_state, reference["snapshots"][K_TF].opt_state,
+  assert_moments_close(final.opt_state, reference["snapshots"][K_TF].opt_state,
                         f"{src}->{dst} optimizer state ")
   np.testing.assert_array_equal(final.routing["window_tokens"],
                                 reference["snapshots"][K_TF].routing["window_tokens"])
@@ -307,7 +299,7 @@ def test_apply_expert_reset_is_the_same_in_every_mode(world, reset_transform):
     bound = param_bound(world["runs"]["single"]["cfg"], K_TF + K_EAVI)
     _assert_trees_close(results[mode][0].params, results["single"][0].params,
                         f"{mode} reset params ", bound)
-    _assert_moments_close(results[mode][0].opt_state, results["single"][0].opt_state,
+    assert_moments_close(results[mode][0].opt_state, results["single"][0].opt_state,
                           f"{mode} reset optimizer state ")
 
 
