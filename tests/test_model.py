@@ -499,10 +499,15 @@ def test_bf16_compute_runs_close_to_fp32():
   model16 = Transformer(ModelConfig(**{**TINY_MODEL, **GEOMETRIES[0],
                                        "compute_dtype": "bfloat16"}))
   tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 24), 0, VOCAB_SIZE)
-  a = _forward(model32)(params, tokens)
-  b = _forward(model16)(params, tokens)
+  apply = lambda model: jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
+  (a, _, aux32), (b, _, aux16) = apply(model32), apply(model16)
   assert b.dtype == jnp.float32 and np.isfinite(np.asarray(b)).all()
-  assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.05
+  # The same experts chosen (a flip would change a token's output wholesale), then about four
+  # bfloat16 roundings a layer (inputs, attention output, expert hidden, expert output) and
+  # the head's, each 2^-8 relative, adding like a random walk over the layers: ~3 * 2^-8;
+  # bounded at 4 * 2^-8 of the logits' norm.
+  np.testing.assert_array_equal(aux16["tokens_per_expert"], aux32["tokens_per_expert"])
+  assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 4 * 2 ** -8
   assert count_params(params) > 0
 
 
