@@ -523,9 +523,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
   path = key.strip().split(".")
   if len(path) != 2 or not all(path):
     raise ConfigError(f"{key}: an override key must be section.key (e.g. train.seed)")
+  hint = _field_types().get(tuple(path))
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as err:
+    if hint is str:  # (text YAML cannot read at all: "@x", "%x", "*x")
+      return path, raw.strip()
     raise ConfigError(f"{key}: cannot read value {raw!r} ({err.__class__.__name__}); the shell "
                       "removes unquoted quotes: quote the whole override, e.g. "
                       "'ttt.params=[\"*\"]'") from None
@@ -534,7 +537,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
   # date; ``data.eval=#x`` "#x", not a comment that left it empty), unless quoted, a list or
   # null; an integer key reads digits in base 10 (``train.seed=010`` is 10, not octal 8); a
   # number is never read in base 60 (``1:30`` is not 90).
-  hint = _field_types().get(tuple(path))
   text = raw.strip()
   if hint is str and text and text not in _NULLS and text[0] not in "'\"[{":
     value = text
@@ -614,6 +616,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     if isinstance(node, yaml.MappingNode):
       seen = set()
       for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``, expanded below
+          continue
         key = self.construct_object(key_node, deep=deep)
         if isinstance(key, typing.Hashable) and key in seen:
           raise yaml.constructor.ConstructorError(

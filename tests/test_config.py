@@ -135,6 +135,8 @@ def test_the_keys_type_decides_where_yaml_would_guess(tmp_path):
                            "ttt.params=[\"*\"]"])
   assert (cfg.train.init_from, cfg.data.eval, cfg.data.train) == ("2024-12-01", "#held_out", "&x")
   assert config.load(None, ["data.eval=null"]).data.eval == ""  # null and empty: none
+  for text in ("@x", "%x", "*x", "`x"):  # text YAML cannot read at all
+    assert config.load(None, [f"train.init_from={text}"]).train.init_from == text
   assert config.load(None, ["data.eval='a b'"]).data.eval == "a b"  # quoted: YAML's
   for override in ("train.pretrain_steps=1:30", "train.learning_rate=1:30"):
     with pytest.raises(ConfigError, match=r"expected a number, got '1:30'$"):
@@ -154,6 +156,9 @@ def test_a_config_file_that_repeats_a_key_or_cannot_be_read_is_one_line(tmp_path
   path.write_text("train:\n  seed: 1\n  seed: 2\n")
   with pytest.raises(ConfigError, match=r"line 3, column 3 \(key 'seed' given twice"):
     config.load(path)
+  path.write_text("base: &b\n  seed: 4\ntrain:\n  <<: *b\n")  # a merge key is not a repeat
+  with pytest.raises(ConfigError, match=r"^base: unknown key"):
+    config.load(path)  # (refused for its extra section, as before: not as YAML)
   path.write_bytes(b"\xff\xfe\x00")
   with pytest.raises(ConfigError, match=r"mine.yaml: cannot be read \(not UTF-8 text"):
     config.load(path)

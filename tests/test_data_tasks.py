@@ -306,3 +306,18 @@ def test_filter_max_grid():
   assert [t.id for t in filter_max_grid([small, wide_out], 5)] == ["s"]
   assert [t.id for t in filter_max_grid([small, wide_out], 6)] == ["s", "w"]
   assert filter_max_grid([small, wide_out], 4) == []
+
+
+def test_tasks_with_the_same_pairs_in_another_demonstration_order_are_the_same():
+  """ARC-AGI-2 holds many ARC-AGI-1 tasks with their demonstrations in another order: the same
+  task (a join that gives both keeps one, evaluation included); another pair is not."""
+  from onn_jax.data.tasks import same_contents
+  task = load_tasks("arc-agi-1:training")[0]
+  assert same_contents(task, Task("x", task.train[::-1], task.test))
+  assert not same_contents(task, Task("x", task.train[1:], task.test))
+  flipped = [(i, o[::-1]) for i, o in task.test]
+  assert not same_contents(task, Task("x", task.train, flipped)) or all(
+      (o == o[::-1]).all() for _, o in task.test)
+  from onn_jax.data.pipeline import load_joined
+  _, duplicates = load_joined("arc-agi-1:evaluation+arc-agi-2:evaluation", False)
+  assert duplicates and all(d.same for d in duplicates)  # (refused before, by order alone)

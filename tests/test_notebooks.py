@@ -11,7 +11,6 @@ import ast
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest

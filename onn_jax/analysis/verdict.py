@@ -120,13 +120,13 @@ def plan_arm(mixed: bool, eavi: bool, budget: int, share: float, ratio: float) -
   EAVI steps that cost ``ratio`` teacher-forcing steps each (see the module docstring)."""
   if not eavi:
     return Plan(budget, 0)
-  if ratio > budget or not math.isfinite(budget * ratio * (1 - share) / share):
-    raise config.ConfigError(f"an EAVI step costing {ratio} teacher-forcing steps, at an EAVI "
-                             f"share of {share} of a budget of {budget}, plans no run "
-                             "(--ratio, --eavi-share, train.pretrain_steps)")
+  interval = ratio * (1 - share) / share  # teacher-forcing steps between two EAVI steps
+  if not math.isfinite(interval):
+    raise config.ConfigError(f"an EAVI step costing {ratio} teacher-forcing steps at an EAVI "
+                             f"share of {share} plans no run (--ratio, --eavi-share)")
   if mixed:
-    every = max(2, round(1 + ratio * (1 - share) / share))
-    return Plan(max(every, round(budget * every / (every - 1 + ratio))), 0, every)
+    every = max(2, round(1 + interval))
+    return Plan(max(every, round(budget * (every / (every - 1 + ratio)))), 0, every)
   return Plan(round(budget * (1 - share)), max(1, round(budget * share / ratio)))
 
 

@@ -408,10 +408,11 @@ def _pair_key(inp: Grid, out: Grid | None) -> tuple:
 
 
 def same_contents(a: Task, b: Task) -> bool:
-  """Whether two tasks hold the same demonstrations and test pairs (ids aside)."""
+  """Whether two tasks hold the same demonstrations, in any order (ARC-AGI-2's copies of
+  ARC-AGI-1 tasks hold theirs in another), and the same test pairs in order (ids aside)."""
   def key(task: Task) -> tuple:
-    return tuple(_pair_key(i, o) for i, o in task.train), tuple(_pair_key(i, o)
-                                                                for i, o in task.test)
+    return (sorted(_pair_key(i, o) for i, o in task.train),
+            [_pair_key(i, o) for i, o in task.test])
   return key(a) == key(b)
 
 
