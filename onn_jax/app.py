@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from onn_jax import checkpoint, config, faults, plots
+from onn_jax import checkpoint, config, faults, output, plots
 from onn_jax.config import Config, ConfigError, data_sources
 from onn_jax.data.pipeline import duplicates_line, load_joined
 from onn_jax.data.tasks import DataError, TaskList, filter_max_grid
@@ -124,7 +124,7 @@ def eval_mesh(cfg: Config) -> Mesh | None:
 
 
 def evaluate_params(cfg: Config, params, tasks: list, out_dir: Path, *, extra: dict | None = None,
-                    adapted: tuple | None = None, log=print) -> dict:
+                    adapted: tuple | None = None, log=output.say) -> dict:
   """Runs ``cfg.eval.mode`` on ``tasks`` and writes submission.json, scores.json, results.jsonl
   and sheet.png into ``out_dir``. Returns the summary.
 

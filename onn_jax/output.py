@@ -36,6 +36,14 @@ def progress(total: int, desc: str, *, enabled: bool = True, **kwargs):
   return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
 
 
+def say(line: str) -> None:
+  """``print`` for a line that may come while a progress bar is open (a background
+  compilation ending mid-evaluation): the bar is cleared, the line printed on its own, the
+  bar drawn again (it started mid-line after the bar's text before)."""
+  from tqdm.auto import tqdm
+  tqdm.write(line)
+
+
 def jsonable(x: Any) -> Any:
   """``x`` with arrays as lists, numpy scalars as Python numbers and non-finite floats as None
   (strict JSON has no spelling for NaN or infinity: a diverged loss is written as null)."""

@@ -61,6 +61,14 @@ def draw_grid(ax: Any, grid: np.ndarray | None, title: str = "") -> None:
   ax.set_xlabel(f"{h}x{w}", fontsize=6, labelpad=1)
 
 
+def _short_lines(text: str, width: int = 32) -> str:
+  """Each line of a row title at most ``width`` characters, its middle elided: a long task id
+  made the layout give up, and every row's title was cut at the figure's edge."""
+  half = (width - 1) // 2
+  return "\n".join(line if len(line) <= width else f"{line[:half]}…{line[-half:]}"
+                   for line in text.split("\n"))
+
+
 def render_sheet(rows: Sequence[dict], path: str | Path) -> Path:
   """One row of panels per entry: ``{"title": str, "grids": [(label, grid or None), ...]}``."""
   path = Path(path)
@@ -80,7 +88,8 @@ def render_sheet(rows: Sequence[dict], path: str | Path) -> Path:
       else:
         ax.axis("off")
     if row.get("title"):
-      axes[r][0].set_ylabel(row["title"], fontsize=7, rotation=0, ha="right", va="center")
+      axes[r][0].set_ylabel(_short_lines(row["title"]), fontsize=7, rotation=0, ha="right",
+                            va="center")
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   return path
@@ -97,8 +106,11 @@ def render_task(task: Any, path: str | Path) -> Path:
 
 
 def read_metrics(metrics_path: str | Path) -> tuple[list[dict], list[dict]]:
-  """(metric records, reset events) from a metrics.jsonl; blank or unparsable lines skipped."""
+  """(metric records, reset events) from a metrics.jsonl; blank or unparsable lines skipped;
+  none when there is no such file (a finished run resumed from its copied checkpoints alone)."""
   records, resets = [], []
+  if not Path(metrics_path).is_file():
+    return records, resets
   with open(metrics_path) as f:
     for line in f:
       line = line.strip()

@@ -68,11 +68,13 @@ def _set_aside_previous_run(workdir: Path, log) -> None:
     number += 1
   aside = workdir / f"previous-{number}"
   aside.mkdir()
-  moved = [name for name in ("metrics.jsonl", "config.yaml") if (workdir / name).is_file()]
+  moved = [name for name in ("metrics.jsonl", "config.yaml", "tensorboard")
+           if (workdir / name).exists()]
   for name in moved:
     shutil.move(str(workdir / name), str(aside / name))
+  names = ", ".join(moved[:-1]) + " and " + moved[-1] if len(moved) > 1 else moved[0]
   log(f"{workdir} holds no checkpoint but an earlier run's records: starting at step 0; its "
-      f"{' and '.join(moved)} moved to {aside}")
+      f"{names} moved to {aside}")
 
 
 def _record_step(line: str) -> int:
@@ -244,7 +246,6 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
       _set_aside_previous_run(workdir, log)
     config.save(cfg, workdir / "config.yaml")
   metrics_out = MetricsWriter(workdir / "metrics.jsonl", main)
-  live = tblog.open_writer(cfg, workdir, main)
 
   tasks, info = build_training_tasks(cfg.data, log=log if main else (lambda *_: None))
   stream = BatchStream(tasks, cfg.data, cfg.train.batch_size, cfg.train.seed,
@@ -265,6 +266,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   state = initial_state(cfg, model, mngr, log)
   if main:
     metrics_out.truncate_after(int(state.step))
+  live = tblog.open_writer(cfg, workdir, main, after=int(state.step))
   platform, warning = platform_line(cfg)
   if warning:
     log(warning)

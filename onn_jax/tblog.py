@@ -26,8 +26,11 @@ class _Off:
 class TensorBoardWriter:
   """Scalars of metric records to a TensorBoard event file in ``log_dir``."""
 
-  def __init__(self, log_dir: Path, summary_writer_cls):
-    self._writer = summary_writer_cls(str(log_dir))
+  def __init__(self, log_dir: Path, summary_writer_cls, after: int = 0):
+    # A resumed run redoes the steps after its checkpoint: TensorBoard drops what an earlier
+    # process logged from there (as metrics.jsonl is cut there), instead of showing them twice.
+    kwargs = {"purge_step": after + 1} if after else {}
+    self._writer = summary_writer_cls(str(log_dir), **kwargs)
 
   def write(self, record: dict[str, Any]) -> None:
     # The training loop's metrics are 0-d arrays (host copies of device values): as numbers.
@@ -57,11 +60,12 @@ def check_available(cfg: Config) -> None:
                       ) from None
 
 
-def open_writer(cfg: Config, workdir: Path, enabled: bool):
+def open_writer(cfg: Config, workdir: Path, enabled: bool, after: int = 0):
   """A writer to ``workdir/tensorboard`` when ``log.tensorboard`` is on (and ``enabled``: the
-  main process), else one that does nothing."""
+  main process), else one that does nothing; ``after``: the step a resumed run goes on from
+  (what was logged past it is purged)."""
   if not (cfg.log.tensorboard and enabled):
     return _Off()
   check_available(cfg)
   from tensorboardX import SummaryWriter
-  return TensorBoardWriter(Path(workdir) / "tensorboard", SummaryWriter)
+  return TensorBoardWriter(Path(workdir) / "tensorboard", SummaryWriter, after)

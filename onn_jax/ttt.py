@@ -43,7 +43,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from onn_jax import config, objectives, steps
+from onn_jax import config, objectives, output, steps
 from onn_jax.config import Config, ConfigError
 from onn_jax.data.pipeline import BatchStream
 from onn_jax.data.tasks import DataError, Task
@@ -286,7 +286,7 @@ def compile_ahead(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | No
 
 
 def adapt(cfg: Config, params, tasks: Sequence[Task], *, mesh: Mesh | None = None,
-          log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict]:
+          log: Callable[[str], None] = output.say) -> tuple[dict[str, Any], dict]:
   """Runs TTT on every task; ``params`` (the base) is not changed.
 
   Returns ({task id: its adapter (numpy, nested like params)} for the adapted tasks, an info

@@ -381,6 +381,12 @@ def test_write_outputs(tasks, views, tmp_path):
   written = json.loads((out / "scores.json").read_text())
   assert written == scores
   assert written["protocol"] == "test" and written["mode"] == "augscore"
+  # A NaN in what is passed along (a diverged TTT's CE) is null: scores.json stays strict JSON.
+  augscore.write_outputs(records, tasks, tmp_path / "nan", "augscore",
+                         {"ttt": {"loo_ce_after": float("nan")}}, sheet_tasks=0)
+  strict = json.loads((tmp_path / "nan" / "scores.json").read_text(),
+                      parse_constant=lambda name: pytest.fail(f"scores.json holds {name}"))
+  assert strict["ttt"] == {"loo_ce_after": None}
   assert written["score"] == score_submission(submission, tasks)["score"]
   assert written["malformed"] == sum(r["malformed"] for r in records)
   lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]

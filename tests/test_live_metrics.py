@@ -60,3 +60,15 @@ def test_tensorboard_writer_gets_the_numeric_scalars(monkeypatch, tmp_path):
   writer.close()
   assert written == [("dir", str(tmp_path / "tensorboard")), ("train/loss", 1.5, 3),
                      ("train/skipped", 0.0, 3), ("closed",)]
+
+
+def test_a_resumed_run_purges_what_tensorboard_got_past_its_checkpoint(monkeypatch, tmp_path):
+  """Resumed at step N, the run redoes steps N+1...: TensorBoard drops what the earlier
+  process logged from N+1 on (each step was shown twice), as metrics.jsonl is cut at N."""
+  made = []
+  monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(
+      SummaryWriter=lambda log_dir, **kwargs: made.append(kwargs)))
+  on = tiny_config(log=dict(tensorboard=True))
+  tblog.open_writer(on, tmp_path, True)
+  tblog.open_writer(on, tmp_path, True, after=24)
+  assert made == [{}, {"purge_step": 25}]

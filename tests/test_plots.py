@@ -142,3 +142,20 @@ def test_a_progress_bar_in_a_log_file_ends_its_line(capsys, leave):
   err = capsys.readouterr().err
   assert err.endswith("\n"), repr(err)
   assert "3/3" in err.rsplit("\r", 1)[-1], repr(err)
+
+
+def test_missing_metrics_and_long_titles_are_drawn(tmp_path):
+  """A run resumed at its last step from copied checkpoints alone has no metrics.jsonl: no
+  records, no traceback (its evaluation never ran); a long task id keeps every row's title
+  inside the sheet (the layout gave up and cut them all)."""
+  assert plots.read_metrics(tmp_path / "nowhere.jsonl") == ([], [])
+  plots.plot_training(tmp_path / "nowhere.jsonl", tmp_path / "plots")
+  long_id = "x" * 200 + "_2072aba6"
+  assert plots._short_lines(f"{long_id} [0] (missed)\nshort") == (
+      "xxxxxxxxxxxxxxx…a6 [0] (missed)\nshort")
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # "Tight layout not applied" fails the test
+    grids = [("g", np.ones((2, 2), int))] * 4  # a task's row: demonstrations, test, attempts
+    plots.render_sheet([{"title": f"{long_id} [0] (missed)", "grids": grids},
+                        {"title": "00576224 [0]", "grids": grids}], tmp_path / "sheet.png")

@@ -376,13 +376,17 @@ def test_a_fresh_start_over_an_earlier_runs_records_moves_them_aside(tmp_path, c
   assert app.train_and_evaluate(cfg, tmp_path) == 0
   earlier = (tmp_path / "metrics.jsonl").read_text()
   shutil.rmtree(tmp_path / "checkpoints")
+  (tmp_path / "tensorboard").mkdir()  # its TensorBoard events, which went on the new run's
+  (tmp_path / "tensorboard" / "events").write_text("x")
   capsys.readouterr()
   other = config.replace(cfg, train={"seed": 7})  # another run's config, no resume check left
   assert app.train_and_evaluate(other, tmp_path) == 0
   out = capsys.readouterr().out
   aside = tmp_path / "previous-1"
   assert (f"{tmp_path} holds no checkpoint but an earlier run's records: starting at step 0; "
-          f"its metrics.jsonl and config.yaml moved to {aside}") in out
+          f"its metrics.jsonl, config.yaml and tensorboard moved to {aside}") in out
+  assert (aside / "tensorboard" / "events").read_text() == "x"
+  assert not (tmp_path / "tensorboard").exists()
   assert (aside / "metrics.jsonl").read_text() == earlier
   assert config.load(aside / "config.yaml").train.seed == cfg.train.seed
   assert config.load(tmp_path / "config.yaml").train.seed == 7

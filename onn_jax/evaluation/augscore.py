@@ -546,8 +546,8 @@ def write_outputs(records: Sequence[dict], tasks: Sequence[Task], out_dir: str |
   scores = summarise(records, tasks, mode)
   for key, value in (extra or {}).items():
     scores.setdefault(key, value)
-  with open(out_dir / "scores.json", "w") as f:
-    json.dump(scores, f, indent=2)
+  with open(out_dir / "scores.json", "w") as f:  # (a NaN, e.g. a diverged TTT's CE: null)
+    json.dump(output.jsonable(scores), f, indent=2, allow_nan=False)
 
   with open(out_dir / "results.jsonl", "w") as f:
     for r in records:
