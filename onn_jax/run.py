@@ -297,6 +297,33 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
   def save(at: int) -> None:
     checkpoint.save(mngr, at, runner.get_state(state), {"step": at, **record})
 
+  def book(at: int, at_stage: str, at_out) -> tuple[float, dict]:
+    """Writes step ``at``'s record (metrics.jsonl, TensorBoard, the bar's postfix), with the
+    window's rates since the last record; returns (now, the record)."""
+    at_out = jax.tree.map(host_value, at_out)
+    now = time.perf_counter()
+    last = {"step": at, "stage": at_stage, **at_out,
+            "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
+            "real_tokens_per_s": real_since / max(now - tick, 1e-9),
+            "step_s": (now - tick) / max(steps_since, 1),
+            # Of which the loop waited for the step's end (the device's work), and for
+            # its batch (building it on the host): the rest is the loop's own host work.
+            "device_wait_s": device_since / max(steps_since, 1),
+            "batch_wait_s": (batches.waited - batch_waited) / max(steps_since, 1),
+            # And how long handing the batch and the step to the device took (it should
+            # not wait; it does when the device's queue is full or held by someone else).
+            "queue_s": queue_since / max(steps_since, 1),
+            # Steps of the interval that compiled: a stage's first step in this
+            # invocation, which compiles the steps of all its buckets.
+            "compiled_steps": compiles_since,
+            "skipped_total": int(runner.host(state.skipped)),
+            **peak_memory()}
+    metrics_out.write(last)
+    live.write(last)
+    bar.set_postfix(loss=f"{float(at_out['loss']):.3f}",
+                    acc=f"{float(at_out['answer_acc']):.3f}", refresh=False)
+    return now, last
+
   batches = Prefetch(functools.partial(batch_at, cfg, stream), stop_at)
   completed = False
   try:
@@ -357,28 +384,7 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         if due or nonfinite:
           logging.append((step, stage, out))
         for at, at_stage, at_out in logging:
-          at_out = jax.tree.map(host_value, at_out)
-          now = time.perf_counter()
-          last = {"step": at, "stage": at_stage, **at_out,
-                  "tokens_per_s": tokens_since / max(now - tick, 1e-9),  # padding included
-                  "real_tokens_per_s": real_since / max(now - tick, 1e-9),
-                  "step_s": (now - tick) / max(steps_since, 1),
-                  # Of which the loop waited for the step's end (the device's work), and for
-                  # its batch (building it on the host): the rest is the loop's own host work.
-                  "device_wait_s": device_since / max(steps_since, 1),
-                  "batch_wait_s": (batches.waited - batch_waited) / max(steps_since, 1),
-                  # And how long handing the batch and the step to the device took (it should
-                  # not wait; it does when the device's queue is full or held by someone else).
-                  "queue_s": queue_since / max(steps_since, 1),
-                  # Steps of the interval that compiled: a stage's first step in this
-                  # invocation, which compiles the steps of all its buckets.
-                  "compiled_steps": compiles_since,
-                  "skipped_total": int(runner.host(state.skipped)),
-                  **peak_memory()}
-          metrics_out.write(last)
-          live.write(last)
-          bar.set_postfix(loss=f"{float(at_out['loss']):.3f}",
-                          acc=f"{float(at_out['answer_acc']):.3f}", refresh=False)
+          now, last = book(at, at_stage, at_out)
         if logging:
           tick, tokens_since, real_since, steps_since, compiles_since = now, 0, 0, 0, 0
           device_since, batch_waited, queue_since = 0.0, batches.waited, 0.0
@@ -401,6 +407,9 @@ def _train(cfg: Config, workdir: Path, *, log, guard: faults.SignalGuard, ahead
         at = int(runner.host(state.step))
       except RuntimeError:  # interrupted inside a step that had already taken (donated) it
         at = None
+      if at is not None and late is not None and not late[2] and int(
+          host_value(late[0]["nonfinite"])):  # the last step, non-finite, not read yet
+        book(step, late[1], late[0])
       if at is not None and int(runner.host(state.nonfinite)) >= t.max_nonfinite:
         at = None  # stopped at a run of non-finite steps not read yet: not a state to resume
       if at is None:

@@ -783,6 +783,32 @@ def test_a_stage_announces_its_compile_on_any_process(enabled, capsys):
     assert lines[1].startswith("compiled pretrain steps in ")
 
 
+def test_a_stop_signal_after_a_non_finite_step_not_read_yet_still_logs_it(tmp_path,
+                                                                         monkeypatch):
+  """Step 2 overflows (see below) and is not a logging step, so its count is read one step
+  late; a stop signal before step 3 checkpoints at step 2 and writes step 2's record first
+  (it was lost: "every non-finite step is logged")."""
+  import signal
+  import time
+  cfg = tiny_config(train={"learning_rate": 1e30, "warmup_steps": 0, "grad_clip": 1e30,
+                           "pretrain_steps": 8, "max_nonfinite": 3, "log_every": 100},
+                    checkpoint={"every": 100, "async_save": False}, data={"eval": ""})
+  real = run.Prefetch.get
+
+  def get(self, step):
+    if step == 2:  # after step 2, before step 3
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)
+    return real(self, step)
+
+  monkeypatch.setattr(run.Prefetch, "get", get)
+  assert app.train_and_evaluate(cfg, tmp_path / "w") == 128 + signal.SIGTERM
+  records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text()
+             .splitlines() if '"event"' not in line]
+  assert [(r["step"], r["nonfinite"]) for r in records] == [(2, 1)]
+  assert [p.name for p in (tmp_path / "w" / "checkpoints").glob("[0-9]*")] == ["2"]
+
+
 @pytest.mark.parametrize("max_nonfinite", [1, 3])
 def test_non_finite_steps_read_one_step_late_still_stop_the_run_at_the_right_step(
     tmp_path, capsys, max_nonfinite):
